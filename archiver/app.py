@@ -1,0 +1,87 @@
+"""The HTTP surface: routes, status codes and headers; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import trio
+from quart import Response, abort, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .config import Settings, SettingsError
+from .download import ArchiveBody
+from .producer import find_zip, zip_arguments
+from .storage import AlbumNotFound, list_album, resolve_album
+
+logger = logging.getLogger(__name__)
+
+NOT_FOUND_MESSAGE = "Архив не существует или был удален"
+
+EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
+
+INDEX_PAGE = f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>archiver</title></head>
+<body>
+<h1>archiver</h1>
+<p>Downloads a folder of photos as one ZIP archive, made while it is sent.</p>
+<p>Ask for <code>/archive/&lt;name&gt;/</code> with the name you were given, for example
+<a href="/archive/{EXAMPLE_NAME}/">/archive/{EXAMPLE_NAME}/</a>.</p>
+</body>
+</html>
+"""
+
+
+def create_app(settings: Settings) -> QuartTrio:
+    """Build the Quart-Trio app; fails fast if the storage root or zip is missing."""
+    if not settings.storage_dir.is_dir():
+        raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
+    arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
+
+    app = QuartTrio(__name__)
+    # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
+    # archive of a few GB on a slow link takes as long as it takes.
+    app.config["RESPONSE_TIMEOUT"] = None
+
+    @app.get("/")
+    async def index() -> Response:
+        return Response(INDEX_PAGE, mimetype="text/html")
+
+    @app.route("/archive/<name>/", methods=["GET"], provide_automatic_options=False)
+    async def archive(name: str) -> Response:
+        try:
+            album = resolve_album(settings.storage_dir, name)
+            # A large album takes a while to walk: keep the event loop free.
+            listing = await trio.to_thread.run_sync(list_album, album)
+        except AlbumNotFound:
+            logger.debug("no album for %r", name)
+            abort(404)
+        headers = {"Content-Disposition": f'attachment; filename="{name}.zip"'}
+        if request.method == "HEAD":
+            # Headers only: no zip.  An empty async body keeps Quart from
+            # announcing a Content-Length of 0 that GET would not honour.
+            return Response(_no_body(), mimetype="application/zip", headers=headers)
+        body = ArchiveBody(
+            name,
+            listing,
+            arguments,
+            chunk_size=settings.chunk_size,
+            channel_capacity=settings.channel_capacity,
+            delay=settings.delay,
+        )
+        response = Response(body, mimetype="application/zip", headers=headers)
+        response.timeout = None
+        return response
+
+    @app.errorhandler(404)
+    async def not_found(error: HTTPException) -> Response:
+        return Response(NOT_FOUND_MESSAGE + "\n", status=404, mimetype="text/plain")
+
+    return app
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield

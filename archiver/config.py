@@ -1,0 +1,87 @@
+"""Settings: one frozen object, built from CLI flags or from the environment.
+
+This is the only module that reads ``os.environ``; everything else is handed a
+:class:`Settings`.  Environment variables carry the ``ARCHIVER_`` prefix and
+the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "ARCHIVER_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told; defaults fit the sample data."""
+
+    storage_dir: Path = Path("data")
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Seconds slept after each chunk is handed to the server: a way to test slow links.
+    delay: float = 0.0
+    verbose: bool = False
+    # zip's -0 .. -9; stored (0) by default because the payload is mostly JPEG.
+    compression: int = 0
+    # Bytes asked of zip's stdout per read, and chunks buffered between reader and
+    # writer: memory per download is about chunk_size * (channel_capacity + 1).
+    chunk_size: int = 64 * 1024
+    channel_capacity: int = 4
+    zip_command: str = "zip"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.compression <= 9:
+            raise SettingsError(f"compression must be 0..9, not {self.compression}")
+        if self.delay < 0:
+            raise SettingsError(f"delay must not be negative, not {self.delay}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be 0..65535, not {self.port}")
+        if self.chunk_size < 1 or self.channel_capacity < 0:
+            raise SettingsError("chunk_size must be positive and channel_capacity not negative")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``ARCHIVER_*`` variables; unset ones keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, parse in _ENV_PARSERS.items():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[_FIELD_OF_ENV.get(name, name)] = parse(raw)
+            except ValueError as error:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {error}") from None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+# Environment names follow the CLI's long flags (ARCHIVER_DIR for --dir).
+_ENV_PARSERS = {
+    "dir": Path,
+    "host": str,
+    "port": int,
+    "delay": float,
+    "verbose": _parse_bool,
+    "compression": int,
+    "chunk_size": int,
+    "channel_capacity": int,
+    "zip_command": str,
+}
+_FIELD_OF_ENV = {"dir": "storage_dir"}

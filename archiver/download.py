@@ -1,0 +1,120 @@
+"""One download: a nursery that runs the producer and feeds the response body.
+
+``ArchiveBody`` is the response body Quart iterates.  Entering it opens the
+download's nursery and starts the producer; iterating it takes chunks from the
+bounded channel between them; leaving it waits for the producer, which means
+``zip`` has been reaped.  The nursery encloses Quart's whole send loop, so a
+client that goes away (Hypercorn cancels the send) cancels the producer too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+
+import trio
+from quart.wrappers.response import ResponseBody
+
+from .producer import produce_zip
+from .storage import AlbumListing
+
+logger = logging.getLogger(__name__)
+
+
+class ArchiveBody(ResponseBody):
+    """The streamed ZIP of one album, produced while it is sent."""
+
+    def __init__(
+        self,
+        name: str,
+        listing: AlbumListing,
+        zip_arguments: Sequence[str],
+        *,
+        chunk_size: int,
+        channel_capacity: int,
+        delay: float,
+    ) -> None:
+        self.name = name
+        self.listing = listing
+        self.zip_arguments = zip_arguments
+        self.chunk_size = chunk_size
+        self.channel_capacity = channel_capacity
+        self.delay = delay
+        self.bytes_sent = 0
+        self._started_at = math.nan
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
+
+    async def __aenter__(self) -> ArchiveBody:
+        self._started_at = trio.current_time()
+        send_channel, self._receive_channel = trio.open_memory_channel[bytes](self.channel_capacity)
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._produce, send_channel)
+        return self
+
+    async def _produce(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
+        await produce_zip(self.zip_arguments, self.listing, send_channel, chunk_size=self.chunk_size)
+
+    def __aiter__(self) -> ArchiveBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._receive_channel is not None
+        if self.bytes_sent and self.delay:
+            await trio.sleep(self.delay)
+        try:
+            chunk = await self._receive_channel.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self.bytes_sent += len(chunk)
+        logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
+        return chunk
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery_manager is not None and self._receive_channel is not None
+        self._receive_channel.close()
+        try:
+            suppressed = await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
+        except BaseException as error:
+            self._log_outcome(_describe_failure(error))
+            raise
+        else:
+            self._log_outcome(_describe_failure(None if suppressed else exc_value))
+            return suppressed
+
+    def _log_outcome(self, outcome: str) -> None:
+        duration = trio.current_time() - self._started_at
+        log = logger.error if outcome.startswith("failed") else logger.info
+        log(
+            "download %s: %s, %d bytes sent in %.3f s (%d files)",
+            self.name,
+            outcome,
+            self.bytes_sent,
+            duration,
+            len(self.listing.files),
+        )
+
+
+def _describe_failure(error: BaseException | None) -> str:
+    """Name how a download ended: a cancellation is the client leaving, anything else a failure."""
+    if error is None:
+        return "complete"
+    if isinstance(error, BaseExceptionGroup):
+        _, others = error.split(trio.Cancelled)
+        if others is None:
+            return "client disconnected"
+        error = others.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+    if isinstance(error, trio.Cancelled):
+        return "client disconnected"
+    return f"failed: {error}"

@@ -1,0 +1,155 @@
+"""Producer: runs ``zip`` over an album's file list and feeds its output to a channel.
+
+The producer owns the ``zip`` process from start to reaping.  Names go to
+zip's stdin (``-@``), the archive comes from its stdout, and stderr is drained
+all along: ``zip`` blocks once a pipe is full, so an undrained stderr would
+stall it on a large album.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections import deque
+from collections.abc import Sequence
+
+import trio
+
+from .storage import AlbumListing
+
+logger = logging.getLogger(__name__)
+
+# What a ZIP with no entries is: just the end-of-central-directory record.
+# zip refuses to write it ("Nothing to do!", exit 12), so we send it ourselves.
+EMPTY_ZIP = b"PK\x05\x06" + bytes(18)
+
+# A fixed, minimal environment: ZIPOPT or ZIP in the service's environment
+# would change zip's options behind our back, and the locale decides how zip
+# treats non-ASCII names.
+ZIP_ENVIRONMENT = {"LC_ALL": "C.UTF-8"}
+
+STDERR_TAIL_BYTES = 2048
+
+
+class ZipUnavailable(RuntimeError):
+    """The zip executable cannot be found or started."""
+
+
+class ZipFailed(RuntimeError):
+    """zip exited with a failure status (or was killed) while producing an archive."""
+
+    def __init__(self, returncode: int, stderr_tail: str) -> None:
+        super().__init__(f"zip exited with status {returncode}: {stderr_tail or '(no stderr)'}")
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+def find_zip(command: str) -> str:
+    """Return the absolute path of the zip executable, or raise ZipUnavailable."""
+    path = shutil.which(command)
+    if path is None:
+        raise ZipUnavailable(
+            f"{command!r} not found on PATH: install Info-ZIP zip (Debian: apt-get install zip)"
+        )
+    return path
+
+
+def zip_arguments(executable: str, compression: int) -> list[str]:
+    """The zip command line: names on stdin, archive on stdout, nothing implicit.
+
+    -q: no per-file chatter; -X: no extra attributes (uid/gid, extended times),
+    so the output depends on names, contents and mtimes only; -nw: names are
+    literal, not wildcards ("a[1].jpg" must not match "a1.jpg"); -y: store a
+    link as a link, never follow it; -D: no directory entries.
+    """
+    return [executable, "-q", "-X", "-nw", "-y", "-D", f"-{compression}", "-@", "-"]
+
+
+async def produce_zip(
+    arguments: Sequence[str],
+    listing: AlbumListing,
+    send_channel: trio.MemorySendChannel[bytes],
+    *,
+    chunk_size: int,
+) -> None:
+    """Send the archive of ``listing`` to ``send_channel`` in chunks, then close it.
+
+    The channel is closed only after ``zip`` has exited with status 0, and the
+    last chunk is held back until then: a receiver that sees the end of the
+    channel has the whole, correct archive.  If ``zip`` fails, ZipFailed is
+    raised and the channel is left open, so the receiver never sees a clean
+    end.  ZipUnavailable is raised if ``zip`` cannot be started.
+
+    If cancelled, ``zip`` is killed and reaped before the cancellation
+    propagates: no process outlives this call.
+    """
+    if not listing.files:
+        await send_channel.send(EMPTY_ZIP)
+        await send_channel.aclose()
+        return
+    try:
+        process = await trio.lowlevel.open_process(
+            list(arguments),
+            cwd=listing.directory,
+            env=ZIP_ENVIRONMENT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as error:
+        raise ZipUnavailable(f"cannot start {arguments[0]}: {error}") from error
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    stderr_tail: deque[bytes] = deque()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed_names, process.stdin, listing)
+            nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, listing.directory.name)
+            last_chunk = await _pump_output(process.stdout, send_channel, chunk_size)
+            returncode = await process.wait()
+        if returncode != 0:
+            raise ZipFailed(returncode, b"".join(stderr_tail).decode(errors="replace").strip())
+        if last_chunk:
+            await send_channel.send(last_chunk)
+        await send_channel.aclose()
+    finally:
+        # Shielded: a cancelled download must still kill and reap its zip.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            for stream in (process.stdin, process.stdout, process.stderr):
+                stream.close()
+
+
+async def _feed_names(stdin: trio.abc.SendStream, listing: AlbumListing) -> None:
+    names = b"".join(os.fsencode(file.path) + b"\n" for file in listing.files)
+    try:
+        await stdin.send_all(names)
+    except trio.BrokenResourceError:
+        pass  # zip exited before reading every name; its status tells why.
+    finally:
+        await stdin.aclose()
+
+
+async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], album: str) -> None:
+    size = 0
+    async for data in stderr:
+        logger.warning("zip (%s): %s", album, data.decode(errors="replace").rstrip())
+        tail.append(data)
+        size += len(data)
+        while size - len(tail[0]) >= STDERR_TAIL_BYTES:
+            size -= len(tail.popleft())
+
+
+async def _pump_output(
+    stdout: trio.abc.ReceiveStream, send_channel: trio.MemorySendChannel[bytes], chunk_size: int
+) -> bytes:
+    """Move stdout to the channel, one chunk behind; return the chunk held back."""
+    held = b""
+    while chunk := await stdout.receive_some(chunk_size):
+        if held:
+            await send_channel.send(held)
+        held = chunk
+    return held

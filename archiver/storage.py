@@ -1,0 +1,127 @@
+"""Storage: the only code that turns request names into paths.
+
+An album is a directory directly under the storage root, named by its secret.
+``resolve_album`` maps a name to that directory or refuses; ``list_album``
+lists what may go into its archive and says what it left out and why.
+
+Policy for what goes in: regular files only.  Symbolic links are left out,
+whatever they point to, and ``zip`` runs with ``-y`` so that a file swapped
+for a link between listing and zipping is stored as a link (its target's path)
+rather than followed: nothing outside the storage root can reach an archive,
+even through a race.  FIFOs, sockets and devices are left out (a FIFO would
+hang ``zip``), as are files the service cannot read and names ``zip -@``
+cannot take (a newline ends a name on its input).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# A secret is a plain directory name: no dots (so no "." or ".."), no
+# separators, no escapes.  128 characters is far above the CMS's 32 hex digits.
+ALBUM_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class AlbumNotFound(LookupError):
+    """The name is malformed, unknown, or does not lead to a directory inside the root."""
+
+
+@dataclass(frozen=True)
+class AlbumFile:
+    """A file to archive: its path relative to the album (the entry name) and size."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    """Something under the album that stays out of the archive, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AlbumListing:
+    """What goes into an album's archive (sorted by path) and what was left out."""
+
+    directory: Path
+    files: tuple[AlbumFile, ...]
+    skipped: tuple[SkippedEntry, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(file.size for file in self.files)
+
+
+def resolve_album(root: Path, name: str) -> Path:
+    """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
+
+    The album may be a symbolic link as long as it resolves to a directory
+    strictly inside the root (never the root itself: that would archive every
+    album at once).
+    """
+    if not ALBUM_NAME.fullmatch(name):
+        raise AlbumNotFound(name)
+    real_root = root.resolve()
+    album = (real_root / name).resolve()
+    if album.parent != real_root and real_root not in album.parents:
+        raise AlbumNotFound(name)
+    if not album.is_dir():
+        raise AlbumNotFound(name)
+    return album
+
+
+def list_album(album: Path) -> AlbumListing:
+    """Walk ``album`` (not following links) and sort what it holds into files and skips."""
+    files: list[AlbumFile] = []
+    skipped: list[SkippedEntry] = []
+    _walk(album, "", files, skipped)
+    files.sort(key=lambda file: file.path)
+    for entry in skipped:
+        logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
+    return AlbumListing(album, tuple(files), tuple(skipped))
+
+
+def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[SkippedEntry]) -> None:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError as error:
+        skipped.append(SkippedEntry(prefix.rstrip("/") or ".", f"cannot list: {error.strerror}"))
+        return
+    for entry in entries:
+        relative = prefix + entry.name
+        reason = _exclusion_reason(entry)
+        if reason is not None:
+            skipped.append(SkippedEntry(relative, reason))
+        elif entry.is_dir(follow_symlinks=False):
+            _walk(Path(entry.path), relative + "/", files, skipped)
+        else:
+            files.append(AlbumFile(relative, entry.stat(follow_symlinks=False).st_size))
+
+
+def _exclusion_reason(entry: os.DirEntry[str]) -> str | None:
+    """Why ``entry`` stays out of the archive, or None if it may go in (or be walked)."""
+    if "\n" in entry.name or "\r" in entry.name:
+        return "line break in name (zip reads names one per line)"
+    try:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    except OSError as error:
+        return f"cannot stat: {error.strerror}"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return None if os.access(entry.path, os.R_OK | os.X_OK) else "directory not readable"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(entry.path, os.R_OK):
+        return "not readable"
+    return None
