@@ -52,6 +52,9 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.route("/archive/<name>/", methods=["GET"], provide_automatic_options=False)
     async def archive(name: str) -> Response:
         try:
+            # A real name never needs %-escapes; an escaped one is someone probing.
+            if b"%" in request.scope.get("raw_path", b""):
+                raise AlbumNotFound(name)
             album = resolve_album(settings.storage_dir, name)
             # A large album takes a while to walk: keep the event loop free.
             listing = await trio.to_thread.run_sync(list_album, album)

@@ -1,0 +1,168 @@
+"""Fixtures: storage trees on disk, and a real Hypercorn server on a free port."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from archiver.app import create_app
+from archiver.config import Settings
+
+PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (stress, soak)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    """Create ``files`` (relative path -> content) under ``root``."""
+    for relative, content in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+def entry_name(info: zipfile.ZipInfo) -> str:
+    """The entry's name as the files were named on disk (UTF-8), whatever flag zip set."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    return info.filename.encode("cp437").decode("utf-8")
+
+
+def read_archive(data: bytes) -> dict[str, bytes]:
+    """Open ``data`` as a ZIP, check every CRC, and return name -> content."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    assert archive.testzip() is None
+    return {entry_name(info): archive.read(info) for info in archive.infolist()}
+
+
+def files_on_disk(album: Path) -> dict[str, bytes]:
+    """Every regular file under ``album`` (not through links), as name -> content."""
+    found = {}
+    for directory, _, names in os.walk(album):
+        for name in names:
+            path = Path(directory, name)
+            if stat.S_ISREG(path.lstat().st_mode):
+                found[path.relative_to(album).as_posix()] = path.read_bytes()
+    return found
+
+
+@dataclass(frozen=True)
+class ZipChild:
+    pid: int
+    state: str
+
+
+def zip_children() -> list[ZipChild]:
+    """The zip processes this test process has started and not yet reaped (zombies included)."""
+    children = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as file:
+                fields = file.read()
+        except OSError:
+            continue
+        # comm may hold spaces: split after its closing parenthesis.
+        comm = fields[fields.index("(") + 1 : fields.rindex(")")]
+        state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == os.getpid() and comm == "zip":
+            children.append(ZipChild(int(entry.name), state))
+    return children
+
+
+async def wait_until_no_zip_children(timeout: float) -> None:
+    """Poll /proc until no zip child (running or zombie) is left; fail after ``timeout``."""
+    with trio.fail_after(timeout):
+        while zip_children():
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    root = tmp_path / "storage"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(storage: Path) -> Settings:
+    return Settings(storage_dir=storage, host="127.0.0.1", port=0)
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[str]:
+    """Serve the app with ``settings`` on a free loopback port; yield its base URL."""
+    app = create_app(settings)
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 1
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+        yield binds[0]
+        shutdown.set()
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[str]:
+    async with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def make_client(url: str, protocol: str) -> httpx.AsyncClient:
+    """An httpx client speaking exactly ``protocol`` (HTTP/2 as h2c with prior knowledge)."""
+    http2 = protocol == "HTTP/2"
+    return httpx.AsyncClient(base_url=url, http1=not http2, http2=http2, timeout=30)
+
+
+@pytest.fixture
+async def client(server: str, protocol: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(server, protocol) as client:
+        yield client
+
+
+@pytest.fixture
+def zip_recorder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A zip command that logs each start to a file, then runs the real zip."""
+    log = tmp_path / "zip-starts.log"
+    script = tmp_path / "recording-zip"
+    script.write_text(f'#!/bin/sh\necho "$$" >> {log}\nexec {shutil.which("zip")} "$@"\n')
+    script.chmod(0o755)
+    log.touch()
+    yield str(script), log
+
+
+@pytest.fixture
+def recorded_settings(settings: Settings, zip_recorder: tuple[str, Path]) -> Settings:
+    return replace(settings, zip_command=zip_recorder[0])

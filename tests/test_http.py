@@ -1,0 +1,281 @@
+"""The service over real HTTP/1.1 and HTTP/2 (h2c), with real zip and real files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h11
+import httpx
+import pytest
+import trio
+
+from archiver.app import NOT_FOUND_MESSAGE
+from archiver.config import Settings
+
+from .conftest import (
+    files_on_disk,
+    make_client,
+    read_archive,
+    running_server,
+    wait_until_no_zip_children,
+    write_tree,
+    zip_children,
+)
+
+AWKWARD_TREE = {
+    "photo 1.jpg": b"\xff\xd8 first photo",
+    "Привет мир.jpg": "кириллица".encode(),
+    "-starts-with-dash.txt": b"dash",
+    ' "quoted" name.txt': b"quotes and a leading space",
+    "trailing space ": b"trailing",
+    "brackets[1].txt": b"not a wildcard",
+    "nested/deeper/still/file.bin": bytes(range(256)) * 40,
+    "nested/Вложенная папка/снимок.jpg": b"nested cyrillic",
+    "empty.txt": b"",
+}
+
+
+async def test_archive_holds_every_file_with_its_bytes(
+    client: httpx.AsyncClient, storage: Path, protocol: str
+) -> None:
+    write_tree(storage / "album", AWKWARD_TREE)
+    response = await client.get("/archive/album/")
+    assert response.http_version == protocol
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    assert response.headers["content-disposition"] == 'attachment; filename="album.zip"'
+    assert read_archive(response.content) == AWKWARD_TREE
+
+
+async def test_index_page_explains_the_service(client: httpx.AsyncClient) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "/archive/" in response.text
+
+
+async def test_unknown_name_is_404_with_message(client: httpx.AsyncClient) -> None:
+    response = await client.get("/archive/no-such-album/")
+    assert response.status_code == 404
+    assert response.text.strip() == NOT_FOUND_MESSAGE
+
+
+async def raw_http11_status(url: str, target: bytes) -> tuple[int, bytes]:
+    """Send a request line with ``target`` exactly as given (no client normalisation)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = h11.Connection(h11.CLIENT)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        request = h11.Request(method="GET", target=target, headers=[("Host", "test")])
+        await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body
+
+
+BAD_TARGETS = [
+    b"/archive/../",
+    b"/archive/%2e%2e/",
+    b"/archive/%2E%2E/",
+    b"/archive/./",
+    b"/archive/album%2f..%2f..%2f/",
+    b"/archive/album%2Fnested/",
+    b"/archive/%00/",
+    b"/archive/album%00/",
+    b"/archive/%61lbum/",  # "album" with an escaped letter: a real name never needs escaping
+    b"/archive/al.bum/",
+    b"/archive/.album/",
+    b"/archive/album~/",
+    b"/archive/" + b"a" * 129 + b"/",
+    b"/archive//",
+    b"/archive/album/nested/",
+]
+
+
+@pytest.mark.parametrize("target", BAD_TARGETS, ids=[t.decode()[:40] for t in BAD_TARGETS])
+async def test_malformed_names_are_404_and_start_no_zip(
+    recorded_settings: Settings, zip_recorder: tuple[str, Path], target: bytes
+) -> None:
+    write_tree(recorded_settings.storage_dir / "album", {"nested/a.txt": b"a"})
+    write_tree(recorded_settings.storage_dir / ("a" * 129), {"a.txt": b"a"})
+    async with running_server(recorded_settings) as url:
+        status, rest = await raw_http11_status(url, target)
+    assert status == 404
+    assert NOT_FOUND_MESSAGE.encode() in rest
+    assert zip_recorder[1].read_text() == ""
+
+
+async def test_longest_allowed_name_is_served(client: httpx.AsyncClient, storage: Path) -> None:
+    name = "a" * 128
+    write_tree(storage / name, {"a.txt": b"a"})
+    response = await client.get(f"/archive/{name}/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == {"a.txt": b"a"}
+
+
+async def test_head_sends_headers_and_starts_no_zip(
+    recorded_settings: Settings, zip_recorder: tuple[str, Path], protocol: str
+) -> None:
+    write_tree(recorded_settings.storage_dir / "album", {"a.txt": b"a"})
+    async with running_server(recorded_settings) as url, make_client(url, protocol) as client:
+        head = await client.head("/archive/album/")
+        assert head.status_code == 200
+        assert head.headers["content-type"] == "application/zip"
+        assert head.headers["content-disposition"] == 'attachment; filename="album.zip"'
+        assert head.content == b""
+        assert zip_recorder[1].read_text() == ""
+        # The recorder does see a GET, so the check above could have failed.
+        assert (await client.get("/archive/album/")).status_code == 200
+        assert len(zip_recorder[1].read_text().split()) == 1
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_other_methods_are_405(client: httpx.AsyncClient, storage: Path, method: str) -> None:
+    write_tree(storage / "album", {"a.txt": b"a"})
+    response = await client.request(method, "/archive/album/")
+    assert response.status_code == 405
+
+
+async def test_name_without_slash_redirects(client: httpx.AsyncClient, storage: Path) -> None:
+    write_tree(storage / "album", {"a.txt": b"a"})
+    response = await client.get("/archive/album")
+    assert response.status_code in (301, 308)
+    assert response.headers["location"].endswith("/archive/album/")
+
+
+async def test_empty_directory_gives_valid_empty_zip(client: httpx.AsyncClient, storage: Path) -> None:
+    (storage / "empty").mkdir()
+    response = await client.get("/archive/empty/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == {}
+
+
+async def test_links_leading_outside_never_leak(
+    client: httpx.AsyncClient, storage: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    write_tree(outside, {"secret.txt": b"TOP SECRET"})
+    album = storage / "album"
+    write_tree(album, {"photo.jpg": b"photo"})
+    (album / "leak.txt").symlink_to(outside / "secret.txt")
+    (album / "leakdir").symlink_to(outside)
+    (album / "passwd").symlink_to("/etc/passwd")
+    (album / "up").symlink_to("..")
+    response = await client.get("/archive/album/")
+    assert response.status_code == 200
+    assert b"TOP SECRET" not in response.content
+    assert read_archive(response.content) == {"photo.jpg": b"photo"}
+
+
+async def test_album_that_is_a_link_outside_is_404(
+    client: httpx.AsyncClient, storage: Path, tmp_path: Path
+) -> None:
+    write_tree(tmp_path / "outside", {"secret.txt": b"TOP SECRET"})
+    (storage / "escape").symlink_to(tmp_path / "outside")
+    (storage / "everything").symlink_to(".")
+    write_tree(storage / "album", {"a.txt": b"a"})
+    assert (await client.get("/archive/escape/")).status_code == 404
+    assert (await client.get("/archive/everything/")).status_code == 404
+
+
+async def test_album_linked_inside_the_root_is_served(client: httpx.AsyncClient, storage: Path) -> None:
+    write_tree(storage / "album", {"a.txt": b"a"})
+    (storage / "alias").symlink_to("album")
+    response = await client.get("/archive/alias/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == {"a.txt": b"a"}
+
+
+async def test_special_files_are_left_out(client: httpx.AsyncClient, storage: Path) -> None:
+    album = storage / "album"
+    write_tree(album, {"photo.jpg": b"photo"})
+    os.mkfifo(album / "pipe")
+    (album / "line\nbreak.txt").write_bytes(b"newline in name")
+    response = await client.get("/archive/album/")
+    assert read_archive(response.content) == {"photo.jpg": b"photo"}
+
+
+@pytest.fixture(scope="session")
+def large_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An album far larger than every buffer between zip and the client (pipe, channel, sockets)."""
+    root = tmp_path_factory.mktemp("large-storage")
+    write_tree(root / "big", {f"photo-{i}.jpg": os.urandom(8 * 1024 * 1024) for i in range(4)})
+    return root
+
+
+async def test_disconnect_kills_zip(large_storage: Path, protocol: str) -> None:
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as url:
+        async with make_client(url, protocol) as client, client.stream("GET", "/archive/big/") as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                break
+            # zip is blocked on a full pipe now: the client has stopped reading.
+            assert [child.state for child in zip_children()] in (["S"], ["R"])
+        # Leaving the client closes the connection: the client has gone away.
+        await wait_until_no_zip_children(timeout=1.0)
+
+
+async def test_http2_stream_reset_kills_zip(large_storage: Path) -> None:
+    """A browser cancelling a download sends RST_STREAM and keeps the connection."""
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            connection.initiate_connection()
+            request_headers = [
+                (":method", "GET"),
+                (":path", "/archive/big/"),
+                (":scheme", "http"),
+                (":authority", "test"),
+            ]
+            connection.send_headers(1, request_headers, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            received = 0
+            while received == 0:
+                for event in connection.receive_data(await stream.receive_some()):
+                    if isinstance(event, h2.events.DataReceived):
+                        received += len(event.data)
+                await stream.send_all(connection.data_to_send())
+            assert len(zip_children()) == 1
+            connection.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            await stream.send_all(connection.data_to_send())
+            # The connection stays open; only the stream is gone.
+            await wait_until_no_zip_children(timeout=1.0)
+
+
+async def test_twenty_thousand_files_download_completely(client: httpx.AsyncClient, storage: Path) -> None:
+    tree = {f"dir-{i // 500:02d}/photo-{i:05d}.jpg": b"%d" % i for i in range(20_000)}
+    write_tree(storage / "many", tree)
+    response = await client.get("/archive/many/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == tree
+
+
+async def test_delay_slows_sending(storage: Path, settings: Settings) -> None:
+    write_tree(storage / "album", {"a.bin": os.urandom(6 * 1024)})
+    slow = replace(settings, delay=0.1, chunk_size=1024)
+    async with running_server(slow) as url, make_client(url, "HTTP/1.1") as client:
+        started = trio.current_time()
+        response = await client.get("/archive/album/")
+        elapsed = trio.current_time() - started
+    chunks = -(-len(response.content) // 1024)
+    assert read_archive(response.content) == files_on_disk(storage / "album")
+    # A sleep follows every chunk but the first: a lower bound, however busy the machine.
+    assert elapsed >= (chunks - 1) * 0.1
