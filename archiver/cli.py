@@ -37,10 +37,18 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         "-D", "--dir", type=Path, default=base.storage_dir, help="storage root holding one folder per archive"
     )
     parser.add_argument(
-        "-d", "--delay", type=float, default=base.delay, help="seconds to sleep between sent chunks (to test slow links)"
+        "-d",
+        "--delay",
+        type=float,
+        default=base.delay,
+        help="seconds to sleep between sent chunks (to test slow links)",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", default=base.verbose, help="debug logging, including every sent chunk"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=base.verbose,
+        help="debug logging, including every sent chunk",
     )
     parser.add_argument(
         "--compression",

@@ -8,7 +8,7 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def _parse_bool(raw: str) -> bool:
 
 
 # Environment names follow the CLI's long flags (ARCHIVER_DIR for --dir).
-_ENV_PARSERS = {
+_ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "dir": Path,
     "host": str,
     "port": int,

@@ -74,7 +74,9 @@ class ArchiveBody(ResponseBody):
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
         return chunk
 
-    async def __aexit__(
+    # Quart annotates __aexit__ as returning None, but a nursery may swallow
+    # the exception it was handed, and that answer must be passed on.
+    async def __aexit__(  # type: ignore[override]
         self,
         exc_type: type[BaseException] | None,
         exc_value: BaseException | None,

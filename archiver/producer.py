@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 import trio
 
@@ -119,8 +120,9 @@ async def produce_zip(
             if process.returncode is None:
                 process.kill()
             await process.wait()
-            for stream in (process.stdin, process.stdout, process.stderr):
-                stream.close()
+            await process.stdin.aclose()
+            await process.stdout.aclose()
+            await process.stderr.aclose()
 
 
 async def _feed_names(stdin: trio.abc.SendStream, listing: AlbumListing) -> None:
@@ -135,7 +137,8 @@ async def _feed_names(stdin: trio.abc.SendStream, listing: AlbumListing) -> None
 
 async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], album: str) -> None:
     size = 0
-    async for data in stderr:
+    async for received in stderr:
+        data = bytes(received)
         logger.warning("zip (%s): %s", album, data.decode(errors="replace").rstrip())
         tail.append(data)
         size += len(data)
@@ -148,7 +151,8 @@ async def _pump_output(
 ) -> bytes:
     """Move stdout to the channel, one chunk behind; return the chunk held back."""
     held = b""
-    while chunk := await stdout.receive_some(chunk_size):
+    # Pipe streams hand out bytes (typed bytes | bytearray): no copy needed.
+    while chunk := cast(bytes, await stdout.receive_some(chunk_size)):
         if held:
             await send_channel.send(held)
         held = chunk

@@ -1,0 +1,29 @@
+# The README's two commands: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test test-slow lint
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable '.[test]'
+	touch $@
+
+## Start the service on the sample storage in data/ (http://localhost:8080/).
+run: $(BIN)/.installed
+	$(BIN)/archiver --dir data $(ARGS)
+
+## Lint, type-check and run the test suite (slow stress tests skipped).
+test: $(BIN)/.installed lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The stress and soak tests as well.
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest --run-slow $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check archiver tests
+	$(BIN)/ruff format --check archiver tests
+	$(BIN)/mypy

@@ -1,0 +1,43 @@
+"""Settings from the environment: the hypercorn launch's only input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archiver.config import Settings, SettingsError
+
+
+def test_environment_overrides_defaults() -> None:
+    settings = Settings.from_env(
+        {
+            "ARCHIVER_DIR": "/srv/photos",
+            "ARCHIVER_DELAY": "0.5",
+            "ARCHIVER_VERBOSE": "yes",
+            "ARCHIVER_COMPRESSION": "6",
+            "ARCHIVER_PORT": "9000",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings == Settings(
+        storage_dir=Path("/srv/photos"), delay=0.5, verbose=True, compression=6, port=9000
+    )
+
+
+def test_empty_environment_gives_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("ARCHIVER_COMPRESSION", "10"),
+        ("ARCHIVER_DELAY", "-1"),
+        ("ARCHIVER_PORT", "http"),
+        ("ARCHIVER_VERBOSE", "maybe"),
+    ],
+)
+def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError):
+        Settings.from_env({variable: value})

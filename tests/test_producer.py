@@ -1,0 +1,89 @@
+"""Producer: zip's output through a bounded channel, failure status, and cancellation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from archiver.producer import EMPTY_ZIP, ZipFailed, ZipUnavailable, find_zip, produce_zip, zip_arguments
+from archiver.storage import list_album
+
+from .conftest import read_archive, write_tree, zip_children
+
+ZIP = zip_arguments(find_zip("zip"), 0)
+
+
+async def collect(arguments: list[str], album: Path, chunk_size: int = 4096) -> bytes:
+    send_channel, receive_channel = trio.open_memory_channel[bytes](2)
+    chunks = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: produce_zip(arguments, list_album(album), send_channel, chunk_size=chunk_size)
+        )
+        async for chunk in receive_channel:
+            assert len(chunk) <= chunk_size
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_output_is_the_album_archive(storage: Path) -> None:
+    tree = {"a.jpg": os.urandom(50_000), "sub/b.txt": b"b"}
+    write_tree(storage / "album", tree)
+    assert read_archive(await collect(ZIP, storage / "album")) == tree
+
+
+async def test_compression_setting_deflates(storage: Path) -> None:
+    tree = {"text.txt": b"hello " * 10_000}
+    write_tree(storage / "album", tree)
+    data = await collect(zip_arguments(find_zip("zip"), 9), storage / "album")
+    assert read_archive(data) == tree
+    assert len(data) < 10_000
+
+
+async def test_empty_album_is_an_empty_zip_without_running_zip(storage: Path) -> None:
+    (storage / "empty").mkdir()
+    assert await collect(["/nonexistent/zip"], storage / "empty") == EMPTY_ZIP
+    assert read_archive(EMPTY_ZIP) == {}
+
+
+async def test_failing_zip_raises_and_never_ends_the_channel(storage: Path, tmp_path: Path) -> None:
+    write_tree(storage / "album", {"a.jpg": b"a" * 100_000})
+    failing = tmp_path / "failing-zip"
+    failing.write_text('#!/bin/sh\nhead -c 70000 /dev/zero\necho "disk on fire" >&2\nexit 15\n')
+    failing.chmod(0o755)
+    send_channel, receive_channel = trio.open_memory_channel[bytes](100)
+    with pytest.raises(ZipFailed) as caught:
+        await produce_zip([str(failing)], list_album(storage / "album"), send_channel, chunk_size=8192)
+    assert caught.value.returncode == 15
+    assert "disk on fire" in caught.value.stderr_tail
+    buffered = receive_channel.statistics().current_buffer_used
+    received = b"".join(receive_channel.receive_nowait() for _ in range(buffered))
+    # The last chunk is held back, and the channel stays open: no clean end.
+    assert 0 < len(received) < 70_000
+    with pytest.raises(trio.WouldBlock):
+        receive_channel.receive_nowait()
+
+
+async def test_missing_zip_raises_unavailable(storage: Path) -> None:
+    write_tree(storage / "album", {"a.jpg": b"a"})
+    send_channel, _ = trio.open_memory_channel[bytes](1)
+    with pytest.raises(ZipUnavailable):
+        await produce_zip(["/nonexistent/zip"], list_album(storage / "album"), send_channel, chunk_size=1)
+    with pytest.raises(ZipUnavailable, match="apt-get install zip"):
+        find_zip("no-such-zip-command")
+
+
+async def test_cancellation_kills_and_reaps_zip(storage: Path) -> None:
+    write_tree(storage / "album", {"a.bin": os.urandom(4 * 1024 * 1024)})
+    send_channel, receive_channel = trio.open_memory_channel[bytes](0)
+    async with trio.open_nursery() as nursery:
+        listing = list_album(storage / "album")
+        nursery.start_soon(lambda: produce_zip(ZIP, listing, send_channel, chunk_size=4096))
+        await receive_channel.receive()
+        assert len(zip_children()) == 1  # blocked: nobody reads the channel
+        nursery.cancel_scope.cancel()
+    # produce_zip has returned, so zip must already be reaped.
+    assert zip_children() == []

@@ -1,0 +1,79 @@
+"""Storage: name checks, containment in the root, and what goes into an archive."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from archiver.storage import AlbumNotFound, list_album, resolve_album
+
+from .conftest import write_tree
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "a.b", "a b", "a\x00b", "a%2fb", "é", "a" * 129, "-/../x"]
+)
+def test_malformed_names_are_refused(storage: Path, name: str) -> None:
+    with pytest.raises(AlbumNotFound):
+        resolve_album(storage, name)
+
+
+def test_album_resolves_to_its_directory(storage: Path) -> None:
+    (storage / "Album_1-x").mkdir()
+    assert resolve_album(storage, "Album_1-x") == (storage / "Album_1-x").resolve()
+
+
+def test_missing_album_and_plain_file_are_not_found(storage: Path) -> None:
+    (storage / "file").write_bytes(b"not a directory")
+    for name in ("missing", "file"):
+        with pytest.raises(AlbumNotFound):
+            resolve_album(storage, name)
+
+
+def test_links_out_of_the_root_or_to_the_root_are_not_found(storage: Path, tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (storage / "escape").symlink_to(tmp_path / "outside")
+    (storage / "root").symlink_to(".")
+    (storage / "dangling").symlink_to("nowhere")
+    for name in ("escape", "root", "dangling"):
+        with pytest.raises(AlbumNotFound):
+            resolve_album(storage, name)
+
+
+def test_listing_is_sorted_and_recursive(storage: Path) -> None:
+    write_tree(storage / "a", {"b/2.jpg": b"22", "b/1.jpg": b"1", "0.jpg": b"", "c/d/e.jpg": b"eee"})
+    listing = list_album(storage / "a")
+    assert [(file.path, file.size) for file in listing.files] == [
+        ("0.jpg", 0),
+        ("b/1.jpg", 1),
+        ("b/2.jpg", 2),
+        ("c/d/e.jpg", 3),
+    ]
+    assert listing.total_size == 6
+    assert listing.skipped == ()
+
+
+def test_links_and_special_files_are_skipped_with_reasons(storage: Path, tmp_path: Path) -> None:
+    album = storage / "a"
+    write_tree(album, {"ok.jpg": b"ok", "sub/inside.jpg": b"in"})
+    (album / "to-file").symlink_to(album / "ok.jpg")
+    (album / "to-dir").symlink_to(tmp_path)
+    os.mkfifo(album / "fifo")
+    (album / "sub" / "new\nline").write_bytes(b"x")
+    listing = list_album(album)
+    assert [file.path for file in listing.files] == ["ok.jpg", "sub/inside.jpg"]
+    reasons = {entry.path: entry.reason for entry in listing.skipped}
+    assert reasons == {
+        "fifo": "not a regular file",
+        "sub/new\nline": "line break in name (zip reads names one per line)",
+        "to-dir": "symbolic link",
+        "to-file": "symbolic link",
+    }
+
+
+def test_empty_album_lists_nothing(storage: Path) -> None:
+    (storage / "empty" / "only-dirs").mkdir(parents=True)
+    listing = list_album(storage / "empty")
+    assert listing.files == ()
