@@ -10,7 +10,9 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import h2_abort
 from .config import Settings, SettingsError
+from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
 from .producer import find_zip, zip_arguments
 from .storage import AlbumNotFound, list_album, resolve_album
@@ -39,8 +41,11 @@ def create_app(settings: Settings) -> QuartTrio:
     if not settings.storage_dir.is_dir():
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
     arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
+    h2_abort.install()
 
     app = QuartTrio(__name__)
+    app.asgi_http_class = ArchiveHTTPConnection
+    jobs = trio.CapacityLimiter(settings.max_jobs)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -70,9 +75,11 @@ def create_app(settings: Settings) -> QuartTrio:
             name,
             listing,
             arguments,
+            jobs=jobs,
             chunk_size=settings.chunk_size,
             channel_capacity=settings.channel_capacity,
             delay=settings.delay,
+            rate_limit=settings.rate_limit,
         )
         response = Response(body, mimetype="application/zip", headers=headers)
         response.timeout = None

@@ -36,6 +36,15 @@ class Settings:
     chunk_size: int = 64 * 1024
     channel_capacity: int = 4
     zip_command: str = "zip"
+    # Archive jobs (zip processes) at once; one more is refused with 503, not
+    # queued.  zip -0 is bound by I/O rather than CPU, and a job costs well
+    # under a megabyte, so the default is not tied to the core count.
+    max_jobs: int = 64
+    # Bytes per second per download, 0 for no limit (beside `delay`).
+    rate_limit: int = 0
+    # Seconds in-flight downloads get to finish after SIGTERM/SIGINT (CLI launch;
+    # hypercorn.toml's graceful_timeout for the hypercorn launch).
+    shutdown_grace: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -44,6 +53,8 @@ class Settings:
             raise SettingsError(f"delay must not be negative, not {self.delay}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be 0..65535, not {self.port}")
+        if self.max_jobs < 1 or self.rate_limit < 0 or self.shutdown_grace < 0:
+            raise SettingsError("max_jobs must be positive, rate_limit and shutdown_grace not negative")
         if self.chunk_size < 1 or self.channel_capacity < 0:
             raise SettingsError("chunk_size must be positive and channel_capacity not negative")
 
@@ -83,5 +94,8 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "chunk_size": int,
     "channel_capacity": int,
     "zip_command": str,
+    "max_jobs": int,
+    "rate_limit": int,
+    "shutdown_grace": float,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir"}

@@ -1,10 +1,11 @@
 """One download: a nursery that runs the producer and feeds the response body.
 
-``ArchiveBody`` is the response body Quart iterates.  Entering it opens the
-download's nursery and starts the producer; iterating it takes chunks from the
-bounded channel between them; leaving it waits for the producer, which means
-``zip`` has been reaped.  The nursery encloses Quart's whole send loop, so a
-client that goes away (Hypercorn cancels the send) cancels the producer too.
+``ArchiveBody`` is the response body.  Entering it takes a job slot, opens the
+download's nursery and starts the producer (``zip`` is running when it
+returns); iterating it takes chunks from the bounded channel between them;
+leaving it waits for the producer, which means ``zip`` has been reaped, and
+gives the slot back.  The nursery encloses the whole send loop, so a client
+that goes away (Hypercorn cancels the send) cancels the producer too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from .storage import AlbumListing
 logger = logging.getLogger(__name__)
 
 
+class JobLimitReached(RuntimeError):
+    """Every archive job slot is taken: the request must be refused, not queued."""
+
+
 class ArchiveBody(ResponseBody):
     """The streamed ZIP of one album, produced while it is sent."""
 
@@ -33,39 +38,61 @@ class ArchiveBody(ResponseBody):
         listing: AlbumListing,
         zip_arguments: Sequence[str],
         *,
+        jobs: trio.CapacityLimiter,
         chunk_size: int,
         channel_capacity: int,
-        delay: float,
+        delay: float = 0.0,
+        rate_limit: int = 0,
     ) -> None:
         self.name = name
         self.listing = listing
         self.zip_arguments = zip_arguments
+        self.jobs = jobs
         self.chunk_size = chunk_size
         self.channel_capacity = channel_capacity
         self.delay = delay
+        self.rate_limit = rate_limit
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
 
     async def __aenter__(self) -> ArchiveBody:
+        """Take a job slot and start zip; raise JobLimitReached or ZipUnavailable if that fails."""
+        try:
+            self.jobs.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            raise JobLimitReached(f"all {self.jobs.total_tokens} archive jobs are busy") from None
         self._started_at = trio.current_time()
         send_channel, self._receive_channel = trio.open_memory_channel[bytes](self.channel_capacity)
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
-        nursery.start_soon(self._produce, send_channel)
+        try:
+            await nursery.start(self._produce, send_channel)
+        except BaseException as error:
+            self._receive_channel.close()
+            try:
+                if not await self._nursery_manager.__aexit__(type(error), error, error.__traceback__):
+                    raise
+            finally:
+                self.jobs.release_on_behalf_of(self)
         return self
 
-    async def _produce(self, send_channel: trio.MemorySendChannel[bytes]) -> None:
-        await produce_zip(self.zip_arguments, self.listing, send_channel, chunk_size=self.chunk_size)
+    async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
+        await produce_zip(
+            self.zip_arguments,
+            self.listing,
+            send_channel,
+            chunk_size=self.chunk_size,
+            task_status=task_status,
+        )
 
     def __aiter__(self) -> ArchiveBody:
         return self
 
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None
-        if self.bytes_sent and self.delay:
-            await trio.sleep(self.delay)
+        await self._pace()
         try:
             chunk = await self._receive_channel.receive()
         except trio.EndOfChannel:
@@ -73,6 +100,13 @@ class ArchiveBody(ResponseBody):
         self.bytes_sent += len(chunk)
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
         return chunk
+
+    async def _pace(self) -> None:
+        """Slow the next chunk down: ``delay`` after each chunk, and at most ``rate_limit`` bytes/s."""
+        if self.bytes_sent and self.delay:
+            await trio.sleep(self.delay)
+        if self.rate_limit:
+            await trio.sleep_until(self._started_at + self.bytes_sent / self.rate_limit)
 
     # Quart annotates __aexit__ as returning None, but a nursery may swallow
     # the exception it was handed, and that answer must be passed on.
@@ -92,6 +126,8 @@ class ArchiveBody(ResponseBody):
         else:
             self._log_outcome(_describe_failure(None if suppressed else exc_value))
             return suppressed
+        finally:
+            self.jobs.release_on_behalf_of(self)
 
     def _log_outcome(self, outcome: str) -> None:
         duration = trio.current_time() - self._started_at
@@ -106,17 +142,21 @@ class ArchiveBody(ResponseBody):
         )
 
 
+def first_failure(error: BaseException) -> BaseException:
+    """The first exception in ``error`` that is not a cancellation, digging through groups."""
+    while isinstance(error, BaseExceptionGroup):
+        _, others = error.split(trio.Cancelled)
+        if others is None:
+            return error.exceptions[0]
+        error = others.exceptions[0]
+    return error
+
+
 def _describe_failure(error: BaseException | None) -> str:
     """Name how a download ended: a cancellation is the client leaving, anything else a failure."""
     if error is None:
         return "complete"
-    if isinstance(error, BaseExceptionGroup):
-        _, others = error.split(trio.Cancelled)
-        if others is None:
-            return "client disconnected"
-        error = others.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
+    error = first_failure(error)
     if isinstance(error, trio.Cancelled):
         return "client disconnected"
     return f"failed: {error}"

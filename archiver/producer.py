@@ -51,9 +51,7 @@ def find_zip(command: str) -> str:
     """Return the absolute path of the zip executable, or raise ZipUnavailable."""
     path = shutil.which(command)
     if path is None:
-        raise ZipUnavailable(
-            f"{command!r} not found on PATH: install Info-ZIP zip (Debian: apt-get install zip)"
-        )
+        raise ZipUnavailable(f"{command!r} not found on PATH: install Info-ZIP zip (Debian: apt-get install zip)")
     return path
 
 
@@ -63,9 +61,11 @@ def zip_arguments(executable: str, compression: int) -> list[str]:
     -q: no per-file chatter; -X: no extra attributes (uid/gid, extended times),
     so the output depends on names, contents and mtimes only; -nw: names are
     literal, not wildcards ("a[1].jpg" must not match "a1.jpg"); -y: store a
-    link as a link, never follow it; -D: no directory entries.
+    link as a link, never follow it; -D: no directory entries; -MM: a listed
+    file that is gone or unreadable is an error (exit 18), not a warning that
+    -q would hide while the archive silently lacks the file.
     """
-    return [executable, "-q", "-X", "-nw", "-y", "-D", f"-{compression}", "-@", "-"]
+    return [executable, "-q", "-X", "-nw", "-y", "-D", "-MM", f"-{compression}", "-@", "-"]
 
 
 async def produce_zip(
@@ -74,6 +74,7 @@ async def produce_zip(
     send_channel: trio.MemorySendChannel[bytes],
     *,
     chunk_size: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send the archive of ``listing`` to ``send_channel`` in chunks, then close it.
 
@@ -81,12 +82,15 @@ async def produce_zip(
     last chunk is held back until then: a receiver that sees the end of the
     channel has the whole, correct archive.  If ``zip`` fails, ZipFailed is
     raised and the channel is left open, so the receiver never sees a clean
-    end.  ZipUnavailable is raised if ``zip`` cannot be started.
+    end.  ZipUnavailable is raised if ``zip`` cannot be started; run with
+    ``nursery.start``, that happens before ``start`` returns, so a caller can
+    still answer with an error status instead of the archive.
 
     If cancelled, ``zip`` is killed and reaped before the cancellation
     propagates: no process outlives this call.
     """
     if not listing.files:
+        task_status.started()
         await send_channel.send(EMPTY_ZIP)
         await send_channel.aclose()
         return
@@ -102,6 +106,7 @@ async def produce_zip(
     except OSError as error:
         raise ZipUnavailable(f"cannot start {arguments[0]}: {error}") from error
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    task_status.started()
     stderr_tail: deque[bytes] = deque()
     try:
         async with trio.open_nursery() as nursery:

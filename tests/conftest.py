@@ -103,6 +103,29 @@ async def wait_until_no_zip_children(timeout: float) -> None:
             await trio.sleep(0.01)
 
 
+def socket_buffer_limit() -> int:
+    """The most a loopback connection can hold in kernel buffers (receive + send side)."""
+    limit = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        with open(f"/proc/sys/net/ipv4/{name}") as file:
+            limit += int(file.read().split()[2])
+    return limit
+
+
+@pytest.fixture(scope="session")
+def large_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An album far larger than every buffer between zip and a client that stops reading.
+
+    Loopback sockets alone may hold tens of MB (tcp_rmem's maximum), so the
+    size follows the kernel's limits, with 32 MB to spare.
+    """
+    root = tmp_path_factory.mktemp("large-storage")
+    file_size = 8 * 1024 * 1024
+    count = -(-(socket_buffer_limit() + 32 * 1024 * 1024) // file_size)
+    write_tree(root / "big", {f"photo-{i:02d}.jpg": os.urandom(file_size) for i in range(count)})
+    return root
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> Path:
     root = tmp_path / "storage"

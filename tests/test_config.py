@@ -20,9 +20,7 @@ def test_environment_overrides_defaults() -> None:
             "UNRELATED": "x",
         }
     )
-    assert settings == Settings(
-        storage_dir=Path("/srv/photos"), delay=0.5, verbose=True, compression=6, port=9000
-    )
+    assert settings == Settings(storage_dir=Path("/srv/photos"), delay=0.5, verbose=True, compression=6, port=9000)
 
 
 def test_empty_environment_gives_defaults() -> None:

@@ -20,9 +20,7 @@ async def collect(arguments: list[str], album: Path, chunk_size: int = 4096) -> 
     send_channel, receive_channel = trio.open_memory_channel[bytes](2)
     chunks = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: produce_zip(arguments, list_album(album), send_channel, chunk_size=chunk_size)
-        )
+        nursery.start_soon(lambda: produce_zip(arguments, list_album(album), send_channel, chunk_size=chunk_size))
         async for chunk in receive_channel:
             assert len(chunk) <= chunk_size
             chunks.append(chunk)

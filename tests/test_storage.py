@@ -12,9 +12,7 @@ from archiver.storage import AlbumNotFound, list_album, resolve_album
 from .conftest import write_tree
 
 
-@pytest.mark.parametrize(
-    "name", ["", ".", "..", "a/b", "a.b", "a b", "a\x00b", "a%2fb", "é", "a" * 129, "-/../x"]
-)
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a.b", "a b", "a\x00b", "a%2fb", "é", "a" * 129, "-/../x"])
 def test_malformed_names_are_refused(storage: Path, name: str) -> None:
     with pytest.raises(AlbumNotFound):
         resolve_album(storage, name)

@@ -1,0 +1,165 @@
+"""Failure semantics: nothing that failed may look complete, and nothing is left behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from archiver.config import Settings
+from archiver.connection import BUSY_MESSAGE, FAILED_MESSAGE
+
+from .conftest import (
+    make_client,
+    read_archive,
+    running_server,
+    wait_until_no_zip_children,
+    write_tree,
+    zip_children,
+)
+
+# What each client library raises for a transfer that did not end cleanly:
+# HTTP/1.1 without the terminating chunk, HTTP/2 with RST_STREAM.
+ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
+
+
+def zip_script(tmp_path: Path, name: str, body: str) -> str:
+    """A shell script standing in for zip (``$REAL_ZIP`` is the real one)."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\nREAL_ZIP={shutil.which('zip')}\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+async def download(client: httpx.AsyncClient, path: str) -> bytes:
+    async with client.stream("GET", path) as response:
+        assert response.status_code == 200
+        return b"".join([chunk async for chunk in response.aiter_raw()])
+
+
+async def test_zip_failing_mid_stream_aborts_the_transfer(
+    settings: Settings, tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    failing = zip_script(tmp_path, "failing-zip", 'head -c 300000 /dev/zero\necho "disk on fire" >&2\nexit 15')
+    async with (
+        running_server(replace(settings, zip_command=failing)) as url,
+        make_client(url, protocol) as client,
+    ):
+        with pytest.raises(ABORTED):
+            await download(client, "/archive/album/")
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "album" in r.getMessage()]
+    assert any("failed" in message and "disk on fire" in message for message in failures), failures
+
+
+async def test_zip_killed_mid_stream_aborts_the_transfer(large_storage: Path, protocol: str) -> None:
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as url, make_client(url, protocol) as client:
+        with pytest.raises(ABORTED):
+            async with client.stream("GET", "/archive/big/") as response:
+                async for _ in response.aiter_raw():
+                    for child in zip_children():
+                        os.kill(child.pid, signal.SIGKILL)
+        await wait_until_no_zip_children(timeout=1.0)
+
+
+async def test_file_vanishing_mid_stream_aborts_the_transfer(large_storage: Path, tmp_path: Path) -> None:
+    # A copy of the big album, so that a file can be removed while zip works through it.
+    album = tmp_path / "storage" / "big"
+    album.mkdir(parents=True)
+    for source in (large_storage / "big").iterdir():
+        (album / source.name).write_bytes(source.read_bytes())
+    last = sorted(album.iterdir())[-1]
+    settings = Settings(storage_dir=album.parent, host="127.0.0.1", port=0)
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        with pytest.raises(ABORTED):
+            async with client.stream("GET", "/archive/big/") as response:
+                chunks = response.aiter_raw()
+                await anext(chunks)  # zip is blocked in the first file
+                last.unlink()
+                async for _ in chunks:
+                    pass
+
+
+async def test_zip_failing_before_its_first_byte_is_500(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a", "b.jpg": b"b"})
+    remover = zip_script(tmp_path, "removing-zip", 'rm -f a.jpg\nexec "$REAL_ZIP" "$@"')
+    async with (
+        running_server(replace(settings, zip_command=remover)) as url,
+        make_client(url, "HTTP/2") as client,
+    ):
+        response = await client.get("/archive/album/")
+    assert response.status_code == 500
+    assert response.text.strip() == FAILED_MESSAGE
+
+
+async def test_zip_gone_at_request_time_is_503(settings: Settings, tmp_path: Path, protocol: str) -> None:
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    vanishing = zip_script(tmp_path, "vanishing-zip", 'exec "$REAL_ZIP" "$@"')
+    async with (
+        running_server(replace(settings, zip_command=vanishing)) as url,
+        make_client(url, protocol) as client,
+    ):
+        os.unlink(vanishing)  # zip uninstalled while the service runs
+        response = await client.get("/archive/album/")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.text.strip() == BUSY_MESSAGE
+
+
+async def test_job_limit_refuses_with_503_and_frees_the_slot(large_storage: Path, protocol: str) -> None:
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
+    async with running_server(settings) as url:
+        async with make_client(url, protocol) as first, first.stream("GET", "/archive/big/") as response:
+            assert response.status_code == 200
+            # Keep the iterator: breaking out of `async for` would finalise it,
+            # and httpx closes the response (the client leaves) when it does.
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            async with make_client(url, protocol) as second:
+                refused = await second.get("/archive/big/")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "5"
+        await wait_until_no_zip_children(timeout=1.0)
+        async with make_client(url, protocol) as third, third.stream("GET", "/archive/big/") as response:
+            assert response.status_code == 200
+
+
+async def test_rate_limit_caps_bytes_per_second(settings: Settings) -> None:
+    write_tree(settings.storage_dir / "album", {"a.bin": os.urandom(200_000)})
+    limited = replace(settings, rate_limit=400_000, chunk_size=16_384)
+    async with running_server(limited) as url, make_client(url, "HTTP/1.1") as client:
+        started = trio.current_time()
+        data = await download(client, "/archive/album/")
+        elapsed = trio.current_time() - started
+    assert read_archive(data)["a.bin"] == (settings.storage_dir / "album" / "a.bin").read_bytes()
+    # Chunk n may only go out once n-1 chunks' bytes fit the rate: a lower bound.
+    assert elapsed >= (len(data) - 16_384) / 400_000
+
+
+async def test_file_growing_while_zipped_is_never_a_corrupt_clean_end(large_storage: Path, tmp_path: Path) -> None:
+    album = tmp_path / "storage" / "grow"
+    album.mkdir(parents=True)
+    # One file larger than every buffer, so that zip is blocked in the middle of it.
+    original = b"".join(path.read_bytes() for path in sorted((large_storage / "big").iterdir()))
+    (album / "photo.jpg").write_bytes(original)
+    settings = Settings(storage_dir=album.parent, host="127.0.0.1", port=0)
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        try:
+            async with client.stream("GET", "/archive/grow/") as response:
+                chunks = response.aiter_raw()
+                received = [await anext(chunks)]
+                with open(album / "photo.jpg", "ab") as file:
+                    file.write(b"appended while zipping")
+                received += [chunk async for chunk in chunks]
+        except ABORTED:
+            return  # an aborted transfer is an allowed outcome
+    content = read_archive(b"".join(received))["photo.jpg"]  # CRCs checked: never corrupt
+    assert content in (original, original + b"appended while zipping")
