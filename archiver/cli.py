@@ -79,13 +79,18 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.accesslog = "-"
+    config.graceful_timeout = settings.shutdown_grace
     return config
 
 
-async def _until_signalled() -> None:
+async def _until_signalled(grace: float) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logger.info("received %s: shutting down", signal.Signals(signum).name)
+            logger.info(
+                "received %s: no new connections; in-flight downloads get %.0f s to finish",
+                signal.Signals(signum).name,
+                grace,
+            )
             return
 
 
@@ -98,4 +103,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (SettingsError, ZipUnavailable) as error:
         sys.exit(f"archiver: {error}")
     logger.info("serving %s on %s:%d", settings.storage_dir.resolve(), settings.host, settings.port)
-    trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=_until_signalled))
+    shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
+    trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger))
+    logger.info("stopped")

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -26,9 +28,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass
+class Launched:
+    url: str
+    process: trio.Process
+
+
 @asynccontextmanager
-async def launched(command: Sequence[str], env: dict[str, str] | None = None) -> AsyncIterator[str]:
-    """Start ``command``, wait for Hypercorn's "Running on" line, yield its URL, then SIGTERM it."""
+async def launched(command: Sequence[str], env: dict[str, str] | None = None) -> AsyncIterator[Launched]:
+    """Start ``command``, wait for Hypercorn's "Running on" line, yield it; SIGTERM it at the end."""
     process = await trio.lowlevel.open_process(
         list(command),
         cwd=PROJECT,
@@ -47,8 +55,9 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
         async with trio.open_nursery() as nursery:
             # Keep reading so a chatty server never blocks on a full pipe.
             nursery.start_soon(_discard, process.stdout)
-            yield match.group(1).decode()
-            process.terminate()
+            yield Launched(match.group(1).decode(), process)
+            if process.returncode is None:
+                process.terminate()
             with trio.fail_after(15):
                 assert await process.wait() == 0
     finally:
@@ -76,9 +85,9 @@ async def check_serves_sample_album(url: str) -> None:
 async def test_console_script_serves_sample_data() -> None:
     port = free_port()
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", "data"]
-    async with launched(command) as url:
-        assert url.endswith(f":{port}")
-        await check_serves_sample_album(url)
+    async with launched(command) as server:
+        assert server.url.endswith(f":{port}")
+        await check_serves_sample_album(server.url)
 
 
 async def test_hypercorn_config_serves_sample_data() -> None:
@@ -92,9 +101,9 @@ async def test_hypercorn_config_serves_sample_data() -> None:
         f"127.0.0.1:{port}",
         "archiver.asgi:app",
     ]
-    async with launched(command, env={"ARCHIVER_DIR": "data"}) as url:
-        assert url.endswith(f":{port}")
-        await check_serves_sample_album(url)
+    async with launched(command, env={"ARCHIVER_DIR": "data"}) as server:
+        assert server.url.endswith(f":{port}")
+        await check_serves_sample_album(server.url)
 
 
 def test_help_documents_every_flag() -> None:
@@ -134,3 +143,81 @@ def test_bad_settings_fail_fast_with_a_message(arguments: list[str], message: st
     )
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[str, str]]:
+    """The command line (and environment) of one launch way, with a shutdown grace period."""
+    if launch == "archiver":
+        command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port)]
+        return command, {"ARCHIVER_SHUTDOWN_GRACE": str(grace)}
+    hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+    bind = f"127.0.0.1:{port}"
+    command = [hypercorn, "--config", "hypercorn.toml", "--bind", bind, "--graceful-timeout", str(grace)]
+    return [*command, "archiver.asgi:app"], {}
+
+
+def server_zip_children(server_pid: int) -> list[int]:
+    """Pids of the zip processes below a server process (hypercorn's CLI runs the app in a worker)."""
+    parents: dict[int, int] = {}
+    zips = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat_line = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat_line[stat_line.rindex(")") + 2 :].split()[1])
+            if "(zip)" in stat_line:
+                zips.append(int(entry.name))
+
+    def descends_from_server(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == server_pid:
+                return True
+        return False
+
+    return [pid for pid in zips if descends_from_server(pid)]
+
+
+def slow_album(tmp_path: Path) -> dict[str, str]:
+    """Storage with a 1 MB album and settings that send it in 16 chunks, 0.05 s apart."""
+    (tmp_path / "storage" / "album").mkdir(parents=True)
+    (tmp_path / "storage" / "album" / "photo.jpg").write_bytes(os.urandom(1024 * 1024))
+    return {"ARCHIVER_DIR": str(tmp_path / "storage"), "ARCHIVER_CHUNK_SIZE": "65536"}
+
+
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str) -> None:
+    command, env = launch_command(launch, free_port(), grace=10)
+    env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.05"}
+    async with launched(command, env) as server:
+        async with make_client(server.url, "HTTP/1.1") as client, client.stream("GET", "/archive/album/") as response:
+            chunks = response.aiter_raw()
+            received = [await anext(chunks)]
+            server.process.terminate()
+            received += [chunk async for chunk in chunks]
+        assert read_archive(b"".join(received))["photo.jpg"] == (tmp_path / "storage/album/photo.jpg").read_bytes()
+        # The client has closed its connection: nothing holds the server for the rest of the grace.
+        with trio.fail_after(5):
+            assert await server.process.wait() == 0
+
+
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_zip(tmp_path: Path, launch: str) -> None:
+    command, env = launch_command(launch, free_port(), grace=1)
+    env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "1"}
+    async with launched(command, env) as server, make_client(server.url, "HTTP/1.1") as client:
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            async with client.stream("GET", "/archive/album/") as response:
+                chunks = response.aiter_raw()
+                await anext(chunks)
+                zips = server_zip_children(server.process.pid)
+                assert len(zips) == 1
+                server.process.terminate()
+                async for _ in chunks:
+                    pass
+        with trio.fail_after(10):
+            assert await server.process.wait() == 0
+    for pid in zips:
+        assert not Path(f"/proc/{pid}").exists()
