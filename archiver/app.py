@@ -49,6 +49,8 @@ def create_app(settings: Settings) -> QuartTrio:
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
+    # "/archive//x//" is not a way to name an album: no redirect to a cleaned-up path.
+    app.url_map.merge_slashes = False
 
     @app.get("/")
     async def index() -> Response:
