@@ -29,6 +29,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (stress, soak)")
 
 
+# Figures the stress tests measure, printed at the end of the run (see README).
+STRESS_FIGURES: list[str] = []
+
+
+def record_figure(line: str) -> None:
+    STRESS_FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if STRESS_FIGURES:
+        terminalreporter.section("stress figures")
+        for line in STRESS_FIGURES:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow"):
         return
