@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from the command line; flags left out fall back to ARCHIVER_* variables, then defaults."""
-    base = Settings.from_env()
+    try:
+        base = Settings.from_env()
+    except SettingsError as error:
+        sys.exit(f"archiver: {error}")
     parser = argparse.ArgumentParser(
         prog="archiver",
         description="Serve GET /archive/<name>/ as a ZIP of <dir>/<name>/, made while it is sent.",

@@ -127,22 +127,26 @@ def test_help_documents_every_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "arguments, message",
+    "arguments, environment, message",
     [
-        (["-D", "/nonexistent/storage"], "does not exist"),
-        (["--compression", "12"], "invalid choice"),
+        (["-D", "/nonexistent/storage"], {}, "does not exist"),
+        (["--compression", "12"], {}, "invalid choice"),
+        ([], {"ARCHIVER_ZIP_COMMAND": "no-such-zip"}, "apt-get install zip"),
+        ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
     ],
 )
-def test_bad_settings_fail_fast_with_a_message(arguments: list[str], message: str) -> None:
+def test_bad_settings_fail_fast_with_a_message(arguments: list[str], environment: dict[str, str], message: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "archiver", *arguments],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=PROJECT,
+        env={**os.environ, **environment},
     )
     assert result.returncode != 0
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[str, str]]:
