@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow lint
+.PHONY: run test test-slow lint bench bench-tools
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check archiver tests
 	$(BIN)/ruff format --check archiver tests
 	$(BIN)/mypy
+
+## The benchmark: baselines (zip | cat, nginx) and the service, in one run (~10 min; ~700 MB in bench-data/).
+bench: $(BIN)/.installed bench-tools
+	$(BIN)/python -m tests.benchmark $(BENCH_ARGS)
+
+bench-tools:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import trio
@@ -14,6 +16,7 @@ from . import h2_abort
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
+from .metrics import DownloadMetrics
 from .producer import find_zip, zip_arguments
 from .storage import AlbumNotFound, list_album, resolve_album
 
@@ -46,6 +49,7 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio(__name__)
     app.asgi_http_class = ArchiveHTTPConnection
     jobs = trio.CapacityLimiter(settings.max_jobs)
+    metrics = DownloadMetrics()
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -68,7 +72,11 @@ def create_app(settings: Settings) -> QuartTrio:
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
-        headers = {"Content-Disposition": f'attachment; filename="{name}.zip"'}
+        headers = {
+            "Content-Disposition": f'attachment; filename="{name}.zip"',
+            # nginx in front: pass bytes on as they come, never spool the archive.
+            "X-Accel-Buffering": "no",
+        }
         if request.method == "HEAD":
             # Headers only: no zip.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
@@ -78,6 +86,7 @@ def create_app(settings: Settings) -> QuartTrio:
             listing,
             arguments,
             jobs=jobs,
+            metrics=metrics,
             chunk_size=settings.chunk_size,
             channel_capacity=settings.channel_capacity,
             delay=settings.delay,
@@ -86,6 +95,21 @@ def create_app(settings: Settings) -> QuartTrio:
         response = Response(body, mimetype="application/zip", headers=headers)
         response.timeout = None
         return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Liveness: the process answers, the storage root is readable, zip is there to run."""
+        checks = {
+            "storage": os.access(settings.storage_dir, os.R_OK | os.X_OK),
+            "zip": os.access(arguments[0], os.X_OK),
+        }
+        healthy = all(checks.values())
+        body = {"status": "ok" if healthy else "failing", **checks}
+        return Response(json.dumps(body) + "\n", status=200 if healthy else 503, mimetype="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), content_type=metrics.content_type)
 
     @app.errorhandler(404)
     async def not_found(error: HTTPException) -> Response:

@@ -56,7 +56,7 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
                     # without a traceback for an expected operational failure.
                     return
                 raise
-            refusal = _refusal_for(body.name, failure)
+            refusal = _refusal_for(body, failure)
             if refusal is None:
                 raise
             await super()._send_response(send, refusal)
@@ -66,13 +66,15 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
         await send(_body_event(b"", more_body=False))
 
 
-def _refusal_for(name: str, error: BaseException) -> Response | None:
+def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
     if isinstance(error, JobLimitReached):
-        logger.warning("refused %s: %s", name, error)
+        logger.warning("refused %s: %s", body.name, error)
+        body.metrics.rejected.labels("job_limit").inc()
         return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, ZipUnavailable):
-        logger.error("refused %s: %s", name, error)
+        logger.error("refused %s: %s", body.name, error)
+        body.metrics.rejected.labels("zip_unavailable").inc()
         return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, ZipFailed):
         return _text_response(FAILED_MESSAGE, 500, {})

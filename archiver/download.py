@@ -19,6 +19,7 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
+from .metrics import DownloadMetrics
 from .producer import produce_zip
 from .storage import AlbumListing
 
@@ -39,6 +40,7 @@ class ArchiveBody(ResponseBody):
         zip_arguments: Sequence[str],
         *,
         jobs: trio.CapacityLimiter,
+        metrics: DownloadMetrics,
         chunk_size: int,
         channel_capacity: int,
         delay: float = 0.0,
@@ -48,6 +50,7 @@ class ArchiveBody(ResponseBody):
         self.listing = listing
         self.zip_arguments = zip_arguments
         self.jobs = jobs
+        self.metrics = metrics
         self.chunk_size = chunk_size
         self.channel_capacity = channel_capacity
         self.delay = delay
@@ -76,6 +79,7 @@ class ArchiveBody(ResponseBody):
                     raise
             finally:
                 self.jobs.release_on_behalf_of(self)
+        self.metrics.download_started()
         return self
 
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
@@ -98,6 +102,7 @@ class ArchiveBody(ResponseBody):
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
         self.bytes_sent += len(chunk)
+        self.metrics.bytes_sent.inc(len(chunk))
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
         return chunk
 
@@ -121,21 +126,22 @@ class ArchiveBody(ResponseBody):
         try:
             suppressed = await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
         except BaseException as error:
-            self._log_outcome(_describe_failure(error))
+            self._finish(*_outcome(error))
             raise
         else:
-            self._log_outcome(_describe_failure(None if suppressed else exc_value))
+            self._finish(*_outcome(None if suppressed else exc_value))
             return suppressed
         finally:
             self.jobs.release_on_behalf_of(self)
 
-    def _log_outcome(self, outcome: str) -> None:
+    def _finish(self, outcome: str, description: str) -> None:
         duration = trio.current_time() - self._started_at
-        log = logger.error if outcome.startswith("failed") else logger.info
+        self.metrics.download_finished(outcome, duration)
+        log = logger.error if outcome == "failed" else logger.info
         log(
             "download %s: %s, %d bytes sent in %.3f s (%d files)",
             self.name,
-            outcome,
+            description,
             self.bytes_sent,
             duration,
             len(self.listing.files),
@@ -152,11 +158,15 @@ def first_failure(error: BaseException) -> BaseException:
     return error
 
 
-def _describe_failure(error: BaseException | None) -> str:
-    """Name how a download ended: a cancellation is the client leaving, anything else a failure."""
+def _outcome(error: BaseException | None) -> tuple[str, str]:
+    """How a download ended, as a metrics label and a log phrase.
+
+    A cancellation is the client leaving (or a shutdown past its grace
+    period); anything else is a failure.
+    """
     if error is None:
-        return "complete"
+        return "completed", "complete"
     error = first_failure(error)
     if isinstance(error, trio.Cancelled):
-        return "client disconnected"
-    return f"failed: {error}"
+        return "cancelled", "client disconnected"
+    return "failed", f"failed: {error}"

@@ -33,7 +33,7 @@ class AlbumNotFound(LookupError):
     """The name is malformed, unknown, or does not lead to a directory inside the root."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AlbumFile:
     """A file to archive: its path relative to the album (the entry name) and size."""
 
@@ -41,7 +41,7 @@ class AlbumFile:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SkippedEntry:
     """Something under the album that stays out of the archive, and why."""
 

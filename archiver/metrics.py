@@ -1,0 +1,66 @@
+"""Prometheus metrics for downloads, in a registry of the app's own.
+
+A registry per app (not prometheus-client's global one) keeps two apps in
+one process, as in the tests, from counting into each other.  With several
+Hypercorn workers each process counts for itself; see README, Deploying.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+OUTCOMES = ("completed", "cancelled", "failed")
+REJECTIONS = ("job_limit", "zip_unavailable")
+
+# From a small album over a fast link to GBs over a slow one.
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
+
+
+class DownloadMetrics:
+    """The counters one app keeps; ``render`` gives the text exposition format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.started = Counter("archiver_downloads_started", "Downloads whose zip started.", registry=self.registry)
+        self.finished = Counter(
+            "archiver_downloads_finished",
+            "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "archiver_downloads_rejected",
+            "Downloads refused before any byte (503), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.bytes_sent = Counter(
+            "archiver_bytes_sent", "Archive bytes handed to the server for sending.", registry=self.registry
+        )
+        self.in_flight = Gauge("archiver_downloads_in_flight", "Downloads in progress.", registry=self.registry)
+        self.duration = Histogram(
+            "archiver_download_duration_seconds",
+            "Time from zip's start to the download's end.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        # Every label value from the start, so that a scrape shows zeros, not gaps.
+        for outcome in OUTCOMES:
+            self.finished.labels(outcome)
+        for reason in REJECTIONS:
+            self.rejected.labels(reason)
+
+    def download_started(self) -> None:
+        self.started.inc()
+        self.in_flight.inc()
+
+    def download_finished(self, outcome: str, seconds: float) -> None:
+        self.finished.labels(outcome).inc()
+        self.duration.observe(seconds)
+        self.in_flight.dec()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

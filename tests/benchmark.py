@@ -1,0 +1,330 @@
+"""The benchmark: the service against its baselines, all measured in one run.
+
+    python -m tests.benchmark [--repeat 5] [--zip64]      (or: make bench)
+
+Baselines: ``zip -r -0 - . | cat >/dev/null`` in the album (the ceiling the
+service can reach) and nginx serving the same archive as a static file (what
+the client can take).  The service is launched as an operator would (the
+console script), and curl is the client.  Every figure is the median of
+``--repeat`` runs.  Nothing here asserts: it prints figures and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+BENCH_STORAGE = PROJECT / "bench-data"
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    files: int
+    file_size: int
+    nested: bool = False
+
+    @property
+    def directory(self) -> Path:
+        return BENCH_STORAGE / self.name
+
+
+PHOTOS = Dataset("photos-200x2500KB", 200, 2_500_000)
+SMALL_FILES = Dataset("nested-20000x8KB", 20_000, 8_192, nested=True)
+HUGE = Dataset("zip64-2x2500MB", 2, 2_500_000_000)
+
+
+def generate(dataset: Dataset) -> None:
+    """Write the dataset once: incompressible, deterministic bytes (seeded by the dataset's name)."""
+    marker = dataset.directory / ".complete"
+    if marker.exists():
+        return
+    shutil.rmtree(dataset.directory, ignore_errors=True)
+    rng = random.Random(dataset.name)
+    print(f"generating {dataset.name} ...", flush=True)
+    for index in range(dataset.files):
+        folder = dataset.directory / (f"d{index // 500:02d}/e{index // 50 % 10}" if dataset.nested else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"photo-{index:05d}.jpg", "wb") as file:
+            remaining = dataset.file_size
+            while remaining:
+                block = min(remaining, 64 * 1024 * 1024)
+                file.write(rng.randbytes(block))
+                remaining -= block
+    marker.write_text("")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextmanager
+def service(storage: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """The service (console-script launch) on a free port; yields its base URL and pid."""
+    port = free_port()
+    env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", **(extra_env or {})}
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
+    log = BENCH_STORAGE / "service.log"
+    with open(log, "ab") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        try:
+            wait_for_port(port)
+        except RuntimeError:
+            raise RuntimeError(f"the service did not start; see {log}") from None
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@contextmanager
+def nginx_serving(file: Path) -> Iterator[tuple[str, str, int]]:
+    """nginx on loopback serving ``file``; yields the HTTP/1.1 and h2c base URLs and the worker's pid."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port, h2_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as prefix:
+        config = Path(prefix, "nginx.conf")
+        config.write_text(f"""
+daemon off; worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off; sendfile on; tcp_nopush on;
+    client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+    server {{ listen 127.0.0.1:{port}; root {file.parent}; }}
+    server {{ listen 127.0.0.1:{h2_port} http2; root {file.parent}; }}
+}}
+""")
+        process = subprocess.Popen([nginx, "-c", str(config), "-p", prefix])
+        try:
+            wait_for_port(port)
+            wait_for_port(h2_port)
+            worker = int(
+                subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()[0]
+            )
+            yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{h2_port}", worker
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+CURL_FORMAT = "%{time_starttransfer} %{time_total} %{size_download} %{http_code}\\n"
+
+
+def curl(urls: Sequence[str], http2: bool) -> list[tuple[float, float, int]]:
+    """Download ``urls`` in parallel with curl; (first byte s, total s, bytes) for each; all must be complete."""
+    flags = ["--http2-prior-knowledge"] if http2 else ["--http1.1"]
+    processes = [
+        subprocess.Popen(["curl", "-sS", *flags, "-o", "/dev/null", "-w", CURL_FORMAT, url], stdout=subprocess.PIPE)
+        for url in urls
+    ]
+    results = []
+    for process in processes:
+        output, _ = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"curl failed with exit status {process.returncode}")
+        first_byte, total, size, status = output.split()
+        if status != b"200":
+            raise RuntimeError(f"HTTP status {status.decode()}")
+        results.append((float(first_byte), float(total), int(size)))
+    return results
+
+
+def median_of(repeat: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(repeat))
+
+
+def zip_to_cat(directory: Path, parallel: int = 1) -> float:
+    """Seconds for ``parallel`` concurrent `zip -r -0 - . | cat >/dev/null` in ``directory``."""
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen("zip -q -r -0 - . | cat >/dev/null", shell=True, cwd=directory) for _ in range(parallel)
+    ]
+    for process in processes:
+        process.wait()
+    return time.perf_counter() - started
+
+
+def archive_size(directory: Path) -> int:
+    with subprocess.Popen("zip -q -r -0 -X -D - .", shell=True, cwd=directory, stdout=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        size = 0
+        while chunk := process.stdout.read(1 << 20):
+            size += len(chunk)
+    return size
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of ``pid`` itself (reaped children's time is counted apart)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS_PER_SECOND, int(fields[12]) / TICKS_PER_SECOND
+
+
+def cpu_per_gb(pid: int, gigabytes: float, run: Callable[[], object]) -> str:
+    """ "user + sys s/GB" that ``pid`` spends while ``run`` moves ``gigabytes``."""
+    user_before, sys_before = cpu_seconds(pid)
+    run()
+    user_after, sys_after = cpu_seconds(pid)
+    user, system = (user_after - user_before) / gigabytes, (sys_after - sys_before) / gigabytes
+    return f"{user + system:.2f} s/GB ({user:.2f} user + {system:.2f} sys)"
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field}")
+
+
+def zip_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            if "(zip)" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def disconnect_to_zip_gone(url: str, pid: int) -> float:
+    """Seconds from SIGKILL of a downloading curl to the service's zip being gone."""
+    client = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "/dev/null", url])
+    deadline = time.monotonic() + 10
+    while not zip_children(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError("zip never started")
+        time.sleep(0.005)
+    time.sleep(0.2)
+    client.send_signal(signal.SIGKILL)
+    killed = time.perf_counter()
+    client.wait()
+    while zip_children(pid):
+        time.sleep(0.001)
+    return time.perf_counter() - killed
+
+
+def rss_per_download(url: str, pid: int, count: int = 32) -> tuple[float, float]:
+    """Idle RSS (MB) and RSS growth per in-flight download (MB) with ``count`` slow clients."""
+    idle = status_kib(pid, "VmRSS")
+    clients = [subprocess.Popen(["curl", "-sS", "--limit-rate", "200k", "-o", "/dev/null", url]) for _ in range(count)]
+    deadline = time.monotonic() + 10
+    while len(zip_children(pid)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)
+    loaded = status_kib(pid, "VmRSS")
+    for client in clients:
+        client.kill()
+        client.wait()
+    return idle / 1024, (loaded - idle) / 1024 / count
+
+
+def report(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(row[0]) for row in rows)
+    for name, value, ratio in rows:
+        print(f"{name:<{width}}  {value:>14}  {ratio}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is shown)")
+    parser.add_argument("--zip64", action="store_true", help="also a 5 GB album (ZIP64), one run each")
+    args = parser.parse_args(argv)
+    datasets = [PHOTOS, SMALL_FILES] + ([HUGE] if args.zip64 else [])
+    for dataset in datasets:
+        generate(dataset)
+    print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}")
+    for dataset in datasets:
+        repeat = 1 if dataset is HUGE else args.repeat
+        run_dataset(dataset, repeat)
+
+
+def run_dataset(dataset: Dataset, repeat: int) -> None:
+    size = archive_size(dataset.directory)
+    print(f"\n== {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
+    rows: list[tuple[str, str, str]] = []
+    ceiling = size / median_of(repeat, lambda: zip_to_cat(dataset.directory))
+    ceiling2 = 2 * size / median_of(repeat, lambda: zip_to_cat(dataset.directory, 2))
+    rows.append(("zip -0 | cat (baseline)", f"{ceiling / 1e6:.0f} MB/s", "1.00"))
+    rows.append(("2 x zip -0 | cat in parallel", f"{ceiling2 / 1e6:.0f} MB/s", f"{ceiling2 / ceiling:.2f}"))
+    with tempfile.TemporaryDirectory(dir=BENCH_STORAGE) as static:
+        os.chmod(static, 0o755)  # nginx's workers run as an unprivileged user
+        prebuilt = Path(static, "album.zip")
+        subprocess.run(f"zip -q -r -0 -X -D {prebuilt} .", shell=True, cwd=dataset.directory, check=True)
+        with nginx_serving(prebuilt) as (url, h2c_url, worker):
+            for label, base, http2 in (("HTTP/1.1", url, False), ("h2c", h2c_url, True)):
+                rate = median_of(repeat, lambda u=base, h=http2: size / curl([f"{u}/album.zip"], h)[0][1])
+                rows.append(
+                    (f"nginx static file, {label} (client check)", f"{rate / 1e6:.0f} MB/s", f"{rate / ceiling:.2f}")
+                )
+                cpu = cpu_per_gb(
+                    worker,
+                    repeat * size / 1e9,
+                    lambda u=base, h=http2: [curl([f"{u}/album.zip"], h) for _ in range(repeat)],
+                )
+                rows.append((f"nginx CPU, {label}", cpu, ""))
+    with service(BENCH_STORAGE) as (base, pid):
+        url = f"{base}/archive/{dataset.name}/"
+        for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
+            curl([url], http2)  # warm up
+            singles: list[tuple[float, float, int]] = []
+            cpu = cpu_per_gb(
+                pid, repeat * size / 1e9, lambda s=singles, h=http2: [s.extend(curl([url], h)) for _ in range(repeat)]
+            )
+            rate = statistics.median(size / total for _, total, _ in singles)
+            first_byte_ms = statistics.median(first for first, _, _ in singles) * 1000
+            rows.append((f"service, 1 download, {label}", f"{rate / 1e6:.0f} MB/s", f"{rate / ceiling:.2f}"))
+            rows.append((f"service, first byte, {label}", f"{first_byte_ms:.1f} ms", ""))
+            rows.append((f"service CPU outside zip, {label}", cpu, ""))
+            for parallel in (8, 32):
+                aggregate = median_of(
+                    max(1, repeat // 2),
+                    lambda p=parallel, h=http2: p * size / max(total for _, total, _ in curl([url] * p, h)),
+                )
+                rows.append(
+                    (
+                        f"service, {parallel} concurrent, {label}",
+                        f"{aggregate / 1e6:.0f} MB/s",
+                        f"{aggregate / ceiling2:.2f} of 2x",
+                    )
+                )
+        idle_mb, per_download_mb = rss_per_download(url, pid)
+        rows.append(("service RSS idle / peak", f"{idle_mb:.0f} / {status_kib(pid, 'VmHWM') / 1024:.0f} MB", ""))
+        rows.append(("service RSS growth per in-flight download", f"{per_download_mb:.2f} MB", ""))
+        gone_ms = median_of(repeat, lambda: disconnect_to_zip_gone(url, pid)) * 1000
+        rows.append(("client disconnect -> zip gone", f"{gone_ms:.1f} ms", ""))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
