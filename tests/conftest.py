@@ -154,12 +154,14 @@ def settings(storage: Path) -> Settings:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[str]:
+async def running_server(settings: Settings, **hypercorn_settings: object) -> AsyncIterator[str]:
     """Serve the app with ``settings`` on a free loopback port; yield its base URL."""
     app = create_app(settings)
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 1
+    for name, value in hypercorn_settings.items():
+        setattr(config, name, value)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))

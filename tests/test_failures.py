@@ -48,7 +48,7 @@ async def test_zip_failing_mid_stream_aborts_the_transfer(
     settings: Settings, tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
-    failing = zip_script(tmp_path, "failing-zip", 'head -c 300000 /dev/zero\necho "disk on fire" >&2\nexit 15')
+    failing = zip_script(tmp_path, "failing-zip", 'head -c 2000000 /dev/zero\necho "disk on fire" >&2\nexit 15')
     async with (
         running_server(replace(settings, zip_command=failing)) as url,
         make_client(url, protocol) as client,

@@ -1,0 +1,160 @@
+"""The production surface: a real nginx in front (deploy/nginx.conf), and HTTP/2 over TLS."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trustme
+
+from archiver.app import NOT_FOUND_MESSAGE
+from archiver.config import Settings
+
+from .conftest import files_on_disk, read_archive, running_server, wait_until_no_zip_children, write_tree
+from .test_cli import PROJECT, free_port
+from .test_observability import samples
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+needs_nginx = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run installs it)"
+)
+
+
+def site_config(upstream: str, port: int) -> str:
+    """deploy/nginx.conf as shipped, pointed at ``upstream`` and listening on loopback ``port``."""
+    text = (PROJECT / "deploy" / "nginx.conf").read_text()
+    text, upstreams = re.subn(r"server 127\.0\.0\.1:8080;", f"server {upstream};", text)
+    text, listens = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", text)
+    assert upstreams == listens == 1, "deploy/nginx.conf changed shape: update this test"
+    return text
+
+
+@asynccontextmanager
+async def nginx_in_front(service_url: str, workdir: Path) -> AsyncIterator[str]:
+    """A real nginx on a free loopback port running deploy/nginx.conf before ``service_url``."""
+    assert NGINX is not None
+    port = free_port()
+    workdir.mkdir()
+    (workdir / "site.conf").write_text(site_config(service_url.removeprefix("http://"), port))
+    (workdir / "nginx.conf").write_text(f"""
+daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
+    uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
+    include {workdir}/site.conf;
+}}
+""")
+    process = await trio.lowlevel.open_process([NGINX, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)])
+    try:
+        with trio.fail_after(10):  # nginx says nothing when ready: wait until it accepts
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+@needs_nginx
+async def test_archive_through_nginx_is_valid(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(300_000), "Фото/2.jpg": b"2"})
+    async with (
+        running_server(settings) as service,
+        nginx_in_front(service, tmp_path / "nginx") as front,
+        httpx.AsyncClient(base_url=front) as client,
+    ):
+        response = await client.get("/archive/album/")
+        missing = await client.get("/archive/missing/")
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == 'attachment; filename="album.zip"'
+    assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+    assert missing.status_code == 404
+    assert missing.text.strip() == NOT_FOUND_MESSAGE
+
+
+@needs_nginx
+async def test_nginx_passes_bytes_before_the_archive_is_complete(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    slow = replace(settings, delay=0.2, chunk_size=65536)  # about 3 s for the whole archive
+    async with (
+        running_server(slow) as service,
+        nginx_in_front(service, tmp_path / "nginx") as front,
+        httpx.AsyncClient(base_url=front) as client,
+        client.stream("GET", "/archive/album/") as response,
+    ):
+        chunks = response.aiter_raw()
+        await anext(chunks)
+        async with httpx.AsyncClient(base_url=service) as direct:
+            metrics = samples((await direct.get("/metrics")).text)
+        # The first bytes are here while the service is still sending: nginx did not spool.
+        assert metrics["archiver_downloads_in_flight"] == 1
+        assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 0
+
+
+@needs_nginx
+async def test_client_leaving_nginx_kills_the_services_zip(large_storage: Path, tmp_path: Path) -> None:
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as service, nginx_in_front(service, tmp_path / "nginx") as front:
+        async with httpx.AsyncClient(base_url=front) as client, client.stream("GET", "/archive/big/") as response:
+            chunks = response.aiter_raw()
+            await anext(chunks)
+        # nginx notices the closed client and closes its upstream connection.
+        await wait_until_no_zip_children(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path, Path]:
+    """A CA made for this test run and a server certificate for 127.0.0.1."""
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("tls")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certificate.private_key_pem.write_to_path(str(keyfile))
+    certificate.cert_chain_pems[0].write_to_path(str(certfile))
+    return ca, certfile, keyfile
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])
+async def test_download_over_tls_negotiates_protocol_by_alpn(
+    settings: Settings, tls_files: tuple[trustme.CA, Path, Path], protocol: str
+) -> None:
+    ca, certfile, keyfile = tls_files
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(200_000)})
+    trust = ssl.create_default_context()
+    ca.configure_trust(trust)
+    http2 = protocol == "HTTP/2"
+    async with running_server(settings, certfile=str(certfile), keyfile=str(keyfile)) as url:
+        assert url.startswith("https://")
+        async with httpx.AsyncClient(verify=trust, http1=not http2, http2=http2) as client:
+            response = await client.get(f"{url}/archive/album/")
+    assert response.http_version == protocol
+    assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+
+
+def test_hypercorn_toml_documents_tls() -> None:
+    text = (PROJECT / "hypercorn.toml").read_text()
+    for setting in ("certfile", "keyfile", "alpn_protocols", "workers"):
+        assert re.search(rf"^# {setting} = ", text, re.MULTILINE), setting
+
+
+def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
+    unit = (PROJECT / "deploy" / "archiver.service").read_text()
+    assert "ExecStart=/opt/archiver/.venv/bin/hypercorn --config hypercorn.toml archiver.asgi:app" in unit
+    assert "EnvironmentFile=/etc/archiver.env" in unit
+    assert "ARCHIVER_DIR=" in (PROJECT / "deploy" / "archiver.env").read_text()

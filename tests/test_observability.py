@@ -1,0 +1,77 @@
+"""Operators' handles: /healthz and /metrics, read after real downloads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from archiver.config import Settings
+
+from .conftest import make_client, running_server, wait_until_no_zip_children, write_tree
+
+
+def samples(text: str) -> dict[str, float]:
+    """Metric samples as 'name{label="value"}' -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+async def test_healthz_reports_storage_and_zip(settings: Settings, tmp_path: Path) -> None:
+    zip_link = tmp_path / "zip"
+    zip_link.symlink_to("/usr/bin/zip")
+    async with running_server(replace(settings, zip_command=str(zip_link))) as url, make_client(url, "HTTP/1.1") as c:
+        healthy = await c.get("/healthz")
+        assert healthy.status_code == 200
+        assert healthy.json() == {"status": "ok", "storage": True, "zip": True}
+        zip_link.unlink()  # zip uninstalled under a running service
+        failing = await c.get("/healthz")
+    assert failing.status_code == 503
+    assert failing.json() == {"status": "failing", "storage": True, "zip": False}
+
+
+async def test_metrics_count_real_downloads(large_storage: Path) -> None:
+    write_tree(large_storage / "small", {"a.jpg": os.urandom(10_000)})
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
+    async with running_server(settings) as url, make_client(url, "HTTP/2") as client:
+        complete = await client.get("/archive/small/")
+        assert complete.status_code == 200
+        async with make_client(url, "HTTP/1.1") as leaving, leaving.stream("GET", "/archive/big/") as response:
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            during = samples((await client.get("/metrics")).text)
+            assert (await client.get("/archive/small/")).status_code == 503  # the one job slot is taken
+        await wait_until_no_zip_children(timeout=1)
+        after = await client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    figures = samples(after.text)
+    assert during["archiver_downloads_in_flight"] == 1
+    assert figures["archiver_downloads_in_flight"] == 0
+    assert figures["archiver_downloads_started_total"] == 2
+    assert figures['archiver_downloads_finished_total{outcome="completed"}'] == 1
+    assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
+    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 0
+    assert figures['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
+    assert figures["archiver_download_duration_seconds_count"] == 2
+    assert figures["archiver_bytes_sent_total"] > len(complete.content)
+
+
+async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    failing = tmp_path / "failing-zip"
+    failing.write_text("#!/bin/sh\nhead -c 2000000 /dev/zero\nexit 9\n")
+    failing.chmod(0o755)
+    async with running_server(replace(settings, zip_command=str(failing))) as url, make_client(url, "HTTP/1.1") as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get("/archive/album/")
+        figures = samples((await c.get("/metrics")).text)
+    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
