@@ -12,7 +12,7 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import h2_abort
+from . import hypercorn_h2
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
@@ -44,7 +44,7 @@ def create_app(settings: Settings) -> QuartTrio:
     if not settings.storage_dir.is_dir():
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
     arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
-    h2_abort.install()
+    hypercorn_h2.install()
 
     app = QuartTrio(__name__)
     app.asgi_http_class = ArchiveHTTPConnection

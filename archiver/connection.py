@@ -7,7 +7,7 @@ enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
 no free job slot or no ``zip`` is a 503, ``zip`` failing before its first byte
 a 500.  Whatever fails after it propagates, and the transfer is aborted
-(see ``h2_abort`` for HTTP/2).
+(see ``hypercorn_h2`` for HTTP/2).
 """
 
 from __future__ import annotations

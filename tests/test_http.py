@@ -265,3 +265,23 @@ async def test_delay_slows_sending(storage: Path, settings: Settings) -> None:
     assert read_archive(response.content) == files_on_disk(storage / "album")
     # A sleep follows every chunk but the first: a lower bound, however busy the machine.
     assert elapsed >= (chunks - 1) * 0.1
+
+
+async def test_concurrent_streams_on_one_http2_connection(storage: Path, server: str) -> None:
+    """Several archives interleaved on one connection, under the client's flow control."""
+    tree = {f"photo-{i}.jpg": os.urandom(700_000) for i in range(4)}
+    write_tree(storage / "album", tree)
+    archives: list[bytes] = []
+    async with make_client(server, "HTTP/2") as client:
+
+        async def fetch() -> None:
+            response = await client.get("/archive/album/")
+            assert response.http_version == "HTTP/2"
+            archives.append(response.content)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(fetch)
+    assert len(archives) == 4
+    for archive in archives:
+        assert read_archive(archive) == tree

@@ -1,0 +1,114 @@
+"""Two adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+
+1. Reset a stream whose response the app did not finish.
+
+When an ASGI app fails after ``http.response.start``, Hypercorn 0.18 closes
+the stream on its side and says nothing to the client: no END_STREAM (good)
+but no RST_STREAM either, so an HTTP/2 client waits for the rest of the
+archive forever.  Over HTTP/1.1 Hypercorn closes the connection without the
+terminating chunk, which clients report as a truncated transfer.  Older
+Hypercorn releases reset such streams; this restores that, so a failed archive
+is an aborted transfer on both protocols and never looks complete.
+
+The patch wraps ``H2Protocol.stream_send``: on the app's ``StreamClosed``, a
+stream whose body the app never ended, and which is still open on our side
+(OPEN or HALF_CLOSED_REMOTE), gets RST_STREAM(INTERNAL_ERROR) before Hypercorn
+forgets it.  A stream the client reset is already CLOSED.
+
+2. Send DATA frames in batches.
+
+Hypercorn's send task pops one frame (16 KiB, the usual client maximum) from a
+stream's buffer and writes it to the socket, one write per frame, and the
+buffer holds 32 KiB before the app's send waits.  For a bulk download that
+is a socket write and a task switch per 16 KiB.  Here the send task packs up
+to SEND_BATCH bytes of frames, as flow control allows, into one write, and
+the buffer holds a batch.  Measured with `make bench` on 2 cores: one HTTP/2
+download went from 325 to 457 MB/s, and the service's CPU per GB from 2.5 s
+to 1.8 s.  The frames, their order and flow control are unchanged; a stream
+yields to others after each batch, as it did after each frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+from h2.stream import StreamState
+from hypercorn.protocol import h2 as hypercorn_h2
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+
+_UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+_MARKER = "_archiver_adjusted"
+SEND_BATCH = 256 * 1024
+
+
+def install() -> None:
+    """Patch Hypercorn's HTTP/2 protocol once per process (idempotent)."""
+    if getattr(H2Protocol, _MARKER, False):
+        return
+    _reset_unfinished_streams()
+    _batch_data_frames()
+    setattr(H2Protocol, _MARKER, True)
+
+
+def _reset_unfinished_streams() -> None:
+    original: Callable[[Any, StreamEvent], Awaitable[None]] = H2Protocol.stream_send
+
+    async def stream_send(self: Any, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and not getattr(self, "closed", False):
+            stream = self.connection.streams.get(event.stream_id)
+            buffer = self.stream_buffers.get(event.stream_id)
+            # After the app's last body message, Hypercorn marks the stream's
+            # buffer complete and sends END_STREAM from its send task, maybe
+            # after this point: a complete buffer is a finished response.
+            ended_by_app = buffer is None or buffer._complete
+            if not ended_by_app and stream is not None and stream.state_machine.state in _UNFINISHED:
+                try:
+                    self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                except h2.exceptions.ProtocolError:
+                    pass  # the stream closed meanwhile: nothing left to abort
+                else:
+                    await self._flush()
+        await original(self, event)
+
+    H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+def _batch_data_frames() -> None:
+    # StreamBuffer reads these module globals on every push and pop.
+    hypercorn_h2.BUFFER_HIGH_WATER = SEND_BATCH
+    hypercorn_h2.BUFFER_LOW_WATER = SEND_BATCH / 2
+
+    async def _send_data(self: Any, stream_id: int) -> None:
+        # Hypercorn's _send_data, with a loop around the pop: frames until the
+        # batch is full, the buffer is empty or flow control says stop.
+        try:
+            buffer = self.stream_buffers[stream_id]
+            batched = 0
+            while batched < SEND_BATCH:
+                window = self.connection.local_flow_control_window(stream_id)
+                data = await buffer.pop(max(0, min(window, self.connection.max_outbound_frame_size)))
+                if not data:
+                    break
+                self.connection.send_data(stream_id, data)
+                batched += len(data)
+            if batched:
+                await self._flush()
+            else:
+                self.priority.block(stream_id)
+            if buffer.complete:
+                self.connection.end_stream(stream_id)
+                await self._flush()
+                del self.stream_buffers[stream_id]
+                self.priority.remove_stream(stream_id)
+        except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):
+            # As in Hypercorn: the stream or connection closed while we waited.
+            await self.stream_buffers[stream_id].close()
+            del self.stream_buffers[stream_id]
+            self.priority.remove_stream(stream_id)
+
+    H2Protocol._send_data = _send_data  # type: ignore[method-assign]
