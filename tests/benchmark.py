@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import zip_processes
+
 PROJECT = Path(__file__).resolve().parent.parent
 BENCH_STORAGE = PROJECT / "bench-data"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -205,16 +207,7 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def zip_children(pid: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            if "(zip)" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    return [child.pid for child in zip_processes(pid)]
 
 
 def disconnect_to_zip_gone(url: str, pid: int) -> float:

@@ -92,9 +92,10 @@ class ZipChild:
     state: str
 
 
-def zip_children() -> list[ZipChild]:
-    """The zip processes this test process has started and not yet reaped (zombies included)."""
-    children = []
+def zip_processes(ancestor: int) -> list[ZipChild]:
+    """The zip processes below ``ancestor`` (children, or deeper: hypercorn's CLI runs a worker), zombies included."""
+    parents: dict[int, int] = {}
+    zips = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -106,9 +107,23 @@ def zip_children() -> list[ZipChild]:
         # comm may hold spaces: split after its closing parenthesis.
         comm = fields[fields.index("(") + 1 : fields.rindex(")")]
         state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == os.getpid() and comm == "zip":
-            children.append(ZipChild(int(entry.name), state))
-    return children
+        parents[int(entry.name)] = int(ppid)
+        if comm == "zip":
+            zips.append(ZipChild(int(entry.name), state))
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == ancestor:
+                return True
+        return False
+
+    return [child for child in zips if descends(child.pid)]
+
+
+def zip_children() -> list[ZipChild]:
+    """The zip processes this test process has started and not yet reaped."""
+    return zip_processes(os.getpid())
 
 
 async def wait_until_no_zip_children(timeout: float) -> None:

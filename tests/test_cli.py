@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PROTOCOLS, files_on_disk, make_client, read_archive
+from .conftest import PROTOCOLS, files_on_disk, make_client, read_archive, zip_processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 SAMPLE_ALBUM = "holiday-2024"
@@ -160,30 +160,6 @@ def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[
     return [*command, "archiver.asgi:app"], {}
 
 
-def server_zip_children(server_pid: int) -> list[int]:
-    """Pids of the zip processes below a server process (hypercorn's CLI runs the app in a worker)."""
-    parents: dict[int, int] = {}
-    zips = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat_line = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat_line[stat_line.rindex(")") + 2 :].split()[1])
-            if "(zip)" in stat_line:
-                zips.append(int(entry.name))
-
-    def descends_from_server(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == server_pid:
-                return True
-        return False
-
-    return [pid for pid in zips if descends_from_server(pid)]
-
-
 def slow_album(tmp_path: Path) -> dict[str, str]:
     """Storage with a 1 MB album and settings that send it in 16 chunks, 0.05 s apart."""
     (tmp_path / "storage" / "album").mkdir(parents=True)
@@ -216,7 +192,7 @@ async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_zip(tmp_path: 
             async with client.stream("GET", "/archive/album/") as response:
                 chunks = response.aiter_raw()
                 await anext(chunks)
-                zips = server_zip_children(server.process.pid)
+                zips = [child.pid for child in zip_processes(server.process.pid)]
                 assert len(zips) == 1
                 server.process.terminate()
                 async for _ in chunks:
