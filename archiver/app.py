@@ -16,6 +16,7 @@ from . import hypercorn_h2
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
+from .layout import stored_archive_size
 from .metrics import DownloadMetrics
 from .producer import find_zip, zip_arguments
 from .storage import AlbumNotFound, list_album, resolve_album
@@ -77,6 +78,11 @@ def create_app(settings: Settings) -> QuartTrio:
             # nginx in front: pass bytes on as they come, never spool the archive.
             "X-Accel-Buffering": "no",
         }
+        # Stored archives have a length known before zip starts: browsers show
+        # progress and time left.  Deflated ones go chunked.
+        length = stored_archive_size(listing) if settings.compression == 0 else None
+        if length is not None:
+            headers["Content-Length"] = str(length)
         if request.method == "HEAD":
             # Headers only: no zip.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
@@ -91,6 +97,7 @@ def create_app(settings: Settings) -> QuartTrio:
             channel_capacity=settings.channel_capacity,
             delay=settings.delay,
             rate_limit=settings.rate_limit,
+            expected_length=length,
         )
         response = Response(body, mimetype="application/zip", headers=headers)
         response.timeout = None

@@ -7,7 +7,8 @@ enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
 no free job slot or no ``zip`` is a 503, ``zip`` failing before its first byte
 a 500.  Whatever fails after it propagates, and the transfer is aborted
-(see ``hypercorn_h2`` for HTTP/2).
+(see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
+from the Content-Length announced (HTTP/1.1: the connection closes short).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from .download import ArchiveBody, JobLimitReached, first_failure
+from .download import ArchiveBody, ArchiveChanged, JobLimitReached, first_failure
 from .producer import ZipFailed, ZipUnavailable
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
         except Exception as error:
             failure = first_failure(error)
             if headers_sent:
-                if isinstance(failure, ZipFailed):
+                if isinstance(failure, (ZipFailed, ArchiveChanged)):
                     # Logged by the body already.  Returning without the final
                     # body message aborts the transfer, like raising would,
                     # without a traceback for an expected operational failure.
@@ -76,7 +77,7 @@ def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("zip_unavailable").inc()
         return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, ZipFailed):
+    if isinstance(error, (ZipFailed, ArchiveChanged)):
         return _text_response(FAILED_MESSAGE, 500, {})
     return None
 

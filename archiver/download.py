@@ -30,6 +30,10 @@ class JobLimitReached(RuntimeError):
     """Every archive job slot is taken: the request must be refused, not queued."""
 
 
+class ArchiveChanged(RuntimeError):
+    """zip's output is not the announced length: the album changed after it was listed."""
+
+
 class ArchiveBody(ResponseBody):
     """The streamed ZIP of one album, produced while it is sent."""
 
@@ -45,6 +49,7 @@ class ArchiveBody(ResponseBody):
         channel_capacity: int,
         delay: float = 0.0,
         rate_limit: int = 0,
+        expected_length: int | None = None,
     ) -> None:
         self.name = name
         self.listing = listing
@@ -55,6 +60,8 @@ class ArchiveBody(ResponseBody):
         self.channel_capacity = channel_capacity
         self.delay = delay
         self.rate_limit = rate_limit
+        # The Content-Length sent (store mode): never send a byte more or end a byte short.
+        self.expected_length = expected_length
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
@@ -100,7 +107,11 @@ class ArchiveBody(ResponseBody):
         try:
             chunk = await self._receive_channel.receive()
         except trio.EndOfChannel:
+            if self.expected_length is not None and self.bytes_sent != self.expected_length:
+                raise ArchiveChanged(f"zip wrote {self.bytes_sent} bytes, {self.expected_length} announced") from None
             raise StopAsyncIteration from None
+        if self.expected_length is not None and self.bytes_sent + len(chunk) > self.expected_length:
+            raise ArchiveChanged(f"zip wrote more than the {self.expected_length} bytes announced")
         self.bytes_sent += len(chunk)
         self.metrics.bytes_sent.inc(len(chunk))
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)

@@ -133,14 +133,32 @@ def test_fuzzed_album_names_never_5xx_nor_leak(threaded_server: tuple[str, int],
     assert SECRET not in body
 
 
+def status_of_unfinished_request(address: tuple[str, int], head: bytes) -> int:
+    """Send the start of a request (no blank line after it) and read the status of the answer.
+
+    Nothing is left unread on the server when it answers, so its close does
+    not reset the connection under the answer, as a 100 KB burst would.
+    """
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer and (data := sock.recv(65536)):
+            answer += data
+    return int(answer.split()[1])
+
+
+# Over the 16 KiB Hypercorn lets a request head grow to, inside one 64 KiB read.
+TOO_LONG = 60_000
+
+
 def test_very_long_path_is_4xx(threaded_server: tuple[str, int]) -> None:
-    status, _ = request(threaded_server, "GET", b"/archive/" + b"a" * 100_000 + b"/", [])
+    status = status_of_unfinished_request(threaded_server, b"GET /archive/" + b"a" * TOO_LONG)
     assert 400 <= status < 500
 
 
 def test_very_long_header_is_4xx(threaded_server: tuple[str, int]) -> None:
-    status, _ = request(threaded_server, "GET", b"/archive/album/", [("X-Padding", "p" * 100_000)])
-    assert 400 <= status < 500
+    head = b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"p" * TOO_LONG
+    assert 400 <= status_of_unfinished_request(threaded_server, head) < 500
 
 
 @pytest.mark.parametrize("path_length, header_length", [(60_000, 0), (0, 100_000)])

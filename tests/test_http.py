@@ -48,6 +48,7 @@ async def test_archive_holds_every_file_with_its_bytes(client: httpx.AsyncClient
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/zip"
     assert response.headers["content-disposition"] == 'attachment; filename="album.zip"'
+    assert int(response.headers["content-length"]) == len(response.content)
     assert read_archive(response.content) == AWKWARD_TREE
 
 
@@ -137,7 +138,9 @@ async def test_head_sends_headers_and_starts_no_zip(
         assert head.content == b""
         assert zip_recorder[1].read_text() == ""
         # The recorder does see a GET, so the check above could have failed.
-        assert (await client.get("/archive/album/")).status_code == 200
+        get = await client.get("/archive/album/")
+        assert get.status_code == 200
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
         assert len(zip_recorder[1].read_text().split()) == 1
 
 
@@ -285,3 +288,19 @@ async def test_concurrent_streams_on_one_http2_connection(storage: Path, server:
     assert len(archives) == 4
     for archive in archives:
         assert read_archive(archive) == tree
+
+
+async def test_deflated_archive_goes_without_a_length(storage: Path, settings: Settings, protocol: str) -> None:
+    tree = {"text.txt": b"hello " * 20_000}
+    write_tree(storage / "album", tree)
+    async with running_server(replace(settings, compression=6)) as url, make_client(url, protocol) as client:
+        response = await client.get("/archive/album/")
+    assert "content-length" not in response.headers
+    assert len(response.content) < 20_000
+    assert read_archive(response.content) == tree
+
+
+async def test_empty_album_has_its_length(client: httpx.AsyncClient, storage: Path) -> None:
+    (storage / "empty").mkdir()
+    response = await client.get("/archive/empty/")
+    assert response.headers["content-length"] == "22"

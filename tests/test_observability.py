@@ -66,7 +66,7 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
 
 
 async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> None:
-    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # more than the stand-in writes
     failing = tmp_path / "failing-zip"
     failing.write_text("#!/bin/sh\nhead -c 2000000 /dev/zero\nexit 9\n")
     failing.chmod(0o755)
