@@ -19,11 +19,13 @@ from .download import ArchiveBody
 from .layout import stored_archive_size
 from .metrics import DownloadMetrics
 from .producer import find_zip, zip_arguments
+from .ranges import RangeNotSatisfiable, archive_etag, if_range_allows, parse_range
 from .storage import AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
 NOT_FOUND_MESSAGE = "Архив не существует или был удален"
+RANGE_MESSAGE = "Запрошенный диапазон вне архива"  # "the range asked for lies outside the archive"
 
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 
@@ -81,8 +83,24 @@ def create_app(settings: Settings) -> QuartTrio:
         # Stored archives have a length known before zip starts: browsers show
         # progress and time left.  Deflated ones go chunked.
         length = stored_archive_size(listing) if settings.compression == 0 else None
+        byte_range = None
         if length is not None:
-            headers["Content-Length"] = str(length)
+            etag = archive_etag(listing, arguments)
+            headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
+            range_header = request.headers.get("Range")
+            if request.method == "GET" and range_header and if_range_allows(request.headers.get("If-Range"), etag):
+                try:
+                    byte_range = parse_range(range_header, length)
+                except RangeNotSatisfiable:
+                    return Response(
+                        RANGE_MESSAGE + "\n",
+                        status=416,
+                        headers={"Content-Range": f"bytes */{length}"},
+                        mimetype="text/plain",
+                    )
+            if byte_range is not None:
+                headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
+                headers["Content-Length"] = str(byte_range.length)
         if request.method == "HEAD":
             # Headers only: no zip.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
@@ -98,8 +116,10 @@ def create_app(settings: Settings) -> QuartTrio:
             delay=settings.delay,
             rate_limit=settings.rate_limit,
             expected_length=length,
+            byte_range=byte_range,
         )
-        response = Response(body, mimetype="application/zip", headers=headers)
+        status = 206 if byte_range is not None else 200
+        response = Response(body, status=status, mimetype="application/zip", headers=headers)
         response.timeout = None
         return response
 

@@ -21,6 +21,7 @@ from quart.wrappers.response import ResponseBody
 
 from .metrics import DownloadMetrics
 from .producer import produce_zip
+from .ranges import ByteRange
 from .storage import AlbumListing
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ArchiveBody(ResponseBody):
         delay: float = 0.0,
         rate_limit: int = 0,
         expected_length: int | None = None,
+        byte_range: ByteRange | None = None,
     ) -> None:
         self.name = name
         self.listing = listing
@@ -62,6 +64,10 @@ class ArchiveBody(ResponseBody):
         self.rate_limit = rate_limit
         # The Content-Length sent (store mode): never send a byte more or end a byte short.
         self.expected_length = expected_length
+        # A Range request: zip's output before the range is read and dropped.
+        self.byte_range = byte_range
+        self.bytes_produced = 0
+        self._nursery: trio.Nursery | None = None
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
@@ -76,7 +82,7 @@ class ArchiveBody(ResponseBody):
         self._started_at = trio.current_time()
         send_channel, self._receive_channel = trio.open_memory_channel[bytes](self.channel_capacity)
         self._nursery_manager = trio.open_nursery()
-        nursery = await self._nursery_manager.__aenter__()
+        nursery = self._nursery = await self._nursery_manager.__aenter__()
         try:
             await nursery.start(self._produce, send_channel)
         except BaseException as error:
@@ -102,16 +108,30 @@ class ArchiveBody(ResponseBody):
         return self
 
     async def __anext__(self) -> bytes:
-        assert self._receive_channel is not None
+        assert self._receive_channel is not None and self._nursery is not None
+        if self.byte_range is not None and self.bytes_produced > self.byte_range.end:
+            # The range is sent; the rest of zip's output is not wanted.
+            self._nursery.cancel_scope.cancel()
+            raise StopAsyncIteration
         await self._pace()
-        try:
-            chunk = await self._receive_channel.receive()
-        except trio.EndOfChannel:
-            if self.expected_length is not None and self.bytes_sent != self.expected_length:
-                raise ArchiveChanged(f"zip wrote {self.bytes_sent} bytes, {self.expected_length} announced") from None
-            raise StopAsyncIteration from None
-        if self.expected_length is not None and self.bytes_sent + len(chunk) > self.expected_length:
-            raise ArchiveChanged(f"zip wrote more than the {self.expected_length} bytes announced")
+        while True:
+            try:
+                chunk = await self._receive_channel.receive()
+            except trio.EndOfChannel:
+                if self.expected_length is not None and self.bytes_produced != self.expected_length:
+                    raise ArchiveChanged(
+                        f"zip wrote {self.bytes_produced} bytes, {self.expected_length} announced"
+                    ) from None
+                raise StopAsyncIteration from None
+            offset = self.bytes_produced
+            self.bytes_produced += len(chunk)
+            if self.expected_length is not None and self.bytes_produced > self.expected_length:
+                raise ArchiveChanged(f"zip wrote more than the {self.expected_length} bytes announced")
+            if self.byte_range is not None:
+                # Keep only the part of this chunk inside the range (slicing all of it costs no copy).
+                chunk = chunk[max(0, self.byte_range.start - offset) : self.byte_range.end + 1 - offset]
+            if chunk:
+                break
         self.bytes_sent += len(chunk)
         self.metrics.bytes_sent.inc(len(chunk))
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)

@@ -35,10 +35,11 @@ class AlbumNotFound(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class AlbumFile:
-    """A file to archive: its path relative to the album (the entry name) and size."""
+    """A file to archive: its path relative to the album (the entry name), size and mtime."""
 
     path: str
     size: int
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,8 @@ def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[Sk
         elif entry.is_dir(follow_symlinks=False):
             _walk(Path(entry.path), relative + "/", files, skipped)
         else:
-            files.append(AlbumFile(relative, entry.stat(follow_symlinks=False).st_size))
+            status = entry.stat(follow_symlinks=False)
+            files.append(AlbumFile(relative, status.st_size, status.st_mtime_ns))
 
 
 def _exclusion_reason(entry: os.DirEntry[str]) -> str | None:

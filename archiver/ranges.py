@@ -1,0 +1,71 @@
+"""Byte ranges and validators for resumable downloads (RFC 9110, sections 8.8.3, 13.1.5, 14).
+
+Only what a download manager or ``curl -C -`` needs: one range per request
+(several are answered with the whole archive, which RFC 9110 allows), a
+strong ETag, and If-Range by that ETag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .storage import AlbumListing
+
+_SINGLE_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+
+
+class RangeNotSatisfiable(ValueError):
+    """The range asked for starts at or past the end of the archive."""
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``start`` to ``end``, both included, as in a Content-Range header."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+def parse_range(header: str, length: int) -> ByteRange | None:
+    """The single range ``header`` asks for within ``length`` bytes, or None to send everything.
+
+    A header we do not take (several ranges, another unit, bad syntax) means
+    the whole archive, as RFC 9110 lets a server ignore Range.
+    """
+    match = _SINGLE_RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # "-N": the last N bytes
+        suffix = int(last)
+        if suffix == 0 or length == 0:
+            raise RangeNotSatisfiable(header)
+        return ByteRange(max(0, length - suffix), length - 1)
+    start = int(first)
+    end = length - 1 if last == "" else min(int(last), length - 1)
+    if last != "" and int(last) < start:
+        return None  # invalid: ignored
+    if start >= length:
+        raise RangeNotSatisfiable(header)
+    return ByteRange(start, end)
+
+
+def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:
+    """A strong ETag from everything the archive's bytes depend on: zip's options and each file's name, size, mtime."""
+    digest = hashlib.sha256("\0".join(zip_arguments[1:]).encode())
+    for file in listing.files:
+        digest.update(b"\0%s\0%d\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns))
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def if_range_allows(if_range: str | None, etag: str) -> bool:
+    """Whether to honour Range given If-Range: absent, or the same strong ETag (a date never matches)."""
+    return if_range is None or (not if_range.startswith("W/") and if_range.strip() == etag)
