@@ -16,7 +16,7 @@ from . import hypercorn_h2
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
-from .layout import stored_archive_size
+from .layout import stored_archive_layout
 from .metrics import DownloadMetrics
 from .producer import find_zip, zip_arguments
 from .ranges import RangeNotSatisfiable, archive_etag, if_range_allows, parse_range
@@ -82,7 +82,8 @@ def create_app(settings: Settings) -> QuartTrio:
         }
         # Stored archives have a length known before zip starts: browsers show
         # progress and time left.  Deflated ones go chunked.
-        length = stored_archive_size(listing) if settings.compression == 0 else None
+        layout = stored_archive_layout(listing) if settings.compression == 0 else None
+        length = None if layout is None else layout.size
         byte_range = None
         if length is not None:
             etag = archive_etag(listing, arguments)
@@ -117,6 +118,7 @@ def create_app(settings: Settings) -> QuartTrio:
             rate_limit=settings.rate_limit,
             expected_length=length,
             byte_range=byte_range,
+            utf8_flag_positions=() if layout is None else layout.utf8_flag_positions,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

@@ -19,6 +19,7 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
+from .layout import set_utf8_flags
 from .metrics import DownloadMetrics
 from .producer import produce_zip
 from .ranges import ByteRange
@@ -52,6 +53,7 @@ class ArchiveBody(ResponseBody):
         rate_limit: int = 0,
         expected_length: int | None = None,
         byte_range: ByteRange | None = None,
+        utf8_flag_positions: tuple[int, ...] = (),
     ) -> None:
         self.name = name
         self.listing = listing
@@ -67,6 +69,7 @@ class ArchiveBody(ResponseBody):
         # A Range request: zip's output before the range is read and dropped.
         self.byte_range = byte_range
         self.bytes_produced = 0
+        self.utf8_flag_positions = utf8_flag_positions
         self._nursery: trio.Nursery | None = None
         self.bytes_sent = 0
         self._started_at = math.nan
@@ -127,6 +130,7 @@ class ArchiveBody(ResponseBody):
             self.bytes_produced += len(chunk)
             if self.expected_length is not None and self.bytes_produced > self.expected_length:
                 raise ArchiveChanged(f"zip wrote more than the {self.expected_length} bytes announced")
+            chunk = set_utf8_flags(chunk, offset, self.utf8_flag_positions)
             if self.byte_range is not None:
                 # Keep only the part of this chunk inside the range (slicing all of it costs no copy).
                 chunk = chunk[max(0, self.byte_range.start - offset) : self.byte_range.end + 1 - offset]
