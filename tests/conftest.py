@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import stat
+import threading
 import zipfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+import h11
 import httpx
 import pytest
 import trio
@@ -221,3 +224,56 @@ def zip_recorder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 @pytest.fixture
 def recorded_settings(settings: Settings, zip_recorder: tuple[str, Path]) -> Settings:
     return replace(settings, zip_command=zip_recorder[0])
+
+
+def http11_request(
+    address: tuple[str, int], method: str, target: bytes, headers: list[tuple[str, str]]
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request with ``target`` sent as is (no client normalisation): status, headers, body."""
+    connection = h11.Connection(h11.CLIENT)
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(connection.send(h11.Request(method=method, target=target, headers=[("Host", "x"), *headers])))
+        sock.sendall(connection.send(h11.EndOfMessage()))
+        status, response_headers, body = 0, {}, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = {name.decode(): value.decode() for name, value in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, response_headers, body
+
+
+@contextmanager
+def server_in_thread(settings: Settings) -> Iterator[tuple[str, int]]:
+    """A real server in a thread with a Trio run of its own, for synchronous (hypothesis) tests."""
+    app = create_app(settings)
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 1
+    started: list[tuple[str, int]] = []
+    ready = threading.Event()
+    stop: list[tuple[trio.lowlevel.TrioToken, trio.Event]] = []
+
+    async def run() -> None:
+        shutdown = trio.Event()
+        stop.append((trio.lowlevel.current_trio_token(), shutdown))
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
+            host, port = binds[0].removeprefix("http://").rsplit(":", 1)
+            started.append((host, int(port)))
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(run,), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        yield started[0]
+    finally:
+        token, shutdown = stop[0]
+        trio.from_thread.run_sync(shutdown.set, trio_token=token)
+        thread.join(30)

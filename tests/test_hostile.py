@@ -3,50 +3,24 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
-from functools import partial
 from urllib.parse import quote
 
-import h11
 import httpx
 import pytest
-import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archiver.app import create_app
 from archiver.config import Settings
 
-from .conftest import write_tree
+from .conftest import http11_request, server_in_thread, write_tree
 
 SECRET = b"SECRET-OUTSIDE-THE-STORAGE-7f3a"
 
 
-def request(address: tuple[str, int], method: str, target: bytes, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
-    """One HTTP/1.1 request with ``target`` sent as is; the status and the whole body."""
-    connection = h11.Connection(h11.CLIENT)
-    with socket.create_connection(address, timeout=30) as sock:
-        sock.sendall(connection.send(h11.Request(method=method, target=target, headers=[("Host", "x"), *headers])))
-        sock.sendall(connection.send(h11.EndOfMessage()))
-        status, body = 0, b""
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(sock.recv(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return status, body
-
-
 @pytest.fixture(scope="module")
 def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """A real server in a thread of its own, so that synchronous hypothesis tests can call it."""
+    """The server in a thread, over a storage with a secret outside every album."""
     base = tmp_path_factory.mktemp("hostile")
     storage = base / "storage"
     write_tree(storage / "album", {"photo.jpg": b"photo", "sub/more.jpg": b"more"})
@@ -54,30 +28,13 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     (storage / "album" / "leak").symlink_to(base / "outside" / "secret.txt")
     (storage / "outside").symlink_to(base / "outside")
     (storage / "secret.txt").write_bytes(SECRET)  # in the root, but not in any album
-    app = create_app(Settings(storage_dir=storage))
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.graceful_timeout = 1
-    started: list[tuple[str, int]] = []
-    ready = threading.Event()
-    stop: list[tuple[trio.lowlevel.TrioToken, trio.Event]] = []
+    with server_in_thread(Settings(storage_dir=storage)) as address:
+        yield address
 
-    async def run() -> None:
-        shutdown = trio.Event()
-        stop.append((trio.lowlevel.current_trio_token(), shutdown))
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
-            host, port = binds[0].removeprefix("http://").rsplit(":", 1)
-            started.append((host, int(port)))
-            ready.set()
 
-    thread = threading.Thread(target=trio.run, args=(run,), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield started[0]
-    token, shutdown = stop[0]
-    trio.from_thread.run_sync(shutdown.set, trio_token=token)
-    thread.join(30)
+def request(address: tuple[str, int], method: str, target: bytes, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    status, _, body = http11_request(address, method, target, headers)
+    return status, body
 
 
 SEGMENTS = st.one_of(

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from archiver.config import Settings
 from archiver.layout import stored_archive_size
 from archiver.producer import find_zip, produce_zip, zip_arguments
 from archiver.storage import list_album
+
+from .conftest import files_on_disk, http11_request, read_archive, server_in_thread
 
 ZIP = zip_arguments(find_zip("zip"), 0)
 
@@ -37,10 +42,7 @@ TREES = st.dictionaries(
 )
 
 
-@given(tree=TREES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_prediction_equals_real_zip_output(tmp_path_factory: pytest.TempPathFactory, tree: dict[str, int]) -> None:
-    album = tmp_path_factory.mktemp("album")
+def write_generated_tree(album: Path, tree: dict[str, int]) -> None:
     for relative, size in tree.items():
         path = album / relative
         try:
@@ -48,6 +50,13 @@ def test_prediction_equals_real_zip_output(tmp_path_factory: pytest.TempPathFact
             path.write_bytes(os.urandom(size))
         except (IsADirectoryError, NotADirectoryError, FileExistsError):
             continue  # the tree names a file and a folder alike: keep the first
+
+
+@given(tree=TREES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_prediction_equals_real_zip_output(tmp_path_factory: pytest.TempPathFactory, tree: dict[str, int]) -> None:
+    album = tmp_path_factory.mktemp("album")
+    write_generated_tree(album, tree)
     predicted = stored_archive_size(list_album(album))
     assert predicted == trio.run(zip_output_length, album)
 
@@ -68,3 +77,23 @@ async def test_prediction_with_a_file_over_4_gib(tmp_path: Path) -> None:
         file.truncate(4_500_000_000)  # sparse: reads as zeros, costs no disk
     (tmp_path / "after.txt").write_bytes(b"after the ZIP64 entry")
     assert stored_archive_size(list_album(tmp_path)) == await zip_output_length(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def http_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, tuple[str, int]]]:
+    storage = tmp_path_factory.mktemp("layout-storage")
+    with server_in_thread(Settings(storage_dir=storage)) as address:
+        yield storage, address
+
+
+@given(tree=TREES)
+@example(tree={"/".join(["глубоко"] * 20) + "/🌅.jpg": 10, "empty": 0})  # deep, emoji, empty
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_content_length_equals_bytes_sent(http_storage: tuple[Path, tuple[str, int]], tree: dict[str, int]) -> None:
+    storage, address = http_storage
+    album = Path(tempfile.mkdtemp(dir=storage))
+    write_generated_tree(album, tree)
+    status, headers, body = http11_request(address, "GET", f"/archive/{album.name}/".encode(), [])
+    assert status == 200
+    assert int(headers["content-length"]) == len(body)
+    assert read_archive(body) == files_on_disk(album)
