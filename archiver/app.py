@@ -19,7 +19,7 @@ from .download import ArchiveBody
 from .layout import stored_archive_layout
 from .metrics import DownloadMetrics
 from .producer import find_zip, zip_arguments
-from .ranges import RangeNotSatisfiable, archive_etag, if_range_allows, parse_range
+from .ranges import RangeNotSatisfiable, archive_etag, requested_range
 from .storage import AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
@@ -88,17 +88,14 @@ def create_app(settings: Settings) -> QuartTrio:
         if length is not None:
             etag = archive_etag(listing, arguments)
             headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
-            range_header = request.headers.get("Range")
-            if request.method == "GET" and range_header and if_range_allows(request.headers.get("If-Range"), etag):
-                try:
-                    byte_range = parse_range(range_header, length)
-                except RangeNotSatisfiable:
-                    return Response(
-                        RANGE_MESSAGE + "\n",
-                        status=416,
-                        headers={"Content-Range": f"bytes */{length}"},
-                        mimetype="text/plain",
+            try:
+                if request.method == "GET":
+                    byte_range = requested_range(
+                        request.headers.get("Range"), request.headers.get("If-Range"), etag, length
                     )
+            except RangeNotSatisfiable:
+                headers = {"Content-Range": f"bytes */{length}"}
+                return Response(RANGE_MESSAGE + "\n", status=416, headers=headers, mimetype="text/plain")
             if byte_range is not None:
                 headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
                 headers["Content-Length"] = str(byte_range.length)
@@ -116,9 +113,8 @@ def create_app(settings: Settings) -> QuartTrio:
             channel_capacity=settings.channel_capacity,
             delay=settings.delay,
             rate_limit=settings.rate_limit,
-            expected_length=length,
+            layout=layout,
             byte_range=byte_range,
-            utf8_flag_positions=() if layout is None else layout.utf8_flag_positions,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

@@ -19,7 +19,7 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .layout import set_utf8_flags
+from .layout import ArchiveLayout, set_utf8_flags
 from .metrics import DownloadMetrics
 from .producer import produce_zip
 from .ranges import ByteRange
@@ -51,9 +51,8 @@ class ArchiveBody(ResponseBody):
         channel_capacity: int,
         delay: float = 0.0,
         rate_limit: int = 0,
-        expected_length: int | None = None,
+        layout: ArchiveLayout | None = None,
         byte_range: ByteRange | None = None,
-        utf8_flag_positions: tuple[int, ...] = (),
     ) -> None:
         self.name = name
         self.listing = listing
@@ -64,16 +63,16 @@ class ArchiveBody(ResponseBody):
         self.channel_capacity = channel_capacity
         self.delay = delay
         self.rate_limit = rate_limit
-        # The Content-Length sent (store mode): never send a byte more or end a byte short.
-        self.expected_length = expected_length
+        # Store mode: the announced length (never send a byte more or end a byte
+        # short) and where to set the UTF-8 flag zip leaves out.
+        self.layout = layout
         # A Range request: zip's output before the range is read and dropped.
         self.byte_range = byte_range
         self.bytes_produced = 0
-        self.utf8_flag_positions = utf8_flag_positions
-        self._nursery: trio.Nursery | None = None
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
 
     async def __aenter__(self) -> ArchiveBody:
@@ -121,16 +120,17 @@ class ArchiveBody(ResponseBody):
             try:
                 chunk = await self._receive_channel.receive()
             except trio.EndOfChannel:
-                if self.expected_length is not None and self.bytes_produced != self.expected_length:
+                if self.layout is not None and self.bytes_produced != self.layout.size:
                     raise ArchiveChanged(
-                        f"zip wrote {self.bytes_produced} bytes, {self.expected_length} announced"
+                        f"zip wrote {self.bytes_produced} bytes, {self.layout.size} announced"
                     ) from None
                 raise StopAsyncIteration from None
             offset = self.bytes_produced
             self.bytes_produced += len(chunk)
-            if self.expected_length is not None and self.bytes_produced > self.expected_length:
-                raise ArchiveChanged(f"zip wrote more than the {self.expected_length} bytes announced")
-            chunk = set_utf8_flags(chunk, offset, self.utf8_flag_positions)
+            if self.layout is not None:
+                if self.bytes_produced > self.layout.size:
+                    raise ArchiveChanged(f"zip wrote more than the {self.layout.size} bytes announced")
+                chunk = set_utf8_flags(chunk, offset, self.layout.utf8_flag_positions)
             if self.byte_range is not None:
                 # Keep only the part of this chunk inside the range (slicing all of it costs no copy).
                 chunk = chunk[max(0, self.byte_range.start - offset) : self.byte_range.end + 1 - offset]

@@ -86,12 +86,6 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     return ArchiveLayout(size, (*local_flags, *(offset + position for position in central_flags)))
 
 
-def stored_archive_size(listing: AlbumListing) -> int | None:
-    """Bytes zip will write for ``listing`` in store mode, or None where zip's output is not predictable."""
-    layout = stored_archive_layout(listing)
-    return None if layout is None else layout.size
-
-
 def _needs_utf8_flag(name: bytes) -> bool:
     """Non-ASCII names that are valid UTF-8 (a name in another encoding stays unflagged)."""
     if name.isascii():

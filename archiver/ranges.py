@@ -69,3 +69,10 @@ def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:
 def if_range_allows(if_range: str | None, etag: str) -> bool:
     """Whether to honour Range given If-Range: absent, or the same strong ETag (a date never matches)."""
     return if_range is None or (not if_range.startswith("W/") and if_range.strip() == etag)
+
+
+def requested_range(range_header: str | None, if_range: str | None, etag: str, length: int) -> ByteRange | None:
+    """The range to answer with 206, or None for the whole archive; RangeNotSatisfiable for a 416."""
+    if not range_header or not if_range_allows(if_range, etag):
+        return None
+    return parse_range(range_header, length)
