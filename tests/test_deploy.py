@@ -158,3 +158,19 @@ def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
     assert "ExecStart=/opt/archiver/.venv/bin/hypercorn --config hypercorn.toml archiver.asgi:app" in unit
     assert "EnvironmentFile=/etc/archiver.env" in unit
     assert "ARCHIVER_DIR=" in (PROJECT / "deploy" / "archiver.env").read_text()
+
+
+@needs_nginx
+async def test_nginx_passes_length_and_ranges_through(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(200_000)})
+    async with (
+        running_server(settings) as service,
+        nginx_in_front(service, tmp_path / "nginx") as front,
+        httpx.AsyncClient(base_url=front) as client,
+    ):
+        whole = await client.get("/archive/album/")
+        part = await client.get("/archive/album/", headers={"Range": "bytes=10-40", "If-Range": whole.headers["etag"]})
+    assert int(whole.headers["content-length"]) == len(whole.content)
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 10-40/{len(whole.content)}"
+    assert part.content == whole.content[10:41]
