@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import zip_processes
+from tests.conftest import free_port, zip_processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 BENCH_STORAGE = PROJECT / "bench-data"
@@ -69,12 +69,6 @@ def generate(dataset: Dataset) -> None:
                 file.write(rng.randbytes(block))
                 remaining -= block
     marker.write_text("")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:

@@ -210,15 +210,27 @@ async def client(server: str, protocol: str) -> AsyncIterator[httpx.AsyncClient]
         yield client
 
 
+def free_port() -> int:
+    """A loopback port free right now, for servers started in another process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def zip_script(tmp_path: Path, name: str, body: str) -> str:
+    """A shell script standing in for zip (``$REAL_ZIP`` is the real one)."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\nREAL_ZIP={shutil.which('zip')}\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
 @pytest.fixture
 def zip_recorder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A zip command that logs each start to a file, then runs the real zip."""
     log = tmp_path / "zip-starts.log"
-    script = tmp_path / "recording-zip"
-    script.write_text(f'#!/bin/sh\necho "$$" >> {log}\nexec {shutil.which("zip")} "$@"\n')
-    script.chmod(0o755)
     log.touch()
-    yield str(script), log
+    yield zip_script(tmp_path, "recording-zip", f'echo "$$" >> {log}\nexec "$REAL_ZIP" "$@"'), log
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -16,16 +15,10 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PROTOCOLS, files_on_disk, make_client, read_archive, zip_processes
+from .conftest import PROTOCOLS, files_on_disk, free_port, make_client, read_archive, zip_processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 SAMPLE_ALBUM = "holiday-2024"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -19,8 +19,8 @@ import trustme
 from archiver.app import NOT_FOUND_MESSAGE
 from archiver.config import Settings
 
-from .conftest import files_on_disk, read_archive, running_server, wait_until_no_zip_children, write_tree
-from .test_cli import PROJECT, free_port
+from .conftest import files_on_disk, free_port, read_archive, running_server, wait_until_no_zip_children, write_tree
+from .test_cli import PROJECT
 from .test_observability import samples
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)

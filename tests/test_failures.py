@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -23,19 +22,12 @@ from .conftest import (
     wait_until_no_zip_children,
     write_tree,
     zip_children,
+    zip_script,
 )
 
 # What each client library raises for a transfer that did not end cleanly:
 # HTTP/1.1 without the terminating chunk, HTTP/2 with RST_STREAM.
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
-
-
-def zip_script(tmp_path: Path, name: str, body: str) -> str:
-    """A shell script standing in for zip (``$REAL_ZIP`` is the real one)."""
-    script = tmp_path / name
-    script.write_text(f"#!/bin/sh\nREAL_ZIP={shutil.which('zip')}\n{body}\n")
-    script.chmod(0o755)
-    return str(script)
 
 
 async def download(client: httpx.AsyncClient, path: str) -> bytes:

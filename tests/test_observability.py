@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import make_client, running_server, wait_until_no_zip_children, write_tree
+from .conftest import make_client, running_server, wait_until_no_zip_children, write_tree, zip_script
 
 
 def samples(text: str) -> dict[str, float]:
@@ -67,10 +67,8 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
 
 async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> None:
     write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # more than the stand-in writes
-    failing = tmp_path / "failing-zip"
-    failing.write_text("#!/bin/sh\nhead -c 2000000 /dev/zero\nexit 9\n")
-    failing.chmod(0o755)
-    async with running_server(replace(settings, zip_command=str(failing))) as url, make_client(url, "HTTP/1.1") as c:
+    failing = zip_script(tmp_path, "failing-zip", "head -c 2000000 /dev/zero\nexit 9")
+    async with running_server(replace(settings, zip_command=failing)) as url, make_client(url, "HTTP/1.1") as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await c.get("/archive/album/")
         figures = samples((await c.get("/metrics")).text)

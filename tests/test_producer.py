@@ -11,7 +11,7 @@ import trio
 from archiver.producer import EMPTY_ZIP, ZipFailed, ZipUnavailable, find_zip, produce_zip, zip_arguments
 from archiver.storage import list_album
 
-from .conftest import read_archive, write_tree, zip_children
+from .conftest import read_archive, write_tree, zip_children, zip_script
 
 ZIP = zip_arguments(find_zip("zip"), 0)
 
@@ -49,12 +49,10 @@ async def test_empty_album_is_an_empty_zip_without_running_zip(storage: Path) ->
 
 async def test_failing_zip_raises_and_never_ends_the_channel(storage: Path, tmp_path: Path) -> None:
     write_tree(storage / "album", {"a.jpg": b"a" * 100_000})
-    failing = tmp_path / "failing-zip"
-    failing.write_text('#!/bin/sh\nhead -c 70000 /dev/zero\necho "disk on fire" >&2\nexit 15\n')
-    failing.chmod(0o755)
+    failing = zip_script(tmp_path, "failing-zip", 'head -c 70000 /dev/zero\necho "disk on fire" >&2\nexit 15')
     send_channel, receive_channel = trio.open_memory_channel[bytes](100)
     with pytest.raises(ZipFailed) as caught:
-        await produce_zip([str(failing)], list_album(storage / "album"), send_channel, chunk_size=8192)
+        await produce_zip([failing], list_album(storage / "album"), send_channel, chunk_size=8192)
     assert caught.value.returncode == 15
     assert "disk on fire" in caught.value.stderr_tail
     buffered = receive_channel.statistics().current_buffer_used

@@ -17,6 +17,7 @@ from archiver.config import Settings
 
 from .conftest import (
     PROTOCOLS,
+    free_port,
     make_client,
     read_archive,
     record_figure,
@@ -25,7 +26,7 @@ from .conftest import (
     write_tree,
     zip_children,
 )
-from .test_cli import free_port, launched
+from .test_cli import launched
 
 pytestmark = pytest.mark.slow
 
