@@ -148,7 +148,9 @@ def _widen_pipe(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
 
 
 async def _feed_names(stdin: trio.abc.SendStream, listing: AlbumListing) -> None:
-    names = b"".join(os.fsencode(file.path) + b"\n" for file in listing.files)
+    # "./" keeps zip from reading a file named "-" as "the data on stdin"; zip
+    # drops the prefix, so the entry names (and the layout) are unchanged.
+    names = b"".join(b"./" + os.fsencode(file.path) + b"\n" for file in listing.files)
     try:
         await stdin.send_all(names)
     except trio.BrokenResourceError:

@@ -32,6 +32,8 @@ AWKWARD_TREE = {
     "photo 1.jpg": b"\xff\xd8 first photo",
     "Привет мир.jpg": "кириллица".encode(),
     "-starts-with-dash.txt": b"dash",
+    "-": b"zip's name for stdin",
+    "sub/-": b"and in a folder",
     ' "quoted" name.txt': b"quotes and a leading space",
     "trailing space ": b"trailing",
     "brackets[1].txt": b"not a wildcard",
