@@ -31,9 +31,10 @@ class Settings:
     verbose: bool = False
     # zip's -0 .. -9; stored (0) by default because the payload is mostly JPEG.
     compression: int = 0
-    # Bytes asked of zip's stdout per read (its pipe is widened to match), and
-    # chunks buffered between reader and writer.  Memory per download is about
-    # chunk_size * (channel_capacity + 2) (+1 held back, +1 in the pipe): 1 MiB.
+    # Bytes asked of zip's stdout per read, and chunks buffered between reader
+    # and writer.  Memory per download is about chunk_size * (channel_capacity
+    # + 2) (+1 held back, +1 being sent): 1 MiB, plus up to 1 MiB of kernel
+    # memory in zip's widened pipe when the client is slower than zip.
     # Measured (make bench): 256 KiB chunks cost HTTP/2 a quarter less CPU than
     # 64 KiB ones; larger ones gain little and cost memory.
     chunk_size: int = 256 * 1024

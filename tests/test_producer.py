@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
 import pytest
 import trio
 
-from archiver.producer import EMPTY_ZIP, ZipFailed, ZipUnavailable, find_zip, produce_zip, zip_arguments
+from archiver.producer import (
+    EMPTY_ZIP,
+    PIPE_SIZE,
+    ZipFailed,
+    ZipUnavailable,
+    _widen_pipe,
+    find_zip,
+    produce_zip,
+    zip_arguments,
+)
 from archiver.storage import list_album
 
 from .conftest import read_archive, write_tree, zip_children, zip_script
@@ -83,3 +93,15 @@ async def test_cancellation_kills_and_reaps_zip(storage: Path) -> None:
         nursery.cancel_scope.cancel()
     # produce_zip has returned, so zip must already be reaped.
     assert zip_children() == []
+
+
+async def test_stdout_pipe_is_widened_to_hold_several_chunks() -> None:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    async with trio.lowlevel.FdStream(read_end) as stdout:
+        _widen_pipe(stdout, 256 * 1024)
+        size = fcntl.fcntl(stdout.fileno(), fcntl.F_GETPIPE_SZ)
+    assert size >= 256 * 1024  # at worst (a low pipe-max-size) one chunk
+    with open("/proc/sys/fs/pipe-max-size") as limit:
+        if int(limit.read()) >= PIPE_SIZE:
+            assert size == PIPE_SIZE
