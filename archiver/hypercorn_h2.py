@@ -26,21 +26,34 @@ the buffer holds a batch.  Measured with `make bench` on 2 cores: one HTTP/2
 download went from 325 to 457 MB/s, and the service's CPU per GB from 2.5 s
 to 1.8 s.  The frames, their order and flow control are unchanged; a stream
 yields to others after each batch, as it did after each frame.
+
+A batch is framed with one call into h2 for its first frame (which checks
+the stream's state and flow control) and plain 9-byte headers for the rest,
+and the buffer hands its bytes over instead of copying them twice: h2 costs
+a state-machine step, a frame object and four payload copies per frame.
+Measured on 2 cores (5 downloads of 500 MB): user CPU per GB 0.70 s -> 0.41 s.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.errors
 import h2.exceptions
+from h2.connection import H2Connection
 from h2.stream import StreamState
+from hypercorn.events import RawData
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 
+# A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
+_FRAME_HEADER = struct.Struct(">HBBBL")
+_DATA_FRAME = 0x0
+_NO_FLAGS = 0
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MARKER = "_archiver_adjusted"
 SEND_BATCH = 256 * 1024
@@ -83,21 +96,35 @@ def _batch_data_frames() -> None:
     hypercorn_h2.BUFFER_HIGH_WATER = SEND_BATCH
     hypercorn_h2.BUFFER_LOW_WATER = SEND_BATCH / 2
 
+    async def pop(self: Any, max_length: int) -> bytes | bytearray:
+        # Hypercorn's StreamBuffer.pop, which copies what it pops twice
+        # (a slice, then bytes()); here the whole buffer is handed over when
+        # it all fits, the usual case, and a part is copied once.
+        data: bytearray
+        if max_length >= len(self.buffer):
+            data, self.buffer = self.buffer, bytearray()
+        else:
+            data = self.buffer[:max_length]
+            del self.buffer[:max_length]
+        if len(data) < hypercorn_h2.BUFFER_LOW_WATER:
+            await self._paused.set()
+        if len(self.buffer) == 0:
+            await self._is_empty.set()
+        return data
+
+    # Typed as returning bytes; a bytearray serves its callers (ours) as well.
+    hypercorn_h2.StreamBuffer.pop = pop  # type: ignore[method-assign, assignment]
+
     async def _send_data(self: Any, stream_id: int) -> None:
-        # Hypercorn's _send_data, with a loop around the pop: frames until the
-        # batch is full, the buffer is empty or flow control says stop.
+        # Hypercorn's _send_data, popping a batch instead of a frame: as much
+        # as the buffer has, flow control allows and SEND_BATCH caps, cut into
+        # frames of the client's maximum size and written at once.
         try:
             buffer = self.stream_buffers[stream_id]
-            batched = 0
-            while batched < SEND_BATCH:
-                window = self.connection.local_flow_control_window(stream_id)
-                data = await buffer.pop(max(0, min(window, self.connection.max_outbound_frame_size)))
-                if not data:
-                    break
-                self.connection.send_data(stream_id, data)
-                batched += len(data)
-            if batched:
-                await self._flush()
+            window = self.connection.local_flow_control_window(stream_id)
+            data = await buffer.pop(max(0, min(window, SEND_BATCH)))
+            if data:
+                await self.send(RawData(data=b"".join(_data_frames(self.connection, stream_id, data))))
             else:
                 self.priority.block(stream_id)
             if buffer.complete:
@@ -112,3 +139,29 @@ def _batch_data_frames() -> None:
             self.priority.remove_stream(stream_id)
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+
+def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearray) -> list[bytes | memoryview]:
+    """What ``connection.send_data`` would send for ``data`` cut into frames of the client's maximum size.
+
+    h2 sends one frame per call, and a call costs a state-machine step, a
+    frame object and four copies of the payload: per 16 KiB frame, most of
+    HTTP/2's CPU.  Here the first frame goes through h2, which checks the
+    stream's state and flow control, and is returned with whatever else h2
+    had to send.  The rest of the batch, whose size the caller took from the
+    same flow-control window, is framed here (a 9-byte header per frame:
+    length, type DATA, no flags, stream id) and counted against both windows
+    as h2 would.  The payload is sliced, not copied, until the caller joins it.
+    """
+    frame_size = connection.max_outbound_frame_size
+    view = memoryview(data)
+    connection.send_data(stream_id, view[:frame_size])
+    parts: list[bytes | memoryview] = [connection.data_to_send()]
+    rest = view[frame_size:]
+    for start in range(0, len(rest), frame_size):
+        payload = rest[start : start + frame_size]
+        length = len(payload)
+        parts += (_FRAME_HEADER.pack(length >> 8, length & 0xFF, _DATA_FRAME, _NO_FLAGS, stream_id), payload)
+    connection.outbound_flow_control_window -= len(rest)
+    connection.streams[stream_id].outbound_flow_control_window -= len(rest)
+    return parts

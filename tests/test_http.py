@@ -10,6 +10,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import h11
 import httpx
 import pytest
@@ -249,6 +250,44 @@ async def test_http2_stream_reset_kills_zip(large_storage: Path) -> None:
             await stream.send_all(connection.data_to_send())
             # The connection stays open; only the stream is gone.
             await wait_until_no_zip_children(timeout=1.0)
+
+
+# The stream's window binds, then the connection's (65,535 until updated).
+@pytest.mark.parametrize("window", [50_000, 1_000_000])
+async def test_http2_frames_keep_to_the_clients_frame_size_and_windows(storage: Path, server: str, window: int) -> None:
+    """DATA frames are cut to the client's SETTINGS_MAX_FRAME_SIZE and sent only as its windows allow.
+
+    The client here is h2 itself, which rejects a frame over its maximum or
+    past a flow-control window; small windows make the server send in many
+    partial batches, and an odd frame size shows which limit it used.
+    """
+    frame_limit = 20_000
+    tree = {f"photo-{i}.jpg": os.urandom(300_000) for i in range(3)}
+    write_tree(storage / "album", tree)
+    host, port = server.removeprefix("http://").rsplit(":", 1)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.update_settings(
+        {h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_limit, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    )
+    request_headers = [(":method", "GET"), (":path", "/archive/album/"), (":scheme", "http"), (":authority", "test")]
+    connection.send_headers(1, request_headers, end_stream=True)
+    body = bytearray()
+    frame_sizes = []
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(connection.data_to_send())
+        ended = False
+        while not ended:
+            for event in connection.receive_data(await stream.receive_some()):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    frame_sizes.append(len(event.data))
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                ended = ended or isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
+            await stream.send_all(connection.data_to_send())
+    assert read_archive(bytes(body)) == tree
+    assert max(frame_sizes) == frame_limit
+    assert len(frame_sizes) > len(body) // frame_limit
 
 
 async def test_twenty_thousand_files_download_completely(client: httpx.AsyncClient, storage: Path) -> None:
