@@ -13,7 +13,9 @@ import fcntl
 import logging
 import os
 import shutil
+import struct
 import subprocess
+import termios
 from collections import deque
 from collections.abc import Sequence
 from typing import cast
@@ -38,11 +40,13 @@ STDERR_TAIL_BYTES = 2048
 # zip writes its output 16 KiB at a time.  Read as each write lands, a 16 KiB
 # piece would travel the whole path (channel, Hypercorn, socket) on its own,
 # and that per-piece cost, not the bytes, is what the server's CPU goes to.
-# After a short read the reader waits this long, so the pipe gathers about a
-# chunk first.  One event-loop tick (epoll's resolution is 1 ms): at zip's
-# ~400 MB/s a millisecond is ~400 KB, which the widened pipe holds without
-# blocking zip.
-GATHER_SECONDS = 0.001
+# After a short read the reader lets the pipe gather about a chunk first: it
+# looks once per tick (epoll's resolution is 1 ms) and reads as soon as a
+# chunk is there, or zip has stopped adding (finished, or waiting on the
+# disk), or the ticks run out.  One fast zip (~400 MB/s) fills a chunk in a
+# tick; with 32 downloads sharing the machine each takes ~10 ticks.
+GATHER_TICK = 0.001
+GATHER_TICKS_MAX = 20
 
 # zip's stdout pipe is widened to this (the most an unprivileged process may
 # ask for by default): enough to keep zip writing while the reader waits or the
@@ -198,5 +202,22 @@ async def _pump_output(
             await send_channel.send(held)
         held = chunk
         if len(chunk) < chunk_size:
-            await trio.sleep(GATHER_SECONDS)
+            await _gather(stdout, chunk_size)
     return held
+
+
+async def _gather(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
+    """Wait, a tick at a time, while zip is still filling its pipe towards a chunk."""
+    available = -1
+    for _ in range(GATHER_TICKS_MAX):
+        await trio.sleep(GATHER_TICK)
+        if not isinstance(stdout, trio.lowlevel.FdStream):
+            return
+        previous, available = available, _bytes_in_pipe(stdout.fileno())
+        if available >= chunk_size or available == previous:
+            return
+
+
+def _bytes_in_pipe(fd: int) -> int:
+    (count,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))
+    return int(count)
