@@ -21,9 +21,8 @@ from quart.wrappers.response import ResponseBody
 
 from .layout import ArchiveLayout, set_utf8_flags
 from .metrics import DownloadMetrics
-from .producer import produce_zip
+from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
-from .storage import AlbumListing
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class ArchiveBody(ResponseBody):
     def __init__(
         self,
         name: str,
-        listing: AlbumListing,
+        zip_input: ZipInput,
         zip_arguments: Sequence[str],
         *,
         jobs: trio.CapacityLimiter,
@@ -55,7 +54,7 @@ class ArchiveBody(ResponseBody):
         byte_range: ByteRange | None = None,
     ) -> None:
         self.name = name
-        self.listing = listing
+        self.zip_input = zip_input
         self.zip_arguments = zip_arguments
         self.jobs = jobs
         self.metrics = metrics
@@ -100,7 +99,7 @@ class ArchiveBody(ResponseBody):
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
         await produce_zip(
             self.zip_arguments,
-            self.listing,
+            self.zip_input,
             send_channel,
             chunk_size=self.chunk_size,
             task_status=task_status,
@@ -179,7 +178,7 @@ class ArchiveBody(ResponseBody):
             description,
             self.bytes_sent,
             duration,
-            len(self.listing.files),
+            self.zip_input.file_count,
         )
 
 

@@ -18,6 +18,7 @@ import subprocess
 import termios
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 import trio
@@ -76,6 +77,31 @@ def find_zip(command: str) -> str:
     return path
 
 
+class ZipInput:
+    """What zip is given for one archive: the directory it runs in and the names it reads (-@).
+
+    A download keeps this, not the album's listing: the names as one bytes
+    object cost ~25 bytes a file, the listing's objects ~200.  The names are
+    taken once, by the producer, and let go as soon as zip has them.
+    """
+
+    def __init__(self, directory: Path, names: bytes, file_count: int) -> None:
+        self.directory = directory
+        self.file_count = file_count
+        self._names = names
+
+    def take_names(self) -> bytes:
+        names, self._names = self._names, b""
+        return names
+
+
+def zip_input(listing: AlbumListing) -> ZipInput:
+    # "./" keeps zip from reading a file named "-" as "the data on stdin"; zip
+    # drops the prefix, so the entry names (and the layout) are unchanged.
+    names = b"".join(b"./" + os.fsencode(file.path) + b"\n" for file in listing.files)
+    return ZipInput(listing.directory, names, len(listing.files))
+
+
 def zip_arguments(executable: str, compression: int) -> list[str]:
     """The zip command line: names on stdin, archive on stdout, nothing implicit.
 
@@ -91,13 +117,13 @@ def zip_arguments(executable: str, compression: int) -> list[str]:
 
 async def produce_zip(
     arguments: Sequence[str],
-    listing: AlbumListing,
+    job: ZipInput,
     send_channel: trio.MemorySendChannel[bytes],
     *,
     chunk_size: int,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send the archive of ``listing`` to ``send_channel`` in chunks, then close it.
+    """Send the archive of ``job``'s files to ``send_channel`` in chunks, then close it.
 
     The channel is closed only after ``zip`` has exited with status 0, and the
     last chunk is held back until then: a receiver that sees the end of the
@@ -110,7 +136,7 @@ async def produce_zip(
     If cancelled, ``zip`` is killed and reaped before the cancellation
     propagates: no process outlives this call.
     """
-    if not listing.files:
+    if not job.file_count:
         task_status.started()
         await send_channel.send(EMPTY_ZIP)
         await send_channel.aclose()
@@ -118,7 +144,7 @@ async def produce_zip(
     try:
         process = await trio.lowlevel.open_process(
             list(arguments),
-            cwd=listing.directory,
+            cwd=job.directory,
             env=ZIP_ENVIRONMENT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -132,8 +158,8 @@ async def produce_zip(
     stderr_tail: deque[bytes] = deque()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed_names, process.stdin, listing)
-            nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, listing.directory.name)
+            nursery.start_soon(_feed_names, process.stdin, job.take_names())
+            nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, job.directory.name)
             last_chunk = await _pump_output(process.stdout, send_channel, chunk_size)
             returncode = await process.wait()
         if returncode != 0:
@@ -168,10 +194,7 @@ def _widen_pipe(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
             return
 
 
-async def _feed_names(stdin: trio.abc.SendStream, listing: AlbumListing) -> None:
-    # "./" keeps zip from reading a file named "-" as "the data on stdin"; zip
-    # drops the prefix, so the entry names (and the layout) are unchanged.
-    names = b"".join(b"./" + os.fsencode(file.path) + b"\n" for file in listing.files)
+async def _feed_names(stdin: trio.abc.SendStream, names: bytes) -> None:
     try:
         await stdin.send_all(names)
     except trio.BrokenResourceError:

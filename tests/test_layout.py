@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from archiver.config import Settings
 from archiver.layout import stored_archive_layout
-from archiver.producer import find_zip, produce_zip, zip_arguments
+from archiver.producer import find_zip, produce_zip, zip_arguments, zip_input
 from archiver.storage import list_album
 
 from .conftest import files_on_disk, http11_request, read_archive, server_in_thread
@@ -31,7 +31,7 @@ async def zip_output_length(album: Path) -> int:
     send_channel, receive_channel = trio.open_memory_channel[bytes](4)
     length = 0
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: produce_zip(ZIP, list_album(album), send_channel, chunk_size=1 << 20))
+        nursery.start_soon(lambda: produce_zip(ZIP, zip_input(list_album(album)), send_channel, chunk_size=1 << 20))
         async for chunk in receive_channel:
             length += len(chunk)
     return length

@@ -14,10 +14,12 @@ from archiver.producer import (
     PIPE_SIZE,
     ZipFailed,
     ZipUnavailable,
+    _bytes_in_pipe,
     _widen_pipe,
     find_zip,
     produce_zip,
     zip_arguments,
+    zip_input,
 )
 from archiver.storage import list_album
 
@@ -30,7 +32,9 @@ async def collect(arguments: list[str], album: Path, chunk_size: int = 4096) -> 
     send_channel, receive_channel = trio.open_memory_channel[bytes](2)
     chunks = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: produce_zip(arguments, list_album(album), send_channel, chunk_size=chunk_size))
+        nursery.start_soon(
+            lambda: produce_zip(arguments, zip_input(list_album(album)), send_channel, chunk_size=chunk_size)
+        )
         async for chunk in receive_channel:
             assert len(chunk) <= chunk_size
             chunks.append(chunk)
@@ -62,7 +66,7 @@ async def test_failing_zip_raises_and_never_ends_the_channel(storage: Path, tmp_
     failing = zip_script(tmp_path, "failing-zip", 'head -c 70000 /dev/zero\necho "disk on fire" >&2\nexit 15')
     send_channel, receive_channel = trio.open_memory_channel[bytes](100)
     with pytest.raises(ZipFailed) as caught:
-        await produce_zip([failing], list_album(storage / "album"), send_channel, chunk_size=8192)
+        await produce_zip([failing], zip_input(list_album(storage / "album")), send_channel, chunk_size=8192)
     assert caught.value.returncode == 15
     assert "disk on fire" in caught.value.stderr_tail
     buffered = receive_channel.statistics().current_buffer_used
@@ -77,7 +81,7 @@ async def test_missing_zip_raises_unavailable(storage: Path) -> None:
     write_tree(storage / "album", {"a.jpg": b"a"})
     send_channel, _ = trio.open_memory_channel[bytes](1)
     with pytest.raises(ZipUnavailable):
-        await produce_zip(["/nonexistent/zip"], list_album(storage / "album"), send_channel, chunk_size=1)
+        await produce_zip(["/nonexistent/zip"], zip_input(list_album(storage / "album")), send_channel, chunk_size=1)
     with pytest.raises(ZipUnavailable, match="apt-get install zip"):
         find_zip("no-such-zip-command")
 
@@ -85,11 +89,13 @@ async def test_missing_zip_raises_unavailable(storage: Path) -> None:
 async def test_cancellation_kills_and_reaps_zip(storage: Path) -> None:
     write_tree(storage / "album", {"a.bin": os.urandom(4 * 1024 * 1024)})
     send_channel, receive_channel = trio.open_memory_channel[bytes](0)
+    job = zip_input(list_album(storage / "album"))
     async with trio.open_nursery() as nursery:
-        listing = list_album(storage / "album")
-        nursery.start_soon(lambda: produce_zip(ZIP, listing, send_channel, chunk_size=4096))
+        nursery.start_soon(lambda: produce_zip(ZIP, job, send_channel, chunk_size=4096))
         await receive_channel.receive()
         assert len(zip_children()) == 1  # blocked: nobody reads the channel
+        # A download in flight no longer holds its file names: zip has them.
+        assert job.take_names() == b""
         nursery.cancel_scope.cancel()
     # produce_zip has returned, so zip must already be reaped.
     assert zip_children() == []
@@ -105,3 +111,14 @@ async def test_stdout_pipe_is_widened_to_hold_several_chunks() -> None:
     with open("/proc/sys/fs/pipe-max-size") as limit:
         if int(limit.read()) >= PIPE_SIZE:
             assert size == PIPE_SIZE
+
+
+def test_bytes_in_pipe_counts_what_is_waiting_to_be_read() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        assert _bytes_in_pipe(read_end) == 0
+        os.write(write_end, b"x" * 5000)
+        assert _bytes_in_pipe(read_end) == 5000
+    finally:
+        os.close(read_end)
+        os.close(write_end)
