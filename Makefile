@@ -28,10 +28,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check archiver tests
 	$(BIN)/mypy
 
-## The benchmark: baselines (zip | cat, nginx) and the service, in one run (~10 min; ~700 MB in bench-data/).
+## The benchmark: baselines (zip | cat, nginx) and the service, in one run (~15 min; ~700 MB in bench-data/).
 bench: $(BIN)/.installed bench-tools
 	$(BIN)/python -m tests.benchmark $(BENCH_ARGS)
 
 bench-tools:
-	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl)
+	@missing=""; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v zip >/dev/null || missing="$$missing zip"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
