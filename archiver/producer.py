@@ -219,24 +219,24 @@ async def _pump_output(
 ) -> bytes:
     """Move stdout to the channel, one chunk behind; return the chunk held back."""
     held = b""
+    # Only a pipe can be watched filling (on Unix, open_process always gives one).
+    pipe_fd = stdout.fileno() if isinstance(stdout, trio.lowlevel.FdStream) else None
     # Pipe streams hand out bytes (typed bytes | bytearray): no copy needed.
     while chunk := cast(bytes, await stdout.receive_some(chunk_size)):
         if held:
             await send_channel.send(held)
         held = chunk
-        if len(chunk) < chunk_size:
-            await _gather(stdout, chunk_size)
+        if len(chunk) < chunk_size and pipe_fd is not None:
+            await _gather(pipe_fd, chunk_size)
     return held
 
 
-async def _gather(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
+async def _gather(pipe_fd: int, chunk_size: int) -> None:
     """Wait, a tick at a time, while zip is still filling its pipe towards a chunk."""
     available = -1
     for _ in range(GATHER_TICKS_MAX):
         await trio.sleep(GATHER_TICK)
-        if not isinstance(stdout, trio.lowlevel.FdStream):
-            return
-        previous, available = available, _bytes_in_pipe(stdout.fileno())
+        previous, available = available, _bytes_in_pipe(pipe_fd)
         if available >= chunk_size or available == previous:
             return
 
