@@ -178,16 +178,23 @@ def archive_size(directory: Path) -> int:
     return size
 
 
+def cpu_ticks(pid: int) -> list[int]:
+    """utime, stime, cutime, cstime of ``pid`` from /proc/<pid>/stat, in clock ticks."""
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return [int(field) for field in fields[11:15]]
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU time of ``pid`` itself (reaped children's time is counted apart)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICKS_PER_SECOND, int(fields[12]) / TICKS_PER_SECOND
+    user, system, _, _ = cpu_ticks(pid)
+    return user / TICKS_PER_SECOND, system / TICKS_PER_SECOND
 
 
 def children_cpu_seconds(pid: int) -> float:
     """CPU time of ``pid``'s reaped children (the service's zip processes)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / TICKS_PER_SECOND
+    _, _, children_user, children_system = cpu_ticks(pid)
+    return (children_user + children_system) / TICKS_PER_SECOND
 
 
 def own_children_cpu_seconds() -> float:
