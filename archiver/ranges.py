@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 from .storage import AlbumListing
 
-_SINGLE_RANGE = re.compile(r"bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+# RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
+# Python's \d and \s would take any Unicode digit or space, and int() would
+# read "٣" as 3.
+_SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.IGNORECASE | re.ASCII)
+
+# A position with more digits than this is past any archive (10^19 bytes is
+# ten exabytes), and is read as this many nines rather than converted:
+# int() refuses strings over 4,300 digits, and converting long ones costs
+# quadratic time.
+_MAX_DIGITS = 19
+_HUGE = 10**_MAX_DIGITS - 1
 
 
 class RangeNotSatisfiable(ValueError):
@@ -40,22 +50,28 @@ def parse_range(header: str, length: int) -> ByteRange | None:
     A header we do not take (several ranges, another unit, bad syntax) means
     the whole archive, as RFC 9110 lets a server ignore Range.
     """
-    match = _SINGLE_RANGE.fullmatch(header.strip())
+    match = _SINGLE_RANGE.fullmatch(header.strip(" \t"))
     if match is None or match.group(1) == match.group(2) == "":
         return None
     first, last = match.group(1), match.group(2)
     if first == "":  # "-N": the last N bytes
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or length == 0:
             raise RangeNotSatisfiable(header)
         return ByteRange(max(0, length - suffix), length - 1)
-    start = int(first)
-    end = length - 1 if last == "" else min(int(last), length - 1)
-    if last != "" and int(last) < start:
+    start = _position(first)
+    if last != "" and _position(last) < start:
         return None  # invalid: ignored
+    end = length - 1 if last == "" else min(_position(last), length - 1)
     if start >= length:
         raise RangeNotSatisfiable(header)
     return ByteRange(start, end)
+
+
+def _position(digits: str) -> int:
+    """A byte position written in ASCII digits, any number of them (leading zeros allowed)."""
+    significant = digits.lstrip("0")
+    return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
 
 
 def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from archiver.config import Settings
 
 from archiver.ranges import ByteRange, RangeNotSatisfiable, parse_range
 
-from .conftest import read_archive, write_tree
+from .conftest import http11_request, read_archive, server_in_thread, write_tree
 
 
 @pytest.mark.parametrize(
@@ -28,10 +34,21 @@ from .conftest import read_archive, write_tree
         ("items=0-1", None),
         ("bytes=5-1", None),
         ("bytes=-", None),
+        # Past Python's 4,300-digit int() limit: read as "past any archive".
+        ("bytes=" + "9" * 5000 + "-", "416"),
+        ("bytes=-" + "9" * 5000, ByteRange(0, 999)),
+        ("bytes=0-" + "9" * 5000, ByteRange(0, 999)),
+        ("bytes=" + "0" * 5000 + "7-8", ByteRange(7, 8)),  # leading zeros are not a large number
+        ("bytes=\u0663-\u0665", None),  # Arabic-Indic digits are not DIGIT
+        ("bytes=1-2\u00a0", None),  # nor is a no-break space whitespace
     ],
 )
-def test_parse_range(header: str, expected: ByteRange | None) -> None:
-    assert parse_range(header, 1000) == expected
+def test_parse_range(header: str, expected: ByteRange | str | None) -> None:
+    if expected == "416":
+        with pytest.raises(RangeNotSatisfiable):
+            parse_range(header, 1000)
+    else:
+        assert parse_range(header, 1000) == expected
 
 
 @pytest.mark.parametrize("header", ["bytes=1000-", "bytes=5000-6000", "bytes=-0"])
@@ -133,3 +150,59 @@ async def test_download_cut_off_and_resumed_is_the_whole_archive(client: httpx.A
     whole = received + rest.content
     assert whole == (await client.get("/archive/album/")).content
     assert read_archive(whole).keys() == {"a.jpg", "Снимок.jpg", "empty"}
+
+
+@pytest.fixture(scope="module")
+def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    storage = tmp_path_factory.mktemp("range-fuzz")
+    write_tree(storage / "album", {"a.jpg": os.urandom(20_000), "b.jpg": b"b"})
+    with server_in_thread(Settings(storage_dir=storage)) as address:
+        yield address
+
+
+# Header values as a careless or hostile client may send them: numbers past
+# every limit, odd whitespace, other digits, several ranges, other units.
+NUMBERS = st.one_of(
+    st.integers(min_value=0, max_value=10**6).map(str),
+    st.integers(min_value=1, max_value=6000).map(lambda digits: "9" * digits),
+    st.integers(min_value=1, max_value=6000).map(lambda zeros: "0" * zeros + "1"),
+    st.just(""),
+    st.text(alphabet="0123456789\u0663\u0665\uff11", max_size=8),
+)
+BLANKS = st.sampled_from(["", " ", "\t", "  ", "\u00a0", "\u3000"])
+RANGE_VALUES = st.one_of(
+    st.builds(
+        lambda unit, b1, first, b2, last, tail: f"{unit}{b1}={first}{b2}-{last}{tail}",
+        st.sampled_from(["bytes", "BYTES", "Bytes", "items", "bytes "]),
+        BLANKS,
+        NUMBERS,
+        BLANKS,
+        NUMBERS,
+        st.sampled_from(["", ",0-1", ", -5", " ", "\u00e9"]),
+    ),
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x2FFF, blacklist_characters="\x7f"), max_size=40),
+)
+IF_RANGE_VALUES = st.one_of(
+    st.none(),
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x2FFF, blacklist_characters="\x7f"), max_size=40),
+    st.sampled_from(['W/"x"', '""', "Wed, 25 Nov 2026 00:00:00 GMT"]),
+)
+
+
+@given(range_value=RANGE_VALUES, if_range=IF_RANGE_VALUES)
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_range_headers_never_5xx(
+    range_server: tuple[str, int], range_value: str, if_range: str | None
+) -> None:
+    # Header values cannot begin or end with whitespace on the wire: strip as a client must.
+    headers = [("Range", range_value.strip(" \t").encode())]
+    if if_range is not None:
+        headers.append(("If-Range", if_range.strip(" \t").encode()))
+    status, response_headers, body = http11_request(range_server, "GET", b"/archive/album/", headers)  # type: ignore[arg-type]
+    assert status in (200, 206, 416), (range_value, if_range, status)
+    if status == 206:
+        assert len(body) == int(response_headers["content-length"])
+    host, port = range_server
+    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+        response = client.get(f"http://{host}:{port}/archive/album/", headers=headers)
+    assert response.status_code == status, (range_value, if_range)
