@@ -15,7 +15,6 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from archiver.config import Settings
-
 from archiver.ranges import ByteRange, RangeNotSatisfiable, parse_range
 
 from .conftest import http11_request, read_archive, server_in_thread, write_tree
@@ -191,9 +190,7 @@ IF_RANGE_VALUES = st.one_of(
 
 @given(range_value=RANGE_VALUES, if_range=IF_RANGE_VALUES)
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_fuzzed_range_headers_never_5xx(
-    range_server: tuple[str, int], range_value: str, if_range: str | None
-) -> None:
+def test_fuzzed_range_headers_never_5xx(range_server: tuple[str, int], range_value: str, if_range: str | None) -> None:
     # Header values cannot begin or end with whitespace on the wire: strip as a client must.
     headers = [("Range", range_value.strip(" \t").encode())]
     if if_range is not None:
