@@ -22,7 +22,7 @@ from .layout import ArchiveLayout, stored_archive_layout
 from .metrics import DownloadMetrics
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
-from .storage import AlbumNotFound, list_album, resolve_album
+from .storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,16 @@ def create_app(settings: Settings) -> QuartTrio:
         response = Response(body, status=status, mimetype="application/zip", headers=headers)
         response.timeout = None
         return response
+
+    @app.route("/archive/<name>", methods=["GET"], provide_automatic_options=False)
+    async def archive_without_slash(name: str) -> Response:
+        # Werkzeug's own slash redirect builds an absolute URL from the scheme
+        # and Host it sees: behind a TLS proxy that is http:// with the port
+        # lost.  A relative reference resolves against whatever URL the client
+        # used, through any proxy ("/archive/x" + "x/" = "/archive/x/").
+        if b"%" in request.scope.get("raw_path", b"") or not ALBUM_NAME.fullmatch(name):
+            abort(404)
+        return Response("", status=308, headers={"Location": f"{name}/"})
 
     @app.get("/healthz")
     async def healthz() -> Response:

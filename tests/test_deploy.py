@@ -29,22 +29,25 @@ needs_nginx = pytest.mark.skipif(
 )
 
 
-def site_config(upstream: str, port: int) -> str:
-    """deploy/nginx.conf as shipped, pointed at ``upstream`` and listening on loopback ``port``."""
+def site_config(upstream: str, port: int, tls: tuple[Path, Path] | None = None) -> str:
+    """deploy/nginx.conf as shipped, pointed at ``upstream`` and listening on loopback ``port`` (TLS with ``tls``)."""
     text = (PROJECT / "deploy" / "nginx.conf").read_text()
     text, upstreams = re.subn(r"server 127\.0\.0\.1:8080;", f"server {upstream};", text)
-    text, listens = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", text)
+    listen = f"listen 127.0.0.1:{port};"
+    if tls is not None:
+        listen = f"listen 127.0.0.1:{port} ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
+    text, listens = re.subn(r"listen 80;", listen, text)
     assert upstreams == listens == 1, "deploy/nginx.conf changed shape: update this test"
     return text
 
 
 @asynccontextmanager
-async def nginx_in_front(service_url: str, workdir: Path) -> AsyncIterator[str]:
-    """A real nginx on a free loopback port running deploy/nginx.conf before ``service_url``."""
+async def nginx_in_front(service_url: str, workdir: Path, tls: tuple[Path, Path] | None = None) -> AsyncIterator[str]:
+    """A real nginx on a free loopback port running deploy/nginx.conf before ``service_url`` (HTTPS with ``tls``)."""
     assert NGINX is not None
     port = free_port()
     workdir.mkdir()
-    (workdir / "site.conf").write_text(site_config(service_url.removeprefix("http://"), port))
+    (workdir / "site.conf").write_text(site_config(service_url.removeprefix("http://"), port, tls))
     (workdir / "nginx.conf").write_text(f"""
 daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
 events {{ worker_connections 256; }}
@@ -64,7 +67,7 @@ http {{
                     break
                 except OSError:
                     await trio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         process.terminate()
         with trio.CancelScope(shield=True):
@@ -174,3 +177,25 @@ async def test_nginx_passes_length_and_ranges_through(settings: Settings, tmp_pa
     assert part.status_code == 206
     assert part.headers["content-range"] == f"bytes 10-40/{len(whole.content)}"
     assert part.content == whole.content[10:41]
+
+
+@needs_nginx
+async def test_redirect_to_the_slash_works_through_nginx_with_tls(
+    settings: Settings, tmp_path: Path, tls_files: tuple[trustme.CA, Path, Path]
+) -> None:
+    ca, certfile, keyfile = tls_files
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(10_000)})
+    trust = ssl.create_default_context()
+    ca.configure_trust(trust)
+    async with (
+        running_server(settings) as service,
+        nginx_in_front(service, tmp_path / "nginx", tls=(certfile, keyfile)) as front,
+        httpx.AsyncClient(base_url=front, verify=trust) as client,
+    ):
+        redirect = await client.get("/archive/album")
+        followed = await client.get("/archive/album", follow_redirects=True)
+    assert redirect.status_code == 308
+    # The browser resolves it against the https:// URL it asked for, port included.
+    assert redirect.next_request is not None and str(redirect.next_request.url) == f"{front}/archive/album/"
+    assert followed.status_code == 200
+    assert read_archive(followed.content) == files_on_disk(settings.storage_dir / "album")

@@ -157,8 +157,18 @@ async def test_other_methods_are_405(client: httpx.AsyncClient, storage: Path, m
 async def test_name_without_slash_redirects(client: httpx.AsyncClient, storage: Path) -> None:
     write_tree(storage / "album", {"a.txt": b"a"})
     response = await client.get("/archive/album")
-    assert response.status_code in (301, 308)
-    assert response.headers["location"].endswith("/archive/album/")
+    assert response.status_code == 308
+    # Relative, so that it holds behind any proxy (scheme, host, port, prefix).
+    assert response.headers["location"] == "album/"
+    followed = await client.get("/archive/album", follow_redirects=True)
+    assert followed.url.path == "/archive/album/"
+    assert read_archive(followed.content) == {"a.txt": b"a"}
+
+
+@pytest.mark.parametrize("path", ["/archive/no.such", "/archive/%61lbum", "/archive/a%2Fb"])
+async def test_name_without_slash_that_cannot_be_an_album_is_404(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code == 404
 
 
 async def test_empty_directory_gives_valid_empty_zip(client: httpx.AsyncClient, storage: Path) -> None:
