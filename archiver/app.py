@@ -14,11 +14,12 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import hypercorn_h2
+from . import hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
+from .limits import ClientJobs, TrustedProxies, connection_limit
 from .metrics import DownloadMetrics
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
@@ -75,10 +76,16 @@ def create_app(settings: Settings) -> QuartTrio:
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
     arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
     hypercorn_h2.install()
+    hypercorn_tcp.install(
+        write_timeout=settings.stall_timeout,
+        max_connections=connection_limit(settings.max_connections, settings.max_jobs),
+    )
 
     app = QuartTrio(__name__)
     app.asgi_http_class = ArchiveHTTPConnection
     jobs = trio.CapacityLimiter(settings.max_jobs)
+    client_jobs = ClientJobs(settings.max_jobs_per_client)
+    proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     metrics = DownloadMetrics()
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
@@ -140,6 +147,9 @@ def create_app(settings: Settings) -> QuartTrio:
             rate_limit=settings.rate_limit,
             layout=layout,
             byte_range=byte_range,
+            client=_client_address(proxies),
+            client_jobs=client_jobs,
+            stall_timeout=settings.stall_timeout,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)
@@ -176,6 +186,13 @@ def create_app(settings: Settings) -> QuartTrio:
         return Response(NOT_FOUND_MESSAGE + "\n", status=404, mimetype="text/plain")
 
     return app
+
+
+def _client_address(proxies: TrustedProxies) -> str:
+    """The request's client: its peer's address, or the one a trusted proxy forwards for."""
+    peer = request.scope.get("client")
+    forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
+    return proxies.client_address(peer[0] if peer else None, forwarded_for)
 
 
 async def _no_body() -> AsyncIterator[bytes]:

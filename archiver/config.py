@@ -7,6 +7,7 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ class Settings:
     # Seconds in-flight downloads get to finish after SIGTERM/SIGINT (CLI launch;
     # hypercorn.toml's graceful_timeout for the hypercorn launch).
     shutdown_grace: float = 10.0
+    # Limits on one client (README, Limits and abuse).  A download is aborted
+    # when a write of one chunk (256 KiB) to its client takes longer than this:
+    # a client slower than ~4 kB/s for a whole minute, or one that stopped
+    # reading.  A 50 kB/s link takes 5 s a chunk.
+    stall_timeout: float = 60.0
+    # Archive jobs at once per client address (one more is a 503), so that one
+    # client cannot take every job slot.
+    max_jobs_per_client: int = 4
+    # Peers whose X-Forwarded-For names the client (addresses or networks):
+    # the proxy in front, e.g. nginx on the same host.  Anyone else's is ignored.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Client connections held at once per process; 0: what the descriptor
+    # limit (ulimit -n, systemd's LimitNOFILE) leaves beside max_jobs.
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -61,6 +76,13 @@ class Settings:
             raise SettingsError("max_jobs must be positive, rate_limit and shutdown_grace not negative")
         if self.chunk_size < 1 or self.channel_capacity < 0:
             raise SettingsError("chunk_size must be positive and channel_capacity not negative")
+        if self.stall_timeout <= 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
+            raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or network") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -76,6 +98,10 @@ class Settings:
             except ValueError as error:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {error}") from None
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 def _parse_bool(raw: str) -> bool:
@@ -101,5 +127,9 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "max_jobs": int,
     "rate_limit": int,
     "shutdown_grace": float,
+    "stall_timeout": float,
+    "max_jobs_per_client": int,
+    "trusted_proxies": _parse_list,
+    "max_connections": int,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir"}

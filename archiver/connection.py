@@ -9,6 +9,12 @@ no free job slot or no ``zip`` is a 503, ``zip`` failing before its first byte
 a 500.  Whatever fails after it propagates, and the transfer is aborted
 (see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
 from the Content-Length announced (HTTP/1.1: the connection closes short).
+
+Every message to the client must be taken within the body's stall timeout;
+one that is not ends the download as stalled (aborted, zip killed, slot
+freed).  Over HTTP/1.1 Hypercorn writes to the socket shielded from
+cancellation, so ``hypercorn_tcp`` ends such a write after the same time;
+the deadline here, which started first, has then passed and names the outcome.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import cast
 
+import trio
 from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPResponseStartEvent
 from quart import Response
 from quart.typing import ResponseTypes
@@ -23,6 +30,7 @@ from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .download import ArchiveBody, ArchiveChanged, JobLimitReached, first_failure
+from .limits import ClientLimitReached, DownloadStalled
 from .producer import ZipFailed, ZipUnavailable
 
 logger = logging.getLogger(__name__)
@@ -45,13 +53,13 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
             async with body:
                 async for chunk in body:
                     if not headers_sent:
-                        await send(_start_event(response))
+                        await _send_within(send, _start_event(response), body.stall_timeout)
                         headers_sent = True
-                    await send(_body_event(chunk, more_body=True))
+                    await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
         except Exception as error:
             failure = first_failure(error)
-            if headers_sent:
-                if isinstance(failure, (ZipFailed, ArchiveChanged)):
+            if headers_sent or isinstance(failure, DownloadStalled):
+                if isinstance(failure, (ZipFailed, ArchiveChanged, DownloadStalled)):
                     # Logged by the body already.  Returning without the final
                     # body message aborts the transfer, like raising would,
                     # without a traceback for an expected operational failure.
@@ -67,11 +75,25 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
         await send(_body_event(b"", more_body=False))
 
 
+async def _send_within(
+    send: ASGISendCallable, event: HTTPResponseStartEvent | HTTPResponseBodyEvent, timeout: float
+) -> None:
+    """Hand ``event`` to the server; raise DownloadStalled if the client has not taken it within ``timeout``."""
+    with trio.move_on_after(timeout) as deadline:
+        await send(event)
+    # Checked after the send returns: an HTTP/1.1 write cannot be interrupted
+    # (the server ends it, see the module docstring), so the deadline may
+    # have passed without cancelling anything.
+    if deadline.cancel_called:
+        raise DownloadStalled(f"the client accepted nothing for {timeout:g} s")
+
+
 def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
-    if isinstance(error, JobLimitReached):
-        logger.warning("refused %s: %s", body.name, error)
-        body.metrics.rejected.labels("job_limit").inc()
+    if isinstance(error, (JobLimitReached, ClientLimitReached)):
+        logger.warning("refused %s for %s: %s", body.name, body.client, error)
+        reason = "job_limit" if isinstance(error, JobLimitReached) else "client_limit"
+        body.metrics.rejected.labels(reason).inc()
         return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, ZipUnavailable):
         logger.error("refused %s: %s", body.name, error)

@@ -20,6 +20,7 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from .layout import ArchiveLayout, set_utf8_flags
+from .limits import ClientJobs, DownloadStalled
 from .metrics import DownloadMetrics
 from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
@@ -52,6 +53,9 @@ class ArchiveBody(ResponseBody):
         rate_limit: int = 0,
         layout: ArchiveLayout | None = None,
         byte_range: ByteRange | None = None,
+        client: str = "unknown",
+        client_jobs: ClientJobs | None = None,
+        stall_timeout: float = math.inf,
     ) -> None:
         self.name = name
         self.zip_input = zip_input
@@ -67,6 +71,11 @@ class ArchiveBody(ResponseBody):
         self.layout = layout
         # A Range request: zip's output before the range is read and dropped.
         self.byte_range = byte_range
+        # Who asked (for the per-client job cap), and how long one chunk may
+        # wait on them (see ``connection``, which does the sending).
+        self.client = client
+        self.client_jobs = client_jobs or ClientJobs(per_client=int(jobs.total_tokens))
+        self.stall_timeout = stall_timeout
         self.bytes_produced = 0
         self.bytes_sent = 0
         self._started_at = math.nan
@@ -75,10 +84,17 @@ class ArchiveBody(ResponseBody):
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
 
     async def __aenter__(self) -> ArchiveBody:
-        """Take a job slot and start zip; raise JobLimitReached or ZipUnavailable if that fails."""
+        """Take this client's and a global job slot and start zip.
+
+        Raises ClientLimitReached, JobLimitReached or ZipUnavailable if that fails.
+        A range counts like a whole download: zip runs from the archive's start
+        whatever the range, so its cost is the offset's, not the length's.
+        """
+        self.client_jobs.acquire(self.client)
         try:
             self.jobs.acquire_on_behalf_of_nowait(self)
         except trio.WouldBlock:
+            self.client_jobs.release(self.client)
             raise JobLimitReached(f"all {self.jobs.total_tokens} archive jobs are busy") from None
         self._started_at = trio.current_time()
         send_channel, self._receive_channel = trio.open_memory_channel[bytes](self.channel_capacity)
@@ -92,7 +108,7 @@ class ArchiveBody(ResponseBody):
                 if not await self._nursery_manager.__aexit__(type(error), error, error.__traceback__):
                     raise
             finally:
-                self.jobs.release_on_behalf_of(self)
+                self._release_slots()
         self.metrics.download_started()
         return self
 
@@ -166,15 +182,20 @@ class ArchiveBody(ResponseBody):
             self._finish(*_outcome(None if suppressed else exc_value))
             return suppressed
         finally:
-            self.jobs.release_on_behalf_of(self)
+            self._release_slots()
+
+    def _release_slots(self) -> None:
+        self.jobs.release_on_behalf_of(self)
+        self.client_jobs.release(self.client)
 
     def _finish(self, outcome: str, description: str) -> None:
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
-        log = logger.error if outcome == "failed" else logger.info
+        log = {"failed": logger.error, "stalled": logger.warning}.get(outcome, logger.info)
         log(
-            "download %s: %s, %d bytes sent in %.3f s (%d files)",
+            "download %s for %s: %s, %d bytes sent in %.3f s (%d files)",
             self.name,
+            self.client,
             description,
             self.bytes_sent,
             duration,
@@ -203,4 +224,6 @@ def _outcome(error: BaseException | None) -> tuple[str, str]:
     error = first_failure(error)
     if isinstance(error, trio.Cancelled):
         return "cancelled", "client disconnected"
+    if isinstance(error, DownloadStalled):
+        return "stalled", f"stalled: {error}"
     return "failed", f"failed: {error}"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-OUTCOMES = ("completed", "cancelled", "failed")
-REJECTIONS = ("job_limit", "zip_unavailable")
+OUTCOMES = ("completed", "cancelled", "failed", "stalled")
+REJECTIONS = ("job_limit", "client_limit", "zip_unavailable")
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
@@ -27,7 +27,8 @@ class DownloadMetrics:
         self.started = Counter("archiver_downloads_started", "Downloads whose zip started.", registry=self.registry)
         self.finished = Counter(
             "archiver_downloads_finished",
-            "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed).",
+            "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed, "
+            "stalled: the client accepted nothing for the stall timeout).",
             ["outcome"],
             registry=self.registry,
         )

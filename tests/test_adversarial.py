@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, free_port, make_client, read_archive, record_figure, write_tree, zip_processes
+from .conftest import files_on_disk, free_port, read_archive, record_figure, write_tree, zip_processes
 from .test_cli import Launched, launched
 from .test_stress import resident_kib
 
@@ -51,9 +51,20 @@ def address_of(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# The attackers connect from 127.0.0.1; a polite client from another loopback
+# address is another client to the service (its per-client job cap).
+POLITE_ADDRESS = "127.0.0.2"
+
+
+def polite_client(url: str, protocol: str = "HTTP/1.1") -> httpx.AsyncClient:
+    http2 = protocol == "HTTP/2"
+    transport = httpx.AsyncHTTPTransport(http1=not http2, http2=http2, local_address=POLITE_ADDRESS)
+    return httpx.AsyncClient(base_url=url, transport=transport, timeout=30)
+
+
 async def normal_download_works(url: str, storage: Path, protocol: str = "HTTP/1.1") -> None:
-    """A polite client gets the small album, whole and correct."""
-    async with make_client(url, protocol) as client:
+    """A polite client, from an address of its own, gets the small album, whole and correct."""
+    async with polite_client(url, protocol) as client:
         response = await client.get("/archive/small/")
     assert response.status_code == 200
     assert read_archive(response.content) == files_on_disk(storage / "small")
@@ -135,6 +146,7 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
     streams = 4
     async with archiver_process(attacked_storage) as server:
         pid = server.process.pid
+        await normal_download_works(server.url, attacked_storage, "HTTP/2")  # warm up: threads, imports
         before = resident_kib(pid)
         attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
         await attacker.start()

@@ -1,0 +1,103 @@
+"""Limits on what one client may hold: archive jobs per client address, and how long a download may stall.
+
+The global job limit (``Settings.max_jobs``) keeps the machine from running
+more zips than it can feed; the limits here keep one client from taking all
+of them.  A client is its address: the TCP peer, or, when the peer is a
+trusted proxy, the address the proxy put in X-Forwarded-For.  A download
+whose client stops accepting bytes is ended after ``stall_timeout``, so a
+reader that never reads holds its job slot, its zip and its buffers for that
+long and no longer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import resource
+from collections import Counter
+from collections.abc import Iterable
+
+# Descriptors kept free for everything but client connections: the listening
+# sockets, the event loop, logging, album walks (a directory each level), and
+# six per archive job (zip's three pipes, both ends while it starts).
+RESERVED_DESCRIPTORS = 64
+DESCRIPTORS_PER_JOB = 6
+
+
+class ClientLimitReached(RuntimeError):
+    """This client already runs as many archive jobs as one client may."""
+
+
+class DownloadStalled(RuntimeError):
+    """The client accepted nothing for ``stall_timeout`` seconds: the download is aborted."""
+
+
+class TrustedProxies:
+    """The proxies whose X-Forwarded-For is believed, and how to find the client behind them."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(address.strip(), strict=False) for address in addresses)
+
+    def trusts(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The client's address: the peer, unless a trusted proxy names the one it forwards for.
+
+        X-Forwarded-For is a list each proxy appends its own peer to, so only
+        its right end can be believed: walk it from the right past trusted
+        proxies (as nginx's realip module does with ``real_ip_recursive``).
+        The first address not trusted is the client; anything to its left
+        the client wrote itself.
+        """
+        address = peer or "unknown"
+        if not forwarded_for or not self.trusts(address):
+            return address
+        for hop in reversed(forwarded_for.split(",")):
+            hop = hop.strip()
+            if not hop:
+                continue
+            address = hop
+            if not self.trusts(hop):
+                break
+        return address
+
+
+class ClientJobs:
+    """Archive jobs in progress per client address, each client held to ``per_client`` at once."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._held: Counter[str] = Counter()
+
+    def acquire(self, client: str) -> None:
+        """Count one more job for ``client``, or raise ClientLimitReached (nothing counted)."""
+        if self._held[client] >= self.per_client:
+            raise ClientLimitReached(f"{client} already runs {self.per_client} archive jobs")
+        self._held[client] += 1
+
+    def release(self, client: str) -> None:
+        self._held[client] -= 1
+        if self._held[client] <= 0:
+            del self._held[client]
+
+    def held_by(self, client: str) -> int:
+        return self._held[client]
+
+
+def connection_limit(max_connections: int, max_jobs: int) -> int:
+    """Client connections one process may hold: ``max_connections``, or (0) what the descriptor limit leaves.
+
+    Past the limit a connection is closed as soon as it is accepted, so that a
+    flood of idle connections can never take the descriptors a download in
+    progress needs for its zip, nor drive ``accept`` into EMFILE.
+    """
+    if max_connections:
+        return max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - RESERVED_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs)
