@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ import trio
 
 from .conftest import files_on_disk, free_port, read_archive, record_figure, write_tree, zip_processes
 from .test_cli import Launched, launched
+from .test_observability import samples
 from .test_stress import resident_kib
 
 MB = 1024 * 1024
@@ -123,22 +125,25 @@ class RawH2Client:
         if data := self.connection.data_to_send():
             await self.stream.send_all(data)
 
+    async def read_some(self) -> bool:
+        """Read once, note what came (answering SETTINGS and PING, not flow control); False at the end."""
+        data = await self.stream.receive_some(65536)
+        for event in self.connection.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                self.received[event.stream_id] += len(event.data)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.reset.add(event.stream_id)
+        await self.flush()
+        return bool(data)
+
     async def read_until_quiet(self) -> None:
-        """Read (and answer SETTINGS and PING, not flow control) until the server sends nothing for 1 s."""
+        """Read until the server sends nothing for 1 s, or closes."""
         while True:
             with trio.move_on_after(1):
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    return
-                for event in self.connection.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        self.received[event.stream_id] += len(event.data)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        self.ended.add(event.stream_id)
-                    elif isinstance(event, h2.events.StreamReset):
-                        self.reset.add(event.stream_id)
-                await self.flush()
-                continue
+                if await self.read_some():
+                    continue
             return
 
 
@@ -174,5 +179,108 @@ def album_mb(storage: Path) -> float:
     return sum(path.stat().st_size for path in (storage / "big").iterdir()) / MB
 
 
-# Keep pyflakes quiet about names the later tests in this module use.
-_ = (socket, httpx)
+async def metrics_of(url: str) -> dict[str, float]:
+    async with polite_client(url) as client:
+        return samples((await client.get("/metrics")).text)
+
+
+async def open_non_reader(address: tuple[str, int], path: bytes) -> trio.socket.SocketType:
+    """A client that asks for ``path`` with a tiny receive buffer, reads the status line, and then never reads."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(address)
+    await sock.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+async def wait_until_no_zip(pid: int, timeout: float) -> float:
+    """Wait until the server runs no zip; return how long that took."""
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        while zip_processes(pid):
+            await trio.sleep(0.05)
+    return trio.current_time() - started
+
+
+async def test_readers_that_never_read_hold_a_clients_jobs_until_the_stall_timeout(attacked_storage: Path) -> None:
+    attackers = 70
+    async with archiver_process(attacked_storage, stall_timeout="2") as server:
+        pid = server.process.pid
+        statuses: Counter[bytes] = Counter()
+        sockets = []
+        for _ in range(attackers):
+            sock = await open_non_reader(address_of(server.url), b"/archive/big/")
+            statuses[(await sock.recv(12))[9:12]] += 1
+            sockets.append(sock)
+        # One client (one address) holds at most its 4 jobs; the rest are refused at once.
+        assert statuses == {b"200": 4, b"503": attackers - 4}
+        assert await wait_for_zip_output_to_stop(pid) == 4
+        await normal_download_works(server.url, attacked_storage)
+        stalled_for = await wait_until_no_zip(pid, timeout=30)
+        metrics = await metrics_of(server.url)
+        await normal_download_works(server.url, attacked_storage)
+        for sock in sockets:
+            sock.close()
+    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 4
+    assert metrics['archiver_downloads_rejected_total{reason="client_limit"}'] == attackers - 4
+    assert metrics["archiver_downloads_in_flight"] == 0
+    assert b"stalled: the client accepted nothing for 2 s" in server.output
+    record_figure(
+        f"{attackers} HTTP/1.1 non-readers from one address: 4 zips, {attackers - 4} refused (503); "
+        f"the 4 aborted as stalled {stalled_for:.1f} s after their output backed up (stall timeout 2 s)"
+    )
+
+
+async def test_http2_stream_at_a_closed_window_is_reset_after_the_stall_timeout(attacked_storage: Path) -> None:
+    async with archiver_process(attacked_storage, stall_timeout="1") as server:
+        attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
+        await attacker.start()
+        streams = {await attacker.get("/archive/big/") for _ in range(2)}
+        with trio.fail_after(20):
+            while attacker.reset != streams:
+                await attacker.read_some()
+        await wait_until_no_zip(server.process.pid, timeout=10)
+        metrics = await metrics_of(server.url)
+        await attacker.stream.aclose()
+    assert not attacker.ended
+    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 2
+
+
+async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: Path) -> None:
+    requests = 64
+    statuses: list[int] = []
+    peak_zips = 0
+    async with archiver_process(attacked_storage) as server:
+        pid = server.process.pid
+        done = trio.Event()
+
+        async def watch_zips() -> None:
+            nonlocal peak_zips
+            while not done.is_set():
+                peak_zips = max(peak_zips, len(zip_processes(pid)))
+                await trio.sleep(0.005)
+
+        async def last_byte(client: httpx.AsyncClient) -> None:
+            # zip runs over the whole album to produce the one byte asked for.
+            response = await client.get("/archive/big/", headers={"Range": "bytes=-1"})
+            statuses.append(response.status_code)
+            assert response.status_code in (206, 503)
+            assert len(response.content) == (1 if response.status_code == 206 else len(response.content))
+
+        limits = httpx.Limits(max_connections=requests)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as attacker:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_zips)
+                async with trio.open_nursery() as requests_nursery:
+                    for _ in range(requests):
+                        requests_nursery.start_soon(last_byte, attacker)
+                    await normal_download_works(server.url, attacked_storage)
+                done.set()
+        metrics = await metrics_of(server.url)
+    assert peak_zips <= 4 + 1  # the attacker's cap, and the polite client's download
+    assert statuses.count(503) > 0
+    assert metrics['archiver_downloads_rejected_total{reason="client_limit"}'] == statuses.count(503)
+    record_figure(
+        f"{requests} concurrent 'Range: bytes=-1' from one address: at most {peak_zips} zips at once, "
+        f"{statuses.count(206)} served, {statuses.count(503)} refused (503)"
+    )

@@ -25,6 +25,8 @@ SAMPLE_ALBUM = "holiday-2024"
 class Launched:
     url: str
     process: trio.Process
+    # Everything the server has printed so far (stdout and stderr).
+    output: bytearray
 
 
 @asynccontextmanager
@@ -45,10 +47,11 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
                 data = await process.stdout.receive_some()
                 assert data, f"server exited before listening:\n{output.decode()}"
                 output += data
+        launched = Launched(match.group(1).decode(), process, bytearray(output))
         async with trio.open_nursery() as nursery:
             # Keep reading so a chatty server never blocks on a full pipe.
-            nursery.start_soon(_discard, process.stdout)
-            yield Launched(match.group(1).decode(), process)
+            nursery.start_soon(_collect, process.stdout, launched.output)
+            yield launched
             if process.returncode is None:
                 process.terminate()
             with trio.fail_after(15):
@@ -60,9 +63,9 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
                 await process.wait()
 
 
-async def _discard(stream: trio.abc.ReceiveStream) -> None:
-    async for _ in stream:
-        pass
+async def _collect(stream: trio.abc.ReceiveStream, output: bytearray) -> None:
+    async for data in stream:
+        output += data
 
 
 async def check_serves_sample_album(url: str) -> None:
