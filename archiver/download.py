@@ -189,6 +189,10 @@ class ArchiveBody(ResponseBody):
         self.client_jobs.release(self.client)
 
     def _finish(self, outcome: str, description: str) -> None:
+        if outcome == "cancelled" and self.byte_range is not None and self.bytes_sent == self.byte_range.length:
+            # The range was sent whole and zip stopped early on purpose; the
+            # client may have left (closing the connection) before we did.
+            outcome, description = "completed", "complete"
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
         log = {"failed": logger.error, "stalled": logger.warning}.get(outcome, logger.info)
@@ -204,12 +208,15 @@ class ArchiveBody(ResponseBody):
 
 
 def first_failure(error: BaseException) -> BaseException:
-    """The first exception in ``error`` that is not a cancellation, digging through groups."""
-    while isinstance(error, BaseExceptionGroup):
-        _, others = error.split(trio.Cancelled)
-        if others is None:
-            return error.exceptions[0]
-        error = others.exceptions[0]
+    """The first exception in ``error`` that is not a cancellation, digging through (nested) groups.
+
+    A group of nothing but cancellations gives its first Cancelled.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        _, others = error.split(trio.Cancelled)  # recursive: no Cancelled is left in ``others``
+        error = error if others is None else others
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
     return error
 
 

@@ -268,14 +268,16 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
             assert len(response.content) == (1 if response.status_code == 206 else len(response.content))
 
         limits = httpx.Limits(max_connections=requests)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as attacker:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_zips)
-                async with trio.open_nursery() as requests_nursery:
-                    for _ in range(requests):
-                        requests_nursery.start_soon(last_byte, attacker)
-                    await normal_download_works(server.url, attacked_storage)
-                done.set()
+        async with (
+            httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as attacker,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(watch_zips)
+            async with trio.open_nursery() as requests_nursery:
+                for _ in range(requests):
+                    requests_nursery.start_soon(last_byte, attacker)
+                await normal_download_works(server.url, attacked_storage)
+            done.set()
         metrics = await metrics_of(server.url)
     assert peak_zips <= 4 + 1  # the attacker's cap, and the polite client's download
     assert statuses.count(503) > 0

@@ -11,9 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from archiver.config import Settings
 from archiver.connection import BUSY_MESSAGE, FAILED_MESSAGE
+from archiver.download import _outcome, first_failure
 
 from .conftest import (
     make_client,
@@ -166,3 +168,27 @@ async def test_file_shrinking_after_listing_aborts_the_announced_length(
     async with running_server(replace(settings, zip_command=truncating)) as url, make_client(url, protocol) as client:
         with pytest.raises(ABORTED):
             await download(client, "/archive/album/")
+
+
+async def test_nested_cancellations_are_a_cancellation_not_a_failure() -> None:
+    # What a download's nursery raises when it was stopped on purpose (a range
+    # sent whole) while the client left: cancellations nested in groups.
+    caught: list[BaseExceptionGroup[BaseException]] = []
+
+    async def producer() -> None:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.sleep_forever)
+            await trio.sleep_forever()
+
+    with trio.CancelScope() as outer:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(producer)
+                await trio.testing.wait_all_tasks_blocked()
+                outer.cancel()
+        except BaseExceptionGroup as group:
+            caught.append(group)
+            raise
+    assert isinstance(caught[0].exceptions[0], BaseExceptionGroup)  # nested, as in a download
+    assert isinstance(first_failure(caught[0]), trio.Cancelled)
+    assert _outcome(caught[0])[0] == "cancelled"
