@@ -286,3 +286,79 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
         f"{requests} concurrent 'Range: bytes=-1' from one address: at most {peak_zips} zips at once, "
         f"{statuses.count(206)} served, {statuses.count(503)} refused (503)"
     )
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def idle_http2_connection(address: tuple[str, int]) -> trio.SocketStream:
+    """A connection that sends the HTTP/2 preface and SETTINGS, and then nothing."""
+    stream = await trio.open_tcp_stream(*address)
+    client = RawH2Client(stream)
+    await client.start()
+    return stream
+
+
+async def wait_for_close(stream: trio.SocketStream) -> None:
+    """Read (and drop) what the server sends until it closes the connection."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except trio.BrokenResourceError:
+        pass  # reset: closed too
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "descriptors, max_jobs, connections",
+    [
+        (256, 8, 400),
+        # The measurement in the issue: 1,100 idle connections under systemd's default limit.
+        pytest.param(1024, 64, 1100, marks=pytest.mark.slow),
+    ],
+)
+async def test_idle_http2_flood_is_closed_and_leaves_descriptors_for_downloads(
+    attacked_storage: Path, descriptors: int, max_jobs: int, connections: int
+) -> None:
+    port = free_port()
+    # The server under a descriptor limit, as systemd's LimitNOFILE sets it.
+    command = [
+        sys.executable,
+        "-c",
+        f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({descriptors}, {descriptors})); "
+        f"os.execv(sys.executable, [sys.executable, '-m', 'archiver', *sys.argv[1:]])",
+        *("-H", "127.0.0.1", "-P", str(port), "-D", str(attacked_storage)),
+    ]
+    async with launched(command, {"ARCHIVER_MAX_JOBS": str(max_jobs)}) as server:
+        pid = server.process.pid
+        baseline = open_descriptors(pid)
+        address = address_of(server.url)
+        async with polite_client(server.url, "HTTP/2") as connected_before:
+            assert (await connected_before.get("/healthz")).status_code == 200
+            started = trio.current_time()
+            flood = [await idle_http2_connection(address) for _ in range(connections)]
+            during = open_descriptors(pid)
+            # The client connected before the flood still gets its archive: zip's pipes found descriptors.
+            response = await connected_before.get("/archive/small/")
+            assert response.status_code == 200
+            assert read_archive(response.content) == files_on_disk(attacked_storage / "small")
+        # Every flood connection is closed: past the limit at once, the rest after the keep-alive timeout.
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for stream in flood:
+                    nursery.start_soon(wait_for_close, stream)
+        closed_after = trio.current_time() - started
+        await normal_download_works(server.url, attacked_storage, "HTTP/2")
+        with trio.fail_after(10):
+            while open_descriptors(pid) > baseline + 2:
+                await trio.sleep(0.05)
+        after = open_descriptors(pid)
+    assert during < descriptors
+    assert b"Too many open files" not in server.output
+    assert b"connection limit reached" in server.output
+    record_figure(
+        f"{connections} idle HTTP/2 connections under a {descriptors}-descriptor limit: server descriptors "
+        f"{baseline} -> {during} during, {after} after; all closed within {closed_after:.1f} s; "
+        f"downloads served during and after"
+    )
