@@ -18,6 +18,7 @@ import trustme
 
 from archiver.app import NOT_FOUND_MESSAGE
 from archiver.config import Settings
+from archiver.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
 
 from .conftest import files_on_disk, free_port, read_archive, running_server, wait_until_no_zip_children, write_tree
 from .test_cli import PROJECT
@@ -163,6 +164,16 @@ def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
     assert "ARCHIVER_DIR=" in (PROJECT / "deploy" / "archiver.env").read_text()
 
 
+def test_systemd_unit_gives_descriptors_for_the_job_and_connection_limits() -> None:
+    unit = (PROJECT / "deploy" / "archiver.service").read_text()
+    match = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert match is not None
+    limit = int(match.group(1))
+    # Room for the default jobs and thousands of connections, under the kernel's usual hard cap.
+    assert limit - RESERVED_DESCRIPTORS - DESCRIPTORS_PER_JOB * Settings().max_jobs >= 10_000
+    assert limit <= 1 << 20
+
+
 @needs_nginx
 async def test_nginx_passes_length_and_ranges_through(settings: Settings, tmp_path: Path) -> None:
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(200_000)})
@@ -199,3 +210,45 @@ async def test_redirect_to_the_slash_works_through_nginx_with_tls(
     assert redirect.next_request is not None and str(redirect.next_request.url) == f"{front}/archive/album/"
     assert followed.status_code == 200
     assert read_archive(followed.content) == files_on_disk(settings.storage_dir / "album")
+
+
+@needs_nginx
+async def test_per_client_job_cap_sees_the_clients_behind_nginx(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    # One job per client, and a download that lasts (about 3 s) while the others ask.
+    capped = replace(settings, max_jobs_per_client=1, delay=0.2, chunk_size=65536)
+    # Two clients from addresses of their own; nginx (on 127.0.0.1) is the trusted proxy.
+    one, other = (httpx.AsyncHTTPTransport(local_address=address) for address in ("127.0.0.3", "127.0.0.2"))
+    async with (
+        running_server(capped) as service,
+        nginx_in_front(service, tmp_path / "nginx") as front,
+        httpx.AsyncClient(base_url=front, transport=one) as first,
+        httpx.AsyncClient(base_url=front, transport=other) as second,
+        first.stream("GET", "/archive/album/") as running,
+    ):
+        assert running.status_code == 200
+        chunks = running.aiter_raw()  # kept: a dropped iterator closes the response
+        await anext(chunks)
+        # Every request reaches the service from nginx's address; X-Forwarded-For tells them apart.
+        again = await first.get("/archive/album/", headers={"X-Forwarded-For": "198.51.100.7"})
+        elsewhere = await second.head("/archive/album/")
+        async with second.stream("GET", "/archive/album/") as parallel:
+            parallel_status = parallel.status_code
+    assert again.status_code == 503  # the same client, whatever it writes in the header itself
+    assert again.headers["retry-after"] == "5"
+    assert elsewhere.status_code == 200
+    assert parallel_status == 200
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(settings: Settings) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    untrusting = replace(settings, max_jobs_per_client=1, delay=0.2, chunk_size=65536, trusted_proxies=("192.0.2.1",))
+    async with (
+        running_server(untrusting) as service,
+        httpx.AsyncClient(base_url=service) as client,
+        client.stream("GET", "/archive/album/") as running,
+    ):
+        chunks = running.aiter_raw()
+        await anext(chunks)
+        spoofed = await client.get("/archive/album/", headers={"X-Forwarded-For": "198.51.100.8"})
+    assert spoofed.status_code == 503
