@@ -1,0 +1,97 @@
+"""The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
+
+``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py`` and
+``archiver/connection.py`` replace or wrap private parts of Hypercorn and
+Quart-Trio.  They were checked against the versions pinned in pyproject.toml;
+these tests check that the installed versions are inside those pins and that
+the code the patches replace still reads as it did, so that a release which
+changes it stops the build here instead of misbehaving in production.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+from pathlib import Path
+
+import hypercorn.protocol.h2 as hypercorn_h2_module
+import hypercorn.trio.tcp_server as tcp_server_module
+import pytest
+import quart_trio.asgi
+
+from archiver import hypercorn_h2, hypercorn_tcp
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def release(package: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version(package).split(".")[:2])
+
+
+def test_installed_versions_are_the_ones_checked() -> None:
+    assert (0, 17) <= release("hypercorn") < (0, 19)
+    assert (4, 1) <= release("h2") < (5, 0)
+    assert (0, 12) <= release("quart-trio") < (0, 13)
+    pins = PYPROJECT.read_text()
+    for pin in ('"hypercorn>=0.17,<0.19"', '"h2>=4.1,<5"', '"quart-trio>=0.12,<0.13"'):
+        assert pin in pins
+
+
+def source_of(module: object) -> str:
+    # The module's file, not the (patched) objects.
+    return Path(inspect.getfile(module)).read_text()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "module, snippets",
+    [
+        (
+            hypercorn_h2_module,
+            [
+                # StreamBuffer: what bounded push/pop replace and keep.
+                "self.buffer = bytearray()",
+                "self._is_empty = event_class()",
+                "self._paused = event_class()",
+                "if len(self.buffer) >= BUFFER_HIGH_WATER:",
+                "data = await self.stream_buffers[stream_id].pop(chunk_size)",
+                # H2Protocol: idle after initiate, streams, the batch sender.
+                "def idle(self) -> bool:",
+                "self.task_group.spawn(self.send_task)",
+                "self.connection.local_flow_control_window(stream_id)",
+                "await self.send(Updated(idle=idle))",
+                "self.priority.block(stream_id)",
+            ],
+        ),
+        (
+            tcp_server_module,
+            [
+                # protocol_send writes shielded under send_lock; run owns the stream.
+                "async with self.send_lock:",
+                "cancel_scope.shield = True",
+                "await self.stream.send_all(event.data)",
+                "await self.protocol.handle(Closed())",
+                "async def run(self) -> None:",
+                "await self.idle_task.restart(self._task_group, self._idle_timeout)",
+            ],
+        ),
+        (
+            quart_trio.asgi,
+            ["await self._send_response(send, response)", "class TrioASGIHTTPConnection(ASGIHTTPConnection):"],
+        ),
+    ],
+)
+def test_patched_code_reads_as_when_checked(module: object, snippets: list[str]) -> None:
+    source = source_of(module)
+    for snippet in snippets:
+        assert snippet in source, f"{module}: no longer has {snippet!r}; recheck archiver's patches"
+
+
+def test_patches_are_installed_on_the_classes_they_name() -> None:
+    hypercorn_h2.install()
+    hypercorn_tcp.install(write_timeout=60, max_connections=1000)
+    assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
+    assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
+    for name in ("push", "pop"):
+        assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.hypercorn_h2"
+    for name in ("run", "protocol_send"):
+        assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.hypercorn_tcp"
