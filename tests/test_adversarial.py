@@ -9,6 +9,7 @@ download completing during and after the attack.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -24,7 +25,17 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, free_port, read_archive, record_figure, write_tree, zip_processes
+from archiver.config import Settings
+
+from .conftest import (
+    files_on_disk,
+    free_port,
+    read_archive,
+    record_figure,
+    running_server,
+    write_tree,
+    zip_processes,
+)
 from .test_cli import Launched, launched
 from .test_observability import samples
 from .test_stress import resident_kib
@@ -362,3 +373,28 @@ async def test_idle_http2_flood_is_closed_and_leaves_descriptors_for_downloads(
         f"{baseline} -> {during} during, {after} after; all closed within {closed_after:.1f} s; "
         f"downloads served during and after"
     )
+
+
+async def test_http2_buffers_do_not_outlive_the_stream(attacked_storage: Path) -> None:
+    # In this process, to see its garbage: what a stalled stream buffered must
+    # go with the stream, not wait, unreachable, for a gc run.
+    settings = Settings(storage_dir=attacked_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as url:
+        gc.collect()
+        gc.disable()
+        try:
+            attacker = RawH2Client(await trio.open_tcp_stream(*address_of(url)))
+            await attacker.start()
+            for _ in range(4):
+                await attacker.get("/archive/big/")
+            await attacker.read_until_quiet()
+            await attacker.stream.aclose()
+            await wait_until_no_zip(os.getpid(), timeout=10)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            unreachable = sum(len(o) for o in gc.garbage if isinstance(o, (bytes, bytearray, memoryview)))
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert unreachable < 64 * 1024
