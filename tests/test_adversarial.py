@@ -398,3 +398,35 @@ async def test_http2_buffers_do_not_outlive_the_stream(attacked_storage: Path) -
             gc.garbage.clear()
             gc.enable()
     assert unreachable < 64 * 1024
+
+
+@pytest.mark.slow
+async def test_steady_slow_reader_is_never_cut(attacked_storage: Path) -> None:
+    rate = 50_000  # bytes/s: a slow mobile link
+    seconds = 90
+    stall_timeout = 10  # a sixth of the default: a chunk (256 KiB) at this rate takes 5.2 s
+    async with archiver_process(attacked_storage, stall_timeout=str(stall_timeout)) as server:
+        pid = server.process.pid
+        sock = await open_non_reader(address_of(server.url), b"/archive/big/")
+        received = 0
+        started = trio.current_time()
+        ahead = []
+        while (elapsed := trio.current_time() - started) < seconds:
+            data = await sock.recv(8192)
+            assert data, f"cut after {received} bytes, {elapsed:.0f} s"
+            received += len(data)
+            await trio.sleep_until(started + received / rate)
+            # How far zip is ahead of the client: what the pipe, channel and sockets hold.
+            ahead.append(sum(_bytes_written(child.pid) for child in zip_processes(pid)) - received)
+        metrics = await metrics_of(server.url)
+        sock.close()
+    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 0
+    assert metrics["archiver_downloads_in_flight"] == 1
+    # zip stayed a few MB ahead of a 72 MB album: the buffers were full and
+    # every write waited on the client, for most of the run.
+    assert max(ahead) < 8e6
+    record_figure(
+        f"steady reader at {rate / 1000:.0f} kB/s for {seconds} s, stall timeout {stall_timeout} s: not cut, "
+        f"{received / 1e6:.1f} MB received; zip ahead by at most {max(ahead) / 1e6:.1f} MB (buffers full, "
+        f"server writes paced by the client)"
+    )
