@@ -20,7 +20,7 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from .layout import ArchiveLayout, set_utf8_flags
-from .limits import ClientJobs, DownloadStalled
+from .limits import ClientJobs, DownloadStalled, TokenBucket
 from .metrics import DownloadMetrics
 from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
@@ -82,6 +82,7 @@ class ArchiveBody(ResponseBody):
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
+        self._bucket: TokenBucket | None = None
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start zip.
@@ -97,6 +98,10 @@ class ArchiveBody(ResponseBody):
             self.client_jobs.release(self.client)
             raise JobLimitReached(f"all {self.jobs.total_tokens} archive jobs are busy") from None
         self._started_at = trio.current_time()
+        if self.rate_limit:
+            # A second's worth of saved-up rate at most (and never less than a chunk).
+            burst = max(self.rate_limit, self.chunk_size)
+            self._bucket = TokenBucket(self.rate_limit, burst, self._started_at)
         send_channel, self._receive_channel = trio.open_memory_channel[bytes](self.channel_capacity)
         self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await self._nursery_manager.__aenter__()
@@ -152,16 +157,18 @@ class ArchiveBody(ResponseBody):
             if chunk:
                 break
         self.bytes_sent += len(chunk)
+        if self._bucket is not None:
+            self._bucket.spend(len(chunk))
         self.metrics.bytes_sent.inc(len(chunk))
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
         return chunk
 
     async def _pace(self) -> None:
-        """Slow the next chunk down: ``delay`` after each chunk, and at most ``rate_limit`` bytes/s."""
+        """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst."""
         if self.bytes_sent and self.delay:
             await trio.sleep(self.delay)
-        if self.rate_limit:
-            await trio.sleep_until(self._started_at + self.bytes_sent / self.rate_limit)
+        if self._bucket is not None:
+            await trio.sleep(self._bucket.delay(trio.current_time()))
 
     # Quart annotates __aexit__ as returning None, but a nursery may swallow
     # the exception it was handed, and that answer must be passed on.

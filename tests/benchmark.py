@@ -85,7 +85,9 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 def service(storage: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """The service (console-script launch) on a free port; yields its base URL and pid."""
     port = free_port()
-    env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", **(extra_env or {})}
+    # Every curl comes from 127.0.0.1: one client to the per-client job cap,
+    # which would refuse the concurrent runs past 4.
+    env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", "ARCHIVER_MAX_JOBS_PER_CLIENT": "64", **(extra_env or {})}
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
     log = BENCH_STORAGE / "service.log"
     with open(log, "ab") as log_file:
