@@ -1,4 +1,4 @@
-"""Limits on what one client may hold: archive jobs per client address, and how long a download may stall.
+"""Limits on what one client may hold: archive jobs per client address, how long a download may stall, its rate.
 
 The global job limit (``Settings.max_jobs``) keeps the machine from running
 more zips than it can feed; the limits here keep one client from taking all
@@ -101,3 +101,28 @@ def connection_limit(max_connections: int, max_jobs: int) -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     return max(16, soft - RESERVED_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs)
+
+
+class TokenBucket:
+    """At most ``rate`` bytes a second on average, and at most ``burst`` bytes ahead of that.
+
+    A download may fall behind its rate (the client paused, the disk was
+    slow); what it saved up is capped at ``burst``, so a resume cannot send
+    everything the pause did not.  A chunk larger than what is in the bucket
+    still goes out whole, and the bucket goes into debt: the next one waits.
+    """
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = 0.0  # nothing saved up at the start: the first second is at the rate too
+        self._updated = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next chunk may go out."""
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def spend(self, count: int) -> None:
+        self._tokens -= count

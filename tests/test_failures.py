@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .conftest import (
     zip_children,
     zip_script,
 )
+from .test_observability import samples
 
 # What each client library raises for a transfer that did not end cleanly:
 # HTTP/1.1 without the terminating chunk, HTTP/2 with RST_STREAM.
@@ -192,3 +194,31 @@ async def test_nested_cancellations_are_a_cancellation_not_a_failure() -> None:
     assert isinstance(caught[0].exceptions[0], BaseExceptionGroup)  # nested, as in a download
     assert isinstance(first_failure(caught[0]), trio.Cancelled)
     assert _outcome(caught[0])[0] == "cancelled"
+
+
+async def test_rate_limit_saves_up_at_most_a_second_over_a_pause(settings: Settings) -> None:
+    rate = 1_000_000
+    write_tree(settings.storage_dir / "album", {"a.bin": os.urandom(8 * rate)})
+    limited = replace(settings, rate_limit=rate, chunk_size=16_384)
+    async with running_server(limited) as url, make_client(url, "HTTP/1.1") as observer:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server waits on us at once
+        await sock.connect((host, int(port)))
+        await sock.send(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = 0
+        while received < 300_000:
+            received += len(await sock.recv(65536))
+        await trio.sleep(4)  # the client pauses (what is measured, not a synchronisation)
+
+        async def bytes_sent() -> float:
+            return samples((await observer.get("/metrics")).text)["archiver_bytes_sent_total"]
+
+        before = await bytes_sent()
+        with trio.move_on_after(1):
+            while True:
+                await sock.recv(65536)
+        burst = await bytes_sent() - before
+        sock.close()
+    # A second saved up, and a second at the rate: not the four seconds of the pause.
+    assert burst <= 2 * rate + 2 * 16_384

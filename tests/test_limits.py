@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from archiver.config import Settings, SettingsError
-from archiver.limits import ClientJobs, ClientLimitReached, TrustedProxies, connection_limit
+from archiver.limits import ClientJobs, ClientLimitReached, TokenBucket, TrustedProxies, connection_limit
 
 PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
 
@@ -80,3 +80,18 @@ def test_limits_from_the_environment() -> None:
     )
     assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
     assert (settings.stall_timeout, settings.max_jobs_per_client, settings.max_connections) == (30, 2, 1000)
+
+
+def test_token_bucket_keeps_the_rate_and_caps_what_a_pause_saves() -> None:
+    bucket = TokenBucket(rate=1000, burst=2000, now=0.0)
+    assert bucket.delay(0.0) == 0  # the first chunk goes at once...
+    bucket.spend(500)
+    assert bucket.delay(0.0) == pytest.approx(0.5)  # ...and the next waits for its bytes
+    assert bucket.delay(0.5) == 0
+    bucket.spend(500)
+    # A pause of 100 s saves up the burst, not 100 s of rate.
+    assert bucket.delay(100.5) == 0
+    bucket.spend(2000)
+    assert bucket.delay(100.5) == 0
+    bucket.spend(1000)
+    assert bucket.delay(100.5) == pytest.approx(1.0)
