@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -162,6 +164,37 @@ def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
     assert "ExecStart=/opt/archiver/.venv/bin/hypercorn --config hypercorn.toml archiver.asgi:app" in unit
     assert "EnvironmentFile=/etc/archiver.env" in unit
     assert "ARCHIVER_DIR=" in (PROJECT / "deploy" / "archiver.env").read_text()
+
+
+HARDENING = (
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ProtectHome=yes",
+    "PrivateTmp=yes",
+    "PrivateDevices=yes",
+    "ReadOnlyPaths=/",
+    "CapabilityBoundingSet=",
+    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+)
+
+
+def test_systemd_unit_is_hardened() -> None:
+    lines = (PROJECT / "deploy" / "archiver.service").read_text().splitlines()
+    for directive in HARDENING:
+        assert directive in lines, directive
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = (PROJECT / "deploy" / "archiver.service").read_text()
+    # verify checks that ExecStart exists: point it at this checkout's hypercorn.
+    hypercorn = Path(sys.executable).parent / "hypercorn"
+    (tmp_path / "archiver.service").write_text(unit.replace("/opt/archiver/.venv/bin/hypercorn", str(hypercorn)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "archiver.service")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "archiver.service" not in result.stderr, result.stderr  # no warning about the unit
 
 
 def test_systemd_unit_gives_descriptors_for_the_job_and_connection_limits() -> None:
