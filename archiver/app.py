@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,14 @@ from .limits import ClientJobs, TrustedProxies, connection_limit
 from .metrics import DownloadMetrics
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
+from .signing import LinkRefused, check_link
 from .storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
 NOT_FOUND_MESSAGE = "Архив не существует или был удален"
 RANGE_MESSAGE = "Запрошенный диапазон вне архива"  # "the range asked for lies outside the archive"
+LINK_MESSAGE = "Ссылка недействительна или её срок истёк"  # "the link is not valid or has expired"
 
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 
@@ -38,17 +41,17 @@ EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 # at once would hold 130 MB.
 WALKERS = 2
 
-INDEX_PAGE = f"""<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><title>archiver</title></head>
+INDEX_PAGE = """<!doctype html>
+<html lang="ru">
+<head><meta charset="utf-8"><title>Архивы фотографий</title></head>
 <body>
-<h1>archiver</h1>
-<p>Downloads a folder of photos as one ZIP archive, made while it is sent.</p>
-<p>Ask for <code>/archive/&lt;name&gt;/</code> with the name you were given, for example
-<a href="/archive/{EXAMPLE_NAME}/">/archive/{EXAMPLE_NAME}/</a>.</p>
+<h1>Архивы фотографий</h1>
+<p>Здесь папку с фотографиями можно скачать одним ZIP-архивом: он собирается, пока скачивается.</p>
+<p>Откройте ссылку вида <code>/archive/&lt;имя&gt;/</code>, которую вам дали.{example}</p>
 </body>
 </html>
 """
+EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/{EXAMPLE_NAME}/</a>.'
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.get("/")
     async def index() -> Response:
-        return Response(INDEX_PAGE, mimetype="text/html")
+        # The sample album's link only where the sample album is (make run on data/).
+        example = EXAMPLE_LINK if (settings.storage_dir / EXAMPLE_NAME).is_dir() else ""
+        return Response(INDEX_PAGE.format(example=example), mimetype="text/html")
 
     @app.route("/archive/<name>/", methods=["GET"], provide_automatic_options=False)
     async def archive(name: str) -> Response:
@@ -104,12 +109,19 @@ def create_app(settings: Settings) -> QuartTrio:
             # A real name never needs %-escapes; an escaped one is someone probing.
             if b"%" in request.scope.get("raw_path", b""):
                 raise AlbumNotFound(name)
+            if settings.link_secret:
+                # Before the album is looked at: no walk, no zip, and no hint whether it exists.
+                args = request.args
+                check_link(settings.link_secret.encode(), name, args.get("expires"), args.get("sig"), time.time())
             album = resolve_album(settings.storage_dir, name)
             # A large album takes a while to walk: keep the event loop free.
             prepared = await trio.to_thread.run_sync(prepare_archive, album, arguments, settings, limiter=walkers)
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
+        except LinkRefused as refusal:
+            logger.info("refused %s: %s", name, refusal)
+            return Response(LINK_MESSAGE + "\n", status=403, mimetype="text/plain")
         headers = {
             "Content-Disposition": f'attachment; filename="{name}.zip"',
             # nginx in front: pass bytes on as they come, never spool the archive.
@@ -164,7 +176,9 @@ def create_app(settings: Settings) -> QuartTrio:
         # used, through any proxy ("/archive/x" + "x/" = "/archive/x/").
         if b"%" in request.scope.get("raw_path", b"") or not ALBUM_NAME.fullmatch(name):
             abort(404)
-        return Response("", status=308, headers={"Location": f"{name}/"})
+        # The query goes along: a signed link's expires and sig.
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        return Response("", status=308, headers={"Location": f"{name}/" + (f"?{query}" if query else "")})
 
     @app.get("/healthz")
     async def healthz() -> Response:

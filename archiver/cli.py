@@ -1,4 +1,4 @@
-"""Command line: ``archiver`` / ``python -m archiver`` with the original flags."""
+"""Command line: ``archiver`` / ``python -m archiver`` with the original flags, and ``archiver sign``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
@@ -19,6 +20,8 @@ from .app import create_app
 from .config import Settings, SettingsError
 from .logs import configure_logging
 from .producer import ZipUnavailable
+from .signing import parse_duration, signed_query
+from .storage import ALBUM_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         sys.exit(f"archiver: {error}")
     parser = argparse.ArgumentParser(
         prog="archiver",
-        description="Serve GET /archive/<name>/ as a ZIP of <dir>/<name>/, made while it is sent.",
+        description="Serve GET /archive/<name>/ as a ZIP of <dir>/<name>/, made while it is sent. "
+        "'archiver sign NAME --ttl 1h' prints a signed link (see ARCHIVER_LINK_SECRET).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-H", "--host", default=base.host, help="address to listen on")
@@ -97,9 +101,37 @@ async def _until_signalled(grace: float) -> None:
             return
 
 
+def sign_link(argv: Sequence[str]) -> str:
+    """``archiver sign NAME [--ttl 1h] [--base-url URL]``: a link to NAME signed with ARCHIVER_LINK_SECRET."""
+    parser = argparse.ArgumentParser(
+        prog="archiver sign",
+        description="Print a signed link to an album, valid for --ttl (needs ARCHIVER_LINK_SECRET).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("name", help="the album's directory name")
+    parser.add_argument("--ttl", default="1h", help="how long the link works: 90s, 15m, 1h, 7d")
+    parser.add_argument("--base-url", default="", help="scheme and host to put in front, e.g. https://example.org")
+    args = parser.parse_args(argv)
+    try:
+        ttl = parse_duration(args.ttl)
+        secret = Settings.from_env().link_secret
+    except (ValueError, SettingsError) as error:
+        parser.error(str(error))
+    if not secret:
+        parser.error("ARCHIVER_LINK_SECRET is not set")
+    if not ALBUM_NAME.fullmatch(args.name):
+        parser.error(f"{args.name!r} is not an album name")
+    expires = int(time.time()) + ttl
+    return f"{args.base_url.rstrip('/')}/archive/{args.name}/?{signed_query(secret.encode(), args.name, expires)}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the service until SIGINT or SIGTERM."""
-    settings = parse_settings(argv)
+    """Run the service until SIGINT or SIGTERM (or, for ``archiver sign``, print a signed link)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["sign"]:
+        print(sign_link(arguments[1:]))
+        return
+    settings = parse_settings(arguments)
     configure_logging(settings.verbose)
     try:
         app = create_app(settings)

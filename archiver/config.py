@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "ARCHIVER_"
@@ -64,6 +64,9 @@ class Settings:
     # Client connections held at once per process; 0: what the descriptor
     # limit (ulimit -n, systemd's LimitNOFILE) leaves beside max_jobs.
     max_connections: int = 0
+    # Signed, expiring links (archiver.signing): set, /archive/<name>/ needs
+    # ?expires=...&sig=...; empty, the name alone opens the archive.
+    link_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -131,5 +134,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "max_jobs_per_client": int,
     "trusted_proxies": _parse_list,
     "max_connections": int,
+    "link_secret": str,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir"}

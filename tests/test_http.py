@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from archiver.app import NOT_FOUND_MESSAGE
+from archiver.app import EXAMPLE_NAME, NOT_FOUND_MESSAGE
 from archiver.config import Settings
 
 from .conftest import (
@@ -55,11 +55,16 @@ async def test_archive_holds_every_file_with_its_bytes(client: httpx.AsyncClient
     assert read_archive(response.content) == AWKWARD_TREE
 
 
-async def test_index_page_explains_the_service(client: httpx.AsyncClient) -> None:
+async def test_index_page_explains_the_service_in_russian(client: httpx.AsyncClient, storage: Path) -> None:
     response = await client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "/archive/" in response.text
+    assert '<html lang="ru">' in response.text
+    assert "/archive/&lt;имя&gt;/" in response.text
+    # No link to the sample album where there is none.
+    assert EXAMPLE_NAME not in response.text
+    (storage / EXAMPLE_NAME).mkdir()
+    assert f'href="/archive/{EXAMPLE_NAME}/"' in (await client.get("/")).text
 
 
 async def test_unknown_name_is_404_with_message(client: httpx.AsyncClient) -> None:

@@ -1,0 +1,131 @@
+"""Signed, expiring links: without a valid signature no archive, no zip, no hint; with one, ranges too."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from archiver.app import LINK_MESSAGE
+from archiver.config import Settings
+from archiver.signing import LinkRefused, check_link, parse_duration, signed_query
+
+from .conftest import files_on_disk, make_client, read_archive, running_server, write_tree
+from .test_cli import PROJECT
+
+SECRET = "correct horse battery staple"
+
+
+def signed(name: str, expires: float, secret: str = SECRET) -> str:
+    return f"/archive/{name}/?{signed_query(secret.encode(), name, int(expires))}"
+
+
+@pytest.fixture
+def signing_settings(recorded_settings: Settings) -> Settings:
+    write_tree(recorded_settings.storage_dir / "album", {"photo.jpg": os.urandom(100_000), "b.txt": b"b"})
+    return replace(recorded_settings, link_secret=SECRET)
+
+
+async def test_signed_link_opens_the_archive_and_resumes(signing_settings: Settings, protocol: str) -> None:
+    url = signed("album", time.time() + 60)
+    async with running_server(signing_settings) as server, make_client(server, protocol) as client:
+        whole = await client.get(url)
+        part = await client.get(url, headers={"Range": "bytes=100-", "If-Range": whole.headers["etag"]})
+        head = await client.head(url)
+    assert whole.status_code == 200
+    assert read_archive(whole.content) == files_on_disk(signing_settings.storage_dir / "album")
+    assert part.status_code == 206
+    assert part.content == whole.content[100:]
+    assert head.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/archive/album/",  # no signature
+        "/archive/album/?expires=99999999999",  # no sig
+        signed("album", time.time() - 1),  # expired
+        signed("other", time.time() + 60).replace("/other/", "/album/"),  # signed for another album
+        signed("album", time.time() + 60, secret="another secret"),
+        signed("album", time.time() + 60).replace("expires=", "expires=1"),  # expiry changed
+        "/archive/album/?expires=" + "9" * 5000 + "&sig=" + "A" * 43,
+        "/archive/album/?expires=1e99&sig=x",
+    ],
+)
+async def test_missing_bad_or_expired_signature_is_403_and_starts_nothing(
+    signing_settings: Settings, zip_recorder: tuple[str, Path], path: str
+) -> None:
+    async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
+        response = await client.get(path)
+        unknown = await client.get(path.replace("/album/", "/no-such-album/"))
+    assert response.status_code == 403
+    assert response.text.strip() == LINK_MESSAGE
+    assert unknown.status_code == 403  # the same answer: nothing says whether an album exists
+    assert zip_recorder[1].read_text() == ""
+
+
+async def test_redirect_keeps_the_signature(signing_settings: Settings) -> None:
+    query = signed("album", time.time() + 60).split("?", 1)[1]
+    async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
+        response = await client.get(f"/archive/album?{query}", follow_redirects=True)
+    assert response.status_code == 200
+    assert response.history[0].headers["location"] == f"album/?{query}"
+
+
+def test_signature_check_is_strict_about_its_inputs() -> None:
+    secret = SECRET.encode()
+    good = dict(part.split("=", 1) for part in signed_query(secret, "album", 2000).split("&"))
+    check_link(secret, "album", good["expires"], good["sig"], now=1999)
+    with pytest.raises(LinkRefused, match="expired"):
+        check_link(secret, "album", good["expires"], good["sig"], now=2001)
+    with pytest.raises(LinkRefused, match="malformed"):
+        check_link(secret, "album", "٣٣", good["sig"], now=0)  # digits of another script
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)])
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+async def test_archiver_sign_prints_a_link_the_service_takes(signing_settings: Settings) -> None:
+    env = {**os.environ, "ARCHIVER_LINK_SECRET": SECRET}
+    result = subprocess.run(
+        [sys.executable, "-m", "archiver", "sign", "album", "--ttl", "5m", "--base-url", "https://example.org/"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    link = result.stdout.strip()
+    match = re.fullmatch(r"https://example\.org(/archive/album/\?expires=(\d+)&sig=[\w-]{43})", link)
+    assert match is not None, link
+    assert 290 <= int(match.group(2)) - time.time() <= 301
+    async with running_server(signing_settings) as server, httpx.AsyncClient(base_url=server) as client:
+        assert (await client.get(match.group(1))).status_code == 200
+
+
+def test_archiver_sign_without_a_secret_fails_with_a_message() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "ARCHIVER_LINK_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "archiver", "sign", "album"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "ARCHIVER_LINK_SECRET is not set" in result.stderr
+
+
+async def test_readme_snippet_makes_links_the_service_takes(signing_settings: Settings) -> None:
+    readme = (PROJECT / "README.md").read_text()
+    snippet = re.search(r"```python\n(# What the CMS does.*?)```", readme, re.DOTALL)
+    assert snippet is not None, "README lost the CMS snippet"
+    namespace: dict[str, object] = {}
+    exec(snippet.group(1), namespace)
+    async with running_server(signing_settings) as server, httpx.AsyncClient() as client:
+        link = namespace["archive_link"](server, "album", SECRET, 60)  # type: ignore[operator]
+        assert (await client.get(link)).status_code == 200
