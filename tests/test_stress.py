@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,13 @@ async def cancelled_download(url: str, protocol: str, stop_after: int) -> None:
         chunks = response.aiter_raw()
         while received < stop_after:
             received += len(await anext(chunks))
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # Every client here comes from 127.0.0.1: one client to the per-client job
+    # cap, which these tests are not about (tests/test_adversarial.py is).
+    return replace(settings, max_jobs_per_client=settings.max_jobs)
 
 
 async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(storage: Path, settings: Settings) -> None:
