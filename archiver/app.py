@@ -15,7 +15,7 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import hypercorn_h2, hypercorn_tcp
+from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> QuartTrio:
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
     arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
     hypercorn_h2.install()
+    hypercorn_access.install()
     hypercorn_tcp.install(
         write_timeout=settings.stall_timeout,
         max_connections=connection_limit(settings.max_connections, settings.max_jobs),

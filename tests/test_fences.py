@@ -1,7 +1,7 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py`` and
-``archiver/connection.py`` replace or wrap private parts of Hypercorn and
+``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py``,
+``archiver/hypercorn_access.py`` and ``archiver/connection.py`` replace or wrap private parts of Hypercorn and
 Quart-Trio.  They were checked against the versions pinned in pyproject.toml;
 these tests check that the installed versions are inside those pins and that
 the code the patches replace still reads as it did, so that a release which
@@ -15,11 +15,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import hypercorn.protocol.h2 as hypercorn_h2_module
+import hypercorn.protocol.http_stream as http_stream_module
 import hypercorn.trio.tcp_server as tcp_server_module
 import pytest
 import quart_trio.asgi
 
-from archiver import hypercorn_h2, hypercorn_tcp
+from archiver import hypercorn_access, hypercorn_h2, hypercorn_tcp
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -75,6 +76,21 @@ def source_of(module: object) -> str:
             ],
         ),
         (
+            http_stream_module,
+            [
+                # The three places hypercorn_access copies, as they were.
+                "await self.send(EndBody(stream_id=self.stream_id))\n        self.state = ASGIHTTPState.CLOSED\n"
+                "        await self.config.log.access(self.scope, self.response, time() - self.start_time)\n"
+                "        await self.send(StreamClosed(stream_id=self.stream_id))",
+                'headers=[(b"content-length", b"0"), (b"connection", b"close")],',
+                "            self.closed = True\n            if self.state != ASGIHTTPState.CLOSED:\n"
+                "                await self.config.log.access(self.scope, None, time() - self.start_time)\n"
+                "            if self.app_put is not None:\n"
+                '                await self.app_put({"type": "http.disconnect"})',
+                'elif message["type"] == "http.response.body" and self.state == ASGIHTTPState.RESPONSE:',
+            ],
+        ),
+        (
             quart_trio.asgi,
             ["await self._send_response(send, response)", "class TrioASGIHTTPConnection(ASGIHTTPConnection):"],
         ),
@@ -89,9 +105,12 @@ def test_patched_code_reads_as_when_checked(module: object, snippets: list[str])
 def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_h2.install()
     hypercorn_tcp.install(write_timeout=60, max_connections=1000)
+    hypercorn_access.install()
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):
         assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.hypercorn_h2"
     for name in ("run", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.hypercorn_tcp"
+    for name in ("app_send", "handle", "_send_closed", "_send_error_response"):
+        assert getattr(http_stream_module.HTTPStream, name).__module__ == "archiver.hypercorn_access"

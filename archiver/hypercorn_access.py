@@ -1,0 +1,113 @@
+"""Hypercorn's access log (0.17-0.18): one line per request, with the status and the bytes really sent.
+
+Hypercorn logs a request when the response ends (``HTTPStream._send_closed``)
+and also when the stream closes before that (``handle(StreamClosed)``), with
+no response.  Two things go wrong for this service:
+
+- Over HTTP/1.1 the stream closes *during* ``_send_closed`` (sending the end
+  of the message recycles the connection), before the state says CLOSED:
+  every complete response is logged twice, first as ``"- -"``.
+- A download the client cancels is logged only as ``"- -"``: no status,
+  though a 200 went out, and no size, though megabytes did.
+
+Here the first of the two calls writes the line and the second is skipped,
+and the line's size (``%(b)s``, Hypercorn's ``{Content-Length}o``) is the
+body bytes handed to the server, not the length announced: equal for a
+complete response, smaller for a cut one.  A request that ends before its
+response started is still logged with ``-`` for both.
+
+The patches wrap ``HTTPStream.app_send`` (to count) and replace
+``HTTPStream._send_closed``, ``HTTPStream._send_error_response`` and the
+StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call);
+tests/test_fences.py fails if what they copy changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from time import time
+from typing import Any
+
+from hypercorn.protocol.events import EndBody, Response, StreamClosed
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.typing import ResponseSummary
+
+_MARKER = "_archiver_adjusted"
+_SENT = "_archiver_body_bytes"
+_LOGGED = "_archiver_logged"
+_STARTED = (ASGIHTTPState.RESPONSE, ASGIHTTPState.TRAILERS, ASGIHTTPState.CLOSED)
+
+
+def install() -> None:
+    """Patch Hypercorn's HTTP streams once per process (idempotent)."""
+    if getattr(HTTPStream, _MARKER, False):
+        return
+    _count_body_bytes()
+    _log_once()
+    setattr(HTTPStream, _MARKER, True)
+
+
+def _count_body_bytes() -> None:
+    original: Callable[[Any, Any], Awaitable[None]] = HTTPStream.app_send
+
+    async def app_send(self: Any, message: Any) -> None:
+        if (
+            message is not None
+            and message["type"] == "http.response.body"
+            and self.state == ASGIHTTPState.RESPONSE
+            and self.scope["method"] != "HEAD"
+        ):
+            setattr(self, _SENT, getattr(self, _SENT, 0) + len(message.get("body", b"")))
+        await original(self, message)
+
+    HTTPStream.app_send = app_send  # type: ignore[method-assign]
+
+
+def _log_once() -> None:
+    original_handle: Callable[[Any, Any], Awaitable[None]] = HTTPStream.handle
+
+    async def _send_closed(self: Any) -> None:
+        await self.send(EndBody(stream_id=self.stream_id))
+        self.state = ASGIHTTPState.CLOSED
+        await _log(self)
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+    async def _send_error_response(self: Any, status_code: int) -> None:
+        headers = [(b"content-length", b"0"), (b"connection", b"close")]
+        await self.send(Response(stream_id=self.stream_id, headers=headers, status_code=status_code))
+        # Closed before the end goes out, so that a StreamClosed meanwhile logs this response.
+        self.response = {"type": "http.response.start", "status": status_code, "headers": []}
+        self.state = ASGIHTTPState.CLOSED
+        await self.send(EndBody(stream_id=self.stream_id))
+        await _log(self)
+
+    async def handle(self: Any, event: Any) -> None:
+        if not isinstance(event, StreamClosed) or self.closed:
+            await original_handle(self, event)
+            return
+        # Hypercorn's StreamClosed case, logging through _log.
+        self.closed = True
+        if hasattr(self, "scope"):
+            await _log(self)
+        if getattr(self, "app_put", None) is not None:
+            await self.app_put({"type": "http.disconnect"})
+
+    HTTPStream._send_closed = _send_closed  # type: ignore[method-assign]
+    HTTPStream._send_error_response = _send_error_response  # type: ignore[method-assign]
+    HTTPStream.handle = handle  # type: ignore[method-assign]
+
+
+async def _log(stream: Any) -> None:
+    if getattr(stream, _LOGGED, False):
+        return
+    setattr(stream, _LOGGED, True)
+    await stream.config.log.access(stream.scope, _summary(stream), time() - stream.start_time)
+
+
+def _summary(stream: Any) -> ResponseSummary | None:
+    """The response as it went out: its status, and the body bytes sent as its length."""
+    if stream.state not in _STARTED:
+        return None
+    headers = [(name, value) for name, value in stream.response.get("headers", []) if name.lower() != b"content-length"]
+    headers.append((b"content-length", b"%d" % getattr(stream, _SENT, 0)))
+    return {"status": stream.response["status"], "headers": headers}

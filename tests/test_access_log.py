@@ -1,0 +1,63 @@
+"""The access log: one line per request, with the status that went out and the bytes that did."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from .conftest import free_port, make_client, write_tree
+from .test_cli import Launched, launched
+
+# Hypercorn's default format: ... "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"
+LINE = re.compile(rb'"(?P<method>[A-Z]+) (?P<path>\S+) (?P<version>\S+)" (?P<status>\S+) (?P<bytes>\S+) "')
+
+
+@pytest.fixture
+def log_storage(tmp_path: Path) -> Path:
+    write_tree(tmp_path / "small", {"a.jpg": os.urandom(50_000)})
+    write_tree(tmp_path / "large", {f"{index}.jpg": os.urandom(4 * 1024 * 1024) for index in range(16)})
+    return tmp_path
+
+
+def access_lines(server: Launched, path: str) -> list[dict[str, bytes]]:
+    return [match.groupdict() for match in LINE.finditer(bytes(server.output)) if match["path"] == path.encode()]
+
+
+async def logged(server: Launched, path: str, count: int = 1) -> list[dict[str, bytes]]:
+    """The access lines for ``path`` once there are ``count`` of them (and a moment for a stray second one)."""
+    with trio.fail_after(10):
+        while len(access_lines(server, path)) < count:
+            await trio.sleep(0.02)
+    await trio.sleep(0.2)  # a duplicate line, if any, follows at once
+    return access_lines(server, path)
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+async def test_one_access_line_per_request_with_real_status_and_bytes(log_storage: Path, protocol: str) -> None:
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(log_storage)]
+    async with launched(command) as server, make_client(server.url, protocol) as client:
+        complete = await client.get("/archive/small/")
+        assert [(line["status"], line["bytes"]) for line in await logged(server, "/archive/small/")] == [
+            (b"200", str(len(complete.content)).encode())
+        ]
+        await client.get("/archive/missing/")
+        assert [line["status"] for line in await logged(server, "/archive/missing/")] == [b"404"]
+        await client.get("/archive/small")
+        assert [(line["status"], line["bytes"]) for line in await logged(server, "/archive/small")] == [(b"308", b"0")]
+        await client.head("/archive/small/")
+        lines = await logged(server, "/archive/small/", count=2)
+        assert [(line["method"], line["status"], line["bytes"]) for line in lines][1:] == [(b"HEAD", b"200", b"0")]
+        # A client that leaves (closes its connection) in the middle of a download.
+        async with make_client(server.url, protocol) as leaving, leaving.stream("GET", "/archive/large/") as response:
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            total = int(response.headers["content-length"])
+        # The client left: its 200 and what went out before, not "- -".
+        (cancelled,) = await logged(server, "/archive/large/")
+        assert cancelled["status"] == b"200"
+        assert 0 < int(cancelled["bytes"]) < total
