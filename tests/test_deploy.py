@@ -8,7 +8,7 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,31 +26,42 @@ from .conftest import files_on_disk, free_port, read_archive, running_server, wa
 from .test_cli import PROJECT
 from .test_observability import samples
 
+UNIT = PROJECT / "deploy" / "archiver@.service"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 needs_nginx = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (apt-get install nginx-light; .ci/run installs it)"
 )
 
 
-def site_config(upstream: str, port: int, tls: tuple[Path, Path] | None = None) -> str:
-    """deploy/nginx.conf as shipped, pointed at ``upstream`` and listening on loopback ``port`` (TLS with ``tls``)."""
+UPSTREAM_SERVERS = re.compile(r"(    server 127\.0\.0\.1:808\d( [^;\n]*)?;\n)+")
+
+
+def site_config(upstreams: Sequence[str], port: int, tls: tuple[Path, Path] | None = None) -> str:
+    """deploy/nginx.conf as shipped, pointed at ``upstreams`` and listening on loopback ``port`` (TLS with ``tls``)."""
     text = (PROJECT / "deploy" / "nginx.conf").read_text()
-    text, upstreams = re.subn(r"server 127\.0\.0\.1:8080;", f"server {upstream};", text)
+    # The shipped server lines' options (passive health checks) stay as they are.
+    options = UPSTREAM_SERVERS.search(text)
+    assert options is not None
+    servers = "".join(f"    server {upstream}{options.group(2) or ''};\n" for upstream in upstreams)
+    text, upstreams_found = UPSTREAM_SERVERS.subn(servers, text)
     listen = f"listen 127.0.0.1:{port};"
     if tls is not None:
         listen = f"listen 127.0.0.1:{port} ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
     text, listens = re.subn(r"listen 80;", listen, text)
-    assert upstreams == listens == 1, "deploy/nginx.conf changed shape: update this test"
+    assert upstreams_found == listens == 1, "deploy/nginx.conf changed shape: update this test"
     return text
 
 
 @asynccontextmanager
-async def nginx_in_front(service_url: str, workdir: Path, tls: tuple[Path, Path] | None = None) -> AsyncIterator[str]:
-    """A real nginx on a free loopback port running deploy/nginx.conf before ``service_url`` (HTTPS with ``tls``)."""
+async def nginx_in_front(
+    service_url: str | Sequence[str], workdir: Path, tls: tuple[Path, Path] | None = None
+) -> AsyncIterator[str]:
+    """A real nginx on a free loopback port running deploy/nginx.conf before the service(s) (HTTPS with ``tls``)."""
     assert NGINX is not None
     port = free_port()
     workdir.mkdir()
-    (workdir / "site.conf").write_text(site_config(service_url.removeprefix("http://"), port, tls))
+    urls = [service_url] if isinstance(service_url, str) else service_url
+    (workdir / "site.conf").write_text(site_config([url.removeprefix("http://") for url in urls], port, tls))
     (workdir / "nginx.conf").write_text(f"""
 daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
 events {{ worker_connections 256; }}
@@ -160,8 +171,11 @@ def test_hypercorn_toml_documents_tls() -> None:
 
 
 def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
-    unit = (PROJECT / "deploy" / "archiver.service").read_text()
-    assert "ExecStart=/opt/archiver/.venv/bin/hypercorn --config hypercorn.toml archiver.asgi:app" in unit
+    unit = UNIT.read_text()
+    assert (
+        "ExecStart=/opt/archiver/.venv/bin/hypercorn --config hypercorn.toml --bind 127.0.0.1:%i archiver.asgi:app"
+        in unit
+    )
     assert "EnvironmentFile=/etc/archiver.env" in unit
     assert "ARCHIVER_DIR=" in (PROJECT / "deploy" / "archiver.env").read_text()
 
@@ -179,26 +193,26 @@ HARDENING = (
 
 
 def test_systemd_unit_is_hardened() -> None:
-    lines = (PROJECT / "deploy" / "archiver.service").read_text().splitlines()
+    lines = UNIT.read_text().splitlines()
     for directive in HARDENING:
         assert directive in lines, directive
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    unit = (PROJECT / "deploy" / "archiver.service").read_text()
+    unit = UNIT.read_text()
     # verify checks that ExecStart exists: point it at this checkout's hypercorn.
     hypercorn = Path(sys.executable).parent / "hypercorn"
-    (tmp_path / "archiver.service").write_text(unit.replace("/opt/archiver/.venv/bin/hypercorn", str(hypercorn)))
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(tmp_path / "archiver.service")], capture_output=True, text=True
-    )
+    # An instance of the template, as `systemctl enable archiver@8080` makes it.
+    instance = tmp_path / "archiver@8080.service"
+    instance.write_text(unit.replace("/opt/archiver/.venv/bin/hypercorn", str(hypercorn)))
+    result = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "archiver.service" not in result.stderr, result.stderr  # no warning about the unit
+    assert "archiver@" not in result.stderr, result.stderr  # no warning about the unit
 
 
 def test_systemd_unit_gives_descriptors_for_the_job_and_connection_limits() -> None:
-    unit = (PROJECT / "deploy" / "archiver.service").read_text()
+    unit = UNIT.read_text()
     match = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
     assert match is not None
     limit = int(match.group(1))
