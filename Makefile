@@ -28,8 +28,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check archiver tests
 	$(BIN)/mypy
 
-## The benchmark: baselines (zip | cat, nginx) and the service, in one run (~15 min; ~700 MB in bench-data/).
+## The benchmark: baselines (zip | cat, nginx), the service, and the producers compared, in one run (~25 min; ~700 MB in bench-data/).
 bench: $(BIN)/.installed bench-tools
+	$(BIN)/pip install --quiet zipstream-ng  # the peer the producer comparison measures against
 	$(BIN)/python -m tests.benchmark $(BENCH_ARGS)
 
 bench-tools:
@@ -37,6 +38,7 @@ bench-tools:
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v zip >/dev/null || missing="$$missing zip"; \
+	command -v bsdtar >/dev/null || missing="$$missing libarchive-tools"; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi

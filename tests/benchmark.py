@@ -137,9 +137,11 @@ http {{
 CURL_FORMAT = "%{time_starttransfer} %{time_total} %{size_download} %{http_code}\\n"
 
 
-def curl(urls: Sequence[str], http2: bool) -> list[tuple[float, float, int]]:
+def curl(urls: Sequence[str], http2: bool, post: str | None = None) -> list[tuple[float, float, int]]:
     """Download ``urls`` in parallel with curl; (first byte s, total s, bytes) for each; all must be complete."""
     flags = ["--http2-prior-knowledge"] if http2 else ["--http1.1"]
+    if post is not None:
+        flags += ["--data", post]
     processes = [
         subprocess.Popen(["curl", "-sS", *flags, "-o", "/dev/null", "-w", CURL_FORMAT, url], stdout=subprocess.PIPE)
         for url in urls
@@ -205,7 +207,9 @@ def own_children_cpu_seconds() -> float:
     return times.children_user + times.children_system
 
 
-def machine_cpu_per_gb(gigabytes: float, run: Callable[[], object], pid: int | None = None) -> str:
+def machine_cpu_per_gb(
+    gigabytes: float, run: Callable[[], object], pid: int | None = None, names: tuple[str, str] = ("zip", "service")
+) -> str:
     """Every process's CPU per GB while ``run`` moves ``gigabytes``: with the service, split three ways.
 
     On a machine where zip, the server and the clients share the cores, the
@@ -221,7 +225,8 @@ def machine_cpu_per_gb(gigabytes: float, run: Callable[[], object], pid: int | N
         return f"{clients:.2f} s/GB"
     service = (sum(cpu_seconds(pid)) - service_before) / gigabytes
     zip_cpu = (children_cpu_seconds(pid) - zip_before) / gigabytes
-    return f"{zip_cpu + service + clients:.2f} s/GB (zip {zip_cpu:.2f} + service {service:.2f} + curl {clients:.2f})"
+    total = zip_cpu + service + clients
+    return f"{total:.2f} s/GB ({names[0]} {zip_cpu:.2f} + {names[1]} {service:.2f} + curl {clients:.2f})"
 
 
 def cpu_per_gb(pid: int, gigabytes: float, run: Callable[[], object]) -> str:
@@ -286,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is shown)")
     parser.add_argument("--zip64", action="store_true", help="also a 5 GB album (ZIP64), one run each")
+    parser.add_argument(
+        "--no-producers", action="store_true", help="skip the producer comparison (Info-ZIP, bsdtar, zipstream-ng)"
+    )
     args = parser.parse_args(argv)
     datasets = [PHOTOS, SMALL_FILES] + ([HUGE] if args.zip64 else [])
     for dataset in datasets:
@@ -294,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for dataset in datasets:
         repeat = 1 if dataset is HUGE else args.repeat
         run_dataset(dataset, repeat)
+    if not args.no_producers:
+        for dataset in (PHOTOS, SMALL_FILES):
+            compare_producers(dataset, max(1, args.repeat // 2 + 1))
 
 
 def run_dataset(dataset: Dataset, repeat: int) -> None:
@@ -366,6 +377,120 @@ def run_dataset(dataset: Dataset, repeat: int) -> None:
         idle_mb, per_download_mb = rss_per_download(url, pid)
         rows.append(("fresh service RSS idle", f"{idle_mb:.0f} MB", ""))
         rows.append(("RSS growth per in-flight download (32 slow clients)", f"{per_download_mb:.2f} MB", ""))
+    report(rows)
+
+
+# bsdtar writing a stored ZIP.  (Writing to /dev/null itself it skips reading
+# the files, so it is always measured through a pipe.)
+BSDTAR = "bsdtar -c --format zip --options zip:compression=store -f -"
+
+
+@contextmanager
+def bsdtar_in_zips_place() -> Iterator[str]:
+    """A command that takes zip's place in the service and runs bsdtar over the names zip would read.
+
+    Measurement only: bsdtar's archive is not the one the service predicts
+    (so the service runs it with compression on, which sends it chunked, with
+    no Content-Length to check), and it is not what the service could ship
+    (README, Performance: why the producer is Info-ZIP).
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        script = Path(directory, "bsdtar-as-zip")
+        script.write_text(
+            f"#!/bin/sh\n# Names arrive on stdin as ./path, one a line, as zip -@ takes them.\nexec {BSDTAR} -T -\n"
+        )
+        script.chmod(0o755)
+        yield str(script)
+
+
+@contextmanager
+def zipserver(directory: Path) -> Iterator[tuple[str, int]]:
+    """zipstream-ng's zipserver over ``directory``: POST files=<name> answers a ZIP of that folder."""
+    command = shutil.which("zipserver", path=str(Path(sys.executable).parent)) or "zipserver"
+    port = free_port()
+    process = subprocess.Popen(
+        [command, "--bind", "127.0.0.1", "--directory", str(directory), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}/", process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def producer_alone(command: str, directory: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(f"{command} | cat >/dev/null", shell=True, cwd=directory, check=True)
+    return time.perf_counter() - started
+
+
+def compare_producers(dataset: Dataset, repeat: int) -> None:
+    """Which program makes the archive: Info-ZIP and bsdtar, alone and through the service, and a peer."""
+    size = archive_size(dataset.directory)
+    print(f"\n== producers, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
+    rows: list[tuple[str, str, str]] = []
+    for label, command in (("Info-ZIP zip -0", "zip -q -r -0 -X -D - ."), ("bsdtar store", f"{BSDTAR} .")):
+        times: list[float] = []
+        cpu = machine_cpu_per_gb(
+            repeat * size / 1e9,
+            lambda c=command, t=times: t.extend(producer_alone(c, dataset.directory) for _ in range(repeat)),
+        )
+        rows.append((f"{label} | cat", f"{size / statistics.median(times) / 1e6:.0f} MB/s", ""))
+        rows.append((f"machine CPU, {label} | cat (producer, cat, sh)", cpu, ""))
+    peer: dict[int, float] = {}
+    with zipserver(BENCH_STORAGE) as (url, pid):
+        for parallel in (1, 8, 32):
+            rates: list[float] = []
+
+            def peer_runs(parallel: int = parallel, rates: list[float] = rates) -> None:
+                for _ in range(repeat if parallel == 1 else 1):
+                    results = curl([url] * parallel, False, post=f"files={dataset.name}")
+                    rates.append(parallel * size / max(total for _, total, _ in results))
+
+            cpu = machine_cpu_per_gb(
+                (repeat if parallel == 1 else 1) * parallel * size / 1e9,
+                peer_runs,
+                pid,
+                names=("children", "zipserver"),
+            )
+            peer[parallel] = statistics.median(rates)
+            rows.append(
+                (f"zipstream-ng zipserver, {parallel} at once, HTTP/1.1", f"{peer[parallel] / 1e6:.0f} MB/s", "1.00")
+            )
+            rows.append((f"machine CPU, zipserver, {parallel} at once", cpu, ""))
+    with bsdtar_in_zips_place() as stand_in:
+        for producer, env in (
+            ("Info-ZIP", {}),
+            ("bsdtar", {"ARCHIVER_ZIP_COMMAND": stand_in, "ARCHIVER_COMPRESSION": "1"}),
+        ):
+            with service(BENCH_STORAGE, env) as (base, pid):
+                url = f"{base}/archive/{dataset.name}/"
+                for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
+                    curl([url], http2)  # warm up
+                    for parallel in (1, 8, 32):
+                        rates = []
+
+                        def service_runs(
+                            parallel: int = parallel, http2: bool = http2, rates: list[float] = rates, url: str = url
+                        ) -> None:
+                            for _ in range(repeat if parallel == 1 else 1):
+                                results = curl([url] * parallel, http2)
+                                rates.append(parallel * size / max(total for _, total, _ in results))
+
+                        gigabytes = (repeat if parallel == 1 else 1) * parallel * size / 1e9
+                        cpu = machine_cpu_per_gb(gigabytes, service_runs, pid, names=(producer, "service"))
+                        rate = statistics.median(rates)
+                        rows.append(
+                            (
+                                f"service + {producer}, {parallel} at once, {label}",
+                                f"{rate / 1e6:.0f} MB/s",
+                                f"{rate / peer[parallel]:.2f} of zipserver",
+                            )
+                        )
+                        rows.append((f"machine CPU, service + {producer}, {parallel} at once, {label}", cpu, ""))
     report(rows)
 
 

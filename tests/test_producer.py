@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,50 @@ def test_bytes_in_pipe_counts_what_is_waiting_to_be_read() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+SECRET = b"outside the storage"
+
+
+def swap_for_link_to_a_secret(storage: Path, tmp_path: Path) -> Path:
+    """An album listed with photo.jpg, which is then swapped for a link to a file outside the storage."""
+    write_tree(storage / "album", {"photo.jpg": b"a photo of the same length"[: len(SECRET)]})
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    listing = storage / "album"
+    (listing / "photo.jpg").unlink()
+    (listing / "photo.jpg").symlink_to(tmp_path / "secret.txt")
+    return listing
+
+
+async def test_file_swapped_for_a_link_after_listing_never_reaches_the_archive(storage: Path, tmp_path: Path) -> None:
+    album = storage / "album"
+    write_tree(album, {"photo.jpg": b"photo"})
+    job = zip_input(list_album(album))  # listed while photo.jpg is a file...
+    swap_for_link_to_a_secret(storage, tmp_path)  # ...then swapped
+    send_channel, receive_channel = trio.open_memory_channel[bytes](2)
+    received: list[bytes] = []
+    # zip -y takes the link as a link, never what it points to; writing to a
+    # pipe it then refuses it outright (status 16): the download fails.
+    with pytest.RaisesGroup(ZipFailed, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: produce_zip(ZIP, job, send_channel, chunk_size=4096))
+            received.extend([chunk async for chunk in receive_channel])
+    assert SECRET not in b"".join(received)
+
+
+@pytest.mark.skipif(shutil.which("bsdtar") is None, reason="bsdtar is not installed")
+def test_bsdtar_follows_a_swapped_link_so_it_cannot_be_the_producer(storage: Path, tmp_path: Path) -> None:
+    # Why the producer is Info-ZIP and not the faster bsdtar (README, Performance):
+    # an mtree manifest, the only way to make bsdtar's output deterministic,
+    # has it open each file by path, following a link that replaced it, and
+    # it ignores the size declared.  If this ever fails, bsdtar is worth a new look.
+    album = swap_for_link_to_a_secret(storage, tmp_path)
+    manifest = b"#mtree\n./photo.jpg type=file uid=0 gid=0 mode=0644 time=0 size=5 contents=photo.jpg\n"
+    result = subprocess.run(
+        ["bsdtar", "-c", "--format", "zip", "--options", "zip:compression=store", "-f", "-", "@-"],
+        cwd=album,
+        input=manifest,
+        capture_output=True,
+        check=True,
+    )
+    assert SECRET in result.stdout
