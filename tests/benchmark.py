@@ -158,6 +158,28 @@ def curl(urls: Sequence[str], http2: bool, post: str | None = None) -> list[tupl
     return results
 
 
+def parallel_downloads(
+    url: str,
+    parallel: int,
+    runs: int,
+    size: int,
+    pid: int,
+    http2: bool = False,
+    names: tuple[str, str] = ("zip", "service"),
+    post: str | None = None,
+) -> tuple[float, str]:
+    """Median aggregate rate (bytes/s) of ``runs`` runs of ``parallel`` downloads at once, and machine CPU per GB."""
+    rates: list[float] = []
+
+    def run() -> None:
+        for _ in range(runs):
+            results = curl([url] * parallel, http2, post)
+            rates.append(parallel * size / max(total for _, total, _ in results))
+
+    cpu = machine_cpu_per_gb(runs * parallel * size / 1e9, run, pid, names)
+    return statistics.median(rates), cpu
+
+
 def median_of(repeat: int, measure: Callable[[], float]) -> float:
     return statistics.median(measure() for _ in range(repeat))
 
@@ -351,14 +373,7 @@ def run_dataset(dataset: Dataset, repeat: int) -> None:
             rows.append((f"service, first byte, {label}", f"{first_byte_ms:.1f} ms", ""))
             rows.append((f"service CPU outside zip, {label}", cpu, ""))
             for parallel in (8, 32):
-                rates: list[float] = []
-
-                def concurrent_runs(parallel: int = parallel, http2: bool = http2, rates: list[float] = rates) -> None:
-                    for _ in range(concurrent_repeat):
-                        rates.append(parallel * size / max(total for _, total, _ in curl([url] * parallel, http2)))
-
-                machine_cpu = machine_cpu_per_gb(concurrent_repeat * parallel * size / 1e9, concurrent_runs, pid)
-                aggregate = statistics.median(rates)
+                aggregate, machine_cpu = parallel_downloads(url, parallel, concurrent_repeat, size, pid, http2)
                 rows.append(
                     (
                         f"service, {parallel} concurrent, {label}",
@@ -443,20 +458,10 @@ def compare_producers(dataset: Dataset, repeat: int) -> None:
     peer: dict[int, float] = {}
     with zipserver(BENCH_STORAGE) as (url, pid):
         for parallel in (1, 8, 32):
-            rates: list[float] = []
-
-            def peer_runs(parallel: int = parallel, rates: list[float] = rates) -> None:
-                for _ in range(repeat if parallel == 1 else 1):
-                    results = curl([url] * parallel, False, post=f"files={dataset.name}")
-                    rates.append(parallel * size / max(total for _, total, _ in results))
-
-            cpu = machine_cpu_per_gb(
-                (repeat if parallel == 1 else 1) * parallel * size / 1e9,
-                peer_runs,
-                pid,
-                names=("children", "zipserver"),
-            )
-            peer[parallel] = statistics.median(rates)
+            runs = repeat if parallel == 1 else 1
+            names = ("children", "zipserver")
+            post = f"files={dataset.name}"
+            peer[parallel], cpu = parallel_downloads(url, parallel, runs, size, pid, names=names, post=post)
             rows.append(
                 (f"zipstream-ng zipserver, {parallel} at once, HTTP/1.1", f"{peer[parallel] / 1e6:.0f} MB/s", "1.00")
             )
@@ -471,18 +476,8 @@ def compare_producers(dataset: Dataset, repeat: int) -> None:
                 for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
                     curl([url], http2)  # warm up
                     for parallel in (1, 8, 32):
-                        rates = []
-
-                        def service_runs(
-                            parallel: int = parallel, http2: bool = http2, rates: list[float] = rates, url: str = url
-                        ) -> None:
-                            for _ in range(repeat if parallel == 1 else 1):
-                                results = curl([url] * parallel, http2)
-                                rates.append(parallel * size / max(total for _, total, _ in results))
-
-                        gigabytes = (repeat if parallel == 1 else 1) * parallel * size / 1e9
-                        cpu = machine_cpu_per_gb(gigabytes, service_runs, pid, names=(producer, "service"))
-                        rate = statistics.median(rates)
+                        runs = repeat if parallel == 1 else 1
+                        rate, cpu = parallel_downloads(url, parallel, runs, size, pid, http2, (producer, "service"))
                         rows.append(
                             (
                                 f"service + {producer}, {parallel} at once, {label}",
