@@ -130,7 +130,7 @@ async def test_restart_of_one_instance_under_load_loses_no_download(shared_stora
             outcomes.append("complete")
 
     async with (
-        instances(shared_storage, 2, rate_limit="2000000") as (first, second),
+        instances(shared_storage, 2, rate_limit="2000000", shutdown_grace="4") as (first, second),
         nginx_in_front([first.url, second.url], tmp_path / "nginx") as front,
         trio.open_nursery() as nursery,
     ):
@@ -148,4 +148,13 @@ async def test_restart_of_one_instance_under_load_loses_no_download(shared_stora
         # ... and once it is gone, its port is refused: nginx goes to the other one.
         for _ in range(4):
             nursery.start_soon(one_download, front)
-    assert outcomes == ["complete"] * 16
+        # Started again on its port, it takes its share again.
+        port = first.url.rsplit(":", 1)[1]
+        async with launched(instance_command(shared_storage, int(port)), {"ARCHIVER_SHUTDOWN_GRACE": "1"}) as restarted:
+            async with trio.open_nursery() as after_restart:
+                for _ in range(4):
+                    after_restart.start_soon(one_download, front)
+            async with httpx.AsyncClient() as scraper:
+                metrics = (await scraper.get(f"{restarted.url}/metrics")).text
+    assert outcomes == ["complete"] * 20
+    assert "archiver_downloads_started_total 0.0" not in metrics  # the restarted instance served some
