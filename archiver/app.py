@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
+from .crc_index import CrcIndex
 from .connection import ArchiveHTTPConnection
 from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
@@ -69,7 +70,9 @@ def prepare_archive(album: Path, arguments: Sequence[str], settings: Settings) -
     # Stored archives have a length known before zip starts: browsers show
     # progress and time left.  Deflated ones go chunked.
     layout = stored_archive_layout(listing) if settings.compression == 0 else None
-    etag = archive_etag(listing, arguments) if layout is not None else None
+    # The bytes depend on the format too: with or without data descriptors.
+    variant = [*arguments, "descriptor-free"] if layout is not None and layout.descriptor_free else arguments
+    etag = archive_etag(listing, variant) if layout is not None else None
     return PreparedArchive(zip_input(listing), layout, etag)
 
 
@@ -91,6 +94,7 @@ def create_app(settings: Settings) -> QuartTrio:
     client_jobs = ClientJobs(settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
+    crc_index = CrcIndex()
     metrics = DownloadMetrics()
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
@@ -129,7 +133,7 @@ def create_app(settings: Settings) -> QuartTrio:
             "X-Accel-Buffering": "no",
         }
         layout, etag = prepared.layout, prepared.etag
-        length = None if layout is None else layout.size
+        length = None if layout is None else layout.sent_size
         byte_range = None
         if length is not None and etag is not None:
             headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
@@ -163,6 +167,7 @@ def create_app(settings: Settings) -> QuartTrio:
             client=_client_address(proxies),
             client_jobs=client_jobs,
             stall_timeout=settings.stall_timeout,
+            crc_index=crc_index,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

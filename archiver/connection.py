@@ -29,6 +29,7 @@ from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from .crc_index import FileChanged
 from .download import ArchiveBody, ArchiveChanged, JobLimitReached, first_failure
 from .limits import ClientLimitReached, DownloadStalled
 from .producer import ZipFailed, ZipUnavailable
@@ -59,7 +60,7 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
         except Exception as error:
             failure = first_failure(error)
             if headers_sent or isinstance(failure, DownloadStalled):
-                if isinstance(failure, (ZipFailed, ArchiveChanged, DownloadStalled)):
+                if isinstance(failure, (ZipFailed, ArchiveChanged, FileChanged, DownloadStalled)):
                     # Logged by the body already.  Returning without the final
                     # body message aborts the transfer, like raising would,
                     # without a traceback for an expected operational failure.
@@ -99,7 +100,7 @@ def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("zip_unavailable").inc()
         return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, (ZipFailed, ArchiveChanged)):
+    if isinstance(error, (ZipFailed, ArchiveChanged, FileChanged)):
         return _text_response(FAILED_MESSAGE, 500, {})
     return None
 

@@ -19,11 +19,13 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
+from .crc_index import CrcIndex, CrcSource
 from .layout import ArchiveLayout, set_utf8_flags
 from .limits import ClientJobs, DownloadStalled, TokenBucket
 from .metrics import DownloadMetrics
 from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
+from .rewrite import DescriptorMismatch, DescriptorRemover, Entry
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class ArchiveBody(ResponseBody):
         client: str = "unknown",
         client_jobs: ClientJobs | None = None,
         stall_timeout: float = math.inf,
+        crc_index: CrcIndex | None = None,
     ) -> None:
         self.name = name
         self.zip_input = zip_input
@@ -76,7 +79,19 @@ class ArchiveBody(ResponseBody):
         self.client = client
         self.client_jobs = client_jobs or ClientJobs(per_client=int(jobs.total_tokens))
         self.stall_timeout = stall_timeout
+        # Stored archives without ZIP64 go out without data descriptors (see
+        # ``rewrite``): their CRCs come from the index, computed ahead of zip.
+        self._crcs: CrcSource | None = None
+        self._rewriter: DescriptorRemover | None = None
+        if crc_index is not None and layout is not None and layout.name_lengths is not None:
+            assert layout.sizes is not None
+            name_lengths, sizes = layout.name_lengths, layout.sizes
+            self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index)
+            self._rewriter = DescriptorRemover(
+                lambda index: Entry(name_lengths[index], sizes[index]), len(sizes), self._crcs.crc
+            )
         self.bytes_produced = 0
+        self.bytes_out = 0
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
@@ -106,6 +121,8 @@ class ArchiveBody(ResponseBody):
         self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await self._nursery_manager.__aenter__()
         try:
+            if self._crcs is not None:
+                nursery.start_soon(self._crcs.compute)
             await nursery.start(self._produce, send_channel)
         except BaseException as error:
             self._receive_channel.close()
@@ -131,7 +148,7 @@ class ArchiveBody(ResponseBody):
 
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None and self._nursery is not None
-        if self.byte_range is not None and self.bytes_produced > self.byte_range.end:
+        if self.byte_range is not None and self.bytes_out > self.byte_range.end:
             # The range is sent; the rest of zip's output is not wanted.
             self._nursery.cancel_scope.cancel()
             raise StopAsyncIteration
@@ -144,6 +161,8 @@ class ArchiveBody(ResponseBody):
                     raise ArchiveChanged(
                         f"zip wrote {self.bytes_produced} bytes, {self.layout.size} announced"
                     ) from None
+                if self._rewriter is not None and not self._rewriter.done:
+                    raise ArchiveChanged("zip's archive ended before its end record") from None
                 raise StopAsyncIteration from None
             offset = self.bytes_produced
             self.bytes_produced += len(chunk)
@@ -151,9 +170,13 @@ class ArchiveBody(ResponseBody):
                 if self.bytes_produced > self.layout.size:
                     raise ArchiveChanged(f"zip wrote more than the {self.layout.size} bytes announced")
                 chunk = set_utf8_flags(chunk, offset, self.layout.utf8_flag_positions)
+            if self._rewriter is not None:
+                chunk = await self._without_descriptors(chunk)
+            out_offset = self.bytes_out
+            self.bytes_out += len(chunk)
             if self.byte_range is not None:
                 # Keep only the part of this chunk inside the range (slicing all of it costs no copy).
-                chunk = chunk[max(0, self.byte_range.start - offset) : self.byte_range.end + 1 - offset]
+                chunk = chunk[max(0, self.byte_range.start - out_offset) : self.byte_range.end + 1 - out_offset]
             if chunk:
                 break
         self.bytes_sent += len(chunk)
@@ -162,6 +185,18 @@ class ArchiveBody(ResponseBody):
         self.metrics.bytes_sent.inc(len(chunk))
         logger.debug("%s: sending %d bytes (%d so far)", self.name, len(chunk), self.bytes_sent)
         return chunk
+
+    async def _without_descriptors(self, chunk: bytes) -> bytes:
+        assert self._rewriter is not None and self._crcs is not None
+        try:
+            pieces = await self._rewriter.feed(chunk)
+        except DescriptorMismatch as mismatch:
+            if mismatch.entry is not None:
+                self._crcs.forget(mismatch.entry)
+            raise ArchiveChanged(str(mismatch)) from None
+        if len(pieces) == 1 and len(pieces[0]) == len(chunk):
+            return chunk  # all file data, the usual chunk: passed on as it came, no copy
+        return b"".join(pieces)
 
     async def _pace(self) -> None:
         """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst."""

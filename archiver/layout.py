@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from array import array
 from dataclasses import dataclass
 
 from .storage import AlbumListing
@@ -51,19 +52,35 @@ LOCAL_FLAGS_HIGH_BYTE = 7  # offsets of that byte in a local header and a centra
 CENTRAL_FLAGS_HIGH_BYTE = 9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ArchiveLayout:
-    """The archive's length, and where the UTF-8 flag must be set for zip, which never sets it."""
+    """zip's output length, where the UTF-8 flag must be set for zip, which never sets it, and each entry's shape.
+
+    ``name_lengths`` and ``sizes`` (compact: 12 bytes a file) are there when
+    the archive has no ZIP64 record, which is when ``rewrite`` can take its
+    data descriptors out; ``sent_size`` is then what the client receives.
+    """
 
     size: int
     utf8_flag_positions: tuple[int, ...]
+    name_lengths: array[int] | None = None
+    sizes: array[int] | None = None
+
+    @property
+    def descriptor_free(self) -> bool:
+        return self.name_lengths is not None
+
+    @property
+    def sent_size(self) -> int:
+        return self.size - DATA_DESCRIPTOR * len(self.name_lengths) if self.name_lengths is not None else self.size
 
 
 def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     """The layout of zip's store-mode output for ``listing``, or None where it is not predictable."""
     if not listing.files:
-        return ArchiveLayout(END_RECORD, ())  # producer.EMPTY_ZIP
+        return ArchiveLayout(END_RECORD, (), array("I"), array("Q"))  # producer.EMPTY_ZIP
     offset = 0
+    name_lengths, sizes = array("I"), array("Q")
     central_size = 0
     local_flags: list[int] = []
     central_flags: list[int] = []
@@ -71,6 +88,8 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
         if file.size == FIELD_LIMIT or offset == FIELD_LIMIT:
             return None
         name = os.fsencode(file.path)
+        name_lengths.append(len(name))
+        sizes.append(file.size)
         if _needs_utf8_flag(name):
             local_flags.append(offset + LOCAL_FLAGS_HIGH_BYTE)
             central_flags.append(central_size + CENTRAL_FLAGS_HIGH_BYTE)
@@ -83,7 +102,11 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
         return None
     needs_zip64_end = len(listing.files) > ENTRY_LIMIT or offset > FIELD_LIMIT
     size = offset + central_size + END_RECORD + (ZIP64_END_RECORD + ZIP64_END_LOCATOR if needs_zip64_end else 0)
-    return ArchiveLayout(size, (*local_flags, *(offset + position for position in central_flags)))
+    utf8_flag_positions = (*local_flags, *(offset + position for position in central_flags))
+    has_zip64 = needs_zip64_end or any(size > FIELD_LIMIT for size in sizes) or central_size + offset > FIELD_LIMIT
+    if has_zip64:
+        return ArchiveLayout(size, utf8_flag_positions)
+    return ArchiveLayout(size, utf8_flag_positions, name_lengths, sizes)
 
 
 def _needs_utf8_flag(name: bytes) -> bool:

@@ -90,6 +90,11 @@ class ZipInput:
         self.file_count = file_count
         self._names = names
 
+    @property
+    def names(self) -> bytes:
+        """The names (``./path`` a line) while zip has not taken them; shared, not copied."""
+        return self._names
+
     def take_names(self) -> bytes:
         names, self._names = self._names, b""
         return names

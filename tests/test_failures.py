@@ -45,7 +45,10 @@ async def test_zip_failing_mid_stream_aborts_the_transfer(
 ) -> None:
     # Larger than what the stand-in writes, so that its output stays under the announced length.
     write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})
-    failing = zip_script(tmp_path, "failing-zip", 'head -c 2000000 /dev/zero\necho "disk on fire" >&2\nexit 15')
+    # The real zip's first 2 MB (a valid start), then a failure.
+    failing = zip_script(
+        tmp_path, "failing-zip", '"$REAL_ZIP" "$@" | head -c 2000000\necho "disk on fire" >&2\nexit 15'
+    )
     async with (
         running_server(replace(settings, zip_command=failing)) as url,
         make_client(url, protocol) as client,

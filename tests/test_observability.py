@@ -67,7 +67,7 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
 
 async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> None:
     write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # more than the stand-in writes
-    failing = zip_script(tmp_path, "failing-zip", "head -c 2000000 /dev/zero\nexit 9")
+    failing = zip_script(tmp_path, "failing-zip", '"$REAL_ZIP" "$@" | head -c 2000000\nexit 9')
     async with running_server(replace(settings, zip_command=failing)) as url, make_client(url, "HTTP/1.1") as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await c.get("/archive/album/")

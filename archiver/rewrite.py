@@ -1,0 +1,168 @@
+"""zip's pipe output rewritten as it passes into the archive zip would write to a file: no data descriptors.
+
+zip 3.0 writing to a pipe marks every stored entry with general-purpose bit
+3: CRC 0 in the local header, the real CRC in a 16-byte data descriptor after
+the data.  Readers that read front to back (Java's and Android's
+``ZipInputStream``, Commons Compress streams, ``busybox unzip -``,
+stream-unzip) refuse or misread that.  Written to a file, zip seeks back
+instead: the CRC in the local header, bit 3 clear, no descriptor.  Knowing
+every header's place (``layout``) and every CRC before its header goes out
+(``crc_index``), the service turns the first form into the second, byte for
+byte (tests/test_rewrite.py compares with zip's own file output):
+
+- each local header: bit 3 cleared, the CRC filled in;
+- each descriptor: checked against that CRC (a mismatch means the file
+  changed while zipped: the transfer is aborted) and left out;
+- each central entry: bit 3 cleared, its local header's offset moved back
+  by 16 bytes per descriptor before it;
+- the end record: the central directory's offset moved back likewise.
+
+Only archives without ZIP64 records are rewritten (``layout`` decides):
+there a descriptor is 24 bytes and offsets live in extra fields.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+DESCRIPTOR = 16
+_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_CENTRAL_SIGNATURE = b"PK\x01\x02"
+_END_SIGNATURE = b"PK\x05\x06"
+_LOCAL_HEADER = 30
+_CENTRAL_HEADER = 46
+_END_RECORD = 22
+_BIT3 = 0x08  # "sizes and CRC in a data descriptor", in the flags' low byte
+
+
+class DescriptorMismatch(RuntimeError):
+    """zip's output is not what the layout and the CRCs say: a file changed while it was zipped."""
+
+    def __init__(self, message: str, entry: int | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+@dataclass(frozen=True)
+class Entry:
+    name_length: int
+    size: int
+
+
+class DescriptorRemover:
+    """Feeds on zip's output in order; ``feed`` returns the rewritten bytes for what it has seen so far.
+
+    Headers and descriptors are gathered whole (they are small) and may span
+    chunks; file data passes through as slices of the chunks it came in.
+    """
+
+    def __init__(self, entries: Callable[[int], Entry], count: int, crc: Callable[[int], Awaitable[int]]) -> None:
+        self._entry = entries
+        self._count = count
+        self._crc = crc
+        self._pending = bytearray()  # a header or descriptor being gathered
+        self._passing = 0  # bytes to pass through unchanged before the next header
+        # Where in the archive we are: the k-th local entry, then the k-th central one, then the end.
+        self._part = "local" if count else "end"
+        self._index = 0
+        self._current_crc = 0
+        self._name_left = 0  # a central entry's name, passed after its fixed part
+
+    @property
+    def done(self) -> bool:
+        return self._part == "done"
+
+    async def feed(self, chunk: bytes) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = []
+        view = memoryview(chunk)
+        while view:
+            if self._passing:
+                taken = view[: self._passing]
+                out.append(taken)
+                self._passing -= len(taken)
+                view = view[len(taken) :]
+                continue
+            if self._part == "done":
+                raise DescriptorMismatch("zip wrote past its end record")
+            need = self._need() - len(self._pending)
+            self._pending += view[:need]
+            view = view[need:]
+            if len(self._pending) == self._need():
+                record, self._pending = bytes(self._pending), bytearray()
+                piece = await self._rewrite(record)
+                if piece:
+                    out.append(piece)
+        return out
+
+    def _need(self) -> int:
+        if self._part == "local":
+            return _LOCAL_HEADER
+        if self._part == "descriptor":
+            return DESCRIPTOR
+        if self._part == "central":
+            return _CENTRAL_HEADER
+        return _END_RECORD
+
+    async def _rewrite(self, record: bytes) -> bytes:
+        if self._part == "local":
+            return await self._local(record)
+        if self._part == "descriptor":
+            self._descriptor(record)
+            return b""
+        if self._part == "central":
+            return self._central(record)
+        return self._end(record)
+
+    async def _local(self, header: bytes) -> bytes:
+        entry = self._entry(self._index)
+        self._expect(header, _LOCAL_SIGNATURE, "local header")
+        if not header[6] & _BIT3:
+            raise DescriptorMismatch(f"entry {self._index}: zip wrote no data descriptor")
+        self._current_crc = await self._crc(self._index)
+        patched = bytearray(header)
+        patched[6] &= ~_BIT3
+        struct.pack_into("<I", patched, 14, self._current_crc)
+        self._passing = entry.name_length + entry.size
+        self._part = "descriptor"
+        return bytes(patched)
+
+    def _descriptor(self, descriptor: bytes) -> None:
+        self._expect(descriptor, _DESCRIPTOR_SIGNATURE, "data descriptor")
+        (crc,) = struct.unpack_from("<I", descriptor, 4)
+        if crc != self._current_crc:
+            raise DescriptorMismatch(
+                f"entry {self._index}: zip's CRC {crc:08x}, {self._current_crc:08x} computed", self._index
+            )
+        self._index += 1
+        if self._index == self._count:
+            self._part, self._index = "central", 0
+        else:
+            self._part = "local"
+
+    def _central(self, header: bytes) -> bytes:
+        entry = self._entry(self._index)
+        self._expect(header, _CENTRAL_SIGNATURE, "central entry")
+        patched = bytearray(header)
+        patched[8] &= ~_BIT3
+        (offset,) = struct.unpack_from("<I", patched, 42)
+        struct.pack_into("<I", patched, 42, offset - DESCRIPTOR * self._index)
+        self._passing = entry.name_length  # -X: no extra field, no comment
+        self._index += 1
+        if self._index == self._count:
+            self._part = "end"
+        return bytes(patched)
+
+    def _end(self, record: bytes) -> bytes:
+        self._expect(record, _END_SIGNATURE, "end record")
+        patched = bytearray(record)
+        (offset,) = struct.unpack_from("<I", patched, 16)
+        struct.pack_into("<I", patched, 16, offset - DESCRIPTOR * self._count)
+        self._part = "done"
+        return bytes(patched)
+
+    def _expect(self, record: bytes, signature: bytes, what: str) -> None:
+        if record[:4] != signature:
+            raise DescriptorMismatch(f"no {what} where the layout has entry {self._index}'s")

@@ -1,0 +1,195 @@
+"""Descriptor-free stored entries: byte for byte what zip writes to a file, and readers that read front to back.
+
+zip writing to a regular file seeks back and puts each CRC in its local
+header: that file is the oracle for what the service sends.  Readers that
+refuse data descriptors (Java's ZipInputStream, busybox unzip from a pipe,
+stream-unzip) then read every archive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import h11
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from archiver.config import Settings
+from archiver.producer import find_zip, zip_arguments, zip_input
+from archiver.storage import list_album
+
+from .conftest import files_on_disk, http11_request, read_archive, server_in_thread, write_tree
+
+ZIP_TO_FILE = [arg for arg in zip_arguments(find_zip("zip"), 0) if arg != "-"]
+
+
+def zip_to_file(album: Path, target: Path) -> bytes:
+    """What zip writes for ``album`` to a regular file (no data descriptors), with the UTF-8 flag the service sets."""
+    names = zip_input(list_album(album)).take_names()
+    subprocess.run([*ZIP_TO_FILE, str(target)], cwd=album, input=names, check=True)
+    return with_utf8_flags(target.read_bytes())
+
+
+def with_utf8_flags(archive: bytes) -> bytes:
+    """``archive`` with bit 11 set on every non-ASCII UTF-8 name (zip 3.0 never sets it), found by walking it."""
+    patched = bytearray(archive)
+    end = archive.rfind(b"PK\x05\x06")
+    count, _, central = struct.unpack_from("<HII", archive, end + 10)
+    for _ in range(count):
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", archive, central + 28)
+        (local,) = struct.unpack_from("<I", archive, central + 42)
+        name = archive[central + 46 : central + 46 + name_length]
+        if not name.isascii():
+            try:
+                name.decode()
+            except UnicodeDecodeError:
+                pass
+            else:
+                patched[central + 9] |= 0x08
+                patched[local + 7] |= 0x08
+        central += 46 + name_length + extra_length + comment_length
+    return bytes(patched)
+
+
+@pytest.fixture(scope="module")
+def rewrite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, int], Path]]:
+    storage = tmp_path_factory.mktemp("rewrite")
+    with server_in_thread(Settings(storage_dir=storage)) as address:
+        yield address, storage
+
+
+def download(address: tuple[str, int], name: str) -> bytes:
+    status, headers, body = http11_request(address, "GET", f"/archive/{name}/".encode(), [])
+    assert status == 200
+    assert int(headers["content-length"]) == len(body)
+    return body
+
+
+NAMES = st.text(alphabet=st.sampled_from("abc-_. Яё日1"), min_size=1, max_size=12).filter(
+    lambda name: name not in (".", "..")
+)
+TREES = st.dictionaries(
+    st.lists(NAMES, min_size=1, max_size=3).map("/".join),
+    st.binary(max_size=3000),
+    max_size=8,
+)
+
+
+@given(tree=TREES)
+@example(tree={"-": b"dash", "Фото/пляж.jpg": b"x" * 5000, "empty": b""})
+@example(tree={})
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_sent_archive_is_what_zip_writes_to_a_file(
+    rewrite_server: tuple[tuple[str, int], Path], tmp_path_factory: pytest.TempPathFactory, tree: dict[str, bytes]
+) -> None:
+    address, storage = rewrite_server
+    album = Path(tmp_path_factory.mktemp("album", numbered=True))
+    name = album.name
+    album.rename(storage / name)
+    album = storage / name
+    try:
+        write_tree(album, tree)
+    except (NotADirectoryError, FileExistsError, IsADirectoryError):
+        return  # "a" and "a/b" both as files: not a tree
+    sent = download(address, name)
+    if not files_on_disk(album):
+        assert read_archive(sent) == {}
+        return
+    assert sent == zip_to_file(album, album.parent / f"{name}.zip")
+    assert b"PK\x07\x08" not in sent or b"PK\x07\x08" in b"".join(tree.values())
+
+
+READER_TREE = {
+    "photo.jpg": os.urandom(300_000),
+    "Фото/пляж.jpg": os.urandom(70_000),
+    "deep/er/notes.txt": b"notes\n",
+    "empty": b"",
+    "-": b"a file named dash",
+}
+
+
+@pytest.fixture
+def reader_album(rewrite_server: tuple[tuple[str, int], Path]) -> tuple[bytes, dict[str, bytes]]:
+    address, storage = rewrite_server
+    write_tree(storage / "readers", READER_TREE)
+    return download(address, "readers"), files_on_disk(storage / "readers")
+
+
+JAVA_READER = """
+import java.util.zip.*;
+class ReadZipStream {
+    public static void main(String[] args) throws Exception {
+        ZipInputStream zip = new ZipInputStream(System.in, java.nio.charset.StandardCharsets.UTF_8);
+        ZipEntry entry;
+        byte[] buffer = new byte[65536];
+        while ((entry = zip.getNextEntry()) != null) {
+            CRC32 crc = new CRC32();
+            long size = 0;
+            int read;
+            while ((read = zip.read(buffer)) > 0) { crc.update(buffer, 0, read); size += read; }
+            System.out.println(entry.getName() + "\\t" + size + "\\t" + Long.toHexString(crc.getValue()));
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed (openjdk-17-jdk-headless)")
+def test_java_zipinputstream_reads_every_entry(reader_album: tuple[bytes, dict[str, bytes]], tmp_path: Path) -> None:
+    archive, expected = reader_album
+    source = tmp_path / "ReadZipStream.java"
+    source.write_text(JAVA_READER)
+    result = subprocess.run(["java", str(source)], input=archive, capture_output=True, check=True)
+    listed = {}
+    for line in result.stdout.decode().splitlines():
+        name, size, crc = line.split("\t")
+        listed[name] = (int(size), int(crc, 16))
+    assert listed == {name: (len(data), zlib.crc32(data)) for name, data in expected.items()}
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox is not installed")
+def test_busybox_unzip_from_a_pipe(reader_album: tuple[bytes, dict[str, bytes]], tmp_path: Path) -> None:
+    archive, expected = reader_album
+    target = tmp_path / "out"
+    target.mkdir()
+    subprocess.run(["busybox", "unzip", "-q", "-"], cwd=target, input=archive, check=True, capture_output=True)
+    assert files_on_disk(target) == expected
+
+
+def test_stream_unzip_reads_every_entry(reader_album: tuple[bytes, dict[str, bytes]]) -> None:
+    stream_unzip = pytest.importorskip("stream_unzip")
+    archive, expected = reader_album
+    found = {
+        name.decode(): b"".join(chunks)
+        for name, _, chunks in stream_unzip.stream_unzip(
+            [archive[i : i + 65536] for i in range(0, len(archive), 65536)]
+        )
+    }
+    assert found == expected
+
+
+def test_file_changed_behind_the_index_aborts_and_is_forgotten(
+    rewrite_server: tuple[tuple[str, int], Path],
+) -> None:
+    address, storage = rewrite_server
+    album = storage / "changing"
+    write_tree(album, {"a.jpg": b"A" * 100_000})
+    download(address, "changing")  # the CRC is in the index now
+    path = album / "a.jpg"
+    status = path.stat()
+    # The same inode, size and mtime, other bytes: the index's key cannot tell.
+    with open(path, "r+b") as file:
+        file.write(b"B")
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    # Aborted: zip's own CRC (in its data descriptor) is not the one the header went out with.
+    with pytest.raises(h11.RemoteProtocolError, match="without sending complete message body"):
+        http11_request(address, "GET", b"/archive/changing/", [])
+    # Forgotten: the next download computes the CRC again and is whole.
+    assert read_archive(download(address, "changing")) == {"a.jpg": b"B" + b"A" * 99_999}
