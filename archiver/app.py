@@ -17,8 +17,8 @@ from werkzeug.exceptions import HTTPException
 
 from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
-from .crc_index import CrcIndex
 from .connection import ArchiveHTTPConnection
+from .crc_index import CrcIndex
 from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
 from .limits import ClientJobs, TrustedProxies, connection_limit

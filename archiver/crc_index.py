@@ -14,6 +14,7 @@ bytes pass, so a file changed behind the key's back cannot go out unnoticed.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from array import array
 from collections import OrderedDict
@@ -27,6 +28,12 @@ from trio_util import AsyncValue  # type: ignore[attr-defined]
 READ_SIZE = 256 * 1024
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
+# Small files are done many to a worker-thread call (a call costs ~0.1 ms,
+# which for 20,000 small files was most of the work): up to this many bytes
+# or files a call.  Larger files are read a block a call, so that a
+# cancelled download does not wait for a whole large file.
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_FILES = 512
 
 FileKey = tuple[int, int, int, int]
 
@@ -41,24 +48,28 @@ class CrcIndex:
     def __init__(self, entries: int = INDEX_ENTRIES, readers: int = 2) -> None:
         self.entries = entries
         self._crcs: OrderedDict[FileKey, int] = OrderedDict()
+        self._lock = threading.Lock()  # used from the downloads' worker threads
         # Files read at once for their CRCs, across downloads: the disk and the
         # cores bound it anyway, and each reader is a thread.
         self.readers = trio.CapacityLimiter(readers)
 
     def get(self, key: FileKey) -> int | None:
-        crc = self._crcs.get(key)
-        if crc is not None:
-            self._crcs.move_to_end(key)
-        return crc
+        with self._lock:
+            crc = self._crcs.get(key)
+            if crc is not None:
+                self._crcs.move_to_end(key)
+            return crc
 
     def put(self, key: FileKey, crc: int) -> None:
-        self._crcs[key] = crc
-        self._crcs.move_to_end(key)
-        while len(self._crcs) > self.entries:
-            self._crcs.popitem(last=False)
+        with self._lock:
+            self._crcs[key] = crc
+            self._crcs.move_to_end(key)
+            while len(self._crcs) > self.entries:
+                self._crcs.popitem(last=False)
 
     def forget(self, key: FileKey) -> None:
-        self._crcs.pop(key, None)
+        with self._lock:
+            self._crcs.pop(key, None)
 
 
 def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
@@ -77,6 +88,25 @@ def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
 def _crc_of_block(fd: int, crc: int, buffer: bytearray) -> tuple[int, int]:
     count = os.readv(fd, [buffer])
     return zlib.crc32(memoryview(buffer)[:count], crc), count
+
+
+def _small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -> tuple[FileKey, int]:
+    """The CRC of a small file, in the calling (worker) thread."""
+    fd, key = _open_listed(path, size)
+    try:
+        known = index.get(key)
+        if known is not None:
+            return key, known
+        crc, read = 0, 0
+        while read < size:
+            crc, count = _crc_of_block(fd, crc, buffer)
+            if not count:
+                raise FileChanged(f"{path}: shorter than the {size} bytes listed")
+            read += count
+    finally:
+        os.close(fd)
+    index.put(key, crc)
+    return key, crc
 
 
 async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | None = None) -> tuple[FileKey, int]:
@@ -118,20 +148,46 @@ class CrcSource:
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""
-        start = 0
         buffer = bytearray(READ_SIZE)
-        for size in self.sizes:
-            end = self._names.index(b"\n", start)
-            path = self.directory / os.fsdecode(self._names[start:end])
-            start = end + 1
-            key, crc = await file_crc(path, size, self.index, buffer)
-            self._keys.append(key)
-            self._crcs.append(crc)
-            self._ready.value += 1
+        entry, start = 0, 0
+        while entry < len(self.sizes):
+            if self.sizes[entry] > BATCH_BYTES:
+                path, start = self._path(start)
+                key, crc = await file_crc(path, self.sizes[entry], self.index, buffer)
+                results = [(key, crc)]
+            else:
+                results, start = await trio.to_thread.run_sync(
+                    self._small_files, entry, start, buffer, limiter=self.index.readers
+                )
+            for key, crc in results:
+                self._keys.append(key)
+                self._crcs.append(crc)
+            entry += len(results)
+            self._ready.value = entry
         self._names = b""
 
+    def _path(self, start: int) -> tuple[Path, int]:
+        """The path of the name at ``start`` in zip's input, and where the next name starts."""
+        end = self._names.index(b"\n", start)
+        return self.directory / os.fsdecode(self._names[start:end]), end + 1
+
+    def _small_files(self, entry: int, start: int, buffer: bytearray) -> tuple[list[tuple[FileKey, int]], int]:
+        """CRCs of the small files from ``entry`` on, as many as one batch holds (in a worker thread)."""
+        results: list[tuple[FileKey, int]] = []
+        budget = BATCH_BYTES
+        while entry < len(self.sizes) and len(results) < BATCH_FILES:
+            size = self.sizes[entry]
+            if size > BATCH_BYTES or (results and size > budget):
+                break
+            path, start = self._path(start)
+            results.append(_small_file_crc(path, size, self.index, buffer))
+            budget -= size
+            entry += 1
+        return results, start
+
     async def crc(self, entry: int) -> int:
-        await self._ready.wait_value(lambda ready: ready > entry)
+        if entry >= len(self._crcs):  # not computed yet: wait (the usual case is that it is)
+            await self._ready.wait_value(lambda ready: ready > entry)
         return self._crcs[entry]
 
     def forget(self, entry: int) -> None:

@@ -25,7 +25,7 @@ from .limits import ClientJobs, DownloadStalled, TokenBucket
 from .metrics import DownloadMetrics
 from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
-from .rewrite import DescriptorMismatch, DescriptorRemover, Entry
+from .rewrite import DescriptorMismatch, DescriptorRemover
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ class ArchiveBody(ResponseBody):
             assert layout.sizes is not None
             name_lengths, sizes = layout.name_lengths, layout.sizes
             self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index)
-            self._rewriter = DescriptorRemover(
-                lambda index: Entry(name_lengths[index], sizes[index]), len(sizes), self._crcs.crc
-            )
+            self._rewriter = DescriptorRemover(name_lengths, sizes, self._crcs.crc)
         self.bytes_produced = 0
         self.bytes_out = 0
         self.bytes_sent = 0

@@ -24,8 +24,8 @@ there a descriptor is 24 bytes and offsets live in extra fields.
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 DESCRIPTOR = 16
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
@@ -46,12 +46,6 @@ class DescriptorMismatch(RuntimeError):
         self.entry = entry
 
 
-@dataclass(frozen=True)
-class Entry:
-    name_length: int
-    size: int
-
-
 class DescriptorRemover:
     """Feeds on zip's output in order; ``feed`` returns the rewritten bytes for what it has seen so far.
 
@@ -59,9 +53,10 @@ class DescriptorRemover:
     chunks; file data passes through as slices of the chunks it came in.
     """
 
-    def __init__(self, entries: Callable[[int], Entry], count: int, crc: Callable[[int], Awaitable[int]]) -> None:
-        self._entry = entries
-        self._count = count
+    def __init__(self, name_lengths: array[int], sizes: array[int], crc: Callable[[int], Awaitable[int]]) -> None:
+        self._name_lengths = name_lengths
+        self._sizes = sizes
+        self._count = count = len(sizes)
         self._crc = crc
         self._pending = bytearray()  # a header or descriptor being gathered
         self._passing = 0  # bytes to pass through unchanged before the next header
@@ -87,14 +82,20 @@ class DescriptorRemover:
                 continue
             if self._part == "done":
                 raise DescriptorMismatch("zip wrote past its end record")
-            need = self._need() - len(self._pending)
-            self._pending += view[:need]
-            view = view[need:]
-            if len(self._pending) == self._need():
+            need = self._need()
+            if not self._pending and len(view) >= need:  # the usual case: the record is all in this chunk
+                record = bytes(view[:need])
+                view = view[need:]
+            else:
+                missing = need - len(self._pending)
+                self._pending += view[:missing]
+                view = view[missing:]
+                if len(self._pending) < need:
+                    break
                 record, self._pending = bytes(self._pending), bytearray()
-                piece = await self._rewrite(record)
-                if piece:
-                    out.append(piece)
+            piece = await self._rewrite(record)
+            if piece:
+                out.append(piece)
         return out
 
     def _need(self) -> int:
@@ -117,7 +118,6 @@ class DescriptorRemover:
         return self._end(record)
 
     async def _local(self, header: bytes) -> bytes:
-        entry = self._entry(self._index)
         self._expect(header, _LOCAL_SIGNATURE, "local header")
         if not header[6] & _BIT3:
             raise DescriptorMismatch(f"entry {self._index}: zip wrote no data descriptor")
@@ -125,7 +125,7 @@ class DescriptorRemover:
         patched = bytearray(header)
         patched[6] &= ~_BIT3
         struct.pack_into("<I", patched, 14, self._current_crc)
-        self._passing = entry.name_length + entry.size
+        self._passing = self._name_lengths[self._index] + self._sizes[self._index]
         self._part = "descriptor"
         return bytes(patched)
 
@@ -143,13 +143,12 @@ class DescriptorRemover:
             self._part = "local"
 
     def _central(self, header: bytes) -> bytes:
-        entry = self._entry(self._index)
         self._expect(header, _CENTRAL_SIGNATURE, "central entry")
         patched = bytearray(header)
         patched[8] &= ~_BIT3
         (offset,) = struct.unpack_from("<I", patched, 42)
         struct.pack_into("<I", patched, 42, offset - DESCRIPTOR * self._index)
-        self._passing = entry.name_length  # -X: no extra field, no comment
+        self._passing = self._name_lengths[self._index]  # -X: no extra field, no comment
         self._index += 1
         if self._index == self._count:
             self._part = "end"
