@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection
 from .crc_index import CrcIndex
+from .crc_store import CrcStore
 from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
 from .limits import ClientJobs, TrustedProxies, connection_limit
@@ -76,6 +78,16 @@ def prepare_archive(album: Path, arguments: Sequence[str], settings: Settings) -
     return PreparedArchive(zip_input(listing), layout, etag)
 
 
+def open_crc_store(settings: Settings) -> CrcStore | None:
+    """The CRC index's file (ARCHIVER_INDEX), or None to keep it in memory; SettingsError if it cannot be used."""
+    if not settings.index_path:
+        return None
+    try:
+        return CrcStore(Path(settings.index_path))
+    except (sqlite3.Error, OSError) as error:
+        raise SettingsError(f"index {settings.index_path!r}: {error}") from None
+
+
 def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root or zip is missing."""
     if not settings.storage_dir.is_dir():
@@ -94,7 +106,7 @@ def create_app(settings: Settings) -> QuartTrio:
     client_jobs = ClientJobs(settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
-    crc_index = CrcIndex()
+    crc_index = CrcIndex(open_crc_store(settings))
     metrics = DownloadMetrics()
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.

@@ -16,12 +16,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from .app import create_app
+from .app import create_app, open_crc_store
 from .config import Settings, SettingsError
+from .crc_index import CrcIndex, album_crcs
 from .logs import configure_logging
 from .producer import ZipUnavailable
 from .signing import parse_duration, signed_query
-from .storage import ALBUM_NAME
+from .storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(
         prog="archiver",
         description="Serve GET /archive/<name>/ as a ZIP of <dir>/<name>/, made while it is sent. "
-        "'archiver sign NAME --ttl 1h' prints a signed link (see ARCHIVER_LINK_SECRET).",
+        "'archiver sign NAME --ttl 1h' prints a signed link (see ARCHIVER_LINK_SECRET); "
+        "'archiver index [NAME...]' warms the CRC index (see ARCHIVER_INDEX).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-H", "--host", default=base.host, help="address to listen on")
@@ -125,11 +127,54 @@ def sign_link(argv: Sequence[str]) -> str:
     return f"{args.base_url.rstrip('/')}/archive/{args.name}/?{signed_query(secret.encode(), args.name, expires)}"
 
 
+def index_albums(argv: Sequence[str]) -> None:
+    """``archiver index [NAME...]``: compute the CRCs of the albums' files into ARCHIVER_INDEX ahead of downloads."""
+    parser = argparse.ArgumentParser(
+        prog="archiver index",
+        description="Warm the CRC index (ARCHIVER_INDEX) for the named albums, or all of them: "
+        "for an upload hook or cron.  Progress on a terminal.",
+    )
+    parser.add_argument("names", nargs="*", help="album names (default: every album in ARCHIVER_DIR)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        store = open_crc_store(settings)
+    except SettingsError as error:
+        parser.error(str(error))
+    if store is None:
+        parser.error("ARCHIVER_INDEX is not set: the index would be in memory and gone at exit")
+    index = CrcIndex(store)
+    root = settings.storage_dir
+    names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
+    on_terminal = sys.stderr.isatty()
+    files_done = new_total = 0
+    for name in names:
+        try:
+            listing = list_album(resolve_album(root, name))
+        except AlbumNotFound:
+            parser.error(f"no album {name!r} in {root}")
+        files = [(file.path, file.size) for file in listing.files]
+
+        def show(done: int, name: str = name, count: int = len(files)) -> None:
+            if on_terminal and (done == count or done % 100 == 0):
+                print(f"\r{name}: {done}/{count} files", end="", file=sys.stderr, flush=True)
+
+        new_total += album_crcs(listing.directory, files, index, show)
+        files_done += len(files)
+        if on_terminal:
+            print(file=sys.stderr)
+    store.close()
+    print(f"indexed {len(names)} albums, {files_done} files ({new_total} computed, the rest already known)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the service until SIGINT or SIGTERM (or, for ``archiver sign``, print a signed link)."""
+    """Run the service until SIGINT or SIGTERM (or, for ``archiver sign``/``index``, do that and exit)."""
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["sign"]:
         print(sign_link(arguments[1:]))
+        return
+    if arguments[:1] == ["index"]:
+        index_albums(arguments[1:])
         return
     settings = parse_settings(arguments)
     configure_logging(settings.verbose)

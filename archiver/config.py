@@ -67,6 +67,9 @@ class Settings:
     # Signed, expiring links (archiver.signing): set, /archive/<name>/ needs
     # ?expires=...&sig=...; empty, the name alone opens the archive.
     link_secret: str = field(default="", repr=False)
+    # The CRC index's SQLite file (archiver.crc_store); empty: in memory only,
+    # computed again after every start.
+    index_path: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -135,5 +138,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "trusted_proxies": _parse_list,
     "max_connections": int,
     "link_secret": str,
+    "index": str,
 }
-_FIELD_OF_ENV = {"dir": "storage_dir"}
+_FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

@@ -18,10 +18,13 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from trio_util import AsyncValue  # type: ignore[attr-defined]
+
+from .crc_store import CrcStore
 
 # Read into one buffer per download, reused: fresh 1 MiB blocks per read
 # raised glibc's mmap threshold and stayed in the heap (+1.2 MB RSS a download).
@@ -43,9 +46,10 @@ class FileChanged(RuntimeError):
 
 
 class CrcIndex:
-    """CRC-32 by (device, inode, size, mtime_ns), the least recently used forgotten first."""
+    """CRC-32 by (device, inode, size, mtime_ns): the recently used in memory, all of them in ``store`` if given."""
 
-    def __init__(self, entries: int = INDEX_ENTRIES, readers: int = 2) -> None:
+    def __init__(self, store: CrcStore | None = None, entries: int = INDEX_ENTRIES, readers: int = 2) -> None:
+        self.store = store
         self.entries = entries
         self._crcs: OrderedDict[FileKey, int] = OrderedDict()
         self._lock = threading.Lock()  # used from the downloads' worker threads
@@ -58,18 +62,34 @@ class CrcIndex:
             crc = self._crcs.get(key)
             if crc is not None:
                 self._crcs.move_to_end(key)
-            return crc
+                return crc
+        crc = None if self.store is None else self.store.get(key)
+        if crc is not None:
+            self._remember(key, crc)
+        return crc
 
     def put(self, key: FileKey, crc: int) -> None:
+        self._remember(key, crc)
+        if self.store is not None:
+            self.store.put(key, crc)
+
+    def forget(self, key: FileKey) -> None:
+        with self._lock:
+            self._crcs.pop(key, None)
+        if self.store is not None:
+            self.store.forget(key)
+
+    def flush(self) -> None:
+        """Write what the store has batched (after a download's or an album's CRCs)."""
+        if self.store is not None:
+            self.store.flush()
+
+    def _remember(self, key: FileKey, crc: int) -> None:
         with self._lock:
             self._crcs[key] = crc
             self._crcs.move_to_end(key)
             while len(self._crcs) > self.entries:
                 self._crcs.popitem(last=False)
-
-    def forget(self, key: FileKey) -> None:
-        with self._lock:
-            self._crcs.pop(key, None)
 
 
 def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
@@ -165,6 +185,7 @@ class CrcSource:
             entry += len(results)
             self._ready.value = entry
         self._names = b""
+        await trio.to_thread.run_sync(self.index.flush)
 
     def _path(self, start: int) -> tuple[Path, int]:
         """The path of the name at ``start`` in zip's input, and where the next name starts."""
@@ -193,3 +214,31 @@ class CrcSource:
     def forget(self, entry: int) -> None:
         """Drop an entry's CRC from the index (zip found another one: the file changed)."""
         self.index.forget(self._keys[entry])
+
+
+def album_crcs(
+    album: Path, files: list[tuple[str, int]], index: CrcIndex, progress: Callable[[int], None] | None = None
+) -> int:
+    """Put the CRC of each (relative path, size) in ``album`` into ``index``, synchronously; how many were new.
+
+    For ``archiver index``; a file that changed or vanished meanwhile is
+    skipped.  ``progress`` is called with the count of files done after each.
+    """
+    buffer = bytearray(READ_SIZE)
+    new = 0
+    for done, (relative, size) in enumerate(files, 1):
+        if progress is not None:
+            progress(done)
+        try:
+            fd, key = _open_listed(album / relative, size)
+        except FileChanged:
+            continue
+        os.close(fd)
+        if index.get(key) is None:
+            try:
+                _small_file_crc(album / relative, size, index, buffer)
+            except FileChanged:
+                continue
+            new += 1
+    index.flush()
+    return new

@@ -1,0 +1,81 @@
+"""The CRC index on disk: an SQLite file that keeps CRCs across restarts (``ARCHIVER_INDEX``).
+
+Only a cache.  Deleting the file loses nothing but the time to compute the
+CRCs again; a row whose file changed is never used, because the key is the
+device, inode, size and mtime, and zip's own CRC is checked as it passes.
+Rows of files that are gone stay until the file is deleted (e.g. by cron).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+FileKey = tuple[int, int, int, int]
+
+# Rows written in one transaction: one per file would cost a commit per file.
+WRITE_BATCH = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS crc (
+    device INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    crc INTEGER NOT NULL,
+    PRIMARY KEY (device, inode, size, mtime_ns)
+) WITHOUT ROWID
+"""
+
+
+class CrcStore:
+    """CRCs in an SQLite file, safe to use from several threads; writes are batched."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, int, int, int, int]] = []
+
+    def get(self, key: FileKey) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT crc FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def put(self, key: FileKey, crc: int) -> None:
+        with self._lock:
+            self._pending.append((*key, crc))
+            if len(self._pending) >= WRITE_BATCH:
+                self._write()
+
+    def forget(self, key: FileKey) -> None:
+        with self._lock:
+            self._write()
+            self._db.execute("DELETE FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write()
+
+    def count(self) -> int:
+        with self._lock:
+            self._write()
+            return int(self._db.execute("SELECT count(*) FROM crc").fetchone()[0])
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            self._db.close()
+
+    def _write(self) -> None:
+        if self._pending:
+            rows, self._pending = self._pending, []
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO crc VALUES (?, ?, ?, ?, ?)", rows)

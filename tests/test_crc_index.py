@@ -1,0 +1,113 @@
+"""The CRC index: computed right, kept on disk, warmed by `archiver index`, trusted only as far as zip agrees."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from archiver.config import Settings
+from archiver.crc_index import CrcIndex, FileChanged, file_crc
+from archiver.crc_store import CrcStore
+
+from .conftest import files_on_disk, read_archive, running_server, write_tree
+from .test_cli import PROJECT
+
+ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
+
+
+async def test_file_crc_is_zlibs_and_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(os.urandom(1_000_000))
+    index = CrcIndex(CrcStore(tmp_path / "index.sqlite"))
+    key, crc = await file_crc(path, 1_000_000, index)
+    assert crc == zlib.crc32(path.read_bytes())
+    index.flush()
+    # A fresh index over the same file finds it without reading.
+    assert CrcIndex(CrcStore(tmp_path / "index.sqlite")).get(key) == crc
+
+
+async def test_changed_size_or_a_link_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"12345")
+    with pytest.raises(FileChanged):
+        await file_crc(path, 4, CrcIndex())
+    link = tmp_path / "link.jpg"
+    link.symlink_to(path)
+    with pytest.raises(FileChanged):
+        await file_crc(link, 5, CrcIndex())
+
+
+def test_store_forgets_and_counts(tmp_path: Path) -> None:
+    store = CrcStore(tmp_path / "index.sqlite")
+    store.put((1, 2, 3, 4), 99)
+    store.put((1, 2, 3, 5), 98)
+    assert store.count() == 2
+    store.forget((1, 2, 3, 4))
+    assert store.get((1, 2, 3, 4)) is None
+    assert store.get((1, 2, 3, 5)) == 98
+
+
+def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "archiver", *arguments], env={**os.environ, **env}, capture_output=True, text=True
+    )
+
+
+def rows(index: Path) -> dict[int, int]:
+    """inode -> CRC, from the index file."""
+    with sqlite3.connect(index) as db:
+        return dict(db.execute("SELECT inode, crc FROM crc").fetchall())
+
+
+async def test_archiver_index_warms_the_index_the_service_trusts_until_zip_disagrees(
+    storage: Path, settings: Settings, tmp_path: Path
+) -> None:
+    write_tree(storage / "one", {"a.jpg": os.urandom(200_000), "sub/b.txt": b"b"})
+    write_tree(storage / "two", {"c.jpg": os.urandom(50_000)})
+    index = tmp_path / "state" / "index.sqlite"
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)}
+    first = run_archiver("index", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "indexed 2 albums, 3 files (3 computed, the rest already known)"
+    assert run_archiver("index", "one", env=env).stdout.strip().endswith("(0 computed, the rest already known)")
+    a_jpg = storage / "one" / "a.jpg"
+    assert rows(index)[a_jpg.stat().st_ino] == zlib.crc32(a_jpg.read_bytes())
+
+    # The service takes CRCs from the index: a wrong one there (same key) goes out in the
+    # header, zip's own CRC disagrees, the transfer is aborted and the row is dropped.
+    with sqlite3.connect(index) as db:
+        db.execute("UPDATE crc SET crc = crc + 1 WHERE inode = ?", (a_jpg.stat().st_ino,))
+    indexed = replace(settings, index_path=str(index))
+    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+        with pytest.raises(ABORTED):
+            await client.get("/archive/one/")
+        assert a_jpg.stat().st_ino not in rows(index)
+        whole = await client.get("/archive/one/")
+    assert read_archive(whole.content) == files_on_disk(storage / "one")
+    # Only a cache: without the file, nothing is lost.
+    index.unlink()
+    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+        again = await client.get("/archive/one/")
+    assert again.content == whole.content
+
+
+def test_archiver_index_needs_an_index_file(storage: Path) -> None:
+    result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": ""})
+    assert result.returncode == 2
+    assert "ARCHIVER_INDEX is not set" in result.stderr
+
+
+def test_unusable_index_path_fails_fast(storage: Path) -> None:
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-P", "0"]
+    env = {**os.environ, "ARCHIVER_INDEX": "/proc/no/index.sqlite"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    assert result.returncode != 0
+    assert "index '/proc/no/index.sqlite'" in result.stderr
