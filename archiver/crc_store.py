@@ -4,13 +4,19 @@ Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size and mtime, and zip's own CRC is checked as it passes.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
+Several instances may share the file (SQLite locks it); a read or write that
+fails (locked too long, disk full) is logged and skipped, never a download's
+failure.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 FileKey = tuple[int, int, int, int]
 
@@ -43,9 +49,13 @@ class CrcStore:
 
     def get(self, key: FileKey) -> int | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT crc FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key
-            ).fetchone()
+            try:
+                row = self._db.execute(
+                    "SELECT crc FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key
+                ).fetchone()
+            except sqlite3.Error as error:
+                logger.warning("CRC index: read skipped: %s", error)
+                return None
         return None if row is None else int(row[0])
 
     def put(self, key: FileKey, crc: int) -> None:
@@ -56,8 +66,11 @@ class CrcStore:
 
     def forget(self, key: FileKey) -> None:
         with self._lock:
-            self._write()
-            self._db.execute("DELETE FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key)
+            self._pending = [row for row in self._pending if row[:4] != key]
+            try:
+                self._db.execute("DELETE FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key)
+            except sqlite3.Error as error:
+                logger.warning("CRC index: a changed file's row could not be dropped: %s", error)
 
     def flush(self) -> None:
         with self._lock:
@@ -76,6 +89,9 @@ class CrcStore:
     def _write(self) -> None:
         if self._pending:
             rows, self._pending = self._pending, []
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO crc VALUES (?, ?, ?, ?, ?)", rows)
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany("INSERT OR REPLACE INTO crc VALUES (?, ?, ?, ?, ?)", rows)
+            except sqlite3.Error as error:
+                logger.warning("CRC index: %d rows not written: %s", len(rows), error)
