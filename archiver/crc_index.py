@@ -28,7 +28,7 @@ from .crc_store import CrcStore
 
 # Read into one buffer per download, reused: fresh 1 MiB blocks per read
 # raised glibc's mmap threshold and stayed in the heap (+1.2 MB RSS a download).
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
 # Small files are done many to a worker-thread call (a call costs ~0.1 ms,
@@ -105,9 +105,13 @@ def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
     return fd, (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _crc_of_block(fd: int, crc: int, buffer: bytearray) -> tuple[int, int]:
-    count = os.readv(fd, [buffer])
-    return zlib.crc32(memoryview(buffer)[:count], crc), count
+def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES) -> tuple[int, int]:
+    """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the count (0 at the end)."""
+    read = 0
+    while read < budget and (count := os.readv(fd, [buffer])):
+        crc = zlib.crc32(memoryview(buffer)[:count], crc)
+        read += count
+    return crc, read
 
 
 def _small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -> tuple[FileKey, int]:

@@ -188,8 +188,13 @@ def test_file_changed_behind_the_index_aborts_and_is_forgotten(
     with open(path, "r+b") as file:
         file.write(b"B")
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
-    # Aborted: zip's own CRC (in its data descriptor) is not the one the header went out with.
-    with pytest.raises(h11.RemoteProtocolError, match="without sending complete message body"):
-        http11_request(address, "GET", b"/archive/changing/", [])
+    # zip's own CRC (in its data descriptor) is not the one in the index: a 500 if that shows
+    # before the first byte went out (the whole file fits in zip's first chunk), else an abort.
+    try:
+        status, _, _ = http11_request(address, "GET", b"/archive/changing/", [])
+    except h11.RemoteProtocolError as aborted:
+        assert "without sending complete message body" in str(aborted)
+    else:
+        assert status == 500
     # Forgotten: the next download computes the CRC again and is whole.
     assert read_archive(download(address, "changing")) == {"a.jpg": b"B" + b"A" * 99_999}
