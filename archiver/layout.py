@@ -57,14 +57,17 @@ class ArchiveLayout:
     """zip's output length, where the UTF-8 flag must be set for zip, which never sets it, and each entry's shape.
 
     ``name_lengths`` and ``sizes`` (compact: 12 bytes a file) are there when
-    the archive has no ZIP64 record, which is when ``rewrite`` can take its
-    data descriptors out; ``sent_size`` is then what the client receives.
+    every size and offset in the archive fits 32 bits, which is when
+    ``rewrite`` can take its data descriptors out; ``sent_size`` is then what
+    the client receives.
     """
 
     size: int
     utf8_flag_positions: tuple[int, ...]
     name_lengths: array[int] | None = None
     sizes: array[int] | None = None
+    # More than 65,535 entries: a ZIP64 end record and locator precede the end record.
+    zip64_end: bool = False
 
     @property
     def descriptor_free(self) -> bool:
@@ -103,10 +106,11 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     needs_zip64_end = len(listing.files) > ENTRY_LIMIT or offset > FIELD_LIMIT
     size = offset + central_size + END_RECORD + (ZIP64_END_RECORD + ZIP64_END_LOCATOR if needs_zip64_end else 0)
     utf8_flag_positions = (*local_flags, *(offset + position for position in central_flags))
-    has_zip64 = needs_zip64_end or any(size > FIELD_LIMIT for size in sizes) or central_size + offset > FIELD_LIMIT
-    if has_zip64:
+    # Descriptors come out only where every size and offset fits 32 bits; a
+    # ZIP64 end record for the entry count alone is fine (``rewrite``).
+    if any(size >= FIELD_LIMIT for size in sizes) or offset + central_size >= FIELD_LIMIT:
         return ArchiveLayout(size, utf8_flag_positions)
-    return ArchiveLayout(size, utf8_flag_positions, name_lengths, sizes)
+    return ArchiveLayout(size, utf8_flag_positions, name_lengths, sizes, len(listing.files) > ENTRY_LIMIT)
 
 
 def _needs_utf8_flag(name: bytes) -> bool:

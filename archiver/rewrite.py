@@ -17,8 +17,12 @@ byte (tests/test_rewrite.py compares with zip's own file output):
   by 16 bytes per descriptor before it;
 - the end record: the central directory's offset moved back likewise.
 
-Only archives without ZIP64 records are rewritten (``layout`` decides):
-there a descriptor is 24 bytes and offsets live in extra fields.
+- with more than 65,535 entries, the ZIP64 end record's and its locator's
+  offsets likewise.
+
+Archives with ZIP64 sizes or offsets (a file, or the archive, over 4 GiB)
+are not rewritten (``layout`` decides): there a descriptor is 24 bytes and
+offsets live in extra fields.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
 _END_SIGNATURE = b"PK\x05\x06"
+_ZIP64_END_SIGNATURE = b"PK\x06\x06"
+_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
 _LOCAL_HEADER = 30
 _CENTRAL_HEADER = 46
 _END_RECORD = 22
+_ZIP64_END_RECORD = 56
+_ZIP64_LOCATOR = 20
+_UNKNOWN = 0xFFFFFFFF  # a 4-byte field that says "see the ZIP64 record"
 _BIT3 = 0x08  # "sizes and CRC in a data descriptor", in the flags' low byte
 
 
@@ -53,7 +62,14 @@ class DescriptorRemover:
     chunks; file data passes through as slices of the chunks it came in.
     """
 
-    def __init__(self, name_lengths: array[int], sizes: array[int], crc: Callable[[int], Awaitable[int]]) -> None:
+    def __init__(
+        self,
+        name_lengths: array[int],
+        sizes: array[int],
+        crc: Callable[[int], Awaitable[int]],
+        zip64_end: bool = False,
+    ) -> None:
+        self._zip64_end = zip64_end
         self._name_lengths = name_lengths
         self._sizes = sizes
         self._count = count = len(sizes)
@@ -105,6 +121,10 @@ class DescriptorRemover:
             return DESCRIPTOR
         if self._part == "central":
             return _CENTRAL_HEADER
+        if self._part == "zip64 end":
+            return _ZIP64_END_RECORD
+        if self._part == "zip64 locator":
+            return _ZIP64_LOCATOR
         return _END_RECORD
 
     async def _rewrite(self, record: bytes) -> bytes:
@@ -115,6 +135,10 @@ class DescriptorRemover:
             return b""
         if self._part == "central":
             return self._central(record)
+        if self._part == "zip64 end":
+            return self._move_offset(record, _ZIP64_END_SIGNATURE, "<Q", 48, "zip64 locator")
+        if self._part == "zip64 locator":
+            return self._move_offset(record, _ZIP64_LOCATOR_SIGNATURE, "<Q", 8, "end")
         return self._end(record)
 
     async def _local(self, header: bytes) -> bytes:
@@ -151,15 +175,25 @@ class DescriptorRemover:
         self._passing = self._name_lengths[self._index]  # -X: no extra field, no comment
         self._index += 1
         if self._index == self._count:
-            self._part = "end"
+            self._part = "zip64 end" if self._zip64_end else "end"
         return bytes(patched)
 
     def _end(self, record: bytes) -> bytes:
         self._expect(record, _END_SIGNATURE, "end record")
         patched = bytearray(record)
         (offset,) = struct.unpack_from("<I", patched, 16)
-        struct.pack_into("<I", patched, 16, offset - DESCRIPTOR * self._count)
+        if offset != _UNKNOWN:
+            struct.pack_into("<I", patched, 16, offset - DESCRIPTOR * self._count)
         self._part = "done"
+        return bytes(patched)
+
+    def _move_offset(self, record: bytes, signature: bytes, field: str, at: int, then: str) -> bytes:
+        """A ZIP64 end record or locator with the offset at ``at`` moved back past every descriptor."""
+        self._expect(record, signature, self._part)
+        patched = bytearray(record)
+        (offset,) = struct.unpack_from(field, patched, at)
+        struct.pack_into(field, patched, at, offset - DESCRIPTOR * self._count)
+        self._part = then
         return bytes(patched)
 
     def _expect(self, record: bytes, signature: bytes, what: str) -> None:

@@ -198,3 +198,25 @@ def test_file_changed_behind_the_index_aborts_and_is_forgotten(
         assert status == 500
     # Forgotten: the next download computes the CRC again and is whole.
     assert read_archive(download(address, "changing")) == {"a.jpg": b"B" + b"A" * 99_999}
+
+
+def test_70000_entries_the_zip64_end_record_moves_too(
+    rewrite_server: tuple[tuple[str, int], Path], tmp_path: Path
+) -> None:
+    # More entries than a plain end record counts: zip adds a ZIP64 end record and its locator,
+    # whose offsets move back like every other.
+    address, storage = rewrite_server
+    album = storage / "many"
+    for index in range(70_000):
+        folder = album / f"d{index // 1000:02d}"
+        if not index % 1000:
+            folder.mkdir(parents=True)
+        (folder / f"{index:05d}.jpg").write_bytes(b"%d" % index)
+    sent = download(address, "many")
+    assert b"PK\x06\x06" in sent[-200:]  # ZIP64 end record
+    assert sent == zip_to_file(album, tmp_path / "many.zip")
+    if shutil.which("java") is not None:
+        source = tmp_path / "ReadZipStream.java"
+        source.write_text(JAVA_READER)
+        result = subprocess.run(["java", str(source)], input=sent, capture_output=True, check=True)
+        assert len(result.stdout.decode().splitlines()) == 70_000
