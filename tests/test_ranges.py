@@ -218,3 +218,20 @@ def test_range_sent_whole_is_complete_even_when_the_client_leaves_at_once(range_
     outcomes = samples(metrics.decode())
     assert outcomes['archiver_downloads_finished_total{outcome="failed"}'] == 0
     assert outcomes['archiver_downloads_finished_total{outcome="completed"}'] >= 30
+
+
+@pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed (apt-get install aria2)")
+async def test_aria2c_with_eight_connections_gets_the_same_archive(server: str, storage: Path, tmp_path: Path) -> None:
+    # A download manager: 8 ranged connections at once, then a resume of a cut-off file.
+    write_tree(storage / "album", {f"{index}.jpg": os.urandom(400_000) for index in range(8)})
+    url = f"{server}/archive/album/"
+    whole = tmp_path / "whole.zip"
+    await trio.run_process(["curl", "-sS", "-o", str(whole), url])
+    common = ["aria2c", "-q", "--allow-overwrite=false", "--auto-file-renaming=false", "-d", str(tmp_path)]
+    await trio.run_process([*common, "-x8", "-s8", "-k1M", "-o", "parallel.zip", url])
+    assert (tmp_path / "parallel.zip").read_bytes() == whole.read_bytes()
+    # aria2c's resume (-c) of a file cut off at 1 MB.
+    (tmp_path / "resumed.zip").write_bytes(whole.read_bytes()[:1_000_000])
+    await trio.run_process([*common, "-c", "-o", "resumed.zip", url])
+    assert (tmp_path / "resumed.zip").read_bytes() == whole.read_bytes()
+    assert read_archive(whole.read_bytes()).keys() == {f"{index}.jpg" for index in range(8)}
