@@ -9,8 +9,12 @@ no response.  Two things go wrong for this service:
   every complete response is logged twice, first as ``"- -"``.
 - A download the client cancels is logged only as ``"- -"``: no status,
   though a 200 went out, and no size, though megabytes did.
+- A response without a body (a 308) is complete with its headers: a client
+  that closes at once (curl) closes the stream while they are being sent,
+  before Hypercorn's state says RESPONSE, and it is logged as ``"- -"``.
 
-Here the first of the two calls writes the line and the second is skipped,
+Here the response is noted before it is sent, the first of the two calls
+writes the line and the second is skipped,
 and the line's size (``%(b)s``, Hypercorn's ``{Content-Length}o``) is the
 body bytes handed to the server, not the length announced: equal for a
 complete response, smaller for a cut one.  A request that ends before its
@@ -35,7 +39,7 @@ from hypercorn.typing import ResponseSummary
 _MARKER = "_archiver_adjusted"
 _SENT = "_archiver_body_bytes"
 _LOGGED = "_archiver_logged"
-_STARTED = (ASGIHTTPState.RESPONSE, ASGIHTTPState.TRAILERS, ASGIHTTPState.CLOSED)
+_RESPONSE = "_archiver_response"
 
 
 def install() -> None:
@@ -51,6 +55,10 @@ def _count_body_bytes() -> None:
     original: Callable[[Any, Any], Awaitable[None]] = HTTPStream.app_send
 
     async def app_send(self: Any, message: Any) -> None:
+        if message is not None and message["type"] == "http.response.start" and self.state == ASGIHTTPState.REQUEST:
+            # Noted before it is sent: a response with no body is complete with its
+            # headers, and the stream may close while they are being sent.
+            setattr(self, _RESPONSE, message)
         if (
             message is not None
             and message["type"] == "http.response.body"
@@ -77,6 +85,7 @@ def _log_once() -> None:
         await self.send(Response(stream_id=self.stream_id, headers=headers, status_code=status_code))
         # Closed before the end goes out, so that a StreamClosed meanwhile logs this response.
         self.response = {"type": "http.response.start", "status": status_code, "headers": []}
+        setattr(self, _RESPONSE, self.response)
         self.state = ASGIHTTPState.CLOSED
         await self.send(EndBody(stream_id=self.stream_id))
         await _log(self)
@@ -106,8 +115,9 @@ async def _log(stream: Any) -> None:
 
 def _summary(stream: Any) -> ResponseSummary | None:
     """The response as it went out: its status, and the body bytes sent as its length."""
-    if stream.state not in _STARTED:
+    response = getattr(stream, _RESPONSE, None)
+    if response is None:
         return None
-    headers = [(name, value) for name, value in stream.response.get("headers", []) if name.lower() != b"content-length"]
+    headers = [(name, value) for name, value in response.get("headers", []) if name.lower() != b"content-length"]
     headers.append((b"content-length", b"%d" % getattr(stream, _SENT, 0)))
-    return {"status": stream.response["status"], "headers": headers}
+    return {"status": response["status"], "headers": headers}

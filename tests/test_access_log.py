@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import free_port, make_client, write_tree
+from .conftest import free_port, http11_request, make_client, write_tree
 from .test_cli import Launched, launched
 
 # Hypercorn's default format: ... "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"
@@ -61,3 +61,16 @@ async def test_one_access_line_per_request_with_real_status_and_bytes(log_storag
         (cancelled,) = await logged(server, "/archive/large/")
         assert cancelled["status"] == b"200"
         assert 0 < int(cancelled["bytes"]) < total
+
+
+async def test_clients_that_close_at_once_are_logged_with_their_status(log_storage: Path) -> None:
+    # Like curl: one request a connection, closed as soon as the response is in.
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(log_storage)]
+    async with launched(command) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        # Ten each: the race (the client closing while the headers of a response without a body
+        # are being sent) is a matter of microseconds.
+        for path, status in (("/archive/small", b"308"), ("/archive/nowhere/", b"404"), ("/archive/small/", b"200")):
+            for _ in range(10):
+                await trio.to_thread.run_sync(http11_request, (host, int(port)), "GET", path.encode(), [])
+            assert [line["status"] for line in await logged(server, path, count=10)] == [status] * 10, path
