@@ -121,14 +121,11 @@ def _small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -
         known = index.get(key)
         if known is not None:
             return key, known
-        crc, read = 0, 0
-        while read < size:
-            crc, count = _crc_of_block(fd, crc, buffer)
-            if not count:
-                raise FileChanged(f"{path}: shorter than the {size} bytes listed")
-            read += count
+        crc, read = _crc_of_block(fd, 0, buffer, budget=size)
     finally:
         os.close(fd)
+    if read != size:
+        raise FileChanged(f"{path}: read {read} bytes, {size} listed")
     index.put(key, crc)
     return key, crc
 
