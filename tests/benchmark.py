@@ -324,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for dataset in datasets:
         repeat = 1 if dataset is HUGE else args.repeat
         run_dataset(dataset, repeat)
+    for dataset in (PHOTOS, SMALL_FILES):
+        range_costs(dataset, args.repeat)
     if not args.no_producers:
         for dataset in (PHOTOS, SMALL_FILES):
             compare_producers(dataset, max(1, args.repeat // 2 + 1))
@@ -392,6 +394,66 @@ def run_dataset(dataset: Dataset, repeat: int) -> None:
         idle_mb, per_download_mb = rss_per_download(url, pid)
         rows.append(("fresh service RSS idle", f"{idle_mb:.0f} MB", ""))
         rows.append(("RSS growth per in-flight download (32 slow clients)", f"{per_download_mb:.2f} MB", ""))
+    report(rows)
+
+
+def service_and_zip_cpu(pid: int) -> float:
+    """CPU seconds of the service and of its reaped zips so far."""
+    return sum(cpu_seconds(pid)) + children_cpu_seconds(pid)
+
+
+def timed_command(command: Sequence[str], pid: int) -> tuple[float, float]:
+    """Run ``command`` (a client); the seconds it took and the service's + zip's CPU seconds meanwhile."""
+    cpu_before, started = service_and_zip_cpu(pid), time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started, service_and_zip_cpu(pid) - cpu_before
+
+
+def range_costs(dataset: Dataset, repeat: int) -> None:
+    """What ranges and the CRC index cost: cold and warm downloads, a resume at 90 %, the last byte, aria2c -x8.
+
+    Figures are wall seconds and the CPU seconds of the service and its zips,
+    and the CPU as a ratio to one warm full download (issue 13's targets).
+    """
+    size = archive_size(dataset.directory)
+    print(f"\n== ranges, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch, "out.zip")
+        # Cold: a fresh service, an empty CRC index (in memory), each time.
+        cold: list[tuple[float, float]] = []
+        for _ in range(repeat):
+            with service(BENCH_STORAGE) as (base, pid):
+                cold.append(timed_command(["curl", "-sS", "-o", str(target), f"{base}/archive/{dataset.name}/"], pid))
+        with service(BENCH_STORAGE) as (base, pid):
+            url = f"{base}/archive/{dataset.name}/"
+            subprocess.run(["curl", "-sS", "-o", str(target), url], check=True)  # warms the index
+            cases: dict[str, list[str]] = {
+                "full download, warm index": ["curl", "-sS", "-o", str(target), url],
+                "resume at 90 %": ["curl", "-sS", "-r", f"{size * 9 // 10}-", "-o", str(target), url],
+                "Range: bytes=-1": ["curl", "-sS", "-r", "-1", "-o", str(target), url],
+            }
+            if shutil.which("aria2c"):
+                cases["aria2c -x8 -s8"] = [
+                    "aria2c",
+                    "-q",
+                    "-x8",
+                    "-s8",
+                    "-k1M",
+                    "--allow-overwrite=true",
+                    "-d",
+                    scratch,
+                    "-o",
+                    "a.zip",
+                    url,
+                ]
+            measured = {name: [timed_command(command, pid) for _ in range(repeat)] for name, command in cases.items()}
+    warm_cpu = statistics.median(cpu for _, cpu in measured["full download, warm index"])
+    for name, runs in (("full download, cold index", cold), *measured.items()):
+        seconds = statistics.median(wall for wall, _ in runs)
+        cpu = statistics.median(cpu for _, cpu in runs)
+        rows.append((f"{name}: time", f"{seconds * 1000:.0f} ms", ""))
+        rows.append((f"{name}: service + zip CPU", f"{cpu:.2f} s", f"{cpu / warm_cpu:.2f} of a warm full download"))
     report(rows)
 
 
