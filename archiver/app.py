@@ -25,10 +25,11 @@ from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
 from .limits import ClientJobs, TrustedProxies, connection_limit
 from .metrics import DownloadMetrics
+from .partial import plan_range
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
 from .signing import LinkRefused, check_link
-from .storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
+from .storage import ALBUM_NAME, AlbumListing, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,13 @@ EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/
 
 @dataclass(frozen=True)
 class PreparedArchive:
-    """What a download needs from its album's listing; the listing itself is not kept."""
+    """What a download needs from its album's listing.
 
+    The listing is there for a range (``partial``); a download does not keep
+    it (~200 bytes a file), only ``zip_input`` (~25).
+    """
+
+    listing: AlbumListing
     zip_input: ZipInput
     layout: ArchiveLayout | None
     etag: str | None
@@ -75,7 +81,7 @@ def prepare_archive(album: Path, arguments: Sequence[str], settings: Settings) -
     # The bytes depend on the format too: with or without data descriptors.
     variant = [*arguments, "descriptor-free"] if layout is not None and layout.descriptor_free else arguments
     etag = archive_etag(listing, variant) if layout is not None else None
-    return PreparedArchive(zip_input(listing), layout, etag)
+    return PreparedArchive(listing, zip_input(listing), layout, etag)
 
 
 def open_crc_store(settings: Settings) -> CrcStore | None:
@@ -164,9 +170,17 @@ def create_app(settings: Settings) -> QuartTrio:
             # Headers only: no zip.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
             return Response(_no_body(), mimetype="application/zip", headers=headers)
+        archive_input: ZipInput | None = prepared.zip_input
+        zip_range, tail = byte_range, None
+        if byte_range is not None and layout is not None:
+            # Only the files the range touches go through zip; the tail is generated.
+            plan = await trio.to_thread.run_sync(plan_range, prepared.listing, layout, byte_range, crc_index)
+            if plan is not None:
+                archive_input, layout, zip_range, tail = plan.zip_input, plan.layout, plan.zip_range, plan.tail
+        del prepared  # the listing: not kept by the download
         body = ArchiveBody(
             name,
-            prepared.zip_input,
+            archive_input,
             arguments,
             jobs=jobs,
             metrics=metrics,
@@ -175,11 +189,12 @@ def create_app(settings: Settings) -> QuartTrio:
             delay=settings.delay,
             rate_limit=settings.rate_limit,
             layout=layout,
-            byte_range=byte_range,
+            byte_range=zip_range,
             client=_client_address(proxies),
             client_jobs=client_jobs,
             stall_timeout=settings.stall_timeout,
             crc_index=crc_index,
+            tail=tail,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

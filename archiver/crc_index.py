@@ -212,6 +212,10 @@ class CrcSource:
             await self._ready.wait_value(lambda ready: ready > entry)
         return self._crcs[entry]
 
+    def key(self, entry: int) -> FileKey:
+        """The index key of the ``entry``-th file as it was read (after ``crc(entry)``)."""
+        return self._keys[entry]
+
     def forget(self, entry: int) -> None:
         """Drop an entry's CRC from the index (zip found another one: the file changed)."""
         self.index.forget(self._keys[entry])

@@ -23,6 +23,7 @@ from .crc_index import CrcIndex, CrcSource
 from .layout import ArchiveLayout, set_utf8_flags
 from .limits import ClientJobs, DownloadStalled, TokenBucket
 from .metrics import DownloadMetrics
+from .partial import CentralTail
 from .producer import ZipInput, produce_zip
 from .ranges import ByteRange
 from .rewrite import DescriptorMismatch, DescriptorRemover
@@ -44,7 +45,7 @@ class ArchiveBody(ResponseBody):
     def __init__(
         self,
         name: str,
-        zip_input: ZipInput,
+        zip_input: ZipInput | None,
         zip_arguments: Sequence[str],
         *,
         jobs: trio.CapacityLimiter,
@@ -59,6 +60,7 @@ class ArchiveBody(ResponseBody):
         client_jobs: ClientJobs | None = None,
         stall_timeout: float = math.inf,
         crc_index: CrcIndex | None = None,
+        tail: CentralTail | None = None,
     ) -> None:
         self.name = name
         self.zip_input = zip_input
@@ -72,8 +74,13 @@ class ArchiveBody(ResponseBody):
         # Store mode: the announced length (never send a byte more or end a byte
         # short) and where to set the UTF-8 flag zip leaves out.
         self.layout = layout
-        # A Range request: zip's output before the range is read and dropped.
+        # A Range request: zip's output (over the files the range touches, see
+        # ``partial``) before the range is read and dropped; then, if the range
+        # reaches the archive's tail, that is generated.  No zip_input: the
+        # range lies in the tail.
         self.byte_range = byte_range
+        self.tail = tail
+        self._producer_scope = trio.CancelScope()
         # Who asked (for the per-client job cap), and how long one chunk may
         # wait on them (see ``connection``, which does the sending).
         self.client = client
@@ -83,7 +90,7 @@ class ArchiveBody(ResponseBody):
         # ``rewrite``): their CRCs come from the index, computed ahead of zip.
         self._crcs: CrcSource | None = None
         self._rewriter: DescriptorRemover | None = None
-        if crc_index is not None and layout is not None and layout.name_lengths is not None:
+        if zip_input is not None and crc_index is not None and layout is not None and layout.name_lengths is not None:
             assert layout.sizes is not None
             name_lengths, sizes = layout.name_lengths, layout.sizes
             self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index)
@@ -101,8 +108,9 @@ class ArchiveBody(ResponseBody):
         """Take this client's and a global job slot and start zip.
 
         Raises ClientLimitReached, JobLimitReached or ZipUnavailable if that fails.
-        A range counts like a whole download: zip runs from the archive's start
-        whatever the range, so its cost is the offset's, not the length's.
+        A range counts like a whole download: it may read whole files (those
+        at its ends, CRCs the index lacks), or, in an archive with
+        descriptors, run zip from the first file.
         """
         self.client_jobs.acquire(self.client)
         try:
@@ -121,7 +129,10 @@ class ArchiveBody(ResponseBody):
         try:
             if self._crcs is not None:
                 nursery.start_soon(self._crcs.compute)
-            await nursery.start(self._produce, send_channel)
+            if self.tail is not None:
+                nursery.start_soon(self.tail.compute_crcs)
+            if self.zip_input is not None:
+                await nursery.start(self._produce, send_channel)
         except BaseException as error:
             self._receive_channel.close()
             try:
@@ -129,27 +140,37 @@ class ArchiveBody(ResponseBody):
                     raise
             finally:
                 self._release_slots()
-        self.metrics.download_started()
+        if self.zip_input is None:
+            self.metrics.download_started(0, 0)
+        else:
+            self.metrics.download_started(self.zip_input.file_count, self.zip_input.total_size)
         return self
 
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
-        await produce_zip(
-            self.zip_arguments,
-            self.zip_input,
-            send_channel,
-            chunk_size=self.chunk_size,
-            task_status=task_status,
-        )
+        assert self.zip_input is not None
+        # Its own scope: zip is stopped once its part of a range is out, while the tail goes on.
+        with self._producer_scope:
+            await produce_zip(
+                self.zip_arguments,
+                self.zip_input,
+                send_channel,
+                chunk_size=self.chunk_size,
+                task_status=task_status,
+            )
 
     def __aiter__(self) -> ArchiveBody:
         return self
 
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None and self._nursery is not None
-        if self.byte_range is not None and self.bytes_out > self.byte_range.end:
-            # The range is sent; the rest of zip's output is not wanted.
-            self._nursery.cancel_scope.cancel()
-            raise StopAsyncIteration
+        if self.zip_input is None or (self.byte_range is not None and self.bytes_out > self.byte_range.end):
+            # zip's part of the range is sent; the rest of its output is not wanted.
+            self._producer_scope.cancel()
+            chunk = await self._tail_chunk()
+            if not chunk:
+                self._nursery.cancel_scope.cancel()  # CRCs still being computed for a partial file
+                raise StopAsyncIteration
+            return self._count_sent(chunk)
         await self._pace()
         while True:
             try:
@@ -177,6 +198,16 @@ class ArchiveBody(ResponseBody):
                 chunk = chunk[max(0, self.byte_range.start - out_offset) : self.byte_range.end + 1 - out_offset]
             if chunk:
                 break
+        return self._count_sent(chunk)
+
+    async def _tail_chunk(self) -> bytes:
+        """The next chunk of the generated tail of a range, b"" if there is none (left)."""
+        if self.tail is None:
+            return b""
+        await self._pace()
+        return await self.tail.read(self.chunk_size)
+
+    def _count_sent(self, chunk: bytes) -> bytes:
         self.bytes_sent += len(chunk)
         if self._bucket is not None:
             self._bucket.spend(len(chunk))
@@ -229,7 +260,7 @@ class ArchiveBody(ResponseBody):
         self.client_jobs.release(self.client)
 
     def _finish(self, outcome: str, description: str) -> None:
-        if outcome == "cancelled" and self.byte_range is not None and self.bytes_sent == self.byte_range.length:
+        if outcome == "cancelled" and self.bytes_sent == self._range_length():
             # The range was sent whole and zip stopped early on purpose; the
             # client may have left (closing the connection) before we did.
             outcome, description = "completed", "complete"
@@ -243,7 +274,15 @@ class ArchiveBody(ResponseBody):
             description,
             self.bytes_sent,
             duration,
-            self.zip_input.file_count,
+            0 if self.zip_input is None else self.zip_input.file_count,
+        )
+
+    def _range_length(self) -> int | None:
+        """The bytes a range request is to send, None for a whole archive."""
+        if self.byte_range is None and self.tail is None:
+            return None
+        return (0 if self.byte_range is None else self.byte_range.length) + (
+            0 if self.tail is None else self.tail.length
         )
 
 

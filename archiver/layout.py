@@ -93,7 +93,7 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
         name = os.fsencode(file.path)
         name_lengths.append(len(name))
         sizes.append(file.size)
-        if _needs_utf8_flag(name):
+        if needs_utf8_flag(name):
             local_flags.append(offset + LOCAL_FLAGS_HIGH_BYTE)
             central_flags.append(central_size + CENTRAL_FLAGS_HIGH_BYTE)
         large = file.size > FIELD_LIMIT
@@ -113,7 +113,7 @@ def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     return ArchiveLayout(size, utf8_flag_positions, name_lengths, sizes, len(listing.files) > ENTRY_LIMIT)
 
 
-def _needs_utf8_flag(name: bytes) -> bool:
+def needs_utf8_flag(name: bytes) -> bool:
     """Non-ASCII names that are valid UTF-8 (a name in another encoding stays unflagged)."""
     if name.isascii():
         return False

@@ -41,6 +41,14 @@ class DownloadMetrics:
         self.bytes_sent = Counter(
             "archiver_bytes_sent", "Archive bytes handed to the server for sending.", registry=self.registry
         )
+        self.zip_files = Counter(
+            "archiver_zip_files",
+            "Files given to zip: all of an album's for a whole download, those a range touches for a range.",
+            registry=self.registry,
+        )
+        self.zip_file_bytes = Counter(
+            "archiver_zip_file_bytes", "The size of the files given to zip.", registry=self.registry
+        )
         self.in_flight = Gauge("archiver_downloads_in_flight", "Downloads in progress.", registry=self.registry)
         self.duration = Histogram(
             "archiver_download_duration_seconds",
@@ -54,9 +62,11 @@ class DownloadMetrics:
         for reason in REJECTIONS:
             self.rejected.labels(reason)
 
-    def download_started(self) -> None:
+    def download_started(self, zip_files: int, zip_file_bytes: int) -> None:
         self.started.inc()
         self.in_flight.inc()
+        self.zip_files.inc(zip_files)
+        self.zip_file_bytes.inc(zip_file_bytes)
 
     def download_finished(self, outcome: str, seconds: float) -> None:
         self.finished.labels(outcome).inc()

@@ -36,6 +36,17 @@ EMPTY_ZIP = b"PK\x05\x06" + bytes(18)
 # treats non-ASCII names.
 ZIP_ENVIRONMENT = {"LC_ALL": "C.UTF-8"}
 
+
+def zip_environment() -> dict[str, str]:
+    """ZIP_ENVIRONMENT, and the service's TZ if it has one.
+
+    zip writes mtimes in local time; the service writes the same times into
+    the central directories it generates (``central``), and the two must agree.
+    """
+    timezone = os.environ.get("TZ")
+    return ZIP_ENVIRONMENT if timezone is None else {**ZIP_ENVIRONMENT, "TZ": timezone}
+
+
 STDERR_TAIL_BYTES = 2048
 
 # zip writes its output 16 KiB at a time.  Read as each write lands, a 16 KiB
@@ -85,9 +96,10 @@ class ZipInput:
     taken once, by the producer, and let go as soon as zip has them.
     """
 
-    def __init__(self, directory: Path, names: bytes, file_count: int) -> None:
+    def __init__(self, directory: Path, names: bytes, file_count: int, total_size: int = 0) -> None:
         self.directory = directory
         self.file_count = file_count
+        self.total_size = total_size
         self._names = names
 
     @property
@@ -104,7 +116,7 @@ def zip_input(listing: AlbumListing) -> ZipInput:
     # "./" keeps zip from reading a file named "-" as "the data on stdin"; zip
     # drops the prefix, so the entry names (and the layout) are unchanged.
     names = b"".join(b"./" + os.fsencode(file.path) + b"\n" for file in listing.files)
-    return ZipInput(listing.directory, names, len(listing.files))
+    return ZipInput(listing.directory, names, len(listing.files), listing.total_size)
 
 
 def zip_arguments(executable: str, compression: int) -> list[str]:
@@ -150,7 +162,7 @@ async def produce_zip(
         process = await trio.lowlevel.open_process(
             list(arguments),
             cwd=job.directory,
-            env=ZIP_ENVIRONMENT,
+            env=zip_environment(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

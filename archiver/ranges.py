@@ -75,10 +75,10 @@ def _position(digits: str) -> int:
 
 
 def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:
-    """A strong ETag from everything the archive's bytes depend on: zip's options and each file's name, size, mtime."""
+    """A strong ETag from all the archive's bytes depend on: zip's options, each file's name, size, mtime, mode."""
     digest = hashlib.sha256("\0".join(zip_arguments[1:]).encode())
     for file in listing.files:
-        digest.update(b"\0%s\0%d\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns))
+        digest.update(b"\0%s\0%d\0%d\0%o" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode))
     return f'"{digest.hexdigest()[:32]}"'
 
 

@@ -35,11 +35,15 @@ class AlbumNotFound(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class AlbumFile:
-    """A file to archive: its path relative to the album (the entry name), size and mtime."""
+    """A file to archive: its path relative to the album (the entry name), size, mtime and mode.
+
+    The mode is in the archive too: zip writes it into the central directory.
+    """
 
     path: str
     size: int
     mtime_ns: int = 0
+    mode: int = stat.S_IFREG | 0o644
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,7 @@ def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[Sk
             _walk(Path(entry.path), relative + "/", files, skipped)
         else:
             status = entry.stat(follow_symlinks=False)
-            files.append(AlbumFile(relative, status.st_size, status.st_mtime_ns))
+            files.append(AlbumFile(relative, status.st_size, status.st_mtime_ns, status.st_mode))
 
 
 def _exclusion_reason(entry: os.DirEntry[str]) -> str | None:
