@@ -17,12 +17,13 @@ import stat
 import struct
 import time
 
-from .layout import ENTRY_LIMIT, needs_utf8_flag
+from .layout import ENTRY_LIMIT, FIELD_LIMIT, needs_utf8_flag, needs_zip64_end
 
 VERSION_MADE_BY = 0x031E  # Unix, zip 3.0
 VERSION_NEEDED = 10  # stored, no ZIP64
 VERSION_NEEDED_ZIP64 = 45
 UTF8_FLAG = 0x0800
+ZIP64_EXTRA_ID = 0x0001
 # What zip writes for a time before 1980, which DOS dates cannot hold: 1980-01-01 00:00.
 DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
 
@@ -63,41 +64,57 @@ def external_attributes(mode: int) -> int:
     return (mode << 16) | (0 if mode & stat.S_IWUSR else 1)
 
 
-def central_entry(name: bytes, crc: int, size: int, dos_time: int, mode: int, offset: int) -> bytes:
-    """A stored file's central directory entry as zip writes it to a file: no extra field, no comment."""
-    flags = UTF8_FLAG if needs_utf8_flag(name) else 0
+def central_entry(name: bytes, crc: int, size: int, dos_time: int, attributes: int, offset: int) -> bytes:
+    """A stored file's central directory entry as zip writes it to a file.
+
+    No extra field but ZIP64's: the sizes of a file over 4 GiB (which then
+    needs version 4.5), the offset of a local header past 4 GiB.  No comment.
+    ``dos_time`` is the time in the low half, the date in the high half, as
+    the fields lie; ``attributes`` the external ones (``external_attributes``).
+    """
+    large, far = size > FIELD_LIMIT, offset > FIELD_LIMIT
+    extra = b""
+    if large or far:
+        fields = (struct.pack("<QQ", size, size) if large else b"") + (struct.pack("<Q", offset) if far else b"")
+        extra = struct.pack("<HH", ZIP64_EXTRA_ID, len(fields)) + fields
     fixed = _CENTRAL_ENTRY.pack(
         b"PK\x01\x02",
         VERSION_MADE_BY,
-        VERSION_NEEDED,
-        flags,
+        VERSION_NEEDED_ZIP64 if large else VERSION_NEEDED,
+        UTF8_FLAG if needs_utf8_flag(name) else 0,
         0,  # stored
         dos_time,
         crc,
-        size,
-        size,
+        FIELD_LIMIT if large else size,
+        FIELD_LIMIT if large else size,
         len(name),
-        0,  # extra field
+        len(extra),
         0,  # comment
         0,  # disk
         0,  # internal attributes: zip's text detection does not run when storing
-        external_attributes(mode),
-        offset,
+        attributes,
+        FIELD_LIMIT if far else offset,
     )
-    # "<...HHHHII" packs the time as one 32-bit field: zip's time then date, little-endian, is the same bytes.
-    return fixed + name
+    return fixed + name + extra
 
 
 def end_records(count: int, central_size: int, central_offset: int) -> bytes:
-    """The end of central directory record, after a ZIP64 end record and locator for more than 65,535 entries.
+    """The end of central directory record, after a ZIP64 end record and locator where zip writes them.
 
-    Only what descriptor-free archives need: every size and offset fits 32
-    bits (``layout``), so only the entry count can overflow.
+    That is for more than 65,535 entries, or a central directory past 4 GiB;
+    a field that cannot hold its value holds all ones instead.
     """
     end = _END_RECORD.pack(
-        b"PK\x05\x06", 0, 0, min(count, ENTRY_LIMIT), min(count, ENTRY_LIMIT), central_size, central_offset, 0
+        b"PK\x05\x06",
+        0,
+        0,
+        min(count, ENTRY_LIMIT),
+        min(count, ENTRY_LIMIT),
+        min(central_size, FIELD_LIMIT),
+        min(central_offset, FIELD_LIMIT),
+        0,
     )
-    if count <= ENTRY_LIMIT:
+    if not needs_zip64_end(count, central_offset):
         return end
     zip64_end = _ZIP64_END_RECORD.pack(
         b"PK\x06\x06",
@@ -113,7 +130,3 @@ def end_records(count: int, central_size: int, central_offset: int) -> bytes:
     )
     locator = _ZIP64_END_LOCATOR.pack(b"PK\x06\x07", 0, central_offset + central_size, 1)
     return zip64_end + locator + end
-
-
-def end_records_size(count: int) -> int:
-    return _END_RECORD.size + (_ZIP64_END_RECORD.size + _ZIP64_END_LOCATOR.size if count > ENTRY_LIMIT else 0)

@@ -19,6 +19,12 @@ language-encoding flag (bit 11), so Windows Explorer and 7-Zip would read
 them as CP437.  Knowing where every header lies, we set that bit as the bytes
 pass (``set_utf8_flags``); headers are outside every CRC.
 
+The archive the client receives is zip's file output, without data
+descriptors (``rewrite``): the same rules, applied to its own offsets.  An
+entry's local header may lie past 4 GiB in zip's output and below it once
+the descriptors before it are gone; its central entry then has no ZIP64
+offset field (tests/test_rewrite.py checks such an archive byte for byte).
+
 Exactly 0xFFFFFFFF is a corner zip itself handles oddly (a file of that size
 gets 0xFFFFFFFF in its header and no ZIP64 field); where a size or offset
 lands on it, no prediction is made and the archive goes without a length.
@@ -57,60 +63,82 @@ class ArchiveLayout:
     """zip's output length, where the UTF-8 flag must be set for zip, which never sets it, and each entry's shape.
 
     ``name_lengths`` and ``sizes`` (compact: 12 bytes a file) are there when
-    every size and offset in the archive fits 32 bits, which is when
-    ``rewrite`` can take its data descriptors out; ``sent_size`` is then what
-    the client receives.
+    ``rewrite`` can take the data descriptors out, which is whenever the
+    layout is known but for a corner (an offset of exactly 0xFFFFFFFF);
+    ``sent_size`` is then the length of that descriptor-free archive, the
+    one the client receives.  ``zip64_end``: zip's output ends with a ZIP64
+    end record and locator.
     """
 
     size: int
     utf8_flag_positions: tuple[int, ...]
     name_lengths: array[int] | None = None
     sizes: array[int] | None = None
-    # More than 65,535 entries: a ZIP64 end record and locator precede the end record.
     zip64_end: bool = False
+    sent_size: int = 0
 
     @property
     def descriptor_free(self) -> bool:
         return self.name_lengths is not None
 
-    @property
-    def sent_size(self) -> int:
-        return self.size - DATA_DESCRIPTOR * len(self.name_lengths) if self.name_lengths is not None else self.size
+
+def local_entry_size(name_length: int, size: int) -> int:
+    """A local header, its name and ZIP64 field, and the data: the same with and without a descriptor after it."""
+    return LOCAL_HEADER + name_length + (LOCAL_ZIP64_EXTRA if size > FIELD_LIMIT else 0) + size
+
+
+def central_entry_size(name_length: int, size: int, offset: int) -> int:
+    """A central entry: its ZIP64 field holds the sizes of a file over 4 GiB, and an offset past 4 GiB."""
+    zip64 = (16 if size > FIELD_LIMIT else 0) + (8 if offset > FIELD_LIMIT else 0)
+    return CENTRAL_HEADER + name_length + (EXTRA_FIELD_HEADER + zip64 if zip64 else 0)
+
+
+def needs_zip64_end(count: int, central_offset: int) -> bool:
+    return count > ENTRY_LIMIT or central_offset > FIELD_LIMIT
+
+
+def end_records_size(count: int, central_offset: int) -> int:
+    zip64 = needs_zip64_end(count, central_offset)
+    return END_RECORD + (ZIP64_END_RECORD + ZIP64_END_LOCATOR if zip64 else 0)
 
 
 def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     """The layout of zip's store-mode output for ``listing``, or None where it is not predictable."""
     if not listing.files:
-        return ArchiveLayout(END_RECORD, (), array("I"), array("Q"))  # producer.EMPTY_ZIP
-    offset = 0
+        return ArchiveLayout(END_RECORD, (), array("I"), array("Q"), sent_size=END_RECORD)  # producer.EMPTY_ZIP
+    offset = sent_offset = 0  # of the next local header, in zip's output and in the descriptor-free archive
+    central_size = sent_central_size = 0
     name_lengths, sizes = array("I"), array("Q")
-    central_size = 0
     local_flags: list[int] = []
     central_flags: list[int] = []
+    corner = False  # a descriptor-free offset of exactly 0xFFFFFFFF: no one has seen what zip does there
     for file in listing.files:
         if file.size == FIELD_LIMIT or offset == FIELD_LIMIT:
             return None
+        corner |= sent_offset == FIELD_LIMIT
         name = os.fsencode(file.path)
         name_lengths.append(len(name))
         sizes.append(file.size)
         if needs_utf8_flag(name):
             local_flags.append(offset + LOCAL_FLAGS_HIGH_BYTE)
             central_flags.append(central_size + CENTRAL_FLAGS_HIGH_BYTE)
-        large = file.size > FIELD_LIMIT
-        central_zip64 = (16 if large else 0) + (8 if offset > FIELD_LIMIT else 0)
-        central_size += CENTRAL_HEADER + len(name) + (EXTRA_FIELD_HEADER + central_zip64 if central_zip64 else 0)
-        offset += LOCAL_HEADER + len(name) + file.size
-        offset += LOCAL_ZIP64_EXTRA + DATA_DESCRIPTOR_ZIP64 if large else DATA_DESCRIPTOR
+        central_size += central_entry_size(len(name), file.size, offset)
+        sent_central_size += central_entry_size(len(name), file.size, sent_offset)
+        local = local_entry_size(len(name), file.size)
+        offset += local + (DATA_DESCRIPTOR_ZIP64 if file.size > FIELD_LIMIT else DATA_DESCRIPTOR)
+        sent_offset += local
     if offset == FIELD_LIMIT:
         return None
-    needs_zip64_end = len(listing.files) > ENTRY_LIMIT or offset > FIELD_LIMIT
-    size = offset + central_size + END_RECORD + (ZIP64_END_RECORD + ZIP64_END_LOCATOR if needs_zip64_end else 0)
+    corner |= sent_offset == FIELD_LIMIT
+    count = len(listing.files)
+    size = offset + central_size + end_records_size(count, offset)
     utf8_flag_positions = (*local_flags, *(offset + position for position in central_flags))
-    # Descriptors come out only where every size and offset fits 32 bits; a
-    # ZIP64 end record for the entry count alone is fine (``rewrite``).
-    if any(size >= FIELD_LIMIT for size in sizes) or offset + central_size >= FIELD_LIMIT:
-        return ArchiveLayout(size, utf8_flag_positions)
-    return ArchiveLayout(size, utf8_flag_positions, name_lengths, sizes, len(listing.files) > ENTRY_LIMIT)
+    if corner:
+        return ArchiveLayout(size, utf8_flag_positions, sent_size=size)
+    sent_size = sent_offset + sent_central_size + end_records_size(count, sent_offset)
+    return ArchiveLayout(
+        size, utf8_flag_positions, name_lengths, sizes, needs_zip64_end(count, offset), sent_size=sent_size
+    )
 
 
 def needs_utf8_flag(name: bytes) -> bool:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
-from .central import central_entry, dos_date_time, end_records, end_records_size
+from .central import central_entry, dos_date_time, end_records, external_attributes
 from .crc_index import CrcIndex, CrcSource, FileChanged
-from .layout import CENTRAL_HEADER, LOCAL_HEADER, ArchiveLayout, stored_archive_layout
+from .layout import ArchiveLayout, central_entry_size, end_records_size, local_entry_size, stored_archive_layout
 from .producer import ZipInput, zip_input
 from .ranges import ByteRange
 from .storage import AlbumFile, AlbumListing
@@ -91,7 +91,8 @@ class CentralTail:
         if self._crcs.key(k)[3] != file.mtime_ns:
             raise FileChanged(f"{file.path}: modified since it was listed")
         name = os.fsencode(file.path)
-        return central_entry(name, crc, file.size, self._dos_times[k], file.mode, self._local_offsets[k])
+        attributes = external_attributes(file.mode)
+        return central_entry(name, crc, file.size, self._dos_times[k], attributes, self._local_offsets[k])
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,14 @@ def plan_range(
 ) -> RangePlan | None:
     """How to make ``byte_range`` of the descriptor-free archive of ``listing``; None where it cannot be done so.
 
-    None for archives with data descriptors (ZIP64 ones), and where zip's
-    DOS time for a file in the tail cannot be predicted: such a range is
-    made as before, by zip from the first file.
+    None for archives that keep their data descriptors (``layout``), and
+    where zip's DOS time for a file in the tail cannot be predicted: such a
+    range is made as before, by zip from the first file.
     """
     if not layout.descriptor_free:
         return None
     files = listing.files
-    entry_sizes = (LOCAL_HEADER + len(os.fsencode(file.path)) + file.size for file in files)
+    entry_sizes = (local_entry_size(len(os.fsencode(file.path)), file.size) for file in files)
     local_offsets = list(accumulate(entry_sizes, initial=0))
     central_at = local_offsets.pop()  # where the central directory starts: after the last entry
     start, end = byte_range.start, byte_range.end
@@ -147,11 +148,14 @@ def _central_tail(
 ) -> CentralTail | None:
     """The tail's bytes ``start`` to ``end`` (offsets from the central directory's start)."""
     files = listing.files
-    entry_sizes = (CENTRAL_HEADER + len(os.fsencode(file.path)) for file in files)
+    entry_sizes = (
+        central_entry_size(len(os.fsencode(file.path)), file.size, offset)
+        for file, offset in zip(files, local_offsets, strict=True)
+    )
     central_offsets = list(accumulate(entry_sizes, initial=0))
     central_size = central_offsets.pop()
     records = end_records(len(files), central_size, central_at)
-    assert len(records) == end_records_size(len(files))
+    assert len(records) == end_records_size(len(files), central_at)
     first, last = len(files), len(files) - 1  # no central entry: the range is in the end records
     if start < central_size:
         first = bisect.bisect_right(central_offsets, start) - 1

@@ -1,28 +1,26 @@
 """zip's pipe output rewritten as it passes into the archive zip would write to a file: no data descriptors.
 
 zip 3.0 writing to a pipe marks every stored entry with general-purpose bit
-3: CRC 0 in the local header, the real CRC in a 16-byte data descriptor after
-the data.  Readers that read front to back (Java's and Android's
+3: CRC 0 in the local header, the real CRC in a data descriptor after the
+data.  Readers that read front to back (Java's and Android's
 ``ZipInputStream``, Commons Compress streams, ``busybox unzip -``,
 stream-unzip) refuse or misread that.  Written to a file, zip seeks back
 instead: the CRC in the local header, bit 3 clear, no descriptor.  Knowing
-every header's place (``layout``) and every CRC before its header goes out
+every entry's shape (``layout``) and every CRC before its header goes out
 (``crc_index``), the service turns the first form into the second, byte for
 byte (tests/test_rewrite.py compares with zip's own file output):
 
-- each local header: bit 3 cleared, the CRC filled in;
-- each descriptor: checked against that CRC (a mismatch means the file
-  changed while zipped: the transfer is aborted) and left out;
-- each central entry: bit 3 cleared, its local header's offset moved back
-  by 16 bytes per descriptor before it;
-- the end record: the central directory's offset moved back likewise.
-
-- with more than 65,535 entries, the ZIP64 end record's and its locator's
-  offsets likewise.
-
-Archives with ZIP64 sizes or offsets (a file, or the archive, over 4 GiB)
-are not rewritten (``layout`` decides): there a descriptor is 24 bytes and
-offsets live in extra fields.
+- each local header: bit 3 cleared, the CRC filled in; its name, ZIP64 field
+  (a file over 4 GiB) and data pass unchanged;
+- each descriptor (16 bytes, 24 for a file over 4 GiB): checked against that
+  CRC and size (a mismatch means the file changed while zipped: the transfer
+  is aborted) and left out;
+- each central entry: checked against the same, and written anew
+  (``central``) with zip's time and attributes and the offset its local
+  header has without the descriptors before it.  Where that offset falls
+  below 4 GiB the entry loses its ZIP64 offset field, as in zip's file
+  output, which is why it is written, not patched;
+- the end records: written anew for the new offsets.
 """
 
 from __future__ import annotations
@@ -31,19 +29,25 @@ import struct
 from array import array
 from collections.abc import Awaitable, Callable
 
-DESCRIPTOR = 16
+from .central import central_entry, end_records
+from .layout import (
+    CENTRAL_HEADER,
+    DATA_DESCRIPTOR,
+    DATA_DESCRIPTOR_ZIP64,
+    END_RECORD,
+    FIELD_LIMIT,
+    LOCAL_HEADER,
+    LOCAL_ZIP64_EXTRA,
+    ZIP64_END_LOCATOR,
+    ZIP64_END_RECORD,
+)
+
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
 _END_SIGNATURE = b"PK\x05\x06"
 _ZIP64_END_SIGNATURE = b"PK\x06\x06"
 _ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
-_LOCAL_HEADER = 30
-_CENTRAL_HEADER = 46
-_END_RECORD = 22
-_ZIP64_END_RECORD = 56
-_ZIP64_LOCATOR = 20
-_UNKNOWN = 0xFFFFFFFF  # a 4-byte field that says "see the ZIP64 record"
 _BIT3 = 0x08  # "sizes and CRC in a data descriptor", in the flags' low byte
 
 
@@ -58,8 +62,9 @@ class DescriptorMismatch(RuntimeError):
 class DescriptorRemover:
     """Feeds on zip's output in order; ``feed`` returns the rewritten bytes for what it has seen so far.
 
-    Headers and descriptors are gathered whole (they are small) and may span
-    chunks; file data passes through as slices of the chunks it came in.
+    Headers, descriptors and central entries are gathered whole (they are
+    small) and may span chunks; file data passes through as slices of the
+    chunks it came in.
     """
 
     def __init__(
@@ -69,18 +74,23 @@ class DescriptorRemover:
         crc: Callable[[int], Awaitable[int]],
         zip64_end: bool = False,
     ) -> None:
-        self._zip64_end = zip64_end
         self._name_lengths = name_lengths
         self._sizes = sizes
         self._count = count = len(sizes)
         self._crc = crc
-        self._pending = bytearray()  # a header or descriptor being gathered
-        self._passing = 0  # bytes to pass through unchanged before the next header
+        self._end_size = END_RECORD + (ZIP64_END_RECORD + ZIP64_END_LOCATOR if zip64_end else 0)
+        self._pending = bytearray()  # a record being gathered
+        self._passing = 0  # bytes to pass through unchanged before the next record
         # Where in the archive we are: the k-th local entry, then the k-th central one, then the end.
         self._part = "local" if count else "end"
         self._index = 0
         self._current_crc = 0
-        self._name_left = 0  # a central entry's name, passed after its fixed part
+        self._central_fixed = b""  # a central entry's first 46 bytes, while its name and extra are gathered
+        self._central_rest = 0
+        # The descriptor-free archive: where each local header lies, and the central directory's size.
+        self._sent_offsets = array("Q")
+        self._sent = 0
+        self._sent_central_size = 0
 
     @property
     def done(self) -> bool:
@@ -116,16 +126,14 @@ class DescriptorRemover:
 
     def _need(self) -> int:
         if self._part == "local":
-            return _LOCAL_HEADER
+            return LOCAL_HEADER
         if self._part == "descriptor":
-            return DESCRIPTOR
+            return DATA_DESCRIPTOR_ZIP64 if self._sizes[self._index] > FIELD_LIMIT else DATA_DESCRIPTOR
         if self._part == "central":
-            return _CENTRAL_HEADER
-        if self._part == "zip64 end":
-            return _ZIP64_END_RECORD
-        if self._part == "zip64 locator":
-            return _ZIP64_LOCATOR
-        return _END_RECORD
+            return CENTRAL_HEADER
+        if self._part == "central rest":
+            return self._central_rest
+        return self._end_size
 
     async def _rewrite(self, record: bytes) -> bytes:
         if self._part == "local":
@@ -134,31 +142,42 @@ class DescriptorRemover:
             self._descriptor(record)
             return b""
         if self._part == "central":
-            return self._central(record)
-        if self._part == "zip64 end":
-            return self._move_offset(record, _ZIP64_END_SIGNATURE, "<Q", 48, "zip64 locator")
-        if self._part == "zip64 locator":
-            return self._move_offset(record, _ZIP64_LOCATOR_SIGNATURE, "<Q", 8, "end")
+            self._central(record)
+            return b""
+        if self._part == "central rest":
+            return await self._central_entry(self._central_fixed + record)
         return self._end(record)
 
     async def _local(self, header: bytes) -> bytes:
         self._expect(header, _LOCAL_SIGNATURE, "local header")
+        size = self._sizes[self._index]
+        name_length, extra_length = struct.unpack_from("<HH", header, 26)
         if not header[6] & _BIT3:
             raise DescriptorMismatch(f"entry {self._index}: zip wrote no data descriptor")
+        if (name_length, extra_length) != (
+            self._name_lengths[self._index],
+            LOCAL_ZIP64_EXTRA if size > FIELD_LIMIT else 0,
+        ):
+            raise DescriptorMismatch(f"entry {self._index}: not the local header the layout has")
         self._current_crc = await self._crc(self._index)
         patched = bytearray(header)
         patched[6] &= ~_BIT3
         struct.pack_into("<I", patched, 14, self._current_crc)
-        self._passing = self._name_lengths[self._index] + self._sizes[self._index]
+        self._passing = name_length + extra_length + size
+        self._sent_offsets.append(self._sent)
+        self._sent += LOCAL_HEADER + self._passing
         self._part = "descriptor"
         return bytes(patched)
 
     def _descriptor(self, descriptor: bytes) -> None:
         self._expect(descriptor, _DESCRIPTOR_SIGNATURE, "data descriptor")
+        size_format = "<QQ" if len(descriptor) == DATA_DESCRIPTOR_ZIP64 else "<II"
         (crc,) = struct.unpack_from("<I", descriptor, 4)
-        if crc != self._current_crc:
+        sizes = struct.unpack_from(size_format, descriptor, 8)
+        if crc != self._current_crc or sizes != (self._sizes[self._index],) * 2:
             raise DescriptorMismatch(
-                f"entry {self._index}: zip's CRC {crc:08x}, {self._current_crc:08x} computed", self._index
+                f"entry {self._index}: zip's CRC {crc:08x} and sizes {sizes}, {self._current_crc:08x} computed",
+                self._index,
             )
         self._index += 1
         if self._index == self._count:
@@ -166,35 +185,38 @@ class DescriptorRemover:
         else:
             self._part = "local"
 
-    def _central(self, header: bytes) -> bytes:
-        self._expect(header, _CENTRAL_SIGNATURE, "central entry")
-        patched = bytearray(header)
-        patched[8] &= ~_BIT3
-        (offset,) = struct.unpack_from("<I", patched, 42)
-        struct.pack_into("<I", patched, 42, offset - DESCRIPTOR * self._index)
-        self._passing = self._name_lengths[self._index]  # -X: no extra field, no comment
+    def _central(self, fixed: bytes) -> None:
+        self._expect(fixed, _CENTRAL_SIGNATURE, "central entry")
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", fixed, 28)
+        if name_length != self._name_lengths[self._index]:
+            raise DescriptorMismatch(f"entry {self._index}: not the central entry the layout has")
+        self._central_fixed = fixed
+        self._central_rest = name_length + extra_length + comment_length
+        self._part = "central rest"
+
+    async def _central_entry(self, entry: bytes) -> bytes:
+        """zip's central entry for the current file, as zip would write it to a file."""
+        (crc,) = struct.unpack_from("<I", entry, 16)
+        if crc != await self._crc(self._index):
+            raise DescriptorMismatch(f"entry {self._index}: zip's central CRC {crc:08x} is not its descriptor's")
+        (dos_time,) = struct.unpack_from("<I", entry, 12)
+        (attributes,) = struct.unpack_from("<I", entry, 38)
+        name = entry[CENTRAL_HEADER : CENTRAL_HEADER + self._name_lengths[self._index]]
+        rewritten = central_entry(
+            name, crc, self._sizes[self._index], dos_time, attributes, self._sent_offsets[self._index]
+        )
+        self._sent_central_size += len(rewritten)
         self._index += 1
-        if self._index == self._count:
-            self._part = "zip64 end" if self._zip64_end else "end"
-        return bytes(patched)
+        self._part = "end" if self._index == self._count else "central"
+        return rewritten
 
-    def _end(self, record: bytes) -> bytes:
-        self._expect(record, _END_SIGNATURE, "end record")
-        patched = bytearray(record)
-        (offset,) = struct.unpack_from("<I", patched, 16)
-        if offset != _UNKNOWN:
-            struct.pack_into("<I", patched, 16, offset - DESCRIPTOR * self._count)
+    def _end(self, records: bytes) -> bytes:
+        if self._end_size > END_RECORD:
+            self._expect(records, _ZIP64_END_SIGNATURE, "ZIP64 end record")
+            self._expect(records[ZIP64_END_RECORD:], _ZIP64_LOCATOR_SIGNATURE, "ZIP64 end locator")
+        self._expect(records[-END_RECORD:], _END_SIGNATURE, "end record")
         self._part = "done"
-        return bytes(patched)
-
-    def _move_offset(self, record: bytes, signature: bytes, field: str, at: int, then: str) -> bytes:
-        """A ZIP64 end record or locator with the offset at ``at`` moved back past every descriptor."""
-        self._expect(record, signature, self._part)
-        patched = bytearray(record)
-        (offset,) = struct.unpack_from(field, patched, at)
-        struct.pack_into(field, patched, at, offset - DESCRIPTOR * self._count)
-        self._part = then
-        return bytes(patched)
+        return end_records(self._count, self._sent_central_size, self._sent)
 
     def _expect(self, record: bytes, signature: bytes, what: str) -> None:
         if record[:4] != signature:

@@ -316,16 +316,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-producers", action="store_true", help="skip the producer comparison (Info-ZIP, bsdtar, zipstream-ng)"
     )
+    parser.add_argument("--ranges-only", action="store_true", help="only what ranges and the CRC index cost")
     args = parser.parse_args(argv)
     datasets = [PHOTOS, SMALL_FILES] + ([HUGE] if args.zip64 else [])
     for dataset in datasets:
         generate(dataset)
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}")
+    if not args.ranges_only:
+        for dataset in datasets:
+            repeat = 1 if dataset is HUGE else args.repeat
+            run_dataset(dataset, repeat)
     for dataset in datasets:
-        repeat = 1 if dataset is HUGE else args.repeat
-        run_dataset(dataset, repeat)
-    for dataset in (PHOTOS, SMALL_FILES):
-        range_costs(dataset, args.repeat)
+        range_costs(dataset, 1 if dataset is HUGE else args.repeat)
+    if args.ranges_only:
+        return
     if not args.no_producers:
         for dataset in (PHOTOS, SMALL_FILES):
             compare_producers(dataset, max(1, args.repeat // 2 + 1))
