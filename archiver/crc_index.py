@@ -18,7 +18,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
@@ -67,6 +67,10 @@ class CrcIndex:
         if crc is not None:
             self._remember(key, crc)
         return crc
+
+    def known(self, keys: Iterable[FileKey]) -> array[int]:
+        """The CRC for each key, -1 where there is none (for ``CrcSource``; in a worker thread with a store)."""
+        return array("q", (-1 if (crc := self.get(key)) is None else crc for key in keys))
 
     def put(self, key: FileKey, crc: int) -> None:
         self._remember(key, crc)
@@ -155,16 +159,25 @@ async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | N
 
 
 class CrcSource:
-    """One download's CRCs, computed in file order ahead of zip; ``crc(k)`` waits for the k-th."""
+    """One download's CRCs, computed in file order ahead of zip; ``crc(k)`` waits for the k-th.
 
-    def __init__(self, directory: Path, names: bytes, sizes: array[int], index: CrcIndex) -> None:
+    ``known`` holds the CRCs the index had for the files' listed keys (-1
+    where it had none, see ``CrcIndex.known``): those files are not opened
+    at all.  One changed since it was listed is caught where its CRC is
+    checked against zip's (``rewrite``).
+    """
+
+    def __init__(
+        self, directory: Path, names: bytes, sizes: array[int], index: CrcIndex, known: array[int] | None = None
+    ) -> None:
         self.directory = directory
         self.sizes = sizes
         self.index = index
+        self.known = known
         # zip's input: "./path\n" per file, in archive order.
         self._names = names
         self._crcs = array("I")
-        self._keys: list[FileKey] = []
+        self._keys: list[FileKey | None] = []  # None: the CRC was known, the file not opened
         self._ready = AsyncValue(0)
 
     async def compute(self) -> None:
@@ -172,20 +185,22 @@ class CrcSource:
         buffer = bytearray(READ_SIZE)
         entry, start = 0, 0
         while entry < len(self.sizes):
-            if self.sizes[entry] > BATCH_BYTES:
+            if self.known is not None and self.known[entry] >= 0:
+                results: list[tuple[FileKey | None, int]] = [(None, self.known[entry])]
+                start = self._names.index(b"\n", start) + 1
+            elif self.sizes[entry] > BATCH_BYTES:
                 path, start = self._path(start)
-                key, crc = await file_crc(path, self.sizes[entry], self.index, buffer)
-                results = [(key, crc)]
+                results = [await file_crc(path, self.sizes[entry], self.index, buffer)]
             else:
-                results, start = await trio.to_thread.run_sync(
+                batch, start = await trio.to_thread.run_sync(
                     self._small_files, entry, start, buffer, limiter=self.index.readers
                 )
-            for key, crc in results:
-                self._keys.append(key)
+                results = list(batch)
+            for file_key, crc in results:
+                self._keys.append(file_key)
                 self._crcs.append(crc)
             entry += len(results)
             self._ready.value = entry
-        self._names = b""
         await trio.to_thread.run_sync(self.index.flush)
 
     def _path(self, start: int) -> tuple[Path, int]:
@@ -201,6 +216,8 @@ class CrcSource:
             size = self.sizes[entry]
             if size > BATCH_BYTES or (results and size > budget):
                 break
+            if self.known is not None and self.known[entry] >= 0:
+                break
             path, start = self._path(start)
             results.append(_small_file_crc(path, size, self.index, buffer))
             budget -= size
@@ -212,13 +229,20 @@ class CrcSource:
             await self._ready.wait_value(lambda ready: ready > entry)
         return self._crcs[entry]
 
-    def key(self, entry: int) -> FileKey:
-        """The index key of the ``entry``-th file as it was read (after ``crc(entry)``)."""
+    def key(self, entry: int) -> FileKey | None:
+        """The index key of the ``entry``-th file as it was read (after ``crc(entry)``); None if it was not read."""
         return self._keys[entry]
 
     def forget(self, entry: int) -> None:
         """Drop an entry's CRC from the index (zip found another one: the file changed)."""
-        self.index.forget(self._keys[entry])
+        key = self._keys[entry]
+        if key is None:  # known by its listed key: that is the file's key now, or a row no one will ask for
+            start = 0
+            for _ in range(entry):
+                start = self._names.index(b"\n", start) + 1
+            status = os.lstat(self._path(start)[0])
+            key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        self.index.forget(key)
 
 
 def album_crcs(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -60,6 +61,7 @@ class ArchiveBody(ResponseBody):
         client_jobs: ClientJobs | None = None,
         stall_timeout: float = math.inf,
         crc_index: CrcIndex | None = None,
+        known_crcs: array[int] | None = None,
         tail: CentralTail | None = None,
     ) -> None:
         self.name = name
@@ -93,7 +95,7 @@ class ArchiveBody(ResponseBody):
         if zip_input is not None and crc_index is not None and layout is not None and layout.name_lengths is not None:
             assert layout.sizes is not None
             name_lengths, sizes = layout.name_lengths, layout.sizes
-            self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index)
+            self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index, known_crcs)
             self._rewriter = DescriptorRemover(name_lengths, sizes, self._crcs.crc, layout.zip64_end)
         self.bytes_produced = 0
         self.bytes_out = 0

@@ -53,6 +53,7 @@ class CentralTail:
         end: int,
         end_records: bytes,
         index: CrcIndex,
+        known_crcs: array[int],
         dos_times: Sequence[int],
     ) -> None:
         self.length = end - start + 1
@@ -61,7 +62,7 @@ class CentralTail:
         self._dos_times = dos_times
         self._end_records = end_records
         names = b"".join(b"./" + os.fsencode(file.path) + b"\n" for file in files)
-        self._crcs = CrcSource(directory, names, array("Q", (file.size for file in files)), index)
+        self._crcs = CrcSource(directory, names, array("Q", (file.size for file in files)), index, known_crcs)
         self._record_at = first_entry_at  # the tail offset of the next record to write
         self._next_record = 0  # files[k] for k < len(files), then the end records
         self._start = start
@@ -88,7 +89,8 @@ class CentralTail:
             return self._end_records
         file = self._files[k]
         crc = await self._crcs.crc(k)
-        if self._crcs.key(k)[3] != file.mtime_ns:
+        key = self._crcs.key(k)
+        if key is not None and key[3] != file.mtime_ns:
             raise FileChanged(f"{file.path}: modified since it was listed")
         name = os.fsencode(file.path)
         attributes = external_attributes(file.mode)
@@ -106,10 +108,11 @@ class RangePlan:
     layout: ArchiveLayout | None
     zip_range: ByteRange | None
     tail: CentralTail | None
+    zip_known_crcs: array[int] | None
 
 
 def plan_range(
-    listing: AlbumListing, layout: ArchiveLayout, byte_range: ByteRange, index: CrcIndex
+    listing: AlbumListing, layout: ArchiveLayout, byte_range: ByteRange, index: CrcIndex, known_crcs: array[int]
 ) -> RangePlan | None:
     """How to make ``byte_range`` of the descriptor-free archive of ``listing``; None where it cannot be done so.
 
@@ -124,7 +127,7 @@ def plan_range(
     local_offsets = list(accumulate(entry_sizes, initial=0))
     central_at = local_offsets.pop()  # where the central directory starts: after the last entry
     start, end = byte_range.start, byte_range.end
-    zip_files, zip_layout, zip_range = None, None, None
+    zip_files, zip_layout, zip_range, zip_known_crcs = None, None, None, None
     if start < central_at:
         first = bisect.bisect_right(local_offsets, start) - 1
         last = bisect.bisect_right(local_offsets, min(end, central_at - 1)) - 1
@@ -133,18 +136,25 @@ def plan_range(
         # Fewer files, nearer the start: descriptor-free like the whole archive.
         assert zip_layout is not None and zip_layout.descriptor_free
         zip_range = ByteRange(start - local_offsets[first], min(end, central_at - 1) - local_offsets[first])
+        zip_known_crcs = known_crcs[first : last + 1]
     tail = None
     if end >= central_at:
-        tail = _central_tail(
-            listing, local_offsets, central_at, max(start, central_at) - central_at, end - central_at, index
-        )
+        tail_start, tail_end = max(start, central_at) - central_at, end - central_at
+        tail = _central_tail(listing, local_offsets, central_at, tail_start, tail_end, index, known_crcs)
         if tail is None:
             return None
-    return RangePlan(None if zip_files is None else zip_input(zip_files), zip_layout, zip_range, tail)
+    zip_files_input = None if zip_files is None else zip_input(zip_files)
+    return RangePlan(zip_files_input, zip_layout, zip_range, tail, zip_known_crcs)
 
 
 def _central_tail(
-    listing: AlbumListing, local_offsets: list[int], central_at: int, start: int, end: int, index: CrcIndex
+    listing: AlbumListing,
+    local_offsets: list[int],
+    central_at: int,
+    start: int,
+    end: int,
+    index: CrcIndex,
+    known_crcs: array[int],
 ) -> CentralTail | None:
     """The tail's bytes ``start`` to ``end`` (offsets from the central directory's start)."""
     files = listing.files
@@ -174,5 +184,6 @@ def _central_tail(
         end,
         records,
         index,
+        known_crcs[first : last + 1],
         [time for time in dos_times if time is not None],
     )

@@ -38,12 +38,19 @@ class AlbumFile:
     """A file to archive: its path relative to the album (the entry name), size, mtime and mode.
 
     The mode is in the archive too: zip writes it into the central directory.
+    Device and inode complete the key of its CRC (``crc_index``).
     """
 
     path: str
     size: int
     mtime_ns: int = 0
     mode: int = stat.S_IFREG | 0o644
+    device: int = 0
+    inode: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return self.device, self.inode, self.size, self.mtime_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +118,9 @@ def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[Sk
             _walk(Path(entry.path), relative + "/", files, skipped)
         else:
             status = entry.stat(follow_symlinks=False)
-            files.append(AlbumFile(relative, status.st_size, status.st_mtime_ns, status.st_mode))
+            files.append(
+                AlbumFile(relative, status.st_size, status.st_mtime_ns, status.st_mode, status.st_dev, status.st_ino)
+            )
 
 
 def _exclusion_reason(entry: os.DirEntry[str]) -> str | None:
