@@ -186,16 +186,25 @@ class CrcSource:
         entry, start = 0, 0
         while entry < len(self.sizes):
             if self.known is not None and self.known[entry] >= 0:
-                results: list[tuple[FileKey | None, int]] = [(None, self.known[entry])]
-                start = self._names.index(b"\n", start) + 1
-            elif self.sizes[entry] > BATCH_BYTES:
+                # A run of known CRCs at once (a warm album is one run); the names are skipped
+                # only if an unknown one follows.
+                run_end = entry
+                while run_end < len(self.sizes) and self.known[run_end] >= 0:
+                    run_end += 1
+                self._crcs.extend(self.known[entry:run_end].tolist())
+                self._keys.extend([None] * (run_end - entry))
+                if run_end < len(self.sizes):
+                    for _ in range(run_end - entry):
+                        start = self._names.index(b"\n", start) + 1
+                entry = self._ready.value = run_end
+                continue
+            if self.sizes[entry] > BATCH_BYTES:
                 path, start = self._path(start)
                 results = [await file_crc(path, self.sizes[entry], self.index, buffer)]
             else:
-                batch, start = await trio.to_thread.run_sync(
+                results, start = await trio.to_thread.run_sync(
                     self._small_files, entry, start, buffer, limiter=self.index.readers
                 )
-                results = list(batch)
             for file_key, crc in results:
                 self._keys.append(file_key)
                 self._crcs.append(crc)
@@ -228,6 +237,10 @@ class CrcSource:
         if entry >= len(self._crcs):  # not computed yet: wait (the usual case is that it is)
             await self._ready.wait_value(lambda ready: ready > entry)
         return self._crcs[entry]
+
+    def ready(self, entry: int) -> int | None:
+        """The ``entry``-th CRC if it is computed, without waiting."""
+        return self._crcs[entry] if entry < len(self._crcs) else None
 
     def key(self, entry: int) -> FileKey | None:
         """The index key of the ``entry``-th file as it was read (after ``crc(entry)``); None if it was not read."""

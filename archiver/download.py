@@ -96,7 +96,7 @@ class ArchiveBody(ResponseBody):
             assert layout.sizes is not None
             name_lengths, sizes = layout.name_lengths, layout.sizes
             self._crcs = CrcSource(zip_input.directory, zip_input.names, sizes, crc_index, known_crcs)
-            self._rewriter = DescriptorRemover(name_lengths, sizes, self._crcs.crc, layout.zip64_end)
+            self._rewriter = DescriptorRemover(name_lengths, sizes, self._crcs.crc, self._crcs.ready, layout.zip64_end)
         self.bytes_produced = 0
         self.bytes_out = 0
         self.bytes_sent = 0
