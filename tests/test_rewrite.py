@@ -232,6 +232,16 @@ def test_70000_entries_the_zip64_end_record_moves_too(
         source.write_text(JAVA_READER)
         result = subprocess.run(["java", str(source)], input=sent, capture_output=True, check=True)
         assert len(result.stdout.decode().splitlines()) == 70_000
+    if shutil.which("busybox") is not None:
+        target = tmp_path / "busybox"
+        target.mkdir()
+        subprocess.run(["busybox", "unzip", "-q", "-"], cwd=target, input=sent, check=True, capture_output=True)
+        assert (target / "d69" / "69999.jpg").read_bytes() == b"69999"
+        assert sum(len(files) for _, _, files in os.walk(target)) == 70_000
+    stream_unzip = pytest.importorskip("stream_unzip")
+    entries = {name: b"".join(chunks) for name, _, chunks in stream_unzip.stream_unzip([sent])}
+    assert len(entries) == 70_000
+    assert entries[b"d12/12345.jpg"] == b"12345"
 
 
 # Archives over 4 GiB, on sparse files (zeros that cost no disk).  a.bin ends where b.txt's local
