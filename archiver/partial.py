@@ -116,7 +116,8 @@ def plan_range(
 ) -> RangePlan | None:
     """How to make ``byte_range`` of the descriptor-free archive of ``listing``; None where it cannot be done so.
 
-    None for archives that keep their data descriptors (``layout``), and
+    None for archives that keep their data descriptors (``layout``), where
+    the touched files alone would (an offset of exactly 0xFFFFFFFF), and
     where zip's DOS time for a file in the tail cannot be predicted: such a
     range is made as before, by zip from the first file.
     """
@@ -133,8 +134,8 @@ def plan_range(
         last = bisect.bisect_right(local_offsets, min(end, central_at - 1)) - 1
         zip_files = AlbumListing(listing.directory, files[first : last + 1], ())
         zip_layout = stored_archive_layout(zip_files)
-        # Fewer files, nearer the start: descriptor-free like the whole archive.
-        assert zip_layout is not None and zip_layout.descriptor_free
+        if zip_layout is None or not zip_layout.descriptor_free:
+            return None  # the files' own offsets meet layout's 0xFFFFFFFF corner
         zip_range = ByteRange(start - local_offsets[first], min(end, central_at - 1) - local_offsets[first])
         zip_known_crcs = known_crcs[first : last + 1]
     tail = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from archiver.config import Settings
+from archiver.crc_index import CrcIndex
+from archiver.layout import stored_archive_layout
+from archiver.partial import plan_range
+from archiver.ranges import ByteRange
+from archiver.storage import AlbumFile, AlbumListing
 
 from .conftest import http11_request, read_archive, server_in_thread, write_tree
 from .test_observability import samples
@@ -181,3 +187,48 @@ def test_a_file_changed_behind_the_index_aborts_a_range_too(partial_server: tupl
     status, _, body = get(address, album.name, "bytes=300000-")
     assert status == 206
     assert read_archive(whole[:300000] + body)["b.jpg"] == b"C" + b"B" * 299_999
+
+
+# What a plan is, on listings of files that need not exist (planning reads no file).
+
+
+def synthetic_listing(sizes: list[int]) -> AlbumListing:
+    files = tuple(AlbumFile(f"f{index:03d}", size, 1_700_000_000 * 10**9) for index, size in enumerate(sizes))
+    return AlbumListing(Path("/nonexistent"), files, ())
+
+
+@given(sizes=st.lists(st.integers(0, 5000), max_size=12), data=st.data())
+def test_a_plan_covers_the_range_and_nothing_more(sizes: list[int], data: st.DataObject) -> None:
+    listing = synthetic_listing(sizes)
+    layout = stored_archive_layout(listing)
+    assert layout is not None
+    start = data.draw(st.integers(0, layout.sent_size - 1), label="start")
+    end = data.draw(st.integers(start, layout.sent_size - 1), label="end")
+    plan = plan_range(listing, layout, ByteRange(start, end), CrcIndex(), array("q", [-1] * len(sizes)))
+    assert plan is not None
+    zip_part = 0 if plan.zip_range is None else plan.zip_range.length
+    tail = 0 if plan.tail is None else plan.tail.length
+    assert zip_part + tail == end - start + 1
+    central_at = sum(30 + 4 + size for size in sizes)
+    assert (plan.zip_input is not None) == (start < central_at)
+    assert (plan.tail is not None) == (end >= central_at)
+    if plan.zip_input is not None and plan.zip_range is not None and plan.layout is not None:
+        # zip gets the files from the one holding the range's first byte to the one holding its last data byte.
+        offsets = [sum(30 + 4 + size for size in sizes[:index]) for index in range(len(sizes) + 1)]
+        first = max(index for index in range(len(sizes)) if offsets[index] <= start)
+        last = max(index for index in range(len(sizes)) if offsets[index] <= min(end, central_at - 1))
+        assert plan.zip_input.file_count == last - first + 1
+        assert plan.zip_range.start == start - offsets[first]
+        assert plan.zip_range.end < offsets[last + 1] - offsets[first]
+
+
+def test_a_range_whose_files_meet_the_0xffffffff_corner_is_made_from_the_first_file() -> None:
+    # Alone, f001 and f002 would put f002's header at exactly 0xFFFFFFFF, where no one knows what zip
+    # writes; in the whole archive it is 44 bytes further.  Such a range runs zip from the first file.
+    listing = synthetic_listing([10, 0xFFFFFFFF - 34, 1])
+    layout = stored_archive_layout(listing)
+    assert layout is not None and layout.descriptor_free
+    start = 30 + 4 + 10
+    plan = plan_range(listing, layout, ByteRange(start, layout.sent_size - 1), CrcIndex(), array("q", [-1] * 3))
+    assert plan is None
+    assert plan_range(listing, layout, ByteRange(0, 10), CrcIndex(), array("q", [-1] * 3)) is not None
