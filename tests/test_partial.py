@@ -232,3 +232,17 @@ def test_a_range_whose_files_meet_the_0xffffffff_corner_is_made_from_the_first_f
     plan = plan_range(listing, layout, ByteRange(start, layout.sent_size - 1), CrcIndex(), array("q", [-1] * 3))
     assert plan is None
     assert plan_range(listing, layout, ByteRange(0, 10), CrcIndex(), array("q", [-1] * 3)) is not None
+
+
+def test_a_browsers_resume_reads_nothing_before_where_it_resumes(ten_files: tuple[tuple[str, int], str, bytes]) -> None:
+    # Chromium resuming a cancelled download asks for bytes=N-N, then bytes=N-.
+    address, name, whole = ten_files
+    files, size = zip_counters(address)
+    resume_at = 5 * 100_035 + 20_000  # inside the sixth file
+    for range_header, expected in [
+        (f"bytes={resume_at}-{resume_at}", whole[resume_at : resume_at + 1]),
+        (f"bytes={resume_at}-", whole[resume_at:]),
+    ]:
+        status, _, body = get(address, name, range_header)
+        assert (status, body) == (206, expected)
+    assert zip_counters(address) == (files + 1 + 5, size + 100_000 + 500_000)
