@@ -164,20 +164,28 @@ class CrcSource:
     ``known`` holds the CRCs the index had for the files' listed keys (-1
     where it had none, see ``CrcIndex.known``): those files are not opened
     at all.  One changed since it was listed is caught where its CRC is
-    checked against zip's (``rewrite``).
+    checked against zip's (``rewrite``).  Where no zip will check (the
+    central directory of a range, ``partial``), ``mtimes`` are the listed
+    ones, and a file read with another is FileChanged.
     """
 
     def __init__(
-        self, directory: Path, names: bytes, sizes: array[int], index: CrcIndex, known: array[int] | None = None
+        self,
+        directory: Path,
+        names: bytes,
+        sizes: array[int],
+        index: CrcIndex,
+        known: array[int] | None = None,
+        mtimes: array[int] | None = None,
     ) -> None:
         self.directory = directory
         self.sizes = sizes
         self.index = index
         self.known = known
+        self.mtimes = mtimes
         # zip's input: "./path\n" per file, in archive order.
         self._names = names
         self._crcs = array("I")
-        self._keys: list[FileKey | None] = []  # None: the CRC was known, the file not opened
         self._ready = AsyncValue(0)
 
     async def compute(self) -> None:
@@ -192,7 +200,6 @@ class CrcSource:
                 while run_end < len(self.sizes) and self.known[run_end] >= 0:
                     run_end += 1
                 self._crcs.extend(self.known[entry:run_end].tolist())
-                self._keys.extend([None] * (run_end - entry))
                 if run_end < len(self.sizes):
                     for _ in range(run_end - entry):
                         start = self._names.index(b"\n", start) + 1
@@ -205,11 +212,13 @@ class CrcSource:
                 results, start = await trio.to_thread.run_sync(
                     self._small_files, entry, start, buffer, limiter=self.index.readers
                 )
-            for file_key, crc in results:
-                self._keys.append(file_key)
+            for read, (file_key, crc) in enumerate(results, entry):
+                if self.mtimes is not None and file_key[3] != self.mtimes[read]:
+                    raise FileChanged(f"{self._name(read)}: modified since it was listed")
                 self._crcs.append(crc)
             entry += len(results)
             self._ready.value = entry
+        self.known = None  # in ``_crcs`` now
         await trio.to_thread.run_sync(self.index.flush)
 
     def _path(self, start: int) -> tuple[Path, int]:
@@ -242,20 +251,25 @@ class CrcSource:
         """The ``entry``-th CRC if it is computed, without waiting."""
         return self._crcs[entry] if entry < len(self._crcs) else None
 
-    def key(self, entry: int) -> FileKey | None:
-        """The index key of the ``entry``-th file as it was read (after ``crc(entry)``); None if it was not read."""
-        return self._keys[entry]
-
     def forget(self, entry: int) -> None:
-        """Drop an entry's CRC from the index (zip found another one: the file changed)."""
-        key = self._keys[entry]
-        if key is None:  # known by its listed key: that is the file's key now, or a row no one will ask for
-            start = 0
-            for _ in range(entry):
-                start = self._names.index(b"\n", start) + 1
-            status = os.lstat(self._path(start)[0])
-            key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-        self.index.forget(key)
+        """Drop an entry's CRC from the index (zip found another one: the file changed).
+
+        The row to drop is the file's key now: the same as the one read or
+        listed when the file changed behind the key's back (same size and
+        mtime), and if the key changed, the old row is never asked for again.
+        """
+        try:
+            status = os.lstat(self.directory / self._name(entry))
+        except OSError:
+            return
+        self.index.forget((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
+
+    def _name(self, entry: int) -> str:
+        """The ``entry``-th name (relative to the album)."""
+        start = 0
+        for _ in range(entry):
+            start = self._names.index(b"\n", start) + 1
+        return os.fsdecode(self._names[start + 2 : self._names.index(b"\n", start)])
 
 
 def album_crcs(

@@ -124,9 +124,9 @@ class RawH2Client:
         self.connection.initiate_connection()
         await self.flush()
 
-    async def get(self, path: str) -> int:
+    async def get(self, path: str, *extra_headers: tuple[str, str]) -> int:
         stream_id = self.connection.get_next_available_stream_id()
-        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", path)]
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", path), *extra_headers]
         self.connection.send_headers(stream_id, headers, end_stream=True)
         await self.flush()
         self.received[stream_id] = 0
@@ -468,3 +468,58 @@ async def test_steady_slow_reader_is_never_cut(attacked_storage: Path) -> None:
         f"{received / 1e6:.1f} MB received; zip ahead by at most {max(ahead) / 1e6:.1f} MB (buffers full, "
         f"server writes paced by the client)"
     )
+
+
+@pytest.fixture(scope="module")
+def many_files_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An album of 20,000 tiny files: what a download holds per file, not per byte, shows."""
+    root = tmp_path_factory.mktemp("many-files")
+    for index in range(20_000):
+        folder = root / "many" / f"d{index // 1000:02d}"
+        if not index % 1000:
+            folder.mkdir(parents=True)
+        (folder / f"{index:05d}.jpg").write_bytes(b"%d" % index)
+    write_tree(root / "small", {"photo.jpg": os.urandom(200_000), "notes.txt": b"notes"})
+    return root
+
+
+async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_zip(many_files_storage: Path) -> None:
+    # 16 HTTP/2 streams (4 addresses, each at its cap of 4) ask for the central directory (1.2 MB,
+    # generated, no zip) and never open their windows.  Each holds the per-file data of its
+    # tail (~60 bytes a file) and its buffers, until the client leaves.
+    addresses = ("127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+    requests = 4 * len(addresses)
+    async with archiver_process(many_files_storage) as server:
+        pid = server.process.pid
+        async with polite_client(server.url) as client:
+            whole = await client.get("/archive/many/")  # warms the CRC index and the allocator
+        central = int.from_bytes(whole.content[-6:-2], "little")
+        before = resident_kib(pid)
+        attackers = [RawH2Client(await connect_from(local, address_of(server.url))) for local in addresses]
+        for attacker in attackers:
+            await attacker.start()
+            for _ in range(4):
+                await attacker.get("/archive/many/", ("range", f"bytes={central}-"))
+        with trio.fail_after(30):  # every album walked, every tail started
+            while (await metrics_of(server.url))["archiver_downloads_in_flight"] < requests:
+                await trio.sleep(0.05)
+        for attacker in attackers:
+            await attacker.read_until_quiet()
+        growth = (resident_kib(pid) - before) / 1024
+        zips = len(zip_processes(pid))
+        await normal_download_works(server.url, many_files_storage)
+        for attacker in attackers:
+            assert not attacker.ended
+            await attacker.stream.aclose()
+        with trio.fail_after(30):
+            while (metrics := await metrics_of(server.url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.1)
+    assert zips == 0
+    assert metrics['archiver_downloads_finished_total{outcome="cancelled"}'] == requests
+    record_figure(
+        f"{requests} HTTP/2 streams at a closed window on the generated central directory of a 20,000-file "
+        f"album: no zip, server RSS +{growth:.1f} MB ({growth / requests:.2f} MB a stream)"
+    )
+    # A stream's buffers (2 MB, as at a zero window above) and ~60 bytes a file (names, sizes, mtimes,
+    # modes, offsets, CRCs), with room to spare: 100.
+    assert growth < requests * (2 + 100 * 20_000 / MB)

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import zlib
+from array import array
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from archiver.config import Settings
-from archiver.crc_index import CrcIndex, FileChanged, file_crc
+from archiver.crc_index import CrcIndex, CrcSource, FileChanged, file_crc
 from archiver.crc_store import CrcStore
 
 from .conftest import files_on_disk, read_archive, running_server, write_tree
@@ -43,6 +44,20 @@ async def test_changed_size_or_a_link_is_refused(tmp_path: Path) -> None:
     link.symlink_to(path)
     with pytest.raises(FileChanged):
         await file_crc(link, 5, CrcIndex())
+
+
+async def test_a_file_read_with_another_mtime_than_listed_is_a_change(tmp_path: Path) -> None:
+    # Where no zip checks the CRC (a range's generated central directory), the mtime read must be the listed one.
+    write_tree(tmp_path, {"a.jpg": b"a" * 10, "b.jpg": b"b" * 20})
+    listed = [(tmp_path / name).stat().st_mtime_ns for name in ("a.jpg", "b.jpg")]
+    names, sizes = b"./a.jpg\n./b.jpg\n", array("Q", [10, 20])
+    same = CrcSource(tmp_path, names, sizes, CrcIndex(), mtimes=array("q", listed))
+    await same.compute()
+    assert [await same.crc(0), await same.crc(1)] == [zlib.crc32(b"a" * 10), zlib.crc32(b"b" * 20)]
+    os.utime(tmp_path / "b.jpg", ns=(listed[1], listed[1] + 1))
+    changed = CrcSource(tmp_path, names, sizes, CrcIndex(), mtimes=array("q", listed))
+    with pytest.raises(FileChanged, match=r"b\.jpg: modified since it was listed"):
+        await changed.compute()
 
 
 def test_store_forgets_and_counts(tmp_path: Path) -> None:
