@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
-from trio_util import AsyncValue  # type: ignore[attr-defined]
 
 from .crc_store import CrcStore
 
@@ -118,7 +117,7 @@ def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTE
     return crc, read
 
 
-def _small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -> tuple[FileKey, int]:
+def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -> tuple[FileKey, int]:
     """The CRC of a small file, in the calling (worker) thread."""
     fd, key = _open_listed(path, size)
     try:
@@ -158,120 +157,6 @@ async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | N
     return key, crc
 
 
-class CrcSource:
-    """One download's CRCs, computed in file order ahead of zip; ``crc(k)`` waits for the k-th.
-
-    ``known`` holds the CRCs the index had for the files' listed keys (-1
-    where it had none, see ``CrcIndex.known``): those files are not opened
-    at all.  One changed since it was listed is caught where its CRC is
-    checked against zip's (``rewrite``).  Where no zip will check (the
-    central directory of a range, ``partial``), ``mtimes`` are the listed
-    ones, and a file read with another is FileChanged.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        names: bytes,
-        sizes: array[int],
-        index: CrcIndex,
-        known: array[int] | None = None,
-        mtimes: array[int] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.sizes = sizes
-        self.index = index
-        self.known = known
-        self.mtimes = mtimes
-        # zip's input: "./path\n" per file, in archive order.
-        self._names = names
-        self._crcs = array("I")
-        self._ready = AsyncValue(0)
-
-    async def compute(self) -> None:
-        """Compute every CRC in order (run in the download's nursery)."""
-        buffer = bytearray(READ_SIZE)
-        entry, start = 0, 0
-        while entry < len(self.sizes):
-            if self.known is not None and self.known[entry] >= 0:
-                # A run of known CRCs at once (a warm album is one run); the names are skipped
-                # only if an unknown one follows.
-                run_end = entry
-                while run_end < len(self.sizes) and self.known[run_end] >= 0:
-                    run_end += 1
-                self._crcs.extend(self.known[entry:run_end].tolist())
-                if run_end < len(self.sizes):
-                    for _ in range(run_end - entry):
-                        start = self._names.index(b"\n", start) + 1
-                entry = self._ready.value = run_end
-                continue
-            if self.sizes[entry] > BATCH_BYTES:
-                path, start = self._path(start)
-                results = [await file_crc(path, self.sizes[entry], self.index, buffer)]
-            else:
-                results, start = await trio.to_thread.run_sync(
-                    self._small_files, entry, start, buffer, limiter=self.index.readers
-                )
-            for read, (file_key, crc) in enumerate(results, entry):
-                if self.mtimes is not None and file_key[3] != self.mtimes[read]:
-                    raise FileChanged(f"{self._name(read)}: modified since it was listed")
-                self._crcs.append(crc)
-            entry += len(results)
-            self._ready.value = entry
-        self.known = None  # in ``_crcs`` now
-        await trio.to_thread.run_sync(self.index.flush)
-
-    def _path(self, start: int) -> tuple[Path, int]:
-        """The path of the name at ``start`` in zip's input, and where the next name starts."""
-        end = self._names.index(b"\n", start)
-        return self.directory / os.fsdecode(self._names[start:end]), end + 1
-
-    def _small_files(self, entry: int, start: int, buffer: bytearray) -> tuple[list[tuple[FileKey, int]], int]:
-        """CRCs of the small files from ``entry`` on, as many as one batch holds (in a worker thread)."""
-        results: list[tuple[FileKey, int]] = []
-        budget = BATCH_BYTES
-        while entry < len(self.sizes) and len(results) < BATCH_FILES:
-            size = self.sizes[entry]
-            if size > BATCH_BYTES or (results and size > budget):
-                break
-            if self.known is not None and self.known[entry] >= 0:
-                break
-            path, start = self._path(start)
-            results.append(_small_file_crc(path, size, self.index, buffer))
-            budget -= size
-            entry += 1
-        return results, start
-
-    async def crc(self, entry: int) -> int:
-        if entry >= len(self._crcs):  # not computed yet: wait (the usual case is that it is)
-            await self._ready.wait_value(lambda ready: ready > entry)
-        return self._crcs[entry]
-
-    def ready(self, entry: int) -> int | None:
-        """The ``entry``-th CRC if it is computed, without waiting."""
-        return self._crcs[entry] if entry < len(self._crcs) else None
-
-    def forget(self, entry: int) -> None:
-        """Drop an entry's CRC from the index (zip found another one: the file changed).
-
-        The row to drop is the file's key now: the same as the one read or
-        listed when the file changed behind the key's back (same size and
-        mtime), and if the key changed, the old row is never asked for again.
-        """
-        try:
-            status = os.lstat(self.directory / self._name(entry))
-        except OSError:
-            return
-        self.index.forget((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
-
-    def _name(self, entry: int) -> str:
-        """The ``entry``-th name (relative to the album)."""
-        start = 0
-        for _ in range(entry):
-            start = self._names.index(b"\n", start) + 1
-        return os.fsdecode(self._names[start + 2 : self._names.index(b"\n", start)])
-
-
 def album_crcs(
     album: Path, files: list[tuple[str, int]], index: CrcIndex, progress: Callable[[int], None] | None = None
 ) -> int:
@@ -292,7 +177,7 @@ def album_crcs(
         os.close(fd)
         if index.get(key) is None:
             try:
-                _small_file_crc(album / relative, size, index, buffer)
+                small_file_crc(album / relative, size, index, buffer)
             except FileChanged:
                 continue
             new += 1

@@ -20,7 +20,8 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .crc_index import CrcIndex, CrcSource
+from .crc_index import CrcIndex
+from .crc_source import CrcSource
 from .layout import ArchiveLayout, set_utf8_flags
 from .limits import ClientJobs, DownloadStalled, TokenBucket
 from .metrics import DownloadMetrics
@@ -222,8 +223,8 @@ class ArchiveBody(ResponseBody):
         try:
             pieces = await self._rewriter.feed(chunk)
         except DescriptorMismatch as mismatch:
-            if mismatch.entry is not None:
-                self._crcs.forget(mismatch.entry)
+            if mismatch.name:
+                self._crcs.forget(mismatch.name)
             raise ArchiveChanged(str(mismatch)) from None
         if len(pieces) == 1 and len(pieces[0]) == len(chunk):
             return chunk  # all file data, the usual chunk: passed on as it came, no copy

@@ -62,7 +62,7 @@ CENTRAL_FLAGS_HIGH_BYTE = 9
 class ArchiveLayout:
     """zip's output length, where the UTF-8 flag must be set for zip, which never sets it, and each entry's shape.
 
-    ``name_lengths`` and ``sizes`` (compact: 12 bytes a file) are there when
+    ``name_lengths`` and ``sizes`` (compact: 6 bytes a file) are there when
     ``rewrite`` can take the data descriptors out, which is whenever the
     layout is known but for a corner (an offset of exactly 0xFFFFFFFF);
     ``sent_size`` is then the length of that descriptor-free archive, the
@@ -105,10 +105,13 @@ def end_records_size(count: int, central_offset: int) -> int:
 def stored_archive_layout(listing: AlbumListing) -> ArchiveLayout | None:
     """The layout of zip's store-mode output for ``listing``, or None where it is not predictable."""
     if not listing.files:
-        return ArchiveLayout(END_RECORD, (), array("I"), array("Q"), sent_size=END_RECORD)  # producer.EMPTY_ZIP
+        return ArchiveLayout(END_RECORD, (), array("H"), array("I"), sent_size=END_RECORD)  # producer.EMPTY_ZIP
     offset = sent_offset = 0  # of the next local header, in zip's output and in the descriptor-free archive
     central_size = sent_central_size = 0
-    name_lengths, sizes = array("I"), array("Q")
+    # Compact, for a download holds them to the end: names are under 64 KiB (a header's field),
+    # and sizes take 8 bytes only where one needs them.
+    name_lengths = array("H")
+    sizes = array("Q" if any(file.size > FIELD_LIMIT for file in listing.files) else "I")
     local_flags: list[int] = []
     central_flags: list[int] = []
     corner = False  # a descriptor-free offset of exactly 0xFFFFFFFF: no one has seen what zip does there

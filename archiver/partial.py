@@ -27,7 +27,8 @@ from itertools import accumulate
 from pathlib import Path
 
 from .central import central_entry, dos_date_time, end_records, external_attributes
-from .crc_index import CrcIndex, CrcSource
+from .crc_index import CrcIndex
+from .crc_source import CrcSource
 from .layout import ArchiveLayout, central_entry_size, end_records_size, local_entry_size, stored_archive_layout
 from .producer import ZipInput, zip_input
 from .ranges import ByteRange

@@ -40,6 +40,7 @@ from .layout import (
     LOCAL_ZIP64_EXTRA,
     ZIP64_END_LOCATOR,
     ZIP64_END_RECORD,
+    local_entry_size,
 )
 
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
@@ -57,9 +58,10 @@ _CENTRAL_LENGTHS = struct.Struct("<HHH")  # name, extra field, comment
 class DescriptorMismatch(RuntimeError):
     """zip's output is not what the layout and the CRCs say: a file changed while it was zipped."""
 
-    def __init__(self, message: str, entry: int | None = None) -> None:
+    def __init__(self, message: str, entry: int | None = None, name: bytes = b"") -> None:
         super().__init__(message)
         self.entry = entry
+        self.name = name  # the entry's, where zip's CRC for it was not the one computed
 
 
 class DescriptorRemover:
@@ -96,12 +98,16 @@ class DescriptorRemover:
         self._index = 0
         self._expect_next("local" if count else "end")
         self._current_crc = 0
-        self._crcs = array("I")  # each entry's, once its descriptor is checked
+        # The current entry's name, gathered as it passes (entries that span chunks only; one
+        # in a chunk is done again this way if it does not check out): a mismatch names the file.
+        self._name_wanted = 0
+        self._current_name = bytearray()
         self._central_fixed = b""  # a central entry's first 46 bytes, while its name and extra are gathered
-        # The descriptor-free archive: where each local header lies, and the central directory's size.
-        self._sent_offsets = array("Q")
+        # The descriptor-free archive: its length so far, the central directory's size, and
+        # (while its central entries go out, in the same order) where the next local header lies.
         self._sent = 0
         self._sent_central_size = 0
+        self._local_offset = 0
 
     @property
     def done(self) -> bool:
@@ -113,6 +119,10 @@ class DescriptorRemover:
         while view:
             if self._passing:
                 taken = view[: self._passing]
+                if self._name_wanted:
+                    name_part = taken[: self._name_wanted]
+                    self._current_name += name_part
+                    self._name_wanted -= len(name_part)
                 out.append(taken)
                 self._passing -= len(taken)
                 view = view[len(taken) :]
@@ -173,8 +183,6 @@ class DescriptorRemover:
                     break
                 out.append(bytes(header))
                 out.append(view[position + LOCAL_HEADER : end - DATA_DESCRIPTOR])
-                self._crcs.append(crc)
-                self._sent_offsets.append(sent)
                 sent += LOCAL_HEADER + name_length + size
                 index += 1
                 position = end
@@ -186,29 +194,30 @@ class DescriptorRemover:
         return position
 
     def _whole_central_entries(self, view: memoryview, out: list[bytes | memoryview]) -> int:
-        name_lengths, crcs, offsets = self._name_lengths, self._crcs, self._sent_offsets
-        index, position, available = self._index, 0, len(view)
+        name_lengths, sizes, ready_crc = self._name_lengths, self._sizes, self._ready_crc
+        index, position, available, offset = self._index, 0, len(view), self._local_offset
         try:
             while index < self._count:
                 name_length = name_lengths[index]
                 end = position + CENTRAL_HEADER + name_length
-                if end > available or offsets[index] >= FIELD_LIMIT:
+                if end > available or offset >= FIELD_LIMIT or sizes[index] > FIELD_LIMIT:
                     break
                 entry = bytearray(view[position:end])
                 (crc,) = struct.unpack_from("<I", entry, 16)
                 # No ZIP64 field (and no comment), or the step-by-step path writes it anew.
                 lengths = _CENTRAL_LENGTHS.unpack_from(entry, 28)
-                if entry[:4] != _CENTRAL_SIGNATURE or lengths != (name_length, 0, 0) or crc != crcs[index]:
+                if entry[:4] != _CENTRAL_SIGNATURE or lengths != (name_length, 0, 0) or crc != ready_crc(index):
                     break
                 # As ``central.central_entry`` would write it (tests/test_rewrite.py): bit 3 clear, the new offset.
                 entry[8] &= ~_BIT3
-                struct.pack_into("<I", entry, 42, offsets[index])
+                struct.pack_into("<I", entry, 42, offset)
                 out.append(bytes(entry))
                 self._sent_central_size += end - position
+                offset += LOCAL_HEADER + name_length + sizes[index]
                 index += 1
                 position = end
         finally:
-            self._index = index
+            self._index, self._local_offset = index, offset
         if index == self._count:
             self._expect_next("end")
         return position
@@ -229,7 +238,9 @@ class DescriptorRemover:
             self._need, self._handler = self._end_size, self._end
 
     async def _local(self, header: bytes) -> bytes:
-        return self._local_header(header, await self._crc(self._index))
+        rewritten = self._local_header(header, await self._crc(self._index))
+        self._name_wanted, self._current_name = self._name_lengths[self._index], bytearray()
+        return rewritten
 
     def _local_header(self, header: bytes, crc: int) -> bytes:
         self._expect(header, _LOCAL_SIGNATURE, "local header")
@@ -245,7 +256,6 @@ class DescriptorRemover:
         patched[6] &= ~_BIT3
         struct.pack_into("<I", patched, 14, crc)
         self._passing = name_length + extra_length + size
-        self._sent_offsets.append(self._sent)
         self._sent += LOCAL_HEADER + self._passing
         self._expect_next("descriptor")
         return bytes(patched)
@@ -259,8 +269,8 @@ class DescriptorRemover:
             raise DescriptorMismatch(
                 f"entry {self._index}: zip's CRC {crc:08x} and sizes {sizes}, {self._current_crc:08x} computed",
                 self._index,
+                bytes(self._current_name),
             )
-        self._crcs.append(crc)
         self._index += 1
         if self._index == self._count:
             self._index = 0
@@ -283,14 +293,14 @@ class DescriptorRemover:
         """zip's central entry for the current file, as zip would write it to a file."""
         entry = self._central_fixed + rest
         (crc,) = struct.unpack_from("<I", entry, 16)
-        if crc != self._crcs[self._index]:
+        if crc != self._ready_crc(self._index):
             raise DescriptorMismatch(f"entry {self._index}: zip's central CRC {crc:08x} is not its descriptor's")
         (dos_time,) = struct.unpack_from("<I", entry, 12)
         (attributes,) = struct.unpack_from("<I", entry, 38)
-        name = entry[CENTRAL_HEADER : CENTRAL_HEADER + self._name_lengths[self._index]]
-        rewritten = central_entry(
-            name, crc, self._sizes[self._index], dos_time, attributes, self._sent_offsets[self._index]
-        )
+        name_length, size = self._name_lengths[self._index], self._sizes[self._index]
+        name = entry[CENTRAL_HEADER : CENTRAL_HEADER + name_length]
+        rewritten = central_entry(name, crc, size, dos_time, attributes, self._local_offset)
+        self._local_offset += local_entry_size(name_length, size)
         self._sent_central_size += len(rewritten)
         self._index += 1
         self._expect_next("end" if self._index == self._count else "central")

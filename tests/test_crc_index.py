@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from archiver.config import Settings
-from archiver.crc_index import CrcIndex, CrcSource, FileChanged, file_crc
+from archiver.crc_index import CrcIndex, FileChanged, file_crc
+from archiver.crc_source import CrcSource
 from archiver.crc_store import CrcStore
 
 from .conftest import files_on_disk, read_archive, running_server, write_tree
