@@ -185,6 +185,9 @@ class ArchiveBody(ResponseBody):
                     ) from None
                 if self._rewriter is not None and not self._rewriter.done:
                     raise ArchiveChanged("zip's archive ended before its end record") from None
+                if self.layout is not None and self.bytes_out != self.layout.sent_size:
+                    # Never a clean end for bytes that disagree with the announced plan.
+                    raise ArchiveChanged(f"{self.bytes_out} bytes made, {self.layout.sent_size} announced") from None
                 raise StopAsyncIteration from None
             offset = self.bytes_produced
             self.bytes_produced += len(chunk)
@@ -196,6 +199,8 @@ class ArchiveBody(ResponseBody):
                 chunk = await self._without_descriptors(chunk)
             out_offset = self.bytes_out
             self.bytes_out += len(chunk)
+            if self.layout is not None and self.bytes_out > self.layout.sent_size:
+                raise ArchiveChanged(f"more than the {self.layout.sent_size} bytes announced were made")
             if self.byte_range is not None:
                 # Keep only the part of this chunk inside the range (slicing all of it costs no copy).
                 chunk = chunk[max(0, self.byte_range.start - out_offset) : self.byte_range.end + 1 - out_offset]
@@ -226,8 +231,15 @@ class ArchiveBody(ResponseBody):
             if mismatch.name:
                 self._crcs.forget(mismatch.name)
             raise ArchiveChanged(str(mismatch)) from None
-        if len(pieces) == 1 and len(pieces[0]) == len(chunk):
-            return chunk  # all file data, the usual chunk: passed on as it came, no copy
+        if len(pieces) == 1:
+            (piece,) = pieces
+            # All file data, the usual chunk: a view of the whole chunk is the chunk itself,
+            # passed on as it came, no copy.  A piece of the same length that is not such
+            # a view is a rewritten record (an end record, a local header, a central
+            # entry), never the chunk it came from.
+            if isinstance(piece, memoryview) and piece.obj is chunk and piece.nbytes == len(chunk):
+                return chunk
+            return bytes(piece)
         return b"".join(pieces)
 
     async def _pace(self) -> None:
