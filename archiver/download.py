@@ -243,7 +243,12 @@ class ArchiveBody(ResponseBody):
         return b"".join(pieces)
 
     async def _pace(self) -> None:
-        """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst."""
+        """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst.
+
+        No pause once the whole length is sent: the client has it all, and may leave.
+        """
+        if self.bytes_sent == self._length():
+            return
         if self.bytes_sent and self.delay:
             await trio.sleep(self.delay)
         if self._bucket is not None:
@@ -275,9 +280,11 @@ class ArchiveBody(ResponseBody):
         self.client_jobs.release(self.client)
 
     def _finish(self, outcome: str, description: str) -> None:
-        if outcome == "cancelled" and self.bytes_sent == self._range_length():
-            # The range was sent whole and zip stopped early on purpose; the
-            # client may have left (closing the connection) before we did.
+        if outcome == "cancelled" and self.bytes_sent == self._length():
+            # Judged by what was delivered: every byte announced was taken by
+            # the client, which may then leave (closing the connection) before
+            # the body ends, while a range's zip is stopped early on purpose
+            # or a paced body waits out its pause.
             outcome, description = "completed", "complete"
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
@@ -292,10 +299,10 @@ class ArchiveBody(ResponseBody):
             0 if self.zip_input is None else self.zip_input.file_count,
         )
 
-    def _range_length(self) -> int | None:
-        """The bytes a range request is to send, None for a whole archive."""
+    def _length(self) -> int | None:
+        """The bytes this response is to send in all (its Content-Length); None if not known ahead (compressed)."""
         if self.byte_range is None and self.tail is None:
-            return None
+            return None if self.layout is None else self.layout.sent_size
         return (0 if self.byte_range is None else self.byte_range.length) + (
             0 if self.tail is None else self.tail.length
         )

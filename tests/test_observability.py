@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
@@ -73,3 +74,36 @@ async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> Non
             await c.get("/archive/album/")
         figures = samples((await c.get("/metrics")).text)
     assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
+
+
+async def finished_downloads(client: httpx.AsyncClient, count: int) -> dict[str, float]:
+    """The metrics once ``count`` downloads have finished (their outcome is counted as the body ends)."""
+    with trio.fail_after(10):
+        while True:
+            figures = samples((await client.get("/metrics")).text)
+            if (
+                sum(value for key, value in figures.items() if key.startswith("archiver_downloads_finished_total"))
+                >= count
+            ):
+                return figures
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "pacing", [{"delay": 0.3, "chunk_size": 131_072}, {"rate_limit": 300_000, "chunk_size": 16_384}]
+)
+async def test_paced_downloads_that_arrive_whole_count_as_completed(
+    settings: Settings, pacing: dict[str, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 18: the pause before the next read outlasted curl, which closes the
+    # connection as soon as it has Content-Length bytes.
+    write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(400_000)})
+    paced = replace(settings, **pacing)  # type: ignore[arg-type]
+    async with running_server(paced) as url, make_client(url, "HTTP/1.1") as client:
+        for _ in range(2):
+            fetched = await trio.run_process(["curl", "-sS", "-o", "/dev/null", f"{url}/archive/album/"], check=False)
+            assert fetched.returncode == 0
+        figures = await finished_downloads(client, 2)
+    assert figures['archiver_downloads_finished_total{outcome="completed"}'] == 2
+    assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 0
+    assert "client disconnected" not in caplog.text
