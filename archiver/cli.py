@@ -184,5 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"archiver: {error}")
     logger.info("serving %s on %s:%d", settings.storage_dir.resolve(), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
-    trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger))
+    try:
+        trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger))
+    except Exception:
+        # Per-connection errors end their connection (hypercorn_tcp); this is the server itself.
+        logger.critical("fatal error, the service stops", exc_info=True)
+        sys.exit(70)  # EX_SOFTWARE: systemd's Restart= and any supervisor see a failure
     logger.info("stopped")

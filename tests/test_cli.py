@@ -198,3 +198,38 @@ async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_zip(tmp_path: 
             assert await server.process.wait() == 0
     for pid in zips:
         assert not Path(f"/proc/{pid}").exists()
+
+
+# Stands for any fatal error in the server itself (not in one connection, which
+# costs only that connection): the accept loop fails at its first connection.
+INJECTED_FAILURE = """
+import runpy, sys, trio
+async def failing_serve_listeners(handler, listeners, **kwargs):
+    await listeners[0].accept()
+    raise RuntimeError("injected fatal error")
+trio.serve_listeners = failing_serve_listeners
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_fatal_error_exits_non_zero_and_says_so(launch: str) -> None:
+    command, env = launch_command(launch, free_port(), grace=1)
+    module = "archiver" if launch == "archiver" else "hypercorn"
+    arguments = command[3:] if launch == "archiver" else command[1:]
+    injected = [sys.executable, "-c", INJECTED_FAILURE, module, *arguments]
+    async with launched(injected, env | {"ARCHIVER_DIR": str(PROJECT / "data")}) as server:
+        with pytest.raises(httpx.TransportError):
+            async with make_client(server.url, "HTTP/1.1") as client:
+                await client.get("/healthz")
+        with trio.fail_after(15):
+            status = await server.process.wait()
+    assert status != 0  # systemd's Restart= and any supervisor see a failure
+    assert b"injected fatal error" in server.output
+
+
+def test_systemd_unit_restarts_whatever_the_exit_status() -> None:
+    unit = (PROJECT / "deploy" / "archiver@.service").read_text()
+    assert "\nRestart=always\n" in unit
+    assert "\nRestartSec=2\n" in unit
