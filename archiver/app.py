@@ -19,12 +19,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
 from .config import Settings, SettingsError
-from .connection import ArchiveHTTPConnection
+from .connection import ArchiveHTTPConnection, limit_refusal
 from .crc_index import CrcIndex
 from .crc_store import CrcStore
-from .download import ArchiveBody
+from .download import ArchiveBody, JobLimitReached
 from .layout import ArchiveLayout, stored_archive_layout
-from .limits import ClientJobs, TrustedProxies, connection_limit
+from .limits import ClientJobs, ClientLimitReached, ClientWalks, TrustedProxies, WalkLimitReached, connection_limit
 from .metrics import DownloadMetrics
 from .partial import plan_range
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
@@ -38,6 +38,10 @@ NOT_FOUND_MESSAGE = "Архив не существует или был удал
 RANGE_MESSAGE = "Запрошенный диапазон вне архива"  # "the range asked for lies outside the archive"
 LINK_MESSAGE = "Ссылка недействительна или её срок истёк"  # "the link is not valid or has expired"
 
+HEADERS_TOO_LARGE_MESSAGE = "Слишком длинный запрос"  # "the request is too long"
+# The path and every header's name and value together: far more than any browser or CMS link needs.
+MAX_HEADER_BYTES = 16 * 1024
+
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 
 # Albums walked at once, in worker threads.  A walk is bound by the disk and
@@ -45,6 +49,9 @@ EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 # is whole in memory (~200 bytes a file): 32 requests for a 20,000-file album
 # at once would hold 130 MB.
 WALKERS = 2
+# Walks one client may have waiting behind its one in progress (``limits.ClientWalks``):
+# room for a browser opening every album of a page at once, not for a flood.
+WALKS_WAITING_PER_CLIENT = 32
 
 INDEX_PAGE = """<!doctype html>
 <html lang="ru">
@@ -118,6 +125,7 @@ def create_app(settings: Settings) -> QuartTrio:
     client_jobs = ClientJobs(settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
+    client_walks = ClientWalks(WALKS_WAITING_PER_CLIENT)
     crc_index = CrcIndex(open_crc_store(settings))
     metrics = DownloadMetrics()
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
@@ -125,6 +133,17 @@ def create_app(settings: Settings) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None
     # "/archive//x//" is not a way to name an album: no redirect to a cleaned-up path.
     app.url_map.merge_slashes = False
+
+    @app.before_request
+    async def limit_header_size() -> Response | None:
+        # h11 caps only a request head that arrives in pieces; one that comes
+        # in a single read, and HTTP/2's (up to 64 KiB), would pass whole.
+        size = len(request.scope.get("raw_path", b"")) + sum(
+            len(name) + len(value) for name, value in request.scope["headers"]
+        )
+        if size > MAX_HEADER_BYTES:
+            return Response(HEADERS_TOO_LARGE_MESSAGE + "\n", status=431, mimetype="text/plain")
+        return None
 
     @app.get("/")
     async def index() -> Response:
@@ -143,10 +162,19 @@ def create_app(settings: Settings) -> QuartTrio:
                 args = request.args
                 check_link(settings.link_secret.encode(), name, args.get("expires"), args.get("sig"), time.time())
             album = resolve_album(settings.storage_dir, name)
-            # A large album takes a while to walk: keep the event loop free.
-            prepared = await trio.to_thread.run_sync(
-                prepare_archive, album, arguments, settings, crc_index, limiter=walkers
-            )
+            client = _client_address(proxies)
+            if request.method == "GET":
+                # Limits before work: a download that would be refused is refused before its walk.
+                if not jobs.available_tokens:
+                    raise JobLimitReached(f"all {jobs.total_tokens} archive jobs are busy")
+                client_jobs.check(client)
+            async with client_walks.turn(client):
+                # A large album takes a while to walk: keep the event loop free.
+                prepared = await trio.to_thread.run_sync(
+                    prepare_archive, album, arguments, settings, crc_index, limiter=walkers
+                )
+        except (JobLimitReached, ClientLimitReached, WalkLimitReached) as error:
+            return limit_refusal(error, name, client, metrics)
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
@@ -201,7 +229,7 @@ def create_app(settings: Settings) -> QuartTrio:
             rate_limit=settings.rate_limit,
             layout=layout,
             byte_range=zip_range,
-            client=_client_address(proxies),
+            client=client,
             client_jobs=client_jobs,
             stall_timeout=settings.stall_timeout,
             crc_index=crc_index,

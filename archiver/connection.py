@@ -31,7 +31,8 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .crc_index import FileChanged
 from .download import ArchiveBody, ArchiveChanged, JobLimitReached, first_failure
-from .limits import ClientLimitReached, DownloadStalled
+from .limits import ClientLimitReached, DownloadStalled, WalkLimitReached
+from .metrics import DownloadMetrics
 from .producer import ZipFailed, ZipUnavailable
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,12 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
                         await _send_within(send, _start_event(response), body.stall_timeout)
                         headers_sent = True
                     await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
-        except Exception as error:
+        except BaseException as error:
+            # A group, often: the failure, and the cancellations it caused in the
+            # download's nursery (and, once the client is gone, in Quart-Trio's).
             failure = first_failure(error)
+            if not isinstance(failure, Exception):
+                raise  # a cancellation alone: the client left, or shutdown
             if headers_sent or isinstance(failure, DownloadStalled):
                 if isinstance(failure, (ZipFailed, ArchiveChanged, FileChanged, DownloadStalled)):
                     # Logged by the body already.  Returning without the final
@@ -89,13 +94,26 @@ async def _send_within(
         raise DownloadStalled(f"the client accepted nothing for {timeout:g} s")
 
 
+_LIMIT_REASONS: dict[type[BaseException], str] = {
+    JobLimitReached: "job_limit",
+    ClientLimitReached: "client_limit",
+    WalkLimitReached: "walk_limit",
+}
+
+
+def limit_refusal(
+    error: JobLimitReached | ClientLimitReached | WalkLimitReached, name: str, client: str, metrics: DownloadMetrics
+) -> Response:
+    """The 503 for a request over a limit: one WARNING line, counted by reason; never queued."""
+    logger.warning("refused %s for %s: %s", name, client, error)
+    metrics.rejected.labels(_LIMIT_REASONS[type(error)]).inc()
+    return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
     if isinstance(error, (JobLimitReached, ClientLimitReached)):
-        logger.warning("refused %s for %s: %s", body.name, body.client, error)
-        reason = "job_limit" if isinstance(error, JobLimitReached) else "client_limit"
-        body.metrics.rejected.labels(reason).inc()
-        return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return limit_refusal(error, body.name, body.client, body.metrics)
     if isinstance(error, ZipUnavailable):
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("zip_unavailable").inc()

@@ -262,7 +262,12 @@ class ArchiveBody(ResponseBody):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool | None:
-        assert self._nursery_manager is not None and self._receive_channel is not None
+        assert self._nursery_manager is not None and self._receive_channel is not None and self._nursery is not None
+        if exc_value is not None:
+            # Cancelled before the channel closes: a producer waiting to send is
+            # then cancelled, not told BrokenResourceError, which would stand
+            # beside the real failure (a stall, a disconnect) as a second one.
+            self._nursery.cancel_scope.cancel()
         self._receive_channel.close()
         try:
             suppressed = await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)

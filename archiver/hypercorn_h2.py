@@ -1,4 +1,4 @@
-"""Four adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Five adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -54,10 +54,28 @@ H2Protocol restarts it only when a stream closes: a client that sends the
 preface and SETTINGS and nothing else holds a descriptor for ever.  Here a
 new HTTP/2 connection without streams reports itself idle, so the same
 timeout applies.
+
+5. Reset a request whose ``:method`` or ``:path`` is not ASCII.
+
+h2 passes pseudo-header values through as bytes.  Hypercorn decodes
+``:method`` and ``:path`` as ASCII while it creates the stream
+(``H2Protocol._create_stream``, ``HTTPStream.handle``), outside any handler:
+one request with ``:path`` = ``/archive/\xff/`` raises UnicodeDecodeError
+through the connection and, in the trio worker, stops the whole server.
+Over HTTP/1.1 h11 answers the same bytes with a 400.  Such a request is
+malformed (RFC 9113 section 8.3.1: a request target is ASCII, RFC 9110
+section 9.1: a method is a token), and section 8.1.1 says a malformed request
+is a stream error of type PROTOCOL_ERROR: the stream is reset, and the
+connection and its other streams go on.  Upstream report, as it would be
+filed: "H2: a non-ASCII byte in :path or :method raises UnicodeDecodeError
+in _create_stream/HTTPStream.handle; with the trio worker this stops the
+server; it should reset the stream with PROTOCOL_ERROR."
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,6 +96,7 @@ _DATA_FRAME = 0x0
 _NO_FLAGS = 0
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MARKER = "_archiver_adjusted"
+logger = logging.getLogger(__name__)
 SEND_BATCH = 256 * 1024
 
 
@@ -89,7 +108,37 @@ def install() -> None:
     _batch_data_frames()
     _bound_stream_buffers()
     _time_out_idle_connections()
+    _reset_malformed_requests()
     setattr(H2Protocol, _MARKER, True)
+
+
+# RFC 9110 section 5.6.2: a token's characters (a method is a token).
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def is_malformed_request(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True if ``:method`` is not a token or ``:path`` holds a byte outside visible ASCII (patch 5)."""
+    for name, value in headers:
+        if name == b":method" and (not value or not _TOKEN.issuperset(value)):
+            return True
+        if name == b":path" and any(byte < 0x21 or byte > 0x7E for byte in value):
+            return True
+    return False
+
+
+def _reset_malformed_requests() -> None:
+    original: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        if is_malformed_request(request.headers):
+            logger.warning("HTTP/2 stream %d reset: malformed :method or :path", request.stream_id)
+            with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
+                self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            await self._flush()
+            return
+        await original(self, request)
+
+    H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
 def _reset_unfinished_streams() -> None:

@@ -1,4 +1,4 @@
-"""Two adjustments to Hypercorn's trio TCP server (0.17-0.18), installed once per process.
+"""Four adjustments to Hypercorn's trio TCP server (0.17-0.18), installed once per process.
 
 1. A socket write that makes no progress for the stall timeout ends the connection.
 
@@ -20,8 +20,38 @@ connection past the limit is closed as soon as it is accepted, before the
 TLS handshake or any byte is read; the limit (``limits.connection_limit``)
 leaves the descriptors the job limit needs.
 
+3. An exception while one connection is handled ends that connection, not the server.
+
+Hypercorn's trio worker runs every connection's ``TCPServer.run`` in one
+handler nursery.  Whatever a connection raises beyond ``OSError`` crashes
+that nursery, and with it the process: every other download is cut and the
+port is closed.  Two such bugs were found by sending malformed requests
+(a non-ASCII byte in an HTTP/2 ``:path``, fixed where it arises in
+``hypercorn_h2``; a ``BusyResourceError`` below); this is the backstop for
+the next one.  The connection is closed, one WARNING line says why, and the
+server goes on.  Upstream report, as it would be filed: "trio worker: an
+exception in one connection's handler (e.g. UnicodeDecodeError for a
+non-ASCII :path over h2) propagates into serve_listeners' handler nursery and
+stops the server; the asyncio worker logs it and keeps serving."
+
+A ``BusyResourceError`` from a write means another task is sending on the
+stream without the send lock: Hypercorn's ``_close`` (its ``send_eof``) on the
+way out after a framing error.  The connection is ending; the write is
+treated like one to a closed stream, as Hypercorn treats BrokenResourceError.
+
+4. A connection HTTP says must close is closed at once, even when the app's task asks.
+
+After a response to ``Connection: close``, to HTTP/1.0 without keep-alive,
+or to a request whose body was not read to its end, Hypercorn's HTTP/1.1
+protocol sends ``Closed`` from the task that finished the response.  With
+Quart-Trio that is the app's message task, which Quart-Trio cancels as soon as
+the response is out: ``_close`` is cancelled at its first checkpoint, before
+the socket is shut, and the client (reading until close) waits until the
+read timeout, 120 s and more, holding a descriptor.  Here ``_close`` is
+shielded, with a deadline of its own (a TLS close may wait on the peer).
+
 The patches wrap ``TCPServer.run`` and replace ``TCPServer.protocol_send``
-for its RawData case.  tests/test_fences.py fails if what they rely on
+for its RawData and Closed cases.  tests/test_fences.py fails if what they rely on
 changes in a new Hypercorn release.
 """
 
@@ -41,6 +71,8 @@ logger = logging.getLogger(__name__)
 _MARKER = "_archiver_adjusted"
 # Seconds between two "connection limit reached" warnings.
 REFUSAL_LOG_INTERVAL = 10.0
+# Seconds a connection's close may take (a TLS close_notify to a peer that does not read).
+CLOSE_TIMEOUT = 5.0
 
 
 class _Limits:
@@ -80,10 +112,29 @@ def _limit_connections() -> None:
         LIMITS.open_connections += 1
         try:
             await original(self)
+        except Exception as error:  # not BaseException: cancellation (shutdown) goes on as it came
+            logger.warning("connection from %s ended by an error: %s", _peer(self), _describe(error))
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self.stream.aclose()
         finally:
             LIMITS.open_connections -= 1
 
     TCPServer.run = run  # type: ignore[method-assign]
+
+
+def _peer(server: Any) -> str:
+    try:
+        stream = getattr(server.stream, "transport_stream", server.stream)
+        return str(stream.socket.getpeername()[0])
+    except (OSError, AttributeError, IndexError):
+        return "unknown"
+
+
+def _describe(error: BaseException) -> str:
+    """One line for an error, digging into exception groups for the first real one."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
 
 
 def _log_refusal() -> None:
@@ -101,6 +152,11 @@ def _time_out_writes() -> None:
     original: Callable[[Any, Event], Awaitable[None]] = TCPServer.protocol_send
 
     async def protocol_send(self: Any, event: Event) -> None:
+        if isinstance(event, Closed):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self._close()
+            await self.protocol.handle(Closed())
+            return
         if not isinstance(event, RawData):
             await original(self, event)
             return
@@ -114,8 +170,8 @@ def _time_out_writes() -> None:
                         # Half a write went out: the stream is unusable.
                         stalled = True
                         await self.stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass  # Busy: Hypercorn's _close is shutting the stream (see the module docstring)
             else:
                 if not stalled:
                     return

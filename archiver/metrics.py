@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled")
-REJECTIONS = ("job_limit", "client_limit", "zip_unavailable")
+REJECTIONS = ("job_limit", "client_limit", "walk_limit", "zip_unavailable")
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)

@@ -28,6 +28,12 @@ _MAX_DIGITS = 19
 _HUGE = 10**_MAX_DIGITS - 1
 
 
+# A single range is "bytes=" and two numbers: a longer header is not one we
+# take.  The cap also bounds the regular expression's work, which grows with
+# the square of a run of blanks.
+MAX_RANGE_HEADER = 200
+
+
 class RangeNotSatisfiable(ValueError):
     """The range asked for starts at or past the end of the archive."""
 
@@ -47,9 +53,12 @@ class ByteRange:
 def parse_range(header: str, length: int) -> ByteRange | None:
     """The single range ``header`` asks for within ``length`` bytes, or None to send everything.
 
-    A header we do not take (several ranges, another unit, bad syntax) means
-    the whole archive, as RFC 9110 lets a server ignore Range.
+    A header we do not take (several ranges, another unit, bad syntax, over
+    MAX_RANGE_HEADER characters) means the whole archive, as RFC 9110 lets a
+    server ignore Range.
     """
+    if len(header) > MAX_RANGE_HEADER:
+        return None
     match = _SINGLE_RANGE.fullmatch(header.strip(" \t"))
     if match is None or match.group(1) == match.group(2) == "":
         return None
@@ -75,10 +84,17 @@ def _position(digits: str) -> int:
 
 
 def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:
-    """A strong ETag from all the archive's bytes depend on: zip's options, each file's name, size, mtime, mode."""
+    """A strong ETag from all the archive's bytes depend on: zip's options, each file's name, size, mtime, mode.
+
+    And each file's ctime: a file rewritten in place with its size and mtime
+    restored (``touch -r``) has other bytes, and a resume across that change
+    must not splice two archives (If-Range).  Its ctime moved.
+    """
     digest = hashlib.sha256("\0".join(zip_arguments[1:]).encode())
     for file in listing.files:
-        digest.update(b"\0%s\0%d\0%d\0%o" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode))
+        digest.update(
+            b"\0%s\0%d\0%d\0%o\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns)
+        )
     return f'"{digest.hexdigest()[:32]}"'
 
 

@@ -47,6 +47,8 @@ class AlbumFile:
     mode: int = stat.S_IFREG | 0o644
     device: int = 0
     inode: int = 0
+    # Moved by every write and chmod, even one that restores the mtime after it (the ETag).
+    ctime_ns: int = 0
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -119,7 +121,15 @@ def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[Sk
         else:
             status = entry.stat(follow_symlinks=False)
             files.append(
-                AlbumFile(relative, status.st_size, status.st_mtime_ns, status.st_mode, status.st_dev, status.st_ino)
+                AlbumFile(
+                    relative,
+                    status.st_size,
+                    status.st_mtime_ns,
+                    status.st_mode,
+                    status.st_dev,
+                    status.st_ino,
+                    status.st_ctime_ns,
+                )
             )
 
 

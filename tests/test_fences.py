@@ -1,10 +1,10 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py``,
-``archiver/hypercorn_access.py`` and ``archiver/connection.py`` replace or wrap private parts of Hypercorn and
-Quart-Trio.  They were checked against the versions pinned in pyproject.toml;
-these tests check that the installed versions are inside those pins and that
-the code the patches replace still reads as it did, so that a release which
+``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py``, ``archiver/hypercorn_access.py`` and
+``archiver/connection.py`` replace or wrap private parts of Hypercorn and Quart-Trio; ``workers = 0``
+in hypercorn.toml and ``archiver/asgi.py`` work around a Hypercorn bug.  They were checked against
+the versions pinned in pyproject.toml; these tests check that the installed versions are inside
+those pins and that the code the patches replace still reads as it did, so that a release which
 changes it stops the build here instead of misbehaving in production.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.http_stream as http_stream_module
+import hypercorn.run as hypercorn_run_module
 import hypercorn.trio.tcp_server as tcp_server_module
 import pytest
 import quart_trio.asgi
@@ -61,6 +62,9 @@ def source_of(module: object) -> str:
                 "self.connection.local_flow_control_window(stream_id)",
                 "await self.send(Updated(idle=idle))",
                 "self.priority.block(stream_id)",
+                # _create_stream decodes :method unchecked (patch 5 checks first).
+                "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
+                'method = value.decode("ascii").upper()',
             ],
         ),
         (
@@ -73,6 +77,18 @@ def source_of(module: object) -> str:
                 "await self.protocol.handle(Closed())",
                 "async def run(self) -> None:",
                 "await self.idle_task.restart(self._task_group, self._idle_timeout)",
+                # Closed: _close then the protocol told (patch 4 shields the first).
+                "await self._close()\n            await self.protocol.handle(Closed())",
+                # run catches OSError only: anything else reaches the handler nursery (patch 3).
+                "        except OSError:\n            pass\n        finally:\n            await self._close()",
+            ],
+        ),
+        (
+            hypercorn_run_module,
+            [
+                # The exit status of a dead worker is lost (why hypercorn.toml says workers = 0).
+                "exitcode = _join_exited(processes) if exitcode != 0 else exitcode",
+                "    if config.workers == 0:\n        worker_func(config, sockets)",
             ],
         ),
         (
@@ -88,6 +104,8 @@ def source_of(module: object) -> str:
                 "            if self.app_put is not None:\n"
                 '                await self.app_put({"type": "http.disconnect"})',
                 'elif message["type"] == "http.response.body" and self.state == ASGIHTTPState.RESPONSE:',
+                # The :path decode patch 5 of hypercorn_h2 guards.
+                '"path": unquote(path.decode("ascii")),',
             ],
         ),
         (
@@ -110,6 +128,8 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):
         assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.hypercorn_h2"
+    for name in ("stream_send", "_send_data", "initiate", "_create_stream"):
+        assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.hypercorn_h2"
     for name in ("run", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.hypercorn_tcp"
     for name in ("app_send", "handle", "_send_closed", "_send_error_response"):

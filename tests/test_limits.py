@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import replace
+
+import httpx
 import pytest
+import trio
+import trio.testing
 
 from archiver.config import Settings, SettingsError
-from archiver.limits import ClientJobs, ClientLimitReached, TokenBucket, TrustedProxies, connection_limit
+from archiver.limits import (
+    ClientJobs,
+    ClientLimitReached,
+    ClientWalks,
+    TokenBucket,
+    TrustedProxies,
+    WalkLimitReached,
+    connection_limit,
+)
+
+from .conftest import read_archive, running_server, write_tree
+from .test_observability import samples
 
 PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
 
@@ -95,3 +113,83 @@ def test_token_bucket_keeps_the_rate_and_caps_what_a_pause_saves() -> None:
     assert bucket.delay(100.5) == 0
     bucket.spend(1000)
     assert bucket.delay(100.5) == pytest.approx(1.0)
+
+
+async def test_client_walks_go_one_at_a_time_with_a_bounded_queue() -> None:
+    walks = ClientWalks(max_waiting=2)
+    order: list[object] = []
+    release = trio.Event()
+
+    async def walk(number: int) -> None:
+        async with walks.turn("a"):
+            order.append(number)
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for number in range(3):
+            nursery.start_soon(walk, number)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(order) == 1  # one walk at a time for a client
+        assert walks.queued("a") == 3
+        with pytest.raises(WalkLimitReached):  # one walking, two waiting: the next is refused
+            async with walks.turn("a"):
+                pass
+        async with walks.turn("b"):  # another client is not held up
+            order.append("b")
+        release.set()
+    assert order[1] == "b" and sorted(order[:1] + order[2:]) == [0, 1, 2]  # type: ignore[type-var]
+    assert walks.queued("a") == 0
+
+
+def client_from(url: str, address: str) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(local_address=address, limits=httpx.Limits(max_connections=100))
+    return httpx.AsyncClient(base_url=url, transport=transport, timeout=60)
+
+
+async def test_one_clients_listings_do_not_hold_up_another_clients_first_byte(settings: Settings) -> None:
+    # Issue 23: 100 HEADs from one address held a polite download 34.5 s behind their walks.
+    write_tree(settings.storage_dir / "many", {f"{i:05d}.jpg": b"x" for i in range(4000)})
+    write_tree(settings.storage_dir / "small", {"photo.jpg": os.urandom(10_000)})
+    heads = 30
+    answered = 0
+    async with running_server(settings) as url, client_from(url, "127.0.0.1") as attacker:
+        first_answered = trio.Event()
+
+        async def head() -> None:
+            nonlocal answered
+            assert (await attacker.head("/archive/many/")).status_code == 200
+            answered += 1
+            first_answered.set()
+
+        async with trio.open_nursery() as nursery, client_from(url, "127.0.0.2") as polite:
+            for _ in range(heads):
+                nursery.start_soon(head)
+            await first_answered.wait()
+            response = await polite.get("/archive/small/")
+            answered_meanwhile = answered
+        assert response.status_code == 200
+        assert read_archive(response.content)["photo.jpg"]
+    assert answered == heads  # all served, one after another
+    assert answered_meanwhile <= heads // 3, f"the polite download waited behind {answered_meanwhile} walks"
+
+
+async def test_a_download_over_the_limits_is_refused_before_its_album_is_listed(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_tree(settings.storage_dir / "slow", {"photo.jpg": os.urandom(1024 * 1024)})
+    # Listing this album logs its skipped entry: the sign that it was walked.
+    write_tree(settings.storage_dir / "other", {"photo.jpg": b"x", "line\nbreak": b"y"})
+    one_job = replace(settings, max_jobs=1, delay=0.5, chunk_size=65536)
+    async with running_server(one_job) as url, client_from(url, "127.0.0.1") as client:
+        async with client.stream("GET", "/archive/slow/") as holding:
+            assert holding.status_code == 200
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="archiver"):
+                refused = await client.get("/archive/other/")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "5"
+            app_lines = [record for record in caplog.records if record.name.startswith("archiver")]
+        metrics = samples((await client.get("/metrics")).text)
+    assert "skipped" not in caplog.text  # no walk
+    assert len(app_lines) == 1 and app_lines[0].levelno == logging.WARNING  # one app line a refusal
+    assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1

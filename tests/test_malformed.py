@@ -1,0 +1,364 @@
+"""Malformed input costs one connection, never the process (issue 23).
+
+Each finding has its own test against a real ``python -m archiver`` process
+(or, where the launch does not matter, the server in this process); a
+hypothesis suite then throws malformed HTTP/1.1 and HTTP/2 at the process,
+and after every case a polite client is still served.  The process must be
+alive when the module ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from archiver.ranges import parse_range
+
+from .conftest import files_on_disk, free_port, http11_request, read_archive, write_tree
+
+PROJECT = Path(__file__).resolve().parent.parent
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass
+class Service:
+    address: tuple[str, int]
+    process: subprocess.Popen[bytes]
+    storage: Path
+    output: bytearray = field(default_factory=bytearray)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A real ``python -m archiver`` for the whole module; it must still be running at the end."""
+    storage = tmp_path_factory.mktemp("malformed")
+    write_tree(storage / "small", {"photo.jpg": os.urandom(100_000), "Фото/notes.txt": b"notes"})
+    port = free_port()
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    running = Service(("127.0.0.1", port), process, storage)
+    listening = threading.Event()
+
+    def collect() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            running.output += line
+            if b"Running on" in line:
+                listening.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    try:
+        assert listening.wait(30), running.output.decode(errors="replace")
+        yield running
+        assert process.poll() is None, "the service died:\n" + running.output.decode(errors="replace")[-5000:]
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def polite_request_works(service: Service) -> None:
+    status, _, body = http11_request(service.address, "GET", b"/archive/small/", [])
+    assert status == 200
+    assert read_archive(body) == files_on_disk(service.storage / "small")
+
+
+def exchange(address: tuple[str, int], data: bytes, timeout: float = 3.0) -> bytes:
+    """Send ``data``, half-close, and read until the server closes (or ``timeout`` passes with nothing)."""
+    received = bytearray()
+    with socket.create_connection(address, timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+    return bytes(received)
+
+
+def h2_client(**options: bool) -> h2.connection.H2Connection:
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None, **options)  # type: ignore[arg-type]
+    )
+    connection.initiate_connection()
+    return connection
+
+
+def h2_events(sock: socket.socket, connection: h2.connection.H2Connection, until: type) -> list[h2.events.Event]:
+    """Read and collect events until one of type ``until`` (or the connection ends)."""
+    events: list[h2.events.Event] = []
+    while not any(isinstance(event, until) for event in events):
+        data = sock.recv(65536)
+        if not data:
+            break
+        events += connection.receive_data(data)
+        sock.sendall(connection.data_to_send())
+    return events
+
+
+# Finding 1: one HTTP/2 request with a non-ASCII byte in :path or :method ended the process.
+@pytest.mark.parametrize(
+    "pseudo",
+    [[(b":method", b"GET"), (b":path", b"/archive/\xff/")], [(b":method", b"G\xc3\xa9T"), (b":path", b"/")]],
+    ids=["path", "method"],
+)
+def test_non_ascii_pseudo_header_resets_its_stream_only(service: Service, pseudo: list[tuple[bytes, bytes]]) -> None:
+    connection = h2_client(validate_outbound_headers=False, normalize_outbound_headers=False)
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, [*pseudo, (b":scheme", b"http"), (b":authority", b"x")], end_stream=True)
+        # A polite request on the same connection, after the malformed one.
+        connection.send_headers(
+            3,
+            [(b":method", b"GET"), (b":path", b"/healthz"), (b":scheme", b"http"), (b":authority", b"x")],
+            end_stream=True,
+        )
+        sock.sendall(connection.data_to_send())
+        events = h2_events(sock, connection, h2.events.StreamEnded)
+    resets = [event for event in events if isinstance(event, h2.events.StreamReset)]
+    assert [(reset.stream_id, reset.error_code) for reset in resets] == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+    assert any(isinstance(event, h2.events.StreamEnded) and event.stream_id == 3 for event in events)
+    polite_request_works(service)
+    assert b"UnicodeDecodeError" not in service.output
+
+
+# Finding 2: ten HTTP/1.1 requests at once with an illegal chunk header ended the process.
+def test_illegal_chunk_headers_at_once_cost_their_connections_only(service: Service) -> None:
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    for _ in range(5):
+        answers: list[bytes] = []
+
+        def send(answers: list[bytes] = answers) -> None:
+            answers.append(exchange(service.address, request))
+
+        threads = [threading.Thread(target=send) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(answer.startswith(b"HTTP/1.1 4") or answer == b"" for answer in answers), answers
+        polite_request_works(service)
+    assert b"BusyResourceError" not in service.output
+
+
+# Finding 4: a Range of blanks cost CPU with the square of its length.
+def test_range_parsing_is_linear_and_capped() -> None:
+    header = "bytes=" + " " * 64_000 + "x"
+    started = time.process_time()
+    for _ in range(10):
+        assert parse_range(header, 10_000) is None
+    assert time.process_time() - started < 0.05  # CPU seconds for ten 64 kB headers; was ~3 s for one
+    assert parse_range("bytes=" + " " * 180 + "5-9", 100) is not None  # under the cap: still read
+
+
+# Finding 6: connections that should close stayed open for 120 s and more.
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /archive/small/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /archive/small/ HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of the body",
+    ],
+    ids=["close", "close-archive", "http10-archive", "http10", "unfinished-body"],
+)
+def test_connection_closes_when_http_says_it_must(service: Service, request_bytes: bytes) -> None:
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(request_bytes)  # no half-close: the server must close of its own accord
+        started = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):  # a TimeoutError here fails the test
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 ")
+    assert time.monotonic() - started < 5
+
+
+# Finding 8: a header over the README's 16 KiB limit was accepted over HTTP/1.1.
+@pytest.mark.parametrize("size", [20_000, 65_000])
+def test_headers_over_16_kib_get_431(service: Service, size: int) -> None:
+    status, _, _ = http11_request(service.address, "GET", b"/archive/small/", [("X-Padding", "a" * size)])
+    assert status == 431
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        # HTTP/2: Hypercorn takes a header block of up to 64 KiB, the app refuses past 16.
+        assert client.get(f"{service.url}/archive/small/", headers={"X-Padding": "a" * 20_000}).status_code == 431
+    assert http11_request(service.address, "GET", b"/archive/small/", [("X-Padding", "a" * 8_000)])[0] == 200
+
+
+# The fuzz suite: malformed HTTP/1.1 and HTTP/2, then a polite request, every time.
+
+TOKENS = st.sampled_from([b"GET", b"HEAD", b"POST", b"PRI", b"G\xffT", b"", b"get", b"GET GET"])
+TARGETS = st.one_of(
+    st.sampled_from([b"/", b"/archive/small/", b"/archive/small", b"*", b"/archive/\xff/", b"/archive/%00/", b""]),
+    st.binary(max_size=40),
+)
+VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1", b"", b"http/1.1"])
+HEADER_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            b"Host",
+            b"Range",
+            b"If-Range",
+            b"Content-Length",
+            b"Transfer-Encoding",
+            b"Connection",
+            b"X-Forwarded-For",
+            b"Expect",
+            b"Upgrade",
+        ]
+    ),
+    st.binary(max_size=12),
+)
+HEADER_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            b"chunked",
+            b"-1",
+            b"99999999999999999999999",
+            b"close",
+            b"bytes=0-",
+            b"bytes=-1",
+            b"100-continue",
+            b"h2c",
+            b"bytes=" + b" " * 300 + b"1-2",
+            b"\xff\xfe",
+        ]
+    ),
+    st.binary(max_size=40),
+)
+CHUNK_FRAMING = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"-1\r\n",
+                b"0\r\n\r\n",
+                b"ffffffffffffffffffff\r\n",
+                b"1;ext=\xff\r\nx\r\n",
+                b"zz\r\n",
+                b"5\r\nab\r\n",
+                b"\r\n",
+                b"0\r\nTrailer: x\r\n\r\n",
+            ]
+        ),
+        st.binary(max_size=20),
+    ),
+    max_size=4,
+).map(b"".join)
+
+
+@st.composite
+def http11_requests(draw: st.DrawFn) -> bytes:
+    line = b" ".join([draw(TOKENS), draw(TARGETS), draw(VERSIONS)])
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
+    separator = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
+    head = separator.join([line, *(name + b": " + value for name, value in headers)]) + separator * 2
+    pipelined = draw(st.sampled_from([b"", b"GET /archive/small/ HTTP/1.1\r\nHost: x\r\n\r\n"]))
+    return head + draw(CHUNK_FRAMING) + pipelined
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame as bytes (RFC 9113 section 4.1), whatever it says."""
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream_id) + payload
+
+
+SETTINGS_FRAMES = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 2**32 - 1)), max_size=4).map(
+    lambda pairs: frame(0x4, 0, 0, b"".join(struct.pack(">HI", key, value) for key, value in pairs))
+)
+WINDOW_UPDATES = st.builds(
+    lambda stream, increment: frame(0x8, 0, stream, struct.pack(">I", increment)),
+    st.sampled_from([0, 1, 3, 2**31 - 1]),
+    st.sampled_from([0, 1, 2**31 - 1, 2**32 - 1]),
+)
+RAW_FRAMES = st.builds(
+    frame,
+    st.integers(0, 12),  # DATA .. ORIGIN, and unknown types
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 2**31 - 1]),
+    st.binary(max_size=64),  # HPACK garbage in HEADERS, bad PRIORITY/RST lengths, ...
+)
+PSEUDO_HEADERS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b":method",
+                b":path",
+                b":scheme",
+                b":authority",
+                b":status",
+                b":protocol",
+                b"range",
+                b"connection",
+                b"Host",
+                b"te",
+            ]
+        ),
+        st.one_of(
+            st.sampled_from([b"GET", b"/archive/small/", b"http", b"x", b"", b"CONNECT"]), st.binary(max_size=20)
+        ),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@st.composite
+def http2_sessions(draw: st.DrawFn) -> bytes:
+    """A preface, then a request h2 would refuse to send, and frames no client should."""
+    connection = h2_client(validate_outbound_headers=False, normalize_outbound_headers=False)
+    connection.send_headers(1, draw(PSEUDO_HEADERS), end_stream=draw(st.booleans()))
+    data = connection.data_to_send()
+    frames = draw(st.lists(st.one_of(SETTINGS_FRAMES, WINDOW_UPDATES, RAW_FRAMES), max_size=5))
+    return data + b"".join(frames)
+
+
+def check_survives(service: Service, data: bytes) -> None:
+    exchange(service.address, data)
+    polite_request_works(service)
+
+
+@given(data=http11_requests())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzz_http11(service: Service, data: bytes) -> None:
+    check_survives(service, data)
+
+
+@given(data=http2_sessions())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzz_http2(service: Service, data: bytes) -> None:
+    check_survives(service, data)
+
+
+@pytest.mark.slow
+@given(data=st.one_of(http11_requests(), http2_sessions()))
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzz_long(service: Service, data: bytes) -> None:
+    check_survives(service, data)
+
+
+def test_no_traceback_for_any_of_it(service: Service) -> None:
+    """Runs last in the module: whatever came before ended as one line a connection, never a traceback."""
+    polite_request_works(service)
+    assert b"Traceback" not in service.output, service.output.decode(errors="replace")[-5000:]
