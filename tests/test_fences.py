@@ -2,7 +2,7 @@
 
 ``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py``, ``archiver/hypercorn_access.py`` and
 ``archiver/connection.py`` replace or wrap private parts of Hypercorn and Quart-Trio; ``workers = 0``
-in hypercorn.toml and ``archiver/asgi.py`` work around a Hypercorn bug.  They were checked against
+in hypercorn.toml and ``archiver/hypercorn_signals.py`` work around a Hypercorn bug.  They were checked against
 the versions pinned in pyproject.toml; these tests check that the installed versions are inside
 those pins and that the code the patches replace still reads as it did, so that a release which
 changes it stops the build here instead of misbehaving in production.
@@ -17,11 +17,13 @@ from pathlib import Path
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.http_stream as http_stream_module
 import hypercorn.run as hypercorn_run_module
+import hypercorn.trio.run as hypercorn_trio_run_module
 import hypercorn.trio.tcp_server as tcp_server_module
+import hypercorn.trio.worker_context as hypercorn_worker_context_module
 import pytest
 import quart_trio.asgi
 
-from archiver import hypercorn_access, hypercorn_h2, hypercorn_tcp
+from archiver import hypercorn_access, hypercorn_h2, hypercorn_signals, hypercorn_tcp
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -84,6 +86,15 @@ def source_of(module: object) -> str:
             ],
         ),
         (
+            hypercorn_worker_context_module,
+            ["class WorkerContext:", "        self.terminate = self.event_class()"],
+        ),
+        (
+            hypercorn_trio_run_module,
+            # The event hypercorn_signals sets is the one the worker's loop stops on.
+            ["nursery.start_soon(raise_shutdown, context.terminate.wait)", "context = WorkerContext(max_requests)"],
+        ),
+        (
             hypercorn_run_module,
             [
                 # The exit status of a dead worker is lost (why hypercorn.toml says workers = 0).
@@ -124,6 +135,8 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_h2.install()
     hypercorn_tcp.install(write_timeout=60, max_connections=1000)
     hypercorn_access.install()
+    hypercorn_signals.install()
+    assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.hypercorn_signals"
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):
