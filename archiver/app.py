@@ -22,9 +22,17 @@ from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection, limit_refusal
 from .crc_index import CrcIndex
 from .crc_store import CrcStore
-from .download import ArchiveBody, JobLimitReached
+from .download import ArchiveBody
 from .layout import ArchiveLayout, stored_archive_layout
-from .limits import ClientJobs, ClientLimitReached, ClientWalks, TrustedProxies, WalkLimitReached, connection_limit
+from .limits import (
+    ClientWalks,
+    FairShareExceeded,
+    JobLimitReached,
+    JobSlots,
+    TrustedProxies,
+    WalkLimitReached,
+    connection_limit,
+)
 from .metrics import DownloadMetrics
 from .partial import plan_range
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
@@ -121,13 +129,12 @@ def create_app(settings: Settings) -> QuartTrio:
 
     app = QuartTrio(__name__)
     app.asgi_http_class = ArchiveHTTPConnection
-    jobs = trio.CapacityLimiter(settings.max_jobs)
-    client_jobs = ClientJobs(settings.max_jobs_per_client)
+    slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     client_walks = ClientWalks(WALKS_WAITING_PER_CLIENT)
     crc_index = CrcIndex(open_crc_store(settings))
-    metrics = DownloadMetrics()
+    metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -165,15 +172,13 @@ def create_app(settings: Settings) -> QuartTrio:
             client = _client_address(proxies)
             if request.method == "GET":
                 # Limits before work: a download that would be refused is refused before its walk.
-                if not jobs.available_tokens:
-                    raise JobLimitReached(f"all {jobs.total_tokens} archive jobs are busy")
-                client_jobs.check(client)
+                slots.check(client)
             async with client_walks.turn(client):
                 # A large album takes a while to walk: keep the event loop free.
                 prepared = await trio.to_thread.run_sync(
                     prepare_archive, album, arguments, settings, crc_index, limiter=walkers
                 )
-        except (JobLimitReached, ClientLimitReached, WalkLimitReached) as error:
+        except (JobLimitReached, FairShareExceeded, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics)
         except AlbumNotFound:
             logger.debug("no album for %r", name)
@@ -221,7 +226,7 @@ def create_app(settings: Settings) -> QuartTrio:
             name,
             archive_input,
             arguments,
-            jobs=jobs,
+            slots=slots,
             metrics=metrics,
             chunk_size=settings.chunk_size,
             channel_capacity=settings.channel_capacity,
@@ -230,7 +235,6 @@ def create_app(settings: Settings) -> QuartTrio:
             layout=layout,
             byte_range=zip_range,
             client=client,
-            client_jobs=client_jobs,
             stall_timeout=settings.stall_timeout,
             crc_index=crc_index,
             known_crcs=known_crcs,

@@ -55,8 +55,9 @@ class Settings:
     # a client slower than ~4 kB/s for a whole minute, or one that stopped
     # reading.  A 50 kB/s link takes 5 s a chunk.
     stall_timeout: float = 60.0
-    # Archive jobs at once per client address (one more is a 503), so that one
-    # client cannot take every job slot.
+    # The least fair share of the job slots a client keeps once the service is
+    # busy (limits.JobSlots): while more than a quarter of max_jobs is free,
+    # a client may hold any number.
     max_jobs_per_client: int = 4
     # Peers whose X-Forwarded-For names the client (addresses or networks):
     # the proxy in front, e.g. nginx on the same host.  Anyone else's is ignored.

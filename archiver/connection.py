@@ -30,8 +30,8 @@ from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .crc_index import FileChanged
-from .download import ArchiveBody, ArchiveChanged, JobLimitReached, first_failure
-from .limits import ClientLimitReached, DownloadStalled, WalkLimitReached
+from .download import ArchiveBody, ArchiveChanged, first_failure
+from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, WalkLimitReached
 from .metrics import DownloadMetrics
 from .producer import ZipFailed, ZipUnavailable
 
@@ -96,13 +96,13 @@ async def _send_within(
 
 _LIMIT_REASONS: dict[type[BaseException], str] = {
     JobLimitReached: "job_limit",
-    ClientLimitReached: "client_limit",
+    FairShareExceeded: "fair_share",
     WalkLimitReached: "walk_limit",
 }
 
 
 def limit_refusal(
-    error: JobLimitReached | ClientLimitReached | WalkLimitReached, name: str, client: str, metrics: DownloadMetrics
+    error: JobLimitReached | FairShareExceeded | WalkLimitReached, name: str, client: str, metrics: DownloadMetrics
 ) -> Response:
     """The 503 for a request over a limit: one WARNING line, counted by reason; never queued."""
     logger.warning("refused %s for %s: %s", name, client, error)
@@ -112,7 +112,7 @@ def limit_refusal(
 
 def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
-    if isinstance(error, (JobLimitReached, ClientLimitReached)):
+    if isinstance(error, (JobLimitReached, FairShareExceeded)):
         return limit_refusal(error, body.name, body.client, body.metrics)
     if isinstance(error, ZipUnavailable):
         logger.error("refused %s: %s", body.name, error)

@@ -23,7 +23,7 @@ from quart.wrappers.response import ResponseBody
 from .crc_index import CrcIndex
 from .crc_source import CrcSource
 from .layout import ArchiveLayout, set_utf8_flags
-from .limits import ClientJobs, DownloadStalled, TokenBucket
+from .limits import DownloadStalled, JobSlots, TokenBucket
 from .metrics import DownloadMetrics
 from .partial import CentralTail
 from .producer import ZipInput, produce_zip
@@ -31,10 +31,6 @@ from .ranges import ByteRange
 from .rewrite import DescriptorMismatch, DescriptorRemover
 
 logger = logging.getLogger(__name__)
-
-
-class JobLimitReached(RuntimeError):
-    """Every archive job slot is taken: the request must be refused, not queued."""
 
 
 class ArchiveChanged(RuntimeError):
@@ -50,7 +46,7 @@ class ArchiveBody(ResponseBody):
         zip_input: ZipInput | None,
         zip_arguments: Sequence[str],
         *,
-        jobs: trio.CapacityLimiter,
+        slots: JobSlots,
         metrics: DownloadMetrics,
         chunk_size: int,
         channel_capacity: int,
@@ -59,7 +55,6 @@ class ArchiveBody(ResponseBody):
         layout: ArchiveLayout | None = None,
         byte_range: ByteRange | None = None,
         client: str = "unknown",
-        client_jobs: ClientJobs | None = None,
         stall_timeout: float = math.inf,
         crc_index: CrcIndex | None = None,
         known_crcs: array[int] | None = None,
@@ -68,7 +63,7 @@ class ArchiveBody(ResponseBody):
         self.name = name
         self.zip_input = zip_input
         self.zip_arguments = zip_arguments
-        self.jobs = jobs
+        self.slots = slots
         self.metrics = metrics
         self.chunk_size = chunk_size
         self.channel_capacity = channel_capacity
@@ -84,10 +79,9 @@ class ArchiveBody(ResponseBody):
         self.byte_range = byte_range
         self.tail = tail
         self._producer_scope = trio.CancelScope()
-        # Who asked (for the per-client job cap), and how long one chunk may
-        # wait on them (see ``connection``, which does the sending).
+        # Who asked (for the fair share of the job slots), and how long one
+        # chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
-        self.client_jobs = client_jobs or ClientJobs(per_client=int(jobs.total_tokens))
         self.stall_timeout = stall_timeout
         # Stored archives without ZIP64 go out without data descriptors (see
         # ``rewrite``): their CRCs come from the index, computed ahead of zip.
@@ -110,17 +104,12 @@ class ArchiveBody(ResponseBody):
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start zip.
 
-        Raises ClientLimitReached, JobLimitReached or ZipUnavailable if that fails.
+        Raises JobLimitReached, FairShareExceeded or ZipUnavailable if that fails.
         A range counts like a whole download: it may read whole files (those
         at its ends, CRCs the index lacks), or, in an archive with
         descriptors, run zip from the first file.
         """
-        self.client_jobs.acquire(self.client)
-        try:
-            self.jobs.acquire_on_behalf_of_nowait(self)
-        except trio.WouldBlock:
-            self.client_jobs.release(self.client)
-            raise JobLimitReached(f"all {self.jobs.total_tokens} archive jobs are busy") from None
+        self.slots.acquire(self.client)
         self._started_at = trio.current_time()
         if self.rate_limit:
             # A second's worth of saved-up rate at most (and never less than a chunk).
@@ -281,8 +270,7 @@ class ArchiveBody(ResponseBody):
             self._release_slots()
 
     def _release_slots(self) -> None:
-        self.jobs.release_on_behalf_of(self)
-        self.client_jobs.release(self.client)
+        self.slots.release(self.client)
 
     def _finish(self, outcome: str, description: str) -> None:
         if outcome == "cancelled" and self.bytes_sent == self._length():

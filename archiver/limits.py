@@ -1,8 +1,8 @@
-"""Limits on what one client may hold: archive jobs per client address, how long a download may stall, its rate.
+"""Limits on what one client may hold: archive jobs, album walks, how long a download may stall, its rate.
 
 The global job limit (``Settings.max_jobs``) keeps the machine from running
-more zips than it can feed; the limits here keep one client from taking all
-of them.  A client is its address: the TCP peer, or, when the peer is a
+more zips than it can feed; its fair share (``JobSlots``) keeps one client
+from taking all of them once the service is busy.  A client is its address: the TCP peer, or, when the peer is a
 trusted proxy, the address the proxy put in X-Forwarded-For.  A download
 whose client stops accepting bytes is ended after ``stall_timeout``, so a
 reader that never reads holds its job slot, its zip and its buffers for that
@@ -26,8 +26,12 @@ RESERVED_DESCRIPTORS = 64
 DESCRIPTORS_PER_JOB = 6
 
 
-class ClientLimitReached(RuntimeError):
-    """This client already runs as many archive jobs as one client may."""
+class JobLimitReached(RuntimeError):
+    """Every archive job slot is taken: the request must be refused, not queued."""
+
+
+class FairShareExceeded(RuntimeError):
+    """The service is busy and this client already holds its fair share of the job slots."""
 
 
 class WalkLimitReached(RuntimeError):
@@ -73,30 +77,75 @@ class TrustedProxies:
         return address
 
 
-class ClientJobs:
-    """Archive jobs in progress per client address, each client held to ``per_client`` at once."""
+class JobSlots:
+    """Archive jobs (``total`` at once), shared fairly among clients once the service is busy.
 
-    def __init__(self, per_client: int) -> None:
-        self.per_client = per_client
+    While more than ``reserve`` slots are free, any client may take one: 16
+    downloads at once from one address (an office behind NAT, a browser
+    opening every album of a page) are all served by an idle service.  Once
+    the free slots are down to the reserve, a client is admitted only while
+    it holds less than its fair share: the slots outside the reserve divided
+    among the clients now holding any (the asking one counted), and never
+    less than ``min_share``.  So the heaviest client yields first, and the
+    reserve stays for clients that hold none or few.  O(1) a request: the
+    active clients are the keys of a counter.
+
+    Worked example, 64 slots, reserve 16, ``min_share`` 4: one client opens
+    70 downloads.  The first 48 take the slots above the reserve; at the
+    49th the client holds 48, its share is 48 // 1 = 48: refused
+    (FairShareExceeded).  Twenty other clients then ask: each holds 0, its
+    share is max(4, 48 // 2) = 24 or less, never under 4: admitted while any
+    slot is free.  With 64 slots held, everyone is refused (JobLimitReached).
+    """
+
+    def __init__(self, total: int, min_share: int, reserve: int | None = None) -> None:
+        self.total = total
+        self.min_share = min_share
+        self.reserve = -(-total // 4) if reserve is None else reserve  # a quarter, rounded up
+        self.in_use = 0
         self._held: Counter[str] = Counter()
 
-    def check(self, client: str) -> None:
-        """Raise ClientLimitReached if ``client`` may not start one more job now (nothing counted)."""
-        if self._held[client] >= self.per_client:
-            raise ClientLimitReached(f"{client} already runs {self.per_client} archive jobs")
+    @property
+    def free(self) -> int:
+        return self.total - self.in_use
 
-    def acquire(self, client: str) -> None:
-        """Count one more job for ``client``, or raise ClientLimitReached (nothing counted)."""
-        self.check(client)
-        self._held[client] += 1
-
-    def release(self, client: str) -> None:
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
+    @property
+    def active_clients(self) -> int:
+        return len(self._held)
 
     def held_by(self, client: str) -> int:
         return self._held[client]
+
+    def largest_share(self) -> int:
+        """The most slots one client holds (for the metrics: O(clients), read at a scrape, not a request)."""
+        return max(self._held.values(), default=0)
+
+    def fair_share(self, client: str) -> int:
+        active = len(self._held) + (0 if client in self._held else 1)
+        return max(self.min_share, (self.total - self.reserve) // active)
+
+    def check(self, client: str) -> None:
+        """Raise JobLimitReached or FairShareExceeded if ``client`` may not start a job now (nothing taken)."""
+        if self.in_use >= self.total:
+            raise JobLimitReached(f"all {self.total} archive jobs are busy")
+        held = self._held[client]
+        if self.free <= self.reserve and held >= (share := self.fair_share(client)):
+            raise FairShareExceeded(
+                f"{client} holds {held} archive jobs, its fair share of {share} while {self.free} of "
+                f"{self.total} are free"
+            )
+
+    def acquire(self, client: str) -> None:
+        """Take a slot for ``client``, or raise as ``check`` does (nothing taken)."""
+        self.check(client)
+        self.in_use += 1
+        self._held[client] += 1
+
+    def release(self, client: str) -> None:
+        self.in_use -= 1
+        self._held[client] -= 1
+        if self._held[client] <= 0:
+            del self._held[client]
 
 
 class ClientWalks:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .limits import JobSlots
+
 OUTCOMES = ("completed", "cancelled", "failed", "stalled")
-REJECTIONS = ("job_limit", "client_limit", "walk_limit", "zip_unavailable")
+REJECTIONS = ("job_limit", "fair_share", "walk_limit", "zip_unavailable")
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
@@ -22,8 +24,16 @@ class DownloadMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, slots: JobSlots | None = None) -> None:
         self.registry = CollectorRegistry()
+        if slots is not None:
+            # Read at each scrape from the job slots themselves: nothing to keep in step.
+            active = Gauge("archiver_active_clients", "Clients holding at least one job slot.", registry=self.registry)
+            active.set_function(lambda: slots.active_clients)
+            largest = Gauge(
+                "archiver_largest_client_share", "The most job slots one client holds.", registry=self.registry
+            )
+            largest.set_function(slots.largest_share)
         self.started = Counter("archiver_downloads_started", "Downloads whose zip started.", registry=self.registry)
         self.finished = Counter(
             "archiver_downloads_finished",

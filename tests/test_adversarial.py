@@ -69,15 +69,17 @@ def address_of(url: str) -> tuple[str, int]:
 POLITE_ADDRESS = "127.0.0.2"
 
 
-def polite_client(url: str, protocol: str = "HTTP/1.1") -> httpx.AsyncClient:
+def polite_client(url: str, protocol: str = "HTTP/1.1", address: str = POLITE_ADDRESS) -> httpx.AsyncClient:
     http2 = protocol == "HTTP/2"
-    transport = httpx.AsyncHTTPTransport(http1=not http2, http2=http2, local_address=POLITE_ADDRESS)
+    transport = httpx.AsyncHTTPTransport(http1=not http2, http2=http2, local_address=address)
     return httpx.AsyncClient(base_url=url, transport=transport, timeout=30)
 
 
-async def normal_download_works(url: str, storage: Path, protocol: str = "HTTP/1.1") -> None:
+async def normal_download_works(
+    url: str, storage: Path, protocol: str = "HTTP/1.1", address: str = POLITE_ADDRESS
+) -> None:
     """A polite client, from an address of its own, gets the small album, whole and correct."""
-    async with polite_client(url, protocol) as client:
+    async with polite_client(url, protocol, address) as client:
         response = await client.get("/archive/small/")
     assert response.status_code == 200
     assert read_archive(response.content) == files_on_disk(storage / "small")
@@ -229,9 +231,9 @@ async def wait_until_no_zip(pid: int, timeout: float) -> float:
     return trio.current_time() - started
 
 
-async def test_readers_that_never_read_hold_a_clients_jobs_until_the_stall_timeout(attacked_storage: Path) -> None:
+async def test_readers_that_never_read_hold_their_fair_share_until_the_stall_timeout(attacked_storage: Path) -> None:
     attackers = 70
-    async with archiver_process(attacked_storage, stall_timeout="2") as server:
+    async with archiver_process(attacked_storage, stall_timeout="5") as server:
         pid = server.process.pid
         statuses: Counter[bytes] = Counter()
         sockets = []
@@ -239,24 +241,37 @@ async def test_readers_that_never_read_hold_a_clients_jobs_until_the_stall_timeo
             sock = await open_non_reader(address_of(server.url), b"/archive/big/")
             statuses[(await sock.recv(12))[9:12]] += 1
             sockets.append(sock)
-        # One client (one address) holds at most its 4 jobs; the rest are refused at once.
-        assert statuses == {b"200": 4, b"503": attackers - 4}
-        assert await wait_for_zip_output_to_stop(pid) == 4
-        await normal_download_works(server.url, attacked_storage)
+        # One client (one address) takes the slots above the reserve, 64 - 16, and no more.
+        assert statuses == {b"200": 48, b"503": attackers - 48}
+        assert await wait_for_zip_output_to_stop(pid) == 48
+        held = await metrics_of(server.url)
+        # Meanwhile 20 polite clients from 20 other addresses, ten at a time, are all served.
+        polite_started = trio.current_time()
+        for wave in range(2):
+            async with trio.open_nursery() as nursery:
+                for number in range(10):
+                    address = f"127.0.0.{10 + 10 * wave + number}"
+                    nursery.start_soon(normal_download_works, server.url, attacked_storage, "HTTP/1.1", address)
+        polite_seconds = trio.current_time() - polite_started
+        during = await metrics_of(server.url)
         stalled_for = await wait_until_no_zip(pid, timeout=30)
         metrics = await metrics_of(server.url)
         await normal_download_works(server.url, attacked_storage)
         for sock in sockets:
             sock.close()
-    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 4
-    assert metrics['archiver_downloads_rejected_total{reason="client_limit"}'] == attackers - 4
+    assert during['archiver_downloads_finished_total{outcome="stalled"}'] == 0  # the polite ones ran meanwhile
+    assert (held["archiver_active_clients"], held["archiver_largest_client_share"]) == (1, 48)
+    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 48
+    assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 20
+    assert metrics['archiver_downloads_rejected_total{reason="fair_share"}'] == attackers - 48
     assert metrics["archiver_downloads_in_flight"] == 0
-    assert b"stalled: the client accepted nothing for 2 s" in server.output
+    assert b"stalled: the client accepted nothing for 5 s" in server.output
     # An expected abort is one line, without a traceback (issue 23).
     assert b"Traceback" not in server.output, server.output.decode(errors="replace")
     record_figure(
-        f"{attackers} HTTP/1.1 non-readers from one address: 4 zips, {attackers - 4} refused (503); "
-        f"the 4 aborted as stalled {stalled_for:.1f} s after their output backed up (stall timeout 2 s)"
+        f"{attackers} HTTP/1.1 non-readers from one address: 48 zips (its share), {attackers - 48} refused (503); "
+        f"20 polite clients from 20 other addresses served meanwhile in {polite_seconds:.2f} s; "
+        f"the 48 aborted as stalled {stalled_for:.1f} s after their output backed up (stall timeout 5 s)"
     )
 
 
@@ -327,12 +342,12 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
                 polite_seconds = trio.current_time() - polite_started
             done.set()
         metrics = await metrics_of(server.url)
-    assert peak_zips <= 4 + 1  # the attacker's cap, and the polite client's download
+    assert peak_zips <= 48 + 1  # the attacker's share (all slots above the reserve), and the polite client's
     if ranged_album == "huge":  # each range holds its job ~2 s: the cap must turn some away
         assert statuses.count(503) > 0
     # Refused by its job cap, or (past 32 waiting) by its walk queue: each 503 is counted once, by reason.
     refused = sum(
-        metrics[f'archiver_downloads_rejected_total{{reason="{reason}"}}'] for reason in ("client_limit", "walk_limit")
+        metrics[f'archiver_downloads_rejected_total{{reason="{reason}"}}'] for reason in ("fair_share", "walk_limit")
     )
     assert refused == statuses.count(503)
     record_figure(

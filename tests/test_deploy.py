@@ -263,7 +263,8 @@ async def test_redirect_to_the_slash_works_through_nginx_with_tls(
 async def test_per_client_job_cap_sees_the_clients_behind_nginx(settings: Settings, tmp_path: Path) -> None:
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
     # One job per client, and a download that lasts (about 3 s) while the others ask.
-    capped = replace(settings, max_jobs_per_client=1, delay=0.2, chunk_size=65536)
+    # Two slots, a fair share of one: the second download of one client is refused.
+    capped = replace(settings, max_jobs=2, max_jobs_per_client=1, delay=0.2, chunk_size=65536)
     # Two clients from addresses of their own; nginx (on 127.0.0.1) is the trusted proxy.
     one, other = (httpx.AsyncHTTPTransport(local_address=address) for address in ("127.0.0.3", "127.0.0.2"))
     async with (
@@ -289,7 +290,9 @@ async def test_per_client_job_cap_sees_the_clients_behind_nginx(settings: Settin
 
 async def test_forwarded_for_from_an_untrusted_peer_is_ignored(settings: Settings) -> None:
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
-    untrusting = replace(settings, max_jobs_per_client=1, delay=0.2, chunk_size=65536, trusted_proxies=("192.0.2.1",))
+    untrusting = replace(
+        settings, max_jobs=2, max_jobs_per_client=1, delay=0.2, chunk_size=65536, trusted_proxies=("192.0.2.1",)
+    )
     async with (
         running_server(untrusting) as service,
         httpx.AsyncClient(base_url=service) as client,

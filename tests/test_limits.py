@@ -13,9 +13,10 @@ import trio.testing
 
 from archiver.config import Settings, SettingsError
 from archiver.limits import (
-    ClientJobs,
-    ClientLimitReached,
     ClientWalks,
+    FairShareExceeded,
+    JobLimitReached,
+    JobSlots,
     TokenBucket,
     TrustedProxies,
     WalkLimitReached,
@@ -49,19 +50,42 @@ def test_client_address_trusts_only_configured_proxies(
     assert PROXIES.client_address(peer, forwarded_for) == client
 
 
-def test_client_jobs_are_counted_per_client_and_given_back() -> None:
-    jobs = ClientJobs(per_client=2)
-    jobs.acquire("a")
-    jobs.acquire("a")
-    jobs.acquire("b")
-    with pytest.raises(ClientLimitReached):
-        jobs.acquire("a")
-    assert jobs.held_by("a") == 2
-    jobs.release("a")
-    jobs.acquire("a")
-    for client in ("a", "a", "b"):
-        jobs.release(client)
-    assert jobs.held_by("a") == jobs.held_by("b") == 0
+def test_job_slots_admit_anyone_above_the_reserve_and_the_fair_share_below_it() -> None:
+    slots = JobSlots(64, min_share=4)
+    assert slots.reserve == 16
+    for _ in range(48):  # the README's worked example: one client, 70 downloads
+        slots.acquire("heavy")
+    with pytest.raises(FairShareExceeded):
+        slots.acquire("heavy")  # holds 48, its share alone: (64 - 16) // 1
+    for number in range(16):
+        slots.acquire(f"other-{number}")  # each holds none: admitted while any slot is free
+    with pytest.raises(JobLimitReached):
+        slots.acquire("newcomer")
+    assert (slots.active_clients, slots.largest_share(), slots.free) == (17, 48, 0)
+    for number in range(16):
+        slots.release(f"other-{number}")
+    for _ in range(48):
+        slots.release("heavy")
+    assert (slots.active_clients, slots.largest_share(), slots.in_use) == (0, 0, 0)
+
+
+def test_the_heaviest_client_yields_first() -> None:
+    slots = JobSlots(64, min_share=4)
+    for _ in range(10):
+        slots.acquire("ten")
+    for number in range(50):
+        slots.acquire(f"one-{number}")
+    assert slots.free == 4  # within the reserve: fair shares apply, max(4, 48 // 51) = 4
+    with pytest.raises(FairShareExceeded):
+        slots.acquire("ten")
+    slots.acquire("one-0")  # holds 1, under its share
+
+
+def test_idle_service_takes_many_downloads_from_one_client() -> None:
+    slots = JobSlots(64, min_share=4)
+    for _ in range(16):
+        slots.acquire("office-behind-nat")
+    assert slots.held_by("office-behind-nat") == 16
 
 
 def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
@@ -193,3 +217,72 @@ async def test_a_download_over_the_limits_is_refused_before_its_album_is_listed(
     assert "skipped" not in caplog.text  # no walk
     assert len(app_lines) == 1 and app_lines[0].levelno == logging.WARNING  # one app line a refusal
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
+
+
+async def test_sixteen_downloads_at_once_from_one_address_on_an_idle_service(settings: Settings) -> None:
+    # Issue 19: an office behind NAT got 4 x 200 and 12 x 503 with 60 of 64 slots free.
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(500_000), "Фото/b.jpg": os.urandom(70_000)})
+    async with running_server(settings) as url, client_from(url, "127.0.0.1") as client:
+        responses = []
+
+        async def download() -> None:
+            responses.append(await client.get("/archive/album/"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(download)
+    assert [response.status_code for response in responses] == [200] * 16
+    assert len({response.content for response in responses}) == 1
+    assert read_archive(responses[0].content)["photo.jpg"] == (settings.storage_dir / "album/photo.jpg").read_bytes()
+
+
+async def test_a_full_service_refuses_the_heaviest_client_first(settings: Settings) -> None:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    held = replace(settings, delay=0.5, chunk_size=65536)  # a download lasts ~8 s unless closed
+    async with running_server(held) as url, trio.open_nursery() as nursery:
+        opened: dict[str, int] = {}
+        clients: dict[str, httpx.AsyncClient] = {}
+        stop = trio.Event()
+
+        async def hold(address: str, started: trio.Event) -> None:
+            """A download that has begun and is kept open (its job slot held) until the test ends."""
+            async with clients[address].stream("GET", "/archive/album/") as response:
+                opened[address] = opened.get(address, 0) + (response.status_code == 200)
+                started.set()
+                if response.status_code == 200:
+                    await stop.wait()
+
+        async def open_downloads(address: str, count: int) -> None:
+            if address not in clients:
+                clients[address] = client_from(url, address)
+            for _ in range(count):
+                started = trio.Event()
+                nursery.start_soon(hold, address, started)
+                await started.wait()
+
+        await open_downloads("127.0.1.1", 10)  # idle service: a client may take many
+        for number in range(50):
+            await open_downloads(f"127.0.2.{number + 1}", 1)
+        assert opened["127.0.1.1"] == 10 and sum(opened.values()) == 60  # 4 free: within the reserve
+        heavy = await clients["127.0.1.1"].head("/archive/album/")  # HEAD takes no slot
+        async with clients["127.0.1.1"].stream("GET", "/archive/album/") as refused_heavy:
+            heavy_status = refused_heavy.status_code
+            heavy_retry = refused_heavy.headers.get("retry-after")
+        await open_downloads("127.0.2.1", 1)  # holds 1: under its share, admitted
+        for number in range(3):
+            await open_downloads(f"127.0.3.{number + 1}", 1)  # the last free slots
+        assert sum(opened.values()) == 64
+        clients["127.0.4.1"] = client_from(url, "127.0.4.1")
+        newcomer = await clients["127.0.4.1"].get("/archive/album/")
+        metrics = samples((await clients["127.0.4.1"].get("/metrics")).text)
+        stop.set()
+    for client in clients.values():
+        await client.aclose()
+    assert heavy.status_code == 200
+    assert (heavy_status, heavy_retry) == (503, "5")
+    assert opened["127.0.2.1"] == 2
+    assert newcomer.status_code == 503 and newcomer.headers["retry-after"] == "5"
+    assert metrics['archiver_downloads_rejected_total{reason="fair_share"}'] == 1
+    assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
+    assert metrics["archiver_active_clients"] == 54
+    assert metrics["archiver_largest_client_share"] == 10
