@@ -17,7 +17,7 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import hypercorn_access, hypercorn_h2, hypercorn_tcp
+from . import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection, limit_refusal
 from .crc_index import CrcIndex
@@ -34,6 +34,7 @@ from .limits import (
     connection_limit,
 )
 from .metrics import DownloadMetrics
+from .pages import error_page, page
 from .partial import plan_range
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
@@ -42,11 +43,7 @@ from .storage import ALBUM_NAME, AlbumListing, AlbumNotFound, list_album, resolv
 
 logger = logging.getLogger(__name__)
 
-NOT_FOUND_MESSAGE = "Архив не существует или был удален"
-RANGE_MESSAGE = "Запрошенный диапазон вне архива"  # "the range asked for lies outside the archive"
-LINK_MESSAGE = "Ссылка недействительна или её срок истёк"  # "the link is not valid or has expired"
 
-HEADERS_TOO_LARGE_MESSAGE = "Слишком длинный запрос"  # "the request is too long"
 # The path and every header's name and value together: far more than any browser or CMS link needs.
 MAX_HEADER_BYTES = 16 * 1024
 
@@ -61,16 +58,11 @@ WALKERS = 2
 # room for a browser opening every album of a page at once, not for a flood.
 WALKS_WAITING_PER_CLIENT = 32
 
-INDEX_PAGE = """<!doctype html>
-<html lang="ru">
-<head><meta charset="utf-8"><title>Архивы фотографий</title></head>
-<body>
-<h1>Архивы фотографий</h1>
-<p>Здесь папку с фотографиями можно скачать одним ZIP-архивом: он собирается, пока скачивается.</p>
-<p>Откройте ссылку вида <code>/archive/&lt;имя&gt;/</code>, которую вам дали.{example}</p>
-</body>
-</html>
-"""
+INDEX_TITLE = "Архивы фотографий"
+INDEX_BODY = (
+    "<p>Здесь папку с фотографиями можно скачать одним ZIP-архивом: он собирается, пока скачивается.</p>\n"
+    "<p>Откройте ссылку вида <code>/archive/&lt;имя&gt;/</code>, которую вам дали.{example}</p>"
+)
 EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/{EXAMPLE_NAME}/</a>.'
 
 
@@ -121,6 +113,7 @@ def create_app(settings: Settings) -> QuartTrio:
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
     arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
     hypercorn_h2.install()
+    hypercorn_h11.install()
     hypercorn_access.install()
     hypercorn_tcp.install(
         write_timeout=settings.stall_timeout,
@@ -149,14 +142,14 @@ def create_app(settings: Settings) -> QuartTrio:
             len(name) + len(value) for name, value in request.scope["headers"]
         )
         if size > MAX_HEADER_BYTES:
-            return Response(HEADERS_TOO_LARGE_MESSAGE + "\n", status=431, mimetype="text/plain")
+            return error_page(431, request.headers.get("Accept"))
         return None
 
     @app.get("/")
     async def index() -> Response:
         # The sample album's link only where the sample album is (make run on data/).
         example = EXAMPLE_LINK if (settings.storage_dir / EXAMPLE_NAME).is_dir() else ""
-        return Response(INDEX_PAGE.format(example=example), mimetype="text/html")
+        return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")
 
     @app.route("/archive/<name>/", methods=["GET"], provide_automatic_options=False)
     async def archive(name: str) -> Response:
@@ -179,13 +172,13 @@ def create_app(settings: Settings) -> QuartTrio:
                     prepare_archive, album, arguments, settings, crc_index, limiter=walkers
                 )
         except (JobLimitReached, FairShareExceeded, WalkLimitReached) as error:
-            return limit_refusal(error, name, client, metrics)
+            return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
         except LinkRefused as refusal:
             logger.info("refused %s: %s", name, refusal)
-            return Response(LINK_MESSAGE + "\n", status=403, mimetype="text/plain")
+            return error_page(403, request.headers.get("Accept"))
         headers = {
             "Content-Disposition": f'attachment; filename="{name}.zip"',
             # nginx in front: pass bytes on as they come, never spool the archive.
@@ -203,7 +196,7 @@ def create_app(settings: Settings) -> QuartTrio:
                     )
             except RangeNotSatisfiable:
                 headers = {"Content-Range": f"bytes */{length}"}
-                return Response(RANGE_MESSAGE + "\n", status=416, headers=headers, mimetype="text/plain")
+                return error_page(416, request.headers.get("Accept"), headers)
             if byte_range is not None:
                 headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
                 headers["Content-Length"] = str(byte_range.length)
@@ -274,7 +267,17 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.errorhandler(404)
     async def not_found(error: HTTPException) -> Response:
-        return Response(NOT_FOUND_MESSAGE + "\n", status=404, mimetype="text/plain")
+        return error_page(404, request.headers.get("Accept"))
+
+    @app.errorhandler(405)
+    async def method_not_allowed(error: HTTPException) -> Response:
+        allowed = getattr(error, "valid_methods", None) or ()  # MethodNotAllowed's
+        return error_page(405, request.headers.get("Accept"), {"Allow": ", ".join(allowed)})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        # Every browser asks; no icon is better than an "archive deleted" page, and costs no walk.
+        return Response(status=204)
 
     return app
 

@@ -20,6 +20,7 @@ the deadline here, which started first, has then passed and names the outcome.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import cast
 
 import trio
@@ -33,12 +34,11 @@ from .crc_index import FileChanged
 from .download import ArchiveBody, ArchiveChanged, first_failure
 from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, WalkLimitReached
 from .metrics import DownloadMetrics
+from .pages import error_page
 from .producer import ZipFailed, ZipUnavailable
 
 logger = logging.getLogger(__name__)
 
-BUSY_MESSAGE = "Сервер занят, попробуйте позже"  # "server busy, try later"
-FAILED_MESSAGE = "Не удалось создать архив"  # "the archive could not be made"
 RETRY_AFTER_SECONDS = 5
 
 
@@ -71,7 +71,7 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
                     # without a traceback for an expected operational failure.
                     return
                 raise
-            refusal = _refusal_for(body, failure)
+            refusal = _refusal_for(body, failure, _accept_header(self.scope["headers"]))
             if refusal is None:
                 raise
             await super()._send_response(send, refusal)
@@ -102,29 +102,34 @@ _LIMIT_REASONS: dict[type[BaseException], str] = {
 
 
 def limit_refusal(
-    error: JobLimitReached | FairShareExceeded | WalkLimitReached, name: str, client: str, metrics: DownloadMetrics
+    error: JobLimitReached | FairShareExceeded | WalkLimitReached,
+    name: str,
+    client: str,
+    metrics: DownloadMetrics,
+    accept: str | None,
 ) -> Response:
     """The 503 for a request over a limit: one WARNING line, counted by reason; never queued."""
     logger.warning("refused %s for %s: %s", name, client, error)
     metrics.rejected.labels(_LIMIT_REASONS[type(error)]).inc()
-    return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def _refusal_for(body: ArchiveBody, error: BaseException) -> Response | None:
+def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
     if isinstance(error, (JobLimitReached, FairShareExceeded)):
-        return limit_refusal(error, body.name, body.client, body.metrics)
+        return limit_refusal(error, body.name, body.client, body.metrics, accept)
     if isinstance(error, ZipUnavailable):
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("zip_unavailable").inc()
-        return _text_response(BUSY_MESSAGE, 503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, (ZipFailed, ArchiveChanged, FileChanged)):
-        return _text_response(FAILED_MESSAGE, 500, {})
+        return error_page(500, accept)
     return None
 
 
-def _text_response(message: str, status: int, headers: dict[str, str]) -> Response:
-    return Response(message + "\n", status=status, headers=headers, mimetype="text/plain")
+def _accept_header(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    values = [value.decode("latin-1") for name, value in headers if name.lower() == b"accept"]
+    return ", ".join(values) if values else None
 
 
 def _start_event(response: Response) -> HTTPResponseStartEvent:

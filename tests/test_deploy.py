@@ -18,9 +18,9 @@ import pytest
 import trio
 import trustme
 
-from archiver.app import NOT_FOUND_MESSAGE
 from archiver.config import Settings
 from archiver.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
+from archiver.pages import MESSAGES
 
 from .conftest import files_on_disk, free_port, read_archive, running_server, wait_until_no_zip_children, write_tree
 from .test_cli import PROJECT
@@ -102,7 +102,7 @@ async def test_archive_through_nginx_is_valid(settings: Settings, tmp_path: Path
     assert response.headers["content-disposition"] == 'attachment; filename="album.zip"'
     assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
     assert missing.status_code == 404
-    assert missing.text.strip() == NOT_FOUND_MESSAGE
+    assert missing.text.strip() == MESSAGES[404].sentence
 
 
 @needs_nginx

@@ -15,8 +15,8 @@ import trio
 import trio.testing
 
 from archiver.config import Settings
-from archiver.connection import BUSY_MESSAGE, FAILED_MESSAGE
 from archiver.download import _outcome, first_failure
+from archiver.pages import MESSAGES
 
 from .conftest import (
     make_client,
@@ -97,7 +97,7 @@ async def test_zip_failing_before_its_first_byte_is_500(settings: Settings, tmp_
     ):
         response = await client.get("/archive/album/")
     assert response.status_code == 500
-    assert response.text.strip() == FAILED_MESSAGE
+    assert response.text.strip() == MESSAGES[500].sentence
 
 
 async def test_zip_gone_at_request_time_is_503(settings: Settings, tmp_path: Path, protocol: str) -> None:
@@ -111,7 +111,7 @@ async def test_zip_gone_at_request_time_is_503(settings: Settings, tmp_path: Pat
         response = await client.get("/archive/album/")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
-    assert response.text.strip() == BUSY_MESSAGE
+    assert response.text.strip() == MESSAGES[503].sentence
 
 
 async def test_job_limit_refuses_with_503_and_frees_the_slot(large_storage: Path, protocol: str) -> None:

@@ -1,11 +1,11 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/hypercorn_h2.py``, ``archiver/hypercorn_tcp.py``, ``archiver/hypercorn_access.py`` and
-``archiver/connection.py`` replace or wrap private parts of Hypercorn and Quart-Trio; ``workers = 0``
-in hypercorn.toml and ``archiver/hypercorn_signals.py`` work around a Hypercorn bug.  They were checked against
-the versions pinned in pyproject.toml; these tests check that the installed versions are inside
-those pins and that the code the patches replace still reads as it did, so that a release which
-changes it stops the build here instead of misbehaving in production.
+``archiver/hypercorn_h2.py``, ``hypercorn_h11.py``, ``hypercorn_tcp.py``, ``hypercorn_access.py``,
+``hypercorn_signals.py`` and ``connection.py`` replace or wrap private parts of Hypercorn and
+Quart-Trio; ``workers = 0`` in hypercorn.toml works around a Hypercorn bug.  They were checked
+against the versions pinned in pyproject.toml; these tests check that the installed versions are
+inside those pins and that the code the patches replace still reads as it did, so that a release
+which changes it stops the build here instead of misbehaving in production.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import hypercorn.protocol.h2 as hypercorn_h2_module
+import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
 import hypercorn.run as hypercorn_run_module
 import hypercorn.trio.run as hypercorn_trio_run_module
@@ -23,7 +24,7 @@ import hypercorn.trio.worker_context as hypercorn_worker_context_module
 import pytest
 import quart_trio.asgi
 
-from archiver import hypercorn_access, hypercorn_h2, hypercorn_signals, hypercorn_tcp
+from archiver import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_signals, hypercorn_tcp
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -86,6 +87,11 @@ def source_of(module: object) -> str:
             ],
         ),
         (
+            hypercorn_h11_module,
+            # Responses built without a reason, all sent through _send_h11_event (hypercorn_h11).
+            ["async def _send_h11_event(self, event: H11SendableEvent) -> None:", "h11.Response(\n"],
+        ),
+        (
             hypercorn_worker_context_module,
             ["class WorkerContext:", "        self.terminate = self.event_class()"],
         ),
@@ -136,6 +142,8 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_tcp.install(write_timeout=60, max_connections=1000)
     hypercorn_access.install()
     hypercorn_signals.install()
+    hypercorn_h11.install()
+    assert hypercorn_h11_module.H11Protocol._send_h11_event.__module__ == "archiver.hypercorn_h11"
     assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.hypercorn_signals"
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)

@@ -16,8 +16,9 @@ import httpx
 import pytest
 import trio
 
-from archiver.app import EXAMPLE_NAME, NOT_FOUND_MESSAGE
+from archiver.app import EXAMPLE_NAME
 from archiver.config import Settings
+from archiver.pages import MESSAGES
 
 from .conftest import (
     files_on_disk,
@@ -70,7 +71,7 @@ async def test_index_page_explains_the_service_in_russian(client: httpx.AsyncCli
 async def test_unknown_name_is_404_with_message(client: httpx.AsyncClient) -> None:
     response = await client.get("/archive/no-such-album/")
     assert response.status_code == 404
-    assert response.text.strip() == NOT_FOUND_MESSAGE
+    assert response.text.strip() == MESSAGES[404].sentence
 
 
 async def raw_http11_status(url: str, target: bytes) -> tuple[int, bytes]:
@@ -122,7 +123,7 @@ async def test_malformed_names_are_404_and_start_no_zip(
     async with running_server(recorded_settings) as url:
         status, rest = await raw_http11_status(url, target)
     assert status == 404
-    assert NOT_FOUND_MESSAGE.encode() in rest
+    assert MESSAGES[404].sentence.encode() in rest
     assert zip_recorder[1].read_text() == ""
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from archiver.app import LINK_MESSAGE
 from archiver.config import Settings
+from archiver.pages import MESSAGES
 from archiver.signing import LinkRefused, check_link, parse_duration, signed_query
 
 from .conftest import files_on_disk, make_client, read_archive, running_server, write_tree
@@ -66,7 +66,7 @@ async def test_missing_bad_or_expired_signature_is_403_and_starts_nothing(
         response = await client.get(path)
         unknown = await client.get(path.replace("/album/", "/no-such-album/"))
     assert response.status_code == 403
-    assert response.text.strip() == LINK_MESSAGE
+    assert response.text.strip() == MESSAGES[403].sentence
     assert unknown.status_code == 403  # the same answer: nothing says whether an album exists
     assert zip_recorder[1].read_text() == ""
 

@@ -1,0 +1,78 @@
+"""What a person sees when an answer is not a download: one template, one table of messages.
+
+A browser (its Accept names ``text/html``) gets a small self-contained page:
+``lang="ru"``, a title, one sentence saying what happened and what to do, a
+few lines of inline CSS readable on a phone, no external resources.  Anyone
+else (curl, a script, a download manager) gets the same sentence as
+``text/plain``.  Every error answer of the service comes from ``error_page``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from quart import Response
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
+
+
+@dataclass(frozen=True)
+class Message:
+    title: str  # the page's <title> and heading
+    sentence: str  # what happened, and what the person can do
+
+
+MESSAGES: Mapping[int, Message] = {
+    403: Message("Ссылка недействительна", "Ссылка недействительна или её срок истёк: попросите новую ссылку."),
+    404: Message("Архив не найден", "Архив не существует или был удален: проверьте ссылку."),
+    405: Message("Запрос не поддерживается", "Этот адрес только отдаёт архивы: откройте ссылку в браузере."),
+    416: Message("Диапазон вне архива", "Запрошенный диапазон вне архива: начните скачивание заново."),
+    431: Message("Слишком длинный запрос", "Слишком длинный запрос: откройте ссылку ещё раз."),
+    500: Message("Не удалось создать архив", "Не удалось создать архив: попробуйте скачать его ещё раз позже."),
+    503: Message("Сервер занят", "Сервер занят, попробуйте позже: скачивание можно повторить через минуту."),
+}
+
+# Shared by the index page and the error pages.
+STYLE = """body{font:17px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;padding:2rem 1rem;
+color:#1f2328;background:#f6f8fa}main{max-width:36rem;margin:0 auto;background:#fff;border:1px solid #d0d7de;
+border-radius:8px;padding:1.5rem 1.75rem}h1{font-size:1.4rem;margin:0 0 .75rem}p{margin:.5rem 0}
+.code{color:#57606a;font-size:.9rem}a{color:#0969da}code{overflow-wrap:anywhere}"""
+
+PAGE = """<!doctype html>
+<html lang="ru">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<main>
+<h1>{title}</h1>
+{body}
+</main>
+</body>
+</html>
+"""
+
+
+def page(title: str, body_html: str) -> str:
+    """A whole HTML page around ``body_html`` (already escaped), in the service's look."""
+    return PAGE.format(title=html.escape(title), style=STYLE, body=body_html)
+
+
+def wants_html(accept: str | None) -> bool:
+    """Whether the client prefers an HTML page to plain text (a browser does; curl's ``*/*`` does not)."""
+    accepted = parse_accept_header(accept, MIMEAccept)
+    return accepted.best_match(["text/plain", "text/html"]) == "text/html"
+
+
+def error_page(status: int, accept: str | None, headers: dict[str, str] | None = None) -> Response:
+    """The answer for error ``status`` (a key of MESSAGES): HTML for a browser, the sentence as text otherwise."""
+    message = MESSAGES[status]
+    if wants_html(accept):
+        body = f'<p>{html.escape(message.sentence)}</p>\n<p class="code">Код ошибки: {status}</p>'
+        return Response(page(message.title, body), status=status, headers=headers, mimetype="text/html")
+    return Response(message.sentence + "\n", status=status, headers=headers, mimetype="text/plain")

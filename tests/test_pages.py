@@ -1,0 +1,178 @@
+"""The pages a person sees when an answer is not a download: real pages in Russian for browsers, text for curl."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from archiver.config import Settings
+from archiver.pages import MESSAGES
+
+from .conftest import running_server, write_tree
+from .test_deploy import needs_nginx, nginx_in_front
+
+# What Chromium sends for a page it navigates to.
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+CHROMIUM = shutil.which("chromium")
+
+
+@asynccontextmanager
+async def pages_server(settings: Settings, tmp_path: Path, **changes: object) -> AsyncIterator[tuple[str, Path]]:
+    """A server with an album, whose zip can be taken away (the link is yielded) to get a 503."""
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(10_000)})
+    zip_link = tmp_path / "zip"
+    zip_link.symlink_to(shutil.which("zip") or "/usr/bin/zip")
+    async with running_server(replace(settings, zip_command=str(zip_link), **changes)) as url:  # type: ignore[arg-type]
+        yield url, zip_link
+
+
+async def answers(client: httpx.AsyncClient, zip_link: Path) -> dict[int, httpx.Response]:
+    """One answer of each error status the service gives, for ``client``'s Accept."""
+    found = {
+        404: await client.get("/archive/no-such-album/"),
+        405: await client.post("/archive/album/"),
+        416: await client.get("/archive/album/", headers={"Range": "bytes=999999999-"}),
+        431: await client.get("/archive/album/", headers={"X-Padding": "a" * 20_000}),
+    }
+    zip_link.unlink()  # zip uninstalled under a running service
+    found[503] = await client.get("/archive/album/")
+    return found
+
+
+def assert_is_a_page(response: httpx.Response, status: int) -> None:
+    text = response.text
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<html lang="ru">' in text
+    assert f"<title>{MESSAGES[status].title}</title>" in text
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
+    assert MESSAGES[status].sentence in text
+    # Self-contained: nothing fetched from anywhere.
+    assert not re.search(r"<script|<link|<img|src=|url\(|https?://", text)
+
+
+async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings, tmp_path: Path) -> None:
+    async with pages_server(settings, tmp_path) as (url, zip_link):
+        async with httpx.AsyncClient(base_url=url, headers={"Accept": BROWSER_ACCEPT}) as browser:
+            pages = await answers(browser, zip_link)
+        zip_link.symlink_to(shutil.which("zip") or "/usr/bin/zip")
+        async with httpx.AsyncClient(base_url=url, headers={"Accept": "*/*"}) as curl:
+            texts = await answers(curl, zip_link)
+    for status in (404, 405, 416, 431, 503):
+        assert pages[status].status_code == texts[status].status_code == status
+        assert_is_a_page(pages[status], status)
+        assert texts[status].headers["content-type"] == "text/plain; charset=utf-8"
+        assert texts[status].text == MESSAGES[status].sentence + "\n"
+    assert pages[503].headers["retry-after"] == texts[503].headers["retry-after"] == "5"
+    assert pages[416].headers["content-range"].startswith("bytes */")
+    assert set(pages[405].headers["allow"].split(", ")) == {"HEAD", "GET"}
+
+
+async def test_signed_link_refusal_is_a_page_too(settings: Settings, tmp_path: Path) -> None:
+    async with (
+        pages_server(settings, tmp_path, link_secret="s3cret") as (url, _),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        page = await client.get("/archive/album/", headers={"Accept": BROWSER_ACCEPT})
+        text = await client.get("/archive/album/")
+    assert page.status_code == text.status_code == 403
+    assert_is_a_page(page, 403)
+    assert text.text == MESSAGES[403].sentence + "\n"
+
+
+async def test_favicon_is_no_content_and_no_archive_message(settings: Settings, tmp_path: Path) -> None:
+    async with pages_server(settings, tmp_path) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        icon = await client.get("/favicon.ico", headers={"Accept": "image/avif,image/webp,*/*"})
+    assert icon.status_code == 204
+    assert icon.content == b""
+
+
+async def test_http11_status_line_has_its_reason_phrase(settings: Settings, tmp_path: Path) -> None:
+    async with pages_server(settings, tmp_path) as (url, _):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        lines = []
+        for target in (b"/", b"/archive/no-such-album/", b"/favicon.ico"):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                await trio.to_thread.run_sync(sock.sendall, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                lines.append((await trio.to_thread.run_sync(sock.recv, 65536)).split(b"\r\n", 1)[0])
+    assert lines == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 204 No Content"]
+
+
+@needs_nginx
+async def test_nginx_serves_the_index_page_and_keeps_operator_paths_internal(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        pages_server(settings, tmp_path) as (url, _),
+        nginx_in_front(url, tmp_path / "nginx") as front,
+        httpx.AsyncClient(base_url=front) as client,
+    ):
+        index = await client.get("/")
+        icon = await client.get("/favicon.ico")
+        health = await client.get("/healthz")
+        metrics = await client.get("/metrics")
+    assert index.status_code == 200
+    assert "<title>Архивы фотографий</title>" in index.text
+    assert icon.status_code == 204
+    assert health.status_code in (403, 404) and metrics.status_code in (403, 404)  # nginx's own answer
+    assert "storage" not in health.text and "archiver" not in metrics.text
+
+
+async def chromium_page(url: str, screenshot: Path, profile: Path) -> str:
+    """What headless Chromium shows at ``url``: its DOM after load; a phone-sized screenshot is saved too."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=412,915",
+    ]
+    assert CHROMIUM is not None
+    await trio.run_process(
+        [CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_stdout=True, capture_stderr=True
+    )
+    dom = await trio.run_process([CHROMIUM, *flags, "--dump-dom", url], capture_stdout=True, capture_stderr=True)
+    return dom.stdout.decode()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+async def test_chromium_shows_russian_pages_with_titles(settings: Settings, tmp_path: Path) -> None:
+    shots = tmp_path / "screenshots"  # kept with the test's temporary files, as CI artefacts
+    shots.mkdir()
+    seen: dict[str, str] = {}
+    async with pages_server(settings, tmp_path) as (url, zip_link):
+        seen["index"] = await chromium_page(f"{url}/", shots / "index.png", tmp_path / "profile")
+        seen["404"] = await chromium_page(f"{url}/archive/no-such-album/", shots / "404.png", tmp_path / "profile")
+        zip_link.unlink()
+        seen["503"] = await chromium_page(f"{url}/archive/album/", shots / "503.png", tmp_path / "profile")
+    signed = settings.storage_dir.parent / "signed"
+    signed.mkdir()
+    async with pages_server(replace(settings, storage_dir=signed), tmp_path / "signed", link_secret="s3cret") as (
+        url,
+        _,
+    ):
+        seen["403"] = await chromium_page(f"{url}/archive/album/", shots / "403.png", tmp_path / "profile")
+    titles = {"index": "Архивы фотографий", "404": MESSAGES[404].title, "503": MESSAGES[503].title}
+    titles["403"] = MESSAGES[403].title
+    for name, dom in seen.items():
+        assert f"<title>{titles[name]}</title>" in dom, dom
+        visible = re.sub(r"<[^>]+>|<style>.*?</style>", " ", dom.split("<body>", 1)[1], flags=re.DOTALL)
+        letters = [char for char in visible if char.isalpha()]
+        cyrillic = [char for char in letters if "\u0400" <= char <= "\u04ff"]
+        assert len(cyrillic) > 0.8 * len(letters), visible  # the visible text is Russian
+        screenshot = shots / f"{name}.png"
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 5_000
