@@ -29,6 +29,7 @@ from .limits import (
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
+    RangeLimitReached,
     TrustedProxies,
     WalkLimitReached,
     connection_limit,
@@ -54,9 +55,6 @@ EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
 # is whole in memory (~200 bytes a file): 32 requests for a 20,000-file album
 # at once would hold 130 MB.
 WALKERS = 2
-# Walks one client may have waiting behind its one in progress (``limits.ClientWalks``):
-# room for a browser opening every album of a page at once, not for a flood.
-WALKS_WAITING_PER_CLIENT = 32
 
 INDEX_TITLE = "Архивы фотографий"
 INDEX_BODY = (
@@ -125,7 +123,8 @@ def create_app(settings: Settings) -> QuartTrio:
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
-    client_walks = ClientWalks(WALKS_WAITING_PER_CLIENT)
+    # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
+    client_walks = ClientWalks(settings.max_jobs)
     crc_index = CrcIndex(open_crc_store(settings))
     metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
@@ -165,13 +164,13 @@ def create_app(settings: Settings) -> QuartTrio:
             client = _client_address(proxies)
             if request.method == "GET":
                 # Limits before work: a download that would be refused is refused before its walk.
-                slots.check(client)
+                slots.check(client, ranged="Range" in request.headers)
             async with client_walks.turn(client):
                 # A large album takes a while to walk: keep the event loop free.
                 prepared = await trio.to_thread.run_sync(
                     prepare_archive, album, arguments, settings, crc_index, limiter=walkers
                 )
-        except (JobLimitReached, FairShareExceeded, WalkLimitReached) as error:
+        except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         except AlbumNotFound:
             logger.debug("no album for %r", name)

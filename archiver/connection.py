@@ -32,7 +32,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .crc_index import FileChanged
 from .download import ArchiveBody, ArchiveChanged, first_failure
-from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, WalkLimitReached
+from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, RangeLimitReached, WalkLimitReached
 from .metrics import DownloadMetrics
 from .pages import error_page
 from .producer import ZipFailed, ZipUnavailable
@@ -97,12 +97,13 @@ async def _send_within(
 _LIMIT_REASONS: dict[type[BaseException], str] = {
     JobLimitReached: "job_limit",
     FairShareExceeded: "fair_share",
+    RangeLimitReached: "range_limit",
     WalkLimitReached: "walk_limit",
 }
 
 
 def limit_refusal(
-    error: JobLimitReached | FairShareExceeded | WalkLimitReached,
+    error: JobLimitReached | FairShareExceeded | RangeLimitReached | WalkLimitReached,
     name: str,
     client: str,
     metrics: DownloadMetrics,
@@ -116,7 +117,7 @@ def limit_refusal(
 
 def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
-    if isinstance(error, (JobLimitReached, FairShareExceeded)):
+    if isinstance(error, (JobLimitReached, FairShareExceeded, RangeLimitReached)):
         return limit_refusal(error, body.name, body.client, body.metrics, accept)
     if isinstance(error, ZipUnavailable):
         logger.error("refused %s: %s", body.name, error)

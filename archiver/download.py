@@ -104,12 +104,12 @@ class ArchiveBody(ResponseBody):
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start zip.
 
-        Raises JobLimitReached, FairShareExceeded or ZipUnavailable if that fails.
+        Raises JobLimitReached, FairShareExceeded, RangeLimitReached or ZipUnavailable if that fails.
         A range counts like a whole download: it may read whole files (those
         at its ends, CRCs the index lacks), or, in an archive with
         descriptors, run zip from the first file.
         """
-        self.slots.acquire(self.client)
+        self.slots.acquire(self.client, self._ranged)
         self._started_at = trio.current_time()
         if self.rate_limit:
             # A second's worth of saved-up rate at most (and never less than a chunk).
@@ -270,7 +270,7 @@ class ArchiveBody(ResponseBody):
             self._release_slots()
 
     def _release_slots(self) -> None:
-        self.slots.release(self.client)
+        self.slots.release(self.client, self._ranged)
 
     def _finish(self, outcome: str, description: str) -> None:
         if outcome == "cancelled" and self.bytes_sent == self._length():
@@ -291,6 +291,10 @@ class ArchiveBody(ResponseBody):
             duration,
             0 if self.zip_input is None else self.zip_input.file_count,
         )
+
+    @property
+    def _ranged(self) -> bool:
+        return self.byte_range is not None or self.tail is not None
 
     def _length(self) -> int | None:
         """The bytes this response is to send in all (its Content-Length); None if not known ahead (compressed)."""

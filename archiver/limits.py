@@ -34,6 +34,10 @@ class FairShareExceeded(RuntimeError):
     """The service is busy and this client already holds its fair share of the job slots."""
 
 
+class RangeLimitReached(RuntimeError):
+    """This client already runs as many ranges at once as one client may."""
+
+
 class WalkLimitReached(RuntimeError):
     """This client already has as many album walks waiting as one client may."""
 
@@ -96,6 +100,13 @@ class JobSlots:
     (FairShareExceeded).  Twenty other clients then ask: each holds 0, its
     share is max(4, 48 // 2) = 24 or less, never under 4: admitted while any
     slot is free.  With 64 slots held, everyone is refused (JobLimitReached).
+
+    Ranges take slots like downloads, and one client runs at most
+    ``min_share`` of them at once (RangeLimitReached), however idle the
+    service: a one-byte range near the end of a large file still has zip
+    read that file from its start, so 48 such ranges would cost 48 files'
+    reads for 48 bytes.  A download manager's 8 connections get 4 at once
+    and retry the rest, as they do on any 503.
     """
 
     def __init__(self, total: int, min_share: int, reserve: int | None = None) -> None:
@@ -104,6 +115,7 @@ class JobSlots:
         self.reserve = -(-total // 4) if reserve is None else reserve  # a quarter, rounded up
         self.in_use = 0
         self._held: Counter[str] = Counter()
+        self._ranges: Counter[str] = Counter()
 
     @property
     def free(self) -> int:
@@ -124,10 +136,15 @@ class JobSlots:
         active = len(self._held) + (0 if client in self._held else 1)
         return max(self.min_share, (self.total - self.reserve) // active)
 
-    def check(self, client: str) -> None:
-        """Raise JobLimitReached or FairShareExceeded if ``client`` may not start a job now (nothing taken)."""
+    def check(self, client: str, ranged: bool = False) -> None:
+        """Raise JobLimitReached, FairShareExceeded or RangeLimitReached if ``client`` may not start a job now.
+
+        Nothing is taken.  ``ranged``: the job is a range.
+        """
         if self.in_use >= self.total:
             raise JobLimitReached(f"all {self.total} archive jobs are busy")
+        if ranged and self._ranges[client] >= self.min_share:
+            raise RangeLimitReached(f"{client} already runs {self.min_share} ranges")
         held = self._held[client]
         if self.free <= self.reserve and held >= (share := self.fair_share(client)):
             raise FairShareExceeded(
@@ -135,17 +152,25 @@ class JobSlots:
                 f"{self.total} are free"
             )
 
-    def acquire(self, client: str) -> None:
+    def acquire(self, client: str, ranged: bool = False) -> None:
         """Take a slot for ``client``, or raise as ``check`` does (nothing taken)."""
-        self.check(client)
+        self.check(client, ranged)
         self.in_use += 1
         self._held[client] += 1
+        if ranged:
+            self._ranges[client] += 1
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, ranged: bool = False) -> None:
         self.in_use -= 1
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
+        _decrement(self._held, client)
+        if ranged:
+            _decrement(self._ranges, client)
+
+
+def _decrement(counts: Counter[str], client: str) -> None:
+    counts[client] -= 1
+    if counts[client] <= 0:
+        del counts[client]
 
 
 class ClientWalks:

@@ -154,6 +154,7 @@ def test_received_bytes_are_the_archive(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @given(
     drawn=albums(max_total=24 * 1024 * 1024), seed=st.integers(0, 2**32), range_points=st.tuples(FRACTIONS, FRACTIONS)

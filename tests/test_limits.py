@@ -17,6 +17,7 @@ from archiver.limits import (
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
+    RangeLimitReached,
     TokenBucket,
     TrustedProxies,
     WalkLimitReached,
@@ -79,6 +80,19 @@ def test_the_heaviest_client_yields_first() -> None:
     with pytest.raises(FairShareExceeded):
         slots.acquire("ten")
     slots.acquire("one-0")  # holds 1, under its share
+
+
+def test_ranges_of_one_client_are_capped_even_on_an_idle_service() -> None:
+    slots = JobSlots(64, min_share=4)
+    for _ in range(4):
+        slots.acquire("manager", ranged=True)
+    with pytest.raises(RangeLimitReached):
+        slots.acquire("manager", ranged=True)
+    slots.acquire("manager")  # a whole download is not a range
+    slots.acquire("other", ranged=True)
+    slots.release("manager", ranged=True)
+    slots.acquire("manager", ranged=True)
+    assert slots.held_by("manager") == 5
 
 
 def test_idle_service_takes_many_downloads_from_one_client() -> None:
