@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -106,67 +107,62 @@ def receive(address: tuple[str, int], protocol: str, name: str, byte_range: tupl
     return body
 
 
-def check_album(
-    server_for: ServerFor,
-    tmp_path_factory: pytest.TempPathFactory,
-    chunk_size: int,
-    sizes: dict[str, int],
-    protocol: str,
-    seed: int,
-    range_points: tuple[float, float],
-) -> None:
-    address, storage = server_for(chunk_size)
-    album = make_album(storage, tmp_path_factory, sizes, seed)
+@dataclass(frozen=True)
+class Case:
+    """One drawn case: the chunk size, the album (name -> size), its bytes' seed, and a range as fractions."""
+
+    chunk_size: int
+    sizes: dict[str, int]
+    seed: int = 0
+    range_points: tuple[float, float] = (0.0, 1.0)
+
+
+FRACTIONS = st.floats(0, 1)
+
+
+def cases(max_total: int) -> st.SearchStrategy[Case]:
+    return st.builds(
+        lambda drawn, seed, points: Case(*drawn, seed, points),
+        albums(max_total),
+        st.integers(0, 2**32),
+        st.tuples(FRACTIONS, FRACTIONS),
+    )
+
+
+def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case) -> None:
+    address, storage = server_for(case.chunk_size)
+    album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     oracle = zip_to_file(album, album.parent / f"{album.name}.zip")
     # Twice: cold (CRCs computed while zip runs), then warm (from the index).
     for _ in range(2):
         sent = receive(address, protocol, album.name, None)
         assert sent == oracle
     read_archive(sent)  # and zipfile's testzip() passes
-    first, last = sorted(int(point * (len(oracle) - 1)) for point in range_points)
+    first, last = sorted(int(point * (len(oracle) - 1)) for point in case.range_points)
     assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
 
 
-FRACTIONS = st.floats(0, 1)
-
-
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@given(
-    drawn=albums(max_total=2 * 1024 * 1024), seed=st.integers(0, 2**32), range_points=st.tuples(FRACTIONS, FRACTIONS)
-)
+@given(case=cases(max_total=2 * 1024 * 1024))
 # Issue 18's reproductions: zip's output ends 22 bytes past a multiple of 16 KiB (the end
 # record came in one piece of its own length), and the chunk sizes that broke other records.
-@example(drawn=(16384, {"photo.jpg": 64 * 16384 - 102}), seed=1, range_points=(0.0, 1.0))
-@example(drawn=(256 * 1024, {"photo.jpg": 65 * 16384 - 102}), seed=2, range_points=(0.5, 1.0))
-@example(drawn=(30, {f"{i}.jpg": 40 + i for i in range(5)}), seed=3, range_points=(0.1, 0.9))
-@example(drawn=(57, {"Фото.jpg": 30, "b": 0, "c.jpg": 57 * 3}), seed=4, range_points=(0.0, 0.5))
+@example(case=Case(16384, {"photo.jpg": 64 * 16384 - 102}, seed=1))
+@example(case=Case(256 * 1024, {"photo.jpg": 65 * 16384 - 102}, seed=2, range_points=(0.5, 1.0)))
+@example(case=Case(30, {f"{i}.jpg": 40 + i for i in range(5)}, seed=3, range_points=(0.1, 0.9)))
+@example(case=Case(57, {"Фото.jpg": 30, "b": 0, "c.jpg": 57 * 3}, seed=4, range_points=(0.0, 0.5)))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_received_bytes_are_the_archive(
-    server_for: ServerFor,
-    tmp_path_factory: pytest.TempPathFactory,
-    protocol: str,
-    drawn: tuple[int, dict[str, int]],
-    seed: int,
-    range_points: tuple[float, float],
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
 ) -> None:
-    chunk_size, sizes = drawn
-    check_album(server_for, tmp_path_factory, chunk_size, sizes, protocol, seed, range_points)
+    check_album(server_for, tmp_path_factory, protocol, case)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@given(
-    drawn=albums(max_total=24 * 1024 * 1024), seed=st.integers(0, 2**32), range_points=st.tuples(FRACTIONS, FRACTIONS)
-)
+@given(case=cases(max_total=24 * 1024 * 1024))
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_received_bytes_are_the_archive_wide(
-    server_for: ServerFor,
-    tmp_path_factory: pytest.TempPathFactory,
-    protocol: str,
-    drawn: tuple[int, dict[str, int]],
-    seed: int,
-    range_points: tuple[float, float],
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
 ) -> None:
-    chunk_size, sizes = drawn
-    check_album(server_for, tmp_path_factory, chunk_size, sizes, protocol, seed, range_points)
+    check_album(server_for, tmp_path_factory, protocol, case)
