@@ -35,7 +35,7 @@ from .limits import (
     connection_limit,
 )
 from .metrics import DownloadMetrics
-from .pages import error_page, page
+from .pages import PAGE_NOT_FOUND, error_page, page
 from .partial import plan_range
 from .producer import ZipInput, find_zip, zip_arguments, zip_input
 from .ranges import RangeNotSatisfiable, archive_etag, requested_range
@@ -137,9 +137,8 @@ def create_app(settings: Settings) -> QuartTrio:
     async def limit_header_size() -> Response | None:
         # h11 caps only a request head that arrives in pieces; one that comes
         # in a single read, and HTTP/2's (up to 64 KiB), would pass whole.
-        size = len(request.scope.get("raw_path", b"")) + sum(
-            len(name) + len(value) for name, value in request.scope["headers"]
-        )
+        size = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b""))
+        size += sum(len(name) + len(value) for name, value in request.scope["headers"])
         if size > MAX_HEADER_BYTES:
             return error_page(431, request.headers.get("Accept"))
         return None
@@ -147,7 +146,9 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.get("/")
     async def index() -> Response:
         # The sample album's link only where the sample album is (make run on data/).
-        example = EXAMPLE_LINK if (settings.storage_dir / EXAMPLE_NAME).is_dir() else ""
+        # Not with signed links on: the bare link would only get a 403.
+        sample_there = (settings.storage_dir / EXAMPLE_NAME).is_dir() and not settings.link_secret
+        example = EXAMPLE_LINK if sample_there else ""
         return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")
 
     @app.route("/archive/<name>/", methods=["GET"], provide_automatic_options=False)
@@ -266,7 +267,13 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.errorhandler(404)
     async def not_found(error: HTTPException) -> Response:
-        return error_page(404, request.headers.get("Accept"))
+        on_archive = request.path.startswith("/archive/")
+        return error_page(404, request.headers.get("Accept"), message=None if on_archive else PAGE_NOT_FOUND)
+
+    @app.errorhandler(500)
+    async def internal_error(error: Exception) -> Response:
+        # Whatever escaped a route (logged by Quart): the service's page, not Werkzeug's English one.
+        return error_page(500, request.headers.get("Accept"))
 
     @app.errorhandler(405)
     async def method_not_allowed(error: HTTPException) -> Response:
@@ -276,7 +283,10 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.get("/favicon.ico")
     async def favicon() -> Response:
         # Every browser asks; no icon is better than an "archive deleted" page, and costs no walk.
-        return Response(status=204)
+        # A bytes body: Quart's default empty iterable needs asyncio (a traceback, a dropped connection).
+        response = Response(b"", status=204)
+        del response.headers["Content-Type"]
+        return response
 
     return app
 

@@ -25,20 +25,32 @@ class Message:
 
 
 MESSAGES: Mapping[int, Message] = {
-    403: Message("Ссылка недействительна", "Ссылка недействительна или её срок истёк: попросите новую ссылку."),
-    404: Message("Архив не найден", "Архив не существует или был удален: проверьте ссылку."),
-    405: Message("Запрос не поддерживается", "Этот адрес только отдаёт архивы: откройте ссылку в браузере."),
-    416: Message("Диапазон вне архива", "Запрошенный диапазон вне архива: начните скачивание заново."),
-    431: Message("Слишком длинный запрос", "Слишком длинный запрос: откройте ссылку ещё раз."),
-    500: Message("Не удалось создать архив", "Не удалось создать архив: попробуйте скачать его ещё раз позже."),
-    503: Message("Сервер занят", "Сервер занят, попробуйте позже: скачивание можно повторить через минуту."),
+    403: Message(
+        "Ссылка недействительна",
+        "Ссылка на архив устарела или неверна: попросите новую у того, кто её прислал.",
+    ),
+    404: Message("Архив не найден", "Архив не существует или был удалён: проверьте ссылку."),
+    405: Message("Запрос не поддерживается", "По этому адресу архив можно только скачать: просто откройте ссылку."),
+    416: Message("Диапазон вне архива", "Запрошенная часть лежит за концом архива: начните скачивание заново."),
+    431: Message(
+        "Слишком длинный запрос",
+        "Браузер прислал слишком длинный запрос: проверьте ссылку или удалите cookie этого сайта.",
+    ),
+    500: Message(
+        "Не удалось создать архив",
+        "Во время сборки архива произошла ошибка: попробуйте скачать его ещё раз чуть позже.",
+    ),
+    503: Message("Сервер занят", "Сейчас скачивают слишком много архивов: попробуйте ещё раз через несколько секунд."),
 }
+
+# A 404 for a path that is not an archive's at all.
+PAGE_NOT_FOUND = Message("Страница не найдена", "Такой страницы здесь нет: проверьте адрес.")
 
 # Shared by the index page and the error pages.
 STYLE = """body{font:17px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;padding:2rem 1rem;
 color:#1f2328;background:#f6f8fa}main{max-width:36rem;margin:0 auto;background:#fff;border:1px solid #d0d7de;
 border-radius:8px;padding:1.5rem 1.75rem}h1{font-size:1.4rem;margin:0 0 .75rem}p{margin:.5rem 0}
-.code{color:#57606a;font-size:.9rem}a{color:#0969da}code{overflow-wrap:anywhere}"""
+.code{color:#57606a;font-size:.9rem}a{color:#0969da}main{overflow-wrap:anywhere}"""
 
 PAGE = """<!doctype html>
 <html lang="ru">
@@ -69,9 +81,15 @@ def wants_html(accept: str | None) -> bool:
     return accepted.best_match(["text/plain", "text/html"]) == "text/html"
 
 
-def error_page(status: int, accept: str | None, headers: dict[str, str] | None = None) -> Response:
-    """The answer for error ``status`` (a key of MESSAGES): HTML for a browser, the sentence as text otherwise."""
-    message = MESSAGES[status]
+def error_page(
+    status: int, accept: str | None, headers: dict[str, str] | None = None, message: Message | None = None
+) -> Response:
+    """The answer for error ``status``: HTML for a browser, the sentence as text otherwise.
+
+    ``message`` defaults to MESSAGES[status].  The body depends on Accept, and says so (Vary).
+    """
+    message = message or MESSAGES[status]
+    headers = {**(headers or {}), "Vary": "Accept"}
     if wants_html(accept):
         body = f'<p>{html.escape(message.sentence)}</p>\n<p class="code">Код ошибки: {status}</p>'
         return Response(page(message.title, body), status=status, headers=headers, mimetype="text/html")

@@ -18,7 +18,7 @@ import trio
 from archiver.config import Settings
 from archiver.pages import MESSAGES
 
-from .conftest import running_server, write_tree
+from .conftest import free_port, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 # What Chromium sends for a page it navigates to.
@@ -89,11 +89,16 @@ async def test_signed_link_refusal_is_a_page_too(settings: Settings, tmp_path: P
     assert text.text == MESSAGES[403].sentence + "\n"
 
 
-async def test_favicon_is_no_content_and_no_archive_message(settings: Settings, tmp_path: Path) -> None:
+async def test_favicon_is_no_content_and_no_archive_message(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with pages_server(settings, tmp_path) as (url, _), httpx.AsyncClient(base_url=url) as client:
-        icon = await client.get("/favicon.ico", headers={"Accept": "image/avif,image/webp,*/*"})
-    assert icon.status_code == 204
-    assert icon.content == b""
+        icons = [await client.get("/favicon.ico", headers={"Accept": "image/avif,image/webp,*/*"}) for _ in range(2)]
+        index = await client.get("/")  # on the same kept-alive connection
+    assert [icon.status_code for icon in icons] == [204, 204]
+    assert icons[0].content == b"" and "content-type" not in icons[0].headers
+    assert index.status_code == 200
+    assert "Traceback" not in caplog.text and "Error" not in caplog.text
 
 
 async def test_http11_status_line_has_its_reason_phrase(settings: Settings, tmp_path: Path) -> None:
@@ -108,23 +113,42 @@ async def test_http11_status_line_has_its_reason_phrase(settings: Settings, tmp_
 
 
 @needs_nginx
-async def test_nginx_serves_the_index_page_and_keeps_operator_paths_internal(
-    settings: Settings, tmp_path: Path
-) -> None:
+async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings: Settings, tmp_path: Path) -> None:
     async with (
         pages_server(settings, tmp_path) as (url, _),
         nginx_in_front(url, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front) as client,
+        httpx.AsyncClient(base_url=front, headers={"Accept": BROWSER_ACCEPT}) as browser,
     ):
-        index = await client.get("/")
-        icon = await client.get("/favicon.ico")
-        health = await client.get("/healthz")
-        metrics = await client.get("/metrics")
+        index = await browser.get("/")
+        icon = await browser.get("/favicon.ico")
+        health = await browser.get("/healthz")
+        metrics = await browser.get("/metrics")
+        typo = await browser.get("/archiv/album/")
+        cookie = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000})  # over nginx's 8k buffer
+        cookie_text = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000, "Accept": "*/*"})
     assert index.status_code == 200
     assert "<title>Архивы фотографий</title>" in index.text
     assert icon.status_code == 204
-    assert health.status_code in (403, 404) and metrics.status_code in (403, 404)  # nginx's own answer
-    assert "storage" not in health.text and "archiver" not in metrics.text
+    for internal in (health, metrics):  # operator paths stay internal: the service's own "not found" page
+        assert internal.status_code == 404
+        assert "<title>Страница не найдена</title>" in internal.text
+        assert "storage" not in internal.text and "archiver_" not in internal.text
+    assert typo.status_code == 404 and "<title>Страница не найдена</title>" in typo.text
+    assert cookie.status_code == cookie_text.status_code == 431
+    assert '<html lang="ru">' in cookie.text and cookie.headers["content-type"] == "text/html; charset=utf-8"
+    assert cookie_text.text == MESSAGES[431].sentence + "\n"
+
+
+@needs_nginx
+async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with nginx_in_front(down, tmp_path / "nginx") as front, httpx.AsyncClient(base_url=front) as client:
+        page = await client.get("/archive/album/", headers={"Accept": BROWSER_ACCEPT})
+        text = await client.get("/archive/album/")
+    assert page.status_code == text.status_code == 503
+    assert page.headers["retry-after"] == text.headers["retry-after"] == "5"
+    assert "<title>Сервер занят</title>" in page.text and MESSAGES[503].sentence in page.text
+    assert text.text == MESSAGES[503].sentence + "\n"
 
 
 async def chromium_page(url: str, screenshot: Path, profile: Path) -> str:
