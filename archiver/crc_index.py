@@ -5,7 +5,13 @@ zip writing to a pipe cannot seek back to put it there, so it leaves it 0
 and appends a data descriptor, which streaming readers refuse (see
 ``rewrite``).  The service computes each CRC itself (``zlib.crc32`` in a
 worker thread, ahead of zip) and keeps it in a ``CrcIndex`` keyed by
-everything that changes when the file does: device, inode, size and mtime.
+everything that changes when the file does: device, inode, size, mtime and
+ctime.  The ctime catches a file rewritten in place with its size kept and
+its mtime put back (``touch -r``): a write always moves it.  A CRC read
+while the file may still have been changing within one tick of the
+filesystem's clock (its ctime is not clearly older than the read) is used
+for that download but not kept, as git treats "racily clean" entries: a
+later change in the same tick would leave the key as it was.
 The index is only a cache: losing it loses nothing but time.  This one lives
 in memory; zip's own CRC (in each descriptor) is checked against it as the
 bytes pass, so a file changed behind the key's back cannot go out unnoticed.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import zlib
 from array import array
 from collections import OrderedDict
@@ -37,7 +44,17 @@ INDEX_ENTRIES = 200_000
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
 
-FileKey = tuple[int, int, int, int]
+FileKey = tuple[int, int, int, int, int]
+
+# Linux stamps file times from a coarse clock (one tick: 1-10 ms); a file
+# whose ctime lies within this of the moment its read began may change again
+# without its ctime moving.  Such a CRC is not kept in the index.
+RACY_NS = 100_000_000
+
+
+def is_racy(key: FileKey, read_started_ns: int) -> bool:
+    """Whether a CRC read from ``read_started_ns`` (time.time_ns) may not match every file with ``key``."""
+    return key[4] >= read_started_ns - RACY_NS
 
 
 class FileChanged(RuntimeError):
@@ -45,7 +62,7 @@ class FileChanged(RuntimeError):
 
 
 class CrcIndex:
-    """CRC-32 by (device, inode, size, mtime_ns): the recently used in memory, all of them in ``store`` if given."""
+    """CRC-32 by (device, inode, size, mtime_ns, ctime_ns): the recent ones in memory, all in ``store`` if given."""
 
     def __init__(self, store: CrcStore | None = None, entries: int = INDEX_ENTRIES, readers: int = 2) -> None:
         self.store = store
@@ -105,7 +122,16 @@ def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
     if status.st_size != size:
         os.close(fd)
         raise FileChanged(f"{path}: {status.st_size} bytes, {size} listed")
-    return fd, (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    return fd, (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> None:
+    """Keep ``crc`` in ``index`` if the file is still the one opened and not racy; FileChanged if it changed."""
+    status = os.fstat(fd)
+    if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
+        raise FileChanged(f"{path}: modified while its CRC was read")
+    if not is_racy(key, read_started_ns):
+        index.put(key, crc)
 
 
 def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES) -> tuple[int, int]:
@@ -124,12 +150,13 @@ def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) ->
         known = index.get(key)
         if known is not None:
             return key, known
+        started = time.time_ns()
         crc, read = _crc_of_block(fd, 0, buffer, budget=size)
+        if read != size:
+            raise FileChanged(f"{path}: read {read} bytes, {size} listed")
+        _keep(index, fd, path, key, crc, started)
     finally:
         os.close(fd)
-    if read != size:
-        raise FileChanged(f"{path}: read {read} bytes, {size} listed")
-    index.put(key, crc)
     return key, crc
 
 
@@ -145,15 +172,16 @@ async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | N
         if known is not None:
             return key, known
         buffer = bytearray(READ_SIZE) if buffer is None else buffer
+        started = time.time_ns()
         crc, read = 0, 0
         while read < size:
             crc, count = await trio.to_thread.run_sync(_crc_of_block, fd, crc, buffer, limiter=index.readers)
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
+        _keep(index, fd, path, key, crc, started)
     finally:
         os.close(fd)
-    index.put(key, crc)
     return key, crc
 
 

@@ -115,14 +115,15 @@ class CrcSource:
         """Drop the CRC of the file ``name`` (as zip names it) from the index (zip found another one: it changed).
 
         The row to drop is the file's key now: the same as the one read or
-        listed when the file changed behind the key's back (same size and
-        mtime), and if the key changed, the old row is never asked for again.
+        listed when the file changed behind the key's back (same size, mtime
+        and ctime: only a clock set back does that), and if the key changed,
+        the old row is never asked for again.
         """
         try:
             status = os.lstat(self.directory / os.fsdecode(name))
         except OSError:
             return
-        self.index.forget((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
+        self.index.forget((status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns))
 
     def _name(self, entry: int) -> str:
         """The ``entry``-th name (relative to the album)."""

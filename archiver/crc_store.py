@@ -2,7 +2,9 @@
 
 Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
-device, inode, size and mtime, and zip's own CRC is checked as it passes.
+device, inode, size, mtime and ctime (a write or chmod always moves the
+ctime, even when the mtime is put back), and zip's own CRC is checked as it
+passes.  Rows of the first version (no ctime, table ``crc``) are ignored.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
 fails (locked too long, disk full) is logged and skipped, never a download's
@@ -18,19 +20,20 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FileKey = tuple[int, int, int, int]
+FileKey = tuple[int, int, int, int, int]
 
 # Rows written in one transaction: one per file would cost a commit per file.
 WRITE_BATCH = 512
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS crc (
+CREATE TABLE IF NOT EXISTS crc_v2 (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
     crc INTEGER NOT NULL,
-    PRIMARY KEY (device, inode, size, mtime_ns)
+    PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns)
 ) WITHOUT ROWID
 """
 
@@ -45,13 +48,13 @@ class CrcStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, int, int, int, int]] = []
+        self._pending: list[tuple[int, int, int, int, int, int]] = []
 
     def get(self, key: FileKey) -> int | None:
         with self._lock:
             try:
                 row = self._db.execute(
-                    "SELECT crc FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key
+                    "SELECT crc FROM crc_v2 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
                 ).fetchone()
             except sqlite3.Error as error:
                 logger.warning("CRC index: read skipped: %s", error)
@@ -66,9 +69,11 @@ class CrcStore:
 
     def forget(self, key: FileKey) -> None:
         with self._lock:
-            self._pending = [row for row in self._pending if row[:4] != key]
+            self._pending = [row for row in self._pending if row[:5] != key]
             try:
-                self._db.execute("DELETE FROM crc WHERE device=? AND inode=? AND size=? AND mtime_ns=?", key)
+                self._db.execute(
+                    "DELETE FROM crc_v2 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
+                )
             except sqlite3.Error as error:
                 logger.warning("CRC index: a changed file's row could not be dropped: %s", error)
 
@@ -79,7 +84,7 @@ class CrcStore:
     def count(self) -> int:
         with self._lock:
             self._write()
-            return int(self._db.execute("SELECT count(*) FROM crc").fetchone()[0])
+            return int(self._db.execute("SELECT count(*) FROM crc_v2").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
@@ -92,6 +97,6 @@ class CrcStore:
             try:
                 with self._db:
                     self._db.execute("BEGIN")
-                    self._db.executemany("INSERT OR REPLACE INTO crc VALUES (?, ?, ?, ?, ?)", rows)
+                    self._db.executemany("INSERT OR REPLACE INTO crc_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.Error as error:
                 logger.warning("CRC index: %d rows not written: %s", len(rows), error)

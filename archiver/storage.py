@@ -51,8 +51,8 @@ class AlbumFile:
     ctime_ns: int = 0
 
     @property
-    def key(self) -> tuple[int, int, int, int]:
-        return self.device, self.inode, self.size, self.mtime_ns
+    def key(self) -> tuple[int, int, int, int, int]:
+        return self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns
 
 
 @dataclass(frozen=True, slots=True)

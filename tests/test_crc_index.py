@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import zlib
 from array import array
 from dataclasses import replace
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+import archiver.crc_index as crc_index_module
 from archiver.config import Settings
-from archiver.crc_index import CrcIndex, FileChanged, file_crc
+from archiver.crc_index import RACY_NS, CrcIndex, FileChanged, file_crc, is_racy
 from archiver.crc_source import CrcSource
 from archiver.crc_store import CrcStore
 
@@ -25,9 +28,18 @@ from .test_cli import PROJECT
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
 
 
+async def settle() -> None:
+    """Let files just written grow older than a clock tick: the index keeps no CRC of a file that may still change.
+
+    Not synchronisation: the age of the files is what is tested.
+    """
+    await trio.sleep(2 * RACY_NS / 1e9)
+
+
 async def test_file_crc_is_zlibs_and_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "a.jpg"
     path.write_bytes(os.urandom(1_000_000))
+    await settle()
     index = CrcIndex(CrcStore(tmp_path / "index.sqlite"))
     key, crc = await file_crc(path, 1_000_000, index)
     assert crc == zlib.crc32(path.read_bytes())
@@ -63,12 +75,12 @@ async def test_a_file_read_with_another_mtime_than_listed_is_a_change(tmp_path: 
 
 def test_store_forgets_and_counts(tmp_path: Path) -> None:
     store = CrcStore(tmp_path / "index.sqlite")
-    store.put((1, 2, 3, 4), 99)
-    store.put((1, 2, 3, 5), 98)
+    store.put((1, 2, 3, 4, 7), 99)
+    store.put((1, 2, 3, 4, 8), 98)  # the same file after a write that put its mtime back
     assert store.count() == 2
-    store.forget((1, 2, 3, 4))
-    assert store.get((1, 2, 3, 4)) is None
-    assert store.get((1, 2, 3, 5)) == 98
+    store.forget((1, 2, 3, 4, 7))
+    assert store.get((1, 2, 3, 4, 7)) is None
+    assert store.get((1, 2, 3, 4, 8)) == 98
 
 
 def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -80,7 +92,7 @@ def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedPr
 def rows(index: Path) -> dict[int, int]:
     """inode -> CRC, from the index file."""
     with sqlite3.connect(index) as db:
-        return dict(db.execute("SELECT inode, crc FROM crc").fetchall())
+        return dict(db.execute("SELECT inode, crc FROM crc_v2").fetchall())
 
 
 async def test_archiver_index_warms_the_index_the_service_trusts_until_zip_disagrees(
@@ -90,6 +102,7 @@ async def test_archiver_index_warms_the_index_the_service_trusts_until_zip_disag
     write_tree(storage / "two", {"c.jpg": os.urandom(50_000)})
     index = tmp_path / "state" / "index.sqlite"
     env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)}
+    await settle()
     first = run_archiver("index", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "indexed 2 albums, 3 files (3 computed, the rest already known)"
@@ -100,7 +113,7 @@ async def test_archiver_index_warms_the_index_the_service_trusts_until_zip_disag
     # The service takes CRCs from the index: a wrong one there (same key) goes out in the
     # header, zip's own CRC disagrees, the transfer is aborted and the row is dropped.
     with sqlite3.connect(index) as db:
-        db.execute("UPDATE crc SET crc = crc + 1 WHERE inode = ?", (a_jpg.stat().st_ino,))
+        db.execute("UPDATE crc_v2 SET crc = crc + 1 WHERE inode = ?", (a_jpg.stat().st_ino,))
     indexed = replace(settings, index_path=str(index))
     async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
         # A 500 if the mismatch shows before the first byte goes out (a.jpg fits in zip's first
@@ -133,3 +146,31 @@ def test_unusable_index_path_fails_fast(storage: Path) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, cwd=PROJECT)
     assert result.returncode != 0
     assert "index '/proc/no/index.sqlite'" in result.stderr
+
+
+async def test_a_crc_read_while_the_file_may_still_change_is_not_kept(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.jpg"
+    path.write_bytes(b"x" * 1000)
+    index = CrcIndex()
+    key, crc = await file_crc(path, 1000, index)  # written a moment ago: within a tick of the read
+    assert crc == zlib.crc32(b"x" * 1000)
+    assert is_racy(key, time.time_ns()) and index.get(key) is None  # used, not kept
+    settled = (*key[:4], key[4] - 2 * RACY_NS)
+    assert not is_racy(settled, time.time_ns())
+
+
+async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path) -> None:
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 100_000)
+    read_block = crc_index_module._crc_of_block
+
+    def write_meanwhile(fd: int, crc: int, buffer: bytearray, budget: int = 0) -> tuple[int, int]:
+        with path.open("r+b") as file:
+            file.write(b"y")  # same size, new ctime
+        return read_block(fd, crc, buffer, budget or len(buffer))
+
+    index = CrcIndex()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crc_index_module, "_crc_of_block", write_meanwhile)
+        with pytest.raises(FileChanged, match="modified while its CRC was read"):
+            await file_crc(path, 100_000, index)
