@@ -130,6 +130,9 @@ def create_app(settings: Settings) -> QuartTrio:
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
+    # No route reads a body: what a client sends with its request is kept only up to this
+    # (Quart's default, 16 MB a request, held while the response runs, was a memory lever).
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     # "/archive//x//" is not a way to name an album: no redirect to a cleaned-up path.
     app.url_map.merge_slashes = False
 
@@ -138,7 +141,8 @@ def create_app(settings: Settings) -> QuartTrio:
         # h11 caps only a request head that arrives in pieces; one that comes
         # in a single read, and HTTP/2's (up to 64 KiB), would pass whole.
         size = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b""))
-        size += sum(len(name) + len(value) for name, value in request.scope["headers"])
+        # Each header as it stands in an HTTP/1.1 head ("name: value\r\n"): 16,000 empty ones are 64 kB.
+        size += sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
         if size > MAX_HEADER_BYTES:
             return error_page(431, request.headers.get("Accept"))
         return None

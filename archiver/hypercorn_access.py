@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from time import time
 from typing import Any
 
-from hypercorn.protocol.events import EndBody, Response, StreamClosed
+from hypercorn.protocol.events import EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
 
@@ -91,6 +91,24 @@ def _log_once() -> None:
         await _log(self)
 
     async def handle(self: Any, event: Any) -> None:
+        if isinstance(event, Request) and not event.raw_path.startswith(b"/"):
+            # Not origin-form ("?x", "*", an absolute URI h11 let through): no route takes it,
+            # and Quart indexes the empty path (IndexError, a 500 with a traceback).  A 400.
+            self.start_time = time()
+            # Just what the access line reads (hypercorn.logging.AccessLogAtoms).
+            self.scope = {
+                "type": "http",
+                "method": event.method,
+                "scheme": self.scheme,
+                "path": event.raw_path.decode("latin-1"),
+                "query_string": b"",
+                "http_version": event.http_version,
+                "client": self.client,
+                "headers": event.headers,
+            }
+            await self._send_error_response(400)
+            self.closed = True
+            return
         if not isinstance(event, StreamClosed) or self.closed:
             await original_handle(self, event)
             return

@@ -39,7 +39,8 @@ stream without the send lock: Hypercorn's ``_close`` (its ``send_eof``) on the
 way out after a framing error.  The connection is ending; the write is
 treated like one to a closed stream, as Hypercorn treats BrokenResourceError.
 
-4. A connection HTTP says must close is closed at once, even when the app's task asks.
+4. A connection HTTP says must close is closed at once, and an idle one after the keep-alive timeout,
+   even when the app's task asks.
 
 After a response to ``Connection: close``, to HTTP/1.0 without keep-alive,
 or to a request whose body was not read to its end, Hypercorn's HTTP/1.1
@@ -49,6 +50,11 @@ the response is out: ``_close`` is cancelled at its first checkpoint, before
 the socket is shut, and the client (reading until close) waits until the
 read timeout, 120 s and more, holding a descriptor.  Here ``_close`` is
 shielded, with a deadline of its own (a TLS close may wait on the peer).
+The same task restarts the keep-alive timer once a response is out
+(``Updated(idle=True)``): cancelled there, the timer never ran again, and a
+connection that had carried one request stayed open for ever, so one client
+with enough idle sockets could take every connection.  The restart is
+shielded too (it only starts a task).
 
 The patches wrap ``TCPServer.run`` and replace ``TCPServer.protocol_send``
 for its RawData and Closed cases.  tests/test_fences.py fails if what they rely on
@@ -63,7 +69,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
 logger = logging.getLogger(__name__)
@@ -110,10 +116,11 @@ def _limit_connections() -> None:
                 await self.stream.aclose()
             return
         LIMITS.open_connections += 1
+        peer = _peer(self)  # now: once Hypercorn has closed the socket it cannot be asked
         try:
             await original(self)
         except Exception as error:  # not BaseException: cancellation (shutdown) goes on as it came
-            logger.warning("connection from %s ended by an error: %s", _peer(self), _describe(error))
+            logger.warning("connection from %s ended by an error: %s", peer, _describe(error))
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.stream.aclose()
         finally:
@@ -156,6 +163,10 @@ def _time_out_writes() -> None:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self._close()
             await self.protocol.handle(Closed())
+            return
+        if isinstance(event, Updated):
+            with trio.CancelScope(shield=True):
+                await original(self, event)
             return
         if not isinstance(event, RawData):
             await original(self, event)

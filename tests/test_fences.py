@@ -80,6 +80,9 @@ def source_of(module: object) -> str:
                 "await self.protocol.handle(Closed())",
                 "async def run(self) -> None:",
                 "await self.idle_task.restart(self._task_group, self._idle_timeout)",
+                # Updated restarts the idle timer (patch 4 shields it).
+                "        elif isinstance(event, Updated):\n            if event.idle:\n"
+                "                await self.idle_task.restart(self._task_group, self._idle_timeout)",
                 # Closed: _close then the protocol told (patch 4 shields the first).
                 "await self._close()\n            await self.protocol.handle(Closed())",
                 # run catches OSError only: anything else reaches the handler nursery (patch 3).

@@ -9,6 +9,7 @@ alive when the module ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -54,6 +55,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A real ``python -m archiver`` for the whole module; it must still be running at the end."""
     storage = tmp_path_factory.mktemp("malformed")
     write_tree(storage / "small", {"photo.jpg": os.urandom(100_000), "Фото/notes.txt": b"notes"})
+    # Larger than the socket buffers hold: a response left unread stays in flight.
+    write_tree(storage / "large", {"photo.jpg": os.urandom(16_000_000)})
     port = free_port()
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
     process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -206,6 +209,73 @@ def test_headers_over_16_kib_get_431(service: Service, size: int) -> None:
         # HTTP/2: Hypercorn takes a header block of up to 64 KiB, the app refuses past 16.
         assert client.get(f"{service.url}/archive/small/", headers={"X-Padding": "a" * 20_000}).status_code == 431
     assert http11_request(service.address, "GET", b"/archive/small/", [("X-Padding", "a" * 8_000)])[0] == 200
+
+
+def server_rss_kib(service: Service) -> int:
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def closes_within(address: tuple[str, int], request: bytes, timeout: float) -> float:
+    """Send ``request`` on a kept-alive connection, read its answer, then the server's close: seconds it took."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(request)
+        started = time.monotonic()
+        while sock.recv(65536):  # a TimeoutError here fails the test: the connection stayed open
+            pass
+    return time.monotonic() - started
+
+
+# Found by a hostile tester after the fixes above (issue 23's review).
+def test_a_kept_alive_connection_closes_after_the_keep_alive_timeout_once_idle(service: Service) -> None:
+    # Quart-Trio cancelled the task that restarts Hypercorn's idle timer: a connection that had
+    # carried one request stayed open for ever (100 of them locked everyone out).
+    http11 = b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n"
+    connection = h2_client()
+    connection.send_headers(1, [(b":method", b"GET"), (b":path", b"/favicon.ico"), (b":scheme", b"http"),
+                                (b":authority", b"x")], end_stream=True)  # fmt: skip
+    results: list[float] = []
+    threads = [
+        threading.Thread(target=lambda data=data: results.append(closes_within(service.address, data, 15)))
+        for data in (http11, connection.data_to_send())
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and all(seconds < 10 for seconds in results)  # keep_alive_timeout is 5 s
+
+
+@pytest.mark.parametrize("target", [b"?x", b"*", b"http://x/archive/small/"])
+def test_a_request_target_that_is_not_a_path_is_400(service: Service, target: bytes) -> None:
+    answer = exchange(service.address, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    polite_request_works(service)
+
+
+def test_headers_are_counted_as_they_stand_on_the_wire(service: Service) -> None:
+    head = b"GET /archive/small/ HTTP/1.1\r\nHost: x\r\n" + b"a:\r\n" * 16_000 + b"\r\n"
+    assert exchange(service.address, head).startswith(b"HTTP/1.1 431 ")
+
+
+def test_request_bodies_are_not_kept_whole(service: Service) -> None:
+    # Quart kept up to 16 MB of a body no route reads, a request at a time, while the response ran.
+    body = b"x" * 16_000_000
+    before = server_rss_kib(service)
+    sockets = []
+    for _ in range(8):
+        sock = socket.create_connection(service.address, timeout=30)
+        sockets.append(sock)  # the responses are left unread
+        head = b"GET /archive/large/ HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed once it answered: fine too
+            sock.sendall(head + body)
+    grown_mib = (server_rss_kib(service) - before) / 1024
+    for sock in sockets:
+        sock.close()
+    assert grown_mib < 8 * 2, f"server RSS grew {grown_mib:.1f} MiB"  # was ~16.6 MiB a request
+    polite_request_works(service)
 
 
 # The fuzz suite: malformed HTTP/1.1 and HTTP/2, then a polite request, every time.
