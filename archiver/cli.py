@@ -16,6 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from . import hypercorn_tcp
 from .app import create_app, open_crc_store
 from .config import Settings, SettingsError
 from .crc_index import CrcIndex, album_crcs
@@ -100,6 +101,7 @@ async def _until_signalled(grace: float) -> None:
                 signal.Signals(signum).name,
                 grace,
             )
+            hypercorn_tcp.shutting_down()
             return
 
 

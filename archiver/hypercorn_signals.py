@@ -27,6 +27,8 @@ from typing import Any
 import trio
 from hypercorn.trio.worker_context import WorkerContext
 
+from . import hypercorn_tcp
+
 logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
@@ -54,4 +56,5 @@ async def terminate_on_sigterm() -> None:
             logger.info("received SIGTERM: no new connections; in-flight downloads get graceful_timeout to finish")
             for context in list(_CONTEXTS):
                 await context.terminate.set()
+            hypercorn_tcp.shutting_down()
             return

@@ -9,7 +9,10 @@ timeout of the app's can end it, and the app's zip sits blocked behind it.
 Here the write gets a deadline of its own inside the shield (an inner scope's
 deadline still applies): past it the socket is closed and the protocol told,
 exactly as when the client resets the connection.  The app then sees the
-client gone (``connection`` names it a stall).
+client gone (``connection`` names it a stall).  Once the server shuts down
+(``shutting_down``, called by both launches on SIGTERM/SIGINT), the deadline
+is also the end of the grace period: a client that stops reading would
+otherwise hold the shutdown for the whole stall timeout.
 
 2. At most ``connection_limit`` client connections at once.
 
@@ -66,7 +69,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -89,9 +92,18 @@ class _Limits:
     open_connections = 0
     refused_connections = 0
     last_refusal_logged = -math.inf
+    shutdown_started = math.inf  # trio time of SIGTERM/SIGINT
+    writes: ClassVar[set[tuple[trio.CancelScope, float]]] = set()  # in flight, with their grace
 
 
 LIMITS = _Limits()
+
+
+def shutting_down() -> None:
+    """The server stops: every socket write ends by the grace period's end at the latest (the stall patch)."""
+    LIMITS.shutdown_started = trio.current_time()
+    for scope, grace in LIMITS.writes:
+        scope.deadline = min(scope.deadline, LIMITS.shutdown_started + grace)
 
 
 def install(*, write_timeout: float, max_connections: int) -> None:
@@ -175,8 +187,14 @@ def _time_out_writes() -> None:
             stalled = False
             try:
                 with trio.CancelScope(shield=True):
-                    with trio.move_on_after(LIMITS.write_timeout) as deadline:
-                        await self.stream.send_all(event.data)
+                    grace = self.config.graceful_timeout
+                    ends = min(trio.current_time() + LIMITS.write_timeout, LIMITS.shutdown_started + grace)
+                    with trio.CancelScope(deadline=ends) as deadline:
+                        LIMITS.writes.add(entry := (deadline, grace))
+                        try:
+                            await self.stream.send_all(event.data)
+                        finally:
+                            LIMITS.writes.discard(entry)
                     if deadline.cancelled_caught:
                         # Half a write went out: the stream is unusable.
                         stalled = True

@@ -36,7 +36,7 @@ from .conftest import (
     write_tree,
     zip_processes,
 )
-from .test_cli import Launched, launched
+from .test_cli import Launched, launch_command, launched
 from .test_observability import samples
 from .test_stress import resident_kib
 
@@ -544,3 +544,20 @@ async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_zip(ma
     # A stream's buffers (2 MB, as at a zero window above) and ~60 bytes a file (names, sizes, mtimes,
     # modes, offsets, CRCs), with room to spare: 100.
     assert growth < requests * (2 + 100 * 20_000 / MB)
+
+
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_grace(
+    attacked_storage: Path, launch: str
+) -> None:
+    # Found by a hostile review: the shielded socket write gave up only at the 60 s stall timeout.
+    command, env = launch_command(launch, free_port(), grace=1)
+    env |= {"ARCHIVER_DIR": str(attacked_storage), "ARCHIVER_STALL_TIMEOUT": "60"}
+    async with launched(command, env) as server:
+        reader = await open_non_reader(address_of(server.url), b"/archive/big/")
+        assert (await reader.recv(12)).startswith(b"HTTP/1.1 200")  # and it reads nothing more
+        assert await wait_for_zip_output_to_stop(server.process.pid) == 1  # backed up behind the socket
+        server.process.terminate()
+        with trio.fail_after(15):  # the grace period (1 s) and the close, not the 60 s stall timeout
+            assert await server.process.wait() == 0
+        reader.close()
