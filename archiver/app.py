@@ -7,8 +7,7 @@ import logging
 import os
 import sqlite3
 import time
-from array import array
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,15 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
+from .archive.crc_index import CrcIndex
+from .archive.crc_store import CrcStore
+from .archive.plan import ArchivePlan
+from .archive.plan_cache import PlanCache
+from .archive.producer import producer_available
+from .archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 from .config import Settings, SettingsError
 from .connection import ArchiveHTTPConnection, limit_refusal
-from .crc_index import CrcIndex
-from .crc_store import CrcStore
 from .download import ArchiveBody
-from .layout import ArchiveLayout, stored_archive_layout
 from .limits import (
     ClientWalks,
     FairShareExceeded,
@@ -36,11 +38,8 @@ from .limits import (
 )
 from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page
-from .partial import plan_range
-from .producer import ZipInput, find_zip, zip_arguments, zip_input
-from .ranges import RangeNotSatisfiable, archive_etag, requested_range
+from .ranges import FORMAT_VERSION, RangeNotSatisfiable, archive_etag, requested_range
 from .signing import LinkRefused, check_link
-from .storage import ALBUM_NAME, AlbumListing, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
@@ -66,33 +65,22 @@ EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/
 
 @dataclass(frozen=True)
 class PreparedArchive:
-    """What a download needs from its album's listing.
+    """What a download needs from its album: the archive's plan, and for a stored one its ETag."""
 
-    The listing is there for a range (``partial``); a download does not keep
-    it (~200 bytes a file), only ``zip_input`` (~25).
-    """
-
-    listing: AlbumListing
-    zip_input: ZipInput
-    layout: ArchiveLayout | None
+    plan: ArchivePlan
     etag: str | None
-    # The CRC index's CRCs for the files as listed (-1: unknown), for descriptor-free archives.
-    known_crcs: array[int] | None
 
 
-def prepare_archive(album: Path, arguments: Sequence[str], settings: Settings, crc_index: CrcIndex) -> PreparedArchive:
-    """Walk ``album`` and derive what its download needs (in a worker thread: 20,000 files take ~0.1 s)."""
+def prepare_archive(album: Path, settings: Settings, plans: PlanCache) -> PreparedArchive:
+    """Walk ``album`` and plan its archive (in a worker thread: 20,000 files take ~0.2 s)."""
     listing = list_album(album)
-    # Stored archives have a length known before zip starts: browsers show
-    # progress and time left.  Deflated ones go chunked.
-    layout = stored_archive_layout(listing) if settings.compression == 0 else None
-    # The bytes depend on the format too: with or without data descriptors.
-    variant = [*arguments, "descriptor-free"] if layout is not None and layout.descriptor_free else arguments
-    etag = archive_etag(listing, variant) if layout is not None else None
-    known = (
-        crc_index.known(file.key for file in listing.files) if layout is not None and layout.descriptor_free else None
+    # Stored archives have a length known before the first byte: browsers show
+    # progress and time left, and ranges resume them.  Deflated ones go chunked.
+    etag = archive_etag(listing, f"{FORMAT_VERSION}-{settings.compression}")
+    plan = plans.get(
+        listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, settings.compression)
     )
-    return PreparedArchive(listing, zip_input(listing), layout, etag, known)
+    return PreparedArchive(plan, etag if plan.length is not None else None)
 
 
 def open_crc_store(settings: Settings) -> CrcStore | None:
@@ -106,10 +94,9 @@ def open_crc_store(settings: Settings) -> CrcStore | None:
 
 
 def create_app(settings: Settings) -> QuartTrio:
-    """Build the Quart-Trio app; fails fast if the storage root or zip is missing."""
+    """Build the Quart-Trio app; fails fast if the storage root is missing."""
     if not settings.storage_dir.is_dir():
         raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
-    arguments = zip_arguments(find_zip(settings.zip_command), settings.compression)
     hypercorn_h2.install()
     hypercorn_h11.install()
     hypercorn_access.install()
@@ -126,6 +113,7 @@ def create_app(settings: Settings) -> QuartTrio:
     # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
     client_walks = ClientWalks(settings.max_jobs)
     crc_index = CrcIndex(open_crc_store(settings))
+    plans = PlanCache()
     metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
@@ -172,9 +160,7 @@ def create_app(settings: Settings) -> QuartTrio:
                 slots.check(client, ranged="Range" in request.headers)
             async with client_walks.turn(client):
                 # A large album takes a while to walk: keep the event loop free.
-                prepared = await trio.to_thread.run_sync(
-                    prepare_archive, album, arguments, settings, crc_index, limiter=walkers
-                )
+                prepared = await trio.to_thread.run_sync(prepare_archive, album, settings, plans, limiter=walkers)
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         except AlbumNotFound:
@@ -188,8 +174,8 @@ def create_app(settings: Settings) -> QuartTrio:
             # nginx in front: pass bytes on as they come, never spool the archive.
             "X-Accel-Buffering": "no",
         }
-        layout, etag = prepared.layout, prepared.etag
-        length = None if layout is None else layout.sent_size
+        plan, etag = prepared.plan, prepared.etag
+        length = plan.length
         byte_range = None
         if length is not None and etag is not None:
             headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
@@ -205,37 +191,22 @@ def create_app(settings: Settings) -> QuartTrio:
                 headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
                 headers["Content-Length"] = str(byte_range.length)
         if request.method == "HEAD":
-            # Headers only: no zip.  An empty async body keeps Quart from
+            # Headers only: no producer.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
             return Response(_no_body(), mimetype="application/zip", headers=headers)
-        archive_input: ZipInput | None = prepared.zip_input
-        zip_range, tail, known_crcs = byte_range, None, prepared.known_crcs
-        if byte_range is not None and layout is not None and known_crcs is not None:
-            # Only the files the range touches go through zip; the tail is generated.
-            plan = await trio.to_thread.run_sync(
-                plan_range, prepared.listing, layout, byte_range, crc_index, known_crcs
-            )
-            if plan is not None:
-                archive_input, layout, zip_range, tail = plan.zip_input, plan.layout, plan.zip_range, plan.tail
-                known_crcs = plan.zip_known_crcs
-        del prepared  # the listing: not kept by the download
         body = ArchiveBody(
             name,
-            archive_input,
-            arguments,
+            plan,
             slots=slots,
             metrics=metrics,
+            crc_index=crc_index,
             chunk_size=settings.chunk_size,
             channel_capacity=settings.channel_capacity,
             delay=settings.delay,
             rate_limit=settings.rate_limit,
-            layout=layout,
-            byte_range=zip_range,
+            byte_range=byte_range,
             client=client,
             stall_timeout=settings.stall_timeout,
-            crc_index=crc_index,
-            known_crcs=known_crcs,
-            tail=tail,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)
@@ -256,10 +227,10 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        """Liveness: the process answers, the storage root is readable, zip is there to run."""
+        """Liveness: the process answers, the storage root is readable, the producer is there to run."""
         checks = {
             "storage": os.access(settings.storage_dir, os.R_OK | os.X_OK),
-            "zip": os.access(arguments[0], os.X_OK),
+            "producer": producer_available(),
         }
         healthy = all(checks.values())
         body = {"status": "ok" if healthy else "failing", **checks}

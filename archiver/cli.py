@@ -18,12 +18,11 @@ from hypercorn.trio import serve
 
 from . import hypercorn_tcp
 from .app import create_app, open_crc_store
+from .archive.crc_index import CrcIndex, album_crcs
+from .archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 from .config import Settings, SettingsError
-from .crc_index import CrcIndex, album_crcs
 from .logs import configure_logging
-from .producer import ZipUnavailable
 from .signing import parse_duration, signed_query
-from .storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         choices=range(10),
         metavar="0-9",
         default=base.compression,
-        help="zip compression level; 0 stores (best for JPEG)",
+        help="deflate level 1-9; 0 stores (best for JPEG)",
     )
     args = parser.parse_args(argv)
     try:
@@ -182,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.verbose)
     try:
         app = create_app(settings)
-    except (SettingsError, ZipUnavailable) as error:
+    except SettingsError as error:
         sys.exit(f"archiver: {error}")
     logger.info("serving %s on %s:%d", settings.storage_dir.resolve(), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)

@@ -30,19 +30,18 @@ class Settings:
     # Seconds slept after each chunk is handed to the server: a way to test slow links.
     delay: float = 0.0
     verbose: bool = False
-    # zip's -0 .. -9; stored (0) by default because the payload is mostly JPEG.
+    # Deflate level 1 .. 9, or 0 to store (the default: the payload is mostly JPEG).
     compression: int = 0
-    # Bytes asked of zip's stdout per read, and chunks buffered between reader
+    # Bytes asked of the producer's stdout per read, and chunks buffered between reader
     # and writer.  Memory per download is about chunk_size * (channel_capacity
     # + 2) (+1 held back, +1 being sent): 1 MiB, plus up to 1 MiB of kernel
-    # memory in zip's widened pipe when the client is slower than zip.
+    # memory in the producer's widened pipe when the client is slower.
     # Measured (make bench): 256 KiB chunks cost HTTP/2 a quarter less CPU than
     # 64 KiB ones; larger ones gain little and cost memory.
     chunk_size: int = 256 * 1024
     channel_capacity: int = 2
-    zip_command: str = "zip"
-    # Archive jobs (zip processes) at once; one more is refused with 503, not
-    # queued.  zip -0 is bound by I/O rather than CPU, and a job costs well
+    # Archive jobs (producer processes) at once; one more is refused with 503,
+    # not queued.  A stored archive is bound by I/O rather than CPU, and a job costs well
     # under a megabyte, so the default is not tied to the core count.
     max_jobs: int = 64
     # Bytes per second per download, 0 for no limit (beside `delay`).
@@ -130,7 +129,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "compression": int,
     "chunk_size": int,
     "channel_capacity": int,
-    "zip_command": str,
     "max_jobs": int,
     "rate_limit": int,
     "shutdown_grace": float,

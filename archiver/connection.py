@@ -1,17 +1,17 @@
-"""How an archive response goes out: headers only once ``zip`` is producing.
+"""How an archive response goes out: headers only once the producer is producing.
 
 Quart sends a response's headers before it touches the body.  For an archive
-that would promise a 200 before we know ``zip`` can run.  This connection
+that would promise a 200 before we know the producer can run.  This connection
 class (Quart-Trio's, with ``_send_response`` taken over for archive bodies)
 enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
-no free job slot or no ``zip`` is a 503, ``zip`` failing before its first byte
-a 500.  Whatever fails after it propagates, and the transfer is aborted
+no free job slot or no producer is a 503, the producer failing before its
+first byte a 500.  Whatever fails after it propagates, and the transfer is aborted
 (see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
 from the Content-Length announced (HTTP/1.1: the connection closes short).
 
 Every message to the client must be taken within the body's stall timeout;
-one that is not ends the download as stalled (aborted, zip killed, slot
+one that is not ends the download as stalled (aborted, producer killed, slot
 freed).  Over HTTP/1.1 Hypercorn writes to the socket shielded from
 cancellation, so ``hypercorn_tcp`` ends such a write after the same time;
 the deadline here, which started first, has then passed and names the outcome.
@@ -30,12 +30,12 @@ from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from .crc_index import FileChanged
+from .archive.crc_index import FileChanged
+from .archive.producer import ProducerFailed, ProducerUnavailable
 from .download import ArchiveBody, ArchiveChanged, first_failure
 from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, RangeLimitReached, WalkLimitReached
 from .metrics import DownloadMetrics
 from .pages import error_page
-from .producer import ZipFailed, ZipUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ RETRY_AFTER_SECONDS = 5
 
 
 class ArchiveHTTPConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, holding an archive's headers until zip has produced."""
+    """Quart-Trio's HTTP connection, holding an archive's headers until the producer has produced."""
 
     async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
         if not isinstance(response, Response) or not isinstance(response.response, ArchiveBody):
@@ -65,7 +65,7 @@ class ArchiveHTTPConnection(TrioASGIHTTPConnection):
             if not isinstance(failure, Exception):
                 raise  # a cancellation alone: the client left, or shutdown
             if headers_sent or isinstance(failure, DownloadStalled):
-                if isinstance(failure, (ZipFailed, ArchiveChanged, FileChanged, DownloadStalled)):
+                if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled)):
                     # Logged by the body already.  Returning without the final
                     # body message aborts the transfer, like raising would,
                     # without a traceback for an expected operational failure.
@@ -119,11 +119,11 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
     """The error response for a failure before any header went out, or None if unexpected."""
     if isinstance(error, (JobLimitReached, FairShareExceeded, RangeLimitReached)):
         return limit_refusal(error, body.name, body.client, body.metrics, accept)
-    if isinstance(error, ZipUnavailable):
+    if isinstance(error, ProducerUnavailable):
         logger.error("refused %s: %s", body.name, error)
-        body.metrics.rejected.labels("zip_unavailable").inc()
+        body.metrics.rejected.labels("producer_unavailable").inc()
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, (ZipFailed, ArchiveChanged, FileChanged)):
+    if isinstance(error, (ProducerFailed, ArchiveChanged, FileChanged)):
         return error_page(500, accept)
     return None
 

@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .limits import JobSlots
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled")
-REJECTIONS = ("job_limit", "fair_share", "range_limit", "walk_limit", "zip_unavailable")
+REJECTIONS = ("job_limit", "fair_share", "range_limit", "walk_limit", "producer_unavailable")
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
@@ -34,7 +34,9 @@ class DownloadMetrics:
                 "archiver_largest_client_share", "The most job slots one client holds.", registry=self.registry
             )
             largest.set_function(slots.largest_share)
-        self.started = Counter("archiver_downloads_started", "Downloads whose zip started.", registry=self.registry)
+        self.started = Counter(
+            "archiver_downloads_started", "Downloads whose producer started.", registry=self.registry
+        )
         self.finished = Counter(
             "archiver_downloads_finished",
             "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed, "
@@ -51,18 +53,18 @@ class DownloadMetrics:
         self.bytes_sent = Counter(
             "archiver_bytes_sent", "Archive bytes handed to the server for sending.", registry=self.registry
         )
-        self.zip_files = Counter(
-            "archiver_zip_files",
-            "Files given to zip: all of an album's for a whole download, those a range touches for a range.",
+        self.archive_files = Counter(
+            "archiver_archive_files",
+            "Files in the archives started (a range counts its whole archive's).",
             registry=self.registry,
         )
-        self.zip_file_bytes = Counter(
-            "archiver_zip_file_bytes", "The size of the files given to zip.", registry=self.registry
+        self.archive_file_bytes = Counter(
+            "archiver_archive_file_bytes", "The size of those files.", registry=self.registry
         )
         self.in_flight = Gauge("archiver_downloads_in_flight", "Downloads in progress.", registry=self.registry)
         self.duration = Histogram(
             "archiver_download_duration_seconds",
-            "Time from zip's start to the download's end.",
+            "Time from the producer's start to the download's end.",
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
@@ -72,11 +74,11 @@ class DownloadMetrics:
         for reason in REJECTIONS:
             self.rejected.labels(reason)
 
-    def download_started(self, zip_files: int, zip_file_bytes: int) -> None:
+    def download_started(self, archive_files: int, archive_file_bytes: int) -> None:
         self.started.inc()
         self.in_flight.inc()
-        self.zip_files.inc(zip_files)
-        self.zip_file_bytes.inc(zip_file_bytes)
+        self.archive_files.inc(archive_files)
+        self.archive_file_bytes.inc(archive_file_bytes)
 
     def download_finished(self, outcome: str, seconds: float) -> None:
         self.finished.labels(outcome).inc()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 
-from .storage import AlbumListing
+from .archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
 # Python's \d and \s would take any Unicode digit or space, and int() would
@@ -83,14 +83,19 @@ def _position(digits: str) -> int:
     return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
 
 
-def archive_etag(listing: AlbumListing, zip_arguments: Sequence[str]) -> str:
-    """A strong ETag from all the archive's bytes depend on: zip's options, each file's name, size, mtime, mode.
+# Everything else the bytes depend on: the records this version writes.  Changed whenever they change.
+FORMAT_VERSION = "archiver-zip-2"
+
+
+def archive_etag(listing: AlbumListing, format_version: str) -> str:
+    """A strong ETag from all the archive's bytes depend on: the format, each file's name, size, mtime, mode.
 
     And each file's ctime: a file rewritten in place with its size and mtime
     restored (``touch -r``) has other bytes, and a resume across that change
     must not splice two archives (If-Range).  Its ctime moved.
     """
-    digest = hashlib.sha256("\0".join(zip_arguments[1:]).encode())
+    # The DOS times are local times: the zone is part of the bytes.
+    digest = hashlib.sha256(f"{format_version}\0{time.tzname}\0{time.timezone}".encode())
     for file in listing.files:
         digest.update(
             b"\0%s\0%d\0%d\0%o\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns)

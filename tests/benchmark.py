@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port, zip_processes
+from tests.conftest import free_port, producer_processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 BENCH_STORAGE = PROJECT / "bench-data"
@@ -267,15 +267,15 @@ def status_kib(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field}")
 
 
-def zip_children(pid: int) -> list[int]:
-    return [child.pid for child in zip_processes(pid)]
+def producer_children(pid: int) -> list[int]:
+    return [child.pid for child in producer_processes(pid)]
 
 
 def disconnect_to_zip_gone(url: str, pid: int) -> float:
     """Seconds from SIGKILL of a downloading curl to the service's zip being gone."""
     client = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "/dev/null", url])
     deadline = time.monotonic() + 10
-    while not zip_children(pid):
+    while not producer_children(pid):
         if time.monotonic() > deadline:
             raise RuntimeError("zip never started")
         time.sleep(0.005)
@@ -283,7 +283,7 @@ def disconnect_to_zip_gone(url: str, pid: int) -> float:
     client.send_signal(signal.SIGKILL)
     killed = time.perf_counter()
     client.wait()
-    while zip_children(pid):
+    while producer_children(pid):
         time.sleep(0.001)
     return time.perf_counter() - killed
 
@@ -293,7 +293,7 @@ def rss_per_download(url: str, pid: int, count: int = 32) -> tuple[float, float]
     idle = status_kib(pid, "VmRSS")
     clients = [subprocess.Popen(["curl", "-sS", "--limit-rate", "200k", "-o", "/dev/null", url]) for _ in range(count)]
     deadline = time.monotonic() + 10
-    while len(zip_children(pid)) < count and time.monotonic() < deadline:
+    while len(producer_children(pid)) < count and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1)
     loaded = status_kib(pid, "VmRSS")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
+import shlex
 import socket
 import stat
+import sys
 import threading
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from archiver.app import create_app
+from archiver.archive import producer
+from archiver.archive.plan import ArchivePlan
+from archiver.archive.storage import list_album
 from archiver.config import Settings
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
@@ -78,6 +83,22 @@ def read_archive(data: bytes) -> dict[str, bytes]:
     return {entry_name(info): archive.read(info) for info in archive.infolist()}
 
 
+def expected_archive(album: Path) -> bytes:
+    """The stored archive of ``album`` as planned, rendered here from the files (the oracle for what is sent).
+
+    The same records as the service's (``ArchivePlan``), but every byte
+    moved by this function: no producer, no pipe, no chunks, no HTTP.
+    """
+    plan = ArchivePlan(album, list_album(album).files)
+    data = [album.joinpath(plan.path_str(k)).read_bytes() for k in range(plan.count)]
+    crcs = [zlib.crc32(content) for content in data]
+    pieces = [piece for k in range(plan.count) for piece in (plan.local_header(k, crcs[k]), data[k])]
+    pieces += [plan.central_header(k, crcs[k]) for k in range(plan.count)]
+    archive = b"".join([*pieces, plan.end_records()])
+    assert len(archive) == plan.length
+    return archive
+
+
 def files_on_disk(album: Path) -> dict[str, bytes]:
     """Every regular file under ``album`` (not through links), as name -> content."""
     found = {}
@@ -90,29 +111,36 @@ def files_on_disk(album: Path) -> dict[str, bytes]:
 
 
 @dataclass(frozen=True)
-class ZipChild:
+class ProducerChild:
     pid: int
     state: str
 
 
-def zip_processes(ancestor: int) -> list[ZipChild]:
-    """The zip processes below ``ancestor`` (children, or deeper: hypercorn's CLI runs a worker), zombies included."""
+def producer_processes(ancestor: int) -> list[ProducerChild]:
+    """The producer processes below ``ancestor`` (children, or deeper: hypercorn's CLI runs a worker), zombies too.
+
+    A producer is known by its command line (the program's file); a zombie has
+    none left, and is known by its name (the interpreter's) and parent.
+    """
     parents: dict[int, int] = {}
-    zips = []
+    producers = []
+    interpreter = os.path.basename(sys.executable)[:15]
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as file:
                 fields = file.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as file:
+                command = file.read()
         except OSError:
             continue
         # comm may hold spaces: split after its closing parenthesis.
         comm = fields[fields.index("(") + 1 : fields.rindex(")")]
         state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
         parents[int(entry.name)] = int(ppid)
-        if comm == "zip":
-            zips.append(ZipChild(int(entry.name), state))
+        if PRODUCER_PROGRAM in command or (state == "Z" and comm == interpreter):
+            producers.append(ProducerChild(int(entry.name), state))
 
     def descends(pid: int) -> bool:
         while pid > 1:
@@ -121,18 +149,21 @@ def zip_processes(ancestor: int) -> list[ZipChild]:
                 return True
         return False
 
-    return [child for child in zips if descends(child.pid)]
+    return [child for child in producers if descends(child.pid)]
 
 
-def zip_children() -> list[ZipChild]:
-    """The zip processes this test process has started and not yet reaped."""
-    return zip_processes(os.getpid())
+PRODUCER_PROGRAM = b"producer_program.py"
 
 
-async def wait_until_no_zip_children(timeout: float) -> None:
-    """Poll /proc until no zip child (running or zombie) is left; fail after ``timeout``."""
+def producer_children() -> list[ProducerChild]:
+    """The producer processes this test process has started and not yet reaped."""
+    return producer_processes(os.getpid())
+
+
+async def wait_until_no_producer_children(timeout: float) -> None:
+    """Poll /proc until no producer child (running or zombie) is left; fail after ``timeout``."""
     with trio.fail_after(timeout):
-        while zip_children():
+        while producer_children():
             await trio.sleep(0.01)
 
 
@@ -217,25 +248,32 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def zip_script(tmp_path: Path, name: str, body: str) -> str:
-    """A shell script standing in for zip (``$REAL_ZIP`` is the real one)."""
+def producer_script(tmp_path: Path, name: str, body: str) -> tuple[str, ...]:
+    """A shell script standing in for the producer (``$REAL_PRODUCER`` runs the real one), as a command."""
     script = tmp_path / name
-    script.write_text(f"#!/bin/sh\nREAL_ZIP={shutil.which('zip')}\n{body}\n")
+    real = " ".join(shlex.quote(part) for part in producer.COMMAND)
+    script.write_text(f"#!/bin/sh\nREAL_PRODUCER='{real}'\n{body}\n")
     script.chmod(0o755)
-    return str(script)
+    return (str(script),)
 
 
 @pytest.fixture
-def zip_recorder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A zip command that logs each start to a file, then runs the real zip."""
-    log = tmp_path / "zip-starts.log"
+def stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[str], None]:
+    """Replace the producer of servers in this process by a script (see ``producer_script``)."""
+
+    def install(body: str) -> None:
+        monkeypatch.setattr(producer, "COMMAND", producer_script(tmp_path, "producer", body))
+
+    return install
+
+
+@pytest.fixture
+def producer_starts(stand_in: Callable[[str], None], tmp_path: Path) -> Path:
+    """A log of every producer start (its pid a line), of servers in this process."""
+    log = tmp_path / "producer-starts.log"
     log.touch()
-    yield zip_script(tmp_path, "recording-zip", f'echo "$$" >> {log}\nexec "$REAL_ZIP" "$@"'), log
-
-
-@pytest.fixture
-def recorded_settings(settings: Settings, zip_recorder: tuple[str, Path]) -> Settings:
-    return replace(settings, zip_command=zip_recorder[0])
+    stand_in(f'echo "$$" >> {log}\nexec $REAL_PRODUCER')
+    return log
 
 
 def http11_request(

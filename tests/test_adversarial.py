@@ -30,11 +30,11 @@ from archiver.config import Settings
 from .conftest import (
     files_on_disk,
     free_port,
+    producer_processes,
     read_archive,
     record_figure,
     running_server,
     write_tree,
-    zip_processes,
 )
 from .test_cli import Launched, launch_command, launched
 from .test_observability import samples
@@ -91,11 +91,11 @@ async def wait_for_zip_output_to_stop(pid: int, timeout: float = 30) -> int:
     last = -1
     with trio.fail_after(timeout):
         while quiet_for < 5:
-            written = sum(_bytes_written(child.pid) for child in zip_processes(pid))
+            written = sum(_bytes_written(child.pid) for child in producer_processes(pid))
             quiet_for = quiet_for + 1 if written == last else 0
             last = written
             await trio.sleep(0.1)
-    return len(zip_processes(pid))
+    return len(producer_processes(pid))
 
 
 def _bytes_written(pid: int) -> int:
@@ -195,7 +195,7 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
         for attacker in attackers:
             await attacker.stream.aclose()
         with trio.fail_after(10):
-            while zip_processes(pid):
+            while producer_processes(pid):
                 await trio.sleep(0.05)
     record_figure(
         f"HTTP/2 zero window, {streams} streams of a {album_mb(attacked_storage):.0f} MB album: "
@@ -226,7 +226,7 @@ async def wait_until_no_zip(pid: int, timeout: float) -> float:
     """Wait until the server runs no zip; return how long that took."""
     started = trio.current_time()
     with trio.fail_after(timeout):
-        while zip_processes(pid):
+        while producer_processes(pid):
             await trio.sleep(0.05)
     return trio.current_time() - started
 
@@ -318,7 +318,7 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
         async def watch_zips() -> None:
             nonlocal peak_zips
             while not done.is_set():
-                peak_zips = max(peak_zips, len(zip_processes(pid)))
+                peak_zips = max(peak_zips, len(producer_processes(pid)))
                 await trio.sleep(0.005)
 
         async def last_byte(client: httpx.AsyncClient) -> None:
@@ -476,7 +476,7 @@ async def test_steady_slow_reader_is_never_cut(attacked_storage: Path) -> None:
             received += len(data)
             await trio.sleep_until(started + received / rate)
             # How far zip is ahead of the client: what the pipe, channel and sockets hold.
-            ahead.append(sum(_bytes_written(child.pid) for child in zip_processes(pid)) - received)
+            ahead.append(sum(_bytes_written(child.pid) for child in producer_processes(pid)) - received)
         metrics = await metrics_of(server.url)
         sock.close()
     assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 0
@@ -527,7 +527,7 @@ async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_zip(ma
         for attacker in attackers:
             await attacker.read_until_quiet()
         growth = (resident_kib(pid) - before) / 1024
-        zips = len(zip_processes(pid))
+        zips = len(producer_processes(pid))
         await normal_download_works(server.url, many_files_storage)
         for attacker in attackers:
             assert not attacker.ended

@@ -22,7 +22,14 @@ from archiver.config import Settings
 from archiver.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
 from archiver.pages import MESSAGES
 
-from .conftest import files_on_disk, free_port, read_archive, running_server, wait_until_no_zip_children, write_tree
+from .conftest import (
+    files_on_disk,
+    free_port,
+    read_archive,
+    running_server,
+    wait_until_no_producer_children,
+    write_tree,
+)
 from .test_cli import PROJECT
 from .test_observability import samples
 
@@ -132,7 +139,7 @@ async def test_client_leaving_nginx_kills_the_services_zip(large_storage: Path, 
             chunks = response.aiter_raw()
             await anext(chunks)
         # nginx notices the closed client and closes its upstream connection.
-        await wait_until_no_zip_children(timeout=5)
+        await wait_until_no_producer_children(timeout=5)
 
 
 @pytest.fixture(scope="module")

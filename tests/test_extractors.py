@@ -13,8 +13,6 @@ import httpx
 import pytest
 import trio
 
-from archiver.layout import set_utf8_flags
-
 from .conftest import files_on_disk, write_tree
 
 TREE = {
@@ -31,12 +29,6 @@ EXTRACTORS = {
     "bsdtar": lambda archive, target: ["bsdtar", "-xf", str(archive), "-C", str(target)],
     "7z": lambda archive, target: ["7z", "x", "-y", "-bd", f"-o{target}", str(archive)],
 }
-
-
-def test_flag_is_set_only_where_asked_and_without_copies() -> None:
-    chunk = bytes(10)
-    assert set_utf8_flags(chunk, 100, (5, 120)) is chunk
-    assert set_utf8_flags(chunk, 0, (3, 7, 20)) == bytes(3) + b"\x08" + bytes(3) + b"\x08" + bytes(2)
 
 
 async def test_non_ascii_names_carry_the_utf8_flag(client: httpx.AsyncClient, storage: Path) -> None:

@@ -23,11 +23,11 @@ from archiver.pages import MESSAGES
 from .conftest import (
     files_on_disk,
     make_client,
+    producer_children,
     read_archive,
     running_server,
-    wait_until_no_zip_children,
+    wait_until_no_producer_children,
     write_tree,
-    zip_children,
 )
 
 AWKWARD_TREE = {
@@ -116,15 +116,15 @@ BAD_TARGETS = [
 
 @pytest.mark.parametrize("target", BAD_TARGETS, ids=[t.decode()[:40] for t in BAD_TARGETS])
 async def test_malformed_names_are_404_and_start_no_zip(
-    recorded_settings: Settings, zip_recorder: tuple[str, Path], target: bytes
+    settings: Settings, producer_starts: Path, target: bytes
 ) -> None:
-    write_tree(recorded_settings.storage_dir / "album", {"nested/a.txt": b"a"})
-    write_tree(recorded_settings.storage_dir / ("a" * 129), {"a.txt": b"a"})
-    async with running_server(recorded_settings) as url:
+    write_tree(settings.storage_dir / "album", {"nested/a.txt": b"a"})
+    write_tree(settings.storage_dir / ("a" * 129), {"a.txt": b"a"})
+    async with running_server(settings) as url:
         status, rest = await raw_http11_status(url, target)
     assert status == 404
     assert MESSAGES[404].sentence.encode() in rest
-    assert zip_recorder[1].read_text() == ""
+    assert producer_starts.read_text() == ""
 
 
 async def test_longest_allowed_name_is_served(client: httpx.AsyncClient, storage: Path) -> None:
@@ -135,22 +135,20 @@ async def test_longest_allowed_name_is_served(client: httpx.AsyncClient, storage
     assert read_archive(response.content) == {"a.txt": b"a"}
 
 
-async def test_head_sends_headers_and_starts_no_zip(
-    recorded_settings: Settings, zip_recorder: tuple[str, Path], protocol: str
-) -> None:
-    write_tree(recorded_settings.storage_dir / "album", {"a.txt": b"a"})
-    async with running_server(recorded_settings) as url, make_client(url, protocol) as client:
+async def test_head_sends_headers_and_starts_no_zip(settings: Settings, producer_starts: Path, protocol: str) -> None:
+    write_tree(settings.storage_dir / "album", {"a.txt": b"a"})
+    async with running_server(settings) as url, make_client(url, protocol) as client:
         head = await client.head("/archive/album/")
         assert head.status_code == 200
         assert head.headers["content-type"] == "application/zip"
         assert head.headers["content-disposition"] == 'attachment; filename="album.zip"'
         assert head.content == b""
-        assert zip_recorder[1].read_text() == ""
+        assert producer_starts.read_text() == ""
         # The recorder does see a GET, so the check above could have failed.
         get = await client.get("/archive/album/")
         assert get.status_code == 200
         assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
-        assert len(zip_recorder[1].read_text().split()) == 1
+        assert len(producer_starts.read_text().split()) == 1
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
@@ -233,9 +231,9 @@ async def test_disconnect_kills_zip(large_storage: Path, protocol: str) -> None:
             chunks = response.aiter_raw()  # kept: a finalised iterator closes the response
             await anext(chunks)
             # zip is blocked on a full pipe now: the client has stopped reading.
-            assert [child.state for child in zip_children()] in (["S"], ["R"])
+            assert [child.state for child in producer_children()] in (["S"], ["R"])
         # Leaving the client closes the connection: the client has gone away.
-        await wait_until_no_zip_children(timeout=1.0)
+        await wait_until_no_producer_children(timeout=1.0)
 
 
 async def test_http2_stream_reset_kills_zip(large_storage: Path) -> None:
@@ -261,11 +259,11 @@ async def test_http2_stream_reset_kills_zip(large_storage: Path) -> None:
                     if isinstance(event, h2.events.DataReceived):
                         received += len(event.data)
                 await stream.send_all(connection.data_to_send())
-            assert len(zip_children()) == 1
+            assert len(producer_children()) == 1
             connection.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
             await stream.send_all(connection.data_to_send())
             # The connection stays open; only the stream is gone.
-            await wait_until_no_zip_children(timeout=1.0)
+            await wait_until_no_producer_children(timeout=1.0)
 
 
 # The stream's window binds, then the connection's (65,535 until updated).

@@ -1,14 +1,15 @@
 """Every byte the running service sends is the archive's: albums sized around chunk and buffer boundaries.
 
-The service moves archive bytes through several hands (zip's pipe, the
-reader's chunks, the descriptor remover, the UTF-8 flags, range slicing, the
-channel, Hypercorn's HTTP/1.1 and HTTP/2 writers), each with its own
-boundaries.  A shortcut that is right for the usual chunk and wrong at one
+The service moves archive bytes through several hands (the plan's records,
+the producer's instructions, its sendfile into the pipe, the reader's
+chunks, the channel, ranges cut from files and records, Hypercorn's HTTP/1.1
+and HTTP/2 writers), each with its own boundaries.  A shortcut that is right for the usual chunk and wrong at one
 length in 16,384 sends a corrupt archive that looks complete (issue 18).  So
 the album's file sizes are drawn around 16 KiB and 64 KiB multiples and tiny
 values, the chunk size is varied down to 1 byte, and what a real client
 receives over each protocol is compared, byte for byte, with the oracle:
-what zip writes to a regular file for the same list (``test_rewrite``).
+the plan rendered in the test from the files (``conftest.expected_archive``),
+which zipfile checks too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from hypothesis import strategies as st
 
 from archiver.config import Settings
 
-from .conftest import PROTOCOLS, http11_request, read_archive, server_in_thread, write_tree
-from .test_rewrite import zip_to_file
+from .conftest import PROTOCOLS, expected_archive, http11_request, read_archive, server_in_thread, write_tree
 
 # The chunk sizes the issue found faults with, the default, and the usual 64 KiB.
 CHUNK_SIZES = [1, 13, 30, 57, 16384, 65536, 65537, 256 * 1024]
@@ -132,8 +132,8 @@ def cases(max_total: int) -> st.SearchStrategy[Case]:
 def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case) -> None:
     address, storage = server_for(case.chunk_size)
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
-    oracle = zip_to_file(album, album.parent / f"{album.name}.zip")
-    # Twice: cold (CRCs computed while zip runs), then warm (from the index).
+    oracle = expected_archive(album)
+    # Twice: cold (CRCs read ahead of the producer), then warm (from the index).
     for _ in range(2):
         sent = receive(address, protocol, album.name, None)
         assert sent == oracle
@@ -144,8 +144,8 @@ def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @given(case=cases(max_total=2 * 1024 * 1024))
-# Issue 18's reproductions: zip's output ends 22 bytes past a multiple of 16 KiB (the end
-# record came in one piece of its own length), and the chunk sizes that broke other records.
+# Issue 18's reproductions (the end record coming in one piece of its own length), and the
+# chunk sizes that broke other records.
 @example(case=Case(16384, {"photo.jpg": 64 * 16384 - 102}, seed=1))
 @example(case=Case(256 * 1024, {"photo.jpg": 65 * 16384 - 102}, seed=2, range_points=(0.5, 1.0)))
 @example(case=Case(30, {f"{i}.jpg": 40 + i for i in range(5)}, seed=3, range_points=(0.1, 0.9)))

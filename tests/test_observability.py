@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import make_client, running_server, wait_until_no_zip_children, write_tree, zip_script
+from .conftest import make_client, running_server, wait_until_no_producer_children, write_tree
 
 
 def samples(text: str) -> dict[str, float]:
@@ -26,17 +27,18 @@ def samples(text: str) -> dict[str, float]:
     return found
 
 
-async def test_healthz_reports_storage_and_zip(settings: Settings, tmp_path: Path) -> None:
-    zip_link = tmp_path / "zip"
-    zip_link.symlink_to("/usr/bin/zip")
-    async with running_server(replace(settings, zip_command=str(zip_link))) as url, make_client(url, "HTTP/1.1") as c:
+async def test_healthz_reports_storage_and_producer(
+    settings: Settings, stand_in: Callable[[str], None], tmp_path: Path
+) -> None:
+    stand_in("exec $REAL_PRODUCER")
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as c:
         healthy = await c.get("/healthz")
         assert healthy.status_code == 200
-        assert healthy.json() == {"status": "ok", "storage": True, "zip": True}
-        zip_link.unlink()  # zip uninstalled under a running service
+        assert healthy.json() == {"status": "ok", "storage": True, "producer": True}
+        (tmp_path / "producer").chmod(0)  # the interpreter no longer runs (a broken upgrade)
         failing = await c.get("/healthz")
     assert failing.status_code == 503
-    assert failing.json() == {"status": "failing", "storage": True, "zip": False}
+    assert failing.json() == {"status": "failing", "storage": True, "producer": False}
 
 
 async def test_metrics_count_real_downloads(large_storage: Path) -> None:
@@ -51,7 +53,7 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
             await anext(chunks)
             during = samples((await client.get("/metrics")).text)
             assert (await client.get("/archive/small/")).status_code == 503  # the one job slot is taken
-        await wait_until_no_zip_children(timeout=1)
+        await wait_until_no_producer_children(timeout=1)
         after = await client.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain")
     figures = samples(after.text)
@@ -66,10 +68,10 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
     assert figures["archiver_bytes_sent_total"] > len(complete.content)
 
 
-async def test_metrics_count_failures(settings: Settings, tmp_path: Path) -> None:
+async def test_metrics_count_failures(settings: Settings, stand_in: Callable[[str], None]) -> None:
     write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # more than the stand-in writes
-    failing = zip_script(tmp_path, "failing-zip", '"$REAL_ZIP" "$@" | head -c 2000000\nexit 9')
-    async with running_server(replace(settings, zip_command=failing)) as url, make_client(url, "HTTP/1.1") as c:
+    stand_in("$REAL_PRODUCER | head -c 2000000\nexit 9")
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await c.get("/archive/album/")
         figures = samples((await c.get("/metrics")).text)

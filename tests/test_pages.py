@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
 import trio
 
+from archiver.archive import producer
 from archiver.config import Settings
 from archiver.pages import MESSAGES
 
-from .conftest import free_port, running_server, write_tree
+from .conftest import free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 # What Chromium sends for a page it navigates to.
@@ -28,15 +30,15 @@ CHROMIUM = shutil.which("chromium")
 
 @asynccontextmanager
 async def pages_server(settings: Settings, tmp_path: Path, **changes: object) -> AsyncIterator[tuple[str, Path]]:
-    """A server with an album, whose zip can be taken away (the link is yielded) to get a 503."""
+    """A server with an album, whose producer can be taken away (chmod 0 the script yielded) to get a 503."""
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(10_000)})
-    zip_link = tmp_path / "zip"
-    zip_link.symlink_to(shutil.which("zip") or "/usr/bin/zip")
-    async with running_server(replace(settings, zip_command=str(zip_link), **changes)) as url:  # type: ignore[arg-type]
-        yield url, zip_link
+    (command,) = producer_script(tmp_path, "producer", "exec $REAL_PRODUCER")
+    with mock.patch.object(producer, "COMMAND", (command,)):
+        async with running_server(replace(settings, **changes)) as url:  # type: ignore[arg-type]
+            yield url, Path(command)
 
 
-async def answers(client: httpx.AsyncClient, zip_link: Path) -> dict[int, httpx.Response]:
+async def answers(client: httpx.AsyncClient, producer_command: Path) -> dict[int, httpx.Response]:
     """One answer of each error status the service gives, for ``client``'s Accept."""
     found = {
         404: await client.get("/archive/no-such-album/"),
@@ -44,7 +46,7 @@ async def answers(client: httpx.AsyncClient, zip_link: Path) -> dict[int, httpx.
         416: await client.get("/archive/album/", headers={"Range": "bytes=999999999-"}),
         431: await client.get("/archive/album/", headers={"X-Padding": "a" * 20_000}),
     }
-    zip_link.unlink()  # zip uninstalled under a running service
+    producer_command.chmod(0)  # the producer cannot run
     found[503] = await client.get("/archive/album/")
     return found
 
@@ -61,12 +63,12 @@ def assert_is_a_page(response: httpx.Response, status: int) -> None:
 
 
 async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings, tmp_path: Path) -> None:
-    async with pages_server(settings, tmp_path) as (url, zip_link):
+    async with pages_server(settings, tmp_path) as (url, producer_command):
         async with httpx.AsyncClient(base_url=url, headers={"Accept": BROWSER_ACCEPT}) as browser:
-            pages = await answers(browser, zip_link)
-        zip_link.symlink_to(shutil.which("zip") or "/usr/bin/zip")
+            pages = await answers(browser, producer_command)
+        producer_command.chmod(0o755)
         async with httpx.AsyncClient(base_url=url, headers={"Accept": "*/*"}) as curl:
-            texts = await answers(curl, zip_link)
+            texts = await answers(curl, producer_command)
     for status in (404, 405, 416, 431, 503):
         assert pages[status].status_code == texts[status].status_code == status
         assert_is_a_page(pages[status], status)
@@ -178,10 +180,10 @@ async def test_chromium_shows_russian_pages_with_titles(settings: Settings, tmp_
     shots = tmp_path / "screenshots"  # kept with the test's temporary files, as CI artefacts
     shots.mkdir()
     seen: dict[str, str] = {}
-    async with pages_server(settings, tmp_path) as (url, zip_link):
+    async with pages_server(settings, tmp_path) as (url, producer_command):
         seen["index"] = await chromium_page(f"{url}/", shots / "index.png", tmp_path / "profile")
         seen["404"] = await chromium_page(f"{url}/archive/no-such-album/", shots / "404.png", tmp_path / "profile")
-        zip_link.unlink()
+        producer_command.chmod(0)
         seen["503"] = await chromium_page(f"{url}/archive/album/", shots / "503.png", tmp_path / "profile")
     signed = settings.storage_dir.parent / "signed"
     signed.mkdir()

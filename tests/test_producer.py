@@ -1,173 +1,239 @@
-"""Producer: zip's output through a bounded channel, failure status, and cancellation."""
+"""The producer: the plan's bytes through a bounded channel, files beneath the album only, and cancellation."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from archiver.producer import (
-    EMPTY_ZIP,
+from archiver.archive import producer
+from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_source import CrcSource
+from archiver.archive.plan import ArchivePlan
+from archiver.archive.producer import (
     PIPE_SIZE,
-    ZipFailed,
-    ZipUnavailable,
-    _bytes_in_pipe,
+    ProducerFailed,
+    ProducerUnavailable,
     _widen_pipe,
-    find_zip,
-    produce_zip,
-    zip_arguments,
-    zip_input,
+    produce,
 )
-from archiver.storage import list_album
+from archiver.archive.storage import list_album
 
-from .conftest import read_archive, write_tree, zip_children, zip_script
-
-ZIP = zip_arguments(find_zip("zip"), 0)
+from .conftest import expected_archive, producer_children, read_archive, write_tree
 
 
-async def collect(arguments: list[str], album: Path, chunk_size: int = 4096) -> bytes:
+def plan_of(album: Path, compression: int = 0) -> ArchivePlan:
+    return ArchivePlan(album, list_album(album).files, compression)
+
+
+async def collect(
+    plan: ArchivePlan,
+    start: int = 0,
+    end: int | None = None,
+    chunk_size: int = 4096,
+    index: CrcIndex | None = None,
+    on_first_chunk: Callable[[], None] | None = None,
+) -> bytes:
+    """What ``produce`` sends for bytes ``start`` .. ``end`` (the whole archive by default)."""
+    end = (plan.length or 0) - 1 if end is None else end
+    crcs = None
+    if plan.length is not None:
+        crcs = CrcSource(plan, plan.crc_entries(start, end), index or CrcIndex())
     send_channel, receive_channel = trio.open_memory_channel[bytes](2)
-    chunks = []
+    chunks: list[bytes] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: produce_zip(arguments, zip_input(list_album(album)), send_channel, chunk_size=chunk_size)
-        )
+        if crcs is not None:
+            nursery.start_soon(crcs.compute)
+        nursery.start_soon(lambda: produce(plan, start, end, crcs, send_channel, chunk_size=chunk_size))
         async for chunk in receive_channel:
             assert len(chunk) <= chunk_size
+            if not chunks and on_first_chunk is not None:
+                on_first_chunk()
             chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def test_output_is_the_album_archive(storage: Path) -> None:
-    tree = {"a.jpg": os.urandom(50_000), "sub/b.txt": b"b"}
+async def test_output_is_the_planned_archive(storage: Path) -> None:
+    tree = {"a.jpg": os.urandom(50_000), "sub/b.txt": b"b", "Фото/в.jpg": os.urandom(3000), "-": b""}
     write_tree(storage / "album", tree)
-    assert read_archive(await collect(ZIP, storage / "album")) == tree
+    data = await collect(plan_of(storage / "album"))
+    assert data == expected_archive(storage / "album")
+    assert read_archive(data) == tree
 
 
-async def test_compression_setting_deflates(storage: Path) -> None:
-    tree = {"text.txt": b"hello " * 10_000}
+async def test_every_range_is_a_slice_of_the_whole(storage: Path) -> None:
+    write_tree(storage / "album", {"a.jpg": os.urandom(5000), "b/c.jpg": os.urandom(7000), "d": b"d"})
+    plan = plan_of(storage / "album")
+    whole = expected_archive(storage / "album")
+    assert plan.length is not None
+    for start, end in [(0, 0), (1, 29), (30, 4999), (100, plan.length - 1), (plan.central_offset, plan.length - 1)]:
+        assert await collect(plan, start, end, chunk_size=1000) == whole[start : end + 1], (start, end)
+
+
+async def test_deflate_level_deflates_with_descriptors(storage: Path) -> None:
+    tree = {"text.txt": b"hello " * 10_000, "Фото.jpg": os.urandom(2000), "empty": b""}
     write_tree(storage / "album", tree)
-    data = await collect(zip_arguments(find_zip("zip"), 9), storage / "album")
+    data = await collect(plan_of(storage / "album", 9))
     assert read_archive(data) == tree
     assert len(data) < 10_000
 
 
-async def test_empty_album_is_an_empty_zip_without_running_zip(storage: Path) -> None:
-    (storage / "empty").mkdir()
-    assert await collect(["/nonexistent/zip"], storage / "empty") == EMPTY_ZIP
-    assert read_archive(EMPTY_ZIP) == {}
+async def test_empty_album_is_an_empty_zip(storage: Path) -> None:
+    (storage / "album").mkdir()
+    data = await collect(plan_of(storage / "album"))
+    assert data == b"PK\x05\x06" + bytes(18)
 
 
-async def test_failing_zip_raises_and_never_ends_the_channel(storage: Path, tmp_path: Path) -> None:
-    write_tree(storage / "album", {"a.jpg": b"a" * 100_000})
-    failing = zip_script(tmp_path, "failing-zip", 'head -c 70000 /dev/zero\necho "disk on fire" >&2\nexit 15')
-    send_channel, receive_channel = trio.open_memory_channel[bytes](100)
-    with pytest.raises(ZipFailed) as caught:
-        await produce_zip([failing], zip_input(list_album(storage / "album")), send_channel, chunk_size=8192)
-    assert caught.value.returncode == 15
-    assert "disk on fire" in caught.value.stderr_tail
-    buffered = receive_channel.statistics().current_buffer_used
-    received = b"".join(receive_channel.receive_nowait() for _ in range(buffered))
-    # The last chunk is held back, and the channel stays open: no clean end.
-    assert 0 < len(received) < 70_000
-    with pytest.raises(trio.WouldBlock):
-        receive_channel.receive_nowait()
-
-
-async def test_missing_zip_raises_unavailable(storage: Path) -> None:
+async def test_missing_interpreter_raises_unavailable(storage: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_tree(storage / "album", {"a.jpg": b"a"})
-    send_channel, _ = trio.open_memory_channel[bytes](1)
-    with pytest.raises(ZipUnavailable):
-        await produce_zip(["/nonexistent/zip"], zip_input(list_album(storage / "album")), send_channel, chunk_size=1)
-    with pytest.raises(ZipUnavailable, match="apt-get install zip"):
-        find_zip("no-such-zip-command")
+    monkeypatch.setattr(producer, "COMMAND", ("/nonexistent/python",))
+    with pytest.RaisesGroup(ProducerUnavailable):
+        await collect(plan_of(storage / "album"))
 
 
-async def test_cancellation_kills_and_reaps_zip(storage: Path) -> None:
-    write_tree(storage / "album", {"a.bin": os.urandom(4 * 1024 * 1024)})
+async def test_cancellation_kills_and_reaps_the_producer(storage: Path) -> None:
+    write_tree(storage / "album", {f"{i}.jpg": os.urandom(1_000_000) for i in range(20)})
+    plan = plan_of(storage / "album")
     send_channel, receive_channel = trio.open_memory_channel[bytes](0)
-    job = zip_input(list_album(storage / "album"))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: produce_zip(ZIP, job, send_channel, chunk_size=4096))
-        await receive_channel.receive()
-        assert len(zip_children()) == 1  # blocked: nobody reads the channel
-        # A download in flight no longer holds its file names: zip has them.
-        assert job.take_names() == b""
+        await nursery.start(
+            lambda task_status: produce(plan, 0, 99_999, None, send_channel, chunk_size=4096, task_status=task_status)
+        )
+        assert len(producer_children()) == 1
         nursery.cancel_scope.cancel()
-    # produce_zip has returned, so zip must already be reaped.
-    assert zip_children() == []
+    assert producer_children() == []
+    assert receive_channel.statistics().open_send_channels == 1  # never closed: no clean end
 
 
 async def test_stdout_pipe_is_widened_to_hold_several_chunks() -> None:
-    read_end, write_end = os.pipe()
-    os.close(write_end)
-    async with trio.lowlevel.FdStream(read_end) as stdout:
-        _widen_pipe(stdout, 256 * 1024)
-        size = fcntl.fcntl(stdout.fileno(), fcntl.F_GETPIPE_SZ)
-    assert size >= 256 * 1024  # at worst (a low pipe-max-size) one chunk
-    with open("/proc/sys/fs/pipe-max-size") as limit:
-        if int(limit.read()) >= PIPE_SIZE:
-            assert size == PIPE_SIZE
+    process = await trio.lowlevel.open_process(["true"], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    _widen_pipe(process.stdout, 256 * 1024)
+    assert fcntl.fcntl(process.stdout.fileno(), fcntl.F_GETPIPE_SZ) >= min(PIPE_SIZE, _pipe_max_size())
+    await process.wait()
+    await process.stdout.aclose()
 
 
-def test_bytes_in_pipe_counts_what_is_waiting_to_be_read() -> None:
-    read_end, write_end = os.pipe()
-    try:
-        assert _bytes_in_pipe(read_end) == 0
-        os.write(write_end, b"x" * 5000)
-        assert _bytes_in_pipe(read_end) == 5000
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+def _pipe_max_size() -> int:
+    with open("/proc/sys/fs/pipe-max-size") as file:
+        return int(file.read())
 
 
-SECRET = b"outside the storage"
+def test_producer_starts_quickly_with_the_standard_library_only() -> None:
+    started = time.perf_counter()
+    subprocess.run([*producer.COMMAND], input=b"Z", check=True)
+    elapsed = time.perf_counter() - started
+    imports = subprocess.run(
+        [*producer.COMMAND[:3], "-X", "importtime", *producer.COMMAND[3:]], input=b"Z", capture_output=True, check=True
+    ).stderr.decode()
+    modules = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports.splitlines()[1:]}
+    assert modules <= {*sys.stdlib_module_names, "archiver"}, modules - set(sys.stdlib_module_names)
+    assert elapsed < 2  # a generous bound: it is ~15 ms here (see README), the point is that it runs
 
 
-def swap_for_link_to_a_secret(storage: Path, tmp_path: Path) -> Path:
-    """An album listed with photo.jpg, which is then swapped for a link to a file outside the storage."""
-    write_tree(storage / "album", {"photo.jpg": b"a photo of the same length"[: len(SECRET)]})
-    (tmp_path / "secret.txt").write_bytes(SECRET)
-    listing = storage / "album"
-    (listing / "photo.jpg").unlink()
-    (listing / "photo.jpg").symlink_to(tmp_path / "secret.txt")
-    return listing
+# Races: what changes between the listing and the producer's reading must never be sent as if whole.
 
 
-async def test_file_swapped_for_a_link_after_listing_never_reaches_the_archive(storage: Path, tmp_path: Path) -> None:
+def big_album(storage: Path) -> Path:
     album = storage / "album"
-    write_tree(album, {"photo.jpg": b"photo"})
-    job = zip_input(list_album(album))  # listed while photo.jpg is a file...
-    swap_for_link_to_a_secret(storage, tmp_path)  # ...then swapped
-    send_channel, receive_channel = trio.open_memory_channel[bytes](2)
+    write_tree(album, {"a.jpg": os.urandom(3_000_000), "b/c.jpg": os.urandom(3_000_000), "d.jpg": os.urandom(10)})
+    return album
+
+
+OUTSIDE = b"SECRET-OUTSIDE-THE-STORAGE" * 1000
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["file_to_link", "directory_to_link", "truncate", "grow", "rewrite_same_size", "delete"],
+)
+async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
+    storage: Path, tmp_path: Path, change: str
+) -> None:
+    album = big_album(storage)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "c.jpg").write_bytes(OUTSIDE)
+    plan = plan_of(album)
+    # The CRCs are known (a warm index): the producer alone stands between a change and the client.
+    index = CrcIndex()
+    await collect(plan, index=index)
+
+    def make_change() -> None:
+        target = album / "b" / "c.jpg"
+        if change == "file_to_link":
+            target.unlink()
+            target.symlink_to(outside / "c.jpg")
+        elif change == "directory_to_link":
+            (album / "b").rename(tmp_path / "b-moved")
+            (album / "b").symlink_to(outside)
+        elif change == "truncate":
+            os.truncate(target, 1000)
+        elif change == "grow":
+            with open(target, "ab") as file:
+                file.write(b"more")
+        elif change == "rewrite_same_size":
+            status = target.stat()
+            with open(target, "r+b") as file:
+                file.write(b"X" * 100)
+            os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+        else:
+            target.unlink()
+
     received: list[bytes] = []
-    # zip -y takes the link as a link, never what it points to; writing to a
-    # pipe it then refuses it outright (status 16): the download fails.
-    with pytest.RaisesGroup(ZipFailed, flatten_subgroups=True):
+    send_channel, receive_channel = trio.open_memory_channel[bytes](0)
+    crcs = CrcSource(plan, plan.crc_entries(0, (plan.length or 0) - 1), index)
+    with pytest.raises(BaseExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: produce_zip(ZIP, job, send_channel, chunk_size=4096))
-            received.extend([chunk async for chunk in receive_channel])
-    assert SECRET not in b"".join(received)
+            nursery.start_soon(crcs.compute)
+            nursery.start_soon(lambda: produce(plan, 0, (plan.length or 0) - 1, crcs, send_channel, chunk_size=4096))
+            received.append(await receive_channel.receive())
+            make_change()
+            async for chunk in receive_channel:
+                received.append(chunk)
+    failure = raised.value.exceptions[0]
+    assert isinstance(failure, ProducerFailed), failure
+    assert "b/c.jpg" in str(failure)
+    assert b"SECRET-OUTSIDE" not in b"".join(received)
+    assert producer_children() == []
 
 
-@pytest.mark.skipif(shutil.which("bsdtar") is None, reason="bsdtar is not installed")
-def test_bsdtar_follows_a_swapped_link_so_it_cannot_be_the_producer(storage: Path, tmp_path: Path) -> None:
-    # Why the producer is Info-ZIP and not the faster bsdtar (README, Performance):
-    # an mtree manifest, the only way to make bsdtar's output deterministic,
-    # has it open each file by path, following a link that replaced it, and
-    # it ignores the size declared.  If this ever fails, bsdtar is worth a new look.
-    album = swap_for_link_to_a_secret(storage, tmp_path)
-    manifest = b"#mtree\n./photo.jpg type=file uid=0 gid=0 mode=0644 time=0 size=5 contents=photo.jpg\n"
-    result = subprocess.run(
-        ["bsdtar", "-c", "--format", "zip", "--options", "zip:compression=store", "-f", "-", "@-"],
-        cwd=album,
-        input=manifest,
-        capture_output=True,
-        check=True,
-    )
-    assert SECRET in result.stdout
+async def test_a_file_rewritten_with_size_and_mtime_kept_gets_its_new_crc(storage: Path) -> None:
+    album = storage / "album"
+    write_tree(album, {"a.jpg": os.urandom(10_000)})
+    index = CrcIndex()
+    await collect(plan_of(album), index=index)  # its CRC is in the index now
+    path = album / "a.jpg"
+    status = path.stat()
+    with open(path, "r+b") as file:
+        file.write(os.urandom(10_000))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    data = await collect(plan_of(album), index=index)
+    assert read_archive(data) == {"a.jpg": path.read_bytes()}
+
+
+def test_producer_refuses_input_that_is_not_its_own() -> None:
+    result = subprocess.run([*producer.COMMAND], input=b"Q garbage", capture_output=True)
+    assert result.returncode == 2 and b"archiver-producer" in result.stderr
+    result = subprocess.run([*producer.COMMAND], input=b"", capture_output=True)
+    assert result.returncode == 2  # the input ended without its end: never a clean exit
+
+
+def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
+    from archiver.archive import producer_program as program
+
+    write_tree(storage / "album", {"a.jpg": b"a"})
+    (storage / "secret").write_bytes(b"s")
+    status = (storage / "secret").stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    for path in (b"../secret", b"/etc/passwd", b"./../secret", b"a//b"):
+        instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(path, key, 0, 1, None)
+        result = subprocess.run([*producer.COMMAND], input=instructions + program.DONE, capture_output=True)
+        assert result.returncode == 3 and result.stdout == b"", (path, result)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, free_port, read_archive, write_tree, zip_processes
+from .conftest import files_on_disk, free_port, producer_processes, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
 
@@ -56,7 +56,7 @@ async def download_small(front: str, storage: Path) -> None:
 
 
 def serving(instance: Launched) -> bool:
-    return bool(zip_processes(instance.process.pid))
+    return bool(producer_processes(instance.process.pid))
 
 
 async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses(

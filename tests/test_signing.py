@@ -28,9 +28,9 @@ def signed(name: str, expires: float, secret: str = SECRET) -> str:
 
 
 @pytest.fixture
-def signing_settings(recorded_settings: Settings) -> Settings:
-    write_tree(recorded_settings.storage_dir / "album", {"photo.jpg": os.urandom(100_000), "b.txt": b"b"})
-    return replace(recorded_settings, link_secret=SECRET)
+def signing_settings(settings: Settings) -> Settings:
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(100_000), "b.txt": b"b"})
+    return replace(settings, link_secret=SECRET)
 
 
 async def test_signed_link_opens_the_archive_and_resumes(signing_settings: Settings, protocol: str) -> None:
@@ -60,7 +60,7 @@ async def test_signed_link_opens_the_archive_and_resumes(signing_settings: Setti
     ],
 )
 async def test_missing_bad_or_expired_signature_is_403_and_starts_nothing(
-    signing_settings: Settings, zip_recorder: tuple[str, Path], path: str
+    signing_settings: Settings, producer_starts: Path, path: str
 ) -> None:
     async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
         response = await client.get(path)
@@ -68,7 +68,7 @@ async def test_missing_bad_or_expired_signature_is_403_and_starts_nothing(
     assert response.status_code == 403
     assert response.text.strip() == MESSAGES[403].sentence
     assert unknown.status_code == 403  # the same answer: nothing says whether an album exists
-    assert zip_recorder[1].read_text() == ""
+    assert producer_starts.read_text() == ""
 
 
 async def test_redirect_keeps_the_signature(signing_settings: Settings) -> None:

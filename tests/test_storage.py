@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from archiver.storage import AlbumNotFound, list_album, resolve_album
+from archiver.archive.storage import AlbumNotFound, list_album, resolve_album
 
 from .conftest import write_tree
 

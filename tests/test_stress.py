@@ -20,12 +20,12 @@ from .conftest import (
     PROTOCOLS,
     free_port,
     make_client,
+    producer_children,
     read_archive,
     record_figure,
     running_server,
-    wait_until_no_zip_children,
+    wait_until_no_producer_children,
     write_tree,
-    zip_children,
 )
 from .test_cli import launched
 
@@ -68,7 +68,7 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
     rng = random.Random(20261125)
     async with running_server(settings) as url:
         await cancelled_download(url, "HTTP/1.1", 1)  # warm up: imports, lazily made objects
-        await wait_until_no_zip_children(timeout=1)
+        await wait_until_no_producer_children(timeout=1)
         baseline = await wait_for_descriptors(open_descriptors(), 0)
         limiter = trio.Semaphore(8)
 
@@ -79,9 +79,9 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
         async with trio.open_nursery() as nursery:
             for index in range(1000):
                 nursery.start_soon(one, PROTOCOLS[index % 2])
-        await wait_until_no_zip_children(timeout=5)
-        leftover_zips = len(zip_children())
-        zombies = sum(child.state == "Z" for child in zip_children())
+        await wait_until_no_producer_children(timeout=5)
+        leftover_zips = len(producer_children())
+        zombies = sum(child.state == "Z" for child in producer_children())
         descriptors = await wait_for_descriptors(baseline, timeout=5)
     record_figure(
         f"1000 cancelled downloads (HTTP/1.1 + HTTP/2): leftover zip {leftover_zips}, zombies {zombies}, "
@@ -164,13 +164,13 @@ async def test_zip_killed_mid_stream_is_seen_by_every_client(large_storage: Path
                     async with make_client(url, protocol) as client, client.stream("GET", "/archive/big/") as response:
                         chunks = response.aiter_raw()
                         await anext(chunks)
-                        for child in zip_children():
+                        for child in producer_children():
                             os.kill(child.pid, signal.SIGKILL)
                         async for _ in chunks:
                             pass
                 except ABORTED:
                     errors_seen[protocol] += 1
-                await wait_until_no_zip_children(timeout=1)
+                await wait_until_no_producer_children(timeout=1)
     record_figure(
         "zip killed (SIGKILL) mid-stream: clients that saw an error: "
         + ", ".join(f"{protocol} {seen}/{rounds}" for protocol, seen in errors_seen.items())

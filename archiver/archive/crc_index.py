@@ -1,10 +1,9 @@
-"""CRC-32 of the files to archive, known before zip reads them, and kept for the next download.
+"""CRC-32 of the files to archive, known before their headers go out, and kept for the next download.
 
-A stored ZIP entry carries its CRC in its local header, before its data;
-zip writing to a pipe cannot seek back to put it there, so it leaves it 0
-and appends a data descriptor, which streaming readers refuse (see
-``rewrite``).  The service computes each CRC itself (``zlib.crc32`` in a
-worker thread, ahead of zip) and keeps it in a ``CrcIndex`` keyed by
+A stored ZIP entry carries its CRC in its local header, before its data
+(a data descriptor after it is what streaming readers refuse for stored
+entries).  The service computes each CRC itself (``zlib.crc32`` in a
+worker thread, ahead of the producer) and keeps it in a ``CrcIndex`` keyed by
 everything that changes when the file does: device, inode, size, mtime and
 ctime.  The ctime catches a file rewritten in place with its size kept and
 its mtime put back (``touch -r``): a write always moves it.  A CRC read
@@ -12,14 +11,16 @@ while the file may still have been changing within one tick of the
 filesystem's clock (its ctime is not clearly older than the read) is used
 for that download but not kept, as git treats "racily clean" entries: a
 later change in the same tick would leave the key as it was.
-The index is only a cache: losing it loses nothing but time.  This one lives
-in memory; zip's own CRC (in each descriptor) is checked against it as the
-bytes pass, so a file changed behind the key's back cannot go out unnoticed.
+The index is only a cache: losing it loses nothing but time.  The producer
+checks that each file it sends is the one listed (the same key) before and
+after sending it, so a CRC is only ever sent beside the bytes it was read
+from; a racy one is checked against the bytes as they go (``plan``).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 import zlib
@@ -27,6 +28,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -112,26 +114,32 @@ class CrcIndex:
                 self._crcs.popitem(last=False)
 
 
-def _open_listed(path: Path, size: int) -> tuple[int, FileKey]:
-    """Open the regular file at ``path`` without following a link; FileChanged unless it is ``size`` bytes."""
+def _open_listed(path: Path, size: int, key: FileKey | None = None) -> tuple[int, FileKey]:
+    """Open the regular file at ``path`` without following a link; FileChanged unless it is the one listed.
+
+    The one listed: ``key`` (device, inode, size, mtime, ctime) if given, else ``size`` bytes.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise FileChanged(f"{path}: {error.strerror}") from None
     status = os.fstat(fd)
-    if status.st_size != size:
+    found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    if not stat.S_ISREG(status.st_mode) or found[2] != size or (key is not None and found != key):
         os.close(fd)
-        raise FileChanged(f"{path}: {status.st_size} bytes, {size} listed")
-    return fd, (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        raise FileChanged(f"{path}: not the file listed")
+    return fd, found
 
 
-def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> None:
-    """Keep ``crc`` in ``index`` if the file is still the one opened and not racy; FileChanged if it changed."""
+def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> bool:
+    """Keep ``crc`` in ``index`` unless racy (then False); FileChanged if the file changed while read."""
     status = os.fstat(fd)
     if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
         raise FileChanged(f"{path}: modified while its CRC was read")
-    if not is_racy(key, read_started_ns):
-        index.put(key, crc)
+    if is_racy(key, read_started_ns):
+        return False
+    index.put(key, crc)
+    return True
 
 
 def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES) -> tuple[int, int]:
@@ -143,34 +151,45 @@ def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTE
     return crc, read
 
 
-def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray) -> tuple[FileKey, int]:
-    """The CRC of a small file, in the calling (worker) thread."""
-    fd, key = _open_listed(path, size)
+class FileCrc(NamedTuple):
+    """A file's CRC-32 and key; ``racy``: read from a file that may still change unseen, so not kept."""
+
+    key: FileKey
+    crc: int
+    racy: bool = False
+
+
+def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray, key: FileKey | None = None) -> FileCrc:
+    """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed."""
+    fd, found = _open_listed(path, size, key)
     try:
-        known = index.get(key)
+        known = index.get(found)
         if known is not None:
-            return key, known
+            return FileCrc(found, known)
         started = time.time_ns()
         crc, read = _crc_of_block(fd, 0, buffer, budget=size)
         if read != size:
             raise FileChanged(f"{path}: read {read} bytes, {size} listed")
-        _keep(index, fd, path, key, crc, started)
+        kept = _keep(index, fd, path, found, crc, started)
     finally:
         os.close(fd)
-    return key, crc
+    return FileCrc(found, crc, not kept)
 
 
-async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | None = None) -> tuple[FileKey, int]:
+async def file_crc(
+    path: Path, size: int, index: CrcIndex, buffer: bytearray | None = None, key: FileKey | None = None
+) -> FileCrc:
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
-    Opened without following a link (as zip -y treats one).  If cancelled,
-    the file is closed before the cancellation propagates.
+    Opened without following a link; FileChanged unless it is the one listed
+    (``key``, or ``size`` bytes).  If cancelled, the file is closed before
+    the cancellation propagates.
     """
-    fd, key = await trio.to_thread.run_sync(_open_listed, path, size, limiter=index.readers)
+    fd, found = await trio.to_thread.run_sync(_open_listed, path, size, key, limiter=index.readers)
     try:
-        known = index.get(key)
+        known = index.get(found)
         if known is not None:
-            return key, known
+            return FileCrc(found, known)
         buffer = bytearray(READ_SIZE) if buffer is None else buffer
         started = time.time_ns()
         crc, read = 0, 0
@@ -179,10 +198,10 @@ async def file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray | N
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
-        _keep(index, fd, path, key, crc, started)
+        kept = _keep(index, fd, path, found, crc, started)
     finally:
         os.close(fd)
-    return key, crc
+    return FileCrc(found, crc, not kept)
 
 
 def album_crcs(

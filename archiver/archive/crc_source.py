@@ -1,0 +1,109 @@
+"""One download's CRCs, read ahead of the producer in the order they are sent (``crc_index`` keeps them).
+
+A header waits only for its own entry's CRC: the CRCs are computed in worker
+threads, small files a batch per call and large ones a block per call,
+while the producer sends the files before them.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import trio
+from trio_util import AsyncValue  # type: ignore[attr-defined]
+
+from .crc_index import BATCH_BYTES, BATCH_FILES, READ_SIZE, CrcIndex, FileCrc, file_crc, small_file_crc
+from .plan import ArchivePlan
+
+
+class CrcSource:
+    """The CRCs of ``entries`` of ``plan`` (in that order), from the index or read; ``crc(k)`` waits for entry k's.
+
+    A file that is not the one listed (another key) is FileChanged, raised
+    by ``compute``: its CRC would not be its bytes'.
+    """
+
+    def __init__(self, plan: ArchivePlan, entries: Sequence[int], index: CrcIndex) -> None:
+        self.plan = plan
+        self.index = index
+        # Runs of consecutive entries (a range needs at most two: local headers, central
+        # headers): k's position is found in them without a table the size of the album.
+        self._entries = entries
+        self._runs: list[tuple[int, int, int]] = []  # first k, last k + 1, position of the first
+        for position, k in enumerate(entries):
+            if self._runs and self._runs[-1][1] == k:
+                first, _, at = self._runs[-1]
+                self._runs[-1] = (first, k + 1, at)
+            else:
+                self._runs.append((k, k + 1, position))
+        self._crcs = array("q", [-1]) * len(entries)
+        self._racy: set[int] = set()
+        self._ready = AsyncValue(0)  # how many of ``entries`` have their CRC
+
+    async def compute(self) -> None:
+        """Compute every CRC in order (run in the download's nursery)."""
+        keys = (self.plan.key(k) for k in self._entries)
+        known = await trio.to_thread.run_sync(self.index.known, keys, limiter=self.index.readers)
+        buffer = bytearray(READ_SIZE)
+        position = 0
+        while position < len(self._entries):
+            if known[position] >= 0:
+                # A run of known CRCs at once (a warm album is one run).
+                run_end = position
+                while run_end < len(self._entries) and known[run_end] >= 0:
+                    run_end += 1
+                self._crcs[position:run_end] = known[position:run_end]
+                position = self._ready.value = run_end
+                continue
+            k = self._entries[position]
+            if self.plan.sizes[k] > BATCH_BYTES:
+                path = self.plan.directory / self.plan.path_str(k)
+                results = [await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k))]
+            else:
+                results = await trio.to_thread.run_sync(
+                    self._small_files, position, known, buffer, limiter=self.index.readers
+                )
+            for result in results:
+                self._crcs[position] = result.crc
+                if result.racy:
+                    self._racy.add(self._entries[position])
+                position += 1
+            self._ready.value = position
+        await trio.to_thread.run_sync(self.index.flush)
+
+    def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
+        """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""
+        results: list[FileCrc] = []
+        budget = BATCH_BYTES
+        while position < len(self._entries) and len(results) < BATCH_FILES and known[position] < 0:
+            k = self._entries[position]
+            size = self.plan.sizes[k]
+            if size > BATCH_BYTES or (results and size > budget):
+                break
+            path = self.plan.directory / self.plan.path_str(k)
+            results.append(small_file_crc(path, size, self.index, buffer, self.plan.key(k)))
+            budget -= size
+            position += 1
+        return results
+
+    def _position(self, k: int) -> int:
+        for first, end, at in self._runs:
+            if first <= k < end:
+                return at + k - first
+        raise KeyError(k)
+
+    async def crc(self, k: int) -> int:
+        position = self._position(k)
+        if position >= self._ready.value:  # not computed yet: wait (the usual case is that it is)
+            await self._ready.wait_value(lambda ready: ready > position)
+        return self._crcs[position]
+
+    def ready(self, k: int) -> int | None:
+        """Entry k's CRC if it is computed, without waiting."""
+        position = self._position(k)
+        return self._crcs[position] if position < self._ready.value else None
+
+    def racy(self, k: int) -> bool:
+        """Whether entry k's CRC was read from a file that may still change unseen (the producer checks it)."""
+        return k in self._racy

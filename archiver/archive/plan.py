@@ -1,0 +1,218 @@
+"""The archive's plan: every entry's records and where each lies, computed from the album's listing.
+
+The plan is the single source of the archive's length (Content-Length),
+its ranges and what the producer is asked to write.  Offsets come from the
+lengths of the very records that are sent (``zipformat``'s functions, run
+with a placeholder CRC: every CRC field is 4 bytes, whatever its value), as
+zip_kit's SizeEstimator runs its Streamer against a null writer.
+
+Stored archives (the default)::
+
+    | local header 0 | data 0 | local header 1 | data 1 | ... | central directory | end records |
+
+no data descriptors: each CRC is known before its header goes out (the CRC
+index, or read ahead, see ``crc_source``).  Deflated archives have no length
+ahead: their entries are written whole by the producer (``deflated_pieces``).
+
+Held by a download for as long as it runs, so compact: arrays, about 100
+bytes a file with its path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+import time
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+
+from .storage import AlbumFile
+from .zipformat import DEFLATED, STORED, EntryFields, central_header, end_records, local_header
+
+FileKey = tuple[int, int, int, int, int]
+
+# The DOS date's range (4.4.6): 1980-01-01 00:00:00 to 2107-12-31 23:59:58.
+DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
+DOS_TIME_MAXIMUM = (127 << 25) | (12 << 21) | (31 << 16) | (23 << 11) | (59 << 5) | 29
+
+
+def dos_date_time(mtime_ns: int) -> int:
+    """The MS-DOS date (high 16 bits) and time (low 16 bits) of an mtime, in local time.
+
+    Seconds are rounded up to even, as Info-ZIP does (an extracted file is
+    never older than the original); a time outside what a DOS date can hold
+    is clamped to its first or last moment.
+    """
+    seconds = (mtime_ns // 1_000_000_000 + 1) & ~1
+    try:
+        local = time.localtime(seconds)
+    except (OverflowError, OSError, ValueError):
+        return DOS_TIME_MINIMUM if seconds < 0 else DOS_TIME_MAXIMUM
+    if local.tm_year < 1980:
+        return DOS_TIME_MINIMUM
+    if local.tm_year > 2107:
+        return DOS_TIME_MAXIMUM
+    return (
+        ((local.tm_year - 1980) << 25)
+        | (local.tm_mon << 21)
+        | (local.tm_mday << 16)
+        | (local.tm_hour << 11)
+        | (local.tm_min << 5)
+        | (local.tm_sec >> 1)
+    )
+
+
+def external_attributes(mode: int) -> int:
+    """The Unix mode in the high 16 bits (4.4.15), and MS-DOS's read-only bit where the owner may not write."""
+    return (mode << 16) | (0 if mode & stat.S_IWUSR else 1)
+
+
+class ArchivePlan:
+    """The plan of one album's archive: its entries, and in store mode where every record lies.
+
+    ``length`` is None for a deflated archive (sizes unknown until written).
+    ``local_offsets[k]`` is where entry k's local header starts (k = count:
+    the central directory); ``central_offsets[k]`` where its central header
+    starts, from the central directory's start (k = count: the end records).
+    """
+
+    def __init__(self, directory: Path, files: Sequence[AlbumFile], compression: int = 0) -> None:
+        self.directory = directory
+        self.compression = compression
+        self.count = len(files)
+        self.total_size = sum(file.size for file in files)
+        self._paths = b"".join(os.fsencode(file.path) for file in files)
+        self._path_ends = array("Q", accumulate(len(os.fsencode(file.path)) for file in files))
+        self.sizes = array("Q", (file.size for file in files))
+        self._keys = array("q", (value for file in files for value in file.key))
+        self._dos_times = array("I", (dos_date_time(file.mtime_ns) for file in files))
+        self._attributes = array("I", (external_attributes(file.mode) for file in files))
+        self.local_offsets = array("Q")
+        self.central_offsets = array("Q")
+        self.length: int | None = None
+        if compression == 0:
+            self._lay_out()
+
+    def path(self, k: int) -> bytes:
+        """Entry k's file, relative to the album."""
+        return self._paths[self._path_ends[k - 1] if k else 0 : self._path_ends[k]]
+
+    def path_str(self, k: int) -> str:
+        return os.fsdecode(self.path(k))
+
+    def key(self, k: int) -> FileKey:
+        """Entry k's file as listed: device, inode, size, mtime_ns, ctime_ns (the CRC index's key)."""
+        key = self._keys[5 * k : 5 * k + 5]
+        return key[0], key[1], key[2], key[3], key[4]
+
+    def fields(self, k: int) -> EntryFields:
+        method = STORED if self.compression == 0 else DEFLATED
+        return EntryFields(self.path(k), method, self._dos_times[k], self._attributes[k])
+
+    def local_header(self, k: int, crc: int) -> bytes:
+        return local_header(self.fields(k), crc, self.sizes[k])
+
+    def central_header(self, k: int, crc: int) -> bytes:
+        size = self.sizes[k]
+        return central_header(self.fields(k), crc, size, size, self.local_offsets[k])
+
+    def crc_entries(self, start: int, end: int) -> array[int]:
+        """The entries whose CRC bytes ``start`` .. ``end`` hold (in a local or a central header), in the order sent."""
+        central_at = self.central_offset
+        entries = array("I")  # compact: a whole download lists every entry
+        if start < central_at:
+            first = bisect.bisect_right(self.local_offsets, start) - 1
+            if start >= self.local_offsets[first + 1] - self.sizes[first]:
+                first += 1  # the range starts in this entry's data, after its header
+            last = bisect.bisect_right(self.local_offsets, min(end, central_at - 1)) - 1
+            entries.extend(range(first, last + 1))
+        if end >= central_at:
+            first = bisect.bisect_right(self.central_offsets, max(start, central_at) - central_at) - 1
+            last = min(bisect.bisect_right(self.central_offsets, end - central_at) - 1, self.count - 1)
+            done = range(entries[0], entries[-1] + 1) if entries else range(0)
+            entries.extend(k for k in range(first, last + 1) if k not in done)
+        return entries
+
+    @property
+    def central_offset(self) -> int:
+        return self.local_offsets[-1]
+
+    def end_records(self) -> bytes:
+        return end_records(self.count, self.central_offsets[-1], self.central_offset)
+
+    def _lay_out(self) -> None:
+        """Every record's offset, from the lengths of the records themselves (CRC 0: the length is the same)."""
+        offset = central = 0
+        for k in range(self.count):
+            self.local_offsets.append(offset)
+            offset += len(self.local_header(k, 0)) + self.sizes[k]
+        self.local_offsets.append(offset)
+        for k in range(self.count):
+            self.central_offsets.append(central)
+            central += len(self.central_header(k, 0))
+        self.central_offsets.append(central)
+        self.length = offset + central + len(self.end_records())
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes ``offset`` .. ``offset + length`` of entry ``k``'s file; ``verify``: check the file's CRC as it goes."""
+
+    k: int
+    offset: int
+    length: int
+    verify_crc: int | None = None
+
+
+# What a range of a stored archive is made of, in order: generated bytes, file data, and
+# ``FLUSH`` where what is planned so far should reach the producer before the next piece is waited for.
+Piece = bytes | FileSlice
+FLUSH = b""
+
+CrcOf = Callable[[int], Awaitable[int]]
+ReadyCrc = Callable[[int], "int | None"]
+
+
+async def stored_pieces(
+    plan: ArchivePlan, start: int, end: int, crc: CrcOf, ready: ReadyCrc, racy: Callable[[int], bool]
+) -> AsyncIterator[Piece]:
+    """The pieces of bytes ``start`` .. ``end`` (both included) of the stored archive.
+
+    ``crc(k)`` gives entry k's CRC-32 (waiting while it is read), ``ready(k)``
+    gives it only if it is at hand; ``racy(k)``: it was read from a file
+    still changing, and the producer checks it against the bytes it sends.
+    """
+    assert plan.length is not None and 0 <= start <= end < plan.length
+    central_at = plan.central_offset
+    k = bisect.bisect_right(plan.local_offsets, start) - 1
+    while k < plan.count and plan.local_offsets[k] <= end:
+        header_at = plan.local_offsets[k]
+        header_length = plan.local_offsets[k + 1] - header_at - plan.sizes[k]
+        if start < header_at + header_length:
+            if ready(k) is None:
+                yield FLUSH
+            header = plan.local_header(k, await crc(k))
+            yield header[max(0, start - header_at) : end + 1 - header_at]
+        data_at = header_at + header_length
+        low, high = max(start, data_at), min(end + 1, data_at + plan.sizes[k])
+        if low < high:
+            yield FileSlice(k, low - data_at, high - low, await crc(k) if racy(k) else None)
+        k += 1
+    if end < central_at:
+        return
+    first = bisect.bisect_right(plan.central_offsets, max(start, central_at) - central_at) - 1
+    for k in range(first, plan.count):
+        at = central_at + plan.central_offsets[k]
+        if at > end:
+            return
+        if ready(k) is None:
+            yield FLUSH
+        record = plan.central_header(k, await crc(k))
+        yield record[max(0, start - at) : end + 1 - at]
+    at = central_at + plan.central_offsets[-1]
+    if at <= end:
+        yield plan.end_records()[max(0, start - at) : end + 1 - at]

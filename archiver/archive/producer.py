@@ -1,0 +1,227 @@
+"""The producer: runs ``producer_program`` for one download and moves what it writes to a channel.
+
+The service plans the archive (``plan``); the producer subprocess writes
+the bytes planned, moving file data into its stdout pipe without passing it
+through Python.  This module owns that process from start to reaping: it
+feeds the instructions (``producer_program``) to its stdin as the plan and
+the CRCs allow, drains its stderr, and sends its stdout to the download's
+channel.  A range that holds no file data (the central directory a download
+manager asks for first) needs no process: its bytes are the plan's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import trio
+
+from . import producer_program
+from .crc_source import CrcSource
+from .plan import FLUSH, ArchivePlan, FileSlice, Piece, stored_pieces
+
+logger = logging.getLogger(__name__)
+
+PROGRAM = Path(producer_program.__file__)
+
+# The interpreter running the service, isolated (-I: no environment, no user
+# site, no current directory on the path) and without site (-S): starts in
+# ~15 ms, and nothing but the standard library and ``zipformat`` is loaded.
+COMMAND = (sys.executable, "-I", "-S", str(PROGRAM))
+
+
+def producer_available() -> bool:
+    """Whether the producer can be run: its interpreter executable, its program readable (for /healthz)."""
+    program = [part for part in COMMAND[1:] if part.endswith(".py")]
+    return os.access(COMMAND[0], os.X_OK) and all(os.access(part, os.R_OK) for part in program)
+
+
+STDERR_TAIL_BYTES = 2048
+
+# The producer's stdout pipe is widened to this (the most an unprivileged
+# process may ask for by default): the producer keeps writing while the
+# reader waits or the event loop serves other downloads.  Kernel memory,
+# filled only when the client is slower than the producer.
+PIPE_SIZE = 1024 * 1024
+
+# Instructions are written to the producer's stdin in pieces of about this size.
+FEED_SIZE = 64 * 1024
+
+
+class ProducerUnavailable(RuntimeError):
+    """The producer subprocess cannot be started."""
+
+
+class ProducerFailed(RuntimeError):
+    """The producer exited with a failure (a file changed, or it was killed), or wrote other than planned."""
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+async def produce(
+    plan: ArchivePlan,
+    start: int,
+    end: int,
+    crcs: CrcSource | None,
+    send_channel: trio.MemorySendChannel[bytes],
+    *,
+    chunk_size: int,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send bytes ``start`` .. ``end`` of the archive to ``send_channel`` in chunks, then close it.
+
+    Deflated archives (no length): ``start`` and ``end`` are ignored, the
+    whole archive is sent.  The channel is closed only once the producer
+    has exited with status 0 having written exactly the bytes planned, and
+    the last chunk is held back until then: a receiver that sees the end of
+    the channel has the whole range, correct.  Otherwise ProducerFailed is
+    raised and the channel is left open, so the receiver never sees a clean
+    end.  ProducerUnavailable is raised if the process cannot start; run
+    with ``nursery.start``, that happens before ``start`` returns.
+
+    If cancelled, the process is killed and reaped before the cancellation
+    propagates: no process outlives this call.
+    """
+    if plan.length is not None and start >= plan.central_offset:
+        # All generated: the plan's own bytes, no process.
+        assert crcs is not None
+        task_status.started()
+        await _send_generated(
+            stored_pieces(plan, start, end, crcs.crc, crcs.ready, crcs.racy), send_channel, chunk_size
+        )
+        await send_channel.aclose()
+        return
+    try:
+        process = await trio.lowlevel.open_process(
+            list(COMMAND), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}
+        )
+    except OSError as error:
+        raise ProducerUnavailable(f"cannot start the producer ({COMMAND[0]}): {error}") from error
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    _widen_pipe(process.stdout, chunk_size)
+    task_status.started()
+    expected = None if plan.length is None else end - start + 1
+    stderr_tail: deque[bytes] = deque()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed, process.stdin, _instructions(plan, start, end, crcs))
+            nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, plan.directory.name)
+            written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size)
+            returncode = await process.wait()
+        if returncode != 0:
+            tail = b"".join(stderr_tail).decode(errors="replace").strip() or "(no message)"
+            raise ProducerFailed(f"the producer exited with status {returncode}: {tail}", returncode)
+        if expected is not None and written != expected:
+            raise ProducerFailed(f"the producer wrote {written} bytes, {expected} planned")
+        if last_chunk:
+            await send_channel.send(last_chunk)
+        await send_channel.aclose()
+    finally:
+        # Shielded: a cancelled download must still kill and reap its producer.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await process.stdin.aclose()
+            await process.stdout.aclose()
+            await process.stderr.aclose()
+
+
+async def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> AsyncIterator[bytes]:
+    """The producer's input for bytes ``start`` .. ``end`` of ``plan``; b"" where it should be sent before a wait."""
+    level = plan.compression
+    yield producer_program.album(os.fsencode(plan.directory), level)
+    if plan.length is None:  # deflated: whole entries, written by the producer
+        for k in range(plan.count):
+            yield producer_program.deflated_entry(plan.path(k), plan.key(k), plan.fields(k))
+        yield producer_program.END
+    else:
+        assert crcs is not None
+        async for piece in stored_pieces(plan, start, end, crcs.crc, crcs.ready, crcs.racy):
+            yield _encode(plan, piece)
+    yield producer_program.DONE
+
+
+def _encode(plan: ArchivePlan, piece: Piece) -> bytes:
+    if isinstance(piece, FileSlice):
+        k = piece.k
+        return producer_program.file_slice(plan.path(k), plan.key(k), piece.offset, piece.length, piece.verify_crc)
+    return producer_program.literal(piece) if piece else FLUSH
+
+
+async def _feed(stdin: trio.abc.SendStream, instructions: AsyncIterator[bytes]) -> None:
+    """Write the instructions to the producer's stdin, gathered into pieces of about FEED_SIZE."""
+    pending: list[bytes] = []
+    size = 0
+    try:
+        async for instruction in instructions:
+            pending.append(instruction)
+            size += len(instruction)
+            if size >= FEED_SIZE or (not instruction and size):
+                await stdin.send_all(b"".join(pending))
+                pending.clear()
+                size = 0
+        if pending:
+            await stdin.send_all(b"".join(pending))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the producer exited before reading everything; its status tells why.
+    finally:
+        await stdin.aclose()
+
+
+async def _send_generated(pieces: AsyncIterator[Piece], send_channel: trio.MemorySendChannel[bytes], size: int) -> None:
+    pending = bytearray()
+    async for piece in pieces:
+        assert not isinstance(piece, FileSlice), "a generated range holds no file data"
+        pending += piece
+        if len(pending) >= size:
+            await send_channel.send(bytes(pending))
+            pending.clear()
+    if pending:
+        await send_channel.send(bytes(pending))
+
+
+def _widen_pipe(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
+    """Let the stdout pipe hold several chunks (Linux pipes hold 64 KiB by default); best effort."""
+    if not hasattr(fcntl, "F_SETPIPE_SZ") or not isinstance(stdout, trio.lowlevel.FdStream):
+        return
+    for size in (max(PIPE_SIZE, chunk_size), chunk_size):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(stdout.fileno(), fcntl.F_SETPIPE_SZ, size)
+            return
+
+
+async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], album: str) -> None:
+    size = 0
+    async for received in stderr:
+        data = bytes(received)
+        logger.warning("producer (%s): %s", album, data.decode(errors="replace").rstrip())
+        tail.append(data)
+        size += len(data)
+        while size - len(tail[0]) >= STDERR_TAIL_BYTES:
+            size -= len(tail.popleft())
+
+
+async def _pump_output(
+    stdout: trio.abc.ReceiveStream, send_channel: trio.MemorySendChannel[bytes], chunk_size: int
+) -> tuple[int, bytes]:
+    """Move stdout to the channel, one chunk behind; return the bytes read and the chunk held back."""
+    held = b""
+    written = 0
+    # Pipe streams hand out bytes (typed bytes | bytearray): no copy needed.
+    while chunk := cast(bytes, await stdout.receive_some(chunk_size)):
+        written += len(chunk)
+        if held:
+            await send_channel.send(held)
+        held = chunk
+    return written, held
