@@ -28,17 +28,16 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check archiver tests
 	$(BIN)/mypy
 
-## The benchmark: baselines (zip | cat, nginx), the service, and the producers compared, in one run (~25 min; ~700 MB in bench-data/).
+## The benchmark: the service against zipstream-ng's zipserver and nginx, in one run (~15 min; ~700 MB in bench-data/).
 bench: $(BIN)/.installed bench-tools
-	$(BIN)/pip install --quiet zipstream-ng  # the peer the producer comparison measures against
+	$(BIN)/pip install --quiet zipstream-ng  # the peer the service is measured against
 	$(BIN)/python -m tests.benchmark $(BENCH_ARGS)
 
 bench-tools:
 	@missing=""; \
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
-	command -v zip >/dev/null || missing="$$missing zip"; \
-	command -v bsdtar >/dev/null || missing="$$missing libarchive-tools"; \
+	command -v aria2c >/dev/null || missing="$$missing aria2"; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi

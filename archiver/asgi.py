@@ -1,9 +1,9 @@
 """The app for ``hypercorn --config hypercorn.toml archiver.asgi:app``, set up from ARCHIVER_* variables."""
 
-from . import hypercorn_signals
-from .app import create_app
 from .config import Settings
+from .fences import hypercorn_signals
 from .logs import configure_logging
+from .web.app import create_app
 
 settings = Settings.from_env()
 configure_logging(settings.verbose)

@@ -16,13 +16,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from . import hypercorn_tcp
-from .app import create_app, open_crc_store
 from .archive.crc_index import CrcIndex, album_crcs
 from .archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
 from .config import Settings, SettingsError
+from .fences import hypercorn_tcp
 from .logs import configure_logging
-from .signing import parse_duration, signed_query
+from .web.app import create_app, open_crc_store
+from .web.signing import parse_duration, signed_query
 
 logger = logging.getLogger(__name__)
 

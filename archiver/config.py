@@ -64,7 +64,7 @@ class Settings:
     # Client connections held at once per process; 0: what the descriptor
     # limit (ulimit -n, systemd's LimitNOFILE) leaves beside max_jobs.
     max_connections: int = 0
-    # Signed, expiring links (archiver.signing): set, /archive/<name>/ needs
+    # Signed, expiring links (archiver.web.signing): set, /archive/<name>/ needs
     # ?expires=...&sig=...; empty, the name alone opens the archive.
     link_secret: str = field(default="", repr=False)
     # The CRC index's SQLite file (archiver.crc_store); empty: in memory only,

@@ -1,12 +1,16 @@
 """The benchmark: the service against its baselines, all measured in one run.
 
-    python -m tests.benchmark [--repeat 5] [--zip64]      (or: make bench)
+    python -m tests.benchmark [--repeat 5] [--zip64] [--ab PYTHON]      (or: make bench)
 
-Baselines: ``zip -r -0 - . | cat >/dev/null`` in the album (the ceiling the
-service can reach) and nginx serving the same archive as a static file (what
-the client can take).  The service is launched as an operator would (the
-console script), and curl is the client.  Every figure is the median of
-``--repeat`` runs.  Nothing here asserts: it prints figures and ratios.
+Baselines: zipstream-ng's ``zipserver`` over the same albums (the peer: pure
+Python, one process, ZIPs streamed from the same files) and nginx serving
+the service's own archive as a static file (what the client can take).  The
+service is launched as an operator would (``python -m archiver``), and curl
+is the client.  Machine CPU counts the server, its producers (reaped
+children) and the clients.  Every figure is the median of ``--repeat`` runs.
+``--ab PYTHON`` measures the service a second time with another checkout's
+interpreter (its virtual environment's python: the code before a change),
+in the same run.  Nothing here asserts: it prints figures and ratios.
 """
 
 from __future__ import annotations
@@ -82,16 +86,21 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 
 @contextmanager
-def service(storage: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
-    """The service (console-script launch) on a free port; yields its base URL and pid."""
+def service(
+    storage: Path, extra_env: dict[str, str] | None = None, python: str = sys.executable
+) -> Iterator[tuple[str, int]]:
+    """The service (``python -m archiver``, by default this checkout's) on a free port; yields its base URL and pid."""
     port = free_port()
     # Every curl comes from 127.0.0.1: one client to the per-client job cap,
     # which would refuse the concurrent runs past 4.
     env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", "ARCHIVER_MAX_JOBS_PER_CLIENT": "64", **(extra_env or {})}
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
+    command = [python, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
     log = BENCH_STORAGE / "service.log"
     with open(log, "ab") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+        # Not from a checkout: ``python -m`` must import the package installed for ``python``.
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=tempfile.gettempdir()
+        )
     try:
         try:
             wait_for_port(port)
@@ -165,7 +174,7 @@ def parallel_downloads(
     size: int,
     pid: int,
     http2: bool = False,
-    names: tuple[str, str] = ("zip", "service"),
+    names: tuple[str, str] = ("producers", "service"),
     post: str | None = None,
 ) -> tuple[float, str]:
     """Median aggregate rate (bytes/s) of ``runs`` runs of ``parallel`` downloads at once, and machine CPU per GB."""
@@ -184,26 +193,6 @@ def median_of(repeat: int, measure: Callable[[], float]) -> float:
     return statistics.median(measure() for _ in range(repeat))
 
 
-def zip_to_cat(directory: Path, parallel: int = 1) -> float:
-    """Seconds for ``parallel`` concurrent `zip -r -0 - . | cat >/dev/null` in ``directory``."""
-    started = time.perf_counter()
-    processes = [
-        subprocess.Popen("zip -q -r -0 - . | cat >/dev/null", shell=True, cwd=directory) for _ in range(parallel)
-    ]
-    for process in processes:
-        process.wait()
-    return time.perf_counter() - started
-
-
-def archive_size(directory: Path) -> int:
-    with subprocess.Popen("zip -q -r -0 -X -D - .", shell=True, cwd=directory, stdout=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        size = 0
-        while chunk := process.stdout.read(1 << 20):
-            size += len(chunk)
-    return size
-
-
 def cpu_ticks(pid: int) -> list[int]:
     """utime, stime, cutime, cstime of ``pid`` from /proc/<pid>/stat, in clock ticks."""
     # Fields after the command name, which is in parentheses and may hold spaces.
@@ -218,37 +207,40 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def children_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid``'s reaped children (the service's zip processes)."""
+    """CPU time of ``pid``'s reaped children (the service's producers)."""
     _, _, children_user, children_system = cpu_ticks(pid)
     return (children_user + children_system) / TICKS_PER_SECOND
 
 
 def own_children_cpu_seconds() -> float:
-    """CPU time of this process's reaped children (curl, or the zip | cat shells with theirs)."""
+    """CPU time of this process's reaped children (the clients)."""
     times = os.times()
     return times.children_user + times.children_system
 
 
 def machine_cpu_per_gb(
-    gigabytes: float, run: Callable[[], object], pid: int | None = None, names: tuple[str, str] = ("zip", "service")
+    gigabytes: float,
+    run: Callable[[], object],
+    pid: int | None = None,
+    names: tuple[str, str] = ("producers", "service"),
 ) -> str:
-    """Every process's CPU per GB while ``run`` moves ``gigabytes``: with the service, split three ways.
+    """Every process's CPU per GB while ``run`` moves ``gigabytes``: with a server, split three ways.
 
-    On a machine where zip, the server and the clients share the cores, the
-    aggregate throughput cannot pass cores / (this figure).
+    On a machine where the producers, the server and the clients share the
+    cores, the aggregate throughput cannot pass cores / (this figure).
     """
     clients_before = own_children_cpu_seconds()
-    service_before = zip_before = 0.0
+    service_before = children_before = 0.0
     if pid is not None:
-        service_before, zip_before = sum(cpu_seconds(pid)), children_cpu_seconds(pid)
+        service_before, children_before = sum(cpu_seconds(pid)), children_cpu_seconds(pid)
     run()
     clients = (own_children_cpu_seconds() - clients_before) / gigabytes
     if pid is None:
         return f"{clients:.2f} s/GB"
     service = (sum(cpu_seconds(pid)) - service_before) / gigabytes
-    zip_cpu = (children_cpu_seconds(pid) - zip_before) / gigabytes
-    total = zip_cpu + service + clients
-    return f"{total:.2f} s/GB ({names[0]} {zip_cpu:.2f} + {names[1]} {service:.2f} + curl {clients:.2f})"
+    children = (children_cpu_seconds(pid) - children_before) / gigabytes
+    total = children + service + clients
+    return f"{total:.2f} s/GB ({names[1]} {service:.2f} + {names[0]} {children:.2f} + curl {clients:.2f})"
 
 
 def cpu_per_gb(pid: int, gigabytes: float, run: Callable[[], object]) -> str:
@@ -271,13 +263,13 @@ def producer_children(pid: int) -> list[int]:
     return [child.pid for child in producer_processes(pid)]
 
 
-def disconnect_to_zip_gone(url: str, pid: int) -> float:
-    """Seconds from SIGKILL of a downloading curl to the service's zip being gone."""
+def disconnect_to_producer_gone(url: str, pid: int) -> float:
+    """Seconds from SIGKILL of a downloading curl to the service's producer being gone."""
     client = subprocess.Popen(["curl", "-sS", "--limit-rate", "1M", "-o", "/dev/null", url])
     deadline = time.monotonic() + 10
     while not producer_children(pid):
         if time.monotonic() > deadline:
-            raise RuntimeError("zip never started")
+            raise RuntimeError("the producer never started")
         time.sleep(0.005)
     time.sleep(0.2)
     client.send_signal(signal.SIGKILL)
@@ -309,88 +301,84 @@ def report(rows: list[tuple[str, str, str]]) -> None:
         print(f"{name:<{width}}  {value:>14}  {ratio}")
 
 
+def head_length(url: str) -> int:
+    result = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True, check=True)
+    for line in result.stdout.splitlines():
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            return int(value)
+    raise RuntimeError(f"no Content-Length for {url}")
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is shown)")
     parser.add_argument("--zip64", action="store_true", help="also a 5 GB album (ZIP64), one run each")
-    parser.add_argument(
-        "--no-producers", action="store_true", help="skip the producer comparison (Info-ZIP, bsdtar, zipstream-ng)"
-    )
+    parser.add_argument("--ab", metavar="PYTHON", help="also measure the service run by this interpreter (A/B)")
     parser.add_argument("--ranges-only", action="store_true", help="only what ranges and the CRC index cost")
     args = parser.parse_args(argv)
     datasets = [PHOTOS, SMALL_FILES] + ([HUGE] if args.zip64 else [])
     for dataset in datasets:
         generate(dataset)
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}")
-    if not args.ranges_only:
-        for dataset in datasets:
-            repeat = 1 if dataset is HUGE else args.repeat
-            run_dataset(dataset, repeat)
+    pythons = [("service", sys.executable)] + ([("service before (A/B)", args.ab)] if args.ab else [])
     for dataset in datasets:
-        range_costs(dataset, 1 if dataset is HUGE else args.repeat)
-    if args.ranges_only:
-        return
-    if not args.no_producers:
-        for dataset in (PHOTOS, SMALL_FILES):
-            compare_producers(dataset, max(1, args.repeat // 2 + 1))
+        repeat = 1 if dataset is HUGE else args.repeat
+        if not args.ranges_only:
+            run_dataset(dataset, repeat, pythons)
+        for label, python in pythons:
+            range_costs(dataset, repeat, label, python)
 
 
-def run_dataset(dataset: Dataset, repeat: int) -> None:
-    size = archive_size(dataset.directory)
+def run_dataset(dataset: Dataset, repeat: int, pythons: list[tuple[str, str]]) -> None:
+    with service(BENCH_STORAGE) as (base, _):
+        size = head_length(f"{base}/archive/{dataset.name}/")
     print(f"\n== {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
     rows: list[tuple[str, str, str]] = []
-    ceiling = size / median_of(repeat, lambda: zip_to_cat(dataset.directory))
-    pair_runs: list[float] = []
-    pair_cpu = machine_cpu_per_gb(
-        repeat * 2 * size / 1e9, lambda: pair_runs.extend(zip_to_cat(dataset.directory, 2) for _ in range(repeat))
-    )
-    ceiling2 = 2 * size / statistics.median(pair_runs)
-    rows.append(("zip -0 | cat (baseline)", f"{ceiling / 1e6:.0f} MB/s", "1.00"))
-    rows.append(("2 x zip -0 | cat in parallel", f"{ceiling2 / 1e6:.0f} MB/s", f"{ceiling2 / ceiling:.2f}"))
-    rows.append(("machine CPU, 2 x zip -0 | cat (zip, cat, sh)", pair_cpu, ""))
+    concurrent_repeat = max(1, repeat // 2)
+    peer: dict[int, float] = {}
+    with zipserver(BENCH_STORAGE) as (url, pid):
+        post = f"files={dataset.name}"
+        for parallel in (1, 8):
+            runs = repeat if parallel == 1 else concurrent_repeat
+            names = ("children", "zipserver")
+            peer[parallel], cpu = parallel_downloads(url, parallel, runs, size, pid, names=names, post=post)
+            rows.append((f"peer: zipserver, {parallel} at once, HTTP/1.1", f"{peer[parallel] / 1e6:.0f} MB/s", "1.00"))
+            rows.append((f"machine CPU, zipserver, {parallel} at once", cpu, ""))
     with tempfile.TemporaryDirectory(dir=BENCH_STORAGE) as static:
         os.chmod(static, 0o755)  # nginx's workers run as an unprivileged user
         prebuilt = Path(static, "album.zip")
-        subprocess.run(f"zip -q -r -0 -X -D {prebuilt} .", shell=True, cwd=dataset.directory, check=True)
-        with nginx_serving(prebuilt) as (url, h2c_url, worker):
+        with service(BENCH_STORAGE) as (base, _):
+            subprocess.run(["curl", "-sS", "-o", str(prebuilt), f"{base}/archive/{dataset.name}/"], check=True)
+        with nginx_serving(prebuilt) as (url, h2c_url, _):
             for label, base, http2 in (("HTTP/1.1", url, False), ("h2c", h2c_url, True)):
                 rate = median_of(repeat, lambda u=base, h=http2: size / curl([f"{u}/album.zip"], h)[0][1])
-                rows.append(
-                    (f"nginx static file, {label} (client check)", f"{rate / 1e6:.0f} MB/s", f"{rate / ceiling:.2f}")
-                )
-                cpu = cpu_per_gb(
-                    worker,
-                    repeat * size / 1e9,
-                    lambda u=base, h=http2: [curl([f"{u}/album.zip"], h) for _ in range(repeat)],
-                )
-                rows.append((f"nginx CPU, {label}", cpu, ""))
-    concurrent_repeat = max(1, repeat // 2)
-    with service(BENCH_STORAGE) as (base, pid):
-        url = f"{base}/archive/{dataset.name}/"
-        for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
-            curl([url], http2)  # warm up
-            singles: list[tuple[float, float, int]] = []
-            cpu = cpu_per_gb(
-                pid, repeat * size / 1e9, lambda s=singles, h=http2: [s.extend(curl([url], h)) for _ in range(repeat)]
-            )
-            rate = statistics.median(size / total for _, total, _ in singles)
-            first_byte_ms = statistics.median(first for first, _, _ in singles) * 1000
-            rows.append((f"service, 1 download, {label}", f"{rate / 1e6:.0f} MB/s", f"{rate / ceiling:.2f}"))
-            rows.append((f"service, first byte, {label}", f"{first_byte_ms:.1f} ms", ""))
-            rows.append((f"service CPU outside zip, {label}", cpu, ""))
-            for parallel in (8, 32):
-                aggregate, machine_cpu = parallel_downloads(url, parallel, concurrent_repeat, size, pid, http2)
-                rows.append(
-                    (
-                        f"service, {parallel} concurrent, {label}",
-                        f"{aggregate / 1e6:.0f} MB/s",
-                        f"{aggregate / ceiling2:.2f} of 2x",
-                    )
-                )
-                rows.append((f"machine CPU, {parallel} concurrent, {label}", machine_cpu, ""))
-        rows.append(("service peak RSS after all the above", f"{status_kib(pid, 'VmHWM') / 1024:.0f} MB", ""))
-        gone_ms = median_of(repeat, lambda: disconnect_to_zip_gone(url, pid)) * 1000
-        rows.append(("client disconnect -> zip gone", f"{gone_ms:.1f} ms", ""))
+                rows.append((f"nginx static file, {label}", f"{rate / 1e6:.0f} MB/s", f"{rate / peer[1]:.2f} of peer"))
+    for name, python in pythons:
+        with service(BENCH_STORAGE, python=python) as (base, pid):
+            url = f"{base}/archive/{dataset.name}/"
+            for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
+                curl([url], http2)  # warm up (and the CRC index)
+                for parallel in (1, 8, 32):
+                    runs = repeat if parallel == 1 else concurrent_repeat
+                    rate, cpu = parallel_downloads(url, parallel, runs, size, pid, http2)
+                    versus = f"{rate / peer[parallel]:.2f} of peer" if parallel in peer else ""
+                    rows.append((f"{name}, {parallel} at once, {label}", f"{rate / 1e6:.0f} MB/s", versus))
+                    rows.append((f"machine CPU, {name}, {parallel} at once, {label}", cpu, ""))
+                own = cpu_per_gb(pid, repeat * size / 1e9, lambda u=url, h=http2: [curl([u], h) for _ in range(repeat)])
+                rows.append((f"{name} process alone, 1 at once, {label}", own, ""))
+            firsts = [curl([url], False)[0][0] * 1000 for _ in range(max(20, 4 * repeat))]
+            p50, p95 = percentile(firsts, 0.5), percentile(firsts, 0.95)
+            rows.append((f"{name}, first byte, HTTP/1.1 (p50 / p95)", f"{p50:.1f} / {p95:.1f} ms", ""))
+            rows.append((f"{name} peak RSS after all the above", f"{status_kib(pid, 'VmHWM') / 1024:.0f} MB", ""))
+            if python == sys.executable:
+                gone_ms = median_of(repeat, lambda u=url, p=pid: disconnect_to_producer_gone(u, p)) * 1000
+                rows.append(("client disconnect -> producer gone", f"{gone_ms:.1f} ms", ""))
     # A fresh process: memory freed by the runs above would hide what a download costs.
     with service(BENCH_STORAGE) as (base, pid):
         url = f"{base}/archive/{dataset.name}/"
@@ -401,36 +389,35 @@ def run_dataset(dataset: Dataset, repeat: int) -> None:
     report(rows)
 
 
-def service_and_zip_cpu(pid: int) -> float:
-    """CPU seconds of the service and of its reaped zips so far."""
+def service_and_producer_cpu(pid: int) -> float:
+    """CPU seconds of the service and of its reaped producers so far."""
     return sum(cpu_seconds(pid)) + children_cpu_seconds(pid)
 
 
 def timed_command(command: Sequence[str], pid: int) -> tuple[float, float]:
-    """Run ``command`` (a client); the seconds it took and the service's + zip's CPU seconds meanwhile."""
-    cpu_before, started = service_and_zip_cpu(pid), time.perf_counter()
+    """Run ``command`` (a client); the seconds it took and the service's + producers' CPU seconds meanwhile."""
+    cpu_before, started = service_and_producer_cpu(pid), time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started, service_and_zip_cpu(pid) - cpu_before
+    return time.perf_counter() - started, service_and_producer_cpu(pid) - cpu_before
 
 
-def range_costs(dataset: Dataset, repeat: int) -> None:
+def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: str = sys.executable) -> None:
     """What ranges and the CRC index cost: cold and warm downloads, a resume at 90 %, the last byte, aria2c -x8.
 
-    Figures are wall seconds and the CPU seconds of the service and its zips,
-    and the CPU as a ratio to one warm full download (issue 13's targets).
+    Figures are wall seconds and the CPU seconds of the service and its
+    producers, and the CPU as a ratio to one warm full download.
     """
-    size = archive_size(dataset.directory)
-    print(f"\n== ranges, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as scratch:
         target = Path(scratch, "out.zip")
         # Cold: a fresh service, an empty CRC index (in memory), each time.
         cold: list[tuple[float, float]] = []
         for _ in range(repeat):
-            with service(BENCH_STORAGE) as (base, pid):
+            with service(BENCH_STORAGE, python=python) as (base, pid):
                 cold.append(timed_command(["curl", "-sS", "-o", str(target), f"{base}/archive/{dataset.name}/"], pid))
-        with service(BENCH_STORAGE) as (base, pid):
+        with service(BENCH_STORAGE, python=python) as (base, pid):
             url = f"{base}/archive/{dataset.name}/"
+            size = head_length(url)
             subprocess.run(["curl", "-sS", "-o", str(target), url], check=True)  # warms the index
             cases: dict[str, list[str]] = {
                 "full download, warm index": ["curl", "-sS", "-o", str(target), url],
@@ -438,50 +425,17 @@ def range_costs(dataset: Dataset, repeat: int) -> None:
                 "Range: bytes=-1": ["curl", "-sS", "-r", "-1", "-o", str(target), url],
             }
             if shutil.which("aria2c"):
-                cases["aria2c -x8 -s8"] = [
-                    "aria2c",
-                    "-q",
-                    "-x8",
-                    "-s8",
-                    "-k1M",
-                    "--allow-overwrite=true",
-                    "-d",
-                    scratch,
-                    "-o",
-                    "a.zip",
-                    url,
-                ]
+                aria = ["aria2c", "-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "-d", scratch, "-o", "a.zip"]
+                cases["aria2c -x8 -s8"] = [*aria, url]
             measured = {name: [timed_command(command, pid) for _ in range(repeat)] for name, command in cases.items()}
+    print(f"\n== ranges, {label}, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
     warm_cpu = statistics.median(cpu for _, cpu in measured["full download, warm index"])
     for name, runs in (("full download, cold index", cold), *measured.items()):
         seconds = statistics.median(wall for wall, _ in runs)
         cpu = statistics.median(cpu for _, cpu in runs)
         rows.append((f"{name}: time", f"{seconds * 1000:.0f} ms", ""))
-        rows.append((f"{name}: service + zip CPU", f"{cpu:.2f} s", f"{cpu / warm_cpu:.2f} of a warm full download"))
+        rows.append((f"{name}: CPU", f"{cpu:.2f} s", f"{cpu / warm_cpu:.2f} of a warm full download"))
     report(rows)
-
-
-# bsdtar writing a stored ZIP.  (Writing to /dev/null itself it skips reading
-# the files, so it is always measured through a pipe.)
-BSDTAR = "bsdtar -c --format zip --options zip:compression=store -f -"
-
-
-@contextmanager
-def bsdtar_in_zips_place() -> Iterator[str]:
-    """A command that takes zip's place in the service and runs bsdtar over the names zip would read.
-
-    Measurement only: bsdtar's archive is not the one the service predicts
-    (so the service runs it with compression on, which sends it chunked, with
-    no Content-Length to check), and it is not what the service could ship
-    (README, Performance: why the producer is Info-ZIP).
-    """
-    with tempfile.TemporaryDirectory() as directory:
-        script = Path(directory, "bsdtar-as-zip")
-        script.write_text(
-            f"#!/bin/sh\n# Names arrive on stdin as ./path, one a line, as zip -@ takes them.\nexec {BSDTAR} -T -\n"
-        )
-        script.chmod(0o755)
-        yield str(script)
 
 
 @contextmanager
@@ -500,59 +454,6 @@ def zipserver(directory: Path) -> Iterator[tuple[str, int]]:
     finally:
         process.terminate()
         process.wait(30)
-
-
-def producer_alone(command: str, directory: Path) -> float:
-    started = time.perf_counter()
-    subprocess.run(f"{command} | cat >/dev/null", shell=True, cwd=directory, check=True)
-    return time.perf_counter() - started
-
-
-def compare_producers(dataset: Dataset, repeat: int) -> None:
-    """Which program makes the archive: Info-ZIP and bsdtar, alone and through the service, and a peer."""
-    size = archive_size(dataset.directory)
-    print(f"\n== producers, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
-    rows: list[tuple[str, str, str]] = []
-    for label, command in (("Info-ZIP zip -0", "zip -q -r -0 -X -D - ."), ("bsdtar store", f"{BSDTAR} .")):
-        times: list[float] = []
-        cpu = machine_cpu_per_gb(
-            repeat * size / 1e9,
-            lambda c=command, t=times: t.extend(producer_alone(c, dataset.directory) for _ in range(repeat)),
-        )
-        rows.append((f"{label} | cat", f"{size / statistics.median(times) / 1e6:.0f} MB/s", ""))
-        rows.append((f"machine CPU, {label} | cat (producer, cat, sh)", cpu, ""))
-    peer: dict[int, float] = {}
-    with zipserver(BENCH_STORAGE) as (url, pid):
-        for parallel in (1, 8, 32):
-            runs = repeat if parallel == 1 else 1
-            names = ("children", "zipserver")
-            post = f"files={dataset.name}"
-            peer[parallel], cpu = parallel_downloads(url, parallel, runs, size, pid, names=names, post=post)
-            rows.append(
-                (f"zipstream-ng zipserver, {parallel} at once, HTTP/1.1", f"{peer[parallel] / 1e6:.0f} MB/s", "1.00")
-            )
-            rows.append((f"machine CPU, zipserver, {parallel} at once", cpu, ""))
-    with bsdtar_in_zips_place() as stand_in:
-        for producer, env in (
-            ("Info-ZIP", {}),
-            ("bsdtar", {"ARCHIVER_ZIP_COMMAND": stand_in, "ARCHIVER_COMPRESSION": "1"}),
-        ):
-            with service(BENCH_STORAGE, env) as (base, pid):
-                url = f"{base}/archive/{dataset.name}/"
-                for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
-                    curl([url], http2)  # warm up
-                    for parallel in (1, 8, 32):
-                        runs = repeat if parallel == 1 else 1
-                        rate, cpu = parallel_downloads(url, parallel, runs, size, pid, http2, (producer, "service"))
-                        rows.append(
-                            (
-                                f"service + {producer}, {parallel} at once, {label}",
-                                f"{rate / 1e6:.0f} MB/s",
-                                f"{rate / peer[parallel]:.2f} of zipserver",
-                            )
-                        )
-                        rows.append((f"machine CPU, service + {producer}, {parallel} at once, {label}", cpu, ""))
-    report(rows)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from archiver.app import create_app
 from archiver.archive import producer
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
+from archiver.web.app import create_app
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
 

@@ -504,7 +504,7 @@ def many_files_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_zip(many_files_storage: Path) -> None:
+async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_producer(many_files_storage: Path) -> None:
     # 16 HTTP/2 streams (4 addresses, each at its cap of 4) ask for the central directory (1.2 MB,
     # generated, no zip) and never open their windows.  Each holds the per-file data of its
     # tail (~60 bytes a file) and its buffers, until the client leaves.

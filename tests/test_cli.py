@@ -157,16 +157,16 @@ def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[
 
 
 def slow_album(tmp_path: Path) -> dict[str, str]:
-    """Storage with a 1 MB album and settings that send it in 16 chunks, 0.05 s apart."""
+    """Storage with a 3 MB album (more than the producer's pipe holds) and settings that send it in 64 KiB chunks."""
     (tmp_path / "storage" / "album").mkdir(parents=True)
-    (tmp_path / "storage" / "album" / "photo.jpg").write_bytes(os.urandom(1024 * 1024))
+    (tmp_path / "storage" / "album" / "photo.jpg").write_bytes(os.urandom(3 * 1024 * 1024))
     return {"ARCHIVER_DIR": str(tmp_path / "storage"), "ARCHIVER_CHUNK_SIZE": "65536"}
 
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
 async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str) -> None:
     command, env = launch_command(launch, free_port(), grace=10)
-    env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.05"}
+    env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.02"}
     async with launched(command, env) as server:
         async with make_client(server.url, "HTTP/1.1") as client, client.stream("GET", "/archive/album/") as response:
             chunks = response.aiter_raw()
@@ -180,7 +180,7 @@ async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launc
 
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
-async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_zip(tmp_path: Path, launch: str) -> None:
+async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_producer(tmp_path: Path, launch: str) -> None:
     command, env = launch_command(launch, free_port(), grace=1)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "1"}
     async with launched(command, env) as server, make_client(server.url, "HTTP/1.1") as client:
@@ -188,14 +188,14 @@ async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_zip(tmp_path: 
             async with client.stream("GET", "/archive/album/") as response:
                 chunks = response.aiter_raw()
                 await anext(chunks)
-                zips = [child.pid for child in producer_processes(server.process.pid)]
-                assert len(zips) == 1
+                producers = [child.pid for child in producer_processes(server.process.pid)]
+                assert len(producers) == 1
                 server.process.terminate()
                 async for _ in chunks:
                     pass
         with trio.fail_after(10):
             assert await server.process.wait() == 0
-    for pid in zips:
+    for pid in producers:
         assert not Path(f"/proc/{pid}").exists()
 
 

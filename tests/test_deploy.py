@@ -19,8 +19,8 @@ import trio
 import trustme
 
 from archiver.config import Settings
-from archiver.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
-from archiver.pages import MESSAGES
+from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
+from archiver.web.pages import MESSAGES
 
 from .conftest import (
     files_on_disk,
@@ -132,7 +132,7 @@ async def test_nginx_passes_bytes_before_the_archive_is_complete(settings: Setti
 
 
 @needs_nginx
-async def test_client_leaving_nginx_kills_the_services_zip(large_storage: Path, tmp_path: Path) -> None:
+async def test_client_leaving_nginx_kills_the_services_producer(large_storage: Path, tmp_path: Path) -> None:
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as service, nginx_in_front(service, tmp_path / "nginx") as front:
         async with httpx.AsyncClient(base_url=front) as client, client.stream("GET", "/archive/big/") as response:

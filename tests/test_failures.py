@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from archiver.config import Settings
-from archiver.download import _outcome, first_failure
-from archiver.pages import MESSAGES
+from archiver.web.download import _outcome, first_failure
+from archiver.web.pages import MESSAGES
 
 from .conftest import (
     make_client,
@@ -137,7 +137,7 @@ async def test_rate_limit_caps_bytes_per_second(settings: Settings) -> None:
     assert elapsed >= (len(data) - 16_384) / 400_000
 
 
-async def test_file_growing_while_zipped_aborts_the_announced_length(large_storage: Path, tmp_path: Path) -> None:
+async def test_file_growing_while_sent_aborts_the_announced_length(large_storage: Path, tmp_path: Path) -> None:
     album = tmp_path / "storage" / "grow"
     album.mkdir(parents=True)
     # One file larger than every buffer, so that zip is blocked in the middle of it.

@@ -1,7 +1,7 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/hypercorn_h2.py``, ``hypercorn_h11.py``, ``hypercorn_tcp.py``, ``hypercorn_access.py``,
-``hypercorn_signals.py`` and ``connection.py`` replace or wrap private parts of Hypercorn and
+``archiver/fences/``: ``hypercorn_h2.py``, ``hypercorn_h11.py``, ``hypercorn_tcp.py``, ``hypercorn_access.py``,
+``hypercorn_signals.py`` and ``quart_trio.py`` replace or wrap private parts of Hypercorn and
 Quart-Trio; ``workers = 0`` in hypercorn.toml works around a Hypercorn bug.  They were checked
 against the versions pinned in pyproject.toml; these tests check that the installed versions are
 inside those pins and that the code the patches replace still reads as it did, so that a release
@@ -24,7 +24,7 @@ import hypercorn.trio.worker_context as hypercorn_worker_context_module
 import pytest
 import quart_trio.asgi
 
-from archiver import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_signals, hypercorn_tcp
+from archiver.fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_signals, hypercorn_tcp
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -146,15 +146,15 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_access.install()
     hypercorn_signals.install()
     hypercorn_h11.install()
-    assert hypercorn_h11_module.H11Protocol._send_h11_event.__module__ == "archiver.hypercorn_h11"
-    assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.hypercorn_signals"
+    assert hypercorn_h11_module.H11Protocol._send_h11_event.__module__ == "archiver.fences.hypercorn_h11"
+    assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.fences.hypercorn_signals"
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):
-        assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.hypercorn_h2"
+        assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("stream_send", "_send_data", "initiate", "_create_stream"):
-        assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.hypercorn_h2"
+        assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("run", "protocol_send"):
-        assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.hypercorn_tcp"
+        assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"
     for name in ("app_send", "handle", "_send_closed", "_send_error_response"):
-        assert getattr(http_stream_module.HTTPStream, name).__module__ == "archiver.hypercorn_access"
+        assert getattr(http_stream_module.HTTPStream, name).__module__ == "archiver.fences.hypercorn_access"

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import trio
 
-from archiver.app import EXAMPLE_NAME
 from archiver.config import Settings
-from archiver.pages import MESSAGES
+from archiver.web.app import EXAMPLE_NAME
+from archiver.web.pages import MESSAGES
 
 from .conftest import (
     files_on_disk,
@@ -115,7 +115,7 @@ BAD_TARGETS = [
 
 
 @pytest.mark.parametrize("target", BAD_TARGETS, ids=[t.decode()[:40] for t in BAD_TARGETS])
-async def test_malformed_names_are_404_and_start_no_zip(
+async def test_malformed_names_are_404_and_start_no_producer(
     settings: Settings, producer_starts: Path, target: bytes
 ) -> None:
     write_tree(settings.storage_dir / "album", {"nested/a.txt": b"a"})
@@ -135,7 +135,9 @@ async def test_longest_allowed_name_is_served(client: httpx.AsyncClient, storage
     assert read_archive(response.content) == {"a.txt": b"a"}
 
 
-async def test_head_sends_headers_and_starts_no_zip(settings: Settings, producer_starts: Path, protocol: str) -> None:
+async def test_head_sends_headers_and_starts_no_producer(
+    settings: Settings, producer_starts: Path, protocol: str
+) -> None:
     write_tree(settings.storage_dir / "album", {"a.txt": b"a"})
     async with running_server(settings) as url, make_client(url, protocol) as client:
         head = await client.head("/archive/album/")
@@ -223,7 +225,7 @@ async def test_special_files_are_left_out(client: httpx.AsyncClient, storage: Pa
     assert read_archive(response.content) == {"photo.jpg": b"photo"}
 
 
-async def test_disconnect_kills_zip(large_storage: Path, protocol: str) -> None:
+async def test_disconnect_kills_the_producer(large_storage: Path, protocol: str) -> None:
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url:
         async with make_client(url, protocol) as client, client.stream("GET", "/archive/big/") as response:
@@ -236,7 +238,7 @@ async def test_disconnect_kills_zip(large_storage: Path, protocol: str) -> None:
         await wait_until_no_producer_children(timeout=1.0)
 
 
-async def test_http2_stream_reset_kills_zip(large_storage: Path) -> None:
+async def test_http2_stream_reset_kills_the_producer(large_storage: Path) -> None:
     """A browser cancelling a download sends RST_STREAM and keeps the connection."""
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url:

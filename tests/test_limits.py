@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from archiver.config import Settings, SettingsError
-from archiver.limits import (
+from archiver.web.limits import (
     ClientWalks,
     FairShareExceeded,
     JobLimitReached,

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archiver.ranges import parse_range
+from archiver.web.ranges import parse_range
 
 from .conftest import files_on_disk, free_port, http11_request, read_archive, write_tree
 

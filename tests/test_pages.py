@@ -18,7 +18,7 @@ import trio
 
 from archiver.archive import producer
 from archiver.config import Settings
-from archiver.pages import MESSAGES
+from archiver.web.pages import MESSAGES
 
 from .conftest import free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front

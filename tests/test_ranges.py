@@ -15,7 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from archiver.config import Settings
-from archiver.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range
 
 from .conftest import http11_request, read_archive, server_in_thread, write_tree
 from .test_observability import samples

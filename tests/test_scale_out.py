@@ -17,9 +17,10 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, free_port, producer_processes, read_archive, write_tree
+from .conftest import files_on_disk, free_port, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
+from .test_observability import samples
 
 pytestmark = needs_nginx
 
@@ -55,8 +56,12 @@ async def download_small(front: str, storage: Path) -> None:
     assert read_archive(response.content) == files_on_disk(storage / "small")
 
 
-def serving(instance: Launched) -> bool:
-    return bool(producer_processes(instance.process.pid))
+async def serving(instance: Launched) -> bool:
+    """Whether ``instance`` has a download in flight (its producer may be done already: a small album fits the pipe)."""
+    async with httpx.AsyncClient() as scraper:
+        figures = samples((await scraper.get(f"{instance.url}/metrics")).text)
+    finished = sum(value for key, value in figures.items() if key.startswith("archiver_downloads_finished_total"))
+    return figures["archiver_downloads_started_total"] > finished
 
 
 async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses(
@@ -70,9 +75,9 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
     ):
         chunks = doomed.aiter_raw()
         await anext(chunks)
-        victim = first if serving(first) else second
+        victim = first if await serving(first) else second
         survivor = second if victim is first else first
-        assert serving(victim)
+        assert await serving(victim)
         os.kill(victim.process.pid, signal.SIGKILL)
         await victim.process.wait()
         # The download in flight on the killed instance ends as a failed transfer, not a short file.
@@ -138,7 +143,7 @@ async def test_restart_of_one_instance_under_load_loses_no_download(shared_stora
         for _ in range(6):
             nursery.start_soon(one_download, front)
         with trio.fail_after(10):
-            while not (serving(first) and serving(second)):
+            while not (await serving(first) and await serving(second)):
                 await trio.sleep(0.02)
         first.process.terminate()  # SIGTERM: stop accepting, let downloads finish within the grace period
         for _ in range(6):

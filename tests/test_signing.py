@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from archiver.config import Settings
-from archiver.pages import MESSAGES
-from archiver.signing import LinkRefused, check_link, parse_duration, signed_query
+from archiver.web.pages import MESSAGES
+from archiver.web.signing import LinkRefused, check_link, parse_duration, signed_query
 
 from .conftest import files_on_disk, make_client, read_archive, running_server, write_tree
 from .test_cli import PROJECT

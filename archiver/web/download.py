@@ -18,10 +18,10 @@ from types import TracebackType
 import trio
 from quart.wrappers.response import ResponseBody
 
-from .archive.crc_index import CrcIndex
-from .archive.crc_source import CrcSource
-from .archive.plan import ArchivePlan
-from .archive.producer import produce
+from ..archive.crc_index import CrcIndex
+from ..archive.crc_source import CrcSource
+from ..archive.plan import ArchivePlan
+from ..archive.producer import produce
 from .limits import DownloadStalled, JobSlots, TokenBucket
 from .metrics import DownloadMetrics
 from .ranges import ByteRange

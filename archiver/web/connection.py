@@ -1,9 +1,9 @@
 """How an archive response goes out: headers only once the producer is producing.
 
 Quart sends a response's headers before it touches the body.  For an archive
-that would promise a 200 before we know the producer can run.  This connection
-class (Quart-Trio's, with ``_send_response`` taken over for archive bodies)
-enters the body first, waits for the first chunk, and only then sends the
+that would promise a 200 before we know the producer can run.
+``send_archive_response`` (which takes over Quart-Trio's sending through
+``fences.quart_trio``) enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
 no free job slot or no producer is a 503, the producer failing before its
 first byte a 500.  Whatever fails after it propagates, and the transfer is aborted
@@ -24,14 +24,14 @@ from collections.abc import Iterable
 from typing import cast
 
 import trio
-from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPResponseStartEvent
+from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPResponseStartEvent, HTTPScope
 from quart import Response
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
-from quart_trio.asgi import TrioASGIHTTPConnection
 
-from .archive.crc_index import FileChanged
-from .archive.producer import ProducerFailed, ProducerUnavailable
+from ..archive.crc_index import FileChanged
+from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..fences.quart_trio import SendResponse
 from .download import ArchiveBody, ArchiveChanged, first_failure
 from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, RangeLimitReached, WalkLimitReached
 from .metrics import DownloadMetrics
@@ -42,43 +42,43 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5
 
 
-class ArchiveHTTPConnection(TrioASGIHTTPConnection):
-    """Quart-Trio's HTTP connection, holding an archive's headers until the producer has produced."""
-
-    async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
-        if not isinstance(response, Response) or not isinstance(response.response, ArchiveBody):
-            await super()._send_response(send, response)
-            return
-        body = response.response
-        headers_sent = False
-        try:
-            async with body:
-                async for chunk in body:
-                    if not headers_sent:
-                        await _send_within(send, _start_event(response), body.stall_timeout)
-                        headers_sent = True
-                    await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
-        except BaseException as error:
-            # A group, often: the failure, and the cancellations it caused in the
-            # download's nursery (and, once the client is gone, in Quart-Trio's).
-            failure = first_failure(error)
-            if not isinstance(failure, Exception):
-                raise  # a cancellation alone: the client left, or shutdown
-            if headers_sent or isinstance(failure, DownloadStalled):
-                if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled)):
-                    # Logged by the body already.  Returning without the final
-                    # body message aborts the transfer, like raising would,
-                    # without a traceback for an expected operational failure.
-                    return
-                raise
-            refusal = _refusal_for(body, failure, _accept_header(self.scope["headers"]))
-            if refusal is None:
-                raise
-            await super()._send_response(send, refusal)
-            return
-        if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
-            await send(_start_event(response))
-        await send(_body_event(b"", more_body=False))
+async def send_archive_response(
+    send: ASGISendCallable, response: ResponseTypes, scope: HTTPScope, send_response: SendResponse
+) -> bool:
+    """Send an archive response (headers once the body has produced); False for any other response."""
+    if not isinstance(response, Response) or not isinstance(response.response, ArchiveBody):
+        return False
+    body = response.response
+    headers_sent = False
+    try:
+        async with body:
+            async for chunk in body:
+                if not headers_sent:
+                    await _send_within(send, _start_event(response), body.stall_timeout)
+                    headers_sent = True
+                await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
+    except BaseException as error:
+        # A group, often: the failure, and the cancellations it caused in the
+        # download's nursery (and, once the client is gone, in Quart-Trio's).
+        failure = first_failure(error)
+        if not isinstance(failure, Exception):
+            raise  # a cancellation alone: the client left, or shutdown
+        if headers_sent or isinstance(failure, DownloadStalled):
+            if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled)):
+                # Logged by the body already.  Returning without the final
+                # body message aborts the transfer, like raising would,
+                # without a traceback for an expected operational failure.
+                return True
+            raise
+        refusal = _refusal_for(body, failure, _accept_header(scope["headers"]))
+        if refusal is None:
+            raise
+        await send_response(send, refusal)
+        return True
+    if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
+        await send(_start_event(response))
+    await send(_body_event(b"", more_body=False))
+    return True
 
 
 async def _send_within(

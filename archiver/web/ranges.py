@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from .archive.storage import AlbumListing
+from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
 # Python's \d and \s would take any Unicode digit or space, and int() would

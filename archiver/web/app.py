@@ -16,15 +16,16 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
-from .archive.crc_index import CrcIndex
-from .archive.crc_store import CrcStore
-from .archive.plan import ArchivePlan
-from .archive.plan_cache import PlanCache
-from .archive.producer import producer_available
-from .archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
-from .config import Settings, SettingsError
-from .connection import ArchiveHTTPConnection, limit_refusal
+from ..archive.crc_index import CrcIndex
+from ..archive.crc_store import CrcStore
+from ..archive.plan import ArchivePlan
+from ..archive.plan_cache import PlanCache
+from ..archive.producer import producer_available
+from ..archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
+from ..config import Settings, SettingsError
+from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
+from ..fences.quart_trio import connection_class
+from .connection import limit_refusal, send_archive_response
 from .download import ArchiveBody
 from .limits import (
     ClientWalks,
@@ -106,7 +107,7 @@ def create_app(settings: Settings) -> QuartTrio:
     )
 
     app = QuartTrio(__name__)
-    app.asgi_http_class = ArchiveHTTPConnection
+    app.asgi_http_class = connection_class(send_archive_response)
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
