@@ -152,7 +152,7 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
     return [child for child in producers if descends(child.pid)]
 
 
-PRODUCER_PROGRAM = b"producer_program.py"
+PRODUCER_PROGRAM = b"archiver.archive.producer_program"
 
 
 def producer_children() -> list[ProducerChild]:
@@ -249,10 +249,10 @@ def free_port() -> int:
 
 
 def producer_script(tmp_path: Path, name: str, body: str) -> tuple[str, ...]:
-    """A shell script standing in for the producer (``$REAL_PRODUCER`` runs the real one), as a command."""
+    """A shell script standing in for the producer (``$REAL_PRODUCER`` in it runs the real one), as a command."""
     script = tmp_path / name
     real = " ".join(shlex.quote(part) for part in producer.COMMAND)
-    script.write_text(f"#!/bin/sh\nREAL_PRODUCER='{real}'\n{body}\n")
+    script.write_text(f"#!/bin/sh\n{body.replace('$REAL_PRODUCER', real)}\n")
     script.chmod(0o755)
     return (str(script),)
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from archiver.archive import producer
-from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_index import CrcIndex, FileChanged
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer import (
@@ -135,6 +135,7 @@ def test_producer_starts_quickly_with_the_standard_library_only() -> None:
     ).stderr.decode()
     modules = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports.splitlines()[1:]}
     assert modules <= {*sys.stdlib_module_names, "archiver"}, modules - set(sys.stdlib_module_names)
+    assert "typing" not in modules  # ~7 ms of every start
     assert elapsed < 2  # a generous bound: it is ~15 ms here (see README), the point is that it runs
 
 
@@ -162,7 +163,8 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
     outside.mkdir()
     (outside / "c.jpg").write_bytes(OUTSIDE)
     plan = plan_of(album)
-    # The CRCs are known (a warm index): the producer alone stands between a change and the client.
+    # The CRCs are known (a warm index, but for files written within its racy window, which are
+    # read again: then the CRC's reader may be the one to see the change first).
     index = CrcIndex()
     await collect(plan, index=index)
 
@@ -199,7 +201,7 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
             async for chunk in receive_channel:
                 received.append(chunk)
     failure = raised.value.exceptions[0]
-    assert isinstance(failure, ProducerFailed), failure
+    assert isinstance(failure, (ProducerFailed, FileChanged)), failure
     assert "b/c.jpg" in str(failure)
     assert b"SECRET-OUTSIDE" not in b"".join(received)
     assert producer_children() == []
