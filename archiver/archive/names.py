@@ -1,0 +1,90 @@
+"""The naming policy: every entry name valid UTF-8 and NFC, one that Windows, macOS and Linux can all hold.
+
+The files on disk are never renamed; only the names in the archive are
+chosen here, once per plan, for every reader alike:
+
+- a path component that is not UTF-8 (FTP uploads from Windows: CP1251) is
+  read in ``encoding`` (ARCHIVER_NAME_ENCODING), with U+FFFD for what even
+  that cannot decode; then it is put in Unicode's NFC form (macOS writes NFD);
+- ``\\`` (a separator to Windows and bsdtar, a character to unzip: APPNOTE
+  4.4.17.1 allows only ``/``), the characters Windows forbids in a name
+  (``< > : " | ? *``, which also rules out a drive letter) and control
+  characters become ``_``; trailing dots and spaces go (Windows drops them);
+  a reserved device name (``CON``, ``NUL``, ``COM1``, with any extension)
+  gets a ``_`` in front;
+- names that would be one file on a case-insensitive, normalising file
+  system (NFC, then case folded) get `` (2)``, `` (3)`` before the extension,
+  in list order; directories that differ only so are merged under the first
+  one's spelling, as Windows and macOS would merge them.
+
+README ("What the person unpacks") has a table of examples;
+tests/test_names.py draws names from the troublesome classes.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+
+# Windows' forbidden characters, and the backslash (a separator to some readers).
+_REPLACED = frozenset('<>:"|?*\\') | frozenset(chr(code) for code in range(32)) | {"\x7f"}
+_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))]
+)
+
+
+def decode_component(raw: bytes, encoding: str) -> str:
+    """A path component as text: UTF-8 if it is, else ``encoding``, U+FFFD for what neither decodes."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode(encoding, errors="replace")
+
+
+def portable_component(component: str) -> str:
+    """One path component that Windows, macOS and Linux can all hold (NFC, nothing forbidden, never empty)."""
+    component = unicodedata.normalize("NFC", component)
+    component = "".join("_" if character in _REPLACED else character for character in component)
+    component = component.rstrip(" .") or "_"
+    if component.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
+        component = "_" + component
+    return component
+
+
+def _key(name: str) -> str:
+    """What a case-insensitive, normalising file system sees of a name."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def numbered(component: str, number: int) -> str:
+    """``photo (2).jpg`` for ``photo.jpg`` and 2: the number before the extension (none for a leading dot)."""
+    stem, dot, extension = component.rpartition(".")
+    if not dot or not stem:
+        return f"{component} ({number})"
+    return f"{stem} ({number}).{extension}"
+
+
+def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
+    """The archive's entry name for each relative path (``/``-separated bytes, in list order)."""
+    files: set[str] = set()  # keys of the names given to files
+    directories: dict[str, str] = {}  # a directory's key -> its name in the archive (with its parents')
+    names: list[str] = []
+    for path in paths:
+        *parents, last = (portable_component(decode_component(part, encoding)) for part in path.split(b"/"))
+        prefix = ""
+        for part in parents:
+            key = _key(prefix + part)
+            if key not in directories:
+                chosen, number = part, 1
+                while _key(prefix + chosen) in files:  # a file already has this name: the directory moves
+                    number += 1
+                    chosen = numbered(part, number)
+                directories[key] = directories[_key(prefix + chosen)] = f"{prefix}{chosen}/"
+            prefix = directories[key]
+        chosen, number = last, 1
+        while _key(prefix + chosen) in files or _key(prefix + chosen) in directories:
+            number += 1
+            chosen = numbered(last, number)
+        files.add(_key(prefix + chosen))
+        names.append(prefix + chosen)
+    return names
