@@ -22,6 +22,7 @@ from .config import Settings, SettingsError
 from .fences import hypercorn_tcp
 from .logs import configure_logging
 from .web.app import create_app, open_crc_store
+from .web.disposition import DisplayNameRefused, display_name
 from .web.signing import parse_duration, signed_query
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ async def _until_signalled(grace: float) -> None:
 
 
 def sign_link(argv: Sequence[str]) -> str:
-    """``archiver sign NAME [--ttl 1h] [--base-url URL]``: a link to NAME signed with ARCHIVER_LINK_SECRET."""
+    """``archiver sign NAME [--ttl 1h] [--base-url URL] [--filename F]``: a link signed with ARCHIVER_LINK_SECRET."""
     parser = argparse.ArgumentParser(
         prog="archiver sign",
         description="Print a signed link to an album, valid for --ttl (needs ARCHIVER_LINK_SECRET).",
@@ -114,6 +115,7 @@ def sign_link(argv: Sequence[str]) -> str:
     parser.add_argument("name", help="the album's directory name")
     parser.add_argument("--ttl", default="1h", help="how long the link works: 90s, 15m, 1h, 7d")
     parser.add_argument("--base-url", default="", help="scheme and host to put in front, e.g. https://example.org")
+    parser.add_argument("--filename", help="the name the archive is saved as (signed too), e.g. 'Отпуск 2024'")
     args = parser.parse_args(argv)
     try:
         ttl = parse_duration(args.ttl)
@@ -124,8 +126,14 @@ def sign_link(argv: Sequence[str]) -> str:
         parser.error("ARCHIVER_LINK_SECRET is not set")
     if not ALBUM_NAME.fullmatch(args.name):
         parser.error(f"{args.name!r} is not an album name")
+    if args.filename is not None:
+        try:
+            display_name(args.filename, args.name)
+        except DisplayNameRefused as error:
+            parser.error(str(error))
     expires = int(time.time()) + ttl
-    return f"{args.base_url.rstrip('/')}/archive/{args.name}/?{signed_query(secret.encode(), args.name, expires)}"
+    query = signed_query(secret.encode(), args.name, expires, args.filename)
+    return f"{args.base_url.rstrip('/')}/archive/{args.name}/?{query}"
 
 
 def index_albums(argv: Sequence[str]) -> None:

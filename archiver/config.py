@@ -7,8 +7,10 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +69,16 @@ class Settings:
     # Signed, expiring links (archiver.web.signing): set, /archive/<name>/ needs
     # ?expires=...&sig=...; empty, the name alone opens the archive.
     link_secret: str = field(default="", repr=False)
-    # The CRC index's SQLite file (archiver.crc_store); empty: in memory only,
-    # computed again after every start.
+    # The CRC index's SQLite file (archiver.archive.crc_store); empty: in memory
+    # only, computed again after every start.
     index_path: str = ""
+    # What the person unpacks (README): the zone the entries' MS-DOS times are
+    # written in (an IANA name; the extended timestamp beside them is UTC, and
+    # the process's TZ plays no part), modes kept as on disk instead of 0644,
+    # and how names that are not UTF-8 on disk are read (FTP uploads from Windows).
+    timezone: str = "UTC"
+    keep_modes: bool = False
+    name_encoding: str = "cp1251"
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -84,6 +93,14 @@ class Settings:
             raise SettingsError("chunk_size must be positive and channel_capacity not negative")
         if self.stall_timeout <= 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
             raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise SettingsError(f"timezone: {self.timezone!r} is not a time zone (e.g. UTC, Europe/Moscow)") from None
+        try:
+            codecs.lookup(self.name_encoding)
+        except LookupError:
+            raise SettingsError(f"name_encoding: {self.name_encoding!r} is not an encoding (e.g. cp1251)") from None
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -138,5 +155,8 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "max_connections": int,
     "link_secret": str,
     "index": str,
+    "timezone": str,
+    "keep_modes": _parse_bool,
+    "name_encoding": str,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

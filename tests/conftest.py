@@ -25,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from archiver.archive import producer
+from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
@@ -97,6 +98,12 @@ def expected_archive(album: Path) -> bytes:
     archive = b"".join([*pieces, plan.end_records()])
     assert len(archive) == plan.length
     return archive
+
+
+def as_unpacked(tree: dict[str, bytes]) -> dict[str, bytes]:
+    """``tree`` (name -> content) under the names the archive gives its files (the naming policy)."""
+    paths = sorted(tree, key=os.fsencode)
+    return dict(zip(entry_names(os.fsencode(path) for path in paths), (tree[path] for path in paths), strict=True))
 
 
 def files_on_disk(album: Path) -> dict[str, bytes]:

@@ -1,9 +1,10 @@
-"""Signed, expiring links: without a valid signature no archive, no zip, no hint; with one, ranges too."""
+"""Signed, expiring links: without a valid signature no archive, no producer, no hint; with one, ranges too."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from archiver.config import Settings
 from archiver.web.pages import MESSAGES
@@ -129,3 +131,49 @@ async def test_readme_snippet_makes_links_the_service_takes(signing_settings: Se
     async with running_server(signing_settings) as server, httpx.AsyncClient() as client:
         link = namespace["archive_link"](server, "album", SECRET, 60)  # type: ignore[operator]
         assert (await client.get(link)).status_code == 200
+
+
+async def test_a_signed_display_name_cannot_be_changed(signing_settings: Settings) -> None:
+    expires = int(time.time()) + 60
+    link = f"/archive/album/?{signed_query(SECRET.encode(), 'album', expires, 'Отпуск 2024')}"
+    async with running_server(signing_settings) as server, httpx.AsyncClient(base_url=server) as client:
+        named = await client.get(link)
+        changed = await client.get(link.replace("filename=", "filename=X"))
+        dropped = await client.get(link.split("&filename=")[0])
+    assert named.status_code == 200
+    assert "filename*=UTF-8''%D0%9E" in named.headers["content-disposition"]
+    assert changed.status_code == dropped.status_code == 403
+
+
+def test_archiver_sign_takes_a_display_name(signing_settings: Settings) -> None:
+    env = {**os.environ, "ARCHIVER_LINK_SECRET": SECRET}
+    command = [sys.executable, "-m", "archiver", "sign", "album", "--filename", "Отпуск 2024"]
+    link = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert link.endswith("&filename=%D0%9E%D1%82%D0%BF%D1%83%D1%81%D0%BA%202024")
+    expires = int(re.search(r"expires=(\d+)", link).group(1))  # type: ignore[union-attr]
+    sig = re.search(r"sig=([\w-]+)", link).group(1)  # type: ignore[union-attr]
+    check_link(SECRET.encode(), "album", str(expires), sig, time.time(), "Отпуск 2024")
+    too_long = subprocess.run([*command[:-1], "x" * 200], env=env, capture_output=True, text=True)
+    assert too_long.returncode == 2 and "longer than" in too_long.stderr
+
+
+async def test_readme_snippets_make_named_links_the_service_takes(signing_settings: Settings, tmp_path: Path) -> None:
+    readme = (PROJECT / "README.md").read_text()
+    python = re.search(r"```python\n(# What the CMS does.*?)```", readme, re.DOTALL)
+    php = re.search(r"```php\n(<\?php\n// The same in PHP.*?)```", readme, re.DOTALL)
+    assert python is not None and php is not None, "README lost a CMS snippet"
+    namespace: dict[str, object] = {}
+    exec(python.group(1), namespace)
+    async with running_server(signing_settings) as server, httpx.AsyncClient() as client:
+        links = [namespace["archive_link"](server, "album", SECRET, 60, "Отпуск 2024")]  # type: ignore[operator]
+        if shutil.which("php"):
+            (tmp_path / "link.php").write_text(
+                php.group(1) + f"\necho archive_link('{server}', 'album', '{SECRET}', 60, 'Отпуск 2024');\n"
+            )
+            result = await trio.run_process(["php", str(tmp_path / "link.php")], capture_stdout=True)
+            links.append(result.stdout.decode().strip())
+        for link in links:
+            response = await client.get(link)
+            assert response.status_code == 200, link
+            assert response.headers["content-disposition"].startswith('attachment; filename="Otpusk 2024.zip"')
+    assert len(links) == 2 or shutil.which("php") is None

@@ -22,53 +22,19 @@ from __future__ import annotations
 
 import bisect
 import os
-import stat
-import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+from .entries import EntryPolicy, dos_date_time, extended_timestamp, external_attributes
+from .names import entry_names
 from .storage import AlbumFile
 from .zipformat import DEFLATED, STORED, EntryFields, central_header, end_records, local_header
 
 FileKey = tuple[int, int, int, int, int]
-
-# The DOS date's range (4.4.6): 1980-01-01 00:00:00 to 2107-12-31 23:59:58.
-DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
-DOS_TIME_MAXIMUM = (127 << 25) | (12 << 21) | (31 << 16) | (23 << 11) | (59 << 5) | 29
-
-
-def dos_date_time(mtime_ns: int) -> int:
-    """The MS-DOS date (high 16 bits) and time (low 16 bits) of an mtime, in local time.
-
-    Seconds are rounded up to even, as Info-ZIP does (an extracted file is
-    never older than the original); a time outside what a DOS date can hold
-    is clamped to its first or last moment.
-    """
-    seconds = (mtime_ns // 1_000_000_000 + 1) & ~1
-    try:
-        local = time.localtime(seconds)
-    except (OverflowError, OSError, ValueError):
-        return DOS_TIME_MINIMUM if seconds < 0 else DOS_TIME_MAXIMUM
-    if local.tm_year < 1980:
-        return DOS_TIME_MINIMUM
-    if local.tm_year > 2107:
-        return DOS_TIME_MAXIMUM
-    return (
-        ((local.tm_year - 1980) << 25)
-        | (local.tm_mon << 21)
-        | (local.tm_mday << 16)
-        | (local.tm_hour << 11)
-        | (local.tm_min << 5)
-        | (local.tm_sec >> 1)
-    )
-
-
-def external_attributes(mode: int) -> int:
-    """The Unix mode in the high 16 bits (4.4.15), and MS-DOS's read-only bit where the owner may not write."""
-    return (mode << 16) | (0 if mode & stat.S_IWUSR else 1)
 
 
 class ArchivePlan:
@@ -80,17 +46,28 @@ class ArchivePlan:
     starts, from the central directory's start (k = count: the end records).
     """
 
-    def __init__(self, directory: Path, files: Sequence[AlbumFile], compression: int = 0) -> None:
+    def __init__(
+        self, directory: Path, files: Sequence[AlbumFile], compression: int = 0, policy: EntryPolicy | None = None
+    ) -> None:
+        policy = policy or EntryPolicy()
+        zone = ZoneInfo(policy.zone)
         self.directory = directory
         self.compression = compression
         self.count = len(files)
         self.total_size = sum(file.size for file in files)
-        self._paths = b"".join(os.fsencode(file.path) for file in files)
-        self._path_ends = array("Q", accumulate(len(os.fsencode(file.path)) for file in files))
+        paths = [os.fsencode(file.path) for file in files]
+        self._paths = b"".join(paths)
+        self._path_ends = array("Q", accumulate(len(path) for path in paths))
+        names = [name.encode() for name in entry_names(paths, policy.name_encoding)]
+        # Entry names are the paths on disk, but where the naming policy changed one.
+        self._names = None if names == paths else b"".join(names)
+        self._name_ends = None if names == paths else array("Q", accumulate(len(name) for name in names))
+        del paths, names
         self.sizes = array("Q", (file.size for file in files))
         self._keys = array("q", (value for file in files for value in file.key))
-        self._dos_times = array("I", (dos_date_time(file.mtime_ns) for file in files))
-        self._attributes = array("I", (external_attributes(file.mode) for file in files))
+        self._dos_times = array("I", (dos_date_time(file.mtime_ns, zone) for file in files))
+        self._unix_times = array("q", (file.mtime_ns // 1_000_000_000 for file in files))
+        self._attributes = array("I", (external_attributes(file.mode, policy.keep_modes) for file in files))
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
         self.length: int | None = None
@@ -109,9 +86,16 @@ class ArchivePlan:
         key = self._keys[5 * k : 5 * k + 5]
         return key[0], key[1], key[2], key[3], key[4]
 
+    def name(self, k: int) -> bytes:
+        """Entry k's name in the archive (UTF-8, see ``names``)."""
+        if self._names is None or self._name_ends is None:
+            return self.path(k)
+        return self._names[self._name_ends[k - 1] if k else 0 : self._name_ends[k]]
+
     def fields(self, k: int) -> EntryFields:
         method = STORED if self.compression == 0 else DEFLATED
-        return EntryFields(self.path(k), method, self._dos_times[k], self._attributes[k])
+        extra = extended_timestamp(self._unix_times[k] * 1_000_000_000)
+        return EntryFields(self.name(k), method, self._dos_times[k], self._attributes[k], extra)
 
     def local_header(self, k: int, crc: int) -> bytes:
         return local_header(self.fields(k), crc, self.sizes[k])

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_store import CrcStore
+from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
 from ..archive.producer import producer_available
@@ -26,6 +27,7 @@ from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
 from .connection import limit_refusal, send_archive_response
+from .disposition import DisplayNameRefused, content_disposition, display_name
 from .download import ArchiveBody
 from .limits import (
     ClientWalks,
@@ -77,9 +79,11 @@ def prepare_archive(album: Path, settings: Settings, plans: PlanCache) -> Prepar
     listing = list_album(album)
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
-    etag = archive_etag(listing, f"{FORMAT_VERSION}-{settings.compression}")
+    policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
+    # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
+    etag = archive_etag(listing, f"{FORMAT_VERSION};level={settings.compression};{policy.describe()}")
     plan = plans.get(
-        listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, settings.compression)
+        listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, settings.compression, policy)
     )
     return PreparedArchive(plan, etag if plan.length is not None else None)
 
@@ -150,10 +154,13 @@ def create_app(settings: Settings) -> QuartTrio:
             # A real name never needs %-escapes; an escaped one is someone probing.
             if b"%" in request.scope.get("raw_path", b""):
                 raise AlbumNotFound(name)
+            args = request.args
+            requested_filename = args.get("filename")
+            filename = display_name(requested_filename, name)
             if settings.link_secret:
-                # Before the album is looked at: no walk, no zip, and no hint whether it exists.
-                args = request.args
-                check_link(settings.link_secret.encode(), name, args.get("expires"), args.get("sig"), time.time())
+                # Before the album is looked at: no walk, no producer, and no hint whether it exists.
+                secret = settings.link_secret.encode()
+                check_link(secret, name, args.get("expires"), args.get("sig"), time.time(), requested_filename)
             album = resolve_album(settings.storage_dir, name)
             client = _client_address(proxies)
             if request.method == "GET":
@@ -167,11 +174,14 @@ def create_app(settings: Settings) -> QuartTrio:
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
+        except DisplayNameRefused as refusal:
+            logger.info("refused %s: %s", name, refusal)
+            return error_page(400, request.headers.get("Accept"))
         except LinkRefused as refusal:
             logger.info("refused %s: %s", name, refusal)
             return error_page(403, request.headers.get("Accept"))
         headers = {
-            "Content-Disposition": f'attachment; filename="{name}.zip"',
+            "Content-Disposition": content_disposition(filename),
             # nginx in front: pass bytes on as they come, never spool the archive.
             "X-Accel-Buffering": "no",
         }

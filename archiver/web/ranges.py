@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from dataclasses import dataclass
 
 from ..archive.storage import AlbumListing
@@ -83,19 +82,19 @@ def _position(digits: str) -> int:
     return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
 
 
-# Everything else the bytes depend on: the records this version writes.  Changed whenever they change.
-FORMAT_VERSION = "archiver-zip-2"
+# The records this version writes: changed whenever they change.
+FORMAT_VERSION = "archiver-zip-3"
 
 
-def archive_etag(listing: AlbumListing, format_version: str) -> str:
-    """A strong ETag from all the archive's bytes depend on: the format, each file's name, size, mtime, mode.
+def archive_etag(listing: AlbumListing, variant: str) -> str:
+    """A strong ETag from all the archive's bytes depend on: ``variant`` (the format, the policies), each file's
+    name, size, mtime, mode.
 
     And each file's ctime: a file rewritten in place with its size and mtime
     restored (``touch -r``) has other bytes, and a resume across that change
     must not splice two archives (If-Range).  Its ctime moved.
     """
-    # The DOS times are local times: the zone is part of the bytes.
-    digest = hashlib.sha256(f"{format_version}\0{time.tzname}\0{time.timezone}".encode())
+    digest = hashlib.sha256(variant.encode())
     for file in listing.files:
         digest.update(
             b"\0%s\0%d\0%d\0%o\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns)

@@ -1,4 +1,4 @@
-"""Signed, expiring links (opt-in): ``/archive/<name>/?expires=<unix time>&sig=<base64url>``.
+"""Signed, expiring links (opt-in): ``/archive/<name>/?expires=<unix time>&sig=<base64url>[&filename=...]``.
 
 With a link secret set, the album name alone no longer opens an archive: the
 query must carry an expiry time and an HMAC-SHA256, keyed by the secret, of
@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import re
+from urllib.parse import quote
 
 # Seconds since the epoch: ten or so digits.  More would be a probe (and an
 # int() of thousands of digits is slow).
@@ -25,18 +26,27 @@ class LinkRefused(PermissionError):
     """The link carries no valid, unexpired signature for this album."""
 
 
-def signature(secret: bytes, name: str, expires: int) -> str:
-    """The ``sig`` of a link to ``name`` valid until ``expires`` (unix seconds)."""
-    mac = hmac.new(secret, f"{name}\n{expires}".encode(), hashlib.sha256).digest()
+def signature(secret: bytes, name: str, expires: int, filename: str | None = None) -> str:
+    """The ``sig`` of a link to ``name`` valid until ``expires`` (unix seconds), with a display ``filename``.
+
+    HMAC-SHA256 of ``name\nexpires``, and ``\nfilename`` after it when the
+    link names the archive's file (``disposition``): that name cannot be
+    changed without the secret either.
+    """
+    message = f"{name}\n{expires}" + ("" if filename is None else f"\n{filename}")
+    mac = hmac.new(secret, message.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-def signed_query(secret: bytes, name: str, expires: int) -> str:
-    return f"expires={expires}&sig={signature(secret, name, expires)}"
+def signed_query(secret: bytes, name: str, expires: int, filename: str | None = None) -> str:
+    query = f"expires={expires}&sig={signature(secret, name, expires, filename)}"
+    return query if filename is None else f"{query}&filename={quote(filename, safe='')}"
 
 
-def check_link(secret: bytes, name: str, expires: str | None, sig: str | None, now: float) -> None:
-    """Raise LinkRefused unless ``sig`` signs ``name`` and ``expires`` and that time is not past.
+def check_link(
+    secret: bytes, name: str, expires: str | None, sig: str | None, now: float, filename: str | None = None
+) -> None:
+    """Raise LinkRefused unless ``sig`` signs ``name``, ``expires`` (and ``filename``) and that time is not past.
 
     The signature is compared in constant time; the reason goes to the log
     only, the client sees one answer for all of them.
@@ -45,7 +55,7 @@ def check_link(secret: bytes, name: str, expires: str | None, sig: str | None, n
         raise LinkRefused("no signature")
     if not _EXPIRES.fullmatch(expires) or not _SIGNATURE.fullmatch(sig):
         raise LinkRefused("malformed signature")
-    if not hmac.compare_digest(signature(secret, name, int(expires)), sig):
+    if not hmac.compare_digest(signature(secret, name, int(expires), filename), sig):
         raise LinkRefused("bad signature")
     if int(expires) < now:
         raise LinkRefused(f"expired at {expires}")

@@ -1,0 +1,94 @@
+"""What each entry says of its file besides its name: its time (MS-DOS and UTC) and its mode.
+
+The person unpacking an archive gets the file's true time wherever they are
+(the extended timestamp, in UTC), a DOS time in one configured zone for the
+readers that know no other (never the process's ``TZ``), and ordinary modes:
+how a photo reached the server (FTP, the CMS) is not something the person
+downloading it wants in its permissions.  README: What the person unpacks.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+
+from .zipformat import EXTENDED_TIMESTAMP_ID
+
+# The DOS date's range (4.4.6): 1980-01-01 00:00:00 to 2107-12-31 23:59:58.
+DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
+DOS_TIME_MAXIMUM = (127 << 25) | (12 << 21) | (31 << 16) | (23 << 11) | (59 << 5) | 29
+# The extended timestamp's range: 32 bits of seconds since 1970 (UTC), which unzip (with a 64-bit
+# time_t) and 7-Zip read unsigned: 1970-01-01 to 2106-02-07.
+UNIX_TIME_RANGE = (0, 2**32 - 1)
+# Regular files go out as rw-r--r-- unless modes are kept (EntryPolicy).
+ORDINARY_MODE = stat.S_IFREG | 0o644
+
+
+@dataclass(frozen=True)
+class EntryPolicy:
+    """How entries are named, dated and given modes (README, What the person unpacks).
+
+    ``zone``: the IANA zone MS-DOS times are written in; ``keep_modes``: the
+    modes on disk instead of 0644; ``name_encoding``: how names that are not
+    UTF-8 on disk are read (``names``).
+    """
+
+    zone: str = "UTC"
+    keep_modes: bool = False
+    name_encoding: str = "cp1251"
+
+    def describe(self) -> str:
+        """Everything here that shapes the bytes, for the ETag."""
+        return f"zone={self.zone};modes={'kept' if self.keep_modes else '0644'};names={self.name_encoding}"
+
+
+def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
+    """The MS-DOS date (high 16 bits) and time (low 16 bits) of an mtime, in ``zone``.
+
+    Seconds are rounded up to even, as Info-ZIP does (an extracted file is
+    never older than the original); a time outside what a DOS date can hold
+    is clamped to its first or last moment (never wrapped: 2108 is not 1980).
+    """
+    seconds = (mtime_ns // 1_000_000_000 + 1) & ~1
+    try:
+        local = datetime.fromtimestamp(seconds, zone)
+    except (OverflowError, OSError, ValueError):
+        return DOS_TIME_MINIMUM if seconds < 0 else DOS_TIME_MAXIMUM
+    if local.year < 1980:
+        return DOS_TIME_MINIMUM
+    if local.year > 2107:
+        return DOS_TIME_MAXIMUM
+    return (
+        ((local.year - 1980) << 25)
+        | (local.month << 21)
+        | (local.day << 16)
+        | (local.hour << 11)
+        | (local.minute << 5)
+        | (local.second >> 1)
+    )
+
+
+def extended_timestamp(mtime_ns: int) -> bytes:
+    """Info-ZIP's extended timestamp extra field (0x5455, APPNOTE 4.6.1's "UT"): the mtime only, UTC.
+
+    The same 9 bytes in the local header and the central directory (flags:
+    bit 0, modification time).  unzip, 7-Zip and bsdtar restore this time,
+    exact to the second and whatever the reader's zone, where they would
+    take the DOS time as local time.  A time outside 1970 .. 2106 (what the
+    readers take) is clamped to the nearer end.
+    """
+    seconds = min(max(mtime_ns // 1_000_000_000, UNIX_TIME_RANGE[0]), UNIX_TIME_RANGE[1])
+    return struct.pack("<HHBI", EXTENDED_TIMESTAMP_ID, 5, 1, seconds)
+
+
+def external_attributes(mode: int, keep_modes: bool) -> int:
+    """The external attributes (4.4.15): a Unix mode in the high 16 bits.
+
+    0644 for every regular file unless modes are kept; then the mode on disk
+    and MS-DOS's read-only bit where the owner may not write.
+    """
+    if not keep_modes:
+        return ORDINARY_MODE << 16
+    return (mode << 16) | (0 if mode & stat.S_IWUSR else 1)

@@ -1,0 +1,237 @@
+"""What the person unpacks: portable names, true times, ordinary modes, and the archive's own file name.
+
+Each of issue 21's findings against the running service, with real readers.
+"""
+
+from __future__ import annotations
+
+import calendar
+import io
+import os
+import shutil
+import subprocess
+import unicodedata
+import zipfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from archiver.archive.names import entry_names
+from archiver.config import Settings
+
+from .conftest import http11_request, running_server, server_in_thread, write_tree
+
+NOON_UTC = calendar.timegm((2024, 7, 1, 12, 0, 0))
+JAVA_LISTING = """
+import java.io.*;
+import java.util.zip.*;
+public class ListZip {
+    public static void main(String[] args) throws Exception {
+        var utf8 = java.nio.charset.StandardCharsets.UTF_8;
+        try (ZipInputStream zip = new ZipInputStream(new FileInputStream(args[0]), utf8)) {
+            for (ZipEntry entry; (entry = zip.getNextEntry()) != null; ) {
+                zip.readAllBytes();
+                System.out.println(entry.getName());
+            }
+        }
+    }
+}
+"""
+
+
+def need(command: str, package: str) -> None:
+    if shutil.which(command) is None:
+        pytest.skip(f"{command} is not installed (Debian package {package}; .ci/run installs it)")
+
+
+async def fetch(settings: Settings, path: str = "/archive/album/") -> httpx.Response:
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as client:
+        return await client.get(path)
+
+
+async def extract(tool: str, archive: Path, target: Path, timezone: str = "UTC") -> set[str]:
+    """Extract with ``tool`` under ``TZ=timezone``; the relative paths of the files it made."""
+    commands = {
+        "unzip": ["unzip", "-q", str(archive), "-d", str(target)],
+        "7z": ["7z", "x", "-y", "-bd", f"-o{target}", str(archive)],
+        "bsdtar": ["bsdtar", "-xf", str(archive), "-C", str(target)],
+    }
+    target.mkdir()
+    env = {**os.environ, "TZ": timezone, "LC_ALL": "C.UTF-8"}
+    await trio.run_process(commands[tool], env=env, capture_stdout=True)
+    return {str(Path(directory, name).relative_to(target)) for directory, _, names in os.walk(target) for name in names}
+
+
+TROUBLESOME = {
+    "a*b.jpg": b"1",
+    "q?.jpg": b"2",
+    "x<y>.jpg": b"3",
+    'say "hi".jpg': b"4",
+    "pipe|.jpg": b"5",
+    "trailing dot.": b"6",
+    "trailing space ": b"7",
+    "CON.jpg": b"8",
+    "C:photo.jpg": b"9",
+    "a\\b.jpg": b"10",
+    "Café.jpg": b"11",
+    "Cafe\u0301.jpg": b"12",
+    "IMG_0001.JPG": b"13",
+    "img_0001.jpg": b"14",
+}
+
+
+@pytest.mark.parametrize("tool", ["unzip", "7z", "bsdtar"])
+async def test_every_reader_extracts_every_file_under_its_portable_name(
+    settings: Settings, tmp_path: Path, tool: str
+) -> None:
+    need(tool, {"unzip": "unzip", "7z": "p7zip-full", "bsdtar": "libarchive-tools"}[tool])
+    write_tree(settings.storage_dir / "album", TROUBLESOME)
+    response = await fetch(settings)
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    expected = entry_names(sorted(os.fsencode(name) for name in TROUBLESOME))
+    assert [info.filename for info in archive.infolist()] == expected
+    assert len({name.casefold() for name in expected}) == len(TROUBLESOME)  # one file each, on any system
+    (tmp_path / "a.zip").write_bytes(response.content)
+    assert await extract(tool, tmp_path / "a.zip", tmp_path / "out") == set(expected)
+
+
+async def test_names_not_in_utf8_reach_java_and_everyone_as_cyrillic(settings: Settings, tmp_path: Path) -> None:
+    album = settings.storage_dir / "album"
+    album.mkdir()
+    # Sorted first, as the finding had it: Java then read no entry at all.
+    for raw in ("Отпуск.jpg".encode("cp1251"), "фото.jpg".encode("cp1251"), b"z.jpg"):
+        (album / os.fsdecode(raw)).write_bytes(raw)
+    response = await fetch(settings)
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert {info.filename for info in archive.infolist()} == {"Отпуск.jpg", "фото.jpg", "z.jpg"}
+    assert all(info.flag_bits & 0x800 for info in archive.infolist() if not info.filename.isascii())
+    need("java", "openjdk-17-jdk-headless")
+    (tmp_path / "a.zip").write_bytes(response.content)
+    (tmp_path / "ListZip.java").write_text(JAVA_LISTING)
+    listed = subprocess.run(
+        ["java", str(tmp_path / "ListZip.java"), str(tmp_path / "a.zip")], capture_output=True, text=True, check=True
+    )
+    assert set(listed.stdout.split()) == {"Отпуск.jpg", "фото.jpg", "z.jpg"}
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Europe/Moscow", "America/New_York"])
+async def test_unzip_restores_the_true_time_in_any_zone(settings: Settings, tmp_path: Path, timezone: str) -> None:
+    need("unzip", "unzip")
+    write_tree(settings.storage_dir / "album", {"noon.jpg": b"n"})
+    os.utime(settings.storage_dir / "album" / "noon.jpg", (NOON_UTC, NOON_UTC))
+    (tmp_path / "a.zip").write_bytes((await fetch(settings)).content)
+    await extract("unzip", tmp_path / "a.zip", tmp_path / "out", timezone)
+    assert (tmp_path / "out" / "noon.jpg").stat().st_mtime == NOON_UTC
+
+
+async def test_dos_times_are_in_the_configured_zone_and_clamped(settings: Settings) -> None:
+    times = {
+        "noon.jpg": NOON_UTC,
+        "2108.jpg": calendar.timegm((2108, 1, 1, 0, 0, 0)),
+        "2110.jpg": calendar.timegm((2110, 6, 15, 0, 0, 0)),
+        "1970.jpg": 0,
+    }
+    write_tree(settings.storage_dir / "album", dict.fromkeys(times, b"t"))
+    for name, seconds in times.items():
+        os.utime(settings.storage_dir / "album" / name, (seconds, seconds))
+    for timezone, noon in (("UTC", (2024, 7, 1, 12, 0, 0)), ("Asia/Tokyo", (2024, 7, 1, 21, 0, 0))):
+        response = await fetch(replace(settings, timezone=timezone))
+        dates = {info.filename: info.date_time for info in zipfile.ZipFile(io.BytesIO(response.content)).infolist()}
+        assert dates["noon.jpg"] == noon
+        assert dates["2108.jpg"] == dates["2110.jpg"] == (2107, 12, 31, 23, 59, 58)  # never wrapped to 1980
+        assert dates["1970.jpg"] == (1980, 1, 1, 0, 0, 0)
+
+
+async def test_one_etag_per_archive_across_instances_with_other_zones(settings: Settings) -> None:
+    write_tree(settings.storage_dir / "album", {"noon.jpg": os.urandom(5000)})
+    os.utime(settings.storage_dir / "album" / "noon.jpg", (NOON_UTC, NOON_UTC))
+    utc, tokyo = await fetch(settings), await fetch(replace(settings, timezone="Asia/Tokyo"))
+    assert utc.content != tokyo.content
+    assert utc.headers["etag"] != tokyo.headers["etag"]
+    async with running_server(replace(settings, timezone="Asia/Tokyo")) as url, httpx.AsyncClient() as client:
+        resumed = await client.get(
+            f"{url}/archive/album/", headers={"Range": "bytes=100-", "If-Range": utc.headers["etag"]}
+        )
+    assert resumed.status_code == 200 and resumed.content == tokyo.content  # starts over, never spliced
+
+
+async def test_read_only_files_arrive_writable_unless_modes_are_kept(settings: Settings, tmp_path: Path) -> None:
+    write_tree(settings.storage_dir / "album", {"ro.jpg": b"r", "x.sh": b"x"})
+    (settings.storage_dir / "album" / "ro.jpg").chmod(0o444)
+    (settings.storage_dir / "album" / "x.sh").chmod(0o755)
+    ordinary = zipfile.ZipFile(io.BytesIO((await fetch(settings)).content))
+    assert {info.external_attr for info in ordinary.infolist()} == {0o100644 << 16}  # no read-only bit either
+    kept = zipfile.ZipFile(io.BytesIO((await fetch(replace(settings, keep_modes=True))).content))
+    attributes = {info.filename: info.external_attr for info in kept.infolist()}
+    assert attributes == {"ro.jpg": (0o100444 << 16) | 1, "x.sh": 0o100755 << 16}
+    if shutil.which("unzip"):
+        (tmp_path / "a.zip").write_bytes((await fetch(settings)).content)
+        await extract("unzip", tmp_path / "a.zip", tmp_path / "out")
+        assert os.access(tmp_path / "out" / "ro.jpg", os.W_OK)
+
+
+async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
+    write_tree(settings.storage_dir / "3bea29ccabbbf64bdebcc055319c5745", {"a.jpg": b"a"})
+    secret_name = "/archive/3bea29ccabbbf64bdebcc055319c5745/"
+    plain = await fetch(settings, secret_name)
+    assert plain.headers["content-disposition"] == 'attachment; filename="3bea29ccabbbf64bdebcc055319c5745.zip"'
+    named = await fetch(settings, f"{secret_name}?filename={quote('Отпуск 2024')}")
+    assert named.headers["content-disposition"] == (
+        "attachment; filename=\"Otpusk 2024.zip\"; filename*=UTF-8''%D0%9E%D1%82%D0%BF%D1%83%D1%81%D0%BA%202024.zip"
+    )
+    assert named.content == plain.content
+    risky = await fetch(settings, f"{secret_name}?filename={quote('a/b:c*.zip')}")
+    assert risky.headers["content-disposition"] == 'attachment; filename="a_b_c_.zip"'
+    for refused in ("x" * 200, "tab\there"):
+        answer = await fetch(settings, f"{secret_name}?filename={quote(refused)}")
+        assert answer.status_code == 400 and "имя файла" in answer.text
+
+
+@pytest.fixture(scope="module")
+def names_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, int], Path]]:
+    storage = tmp_path_factory.mktemp("names-storage")
+    with server_in_thread(Settings(storage_dir=storage)) as address:
+        yield address, storage
+
+
+@given(
+    names=st.lists(
+        st.lists(
+            st.sampled_from(["a", "A", "я", "Я", "e\u0301", "é", ".", " ", "*", ":", "\\", "?", "😀", "CON", "x"]),
+            min_size=1,
+            max_size=5,
+        )
+        .map("".join)
+        .filter(lambda name: name not in (".", "..")),
+        min_size=1,
+        max_size=8,
+        unique=True,
+    )
+)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_drawn_names_are_unique_utf8_and_extracted_alike_by_every_reader(
+    names_server: tuple[tuple[str, int], Path], tmp_path_factory: pytest.TempPathFactory, names: list[str]
+) -> None:
+    address, storage = names_server
+    album = tmp_path_factory.mktemp("album", numbered=True).rename(storage / f"n{len(os.listdir(storage))}")
+    for index, name in enumerate(names):
+        (album / name).write_bytes(b"%d" % index)
+    status, _, body = http11_request(address, "GET", f"/archive/{album.name}/".encode(), [])
+    assert status == 200
+    archive = zipfile.ZipFile(io.BytesIO(body))
+    entries = [info.filename for info in archive.infolist()]
+    keys = [unicodedata.normalize("NFC", entry).casefold() for entry in entries]
+    assert len(set(keys)) == len(names)  # one file each, even on Windows and macOS
+    assert all(info.flag_bits & 0x800 or info.filename.isascii() for info in archive.infolist())
+    scratch = tmp_path_factory.mktemp("extract", numbered=True)
+    (scratch / "a.zip").write_bytes(body)
+    for tool in ("unzip", "7z", "bsdtar"):
+        if shutil.which(tool):
+            assert trio.run(extract, tool, scratch / "a.zip", scratch / tool) == set(entries), tool
