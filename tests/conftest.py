@@ -21,6 +21,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trustme
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -195,6 +196,18 @@ def large_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     count = -(-(socket_buffer_limit() + 32 * 1024 * 1024) // file_size)
     write_tree(root / "big", {f"photo-{i:02d}.jpg": os.urandom(file_size) for i in range(count)})
     return root
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path, Path]:
+    """A CA made for this test run and a server certificate for 127.0.0.1."""
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("tls")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certificate.private_key_pem.write_to_path(str(keyfile))
+    certificate.cert_chain_pems[0].write_to_path(str(certfile))
+    return ca, certfile, keyfile
 
 
 @pytest.fixture

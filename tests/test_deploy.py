@@ -142,18 +142,6 @@ async def test_client_leaving_nginx_kills_the_services_producer(large_storage: P
         await wait_until_no_producer_children(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path, Path]:
-    """A CA made for this test run and a server certificate for 127.0.0.1."""
-    ca = trustme.CA()
-    certificate = ca.issue_cert("127.0.0.1", "localhost")
-    directory = tmp_path_factory.mktemp("tls")
-    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
-    certificate.private_key_pem.write_to_path(str(keyfile))
-    certificate.cert_chain_pems[0].write_to_path(str(certfile))
-    return ca, certfile, keyfile
-
-
 @pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])
 async def test_download_over_tls_negotiates_protocol_by_alpn(
     settings: Settings, tls_files: tuple[trustme.CA, Path, Path], protocol: str

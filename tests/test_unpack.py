@@ -20,13 +20,16 @@ from urllib.parse import quote
 import httpx
 import pytest
 import trio
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archiver.archive.names import entry_names
 from archiver.config import Settings
 
+from .browser import CHROMIUM, saved_download
 from .conftest import http11_request, running_server, server_in_thread, write_tree
+from .test_deploy import needs_nginx, nginx_in_front
 
 NOON_UTC = calendar.timegm((2024, 7, 1, 12, 0, 0))
 JAVA_LISTING = """
@@ -235,3 +238,26 @@ def test_drawn_names_are_unique_utf8_and_extracted_alike_by_every_reader(
     for tool in ("unzip", "7z", "bsdtar"):
         if shutil.which(tool):
             assert trio.run(extract, tool, scratch / "a.zip", scratch / tool) == set(entries), tool
+
+
+@needs_nginx
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+async def test_chromium_through_tls_nginx_saves_the_display_name(
+    settings: Settings, tmp_path: Path, tls_files: tuple[trustme.CA, Path, Path]
+) -> None:
+    _, certfile, keyfile = tls_files
+    write_tree(settings.storage_dir / "3bea29ccabbbf64bdebcc055319c5745", {"Фото.jpg": os.urandom(50_000)})
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    async with (
+        running_server(settings) as service,
+        nginx_in_front(service, tmp_path / "nginx", tls=(certfile, keyfile)) as front,
+    ):
+        base = f"{front}/archive/3bea29ccabbbf64bdebcc055319c5745/"
+        named = await trio.to_thread.run_sync(
+            saved_download, f"{base}?filename={quote('Отпуск 2024')}", downloads, tmp_path / "profile"
+        )
+        plain = await trio.to_thread.run_sync(saved_download, base, downloads, tmp_path / "profile")
+    assert named[0] == "Отпуск 2024.zip"
+    assert zipfile.ZipFile(named[1]).namelist() == ["Фото.jpg"]
+    assert plain[0] == "3bea29ccabbbf64bdebcc055319c5745.zip"  # no display name: the album's, as before
