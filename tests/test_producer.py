@@ -144,7 +144,7 @@ def test_producer_starts_quickly_with_the_standard_library_only() -> None:
 
 def big_album(storage: Path) -> Path:
     album = storage / "album"
-    write_tree(album, {"a.jpg": os.urandom(3_000_000), "b/c.jpg": os.urandom(3_000_000), "d.jpg": os.urandom(10)})
+    write_tree(album, {"a.jpg": os.urandom(3_000_000), "b/c.jpg": os.urandom(3_000_000), "b/e.txt": b""})
     return album
 
 
@@ -153,7 +153,7 @@ OUTSIDE = b"SECRET-OUTSIDE-THE-STORAGE" * 1000
 
 @pytest.mark.parametrize(
     "change",
-    ["file_to_link", "directory_to_link", "truncate", "grow", "rewrite_same_size", "delete"],
+    ["file_to_link", "directory_to_link", "truncate", "grow", "rewrite_same_size", "delete", "delete_empty"],
 )
 async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
     storage: Path, tmp_path: Path, change: str
@@ -186,8 +186,10 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
             with open(target, "r+b") as file:
                 file.write(b"X" * 100)
             os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
-        else:
+        elif change == "delete":
             target.unlink()
+        else:
+            (album / "b" / "e.txt").unlink()  # an empty file: no data to send, but still checked
 
     received: list[bytes] = []
     send_channel, receive_channel = trio.open_memory_channel[bytes](0)
@@ -202,7 +204,7 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
                 received.append(chunk)
     failure = raised.value.exceptions[0]
     assert isinstance(failure, (ProducerFailed, FileChanged)), failure
-    assert "b/c.jpg" in str(failure)
+    assert ("b/e.txt" if change == "delete_empty" else "b/c.jpg") in str(failure)
     assert b"SECRET-OUTSIDE" not in b"".join(received)
     assert producer_children() == []
 

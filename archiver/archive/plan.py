@@ -183,8 +183,9 @@ async def stored_pieces(
             yield header[max(0, start - header_at) : end + 1 - header_at]
         data_at = header_at + header_length
         low, high = max(start, data_at), min(end + 1, data_at + plan.sizes[k])
-        if low < high:
-            yield FileSlice(k, low - data_at, high - low, await crc(k) if racy(k) else None)
+        if low < high or (plan.sizes[k] == 0 and start < data_at):
+            # An empty file too, once its header is out: the producer checks it is still the one listed.
+            yield FileSlice(k, low - data_at, max(0, high - low), await crc(k) if racy(k) else None)
         k += 1
     if end < central_at:
         return

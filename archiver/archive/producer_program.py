@@ -129,7 +129,8 @@ class Album:
     """The album's directory, and files opened beneath it without following a link."""
 
     def __init__(self, directory: bytes) -> None:
-        self.root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The album's real path (the service resolved it): a link put in its place is refused.
+        self.root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._directory = b""  # the directory of the last file opened, and its descriptor
         self._directory_fd = self.root
 
