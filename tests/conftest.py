@@ -26,6 +26,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from archiver.archive import producer
+from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
@@ -85,13 +86,14 @@ def read_archive(data: bytes) -> dict[str, bytes]:
     return {entry_name(info): archive.read(info) for info in archive.infolist()}
 
 
-def expected_archive(album: Path) -> bytes:
+def expected_archive(album: Path, policy: EntryPolicy | None = None) -> bytes:
     """The stored archive of ``album`` as planned, rendered here from the files (the oracle for what is sent).
 
-    The same records as the service's (``ArchivePlan``), but every byte
-    moved by this function: no producer, no pipe, no chunks, no HTTP.
+    The same records as the service's (``ArchivePlan``, with ``policy``: the
+    service's zone, modes and name encoding), but every byte moved by this
+    function: no producer, no pipe, no chunks, no HTTP.
     """
-    plan = ArchivePlan(album, list_album(album).files)
+    plan = ArchivePlan(album, list_album(album).files, 0, policy)
     data = [album.joinpath(plan.path_str(k)).read_bytes() for k in range(plan.count)]
     crcs = [zlib.crc32(content) for content in data]
     pieces = [piece for k in range(plan.count) for piece in (plan.local_header(k, crcs[k]), data[k])]

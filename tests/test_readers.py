@@ -49,6 +49,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from archiver.archive.crc_index import RACY_NS
+from archiver.archive.entries import EntryPolicy
+from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
@@ -65,6 +67,7 @@ from .conftest import (
 
 # A zone with DST (the machine's may be UTC), and two of its changes: 2024-03-31 and 2024-10-27, 01:00 UTC.
 ZONE = "Europe/Berlin"
+POLICY = EntryPolicy(zone=ZONE, keep_modes=True)
 DST_CHANGES = (1_711_846_800, 1_729_990_800)
 SECOND = 1_000_000_000
 MODES = {"stored": 0, "deflate": 6}
@@ -117,7 +120,12 @@ def services(zone: ZoneInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         running = {}
         for mode, level in MODES.items():
             storage = tmp_path_factory.mktemp(f"readers-{mode}")
-            address = stack.enter_context(server_in_thread(Settings(storage_dir=storage, compression=level)))
+            # Modes kept as on disk, DOS times in the module's zone: what this module checks
+            # (tests/test_unpack.py checks the defaults, 0644 and UTC).
+            settings = Settings(
+                storage_dir=storage, compression=level, keep_modes=POLICY.keep_modes, timezone=POLICY.zone
+            )
+            address = stack.enter_context(server_in_thread(settings))
             running[mode] = Service(address, storage)
         yield running
 
@@ -136,7 +144,7 @@ def download_stored(service: Service, name: str) -> bytes:
     status, head, _ = http11_request(service.address, "HEAD", service.path(name).encode(), [])
     assert status == 200
     assert int(head["content-length"]) == int(headers["content-length"]) == len(body)
-    assert body == expected_archive(service.storage / name)
+    assert body == expected_archive(service.storage / name, POLICY)
     return body
 
 
@@ -145,20 +153,31 @@ def download_stored(service: Service, name: str) -> bytes:
 
 @dataclass(frozen=True)
 class Seen:
-    """One entry as a reader gave it: size and SHA-256 of its bytes; its mode and DOS time where the reader tells."""
+    """One entry as a reader gave it: size and SHA-256 of its bytes; its mode, DOS time and mtime where it tells.
+
+    ``unix_time``: the whole seconds an extractor set the file's mtime to, from the
+    extended timestamp (UTC, 1970 .. 2106): the true time, whatever the zone.
+    """
 
     size: int
     sha256: str
     mode: int | None = None
     date_time: tuple[int, ...] | None = None
+    unix_time: int | None = None
 
     @classmethod
-    def of(cls, chunks: Iterable[bytes], mode: int | None = None, date_time: tuple[int, ...] | None = None) -> Seen:
+    def of(
+        cls,
+        chunks: Iterable[bytes],
+        mode: int | None = None,
+        date_time: tuple[int, ...] | None = None,
+        unix_time: int | None = None,
+    ) -> Seen:
         digest, size = hashlib.sha256(), 0
         for chunk in chunks:
             digest.update(chunk)
             size += len(chunk)
-        return cls(size, digest.hexdigest(), mode, date_time)
+        return cls(size, digest.hexdigest(), mode, date_time, unix_time)
 
 
 def dos_date_time(mtime_ns: int, zone: ZoneInfo) -> tuple[int, ...]:
@@ -197,8 +216,18 @@ def on_disk(album: Path, zone: ZoneInfo) -> dict[str, Seen]:
     for name, path, status in regular_files(album):
         with open(path, "rb") as file:
             mode, date_time = stat.S_IMODE(status.st_mode), dos_date_time(status.st_mtime_ns, zone)
-            found[name] = Seen.of(blocks(file), mode, date_time)
+            # The true time where the extended timestamp holds it (1970 .. 2038); elsewhere only the DOS
+            # time is there, which zipfile's date_time checks (extractors and Java read it each their way).
+            seconds = status.st_mtime_ns // SECOND
+            unix_time = seconds if 0 <= seconds < 2**31 else None
+            found[name] = Seen.of(blocks(file), mode, date_time, unix_time)
     return found
+
+
+def named_as_archived(found: dict[str, Seen]) -> dict[str, Seen]:
+    """``found`` (by the names on disk) under the names the archive gives them (the naming policy)."""
+    names = sorted(found, key=os.fsencode)
+    return dict(zip(entry_names(os.fsencode(name) for name in names), (found[name] for name in names), strict=True))
 
 
 def as_told(expected: dict[str, Seen], seen: dict[str, Seen]) -> dict[str, Seen]:
@@ -210,6 +239,7 @@ def as_told(expected: dict[str, Seen], seen: dict[str, Seen]) -> dict[str, Seen]
             entry,
             mode=None if by_reader is None or by_reader.mode is None else entry.mode,
             date_time=None if by_reader is None or by_reader.date_time is None else entry.date_time,
+            unix_time=None if by_reader is None or by_reader.unix_time is None else entry.unix_time,
         )
     return told
 
@@ -240,16 +270,21 @@ def failure_text(failure: Exception) -> str:
     return repr(failure)
 
 
-def extracted(target: Path, modes: bool, times: Callable[[tuple[int, ...]], bool]) -> dict[str, Seen]:
+def extracted(target: Path, modes: bool, times: Callable[[int], bool]) -> dict[str, Seen]:
     """The files an extractor wrote under ``target``; their modes if ``modes``, their mtimes where ``times`` allows."""
     found = {}
     for name, path, status in regular_files(target):
-        date_time = tuple(time.localtime(status.st_mtime)[:6])
         with open(path, "rb") as file:
-            found[name] = Seen.of(
-                blocks(file), stat.S_IMODE(status.st_mode) if modes else None, date_time if times(date_time) else None
-            )
+            mode = stat.S_IMODE(status.st_mode) if modes else None
+            seconds = status.st_mtime_ns // SECOND
+            found[name] = Seen.of(blocks(file), mode, None, seconds if times(seconds) else None)
     return found
+
+
+# 2101-01-01 00:00 UTC: Info-ZIP unzip 6.0 sets DOS dates from then on one day late (it counts 2100
+# as a leap year): its bug, not the archive's.  Only entries without an extended timestamp (outside
+# 1970 .. 2038) go by their DOS date.
+UNZIP_DOS_DATES_RIGHT_UNTIL = 4_133_980_800
 
 
 def with_zipfile(archive: Path, work: Path) -> dict[str, Seen]:
@@ -266,17 +301,16 @@ def with_zipfile(archive: Path, work: Path) -> dict[str, Seen]:
 def with_unzip(archive: Path, work: Path) -> dict[str, Seen]:
     run(["unzip", "-tq", str(archive)])
     run(["unzip", "-q", str(archive), "-d", str(work)])
-    # Info-ZIP unzip 6.0 sets DOS dates from 2101-01-01 on one day late (it counts 2100 as a leap
-    # year): its bug, not the archive's (zipfile, bsdtar and Java agree on the stored fields).
-    return extracted(work, modes=True, times=lambda date_time: date_time[0] <= 2100)
+    return extracted(work, modes=True, times=lambda seconds: seconds < UNZIP_DOS_DATES_RIGHT_UNTIL)
 
 
 def with_7z(archive: Path, work: Path) -> dict[str, Seen]:
     tested = run(["7z", "t", "-bd", str(archive)])
     assert b"Everything is Ok" in tested.stdout
     run(["7z", "x", "-y", "-bd", f"-o{work}", str(archive)])
-    # 7-Zip turns a DOS time into UTC with today's offset, not the date's (as Windows does): no mtimes.
-    return extracted(work, modes=True, times=lambda _: False)
+    # The true time, from the extended timestamp (a DOS time 7-Zip would turn into UTC with today's
+    # offset, not the date's, as Windows does).
+    return extracted(work, modes=True, times=lambda _: True)
 
 
 def with_bsdtar(archive: Path, work: Path) -> dict[str, Seen]:
@@ -311,7 +345,6 @@ import java.io.InputStream;
 import java.io.PrintStream;
 import java.nio.charset.StandardCharsets;
 import java.security.MessageDigest;
-import java.time.format.DateTimeFormatter;
 import java.util.Enumeration;
 import java.util.HexFormat;
 import java.util.zip.ZipEntry;
@@ -321,7 +354,6 @@ import java.util.zip.ZipInputStream;
 /** Reads a ZIP twice: the file args[0] with ZipFile, then standard input with ZipInputStream. */
 class ZipReaders {
     static final PrintStream OUT = new PrintStream(System.out, false, StandardCharsets.UTF_8);
-    static final DateTimeFormatter DOS = DateTimeFormatter.ofPattern("yyyy MM dd HH mm ss");
     static final byte[] BUFFER = new byte[1 << 20];
 
     public static void main(String[] args) {
@@ -353,7 +385,8 @@ class ZipReaders {
             digest.update(BUFFER, 0, read);
         }
         String sha256 = HexFormat.of().formatHex(digest.digest());
-        String time = entry.getTimeLocal().format(DOS);
+        // The extended timestamp's time, which Java prefers to the DOS time when an entry has one.
+        String time = String.valueOf(entry.getLastModifiedTime().to(java.util.concurrent.TimeUnit.SECONDS));
         OUT.println(api + "\\t" + entry.getName() + "\\t" + size + "\\t" + sha256 + "\\t" + time);
     }
 }
@@ -381,8 +414,8 @@ def with_java(command: list[str], archive: Path) -> dict[str, dict[str, Seen] | 
         if name == "ERROR":
             found[f"java {api}"] = rest[0]
         elif isinstance(entries, dict):
-            size, sha256, date_time = rest
-            entries[name] = Seen(int(size), sha256, None, tuple(int(part) for part in date_time.split()))
+            size, sha256, seconds = rest
+            entries[name] = Seen(int(size), sha256, None, None, int(seconds))
     return found
 
 
@@ -417,6 +450,11 @@ def misreadings(
     """
     wrong: dict[str, object] = {}
     for label, outcome in outcomes.items():
+        if isinstance(outcome, dict):  # an mtime is checked only where the extended timestamp holds it
+            outcome = {
+                name: replace(seen, unix_time=None) if name in expected and expected[name].unix_time is None else seen
+                for name, seen in outcome.items()
+            }
         if label in known_failures:
             if not isinstance(outcome, str) or known_failures[label] not in outcome:
                 wrong[label] = f"expected to fail with {known_failures[label]!r}, got {outcome!r:.500}"
@@ -436,7 +474,7 @@ def check_records(data: bytes, expected: dict[str, Seen], deflated: bool) -> Non
     """Method, flags (bit 3 and a signed data descriptor if deflated, bit 11 on non-ASCII names), attributes, CRCs."""
     with zipfile.ZipFile(io.BytesIO(data)) as opened:
         infos = opened.infolist()
-    assert [info.filename for info in infos] == sorted(expected)
+    assert [info.filename for info in infos] == list(expected)  # in the order of the paths on disk
     for info in infos:
         mode = expected[info.filename].mode
         assert mode is not None
@@ -547,6 +585,7 @@ def check_readers(
         assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
     expected = on_disk(album, zone)
     assert set(tree) == set(expected)
+    expected = named_as_archived(expected)
     check_records(data, expected, deflated=mode == "deflate")
     work = tmp_path_factory.mktemp("read")
     archive = work / "archive.zip"

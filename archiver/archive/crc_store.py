@@ -3,8 +3,9 @@
 Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size, mtime and ctime (a write or chmod always moves the
-ctime, even when the mtime is put back), and zip's own CRC is checked as it
-passes.  Rows of the first version (no ctime, table ``crc``) are ignored.
+ctime, even when the mtime is put back).  Rows of the first version (no
+ctime, table ``crc``) are ignored.  A key SQLite's 64-bit integers cannot
+hold (an mtime past 2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
 fails (locked too long, disk full) is logged and skipped, never a download's
@@ -51,6 +52,8 @@ class CrcStore:
         self._pending: list[tuple[int, int, int, int, int, int]] = []
 
     def get(self, key: FileKey) -> int | None:
+        if not _storable(key):
+            return None
         with self._lock:
             try:
                 row = self._db.execute(
@@ -62,12 +65,16 @@ class CrcStore:
         return None if row is None else int(row[0])
 
     def put(self, key: FileKey, crc: int) -> None:
+        if not _storable(key):
+            return
         with self._lock:
             self._pending.append((*key, crc))
             if len(self._pending) >= WRITE_BATCH:
                 self._write()
 
     def forget(self, key: FileKey) -> None:
+        if not _storable(key):
+            return
         with self._lock:
             self._pending = [row for row in self._pending if row[:5] != key]
             try:
@@ -100,3 +107,8 @@ class CrcStore:
                     self._db.executemany("INSERT OR REPLACE INTO crc_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.Error as error:
                 logger.warning("CRC index: %d rows not written: %s", len(rows), error)
+
+
+def _storable(key: FileKey) -> bool:
+    """Whether every part of ``key`` fits an SQLite integer (signed 64 bits)."""
+    return all(-(2**63) <= part < 2**63 for part in key)

@@ -19,9 +19,10 @@ from .zipformat import EXTENDED_TIMESTAMP_ID
 # The DOS date's range (4.4.6): 1980-01-01 00:00:00 to 2107-12-31 23:59:58.
 DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
 DOS_TIME_MAXIMUM = (127 << 25) | (12 << 21) | (31 << 16) | (23 << 11) | (59 << 5) | 29
-# The extended timestamp's range: 32 bits of seconds since 1970 (UTC), which unzip (with a 64-bit
-# time_t) and 7-Zip read unsigned: 1970-01-01 to 2106-02-07.
-UNIX_TIME_RANGE = (0, 2**32 - 1)
+# The extended timestamp's range: 1970-01-01 .. 2038-01-19 03:14:07 UTC, the seconds that every
+# reader takes alike (Java reads the field's 32 bits signed, unzip with a 64-bit time_t and 7-Zip
+# unsigned: past 2038 they disagree, and Java would show 1901 or 1969).
+UNIX_TIME_RANGE = (0, 2**31 - 1)
 # Regular files go out as rw-r--r-- unless modes are kept (EntryPolicy).
 ORDINARY_MODE = stat.S_IFREG | 0o644
 
@@ -74,12 +75,15 @@ def extended_timestamp(mtime_ns: int) -> bytes:
     """Info-ZIP's extended timestamp extra field (0x5455, APPNOTE 4.6.1's "UT"): the mtime only, UTC.
 
     The same 9 bytes in the local header and the central directory (flags:
-    bit 0, modification time).  unzip, 7-Zip and bsdtar restore this time,
-    exact to the second and whatever the reader's zone, where they would
-    take the DOS time as local time.  A time outside 1970 .. 2106 (what the
-    readers take) is clamped to the nearer end.
+    bit 0, modification time).  unzip, 7-Zip, bsdtar and Java restore this
+    time, exact to the second and whatever the reader's zone, where they
+    would take the DOS time as local time.  Empty for a time outside
+    UNIX_TIME_RANGE, which readers would read differently: the clamped DOS
+    time is then all there is.
     """
-    seconds = min(max(mtime_ns // 1_000_000_000, UNIX_TIME_RANGE[0]), UNIX_TIME_RANGE[1])
+    seconds = mtime_ns // 1_000_000_000
+    if not UNIX_TIME_RANGE[0] <= seconds <= UNIX_TIME_RANGE[1]:
+        return b""
     return struct.pack("<HHBI", EXTENDED_TIMESTAMP_ID, 5, 1, seconds)
 
 

@@ -35,6 +35,7 @@ from .storage import AlbumFile
 from .zipformat import DEFLATED, STORED, EntryFields, central_header, end_records, local_header
 
 FileKey = tuple[int, int, int, int, int]
+SECOND = 1_000_000_000
 
 
 class ArchivePlan:
@@ -64,7 +65,10 @@ class ArchivePlan:
         self._name_ends = None if names == paths else array("Q", accumulate(len(name) for name in names))
         del paths, names
         self.sizes = array("Q", (file.size for file in files))
-        self._keys = array("q", (value for file in files for value in file.key))
+        # Device, inode and size, then mtime and ctime as whole seconds and nanoseconds: an
+        # mtime past 2262 does not fit 64 bits of nanoseconds (a camera's clock can say so).
+        self._identities = array("Q", (value for file in files for value in file.key[:3]))
+        self._times = array("q", (part for file in files for ns in file.key[3:] for part in divmod(ns, SECOND)))
         self._dos_times = array("I", (dos_date_time(file.mtime_ns, zone) for file in files))
         self._unix_times = array("q", (file.mtime_ns // 1_000_000_000 for file in files))
         self._attributes = array("I", (external_attributes(file.mode, policy.keep_modes) for file in files))
@@ -83,8 +87,9 @@ class ArchivePlan:
 
     def key(self, k: int) -> FileKey:
         """Entry k's file as listed: device, inode, size, mtime_ns, ctime_ns (the CRC index's key)."""
-        key = self._keys[5 * k : 5 * k + 5]
-        return key[0], key[1], key[2], key[3], key[4]
+        device, inode, size = self._identities[3 * k : 3 * k + 3]
+        mtime, mtime_ns, ctime, ctime_ns = self._times[4 * k : 4 * k + 4]
+        return device, inode, size, mtime * SECOND + mtime_ns, ctime * SECOND + ctime_ns
 
     def name(self, k: int) -> bytes:
         """Entry k's name in the archive (UTF-8, see ``names``)."""

@@ -51,10 +51,14 @@ if TYPE_CHECKING:
 
 ALBUM = struct.Struct("<cBH")  # kind, level, directory length
 LITERAL = struct.Struct("<cI")  # kind, length
-# kind, device, inode, size, mtime_ns, ctime_ns, offset, length, verify, crc, path length
-FILE_SLICE = struct.Struct("<cQQQqqQQBIH")
-# kind, device, inode, size, mtime_ns, ctime_ns, dos time, external attributes, path, name and extra lengths
-DEFLATED_ENTRY = struct.Struct("<cQQQqqIIHHH")
+# A file's identity: device, inode, size, and mtime and ctime as whole seconds and nanoseconds
+# (nanoseconds since 1970 overflow 64 bits in 2262, and an mtime may say so).
+IDENTITY = "QQQqIqI"
+# kind, identity, offset, length, verify, crc, path length
+FILE_SLICE = struct.Struct(f"<c{IDENTITY}QQBIH")
+# kind, identity, dos time, external attributes, path, name and extra lengths
+DEFLATED_ENTRY = struct.Struct(f"<c{IDENTITY}IIHHH")
+SECOND = 1_000_000_000
 END = b"E"
 DONE = b"Z"
 
@@ -80,13 +84,23 @@ def literal(data: bytes) -> bytes:
 def file_slice(path: bytes, key: FileKey, offset: int, length: int, crc: int | None) -> bytes:
     """Bytes ``offset`` .. ``offset + length`` of the file; with ``crc``, the whole file, checked against it."""
     verify = crc is not None
-    return FILE_SLICE.pack(b"F", *key, offset, length, verify, crc or 0, len(path)) + path
+    return FILE_SLICE.pack(b"F", *_identity(key), offset, length, verify, crc or 0, len(path)) + path
 
 
 def deflated_entry(path: bytes, key: FileKey, fields: EntryFields) -> bytes:
     lengths = (len(path), len(fields.name), len(fields.extra))
-    packed = DEFLATED_ENTRY.pack(b"D", *key, fields.dos_time, fields.attributes, *lengths)
+    packed = DEFLATED_ENTRY.pack(b"D", *_identity(key), fields.dos_time, fields.attributes, *lengths)
     return packed + path + fields.name + fields.extra
+
+
+def _identity(key: FileKey) -> tuple[int, ...]:
+    device, inode, size, mtime_ns, ctime_ns = key
+    return (device, inode, size, *divmod(mtime_ns, SECOND), *divmod(ctime_ns, SECOND))
+
+
+def _key(identity: tuple[int, ...]) -> FileKey:
+    device, inode, size, mtime, mtime_ns, ctime, ctime_ns = identity
+    return device, inode, size, mtime * SECOND + mtime_ns, ctime * SECOND + ctime_ns
 
 
 class FileChanged(Exception):
@@ -214,14 +228,14 @@ class Producer:
                 (length,) = self._unpack(LITERAL)
                 self.output.write(self._read(length))
             elif kind == b"F":
-                *key, offset, length, verify, crc, path_length = self._unpack(FILE_SLICE)
+                *identity, offset, length, verify, crc, path_length = self._unpack(FILE_SLICE)
                 path = self._read(path_length)
-                self._with_file(path, tuple(key), self._send_slice, offset, length, crc if verify else None)
+                self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
             elif kind == b"D":
-                *key, dos_time, attributes, path_length, name_length, extra_length = self._unpack(DEFLATED_ENTRY)
+                *identity, dos_time, attributes, path_length, name_length, extra_length = self._unpack(DEFLATED_ENTRY)
                 path, name, extra = self._read(path_length), self._read(name_length), self._read(extra_length)
                 fields = EntryFields(name, DEFLATED, dos_time, attributes, extra)
-                self._with_file(path, tuple(key), self._send_deflated, fields)
+                self._with_file(path, _key(tuple(identity)), self._send_deflated, fields)
             elif kind == END:
                 self._write_central_directory()
             else:
@@ -236,10 +250,9 @@ class Producer:
             raise ValueError("the input ended inside an instruction")
         return data
 
-    def _with_file(self, path: bytes, key: tuple[int, ...], send: Callable[..., None], *args: object) -> None:
+    def _with_file(self, path: bytes, file_key: FileKey, send: Callable[..., None], *args: object) -> None:
         if self.album is None:
             raise ValueError("a file before the album")
-        file_key: FileKey = (key[0], key[1], key[2], key[3], key[4])
         try:
             fd = self.album.open(path, file_key)
             try:

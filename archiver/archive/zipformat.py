@@ -154,8 +154,8 @@ def central_header(fields: EntryFields, crc: int, compressed_size: int, size: in
     if zip64_values:
         values = struct.pack(f"<{len(zip64_values)}Q", *zip64_values)
         extra = struct.pack("<HH", ZIP64_EXTRA_ID, len(values)) + values + extra
-    large = size >= FIELD_LIMIT or compressed_size >= FIELD_LIMIT
-    version = VERSION_ZIP64 if large else VERSION_DEFLATED if fields.method == DEFLATED else VERSION_STORED
+    # 4.4.3.2: 4.5 wherever a ZIP64 field is used, the offset's alone included.
+    version = VERSION_ZIP64 if zip64_values else VERSION_DEFLATED if fields.method == DEFLATED else VERSION_STORED
     header = _CENTRAL_HEADER.pack(
         CENTRAL_HEADER_SIGNATURE,
         VERSION_MADE_BY,
