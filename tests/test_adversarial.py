@@ -3,7 +3,7 @@
 Each test reproduces one way a single cheap client took the service over
 (README, Limits and abuse), with a real client speaking raw HTTP/2 (python
 ``h2``) or raw HTTP/1.1 over a socket, and asserts the bound: the server's
-resident memory, its zip processes, its descriptors, and a normal client's
+resident memory, its producer processes, its descriptors, and a normal client's
 download completing during and after the attack.
 """
 
@@ -85,8 +85,8 @@ async def normal_download_works(
     assert read_archive(response.content) == files_on_disk(storage / "small")
 
 
-async def wait_for_zip_output_to_stop(pid: int, timeout: float = 30) -> int:
-    """Wait until the server's zips have written nothing for a while (backed up behind the client); return the count."""
+async def wait_for_producer_output_to_stop(pid: int, timeout: float = 30) -> int:
+    """Wait until the server's producers have written nothing for a while (backed up behind the client); their count."""
     quiet_for = 0
     last = -1
     with trio.fail_after(timeout):
@@ -185,7 +185,7 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
                 await attacker.get("/archive/big/")
         for attacker in attackers:
             await attacker.read_until_quiet()
-        assert await wait_for_zip_output_to_stop(pid) == streams
+        assert await wait_for_producer_output_to_stop(pid) == streams
         growth = (resident_kib(pid) - before) / 1024
         for attacker in attackers:
             # Each stream got the initial window and no more; none ended as if complete.
@@ -199,7 +199,7 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
                 await trio.sleep(0.05)
     record_figure(
         f"HTTP/2 zero window, {streams} streams of a {album_mb(attacked_storage):.0f} MB album: "
-        f"server RSS +{growth:.1f} MB ({growth / streams:.2f} MB a stream), zip backed up; zips gone after"
+        f"server RSS +{growth:.1f} MB ({growth / streams:.2f} MB a stream), producers backed up; producers gone after"
     )
     assert growth < 2 * streams
 
@@ -222,8 +222,8 @@ async def open_non_reader(address: tuple[str, int], path: bytes) -> trio.socket.
     return sock
 
 
-async def wait_until_no_zip(pid: int, timeout: float) -> float:
-    """Wait until the server runs no zip; return how long that took."""
+async def wait_until_no_producer(pid: int, timeout: float) -> float:
+    """Wait until the server runs no producer; return how long that took."""
     started = trio.current_time()
     with trio.fail_after(timeout):
         while producer_processes(pid):
@@ -243,7 +243,7 @@ async def test_readers_that_never_read_hold_their_fair_share_until_the_stall_tim
             sockets.append(sock)
         # One client (one address) takes the slots above the reserve, 64 - 16, and no more.
         assert statuses == {b"200": 48, b"503": attackers - 48}
-        assert await wait_for_zip_output_to_stop(pid) == 48
+        assert await wait_for_producer_output_to_stop(pid) == 48
         held = await metrics_of(server.url)
         # Meanwhile 20 polite clients from 20 other addresses, ten at a time, are all served.
         polite_started = trio.current_time()
@@ -254,7 +254,7 @@ async def test_readers_that_never_read_hold_their_fair_share_until_the_stall_tim
                     nursery.start_soon(normal_download_works, server.url, attacked_storage, "HTTP/1.1", address)
         polite_seconds = trio.current_time() - polite_started
         during = await metrics_of(server.url)
-        stalled_for = await wait_until_no_zip(pid, timeout=30)
+        stalled_for = await wait_until_no_producer(pid, timeout=30)
         metrics = await metrics_of(server.url)
         await normal_download_works(server.url, attacked_storage)
         for sock in sockets:
@@ -269,7 +269,7 @@ async def test_readers_that_never_read_hold_their_fair_share_until_the_stall_tim
     # An expected abort is one line, without a traceback (issue 23).
     assert b"Traceback" not in server.output, server.output.decode(errors="replace")
     record_figure(
-        f"{attackers} HTTP/1.1 non-readers from one address: 48 zips (its share), {attackers - 48} refused (503); "
+        f"{attackers} HTTP/1.1 non-readers from one address: 48 producers (its share), {attackers - 48} refused (503); "
         f"20 polite clients from 20 other addresses served meanwhile in {polite_seconds:.2f} s; "
         f"the 48 aborted as stalled {stalled_for:.1f} s after their output backed up (stall timeout 5 s)"
     )
@@ -283,7 +283,7 @@ async def test_http2_stream_at_a_closed_window_is_reset_after_the_stall_timeout(
         with trio.fail_after(20):
             while attacker.reset != streams:
                 await attacker.read_some()
-        await wait_until_no_zip(server.process.pid, timeout=10)
+        await wait_until_no_producer(server.process.pid, timeout=10)
         metrics = await metrics_of(server.url)
         await attacker.stream.aclose()
     assert not attacker.ended
@@ -292,7 +292,7 @@ async def test_http2_stream_at_a_closed_window_is_reset_after_the_stall_timeout(
 
 @pytest.fixture(params=["big", pytest.param("huge", marks=pytest.mark.slow)])
 def ranged_album(request: pytest.FixtureRequest, attacked_storage: Path) -> str:
-    """The large album, or (slow run) a 4 GB one of sparse files: zip reads ~2 s for the last file's last byte."""
+    """The large album, or (slow run) a 4 GB one of sparse files: ranges of the last file's last byte."""
     if request.param == "huge":
         for index in range(4):
             path = attacked_storage / "huge" / f"video-{index}.mp4"
@@ -305,20 +305,20 @@ def ranged_album(request: pytest.FixtureRequest, attacked_storage: Path) -> str:
 async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: Path, ranged_album: str) -> None:
     requests = 64
     statuses: list[int] = []
-    peak_zips = 0
+    peak_producers = 0
     polite_seconds = 0.0
     async with archiver_process(attacked_storage) as server:
         pid = server.process.pid
         done = trio.Event()
         async with polite_client(server.url) as client:
-            # The costliest one byte: the last file's last, for which zip reads all that file.
+            # Once the costliest byte (zip read all the last file for it); now one sendfile at its offset.
             end_record = (await client.get(f"/archive/{ranged_album}/", headers={"Range": "bytes=-22"})).content
             last_data_byte = int.from_bytes(end_record[16:20], "little") - 1
 
-        async def watch_zips() -> None:
-            nonlocal peak_zips
+        async def watch_producers() -> None:
+            nonlocal peak_producers
             while not done.is_set():
-                peak_zips = max(peak_zips, len(producer_processes(pid)))
+                peak_producers = max(peak_producers, len(producer_processes(pid)))
                 await trio.sleep(0.005)
 
         async def last_byte(client: httpx.AsyncClient) -> None:
@@ -333,7 +333,7 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
             httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as attacker,
             trio.open_nursery() as nursery,
         ):
-            nursery.start_soon(watch_zips)
+            nursery.start_soon(watch_producers)
             async with trio.open_nursery() as requests_nursery:
                 for _ in range(requests):
                     requests_nursery.start_soon(last_byte, attacker)
@@ -342,7 +342,8 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
                 polite_seconds = trio.current_time() - polite_started
             done.set()
         metrics = await metrics_of(server.url)
-    assert peak_zips <= 4 + 1  # the attacker's ranges at once (ARCHIVER_MAX_JOBS_PER_CLIENT), and the polite client's
+    # The attacker's ranges at once (ARCHIVER_MAX_JOBS_PER_CLIENT), and the polite client's.
+    assert peak_producers <= 4 + 1
     if ranged_album == "huge":  # each range holds its job ~2 s: the cap must turn some away
         assert statuses.count(503) > 0
     # Refused by its range cap, or by its walk queue: each 503 is counted once, by reason.
@@ -353,7 +354,7 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
     record_figure(
         f"{requests} concurrent ranges of the last file's last byte on the "
         f"{album_mb(attacked_storage, ranged_album):.0f} MB album "
-        f"from one address: at most {peak_zips} zips at once, {statuses.count(206)} served, "
+        f"from one address: at most {peak_producers} producers at once, {statuses.count(206)} served, "
         f"{statuses.count(503)} refused (503); another client's download took {polite_seconds:.2f} s meanwhile"
     )
 
@@ -409,7 +410,7 @@ async def test_idle_http2_flood_is_closed_and_leaves_descriptors_for_downloads(
             started = trio.current_time()
             flood = [await idle_http2_connection(address) for _ in range(connections)]
             during = open_descriptors(pid)
-            # The client connected before the flood still gets its archive: zip's pipes found descriptors.
+            # The client connected before the flood still gets its archive: the producer's pipes found descriptors.
             response = await connected_before.get("/archive/small/")
             assert response.status_code == 200
             assert read_archive(response.content) == files_on_disk(attacked_storage / "small")
@@ -448,7 +449,7 @@ async def test_http2_buffers_do_not_outlive_the_stream(attacked_storage: Path) -
                 await attacker.get("/archive/big/")
             await attacker.read_until_quiet()
             await attacker.stream.aclose()
-            await wait_until_no_zip(os.getpid(), timeout=10)
+            await wait_until_no_producer(os.getpid(), timeout=10)
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             unreachable = sum(len(o) for o in gc.garbage if isinstance(o, (bytes, bytearray, memoryview)))
@@ -475,18 +476,18 @@ async def test_steady_slow_reader_is_never_cut(attacked_storage: Path) -> None:
             assert data, f"cut after {received} bytes, {elapsed:.0f} s"
             received += len(data)
             await trio.sleep_until(started + received / rate)
-            # How far zip is ahead of the client: what the pipe, channel and sockets hold.
+            # How far the producer is ahead of the client: what the pipe, channel and sockets hold.
             ahead.append(sum(_bytes_written(child.pid) for child in producer_processes(pid)) - received)
         metrics = await metrics_of(server.url)
         sock.close()
     assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 0
     assert metrics["archiver_downloads_in_flight"] == 1
-    # zip stayed a few MB ahead of a 72 MB album: the buffers were full and
+    # The producer stayed a few MB ahead of a 72 MB album: the buffers were full and
     # every write waited on the client, for most of the run.
     assert max(ahead) < 8e6
     record_figure(
         f"steady reader at {rate / 1000:.0f} kB/s for {seconds} s, stall timeout {stall_timeout} s: not cut, "
-        f"{received / 1e6:.1f} MB received; zip ahead by at most {max(ahead) / 1e6:.1f} MB (buffers full, "
+        f"{received / 1e6:.1f} MB received; producer ahead by at most {max(ahead) / 1e6:.1f} MB (buffers full, "
         f"server writes paced by the client)"
     )
 
@@ -506,7 +507,7 @@ def many_files_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_producer(many_files_storage: Path) -> None:
     # 16 HTTP/2 streams (4 addresses, each at its cap of 4) ask for the central directory (1.2 MB,
-    # generated, no zip) and never open their windows.  Each holds the per-file data of its
+    # generated, no producer) and never open their windows.  Each holds the per-file data of its
     # tail (~60 bytes a file) and its buffers, until the client leaves.
     addresses = ("127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5")
     requests = 4 * len(addresses)
@@ -527,7 +528,7 @@ async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_produc
         for attacker in attackers:
             await attacker.read_until_quiet()
         growth = (resident_kib(pid) - before) / 1024
-        zips = len(producer_processes(pid))
+        producers = len(producer_processes(pid))
         await normal_download_works(server.url, many_files_storage)
         for attacker in attackers:
             assert not attacker.ended
@@ -535,11 +536,11 @@ async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_produc
         with trio.fail_after(30):
             while (metrics := await metrics_of(server.url))["archiver_downloads_in_flight"]:
                 await trio.sleep(0.1)
-    assert zips == 0
+    assert producers == 0
     assert metrics['archiver_downloads_finished_total{outcome="cancelled"}'] == requests
     record_figure(
         f"{requests} HTTP/2 streams at a closed window on the generated central directory of a 20,000-file "
-        f"album: no zip, server RSS +{growth:.1f} MB ({growth / requests:.2f} MB a stream)"
+        f"album: no producer, server RSS +{growth:.1f} MB ({growth / requests:.2f} MB a stream)"
     )
     # A stream's buffers (2 MB, as at a zero window above) and ~60 bytes a file (names, sizes, mtimes,
     # modes, offsets, CRCs), with room to spare: 100.
@@ -556,7 +557,7 @@ async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_grace(
     async with launched(command, env) as server:
         reader = await open_non_reader(address_of(server.url), b"/archive/big/")
         assert (await reader.recv(12)).startswith(b"HTTP/1.1 200")  # and it reads nothing more
-        assert await wait_for_zip_output_to_stop(server.process.pid) == 1  # backed up behind the socket
+        assert await wait_for_producer_output_to_stop(server.process.pid) == 1  # backed up behind the socket
         server.process.terminate()
         with trio.fail_after(15):  # the grace period (1 s) and the close, not the 60 s stall timeout
             assert await server.process.wait() == 0

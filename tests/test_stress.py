@@ -80,14 +80,14 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
             for index in range(1000):
                 nursery.start_soon(one, PROTOCOLS[index % 2])
         await wait_until_no_producer_children(timeout=5)
-        leftover_zips = len(producer_children())
+        leftover_producers = len(producer_children())
         zombies = sum(child.state == "Z" for child in producer_children())
         descriptors = await wait_for_descriptors(baseline, timeout=5)
     record_figure(
-        f"1000 cancelled downloads (HTTP/1.1 + HTTP/2): leftover zip {leftover_zips}, zombies {zombies}, "
+        f"1000 cancelled downloads (HTTP/1.1 + HTTP/2): leftover producers {leftover_producers}, zombies {zombies}, "
         f"open fds {descriptors} (baseline {baseline})"
     )
-    assert leftover_zips == zombies == 0
+    assert leftover_producers == zombies == 0
     assert descriptors <= baseline
 
 
@@ -172,7 +172,7 @@ async def test_zip_killed_mid_stream_is_seen_by_every_client(large_storage: Path
                     errors_seen[protocol] += 1
                 await wait_until_no_producer_children(timeout=1)
     record_figure(
-        "zip killed (SIGKILL) mid-stream: clients that saw an error: "
+        "producer killed (SIGKILL) mid-stream: clients that saw an error: "
         + ", ".join(f"{protocol} {seen}/{rounds}" for protocol, seen in errors_seen.items())
     )
     assert errors_seen == {protocol: rounds for protocol in PROTOCOLS}
