@@ -9,6 +9,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable '.[test]'
+	# Compiled now: under the systemd unit the checkout is read-only, and the producer,
+	# started for every download, would otherwise compile itself each time.
+	$(BIN)/python -m compileall -q archiver
 	touch $@
 
 ## Start the service on the sample storage in data/ (http://localhost:8080/).

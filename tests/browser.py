@@ -17,7 +17,8 @@ from typing import Any
 
 CHROMIUM = shutil.which("chromium")
 
-FLAGS = [
+# A quiet headless Chromium: no GPU, no QUIC, nothing fetched behind the test's back.
+HEADLESS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -26,9 +27,8 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--ignore-certificate-errors",  # the test's own CA
-    "--remote-debugging-pipe",
 ]
+FLAGS = [*HEADLESS, "--ignore-certificate-errors", "--remote-debugging-pipe"]  # the test's own CA; DevTools
 
 
 class DevTools:

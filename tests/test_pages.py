@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,12 +19,12 @@ from archiver.archive import producer
 from archiver.config import Settings
 from archiver.web.pages import MESSAGES
 
+from .browser import CHROMIUM, HEADLESS
 from .conftest import free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 # What Chromium sends for a page it navigates to.
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
-CHROMIUM = shutil.which("chromium")
 
 
 @asynccontextmanager
@@ -155,18 +154,7 @@ async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path
 
 async def chromium_page(url: str, screenshot: Path, profile: Path) -> str:
     """What headless Chromium shows at ``url``: its DOM after load; a phone-sized screenshot is saved too."""
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--window-size=412,915",
-    ]
+    flags = [*HEADLESS, f"--user-data-dir={profile}", "--window-size=412,915"]
     assert CHROMIUM is not None
     await trio.run_process(
         [CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_stdout=True, capture_stderr=True
