@@ -7,7 +7,6 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 
 from __future__ import annotations
 
-import codecs
 import ipaddress
 import os
 import zoneinfo
@@ -103,7 +102,7 @@ class Settings:
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise SettingsError(f"timezone: {self.timezone!r} is not a time zone (e.g. UTC, Europe/Moscow)") from None
         try:
-            codecs.lookup(self.name_encoding)
+            b"x".decode(self.name_encoding)  # a text encoding: codecs.lookup would also take rot13 or hex
         except LookupError:
             raise SettingsError(f"name_encoding: {self.name_encoding!r} is not an encoding (e.g. cp1251)") from None
         for proxy in self.trusted_proxies:

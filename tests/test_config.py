@@ -39,3 +39,11 @@ def test_empty_environment_gives_defaults() -> None:
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env({variable: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("timezone", "Mars/Olympus"), ("name_encoding", "rot13"), ("name_encoding", "no-such")]
+)
+def test_a_zone_or_name_encoding_the_service_cannot_use_fails_at_start(field: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=field):
+        Settings(**{field: value})  # type: ignore[arg-type]

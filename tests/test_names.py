@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from archiver.archive import names as names_module
 from archiver.archive.names import entry_names, portable_component
 
 # The README's table of examples (What the person unpacks): on disk -> in the archive.
@@ -84,3 +86,42 @@ def test_every_name_is_portable_utf8_nfc_and_unique_when_case_folded(paths: list
         for part in name.split("/"):
             assert part and part == portable_component(part)  # nothing forbidden is left
     assert entry_names(sorted(paths)) == names  # deterministic
+
+
+def test_no_component_is_longer_than_255_bytes_even_numbered() -> None:
+    cyrillic = "Я".encode("cp1251") * 200 + b".jpg"  # 404 bytes once UTF-8
+    long_ascii = b"a" * 251 + b".jpg"
+    names = entry_names([cyrillic, long_ascii, long_ascii.upper(), b"d" * 255 + b"/x", b"D" * 255])
+    assert all(len(part.encode()) <= 255 for name in names for part in name.split("/")), names
+    assert names[0].endswith(".jpg") and names[0].startswith("Я")
+    assert names[2].endswith(" (2).JPG")
+    assert len({name.casefold() for name in names}) == 5
+
+
+def test_a_flood_of_case_variants_is_numbered_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4,096 case variants of one name, as an uploader may make: each numbering tried from 2 was quadratic.
+    variants = ["".join(letters) + ".jpg" for letters in itertools.product("aA", repeat=12)]
+    tried = 0
+    real = names_module.numbered
+
+    def counting(component: str, number: int) -> str:
+        nonlocal tried
+        tried += 1
+        return real(component, number)
+
+    monkeypatch.setattr(names_module, "numbered", counting)
+    names = entry_names(sorted(name.encode() for name in variants))
+    assert len({name.casefold() for name in names}) == len(variants)
+    assert tried <= 2 * len(variants)  # was ~n²/2: 8 million
+
+
+def test_a_directory_moved_off_a_file_never_lands_in_another_directory() -> None:
+    # The folder x moves off the file X, and must not merge into the unrelated folder X (2).
+    names = entry_names([b"X", b"X (2)/a.jpg", b"x/b.jpg"])
+    folders = {name.rsplit("/", 1)[0].casefold() for name in names if "/" in name}
+    assert len(folders) == 2, names
+
+
+def test_superscript_device_names_and_bidi_controls_are_defused() -> None:
+    assert portable_component("COM¹.txt") == "_COM¹.txt"
+    assert portable_component("photo\u202egpj.exe") == "photo_gpj.exe"

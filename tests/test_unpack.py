@@ -192,9 +192,11 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     assert named.content == plain.content
     risky = await fetch(settings, f"{secret_name}?filename={quote('a/b:c*.zip')}")
     assert risky.headers["content-disposition"] == 'attachment; filename="a_b_c_.zip"'
-    for refused in ("x" * 200, "tab\there"):
+    for refused in ("x" * 200, "tab\there", "photo\u202egpj.exe", "in\u200bvisible", "日本" * 50):
         answer = await fetch(settings, f"{secret_name}?filename={quote(refused)}")
-        assert answer.status_code == 400 and "имя файла" in answer.text
+        assert answer.status_code == 400 and "имя файла" in answer.text, refused
+    hidden = await fetch(settings, f"{secret_name}?filename={quote('../../evil')}")
+    assert hidden.headers["content-disposition"] == 'attachment; filename="_.._evil.zip"'  # no leading dot
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ chosen here, once per plan, for every reader alike:
   characters become ``_``; trailing dots and spaces go (Windows drops them);
   a reserved device name (``CON``, ``NUL``, ``COM1``, with any extension)
   gets a ``_`` in front;
+- a component longer than 255 bytes in UTF-8 (what Linux, Android and
+  Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
   system (NFC, then case folded) get `` (2)``, `` (3)`` before the extension,
   in list order; directories that differ only so are merged under the first
@@ -26,10 +28,14 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable
 
-# Windows' forbidden characters, and the backslash (a separator to some readers).
-_REPLACED = frozenset('<>:"|?*\\') | frozenset(chr(code) for code in range(32)) | {"\x7f"}
+# Bidirectional controls make a name read otherwise than it is ("photo\u202egpj.exe"): they become _ too.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The most bytes of one path component on Linux and Android (NAME_MAX), and in characters on Windows.
+MAX_COMPONENT_BYTES = 255
+# Windows' forbidden characters, the backslash (a separator to some readers), controls.
+_REPLACED = frozenset('<>:"|?*\\') | frozenset(chr(code) for code in range(32)) | {"\x7f"} | _BIDI_CONTROLS
 _RESERVED = frozenset(
-    ["CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))]
+    ["CON", "PRN", "AUX", "NUL", *(f"{device}{n}" for device in ("COM", "LPT") for n in "123456789¹²³")]
 )
 
 
@@ -48,7 +54,19 @@ def portable_component(component: str) -> str:
     component = component.rstrip(" .") or "_"
     if component.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
         component = "_" + component
-    return component
+    return shortened(component, "")
+
+
+def shortened(component: str, suffix: str) -> str:
+    """``component`` with ``suffix`` before its extension, its stem cut so that all fits MAX_COMPONENT_BYTES."""
+    stem, dot, extension = component.rpartition(".")
+    if not dot or not stem or len(extension.encode()) > 32:  # no extension (a leading dot is part of the name)
+        stem, extension = component, ""
+    extension = f".{extension}" if extension else ""
+    room = MAX_COMPONENT_BYTES - len(suffix.encode()) - len(extension.encode())
+    if len(stem.encode()) > room:  # cut on a character boundary, and no dot or space left at the cut
+        stem = stem.encode()[:room].decode(errors="ignore").rstrip(" .") or "_"
+    return f"{stem}{suffix}{extension}"
 
 
 def _key(name: str) -> str:
@@ -58,33 +76,41 @@ def _key(name: str) -> str:
 
 def numbered(component: str, number: int) -> str:
     """``photo (2).jpg`` for ``photo.jpg`` and 2: the number before the extension (none for a leading dot)."""
-    stem, dot, extension = component.rpartition(".")
-    if not dot or not stem:
-        return f"{component} ({number})"
-    return f"{stem} ({number}).{extension}"
+    return shortened(component, f" ({number})")
 
 
 def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
     """The archive's entry name for each relative path (``/``-separated bytes, in list order)."""
     files: set[str] = set()  # keys of the names given to files
     directories: dict[str, str] = {}  # a directory's key -> its name in the archive (with its parents')
+    # The last number given for a name's key: the next collision starts after it (a flood of
+    # case variants of one name costs linear time, not quadratic).
+    last_number: dict[str, int] = {}
     names: list[str] = []
+
+    def free(prefix: str, part: str) -> str:
+        """``part``, or its first numbered form, whose key no file and no directory has under ``prefix``."""
+        base = _key(prefix + part)
+        chosen, number = part, last_number.get(base, 1)
+        if number > 1:
+            chosen = numbered(part, number)
+        while _key(prefix + chosen) in files or _key(prefix + chosen) in directories:
+            number += 1
+            chosen = numbered(part, number)
+        last_number[base] = number
+        return chosen
+
     for path in paths:
         *parents, last = (portable_component(decode_component(part, encoding)) for part in path.split(b"/"))
         prefix = ""
         for part in parents:
             key = _key(prefix + part)
             if key not in directories:
-                chosen, number = part, 1
-                while _key(prefix + chosen) in files:  # a file already has this name: the directory moves
-                    number += 1
-                    chosen = numbered(part, number)
+                # A new directory; if a file has its name, it moves to a name no one has (file or directory).
+                chosen = part if key not in files else free(prefix, part)
                 directories[key] = directories[_key(prefix + chosen)] = f"{prefix}{chosen}/"
             prefix = directories[key]
-        chosen, number = last, 1
-        while _key(prefix + chosen) in files or _key(prefix + chosen) in directories:
-            number += 1
-            chosen = numbered(last, number)
+        chosen = free(prefix, last)
         files.add(_key(prefix + chosen))
         names.append(prefix + chosen)
     return names

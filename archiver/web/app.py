@@ -156,11 +156,11 @@ def create_app(settings: Settings) -> QuartTrio:
                 raise AlbumNotFound(name)
             args = request.args
             requested_filename = args.get("filename")
-            filename = display_name(requested_filename, name)
             if settings.link_secret:
                 # Before the album is looked at: no walk, no producer, and no hint whether it exists.
                 secret = settings.link_secret.encode()
                 check_link(secret, name, args.get("expires"), args.get("sig"), time.time(), requested_filename)
+            filename = display_name(requested_filename, name)
             album = resolve_album(settings.storage_dir, name)
             client = _client_address(proxies)
             if request.method == "GET":

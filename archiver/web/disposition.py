@@ -19,8 +19,15 @@ from urllib.parse import quote
 
 from ..archive.names import portable_component
 
-# Characters in a display name, ".zip" included: a long name is a probe, not a title.
+# Characters in a display name, ".zip" included: a long name is a probe, not a title.  And
+# bytes in UTF-8: a file name on Linux and Android holds 255 (116 Chinese characters are 348).
 MAX_DISPLAY_NAME = 120
+MAX_DISPLAY_NAME_BYTES = 255
+# Characters that make a name read otherwise than it is: bidirectional controls ("\u202egpj.exe"
+# shows as "exe.jpg"), and invisible ones.  A link with them is refused, not cleaned.
+_DECEPTIVE = frozenset(
+    "\u061c\u200b\u200c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
 
 # Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
@@ -67,16 +74,23 @@ class DisplayNameRefused(ValueError):
 def display_name(requested: str | None, album: str) -> str:
     """The archive's file name, ending in ``.zip``: the requested one made portable, or the album's name.
 
-    Raises DisplayNameRefused for a name over MAX_DISPLAY_NAME characters or
-    with control characters; an empty one means the album's name.
+    Raises DisplayNameRefused for a name over MAX_DISPLAY_NAME characters (or
+    MAX_DISPLAY_NAME_BYTES in UTF-8), with control characters or characters
+    that disguise a name (bidirectional controls, invisible ones).  Leading
+    dots and spaces go (a hidden file, or "../"); an empty name means the album's.
     """
-    if requested is None or not requested.strip():
+    if requested is None:
         return f"{album}.zip"
     if len(requested) > MAX_DISPLAY_NAME - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME - len('.zip')} characters")
-    if any(unicodedata.category(character) == "Cc" for character in requested):
-        raise DisplayNameRefused("filename with control characters")
-    name = portable_component(requested.strip().replace("/", "_"))
+    if len(requested.encode(errors="replace")) > MAX_DISPLAY_NAME_BYTES - len(".zip"):
+        raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
+    if any(unicodedata.category(character) == "Cc" or character in _DECEPTIVE for character in requested):
+        raise DisplayNameRefused("filename with control or invisible characters")
+    stripped = requested.replace("/", "_").lstrip(" .").strip()
+    if not stripped:
+        return f"{album}.zip"
+    name = portable_component(stripped)
     return name if name.lower().endswith(".zip") else f"{name}.zip"
 
 
