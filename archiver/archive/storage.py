@@ -5,12 +5,13 @@ An album is a directory directly under the storage root, named by its secret.
 lists what may go into its archive and says what it left out and why.
 
 Policy for what goes in: regular files only.  Symbolic links are left out,
-whatever they point to, and ``zip`` runs with ``-y`` so that a file swapped
-for a link between listing and zipping is stored as a link (its target's path)
-rather than followed: nothing outside the storage root can reach an archive,
-even through a race.  FIFOs, sockets and devices are left out (a FIFO would
-hang ``zip``), as are files the service cannot read and names ``zip -@``
-cannot take (a newline ends a name on its input).
+whatever they point to, and the producer opens every file beneath the album
+without following a link and checks it is the file listed, so that a file
+swapped for a link after the listing fails the download rather than being
+followed: nothing outside the storage root can reach an archive, even
+through a race.  FIFOs, sockets and devices are left out, as are files the
+service cannot read and names with a line break (kept out since the first
+version; no reader shows such a name as it is).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class AlbumNotFound(LookupError):
 class AlbumFile:
     """A file to archive: its path relative to the album (the entry name), size, mtime and mode.
 
-    The mode is in the archive too: zip writes it into the central directory.
+    The mode goes into the archive only with ARCHIVER_KEEP_MODES (``entries``).
     Device and inode complete the key of its CRC (``crc_index``).
     """
 
@@ -136,7 +137,7 @@ def _walk(directory: Path, prefix: str, files: list[AlbumFile], skipped: list[Sk
 def _exclusion_reason(entry: os.DirEntry[str]) -> str | None:
     """Why ``entry`` stays out of the archive, or None if it may go in (or be walked)."""
     if "\n" in entry.name or "\r" in entry.name:
-        return "line break in name (zip reads names one per line)"
+        return "line break in name"
     try:
         mode = entry.stat(follow_symlinks=False).st_mode
     except OSError as error:

@@ -42,7 +42,7 @@ app's push is released, and a client that never sends WINDOW_UPDATE makes the
 server buffer the whole archive (measured: +500 MB RSS for a 500 MB album,
 logged as complete).  Here ``pop`` releases a push only once the buffer is
 below the low-water mark, and ``push`` waits until it is: a stalled stream
-holds at most a batch and a chunk, and zip, its pipe and the download's
+holds at most a batch and a chunk, and the producer, its pipe and the download's
 channel back up behind it as they do behind a full socket on HTTP/1.1.
 
 4. Time out idle HTTP/2 connections.

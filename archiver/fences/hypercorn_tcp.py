@@ -5,7 +5,7 @@
 Hypercorn writes to a client's socket inside a cancel scope shielded from
 every outside cancellation (``TCPServer.protocol_send``): a client that stops
 reading blocks that write, and the task that asked for it, for ever; no
-timeout of the app's can end it, and the app's zip sits blocked behind it.
+timeout of the app's can end it, and the app's producer sits blocked behind it.
 Here the write gets a deadline of its own inside the shield (an inner scope's
 deadline still applies): past it the socket is closed and the protocol told,
 exactly as when the client resets the connection.  The app then sees the
@@ -18,7 +18,7 @@ otherwise hold the shutdown for the whole stall timeout.
 
 Every connection holds a descriptor.  When a flood of connections takes the
 last ones, ``accept`` fails with EMFILE (trio retries every 0.1 s, logging
-each time), and a download already running cannot open zip's pipes.  Here a
+each time), and a download already running cannot open its producer's pipes.  Here a
 connection past the limit is closed as soon as it is accepted, before the
 TLS handshake or any byte is read; the limit (``limits.connection_limit``)
 leaves the descriptors the job limit needs.

@@ -1,11 +1,11 @@
 """Limits on what one client may hold: archive jobs, album walks, how long a download may stall, its rate.
 
 The global job limit (``Settings.max_jobs``) keeps the machine from running
-more zips than it can feed; its fair share (``JobSlots``) keeps one client
+more producers than it can feed; its fair share (``JobSlots``) keeps one client
 from taking all of them once the service is busy.  A client is its address: the TCP peer, or, when the peer is a
 trusted proxy, the address the proxy put in X-Forwarded-For.  A download
 whose client stops accepting bytes is ended after ``stall_timeout``, so a
-reader that never reads holds its job slot, its zip and its buffers for that
+reader that never reads holds its job slot, its producer and its buffers for that
 long and no longer.
 """
 
@@ -21,7 +21,7 @@ import trio
 
 # Descriptors kept free for everything but client connections: the listening
 # sockets, the event loop, logging, album walks (a directory each level), and
-# six per archive job (zip's three pipes, both ends while it starts).
+# six per archive job (the producer's three pipes, both ends while it starts).
 RESERVED_DESCRIPTORS = 64
 DESCRIPTORS_PER_JOB = 6
 
@@ -103,10 +103,9 @@ class JobSlots:
 
     Ranges take slots like downloads, and one client runs at most
     ``min_share`` of them at once (RangeLimitReached), however idle the
-    service: a one-byte range near the end of a large file still has zip
-    read that file from its start, so 48 such ranges would cost 48 files'
-    reads for 48 bytes.  A download manager's 8 connections get 4 at once
-    and retry the rest, as they do on any 503.
+    service: each holds a producer process and a job slot while it runs.
+    A download manager's 8 connections get 4 at once and retry the rest, as
+    they do on any 503.
     """
 
     def __init__(self, total: int, min_share: int, reserve: int | None = None) -> None:
@@ -213,7 +212,7 @@ def connection_limit(max_connections: int, max_jobs: int) -> int:
 
     Past the limit a connection is closed as soon as it is accepted, so that a
     flood of idle connections can never take the descriptors a download in
-    progress needs for its zip, nor drive ``accept`` into EMFILE.
+    progress needs for its producer, nor drive ``accept`` into EMFILE.
     """
     if max_connections:
         return max_connections
