@@ -140,7 +140,7 @@ async def test_rate_limit_caps_bytes_per_second(settings: Settings) -> None:
 async def test_file_growing_while_sent_aborts_the_announced_length(large_storage: Path, tmp_path: Path) -> None:
     album = tmp_path / "storage" / "grow"
     album.mkdir(parents=True)
-    # One file larger than every buffer, so that zip is blocked in the middle of it.
+    # One file larger than every buffer, so that the producer is blocked in the middle of it.
     original = b"".join(path.read_bytes() for path in sorted((large_storage / "big").iterdir()))
     (album / "photo.jpg").write_bytes(original)
     settings = Settings(storage_dir=album.parent, host="127.0.0.1", port=0)

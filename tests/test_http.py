@@ -35,7 +35,7 @@ AWKWARD_TREE = {
     "photo 1.jpg": b"\xff\xd8 first photo",
     "Привет мир.jpg": "кириллица".encode(),
     "-starts-with-dash.txt": b"dash",
-    "-": b"zip's name for stdin",
+    "-": b"many programs' name for stdin",
     "sub/-": b"and in a folder",
     ' "quoted" name.txt': b"quotes and a leading space",
     "trailing space ": b"trailing",
@@ -233,7 +233,7 @@ async def test_disconnect_kills_the_producer(large_storage: Path, protocol: str)
             assert response.status_code == 200
             chunks = response.aiter_raw()  # kept: a finalised iterator closes the response
             await anext(chunks)
-            # zip is blocked on a full pipe now: the client has stopped reading.
+            # The producer is blocked on a full pipe now: the client has stopped reading.
             assert [child.state for child in producer_children()] in (["S"], ["R"])
         # Leaving the client closes the connection: the client has gone away.
         await wait_until_no_producer_children(timeout=1.0)

@@ -228,9 +228,9 @@ def test_fuzzed_range_headers_never_5xx(range_server: tuple[str, int], range_val
 
 
 def test_range_sent_whole_is_complete_even_when_the_client_leaves_at_once(range_server: tuple[str, int]) -> None:
-    # zip is stopped as soon as the range is out; a client that closes the
-    # connection in that moment cancels the download from outside as well.
-    # Neither is a failure (it used to be logged as one, by chance).
+    # A client that closes the connection as soon as the range is out cancels
+    # the download from outside while its producer is being reaped: not a
+    # failure (it used to be logged as one, by chance).
     for _ in range(30):
         status, _, body = http11_request(range_server, "GET", b"/archive/album/", [("Range", "bytes=0-0")])
         assert (status, body) == (206, b"P")
