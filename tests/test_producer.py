@@ -6,6 +6,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -221,6 +222,42 @@ async def test_a_file_rewritten_with_size_and_mtime_kept_gets_its_new_crc(storag
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
     data = await collect(plan_of(album), index=index)
     assert read_archive(data) == {"a.jpg": path.read_bytes()}
+
+
+def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) -> None:
+    """sendfile leaves references to the file's pages in the pipe, not copies: a write before the
+    reader takes them changes what it reads.  So the producer checks a file again only once the
+    reader has taken its bytes, and a rewrite in that window is a failure naming the file."""
+    from archiver.archive import producer_program as program
+
+    album = storage / "album"
+    write_tree(album, {"a.jpg": os.urandom(32_768)})  # fits a pipe's default 64 KiB
+    path = album / "a.jpg"
+    status = path.stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    instructions = program.album(os.fsencode(album), 0) + program.file_slice(b"a.jpg", key, 0, 32_768, None)
+    process = subprocess.Popen(
+        [*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    process.stdin.write(instructions + program.DONE)
+    process.stdin.close()
+    deadline = time.monotonic() + 10
+    while _unread(process.stdout.fileno()) < 32_768:  # every byte of the file is in the pipe
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.001)
+    with open(path, "r+b") as file:
+        file.write(b"X" * 100)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    process.stdout.read()
+    assert process.wait(10) == program.EXIT_CHANGED
+    assert b"a.jpg" in process.stderr.read()
+
+
+def _unread(fd: int) -> int:
+    count = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return int.from_bytes(count, sys.byteorder)
 
 
 def test_producer_refuses_input_that_is_not_its_own() -> None:

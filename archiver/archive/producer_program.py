@@ -20,18 +20,24 @@ Every file is opened beneath the album's directory descriptor, a component
 at a time with ``O_NOFOLLOW`` (a directory or file swapped for a symbolic
 link is refused, wherever it points), and must be the regular file planned
 (device, inode, size, mtime, ctime) when opened and again once its bytes are
-out.  Anything else (a file changed, truncated, grown, swapped or gone) is
+out of the pipe.  ``sendfile`` puts references to the file's page-cache
+pages into the pipe, not copies: a write to the file changes the bytes still
+in the pipe, so a file is checked again only once the reader (the service)
+has taken them (``Output.check_once_read``).  Anything else (a file changed, truncated, grown, swapped or gone) is
 one line on stderr naming the file and exit status 3: the service then
 aborts the transfer.  A closed stdout (the client left) is exit status 1.
 """
 
 from __future__ import annotations
 
-import binascii  # crc32: zlib's CRC-32, faster here (see crc_index)
+import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
+import fcntl
 import os
 import stat
 import struct
 import sys
+import termios
+import time
 import zlib
 
 from archiver.archive.zipformat import (
@@ -72,6 +78,11 @@ EXIT_BAD_INPUT = 2
 # What one sendfile or read moves at most, and the output gathered before a write.
 BLOCK = 1024 * 1024
 WRITE_GATHER = 64 * 1024
+# Files sent but not yet checked again (each holds a descriptor) before the producer waits for the reader.
+MAX_UNCHECKED = 256
+# The wait for the reader to take the pipe's bytes: polled, from this to at most 20 ms apart.
+FIRST_POLL = 0.0002
+LAST_POLL = 0.02
 
 
 def album(directory: bytes, level: int) -> bytes:
@@ -113,8 +124,12 @@ class Output:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.position = 0
+        self.position = 0  # bytes given to write, gathered or written
+        self.written = 0  # bytes written to fd
         self._pending = bytearray()
+        # Files whose bytes may still be in the pipe: (position after them, fd, key, path).
+        self._unchecked: list[tuple[int, int, FileKey, bytes]] = []
+        self._pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
 
     def write(self, data: bytes | memoryview) -> None:
         self._pending += data
@@ -125,7 +140,9 @@ class Output:
     def flush(self) -> None:
         view = memoryview(self._pending)
         while view:
-            view = view[os.write(self.fd, view) :]
+            count = os.write(self.fd, view)
+            self.written += count
+            view = view[count:]
         view.release()
         self._pending.clear()
 
@@ -138,6 +155,47 @@ class Output:
                 raise FileChanged("shorter than planned")
             offset += sent
             self.position += sent
+            self.written += sent
+
+    def check_once_read(self, fd: int, key: FileKey, path: bytes) -> None:
+        """Check (check_identity) and close ``fd`` once the reader has taken every byte written so far.
+
+        Until then the pipe may hold references to the file's pages, which a
+        write to the file would change.  Waits if MAX_UNCHECKED files are
+        waiting already.  FileChanged, naming ``path``, if it is not ``key``.
+        """
+        self._unchecked.append((self.position, fd, key, path))
+        self.settle(MAX_UNCHECKED)
+
+    def settle(self, most: int) -> None:
+        """Check the files whose bytes the reader has taken; wait for it until at most ``most`` are left."""
+        poll = FIRST_POLL
+        while self._unchecked:
+            taken = self.written - self._unread()
+            done = 0
+            for end, fd, key, path in self._unchecked:
+                if end > taken:
+                    break
+                done += 1
+                try:
+                    check_identity(fd, key)
+                except FileChanged as change:
+                    raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
+                finally:
+                    os.close(fd)
+            del self._unchecked[:done]
+            if len(self._unchecked) <= most:
+                return
+            time.sleep(poll)  # no event says "the reader took it": poll, backing off
+            poll = min(poll * 2, LAST_POLL)
+
+    def _unread(self) -> int:
+        """Bytes written to the pipe that its reader has not taken (0 if stdout is not a pipe)."""
+        if not self._pipe:
+            return 0
+        count = bytearray(4)
+        fcntl.ioctl(self.fd, termios.FIONREAD, count)
+        return int.from_bytes(count, sys.byteorder)
 
 
 class Album:
@@ -220,6 +278,7 @@ class Producer:
             kind = self.source.read(1)
             if kind == DONE:
                 self.output.flush()
+                self.output.settle(0)
                 return
             if kind == b"A":
                 level, length = self._unpack(ALBUM)
@@ -251,25 +310,32 @@ class Producer:
             raise ValueError("the input ended inside an instruction")
         return data
 
-    def _with_file(self, path: bytes, file_key: FileKey, send: Callable[..., None], *args: object) -> None:
+    def _with_file(self, path: bytes, file_key: FileKey, send: Callable[..., bool], *args: object) -> None:
         if self.album is None:
             raise ValueError("a file before the album")
         try:
             fd = self.album.open(path, file_key)
             try:
-                send(fd, file_key[2], *args)
-                check_identity(fd, file_key)  # again, now that its bytes are out
-            finally:
+                moved = send(fd, file_key[2], *args)
+                if not moved:
+                    check_identity(fd, file_key)  # again, now that its bytes are out (copied)
+            except BaseException:
                 os.close(fd)
+                raise
         except FileChanged as change:
             raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
+        if moved:
+            self.output.check_once_read(fd, file_key, path)  # again, once its pages are out of the pipe
+        else:
+            os.close(fd)
 
-    def _send_slice(self, fd: int, size: int, offset: int, length: int, crc: int | None) -> None:
+    def _send_slice(self, fd: int, size: int, offset: int, length: int, crc: int | None) -> bool:
+        """Write the slice; True if it was moved by sendfile (its pages may still be in the pipe), False if copied."""
         if offset + length > size:
             raise FileChanged("slice past the planned size")
         if crc is None:
             self.output.send_file(fd, offset, length)
-            return
+            return True
         # Verified: the whole file is read for its CRC, the slice's part of each block written.
         computed, at, view = 0, 0, memoryview(self.buffer)
         for count in _Blocks(fd, size, self.buffer):
@@ -280,8 +346,9 @@ class Producer:
             at += count
         if computed != crc:
             raise FileChanged("its bytes are not the ones its CRC-32 was read from")
+        return False
 
-    def _send_deflated(self, fd: int, size: int, fields: EntryFields) -> None:
+    def _send_deflated(self, fd: int, size: int, fields: EntryFields) -> bool:
         offset = self.output.position
         self.output.write(local_header(fields, 0, size))
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -297,6 +364,7 @@ class Producer:
         self.output.write(data)
         self.output.write(data_descriptor(crc, compressed, size, uses_zip64(fields, size)))
         self.deflated.append((fields, crc, compressed, size, offset))
+        return False  # copied
 
     def _write_central_directory(self) -> None:
         start = self.output.position
