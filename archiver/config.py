@@ -33,19 +33,17 @@ class Settings:
     verbose: bool = False
     # Deflate level 1 .. 9, or 0 to store (the default: the payload is mostly JPEG).
     compression: int = 0
-    # Bytes asked of the producer's stdout per read, and chunks buffered between reader
-    # and writer.  Memory per download is about chunk_size * (channel_capacity
-    # + 2) (+1 held back, +1 being sent): 1 MiB, plus up to 1 MiB of kernel
-    # memory in the producer's widened pipe when the client is slower.
-    # Measured (make bench): 256 KiB chunks cost HTTP/2 a quarter less CPU than
-    # 64 KiB ones.  With the producer moving data by sendfile, 512 KiB chunks
-    # were faster still over HTTP/1.1 (2026-11-30, one download: 1.43-1.72
-    # against 1.04-1.26 GB/s, 0.54-0.66 against 0.75-0.91 CPU-s/GB in the
-    # service; HTTP/2 the same within the noise), but they double what one
-    # download holds (the adversarial tests' bound of 2 MB a stream at a
-    # closed HTTP/2 window): not taken.
-    chunk_size: int = 256 * 1024
-    channel_capacity: int = 2
+    # Bytes asked of the producer's stdout per read (HTTP/2: at most 256 KiB, see
+    # ``app.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
+    # download is about chunk_size * (channel_capacity + 1) (+1 being sent; the chunk
+    # held back until the producer's exit is the last one): 1 MiB over HTTP/1.1,
+    # plus up to 1 MiB of kernel memory in the producer's widened pipe.
+    # Measured (2026-11-30, one download of 2 GB, HTTP/1.1): 512 KiB chunks 1.5-1.8
+    # GB/s and 0.51-0.62 CPU-s/GB in the service, against 1.25-1.33 GB/s and
+    # 0.71-0.76 for 256 KiB; a channel of two chunks no faster than one (noise);
+    # HTTP/2 the same within the noise with 256 KiB chunks.
+    chunk_size: int = 512 * 1024
+    channel_capacity: int = 1
     # Archive jobs (producer processes) at once; one more is refused with 503,
     # not queued.  A stored archive is bound by I/O rather than CPU, and a job costs well
     # under a megabyte, so the default is not tied to the core count.

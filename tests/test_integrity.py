@@ -30,7 +30,7 @@ from archiver.config import Settings
 from .conftest import PROTOCOLS, expected_archive, http11_request, read_archive, server_in_thread, write_tree
 
 # The chunk sizes the issue found faults with, the default, and the usual 64 KiB.
-CHUNK_SIZES = [1, 13, 30, 57, 16384, 65536, 65537, 256 * 1024]
+CHUNK_SIZES = [1, 13, 30, 57, 16384, 65536, 65537, 256 * 1024, 512 * 1024]
 # Over this many chunks an album is too slow to send for a fast test (chunk size 1).
 MAX_CHUNKS = 6_000
 

@@ -120,7 +120,7 @@ async def produce(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_feed, process.stdin, _instructions(plan, start, end, crcs))
             nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, plan.directory.name)
-            written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size)
+            written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size, expected)
             returncode = await process.wait()
         if returncode != 0:
             tail = b"".join(stderr_tail).decode(errors="replace").strip() or "(no message)"
@@ -217,15 +217,28 @@ async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], albu
 
 
 async def _pump_output(
-    stdout: trio.abc.ReceiveStream, send_channel: trio.MemorySendChannel[bytes], chunk_size: int
+    stdout: trio.abc.ReceiveStream, send_channel: trio.MemorySendChannel[bytes], chunk_size: int, expected: int | None
 ) -> tuple[int, bytes]:
-    """Move stdout to the channel, one chunk behind; return the bytes read and the chunk held back."""
+    """Move stdout to the channel; return the bytes read and the chunk held back until the producer's exit.
+
+    Held back: the chunk with the last of the ``expected`` bytes (the rest
+    go at once, so a download holds no chunk more than its channel's); with
+    no length known (deflated), each chunk until the next one comes.  More
+    than ``expected`` is ProducerFailed at once.
+    """
     held = b""
     written = 0
     # Pipe streams hand out bytes (typed bytes | bytearray): no copy needed.
     while chunk := cast(bytes, await stdout.receive_some(chunk_size)):
         written += len(chunk)
-        if held:
-            await send_channel.send(held)
-        held = chunk
+        if expected is None:
+            if held:
+                await send_channel.send(held)
+            held = chunk
+        elif written < expected:
+            await send_channel.send(chunk)
+        elif written == expected:
+            held = chunk
+        else:
+            raise ProducerFailed(f"the producer wrote more than the {expected} bytes planned")
     return written, held
