@@ -237,7 +237,9 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
     path = album / "a.jpg"
     status = path.stat()
     key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-    instructions = program.album(os.fsencode(album), 0) + program.file_slice(b"a.jpg", key, 0, 32_768, None)
+    instructions = program.album(os.fsencode(album), 0) + program.file_slice(
+        b"a.jpg", program.identity(key), 0, 32_768, None
+    )
     process = subprocess.Popen(
         [*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -277,6 +279,8 @@ def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
     status = (storage / "secret").stat()
     key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     for path in (b"../secret", b"/etc/passwd", b"./../secret", b"a//b"):
-        instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(path, key, 0, 1, None)
+        instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(
+            path, program.identity(key), 0, 1, None
+        )
         result = subprocess.run([*producer.COMMAND], input=instructions + program.DONE, capture_output=True)
         assert result.returncode == 3 and result.stdout == b"", (path, result)

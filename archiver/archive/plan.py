@@ -14,8 +14,10 @@ no data descriptors: each CRC is known before its header goes out (the CRC
 index, or read ahead, see ``crc_source``).  Deflated archives have no length
 ahead: their entries are written whole by the producer (``deflated_pieces``).
 
-Held by a download for as long as it runs, so compact: arrays, about 100
-bytes a file with its path.
+Held by a download for as long as it runs, so compact: arrays and joined
+bytes, about 250 bytes a file with its path and its two records (kept with a
+CRC of 0, the CRC patched in as they are sent: building them again cost more
+than anything else the service does a file).
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ from zoneinfo import ZoneInfo
 from .entries import EntryPolicy, dos_date_time, extended_timestamp, external_attributes
 from .names import entry_names
 from .storage import AlbumFile
-from .zipformat import DEFLATED, STORED, EntryFields, central_header, end_records, local_header
+from .zipformat import (
+    CENTRAL_CRC_AT,
+    DEFLATED,
+    LOCAL_CRC_AT,
+    STORED,
+    EntryFields,
+    central_header,
+    end_records,
+    local_header,
+)
 
 FileKey = tuple[int, int, int, int, int]
 SECOND = 1_000_000_000
@@ -74,6 +85,10 @@ class ArchivePlan:
         self._attributes = array("I", (external_attributes(file.mode, policy.keep_modes) for file in files))
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
+        # Stored: every entry's local and central header, with CRC 0, joined (see _lay_out).
+        self._local_records = b""
+        self._local_ends = array("Q")
+        self._central_records = b""
         self.length: int | None = None
         if compression == 0:
             self._lay_out()
@@ -84,6 +99,10 @@ class ArchivePlan:
 
     def path_str(self, k: int) -> str:
         return os.fsdecode(self.path(k))
+
+    def identity(self, k: int) -> tuple[int, ...]:
+        """Entry k's key as the producer takes it: device, inode, size, mtime and ctime as seconds and nanoseconds."""
+        return (*self._identities[3 * k : 3 * k + 3], *self._times[4 * k : 4 * k + 4])
 
     def key(self, k: int) -> FileKey:
         """Entry k's file as listed: device, inode, size, mtime_ns, ctime_ns (the CRC index's key)."""
@@ -103,11 +122,14 @@ class ArchivePlan:
         return EntryFields(self.name(k), method, self._dos_times[k], self._attributes[k], extra)
 
     def local_header(self, k: int, crc: int) -> bytes:
-        return local_header(self.fields(k), crc, self.sizes[k])
+        """Entry k's local header (stored archives), with ``crc``."""
+        start = self._local_ends[k - 1] if k else 0
+        return _with_crc(self._local_records, start, self._local_ends[k], LOCAL_CRC_AT, crc)
 
     def central_header(self, k: int, crc: int) -> bytes:
-        size = self.sizes[k]
-        return central_header(self.fields(k), crc, size, size, self.local_offsets[k])
+        """Entry k's central directory header (stored archives), with ``crc``."""
+        start, end = self.central_offsets[k], self.central_offsets[k + 1]
+        return _with_crc(self._central_records, start, end, CENTRAL_CRC_AT, crc)
 
     def crc_entries(self, start: int, end: int) -> array[int]:
         """The entries whose CRC bytes ``start`` .. ``end`` hold (in a local or a central header), in the order sent."""
@@ -134,17 +156,32 @@ class ArchivePlan:
         return end_records(self.count, self.central_offsets[-1], self.central_offset)
 
     def _lay_out(self) -> None:
-        """Every record's offset, from the lengths of the records themselves (CRC 0: the length is the same)."""
+        """Every record, and its offset from the lengths of the records themselves (CRC 0: the length is the same)."""
         offset = central = 0
+        records = []
         for k in range(self.count):
             self.local_offsets.append(offset)
-            offset += len(self.local_header(k, 0)) + self.sizes[k]
+            size = self.sizes[k]
+            records.append(local_header(self.fields(k), 0, size))
+            offset += len(records[-1]) + size
         self.local_offsets.append(offset)
+        self._local_records = b"".join(records)
+        self._local_ends = array("Q", accumulate(len(record) for record in records))
+        records.clear()
         for k in range(self.count):
             self.central_offsets.append(central)
-            central += len(self.central_header(k, 0))
+            size = self.sizes[k]
+            records.append(central_header(self.fields(k), 0, size, size, self.local_offsets[k]))
+            central += len(records[-1])
         self.central_offsets.append(central)
+        self._central_records = b"".join(records)
         self.length = offset + central + len(self.end_records())
+
+
+def _with_crc(records: bytes, start: int, end: int, crc_at: int, crc: int) -> bytes:
+    """The record ``records[start:end]`` with ``crc`` in its CRC-32 field at ``crc_at``."""
+    crc_start = start + crc_at
+    return records[start:crc_start] + crc.to_bytes(4, "little") + records[crc_start + 4 : end]
 
 
 @dataclass(frozen=True)
@@ -182,9 +219,11 @@ async def stored_pieces(
         header_at = plan.local_offsets[k]
         header_length = plan.local_offsets[k + 1] - header_at - plan.sizes[k]
         if start < header_at + header_length:
-            if ready(k) is None:
+            known = ready(k)
+            if known is None:
                 yield FLUSH
-            header = plan.local_header(k, await crc(k))
+                known = await crc(k)
+            header = plan.local_header(k, known)
             yield header[max(0, start - header_at) : end + 1 - header_at]
         data_at = header_at + header_length
         low, high = max(start, data_at), min(end + 1, data_at + plan.sizes[k])
@@ -199,9 +238,11 @@ async def stored_pieces(
         at = central_at + plan.central_offsets[k]
         if at > end:
             return
-        if ready(k) is None:
+        known = ready(k)
+        if known is None:
             yield FLUSH
-        record = plan.central_header(k, await crc(k))
+            known = await crc(k)
+        record = plan.central_header(k, known)
         yield record[max(0, start - at) : end + 1 - at]
     at = central_at + plan.central_offsets[-1]
     if at <= end:

@@ -159,7 +159,7 @@ async def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource
 def _encode(plan: ArchivePlan, piece: Piece) -> bytes:
     if isinstance(piece, FileSlice):
         k = piece.k
-        return producer_program.file_slice(plan.path(k), plan.key(k), piece.offset, piece.length, piece.verify_crc)
+        return producer_program.file_slice(plan.path(k), plan.identity(k), piece.offset, piece.length, piece.verify_crc)
     return producer_program.literal(piece) if piece else FLUSH
 
 

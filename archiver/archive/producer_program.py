@@ -97,19 +97,23 @@ def literal(data: bytes) -> bytes:
     return LITERAL.pack(b"B", len(data)) + data
 
 
-def file_slice(path: bytes, key: FileKey, offset: int, length: int, crc: int | None) -> bytes:
-    """Bytes ``offset`` .. ``offset + length`` of the file; with ``crc``, the whole file, checked against it."""
+def file_slice(path: bytes, identity: tuple[int, ...], offset: int, length: int, crc: int | None) -> bytes:
+    """Bytes ``offset`` .. ``offset + length`` of the file; with ``crc``, the whole file, checked against it.
+
+    ``identity``: the file's key as ``identity`` gives it (``ArchivePlan.identity``).
+    """
     verify = crc is not None
-    return FILE_SLICE.pack(b"F", *_identity(key), offset, length, verify, crc or 0, len(path)) + path
+    return FILE_SLICE.pack(b"F", *identity, offset, length, verify, crc or 0, len(path)) + path
 
 
 def deflated_entry(path: bytes, key: FileKey, fields: EntryFields) -> bytes:
     lengths = (len(path), len(fields.name), len(fields.extra))
-    packed = DEFLATED_ENTRY.pack(b"D", *_identity(key), fields.dos_time, fields.attributes, *lengths)
+    packed = DEFLATED_ENTRY.pack(b"D", *identity(key), fields.dos_time, fields.attributes, *lengths)
     return packed + path + fields.name + fields.extra
 
 
-def _identity(key: FileKey) -> tuple[int, ...]:
+def identity(key: FileKey) -> tuple[int, ...]:
+    """A file's key as instructions carry it: device, inode, size, mtime and ctime as seconds and nanoseconds."""
     device, inode, size, mtime_ns, ctime_ns = key
     return (device, inode, size, *divmod(mtime_ns, SECOND), *divmod(ctime_ns, SECOND))
 

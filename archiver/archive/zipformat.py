@@ -50,6 +50,9 @@ _CENTRAL_HEADER = struct.Struct("<4sHHHHIIIIHHHHHII")
 _ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")
 _ZIP64_END_LOCATOR = struct.Struct("<4sIQI")
 _END_RECORD = struct.Struct("<4sHHHHIIH")
+# Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
+LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
+CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
 
 LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 DATA_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
