@@ -75,3 +75,22 @@ def test_empty_album_lists_nothing(storage: Path) -> None:
     (storage / "empty" / "only-dirs").mkdir(parents=True)
     listing = list_album(storage / "empty")
     assert listing.files == ()
+
+
+def test_folders_nested_too_deep_are_left_out_and_hold_no_descriptors(tmp_path: Path) -> None:
+    from archiver.archive.storage import MAX_DEPTH
+
+    album = tmp_path / "album"
+    deepest = album
+    for _ in range(MAX_DEPTH + 50):  # one mkdir at a time: far past what a path may spell
+        deepest = deepest / "d"
+    deepest.mkdir(parents=True)
+    (deepest / "deep.jpg").write_bytes(b"x")
+    (album / "top.jpg").write_bytes(b"y")
+    (album / "d" / "one.jpg").write_bytes(b"z")
+    descriptors = len(os.listdir("/proc/self/fd"))
+    listing = list_album(album)
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert [file.path for file in listing.files] == ["d/one.jpg", "top.jpg"]
+    (skip,) = listing.skipped
+    assert skip.path.count("/") + 1 == MAX_DEPTH and "nested deeper" in skip.reason

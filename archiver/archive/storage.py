@@ -114,6 +114,10 @@ def list_album(album: Path) -> AlbumListing:
 # Each directory is listed through a descriptor, and its entries looked at relative to it:
 # a name is looked up once, not the whole path again for every file (half the walk's time).
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Folders nested deeper than this are left out: the walk holds a descriptor a level (an
+# album 1,000 levels deep, one mkdir away for an uploader, would take the descriptors
+# other downloads need, and Python's recursion limit).  No camera or CMS nests so deep.
+MAX_DEPTH = 64
 
 
 def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[SkippedEntry]) -> None:
@@ -127,6 +131,9 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
             if reason is not None:
                 skipped.append(SkippedEntry(relative, reason))
             elif stat.S_ISDIR(status.st_mode):
+                if relative.count("/") + 1 >= MAX_DEPTH:
+                    skipped.append(SkippedEntry(relative, f"nested deeper than {MAX_DEPTH} folders"))
+                    continue
                 try:
                     child = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=directory_fd)
                 except OSError as error:
