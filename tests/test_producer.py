@@ -258,6 +258,30 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
     assert b"a.jpg" in process.stderr.read()
 
 
+def test_a_producer_whose_reader_died_exits_while_it_waits_for_the_pipe_to_drain(storage: Path) -> None:
+    """The service killed (SIGKILL) while a file's bytes wait in the pipe: the producer does not
+    wait for a reader that will never come; it exits like a write to a broken pipe."""
+    from archiver.archive import producer_program as program
+
+    album = storage / "album"
+    write_tree(album, {"a.jpg": os.urandom(32_768)})
+    status = (album / "a.jpg").stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    instructions = program.album(os.fsencode(album), 0) + program.file_slice(
+        b"a.jpg", program.identity(key), 0, 32_768, None
+    )
+    process = subprocess.Popen([*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(instructions + program.DONE)
+    process.stdin.close()
+    deadline = time.monotonic() + 10
+    while _unread(process.stdout.fileno()) < 32_768:  # written, waiting for the reader
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.001)
+    process.stdout.close()  # the reader dies
+    assert process.wait(5) == program.EXIT_OUTPUT_CLOSED
+
+
 def _unread(fd: int) -> int:
     count = bytearray(4)
     fcntl.ioctl(fd, termios.FIONREAD, count)

@@ -33,11 +33,11 @@ from __future__ import annotations
 import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
 import fcntl
 import os
+import select
 import stat
 import struct
 import sys
 import termios
-import time
 import zlib
 
 from archiver.archive.zipformat import (
@@ -138,6 +138,8 @@ class Output:
         # Files whose bytes may still be in the pipe: (position after them, fd, key, path).
         self._unchecked: list[tuple[int, int, FileKey, bytes]] = []
         self._pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        self._poller = select.poll()
+        self._poller.register(fd, 0)  # POLLERR and POLLHUP only: they are always reported
 
     def write(self, data: bytes | memoryview) -> None:
         self._pending += data
@@ -194,7 +196,11 @@ class Output:
             del self._unchecked[:done]
             if len(self._unchecked) <= most:
                 return
-            time.sleep(poll)  # no event says "the reader took it": poll, backing off
+            # No event says "the reader took it": poll, backing off.  The wait is a poll of
+            # stdout, which reports POLLERR at once if the reader is gone (the service was
+            # killed): then this is the broken pipe a write would have met, not a wait for ever.
+            if self._poller.poll(poll * 1000):
+                raise BrokenPipeError("the pipe's reader is gone")
             poll = min(poll * 2, LAST_POLL)
 
     def _unread(self) -> int:
