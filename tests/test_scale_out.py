@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, free_port, read_archive, write_tree
+from .conftest import PRODUCER_PROGRAM, files_on_disk, free_port, producer_processes, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
 from .test_observability import samples
@@ -78,6 +78,8 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
         victim = first if await serving(first) else second
         survivor = second if victim is first else first
         assert await serving(victim)
+        orphans = [child.pid for child in producer_processes(victim.process.pid)]
+        assert orphans  # the download's producer, soon without its parent
         os.kill(victim.process.pid, signal.SIGKILL)
         await victim.process.wait()
         # The download in flight on the killed instance ends as a failed transfer, not a short file.
@@ -89,6 +91,18 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
             await download_small(front, shared_storage)
         async with httpx.AsyncClient(base_url=survivor.url) as direct:
             assert (await direct.get("/healthz")).status_code == 200
+        # The killed instance's producer ends too (its pipe's reader is gone), orphaned but not for long.
+        with trio.fail_after(10):
+            while any(os.path.exists(f"/proc/{pid}/cmdline") and _is_producer(pid) for pid in orphans):
+                await trio.sleep(0.02)
+
+
+def _is_producer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return PRODUCER_PROGRAM in file.read()
+    except OSError:
+        return False
 
 
 async def test_a_full_instance_hands_its_requests_to_the_next(shared_storage: Path, tmp_path: Path) -> None:
