@@ -113,10 +113,11 @@ async def test_cancellation_kills_and_reaps_the_producer(storage: Path) -> None:
     assert receive_channel.statistics().open_send_channels == 1  # never closed: no clean end
 
 
-async def test_stdout_pipe_is_widened_to_hold_several_chunks() -> None:
+@pytest.mark.parametrize("chunk_size", [256 * 1024, 64 * 1024 * 1024])  # the second past pipe-max-size
+async def test_stdout_pipe_is_widened_to_hold_several_chunks(chunk_size: int) -> None:
     process = await trio.lowlevel.open_process(["true"], stdout=subprocess.PIPE)
     assert process.stdout is not None
-    _widen_pipe(process.stdout, 256 * 1024)
+    _widen_pipe(process.stdout, chunk_size)
     assert fcntl.fcntl(process.stdout.fileno(), fcntl.F_GETPIPE_SZ) >= min(PIPE_SIZE, _pipe_max_size())
     await process.wait()
     await process.stdout.aclose()

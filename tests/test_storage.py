@@ -93,4 +93,17 @@ def test_folders_nested_too_deep_are_left_out_and_hold_no_descriptors(tmp_path: 
     assert len(os.listdir("/proc/self/fd")) == descriptors
     assert [file.path for file in listing.files] == ["d/one.jpg", "top.jpg"]
     (skip,) = listing.skipped
-    assert skip.path.count("/") + 1 == MAX_DEPTH and "nested deeper" in skip.reason
+    assert skip.path.count("/") + 1 == MAX_DEPTH + 1 and "nested deeper" in skip.reason
+
+
+def test_a_folder_nested_exactly_64_levels_is_archived(tmp_path: Path) -> None:
+    from archiver.archive.storage import MAX_DEPTH
+
+    album = tmp_path / "album"
+    folder = album
+    for _ in range(MAX_DEPTH):
+        folder = folder / "d"
+    folder.mkdir(parents=True)
+    (folder / "at-64.jpg").write_bytes(b"x")
+    listing = list_album(album)
+    assert [file.path.count("/") for file in listing.files] == [MAX_DEPTH]

@@ -28,7 +28,7 @@ from archiver.archive.names import entry_names
 from archiver.config import Settings
 
 from .browser import CHROMIUM, saved_download
-from .conftest import http11_request, running_server, server_in_thread, write_tree
+from .conftest import http11_request, read_archive, running_server, server_in_thread, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 NOON_UTC = calendar.timegm((2024, 7, 1, 12, 0, 0))
@@ -263,3 +263,35 @@ async def test_chromium_through_tls_nginx_saves_the_display_name(
     assert named[0] == "Отпуск 2024.zip"
     assert zipfile.ZipFile(named[1]).namelist() == ["Фото.jpg"]
     assert plain[0] == "3bea29ccabbbf64bdebcc055319c5745.zip"  # no display name: the album's, as before
+
+
+def _deep_path_album(album: Path, levels: int = 20) -> bytes:
+    """``album`` with top.jpg, and deep.jpg under ``levels`` folders of 200-character names (past PATH_MAX)."""
+    write_tree(album, {"top.jpg": b"top" * 100})
+    fd = os.open(album, os.O_RDONLY | os.O_DIRECTORY)
+    relative = b""
+    for level in range(levels):
+        name = b"d%02d" % level + b"x" * 200
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        relative += name + b"/"
+    deep = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(deep, b"deep")
+    os.close(deep)
+    os.close(fd)
+    assert len(os.fsencode(album) + b"/" + relative + b"deep.jpg") > 4096  # PATH_MAX
+    return relative + b"deep.jpg"
+
+
+async def test_a_path_longer_than_path_max_does_not_make_the_album_undownloadable(
+    client: httpx.AsyncClient, storage: Path
+) -> None:
+    """The walk now lists beneath directory descriptors, so it reaches files whose whole path is
+    longer than PATH_MAX (the old walk skipped them: "cannot stat: File name too long"); the CRC
+    reader still opens the whole path, fails with ENAMETOOLONG, and every download is a 500."""
+    _deep_path_album(storage / "album")
+    response = await client.get("/archive/album/")
+    assert response.status_code == 200, response.text
+    assert read_archive(response.content) == {"top.jpg": b"top" * 100}  # the deep one left out, logged

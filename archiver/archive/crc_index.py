@@ -6,7 +6,9 @@ entries).  The service computes each CRC itself (zlib-ng's ``crc32`` in a
 worker thread, ahead of the producer) and keeps it in a ``CrcIndex`` keyed by
 everything that changes when the file does: device, inode, size, mtime and
 ctime.  The ctime catches a file rewritten in place with its size kept and
-its mtime put back (``touch -r``): a write always moves it.  A CRC read
+its mtime put back (``touch -r``): a ``write`` always moves it (a store
+through a shared writable mapping to a page already dirty does not: a known
+limit, tests/test_integrity_limits.py).  A CRC read
 while the file may still have been changing within one tick of the
 filesystem's clock (its ctime is not clearly older than the read) is used
 for that download but not kept, as git treats "racily clean" entries: a

@@ -2,9 +2,10 @@
 
 Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
-device, inode, size, mtime and ctime (a write or chmod always moves the
-ctime, even when the mtime is put back).  Rows of the first version (no
-ctime, table ``crc``) are ignored.  A key SQLite's 64-bit integers cannot
+device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
+ctime, even when the mtime is put back; see ``crc_index`` for the one store
+that does not).  Rows of the first version (no ctime, table ``crc``) are
+ignored.  A key SQLite's 64-bit integers cannot
 hold (an mtime past 2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that

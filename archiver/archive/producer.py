@@ -199,7 +199,8 @@ def _widen_pipe(stdout: trio.abc.ReceiveStream, chunk_size: int) -> None:
     """Let the stdout pipe hold several chunks (Linux pipes hold 64 KiB by default); best effort."""
     if not hasattr(fcntl, "F_SETPIPE_SZ") or not isinstance(stdout, trio.lowlevel.FdStream):
         return
-    for size in (max(PIPE_SIZE, chunk_size), chunk_size):
+    # A chunk larger than pipe-max-size cannot be had (EPERM without CAP_SYS_RESOURCE): then PIPE_SIZE.
+    for size in (max(PIPE_SIZE, chunk_size), chunk_size, PIPE_SIZE):
         with contextlib.suppress(OSError):
             fcntl.fcntl(stdout.fileno(), fcntl.F_SETPIPE_SZ, size)
             return

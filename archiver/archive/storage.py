@@ -104,7 +104,8 @@ def list_album(album: Path) -> AlbumListing:
     except OSError as error:
         skipped.append(SkippedEntry(".", f"cannot list: {error.strerror}"))
     else:
-        _walk(album_fd, "", files, skipped)
+        # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
+        _walk(album_fd, "", files, skipped, PATH_MAX - len(os.fsencode(album)) - 1)
     files.sort(key=lambda file: file.path)
     for entry in skipped:
         logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
@@ -118,20 +119,30 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # album 1,000 levels deep, one mkdir away for an uploader, would take the descriptors
 # other downloads need, and Python's recursion limit).  No camera or CMS nests so deep.
 MAX_DEPTH = 64
+# The longest path the system takes (with its terminating NUL), Linux's.
+PATH_MAX = 4096
 
 
-def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[SkippedEntry]) -> None:
-    """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``."""
+def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[SkippedEntry], room: int) -> None:
+    """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
+
+    ``room``: the bytes a relative path may take (it is opened as the album's path, "/", and it).
+    """
     try:
         with os.scandir(directory_fd) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
         for entry in entries:
             relative = prefix + entry.name
+            # Through descriptors the walk reaches any depth; a path the system cannot open whole
+            # is left out, as a walk by whole paths did ("File name too long").
+            if len(relative) * 4 >= room and len(os.fsencode(relative)) >= room:
+                skipped.append(SkippedEntry(relative, "path too long for the system (PATH_MAX)"))
+                continue
             reason, status = _exclusion_reason(entry, directory_fd)
             if reason is not None:
                 skipped.append(SkippedEntry(relative, reason))
             elif stat.S_ISDIR(status.st_mode):
-                if relative.count("/") + 1 >= MAX_DEPTH:
+                if relative.count("/") + 1 > MAX_DEPTH:
                     skipped.append(SkippedEntry(relative, f"nested deeper than {MAX_DEPTH} folders"))
                     continue
                 try:
@@ -139,7 +150,7 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
                 except OSError as error:
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped)
+                    _walk(child, relative + "/", files, skipped, room)
             else:
                 files.append(
                     AlbumFile(
