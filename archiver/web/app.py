@@ -30,6 +30,7 @@ from .connection import limit_refusal, send_archive_response
 from .disposition import DisplayNameRefused, content_disposition, display_name
 from .download import ArchiveBody
 from .limits import (
+    STALL_UNIT,
     ClientWalks,
     FairShareExceeded,
     JobLimitReached,
@@ -108,6 +109,7 @@ def create_app(settings: Settings) -> QuartTrio:
     hypercorn_tcp.install(
         write_timeout=settings.stall_timeout,
         max_connections=connection_limit(settings.max_connections, settings.max_jobs),
+        write_unit=STALL_UNIT,
     )
 
     app = QuartTrio(__name__)

@@ -10,9 +10,9 @@ first byte a 500.  Whatever fails after it propagates, and the transfer is abort
 (see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
 from the Content-Length announced (HTTP/1.1: the connection closes short).
 
-Every message to the client must be taken within the body's stall timeout;
-one that is not ends the download as stalled (aborted, producer killed, slot
-freed).  Over HTTP/1.1 Hypercorn writes to the socket shielded from
+Every message to the client must be taken within the body's stall timeout
+for each 256 KiB it holds (``limits.STALL_UNIT``); one that is not ends the
+download as stalled (aborted, producer killed, slot freed).  Over HTTP/1.1 Hypercorn writes to the socket shielded from
 cancellation, so ``hypercorn_tcp`` ends such a write after the same time;
 the deadline here, which started first, has then passed and names the outcome.
 """
@@ -31,9 +31,17 @@ from quart.utils import encode_headers
 
 from ..archive.crc_index import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
 from .download import ArchiveBody, ArchiveChanged, first_failure
-from .limits import DownloadStalled, FairShareExceeded, JobLimitReached, RangeLimitReached, WalkLimitReached
+from .limits import (
+    STALL_UNIT,
+    DownloadStalled,
+    FairShareExceeded,
+    JobLimitReached,
+    RangeLimitReached,
+    WalkLimitReached,
+)
 from .metrics import DownloadMetrics
 from .pages import error_page
 
@@ -84,14 +92,16 @@ async def send_archive_response(
 async def _send_within(
     send: ASGISendCallable, event: HTTPResponseStartEvent | HTTPResponseBodyEvent, timeout: float
 ) -> None:
-    """Hand ``event`` to the server; raise DownloadStalled if the client has not taken it within ``timeout``."""
-    with trio.move_on_after(timeout) as deadline:
+    """Hand ``event`` to the server; DownloadStalled if the client has not taken it within ``timeout`` a STALL_UNIT."""
+    body = event.get("body", b"")
+    units = write_units(len(body) if isinstance(body, bytes) else 0, STALL_UNIT)  # as hypercorn_tcp counts them
+    with trio.move_on_after(timeout * units) as deadline:
         await send(event)
     # Checked after the send returns: an HTTP/1.1 write cannot be interrupted
     # (the server ends it, see the module docstring), so the deadline may
     # have passed without cancelling anything.
     if deadline.cancel_called:
-        raise DownloadStalled(f"the client accepted nothing for {timeout:g} s")
+        raise DownloadStalled(f"the client took less than 256 KiB in {timeout:g} s")
 
 
 _LIMIT_REASONS: dict[type[BaseException], str] = {

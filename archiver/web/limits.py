@@ -42,8 +42,13 @@ class WalkLimitReached(RuntimeError):
     """This client already has as many album walks waiting as one client may."""
 
 
+# The stall timeout is the time a client may take to accept each this many bytes
+# (a chunk may hold several: 512 KiB over HTTP/1.1).
+STALL_UNIT = 256 * 1024
+
+
 class DownloadStalled(RuntimeError):
-    """The client accepted nothing for ``stall_timeout`` seconds: the download is aborted."""
+    """The client took less than STALL_UNIT bytes a ``stall_timeout``: the download is aborted."""
 
 
 class TrustedProxies:

@@ -40,7 +40,7 @@ class DownloadMetrics:
         self.finished = Counter(
             "archiver_downloads_finished",
             "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed, "
-            "stalled: the client accepted nothing for the stall timeout).",
+            "stalled: the client took less than 256 KiB in the stall timeout).",
             ["outcome"],
             registry=self.registry,
         )
