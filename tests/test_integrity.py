@@ -150,6 +150,9 @@ def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory,
 @example(case=Case(256 * 1024, {"photo.jpg": 65 * 16384 - 102}, seed=2, range_points=(0.5, 1.0)))
 @example(case=Case(30, {f"{i}.jpg": 40 + i for i in range(5)}, seed=3, range_points=(0.1, 0.9)))
 @example(case=Case(57, {"Фото.jpg": 30, "b": 0, "c.jpg": 57 * 3}, seed=4, range_points=(0.0, 0.5)))
+# Files either side of the producer's COPY_LIMIT (copied with their headers / moved by sendfile),
+# a range starting inside the copied one; and 512 KiB chunks (HTTP/1.1's default).
+@example(case=Case(512 * 1024, {"a.jpg": 16384, "b.jpg": 16385, "c.jpg": 0}, seed=5, range_points=(0.1, 0.99)))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_received_bytes_are_the_archive(
     server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
