@@ -173,12 +173,12 @@ def _batch_data_frames() -> None:
         # Hypercorn's StreamBuffer.pop, which copies what it pops twice
         # (a slice, then bytes()); here the whole buffer is handed over when
         # it all fits, the usual case, and a part is copied once.
-        data: bytearray
+        data: bytes | bytearray
         if max_length >= len(self.buffer):
             data, self.buffer = self.buffer, bytearray()
         else:
             data = self.buffer[:max_length]
-            del self.buffer[:max_length]
+            self.buffer = bytearray(memoryview(self.buffer)[max_length:])
         # Release a waiting push by what is left, not by what was popped:
         # popping nothing at a closed window must not let the app add more.
         if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
@@ -220,7 +220,14 @@ def _bound_stream_buffers() -> None:
     async def push(self: Any, data: bytes) -> None:
         if self._complete:
             raise hypercorn_h2.BufferCompleteError()
-        self.buffer.extend(data)
+        if not self.buffer and isinstance(data, bytes):
+            # An empty buffer takes the app's chunk as it is (bytes are immutable): popped
+            # whole, the usual case, it is framed without a copy of its own.
+            self.buffer = data
+        else:
+            if not isinstance(self.buffer, bytearray):
+                self.buffer = bytearray(self.buffer)
+            self.buffer.extend(data)
         await self._is_empty.clear()
         # Wait until the send task has taken the buffer below the low-water
         # mark (``pop``), or the stream closed (``close`` empties the buffer).
