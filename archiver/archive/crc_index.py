@@ -48,15 +48,11 @@ from .crc_store import CrcStore
 READ_SIZE = 256 * 1024
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
-# Files are done many to a worker-thread call: a call costs ~0.11 ms of CPU
-# here (a thread woken on the other core, the event loop woken back), which
-# for 20,000 small files was most of the work, and at one call a 2.5 MB
-# photo (4 MiB a call) was as much again as reading it (a cold 500 MB album:
-# 0.17 CPU-s against 0.09 read in one call).  Up to this many bytes or files
-# a call; each CRC is handed over as it is done, and the thread stops between
-# files and blocks once the download is cancelled.  Files larger than this
-# are read this much a call, in order, with other downloads' calls between.
-BATCH_BYTES = 32 * 1024 * 1024
+# Small files are done many to a worker-thread call (a call costs ~0.1 ms,
+# which for 20,000 small files was most of the work): up to this many bytes
+# or files a call.  Larger files are read a block a call, so that a
+# cancelled download does not wait for a whole large file.
+BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
 
 FileKey = tuple[int, int, int, int, int]
@@ -155,20 +151,12 @@ def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_sta
     return True
 
 
-def _crc_of_block(
-    fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES, between: Callable[[], None] | None = None
-) -> tuple[int, int]:
-    """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the count (0 at the end).
-
-    ``between`` is called before each read after the first (in a download's
-    worker thread: ``trio.from_thread.check_cancelled``, which raises).
-    """
+def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES) -> tuple[int, int]:
+    """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the count (0 at the end)."""
     read = 0
     while read < budget and (count := os.readv(fd, [buffer])):
         crc = zlib_ng.crc32(memoryview(buffer)[:count], crc)
         read += count
-        if between is not None and read < budget:
-            between()
     return crc, read
 
 
@@ -180,25 +168,15 @@ class FileCrc(NamedTuple):
     racy: bool = False
 
 
-def small_file_crc(
-    path: Path,
-    size: int,
-    index: CrcIndex,
-    buffer: bytearray,
-    key: FileKey | None = None,
-    between: Callable[[], None] | None = None,
-) -> FileCrc:
-    """The CRC of a file of at most BATCH_BYTES, in the calling worker thread; FileChanged unless the one listed.
-
-    ``between``: as for ``_crc_of_block``.
-    """
+def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray, key: FileKey | None = None) -> FileCrc:
+    """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed."""
     fd, found = _open_listed(path, size, key)
     try:
         known = index.get(found)
         if known is not None:
             return FileCrc(found, known)
         started = time.time_ns()
-        crc, read = _crc_of_block(fd, 0, buffer, size, between)
+        crc, read = _crc_of_block(fd, 0, buffer, budget=size)
         if read != size:
             raise FileChanged(f"{path}: read {read} bytes, {size} listed")
         kept = _keep(index, fd, path, found, crc, started)
@@ -225,9 +203,7 @@ async def file_crc(
         started = time.time_ns()
         crc, read = 0, 0
         while read < size:
-            crc, count = await trio.to_thread.run_sync(
-                _crc_of_block, fd, crc, buffer, BATCH_BYTES, trio.from_thread.check_cancelled, limiter=index.readers
-            )
+            crc, count = await trio.to_thread.run_sync(_crc_of_block, fd, crc, buffer, limiter=index.readers)
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count

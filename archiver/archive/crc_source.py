@@ -1,9 +1,8 @@
 """One download's CRCs, read ahead of the producer in the order they are sent (``crc_index`` keeps them).
 
 A header waits only for its own entry's CRC: the CRCs are computed in worker
-threads, many files a call (each CRC handed to the event loop as it is done)
-and large files a block a call, while the producer sends the files before
-them.
+threads, small files a batch per call and large ones a block per call,
+while the producer sends the files before them.
 """
 
 from __future__ import annotations
@@ -60,42 +59,33 @@ class CrcSource:
             k = self._entries[position]
             if self.plan.sizes[k] > BATCH_BYTES:
                 path = self.plan.directory / self.plan.path_str(k)
-                self._publish(position, await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k)))
-                position += 1
+                results = [await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k))]
             else:
-                position = await trio.to_thread.run_sync(
-                    self._batch, position, known, buffer, trio.lowlevel.current_trio_token(), limiter=self.index.readers
+                results = await trio.to_thread.run_sync(
+                    self._small_files, position, known, buffer, limiter=self.index.readers
                 )
+            for result in results:
+                self._crcs[position] = result.crc
+                if result.racy:
+                    self._racy.add(self._entries[position])
+                position += 1
+            self._ready.value = position
         await trio.to_thread.run_sync(self.index.flush)
 
-    def _publish(self, position: int, result: FileCrc) -> None:
-        """Entry ``position``'s CRC is ``result`` (in the event loop's thread; positions come in order)."""
-        self._crcs[position] = result.crc
-        if result.racy:
-            self._racy.add(self._entries[position])
-        self._ready.value = position + 1
-
-    def _batch(self, position: int, known: array[int], buffer: bytearray, token: trio.lowlevel.TrioToken) -> int:
-        """CRCs of the files from ``position`` on, as many as one batch holds; the position after them.
-
-        In a worker thread: each CRC goes to ``_publish`` through ``token`` as
-        soon as it is read (a header waits for its own file, not the batch),
-        and a cancelled download's thread stops at the next block.
-        """
+    def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
+        """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""
+        results: list[FileCrc] = []
         budget = BATCH_BYTES
-        first = position
-        while position < len(self._entries) and position - first < BATCH_FILES and known[position] < 0:
+        while position < len(self._entries) and len(results) < BATCH_FILES and known[position] < 0:
             k = self._entries[position]
             size = self.plan.sizes[k]
-            if size > BATCH_BYTES or (position > first and size > budget):
+            if size > BATCH_BYTES or (results and size > budget):
                 break
-            trio.from_thread.check_cancelled()
             path = self.plan.directory / self.plan.path_str(k)
-            result = small_file_crc(path, size, self.index, buffer, self.plan.key(k), trio.from_thread.check_cancelled)
-            token.run_sync_soon(self._publish, position, result)
+            results.append(small_file_crc(path, size, self.index, buffer, self.plan.key(k)))
             budget -= size
             position += 1
-        return position
+        return results
 
     def _position(self, k: int) -> int:
         for first, end, at in self._runs:
