@@ -397,18 +397,47 @@ def service_and_producer_cpu(pid: int) -> float:
     return sum(cpu_seconds(pid)) + children_cpu_seconds(pid)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of ``pid``, to the nanosecond (/proc/<pid>/task/<tid>/schedstat)."""
+    threads: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            threads[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return threads
+
+
 def timed_command(command: Sequence[str], pid: int) -> tuple[float, float]:
-    """Run ``command`` (a client); the seconds it took and the service's + producers' CPU seconds meanwhile."""
-    cpu_before, started = service_and_producer_cpu(pid), time.perf_counter()
+    """Run ``command`` (a client); the seconds it took and the service's + producers' CPU seconds meanwhile.
+
+    The service's threads are measured to the nanosecond (a ranged request
+    costs one or two 10 ms clock ticks); the reaped producers, and the
+    service if one of its threads ended meanwhile (its time is then gone
+    from the threads' sum), in ticks.
+    """
+    threads, service, producers = thread_cpu_seconds(pid), cpu_seconds(pid), children_cpu_seconds(pid)
+    started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started, service_and_producer_cpu(pid) - cpu_before
+    seconds = time.perf_counter() - started
+    threads_now, service_now = thread_cpu_seconds(pid), cpu_seconds(pid)
+    if threads.keys() <= threads_now.keys():  # new threads' whole time is this command's
+        spent = sum(threads_now.values()) - sum(threads.values())
+    else:
+        spent = sum(service_now) - sum(service)
+    return seconds, spent + children_cpu_seconds(pid) - producers
+
+
+RANGE_RUNS = 9
 
 
 def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: str = sys.executable) -> None:
     """What ranges and the CRC index cost: cold and warm downloads, a resume at 90 %, the last byte, aria2c -x8.
 
-    Figures are wall seconds and the CPU seconds of the service and its
-    producers, and the CPU as a ratio to one warm full download.
+    Figures are wall seconds (median) and the CPU seconds of the service and
+    its producers (mean: the producers' CPU comes in 10 ms ticks, which a
+    median of a few runs would round), and the CPU as a ratio to one warm
+    full download.  The warm cases run at least RANGE_RUNS times.
     """
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -431,12 +460,13 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
             if shutil.which("aria2c"):
                 aria = ["aria2c", "-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "-d", scratch, "-o", "a.zip"]
                 cases["aria2c -x8 -s8"] = [*aria, url]
-            measured = {name: [timed_command(command, pid) for _ in range(repeat)] for name, command in cases.items()}
+            runs = max(repeat, RANGE_RUNS)
+            measured = {name: [timed_command(command, pid) for _ in range(runs)] for name, command in cases.items()}
     print(f"\n== ranges, {label}, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
-    warm_cpu = statistics.median(cpu for _, cpu in measured["full download, warm index"])
-    for name, runs in (("full download, cold index", cold), *measured.items()):
-        seconds = statistics.median(wall for wall, _ in runs)
-        cpu = statistics.median(cpu for _, cpu in runs)
+    warm_cpu = statistics.mean(cpu for _, cpu in measured["full download, warm index"])
+    for name, timings in (("full download, cold index", cold), *measured.items()):
+        seconds = statistics.median(wall for wall, _ in timings)
+        cpu = statistics.mean(cpu for _, cpu in timings)
         rows.append((f"{name}: time", f"{seconds * 1000:.0f} ms", ""))
         rows.append((f"{name}: CPU", f"{cpu:.2f} s", f"{cpu / warm_cpu:.2f} of a warm full download"))
     report(rows)
