@@ -13,7 +13,10 @@ is an aborted transfer on both protocols and never looks complete.
 The patch wraps ``H2Protocol.stream_send``: on the app's ``StreamClosed``, a
 stream whose body the app never ended, and which is still open on our side
 (OPEN or HALF_CLOSED_REMOTE), gets RST_STREAM(INTERNAL_ERROR) before Hypercorn
-forgets it.  A stream the client reset is already CLOSED.
+forgets it.  A stream the client reset is already CLOSED.  An app that stops
+waiting for its last body message (Hypercorn's EndBody waits until the client
+has taken the stream's buffered tail: the stall timeout cancels it) has not
+finished either: the buffer is marked incomplete again, and the stream reset.
 
 2. Send DATA frames in batches.
 
@@ -82,12 +85,13 @@ from typing import Any
 
 import h2.errors
 import h2.exceptions
+import trio
 from h2.connection import H2Connection
 from h2.stream import StreamState
 from hypercorn.events import RawData, Updated
 from hypercorn.protocol import h2 as hypercorn_h2
+from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
@@ -159,7 +163,15 @@ def _reset_unfinished_streams() -> None:
                     pass  # the stream closed meanwhile: nothing left to abort
                 else:
                     await self._flush()
-        await original(self, event)
+        try:
+            await original(self, event)
+        except trio.Cancelled:
+            buffer = self.stream_buffers.get(getattr(event, "stream_id", None))
+            if isinstance(event, EndBody) and buffer is not None:
+                # The app stopped waiting for the client to take the tail (a stall): the
+                # response is not finished, so the StreamClosed that follows resets it.
+                buffer._complete = False
+            raise
 
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
 

@@ -65,6 +65,12 @@ async def send_archive_response(
                     await _send_within(send, _start_event(response), body.stall_timeout)
                     headers_sent = True
                 await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
+            if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
+                await _send_within(send, _start_event(response), body.stall_timeout)
+                headers_sent = True
+            # Within the download and its deadline: over HTTP/2 the last message waits until the
+            # client has taken the stream's buffered tail, which a closed window would hold for ever.
+            await _send_within(send, _body_event(b"", more_body=False), body.stall_timeout)
     except BaseException as error:
         # A group, often: the failure, and the cancellations it caused in the
         # download's nursery (and, once the client is gone, in Quart-Trio's).
@@ -83,9 +89,6 @@ async def send_archive_response(
             raise
         await send_response(send, refusal)
         return True
-    if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
-        await send(_start_event(response))
-    await send(_body_event(b"", more_body=False))
     return True
 
 
