@@ -12,7 +12,9 @@ import trio
 import trio.testing
 
 from archiver.config import Settings, SettingsError
+from archiver.fences.hypercorn_tcp import write_units
 from archiver.web.limits import (
+    STALL_UNIT,
     ClientWalks,
     FairShareExceeded,
     JobLimitReached,
@@ -300,3 +302,13 @@ async def test_a_full_service_refuses_the_heaviest_client_first(settings: Settin
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
     assert metrics["archiver_active_clients"] == 54
     assert metrics["archiver_largest_client_share"] == 10
+
+
+def test_the_socket_counts_a_chunk_and_its_framing_as_the_app_counts_the_chunk() -> None:
+    # The app gives a chunk one stall timeout per STALL_UNIT; the socket's write of it carries
+    # framing too (a chunk header, HTTP/2 frame headers), which must not make it another unit.
+    assert write_units(2 * STALL_UNIT, STALL_UNIT) == 2
+    assert write_units(2 * STALL_UNIT + len(b"80000\r\n\r\n"), STALL_UNIT) == 2  # chunked, deflate mode
+    assert write_units(STALL_UNIT + 16 * 9, STALL_UNIT) == 1  # 16 HTTP/2 frame headers
+    assert write_units(STALL_UNIT + 64 * 1024, STALL_UNIT) == 2
+    assert write_units(0, STALL_UNIT) == 1
