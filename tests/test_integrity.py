@@ -15,11 +15,16 @@ which zipfile checks too.
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -169,3 +174,47 @@ def test_received_bytes_are_the_archive_wide(
     server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
 ) -> None:
     check_album(server_for, tmp_path_factory, protocol, case)
+
+
+def receive_through_irregular_windows(address: tuple[str, int], name: str, seed: int) -> bytes:
+    """The body over raw HTTP/2, the stream's window opened by random amounts (often a byte) as data comes.
+
+    The server's send buffer is then popped in parts of every size, whole
+    chunks and parts of them kept between pops.
+    """
+    generator = random.Random(seed)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: generator.choice([1, 1000, 70_000])})
+    connection.increment_flow_control_window(2**31 - 1 - 65_535)  # the connection's window wide open
+    headers = [(":method", "GET"), (":path", f"/archive/{name}/"), (":scheme", "http"), (":authority", "x")]
+    connection.send_headers(1, headers, end_stream=True)
+    body = bytearray()
+    with socket.create_connection(address, timeout=60) as sock:
+        sock.sendall(connection.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection before the stream ended"
+            increments = []
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    if event.flow_controlled_length:
+                        increments.append(generator.choice([1, 2, 7, 16_383, 16_385, 70_000, len(event.data) or 1]))
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError("the stream was reset")
+                elif isinstance(event, h2.events.StreamEnded):
+                    return bytes(body)
+            for increment in increments:  # once the batch is read: the stream may have ended in it
+                connection.increment_flow_control_window(increment, stream_id=1)
+            sock.sendall(connection.data_to_send())
+
+
+@given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=3), seed=st.integers(0, 2**32))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_http2_windows_opened_by_any_amount_deliver_the_archive(
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, sizes: list[int], seed: int
+) -> None:
+    address, storage = server_for(256 * 1024)  # HTTP/2's chunk: a whole one kept, then popped in parts
+    album = make_album(storage, tmp_path_factory, {f"{i}.jpg": size for i, size in enumerate(sizes)}, seed)
+    assert receive_through_irregular_windows(address, album.name, seed) == expected_archive(album)
