@@ -129,8 +129,12 @@ class ProducerChild:
 def producer_processes(ancestor: int) -> list[ProducerChild]:
     """The producer processes below ``ancestor`` (children, or deeper: hypercorn's CLI runs a worker), zombies too.
 
-    A producer is known by its command line (the program's file); a zombie has
-    none left, and is known by its name (the interpreter's) and parent.
+    A producer is known by its command line (the program's file).  A dying one
+    has none left: its memory goes early in the kernel's exit, and for a while
+    (a third of the samples, killed producers watched in a loop) it is still
+    running in ``stat`` with an empty command line, then a zombie.  Both are
+    known by their name (the interpreter's) and parent.  (Missing the first
+    made a test see no producer, then one zombie at its next look.)
     """
     parents: dict[int, int] = {}
     producers = []
@@ -139,17 +143,17 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat") as file:
-                fields = file.read()
             with open(f"/proc/{entry.name}/cmdline", "rb") as file:
                 command = file.read()
+            with open(f"/proc/{entry.name}/stat") as file:
+                fields = file.read()
         except OSError:
             continue
         # comm may hold spaces: split after its closing parenthesis.
         comm = fields[fields.index("(") + 1 : fields.rindex(")")]
         state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
         parents[int(entry.name)] = int(ppid)
-        if PRODUCER_PROGRAM in command or (state == "Z" and comm == interpreter):
+        if PRODUCER_PROGRAM in command or (comm == interpreter and (state == "Z" or not command)):
             producers.append(ProducerChild(int(entry.name), state))
 
     def descends(pid: int) -> bool:
