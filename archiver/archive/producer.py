@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -26,7 +26,7 @@ import trio
 
 from . import producer_program
 from .crc_source import CrcSource
-from .plan import FLUSH, ArchivePlan, FileSlice, Piece, stored_pieces
+from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ async def produce(
         # All generated: the plan's own bytes, no process.
         assert crcs is not None
         task_status.started()
-        await _send_generated(
-            stored_pieces(plan, start, end, crcs.crc, crcs.ready, crcs.racy), send_channel, chunk_size
-        )
+        await _send_generated(plan, start, end, crcs, send_channel, chunk_size)
         await send_channel.aclose()
         return
     try:
@@ -118,7 +116,7 @@ async def produce(
     stderr_tail: deque[bytes] = deque()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, process.stdin, _instructions(plan, start, end, crcs))
+            nursery.start_soon(_feed, process.stdin, _instructions(plan, start, end, crcs), crcs)
             nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, plan.directory.name)
             written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size, expected)
             returncode = await process.wait()
@@ -141,8 +139,8 @@ async def produce(
             await process.stderr.aclose()
 
 
-async def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> AsyncIterator[bytes]:
-    """The producer's input for bytes ``start`` .. ``end`` of ``plan``; b"" where it should be sent before a wait."""
+def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> Iterator[bytes | CrcWait]:
+    """The producer's input for bytes ``start`` .. ``end`` of ``plan``, with the waits for CRCs (``stored_pieces``)."""
     level = plan.compression
     yield producer_program.album(os.fsencode(plan.directory), level)
     if plan.length is None:  # deflated: whole entries, written by the producer
@@ -151,27 +149,34 @@ async def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource
         yield producer_program.END
     else:
         assert crcs is not None
-        async for piece in stored_pieces(plan, start, end, crcs.crc, crcs.ready, crcs.racy):
-            yield _encode(plan, piece)
+        for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
+            if isinstance(piece, FileSlice):
+                k, offset, length, verify_crc = piece
+                yield producer_program.file_slice(plan.path(k), plan.identity(k), offset, length, verify_crc)
+            elif isinstance(piece, CrcWait):
+                yield piece
+            else:
+                yield producer_program.literal(piece)
     yield producer_program.DONE
 
 
-def _encode(plan: ArchivePlan, piece: Piece) -> bytes:
-    if isinstance(piece, FileSlice):
-        k = piece.k
-        return producer_program.file_slice(plan.path(k), plan.identity(k), piece.offset, piece.length, piece.verify_crc)
-    return producer_program.literal(piece) if piece else FLUSH
-
-
-async def _feed(stdin: trio.abc.SendStream, instructions: AsyncIterator[bytes]) -> None:
-    """Write the instructions to the producer's stdin, gathered into pieces of about FEED_SIZE."""
+async def _feed(stdin: trio.abc.SendStream, instructions: Iterator[bytes | CrcWait], crcs: CrcSource | None) -> None:
+    """Write the instructions to the producer's stdin in pieces of about FEED_SIZE; all before a CRC is waited for."""
     pending: list[bytes] = []
     size = 0
     try:
-        async for instruction in instructions:
+        for instruction in instructions:
+            if isinstance(instruction, CrcWait):
+                assert crcs is not None
+                if pending:
+                    await stdin.send_all(b"".join(pending))
+                    pending.clear()
+                    size = 0
+                await crcs.crc(instruction.k)
+                continue
             pending.append(instruction)
             size += len(instruction)
-            if size >= FEED_SIZE or (not instruction and size):
+            if size >= FEED_SIZE:
                 await stdin.send_all(b"".join(pending))
                 pending.clear()
                 size = 0
@@ -183,9 +188,14 @@ async def _feed(stdin: trio.abc.SendStream, instructions: AsyncIterator[bytes]) 
         await stdin.aclose()
 
 
-async def _send_generated(pieces: AsyncIterator[Piece], send_channel: trio.MemorySendChannel[bytes], size: int) -> None:
+async def _send_generated(
+    plan: ArchivePlan, start: int, end: int, crcs: CrcSource, send_channel: trio.MemorySendChannel[bytes], size: int
+) -> None:
     pending = bytearray()
-    async for piece in pieces:
+    for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
+        if isinstance(piece, CrcWait):
+            await crcs.crc(piece.k)
+            continue
         assert not isinstance(piece, FileSlice), "a generated range holds no file data"
         pending += piece
         if len(pending) >= size:
