@@ -65,6 +65,10 @@ IDENTITY = "QQQqIqI"
 FILE_SLICE = struct.Struct(f"<c{IDENTITY}QQBIH")
 # kind, identity, dos time, external attributes, path, name and extra lengths
 DEFLATED_ENTRY = struct.Struct(f"<c{IDENTITY}IIHHH")
+# What follows each kind byte, read on its own: the records without their first field.
+ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY = (
+    struct.Struct("<" + record.format[2:]) for record in (ALBUM, LITERAL, FILE_SLICE, DEFLATED_ENTRY)
+)
 SECOND = 1_000_000_000
 END = b"E"
 DONE = b"Z"
@@ -212,28 +216,35 @@ class Output:
         return int.from_bytes(count, sys.byteorder)
 
 
+# A path's parts that would not name an entry of the directory they are in.
+_NOT_NAMES = (b"", b".", b"..")
+
+
 class Album:
     """The album's directory, and files opened beneath it without following a link."""
 
     def __init__(self, directory: bytes) -> None:
         # The album's real path (the service resolved it): a link put in its place is refused.
         self.root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._directory = b""  # the directory of the last file opened, and its descriptor
+        self._directory = b""  # the directory of the last file opened ("a/b/"), and its descriptor
         self._directory_fd = self.root
 
     def open(self, path: bytes, key: FileKey) -> int:
         """A descriptor of the regular file at ``path`` (relative), if it is the one planned; FileChanged if not."""
-        parts = path.split(b"/")
-        if any(part in (b"", b".", b"..") for part in parts):
+        name = path.rpartition(b"/")[2]
+        directory = path[: len(path) - len(name)]  # with its last "/": "" is the album, "/" no directory
+        if name in _NOT_NAMES:
             raise FileChanged("not a plain relative path")
-        directory = b"/".join(parts[:-1])
         try:
-            if directory != self._directory:
-                self._enter(parts[:-1])
+            if directory != self._directory:  # its parts checked once, as it is entered
+                parts = directory[:-1].split(b"/") if directory else []
+                if any(part in _NOT_NAMES for part in parts):
+                    raise FileChanged("not a plain relative path")
+                self._enter(parts)
                 self._directory = directory
             # O_NONBLOCK: a FIFO put in the file's place must not hang the open (regular files ignore it).
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            fd = os.open(parts[-1], flags, dir_fd=self._directory_fd)
+            fd = os.open(name, flags, dir_fd=self._directory_fd)
         except OSError as error:
             raise FileChanged(error.strerror or str(error)) from None
         try:
@@ -288,35 +299,35 @@ class Producer:
         self.deflated: list[tuple[EntryFields, int, int, int, int]] = []  # fields, crc, compressed, size, offset
 
     def run(self) -> None:
+        read, kind_of = self._read, self.source.read
         while True:
-            kind = self.source.read(1)
-            if kind == DONE:
+            kind = kind_of(1)
+            # The most frequent first: a stored file's header, then its data.
+            if kind == b"B":
+                (length,) = LITERAL_BODY.unpack(read(LITERAL_BODY.size))
+                self.output.write(read(length))
+            elif kind == b"F":
+                *identity, offset, length, verify, crc, path_length = FILE_SLICE_BODY.unpack(read(FILE_SLICE_BODY.size))
+                path = read(path_length)
+                self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
+            elif kind == DONE:
                 self.output.flush()
                 self.output.settle(0)
                 return
-            if kind == b"A":
-                level, length = self._unpack(ALBUM)
+            elif kind == b"A":
+                level, length = ALBUM_BODY.unpack(read(ALBUM_BODY.size))
                 self.level = level
-                self.album = Album(self._read(length))
-            elif kind == b"B":
-                (length,) = self._unpack(LITERAL)
-                self.output.write(self._read(length))
-            elif kind == b"F":
-                *identity, offset, length, verify, crc, path_length = self._unpack(FILE_SLICE)
-                path = self._read(path_length)
-                self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
+                self.album = Album(read(length))
             elif kind == b"D":
-                *identity, dos_time, attributes, path_length, name_length, extra_length = self._unpack(DEFLATED_ENTRY)
-                path, name, extra = self._read(path_length), self._read(name_length), self._read(extra_length)
+                record = DEFLATED_ENTRY_BODY.unpack(read(DEFLATED_ENTRY_BODY.size))
+                *identity, dos_time, attributes, path_length, name_length, extra_length = record
+                path, name, extra = read(path_length), read(name_length), read(extra_length)
                 fields = EntryFields(name, DEFLATED, dos_time, attributes, extra)
                 self._with_file(path, _key(tuple(identity)), self._send_deflated, fields)
             elif kind == END:
                 self._write_central_directory()
             else:
                 raise ValueError(f"instruction {kind!r}: the input ended or is not the producer's")
-
-    def _unpack(self, record: struct.Struct) -> tuple[int, ...]:
-        return record.unpack(b"\0" + self._read(record.size - 1))[1:]
 
     def _read(self, length: int) -> bytes:
         data = self.source.read(length)
