@@ -28,6 +28,7 @@ import trio
 from archiver.config import Settings
 
 from .conftest import (
+    PROTOCOLS,
     files_on_disk,
     free_port,
     producer_processes,
@@ -292,6 +293,40 @@ async def test_http2_stream_at_a_closed_window_is_reset_after_the_stall_timeout(
         await attacker.stream.aclose()
     assert not attacker.ended
     assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 2
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_deflated_download_to_a_client_that_stops_reading_is_cut_at_the_stall_timeout(
+    attacked_storage: Path, protocol: str
+) -> None:
+    # Deflate mode: chunked over HTTP/1.1 (no length), the producer's zlib output held a chunk behind.
+    async with archiver_process(attacked_storage, stall_timeout="1", compression="6") as server:
+        if protocol == "HTTP/1.1":
+            sock = await open_non_reader(address_of(server.url), b"/archive/big/")
+            head = await sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+            await wait_until_no_producer(server.process.pid, timeout=30)
+            received = bytearray(head)
+            with trio.fail_after(10):
+                while data := await sock.recv(1 << 20):
+                    received += data
+            sock.close()
+            assert not received.endswith(b"\r\n0\r\n\r\n"), "aborted, never ended as if complete"
+        else:
+            attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
+            await attacker.start()
+            stream = await attacker.get("/archive/big/")
+            with trio.fail_after(30):
+                while stream not in attacker.reset:
+                    await attacker.read_some()
+            await wait_until_no_producer(server.process.pid, timeout=10)
+            await attacker.stream.aclose()
+            assert not attacker.ended
+        metrics = await metrics_of(server.url)
+        await normal_download_works(server.url, attacked_storage, protocol)
+    assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 1
+    assert metrics["archiver_downloads_in_flight"] == 0
+    assert b"stalled: the client took less than 256 KiB in 1 s" in server.output
 
 
 @pytest.fixture(params=["big", pytest.param("huge", marks=pytest.mark.slow)])
