@@ -25,9 +25,10 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from archiver.web.ranges import parse_range
@@ -398,7 +399,12 @@ PSEUDO_HEADERS = st.lists(
 def http2_sessions(draw: st.DrawFn) -> bytes:
     """A preface, then a request h2 would refuse to send, and frames no client should."""
     connection = h2_client(validate_outbound_headers=False, normalize_outbound_headers=False)
-    connection.send_headers(1, draw(PSEUDO_HEADERS), end_stream=draw(st.booleans()))
+    try:
+        connection.send_headers(1, draw(PSEUDO_HEADERS), end_stream=draw(st.booleans()))
+    except h2.exceptions.ProtocolError:
+        # Unchecked as it is, h2 still will not frame some: a ":status" of 1xx is an informational
+        # response, which a client's stream cannot send.  No bytes to try: draw again.
+        reject()
     data = connection.data_to_send()
     frames = draw(st.lists(st.one_of(SETTINGS_FRAMES, WINDOW_UPDATES, RAW_FRAMES), max_size=5))
     return data + b"".join(frames)
