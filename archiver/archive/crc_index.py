@@ -85,19 +85,35 @@ class CrcIndex:
         self.readers = trio.CapacityLimiter(readers)
 
     def get(self, key: FileKey) -> int | None:
-        with self._lock:
-            crc = self._crcs.get(key)
-            if crc is not None:
-                self._crcs.move_to_end(key)
-                return crc
-        crc = None if self.store is None else self.store.get(key)
-        if crc is not None:
-            self._remember(key, crc)
-        return crc
+        crc = self.known((key,))[0]
+        return None if crc < 0 else crc
 
     def known(self, keys: Iterable[FileKey]) -> array[int]:
-        """The CRC for each key, -1 where there is none (for ``CrcSource``; in a worker thread with a store)."""
-        return array("q", (-1 if (crc := self.get(key)) is None else crc for key in keys))
+        """The CRC for each key, -1 where there is none (for ``CrcSource``; in a worker thread with a store).
+
+        The memory's under one lock for all keys (20,000 keys: a lock and two
+        calls a key were 0.03 s of a warm download's first byte), then the
+        store's for those it lacks.
+        """
+        keys = list(keys)
+        crcs = array("q", [-1]) * len(keys)
+        lacking = []
+        with self._lock:
+            remembered, used = self._crcs.get, self._crcs.move_to_end
+            for position, key in enumerate(keys):
+                crc = remembered(key)
+                if crc is None:
+                    lacking.append(position)
+                else:
+                    used(key)
+                    crcs[position] = crc
+        if self.store is not None:
+            for position in lacking:
+                crc = self.store.get(keys[position])
+                if crc is not None:
+                    self._remember(keys[position], crc)
+                    crcs[position] = crc
+        return crcs
 
     def put(self, key: FileKey, crc: int) -> None:
         self._remember(key, crc)

@@ -106,9 +106,9 @@ class ArchivePlan:
 
     def key(self, k: int) -> FileKey:
         """Entry k's file as listed: device, inode, size, mtime_ns, ctime_ns (the CRC index's key)."""
-        device, inode, size = self._identities[3 * k : 3 * k + 3]
-        mtime, mtime_ns, ctime, ctime_ns = self._times[4 * k : 4 * k + 4]
-        return device, inode, size, mtime * SECOND + mtime_ns, ctime * SECOND + ctime_ns
+        identities, times, i, t = self._identities, self._times, 3 * k, 4 * k  # indexed: no slices made
+        mtime, ctime = times[t] * SECOND + times[t + 1], times[t + 2] * SECOND + times[t + 3]
+        return identities[i], identities[i + 1], identities[i + 2], mtime, ctime
 
     def name(self, k: int) -> bytes:
         """Entry k's name in the archive (UTF-8, see ``names``)."""
