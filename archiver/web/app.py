@@ -290,9 +290,9 @@ def chunk_size_for(http_version: str, chunk_size: int) -> int:
     """The chunk size for a download over ``http_version``: HTTP/2 reads at most one send batch a chunk.
 
     An HTTP/2 stream at a closed flow-control window holds its chunks in the
-    server (``hypercorn_h2``): at most a batch (256 KiB) a chunk keeps it to
-    ~1 MB.  An HTTP/1.1 download's chunks wait in the socket's send path and
-    gain from being larger (fewer trips through the event loop a GB).
+    server (``hypercorn_h2``): at most a batch (512 KiB, the default chunk) a
+    chunk keeps that to a batch and a chunk.  An HTTP/1.1 download's chunks
+    wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
     """
     return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
 
