@@ -217,14 +217,3 @@ async def test_a_range_holds_only_the_entries_it_sends_whole(tmp_path: Path) -> 
     await crcs.compute()
     assert [entry.k for entry in await crcs.held()] == [1]  # c.jpg: larger than a held file may be
     assert await crcs.crc(0) == zlib.crc32(b"a" * 1000) and await crcs.crc(2) == zlib.crc32(b"c" * (HOLD_BYTES + 1))
-
-
-async def test_a_file_of_more_than_hold_chunks_chunks_is_read_ahead_not_held(tmp_path: Path) -> None:
-    # Chunks of a few bytes (an operator's setting) would make a held file that many objects.
-    write_tree(tmp_path / "album", {"a.jpg": b"a" * 640, "b.jpg": b"b" * 641})
-    plan = ArchivePlan(tmp_path / "album", list_album(tmp_path / "album").files)
-    assert plan.length is not None
-    crcs = CrcSource(plan, plan.crc_entries(0, plan.length - 1), CrcIndex(), (0, plan.length - 1), chunk_size=10)
-    await crcs.compute()
-    assert [entry.k for entry in await crcs.held()] == [0]  # 640 bytes: HOLD_CHUNKS (64) chunks of 10
-    assert await crcs.crc(1) == zlib.crc32(b"b" * 641)

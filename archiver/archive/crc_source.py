@@ -41,9 +41,6 @@ from .zipformat import LOCAL_CRC_AT
 # The largest file held (see above): a cold download may hold this much more
 # memory, for as long as the file's bytes take to come through the pipe.
 HOLD_BYTES = 4 * 1024 * 1024
-# ... and at most this many chunks of it: each chunk held is an object of its own
-# (chunks of a few bytes, which an operator may set, would cost far more than their bytes).
-HOLD_CHUNKS = 64
 
 # ``known`` and ``_crcs`` below: -1 not known yet, HELD for a held entry until its CRC comes.
 UNKNOWN = -1
@@ -67,21 +64,12 @@ class CrcSource:
     """
 
     def __init__(
-        self,
-        plan: ArchivePlan,
-        entries: Sequence[int],
-        index: CrcIndex,
-        hold: tuple[int, int] | None = None,
-        chunk_size: int = HOLD_BYTES,
+        self, plan: ArchivePlan, entries: Sequence[int], index: CrcIndex, hold: tuple[int, int] | None = None
     ) -> None:
-        """``hold``: the bytes (start, end) the producer sends, whose whole entries may be held; None: none.
-
-        A file is held if at most HOLD_BYTES and HOLD_CHUNKS chunks of ``chunk_size``.
-        """
+        """``hold``: the bytes (start, end) the producer sends, whose whole entries may be held; None: none."""
         self.plan = plan
         self.index = index
         self._hold = hold
-        self._hold_most = min(HOLD_BYTES, HOLD_CHUNKS * chunk_size)
         # Runs of consecutive entries (a range needs at most two: local headers, central
         # headers): k's position is found in them without a table the size of the album.
         self._entries = entries
@@ -143,7 +131,7 @@ class CrcSource:
             offsets, sizes = self.plan.local_offsets, self.plan.sizes
             for position, k in enumerate(self._entries):
                 whole = start <= offsets[k] and offsets[k + 1] <= end + 1
-                if known[position] == UNKNOWN and 0 < sizes[k] <= self._hold_most and whole:
+                if known[position] == UNKNOWN and 0 < sizes[k] <= HOLD_BYTES and whole:
                     known[position] = HELD
                     held.append(HeldEntry(k, offsets[k] + LOCAL_CRC_AT, offsets[k + 1] - sizes[k], offsets[k + 1]))
         self._held = held

@@ -316,7 +316,7 @@ async def _pump_holding(
     byte, chunks wait; the CRC of the data is computed as they come, then
     written over the 0 (one copy of the chunk with the field) and they go.
     ProducerFailed if the field is not 0 (the output is not the plan's).
-    Holds one held entry (at most HOLD_BYTES, HOLD_CHUNKS chunks) and the chunks its ends share.
+    Holds one held entry (at most HOLD_BYTES) and two chunks at the most.
     """
     position = start  # the archive offset of the next byte read
     waiting: deque[_Waiting] = deque()

@@ -72,7 +72,7 @@ class ArchiveBody(ResponseBody):
         self._crcs = None
         if plan.length is not None:
             entries = plan.crc_entries(self._start, self._end)
-            self._crcs = CrcSource(plan, entries, crc_index, hold=(self._start, self._end), chunk_size=chunk_size)
+            self._crcs = CrcSource(plan, entries, crc_index, hold=(self._start, self._end))
         # Who asked (for the fair share of the job slots), and how long one
         # chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
