@@ -179,9 +179,26 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
         # Warm up (imports, worker threads, allocator arenas): a whole download of the large album.
         async with polite_client(server.url, "HTTP/2") as warm_up:
             assert (await warm_up.get("/archive/big/")).status_code == 200
-        attackers, growth = await stall_at_zero_window(pid, server.url, clients, "/archive/big/")
+        before = resident_kib(pid)
+        attackers = [RawH2Client(await connect_from(local, address_of(server.url))) for local in clients]
+        for attacker in attackers:
+            await attacker.start()
+            for _ in range(4):
+                await attacker.get("/archive/big/")
+        for attacker in attackers:
+            await attacker.read_until_quiet()
+        assert await wait_for_producer_output_to_stop(pid) == streams
+        growth = (resident_kib(pid) - before) / 1024
+        for attacker in attackers:
+            # Each stream got the initial window and no more; none ended as if complete.
+            assert sum(attacker.received.values()) <= 65535
+            assert not attacker.ended
         await normal_download_works(server.url, attacked_storage, "HTTP/2")
-        await close_all(attackers, pid)
+        for attacker in attackers:
+            await attacker.stream.aclose()
+        with trio.fail_after(10):
+            while producer_processes(pid):
+                await trio.sleep(0.05)
     record_figure(
         f"HTTP/2 zero window, {streams} streams of a {album_mb(attacked_storage):.0f} MB album: "
         f"server RSS +{growth:.1f} MB ({growth / streams:.2f} MB a stream), producers backed up; producers gone after"
@@ -189,39 +206,6 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
     # Each stream: its buffer (a batch and a chunk at most), a chunk in the channel, one read
     # from the pipe waiting to go in: ~1.5 MiB of 512 KiB chunks, not the 72 MB album.
     assert growth < 3 * streams
-
-
-async def stall_at_zero_window(
-    pid: int, url: str, clients: tuple[str, ...], path: str, per_client: int = 4
-) -> tuple[list[RawH2Client], float]:
-    """``per_client`` streams from each of ``clients`` that never open their window.
-
-    Returns the attackers and the server's RSS growth (MB) once their producers' output stopped.
-    """
-    before = resident_kib(pid)
-    attackers = [RawH2Client(await connect_from(local, address_of(url))) for local in clients]
-    for attacker in attackers:
-        await attacker.start()
-        for _ in range(per_client):
-            await attacker.get(path)
-    for attacker in attackers:
-        await attacker.read_until_quiet()
-    assert await wait_for_producer_output_to_stop(pid) == per_client * len(clients)
-    growth = (resident_kib(pid) - before) / 1024
-    for attacker in attackers:
-        # Each stream got the initial window and no more; none ended as if complete.
-        assert sum(attacker.received.values()) <= 65535
-        assert not attacker.ended
-    return attackers, growth
-
-
-async def close_all(attackers: list[RawH2Client], pid: int) -> None:
-    """Close the attackers' connections; their producers are gone within 10 s."""
-    for attacker in attackers:
-        await attacker.stream.aclose()
-    with trio.fail_after(10):
-        while producer_processes(pid):
-            await trio.sleep(0.05)
 
 
 async def test_http2_zero_window_with_a_cold_index_holds_at_most_a_file_more_a_stream(tmp_path: Path) -> None:
@@ -234,8 +218,20 @@ async def test_http2_zero_window_with_a_cold_index_holds_at_most_a_file_more_a_s
         pid = server.process.pid
         async with polite_client(server.url, "HTTP/2") as warm_up:
             assert (await warm_up.get("/archive/warm-up/")).status_code == 200
-        attackers, growth = await stall_at_zero_window(pid, server.url, ("127.0.0.1",), "/archive/held/", streams)
-        await close_all(attackers, pid)
+        before = resident_kib(pid)
+        attacker = RawH2Client(await connect_from("127.0.0.1", address_of(server.url)))
+        await attacker.start()
+        for _ in range(streams):
+            await attacker.get("/archive/held/")
+        await attacker.read_until_quiet()
+        assert await wait_for_producer_output_to_stop(pid) == streams
+        growth = (resident_kib(pid) - before) / 1024
+        assert sum(attacker.received.values()) <= 65535
+        assert not attacker.ended
+        await attacker.stream.aclose()
+        with trio.fail_after(10):
+            while producer_processes(pid):
+                await trio.sleep(0.05)
     record_figure(
         f"HTTP/2 zero window, cold index, {streams} streams of an album of {HOLD_BYTES // MB} MiB files: "
         f"server RSS +{growth:.1f} MB ({growth / streams:.2f} MB a stream)"
