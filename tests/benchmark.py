@@ -54,10 +54,8 @@ PHOTOS = Dataset("photos-200x2500KB", 200, 2_500_000)
 SMALL_FILES = Dataset("nested-20000x8KB", 20_000, 8_192, nested=True)
 HUGE = Dataset("zip64-2x2500MB", 2, 2_500_000_000)
 # Downloaded first by a fresh service before a cold-index download is measured: a cold index,
-# not a cold process (imports, threads, the CRC store's first write, and the allocator's first
-# large blocks are not the album's cost: with 3 files of 1 KB before, a fresh process's first
-# 500 MB cost it ~0.1 CPU-s more than its second, whatever its index held).
-WARM_UP = Dataset("warm-up-3x4MB", 3, 4_000_000)
+# not a cold process (imports, threads, the CRC store's first write are not the album's cost).
+WARM_UP = Dataset("warm-up-3x1KB", 3, 1024)
 
 
 def generate(dataset: Dataset) -> None:

@@ -25,7 +25,6 @@ import httpx
 import pytest
 import trio
 
-from archiver.archive.crc_source import HOLD_BYTES
 from archiver.config import Settings
 
 from .conftest import (
@@ -206,37 +205,6 @@ async def test_http2_zero_window_buffers_a_batch_per_stream(attacked_storage: Pa
     # Each stream: its buffer (a batch and a chunk at most), a chunk in the channel, one read
     # from the pipe waiting to go in: ~1.5 MiB of 512 KiB chunks, not the 72 MB album.
     assert growth < 3 * streams
-
-
-async def test_http2_zero_window_with_a_cold_index_holds_at_most_a_file_more_a_stream(tmp_path: Path) -> None:
-    # A cold index: each stream's first file is held (its bytes wait for the CRC computed from
-    # them), so a stream that never opens its window holds up to HOLD_BYTES more than a warm one.
-    write_tree(tmp_path / "held", {f"photo-{i}.jpg": os.urandom(HOLD_BYTES) for i in range(6)})
-    write_tree(tmp_path / "warm-up", {"photo.jpg": os.urandom(HOLD_BYTES + 1)})  # too large to be held
-    streams = 4
-    async with archiver_process(tmp_path) as server:
-        pid = server.process.pid
-        async with polite_client(server.url, "HTTP/2") as warm_up:
-            assert (await warm_up.get("/archive/warm-up/")).status_code == 200
-        before = resident_kib(pid)
-        attacker = RawH2Client(await connect_from("127.0.0.1", address_of(server.url)))
-        await attacker.start()
-        for _ in range(streams):
-            await attacker.get("/archive/held/")
-        await attacker.read_until_quiet()
-        assert await wait_for_producer_output_to_stop(pid) == streams
-        growth = (resident_kib(pid) - before) / 1024
-        assert sum(attacker.received.values()) <= 65535
-        assert not attacker.ended
-        await attacker.stream.aclose()
-        with trio.fail_after(10):
-            while producer_processes(pid):
-                await trio.sleep(0.05)
-    record_figure(
-        f"HTTP/2 zero window, cold index, {streams} streams of an album of {HOLD_BYTES // MB} MiB files: "
-        f"server RSS +{growth:.1f} MB ({growth / streams:.2f} MB a stream)"
-    )
-    assert growth < streams * (3 + HOLD_BYTES / MB)
 
 
 def album_mb(storage: Path, album: str = "big") -> float:

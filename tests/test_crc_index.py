@@ -17,7 +17,7 @@ import trio
 
 import archiver.archive.crc_index as crc_index_module
 from archiver.archive.crc_index import RACY_NS, CrcIndex, FileChanged, file_crc, is_racy
-from archiver.archive.crc_source import HOLD_BYTES, CrcSource
+from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import CrcStore
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
@@ -162,58 +162,3 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
         patch.setattr(crc_index_module, "_crc_of_block", write_meanwhile)
         with pytest.raises(FileChanged, match="modified while its CRC was read"):
             await file_crc(path, 100_000, index)
-
-
-async def test_a_cold_download_keeps_the_crcs_of_the_bytes_it_sent(
-    storage: Path, settings: Settings, tmp_path: Path
-) -> None:
-    # Held files (their CRCs computed from their bytes as they pass) and a larger one (read ahead).
-    files = {"a.jpg": os.urandom(200_000), "b.jpg": os.urandom(HOLD_BYTES + 1), "c/d.txt": b"d", "e.jpg": b""}
-    write_tree(storage / "one", files)
-    await settle()
-    index = tmp_path / "index.sqlite"
-    indexed = replace(settings, index_path=str(index))
-    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
-        whole = await client.get("/archive/one/")
-    assert read_archive(whole.content) == files_on_disk(storage / "one")
-    kept = rows(index)
-    for name, data in files.items():
-        assert kept[(storage / "one" / name).stat().st_ino] == zlib.crc32(data), name
-
-
-async def test_a_held_crc_is_kept_only_for_the_file_listed_and_settled(tmp_path: Path) -> None:
-    write_tree(tmp_path / "album", {"a.jpg": b"a" * 1000, "b.jpg": b"b" * 2000})
-    plan = ArchivePlan(tmp_path / "album", list_album(tmp_path / "album").files)
-    assert plan.length is not None
-    index = CrcIndex()
-    crcs = CrcSource(plan, plan.crc_entries(0, plan.length - 1), index, hold=(0, plan.length - 1))
-    await crcs.compute()
-    assert [entry.k for entry in await crcs.held()] == [0, 1]
-    assert crcs.is_held(0) and crcs.ready(0) is None and await crcs.crc(0, or_held=True) < 0
-    crcs.held_crc(0, zlib.crc32(b"a" * 1000))
-    crcs.held_crc(1, zlib.crc32(b"b" * 2000))
-    assert await crcs.crc(1) == zlib.crc32(b"b" * 2000)
-    # Written a moment before the download began: within a tick, so not kept.
-    await crcs.keep_held()
-    assert index.get(plan.key(0)) is None and index.get(plan.key(1)) is None
-    # Settled, but b.jpg is not the file listed any more (a write moved its ctime): only a.jpg's is kept.
-    await settle()
-    settled = CrcSource(plan, plan.crc_entries(0, plan.length - 1), index, hold=(0, plan.length - 1))
-    await settled.compute()
-    (tmp_path / "album" / "b.jpg").write_bytes(b"c" * 2000)
-    settled.held_crc(0, zlib.crc32(b"a" * 1000))
-    settled.held_crc(1, zlib.crc32(b"b" * 2000))
-    await settled.keep_held()
-    assert index.get(plan.key(0)) == zlib.crc32(b"a" * 1000)
-    assert index.get(plan.key(1)) is None
-
-
-async def test_a_range_holds_only_the_entries_it_sends_whole(tmp_path: Path) -> None:
-    write_tree(tmp_path / "album", {"a.jpg": b"a" * 1000, "b.jpg": b"b" * 2000, "c.jpg": b"c" * (HOLD_BYTES + 1)})
-    plan = ArchivePlan(tmp_path / "album", list_album(tmp_path / "album").files)
-    assert plan.length is not None
-    start, end = plan.local_offsets[0] + 1, plan.length - 1  # a.jpg's header cut: read ahead, not held
-    crcs = CrcSource(plan, plan.crc_entries(start, end), CrcIndex(), hold=(start, end))
-    await crcs.compute()
-    assert [entry.k for entry in await crcs.held()] == [1]  # c.jpg: larger than a held file may be
-    assert await crcs.crc(0) == zlib.crc32(b"a" * 1000) and await crcs.crc(2) == zlib.crc32(b"c" * (HOLD_BYTES + 1))

@@ -15,7 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-from archiver.archive.crc_source import HOLD_BYTES
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
 from archiver.web.pages import MESSAGES
@@ -44,9 +43,8 @@ async def download(client: httpx.AsyncClient, path: str) -> bytes:
 async def test_producer_failing_mid_stream_aborts_the_transfer(
     settings: Settings, stand_in: Callable[[str], None], protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Larger than what the stand-in writes, so that its output stays under the announced length;
-    # and than a held file (whose bytes wait for its CRC): the first 2 MB go out before the failure.
-    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(HOLD_BYTES + 1_000_000)})
+    # Larger than what the stand-in writes, so that its output stays under the announced length.
+    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})
     # The real producer's first 2 MB (a valid start), then a failure.
     stand_in('$REAL_PRODUCER | head -c 2000000\necho "disk on fire" >&2\nexit 15')
     async with running_server(settings) as url, make_client(url, protocol) as client:

@@ -30,7 +30,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from archiver.archive.crc_source import HOLD_BYTES
 from archiver.config import Settings
 
 from .conftest import PROTOCOLS, expected_archive, http11_request, read_archive, server_in_thread, write_tree
@@ -115,17 +114,12 @@ def receive(address: tuple[str, int], protocol: str, name: str, byte_range: tupl
 
 @dataclass(frozen=True)
 class Case:
-    """One drawn case: the chunk size, the album (name -> size), its bytes' seed, and a range as fractions.
-
-    ``range_first``: the range is asked for first, with a cold index (a file whose entry it holds
-    whole is held, the others are read ahead), not after the whole archive.
-    """
+    """One drawn case: the chunk size, the album (name -> size), its bytes' seed, and a range as fractions."""
 
     chunk_size: int
     sizes: dict[str, int]
     seed: int = 0
     range_points: tuple[float, float] = (0.0, 1.0)
-    range_first: bool = False
 
 
 FRACTIONS = st.floats(0, 1)
@@ -133,11 +127,10 @@ FRACTIONS = st.floats(0, 1)
 
 def cases(max_total: int) -> st.SearchStrategy[Case]:
     return st.builds(
-        lambda drawn, seed, points, range_first: Case(*drawn, seed, points, range_first),
+        lambda drawn, seed, points: Case(*drawn, seed, points),
         albums(max_total),
         st.integers(0, 2**32),
         st.tuples(FRACTIONS, FRACTIONS),
-        st.booleans(),
     )
 
 
@@ -145,16 +138,13 @@ def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory,
     address, storage = server_for(case.chunk_size)
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     oracle = expected_archive(album)
-    first, last = sorted(int(point * (len(oracle) - 1)) for point in case.range_points)
-    if case.range_first:
-        assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
-    # Twice: cold (CRCs computed from the bytes as they pass, or read ahead), then warm (from the index).
+    # Twice: cold (CRCs read ahead of the producer), then warm (from the index).
     for _ in range(2):
         sent = receive(address, protocol, album.name, None)
         assert sent == oracle
     read_archive(sent)  # and zipfile's testzip() passes
-    if not case.range_first:
-        assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
+    first, last = sorted(int(point * (len(oracle) - 1)) for point in case.range_points)
+    assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -168,10 +158,6 @@ def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory,
 # Files either side of the producer's COPY_LIMIT (copied with their headers / moved by sendfile),
 # a range starting inside the copied one; and 512 KiB chunks (HTTP/1.1's default).
 @example(case=Case(512 * 1024, {"a.jpg": 16384, "b.jpg": 16385, "c.jpg": 0}, seed=5, range_points=(0.1, 0.99)))
-# Either side of the largest held file (its bytes wait for its CRC; a larger one is read twice),
-# a cold range cutting the first; and many held files a chunk, their CRC fields across chunks.
-@example(case=Case(65537, {"a": HOLD_BYTES + 1, "b": HOLD_BYTES}, seed=6, range_points=(0.1, 1.0), range_first=True))
-@example(case=Case(57, {f"{i}": i * 7 for i in range(5)}, seed=7, range_first=True))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_received_bytes_are_the_archive(
     server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case

@@ -12,7 +12,6 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from archiver.archive.crc_source import HOLD_BYTES
 from archiver.config import Settings
 
 from .conftest import make_client, running_server, wait_until_no_producer_children, write_tree
@@ -70,8 +69,7 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
 
 
 async def test_metrics_count_failures(settings: Settings, stand_in: Callable[[str], None]) -> None:
-    # More than the stand-in writes, and than a held file (its first 2 MB go out before the failure).
-    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(HOLD_BYTES + 1_000_000)})
+    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # more than the stand-in writes
     stand_in("$REAL_PRODUCER | head -c 2000000\nexit 9")
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as c:
         with pytest.raises(httpx.RemoteProtocolError):

@@ -14,8 +14,6 @@ it reads, each instruction a kind byte and a fixed ``struct``:
       changing, see ``crc_index.is_racy``).
 ``D`` a whole deflated entry: local header, data (zlib), data descriptor.
 ``E`` the central directory and end records of the ``D`` entries written.
-``S`` write out what is gathered: the service is about to wait for bytes
-      already asked for (a held entry's, whose CRC it computes from them).
 ``Z`` the end: exit 0.
 
 Every file is opened beneath the album's directory descriptor, a component
@@ -73,7 +71,6 @@ ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY = (
 )
 SECOND = 1_000_000_000
 END = b"E"
-FLUSH = b"S"
 DONE = b"Z"
 
 FileKey = tuple[int, int, int, int, int]
@@ -313,8 +310,6 @@ class Producer:
                 *identity, offset, length, verify, crc, path_length = FILE_SLICE_BODY.unpack(read(FILE_SLICE_BODY.size))
                 path = read(path_length)
                 self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
-            elif kind == FLUSH:
-                self.output.flush()
             elif kind == DONE:
                 self.output.flush()
                 self.output.settle(0)

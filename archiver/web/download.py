@@ -71,8 +71,7 @@ class ArchiveBody(ResponseBody):
         # Stored archives: the CRCs the bytes hold, read ahead of the producer where the index lacks them.
         self._crcs = None
         if plan.length is not None:
-            entries = plan.crc_entries(self._start, self._end)
-            self._crcs = CrcSource(plan, entries, crc_index, hold=(self._start, self._end))
+            self._crcs = CrcSource(plan, plan.crc_entries(self._start, self._end), crc_index)
         # Who asked (for the fair share of the job slots), and how long one
         # chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
