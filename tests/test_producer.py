@@ -210,7 +210,18 @@ OUTSIDE = b"SECRET-OUTSIDE-THE-STORAGE" * 1000
 
 @pytest.mark.parametrize(
     "change",
-    ["file_to_link", "directory_to_link", "truncate", "grow", "rewrite_same_size", "delete", "delete_empty"],
+    [
+        "file_to_link",
+        "directory_to_link",
+        "truncate",
+        "grow",
+        "rewrite_same_size",
+        "replaced_same_size",
+        "file_to_fifo",
+        "file_to_directory",
+        "delete",
+        "delete_empty",
+    ],
 )
 # b/c.jpg moved by sendfile, or copied with its header (COPY_LIMIT)
 @pytest.mark.parametrize("size", [3_000_000, 10_000])
@@ -245,6 +256,15 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
             with open(target, "r+b") as file:
                 file.write(b"X" * 100)
             os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+        elif change == "replaced_same_size":  # another file, renamed over it
+            (album / "b" / "new").write_bytes(b"N" * target.stat().st_size)
+            (album / "b" / "new").rename(target)
+        elif change == "file_to_fifo":
+            target.unlink()
+            os.mkfifo(target)
+        elif change == "file_to_directory":
+            target.unlink()
+            target.mkdir()
         elif change == "delete":
             target.unlink()
         else:
