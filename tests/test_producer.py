@@ -284,6 +284,8 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
     failure = raised.value.exceptions[0]
     assert isinstance(failure, (ProducerFailed, FileChanged)), failure
     assert ("b/e.txt" if change == "delete_empty" else "b/c.jpg") in str(failure)
+    if change in ("file_to_fifo", "file_to_directory"):
+        assert "not a regular file" in str(failure)
     assert b"SECRET-OUTSIDE" not in b"".join(received)
     assert producer_children() == []
 
