@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from archiver.archive.storage import AlbumFile, AlbumListing
 from archiver.config import Settings
-from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from archiver.web.ranges import ByteRange, RangeNotSatisfiable, archive_etag, parse_range
 
 from .conftest import http11_request, read_archive, server_in_thread, write_tree
 from .test_observability import samples
@@ -130,6 +131,17 @@ async def test_if_range_resumes_the_same_archive_only(client: httpx.AsyncClient,
         "/archive/album/", headers={"Range": "bytes=100-", "If-Range": "Wed, 25 Nov 2026 00:00:00 GMT"}
     )
     assert dated.status_code == 200
+
+
+def test_another_file_in_a_files_place_changes_the_etag_whatever_its_times() -> None:
+    # Renamed over it in the same clock tick: name, size, mtime, mode and ctime may all agree.
+    listed = AlbumFile("a.jpg", 10, mtime_ns=5, ctime_ns=7, device=1, inode=100)
+    other = listed._replace(inode=101)
+    etags = {archive_etag(AlbumListing(Path("/album"), (file,), ()), "v") for file in (listed, other)}
+    assert len(etags) == 2
+    # The device is left out: hosts sharing one storage over NFS number it differently.
+    moved = listed._replace(device=2)
+    assert archive_etag(AlbumListing(Path("/album"), (moved,), ()), "v") in etags
 
 
 async def test_touching_a_file_changes_the_etag(client: httpx.AsyncClient, album: Path) -> None:

@@ -92,13 +92,17 @@ def archive_etag(listing: AlbumListing, variant: str) -> str:
 
     And each file's ctime: a file rewritten in place with its size and mtime
     restored (``touch -r``) has other bytes, and a resume across that change
-    must not splice two archives (If-Range).  Its ctime moved.
+    must not splice two archives (If-Range).  Its ctime moved.  And its
+    inode: another file renamed over it within the same clock tick would
+    otherwise keep the ETag, and the cached plan (keyed by it) would name the
+    old file, which the producer refuses, download after download.  Not the
+    device: hosts sharing a storage over NFS see the same inodes under
+    different device numbers, and must give one archive one ETag.
     """
     digest = hashlib.sha256(variant.encode())
     for file in listing.files:
-        digest.update(
-            b"\0%s\0%d\0%d\0%o\0%d" % (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns)
-        )
+        fields = (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns, file.inode)
+        digest.update(b"\0%s\0%d\0%d\0%o\0%d\0%d" % fields)
     return f'"{digest.hexdigest()[:32]}"'
 
 
