@@ -324,8 +324,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--zip64", action="store_true", help="also a 5 GB album (ZIP64), one run each")
     parser.add_argument("--ab", metavar="PYTHON", help="also measure the service run by this interpreter (A/B)")
     parser.add_argument("--ranges-only", action="store_true", help="only what ranges and the CRC index cost")
+    parser.add_argument(
+        "--only",
+        metavar="ALBUM",
+        action="append",
+        help=f"only this album ({PHOTOS.name}, {SMALL_FILES.name}); repeatable",
+    )
     args = parser.parse_args(argv)
     datasets = [PHOTOS, SMALL_FILES] + ([HUGE] if args.zip64 else [])
+    if args.only:
+        datasets = [dataset for dataset in datasets if dataset.name in args.only]
     for dataset in (*datasets, WARM_UP):
         generate(dataset)
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}")
