@@ -137,7 +137,8 @@ def _pipe_max_size() -> int:
 @st.composite
 def instruction_cases(draw: st.DrawFn) -> tuple[list[int], int, float, float, int, set[int], int]:
     """Sizes of an album's files, a run length, a range (as fractions), CRCs at hand, racy entries, a seed."""
-    sizes = draw(st.lists(st.integers(0, 3000), min_size=0, max_size=12))
+    # Mostly small (copied with their headers), some past COPY_LIMIT (moved by sendfile).
+    sizes = draw(st.lists(st.one_of(st.integers(0, 3000), st.integers(16_000, 40_000)), min_size=0, max_size=12))
     run = draw(st.integers(1, 5))
     low, high = sorted((draw(st.floats(0, 1)), draw(st.floats(0, 1))))
     ready = draw(st.integers(0, 2 * len(sizes)))
@@ -181,6 +182,22 @@ def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
         producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_program.Output(output.fileno())).run()
         output.seek(0)
         assert output.read() == whole[start : end + 1]
+
+
+async def test_runs_across_a_block_of_the_whole_entry_table_send_the_archive(storage: Path) -> None:
+    """More entries than one block (RUN): the real block edge, warm and cold, whole and cut around it."""
+    album = storage / "album"
+    write_tree(album, {f"{k:04}": bytes(k % 4) for k in range(2 * producer.RUN + 7)})
+    plan = plan_of(album)
+    whole = expected_archive(album)
+    assert plan.length is not None
+    edge = plan.local_offsets[producer.RUN]  # the first byte of the second block's first entry
+    central_edge = plan.central_offset + plan.central_offsets[producer.RUN]
+    index = CrcIndex()
+    assert await collect(plan, chunk_size=65536) == whole  # cold: CRCs come as the instructions go
+    for start, end in [(0, plan.length - 1), (edge - 1, edge), (edge, plan.length - 1), (1, central_edge)]:
+        assert await collect(plan, start, end, chunk_size=65536, index=index) == whole[start : end + 1]
+        assert await collect(plan, start, end, chunk_size=65536, index=index) == whole[start : end + 1]  # warm
 
 
 def test_producer_starts_quickly_with_the_standard_library_only() -> None:
