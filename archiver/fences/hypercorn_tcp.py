@@ -209,19 +209,21 @@ def _time_out_writes() -> None:
         async with self.send_lock:
             stalled = False
             try:
-                with trio.CancelScope(shield=True):
-                    grace = self.config.graceful_timeout
-                    timeout = LIMITS.write_timeout * write_units(len(event.data), LIMITS.write_unit)
-                    ends = min(trio.current_time() + timeout, LIMITS.shutdown_started + grace)
-                    with trio.CancelScope(deadline=ends) as deadline:
-                        LIMITS.writes.add(entry := (deadline, grace))
-                        try:
-                            await self.stream.send_all(event.data)
-                        finally:
-                            LIMITS.writes.discard(entry)
-                    if deadline.cancelled_caught:
-                        # Half a write went out: the stream is unusable.
-                        stalled = True
+                grace = self.config.graceful_timeout
+                timeout = LIMITS.write_timeout * write_units(len(event.data), LIMITS.write_unit)
+                ends = min(trio.current_time() + timeout, LIMITS.shutdown_started + grace)
+                # One scope a write (a write is one chunk): shielded from every outer
+                # cancellation, its own deadline still ends it.
+                with trio.CancelScope(shield=True, deadline=ends) as deadline:
+                    LIMITS.writes.add(entry := (deadline, grace))
+                    try:
+                        await self.stream.send_all(event.data)
+                    finally:
+                        LIMITS.writes.discard(entry)
+                if deadline.cancelled_caught:
+                    # Half a write went out: the stream is unusable.
+                    stalled = True
+                    with trio.CancelScope(shield=True):
                         await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass  # Busy: Hypercorn's _close is shutting the stream (see the module docstring)
