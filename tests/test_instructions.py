@@ -1,0 +1,87 @@
+"""The producer's instructions: the runs copied from the plan's tables make the same bytes as the pieces."""
+
+from __future__ import annotations
+
+import io
+import random
+import tempfile
+from pathlib import Path
+from unittest.mock import patch
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from archiver.archive import instructions, producer_program
+from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_source import CrcSource
+from archiver.archive.plan import CrcWait
+
+from .conftest import expected_archive, write_tree
+from .test_producer import collect, plan_of
+
+
+@st.composite
+def instruction_cases(draw: st.DrawFn) -> tuple[list[int], int, float, float, int, set[int], int]:
+    """Sizes of an album's files, a run length, a range (as fractions), CRCs at hand, racy entries, a seed."""
+    # Mostly small (copied with their headers), some past COPY_LIMIT (moved by sendfile).
+    sizes = draw(st.lists(st.one_of(st.integers(0, 3000), st.integers(16_000, 40_000)), min_size=0, max_size=12))
+    run = draw(st.integers(1, 5))
+    low, high = sorted((draw(st.floats(0, 1)), draw(st.floats(0, 1))))
+    ready = draw(st.integers(0, 2 * len(sizes)))
+    racy = draw(st.sets(st.integers(0, max(0, len(sizes) - 1)), max_size=3)) if sizes else set()
+    return sizes, run, low, high, ready, racy, draw(st.integers(0, 2**32))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(instruction_cases())
+def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
+    tmp_path: Path, case: tuple[list[int], int, float, float, int, set[int], int]
+) -> None:
+    """The instructions copied and patched in runs (the fast path) make the archive's bytes, whatever is at hand.
+
+    Rendered by the producer program itself (in this process, into a file)
+    and compared with the oracle: ranges cutting entries and central headers
+    anywhere, runs of 1 to 5 entries, CRCs that come in the middle of a run
+    (a cold download), racy entries (checked piece by piece).
+    """
+    sizes, run, low, high, ready, racy, seed = case
+    rng = random.Random(seed)
+    album = Path(tempfile.mkdtemp(dir=tmp_path))
+    write_tree(album, {f"{k:02}-{'я' * (k % 3)}": rng.randbytes(size) for k, size in enumerate(sizes)})
+    plan = plan_of(album)
+    assert plan.length is not None
+    whole = expected_archive(album)
+    start = min(int(low * plan.length), plan.length - 1)
+    end = max(start, min(int(high * plan.length), plan.length - 1))
+    crcs = CrcSource(plan, plan.crc_entries(start, end), CrcIndex())
+    trio.run(crcs.compute)
+    crcs._ready.value = min(ready, crcs._ready.value)  # the rest "still being read"
+    crcs._racy = {k for k in racy & set(plan.crc_entries(start, end)) if crcs.ready(k) is not None}
+    stream = bytearray()
+    with patch.object(instructions, "RUN", run):
+        for instruction in instructions.instructions(plan, start, end, crcs):
+            if isinstance(instruction, CrcWait):
+                crcs._ready.value = len(crcs._crcs)  # it came
+            else:
+                stream += instruction
+    with open(album.parent / f"{album.name}.out", "w+b") as output:
+        producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_program.Output(output.fileno())).run()
+        output.seek(0)
+        assert output.read() == whole[start : end + 1]
+
+
+async def test_runs_across_a_block_of_the_whole_entry_table_send_the_archive(storage: Path) -> None:
+    """More entries than one block (RUN): the real block edge, warm and cold, whole and cut around it."""
+    album = storage / "album"
+    write_tree(album, {f"{k:04}": bytes(k % 4) for k in range(2 * instructions.RUN + 7)})
+    plan = plan_of(album)
+    whole = expected_archive(album)
+    assert plan.length is not None
+    edge = plan.local_offsets[instructions.RUN]  # the first byte of the second block's first entry
+    central_edge = plan.central_offset + plan.central_offsets[instructions.RUN]
+    index = CrcIndex()
+    assert await collect(plan, chunk_size=65536) == whole  # cold: CRCs come as the instructions go
+    for start, end in [(0, plan.length - 1), (edge - 1, edge), (edge, plan.length - 1), (1, central_edge)]:
+        assert await collect(plan, start, end, chunk_size=65536, index=index) == whole[start : end + 1]
+        assert await collect(plan, start, end, chunk_size=65536, index=index) == whole[start : end + 1]  # warm
