@@ -17,7 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from .archive.crc_index import CrcIndex, album_crcs
-from .archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
+from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from .config import Settings, SettingsError
 from .fences import hypercorn_tcp
 from .logs import configure_logging
@@ -157,11 +157,17 @@ def index_albums(argv: Sequence[str]) -> None:
     names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
     on_terminal = sys.stderr.isatty()
     files_done = new_total = 0
+    failed: list[str] = []
     for name in names:
         try:
             listing = list_album(resolve_album(root, name))
         except AlbumNotFound:
             parser.error(f"no album {name!r} in {root}")
+        except ListingFailed as error:
+            # The other albums still get their CRCs; the exit status says one did not.
+            print(f"archiver index: cannot list {name}: {error}", file=sys.stderr)
+            failed.append(name)
+            continue
         files = [(file.path, file.size) for file in listing.files]
 
         def show(done: int, name: str = name, count: int = len(files)) -> None:
@@ -173,7 +179,10 @@ def index_albums(argv: Sequence[str]) -> None:
         if on_terminal:
             print(file=sys.stderr)
     store.close()
-    print(f"indexed {len(names)} albums, {files_done} files ({new_total} computed, the rest already known)")
+    indexed = len(names) - len(failed)
+    print(f"indexed {indexed} albums, {files_done} files ({new_total} computed, the rest already known)")
+    if failed:
+        sys.exit(f"archiver index: {len(failed)} album(s) could not be listed: {', '.join(failed)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import trio
 import trustme
 
 from archiver.config import Settings
-from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS
+from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, WALK_DESCRIPTORS
 from archiver.web.pages import MESSAGES
 
 from .conftest import (
@@ -212,7 +212,7 @@ def test_systemd_unit_gives_descriptors_for_the_job_and_connection_limits() -> N
     assert match is not None
     limit = int(match.group(1))
     # Room for the default jobs and thousands of connections, under the kernel's usual hard cap.
-    assert limit - RESERVED_DESCRIPTORS - DESCRIPTORS_PER_JOB * Settings().max_jobs >= 10_000
+    assert limit - RESERVED_DESCRIPTORS - WALK_DESCRIPTORS - DESCRIPTORS_PER_JOB * Settings().max_jobs >= 10_000
     assert limit <= 1 << 20
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,9 @@ from archiver.web.download import _outcome, first_failure
 from archiver.web.pages import MESSAGES
 
 from .conftest import (
+    PROTOCOLS,
+    files_on_disk,
+    free_port,
     make_client,
     producer_children,
     read_archive,
@@ -27,6 +31,7 @@ from .conftest import (
     wait_until_no_producer_children,
     write_tree,
 )
+from .test_cli import launched
 from .test_observability import samples
 
 # What each client library raises for a transfer that did not end cleanly:
@@ -228,3 +233,39 @@ async def test_rate_limit_saves_up_at_most_a_second_over_a_pause(settings: Setti
         sock.close()
     # A second saved up, and a second at the rate: not the four seconds of the pause.
     assert burst <= 2 * rate + 2 * 16_384
+
+
+async def test_an_album_that_cannot_be_listed_whole_is_refused_never_sent_in_part(storage: Path) -> None:
+    """Out of descriptors in the middle of a walk: 503 + Retry-After and one ERROR line, not a clean 200 of part.
+
+    The server runs under a descriptor limit (as systemd's LimitNOFILE sets
+    it) that an album nested 60 folders deep cannot be walked within (a
+    descriptor a level); before, the folders the walk could not open were
+    left out and the rest of the album went out as a complete archive.
+    """
+    deep = "/".join(f"level{n:02}" for n in range(60))
+    write_tree(storage / "deep", {"top.jpg": b"top" * 100, f"{deep}/bottom.jpg": b"bottom" * 100})
+    write_tree(storage / "flat", {"a.jpg": b"a" * 1000, "b.jpg": b"b" * 1000})
+    command = [
+        sys.executable,
+        "-c",
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'archiver', *sys.argv[1:]])",
+        *("-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)),
+    ]
+    async with launched(command) as server:
+        for protocol in PROTOCOLS:
+            async with make_client(server.url, protocol) as client:
+                for method in ("GET", "HEAD"):
+                    response = await client.request(method, "/archive/deep/")
+                    assert response.status_code == 503, (protocol, method, response.status_code)
+                    assert response.headers["Retry-After"] == "5"
+                # What the walk can hold is served as ever.
+                flat = await client.get("/archive/flat/")
+                assert flat.status_code == 200
+                assert read_archive(flat.content) == files_on_disk(storage / "flat")
+                metrics = samples((await client.get("/metrics")).text)
+                assert metrics['archiver_downloads_rejected_total{reason="listing_failed"}'] >= 2
+    assert b"ERROR archiver.web.connection: refused deep: cannot list it: " in server.output
+    assert b"Too many open files" in server.output
+    assert b"download deep" not in server.output  # no download started, so none logged as complete

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from archiver.archive.storage import AlbumNotFound, list_album, resolve_album
 
 from .conftest import write_tree
+from .test_cli import PROJECT
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a.b", "a b", "a\x00b", "a%2fb", "é", "a" * 129, "-/../x"])
@@ -107,3 +112,38 @@ def test_a_folder_nested_exactly_64_levels_is_archived(tmp_path: Path) -> None:
     (folder / "at-64.jpg").write_bytes(b"x")
     listing = list_album(album)
     assert [file.path.count("/") for file in listing.files] == [MAX_DEPTH]
+
+
+def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_nothing() -> None:
+    """Not an empty archive that looks complete: ListingFailed (a 500), while an unreadable file inside is left out.
+
+    Run as a user the permissions apply to (``nobody`` when the tests run as root).
+    """
+    root = Path(tempfile.mkdtemp())
+    try:
+        root.chmod(0o755)
+        write_tree(root / "locked", {"a.jpg": b"a"})
+        write_tree(root / "open", {"a.jpg": b"a", "secret.jpg": b"s"})
+        (root / "locked").chmod(0o000)
+        (root / "open" / "secret.jpg").chmod(0o000)
+        check = (
+            "import os, sys\n"
+            "from pathlib import Path\n"
+            "from archiver.archive.storage import ListingFailed, list_album\n"
+            "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "listing = list_album(Path(sys.argv[1], 'open'))\n"
+            "print([f.path for f in listing.files], [(s.path, s.reason) for s in listing.skipped])\n"
+            "try:\n"
+            "    list_album(Path(sys.argv[1], 'locked'))\n"
+            "except ListingFailed as error:\n"
+            "    print('failed', error, error.transient)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", check, str(root)], capture_output=True, text=True, check=True, cwd=PROJECT
+        )
+    finally:
+        (root / "locked").chmod(0o755)
+        shutil.rmtree(root)
+    files, failure = result.stdout.splitlines()
+    assert files == "['a.jpg'] [('secret.jpg', 'not readable')]"
+    assert failure == "failed .: Permission denied False"

@@ -12,10 +12,17 @@ followed: nothing outside the storage root can reach an archive, even
 through a race.  FIFOs, sockets and devices are left out, as are files the
 service cannot read and names with a line break (kept out since the first
 version; no reader shows such a name as it is).
+
+An entry that goes away or changes kind during the walk is left out too (as
+if the walk had come a moment later).  Any other error (out of descriptors
+or memory, an I/O error, a stale NFS handle, the album itself unreadable)
+fails the listing (ListingFailed): an archive of part of the album would end
+cleanly and look complete.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -33,6 +40,32 @@ ALBUM_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 class AlbumNotFound(LookupError):
     """The name is malformed, unknown, or does not lead to a directory inside the root."""
+
+
+class ListingFailed(RuntimeError):
+    """The album could not be listed whole; ``transient`` if the system ran out of something (try again later)."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# An entry that vanished or was swapped (for a link, a file for a folder) while walked: left out.
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+# Not the service's to read: left out (the policy above).
+_DENIED = frozenset({errno.EACCES, errno.EPERM})
+# Out of descriptors, memory or buffers: the same walk may work in a moment.
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
+
+
+def _failed(error: OSError, path: str) -> ListingFailed:
+    return ListingFailed(f"{path}: {error.strerror}", transient=error.errno in _TRANSIENT)
+
+
+def _may_leave_out(error: OSError, path: str) -> None:
+    """Return if the entry ``path`` may be left out for ``error``; raise ListingFailed if not."""
+    if error.errno not in _GONE and error.errno not in _DENIED:
+        raise _failed(error, path) from error
 
 
 class AlbumFile(NamedTuple):
@@ -97,16 +130,21 @@ def resolve_album(root: Path, name: str) -> Path:
 
 
 def list_album(album: Path) -> AlbumListing:
-    """Walk ``album`` (not following links) and sort what it holds into files and skips."""
+    """Walk ``album`` (not following links) and sort what it holds into files and skips.
+
+    Raises AlbumNotFound if the album is gone, ListingFailed if it (or
+    anything in it) cannot be listed for another reason than the policy's.
+    """
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
     try:
         album_fd = os.open(album, _DIRECTORY_FLAGS)
     except OSError as error:
-        skipped.append(SkippedEntry(".", f"cannot list: {error.strerror}"))
-    else:
-        # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-        _walk(album_fd, "", files, skipped, PATH_MAX - len(os.fsencode(album)) - 1)
+        if error.errno in _GONE:
+            raise AlbumNotFound(album.name) from None
+        raise _failed(error, ".") from error
+    # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
+    _walk(album_fd, "", files, skipped, PATH_MAX - len(os.fsencode(album)) - 1)
     files.sort(key=lambda file: file.path)
     for entry in skipped:
         logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
@@ -139,7 +177,7 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
             if len(relative) * 4 >= room and len(os.fsencode(relative)) >= room:
                 skipped.append(SkippedEntry(relative, "path too long for the system (PATH_MAX)"))
                 continue
-            reason, status = _exclusion_reason(entry, directory_fd)
+            reason, status = _exclusion_reason(entry, directory_fd, relative)
             if reason is not None:
                 skipped.append(SkippedEntry(relative, reason))
             elif stat.S_ISDIR(status.st_mode):
@@ -149,6 +187,7 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
                 try:
                     child = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=directory_fd)
                 except OSError as error:
+                    _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
                     _walk(child, relative + "/", files, skipped, room)
@@ -165,7 +204,8 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
                     )
                 )
     except OSError as error:
-        skipped.append(SkippedEntry(prefix.rstrip("/") or ".", f"cannot list: {error.strerror}"))
+        # Reading a directory already open: nothing here is the policy's to leave out.
+        raise _failed(error, prefix.rstrip("/") or ".") from error
     finally:
         os.close(directory_fd)
 
@@ -173,22 +213,40 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
 _NO_STATUS = os.stat_result((0,) * 10)
 
 
-def _exclusion_reason(entry: os.DirEntry[str], directory_fd: int) -> tuple[str | None, os.stat_result]:
-    """Why ``entry`` stays out of the archive, or None if it may go in (or be walked); and its status."""
+def _exclusion_reason(entry: os.DirEntry[str], directory_fd: int, relative: str) -> tuple[str | None, os.stat_result]:
+    """Why ``entry`` stays out of the archive, or None if it may go in (or be walked); and its status.
+
+    ListingFailed if that cannot be told (``_may_leave_out``).
+    """
     if "\n" in entry.name or "\r" in entry.name:
         return "line break in name", _NO_STATUS
     try:
         status = entry.stat(follow_symlinks=False)
     except OSError as error:
+        _may_leave_out(error, relative)
         return f"cannot stat: {error.strerror}", _NO_STATUS
     mode = status.st_mode
     if stat.S_ISLNK(mode):
         return "symbolic link", status
     if stat.S_ISDIR(mode):
-        readable = os.access(entry.name, os.R_OK | os.X_OK, dir_fd=directory_fd, follow_symlinks=False)
+        readable = _readable(entry.name, directory_fd, relative, os.R_OK | os.X_OK)
         return (None if readable else "directory not readable"), status
     if not stat.S_ISREG(mode):
         return "not a regular file", status
-    if not os.access(entry.name, os.R_OK, dir_fd=directory_fd, follow_symlinks=False):
+    if not _readable(entry.name, directory_fd, relative, os.R_OK):
         return "not readable", status
     return None, status
+
+
+def _readable(name: str, directory_fd: int, relative: str, mode: int) -> bool:
+    """Whether the service may read (``mode``) entry ``name``; ListingFailed if an error other than denial says no."""
+    if os.access(name, mode, dir_fd=directory_fd, follow_symlinks=False):
+        return True
+    # access() answers False for any error, EMFILE or EIO too: an open tells them apart (rare: unreadable entries only).
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+    except OSError as error:
+        _may_leave_out(error, relative)
+        return False
+    os.close(fd)
+    return False  # readable but not searchable (a folder without x): left out, as access() says

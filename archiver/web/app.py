@@ -22,15 +22,16 @@ from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
 from ..archive.producer import producer_available
-from ..archive.storage import ALBUM_NAME, AlbumNotFound, list_album, resolve_album
+from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
-from .connection import limit_refusal, send_archive_response
+from .connection import limit_refusal, listing_refusal, send_archive_response
 from .disposition import DisplayNameRefused, content_disposition, display_name
 from .download import ArchiveBody
 from .limits import (
     STALL_UNIT,
+    WALKERS,
     ClientWalks,
     FairShareExceeded,
     JobLimitReached,
@@ -52,12 +53,6 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 * 1024
 
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
-
-# Albums walked at once, in worker threads.  A walk is bound by the disk and
-# the CPU, so more at once finishes no sooner, and every listing in progress
-# is whole in memory (~200 bytes a file): 32 requests for a 20,000-file album
-# at once would hold 130 MB.
-WALKERS = 2
 
 INDEX_TITLE = "Архивы фотографий"
 INDEX_BODY = (
@@ -176,6 +171,9 @@ def create_app(settings: Settings) -> QuartTrio:
         except AlbumNotFound:
             logger.debug("no album for %r", name)
             abort(404)
+        except ListingFailed as error:
+            # Never an archive of part of the album: it would end cleanly and look complete.
+            return listing_refusal(error, name, metrics, request.headers.get("Accept"))
         except DisplayNameRefused as refusal:
             logger.info("refused %s: %s", name, refusal)
             return error_page(400, request.headers.get("Accept"))

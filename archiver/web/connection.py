@@ -31,6 +31,7 @@ from quart.utils import encode_headers
 
 from ..archive.crc_index import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..archive.storage import ListingFailed
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
 from .download import ArchiveBody, ArchiveChanged, first_failure
@@ -126,6 +127,15 @@ def limit_refusal(
     logger.warning("refused %s for %s: %s", name, client, error)
     metrics.rejected.labels(_LIMIT_REASONS[type(error)]).inc()
     return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, accept: str | None) -> Response:
+    """The answer for an album that cannot be listed whole: 503 if the system ran out of something, else 500."""
+    logger.error("refused %s: cannot list it: %s", name, error)
+    metrics.rejected.labels("listing_failed").inc()
+    if error.transient:
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return error_page(500, accept)
 
 
 def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) -> Response | None:

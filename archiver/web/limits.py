@@ -19,10 +19,20 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..archive.storage import MAX_DEPTH
+
+# Albums walked at once, in worker threads.  A walk is bound by the disk and
+# the CPU, so more at once finishes no sooner, and every listing in progress
+# is whole in memory (~200 bytes a file): 32 requests for a 20,000-file album
+# at once would hold 130 MB.
+WALKERS = 2
+
 # Descriptors kept free for everything but client connections: the listening
-# sockets, the event loop, logging, album walks (a directory each level), and
-# six per archive job (the producer's three pipes, both ends while it starts).
+# sockets, the event loop, logging, the CRC readers; album walks (a directory
+# each level, the album's own too); and six per archive job (the producer's
+# three pipes, both ends while it starts).
 RESERVED_DESCRIPTORS = 64
+WALK_DESCRIPTORS = WALKERS * (MAX_DEPTH + 1)
 DESCRIPTORS_PER_JOB = 6
 
 
@@ -224,7 +234,7 @@ def connection_limit(max_connections: int, max_jobs: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, soft - RESERVED_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs)
+    return max(16, soft - RESERVED_DESCRIPTORS - WALK_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs)
 
 
 class TokenBucket:

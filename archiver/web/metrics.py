@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .limits import JobSlots
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled")
-REJECTIONS = ("job_limit", "fair_share", "range_limit", "walk_limit", "producer_unavailable")
+REJECTIONS = ("job_limit", "fair_share", "range_limit", "walk_limit", "producer_unavailable", "listing_failed")
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
@@ -46,7 +46,7 @@ class DownloadMetrics:
         )
         self.rejected = Counter(
             "archiver_downloads_rejected",
-            "Downloads refused before any byte (503), by reason.",
+            "Downloads refused before any byte (503; 500 for an album that cannot be listed), by reason.",
             ["reason"],
             registry=self.registry,
         )
