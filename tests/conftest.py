@@ -324,6 +324,23 @@ def http11_request(
                 return status, response_headers, body
 
 
+async def http10_get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.0 GET, as old clients send it (no chunked bodies): status, headers, the body until the close."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    lines = [f"GET {path} HTTP/1.0", f"Host: {host}", *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        received = bytearray()
+        with trio.fail_after(30):
+            while data := await stream.receive_some(65536):
+                received += data
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), parsed, body
+
+
 @contextmanager
 def server_in_thread(settings: Settings) -> Iterator[tuple[str, int]]:
     """A real server in a thread with a Trio run of its own, for synchronous (hypothesis) tests."""

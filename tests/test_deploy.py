@@ -25,6 +25,7 @@ from archiver.web.pages import MESSAGES
 from .conftest import (
     files_on_disk,
     free_port,
+    http10_get,
     read_archive,
     running_server,
     wait_until_no_producer_children,
@@ -129,6 +130,38 @@ async def test_nginx_passes_bytes_before_the_archive_is_complete(settings: Setti
         # The first bytes are here while the service is still sending: nginx did not spool.
         assert metrics["archiver_downloads_in_flight"] == 1
         assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 0
+
+
+@needs_nginx
+async def test_a_failed_download_is_cut_short_for_an_http10_client_through_nginx_with_compression(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """nginx tells the service its client spoke HTTP/1.0 (X-Client-Protocol): the stored archive, with a length.
+
+    Deflated, the archive would go chunked to nginx and end with the
+    connection to the HTTP/1.0 client: a failure mid-way (here a file
+    truncated) would look like a whole download.  With a length the client
+    sees it is short.
+    """
+    album = settings.storage_dir / "album"
+    write_tree(album, {"a.jpg": os.urandom(600_000), "b.jpg": os.urandom(600_000)})
+    slow = replace(settings, compression=6, delay=0.1, chunk_size=65536)
+    async with running_server(slow) as service, nginx_in_front(service, tmp_path / "nginx") as front:
+        status, headers, body = await http10_get(front, "/archive/album/")
+        assert status == 200 and headers["content-length"] == str(len(body))
+        assert read_archive(body) == files_on_disk(album)
+        host, port = front.removeprefix("http://").rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(b"GET /archive/album/ HTTP/1.0\r\nHost: x\r\n\r\n")
+            received = bytearray(await stream.receive_some(65536))
+            os.truncate(album / "b.jpg", 1000)  # while a.jpg is still being sent
+            with trio.fail_after(30):
+                while data := await stream.receive_some(65536):
+                    received += data
+    head, _, partial = bytes(received).partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    assert b"chunked" not in head.lower()
+    assert len(partial) < length
 
 
 @needs_nginx

@@ -22,7 +22,9 @@ from archiver.web.pages import MESSAGES
 
 from .conftest import (
     as_unpacked,
+    expected_archive,
     files_on_disk,
+    http10_get,
     make_client,
     producer_children,
     read_archive,
@@ -356,6 +358,34 @@ async def test_deflated_archive_goes_without_a_length(storage: Path, settings: S
     assert "content-length" not in response.headers
     assert len(response.content) < 20_000
     assert read_archive(response.content) == tree
+
+
+async def test_an_http10_client_gets_the_stored_archive_when_compression_is_on(
+    storage: Path, settings: Settings
+) -> None:
+    """HTTP/1.0 has no chunked bodies: a deflated archive's end would be the connection's close, a failure's too.
+
+    So an HTTP/1.0 client (or one a trusted proxy says asked in HTTP/1.0) gets
+    the stored archive with its Content-Length, and sees a cut-off transfer as
+    one.  An untrusted peer's X-Client-Protocol changes nothing.
+    """
+    tree = {"text.txt": b"hello " * 20_000, "Фото/1.jpg": os.urandom(5000)}
+    write_tree(storage / "album", tree)
+    stored = expected_archive(storage / "album")
+    deflating = replace(settings, compression=6)
+    async with running_server(deflating) as url, make_client(url, "HTTP/1.1") as client:
+        status, headers, body = await http10_get(url, "/archive/album/")
+        assert status == 200
+        assert headers["content-length"] == str(len(body)) and "transfer-encoding" not in headers
+        assert body == stored
+        said = await client.get("/archive/album/", headers={"X-Client-Protocol": "HTTP/1.0"})  # from 127.0.0.1
+        assert said.headers["content-length"] == str(len(stored)) and said.content == stored
+        deflated = await client.get("/archive/album/")
+        assert "content-length" not in deflated.headers and len(deflated.content) < 20_000
+    untrusting = replace(deflating, trusted_proxies=("192.0.2.1",))
+    async with running_server(untrusting) as url, make_client(url, "HTTP/1.1") as client:
+        spoofed = await client.get("/archive/album/", headers={"X-Client-Protocol": "HTTP/1.0"})
+        assert "content-length" not in spoofed.headers and read_archive(spoofed.content) == tree
 
 
 async def test_empty_album_has_its_length(client: httpx.AsyncClient, storage: Path) -> None:
