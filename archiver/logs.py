@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import logging
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a file
+# name may hold any of them (a line break, a terminal escape).
+_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Escapes control characters in each message: one event is one line, and no name can forge another.
+
+    A traceback, added after the message, keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
 
 def configure_logging(verbose: bool) -> None:
     """Send the service's own logs to stderr: DEBUG with ``verbose`` (per-chunk lines), else INFO.
@@ -17,5 +35,5 @@ def configure_logging(verbose: bool) -> None:
     package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not package_logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package_logger.addHandler(handler)

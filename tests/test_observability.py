@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import make_client, running_server, wait_until_no_producer_children, write_tree
+from .conftest import free_port, make_client, running_server, wait_until_no_producer_children, write_tree
+from .test_cli import launched
 
 
 def samples(text: str) -> dict[str, float]:
@@ -109,3 +111,22 @@ async def test_paced_downloads_that_arrive_whole_count_as_completed(
     assert figures['archiver_downloads_finished_total{outcome="completed"}'] == 2
     assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 0
     assert "client disconnected" not in caplog.text
+
+
+async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> None:
+    """Names are the uploaders': a line break or a terminal escape in one is escaped in the service's log."""
+    write_tree(storage / "album", {"ok.jpg": b"ok", "evil\x1b[2J.jpg": b"escape"})
+    (storage / "album" / "x\n2026-12-01 00:00:00,000 ERROR archiver: forged").write_bytes(b"left out")
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)]
+    async with launched(command) as server, make_client(server.url, "HTTP/1.1") as client:
+        response = await client.get("/archive/album/")
+        assert response.status_code == 200
+    lines = server.output.decode().splitlines()
+    skipped = [line for line in lines if "skipped album/x" in line]
+    assert skipped == [
+        skipped[0].split(" INFO ")[0]
+        + " INFO archiver.archive.storage: skipped album/x\\x0a2026-12-01 00:00:00,000 ERROR archiver: forged:"
+        " line break in name"
+    ]
+    assert not any(line.startswith("2026-12-01 00:00:00,000 ERROR") for line in lines)
+    assert "\x1b" not in server.output.decode()
