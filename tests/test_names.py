@@ -124,4 +124,7 @@ def test_a_directory_moved_off_a_file_never_lands_in_another_directory() -> None
 
 def test_superscript_device_names_and_bidi_controls_are_defused() -> None:
     assert portable_component("COM¹.txt") == "_COM¹.txt"
+    # Microsoft's list has COM0 and LPT0 too, and the console's CONIN$ and CONOUT$.
+    for reserved in ("COM0.jpg", "lpt0", "CONIN$", "conout$.txt"):
+        assert portable_component(reserved) == "_" + reserved
     assert portable_component("photo\u202egpj.exe") == "photo_gpj.exe"

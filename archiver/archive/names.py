@@ -10,7 +10,7 @@ chosen here, once per plan, for every reader alike:
   4.4.17.1 allows only ``/``), the characters Windows forbids in a name
   (``< > : " | ? *``, which also rules out a drive letter) and control
   characters become ``_``; trailing dots and spaces go (Windows drops them);
-  a reserved device name (``CON``, ``NUL``, ``COM1``, with any extension)
+  a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension)
   gets a ``_`` in front;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
@@ -35,7 +35,16 @@ MAX_COMPONENT_BYTES = 255
 # Windows' forbidden characters, the backslash (a separator to some readers), controls.
 _REPLACED = frozenset('<>:"|?*\\') | frozenset(chr(code) for code in range(32)) | {"\x7f"} | _BIDI_CONTROLS
 _RESERVED = frozenset(
-    ["CON", "PRN", "AUX", "NUL", *(f"{device}{n}" for device in ("COM", "LPT") for n in "123456789¹²³")]
+    # Microsoft's list ("Naming Files, Paths, and Namespaces"), COM0 and LPT0 included, and the console's two.
+    [
+        "CON",
+        "PRN",
+        "AUX",
+        "NUL",
+        "CONIN$",
+        "CONOUT$",
+        *(f"{device}{n}" for device in ("COM", "LPT") for n in "0123456789¹²³"),
+    ]
 )
 
 

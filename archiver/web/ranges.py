@@ -83,7 +83,7 @@ def _position(digits: str) -> int:
 
 
 # The records this version writes: changed whenever they change.
-FORMAT_VERSION = "archiver-zip-3"
+FORMAT_VERSION = "archiver-zip-4"
 
 
 def archive_etag(listing: AlbumListing, variant: str) -> str:
