@@ -197,6 +197,8 @@ async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_producer(tmp_p
             assert await server.process.wait() == 0
     for pid in producers:
         assert not Path(f"/proc/{pid}").exists()
+    # Logged as what it was, not as the client leaving.
+    assert b"download album for 127.0.0.1: cancelled during shutdown" in server.output
 
 
 # Stands for any fatal error in the server itself (not in one connection, which

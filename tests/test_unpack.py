@@ -195,6 +195,11 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     for refused in ("x" * 200, "tab\there", "photo\u202egpj.exe", "in\u200bvisible", "日本" * 50):
         answer = await fetch(settings, f"{secret_name}?filename={quote(refused)}")
         assert answer.status_code == 400 and "имя файла" in answer.text, refused
+    # Bytes that are not UTF-8 (Werkzeug would keep them as "%FF%FE"); a literal "%FF" is a name.
+    not_utf8 = await fetch(settings, f"{secret_name}?filename=%ff%fe")
+    assert not_utf8.status_code == 400 and "имя файла" in not_utf8.text
+    literal = await fetch(settings, f"{secret_name}?filename={quote('%FF')}")
+    assert literal.status_code == 200 and literal.headers["content-disposition"].endswith("UTF-8''%25FF.zip")
     hidden = await fetch(settings, f"{secret_name}?filename={quote('../../evil')}")
     assert hidden.headers["content-disposition"] == 'attachment; filename="_.._evil.zip"'  # no leading dot
 

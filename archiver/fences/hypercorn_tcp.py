@@ -111,6 +111,11 @@ def shutting_down() -> None:
         scope.deadline = min(scope.deadline, LIMITS.shutdown_started + grace)
 
 
+def is_shutting_down() -> bool:
+    """Whether ``shutting_down`` was called (SIGTERM/SIGINT): in-flight downloads are in their grace period."""
+    return LIMITS.shutdown_started != math.inf
+
+
 def install(*, write_timeout: float, max_connections: int, write_unit: int = 256 * 1024) -> None:
     """Patch Hypercorn's TCP server (once per process) and set its limits (every call: the last app's apply).
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,9 @@ def create_app(settings: Settings) -> QuartTrio:
                 raise AlbumNotFound(name)
             args = request.args
             requested_filename = args.get("filename")
+            if requested_filename is not None and not _utf8(request.scope.get("query_string", b"")):
+                # Werkzeug keeps bytes that are not UTF-8 as "%FF": not a name anyone chose.
+                raise DisplayNameRefused("filename is not UTF-8")
             if settings.link_secret:
                 # Before the album is looked at: no walk, no producer, and no hint whether it exists.
                 secret = settings.link_secret.encode()
@@ -291,6 +295,15 @@ def _client_address(proxies: TrustedProxies) -> str:
     peer = request.scope.get("client")
     forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
     return proxies.client_address(peer[0] if peer else None, forwarded_for)
+
+
+def _utf8(query: bytes) -> bool:
+    """Whether the query string's %-escapes make UTF-8."""
+    try:
+        urllib.parse.unquote_to_bytes(query).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _client_protocol(proxies: TrustedProxies) -> str:

@@ -22,6 +22,7 @@ from ..archive.crc_index import CrcIndex
 from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
 from ..archive.producer import produce
+from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, TokenBucket
 from .metrics import DownloadMetrics
 from .ranges import ByteRange
@@ -194,6 +195,9 @@ class ArchiveBody(ResponseBody):
             # the client, which may then leave (closing the connection) before
             # the body ends, or while a paced body waits out its pause.
             outcome, description = "completed", "complete"
+        elif outcome == "cancelled" and is_shutting_down():
+            # Past the grace period (or the client left meanwhile): not to be read as a client's doing.
+            description = "cancelled during shutdown"
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
         log = {"failed": logger.error, "stalled": logger.warning}.get(outcome, logger.info)
