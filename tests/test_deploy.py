@@ -144,7 +144,7 @@ async def test_a_failed_download_is_cut_short_for_an_http10_client_through_nginx
     sees it is short.
     """
     album = settings.storage_dir / "album"
-    write_tree(album, {"a.jpg": os.urandom(600_000), "b.jpg": os.urandom(600_000)})
+    write_tree(album, {"a.jpg": os.urandom(400_000), "b.jpg": os.urandom(200_000)})
     slow = replace(settings, compression=6, delay=0.1, chunk_size=65536)
     async with running_server(slow) as service, nginx_in_front(service, tmp_path / "nginx") as front:
         status, headers, body = await http10_get(front, "/archive/album/")
