@@ -382,6 +382,9 @@ async def test_an_http10_client_gets_the_stored_archive_when_compression_is_on(
         assert said.headers["content-length"] == str(len(stored)) and said.content == stored
         deflated = await client.get("/archive/album/")
         assert "content-length" not in deflated.headers and len(deflated.content) < 20_000
+        # A proxy saying its client spoke HTTP/1.1 does not make an HTTP/1.0 hop chunked.
+        _, headers, body = await http10_get(url, "/archive/album/", {"X-Client-Protocol": "HTTP/1.1"})
+        assert headers["content-length"] == str(len(body)) and body == stored
     untrusting = replace(deflating, trusted_proxies=("192.0.2.1",))
     async with running_server(untrusting) as url, make_client(url, "HTTP/1.1") as client:
         spoofed = await client.get("/archive/album/", headers={"X-Client-Protocol": "HTTP/1.0"})

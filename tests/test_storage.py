@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
-from archiver.archive.storage import AlbumNotFound, list_album, resolve_album
+from archiver.archive.storage import AlbumNotFound, ListingFailed, list_album, resolve_album
 
 from .conftest import write_tree
 from .test_cli import PROJECT
@@ -147,3 +148,44 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
     files, failure = result.stdout.splitlines()
     assert files == "['a.jpg'] [('secret.jpg', 'not readable')]"
     assert failure == "failed .: Permission denied False"
+
+
+def test_a_listing_is_of_one_moment_while_entries_and_folders_are_renamed(tmp_path: Path) -> None:
+    """An upload renaming x.tmp to x.jpg, a folder moved: a listing has each exactly once, or the walk fails (503).
+
+    Before, a name looked up after its rename was "vanished" and left out,
+    and a folder moved behind the walk was missed: valid archives of no
+    moment's state.
+    """
+    album = tmp_path / "album"
+    write_tree(album, {f"m/{n:04}.jpg": b"m" for n in range(500)} | {"moving_A": b"x", "z/sub/s.jpg": b"s"})
+    (album / "a").mkdir()
+    stop = threading.Event()
+
+    def rename_forever() -> None:
+        while not stop.is_set():
+            os.rename(album / "moving_A", album / "moving_B")
+            os.rename(album / "z" / "sub", album / "a" / "sub")
+            os.rename(album / "moving_B", album / "moving_A")
+            os.rename(album / "a" / "sub", album / "z" / "sub")
+
+    renamer = threading.Thread(target=rename_forever)
+    renamer.start()
+    listed = failed = 0
+    try:
+        for _ in range(20):
+            try:
+                paths = {file.path for file in list_album(album).files}
+            except ListingFailed as error:
+                assert error.transient
+                failed += 1
+                continue
+            listed += 1
+            assert len(paths & {"moving_A", "moving_B"}) == 1, sorted(paths - {f"m/{n:04}.jpg" for n in range(500)})
+            assert len(paths & {"a/sub/s.jpg", "z/sub/s.jpg"}) == 1
+    finally:
+        stop.set()
+        renamer.join()
+    assert listed + failed == 20
+    paths = {file.path for file in list_album(album).files}  # at rest: whole
+    assert len(paths) == 502

@@ -198,6 +198,8 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     # Bytes that are not UTF-8 (Werkzeug would keep them as "%FF%FE"); a literal "%FF" is a name.
     not_utf8 = await fetch(settings, f"{secret_name}?filename=%ff%fe")
     assert not_utf8.status_code == 400 and "имя файла" in not_utf8.text
+    other = await fetch(settings, f"{secret_name}?x=%ff&filename=ok")  # only the filename is a name
+    assert other.status_code == 200
     literal = await fetch(settings, f"{secret_name}?filename={quote('%FF')}")
     assert literal.status_code == 200 and literal.headers["content-disposition"].endswith("UTF-8''%25FF.zip")
     hidden = await fetch(settings, f"{secret_name}?filename={quote('../../evil')}")

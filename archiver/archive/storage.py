@@ -13,11 +13,13 @@ through a race.  FIFOs, sockets and devices are left out, as are files the
 service cannot read and names with a line break (kept out since the first
 version; no reader shows such a name as it is).
 
-An entry that goes away or changes kind during the walk is left out too (as
-if the walk had come a moment later).  Any other error (out of descriptors
-or memory, an I/O error, a stale NFS handle, the album itself unreadable)
-fails the listing (ListingFailed): an archive of part of the album would end
-cleanly and look complete.
+A listing is of one moment: if an entry goes away or changes kind while the
+album is walked, or a folder changes (an entry added, removed or renamed:
+an upload's ``x.tmp`` renamed to ``x.jpg``, a folder moved), the walk starts
+again, WALK_ATTEMPTS times at most.  Any other error (out of descriptors or
+memory, an I/O error, a stale NFS handle, the album itself unreadable), or
+an album that keeps changing, fails the listing (ListingFailed): an archive
+of part of the album would end cleanly and look complete.
 """
 
 from __future__ import annotations
@@ -58,13 +60,23 @@ _DENIED = frozenset({errno.EACCES, errno.EPERM})
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 
+class _AlbumChanged(Exception):
+    """Something in the album changed while it was walked: walk it again."""
+
+
+# Walks of an album that keeps changing before its listing fails (as transient: 503).
+WALK_ATTEMPTS = 3
+
+
 def _failed(error: OSError, path: str) -> ListingFailed:
     return ListingFailed(f"{path}: {error.strerror}", transient=error.errno in _TRANSIENT)
 
 
 def _may_leave_out(error: OSError, path: str) -> None:
-    """Return if the entry ``path`` may be left out for ``error``; raise ListingFailed if not."""
-    if error.errno not in _GONE and error.errno not in _DENIED:
+    """Return if the entry ``path`` may be left out for ``error`` (denied); else _AlbumChanged or ListingFailed."""
+    if error.errno in _GONE:
+        raise _AlbumChanged(path) from error
+    if error.errno not in _DENIED:
         raise _failed(error, path) from error
 
 
@@ -135,20 +147,48 @@ def list_album(album: Path) -> AlbumListing:
     Raises AlbumNotFound if the album is gone, ListingFailed if it (or
     anything in it) cannot be listed for another reason than the policy's.
     """
-    files: list[AlbumFile] = []
-    skipped: list[SkippedEntry] = []
-    try:
-        album_fd = os.open(album, _DIRECTORY_FLAGS)
-    except OSError as error:
-        if error.errno in _GONE:
-            raise AlbumNotFound(album.name) from None
-        raise _failed(error, ".") from error
-    # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-    _walk(album_fd, "", files, skipped, PATH_MAX - len(os.fsencode(album)) - 1)
+    for _ in range(WALK_ATTEMPTS):
+        try:
+            files, skipped = _walk_once(album)
+            break
+        except _AlbumChanged:
+            continue
+    else:
+        raise ListingFailed(f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
     files.sort(key=lambda file: file.path)
     for entry in skipped:
         logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
     return AlbumListing(album, tuple(files), tuple(skipped))
+
+
+def _walk_once(album: Path) -> tuple[list[AlbumFile], list[SkippedEntry]]:
+    """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
+    files: list[AlbumFile] = []
+    skipped: list[SkippedEntry] = []
+    folders: list[tuple[str, tuple[int, int, int]]] = []
+    try:
+        album_fd = os.open(album, _DIRECTORY_FLAGS)
+        # Read alone is not enough: without search (x) every entry would be "denied" and left out.
+        searchable = os.access(album, os.R_OK | os.X_OK)
+    except OSError as error:
+        if error.errno in _GONE:
+            raise AlbumNotFound(album.name) from None
+        raise _failed(error, ".") from error
+    if not searchable:
+        os.close(album_fd)
+        raise ListingFailed(".: Permission denied", transient=False)
+    # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
+    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1)
+    for relative, seen in folders:
+        try:
+            status = os.stat(album / relative, follow_symlinks=False)
+        except OSError as error:
+            _may_leave_out(error, relative)
+            raise _failed(error, relative) from error
+        # Moved by any entry added, removed or renamed in it (and by a chmod, which changes nothing here).
+        if (status.st_ino, status.st_mtime_ns, status.st_ctime_ns) != seen:
+            raise _AlbumChanged(relative)
+    return files, skipped
 
 
 # Each directory is listed through a descriptor, and its entries looked at relative to it:
@@ -162,12 +202,23 @@ MAX_DEPTH = 64
 PATH_MAX = 4096
 
 
-def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[SkippedEntry], room: int) -> None:
+def _walk(
+    directory_fd: int,
+    prefix: str,
+    files: list[AlbumFile],
+    skipped: list[SkippedEntry],
+    folders: list[tuple[str, tuple[int, int, int]]],
+    room: int,
+) -> None:
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
-    ``room``: the bytes a relative path may take (it is opened as the album's path, "/", and it).
+    Each folder walked goes into ``folders`` with its inode, mtime and ctime
+    as they were before it was read.  ``room``: the bytes a relative path may
+    take (it is opened as the album's path, "/", and it).
     """
     try:
+        status = os.fstat(directory_fd)
+        folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
         with os.scandir(directory_fd) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
         for entry in entries:
@@ -190,7 +241,7 @@ def _walk(directory_fd: int, prefix: str, files: list[AlbumFile], skipped: list[
                     _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped, room)
+                    _walk(child, relative + "/", files, skipped, folders, room)
             else:
                 files.append(
                     AlbumFile(

@@ -157,7 +157,7 @@ def create_app(settings: Settings) -> QuartTrio:
                 raise AlbumNotFound(name)
             args = request.args
             requested_filename = args.get("filename")
-            if requested_filename is not None and not _utf8(request.scope.get("query_string", b"")):
+            if requested_filename is not None and not _utf8_filename(request.scope.get("query_string", b"")):
                 # Werkzeug keeps bytes that are not UTF-8 as "%FF": not a name anyone chose.
                 raise DisplayNameRefused("filename is not UTF-8")
             if settings.link_secret:
@@ -173,7 +173,7 @@ def create_app(settings: Settings) -> QuartTrio:
             # A deflated archive has no length: its end is the chunked body's end, which
             # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
-            compression = 0 if _client_protocol(proxies) == "HTTP/1.0" else settings.compression
+            compression = 0 if "HTTP/1.0" in _protocols(proxies) else settings.compression
             async with client_walks.turn(client):
                 # A large album takes a while to walk: keep the event loop free.
                 prepared = await trio.to_thread.run_sync(
@@ -297,26 +297,32 @@ def _client_address(proxies: TrustedProxies) -> str:
     return proxies.client_address(peer[0] if peer else None, forwarded_for)
 
 
-def _utf8(query: bytes) -> bool:
-    """Whether the query string's %-escapes make UTF-8."""
-    try:
-        urllib.parse.unquote_to_bytes(query).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
+def _utf8_filename(query: bytes) -> bool:
+    """Whether every ``filename`` value in the raw query string is UTF-8 once its %-escapes are decoded."""
+    for field in query.split(b"&"):
+        name, _, value = field.partition(b"=")
+        if urllib.parse.unquote_to_bytes(name) == b"filename":
+            try:
+                urllib.parse.unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return False
     return True
 
 
-def _client_protocol(proxies: TrustedProxies) -> str:
-    """The HTTP version the client asked in ("HTTP/1.0"): the request's, or what a trusted proxy says it was.
+def _protocols(proxies: TrustedProxies) -> set[str]:
+    """The HTTP versions on the way from the client ("HTTP/1.0"): this request's, and what a trusted proxy says.
 
     nginx talks HTTP/1.1 to the service whatever its client speaks, and
     passes that on as X-Client-Protocol (deploy/nginx.conf: $server_protocol).
+    Both count: a proxy talking HTTP/1.0 to the service cannot pass a
+    chunked end on either, whatever its client speaks.
     """
+    protocols = {"HTTP/" + request.scope.get("http_version", "1.1")}
     peer = request.scope.get("client")
     stated = request.headers.get("X-Client-Protocol")
     if stated is not None and peer and proxies.trusts(peer[0]):
-        return stated.strip().upper()
-    return "HTTP/" + request.scope.get("http_version", "1.1")
+        protocols.add(stated.strip().upper())
+    return protocols
 
 
 def chunk_size_for(http_version: str, chunk_size: int) -> int:
