@@ -125,6 +125,8 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
         root.chmod(0o755)
         write_tree(root / "locked", {"a.jpg": b"a"})
         write_tree(root / "open", {"a.jpg": b"a", "secret.jpg": b"s"})
+        write_tree(root / "unsearchable", {"a.jpg": b"a"})
+        (root / "unsearchable").chmod(0o644)  # read, not search: every entry would be "denied"
         (root / "locked").chmod(0o000)
         (root / "open" / "secret.jpg").chmod(0o000)
         check = (
@@ -134,20 +136,22 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
             "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             "listing = list_album(Path(sys.argv[1], 'open'))\n"
             "print([f.path for f in listing.files], [(s.path, s.reason) for s in listing.skipped])\n"
-            "try:\n"
-            "    list_album(Path(sys.argv[1], 'locked'))\n"
-            "except ListingFailed as error:\n"
-            "    print('failed', error, error.transient)\n"
+            "for name in ('locked', 'unsearchable'):\n"
+            "    try:\n"
+            "        list_album(Path(sys.argv[1], name))\n"
+            "    except ListingFailed as error:\n"
+            "        print('failed', error, error.transient)\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", check, str(root)], capture_output=True, text=True, check=True, cwd=PROJECT
         )
     finally:
         (root / "locked").chmod(0o755)
+        (root / "unsearchable").chmod(0o755)
         shutil.rmtree(root)
-    files, failure = result.stdout.splitlines()
+    files, *failures = result.stdout.splitlines()
     assert files == "['a.jpg'] [('secret.jpg', 'not readable')]"
-    assert failure == "failed .: Permission denied False"
+    assert failures == ["failed .: Permission denied False"] * 2
 
 
 def test_a_listing_is_of_one_moment_while_entries_and_folders_are_renamed(tmp_path: Path) -> None:
