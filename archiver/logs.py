@@ -12,6 +12,11 @@ _ESCAPES = {
 }
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN`` (``\\uNNNN``): one line, nothing a terminal acts on."""
+    return text.translate(_ESCAPES)
+
+
 class OneLineFormatter(logging.Formatter):
     """Escapes control characters in each message: one event is one line, and no name can forge another.
 
@@ -19,7 +24,7 @@ class OneLineFormatter(logging.Formatter):
     """
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_ESCAPES)
+        record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
 

@@ -121,7 +121,12 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     async with launched(command) as server, make_client(server.url, "HTTP/1.1") as client:
         response = await client.get("/archive/album/")
         assert response.status_code == 200
+        # Nor a request path (Hypercorn's access line, %-decoded).
+        probe = await client.get("/archive/lo%0AFORGED%20ACCESS%20LINE%1B[2K/")
+        assert probe.status_code == 404
     lines = server.output.decode().splitlines()
+    assert not any(line.startswith("FORGED ACCESS LINE") for line in lines)
+    assert any("/archive/lo\\x0aFORGED ACCESS LINE\\x1b[2K/" in line for line in lines)
     skipped = [line for line in lines if "skipped album/x" in line]
     assert skipped == [
         skipped[0].split(" INFO ")[0]

@@ -36,6 +36,8 @@ from hypercorn.protocol.events import EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
 
+from ..logs import escape_controls
+
 _MARKER = "_archiver_adjusted"
 _SENT = "_archiver_body_bytes"
 _LOGGED = "_archiver_logged"
@@ -128,7 +130,9 @@ async def _log(stream: Any) -> None:
     if getattr(stream, _LOGGED, False):
         return
     setattr(stream, _LOGGED, True)
-    await stream.config.log.access(stream.scope, _summary(stream), time() - stream.start_time)
+    # The path is %-decoded: "/archive/a%0Ab/" would put a line break into the log.
+    scope = {**stream.scope, "path": escape_controls(stream.scope.get("path", ""))}
+    await stream.config.log.access(scope, _summary(stream), time() - stream.start_time)
 
 
 def _summary(stream: Any) -> ResponseSummary | None:
