@@ -63,12 +63,14 @@ async def send_archive_response(
         async with body:
             async for chunk in body:
                 if not headers_sent:
-                    await _send_within(send, _start_event(response), body.stall_timeout)
+                    # Set first: the server may have taken the headers when a failure
+                    # cancels their send, and a second response would then be refused.
                     headers_sent = True
+                    await _send_within(send, _start_event(response), body.stall_timeout)
                 await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
             if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
-                await _send_within(send, _start_event(response), body.stall_timeout)
                 headers_sent = True
+                await _send_within(send, _start_event(response), body.stall_timeout)
             # Within the download and its deadline: over HTTP/2 the last message waits until the
             # client has taken the stream's buffered tail, which a closed window would hold for ever.
             await _send_within(send, _body_event(b"", more_body=False), body.stall_timeout)
