@@ -59,6 +59,12 @@ class Settings:
     # a client slower than ~4 kB/s for a whole minute, or one that stopped
     # reading.  A 50 kB/s link takes 5 s a chunk.
     stall_timeout: float = 60.0
+    # Seconds a download may wait on the storage: the response waiting for its
+    # next bytes while neither the producer writes any nor a cold file's CRC
+    # reading advances (a hard-mounted NFS server gone, a hung FUSE mount).
+    # The download then fails (503 before its headers, aborted after them).
+    # Not the client's speed (the stall timeout), nor a long cold CRC, which advances.
+    storage_timeout: float = 60.0
     # The least fair share of the job slots a client keeps once the service is
     # busy (limits.JobSlots): while more than a quarter of max_jobs is free,
     # a client may hold any number.
@@ -94,7 +100,9 @@ class Settings:
             raise SettingsError("max_jobs must be positive, rate_limit and shutdown_grace not negative")
         if self.chunk_size < 1 or self.channel_capacity < 0:
             raise SettingsError("chunk_size must be positive and channel_capacity not negative")
-        if self.stall_timeout <= 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
+        if not self.storage_timeout > 0:  # NaN too: it would never fire
+            raise SettingsError(f"storage_timeout must be positive, not {self.storage_timeout}")
+        if not self.stall_timeout > 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
             raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
         try:
             zoneinfo.ZoneInfo(self.timezone)
@@ -153,6 +161,7 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "rate_limit": int,
     "shutdown_grace": float,
     "stall_timeout": float,
+    "storage_timeout": float,
     "max_jobs_per_client": int,
     "trusted_proxies": _parse_list,
     "max_connections": int,

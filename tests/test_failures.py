@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +111,63 @@ async def test_producer_gone_at_request_time_is_503(
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert response.text.strip() == MESSAGES[503].sentence
+
+
+async def test_producer_stopped_mid_stream_is_aborted_after_the_storage_timeout(
+    large_storage: Path, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SIGSTOP: a producer stuck in a read of dead storage (a hard-mounted NFS server gone) looks the same.
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1, storage_timeout=1)
+    async with running_server(settings) as url, make_client(url, protocol) as client:
+        with pytest.raises(ABORTED):
+            async with client.stream("GET", "/archive/big/") as response:
+                async for _ in response.aiter_raw():
+                    for child in producer_children():
+                        os.kill(child.pid, signal.SIGSTOP)
+        await wait_until_no_producer_children(timeout=5.0)
+        # The job slot is free again (max_jobs=1): the next request is served.
+        response = await client.get("/archive/big/", headers={"Range": "bytes=0-99"})
+        assert response.status_code == 206
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("big" in m and "failed: nothing came from the storage for 1 s" in m for m in failures), failures
+
+
+async def test_producer_silent_before_its_first_byte_is_503(
+    settings: Settings, stand_in: Callable[[str], None], protocol: str
+) -> None:
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    stand_in("kill -STOP $$\nexec $REAL_PRODUCER")  # stops itself before it writes a byte
+    settings = replace(settings, storage_timeout=0.5)
+    async with running_server(settings) as url, make_client(url, protocol) as client:
+        response = await client.get("/archive/album/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.text.strip() == MESSAGES[503].sentence
+        await wait_until_no_producer_children(timeout=5.0)
+        figures = samples((await client.get("/metrics")).text)
+    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
+
+
+async def test_a_long_cold_crc_is_no_storage_timeout(settings: Settings) -> None:
+    # The first header waits for its file's CRC (1 GiB read, sparse), far longer than the
+    # storage timeout: the reading advances, so the download is not cut.
+    album = settings.storage_dir / "album"
+    album.mkdir()
+    size = 1 << 30
+    with open(album / "video.mp4", "wb") as file:
+        file.truncate(size)
+    settings = replace(settings, storage_timeout=0.1)
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        started = trio.current_time()
+        response = await client.get("/archive/album/", headers={"Range": "bytes=0-29"})
+        waited = trio.current_time() - started
+    assert response.status_code == 206, response.text
+    crc = 0
+    zeros = bytes(1 << 20)
+    for _ in range(size >> 20):
+        crc = zlib.crc32(zeros, crc)
+    assert response.content[:4] == b"PK\x03\x04" and response.content[14:18] == crc.to_bytes(4, "little")
+    assert waited > 3 * settings.storage_timeout  # else this test proves nothing: make the file larger
 
 
 async def test_job_limit_refuses_with_503_and_frees_the_slot(large_storage: Path, protocol: str) -> None:

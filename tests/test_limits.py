@@ -118,6 +118,9 @@ def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
     [
         ("ARCHIVER_TRUSTED_PROXIES", "nginx.local"),
         ("ARCHIVER_STALL_TIMEOUT", "0"),
+        ("ARCHIVER_STALL_TIMEOUT", "nan"),
+        ("ARCHIVER_STORAGE_TIMEOUT", "0"),
+        ("ARCHIVER_STORAGE_TIMEOUT", "nan"),
         ("ARCHIVER_MAX_JOBS_PER_CLIENT", "0"),
         ("ARCHIVER_MAX_CONNECTIONS", "-1"),
     ],
@@ -132,12 +135,14 @@ def test_limits_from_the_environment() -> None:
         {
             "ARCHIVER_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1",
             "ARCHIVER_STALL_TIMEOUT": "30",
+            "ARCHIVER_STORAGE_TIMEOUT": "120",
             "ARCHIVER_MAX_JOBS_PER_CLIENT": "2",
             "ARCHIVER_MAX_CONNECTIONS": "1000",
         }
     )
     assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
-    assert (settings.stall_timeout, settings.max_jobs_per_client, settings.max_connections) == (30, 2, 1000)
+    assert (settings.stall_timeout, settings.storage_timeout) == (30, 120)
+    assert (settings.max_jobs_per_client, settings.max_connections) == (2, 1000)
 
 
 def test_token_bucket_keeps_the_rate_and_caps_what_a_pause_saves() -> None:

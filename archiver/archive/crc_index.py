@@ -202,13 +202,20 @@ def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray, ke
 
 
 async def file_crc(
-    path: Path, size: int, index: CrcIndex, buffer: bytearray | None = None, key: FileKey | None = None
+    path: Path,
+    size: int,
+    index: CrcIndex,
+    buffer: bytearray | None = None,
+    key: FileKey | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> FileCrc:
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
     Opened without following a link; FileChanged unless it is the one listed
-    (``key``, or ``size`` bytes).  If cancelled, the file is closed before
-    the cancellation propagates.
+    (``key``, or ``size`` bytes).  ``progress`` is called after each block
+    read.  If cancelled, the file is closed before the cancellation
+    propagates (once the block being read is in: a worker thread cannot be
+    interrupted).
     """
     fd, found = await trio.to_thread.run_sync(_open_listed, path, size, key, limiter=index.readers)
     try:
@@ -223,6 +230,8 @@ async def file_crc(
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
+            if progress is not None:
+                progress()
         kept = _keep(index, fd, path, found, crc, started)
     finally:
         os.close(fd)

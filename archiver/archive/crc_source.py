@@ -7,6 +7,7 @@ while the producer sends the files before them.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Sequence
 
@@ -40,11 +41,17 @@ class CrcSource:
         self._crcs = array("q", [-1]) * len(entries)
         self._racy: set[int] = set()
         self._ready = AsyncValue(0)  # how many of ``entries`` have their CRC
+        # When (trio time) the reading last advanced: a long cold CRC is no hung storage.
+        self.progressed_at = -math.inf
+
+    def _progressed(self) -> None:
+        self.progressed_at = trio.current_time()
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""
         keys = (self.plan.key(k) for k in self._entries)
         known = await trio.to_thread.run_sync(self.index.known, keys, limiter=self.index.readers)
+        self._progressed()
         buffer = bytearray(READ_SIZE)
         position = 0
         while position < len(self._entries):
@@ -59,11 +66,14 @@ class CrcSource:
             k = self._entries[position]
             if self.plan.sizes[k] > BATCH_BYTES:
                 path = self.plan.directory / self.plan.path_str(k)
-                results = [await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k))]
+                results = [
+                    await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k), self._progressed)
+                ]
             else:
                 results = await trio.to_thread.run_sync(
                     self._small_files, position, known, buffer, limiter=self.index.readers
                 )
+                self._progressed()
             for result in results:
                 self._crcs[position] = result.crc
                 if result.racy:

@@ -231,6 +231,7 @@ def create_app(settings: Settings) -> QuartTrio:
             byte_range=byte_range,
             client=client,
             stall_timeout=settings.stall_timeout,
+            storage_timeout=settings.storage_timeout,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

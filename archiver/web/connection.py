@@ -6,7 +6,8 @@ that would promise a 200 before we know the producer can run.
 ``fences.quart_trio``) enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
 no free job slot or no producer is a 503, the producer failing before its
-first byte a 500.  Whatever fails after it propagates, and the transfer is aborted
+first byte a 500, the storage giving nothing for the storage timeout a 503.
+Whatever fails after it propagates, and the transfer is aborted
 (see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
 from the Content-Length announced (HTTP/1.1: the connection closes short).
 
@@ -34,7 +35,7 @@ from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.storage import ListingFailed
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
-from .download import ArchiveBody, ArchiveChanged, first_failure
+from .download import ArchiveBody, ArchiveChanged, StorageTimeout, first_failure
 from .limits import (
     STALL_UNIT,
     DownloadStalled,
@@ -81,7 +82,7 @@ async def send_archive_response(
         if not isinstance(failure, Exception):
             raise  # a cancellation alone: the client left, or shutdown
         if headers_sent or isinstance(failure, DownloadStalled):
-            if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled)):
+            if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled, StorageTimeout)):
                 # Logged by the body already.  Returning without the final
                 # body message aborts the transfer, like raising would,
                 # without a traceback for an expected operational failure.
@@ -147,6 +148,8 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
     if isinstance(error, ProducerUnavailable):
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("producer_unavailable").inc()
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(error, StorageTimeout):  # logged and counted as a failed download by the body
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, (ProducerFailed, ArchiveChanged, FileChanged)):
         return error_page(500, accept)

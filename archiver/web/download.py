@@ -34,6 +34,10 @@ class ArchiveChanged(RuntimeError):
     """The bytes made are not the length announced."""
 
 
+class StorageTimeout(RuntimeError):
+    """The download waited ``storage_timeout`` s for bytes while nothing advanced: no output, no CRC read."""
+
+
 class ArchiveBody(ResponseBody):
     """The streamed ZIP of one album (or a range of it), produced while it is sent."""
 
@@ -52,6 +56,7 @@ class ArchiveBody(ResponseBody):
         byte_range: ByteRange | None = None,
         client: str = "unknown",
         stall_timeout: float = math.inf,
+        storage_timeout: float = math.inf,
     ) -> None:
         self.name = name
         self.plan = plan
@@ -77,6 +82,9 @@ class ArchiveBody(ResponseBody):
         # chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
         self.stall_timeout = stall_timeout
+        # How long the response may wait for its next chunk while the storage yields nothing.
+        self.storage_timeout = storage_timeout
+        self._waiting_since: float | None = None  # trio time, while the response waits for a chunk
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
@@ -103,6 +111,8 @@ class ArchiveBody(ResponseBody):
         try:
             if self._crcs is not None:
                 nursery.start_soon(self._crcs.compute)
+            if math.isfinite(self.storage_timeout):
+                nursery.start_soon(self._watch_storage)
             await nursery.start(self._produce, send_channel)
         except BaseException as error:
             self._receive_channel.close()
@@ -131,6 +141,7 @@ class ArchiveBody(ResponseBody):
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None
         await self._pace()
+        self._waiting_since = trio.current_time()
         try:
             chunk = await self._receive_channel.receive()
         except trio.EndOfChannel:
@@ -139,6 +150,8 @@ class ArchiveBody(ResponseBody):
                 # Never a clean end for bytes that disagree with the announced plan.
                 raise ArchiveChanged(f"{self.bytes_sent} bytes made, {length} announced") from None
             raise StopAsyncIteration from None
+        finally:
+            self._waiting_since = None
         self.bytes_sent += len(chunk)
         length = self._length()
         if length is not None and self.bytes_sent > length:
@@ -147,6 +160,28 @@ class ArchiveBody(ResponseBody):
             self._bucket.spend(len(chunk))
         self.metrics.bytes_sent.inc(len(chunk))
         return chunk
+
+    async def _watch_storage(self) -> None:
+        """Raise StorageTimeout once the response has waited ``storage_timeout`` s for a chunk with nothing advancing.
+
+        Advancing: a chunk arriving, or this download's CRC reading (a cold
+        file's CRC is read before its header goes out, minutes for a large
+        file on a slow disk).  Time the response spends on the client (the
+        stall timeout's business) or pacing does not count.  Checked about
+        every ``storage_timeout`` s: a hang is seen within twice that.
+        """
+        timeout = self.storage_timeout
+        while True:
+            waiting_since = self._waiting_since
+            if waiting_since is None:
+                await trio.sleep(timeout)
+                continue
+            since = waiting_since if self._crcs is None else max(waiting_since, self._crcs.progressed_at)
+            if trio.current_time() - since >= timeout:
+                raise StorageTimeout(
+                    f"nothing came from the storage for {timeout:g} s (no archive bytes, no file read)"
+                )
+            await trio.sleep_until(since + timeout)
 
     async def _pace(self) -> None:
         """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst.
