@@ -167,12 +167,19 @@ def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_sta
     return True
 
 
-def _crc_of_block(fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES) -> tuple[int, int]:
-    """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the count (0 at the end)."""
+def _crc_of_block(
+    fd: int, crc: int, buffer: bytearray, budget: int = BATCH_BYTES, progress: Callable[[], None] | None = None
+) -> tuple[int, int]:
+    """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the count (0 at the end).
+
+    ``progress`` is called after each read (in this thread: it must only count).
+    """
     read = 0
     while read < budget and (count := os.readv(fd, [buffer])):
         crc = zlib_ng.crc32(memoryview(buffer)[:count], crc)
         read += count
+        if progress is not None:
+            progress()
     return crc, read
 
 
@@ -184,15 +191,27 @@ class FileCrc(NamedTuple):
     racy: bool = False
 
 
-def small_file_crc(path: Path, size: int, index: CrcIndex, buffer: bytearray, key: FileKey | None = None) -> FileCrc:
-    """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed."""
+def small_file_crc(
+    path: Path,
+    size: int,
+    index: CrcIndex,
+    buffer: bytearray,
+    key: FileKey | None = None,
+    progress: Callable[[], None] | None = None,
+) -> FileCrc:
+    """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed.
+
+    ``progress`` is called after the open and after each read (in this thread: it must only count).
+    """
     fd, found = _open_listed(path, size, key)
     try:
+        if progress is not None:
+            progress()
         known = index.get(found)
         if known is not None:
             return FileCrc(found, known)
         started = time.time_ns()
-        crc, read = _crc_of_block(fd, 0, buffer, budget=size)
+        crc, read = _crc_of_block(fd, 0, buffer, size, progress)
         if read != size:
             raise FileChanged(f"{path}: read {read} bytes, {size} listed")
         kept = _keep(index, fd, path, found, crc, started)
@@ -212,10 +231,10 @@ async def file_crc(
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
     Opened without following a link; FileChanged unless it is the one listed
-    (``key``, or ``size`` bytes).  ``progress`` is called after each block
-    read.  If cancelled, the file is closed before the cancellation
-    propagates (once the block being read is in: a worker thread cannot be
-    interrupted).
+    (``key``, or ``size`` bytes).  ``progress`` is called after each read,
+    in a worker thread (it must only count).  If cancelled, the file is
+    closed before the cancellation propagates (once the block being read is
+    in: a worker thread cannot be interrupted).
     """
     fd, found = await trio.to_thread.run_sync(_open_listed, path, size, key, limiter=index.readers)
     try:
@@ -226,12 +245,12 @@ async def file_crc(
         started = time.time_ns()
         crc, read = 0, 0
         while read < size:
-            crc, count = await trio.to_thread.run_sync(_crc_of_block, fd, crc, buffer, limiter=index.readers)
+            crc, count = await trio.to_thread.run_sync(
+                _crc_of_block, fd, crc, buffer, BATCH_BYTES, progress, limiter=index.readers
+            )
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
-            if progress is not None:
-                progress()
         kept = _keep(index, fd, path, found, crc, started)
     finally:
         os.close(fd)

@@ -7,7 +7,6 @@ while the producer sends the files before them.
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Sequence
 
@@ -41,17 +40,20 @@ class CrcSource:
         self._crcs = array("q", [-1]) * len(entries)
         self._racy: set[int] = set()
         self._ready = AsyncValue(0)  # how many of ``entries`` have their CRC
-        # When (trio time) the reading last advanced: a long cold CRC is no hung storage.
-        self.progressed_at = -math.inf
+        # Reads done (counted by the worker threads) and tasks waiting for a CRC: a long
+        # cold CRC that something waits for is no hung storage (web.download's watchdog).
+        self.reads = 0
+        self.waiting = 0
 
     def _progressed(self) -> None:
-        self.progressed_at = trio.current_time()
+        self.reads += 1  # in a worker thread too: a lost increment is harmless, any change counts
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""
         keys = (self.plan.key(k) for k in self._entries)
-        known = await trio.to_thread.run_sync(self.index.known, keys, limiter=self.index.readers)
-        self._progressed()
+        # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
+        # of hung storage.
+        known = await trio.to_thread.run_sync(self.index.known, keys)
         buffer = bytearray(READ_SIZE)
         position = 0
         while position < len(self._entries):
@@ -73,7 +75,6 @@ class CrcSource:
                 results = await trio.to_thread.run_sync(
                     self._small_files, position, known, buffer, limiter=self.index.readers
                 )
-                self._progressed()
             for result in results:
                 self._crcs[position] = result.crc
                 if result.racy:
@@ -92,7 +93,7 @@ class CrcSource:
             if size > BATCH_BYTES or (results and size > budget):
                 break
             path = self.plan.directory / self.plan.path_str(k)
-            results.append(small_file_crc(path, size, self.index, buffer, self.plan.key(k)))
+            results.append(small_file_crc(path, size, self.index, buffer, self.plan.key(k), self._progressed))
             budget -= size
             position += 1
         return results
@@ -106,7 +107,11 @@ class CrcSource:
     async def crc(self, k: int) -> int:
         position = self._position(k)
         if position >= self._ready.value:  # not computed yet: wait (the usual case is that it is)
-            await self._ready.wait_value(lambda ready: ready > position)
+            self.waiting += 1
+            try:
+                await self._ready.wait_value(lambda ready: ready > position)
+            finally:
+                self.waiting -= 1
         return self._crcs[position]
 
     def ready(self, k: int) -> int | None:

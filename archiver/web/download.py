@@ -85,6 +85,7 @@ class ArchiveBody(ResponseBody):
         # How long the response may wait for its next chunk while the storage yields nothing.
         self.storage_timeout = storage_timeout
         self._waiting_since: float | None = None  # trio time, while the response waits for a chunk
+        self._watch_scope = trio.CancelScope()  # the watchdog's: it ends with the body
         self.bytes_sent = 0
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
@@ -145,6 +146,9 @@ class ArchiveBody(ResponseBody):
         try:
             chunk = await self._receive_channel.receive()
         except trio.EndOfChannel:
+            # Stopped now, not in __aexit__: the body's end must not wait for the watchdog's,
+            # for once the last message is sent the server may cancel whatever still waits.
+            self._watch_scope.cancel()
             length = self._length()
             if length is not None and self.bytes_sent != length:
                 # Never a clean end for bytes that disagree with the announced plan.
@@ -164,24 +168,34 @@ class ArchiveBody(ResponseBody):
     async def _watch_storage(self) -> None:
         """Raise StorageTimeout once the response has waited ``storage_timeout`` s for a chunk with nothing advancing.
 
-        Advancing: a chunk arriving, or this download's CRC reading (a cold
-        file's CRC is read before its header goes out, minutes for a large
-        file on a slow disk).  Time the response spends on the client (the
-        stall timeout's business) or pacing does not count.  Checked about
-        every ``storage_timeout`` s: a hang is seen within twice that.
+        Advancing: a chunk arriving, or, while the producer waits for a cold
+        file's CRC (read before its header goes out: minutes for a large file
+        on a slow disk), a read of that CRC's file.  Time the response spends
+        on the client (the stall timeout's business) or pacing does not count,
+        nor CRCs read ahead that nothing waits for yet.  Looked at four times
+        a timeout: a hang is seen within 1.25 timeouts.  Ends when the body does.
         """
         timeout = self.storage_timeout
-        while True:
-            waiting_since = self._waiting_since
-            if waiting_since is None:
-                await trio.sleep(timeout)
-                continue
-            since = waiting_since if self._crcs is None else max(waiting_since, self._crcs.progressed_at)
-            if trio.current_time() - since >= timeout:
-                raise StorageTimeout(
-                    f"nothing came from the storage for {timeout:g} s (no archive bytes, no file read)"
-                )
-            await trio.sleep_until(since + timeout)
+        crcs = self._crcs
+        since = trio.current_time()  # from when nothing has advanced
+        reads = -1
+        with self._watch_scope:
+            while True:
+                await trio.sleep(timeout / 4)
+                now = trio.current_time()
+                waiting_since = self._waiting_since
+                if crcs is not None and crcs.waiting and crcs.reads != reads:
+                    since = now
+                if crcs is not None:
+                    reads = crcs.reads
+                if waiting_since is None:
+                    since = now
+                elif waiting_since > since:
+                    since = waiting_since
+                if now - since >= timeout:
+                    raise StorageTimeout(
+                        f"nothing came from the storage for {now - since:.1f} s (no archive bytes, no file read)"
+                    )
 
     async def _pace(self) -> None:
         """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst.
@@ -204,6 +218,7 @@ class ArchiveBody(ResponseBody):
         traceback: TracebackType | None,
     ) -> bool | None:
         assert self._nursery_manager is not None and self._receive_channel is not None and self._nursery is not None
+        self._watch_scope.cancel()  # (a failure's way out; see __anext__)
         if exc_value is not None:
             # Cancelled before the channel closes: a producer waiting to send is
             # then cancelled, not told BrokenResourceError, which would stand
