@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,10 +153,12 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
     path.write_bytes(b"x" * 100_000)
     read_block = crc_index_module._crc_of_block
 
-    def write_meanwhile(fd: int, crc: int, buffer: bytearray, budget: int = 0) -> tuple[int, int]:
+    def write_meanwhile(
+        fd: int, crc: int, buffer: bytearray, budget: int = 0, progress: Callable[[], None] | None = None
+    ) -> tuple[int, int]:
         with path.open("r+b") as file:
             file.write(b"y")  # same size, new ctime
-        return read_block(fd, crc, buffer, budget or len(buffer))
+        return read_block(fd, crc, buffer, budget or len(buffer), progress)
 
     index = CrcIndex()
     with pytest.MonkeyPatch.context() as patch:
