@@ -41,6 +41,7 @@ import stat
 import struct
 import sys
 import termios
+import time
 import zlib
 
 from archiver.archive.zipformat import (
@@ -89,6 +90,15 @@ WRITE_GATHER = 64 * 1024
 # than moved by sendfile: for small files the system calls cost more than the copy
 # (20,000 files of 8 KB: the producer's CPU 0.51 -> see README, Performance).
 COPY_LIMIT = 16 * 1024
+# Deflating, at least this often (seconds) what is compressed so far goes out (a zlib sync
+# flush, 5 bytes): a file that compresses to almost nothing (zeros) read from slow storage
+# would otherwise leave the pipe silent for minutes, which the service's storage timeout reads as a hang.
+HEARTBEAT = 1.0
+# File data goes file -> staging pipe (sendfile) -> stdout (splice): page references both ways,
+# no copy.  Never sendfile into stdout itself: a read of storage that hangs (an NFS server
+# gone, a hung FUSE mount) would hold stdout's pipe lock, and the service's read of it,
+# non-blocking or not, would wait on that lock, its whole event loop with it.
+STAGING_SIZE = 256 * 1024
 # Files sent but not yet checked again (each holds a descriptor) before the producer waits for the reader.
 MAX_UNCHECKED = 256
 # The wait for the reader to take the pipe's bytes: polled, from this to at most 20 ms apart.
@@ -145,6 +155,7 @@ class Output:
         # Files whose bytes may still be in the pipe: (position after them, fd, key, path).
         self._unchecked: list[tuple[int, int, FileKey, bytes]] = []
         self._pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        self._staging: tuple[int, int] | None = None  # read end, write end; made on the first file sent
         self._poller = select.poll()
         self._poller.register(fd, 0)  # POLLERR and POLLHUP only: they are always reported
 
@@ -164,15 +175,27 @@ class Output:
         self._pending.clear()
 
     def send_file(self, fd: int, offset: int, length: int) -> None:
+        """Move ``length`` bytes of ``fd`` from ``offset`` to the output through the staging pipe (see STAGING_SIZE)."""
         self.flush()
+        if self._staging is None:
+            self._staging = os.pipe2(os.O_CLOEXEC)
+            try:  # noqa: SIM105 (contextlib is not imported here: start-up time)
+                fcntl.fcntl(self._staging[1], fcntl.F_SETPIPE_SZ, STAGING_SIZE)
+            except OSError:
+                pass  # the user's pipe memory is spent (pipe-user-pages-soft): 64 KiB moves at a time
+        staging_out, staging_in = self._staging
         end = offset + length
         while offset < end:
-            sent = os.sendfile(self.fd, fd, offset, min(end - offset, BLOCK))
+            # Into an empty pipe: sendfile moves what fits and returns, it does not wait for room.
+            sent = os.sendfile(staging_in, fd, offset, min(end - offset, STAGING_SIZE))
             if not sent:
                 raise FileChanged("shorter than planned")
             offset += sent
             self.position += sent
-            self.written += sent
+            while sent:
+                moved = os.splice(staging_out, self.fd, sent)
+                sent -= moved
+                self.written += moved
 
     def check_once_read(self, fd: int, key: FileKey, path: bytes) -> None:
         """Check (check_identity) and close ``fd`` once the reader has taken every byte written so far.
@@ -403,11 +426,20 @@ class Producer:
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
         crc = compressed = 0
         view = memoryview(self.buffer)
+        beat, written = time.monotonic() + HEARTBEAT, self.output.written
         for count in _Blocks(fd, size, self.buffer):
             crc = binascii.crc32(view[:count], crc)
             data = compressor.compress(view[:count])
-            compressed += len(data)
-            self.output.write(data)
+            if time.monotonic() >= beat and self.output.written == written:  # nothing went out for a beat
+                data += compressor.flush(zlib.Z_SYNC_FLUSH)
+                compressed += len(data)
+                self.output.write(data)
+                self.output.flush()
+            else:
+                compressed += len(data)
+                self.output.write(data)
+            if time.monotonic() >= beat:
+                beat, written = time.monotonic() + HEARTBEAT, self.output.written
         data = compressor.flush()
         compressed += len(data)
         self.output.write(data)

@@ -1,0 +1,119 @@
+"""Storage that stops answering mid-download (a FUSE mount whose reads hang): the service stays up, the download fails.
+
+A producer blocked in a read of dead storage must not take the service's event loop
+with it, and the storage timeout must end the download: aborted, producer killed and
+reaped, nothing left.  SIGSTOP (tests/test_failures.py) cannot show the first: a
+stopped process is never stopped inside a system call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from .conftest import free_port, producer_processes, read_archive
+from .test_cli import launched
+from .test_failures import ABORTED
+
+GATED_FS = Path(__file__).with_name("gated_fs.py")
+
+
+def _fuse_unavailable() -> str | None:
+    try:
+        import mfusepy  # type: ignore[import-untyped]  # noqa: F401
+    except (ImportError, OSError) as error:  # OSError: no libfuse
+        return f"no FUSE binding: {error}"
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return "no /dev/fuse or fusermount3 (Debian package fuse3)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
+
+
+@asynccontextmanager
+async def gated_mount(source: Path, mountpoint: Path, gate: Path) -> AsyncIterator[None]:
+    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists."""
+    mountpoint.mkdir()
+    process = subprocess.Popen([sys.executable, str(GATED_FS), str(source), str(mountpoint), str(gate)])
+    try:
+        with trio.fail_after(10):
+            while not os.path.ismount(mountpoint):
+                assert process.poll() is None, "the FUSE file system did not start"
+                await trio.sleep(0.02)
+        yield
+    finally:
+        gate.unlink(missing_ok=True)  # first: whatever waits on the storage goes on, and can end
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        process.wait(timeout=10)
+
+
+async def test_a_read_hanging_mid_download_fails_the_download_not_the_service(tmp_path: Path) -> None:
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    source.mkdir()
+    storage.mkdir()
+    files = {f"photo-{i}.jpg": os.urandom(8 * 1024 * 1024) for i in range(4)}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    env = {"ARCHIVER_STORAGE_TIMEOUT": "1", "ARCHIVER_STALL_TIMEOUT": "60"}
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    # The mount inside the server's lifetime: its end opens the gate first, so that a server
+    # stuck on the storage (the fault this test is about) can be stopped.
+    async with (
+        launched(command, env) as server,
+        gated_mount(source, storage / "album", gate),
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
+        # Once whole: the CRCs are then known, and the producer is the one to meet the hang.
+        whole = await client.get("/archive/album/")
+        assert whole.status_code == 200 and read_archive(whole.content) == files
+        received = 0
+        with pytest.raises(ABORTED), trio.fail_after(20):
+            async with client.stream("GET", "/archive/album/") as response:
+                async for chunk in response.aiter_raw():
+                    if not received:
+                        gate.touch()  # from now on every read of the storage hangs
+                        # The service answers meanwhile: its event loop is not stuck behind the producer.
+                        with trio.fail_after(3):
+                            assert (await client.get("/healthz")).status_code == 200
+                    received += len(chunk)
+        assert received < len(whole.content)
+        with trio.fail_after(10):
+            while producer_processes(server.process.pid):
+                await trio.sleep(0.02)
+        with trio.fail_after(3):
+            assert (await client.get("/healthz")).status_code == 200
+    assert b"failed: nothing came from the storage" in bytes(server.output)
+
+
+async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
+    # Zeros deflate to almost nothing: without the producer's heartbeat (a sync flush a
+    # second), the pipe would stay silent for the whole file, longer than the storage timeout.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    source.mkdir()
+    storage.mkdir()
+    files = {"zeros.bin": bytes(6 * 1024 * 1024), "after.txt": b"still here"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~6 s for the zeros
+    env = {"ARCHIVER_STORAGE_TIMEOUT": "3", "ARCHIVER_COMPRESSION": "6"}
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    async with (
+        launched(command, env) as server,
+        gated_mount(source, storage / "album", gate),
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
+        started = trio.current_time()
+        response = await client.get("/archive/album/")
+        took = trio.current_time() - started
+    assert response.status_code == 200 and read_archive(response.content) == files
+    assert took > 3  # else the storage was not slow enough for this test to prove anything
