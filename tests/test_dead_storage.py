@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -96,15 +97,16 @@ async def test_a_read_hanging_mid_download_fails_the_download_not_the_service(tm
 
 
 async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
-    # Zeros deflate to almost nothing: without the producer's heartbeat (a sync flush a
-    # second), the pipe would stay silent for the whole file, longer than the storage timeout.
+    # Zeros deflate to almost nothing: without the producer's heartbeat (a sync flush when
+    # nothing went out for a second, across files), the pipe would stay silent for the whole
+    # album, longer than the storage timeout, though no file alone takes a second.
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
     storage.mkdir()
-    files = {"zeros.bin": bytes(6 * 1024 * 1024), "after.txt": b"still here"}
+    files = {f"zeros-{i}.bin": bytes(512 * 1024) for i in range(10)} | {"after.txt": b"still here"}
     for name, data in files.items():
         (source / name).write_bytes(data)
-    gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~6 s for the zeros
+    gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~5 s for the zeros
     env = {"ARCHIVER_STORAGE_TIMEOUT": "3", "ARCHIVER_COMPRESSION": "6"}
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
     async with (
@@ -117,3 +119,33 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
         took = trio.current_time() - started
     assert response.status_code == 200 and read_archive(response.content) == files
     assert took > 3  # else the storage was not slow enough for this test to prove anything
+
+
+async def test_a_stopped_producer_is_seen_while_later_crcs_are_still_read(tmp_path: Path) -> None:
+    # The CRC of a later cold file, read ahead on slow storage, advances all along; it is
+    # not what the download waits for while the producer, stopped, owes the bytes before it.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    source.mkdir()
+    storage.mkdir()
+    first = os.urandom(8 * 1024 * 1024)
+    (source / "a-first.jpg").write_bytes(first)
+    env = {"ARCHIVER_STORAGE_TIMEOUT": "1"}
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    async with (
+        launched(command, env) as server,
+        gated_mount(source, storage / "album", gate),
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
+        assert read_archive((await client.get("/archive/album/")).content) == {"a-first.jpg": first}
+        with open(source / "b-later.mov", "wb") as later:
+            later.truncate(64 * 1024 * 1024)  # cold: ~25 s to read at the pace below
+        gate.write_text("0.05")
+        with pytest.raises(ABORTED), trio.fail_after(10):
+            async with client.stream("GET", "/archive/album/") as response:
+                async for _ in response.aiter_raw():
+                    for producer in producer_processes(server.process.pid):
+                        os.kill(producer.pid, signal.SIGSTOP)
+        with trio.fail_after(10):
+            while producer_processes(server.process.pid):
+                await trio.sleep(0.02)
+    assert b"failed: nothing came from the storage" in bytes(server.output)

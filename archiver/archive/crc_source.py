@@ -40,10 +40,11 @@ class CrcSource:
         self._crcs = array("q", [-1]) * len(entries)
         self._racy: set[int] = set()
         self._ready = AsyncValue(0)  # how many of ``entries`` have their CRC
-        # Reads done (counted by the worker threads) and tasks waiting for a CRC: a long
-        # cold CRC that something waits for is no hung storage (web.download's watchdog).
+        # Reads done (counted by the worker threads), and the archive offset of the first byte
+        # that waits for a CRC (None: nothing waits): a long cold CRC that the archive's next
+        # byte waits for is no hung storage (web.download's watchdog).
         self.reads = 0
-        self.waiting = 0
+        self.waiting_at: int | None = None
 
     def _progressed(self) -> None:
         self.reads += 1  # in a worker thread too: a lost increment is harmless, any change counts
@@ -104,14 +105,15 @@ class CrcSource:
                 return at + k - first
         raise KeyError(k)
 
-    async def crc(self, k: int) -> int:
+    async def crc(self, k: int, at: int | None = None) -> int:
+        """Entry k's CRC, once computed; ``at``: the archive offset of the first byte that needs it."""
         position = self._position(k)
         if position >= self._ready.value:  # not computed yet: wait (the usual case is that it is)
-            self.waiting += 1
+            self.waiting_at = at
             try:
                 await self._ready.wait_value(lambda ready: ready > position)
             finally:
-                self.waiting -= 1
+                self.waiting_at = None
         return self._crcs[position]
 
     def ready(self, k: int) -> int | None:

@@ -151,7 +151,7 @@ async def _feed(stdin: trio.abc.SendStream, instructions: Instructions, crcs: Cr
                     await stdin.send_all(b"".join(pending))
                     pending.clear()
                     size = 0
-                await crcs.crc(instruction.k)
+                await crcs.crc(instruction.k, instruction.at)
                 continue
             pending.append(instruction)
             size += len(instruction)
@@ -173,7 +173,7 @@ async def _send_generated(
     pending = bytearray()
     for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
         if isinstance(piece, CrcWait):
-            await crcs.crc(piece.k)
+            await crcs.crc(piece.k, piece.at)
             continue
         assert not isinstance(piece, FileSlice), "a generated range holds no file data"
         pending += piece

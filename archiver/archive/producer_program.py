@@ -90,10 +90,12 @@ WRITE_GATHER = 64 * 1024
 # than moved by sendfile: for small files the system calls cost more than the copy
 # (20,000 files of 8 KB: the producer's CPU 0.51 -> see README, Performance).
 COPY_LIMIT = 16 * 1024
-# Deflating, at least this often (seconds) what is compressed so far goes out (a zlib sync
-# flush, 5 bytes): a file that compresses to almost nothing (zeros) read from slow storage
-# would otherwise leave the pipe silent for minutes, which the service's storage timeout reads as a hang.
+# Deflating, when nothing went out for this long (seconds), what is compressed and gathered
+# so far goes out (with a zlib sync flush, 5 bytes): files that compress to almost nothing
+# (zeros) read from slow storage would otherwise leave the pipe silent for minutes, which the
+# service's storage timeout reads as a hang.  Looked at after every read, of DEFLATE_READ bytes.
 HEARTBEAT = 1.0
+DEFLATE_READ = 256 * 1024
 # File data goes file -> staging pipe (sendfile) -> stdout (splice): page references both ways,
 # no copy.  Never sendfile into stdout itself: a read of storage that hangs (an NFS server
 # gone, a hung FUSE mount) would hold stdout's pipe lock, and the service's read of it,
@@ -158,6 +160,20 @@ class Output:
         self._staging: tuple[int, int] | None = None  # read end, write end; made on the first file sent
         self._poller = select.poll()
         self._poller.register(fd, 0)  # POLLERR and POLLHUP only: they are always reported
+        self.next_beat()
+
+    def next_beat(self) -> None:
+        """Start a HEARTBEAT: ``due`` tells when it is over with nothing written meanwhile."""
+        self._beat_at, self._beat_written = time.monotonic() + HEARTBEAT, self.written
+
+    def due(self) -> bool:
+        """Whether a HEARTBEAT has passed with nothing written: then the caller writes what it has, and flushes."""
+        if time.monotonic() < self._beat_at:
+            return False
+        if self.written != self._beat_written:
+            self.next_beat()
+            return False
+        return True
 
     def write(self, data: bytes | memoryview) -> None:
         self._pending += data
@@ -182,7 +198,7 @@ class Output:
             try:  # noqa: SIM105 (contextlib is not imported here: start-up time)
                 fcntl.fcntl(self._staging[1], fcntl.F_SETPIPE_SZ, STAGING_SIZE)
             except OSError:
-                pass  # the user's pipe memory is spent (pipe-user-pages-soft): 64 KiB moves at a time
+                pass  # the default 64 KiB, or 8 KiB once the user's pipe-user-pages-soft is spent: more calls
         staging_out, staging_in = self._staging
         end = offset + length
         while offset < end:
@@ -320,6 +336,7 @@ class Producer:
         self.album: Album | None = None
         self.level = 0
         self.buffer = bytearray(BLOCK)
+        self.deflate_buffer = memoryview(self.buffer)[:DEFLATE_READ]
         self.deflated: list[tuple[EntryFields, int, int, int, int]] = []  # fields, crc, compressed, size, offset
 
     def run(self) -> None:
@@ -425,21 +442,19 @@ class Producer:
         self.output.write(local_header(fields, 0, size))
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
         crc = compressed = 0
-        view = memoryview(self.buffer)
-        beat, written = time.monotonic() + HEARTBEAT, self.output.written
-        for count in _Blocks(fd, size, self.buffer):
+        view = memoryview(self.deflate_buffer)
+        for count in _Blocks(fd, size, self.deflate_buffer):
             crc = binascii.crc32(view[:count], crc)
             data = compressor.compress(view[:count])
-            if time.monotonic() >= beat and self.output.written == written:  # nothing went out for a beat
+            if self.output.due():  # nothing went out for a beat (this file or those before)
                 data += compressor.flush(zlib.Z_SYNC_FLUSH)
                 compressed += len(data)
                 self.output.write(data)
                 self.output.flush()
+                self.output.next_beat()
             else:
                 compressed += len(data)
                 self.output.write(data)
-            if time.monotonic() >= beat:
-                beat, written = time.monotonic() + HEARTBEAT, self.output.written
         data = compressor.flush()
         compressed += len(data)
         self.output.write(data)
@@ -459,7 +474,7 @@ class Producer:
 class _Blocks:
     """Reads the whole file into ``buffer`` a block at a time, yielding each count; FileChanged unless ``size``."""
 
-    def __init__(self, fd: int, size: int, buffer: bytearray) -> None:
+    def __init__(self, fd: int, size: int, buffer: bytearray | memoryview) -> None:
         self.fd, self.size, self.buffer = fd, size, buffer
 
     def __iter__(self) -> _Blocks:

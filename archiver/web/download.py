@@ -172,7 +172,7 @@ class ArchiveBody(ResponseBody):
         file's CRC (read before its header goes out: minutes for a large file
         on a slow disk), a read of that CRC's file.  Time the response spends
         on the client (the stall timeout's business) or pacing does not count,
-        nor CRCs read ahead that nothing waits for yet.  Looked at four times
+        nor CRCs read ahead of what is sent.  Looked at four times
         a timeout: a hang is seen within 1.25 timeouts.  Ends when the body does.
         """
         timeout = self.storage_timeout
@@ -184,7 +184,7 @@ class ArchiveBody(ResponseBody):
                 await trio.sleep(timeout / 4)
                 now = trio.current_time()
                 waiting_since = self._waiting_since
-                if crcs is not None and crcs.waiting and crcs.reads != reads:
+                if crcs is not None and crcs.reads != reads and self._next_byte_waits_for_crc(crcs):
                     since = now
                 if crcs is not None:
                     reads = crcs.reads
@@ -196,6 +196,15 @@ class ArchiveBody(ResponseBody):
                     raise StorageTimeout(
                         f"nothing came from the storage for {now - since:.1f} s (no archive bytes, no file read)"
                     )
+
+    def _next_byte_waits_for_crc(self, crcs: CrcSource) -> bool:
+        """Whether the next byte to send is the first that waits for a CRC being read (its reads are then progress).
+
+        Not so while bytes before it are still to come: the producer (or
+        whatever holds them) is what the download waits for, and a CRC read
+        ahead of it says nothing of that.
+        """
+        return crcs.waiting_at is not None and self._start + self.bytes_sent >= crcs.waiting_at
 
     async def _pace(self) -> None:
         """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst.
