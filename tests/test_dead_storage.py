@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from .conftest import free_port, producer_processes, read_archive
-from .test_cli import launched
+from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
 GATED_FS = Path(__file__).with_name("gated_fs.py")
@@ -58,22 +59,38 @@ async def gated_mount(source: Path, mountpoint: Path, gate: Path) -> AsyncIterat
         process.wait(timeout=10)
 
 
-async def test_a_read_hanging_mid_download_fails_the_download_not_the_service(tmp_path: Path) -> None:
+@dataclass
+class GatedAlbum:
+    server: Launched
+    client: httpx.AsyncClient
+    source: Path  # what the album shows: files put here appear in it
+    gate: Path  # present: reads hang; holding a number: each read takes that many seconds
+
+
+@asynccontextmanager
+async def served_gated_album(tmp_path: Path, files: dict[str, bytes], env: dict[str, str]) -> AsyncIterator[GatedAlbum]:
+    """A server process (``env`` its settings) whose storage holds ``album``, a gated mount of ``files``."""
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
     storage.mkdir()
-    files = {f"photo-{i}.jpg": os.urandom(8 * 1024 * 1024) for i in range(4)}
     for name, data in files.items():
         (source / name).write_bytes(data)
-    env = {"ARCHIVER_STORAGE_TIMEOUT": "1", "ARCHIVER_STALL_TIMEOUT": "60"}
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
     # The mount inside the server's lifetime: its end opens the gate first, so that a server
-    # stuck on the storage (the fault this test is about) can be stopped.
+    # stuck on the storage (the fault these tests are about) can be stopped.
     async with (
         launched(command, env) as server,
         gated_mount(source, storage / "album", gate),
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
     ):
+        yield GatedAlbum(server, client, source, gate)
+
+
+async def test_a_read_hanging_mid_download_fails_the_download_not_the_service(tmp_path: Path) -> None:
+    files = {f"photo-{i}.jpg": os.urandom(8 * 1024 * 1024) for i in range(4)}
+    env = {"ARCHIVER_STORAGE_TIMEOUT": "1", "ARCHIVER_STALL_TIMEOUT": "60"}
+    async with served_gated_album(tmp_path, files, env) as album:
+        server, client, gate = album.server, album.client, album.gate
         # Once whole: the CRCs are then known, and the producer is the one to meet the hang.
         whole = await client.get("/archive/album/")
         assert whole.status_code == 200 and read_archive(whole.content) == files
@@ -100,20 +117,11 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
     # Zeros deflate to almost nothing: without the producer's heartbeat (a sync flush when
     # nothing went out for a second, across files), the pipe would stay silent for the whole
     # album, longer than the storage timeout, though no file alone takes a second.
-    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
-    source.mkdir()
-    storage.mkdir()
     files = {f"zeros-{i}.bin": bytes(512 * 1024) for i in range(10)} | {"after.txt": b"still here"}
-    for name, data in files.items():
-        (source / name).write_bytes(data)
-    gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~5 s for the zeros
     env = {"ARCHIVER_STORAGE_TIMEOUT": "3", "ARCHIVER_COMPRESSION": "6"}
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
-    async with (
-        launched(command, env) as server,
-        gated_mount(source, storage / "album", gate),
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
-    ):
+    async with served_gated_album(tmp_path, files, env) as album:
+        album.gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~5 s for the zeros
+        client = album.client
         started = trio.current_time()
         response = await client.get("/archive/album/")
         took = trio.current_time() - started
@@ -124,18 +132,9 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
 async def test_a_stopped_producer_is_seen_while_later_crcs_are_still_read(tmp_path: Path) -> None:
     # The CRC of a later cold file, read ahead on slow storage, advances all along; it is
     # not what the download waits for while the producer, stopped, owes the bytes before it.
-    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
-    source.mkdir()
-    storage.mkdir()
     first = os.urandom(8 * 1024 * 1024)
-    (source / "a-first.jpg").write_bytes(first)
-    env = {"ARCHIVER_STORAGE_TIMEOUT": "1"}
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
-    async with (
-        launched(command, env) as server,
-        gated_mount(source, storage / "album", gate),
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
-    ):
+    async with served_gated_album(tmp_path, {"a-first.jpg": first}, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, source, gate = album.server, album.client, album.source, album.gate
         assert read_archive((await client.get("/archive/album/")).content) == {"a-first.jpg": first}
         with open(source / "b-later.mov", "wb") as later:
             later.truncate(64 * 1024 * 1024)  # cold: ~25 s to read at the pace below

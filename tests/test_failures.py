@@ -47,6 +47,15 @@ async def download(client: httpx.AsyncClient, path: str) -> bytes:
         return b"".join([chunk async for chunk in response.aiter_raw()])
 
 
+async def download_signalling_the_producer(client: httpx.AsyncClient, path: str, signum: int) -> None:
+    """Download ``path``, sending ``signum`` to the producer with every chunk; the transfer must end aborted."""
+    with pytest.raises(ABORTED):
+        async with client.stream("GET", path) as response:
+            async for _ in response.aiter_raw():
+                for child in producer_children():
+                    os.kill(child.pid, signum)
+
+
 async def test_producer_failing_mid_stream_aborts_the_transfer(
     settings: Settings, stand_in: Callable[[str], None], protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -64,11 +73,7 @@ async def test_producer_failing_mid_stream_aborts_the_transfer(
 async def test_producer_killed_mid_stream_aborts_the_transfer(large_storage: Path, protocol: str) -> None:
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, protocol) as client:
-        with pytest.raises(ABORTED):
-            async with client.stream("GET", "/archive/big/") as response:
-                async for _ in response.aiter_raw():
-                    for child in producer_children():
-                        os.kill(child.pid, signal.SIGKILL)
+        await download_signalling_the_producer(client, "/archive/big/", signal.SIGKILL)
         await wait_until_no_producer_children(timeout=1.0)
 
 
@@ -120,11 +125,7 @@ async def test_producer_stopped_mid_stream_is_aborted_after_the_storage_timeout(
     # SIGSTOP: a producer stuck in a read of dead storage (a hard-mounted NFS server gone) looks the same.
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1, storage_timeout=1)
     async with running_server(settings) as url, make_client(url, protocol) as client:
-        with pytest.raises(ABORTED):
-            async with client.stream("GET", "/archive/big/") as response:
-                async for _ in response.aiter_raw():
-                    for child in producer_children():
-                        os.kill(child.pid, signal.SIGSTOP)
+        await download_signalling_the_producer(client, "/archive/big/", signal.SIGSTOP)
         await wait_until_no_producer_children(timeout=5.0)
         # The job slot is free again (max_jobs=1): the next request is served.
         response = await client.get("/archive/big/", headers={"Range": "bytes=0-99"})
