@@ -1,10 +1,16 @@
 """A read-only FUSE passthrough of a folder whose reads hang while a gate file exists: storage that stops answering.
 
-A gate file holding a number slows each read by that many seconds instead (slow storage).
+The gate file's text says what hangs, and for how long: ``[listing|metadata] [seconds]``.
+
+- What: nothing named, reads of file data (as a hard-mounted NFS server gone does to
+  the pages not cached; listing, ``stat`` and ``open`` go on); ``listing``, reading
+  folders; ``metadata``, reading folders, ``stat`` and ``access`` (the album's name
+  cannot even be resolved).
+- How long: with a number, each such call takes that many seconds (slow storage);
+  without, it waits while the gate is there (dead storage), at most a minute.
 
 Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE`` (in the foreground, until
-unmounted).  Only reads of file data hang (as a hard-mounted NFS server gone does
-to the pages not cached): listing, ``stat`` and ``open`` go on.  For tests/test_dead_storage.py.
+unmounted).  For tests/test_dead_storage.py.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from typing import Any
 from mfusepy import FUSE, Operations  # type: ignore[import-untyped]
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
+# The calls each gate text holds.
+# Beside the gate: made when a call is held (for a test to know it is).
+HELD = "-held"
+GATED = {"read": {"read"}, "listing": {"listing"}, "metadata": {"listing", "metadata"}}
 
 
 class GatedFs(Operations):  # type: ignore[misc]
@@ -29,32 +39,46 @@ class GatedFs(Operations):  # type: ignore[misc]
     def _path(self, path: str) -> str:
         return self.source + path
 
+    def _gate(self, kind: str) -> None:
+        """Hold a call of ``kind`` (read, listing, metadata) as the gate says."""
+        try:
+            with open(self.gate) as gate:
+                words = gate.read().split()
+        except FileNotFoundError:
+            return
+        what = words.pop(0) if words and words[0] in ("listing", "metadata") else "read"
+        if kind not in GATED[what]:
+            return
+        if words:  # slow storage: each call (a read asks at most 128 KiB) takes this many seconds
+            time.sleep(float(words[0]))
+            return
+        # Dead storage, at most a minute: a test that died with the gate shut must not wedge its readers for good.
+        open(self.gate + HELD, "a").close()  # for the test: a call is held now
+        give_up = time.monotonic() + 60
+        while os.path.exists(self.gate) and time.monotonic() < give_up:
+            time.sleep(0.05)
+
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        self._gate("metadata")
         found = os.lstat(self._path(path))
         attributes: dict[str, Any] = {name: getattr(found, name) for name in STAT_FIELDS}
         for name in ("st_atime", "st_mtime", "st_ctime"):
             attributes[name] = getattr(found, name + "_ns")
         return attributes
 
+    def access(self, path: str, amode: int) -> int:
+        self._gate("metadata")
+        return 0
+
     def readdir(self, path: str, fh: int) -> list[str]:
+        self._gate("listing")
         return [".", "..", *os.listdir(self._path(path))]
 
     def open(self, path: str, flags: int) -> int:
         return os.open(self._path(path), os.O_RDONLY)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        try:
-            with open(self.gate) as gate:
-                delay = gate.read().strip()
-        except FileNotFoundError:
-            return os.pread(fh, size, offset)
-        if delay:  # slow storage: each read (at most 128 KiB) takes this many seconds
-            time.sleep(float(delay))
-            return os.pread(fh, size, offset)
-        # Dead storage, at most a minute: a test that died with the gate shut must not wedge its readers for good.
-        give_up = time.monotonic() + 60
-        while os.path.exists(self.gate) and time.monotonic() < give_up:
-            time.sleep(0.05)
+        self._gate("read")
         return os.pread(fh, size, offset)
 
     def release(self, path: str, fh: int) -> int:

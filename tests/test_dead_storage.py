@@ -148,3 +148,94 @@ async def test_a_stopped_producer_is_seen_while_later_crcs_are_still_read(tmp_pa
             while producer_processes(server.process.pid):
                 await trio.sleep(0.02)
     assert b"failed: nothing came from the storage" in bytes(server.output)
+
+
+async def _timed_get(client: httpx.AsyncClient, path: str, into: list[tuple[httpx.Response, float]]) -> None:
+    started = trio.current_time()
+    response = await client.get(path)
+    into.append((response, trio.current_time() - started))
+
+
+async def _until_held(gate: Path) -> None:
+    """Return once the mount holds a call at ``gate`` (gated_fs makes the "-held" file)."""
+    held = gate.with_name(gate.name + "-held")
+    with trio.fail_after(10):
+        while not held.exists():
+            await trio.sleep(0.02)
+    held.unlink()
+
+
+async def test_an_album_whose_folders_stop_answering_gets_503_and_the_service_goes_on(tmp_path: Path) -> None:
+    # Before the producer: resolving the album's name (stat) and walking it (readdir) on dead
+    # storage.  Neither may stop the event loop, nor hold the request past the storage timeout.
+    files = {"photo.jpg": os.urandom(4096), "b/nested.txt": b"nested"}
+    async with served_gated_album(
+        tmp_path, {"photo.jpg": files["photo.jpg"]}, {"ARCHIVER_STORAGE_TIMEOUT": "1"}
+    ) as album:
+        server, client, gate = album.server, album.client, album.gate
+        (album.source / "b").mkdir()
+        (album.source / "b" / "nested.txt").write_bytes(b"nested")
+        plain = tmp_path / "storage" / "plain"
+        plain.mkdir()
+        (plain / "a.txt").write_bytes(b"another album, elsewhere")
+        # From another address: one client's walks go one at a time (ClientWalks).
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, transport=transport) as other_client:
+            for what in ("metadata", "listing"):  # the name cannot be resolved; the album's folders cannot be read
+                gate.write_text(what)
+                refused: list[tuple[httpx.Response, float]] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_timed_get, client, "/archive/album/", refused)
+                    await _until_held(gate)
+                    with trio.fail_after(1):  # well within the storage timeout: nothing waits for the hung call
+                        assert (await client.get("/healthz")).status_code == 200
+                        other = await other_client.get("/archive/plain/")
+                    assert other.status_code == 200 and read_archive(other.content) == {
+                        "a.txt": b"another album, elsewhere"
+                    }
+                [(response, took)] = refused
+                assert response.status_code == 503 and response.headers["Retry-After"] == "60", what
+                assert "Файлы архива сейчас недоступны" in response.text
+                assert 1 <= took < 5, what
+                gate.unlink()  # the storage is back: the held thread ends, and the album downloads whole
+                whole = await client.get("/archive/album/")
+                assert whole.status_code == 200 and read_archive(whole.content) == files, what
+    assert bytes(server.output).count(b"cannot list it: the storage did not answer for") == 2
+
+
+@pytest.mark.slow  # ~11 s; call_storage's progress is also tested alone (tests/test_storage_calls.py)
+async def test_a_slow_walk_and_slow_opens_are_no_hang(tmp_path: Path) -> None:
+    # A large album on slow storage (cold NFS) may take longer to walk than the storage
+    # timeout: every entry answered for moves the walk's deadline on.  Then the producer
+    # opens each small file as slowly: what it gathered goes out at least once a beat.
+    files = {f"photo-{i:02}.jpg": os.urandom(100) for i in range(10)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "2"}) as album:
+        album.gate.write_text("metadata 0.1")  # each stat takes 0.1 s: the walk (3 an entry) about 3 s
+        started = trio.current_time()
+        response = await album.client.get("/archive/album/")
+        took = trio.current_time() - started
+    assert response.status_code == 200 and read_archive(response.content) == files
+    assert took > 2 * 1.25  # else the walk was not slow enough for this test to prove anything
+
+
+async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path: Path) -> None:
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    source.mkdir()
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    async with (
+        gated_mount(source, storage, gate),  # the whole storage is the mount
+        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "30"}) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
+        assert (await client.get("/healthz")).json()["storage"] is True
+        gate.write_text("metadata")
+        for _ in range(2):  # the second waits for the first's thread, still held: the same answer, as fast
+            with trio.fail_after(4):
+                health = await client.get("/healthz")
+            assert health.status_code == 503 and health.json()["storage"] is False
+        with trio.fail_after(4):
+            assert (await client.get("/")).status_code == 200
+        gate.unlink()
+        with trio.fail_after(10):
+            while (await client.get("/healthz")).status_code != 200:
+                await trio.sleep(0.05)

@@ -20,7 +20,7 @@ import trio.testing
 
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
-from archiver.web.pages import MESSAGES
+from archiver.web.pages import MESSAGES, STORAGE_SILENT
 
 from .conftest import (
     PROTOCOLS,
@@ -145,8 +145,8 @@ async def test_producer_silent_before_its_first_byte_is_503(
     async with running_server(settings) as url, make_client(url, protocol) as client:
         response = await client.get("/archive/album/")
         assert response.status_code == 503
-        assert response.headers["retry-after"] == "5"
-        assert response.text.strip() == MESSAGES[503].sentence
+        assert response.headers["retry-after"] == "60"  # dead storage is not back in seconds
+        assert response.text.strip() == STORAGE_SILENT.sentence
         await wait_until_no_producer_children(timeout=5.0)
         figures = samples((await client.get("/metrics")).text)
     assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1

@@ -94,6 +94,7 @@ COPY_LIMIT = 16 * 1024
 # so far goes out (with a zlib sync flush, 5 bytes): files that compress to almost nothing
 # (zeros) read from slow storage would otherwise leave the pipe silent for minutes, which the
 # service's storage timeout reads as a hang.  Looked at after every read, of DEFLATE_READ bytes.
+# Storing, after every file: small files opened slowly would stay gathered (WRITE_GATHER) as long.
 HEARTBEAT = 1.0
 DEFLATE_READ = 256 * 1024
 # File data goes file -> staging pipe (sendfile) -> stdout (splice): page references both ways,
@@ -351,6 +352,9 @@ class Producer:
                 *identity, offset, length, verify, crc, path_length = FILE_SLICE_BODY.unpack(read(FILE_SLICE_BODY.size))
                 path = read(path_length)
                 self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
+                if self.output.due():  # small files gathered for a beat (slow storage): the service must see them move
+                    self.output.flush()
+                    self.output.next_beat()
             elif kind == DONE:
                 self.output.flush()
                 self.output.settle(0)

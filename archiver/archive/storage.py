@@ -60,6 +60,20 @@ _DENIED = frozenset({errno.EACCES, errno.EPERM})
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 
+class WalkProgress:
+    """How far a walk in a worker thread has got: ``steps`` moves on with every entry the storage answered for.
+
+    Read from the event loop to tell a slow walk (a large album on NFS, minutes
+    cold) from a hung one; an int bumped by one thread and read by another
+    needs no lock.
+    """
+
+    __slots__ = ("steps",)
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+
 class _AlbumChanged(Exception):
     """Something in the album changed while it was walked: walk it again."""
 
@@ -141,15 +155,17 @@ def resolve_album(root: Path, name: str) -> Path:
     return album
 
 
-def list_album(album: Path) -> AlbumListing:
+def list_album(album: Path, progress: WalkProgress | None = None) -> AlbumListing:
     """Walk ``album`` (not following links) and sort what it holds into files and skips.
 
     Raises AlbumNotFound if the album is gone, ListingFailed if it (or
     anything in it) cannot be listed for another reason than the policy's.
+    ``progress`` moves on with each entry looked at.
     """
+    progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
         try:
-            files, skipped = _walk_once(album)
+            files, skipped = _walk_once(album, progress)
             break
         except _AlbumChanged:
             continue
@@ -161,7 +177,7 @@ def list_album(album: Path) -> AlbumListing:
     return AlbumListing(album, tuple(files), tuple(skipped))
 
 
-def _walk_once(album: Path) -> tuple[list[AlbumFile], list[SkippedEntry]]:
+def _walk_once(album: Path, progress: WalkProgress) -> tuple[list[AlbumFile], list[SkippedEntry]]:
     """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
@@ -178,8 +194,9 @@ def _walk_once(album: Path) -> tuple[list[AlbumFile], list[SkippedEntry]]:
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
     # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1)
+    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress)
     for relative, seen in folders:
+        progress.steps += 1
         try:
             status = os.stat(album / relative, follow_symlinks=False)
         except OSError as error:
@@ -209,6 +226,7 @@ def _walk(
     skipped: list[SkippedEntry],
     folders: list[tuple[str, tuple[int, int, int]]],
     room: int,
+    progress: WalkProgress,
 ) -> None:
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
@@ -221,7 +239,9 @@ def _walk(
         folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
         with os.scandir(directory_fd) as listing:
             entries = sorted(listing, key=lambda entry: entry.name)
+        progress.steps += 1
         for entry in entries:
+            progress.steps += 1
             relative = prefix + entry.name
             # Through descriptors the walk reaches any depth; a path the system cannot open whole
             # is left out, as a walk by whole paths did ("File name too long").
@@ -241,7 +261,7 @@ def _walk(
                     _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped, folders, room)
+                    _walk(child, relative + "/", files, skipped, folders, room, progress)
             else:
                 files.append(
                     AlbumFile(

@@ -10,6 +10,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,7 +24,7 @@ from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
 from ..archive.producer import producer_available
-from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
+from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, WalkProgress, list_album, resolve_album
 from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
@@ -46,6 +47,7 @@ from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page
 from .ranges import FORMAT_VERSION, RangeNotSatisfiable, archive_etag, requested_range
 from .signing import LinkRefused, check_link
+from .storage_calls import RESOLVERS, StorageSilent, call_storage
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 * 1024
 
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
+
+# /healthz says the storage fails if its root does not answer within this (or the storage timeout, if shorter).
+HEALTH_STORAGE_TIMEOUT = 2.0
 
 INDEX_TITLE = "Архивы фотографий"
 INDEX_BODY = (
@@ -71,12 +76,14 @@ class PreparedArchive:
     etag: str | None
 
 
-def prepare_archive(album: Path, settings: Settings, plans: PlanCache, compression: int) -> PreparedArchive:
+def prepare_archive(
+    album: Path, settings: Settings, plans: PlanCache, compression: int, progress: WalkProgress
+) -> PreparedArchive:
     """Walk ``album``, plan its archive at deflate level ``compression`` (0: stored); in a worker thread.
 
-    20,000 files take ~0.2 s.
+    20,000 files take ~0.2 s.  ``progress`` moves on with the walk.
     """
-    listing = list_album(album)
+    listing = list_album(album, progress)
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
@@ -116,6 +123,10 @@ def create_app(settings: Settings) -> QuartTrio:
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
+    resolvers = trio.CapacityLimiter(RESOLVERS)
+    # One look at the storage root at a time for /healthz and the index page: on dead storage, one thread stuck.
+    root_lookers = trio.CapacityLimiter(1)
+    root_timeout = min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT)
     # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
     client_walks = ClientWalks(settings.max_jobs)
     crc_index = CrcIndex(open_crc_store(settings))
@@ -145,7 +156,13 @@ def create_app(settings: Settings) -> QuartTrio:
     async def index() -> Response:
         # The sample album's link only where the sample album is (make run on data/).
         # Not with signed links on: the bare link would only get a 403.
-        sample_there = (settings.storage_dir / EXAMPLE_NAME).is_dir() and not settings.link_secret
+        sample = settings.storage_dir / EXAMPLE_NAME
+        try:
+            sample_there = not settings.link_secret and await call_storage(
+                sample.is_dir, timeout=root_timeout, limiter=root_lookers
+            )
+        except StorageSilent:
+            sample_there = False
         example = EXAMPLE_LINK if sample_there else ""
         return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")
 
@@ -165,7 +182,14 @@ def create_app(settings: Settings) -> QuartTrio:
                 secret = settings.link_secret.encode()
                 check_link(secret, name, args.get("expires"), args.get("sig"), time.time(), requested_filename)
             filename = display_name(requested_filename, name)
-            album = resolve_album(settings.storage_dir, name)
+            if not ALBUM_NAME.fullmatch(name):
+                raise AlbumNotFound(name)  # before a thread is taken: no probe costs one
+            # Off the event loop, as every look at the storage: a dead mount must stop this request only.
+            album = await call_storage(
+                partial(resolve_album, settings.storage_dir, name),
+                timeout=settings.storage_timeout,
+                limiter=resolvers,
+            )
             client = _client_address(proxies)
             if request.method == "GET":
                 # Limits before work: a download that would be refused is refused before its walk.
@@ -175,9 +199,13 @@ def create_app(settings: Settings) -> QuartTrio:
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
             compression = 0 if "HTTP/1.0" in _protocols(proxies) else settings.compression
             async with client_walks.turn(client):
-                # A large album takes a while to walk: keep the event loop free.
-                prepared = await trio.to_thread.run_sync(
-                    prepare_archive, album, settings, plans, compression, limiter=walkers
+                # A large album takes a while to walk (minutes on cold NFS): silence, not length, ends it.
+                progress = WalkProgress()
+                prepared = await call_storage(
+                    partial(prepare_archive, album, settings, plans, compression, progress),
+                    timeout=settings.storage_timeout,
+                    limiter=walkers,
+                    progress=progress,
                 )
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
@@ -252,11 +280,14 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        """Liveness: the process answers, the storage root is readable, the producer is there to run."""
-        checks = {
-            "storage": os.access(settings.storage_dir, os.R_OK | os.X_OK),
-            "producer": producer_available(),
-        }
+        """Liveness: the process answers, the storage root is readable (within 2 s), the producer is there to run."""
+        try:
+            readable = await call_storage(
+                partial(os.access, settings.storage_dir, os.R_OK | os.X_OK), timeout=root_timeout, limiter=root_lookers
+            )
+        except StorageSilent:
+            readable = False
+        checks = {"storage": readable, "producer": producer_available()}
         healthy = all(checks.values())
         body = {"status": "ok" if healthy else "failing", **checks}
         return Response(json.dumps(body) + "\n", status=200 if healthy else 503, mimetype="application/json")

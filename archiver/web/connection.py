@@ -45,11 +45,14 @@ from .limits import (
     WalkLimitReached,
 )
 from .metrics import DownloadMetrics
-from .pages import error_page
+from .pages import STORAGE_SILENT, error_page
+from .storage_calls import StorageSilent
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
+# Storage that stopped answering is not back in seconds (and each try holds a thread for the storage timeout).
+STORAGE_RETRY_AFTER_SECONDS = 60
 
 
 async def send_archive_response(
@@ -137,6 +140,8 @@ def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, a
     logger.error("refused %s: cannot list it: %s", name, error)
     metrics.rejected.labels("listing_failed").inc()
     if error.transient:
+        if isinstance(error, StorageSilent):
+            return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     return error_page(500, accept)
 
@@ -150,7 +155,7 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
         body.metrics.rejected.labels("producer_unavailable").inc()
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, StorageTimeout):  # logged and counted as a failed download by the body
-        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
     if isinstance(error, (ProducerFailed, ArchiveChanged, FileChanged)):
         return error_page(500, accept)
     return None

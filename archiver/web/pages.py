@@ -44,6 +44,11 @@ MESSAGES: Mapping[int, Message] = {
     503: Message("Сервер занят", "Сейчас скачивают слишком много архивов: попробуйте ещё раз через несколько секунд."),
 }
 
+# A 503 for storage that does not answer (a dead network mount): not the service's load, and not for seconds.
+STORAGE_SILENT = Message(
+    "Хранилище не отвечает", "Файлы архива сейчас недоступны: попробуйте скачать его ещё раз через несколько минут."
+)
+
 # A 404 for a path that is not an archive's at all.
 PAGE_NOT_FOUND = Message("Страница не найдена", "Такой страницы здесь нет: проверьте адрес.")
 

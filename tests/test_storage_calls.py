@@ -1,0 +1,67 @@
+"""call_storage: a call in a worker thread, given up after the storage timeout of silence, never before."""
+
+from __future__ import annotations
+
+import threading
+from math import inf
+
+import pytest
+import trio
+
+from archiver.archive.storage import AlbumNotFound, WalkProgress
+from archiver.web.storage_calls import StorageSilent, call_storage
+
+
+def _walk_slowly(progress: WalkProgress, steps: int, pause: float) -> str:
+    for _ in range(steps):
+        threading.Event().wait(pause)  # a stat that takes this long
+        progress.steps += 1
+    return "listed"
+
+
+async def test_a_call_that_moves_on_may_take_longer_than_the_timeout() -> None:
+    progress = WalkProgress()
+    started = trio.current_time()
+    result = await call_storage(
+        lambda: _walk_slowly(progress, 8, 0.1), timeout=0.4, limiter=trio.CapacityLimiter(1), progress=progress
+    )
+    assert result == "listed" and trio.current_time() - started > 0.4 * 1.25
+
+
+async def test_a_silent_call_is_given_up_and_keeps_its_thread_until_it_returns() -> None:
+    storage_back = threading.Event()
+    limiter = trio.CapacityLimiter(1)
+    started = trio.current_time()
+    with pytest.raises(StorageSilent, match=r"did not answer for 0\.[3-9]"):
+        await call_storage(storage_back.wait, timeout=0.3, limiter=limiter)
+    assert 0.3 <= trio.current_time() - started < 0.3 * 1.25 + 0.2
+    # The thread still waits on the storage, holding the only token: the next call waits for it, as silently.
+    assert limiter.borrowed_tokens == 1
+    with pytest.raises(StorageSilent):
+        await call_storage(lambda: "never run", timeout=0.3, limiter=limiter)
+    storage_back.set()
+    with trio.fail_after(5):
+        assert await call_storage(lambda: "answered", timeout=0.3, limiter=limiter) == "answered"
+
+
+async def test_what_the_call_raises_is_raised_as_it_is() -> None:
+    def missing() -> None:
+        raise AlbumNotFound("x")
+
+    with pytest.raises(AlbumNotFound):  # itself, not in an ExceptionGroup
+        await call_storage(missing, timeout=1, limiter=trio.CapacityLimiter(1))
+
+
+async def test_no_timeout_waits_as_long_as_it_takes() -> None:
+    slow = await call_storage(
+        lambda: _walk_slowly(WalkProgress(), 3, 0.1), timeout=inf, limiter=trio.CapacityLimiter(1)
+    )
+    assert slow == "listed"
+
+
+async def test_a_cancelled_request_abandons_the_call() -> None:
+    storage_back = threading.Event()
+    with trio.move_on_after(0.2) as scope:
+        await call_storage(storage_back.wait, timeout=10, limiter=trio.CapacityLimiter(1))
+    assert scope.cancelled_caught
+    storage_back.set()
