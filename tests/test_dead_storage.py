@@ -224,16 +224,16 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
     async with (
         gated_mount(source, storage, gate),  # the whole storage is the mount
-        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "30"}) as server,
+        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as server,  # /healthz waits as long, if below 2 s
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
     ):
         assert (await client.get("/healthz")).json()["storage"] is True
         gate.write_text("metadata")
         for _ in range(2):  # the second waits for the first's thread, still held: the same answer, as fast
-            with trio.fail_after(4):
+            with trio.fail_after(2):
                 health = await client.get("/healthz")
             assert health.status_code == 503 and health.json()["storage"] is False
-        with trio.fail_after(4):
+        with trio.fail_after(2):
             assert (await client.get("/")).status_code == 200
         gate.unlink()
         with trio.fail_after(10):
