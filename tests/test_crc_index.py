@@ -165,3 +165,30 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
         patch.setattr(crc_index_module, "_crc_of_block", write_meanwhile)
         with pytest.raises(FileChanged, match="modified while its CRC was read"):
             await file_crc(path, 100_000, index)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_thread(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"data")
+    shared = crc_index_module._SharedDescriptor()
+    shared.open(tmp_path / "a.jpg", 4, None)
+    fd = shared.borrow()  # a worker thread reading it
+    assert fd is not None
+    shared.drop()  # the download gives up on that thread
+    assert _is_open(fd) and shared.borrow() is None  # still open for the thread; no new user
+    shared.give_back()  # its read returned
+    assert not _is_open(fd)
+
+    late = crc_index_module._SharedDescriptor()
+    late.drop()  # given up on while a thread opened the file: the thread closes it
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileChanged, match="given up on"):
+        late.open(tmp_path / "a.jpg", 4, None)
+    assert set(os.listdir("/proc/self/fd")) == before

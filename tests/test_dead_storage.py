@@ -239,3 +239,42 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
         with trio.fail_after(10):
             while (await client.get("/healthz")).status_code != 200:
                 await trio.sleep(0.05)
+
+
+def _open_beneath(pid: int, folder: Path) -> list[str]:
+    """The files beneath ``folder`` that process ``pid`` holds open."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith(str(folder) + "/"):
+            held.append(target)
+    return held
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 8 * 1024 * 1024], ids=["small", "large"])
+async def test_a_cold_crc_read_that_hangs_is_given_up_at_the_storage_timeout(tmp_path: Path, size: int) -> None:
+    # A cold file's CRC is read in a worker thread, which a read of dead storage holds until
+    # the storage answers.  The download does not wait for it: 503 at the storage timeout; the
+    # thread closes the file when its read returns (small files a batch a thread, large ones a
+    # block a thread on a descriptor shared with the event loop).
+    files = {"a.jpg": os.urandom(size), "b.jpg": os.urandom(size)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        storage = tmp_path / "storage"
+        gate.touch()
+        started = trio.current_time()
+        with trio.fail_after(10):
+            refused = await client.get("/archive/album/")
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "60"
+        assert trio.current_time() - started < 1.25 + 1
+        assert _open_beneath(server.process.pid, storage)  # the given-up thread still reads
+        gate.unlink()
+        whole = await client.get("/archive/album/")
+        assert whole.status_code == 200 and read_archive(whole.content) == files
+        with trio.fail_after(10):
+            while _open_beneath(server.process.pid, storage):
+                await trio.sleep(0.02)
+    assert b"failed: nothing came from the storage" in bytes(server.output)

@@ -29,7 +29,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import trio
 from zlib_ng import zlib_ng
@@ -56,6 +56,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
 
 FileKey = tuple[int, int, int, int, int]
+T = TypeVar("T")
 
 # Linux stamps file times from a coarse clock (one tick: 1-10 ms); a file
 # whose ctime lies within this of the moment its read began may change again
@@ -220,6 +221,85 @@ def small_file_crc(
     return FileCrc(found, crc, not kept)
 
 
+class _SharedDescriptor:
+    """A file's descriptor, read by worker threads the event loop may give up on: closed once neither uses it.
+
+    A read of storage that hangs (a dead NFS server) cannot be interrupted:
+    the download gives up on its thread (``abandon_on_cancel``) and leaves it
+    to return when it can.  The descriptor must outlive that thread: closed
+    under it, its number could name another file, or a client's socket, by
+    the time the thread reads on.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._users = 1  # the event loop's side, until it drops it
+        self._dropped = False
+
+    def open(self, path: Path, size: int, key: FileKey | None) -> FileKey:
+        """In a worker thread: open ``path`` (``_open_listed``) into this; its key."""
+        fd, found = _open_listed(path, size, key)
+        with self._lock:
+            if not self._dropped:
+                self._fd = fd
+                return found
+        os.close(fd)  # given up on while it opened
+        raise FileChanged(f"{path}: given up on")
+
+    def borrow(self) -> int | None:
+        """In a worker thread, before using the descriptor: it, or None if given up on (then do nothing)."""
+        with self._lock:
+            if self._dropped or self._fd < 0:
+                return None
+            self._users += 1
+            return self._fd
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._users -= 1
+            self._close_if_unused()
+
+    def drop(self) -> None:
+        """On the event loop, once done with it (or given up): closed now, or by the last thread using it."""
+        with self._lock:
+            if not self._dropped:
+                self._dropped = True
+                self._users -= 1
+                self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self._users == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _crc_of_shared_block(
+    shared: _SharedDescriptor, crc: int, buffer: bytearray, progress: Callable[[], None] | None
+) -> tuple[int, int]:
+    """``_crc_of_block`` of a shared descriptor, BATCH_BYTES at most (in a worker thread); (crc, 0) if given up on."""
+    fd = shared.borrow()
+    if fd is None:
+        return crc, 0
+    try:
+        return _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress)
+    finally:
+        shared.give_back()
+
+
+def _keep_shared(
+    shared: _SharedDescriptor, index: CrcIndex, path: Path, key: FileKey, crc: int, read_started_ns: int
+) -> bool:
+    """``_keep`` for a shared descriptor (in a worker thread: its ``fstat`` may wait on the storage)."""
+    fd = shared.borrow()
+    if fd is None:
+        return False
+    try:
+        return _keep(index, fd, path, key, crc, read_started_ns)
+    finally:
+        shared.give_back()
+
+
 async def file_crc(
     path: Path,
     size: int,
@@ -232,12 +312,14 @@ async def file_crc(
 
     Opened without following a link; FileChanged unless it is the one listed
     (``key``, or ``size`` bytes).  ``progress`` is called after each read,
-    in a worker thread (it must only count).  If cancelled, the file is
-    closed before the cancellation propagates (once the block being read is
-    in: a worker thread cannot be interrupted).
+    in a worker thread (it must only count).  If cancelled, it returns at
+    once: a thread reading the file is given up on, and closes the file
+    when its read returns (``_SharedDescriptor``); ``buffer`` may be written
+    until then.  A thread holds its place in ``index.readers`` until it ends.
     """
-    fd, found = await trio.to_thread.run_sync(_open_listed, path, size, key, limiter=index.readers)
+    shared = _SharedDescriptor()
     try:
+        found = await _in_reader(index, shared.open, path, size, key)
         known = index.get(found)
         if known is not None:
             return FileCrc(found, known)
@@ -245,16 +327,19 @@ async def file_crc(
         started = time.time_ns()
         crc, read = 0, 0
         while read < size:
-            crc, count = await trio.to_thread.run_sync(
-                _crc_of_block, fd, crc, buffer, BATCH_BYTES, progress, limiter=index.readers
-            )
+            crc, count = await _in_reader(index, _crc_of_shared_block, shared, crc, buffer, progress)
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
-        kept = _keep(index, fd, path, found, crc, started)
+        kept = await _in_reader(index, _keep_shared, shared, index, path, found, crc, started)
     finally:
-        os.close(fd)
+        shared.drop()
     return FileCrc(found, crc, not kept)
+
+
+async def _in_reader(index: CrcIndex, function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` in a worker thread under ``index.readers``; given up on (not waited for) if cancelled."""
+    return await trio.to_thread.run_sync(function, *args, limiter=index.readers, abandon_on_cancel=True)
 
 
 def album_crcs(

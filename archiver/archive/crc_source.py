@@ -54,7 +54,7 @@ class CrcSource:
         keys = (self.plan.key(k) for k in self._entries)
         # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
         # of hung storage.
-        known = await trio.to_thread.run_sync(self.index.known, keys)
+        known = await trio.to_thread.run_sync(self.index.known, keys, abandon_on_cancel=True)
         buffer = bytearray(READ_SIZE)
         position = 0
         while position < len(self._entries):
@@ -73,8 +73,9 @@ class CrcSource:
                     await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k), self._progressed)
                 ]
             else:
+                # Given up on if cancelled (storage that hangs): the thread opens and closes its files itself.
                 results = await trio.to_thread.run_sync(
-                    self._small_files, position, known, buffer, limiter=self.index.readers
+                    self._small_files, position, known, buffer, limiter=self.index.readers, abandon_on_cancel=True
                 )
             for result in results:
                 self._crcs[position] = result.crc
@@ -82,7 +83,7 @@ class CrcSource:
                     self._racy.add(self._entries[position])
                 position += 1
             self._ready.value = position
-        await trio.to_thread.run_sync(self.index.flush)
+        await trio.to_thread.run_sync(self.index.flush, abandon_on_cancel=True)
 
     def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
         """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""
