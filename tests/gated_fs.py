@@ -20,11 +20,11 @@ import sys
 import time
 from typing import Any
 
-from mfusepy import FUSE, Operations  # type: ignore[import-untyped]
+from mfusepy import FUSE, Operations, fuse_get_context  # type: ignore[import-untyped]
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
 # The calls each gate text holds.
-# Beside the gate: made when a call is held (for a test to know it is).
+# Beside the gate: a line for each call held, the calling thread's id (for a test to know what is held).
 HELD = "-held"
 GATED = {"read": {"read"}, "listing": {"listing"}, "metadata": {"listing", "metadata"}}
 
@@ -49,11 +49,12 @@ class GatedFs(Operations):  # type: ignore[misc]
         what = words.pop(0) if words and words[0] in ("listing", "metadata") else "read"
         if kind not in GATED[what]:
             return
+        with open(self.gate + HELD, "a") as held:  # for the test: a call is held now, from this thread
+            held.write(f"{fuse_get_context()[2]}\n")
         if words:  # slow storage: each call (a read asks at most 128 KiB) takes this many seconds
             time.sleep(float(words[0]))
             return
         # Dead storage, at most a minute: a test that died with the gate shut must not wedge its readers for good.
-        open(self.gate + HELD, "a").close()  # for the test: a call is held now
         give_up = time.monotonic() + 60
         while os.path.exists(self.gate) and time.monotonic() < give_up:
             time.sleep(0.05)

@@ -203,6 +203,61 @@ async def test_an_album_whose_folders_stop_answering_gets_503_and_the_service_go
     assert bytes(server.output).count(b"cannot list it: the storage did not answer for") == 2
 
 
+async def _until_threads_held(gate: Path, count: int) -> None:
+    """Return once calls from ``count`` different threads have been held at ``gate``."""
+    held = gate.with_name(gate.name + "-held")
+    with trio.fail_after(10):
+        while not held.exists() or len(set(held.read_text().split())) < count:
+            await trio.sleep(0.02)
+
+
+async def test_one_clients_requests_queued_behind_a_dead_album_all_get_503_in_time(tmp_path: Path) -> None:
+    # Its walks go one at a time: the wait for its turn behind a walk that is stuck counts.
+    async with served_gated_album(tmp_path, {"a.jpg": b"a"}, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        album.gate.write_text("listing")
+        answers: list[tuple[httpx.Response, float]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(_timed_get, album.client, "/archive/album/", answers)
+    assert [response.status_code for response, _ in answers] == [503] * 3
+    # Not a timeout each after the one before (3.75 s and more): the second may get its turn
+    # just as the first gives up, and its own walk the storage's first answers (2.5 s).
+    assert sorted(took for _, took in answers)[1] < 1.25 + 0.5
+    assert max(took for _, took in answers) < 2 * 1.25 + 0.5
+
+
+async def test_slow_walks_holding_both_walkers_are_no_reason_to_refuse_another_album(tmp_path: Path) -> None:
+    # Storage that answers, slowly: two walks of a large album hold both walker threads for
+    # longer than the storage timeout, moving on all along.  Another client's album waits for
+    # a walker, and gets it.
+    files = {f"folder-{i}/photo.jpg": b"photo" for i in range(6)}
+    async with served_gated_album(tmp_path, {}, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, gate = album.server, album.gate
+        for name, data in files.items():
+            (album.source / name).parent.mkdir()
+            (album.source / name).write_bytes(data)
+        plain = tmp_path / "storage" / "plain"
+        plain.mkdir()
+        (plain / "a.txt").write_bytes(b"elsewhere")
+        gate.write_text("listing 0.3")  # a folder read takes 0.3 s: a walk of the album, about 2 s
+        answers: list[tuple[httpx.Response, float]] = []
+        clients = [_client_from(server.url, f"127.0.0.{i}") for i in (2, 3, 4)]
+        async with trio.open_nursery() as nursery:
+            for client in clients[:2]:
+                nursery.start_soon(_timed_get, client, "/archive/album/", answers)
+            await _until_threads_held(gate, 2)  # both walkers on the slow album
+            other = await clients[2].get("/archive/plain/")
+        for client in clients:
+            await client.aclose()
+        assert other.status_code == 200 and read_archive(other.content) == {"a.txt": b"elsewhere"}
+        assert [response.status_code for response, _ in answers] == [200, 200]
+        assert min(took for _, took in answers) > 1.25  # longer than the timeout: the test shows something
+
+
+def _client_from(url: str, address: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, timeout=30, transport=httpx.AsyncHTTPTransport(local_address=address))
+
+
 @pytest.mark.slow  # ~11 s; call_storage's progress is also tested alone (tests/test_storage_calls.py)
 async def test_a_slow_walk_and_slow_opens_are_no_hang(tmp_path: Path) -> None:
     # A large album on slow storage (cold NFS) may take longer to walk than the storage

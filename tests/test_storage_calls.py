@@ -65,3 +65,25 @@ async def test_a_cancelled_request_abandons_the_call() -> None:
         await call_storage(storage_back.wait, timeout=10, limiter=trio.CapacityLimiter(1))
     assert scope.cancelled_caught
     storage_back.set()
+
+
+async def test_a_walk_given_up_on_stops_at_its_next_step() -> None:
+    progress = WalkProgress()
+    limiter = trio.CapacityLimiter(1)
+    steps_after: list[int] = []
+
+    def walk_with_a_long_stat() -> None:
+        progress.step()
+        threading.Event().wait(0.6)  # one stat longer than the timeout: given up on meanwhile
+        try:
+            for _ in range(1000):  # the rest of a large album
+                progress.step()
+        finally:
+            steps_after.append(progress.steps)
+
+    with pytest.raises(StorageSilent):
+        await call_storage(walk_with_a_long_stat, timeout=0.3, limiter=limiter, progress=progress)
+    with trio.fail_after(2):
+        while limiter.borrowed_tokens:  # the thread ends at its next step, and frees its place
+            await trio.sleep(0.01)
+    assert steps_after == [1]

@@ -61,17 +61,29 @@ _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
 
 
 class WalkProgress:
-    """How far a walk in a worker thread has got: ``steps`` moves on with every entry the storage answered for.
+    """How far a walk in a worker thread has got: ``steps`` moves on with every answer from the storage.
 
     Read from the event loop to tell a slow walk (a large album on NFS, minutes
     cold) from a hung one; an int bumped by one thread and read by another
-    needs no lock.
+    needs no lock.  ``given_up``, set by the event loop, stops the walk at its
+    next step (WalkGivenUp): a request that gave up on it must not leave it
+    walking the rest of a large album.
     """
 
-    __slots__ = ("steps",)
+    __slots__ = ("given_up", "steps")
 
     def __init__(self) -> None:
         self.steps = 0
+        self.given_up = False
+
+    def step(self) -> None:
+        if self.given_up:
+            raise WalkGivenUp
+        self.steps += 1
+
+
+class WalkGivenUp(Exception):
+    """The request that asked for this walk gave up on it (raised in its abandoned worker thread)."""
 
 
 class _AlbumChanged(Exception):
@@ -160,7 +172,7 @@ def list_album(album: Path, progress: WalkProgress | None = None) -> AlbumListin
 
     Raises AlbumNotFound if the album is gone, ListingFailed if it (or
     anything in it) cannot be listed for another reason than the policy's.
-    ``progress`` moves on with each entry looked at.
+    ``progress`` moves on with each answer from the storage; WalkGivenUp once given up on.
     """
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
@@ -196,7 +208,7 @@ def _walk_once(album: Path, progress: WalkProgress) -> tuple[list[AlbumFile], li
     # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
     _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress)
     for relative, seen in folders:
-        progress.steps += 1
+        progress.step()
         try:
             status = os.stat(album / relative, follow_symlinks=False)
         except OSError as error:
@@ -235,13 +247,17 @@ def _walk(
     take (it is opened as the album's path, "/", and it).
     """
     try:
+        progress.step()  # opened
         status = os.fstat(directory_fd)
         folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
+        progress.step()
+        entries = []
         with os.scandir(directory_fd) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
-        progress.steps += 1
+            for entry in listing:  # a large folder is read in many calls
+                progress.step()
+                entries.append(entry)
+        entries.sort(key=lambda entry: entry.name)
         for entry in entries:
-            progress.steps += 1
             relative = prefix + entry.name
             # Through descriptors the walk reaches any depth; a path the system cannot open whole
             # is left out, as a walk by whole paths did ("File name too long").
@@ -249,6 +265,7 @@ def _walk(
                 skipped.append(SkippedEntry(relative, "path too long for the system (PATH_MAX)"))
                 continue
             reason, status = _exclusion_reason(entry, directory_fd, relative)
+            progress.step()
             if reason is not None:
                 skipped.append(SkippedEntry(relative, reason))
             elif stat.S_ISDIR(status.st_mode):

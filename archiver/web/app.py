@@ -124,8 +124,10 @@ def create_app(settings: Settings) -> QuartTrio:
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     resolvers = trio.CapacityLimiter(RESOLVERS)
-    # One look at the storage root at a time for /healthz and the index page: on dead storage, one thread stuck.
-    root_lookers = trio.CapacityLimiter(1)
+    # One look at the storage at a time for /healthz, and one for the index page: on dead storage, a thread
+    # stuck each.  Apart: the sample album, if it is the mount that died, must not make the root look dead.
+    health_lookers = trio.CapacityLimiter(1)
+    index_lookers = trio.CapacityLimiter(1)
     root_timeout = min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT)
     # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
     client_walks = ClientWalks(settings.max_jobs)
@@ -159,7 +161,7 @@ def create_app(settings: Settings) -> QuartTrio:
         sample = settings.storage_dir / EXAMPLE_NAME
         try:
             sample_there = not settings.link_secret and await call_storage(
-                sample.is_dir, timeout=root_timeout, limiter=root_lookers
+                sample.is_dir, timeout=root_timeout, limiter=index_lookers
             )
         except StorageSilent:
             sample_there = False
@@ -198,15 +200,17 @@ def create_app(settings: Settings) -> QuartTrio:
             # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
             compression = 0 if "HTTP/1.0" in _protocols(proxies) else settings.compression
-            async with client_walks.turn(client):
-                # A large album takes a while to walk (minutes on cold NFS): silence, not length, ends it.
-                progress = WalkProgress()
-                prepared = await call_storage(
-                    partial(prepare_archive, album, settings, plans, compression, progress),
-                    timeout=settings.storage_timeout,
-                    limiter=walkers,
-                    progress=progress,
-                )
+            # A large album takes a while to walk (minutes on cold NFS): silence, not length, ends it,
+            # and the wait for this client's turn and for a walker thread counts unless the queue moves.
+            progress = WalkProgress()
+            prepared = await call_storage(
+                partial(prepare_archive, album, settings, plans, compression, progress),
+                timeout=settings.storage_timeout,
+                limiter=walkers,
+                progress=progress,
+                admission=partial(client_walks.turn, client, progress),
+                queue_moved=partial(client_walks.queue_moved, client, progress),
+            )
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         except AlbumNotFound:
@@ -283,7 +287,9 @@ def create_app(settings: Settings) -> QuartTrio:
         """Liveness: the process answers, the storage root is readable (within 2 s), the producer is there to run."""
         try:
             readable = await call_storage(
-                partial(os.access, settings.storage_dir, os.R_OK | os.X_OK), timeout=root_timeout, limiter=root_lookers
+                partial(os.access, settings.storage_dir, os.R_OK | os.X_OK),
+                timeout=root_timeout,
+                limiter=health_lookers,
             )
         except StorageSilent:
             readable = False

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..archive.storage import MAX_DEPTH
+from ..archive.storage import MAX_DEPTH, WalkProgress
 
 # Albums walked at once, in worker threads.  A walk is bound by the disk and
 # the CPU, so more at once finishes no sooner, and every listing in progress
@@ -187,6 +187,34 @@ def _decrement(counts: Counter[str], client: str) -> None:
         del counts[client]
 
 
+class WalkActivity:
+    """Walks holding their turn, and how they move the queues behind them.
+
+    ``moved()`` changes as a walk gets answers from the storage, and as one
+    ends having done its work; ``finished`` only as one ends so.  Neither
+    changes as one leaves stuck (given up on, or its client gone).
+    """
+
+    def __init__(self) -> None:
+        self._walks: set[WalkProgress] = set()
+        self._left = 0  # steps of the walks that left
+        self.finished = 0
+
+    def moved(self) -> int:
+        return self._left + self.finished + sum(walk.steps for walk in self._walks)
+
+    def __contains__(self, walk: WalkProgress) -> bool:
+        return walk in self._walks
+
+    def add(self, walk: WalkProgress) -> None:
+        self._walks.add(walk)
+
+    def remove(self, walk: WalkProgress, *, ended: bool) -> None:
+        self._walks.discard(walk)
+        self._left += walk.steps
+        self.finished += ended
+
+
 class ClientWalks:
     """Album walks per client: one at a time, in arrival order, and at most ``max_waiting`` more waiting.
 
@@ -202,21 +230,55 @@ class ClientWalks:
         self.max_waiting = max_waiting
         self._turns: dict[str, trio.Lock] = {}
         self._queued: Counter[str] = Counter()  # waiting or walking
+        self._activity: dict[str, WalkActivity] = {}  # each client's walk holding its turn
+        self.everyone = WalkActivity()  # all walks holding their turn: those queued for a walker thread wait on them
 
     @asynccontextmanager
-    async def turn(self, client: str) -> AsyncIterator[None]:
-        """Wait for ``client``'s turn to walk an album; WalkLimitReached if too many already wait."""
+    async def turn(self, client: str, walk: WalkProgress | None = None) -> AsyncIterator[None]:
+        """Wait for ``client``'s turn to walk an album; WalkLimitReached if too many already wait.
+
+        ``walk``: the walk's progress, which while it holds the turn is what
+        the client's queue (``queue_moved``) moves with.
+        """
         if self._queued[client] > self.max_waiting:
             raise WalkLimitReached(f"{client} already has {self.max_waiting} album listings waiting")
         self._queued[client] += 1
         turn = self._turns.setdefault(client, trio.Lock())
+        activity = self._activity.setdefault(client, WalkActivity())
+        walk = walk or WalkProgress()
         try:
             async with turn:
-                yield
+                activity.add(walk)
+                self.everyone.add(walk)
+                ended = False
+                try:
+                    yield
+                    ended = True
+                except Exception:  # a walk that failed did its work too (a 404, a 500); not one given up on
+                    ended = True
+                    raise
+                finally:
+                    activity.remove(walk, ended=ended)
+                    self.everyone.remove(walk, ended=ended)
         finally:
             self._queued[client] -= 1
             if not self._queued[client]:
-                del self._queued[client], self._turns[client]
+                del self._queued[client], self._turns[client], self._activity[client]
+
+    def queue_moved(self, client: str, walk: WalkProgress) -> int:
+        """How the queue ``walk`` waits in moves: ``client``'s, as its walks finish; once it has its turn, the walkers'.
+
+        A thread is shared: slow walks that move on (minutes on cold NFS) move
+        that queue.  A turn is the client's own: only a walk that finished
+        moves it, so that requests queued behind one stuck on dead storage get
+        their 503 as soon as it does, not each a timeout after the one before.
+        """
+        activity = self._activity.get(client)
+        if activity is None:
+            return 0
+        if walk in activity:
+            return self.everyone.moved()
+        return activity.finished
 
     def queued(self, client: str) -> int:
         return self._queued[client]

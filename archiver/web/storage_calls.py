@@ -6,13 +6,18 @@ stop the whole service, ``/healthz`` with it; in a worker thread it holds only
 its request, and only until the storage timeout: the request then gets a 503
 (``StorageSilent``), and the thread is left to finish when it can.  Each kind of
 call has its own small capacity limiter, so that threads stuck on dead storage
-are bounded, and further calls of that kind wait for a thread within the same
-deadline.
+are bounded.
+
+A request waits for nothing for longer than the storage timeout, queues
+included: the wait for its turn and for a thread counts as silence unless
+what it waits behind moves on (a slow walk of a large album on cold NFS is
+no reason to refuse the requests queued behind it; a stuck one is).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import trio
@@ -28,8 +33,12 @@ RESOLVERS = 4
 class StorageSilent(ListingFailed):
     """The storage did not answer (nor, for a walk, move on) for the storage timeout: try again later."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the storage did not answer for {seconds:.1f} s", transient=True)
+    def __init__(self, seconds: float, queued: bool) -> None:
+        if queued:  # the request's own storage was never asked: the calls before it are stuck
+            message = f"waited {seconds:.1f} s behind calls that the storage does not answer"
+        else:
+            message = f"the storage did not answer for {seconds:.1f} s"
+        super().__init__(message, transient=True)
 
 
 async def call_storage(
@@ -38,20 +47,35 @@ async def call_storage(
     timeout: float,
     limiter: trio.CapacityLimiter,
     progress: WalkProgress | None = None,
+    admission: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+    queue_moved: Callable[[], object] | None = None,
 ) -> T:
     """Return ``function()``, run in a worker thread under ``limiter``; StorageSilent after ``timeout`` s of silence.
 
-    Silence: ``timeout`` seconds (``inf``: never) in which the call neither
-    returned nor moved ``progress`` on; the wait for a thread of ``limiter``
-    counts too.  Looked at four times a timeout: given up within 1.25
-    timeouts.  Whatever ``function`` raises is raised here.
+    ``admission`` (a request's turn) is entered first, then ``limiter``'s
+    thread is waited for.  Silence: ``timeout`` seconds (``inf``: never) in
+    which nothing moved: before ``function`` starts, ``queue_moved()`` kept
+    its value (without it, waiting is silence); after, ``progress`` did not
+    move on (without it, the call did not return).  Looked at four times a
+    timeout: given up within 1.25 timeouts.  Whatever ``admission`` or
+    ``function`` raises is raised here.
     """
     returned: list[T] = []
     raised: list[Exception] = []
+    started = False
+
+    def run() -> T:
+        nonlocal started
+        started = True
+        return function()
 
     async def call() -> None:
         try:
-            returned.append(await trio.to_thread.run_sync(function, limiter=limiter, abandon_on_cancel=True))
+            if admission is None:
+                returned.append(await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True))
+            else:
+                async with admission():
+                    returned.append(await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True))
         except Exception as error:  # raised below, itself: not in the nursery's ExceptionGroup
             raised.append(error)
         nursery.cancel_scope.cancel()
@@ -60,18 +84,26 @@ async def call_storage(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call)
         since = trio.current_time()
-        steps = -1
+        seen: object = None
         while True:
             await trio.sleep(timeout / 4)  # for ever when the timeout is inf: ended by call()
             now = trio.current_time()
-            if progress is not None and progress.steps != steps:
-                steps, since = progress.steps, now
+            if started:
+                state: object = ("walk", progress.steps) if progress is not None else "called"
+            else:
+                state = ("queue", queue_moved()) if queue_moved is not None else "queued"
+            if state != seen:
+                seen = state
+                if isinstance(state, tuple):
+                    since = now
             if now - since >= timeout:
                 silent_for = now - since
                 nursery.cancel_scope.cancel()  # the thread is abandoned, still holding its limiter's token
+                if progress is not None:
+                    progress.given_up = True  # a walk that still moves stops at its next entry
                 break
     if raised:
         raise raised[0]
     if returned:  # (a cancellation from outside propagates from the nursery)
         return returned[0]
-    raise StorageSilent(silent_for)
+    raise StorageSilent(silent_for, queued=not started)
