@@ -117,10 +117,11 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
     # Zeros deflate to almost nothing: without the producer's heartbeat (a sync flush when
     # nothing went out for a second, across files), the pipe would stay silent for the whole
     # album, longer than the storage timeout, though no file alone takes a second.
-    files = {f"zeros-{i}.bin": bytes(512 * 1024) for i in range(10)} | {"after.txt": b"still here"}
+    files = {f"zeros-{i}.bin": bytes(512 * 1024) for i in range(6)} | {"after.txt": b"still here"}
+    # A silence lasts up to a beat and the read it ends with (256 KiB: up to a second here).
     env = {"ARCHIVER_STORAGE_TIMEOUT": "3", "ARCHIVER_COMPRESSION": "6"}
     async with served_gated_album(tmp_path, files, env) as album:
-        album.gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~5 s for the zeros
+        album.gate.write_text("0.25")  # each read (the kernel asks 128-256 KiB) takes 0.25 s: ~4.5 s for the zeros
         client = album.client
         started = trio.current_time()
         response = await client.get("/archive/album/")
