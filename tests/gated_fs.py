@@ -1,11 +1,11 @@
 """A read-only FUSE passthrough of a folder whose reads hang while a gate file exists: storage that stops answering.
 
-The gate file's text says what hangs, and for how long: ``[listing|metadata] [seconds]``.
+The gate file's text says what hangs, and for how long: ``[listing|metadata|flush] [seconds]``.
 
 - What: nothing named, reads of file data (as a hard-mounted NFS server gone does to
   the pages not cached; listing, ``stat`` and ``open`` go on); ``listing``, reading
   folders; ``metadata``, reading folders, ``stat`` and ``access`` (the album's name
-  cannot even be resolved).
+  cannot even be resolved); ``flush``, closing a file (the FLUSH every ``close`` sends).
 - How long: with a number, each such call takes that many seconds (slow storage);
   without, it waits while the gate is there (dead storage), at most a minute.
 
@@ -26,7 +26,7 @@ STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
 # The calls each gate text holds.
 # Beside the gate: a line for each call held, the calling thread's id (for a test to know what is held).
 HELD = "-held"
-GATED = {"read": {"read"}, "listing": {"listing"}, "metadata": {"listing", "metadata"}}
+GATED = {"read": {"read"}, "listing": {"listing"}, "metadata": {"listing", "metadata"}, "flush": {"flush"}}
 
 
 class GatedFs(Operations):  # type: ignore[misc]
@@ -46,7 +46,7 @@ class GatedFs(Operations):  # type: ignore[misc]
                 words = gate.read().split()
         except FileNotFoundError:
             return
-        what = words.pop(0) if words and words[0] in ("listing", "metadata") else "read"
+        what = words.pop(0) if words and words[0] in GATED else "read"
         if kind not in GATED[what]:
             return
         with open(self.gate + HELD, "a") as held:  # for the test: a call is held now, from this thread
@@ -82,6 +82,10 @@ class GatedFs(Operations):  # type: ignore[misc]
         self._gate("read")
         return os.pread(fh, size, offset)
 
+    def flush(self, path: str, fh: int) -> int:
+        self._gate("flush")  # every close(2) of a file sends one
+        return 0
+
     def release(self, path: str, fh: int) -> int:
         os.close(fh)
         return 0
@@ -90,4 +94,5 @@ class GatedFs(Operations):  # type: ignore[misc]
 if __name__ == "__main__":
     source, mountpoint, gate = sys.argv[1:4]
     # No kernel caching of attributes or names: each open sees the source as it is.
-    FUSE(GatedFs(source, gate), mountpoint, foreground=True, ro=True, attr_timeout=0, entry_timeout=0)
+    # Up to 64 calls held at once (libfuse's default is 10 threads: more would queue unseen in the kernel).
+    FUSE(GatedFs(source, gate), mountpoint, foreground=True, ro=True, attr_timeout=0, entry_timeout=0, max_threads=64)

@@ -22,6 +22,8 @@ import httpx
 import pytest
 import trio
 
+from archiver.archive.producer import MAX_LINGERING
+
 from .conftest import free_port, producer_processes, read_archive
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
@@ -297,6 +299,16 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
                 await trio.sleep(0.05)
 
 
+async def _storage_back_and_whole(album: GatedAlbum, files: dict[str, bytes]) -> None:
+    """Open the gate; once every producer stuck on it is reaped, the album downloads whole."""
+    album.gate.unlink()
+    with trio.fail_after(10):
+        while producer_processes(album.server.process.pid):
+            await trio.sleep(0.02)
+    whole = await album.client.get("/archive/album/")
+    assert whole.status_code == 200 and read_archive(whole.content) == files
+
+
 def _open_beneath(pid: int, folder: Path) -> list[str]:
     """The files beneath ``folder`` that process ``pid`` holds open."""
     held = []
@@ -334,3 +346,45 @@ async def test_a_cold_crc_read_that_hangs_is_given_up_at_the_storage_timeout(tmp
             while _open_beneath(server.process.pid, storage):
                 await trio.sleep(0.02)
     assert b"failed: nothing came from the storage" in bytes(server.output)
+
+
+async def test_a_close_that_hangs_stops_neither_the_event_loop_nor_the_answer(tmp_path: Path) -> None:
+    # A close on FUSE sends a FLUSH, which a dead file system (sshfs, its network gone) does not
+    # answer, and which once taken by its daemon is waited out whatever the signal.  The service
+    # closes a large cold file (read for its CRC) in a worker thread; the producer, stuck in its
+    # close and killed, is reaped in the background, so that the download is aborted in time.
+    files = {"large.mov": os.urandom(6 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        gate.write_text("flush")
+        with pytest.raises(ABORTED), trio.fail_after(1.25 + 0.5 + 2):
+            async with client.stream("GET", "/archive/album/") as response:
+                async for _ in response.aiter_raw():
+                    pass
+        assert producer_processes(server.process.pid)  # still in its close
+        with trio.fail_after(1):
+            assert (await client.get("/healthz")).status_code == 200
+        await _storage_back_and_whole(album, files)
+    assert b"killed, still waiting on the storage: reaped when it answers" in bytes(server.output)
+
+
+async def test_producers_stuck_in_the_kernel_are_bounded(tmp_path: Path) -> None:
+    # Each try of a download on a mount whose closes hang leaves a killed producer waiting on
+    # the storage: past MAX_LINGERING of them, no new one starts (503) until they are reaped.
+    files = {"a.jpg": os.urandom(1000)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        assert (await client.get("/archive/album/")).status_code == 200  # its CRC known: no reader thread
+        gate.write_text("flush")
+        answers: list[tuple[httpx.Response, float]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(MAX_LINGERING):
+                nursery.start_soon(_timed_get, client, "/archive/album/", answers)
+        assert {response.status_code for response, _ in answers} == {503}
+        assert len(producer_processes(server.process.pid)) == MAX_LINGERING
+        started = trio.current_time()
+        refused = await client.get("/archive/album/")
+        assert refused.status_code == 503 and trio.current_time() - started < 0.5  # no producer, no wait
+        assert len(producer_processes(server.process.pid)) == MAX_LINGERING
+        await _storage_back_and_whole(album, files)
+    assert f"{MAX_LINGERING} producers killed are still waiting on the storage".encode() in bytes(server.output)

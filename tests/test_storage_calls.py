@@ -87,3 +87,25 @@ async def test_a_walk_given_up_on_stops_at_its_next_step() -> None:
         while limiter.borrowed_tokens:  # the thread ends at its next step, and frees its place
             await trio.sleep(0.01)
     assert steps_after == [1]
+
+
+async def test_a_walk_whose_request_is_cancelled_stops_at_its_next_step() -> None:
+    # A client that leaves while its album is walked must not leave the walk going through the rest.
+    progress = WalkProgress()
+    limiter = trio.CapacityLimiter(1)
+    steps_after: list[int] = []
+
+    def long_walk() -> None:
+        try:
+            for _ in range(1000):
+                progress.step()
+                threading.Event().wait(0.01)
+        finally:
+            steps_after.append(progress.steps)
+
+    with trio.move_on_after(0.2):
+        await call_storage(long_walk, timeout=10, limiter=limiter, progress=progress)
+    with trio.fail_after(2):
+        while limiter.borrowed_tokens:
+            await trio.sleep(0.01)
+    assert steps_after and steps_after[0] < 100

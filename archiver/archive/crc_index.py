@@ -256,22 +256,31 @@ class _SharedDescriptor:
             return self._fd
 
     def give_back(self) -> None:
+        """In the worker thread that borrowed it: closed here if the event loop has dropped it meanwhile."""
         with self._lock:
             self._users -= 1
-            self._close_if_unused()
+        self._close_if_unused()
 
     def drop(self) -> None:
-        """On the event loop, once done with it (or given up): closed now, or by the last thread using it."""
+        """On the event loop, once done with it (or given up): closed by the last thread using it, or by a new one.
+
+        Never closed on the event loop: a ``close`` on FUSE sends a FLUSH,
+        which a dead file system (sshfs with its network gone) does not answer.
+        """
         with self._lock:
-            if not self._dropped:
-                self._dropped = True
-                self._users -= 1
-                self._close_if_unused()
+            if self._dropped:
+                return
+            self._dropped = True
+            self._users -= 1
+            if self._users or self._fd < 0:
+                return
+        trio.lowlevel.start_thread_soon(self._close_if_unused, lambda _: None, name="archiver close")
 
     def _close_if_unused(self) -> None:
-        if self._users == 0 and self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            fd, self._fd = (self._fd, -1) if self._users == 0 else (-1, self._fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def _crc_of_shared_block(

@@ -60,6 +60,17 @@ PIPE_SIZE = 1024 * 1024
 FEED_SIZE = 64 * 1024
 
 
+# A killed producer not gone within this (seconds) is waiting in the kernel on storage that does not
+# answer: a FUSE request its daemon has taken is waited out whatever the signal.  It is reaped in
+# the background, so that the download's answer (a 503, an abort) does not wait for the storage.
+REAP_WAIT = 0.5
+# Producers killed but still waiting so: past this many, no new one is started (ProducerUnavailable,
+# a 503) until some are reaped.  Each is a process, and a client retrying a download of dead
+# storage would otherwise add one a try.
+MAX_LINGERING = 16
+_lingering: set[int] = set()  # their process ids
+
+
 class ProducerUnavailable(RuntimeError):
     """The producer subprocess cannot be started."""
 
@@ -94,7 +105,9 @@ async def produce(
     with ``nursery.start``, that happens before ``start`` returns.
 
     If cancelled, the process is killed and reaped before the cancellation
-    propagates: no process outlives this call.
+    propagates: no process outlives this call, but for one killed while
+    waiting in the kernel on storage that does not answer, which is reaped
+    in the background once it does (REAP_WAIT, MAX_LINGERING).
     """
     if plan.length is not None and start >= plan.central_offset:
         # All generated: the plan's own bytes, no process.
@@ -103,6 +116,8 @@ async def produce(
         await _send_generated(plan, start, end, crcs, send_channel, chunk_size)
         await send_channel.aclose()
         return
+    if len(_lingering) >= MAX_LINGERING:
+        raise ProducerUnavailable(f"{len(_lingering)} producers killed are still waiting on the storage")
     try:
         process = await trio.lowlevel.open_process(
             list(COMMAND), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}
@@ -133,10 +148,34 @@ async def produce(
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.kill()
-            await process.wait()
-            await process.stdin.aclose()
-            await process.stdout.aclose()
-            await process.stderr.aclose()
+            with trio.move_on_after(REAP_WAIT):
+                await process.wait()
+            if process.returncode is None:
+                logger.warning(
+                    "producer %d for %s killed, still waiting on the storage: reaped when it answers",
+                    process.pid,
+                    plan.directory.name,
+                )
+                _lingering.add(process.pid)
+                trio.lowlevel.spawn_system_task(_reap, process, name="archiver reap producer")
+            else:
+                await _close_pipes(process)
+
+
+async def _close_pipes(process: trio.Process) -> None:
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            await stream.aclose()
+
+
+async def _reap(process: trio.Process) -> None:
+    """Wait for a killed producer stuck in the kernel, then close its pipes (a system task: it must not raise)."""
+    try:
+        await process.wait()
+        await _close_pipes(process)
+        logger.info("producer %d reaped", process.pid)
+    finally:
+        _lingering.discard(process.pid)
 
 
 async def _feed(stdin: trio.abc.SendStream, instructions: Instructions, crcs: CrcSource | None) -> None:

@@ -16,7 +16,7 @@ no reason to refuse the requests queued behind it; a stuck one is).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
@@ -69,7 +69,7 @@ async def call_storage(
         started = True
         return function()
 
-    async def call() -> None:
+    async def call(nursery: trio.Nursery) -> None:
         try:
             if admission is None:
                 returned.append(await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True))
@@ -80,15 +80,37 @@ async def call_storage(
             raised.append(error)
         nursery.cancel_scope.cancel()
 
-    silent_for = 0.0
+    try:
+        silent_for = await _watch(call, timeout, lambda: started, progress, queue_moved)
+    finally:
+        if progress is not None and not returned:
+            progress.given_up = True  # given up on, or its client left: a walk still moving stops at its next step
+    if raised:
+        raise raised[0]
+    if returned:
+        return returned[0]
+    raise StorageSilent(silent_for, queued=not started)
+
+
+async def _watch(
+    call: Callable[[trio.Nursery], Awaitable[None]],
+    timeout: float,
+    started: Callable[[], bool],
+    progress: WalkProgress | None,
+    queue_moved: Callable[[], object] | None,
+) -> float:
+    """Run ``call`` until it cancels the nursery it is given: 0.0; or, after ``timeout`` s of silence, cancel it.
+
+    Then: how long the silence was.
+    """
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(call)
+        nursery.start_soon(call, nursery)
         since = trio.current_time()
         seen: object = None
         while True:
             await trio.sleep(timeout / 4)  # for ever when the timeout is inf: ended by call()
             now = trio.current_time()
-            if started:
+            if started():
                 state: object = ("walk", progress.steps) if progress is not None else "called"
             else:
                 state = ("queue", queue_moved()) if queue_moved is not None else "queued"
@@ -97,13 +119,6 @@ async def call_storage(
                 if isinstance(state, tuple):
                     since = now
             if now - since >= timeout:
-                silent_for = now - since
                 nursery.cancel_scope.cancel()  # the thread is abandoned, still holding its limiter's token
-                if progress is not None:
-                    progress.given_up = True  # a walk that still moves stops at its next entry
-                break
-    if raised:
-        raise raised[0]
-    if returned:  # (a cancellation from outside propagates from the nursery)
-        return returned[0]
-    raise StorageSilent(silent_for, queued=not started)
+                return now - since
+    return 0.0  # call() ended (a cancellation from outside propagates from the nursery)
