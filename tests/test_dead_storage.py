@@ -386,5 +386,8 @@ async def test_producers_stuck_in_the_kernel_are_bounded(tmp_path: Path) -> None
         refused = await client.get("/archive/album/")
         assert refused.status_code == 503 and trio.current_time() - started < 0.5  # no producer, no wait
         assert len(producer_processes(server.process.pid)) == MAX_LINGERING
+        health = await client.get("/healthz")  # a load balancer takes the instance out meanwhile
+        assert health.status_code == 503 and health.json()["producer"] is False
         await _storage_back_and_whole(album, files)
+        assert (await client.get("/healthz")).status_code == 200
     assert f"{MAX_LINGERING} producers killed are still waiting on the storage".encode() in bytes(server.output)

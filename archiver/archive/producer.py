@@ -44,8 +44,9 @@ COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
 
 
 def producer_available() -> bool:
-    """Whether the producer can be run: its interpreter executable, its program readable (for /healthz)."""
-    return os.access(COMMAND[0], os.X_OK) and os.access(PROGRAM, os.R_OK)
+    """Whether a producer can be run (for /healthz): its interpreter executable, its program readable,
+    and fewer than MAX_LINGERING killed ones still waiting on the storage (else every download is refused)."""
+    return os.access(COMMAND[0], os.X_OK) and os.access(PROGRAM, os.R_OK) and len(_lingering) < MAX_LINGERING
 
 
 STDERR_TAIL_BYTES = 2048
