@@ -16,6 +16,7 @@ in the same run.  Nothing here asserts: it prints figures and ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -31,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port, producer_processes
+from tests.conftest import free_port, launcher_processes, producer_processes
 
 PROJECT = Path(__file__).resolve().parent.parent
 BENCH_STORAGE = PROJECT / "bench-data"
@@ -210,9 +211,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def children_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid``'s reaped children (the service's producers)."""
-    _, _, children_user, children_system = cpu_ticks(pid)
-    return (children_user + children_system) / TICKS_PER_SECOND
+    """CPU time of ``pid``'s producers and their launchers: its reaped children's, its launchers' and theirs."""
+    ticks = sum(cpu_ticks(pid)[2:])
+    for started_by in launcher_processes(pid):
+        with contextlib.suppress(OSError):  # ended meanwhile: counted in its parent's children now
+            ticks += sum(cpu_ticks(started_by.pid))
+    return ticks / TICKS_PER_SECOND
 
 
 def own_children_cpu_seconds() -> float:

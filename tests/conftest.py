@@ -136,9 +136,23 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
     known by their name (the interpreter's) and parent.  (Missing the first
     made a test see no producer, then one zombie at its next look.)
     """
-    parents: dict[int, int] = {}
-    producers = []
     interpreter = os.path.basename(sys.executable)[:15]
+
+    def is_producer(command: bytes, comm: str, state: str) -> bool:
+        return PRODUCER_PROGRAM in command or (comm == interpreter and (state == "Z" or not command))
+
+    return _processes_below(ancestor, is_producer)
+
+
+def launcher_processes(ancestor: int) -> list[ProducerChild]:
+    """The producers' launchers below ``ancestor`` (archiver/archive/launcher.py), while they run."""
+    return _processes_below(ancestor, lambda command, comm, state: LAUNCHER_PROGRAM in command)
+
+
+def _processes_below(ancestor: int, matches: Callable[[bytes, str, str], bool]) -> list[ProducerChild]:
+    """The processes below ``ancestor`` whose (command line, name, state) ``matches``."""
+    parents: dict[int, int] = {}
+    found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -153,8 +167,8 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
         comm = fields[fields.index("(") + 1 : fields.rindex(")")]
         state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
         parents[int(entry.name)] = int(ppid)
-        if PRODUCER_PROGRAM in command or (comm == interpreter and (state == "Z" or not command)):
-            producers.append(ProducerChild(int(entry.name), state))
+        if matches(command, comm, state):
+            found.append(ProducerChild(int(entry.name), state))
 
     def descends(pid: int) -> bool:
         while pid > 1:
@@ -163,10 +177,11 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
                 return True
         return False
 
-    return [child for child in producers if descends(child.pid)]
+    return [process for process in found if descends(process.pid)]
 
 
 PRODUCER_PROGRAM = b"archiver.archive.producer_program"
+LAUNCHER_PROGRAM = b"archiver.archive.launcher_program"
 
 
 def producer_children() -> list[ProducerChild]:

@@ -1,11 +1,12 @@
 """A read-only FUSE passthrough of a folder whose reads hang while a gate file exists: storage that stops answering.
 
-The gate file's text says what hangs, and for how long: ``[listing|metadata|flush] [seconds]``.
+The gate file's text says what hangs, and for how long: ``[listing|metadata|flush|files] [seconds]``.
 
 - What: nothing named, reads of file data (as a hard-mounted NFS server gone does to
   the pages not cached; listing, ``stat`` and ``open`` go on); ``listing``, reading
   folders; ``metadata``, reading folders, ``stat`` and ``access`` (the album's name
-  cannot even be resolved); ``flush``, closing a file (the FLUSH every ``close`` sends).
+  cannot even be resolved); ``flush``, closing a file (the FLUSH every ``close`` sends);
+  ``files``, reading and closing files (a dead sshfs: what is open stays stuck).
 - How long: with a number, each such call takes that many seconds (slow storage);
   without, it waits while the gate is there (dead storage), at most a minute.
 
@@ -26,7 +27,13 @@ STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
 # The calls each gate text holds.
 # Beside the gate: a line for each call held, the calling thread's id (for a test to know what is held).
 HELD = "-held"
-GATED = {"read": {"read"}, "listing": {"listing"}, "metadata": {"listing", "metadata"}, "flush": {"flush"}}
+GATED = {
+    "read": {"read"},
+    "listing": {"listing"},
+    "metadata": {"listing", "metadata"},
+    "flush": {"flush"},
+    "files": {"read", "flush"},
+}
 
 
 class GatedFs(Operations):  # type: ignore[misc]

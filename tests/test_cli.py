@@ -234,3 +234,5 @@ def test_systemd_unit_restarts_whatever_the_exit_status() -> None:
     unit = (PROJECT / "deploy" / "archiver@.service").read_text()
     assert "\nRestart=always\n" in unit
     assert "\nRestartSec=2\n" in unit
+    # A stop's SIGTERM to the service alone: producers killed with it would cut every download in flight.
+    assert "\nKillMode=mixed\n" in unit

@@ -24,7 +24,7 @@ import trio
 
 from archiver.archive.producer import MAX_LINGERING
 
-from .conftest import free_port, producer_processes, read_archive
+from .conftest import free_port, launcher_processes, producer_processes, read_archive
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
@@ -391,3 +391,32 @@ async def test_producers_stuck_in_the_kernel_are_bounded(tmp_path: Path) -> None
         await _storage_back_and_whole(album, files)
         assert (await client.get("/healthz")).status_code == 200
     assert f"{MAX_LINGERING} producers killed are still waiting on the storage".encode() in bytes(server.output)
+
+
+async def test_a_file_held_on_a_dead_mount_holds_no_other_albums_producer_start(tmp_path: Path) -> None:
+    # Starting a program closes the child's copies of its parent's descriptors, and on FUSE each
+    # close of a file sends a FLUSH.  Were producers started by the service, a CRC reader's file
+    # held open on a dead sshfs (reads and closes unanswered) would hold every producer start, for
+    # any album, with no timeout.  The launcher starts them: it holds no storage file.
+    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        storage = tmp_path / "storage"
+        (storage / "other").mkdir()
+        other = {"photo.jpg": os.urandom(100_000)}
+        (storage / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
+        gate.write_text("files")
+        with trio.fail_after(10):
+            refused = await client.get("/archive/album/")
+        assert refused.status_code == 503
+        assert _open_beneath(server.process.pid, storage)  # the CRC reader's file, its read stuck
+        (launcher,) = launcher_processes(server.process.pid)
+        assert not _open_beneath(launcher.pid, storage)
+        for _ in range(3):
+            with trio.fail_after(5):
+                response = await client.get("/archive/other/")
+            assert response.status_code == 200 and read_archive(response.content) == other
+        gate.unlink()
+        with trio.fail_after(10):
+            while _open_beneath(server.process.pid, storage):
+                await trio.sleep(0.02)

@@ -2,7 +2,8 @@
 
 The service plans the archive (``plan``); the producer subprocess writes
 the bytes planned, moving file data into its stdout pipe without passing it
-through Python.  This module owns that process from start to reaping: it
+through Python.  This module owns that process from start to reaping (it is
+started by the launcher, ``launcher``, a process that holds no storage file): it
 feeds the instructions (``instructions``) to its stdin as the plan and
 the CRCs allow, drains its stderr, and sends its stdout to the download's
 channel.  A range that holds no file data (the central directory a download
@@ -15,7 +16,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import subprocess
 import sys
 from collections import deque
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import cast
 
 import trio
 
-from . import producer_program
+from . import launcher, producer_program
 from .crc_source import CrcSource
 from .instructions import Instructions, instructions
 from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
@@ -120,9 +120,7 @@ async def produce(
     if len(_lingering) >= MAX_LINGERING:
         raise ProducerUnavailable(f"{len(_lingering)} producers killed are still waiting on the storage")
     try:
-        process = await trio.lowlevel.open_process(
-            list(COMMAND), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={}
-        )
+        process = await (await launcher.current()).start(COMMAND)
     except OSError as error:
         raise ProducerUnavailable(f"cannot start the producer ({COMMAND[0]}): {error}") from error
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
@@ -163,13 +161,13 @@ async def produce(
                 await _close_pipes(process)
 
 
-async def _close_pipes(process: trio.Process) -> None:
+async def _close_pipes(process: launcher.LaunchedProcess) -> None:
     for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
             await stream.aclose()
 
 
-async def _reap(process: trio.Process) -> None:
+async def _reap(process: launcher.LaunchedProcess) -> None:
     """Wait for a killed producer stuck in the kernel, then close its pipes (a system task: it must not raise)."""
     try:
         await process.wait()

@@ -18,6 +18,7 @@ from quart import Response, abort, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..archive import launcher
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_store import CrcStore
 from ..archive.entries import EntryPolicy
@@ -142,6 +143,11 @@ def create_app(settings: Settings) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     # "/archive//x//" is not a way to name an album: no redirect to a cleaned-up path.
     app.url_map.merge_slashes = False
+
+    @app.before_serving
+    async def start_launcher() -> None:
+        # Before any storage file is opened: the launcher must hold none (``archive.launcher_program``).
+        await launcher.start()
 
     @app.before_request
     async def limit_header_size() -> Response | None:

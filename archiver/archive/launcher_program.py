@@ -1,0 +1,130 @@
+"""The producers' launcher: starts each producer for the service, from a process that holds no storage file.
+
+Why a process of its own: starting a program (fork, then exec) closes the
+child's copies of every descriptor its parent holds, and on FUSE each close
+of a file sends a FLUSH.  The service holds storage files open (the CRC
+readers); on a mount whose daemon no longer answers (a dead sshfs), each of
+its own producer starts would wait for that FLUSH, for any album, with no
+timeout able to cut it (the wait is in the kernel, in the starting thread).
+The launcher is started by the service before it opens any storage file and
+never opens one itself, so its starts never wait on the storage.
+
+Run by the service as ``python -I -S`` with this module's ``main`` and its
+end of a ``SOCK_SEQPACKET`` Unix socket as stdin.  The protocol, a packet
+per message:
+
+- service → launcher ``<id> NUL <argv0> NUL <argv1> ...``: start that program
+  (absolute path, empty environment) with pipes for its stdin, stdout, stderr.
+- launcher → service ``R`` first, once ready (SIGINT and SIGTERM ignored).
+- launcher → service ``S <id> <pid>`` with four descriptors (a pidfd for the
+  process, the write end of its stdin, the read ends of its stdout and
+  stderr), or ``E <id> <errno> <message>`` if it could not be started.
+- launcher → service ``X <pid> <status>`` once the process has exited and
+  been reaped (``status``: its exit code, or minus the signal that ended it).
+  Always after that process's ``S``, and before any later ``S`` could name
+  the same pid again.
+
+The end of the socket (the service closed it, or died) kills every producer
+still running and ends the launcher.  SIGINT and SIGTERM are ignored (a
+terminal's Ctrl-C, systemd's stop of the whole group): the service decides
+when its producers end.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+
+# Signals a started program gets back at their defaults: the two ignored here, and those
+# Python ignores for itself (as subprocess.Popen's restore_signals does).
+RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
+REQUEST_BYTES = 64 * 1024
+
+
+def _start(request: bytes) -> tuple[bytes, list[int]]:
+    """Start the program a request names: the reply, and the descriptors to send with it (then closed here)."""
+    ident, *arguments = request.split(b"\0")
+    opened: list[int] = []
+    try:
+        for _ in range(3):
+            opened.extend(os.pipe())
+        stdin_read, stdin_write, stdout_read, stdout_write, stderr_read, stderr_write = opened
+        child_ends = [stdin_read, stdout_write, stderr_write]
+        try:
+            pid = os.posix_spawn(
+                arguments[0],
+                arguments,
+                {},
+                file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)],
+                setsigdef=RESTORED_SIGNALS,
+            )
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+                opened.remove(fd)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # untracked, it must not run
+            os.waitpid(pid, 0)
+            raise
+    except (OSError, IndexError, ValueError) as error:  # IndexError, ValueError: no or a bad program named
+        for fd in opened:
+            os.close(fd)
+        errno = getattr(error, "errno", None) or 0
+        message = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        return b"E %s %d %s" % (ident, errno, message.encode(errors="replace")), []
+    return b"S %s %d" % (ident, pid), [pidfd, stdin_write, stdout_read, stderr_read]
+
+
+def serve(control: socket.socket) -> None:
+    """Start programs as ``control`` asks, report their exits; return when it ends (killing those left)."""
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    running: dict[int, int] = {}  # pidfd → pid
+    try:
+        while True:
+            for fd, _ in poller.poll():
+                if fd != control.fileno():
+                    pid = running.pop(fd)
+                    poller.unregister(fd)
+                    os.close(fd)
+                    _, status = os.waitpid(pid, 0)
+                    control.send(b"X %d %d" % (pid, os.waitstatus_to_exitcode(status)))
+                    continue
+                request = control.recv(REQUEST_BYTES)
+                if not request:
+                    return
+                reply, descriptors = _start(request)
+                try:
+                    if descriptors:
+                        socket.send_fds(control, [reply], descriptors)
+                        running[descriptors[0]] = int(reply.split()[2])
+                        poller.register(descriptors[0], select.POLLIN)
+                    else:
+                        control.send(reply)
+                finally:
+                    for fd in descriptors[1:]:
+                        os.close(fd)
+    finally:
+        for pidfd in running:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=0)
+    control.send(b"R")  # ready: its signals set
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the service is gone
+        serve(control)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

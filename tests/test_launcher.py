@@ -1,0 +1,122 @@
+"""The producers' launcher (archiver/archive/launcher.py): real processes, started, killed, reaped, and its own end."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from archiver.archive import launcher
+
+from .conftest import free_port, launcher_processes, producer_processes, write_tree
+from .test_cli import launched
+
+ECHO = (sys.executable, "-I", "-S", "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)")
+SLEEPER = (sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (Z: a zombie), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as file:
+        return int(file.read().rsplit(")", 1)[1].split()[1])
+
+
+async def test_a_program_runs_with_its_pipes_and_its_status_is_reported() -> None:
+    started = await (await launcher.current()).start(ECHO)
+    assert _parent(started.pid) == (await launcher.current()).process.pid  # the launcher's child, not ours
+    await started.stdin.send_all("ъ photo\n".encode())
+    await started.stdin.aclose()
+    output = b""
+    while chunk := await started.stdout.receive_some():
+        output += chunk
+    assert output == "Ъ PHOTO\n".encode()
+    assert await started.wait() == 3 and started.returncode == 3
+    assert _state(started.pid) is None  # reaped
+
+
+async def test_a_killed_program_is_reaped_and_reported_as_killed() -> None:
+    started = await (await launcher.current()).start(SLEEPER)
+    started.kill()
+    with trio.fail_after(5):
+        assert await started.wait() == -signal.SIGKILL
+    assert _state(started.pid) is None
+    started.kill()  # once gone, a kill is no error (and hits no other process: the pidfd is closed)
+
+
+async def test_the_launcher_ignores_sigterm_and_sigint_but_its_programs_do_not() -> None:
+    # A terminal's Ctrl-C and a stop of the whole group reach the launcher too: the service decides.
+    started_by = await launcher.current()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(started_by.process.pid, signum)
+        started = await started_by.start(SLEEPER)
+        os.kill(started.pid, signum)  # its dispositions are the defaults again
+        with trio.fail_after(5):
+            assert await started.wait() in (-signum, 1)  # SIGINT: Python's KeyboardInterrupt, status 1
+    assert started_by.alive and started_by.process.returncode is None
+
+
+async def test_a_program_that_cannot_start_is_an_oserror_and_the_launcher_goes_on() -> None:
+    with pytest.raises(OSError) as failed:
+        await (await launcher.current()).start(("/nonexistent/python", "-c", "pass"))
+    assert failed.value.errno == errno.ENOENT
+    with pytest.raises(OSError):
+        await (await launcher.current()).start(())
+    started = await (await launcher.current()).start(ECHO)
+    await started.stdin.aclose()
+    assert await started.wait() == 3
+
+
+async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = await launcher.current()
+    running = await first.start(SLEEPER)
+    os.kill(first.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        assert await running.wait() == -signal.SIGKILL
+    assert _state(running.pid) in (None, "Z")  # init's to reap now
+    assert not first.alive
+    with trio.fail_after(5):  # logged once the launcher is reaped
+        while "the producers' launcher exited (status -9)" not in caplog.text:
+            await trio.sleep(0.01)
+    with caplog.at_level(logging.ERROR):
+        second = await launcher.current()
+    assert second is not first and second.alive
+    again = await second.start(ECHO)
+    await again.stdin.aclose()
+    assert await again.wait() == 3
+
+
+async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(tmp_path: Path) -> None:
+    # The launcher sees its socket end when the service dies, whatever killed it, and kills
+    # the producers it started.
+    write_tree(tmp_path / "storage" / "album", {f"{index}.jpg": os.urandom(4 << 20) for index in range(16)})
+    port = free_port()
+    command = [sys.executable, "-m", "archiver", "-D", str(tmp_path / "storage"), "-H", "127.0.0.1", "-P", str(port)]
+    async with (
+        launched(command) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        client.stream("GET", "/archive/album/") as response,
+    ):
+        assert response.status_code == 200
+        (started_by,) = launcher_processes(server.process.pid)
+        (producer,) = producer_processes(server.process.pid)
+        server.process.kill()  # the client stops reading: the producer is blocked on its pipe
+        with trio.fail_after(5):
+            while _state(started_by.pid) not in (None, "Z") or _state(producer.pid) not in (None, "Z"):
+                await trio.sleep(0.02)
