@@ -25,7 +25,7 @@ import trustme
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from archiver.archive import producer
+from archiver.archive import launcher_program, producer
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
@@ -126,33 +126,60 @@ class ProducerChild:
     state: str
 
 
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    parent: int
+    command: bytes  # /proc/<pid>/cmdline
+    name: str  # /proc/<pid>/comm
+    state: str
+
+
 def producer_processes(ancestor: int) -> list[ProducerChild]:
     """The producer processes below ``ancestor`` (children, or deeper: hypercorn's CLI runs a worker), zombies too.
 
-    A producer is known by its command line (the program's file).  A dying one
-    has none left: its memory goes early in the kernel's exit, and for a while
-    (a third of the samples, killed producers watched in a loop) it is still
-    running in ``stat`` with an empty command line, then a zombie.  Both are
-    known by their name (the interpreter's) and parent.  (Missing the first
-    made a test see no producer, then one zombie at its next look.)
+    A producer is a child of the launcher, forked (by its name,
+    ``launcher_program.PRODUCER_NAME``, or until it has set it, by its
+    command line: the launcher's), or a program it ran (the producer
+    program's file in its command line).  A dying one has no command line left:
+    its memory goes early in the kernel's exit, and for a while (a third of
+    the samples, killed producers watched in a loop) it is still running in
+    ``stat`` with an empty command line, then a zombie.  Both are known by
+    their name (the interpreter's, or the forked producer's) and parent.
+    (Missing the first made a test see no producer, then one zombie at its
+    next look.)
     """
     interpreter = os.path.basename(sys.executable)[:15]
+    table = _process_table()
 
-    def is_producer(command: bytes, comm: str, state: str) -> bool:
-        return PRODUCER_PROGRAM in command or (comm == interpreter and (state == "Z" or not command))
+    def is_producer(process: _Process) -> bool:
+        return (
+            PRODUCER_PROGRAM in process.command
+            or process.name == PRODUCER_NAME
+            or (LAUNCHER_PROGRAM in process.command and _is_launcher(table.get(process.parent)))
+            or (process.name == interpreter and (process.state == "Z" or not process.command))
+        )
 
-    return _processes_below(ancestor, is_producer)
+    return _below(ancestor, table, is_producer)
 
 
 def launcher_processes(ancestor: int) -> list[ProducerChild]:
     """The producers' launchers below ``ancestor`` (archiver/archive/launcher.py), while they run."""
-    return _processes_below(ancestor, lambda command, comm, state: LAUNCHER_PROGRAM in command)
+    table = _process_table()
+    return _below(
+        ancestor,
+        table,
+        lambda process: _is_launcher(process) and not _is_launcher(table.get(process.parent)),
+    )
 
 
-def _processes_below(ancestor: int, matches: Callable[[bytes, str, str], bool]) -> list[ProducerChild]:
-    """The processes below ``ancestor`` whose (command line, name, state) ``matches``."""
-    parents: dict[int, int] = {}
-    found = []
+def _is_launcher(process: _Process | None) -> bool:
+    """Whether ``process`` runs the launcher's program (or is a producer it forked and not named yet)."""
+    return process is not None and LAUNCHER_PROGRAM in process.command and process.name != PRODUCER_NAME
+
+
+def _process_table() -> dict[int, _Process]:
+    table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -164,24 +191,32 @@ def _processes_below(ancestor: int, matches: Callable[[bytes, str, str], bool]) 
         except OSError:
             continue
         # comm may hold spaces: split after its closing parenthesis.
-        comm = fields[fields.index("(") + 1 : fields.rindex(")")]
-        state, ppid = fields[fields.rindex(")") + 2 :].split()[:2]
-        parents[int(entry.name)] = int(ppid)
-        if matches(command, comm, state):
-            found.append(ProducerChild(int(entry.name), state))
+        name = fields[fields.index("(") + 1 : fields.rindex(")")]
+        state, parent = fields[fields.rindex(")") + 2 :].split()[:2]
+        table[int(entry.name)] = _Process(int(entry.name), int(parent), command, name, state)
+    return table
+
+
+def _below(ancestor: int, table: dict[int, _Process], matches: Callable[[_Process], bool]) -> list[ProducerChild]:
+    """The processes in ``table`` below ``ancestor`` that match."""
 
     def descends(pid: int) -> bool:
         while pid > 1:
-            pid = parents.get(pid, 0)
+            pid = table[pid].parent if pid in table else 0
             if pid == ancestor:
                 return True
         return False
 
-    return [process for process in found if descends(process.pid)]
+    return [
+        ProducerChild(process.pid, process.state)
+        for process in table.values()
+        if matches(process) and descends(process.pid)
+    ]
 
 
 PRODUCER_PROGRAM = b"archiver.archive.producer_program"
 LAUNCHER_PROGRAM = b"archiver.archive.launcher_program"
+PRODUCER_NAME = launcher_program.PRODUCER_NAME
 
 
 def producer_children() -> list[ProducerChild]:

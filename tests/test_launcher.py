@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from archiver.archive import launcher
+from archiver.archive import launcher, launcher_program, producer_program
 
 from .conftest import free_port, launcher_processes, producer_processes, write_tree
 from .test_cli import launched
@@ -49,6 +49,37 @@ async def test_a_program_runs_with_its_pipes_and_its_status_is_reported() -> Non
     assert _state(started.pid) is None  # reaped
 
 
+async def test_the_forked_producer_holds_its_pipes_only_and_its_signals_are_a_fresh_pythons() -> None:
+    started_by = await launcher.current()
+    forked = await started_by.start()  # launcher.FORKED_PRODUCER
+    assert _parent(forked.pid) == started_by.process.pid
+    with trio.fail_after(5):  # named by itself, once forked
+        while Path(f"/proc/{forked.pid}/comm").read_text().strip() != launcher_program.PRODUCER_NAME:
+            await trio.sleep(0.001)
+    # Waiting on its stdin now: its descriptors are the three pipes, none of the launcher's.
+    descriptors = {int(fd): os.readlink(f"/proc/{forked.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{forked.pid}/fd")}
+    assert sorted(descriptors) == [0, 1, 2] and all(target.startswith("pipe:") for target in descriptors.values())
+    with open(f"/proc/{forked.pid}/status") as status:
+        fields = dict(line.split(":\t", 1) for line in status.read().splitlines())
+    ignored = int(fields["SigIgn"], 16)
+    assert not ignored & (1 << (signal.SIGTERM - 1)) and not ignored & (1 << (signal.SIGINT - 1))
+    await forked.stdin.send_all(producer_program.DONE)
+    await forked.stdin.aclose()
+    assert await forked.stdout.receive_some() == b""
+    assert await forked.wait() == 0
+
+
+async def test_a_forked_producer_that_fails_unexpectedly_reports_it_on_stderr() -> None:
+    forked = await (await launcher.current()).start()
+    await forked.stdin.send_all(b"?")  # no such instruction
+    await forked.stdin.aclose()
+    errors = b""
+    while chunk := await forked.stderr.receive_some():
+        errors += chunk
+    assert await forked.wait() == producer_program.EXIT_BAD_INPUT
+    assert b"archiver-producer:" in errors
+
+
 async def test_a_killed_program_is_reaped_and_reported_as_killed() -> None:
     started = await (await launcher.current()).start(SLEEPER)
     started.kill()
@@ -70,12 +101,14 @@ async def test_the_launcher_ignores_sigterm_and_sigint_but_its_programs_do_not()
     assert started_by.alive and started_by.process.returncode is None
 
 
-async def test_a_program_that_cannot_start_is_an_oserror_and_the_launcher_goes_on() -> None:
+async def test_a_program_that_cannot_start_is_an_oserror_and_the_launcher_goes_on(tmp_path: Path) -> None:
     with pytest.raises(OSError) as failed:
         await (await launcher.current()).start(("/nonexistent/python", "-c", "pass"))
     assert failed.value.errno == errno.ENOENT
-    with pytest.raises(OSError):
-        await (await launcher.current()).start(())
+    with pytest.raises(OSError) as failed:
+        (tmp_path / "program").write_text("#!/bin/sh\n")  # not executable
+        await (await launcher.current()).start((str(tmp_path / "program"),))
+    assert failed.value.errno == errno.EACCES
     started = await (await launcher.current()).start(ECHO)
     await started.stdin.aclose()
     assert await started.wait() == 3

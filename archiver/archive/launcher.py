@@ -40,6 +40,8 @@ STOP_WAIT = 5.0
 # Time the launcher gets to say it is ready (a start takes ~20 ms).
 READY_WAIT = 10.0
 _REPLY_BYTES = 256
+# No program named: the launcher forks a producer of its own (``launcher_program._fork_producer``).
+FORKED_PRODUCER: Sequence[str] = ()
 _DESCRIPTORS = 4  # a pidfd, the stdin, stdout and stderr pipes
 
 
@@ -131,8 +133,12 @@ class Launcher:
         trio.lowlevel.spawn_system_task(launcher._read_reports, name="archiver launcher")
         return launcher
 
-    async def start(self, command: Sequence[str]) -> LaunchedProcess:
-        """Start ``command`` (an absolute path first) with pipes, empty environment; OSError if it cannot be."""
+    async def start(self, command: Sequence[str] = FORKED_PRODUCER) -> LaunchedProcess:
+        """Start ``command`` (an absolute path first) with pipes, empty environment; OSError if it cannot be.
+
+        With no command (FORKED_PRODUCER), the producer program, forked from
+        the launcher, which has it imported: ~2 ms of CPU instead of ~12.
+        """
         if not self.alive:
             raise OSError("the producers' launcher has ended")
         ident = self._next_id

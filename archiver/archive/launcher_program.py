@@ -14,7 +14,8 @@ end of a ``SOCK_SEQPACKET`` Unix socket as stdin.  The protocol, a packet
 per message:
 
 - service → launcher ``<id> NUL <argv0> NUL <argv1> ...``: start that program
-  (absolute path, empty environment) with pipes for its stdin, stdout, stderr.
+  (absolute path, empty environment) with pipes for its stdin, stdout, stderr;
+  or ``<id>`` alone: the producer, forked from this process (``_fork_producer``).
 - launcher → service ``R`` first, once ready (SIGINT and SIGTERM ignored).
 - launcher → service ``S <id> <pid>`` with four descriptors (a pidfd for the
   process, the write end of its stdin, the read ends of its stdout and
@@ -27,7 +28,7 @@ per message:
 The end of the socket (the service closed it, or died) kills every producer
 still running and ends the launcher.  SIGINT and SIGTERM are ignored (a
 terminal's Ctrl-C, systemd's stop of the whole group): the service decides
-when its producers end.  Standard library only.
+when its producers end.  Standard library only (and ``producer_program``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ import signal
 import socket
 import sys
 
+from archiver.archive import producer_program
+
 # Signals a started program gets back at their defaults: the two ignored here, and those
 # Python ignores for itself (as subprocess.Popen's restore_signals does).
 RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
+# A forked producer's name (ps, top; /proc/<pid>/comm): its command line is this program's.
+PRODUCER_NAME = "producer"
 REQUEST_BYTES = 64 * 1024
 
 
@@ -55,13 +60,16 @@ def _start(request: bytes) -> tuple[bytes, list[int]]:
         stdin_read, stdin_write, stdout_read, stdout_write, stderr_read, stderr_write = opened
         child_ends = [stdin_read, stdout_write, stderr_write]
         try:
-            pid = os.posix_spawn(
-                arguments[0],
-                arguments,
-                {},
-                file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)],
-                setsigdef=RESTORED_SIGNALS,
-            )
+            if not arguments:
+                pid = _fork_producer(child_ends)
+            else:
+                pid = os.posix_spawn(
+                    arguments[0],
+                    arguments,
+                    {},
+                    file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)],
+                    setsigdef=RESTORED_SIGNALS,
+                )
         finally:
             for fd in child_ends:
                 os.close(fd)
@@ -79,6 +87,38 @@ def _start(request: bytes) -> tuple[bytes, list[int]]:
         message = getattr(error, "strerror", None) or str(error) or type(error).__name__
         return b"E %s %d %s" % (ident, errno, message.encode(errors="replace")), []
     return b"S %s %d" % (ident, pid), [pidfd, stdin_write, stdout_read, stderr_read]
+
+
+def _fork_producer(child_ends: list[int]) -> int:
+    """Fork a producer from this process, which imported its program when it started: its pid.
+
+    A fresh interpreter costs ~12 ms of CPU before the program's first
+    instruction (most of a small range's cost); a fork of this one, ~2.
+    The child takes the pipes as its stdin, stdout and stderr, closes every
+    other descriptor (this process's socket and pipes, pidfds), gets its
+    signals back as a fresh Python has them, and names itself PRODUCER_NAME.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1  # an exception the program did not expect, as a fresh interpreter's status
+    try:
+        for target, fd in enumerate(child_ends):
+            os.dup2(fd, target)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+            comm.write(PRODUCER_NAME)
+        status = producer_program.main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(status)
 
 
 def serve(control: socket.socket) -> None:

@@ -40,7 +40,10 @@ _LAUNCH = (
     f"import sys; sys.path.insert(0, {str(PROGRAM.parents[2])!r}); "
     "from archiver.archive.producer_program import main; sys.exit(main())"
 )
-COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
+PROGRAM_COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
+# The producer as a command.  The launcher forks it from itself instead (it has the program
+# imported), unless this is set to another command (tests' stand-ins).
+COMMAND = PROGRAM_COMMAND
 
 
 def producer_available() -> bool:
@@ -120,7 +123,9 @@ async def produce(
     if len(_lingering) >= MAX_LINGERING:
         raise ProducerUnavailable(f"{len(_lingering)} producers killed are still waiting on the storage")
     try:
-        process = await (await launcher.current()).start(COMMAND)
+        # The program as it is, forked by the launcher; another (a test's stand-in) is run as a command.
+        command = launcher.FORKED_PRODUCER if COMMAND == PROGRAM_COMMAND else COMMAND
+        process = await (await launcher.current()).start(command)
     except OSError as error:
         raise ProducerUnavailable(f"cannot start the producer ({COMMAND[0]}): {error}") from error
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
