@@ -420,3 +420,37 @@ async def test_a_file_held_on_a_dead_mount_holds_no_other_albums_producer_start(
         with trio.fail_after(10):
             while _open_beneath(server.process.pid, storage):
                 await trio.sleep(0.02)
+
+
+@pytest.mark.slow  # ~15 s: the launcher's start is given up after READY_WAIT (10 s)
+async def test_a_launcher_restarted_while_a_file_is_held_on_a_dead_mount_is_given_up_in_time(tmp_path: Path) -> None:
+    # The launcher is the one program the service starts itself: a restart (the launcher
+    # died) while a CRC reader's file is stuck on a dead sshfs waits on that file's FLUSH.
+    # It is given up after READY_WAIT: 503s meanwhile, fast once given up, /healthz says so;
+    # once the storage answers, the next download starts another launcher.
+    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        (tmp_path / "storage" / "other").mkdir()
+        other = {"photo.jpg": os.urandom(100_000)}
+        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
+        gate.write_text("files")
+        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
+        (launcher,) = launcher_processes(server.process.pid)
+        os.kill(launcher.pid, signal.SIGKILL)
+        started = trio.current_time()
+        with trio.fail_after(15):
+            refused = await client.get("/archive/other/")
+        assert refused.status_code == 503 and 9 < trio.current_time() - started < 13
+        started = trio.current_time()
+        assert (await client.get("/archive/other/")).status_code == 503
+        assert trio.current_time() - started < 1  # no second start tried while the first waits
+        health = await client.get("/healthz")
+        assert health.status_code == 503 and health.json()["producer"] is False
+        gate.unlink()
+        with trio.fail_after(10):
+            while (await client.get("/healthz")).status_code != 200:
+                await trio.sleep(0.05)
+        whole = await client.get("/archive/other/")
+        assert whole.status_code == 200 and read_archive(whole.content) == other
+    assert b"the producers' launcher did not start in 10 s (waiting on the storage)" in bytes(server.output)

@@ -153,3 +153,34 @@ async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(
         with trio.fail_after(5):
             while _state(started_by.pid) not in (None, "Z") or _state(producer.pid) not in (None, "Z"):
                 await trio.sleep(0.02)
+
+
+async def test_a_stopped_launcher_is_killed_at_the_reply_wait_and_another_one_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A launcher that does not answer (SIGSTOP, a debugger, swapped out) must not hold every
+    # download: the start waits REPLY_WAIT, /healthz says so past ANSWER_LATE, then it is killed.
+    monkeypatch.setattr(launcher, "REPLY_WAIT", 1.0)
+    monkeypatch.setattr(launcher, "ANSWER_LATE", 0.2)
+    stopped = await launcher.current()
+    os.kill(stopped.process.pid, signal.SIGSTOP)
+    health: list[bool] = []
+
+    async def look_at_health() -> None:
+        with trio.fail_after(0.9):  # before the kill
+            while launcher.answering():
+                await trio.sleep(0.01)
+        health.append(False)
+
+    started_at = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look_at_health)
+        with pytest.raises(OSError, match="launcher has ended"):
+            await stopped.start(SLEEPER)
+    assert 1.0 <= trio.current_time() - started_at < 3.0
+    assert health == [False]
+    assert not stopped.alive and stopped.process.returncode == -signal.SIGKILL
+    assert launcher.answering()  # ended: the next start starts another
+    again = await (await launcher.current()).start(ECHO)
+    await again.stdin.aclose()
+    assert await again.wait() == 3

@@ -104,8 +104,12 @@ async def test_cancellation_kills_and_reaps_the_producer(storage: Path) -> None:
     plan = plan_of(storage / "album")
     send_channel, receive_channel = trio.open_memory_channel[bytes](0)
     async with trio.open_nursery() as nursery:
+        # 20 MB: the producer waits on its full pipe, still running (100 kB, it had ended by now).
+        end = (plan.length or 0) - 1
+        crcs = CrcSource(plan, plan.crc_entries(0, end), CrcIndex())
+        nursery.start_soon(crcs.compute)
         await nursery.start(
-            lambda task_status: produce(plan, 0, 99_999, None, send_channel, chunk_size=4096, task_status=task_status)
+            lambda task_status: produce(plan, 0, end, crcs, send_channel, chunk_size=4096, task_status=task_status)
         )
         assert len(producer_children()) == 1
         nursery.cancel_scope.cancel()

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,8 +40,12 @@ _LAUNCH = (
 COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
 # Time the launcher gets to end once its socket is closed (it kills what it started, then exits).
 STOP_WAIT = 5.0
-# Time the launcher gets to say it is ready (a start takes ~20 ms).
+# Time the launcher gets to start and say it is ready (a start takes ~20 ms).
 READY_WAIT = 10.0
+# Time the launcher gets to answer a start (~1 ms): past it, it is killed (stopped, wedged).
+REPLY_WAIT = 10.0
+# A start unanswered this long makes /healthz say the producer is unavailable.
+ANSWER_LATE = 2.0
 _REPLY_BYTES = 256
 # No program named: the launcher forks a producer of its own (``launcher_program._fork_producer``).
 FORKED_PRODUCER: Sequence[str] = ()
@@ -60,7 +67,6 @@ class LaunchedProcess:
         self.stderr = trio.lowlevel.FdStream(stderr)
         self._pidfd = pidfd
         self._reaped = trio.Event()
-        self._orphaned = False
 
     def kill(self) -> None:
         """SIGKILL, through the pidfd (a process already gone is no error)."""
@@ -72,8 +78,11 @@ class LaunchedProcess:
         """Until the process has ended and been reaped: its ``returncode``."""
         await self._reaped.wait()
         if self.returncode is None:
-            # The launcher ended first: the process was killed, and is init's to reap now.
+            # The launcher ended first: the process was killed, and is its new parent's to reap:
+            # init's, or ours if the service is a container's init (then nobody else would).
             await trio.lowlevel.wait_readable(self._pidfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
             self.returncode = -signal.SIGKILL
             self._close_pidfd()
         assert self.returncode is not None
@@ -94,10 +103,74 @@ class LaunchedProcess:
             self._pidfd = -1
 
 
+class _LauncherProcess:
+    """The launcher process itself, the service's child: started in a worker thread the start may give up on.
+
+    Started from the service, the launcher is the one program the service
+    forks itself: at the app's start, before any storage file is opened,
+    and again only if a launcher ends.  Such a start may wait on a FLUSH of
+    a dead mount whose file a CRC reader holds (see ``launcher_program``):
+    it is given up after READY_WAIT, its thread left to finish, and the
+    process it starts then killed and reaped in that thread.
+    """
+
+    spawns_waiting = 0  # starts given up on whose thread still waits (on the storage): no other is tried
+    _counting = threading.Lock()
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self._popen = popen
+        self._pidfd = os.pidfd_open(popen.pid)
+
+    @classmethod
+    async def start(cls, control: socket.socket) -> _LauncherProcess:
+        """The launcher, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT."""
+        if cls.spawns_waiting:
+            control.close()
+            raise OSError("the last start of the producers' launcher still waits on the storage")
+        given_up = False
+        started: list[subprocess.Popen[bytes]] = []
+
+        def spawn() -> None:
+            try:
+                popen = subprocess.Popen(list(COMMAND), stdin=control.fileno(), env={})
+            finally:
+                control.close()  # here: the thread may outlive the start, and used it until now
+            with cls._counting:
+                if not given_up:
+                    started.append(popen)
+                    return
+                cls.spawns_waiting -= 1
+            popen.kill()  # too late: given up on
+            popen.wait()
+
+        with trio.move_on_after(READY_WAIT):
+            await trio.to_thread.run_sync(spawn, abandon_on_cancel=True)
+        with cls._counting:
+            if not started:
+                given_up = True
+                cls.spawns_waiting += 1
+                raise OSError(f"the producers' launcher did not start in {READY_WAIT:.0f} s (waiting on the storage)")
+        return cls(started[0])
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            self.returncode = self._popen.wait()
+            os.close(self._pidfd)
+        return self.returncode
+
+
 class Launcher:
     """A running launcher: ``start`` a program through it.  Use ``current()`` for the run's."""
 
-    def __init__(self, process: trio.Process, control: trio.socket.SocketType) -> None:
+    def __init__(self, process: _LauncherProcess, control: trio.socket.SocketType) -> None:
         self.process = process
         self._control = control
         self._next_id = 0
@@ -105,25 +178,24 @@ class Launcher:
         self._running: dict[int, LaunchedProcess] = {}
         self._sending = trio.Lock()
         self.alive = True
+        self._waiting_since: dict[int, float] = {}  # starts asked for and not answered: when
 
     @classmethod
     async def open(cls) -> Launcher:
         """Start a launcher and the system task that reads its reports; OSError if it cannot start."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = await trio.lowlevel.open_process(list(COMMAND), stdin=theirs.fileno(), env={})
+            process = await _LauncherProcess.start(theirs)
         except BaseException:
             ours.close()
             raise
-        finally:
-            theirs.close()
         launcher = cls(process, trio.socket.from_stdlib_socket(ours))
         try:
             ready = b""
             with trio.move_on_after(READY_WAIT):
                 ready, _ = await launcher._receive()
             if ready != b"R":
-                raise OSError(f"the producers' launcher did not start (status {process.poll()})")
+                raise OSError("the producers' launcher did not start")
         except BaseException:
             launcher._control.close()
             process.kill()
@@ -133,11 +205,19 @@ class Launcher:
         trio.lowlevel.spawn_system_task(launcher._read_reports, name="archiver launcher")
         return launcher
 
+    def answering(self) -> bool:
+        """Whether it is alive and has answered every start asked of it more than ANSWER_LATE ago (for /healthz)."""
+        late = trio.current_time() - ANSWER_LATE
+        return self.alive and all(since > late for since in self._waiting_since.values())
+
     async def start(self, command: Sequence[str] = FORKED_PRODUCER) -> LaunchedProcess:
         """Start ``command`` (an absolute path first) with pipes, empty environment; OSError if it cannot be.
 
         With no command (FORKED_PRODUCER), the producer program, forked from
-        the launcher, which has it imported: ~2 ms of CPU instead of ~12.
+        the launcher, which has it imported: ~2 ms of CPU instead of ~12.  A
+        launcher that does not answer within REPLY_WAIT (stopped, wedged) is
+        killed: this start and those waiting with it fail, the next one
+        starts another launcher.
         """
         if not self.alive:
             raise OSError("the producers' launcher has ended")
@@ -145,16 +225,24 @@ class Launcher:
         self._next_id += 1
         answered, reply = trio.Event(), list[object]()
         self._replies[ident] = (answered, reply)
+        self._waiting_since[ident] = trio.current_time()
         request = b"\0".join([str(ident).encode(), *(os.fsencode(part) for part in command)])
         try:
-            async with self._sending:
-                await self._control.send(request)
-            with trio.CancelScope(shield=True):  # a start asked for is taken, or its process would be lost
-                await answered.wait()
+            # Shielded: a start asked for is taken, or its process would be lost; bounded: the launcher is killed.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(REPLY_WAIT):
+                    async with self._sending:
+                        await self._control.send(request)
+                    await answered.wait()
+                if not answered.is_set():
+                    logger.error("the producers' launcher did not answer in %.0f s: killed", REPLY_WAIT)
+                    self.process.kill()
+                    await answered.wait()  # woken as the reader sees it end
         except OSError as error:
             raise OSError(f"the producers' launcher has ended: {error}") from error
         finally:
             self._replies.pop(ident, None)
+            self._waiting_since.pop(ident, None)
         if not reply:
             raise OSError("the producers' launcher has ended")
         (result,) = reply
@@ -183,11 +271,8 @@ class Launcher:
             logger.error("the producers' launcher: %s", error)
         finally:
             self.alive = False
-            for answered, _ in self._replies.values():
-                answered.set()
             for process in self._running.values():
-                process._ended(None)
-            self._running.clear()
+                process.kill()
             self._control.close()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(STOP_WAIT):
@@ -195,16 +280,29 @@ class Launcher:
                 if self.process.returncode is None:
                     self.process.kill()  # it ignores SIGTERM
                     await self.process.wait()
+            # Once the launcher is reaped, its producers are its new parent's (ours, if we are a
+            # container's init): each is reaped by its own wait, or by init.
+            for answered, _ in self._replies.values():
+                answered.set()
+            for process in self._running.values():
+                process._ended(None)
+            self._running.clear()
             if unexpected:
                 logger.error("the producers' launcher exited (status %s)", self.process.returncode)
 
     async def _receive(self) -> tuple[bytes, list[int]]:
         space = socket.CMSG_SPACE(_DESCRIPTORS * array.array("i").itemsize)
-        message, ancillary, _, _ = await self._control.recvmsg(_REPLY_BYTES, space)
+        message, ancillary, flags, _ = await self._control.recvmsg(_REPLY_BYTES, space)
         descriptors = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 descriptors.frombytes(data[: len(data) - len(data) % descriptors.itemsize])
+        if flags & socket.MSG_CTRUNC and message.startswith(b"S "):
+            # The service is out of descriptors: the kernel dropped those it could not install.
+            for descriptor in descriptors:
+                os.close(descriptor)
+            ident = message.split(b" ")[1]
+            return b"E %s %d %s" % (ident, errno.EMFILE, os.strerror(errno.EMFILE).encode()), []
         return message, list(descriptors)
 
     def _dispatch(self, message: bytes, descriptors: list[int]) -> None:
@@ -215,14 +313,15 @@ class Launcher:
                 process._ended(int(fields[1]))
             return
         waiting = self._replies.get(int(fields[0]))
+        result: LaunchedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
-            result: object = LaunchedProcess(int(fields[1]), *descriptors)
-            self._running[int(fields[1])] = result  # type: ignore[assignment]
+            result = LaunchedProcess(int(fields[1]), *descriptors)
+            self._running[result.pid] = result
         else:
             for descriptor in descriptors:
                 os.close(descriptor)
-            errno = int(fields[1]) if len(fields) > 1 else 0
-            result = OSError(errno, fields[2].decode(errors="replace") if len(fields) > 2 else "not started")
+            number = int(fields[1]) if kind == b"E" and len(fields) > 1 else 0
+            result = OSError(number, fields[2].decode(errors="replace") if len(fields) > 2 else "not started")
         if waiting is None:  # cannot happen: a start waits for its reply, shielded
             if isinstance(result, LaunchedProcess):
                 result.kill()
@@ -249,6 +348,20 @@ async def current() -> Launcher:
             launcher = await Launcher.open()
             _current.set(launcher)
     return launcher
+
+
+def answering() -> bool:
+    """Whether producers can be started now (for /healthz: else every download gets a 503).
+
+    False while this run's launcher leaves a start unanswered past ANSWER_LATE
+    (it is killed at REPLY_WAIT), or while a start of a launcher given up on
+    still waits (on the storage).  A launcher that has ended is no reason:
+    the next download starts another.
+    """
+    launcher = _current.get()
+    if _LauncherProcess.spawns_waiting:
+        return False
+    return launcher is None or not launcher.alive or launcher.answering()
 
 
 async def start() -> None:

@@ -27,8 +27,9 @@ per message:
 
 The end of the socket (the service closed it, or died) kills every producer
 still running and ends the launcher.  SIGINT and SIGTERM are ignored (a
-terminal's Ctrl-C, systemd's stop of the whole group): the service decides
-when its producers end.  Standard library only (and ``producer_program``).
+terminal's Ctrl-C, systemd's stop of the whole group), and each program
+started is a process group of its own, out of reach of a signal to the
+service's group: the service decides when its producers end.  Standard library only (and ``producer_program``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def _start(request: bytes) -> tuple[bytes, list[int]]:
                     {},
                     file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)],
                     setsigdef=RESTORED_SIGNALS,
+                    setpgroup=0,
                 )
         finally:
             for fd in child_ends:
@@ -106,6 +108,7 @@ def _fork_producer(child_ends: list[int]) -> int:
         for target, fd in enumerate(child_ends):
             os.dup2(fd, target)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:

@@ -48,8 +48,14 @@ COMMAND = PROGRAM_COMMAND
 
 def producer_available() -> bool:
     """Whether a producer can be run (for /healthz): its interpreter executable, its program readable,
-    and fewer than MAX_LINGERING killed ones still waiting on the storage (else every download is refused)."""
-    return os.access(COMMAND[0], os.X_OK) and os.access(PROGRAM, os.R_OK) and len(_lingering) < MAX_LINGERING
+    fewer than MAX_LINGERING killed ones still waiting on the storage, and the launcher answering
+    (else every download is refused)."""
+    return (
+        os.access(COMMAND[0], os.X_OK)
+        and os.access(PROGRAM, os.R_OK)
+        and len(_lingering) < MAX_LINGERING
+        and launcher.answering()
+    )
 
 
 STDERR_TAIL_BYTES = 2048

@@ -29,8 +29,9 @@ WALKERS = 2
 
 # Descriptors kept free for everything but client connections: the listening
 # sockets, the event loop, logging, the CRC readers; album walks (a directory
-# each level, the album's own too); and six per archive job (the producer's
-# three pipes, both ends while it starts).
+# each level, the album's own too); and six per archive job (the service holds
+# four: the producer's pidfd and its three pipes; the rest leaves room for the
+# killed producers still waiting on the storage, 16 at most, four each).
 RESERVED_DESCRIPTORS = 64
 WALK_DESCRIPTORS = WALKERS * (MAX_DEPTH + 1)
 DESCRIPTORS_PER_JOB = 6
