@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = create_app(settings)
     except SettingsError as error:
         sys.exit(f"archiver: {error}")
-    logger.info("serving %s on %s:%d", settings.storage_dir.resolve(), settings.host, settings.port)
+    logger.info("serving %s on %s:%d", os.path.abspath(settings.storage_dir), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:
         trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger))

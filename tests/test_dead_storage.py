@@ -454,3 +454,42 @@ async def test_a_launcher_restarted_while_a_file_is_held_on_a_dead_mount_is_give
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
     assert b"the producers' launcher did not start in 10 s (waiting on the storage)" in bytes(server.output)
+
+
+async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_start(tmp_path: Path) -> None:
+    # A missing storage directory stops the start at once (tests/test_cli.py); one that does
+    # not answer (a dead NFS server at boot) must not hold it: /healthz says so until it answers.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    (source / "album").mkdir(parents=True)
+    (source / "album" / "a.jpg").write_bytes(b"a")
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    async with gated_mount(source, storage, gate):
+        gate.write_text("metadata")
+        with trio.fail_after(15):
+            async with launched(command) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                health = await client.get("/healthz")
+                assert health.status_code == 503 and health.json()["storage"] is False
+                gate.unlink()
+                while (await client.get("/healthz")).status_code != 200:
+                    await trio.sleep(0.05)
+                whole = await client.get("/archive/album/")
+                assert whole.status_code == 200 and read_archive(whole.content) == {"a.jpg": b"a"}
+    assert b"did not answer in 2 s: starting anyway" in bytes(server.output)
+
+
+async def test_a_stop_does_not_wait_for_producers_stuck_on_the_storage(tmp_path: Path) -> None:
+    # A killed producer stuck in its close holds no download and no slot: the service stops
+    # (exit 0) without waiting for the storage, says how many it leaves, and the launcher
+    # leaves them to init.
+    files = {"a.jpg": os.urandom(1000)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        assert (await client.get("/archive/album/")).status_code == 200  # its CRC known: no reader thread
+        gate.write_text("flush")
+        assert (await client.get("/archive/album/")).status_code == 503
+        (stuck,) = producer_processes(server.process.pid)
+        server.process.terminate()
+        with trio.fail_after(10):
+            assert await server.process.wait() == 0
+        assert os.path.exists(f"/proc/{stuck.pid}")  # still in its close, init's now
+    assert b"stopping with 1 killed producers still waiting on the storage" in bytes(server.output)

@@ -81,6 +81,11 @@ MAX_LINGERING = 16
 _lingering: set[int] = set()  # their process ids
 
 
+def lingering() -> int:
+    """How many killed producers still wait on the storage (to be reaped when it answers)."""
+    return len(_lingering)
+
+
 class ProducerUnavailable(RuntimeError):
     """The producer subprocess cannot be started."""
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from ..archive.crc_store import CrcStore
 from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
+from ..archive.producer import lingering as lingering_producers
 from ..archive.producer import producer_available
 from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, WalkProgress, list_album, resolve_album
 from ..config import Settings, SettingsError
@@ -106,10 +108,26 @@ def open_crc_store(settings: Settings) -> CrcStore | None:
         raise SettingsError(f"index {settings.index_path!r}: {error}") from None
 
 
+def _check_storage_root(root: Path, timeout: float) -> None:
+    """SettingsError if ``root`` is not a directory; if it does not answer within ``timeout`` s, an ERROR only.
+
+    A mount that does not answer (a dead NFS server at boot) is no reason not
+    to start: ``/healthz`` says ``storage: false`` until it answers.  The
+    look runs in a daemon thread, left stuck if it is.
+    """
+    answer: list[bool] = []
+    looker = threading.Thread(target=lambda: answer.append(root.is_dir()), name="archiver storage root", daemon=True)
+    looker.start()
+    looker.join(timeout)
+    if not answer:
+        logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
+    elif not answer[0]:
+        raise SettingsError(f"storage directory {str(root)!r} does not exist")
+
+
 def create_app(settings: Settings) -> QuartTrio:
-    """Build the Quart-Trio app; fails fast if the storage root is missing."""
-    if not settings.storage_dir.is_dir():
-        raise SettingsError(f"storage directory {str(settings.storage_dir)!r} does not exist")
+    """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
+    _check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
     hypercorn_h2.install()
     hypercorn_h11.install()
     hypercorn_access.install()
@@ -148,6 +166,12 @@ def create_app(settings: Settings) -> QuartTrio:
     async def start_launcher() -> None:
         # Before any storage file is opened: the launcher must hold none (``archive.launcher_program``).
         await launcher.start()
+
+    @app.after_serving
+    async def report_lingering_producers() -> None:
+        if count := lingering_producers():
+            # They hold no slot and no download: the launcher leaves them to init as it ends.
+            logger.warning("stopping with %d killed producers still waiting on the storage", count)
 
     @app.before_request
     async def limit_header_size() -> Response | None:
