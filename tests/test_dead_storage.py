@@ -493,3 +493,19 @@ async def test_a_stop_does_not_wait_for_producers_stuck_on_the_storage(tmp_path:
             assert await server.process.wait() == 0
         assert os.path.exists(f"/proc/{stuck.pid}")  # still in its close, init's now
     assert b"stopping with 1 killed producers still waiting on the storage" in bytes(server.output)
+
+
+async def test_a_download_queued_behind_both_crc_readers_on_slow_storage_is_no_hang(tmp_path: Path) -> None:
+    # Two downloads' cold reads of slow storage hold both CRC readers longer than the storage
+    # timeout; a third, queued for a reader, sees the storage answer them: it waits, and is whole.
+    files = {"a.mov": os.urandom(2 * 1024 * 1024)}  # 16 reads of 128 KiB at 0.1 s: 1.6 s a reader
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        client, gate = album.client, album.gate
+        gate.write_text("0.1")
+        answers: list[tuple[httpx.Response, float]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(_timed_get, client, "/archive/album/", answers)
+        assert [response.status_code for response, _ in answers] == [200, 200, 200]
+        assert all(read_archive(response.content) == files for response, _ in answers)
+        assert max(seconds for _, seconds in answers) > 1.25  # the third waited past the timeout

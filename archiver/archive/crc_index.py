@@ -84,6 +84,9 @@ class CrcIndex:
         # Files read at once for their CRCs, across downloads: the disk and the
         # cores bound it anyway, and each reader is a thread.
         self.readers = trio.CapacityLimiter(readers)
+        # Reads done by every download's readers (counted by the worker threads): a download
+        # queued for a reader sees the storage answer by them (web.download's watchdog).
+        self.reads = 0
 
     def get(self, key: FileKey) -> int | None:
         crc = self.known((key,))[0]
@@ -316,19 +319,21 @@ async def file_crc(
     buffer: bytearray | None = None,
     key: FileKey | None = None,
     progress: Callable[[], None] | None = None,
+    queued: Callable[[bool], None] | None = None,
 ) -> FileCrc:
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
     Opened without following a link; FileChanged unless it is the one listed
     (``key``, or ``size`` bytes).  ``progress`` is called after each read,
-    in a worker thread (it must only count).  If cancelled, it returns at
+    in a worker thread (it must only count); ``queued`` with True before each
+    call waits for a reader, with False as its thread starts.  If cancelled, it returns at
     once: a thread reading the file is given up on, and closes the file
     when its read returns (``_SharedDescriptor``); ``buffer`` may be written
     until then.  A thread holds its place in ``index.readers`` until it ends.
     """
     shared = _SharedDescriptor()
     try:
-        found = await _in_reader(index, shared.open, path, size, key)
+        found = await _in_reader(index, queued, shared.open, path, size, key)
         known = index.get(found)
         if known is not None:
             return FileCrc(found, known)
@@ -336,19 +341,39 @@ async def file_crc(
         started = time.time_ns()
         crc, read = 0, 0
         while read < size:
-            crc, count = await _in_reader(index, _crc_of_shared_block, shared, crc, buffer, progress)
+            crc, count = await _in_reader(index, queued, _crc_of_shared_block, shared, crc, buffer, progress)
             if not count:
                 raise FileChanged(f"{path}: shorter than the {size} bytes listed")
             read += count
-        kept = await _in_reader(index, _keep_shared, shared, index, path, found, crc, started)
+        kept = await _in_reader(index, queued, _keep_shared, shared, index, path, found, crc, started)
     finally:
         shared.drop()
     return FileCrc(found, crc, not kept)
 
 
-async def _in_reader(index: CrcIndex, function: Callable[..., T], *args: object) -> T:
-    """``function(*args)`` in a worker thread under ``index.readers``; given up on (not waited for) if cancelled."""
-    return await trio.to_thread.run_sync(function, *args, limiter=index.readers, abandon_on_cancel=True)
+async def _in_reader(
+    index: CrcIndex, queued: Callable[[bool], None] | None, function: Callable[..., T], *args: object
+) -> T:
+    """``function(*args)`` in a worker thread under ``index.readers``; given up on (not waited for) if cancelled.
+
+    ``queued(True)`` before, ``queued(False)`` in the thread as it starts (it holds a reader then).
+    """
+    return await trio.to_thread.run_sync(
+        in_reader_thread(queued, function), *args, limiter=index.readers, abandon_on_cancel=True
+    )
+
+
+def in_reader_thread(queued: Callable[[bool], None] | None, function: Callable[..., T]) -> Callable[..., T]:
+    """``function``, calling ``queued(True)`` now and ``queued(False)`` first when called (in its thread)."""
+    if queued is None:
+        return function
+    queued(True)
+
+    def call(*args: object) -> T:
+        queued(False)
+        return function(*args)
+
+    return call
 
 
 def album_crcs(

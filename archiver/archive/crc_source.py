@@ -13,7 +13,16 @@ from collections.abc import Sequence
 import trio
 from trio_util import AsyncValue  # type: ignore[attr-defined]
 
-from .crc_index import BATCH_BYTES, BATCH_FILES, READ_SIZE, CrcIndex, FileCrc, file_crc, small_file_crc
+from .crc_index import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    READ_SIZE,
+    CrcIndex,
+    FileCrc,
+    file_crc,
+    in_reader_thread,
+    small_file_crc,
+)
 from .plan import ArchivePlan
 
 
@@ -45,9 +54,25 @@ class CrcSource:
         # byte waits for is no hung storage (web.download's watchdog).
         self.reads = 0
         self.waiting_at: int | None = None
+        # Waiting for one of the index's readers (all busy): then every download's reads are progress.
+        self.queued = False
 
     def _progressed(self) -> None:
-        self.reads += 1  # in a worker thread too: a lost increment is harmless, any change counts
+        # In a worker thread too: a lost increment is harmless, any change counts.
+        self.reads += 1
+        self.index.reads += 1
+
+    def _queued(self, queued: bool) -> None:
+        self.queued = queued
+
+    def progress(self) -> tuple[bool, int]:
+        """What changes while reading this download's CRCs advances (for its watchdog).
+
+        While queued for a reader (the index's readers all busy, possibly with
+        other downloads' long reads of slow storage), the storage answering
+        them: every download's reads; else this download's own.
+        """
+        return (True, self.index.reads) if self.queued else (False, self.reads)
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""
@@ -70,12 +95,19 @@ class CrcSource:
             if self.plan.sizes[k] > BATCH_BYTES:
                 path = self.plan.directory / self.plan.path_str(k)
                 results = [
-                    await file_crc(path, self.plan.sizes[k], self.index, buffer, self.plan.key(k), self._progressed)
+                    await file_crc(
+                        path, self.plan.sizes[k], self.index, buffer, self.plan.key(k), self._progressed, self._queued
+                    )
                 ]
             else:
                 # Given up on if cancelled (storage that hangs): the thread opens and closes its files itself.
                 results = await trio.to_thread.run_sync(
-                    self._small_files, position, known, buffer, limiter=self.index.readers, abandon_on_cancel=True
+                    in_reader_thread(self._queued, self._small_files),
+                    position,
+                    known,
+                    buffer,
+                    limiter=self.index.readers,
+                    abandon_on_cancel=True,
                 )
             for result in results:
                 self._crcs[position] = result.crc

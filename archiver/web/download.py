@@ -170,7 +170,8 @@ class ArchiveBody(ResponseBody):
 
         Advancing: a chunk arriving, or, while the producer waits for a cold
         file's CRC (read before its header goes out: minutes for a large file
-        on a slow disk), a read of that CRC's file.  Time the response spends
+        on a slow disk), a read of that CRC's file (or, while queued for one
+        of the CRC readers, a read by any download: ``CrcSource.progress``).  Time the response spends
         on the client (the stall timeout's business) or pacing does not count,
         nor CRCs read ahead of what is sent.  Looked at four times
         a timeout: a hang is seen within 1.25 timeouts.  Ends when the body does.
@@ -178,16 +179,16 @@ class ArchiveBody(ResponseBody):
         timeout = self.storage_timeout
         crcs = self._crcs
         since = trio.current_time()  # from when nothing has advanced
-        reads = -1
+        reads: tuple[bool, int] = (False, -1)
         with self._watch_scope:
             while True:
                 await trio.sleep(timeout / 4)
                 now = trio.current_time()
                 waiting_since = self._waiting_since
-                if crcs is not None and crcs.reads != reads and self._next_byte_waits_for_crc(crcs):
+                if crcs is not None and crcs.progress() != reads and self._next_byte_waits_for_crc(crcs):
                     since = now
                 if crcs is not None:
-                    reads = crcs.reads
+                    reads = crcs.progress()
                 if waiting_since is None:
                     since = now
                 elif waiting_since > since:
