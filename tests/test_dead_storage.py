@@ -509,3 +509,20 @@ async def test_a_download_queued_behind_both_crc_readers_on_slow_storage_is_no_h
         assert [response.status_code for response, _ in answers] == [200, 200, 200]
         assert all(read_archive(response.content) == files for response, _ in answers)
         assert max(seconds for _, seconds in answers) > 1.25  # the third waited past the timeout
+
+
+async def test_a_request_queued_behind_its_clients_slow_walk_waits_while_the_walk_moves(tmp_path: Path) -> None:
+    # One walk at a time per client: a second request queues for its turn.  A walk that moves
+    # on (slow folders) but lasts longer than the storage timeout moves that queue: no 503.
+    async with served_gated_album(tmp_path, {}, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        client, gate = album.client, album.gate
+        deep = album.source / "a" / "b" / "c" / "d" / "e" / "f"
+        deep.mkdir(parents=True)
+        (deep / "x.jpg").write_bytes(b"x")
+        gate.write_text("listing 0.25")  # 7 folders: a walk of ~1.75 s, a step each 0.25 s
+        answers: list[tuple[httpx.Response, float]] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(_timed_get, client, "/archive/album/", answers)
+        assert [response.status_code for response, _ in answers] == [200, 200]
+        assert max(seconds for _, seconds in answers) > 1.25  # the second waited past the timeout

@@ -192,8 +192,8 @@ class WalkActivity:
     """Walks holding their turn, and how they move the queues behind them.
 
     ``moved()`` changes as a walk gets answers from the storage, and as one
-    ends having done its work; ``finished`` only as one ends so.  Neither
-    changes as one leaves stuck (given up on, or its client gone).
+    ends having done its work (``finished``); not as one leaves stuck (given
+    up on, or its client gone).
     """
 
     def __init__(self) -> None:
@@ -267,19 +267,20 @@ class ClientWalks:
                 del self._queued[client], self._turns[client], self._activity[client]
 
     def queue_moved(self, client: str, walk: WalkProgress) -> int:
-        """How the queue ``walk`` waits in moves: ``client``'s, as its walks finish; once it has its turn, the walkers'.
+        """How the queue ``walk`` waits in moves: ``client``'s, as its walk moves; once it has its turn, the walkers'.
 
-        A thread is shared: slow walks that move on (minutes on cold NFS) move
-        that queue.  A turn is the client's own: only a walk that finished
-        moves it, so that requests queued behind one stuck on dead storage get
-        their 503 as soon as it does, not each a timeout after the one before.
+        Slow walks that move on (minutes on cold NFS) move the queues behind
+        them: the client's own, for its turn, and everyone's, for a thread.
+        A walk given up on, stuck on dead storage, moves nothing as it leaves,
+        so that the requests queued behind it get their 503 with it, not each
+        a timeout after the one before.
         """
         activity = self._activity.get(client)
         if activity is None:
             return 0
         if walk in activity:
             return self.everyone.moved()
-        return activity.finished
+        return activity.moved()
 
     def queued(self, client: str) -> int:
         return self._queued[client]
