@@ -368,14 +368,21 @@ async def test_a_close_that_hangs_stops_neither_the_event_loop_nor_the_answer(tm
     assert b"killed, still waiting on the storage: reaped when it answers" in bytes(server.output)
 
 
+@asynccontextmanager
+async def closes_hanging(tmp_path: Path) -> AsyncIterator[tuple[GatedAlbum, dict[str, bytes]]]:
+    """A served album of one file whose CRC is known (no reader thread holds it), on a mount whose closes hang."""
+    files = {"a.jpg": os.urandom(1000)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        assert (await album.client.get("/archive/album/")).status_code == 200
+        album.gate.write_text("flush")
+        yield album, files
+
+
 async def test_producers_stuck_in_the_kernel_are_bounded(tmp_path: Path) -> None:
     # Each try of a download on a mount whose closes hang leaves a killed producer waiting on
     # the storage: past MAX_LINGERING of them, no new one starts (503) until they are reaped.
-    files = {"a.jpg": os.urandom(1000)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
-        server, client, gate = album.server, album.client, album.gate
-        assert (await client.get("/archive/album/")).status_code == 200  # its CRC known: no reader thread
-        gate.write_text("flush")
+    async with closes_hanging(tmp_path) as (album, files):
+        server, client = album.server, album.client
         answers: list[tuple[httpx.Response, float]] = []
         async with trio.open_nursery() as nursery:
             for _ in range(MAX_LINGERING):
@@ -481,11 +488,8 @@ async def test_a_stop_does_not_wait_for_producers_stuck_on_the_storage(tmp_path:
     # A killed producer stuck in its close holds no download and no slot: the service stops
     # (exit 0) without waiting for the storage, says how many it leaves, and the launcher
     # leaves them to init.
-    files = {"a.jpg": os.urandom(1000)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
-        server, client, gate = album.server, album.client, album.gate
-        assert (await client.get("/archive/album/")).status_code == 200  # its CRC known: no reader thread
-        gate.write_text("flush")
+    async with closes_hanging(tmp_path) as (album, _):
+        server, client = album.server, album.client
         assert (await client.get("/archive/album/")).status_code == 503
         (stuck,) = producer_processes(server.process.pid)
         server.process.terminate()
