@@ -530,3 +530,31 @@ async def test_a_request_queued_behind_its_clients_slow_walk_waits_while_the_wal
                 nursery.start_soon(_timed_get, client, "/archive/album/", answers)
         assert [response.status_code for response, _ in answers] == [200, 200]
         assert max(seconds for _, seconds in answers) > 1.25  # the second waited past the timeout
+
+
+async def test_a_launcher_restart_whose_client_left_still_bars_a_second_one(tmp_path: Path) -> None:
+    # A restart stuck on a dead mount's FLUSH whose download is cancelled (its client left) is
+    # still waiting: no second one is tried (each would leave a copy of the service stuck).
+    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        (tmp_path / "storage" / "other").mkdir()
+        other = {"photo.jpg": os.urandom(100_000)}
+        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
+        gate.write_text("files")
+        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
+        (launcher,) = launcher_processes(server.process.pid)
+        os.kill(launcher.pid, signal.SIGKILL)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get("/archive/other/", timeout=1.5)  # the client leaves mid-restart
+        started = trio.current_time()
+        refused = await client.get("/archive/other/")
+        assert refused.status_code == 503 and trio.current_time() - started < 1
+        assert (await client.get("/healthz")).json()["producer"] is False
+        gate.unlink()
+        with trio.fail_after(10):
+            while (await client.get("/healthz")).status_code != 200:
+                await trio.sleep(0.05)
+        whole = await client.get("/archive/other/")
+        assert whole.status_code == 200 and read_archive(whole.content) == other
+    assert b"the last start of the producers' launcher still waits on the storage" in bytes(server.output)

@@ -184,3 +184,17 @@ async def test_a_stopped_launcher_is_killed_at_the_reply_wait_and_another_one_st
     again = await (await launcher.current()).start(ECHO)
     await again.stdin.aclose()
     assert await again.wait() == 3
+
+
+async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit_unreported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No start comes to find it stopped: the exit it does not report, seen on the pidfd, does.
+    monkeypatch.setattr(launcher, "REPLY_WAIT", 1.0)
+    stopped = await launcher.current()
+    started = await stopped.start(ECHO)
+    os.kill(stopped.process.pid, signal.SIGSTOP)
+    await started.stdin.aclose()  # it exits; the launcher cannot reap it
+    with trio.fail_after(5):
+        assert await started.wait() == -signal.SIGKILL  # its status went with the launcher
+    assert not stopped.alive and stopped.process.returncode == -signal.SIGKILL

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -59,8 +59,11 @@ class LaunchedProcess:
     ``subprocess``), or -SIGKILL if the launcher ended before reporting it.
     """
 
-    def __init__(self, pid: int, pidfd: int, stdin: int, stdout: int, stderr: int) -> None:
+    def __init__(
+        self, pid: int, pidfd: int, stdin: int, stdout: int, stderr: int, wedged: Callable[[], None] = lambda: None
+    ) -> None:
         self.pid = pid
+        self._wedged = wedged  # kills the launcher: it did not report this process's exit
         self.returncode: int | None = None
         self.stdin = trio.lowlevel.FdStream(stdin)
         self.stdout = trio.lowlevel.FdStream(stdout)
@@ -75,7 +78,21 @@ class LaunchedProcess:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     async def wait(self) -> int:
-        """Until the process has ended and been reaped: its ``returncode``."""
+        """Until the process has ended and been reaped: its ``returncode``.
+
+        Its exit is seen on the pidfd too: a launcher that has not reported it
+        REPLY_WAIT later (stopped, wedged) is killed, as for a start.
+        """
+        if not self._reaped.is_set():
+            with contextlib.suppress(trio.ClosedResourceError):  # closed: reported meanwhile
+                await trio.lowlevel.wait_readable(self._pidfd)  # it has exited
+            with trio.move_on_after(REPLY_WAIT):
+                await self._reaped.wait()
+            if not self._reaped.is_set():
+                logger.error(
+                    "the producers' launcher did not report producer %d's exit in %.0f s: killed", self.pid, REPLY_WAIT
+                )
+                self._wedged()
         await self._reaped.wait()
         if self.returncode is None:
             # The launcher ended first: the process was killed, and is its new parent's to reap:
@@ -99,8 +116,19 @@ class LaunchedProcess:
 
     def _close_pidfd(self) -> None:
         if self._pidfd >= 0:
+            trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def _in_child_before_exec() -> None:
+    """Nothing: a ``preexec_fn`` only to keep ``subprocess`` from using vfork (see _NO_VFORK)."""
+
+
+# CPython 3.11.0-3.11.5 hold the GIL while a vfork child runs until its exec (gh-104372): a
+# start stuck in that exec (a FLUSH of a dead mount) froze the event loop.  A preexec_fn makes
+# subprocess fork instead, releasing the GIL while the child runs.
+_NO_VFORK = _in_child_before_exec if sys.version_info < (3, 11, 6) else None
 
 
 class _LauncherProcess:
@@ -129,29 +157,37 @@ class _LauncherProcess:
         if cls.spawns_waiting:
             control.close()
             raise OSError("the last start of the producers' launcher still waits on the storage")
-        given_up = False
+        given_up = ended = False
         started: list[subprocess.Popen[bytes]] = []
 
         def spawn() -> None:
+            nonlocal ended
+            popen = None
             try:
-                popen = subprocess.Popen(list(COMMAND), stdin=control.fileno(), env={})
+                popen = subprocess.Popen(list(COMMAND), stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK)
             finally:
                 control.close()  # here: the thread may outlive the start, and used it until now
-            with cls._counting:
-                if not given_up:
-                    started.append(popen)
-                    return
-                cls.spawns_waiting -= 1
-            popen.kill()  # too late: given up on
-            popen.wait()
+                with cls._counting:
+                    ended, late = True, given_up
+                    if late:
+                        cls.spawns_waiting -= 1
+                    elif popen is not None:
+                        started.append(popen)
+            if late and popen is not None:  # given up on: it must not run
+                popen.kill()
+                popen.wait()
 
-        with trio.move_on_after(READY_WAIT):
-            await trio.to_thread.run_sync(spawn, abandon_on_cancel=True)
-        with cls._counting:
-            if not started:
-                given_up = True
-                cls.spawns_waiting += 1
-                raise OSError(f"the producers' launcher did not start in {READY_WAIT:.0f} s (waiting on the storage)")
+        try:
+            with trio.move_on_after(READY_WAIT):
+                await trio.to_thread.run_sync(spawn, abandon_on_cancel=True)
+        finally:
+            # Given up on (the time is out, or the download was cancelled): counted until its thread ends.
+            with cls._counting:
+                if not started and not ended:
+                    given_up = True
+                    cls.spawns_waiting += 1
+        if not started:
+            raise OSError(f"the producers' launcher did not start in {READY_WAIT:.0f} s (waiting on the storage)")
         return cls(started[0])
 
     def kill(self) -> None:
@@ -315,7 +351,8 @@ class Launcher:
         waiting = self._replies.get(int(fields[0]))
         result: LaunchedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
-            result = LaunchedProcess(int(fields[1]), *descriptors)
+            pidfd, stdin, stdout, stderr = descriptors
+            result = LaunchedProcess(int(fields[1]), pidfd, stdin, stdout, stderr, wedged=self.process.kill)
             self._running[result.pid] = result
         else:
             for descriptor in descriptors:
