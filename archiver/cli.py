@@ -95,6 +95,10 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 
 async def _until_signalled(grace: float) -> None:
+    # A second signal during the grace period (a second Ctrl-C, a supervisor's repeat) must not cut
+    # the downloads in flight: once the receiver closes, it restores what it found, SIG_IGN.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             logger.info(

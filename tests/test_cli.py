@@ -163,8 +163,10 @@ def slow_album(tmp_path: Path) -> dict[str, str]:
     return {"ARCHIVER_DIR": str(tmp_path / "storage"), "ARCHIVER_CHUNK_SIZE": "65536"}
 
 
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
-async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str) -> None:
+async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str, signals: int) -> None:
+    # Twice: a second SIGTERM during the grace period (Hypercorn's master sends its workers two) is ignored.
     command, env = launch_command(launch, free_port(), grace=10)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.02"}
     async with launched(command, env) as server:
@@ -172,6 +174,11 @@ async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launc
             chunks = response.aiter_raw()
             received = [await anext(chunks)]
             server.process.terminate()
+            if signals == 2:
+                with trio.fail_after(5):
+                    while b"received SIGTERM" not in server.output:
+                        await trio.sleep(0.01)
+                server.process.terminate()
             received += [chunk async for chunk in chunks]
         assert read_archive(b"".join(received))["photo.jpg"] == (tmp_path / "storage/album/photo.jpg").read_bytes()
         # The client has closed its connection: nothing holds the server for the rest of the grace.

@@ -50,7 +50,13 @@ def install() -> None:
 
 
 async def terminate_on_sigterm() -> None:
-    """Wait for SIGTERM, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery)."""
+    """Wait for SIGTERM, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery).
+
+    Later SIGTERMs are ignored: Hypercorn's master with workers sends each two,
+    and the second, at its default, ended the worker at once, cutting the
+    downloads in flight (the receiver restores what it found: SIG_IGN).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
             logger.info("received SIGTERM: no new connections; in-flight downloads get graceful_timeout to finish")
