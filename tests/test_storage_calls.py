@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from math import inf
 
 import pytest
@@ -109,3 +111,44 @@ async def test_a_walk_whose_request_is_cancelled_stops_at_its_next_step() -> Non
         while limiter.borrowed_tokens:
             await trio.sleep(0.01)
     assert steps_after and steps_after[0] < 100
+
+
+async def test_a_turn_handed_on_by_a_call_given_up_on_buys_no_timeout_more() -> None:
+    # Queued behind a stuck walk, the request's turn comes as that walk is given up: its own
+    # walk answers a step or two (the folder opens) and then hangs as the other did.  Moving on
+    # to another queue is no movement: it gets its 503 one timeout after it arrived, not two.
+    storage_back = threading.Event()
+    progress = WalkProgress()
+    turn = trio.Event()
+
+    @asynccontextmanager
+    async def admission() -> AsyncIterator[None]:
+        await turn.wait()
+        yield
+
+    def walk_that_hangs() -> None:
+        progress.step()  # opened
+        progress.step()  # its status read
+        storage_back.wait(5)  # its folder's listing never answers
+
+    async def hand_on_the_turn(at: float) -> None:
+        await trio.sleep_until(at)
+        turn.set()
+
+    started = trio.current_time()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hand_on_the_turn, started + 0.35)  # between the third look and the fourth
+            with pytest.raises(StorageSilent):
+                await call_storage(
+                    walk_that_hangs,
+                    timeout=0.4,
+                    limiter=trio.CapacityLimiter(1),
+                    progress=progress,
+                    admission=admission,
+                    queue_moved=lambda: ("turn", 0),  # the walk ahead moved nothing
+                )
+        assert progress.steps == 2  # the walk did start
+        assert trio.current_time() - started < 0.4 * 1.25 + 0.15
+    finally:
+        storage_back.set()

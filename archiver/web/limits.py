@@ -266,8 +266,8 @@ class ClientWalks:
             if not self._queued[client]:
                 del self._queued[client], self._turns[client], self._activity[client]
 
-    def queue_moved(self, client: str, walk: WalkProgress) -> int:
-        """How the queue ``walk`` waits in moves: ``client``'s, as its walk moves; once it has its turn, the walkers'.
+    def queue_moved(self, client: str, walk: WalkProgress) -> tuple[str, int]:
+        """The queue ``walk`` waits in, and how far it moved: ``client``'s turn, as its walk moves; then a walker's.
 
         Slow walks that move on (minutes on cold NFS) move the queues behind
         them: the client's own, for its turn, and everyone's, for a thread.
@@ -276,11 +276,11 @@ class ClientWalks:
         a timeout after the one before.
         """
         activity = self._activity.get(client)
-        if activity is None:
-            return 0
+        if activity is None:  # not yet in the queue
+            return ("arriving", 0)
         if walk in activity:
-            return self.everyone.moved()
-        return activity.moved()
+            return ("walker", self.everyone.moved())
+        return ("turn", activity.moved())
 
     def queued(self, client: str) -> int:
         return self._queued[client]

@@ -48,15 +48,16 @@ async def call_storage(
     limiter: trio.CapacityLimiter,
     progress: WalkProgress | None = None,
     admission: Callable[[], AbstractAsyncContextManager[object]] | None = None,
-    queue_moved: Callable[[], object] | None = None,
+    queue_moved: Callable[[], tuple[str, object]] | None = None,
 ) -> T:
     """Return ``function()``, run in a worker thread under ``limiter``; StorageSilent after ``timeout`` s of silence.
 
     ``admission`` (a request's turn) is entered first, then ``limiter``'s
     thread is waited for.  Silence: ``timeout`` seconds (``inf``: never) in
-    which nothing moved: before ``function`` starts, ``queue_moved()`` kept
-    its value (without it, waiting is silence); after, ``progress`` did not
-    move on (without it, the call did not return).  Looked at four times a
+    which nothing moved: before ``function`` starts, ``queue_moved()`` (the
+    name of the queue waited in, and how far it moved) kept its count
+    (without it, waiting is silence); after, ``progress`` did not move on
+    (without it, the call did not return).  Looked at four times a
     timeout: given up within 1.25 timeouts.  Whatever ``admission`` or
     ``function`` raises is raised here.
     """
@@ -97,7 +98,7 @@ async def _watch(
     timeout: float,
     started: Callable[[], bool],
     progress: WalkProgress | None,
-    queue_moved: Callable[[], object] | None,
+    queue_moved: Callable[[], tuple[str, object]] | None,
 ) -> float:
     """Run ``call`` until it cancels the nursery it is given: 0.0; or, after ``timeout`` s of silence, cancel it.
 
@@ -106,18 +107,21 @@ async def _watch(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call, nursery)
         since = trio.current_time()
-        seen: object = None
+        seen: tuple[str, object] | None = None
         while True:
             await trio.sleep(timeout / 4)  # for ever when the timeout is inf: ended by call()
             now = trio.current_time()
+            state: tuple[str, object] | None
             if started():
-                state: object = ("walk", progress.steps) if progress is not None else "called"
+                state = ("walk", progress.steps) if progress is not None else None
             else:
-                state = ("queue", queue_moved()) if queue_moved is not None else "queued"
-            if state != seen:
-                seen = state
-                if isinstance(state, tuple):
-                    since = now
+                state = queue_moved() if queue_moved is not None else None
+            # Only a measure that moved between two looks is movement.  A request that moves on
+            # to another queue (its turn came, its thread started) moved nothing itself: a turn
+            # handed on by a walk given up on, just before this look, must not buy a timeout more.
+            if state is not None and seen is not None and state[0] == seen[0] and state[1] != seen[1]:
+                since = now
+            seen = state
             if now - since >= timeout:
                 nursery.cancel_scope.cancel()  # the thread is abandoned, still holding its limiter's token
                 return now - since
