@@ -18,11 +18,12 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/archiver --dir data $(ARGS)
 
-## Lint, type-check and run the test suite (slow stress tests skipped).
+## Lint, type-check and run the test suite (slow stress tests skipped), a test file at a time
+## on each of two workers: most of a test's time is waiting on servers, clients and timeouts.
 test: $(BIN)/.installed lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
-## The stress and soak tests as well.
+## The stress and soak tests as well, one at a time (they print figures that a second worker would skew).
 test-slow: $(BIN)/.installed
 	$(BIN)/pytest --run-slow $(PYTEST_ARGS)
 

@@ -40,12 +40,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (stress, soak)")
 
 
-# Figures the stress tests measure, printed at the end of the run (see README).
+# Figures the stress tests measure, printed at the end of the run (see README).  A test's
+# figures travel with its report, which pytest-xdist brings from its worker to the summary.
 STRESS_FIGURES: list[str] = []
+_FIGURE = "stress figure"
+_figures_pending: list[str] = []
 
 
 def record_figure(line: str) -> None:
-    STRESS_FIGURES.append(line)
+    _figures_pending.append(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    report.user_properties.extend((_FIGURE, line) for line in _figures_pending)
+    _figures_pending.clear()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    STRESS_FIGURES.extend(str(value) for name, value in report.user_properties if name == _FIGURE)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -193,6 +193,11 @@ async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit
     monkeypatch.setattr(launcher, "REPLY_WAIT", 1.0)
     stopped = await launcher.current()
     started = await stopped.start(ECHO)
+    # Answered only once the launcher has closed its copies of the first one's pipes (stopped
+    # before, it would hold the first one's stdin open: no end of input, no exit to see).
+    settled = await stopped.start(ECHO)
+    await settled.stdin.aclose()
+    assert await settled.wait() == 3
     os.kill(stopped.process.pid, signal.SIGSTOP)
     await started.stdin.aclose()  # it exits; the launcher cannot reap it
     with trio.fail_after(5):
