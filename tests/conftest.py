@@ -25,7 +25,7 @@ import trustme
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from archiver.archive import launcher_program, producer
+from archiver.archive import launcher, launcher_program, producer
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
@@ -168,11 +168,12 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
     table = _process_table()
 
     def is_producer(process: _Process) -> bool:
+        started_by_launcher = _role(table.get(process.parent)) == LAUNCHER
         return (
             PRODUCER_PROGRAM in process.command
             or process.name == PRODUCER_NAME
-            or (LAUNCHER_PROGRAM in process.command and _is_launcher(table.get(process.parent)))
-            or (process.name == interpreter and (process.state == "Z" or not process.command))
+            or (_role(process) == LAUNCHER and started_by_launcher)  # forked, not named yet
+            or (process.name == interpreter and (process.state == "Z" or not process.command) and started_by_launcher)
         )
 
     return _below(ancestor, table, is_producer)
@@ -184,13 +185,21 @@ def launcher_processes(ancestor: int) -> list[ProducerChild]:
     return _below(
         ancestor,
         table,
-        lambda process: _is_launcher(process) and not _is_launcher(table.get(process.parent)),
+        lambda process: _role(process) == LAUNCHER and _role(table.get(process.parent)) != LAUNCHER,
     )
 
 
-def _is_launcher(process: _Process | None) -> bool:
-    """Whether ``process`` runs the launcher's program (or is a producer it forked and not named yet)."""
-    return process is not None and LAUNCHER_PROGRAM in process.command and process.name != PRODUCER_NAME
+def spawner_processes(ancestor: int) -> list[ProducerChild]:
+    """The launchers' spawners below ``ancestor`` (archiver/archive/launcher.py), while they run."""
+    return _below(ancestor, _process_table(), lambda process: _role(process) == SPAWNER)
+
+
+def _role(process: _Process | None) -> bytes | None:
+    """What runs the launcher's program, by its last argument: a spawner, or a launcher (or a producer it
+    forked and not named yet: its command line is the launcher's); None for any other process."""
+    if process is None or LAUNCHER_PROGRAM not in process.command or process.name == PRODUCER_NAME:
+        return None
+    return process.command.rstrip(b"\0").rsplit(b"\0", 1)[-1]
 
 
 def _process_table() -> dict[int, _Process]:
@@ -232,6 +241,7 @@ def _below(ancestor: int, table: dict[int, _Process], matches: Callable[[_Proces
 PRODUCER_PROGRAM = b"archiver.archive.producer_program"
 LAUNCHER_PROGRAM = b"archiver.archive.launcher_program"
 PRODUCER_NAME = launcher_program.PRODUCER_NAME
+SPAWNER, LAUNCHER = launcher.SPAWNER.encode(), launcher.LAUNCHER.encode()
 
 
 def producer_children() -> list[ProducerChild]:

@@ -24,7 +24,7 @@ import trio
 
 from archiver.archive.producer import MAX_LINGERING
 
-from .conftest import free_port, launcher_processes, producer_processes, read_archive
+from .conftest import free_port, launcher_processes, producer_processes, read_archive, spawner_processes
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
@@ -430,12 +430,10 @@ async def test_a_file_held_on_a_dead_mount_holds_no_other_albums_producer_start(
                 await trio.sleep(0.02)
 
 
-@pytest.mark.slow  # ~15 s: the launcher's start is given up after READY_WAIT (10 s)
-async def test_a_launcher_restarted_while_a_file_is_held_on_a_dead_mount_is_given_up_in_time(tmp_path: Path) -> None:
-    # The launcher is the one program the service starts itself: a restart (the launcher
-    # died) while a CRC reader's file is stuck on a dead sshfs waits on that file's FLUSH.
-    # It is given up after READY_WAIT: 503s meanwhile, fast once given up, /healthz says so;
-    # once the storage answers, the next download starts another launcher.
+async def test_a_launcher_that_dies_while_a_file_is_held_on_a_dead_mount_is_replaced_at_once(tmp_path: Path) -> None:
+    # A restart by the service would fork it, and the child's close of the CRC reader's file
+    # (a FLUSH the dead sshfs never answers) would hold the restart, and a copy of the service
+    # with every client connection.  The spawner, started with the app, starts the next one.
     files = {"large.mov": os.urandom(8 * 1024 * 1024)}
     async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
         server, client, gate = album.server, album.client, album.gate
@@ -444,8 +442,37 @@ async def test_a_launcher_restarted_while_a_file_is_held_on_a_dead_mount_is_give
         (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
         gate.write_text("files")
         assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
+        children = _children(server.process.pid)
+        (spawner,) = spawner_processes(server.process.pid)
+        (dead,) = launcher_processes(server.process.pid)
+        os.kill(dead.pid, signal.SIGKILL)
+        for _ in range(2):
+            with trio.fail_after(5):
+                response = await client.get("/archive/other/")
+            assert response.status_code == 200 and read_archive(response.content) == other
         (launcher,) = launcher_processes(server.process.pid)
-        os.kill(launcher.pid, signal.SIGKILL)
+        assert launcher.pid != dead.pid and _parent(launcher.pid) == spawner.pid
+        assert _children(server.process.pid) == children  # the spawner: no fork of the service
+        assert (await client.get("/healthz")).json()["producer"] is True
+        gate.unlink()
+    assert b"the producers' launcher had ended: starting another" in bytes(server.output)
+
+
+@pytest.mark.slow  # ~15 s: the spawner's start is given up after READY_WAIT (10 s)
+async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given_up_in_time(tmp_path: Path) -> None:
+    # With the spawner dead too, the service starts another itself: a fork, which waits on
+    # the FLUSH of the CRC reader's file stuck on a dead sshfs.  It is given up after
+    # READY_WAIT: 503s meanwhile, fast once given up, /healthz says so; once the storage
+    # answers, the next download starts another spawner and launcher.
+    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        server, client, gate = album.server, album.client, album.gate
+        (tmp_path / "storage" / "other").mkdir()
+        other = {"photo.jpg": os.urandom(100_000)}
+        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
+        gate.write_text("files")
+        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
+        _kill_spawner_and_launcher(server)
         started = trio.current_time()
         with trio.fail_after(15):
             refused = await client.get("/archive/other/")
@@ -461,7 +488,24 @@ async def test_a_launcher_restarted_while_a_file_is_held_on_a_dead_mount_is_give
                 await trio.sleep(0.05)
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
-    assert b"the producers' launcher did not start in 10 s (waiting on the storage)" in bytes(server.output)
+    assert b"the launchers' spawner did not start in 10 s (waiting on the storage)" in bytes(server.output)
+
+
+def _kill_spawner_and_launcher(server: Launched) -> None:
+    (spawner,) = spawner_processes(server.process.pid)
+    (launcher,) = launcher_processes(server.process.pid)
+    os.kill(spawner.pid, signal.SIGKILL)
+    os.kill(launcher.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return sorted(int(child) for child in file.read().split())
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as file:
+        return int(file.read().rsplit(")", 1)[1].split()[1])
 
 
 async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_start(tmp_path: Path) -> None:
@@ -533,9 +577,10 @@ async def test_a_request_queued_behind_its_clients_slow_walk_waits_while_the_wal
         assert max(seconds for _, seconds in answers) > 1.25  # the second waited past the timeout
 
 
-async def test_a_launcher_restart_whose_client_left_still_bars_a_second_one(tmp_path: Path) -> None:
-    # A restart stuck on a dead mount's FLUSH whose download is cancelled (its client left) is
-    # still waiting: no second one is tried (each would leave a copy of the service stuck).
+async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_path: Path) -> None:
+    # A restart of the spawner (and launcher) stuck on a dead mount's FLUSH whose download is
+    # cancelled (its client left) is still waiting: no second one is tried (each would leave a
+    # copy of the service stuck).
     files = {"large.mov": os.urandom(8 * 1024 * 1024)}
     async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
         server, client, gate = album.server, album.client, album.gate
@@ -544,8 +589,7 @@ async def test_a_launcher_restart_whose_client_left_still_bars_a_second_one(tmp_
         (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
         gate.write_text("files")
         assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
-        (launcher,) = launcher_processes(server.process.pid)
-        os.kill(launcher.pid, signal.SIGKILL)
+        _kill_spawner_and_launcher(server)
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/archive/other/", timeout=1.5)  # the client leaves mid-restart
         started = trio.current_time()
@@ -558,4 +602,4 @@ async def test_a_launcher_restart_whose_client_left_still_bars_a_second_one(tmp_
                 await trio.sleep(0.05)
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
-    assert b"the last start of the producers' launcher still waits on the storage" in bytes(server.output)
+    assert b"the last start of the launchers' spawner still waits on the storage" in bytes(server.output)

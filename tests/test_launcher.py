@@ -15,7 +15,7 @@ import trio
 
 from archiver.archive import launcher, launcher_program, producer_program
 
-from .conftest import free_port, launcher_processes, producer_processes, write_tree
+from .conftest import free_port, launcher_processes, producer_processes, spawner_processes, write_tree
 from .test_cli import launched
 
 ECHO = (sys.executable, "-I", "-S", "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)")
@@ -34,6 +34,11 @@ def _state(pid: int) -> str | None:
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as file:
         return int(file.read().rsplit(")", 1)[1].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return sorted(int(child) for child in file.read().split())
 
 
 async def test_a_program_runs_with_its_pipes_and_its_status_is_reported() -> None:
@@ -127,9 +132,42 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
     with trio.fail_after(5):  # logged once the launcher is reaped
         while "the producers' launcher exited (status -9)" not in caplog.text:
             await trio.sleep(0.01)
+    children = _children(os.getpid())
     with caplog.at_level(logging.ERROR):
         second = await launcher.current()
     assert second is not first and second.alive
+    spawner = launcher.current_spawner()
+    assert spawner is not None and _parent(second.process.pid) == spawner.process.pid
+    assert _children(os.getpid()) == children  # started by the spawner: no fork of ours
+    again = await second.start(ECHO)
+    await again.stdin.aclose()
+    assert await again.wait() == 3
+
+
+async def test_a_spawner_that_dies_leaves_the_launcher_running_and_is_started_again_when_needed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = await launcher.current()
+    spawner = launcher.current_spawner()
+    assert spawner is not None and _parent(spawner.process.pid) == os.getpid()
+    os.kill(spawner.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while spawner.alive:
+            await trio.sleep(0.01)
+    assert await launcher.current() is first and first.alive  # its producers go on starting
+    started = await first.start(ECHO)
+    await started.stdin.aclose()
+    assert await started.wait() == 3
+    first.process.kill()
+    with trio.fail_after(5):
+        while first.alive:
+            await trio.sleep(0.01)
+    with caplog.at_level(logging.ERROR):
+        second = await launcher.current()  # a spawner first, then the launcher
+    assert "the launchers' spawner had ended: starting another (a fork of the service)" in caplog.text
+    respawner = launcher.current_spawner()
+    assert respawner is not None and respawner is not spawner
+    assert _parent(second.process.pid) == respawner.process.pid and _parent(respawner.process.pid) == os.getpid()
     again = await second.start(ECHO)
     await again.stdin.aclose()
     assert await again.wait() == 3
@@ -148,10 +186,11 @@ async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(
     ):
         assert response.status_code == 200
         (started_by,) = launcher_processes(server.process.pid)
+        (spawner,) = spawner_processes(server.process.pid)
         (producer,) = producer_processes(server.process.pid)
         server.process.kill()  # the client stops reading: the producer is blocked on its pipe
         with trio.fail_after(5):
-            while _state(started_by.pid) not in (None, "Z") or _state(producer.pid) not in (None, "Z"):
+            while any(_state(process.pid) not in (None, "Z") for process in (started_by, spawner, producer)):
                 await trio.sleep(0.02)
 
 

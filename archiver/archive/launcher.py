@@ -5,11 +5,20 @@ that holds no storage file, so that no start waits on a storage that does not
 answer a close (see ``launcher_program``).  The launcher hands back the
 process's pidfd and pipes and reports its exit; to the download, a
 ``LaunchedProcess`` is what ``trio.Process`` was: ``kill``, ``wait``,
-``returncode`` and three pipe streams.  The producer is the launcher's child
-and the launcher the service's: a download still kills its producer (through
-the pidfd: no pid reused meanwhile can be hit) and waits until it has been
-reaped.  One launcher a Trio run (a service process; a test), started with
-the app (``start``) and, if it ends, again at the next producer start.
+``returncode`` and three pipe streams.  The producer is the launcher's child:
+a download still kills its producer (through the pidfd: no pid reused
+meanwhile can be hit) and waits until it has been reaped.
+
+The launcher is itself started by another process running the same
+program, the spawner, which the service starts with the app, before any
+storage file is opened, and which does nothing else.  A launcher that ends
+(killed, out of memory) is replaced by the spawner: the service never forks
+again, and a fork of the service is what a dead mount can hold (its child
+closes a copy of every descriptor the service has, the storage files a CRC
+reader holds among them, and a close on a dead sshfs does not return).
+Only if the spawner ends too does the service start another itself
+(``_SpawnerProcess``).  One spawner and one launcher a Trio run (a service
+process; a test): ``start`` with the app, then ``current()``.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ _LAUNCH = (
     "from archiver.archive.launcher_program import main; sys.exit(main())"
 )
 COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
+# The last argument of each one's command line (unread by the program): its role, for ps and the tests.
+SPAWNER = "spawner"
+LAUNCHER = "launcher"
 # Time the launcher gets to end once its socket is closed (it kills what it started, then exits).
 STOP_WAIT = 5.0
 # Time the launcher gets to start and say it is ready (a start takes ~20 ms).
@@ -50,24 +62,22 @@ _REPLY_BYTES = 256
 # No program named: the launcher forks a producer of its own (``launcher_program._fork_producer``).
 FORKED_PRODUCER: Sequence[str] = ()
 _DESCRIPTORS = 4  # a pidfd, the stdin, stdout and stderr pipes
+_LAUNCHER_DESCRIPTORS = 2  # a pidfd, the launcher's socket
 
 
-class LaunchedProcess:
-    """A program the launcher started: its pid, pipes (``trio.lowlevel.FdStream``) and, once reaped, returncode.
+class ReportedProcess:
+    """A process a launcher started and reaps: its pid and, once reaped, returncode.
 
     ``returncode`` is the exit code, or minus the signal that ended it (as
-    ``subprocess``), or -SIGKILL if the launcher ended before reporting it.
+    ``subprocess``), or -SIGKILL if the launcher ended before reporting it
+    (it killed a producer; a launcher, which outlives its spawner, may have
+    ended otherwise).
     """
 
-    def __init__(
-        self, pid: int, pidfd: int, stdin: int, stdout: int, stderr: int, wedged: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, pid: int, pidfd: int, wedged: Callable[[], None] = lambda: None) -> None:
         self.pid = pid
         self._wedged = wedged  # kills the launcher: it did not report this process's exit
         self.returncode: int | None = None
-        self.stdin = trio.lowlevel.FdStream(stdin)
-        self.stdout = trio.lowlevel.FdStream(stdout)
-        self.stderr = trio.lowlevel.FdStream(stderr)
         self._pidfd = pidfd
         self._reaped = trio.Event()
 
@@ -95,8 +105,9 @@ class LaunchedProcess:
                 self._wedged()
         await self._reaped.wait()
         if self.returncode is None:
-            # The launcher ended first: the process was killed, and is its new parent's to reap:
-            # init's, or ours if the service is a container's init (then nobody else would).
+            # The launcher ended first: the process was killed (a producer) or went on (a launcher
+            # whose spawner ended), and is its new parent's to reap: init's, or ours if the service
+            # is a container's init (then nobody else would).  Its status is not known here.
             await trio.lowlevel.wait_readable(self._pidfd)
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
@@ -105,10 +116,14 @@ class LaunchedProcess:
         assert self.returncode is not None
         return self.returncode
 
+    # A producer does not outlive its launcher: the service cannot read its reports any more.
+    ends_with_its_launcher = True
+
     def _ended(self, returncode: int | None) -> None:
         """From the launcher's reader: reaped with ``returncode``, or None if the launcher ended (it is killed)."""
         if returncode is None:
-            self.kill()
+            if self.ends_with_its_launcher:
+                self.kill()
         else:
             self.returncode = returncode
             self._close_pidfd()
@@ -121,6 +136,29 @@ class LaunchedProcess:
             self._pidfd = -1
 
 
+class LaunchedProcess(ReportedProcess):
+    """A program the launcher started, with its pipes (``trio.lowlevel.FdStream``)."""
+
+    def __init__(
+        self, pid: int, pidfd: int, stdin: int, stdout: int, stderr: int, wedged: Callable[[], None] = lambda: None
+    ) -> None:
+        super().__init__(pid, pidfd, wedged)
+        self.stdin = trio.lowlevel.FdStream(stdin)
+        self.stdout = trio.lowlevel.FdStream(stdout)
+        self.stderr = trio.lowlevel.FdStream(stderr)
+
+
+class _SpawnedLauncher(ReportedProcess):
+    """A launcher the spawner started, and the service's end of its socket (``control``, a descriptor)."""
+
+    # A launcher goes on if its spawner ends: its producers with it; its own end is seen on its socket.
+    ends_with_its_launcher = False
+
+    def __init__(self, pid: int, pidfd: int, control: int, wedged: Callable[[], None]) -> None:
+        super().__init__(pid, pidfd, wedged)
+        self.control = control
+
+
 def _in_child_before_exec() -> None:
     """Nothing: a ``preexec_fn`` only to keep ``subprocess`` from using vfork (see _NO_VFORK)."""
 
@@ -131,15 +169,15 @@ def _in_child_before_exec() -> None:
 _NO_VFORK = _in_child_before_exec if sys.version_info < (3, 11, 6) else None
 
 
-class _LauncherProcess:
-    """The launcher process itself, the service's child: started in a worker thread the start may give up on.
+class _SpawnerProcess:
+    """The spawner, the service's child: started in a worker thread the start may give up on.
 
-    Started from the service, the launcher is the one program the service
-    forks itself: at the app's start, before any storage file is opened,
-    and again only if a launcher ends.  Such a start may wait on a FLUSH of
-    a dead mount whose file a CRC reader holds (see ``launcher_program``):
-    it is given up after READY_WAIT, its thread left to finish, and the
-    process it starts then killed and reaped in that thread.
+    The spawner is the one program the service forks itself: at the app's
+    start, before any storage file is opened, and again only if the spawner
+    ends.  Such a late start may wait on a FLUSH of a dead mount whose file
+    a CRC reader holds (see ``launcher_program``): it is given up after
+    READY_WAIT, its thread left to finish, and the process it starts then
+    killed and reaped in that thread.
     """
 
     spawns_waiting = 0  # starts given up on whose thread still waits (on the storage): no other is tried
@@ -152,11 +190,11 @@ class _LauncherProcess:
         self._pidfd = os.pidfd_open(popen.pid)
 
     @classmethod
-    async def start(cls, control: socket.socket) -> _LauncherProcess:
-        """The launcher, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT."""
+    async def start(cls, control: socket.socket) -> _SpawnerProcess:
+        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT."""
         if cls.spawns_waiting:
             control.close()
-            raise OSError("the last start of the producers' launcher still waits on the storage")
+            raise OSError("the last start of the launchers' spawner still waits on the storage")
         given_up = ended = False
         started: list[subprocess.Popen[bytes]] = []
 
@@ -164,7 +202,7 @@ class _LauncherProcess:
             nonlocal ended
             popen = None
             try:
-                popen = subprocess.Popen(list(COMMAND), stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK)
+                popen = subprocess.Popen([*COMMAND, SPAWNER], stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK)
             finally:
                 control.close()  # here: the thread may outlive the start, and used it until now
                 with cls._counting:
@@ -187,7 +225,7 @@ class _LauncherProcess:
                     given_up = True
                     cls.spawns_waiting += 1
         if not started:
-            raise OSError(f"the producers' launcher did not start in {READY_WAIT:.0f} s (waiting on the storage)")
+            raise OSError(f"the launchers' spawner did not start in {READY_WAIT:.0f} s (waiting on the storage)")
         return cls(started[0])
 
     def kill(self) -> None:
@@ -204,42 +242,54 @@ class _LauncherProcess:
 
 
 class Launcher:
-    """A running launcher: ``start`` a program through it.  Use ``current()`` for the run's."""
+    """A running launcher (or spawner): ``start`` a program through it.  Use ``current()`` for the run's."""
 
-    def __init__(self, process: _LauncherProcess, control: trio.socket.SocketType) -> None:
+    def __init__(self, process: _SpawnerProcess | ReportedProcess, control: trio.socket.SocketType, name: str) -> None:
         self.process = process
+        self.name = name  # for the log: "the producers' launcher", "the launchers' spawner"
         self._control = control
         self._next_id = 0
         self._replies: dict[int, tuple[trio.Event, list[object]]] = {}
-        self._running: dict[int, LaunchedProcess] = {}
+        self._running: dict[int, ReportedProcess] = {}
         self._sending = trio.Lock()
         self.alive = True
         self._waiting_since: dict[int, float] = {}  # starts asked for and not answered: when
 
     @classmethod
     async def open(cls) -> Launcher:
-        """Start a launcher and the system task that reads its reports; OSError if it cannot start."""
+        """Start the spawner (a fork of the service) and the task that reads its reports; OSError if it cannot."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = await _LauncherProcess.start(theirs)
+            process = await _SpawnerProcess.start(theirs)
         except BaseException:
             ours.close()
             raise
-        launcher = cls(process, trio.socket.from_stdlib_socket(ours))
+        return await cls(process, trio.socket.from_stdlib_socket(ours), "the launchers' spawner")._ready()
+
+    async def open_launcher(self) -> Launcher:
+        """A launcher started by this process (the spawner), with its reader task; OSError if it cannot be."""
+        result = await self._ask([b"", *(os.fsencode(part) for part in (*COMMAND, LAUNCHER))])
+        if not isinstance(result, _SpawnedLauncher):  # cannot happen: a reply with two descriptors
+            raise OSError(f"{self.name} started no launcher")
+        control = trio.socket.from_stdlib_socket(socket.socket(fileno=result.control))
+        return await Launcher(result, control, "the producers' launcher")._ready()
+
+    async def _ready(self) -> Launcher:
+        """Once it says it is ready (READY_WAIT at most, else killed: OSError), with its reader task."""
         try:
             ready = b""
             with trio.move_on_after(READY_WAIT):
-                ready, _ = await launcher._receive()
+                ready, _ = await self._receive()
             if ready != b"R":
-                raise OSError("the producers' launcher did not start")
+                raise OSError(f"{self.name} did not start")
         except BaseException:
-            launcher._control.close()
-            process.kill()
+            self._control.close()
+            self.process.kill()
             with trio.CancelScope(shield=True):
-                await process.wait()
+                await self.process.wait()
             raise
-        trio.lowlevel.spawn_system_task(launcher._read_reports, name="archiver launcher")
-        return launcher
+        trio.lowlevel.spawn_system_task(self._read_reports, name=f"archiver {self.name}")
+        return self
 
     def answering(self) -> bool:
         """Whether it is alive and has answered every start asked of it more than ANSWER_LATE ago (for /healthz)."""
@@ -255,14 +305,21 @@ class Launcher:
         killed: this start and those waiting with it fail, the next one
         starts another launcher.
         """
+        result = await self._ask([os.fsencode(part) for part in command])
+        if not isinstance(result, LaunchedProcess):  # cannot happen: a reply with four descriptors
+            raise OSError(f"{self.name} started no program")
+        return result
+
+    async def _ask(self, arguments: list[bytes]) -> ReportedProcess:
+        """Send a start (``launcher_program``'s protocol) and wait for its answer; OSError if there is none."""
         if not self.alive:
-            raise OSError("the producers' launcher has ended")
+            raise OSError(f"{self.name} has ended")
         ident = self._next_id
         self._next_id += 1
         answered, reply = trio.Event(), list[object]()
         self._replies[ident] = (answered, reply)
         self._waiting_since[ident] = trio.current_time()
-        request = b"\0".join([str(ident).encode(), *(os.fsencode(part) for part in command)])
+        request = b"\0".join([str(ident).encode(), *arguments])
         try:
             # Shielded: a start asked for is taken, or its process would be lost; bounded: the launcher is killed.
             with trio.CancelScope(shield=True):
@@ -271,20 +328,20 @@ class Launcher:
                         await self._control.send(request)
                     await answered.wait()
                 if not answered.is_set():
-                    logger.error("the producers' launcher did not answer in %.0f s: killed", REPLY_WAIT)
+                    logger.error("%s did not answer in %.0f s: killed", self.name, REPLY_WAIT)
                     self.process.kill()
                     await answered.wait()  # woken as the reader sees it end
         except OSError as error:
-            raise OSError(f"the producers' launcher has ended: {error}") from error
+            raise OSError(f"{self.name} has ended: {error}") from error
         finally:
             self._replies.pop(ident, None)
             self._waiting_since.pop(ident, None)
         if not reply:
-            raise OSError("the producers' launcher has ended")
+            raise OSError(f"{self.name} has ended")
         (result,) = reply
         if isinstance(result, OSError):
             raise result
-        assert isinstance(result, LaunchedProcess)
+        assert isinstance(result, ReportedProcess)
         return result
 
     async def _read_reports(self) -> None:
@@ -304,11 +361,12 @@ class Launcher:
             unexpected = False
             raise
         except (OSError, ValueError) as error:
-            logger.error("the producers' launcher: %s", error)
+            logger.error("%s: %s", self.name, error)
         finally:
             self.alive = False
             for process in self._running.values():
-                process.kill()
+                if process.ends_with_its_launcher:
+                    process.kill()
             self._control.close()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(STOP_WAIT):
@@ -324,7 +382,7 @@ class Launcher:
                 process._ended(None)
             self._running.clear()
             if unexpected:
-                logger.error("the producers' launcher exited (status %s)", self.process.returncode)
+                logger.error("%s exited (status %s)", self.name, self.process.returncode)
 
     async def _receive(self) -> tuple[bytes, list[int]]:
         space = socket.CMSG_SPACE(_DESCRIPTORS * array.array("i").itemsize)
@@ -349,10 +407,14 @@ class Launcher:
                 process._ended(int(fields[1]))
             return
         waiting = self._replies.get(int(fields[0]))
-        result: LaunchedProcess | OSError
+        result: ReportedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
             pidfd, stdin, stdout, stderr = descriptors
             result = LaunchedProcess(int(fields[1]), pidfd, stdin, stdout, stderr, wedged=self.process.kill)
+            self._running[result.pid] = result
+        elif kind == b"S" and len(descriptors) == _LAUNCHER_DESCRIPTORS:
+            pidfd, control = descriptors
+            result = _SpawnedLauncher(int(fields[1]), pidfd, control, wedged=self.process.kill)
             self._running[result.pid] = result
         else:
             for descriptor in descriptors:
@@ -360,7 +422,7 @@ class Launcher:
             number = int(fields[1]) if kind == b"E" and len(fields) > 1 else 0
             result = OSError(number, fields[2].decode(errors="replace") if len(fields) > 2 else "not started")
         if waiting is None:  # cannot happen: a start waits for its reply, shielded
-            if isinstance(result, LaunchedProcess):
+            if isinstance(result, ReportedProcess):
                 result.kill()
             return
         waiting[1].append(result)
@@ -368,6 +430,7 @@ class Launcher:
 
 
 _current: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_launcher", default=None)
+_spawner: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_spawner", default=None)
 _opening: trio.lowlevel.RunVar[trio.Lock | None] = trio.lowlevel.RunVar("archiver_launcher_opening", default=None)
 
 
@@ -382,25 +445,41 @@ async def current() -> Launcher:
         if launcher is None or not launcher.alive:
             if launcher is not None:
                 logger.error("the producers' launcher had ended: starting another")
-            launcher = await Launcher.open()
+            launcher = await (await _current_spawner()).open_launcher()
             _current.set(launcher)
     return launcher
+
+
+async def _current_spawner() -> Launcher:
+    spawner = _spawner.get()
+    if spawner is None or not spawner.alive:
+        if spawner is not None:
+            logger.error("the launchers' spawner had ended: starting another (a fork of the service)")
+        spawner = await Launcher.open()
+        _spawner.set(spawner)
+    return spawner
+
+
+def current_spawner() -> Launcher | None:
+    """This run's spawner, if it has one (for the tests)."""
+    return _spawner.get()
 
 
 def answering() -> bool:
     """Whether producers can be started now (for /healthz: else every download gets a 503).
 
-    False while this run's launcher leaves a start unanswered past ANSWER_LATE
-    (it is killed at REPLY_WAIT), or while a start of a launcher given up on
-    still waits (on the storage).  A launcher that has ended is no reason:
-    the next download starts another.
+    False while this run's launcher or spawner leaves a start unanswered past
+    ANSWER_LATE (it is killed at REPLY_WAIT), or while a start of a spawner
+    given up on still waits (on the storage).  A launcher or spawner that has
+    ended is no reason: the next download starts another.
     """
-    launcher = _current.get()
-    if _LauncherProcess.spawns_waiting:
+    if _SpawnerProcess.spawns_waiting:
         return False
-    return launcher is None or not launcher.alive or launcher.answering()
+    return all(
+        process is None or not process.alive or process.answering() for process in (_current.get(), _spawner.get())
+    )
 
 
 async def start() -> None:
-    """Start this run's launcher now (with the app, before any storage file is opened); OSError if it cannot."""
+    """Start this run's spawner and launcher now (with the app, before any storage file is opened); OSError if not."""
     await current()

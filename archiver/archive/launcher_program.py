@@ -15,18 +15,22 @@ per message:
 
 - service → launcher ``<id> NUL <argv0> NUL <argv1> ...``: start that program
   (absolute path, empty environment) with pipes for its stdin, stdout, stderr;
-  or ``<id>`` alone: the producer, forked from this process (``_fork_producer``).
+  or ``<id>`` alone: the producer, forked from this process (``_fork_producer``);
+  or ``<id> NUL NUL <argv0> ...``: a launcher (``_start_launcher``), this
+  program, whose stdin is a new socket (see the spawner, ``launcher.py``).
 - launcher → service ``R`` first, once ready (SIGINT and SIGTERM ignored).
 - launcher → service ``S <id> <pid>`` with four descriptors (a pidfd for the
   process, the write end of its stdin, the read ends of its stdout and
-  stderr), or ``E <id> <errno> <message>`` if it could not be started.
+  stderr; for a launcher, two: a pidfd and the other end of its socket), or
+  ``E <id> <errno> <message>`` if it could not be started.
 - launcher → service ``X <pid> <status>`` once the process has exited and
   been reaped (``status``: its exit code, or minus the signal that ended it).
   Always after that process's ``S``, and before any later ``S`` could name
   the same pid again.
 
 The end of the socket (the service closed it, or died) kills every producer
-still running and ends the launcher.  SIGINT and SIGTERM are ignored (a
+still running and ends the launcher (a launcher it started ends as its own
+socket does: the service holds that too).  SIGINT and SIGTERM are ignored (a
 terminal's Ctrl-C, systemd's stop of the whole group), and each program
 started is a process group of its own, out of reach of a signal to the
 service's group: the service decides when its producers end.  Standard library only (and ``producer_program``).
@@ -54,6 +58,8 @@ REQUEST_BYTES = 64 * 1024
 def _start(request: bytes) -> tuple[bytes, list[int]]:
     """Start the program a request names: the reply, and the descriptors to send with it (then closed here)."""
     ident, *arguments = request.split(b"\0")
+    if arguments and not arguments[0]:
+        return _start_launcher(ident, arguments[1:])
     opened: list[int] = []
     try:
         for _ in range(3):
@@ -85,10 +91,43 @@ def _start(request: bytes) -> tuple[bytes, list[int]]:
     except (OSError, IndexError, ValueError) as error:  # IndexError, ValueError: no or a bad program named
         for fd in opened:
             os.close(fd)
-        errno = getattr(error, "errno", None) or 0
-        message = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        return b"E %s %d %s" % (ident, errno, message.encode(errors="replace")), []
+        return _refusal(ident, error), []
     return b"S %s %d" % (ident, pid), [pidfd, stdin_write, stdout_read, stderr_read]
+
+
+def _start_launcher(ident: bytes, arguments: list[bytes]) -> tuple[bytes, list[int]]:
+    """Start a launcher (``arguments``, this program): its stdin a new socket, whose other end is sent.
+
+    Its stdout and stderr are this process's (the service's): a launcher
+    writes nothing but what goes wrong.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with theirs:
+            pid = os.posix_spawn(
+                arguments[0],
+                arguments,
+                {},
+                file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0)],
+                setsigdef=RESTORED_SIGNALS,
+                setpgroup=0,
+            )
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+    except (OSError, IndexError, ValueError) as error:
+        ours.close()
+        return _refusal(ident, error), []
+    return b"S %s %d" % (ident, pid), [pidfd, ours.detach()]
+
+
+def _refusal(ident: bytes, error: Exception) -> bytes:
+    errno = getattr(error, "errno", None) or 0
+    message = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return b"E %s %d %s" % (ident, errno, message.encode(errors="replace"))
 
 
 def _fork_producer(child_ends: list[int]) -> int:
@@ -129,11 +168,12 @@ def serve(control: socket.socket) -> None:
     poller = select.poll()
     poller.register(control, select.POLLIN)
     running: dict[int, int] = {}  # pidfd → pid
+    launchers: dict[int, int] = {}  # the same, of launchers started (which end as their own sockets end)
     try:
         while True:
             for fd, _ in poller.poll():
                 if fd != control.fileno():
-                    pid = running.pop(fd)
+                    pid = running.pop(fd, None) or launchers.pop(fd)
                     poller.unregister(fd)
                     os.close(fd)
                     _, status = os.waitpid(pid, 0)
@@ -146,7 +186,8 @@ def serve(control: socket.socket) -> None:
                 try:
                     if descriptors:
                         socket.send_fds(control, [reply], descriptors)
-                        running[descriptors[0]] = int(reply.split()[2])
+                        started = launchers if len(descriptors) == 2 else running
+                        started[descriptors[0]] = int(reply.split()[2])
                         poller.register(descriptors[0], select.POLLIN)
                     else:
                         control.send(reply)

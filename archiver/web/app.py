@@ -164,7 +164,7 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.before_serving
     async def start_launcher() -> None:
-        # Before any storage file is opened: the launcher must hold none (``archive.launcher_program``).
+        # Before any storage file is opened: the spawner and launcher must hold none (``archive.launcher``).
         await launcher.start()
 
     @app.after_serving
