@@ -430,18 +430,25 @@ async def test_a_file_held_on_a_dead_mount_holds_no_other_albums_producer_start(
                 await trio.sleep(0.02)
 
 
+@asynccontextmanager
+async def crc_reader_stuck(tmp_path: Path) -> AsyncIterator[tuple[GatedAlbum, dict[str, bytes]]]:
+    """A served album whose cold CRC read is stuck on a dead sshfs (reads and closes hang); another album beside it."""
+    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+        (tmp_path / "storage" / "other").mkdir()
+        other = {"photo.jpg": os.urandom(100_000)}
+        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
+        album.gate.write_text("files")
+        assert (await album.client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
+        yield album, other
+
+
 async def test_a_launcher_that_dies_while_a_file_is_held_on_a_dead_mount_is_replaced_at_once(tmp_path: Path) -> None:
     # A restart by the service would fork it, and the child's close of the CRC reader's file
     # (a FLUSH the dead sshfs never answers) would hold the restart, and a copy of the service
     # with every client connection.  The spawner, started with the app, starts the next one.
-    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+    async with crc_reader_stuck(tmp_path) as (album, other):
         server, client, gate = album.server, album.client, album.gate
-        (tmp_path / "storage" / "other").mkdir()
-        other = {"photo.jpg": os.urandom(100_000)}
-        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
-        gate.write_text("files")
-        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
         children = _children(server.process.pid)
         (spawner,) = spawner_processes(server.process.pid)
         (dead,) = launcher_processes(server.process.pid)
@@ -464,14 +471,8 @@ async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given
     # the FLUSH of the CRC reader's file stuck on a dead sshfs.  It is given up after
     # READY_WAIT: 503s meanwhile, fast once given up, /healthz says so; once the storage
     # answers, the next download starts another spawner and launcher.
-    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+    async with crc_reader_stuck(tmp_path) as (album, other):
         server, client, gate = album.server, album.client, album.gate
-        (tmp_path / "storage" / "other").mkdir()
-        other = {"photo.jpg": os.urandom(100_000)}
-        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
-        gate.write_text("files")
-        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
         _kill_spawner_and_launcher(server)
         started = trio.current_time()
         with trio.fail_after(15):
@@ -581,14 +582,8 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
     # A restart of the spawner (and launcher) stuck on a dead mount's FLUSH whose download is
     # cancelled (its client left) is still waiting: no second one is tried (each would leave a
     # copy of the service stuck).
-    files = {"large.mov": os.urandom(8 * 1024 * 1024)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as album:
+    async with crc_reader_stuck(tmp_path) as (album, other):
         server, client, gate = album.server, album.client, album.gate
-        (tmp_path / "storage" / "other").mkdir()
-        other = {"photo.jpg": os.urandom(100_000)}
-        (tmp_path / "storage" / "other" / "photo.jpg").write_bytes(other["photo.jpg"])
-        gate.write_text("files")
-        assert (await client.get("/archive/album/")).status_code == 503  # its CRC reader stuck
         _kill_spawner_and_launcher(server)
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/archive/other/", timeout=1.5)  # the client leaves mid-restart
