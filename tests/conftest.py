@@ -173,7 +173,11 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
             PRODUCER_PROGRAM in process.command
             or process.name == PRODUCER_NAME
             or (_role(process) == LAUNCHER and started_by_launcher)  # forked, not named yet
-            or (process.name == interpreter and (process.state == "Z" or not process.command) and started_by_launcher)
+            or (
+                process.name in (interpreter, launcher.LAUNCHER)  # exec'd, or forked and not named yet
+                and (process.state == "Z" or not process.command)
+                and started_by_launcher
+            )
         )
 
     return _below(ancestor, table, is_producer)

@@ -475,8 +475,10 @@ async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given
         server, client, gate = album.server, album.client, album.gate
         _kill_spawner_and_launcher(server)
         started = trio.current_time()
-        with trio.fail_after(15):
-            refused = await client.get("/archive/other/")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_producer_unavailable, client)  # while the start waits: past 2 s
+            with trio.fail_after(15):
+                refused = await client.get("/archive/other/")
         assert refused.status_code == 503 and 9 < trio.current_time() - started < 13
         started = trio.current_time()
         assert (await client.get("/archive/other/")).status_code == 503
@@ -490,6 +492,12 @@ async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
     assert b"the launchers' spawner did not start in 10 s (waiting on the storage)" in bytes(server.output)
+
+
+async def _until_producer_unavailable(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(4):
+        while (await client.get("/healthz")).json()["producer"]:
+            await trio.sleep(0.1)
 
 
 def _kill_spawner_and_launcher(server: Launched) -> None:
@@ -591,6 +599,8 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
         refused = await client.get("/archive/other/")
         assert refused.status_code == 503 and trio.current_time() - started < 1
         assert (await client.get("/healthz")).json()["producer"] is False
+        # Not announced while barred: the one start tried is the one logged.
+        assert bytes(server.output).count(b"starting another (a fork of the service)") == 1
         gate.unlink()
         with trio.fail_after(10):
             while (await client.get("/healthz")).status_code != 200:

@@ -144,31 +144,74 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
     assert await again.wait() == 3
 
 
-async def test_a_spawner_that_dies_leaves_the_launcher_running_and_is_started_again_when_needed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     first = await launcher.current()
     spawner = launcher.current_spawner()
     assert spawner is not None and _parent(spawner.process.pid) == os.getpid()
-    os.kill(spawner.process.pid, signal.SIGKILL)
-    with trio.fail_after(5):
-        while spawner.alive:
-            await trio.sleep(0.01)
+    children = _children(os.getpid())
+    with caplog.at_level(logging.WARNING):
+        os.kill(spawner.process.pid, signal.SIGKILL)
+        with trio.fail_after(5):
+            while (respawner := launcher.current_spawner()) is spawner or respawner is None:
+                await trio.sleep(0.01)
+    assert "the launchers' spawner had ended: the producers' launcher started another" in caplog.text
+    assert respawner.alive and _parent(respawner.process.pid) == first.process.pid
     assert await launcher.current() is first and first.alive  # its producers go on starting
     started = await first.start(ECHO)
     await started.stdin.aclose()
     assert await started.wait() == 3
-    first.process.kill()
+    first.process.kill()  # the launcher: replaced by the new spawner, outliving it; no fork of ours
     with trio.fail_after(5):
         while first.alive:
             await trio.sleep(0.01)
+    second = await launcher.current()
+    assert second is not first and _parent(second.process.pid) == respawner.process.pid
+    assert respawner.alive and _children(os.getpid()) == [pid for pid in children if pid != spawner.process.pid]
+    again = await second.start(ECHO)
+    await again.stdin.aclose()
+    assert await again.wait() == 3
+
+
+async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = await launcher.current()
+    spawner = launcher.current_spawner()
+    assert spawner is not None
+    os.kill(first.process.pid, signal.SIGKILL)
+    os.kill(spawner.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while first.alive or spawner.alive:
+            await trio.sleep(0.01)
     with caplog.at_level(logging.ERROR):
-        second = await launcher.current()  # a spawner first, then the launcher
+        second = await launcher.current()  # a spawner first (a fork of ours), then the launcher
     assert "the launchers' spawner had ended: starting another (a fork of the service)" in caplog.text
     respawner = launcher.current_spawner()
     assert respawner is not None and respawner is not spawner
     assert _parent(second.process.pid) == respawner.process.pid and _parent(respawner.process.pid) == os.getpid()
     again = await second.start(ECHO)
+    await again.stdin.aclose()
+    assert await again.wait() == 3
+
+
+async def test_a_launcher_that_dies_under_a_stopped_spawner_frees_its_producers_waits_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its producers are killed as soon as it has exited (its children are no longer its own
+    # then): not once the stopped spawner, which should reap it, is found out and killed.
+    monkeypatch.setattr(launcher, "REPLY_WAIT", 2.0)
+    first = await launcher.current()
+    spawner = launcher.current_spawner()
+    assert spawner is not None
+    running = await first.start(SLEEPER)
+    os.kill(spawner.process.pid, signal.SIGSTOP)
+    os.kill(first.process.pid, signal.SIGKILL)
+    with trio.fail_after(1):
+        assert await running.wait() == -signal.SIGKILL
+    with trio.fail_after(5):  # the spawner is found out at the reply wait
+        assert await first.process.wait() == -signal.SIGKILL
+    assert f"the launchers' spawner did not report launcher {first.process.pid}'s exit in 2 s: killed" in caplog.text
+    again = await (await launcher.current()).start(ECHO)
     await again.stdin.aclose()
     assert await again.wait() == 3
 
@@ -218,7 +261,8 @@ async def test_a_stopped_launcher_is_killed_at_the_reply_wait_and_another_one_st
             await stopped.start(SLEEPER)
     assert 1.0 <= trio.current_time() - started_at < 3.0
     assert health == [False]
-    assert not stopped.alive and stopped.process.returncode == -signal.SIGKILL
+    assert not stopped.alive
+    assert await stopped.process.wait() == -signal.SIGKILL and stopped.process.returncode == -signal.SIGKILL
     assert launcher.answering()  # ended: the next start starts another
     again = await (await launcher.current()).start(ECHO)
     await again.stdin.aclose()
@@ -241,4 +285,5 @@ async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit
     await started.stdin.aclose()  # it exits; the launcher cannot reap it
     with trio.fail_after(5):
         assert await started.wait() == -signal.SIGKILL  # its status went with the launcher
-    assert not stopped.alive and stopped.process.returncode == -signal.SIGKILL
+    assert not stopped.alive
+    assert await stopped.process.wait() == -signal.SIGKILL and stopped.process.returncode == -signal.SIGKILL

@@ -139,7 +139,7 @@ async def test_a_turn_handed_on_by_a_call_given_up_on_buys_no_timeout_more() -> 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hand_on_the_turn, started + 0.35)  # between the third look and the fourth
-            with pytest.raises(StorageSilent):
+            with pytest.raises(StorageSilent, match="behind calls that the storage does not answer"):
                 await call_storage(
                     walk_that_hangs,
                     timeout=0.4,

@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import trio
@@ -50,6 +50,7 @@ COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
 # The last argument of each one's command line (unread by the program): its role, for ps and the tests.
 SPAWNER = "spawner"
 LAUNCHER = "launcher"
+_NAMES = {SPAWNER: "the launchers' spawner", LAUNCHER: "the producers' launcher"}
 # Time the launcher gets to end once its socket is closed (it kills what it started, then exits).
 STOP_WAIT = 5.0
 # Time the launcher gets to start and say it is ready (a start takes ~20 ms).
@@ -69,17 +70,26 @@ class ReportedProcess:
     """A process a launcher started and reaps: its pid and, once reaped, returncode.
 
     ``returncode`` is the exit code, or minus the signal that ended it (as
-    ``subprocess``), or -SIGKILL if the launcher ended before reporting it
-    (it killed a producer; a launcher, which outlives its spawner, may have
-    ended otherwise).
+    ``subprocess``).  If the launcher ended before reporting it, a producer
+    was killed (-SIGKILL); a launcher, which outlives its spawner, is init's
+    to reap, and its status is not known (None, and ``wait`` returns -SIGKILL)
+    unless the service is init and reaped it itself.
     """
 
-    def __init__(self, pid: int, pidfd: int, wedged: Callable[[], None] = lambda: None) -> None:
+    kind = "producer"  # for the log
+    # A producer does not outlive its launcher: the service cannot read its reports any more.
+    ends_with_its_launcher = True
+
+    def __init__(self, pid: int, pidfd: int, reporter: str = "", wedged: Callable[[], None] = lambda: None) -> None:
         self.pid = pid
+        self._reporter = reporter  # the launcher's name, for the log
         self._wedged = wedged  # kills the launcher: it did not report this process's exit
         self.returncode: int | None = None
         self._pidfd = pidfd
         self._reaped = trio.Event()
+        self._exited = trio.Event()
+        self._watching: trio.Event | None = None  # set when the task watching the pidfd stops
+        self._wedged_seen = False
 
     def kill(self) -> None:
         """SIGKILL, through the pidfd (a process already gone is no error)."""
@@ -87,37 +97,58 @@ class ReportedProcess:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
+    async def exited(self) -> None:
+        """Until the process has exited (reaped or not: its children are its new parent's already).
+
+        Any number of tasks may wait: one watches the pidfd (Trio lets one task
+        wait on a descriptor), the others wait for it.
+        """
+        while not self._exited.is_set() and self._pidfd >= 0:
+            if self._watching is not None:
+                await self._watching.wait()
+                continue
+            self._watching = watching = trio.Event()
+            try:
+                with contextlib.suppress(trio.ClosedResourceError):  # closed: reaped and reported meanwhile
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                self._exited.set()
+            finally:
+                self._watching = None
+                watching.set()
+
     async def wait(self) -> int:
-        """Until the process has ended and been reaped: its ``returncode``.
+        """Until the process has ended and been reaped: its ``returncode`` (-SIGKILL if not known).
 
         Its exit is seen on the pidfd too: a launcher that has not reported it
         REPLY_WAIT later (stopped, wedged) is killed, as for a start.
         """
         if not self._reaped.is_set():
-            with contextlib.suppress(trio.ClosedResourceError):  # closed: reported meanwhile
-                await trio.lowlevel.wait_readable(self._pidfd)  # it has exited
+            await self.exited()
             with trio.move_on_after(REPLY_WAIT):
                 await self._reaped.wait()
-            if not self._reaped.is_set():
+            if not self._reaped.is_set() and not self._wedged_seen:
+                self._wedged_seen = True
                 logger.error(
-                    "the producers' launcher did not report producer %d's exit in %.0f s: killed", self.pid, REPLY_WAIT
+                    "%s did not report %s %d's exit in %.0f s: killed", self._reporter, self.kind, self.pid, REPLY_WAIT
                 )
                 self._wedged()
         await self._reaped.wait()
-        if self.returncode is None:
+        if self._pidfd >= 0:
             # The launcher ended first: the process was killed (a producer) or went on (a launcher
             # whose spawner ended), and is its new parent's to reap: init's, or ours if the service
-            # is a container's init (then nobody else would).  Its status is not known here.
-            await trio.lowlevel.wait_readable(self._pidfd)
+            # is a container's init (then nobody else would, and its status is known here).
+            await self.exited()
+            if self._pidfd < 0:  # another task's wait got here first
+                return self.returncode if self.returncode is not None else -signal.SIGKILL
             with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
-            self.returncode = -signal.SIGKILL
+                reaped = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+                if reaped is not None:
+                    exited = reaped.si_code == os.CLD_EXITED
+                    self.returncode = reaped.si_status if exited else -reaped.si_status
+            if self.returncode is None and self.ends_with_its_launcher:
+                self.returncode = -signal.SIGKILL  # killed as its launcher ended
             self._close_pidfd()
-        assert self.returncode is not None
-        return self.returncode
-
-    # A producer does not outlive its launcher: the service cannot read its reports any more.
-    ends_with_its_launcher = True
+        return self.returncode if self.returncode is not None else -signal.SIGKILL
 
     def _ended(self, returncode: int | None) -> None:
         """From the launcher's reader: reaped with ``returncode``, or None if the launcher ended (it is killed)."""
@@ -140,9 +171,16 @@ class LaunchedProcess(ReportedProcess):
     """A program the launcher started, with its pipes (``trio.lowlevel.FdStream``)."""
 
     def __init__(
-        self, pid: int, pidfd: int, stdin: int, stdout: int, stderr: int, wedged: Callable[[], None] = lambda: None
+        self,
+        pid: int,
+        pidfd: int,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        reporter: str = "",
+        wedged: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(pid, pidfd, wedged)
+        super().__init__(pid, pidfd, reporter, wedged)
         self.stdin = trio.lowlevel.FdStream(stdin)
         self.stdout = trio.lowlevel.FdStream(stdout)
         self.stderr = trio.lowlevel.FdStream(stderr)
@@ -151,11 +189,12 @@ class LaunchedProcess(ReportedProcess):
 class _SpawnedLauncher(ReportedProcess):
     """A launcher the spawner started, and the service's end of its socket (``control``, a descriptor)."""
 
+    kind = "launcher"
     # A launcher goes on if its spawner ends: its producers with it; its own end is seen on its socket.
     ends_with_its_launcher = False
 
-    def __init__(self, pid: int, pidfd: int, control: int, wedged: Callable[[], None]) -> None:
-        super().__init__(pid, pidfd, wedged)
+    def __init__(self, pid: int, pidfd: int, control: int, reporter: str, wedged: Callable[[], None]) -> None:
+        super().__init__(pid, pidfd, reporter, wedged)
         self.control = control
 
 
@@ -233,10 +272,15 @@ class _SpawnerProcess:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
+    async def exited(self) -> None:
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+
     async def wait(self) -> int:
         if self.returncode is None:
             await trio.lowlevel.wait_readable(self._pidfd)
             self.returncode = self._popen.wait()
+            trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
         return self.returncode
 
@@ -264,15 +308,18 @@ class Launcher:
         except BaseException:
             ours.close()
             raise
-        return await cls(process, trio.socket.from_stdlib_socket(ours), "the launchers' spawner")._ready()
+        return await cls(process, trio.socket.from_stdlib_socket(ours), _NAMES[SPAWNER])._ready()
 
-    async def open_launcher(self) -> Launcher:
-        """A launcher started by this process (the spawner), with its reader task; OSError if it cannot be."""
-        result = await self._ask([b"", *(os.fsencode(part) for part in (*COMMAND, LAUNCHER))])
+    async def open_launcher(self, role: str = LAUNCHER) -> Launcher:
+        """A launcher (or spawner: ``role``) started by this process, with its reader task; OSError if it cannot be.
+
+        The spawner starts launchers; a launcher starts a spawner that ended.
+        """
+        result = await self._ask([b"", *(os.fsencode(part) for part in (*COMMAND, role))])
         if not isinstance(result, _SpawnedLauncher):  # cannot happen: a reply with two descriptors
-            raise OSError(f"{self.name} started no launcher")
+            raise OSError(f"{self.name} started no {role}")
         control = trio.socket.from_stdlib_socket(socket.socket(fileno=result.control))
-        return await Launcher(result, control, "the producers' launcher")._ready()
+        return await Launcher(result, control, _NAMES[role])._ready()
 
     async def _ready(self) -> Launcher:
         """Once it says it is ready (READY_WAIT at most, else killed: OSError), with its reader task."""
@@ -369,20 +416,24 @@ class Launcher:
                     process.kill()
             self._control.close()
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(STOP_WAIT):
-                    await self.process.wait()
-                if self.process.returncode is None:
-                    self.process.kill()  # it ignores SIGTERM
-                    await self.process.wait()
-            # Once the launcher is reaped, its producers are its new parent's (ours, if we are a
-            # container's init): each is reaped by its own wait, or by init.
-            for answered, _ in self._replies.values():
-                answered.set()
-            for process in self._running.values():
-                process._ended(None)
-            self._running.clear()
-            if unexpected:
-                logger.error("%s exited (status %s)", self.name, self.process.returncode)
+                with trio.move_on_after(STOP_WAIT) as stopping:
+                    await self.process.exited()
+                if stopping.cancelled_caught:
+                    self.process.kill()  # it ignores SIGTERM (and may be stopped)
+                    await self.process.exited()
+                # Once the launcher has exited (reaped or not), its producers are its new parent's
+                # (ours, if we are a container's init): each is reaped by its own wait, or by init.
+                for answered, _ in self._replies.values():
+                    answered.set()
+                for process in self._running.values():
+                    process._ended(None)
+                self._running.clear()
+                await self.process.wait()  # its status: the spawner reports it, or it is the service's child
+                if unexpected:
+                    status = self.process.returncode if self.process.returncode is not None else "unknown"
+                    logger.error("%s exited (status %s)", self.name, status)
+                    if self.name == _NAMES[SPAWNER]:
+                        trio.lowlevel.spawn_system_task(_replace_spawner, name="archiver spawner replacement")
 
     async def _receive(self) -> tuple[bytes, list[int]]:
         space = socket.CMSG_SPACE(_DESCRIPTORS * array.array("i").itemsize)
@@ -410,11 +461,11 @@ class Launcher:
         result: ReportedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
             pidfd, stdin, stdout, stderr = descriptors
-            result = LaunchedProcess(int(fields[1]), pidfd, stdin, stdout, stderr, wedged=self.process.kill)
+            result = LaunchedProcess(int(fields[1]), pidfd, stdin, stdout, stderr, self.name, self.process.kill)
             self._running[result.pid] = result
         elif kind == b"S" and len(descriptors) == _LAUNCHER_DESCRIPTORS:
             pidfd, control = descriptors
-            result = _SpawnedLauncher(int(fields[1]), pidfd, control, wedged=self.process.kill)
+            result = _SpawnedLauncher(int(fields[1]), pidfd, control, self.name, self.process.kill)
             self._running[result.pid] = result
         else:
             for descriptor in descriptors:
@@ -432,20 +483,36 @@ class Launcher:
 _current: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_launcher", default=None)
 _spawner: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_spawner", default=None)
 _opening: trio.lowlevel.RunVar[trio.Lock | None] = trio.lowlevel.RunVar("archiver_launcher_opening", default=None)
+# When the start of a launcher or spawner now in progress began (for /healthz).
+_opening_since: trio.lowlevel.RunVar[float | None] = trio.lowlevel.RunVar("archiver_opening_since", default=None)
 
 
-async def current() -> Launcher:
-    """This run's launcher, started if there is none or it has ended; OSError if it cannot start."""
+def _opening_lock() -> trio.Lock:
     lock = _opening.get()
     if lock is None:
         lock = trio.Lock()
         _opening.set(lock)
-    async with lock:
+    return lock
+
+
+@contextlib.contextmanager
+def _opening_now() -> Iterator[None]:
+    _opening_since.set(trio.current_time())
+    try:
+        yield
+    finally:
+        _opening_since.set(None)
+
+
+async def current() -> Launcher:
+    """This run's launcher, started if there is none or it has ended; OSError if it cannot start."""
+    async with _opening_lock():
         launcher = _current.get()
         if launcher is None or not launcher.alive:
             if launcher is not None:
                 logger.error("the producers' launcher had ended: starting another")
-            launcher = await (await _current_spawner()).open_launcher()
+            with _opening_now():
+                launcher = await (await _current_spawner()).open_launcher()
             _current.set(launcher)
     return launcher
 
@@ -453,11 +520,32 @@ async def current() -> Launcher:
 async def _current_spawner() -> Launcher:
     spawner = _spawner.get()
     if spawner is None or not spawner.alive:
+        if _SpawnerProcess.spawns_waiting:  # no second fork while one waits on the storage
+            raise OSError("the last start of the launchers' spawner still waits on the storage")
         if spawner is not None:
             logger.error("the launchers' spawner had ended: starting another (a fork of the service)")
         spawner = await Launcher.open()
         _spawner.set(spawner)
     return spawner
+
+
+async def _replace_spawner() -> None:
+    """A system task: the spawner ended, have the launcher start another (no fork of the service).  Never raises.
+
+    Only a spawner and a launcher that both end before this is done leave the
+    next launcher start to a fork of the service.
+    """
+    async with _opening_lock():
+        spawner, launcher = _spawner.get(), _current.get()
+        if (spawner is not None and spawner.alive) or launcher is None or not launcher.alive:
+            return
+        try:
+            with _opening_now():
+                _spawner.set(await launcher.open_launcher(SPAWNER))
+        except OSError as error:
+            logger.error("the producers' launcher could not start another spawner: %s", error)
+        else:
+            logger.warning("the launchers' spawner had ended: the producers' launcher started another")
 
 
 def current_spawner() -> Launcher | None:
@@ -469,11 +557,15 @@ def answering() -> bool:
     """Whether producers can be started now (for /healthz: else every download gets a 503).
 
     False while this run's launcher or spawner leaves a start unanswered past
-    ANSWER_LATE (it is killed at REPLY_WAIT), or while a start of a spawner
-    given up on still waits (on the storage).  A launcher or spawner that has
+    ANSWER_LATE (it is killed at REPLY_WAIT), while the start of a launcher or
+    spawner has taken longer than that, or while a start of a spawner given
+    up on still waits (on the storage).  A launcher or spawner that has
     ended is no reason: the next download starts another.
     """
-    if _SpawnerProcess.spawns_waiting:
+    opening_since = _opening_since.get()
+    if _SpawnerProcess.spawns_waiting or (
+        opening_since is not None and trio.current_time() - opening_since > ANSWER_LATE
+    ):
         return False
     return all(
         process is None or not process.alive or process.answering() for process in (_current.get(), _spawner.get())

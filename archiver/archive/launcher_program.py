@@ -201,11 +201,16 @@ def serve(control: socket.socket) -> None:
 
 
 def main() -> int:
+    """Serve the socket on stdin; named (``ps -e``, ``pgrep -x``) by its role, the last argument if any."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if len(sys.argv) > 1:
+        with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+            comm.write(sys.argv[-1])
     control = socket.socket(fileno=0)
-    control.send(b"R")  # ready: its signals set
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the service is gone
+    # The service may be gone: a start it gave up on may run once the storage let it, after the service stopped.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        control.send(b"R")  # ready: its signals set
         serve(control)
     return 0
 

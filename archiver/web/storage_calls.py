@@ -82,7 +82,7 @@ async def call_storage(
         nursery.cancel_scope.cancel()
 
     try:
-        silent_for = await _watch(call, timeout, lambda: started, progress, queue_moved)
+        silent_for, queued = await _watch(call, timeout, lambda: started, progress, queue_moved)
     finally:
         if progress is not None and not returned:
             progress.given_up = True  # given up on, or its client left: a walk still moving stops at its next step
@@ -90,7 +90,7 @@ async def call_storage(
         raise raised[0]
     if returned:
         return returned[0]
-    raise StorageSilent(silent_for, queued=not started)
+    raise StorageSilent(silent_for, queued=queued)
 
 
 async def _watch(
@@ -99,20 +99,23 @@ async def _watch(
     started: Callable[[], bool],
     progress: WalkProgress | None,
     queue_moved: Callable[[], tuple[str, object]] | None,
-) -> float:
-    """Run ``call`` until it cancels the nursery it is given: 0.0; or, after ``timeout`` s of silence, cancel it.
+) -> tuple[float, bool]:
+    """Run ``call`` until it cancels the nursery it is given: (0, False); or after ``timeout`` s of silence, cancel it.
 
-    Then: how long the silence was.
+    Then: how long the silence was, and whether most of it was spent queued
+    (the calls ahead are what the storage does not answer, not this one).
     """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call, nursery)
         since = trio.current_time()
         seen: tuple[str, object] | None = None
+        called_at: float | None = None  # the first look that saw the call started
         while True:
             await trio.sleep(timeout / 4)  # for ever when the timeout is inf: ended by call()
             now = trio.current_time()
             state: tuple[str, object] | None
             if started():
+                called_at = now if called_at is None else called_at
                 state = ("walk", progress.steps) if progress is not None else None
             else:
                 state = queue_moved() if queue_moved is not None else None
@@ -124,5 +127,5 @@ async def _watch(
             seen = state
             if now - since >= timeout:
                 nursery.cancel_scope.cancel()  # the thread is abandoned, still holding its limiter's token
-                return now - since
-    return 0.0  # call() ended (a cancellation from outside propagates from the nursery)
+                return now - since, called_at is None or now - called_at < (now - since) / 2
+    return 0.0, False  # call() ended (a cancellation from outside propagates from the nursery)
