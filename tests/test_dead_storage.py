@@ -601,6 +601,7 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
         assert (await client.get("/healthz")).json()["producer"] is False
         # Not announced while barred: the one start tried is the one logged.
         assert bytes(server.output).count(b"starting another (a fork of the service)") == 1
+        assert bytes(server.output).count(b"the producers' launcher had ended: starting another") == 1
         gate.unlink()
         with trio.fail_after(10):
             while (await client.get("/healthz")).status_code != 200:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -170,6 +171,34 @@ async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(cap
     again = await second.start(ECHO)
     await again.stdin.aclose()
     assert await again.wait() == 3
+
+
+async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_later_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Out of descriptors, the launcher answers the start of a spawner with an error, and goes
+    # on; the next producer start a while later tries again (else the launcher's death would
+    # fork the service, however much later).
+    monkeypatch.setattr(launcher, "SPAWNER_RETRY", 0.2)
+    first = await launcher.current()
+    spawner = launcher.current_spawner()
+    assert spawner is not None
+    pid = first.process.pid
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(map(int, os.listdir(f"/proc/{pid}/fd"))) + 1, limit[1]))
+    os.kill(spawner.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while "the producers' launcher could not start another spawner" not in caplog.text:
+            await trio.sleep(0.01)
+    assert "Too many open files" in caplog.text
+    assert first.alive and not launcher.current_spawner().alive  # type: ignore[union-attr]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+    with trio.fail_after(5):  # tried again, SPAWNER_RETRY after
+        while not (respawner := launcher.current_spawner()) or not respawner.alive:
+            assert await launcher.current() is first
+            await trio.sleep(0.05)
+    assert _parent(respawner.process.pid) == pid
+    assert "the launchers' spawner had ended: the producers' launcher started another" in caplog.text
 
 
 async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_service(

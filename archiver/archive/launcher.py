@@ -59,6 +59,8 @@ READY_WAIT = 10.0
 REPLY_WAIT = 10.0
 # A start unanswered this long makes /healthz say the producer is unavailable.
 ANSWER_LATE = 2.0
+# A spawner the launcher could not start again is tried again at a producer start, at most this often.
+SPAWNER_RETRY = 10.0
 _REPLY_BYTES = 256
 # No program named: the launcher forks a producer of its own (``launcher_program._fork_producer``).
 FORKED_PRODUCER: Sequence[str] = ()
@@ -318,6 +320,7 @@ class Launcher:
         result = await self._ask([b"", *(os.fsencode(part) for part in (*COMMAND, role))])
         if not isinstance(result, _SpawnedLauncher):  # cannot happen: a reply with two descriptors
             raise OSError(f"{self.name} started no {role}")
+        result.kind = role
         control = trio.socket.from_stdlib_socket(socket.socket(fileno=result.control))
         return await Launcher(result, control, _NAMES[role])._ready()
 
@@ -407,6 +410,8 @@ class Launcher:
         except trio.Cancelled:
             unexpected = False
             raise
+        except ConnectionResetError:
+            pass  # it died with a message of ours unread: its end is logged below
         except (OSError, ValueError) as error:
             logger.error("%s: %s", self.name, error)
         finally:
@@ -428,12 +433,12 @@ class Launcher:
                 for process in self._running.values():
                     process._ended(None)
                 self._running.clear()
-                await self.process.wait()  # its status: the spawner reports it, or it is the service's child
+                if unexpected and self.name == _NAMES[SPAWNER]:
+                    trio.lowlevel.spawn_system_task(_replace_spawner, name="archiver spawner replacement")
+                await self.process.wait()  # its status: the launcher reports it, or it is the service's child
                 if unexpected:
                     status = self.process.returncode if self.process.returncode is not None else "unknown"
                     logger.error("%s exited (status %s)", self.name, status)
-                    if self.name == _NAMES[SPAWNER]:
-                        trio.lowlevel.spawn_system_task(_replace_spawner, name="archiver spawner replacement")
 
     async def _receive(self) -> tuple[bytes, list[int]]:
         space = socket.CMSG_SPACE(_DESCRIPTORS * array.array("i").itemsize)
@@ -483,6 +488,7 @@ class Launcher:
 _current: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_launcher", default=None)
 _spawner: trio.lowlevel.RunVar[Launcher | None] = trio.lowlevel.RunVar("archiver_spawner", default=None)
 _opening: trio.lowlevel.RunVar[trio.Lock | None] = trio.lowlevel.RunVar("archiver_launcher_opening", default=None)
+_spawner_retry_at: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("archiver_spawner_retry_at", default=0.0)
 # When the start of a launcher or spawner now in progress began (for /healthz).
 _opening_since: trio.lowlevel.RunVar[float | None] = trio.lowlevel.RunVar("archiver_opening_since", default=None)
 
@@ -505,15 +511,24 @@ def _opening_now() -> Iterator[None]:
 
 
 async def current() -> Launcher:
-    """This run's launcher, started if there is none or it has ended; OSError if it cannot start."""
+    """This run's launcher, started if there is none or it has ended; OSError if it cannot start.
+
+    A spawner that ended and could not be replaced at once is tried again
+    here (while the launcher runs: no fork), at most every SPAWNER_RETRY.
+    """
     async with _opening_lock():
         launcher = _current.get()
         if launcher is None or not launcher.alive:
+            spawner = _spawner.get()
+            if (spawner is None or not spawner.alive) and _SpawnerProcess.spawns_waiting:
+                raise OSError("the last start of the launchers' spawner still waits on the storage")
             if launcher is not None:
                 logger.error("the producers' launcher had ended: starting another")
             with _opening_now():
                 launcher = await (await _current_spawner()).open_launcher()
             _current.set(launcher)
+        elif _spawner_to_replace(launcher) and trio.current_time() >= _spawner_retry_at.get():
+            await _replace_spawner_now(launcher)
     return launcher
 
 
@@ -529,23 +544,34 @@ async def _current_spawner() -> Launcher:
     return spawner
 
 
+def _spawner_to_replace(launcher: Launcher | None) -> bool:
+    """Whether the spawner has ended while ``launcher`` runs (it can start another)."""
+    spawner = _spawner.get()
+    return spawner is not None and not spawner.alive and launcher is not None and launcher.alive
+
+
 async def _replace_spawner() -> None:
     """A system task: the spawner ended, have the launcher start another (no fork of the service).  Never raises.
 
-    Only a spawner and a launcher that both end before this is done leave the
-    next launcher start to a fork of the service.
+    Only a spawner and a launcher that both end before one is replaced leave
+    the next launcher start to a fork of the service.
     """
     async with _opening_lock():
-        spawner, launcher = _spawner.get(), _current.get()
-        if (spawner is not None and spawner.alive) or launcher is None or not launcher.alive:
-            return
-        try:
-            with _opening_now():
-                _spawner.set(await launcher.open_launcher(SPAWNER))
-        except OSError as error:
-            logger.error("the producers' launcher could not start another spawner: %s", error)
-        else:
-            logger.warning("the launchers' spawner had ended: the producers' launcher started another")
+        launcher = _current.get()
+        if launcher is not None and _spawner_to_replace(launcher):
+            await _replace_spawner_now(launcher)
+
+
+async def _replace_spawner_now(launcher: Launcher) -> None:
+    """Have ``launcher`` start a spawner; if it cannot, logged, and not tried again before SPAWNER_RETRY."""
+    try:
+        with _opening_now():
+            _spawner.set(await launcher.open_launcher(SPAWNER))
+    except OSError as error:
+        _spawner_retry_at.set(trio.current_time() + SPAWNER_RETRY)
+        logger.error("the producers' launcher could not start another spawner: %s", error)
+    else:
+        logger.warning("the launchers' spawner had ended: the producers' launcher started another")
 
 
 def current_spawner() -> Launcher | None:

@@ -101,7 +101,10 @@ def _start_launcher(ident: bytes, arguments: list[bytes]) -> tuple[bytes, list[i
     Its stdout and stderr are this process's (the service's): a launcher
     writes nothing but what goes wrong.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as error:  # out of descriptors: answered, as a start that failed
+        return _refusal(ident, error), []
     try:
         with theirs:
             pid = os.posix_spawn(
