@@ -37,6 +37,21 @@ def _parent(pid: int) -> int:
         return int(file.read().rsplit(")", 1)[1].split()[1])
 
 
+async def _launcher_and_spawner() -> tuple[launcher.Launcher, launcher.Launcher]:
+    """This run's launcher and spawner, started."""
+    started = await launcher.current()
+    spawner = launcher.current_spawner()
+    assert spawner is not None
+    return started, spawner
+
+
+async def _runs_a_program(started_by: launcher.Launcher) -> bool:
+    """Whether ``started_by`` starts a program that runs: its status comes back (ECHO's, 3)."""
+    started = await started_by.start(ECHO)
+    await started.stdin.aclose()
+    return await started.wait() == 3
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as file:
         return sorted(int(child) for child in file.read().split())
@@ -115,9 +130,7 @@ async def test_a_program_that_cannot_start_is_an_oserror_and_the_launcher_goes_o
         (tmp_path / "program").write_text("#!/bin/sh\n")  # not executable
         await (await launcher.current()).start((str(tmp_path / "program"),))
     assert failed.value.errno == errno.EACCES
-    started = await (await launcher.current()).start(ECHO)
-    await started.stdin.aclose()
-    assert await started.wait() == 3
+    assert await _runs_a_program(await launcher.current())
 
 
 async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts(
@@ -140,9 +153,7 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
     spawner = launcher.current_spawner()
     assert spawner is not None and _parent(second.process.pid) == spawner.process.pid
     assert _children(os.getpid()) == children  # started by the spawner: no fork of ours
-    again = await second.start(ECHO)
-    await again.stdin.aclose()
-    assert await again.wait() == 3
+    assert await _runs_a_program(second)
 
 
 async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -158,9 +169,7 @@ async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(cap
     assert "the launchers' spawner had ended: the producers' launcher started another" in caplog.text
     assert respawner.alive and _parent(respawner.process.pid) == first.process.pid
     assert await launcher.current() is first and first.alive  # its producers go on starting
-    started = await first.start(ECHO)
-    await started.stdin.aclose()
-    assert await started.wait() == 3
+    assert await _runs_a_program(first)
     first.process.kill()  # the launcher: replaced by the new spawner, outliving it; no fork of ours
     with trio.fail_after(5):
         while first.alive:
@@ -168,9 +177,7 @@ async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(cap
     second = await launcher.current()
     assert second is not first and _parent(second.process.pid) == respawner.process.pid
     assert respawner.alive and _children(os.getpid()) == [pid for pid in children if pid != spawner.process.pid]
-    again = await second.start(ECHO)
-    await again.stdin.aclose()
-    assert await again.wait() == 3
+    assert await _runs_a_program(second)
 
 
 async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_later_start(
@@ -180,9 +187,7 @@ async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_lat
     # on; the next producer start a while later tries again (else the launcher's death would
     # fork the service, however much later).
     monkeypatch.setattr(launcher, "SPAWNER_RETRY", 0.2)
-    first = await launcher.current()
-    spawner = launcher.current_spawner()
-    assert spawner is not None
+    first, spawner = await _launcher_and_spawner()
     pid = first.process.pid
     limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(map(int, os.listdir(f"/proc/{pid}/fd"))) + 1, limit[1]))
@@ -204,9 +209,7 @@ async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_lat
 async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_service(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first = await launcher.current()
-    spawner = launcher.current_spawner()
-    assert spawner is not None
+    first, spawner = await _launcher_and_spawner()
     os.kill(first.process.pid, signal.SIGKILL)
     os.kill(spawner.process.pid, signal.SIGKILL)
     with trio.fail_after(5):
@@ -218,9 +221,7 @@ async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_
     respawner = launcher.current_spawner()
     assert respawner is not None and respawner is not spawner
     assert _parent(second.process.pid) == respawner.process.pid and _parent(respawner.process.pid) == os.getpid()
-    again = await second.start(ECHO)
-    await again.stdin.aclose()
-    assert await again.wait() == 3
+    assert await _runs_a_program(second)
 
 
 async def test_a_launcher_that_dies_under_a_stopped_spawner_frees_its_producers_waits_at_once(
@@ -229,9 +230,7 @@ async def test_a_launcher_that_dies_under_a_stopped_spawner_frees_its_producers_
     # Its producers are killed as soon as it has exited (its children are no longer its own
     # then): not once the stopped spawner, which should reap it, is found out and killed.
     monkeypatch.setattr(launcher, "REPLY_WAIT", 2.0)
-    first = await launcher.current()
-    spawner = launcher.current_spawner()
-    assert spawner is not None
+    first, spawner = await _launcher_and_spawner()
     running = await first.start(SLEEPER)
     os.kill(spawner.process.pid, signal.SIGSTOP)
     os.kill(first.process.pid, signal.SIGKILL)
@@ -240,9 +239,7 @@ async def test_a_launcher_that_dies_under_a_stopped_spawner_frees_its_producers_
     with trio.fail_after(5):  # the spawner is found out at the reply wait
         assert await first.process.wait() == -signal.SIGKILL
     assert f"the launchers' spawner did not report launcher {first.process.pid}'s exit in 2 s: killed" in caplog.text
-    again = await (await launcher.current()).start(ECHO)
-    await again.stdin.aclose()
-    assert await again.wait() == 3
+    assert await _runs_a_program(await launcher.current())
 
 
 async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(tmp_path: Path) -> None:
@@ -293,9 +290,7 @@ async def test_a_stopped_launcher_is_killed_at_the_reply_wait_and_another_one_st
     assert not stopped.alive
     assert await stopped.process.wait() == -signal.SIGKILL and stopped.process.returncode == -signal.SIGKILL
     assert launcher.answering()  # ended: the next start starts another
-    again = await (await launcher.current()).start(ECHO)
-    await again.stdin.aclose()
-    assert await again.wait() == 3
+    assert await _runs_a_program(await launcher.current())
 
 
 async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit_unreported(
@@ -307,9 +302,7 @@ async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit
     started = await stopped.start(ECHO)
     # Answered only once the launcher has closed its copies of the first one's pipes (stopped
     # before, it would hold the first one's stdin open: no end of input, no exit to see).
-    settled = await stopped.start(ECHO)
-    await settled.stdin.aclose()
-    assert await settled.wait() == 3
+    assert await _runs_a_program(stopped)
     os.kill(stopped.process.pid, signal.SIGSTOP)
     await started.stdin.aclose()  # it exits; the launcher cannot reap it
     with trio.fail_after(5):
