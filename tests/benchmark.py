@@ -91,17 +91,28 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 @contextmanager
 def service(
-    storage: Path, extra_env: dict[str, str] | None = None, python: str = sys.executable
+    storage: Path, extra_env: dict[str, str] | None = None, python: str = sys.executable, workers: int = 0
 ) -> Iterator[tuple[str, int]]:
-    """The service (``python -m archiver``, by default this checkout's) on a free port; yields its base URL and pid."""
+    """The service (``python -m archiver``, by default this checkout's) on a free port; yields its base URL and pid.
+
+    ``workers`` > 0: the Hypercorn launch with that many worker processes
+    (``hypercorn --config hypercorn.toml --workers N``; the pid is Hypercorn's master).
+    """
     port = free_port()
     # Every curl comes from 127.0.0.1: one client to the per-client job cap,
     # which would refuse the concurrent runs past 4.
     env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", "ARCHIVER_MAX_JOBS_PER_CLIENT": "64", **(extra_env or {})}
     command = [python, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
+    if workers:
+        env["ARCHIVER_DIR"] = str(storage)
+        hypercorn = str(Path(python).parent / "hypercorn")
+        config = str(PROJECT / "hypercorn.toml")
+        command = [hypercorn, "--config", config, "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+        command.append("archiver.asgi:app")
     log = BENCH_STORAGE / "service.log"
     with open(log, "ab") as log_file:
         # Not from a checkout: ``python -m`` must import the package installed for ``python``.
+        # Hypercorn's access log goes to stdout (hypercorn.toml): written, and dropped.
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=tempfile.gettempdir()
         )
@@ -407,6 +418,9 @@ def run_dataset(dataset: Dataset, repeat: int, pythons: list[tuple[str, str]]) -
 
 # Rounds of the paired 8-at-once comparison: one of 8 downloads is ~3 s of a noisy machine.
 PAIRED_ROUNDS = 7
+# The paired comparison also runs the service as one process per core would (README, Deploying):
+# one event loop moves every byte of a process's downloads, and tops out at one core.
+WORKERS = os.cpu_count() or 1
 
 
 def paired_rounds(
@@ -419,16 +433,23 @@ def paired_rounds(
     clock).  Here every server is up at once (an idle one costs nothing),
     each round runs them back to back (their order turning every round),
     and a round's ratio compares neighbours.  Shown: the median ratio and
-    its range over ``rounds``.
+    its range over ``rounds``.  Also measured: this checkout's service as
+    Hypercorn workers, one a core.
     """
     post = f"files={dataset.name}"
     with contextlib.ExitStack() as servers:
         peer_url, _ = servers.enter_context(zipserver(BENCH_STORAGE))
-        bases = [(name, servers.enter_context(service(BENCH_STORAGE, python=python))[0]) for name, python in pythons]
+        launches = [(name, python, 0) for name, python in pythons]
+        launches.append((f"{pythons[0][0]}, {WORKERS} Hypercorn workers", pythons[0][1], WORKERS))
+        bases = [
+            (name, servers.enter_context(service(BENCH_STORAGE, python=python, workers=workers))[0])
+            for name, python, workers in launches
+        ]
         urls = [(name, f"{base}/archive/{dataset.name}/", None) for name, base in bases]
         contenders = [("peer", peer_url, post), *urls]
         for _, url, data in contenders:
-            curl([url], False, data)  # warm up (and the CRC index)
+            for _ in range(2):
+                curl([url] * 8, False, data)  # warm up (and every worker's CRC index)
         ratios: dict[str, list[float]] = {name: [] for name, _ in bases}
         for round_number in range(rounds):
             rates: dict[str, float] = {}
