@@ -198,6 +198,21 @@ def spawner_processes(ancestor: int) -> list[ProducerChild]:
     return _below(ancestor, _process_table(), lambda process: _role(process) == SPAWNER)
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter (Z: a zombie), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def parent_pid(pid: int) -> int:
+    """The parent process id of ``pid`` (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as file:
+        return int(file.read().rsplit(")", 1)[1].split()[1])
+
+
 def _role(process: _Process | None) -> bytes | None:
     """What runs the launcher's program, by its last argument: a spawner, or a launcher (or a producer it
     forked and not named yet: its command line is the launcher's); None for any other process."""

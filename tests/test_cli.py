@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +16,18 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PROTOCOLS, files_on_disk, free_port, make_client, producer_processes, read_archive
+from .conftest import (
+    PROTOCOLS,
+    files_on_disk,
+    free_port,
+    launcher_processes,
+    make_client,
+    parent_pid,
+    process_state,
+    producer_processes,
+    read_archive,
+    spawner_processes,
+)
 
 PROJECT = Path(__file__).resolve().parent.parent
 SAMPLE_ALBUM = "holiday-2024"
@@ -38,6 +50,8 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # A group of its own: a test that fails midway kills Hypercorn's workers too, not only their master.
+        start_new_session=True,
     )
     assert process.stdout is not None
     try:
@@ -60,7 +74,7 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
     finally:
         with trio.CancelScope(shield=True):
             if process.returncode is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
 
 
@@ -143,6 +157,42 @@ def test_bad_settings_fail_fast_with_a_message(arguments: list[str], environment
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_process() -> None:
+    # One process a core (README, Deploying; the benchmark's "Hypercorn workers"): each worker
+    # is a whole service, with its own spawner and launcher, and a stop ends them all.
+    command, env = launch_command("hypercorn", free_port(), grace=5)
+    command[-1:-1] = ["--workers", "2"]
+    async with launched(command, env | {"ARCHIVER_DIR": "data"}) as server:
+        master = server.process.pid
+        with trio.fail_after(30):  # each worker starts its own, after "Running on"
+            while len(spawner_processes(master)) < 2 or len(launcher_processes(master)) < 2:
+                await trio.sleep(0.05)
+        helpers = spawner_processes(master) + launcher_processes(master)
+        # Each worker's spawner is its own child: no worker leans on another's.
+        workers = {parent_pid(spawner.pid) for spawner in spawner_processes(master)}
+        assert len(workers) == 2
+        assert {parent_pid(worker) for worker in workers} == {master}
+        expected = files_on_disk(PROJECT / "data" / SAMPLE_ALBUM)
+
+        async def download() -> None:
+            async with make_client(server.url, "HTTP/1.1") as client:
+                response = await client.get(f"/archive/{SAMPLE_ALBUM}/")
+            assert response.status_code == 200
+            assert read_archive(response.content) == expected
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(download)
+        server.process.terminate()
+        with trio.fail_after(15):
+            assert await server.process.wait() == 0
+    for pid in workers:
+        assert process_state(pid) is None  # reaped by Hypercorn's master
+    for process in helpers:
+        # Exited: a launcher outlives its spawner by a moment, and is then init's to reap.
+        assert process_state(process.pid) in (None, "Z")
 
 
 def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[str, str]]:

@@ -16,25 +16,19 @@ import trio
 
 from archiver.archive import launcher, launcher_program, producer_program
 
-from .conftest import free_port, launcher_processes, producer_processes, spawner_processes, write_tree
+from .conftest import (
+    free_port,
+    launcher_processes,
+    parent_pid,
+    process_state,
+    producer_processes,
+    spawner_processes,
+    write_tree,
+)
 from .test_cli import launched
 
 ECHO = (sys.executable, "-I", "-S", "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)")
 SLEEPER = (sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)")
-
-
-def _state(pid: int) -> str | None:
-    """The process's state letter (Z: a zombie), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as file:
-        return int(file.read().rsplit(")", 1)[1].split()[1])
 
 
 async def _launcher_and_spawner() -> tuple[launcher.Launcher, launcher.Launcher]:
@@ -59,7 +53,7 @@ def _children(pid: int) -> list[int]:
 
 async def test_a_program_runs_with_its_pipes_and_its_status_is_reported() -> None:
     started = await (await launcher.current()).start(ECHO)
-    assert _parent(started.pid) == (await launcher.current()).process.pid  # the launcher's child, not ours
+    assert parent_pid(started.pid) == (await launcher.current()).process.pid  # the launcher's child, not ours
     await started.stdin.send_all("ъ photo\n".encode())
     await started.stdin.aclose()
     output = b""
@@ -67,13 +61,13 @@ async def test_a_program_runs_with_its_pipes_and_its_status_is_reported() -> Non
         output += chunk
     assert output == "Ъ PHOTO\n".encode()
     assert await started.wait() == 3 and started.returncode == 3
-    assert _state(started.pid) is None  # reaped
+    assert process_state(started.pid) is None  # reaped
 
 
 async def test_the_forked_producer_holds_its_pipes_only_and_its_signals_are_a_fresh_pythons() -> None:
     started_by = await launcher.current()
     forked = await started_by.start()  # launcher.FORKED_PRODUCER
-    assert _parent(forked.pid) == started_by.process.pid
+    assert parent_pid(forked.pid) == started_by.process.pid
     with trio.fail_after(5):  # named by itself, once forked
         while Path(f"/proc/{forked.pid}/comm").read_text().strip() != launcher_program.PRODUCER_NAME:
             await trio.sleep(0.001)
@@ -106,7 +100,7 @@ async def test_a_killed_program_is_reaped_and_reported_as_killed() -> None:
     started.kill()
     with trio.fail_after(5):
         assert await started.wait() == -signal.SIGKILL
-    assert _state(started.pid) is None
+    assert process_state(started.pid) is None
     started.kill()  # once gone, a kill is no error (and hits no other process: the pidfd is closed)
 
 
@@ -141,7 +135,7 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
     os.kill(first.process.pid, signal.SIGKILL)
     with trio.fail_after(5):
         assert await running.wait() == -signal.SIGKILL
-    assert _state(running.pid) in (None, "Z")  # init's to reap now
+    assert process_state(running.pid) in (None, "Z")  # init's to reap now
     assert not first.alive
     with trio.fail_after(5):  # logged once the launcher is reaped
         while "the producers' launcher exited (status -9)" not in caplog.text:
@@ -151,7 +145,7 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
         second = await launcher.current()
     assert second is not first and second.alive
     spawner = launcher.current_spawner()
-    assert spawner is not None and _parent(second.process.pid) == spawner.process.pid
+    assert spawner is not None and parent_pid(second.process.pid) == spawner.process.pid
     assert _children(os.getpid()) == children  # started by the spawner: no fork of ours
     assert await _runs_a_program(second)
 
@@ -159,7 +153,7 @@ async def test_a_launcher_that_dies_kills_what_it_started_and_another_one_starts
 async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     first = await launcher.current()
     spawner = launcher.current_spawner()
-    assert spawner is not None and _parent(spawner.process.pid) == os.getpid()
+    assert spawner is not None and parent_pid(spawner.process.pid) == os.getpid()
     children = _children(os.getpid())
     with caplog.at_level(logging.WARNING):
         os.kill(spawner.process.pid, signal.SIGKILL)
@@ -167,7 +161,7 @@ async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(cap
             while (respawner := launcher.current_spawner()) is spawner or respawner is None:
                 await trio.sleep(0.01)
     assert "the launchers' spawner had ended: the producers' launcher started another" in caplog.text
-    assert respawner.alive and _parent(respawner.process.pid) == first.process.pid
+    assert respawner.alive and parent_pid(respawner.process.pid) == first.process.pid
     assert await launcher.current() is first and first.alive  # its producers go on starting
     assert await _runs_a_program(first)
     first.process.kill()  # the launcher: replaced by the new spawner, outliving it; no fork of ours
@@ -175,7 +169,7 @@ async def test_a_spawner_that_dies_is_replaced_by_the_launcher_which_goes_on(cap
         while first.alive:
             await trio.sleep(0.01)
     second = await launcher.current()
-    assert second is not first and _parent(second.process.pid) == respawner.process.pid
+    assert second is not first and parent_pid(second.process.pid) == respawner.process.pid
     assert respawner.alive and _children(os.getpid()) == [pid for pid in children if pid != spawner.process.pid]
     assert await _runs_a_program(second)
 
@@ -202,7 +196,7 @@ async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_lat
         while not (respawner := launcher.current_spawner()) or not respawner.alive:
             assert await launcher.current() is first
             await trio.sleep(0.05)
-    assert _parent(respawner.process.pid) == pid
+    assert parent_pid(respawner.process.pid) == pid
     assert "the launchers' spawner had ended: the producers' launcher started another" in caplog.text
 
 
@@ -220,7 +214,7 @@ async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_
     assert "the launchers' spawner had ended: starting another (a fork of the service)" in caplog.text
     respawner = launcher.current_spawner()
     assert respawner is not None and respawner is not spawner
-    assert _parent(second.process.pid) == respawner.process.pid and _parent(respawner.process.pid) == os.getpid()
+    assert parent_pid(second.process.pid) == respawner.process.pid and parent_pid(respawner.process.pid) == os.getpid()
     assert await _runs_a_program(second)
 
 
@@ -259,7 +253,7 @@ async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(
         (producer,) = producer_processes(server.process.pid)
         server.process.kill()  # the client stops reading: the producer is blocked on its pipe
         with trio.fail_after(5):
-            while any(_state(process.pid) not in (None, "Z") for process in (started_by, spawner, producer)):
+            while any(process_state(process.pid) not in (None, "Z") for process in (started_by, spawner, producer)):
                 await trio.sleep(0.02)
 
 
