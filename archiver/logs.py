@@ -40,5 +40,6 @@ def configure_logging(verbose: bool) -> None:
     package_logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not package_logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # The process id, as in Hypercorn's own lines: with workers, which one wrote the line.
+        handler.setFormatter(OneLineFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
         package_logger.addHandler(handler)

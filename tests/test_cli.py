@@ -162,18 +162,16 @@ def test_bad_settings_fail_fast_with_a_message(arguments: list[str], environment
 async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_process() -> None:
     # One process a core (README, Deploying; the benchmark's "Hypercorn workers"): each worker
     # is a whole service, with its own spawner and launcher, and a stop ends them all.
-    command, env = launch_command("hypercorn", free_port(), grace=5)
-    command[-1:-1] = ["--workers", "2"]
+    command, env = launch_command(WORKERS_LAUNCH, free_port(), grace=5)
     async with launched(command, env | {"ARCHIVER_DIR": "data"}) as server:
         master = server.process.pid
-        with trio.fail_after(30):  # each worker starts its own, after "Running on"
-            while len(spawner_processes(master)) < 2 or len(launcher_processes(master)) < 2:
+        # Each worker starts its own spawner (a child of its own: no worker leans on another's) and launcher.
+        workers = await worker_pids(master)
+        assert {parent_pid(worker) for worker in workers} == {master}
+        with trio.fail_after(30):
+            while len(launcher_processes(master)) < 2:
                 await trio.sleep(0.05)
         helpers = spawner_processes(master) + launcher_processes(master)
-        # Each worker's spawner is its own child: no worker leans on another's.
-        workers = {parent_pid(spawner.pid) for spawner in spawner_processes(master)}
-        assert len(workers) == 2
-        assert {parent_pid(worker) for worker in workers} == {master}
         expected = files_on_disk(PROJECT / "data" / SAMPLE_ALBUM)
 
         async def download() -> None:
@@ -185,6 +183,9 @@ async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_
         async with trio.open_nursery() as nursery:
             for _ in range(8):
                 nursery.start_soon(download)
+        # The service's lines say which worker wrote them, as Hypercorn's do.
+        served = [pid for pid in workers if f"[{pid}] INFO archiver.web.download: download".encode() in server.output]
+        assert served
         server.process.terminate()
         with trio.fail_after(15):
             assert await server.process.wait() == 0
@@ -195,6 +196,10 @@ async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_
         assert process_state(process.pid) in (None, "Z")
 
 
+# The launch ways: the console script, Hypercorn with hypercorn.toml, and the same with two worker processes.
+WORKERS_LAUNCH = "hypercorn workers"
+
+
 def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[str, str]]:
     """The command line (and environment) of one launch way, with a shutdown grace period."""
     if launch == "archiver":
@@ -203,7 +208,17 @@ def launch_command(launch: str, port: int, grace: int) -> tuple[list[str], dict[
     hypercorn = str(Path(sys.executable).with_name("hypercorn"))
     bind = f"127.0.0.1:{port}"
     command = [hypercorn, "--config", "hypercorn.toml", "--bind", bind, "--graceful-timeout", str(grace)]
+    if launch == WORKERS_LAUNCH:
+        command += ["--workers", "2"]
     return [*command, "archiver.asgi:app"], {}
+
+
+async def worker_pids(master: int) -> set[int]:
+    """The worker processes of a Hypercorn master (``--workers``), once each has started its spawner."""
+    with trio.fail_after(30):
+        while len(workers := {parent_pid(spawner.pid) for spawner in spawner_processes(master)}) < 2:
+            await trio.sleep(0.05)
+    return workers
 
 
 def slow_album(tmp_path: Path) -> dict[str, str]:
@@ -216,7 +231,8 @@ def slow_album(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
 async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str, signals: int) -> None:
-    # Twice: a second SIGTERM during the grace period (Hypercorn's master sends its workers two) is ignored.
+    # Twice: a second SIGTERM during the grace period (a supervisor's repeat; with workers, Hypercorn's
+    # master sends one after its shutdown event) is ignored.
     command, env = launch_command(launch, free_port(), grace=10)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.02"}
     async with launched(command, env) as server:

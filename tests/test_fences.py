@@ -21,6 +21,7 @@ import hypercorn.run as hypercorn_run_module
 import hypercorn.trio.run as hypercorn_trio_run_module
 import hypercorn.trio.tcp_server as tcp_server_module
 import hypercorn.trio.worker_context as hypercorn_worker_context_module
+import hypercorn.utils as hypercorn_utils_module
 import pytest
 import quart_trio.asgi
 
@@ -104,6 +105,20 @@ def source_of(module: object) -> str:
             ["nursery.start_soon(raise_shutdown, context.terminate.wait)", "context = WorkerContext(max_requests)"],
         ),
         (
+            hypercorn_trio_run_module,
+            # With workers, the trigger hypercorn_signals wraps, looked up by name once the app is loaded.
+            [
+                "    app = load_application(config.application_path, config.wsgi_max_body_size)\n\n"
+                "    shutdown_trigger = None\n    if shutdown_event is not None:\n"
+                "        shutdown_trigger = partial(check_multiprocess_shutdown_event, shutdown_event, trio.sleep)",
+                "nursery.start_soon(raise_shutdown, shutdown_trigger)",
+            ],
+        ),
+        (
+            hypercorn_utils_module,
+            ["        if shutdown_event.is_set():\n            return\n        await sleep(0.1)"],
+        ),
+        (
             hypercorn_run_module,
             [
                 # The exit status of a dead worker is lost (why hypercorn.toml says workers = 0).
@@ -148,6 +163,8 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_h11.install()
     assert hypercorn_h11_module.H11Protocol._send_h11_event.__module__ == "archiver.fences.hypercorn_h11"
     assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.fences.hypercorn_signals"
+    trigger = hypercorn_trio_run_module.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
+    assert trigger.__module__ == "archiver.fences.hypercorn_signals"
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):

@@ -13,8 +13,20 @@ and sets Hypercorn's ``WorkerContext.terminate``, the event Hypercorn's own
 worker loop waits on (``raise_shutdown(context.terminate.wait)``, as for
 ``max_requests``): no new connections, in-flight downloads get
 ``graceful_timeout``, then the process exits 0.  The contexts are found by
-wrapping ``WorkerContext.__init__``; tests/test_fences.py fails if what this
-relies on changes.
+wrapping ``WorkerContext.__init__``.
+
+With ``workers`` > 0 (``hypercorn --workers N``), Hypercorn's master stops its
+workers another way: on SIGTERM, SIGINT or SIGHUP (a reload) it sets a shared
+``multiprocessing`` event, which each worker polls every 0.1 s
+(``hypercorn.utils.check_multiprocess_shutdown_event``, the worker's shutdown
+trigger), and sends SIGTERM only once a first worker has exited.  No signal
+reaches the workers meanwhile, so the stall deadline of a write blocked on a
+client that stopped reading was not shortened to the grace period
+(``hypercorn_tcp.shutting_down``): a stop or a reload took up to the stall
+timeout (60 s a 256 KiB) instead of ``graceful_timeout``, and the downloads it
+cut were logged as clients leaving.  Here the trigger is wrapped: once the
+event is set, the worker logs it and starts its grace period, as on SIGTERM.
+tests/test_fences.py fails if what this relies on changes.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import weakref
 from typing import Any
 
 import trio
+from hypercorn.trio import run as hypercorn_trio_run
 from hypercorn.trio.worker_context import WorkerContext
 
 from . import hypercorn_tcp
@@ -36,7 +49,7 @@ _CONTEXTS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def install() -> None:
-    """Note every WorkerContext Hypercorn creates in this process (once per process)."""
+    """Note every WorkerContext Hypercorn creates in this process, and wrap the workers' shutdown trigger (once)."""
     if getattr(WorkerContext, _MARKER, False):
         return
     original = WorkerContext.__init__
@@ -47,14 +60,24 @@ def install() -> None:
 
     WorkerContext.__init__ = __init__  # type: ignore[method-assign]
     setattr(WorkerContext, _MARKER, True)
+    # Looked up by name when trio_worker builds the trigger, after it has loaded the app (this).
+    original_trigger = hypercorn_trio_run.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
+
+    async def check_multiprocess_shutdown_event(shutdown_event: Any, sleep: Any) -> None:
+        await original_trigger(shutdown_event, sleep)
+        logger.info("stopped by Hypercorn's master: no new connections; in-flight downloads get graceful_timeout")
+        hypercorn_tcp.shutting_down()
+
+    hypercorn_trio_run.check_multiprocess_shutdown_event = check_multiprocess_shutdown_event  # type: ignore[attr-defined]
 
 
 async def terminate_on_sigterm() -> None:
     """Wait for SIGTERM, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery).
 
-    Later SIGTERMs are ignored: Hypercorn's master with workers sends each two,
-    and the second, at its default, ended the worker at once, cutting the
-    downloads in flight (the receiver restores what it found: SIG_IGN).
+    Later SIGTERMs are ignored: a second (a supervisor's repeat; with workers,
+    the master's SIGTERM after its shutdown event) would, at its default, end
+    the process at once, cutting the downloads in flight (the receiver
+    restores what it found: SIG_IGN).
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:

@@ -105,7 +105,12 @@ LIMITS = _Limits()
 
 
 def shutting_down() -> None:
-    """The server stops: every socket write ends by the grace period's end at the latest (the stall patch)."""
+    """The server stops: every socket write ends by the grace period's end at the latest (the stall patch).
+
+    Idempotent: the grace period starts at the first call (a worker is told twice, see ``hypercorn_signals``).
+    """
+    if is_shutting_down():
+        return
     LIMITS.shutdown_started = trio.current_time()
     for scope, grace in LIMITS.writes:
         scope.deadline = min(scope.deadline, LIMITS.shutdown_started + grace)
