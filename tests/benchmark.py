@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port, launcher_processes, producer_processes
+from tests.test_deploy import site_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 BENCH_STORAGE = PROJECT / "bench-data"
@@ -153,6 +154,34 @@ http {{
                 subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()[0]
             )
             yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{h2_port}", worker
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@contextmanager
+def nginx_in_front_of(bases: Sequence[str]) -> Iterator[str]:
+    """nginx (a worker a core) on loopback running deploy/nginx.conf as shipped before ``bases``; its base URL."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as prefix:
+        site = Path(prefix, "site.conf")
+        site.write_text(site_config([base.removeprefix("http://") for base in bases], port))
+        config = Path(prefix, "nginx.conf")
+        config.write_text(f"""
+daemon off; worker_processes auto; pid {prefix}/nginx.pid; error_log {prefix}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+    include {site};
+}}
+""")
+        process = subprocess.Popen([nginx, "-c", str(config), "-p", prefix])
+        try:
+            wait_for_port(port)
+            yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()
             process.wait(30)
@@ -434,7 +463,8 @@ def paired_rounds(
     each round runs them back to back (their order turning every round),
     and a round's ratio compares neighbours.  Shown: the median ratio and
     its range over ``rounds``.  Also measured: this checkout's service as
-    Hypercorn workers, one a core.
+    Hypercorn workers, one a core, and as instances, one a core, behind nginx
+    (deploy/nginx.conf).
     """
     post = f"files={dataset.name}"
     with contextlib.ExitStack() as servers:
@@ -445,6 +475,11 @@ def paired_rounds(
             (name, servers.enter_context(service(BENCH_STORAGE, python=python, workers=workers))[0])
             for name, python, workers in launches
         ]
+        # The shape Deploying ships: an instance a core, nginx in front (its own copy of every byte).
+        instances = [servers.enter_context(service(BENCH_STORAGE, python=pythons[0][1]))[0] for _ in range(WORKERS)]
+        bases.append(
+            (f"{pythons[0][0]}, {WORKERS} instances behind nginx", servers.enter_context(nginx_in_front_of(instances)))
+        )
         urls = [(name, f"{base}/archive/{dataset.name}/", None) for name, base in bases]
         contenders = [("peer", peer_url, post), *urls]
         for _, url, data in contenders:
