@@ -19,7 +19,8 @@ import trio
 import trustme
 
 from archiver.config import Settings
-from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, WALK_DESCRIPTORS
+from archiver.fences.hypercorn_tcp import write_units
+from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, STALL_UNIT, WALK_DESCRIPTORS
 from archiver.web.pages import MESSAGES
 
 from .conftest import (
@@ -227,6 +228,18 @@ def test_nginx_moves_archives_through_a_buffer_larger_than_a_page() -> None:
     archive_location = text[text.index("location /archive/ {") :]
     match = re.search(r"^\s*proxy_buffer_size (\d+)k;", archive_location, re.MULTILINE)
     assert match is not None and int(match.group(1)) >= 64
+
+
+def test_nginx_gives_up_on_a_client_after_the_service_does() -> None:
+    # The service aborts a download whose client takes nothing for its stall timeout a STALL_UNIT
+    # of the chunk it holds; nginx's send_timeout must be longer (the service decides and logs
+    # it), and not hours (nginx holds its buffers for a download that is over).
+    text = (PROJECT / "deploy" / "nginx.conf").read_text()
+    match = re.search(r"^\s*send_timeout (\d+)m;", text[text.index("location /archive/ {") :], re.MULTILINE)
+    assert match is not None
+    defaults = Settings()
+    service_gives_up = defaults.stall_timeout * write_units(defaults.chunk_size, STALL_UNIT)
+    assert service_gives_up < int(match.group(1)) * 60 <= 2 * service_gives_up
 
 
 def test_systemd_unit_is_hardened() -> None:
