@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from archiver.archive.names import entry_names
 from archiver.config import Settings
+from archiver.web.disposition import DisplayNameRefused, display_name
 
 from .browser import CHROMIUM, saved_download
 from .conftest import http11_request, read_archive, running_server, server_in_thread, write_tree
@@ -204,6 +205,21 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     assert literal.status_code == 200 and literal.headers["content-disposition"].endswith("UTF-8''%25FF.zip")
     hidden = await fetch(settings, f"{secret_name}?filename={quote('../../evil')}")
     assert hidden.headers["content-disposition"] == 'attachment; filename="_.._evil.zip"'  # no leading dot
+    # A Unicode space before the dots hid them from a strip of " ." (curl -J saved ".bashrc.zip").
+    for disguised in ("\u00a0.bashrc", "\u3000../.bashrc", "\u2003 .\u00a0.profile"):
+        answer = await fetch(settings, f"{secret_name}?filename={quote(disguised)}")
+        saved = answer.headers["content-disposition"].removeprefix('attachment; filename="')
+        assert saved[0] not in ". " and saved.endswith('.zip"'), disguised
+
+
+@given(st.tuples(st.text(st.sampled_from(". /\u00a0\u2003\u3000\u200a"), max_size=6), st.text(max_size=20)).map("".join))
+def test_a_display_name_is_never_hidden_and_never_a_path(requested: str) -> None:
+    try:
+        name = display_name(requested, "album")
+    except DisplayNameRefused:
+        return
+    assert name.endswith(".zip") and "/" not in name and "\\" not in name
+    assert not name.startswith(".") and not name[0].isspace(), name
 
 
 @pytest.fixture(scope="module")

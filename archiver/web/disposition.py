@@ -14,6 +14,7 @@ transliterated) for the rest.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from urllib.parse import quote
 
@@ -28,6 +29,9 @@ MAX_DISPLAY_NAME_BYTES = 255
 _DECEPTIVE = frozenset(
     "\u061c\u200b\u200c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
 )
+# What a saved name may not start with: dots (a hidden file, "../") and any space, Unicode's
+# too, in any mix: " \u00a0.bashrc" stripped of spaces alone would start with a dot again.
+_LEADING_DOTS_AND_SPACES = re.compile(r"^[\s.]+")
 
 # Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
@@ -77,7 +81,8 @@ def display_name(requested: str | None, album: str) -> str:
     Raises DisplayNameRefused for a name over MAX_DISPLAY_NAME characters (or
     MAX_DISPLAY_NAME_BYTES in UTF-8), with control characters or characters
     that disguise a name (bidirectional controls, invisible ones).  Leading
-    dots and spaces go (a hidden file, or "../"); an empty name means the album's.
+    dots and spaces (any Unicode space) go: no hidden file, no "../"; an
+    empty name means the album's.
     """
     if requested is None:
         return f"{album}.zip"
@@ -87,7 +92,7 @@ def display_name(requested: str | None, album: str) -> str:
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
     if any(unicodedata.category(character) == "Cc" or character in _DECEPTIVE for character in requested):
         raise DisplayNameRefused("filename with control or invisible characters")
-    stripped = requested.replace("/", "_").lstrip(" .").strip()
+    stripped = _LEADING_DOTS_AND_SPACES.sub("", requested.replace("/", "_")).rstrip()
     if not stripped:
         return f"{album}.zip"
     name = portable_component(stripped)
