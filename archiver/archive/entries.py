@@ -42,7 +42,7 @@ class EntryPolicy:
 
     def describe(self) -> str:
         """Everything here that shapes the bytes, for the ETag."""
-        return f"zone={self.zone};modes={'kept' if self.keep_modes else '0644'};names={self.name_encoding}"
+        return f"zone={self.zone};modes={'kept-safe' if self.keep_modes else '0644'};names={self.name_encoding}"
 
 
 def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
@@ -87,12 +87,19 @@ def extended_timestamp(mtime_ns: int) -> bytes:
     return struct.pack("<HHBI", EXTENDED_TIMESTAMP_ID, 5, 1, seconds)
 
 
+# Bits a kept mode loses: set-user-ID, set-group-ID, sticky, and others' write.  A reader that
+# restores modes as given (bsdtar run as root) would make a downloaded file setuid, or one that
+# anyone on the machine may change.
+KEPT_MODE_DROPS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
+
+
 def external_attributes(mode: int, keep_modes: bool) -> int:
     """The external attributes (4.4.15): a Unix mode in the high 16 bits.
 
     0644 for every regular file unless modes are kept; then the mode on disk
-    and MS-DOS's read-only bit where the owner may not write.
+    less KEPT_MODE_DROPS, and MS-DOS's read-only bit where the owner may not write.
     """
     if not keep_modes:
         return ORDINARY_MODE << 16
-    return (mode << 16) | (0 if mode & stat.S_IWUSR else 1)
+    return ((mode & ~KEPT_MODE_DROPS) << 16) | (0 if mode & stat.S_IWUSR else 1)
+
