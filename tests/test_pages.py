@@ -42,6 +42,7 @@ async def answers(client: httpx.AsyncClient, producer_command: Path) -> dict[int
     found = {
         404: await client.get("/archive/no-such-album/"),
         405: await client.post("/archive/album/"),
+        412: await client.get("/archive/album/", headers={"If-Match": '"an earlier archive"'}),
         416: await client.get("/archive/album/", headers={"Range": "bytes=999999999-"}),
         431: await client.get("/archive/album/", headers={"X-Padding": "a" * 20_000}),
     }
@@ -68,7 +69,7 @@ async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings,
         producer_command.chmod(0o755)
         async with httpx.AsyncClient(base_url=url, headers={"Accept": "*/*"}) as curl:
             texts = await answers(curl, producer_command)
-    for status in (404, 405, 416, 431, 503):
+    for status in (404, 405, 412, 416, 431, 503):
         assert pages[status].status_code == texts[status].status_code == status
         assert_is_a_page(pages[status], status)
         assert texts[status].headers["content-type"] == "text/plain; charset=utf-8"

@@ -116,6 +116,46 @@ async def test_several_ranges_get_the_whole_archive(client: httpx.AsyncClient, a
     assert read_archive(response.content).keys() == {"a.jpg", "Снимок.jpg", "empty"}
 
 
+async def test_several_range_lines_are_several_ranges_and_get_the_whole_archive(server: str, album: Path) -> None:
+    async with httpx.AsyncClient(base_url=server) as client:
+        whole = await client.get("/archive/album/")
+        two_lines = await client.get("/archive/album/", headers=[("Range", "bytes=0-9"), ("Range", "bytes=20-29")])
+    assert two_lines.status_code == 200 and two_lines.content == whole.content  # not the first line's 10 bytes
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
+def test_etag_preconditions_answer_412_and_304(range_server: tuple[str, int], http2: bool) -> None:
+    host, port = range_server
+    url = f"http://{host}:{port}/archive/album/"
+    with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+        whole = client.get(url)
+        etag = whole.headers["etag"]
+        for headers, status in [
+            ({"If-Match": etag}, 200),
+            ({"If-Match": f'"other", {etag}'}, 200),
+            ({"If-Match": "*"}, 200),
+            ({"If-Match": '"other"'}, 412),  # the archive changed since the client's copy: never its bytes
+            ({"If-Match": f"W/{etag}"}, 412),  # If-Match compares strongly
+            ({"If-None-Match": etag}, 304),
+            ({"If-None-Match": f'"other", W/{etag}'}, 304),  # If-None-Match compares weakly
+            ({"If-None-Match": "*"}, 304),
+            ({"If-None-Match": '"other"'}, 200),
+            ({"If-Match": '"other"', "If-None-Match": etag}, 412),  # If-Match first (RFC 9110 13.2.2)
+        ]:
+            for method in ("GET", "HEAD"):
+                response = client.request(method, url, headers=headers)
+                assert response.status_code == status, (method, headers)
+                if status == 200 and method == "GET":
+                    assert response.content == whole.content
+                if status == 304:
+                    assert response.content == b"" and response.headers["etag"] == etag
+                    assert "content-length" not in response.headers  # h2 reads it as a body to come
+        # With Range: a failed If-Match wins over the range; a range with a matching one is served.
+        assert client.get(url, headers={"If-Match": '"other"', "Range": "bytes=0-9"}).status_code == 412
+        ranged = client.get(url, headers={"If-Match": etag, "Range": "bytes=0-9"})
+        assert ranged.status_code == 206 and ranged.content == whole.content[:10]
+
+
 async def test_if_range_resumes_the_same_archive_only(client: httpx.AsyncClient, album: Path) -> None:
     first = await client.get("/archive/album/")
     etag = first.headers["etag"]

@@ -220,7 +220,10 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
         assert saved[0] not in ". " and saved.endswith('.zip"'), disguised
 
 
-@given(st.tuples(st.text(st.sampled_from(". /\u00a0\u2003\u3000\u200a"), max_size=6), st.text(max_size=20)).map("".join))
+LEADING_DOTS_AND_SPACES = st.text(st.sampled_from(". /\u00a0\u2003\u3000\u200a"), max_size=6)
+
+
+@given(st.tuples(LEADING_DOTS_AND_SPACES, st.text(max_size=20)).map("".join))
 def test_a_display_name_is_never_hidden_and_never_a_path(requested: str) -> None:
     try:
         name = display_name(requested, "album")

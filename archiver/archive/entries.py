@@ -102,4 +102,3 @@ def external_attributes(mode: int, keep_modes: bool) -> int:
     if not keep_modes:
         return ORDINARY_MODE << 16
     return ((mode & ~KEPT_MODE_DROPS) << 16) | (0 if mode & stat.S_IWUSR else 1)
-

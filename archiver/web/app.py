@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 from quart import Response, abort, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..archive import launcher
@@ -48,7 +49,15 @@ from .limits import (
 )
 from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page
-from .ranges import FORMAT_VERSION, RangeNotSatisfiable, archive_etag, requested_range
+from .ranges import (
+    FORMAT_VERSION,
+    NotModified,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    archive_etag,
+    check_preconditions,
+    requested_range,
+)
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
 
@@ -265,10 +274,21 @@ def create_app(settings: Settings) -> QuartTrio:
         byte_range = None
         if length is not None and etag is not None:
             headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
+        try:
+            check_preconditions(_field(request.headers, "If-Match"), _field(request.headers, "If-None-Match"), etag)
+        except PreconditionFailed:
+            return error_page(412, request.headers.get("Accept"))
+        except NotModified:
+            # The headers a 200 would carry, and no body.  Not its Content-Length, which RFC 9110 8.6
+            # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
+            headers.pop("Content-Length", None)
+            return Response(_no_body(), status=304, headers=headers)
+        if length is not None and etag is not None:
             try:
                 if request.method == "GET":
+                    # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.
                     byte_range = requested_range(
-                        request.headers.get("Range"), request.headers.get("If-Range"), etag, length
+                        _field(request.headers, "Range"), request.headers.get("If-Range"), etag, length
                     )
             except RangeNotSatisfiable:
                 headers = {"Content-Range": f"bytes */{length}"}
@@ -363,6 +383,12 @@ def _client_address(proxies: TrustedProxies) -> str:
     peer = request.scope.get("client")
     forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
     return proxies.client_address(peer[0] if peer else None, forwarded_for)
+
+
+def _field(headers: Headers, name: str) -> str | None:
+    """Header ``name``'s value, its lines joined with ", " as RFC 9110 5.3 combines them; None if absent."""
+    lines = headers.getlist(name)
+    return ", ".join(lines) if lines else None
 
 
 def _utf8_filename(query: bytes) -> bool:

@@ -1,8 +1,10 @@
-"""Byte ranges and validators for resumable downloads (RFC 9110, sections 8.8.3, 13.1.5, 14).
+"""Byte ranges and validators for resumable downloads (RFC 9110, sections 8.8.3, 13.1, 14).
 
 Only what a download manager or ``curl -C -`` needs: one range per request
 (several are answered with the whole archive, which RFC 9110 allows), a
-strong ETag, and If-Range by that ETag.
+strong ETag, If-Range by that ETag, and the ETag preconditions (If-Match,
+If-None-Match).  No Last-Modified is sent, so the date preconditions are
+ignored, as RFC 9110 13.1.3-4 have it.
 """
 
 from __future__ import annotations
@@ -109,6 +111,36 @@ def archive_etag(listing: AlbumListing, variant: str) -> str:
 def if_range_allows(if_range: str | None, etag: str) -> bool:
     """Whether to honour Range given If-Range: absent, or the same strong ETag (a date never matches)."""
     return if_range is None or (not if_range.startswith("W/") and if_range.strip() == etag)
+
+
+class PreconditionFailed(Exception):
+    """If-Match names no tag of this archive: answer 412 (RFC 9110 13.1.1)."""
+
+
+class NotModified(Exception):
+    """If-None-Match names this archive's tag: answer a GET or HEAD with 304 (RFC 9110 13.1.2)."""
+
+
+def check_preconditions(if_match: str | None, if_none_match: str | None, etag: str | None) -> None:
+    """Evaluate If-Match, then If-None-Match, against ``etag`` (None: the archive has none), as RFC 9110 13.2.2 orders.
+
+    Header values are field lists (``"a", W/"b"`` or ``*``), several lines
+    joined with commas.  If-Match compares strongly, If-None-Match weakly.
+    Raises PreconditionFailed or NotModified; returns when the request goes on.
+    """
+    if if_match is not None:
+        tags = _entity_tags(if_match)
+        if "*" not in tags and (etag is None or etag not in tags):  # W/"x" never equals a strong "x"
+            raise PreconditionFailed(if_match)
+    if if_none_match is not None:
+        tags = {tag.removeprefix("W/") for tag in _entity_tags(if_none_match)}
+        if "*" in tags or (etag is not None and etag in tags):
+            raise NotModified(if_none_match)
+
+
+def _entity_tags(field: str) -> set[str]:
+    """The entity tags (or ``*``) of an If-Match or If-None-Match field value, as written."""
+    return {tag.strip(" \t") for tag in field.split(",")} - {""}
 
 
 def requested_range(range_header: str | None, if_range: str | None, etag: str, length: int) -> ByteRange | None:
