@@ -92,8 +92,14 @@ def source_of(module: object) -> str:
         ),
         (
             hypercorn_h11_module,
-            # Responses built without a reason, all sent through _send_h11_event (hypercorn_h11).
-            ["async def _send_h11_event(self, event: H11SendableEvent) -> None:", "h11.Response(\n"],
+            [
+                # Responses built without a reason, all sent through _send_h11_event (hypercorn_h11).
+                "async def _send_h11_event(self, event: H11SendableEvent) -> None:",
+                "h11.Response(\n",
+                # h11's refusals answered by _send_error_response(status), which hypercorn_h11 replaces.
+                "await self._send_error_response(error.error_status_hint)",
+                "async def _send_error_response(self, status_code: int) -> None:",
+            ],
         ),
         (
             hypercorn_worker_context_module,
@@ -161,7 +167,8 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_access.install()
     hypercorn_signals.install()
     hypercorn_h11.install()
-    assert hypercorn_h11_module.H11Protocol._send_h11_event.__module__ == "archiver.fences.hypercorn_h11"
+    for name in ("_send_h11_event", "_send_error_response"):
+        assert getattr(hypercorn_h11_module.H11Protocol, name).__module__ == "archiver.fences.hypercorn_h11"
     assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.fences.hypercorn_signals"
     trigger = hypercorn_trio_run_module.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
     assert trigger.__module__ == "archiver.fences.hypercorn_signals"

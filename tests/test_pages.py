@@ -17,7 +17,7 @@ import trio
 
 from archiver.archive import producer
 from archiver.config import Settings
-from archiver.web.pages import MESSAGES
+from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
 
 from .browser import CHROMIUM, HEADLESS
 from .conftest import free_port, producer_script, running_server, write_tree
@@ -49,6 +49,31 @@ async def answers(client: httpx.AsyncClient, producer_command: Path) -> dict[int
     producer_command.chmod(0)  # the producer cannot run
     found[503] = await client.get("/archive/album/")
     return found
+
+
+async def test_requests_hypercorn_refuses_unread_get_the_sentence_too(settings: Settings) -> None:
+    # These never reach the app: h11 refuses them, and Hypercorn answered with an empty body.
+    write_tree(settings.storage_dir / "album", {"photo.jpg": b"p"})
+    async with running_server(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        for head, status, message in [
+            # A head over h11's 16 KiB still arriving (a browser's cookies): no line end yet.
+            (b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 20_000, 431, MESSAGES[431]),
+            # Raw UTF-8 in the request line (curl sends a URL as typed; browsers %-encode it).
+            ("GET /archive/album/?filename=Отпуск HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, UNPARSED_REQUEST),
+        ]:
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(head)
+            answer = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            await stream.aclose()
+            status_line, _, rest = answer.partition(b"\r\n")
+            headers, _, body = rest.partition(b"\r\n\r\n")
+            assert status_line.split(b" ")[1] == b"%d" % status
+            assert b"content-type: text/plain; charset=utf-8" in headers.lower()
+            assert body.decode() == message.sentence + "\n"
 
 
 def assert_is_a_page(response: httpx.Response, status: int) -> None:

@@ -1,13 +1,20 @@
-"""One adjustment to Hypercorn's HTTP/1.1 protocol (0.17-0.18): a reason phrase in the status line.
+"""Two adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, and bodies for its own errors.
 
-Hypercorn builds every ``h11.Response`` without a reason, so the status line
-reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4 lets a
-client ignore the phrase and a server send none, but some proxies and old
-clients log or show it.  Here ``H11Protocol._send_h11_event`` fills an empty
-reason from ``http.HTTPStatus`` before h11 writes it: a dictionary lookup a
-response.  h11's events are frozen dataclasses, so the field is set the way
-their own ``__init__`` sets it.  tests/test_fences.py fails if what this
-relies on changes.
+1. Hypercorn builds every ``h11.Response`` without a reason, so the status
+   line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
+   lets a client ignore the phrase and a server send none, but some proxies
+   and old clients log or show it.  ``H11Protocol._send_h11_event`` fills an
+   empty reason from ``http.HTTPStatus`` before h11 writes it: a dictionary
+   lookup a response.  h11's events are frozen dataclasses, so the field is
+   set the way their own ``__init__`` sets it.
+2. A request h11 cannot parse (a head over ``h11_max_incomplete_size``
+   arriving in pieces: ``431``; a request line with raw non-ASCII bytes:
+   ``400``) never reaches the app: ``H11Protocol._send_error_response``
+   answers it with an empty body, and a browser shows a blank page.  It
+   now sends the sentence ``install``'s ``error_text`` gives for the status,
+   as plain text (the head was not read, so not its Accept).
+
+tests/test_fences.py fails if what this relies on changes.
 """
 
 from __future__ import annotations
@@ -21,10 +28,15 @@ from hypercorn.protocol.h11 import H11Protocol
 
 _MARKER = "_archiver_adjusted"
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+# The body of Hypercorn's own error answers, by status (set by install).
+_error_text: Callable[[int], str] = lambda status: ""  # noqa: E731
 
 
-def install() -> None:
-    """Patch Hypercorn's HTTP/1.1 protocol once per process (idempotent)."""
+def install(error_text: Callable[[int], str] | None = None) -> None:
+    """Patch Hypercorn's HTTP/1.1 protocol once per process (idempotent); ``error_text`` replaces the last one given."""
+    global _error_text
+    if error_text is not None:
+        _error_text = error_text
     if getattr(H11Protocol, _MARKER, False):
         return
     original: Callable[[Any, Any], Awaitable[None]] = H11Protocol._send_h11_event
@@ -34,5 +46,18 @@ def install() -> None:
             object.__setattr__(event, "reason", _PHRASES.get(event.status_code, b""))
         await original(self, event)
 
+    async def _send_error_response(self: Any, status_code: int) -> None:
+        body = _error_text(status_code).encode()
+        headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        if body:
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        await self._send_h11_event(
+            h11.Response(status_code=status_code, headers=[*headers, *self.config.response_headers("h11")])
+        )
+        if body:
+            await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
     H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     setattr(H11Protocol, _MARKER, True)

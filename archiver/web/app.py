@@ -48,7 +48,7 @@ from .limits import (
     connection_limit,
 )
 from .metrics import DownloadMetrics
-from .pages import PAGE_NOT_FOUND, error_page, page
+from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_text
 from .ranges import (
     FORMAT_VERSION,
     NotModified,
@@ -138,7 +138,7 @@ def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
     _check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
     hypercorn_h2.install()
-    hypercorn_h11.install()
+    hypercorn_h11.install(error_text=unparsed_request_text)
     hypercorn_access.install()
     hypercorn_tcp.install(
         write_timeout=settings.stall_timeout,

@@ -50,6 +50,18 @@ STORAGE_SILENT = Message(
     "Хранилище не отвечает", "Файлы архива сейчас недоступны: попробуйте скачать его ещё раз через несколько минут."
 )
 
+# Hypercorn's own 400 (and any other status it answers before the app): a request it cannot parse.
+UNPARSED_REQUEST = Message(
+    "Неверный запрос", "Запрос не удалось разобрать: проверьте ссылку или откройте её в браузере."
+)
+
+
+def unparsed_request_text(status: int) -> str:
+    """The plain-text answer to a request Hypercorn refused before the app saw it (``fences.hypercorn_h11``)."""
+    message = MESSAGES[status] if status == 431 else UNPARSED_REQUEST
+    return message.sentence + "\n"
+
+
 # A 404 for a path that is not an archive's at all.
 PAGE_NOT_FOUND = Message("Страница не найдена", "Такой страницы здесь нет: проверьте адрес.")
 
