@@ -14,7 +14,6 @@ transliterated) for the rest.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from urllib.parse import quote
 
@@ -24,14 +23,13 @@ from ..archive.names import portable_component
 # bytes in UTF-8: a file name on Linux and Android holds 255 (116 Chinese characters are 348).
 MAX_DISPLAY_NAME = 120
 MAX_DISPLAY_NAME_BYTES = 255
-# Characters that make a name read otherwise than it is: bidirectional controls ("\u202egpj.exe"
-# shows as "exe.jpg"), and invisible ones.  A link with them is refused, not cleaned.
-_DECEPTIVE = frozenset(
-    "\u061c\u200b\u200c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2066\u2067\u2068\u2069\ufeff"
-)
-# What a saved name may not start with: dots (a hidden file, "../") and any space, Unicode's
-# too, in any mix: " \u00a0.bashrc" stripped of spaces alone would start with a dot again.
-_LEADING_DOTS_AND_SPACES = re.compile(r"^[\s.]+")
+# Characters that make a name read otherwise than it is, refused with the link: controls, format
+# characters (bidirectional ones: "\u202egpj.exe" shows as "exe.jpg"; invisible ones, the zero-width
+# joiner aside, which joins emoji such as a family), line and paragraph separators, and letters that
+# show nothing (the Hangul fillers, the Braille blank: "\u3164.bashrc" reads as ".bashrc").
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_ZERO_WIDTH_JOINER = "\u200d"
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 # Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
@@ -81,7 +79,7 @@ def display_name(requested: str | None, album: str) -> str:
     Raises DisplayNameRefused for a name over MAX_DISPLAY_NAME characters (or
     MAX_DISPLAY_NAME_BYTES in UTF-8), with control characters or characters
     that disguise a name (bidirectional controls, invisible ones).  Leading
-    dots and spaces (any Unicode space) go: no hidden file, no "../"; an
+    dots and spaces go (``_saved_name``): no hidden file, no "../"; an
     empty name means the album's.
     """
     if requested is None:
@@ -90,19 +88,48 @@ def display_name(requested: str | None, album: str) -> str:
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME - len('.zip')} characters")
     if len(requested.encode(errors="replace")) > MAX_DISPLAY_NAME_BYTES - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
-    if any(unicodedata.category(character) == "Cc" or character in _DECEPTIVE for character in requested):
+    if any(_deceptive(character) for character in requested):
         raise DisplayNameRefused("filename with control or invisible characters")
-    stripped = _LEADING_DOTS_AND_SPACES.sub("", requested.replace("/", "_")).rstrip()
-    if not stripped:
+    name = _saved_name(requested)
+    if not name:
         return f"{album}.zip"
-    name = portable_component(stripped)
     return name if name.lower().endswith(".zip") else f"{name}.zip"
 
 
+def _deceptive(character: str) -> bool:
+    category = unicodedata.category(character)
+    if category in _REFUSED_CATEGORIES:
+        return character != _ZERO_WIDTH_JOINER
+    return character in _BLANK_LETTERS
+
+
+def _saved_name(text: str) -> str:
+    """``text`` as a file name to save: no folder, nothing hidden, portable (``names``); "" if nothing is left.
+
+    Leading dots, spaces (any Unicode space) and combining marks (with
+    nothing to combine with, a reader may drop them) go, as many as there are,
+    in any mix: " \u00a0.bashrc" stripped of spaces alone would start with a
+    dot again.
+    """
+    text = text.replace("/", "_").replace("\\", "_")
+    start = 0
+    while start < len(text) and (text[start] == "." or text[start].isspace() or unicodedata.combining(text[start])):
+        start += 1
+    text = text[start:].rstrip()
+    return portable_component(text) if text else ""
+
+
 def ascii_fallback(name: str) -> str:
-    """``name`` in printable ASCII for ``filename=``: Cyrillic transliterated, accents dropped, the rest ``_``."""
+    """``name`` in printable ASCII for ``filename=``: Cyrillic transliterated, accents dropped, the rest ``_``.
+
+    Made a saved name again (``_saved_name``): compatibility forms bring back
+    what the name had not ("\uff0ebashrc" is ".bashrc", "\u2025" is "..", "\uff0f"
+    is "/", "\uff23\uff2f\uff2e" is "CON").  A ``.zip`` ending is kept; a name with
+    nothing left is ``archive``.
+    """
+    stem, suffix = (name[:-4], name[-4:]) if name.lower().endswith(".zip") else (name, "")
     letters = []
-    for character in unicodedata.normalize("NFC", name):
+    for character in unicodedata.normalize("NFC", stem):
         latin = _CYRILLIC.get(character.lower())
         if latin is not None:
             letters.append(latin.capitalize() if character.isupper() else latin)
@@ -111,7 +138,7 @@ def ascii_fallback(name: str) -> str:
             if unicodedata.combining(part):
                 continue
             letters.append(part if part.isascii() and part.isprintable() and part not in '"\\%' else "_")
-    return "".join(letters)
+    return (_saved_name("".join(letters)) or "archive") + suffix
 
 
 def content_disposition(name: str) -> str:
