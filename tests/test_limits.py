@@ -240,6 +240,27 @@ async def test_a_download_over_the_limits_is_refused_before_its_album_is_listed(
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
 
 
+async def test_a_conditional_request_that_needs_no_job_is_answered_when_every_job_is_busy(
+    settings: Settings,
+) -> None:
+    # A browser downloading an archive again sends If-None-Match: its 304 needs no job, nor a 412.
+    write_tree(settings.storage_dir / "slow", {"photo.jpg": os.urandom(1024 * 1024)})
+    write_tree(settings.storage_dir / "other", {"photo.jpg": b"x"})
+    one_job = replace(settings, max_jobs=1, delay=0.5, chunk_size=65536)
+    async with running_server(one_job) as url, client_from(url, "127.0.0.1") as client:
+        etag = (await client.head("/archive/other/")).headers["etag"]
+        async with client.stream("GET", "/archive/slow/") as holding:
+            assert holding.status_code == 200
+            unchanged = await client.get("/archive/other/", headers={"If-None-Match": etag})
+            changed = await client.get("/archive/other/", headers={"If-Match": '"an earlier archive"'})
+            # One that does need the job still waits for it.
+            needed = await client.get("/archive/other/", headers={"If-Match": etag})
+        metrics = samples((await client.get("/metrics")).text)
+    assert (unchanged.status_code, changed.status_code, needed.status_code) == (304, 412, 503)
+    assert unchanged.headers["content-type"] == "application/zip"  # the 200's: a cache keeps it
+    assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
+
+
 async def test_sixteen_downloads_at_once_from_one_address_on_an_idle_service(settings: Settings) -> None:
     # Issue 19: an office behind NAT got 4 x 200 and 12 x 503 with 60 of 64 slots free.
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(500_000), "Фото/b.jpg": os.urandom(70_000)})

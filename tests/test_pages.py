@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -51,11 +52,14 @@ async def answers(client: httpx.AsyncClient, producer_command: Path) -> dict[int
     return found
 
 
-async def test_requests_hypercorn_refuses_unread_get_the_sentence_too(settings: Settings) -> None:
+async def test_requests_hypercorn_refuses_unread_get_the_sentence_too(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     # These never reach the app: h11 refuses them, and Hypercorn answered with an empty body.
     write_tree(settings.storage_dir / "album", {"photo.jpg": b"p"})
     async with running_server(settings) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
+        caplog.set_level(logging.INFO, logger="archiver")
         for head, status, message in [
             # A head over h11's 16 KiB still arriving (a browser's cookies): no line end yet.
             (b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 20_000, 431, MESSAGES[431]),
@@ -74,6 +78,8 @@ async def test_requests_hypercorn_refuses_unread_get_the_sentence_too(settings: 
             assert status_line.split(b" ")[1] == b"%d" % status
             assert b"content-type: text/plain; charset=utf-8" in headers.lower()
             assert body.decode() == message.sentence + "\n"
+            # No request exists for the access log: the service's log says it instead.
+            assert f"refused a request from 127.0.0.1 that HTTP/1.1 cannot parse: {status}" in caplog.text
 
 
 def assert_is_a_page(response: httpx.Response, status: int) -> None:

@@ -12,19 +12,23 @@
    ``400``) never reaches the app: ``H11Protocol._send_error_response``
    answers it with an empty body, and a browser shows a blank page.  It
    now sends the sentence ``install``'s ``error_text`` gives for the status,
-   as plain text (the head was not read, so not its Accept).
+   as plain text (the head was not read, so not its Accept), and logs it
+   (INFO): no request exists for Hypercorn's access log to write.
 
 tests/test_fences.py fails if what this relies on changes.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 import h11
 from hypercorn.protocol.h11 import H11Protocol
+
+logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -47,6 +51,8 @@ def install(error_text: Callable[[int], str] | None = None) -> None:
         await original(self, event)
 
     async def _send_error_response(self: Any, status_code: int) -> None:
+        client = self.client[0] if self.client else "-"  # (host, port), or None on a Unix socket
+        logger.info("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
         body = _error_text(status_code).encode()
         headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
         if body:

@@ -232,7 +232,9 @@ def create_app(settings: Settings) -> QuartTrio:
                 limiter=resolvers,
             )
             client = _client_address(proxies)
-            if request.method == "GET":
+            # A conditional request may need no job at all (304, 412): its limits wait for its answer.
+            conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
+            if request.method == "GET" and not conditional:
                 # Limits before work: a download that would be refused is refused before its walk.
                 slots.check(client, ranged="Range" in request.headers)
             # A deflated archive has no length: its end is the chunked body's end, which
@@ -282,13 +284,19 @@ def create_app(settings: Settings) -> QuartTrio:
             # The headers a 200 would carry, and no body.  Not its Content-Length, which RFC 9110 8.6
             # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
             headers.pop("Content-Length", None)
-            return Response(_no_body(), status=304, headers=headers)
+            return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
+        if request.method == "GET" and conditional:
+            try:
+                slots.check(client, ranged="Range" in request.headers)
+            except (JobLimitReached, FairShareExceeded, RangeLimitReached) as error:
+                return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         if length is not None and etag is not None:
             try:
                 if request.method == "GET":
                     # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.
+                    # Several If-Range lines name no one archive: never equal to the ETag, so no range.
                     byte_range = requested_range(
-                        _field(request.headers, "Range"), request.headers.get("If-Range"), etag, length
+                        _field(request.headers, "Range"), _field(request.headers, "If-Range"), etag, length
                     )
             except RangeNotSatisfiable:
                 headers = {"Content-Range": f"bytes */{length}"}
