@@ -244,6 +244,12 @@ def test_a_display_name_is_never_hidden_and_never_a_path_in_either_form(requeste
     for saved in (fallback.group(1), unquote(encoded.group(1)) if encoded else name):
         assert saved.lower().endswith(".zip") and "/" not in saved and "\\" not in saved, header
         assert not saved.startswith(".") and not saved[0].isspace(), header
+        assert len(saved.encode()) <= 255, header
+
+
+def test_a_transliterated_display_name_still_fits_a_file_system() -> None:
+    fallback = re.search(r'filename="([^"]*)"', content_disposition(display_name("щ" * 116, "album")))
+    assert fallback is not None and fallback.group(1).endswith("sh.zip") and len(fallback.group(1)) == 255
 
 
 @pytest.fixture(scope="module")

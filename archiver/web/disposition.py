@@ -17,7 +17,7 @@ from __future__ import annotations
 import unicodedata
 from urllib.parse import quote
 
-from ..archive.names import portable_component
+from ..archive.names import portable_component, shortened
 
 # Characters in a display name, ".zip" included: a long name is a probe, not a title.  And
 # bytes in UTF-8: a file name on Linux and Android holds 255 (116 Chinese characters are 348).
@@ -125,7 +125,7 @@ def ascii_fallback(name: str) -> str:
     Made a saved name again (``_saved_name``): compatibility forms bring back
     what the name had not ("\uff0ebashrc" is ".bashrc", "\u2025" is "..", "\uff0f"
     is "/", "\uff23\uff2f\uff2e" is "CON").  A ``.zip`` ending is kept; a name with
-    nothing left is ``archive``.
+    nothing left is ``archive``; a name grown past 255 bytes is cut before it.
     """
     stem, suffix = (name[:-4], name[-4:]) if name.lower().endswith(".zip") else (name, "")
     letters = []
@@ -138,7 +138,8 @@ def ascii_fallback(name: str) -> str:
             if unicodedata.combining(part):
                 continue
             letters.append(part if part.isascii() and part.isprintable() and part not in '"\\%' else "_")
-    return (_saved_name("".join(letters)) or "archive") + suffix
+    # Transliterated, a name may grow threefold ("щ" is "shh"): cut to what a file system holds.
+    return shortened((_saved_name("".join(letters)) or "archive") + suffix, "")
 
 
 def content_disposition(name: str) -> str:
