@@ -261,6 +261,21 @@ async def test_a_conditional_request_that_needs_no_job_is_answered_when_every_jo
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
 
 
+async def test_a_request_answered_whole_is_no_range_to_the_range_limit(settings: Settings) -> None:
+    # A browser resuming an album changed since (a stale If-Range) gets the whole archive: a download, not a range.
+    write_tree(settings.storage_dir / "slow", {"photo.jpg": os.urandom(1024 * 1024)})
+    write_tree(settings.storage_dir / "other", {"photo.jpg": b"x" * 100})
+    one_range = replace(settings, max_jobs_per_client=1, delay=0.5, chunk_size=65536)
+    async with running_server(one_range) as url, client_from(url, "127.0.0.1") as client:
+        async with client.stream("GET", "/archive/slow/", headers={"Range": "bytes=0-"}) as holding:
+            assert holding.status_code == 206
+            stale = await client.get("/archive/other/", headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+            several = await client.get("/archive/other/", headers={"Range": "bytes=0-9,20-29"})
+            ranged = await client.get("/archive/other/", headers={"Range": "bytes=0-9"})
+    assert (stale.status_code, several.status_code, ranged.status_code) == (200, 200, 503)
+    assert stale.content == several.content and read_archive(stale.content)["photo.jpg"] == b"x" * 100
+
+
 async def test_sixteen_downloads_at_once_from_one_address_on_an_idle_service(settings: Settings) -> None:
     # Issue 19: an office behind NAT got 4 x 200 and 12 x 503 with 60 of 64 slots free.
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(500_000), "Фото/b.jpg": os.urandom(70_000)})

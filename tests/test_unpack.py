@@ -225,12 +225,21 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
 # What a saved name must not start with, and characters whose compatibility forms (the ASCII
 # fallback's NFKD) are dots, slashes or what Windows forbids.
 LEADING_DOTS_AND_SPACES = st.text(
-    st.sampled_from(". /\\\u00a0\u2003\u3000\u200a\u0307\uff0e\u2024\ufe52\u2026\u2025\uff0f\uff3c\uff1a\uff1c"),
+    st.sampled_from(
+        ". /\\\u00a0\u2003\u3000\u200a\u0307\uff0e\u2024\ufe52\u2026\u2025\uff0f\uff3c\uff1a\uff1c"
+        "\u200d\ufe0f\u0f73\u2215\U000e0067"
+    ),
     max_size=6,
 )
+# Names near the limits, of characters that grow: NFC makes "\u0958" 6 bytes, "\U0001d160" 12;
+# transliterated, "щ" is "shh"; a reserved name takes a "_".
+LONG_NAMES = st.tuples(
+    st.sampled_from(["", "CON.", "nul "]),
+    st.text(st.sampled_from("\u0958\ufb2c\U0001d160日щa."), min_size=50, max_size=116),
+).map("".join)
 
 
-@given(st.tuples(LEADING_DOTS_AND_SPACES, st.text(max_size=20)).map("".join))
+@given(st.tuples(LEADING_DOTS_AND_SPACES, st.one_of(st.text(max_size=20), LONG_NAMES)).map("".join))
 def test_a_display_name_is_never_hidden_and_never_a_path_in_either_form(requested: str) -> None:
     try:
         name = display_name(requested, "album")
@@ -243,8 +252,11 @@ def test_a_display_name_is_never_hidden_and_never_a_path_in_either_form(requeste
     assert fallback.group(1).isascii() and not set(fallback.group(1)) & set('<>:"|?*'), header
     for saved in (fallback.group(1), unquote(encoded.group(1)) if encoded else name):
         assert saved.lower().endswith(".zip") and "/" not in saved and "\\" not in saved, header
-        assert not saved.startswith(".") and not saved[0].isspace(), header
         assert len(saved.encode()) <= 255, header
+        # Its first character shows, and is no dot: nothing reads as, or is, a hidden file.
+        first = saved[0]
+        assert first != "." and not first.isspace() and not unicodedata.category(first).startswith(("M", "C")), header
+        assert first not in "\u200d\ufe0f", header
 
 
 def test_a_transliterated_display_name_still_fits_a_file_system() -> None:

@@ -57,6 +57,7 @@ from .ranges import (
     archive_etag,
     check_preconditions,
     requested_range,
+    surely_a_range,
 )
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
@@ -232,11 +233,14 @@ def create_app(settings: Settings) -> QuartTrio:
                 limiter=resolvers,
             )
             client = _client_address(proxies)
-            # A conditional request may need no job at all (304, 412): its limits wait for its answer.
+            # Limits before work: a download that would be refused is refused before its walk.  Not
+            # a conditional request, which may need no job (304, 412): its body takes the slot, or
+            # is refused, as any download's does (ArchiveBody).  And not as a range, unless the
+            # request can only be one: a stale If-Range or several ranges get the whole archive.
             conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
             if request.method == "GET" and not conditional:
-                # Limits before work: a download that would be refused is refused before its walk.
-                slots.check(client, ranged="Range" in request.headers)
+                ranged = surely_a_range(_field(request.headers, "Range"), _field(request.headers, "If-Range"))
+                slots.check(client, ranged=ranged)
             # A deflated archive has no length: its end is the chunked body's end, which
             # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
@@ -285,11 +289,6 @@ def create_app(settings: Settings) -> QuartTrio:
             # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
             headers.pop("Content-Length", None)
             return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
-        if request.method == "GET" and conditional:
-            try:
-                slots.check(client, ranged="Range" in request.headers)
-            except (JobLimitReached, FairShareExceeded, RangeLimitReached) as error:
-                return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         if length is not None and etag is not None:
             try:
                 if request.method == "GET":

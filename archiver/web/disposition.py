@@ -24,12 +24,19 @@ from ..archive.names import portable_component, shortened
 MAX_DISPLAY_NAME = 120
 MAX_DISPLAY_NAME_BYTES = 255
 # Characters that make a name read otherwise than it is, refused with the link: controls, format
-# characters (bidirectional ones: "\u202egpj.exe" shows as "exe.jpg"; invisible ones, the zero-width
-# joiner aside, which joins emoji such as a family), line and paragraph separators, and letters that
-# show nothing (the Hangul fillers, the Braille blank: "\u3164.bashrc" reads as ".bashrc").
-_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
-_ZERO_WIDTH_JOINER = "\u200d"
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# characters (bidirectional ones: "\u202egpj.exe" shows as "exe.jpg"; invisible ones), line and
+# paragraph separators, private-use and unassigned code points (a box, or nothing), and the other
+# characters that show nothing: the Hangul fillers, the Braille blank ("\u3164.bashrc" reads as
+# ".bashrc"), the grapheme joiner, Mongolian and Khmer invisibles.  Emoji need two format
+# characters, allowed: the zero-width joiner (a family) and the tags (a subdivision's flag).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cn"})
+_EMOJI_FORMAT = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))})
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
+# Characters a saved name does not start with: what is left of an emoji after a cut, and
+# variation selectors (which show nothing of themselves).
+_NOTHING_ALONE = _EMOJI_FORMAT | {*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))}
+# Slashes, and characters drawn as one, become "_": a name is never read as a path.
+_SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572", "_"))
 
 # Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
@@ -93,30 +100,40 @@ def display_name(requested: str | None, album: str) -> str:
     name = _saved_name(requested)
     if not name:
         return f"{album}.zip"
-    return name if name.lower().endswith(".zip") else f"{name}.zip"
+    # Normalised, a name may have grown (NFC makes "\u0958" two code points, 6 bytes), and a reserved
+    # name took a "_": cut to what a file system holds, ".zip" included (Chromium cancels otherwise).
+    return shortened(name if name.lower().endswith(".zip") else f"{name}.zip", "")
 
 
 def _deceptive(character: str) -> bool:
-    category = unicodedata.category(character)
-    if category in _REFUSED_CATEGORIES:
-        return character != _ZERO_WIDTH_JOINER
-    return character in _BLANK_LETTERS
+    if unicodedata.category(character) in _REFUSED_CATEGORIES:
+        return character not in _EMOJI_FORMAT
+    return character in _INVISIBLE
 
 
 def _saved_name(text: str) -> str:
     """``text`` as a file name to save: no folder, nothing hidden, portable (``names``); "" if nothing is left.
 
-    Leading dots, spaces (any Unicode space) and combining marks (with
-    nothing to combine with, a reader may drop them) go, as many as there are,
-    in any mix: " \u00a0.bashrc" stripped of spaces alone would start with a
-    dot again.
+    Normalised (NFC) first, then leading dots, spaces (any Unicode space),
+    marks (with nothing to combine with, a reader may drop them) and what
+    shows nothing alone (``_NOTHING_ALONE``) go, as many as there are, in any
+    mix: " \u00a0.bashrc" stripped of spaces alone would start with a dot again.
     """
-    text = text.replace("/", "_").replace("\\", "_")
+    text = unicodedata.normalize("NFC", text).translate(_SLASHES)
     start = 0
-    while start < len(text) and (text[start] == "." or text[start].isspace() or unicodedata.combining(text[start])):
+    while start < len(text) and _leading_and_unseen(text[start]):
         start += 1
     text = text[start:].rstrip()
     return portable_component(text) if text else ""
+
+
+def _leading_and_unseen(character: str) -> bool:
+    return (
+        character == "."
+        or character.isspace()
+        or unicodedata.category(character).startswith("M")
+        or character in _NOTHING_ALONE
+    )
 
 
 def ascii_fallback(name: str) -> str:

@@ -78,6 +78,20 @@ def parse_range(header: str, length: int) -> ByteRange | None:
     return ByteRange(start, end)
 
 
+def surely_a_range(range_header: str | None, if_range: str | None) -> bool:
+    """Whether a request will be answered with a range whatever the archive: one range asked, no If-Range.
+
+    Known before the album is walked (the limits' early look); an If-Range
+    needs the ETag, and a range past the end is a 416, not a range.
+    """
+    if range_header is None or if_range is not None:
+        return False
+    try:
+        return parse_range(range_header, _HUGE) is not None
+    except RangeNotSatisfiable:
+        return False
+
+
 def _position(digits: str) -> int:
     """A byte position written in ASCII digits, any number of them (leading zeros allowed)."""
     significant = digits.lstrip("0")
