@@ -266,12 +266,15 @@ async def test_a_request_answered_whole_is_no_range_to_the_range_limit(settings:
     write_tree(settings.storage_dir / "slow", {"photo.jpg": os.urandom(1024 * 1024)})
     write_tree(settings.storage_dir / "other", {"photo.jpg": b"x" * 100})
     one_range = replace(settings, max_jobs_per_client=1, delay=0.5, chunk_size=65536)
-    async with running_server(one_range) as url, client_from(url, "127.0.0.1") as client:
-        async with client.stream("GET", "/archive/slow/", headers={"Range": "bytes=0-"}) as holding:
-            assert holding.status_code == 206
-            stale = await client.get("/archive/other/", headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
-            several = await client.get("/archive/other/", headers={"Range": "bytes=0-9,20-29"})
-            ranged = await client.get("/archive/other/", headers={"Range": "bytes=0-9"})
+    async with (
+        running_server(one_range) as url,
+        client_from(url, "127.0.0.1") as client,
+        client.stream("GET", "/archive/slow/", headers={"Range": "bytes=0-"}) as holding,
+    ):
+        assert holding.status_code == 206
+        stale = await client.get("/archive/other/", headers={"Range": "bytes=0-9", "If-Range": '"stale"'})
+        several = await client.get("/archive/other/", headers={"Range": "bytes=0-9,20-29"})
+        ranged = await client.get("/archive/other/", headers={"Range": "bytes=0-9"})
     assert (stale.status_code, several.status_code, ranged.status_code) == (200, 200, 503)
     assert stale.content == several.content and read_archive(stale.content)["photo.jpg"] == b"x" * 100
 
