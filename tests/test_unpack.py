@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from archiver.archive.names import entry_names
 from archiver.config import Settings
-from archiver.web.disposition import DisplayNameRefused, content_disposition, display_name
+from archiver.web.disposition import MAX_SAVED_NAME_BYTES, DisplayNameRefused, content_disposition, display_name
 
 from .browser import CHROMIUM, saved_download
 from .conftest import http11_request, read_archive, running_server, server_in_thread, write_tree
@@ -252,7 +252,7 @@ def test_a_display_name_is_never_hidden_and_never_a_path_in_either_form(requeste
     assert fallback.group(1).isascii() and not set(fallback.group(1)) & set('<>:"|?*'), header
     for saved in (fallback.group(1), unquote(encoded.group(1)) if encoded else name):
         assert saved.lower().endswith(".zip") and "/" not in saved and "\\" not in saved, header
-        assert len(saved.encode()) <= 255, header
+        assert len(saved.encode()) <= MAX_SAVED_NAME_BYTES, header  # room for Chromium's ".crdownload"
         # Its first character shows, and is no dot: nothing reads as, or is, a hidden file.
         first = saved[0]
         assert first != "." and not first.isspace() and not unicodedata.category(first).startswith(("M", "C")), header
@@ -261,7 +261,15 @@ def test_a_display_name_is_never_hidden_and_never_a_path_in_either_form(requeste
 
 def test_a_transliterated_display_name_still_fits_a_file_system() -> None:
     fallback = re.search(r'filename="([^"]*)"', content_disposition(display_name("щ" * 116, "album")))
-    assert fallback is not None and fallback.group(1).endswith("sh.zip") and len(fallback.group(1)) == 255
+    assert fallback is not None and fallback.group(1).endswith(".zip")
+    assert len(fallback.group(1)) == MAX_SAVED_NAME_BYTES
+
+
+def test_an_album_with_a_reserved_name_is_saved_under_a_portable_one() -> None:
+    # The album's name is the default, and Windows cannot save "CON.zip" either.
+    for album in ("CON", "nul", "com1"):
+        assert content_disposition(display_name(None, album)) == f'attachment; filename="_{album}.zip"'
+        assert display_name(" ..", album) == f"_{album}.zip"  # a display name of nothing: the album's
 
 
 @pytest.fixture(scope="module")

@@ -66,13 +66,13 @@ def portable_component(component: str) -> str:
     return shortened(component, "")
 
 
-def shortened(component: str, suffix: str) -> str:
-    """``component`` with ``suffix`` before its extension, its stem cut so that all fits MAX_COMPONENT_BYTES."""
+def shortened(component: str, suffix: str, limit: int = MAX_COMPONENT_BYTES) -> str:
+    """``component`` with ``suffix`` before its extension, its stem cut so that all fits ``limit`` bytes."""
     stem, dot, extension = component.rpartition(".")
     if not dot or not stem or len(extension.encode()) > 32:  # no extension (a leading dot is part of the name)
         stem, extension = component, ""
     extension = f".{extension}" if extension else ""
-    room = MAX_COMPONENT_BYTES - len(suffix.encode()) - len(extension.encode())
+    room = limit - len(suffix.encode()) - len(extension.encode())
     if len(stem.encode()) > room:  # cut on a character boundary, and no dot or space left at the cut
         stem = stem.encode()[:room].decode(errors="ignore").rstrip(" .") or "_"
     return f"{stem}{suffix}{extension}"

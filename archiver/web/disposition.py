@@ -23,6 +23,10 @@ from ..archive.names import portable_component, shortened
 # bytes in UTF-8: a file name on Linux and Android holds 255 (116 Chinese characters are 348).
 MAX_DISPLAY_NAME = 120
 MAX_DISPLAY_NAME_BYTES = 255
+# The bytes a saved name may take: a file name holds 255, and clients write to the name and a
+# suffix first (Chromium ".crdownload", 11 bytes; aria2c its ".aria2" control file; Firefox
+# ".part"), cancelling the download, or its resume, when that does not fit.
+MAX_SAVED_NAME_BYTES = 255 - len(".crdownload")
 # Characters that make a name read otherwise than it is, refused with the link: controls, format
 # characters (bidirectional ones: "\u202egpj.exe" shows as "exe.jpg"; invisible ones), line and
 # paragraph separators, private-use and unassigned code points (a box, or nothing), and the other
@@ -90,19 +94,26 @@ def display_name(requested: str | None, album: str) -> str:
     empty name means the album's.
     """
     if requested is None:
-        return f"{album}.zip"
+        return _zip_name(album)
     if len(requested) > MAX_DISPLAY_NAME - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME - len('.zip')} characters")
     if len(requested.encode(errors="replace")) > MAX_DISPLAY_NAME_BYTES - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
     if any(_deceptive(character) for character in requested):
         raise DisplayNameRefused("filename with control or invisible characters")
-    name = _saved_name(requested)
+    return _zip_name(requested) or _zip_name(album)
+
+
+def _zip_name(text: str) -> str:
+    """``text`` saved (``_saved_name``), ending in ``.zip``, at most MAX_SAVED_NAME_BYTES; "" if nothing is left.
+
+    Normalised, a name may have grown (NFC makes "\u0958" two code points, 6
+    bytes), and a reserved name takes a "_" (an album named ``CON`` too).
+    """
+    name = _saved_name(text)
     if not name:
-        return f"{album}.zip"
-    # Normalised, a name may have grown (NFC makes "\u0958" two code points, 6 bytes), and a reserved
-    # name took a "_": cut to what a file system holds, ".zip" included (Chromium cancels otherwise).
-    return shortened(name if name.lower().endswith(".zip") else f"{name}.zip", "")
+        return ""
+    return shortened(name if name.lower().endswith(".zip") else f"{name}.zip", "", MAX_SAVED_NAME_BYTES)
 
 
 def _deceptive(character: str) -> bool:
@@ -142,7 +153,7 @@ def ascii_fallback(name: str) -> str:
     Made a saved name again (``_saved_name``): compatibility forms bring back
     what the name had not ("\uff0ebashrc" is ".bashrc", "\u2025" is "..", "\uff0f"
     is "/", "\uff23\uff2f\uff2e" is "CON").  A ``.zip`` ending is kept; a name with
-    nothing left is ``archive``; a name grown past 255 bytes is cut before it.
+    nothing left is ``archive``; a name grown past MAX_SAVED_NAME_BYTES is cut before it.
     """
     stem, suffix = (name[:-4], name[-4:]) if name.lower().endswith(".zip") else (name, "")
     letters = []
@@ -155,8 +166,8 @@ def ascii_fallback(name: str) -> str:
             if unicodedata.combining(part):
                 continue
             letters.append(part if part.isascii() and part.isprintable() and part not in '"\\%' else "_")
-    # Transliterated, a name may grow threefold ("щ" is "shh"): cut to what a file system holds.
-    return shortened((_saved_name("".join(letters)) or "archive") + suffix, "")
+    # Transliterated, a name may grow threefold ("щ" is "shh"): cut as the name itself is.
+    return shortened((_saved_name("".join(letters)) or "archive") + suffix, "", MAX_SAVED_NAME_BYTES)
 
 
 def content_disposition(name: str) -> str:
