@@ -38,6 +38,17 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def descriptor_table() -> dict[str, str]:
+    """This process's open descriptors and what each names (a file, ``socket:[inode]``, ``pipe:[inode]``)."""
+    table = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            table[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+    return table
+
+
 async def wait_for_descriptors(baseline: int, timeout: float) -> int:
     """Poll until this process's open descriptors are back to ``baseline``; return the last count."""
     with trio.move_on_after(timeout):
@@ -70,6 +81,7 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
         await cancelled_download(url, "HTTP/1.1", 1)  # warm up: imports, lazily made objects
         await wait_until_no_producer_children(timeout=1)
         baseline = await wait_for_descriptors(open_descriptors(), 0)
+        before = descriptor_table()
         limiter = trio.Semaphore(8)
 
         async def one(protocol: str) -> None:
@@ -83,12 +95,13 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
         leftover_producers = len(producer_children())
         zombies = sum(child.state == "Z" for child in producer_children())
         descriptors = await wait_for_descriptors(baseline, timeout=5)
+        added = {fd: name for fd, name in descriptor_table().items() if before.get(fd) != name}
     record_figure(
         f"1000 cancelled downloads (HTTP/1.1 + HTTP/2): leftover producers {leftover_producers}, zombies {zombies}, "
         f"open fds {descriptors} (baseline {baseline})"
     )
     assert leftover_producers == zombies == 0
-    assert descriptors <= baseline
+    assert descriptors <= baseline, f"descriptors opened since the baseline and still open: {added}"
 
 
 async def test_64_concurrent_downloads_of_50_mb_are_byte_correct(storage: Path, settings: Settings) -> None:
