@@ -168,21 +168,25 @@ async def test_one_etag_per_archive_across_instances_with_other_zones(settings: 
 
 
 async def test_read_only_files_arrive_writable_unless_modes_are_kept(settings: Settings, tmp_path: Path) -> None:
-    write_tree(settings.storage_dir / "album", {"ro.jpg": b"r", "x.sh": b"x", "suid": b"s", "shared": b"w"})
+    write_tree(
+        settings.storage_dir / "album", {"ro.jpg": b"r", "x.sh": b"x", "suid": b"s", "shared": b"w", "group": b"g"}
+    )
     (settings.storage_dir / "album" / "ro.jpg").chmod(0o444)
     (settings.storage_dir / "album" / "x.sh").chmod(0o755)
     (settings.storage_dir / "album" / "suid").chmod(0o6755)
     (settings.storage_dir / "album" / "shared").chmod(0o1777)
+    (settings.storage_dir / "album" / "group").chmod(0o664)
     ordinary = zipfile.ZipFile(io.BytesIO((await fetch(settings)).content))
     assert {info.external_attr for info in ordinary.infolist()} == {0o100644 << 16}  # no read-only bit either
     kept = zipfile.ZipFile(io.BytesIO((await fetch(replace(settings, keep_modes=True))).content))
     attributes = {info.filename: info.external_attr for info in kept.infolist()}
-    # Kept, but never set-ID, sticky or writable by others: bsdtar run as root restores what it is given.
+    # Kept, but never set-ID, sticky or writable by anyone but the owner: bsdtar run as root restores what it is given.
     assert attributes == {
         "ro.jpg": (0o100444 << 16) | 1,
         "x.sh": 0o100755 << 16,
         "suid": 0o100755 << 16,
-        "shared": 0o100775 << 16,
+        "shared": 0o100755 << 16,
+        "group": 0o100644 << 16,
     }
     if shutil.which("unzip"):
         (tmp_path / "a.zip").write_bytes((await fetch(settings)).content)

@@ -87,10 +87,11 @@ def extended_timestamp(mtime_ns: int) -> bytes:
     return struct.pack("<HHBI", EXTENDED_TIMESTAMP_ID, 5, 1, seconds)
 
 
-# Bits a kept mode loses: set-user-ID, set-group-ID, sticky, and others' write.  A reader that
-# restores modes as given (bsdtar run as root) would make a downloaded file setuid, or one that
-# anyone on the machine may change.
-KEPT_MODE_DROPS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
+# Bits a kept mode loses: set-user-ID, set-group-ID, sticky, and write by anyone but the owner.
+# A reader that restores modes as given (bsdtar run as root) would make a downloaded file setuid,
+# or one that others on the machine may change: the group on the server (an FTP group, the CMS's)
+# is not the group the file lands in on the downloader's machine.
+KEPT_MODE_DROPS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
 
 
 def external_attributes(mode: int, keep_modes: bool) -> int:
