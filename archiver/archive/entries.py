@@ -41,8 +41,8 @@ class EntryPolicy:
     name_encoding: str = "cp1251"
 
     def describe(self) -> str:
-        """Everything here that shapes the bytes, for the ETag."""
-        return f"zone={self.zone};modes={'kept-safe' if self.keep_modes else '0644'};names={self.name_encoding}"
+        """Everything here that shapes the bytes, for the ETag (renamed when what a kept mode loses changes)."""
+        return f"zone={self.zone};modes={'kept-owner-write' if self.keep_modes else '0644'};names={self.name_encoding}"
 
 
 def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
