@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import archiver.archive.crc_index as crc_index_module
-from archiver.archive.crc_index import RACY_NS, CrcIndex, FileChanged, file_crc, is_racy
+from archiver.archive.crc_index import RACY_NS, SECOND, CrcIndex, FileChanged, file_crc, is_racy, trusted_ctime
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import CrcStore
 from archiver.archive.plan import ArchivePlan
@@ -26,6 +26,7 @@ from archiver.config import Settings
 
 from .conftest import files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
+from .test_dead_storage import fuse_unavailable, served_gated_album
 
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
 
@@ -94,7 +95,7 @@ def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedPr
 def rows(index: Path) -> dict[int, int]:
     """inode -> CRC, from the index file."""
     with sqlite3.connect(index) as db:
-        return dict(db.execute("SELECT inode, crc FROM crc_v2").fetchall())
+        return dict(db.execute("SELECT inode, crc FROM crc_v3").fetchall())
 
 
 async def test_archiver_index_warms_the_index_the_service_uses(
@@ -192,3 +193,46 @@ def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_th
     with pytest.raises(FileChanged, match="given up on"):
         late.open(tmp_path / "a.jpg", 4, None)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime_always() -> None:
+    now = time.time_ns()
+    second = now - now % SECOND
+    # Whole seconds (ext4's small inodes, FAT's two): a change later in that second keeps the ctime.
+    assert is_racy((1, 2, 3, second - 5 * SECOND, second - SECOND), now)
+    assert not is_racy((1, 2, 3, second - 5 * SECOND, second - 3 * SECOND), now)
+    # The mtime reported as the ctime (sshfs): an edit with its mtime put back moves neither.
+    assert is_racy((1, 2, 3, second - 3600 * SECOND, second - 3600 * SECOND), now)
+    assert not trusted_ctime(second, second) and not trusted_ctime(second + SECOND, second) and not trusted_ctime(0, 0)
+    assert trusted_ctime(second, second + SECOND) and trusted_ctime(second + 7, second + 7)
+    # Such keys are never looked up either: a row kept by an older version is not used.
+    index = CrcIndex()
+    index._remember((1, 2, 3, second, second), 42)
+    assert index.get((1, 2, 3, second, second)) is None
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_storage_whose_ctime_is_its_mtime_never_sends_a_stale_crc(tmp_path: Path) -> None:
+    # sshfs reports the mtime, in whole seconds, as the ctime (SFTP version 3 has no ctime): an
+    # edit in place that keeps the size and puts the mtime back (an FTP client preserving times)
+    # leaves every part of the key as it was.  Each download must then read the CRCs again.
+    files = {"small.jpg": os.urandom(300_000), "large.jpg": os.urandom(6 * 1024 * 1024)}
+    async with served_gated_album(tmp_path, files, {}, sftp_times=True) as album:
+        first = await album.client.get("/archive/album/")
+        assert read_archive(first.content) == files
+        # No ETag either: an edit would keep it, and a resume across the edit would splice two archives.
+        assert "etag" not in first.headers and first.headers["content-length"] == str(len(first.content))
+        resumed = await album.client.get("/archive/album/", headers={"Range": "bytes=100-", "If-Range": '"x"'})
+        assert resumed.status_code == 200 and resumed.content == first.content
+        ranged = await album.client.get("/archive/album/", headers={"Range": "bytes=100-"})
+        assert ranged.status_code == 206 and ranged.content == first.content[100:]
+        edited = {}
+        for name, data in files.items():
+            path = album.source / name
+            before = path.stat()
+            with open(path, "r+b") as file:  # dd conv=notrunc
+                file.write(b"edited")
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r
+            edited[name] = b"edited" + data[6:]
+        again = await album.client.get("/archive/album/")
+        assert again.status_code == 200 and read_archive(again.content) == edited

@@ -31,7 +31,7 @@ from .test_failures import ABORTED
 GATED_FS = Path(__file__).with_name("gated_fs.py")
 
 
-def _fuse_unavailable() -> str | None:
+def fuse_unavailable() -> str | None:
     try:
         import mfusepy  # type: ignore[import-untyped]  # noqa: F401
     except (ImportError, OSError) as error:  # OSError: no libfuse
@@ -41,14 +41,15 @@ def _fuse_unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_fuse_unavailable() is not None, reason=str(_fuse_unavailable()))
+pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 
 
 @asynccontextmanager
-async def gated_mount(source: Path, mountpoint: Path, gate: Path) -> AsyncIterator[None]:
-    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists."""
+async def gated_mount(source: Path, mountpoint: Path, gate: Path, sftp_times: bool = False) -> AsyncIterator[None]:
+    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists (``gated_fs``'s options)."""
     mountpoint.mkdir()
-    process = subprocess.Popen([sys.executable, str(GATED_FS), str(source), str(mountpoint), str(gate)])
+    options = ["--sftp-times"] if sftp_times else []
+    process = subprocess.Popen([sys.executable, str(GATED_FS), str(source), str(mountpoint), str(gate), *options])
     try:
         with trio.fail_after(10):
             while not os.path.ismount(mountpoint):
@@ -70,7 +71,9 @@ class GatedAlbum:
 
 
 @asynccontextmanager
-async def served_gated_album(tmp_path: Path, files: dict[str, bytes], env: dict[str, str]) -> AsyncIterator[GatedAlbum]:
+async def served_gated_album(
+    tmp_path: Path, files: dict[str, bytes], env: dict[str, str], sftp_times: bool = False
+) -> AsyncIterator[GatedAlbum]:
     """A server process (``env`` its settings) whose storage holds ``album``, a gated mount of ``files``."""
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
@@ -82,7 +85,7 @@ async def served_gated_album(tmp_path: Path, files: dict[str, bytes], env: dict[
     # stuck on the storage (the fault these tests are about) can be stopped.
     async with (
         launched(command, env) as server,
-        gated_mount(source, storage / "album", gate),
+        gated_mount(source, storage / "album", gate, sftp_times),
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
     ):
         yield GatedAlbum(server, client, source, gate)

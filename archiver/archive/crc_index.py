@@ -62,11 +62,36 @@ T = TypeVar("T")
 # whose ctime lies within this of the moment its read began may change again
 # without its ctime moving.  Such a CRC is not kept in the index.
 RACY_NS = 100_000_000
+SECOND = 1_000_000_000
+# A filesystem that keeps whole seconds (ext4's 128-byte inodes; FAT keeps two) changes a
+# file later in the second of its ctime without moving it: a wider window for such ctimes.
+# A ctime of whole seconds lies on such a filesystem (the kernel's clock stamps nanoseconds).
+COARSE_RACY_NS = 2 * SECOND + RACY_NS
+
+
+def trusted_ctime(mtime_ns: int, ctime_ns: int) -> bool:
+    """Whether a file's ctime moves with every write to it, so that its CRC may be kept by its key.
+
+    Not when it is a whole second no later than the mtime: sshfs reports the
+    mtime, in whole seconds, as the ctime (SFTP version 3 carries no ctime), and a
+    filesystem that reports none at all shows 0.  There an edit in place that keeps
+    the size and puts the mtime back (an FTP client that preserves times, ``touch
+    -r``) leaves the whole key as it was.  On a filesystem of whole seconds that
+    keeps a real ctime, a file written once has them equal too: its CRC is read
+    again for every download, the price of telling the two apart by the key.
+    """
+    return ctime_ns % SECOND != 0 or ctime_ns > mtime_ns
 
 
 def is_racy(key: FileKey, read_started_ns: int) -> bool:
-    """Whether a CRC read from ``read_started_ns`` (time.time_ns) may not match every file with ``key``."""
-    return key[4] >= read_started_ns - RACY_NS
+    """Whether a CRC read from ``read_started_ns`` (time.time_ns) may not match every file with ``key``.
+
+    Always, for a key whose ctime is not trusted (``trusted_ctime``).
+    """
+    if not trusted_ctime(key[3], key[4]):
+        return True
+    window = COARSE_RACY_NS if key[4] % SECOND == 0 else RACY_NS
+    return key[4] >= read_started_ns - window
 
 
 class FileChanged(RuntimeError):
@@ -105,7 +130,8 @@ class CrcIndex:
         with self._lock:
             remembered, used = self._crcs.get, self._crcs.move_to_end
             for position, key in enumerate(keys):
-                crc = remembered(key)
+                # A key whose ctime is not trusted is never kept: one found was kept by an older version.
+                crc = remembered(key) if trusted_ctime(key[3], key[4]) else None
                 if crc is None:
                     lacking.append(position)
                 else:
@@ -113,6 +139,8 @@ class CrcIndex:
                     crcs[position] = crc
         if self.store is not None:
             for position in lacking:
+                if not trusted_ctime(keys[position][3], keys[position][4]):
+                    continue
                 crc = self.store.get(keys[position])
                 if crc is not None:
                     self._remember(keys[position], crc)

@@ -4,8 +4,10 @@ Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
 ctime, even when the mtime is put back; see ``crc_index`` for the one store
-that does not).  Rows of the first version (no ctime, table ``crc``) are
-ignored.  A key SQLite's 64-bit integers cannot
+that does not; nor on storage whose ctime is not trusted, ``crc_index.trusted_ctime``,
+whose CRCs are never kept).  Rows of earlier versions are ignored: table ``crc``
+(no ctime) and ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
+whole seconds, and for keys whose ctime is the mtime).  A key SQLite's 64-bit integers cannot
 hold (an mtime past 2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
@@ -28,7 +30,7 @@ FileKey = tuple[int, int, int, int, int]
 WRITE_BATCH = 512
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS crc_v2 (
+CREATE TABLE IF NOT EXISTS crc_v3 (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     size INTEGER NOT NULL,
@@ -58,7 +60,7 @@ class CrcStore:
         with self._lock:
             try:
                 row = self._db.execute(
-                    "SELECT crc FROM crc_v2 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
+                    "SELECT crc FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
                 ).fetchone()
             except sqlite3.Error as error:
                 logger.warning("CRC index: read skipped: %s", error)
@@ -80,7 +82,7 @@ class CrcStore:
             self._pending = [row for row in self._pending if row[:5] != key]
             try:
                 self._db.execute(
-                    "DELETE FROM crc_v2 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
+                    "DELETE FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
                 )
             except sqlite3.Error as error:
                 logger.warning("CRC index: a changed file's row could not be dropped: %s", error)
@@ -92,7 +94,7 @@ class CrcStore:
     def count(self) -> int:
         with self._lock:
             self._write()
-            return int(self._db.execute("SELECT count(*) FROM crc_v2").fetchone()[0])
+            return int(self._db.execute("SELECT count(*) FROM crc_v3").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
@@ -105,7 +107,7 @@ class CrcStore:
             try:
                 with self._db:
                     self._db.execute("BEGIN")
-                    self._db.executemany("INSERT OR REPLACE INTO crc_v2 VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    self._db.executemany("INSERT OR REPLACE INTO crc_v3 VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.Error as error:
                 logger.warning("CRC index: %d rows not written: %s", len(rows), error)
 

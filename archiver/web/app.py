@@ -55,6 +55,7 @@ from .ranges import (
     PreconditionFailed,
     RangeNotSatisfiable,
     archive_etag,
+    archive_validator,
     check_preconditions,
     requested_range,
     surely_a_range,
@@ -83,7 +84,7 @@ EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/
 
 @dataclass(frozen=True)
 class PreparedArchive:
-    """What a download needs from its album: the archive's plan, and for a stored one its ETag."""
+    """What a download needs from its album: the archive's plan, and its ETag (``archive_validator``)."""
 
     plan: ArchivePlan
     etag: str | None
@@ -105,7 +106,7 @@ def prepare_archive(
     plan = plans.get(
         listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy)
     )
-    return PreparedArchive(plan, etag if plan.length is not None else None)
+    return PreparedArchive(plan, archive_validator(listing, etag, plan.length))
 
 
 def open_crc_store(settings: Settings) -> CrcStore | None:
@@ -278,8 +279,10 @@ def create_app(settings: Settings) -> QuartTrio:
         plan, etag = prepared.plan, prepared.etag
         length = plan.length
         byte_range = None
-        if length is not None and etag is not None:
-            headers |= {"Content-Length": str(length), "ETag": etag, "Accept-Ranges": "bytes"}
+        if length is not None:
+            headers |= {"Content-Length": str(length), "Accept-Ranges": "bytes"}
+        if etag is not None:
+            headers["ETag"] = etag
         try:
             check_preconditions(_field(request.headers, "If-Match"), _field(request.headers, "If-None-Match"), etag)
         except PreconditionFailed:
@@ -289,7 +292,7 @@ def create_app(settings: Settings) -> QuartTrio:
             # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
             headers.pop("Content-Length", None)
             return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
-        if length is not None and etag is not None:
+        if length is not None:
             try:
                 if request.method == "GET":
                     # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..archive.crc_index import trusted_ctime
 from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
@@ -122,9 +123,25 @@ def archive_etag(listing: AlbumListing, variant: str) -> str:
     return f'"{digest.hexdigest()[:32]}"'
 
 
-def if_range_allows(if_range: str | None, etag: str) -> bool:
-    """Whether to honour Range given If-Range: absent, or the same strong ETag (a date never matches)."""
-    return if_range is None or (not if_range.startswith("W/") and if_range.strip() == etag)
+def archive_validator(listing: AlbumListing, etag: str, length: int | None) -> str | None:
+    """The ETag to send for ``listing``'s archive (``etag``), or None where it would not be a strong validator.
+
+    None for a deflated archive (``length`` None: zlib's bytes are not
+    promised twice), and where a file may change without its key moving (a
+    ctime that is only the mtime again, as sshfs reports: ``crc_index.trusted_ctime``),
+    where an edit would keep the tag: a resume across it (If-Range) would
+    splice two archives, and an If-None-Match would keep a stale copy.  Without
+    an ETag, If-Range never matches and a ranged request gets the whole archive.
+    """
+    if length is None or not all(trusted_ctime(file.mtime_ns, file.ctime_ns) for file in listing.files):
+        return None
+    return etag
+
+
+def if_range_allows(if_range: str | None, etag: str | None) -> bool:
+    """Whether to honour Range given If-Range: absent, or the same strong ETag (a date never matches; nor,
+    with ``etag`` None, anything)."""
+    return if_range is None or (etag is not None and not if_range.startswith("W/") and if_range.strip() == etag)
 
 
 class PreconditionFailed(Exception):
@@ -157,7 +174,7 @@ def _entity_tags(field: str) -> set[str]:
     return {tag.strip(" \t") for tag in field.split(",")} - {""}
 
 
-def requested_range(range_header: str | None, if_range: str | None, etag: str, length: int) -> ByteRange | None:
+def requested_range(range_header: str | None, if_range: str | None, etag: str | None, length: int) -> ByteRange | None:
     """The range to answer with 206, or None for the whole archive; RangeNotSatisfiable for a 416."""
     if not range_header or not if_range_allows(if_range, etag):
         return None
