@@ -17,7 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from .archive.crc_index import CrcIndex, album_crcs
+from .archive.crc_index import CrcIndex, CtimeTrust, album_crcs
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from .config import Settings, SettingsError
 from .fences import hypercorn_tcp
@@ -157,7 +157,7 @@ def index_albums(argv: Sequence[str]) -> None:
         parser.error(str(error))
     if store is None:
         parser.error("ARCHIVER_INDEX is not set: the index would be in memory and gone at exit")
-    index = CrcIndex(store)
+    index = CrcIndex(store, trust=CtimeTrust(settings.trusted_fuse))
     root = settings.storage_dir
     names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
     on_terminal = sys.stderr.isatty()

@@ -81,6 +81,10 @@ class Settings:
     # The CRC index's SQLite file (archiver.archive.crc_store); empty: in memory
     # only, computed again after every start.
     index_path: str = ""
+    # FUSE filesystem types (as /proc/self/mountinfo names them: fuse.mergerfs) whose
+    # ctime moves with every write.  Files on any other FUSE mount (sshfs, rclone) have
+    # their CRCs read for every download, and their archives no ETag (crc_index.CtimeTrust).
+    trusted_fuse: tuple[str, ...] = ()
     # What the person unpacks (README): the zone the entries' MS-DOS times are
     # written in (an IANA name; the extended timestamp beside them is UTC, and
     # the process's TZ plays no part), modes kept as on disk instead of 0644,
@@ -167,6 +171,7 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "max_connections": int,
     "link_secret": str,
     "index": str,
+    "trusted_fuse": _parse_list,
     "timezone": str,
     "keep_modes": _parse_bool,
     "name_encoding": str,

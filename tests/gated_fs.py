@@ -11,10 +11,11 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
   without, it waits while the gate is there (dead storage), at most a minute.
 
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
-seconds, and no ctime): every time is the mtime, in whole seconds.
+seconds, and no ctime): every time is the mtime, in whole seconds.  With
+``--mtime-as-ctime``, as rclone's mount does: the mtime, to the nanosecond, as the ctime.
 
-Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times]`` (in the
-foreground, until unmounted).  For tests/test_dead_storage.py and tests/test_crc_index.py.
+Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime]``
+(in the foreground, until unmounted).  For tests/test_dead_storage.py and tests/test_crc_index.py.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ GATED = {
 class GatedFs(Operations):  # type: ignore[misc]
     use_ns = True
 
-    def __init__(self, source: str, gate: str, sftp_times: bool = False) -> None:
+    def __init__(self, source: str, gate: str, times: str = "") -> None:
         self.source = source
         self.gate = gate
-        self.sftp_times = sftp_times
+        self.times = times  # "", "--sftp-times" or "--mtime-as-ctime"
 
     def _path(self, path: str) -> str:
         return self.source + path
@@ -76,9 +77,11 @@ class GatedFs(Operations):  # type: ignore[misc]
         attributes: dict[str, Any] = {name: getattr(found, name) for name in STAT_FIELDS}
         for name in ("st_atime", "st_mtime", "st_ctime"):
             attributes[name] = getattr(found, name + "_ns")
-        if self.sftp_times:
+        if self.times == "--sftp-times":
             whole_seconds = found.st_mtime_ns - found.st_mtime_ns % 1_000_000_000
             attributes.update(st_atime=whole_seconds, st_mtime=whole_seconds, st_ctime=whole_seconds)
+        elif self.times == "--mtime-as-ctime":
+            attributes["st_ctime"] = found.st_mtime_ns
         return attributes
 
     def access(self, path: str, amode: int) -> int:
@@ -107,11 +110,11 @@ class GatedFs(Operations):  # type: ignore[misc]
 
 if __name__ == "__main__":
     source, mountpoint, gate = sys.argv[1:4]
-    sftp_times = "--sftp-times" in sys.argv[4:]
+    times = sys.argv[4] if len(sys.argv) > 4 else ""
     # No kernel caching of attributes or names: each open sees the source as it is.
     # Up to 64 calls held at once (libfuse's default is 10 threads: more would queue unseen in the kernel).
     FUSE(
-        GatedFs(source, gate, sftp_times),
+        GatedFs(source, gate, times),
         mountpoint,
         foreground=True,
         ro=True,

@@ -17,9 +17,19 @@ import pytest
 import trio
 
 import archiver.archive.crc_index as crc_index_module
-from archiver.archive.crc_index import RACY_NS, SECOND, CrcIndex, FileChanged, file_crc, is_racy, trusted_ctime
+from archiver.archive.crc_index import (
+    RACY_NS,
+    SECOND,
+    CrcIndex,
+    CtimeTrust,
+    FileChanged,
+    file_crc,
+    is_racy,
+    trusted_ctime,
+)
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import CrcStore
+from archiver.archive.filesystems import FilesystemTypes, is_fuse, read_mount_table
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
@@ -212,12 +222,22 @@ def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
-async def test_storage_whose_ctime_is_its_mtime_never_sends_a_stale_crc(tmp_path: Path) -> None:
-    # sshfs reports the mtime, in whole seconds, as the ctime (SFTP version 3 has no ctime): an
-    # edit in place that keeps the size and puts the mtime back (an FTP client preserving times)
-    # leaves every part of the key as it was.  Each download must then read the CRCs again.
+@pytest.mark.parametrize(
+    "times, env",
+    [
+        # sshfs: the mtime in whole seconds as the ctime (SFTP version 3 has none), on a FUSE type trusted.
+        ("--sftp-times", {}),
+        # rclone's mount: the mtime to the nanosecond as the ctime, on a FUSE type not trusted (the default).
+        ("--mtime-as-ctime", {"ARCHIVER_TRUSTED_FUSE": ""}),
+    ],
+)
+async def test_storage_whose_ctime_is_its_mtime_never_sends_a_stale_crc(
+    tmp_path: Path, times: str, env: dict[str, str]
+) -> None:
+    # An edit in place that keeps the size and puts the mtime back (an FTP client preserving
+    # times) leaves every part of the key as it was.  Each download must read the CRCs again.
     files = {"small.jpg": os.urandom(300_000), "large.jpg": os.urandom(6 * 1024 * 1024)}
-    async with served_gated_album(tmp_path, files, {}, sftp_times=True) as album:
+    async with served_gated_album(tmp_path, files, env, times) as album:
         first = await album.client.get("/archive/album/")
         assert read_archive(first.content) == files
         # No ETag either: an edit would keep it, and a resume across the edit would splice two archives.
@@ -236,3 +256,39 @@ async def test_storage_whose_ctime_is_its_mtime_never_sends_a_stale_crc(tmp_path
             edited[name] = b"edited" + data[6:]
         again = await album.client.get("/archive/album/")
         assert again.status_code == 200 and read_archive(again.content) == edited
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_a_fuse_type_the_operator_trusts_keeps_its_crcs_and_etag(tmp_path: Path) -> None:
+    files = {"a.jpg": os.urandom(1000)}
+    (tmp_path / "untrusted").mkdir()
+    (tmp_path / "trusted").mkdir()
+    async with served_gated_album(tmp_path / "untrusted", files, {"ARCHIVER_TRUSTED_FUSE": ""}) as album:
+        untrusted = await album.client.head("/archive/album/")
+    async with served_gated_album(tmp_path / "trusted", files, {"ARCHIVER_TRUSTED_FUSE": "fuse.other,fuse"}) as album:
+        trusted = await album.client.head("/archive/album/")
+    assert "etag" not in untrusted.headers and "content-length" in untrusted.headers
+    assert trusted.headers["etag"].startswith('"')
+
+
+def test_the_mount_table_names_each_devices_filesystem_type(tmp_path: Path) -> None:
+    table = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 0:39 / /srv/photos ro,nosuid shared:9 master:2 - fuse.sshfs host:/photos ro,user_id=0\n"
+        "41 22 0:40 / /srv/pool rw - fuse.mergerfs a:b rw\n"
+        "garbage line\n"
+    )
+    assert read_mount_table(table) == {
+        os.makedev(8, 1): "ext4",
+        os.makedev(0, 39): "fuse.sshfs",
+        os.makedev(0, 40): "fuse.mergerfs",
+    }
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(table)
+    trust = CtimeTrust(["fuse.mergerfs"], FilesystemTypes(mountinfo))
+    now = time.time_ns()
+    assert trust((os.makedev(8, 1), 1, 2, now, now)) and trust((os.makedev(0, 40), 1, 2, now, now))
+    assert not trust((os.makedev(0, 39), 1, 2, now, now))
+    assert trust((os.makedev(7, 7), 1, 2, now, now))  # no mount names it (a btrfs subvolume's): as before
+    assert not trust((os.makedev(8, 1), 1, 2, now - now % SECOND, now - now % SECOND))  # whole seconds, the mtime
+    assert is_fuse("fuse") and is_fuse("fuseblk") and is_fuse("fuse.rclone") and not is_fuse("fusectl")

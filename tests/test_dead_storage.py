@@ -45,10 +45,10 @@ pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_
 
 
 @asynccontextmanager
-async def gated_mount(source: Path, mountpoint: Path, gate: Path, sftp_times: bool = False) -> AsyncIterator[None]:
-    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists (``gated_fs``'s options)."""
+async def gated_mount(source: Path, mountpoint: Path, gate: Path, times: str = "") -> AsyncIterator[None]:
+    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists; ``times``: gated_fs's."""
     mountpoint.mkdir()
-    options = ["--sftp-times"] if sftp_times else []
+    options = [times] if times else []
     process = subprocess.Popen([sys.executable, str(GATED_FS), str(source), str(mountpoint), str(gate), *options])
     try:
         with trio.fail_after(10):
@@ -72,9 +72,14 @@ class GatedAlbum:
 
 @asynccontextmanager
 async def served_gated_album(
-    tmp_path: Path, files: dict[str, bytes], env: dict[str, str], sftp_times: bool = False
+    tmp_path: Path, files: dict[str, bytes], env: dict[str, str], times: str = ""
 ) -> AsyncIterator[GatedAlbum]:
-    """A server process (``env`` its settings) whose storage holds ``album``, a gated mount of ``files``."""
+    """A server process (``env`` its settings) whose storage holds ``album``, a gated mount of ``files``.
+
+    The mount's ctimes are trusted (``ARCHIVER_TRUSTED_FUSE``: it passes the source's
+    through) unless ``env`` says otherwise; ``times``: what gated_fs reports instead.
+    """
+    env = {"ARCHIVER_TRUSTED_FUSE": "fuse"} | env
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
     storage.mkdir()
@@ -85,7 +90,7 @@ async def served_gated_album(
     # stuck on the storage (the fault these tests are about) can be stopped.
     async with (
         launched(command, env) as server,
-        gated_mount(source, storage / "album", gate, sftp_times),
+        gated_mount(source, storage / "album", gate, times),
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
     ):
         yield GatedAlbum(server, client, source, gate)

@@ -35,6 +35,7 @@ import trio
 from zlib_ng import zlib_ng
 
 from .crc_store import CrcStore
+from .filesystems import FilesystemTypes, is_fuse
 
 # CRC-32 (ZIP's, the same function as zlib.crc32) by zlib-ng, which folds with carry-less
 # multiplication (PCLMULQDQ/VPCLMULQDQ): 50 GB/s here, against 3.4 for binascii.crc32 and
@@ -83,6 +84,31 @@ def trusted_ctime(mtime_ns: int, ctime_ns: int) -> bool:
     return ctime_ns % SECOND != 0 or ctime_ns > mtime_ns
 
 
+class CtimeTrust:
+    """Whether a file's ctime moves with every write to it, so that its CRC may be kept by its key.
+
+    Not on a FUSE filesystem (``filesystems.is_fuse``: its daemon reports what
+    it likes, and sshfs and rclone's mount report the mtime) unless its type is
+    in ``trusted_fuse`` (``ARCHIVER_TRUSTED_FUSE``: mergerfs passes its branches'
+    ctimes through); nor, on any filesystem, a ctime of whole seconds no later
+    than the mtime (``trusted_ctime``).  A file not trusted has its CRC read for
+    every download and checked against its bytes as they go (racy), and its
+    album's archive no ETag (``web.ranges.archive_validator``).
+    """
+
+    def __init__(self, trusted_fuse: Iterable[str] = (), filesystems: FilesystemTypes | None = None) -> None:
+        self.trusted_fuse = frozenset(trusted_fuse)
+        self._filesystems = filesystems or FilesystemTypes()
+
+    def device(self, device: int) -> bool:
+        """Whether ctimes on ``device`` may be trusted (a device no mount names: yes)."""
+        fs_type = self._filesystems.of(device)
+        return fs_type is None or not is_fuse(fs_type) or fs_type in self.trusted_fuse
+
+    def __call__(self, key: FileKey) -> bool:
+        return trusted_ctime(key[3], key[4]) and self.device(key[0])
+
+
 def is_racy(key: FileKey, read_started_ns: int) -> bool:
     """Whether a CRC read from ``read_started_ns`` (time.time_ns) may not match every file with ``key``.
 
@@ -101,9 +127,17 @@ class FileChanged(RuntimeError):
 class CrcIndex:
     """CRC-32 by (device, inode, size, mtime_ns, ctime_ns): the recent ones in memory, all in ``store`` if given."""
 
-    def __init__(self, store: CrcStore | None = None, entries: int = INDEX_ENTRIES, readers: int = 2) -> None:
+    def __init__(
+        self,
+        store: CrcStore | None = None,
+        entries: int = INDEX_ENTRIES,
+        readers: int = 2,
+        trust: CtimeTrust | None = None,
+    ) -> None:
         self.store = store
         self.entries = entries
+        # Which files' CRCs may be kept and looked up by key.
+        self.trust = trust or CtimeTrust()
         self._crcs: OrderedDict[FileKey, int] = OrderedDict()
         self._lock = threading.Lock()  # used from the downloads' worker threads
         # Files read at once for their CRCs, across downloads: the disk and the
@@ -127,11 +161,12 @@ class CrcIndex:
         keys = list(keys)
         crcs = array("q", [-1]) * len(keys)
         lacking = []
+        # A key whose ctime is not trusted is never kept: one found was kept before it was known so.
+        devices = {device: self.trust.device(device) for device in {key[0] for key in keys}}
         with self._lock:
             remembered, used = self._crcs.get, self._crcs.move_to_end
             for position, key in enumerate(keys):
-                # A key whose ctime is not trusted is never kept: one found was kept by an older version.
-                crc = remembered(key) if trusted_ctime(key[3], key[4]) else None
+                crc = remembered(key) if devices[key[0]] and trusted_ctime(key[3], key[4]) else None
                 if crc is None:
                     lacking.append(position)
                 else:
@@ -139,7 +174,8 @@ class CrcIndex:
                     crcs[position] = crc
         if self.store is not None:
             for position in lacking:
-                if not trusted_ctime(keys[position][3], keys[position][4]):
+                key = keys[position]
+                if not (devices[key[0]] and trusted_ctime(key[3], key[4])):
                     continue
                 crc = self.store.get(keys[position])
                 if crc is not None:
@@ -193,7 +229,7 @@ def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_sta
     status = os.fstat(fd)
     if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
         raise FileChanged(f"{path}: modified while its CRC was read")
-    if is_racy(key, read_started_ns):
+    if is_racy(key, read_started_ns) or not index.trust(key):
         return False
     index.put(key, crc)
     return True

@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..archive import launcher
-from ..archive.crc_index import CrcIndex
+from ..archive.crc_index import CrcIndex, CtimeTrust
 from ..archive.crc_store import CrcStore
 from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
@@ -91,7 +91,7 @@ class PreparedArchive:
 
 
 def prepare_archive(
-    album: Path, settings: Settings, plans: PlanCache, compression: int, progress: WalkProgress
+    album: Path, settings: Settings, plans: PlanCache, compression: int, progress: WalkProgress, trust: CtimeTrust
 ) -> PreparedArchive:
     """Walk ``album``, plan its archive at deflate level ``compression`` (0: stored); in a worker thread.
 
@@ -106,7 +106,7 @@ def prepare_archive(
     plan = plans.get(
         listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy)
     )
-    return PreparedArchive(plan, archive_validator(listing, etag, plan.length))
+    return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
 def open_crc_store(settings: Settings) -> CrcStore | None:
@@ -161,7 +161,7 @@ def create_app(settings: Settings) -> QuartTrio:
     root_timeout = min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT)
     # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
     client_walks = ClientWalks(settings.max_jobs)
-    crc_index = CrcIndex(open_crc_store(settings))
+    crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
     plans = PlanCache()
     metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
@@ -250,7 +250,7 @@ def create_app(settings: Settings) -> QuartTrio:
             # and the wait for this client's turn and for a walker thread counts unless the queue moves.
             progress = WalkProgress()
             prepared = await call_storage(
-                partial(prepare_archive, album, settings, plans, compression, progress),
+                partial(prepare_archive, album, settings, plans, compression, progress, crc_index.trust),
                 timeout=settings.storage_timeout,
                 limiter=walkers,
                 progress=progress,

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..archive.crc_index import trusted_ctime
+from ..archive.crc_index import CtimeTrust, trusted_ctime
 from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
@@ -123,17 +123,20 @@ def archive_etag(listing: AlbumListing, variant: str) -> str:
     return f'"{digest.hexdigest()[:32]}"'
 
 
-def archive_validator(listing: AlbumListing, etag: str, length: int | None) -> str | None:
+def archive_validator(listing: AlbumListing, etag: str, length: int | None, trust: CtimeTrust) -> str | None:
     """The ETag to send for ``listing``'s archive (``etag``), or None where it would not be a strong validator.
 
     None for a deflated archive (``length`` None: zlib's bytes are not
     promised twice), and where a file may change without its key moving (a
-    ctime that is only the mtime again, as sshfs reports: ``crc_index.trusted_ctime``),
+    ctime that may be only the mtime again, as sshfs reports: ``trust``),
     where an edit would keep the tag: a resume across it (If-Range) would
     splice two archives, and an If-None-Match would keep a stale copy.  Without
     an ETag, If-Range never matches and a ranged request gets the whole archive.
     """
-    if length is None or not all(trusted_ctime(file.mtime_ns, file.ctime_ns) for file in listing.files):
+    if length is None:
+        return None
+    devices = {file.device for file in listing.files}
+    if not all(map(trust.device, devices)) or not all(trusted_ctime(f.mtime_ns, f.ctime_ns) for f in listing.files):
         return None
     return etag
 
