@@ -36,7 +36,7 @@ from archiver.config import Settings
 
 from .conftest import files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
-from .test_dead_storage import fuse_unavailable, served_gated_album
+from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album
 
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
 
@@ -292,3 +292,21 @@ def test_the_mount_table_names_each_devices_filesystem_type(tmp_path: Path) -> N
     assert trust((os.makedev(7, 7), 1, 2, now, now))  # no mount names it (a btrfs subvolume's): as before
     assert not trust((os.makedev(8, 1), 1, 2, now - now % SECOND, now - now % SECOND))  # whole seconds, the mtime
     assert is_fuse("fuse") and is_fuse("fuseblk") and is_fuse("fuse.rclone") and not is_fuse("fusectl")
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_archiver_index_leaves_out_files_whose_ctimes_are_not_trusted(tmp_path: Path) -> None:
+    source, storage, index = tmp_path / "source", tmp_path / "storage", tmp_path / "index.sqlite"
+    write_tree(source, {"a.jpg": b"a", "b.jpg": b"b"})
+    storage.mkdir()
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)}
+    async with gated_mount(source, storage / "album", tmp_path / "gate"):
+        await settle()
+        untrusted = run_archiver("index", env=env | {"ARCHIVER_TRUSTED_FUSE": ""})
+        trusted = run_archiver("index", env=env | {"ARCHIVER_TRUSTED_FUSE": "fuse"})
+    assert untrusted.returncode == 0, untrusted.stderr
+    assert untrusted.stdout.strip() == (
+        "indexed 1 albums, 2 files (0 computed, 2 left out (ctimes not trusted: ARCHIVER_TRUSTED_FUSE),"
+        " the rest already known)"
+    )
+    assert trusted.stdout.strip() == "indexed 1 albums, 2 files (2 computed, the rest already known)"

@@ -440,16 +440,24 @@ def in_reader_thread(queued: Callable[[bool], None] | None, function: Callable[.
     return call
 
 
+class AlbumCrcs(NamedTuple):
+    """What ``album_crcs`` did: CRCs computed and kept; files left, their ctimes not trusted (``CtimeTrust``)."""
+
+    computed: int
+    untrusted: int
+
+
 def album_crcs(
     album: Path, files: list[tuple[str, int]], index: CrcIndex, progress: Callable[[int], None] | None = None
-) -> int:
-    """Put the CRC of each (relative path, size) in ``album`` into ``index``, synchronously; how many were new.
+) -> AlbumCrcs:
+    """Put the CRC of each (relative path, size) in ``album`` into ``index``, synchronously.
 
     For ``archiver index``; a file that changed or vanished meanwhile is
-    skipped.  ``progress`` is called with the count of files done after each.
+    skipped, and so is one whose CRC would not be kept (read for every
+    download anyway).  ``progress`` is called with the count of files done after each.
     """
     buffer = bytearray(READ_SIZE)
-    new = 0
+    new = untrusted = 0
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
@@ -458,11 +466,13 @@ def album_crcs(
         except FileChanged:
             continue
         os.close(fd)
-        if index.get(key) is None:
+        if not index.trust(key):
+            untrusted += 1
+        elif index.get(key) is None:
             try:
                 small_file_crc(album / relative, size, index, buffer)
             except FileChanged:
                 continue
             new += 1
     index.flush()
-    return new
+    return AlbumCrcs(new, untrusted)
