@@ -165,7 +165,7 @@ def index_albums(argv: Sequence[str]) -> None:
     failed: list[str] = []
     for name in names:
         try:
-            listing = list_album(resolve_album(root, name))
+            listing = list_album(resolve_album(root, name), on_device=index.trust.learn)
         except AlbumNotFound:
             parser.error(f"no album {name!r} in {root}")
         except ListingFailed as error:
@@ -187,8 +187,8 @@ def index_albums(argv: Sequence[str]) -> None:
             print(file=sys.stderr)
     store.close()
     indexed = len(names) - len(failed)
-    # Files whose ctimes do not show every edit (sshfs, rclone: README, What it answers) are read at every download.
-    left_out = f", {untrusted_total} left out (ctimes not trusted: ARCHIVER_TRUSTED_FUSE)" if untrusted_total else ""
+    # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
+    left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
     print(f"indexed {indexed} albums, {files_done} files ({new_total} computed{left_out}, the rest already known)")
     if failed:
         sys.exit(f"archiver index: {len(failed)} album(s) could not be listed: {', '.join(failed)}")

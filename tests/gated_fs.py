@@ -10,6 +10,8 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
 - How long: with a number, each such call takes that many seconds (slow storage);
   without, it waits while the gate is there (dead storage), at most a minute.
 
+While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO.
+
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
 ``--mtime-as-ctime``, as rclone's mount does: the mtime, to the nanosecond, as the ctime.
@@ -20,17 +22,20 @@ Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
 from typing import Any
 
-from mfusepy import FUSE, Operations, fuse_get_context  # type: ignore[import-untyped]
+from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # type: ignore[import-untyped]
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
 # The calls each gate text holds.
 # Beside the gate: a line for each call held, the calling thread's id (for a test to know what is held).
 HELD = "-held"
+# Beside the gate: every close(2) of a file fails with EIO while it exists.
+FAIL_CLOSES = "-fail-closes"
 GATED = {
     "read": {"read"},
     "listing": {"listing"},
@@ -101,6 +106,8 @@ class GatedFs(Operations):  # type: ignore[misc]
 
     def flush(self, path: str, fh: int) -> int:
         self._gate("flush")  # every close(2) of a file sends one
+        if os.path.exists(self.gate + FAIL_CLOSES):  # as rclone's mount does when a file's checksum fails
+            raise FuseOSError(errno.EIO)
         return 0
 
     def release(self, path: str, fh: int) -> int:

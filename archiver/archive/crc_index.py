@@ -21,6 +21,7 @@ from; a racy one is checked against the bytes as they go (``plan``).
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
@@ -35,7 +36,9 @@ import trio
 from zlib_ng import zlib_ng
 
 from .crc_store import CrcStore
-from .filesystems import FilesystemTypes, is_fuse
+from .filesystems import KERNEL, MOUNTINFO, filesystem_name
+
+logger = logging.getLogger(__name__)
 
 # CRC-32 (ZIP's, the same function as zlib.crc32) by zlib-ng, which folds with carry-less
 # multiplication (PCLMULQDQ/VPCLMULQDQ): 50 GB/s here, against 3.4 for binascii.crc32 and
@@ -71,39 +74,62 @@ COARSE_RACY_NS = 2 * SECOND + RACY_NS
 
 
 def trusted_ctime(mtime_ns: int, ctime_ns: int) -> bool:
-    """Whether a file's ctime moves with every write to it, so that its CRC may be kept by its key.
+    """Whether a file's ctime, on a filesystem whose ctimes are trusted, moves with every write to it.
 
     Not when it is a whole second no later than the mtime: sshfs reports the
-    mtime, in whole seconds, as the ctime (SFTP version 3 carries no ctime), and a
-    filesystem that reports none at all shows 0.  There an edit in place that keeps
-    the size and puts the mtime back (an FTP client that preserves times, ``touch
-    -r``) leaves the whole key as it was.  On a filesystem of whole seconds that
-    keeps a real ctime, a file written once has them equal too: its CRC is read
-    again for every download, the price of telling the two apart by the key.
+    mtime, in whole seconds, as the ctime (SFTP version 3 carries no ctime),
+    and so might a filesystem not known to (``CtimeTrust``).  There an edit in
+    place that keeps the size and puts the mtime back (an FTP client that
+    preserves times, ``touch -r``) leaves the whole key as it was.  Nor a ctime
+    at or before 1970 (a filesystem that reports none shows 0).  On a
+    filesystem of whole seconds that keeps a real ctime, a file written once
+    has it equal to its mtime too: its CRC is read again for every download,
+    the price of telling the two apart by the key.
     """
-    return ctime_ns % SECOND != 0 or ctime_ns > mtime_ns
+    return ctime_ns > 0 and (ctime_ns % SECOND != 0 or ctime_ns > mtime_ns)
 
 
 class CtimeTrust:
     """Whether a file's ctime moves with every write to it, so that its CRC may be kept by its key.
 
-    Not on a FUSE filesystem (``filesystems.is_fuse``: its daemon reports what
-    it likes, and sshfs and rclone's mount report the mtime) unless its type is
-    in ``trusted_fuse`` (``ARCHIVER_TRUSTED_FUSE``: mergerfs passes its branches'
-    ctimes through); nor, on any filesystem, a ctime of whole seconds no later
-    than the mtime (``trusted_ctime``).  A file not trusted has its CRC read for
+    Decided per filesystem as walks meet them (``learn``; a device never
+    looked at is not trusted): not a FUSE one (its daemon reports what it likes,
+    and sshfs and rclone's mount report the mtime) unless its type is in
+    ``trusted_fuse`` (``ARCHIVER_TRUSTED_FUSE``: mergerfs passes its branches'
+    ctimes through), nor exFAT (``filesystems.MTIME_AS_CTIME``); and on any, not
+    a ctime ``trusted_ctime`` refuses.  A file not trusted has its CRC read for
     every download and checked against its bytes as they go (racy), and its
     album's archive no ETag (``web.ranges.archive_validator``).
     """
 
-    def __init__(self, trusted_fuse: Iterable[str] = (), filesystems: FilesystemTypes | None = None) -> None:
+    def __init__(self, trusted_fuse: Iterable[str] = (), mountinfo: Path = MOUNTINFO) -> None:
         self.trusted_fuse = frozenset(trusted_fuse)
-        self._filesystems = filesystems or FilesystemTypes()
+        self._mountinfo = mountinfo
+        # Device -> trusted, as last looked at (set in walkers' and readers' threads: one store each).
+        self._devices: dict[int, bool] = {}
+
+    def learn(self, fd: int, device: int) -> None:
+        """Look at the filesystem ``fd`` (a folder a walk opened) lies on, ``device``; in a worker thread.
+
+        Every walk calls this for each device it meets: a device number is
+        reused by the next mount.  A filesystem that cannot be told is not trusted.
+        """
+        try:
+            name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
+        except OSError:
+            self._devices[device] = False
+        else:
+            self._devices[device] = name == KERNEL or name in self.trusted_fuse
 
     def device(self, device: int) -> bool:
-        """Whether ctimes on ``device`` may be trusted (a device no mount names: yes)."""
-        fs_type = self._filesystems.of(device)
-        return fs_type is None or not is_fuse(fs_type) or fs_type in self.trusted_fuse
+        """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""
+        return self._devices.get(device, False)
+
+    def file(self, fd: int, key: FileKey) -> bool:
+        """Whether the ctime in ``key``, of the file open as ``fd``, is trusted; its device looked at if never yet."""
+        if key[0] not in self._devices:
+            self.learn(fd, key[0])
+        return self(key)
 
     def __call__(self, key: FileKey) -> bool:
         return trusted_ctime(key[3], key[4]) and self.device(key[0])
@@ -229,7 +255,7 @@ def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_sta
     status = os.fstat(fd)
     if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
         raise FileChanged(f"{path}: modified while its CRC was read")
-    if is_racy(key, read_started_ns) or not index.trust(key):
+    if is_racy(key, read_started_ns) or not index.trust.file(fd, key):
         return False
     index.put(key, crc)
     return True
@@ -284,8 +310,20 @@ def small_file_crc(
             raise FileChanged(f"{path}: read {read} bytes, {size} listed")
         kept = _keep(index, fd, path, found, crc, started)
     finally:
-        os.close(fd)
+        _close_read(fd, path)
     return FileCrc(found, crc, not kept)
+
+
+def _close_read(fd: int, path: Path) -> None:
+    """Close ``fd``, a file read; FileChanged if that fails.
+
+    A FUSE filesystem may report a failed read only at the close: rclone's
+    mount answers EIO when the bytes read do not match the checksum it had.
+    """
+    try:
+        os.close(fd)
+    except OSError as error:
+        raise FileChanged(f"{path}: {error.strerror} when closed after reading") from None
 
 
 class _SharedDescriptor:
@@ -347,7 +385,10 @@ class _SharedDescriptor:
         with self._lock:
             fd, self._fd = (self._fd, -1) if self._users == 0 else (-1, self._fd)
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as error:  # the CRC is returned by now (or given up on): nothing to fail but a log line
+                logger.warning("CRC reader: a file's close failed: %s", error.strerror)
 
 
 def _crc_of_shared_block(
@@ -465,8 +506,11 @@ def album_crcs(
             fd, key = _open_listed(album / relative, size)
         except FileChanged:
             continue
-        os.close(fd)
-        if not index.trust(key):
+        try:
+            trusted = index.trust.file(fd, key)
+        finally:
+            os.close(fd)
+        if not trusted:
             untrusted += 1
         elif index.get(key) is None:
             try:

@@ -1,23 +1,49 @@
-"""Which filesystem type holds a device, from ``/proc/self/mountinfo`` (proc(5)): for what its ctimes are worth.
+"""Which filesystem a directory lies on: ``fstatfs``'s magic number (statfs(2)), and for FUSE its type in
+``/proc/self/mountinfo`` (proc(5)).  For what its ctimes are worth (``crc_index.CtimeTrust``).
 
-The CRC index keys a file by its ctime, which a ``write`` always moves on a
-filesystem of the kernel's own (ext4, xfs, btrfs, tmpfs, overlay, NFS, CIFS).
-A FUSE filesystem reports whatever its daemon says: sshfs and rclone's mount
-report the mtime as the ctime, so an edit that keeps the size and puts the
-mtime back leaves the whole key as it was (``crc_index.CtimeTrust``).
+The CRC index keys a file by its ctime, which a ``write`` always moves on most
+filesystems of the kernel's own.  Not on all: exFAT reports the mtime as the
+ctime.  A FUSE filesystem reports whatever its daemon says: sshfs and rclone's
+mount report the mtime too, so an edit that keeps the size and puts the mtime
+back leaves the whole key as it was.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-import threading
-import time
+import platform
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-# Seconds a reading of the mount table is used for.  A device number is reused once its
-# filesystem is unmounted (a FUSE mount's 0:N by the next one): read again, it names the new one.
-FRESH_FOR = 1.0
+# statfs(2) f_type values (linux/magic.h).  fuseblk (ntfs-3g, exfat-fuse) has FUSE's too.
+FUSE_SUPER_MAGIC = 0x65735546
+EXFAT_SUPER_MAGIC = 0x2011BAB0
+# Kernel filesystems that report the mtime as the ctime, by magic.
+MTIME_AS_CTIME = {EXFAT_SUPER_MAGIC: "exfat"}
+# What ``filesystem_name`` calls any other filesystem of the kernel's.
+KERNEL = "kernel"
+
+
+class _Statfs(ctypes.Structure):
+    # Linux's struct statfs begins with f_type, a long (__fsword_t), but for s390x's unsigned int.
+    # The rest (at most 120 bytes on 64-bit systems) is room for the kernel to write into.
+    _fields_ = [
+        ("f_type", ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long),
+        ("rest", ctypes.c_byte * 256),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def filesystem_magic(fd: int) -> int:
+    """The f_type of the filesystem ``fd`` lies on (``fstatfs``); OSError if it cannot be had."""
+    found = _Statfs()
+    if _libc.fstatfs(fd, ctypes.byref(found)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return int(found.f_type) & 0xFFFFFFFF
 
 
 def is_fuse(fs_type: str) -> bool:
@@ -30,8 +56,7 @@ def read_mount_table(text: str) -> dict[int, str]:
 
     A line: ``36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw``;
     field 3 is the device, and the field after the ``-`` separator the type.
-    Where a device is mounted more than once, the last line counts (they
-    name one filesystem).  Lines that do not parse are skipped.
+    Lines that do not parse are skipped.
     """
     types: dict[int, str] = {}
     for line in text.splitlines():
@@ -44,23 +69,21 @@ def read_mount_table(text: str) -> dict[int, str]:
     return types
 
 
-class FilesystemTypes:
-    """The filesystem type of a device, from a mount table read at most once every FRESH_FOR seconds; thread-safe."""
+def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, mountinfo: Path = MOUNTINFO) -> str:
+    """What the filesystem of ``directory_fd`` (on ``device``) is, as far as its ctimes go.
 
-    def __init__(self, mountinfo: Path = MOUNTINFO) -> None:
-        self._mountinfo = mountinfo
-        self._lock = threading.Lock()
-        self._types: dict[int, str] = {}
-        self._read_at = -FRESH_FOR
-
-    def of(self, device: int) -> str | None:
-        """``device``'s filesystem type, or None if no mount names it (a btrfs subvolume's own, say)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._read_at >= FRESH_FOR:
-                try:
-                    self._types = read_mount_table(self._mountinfo.read_text(errors="replace"))
-                except OSError:  # no /proc: nothing is known, as before this module
-                    self._types = {}
-                self._read_at = now
-            return self._types.get(device)
+    ``fuse`` or mountinfo's type for it (``fuse.sshfs``; looked up only if
+    ``fuse_type_wanted``, in the table as it is now: a device number is
+    reused by the next mount); ``exfat``; else ``KERNEL``.  OSError if
+    ``fstatfs`` fails (on FUSE, its daemon is asked, and may not answer).
+    """
+    magic = filesystem_magic(directory_fd)
+    if magic != FUSE_SUPER_MAGIC:
+        return MTIME_AS_CTIME.get(magic, KERNEL)
+    if not fuse_type_wanted:
+        return "fuse"
+    try:
+        fs_type = read_mount_table(mountinfo.read_text(errors="replace")).get(device, "fuse")
+    except OSError:  # no /proc: its type cannot be told, and no type but "fuse" is trusted
+        return "fuse"
+    return fs_type if is_fuse(fs_type) else "fuse"

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -167,17 +168,21 @@ def resolve_album(root: Path, name: str) -> Path:
     return album
 
 
-def list_album(album: Path, progress: WalkProgress | None = None) -> AlbumListing:
+def list_album(
+    album: Path, progress: WalkProgress | None = None, on_device: Callable[[int, int], None] | None = None
+) -> AlbumListing:
     """Walk ``album`` (not following links) and sort what it holds into files and skips.
 
     Raises AlbumNotFound if the album is gone, ListingFailed if it (or
     anything in it) cannot be listed for another reason than the policy's.
     ``progress`` moves on with each answer from the storage; WalkGivenUp once given up on.
+    ``on_device(fd, device)`` is called once a walk for each device a folder
+    lies on, with the folder open as ``fd`` (``crc_index.CtimeTrust.learn``).
     """
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
         try:
-            files, skipped = _walk_once(album, progress)
+            files, skipped = _walk_once(album, progress, _once_a_device(on_device))
             break
         except _AlbumChanged:
             continue
@@ -189,7 +194,21 @@ def list_album(album: Path, progress: WalkProgress | None = None) -> AlbumListin
     return AlbumListing(album, tuple(files), tuple(skipped))
 
 
-def _walk_once(album: Path, progress: WalkProgress) -> tuple[list[AlbumFile], list[SkippedEntry]]:
+def _once_a_device(on_device: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """``on_device``, called only for a device not met before (nothing without it)."""
+    met: set[int] = set()
+
+    def meet(fd: int, device: int) -> None:
+        if on_device is not None and device not in met:
+            met.add(device)
+            on_device(fd, device)
+
+    return meet
+
+
+def _walk_once(
+    album: Path, progress: WalkProgress, on_device: Callable[[int, int], None]
+) -> tuple[list[AlbumFile], list[SkippedEntry]]:
     """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
@@ -206,7 +225,7 @@ def _walk_once(album: Path, progress: WalkProgress) -> tuple[list[AlbumFile], li
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
     # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress)
+    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, on_device)
     for relative, seen in folders:
         progress.step()
         try:
@@ -239,6 +258,7 @@ def _walk(
     folders: list[tuple[str, tuple[int, int, int]]],
     room: int,
     progress: WalkProgress,
+    on_device: Callable[[int, int], None],
 ) -> None:
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
@@ -250,6 +270,7 @@ def _walk(
         progress.step()  # opened
         status = os.fstat(directory_fd)
         folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
+        on_device(directory_fd, status.st_dev)
         progress.step()
         entries = []
         with os.scandir(directory_fd) as listing:
@@ -278,7 +299,7 @@ def _walk(
                     _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped, folders, room, progress)
+                    _walk(child, relative + "/", files, skipped, folders, room, progress, on_device)
             else:
                 files.append(
                     AlbumFile(

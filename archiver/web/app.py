@@ -97,7 +97,7 @@ def prepare_archive(
 
     20,000 files take ~0.2 s.  ``progress`` moves on with the walk.
     """
-    listing = list_album(album, progress)
+    listing = list_album(album, progress, trust.learn)
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
