@@ -193,3 +193,34 @@ def test_a_listing_is_of_one_moment_while_entries_and_folders_are_renamed(tmp_pa
     assert listed + failed == 20
     paths = {file.path for file in list_album(album).files}  # at rest: whole
     assert len(paths) == 502
+
+
+def _mount(*arguments: str) -> bool:
+    """Run mount(8) with ``arguments``; whether it worked (it needs root, and a system that lets it)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", *arguments], capture_output=True).returncode == 0
+
+
+def test_a_walk_shows_every_device_it_meets_once_even_a_files_of_its_own(tmp_path: Path) -> None:
+    # A file bind-mounted from another filesystem (a container's one-file volume) lies on a device
+    # no folder of the album is on: the CRC index must be told what that filesystem is too.
+    album, other = tmp_path / "album", tmp_path / "other"
+    write_tree(album, {"a.jpg": b"a", "sub/b.jpg": b"b", "mounted.jpg": b"placeholder"})
+    other.mkdir()
+    if not _mount("-t", "tmpfs", "tmpfs", str(other)):
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    try:
+        (other / "real.jpg").write_bytes(b"from another filesystem")
+        assert _mount("--bind", str(other / "real.jpg"), str(album / "mounted.jpg"))
+        try:
+            shown: list[tuple[int, int]] = []
+            listing = list_album(album, on_device=lambda fd, device: shown.append((os.fstat(fd).st_dev, device)))
+        finally:
+            subprocess.run(["umount", str(album / "mounted.jpg")], check=True)
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+    assert [file.path for file in listing.files] == ["a.jpg", "mounted.jpg", "sub/b.jpg"]
+    # Each device once, with a descriptor on it: the album's (its folder), the tmpfs (the file).
+    assert shown == [(album.stat().st_dev, album.stat().st_dev), (listing.files[1].device, listing.files[1].device)]
+    assert listing.files[1].device != album.stat().st_dev

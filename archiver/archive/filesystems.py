@@ -2,10 +2,11 @@
 ``/proc/self/mountinfo`` (proc(5)).  For what its ctimes are worth (``crc_index.CtimeTrust``).
 
 The CRC index keys a file by its ctime, which a ``write`` always moves on most
-filesystems of the kernel's own.  Not on all: exFAT reports the mtime as the
-ctime.  A FUSE filesystem reports whatever its daemon says: sshfs and rclone's
-mount report the mtime too, so an edit that keeps the size and puts the mtime
-back leaves the whole key as it was.
+filesystems of the kernel's own.  Not on all: exFAT and FAT report the mtime
+(or, FAT before Linux 6.0, the creation time) as the ctime.  A FUSE filesystem
+reports whatever its daemon says: sshfs and rclone's mount report the mtime
+too, so an edit that keeps the size and puts the mtime back leaves the whole
+key as it was.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import platform
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-# statfs(2) f_type values (linux/magic.h).  fuseblk (ntfs-3g, exfat-fuse) has FUSE's too.
+# statfs(2) f_type values (linux/magic.h).  fuseblk (ntfs-3g, exfat-fuse) and virtiofs have FUSE's too.
 FUSE_SUPER_MAGIC = 0x65735546
 EXFAT_SUPER_MAGIC = 0x2011BAB0
-# Kernel filesystems that report the mtime as the ctime, by magic.
-MTIME_AS_CTIME = {EXFAT_SUPER_MAGIC: "exfat"}
+MSDOS_SUPER_MAGIC = 0x4D44
+# Kernel filesystems whose ctime does not show every write, by magic: exFAT reports the mtime;
+# FAT (vfat, msdos) the mtime since Linux 6.0, and before it the creation time.
+MTIME_AS_CTIME = {EXFAT_SUPER_MAGIC: "exfat", MSDOS_SUPER_MAGIC: "vfat"}
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -72,10 +75,10 @@ def read_mount_table(text: str) -> dict[int, str]:
 def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, mountinfo: Path = MOUNTINFO) -> str:
     """What the filesystem of ``directory_fd`` (on ``device``) is, as far as its ctimes go.
 
-    ``fuse`` or mountinfo's type for it (``fuse.sshfs``; looked up only if
-    ``fuse_type_wanted``, in the table as it is now: a device number is
-    reused by the next mount); ``exfat``; else ``KERNEL``.  OSError if
-    ``fstatfs`` fails (on FUSE, its daemon is asked, and may not answer).
+    For FUSE, ``fuse`` or mountinfo's type for it (``fuse.sshfs``, ``virtiofs``;
+    looked up only if ``fuse_type_wanted``, in the table as it is now: a device
+    number is reused by the next mount); ``exfat`` or ``vfat``; else ``KERNEL``.
+    OSError if ``fstatfs`` fails (on FUSE, its daemon is asked, and may not answer).
     """
     magic = filesystem_magic(directory_fd)
     if magic != FUSE_SUPER_MAGIC:
@@ -83,7 +86,6 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
     if not fuse_type_wanted:
         return "fuse"
     try:
-        fs_type = read_mount_table(mountinfo.read_text(errors="replace")).get(device, "fuse")
-    except OSError:  # no /proc: its type cannot be told, and no type but "fuse" is trusted
+        return read_mount_table(mountinfo.read_text(errors="replace")).get(device, "fuse")
+    except OSError:  # no /proc: its type cannot be told
         return "fuse"
-    return fs_type if is_fuse(fs_type) else "fuse"

@@ -182,7 +182,7 @@ def list_album(
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
         try:
-            files, skipped = _walk_once(album, progress, _once_a_device(on_device))
+            files, skipped = _walk_once(album, progress, _Devices(on_device))
             break
         except _AlbumChanged:
             continue
@@ -194,21 +194,40 @@ def list_album(
     return AlbumListing(album, tuple(files), tuple(skipped))
 
 
-def _once_a_device(on_device: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-    """``on_device``, called only for a device not met before (nothing without it)."""
-    met: set[int] = set()
+class _Devices:
+    """Each device a walk meets, shown once to ``on_device`` (if any) with a descriptor on it."""
 
-    def meet(fd: int, device: int) -> None:
-        if on_device is not None and device not in met:
-            met.add(device)
-            on_device(fd, device)
+    def __init__(self, on_device: Callable[[int, int], None] | None) -> None:
+        self._on_device = on_device
+        self._met: set[int] = set()
 
-    return meet
+    def folder(self, fd: int, device: int) -> None:
+        """A folder open as ``fd``, on ``device``."""
+        if self._on_device is not None and device not in self._met:
+            self._met.add(device)
+            self._on_device(fd, device)
+
+    def file(self, name: str, directory_fd: int, device: int) -> None:
+        """File ``name`` in folder ``directory_fd`` lies on ``device`` (a bind mount of one file): opened to be shown.
+
+        If it cannot be opened, ``on_device`` is shown -1, which tells nothing:
+        a device a walk could not look at is not one the last look vouches for.
+        """
+        if self._on_device is None or device in self._met:
+            return
+        self._met.add(device)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+        except OSError:
+            self._on_device(-1, device)
+            return
+        try:
+            self._on_device(fd, device)
+        finally:
+            os.close(fd)
 
 
-def _walk_once(
-    album: Path, progress: WalkProgress, on_device: Callable[[int, int], None]
-) -> tuple[list[AlbumFile], list[SkippedEntry]]:
+def _walk_once(album: Path, progress: WalkProgress, devices: _Devices) -> tuple[list[AlbumFile], list[SkippedEntry]]:
     """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
@@ -225,7 +244,7 @@ def _walk_once(
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
     # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, on_device)
+    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices)
     for relative, seen in folders:
         progress.step()
         try:
@@ -258,7 +277,7 @@ def _walk(
     folders: list[tuple[str, tuple[int, int, int]]],
     room: int,
     progress: WalkProgress,
-    on_device: Callable[[int, int], None],
+    devices: _Devices,
 ) -> None:
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
@@ -270,7 +289,8 @@ def _walk(
         progress.step()  # opened
         status = os.fstat(directory_fd)
         folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
-        on_device(directory_fd, status.st_dev)
+        folder_device = status.st_dev
+        devices.folder(directory_fd, folder_device)
         progress.step()
         entries = []
         with os.scandir(directory_fd) as listing:
@@ -299,8 +319,10 @@ def _walk(
                     _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped, folders, room, progress, on_device)
+                    _walk(child, relative + "/", files, skipped, folders, room, progress, devices)
             else:
+                if status.st_dev != folder_device:
+                    devices.file(entry.name, directory_fd, status.st_dev)
                 files.append(
                     AlbumFile(
                         relative,
