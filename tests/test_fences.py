@@ -14,6 +14,7 @@ import inspect
 from importlib.metadata import version
 from pathlib import Path
 
+import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
@@ -147,7 +148,14 @@ def source_of(module: object) -> str:
                 'elif message["type"] == "http.response.body" and self.state == ASGIHTTPState.RESPONSE:',
                 # The :path decode patch 5 of hypercorn_h2 guards.
                 '"path": unquote(path.decode("ascii")),',
+                # How a request's app is run, as hypercorn_access runs its 400 for a target that is not a path.
+                "self.app_put = await self.task_group.spawn_app(\n"
+                "                    self.app, self.config, self.scope, self.app_send\n                )",
             ],
+        ),
+        (
+            hypercorn_app_wrappers_module,
+            ["    ) -> None:\n        await self.app(scope, receive, send)\n"],
         ),
         (
             quart_trio.asgi,

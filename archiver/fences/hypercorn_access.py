@@ -22,8 +22,11 @@ response started is still logged with ``-`` for both.
 
 The patches wrap ``HTTPStream.app_send`` (to count) and replace
 ``HTTPStream._send_closed``, ``HTTPStream._send_error_response`` and the
-StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call);
-tests/test_fences.py fails if what they copy changes.
+StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call).
+``handle`` also answers a request whose target is not a path (``?x``, ``*``,
+an absolute URI) with a 400, from an ASGI app of its own run as Hypercorn
+runs the service's (``TaskGroup.spawn_app``): no route takes such a target.
+tests/test_fences.py fails if what they copy or call changes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from time import time
 from typing import Any
 
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.protocol.events import EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
@@ -108,8 +112,11 @@ def _log_once() -> None:
                 "client": self.client,
                 "headers": event.headers,
             }
-            await self._send_error_response(400)
-            self.closed = True
+            # Answered by an app of its own, as Hypercorn runs any, so that the stream ends as any does
+            # (after HTTP/2 has marked the connection busy with it).  Answered here, in the request's
+            # event, HTTP/1.1 never closed the connection its "Connection: close" announced, and
+            # HTTP/2 never let it idle out: a few such requests held every connection slot.
+            self.app_put = await self.task_group.spawn_app(_BAD_TARGET, self.config, self.scope, self.app_send)
             return
         if not isinstance(event, StreamClosed) or self.closed:
             await original_handle(self, event)
@@ -124,6 +131,18 @@ def _log_once() -> None:
     HTTPStream._send_closed = _send_closed  # type: ignore[method-assign]
     HTTPStream._send_error_response = _send_error_response  # type: ignore[method-assign]
     HTTPStream.handle = handle  # type: ignore[method-assign]
+
+
+async def _refuse_bad_target(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app answering 400 with no body (and, over HTTP/1.x, the connection's end)."""
+    headers = [(b"content-length", b"0")]
+    if scope["http_version"] in ("1.0", "1.1"):
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+_BAD_TARGET = ASGIWrapper(_refuse_bad_target)
 
 
 async def _log(stream: Any) -> None:
