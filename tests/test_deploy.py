@@ -352,3 +352,15 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(settings: Setting
         await anext(chunks)
         spoofed = await client.get("/archive/album/", headers={"X-Forwarded-For": "198.51.100.8"})
     assert spoofed.status_code == 503
+
+
+def test_each_line_of_the_settings_template_is_accepted_as_systemd_reads_it() -> None:
+    # systemd's EnvironmentFile keeps a "# ..." after a value as part of it: a commented-out line
+    # with a note after its value, once uncommented, stopped the service (found by helper 29).
+    lines = (PROJECT / "deploy" / "archiver.env").read_text().splitlines()
+    assignments = [line.removeprefix("# ") for line in lines if re.fullmatch(r"(# )?ARCHIVER_[A-Z_]+=.*", line)]
+    assert len(assignments) >= 10
+    for assignment in assignments:
+        name, value = assignment.split("=", 1)
+        assert "#" not in value, assignment
+        Settings.from_env({name: value})  # SettingsError if the value is refused
