@@ -101,6 +101,19 @@ async def test_console_script_serves_sample_data() -> None:
         await check_serves_sample_album(server.url)
 
 
+async def test_verbose_logs_a_line_a_chunk() -> None:
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", "data", "-v"]
+    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+        whole = await client.get(f"/archive/{SAMPLE_ALBUM}/")
+        await client.get("/archive/no-such-album/")
+    assert whole.status_code == 200
+    lines = re.findall(
+        rb"DEBUG archiver\.web\.download: download \S+ for 127\.0\.0\.1: sending (\d+) bytes", server.output
+    )
+    assert lines and sum(map(int, lines)) == len(whole.content)
+    assert b"DEBUG archiver.web.app: no album for 'no-such-album'" in server.output
+
+
 async def test_hypercorn_config_serves_sample_data() -> None:
     port = free_port()
     hypercorn = Path(sys.executable).with_name("hypercorn")

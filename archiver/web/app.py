@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> QuartTrio:
             return error_page(431, request.headers.get("Accept"))
         return None
 
-    @app.get("/")
+    @app.get("/", provide_automatic_options=False)
     async def index() -> Response:
         # The sample album's link only where the sample album is (make run on data/).
         # Not with signed links on: the bare link would only get a 403.
@@ -342,7 +342,7 @@ def create_app(settings: Settings) -> QuartTrio:
         query = request.scope.get("query_string", b"").decode("latin-1")
         return Response("", status=308, headers={"Location": f"{name}/" + (f"?{query}" if query else "")})
 
-    @app.get("/healthz")
+    @app.get("/healthz", provide_automatic_options=False)
     async def healthz() -> Response:
         """Liveness: the process answers, the storage root is readable (within 2 s), the producer is there to run."""
         try:
@@ -358,7 +358,7 @@ def create_app(settings: Settings) -> QuartTrio:
         body = {"status": "ok" if healthy else "failing", **checks}
         return Response(json.dumps(body) + "\n", status=200 if healthy else 503, mimetype="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", provide_automatic_options=False)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), content_type=metrics.content_type)
 
@@ -377,7 +377,7 @@ def create_app(settings: Settings) -> QuartTrio:
         allowed = getattr(error, "valid_methods", None) or ()  # MethodNotAllowed's
         return error_page(405, request.headers.get("Accept"), {"Allow": ", ".join(allowed)})
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", provide_automatic_options=False)
     async def favicon() -> Response:
         # Every browser asks; no icon is better than an "archive deleted" page, and costs no walk.
         # A bytes body: Quart's default empty iterable needs asyncio (a traceback, a dropped connection).

@@ -163,6 +163,9 @@ class ArchiveBody(ResponseBody):
         if self._bucket is not None:
             self._bucket.spend(len(chunk))
         self.metrics.bytes_sent.inc(len(chunk))
+        if logger.isEnabledFor(logging.DEBUG):  # -v: a line a chunk, as the original service wrote
+            logger.debug("download %s for %s: sending %d bytes (%d so far)", self.name, self.client, len(chunk),
+                         self.bytes_sent)  # fmt: skip
         return chunk
 
     async def _watch_storage(self) -> None:
