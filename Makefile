@@ -9,8 +9,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable '.[test]'
-	# Compiled now: under the systemd unit the checkout is read-only, and the producer,
-	# started for every download, would otherwise compile itself each time.
+	# Compiled now: under the systemd unit the checkout is read-only, and the producers'
+	# launcher, started with the service and again after any crash, would otherwise compile
+	# its program each time.
 	$(BIN)/python -m compileall -q archiver
 	touch $@
 

@@ -57,7 +57,7 @@ class Settings:
     # Limits on one client (README, Limits and abuse).  A download is aborted
     # when a write of one chunk (256 KiB) to its client takes longer than this:
     # a client slower than ~4 kB/s for a whole minute, or one that stopped
-    # reading.  A 50 kB/s link takes 5 s a chunk.
+    # reading.  A 50 kB/s link takes 5 s per 256 KiB.
     stall_timeout: float = 60.0
     # Seconds a download may wait on the storage: the response waiting for its
     # next bytes while neither the producer writes any nor a cold file's CRC
