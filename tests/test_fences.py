@@ -87,6 +87,11 @@ def source_of(module: object) -> str:
                 "                await self.idle_task.restart(self._task_group, self._idle_timeout)",
                 # Closed: _close then the protocol told (patch 4 shields the first).
                 "await self._close()\n            await self.protocol.handle(Closed())",
+                # What _close does, which patch 5 does with a lingering read between the two.
+                "            await self.stream.send_eof()\n        except (\n            trio.BrokenResourceError,\n"
+                "            AttributeError,\n            trio.BusyResourceError,\n"
+                "            trio.ClosedResourceError,\n        ):",
+                "            pass\n        await self.stream.aclose()",
                 # run catches OSError only: anything else reaches the handler nursery (patch 3).
                 "        except OSError:\n            pass\n        finally:\n            await self._close()",
             ],

@@ -1,4 +1,4 @@
-"""Four adjustments to Hypercorn's trio TCP server (0.17-0.18), installed once per process.
+"""Five adjustments to Hypercorn's trio TCP server (0.17-0.18), installed once per process.
 
 1. A socket write that does not get each 256 KiB out within the stall timeout ends the connection.
 
@@ -63,8 +63,14 @@ connection that had carried one request stayed open for ever, so one client
 with enough idle sockets could take every connection.  The restart is
 shielded too (it only starts a task).
 
+5. A close from the task that reads (a request h11 refuses) first reads what the client still sends.
+
+See ``_close_lingering``: closed with the rest of a refused head unread, the
+socket sent a reset, and a client may drop the answer it had not read yet.
+
 The patches wrap ``TCPServer.run`` and replace ``TCPServer.protocol_send``
-for its RawData and Closed cases.  tests/test_fences.py fails if what they rely on
+for its RawData and Closed cases (the latter closing as ``TCPServer._close``
+does, but for the lingering).  tests/test_fences.py fails if what they rely on
 changes in a new Hypercorn release.
 """
 
@@ -86,6 +92,9 @@ _MARKER = "_archiver_adjusted"
 REFUSAL_LOG_INTERVAL = 10.0
 # Seconds a connection's close may take (a TLS close_notify to a peer that does not read).
 CLOSE_TIMEOUT = 5.0
+# What a close reads and drops of what the client still sends, at most (``_close_lingering``).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 * 1024
 
 
 class _Limits:
@@ -200,13 +209,41 @@ def _log_refusal() -> None:
         )
 
 
+async def _close_lingering(server: Any) -> None:
+    """Hypercorn's ``TCPServer._close``, reading what the client still sends before the socket is closed.
+
+    A socket closed with bytes unread, or that bytes reach after, answers
+    with a reset (RFC 1122 4.2.2.13), and a client may then drop the answer
+    it had not read yet (Windows does): the rest of a head too large for h11
+    turned its 431 into "connection reset".  So once our side is shut
+    (``send_eof``), what arrives is read and dropped until the client closes,
+    for LINGER_SECONDS and LINGER_BYTES at most, as nginx's ``lingering_close``
+    does.  Only where this task may read: the reading task's own closes (a
+    request h11 refuses); another task's (a response's end) finds the stream
+    busy and closes at once, as before.
+    """
+    try:
+        await server.stream.send_eof()
+    except (trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError):
+        pass  # gone already, or TLS (no half-close)
+    else:
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                dropped = 0
+                while dropped < LINGER_BYTES and (data := await server.stream.receive_some(64 * 1024)):
+                    dropped += len(data)
+            except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+                pass
+    await server.stream.aclose()
+
+
 def _time_out_writes() -> None:
     original: Callable[[Any, Event], Awaitable[None]] = TCPServer.protocol_send
 
     async def protocol_send(self: Any, event: Event) -> None:
         if isinstance(event, Closed):
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await self._close()
+                await _close_lingering(self)
             await self.protocol.handle(Closed())
             return
         if isinstance(event, Updated):
