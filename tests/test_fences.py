@@ -61,6 +61,10 @@ def source_of(module: object) -> str:
                 "self._paused = event_class()",
                 "if len(self.buffer) >= BUFFER_HIGH_WATER:",
                 "data = await self.stream_buffers[stream_id].pop(chunk_size)",
+                # H2Protocol: DATA looked up by stream, events flushed once a batch (patch 6).
+                "            elif isinstance(event, h2.events.DataReceived):\n"
+                "                await self.streams[event.stream_id].handle(",
+                "        await self._flush()\n\n    async def _flush(self) -> None:",
                 # H2Protocol: idle after initiate, streams, the batch sender.
                 "def idle(self) -> bool:",
                 "self.task_group.spawn(self.send_task)",
@@ -85,6 +89,10 @@ def source_of(module: object) -> str:
                 # Updated restarts the idle timer (patch 4 shields it).
                 "        elif isinstance(event, Updated):\n            if event.idle:\n"
                 "                await self.idle_task.restart(self._task_group, self._idle_timeout)",
+                # _read_data returns once the client's side ends (patch 6 stops the timer then).
+                '                if data == b"":\n                    break\n'
+                "        await self.protocol.handle(Closed())",
+                "        self.idle_task = TrioSingleTask()",
                 # Closed: _close then the protocol told (patch 4 shields the first).
                 "await self._close()\n            await self.protocol.handle(Closed())",
                 # What _close does, which patch 5 does with a lingering read between the two.
@@ -109,7 +117,13 @@ def source_of(module: object) -> str:
         ),
         (
             hypercorn_worker_context_module,
-            ["class WorkerContext:", "        self.terminate = self.event_class()"],
+            [
+                "class WorkerContext:",
+                "        self.terminate = self.event_class()",
+                # The keep-alive timer hypercorn_tcp's patch 6 stops once the client's side has ended.
+                "    async def stop(self) -> None:\n        async with self._lock:\n"
+                "            if self._handle is not None:\n                self._handle.cancel()",
+            ],
         ),
         (
             hypercorn_trio_run_module,

@@ -154,6 +154,7 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     ):
         index = await browser.get("/")
         icon = await browser.get("/favicon.ico")
+        icon_posted = await browser.post("/favicon.ico")
         health = await browser.get("/healthz")
         metrics = await browser.get("/metrics")
         typo = await browser.get("/archiv/album/")
@@ -162,6 +163,8 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     assert index.status_code == 200
     assert "<title>Архивы фотографий</title>" in index.text
     assert icon.status_code == 204
+    assert icon_posted.status_code == 405 and set(icon_posted.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert "<title>" in icon_posted.text  # the service's page
     for internal in (health, metrics):  # operator paths stay internal: the service's own "not found" page
         assert internal.status_code == 404
         assert "<title>Страница не найдена</title>" in internal.text

@@ -134,10 +134,13 @@ def _log_once() -> None:
 
 
 async def _refuse_bad_target(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app answering 400 with no body (and, over HTTP/1.x, the connection's end)."""
+    """An ASGI app answering 400 with no body.
+
+    The connection is kept as after any answer (the request was framed
+    right): with ``Connection: close``, h11 read a pipelined request after it
+    as an error, and Hypercorn closed the socket before the 400 was written.
+    """
     headers = [(b"content-length", b"0")]
-    if scope["http_version"] in ("1.0", "1.1"):
-        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 400, "headers": headers})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 

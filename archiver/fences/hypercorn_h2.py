@@ -1,4 +1,4 @@
-"""Five adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Six adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -77,6 +77,18 @@ connection and its other streams go on.  Upstream report, as it would be
 filed: "H2: a non-ASCII byte in :path or :method raises UnicodeDecodeError
 in _create_stream/HTTPStream.handle; with the trio worker this stops the
 server; it should reset the stream with PROTOCOL_ERROR."
+
+6. Drop the body of a stream already answered.
+
+A stream answered before its body came (a 405, a 400, one reset as above) is
+forgotten, and RFC 9113 lets the client go on sending that body.
+``H2Protocol._handle_events`` looks the stream up for each DATA frame and
+raised KeyError, which ended the connection and every download on it.  Here
+such DATA is dropped, its flow-control window given back to the connection.
+Upstream report, as it would be filed: "H2: DataReceived for a stream the
+server has already closed raises KeyError in _handle_events and tears down
+the connection; StreamEnded has a try/except KeyError for this, DataReceived
+does not."
 """
 
 from __future__ import annotations
@@ -88,6 +100,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.errors
+import h2.events
 import h2.exceptions
 import trio
 from h2.connection import H2Connection
@@ -117,6 +130,7 @@ def install() -> None:
     _bound_stream_buffers()
     _time_out_idle_connections()
     _reset_malformed_requests()
+    _drop_data_of_streams_gone()
     setattr(H2Protocol, _MARKER, True)
 
 
@@ -147,6 +161,27 @@ def _reset_malformed_requests() -> None:
         await original(self, request)
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
+
+def _drop_data_of_streams_gone() -> None:
+    original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+
+    def gone(self: Any, event: h2.events.Event) -> bool:
+        return isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams
+
+    async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        if not any(gone(self, event) for event in events):
+            await original(self, events)  # the usual case: as Hypercorn does, in one go
+            return
+        # One at a time: an earlier event may open the stream a later DATA belongs to.
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and gone(self, event):
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                await original(self, [event])
+        await self._flush()
+
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
 
 
 def _reset_unfinished_streams() -> None:
