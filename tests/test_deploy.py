@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -364,3 +367,34 @@ def test_each_line_of_the_settings_template_is_accepted_as_systemd_reads_it() ->
         name, value = assignment.split("=", 1)
         assert "#" not in value, assignment
         Settings.from_env({name: value})  # SettingsError if the value is refused
+
+
+async def test_a_head_still_arriving_past_16_kib_over_tls_gets_its_431_without_a_reset(
+    settings: Settings, tls_files: tuple[trustme.CA, Path, Path]
+) -> None:
+    # As over plain TCP (tests/test_malformed.py): the rest of the head is read and dropped before
+    # the close.  TLS has no half-close, and the first lingering skipped it (found by helper 33).
+    ca, certfile, keyfile = tls_files
+    trust = ssl.create_default_context()
+    ca.configure_trust(trust)
+    trust.set_alpn_protocols(["http/1.1"])
+
+    def trickle(host: str, port: int) -> bytes:
+        with (
+            socket.create_connection((host, port), timeout=10) as raw,
+            trust.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            sock.sendall(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\n")
+            for i in range(40):
+                sock.sendall(b"X-Pad-%02d: " % i + b"a" * 1012 + b"\r\n")  # an SSLError here: reset
+                time.sleep(0.005)
+            answer = bytearray()
+            with contextlib.suppress(ssl.SSLZeroReturnError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            return bytes(answer)
+
+    async with running_server(settings, certfile=str(certfile), keyfile=str(keyfile)) as url:
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        answer = await trio.to_thread.run_sync(trickle, host, int(port))
+    assert answer.startswith(b"HTTP/1.1 431 ")

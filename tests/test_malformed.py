@@ -273,6 +273,29 @@ def test_a_kept_alive_connection_closes_after_the_keep_alive_timeout_once_idle(s
     assert len(results) == 2 and all(seconds < 10 for seconds in results)  # keep_alive_timeout is 5 s
 
 
+@pytest.mark.parametrize(
+    "first, status",
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"200"),
+        (b"GET ?x HTTP/1.0\r\n\r\n", b"400"),
+        (b"GET ?x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"400"),
+    ],
+)
+def test_what_follows_a_request_that_closes_its_connection_is_not_read(
+    service: Service, first: bytes, status: bytes
+) -> None:
+    # RFC 9112 9.6: after "close", no further request is processed.  h11 read the pipelined bytes
+    # as an error: a 400 came in place of the first answer, or none came (found by helper 33).
+    for _ in range(5):
+        with socket.create_connection(service.address, timeout=10) as sock:
+            sock.sendall(first + b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")  # no half-close (see README)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes after its one answer
+                answer += chunk
+        assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status
+        assert answer.count(b"HTTP/1.") == 1
+
+
 def test_a_connection_the_client_closed_ends_with_its_response_not_at_the_keep_alive_timeout(service: Service) -> None:
     # Hypercorn's keep-alive timer held it in CLOSE-WAIT for 5 s: polite clients one after another
     # filled a small ARCHIVER_MAX_CONNECTIONS (found by helper 32).

@@ -1,4 +1,5 @@
-"""Two adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, and bodies for its own errors.
+"""Three adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
+and no request read after "close".
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status
    line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
@@ -15,6 +16,13 @@
    as plain text (the head was not read, so not its Accept), and logs it
    (INFO): no request exists for Hypercorn's access log to write.
 
+3. Bytes that follow a request whose connection must close (``Connection:
+   close``, HTTP/1.0) are dropped unread.  RFC 9112 section 9.6: the server
+   closes after its answer and "SHOULD NOT process any further requests
+   received on that connection".  h11 read them as a protocol error, and
+   Hypercorn answered a 400 in place of the answer the request was getting,
+   or closed the connection before that answer was written.
+
 tests/test_fences.py fails if what this relies on changes.
 """
 
@@ -26,14 +34,28 @@ from http import HTTPStatus
 from typing import Any
 
 import h11
+from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
+# The client's states once its last request is in and the connection must close.
+_CLOSING = (h11.MUST_CLOSE, h11.CLOSED)
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 # The body of Hypercorn's own error answers, by status (set by install).
 _error_text: Callable[[int], str] = lambda status: ""  # noqa: E731
+
+
+def _closing_aware(connection: h11.Connection, next_event: Callable[[], Any]) -> Callable[[], Any]:
+    """``connection.next_event``, but NEED_DATA while the client's side must close and bytes wait unparsed."""
+
+    def closing_aware_next_event() -> Any:
+        if connection.their_state in _CLOSING and connection.trailing_data[0]:
+            return h11.NEED_DATA
+        return next_event()
+
+    return closing_aware_next_event
 
 
 def install(error_text: Callable[[int], str] | None = None) -> None:
@@ -64,6 +86,20 @@ def install(error_text: Callable[[int], str] | None = None) -> None:
             await self._send_h11_event(h11.Data(data=body))
         await self._send_h11_event(h11.EndOfMessage())
 
+    original_handle: Callable[[Any, Any], Awaitable[None]] = H11Protocol.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        connection = self.connection
+        if isinstance(event, RawData) and event.data and connection.their_state in _CLOSING:
+            return  # after "close": what comes is not even kept (the end of input still counts)
+        if not getattr(connection, _MARKER, False):
+            # Bytes that came with the request, in the same read, are in h11's buffer already:
+            # h11 must not parse them either.
+            setattr(connection, _MARKER, True)
+            connection.next_event = _closing_aware(connection, connection.next_event)
+        await original_handle(self, event)
+
+    H11Protocol.handle = handle  # type: ignore[method-assign]
     H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
     setattr(H11Protocol, _MARKER, True)

@@ -166,16 +166,15 @@ def _reset_malformed_requests() -> None:
 def _drop_data_of_streams_gone() -> None:
     original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
 
-    def gone(self: Any, event: h2.events.Event) -> bool:
-        return isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams
-
     async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
-        if not any(gone(self, event) for event in events):
-            await original(self, events)  # the usual case: as Hypercorn does, in one go
+        if not any(isinstance(event, h2.events.DataReceived) for event in events):
+            await original(self, events)  # the usual case (no route reads a body): as Hypercorn does, in one go
             return
-        # One at a time: an earlier event may open the stream a later DATA belongs to.
+        # One at a time, each DATA looked at just before Hypercorn would look its stream up: an
+        # earlier event may open that stream, and while one is handled, the app may answer and
+        # close it.
         for event in events:
-            if isinstance(event, h2.events.DataReceived) and gone(self, event):
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             else:
                 await original(self, [event])
@@ -263,10 +262,14 @@ def _batch_data_frames() -> None:
                 del self.stream_buffers[stream_id]
                 self.priority.remove_stream(stream_id)
         except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):
-            # As in Hypercorn: the stream or connection closed while we waited.
-            await self.stream_buffers[stream_id].close()
-            del self.stream_buffers[stream_id]
-            self.priority.remove_stream(stream_id)
+            # As in Hypercorn: the stream or connection closed while we waited.  But where the
+            # KeyError was the buffer's own absence, Hypercorn's second lookup here raised again,
+            # out of the send task, and ended the connection: each part is let go only if there.
+            buffer = self.stream_buffers.pop(stream_id, None)
+            if buffer is not None:
+                await buffer.close()
+            with contextlib.suppress(KeyError):  # priority's MissingStreamError is one
+                self.priority.remove_stream(stream_id)
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
 

@@ -232,16 +232,18 @@ async def _close_lingering(server: Any) -> None:
     """
     try:
         await server.stream.send_eof()
-    except (trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError):
-        pass  # gone already, or TLS (no half-close)
-    else:
-        with trio.move_on_after(LINGER_SECONDS):
-            try:
-                dropped = 0
-                while dropped < LINGER_BYTES and (data := await server.stream.receive_some(64 * 1024)):
-                    dropped += len(data)
-            except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
-                pass
+    except AttributeError:
+        pass  # TLS has no half-close: read all the same (the answer says "close", and the client will)
+    except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+        await server.stream.aclose()  # gone already, or another task is at it
+        return
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            dropped = 0
+            while dropped < LINGER_BYTES and (data := await server.stream.receive_some(64 * 1024)):
+                dropped += len(data)
+        except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+            pass
     await server.stream.aclose()
 
 
