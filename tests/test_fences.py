@@ -14,6 +14,7 @@ import inspect
 from importlib.metadata import version
 from pathlib import Path
 
+import h11._connection as h11_connection_module
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11_module
@@ -113,7 +114,15 @@ def source_of(module: object) -> str:
                 # h11's refusals answered by _send_error_response(status), which hypercorn_h11 replaces.
                 "await self._send_error_response(error.error_status_hint)",
                 "async def _send_error_response(self, status_code: int) -> None:",
+                # Patch 3: data fed to h11 in handle, events read through connection.next_event.
+                "        if isinstance(event, RawData):\n            self.connection.receive_data(event.data)",
+                "                event = self.connection.next_event()",
             ],
+        ),
+        (
+            h11_connection_module,
+            # Patch 3 looks at the client's state and what waits unparsed.
+            ["    def trailing_data(self) -> Tuple[bytes, bool]:", "    def their_state(self) -> Type[Sentinel]:"],
         ),
         (
             hypercorn_worker_context_module,
