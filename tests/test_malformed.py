@@ -320,8 +320,9 @@ def test_a_request_target_that_is_not_a_path_is_400_and_its_connection_lives_on(
     answer = exchange(service.address, request + b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ") and b"HTTP/1.1 204 " in answer
     # And the connection idles out at the keep-alive timeout (5 s): it stayed open for ever, and a
-    # few such held every connection slot (found by helper 29).
-    assert closes_within(service.address, request, 15) < 10
+    # few such held every connection slot (found by helper 29).  Waited out for one target only.
+    if target == b"*":
+        assert closes_within(service.address, request, 15) < 10
     polite_request_works(service)
 
 
