@@ -162,7 +162,7 @@ async def test_other_methods_are_405(client: httpx.AsyncClient, storage: Path, m
     # On every route: Quart answered OPTIONS on "/" and /healthz with a 200 of its own (found by helper 29).
     write_tree(storage / "album", {"a.txt": b"a"})
     response = await client.request(method, path)
-    assert response.status_code == 405 and set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD"  # one order in every process
 
 
 async def test_name_without_slash_redirects(client: httpx.AsyncClient, storage: Path) -> None:

@@ -21,8 +21,9 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..archive import launcher
-from ..archive.crc_index import CrcIndex, CtimeTrust
+from ..archive.crc_index import CrcIndex
 from ..archive.crc_store import CrcStore
+from ..archive.ctime_trust import CtimeTrust
 from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
@@ -374,8 +375,10 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.errorhandler(405)
     async def method_not_allowed(error: HTTPException) -> Response:
-        allowed = getattr(error, "valid_methods", None) or ()  # MethodNotAllowed's
-        return error_page(405, request.headers.get("Accept"), {"Allow": ", ".join(allowed)})
+        allowed = getattr(error, "valid_methods", None) or ()  # MethodNotAllowed's, a set
+        # Sorted: a set's order changes with each process's hash seed, and one service's
+        # instances behind nginx should not answer the same request in different words.
+        return error_page(405, request.headers.get("Accept"), {"Allow": ", ".join(sorted(allowed))})
 
     @app.get("/favicon.ico", provide_automatic_options=False)
     async def favicon() -> Response:
