@@ -17,7 +17,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from .archive.crc_index import CrcIndex, CtimeTrust, album_crcs
+from .archive.crc_index import CrcIndex
+from .archive.crc_reads import album_crcs
+from .archive.ctime_trust import CtimeTrust
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from .config import Settings, SettingsError
 from .fences import hypercorn_tcp

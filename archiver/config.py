@@ -83,7 +83,7 @@ class Settings:
     index_path: str = ""
     # FUSE filesystem types (as /proc/self/mountinfo names them: fuse.mergerfs) whose
     # ctime moves with every write.  Files on any other FUSE mount (sshfs, rclone) have
-    # their CRCs read for every download, and their archives no ETag (crc_index.CtimeTrust).
+    # their CRCs read for every download, and their archives no ETag (ctime_trust.CtimeTrust).
     trusted_fuse: tuple[str, ...] = ()
     # What the person unpacks (README): the zone the entries' MS-DOS times are
     # written in (an IANA name; the extended timestamp beside them is UTC, and

@@ -16,19 +16,12 @@ import httpx
 import pytest
 import trio
 
-import archiver.archive.crc_index as crc_index_module
-from archiver.archive.crc_index import (
-    RACY_NS,
-    SECOND,
-    CrcIndex,
-    CtimeTrust,
-    FileChanged,
-    file_crc,
-    is_racy,
-    trusted_ctime,
-)
+import archiver.archive.crc_reads as crc_reads_module
+from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_reads import FileChanged, file_crc
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import CrcStore
+from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
@@ -165,7 +158,7 @@ async def test_a_crc_read_while_the_file_may_still_change_is_not_kept(tmp_path: 
 async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path) -> None:
     path = tmp_path / "growing.jpg"
     path.write_bytes(b"x" * 100_000)
-    read_block = crc_index_module._crc_of_block
+    read_block = crc_reads_module._crc_of_block
 
     def write_meanwhile(
         fd: int, crc: int, buffer: bytearray, budget: int = 0, progress: Callable[[], None] | None = None
@@ -176,7 +169,7 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
 
     index = CrcIndex()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(crc_index_module, "_crc_of_block", write_meanwhile)
+        patch.setattr(crc_reads_module, "_crc_of_block", write_meanwhile)
         with pytest.raises(FileChanged, match="modified while its CRC was read"):
             await file_crc(path, 100_000, index)
 
@@ -191,7 +184,7 @@ def _is_open(fd: int) -> bool:
 
 def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_thread(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"data")
-    shared = crc_index_module._SharedDescriptor()
+    shared = crc_reads_module._SharedDescriptor()
     shared.open(tmp_path / "a.jpg", 4, None)
     fd = shared.borrow()  # a worker thread reading it
     assert fd is not None
@@ -200,7 +193,7 @@ def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_th
     shared.give_back()  # its read returned
     assert not _is_open(fd)
 
-    late = crc_index_module._SharedDescriptor()
+    late = crc_reads_module._SharedDescriptor()
     late.drop()  # given up on while a thread opened the file: the thread closes it
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(FileChanged, match="given up on"):

@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from archiver.archive import producer
-from archiver.archive.crc_index import CrcIndex, FileChanged
+from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_reads import FileChanged
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer import (

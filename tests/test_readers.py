@@ -48,7 +48,7 @@ import stream_unzip
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from archiver.archive.crc_index import RACY_NS
+from archiver.archive.ctime_trust import RACY_NS
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan

@@ -1,4 +1,4 @@
-"""One download's CRCs, read ahead of the producer in the order they are sent (``crc_index`` keeps them).
+"""One download's CRCs, read ahead of the producer in the order they are sent (``crc_reads``; ``crc_index`` keeps them).
 
 A header waits only for its own entry's CRC: the CRCs are computed in worker
 threads, small files a batch per call and large ones a block per call,
@@ -13,16 +13,8 @@ from collections.abc import Sequence
 import trio
 from trio_util import AsyncValue  # type: ignore[attr-defined]
 
-from .crc_index import (
-    BATCH_BYTES,
-    BATCH_FILES,
-    READ_SIZE,
-    CrcIndex,
-    FileCrc,
-    file_crc,
-    in_reader_thread,
-    small_file_crc,
-)
+from .crc_index import CrcIndex
+from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, file_crc, in_reader_thread, small_file_crc
 from .plan import ArchivePlan
 
 

@@ -4,7 +4,7 @@ Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
 ctime, even when the mtime is put back; see ``crc_index`` for the one store
-that does not; nor on storage whose ctime is not trusted, ``crc_index.trusted_ctime``,
+that does not; nor on storage whose ctime is not trusted, ``ctime_trust.trusted_ctime``,
 whose CRCs are never kept).  Rows of earlier versions are ignored: table ``crc``
 (no ctime) and ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
 whole seconds, and for keys whose ctime is the mtime).  A key SQLite's 64-bit integers cannot
@@ -22,9 +22,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from .ctime_trust import FileKey
 
-FileKey = tuple[int, int, int, int, int]
+logger = logging.getLogger(__name__)
 
 # Rows written in one transaction: one per file would cost a commit per file.
 WRITE_BATCH = 512

@@ -1,5 +1,5 @@
 """Which filesystem a directory lies on: ``fstatfs``'s magic number (statfs(2)), and for FUSE its type in
-``/proc/self/mountinfo`` (proc(5)).  For what its ctimes are worth (``crc_index.CtimeTrust``).
+``/proc/self/mountinfo`` (proc(5)).  For what its ctimes are worth (``ctime_trust.CtimeTrust``).
 
 The CRC index keys a file by its ctime, which a ``write`` always moves on most
 filesystems of the kernel's own.  Not on all: exFAT and FAT report the mtime

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
+from .ctime_trust import SECOND, FileKey
 from .entries import EntryPolicy, dos_date_time, extended_timestamp, external_attributes
 from .names import entry_names
 from .storage import AlbumFile
@@ -46,8 +47,6 @@ from .zipformat import (
     local_header,
 )
 
-FileKey = tuple[int, int, int, int, int]
-SECOND = 1_000_000_000
 _CRC = struct.Struct("<I")
 
 

@@ -11,7 +11,7 @@ it reads, each instruction a kind byte and a fixed ``struct``:
 ``F`` a slice of a stored file's data: moved file → pipe by ``os.sendfile``,
       never through Python, unless ``verify`` asks for its CRC-32 to be
       checked against the planned one (a CRC read from a file that was still
-      changing, see ``crc_index.is_racy``).
+      changing, see ``ctime_trust.is_racy``).
 ``D`` a whole deflated entry: local header, data (zlib), data descriptor.
 ``E`` the central directory and end records of the ``D`` entries written.
 ``Z`` the end: exit 0.

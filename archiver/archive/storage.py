@@ -177,7 +177,7 @@ def list_album(
     anything in it) cannot be listed for another reason than the policy's.
     ``progress`` moves on with each answer from the storage; WalkGivenUp once given up on.
     ``on_device(fd, device)`` is called once a walk for each device a folder
-    lies on, with the folder open as ``fd`` (``crc_index.CtimeTrust.learn``).
+    lies on, with the folder open as ``fd`` (``ctime_trust.CtimeTrust.learn``).
     """
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):

@@ -30,7 +30,7 @@ from quart import Response
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 
-from ..archive.crc_index import FileChanged
+from ..archive.crc_reads import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.storage import ListingFailed
 from ..fences.hypercorn_tcp import write_units

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..archive.crc_index import CtimeTrust, trusted_ctime
+from ..archive.ctime_trust import CtimeTrust, trusted_ctime
 from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.

@@ -1,0 +1,105 @@
+"""When a file's key (device, inode, size, mtime, ctime) says its CRC is still the one read: ctimes and their trust.
+
+The CRC index keys a file by everything that changes when it does.  The
+ctime catches a file rewritten in place with its size kept and its mtime
+put back (``touch -r``): a ``write`` always moves it, on the filesystems
+whose ctimes are trusted (``CtimeTrust``; see ``filesystems`` for those that
+are not).  A CRC read while the file may still have been changing within
+one tick of the filesystem's clock (its ctime is not clearly older than the
+read) is "racy", as git's index calls such entries: used for that download,
+never kept, because a later change in the same tick would leave the key as
+it was (``is_racy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .filesystems import KERNEL, MOUNTINFO, filesystem_name
+
+# A file's key: (device, inode, size, mtime_ns, ctime_ns), from its ``fstat``.
+FileKey = tuple[int, int, int, int, int]
+
+# Linux stamps file times from a coarse clock (one tick: 1-10 ms); a file
+# whose ctime lies within this of the moment its read began may change again
+# without its ctime moving.  Such a CRC is not kept in the index.
+RACY_NS = 100_000_000
+SECOND = 1_000_000_000
+# A filesystem that keeps whole seconds (ext4's 128-byte inodes; FAT keeps two) changes a
+# file later in the second of its ctime without moving it: a wider window for such ctimes.
+# A ctime of whole seconds lies on such a filesystem (the kernel's clock stamps nanoseconds).
+COARSE_RACY_NS = 2 * SECOND + RACY_NS
+
+
+def trusted_ctime(mtime_ns: int, ctime_ns: int) -> bool:
+    """Whether a file's ctime, on a filesystem whose ctimes are trusted, moves with every write to it.
+
+    Not when it is a whole second no later than the mtime: sshfs reports the
+    mtime, in whole seconds, as the ctime (SFTP version 3 carries no ctime),
+    and so might a filesystem not known to (``CtimeTrust``).  There an edit in
+    place that keeps the size and puts the mtime back (an FTP client that
+    preserves times, ``touch -r``) leaves the whole key as it was.  Nor a ctime
+    at or before 1970 (a filesystem that reports none shows 0).  On a
+    filesystem of whole seconds that keeps a real ctime, a file written once
+    has it equal to its mtime too: its CRC is read again for every download,
+    the price of telling the two apart by the key.
+    """
+    return ctime_ns > 0 and (ctime_ns % SECOND != 0 or ctime_ns > mtime_ns)
+
+
+class CtimeTrust:
+    """Whether a file's ctime moves with every write to it, so that its CRC may be kept by its key.
+
+    Decided per filesystem as walks meet them (``learn``; a device never
+    looked at is not trusted): not a FUSE one (its daemon reports what it likes,
+    and sshfs and rclone's mount report the mtime) unless its type is in
+    ``trusted_fuse`` (``ARCHIVER_TRUSTED_FUSE``: mergerfs passes its branches'
+    ctimes through), nor exFAT (``filesystems.MTIME_AS_CTIME``); and on any, not
+    a ctime ``trusted_ctime`` refuses.  A file not trusted has its CRC read for
+    every download and checked against its bytes as they go (racy), and its
+    album's archive no ETag (``web.ranges.archive_validator``).
+    """
+
+    def __init__(self, trusted_fuse: Iterable[str] = (), mountinfo: Path = MOUNTINFO) -> None:
+        self.trusted_fuse = frozenset(trusted_fuse)
+        self._mountinfo = mountinfo
+        # Device -> trusted, as last looked at (set in walkers' and readers' threads: one store each).
+        self._devices: dict[int, bool] = {}
+
+    def learn(self, fd: int, device: int) -> None:
+        """Look at the filesystem ``fd`` (a folder a walk opened) lies on, ``device``; in a worker thread.
+
+        Every walk calls this for each device it meets: a device number is
+        reused by the next mount.  A filesystem that cannot be told is not trusted.
+        """
+        try:
+            name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
+        except OSError:
+            self._devices[device] = False
+        else:
+            self._devices[device] = name == KERNEL or name in self.trusted_fuse
+
+    def device(self, device: int) -> bool:
+        """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""
+        return self._devices.get(device, False)
+
+    def file(self, fd: int, key: FileKey) -> bool:
+        """Whether the ctime in ``key``, of the file open as ``fd``, is trusted; its device looked at if never yet."""
+        if key[0] not in self._devices:
+            self.learn(fd, key[0])
+        return self(key)
+
+    def __call__(self, key: FileKey) -> bool:
+        return trusted_ctime(key[3], key[4]) and self.device(key[0])
+
+
+def is_racy(key: FileKey, read_started_ns: int) -> bool:
+    """Whether a CRC read from ``read_started_ns`` (time.time_ns) may not match every file with ``key``.
+
+    Always, for a key whose ctime is not trusted (``trusted_ctime``).
+    """
+    if not trusted_ctime(key[3], key[4]):
+        return True
+    window = COARSE_RACY_NS if key[4] % SECOND == 0 else RACY_NS
+    return key[4] >= read_started_ns - window
