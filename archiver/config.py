@@ -112,10 +112,17 @@ class Settings:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise SettingsError(f"timezone: {self.timezone!r} is not a time zone (e.g. UTC, Europe/Moscow)") from None
+        ascii_bytes = bytes(range(128))
         try:
-            b"x".decode(self.name_encoding)  # a text encoding: codecs.lookup would also take rot13 or hex
+            # A text encoding (codecs.lookup would also take rot13 or hex) that reads ASCII as ASCII: in
+            # EBCDIC (cp037) or UTF-7 a name's bytes could read as "../" (found by helper 35).
+            ascii_kept = ascii_bytes.decode(self.name_encoding) == ascii_bytes.decode("ascii")
         except LookupError:
             raise SettingsError(f"name_encoding: {self.name_encoding!r} is not an encoding (e.g. cp1251)") from None
+        except UnicodeDecodeError:
+            ascii_kept = False
+        if not ascii_kept:
+            raise SettingsError(f"name_encoding: {self.name_encoding!r} does not read ASCII as ASCII (e.g. cp1251)")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)

@@ -42,7 +42,16 @@ def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("timezone", "Mars/Olympus"), ("name_encoding", "rot13"), ("name_encoding", "no-such")]
+    ("field", "value"),
+    [
+        ("timezone", "Mars/Olympus"),
+        ("name_encoding", "rot13"),
+        ("name_encoding", "no-such"),
+        # Encodings that do not read ASCII as ASCII: a name's bytes could read as "../" (helper 35).
+        ("name_encoding", "cp037"),
+        ("name_encoding", "utf-7"),
+        ("name_encoding", "utf-16"),
+    ],
 )
 def test_a_zone_or_name_encoding_the_service_cannot_use_fails_at_start(field: str, value: str) -> None:
     with pytest.raises(SettingsError, match=field):

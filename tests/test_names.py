@@ -128,3 +128,17 @@ def test_superscript_device_names_and_bidi_controls_are_defused() -> None:
     for reserved in ("COM0.jpg", "lpt0", "CONIN$", "conout$.txt"):
         assert portable_component(reserved) == "_" + reserved
     assert portable_component("photo\u202egpj.exe") == "photo_gpj.exe"
+
+
+def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:
+    # Found by helper 35: U+009B is a terminal's control sequence introducer as `unzip -l` prints names.
+    for control in ("\x80", "\x85", "\x9b", "\x9f", "\u2028", "\u2029", "\x7f"):
+        assert portable_component(f"c1{control}x.txt") == "c1_x.txt"
+    assert portable_component("\xa0nbsp.txt") == "\xa0nbsp.txt"  # the first character past C1 is a letter's neighbour
+
+
+def test_a_slash_an_encoding_decodes_is_no_separator() -> None:
+    # Components are split on b"/" before decoding; a decoder that made "/" of other bytes
+    # (EBCDIC: 0x61) must not make "../" (helper 35).  Such encodings are refused at start too (test_config).
+    (name,) = entry_names([b"\x4b\x4b\x61\x4b\x4b\x61x\xff"], encoding="cp037")  # "../../" and more in EBCDIC
+    assert "/" not in name and name.startswith(".._.._"), name

@@ -32,8 +32,14 @@ from collections.abc import Iterable
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # The most bytes of one path component on Linux and Android (NAME_MAX), and in characters on Windows.
 MAX_COMPONENT_BYTES = 255
-# Windows' forbidden characters, the backslash (a separator to some readers), controls.
-_REPLACED = frozenset('<>:"|?*\\') | frozenset(chr(code) for code in range(32)) | {"\x7f"} | _BIDI_CONTROLS
+# Windows' forbidden characters, the backslash (a separator to some readers), controls (C0, DEL and
+# C1: U+009B is a terminal's control sequence introducer as unzip -l prints it), the line and paragraph
+# separators, and "/" (never in a component read from disk, but a name encoding could decode one).
+_REPLACED = (
+    frozenset('<>:"|?*\\/\u2028\u2029')
+    | frozenset(chr(code) for code in (*range(32), *range(0x7F, 0xA0)))
+    | _BIDI_CONTROLS
+)
 _RESERVED = frozenset(
     # Microsoft's list ("Naming Files, Paths, and Namespaces"), COM0 and LPT0 included, and the console's two.
     [
