@@ -154,7 +154,7 @@ def index_albums(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        store = open_crc_store(settings)
+        store = open_crc_store(settings, required=True)
     except SettingsError as error:
         parser.error(str(error))
     if store is None:
@@ -192,8 +192,12 @@ def index_albums(argv: Sequence[str]) -> None:
     # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
     left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
     print(f"indexed {indexed} albums, {files_done} files ({new_total} computed{left_out}, the rest already known)")
-    if failed:
-        sys.exit(f"archiver index: {len(failed)} album(s) could not be listed: {', '.join(failed)}")
+    problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
+    if store.unwritten:
+        # The warnings above say why (a full disk, a lock held too long): a hook or cron must not take this for done.
+        problems.append(f"{store.unwritten} CRCs could not be written to {settings.index_path!r}")
+    if problems:
+        sys.exit(f"archiver index: {'; '.join(problems)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -82,14 +84,31 @@ async def test_a_file_read_with_another_key_than_listed_is_a_change(tmp_path: Pa
         await changed.compute()
 
 
-def test_store_forgets_and_counts(tmp_path: Path) -> None:
+def test_store_keeps_and_counts(tmp_path: Path) -> None:
     store = CrcStore(tmp_path / "index.sqlite")
     store.put((1, 2, 3, 4, 7), 99)
     store.put((1, 2, 3, 4, 8), 98)  # the same file after a write that put its mtime back
     assert store.count() == 2
-    store.forget((1, 2, 3, 4, 7))
-    assert store.get((1, 2, 3, 4, 7)) is None
+    assert store.get((1, 2, 3, 4, 7)) == 99
     assert store.get((1, 2, 3, 4, 8)) == 98
+
+
+def test_a_damaged_store_warns_once_a_minute_not_once_a_lookup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by helper 34: a file overwritten under a running service logged 45,000 lines for one album.
+    path = tmp_path / "index.sqlite"
+    store = CrcStore(path)
+    store.put((1, 2, 3, 4, 5), 99)
+    store.flush()
+    # Every lookup failing, as on a damaged file (the review overwrote it): the table gone under the service.
+    with sqlite3.connect(path) as other:
+        other.execute("DROP TABLE crc_v3")
+    with caplog.at_level(logging.WARNING, logger="archiver.archive.crc_store"):
+        for inode in range(1000):
+            assert store.get((1, 100 + inode, 3, 4, 5)) is None
+    warnings = [record.getMessage() for record in caplog.records if record.name == "archiver.archive.crc_store"]
+    assert len(warnings) == 1 and "read skipped" in warnings[0], warnings
 
 
 def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -136,12 +155,82 @@ def test_archiver_index_needs_an_index_file(storage: Path) -> None:
     assert "ARCHIVER_INDEX is not set" in result.stderr
 
 
-def test_unusable_index_path_fails_fast(storage: Path) -> None:
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-P", "0"]
-    env = {**os.environ, "ARCHIVER_INDEX": "/proc/no/index.sqlite"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, cwd=PROJECT)
-    assert result.returncode != 0
+# Another instance: opens the index, keeps a CRC, and holds the file until its stdin closes.
+OTHER_INSTANCE = (
+    "import sys; from pathlib import Path; from archiver.archive.crc_store import CrcStore; "
+    "store = CrcStore(Path(sys.argv[1])); store.put((1, 2, 3, 4, 5), 99); store.flush(); "
+    "print('ready', flush=True); sys.stdin.read()"
+)
+
+
+@pytest.mark.parametrize("how", ["cannot be made", "deleted under another instance"])
+async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    # Only a cache: no reason not to start (helper 34: under Restart=always, a loop of failed starts).
+    index_path, other = "/proc/no/index.sqlite", None
+    if how == "deleted under another instance":
+        # Deleted alone, its -wal and -shm left: SQLite's "disk I/O error" for any other process.
+        index_path = str(tmp_path / "index.sqlite")
+        command = [sys.executable, "-c", OTHER_INSTANCE, index_path]
+        other = subprocess.Popen(command, cwd=PROJECT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert other.stdout is not None and other.stdout.readline() == "ready\n"
+        Path(index_path).unlink()
+    try:
+        write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(50_000)})
+        served = replace(settings, index_path=index_path)
+        async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
+            response = await client.get("/archive/album/")
+    finally:
+        if other is not None:
+            other.communicate("", timeout=30)
+    assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"CRC index {index_path!r} cannot be used" in message for message in errors), errors
+
+
+async def test_the_index_file_is_never_read_on_the_event_loop(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its lookups wait on another process's write lock up to SQLite's 5 s busy timeout: on the
+    # event loop, every connection of the service froze with them (helper 34: /healthz in 5.05 s).
+    callers: list[threading.Thread] = []
+    real_get = CrcStore.get
+
+    def get(store: CrcStore, key: tuple[int, int, int, int, int]) -> int | None:
+        callers.append(threading.current_thread())
+        return real_get(store, key)
+
+    monkeypatch.setattr(CrcStore, "get", get)
+    # Cold files, large (read a block a call) and small (a batch a call).
+    write_tree(settings.storage_dir / "album", {"big.jpg": os.urandom(6_000_000), "small.jpg": os.urandom(1000)})
+    await settle()
+    served = replace(settings, index_path=str(tmp_path / "index.sqlite"))
+    async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/archive/album/")
+    assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+    assert callers and threading.main_thread() not in callers
+
+
+def test_archiver_index_fails_on_an_unusable_index(storage: Path) -> None:
+    result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": "/proc/no/index.sqlite"})
+    assert result.returncode == 2
     assert "index '/proc/no/index.sqlite'" in result.stderr
+
+
+async def test_archiver_index_fails_when_crcs_cannot_be_written(storage: Path, tmp_path: Path) -> None:
+    # Helper 34: with the write lock held elsewhere (or a full disk) it said "computed" and exited 0.
+    write_tree(storage / "one", {"a.jpg": os.urandom(20_000)})
+    index = tmp_path / "index.sqlite"
+    CrcStore(index).close()
+    await settle()
+    with sqlite3.connect(index, isolation_level=None) as holder:
+        holder.execute("BEGIN IMMEDIATE")  # an operator's sqlite3 session mid-transaction: SQLite's 5 s, then given up
+        result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)})
+        holder.execute("ROLLBACK")
+    assert result.returncode == 1, result.stderr
+    assert f"1 CRCs could not be written to {str(index)!r}" in result.stderr
+    assert "database is locked" in result.stderr  # the warning that says why
 
 
 async def test_a_crc_read_while_the_file_may_still_change_is_not_kept(tmp_path: Path) -> None:

@@ -94,12 +94,6 @@ class CrcIndex:
         if self.store is not None:
             self.store.put(key, crc)
 
-    def forget(self, key: FileKey) -> None:
-        with self._lock:
-            self._crcs.pop(key, None)
-        if self.store is not None:
-            self.store.forget(key)
-
     def flush(self) -> None:
         """Write what the store has batched (after a download's or an album's CRCs)."""
         if self.store is not None:

@@ -255,8 +255,7 @@ async def file_crc(
     """
     shared = _SharedDescriptor()
     try:
-        found = await _in_reader(index, queued, shared.open, path, size, key)
-        known = index.get(found)
+        found, known = await _in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
         if known is not None:
             return FileCrc(found, known)
         buffer = bytearray(READ_SIZE) if buffer is None else buffer
@@ -271,6 +270,19 @@ async def file_crc(
     finally:
         shared.drop()
     return FileCrc(found, crc, not kept)
+
+
+def _open_and_look_up(
+    shared: _SharedDescriptor, index: CrcIndex, path: Path, size: int, key: FileKey | None
+) -> tuple[FileKey, int | None]:
+    """In a worker thread: ``shared.open`` the file, and its CRC if the index has it.
+
+    Not the lookup on the event loop: the index's SQLite store waits on
+    another process's write lock up to 5 s (its busy timeout), and the whole
+    service with it (found by helper 34).
+    """
+    found = shared.open(path, size, key)
+    return found, index.get(found)
 
 
 async def _in_reader(

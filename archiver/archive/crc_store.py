@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from .ctime_trust import FileKey
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # Rows written in one transaction: one per file would cost a commit per file.
 WRITE_BATCH = 512
+# A failing store (a damaged file, a full disk) fails every lookup: a warning at most this
+# often (seconds), counting those left out.  One a lookup was 45,000 lines for one album.
+WARNING_INTERVAL = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS crc_v3 (
@@ -53,6 +57,10 @@ class CrcStore:
         self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, int, int, int, int, int]] = []
+        # Rows that could not be written, in all (``archiver index`` fails if any).
+        self.unwritten = 0
+        self._quiet_until = -float("inf")
+        self._quieted = 0
 
     def get(self, key: FileKey) -> int | None:
         if not _storable(key):
@@ -63,7 +71,7 @@ class CrcStore:
                     "SELECT crc FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
                 ).fetchone()
             except sqlite3.Error as error:
-                logger.warning("CRC index: read skipped: %s", error)
+                self._warn(f"read skipped: {error}")
                 return None
         return None if row is None else int(row[0])
 
@@ -74,18 +82,6 @@ class CrcStore:
             self._pending.append((*key, crc))
             if len(self._pending) >= WRITE_BATCH:
                 self._write()
-
-    def forget(self, key: FileKey) -> None:
-        if not _storable(key):
-            return
-        with self._lock:
-            self._pending = [row for row in self._pending if row[:5] != key]
-            try:
-                self._db.execute(
-                    "DELETE FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
-                )
-            except sqlite3.Error as error:
-                logger.warning("CRC index: a changed file's row could not be dropped: %s", error)
 
     def flush(self) -> None:
         with self._lock:
@@ -109,7 +105,18 @@ class CrcStore:
                     self._db.execute("BEGIN")
                     self._db.executemany("INSERT OR REPLACE INTO crc_v3 VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.Error as error:
-                logger.warning("CRC index: %d rows not written: %s", len(rows), error)
+                self.unwritten += len(rows)
+                self._warn(f"{len(rows)} rows not written: {error}")
+
+    def _warn(self, message: str) -> None:
+        """Log ``message`` as a warning unless one was logged in the last WARNING_INTERVAL s (under ``_lock``)."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._quieted += 1
+            return
+        quieted = f" ({self._quieted} more such failures since the last line)" if self._quieted else ""
+        logger.warning("CRC index: %s%s", message, quieted)
+        self._quiet_until, self._quieted = now + WARNING_INTERVAL, 0
 
 
 def _storable(key: FileKey) -> bool:

@@ -110,14 +110,29 @@ def prepare_archive(
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
-def open_crc_store(settings: Settings) -> CrcStore | None:
-    """The CRC index's file (ARCHIVER_INDEX), or None to keep it in memory; SettingsError if it cannot be used."""
+def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | None:
+    """The CRC index's file (ARCHIVER_INDEX), or None to keep it in memory.
+
+    One that cannot be used is, for the service, an ERROR line and the index
+    in memory: it is only a cache, and a damaged or locked file must not keep
+    the service from starting (under systemd's ``Restart=always``, a loop).
+    ``required`` (``archiver index``, whose only work it is): SettingsError.
+    """
     if not settings.index_path:
         return None
     try:
         return CrcStore(Path(settings.index_path))
     except (sqlite3.Error, OSError) as error:
-        raise SettingsError(f"index {settings.index_path!r}: {error}") from None
+        if required:
+            raise SettingsError(f"index {settings.index_path!r}: {error}") from None
+        logger.error(
+            "CRC index %r cannot be used (%s): CRCs are kept in memory only, until a restart. If it is damaged, "
+            "or was deleted while another instance used it, stop the instances using it, delete %s* and start again",
+            settings.index_path,
+            error,
+            settings.index_path,
+        )
+        return None
 
 
 def _check_storage_root(root: Path, timeout: float) -> None:
