@@ -154,8 +154,10 @@ def index_albums(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if not settings.storage_dir.is_dir():  # before the index file is made (cron's directory is $HOME)
+            raise SettingsError(f"storage directory {str(settings.storage_dir)!r} is not a directory (ARCHIVER_DIR)")
         store = open_crc_store(settings, required=True)
-    except SettingsError as error:
+    except (SettingsError, OSError) as error:
         parser.error(str(error))
     if store is None:
         parser.error("ARCHIVER_INDEX is not set: the index would be in memory and gone at exit")

@@ -8,6 +8,7 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -15,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "ARCHIVER_"
+
+
+# The most one download may buffer: 16 chunks of 16 MiB.  The defaults are 512 KiB and 1.
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+MAX_CHANNEL_CAPACITY = 16
 
 
 class SettingsError(ValueError):
@@ -96,14 +102,18 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
             raise SettingsError(f"compression must be 0..9, not {self.compression}")
-        if self.delay < 0:
-            raise SettingsError(f"delay must not be negative, not {self.delay}")
+        if not (math.isfinite(self.delay) and self.delay >= 0):  # NaN or inf: every download would hang or fail
+            raise SettingsError(f"delay must be a number of seconds, 0 or more, not {self.delay}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be 0..65535, not {self.port}")
-        if self.max_jobs < 1 or self.rate_limit < 0 or self.shutdown_grace < 0:
+        if self.max_jobs < 1 or self.rate_limit < 0 or not self.shutdown_grace >= 0:  # NaN too (inf: wait for all)
             raise SettingsError("max_jobs must be positive, rate_limit and shutdown_grace not negative")
-        if self.chunk_size < 1 or self.channel_capacity < 0:
-            raise SettingsError("chunk_size must be positive and channel_capacity not negative")
+        # Each download holds up to (channel_capacity + 1) chunks: bounded, so that no setting holds an archive whole.
+        if not (1 <= self.chunk_size <= MAX_CHUNK_SIZE and 0 <= self.channel_capacity <= MAX_CHANNEL_CAPACITY):
+            raise SettingsError(
+                f"chunk_size must be 1..{MAX_CHUNK_SIZE} and channel_capacity 0..{MAX_CHANNEL_CAPACITY}, "
+                f"not {self.chunk_size} and {self.channel_capacity}"
+            )
         if not self.storage_timeout > 0:  # NaN too: it would never fire
             raise SettingsError(f"storage_timeout must be positive, not {self.storage_timeout}")
         if not self.stall_timeout > 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:

@@ -34,6 +34,12 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_DELAY", "-1"),
         ("ARCHIVER_PORT", "http"),
         ("ARCHIVER_VERBOSE", "maybe"),
+        # Values that passed and then failed every download or the shutdown (helper 34).
+        ("ARCHIVER_DELAY", "nan"),
+        ("ARCHIVER_DELAY", "inf"),
+        ("ARCHIVER_SHUTDOWN_GRACE", "nan"),
+        ("ARCHIVER_CHUNK_SIZE", "99999999999"),
+        ("ARCHIVER_CHANNEL_CAPACITY", "1000000"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:

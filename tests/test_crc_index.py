@@ -212,6 +212,15 @@ async def test_the_index_file_is_never_read_on_the_event_loop(
     assert callers and threading.main_thread() not in callers
 
 
+def test_archiver_index_without_its_storage_says_so_and_makes_no_index(tmp_path: Path) -> None:
+    # Helper 34: a traceback, the index file already made (cron's directory is $HOME: ARCHIVER_DIR unset is ./data).
+    index = tmp_path / "index.sqlite"
+    result = run_archiver("index", env={"ARCHIVER_DIR": str(tmp_path / "gone"), "ARCHIVER_INDEX": str(index)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not a directory (ARCHIVER_DIR)" in result.stderr
+    assert not index.exists()
+
+
 def test_archiver_index_fails_on_an_unusable_index(storage: Path) -> None:
     result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": "/proc/no/index.sqlite"})
     assert result.returncode == 2

@@ -126,13 +126,15 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
         write_tree(root / "locked", {"a.jpg": b"a"})
         write_tree(root / "open", {"a.jpg": b"a", "secret.jpg": b"s"})
         write_tree(root / "unsearchable", {"a.jpg": b"a"})
+        write_tree(root / "closed-root" / "album", {"a.jpg": b"a"})
+        (root / "closed-root").chmod(0o700)  # a storage root the service's user cannot search (helper 34)
         (root / "unsearchable").chmod(0o644)  # read, not search: every entry would be "denied"
         (root / "locked").chmod(0o000)
         (root / "open" / "secret.jpg").chmod(0o000)
         check = (
             "import os, sys\n"
             "from pathlib import Path\n"
-            "from archiver.archive.storage import ListingFailed, list_album\n"
+            "from archiver.archive.storage import ListingFailed, list_album, resolve_album\n"
             "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             "listing = list_album(Path(sys.argv[1], 'open'))\n"
             "print([f.path for f in listing.files], [(s.path, s.reason) for s in listing.skipped])\n"
@@ -141,6 +143,10 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
             "        list_album(Path(sys.argv[1], name))\n"
             "    except ListingFailed as error:\n"
             "        print('failed', error, error.transient)\n"
+            "try:\n"
+            "    resolve_album(Path(sys.argv[1], 'closed-root'), 'album')\n"
+            "except ListingFailed as error:\n"
+            "    print('failed', error, error.transient)\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", check, str(root)], capture_output=True, text=True, check=True, cwd=PROJECT
@@ -151,7 +157,7 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
         shutil.rmtree(root)
     files, *failures = result.stdout.splitlines()
     assert files == "['a.jpg'] [('secret.jpg', 'not readable')]"
-    assert failures == ["failed .: Permission denied False"] * 2
+    assert failures == ["failed .: Permission denied False"] * 2 + ["failed cannot look it up: Permission denied False"]
 
 
 def test_a_listing_is_of_one_moment_while_entries_and_folders_are_renamed(tmp_path: Path) -> None:

@@ -153,6 +153,8 @@ class AlbumListing:
 def resolve_album(root: Path, name: str) -> Path:
     """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
 
+    ListingFailed if the storage cannot say (the root not searchable, an I/O error).
+
     The album may be a symbolic link as long as it resolves to a directory
     strictly inside the root (never the root itself: that would archive every
     album at once).
@@ -163,7 +165,15 @@ def resolve_album(root: Path, name: str) -> Path:
     album = (real_root / name).resolve()
     if album.parent != real_root and real_root not in album.parents:
         raise AlbumNotFound(name)
-    if not album.is_dir():
+    try:
+        is_directory = stat.S_ISDIR(os.stat(album).st_mode)
+    except OSError as error:
+        if error.errno in _GONE:
+            raise AlbumNotFound(name) from None
+        # The root not searchable by the service's user (EACCES), an I/O error: the service's
+        # fault, not the link's, and every album's (/healthz says so too).
+        raise ListingFailed(f"cannot look it up: {error.strerror}", transient=False) from None
+    if not is_directory:
         raise AlbumNotFound(name)
     return album
 

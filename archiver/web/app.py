@@ -149,7 +149,7 @@ def _check_storage_root(root: Path, timeout: float) -> None:
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
     elif not answer[0]:
-        raise SettingsError(f"storage directory {str(root)!r} does not exist")
+        raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
 
 
 def create_app(settings: Settings) -> QuartTrio:
