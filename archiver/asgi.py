@@ -9,10 +9,10 @@ settings = Settings.from_env()
 configure_logging(settings.verbose)
 app = create_app(settings)
 
-# SIGTERM shuts Hypercorn down gracefully when it runs the app in its own process (workers = 0).
+# SIGTERM, SIGINT and SIGHUP shut Hypercorn down gracefully when it runs the app in its own process (workers = 0).
 hypercorn_signals.install()
 
 
 @app.before_serving
-async def _stop_gracefully_on_sigterm() -> None:
-    app.nursery.start_soon(hypercorn_signals.terminate_on_sigterm)
+async def _stop_gracefully_on_a_stop_signal() -> None:
+    app.nursery.start_soon(hypercorn_signals.terminate_on_stop_signal)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from .archive.ctime_trust import CtimeTrust
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from .config import Settings, SettingsError
 from .fences import hypercorn_tcp
+from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
 from .web.app import create_app, open_crc_store
 from .web.disposition import DisplayNameRefused, display_name
@@ -99,17 +99,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 async def _until_signalled(grace: float) -> None:
     # A second signal during the grace period (a second Ctrl-C, a supervisor's repeat) must not cut
     # the downloads in flight: once the receiver closes, it restores what it found, SIG_IGN.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info(
-                "received %s: no new connections; in-flight downloads get %.0f s to finish",
-                signal.Signals(signum).name,
-                grace,
-            )
-            hypercorn_tcp.shutting_down()
-            return
+    received = await wait_for_stop_signal()
+    logger.info("received %s: no new connections; in-flight downloads get %.0f s to finish", received.name, grace)
+    hypercorn_tcp.shutting_down()
 
 
 def sign_link(argv: Sequence[str]) -> str:

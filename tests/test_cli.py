@@ -241,23 +241,30 @@ def slow_album(tmp_path: Path) -> dict[str, str]:
     return {"ARCHIVER_DIR": str(tmp_path / "storage"), "ARCHIVER_CHUNK_SIZE": "65536"}
 
 
-@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+@pytest.mark.parametrize(
+    ("stop", "signals"),
+    [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGHUP, 2)],
+    ids=["SIGTERM once", "SIGTERM twice", "SIGINT twice", "SIGHUP twice"],
+)
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
-async def test_shutdown_lets_downloads_finish_within_grace(tmp_path: Path, launch: str, signals: int) -> None:
-    # Twice: a second SIGTERM during the grace period (a supervisor's repeat; with workers, Hypercorn's
-    # master sends one after its shutdown event) is ignored.
+async def test_shutdown_lets_downloads_finish_within_grace(
+    tmp_path: Path, launch: str, stop: signal.Signals, signals: int
+) -> None:
+    # Twice: a second signal during the grace period (a supervisor's repeat, a second Ctrl-C; with
+    # workers, Hypercorn's master sends a SIGTERM after its shutdown event) is ignored.  SIGINT and
+    # SIGHUP under the hypercorn launch were a KeyboardInterrupt and an instant end (helper 34).
     command, env = launch_command(launch, free_port(), grace=10)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.02"}
     async with launched(command, env) as server:
         async with make_client(server.url, "HTTP/1.1") as client, client.stream("GET", "/archive/album/") as response:
             chunks = response.aiter_raw()
             received = [await anext(chunks)]
-            server.process.terminate()
+            server.process.send_signal(stop)
             if signals == 2:
                 with trio.fail_after(5):
-                    while b"received SIGTERM" not in server.output:
+                    while f"received {stop.name}".encode() not in server.output:
                         await trio.sleep(0.01)
-                server.process.terminate()
+                server.process.send_signal(stop)
             received += [chunk async for chunk in chunks]
         assert read_archive(b"".join(received))["photo.jpg"] == (tmp_path / "storage/album/photo.jpg").read_bytes()
         # The client has closed its connection: nothing holds the server for the rest of the grace.

@@ -1,4 +1,4 @@
-"""SIGTERM in Hypercorn's own process: the same graceful shutdown as any other stop, never a KeyboardInterrupt.
+"""SIGTERM, SIGINT, SIGHUP in Hypercorn's own process: the graceful shutdown of any stop, never a KeyboardInterrupt.
 
 hypercorn.toml runs the app in Hypercorn's own process (``workers = 0``), so
 that a fatal error exits non-zero: Hypercorn 0.18's ``run`` returns 0 after a
@@ -6,10 +6,14 @@ worker process died with 1.  In that mode Hypercorn passes no shutdown
 trigger to its trio worker: SIGINT reaches it only as a KeyboardInterrupt,
 which Trio may raise inside any task (a connection's, a download's) rather
 than where Hypercorn catches it, and SIGTERM, the signal systemd sends, is
-left at its default and kills the process at once, cutting every download.
+left at its default and kills the process at once, cutting every download
+(as does SIGHUP, a closed terminal's).  A second Ctrl-C during the grace
+period was a KeyboardInterrupt traceback, cutting the downloads; and a
+process that inherited SIGINT ignored (started with ``&`` from a script)
+ignored it for good (found by helper 34).
 
-Here a Trio signal receiver, started in the app's lifespan, waits for SIGTERM
-and sets Hypercorn's ``WorkerContext.terminate``, the event Hypercorn's own
+Here a Trio signal receiver, started in the app's lifespan, waits for any of
+``STOP_SIGNALS`` and sets Hypercorn's ``WorkerContext.terminate``, the event Hypercorn's own
 worker loop waits on (``raise_shutdown(context.terminate.wait)``, as for
 ``max_requests``): no new connections, in-flight downloads get
 ``graceful_timeout``, then the process exits 0.  The contexts are found by
@@ -71,19 +75,30 @@ def install() -> None:
     hypercorn_trio_run.check_multiprocess_shutdown_event = check_multiprocess_shutdown_event  # type: ignore[attr-defined]
 
 
-async def terminate_on_sigterm() -> None:
-    """Wait for SIGTERM, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery).
+# What stops the service gracefully, in either launch (``cli`` too): systemd's SIGTERM, a
+# terminal's Ctrl-C and hang-up.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    Later SIGTERMs are ignored: a second (a supervisor's repeat; with workers,
-    the master's SIGTERM after its shutdown event) would, at its default, end
-    the process at once, cutting the downloads in flight (the receiver
-    restores what it found: SIG_IGN).
+
+async def terminate_on_stop_signal() -> None:
+    """Wait for one of STOP_SIGNALS, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery).
+
+    Later ones are ignored: a second (a supervisor's repeat, a second Ctrl-C;
+    with workers, the master's SIGTERM after its shutdown event) would, at
+    its default, end the process at once, cutting the downloads in flight
+    (the receiver restores what it found: SIG_IGN).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async for _ in signals:
-            logger.info("received SIGTERM: no new connections; in-flight downloads get graceful_timeout to finish")
-            for context in list(_CONTEXTS):
-                await context.terminate.set()
-            hypercorn_tcp.shutting_down()
-            return
+    received = await wait_for_stop_signal()
+    logger.info("received %s: no new connections; in-flight downloads get graceful_timeout to finish", received.name)
+    for context in list(_CONTEXTS):
+        await context.terminate.set()
+    hypercorn_tcp.shutting_down()
+
+
+async def wait_for_stop_signal() -> signal.Signals:
+    """Until one of STOP_SIGNALS arrives: which one.  From then on, they are ignored (SIG_IGN)."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    # Once the receiver closes, it restores what it found: SIG_IGN.
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        return signal.Signals(await anext(signals))
