@@ -209,10 +209,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         app = create_app(settings)
     except SettingsError as error:
         sys.exit(f"archiver: {error}")
+    config = hypercorn_config(settings)
+    try:
+        # Bound once to say plainly why it cannot be (a port in use, an address not this host's), rather
+        # than the fatal error's traceback from inside Hypercorn; closed at once, bound again by Hypercorn.
+        sockets = config.create_sockets()
+        for listener in (*sockets.secure_sockets, *sockets.insecure_sockets, *sockets.quic_sockets):
+            listener.close()
+    except OSError as error:
+        sys.exit(f"archiver: cannot listen on {config.bind[0]}: {error.strerror or error}")
     logger.info("serving %s on %s:%d", os.path.abspath(settings.storage_dir), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:
-        trio.run(partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger))
+        trio.run(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
     except Exception:
         # Per-connection errors end their connection (hypercorn_tcp); this is the server itself.
         logger.critical("fatal error, the service stops", exc_info=True)

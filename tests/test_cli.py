@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -150,12 +151,26 @@ def test_help_documents_every_flag() -> None:
         assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", result.stdout), flag
 
 
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"archiver: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "arguments, environment, message",
     [
         (["-D", "/nonexistent/storage"], {}, "does not exist"),
         (["--compression", "12"], {}, "invalid choice"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
+        # Not this host's address: one line, not the fatal error's traceback (helper 34).
+        (["-H", "192.0.2.1", "-P", "0"], {}, "archiver: cannot listen on 192.0.2.1:0: Cannot assign requested address"),
     ],
 )
 def test_bad_settings_fail_fast_with_a_message(arguments: list[str], environment: dict[str, str], message: str) -> None:
