@@ -20,7 +20,7 @@ from itertools import accumulate
 from . import producer_program
 from .crc_source import CrcSource
 from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
-from .zipformat import LOCAL_CRC_AT
+from .zipformat import DEFLATED, LOCAL_CRC_AT
 
 _CRC = struct.Struct("<I")
 
@@ -32,13 +32,26 @@ def instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None
     """The producer's input for bytes ``start`` .. ``end`` of ``plan``, with the waits for CRCs (``stored_pieces``).
 
     For a deflated plan (no length) the range is ignored: every entry, whole.
-    ``crcs`` is required for a stored plan.
+    ``crcs`` is required for a stored plan, and for a deflated one with
+    stored entries (``ArchivePlan.entries_stored_when_deflating``).
     """
     level = plan.compression
     yield producer_program.album(os.fsencode(plan.directory), level)
     if plan.length is None:  # deflated: whole entries, written by the producer
         for k in range(plan.count):
-            yield producer_program.deflated_entry(plan.path(k), plan.key(k), plan.fields(k))
+            fields = plan.fields(k)
+            if fields.method == DEFLATED:
+                yield producer_program.deflated_entry(plan.path(k), plan.key(k), fields)
+                continue
+            assert crcs is not None
+            crc = crcs.ready(k)
+            if crc is None:
+                # At no known offset (a deflated archive has none ahead): while it waits, its reads are
+                # the download's progress (web.download's watchdog).
+                yield CrcWait(k, 0)
+                crc = crcs.ready(k)
+                assert crc is not None
+            yield producer_program.stored_entry(plan.path(k), plan.key(k), fields, crc, crcs.racy(k))
         yield producer_program.END
     else:
         assert crcs is not None

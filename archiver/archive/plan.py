@@ -45,6 +45,7 @@ from .zipformat import (
     central_header,
     end_records,
     local_header,
+    stored_when_deflating,
 )
 
 _CRC = struct.Struct("<I")
@@ -118,7 +119,7 @@ class ArchivePlan:
         return self._names[self._name_ends[k - 1] if k else 0 : self._name_ends[k]]
 
     def fields(self, k: int) -> EntryFields:
-        method = STORED if self.compression == 0 else DEFLATED
+        method = STORED if self.compression == 0 or stored_when_deflating(self.sizes[k]) else DEFLATED
         extra = extended_timestamp(self._unix_times[k] * 1_000_000_000)
         return EntryFields(self.name(k), method, self._dos_times[k], self._attributes[k], extra)
 
@@ -160,6 +161,10 @@ class ArchivePlan:
         first = bisect.bisect_left(offsets, start - at)
         stop = min(bisect.bisect_right(offsets, end + 1 - at) - 1, self.count)
         return range(first, max(first, stop))
+
+    def entries_stored_when_deflating(self) -> array[int]:
+        """The entries a deflated plan stores (``zipformat.stored_when_deflating``): their CRCs are read first."""
+        return array("I", (k for k, size in enumerate(self.sizes) if stored_when_deflating(size)))
 
     def crc_entries(self, start: int, end: int) -> array[int]:
         """The entries whose CRC bytes ``start`` .. ``end`` hold (in a local or a central header), in the order sent."""

@@ -13,7 +13,10 @@ it reads, each instruction a kind byte and a fixed ``struct``:
       checked against the planned one (a CRC read from a file that was still
       changing, see ``ctime_trust.is_racy``).
 ``D`` a whole deflated entry: local header, data (zlib), data descriptor.
-``E`` the central directory and end records of the ``D`` entries written.
+``S`` a whole stored entry in a deflated archive (a file just under 4 GiB,
+      ``zipformat.stored_when_deflating``): its local header with the CRC the
+      service read, then its data as ``F`` moves it.
+``E`` the central directory and end records of the ``D`` and ``S`` entries written.
 ``Z`` the end: exit 0.
 
 Every file is opened beneath the album's directory descriptor, a component
@@ -46,6 +49,7 @@ import zlib
 
 from archiver.archive.zipformat import (
     DEFLATED,
+    STORED,
     EntryFields,
     central_header,
     data_descriptor,
@@ -69,9 +73,11 @@ IDENTITY = "QQQqIqI"
 FILE_SLICE = struct.Struct(f"<c{IDENTITY}QQBIH")
 # kind, identity, dos time, external attributes, path, name and extra lengths
 DEFLATED_ENTRY = struct.Struct(f"<c{IDENTITY}IIHHH")
+# kind, identity, dos time, external attributes, crc, verify, path, name and extra lengths
+STORED_ENTRY = struct.Struct(f"<c{IDENTITY}IIIBHHH")
 # What follows each kind byte, read on its own: the records without their first field.
-ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY = (
-    struct.Struct("<" + record.format[2:]) for record in (ALBUM, LITERAL, FILE_SLICE, DEFLATED_ENTRY)
+ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY, STORED_ENTRY_BODY = (
+    struct.Struct("<" + record.format[2:]) for record in (ALBUM, LITERAL, FILE_SLICE, DEFLATED_ENTRY, STORED_ENTRY)
 )
 SECOND = 1_000_000_000
 END = b"E"
@@ -129,6 +135,13 @@ def file_slice(path: bytes, identity: tuple[int, ...], offset: int, length: int,
 def deflated_entry(path: bytes, key: FileKey, fields: EntryFields) -> bytes:
     lengths = (len(path), len(fields.name), len(fields.extra))
     packed = DEFLATED_ENTRY.pack(b"D", *identity(key), fields.dos_time, fields.attributes, *lengths)
+    return packed + path + fields.name + fields.extra
+
+
+def stored_entry(path: bytes, key: FileKey, fields: EntryFields, crc: int, verify: bool) -> bytes:
+    """A whole stored entry of a deflated archive, with its CRC; ``verify``: checked against the bytes as they go."""
+    lengths = (len(path), len(fields.name), len(fields.extra))
+    packed = STORED_ENTRY.pack(b"S", *identity(key), fields.dos_time, fields.attributes, crc, verify, *lengths)
     return packed + path + fields.name + fields.extra
 
 
@@ -338,7 +351,8 @@ class Producer:
         self.level = 0
         self.buffer = bytearray(BLOCK)
         self.deflate_buffer = memoryview(self.buffer)[:DEFLATE_READ]
-        self.deflated: list[tuple[EntryFields, int, int, int, int]] = []  # fields, crc, compressed, size, offset
+        # The entries written whole (``D``, ``S``), for the central directory: fields, crc, compressed, size, offset.
+        self.written: list[tuple[EntryFields, int, int, int, int]] = []
 
     def run(self) -> None:
         read, kind_of = self._read, self.source.read
@@ -369,6 +383,12 @@ class Producer:
                 path, name, extra = read(path_length), read(name_length), read(extra_length)
                 fields = EntryFields(name, DEFLATED, dos_time, attributes, extra)
                 self._with_file(path, _key(tuple(identity)), self._send_deflated, fields)
+            elif kind == b"S":
+                record = STORED_ENTRY_BODY.unpack(read(STORED_ENTRY_BODY.size))
+                *identity, dos_time, attributes, crc, verify, path_length, name_length, extra_length = record
+                path, name, extra = read(path_length), read(name_length), read(extra_length)
+                fields = EntryFields(name, STORED, dos_time, attributes, extra)
+                self._with_file(path, _key(tuple(identity)), self._send_stored_entry, fields, crc, verify)
             elif kind == END:
                 self._write_central_directory()
             else:
@@ -463,16 +483,23 @@ class Producer:
         compressed += len(data)
         self.output.write(data)
         self.output.write(data_descriptor(crc, compressed, size, uses_zip64(fields, size)))
-        self.deflated.append((fields, crc, compressed, size, offset))
+        self.written.append((fields, crc, compressed, size, offset))
         check_identity(fd, key)  # again, now that its bytes are out (copied)
         return False
 
+    def _send_stored_entry(self, fd: int, key: FileKey, fields: EntryFields, crc: int, verify: bool) -> bool:
+        """A stored entry whole: its header, then its data as ``_send_slice`` sends a slice (checked the same)."""
+        size = key[2]
+        self.written.append((fields, crc, size, size, self.output.position))
+        self.output.write(local_header(fields, crc, size))
+        return self._send_slice(fd, key, 0, size, crc if verify else None)
+
     def _write_central_directory(self) -> None:
         start = self.output.position
-        for fields, crc, compressed, size, offset in self.deflated:
+        for fields, crc, compressed, size, offset in self.written:
             self.output.write(central_header(fields, crc, compressed, size, offset))
-        self.output.write(end_records(len(self.deflated), self.output.position - start, start))
-        self.deflated.clear()
+        self.output.write(end_records(len(self.written), self.output.position - start, start))
+        self.written.clear()
 
 
 class _Blocks:

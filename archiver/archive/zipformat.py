@@ -102,6 +102,21 @@ def deflate_bound(size: int) -> int:
     return size + (size >> 12) + (size >> 14) + (size >> 25) + 13
 
 
+def stored_when_deflating(size: int) -> bool:
+    """Whether a file of ``size`` bytes is stored, not deflated, in a deflated archive: from 0xFFFFFFFF less ~1.3 MB on.
+
+    Deflated, such a file's data might pass 0xFFFFFFFF bytes though the file
+    does not, so its local header would carry ZIP64 sizes (``uses_zip64``),
+    and its data descriptor 8-byte sizes, as 4.3.9.2 allows.  Java's
+    ``ZipInputStream`` before JDK 21 (JDK-8303866) and Android's read 8-byte
+    sizes only after more than 0xFFFFFFFF bytes, and failed on it ("invalid
+    entry size"; found by helper 35).  Stored, its sizes are known before its
+    data: no data descriptor, and ZIP64 only at 0xFFFFFFFF itself, where every
+    reader expects it.
+    """
+    return size <= FIELD_LIMIT and deflate_bound(size) >= FIELD_LIMIT
+
+
 def uses_zip64(fields: EntryFields, size: int) -> bool:
     """Whether an entry's local header (and its data descriptor) carry 8-byte sizes.
 

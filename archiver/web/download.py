@@ -75,9 +75,12 @@ class ArchiveBody(ResponseBody):
         else:
             self._start, self._end = 0, -1  # deflated: all of it, length unknown
         # Stored archives: the CRCs the bytes hold, read ahead of the producer where the index lacks them.
+        # Deflated ones: those of their stored entries (files just under 4 GiB), if any.
         self._crcs = None
         if plan.length is not None:
             self._crcs = CrcSource(plan, plan.crc_entries(self._start, self._end), crc_index)
+        elif stored := plan.entries_stored_when_deflating():
+            self._crcs = CrcSource(plan, stored, crc_index)
         # Who asked (for the fair share of the job slots), and how long one
         # chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
