@@ -804,6 +804,21 @@ def download_to_file(service: Service, name: str, target: Path) -> int:
         return file.tell()
 
 
+def huge_archive(
+    service: Service, name: str, tree: dict[str, int | bytes], tmp_path: Path, free: int
+) -> tuple[Path, Path, int]:
+    """A sparse album ``name`` of ``tree`` and its archive downloaded (holes kept): album, archive, length.
+
+    Skipped with less than ``free`` bytes free for the archive's written parts.
+    """
+    if shutil.disk_usage(tmp_path).free < free:
+        pytest.skip(f"less than {free / 10**9:.0f} GB free for a sparse archive of {name}")
+    album = service.storage / name
+    make_sparse_album(album, tree)
+    archive = tmp_path / f"{name}.zip"
+    return album, archive, download_to_file(service, name, archive)
+
+
 def file_crc(path: Path) -> int:
     crc = 0
     with open(path, "rb") as file:
@@ -844,13 +859,8 @@ def test_archives_over_4_gib_are_read_by_every_reader(
     Streamed to disk, never held: zipfile, unzip -t, 7z t, Java (ZipInputStream from a pipe, ZipFile) and
     stream-unzip read every entry; a range near the end and one across the boundary are slices of it.
     """
-    if shutil.disk_usage(tmp_path).free < 12 * 10**9:
-        pytest.skip("less than 12 GB free for a 9 GB archive")
     service = services["stored"]
-    album = service.storage / "huge"
-    make_sparse_album(album, HUGE_TREE)
-    archive = tmp_path / "huge.zip"
-    size = download_to_file(service, album.name, archive)
+    album, archive, size = huge_archive(service, "huge", HUGE_TREE, tmp_path, free=12 * 10**9)
     status, head, _ = http11_request(service.address, "HEAD", service.path(album.name).encode(), [])
     assert (status, int(head["content-length"])) == (200, size)
     check_planned_records(archive, album)
@@ -891,13 +901,8 @@ def test_deflated_archives_with_files_just_under_4_gib_are_read_by_java_and_ever
     """
     assert zipformat.stored_when_deflating(FIRST_STORED_WHEN_DEFLATING)
     assert not zipformat.stored_when_deflating(FIRST_STORED_WHEN_DEFLATING - 1)
-    if shutil.disk_usage(tmp_path).free < 4 * 10**9:
-        pytest.skip("less than 4 GB free for an 8.6 GB archive, mostly holes")
     service = services["deflate"]
-    album = service.storage / "huge_deflated"
-    make_sparse_album(album, DEFLATED_HUGE_TREE)
-    archive = tmp_path / "huge.zip"
-    download_to_file(service, album.name, archive)
+    album, archive, _ = huge_archive(service, "huge_deflated", DEFLATED_HUGE_TREE, tmp_path, free=4 * 10**9)
     with zipfile.ZipFile(archive) as opened:
         methods = {info.filename: info.compress_type for info in opened.infolist()}
     assert methods == {
