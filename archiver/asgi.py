@@ -1,13 +1,19 @@
 """The app for ``hypercorn --config hypercorn.toml archiver.asgi:app``, set up from ARCHIVER_* variables."""
 
-from .config import Settings
+import sys
+
+from .config import Settings, SettingsError
 from .fences import hypercorn_signals
 from .logs import configure_logging
 from .web.app import create_app
 
-settings = Settings.from_env()
-configure_logging(settings.verbose)
-app = create_app(settings)
+try:
+    settings = Settings.from_env()
+    configure_logging(settings.verbose)
+    app = create_app(settings)
+except SettingsError as error:
+    # One line, as the CLI launch says it, not the traceback of Hypercorn's import of this module.
+    sys.exit(f"archiver: {error}")
 
 # SIGTERM, SIGINT and SIGHUP shut Hypercorn down gracefully when it runs the app in its own process (workers = 0).
 hypercorn_signals.install()

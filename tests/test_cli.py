@@ -151,6 +151,16 @@ def test_help_documents_every_flag() -> None:
         assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", result.stdout), flag
 
 
+def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
+    # Helper 34: the traceback of Hypercorn's import of archiver.asgi.
+    hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+    command = [hypercorn, "--config", "hypercorn.toml", "--bind", "127.0.0.1:0", "archiver.asgi:app"]
+    env = {**os.environ, "ARCHIVER_MAX_JOBS": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "archiver: max_jobs must be positive, rate_limit and shutdown_grace not negative"
+
+
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
