@@ -8,7 +8,6 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -21,6 +20,10 @@ ENV_PREFIX = "ARCHIVER_"
 # The most one download may buffer: 16 chunks of 16 MiB.  The defaults are 512 KiB and 1.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 MAX_CHANNEL_CAPACITY = 16
+# A pause between chunks (to try slow links) of more would stop a download for good.
+MAX_DELAY = 60.0
+# Less, and a request would be given up on before any storage could answer.
+MIN_STORAGE_TIMEOUT = 0.1
 
 
 class SettingsError(ValueError):
@@ -102,8 +105,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
             raise SettingsError(f"compression must be 0..9, not {self.compression}")
-        if not (math.isfinite(self.delay) and self.delay >= 0):  # NaN or inf: every download would hang or fail
-            raise SettingsError(f"delay must be a number of seconds, 0 or more, not {self.delay}")
+        if not 0 <= self.delay <= MAX_DELAY:  # NaN too; more, and a download would stop for good (helper 36)
+            raise SettingsError(f"delay must be 0..{MAX_DELAY:.0f} seconds, not {self.delay}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be 0..65535, not {self.port}")
         if self.max_jobs < 1 or self.rate_limit < 0 or not self.shutdown_grace >= 0:  # NaN too (inf: wait for all)
@@ -114,8 +117,10 @@ class Settings:
                 f"chunk_size must be 1..{MAX_CHUNK_SIZE} and channel_capacity 0..{MAX_CHANNEL_CAPACITY}, "
                 f"not {self.chunk_size} and {self.channel_capacity}"
             )
-        if not self.storage_timeout > 0:  # NaN too: it would never fire
-            raise SettingsError(f"storage_timeout must be positive, not {self.storage_timeout}")
+        if (
+            not self.storage_timeout >= MIN_STORAGE_TIMEOUT
+        ):  # NaN too (it would never fire); 1e-300, every request a 503
+            raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
         if not self.stall_timeout > 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
             raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
         try:
@@ -125,14 +130,18 @@ class Settings:
         ascii_bytes = bytes(range(128))
         try:
             # A text encoding (codecs.lookup would also take rot13 or hex) that reads ASCII as ASCII: in
-            # EBCDIC (cp037) or UTF-7 a name's bytes could read as "../" (found by helper 35).
-            ascii_kept = ascii_bytes.decode(self.name_encoding) == ascii_bytes.decode("ascii")
+            # EBCDIC (cp037) or UTF-7 a name's bytes could read as "../" (found by helper 35); and that
+            # can put U+FFFD for what it cannot read (idna cannot: every such album a 500; helper 36).
+            usable = ascii_bytes.decode(self.name_encoding) == ascii_bytes.decode("ascii")
+            bytes(range(128, 256)).decode(self.name_encoding, errors="replace")
         except LookupError:
             raise SettingsError(f"name_encoding: {self.name_encoding!r} is not an encoding (e.g. cp1251)") from None
-        except UnicodeDecodeError:
-            ascii_kept = False
-        if not ascii_kept:
-            raise SettingsError(f"name_encoding: {self.name_encoding!r} does not read ASCII as ASCII (e.g. cp1251)")
+        except UnicodeError:  # punycode, undefined
+            usable = False
+        if not usable:
+            raise SettingsError(
+                f"name_encoding: {self.name_encoding!r} cannot read names (ASCII as ASCII, others or U+FFFD)"
+            )
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)

@@ -40,6 +40,8 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_SHUTDOWN_GRACE", "nan"),
         ("ARCHIVER_CHUNK_SIZE", "99999999999"),
         ("ARCHIVER_CHANNEL_CAPACITY", "1000000"),
+        ("ARCHIVER_DELAY", "1e308"),  # helper 36
+        ("ARCHIVER_STORAGE_TIMEOUT", "1e-300"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
@@ -57,6 +59,9 @@ def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> No
         ("name_encoding", "cp037"),
         ("name_encoding", "utf-7"),
         ("name_encoding", "utf-16"),
+        ("name_encoding", "idna"),  # cannot replace what it cannot read (helper 36)
+        ("name_encoding", "punycode"),
+        ("name_encoding", "undefined"),
     ],
 )
 def test_a_zone_or_name_encoding_the_service_cannot_use_fails_at_start(field: str, value: str) -> None:

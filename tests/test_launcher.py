@@ -77,7 +77,7 @@ async def test_the_forked_producer_holds_its_pipes_only_and_its_signals_are_a_fr
     with open(f"/proc/{forked.pid}/status") as status:
         fields = dict(line.split(":\t", 1) for line in status.read().splitlines())
     ignored = int(fields["SigIgn"], 16)
-    assert not ignored & (1 << (signal.SIGTERM - 1)) and not ignored & (1 << (signal.SIGINT - 1))
+    assert not any(ignored & (1 << (signum - 1)) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     await forked.stdin.send_all(producer_program.DONE)
     await forked.stdin.aclose()
     assert await forked.stdout.receive_some() == b""
@@ -104,10 +104,11 @@ async def test_a_killed_program_is_reaped_and_reported_as_killed() -> None:
     started.kill()  # once gone, a kill is no error (and hits no other process: the pidfd is closed)
 
 
-async def test_the_launcher_ignores_sigterm_and_sigint_but_its_programs_do_not() -> None:
-    # A terminal's Ctrl-C and a stop of the whole group reach the launcher too: the service decides.
+async def test_the_launcher_ignores_sigterm_sigint_and_sighup_but_its_programs_do_not() -> None:
+    # A terminal's Ctrl-C and hang-up and a stop of the whole group reach the launcher too: the service
+    # decides (SIGHUP killed it, and the service logged ERRORs and started another; helper 36).
     started_by = await launcher.current()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         os.kill(started_by.process.pid, signum)
         started = await started_by.start(SLEEPER)
         os.kill(started.pid, signum)  # its dispositions are the defaults again

@@ -30,8 +30,10 @@ per message:
 
 The end of the socket (the service closed it, or died) kills every producer
 still running and ends the launcher (a launcher it started ends as its own
-socket does: the service holds that too).  SIGINT and SIGTERM are ignored (a
-terminal's Ctrl-C, systemd's stop of the whole group), and each program
+socket does: the service holds that too).  SIGINT, SIGTERM and SIGHUP are
+ignored (a terminal's Ctrl-C and hang-up, systemd's stop of the whole group:
+the service stops gracefully on each, and needs its launcher meanwhile;
+found by helper 36), and each program
 started is a process group of its own, out of reach of a signal to the
 service's group: the service decides when its producers end.  Standard library only (and ``producer_program``).
 """
@@ -47,9 +49,11 @@ import sys
 
 from archiver.archive import producer_program
 
-# Signals a started program gets back at their defaults: the two ignored here, and those
+# Signals ignored here: what stops the service (it stops gracefully, its launcher still needed).
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals a started program gets back at their defaults: those ignored here, and those
 # Python ignores for itself (as subprocess.Popen's restore_signals does).
-RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
+RESTORED_SIGNALS = (*IGNORED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ)
 # A forked producer's name (ps, top; /proc/<pid>/comm): its command line is this program's.
 PRODUCER_NAME = "producer"
 REQUEST_BYTES = 64 * 1024
@@ -153,6 +157,7 @@ def _fork_producer(child_ends: list[int]) -> int:
         os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
             comm.write(PRODUCER_NAME)
         status = producer_program.main()
@@ -205,8 +210,8 @@ def serve(control: socket.socket) -> None:
 
 def main() -> int:
     """Serve the socket on stdin; named (``ps -e``, ``pgrep -x``) by its role, the last argument if any."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for ignored in IGNORED_SIGNALS:
+        signal.signal(ignored, signal.SIG_IGN)
     if len(sys.argv) > 1:
         with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
             comm.write(sys.argv[-1])
