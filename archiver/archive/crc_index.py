@@ -94,10 +94,10 @@ class CrcIndex:
         if self.store is not None:
             self.store.put(key, crc)
 
-    def flush(self) -> None:
-        """Write what the store has batched (after a download's or an album's CRCs)."""
+    def flush(self, *, wait: bool = True) -> None:
+        """Write what the store has batched (after a download's or an album's CRCs); ``wait``: as ``CrcStore.flush``."""
         if self.store is not None:
-            self.store.flush()
+            self.store.flush(wait=wait)
 
     def _remember(self, key: FileKey, crc: int) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 from trio_util import AsyncValue  # type: ignore[attr-defined]
@@ -107,7 +108,8 @@ class CrcSource:
                     self._racy.add(self._entries[position])
                 position += 1
             self._ready.value = position
-        await trio.to_thread.run_sync(self.index.flush, abandon_on_cancel=True)
+        # Not behind another download's write (waiting on another process's lock): its rows go with the next.
+        await trio.to_thread.run_sync(partial(self.index.flush, wait=False), abandon_on_cancel=True)
 
     def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
         """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""

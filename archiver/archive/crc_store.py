@@ -47,27 +47,42 @@ CREATE TABLE IF NOT EXISTS crc_v3 (
 
 
 class CrcStore:
-    """CRCs in an SQLite file, safe to use from several threads; writes are batched."""
+    """CRCs in an SQLite file, safe to use from several threads; writes are batched.
 
-    def __init__(self, path: Path) -> None:
+    Lookups and writes use a connection each: in WAL mode a read never waits
+    for a writer, so a write waiting out ``busy_timeout`` (seconds) on another
+    process's lock (an operator's ``sqlite3`` mid-transaction, ``archiver
+    index``) holds up no lookup; before, every download's lookups queued
+    behind such writes, 5 s each (found by helper 36).
+    """
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        self._lock = threading.Lock()
+        self._writer = _connect(path, busy_timeout)
+        try:
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._writer.execute("PRAGMA synchronous=NORMAL")
+            self._writer.execute(_SCHEMA)
+            self._reader = _connect(path, busy_timeout)
+        except BaseException:
+            self._writer.close()
+            raise
+        self._read_lock = threading.Lock()  # the reader connection's
+        self._write_lock = threading.Lock()  # the writer connection's: a write at a time
+        self._pending_lock = threading.Lock()
         self._pending: list[tuple[int, int, int, int, int, int]] = []
         # Rows that could not be written, in all (``archiver index`` fails if any).
         self.unwritten = 0
+        self._warning_lock = threading.Lock()
         self._quiet_until = -float("inf")
         self._quieted = 0
 
     def get(self, key: FileKey) -> int | None:
         if not _storable(key):
             return None
-        with self._lock:
+        with self._read_lock:
             try:
-                row = self._db.execute(
+                row = self._reader.execute(
                     "SELECT crc FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
                 ).fetchone()
             except sqlite3.Error as error:
@@ -78,45 +93,59 @@ class CrcStore:
     def put(self, key: FileKey, crc: int) -> None:
         if not _storable(key):
             return
-        with self._lock:
+        with self._pending_lock:
             self._pending.append((*key, crc))
-            if len(self._pending) >= WRITE_BATCH:
-                self._write()
+            full = len(self._pending) >= WRITE_BATCH
+        if full:
+            self.flush(wait=False)
 
-    def flush(self) -> None:
-        with self._lock:
-            self._write()
+    def flush(self, *, wait: bool = True) -> None:
+        """Write the rows put so far.  ``wait=False``: not while another thread writes (they stay for the next)."""
+        if not self._write_lock.acquire(blocking=wait):
+            return
+        try:
+            with self._pending_lock:
+                rows, self._pending = self._pending, []
+            if rows:
+                self._write(rows)
+        finally:
+            self._write_lock.release()
 
     def count(self) -> int:
-        with self._lock:
-            self._write()
-            return int(self._db.execute("SELECT count(*) FROM crc_v3").fetchone()[0])
+        self.flush()
+        with self._read_lock:
+            return int(self._reader.execute("SELECT count(*) FROM crc_v3").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
-        with self._lock:
-            self._db.close()
+        with self._write_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
 
-    def _write(self) -> None:
-        if self._pending:
-            rows, self._pending = self._pending, []
-            try:
-                with self._db:
-                    self._db.execute("BEGIN")
-                    self._db.executemany("INSERT OR REPLACE INTO crc_v3 VALUES (?, ?, ?, ?, ?, ?)", rows)
-            except sqlite3.Error as error:
-                self.unwritten += len(rows)
-                self._warn(f"{len(rows)} rows not written: {error}")
+    def _write(self, rows: list[tuple[int, int, int, int, int, int]]) -> None:
+        """Under ``_write_lock``: the rows in one transaction, or counted as unwritten with a warning."""
+        try:
+            with self._writer:
+                self._writer.execute("BEGIN")
+                self._writer.executemany("INSERT OR REPLACE INTO crc_v3 VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as error:
+            self.unwritten += len(rows)
+            self._warn(f"{len(rows)} rows not written: {error}")
 
     def _warn(self, message: str) -> None:
-        """Log ``message`` as a warning unless one was logged in the last WARNING_INTERVAL s (under ``_lock``)."""
-        now = time.monotonic()
-        if now < self._quiet_until:
-            self._quieted += 1
-            return
-        quieted = f" ({self._quieted} more such failures since the last line)" if self._quieted else ""
+        """Log ``message`` as a warning unless one was logged in the last WARNING_INTERVAL s."""
+        with self._warning_lock:
+            now = time.monotonic()
+            if now < self._quiet_until:
+                self._quieted += 1
+                return
+            quieted = f" ({self._quieted} more such failures since the last line)" if self._quieted else ""
+            self._quiet_until, self._quieted = now + WARNING_INTERVAL, 0
         logger.warning("CRC index: %s%s", message, quieted)
-        self._quiet_until, self._quieted = now + WARNING_INTERVAL, 0
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    return sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
 
 
 def _storable(key: FileKey) -> bool:

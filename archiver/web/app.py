@@ -110,6 +110,9 @@ def prepare_archive(
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
+SERVICE_BUSY_TIMEOUT = 1.0
+
+
 def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | None:
     """The CRC index's file (ARCHIVER_INDEX), or None to keep it in memory.
 
@@ -121,7 +124,9 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
     if not settings.index_path:
         return None
     try:
-        return CrcStore(Path(settings.index_path))
+        # The service's writes wait 1 s at most on another process's lock (the CRCs are only lost
+        # for the next start); ``archiver index``'s, SQLite's usual 5 s.
+        return CrcStore(Path(settings.index_path), busy_timeout=5.0 if required else SERVICE_BUSY_TIMEOUT)
     except (sqlite3.Error, OSError) as error:
         if required:
             raise SettingsError(f"index {settings.index_path!r}: {error}") from None
@@ -193,6 +198,11 @@ def create_app(settings: Settings) -> QuartTrio:
     async def start_launcher() -> None:
         # Before any storage file is opened: the spawner and launcher must hold none (``archive.launcher``).
         await launcher.start()
+
+    @app.after_serving
+    async def write_the_last_crcs() -> None:
+        # Rows a download's end left for the next (another was writing): given up on after SERVICE_BUSY_TIMEOUT.
+        await trio.to_thread.run_sync(crc_index.flush, abandon_on_cancel=True)
 
     @app.after_serving
     async def report_lingering_producers() -> None:
