@@ -776,12 +776,17 @@ HUGE_TREE: dict[str, int | bytes] = {
 
 
 def make_sparse_album(album: Path, tree: dict[str, int | bytes]) -> None:
+    """Files of ``tree``: its bytes, or that many bytes, sparse, after a few that are not zeros.
+
+    Not zeros only: the CRC-32 of 0xFFFFFFFF zero bytes is 0, which a CRC field left at 0 would match.
+    """
     album.mkdir()
     for name, content in tree.items():
         with open(album / name, "wb") as file:
             if isinstance(content, bytes):
                 file.write(content)
             else:
+                file.write(name.encode())
                 file.truncate(content)
 
 
