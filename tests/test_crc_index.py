@@ -19,6 +19,7 @@ import pytest
 import trio
 
 import archiver.archive.crc_reads as crc_reads_module
+from archiver.archive import launcher
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_reads import FileChanged, file_crc
 from archiver.archive.crc_source import CrcSource
@@ -32,6 +33,8 @@ from archiver.config import Settings
 from .conftest import files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album
+from .test_failures import held_launcher
+from .test_observability import samples
 
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
 
@@ -455,3 +458,30 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
     assert read_archive(whole.content) == files
     assert b"when closed after reading" in bytes(album.server.output)
     assert b"Traceback" not in bytes(album.server.output)
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_download_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The test above meets either order of the CRC's failure and the producer's start; here the
+    # producer never starts.  The 500 used to go out with no line and no outcome.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    write_tree(source, {"a.jpg": os.urandom(1000)})
+    storage.mkdir()
+    settings = Settings(storage_dir=storage, host="127.0.0.1", port=0, trusted_fuse=("fuse",))
+    async with (
+        gated_mount(source, storage / "album", gate),
+        running_server(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        monkeypatch.setattr(launcher, "current", held_launcher)  # after the start-up's own start of it
+        (tmp_path / "gate-fail-closes").touch()
+        response = await client.get("/archive/album/")
+        (tmp_path / "gate-fail-closes").unlink()
+        figures = samples((await client.get("/metrics")).text)
+    assert response.status_code == 500
+    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
+    assert figures["archiver_downloads_in_flight"] == 0
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("download album for" in m and "Input/output error when closed after reading" in m for m in failures)

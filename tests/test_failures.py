@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 from zlib_ng import zlib_ng
 
+from archiver.archive import launcher
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
 from archiver.web.pages import MESSAGES, STORAGE_SILENT
@@ -104,6 +106,29 @@ async def test_producer_failing_before_its_first_byte_is_500(
         response = await client.get("/archive/album/")
     assert response.status_code == 500
     assert response.text.strip() == MESSAGES[500].sentence
+
+
+async def held_launcher() -> NoReturn:
+    """``launcher.current`` for a fork that never comes back (a machine out of memory): a producer never starts."""
+    await trio.sleep_forever()
+
+
+async def test_a_client_leaving_while_its_producer_starts_is_a_download_logged_and_counted(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, protocol: str
+) -> None:
+    # Ended before the producer had started, a download used to leave no line and no outcome.
+    caplog.set_level(logging.INFO, "archiver")
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as observer:
+        monkeypatch.setattr(launcher, "current", held_launcher)  # after the start-up's own start of it
+        async with make_client(url, protocol) as client:
+            with trio.move_on_after(0.5):  # the client gives up; when does not matter
+                await client.get("/archive/album/")
+        figures = await finished_downloads(observer, 1)
+    assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
+    assert figures["archiver_downloads_in_flight"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "archiver.web.download"]
+    assert any(line.startswith("download album for 127.0.0.1: client disconnected, 0 bytes sent") for line in lines)
 
 
 async def test_producer_gone_at_request_time_is_503(

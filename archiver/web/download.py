@@ -21,7 +21,7 @@ from quart.wrappers.response import ResponseBody
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
-from ..archive.producer import produce
+from ..archive.producer import ProducerUnavailable, produce
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, TokenBucket
 from .metrics import DownloadMetrics
@@ -123,10 +123,25 @@ class ArchiveBody(ResponseBody):
             try:
                 if not await self._nursery_manager.__aexit__(type(error), error, error.__traceback__):
                     raise
+            except BaseException as failure:
+                self._finish_before_start(failure)
+                raise
             finally:
                 self._release_slots()
         self.metrics.download_started(self.plan.count, self.plan.total_size)
         return self
+
+    def _finish_before_start(self, failure: BaseException) -> None:
+        """Log and count a download that ended before its producer had started, but for a refusal.
+
+        A cold CRC read fails (FileChanged) or the client leaves while the
+        producer is being forked: a download like any, with its line and its
+        outcome.  ProducerUnavailable is a refusal, logged as one by the caller.
+        """
+        if isinstance(first_failure(failure), ProducerUnavailable):
+            return
+        self.metrics.download_started(self.plan.count, self.plan.total_size)
+        self._finish(*_outcome(failure))
 
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
         await produce(
