@@ -481,7 +481,7 @@ async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given
     # answers, the next download starts another spawner and launcher.
     async with crc_reader_stuck(tmp_path) as (album, other):
         server, client, gate = album.server, album.client, album.gate
-        _kill_spawner_and_launcher(server)
+        await _kill_spawner_and_launcher(server)
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_until_producer_unavailable, client)  # while the start waits: past 2 s
@@ -508,11 +508,24 @@ async def _until_producer_unavailable(client: httpx.AsyncClient) -> None:
             await trio.sleep(0.1)
 
 
-def _kill_spawner_and_launcher(server: Launched) -> None:
+async def _kill_spawner_and_launcher(server: Launched) -> None:
+    """Kill both, and wait until the service has seen both ends: the next launcher's start is a fork of the service.
+
+    The launcher first: killed second, it could have started another spawner in
+    between, at the service's request once it saw the spawner's end (a loaded
+    machine may deschedule this process between two kills).
+    """
     (spawner,) = spawner_processes(server.process.pid)
     (launcher,) = launcher_processes(server.process.pid)
-    os.kill(spawner.pid, signal.SIGKILL)
     os.kill(launcher.pid, signal.SIGKILL)
+    os.kill(spawner.pid, signal.SIGKILL)
+    with trio.fail_after(10):
+        # Else a download could still try the dead launcher: a 503 at once, not the start it is to meet.
+        while not all(
+            b"%s exited" % name in bytes(server.output)
+            for name in (b"the launchers' spawner", b"the producers' launcher")
+        ):
+            await trio.sleep(0.02)
 
 
 def _children(pid: int) -> list[int]:
@@ -600,7 +613,7 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
     # copy of the service stuck).
     async with crc_reader_stuck(tmp_path) as (album, other):
         server, client, gate = album.server, album.client, album.gate
-        _kill_spawner_and_launcher(server)
+        await _kill_spawner_and_launcher(server)
         with pytest.raises(httpx.ReadTimeout):
             await client.get("/archive/other/", timeout=1.5)  # the client leaves mid-restart
         started = trio.current_time()
