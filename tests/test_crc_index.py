@@ -33,7 +33,7 @@ from archiver.config import Settings
 from .conftest import files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album
-from .test_failures import held_launcher
+from .test_failures import HeldLauncher
 from .test_observability import samples
 
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
@@ -475,7 +475,7 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
         running_server(settings) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
-        monkeypatch.setattr(launcher, "current", held_launcher)  # after the start-up's own start of it
+        monkeypatch.setattr(launcher, "current", HeldLauncher())  # after the start-up's own start of it
         (tmp_path / "gate-fail-closes").touch()
         response = await client.get("/archive/album/")
         (tmp_path / "gate-fail-closes").unlink()

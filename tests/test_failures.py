@@ -108,9 +108,18 @@ async def test_producer_failing_before_its_first_byte_is_500(
     assert response.text.strip() == MESSAGES[500].sentence
 
 
-async def held_launcher() -> NoReturn:
-    """``launcher.current`` for a fork that never comes back (a machine out of memory): a producer never starts."""
-    await trio.sleep_forever()
+class HeldLauncher:
+    """``launcher.current`` for a fork that never comes back (a machine out of memory): no producer starts.
+
+    ``asked`` is set once a download has asked for it.
+    """
+
+    def __init__(self) -> None:
+        self.asked = trio.Event()
+
+    async def __call__(self) -> NoReturn:
+        self.asked.set()
+        await trio.sleep_forever()
 
 
 async def test_a_client_leaving_while_its_producer_starts_is_a_download_logged_and_counted(
@@ -119,11 +128,13 @@ async def test_a_client_leaving_while_its_producer_starts_is_a_download_logged_a
     # Ended before the producer had started, a download used to leave no line and no outcome.
     caplog.set_level(logging.INFO, "archiver")
     write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    held = HeldLauncher()
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as observer:
-        monkeypatch.setattr(launcher, "current", held_launcher)  # after the start-up's own start of it
-        async with make_client(url, protocol) as client:
-            with trio.move_on_after(0.5):  # the client gives up; when does not matter
-                await client.get("/archive/album/")
+        monkeypatch.setattr(launcher, "current", held)  # after the start-up's own start of it
+        async with make_client(url, protocol) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(client.get, "/archive/album/")
+            await held.asked.wait()
+            nursery.cancel_scope.cancel()  # the client leaves
         figures = await finished_downloads(observer, 1)
     assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
     assert figures["archiver_downloads_in_flight"] == 0
