@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import free_port, http11_request, make_client, write_tree
+from .conftest import http11_request, make_client, write_tree
 from .test_cli import Launched, launched
 
 # Hypercorn's default format: ... "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"
@@ -39,7 +39,7 @@ async def logged(server: Launched, path: str, count: int = 1) -> list[dict[str, 
 
 @pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
 async def test_one_access_line_per_request_with_real_status_and_bytes(log_storage: Path, protocol: str) -> None:
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(log_storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
     async with launched(command) as server, make_client(server.url, protocol) as client:
         complete = await client.get("/archive/small/")
         assert [(line["status"], line["bytes"]) for line in await logged(server, "/archive/small/")] == [
@@ -65,7 +65,7 @@ async def test_one_access_line_per_request_with_real_status_and_bytes(log_storag
 
 async def test_clients_that_close_at_once_are_logged_with_their_status(log_storage: Path) -> None:
     # Like curl: one request a connection, closed as soon as the response is in.
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(log_storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
     async with launched(command) as server:
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
         # Ten each: the race (the client closing while the headers of a response without a body

@@ -31,7 +31,6 @@ from archiver.config import Settings
 from .conftest import (
     PROTOCOLS,
     files_on_disk,
-    free_port,
     launcher_processes,
     make_client,
     process_state,
@@ -59,7 +58,7 @@ def attacked_storage(large_storage: Path) -> Path:
 @asynccontextmanager
 async def archiver_process(storage: Path, **settings: str) -> AsyncIterator[Launched]:
     """``python -m archiver`` on a free loopback port, with ARCHIVER_* ``settings``."""
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(storage)]
     env = {f"ARCHIVER_{name.upper()}": value for name, value in settings.items()}
     async with launched(command, env) as server:
         yield server
@@ -440,7 +439,7 @@ async def wait_for_close(stream: trio.SocketStream) -> None:
 async def test_idle_http2_flood_is_closed_and_leaves_descriptors_for_downloads(
     attacked_storage: Path, descriptors: int, max_jobs: int, connections: int
 ) -> None:
-    port = free_port()
+    port = 0  # the kernel's choice: the URL is read from the "Running on" line
     # The server under a descriptor limit, as systemd's LimitNOFILE sets it.
     command = [
         sys.executable,
@@ -603,7 +602,7 @@ async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_grace(
     # With workers (a second review), Hypercorn's master stops them by an event, not a signal: a
     # worker holding such a reader waited for its stall timeout, and a worker that has ended gets
     # the master's SIGTERM, so one non-reader in each worker is the case that shows it.
-    command, env = launch_command(launch, free_port(), grace=1)
+    command, env = launch_command(launch, 0, grace=1)
     env |= {"ARCHIVER_DIR": str(attacked_storage), "ARCHIVER_STALL_TIMEOUT": "60"}
     async with launched(command, env) as server:
         pid = server.process.pid
@@ -622,7 +621,7 @@ async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_grace(
 async def test_a_reload_of_hypercorn_workers_is_a_stop_within_grace_and_a_start(attacked_storage: Path) -> None:
     # SIGHUP to Hypercorn's master stops every worker (the same event as a stop), waits for them
     # all, and starts new ones: not a rolling restart. Clients that stopped reading must not hold it.
-    command, env = launch_command(WORKERS_LAUNCH, free_port(), grace=1)
+    command, env = launch_command(WORKERS_LAUNCH, 0, grace=1)
     env |= {"ARCHIVER_DIR": str(attacked_storage), "ARCHIVER_STALL_TIMEOUT": "60"}
     async with launched(command, env) as server:
         master = server.process.pid

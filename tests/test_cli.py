@@ -103,7 +103,7 @@ async def test_console_script_serves_sample_data() -> None:
 
 
 async def test_verbose_logs_a_line_a_chunk() -> None:
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", "data", "-v"]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", "data", "-v"]
     async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
         whole = await client.get(f"/archive/{SAMPLE_ALBUM}/")
         await client.get("/archive/no-such-album/")
@@ -200,7 +200,7 @@ def test_bad_settings_fail_fast_with_a_message(arguments: list[str], environment
 async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_process() -> None:
     # One process a core (README, Deploying; the benchmark's "Hypercorn workers"): each worker
     # is a whole service, with its own spawner and launcher, and a stop ends them all.
-    command, env = launch_command(WORKERS_LAUNCH, free_port(), grace=5)
+    command, env = launch_command(WORKERS_LAUNCH, 0, grace=5)
     async with launched(command, env | {"ARCHIVER_DIR": "data"}) as server:
         master = server.process.pid
         # Each worker starts its own spawner (a child of its own: no worker leans on another's) and launcher.
@@ -278,7 +278,7 @@ async def test_shutdown_lets_downloads_finish_within_grace(
     # Twice: a second signal during the grace period (a supervisor's repeat, a second Ctrl-C; with
     # workers, Hypercorn's master sends a SIGTERM after its shutdown event) is ignored.  SIGINT and
     # SIGHUP under the hypercorn launch were a KeyboardInterrupt and an instant end (helper 34).
-    command, env = launch_command(launch, free_port(), grace=10)
+    command, env = launch_command(launch, 0, grace=10)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "0.02"}
     async with launched(command, env) as server:
         async with make_client(server.url, "HTTP/1.1") as client, client.stream("GET", "/archive/album/") as response:
@@ -299,7 +299,7 @@ async def test_shutdown_lets_downloads_finish_within_grace(
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
 async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_producer(tmp_path: Path, launch: str) -> None:
-    command, env = launch_command(launch, free_port(), grace=1)
+    command, env = launch_command(launch, 0, grace=1)
     env |= slow_album(tmp_path) | {"ARCHIVER_DELAY": "1"}
     async with launched(command, env) as server, make_client(server.url, "HTTP/1.1") as client:
         with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
@@ -334,7 +334,7 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
 async def test_fatal_error_exits_non_zero_and_says_so(launch: str) -> None:
-    command, env = launch_command(launch, free_port(), grace=1)
+    command, env = launch_command(launch, 0, grace=1)
     module = "archiver" if launch == "archiver" else "hypercorn"
     arguments = command[3:] if launch == "archiver" else command[1:]
     injected = [sys.executable, "-c", INJECTED_FAILURE, module, *arguments]

@@ -24,7 +24,7 @@ import trio
 
 from archiver.archive.producer import MAX_LINGERING
 
-from .conftest import free_port, launcher_processes, producer_processes, read_archive, spawner_processes
+from .conftest import launcher_processes, producer_processes, read_archive, spawner_processes
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
@@ -85,7 +85,7 @@ async def served_gated_album(
     storage.mkdir()
     for name, data in files.items():
         (source / name).write_bytes(data)
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     # The mount inside the server's lifetime: its end opens the gate first, so that a server
     # stuck on the storage (the fault these tests are about) can be stopped.
     async with (
@@ -288,7 +288,7 @@ async def test_a_slow_walk_and_slow_opens_are_no_hang(tmp_path: Path) -> None:
 async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path: Path) -> None:
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     async with (
         gated_mount(source, storage, gate),  # the whole storage is the mount
         launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as server,  # /healthz waits as long, if below 2 s
@@ -544,7 +544,7 @@ async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     (source / "album").mkdir(parents=True)
     (source / "album" / "a.jpg").write_bytes(b"a")
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", str(free_port())]
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     async with gated_mount(source, storage, gate):
         gate.write_text("metadata")
         with trio.fail_after(15):

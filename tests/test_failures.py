@@ -27,7 +27,6 @@ from archiver.web.pages import MESSAGES, STORAGE_SILENT
 from .conftest import (
     PROTOCOLS,
     files_on_disk,
-    free_port,
     make_client,
     producer_children,
     read_archive,
@@ -366,7 +365,7 @@ async def test_an_album_that_cannot_be_listed_whole_is_refused_never_sent_in_par
         "-c",
         "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
         "os.execv(sys.executable, [sys.executable, '-m', 'archiver', *sys.argv[1:]])",
-        *("-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)),
+        *("-H", "127.0.0.1", "-P", "0", "-D", str(storage)),
     ]
     async with launched(command) as server:
         for protocol in PROTOCOLS:

@@ -17,7 +17,6 @@ import trio
 from archiver.archive import launcher, launcher_program, producer_program
 
 from .conftest import (
-    free_port,
     launcher_processes,
     parent_pid,
     process_state,
@@ -241,7 +240,7 @@ async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(
     # The launcher sees its socket end when the service dies, whatever killed it, and kills
     # the producers it started.
     write_tree(tmp_path / "storage" / "album", {f"{index}.jpg": os.urandom(4 << 20) for index in range(16)})
-    port = free_port()
+    port = 0  # the kernel's choice: the URL is read from the "Running on" line
     command = [sys.executable, "-m", "archiver", "-D", str(tmp_path / "storage"), "-H", "127.0.0.1", "-P", str(port)]
     async with (
         launched(command) as server,

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import free_port, make_client, running_server, wait_until_no_producer_children, write_tree
+from .conftest import make_client, running_server, wait_until_no_producer_children, write_tree
 from .test_cli import launched
 
 
@@ -117,7 +117,7 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     """Names are the uploaders': a line break or a terminal escape in one is escaped in the service's log."""
     write_tree(storage / "album", {"ok.jpg": b"ok", "evil\x1b[2J.jpg": b"escape"})
     (storage / "album" / "x\n2026-12-01 00:00:00,000 ERROR archiver: forged").write_bytes(b"left out")
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(free_port()), "-D", str(storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(storage)]
     async with launched(command) as server, make_client(server.url, "HTTP/1.1") as client:
         response = await client.get("/archive/album/")
         assert response.status_code == 200

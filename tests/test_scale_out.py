@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PRODUCER_PROGRAM, files_on_disk, free_port, producer_processes, read_archive, write_tree
+from .conftest import PRODUCER_PROGRAM, files_on_disk, producer_processes, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
 from .test_observability import samples
@@ -44,9 +44,7 @@ def instance_command(storage: Path, port: int) -> list[str]:
 async def instances(storage: Path, count: int, **settings: str) -> AsyncIterator[list[Launched]]:
     env = {f"ARCHIVER_{name.upper()}": value for name, value in settings.items()}
     async with AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(launched(instance_command(storage, free_port()), env)) for _ in range(count)
-        ]
+        yield [await stack.enter_async_context(launched(instance_command(storage, 0), env)) for _ in range(count)]
 
 
 async def download_small(front: str, storage: Path) -> None:
