@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import PRODUCER_PROGRAM, files_on_disk, producer_processes, read_archive, write_tree
+from .conftest import files_on_disk, producer_processes, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
 from .test_observability import samples
@@ -76,8 +76,8 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
         victim = first if await serving(first) else second
         survivor = second if victim is first else first
         assert await serving(victim)
-        orphans = [child.pid for child in producer_processes(victim.process.pid)]
-        assert orphans  # the download's producer, soon without its parent
+        orphans = [(child.pid, _start_time(child.pid)) for child in producer_processes(victim.process.pid)]
+        assert orphans and all(started is not None for _, started in orphans)  # soon without its parent
         os.kill(victim.process.pid, signal.SIGKILL)
         await victim.process.wait()
         # The download in flight on the killed instance ends as a failed transfer, not a short file.
@@ -91,16 +91,22 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
             assert (await direct.get("/healthz")).status_code == 200
         # The killed instance's producer ends too (its pipe's reader is gone), orphaned but not for long.
         with trio.fail_after(10):
-            while any(os.path.exists(f"/proc/{pid}/cmdline") and _is_producer(pid) for pid in orphans):
+            while any(_start_time(pid) == started for pid, started in orphans):
                 await trio.sleep(0.02)
 
 
-def _is_producer(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time (``/proc/<pid>/stat``'s 22nd field) while it runs; None once it has ended.
+
+    A forked producer's command line is the service's: it names no producer.
+    The start time tells the producer from a later process given its pid.
+    """
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return PRODUCER_PROGRAM in file.read()
+        with open(f"/proc/{pid}/stat") as file:
+            state, *fields = file.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return None if state in ("Z", "X") else fields[18]
 
 
 async def test_a_full_instance_hands_its_requests_to_the_next(shared_storage: Path, tmp_path: Path) -> None:
