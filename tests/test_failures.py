@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from zlib_ng import zlib_ng
 
-from archiver.archive import launcher
+from archiver.archive import launcher, producer
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
 from archiver.web.pages import MESSAGES, STORAGE_SILENT
@@ -28,7 +28,9 @@ from archiver.web.pages import MESSAGES, STORAGE_SILENT
 from .conftest import (
     PROTOCOLS,
     files_on_disk,
+    launcher_processes,
     make_client,
+    process_state,
     producer_children,
     read_archive,
     running_server,
@@ -142,6 +144,34 @@ async def test_a_client_leaving_while_its_producer_starts_is_a_download_logged_a
     assert figures["archiver_downloads_in_flight"] == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "archiver.web.download"]
     assert any(line.startswith("download album for 127.0.0.1: client disconnected, 0 bytes sent") for line in lines)
+
+
+async def test_a_killed_producer_its_launcher_has_not_yet_reported_is_not_taken_for_dead_storage(
+    large_storage: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A loaded machine: a launcher reports a killed producer's exit late (stopped here).  The 0.5 s
+    # alone used to decide: logged as waiting on the storage, and counted against MAX_LINGERING.
+    caplog.set_level(logging.INFO, "archiver")
+    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        (started_by,) = launcher_processes(os.getpid())
+        try:
+            async with make_client(url, "HTTP/1.1") as leaving, leaving.stream("GET", "/archive/big/") as response:
+                async for _ in response.aiter_raw():
+                    os.kill(started_by.pid, signal.SIGSTOP)
+                    with trio.fail_after(5):
+                        while process_state(started_by.pid) != "T":
+                            await trio.sleep(0.01)
+                    break  # the client leaves: its producer is killed, and not reported
+            figures = await finished_downloads(client, 1)
+            assert figures['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
+            assert producer.lingering() == 0
+            assert [child.state for child in producer_children()] == ["Z"]
+        finally:
+            os.kill(started_by.pid, signal.SIGCONT)
+        await wait_until_no_producer_children(timeout=5.0)
+        assert (await client.get("/archive/big/", headers={"Range": "bytes=0-99"})).status_code == 206
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_producer_gone_at_request_time_is_503(

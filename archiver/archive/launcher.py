@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -98,6 +99,14 @@ class ReportedProcess:
         if self.returncode is None and self._pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def has_exited(self) -> bool:
+        """Whether the process has exited, reaped or not (its pidfd polls readable); no wait."""
+        if self._exited.is_set() or self._pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
     async def exited(self) -> None:
         """Until the process has exited (reaped or not: its children are its new parent's already).

@@ -70,10 +70,17 @@ PIPE_SIZE = 1024 * 1024
 FEED_SIZE = 64 * 1024
 
 
-# A killed producer not gone within this (seconds) is waiting in the kernel on storage that does not
-# answer: a FUSE request its daemon has taken is waited out whatever the signal.  It is reaped in
-# the background, so that the download's answer (a 503, an abort) does not wait for the storage.
+# A killed producer not gone within this (seconds) and asleep in the kernel (state D) is waiting on
+# storage that does not answer: a FUSE request its daemon has taken is waited out whatever the
+# signal.  It is reaped in the background, so that the download's answer (a 503, an abort) does not
+# wait for the storage.
 REAP_WAIT = 0.5
+# One not asleep so has only not run since the kill, or not been reported by its launcher yet: on a
+# loaded machine either can take longer than REAP_WAIT.  It is waited for, a REAP_STEP at a time,
+# while it stays out of state D, up to this in all (seconds); one that has exited, only not yet
+# reported, is reaped in the background and is no storage's.
+REAP_WAIT_LOADED = 5.0
+REAP_STEP = 0.05
 # Producers killed but still waiting so: past this many, no new one is started (ProducerUnavailable,
 # a 503) until some are reaped.  Each is a process, and a client retrying a download of dead
 # storage would otherwise add one a try.
@@ -163,18 +170,45 @@ async def produce(
         with trio.CancelScope(shield=True):
             if process.returncode is None:
                 process.kill()
-            with trio.move_on_after(REAP_WAIT):
-                await process.wait()
-            if process.returncode is None:
+            await _wait_for_killed(process)
+            if process.returncode is not None:
+                await _close_pipes(process)
+            elif process.has_exited():
+                trio.lowlevel.spawn_system_task(_reap, process, False, name="archiver reap producer")
+            else:
                 logger.warning(
                     "producer %d for %s killed, still waiting on the storage: reaped when it answers",
                     process.pid,
                     plan.directory.name,
                 )
                 _lingering.add(process.pid)
-                trio.lowlevel.spawn_system_task(_reap, process, name="archiver reap producer")
-            else:
-                await _close_pipes(process)
+                trio.lowlevel.spawn_system_task(_reap, process, True, name="archiver reap producer")
+
+
+async def _wait_for_killed(process: launcher.LaunchedProcess) -> None:
+    """Until a killed producer is reaped, or has exited, or is waiting on the storage (REAP_WAIT, REAP_WAIT_LOADED)."""
+    with trio.move_on_after(REAP_WAIT):
+        await process.wait()
+    with trio.move_on_after(REAP_WAIT_LOADED - REAP_WAIT):
+        while process.returncode is None and not process.has_exited() and not _asleep_in_the_kernel(process.pid):
+            with trio.move_on_after(REAP_STEP):
+                await process.wait()
+
+
+def _asleep_in_the_kernel(pid: int) -> bool:
+    """Whether process ``pid`` is in uninterruptible sleep (``/proc/<pid>/stat`` state D; proc(5)).
+
+    True too where that cannot be read: as if waiting on the storage, the
+    case that must not hold the download's end.  ``pid`` must not have
+    exited (then it cannot have been reused).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:
+        return True
+    # The state follows the command's name, which is in parentheses and may hold any byte.
+    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] == b"D"
 
 
 async def _close_pipes(process: launcher.LaunchedProcess) -> None:
@@ -183,12 +217,18 @@ async def _close_pipes(process: launcher.LaunchedProcess) -> None:
             await stream.aclose()
 
 
-async def _reap(process: launcher.LaunchedProcess) -> None:
-    """Wait for a killed producer stuck in the kernel, then close its pipes (a system task: it must not raise)."""
+async def _reap(process: launcher.LaunchedProcess, stuck: bool) -> None:
+    """Wait for a killed producer, then close its pipes (a system task: it must not raise).
+
+    ``stuck``: it was waiting on the storage (counted in ``lingering`` until
+    now, and its end logged); otherwise it had exited, its launcher had not
+    reported it yet.
+    """
     try:
         await process.wait()
         await _close_pipes(process)
-        logger.info("producer %d reaped", process.pid)
+        if stuck:
+            logger.info("producer %d reaped", process.pid)
     finally:
         _lingering.discard(process.pid)
 
