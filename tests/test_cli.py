@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,28 @@ async def launched(command: Sequence[str], env: dict[str, str] | None = None) ->
                 await process.wait()
 
 
+@asynccontextmanager
+async def launched_on_a_free_port(
+    command: Callable[[int], Sequence[str]], env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, Launched]]:
+    """``launched`` on a port told to it (``command(port)``), and the port.
+
+    The port is free when chosen, and chosen again if another process has
+    bound it before the server could (the other xdist worker's servers).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        for attempt in range(3):
+            port = free_port()
+            try:
+                server = await stack.enter_async_context(launched(command(port), env))
+            except AssertionError as error:
+                if attempt < 2 and "Address already in use" in str(error):
+                    continue
+                raise
+            yield port, server
+            return
+
+
 async def _collect(stream: trio.abc.ReceiveStream, output: bytearray) -> None:
     async for data in stream:
         output += data
@@ -95,9 +118,10 @@ async def check_serves_sample_album(url: str) -> None:
 
 
 async def test_console_script_serves_sample_data() -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", "data"]
-    async with launched(command) as server:
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", "data"]
+
+    async with launched_on_a_free_port(command) as (port, server):
         assert server.url.endswith(f":{port}")
         await check_serves_sample_album(server.url)
 
@@ -116,17 +140,12 @@ async def test_verbose_logs_a_line_a_chunk() -> None:
 
 
 async def test_hypercorn_config_serves_sample_data() -> None:
-    port = free_port()
     hypercorn = Path(sys.executable).with_name("hypercorn")
-    command = [
-        str(hypercorn),
-        "--config",
-        "hypercorn.toml",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "archiver.asgi:app",
-    ]
-    async with launched(command, env={"ARCHIVER_DIR": "data"}) as server:
+
+    def command(port: int) -> list[str]:
+        return [str(hypercorn), "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}", "archiver.asgi:app"]
+
+    async with launched_on_a_free_port(command, env={"ARCHIVER_DIR": "data"}) as (port, server):
         assert server.url.endswith(f":{port}")
         await check_serves_sample_album(server.url)
 

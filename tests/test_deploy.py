@@ -70,8 +70,23 @@ async def nginx_in_front(
 ) -> AsyncIterator[str]:
     """A real nginx on a free loopback port running deploy/nginx.conf before the service(s) (HTTPS with ``tls``)."""
     assert NGINX is not None
-    port = free_port()
     workdir.mkdir()
+    for attempt in range(3):
+        port = free_port()
+        async with _nginx(service_url, workdir, port, tls) as started:
+            if started is None and attempt < 2:
+                continue  # another process bound the port first (free_port's race)
+            assert started is not None, f"port after port was taken: {port}"
+            yield started
+            return
+
+
+@asynccontextmanager
+async def _nginx(
+    service_url: str | Sequence[str], workdir: Path, port: int, tls: tuple[Path, Path] | None
+) -> AsyncIterator[str | None]:
+    """nginx on ``port``: its URL once it accepts, or None if it could not bind the port."""
+    assert NGINX is not None
     urls = [service_url] if isinstance(service_url, str) else service_url
     (workdir / "site.conf").write_text(site_config([url.removeprefix("http://") for url in urls], port, tls))
     (workdir / "nginx.conf").write_text(f"""
@@ -86,14 +101,17 @@ http {{
 """)
     process = await trio.lowlevel.open_process([NGINX, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)])
     try:
-        with trio.fail_after(10):  # nginx says nothing when ready: wait until it accepts
-            while True:
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.02)
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        # nginx says nothing when ready.  It writes its pid file once its port is bound and listening
+        # (a probe's connection could be another process's, on the port taken first).
+        with trio.fail_after(10):
+            while process.poll() is None and not (workdir / "nginx.pid").exists():
+                await trio.sleep(0.02)
+        if process.returncode is None:
+            yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        else:
+            log = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
+            assert "Address already in use" in log, f"nginx exited at its start:\n{log}"
+            yield None
     finally:
         process.terminate()
         with trio.CancelScope(shield=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -33,7 +34,7 @@ from hypothesis import strategies as st
 
 from archiver.web.ranges import parse_range
 
-from .conftest import files_on_disk, free_port, http11_request, read_archive, write_tree
+from .conftest import files_on_disk, http11_request, read_archive, write_tree
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -58,18 +59,18 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     write_tree(storage / "small", {"photo.jpg": os.urandom(100_000), "Фото/notes.txt": b"notes"})
     # Larger than the socket buffers hold: a response left unread stays in flight.
     write_tree(storage / "large", {"photo.jpg": os.urandom(16_000_000)})
-    port = free_port()
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(storage)]
     process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None
-    running = Service(("127.0.0.1", port), process, storage)
+    running = Service(("127.0.0.1", 0), process, storage)
     listening = threading.Event()
 
     def collect() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             running.output += line
-            if b"Running on" in line:
+            if match := re.search(rb"Running on http://127\.0\.0\.1:(\d+)", line):
+                running.address = ("127.0.0.1", int(match.group(1)))
                 listening.set()
 
     threading.Thread(target=collect, daemon=True).start()

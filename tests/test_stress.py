@@ -18,7 +18,6 @@ from archiver.config import Settings
 
 from .conftest import (
     PROTOCOLS,
-    free_port,
     make_client,
     producer_children,
     read_archive,
@@ -142,8 +141,7 @@ def resident_kib(pid: int) -> int:
 
 
 async def test_slow_reader_keeps_server_memory_flat(large_storage: Path) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(large_storage)]
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(large_storage)]
     async with (
         launched(command) as server,
         make_client(server.url, "HTTP/1.1") as client,
