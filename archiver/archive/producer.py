@@ -70,15 +70,15 @@ PIPE_SIZE = 1024 * 1024
 FEED_SIZE = 64 * 1024
 
 
-# A killed producer not gone within this (seconds) and asleep in the kernel (state D) is waiting on
+# A killed producer not gone within this (seconds) and not runnable (state D) is waiting on
 # storage that does not answer: a FUSE request its daemon has taken is waited out whatever the
 # signal.  It is reaped in the background, so that the download's answer (a 503, an abort) does not
 # wait for the storage.
 REAP_WAIT = 0.5
-# One not asleep so has only not run since the kill, or not been reported by its launcher yet: on a
-# loaded machine either can take longer than REAP_WAIT.  It is waited for, a REAP_STEP at a time,
-# while it stays out of state D, up to this in all (seconds); one that has exited, only not yet
-# reported, is reaped in the background and is no storage's.
+# One runnable (state R) has only not run since the kill, and one that has exited has only not been
+# reported by its launcher yet: on a loaded machine either can take longer than REAP_WAIT.  The
+# first is waited for, a REAP_STEP at a time, while it stays runnable, up to this in all (seconds);
+# the second is reaped in the background, and is no storage's.
 REAP_WAIT_LOADED = 5.0
 REAP_STEP = 0.05
 # Producers killed but still waiting so: past this many, no new one is started (ProducerUnavailable,
@@ -190,25 +190,26 @@ async def _wait_for_killed(process: launcher.LaunchedProcess) -> None:
     with trio.move_on_after(REAP_WAIT):
         await process.wait()
     with trio.move_on_after(REAP_WAIT_LOADED - REAP_WAIT):
-        while process.returncode is None and not process.has_exited() and not _asleep_in_the_kernel(process.pid):
+        while process.returncode is None and not process.has_exited() and _waiting_to_run(process.pid):
             with trio.move_on_after(REAP_STEP):
                 await process.wait()
 
 
-def _asleep_in_the_kernel(pid: int) -> bool:
-    """Whether process ``pid`` is in uninterruptible sleep (``/proc/<pid>/stat`` state D; proc(5)).
+def _waiting_to_run(pid: int) -> bool:
+    """Whether killed process ``pid`` is runnable (``/proc/<pid>/stat`` state R; proc(5)): it will exit once it runs.
 
-    True too where that cannot be read: as if waiting on the storage, the
-    case that must not hold the download's end.  ``pid`` must not have
-    exited (then it cannot have been reused).
+    A SIGKILL wakes any sleep but an uninterruptible one (D, and I, an idle
+    D), so any other state is taken as waiting on the storage, as is a
+    state that cannot be read: neither may hold the download's end.  ``pid``
+    must not have exited (then it cannot have been reused).
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read()
     except OSError:
-        return True
+        return False
     # The state follows the command's name, which is in parentheses and may hold any byte.
-    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] == b"D"
+    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] == b"R"
 
 
 async def _close_pipes(process: launcher.LaunchedProcess) -> None:
