@@ -591,6 +591,9 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
                 cases["aria2c -x8 -s8"] = [*aria, url]
             runs = max(repeat, RANGE_RUNS)
             measured = {name: [timed_command(command, pid) for _ in range(runs)] for name, command in cases.items()}
+            # The same last byte as curl times it, from its connect to the last byte: without the 8-10 ms
+            # of a curl process's own start and exit that the wall times above include.
+            on_the_wire = [curl_time_total(cases["Range: bytes=-1"]) for _ in range(runs)]
             cold_warm_process: list[tuple[float, float]] = []
             for _ in range(runs):
                 touch_every_file(dataset.directory)
@@ -603,7 +606,22 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
         cpu = statistics.mean(cpu for _, cpu in timings)
         rows.append((f"{name}: time", f"{seconds * 1000:.0f} ms", ""))
         rows.append((f"{name}: CPU", f"{cpu:.2f} s", f"{cpu / warm_cpu:.2f} of a warm full download"))
+        if name == "Range: bytes=-1":
+            wire = statistics.median(on_the_wire)
+            rows.append(
+                (
+                    f"{name}: curl's time_total",
+                    f"{wire * 1000:.1f} ms",
+                    "its request to the last byte, no process start",
+                )
+            )
     report(rows)
+
+
+def curl_time_total(command: Sequence[str]) -> float:
+    """Seconds curl reports for ``command`` (a curl command line) from its start to the last byte: ``time_total``."""
+    result = subprocess.run([*command, "-w", "%{time_total}"], check=True, capture_output=True, text=True)
+    return float(result.stdout)
 
 
 @contextmanager
