@@ -325,6 +325,25 @@ def test_producer_refuses_input_that_is_not_its_own() -> None:
     assert result.returncode == 2  # the input ended without its end: never a clean exit
 
 
+def test_producer_refuses_an_album_whose_path_leads_through_a_link(storage: Path, tmp_path: Path) -> None:
+    """The album's real path, with a folder on it swapped for a link since it was planned: the
+    producer opens it a folder at a time from "/" and refuses, even where the file planned is
+    the one the link leads to (its identity matches: the walk could have been misled the same way)."""
+    from archiver.archive import producer_program as program
+
+    secret = tmp_path / "outside" / "pub" / "secret.txt"
+    write_tree(secret.parent, {"secret.txt": OUTSIDE})
+    status = secret.stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    (storage / "x").symlink_to(tmp_path / "outside")
+    instructions = program.album(os.fsencode(storage / "x" / "pub"), 0) + program.file_slice(
+        b"secret.txt", program.identity(key), 0, len(OUTSIDE), None
+    )
+    result = subprocess.run([*producer.COMMAND], input=instructions + program.DONE, capture_output=True)
+    assert result.returncode == program.EXIT_CHANGED and result.stdout == b""
+    assert b"the album" in result.stderr
+
+
 def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
     from archiver.archive import producer_program as program
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from archiver.archive.real_paths import open_real_directory
 from archiver.archive.storage import AlbumNotFound, ListingFailed, list_album, resolve_album
 
 from .conftest import write_tree
@@ -44,6 +46,39 @@ def test_links_out_of_the_root_or_to_the_root_are_not_found(storage: Path, tmp_p
     for name in ("escape", "root", "dangling"):
         with pytest.raises(AlbumNotFound):
             resolve_album(storage, name)
+
+
+def test_a_folder_on_the_albums_path_swapped_for_a_link_after_resolving_is_not_followed(
+    storage: Path, tmp_path: Path
+) -> None:
+    """``leak`` -> ``x/pub`` resolves inside the root; ``x`` then swapped for a link to a folder
+    outside with a ``pub`` of its own.  The walk opens the resolved path a folder at a time, with
+    no link followed: O_NOFOLLOW on one open of the whole path guards its last component only."""
+    write_tree(tmp_path / "outside" / "pub", {"secret.txt": b"TOP SECRET"})
+    write_tree(storage / "x" / "pub", {"public.txt": b"harmless"})
+    (storage / "leak").symlink_to("x/pub")
+    album = resolve_album(storage, "leak")
+    assert album == (storage / "x" / "pub").resolve()
+    (storage / "x").rename(storage / "xdir")
+    (storage / "x").symlink_to(tmp_path / "outside")
+    with pytest.raises(AlbumNotFound):
+        list_album(album)
+    (storage / "x").unlink()
+    (storage / "xdir").rename(storage / "x")
+    assert [file.path for file in list_album(album).files] == ["public.txt"]
+
+
+def test_real_directories_only_open_absolute_real_paths(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    fd = open_real_directory(tmp_path.resolve() / "a")
+    os.close(fd)
+    for path in ("a", f"{tmp_path.resolve()}/a/../a", f"{tmp_path.resolve()}/./a"):
+        with pytest.raises(ValueError):
+            open_real_directory(path)
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError) as raised:
+        open_real_directory(tmp_path.resolve() / "b")
+    assert raised.value.errno in (errno.ENOTDIR, errno.ELOOP)  # Linux: ENOTDIR (O_DIRECTORY)
 
 
 def test_listing_is_sorted_and_recursive(storage: Path) -> None:

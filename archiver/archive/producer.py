@@ -34,7 +34,7 @@ PROGRAM = Path(producer_program.__file__)
 
 # The interpreter running the service, isolated (-I: no environment, no user
 # site, no current directory on the path) and without site (-S): starts in
-# ~15 ms, and nothing but the standard library and ``zipformat`` is loaded.
+# ~15 ms, and nothing but the standard library, ``zipformat`` and ``real_paths`` is loaded.
 # Imported rather than run as a script, so that its compiled bytecode is reused.
 _LAUNCH = (
     f"import sys; sys.path.insert(0, {str(PROGRAM.parents[2])!r}); "

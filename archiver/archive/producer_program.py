@@ -19,19 +19,19 @@ it reads, each instruction a kind byte and a fixed ``struct``:
 ``E`` the central directory and end records of the ``D`` and ``S`` entries written.
 ``Z`` the end: exit 0.
 
-Every file is opened beneath the album's directory descriptor, a component
-at a time with ``O_NOFOLLOW`` (a directory or file swapped for a symbolic
-link is refused, wherever it points), and must be the regular file planned
-(device, inode, size, mtime, ctime) before any of its bytes goes out, and
-after.  ``sendfile`` puts references to the file's page-cache pages into
-the pipe, not copies: a write to the file changes the bytes still in the
-pipe, so a file sent so is checked when opened and again only once the
-reader (the service) has taken them (``Output.check_once_read``).  A small
-file's bytes are copied: read first, then checked once (a write since the
-plan would have moved its ctime), then written.  Anything else (a file
-changed, truncated, grown, swapped or gone) is one line on stderr naming the
-file and exit status 3: the service then aborts the transfer.  A closed
-stdout (the client left) is exit status 1.
+The album is opened from ``/``, and every file beneath the album's directory
+descriptor, a component at a time with ``O_NOFOLLOW`` (a directory or file
+swapped for a symbolic link is refused, wherever it points).  Each file must
+be the regular file planned (device, inode, size, mtime, ctime) before any
+of its bytes goes out, and after.  ``sendfile`` puts references to the
+file's page-cache pages into the pipe, not copies: a write to the file
+changes the bytes still in the pipe, so a file sent so is checked when
+opened and again only once the reader (the service) has taken them
+(``Output.check_once_read``).  A small file's bytes are copied: read first,
+then checked once (a write since the plan would have moved its ctime), then
+written.  Anything else (a file changed, truncated, grown, swapped or gone)
+is one line on stderr naming the file and exit status 3: the service then
+aborts the transfer.  A closed stdout (the client left) is exit status 1.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import termios
 import time
 import zlib
 
+from archiver.archive.real_paths import open_real_directory
 from archiver.archive.zipformat import (
     DEFLATED,
     STORED,
@@ -280,8 +281,12 @@ class Album:
     """The album's directory, and files opened beneath it without following a link."""
 
     def __init__(self, directory: bytes) -> None:
-        # The album's real path (the service resolved it): a link put in its place is refused.
-        self.root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # The album's real path (the service resolved it), opened a folder at a time: a link put
+        # in its place, or in the place of any folder on its path, is refused (real_paths).
+        try:
+            self.root = open_real_directory(directory)
+        except OSError as error:
+            raise FileChanged(f"the album {os.fsdecode(directory)}: {error.strerror or error}") from None
         self._directory = b""  # the directory of the last file opened ("a/b/"), and its descriptor
         self._directory_fd = self.root
 

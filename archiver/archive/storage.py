@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from .real_paths import open_real_directory
+
 logger = logging.getLogger(__name__)
 
 # A secret is a plain directory name: no dots (so no "." or ".."), no
@@ -243,9 +245,11 @@ def _walk_once(album: Path, progress: WalkProgress, devices: _Devices) -> tuple[
     skipped: list[SkippedEntry] = []
     folders: list[tuple[str, tuple[int, int, int]]] = []
     try:
-        album_fd = os.open(album, _DIRECTORY_FLAGS)
+        # A component at a time, following no link: a folder on the album's path swapped for a
+        # link since resolve_album looked would otherwise lead out of the storage (ENOTDIR: gone).
+        album_fd = open_real_directory(album)
         # Read alone is not enough: without search (x) every entry would be "denied" and left out.
-        searchable = os.access(album, os.R_OK | os.X_OK)
+        searchable = os.access(".", os.R_OK | os.X_OK, dir_fd=album_fd)
     except OSError as error:
         if error.errno in _GONE:
             raise AlbumNotFound(album.name) from None

@@ -1,0 +1,46 @@
+"""Opening a real path's directory without following a link anywhere in it (the walk's and the producer's).
+
+``O_NOFOLLOW`` refuses a link only as the last component of a path: one
+open of ``/srv/storage/x/pub`` goes through a link put at ``x``.  An album
+that is a link inside the storage is resolved first (``storage.resolve_album``)
+and checked to lie in the root; a folder on that path swapped for a link
+to elsewhere before the album is opened would lead the walk and the
+producer out of the storage, where every file they meet is what they
+planned.  Opened a component at a time from ``/``, each with
+``O_NOFOLLOW``, a real path leads through real folders only.
+
+Standard library only: the producer imports it.
+"""
+
+from __future__ import annotations
+
+import os
+
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_real_directory(path: str | bytes | os.PathLike[str]) -> int:
+    """A descriptor of the directory at ``path``, opened following no link; the caller closes it.
+
+    ``path``: absolute, with no link, ``.`` or ``..`` in it (what
+    ``os.path.realpath`` gives).  OSError as ``openat(2)`` gives it: ENOTDIR
+    where a component is a link now (ELOOP on some systems) or not a
+    directory, ENOENT where it is gone.  ValueError if ``path`` is not
+    absolute or holds ``.`` or ``..``.
+    """
+    encoded = os.fsencode(path)
+    if not encoded.startswith(b"/"):
+        raise ValueError(f"not an absolute path: {encoded!r}")
+    parts = [part for part in encoded.split(b"/") if part]
+    if b"." in parts or b".." in parts:
+        raise ValueError(f"not a real path: {encoded!r}")
+    fd = os.open(b"/", DIRECTORY_FLAGS)
+    try:
+        for part in parts:
+            child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
