@@ -159,11 +159,17 @@ def index_albums(argv: Sequence[str]) -> None:
     on_terminal = sys.stderr.isatty()
     files_done = new_total = untrusted_total = 0
     failed: list[str] = []
+    not_albums = 0
     for name in names:
         try:
             listing = list_album(resolve_album(root, name), on_device=index.trust.learn)
         except AlbumNotFound:
-            parser.error(f"no album {name!r} in {root}")
+            if args.names:
+                parser.error(f"no album {name!r} in {root}")
+            # Every album: what else lies in the root (a file, a link leading out or nowhere,
+            # an album removed meanwhile) is no album and no reason to leave the others cold.
+            not_albums += 1
+            continue
         except ListingFailed as error:
             # The other albums still get their CRCs; the exit status says one did not.
             print(f"archiver index: cannot list {name}: {error}", file=sys.stderr)
@@ -182,10 +188,13 @@ def index_albums(argv: Sequence[str]) -> None:
         if on_terminal:
             print(file=sys.stderr)
     store.close()
-    indexed = len(names) - len(failed)
+    indexed = len(names) - len(failed) - not_albums
     # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
     left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
-    print(f"indexed {indexed} albums, {files_done} files ({new_total} computed{left_out}, the rest already known)")
+    skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
+    print(
+        f"indexed {indexed} albums, {files_done} files ({new_total} computed{left_out}, the rest already known){skipped}"
+    )
     problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
     if store.unwritten:
         # The warnings above say why (a full disk, a lock held too long): a hook or cron must not take this for done.
