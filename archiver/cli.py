@@ -192,9 +192,8 @@ def index_albums(argv: Sequence[str]) -> None:
     # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
     left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
     skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
-    print(
-        f"indexed {indexed} albums, {files_done} files ({new_total} computed{left_out}, the rest already known){skipped}"
-    )
+    known = f"{new_total} computed{left_out}, the rest already known"
+    print(f"indexed {indexed} albums, {files_done} files ({known}){skipped}")
     problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
     if store.unwritten:
         # The warnings above say why (a full disk, a lock held too long): a hook or cron must not take this for done.
