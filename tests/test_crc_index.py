@@ -132,7 +132,7 @@ def test_a_damaged_store_warns_once_a_minute_not_once_a_lookup(
     store.flush()
     # Every lookup failing, as on a damaged file (the review overwrote it): the table gone under the service.
     with sqlite3.connect(path) as other:
-        other.execute("DROP TABLE crc_v3")
+        other.execute("DROP TABLE crc_v4")
     with caplog.at_level(logging.WARNING, logger="archiver.archive.crc_store"):
         for inode in range(1000):
             assert store.get((1, 100 + inode, 3, 4, 5)) is None
@@ -149,7 +149,7 @@ def run_archiver(*arguments: str, env: dict[str, str]) -> subprocess.CompletedPr
 def rows(index: Path) -> dict[int, int]:
     """inode -> CRC, from the index file."""
     with sqlite3.connect(index) as db:
-        return dict(db.execute("SELECT inode, crc FROM crc_v3").fetchall())
+        return dict(db.execute("SELECT inode, crc FROM crc_v4").fetchall())
 
 
 async def test_archiver_index_warms_the_index_the_service_uses(
@@ -176,6 +176,43 @@ async def test_archiver_index_warms_the_index_the_service_uses(
     async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
         again = await client.get("/archive/one/")
     assert again.content == whole.content
+
+
+def test_a_damaged_row_is_left_unused_and_written_anew(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = CrcStore(tmp_path / "index.sqlite")
+    store.put((1, 2, 3, 4, 5), 99)
+    store.put((1, 3, 3, 4, 5), 7)
+    store.flush()
+    with sqlite3.connect(tmp_path / "index.sqlite") as other:
+        other.execute("UPDATE crc_v4 SET crc = crc + 1 WHERE inode = 2")
+        other.execute('UPDATE crc_v4 SET "check" = "check" + 1 WHERE inode = 3')
+    with caplog.at_level(logging.WARNING, logger="archiver.archive.crc_store"):
+        assert store.get((1, 2, 3, 4, 5)) is None
+    assert "a damaged row left unused (device 1, inode 2)" in caplog.text
+    assert store.get((1, 3, 3, 4, 5)) is None
+    store.put((1, 2, 3, 4, 5), 99)
+    store.flush()
+    assert store.get((1, 2, 3, 4, 5)) == 99
+
+
+async def test_a_crc_damaged_in_the_index_file_is_never_sent(storage: Path, settings: Settings, tmp_path: Path) -> None:
+    """A row's CRC changed in the file (a flipped bit on disk, an edit): the download is whole and
+    its CRCs right, read from the file again, and the row is written anew.  SQLite keeps no
+    checksum of its pages; before each row had its own check, such a CRC went out in a clean
+    archive that unzip and 7z then reported as damaged (helper 42, 2026-12-02)."""
+    write_tree(storage / "one", {"a.jpg": os.urandom(200_000), "b.jpg": os.urandom(1000)})
+    index = tmp_path / "index.sqlite"
+    await settle()
+    assert run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)}).returncode == 0
+    a_jpg = storage / "one" / "a.jpg"
+    with sqlite3.connect(index) as db:
+        db.execute("UPDATE crc_v4 SET crc = crc + 1 WHERE inode = ?", (a_jpg.stat().st_ino,))
+    indexed = replace(settings, index_path=str(index))
+    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/archive/one/")
+    assert response.status_code == 200
+    assert read_archive(response.content) == files_on_disk(storage / "one")  # every CRC checked
+    assert rows(index)[a_jpg.stat().st_ino] == zlib.crc32(a_jpg.read_bytes())
 
 
 def test_archiver_index_of_every_album_passes_over_what_is_not_one(storage: Path, tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
 ctime, even when the mtime is put back; see ``crc_index`` for the one store
 that does not; nor on storage whose ctime is not trusted, ``ctime_trust.trusted_ctime``,
-whose CRCs are never kept).  Rows of earlier versions are ignored: table ``crc``
-(no ctime) and ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
-whole seconds, and for keys whose ctime is the mtime).  A key SQLite's 64-bit integers cannot
+whose CRCs are never kept).  Each row carries a check (``row_check``): a row
+the disk or an edit damaged is not used (a WARNING), and the CRC is read
+again and the row written anew.  Rows of earlier versions are ignored: table ``crc``
+(no ctime), ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
+whole seconds, and for keys whose ctime is the mtime) and ``crc_v3`` (no check).  A key SQLite's 64-bit integers cannot
 hold (an mtime past 2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from .ctime_trust import FileKey
@@ -34,16 +38,29 @@ WRITE_BATCH = 512
 WARNING_INTERVAL = 60.0
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS crc_v3 (
+CREATE TABLE IF NOT EXISTS crc_v4 (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     crc INTEGER NOT NULL,
+    "check" INTEGER NOT NULL,
     PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns)
 ) WITHOUT ROWID
 """
+_LOOKUP = 'SELECT crc, "check" FROM crc_v4 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?'
+_ROW = struct.Struct("<6q")
+
+
+def row_check(key: FileKey, crc: int) -> int:
+    """The check kept with a row: the CRC-32 of its key and CRC (little-endian 64-bit integers).
+
+    SQLite keeps no checksum of its own pages: a flipped bit, or an edit,
+    in the crc column would be a wrong CRC in a clean archive.  A CRC-32
+    catches every change confined to 32 bits, so to the crc column alone.
+    """
+    return zlib.crc32(_ROW.pack(*key, crc))
 
 
 class CrcStore:
@@ -70,7 +87,7 @@ class CrcStore:
         self._read_lock = threading.Lock()  # the reader connection's
         self._write_lock = threading.Lock()  # the writer connection's: a write at a time
         self._pending_lock = threading.Lock()
-        self._pending: list[tuple[int, int, int, int, int, int]] = []
+        self._pending: list[tuple[int, int, int, int, int, int, int]] = []
         # Rows that could not be written, in all (``archiver index`` fails if any).
         self.unwritten = 0
         self._warning_lock = threading.Lock()
@@ -82,19 +99,23 @@ class CrcStore:
             return None
         with self._read_lock:
             try:
-                row = self._reader.execute(
-                    "SELECT crc FROM crc_v3 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
-                ).fetchone()
+                row = self._reader.execute(_LOOKUP, key).fetchone()
             except sqlite3.Error as error:
                 self._warn(f"read skipped: {error}")
                 return None
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        crc, check = row
+        if not (isinstance(crc, int) and 0 <= crc < 2**32 and check == row_check(key, crc)):
+            self._warn(f"a damaged row left unused (device {key[0]}, inode {key[1]}): its CRC is read again")
+            return None
+        return crc
 
     def put(self, key: FileKey, crc: int) -> None:
         if not _storable(key):
             return
         with self._pending_lock:
-            self._pending.append((*key, crc))
+            self._pending.append((*key, crc, row_check(key, crc)))
             full = len(self._pending) >= WRITE_BATCH
         if full:
             self.flush(wait=False)
@@ -114,7 +135,7 @@ class CrcStore:
     def count(self) -> int:
         self.flush()
         with self._read_lock:
-            return int(self._reader.execute("SELECT count(*) FROM crc_v3").fetchone()[0])
+            return int(self._reader.execute("SELECT count(*) FROM crc_v4").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
@@ -122,12 +143,12 @@ class CrcStore:
             self._writer.close()
             self._reader.close()
 
-    def _write(self, rows: list[tuple[int, int, int, int, int, int]]) -> None:
+    def _write(self, rows: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """Under ``_write_lock``: the rows in one transaction, or counted as unwritten with a warning."""
         try:
             with self._writer:
                 self._writer.execute("BEGIN")
-                self._writer.executemany("INSERT OR REPLACE INTO crc_v3 VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._writer.executemany("INSERT OR REPLACE INTO crc_v4 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as error:
             self.unwritten += len(rows)
             self._warn(f"{len(rows)} rows not written: {error}")
