@@ -155,7 +155,10 @@ def index_albums(argv: Sequence[str]) -> None:
         parser.error("ARCHIVER_INDEX is not set: the index would be in memory and gone at exit")
     index = CrcIndex(store, trust=CtimeTrust(settings.trusted_fuse))
     root = settings.storage_dir
-    names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
+    try:
+        names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
+    except OSError as error:  # a root that hides its albums' names (mode 0711): they can still be named
+        parser.error(f"cannot list the storage directory {str(root)!r}: {error.strerror}; name the albums")
     on_terminal = sys.stderr.isatty()
     files_done = new_total = untrusted_total = 0
     failed: list[str] = []

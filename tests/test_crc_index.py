@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -231,6 +233,32 @@ def test_archiver_index_of_every_album_passes_over_what_is_not_one(storage: Path
     )
     named = run_archiver("index", "README", env=env)
     assert named.returncode == 2 and "no album 'README'" in named.stderr
+
+
+def test_archiver_index_of_a_storage_it_cannot_list_says_so() -> None:
+    """A root of mode 0311 hides its albums' names from the service's user: a clear error, exit 2, no traceback."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        root = base / "albums"
+        write_tree(root / "one", {"a.jpg": b"a"})
+        (base / "index").mkdir()
+        (base / "index").chmod(0o777)
+        root.chmod(0o311)
+        check = (
+            "import os, sys\n"
+            "import encodings.cp1251  # the interpreter may live where nobody cannot read (/root)\n"
+            "from archiver.cli import main\n"
+            "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "main(['index'])\n"
+        )
+        env = {**os.environ, "ARCHIVER_DIR": str(root), "ARCHIVER_INDEX": str(base / "index" / "index.sqlite")}
+        result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=PROJECT)
+    finally:
+        (base / "albums").chmod(0o755)
+        shutil.rmtree(base)
+    assert result.returncode == 2, result.stderr
+    assert "cannot list the storage directory" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_archiver_index_needs_an_index_file(storage: Path) -> None:

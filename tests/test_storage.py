@@ -195,6 +195,34 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
     assert failures == ["failed .: Permission denied False"] * 2 + ["failed cannot look it up: Permission denied False"]
 
 
+def test_folders_above_the_album_need_only_be_searchable() -> None:
+    """A storage beneath a folder of mode 0711 (a home directory), with a root of mode 0711 (that
+    hides its albums' names): the walk and the producer open the album's path a folder at a time
+    (real_paths), and the folders on the way need search permission only, as a lookup by the
+    whole path does (helper 43: opened for reading, every download was a 500).  Run as ``nobody``."""
+    home = Path(tempfile.mkdtemp())
+    try:
+        root = home / "cms" / "albums"
+        write_tree(root / "album", {"a.jpg": b"a"})
+        for folder in (home, home / "cms", root):
+            folder.chmod(0o711)
+        check = (
+            "import os, sys\n"
+            "from pathlib import Path\n"
+            "from archiver.archive.producer_program import Album\n"
+            "from archiver.archive.storage import list_album, resolve_album\n"
+            "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "album = resolve_album(Path(sys.argv[1]), 'album')\n"
+            "print([f.path for f in list_album(album).files])\n"
+            "Album(os.fsencode(album)).open(b'a.jpg')\n"
+            "print('opened')\n"
+        )
+        result = subprocess.run([sys.executable, "-c", check, str(root)], capture_output=True, text=True, cwd=PROJECT)
+    finally:
+        shutil.rmtree(home)
+    assert result.stdout.splitlines() == ["['a.jpg']", "opened"], result.stderr
+
+
 def test_a_listing_is_of_one_moment_while_entries_and_folders_are_renamed(tmp_path: Path) -> None:
     """An upload renaming x.tmp to x.jpg, a folder moved: a listing has each exactly once, or the walk fails (503).
 

@@ -17,10 +17,16 @@ from __future__ import annotations
 import os
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The folders on the way are only passed through: O_PATH asks for search (x) permission on
+# them, as a lookup of the whole path does, not read (r): storage beneath a folder of mode
+# 0711 (a home directory, a root that hides its albums' names) stays reachable.
+_PASSAGE_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_real_directory(path: str | bytes | os.PathLike[str]) -> int:
-    """A descriptor of the directory at ``path``, opened following no link; the caller closes it.
+    """A descriptor of the directory at ``path`` (read-only), opened following no link; the caller closes it.
+
+    Only the directory itself must be readable; the folders above it, searchable.
 
     ``path``: absolute, with no link, ``.`` or ``..`` in it (what
     ``os.path.realpath`` gives).  OSError as ``openat(2)`` gives it: ENOTDIR
@@ -34,10 +40,10 @@ def open_real_directory(path: str | bytes | os.PathLike[str]) -> int:
     parts = [part for part in encoded.split(b"/") if part]
     if b"." in parts or b".." in parts:
         raise ValueError(f"not a real path: {encoded!r}")
-    fd = os.open(b"/", DIRECTORY_FLAGS)
+    fd = os.open(b"/", _PASSAGE_FLAGS if parts else DIRECTORY_FLAGS)
     try:
-        for part in parts:
-            child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+        for position, part in enumerate(parts, 1):
+            child = os.open(part, DIRECTORY_FLAGS if position == len(parts) else _PASSAGE_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:
