@@ -17,6 +17,17 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def escape_log_field(text: str) -> str:
+    """``text`` for a quoted field of the access log: controls escaped, and ``\\`` and ``"`` too (as Apache does).
+
+    A request's headers may hold any byte from 0x80 (HTTP/1.1 allows them):
+    U+0085 is a line break to Python's ``splitlines`` and to log shippers,
+    U+009B a terminal's control sequence introducer, and a ``"`` in a
+    User-Agent would end its field early.
+    """
+    return escape_controls(text.replace("\\", "\\\\").replace('"', '\\"'))
+
+
 class OneLineFormatter(logging.Formatter):
     """Escapes control characters in each message: one event is one line, and no name can forge another.
 

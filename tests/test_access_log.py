@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -74,3 +75,30 @@ async def test_clients_that_close_at_once_are_logged_with_their_status(log_stora
             for _ in range(10):
                 await trio.to_thread.run_sync(http11_request, (host, int(port)), "GET", path.encode(), [])
             assert [line["status"] for line in await logged(server, path, count=10)] == [status] * 10, path
+
+
+async def test_no_header_forges_a_line_or_a_field(log_storage: Path) -> None:
+    """HTTP/1.1 allows bytes from 0x80 in a header.  In a User-Agent, U+0085 (a line break to
+    Python's ``splitlines`` and to log shippers) and U+009B (a terminal's CSI) made a second,
+    fake access line (helper 44); a quote ends a field early.  All escaped now."""
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
+    forged = b'ok\x85[02/Dec/2026:07:00:00 +0000] 10.0.0.1:1 - - "GET /archive/forged/ 1.1" 200 999 "-" "x\x9b31m'
+    async with launched(command) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+        def request() -> None:
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(
+                    b"GET /archive/missing/ HTTP/1.1\r\nHost: x\r\nUser-Agent: " + forged + b'\r\nReferer: a"b\\c\r\n'
+                    b"Connection: close\r\n\r\n"
+                )
+                while sock.recv(65536):
+                    pass
+
+        await trio.to_thread.run_sync(request)
+        (line,) = await logged(server, "/archive/missing/")
+    assert line["status"] == b"404"
+    output = bytes(server.output).decode("utf-8", "replace")
+    assert "\x85" not in output and "\x9b" not in output
+    (logged_line,) = [text for text in output.splitlines() if "/archive/missing/" in text or "/archive/forged/" in text]
+    assert '"a\\"b\\\\c"' in logged_line and "ok\\x85[02/Dec" in logged_line and "x\\x9b31m" in logged_line

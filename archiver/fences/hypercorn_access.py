@@ -40,7 +40,7 @@ from hypercorn.protocol.events import EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
 
-from ..logs import escape_controls
+from ..logs import escape_log_field
 
 _MARKER = "_archiver_adjusted"
 _SENT = "_archiver_body_bytes"
@@ -152,8 +152,20 @@ async def _log(stream: Any) -> None:
     if getattr(stream, _LOGGED, False):
         return
     setattr(stream, _LOGGED, True)
-    # The path is %-decoded: "/archive/a%0Ab/" would put a line break into the log.
-    scope = {**stream.scope, "path": escape_controls(stream.scope.get("path", ""))}
+    # The path is %-decoded: "/archive/a%0Ab/" would put a line break into the log; and a header
+    # (the User-Agent, the Referer) may hold bytes from 0x80 and quotes: none may forge a line or a
+    # field (helper 44: "\x85" and "\x9b" in a User-Agent made a second, fake access line).
+    query = stream.scope.get("query_string", b"")
+    scope = {
+        **stream.scope,
+        "path": escape_log_field(stream.scope.get("path", "")),
+        # Hypercorn decodes it as UTF-8 (and the headers as Latin-1): what goes back must decode so.
+        "query_string": escape_log_field(query.decode("utf-8", "backslashreplace")).encode(),
+        "headers": [
+            (name, escape_log_field(value.decode("latin-1")).encode("latin-1"))
+            for name, value in stream.scope.get("headers", [])
+        ],
+    }
     await stream.config.log.access(scope, _summary(stream), time() - stream.start_time)
 
 
