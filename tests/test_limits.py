@@ -44,6 +44,10 @@ PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
         ("127.0.0.1", " , ", "127.0.0.1"),
         ("127.0.0.1", "not-an-address", "not-an-address"),  # as given: one bucket, like any client
         ("::1", "2001:db8::7", "2001:db8::7"),
+        # Bound to "::": IPv4 peers come as IPv4-mapped IPv6 addresses (helper 44).
+        ("::ffff:127.0.0.1", "198.51.100.1", "198.51.100.1"),
+        ("::ffff:203.0.113.5", "198.51.100.1", "203.0.113.5"),
+        ("127.0.0.1", "::ffff:198.51.100.1", "198.51.100.1"),
         (None, "198.51.100.1", "unknown"),
     ],
 )

@@ -62,6 +62,21 @@ class DownloadStalled(RuntimeError):
     """The client took less than STALL_UNIT bytes a ``stall_timeout``: the download is aborted."""
 
 
+def unmapped(address: str) -> str:
+    """An IPv4 address as a dual-stack socket gives it (``::ffff:127.0.0.1``) in its own form; any other as it is.
+
+    Bound to ``::`` (``-H ::``), the service sees IPv4 peers so: nginx on
+    127.0.0.1 must still be the trusted proxy (helper 44: its clients were one
+    client, and its X-Client-Protocol was ignored), and a client one client
+    whichever way it came.
+    """
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return address if mapped is None else str(mapped)
+
+
 class TrustedProxies:
     """The proxies whose X-Forwarded-For is believed, and how to find the client behind them."""
 
@@ -70,7 +85,7 @@ class TrustedProxies:
 
     def trusts(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(address)
+            ip = ipaddress.ip_address(unmapped(address))
         except ValueError:
             return False
         return any(ip in network for network in self.networks)
@@ -84,11 +99,11 @@ class TrustedProxies:
         The first address not trusted is the client; anything to its left
         the client wrote itself.
         """
-        address = peer or "unknown"
+        address = unmapped(peer) if peer else "unknown"
         if not forwarded_for or not self.trusts(address):
             return address
         for hop in reversed(forwarded_for.split(",")):
-            hop = hop.strip()
+            hop = unmapped(hop.strip())
             if not hop:
                 continue
             address = hop
