@@ -39,8 +39,9 @@ _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
 _NOTHING_ALONE = _EMOJI_FORMAT | {*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))}
-# Slashes, and characters drawn as one, become "_": a name is never read as a path.
-_SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572", "_"))
+# Slashes, and characters drawn as one, become "_": a name is never read as a path.  And "%": a
+# client that decodes ``filename*`` twice (wget 1.21) would save "%2ebashrc" as ".bashrc" (helper 44).
+_SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572%", "_"))
 
 # Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
