@@ -28,6 +28,11 @@ EXAMPLES = [
     ("com1.txt", "_com1.txt"),
     ("...", "_"),
     ("Cafe\u0301.jpg", "Café.jpg"),
+    ("a∕b.jpg", "a_b.jpg"),
+    ("．．＼．．＼x.exe", "．．_．．_x.exe"),
+    ("C：photo.jpg", "C_photo.jpg"),
+    ("．．", "_"),
+    ("ＣＯＮ．jpg", "_ＣＯＮ．jpg"),
 ]
 
 
@@ -61,7 +66,12 @@ def test_names_not_in_utf8_are_read_as_cp1251_then_replaced() -> None:
 
 
 TROUBLESOME = st.lists(
-    st.sampled_from(["a", "A", "я", "Я", "e\u0301", "é", "ß", "SS", ".", " ", "*", ":", "\\", "\t", "😀", "CON"]),
+    st.sampled_from(
+        [
+            *["a", "A", "я", "Я", "e\u0301", "é", "ß", "SS", ".", " ", "*", ":", "\\", "\t", "😀", "CON"],
+            *["．", "＼", "ＣＯＮ", "℀"],  # look-alikes that best fit makes ASCII
+        ]
+    ),
     min_size=1,
     max_size=6,
 ).map("".join)
@@ -85,6 +95,8 @@ def test_every_name_is_portable_utf8_nfc_and_unique_when_case_folded(paths: list
         name.encode("utf-8")  # valid UTF-8 (no surrogates)
         for part in name.split("/"):
             assert part and part == portable_component(part)  # nothing forbidden is left
+            best_fit = unicodedata.normalize("NFKC", part)  # what an extractor using a code page makes of it
+            assert not set(best_fit) & set("/\\:") and best_fit.strip(" .")
     assert entry_names(sorted(paths)) == names  # deterministic
 
 
@@ -135,6 +147,20 @@ def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:
     for control in ("\x80", "\x85", "\x9b", "\x9f", "\u2028", "\u2029", "\x7f"):
         assert portable_component(f"c1{control}x.txt") == "c1_x.txt"
     assert portable_component("\xa0nbsp.txt") == "\xa0nbsp.txt"  # the first character past C1 is a letter's neighbour
+
+
+def test_look_alikes_that_best_fit_makes_separators_dots_or_devices_are_defused() -> None:
+    # Windows' best-fit conversion to a code page (an extractor using the "A" APIs) maps fullwidth
+    # and small forms to ASCII: fullwidth "..\\..\\x.exe" would unpack as "..\\..\\x.exe" (the WorstFit attacks).
+    lookalikes = "／＼﹨：﹕︓∕⁄⧵⧸⧹℀℁℅℆⩴"
+    assert portable_component(f"a{lookalikes}b") == "a" + "_" * len(lookalikes) + "b"
+    for dots in ("．", "．．", "‥", "…", "﹒﹒", ". ．"):
+        assert portable_component(dots) == "_", dots
+    for device in ("ＣＯＮ", "ｎｕｌ．txt", "ＣＯＭ１.jpg"):
+        assert portable_component(device) == "_" + device
+    # Look-alikes that make no path stay: a Japanese title keeps its fullwidth question mark.
+    assert portable_component("なぜ？.jpg") == "なぜ？.jpg"
+    assert portable_component("file．jpg") == "file．jpg"
 
 
 def test_a_slash_an_encoding_decodes_is_no_separator() -> None:

@@ -8,10 +8,14 @@ chosen here, once per plan, for every reader alike:
   that cannot decode; then it is put in Unicode's NFC form (macOS writes NFD);
 - ``\\`` (a separator to Windows and bsdtar, a character to unzip: APPNOTE
   4.4.17.1 allows only ``/``), the characters Windows forbids in a name
-  (``< > : " | ? *``, which also rules out a drive letter) and control
-  characters become ``_``; trailing dots and spaces go (Windows drops them);
-  a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension)
-  gets a ``_`` in front;
+  (``< > : " | ? *``, which also rules out a drive letter), their look-alikes
+  that Windows' best-fit conversion to a code page turns into ``/``, ``\\`` or
+  ``:`` (fullwidth U+FF0F, U+FF3C, U+FF1A, division slash U+2215), and control
+  characters become ``_``; a component that best fit makes all dots (two
+  fullwidth full stops, U+2025) becomes ``_``; trailing dots
+  and spaces go (Windows drops them);
+  a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension,
+  also as best fit reads it: ``CON`` in fullwidth letters) gets a ``_`` in front;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
@@ -39,6 +43,13 @@ _REPLACED = (
     frozenset('<>:"|?*\\/\u2028\u2029')
     | frozenset(chr(code) for code in (*range(32), *range(0x7F, 0xA0)))
     | _BIDI_CONTROLS
+    # Look-alikes of the separators and of the drive's colon. An extractor that converts names to an
+    # ANSI code page (Windows' "best fit": the WorstFit attacks) unpacks a fullwidth "..\x" as "..\x".
+    # These are every character whose compatibility form (NFKC) holds "/", "\\" or ":" (fullwidth, small, vertical;
+    # "℀" is "a/c"), and the slashes best fit maps that NFKC leaves alone (division, fraction, big,
+    # operator). The look-alikes of ? * < > " | stay: best fit makes a name Windows refuses of them, no path.
+    | frozenset("\uff0f\uff3c\ufe68\uff1a\ufe55\ufe13\u2100\u2101\u2105\u2106\u2a74")
+    | frozenset("\u2215\u2044\u29f5\u29f8\u29f9")
 )
 _RESERVED = frozenset(
     # Microsoft's list ("Naming Files, Paths, and Namespaces"), COM0 and LPT0 included, and the console's two.
@@ -67,7 +78,11 @@ def portable_component(component: str) -> str:
     component = unicodedata.normalize("NFC", component)
     component = "".join("_" if character in _REPLACED else character for character in component)
     component = component.rstrip(" .") or "_"
-    if component.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
+    # What best fit makes of it: two fullwidth full stops or U+2025 are "..", fullwidth "CON.txt" is "CON.txt".
+    best_fit = unicodedata.normalize("NFKC", component)
+    if not best_fit.rstrip(" ."):
+        component = "_"
+    elif best_fit.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
         component = "_" + component
     return shortened(component, "")
 

@@ -100,7 +100,7 @@ def _position(digits: str) -> int:
 
 
 # The records this version writes: changed whenever they change.
-FORMAT_VERSION = "archiver-zip-5"  # 5: C1 controls and U+2028/9 in names become _
+FORMAT_VERSION = "archiver-zip-6"  # 6: look-alikes of / \ : become _ (5: C1 controls and U+2028/9)
 
 
 def archive_etag(listing: AlbumListing, variant: str) -> str:
