@@ -33,6 +33,9 @@ def shared_storage(tmp_path: Path) -> Path:
     write_tree(storage / "small", {"photo.jpg": os.urandom(100_000), "notes.txt": b"notes"})
     # About 2 s at 1 MB/s: long enough to be in flight when something happens.
     write_tree(storage / "slow", {f"{index}.jpg": os.urandom(500_000) for index in range(4)})
+    # About 8 s at 1 MB/s: its producer outlives the first seconds of the download even on a loaded
+    # machine (a producer waits for the pipe to drain before it exits, and 2 MB is gone in ~1 s).
+    write_tree(storage / "long", {f"{index}.jpg": os.urandom(500_000) for index in range(16)})
     return storage
 
 
@@ -69,7 +72,7 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
         instances(shared_storage, 2, rate_limit="1000000") as (first, second),
         nginx_in_front([first.url, second.url], tmp_path / "nginx") as front,
         httpx.AsyncClient(base_url=front, timeout=30) as client,
-        client.stream("GET", "/archive/slow/") as doomed,
+        client.stream("GET", "/archive/long/") as doomed,
     ):
         chunks = doomed.aiter_raw()
         await anext(chunks)
