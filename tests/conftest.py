@@ -9,6 +9,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from archiver.archive import launcher, launcher_program, producer
+from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
@@ -85,6 +87,18 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
+
+
+async def ctimes_settled(album: Path) -> None:
+    """Wait until no file in ``album`` is racy (``ctime_trust.is_racy``), so that its archive has an ETag again.
+
+    A file changed within a clock tick of a walk could change again in that
+    tick, its key unmoved: its archive goes without an ETag until then
+    (``web.ranges.archive_validator``).  Not a synchronisation: a time to let pass.
+    """
+    ctimes = [path.stat().st_ctime_ns for path in album.rglob("*") if path.is_file()]
+    settled = max((ctime + (COARSE_RACY_NS if ctime % SECOND == 0 else RACY_NS) for ctime in ctimes), default=0)
+    await trio.sleep(max(0, settled - time.time_ns()) / SECOND + 0.001)
 
 
 def entry_name(info: zipfile.ZipInfo) -> str:

@@ -25,7 +25,7 @@ import trio
 
 from archiver.archive.producer import MAX_LINGERING
 
-from .conftest import launcher_processes, producer_processes, read_archive, spawner_processes
+from .conftest import ctimes_settled, launcher_processes, producer_processes, read_archive, spawner_processes
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
@@ -86,6 +86,7 @@ async def served_gated_album(
     storage.mkdir()
     for name, data in files.items():
         (source / name).write_bytes(data)
+    await ctimes_settled(source)
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     # The mount inside the server's lifetime: its end opens the gate first, so that a server
     # stuck on the storage (the fault these tests are about) can be stopped.

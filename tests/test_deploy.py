@@ -27,6 +27,7 @@ from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, STALL
 from archiver.web.pages import MESSAGES
 
 from .conftest import (
+    ctimes_settled,
     files_on_disk,
     free_port,
     http10_get,
@@ -295,6 +296,7 @@ def test_systemd_unit_gives_descriptors_for_the_job_and_connection_limits() -> N
 @needs_nginx
 async def test_nginx_passes_length_and_ranges_through(settings: Settings, tmp_path: Path) -> None:
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(200_000)})
+    await ctimes_settled(settings.storage_dir / "album")
     async with (
         running_server(settings) as service,
         nginx_in_front(service, tmp_path / "nginx") as front,

@@ -26,7 +26,7 @@ from archiver.web.limits import (
     connection_limit,
 )
 
-from .conftest import read_archive, running_server, write_tree
+from .conftest import ctimes_settled, read_archive, running_server, write_tree
 from .test_observability import samples
 
 PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
@@ -250,6 +250,7 @@ async def test_a_conditional_request_that_needs_no_job_is_answered_when_every_jo
     # A browser downloading an archive again sends If-None-Match: its 304 needs no job, nor a 412.
     write_tree(settings.storage_dir / "slow", {"photo.jpg": os.urandom(1024 * 1024)})
     write_tree(settings.storage_dir / "other", {"photo.jpg": b"x"})
+    await ctimes_settled(settings.storage_dir / "other")
     one_job = replace(settings, max_jobs=1, delay=0.5, chunk_size=65536)
     async with running_server(one_job) as url, client_from(url, "127.0.0.1") as client:
         etag = (await client.head("/archive/other/")).headers["etag"]

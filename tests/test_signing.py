@@ -19,7 +19,7 @@ from archiver.config import Settings
 from archiver.web.pages import MESSAGES
 from archiver.web.signing import LinkRefused, check_link, parse_duration, signed_query
 
-from .conftest import files_on_disk, make_client, read_archive, running_server, write_tree
+from .conftest import ctimes_settled, files_on_disk, make_client, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 
 SECRET = "correct horse battery staple"
@@ -37,6 +37,7 @@ def signing_settings(settings: Settings) -> Settings:
 
 async def test_signed_link_opens_the_archive_and_resumes(signing_settings: Settings, protocol: str) -> None:
     url = signed("album", time.time() + 60)
+    await ctimes_settled(signing_settings.storage_dir / "album")
     async with running_server(signing_settings) as server, make_client(server, protocol) as client:
         whole = await client.get(url)
         part = await client.get(url, headers={"Range": "bytes=100-", "If-Range": whole.headers["etag"]})

@@ -30,7 +30,7 @@ from archiver.config import Settings
 from archiver.web.disposition import MAX_SAVED_NAME_BYTES, DisplayNameRefused, content_disposition, display_name
 
 from .browser import CHROMIUM, saved_download
-from .conftest import http11_request, read_archive, running_server, server_in_thread, write_tree
+from .conftest import ctimes_settled, http11_request, read_archive, running_server, server_in_thread, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 NOON_UTC = calendar.timegm((2024, 7, 1, 12, 0, 0))
@@ -157,6 +157,7 @@ async def test_dos_times_are_in_the_configured_zone_and_clamped(settings: Settin
 async def test_one_etag_per_archive_across_instances_with_other_zones(settings: Settings) -> None:
     write_tree(settings.storage_dir / "album", {"noon.jpg": os.urandom(5000)})
     os.utime(settings.storage_dir / "album" / "noon.jpg", (NOON_UTC, NOON_UTC))
+    await ctimes_settled(settings.storage_dir / "album")
     utc, tokyo = await fetch(settings), await fetch(replace(settings, timezone="Asia/Tokyo"))
     assert utc.content != tokyo.content
     assert utc.headers["etag"] != tokyo.headers["etag"]

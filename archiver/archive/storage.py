@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,9 @@ class AlbumListing:
     directory: Path
     files: tuple[AlbumFile, ...]
     skipped: tuple[SkippedEntry, ...]
+    # When the walk that listed them began (time.time_ns): a file whose ctime lies within a clock
+    # tick of it may change again without its key moving (ctime_trust.is_racy).
+    started_ns: int = 0
 
     @property
     def total_size(self) -> int:
@@ -193,6 +197,7 @@ def list_album(
     """
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
+        started_ns = time.time_ns()
         try:
             files, skipped = _walk_once(album, progress, _Devices(on_device))
             break
@@ -203,7 +208,7 @@ def list_album(
     files.sort(key=lambda file: file.path)
     for entry in skipped:
         logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
-    return AlbumListing(album, tuple(files), tuple(skipped))
+    return AlbumListing(album, tuple(files), tuple(skipped), started_ns)
 
 
 class _Devices:

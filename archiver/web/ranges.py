@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..archive.ctime_trust import CtimeTrust, trusted_ctime
+from ..archive.ctime_trust import CtimeTrust, is_racy
 from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
@@ -130,13 +130,17 @@ def archive_validator(listing: AlbumListing, etag: str, length: int | None, trus
     promised twice), and where a file may change without its key moving (a
     ctime that may be only the mtime again, as sshfs reports: ``trust``),
     where an edit would keep the tag: a resume across it (If-Range) would
-    splice two archives, and an If-None-Match would keep a stale copy.  Without
-    an ETag, If-Range never matches and a ranged request gets the whole archive.
+    splice two archives, and an If-None-Match would keep a stale copy.  Nor
+    while a file's ctime lies within a clock tick of the walk that listed it
+    (``is_racy``): written again later in that tick (or that second, on a
+    filesystem of whole seconds), it would keep its key, and the archive its
+    tag.  Without an ETag, If-Range never matches and a ranged request gets
+    the whole archive.
     """
     if length is None:
         return None
     devices = {file.device for file in listing.files}
-    if not all(map(trust.device, devices)) or not all(trusted_ctime(f.mtime_ns, f.ctime_ns) for f in listing.files):
+    if not all(map(trust.device, devices)) or any(is_racy(file.key, listing.started_ns) for file in listing.files):
         return None
     return etag
 
