@@ -93,9 +93,13 @@ class GatedFs(Operations):  # type: ignore[misc]
         self._gate("metadata")
         return 0
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
         self._gate("listing")
-        return [".", "..", *os.listdir(self._path(path))]
+        # With use_ino each entry carries its inode (an entry of inode 0 is one readdir(3) passes over).
+        folder = self._path(path)
+        entries = [(name, os.lstat(os.path.join(folder, name))) for name in os.listdir(folder)]
+        listed = [(name, {"st_ino": found.st_ino, "st_mode": found.st_mode}, 0) for name, found in entries]
+        return [(".", {"st_ino": os.lstat(folder).st_ino, "st_mode": os.lstat(folder).st_mode}, 0), *listed]
 
     def open(self, path: str, flags: int) -> int:
         return os.open(self._path(path), os.O_RDONLY)
@@ -120,6 +124,7 @@ if __name__ == "__main__":
     times = sys.argv[4] if len(sys.argv) > 4 else ""
     # No kernel caching of attributes or names: each open sees the source as it is.
     # Up to 64 calls held at once (libfuse's default is 10 threads: more would queue unseen in the kernel).
+    # The source's inode numbers (use_ino), as NFS and mergerfs show them: a file keeps its inode across mounts.
     FUSE(
         GatedFs(source, gate, times),
         mountpoint,
@@ -128,4 +133,5 @@ if __name__ == "__main__":
         attr_timeout=0,
         entry_timeout=0,
         max_threads=64,
+        use_ino=True,
     )

@@ -5,18 +5,25 @@ and once a producer has run for it, ~170 more for the producer's
 instructions for each whole entry (``instructions._WholeEntries``, kept with it);
 downloads of the same album at once (a popular link, a download manager's
 eight connections, a hostile client's thousand ranges) share one.  The key
-is the album's directory and its ETag, which covers everything the plan is
-computed from: a changed album is a new plan.
+is the album's directory, its ETag, which covers everything the plan is
+computed from but the devices (hosts sharing an NFS storage number them
+differently, and must give one archive one tag), and the device of each
+file, which the plan names and the producer checks: a remount that
+renumbers a device (NFS, a disk plugged in again) is a new plan, not a
+download refused as "not the file listed" until a restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from .plan import ArchivePlan
+from .storage import AlbumListing
 
 # Entries kept across the plans held: ~50 MB at ~450 bytes each.
 CACHED_ENTRIES = 120_000
@@ -27,13 +34,14 @@ class PlanCache:
 
     def __init__(self, entries: int = CACHED_ENTRIES) -> None:
         self.entries = entries
-        self._plans: OrderedDict[tuple[Path, str], ArchivePlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[Path, str, bytes], ArchivePlan] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()  # used from the walks' worker threads
 
-    def get(self, directory: Path, etag: str, make: Callable[[], ArchivePlan]) -> ArchivePlan:
-        """The plan for ``directory`` at ``etag``: the cached one, or ``make()``'s, kept."""
-        key = (directory, etag)
+    def get(self, listing: AlbumListing, etag: str, make: Callable[[], ArchivePlan]) -> ArchivePlan:
+        """The plan for ``listing`` (whose archive has ``etag``): the cached one, or ``make()``'s, kept."""
+        devices = hashlib.blake2b(array("Q", [file.device for file in listing.files]).tobytes(), digest_size=16)
+        key = (listing.directory, etag, devices.digest())
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:

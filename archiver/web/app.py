@@ -104,9 +104,7 @@ def prepare_archive(
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
     # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
     etag = archive_etag(listing, f"{FORMAT_VERSION};level={compression};{policy.describe()}")
-    plan = plans.get(
-        listing.directory, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy)
-    )
+    plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
