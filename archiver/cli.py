@@ -165,7 +165,7 @@ def index_albums(argv: Sequence[str]) -> None:
     not_albums = 0
     for name in names:
         try:
-            listing = list_album(resolve_album(root, name), on_device=index.trust.learn)
+            listing = list_album(resolve_album(root, name), on_device=index.trust.learn, max_entries=settings.max_files)
         except AlbumNotFound:
             if args.names:
                 parser.error(f"no album {name!r} in {root}")

@@ -101,6 +101,10 @@ class Settings:
     timezone: str = "UTC"
     keep_modes: bool = False
     name_encoding: str = "cp1251"
+    # The most entries (files, folders, and what is left out) an album may hold: its listing and
+    # plan are held in memory (~650 bytes a file while a request is prepared), and the plan
+    # cache keeps at least one plan this large, so that the downloads of an album share it.
+    max_files: int = 120_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -121,6 +125,8 @@ class Settings:
             not self.storage_timeout >= MIN_STORAGE_TIMEOUT
         ):  # NaN too (it would never fire); 1e-300, every request a 503
             raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
+        if self.max_files < 1:
+            raise SettingsError(f"max_files must be positive, not {self.max_files}")
         if not self.stall_timeout > 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
             raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
         try:
@@ -201,5 +207,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "timezone": str,
     "keep_modes": _parse_bool,
     "name_encoding": str,
+    "max_files": int,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

@@ -42,6 +42,8 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_CHANNEL_CAPACITY", "1000000"),
         ("ARCHIVER_DELAY", "1e308"),  # helper 36
         ("ARCHIVER_STORAGE_TIMEOUT", "1e-300"),
+        ("ARCHIVER_MAX_FILES", "0"),
+        ("ARCHIVER_MAX_FILES", "many"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:

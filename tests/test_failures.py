@@ -382,6 +382,21 @@ async def test_rate_limit_saves_up_at_most_a_second_over_a_pause(settings: Setti
     assert burst <= 2 * rate + 2 * 16_384
 
 
+async def test_an_album_of_more_files_than_the_most_is_a_500_never_an_archive_of_part(
+    settings: Settings, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_tree(settings.storage_dir / "large", {f"{index}.jpg": b"x" for index in range(4)})
+    write_tree(settings.storage_dir / "fits", {f"{index}.jpg": b"x" for index in range(3)})
+    async with running_server(replace(settings, max_files=3)) as url, make_client(url, protocol) as client:
+        for method in ("GET", "HEAD"):
+            assert (await client.request(method, "/archive/large/")).status_code == 500
+        fits = await client.get("/archive/fits/")
+        metrics = samples((await client.get("/metrics")).text)
+    assert fits.status_code == 200 and read_archive(fits.content) == files_on_disk(settings.storage_dir / "fits")
+    assert metrics['archiver_downloads_rejected_total{reason="listing_failed"}'] == 2
+    assert "refused large: cannot list it: more than 3 entries (ARCHIVER_MAX_FILES)" in caplog.text
+
+
 async def test_an_album_that_cannot_be_listed_whole_is_refused_never_sent_in_part(storage: Path) -> None:
     """Out of descriptors in the middle of a walk: 503 + Retry-After and one ERROR line, not a clean 200 of part.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,34 @@ def test_a_folder_nested_exactly_64_levels_is_archived(tmp_path: Path) -> None:
     (folder / "at-64.jpg").write_bytes(b"x")
     listing = list_album(album)
     assert [file.path.count("/") for file in listing.files] == [MAX_DEPTH]
+
+
+def test_an_album_of_more_entries_than_the_most_fails_its_listing(tmp_path: Path) -> None:
+    # Found by helper 45: a listing and a plan are held in memory, ~650 bytes a file; 250,000
+    # files took 150 MB a download. Files, folders and what is left out all count.
+    write_tree(tmp_path / "album", {"a.jpg": b"a", "f/b.jpg": b"b", "f/g/c.jpg": b"c"})
+    os.symlink("a.jpg", tmp_path / "album" / "link")  # left out, but met
+    assert len(list_album(tmp_path / "album", max_entries=6).files) == 3
+    with pytest.raises(ListingFailed, match="more than 5 entries") as refused:
+        list_album(tmp_path / "album", max_entries=5)
+    assert not refused.value.transient
+    # A folder of more entries than the most stops its walk while it is read, not once held whole.
+    write_tree(tmp_path / "wide", {f"{index}.jpg": b"" for index in range(5000)})
+    read = 0
+    real_scandir = os.scandir
+
+    def counting_scandir(fd: int) -> Iterator[os.DirEntry[str]]:
+        nonlocal read
+        with real_scandir(fd) as listing:
+            for entry in listing:
+                read += 1
+                yield entry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", lambda fd: contextlib.closing(counting_scandir(fd)))
+        with pytest.raises(ListingFailed):
+            list_album(tmp_path / "wide", max_entries=1000)
+    assert read <= 2048
 
 
 def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_nothing() -> None:

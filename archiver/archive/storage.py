@@ -185,12 +185,17 @@ def resolve_album(root: Path, name: str) -> Path:
 
 
 def list_album(
-    album: Path, progress: WalkProgress | None = None, on_device: Callable[[int, int], None] | None = None
+    album: Path,
+    progress: WalkProgress | None = None,
+    on_device: Callable[[int, int], None] | None = None,
+    max_entries: int | None = None,
 ) -> AlbumListing:
     """Walk ``album`` (not following links) and sort what it holds into files and skips.
 
     Raises AlbumNotFound if the album is gone, ListingFailed if it (or
-    anything in it) cannot be listed for another reason than the policy's.
+    anything in it) cannot be listed for another reason than the policy's,
+    or holds more than ``max_entries`` entries (files, folders and skips;
+    the walk stops there: its lists are what it holds in memory).
     ``progress`` moves on with each answer from the storage; WalkGivenUp once given up on.
     ``on_device(fd, device)`` is called once a walk for each device a folder
     lies on, with the folder open as ``fd`` (``ctime_trust.CtimeTrust.learn``).
@@ -199,7 +204,7 @@ def list_album(
     for _ in range(WALK_ATTEMPTS):
         started_ns = time.time_ns()
         try:
-            files, skipped = _walk_once(album, progress, _Devices(on_device))
+            files, skipped = _walk_once(album, progress, _Devices(on_device), max_entries)
             break
         except _AlbumChanged:
             continue
@@ -244,7 +249,9 @@ class _Devices:
             os.close(fd)
 
 
-def _walk_once(album: Path, progress: WalkProgress, devices: _Devices) -> tuple[list[AlbumFile], list[SkippedEntry]]:
+def _walk_once(
+    album: Path, progress: WalkProgress, devices: _Devices, max_entries: int | None
+) -> tuple[list[AlbumFile], list[SkippedEntry]]:
     """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
@@ -263,7 +270,8 @@ def _walk_once(album: Path, progress: WalkProgress, devices: _Devices) -> tuple[
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
     # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
-    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices)
+    limit = _EntryLimit(max_entries)
+    _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices, limit)
     for relative, seen in folders:
         progress.step()
         try:
@@ -288,6 +296,24 @@ MAX_DEPTH = 64
 PATH_MAX = 4096
 
 
+class _EntryLimit:
+    """The most entries a walk may meet in the album's folders (files, folders and what is left out)."""
+
+    def __init__(self, most: int | None) -> None:
+        self.most = most
+        self.met = 0
+
+    def check(self, reading: int) -> None:
+        """ListingFailed if the entries met, and ``reading`` more of the folder being read, are more than the most."""
+        if self.most is not None and self.met + reading > self.most:
+            raise ListingFailed(f"more than {self.most} entries (ARCHIVER_MAX_FILES)", transient=False)
+
+    def add(self, read: int) -> None:
+        """A folder's ``read`` entries met (ListingFailed past the most)."""
+        self.met += read
+        self.check(0)
+
+
 def _walk(
     directory_fd: int,
     prefix: str,
@@ -297,6 +323,7 @@ def _walk(
     room: int,
     progress: WalkProgress,
     devices: _Devices,
+    limit: _EntryLimit,
 ) -> None:
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
@@ -316,6 +343,9 @@ def _walk(
             for entry in listing:  # a large folder is read in many calls
                 progress.step()
                 entries.append(entry)
+                if len(entries) % 1024 == 0:  # a folder of millions stops early, not once read whole
+                    limit.check(len(entries))
+        limit.add(len(entries))
         entries.sort(key=lambda entry: entry.name)
         for entry in entries:
             relative = prefix + entry.name
@@ -338,7 +368,7 @@ def _walk(
                     _may_leave_out(error, relative)
                     skipped.append(SkippedEntry(relative, f"cannot list: {error.strerror}"))
                 else:
-                    _walk(child, relative + "/", files, skipped, folders, room, progress, devices)
+                    _walk(child, relative + "/", files, skipped, folders, room, progress, devices, limit)
             else:
                 if status.st_dev != folder_device:
                     devices.file(entry.name, directory_fd, status.st_dev)

@@ -26,7 +26,7 @@ from ..archive.crc_store import CrcStore
 from ..archive.ctime_trust import CtimeTrust
 from ..archive.entries import EntryPolicy
 from ..archive.plan import ArchivePlan
-from ..archive.plan_cache import PlanCache
+from ..archive.plan_cache import CACHED_ENTRIES, PlanCache
 from ..archive.producer import lingering as lingering_producers
 from ..archive.producer import producer_available
 from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, WalkProgress, list_album, resolve_album
@@ -98,7 +98,7 @@ def prepare_archive(
 
     20,000 files take ~0.2 s.  ``progress`` moves on with the walk.
     """
-    listing = list_album(album, progress, trust.learn)
+    listing = list_album(album, progress, trust.learn, settings.max_files)
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
@@ -181,7 +181,7 @@ def create_app(settings: Settings) -> QuartTrio:
     # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
     client_walks = ClientWalks(settings.max_jobs)
     crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
-    plans = PlanCache()
+    plans = PlanCache(max(CACHED_ENTRIES, settings.max_files))  # the largest album's plan is shared too
     metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
