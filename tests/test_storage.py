@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from archiver.archive.real_paths import open_real_directory
-from archiver.archive.storage import AlbumNotFound, ListingFailed, list_album, resolve_album
+from archiver.archive.storage import SKIPS_LOGGED, AlbumNotFound, ListingFailed, list_album, resolve_album
 
 from .conftest import write_tree
 from .test_cli import PROJECT
@@ -178,6 +179,21 @@ def test_an_album_of_more_entries_than_the_most_fails_its_listing(tmp_path: Path
         with pytest.raises(ListingFailed):
             list_album(tmp_path / "wide", max_entries=1000)
     assert read <= 2048
+
+
+def test_a_listing_logs_a_few_entries_left_out_by_name_and_counts_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every request walks its album: one line a link, for an album of 100,000, at every HEAD.
+    write_tree(tmp_path / "album", {"a.jpg": b"a"})
+    for index in range(SKIPS_LOGGED + 5):
+        os.symlink("a.jpg", tmp_path / "album" / f"link-{index:02d}")
+    with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
+        listing = list_album(tmp_path / "album")
+    assert len(listing.skipped) == SKIPS_LOGGED + 5
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[:SKIPS_LOGGED] == [f"skipped album/link-{index:02d}: symbolic link" for index in range(SKIPS_LOGGED)]
+    assert lines[SKIPS_LOGGED:] == ["skipped 5 more entries of album"]
 
 
 def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_nothing() -> None:

@@ -56,6 +56,9 @@ class ListingFailed(RuntimeError):
         self.transient = transient
 
 
+# The entries left out that a listing logs by name (every request walks): an album of 100,000
+# links would otherwise log 100,000 lines for each HEAD (a client asking again and again could fill the disk).
+SKIPS_LOGGED = 10
 # An entry that vanished or was swapped (for a link, a file for a folder) while walked: left out.
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 # Not the service's to read: left out (the policy above).
@@ -211,8 +214,10 @@ def list_album(
     else:
         raise ListingFailed(f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
     files.sort(key=lambda file: file.path)
-    for entry in skipped:
+    for entry in skipped[:SKIPS_LOGGED]:
         logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
+    if len(skipped) > SKIPS_LOGGED:
+        logger.info("skipped %d more entries of %s", len(skipped) - SKIPS_LOGGED, album.name)
     return AlbumListing(album, tuple(files), tuple(skipped), started_ns)
 
 
