@@ -86,7 +86,7 @@ def _stored_instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSourc
             at = plan.local_offsets[stop]
             if known:
                 yield from _pieces(plan, position, plan.local_offsets[k] - 1, crcs)
-                yield entries.instructions(k, stop, known)
+                yield entries.instructions(plan, k, stop, known)
             else:
                 yield from _pieces(plan, position, at - 1, crcs)
             position, k = at, stop
@@ -132,16 +132,17 @@ class _WholeEntries:
     header and path again, and 77 bytes of instruction fields.
     """
 
-    def __init__(self, plan: ArchivePlan) -> None:
-        self.plan = plan
+    def __init__(self) -> None:
+        # No reference to the plan: these are its weak dictionary's value, which would keep it alive
+        # (every plan a producer had run for was kept for good: found by helper 46).
         self.block = RUN
         self._blocks: dict[int, tuple[bytes, array[int]]] = {}
 
-    def instructions(self, first: int, stop: int, crcs: Sequence[int]) -> bytearray:
-        """Entries ``first`` .. ``stop - 1`` (in one block), entry ``first + i``'s header with ``crcs[i]``."""
+    def instructions(self, plan: ArchivePlan, first: int, stop: int, crcs: Sequence[int]) -> bytearray:
+        """Entries ``first`` .. ``stop - 1`` of ``plan`` (in one block), entry ``first + i``'s header with crcs[i]."""
         block_first = first - first % self.block
         assert stop <= block_first + self.block, "a run crosses a block"
-        joined, starts = self._blocks.get(block_first) or self._make(block_first)
+        joined, starts = self._blocks.get(block_first) or self._make(plan, block_first)
         low, high = first - block_first, stop - block_first  # starts[] counts from the block's first entry
         base = starts[low]
         data = bytearray(memoryview(joined)[base : starts[high]])
@@ -150,8 +151,8 @@ class _WholeEntries:
             _CRC.pack_into(data, starts[i] + at, crc)
         return data
 
-    def _make(self, block_first: int) -> tuple[bytes, array[int]]:
-        plan, parts = self.plan, []
+    def _make(self, plan: ArchivePlan, block_first: int) -> tuple[bytes, array[int]]:
+        parts = []
         for k in range(block_first, min(block_first + self.block, plan.count)):
             parts.append(producer_program.literal(plan.local_header(k, 0)))
             parts.append(producer_program.file_slice(plan.path(k), plan.identity(k), 0, plan.sizes[k], None))
@@ -168,5 +169,5 @@ _whole_entries_of: weakref.WeakKeyDictionary[ArchivePlan, _WholeEntries] = weakr
 def _whole_entries(plan: ArchivePlan) -> _WholeEntries:
     entries = _whole_entries_of.get(plan)
     if entries is None:
-        entries = _whole_entries_of[plan] = _WholeEntries(plan)
+        entries = _whole_entries_of[plan] = _WholeEntries()
     return entries
