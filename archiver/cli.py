@@ -212,7 +212,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(sign_link(arguments[1:]))
         return
     if arguments[:1] == ["index"]:
-        index_albums(arguments[1:])
+        try:
+            index_albums(arguments[1:])
+        except KeyboardInterrupt:  # Ctrl-C: no traceback; the CRCs committed so far are kept
+            print("\narchiver index: interrupted", file=sys.stderr)
+            sys.exit(130)
         return
     settings = parse_settings(arguments)
     configure_logging(settings.verbose)

@@ -24,6 +24,9 @@ MAX_CHANNEL_CAPACITY = 16
 MAX_DELAY = 60.0
 # Less, and a request would be given up on before any storage could answer.
 MIN_STORAGE_TIMEOUT = 0.1
+# Less, and no client could take a chunk in time: 1e-300 passed, and every answer, /healthz's
+# too, was cut as stalled (helper 46).
+MIN_STALL_TIMEOUT = 1.0
 
 
 class SettingsError(ValueError):
@@ -127,8 +130,10 @@ class Settings:
             raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
         if self.max_files < 1:
             raise SettingsError(f"max_files must be positive, not {self.max_files}")
-        if not self.stall_timeout > 0 or self.max_jobs_per_client < 1 or self.max_connections < 0:
-            raise SettingsError("stall_timeout and max_jobs_per_client must be positive, max_connections not negative")
+        if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
+            raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
+        if self.max_jobs_per_client < 1 or self.max_connections < 0:
+            raise SettingsError("max_jobs_per_client must be positive, max_connections not negative")
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

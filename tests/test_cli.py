@@ -373,3 +373,20 @@ def test_systemd_unit_restarts_whatever_the_exit_status() -> None:
     assert "\nRestartSec=2\n" in unit
     # A stop's SIGTERM to the service alone: producers killed with it would cut every download in flight.
     assert "\nKillMode=mixed\n" in unit
+
+
+def test_ctrl_c_during_archiver_index_ends_it_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by helper 46: Ctrl-C printed a KeyboardInterrupt traceback. (SIGINT raises it wherever
+    # the index is; a stand-in raises it at once.)
+    from archiver import cli
+
+    def interrupted(argv: Sequence[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "index_albums", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["index"])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.strip() == "archiver index: interrupted"

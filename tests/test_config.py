@@ -42,6 +42,9 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_CHANNEL_CAPACITY", "1000000"),
         ("ARCHIVER_DELAY", "1e308"),  # helper 36
         ("ARCHIVER_STORAGE_TIMEOUT", "1e-300"),
+        ("ARCHIVER_STALL_TIMEOUT", "1e-300"),  # helper 46: every answer cut as stalled
+        ("ARCHIVER_STALL_TIMEOUT", "0.5"),
+        ("ARCHIVER_STALL_TIMEOUT", "nan"),
         ("ARCHIVER_MAX_FILES", "0"),
         ("ARCHIVER_MAX_FILES", "many"),
     ],
