@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from archiver.archive.real_paths import open_real_directory
-from archiver.archive.storage import SKIPS_LOGGED, AlbumNotFound, ListingFailed, list_album, resolve_album
+from archiver.archive.storage import (
+    PATH_LOGGED,
+    SKIPS_LOGGED,
+    AlbumNotFound,
+    ListingFailed,
+    list_album,
+    log_skipped,
+    resolve_album,
+)
 
 from .conftest import write_tree
 from .test_cli import PROJECT
@@ -188,12 +196,18 @@ def test_a_listing_logs_a_few_entries_left_out_by_name_and_counts_the_rest(
     write_tree(tmp_path / "album", {"a.jpg": b"a"})
     for index in range(SKIPS_LOGGED + 5):
         os.symlink("a.jpg", tmp_path / "album" / f"link-{index:02d}")
+    long_folder = tmp_path / "album" / ("\x01" * 255) / ("\x01" * 255)
+    long_folder.mkdir(parents=True)
+    os.symlink("a.jpg", long_folder / "0-link")  # listed first: its path is 511 characters
     with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
         listing = list_album(tmp_path / "album")
-    assert len(listing.skipped) == SKIPS_LOGGED + 5
+        assert not caplog.records  # a listing logs nothing: every request lists its album
+        log_skipped(listing)  # when its plan is made: once a version of the album
+    assert len(listing.skipped) == SKIPS_LOGGED + 6
     lines = [record.getMessage() for record in caplog.records]
-    assert lines[:SKIPS_LOGGED] == [f"skipped album/link-{index:02d}: symbolic link" for index in range(SKIPS_LOGGED)]
-    assert lines[SKIPS_LOGGED:] == ["skipped 5 more entries of album"]
+    assert lines[0] == f"skipped album/…{listing.skipped[0].path[-PATH_LOGGED:]}: symbolic link"
+    assert lines[1:SKIPS_LOGGED] == [f"skipped album/link-{index:02d}: symbolic link" for index in range(9)]
+    assert lines[SKIPS_LOGGED:] == ["skipped 6 more entries of album"]
 
 
 def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_nothing() -> None:

@@ -56,9 +56,11 @@ class ListingFailed(RuntimeError):
         self.transient = transient
 
 
-# The entries left out that a listing logs by name (every request walks): an album of 100,000
-# links would otherwise log 100,000 lines for each HEAD (a client asking again and again could fill the disk).
+# The entries left out that are logged by name, and the most characters of a path shown: an
+# album of 100,000 links logged 100,000 lines, and paths of 4,096 bytes of control characters
+# 15 KB a line (escaped), at every request (helper 46: 150 KB of log a HEAD).
 SKIPS_LOGGED = 10
+PATH_LOGGED = 200
 # An entry that vanished or was swapped (for a link, a file for a folder) while walked: left out.
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 # Not the service's to read: left out (the policy above).
@@ -159,6 +161,19 @@ class AlbumListing:
         return sum(file.size for file in self.files)
 
 
+def log_skipped(listing: AlbumListing) -> None:
+    """Log what ``listing`` leaves out: the first entries by name (their paths' ends), then a count of the rest.
+
+    For each version of an album once (when its plan is made), not for every request.
+    """
+    name = listing.directory.name
+    for entry in listing.skipped[:SKIPS_LOGGED]:
+        path = entry.path if len(entry.path) <= PATH_LOGGED else "…" + entry.path[-PATH_LOGGED:]
+        logger.info("skipped %s/%s: %s", name, path, entry.reason)
+    if len(listing.skipped) > SKIPS_LOGGED:
+        logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
+
+
 def resolve_album(root: Path, name: str) -> Path:
     """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
 
@@ -214,10 +229,6 @@ def list_album(
     else:
         raise ListingFailed(f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
     files.sort(key=lambda file: file.path)
-    for entry in skipped[:SKIPS_LOGGED]:
-        logger.info("skipped %s/%s: %s", album.name, entry.path, entry.reason)
-    if len(skipped) > SKIPS_LOGGED:
-        logger.info("skipped %d more entries of %s", len(skipped) - SKIPS_LOGGED, album.name)
     return AlbumListing(album, tuple(files), tuple(skipped), started_ns)
 
 

@@ -29,7 +29,15 @@ from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import CACHED_ENTRIES, PlanCache
 from ..archive.producer import lingering as lingering_producers
 from ..archive.producer import producer_available
-from ..archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, WalkProgress, list_album, resolve_album
+from ..archive.storage import (
+    ALBUM_NAME,
+    AlbumNotFound,
+    ListingFailed,
+    WalkProgress,
+    list_album,
+    log_skipped,
+    resolve_album,
+)
 from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
@@ -104,7 +112,12 @@ def prepare_archive(
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
     # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
     etag = archive_etag(listing, f"{FORMAT_VERSION};level={compression};{policy.describe()}")
-    plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
+
+    def make_plan() -> ArchivePlan:
+        log_skipped(listing)  # once for each version of the album, not at every request
+        return ArchivePlan(listing.directory, listing.files, compression, policy)
+
+    plan = plans.get(listing, etag, make_plan)
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
