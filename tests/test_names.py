@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archiver.archive import names as names_module
+from archiver.archive.best_fit import best_fit_forms
 from archiver.archive.names import entry_names, portable_component
 
 # The README's table of examples (What the person unpacks): on disk -> in the archive.
@@ -33,6 +34,9 @@ EXAMPLES = [
     ("C：photo.jpg", "C_photo.jpg"),
     ("．．", "_"),
     ("ＣＯＮ．jpg", "_ＣＯＮ．jpg"),
+    ("ÇON.txt", "_ÇON.txt"),
+    ("..∖..∖x.exe", ".._.._x.exe"),
+    ("C∶x.exe", "C_x.exe"),
 ]
 
 
@@ -69,7 +73,7 @@ TROUBLESOME = st.lists(
     st.sampled_from(
         [
             *["a", "A", "я", "Я", "e\u0301", "é", "ß", "SS", ".", " ", "*", ":", "\\", "\t", "😀", "CON"],
-            *["．", "＼", "ＣＯＮ", "℀"],  # look-alikes that best fit makes ASCII
+            *["．", "＼", "ＣＯＮ", "℀", "∖", "Ç", "Ø", "¥"],  # look-alikes that best fit makes ASCII
         ]
     ),
     min_size=1,
@@ -95,8 +99,10 @@ def test_every_name_is_portable_utf8_nfc_and_unique_when_case_folded(paths: list
         name.encode("utf-8")  # valid UTF-8 (no surrogates)
         for part in name.split("/"):
             assert part and part == portable_component(part)  # nothing forbidden is left
-            best_fit = unicodedata.normalize("NFKC", part)  # what an extractor using a code page makes of it
-            assert not set(best_fit) & set("/\\:") and best_fit.strip(" .")
+            # What an extractor using a code page may make of it: no separator, no dots alone, no device.
+            for form in [unicodedata.normalize("NFKC", part), *best_fit_forms(part)]:
+                assert not set(form) & set("/\\:") and form.strip(" .")
+                assert form.split(".", 1)[0].rstrip(" ").upper() not in names_module._RESERVED
     assert entry_names(sorted(paths)) == names  # deterministic
 
 
@@ -152,11 +158,12 @@ def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:
 def test_look_alikes_that_best_fit_makes_separators_dots_or_devices_are_defused() -> None:
     # Windows' best-fit conversion to a code page (an extractor using the "A" APIs) maps fullwidth
     # and small forms to ASCII: fullwidth "..\\..\\x.exe" would unpack as "..\\..\\x.exe" (the WorstFit attacks).
-    lookalikes = "／＼﹨：﹕︓∕⁄⧵⧸⧹℀℁℅℆⩴"
+    lookalikes = "／＼﹨：﹕︓∕⁄℀℁℅℆⩴∖∶։¥₩´"  # set minus, ratio, Armenian full stop, acute (1250-1254), yen, won
     assert portable_component(f"a{lookalikes}b") == "a" + "_" * len(lookalikes) + "b"
     for dots in ("．", "．．", "‥", "…", "﹒﹒", ". ．"):
         assert portable_component(dots) == "_", dots
-    for device in ("ＣＯＮ", "ｎｕｌ．txt", "ＣＯＭ１.jpg"):
+    # Helper 46: letters best fit makes C, O, N, L: C-cedilla in code page 1251, L with stroke in 1250-1254.
+    for device in ("ＣＯＮ", "ｎｕｌ．txt", "ＣＯＭ１.jpg", "ÇON.txt", "ĈON", "ŁPT1.jpg", "CØN"):
         assert portable_component(device) == "_" + device
     # Look-alikes that make no path stay: a Japanese title keeps its fullwidth question mark.
     assert portable_component("なぜ？.jpg") == "なぜ？.jpg"

@@ -10,12 +10,14 @@ chosen here, once per plan, for every reader alike:
   4.4.17.1 allows only ``/``), the characters Windows forbids in a name
   (``< > : " | ? *``, which also rules out a drive letter), their look-alikes
   that Windows' best-fit conversion to a code page turns into ``/``, ``\\`` or
-  ``:`` (fullwidth U+FF0F, U+FF3C, U+FF1A, division slash U+2215), and control
+  ``:`` (``best_fit``: fullwidth U+FF0F, U+FF3C, U+FF1A, division slash U+2215,
+  set minus U+2216, ratio U+2236, yen and won signs), and control
   characters become ``_``; a component that best fit makes all dots (two
   fullwidth full stops, U+2025) becomes ``_``; trailing dots
   and spaces go (Windows drops them);
   a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension,
-  also as best fit reads it: ``CON`` in fullwidth letters) gets a ``_`` in front;
+  also as best fit may read it: ``CON`` in fullwidth letters, or with a C
+  cedilla) gets a ``_`` in front;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
@@ -32,6 +34,8 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable
 
+from . import best_fit
+
 # Bidirectional controls make a name read otherwise than it is ("photo\u202egpj.exe"): they become _ too.
 _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # The most bytes of one path component on Linux and Android (NAME_MAX), and in characters on Windows.
@@ -45,11 +49,11 @@ _REPLACED = (
     | _BIDI_CONTROLS
     # Look-alikes of the separators and of the drive's colon. An extractor that converts names to an
     # ANSI code page (Windows' "best fit": the WorstFit attacks) unpacks a fullwidth "..\x" as "..\x".
-    # These are every character whose compatibility form (NFKC) holds "/", "\\" or ":" (fullwidth, small, vertical;
-    # "℀" is "a/c"), and the slashes best fit maps that NFKC leaves alone (division, fraction, big,
-    # operator). The look-alikes of ? * < > " | stay: best fit makes a name Windows refuses of them, no path.
+    # These are what some code page's best fit turns into "/", "\\" or ":" (Microsoft's tables), and every
+    # character whose compatibility form (NFKC) holds one (small and vertical forms; "℀" is "a/c").
+    # The look-alikes of ? * < > " | stay: best fit makes a name Windows refuses of them, no path.
+    | best_fit.SEPARATORS
     | frozenset("\uff0f\uff3c\ufe68\uff1a\ufe55\ufe13\u2100\u2101\u2105\u2106\u2a74")
-    | frozenset("\u2215\u2044\u29f5\u29f8\u29f9")
 )
 _RESERVED = frozenset(
     # Microsoft's list ("Naming Files, Paths, and Namespaces"), COM0 and LPT0 included, and the console's two.
@@ -78,11 +82,12 @@ def portable_component(component: str) -> str:
     component = unicodedata.normalize("NFC", component)
     component = "".join("_" if character in _REPLACED else character for character in component)
     component = component.rstrip(" .") or "_"
-    # What best fit makes of it: two fullwidth full stops or U+2025 are "..", fullwidth "CON.txt" is "CON.txt".
-    best_fit = unicodedata.normalize("NFKC", component)
-    if not best_fit.rstrip(" ."):
+    # What best fit may make of it: two fullwidth full stops or U+2025 are "..", a fullwidth "CON.txt"
+    # is "CON.txt", and so is one with C-cedilla in code page 1251.
+    forms = [unicodedata.normalize("NFKC", component), *best_fit.best_fit_forms(component)]
+    if any(not form.rstrip(" .") for form in forms):
         component = "_"
-    elif best_fit.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
+    elif any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
         component = "_" + component
     return shortened(component, "")
 
