@@ -17,14 +17,23 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+# The most characters of a request's field (path, query, a header) an access line keeps: a
+# User-Agent of 7,000 control bytes made a 42 KB line, and over HTTP/2 HPACK lets a client
+# repeat one for a few bytes a request (helper 47: ~330 bytes of log a byte sent).
+LOGGED_FIELD = 256
+
+
 def escape_log_field(text: str) -> str:
-    """``text`` for a quoted field of the access log: controls escaped, and ``\\`` and ``"`` too (as Apache does).
+    """``text`` for a quoted field of the access log: cut to ``LOGGED_FIELD`` characters (``...`` added),
+    controls escaped, and ``\\`` and ``"`` too (as Apache does).
 
     A request's headers may hold any byte from 0x80 (HTTP/1.1 allows them):
     U+0085 is a line break to Python's ``splitlines`` and to log shippers,
     U+009B a terminal's control sequence introducer, and a ``"`` in a
     User-Agent would end its field early.
     """
+    if len(text) > LOGGED_FIELD:
+        text = text[:LOGGED_FIELD] + "..."  # ASCII: a header goes back as Latin-1
     return escape_controls(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 

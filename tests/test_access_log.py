@@ -102,3 +102,29 @@ async def test_no_header_forges_a_line_or_a_field(log_storage: Path) -> None:
     assert "\x85" not in output and "\x9b" not in output
     (logged_line,) = [text for text in output.splitlines() if "/archive/missing/" in text or "/archive/forged/" in text]
     assert '"a\\"b\\\\c"' in logged_line and "ok\\x85[02/Dec" in logged_line and "x\\x9b31m" in logged_line
+
+
+async def test_a_long_header_or_path_makes_no_long_line(log_storage: Path) -> None:
+    # Found by helper 47: a User-Agent of 7,000 control bytes, each escaped to four, made a 42 KB
+    # line; over HTTP/2 HPACK repeats one for a few bytes a request. Each field keeps 256 characters.
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
+    async with launched(command) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+        def request() -> None:
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(
+                    b"GET /archive/" + b"%9B" * 2000 + b"/?" + b"q" * 3000 + b" HTTP/1.1\r\nHost: x\r\n"
+                    b"User-Agent: " + b"\x9b" * 7000 + b"\r\nReferer: " + b"\\" * 7000 + b"\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                while sock.recv(65536):
+                    pass
+
+        await trio.to_thread.run_sync(request)
+        with trio.fail_after(10):
+            while b'"' + b"\\\\" * 256 + b'..."' not in server.output:
+                await trio.sleep(0.02)
+    (line,) = [text for text in bytes(server.output).decode().splitlines() if '"GET /archive/' in text]
+    assert len(line) < 4 * (4 * 256 + 10), len(line)  # four fields of 256 characters, each escaped to at most four
+    assert '"' + "\\x9b" * 256 + '..."' in line and "q" * 257 not in line
