@@ -175,3 +175,18 @@ def test_a_slash_an_encoding_decodes_is_no_separator() -> None:
     # (EBCDIC: 0x61) must not make "../" (helper 35).  Such encodings are refused at start too (test_config).
     (name,) = entry_names([b"\x4b\x4b\x61\x4b\x4b\x61x\xff"], encoding="cp037")  # "../../" and more in EBCDIC
     assert "/" not in name and name.startswith(".._.._"), name
+
+
+def test_a_name_cut_to_255_bytes_is_checked_for_devices_and_dots_after_the_cut() -> None:
+    # Found by helper 47: checked, then cut, "COM1" + spaces + "x." + a CP1251 extension (twice as
+    # long in UTF-8) lost "   x" at the cut and unpacked as the device COM1, in every reader.
+    cp1251 = b"COM1" + b" " * 218 + b"x." + b"\xe0" * 16
+    grows = ("NUL" + " " * 227 + "x." + "\U0001d160" * 2).encode()  # NFC makes U+1D160 three characters
+    folder = b"CON" + b" " * 220 + b"x." + b"\xe0" * 16 + b"/inside.txt"
+    names = entry_names([cp1251, grows, folder])
+    assert [name.split(".", 1)[0] for name in names] == ["_COM1", "_NUL", "_CON"], names
+    for name in names:
+        for part in name.split("/"):
+            assert portable_component(part) == part and len(part.encode()) <= 255
+    dots = ("．" * 90 + "x" * 20).encode()  # 290 bytes: cut to its fullwidth dots alone, ".." to best fit
+    assert entry_names([dots]) == ["_"]

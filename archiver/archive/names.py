@@ -81,15 +81,18 @@ def portable_component(component: str) -> str:
     """One path component that Windows, macOS and Linux can all hold (NFC, nothing forbidden, never empty)."""
     component = unicodedata.normalize("NFC", component)
     component = "".join("_" if character in _REPLACED else character for character in component)
-    component = component.rstrip(" .") or "_"
+    # Cut first: the cut drops the dots and spaces it leaves at the end of the stem, and
+    # "COM1" + 218 spaces + "x.аа…" (CP1251, twice as long in UTF-8) was cut to the device "COM1.аа…"
+    # after it had been checked (helper 47).
+    component = shortened(component.rstrip(" .") or "_", "")
     # What best fit may make of it: two fullwidth full stops or U+2025 are "..", a fullwidth "CON.txt"
     # is "CON.txt", and so is one with C-cedilla in code page 1251.
     forms = [unicodedata.normalize("NFKC", component), *best_fit.best_fit_forms(component)]
     if any(not form.rstrip(" .") for form in forms):
-        component = "_"
-    elif any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
-        component = "_" + component
-    return shortened(component, "")
+        return "_"
+    if any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
+        return shortened("_" + component, "")  # cut again if need be: "_COM1" is no device
+    return component
 
 
 def shortened(component: str, suffix: str, limit: int = MAX_COMPONENT_BYTES) -> str:
