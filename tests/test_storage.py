@@ -22,8 +22,8 @@ from archiver.archive.storage import (
     SKIPS_LOGGED,
     AlbumNotFound,
     ListingFailed,
+    SkippedLog,
     list_album,
-    log_skipped,
     resolve_album,
 )
 
@@ -199,15 +199,26 @@ def test_a_listing_logs_a_few_entries_left_out_by_name_and_counts_the_rest(
     long_folder = tmp_path / "album" / ("\x01" * 255) / ("\x01" * 255)
     long_folder.mkdir(parents=True)
     os.symlink("a.jpg", long_folder / "0-link")  # listed first: its path is 511 characters
+    skips = SkippedLog(versions=2)
     with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
         listing = list_album(tmp_path / "album")
         assert not caplog.records  # a listing logs nothing: every request lists its album
-        log_skipped(listing)  # when its plan is made: once a version of the album
+        skips.log(listing, '"v1"')
+        skips.log(list_album(tmp_path / "album"), '"v1"')  # the same version again: not logged
     assert len(listing.skipped) == SKIPS_LOGGED + 6
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == f"skipped album/…{listing.skipped[0].path[-PATH_LOGGED:]}: symbolic link"
     assert lines[1:SKIPS_LOGGED] == [f"skipped album/link-{index:02d}: symbolic link" for index in range(9)]
     assert lines[SKIPS_LOGGED:] == ["skipped 6 more entries of album"]
+    # Helper 47: remembered by version, not by the plan cache, which albums can crowd each other out of.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
+        skips.log(listing, '"v2"')  # another version: logged
+        skips.log(listing, '"v1"')  # remembered still (the last two)
+        os.symlink("a.jpg", tmp_path / "album" / "link-new")
+        skips.log(list_album(tmp_path / "album"), '"v2"')  # what is left out changed: logged
+    assert sum(record.getMessage() == "skipped 6 more entries of album" for record in caplog.records) == 1
+    assert sum(record.getMessage() == "skipped 7 more entries of album" for record in caplog.records) == 1
 
 
 def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_nothing() -> None:

@@ -82,8 +82,8 @@ def portable_component(component: str) -> str:
     component = unicodedata.normalize("NFC", component)
     component = "".join("_" if character in _REPLACED else character for character in component)
     # Cut first: the cut drops the dots and spaces it leaves at the end of the stem, and
-    # "COM1" + 218 spaces + "x.аа…" (CP1251, twice as long in UTF-8) was cut to the device "COM1.аа…"
-    # after it had been checked (helper 47).
+    # "COM1" + 218 spaces + "x." + a Cyrillic extension (CP1251 on disk, twice as long in UTF-8) was
+    # cut to the device "COM1." + that extension after it had been checked (helper 47).
     component = shortened(component.rstrip(" .") or "_", "")
     # What best fit may make of it: two fullwidth full stops or U+2025 are "..", a fullwidth "CON.txt"
     # is "CON.txt", and so is one with C-cedilla in code page 1251.

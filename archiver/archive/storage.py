@@ -29,7 +29,9 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,17 +163,38 @@ class AlbumListing:
         return sum(file.size for file in self.files)
 
 
-def log_skipped(listing: AlbumListing) -> None:
-    """Log what ``listing`` leaves out: the first entries by name (their paths' ends), then a count of the rest.
+class SkippedLog:
+    """Logs what a listing leaves out once for each version of an album, not at every request.
 
-    For each version of an album once (when its plan is made), not for every request.
+    Every request walks its album.  A version is the album's ETag with what
+    is left out; the last ``versions`` of them are remembered (a plan cache's
+    life is not enough: albums that crowd each other out of it were logged
+    again at every request, helper 47).  Used from the walks' worker threads.
     """
-    name = listing.directory.name
-    for entry in listing.skipped[:SKIPS_LOGGED]:
-        path = entry.path if len(entry.path) <= PATH_LOGGED else "…" + entry.path[-PATH_LOGGED:]
-        logger.info("skipped %s/%s: %s", name, path, entry.reason)
-    if len(listing.skipped) > SKIPS_LOGGED:
-        logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
+
+    def __init__(self, versions: int = 4096) -> None:
+        self.versions = versions
+        self._logged: OrderedDict[tuple[Path, str, int], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def log(self, listing: AlbumListing, etag: str) -> None:
+        """Log ``listing``'s skipped entries (the first by name, each path's end; a count of the rest), if new."""
+        if not listing.skipped:
+            return
+        version = (listing.directory, etag, hash(listing.skipped))
+        with self._lock:
+            if version in self._logged:
+                self._logged.move_to_end(version)
+                return
+            self._logged[version] = None
+            if len(self._logged) > self.versions:
+                self._logged.popitem(last=False)
+        name = listing.directory.name
+        for entry in listing.skipped[:SKIPS_LOGGED]:
+            path = entry.path if len(entry.path) <= PATH_LOGGED else "…" + entry.path[-PATH_LOGGED:]
+            logger.info("skipped %s/%s: %s", name, path, entry.reason)
+        if len(listing.skipped) > SKIPS_LOGGED:
+            logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
 
 
 def resolve_album(root: Path, name: str) -> Path:

@@ -33,9 +33,9 @@ from ..archive.storage import (
     ALBUM_NAME,
     AlbumNotFound,
     ListingFailed,
+    SkippedLog,
     WalkProgress,
     list_album,
-    log_skipped,
     resolve_album,
 )
 from ..config import Settings, SettingsError
@@ -100,11 +100,18 @@ class PreparedArchive:
 
 
 def prepare_archive(
-    album: Path, settings: Settings, plans: PlanCache, compression: int, progress: WalkProgress, trust: CtimeTrust
+    album: Path,
+    settings: Settings,
+    plans: PlanCache,
+    skips: SkippedLog,
+    compression: int,
+    progress: WalkProgress,
+    trust: CtimeTrust,
 ) -> PreparedArchive:
     """Walk ``album``, plan its archive at deflate level ``compression`` (0: stored); in a worker thread.
 
-    20,000 files take ~0.2 s.  ``progress`` moves on with the walk.
+    20,000 files take ~0.2 s.  ``progress`` moves on with the walk.  What the
+    walk left out is logged once a version of the album (``skips``).
     """
     listing = list_album(album, progress, trust.learn, settings.max_files)
     # Stored archives have a length known before the first byte: browsers show
@@ -112,12 +119,8 @@ def prepare_archive(
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
     # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
     etag = archive_etag(listing, f"{FORMAT_VERSION};level={compression};{policy.describe()}")
-
-    def make_plan() -> ArchivePlan:
-        log_skipped(listing)  # once for each version of the album, not at every request
-        return ArchivePlan(listing.directory, listing.files, compression, policy)
-
-    plan = plans.get(listing, etag, make_plan)
+    skips.log(listing, etag)
+    plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
 
 
@@ -195,6 +198,7 @@ def create_app(settings: Settings) -> QuartTrio:
     client_walks = ClientWalks(settings.max_jobs)
     crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
     plans = PlanCache(max(CACHED_ENTRIES, settings.max_files))  # the largest album's plan is shared too
+    skips = SkippedLog()
     metrics = DownloadMetrics(slots)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
@@ -287,7 +291,7 @@ def create_app(settings: Settings) -> QuartTrio:
             # and the wait for this client's turn and for a walker thread counts unless the queue moves.
             progress = WalkProgress()
             prepared = await call_storage(
-                partial(prepare_archive, album, settings, plans, compression, progress, crc_index.trust),
+                partial(prepare_archive, album, settings, plans, skips, compression, progress, crc_index.trust),
                 timeout=settings.storage_timeout,
                 limiter=walkers,
                 progress=progress,
