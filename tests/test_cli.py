@@ -390,3 +390,21 @@ def test_ctrl_c_during_archiver_index_ends_it_without_a_traceback(
         cli.main(["index"])
     assert exited.value.code == 130
     assert capsys.readouterr().err.strip() == "archiver index: interrupted"
+
+
+def test_ctrl_c_while_the_cli_loads_ends_it_without_a_traceback() -> None:
+    # Helper 47: a SIGINT in the first ~0.5 s (importing Trio and Quart) printed a traceback.
+    # Here the interrupt comes as quart is imported, as a Ctrl-C then would.
+    interrupted_import = (
+        "import builtins, runpy, sys\n"
+        "real = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'quart':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "sys.argv = ['archiver', 'index']\n"
+        "runpy.run_module('archiver', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", interrupted_import], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "")
