@@ -408,3 +408,31 @@ def test_ctrl_c_while_the_cli_loads_ends_it_without_a_traceback() -> None:
     )
     done = subprocess.run([sys.executable, "-c", interrupted_import], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "")
+
+
+# Under the hypercorn launch a stop signal comes as the app's modules load: Hypercorn listens
+# on its port before it imports the app, for ~0.3 s before the app's lifespan can take a signal.
+SIGNALLED_WHILE_LOADING = """
+import builtins, os, runpy, signal, sys
+real = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "quart" and not getattr(importing, "sent", False):
+        importing.sent = True
+        os.kill(os.getpid(), signal.{stop})
+    return real(name, *args, **kwargs)
+builtins.__import__ = importing
+sys.argv = sys.argv[1:]
+runpy.run_module("hypercorn", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda stop: stop.name)
+async def test_a_stop_signal_while_the_app_loads_is_a_graceful_stop(stop: signal.Signals) -> None:
+    # A hostile review (issue 23): a SIGTERM in that window killed the process at its default.
+    command, env = launch_command("hypercorn", 0, grace=1)
+    signalled = [sys.executable, "-c", SIGNALLED_WHILE_LOADING.format(stop=stop.name), "hypercorn", *command[1:]]
+    async with launched(signalled, env | {"ARCHIVER_DIR": str(PROJECT / "data")}) as server:
+        with trio.fail_after(15):
+            status = await server.process.wait()
+    assert status == 0
+    assert f"received {stop.name}".encode() in server.output

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import weakref
 from typing import Any
 
@@ -50,12 +51,28 @@ logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
 _CONTEXTS: weakref.WeakSet[Any] = weakref.WeakSet()
+# Stop signals that came before the lifespan's receiver (see ``install``), oldest first.
+_EARLY: list[signal.Signals] = []
+
+
+def _hold_early_stop_signal(signum: int, frame: object) -> None:
+    _EARLY.append(signal.Signals(signum))
 
 
 def install() -> None:
-    """Note every WorkerContext Hypercorn creates in this process, and wrap the workers' shutdown trigger (once)."""
+    """Note every WorkerContext Hypercorn creates in this process, and wrap the workers' shutdown trigger (once).
+
+    Also hold any of STOP_SIGNALS that arrives before the app's lifespan starts its
+    receiver: Hypercorn listens on its port before it imports the app, and a
+    SIGTERM in the ~0.3 s until the lifespan started killed the process at its
+    default (the hostile review of issue 23).  ``wait_for_stop_signal`` then returns it at once.
+    """
     if getattr(WorkerContext, _MARKER, False):
         return
+    # Python sets handlers only from the main thread (a test may import this from another).
+    if threading.current_thread() is threading.main_thread():
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, _hold_early_stop_signal)
     original = WorkerContext.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -96,9 +113,14 @@ async def terminate_on_stop_signal() -> None:
 
 
 async def wait_for_stop_signal() -> signal.Signals:
-    """Until one of STOP_SIGNALS arrives: which one.  From then on, they are ignored (SIG_IGN)."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-    # Once the receiver closes, it restores what it found: SIG_IGN.
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        return signal.Signals(await anext(signals))
+    """Until one of STOP_SIGNALS arrives (or one held since ``install``): which one.  From then on, they are ignored."""
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            if _EARLY:
+                return _EARLY[0]
+            return signal.Signals(await anext(signals))
+    finally:
+        # The receiver has put back what it found (the default, or the holding handler): a
+        # second signal now, at its default, would end the process at once.
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
