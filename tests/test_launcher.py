@@ -7,6 +7,8 @@ import logging
 import os
 import resource
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,17 +16,18 @@ import httpx
 import pytest
 import trio
 
-from archiver.archive import launcher, launcher_program, producer_program
+from archiver.archive import launcher, launcher_program, producer_program, worker_threads
 
 from .conftest import (
     launcher_processes,
     parent_pid,
     process_state,
     producer_processes,
+    read_archive,
     spawner_processes,
     write_tree,
 )
-from .test_cli import launched
+from .test_cli import PROJECT, launched
 
 ECHO = (sys.executable, "-I", "-S", "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)")
 SLEEPER = (sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)")
@@ -303,3 +306,115 @@ async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit
         assert await started.wait() == -signal.SIGKILL  # its status went with the launcher
     assert not stopped.alive
     assert await stopped.process.wait() == -signal.SIGKILL and stopped.process.returncode == -signal.SIGKILL
+
+
+async def test_a_spawner_start_given_up_before_its_thread_ran_bars_no_later_start() -> None:
+    # Helper 48: a start given up before its thread ran (its client left while it waited for a
+    # thread, or no thread could be started) stayed counted as one waiting on the storage, and
+    # every later start of the spawner was refused: each download a 503 until a restart.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with trio.CancelScope() as scope:
+        scope.cancel()  # as the download's client leaves: the start is cancelled at its first checkpoint
+        await launcher._SpawnerProcess.start(theirs)
+    ours.close()
+    assert scope.cancelled_caught
+    assert theirs.fileno() == -1  # closed by the start: no descriptor left behind
+    assert launcher._SpawnerProcess.spawns_waiting == 0
+    first, spawner = await _launcher_and_spawner()
+    os.kill(first.process.pid, signal.SIGKILL)
+    os.kill(spawner.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while first.alive or spawner.alive:
+            await trio.sleep(0.01)
+    assert await _runs_a_program(await launcher.current())  # a fork of ours starts both again
+
+
+async def test_a_function_s_own_runtime_error_is_not_taken_for_a_missing_thread() -> None:
+    def fails() -> None:
+        raise RuntimeError("the function's own")
+
+    with pytest.raises(RuntimeError, match="the function's own") as raised:
+        await worker_threads.in_thread(fails)
+    assert not isinstance(raised.value, worker_threads.NoThread)
+
+
+def test_no_thread_is_an_oserror_and_a_spawner_start_without_one_leaves_nothing_counted() -> None:
+    # Helper 48: at the tasks' limit (TasksMax, ulimit -u) threading's RuntimeError was a 500 with a
+    # traceback, and a spawner start left counted for ever.  Run as nobody (the limit does not bind
+    # root) with a limit of one task: its own.
+    program = (
+        "import os, resource, socket, trio\n"
+        "from archiver.archive import launcher, worker_threads\n"
+        "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await worker_threads.in_thread(print, 'ran')\n"
+        "    except worker_threads.NoThread as error:\n"
+        "        print('NoThread', isinstance(error, OSError), error.errno == errno.EAGAIN)\n"
+        "    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "    try:\n"
+        "        await launcher._SpawnerProcess.start(theirs)\n"
+        "    except OSError as error:\n"
+        "        print('OSError', error)\n"
+        "    print('waiting', launcher._SpawnerProcess.spawns_waiting, 'closed', theirs.fileno() == -1)\n"
+        "import errno\n"
+        "trio.run(main)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=PROJECT)
+    assert result.stdout.splitlines() == [
+        "NoThread True True",
+        "OSError [Errno 11] no thread could be started (can't start new thread)",
+        "waiting 0 closed True",
+    ], result.stderr
+
+
+def _pids_cgroup_parent() -> Path | None:
+    """Where a cgroup with the pids controller can be made: v1's hierarchy, or v2's root if it delegates pids."""
+    v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
+    if (v1 / "cgroup.procs").exists():
+        return v1
+    delegated = v2 / "cgroup.subtree_control"
+    if delegated.exists() and "pids" in delegated.read_text().split():
+        return v2
+    return None
+
+
+@pytest.mark.slow  # ~12 s: waits for Trio's idle worker threads to end (10 s)
+async def test_at_the_tasks_limit_requests_are_refused_with_503_and_all_is_served_once_it_lifts(
+    tmp_path: Path,
+) -> None:
+    # Helper 48: with no thread to be had (systemd's TasksMax), /healthz and downloads were 500s
+    # with a traceback.  A cgroup's pids.max stands for the limit: it binds root too.
+    parent = _pids_cgroup_parent()
+    if parent is None:
+        pytest.skip("no cgroup with the pids controller here")
+    cgroup = parent / f"archiver-test-{os.getpid()}"
+    cgroup.mkdir()
+    files = {"photo.jpg": os.urandom(100_000)}
+    write_tree(tmp_path / "storage" / "album", files)
+    join = f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"'
+    command = ["sh", "-c", join, sys.executable, "-m", "archiver", "-D", str(tmp_path / "storage"), "-P", "0"]
+    try:
+        async with launched(command) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            assert (await client.get("/archive/album/")).status_code == 200
+            with trio.fail_after(30):  # Trio's worker threads end after 10 s idle: then any call needs a new one
+                while len(os.listdir(f"/proc/{server.process.pid}/task")) > 1:
+                    await trio.sleep(0.2)
+            (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
+            health = await client.get("/healthz")
+            assert health.status_code == 503
+            assert health.json() == {"status": "failing", "storage": False, "producer": True, "threads": False}
+            assert (await client.get("/")).status_code == 200  # without the sample's link
+            refused = await client.get("/archive/album/")
+            assert (refused.status_code, refused.headers["Retry-After"]) == (503, "5")
+            (cgroup / "pids.max").write_text("max\n")
+            assert read_archive((await client.get("/archive/album/")).content) == files
+            assert (await client.get("/healthz")).status_code == 200
+        assert b"Traceback" not in server.output
+        assert b"no thread could be started (can't start new thread)" in server.output
+    finally:
+        with trio.fail_after(10):  # the service's spawner and launcher end just after it
+            while (cgroup / "cgroup.procs").read_text().split():
+                await trio.sleep(0.02)
+        cgroup.rmdir()

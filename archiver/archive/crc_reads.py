@@ -23,6 +23,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import FileKey, is_racy
+from .worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,7 @@ async def _in_reader(
 
     ``queued(True)`` before, ``queued(False)`` in the thread as it starts (it holds a reader then).
     """
-    return await trio.to_thread.run_sync(
-        in_reader_thread(queued, function), *args, limiter=index.readers, abandon_on_cancel=True
-    )
+    return await in_thread(in_reader_thread(queued, function), *args, limiter=index.readers)
 
 
 def in_reader_thread(queued: Callable[[bool], None] | None, function: Callable[..., T]) -> Callable[..., T]:

@@ -11,12 +11,12 @@ from array import array
 from collections.abc import Sequence
 from functools import partial
 
-import trio
 from trio_util import AsyncValue  # type: ignore[attr-defined]
 
 from .crc_index import CrcIndex
 from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, file_crc, in_reader_thread, small_file_crc
 from .plan import ArchivePlan
+from .worker_threads import in_thread
 
 
 class CrcSource:
@@ -72,7 +72,7 @@ class CrcSource:
         keys = (self.plan.key(k) for k in self._entries)
         # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
         # of hung storage.
-        known = await trio.to_thread.run_sync(self.index.known, keys, abandon_on_cancel=True)
+        known = await in_thread(self.index.known, keys)
         buffer = bytearray(READ_SIZE)
         position = 0
         while position < len(self._entries):
@@ -94,13 +94,12 @@ class CrcSource:
                 ]
             else:
                 # Given up on if cancelled (storage that hangs): the thread opens and closes its files itself.
-                results = await trio.to_thread.run_sync(
+                results = await in_thread(
                     in_reader_thread(self._queued, self._small_files),
                     position,
                     known,
                     buffer,
                     limiter=self.index.readers,
-                    abandon_on_cancel=True,
                 )
             for result in results:
                 self._crcs[position] = result.crc
@@ -109,7 +108,7 @@ class CrcSource:
                 position += 1
             self._ready.value = position
         # Not behind another download's write (waiting on another process's lock): its rows go with the next.
-        await trio.to_thread.run_sync(partial(self.index.flush, wait=False), abandon_on_cancel=True)
+        await in_thread(partial(self.index.flush, wait=False))
 
     def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
         """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""

@@ -40,6 +40,7 @@ from pathlib import Path
 import trio
 
 from . import launcher_program
+from .worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,11 @@ class _SpawnerProcess:
     killed and reaped in that thread.
     """
 
-    spawns_waiting = 0  # starts given up on whose thread still waits (on the storage): no other is tried
+    # Threads of starts given up on that still run (wait on the storage): no other start is tried
+    # meanwhile.  Counted by the thread itself, from its first step to its last: a start given up
+    # before its thread began (cancelled while waiting for a thread, or no thread could be
+    # started) leaves nothing counted, for ever (helper 48: every download was then a 503).
+    spawns_waiting = 0
     _counting = threading.Lock()
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
@@ -241,25 +246,32 @@ class _SpawnerProcess:
 
     @classmethod
     async def start(cls, control: socket.socket) -> _SpawnerProcess:
-        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT."""
+        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT.
+
+        Starts are one at a time (``_opening_lock``): a thread still counted here is one given up on.
+        """
         if cls.spawns_waiting:
             control.close()
             raise OSError("the last start of the launchers' spawner still waits on the storage")
-        given_up = ended = False
+        began = given_up = ended = False
         started: list[subprocess.Popen[bytes]] = []
 
         def spawn() -> None:
-            nonlocal ended
+            nonlocal began, ended
+            with cls._counting:
+                if given_up:  # the start gave up before this thread began (and closed ``control``)
+                    return
+                began = True
+                cls.spawns_waiting += 1
             popen = None
             try:
                 popen = subprocess.Popen([*COMMAND, SPAWNER], stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK)
             finally:
                 control.close()  # here: the thread may outlive the start, and used it until now
                 with cls._counting:
+                    cls.spawns_waiting -= 1
                     ended, late = True, given_up
-                    if late:
-                        cls.spawns_waiting -= 1
-                    elif popen is not None:
+                    if not late and popen is not None:
                         started.append(popen)
             if late and popen is not None:  # given up on: it must not run
                 popen.kill()
@@ -267,13 +279,15 @@ class _SpawnerProcess:
 
         try:
             with trio.move_on_after(READY_WAIT):
-                await trio.to_thread.run_sync(spawn, abandon_on_cancel=True)
+                await in_thread(spawn)  # NoThread (an OSError) at the tasks' limit
         finally:
-            # Given up on (the time is out, or the download was cancelled): counted until its thread ends.
+            # Given up on (the time is out, the download was cancelled, no thread): a thread that
+            # has not begun returns at once when it does.
             with cls._counting:
                 if not started and not ended:
                     given_up = True
-                    cls.spawns_waiting += 1
+                    if not began:
+                        control.close()
         if not started:
             raise OSError(f"the launchers' spawner did not start in {READY_WAIT:.0f} s (waiting on the storage)")
         return cls(started[0])

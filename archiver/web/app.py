@@ -38,6 +38,7 @@ from ..archive.storage import (
     list_album,
     resolve_album,
 )
+from ..archive.worker_threads import in_thread
 from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
@@ -217,7 +218,7 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.after_serving
     async def write_the_last_crcs() -> None:
         # Rows a download's end left for the next (another was writing): given up on after SERVICE_BUSY_TIMEOUT.
-        await trio.to_thread.run_sync(crc_index.flush, abandon_on_cancel=True)
+        await in_thread(crc_index.flush)
 
     @app.after_serving
     async def report_lingering_producers() -> None:
@@ -245,7 +246,7 @@ def create_app(settings: Settings) -> QuartTrio:
             sample_there = not settings.link_secret and await call_storage(
                 sample.is_dir, timeout=root_timeout, limiter=index_lookers
             )
-        except StorageSilent:
+        except ListingFailed:  # silent storage, or no thread (worker_threads.NoThread)
             sample_there = False
         example = EXAMPLE_LINK if sample_there else ""
         return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")
@@ -386,6 +387,7 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.get("/healthz", provide_automatic_options=False)
     async def healthz() -> Response:
         """Liveness: the process answers, the storage root is readable (within 2 s), the producer is there to run."""
+        threads = True
         try:
             readable = await call_storage(
                 partial(os.access, settings.storage_dir, os.R_OK | os.X_OK),
@@ -394,7 +396,11 @@ def create_app(settings: Settings) -> QuartTrio:
             )
         except StorageSilent:
             readable = False
+        except ListingFailed:  # no thread could be started (worker_threads.NoThread): the storage not asked
+            readable = threads = False
         checks = {"storage": readable, "producer": producer_available()}
+        if not threads:
+            checks["threads"] = False
         healthy = all(checks.values())
         body = {"status": "ok" if healthy else "failing", **checks}
         return Response(json.dumps(body) + "\n", status=200 if healthy else 503, mimetype="application/json")

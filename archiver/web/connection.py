@@ -33,6 +33,7 @@ from quart.utils import encode_headers
 from ..archive.crc_reads import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.storage import ListingFailed
+from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
 from .download import ArchiveBody, ArchiveChanged, StorageTimeout, first_failure
@@ -49,6 +50,8 @@ from .pages import STORAGE_SILENT, error_page
 from .storage_calls import StorageSilent
 
 logger = logging.getLogger(__name__)
+# Failures the download's body logs (one line, no traceback) and counts itself.
+_LOGGED_BY_THE_BODY = (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled, StorageTimeout, NoThread)
 
 RETRY_AFTER_SECONDS = 5
 # Storage that stopped answering is not back in seconds (and each try holds a thread for the storage timeout).
@@ -85,7 +88,7 @@ async def send_archive_response(
         if not isinstance(failure, Exception):
             raise  # a cancellation alone: the client left, or shutdown
         if headers_sent or isinstance(failure, DownloadStalled):
-            if isinstance(failure, (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled, StorageTimeout)):
+            if isinstance(failure, _LOGGED_BY_THE_BODY):
                 # Logged by the body already.  Returning without the final
                 # body message aborts the transfer, like raising would,
                 # without a traceback for an expected operational failure.
@@ -156,6 +159,8 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, StorageTimeout):  # logged and counted as a failed download by the body
         return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
+    if isinstance(error, NoThread):  # the same; the tasks' limit (a CRC lookup's or read's thread)
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, (ProducerFailed, ArchiveChanged, FileChanged)):
         return error_page(500, accept)
     return None

@@ -23,6 +23,7 @@ from typing import TypeVar
 import trio
 
 from ..archive.storage import ListingFailed, WalkProgress
+from ..archive.worker_threads import NoThread, in_thread
 
 T = TypeVar("T")
 
@@ -73,10 +74,12 @@ async def call_storage(
     async def call(nursery: trio.Nursery) -> None:
         try:
             if admission is None:
-                returned.append(await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True))
+                returned.append(await in_thread(run, limiter=limiter))
             else:
                 async with admission():
-                    returned.append(await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True))
+                    returned.append(await in_thread(run, limiter=limiter))
+        except NoThread as error:  # the system's, not the storage's: the request may be tried again
+            raised.append(ListingFailed(str(error), transient=True))
         except Exception as error:  # raised below, itself: not in the nursery's ExceptionGroup
             raised.append(error)
         nursery.cancel_scope.cancel()
