@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.settings
 import httpx
 import pytest
 import trio
@@ -29,6 +32,7 @@ from .conftest import (
     producer_processes,
     read_archive,
     spawner_processes,
+    write_tree,
 )
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -314,6 +318,48 @@ async def test_shutdown_lets_downloads_finish_within_grace(
         # The client has closed its connection: nothing holds the server for the rest of the grace.
         with trio.fail_after(5):
             assert await server.process.wait() == 0
+
+
+async def test_a_stop_after_an_http2_client_was_cut_for_stalling_does_not_wait_out_the_grace(tmp_path: Path) -> None:
+    # Helper 47: a client that opens HTTP/2 downloads with a wide window and never reads is cut at
+    # the stall timeout; a stream whose response start the stall had cut left its task waiting for
+    # ever on the closed connection, and a SIGTERM on the idle service waited out the grace period.
+    write_tree(tmp_path / "storage" / "album", {f"{index}.jpg": os.urandom(4 << 20) for index in range(6)})
+    command, env = launch_command("archiver", 0, grace=60)
+    env |= {"ARCHIVER_DIR": str(tmp_path / "storage"), "ARCHIVER_STALL_TIMEOUT": "1"}
+    async with launched(command, env) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        connection.increment_flow_control_window(2**30)
+        for stream_id in (1, 3, 5, 7):
+            request = [(":method", "GET"), (":path", "/archive/album/"), (":scheme", "http"), (":authority", "x")]
+            connection.send_headers(stream_id, request, end_stream=True)
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(connection.data_to_send())
+        client_port = stream.socket.getsockname()[1]
+        with trio.fail_after(30):  # not read until the service has closed it (its socket writes stalled)
+            while not _closed_by_the_server(int(port), client_port):
+                await trio.sleep(0.05)
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some(1 << 20):
+                    pass
+        await stream.aclose()
+        server.process.terminate()
+        with trio.fail_after(15):  # the grace is 60 s: nothing is in flight to wait for
+            assert await server.process.wait() == 0
+
+
+def _closed_by_the_server(server_port: int, client_port: int) -> bool:
+    """Whether the server closed its end of a local IPv4 TCP connection (its FIN may wait behind unread data)."""
+    established = "01"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+        if (local, remote) == (server_port, client_port):
+            return fields[3] != established
+    return True
 
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])

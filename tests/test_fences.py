@@ -72,6 +72,12 @@ def source_of(module: object) -> str:
                 "self.connection.local_flow_control_window(stream_id)",
                 "await self.send(Updated(idle=idle))",
                 "self.priority.block(stream_id)",
+                # Closed ends the streams, not their buffers; close() sets what drain waits on (patch 7).
+                "        elif isinstance(event, Closed):\n            self.closed = True\n"
+                "            stream_ids = list(self.streams.keys())",
+                "    async def drain(self) -> None:\n        await self._is_empty.wait()",
+                "    async def close(self) -> None:\n        self._complete = True\n        self.buffer = bytearray()\n"
+                "        await self._is_empty.set()\n        await self._paused.set()",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',
@@ -212,7 +218,7 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop"):
         assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2"
-    for name in ("stream_send", "_send_data", "initiate", "_create_stream"):
+    for name in ("stream_send", "_send_data", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("run", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"

@@ -1,4 +1,4 @@
-"""Six adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Seven adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -89,6 +89,21 @@ Upstream report, as it would be filed: "H2: DataReceived for a stream the
 server has already closed raises KeyError in _handle_events and tears down
 the connection; StreamEnded has a try/except KeyError for this, DataReceived
 does not."
+
+7. Release the streams' buffers when the connection closes.
+
+On ``Closed`` Hypercorn ends each stream it still tracks, but not the
+streams' buffers, whose events only its send task sets, and that task ends
+with the connection.  An app task already past the point where its stream was
+told (the app's end, a ``500`` for a response whose start a stall cut, then
+its ``EndBody``) waited in ``drain`` for ever: a task left a stream, and a
+SIGTERM waited out the whole grace period on an idle service (found by
+helper 47, after an HTTP/2 client that stopped reading was cut for stalling).
+Here every buffer is closed once the connection is, as the send task does
+for a stream that closed under it: its waits return.
+Upstream report, as it would be filed: "H2: H2Protocol.handle(Closed) does
+not close stream_buffers; an app task in stream_send(EndBody) at that moment
+waits in StreamBuffer.drain() forever."
 """
 
 from __future__ import annotations
@@ -105,7 +120,7 @@ import h2.exceptions
 import trio
 from h2.connection import H2Connection
 from h2.stream import StreamState
-from hypercorn.events import RawData, Updated
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
@@ -131,6 +146,7 @@ def install() -> None:
     _time_out_idle_connections()
     _reset_malformed_requests()
     _drop_data_of_streams_gone()
+    _release_buffers_on_close()
     setattr(H2Protocol, _MARKER, True)
 
 
@@ -181,6 +197,18 @@ def _drop_data_of_streams_gone() -> None:
         await self._flush()
 
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+
+
+def _release_buffers_on_close() -> None:
+    original: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        await original(self, event)
+        if isinstance(event, Closed):
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()  # sets what drain and push wait on (patch 7)
+
+    H2Protocol.handle = handle  # type: ignore[method-assign]
 
 
 def _reset_unfinished_streams() -> None:
