@@ -41,6 +41,17 @@ async def _launcher_and_spawner() -> tuple[launcher.Launcher, launcher.Launcher]
     return started, spawner
 
 
+async def _kill_launcher_and_spawner() -> launcher.Launcher:
+    """Kill this run's launcher and spawner at once, and wait until the service has seen both end: the spawner."""
+    first, spawner = await _launcher_and_spawner()
+    os.kill(first.process.pid, signal.SIGKILL)
+    os.kill(spawner.process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        while first.alive or spawner.alive:
+            await trio.sleep(0.01)
+    return spawner
+
+
 async def _runs_a_program(started_by: launcher.Launcher) -> bool:
     """Whether ``started_by`` starts a program that runs: its status comes back (ECHO's, 3)."""
     started = await started_by.start(ECHO)
@@ -206,12 +217,7 @@ async def test_a_spawner_the_launcher_cannot_start_again_is_tried_again_at_a_lat
 async def test_a_spawner_and_launcher_that_die_at_once_are_started_again_by_the_service(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first, spawner = await _launcher_and_spawner()
-    os.kill(first.process.pid, signal.SIGKILL)
-    os.kill(spawner.process.pid, signal.SIGKILL)
-    with trio.fail_after(5):
-        while first.alive or spawner.alive:
-            await trio.sleep(0.01)
+    spawner = await _kill_launcher_and_spawner()
     with caplog.at_level(logging.ERROR):
         second = await launcher.current()  # a spawner first (a fork of ours), then the launcher
     assert "the launchers' spawner had ended: starting another (a fork of the service)" in caplog.text
@@ -320,12 +326,7 @@ async def test_a_spawner_start_given_up_before_its_thread_ran_bars_no_later_star
     assert scope.cancelled_caught
     assert theirs.fileno() == -1  # closed by the start: no descriptor left behind
     assert launcher._SpawnerProcess.spawns_waiting == 0
-    first, spawner = await _launcher_and_spawner()
-    os.kill(first.process.pid, signal.SIGKILL)
-    os.kill(spawner.process.pid, signal.SIGKILL)
-    with trio.fail_after(5):
-        while first.alive or spawner.alive:
-            await trio.sleep(0.01)
+    await _kill_launcher_and_spawner()
     assert await _runs_a_program(await launcher.current())  # a fork of ours starts both again
 
 
