@@ -568,3 +568,50 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
     assert figures["archiver_downloads_in_flight"] == 0
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("download album for" in m and "Input/output error when closed after reading" in m for m in failures)
+
+
+def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> None:
+    # Helper 49: at the tasks' limit a large file's CRC read got NoThread, and the close in its
+    # ``finally`` then raised threading's RuntimeError: a 500 with a traceback, and the file's
+    # descriptor open for good.  Run as nobody (the limit does not bind root), the soft limit
+    # lowered to one task (its own) and raised again.
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        (base / "photo.jpg").write_bytes(b"x" * 1000)
+        (base / "photo.jpg").chmod(0o644)
+        program = (
+            "import os, resource, sys, trio\n"
+            "from pathlib import Path\n"
+            "from archiver.archive.crc_reads import _SharedDescriptor\n"
+            "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "path = Path(sys.argv[1])\n"
+            "shared = _SharedDescriptor()\n"
+            "shared.open(path, 1000, None)  # here: a worker thread's work, without one\n"
+            "def opened():\n"
+            "    links = []\n"
+            "    for fd in os.listdir('/proc/self/fd'):\n"
+            "        try:\n"
+            "            links.append(os.readlink(f'/proc/self/fd/{fd}'))\n"
+            "        except OSError:  # closed meanwhile (the listing's own)\n"
+            "            pass\n"
+            "    return str(path) in links\n"
+            "_, hard = resource.getrlimit(resource.RLIMIT_NPROC)\n"
+            "async def main():\n"
+            "    resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))\n"
+            "    shared.drop()  # no thread to close it in: must not raise\n"
+            "    await trio.sleep(1.5)  # a retry or so at the limit\n"
+            "    print('open at the limit', opened())\n"
+            "    resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))\n"
+            "    with trio.fail_after(10):\n"
+            "        while opened():\n"
+            "            await trio.sleep(0.05)\n"
+            "    print('closed once a thread could be had')\n"
+            "trio.run(main)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program, str(base / "photo.jpg")], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        shutil.rmtree(base)
+    assert result.stdout.splitlines() == ["open at the limit True", "closed once a thread could be had"], result.stderr

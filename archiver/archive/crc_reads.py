@@ -23,7 +23,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import FileKey, is_racy
-from .worker_threads import in_thread
+from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ READ_SIZE = 256 * 1024
 # cancelled download does not wait for a whole large file.
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
+# Seconds between tries to close a file whose close found no thread to run in (the tasks' limit).
+CLOSE_RETRY = 1.0
 
 T = TypeVar("T")
 
@@ -197,7 +199,18 @@ class _SharedDescriptor:
             self._users -= 1
             if self._users or self._fd < 0:
                 return
-        trio.lowlevel.start_thread_soon(self._close_if_unused, lambda _: None, name="archiver close")
+        try:
+            trio.lowlevel.start_thread_soon(self._close_if_unused, lambda _: None, name="archiver close")
+        except RuntimeError:  # no thread to be had (the tasks' limit): closed once one can be (helper 49)
+            trio.lowlevel.spawn_system_task(self._close_once_a_thread_can_be_had, name="archiver close")
+
+    async def _close_once_a_thread_can_be_had(self) -> None:
+        while True:
+            try:
+                await in_thread(self._close_if_unused)
+                return
+            except NoThread:
+                await trio.sleep(CLOSE_RETRY)
 
     def _close_if_unused(self) -> None:
         with self._lock:
