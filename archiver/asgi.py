@@ -2,13 +2,14 @@
 
 import sys
 
-from .fences import hypercorn_signals
+from .fences import held_signals
 
-# SIGTERM, SIGINT and SIGHUP shut Hypercorn down gracefully when it runs the app in its own
-# process (workers = 0).  First, before the app's imports (~0.3 s): Hypercorn already listens.
-hypercorn_signals.install()
+# First: Hypercorn already listens, and the imports below take ~0.3 s.  A stop signal meanwhile is
+# held until the lifespan's receiver takes it (and then is a graceful stop).
+held_signals.hold()
 
 from .config import Settings, SettingsError  # noqa: E402
+from .fences import hypercorn_signals  # noqa: E402
 from .logs import configure_logging  # noqa: E402
 from .web.app import create_app  # noqa: E402
 
@@ -19,6 +20,9 @@ try:
 except SettingsError as error:
     # One line, as the CLI launch says it, not the traceback of Hypercorn's import of this module.
     sys.exit(f"archiver: {error}")
+
+# SIGTERM, SIGINT and SIGHUP shut Hypercorn down gracefully when it runs the app in its own process (workers = 0).
+hypercorn_signals.install()
 
 
 @app.before_serving

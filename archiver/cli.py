@@ -21,7 +21,7 @@ from .archive.crc_reads import album_crcs
 from .archive.ctime_trust import CtimeTrust
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
 from .config import Settings, SettingsError
-from .fences import hypercorn_tcp
+from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
 from .web.app import create_app, open_crc_store
@@ -233,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             listener.close()
     except OSError as error:
         sys.exit(f"archiver: cannot listen on {config.bind[0]}: {error.strerror or error}")
+    # From here a stop signal is a graceful stop, also while the app starts (the launcher, a look at the
+    # storage: up to ~12 s) before the receiver runs: held, and taken by it (helper 49).
+    held_signals.hold()
     logger.info("serving %s on %s:%d", os.path.abspath(settings.storage_dir), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:

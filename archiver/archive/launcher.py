@@ -265,7 +265,12 @@ class _SpawnerProcess:
                 cls.spawns_waiting += 1
             popen = None
             try:
-                popen = subprocess.Popen([*COMMAND, SPAWNER], stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK)
+                # A process group of its own (and so its launchers): a signal to the service's group (a
+                # terminal's Ctrl-C, kill -- -PGID) reached it before its Python had set its signals ignored,
+                # and the service's start failed (helper 49).  The service tells it when to end.
+                popen = subprocess.Popen(
+                    [*COMMAND, SPAWNER], stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK, process_group=0
+                )
             finally:
                 control.close()  # here: the thread may outlive the start, and used it until now
                 with cls._counting:

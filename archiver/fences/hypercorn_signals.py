@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import weakref
 from typing import Any
 
@@ -45,34 +44,22 @@ import trio
 from hypercorn.trio import run as hypercorn_trio_run
 from hypercorn.trio.worker_context import WorkerContext
 
-from . import hypercorn_tcp
+from . import held_signals, hypercorn_tcp
+from .held_signals import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
 _CONTEXTS: weakref.WeakSet[Any] = weakref.WeakSet()
-# Stop signals that came before the lifespan's receiver (see ``install``), oldest first.
-_EARLY: list[signal.Signals] = []
-
-
-def _hold_early_stop_signal(signum: int, frame: object) -> None:
-    _EARLY.append(signal.Signals(signum))
 
 
 def install() -> None:
     """Note every WorkerContext Hypercorn creates in this process, and wrap the workers' shutdown trigger (once).
 
-    Also hold any of STOP_SIGNALS that arrives before the app's lifespan starts its
-    receiver: Hypercorn listens on its port before it imports the app, and a
-    SIGTERM in the ~0.3 s until the lifespan started killed the process at its
-    default (the hostile review of issue 23).  ``wait_for_stop_signal`` then returns it at once.
+    ``archiver.asgi`` has held the stop signals since its first line (``held_signals``).
     """
     if getattr(WorkerContext, _MARKER, False):
         return
-    # Python sets handlers only from the main thread (a test may import this from another).
-    if threading.current_thread() is threading.main_thread():
-        for stop in STOP_SIGNALS:
-            signal.signal(stop, _hold_early_stop_signal)
     original = WorkerContext.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -92,11 +79,6 @@ def install() -> None:
     hypercorn_trio_run.check_multiprocess_shutdown_event = check_multiprocess_shutdown_event  # type: ignore[attr-defined]
 
 
-# What stops the service gracefully, in either launch (``cli`` too): systemd's SIGTERM, a
-# terminal's Ctrl-C and hang-up.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 async def terminate_on_stop_signal() -> None:
     """Wait for one of STOP_SIGNALS, then start Hypercorn's graceful shutdown (run in the app's lifespan nursery).
 
@@ -113,11 +95,11 @@ async def terminate_on_stop_signal() -> None:
 
 
 async def wait_for_stop_signal() -> signal.Signals:
-    """Until one of STOP_SIGNALS arrives (or one held since ``install``): which one.  From then on, they are ignored."""
+    """Until one of STOP_SIGNALS arrives (or one held, ``held_signals``): which one.  From then on, they are ignored."""
     try:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            if _EARLY:
-                return _EARLY[0]
+            if held_signals.received:
+                return held_signals.received[0]
             return signal.Signals(await anext(signals))
     finally:
         # The receiver has put back what it found (the default, or the holding handler): a
