@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     settings = parse_settings(arguments)
     configure_logging(settings.verbose)
+    # From here a stop signal is a graceful stop, also while the app is made and starts (a look at the
+    # storage, the launcher: up to ~12 s) before the receiver runs: held, and taken by it (helpers 49, 50).
+    held_signals.hold()
     try:
         app = create_app(settings)
     except SettingsError as error:
@@ -233,9 +236,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             listener.close()
     except OSError as error:
         sys.exit(f"archiver: cannot listen on {config.bind[0]}: {error.strerror or error}")
-    # From here a stop signal is a graceful stop, also while the app starts (the launcher, a look at the
-    # storage: up to ~12 s) before the receiver runs: held, and taken by it (helper 49).
-    held_signals.hold()
     logger.info("serving %s on %s:%d", os.path.abspath(settings.storage_dir), settings.host, settings.port)
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:

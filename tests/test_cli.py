@@ -496,26 +496,44 @@ async def test_a_stop_signal_while_the_app_loads_is_a_graceful_stop(stop: signal
     assert b"Traceback" not in server.output
 
 
-# Under the CLI launch Hypercorn listens once the app has started (the launcher, a look at the
-# storage): a stop signal comes as the launchers' spawner is started.
+# Under the CLI launch Hypercorn listens once the app is made (a look at the storage root) and has
+# started (the launcher): a stop signal comes at one of those.
 SIGNALLED_WHILE_STARTING = """
 import os, runpy, signal, sys
 from archiver.archive import launcher
-opening = launcher.Launcher.open.__func__
+from archiver.web import app as web_app
+checking, opening = web_app._check_storage_root, launcher.Launcher.open.__func__
+def check_signalled(*args):
+    os.kill(os.getpid(), signal.{stop})
+    return checking(*args)
 async def open_signalled(cls):
     os.kill(os.getpid(), signal.{stop})
     return await opening(cls)
-launcher.Launcher.open = classmethod(open_signalled)
+if {moment!r} == "storage look":
+    web_app._check_storage_root = check_signalled
+else:
+    launcher.Launcher.open = classmethod(open_signalled)
 sys.argv = ["archiver", *sys.argv[1:]]
 runpy.run_module("archiver", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda stop: stop.name)
-async def test_a_stop_signal_while_the_cli_starts_the_app_is_a_graceful_stop(stop: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "stop, moment",
+    [
+        (signal.SIGTERM, "spawner start"),
+        (signal.SIGINT, "spawner start"),
+        (signal.SIGHUP, "spawner start"),
+        (signal.SIGTERM, "storage look"),  # helper 50: before the first hold
+        (signal.SIGINT, "storage look"),
+    ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value,
+)
+async def test_a_stop_signal_while_the_cli_starts_the_app_is_a_graceful_stop(stop: signal.Signals, moment: str) -> None:
     # Helper 49: a SIGTERM then killed the process, a SIGINT was a KeyboardInterrupt traceback.
     command, env = launch_command("archiver", 0, grace=1)
-    signalled = [sys.executable, "-c", SIGNALLED_WHILE_STARTING.format(stop=stop.name), *command[3:]]
+    program = SIGNALLED_WHILE_STARTING.format(stop=stop.name, moment=moment)
+    signalled = [sys.executable, "-c", program, *command[3:]]
     async with launched(signalled, env | {"ARCHIVER_DIR": str(PROJECT / "data")}) as server:
         with trio.fail_after(15):
             status = await server.process.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,7 @@ from .conftest import (
     spawner_processes,
     write_tree,
 )
-from .test_cli import PROJECT, launched
+from .test_cli import PROJECT, Launched, launched
 
 ECHO = (sys.executable, "-I", "-S", "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)")
 SLEEPER = (sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)")
@@ -381,41 +383,73 @@ def _pids_cgroup_parent() -> Path | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _served_in_a_pids_cgroup(storage: Path) -> AsyncIterator[tuple[Launched, Path]]:
+    """``python -m archiver`` on ``storage`` in a cgroup of its own (its pids.max the tasks' limit), removed after."""
+    parent = _pids_cgroup_parent()
+    if parent is None:
+        pytest.skip("no cgroup with the pids controller here")
+    cgroup = parent / f"archiver-test-{os.getpid()}"
+    cgroup.mkdir()
+    join = f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"'
+    command = ["sh", "-c", join, sys.executable, "-m", "archiver", "-D", str(storage), "-P", "0"]
+    try:
+        async with launched(command) as server:
+            yield server, cgroup
+    finally:
+        with trio.fail_after(10):  # the service's spawner and launcher end just after it
+            while (cgroup / "cgroup.procs").read_text().split():
+                await trio.sleep(0.02)
+        cgroup.rmdir()
+
+
+async def _no_thread_but_the_main_one(server: Launched) -> None:
+    """Until Trio's idle worker threads have ended (after 10 s): then any call needs a new one."""
+    with trio.fail_after(30):
+        while len(os.listdir(f"/proc/{server.process.pid}/task")) > 1:
+            await trio.sleep(0.2)
+
+
 @pytest.mark.slow  # ~12 s: waits for Trio's idle worker threads to end (10 s)
 async def test_at_the_tasks_limit_requests_are_refused_with_503_and_all_is_served_once_it_lifts(
     tmp_path: Path,
 ) -> None:
     # Helper 48: with no thread to be had (systemd's TasksMax), /healthz and downloads were 500s
     # with a traceback.  A cgroup's pids.max stands for the limit: it binds root too.
-    parent = _pids_cgroup_parent()
-    if parent is None:
-        pytest.skip("no cgroup with the pids controller here")
-    cgroup = parent / f"archiver-test-{os.getpid()}"
-    cgroup.mkdir()
     files = {"photo.jpg": os.urandom(100_000)}
     write_tree(tmp_path / "storage" / "album", files)
-    join = f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"'
-    command = ["sh", "-c", join, sys.executable, "-m", "archiver", "-D", str(tmp_path / "storage"), "-P", "0"]
-    try:
-        async with launched(command) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    async with (
+        _served_in_a_pids_cgroup(tmp_path / "storage") as (server, cgroup),
+        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+    ):
+        assert (await client.get("/archive/album/")).status_code == 200
+        await _no_thread_but_the_main_one(server)
+        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
+        health = await client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "failing", "storage": False, "producer": True, "threads": False}
+        assert (await client.get("/")).status_code == 200  # without the sample's link
+        refused = await client.get("/archive/album/")
+        assert (refused.status_code, refused.headers["Retry-After"]) == (503, "5")
+        (cgroup / "pids.max").write_text("max\n")
+        assert read_archive((await client.get("/archive/album/")).content) == files
+        assert (await client.get("/healthz")).status_code == 200
+    assert b"Traceback" not in server.output
+    assert b"no thread could be started (can't start new thread)" in server.output
+
+
+@pytest.mark.slow  # ~12 s, as above
+async def test_a_stop_at_the_tasks_limit_is_clean(tmp_path: Path) -> None:
+    # Helper 50: the stop's last write to the CRC index found no thread: an ERROR with a traceback,
+    # and the stop's later steps skipped.
+    write_tree(tmp_path / "storage" / "album", {"photo.jpg": os.urandom(100_000)})
+    async with _served_in_a_pids_cgroup(tmp_path / "storage") as (server, cgroup):
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             assert (await client.get("/archive/album/")).status_code == 200
-            with trio.fail_after(30):  # Trio's worker threads end after 10 s idle: then any call needs a new one
-                while len(os.listdir(f"/proc/{server.process.pid}/task")) > 1:
-                    await trio.sleep(0.2)
-            (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
-            health = await client.get("/healthz")
-            assert health.status_code == 503
-            assert health.json() == {"status": "failing", "storage": False, "producer": True, "threads": False}
-            assert (await client.get("/")).status_code == 200  # without the sample's link
-            refused = await client.get("/archive/album/")
-            assert (refused.status_code, refused.headers["Retry-After"]) == (503, "5")
-            (cgroup / "pids.max").write_text("max\n")
-            assert read_archive((await client.get("/archive/album/")).content) == files
-            assert (await client.get("/healthz")).status_code == 200
-        assert b"Traceback" not in server.output
-        assert b"no thread could be started (can't start new thread)" in server.output
-    finally:
-        with trio.fail_after(10):  # the service's spawner and launcher end just after it
-            while (cgroup / "cgroup.procs").read_text().split():
-                await trio.sleep(0.02)
-        cgroup.rmdir()
+        await _no_thread_but_the_main_one(server)
+        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
+        server.process.terminate()
+        with trio.fail_after(15):
+            assert await server.process.wait() == 0
+    assert b"Traceback" not in server.output
+    assert b"stopping without writing the last CRCs to the index: [Errno 11] no thread" in server.output
