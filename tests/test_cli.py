@@ -196,6 +196,24 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_no_thread_to_look_at_the_storage_at_start_is_one_line() -> None:
+    # At the tasks' limit (TasksMax, ulimit -u) the start's look at the storage root raised
+    # RuntimeError: a traceback.  Run as nobody (the limit does not bind root) with a limit of one
+    # task, its own; everything imported first (the interpreter may live where nobody cannot read).
+    program = (
+        "import encodings.cp1251, os, resource, sys\n"
+        "from archiver import cli\n"
+        "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
+        "cli.main(['-D', '/tmp', '-H', '127.0.0.1', '-P', '0'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "archiver: cannot look at the storage directory '/tmp': no thread could be started (can't start new thread)"
+    )
+
+
 @pytest.mark.parametrize(
     "arguments, environment, message",
     [

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -588,6 +589,30 @@ async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_
                 whole = await client.get("/archive/album/")
                 assert whole.status_code == 200 and read_archive(whole.content) == {"a.jpg": b"a"}
     assert b"did not answer in 2 s: starting anyway" in bytes(server.output)
+
+
+async def test_a_stop_while_the_storage_root_still_hangs_frees_the_port_at_once(tmp_path: Path) -> None:
+    # The start's look at the root stays stuck in the kernel (a FUSE request its daemon took
+    # cannot be interrupted, not even by SIGKILL): the process can only end once it returns
+    # (helper 50).  What a restart needs must not wait for it: serving ends, and the port is free.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    (source / "album").mkdir(parents=True)
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
+    async with gated_mount(source, storage, gate):
+        gate.write_text("metadata")
+        async with launched(command) as server:
+            server.process.terminate()
+            with trio.fail_after(10):
+                while b"archiver.cli: stopped" not in server.output:
+                    await trio.sleep(0.05)
+            with socket.socket() as again:
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
+                again.bind(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+                again.listen()
+            assert server.process.returncode is None  # still held by the look in the kernel
+            gate.unlink()
+            with trio.fail_after(10):
+                assert await server.process.wait() == 0
 
 
 async def test_a_stop_does_not_wait_for_producers_stuck_on_the_storage(tmp_path: Path) -> None:

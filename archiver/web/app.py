@@ -156,7 +156,8 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
 
 
 def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a directory; if it does not answer within ``timeout`` s, an ERROR only.
+    """SettingsError if ``root`` is not a directory, or no thread can be started to look; if it does not
+    answer within ``timeout`` s, an ERROR only.
 
     A mount that does not answer (a dead NFS server at boot) is no reason not
     to start: ``/healthz`` says ``storage: false`` until it answers.  The
@@ -164,7 +165,12 @@ def _check_storage_root(root: Path, timeout: float) -> None:
     """
     answer: list[bool] = []
     looker = threading.Thread(target=lambda: answer.append(root.is_dir()), name="archiver storage root", daemon=True)
-    looker.start()
+    try:
+        looker.start()
+    except RuntimeError as error:  # at the tasks' limit (TasksMax, ulimit -u): nothing else would start either
+        raise SettingsError(
+            f"cannot look at the storage directory {str(root)!r}: no thread could be started ({error})"
+        ) from None
     looker.join(timeout)
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
