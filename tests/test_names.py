@@ -37,6 +37,8 @@ EXAMPLES = [
     ("ÇON.txt", "_ÇON.txt"),
     ("..∖..∖x.exe", ".._.._x.exe"),
     ("C∶x.exe", "C_x.exe"),
+    ("Photog~1.jpg", "Photog_1.jpg"),
+    ("DSC_00~1.JPG", "DSC_00_1.JPG"),
 ]
 
 
@@ -146,6 +148,20 @@ def test_superscript_device_names_and_bidi_controls_are_defused() -> None:
     for reserved in ("COM0.jpg", "lpt0", "CONIN$", "conout$.txt"):
         assert portable_component(reserved) == "_" + reserved
     assert portable_component("photo\u202egpj.exe") == "photo_gpj.exe"
+
+
+def test_no_name_answers_to_the_short_name_ntfs_makes_up_for_another() -> None:
+    # Helper 51: NTFS gives "Photograph.jpg" the short name "PHOTOG~1.JPG" too; "Photog~1.jpg"
+    # unpacked after it opened it instead.  Only that shape: 8.3, "~" and a number last in the stem.
+    paths = [b"Photograph.jpg", b"Photog~1.jpg", b"Photog_1.jpg", b"photos~12.jpg", b"a~1.jpeg", "Фото~1.jpg".encode()]
+    assert entry_names(paths) == [
+        "Photograph.jpg",
+        "Photog_1.jpg",
+        "Photog_1 (2).jpg",
+        "photos~12.jpg",
+        "a~1.jpeg",
+        "Фото~1.jpg",
+    ]
 
 
 def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:

@@ -218,6 +218,9 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     assert other.status_code == 200
     literal = await fetch(settings, f"{secret_name}?filename={quote('%FF')}")
     assert literal.status_code == 200 and literal.headers["content-disposition"] == 'attachment; filename="_FF.zip"'
+    for nothing in ("...", "", ". ."):  # not the album's name, the link's secret (helper 51)
+        empty = await fetch(settings, f"{secret_name}?filename={quote(nothing)}")
+        assert empty.headers["content-disposition"] == 'attachment; filename="archive.zip"', nothing
     hidden = await fetch(settings, f"{secret_name}?filename={quote('../../evil')}")
     assert hidden.headers["content-disposition"] == 'attachment; filename="_.._evil.zip"'  # no leading dot
     # A Unicode space before the dots hid them from a strip of " ." (curl -J saved ".bashrc.zip").
@@ -280,7 +283,22 @@ def test_an_album_with_a_reserved_name_is_saved_under_a_portable_one() -> None:
     # The album's name is the default, and Windows cannot save "CON.zip" either.
     for album in ("CON", "nul", "com1"):
         assert content_disposition(display_name(None, album)) == f'attachment; filename="_{album}.zip"'
-        assert display_name(" ..", album) == f"_{album}.zip"  # a display name of nothing: the album's
+    # A display name of nothing is not the album's name, the link's secret (helper 51).
+    for nothing in (" ..", "...", ". .", "\u3000."):
+        assert display_name(nothing, "3bea29ccabbbf64bdebcc055319c5745") == "archive.zip"
+
+
+def test_format_characters_are_taken_only_where_an_emoji_needs_them() -> None:
+    # Helper 51: a joiner or a tag anywhere was let through, showing nothing ("abc\u200d.zip").
+    family, rainbow_flag = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f3f3\ufe0f\u200d\U0001f308"
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    worker = "\U0001f469\U0001f3fd\u200d\U0001f4bb"  # after a skin tone modifier
+    for emoji in (family, rainbow_flag, england, worker):
+        assert display_name(f"Отпуск {emoji}", "album") == f"Отпуск {emoji}.zip"
+    stray = ("abc\u200d", "\u200dabc", "a\u200db", "\U0001f468\u200d", "a\U000e0067b", "\U000e007f", england[1:])
+    for name in stray:
+        with pytest.raises(DisplayNameRefused):
+            display_name(name, "album")
 
 
 @pytest.fixture(scope="module")

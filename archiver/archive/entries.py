@@ -48,8 +48,9 @@ class EntryPolicy:
 def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
     """The MS-DOS date (high 16 bits) and time (low 16 bits) of an mtime, in ``zone``.
 
-    Seconds are rounded up to even, as Info-ZIP does (an extracted file is
-    never older than the original); a time outside what a DOS date can hold
+    Whole seconds (the fraction dropped, as the extended timestamp drops it)
+    are rounded up to even, as Info-ZIP does (an extracted file is never
+    older than the original's whole second); a time outside what a DOS date can hold
     is clamped to its first or last moment (never wrapped: 2108 is not 1980).
     """
     seconds = (mtime_ns // 1_000_000_000 + 1) & ~1

@@ -17,7 +17,9 @@ chosen here, once per plan, for every reader alike:
   and spaces go (Windows drops them);
   a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension,
   also as best fit may read it: ``CON`` in fullwidth letters, or with a C
-  cedilla) gets a ``_`` in front;
+  cedilla) gets a ``_`` in front; a name of the shape of a short name NTFS
+  makes up (``PHOTOG~1.JPG``, which "Photograph.jpg" also answers to) has
+  its ``~`` made ``_``;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
@@ -31,6 +33,7 @@ tests/test_names.py draws names from the troublesome classes.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -69,6 +72,13 @@ _RESERVED = frozenset(
 )
 
 
+# The shape of the short (8.3) name NTFS makes up for a long one: a stem of at most 8 characters
+# ending in "~" and a number, an extension of at most 3 ("PHOTOG~1.JPG" for "Photograph.jpg";
+# "PH1A2B~1.JPG" past the fourth).  Unpacked after that file, a name of this shape opens it instead:
+# 7-Zip asks to replace it, Explorer overwrites it (helper 51; git refuses "GIT~1" for the same reason).
+_SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.~]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
+
+
 def decode_component(raw: bytes, encoding: str) -> str:
     """A path component as text: UTF-8 if it is, else ``encoding``, U+FFFD for what neither decodes."""
     try:
@@ -92,6 +102,8 @@ def portable_component(component: str) -> str:
         return "_"
     if any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
         return shortened("_" + component, "")  # cut again if need be: "_COM1" is no device
+    if component.isascii() and (short := _SHORT_NAME.fullmatch(component)):
+        return f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
     return component
 
 

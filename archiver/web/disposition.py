@@ -32,9 +32,14 @@ MAX_SAVED_NAME_BYTES = 255 - len(".crdownload")
 # paragraph separators, private-use and unassigned code points (a box, or nothing), and the other
 # characters that show nothing: the Hangul fillers, the Braille blank ("\u3164.bashrc" reads as
 # ".bashrc"), the grapheme joiner, Mongolian and Khmer invisibles.  Emoji need two format
-# characters, allowed: the zero-width joiner (a family) and the tags (a subdivision's flag).
+# characters, allowed where they make one: the zero-width joiner (a family) and the tags (a
+# subdivision's flag).
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cn"})
-_EMOJI_FORMAT = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))})
+_JOINER = "\u200d"
+_TAGS = frozenset(map(chr, range(0xE0020, 0xE007F)))
+_CANCEL_TAG = "\U000e007f"
+_BLACK_FLAG = "\U0001f3f4"
+_EMOJI_FORMAT = frozenset({_JOINER, _CANCEL_TAG, *_TAGS})
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
@@ -91,8 +96,8 @@ def display_name(requested: str | None, album: str) -> str:
     Raises DisplayNameRefused for a name over MAX_DISPLAY_NAME characters (or
     MAX_DISPLAY_NAME_BYTES in UTF-8), with control characters or characters
     that disguise a name (bidirectional controls, invisible ones).  Leading
-    dots and spaces go (``_saved_name``): no hidden file, no "../"; an
-    empty name means the album's.
+    dots and spaces go (``_saved_name``): no hidden file, no "../"; a name
+    with nothing left is ``archive.zip``.
     """
     if requested is None:
         return _zip_name(album)
@@ -100,9 +105,10 @@ def display_name(requested: str | None, album: str) -> str:
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME - len('.zip')} characters")
     if len(requested.encode(errors="replace")) > MAX_DISPLAY_NAME_BYTES - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
-    if any(_deceptive(character) for character in requested):
+    if any(_deceptive(character) for character in requested) or _stray_emoji_format(requested):
         raise DisplayNameRefused("filename with control or invisible characters")
-    return _zip_name(requested) or _zip_name(album)
+    # Nothing left ("...", " ."): not the album's name, which is the link's secret (helper 51).
+    return _zip_name(requested) or "archive.zip"
 
 
 def _zip_name(text: str) -> str:
@@ -121,6 +127,28 @@ def _deceptive(character: str) -> bool:
     if unicodedata.category(character) in _REFUSED_CATEGORIES:
         return character not in _EMOJI_FORMAT
     return character in _INVISIBLE
+
+
+def _stray_emoji_format(text: str) -> bool:
+    """Whether a joiner or a tag stands where no emoji needs it, showing nothing (helper 51).
+
+    Unicode TS #51: a joiner stands between two emoji (after a modifier or
+    U+FE0F too: "\U0001f3f3\ufe0f\u200d\U0001f308"), and tags follow the black
+    flag, ended by the cancel tag (a subdivision's flag).
+    """
+    for index, character in enumerate(text):
+        before = text[index - 1] if index else ""
+        after = text[index + 1 : index + 2]
+        if character == _JOINER:
+            joins = before and (unicodedata.category(before) in ("So", "Sk") or before == "\ufe0f")
+            if not joins or not after or unicodedata.category(after) != "So":
+                return True
+        elif character in _TAGS:
+            if not (before == _BLACK_FLAG or before in _TAGS) or not (after in _TAGS or after == _CANCEL_TAG):
+                return True
+        elif character == _CANCEL_TAG and before not in _TAGS:
+            return True
+    return False
 
 
 def _saved_name(text: str) -> str:

@@ -100,7 +100,7 @@ def _position(digits: str) -> int:
 
 
 # The records this version writes: changed whenever they change.
-FORMAT_VERSION = "archiver-zip-6"  # 6: look-alikes of / \ : become _ (5: C1 controls and U+2028/9)
+FORMAT_VERSION = "archiver-zip-7"  # 7: short-name shapes' ~ becomes _ (6: look-alikes of / \ : become _)
 
 
 def archive_etag(listing: AlbumListing, variant: str) -> str:
