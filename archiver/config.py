@@ -108,6 +108,10 @@ class Settings:
     # plan are held in memory (~650 bytes a file while a request is prepared), and the plan
     # cache keeps at least one plan this large, so that the downloads of an album share it.
     max_files: int = 120_000
+    # The most files in the plans that the downloads in flight hold, each plan counted once (the
+    # downloads of one album share it): ~450 bytes a file, so ~450 MB.  Without it, 64 job slots on
+    # 64 albums of max_files files each held ~3.5 GB.  Never less than max_files (limits.PlannedFiles).
+    max_planned_files: int = 1_000_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression <= 9:
@@ -128,8 +132,10 @@ class Settings:
             not self.storage_timeout >= MIN_STORAGE_TIMEOUT
         ):  # NaN too (it would never fire); 1e-300, every request a 503
             raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
-        if self.max_files < 1:
-            raise SettingsError(f"max_files must be positive, not {self.max_files}")
+        if self.max_files < 1 or self.max_planned_files < 1:
+            raise SettingsError(
+                f"max_files and max_planned_files must be positive, not {self.max_files} and {self.max_planned_files}"
+            )
         if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
             raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
         if self.max_jobs_per_client < 1 or self.max_connections < 0:
@@ -213,5 +219,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "keep_modes": _parse_bool,
     "name_encoding": str,
     "max_files": int,
+    "max_planned_files": int,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

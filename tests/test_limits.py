@@ -19,6 +19,8 @@ from archiver.web.limits import (
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
+    PlanLimitReached,
+    PlannedFiles,
     RangeLimitReached,
     TokenBucket,
     TrustedProxies,
@@ -108,6 +110,55 @@ def test_idle_service_takes_many_downloads_from_one_client() -> None:
     assert slots.held_by("office-behind-nat") == 16
 
 
+class _Plan:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def test_planned_files_count_a_shared_plan_once_and_refuse_what_does_not_fit() -> None:
+    planned = PlannedFiles(budget=100)
+    huge, big, small, other = _Plan(250), _Plan(80), _Plan(20), _Plan(20)
+    planned.acquire(huge)  # type: ignore[arg-type]  # no plan held: an album larger than the budget is still served alone
+    with pytest.raises(PlanLimitReached):
+        planned.acquire(small)
+    planned.release(huge)
+    for plan in (big, big, big, small):  # the downloads of one album share its plan
+        planned.acquire(plan)  # type: ignore[arg-type]
+    assert planned.held == 100
+    with pytest.raises(PlanLimitReached):
+        planned.acquire(other)  # type: ignore[arg-type]
+    planned.release(small)  # type: ignore[arg-type]
+    planned.acquire(other)  # type: ignore[arg-type]
+    for plan in (big, big, big, other):
+        planned.release(plan)  # type: ignore[arg-type]
+    assert planned.held == 0
+
+
+async def test_downloads_of_other_albums_past_the_planned_files_are_refused_and_the_same_album_is_not(
+    settings: Settings,
+) -> None:
+    # 64 job slots on 64 albums of ARCHIVER_MAX_FILES files each held ~3.5 GB of plans: bounded.
+    write_tree(settings.storage_dir / "slow", {f"{n:03}.jpg": os.urandom(20_000) for n in range(60)})
+    write_tree(settings.storage_dir / "other", {f"{n:03}.jpg": b"x" for n in range(50)})
+    write_tree(settings.storage_dir / "small", {"a.jpg": b"a"})
+    bounded = replace(settings, max_files=100, max_planned_files=100, delay=0.5, chunk_size=65536)
+    async with running_server(bounded) as url, client_from(url, "127.0.0.1") as client:
+        async with client.stream("GET", "/archive/slow/") as holding:
+            assert holding.status_code == 200
+            during = samples((await client.get("/metrics")).text)
+            refused = await client.get("/archive/other/")
+            shared = await client.get("/archive/slow/", headers={"Range": "bytes=0-9"})
+            fits = await client.get("/archive/small/")
+        after = await client.get("/archive/other/")
+        metrics = samples((await client.get("/metrics")).text)
+    assert during["archiver_planned_files"] == 60
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert (shared.status_code, fits.status_code, after.status_code) == (206, 200, 200)
+    assert read_archive(after.content) == {f"{n:03}.jpg": b"x" for n in range(50)}
+    assert metrics['archiver_downloads_rejected_total{reason="plan_limit"}'] == 1
+    assert metrics["archiver_planned_files"] == 0
+
+
 def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
     assert connection_limit(500, max_jobs=64) == 500  # set explicitly
     import resource
@@ -127,6 +178,7 @@ def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
         ("ARCHIVER_STORAGE_TIMEOUT", "nan"),
         ("ARCHIVER_MAX_JOBS_PER_CLIENT", "0"),
         ("ARCHIVER_MAX_CONNECTIONS", "-1"),
+        ("ARCHIVER_MAX_PLANNED_FILES", "0"),
     ],
 )
 def test_bad_limits_are_refused(variable: str, value: str) -> None:

@@ -52,6 +52,7 @@ from .limits import (
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
+    PlannedFiles,
     RangeLimitReached,
     TrustedProxies,
     WalkLimitReached,
@@ -193,6 +194,7 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(send_archive_response)
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
+    planned = PlannedFiles(max(settings.max_planned_files, settings.max_files))
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     resolvers = trio.CapacityLimiter(RESOLVERS)
@@ -206,7 +208,7 @@ def create_app(settings: Settings) -> QuartTrio:
     crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
     plans = PlanCache(max(CACHED_ENTRIES, settings.max_files))  # the largest album's plan is shared too
     skips = SkippedLog()
-    metrics = DownloadMetrics(slots)
+    metrics = DownloadMetrics(slots, planned)
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -365,6 +367,7 @@ def create_app(settings: Settings) -> QuartTrio:
             name,
             plan,
             slots=slots,
+            planned=planned,
             metrics=metrics,
             crc_index=crc_index,
             chunk_size=chunk_size_for(request.scope.get("http_version", "1.1"), settings.chunk_size),

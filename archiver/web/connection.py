@@ -42,6 +42,7 @@ from .limits import (
     DownloadStalled,
     FairShareExceeded,
     JobLimitReached,
+    PlanLimitReached,
     RangeLimitReached,
     WalkLimitReached,
 )
@@ -122,11 +123,12 @@ _LIMIT_REASONS: dict[type[BaseException], str] = {
     FairShareExceeded: "fair_share",
     RangeLimitReached: "range_limit",
     WalkLimitReached: "walk_limit",
+    PlanLimitReached: "plan_limit",
 }
 
 
 def limit_refusal(
-    error: JobLimitReached | FairShareExceeded | RangeLimitReached | WalkLimitReached,
+    error: JobLimitReached | FairShareExceeded | RangeLimitReached | WalkLimitReached | PlanLimitReached,
     name: str,
     client: str,
     metrics: DownloadMetrics,
@@ -151,7 +153,7 @@ def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, a
 
 def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) -> Response | None:
     """The error response for a failure before any header went out, or None if unexpected."""
-    if isinstance(error, (JobLimitReached, FairShareExceeded, RangeLimitReached)):
+    if isinstance(error, (JobLimitReached, FairShareExceeded, RangeLimitReached, PlanLimitReached)):
         return limit_refusal(error, body.name, body.client, body.metrics, accept)
     if isinstance(error, ProducerUnavailable):
         logger.error("refused %s: %s", body.name, error)

@@ -23,7 +23,7 @@ from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
 from ..fences.hypercorn_tcp import is_shutting_down
-from .limits import DownloadStalled, JobSlots, TokenBucket
+from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
 from .ranges import ByteRange
 
@@ -47,6 +47,7 @@ class ArchiveBody(ResponseBody):
         plan: ArchivePlan,
         *,
         slots: JobSlots,
+        planned: PlannedFiles,
         metrics: DownloadMetrics,
         crc_index: CrcIndex,
         chunk_size: int,
@@ -61,6 +62,7 @@ class ArchiveBody(ResponseBody):
         self.name = name
         self.plan = plan
         self.slots = slots
+        self.planned = planned
         self.metrics = metrics
         self.chunk_size = chunk_size
         self.channel_capacity = channel_capacity
@@ -99,11 +101,17 @@ class ArchiveBody(ResponseBody):
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
 
-        Raises JobLimitReached, FairShareExceeded, RangeLimitReached or ProducerUnavailable if that fails.
-        A range counts like a whole download: it may read whole files (those
-        at its ends, CRCs the index lacks).
+        Raises JobLimitReached, FairShareExceeded, RangeLimitReached,
+        PlanLimitReached or ProducerUnavailable if that fails.  A range counts
+        like a whole download: it may read whole files (those at its ends,
+        CRCs the index lacks), and holds the whole plan.
         """
         self.slots.acquire(self.client, self._ranged)
+        try:
+            self.planned.acquire(self.plan)
+        except PlanLimitReached:
+            self.slots.release(self.client, self._ranged)
+            raise
         self._started_at = trio.current_time()
         if self.rate_limit:
             # A second's worth of saved-up rate at most (and never less than a chunk).
@@ -269,6 +277,7 @@ class ArchiveBody(ResponseBody):
 
     def _release_slots(self) -> None:
         self.slots.release(self.client, self._ranged)
+        self.planned.release(self.plan)
 
     def _finish(self, outcome: str, description: str) -> None:
         if outcome == "cancelled" and self.bytes_sent == self._length():

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..archive.plan import ArchivePlan
 from ..archive.storage import MAX_DEPTH, WalkProgress
 
 # Albums walked at once, in worker threads.  A walk is bound by the disk and
@@ -51,6 +52,10 @@ class RangeLimitReached(RuntimeError):
 
 class WalkLimitReached(RuntimeError):
     """This client already has as many album walks waiting as one client may."""
+
+
+class PlanLimitReached(RuntimeError):
+    """The downloads in flight already hold plans of as many files as the service keeps planned."""
 
 
 # The stall timeout is the time a client may take to accept each this many bytes
@@ -195,6 +200,46 @@ class JobSlots:
         _decrement(self._held, client)
         if ranged:
             _decrement(self._ranges, client)
+
+
+class PlannedFiles:
+    """The files in the plans that archive jobs hold, each plan counted once, at most ``budget`` in all.
+
+    A plan costs ~450 bytes a file (``archive.plan_cache``) and is held by its
+    downloads for as long as they run (hours, on a slow link).  The downloads
+    of one album share one plan, which costs nothing more; but 64 job slots on
+    64 different albums of ARCHIVER_MAX_FILES files held ~3.5 GB.  A plan that
+    does not fit is refused (PlanLimitReached: 503, never queued), unless no
+    plan is held: an album no larger than ``budget`` is always served by an
+    idle service.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self._holders: dict[int, tuple[ArchivePlan, int]] = {}  # id(plan) -> (plan, jobs holding it)
+
+    def acquire(self, plan: ArchivePlan) -> None:
+        """Count ``plan`` as held by one more job; PlanLimitReached if it is new and does not fit."""
+        key = id(plan)
+        if key in self._holders:
+            self._holders[key] = (plan, self._holders[key][1] + 1)
+            return
+        if self.held and self.held + plan.count > self.budget:
+            raise PlanLimitReached(
+                f"the plans in flight hold {self.held} files, and this one's {plan.count} would pass {self.budget}"
+            )
+        self._holders[key] = (plan, 1)
+        self.held += plan.count
+
+    def release(self, plan: ArchivePlan) -> None:
+        key = id(plan)
+        _, jobs = self._holders[key]
+        if jobs > 1:
+            self._holders[key] = (plan, jobs - 1)
+        else:
+            del self._holders[key]
+            self.held -= plan.count
 
 
 def _decrement(counts: Counter[str], client: str) -> None:

@@ -10,10 +10,18 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .limits import JobSlots
+from .limits import JobSlots, PlannedFiles
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled")
-REJECTIONS = ("job_limit", "fair_share", "range_limit", "walk_limit", "producer_unavailable", "listing_failed")
+REJECTIONS = (
+    "job_limit",
+    "fair_share",
+    "range_limit",
+    "walk_limit",
+    "plan_limit",
+    "producer_unavailable",
+    "listing_failed",
+)
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
@@ -24,7 +32,7 @@ class DownloadMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, slots: JobSlots | None = None) -> None:
+    def __init__(self, slots: JobSlots | None = None, planned: PlannedFiles | None = None) -> None:
         self.registry = CollectorRegistry()
         if slots is not None:
             # Read at each scrape from the job slots themselves: nothing to keep in step.
@@ -34,6 +42,13 @@ class DownloadMetrics:
                 "archiver_largest_client_share", "The most job slots one client holds.", registry=self.registry
             )
             largest.set_function(slots.largest_share)
+        if planned is not None:
+            files = Gauge(
+                "archiver_planned_files",
+                "Files in the plans the downloads in flight hold, each plan counted once (ARCHIVER_MAX_PLANNED_FILES).",
+                registry=self.registry,
+            )
+            files.set_function(lambda: planned.held)
         self.started = Counter(
             "archiver_downloads_started", "Downloads whose producer started.", registry=self.registry
         )
