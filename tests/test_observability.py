@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import make_client, running_server, wait_until_no_producer_children, write_tree
+from .conftest import make_client, read_archive, running_server, wait_until_no_producer_children, write_tree
 from .test_cli import launched
 
 
@@ -41,6 +42,31 @@ async def test_healthz_reports_storage_and_producer(
         failing = await c.get("/healthz")
     assert failing.status_code == 503
     assert failing.json() == {"status": "failing", "storage": True, "producer": False}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+async def test_healthz_is_ok_on_a_storage_root_the_service_may_search_but_not_list(tmp_path: Path) -> None:
+    # Helper 52: a root of mode 0711 (the README's way to hide the albums' names) was "storage": false
+    # for ever, as /healthz asked for read permission, while every download was served: a load
+    # balancer took every instance out.  The service runs as root without the capabilities that
+    # pass over permissions; the root belongs to nobody.
+    storage = tmp_path / "storage"
+    write_tree(storage / "album", {"a.jpg": b"a"})
+    os.chown(storage, 65534, 65534)
+    storage.chmod(0o711)
+    dropped = "-dac_override,-dac_read_search"
+    command = [
+        *("setpriv", f"--inh-caps={dropped}", f"--bounding-set={dropped}"),
+        *(sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"),
+    ]
+    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+        health = await client.get("/healthz")
+        download = await client.get("/archive/album/")
+        storage.chmod(0o700)  # not even searchable: no album can be served
+        failing = await client.get("/healthz")
+    assert (health.status_code, health.json()["storage"]) == (200, True)
+    assert download.status_code == 200 and read_archive(download.content) == {"a.jpg": b"a"}
+    assert (failing.status_code, failing.json()["storage"]) == (503, False)
 
 
 async def test_metrics_count_real_downloads(large_storage: Path) -> None:

@@ -179,6 +179,16 @@ def _check_storage_root(root: Path, timeout: float) -> None:
         raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
 
 
+def _storage_root_searchable(root: Path) -> bool:
+    """Whether albums can be reached under ``root``: a folder the service may search (x).
+
+    Not read (r): a root of mode 0711 hides the albums' names and serves them
+    all (README, Deploying); /healthz asked for both, and said "storage": false
+    for ever on such a root (helper 52).
+    """
+    return os.access(root, os.X_OK) and root.is_dir()
+
+
 def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
     _check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
@@ -398,11 +408,11 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.get("/healthz", provide_automatic_options=False)
     async def healthz() -> Response:
-        """Liveness: the process answers, the storage root is readable (within 2 s), the producer is there to run."""
+        """Liveness: the process answers, the storage root is searchable (in 2 s), the producer is there to run."""
         threads = True
         try:
             readable = await call_storage(
-                partial(os.access, settings.storage_dir, os.R_OK | os.X_OK),
+                partial(_storage_root_searchable, settings.storage_dir),
                 timeout=root_timeout,
                 limiter=health_lookers,
             )
