@@ -31,57 +31,67 @@ from .web.signing import parse_duration, signed_query
 logger = logging.getLogger(__name__)
 
 
+# The flags, each with the field it sets and the variable it stands for: a flag given leaves its
+# variable unread, so that a bad value there is overridden, not an error (helper 52).
+_FLAGS = {
+    "host": ("host", "ARCHIVER_HOST"),
+    "port": ("port", "ARCHIVER_PORT"),
+    "dir": ("storage_dir", "ARCHIVER_DIR"),
+    "delay": ("delay", "ARCHIVER_DELAY"),
+    "verbose": ("verbose", "ARCHIVER_VERBOSE"),
+    "compression": ("compression", "ARCHIVER_COMPRESSION"),
+}
+
+
+def _storage_dir(text: str) -> Path:
+    if not text.strip():  # Path("") is the working directory: "-D $UNSET" served the checkout (helper 52)
+        raise argparse.ArgumentTypeError("the storage directory must not be empty")
+    return Path(text)
+
+
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from the command line; flags left out fall back to ARCHIVER_* variables, then defaults."""
-    try:
-        base = Settings.from_env()
-    except SettingsError as error:
-        sys.exit(f"archiver: {error}")
+    defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="archiver",
         description="Serve GET /archive/<name>/ as a ZIP of <dir>/<name>/, made while it is sent. "
         "'archiver sign NAME --ttl 1h' prints a signed link (see ARCHIVER_LINK_SECRET); "
-        "'archiver index [NAME...]' warms the CRC index (see ARCHIVER_INDEX).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "'archiver index [NAME...]' warms the CRC index (see ARCHIVER_INDEX). "
+        "A flag left out is read from its ARCHIVER_* variable, then the default.",
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("-H", "--host", default=base.host, help="address to listen on")
-    parser.add_argument("-P", "--port", type=int, default=base.port, help="port to listen on")
+    parser.add_argument("-H", "--host", help=f"address to listen on (ARCHIVER_HOST; {defaults.host})")
+    parser.add_argument("-P", "--port", type=int, help=f"port to listen on (ARCHIVER_PORT; {defaults.port})")
     parser.add_argument(
-        "-D", "--dir", type=Path, default=base.storage_dir, help="storage root holding one folder per archive"
+        "-D",
+        "--dir",
+        type=_storage_dir,
+        help=f"storage root holding one folder per archive (ARCHIVER_DIR; {defaults.storage_dir})",
     )
     parser.add_argument(
         "-d",
         "--delay",
         type=float,
-        default=base.delay,
-        help="seconds to sleep between sent chunks (to test slow links)",
+        help=f"seconds to sleep between sent chunks, to test slow links (ARCHIVER_DELAY; {defaults.delay:g})",
     )
     parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=base.verbose,
-        help="debug logging, including every sent chunk",
+        "-v", "--verbose", action="store_true", help="debug logging, including every sent chunk (ARCHIVER_VERBOSE)"
     )
     parser.add_argument(
         "--compression",
         type=int,
         choices=range(10),
         metavar="0-9",
-        default=base.compression,
-        help="deflate level 1-9; 0 stores (best for JPEG)",
+        help=f"deflate level 1-9; 0 stores, best for JPEG (ARCHIVER_COMPRESSION; {defaults.compression})",
     )
-    args = parser.parse_args(argv)
+    given = vars(parser.parse_args(argv))
+    overridden = {_FLAGS[flag][1] for flag in given}
     try:
-        return replace(
-            base,
-            host=args.host,
-            port=args.port,
-            storage_dir=args.dir,
-            delay=args.delay,
-            verbose=args.verbose,
-            compression=args.compression,
-        )
+        base = Settings.from_env({name: value for name, value in os.environ.items() if name not in overridden})
+    except SettingsError as error:
+        sys.exit(f"archiver: {error}")
+    try:
+        return replace(base, **{_FLAGS[flag][0]: value for flag, value in given.items()})
     except SettingsError as error:
         parser.error(str(error))
 

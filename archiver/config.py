@@ -114,6 +114,10 @@ class Settings:
     max_planned_files: int = 1_000_000
 
     def __post_init__(self) -> None:
+        # Every folder of the system an album, /etc among them (helper 52).  No look at the storage
+        # here (a dead mount must not hold the start): a link to / is not seen.
+        if os.path.abspath(self.storage_dir) == "/":
+            raise SettingsError("the storage directory cannot be / (each folder in it is served as an album)")
         if not 0 <= self.compression <= 9:
             raise SettingsError(f"compression must be 0..9, not {self.compression}")
         if not 0 <= self.delay <= MAX_DELAY:  # NaN too; more, and a download would stop for good (helper 36)

@@ -184,6 +184,27 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
     assert result.stderr.strip() == "archiver: max_jobs must be positive, rate_limit and shutdown_grace not negative"
 
 
+async def test_flags_win_over_bad_variables() -> None:
+    # Helper 52: a bad value in a variable stopped the start even with its flag given, and --help.
+    bad = {"ARCHIVER_DELAY": "99", "ARCHIVER_COMPRESSION": "12", "ARCHIVER_PORT": "abc", "ARCHIVER_DIR": ""}
+    helped = subprocess.run(
+        [sys.executable, "-m", "archiver", "--help"], capture_output=True, text=True, cwd=PROJECT, env=os.environ | bad
+    )
+    assert helped.returncode == 0 and "ARCHIVER_PORT" in helped.stdout
+    command = [sys.executable, "-m", "archiver", "-d", "0", "--compression", "0", "-P", "0", "-H", "127.0.0.1"]
+    async with launched(command, bad) as server:
+        await check_serves_sample_album(server.url)
+    # Left to the variable, a bad value is still refused.
+    unflagged = subprocess.run(
+        [sys.executable, "-m", "archiver", "-P", "0", "--compression", "0"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT,
+        env=os.environ | bad,
+    )
+    assert (unflagged.returncode, unflagged.stderr.strip()) == (1, "archiver: delay must be 0..60 seconds, not 99.0")
+
+
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -218,6 +239,10 @@ def test_no_thread_to_look_at_the_storage_at_start_is_one_line() -> None:
     "arguments, environment, message",
     [
         (["-D", "/nonexistent/storage"], {}, "does not exist"),
+        # Helper 52: the working directory (the checkout) was served, and / (with /etc) as root.
+        (["-D", ""], {}, "argument -D/--dir: the storage directory must not be empty"),
+        (["-D", "/"], {}, "the storage directory cannot be /"),
+        ([], {"ARCHIVER_DIR": "/tmp/.."}, "the storage directory cannot be /"),
         (["--compression", "12"], {}, "invalid choice"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
         # Not this host's address: one line, not the fatal error's traceback (helper 34).
