@@ -168,6 +168,24 @@ def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
     assert 16 <= derived <= soft - 8 * 6
 
 
+def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    # Helper 52: ARCHIVER_MAX_JOBS=200 under 1,024 descriptors cut connections at 16, said only as it did.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        with caplog.at_level(logging.WARNING, logger="archiver"):
+            assert connection_limit(0, max_jobs=64) == 1024 - 64 - 130 - 6 * 64  # room: nothing said
+            assert connection_limit(0, max_jobs=200) == 16
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [record.getMessage() for record in caplog.records] == [
+        "the descriptor limit (1024) leaves 0 client connections beside 200 archive jobs (6 descriptors each): "
+        "16 are allowed, and the jobs may run short; raise LimitNOFILE (ulimit -n) or lower ARCHIVER_MAX_JOBS"
+    ]
+
+
 @pytest.mark.parametrize(
     "variable, value",
     [

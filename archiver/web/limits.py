@@ -12,6 +12,7 @@ long and no longer.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import resource
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -21,6 +22,8 @@ import trio
 
 from ..archive.plan import ArchivePlan
 from ..archive.storage import MAX_DEPTH, WalkProgress
+
+logger = logging.getLogger(__name__)
 
 # Albums walked at once, in worker threads.  A walk is bound by the disk and
 # the CPU, so more at once finishes no sooner, and every listing in progress
@@ -34,6 +37,8 @@ WALKERS = 2
 # four: the producer's pidfd and its three pipes; the rest leaves room for the
 # killed producers still waiting on the storage, 16 at most, four each).
 RESERVED_DESCRIPTORS = 64
+# Client connections allowed however few descriptors the limit leaves for them.
+MIN_CONNECTIONS = 16
 WALK_DESCRIPTORS = WALKERS * (MAX_DEPTH + 1)
 DESCRIPTORS_PER_JOB = 6
 
@@ -358,7 +363,19 @@ def connection_limit(max_connections: int, max_jobs: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, soft - RESERVED_DESCRIPTORS - WALK_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs)
+    left = soft - RESERVED_DESCRIPTORS - WALK_DESCRIPTORS - DESCRIPTORS_PER_JOB * max_jobs
+    if left < MIN_CONNECTIONS:
+        # Said once, at start: the limit cutting connections at 16 was seen only as it did (helper 52).
+        logger.warning(
+            "the descriptor limit (%d) leaves %d client connections beside %d archive jobs (%d descriptors each): "
+            "%d are allowed, and the jobs may run short; raise LimitNOFILE (ulimit -n) or lower ARCHIVER_MAX_JOBS",
+            soft,
+            max(left, 0),
+            max_jobs,
+            DESCRIPTORS_PER_JOB,
+            MIN_CONNECTIONS,
+        )
+    return max(MIN_CONNECTIONS, left)
 
 
 class TokenBucket:
