@@ -78,6 +78,11 @@ def source_of(module: object) -> str:
                 "    async def drain(self) -> None:\n        await self._is_empty.wait()",
                 "    async def close(self) -> None:\n        self._complete = True\n        self.buffer = bytearray()\n"
                 "        await self._is_empty.set()\n        await self._paused.set()",
+                # Received data goes through the connection's receive_data, and a ProtocolError
+                # there closes the connection, unlogged (patch 8 wraps receive_data to say so).
+                "            try:\n                events = self.connection.receive_data(event.data)\n"
+                "            except h2.exceptions.ProtocolError:\n                await self._flush()\n"
+                "                await self.send(Closed())",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',

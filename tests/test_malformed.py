@@ -148,6 +148,30 @@ def test_non_ascii_pseudo_header_resets_its_stream_only(service: Service, pseudo
     assert b"UnicodeDecodeError" not in service.output
 
 
+@pytest.mark.parametrize(
+    "header",
+    [(b"User-Agent", b"x"), (b"connection", b"close"), (b"te", b"gzip"), (b"user-agent", b"a\r\nforged: line")],
+    ids=["upper-case", "connection", "te", "crlf"],
+)
+def test_a_request_h2_refuses_closes_its_connection_with_one_line(
+    service: Service, header: tuple[bytes, bytes]
+) -> None:
+    # Helper 52: GOAWAY(PROTOCOL_ERROR) and nothing in any log, where HTTP/1.1 says what it cannot parse.
+    connection = h2_client(validate_outbound_headers=False, normalize_outbound_headers=False)
+    pseudo = [(b":method", b"GET"), (b":path", b"/healthz"), (b":scheme", b"http"), (b":authority", b"x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        port = sock.getsockname()[1]
+        connection.send_headers(1, [*pseudo, header], end_stream=True)
+        sock.sendall(connection.data_to_send())
+        events = h2_events(sock, connection, h2.events.ConnectionTerminated)
+    ended = [event for event in events if isinstance(event, h2.events.ConnectionTerminated)]
+    assert [event.error_code for event in ended] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+    polite_request_works(service)  # its line is written by now
+    lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} ".encode() in line]
+    assert len(lines) == 1 and b"WARNING" in lines[0] and b"HTTP/2 connection from" in lines[0], lines
+    assert b"\nforged" not in service.output
+
+
 @pytest.mark.parametrize("path", [b"/healthz", b"?x"])  # a 405, a 400: both answered before the body
 def test_http2_body_data_after_the_answer_costs_nothing_but_itself(service: Service, path: bytes) -> None:
     # RFC 9113 lets a client go on sending a body its stream was answered before: Hypercorn raised

@@ -1,4 +1,4 @@
-"""Seven adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Eight adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -104,6 +104,16 @@ for a stream that closed under it: its waits return.
 Upstream report, as it would be filed: "H2: H2Protocol.handle(Closed) does
 not close stream_buffers; an app task in stream_send(EndBody) at that moment
 waits in StreamBuffer.drain() forever."
+
+8. Say why a connection ended for a protocol error.
+
+h2 raises ProtocolError for broken frames or HPACK and for requests RFC 9113
+calls malformed (an upper-case header name, ``connection``, ``te`` other than
+``trailers``, an empty ``:path``, CR, LF or NUL in a value), and
+``H2Protocol.handle`` answers it with GOAWAY and closes the connection,
+silently: no access line, no other line (helper 52), where HTTP/1.1 logs the
+request it cannot parse.  Here such a connection leaves one WARNING line,
+its peer and h2's reason, escaped and cut to ``_REASON_CHARACTERS``.
 """
 
 from __future__ import annotations
@@ -147,6 +157,7 @@ def install() -> None:
     _reset_malformed_requests()
     _drop_data_of_streams_gone()
     _release_buffers_on_close()
+    _log_protocol_errors()
     setattr(H2Protocol, _MARKER, True)
 
 
@@ -207,6 +218,31 @@ def _release_buffers_on_close() -> None:
         if isinstance(event, Closed):
             for buffer in list(self.stream_buffers.values()):
                 await buffer.close()  # sets what drain and push wait on (patch 7)
+
+    H2Protocol.handle = handle  # type: ignore[method-assign]
+
+
+_REASON_CHARACTERS = 200
+
+
+def _log_protocol_errors() -> None:
+    original: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        if isinstance(event, RawData) and "receive_data" not in vars(self.connection):
+            receive = self.connection.receive_data
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+
+            def receive_data(data: bytes) -> list[h2.events.Event]:
+                try:
+                    return receive(data)  # type: ignore[no-any-return]
+                except h2.exceptions.ProtocolError as error:
+                    reason = (str(error) or type(error).__name__)[:_REASON_CHARACTERS]
+                    logger.warning("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
+                    raise
+
+            self.connection.receive_data = receive_data
+        await original(self, event)
 
     H2Protocol.handle = handle  # type: ignore[method-assign]
 
