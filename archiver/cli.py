@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -250,8 +251,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:
         trio.run(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
-    except Exception:
+    except Exception as error:
+        if in_use := _address_in_use(error):
+            # Taken since it was tried above (two starts at once, helper 52): the same one line.
+            sys.exit(f"archiver: cannot listen on {config.bind[0]}: {in_use.strerror}")
         # Per-connection errors end their connection (hypercorn_tcp); this is the server itself.
         logger.critical("fatal error, the service stops", exc_info=True)
         sys.exit(70)  # EX_SOFTWARE: systemd's Restart= and any supervisor see a failure
     logger.info("stopped")
+
+
+def _address_in_use(error: BaseException) -> OSError | None:
+    """The EADDRINUSE that ``error`` is, alone or as a group's only exception (Trio's nurseries group them)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, OSError) and error.errno == errno.EADDRINUSE else None

@@ -235,6 +235,26 @@ def test_no_thread_to_look_at_the_storage_at_start_is_one_line() -> None:
     )
 
 
+def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
+    # Helper 52: two starts on one port at once both passed the early check, and one ended with a
+    # CRITICAL traceback and exit 70.  The port is taken here just after the check, as the other did.
+    port = free_port()
+    program = (
+        "import socket\n"
+        "from archiver import cli\n"
+        "served, taken = cli.serve, []\n"
+        "async def serve(*args, **kwargs):\n"
+        f"    taken.append(socket.create_server(('127.0.0.1', {port})))\n"
+        "    return await served(*args, **kwargs)\n"
+        "cli.serve = serve\n"
+        f"cli.main(['-H', '127.0.0.1', '-P', '{port}'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"archiver: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "arguments, environment, message",
     [

@@ -61,9 +61,17 @@ def check_link(
         raise LinkRefused(f"expired at {expires}")
 
 
+# The longest a link may live: a century.  An expiry past 12 digits is refused as a probe, so
+# "--ttl 99999999d" printed a link that never worked (helper 52).
+MAX_TTL = 100 * 365 * 86400
+
+
 def parse_duration(text: str) -> int:
-    """Seconds in ``90``, ``90s``, ``15m``, ``1h`` or ``7d``; ValueError otherwise."""
+    """Seconds in ``90``, ``90s``, ``15m``, ``1h`` or ``7d``, 1 to MAX_TTL; ValueError otherwise."""
     match = re.fullmatch(r"([0-9]{1,9})([smhd]?)", text.strip())
     if match is None:
         raise ValueError(f"not a duration: {text!r} (e.g. 90s, 15m, 1h, 7d)")
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if not 0 < seconds <= MAX_TTL:
+        raise ValueError(f"a link must live more than 0 s and at most 100 years, not {text!r}")
+    return seconds
