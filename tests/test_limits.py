@@ -44,7 +44,10 @@ PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
         ("127.0.0.1", "198.51.100.1, 10.1.2.3", "198.51.100.1"),  # two proxies, both trusted
         ("127.0.0.1", "10.1.2.3", "10.1.2.3"),  # only proxies: the farthest one
         ("127.0.0.1", " , ", "127.0.0.1"),
-        ("127.0.0.1", "not-an-address", "not-an-address"),  # as given: one bucket, like any client
+        # No address: the walk ends at the last trusted hop (helper 52: a quote reached the log lines).
+        ("127.0.0.1", "not-an-address", "127.0.0.1"),
+        ("127.0.0.1", 'evil" injected', "127.0.0.1"),
+        ("127.0.0.1", "198.51.100.1, bad, 10.1.2.3", "10.1.2.3"),
         ("::1", "2001:db8::7", "2001:db8::7"),
         # Bound to "::": IPv4 peers come as IPv4-mapped IPv6 addresses (helper 44).
         ("::ffff:127.0.0.1", "198.51.100.1", "198.51.100.1"),

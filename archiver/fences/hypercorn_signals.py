@@ -73,7 +73,10 @@ def install() -> None:
 
     async def check_multiprocess_shutdown_event(shutdown_event: Any, sleep: Any) -> None:
         await original_trigger(shutdown_event, sleep)
-        logger.info("stopped by Hypercorn's master: no new connections; in-flight downloads get graceful_timeout")
+        logger.info(
+            "stopped by Hypercorn's master: no new connections; in-flight downloads get hypercorn.toml's "
+            "graceful_timeout to finish"
+        )
         hypercorn_tcp.shutting_down()
 
     hypercorn_trio_run.check_multiprocess_shutdown_event = check_multiprocess_shutdown_event  # type: ignore[attr-defined]
@@ -88,7 +91,10 @@ async def terminate_on_stop_signal() -> None:
     (the receiver restores what it found: SIG_IGN).
     """
     received = await wait_for_stop_signal()
-    logger.info("received %s: no new connections; in-flight downloads get graceful_timeout to finish", received.name)
+    logger.info(
+        "received %s: no new connections; in-flight downloads get hypercorn.toml's graceful_timeout to finish",
+        received.name,
+    )
     for context in list(_CONTEXTS):
         await context.terminate.set()
     hypercorn_tcp.shutting_down()

@@ -107,7 +107,9 @@ class TrustedProxies:
         its right end can be believed: walk it from the right past trusted
         proxies (as nginx's realip module does with ``real_ip_recursive``).
         The first address not trusted is the client; anything to its left
-        the client wrote itself.
+        the client wrote itself.  A hop that is no address ends the walk: the
+        client is then the last trusted one (a name or a quote in the logs
+        and in the fair share's keys would be the client's own text; helper 52).
         """
         address = unmapped(peer) if peer else "unknown"
         if not forwarded_for or not self.trusts(address):
@@ -116,6 +118,10 @@ class TrustedProxies:
             hop = unmapped(hop.strip())
             if not hop:
                 continue
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break
             address = hop
             if not self.trusts(hop):
                 break
