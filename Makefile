@@ -3,20 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-slow lint bench bench-tools
+.PHONY: install run test test-slow lint bench bench-tools
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable '.[test]'
-	# Compiled now: under the systemd unit the checkout is read-only, and the producers'
-	# launcher, started with the service and again after any crash, would otherwise compile
-	# its program each time.
-	$(BIN)/python -m compileall -q archiver
 	touch $@
 
+## Create .venv (once) and compile the package: after every update of a deployed checkout.
+## Under the systemd unit the checkout is read-only, and the producers' launcher, started with
+## the service and again after any crash, would otherwise compile its program each time
+## (what changed since the last run only: compileall skips what is up to date).
+install: $(BIN)/.installed
+	$(BIN)/python -m compileall -q archiver
+
 ## Start the service on the sample storage in data/ (http://localhost:8080/).
-run: $(BIN)/.installed
+run: install
 	$(BIN)/archiver --dir data $(ARGS)
 
 ## Lint, type-check and run the test suite (slow stress tests skipped), a test file at a time
