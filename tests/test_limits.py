@@ -152,6 +152,9 @@ async def test_downloads_of_other_albums_past_the_planned_files_are_refused_and_
             refused = await client.get("/archive/other/")
             shared = await client.get("/archive/slow/", headers={"Range": "bytes=0-9"})
             fits = await client.get("/archive/small/")
+        with trio.fail_after(10):  # the held download ends once its body sees the client gone
+            while samples((await client.get("/metrics")).text)["archiver_downloads_in_flight"]:
+                await trio.sleep(0.05)
         after = await client.get("/archive/other/")
         metrics = samples((await client.get("/metrics")).text)
     assert during["archiver_planned_files"] == 60
