@@ -114,9 +114,10 @@ class Settings:
     max_planned_files: int = 1_000_000
 
     def __post_init__(self) -> None:
-        # Every folder of the system an album, /etc among them (helper 52).  No look at the storage
-        # here (a dead mount must not hold the start): a link to / is not seen.
-        if os.path.abspath(self.storage_dir) == "/":
+        # Every folder of the system an album, /etc among them (helper 52).  "//" is a path of its own
+        # to abspath (POSIX), and / to Linux (helper 53).  No look at the storage here (a dead mount
+        # must not hold the start): a link to / is seen by the start's look (web.app).
+        if not os.path.abspath(self.storage_dir).strip("/"):
             raise SettingsError("the storage directory cannot be / (each folder in it is served as an album)")
         if not 0 <= self.compression <= 9:
             raise SettingsError(f"compression must be 0..9, not {self.compression}")

@@ -263,6 +263,10 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         (["-D", ""], {}, "argument -D/--dir: the storage directory must not be empty"),
         (["-D", "/"], {}, "the storage directory cannot be /"),
         ([], {"ARCHIVER_DIR": "/tmp/.."}, "the storage directory cannot be /"),
+        # Helper 53: abspath keeps "//", which is / to Linux; and a link to / is / too.
+        (["-D", "//"], {}, "the storage directory cannot be /"),
+        ([], {"ARCHIVER_DIR": "//etc/.."}, "the storage directory cannot be /"),
+        (["-D", "/proc/self/root"], {}, "is / (each folder in it would be served as an album)"),
         (["--compression", "12"], {}, "invalid choice"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
         # Not this host's address: one line, not the fatal error's traceback (helper 34).

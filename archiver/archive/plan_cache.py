@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,30 +30,76 @@ from .storage import AlbumListing
 CACHED_ENTRIES = 120_000
 
 
+_Key = tuple[Path, str, bytes]
+
+
+class _Making:
+    """A plan being made by one walk's thread, which the others for the same key wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.plan: ArchivePlan | None = None
+
+
 class PlanCache:
-    """The most recently used plans, up to ``entries`` files in all (a larger plan is not kept)."""
+    """The most recently used plans, up to ``entries`` files in all (a larger plan is not kept).
+
+    One plan a key while any is alive: two walks of one album at once wait for
+    one plan, and a plan pushed out of the cache while downloads hold it is
+    still the one a new download gets (``live``).  Two plans for one album held
+    twice the memory, and were two plans to the planned-files bound, which
+    refused the second download of an album on an idle service (helper 53).
+    """
 
     def __init__(self, entries: int = CACHED_ENTRIES) -> None:
         self.entries = entries
-        self._plans: OrderedDict[tuple[Path, str, bytes], ArchivePlan] = OrderedDict()
+        self._plans: OrderedDict[_Key, ArchivePlan] = OrderedDict()
+        self._live: weakref.WeakValueDictionary[_Key, ArchivePlan] = weakref.WeakValueDictionary()
+        self._making: dict[_Key, _Making] = {}
         self._held = 0
         self._lock = threading.Lock()  # used from the walks' worker threads
 
     def get(self, listing: AlbumListing, etag: str, make: Callable[[], ArchivePlan]) -> ArchivePlan:
-        """The plan for ``listing`` (whose archive has ``etag``): the cached one, or ``make()``'s, kept."""
+        """The plan for ``listing`` (whose archive has ``etag``): the live one, or ``make()``'s, kept.
+
+        Runs in a walk's worker thread; may wait there for another's ``make()``.
+        """
         devices = hashlib.blake2b(array("Q", [file.device for file in listing.files]).tobytes(), digest_size=16)
         key = (listing.directory, etag, devices.digest())
         with self._lock:
-            plan = self._plans.get(key)
+            plan = self._plans.get(key) or self._live.get(key)
             if plan is not None:
-                self._plans.move_to_end(key)
+                self._keep(key, plan)
                 return plan
-        plan = make()
-        with self._lock:
-            if plan.count <= self.entries and key not in self._plans:
-                self._plans[key] = plan
-                self._held += plan.count
-                while self._held > self.entries:
-                    _, dropped = self._plans.popitem(last=False)
-                    self._held -= dropped.count
+            making = self._making.get(key)
+            if making is None:
+                making = self._making[key] = _Making()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            making.done.wait()
+            return making.plan or self.get(listing, etag, make)  # its maker failed: make it here
+        try:
+            plan = making.plan = make()
+        finally:
+            with self._lock:
+                del self._making[key]
+                if making.plan is not None:
+                    self._live[key] = making.plan
+                    self._keep(key, making.plan)
+            making.done.set()
         return plan
+
+    def _keep(self, key: _Key, plan: ArchivePlan) -> None:
+        """Make ``plan`` the most recently used, in the cache if it fits (under the lock)."""
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return
+        if plan.count > self.entries:
+            return
+        self._plans[key] = plan
+        self._held += plan.count
+        while self._held > self.entries:
+            _, dropped = self._plans.popitem(last=False)
+            self._held -= dropped.count

@@ -157,15 +157,19 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
 
 
 def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a directory, or no thread can be started to look; if it does not
-    answer within ``timeout`` s, an ERROR only.
+    """SettingsError if ``root`` is not a directory, leads to / (a link), or no thread can be started to
+    look; if it does not answer within ``timeout`` s, an ERROR only.
 
     A mount that does not answer (a dead NFS server at boot) is no reason not
     to start: ``/healthz`` says ``storage: false`` until it answers.  The
     look runs in a daemon thread, left stuck if it is.
     """
-    answer: list[bool] = []
-    looker = threading.Thread(target=lambda: answer.append(root.is_dir()), name="archiver storage root", daemon=True)
+    answer: list[tuple[bool, bool]] = []  # (a folder, the system's root through links)
+
+    def look() -> None:
+        answer.append((root.is_dir(), os.path.realpath(root) == "/"))
+
+    looker = threading.Thread(target=look, name="archiver storage root", daemon=True)
     try:
         looker.start()
     except RuntimeError as error:  # at the tasks' limit (TasksMax, ulimit -u): nothing else would start either
@@ -175,8 +179,10 @@ def _check_storage_root(root: Path, timeout: float) -> None:
     looker.join(timeout)
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
-    elif not answer[0]:
+    elif not answer[0][0]:
         raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
+    elif answer[0][1]:
+        raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
 
 
 def _storage_root_searchable(root: Path) -> bool:
