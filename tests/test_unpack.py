@@ -293,9 +293,28 @@ def test_format_characters_are_taken_only_where_an_emoji_needs_them() -> None:
     family, rainbow_flag = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f3f3\ufe0f\u200d\U0001f308"
     england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
     worker = "\U0001f469\U0001f3fd\u200d\U0001f4bb"  # after a skin tone modifier
-    for emoji in (family, rainbow_flag, england, worker):
+    # Helper 53: a joined symbol that is no So (U+2194, Emoji 15.1), and emoji newer than this
+    # Python's Unicode data (3.11: 14.0), were refused: Unicode 15's pink heart, 16's U+1FAE9.
+    shaking, newer = "\U0001f642\u200d\u2194\ufe0f", "\U0001fa77\U0001fae8\U0001fae9"
+    keycap, fire_heart = "1\ufe0f\u20e3", "\u2764\ufe0f\u200d\U0001f525"
+    for emoji in (family, rainbow_flag, england, worker, shaking, newer, keycap, fire_heart):
         assert display_name(f"Отпуск {emoji}", "album") == f"Отпуск {emoji}.zip"
-    stray = ("abc\u200d", "\u200dabc", "a\u200db", "\U0001f468\u200d", "a\U000e0067b", "\U000e007f", england[1:])
+    # And what still hid text: tags that spell words after the black flag, runs of variation
+    # selectors, a joiner after a letter's variation selector.
+    hidden_words = "\U0001f3f4" + "".join(chr(0xE0000 + ord(letter)) for letter in "run payload.exe") + "\U000e007f"
+    stray = (
+        "abc\u200d",
+        "\u200dabc",
+        "a\u200db",
+        "\U0001f468\u200d",
+        "a\U000e0067b",
+        "\U000e007f",
+        england[1:],
+        hidden_words,
+        "photo" + "\U000e0100" * 40,
+        "a\ufe0f\u200d\u00a9",
+        "\U000e0080",
+    )
     for name in stray:
         with pytest.raises(DisplayNameRefused):
             display_name(name, "album")

@@ -14,6 +14,7 @@ transliterated) for the rest.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from urllib.parse import quote
 
@@ -40,10 +41,17 @@ _TAGS = frozenset(map(chr, range(0xE0020, 0xE007F)))
 _CANCEL_TAG = "\U000e007f"
 _BLACK_FLAG = "\U0001f3f4"
 _EMOJI_FORMAT = frozenset({_JOINER, _CANCEL_TAG, *_TAGS})
+# A subdivision's flag (UTS #51 ED-14a): the black flag, its code in tag digits and lower-case tag
+# letters ("gbsct": Scotland), the cancel tag.  Any other tag text hides words (helper 53).
+_SUBDIVISION_FLAG = re.compile("\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{1,7}\U000e007f")
+_VARIATION_SELECTORS = frozenset({*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))})
+# Where emoji newer than this Python's Unicode data lie: unassigned to it, but pictographs to a
+# phone (Unicode 15's pink heart, 16's U+1FAE9), not the unassigned code points that show a box.
+_EMOJI_PLANE = range(0x1F000, 0x1FB00)
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
-_NOTHING_ALONE = _EMOJI_FORMAT | {*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))}
+_NOTHING_ALONE = _EMOJI_FORMAT | _VARIATION_SELECTORS
 # Slashes, and characters drawn as one, become "_": a name is never read as a path.  And "%": a
 # client that decodes ``filename*`` twice (wget 1.21) would save "%2ebashrc" as ".bashrc" (helper 44).
 _SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572%", "_"))
@@ -124,29 +132,47 @@ def _zip_name(text: str) -> str:
 
 
 def _deceptive(character: str) -> bool:
-    if unicodedata.category(character) in _REFUSED_CATEGORIES:
+    category = unicodedata.category(character)
+    if category == "Cn":
+        return ord(character) not in _EMOJI_PLANE
+    if category in _REFUSED_CATEGORIES:
         return character not in _EMOJI_FORMAT
     return character in _INVISIBLE
 
 
+def _symbol(character: str) -> bool:
+    """An emoji as far as this goes: a symbol (So ❤, Sm ↔, Sk a skin tone), or an emoji newer than our data."""
+    return unicodedata.category(character)[0] == "S" or (
+        unicodedata.category(character) == "Cn" and ord(character) in _EMOJI_PLANE
+    )
+
+
 def _stray_emoji_format(text: str) -> bool:
-    """Whether a joiner or a tag stands where no emoji needs it, showing nothing (helper 51).
+    """Whether a joiner, a tag or a variation selector stands where no emoji needs it, hiding something.
 
     Unicode TS #51: a joiner stands between two emoji (after a modifier or
-    U+FE0F too: "\U0001f3f3\ufe0f\u200d\U0001f308"), and tags follow the black
-    flag, ended by the cancel tag (a subdivision's flag).
+    U+FE0F too: "\U0001f3f3\ufe0f\u200d\U0001f308", and before a symbol
+    that is no So, "\U0001f642\u200d\u2194\ufe0f"); tags only in a
+    subdivision's flag; one variation selector after a character, never a
+    run of them ("photo" and 40 of them showed as "photo"; helper 53).
     """
+    flags = [(match.start(), match.end()) for match in _SUBDIVISION_FLAG.finditer(text)]
+    in_flag = {index for start, end in flags for index in range(start + 1, end)}
     for index, character in enumerate(text):
         before = text[index - 1] if index else ""
         after = text[index + 1 : index + 2]
         if character == _JOINER:
-            joins = before and (unicodedata.category(before) in ("So", "Sk") or before == "\ufe0f")
-            if not joins or not after or unicodedata.category(after) != "So":
+            joins = before and (
+                _symbol(before) or (before in _VARIATION_SELECTORS and index > 1 and _symbol(text[index - 2]))
+            )
+            if not joins or not after or not _symbol(after):
                 return True
-        elif character in _TAGS:
-            if not (before == _BLACK_FLAG or before in _TAGS) or not (after in _TAGS or after == _CANCEL_TAG):
+        elif character in _TAGS or character == _CANCEL_TAG:
+            if index not in in_flag:
                 return True
-        elif character == _CANCEL_TAG and before not in _TAGS:
+        elif character in _VARIATION_SELECTORS and (
+            not before or before in _VARIATION_SELECTORS or before in _EMOJI_FORMAT or before.isspace()
+        ):
             return True
     return False
 
