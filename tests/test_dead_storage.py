@@ -601,6 +601,11 @@ async def test_a_stop_while_the_storage_root_still_hangs_frees_the_port_at_once(
     async with gated_mount(source, storage, gate):
         gate.write_text("metadata")
         async with launched(command) as server:
+            pid = server.process.pid
+            assert b"did not answer in 2 s: starting anyway" in server.output
+            # The look's thread is the one the mount holds (gated_fs notes the caller's thread).
+            held = {int(tid) for tid in gate.with_name(gate.name + "-held").read_text().split()}
+            (looker,) = [tid for tid in held if os.path.exists(f"/proc/{pid}/task/{tid}")]
             server.process.terminate()
             with trio.fail_after(10):
                 while b"archiver.cli: stopped" not in server.output:
@@ -609,7 +614,8 @@ async def test_a_stop_while_the_storage_root_still_hangs_frees_the_port_at_once(
                 again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
                 again.bind(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
                 again.listen()
-            assert server.process.returncode is None  # still held by the look in the kernel
+            # Still held by the look in the kernel (helper 53: not merely a process still exiting).
+            assert os.path.exists(f"/proc/{pid}/task/{looker}") and server.process.returncode is None
             gate.unlink()
             with trio.fail_after(10):
                 assert await server.process.wait() == 0

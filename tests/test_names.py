@@ -154,6 +154,8 @@ def test_no_name_answers_to_the_short_name_ntfs_makes_up_for_another() -> None:
     # Helper 51: NTFS gives "Photograph.jpg" the short name "PHOTOG~1.JPG" too; "Photog~1.jpg"
     # unpacked after it opened it instead.  Only that shape: 8.3, "~" and a number last in the stem.
     paths = [b"Photograph.jpg", b"Photog~1.jpg", b"Photog_1.jpg", b"photos~12.jpg", b"a~1.jpeg", "Фото~1.jpg".encode()]
+    # "~" is an 8.3 character too (helper 53): "a~bcdefghij.txt" is also "A~BCDE~1.TXT".
+    paths += [b"a~bcdefghij.txt", b"a~bcde~1.txt", b"photo~~1.jpg"]
     assert entry_names(paths) == [
         "Photograph.jpg",
         "Photog_1.jpg",
@@ -161,6 +163,9 @@ def test_no_name_answers_to_the_short_name_ntfs_makes_up_for_another() -> None:
         "photos~12.jpg",
         "a~1.jpeg",
         "Фото~1.jpg",
+        "a~bcdefghij.txt",
+        "a~bcde_1.txt",
+        "photo~_1.jpg",
     ]
 
 

@@ -76,7 +76,8 @@ _RESERVED = frozenset(
 # ending in "~" and a number, an extension of at most 3 ("PHOTOG~1.JPG" for "Photograph.jpg";
 # "PH1A2B~1.JPG" past the fourth).  Unpacked after that file, a name of this shape opens it instead:
 # 7-Zip asks to replace it, Explorer overwrites it (helper 51; git refuses "GIT~1" for the same reason).
-_SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.~]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
+# "~" is an 8.3 character too: "a~bcdefghij.txt" is "A~BCDE~1.TXT" (helper 53).
+_SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
 
 
 def decode_component(raw: bytes, encoding: str) -> str:

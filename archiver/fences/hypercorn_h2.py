@@ -120,6 +120,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -223,6 +224,7 @@ def _release_buffers_on_close() -> None:
 
 
 _REASON_CHARACTERS = 200
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _log_protocol_errors() -> None:
@@ -237,7 +239,8 @@ def _log_protocol_errors() -> None:
                 try:
                     return receive(data)  # type: ignore[no-any-return]
                 except h2.exceptions.ProtocolError as error:
-                    reason = (str(error) or type(error).__name__)[:_REASON_CHARACTERS]
+                    # hpack names its buffer: "<memory at 0x7f15db04d6c0>", an address of the heap.
+                    reason = _ADDRESS.sub("", str(error) or type(error).__name__)[:_REASON_CHARACTERS]
                     logger.warning("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
                     raise
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import resource
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -114,18 +115,40 @@ class TrustedProxies:
         address = unmapped(peer) if peer else "unknown"
         if not forwarded_for or not self.trusts(address):
             return address
-        for hop in reversed(forwarded_for.split(",")):
-            hop = unmapped(hop.strip())
-            if not hop:
+        for entry in reversed(forwarded_for.split(",")):
+            if not entry.strip():
                 continue
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
+            hop = _hop_address(entry.strip())
+            if hop is None:
                 break
             address = hop
             if not self.trusts(hop):
                 break
         return address
+
+
+# Load balancers that write a port with the address (Azure's Application Gateway: "a.b.c.d:port",
+# "[v6]:port"); nginx writes the address alone.
+_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?")
+_IPV4_AND_PORT = re.compile(r"([0-9.]+):[0-9]{1,5}")
+
+
+def _hop_address(entry: str) -> str | None:
+    """The address in one X-Forwarded-For entry, in one spelling (no port, no zone, IPv4 unmapped); None if none.
+
+    A zone ("fe80::1%eth0") is dropped: ``ip_address`` takes any text after the
+    "%", which brought the client's own text back (helper 53); and one address
+    is one client however it is written ("2001:DB8:0:0::1" is "2001:db8::1").
+    """
+    if match := _BRACKETED.fullmatch(entry) or _IPV4_AND_PORT.fullmatch(entry):
+        entry = match.group(1)
+    try:
+        address = ipaddress.ip_address(entry.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 class JobSlots:
