@@ -148,6 +148,25 @@ def test_non_ascii_pseudo_header_resets_its_stream_only(service: Service, pseudo
     assert b"UnicodeDecodeError" not in service.output
 
 
+def test_a_connect_request_resets_its_stream_only(service: Service) -> None:
+    # A plain CONNECT has no :path (RFC 9113 8.5): Hypercorn's _create_stream raised
+    # UnboundLocalError, which ended the connection with its other streams.  Nothing is tunnelled here.
+    connection = h2_client()
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"example.org:443")])
+        connection.send_headers(
+            3,
+            [(b":method", b"GET"), (b":path", b"/healthz"), (b":scheme", b"http"), (b":authority", b"x")],
+            end_stream=True,
+        )
+        sock.sendall(connection.data_to_send())
+        events = h2_events(sock, connection, h2.events.StreamEnded)
+    resets = [event for event in events if isinstance(event, h2.events.StreamReset)]
+    assert [(reset.stream_id, reset.error_code) for reset in resets] == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+    assert any(isinstance(event, h2.events.StreamEnded) and event.stream_id == 3 for event in events)
+    assert b"UnboundLocalError" not in service.output
+
+
 @pytest.mark.parametrize(
     "header",
     [(b"User-Agent", b"x"), (b"connection", b"close"), (b"te", b"gzip"), (b"user-agent", b"a\r\nforged: line")],

@@ -62,7 +62,7 @@ preface and SETTINGS and nothing else holds a descriptor for ever.  Here a
 new HTTP/2 connection without streams reports itself idle, so the same
 timeout applies.
 
-5. Reset a request whose ``:method`` or ``:path`` is not ASCII.
+5. Reset a request whose ``:method`` or ``:path`` is not ASCII, or has no ``:path``.
 
 h2 passes pseudo-header values through as bytes.  Hypercorn decodes
 ``:method`` and ``:path`` as ASCII while it creates the stream
@@ -76,7 +76,10 @@ is a stream error of type PROTOCOL_ERROR: the stream is reset, and the
 connection and its other streams go on.  Upstream report, as it would be
 filed: "H2: a non-ASCII byte in :path or :method raises UnicodeDecodeError
 in _create_stream/HTTPStream.handle; with the trio worker this stops the
-server; it should reset the stream with PROTOCOL_ERROR."
+server; it should reset the stream with PROTOCOL_ERROR."  A plain CONNECT
+(RFC 9113 section 8.5) has no ``:path``, and ``_create_stream`` then read a
+variable it never set (UnboundLocalError), which ended the connection and its
+other streams: this server tunnels nothing, so its stream is reset the same way.
 
 6. Drop the body of a stream already answered.
 
@@ -167,13 +170,16 @@ _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefgh
 
 
 def is_malformed_request(headers: list[tuple[bytes, bytes]]) -> bool:
-    """True if ``:method`` is not a token or ``:path`` holds a byte outside visible ASCII (patch 5)."""
+    """True if ``:method`` is not a token, ``:path`` holds a byte outside visible ASCII, or is missing (patch 5)."""
+    path = False
     for name, value in headers:
         if name == b":method" and (not value or not _TOKEN.issuperset(value)):
             return True
-        if name == b":path" and any(byte < 0x21 or byte > 0x7E for byte in value):
-            return True
-    return False
+        if name == b":path":
+            if any(byte < 0x21 or byte > 0x7E for byte in value):
+                return True
+            path = True
+    return not path
 
 
 def _reset_malformed_requests() -> None:
@@ -181,7 +187,7 @@ def _reset_malformed_requests() -> None:
 
     async def _create_stream(self: Any, request: Any) -> None:
         if is_malformed_request(request.headers):
-            logger.warning("HTTP/2 stream %d reset: malformed :method or :path", request.stream_id)
+            logger.warning("HTTP/2 stream %d reset: malformed or missing :method or :path", request.stream_id)
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
                 self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
             await self._flush()
