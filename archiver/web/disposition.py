@@ -14,9 +14,10 @@ transliterated) for the rest.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from urllib.parse import quote
+
+import emoji
 
 from ..archive.names import portable_component, shortened
 
@@ -36,22 +37,17 @@ MAX_SAVED_NAME_BYTES = 255 - len(".crdownload")
 # characters, allowed where they make one: the zero-width joiner (a family) and the tags (a
 # subdivision's flag).
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cn"})
-_JOINER = "\u200d"
-_TAGS = frozenset(map(chr, range(0xE0020, 0xE007F)))
-_CANCEL_TAG = "\U000e007f"
-_BLACK_FLAG = "\U0001f3f4"
-_EMOJI_FORMAT = frozenset({_JOINER, _CANCEL_TAG, *_TAGS})
-# A subdivision's flag (UTS #51 ED-14a): the black flag, its code in tag digits and lower-case tag
-# letters ("gbsct": Scotland), the cancel tag.  Any other tag text hides words (helper 53).
-_SUBDIVISION_FLAG = re.compile("\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{1,7}\U000e007f")
+# What emoji are made of that shows nothing itself: the joiner, the tags and the cancel tag (a
+# subdivision's flag), the variation selectors.  Kept inside an emoji sequence (the ``emoji``
+# library's, from Unicode's own data, which knows the emoji newer than this Python's), and a
+# variation selector after an ideograph; dropped anywhere else, where they would hide text in
+# a name that shows otherwise: tags spelling words, a selector a byte (helpers 51, 53, 54).
 _VARIATION_SELECTORS = frozenset({*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))})
-# Where emoji newer than this Python's Unicode data lie: unassigned to it, but pictographs to a
-# phone (Unicode 15's pink heart, 16's U+1FAE9), not the unassigned code points that show a box.
-_EMOJI_PLANE = range(0x1F000, 0x1FB00)
+_EMOJI_FORMAT = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))}) | _VARIATION_SELECTORS
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
-_NOTHING_ALONE = _EMOJI_FORMAT | _VARIATION_SELECTORS
+_NOTHING_ALONE = _EMOJI_FORMAT
 # Slashes, and characters drawn as one, become "_": a name is never read as a path.  And "%": a
 # client that decodes ``filename*`` twice (wget 1.21) would save "%2ebashrc" as ".bashrc" (helper 44).
 _SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572%", "_"))
@@ -113,7 +109,9 @@ def display_name(requested: str | None, album: str) -> str:
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME - len('.zip')} characters")
     if len(requested.encode(errors="replace")) > MAX_DISPLAY_NAME_BYTES - len(".zip"):
         raise DisplayNameRefused(f"filename longer than {MAX_DISPLAY_NAME_BYTES - len('.zip')} bytes in UTF-8")
-    if any(_deceptive(character) for character in requested) or _stray_emoji_format(requested):
+    requested = _without_stray_emoji_format(requested)
+    inside = _in_emoji(requested)
+    if any(_deceptive(character) for index, character in enumerate(requested) if index not in inside):
         raise DisplayNameRefused("filename with control or invisible characters")
     # Nothing left ("...", " ."): not the album's name, which is the link's secret (helper 51).
     return _zip_name(requested) or "archive.zip"
@@ -128,53 +126,45 @@ def _zip_name(text: str) -> str:
     name = _saved_name(text)
     if not name:
         return ""
-    return shortened(name if name.lower().endswith(".zip") else f"{name}.zip", "", MAX_SAVED_NAME_BYTES)
-
-
-def _deceptive(character: str) -> bool:
-    category = unicodedata.category(character)
-    if category == "Cn":
-        return ord(character) not in _EMOJI_PLANE
-    if category in _REFUSED_CATEGORIES:
-        return character not in _EMOJI_FORMAT
-    return character in _INVISIBLE
-
-
-def _symbol(character: str) -> bool:
-    """An emoji as far as this goes: a symbol (So ❤, Sm ↔, Sk a skin tone), or an emoji newer than our data."""
-    return unicodedata.category(character)[0] == "S" or (
-        unicodedata.category(character) == "Cn" and ord(character) in _EMOJI_PLANE
+    # A cut inside an emoji sequence leaves its joiner or tags stray: dropped as any stray one is.
+    return _without_stray_emoji_format(
+        shortened(name if name.lower().endswith(".zip") else f"{name}.zip", "", MAX_SAVED_NAME_BYTES)
     )
 
 
-def _stray_emoji_format(text: str) -> bool:
-    """Whether a joiner, a tag or a variation selector stands where no emoji needs it, hiding something.
+def _deceptive(character: str) -> bool:
+    """A character outside an emoji that shows nothing, or shows otherwise than it is."""
+    return unicodedata.category(character) in _REFUSED_CATEGORIES or character in _INVISIBLE
 
-    Unicode TS #51: a joiner stands between two emoji (after a modifier or
-    U+FE0F too: "\U0001f3f3\ufe0f\u200d\U0001f308", and before a symbol
-    that is no So, "\U0001f642\u200d\u2194\ufe0f"); tags only in a
-    subdivision's flag; one variation selector after a character, never a
-    run of them ("photo" and 40 of them showed as "photo"; helper 53).
+
+def _in_emoji(text: str) -> set[int]:
+    """The indexes of ``text`` inside emoji sequences (RGI: families, flags, keycaps, skin tones...)."""
+    return {index for found in emoji.emoji_list(text) for index in range(found["match_start"], found["match_end"])}
+
+
+def _without_stray_emoji_format(text: str) -> str:
+    """``text`` without the joiners, tags and variation selectors that make no emoji (``_EMOJI_FORMAT``).
+
+    A variation selector right after an ideograph stays (a variant of it,
+    "\u845b\U000e0100"); one after another is stray.  Dropped, not refused: a
+    title pasted with a stray one ("\ufe0fPhotos", "\u2764\ufe0f\ufe0f") is
+    still the title.
     """
-    flags = [(match.start(), match.end()) for match in _SUBDIVISION_FLAG.finditer(text)]
-    in_flag = {index for start, end in flags for index in range(start + 1, end)}
+    if not _EMOJI_FORMAT.intersection(text):
+        return text
+    inside = _in_emoji(text)
+    kept: list[str] = []
     for index, character in enumerate(text):
-        before = text[index - 1] if index else ""
-        after = text[index + 1 : index + 2]
-        if character == _JOINER:
-            joins = before and (
-                _symbol(before) or (before in _VARIATION_SELECTORS and index > 1 and _symbol(text[index - 2]))
-            )
-            if not joins or not after or not _symbol(after):
-                return True
-        elif character in _TAGS or character == _CANCEL_TAG:
-            if index not in in_flag:
-                return True
-        elif character in _VARIATION_SELECTORS and (
-            not before or before in _VARIATION_SELECTORS or before in _EMOJI_FORMAT or before.isspace()
-        ):
-            return True
-    return False
+        if character in _EMOJI_FORMAT and index not in inside:
+            variant = character in _VARIATION_SELECTORS and kept and _ideograph(kept[-1])
+            if not variant:
+                continue
+        kept.append(character)
+    return "".join(kept)
+
+
+def _ideograph(character: str) -> bool:
+    return unicodedata.name(character, "").startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH"))
 
 
 def _saved_name(text: str) -> str:
