@@ -306,7 +306,7 @@ def test_format_characters_are_kept_only_where_they_make_an_emoji() -> None:
         "\U0001f3f4" + "".join(chr(0xE0000 + ord(letter)) for letter in word) + "\U000e007f"
         for word in ("run", "payload", "exe")
     )
-    one_a_byte = "".join(letter + chr(0xE0100 + ord(hidden)) for letter, hidden in zip("Отпуск", "rm -rf"))
+    one_a_byte = "".join(letter + chr(0xE0100 + ord(hidden)) for letter, hidden in zip("Отпуск", "rm -rf", strict=True))
     dropped = {
         "abc\u200d": "abc",
         "\u200dabc": "abc",
