@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +184,36 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT, env=env)
     assert result.returncode == 1
     assert result.stderr.strip() == "archiver: max_jobs must be positive, rate_limit and shutdown_grace not negative"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"),
+    reason="needs root, setpriv, unshare",
+)
+def test_a_root_that_is_slash_by_a_bind_mount_or_cannot_be_looked_at_is_refused_at_start(tmp_path: Path) -> None:
+    # Helper 54: a bind mount of / (a container's -v /:/host) served /etc; and a root the service may
+    # not search died in the look's thread, logged "did not answer", and the service started anyway.
+    host = tmp_path / "host"
+    host.mkdir()
+    serve = f"{shlex.quote(sys.executable)} -m archiver -H 127.0.0.1 -P 0 -D"
+    bound = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount --bind / {host} && exec {serve} {host}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PROJECT,
+    )
+    assert bound.returncode == 1
+    assert bound.stderr.strip().endswith("is / (each folder in it would be served as an album)"), bound.stderr
+    private = tmp_path / "private"
+    (private / "photos").mkdir(parents=True)
+    os.chown(private, 65534, 65534)
+    private.chmod(0o700)
+    dropped = "-dac_override,-dac_read_search"
+    command = ["setpriv", f"--inh-caps={dropped}", f"--bounding-set={dropped}", *serve.split(), str(private / "photos")]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == f"archiver: storage directory '{private / 'photos'}': Permission denied"
 
 
 async def test_flags_win_over_bad_variables() -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -157,17 +158,21 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
 
 
 def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a directory, leads to / (a link), or no thread can be started to
-    look; if it does not answer within ``timeout`` s, an ERROR only.
+    """SettingsError if ``root`` is not a directory, cannot be looked at (permissions), is / by another
+    way (a link, a bind mount), or no thread can be started to look; if it does not answer within
+    ``timeout`` s, an ERROR only.
 
     A mount that does not answer (a dead NFS server at boot) is no reason not
     to start: ``/healthz`` says ``storage: false`` until it answers.  The
     look runs in a daemon thread, left stuck if it is.
     """
-    answer: list[tuple[bool, bool]] = []  # (a folder, the system's root through links)
+    answer: list[os.stat_result | OSError] = []
 
     def look() -> None:
-        answer.append((root.is_dir(), os.path.realpath(root) == "/"))
+        try:
+            answer.append(os.stat(root))
+        except OSError as error:  # an error is an answer too: not "did not answer" (helper 54)
+            answer.append(error)
 
     looker = threading.Thread(target=look, name="archiver storage root", daemon=True)
     try:
@@ -179,9 +184,18 @@ def _check_storage_root(root: Path, timeout: float) -> None:
     looker.join(timeout)
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
-    elif not answer[0][0]:
+        return
+    found = answer[0]
+    if isinstance(found, FileNotFoundError | NotADirectoryError) or (
+        isinstance(found, os.stat_result) and not stat.S_ISDIR(found.st_mode)
+    ):
         raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
-    elif answer[0][1]:
+    if isinstance(found, OSError):
+        raise SettingsError(f"storage directory {str(root)!r}: {found.strerror}")
+    # The system's root by any way there, a link or a bind mount (a container's -v /:/host): the
+    # same folder, so its device and inode (helper 54).
+    system_root = os.stat("/")
+    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
         raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
 
 
