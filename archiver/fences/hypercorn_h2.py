@@ -116,7 +116,8 @@ calls malformed (an upper-case header name, ``connection``, ``te`` other than
 ``H2Protocol.handle`` answers it with GOAWAY and closes the connection,
 silently: no access line, no other line (helper 52), where HTTP/1.1 logs the
 request it cannot parse.  Here such a connection leaves one WARNING line,
-its peer and h2's reason, escaped and cut to ``_REASON_CHARACTERS``.
+its peer and h2's reason, without the header bytes it quotes, escaped and cut to
+``_REASON_CHARACTERS``.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ def _release_buffers_on_close() -> None:
 
 _REASON_CHARACTERS = 200
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
 
 
 def _log_protocol_errors() -> None:
@@ -245,8 +247,10 @@ def _log_protocol_errors() -> None:
                 try:
                     return receive(data)  # type: ignore[no-any-return]
                 except h2.exceptions.ProtocolError as error:
-                    # hpack names its buffer: "<memory at 0x7f15db04d6c0>", an address of the heap.
-                    reason = _ADDRESS.sub("", str(error) or type(error).__name__)[:_REASON_CHARACTERS]
+                    # h2 quotes the header it refused, whose value may be a token or a cookie (helper
+                    # 54): its bytes are left out.  hpack names its buffer ("<memory at 0x7f...>").
+                    reason = _BYTES.sub("b'...'", str(error) or type(error).__name__)
+                    reason = _ADDRESS.sub("", reason)[:_REASON_CHARACTERS]
                     logger.warning("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
                     raise
 
