@@ -9,7 +9,9 @@ stopped process is never stopped inside a system call.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -589,6 +591,41 @@ async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_
                 whole = await client.get("/archive/album/")
                 assert whole.status_code == 200 and read_archive(whole.content) == {"a.jpg": b"a"}
     assert b"did not answer in 2 s: starting anyway" in bytes(server.output)
+
+
+async def test_a_storage_root_whose_fuse_daemon_died_is_no_reason_not_to_start(tmp_path: Path) -> None:
+    # Helper 55: the start's look took its ENOTCONN for a refusal, where a mount that does not
+    # answer starts: storage that may come back is not a setting to fix.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    (source / "album").mkdir(parents=True)
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
+    async with gated_mount(source, storage, gate):
+        (daemon,) = [pid for pid in _pids_of(str(GATED_FS)) if str(storage) in _command_line(pid)]
+        os.kill(daemon, signal.SIGKILL)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    os.stat(storage)
+                except OSError as error:  # ECONNABORTED first, then ENOTCONN
+                    assert error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+                    break
+                await trio.sleep(0.02)
+        async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+            health = await client.get("/healthz")
+    assert health.status_code == 503 and health.json()["storage"] is False
+    seen = rb"(Transport endpoint is not connected|Software caused connection abort)"
+    assert re.search(rb"ERROR .*storage directory .*: " + seen + rb": starting anyway", server.output)
+
+
+def _pids_of(program: str) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and program in _command_line(int(pid))]
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 async def test_a_stop_while_the_storage_root_still_hangs_frees_the_port_at_once(tmp_path: Path) -> None:

@@ -197,6 +197,19 @@ class SkippedLog:
             logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
 
 
+def is_a_system_root(root: Path) -> bool:
+    """Whether ``root`` is a system's root folder: this one's (by a link or a bind mount), or one that
+    holds ``etc/passwd`` (the host's, mounted into a container or a chroot, where its device and
+    inode are not /'s: helper 55).  Its folders would all be albums, ``/archive/etc/`` among them.
+
+    Raises OSError as ``os.stat`` does.
+    """
+    found, system_root = os.stat(root), os.stat("/")
+    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
+        return True
+    return os.path.isfile(os.path.join(root, "etc", "passwd"))
+
+
 def resolve_album(root: Path, name: str) -> Path:
     """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
 
@@ -213,6 +226,11 @@ def resolve_album(root: Path, name: str) -> Path:
     if album.parent != real_root and real_root not in album.parents:
         raise AlbumNotFound(name)
     try:
+        # Checked at start too; again here, since the root may be swapped for a link after it (helper 55).
+        if is_a_system_root(real_root):
+            raise ListingFailed(
+                "the storage directory is a system's root: refusing to serve its folders", transient=False
+            )
         is_directory = stat.S_ISDIR(os.stat(album).st_mode)
     except OSError as error:
         if error.errno in _GONE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from ..archive.storage import (
     ListingFailed,
     SkippedLog,
     WalkProgress,
+    is_a_system_root,
     list_album,
     resolve_album,
 )
@@ -157,20 +159,27 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
         return None
 
 
+# What a look at the storage root may say that no later moment will change: the start stops.
+# Anything else (ENOTCONN of a FUSE mount whose daemon died, an NFS server's ESTALE or EIO) is
+# storage that may come back: the service starts, and /healthz says "storage": false (helper 55).
+_ROOT_REFUSED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
+
+
 def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a directory, cannot be looked at (permissions), is / by another
-    way (a link, a bind mount), or no thread can be started to look; if it does not answer within
-    ``timeout`` s, an ERROR only.
+    """SettingsError if ``root`` is not a directory, cannot be looked at (permissions), is a system's
+    root (``is_a_system_root``), or no thread can be started to look; if it does not answer within
+    ``timeout`` s, or answers an error the storage may recover from, an ERROR only.
 
     A mount that does not answer (a dead NFS server at boot) is no reason not
     to start: ``/healthz`` says ``storage: false`` until it answers.  The
     look runs in a daemon thread, left stuck if it is.
     """
-    answer: list[os.stat_result | OSError] = []
+    answer: list[tuple[bool, bool] | OSError] = []  # (a folder, a system's root), or what it raised
 
     def look() -> None:
         try:
-            answer.append(os.stat(root))
+            folder = stat.S_ISDIR(os.stat(root).st_mode)  # os.path.isdir would say False for ENOTCONN
+            answer.append((folder, folder and is_a_system_root(root)))
         except OSError as error:  # an error is an answer too: not "did not answer" (helper 54)
             answer.append(error)
 
@@ -186,17 +195,20 @@ def _check_storage_root(root: Path, timeout: float) -> None:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
         return
     found = answer[0]
-    if isinstance(found, FileNotFoundError | NotADirectoryError) or (
-        isinstance(found, os.stat_result) and not stat.S_ISDIR(found.st_mode)
-    ):
-        raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
     if isinstance(found, OSError):
+        if found.errno not in _ROOT_REFUSED:
+            logger.error("storage directory %r: %s: starting anyway", str(root), found.strerror)
+            return
+        if found.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
         raise SettingsError(f"storage directory {str(root)!r}: {found.strerror}")
-    # The system's root by any way there, a link or a bind mount (a container's -v /:/host): the
-    # same folder, so its device and inode (helper 54).
-    system_root = os.stat("/")
-    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
-        raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
+    folder, system_root = found
+    if not folder:
+        raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
+    if system_root:
+        raise SettingsError(
+            f"storage directory {str(root)!r} is a system's root (each folder in it would be served as an album)"
+        )
 
 
 def _storage_root_searchable(root: Path) -> bool:
