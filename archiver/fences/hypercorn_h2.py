@@ -232,6 +232,14 @@ def _release_buffers_on_close() -> None:
 
 _REASON_CHARACTERS = 200
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_PSEUDO_HEADERS = frozenset(f"b':{name}'" for name in ("method", "path", "scheme", "authority", "status", "protocol"))
+
+
+def _redacted(literal: re.Match[str]) -> str:
+    """A bytes literal of h2's reason, but a pseudo-header's name ("missing mandatory b':path' header")."""
+    return literal[0] if literal[0] in _PSEUDO_HEADERS else "b'...'"
+
+
 _BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
 
 
@@ -249,7 +257,7 @@ def _log_protocol_errors() -> None:
                 except h2.exceptions.ProtocolError as error:
                     # h2 quotes the header it refused, whose value may be a token or a cookie (helper
                     # 54): its bytes are left out.  hpack names its buffer ("<memory at 0x7f...>").
-                    reason = _BYTES.sub("b'...'", str(error) or type(error).__name__)
+                    reason = _BYTES.sub(_redacted, str(error) or type(error).__name__)
                     reason = _ADDRESS.sub("", reason)[:_REASON_CHARACTERS]
                     logger.warning("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
                     raise
