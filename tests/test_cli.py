@@ -216,6 +216,7 @@ def test_a_root_that_is_slash_by_a_bind_mount_or_cannot_be_looked_at_is_refused_
     assert refused.stderr.strip() == f"archiver: storage directory '{private / 'photos'}': Permission denied"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: files root owns, and files it does not")
 async def test_a_system_root_mounted_elsewhere_is_refused_at_start_and_at_every_request(tmp_path: Path) -> None:
     # Helper 55: the host's / mounted into a container or a chroot has a device and inode of its own.
     # What gives it away is what it holds: etc/passwd.  A root swapped for one after the start too.
@@ -226,11 +227,14 @@ async def test_a_system_root_mounted_elsewhere_is_refused_at_start_and_at_every_
     assert refused.returncode == 1
     assert refused.stderr.strip().endswith("is a system's root (each folder in it would be served as an album)")
     photos = tmp_path / "photos"
-    write_tree(photos / "etc", {"a.jpg": b"a"})  # an album named etc, as a CMS may name one
+    write_tree(photos / "etc", {"a.jpg": b"a", "passwd": b"an uploader's file"})  # an album named etc
+    for uploaded in (photos / "etc", photos / "etc" / "passwd"):
+        os.chown(uploaded, 1000, 1000)  # not root's: no system's (else any uploader could stop every download)
     root = tmp_path / "root"
     root.symlink_to(photos)
     async with launched([*command, str(root)]) as server, httpx.AsyncClient(base_url=server.url) as client:
         assert (await client.get("/archive/etc/")).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
         swapped = tmp_path / "swapped"
         swapped.symlink_to(host)
         swapped.replace(root)

@@ -199,15 +199,31 @@ class SkippedLog:
 
 def is_a_system_root(root: Path) -> bool:
     """Whether ``root`` is a system's root folder: this one's (by a link or a bind mount), or one that
-    holds ``etc/passwd`` (the host's, mounted into a container or a chroot, where its device and
-    inode are not /'s: helper 55).  Its folders would all be albums, ``/archive/etc/`` among them.
+    holds a root-owned ``etc/passwd`` (the host's, mounted into a container or a chroot, where its
+    device and inode are not /'s: helper 55).  Its folders would all be albums, ``/archive/etc/``
+    among them.  Root-owned: an uploader (FTP, the CMS) can make an album ``etc`` holding a file
+    ``passwd``, but not one root owns, which would stop every download.
 
     Raises OSError as ``os.stat`` does.
     """
     found, system_root = os.stat(root), os.stat("/")
     if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
         return True
-    return os.path.isfile(os.path.join(root, "etc", "passwd"))
+    try:
+        folder = os.stat(os.path.join(root, "etc"), follow_symlinks=False)
+        passwd = os.stat(os.path.join(root, "etc", "passwd"), follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return False
+    return (
+        stat.S_ISDIR(folder.st_mode)
+        and stat.S_ISREG(passwd.st_mode)
+        and folder.st_uid in _SYSTEM_OWNERS
+        and passwd.st_uid in _SYSTEM_OWNERS
+    )
+
+
+# Who owns a system's own files.
+_SYSTEM_OWNERS = frozenset({0})
 
 
 def resolve_album(root: Path, name: str) -> Path:
