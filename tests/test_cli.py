@@ -204,7 +204,7 @@ def test_a_root_that_is_slash_by_a_bind_mount_or_cannot_be_looked_at_is_refused_
         cwd=PROJECT,
     )
     assert bound.returncode == 1
-    assert bound.stderr.strip().endswith("is a system's root (each folder in it would be served as an album)")
+    assert bound.stderr.strip().endswith("is / (each folder in it would be served as an album)"), bound.stderr
     private = tmp_path / "private"
     (private / "photos").mkdir(parents=True)
     os.chown(private, 65534, 65534)
@@ -214,33 +214,35 @@ def test_a_root_that_is_slash_by_a_bind_mount_or_cannot_be_looked_at_is_refused_
     refused = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=PROJECT)
     assert refused.returncode == 1
     assert refused.stderr.strip() == f"archiver: storage directory '{private / 'photos'}': Permission denied"
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: files root owns, and files it does not")
-async def test_a_system_root_mounted_elsewhere_is_refused_at_start_and_at_every_request(tmp_path: Path) -> None:
-    # Helper 55: the host's / mounted into a container or a chroot has a device and inode of its own.
-    # What gives it away is what it holds: etc/passwd.  A root swapped for one after the start too.
-    host = tmp_path / "host"
-    write_tree(host, {"etc/passwd": b"root:x:0:0::/root:/bin/sh\n", "etc/shadow": b"root:secret"})
-    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D"]
-    refused = subprocess.run([*command, str(host)], capture_output=True, text=True, timeout=30, cwd=PROJECT)
+    # The root's own mode 000: its stat answers, its albums cannot be reached (helper 56: a silent start).
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o000)
+    os.chown(closed, 65534, 65534)
+    command[-1] = str(closed)
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=PROJECT)
     assert refused.returncode == 1
-    assert refused.stderr.strip().endswith("is a system's root (each folder in it would be served as an album)")
+    assert refused.stderr.strip() == f"archiver: storage directory '{closed}': the service's user may not search it"
+
+
+async def test_a_root_swapped_for_a_link_to_slash_after_the_start_serves_nothing_and_is_unhealthy(
+    tmp_path: Path,
+) -> None:
+    # Helper 55: the start's check was the only one, and the root is resolved at every request.
     photos = tmp_path / "photos"
-    write_tree(photos / "etc", {"a.jpg": b"a", "passwd": b"an uploader's file"})  # an album named etc
-    for uploaded in (photos / "etc", photos / "etc" / "passwd"):
-        os.chown(uploaded, 1000, 1000)  # not root's: no system's (else any uploader could stop every download)
+    write_tree(photos / "etc", {"a.jpg": b"a"})  # an album named etc, as a CMS may name one
     root = tmp_path / "root"
     root.symlink_to(photos)
-    async with launched([*command, str(root)]) as server, httpx.AsyncClient(base_url=server.url) as client:
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(root)]
+    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
         assert (await client.get("/archive/etc/")).status_code == 200
-        assert (await client.get("/healthz")).status_code == 200
         swapped = tmp_path / "swapped"
-        swapped.symlink_to(host)
+        swapped.symlink_to("/")
         swapped.replace(root)
         answer = await client.get("/archive/etc/")
-    assert answer.status_code == 500 and b"shadow" not in answer.content
-    assert b"the storage directory is a system's root" in server.output
+        health = await client.get("/healthz")
+    assert answer.status_code == 500 and b"passwd" not in answer.content
+    assert (health.status_code, health.json()["storage"]) == (503, False)
+    assert b"the storage directory is /: its folders are not served" in server.output
 
 
 async def test_flags_win_over_bad_variables() -> None:
@@ -325,7 +327,7 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         # Helper 53: abspath keeps "//", which is / to Linux; and a link to / is / too.
         (["-D", "//"], {}, "the storage directory cannot be /"),
         ([], {"ARCHIVER_DIR": "//etc/.."}, "the storage directory cannot be /"),
-        (["-D", "/proc/self/root"], {}, "is a system's root (each folder in it would be served as an album)"),
+        (["-D", "/proc/self/root"], {}, "is / (each folder in it would be served as an album)"),
         (["--compression", "12"], {}, "invalid choice"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
         # Not this host's address: one line, not the fatal error's traceback (helper 34).

@@ -197,35 +197,6 @@ class SkippedLog:
             logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
 
 
-def is_a_system_root(root: Path) -> bool:
-    """Whether ``root`` is a system's root folder: this one's (by a link or a bind mount), or one that
-    holds a root-owned ``etc/passwd`` (the host's, mounted into a container or a chroot, where its
-    device and inode are not /'s: helper 55).  Its folders would all be albums, ``/archive/etc/``
-    among them.  Root-owned: an uploader (FTP, the CMS) can make an album ``etc`` holding a file
-    ``passwd``, but not one root owns, which would stop every download.
-
-    Raises OSError as ``os.stat`` does.
-    """
-    found, system_root = os.stat(root), os.stat("/")
-    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
-        return True
-    try:
-        folder = os.stat(os.path.join(root, "etc"), follow_symlinks=False)
-        passwd = os.stat(os.path.join(root, "etc", "passwd"), follow_symlinks=False)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return False
-    return (
-        stat.S_ISDIR(folder.st_mode)
-        and stat.S_ISREG(passwd.st_mode)
-        and folder.st_uid in _SYSTEM_OWNERS
-        and passwd.st_uid in _SYSTEM_OWNERS
-    )
-
-
-# Who owns a system's own files.
-_SYSTEM_OWNERS = frozenset({0})
-
-
 def resolve_album(root: Path, name: str) -> Path:
     """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
 
@@ -238,15 +209,12 @@ def resolve_album(root: Path, name: str) -> Path:
     if not ALBUM_NAME.fullmatch(name):
         raise AlbumNotFound(name)
     real_root = root.resolve()
+    if real_root == Path("/"):  # checked at start too; a link to it swapped in since (helper 55)
+        raise ListingFailed("the storage directory is /: its folders are not served", transient=False)
     album = (real_root / name).resolve()
     if album.parent != real_root and real_root not in album.parents:
         raise AlbumNotFound(name)
     try:
-        # Checked at start too; again here, since the root may be swapped for a link after it (helper 55).
-        if is_a_system_root(real_root):
-            raise ListingFailed(
-                "the storage directory is a system's root: refusing to serve its folders", transient=False
-            )
         is_directory = stat.S_ISDIR(os.stat(album).st_mode)
     except OSError as error:
         if error.errno in _GONE:

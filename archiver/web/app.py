@@ -37,7 +37,6 @@ from ..archive.storage import (
     ListingFailed,
     SkippedLog,
     WalkProgress,
-    is_a_system_root,
     list_album,
     resolve_album,
 )
@@ -166,20 +165,20 @@ _ROOT_REFUSED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPER
 
 
 def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a directory, cannot be looked at (permissions), is a system's
-    root (``is_a_system_root``), or no thread can be started to look; if it does not answer within
-    ``timeout`` s, or answers an error the storage may recover from, an ERROR only.
+    """SettingsError if ``root`` is not a folder the service may search, is / (by a link or a bind
+    mount), or no thread can be started to look; if it does not answer within ``timeout`` s, or
+    answers an error the storage may recover from, an ERROR only.
 
     A mount that does not answer (a dead NFS server at boot) is no reason not
     to start: ``/healthz`` says ``storage: false`` until it answers.  The
     look runs in a daemon thread, left stuck if it is.
     """
-    answer: list[tuple[bool, bool] | OSError] = []  # (a folder, a system's root), or what it raised
+    answer: list[tuple[os.stat_result, bool] | OSError] = []  # (what it is, searchable), or the error
 
     def look() -> None:
         try:
-            folder = stat.S_ISDIR(os.stat(root).st_mode)  # os.path.isdir would say False for ENOTCONN
-            answer.append((folder, folder and is_a_system_root(root)))
+            found = os.stat(root)  # os.path.isdir would say False for ENOTCONN
+            answer.append((found, os.access(root, os.X_OK)))
         except OSError as error:  # an error is an answer too: not "did not answer" (helper 54)
             answer.append(error)
 
@@ -194,31 +193,37 @@ def _check_storage_root(root: Path, timeout: float) -> None:
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
         return
-    found = answer[0]
-    if isinstance(found, OSError):
-        if found.errno not in _ROOT_REFUSED:
-            logger.error("storage directory %r: %s: starting anyway", str(root), found.strerror)
+    if isinstance(answer[0], OSError):
+        failure = answer[0]
+        if failure.errno not in _ROOT_REFUSED:
+            logger.error("storage directory %r: %s: starting anyway", str(root), failure.strerror)
             return
-        if found.errno in (errno.ENOENT, errno.ENOTDIR):
+        if failure.errno in (errno.ENOENT, errno.ENOTDIR):
             raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
-        raise SettingsError(f"storage directory {str(root)!r}: {found.strerror}")
-    folder, system_root = found
-    if not folder:
+        raise SettingsError(f"storage directory {str(root)!r}: {failure.strerror}")
+    found, searchable = answer[0]
+    if not stat.S_ISDIR(found.st_mode):
         raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
-    if system_root:
-        raise SettingsError(
-            f"storage directory {str(root)!r} is a system's root (each folder in it would be served as an album)"
-        )
+    # Its own mode 000 (or 0600): every download was a 500, and the start said nothing (helper 56).
+    if not searchable:
+        raise SettingsError(f"storage directory {str(root)!r}: the service's user may not search it")
+    # / by any way there, a link or a bind mount: the same folder, so its device and inode (helpers
+    # 52-54).  Another system's root mounted in (a container's -v /:/host) is a folder like any: the
+    # root an operator names is trusted to be the storage.
+    system_root = os.stat("/")
+    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
+        raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
 
 
 def _storage_root_searchable(root: Path) -> bool:
-    """Whether albums can be reached under ``root``: a folder the service may search (x).
+    """Whether albums can be reached under ``root``: a folder the service may search (x), not /.
 
     Not read (r): a root of mode 0711 hides the albums' names and serves them
     all (README, Deploying); /healthz asked for both, and said "storage": false
-    for ever on such a root (helper 52).
+    for ever on such a root (helper 52).  Not /: a link swapped for one to it
+    since the start makes every download a 500 (``resolve_album``).
     """
-    return os.access(root, os.X_OK) and root.is_dir()
+    return os.access(root, os.X_OK) and root.is_dir() and os.path.realpath(root) != "/"
 
 
 def create_app(settings: Settings) -> QuartTrio:
