@@ -93,8 +93,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         sys.exit(f"archiver: {error}")
     try:
         return replace(base, **{_FLAGS[flag][0]: value for flag, value in given.items()})
-    except SettingsError as error:
-        parser.error(str(error))
+    except SettingsError as error:  # one line and exit 1, as for a variable's (helper 57)
+        sys.exit(f"archiver: {error}")
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

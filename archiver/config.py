@@ -110,7 +110,7 @@ class Settings:
     max_files: int = 120_000
     # The most files in the plans that the downloads in flight hold, each plan counted once (the
     # downloads of one album share it): ~450 bytes a file, so ~450 MB.  Without it, 64 job slots on
-    # 64 albums of max_files files each held ~3.5 GB.  Never less than max_files (limits.PlannedFiles).
+    # 64 albums of max_files files each held ~3.5 GB.  At least max_files (limits.PlannedFiles).
     max_planned_files: int = 1_000_000
 
     def __post_init__(self) -> None:
@@ -118,7 +118,9 @@ class Settings:
         # to abspath (POSIX), and / to Linux (helper 53).  No look at the storage here (a dead mount
         # must not hold the start): a link to / is seen by the start's look (web.app).
         if not os.path.abspath(self.storage_dir).strip("/"):
-            raise SettingsError("the storage directory cannot be / (each folder in it is served as an album)")
+            raise SettingsError(
+                f"storage directory {str(self.storage_dir)!r} is / (each folder in it would be served as an album)"
+            )
         if not 0 <= self.compression <= 9:
             raise SettingsError(f"compression must be 0..9, not {self.compression}")
         if not 0 <= self.delay <= MAX_DELAY:  # NaN too; more, and a download would stop for good (helper 36)
@@ -140,6 +142,10 @@ class Settings:
         if self.max_files < 1 or self.max_planned_files < 1:
             raise SettingsError(
                 f"max_files and max_planned_files must be positive, not {self.max_files} and {self.max_planned_files}"
+            )
+        if self.max_planned_files < self.max_files:  # one album of max_files must fit (helper 57: raised silently)
+            raise SettingsError(
+                f"max_planned_files ({self.max_planned_files}) must be at least max_files ({self.max_files})"
             )
         if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
             raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")

@@ -322,11 +322,11 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         (["-D", "/nonexistent/storage"], {}, "does not exist"),
         # Helper 52: the working directory (the checkout) was served, and / (with /etc) as root.
         (["-D", ""], {}, "argument -D/--dir: the storage directory must not be empty"),
-        (["-D", "/"], {}, "the storage directory cannot be /"),
-        ([], {"ARCHIVER_DIR": "/tmp/.."}, "the storage directory cannot be /"),
+        (["-D", "/"], {}, "is / (each folder in it would be served as an album)"),
+        ([], {"ARCHIVER_DIR": "/tmp/.."}, "is / (each folder in it would be served as an album)"),
         # Helper 53: abspath keeps "//", which is / to Linux; and a link to / is / too.
-        (["-D", "//"], {}, "the storage directory cannot be /"),
-        ([], {"ARCHIVER_DIR": "//etc/.."}, "the storage directory cannot be /"),
+        (["-D", "//"], {}, "is / (each folder in it would be served as an album)"),
+        ([], {"ARCHIVER_DIR": "//etc/.."}, "is / (each folder in it would be served as an album)"),
         (["-D", "/proc/self/root"], {}, "is / (each folder in it would be served as an album)"),
         (["--compression", "12"], {}, "invalid choice"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),

@@ -209,6 +209,7 @@ def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog:
         ("ARCHIVER_MAX_JOBS_PER_CLIENT", "0"),
         ("ARCHIVER_MAX_CONNECTIONS", "-1"),
         ("ARCHIVER_MAX_PLANNED_FILES", "0"),
+        ("ARCHIVER_MAX_PLANNED_FILES", "119999"),  # below ARCHIVER_MAX_FILES: one album would not fit (helper 57)
     ],
 )
 def test_bad_limits_are_refused(variable: str, value: str) -> None:

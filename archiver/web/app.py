@@ -241,7 +241,7 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(send_archive_response)
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
-    planned = PlannedFiles(max(settings.max_planned_files, settings.max_files))
+    planned = PlannedFiles(settings.max_planned_files)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     resolvers = trio.CapacityLimiter(RESOLVERS)

@@ -33,17 +33,19 @@ MAX_SAVED_NAME_BYTES = 255 - len(".crdownload")
 # characters (bidirectional ones: "\u202egpj.exe" shows as "exe.jpg"; invisible ones), line and
 # paragraph separators, private-use and unassigned code points (a box, or nothing), and the other
 # characters that show nothing: the Hangul fillers, the Braille blank ("\u3164.bashrc" reads as
-# ".bashrc"), the grapheme joiner, Mongolian and Khmer invisibles.  Emoji need two format
-# characters, allowed where they make one: the zero-width joiner (a family) and the tags (a
-# subdivision's flag).
+# ".bashrc"), the grapheme joiner, Mongolian and Khmer invisibles.
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cn"})
-# What emoji are made of that shows nothing itself: the joiner, the tags and the cancel tag (a
-# subdivision's flag), the variation selectors.  Kept inside an emoji sequence (the ``emoji``
-# library's, from Unicode's own data, which knows the emoji newer than this Python's), and a
-# variation selector after an ideograph; dropped anywhere else, where they would hide text in
-# a name that shows otherwise: tags spelling words, a selector a byte (helpers 51, 53, 54).
+# The two format characters emoji are made of: the zero-width joiner (a family, a profession) and
+# the tags (a subdivision's flag).  Dropped, not refused (a title typed on a phone has them):
+# Chromium saves each as "_" ("\U0001f468_\U0001f469_\U0001f467.zip", helper 57), and outside an
+# emoji they hide text (tags spelling words after a black flag, helpers 51, 53, 54).  A family
+# is then saved as its people, a subdivision's flag as the black flag.
+_EMOJI_JOINERS = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))})
+# Variation selectors show nothing themselves: kept inside an emoji (the ``emoji`` library's, from
+# Unicode's own data, newer than this Python's) and after a CJK ideograph (its variant), dropped
+# anywhere else (one after each letter hid a byte each).
 _VARIATION_SELECTORS = frozenset({*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))})
-_EMOJI_FORMAT = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))}) | _VARIATION_SELECTORS
+_EMOJI_FORMAT = _EMOJI_JOINERS | _VARIATION_SELECTORS
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
@@ -143,22 +145,20 @@ def _in_emoji(text: str) -> set[int]:
 
 
 def _without_stray_emoji_format(text: str) -> str:
-    """``text`` without the joiners, tags and variation selectors that make no emoji (``_EMOJI_FORMAT``).
+    """``text`` without joiners and tags (``_EMOJI_JOINERS``), and without the variation selectors
+    that are no part of an emoji or an ideograph's variant ("\u845b\U000e0100" keeps its one).
 
-    A variation selector right after an ideograph stays (a variant of it,
-    "\u845b\U000e0100"); one after another is stray.  Dropped, not refused: a
-    title pasted with a stray one ("\ufe0fPhotos", "\u2764\ufe0f\ufe0f") is
-    still the title.
+    Dropped, not refused: a title pasted with a stray one ("\ufe0fPhotos",
+    "\u2764\ufe0f\ufe0f") is still the title.
     """
     if not _EMOJI_FORMAT.intersection(text):
         return text
+    text = "".join(character for character in text if character not in _EMOJI_JOINERS)
     inside = _in_emoji(text)
     kept: list[str] = []
     for index, character in enumerate(text):
-        if character in _EMOJI_FORMAT and index not in inside:
-            variant = character in _VARIATION_SELECTORS and kept and _ideograph(kept[-1])
-            if not variant:
-                continue
+        if character in _VARIATION_SELECTORS and index not in inside and not (kept and _ideograph(kept[-1])):
+            continue
         kept.append(character)
     return "".join(kept)
 

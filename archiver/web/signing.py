@@ -68,7 +68,7 @@ MAX_TTL = 100 * 365 * 86400
 
 def parse_duration(text: str) -> int:
     """Seconds in ``90``, ``90s``, ``15m``, ``1h`` or ``7d``, 1 to MAX_TTL; ValueError otherwise."""
-    match = re.fullmatch(r"([0-9]{1,9})([smhd]?)", text.strip())
+    match = re.fullmatch(r"([0-9]{1,12})([smhd]?)", text.strip())  # 100 years is 10 digits of seconds
     if match is None:
         raise ValueError(f"not a duration: {text!r} (e.g. 90s, 15m, 1h, 7d)")
     seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
