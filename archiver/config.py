@@ -22,6 +22,8 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024
 MAX_CHANNEL_CAPACITY = 16
 # A pause between chunks (to try slow links) of more would stop a download for good.
 MAX_DELAY = 60.0
+# The files in the plans of the downloads in flight, by default (~450 bytes each: ~450 MB).
+PLANNED_FILES = 1_000_000
 # Less, and a request would be given up on before any storage could answer.
 MIN_STORAGE_TIMEOUT = 0.1
 # Less, and no client could take a chunk in time: 1e-300 passed, and every answer, /healthz's
@@ -109,9 +111,9 @@ class Settings:
     # cache keeps at least one plan this large, so that the downloads of an album share it.
     max_files: int = 120_000
     # The most files in the plans that the downloads in flight hold, each plan counted once (the
-    # downloads of one album share it): ~450 bytes a file, so ~450 MB.  Without it, 64 job slots on
-    # 64 albums of max_files files each held ~3.5 GB.  At least max_files (limits.PlannedFiles).
-    max_planned_files: int = 1_000_000
+    # downloads of one album share it).  Without it, 64 job slots on 64 albums of max_files files
+    # each held ~3.5 GB.  At least max_files (limits.PlannedFiles).
+    max_planned_files: int = 0  # 0: PLANNED_FILES, or max_files if more (planned_files_budget)
 
     def __post_init__(self) -> None:
         # Every folder of the system an album, /etc among them (helper 52).  "//" is a path of its own
@@ -139,13 +141,15 @@ class Settings:
             not self.storage_timeout >= MIN_STORAGE_TIMEOUT
         ):  # NaN too (it would never fire); 1e-300, every request a 503
             raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
-        if self.max_files < 1 or self.max_planned_files < 1:
+        if self.max_files < 1 or self.max_planned_files < 0:
             raise SettingsError(
-                f"max_files and max_planned_files must be positive, not {self.max_files} and {self.max_planned_files}"
+                f"max_files must be positive and max_planned_files not negative, not {self.max_files} and "
+                f"{self.max_planned_files}"
             )
-        if self.max_planned_files < self.max_files:  # one album of max_files must fit (helper 57: raised silently)
+        if 0 < self.max_planned_files < self.max_files:  # one album of max_files must fit (helper 57)
             raise SettingsError(
-                f"max_planned_files ({self.max_planned_files}) must be at least max_files ({self.max_files})"
+                f"ARCHIVER_MAX_PLANNED_FILES ({self.max_planned_files}) must be at least ARCHIVER_MAX_FILES "
+                f"({self.max_files})"
             )
         if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
             raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
@@ -175,6 +179,15 @@ class Settings:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+
+    @property
+    def planned_files_budget(self) -> int:
+        """The most files in the plans of the downloads in flight (``limits.PlannedFiles``).
+
+        Set, ``max_planned_files``; else PLANNED_FILES, or ``max_files`` if more: an operator who
+        raises only ARCHIVER_MAX_FILES still starts (helper 58).
+        """
+        return self.max_planned_files or max(PLANNED_FILES, self.max_files)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

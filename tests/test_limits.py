@@ -208,13 +208,23 @@ def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog:
         ("ARCHIVER_STORAGE_TIMEOUT", "nan"),
         ("ARCHIVER_MAX_JOBS_PER_CLIENT", "0"),
         ("ARCHIVER_MAX_CONNECTIONS", "-1"),
-        ("ARCHIVER_MAX_PLANNED_FILES", "0"),
+        ("ARCHIVER_MAX_PLANNED_FILES", "-1"),
         ("ARCHIVER_MAX_PLANNED_FILES", "119999"),  # below ARCHIVER_MAX_FILES: one album would not fit (helper 57)
     ],
 )
 def test_bad_limits_are_refused(variable: str, value: str) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env({variable: value})
+
+
+def test_the_planned_files_follow_the_largest_album_unless_set() -> None:
+    # Helper 58: raising only ARCHIVER_MAX_FILES past the planned files' default stopped the start.
+    assert Settings.from_env({}).planned_files_budget == 1_000_000
+    assert Settings.from_env({"ARCHIVER_MAX_FILES": "2000000"}).planned_files_budget == 2_000_000
+    assert Settings.from_env({"ARCHIVER_MAX_PLANNED_FILES": "300000"}).planned_files_budget == 300_000
+    refusal = r"ARCHIVER_MAX_PLANNED_FILES \(300000\) must be at least ARCHIVER_MAX_FILES \(400000\)"
+    with pytest.raises(SettingsError, match=refusal):
+        Settings.from_env({"ARCHIVER_MAX_PLANNED_FILES": "300000", "ARCHIVER_MAX_FILES": "400000"})
 
 
 def test_limits_from_the_environment() -> None:

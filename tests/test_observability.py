@@ -64,6 +64,8 @@ async def test_healthz_is_ok_on_a_storage_root_the_service_may_search_but_not_li
         download = await client.get("/archive/album/")
         storage.chmod(0o700)  # not even searchable: no album can be served
         failing = await client.get("/healthz")
+        index = await client.get("/")  # a 500 with a traceback (helper 58): the page, without a sample link
+    assert index.status_code == 200 and "/archive/" not in index.text.split("<body", 1)[1].split("</h1>", 1)[0]
     assert (health.status_code, health.json()["storage"]) == (200, True)
     assert download.status_code == 200 and read_archive(download.content) == {"a.jpg": b"a"}
     assert (failing.status_code, failing.json()["storage"]) == (503, False)

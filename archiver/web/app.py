@@ -241,7 +241,7 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(send_archive_response)
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
-    planned = PlannedFiles(settings.max_planned_files)
+    planned = PlannedFiles(settings.planned_files_budget)
     proxies = TrustedProxies(settings.trusted_proxies)
     walkers = trio.CapacityLimiter(WALKERS)
     resolvers = trio.CapacityLimiter(RESOLVERS)
@@ -304,7 +304,7 @@ def create_app(settings: Settings) -> QuartTrio:
             sample_there = not settings.link_secret and await call_storage(
                 sample.is_dir, timeout=root_timeout, limiter=index_lookers
             )
-        except ListingFailed:  # silent storage, or no thread (worker_threads.NoThread)
+        except (ListingFailed, OSError):  # silent storage, no thread; or the root unsearchable since (helper 58)
             sample_there = False
         example = EXAMPLE_LINK if sample_there else ""
         return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")

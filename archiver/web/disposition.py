@@ -45,7 +45,9 @@ _EMOJI_JOINERS = frozenset({"\u200d", *map(chr, range(0xE0020, 0xE0080))})
 # Unicode's own data, newer than this Python's) and after a CJK ideograph (its variant), dropped
 # anywhere else (one after each letter hid a byte each).
 _VARIATION_SELECTORS = frozenset({*map(chr, range(0xFE00, 0xFE10)), *map(chr, range(0xE0100, 0xE01F0))})
-_EMOJI_FORMAT = _EMOJI_JOINERS | _VARIATION_SELECTORS
+# So does the keycap's enclosing mark, once its "*" is made "_" by the naming policy (helper 58).
+_EMOJI_MARKS = _VARIATION_SELECTORS | {"\u20e3"}
+_EMOJI_FORMAT = _EMOJI_JOINERS | _EMOJI_MARKS
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180b\u180c\u180d\u180f\u17b4\u17b5")
 # Characters a saved name does not start with: what is left of an emoji after a cut, and
 # variation selectors (which show nothing of themselves).
@@ -157,7 +159,8 @@ def _without_stray_emoji_format(text: str) -> str:
     inside = _in_emoji(text)
     kept: list[str] = []
     for index, character in enumerate(text):
-        if character in _VARIATION_SELECTORS and index not in inside and not (kept and _ideograph(kept[-1])):
+        variant = character in _VARIATION_SELECTORS and kept and _ideograph(kept[-1])
+        if character in _EMOJI_MARKS and index not in inside and not variant:
             continue
         kept.append(character)
     return "".join(kept)
