@@ -238,6 +238,8 @@ async def wait_until_no_producer(pid: int, timeout: float) -> float:
     return trio.current_time() - started
 
 
+# A stress test (70 clients, a 10 s stall timeout: ~22 s); test_limits holds the fair share's bound in the default run.
+@pytest.mark.slow
 async def test_readers_that_never_read_hold_their_fair_share_until_the_stall_timeout(attacked_storage: Path) -> None:
     attackers = 70
     # 10 s: the 70 opens and the 20 polite downloads must all fit before the first non-reader's
@@ -552,6 +554,7 @@ def many_files_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # a stress test (~12-14 s) that prints its figure
 async def test_tail_ranges_that_are_never_read_hold_bounded_memory_and_no_producer(many_files_storage: Path) -> None:
     # 16 HTTP/2 streams (4 addresses, each at its cap of 4) ask for the central directory (1.2 MB,
     # generated, no producer) and never open their windows.  Each holds the per-file data of its
