@@ -29,6 +29,7 @@ import trio
 from archiver.config import Settings
 
 from .conftest import (
+    CLIENT_TLS,
     PROTOCOLS,
     files_on_disk,
     launcher_processes,
@@ -76,8 +77,8 @@ POLITE_ADDRESS = "127.0.0.2"
 
 def polite_client(url: str, protocol: str = "HTTP/1.1", address: str = POLITE_ADDRESS) -> httpx.AsyncClient:
     http2 = protocol == "HTTP/2"
-    transport = httpx.AsyncHTTPTransport(http1=not http2, http2=http2, local_address=address)
-    return httpx.AsyncClient(base_url=url, transport=transport, timeout=30)
+    transport = httpx.AsyncHTTPTransport(verify=CLIENT_TLS, http1=not http2, http2=http2, local_address=address)
+    return httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, transport=transport, timeout=30)
 
 
 async def normal_download_works(
@@ -379,7 +380,7 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
 
         limits = httpx.Limits(max_connections=requests)
         async with (
-            httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as attacker,
+            httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, limits=limits, timeout=60) as attacker,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(watch_producers)

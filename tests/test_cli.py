@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from .conftest import (
+    CLIENT_TLS,
     PROTOCOLS,
     files_on_disk,
     free_port,
@@ -134,7 +135,7 @@ async def test_console_script_serves_sample_data() -> None:
 
 async def test_verbose_logs_a_line_a_chunk() -> None:
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", "data", "-v"]
-    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+    async with launched(command) as server, httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url) as client:
         whole = await client.get(f"/archive/{SAMPLE_ALBUM}/")
         await client.get("/archive/no-such-album/")
     assert whole.status_code == 200
@@ -233,7 +234,7 @@ async def test_a_root_swapped_for_a_link_to_slash_after_the_start_serves_nothing
     root = tmp_path / "root"
     root.symlink_to(photos)
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(root)]
-    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+    async with launched(command) as server, httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url) as client:
         assert (await client.get("/archive/etc/")).status_code == 200
         swapped = tmp_path / "swapped"
         swapped.symlink_to("/")

@@ -32,7 +32,7 @@ from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
 
-from .conftest import files_on_disk, read_archive, running_server, write_tree
+from .conftest import CLIENT_TLS, files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album
 from .test_failures import HeldLauncher
@@ -170,12 +170,12 @@ async def test_archiver_index_warms_the_index_the_service_uses(
     assert rows(index)[a_jpg.stat().st_ino] == zlib.crc32(a_jpg.read_bytes())
 
     indexed = replace(settings, index_path=str(index))
-    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+    async with running_server(indexed) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
         whole = await client.get("/archive/one/")
     assert read_archive(whole.content) == files_on_disk(storage / "one")
     # Only a cache: without the file, nothing is lost.
     index.unlink()
-    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+    async with running_server(indexed) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
         again = await client.get("/archive/one/")
     assert again.content == whole.content
 
@@ -210,7 +210,7 @@ async def test_a_crc_damaged_in_the_index_file_is_never_sent(storage: Path, sett
     with sqlite3.connect(index) as db:
         db.execute("UPDATE crc_v4 SET crc = crc + 1 WHERE inode = ?", (a_jpg.stat().st_ino,))
     indexed = replace(settings, index_path=str(index))
-    async with running_server(indexed) as url, httpx.AsyncClient(base_url=url) as client:
+    async with running_server(indexed) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
         response = await client.get("/archive/one/")
     assert response.status_code == 200
     assert read_archive(response.content) == files_on_disk(storage / "one")  # every CRC checked
@@ -291,7 +291,7 @@ async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
     try:
         write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(50_000)})
         served = replace(settings, index_path=index_path)
-        async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
+        async with running_server(served) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
             response = await client.get("/archive/album/")
     finally:
         if other is not None:
@@ -318,7 +318,7 @@ async def test_the_index_file_is_never_read_on_the_event_loop(
     write_tree(settings.storage_dir / "album", {"big.jpg": os.urandom(6_000_000), "small.jpg": os.urandom(1000)})
     await settle()
     served = replace(settings, index_path=str(tmp_path / "index.sqlite"))
-    async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
+    async with running_server(served) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
         response = await client.get("/archive/album/")
     assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
     assert callers and threading.main_thread() not in callers
@@ -556,7 +556,7 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
     async with (
         gated_mount(source, storage / "album", gate),
         running_server(settings) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, timeout=30) as client,
     ):
         monkeypatch.setattr(launcher, "current", HeldLauncher())  # after the start-up's own start of it
         (tmp_path / "gate-fail-closes").touch()

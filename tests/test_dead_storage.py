@@ -28,7 +28,14 @@ import trio
 
 from archiver.archive.producer import MAX_LINGERING
 
-from .conftest import ctimes_settled, launcher_processes, producer_processes, read_archive, spawner_processes
+from .conftest import (
+    CLIENT_TLS,
+    ctimes_settled,
+    launcher_processes,
+    producer_processes,
+    read_archive,
+    spawner_processes,
+)
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
 
@@ -96,7 +103,7 @@ async def served_gated_album(
     async with (
         launched(command, env) as server,
         gated_mount(source, storage / "album", gate, times),
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
     ):
         yield GatedAlbum(server, client, source, gate)
 
@@ -219,8 +226,10 @@ async def test_an_album_whose_folders_stop_answering_gets_503_and_the_service_go
         plain.mkdir()
         (plain / "a.txt").write_bytes(b"another album, elsewhere")
         # From another address: one client's walks go one at a time (ClientWalks).
-        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
-        async with httpx.AsyncClient(base_url=server.url, timeout=30, transport=transport) as other_client:
+        transport = httpx.AsyncHTTPTransport(verify=CLIENT_TLS, local_address="127.0.0.2")
+        async with httpx.AsyncClient(
+            verify=CLIENT_TLS, base_url=server.url, timeout=30, transport=transport
+        ) as other_client:
             for what in ("metadata", "listing"):  # the name cannot be resolved; the album's folders cannot be read
                 gate.write_text(what)
                 refused: list[tuple[httpx.Response, float]] = []
@@ -296,7 +305,12 @@ async def test_slow_walks_holding_both_walkers_are_no_reason_to_refuse_another_a
 
 
 def _client_from(url: str, address: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, timeout=30, transport=httpx.AsyncHTTPTransport(local_address=address))
+    return httpx.AsyncClient(
+        verify=CLIENT_TLS,
+        base_url=url,
+        timeout=30,
+        transport=httpx.AsyncHTTPTransport(verify=CLIENT_TLS, local_address=address),
+    )
 
 
 @pytest.mark.slow  # ~11 s; call_storage's progress is also tested alone (tests/test_storage_calls.py)
@@ -321,7 +335,7 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
     async with (
         gated_mount(source, storage, gate),  # the whole storage is the mount
         launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as server,  # /healthz waits as long, if below 2 s
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
     ):
         assert (await client.get("/healthz")).json()["storage"] is True
         gate.write_text("metadata")
@@ -582,7 +596,10 @@ async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_
     async with gated_mount(source, storage, gate):
         gate.write_text("metadata")
         with trio.fail_after(15):
-            async with launched(command) as server, httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            async with (
+                launched(command) as server,
+                httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
+            ):
                 health = await client.get("/healthz")
                 assert health.status_code == 503 and health.json()["storage"] is False
                 gate.unlink()
@@ -610,7 +627,7 @@ async def test_a_storage_root_whose_fuse_daemon_died_is_no_reason_not_to_start(t
                     assert error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
                     break
                 await trio.sleep(0.02)
-        async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+        async with launched(command) as server, httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url) as client:
             health = await client.get("/healthz")
     assert health.status_code == 503 and health.json()["storage"] is False
     seen = rb"(Transport endpoint is not connected|Software caused connection abort)"

@@ -27,6 +27,7 @@ from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, STALL
 from archiver.web.pages import MESSAGES
 
 from .conftest import (
+    CLIENT_TLS,
     ctimes_settled,
     files_on_disk,
     free_port,
@@ -125,7 +126,7 @@ async def test_archive_through_nginx_is_valid(settings: Settings, tmp_path: Path
     async with (
         running_server(settings) as service,
         nginx_in_front(service, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
     ):
         response = await client.get("/archive/album/")
         missing = await client.get("/archive/missing/")
@@ -143,12 +144,12 @@ async def test_nginx_passes_bytes_before_the_archive_is_complete(settings: Setti
     async with (
         running_server(slow) as service,
         nginx_in_front(service, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
         client.stream("GET", "/archive/album/") as response,
     ):
         chunks = response.aiter_raw()
         await anext(chunks)
-        async with httpx.AsyncClient(base_url=service) as direct:
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=service) as direct:
             metrics = samples((await direct.get("/metrics")).text)
         # The first bytes are here while the service is still sending: nginx did not spool.
         assert metrics["archiver_downloads_in_flight"] == 1
@@ -191,7 +192,10 @@ async def test_a_failed_download_is_cut_short_for_an_http10_client_through_nginx
 async def test_client_leaving_nginx_kills_the_services_producer(large_storage: Path, tmp_path: Path) -> None:
     settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as service, nginx_in_front(service, tmp_path / "nginx") as front:
-        async with httpx.AsyncClient(base_url=front) as client, client.stream("GET", "/archive/big/") as response:
+        async with (
+            httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
+            client.stream("GET", "/archive/big/") as response,
+        ):
             chunks = response.aiter_raw()
             await anext(chunks)
         # nginx notices the closed client and closes its upstream connection.
@@ -300,7 +304,7 @@ async def test_nginx_passes_length_and_ranges_through(settings: Settings, tmp_pa
     async with (
         running_server(settings) as service,
         nginx_in_front(service, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
     ):
         whole = await client.get("/archive/album/")
         part = await client.get("/archive/album/", headers={"Range": "bytes=10-40", "If-Range": whole.headers["etag"]})
@@ -339,12 +343,14 @@ async def test_per_client_job_cap_sees_the_clients_behind_nginx(settings: Settin
     # Two slots, a fair share of one: the second download of one client is refused.
     capped = replace(settings, max_jobs=2, max_jobs_per_client=1, delay=0.2, chunk_size=65536)
     # Two clients from addresses of their own; nginx (on 127.0.0.1) is the trusted proxy.
-    one, other = (httpx.AsyncHTTPTransport(local_address=address) for address in ("127.0.0.3", "127.0.0.2"))
+    one, other = (
+        httpx.AsyncHTTPTransport(verify=CLIENT_TLS, local_address=address) for address in ("127.0.0.3", "127.0.0.2")
+    )
     async with (
         running_server(capped) as service,
         nginx_in_front(service, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front, transport=one) as first,
-        httpx.AsyncClient(base_url=front, transport=other) as second,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, transport=one) as first,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, transport=other) as second,
         first.stream("GET", "/archive/album/") as running,
     ):
         assert running.status_code == 200
@@ -368,7 +374,7 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(settings: Setting
     )
     async with (
         running_server(untrusting) as service,
-        httpx.AsyncClient(base_url=service) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=service) as client,
         client.stream("GET", "/archive/album/") as running,
     ):
         chunks = running.aiter_raw()

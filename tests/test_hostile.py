@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from archiver.config import Settings
 
-from .conftest import http11_request, server_in_thread, write_tree
+from .conftest import CLIENT_TLS, http11_request, server_in_thread, write_tree
 
 SECRET = b"SECRET-OUTSIDE-THE-STORAGE-7f3a"
 
@@ -124,7 +124,7 @@ def test_very_long_path_or_header_over_http2_is_refused(
 ) -> None:
     host, port = threaded_server
     headers = {"x-padding": "p" * header_length} if header_length else {}
-    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+    with httpx.Client(verify=CLIENT_TLS, http1=False, http2=True, timeout=30) as client:
         try:
             response = client.get(f"http://{host}:{port}/archive/{'a' * path_length}/", headers=headers)
         except httpx.RemoteProtocolError:

@@ -32,7 +32,15 @@ from hypothesis import strategies as st
 
 from archiver.config import Settings
 
-from .conftest import PROTOCOLS, expected_archive, http11_request, read_archive, server_in_thread, write_tree
+from .conftest import (
+    CLIENT_TLS,
+    PROTOCOLS,
+    expected_archive,
+    http11_request,
+    read_archive,
+    server_in_thread,
+    write_tree,
+)
 
 # The chunk sizes the issue found faults with, the default, and the usual 64 KiB.
 CHUNK_SIZES = [1, 13, 30, 57, 16384, 65536, 65537, 256 * 1024, 512 * 1024]
@@ -104,7 +112,7 @@ def receive(address: tuple[str, int], protocol: str, name: str, byte_range: tupl
     if protocol == "HTTP/1.1":
         status, response_headers, body = http11_request(address, "GET", f"/archive/{name}/".encode(), headers)
     else:
-        with httpx.Client(http1=False, http2=True, timeout=60) as client:
+        with httpx.Client(verify=CLIENT_TLS, http1=False, http2=True, timeout=60) as client:
             response = client.get(f"http://{address[0]}:{address[1]}/archive/{name}/", headers=dict(headers))
             status, response_headers, body = response.status_code, dict(response.headers), response.content
     assert status == status_wanted

@@ -21,6 +21,7 @@ import trio
 from archiver.archive import launcher, launcher_program, producer_program, worker_threads
 
 from .conftest import (
+    CLIENT_TLS,
     launcher_processes,
     parent_pid,
     process_state,
@@ -255,7 +256,7 @@ async def test_a_service_killed_mid_download_leaves_no_launcher_and_no_producer(
     command = [sys.executable, "-m", "archiver", "-D", str(tmp_path / "storage"), "-H", "127.0.0.1", "-P", str(port)]
     async with (
         launched(command) as server,
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
         client.stream("GET", "/archive/album/") as response,
     ):
         assert response.status_code == 200
@@ -420,7 +421,7 @@ async def test_at_the_tasks_limit_requests_are_refused_with_503_and_all_is_serve
     write_tree(tmp_path / "storage" / "album", files)
     async with (
         _served_in_a_pids_cgroup(tmp_path / "storage") as (server, cgroup),
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
     ):
         assert (await client.get("/archive/album/")).status_code == 200
         await _no_thread_but_the_main_one(server)
@@ -444,7 +445,7 @@ async def test_a_stop_at_the_tasks_limit_is_clean(tmp_path: Path) -> None:
     # and the stop's later steps skipped.
     write_tree(tmp_path / "storage" / "album", {"photo.jpg": os.urandom(100_000)})
     async with _served_in_a_pids_cgroup(tmp_path / "storage") as (server, cgroup):
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client:
             assert (await client.get("/archive/album/")).status_code == 200
         await _no_thread_but_the_main_one(server)
         (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())

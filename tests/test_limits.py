@@ -28,7 +28,7 @@ from archiver.web.limits import (
     connection_limit,
 )
 
-from .conftest import ctimes_settled, read_archive, running_server, write_tree
+from .conftest import CLIENT_TLS, ctimes_settled, read_archive, running_server, write_tree
 from .test_observability import samples
 
 PROXIES = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
@@ -284,8 +284,10 @@ async def test_client_walks_go_one_at_a_time_with_a_bounded_queue() -> None:
 
 
 def client_from(url: str, address: str) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(local_address=address, limits=httpx.Limits(max_connections=100))
-    return httpx.AsyncClient(base_url=url, transport=transport, timeout=60)
+    transport = httpx.AsyncHTTPTransport(
+        verify=CLIENT_TLS, local_address=address, limits=httpx.Limits(max_connections=100)
+    )
+    return httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, transport=transport, timeout=60)
 
 
 async def test_one_clients_listings_do_not_hold_up_another_clients_first_byte(settings: Settings) -> None:

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from archiver.web.ranges import parse_range
 
-from .conftest import files_on_disk, http11_request, read_archive, write_tree
+from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, write_tree
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -270,7 +270,7 @@ def test_connection_closes_when_http_says_it_must(service: Service, request_byte
 def test_headers_over_16_kib_get_431(service: Service, size: int) -> None:
     status, _, _ = http11_request(service.address, "GET", b"/archive/small/", [("X-Padding", "a" * size)])
     assert status == 431
-    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+    with httpx.Client(verify=CLIENT_TLS, http1=False, http2=True, timeout=10) as client:
         # HTTP/2: Hypercorn takes a header block of up to 64 KiB, the app refuses past 16.
         assert client.get(f"{service.url}/archive/small/", headers={"X-Padding": "a" * 20_000}).status_code == 431
     assert http11_request(service.address, "GET", b"/archive/small/", [("X-Padding", "a" * 8_000)])[0] == 200

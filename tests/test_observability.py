@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archiver.config import Settings
 
-from .conftest import make_client, read_archive, running_server, wait_until_no_producer_children, write_tree
+from .conftest import CLIENT_TLS, make_client, read_archive, running_server, wait_until_no_producer_children, write_tree
 from .test_cli import launched
 
 
@@ -59,7 +59,7 @@ async def test_healthz_is_ok_on_a_storage_root_the_service_may_search_but_not_li
         *("setpriv", f"--inh-caps={dropped}", f"--bounding-set={dropped}"),
         *(sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"),
     ]
-    async with launched(command) as server, httpx.AsyncClient(base_url=server.url) as client:
+    async with launched(command) as server, httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url) as client:
         health = await client.get("/healthz")
         download = await client.get("/archive/album/")
         storage.chmod(0o700)  # not even searchable: no album can be served

@@ -21,7 +21,7 @@ from archiver.config import Settings
 from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
 
 from .browser import CHROMIUM, HEADLESS
-from .conftest import free_port, producer_script, running_server, write_tree
+from .conftest import CLIENT_TLS, free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 
 # What Chromium sends for a page it navigates to.
@@ -95,10 +95,10 @@ def assert_is_a_page(response: httpx.Response, status: int) -> None:
 
 async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings, tmp_path: Path) -> None:
     async with pages_server(settings, tmp_path) as (url, producer_command):
-        async with httpx.AsyncClient(base_url=url, headers={"Accept": BROWSER_ACCEPT}) as browser:
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, headers={"Accept": BROWSER_ACCEPT}) as browser:
             pages = await answers(browser, producer_command)
         producer_command.chmod(0o755)
-        async with httpx.AsyncClient(base_url=url, headers={"Accept": "*/*"}) as curl:
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, headers={"Accept": "*/*"}) as curl:
             texts = await answers(curl, producer_command)
     for status in (404, 405, 412, 416, 431, 503):
         assert pages[status].status_code == texts[status].status_code == status
@@ -113,7 +113,7 @@ async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings,
 async def test_signed_link_refusal_is_a_page_too(settings: Settings, tmp_path: Path) -> None:
     async with (
         pages_server(settings, tmp_path, link_secret="s3cret") as (url, _),
-        httpx.AsyncClient(base_url=url) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client,
     ):
         page = await client.get("/archive/album/", headers={"Accept": BROWSER_ACCEPT})
         text = await client.get("/archive/album/")
@@ -125,7 +125,10 @@ async def test_signed_link_refusal_is_a_page_too(settings: Settings, tmp_path: P
 async def test_favicon_is_no_content_and_no_archive_message(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with pages_server(settings, tmp_path) as (url, _), httpx.AsyncClient(base_url=url) as client:
+    async with (
+        pages_server(settings, tmp_path) as (url, _),
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client,
+    ):
         icons = [await client.get("/favicon.ico", headers={"Accept": "image/avif,image/webp,*/*"}) for _ in range(2)]
         index = await client.get("/")  # on the same kept-alive connection
     assert [icon.status_code for icon in icons] == [204, 204]
@@ -150,7 +153,7 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     async with (
         pages_server(settings, tmp_path) as (url, _),
         nginx_in_front(url, tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front, headers={"Accept": BROWSER_ACCEPT}) as browser,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, headers={"Accept": BROWSER_ACCEPT}) as browser,
     ):
         index = await browser.get("/")
         icon = await browser.get("/favicon.ico")
@@ -178,7 +181,10 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
 @needs_nginx
 async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path: Path) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    async with nginx_in_front(down, tmp_path / "nginx") as front, httpx.AsyncClient(base_url=front) as client:
+    async with (
+        nginx_in_front(down, tmp_path / "nginx") as front,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
+    ):
         page = await client.get("/archive/album/", headers={"Accept": BROWSER_ACCEPT})
         text = await client.get("/archive/album/")
     assert page.status_code == text.status_code == 503

@@ -20,7 +20,7 @@ from archiver.archive.storage import AlbumFile, AlbumListing
 from archiver.config import Settings
 from archiver.web.ranges import ByteRange, RangeNotSatisfiable, archive_etag, archive_validator, parse_range
 
-from .conftest import ctimes_settled, http11_request, read_archive, server_in_thread, write_tree
+from .conftest import CLIENT_TLS, ctimes_settled, http11_request, read_archive, server_in_thread, write_tree
 from .test_observability import samples
 
 
@@ -120,13 +120,13 @@ async def test_several_ranges_get_the_whole_archive(client: httpx.AsyncClient, a
 
 
 async def test_several_range_or_if_range_lines_get_the_whole_archive(server: str, album: Path) -> None:
-    async with httpx.AsyncClient(base_url=server) as client:
+    async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=server) as client:
         whole = await client.get("/archive/album/")
         two_lines = await client.get("/archive/album/", headers=[("Range", "bytes=0-9"), ("Range", "bytes=20-29")])
     assert two_lines.status_code == 200 and two_lines.content == whole.content  # not the first line's 10 bytes
     # If-Range names one archive: two lines (here the same twice) name none, so no range, whatever their order.
     etag = whole.headers["etag"]
-    async with httpx.AsyncClient(base_url=server) as client:
+    async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=server) as client:
         two_validators = await client.get(
             "/archive/album/", headers=[("Range", "bytes=0-9"), ("If-Range", etag), ("If-Range", etag)]
         )
@@ -137,7 +137,7 @@ async def test_several_range_or_if_range_lines_get_the_whole_archive(server: str
 def test_etag_preconditions_answer_412_and_304(range_server: tuple[str, int], http2: bool) -> None:
     host, port = range_server
     url = f"http://{host}:{port}/archive/album/"
-    with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+    with httpx.Client(verify=CLIENT_TLS, http1=not http2, http2=http2, timeout=30) as client:
         whole = client.get(url)
         etag = whole.headers["etag"]
         for headers, status in [
@@ -335,7 +335,7 @@ def test_fuzzed_range_headers_never_5xx(range_server: tuple[str, int], range_val
     if status == 206:
         assert len(body) == int(response_headers["content-length"])
     host, port = range_server
-    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+    with httpx.Client(verify=CLIENT_TLS, http1=False, http2=True, timeout=30) as client:
         response = client.get(f"http://{host}:{port}/archive/album/", headers=headers)
     assert response.status_code == status, (range_value, if_range)
 

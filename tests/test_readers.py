@@ -58,6 +58,7 @@ from archiver.archive.storage import list_album
 from archiver.config import Settings
 
 from .conftest import (
+    CLIENT_TLS,
     expected_archive,
     files_on_disk,
     http11_request,
@@ -134,7 +135,7 @@ def services(zone: ZoneInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def download(service: Service, name: str) -> tuple[dict[str, str], bytes]:
     """A whole GET of the album's archive over HTTP/1.1: its headers and body."""
-    with httpx.Client(base_url=service.base, timeout=60) as client:
+    with httpx.Client(verify=CLIENT_TLS, base_url=service.base, timeout=60) as client:
         response = client.get(service.path(name))
     assert response.status_code == 200
     return dict(response.headers), response.content
@@ -793,7 +794,7 @@ def make_sparse_album(album: Path, tree: dict[str, int | bytes]) -> None:
 def download_to_file(service: Service, name: str, target: Path) -> int:
     """Stream the archive into ``target``, all-zero chunks left as holes (sparse, like the album); its length."""
     with (
-        httpx.Client(base_url=service.base, timeout=120) as client,
+        httpx.Client(verify=CLIENT_TLS, base_url=service.base, timeout=120) as client,
         client.stream("GET", service.path(name)) as response,
         open(target, "wb") as file,
     ):
@@ -1026,7 +1027,7 @@ def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
     received = bytearray()
     http2 = protocol == "HTTP/2"
     with (
-        httpx.Client(base_url=service.base, http1=not http2, http2=http2, timeout=60) as client,
+        httpx.Client(verify=CLIENT_TLS, base_url=service.base, http1=not http2, http2=http2, timeout=60) as client,
         pytest.raises(ABORTED),
         client.stream("GET", service.path(album.name)) as response,
     ):

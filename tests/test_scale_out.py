@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from .conftest import files_on_disk, producer_processes, read_archive, write_tree
+from .conftest import CLIENT_TLS, files_on_disk, producer_processes, read_archive, write_tree
 from .test_cli import Launched, launched
 from .test_deploy import needs_nginx, nginx_in_front
 from .test_observability import samples
@@ -51,7 +51,7 @@ async def instances(storage: Path, count: int, **settings: str) -> AsyncIterator
 
 
 async def download_small(front: str, storage: Path) -> None:
-    async with httpx.AsyncClient(base_url=front, timeout=30) as client:
+    async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, timeout=30) as client:
         response = await client.get("/archive/small/")
     assert response.status_code == 200, response.text
     assert read_archive(response.content) == files_on_disk(storage / "small")
@@ -59,7 +59,7 @@ async def download_small(front: str, storage: Path) -> None:
 
 async def serving(instance: Launched) -> bool:
     """Whether ``instance`` has a download in flight (its producer may be done already: a small album fits the pipe)."""
-    async with httpx.AsyncClient() as scraper:
+    async with httpx.AsyncClient(verify=CLIENT_TLS) as scraper:
         figures = samples((await scraper.get(f"{instance.url}/metrics")).text)
     finished = sum(value for key, value in figures.items() if key.startswith("archiver_downloads_finished_total"))
     return figures["archiver_downloads_started_total"] > finished
@@ -71,7 +71,7 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
     async with (
         instances(shared_storage, 2, rate_limit="1000000") as (first, second),
         nginx_in_front([first.url, second.url], tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, timeout=30) as client,
         client.stream("GET", "/archive/long/") as doomed,
     ):
         chunks = doomed.aiter_raw()
@@ -90,7 +90,7 @@ async def test_instance_killed_mid_download_fails_its_transfers_and_nobody_elses
         # Every request started after the kill succeeds: nginx goes to the instance that is left.
         for _ in range(6):
             await download_small(front, shared_storage)
-        async with httpx.AsyncClient(base_url=survivor.url) as direct:
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=survivor.url) as direct:
             assert (await direct.get("/healthz")).status_code == 200
         # The killed instance's producer ends too (its pipe's reader is gone), orphaned but not for long.
         with trio.fail_after(10):
@@ -117,7 +117,7 @@ async def test_a_full_instance_hands_its_requests_to_the_next(shared_storage: Pa
     async with (
         instances(shared_storage, 2, max_jobs="1", rate_limit="1000000") as (first, second),
         nginx_in_front([first.url, second.url], tmp_path / "nginx") as front,
-        httpx.AsyncClient(base_url=front, timeout=30) as client,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, timeout=30) as client,
         client.stream("GET", "/archive/slow/") as holding,
     ):
         holding_chunks = holding.aiter_raw()  # kept: a dropped iterator closes the response
@@ -127,7 +127,7 @@ async def test_a_full_instance_hands_its_requests_to_the_next(shared_storage: Pa
         refusals = sum(
             float(line.split()[-1])
             for instance in (first, second)
-            for line in httpx.get(f"{instance.url}/metrics").text.splitlines()
+            for line in httpx.get(f"{instance.url}/metrics", verify=CLIENT_TLS).text.splitlines()
             if line.startswith('archiver_downloads_rejected_total{reason="job_limit"}')
         )
     # nginx met at least one 503 on the way (round robin sends every other request to the full
@@ -141,8 +141,8 @@ async def test_restart_of_one_instance_under_load_loses_no_download(shared_stora
 
     async def one_download(front: str) -> None:
         # Each download a client of its own (nginx passes its address on), as on the internet.
-        transport = httpx.AsyncHTTPTransport(local_address=next(addresses))
-        async with httpx.AsyncClient(base_url=front, transport=transport, timeout=30) as client:
+        transport = httpx.AsyncHTTPTransport(verify=CLIENT_TLS, local_address=next(addresses))
+        async with httpx.AsyncClient(verify=CLIENT_TLS, base_url=front, transport=transport, timeout=30) as client:
             try:
                 response = await client.get("/archive/slow/")
             except httpx.HTTPError as error:
@@ -180,7 +180,7 @@ async def test_restart_of_one_instance_under_load_loses_no_download(shared_stora
             async with trio.open_nursery() as after_restart:
                 for _ in range(4):
                     after_restart.start_soon(one_download, front)
-            async with httpx.AsyncClient() as scraper:
+            async with httpx.AsyncClient(verify=CLIENT_TLS) as scraper:
                 metrics = (await scraper.get(f"{restarted.url}/metrics")).text
     assert outcomes == ["complete"] * 20
     assert "archiver_downloads_started_total 0.0" not in metrics  # the restarted instance served some

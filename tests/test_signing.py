@@ -19,7 +19,7 @@ from archiver.config import Settings
 from archiver.web.pages import MESSAGES
 from archiver.web.signing import LinkRefused, check_link, parse_duration, signed_query
 
-from .conftest import ctimes_settled, files_on_disk, make_client, read_archive, running_server, write_tree
+from .conftest import CLIENT_TLS, ctimes_settled, files_on_disk, make_client, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 
 SECRET = "correct horse battery staple"
@@ -125,7 +125,10 @@ async def test_archiver_sign_prints_a_link_the_service_takes(signing_settings: S
     match = re.fullmatch(r"https://example\.org(/archive/album/\?expires=(\d+)&sig=[\w-]{43})", link)
     assert match is not None, link
     assert 290 <= int(match.group(2)) - time.time() <= 301
-    async with running_server(signing_settings) as server, httpx.AsyncClient(base_url=server) as client:
+    async with (
+        running_server(signing_settings) as server,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server) as client,
+    ):
         assert (await client.get(match.group(1))).status_code == 200
 
 
@@ -144,7 +147,7 @@ async def test_readme_snippet_makes_links_the_service_takes(signing_settings: Se
     assert snippet is not None, "README lost the CMS snippet"
     namespace: dict[str, object] = {}
     exec(snippet.group(1), namespace)
-    async with running_server(signing_settings) as server, httpx.AsyncClient() as client:
+    async with running_server(signing_settings) as server, httpx.AsyncClient(verify=CLIENT_TLS) as client:
         link = namespace["archive_link"](server, "album", SECRET, 60)  # type: ignore[operator]
         assert (await client.get(link)).status_code == 200
 
@@ -152,7 +155,10 @@ async def test_readme_snippet_makes_links_the_service_takes(signing_settings: Se
 async def test_a_signed_display_name_cannot_be_changed(signing_settings: Settings) -> None:
     expires = int(time.time()) + 60
     link = f"/archive/album/?{signed_query(SECRET.encode(), 'album', expires, 'Отпуск 2024')}"
-    async with running_server(signing_settings) as server, httpx.AsyncClient(base_url=server) as client:
+    async with (
+        running_server(signing_settings) as server,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server) as client,
+    ):
         named = await client.get(link)
         changed = await client.get(link.replace("filename=", "filename=X"))
         dropped = await client.get(link.split("&filename=")[0])
@@ -180,7 +186,7 @@ async def test_readme_snippets_make_named_links_the_service_takes(signing_settin
     assert python is not None and php is not None, "README lost a CMS snippet"
     namespace: dict[str, object] = {}
     exec(python.group(1), namespace)
-    async with running_server(signing_settings) as server, httpx.AsyncClient() as client:
+    async with running_server(signing_settings) as server, httpx.AsyncClient(verify=CLIENT_TLS) as client:
         links = [namespace["archive_link"](server, "album", SECRET, 60, "Отпуск 2024")]  # type: ignore[operator]
         if shutil.which("php"):
             (tmp_path / "link.php").write_text(

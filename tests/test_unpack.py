@@ -30,7 +30,15 @@ from archiver.config import Settings
 from archiver.web.disposition import MAX_SAVED_NAME_BYTES, DisplayNameRefused, content_disposition, display_name
 
 from .browser import CHROMIUM, saved_download
-from .conftest import ctimes_settled, http11_request, read_archive, running_server, server_in_thread, write_tree
+from .conftest import (
+    CLIENT_TLS,
+    ctimes_settled,
+    http11_request,
+    read_archive,
+    running_server,
+    server_in_thread,
+    write_tree,
+)
 from .test_deploy import needs_nginx, nginx_in_front
 
 NOON_UTC = calendar.timegm((2024, 7, 1, 12, 0, 0))
@@ -57,7 +65,7 @@ def need(command: str, package: str) -> None:
 
 
 async def fetch(settings: Settings, path: str = "/archive/album/") -> httpx.Response:
-    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as client:
+    async with running_server(settings) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
         return await client.get(path)
 
 
@@ -161,7 +169,10 @@ async def test_one_etag_per_archive_across_instances_with_other_zones(settings: 
     utc, tokyo = await fetch(settings), await fetch(replace(settings, timezone="Asia/Tokyo"))
     assert utc.content != tokyo.content
     assert utc.headers["etag"] != tokyo.headers["etag"]
-    async with running_server(replace(settings, timezone="Asia/Tokyo")) as url, httpx.AsyncClient() as client:
+    async with (
+        running_server(replace(settings, timezone="Asia/Tokyo")) as url,
+        httpx.AsyncClient(verify=CLIENT_TLS) as client,
+    ):
         resumed = await client.get(
             f"{url}/archive/album/", headers={"Range": "bytes=100-", "If-Range": utc.headers["etag"]}
         )
