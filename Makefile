@@ -23,9 +23,9 @@ run: install
 	$(BIN)/archiver --dir data $(ARGS)
 
 ## Lint, type-check and run the test suite (slow stress tests skipped), a test file at a time
-## on each of two workers: most of a test's time is waiting on servers, clients and timeouts.
+## on each of four workers: most of a test's time is waiting on servers, clients and timeouts.
 test: $(BIN)/.installed lint
-	$(BIN)/pytest -n 3 --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -n 4 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 ## The stress and soak tests as well, one at a time (they print figures that a second worker would skew).
 test-slow: $(BIN)/.installed
