@@ -18,8 +18,8 @@ chosen here, once per plan, for every reader alike:
   a reserved device name (``CON``, ``NUL``, ``COM1``, ``CONIN$``, with any extension,
   also as best fit may read it: ``CON`` in fullwidth letters, or with a C
   cedilla) gets a ``_`` in front; a name of the shape of a short name NTFS
-  makes up (``PHOTOG~1.JPG``, which "Photograph.jpg" also answers to) has
-  its ``~`` made ``_``;
+  makes up (``PHOTOG~1.JPG``, which "Photograph.jpg" also answers to, or
+  ``ФОТОГР~1.JPG`` on a Russian Windows) has its ``~`` made ``_``;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
@@ -76,7 +76,9 @@ _RESERVED = frozenset(
 # ending in "~" and a number, an extension of at most 3 ("PHOTOG~1.JPG" for "Photograph.jpg";
 # "PH1A2B~1.JPG" past the fourth).  Unpacked after that file, a name of this shape opens it instead:
 # 7-Zip asks to replace it, Explorer overwrites it (helper 51; git refuses "GIT~1" for the same reason).
-# "~" is an 8.3 character too: "a~bcdefghij.txt" is "A~BCDE~1.TXT" (helper 53).
+# "~" is an 8.3 character too: "a~bcdefghij.txt" is "A~BCDE~1.TXT" (helper 53).  The short name is
+# made in the machine's OEM code page, not in ASCII: on a Russian Windows (code page 866)
+# "Новая папка" is also "НОВАЯП~1", so a name of this shape in any script is one.
 _SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
 
 
@@ -103,7 +105,7 @@ def portable_component(component: str) -> str:
         return "_"
     if any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
         return shortened("_" + component, "")  # cut again if need be: "_COM1" is no device
-    if component.isascii() and (short := _SHORT_NAME.fullmatch(component)):
+    if short := _SHORT_NAME.fullmatch(component):
         return f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
     return component
 
