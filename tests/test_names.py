@@ -40,6 +40,7 @@ EXAMPLES = [
     ("Photog~1.jpg", "Photog_1.jpg"),
     ("DSC_00~1.JPG", "DSC_00_1.JPG"),
     ("Новаяп~1", "Новаяп_1"),
+    ("CON．~1", "_CON．_1"),  # a device and a short name's shape (helper 59: was not idempotent)
 ]
 
 
@@ -157,8 +158,8 @@ def test_no_name_answers_to_the_short_name_ntfs_makes_up_for_another() -> None:
     paths = [b"Photograph.jpg", b"Photog~1.jpg", b"Photog_1.jpg", b"photos~12.jpg", b"a~1.jpeg", "Фото~1.jpg".encode()]
     # "~" is an 8.3 character too (helper 53): "a~bcdefghij.txt" is also "A~BCDE~1.TXT".
     paths += [b"a~bcdefghij.txt", b"a~bcde~1.txt", b"photo~~1.jpg"]
-    # Short names are made in the OEM code page: on a Russian Windows (866) "Фотография.jpg" is
-    # also "ФОТОГР~1.JPG".
+    # FAT keeps short names in the OEM code page: on a card written by a Russian Windows (866)
+    # "Фотография.jpg" is also "ФОТОГР~1.JPG" (NTFS too with extended characters allowed).
     paths += ["Фотография.jpg".encode(), "Фотогр~1.jpg".encode()]
     assert entry_names(paths) == [
         "Photograph.jpg",

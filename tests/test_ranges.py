@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,9 +19,24 @@ from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import SECOND, CtimeTrust
 from archiver.archive.storage import AlbumFile, AlbumListing
 from archiver.config import Settings
-from archiver.web.ranges import ByteRange, RangeNotSatisfiable, archive_etag, archive_validator, parse_range
+from archiver.web.ranges import (
+    FORMAT_VERSION,
+    ByteRange,
+    RangeNotSatisfiable,
+    archive_etag,
+    archive_validator,
+    parse_range,
+)
 
-from .conftest import CLIENT_TLS, ctimes_settled, http11_request, read_archive, server_in_thread, write_tree
+from .conftest import (
+    CLIENT_TLS,
+    ctimes_settled,
+    expected_archive,
+    http11_request,
+    read_archive,
+    server_in_thread,
+    write_tree,
+)
 from .test_observability import samples
 
 
@@ -368,3 +384,36 @@ async def test_aria2c_with_eight_connections_gets_the_same_archive(server: str, 
     await trio.run_process([*common, "-c", "-o", "resumed.zip", url])
     assert (tmp_path / "resumed.zip").read_bytes() == whole.read_bytes()
     assert read_archive(whole.read_bytes()).keys() == {f"{index}.jpg" for index in range(8)}
+
+
+# The SHA-256 of the stored archive of PINNED_ALBUM for each FORMAT_VERSION that wrote it.
+PINNED_ARCHIVES = {"archiver-zip-8": "22f21bbe917c5b8564e44045ed595fec47fb95ee0abe7dfef2bf019c46837e09"}
+PINNED_ALBUM = {
+    "Photog~1.jpg": b"a",
+    "Фотогр~1.jpg": b"b",
+    "CON.jpg": b"c",
+    "a\u2215b.jpg": b"d",
+    "Cafe\u0301.jpg": b"e",
+    "A.jpg": b"f",
+    "a.jpg": b"g",
+    "folder/empty.bin": b"",
+    "folder/Отпуск 2024.jpg": bytes(range(256)) * 40,
+}
+
+
+def test_the_etags_format_version_moves_with_the_archives_bytes(tmp_path: Path) -> None:
+    # An ETag names a version of the bytes: a client resuming with If-Range must never get the rest
+    # of other bytes. The ETag covers the files and FORMAT_VERSION, so a change to the records or
+    # the naming must raise FORMAT_VERSION (helper 59: f45d91d renamed entries under the same ETag,
+    # and a resume across it gave a corrupt archive). A fixed album, its archive's hash pinned.
+    album = tmp_path / "album"
+    write_tree(album, PINNED_ALBUM)
+    for path in sorted(album.rglob("*"), reverse=True):  # the files, then their folders
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        os.utime(path, ns=(1_717_243_200_000_000_000, 1_717_243_200_000_000_000))  # 2024-06-01 12:00 UTC
+    os.utime(album, ns=(1_717_243_200_000_000_000, 1_717_243_200_000_000_000))
+    digest = hashlib.sha256(expected_archive(album)).hexdigest()
+    assert PINNED_ARCHIVES.get(FORMAT_VERSION) == digest, (
+        f"the archive's bytes are not those {FORMAT_VERSION} pinned: raise FORMAT_VERSION "
+        f"(archiver/web/ranges.py) and pin {digest} for it here"
+    )

@@ -19,7 +19,8 @@ chosen here, once per plan, for every reader alike:
   also as best fit may read it: ``CON`` in fullwidth letters, or with a C
   cedilla) gets a ``_`` in front; a name of the shape of a short name NTFS
   makes up (``PHOTOG~1.JPG``, which "Photograph.jpg" also answers to, or
-  ``ФОТОГР~1.JPG`` on a Russian Windows) has its ``~`` made ``_``;
+  ``ФОТОГР~1.JPG`` on a FAT card written by a Russian Windows) has its
+  ``~`` made ``_``, in any script;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
   Windows hold) is shortened before its extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
@@ -76,9 +77,10 @@ _RESERVED = frozenset(
 # ending in "~" and a number, an extension of at most 3 ("PHOTOG~1.JPG" for "Photograph.jpg";
 # "PH1A2B~1.JPG" past the fourth).  Unpacked after that file, a name of this shape opens it instead:
 # 7-Zip asks to replace it, Explorer overwrites it (helper 51; git refuses "GIT~1" for the same reason).
-# "~" is an 8.3 character too: "a~bcdefghij.txt" is "A~BCDE~1.TXT" (helper 53).  The short name is
-# made in the machine's OEM code page, not in ASCII: on a Russian Windows (code page 866)
-# "Новая папка" is also "НОВАЯП~1", so a name of this shape in any script is one.
+# "~" is an 8.3 character too: "a~bcdefghij.txt" is "A~BCDE~1.TXT" (helper 53).  NTFS makes short
+# names of ASCII only by default, but FAT (the SD cards and USB sticks photos travel on) keeps them
+# in the OEM code page, and so does NTFS with extended characters allowed (fsutil allowextchar): on a
+# Russian Windows (code page 866) "Фотография.jpg" there is also "ФОТОГР~1.JPG".  Any script, then.
 _SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
 
 
@@ -104,7 +106,9 @@ def portable_component(component: str) -> str:
     if any(not form.rstrip(" .") for form in forms):
         return "_"
     if any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
-        return shortened("_" + component, "")  # cut again if need be: "_COM1" is no device
+        # Cut again if need be: "_COM1" is no device.  On to the short-name rule: "CON", a fullwidth
+        # full stop and "~1" is a device to best fit and has the shape of a short name (helper 59).
+        component = shortened("_" + component, "")
     if short := _SHORT_NAME.fullmatch(component):
         return f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
     return component

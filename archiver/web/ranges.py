@@ -100,7 +100,7 @@ def _position(digits: str) -> int:
 
 
 # The records this version writes: changed whenever they change.
-FORMAT_VERSION = "archiver-zip-7"  # 7: short-name shapes' ~ becomes _ (6: look-alikes of / \ : become _)
+FORMAT_VERSION = "archiver-zip-8"  # 8: the short-name rule in any script (7: short-name shapes' ~ becomes _)
 
 
 def archive_etag(listing: AlbumListing, variant: str) -> str:
