@@ -37,10 +37,26 @@ from archiver.config import Settings
 from archiver.web.app import create_app
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
-# One TLS context for the tests' httpx clients and transports, which speak plain HTTP (the TLS
-# tests pass their own trust). Without it httpx builds one for each client and transport,
-# loading the CA bundle: ~70 ms of CPU, and ~730 of them took 52 CPU-s, a seventh of a run's.
-CLIENT_TLS = ssl.create_default_context()
+
+
+class PlainHttpOnly(ssl.SSLContext):
+    """A TLS context that refuses to be used: for clients that speak plain HTTP only.
+
+    Given to the tests' httpx clients and transports: without one httpx builds a
+    context for each, loading the CA bundle (~70 ms of CPU; ~730 of them took 52
+    CPU-s, a seventh of a run's).  Shared, it would also be changed by any https
+    connection (httpcore sets its ALPN protocols), so it refuses TLS: the TLS
+    tests pass their own trust.
+    """
+
+    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:
+        raise AssertionError("a plain-HTTP test client was used for https: give it its own trust")
+
+    def wrap_bio(self, *args: object, **kwargs: object) -> ssl.SSLObject:
+        raise AssertionError("a plain-HTTP test client was used for https: give it its own trust")
+
+
+CLIENT_TLS = PlainHttpOnly(ssl.PROTOCOL_TLS_CLIENT)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
