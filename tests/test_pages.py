@@ -163,6 +163,22 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
         typo = await browser.get("/archiv/album/")
         cookie = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000})  # over nginx's 8k buffer
         cookie_text = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000, "Accept": "*/*"})
+        # A body over nginx's client_max_body_size (1 MiB): nginx answers before the service's 405.
+        body = b"x" * (1024 * 1024 + 1)
+        posted = await browser.post("/archive/album/", content=body)
+        posted_text = await browser.post("/archive/album/", content=body, headers={"Accept": "*/*"})
+        posted_small = await browser.post("/archive/album/", content=b"x")  # the service's own 405
+        # The service's own 400 (a display name it refuses) passes through as it is.
+        refused_name = await browser.get("/archive/album/?filename=%ff%fe")
+        # Requests nginx cannot parse: an invalid Content-Length after Accept, no Host at all.
+        host, port = front.removeprefix("http://").rsplit(":", 1)
+        unparsed = [
+            await trio.to_thread.run_sync(exchange, (host, int(port)), head)
+            for head in (
+                f"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nAccept: {BROWSER_ACCEPT}\r\nContent-Length: a\r\n\r\n",
+                "GET /archive/album/ HTTP/1.1\r\n\r\n",
+            )
+        ]
     assert index.status_code == 200
     assert "<title>Архивы фотографий</title>" in index.text
     assert icon.status_code == 204
@@ -176,6 +192,16 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     assert cookie.status_code == cookie_text.status_code == 431
     assert '<html lang="ru">' in cookie.text and cookie.headers["content-type"] == "text/html; charset=utf-8"
     assert cookie_text.text == MESSAGES[431].sentence + "\n"
+    assert posted.status_code == posted_text.status_code == 413
+    assert f"<title>{MESSAGES[405].title}</title>" in posted.text and MESSAGES[405].sentence in posted.text
+    assert posted.headers["content-type"] == "text/html; charset=utf-8"
+    assert posted_text.text == MESSAGES[405].sentence + "\n"
+    assert posted_small.status_code == 405 and "allow" in posted_small.headers
+    assert refused_name.status_code == 400 and f"<title>{MESSAGES[400].title}</title>" in refused_name.text
+    (status_html, html), (status_text, text) = unparsed
+    assert status_html == status_text == 400
+    assert f"<title>{UNPARSED_REQUEST.title}</title>" in html and '<html lang="ru">' in html
+    assert text == UNPARSED_REQUEST.sentence + "\n"
 
 
 @needs_nginx
@@ -191,6 +217,17 @@ async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path
     assert page.headers["retry-after"] == text.headers["retry-after"] == "5"
     assert "<title>Сервер занят</title>" in page.text and MESSAGES[503].sentence in page.text
     assert text.text == MESSAGES[503].sentence + "\n"
+
+
+def exchange(address: tuple[str, int], head: str) -> tuple[int, str]:
+    """A raw request as written (no client checks it): the status and the body, read to the close."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(head.encode())
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    status_line, _, rest = received.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2].decode()
 
 
 async def chromium_page(url: str, screenshot: Path, profile: Path) -> str:
