@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import socket
+import struct
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -666,3 +667,68 @@ async def non_readers_in_every(workers: set[int], url: str) -> list[trio.socket.
     for worker in workers:
         assert await wait_for_producer_output_to_stop(worker) >= 1  # backed up behind the socket
     return readers
+
+
+async def many_requests_and_gone(address: tuple[str, int], path: str, streams: int) -> None:
+    """HTTP/2: ``streams`` GETs on one connection, closed as soon as the first answer begins, nothing read after."""
+    attacker = RawH2Client(await trio.open_tcp_stream(*address))
+    await attacker.start()
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", path)]
+    for _ in range(streams):
+        stream_id = attacker.connection.get_next_available_stream_id()
+        attacker.connection.send_headers(stream_id, headers, end_stream=True)
+        attacker.received[stream_id] = 0
+    await attacker.flush()
+    while not any(attacker.received.values()) and not attacker.reset and await attacker.read_some():
+        pass  # SETTINGS, then the first HEADERS or DATA: the service is answering
+    await attacker.stream.aclose()
+
+
+async def test_http2_requests_of_a_client_gone_do_not_run_on(attacked_storage: Path) -> None:
+    # Helper 61: 20 GETs on one connection, closed 20 ms later.  Closed came from a writing task
+    # while the reader was still making streams, and the streams made meanwhile (and those whose
+    # end was told from a cancelled task) were never told: their downloads ran on into the closed
+    # connection, for 162 s at a rate limit, and were logged as complete.
+    async with archiver_process(attacked_storage, rate_limit="2000000") as server:
+        for _ in range(6):
+            await many_requests_and_gone(address_of(server.url), "/archive/big/", 20)
+        # Well within the stall timeout (60 s a 256 KiB), which would end a download left running.
+        with trio.fail_after(10):
+            while (metrics := await metrics_of(server.url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.05)
+        producers = producer_processes(server.process.pid)
+        await normal_download_works(server.url, attacked_storage, "HTTP/2")
+    assert producers == []
+    assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 0
+    assert b"download big for 127.0.0.1: complete" not in server.output
+
+
+async def test_a_connection_closed_with_a_pipelined_request_waiting_ends(attacked_storage: Path) -> None:
+    # Helper 61: a download and a range pipelined on one HTTP/1.1 connection, the client gone while
+    # the download is being sent.  The writing task closed the connection, and the reading task,
+    # paused on the pipelined range, waited for ever: a descriptor a client, and SIGTERM waited
+    # out the whole grace period.
+    async with archiver_process(attacked_storage, rate_limit="2000000") as server:
+        pid = server.process.pid
+        await normal_download_works(server.url, attacked_storage)  # descriptors the service keeps are open
+        baseline = open_descriptors(pid)
+        for reset in (True, False) * 5:
+            with socket.create_connection(address_of(server.url)) as sock:
+                sock.sendall(
+                    b"GET /archive/big/ HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /archive/big/ HTTP/1.1\r\nHost: x\r\nRange: bytes=-1\r\n\r\n"
+                )
+                assert (await trio.to_thread.run_sync(sock.recv, 1000)).startswith(b"HTTP/1.1 200 ")
+                if reset:  # RST, as a download manager's abort; else FIN, as a closed tab
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with trio.fail_after(10):
+            while open_descriptors(pid) > baseline or (await metrics_of(server.url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        stopping = trio.current_time()
+        with trio.fail_after(5):  # the grace period is 10 s: nothing is left to wait for
+            await server.process.wait()
+    record_figure(
+        f"10 HTTP/1.1 clients gone with a pipelined request waiting: descriptors back to {baseline}, "
+        f"idle service stopped {trio.current_time() - stopping:.2f} s after SIGTERM"
+    )

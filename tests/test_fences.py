@@ -21,11 +21,13 @@ import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
 import hypercorn.run as hypercorn_run_module
 import hypercorn.trio.run as hypercorn_trio_run_module
+import hypercorn.trio.task_group as hypercorn_trio_task_group_module
 import hypercorn.trio.tcp_server as tcp_server_module
 import hypercorn.trio.worker_context as hypercorn_worker_context_module
 import hypercorn.utils as hypercorn_utils_module
 import pytest
 import quart_trio.asgi
+import trio
 
 from archiver.fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_signals, hypercorn_tcp
 
@@ -83,6 +85,9 @@ def source_of(module: object) -> str:
                 "            try:\n                events = self.connection.receive_data(event.data)\n"
                 "            except h2.exceptions.ProtocolError:\n                await self._flush()\n"
                 "                await self.send(Closed())",
+                # After Closed an app's data is dropped and the error swallowed (patch 9 makes it wait).
+                "            BufferCompleteError,\n            KeyError,\n            priority.MissingStreamError,\n"
+                "            h2.exceptions.ProtocolError,\n        ):",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',
@@ -128,6 +133,13 @@ def source_of(module: object) -> str:
                 # Patch 3: data fed to h11 in handle, events read through connection.next_event.
                 "        if isinstance(event, RawData):\n            self.connection.receive_data(event.data)",
                 "                event = self.connection.next_event()",
+                # Patch 4: a pipelined request pauses the reader until can_read, which Closed does not set.
+                "                elif event is h11.PAUSED:\n                    await self.can_read.clear()\n"
+                "                    await self.can_read.wait()",
+                "        elif isinstance(event, Closed):\n            if self.stream is not None:\n"
+                "                await self._close_stream()",
+                "                elif isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:\n"
+                "                    break",
             ],
         ),
         (
@@ -193,6 +205,14 @@ def source_of(module: object) -> str:
             ],
         ),
         (
+            hypercorn_trio_task_group_module,
+            # An app's queue is a trio memory channel, its send handed out bound (hypercorn_access._tell_app).
+            [
+                "app_send_channel, app_receive_channel = trio.open_memory_channel[ASGIReceiveEvent](",
+                "        return app_send_channel.send",
+            ],
+        ),
+        (
             hypercorn_app_wrappers_module,
             ["    ) -> None:\n        await self.app(scope, receive, send)\n"],
         ),
@@ -229,3 +249,13 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"
     for name in ("app_send", "handle", "_send_closed", "_send_error_response"):
         assert getattr(http_stream_module.HTTPStream, name).__module__ == "archiver.fences.hypercorn_access"
+
+
+async def test_a_streams_end_reaches_its_app_when_told_from_a_cancelled_task() -> None:
+    # hypercorn_access._tell_app: a stream's end is often told from another app's task, already
+    # cancelled (helper 61); the channel's own send raised Cancelled there and the end was lost.
+    send, receive = trio.open_memory_channel[dict[str, str]](10)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await hypercorn_access._tell_app(send.send, {"type": "http.disconnect"})
+    assert receive.receive_nowait() == {"type": "http.disconnect"}

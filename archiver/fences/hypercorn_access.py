@@ -26,6 +26,7 @@ StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call).
 ``handle`` also answers a request whose target is not a path (``?x``, ``*``,
 an absolute URI) with a 400, from an ASGI app of its own run as Hypercorn
 runs the service's (``TaskGroup.spawn_app``): no route takes such a target.
+The StreamClosed case tells the app without a checkpoint (``_tell_app``).
 tests/test_fences.py fails if what they copy or call changes.
 """
 
@@ -35,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from time import time
 from typing import Any
 
+import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.protocol.events import EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
@@ -126,11 +128,35 @@ def _log_once() -> None:
         if hasattr(self, "scope"):
             await _log(self)
         if getattr(self, "app_put", None) is not None:
-            await self.app_put({"type": "http.disconnect"})
+            await _tell_app(self.app_put, {"type": "http.disconnect"})
 
     HTTPStream._send_closed = _send_closed  # type: ignore[method-assign]
     HTTPStream._send_error_response = _send_error_response  # type: ignore[method-assign]
     HTTPStream.handle = handle  # type: ignore[method-assign]
+
+
+async def _tell_app(app_put: Callable[[Any], Awaitable[None]], message: Any) -> None:
+    """Put ``message`` on the app's queue (``TaskGroup.spawn_app``: a trio memory channel) without a checkpoint.
+
+    A stream's end is often told from another stream's app task (its write
+    found the connection gone, and Hypercorn closes every stream from there),
+    and that task may itself be cancelled already: the channel's ``send``
+    checks for cancellation first, raises, and the disconnect is lost, with
+    the rest of the connection's streams (helper 61: HTTP/2 downloads ran on
+    after their client had left).  ``send_nowait`` cannot be cancelled; only
+    a full queue (an app that has stopped reading) waits as before.
+    """
+    channel = getattr(app_put, "__self__", None)
+    if isinstance(channel, trio.MemorySendChannel):
+        try:
+            channel.send_nowait(message)
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the app has ended: nobody to tell
+        else:
+            return
+    await app_put(message)
 
 
 async def _refuse_bad_target(scope: Any, receive: Any, send: Any) -> None:

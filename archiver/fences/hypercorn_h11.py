@@ -1,5 +1,5 @@
-"""Three adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
-and no request read after "close".
+"""Four adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
+no request read after "close", and no reader left waiting on a closed connection.
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status
    line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
@@ -23,6 +23,20 @@ and no request read after "close".
    Hypercorn answered a 400 in place of the answer the request was getting,
    or closed the connection before that answer was written.
 
+4. A connection closed while a pipelined request waits ends.  h11 answers
+   ``PAUSED`` for a request that comes while a response is in progress, and
+   Hypercorn's reading task waits for ``can_read``, which only the end of that
+   response sets (``_maybe_recycle``).  When a write finds the client gone,
+   the connection is closed from the writing task: the response never ends
+   as such, the reader waited for ever, and its connection's descriptor and
+   task with it, a socket no table listed any more, until shutdown waited out
+   its whole grace period (helper 61: a descriptor for each client that
+   pipelined a download and a range and went away).  On ``Closed`` the reader
+   is woken, and reads nothing more from h11: it goes back to its socket,
+   finds the end, and the connection ends.  Upstream report, as it would be
+   filed: "h11: handle(Closed) does not set can_read; a reader paused on a
+   pipelined request waits forever once another task closed the connection".
+
 tests/test_fences.py fails if what this relies on changes.
 """
 
@@ -34,12 +48,13 @@ from http import HTTPStatus
 from typing import Any
 
 import h11
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
+_CLOSED = "_archiver_closed"
 # The client's states once its last request is in and the connection must close.
 _CLOSING = (h11.MUST_CLOSE, h11.CLOSED)
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -47,10 +62,13 @@ _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus
 _error_text: Callable[[int], str] = lambda status: ""  # noqa: E731
 
 
-def _closing_aware(connection: h11.Connection, next_event: Callable[[], Any]) -> Callable[[], Any]:
-    """``connection.next_event``, but NEED_DATA while the client's side must close and bytes wait unparsed."""
+def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callable[[], Any]) -> Callable[[], Any]:
+    """``connection.next_event``, but NEED_DATA while the client's side must close and bytes wait unparsed,
+    and once the connection is closed (patch 4)."""
 
     def closing_aware_next_event() -> Any:
+        if getattr(protocol, _CLOSED, False):
+            return h11.NEED_DATA
         if connection.their_state in _CLOSING and connection.trailing_data[0]:
             return h11.NEED_DATA
         return next_event()
@@ -96,7 +114,15 @@ def install(error_text: Callable[[int], str] | None = None) -> None:
             # Bytes that came with the request, in the same read, are in h11's buffer already:
             # h11 must not parse them either.
             setattr(connection, _MARKER, True)
-            connection.next_event = _closing_aware(connection, connection.next_event)
+            connection.next_event = _closing_aware(self, connection, connection.next_event)
+        if isinstance(event, Closed):
+            setattr(self, _CLOSED, True)
+            await original_handle(self, event)
+            # A reader paused behind a pipelined request (h11's PAUSED) waits for the response
+            # in progress to end and recycle the connection; closed from another task (a write
+            # that found the client gone), that never happens: it wakes, and stops (patch 4).
+            await self.can_read.set()
+            return
         await original_handle(self, event)
 
     H11Protocol.handle = handle  # type: ignore[method-assign]
