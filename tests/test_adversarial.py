@@ -732,3 +732,30 @@ async def test_a_connection_closed_with_a_pipelined_request_waiting_ends(attacke
         f"10 HTTP/1.1 clients gone with a pipelined request waiting: descriptors back to {baseline}, "
         f"idle service stopped {trio.current_time() - stopping:.2f} s after SIGTERM"
     )
+
+
+@pytest.mark.parametrize("reset_when", ["before the answer", "after the answer"])
+async def test_an_http2_connection_whose_downloads_the_client_reset_is_closed_when_idle(
+    attacked_storage: Path, reset_when: str
+) -> None:
+    # Helper 62: a reset stream's app ends without the StreamClosed that restarts the keep-alive
+    # timer, so a client that reset its download and then said nothing held the connection (a
+    # descriptor, a connection slot) for ever, and SIGTERM waited out the grace period.
+    async with archiver_process(attacked_storage, rate_limit="2000000") as server:
+        attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
+        await attacker.start()
+        stream_id = await attacker.get("/archive/big/")
+        if reset_when == "after the answer":
+            while not attacker.received[stream_id]:
+                assert await attacker.read_some()
+        attacker.connection.reset_stream(stream_id)
+        await attacker.flush()
+        reset_at = trio.current_time()
+        with trio.fail_after(15):  # the keep-alive timeout is 5 s
+            while await attacker.read_some():
+                pass  # the rest of what was in flight, then GOAWAY, then the close
+        closed_after = trio.current_time() - reset_at
+        with trio.fail_after(10):
+            while (await metrics_of(server.url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.05)
+    assert 4 < closed_after < 8, closed_after

@@ -60,7 +60,10 @@ arrives as an HTTP/1.1 "PRI" request, which stops that timer, and Hypercorn's
 H2Protocol restarts it only when a stream closes: a client that sends the
 preface and SETTINGS and nothing else holds a descriptor for ever.  Here a
 new HTTP/2 connection without streams reports itself idle, so the same
-timeout applies.
+timeout applies.  So does a connection whose streams the client reset: their
+apps end without the StreamClosed that restarts the timer (helper 62: a client
+that reset its download and then idled held the connection, a descriptor and
+a connection slot, for ever, and SIGTERM waited out the whole grace).
 
 5. Reset a request whose ``:method`` or ``:path`` is not ASCII, or has no ``:path``.
 
@@ -437,13 +440,27 @@ def _bound_stream_buffers() -> None:
 
 def _time_out_idle_connections() -> None:
     original: Callable[..., Awaitable[None]] = H2Protocol.initiate
+    original_events: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
 
     async def initiate(self: Any, *args: Any, **kwargs: Any) -> None:
         await original(self, *args, **kwargs)
         if self.idle:  # no stream yet: start the keep-alive timer, as HTTP/1.1 does
             await self.send(Updated(idle=True))
 
+    async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        await original_events(self, events)
+        # A stream the client resets is closed here, and its app, told, ends without the
+        # StreamClosed whose handling restarts the timer (the stream is closed already): a
+        # client that reset its downloads and said nothing more held the connection for ever.
+        if (
+            any(isinstance(event, h2.events.StreamReset) for event in events)
+            and not getattr(self, "closed", False)
+            and all(stream.idle for stream in self.streams.values())
+        ):
+            await self.send(Updated(idle=True))
+
     H2Protocol.initiate = initiate  # type: ignore[method-assign]
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
 
 
 def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearray) -> list[bytes | memoryview]:
