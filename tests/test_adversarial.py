@@ -759,3 +759,37 @@ async def test_an_http2_connection_whose_downloads_the_client_reset_is_closed_wh
             while (await metrics_of(server.url))["archiver_downloads_in_flight"]:
                 await trio.sleep(0.05)
     assert 4 < closed_after < 8, closed_after
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_download_whose_tail_the_client_left_unread_is_not_complete(
+    attacked_storage: Path, protocol: str
+) -> None:
+    # Helper 62: the whole archive handed to the server, its tail held (HTTP/2: a closed window;
+    # HTTP/1.1: a full socket), and the client leaves: the server dropped the tail and the
+    # download's last send returned as if it went out, logged "complete".
+    write_tree(attacked_storage / "tail", {"photo.jpg": os.urandom(400_000)})
+    async with archiver_process(attacked_storage) as server:
+        address = address_of(server.url)
+        async with polite_client(server.url) as client:
+            length = len((await client.get("/archive/tail/")).content)  # and its CRC indexed
+        sent_before = (await metrics_of(server.url))["archiver_bytes_sent_total"]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await trio.to_thread.run_sync(sock.connect, address)
+        if protocol == "HTTP/2":
+            attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+            await attacker.start()
+            await attacker.get("/archive/tail/")  # the 65,535-byte window is never opened
+        else:
+            sock.sendall(b"GET /archive/tail/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):  # every byte handed to the server, whose send waits on the client
+            while (await metrics_of(server.url))["archiver_bytes_sent_total"] < sent_before + length:
+                await trio.sleep(0.05)
+        sock.close()
+        with trio.fail_after(10):
+            while (metrics := await metrics_of(server.url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.05)
+    assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 1  # the polite one
+    assert metrics['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
+    assert f"download tail for 127.0.0.1: client disconnected, {length} bytes sent".encode() in server.output

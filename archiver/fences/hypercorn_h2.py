@@ -169,6 +169,8 @@ from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 
+from .delivery import note_dropped
+
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBL")
 _DATA_FRAME = 0x0
@@ -278,10 +280,15 @@ def _no_streams_after_close() -> None:
             # returns at once, and the app would go on making and "sending" its archive at disk
             # speed until told.  It is told (its stream's end, which cancels a Quart app): this
             # send waits for that, and the stall timeout bounds the wait all the same.
+            note_dropped()
             if event.stream_id in self.streams:
                 await self._close_stream(event.stream_id)
             await trio.sleep_forever()
         await original_send(self, event)
+        if isinstance(event, EndBody) and getattr(self, "closed", False) and event.stream_id in self.stream_buffers:
+            # The end "sent" because the connection closed, not because the client took the
+            # tail (its buffer goes once END_STREAM is out): nothing of it will arrive.
+            note_dropped()
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]

@@ -91,6 +91,8 @@ import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
+from .delivery import note_dropped
+
 logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
@@ -305,6 +307,8 @@ def _time_out_writes() -> None:
             else:
                 if not stalled:
                     return
+            if event.data:
+                note_dropped()  # the app's send returns as if written (fences.delivery)
             await self.protocol.handle(Closed())
 
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]

@@ -22,6 +22,7 @@ from ..archive.crc_index import CrcIndex
 from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
+from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
@@ -280,7 +281,13 @@ class ArchiveBody(ResponseBody):
         self.planned.release(self.plan)
 
     def _finish(self, outcome: str, description: str) -> None:
-        if outcome == "cancelled" and self.bytes_sent == self._length():
+        if outcome in ("completed", "cancelled") and bytes_dropped():
+            # The server dropped bytes handed to it (the client left with them unread): however
+            # the send returned, and however many were handed over, they were not delivered.
+            outcome, description = "cancelled", "client disconnected"
+            if is_shutting_down():
+                description = "cancelled during shutdown"
+        elif outcome == "cancelled" and self.bytes_sent == self._length():
             # Judged by what was delivered: every byte announced was taken by
             # the client, which may then leave (closing the connection) before
             # the body ends, or while a paced body waits out its pause.
