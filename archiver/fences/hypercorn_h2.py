@@ -169,7 +169,7 @@ from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 
-from .delivery import note_dropped
+from .delivery import bytes_dropped, note_dropped
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBL")
@@ -177,6 +177,7 @@ _DATA_FRAME = 0x0
 _NO_FLAGS = 0
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MARKER = "_archiver_adjusted"
+_DROPPED = "_archiver_dropped"  # a stream buffer whose last batch could not be written
 logger = logging.getLogger(__name__)
 SEND_BATCH = 512 * 1024
 
@@ -284,10 +285,14 @@ def _no_streams_after_close() -> None:
             if event.stream_id in self.streams:
                 await self._close_stream(event.stream_id)
             await trio.sleep_forever()
+        buffer = self.stream_buffers.get(getattr(event, "stream_id", None))
         await original_send(self, event)
-        if isinstance(event, EndBody) and getattr(self, "closed", False) and event.stream_id in self.stream_buffers:
+        if isinstance(event, EndBody) and (
+            getattr(buffer, _DROPPED, False)
+            or (getattr(self, "closed", False) and event.stream_id in self.stream_buffers)
+        ):
             # The end "sent" because the connection closed, not because the client took the
-            # tail (its buffer goes once END_STREAM is out): nothing of it will arrive.
+            # tail (its buffer goes once END_STREAM is out), or its last write failed.
             note_dropped()
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
@@ -355,9 +360,11 @@ def _reset_unfinished_streams() -> None:
         except trio.Cancelled:
             buffer = self.stream_buffers.get(getattr(event, "stream_id", None))
             if isinstance(event, EndBody) and buffer is not None:
-                # The app stopped waiting for the client to take the tail (a stall): the
-                # response is not finished, so the StreamClosed that follows resets it.
+                # The app stopped waiting for the client to take the tail (a stall, a reset): the
+                # response is not finished, so the StreamClosed that follows resets it, and its
+                # tail is not delivered (fences.delivery).
                 buffer._complete = False
+                note_dropped()
             raise
 
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
@@ -386,8 +393,8 @@ def _batch_data_frames() -> None:
         # popping nothing at a closed window must not let the app add more.
         if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
             await self._paused.set()
-        if len(self.buffer) == 0:
-            await self._is_empty.set()
+        # Empty once what was popped is written (``_send_data``), not before: the app's end waits
+        # for its tail to leave, and learns if it could not (``fences.delivery``, patch 9).
         return data
 
     # Typed as returning bytes; a bytearray serves its callers (ours) as well.
@@ -403,8 +410,12 @@ def _batch_data_frames() -> None:
             data = await buffer.pop(max(0, min(window, SEND_BATCH)))
             if data:
                 await self.send(RawData(data=b"".join(_data_frames(self.connection, stream_id, data))))
+                if bytes_dropped():  # the write failed (noted by hypercorn_tcp in this task)
+                    setattr(buffer, _DROPPED, True)
             else:
                 self.priority.block(stream_id)
+            if not buffer.buffer:
+                await buffer._is_empty.set()
             if buffer.complete:
                 self.connection.end_stream(stream_id)
                 await self._flush()
