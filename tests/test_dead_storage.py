@@ -175,6 +175,21 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
     assert took > 3  # else the storage was not slow enough for this test to prove anything
 
 
+async def test_slow_closes_of_empty_files_deflated_are_no_hang(tmp_path: Path) -> None:
+    # An empty file has no read to beat at, and deflated it is ~70 bytes of records: ~950 of
+    # them fill the producer's 64 KiB gather.  Each close taking 3 ms, that is ~3 s without a
+    # byte in the pipe unless the producer also beats after each file, as it does when storing.
+    files = {f"empty-{i:04}.txt": b"" for i in range(1000)}
+    env = {"ARCHIVER_STORAGE_TIMEOUT": "2", "ARCHIVER_COMPRESSION": "6"}
+    async with served_gated_album(tmp_path, files, env) as album:
+        album.gate.write_text("flush 0.003")  # every close(2): the walk (stat, access) is not held
+        started = trio.current_time()
+        response = await album.client.get("/archive/album/")
+        took = trio.current_time() - started
+    assert response.status_code == 200 and read_archive(response.content) == files
+    assert took > 2  # else the closes were not slow enough for this test to prove anything
+
+
 async def test_a_stopped_producer_is_seen_while_later_crcs_are_still_read(tmp_path: Path) -> None:
     # The CRC of a later cold file, read ahead on slow storage, advances all along; it is
     # not what the download waits for while the producer, stopped, owes the bytes before it.

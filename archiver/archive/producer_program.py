@@ -371,9 +371,6 @@ class Producer:
                 *identity, offset, length, verify, crc, path_length = FILE_SLICE_BODY.unpack(read(FILE_SLICE_BODY.size))
                 path = read(path_length)
                 self._with_file(path, _key(tuple(identity)), self._send_slice, offset, length, crc if verify else None)
-                if self.output.due():  # small files gathered for a beat (slow storage): the service must see them move
-                    self.output.flush()
-                    self.output.next_beat()
             elif kind == DONE:
                 self.output.flush()
                 self.output.settle(0)
@@ -427,6 +424,11 @@ class Producer:
             self.output.check_once_read(fd, file_key, path)  # again, once its pages are out of the pipe
         else:
             os.close(fd)
+        # Small files gathered for a beat (slow opens and closes: every file, in every mode, even an
+        # empty one, which has no read to check at): the service must see the archive move.
+        if self.output.due():
+            self.output.flush()
+            self.output.next_beat()
 
     def _send_slice(self, fd: int, key: FileKey, offset: int, length: int, crc: int | None) -> bool:
         """Write the slice; True if it was moved by sendfile (its pages may still be in the pipe), False if copied."""
