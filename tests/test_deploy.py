@@ -60,7 +60,8 @@ def site_config(upstreams: Sequence[str], port: int, tls: tuple[Path, Path] | No
     text, upstreams_found = UPSTREAM_SERVERS.subn(servers, text)
     listen = f"listen 127.0.0.1:{port};"
     if tls is not None:
-        listen = f"listen 127.0.0.1:{port} ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
+        # As Deploying has it: HTTP/2 for browsers, over TLS.
+        listen = f"listen 127.0.0.1:{port} ssl http2; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
     text, listens = re.subn(r"listen 80;", listen, text)
     assert upstreams_found == listens == 1, "deploy/nginx.conf changed shape: update this test"
     return text

@@ -15,6 +15,7 @@ from unittest import mock
 import httpx
 import pytest
 import trio
+import trustme
 
 from archiver.archive import producer
 from archiver.config import Settings
@@ -202,6 +203,38 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     assert status_html == status_text == 400
     assert f"<title>{UNPARSED_REQUEST.title}</title>" in html and '<html lang="ru">' in html
     assert text == UNPARSED_REQUEST.sentence + "\n"
+
+
+@needs_nginx
+async def test_through_nginx_over_http2_its_own_refusals_are_in_the_services_words(
+    settings: Settings, tmp_path: Path, tls_files: tuple[trustme.CA, Path, Path]
+) -> None:
+    # What a browser speaks to nginx: HTTP/2 over TLS.  There nginx reads a request's body
+    # before its error_page, and a page of its own that checked the size again was a second
+    # 413, answered with nginx's stock page (helper 65).  curl: httpx sends a whole body
+    # before it reads an answer, and nginx opens no flow-control window for one it refused.
+    ca, certfile, keyfile = tls_files
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    body = tmp_path / "body"
+    body.write_bytes(b"x" * (1024 * 1024 + 1))  # over client_max_body_size
+
+    async def curl(url: str, *options: str) -> tuple[str, str]:
+        command = ["curl", "-sS", "--http2", "--cacert", str(tmp_path / "ca.pem"), *options, url]
+        result = await trio.run_process([*command, "-w", "\n%{http_version} %{http_code}"], capture_stdout=True)
+        text, _, status = result.stdout.decode().rpartition("\n")
+        return status, text
+
+    async with (
+        pages_server(settings, tmp_path) as (url, _),
+        nginx_in_front(url, tmp_path / "nginx", tls=(certfile, keyfile)) as front,
+    ):
+        posted = await curl(f"{front}/archive/album/", "-H", f"Accept: {BROWSER_ACCEPT}", "--data-binary", f"@{body}")
+        posted_text = await curl(f"{front}/archive/album/", "--data-binary", f"@{body}")
+        typo = await curl(f"{front}/archiv/album/", "-H", f"Accept: {BROWSER_ACCEPT}")
+    assert posted[0] == posted_text[0] == "2 413"
+    assert f"<title>{MESSAGES[405].title}</title>" in posted[1]
+    assert posted_text[1] == MESSAGES[405].sentence + "\n"
+    assert typo[0] == "2 404" and "<title>Страница не найдена</title>" in typo[1]
 
 
 @needs_nginx
