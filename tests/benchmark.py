@@ -511,7 +511,7 @@ def touch_every_file(directory: Path) -> None:
             status = path.stat()
             os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
     # A file whose ctime is this recent when its CRC is read is "racy" and its CRC not kept
-    # (ctime_trust.RACY_NS): wait it out, as an upload minutes before a download would.
+    # (ctime_trust.RACY_NS, 1 s): wait it out, as an upload minutes before a download would.
     time.sleep(0.5)
 
 

@@ -30,6 +30,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from archiver.archive import ctime_trust
+from archiver.archive.ctime_trust import SECOND
 from archiver.config import Settings
 
 from .conftest import (
@@ -125,7 +127,10 @@ class Case:
     """One drawn case: the chunk size, the album (name -> size), its bytes' seed, and a range as fractions.
 
     ``range_first``: the range is asked for first, with a cold index (the CRCs it needs read ahead
-    of the producer), not after the whole archive.
+    of the producer), not after the whole archive.  ``racy``: the files are taken as changed within
+    the racy window (``ctime_trust.RACY_NS``) of every read, so that no CRC is kept and the producer
+    checks each file's bytes against it as it sends them (copied, not moved by sendfile); else as
+    long unchanged, so that the second download is warm (CRCs from the index, data by sendfile).
     """
 
     chunk_size: int
@@ -133,6 +138,7 @@ class Case:
     seed: int = 0
     range_points: tuple[float, float] = (0.0, 1.0)
     range_first: bool = False
+    racy: bool = False
 
 
 FRACTIONS = st.floats(0, 1)
@@ -140,22 +146,33 @@ FRACTIONS = st.floats(0, 1)
 
 def cases(max_total: int) -> st.SearchStrategy[Case]:
     return st.builds(
-        lambda drawn, seed, points, range_first: Case(*drawn, seed, points, range_first),
+        lambda drawn, seed, points, range_first, racy: Case(*drawn, seed, points, range_first, racy),
         albums(max_total),
         st.integers(0, 2**32),
         st.tuples(FRACTIONS, FRACTIONS),
+        st.booleans(),
         st.booleans(),
     )
 
 
 def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case) -> None:
+    # The servers run in this process: the window they read, for this case (a file here is
+    # written a moment before its download, within the real window of 1 s).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ctime_trust, "RACY_NS", 3600 * SECOND if case.racy else 0)
+        check_album_as_it_is(server_for, tmp_path_factory, protocol, case)
+
+
+def check_album_as_it_is(
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
+) -> None:
     address, storage = server_for(case.chunk_size)
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     oracle = expected_archive(album)
     first, last = sorted(int(point * (len(oracle) - 1)) for point in case.range_points)
     if case.range_first:
         assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
-    # Twice: cold (CRCs read ahead of the producer), then warm (from the index).
+    # Twice: cold (CRCs read ahead of the producer), then warm (from the index), unless racy.
     for _ in range(2):
         sent = receive(address, protocol, album.name, None)
         assert sent == oracle
@@ -177,6 +194,8 @@ def check_album(server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory,
 @example(case=Case(512 * 1024, {"a.jpg": 16384, "b.jpg": 16385, "c.jpg": 0}, seed=5, range_points=(0.1, 0.99)))
 # A cold range that cuts the first entry's header, over files read ahead a batch a call.
 @example(case=Case(57, {f"{i}": i * 7 for i in range(5)}, seed=7, range_points=(0.01, 1.0), range_first=True))
+# Racy: each file's bytes checked against its CRC as they go, a range starting inside a file.
+@example(case=Case(65537, {"a.jpg": 16384, "b.jpg": 200_000, "c.jpg": 0}, seed=8, range_points=(0.2, 0.9), racy=True))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_received_bytes_are_the_archive(
     server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case

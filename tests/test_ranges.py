@@ -16,7 +16,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
-from archiver.archive.ctime_trust import SECOND, CtimeTrust
+from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, CtimeTrust
 from archiver.archive.storage import AlbumFile, AlbumListing
 from archiver.config import Settings
 from archiver.web.ranges import (
@@ -224,11 +224,12 @@ def test_no_etag_while_a_file_may_change_again_in_its_clock_tick(tmp_path: Path)
         listed = AlbumFile("a.jpg", 10, mtime_ns=SECOND + 1, ctime_ns=ctime_ns, device=device, inode=100)
         return archive_validator(AlbumListing(Path("/album"), (listed,), (), started), '"tag"', 10, trust)
 
-    assert validator(10 * SECOND + 450_000_000) is None  # within a tick (RACY_NS) of the walk
+    assert validator(started - RACY_NS + 50_000_000) is None  # within the racy window (RACY_NS) of the walk
     assert validator(11 * SECOND + 1) is None  # after it began: changed while it ran
-    assert validator(10 * SECOND + 350_000_000) == '"tag"'
-    assert validator(9 * SECOND) is None  # whole seconds: a filesystem of seconds (FAT: two), a wider window
-    assert validator(8 * SECOND) == '"tag"'
+    assert validator(started - RACY_NS - 50_000_000) == '"tag"'
+    # Whole seconds: a filesystem of seconds (FAT: two), a wider window.
+    assert validator(started - COARSE_RACY_NS + SECOND // 2) is None
+    assert validator(started - COARSE_RACY_NS - SECOND // 2) == '"tag"'
 
 
 async def test_an_album_within_a_clock_tick_of_its_walk_is_sent_without_etag(
@@ -305,6 +306,7 @@ async def test_download_cut_off_and_resumed_is_the_whole_archive(client: httpx.A
 def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     storage = tmp_path_factory.mktemp("range-fuzz")
     write_tree(storage / "album", {"a.jpg": os.urandom(20_000), "b.jpg": b"b"})
+    trio.run(ctimes_settled, storage / "album")  # its ETag, for the preconditions
     with server_in_thread(Settings(storage_dir=storage)) as address:
         yield address
 

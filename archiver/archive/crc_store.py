@@ -3,14 +3,16 @@
 Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
 device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
-ctime, even when the mtime is put back; see ``crc_index`` for the one store
-that does not; nor on storage whose ctime is not trusted, ``ctime_trust.trusted_ctime``,
-whose CRCs are never kept).  Each row carries a check (``row_check``): a row
+ctime, even when the mtime is put back, as it starts: see ``ctime_trust.RACY_NS``;
+see ``crc_index`` for the one store that does not; nor on storage whose ctime is
+not trusted, ``ctime_trust.trusted_ctime``, whose CRCs are never kept).  Each row carries a check (``row_check``): a row
 the disk or an edit damaged is not used (a WARNING), and the CRC is read
 again and the row written anew.  Rows of earlier versions are ignored: table ``crc``
 (no ctime), ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
-whole seconds, and for keys whose ctime is the mtime) and ``crc_v3`` (no check).  A key SQLite's 64-bit integers cannot
-hold (an mtime past 2262) is neither looked up nor kept.
+whole seconds, and for keys whose ctime is the mtime), ``crc_v3`` (no check) and ``crc_v4`` (kept
+under a 0.1 s racy window: a CRC read 0.1-1 s into one long write in place was kept,
+``ctime_trust.RACY_NS``).  A key SQLite's 64-bit integers cannot hold (an mtime past
+2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
 fails (locked too long, disk full) is logged and skipped, never a download's
@@ -38,7 +40,7 @@ WRITE_BATCH = 512
 WARNING_INTERVAL = 60.0
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS crc_v4 (
+CREATE TABLE IF NOT EXISTS crc_v5 (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     size INTEGER NOT NULL,
@@ -49,7 +51,7 @@ CREATE TABLE IF NOT EXISTS crc_v4 (
     PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns)
 ) WITHOUT ROWID
 """
-_LOOKUP = 'SELECT crc, "check" FROM crc_v4 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?'
+_LOOKUP = 'SELECT crc, "check" FROM crc_v5 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?'
 _ROW = struct.Struct("<6q")
 
 
@@ -135,7 +137,7 @@ class CrcStore:
     def count(self) -> int:
         self.flush()
         with self._read_lock:
-            return int(self._reader.execute("SELECT count(*) FROM crc_v4").fetchone()[0])
+            return int(self._reader.execute("SELECT count(*) FROM crc_v5").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
@@ -148,7 +150,7 @@ class CrcStore:
         try:
             with self._writer:
                 self._writer.execute("BEGIN")
-                self._writer.executemany("INSERT OR REPLACE INTO crc_v4 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._writer.executemany("INSERT OR REPLACE INTO crc_v5 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as error:
             self.unwritten += len(rows)
             self._warn(f"{len(rows)} rows not written: {error}")

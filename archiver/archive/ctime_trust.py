@@ -21,10 +21,15 @@ from .filesystems import KERNEL, MOUNTINFO, filesystem_name
 # A file's key: (device, inode, size, mtime_ns, ctime_ns), from its ``fstat``.
 FileKey = tuple[int, int, int, int, int]
 
-# Linux stamps file times from a coarse clock (one tick: 1-10 ms); a file
-# whose ctime lies within this of the moment its read began may change again
-# without its ctime moving.  Such a CRC is not kept in the index.
-RACY_NS = 100_000_000
+# A file whose ctime lies within this of the moment its read began may change again
+# without its ctime moving; such a CRC is not kept in the index.  Linux stamps file
+# times from a coarse clock (one tick: 1-10 ms), and stamps a write's as it starts,
+# not as it copies: one write in place (the size kept) goes on changing the bytes
+# under a key that no longer moves, for as long as it lasts.  A writer the kernel
+# throttles on dirty pages waits up to 200 ms a pause; a 1 GiB write copies in
+# ~0.3 s.  0.1 s until 2026-12-03: a CRC read 0.15 s into such a write was kept,
+# and sent with the new bytes (helper 66).
+RACY_NS = 1_000_000_000
 SECOND = 1_000_000_000
 # A filesystem that keeps whole seconds (ext4's 128-byte inodes; FAT keeps two) changes a
 # file later in the second of its ctime without moving it: a wider window for such ctimes.
