@@ -618,7 +618,8 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
         failed = await album.client.get("/archive/album/")
         (tmp_path / "gate-fail-closes").unlink()
         whole = await album.client.get("/archive/album/")
-    assert failed.status_code == 500  # as any file not the one listed before the first byte (README, Failure behaviour)
+    assert failed.status_code == 503  # as any file not the one listed before the first byte (README, Failure behaviour)
+    assert failed.headers["retry-after"] == "5"
     assert read_archive(whole.content) == files
     assert b"when closed after reading" in bytes(album.server.output)
     assert b"Traceback" not in bytes(album.server.output)
@@ -644,7 +645,7 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
         response = await client.get("/archive/album/")
         (tmp_path / "gate-fail-closes").unlink()
         figures = samples((await client.get("/metrics")).text)
-    assert response.status_code == 500
+    assert response.status_code == 503
     assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
     assert figures["archiver_downloads_in_flight"] == 0
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -23,7 +23,7 @@ from zlib_ng import zlib_ng
 from archiver.archive import launcher, producer
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
-from archiver.web.pages import MESSAGES, STORAGE_SILENT
+from archiver.web.pages import ALBUM_CHANGING, MESSAGES, STORAGE_SILENT
 
 from .conftest import (
     PROTOCOLS,
@@ -101,15 +101,16 @@ async def test_file_vanishing_mid_stream_aborts_the_transfer(large_storage: Path
                     pass
 
 
-async def test_producer_failing_before_its_first_byte_is_500(
+async def test_a_file_gone_before_the_first_byte_is_a_503_to_try_again(
     settings: Settings, stand_in: Callable[[str], None]
 ) -> None:
     write_tree(settings.storage_dir / "album", {"a.jpg": b"a", "b.jpg": b"b"})
     stand_in(f"rm -f {settings.storage_dir}/album/a.jpg\nexec $REAL_PRODUCER")
     async with running_server(settings) as url, make_client(url, "HTTP/2") as client:
         response = await client.get("/archive/album/")
-    assert response.status_code == 500
-    assert response.text.strip() == MESSAGES[500].sentence
+    # An album being uploaded to (a file listed, then renamed or deleted): whole when walked again.
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.text.strip() == ALBUM_CHANGING.sentence
 
 
 class HeldLauncher:
@@ -317,7 +318,7 @@ async def test_file_shrinking_after_listing_aborts_the_announced_length(
     stand_in(f"truncate -s 1000 {settings.storage_dir}/album/b.jpg\nexec $REAL_PRODUCER")
     async with running_server(settings) as url, make_client(url, protocol) as client:
         # Caught by the producer or by the CRC read ahead of it, before or after the first
-        # byte: a 500, or an aborted transfer, never a clean end.
+        # byte: a 503 to try again, or an aborted transfer, never a clean end.
         try:
             async with client.stream("GET", "/archive/album/") as response:
                 if response.status_code == 200:
@@ -325,7 +326,7 @@ async def test_file_shrinking_after_listing_aborts_the_announced_length(
                         async for _ in response.aiter_raw():
                             pass
                 else:
-                    assert response.status_code == 500
+                    assert response.status_code == 503
         except ABORTED:
             pass
 

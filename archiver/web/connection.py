@@ -32,6 +32,7 @@ from quart.utils import encode_headers
 
 from ..archive.crc_reads import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..archive.producer_program import EXIT_CHANGED
 from ..archive.storage import ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
@@ -47,7 +48,7 @@ from .limits import (
     WalkLimitReached,
 )
 from .metrics import DownloadMetrics
-from .pages import STORAGE_SILENT, error_page
+from .pages import ALBUM_CHANGING, STORAGE_SILENT, error_page
 from .storage_calls import StorageSilent
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,12 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
         return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
     if isinstance(error, NoThread):  # the same; the tasks' limit (a CRC lookup's or read's thread)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, (ProducerFailed, ArchiveChanged, FileChanged)):
+    if isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.returncode == EXIT_CHANGED):
+        # A file listed, then gone or changed before the first byte: an album being uploaded to.
+        # Walked afresh it is whole: in a few seconds, or at once by nginx on another instance
+        # (proxy_next_upstream http_503).  A 500 before, for a normal upload (helper 67).
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
+    if isinstance(error, (ProducerFailed, ArchiveChanged)):
         return error_page(500, accept)
     return None
 

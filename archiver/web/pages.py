@@ -45,6 +45,12 @@ MESSAGES: Mapping[int, Message] = {
     503: Message("Сервер занят", "Сейчас скачивают слишком много архивов: попробуйте ещё раз через несколько секунд."),
 }
 
+# A 503 for an album a file of which was gone or changed once listed, before the first byte: an upload
+# under way (FTP's "x.part" renamed to "x.jpg").  Walked again in a few seconds, it is whole.
+ALBUM_CHANGING = Message(
+    "Архив обновляется", "В архив сейчас загружают файлы: попробуйте скачать его ещё раз через несколько секунд."
+)
+
 # A 503 for storage that does not answer (a dead network mount): not the service's load, and not for seconds.
 STORAGE_SILENT = Message(
     "Хранилище не отвечает", "Файлы архива сейчас недоступны: попробуйте скачать его ещё раз через несколько минут."
