@@ -165,3 +165,6 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     ]
     assert not any(line.startswith("2026-12-01 00:00:00,000 ERROR") for line in lines)
     assert "\x1b" not in server.output.decode()
+    # The download's own line counts what was left out (helper 67: an operator reading only those).
+    (download,) = [line for line in lines if "archiver.web.download: download album for" in line]
+    assert download.endswith("(2 files, 1 left out: see 'skipped')"), download

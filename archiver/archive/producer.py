@@ -294,7 +294,9 @@ async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], albu
     size = 0
     async for received in stderr:
         data = bytes(received)
-        logger.warning("producer (%s): %s", album, data.decode(errors="replace").rstrip())
+        # DEBUG: a producer writes here only as it fails, and its download's one line (an ERROR)
+        # carries this tail; a WARNING too made two lines of one download (helper 67).
+        logger.debug("producer (%s): %s", album, data.decode(errors="replace").rstrip())
         tail.append(data)
         size += len(data)
         while size - len(tail[0]) >= STDERR_TAIL_BYTES:

@@ -101,6 +101,7 @@ class PreparedArchive:
 
     plan: ArchivePlan
     etag: str | None
+    left_out: int  # entries the walk passed over (links, unreadable files...: logged once a version)
 
 
 def prepare_archive(
@@ -125,7 +126,7 @@ def prepare_archive(
     etag = archive_etag(listing, f"{FORMAT_VERSION};level={compression};{policy.describe()}")
     skips.log(listing, etag)
     plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
-    return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust))
+    return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))
 
 
 SERVICE_BUSY_TIMEOUT = 1.0
@@ -425,6 +426,7 @@ def create_app(settings: Settings) -> QuartTrio:
             client=client,
             stall_timeout=settings.stall_timeout,
             storage_timeout=settings.storage_timeout,
+            left_out=prepared.left_out,
         )
         status = 206 if byte_range is not None else 200
         response = Response(body, status=status, mimetype="application/zip", headers=headers)

@@ -59,9 +59,11 @@ class ArchiveBody(ResponseBody):
         client: str = "unknown",
         stall_timeout: float = math.inf,
         storage_timeout: float = math.inf,
+        left_out: int = 0,
     ) -> None:
         self.name = name
         self.plan = plan
+        self.left_out = left_out  # entries of the album not in the archive: said in the download's line
         self.slots = slots
         self.planned = planned
         self.metrics = metrics
@@ -298,14 +300,18 @@ class ArchiveBody(ResponseBody):
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
         log = {"failed": logger.error, "stalled": logger.warning}.get(outcome, logger.info)
+        # What was left out is logged once a version of the album ("skipped ..."); its count here,
+        # on every download's line, for an operator who reads only those (helper 67).
+        left_out = f", {self.left_out} left out: see 'skipped'" if self.left_out else ""
         log(
-            "download %s for %s: %s, %d bytes sent in %.3f s (%d files)",
+            "download %s for %s: %s, %d bytes sent in %.3f s (%d files%s)",
             self.name,
             self.client,
             description,
             self.bytes_sent,
             duration,
             self.plan.count,
+            left_out,
         )
 
     @property
