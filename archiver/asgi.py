@@ -8,7 +8,7 @@ from .fences import held_signals
 # held until the lifespan's receiver takes it (and then is a graceful stop).
 held_signals.hold()
 
-from .config import Settings, SettingsError  # noqa: E402
+from .config import Settings, SettingsError, warn_of_unknown_variables  # noqa: E402
 from .fences import hypercorn_signals  # noqa: E402
 from .logs import configure_logging  # noqa: E402
 from .web.app import create_app  # noqa: E402
@@ -16,6 +16,7 @@ from .web.app import create_app  # noqa: E402
 try:
     settings = Settings.from_env()
     configure_logging(settings.verbose)
+    warn_of_unknown_variables()
     app = create_app(settings)
 except SettingsError as error:
     # One line, as the CLI launch says it, not the traceback of Hypercorn's import of this module.

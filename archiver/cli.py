@@ -21,7 +21,7 @@ from .archive.crc_index import CrcIndex
 from .archive.crc_reads import album_crcs
 from .archive.ctime_trust import CtimeTrust
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
-from .config import Settings, SettingsError
+from .config import Settings, SettingsError, warn_of_unknown_variables
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
@@ -231,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     settings = parse_settings(arguments)
     configure_logging(settings.verbose)
+    warn_of_unknown_variables()
     # From here a stop signal is a graceful stop, also while the app is made and starts (a look at the
     # storage, the launcher: up to ~12 s) before the receiver runs: held, and taken by it (helpers 49, 50).
     held_signals.hold()

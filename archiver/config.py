@@ -8,6 +8,7 @@ the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "ARCHIVER_"
+
+logger = logging.getLogger(__name__)
 
 
 # The most one download may buffer: 16 chunks of 16 MiB.  The defaults are 512 KiB and 1.
@@ -203,6 +206,19 @@ class Settings:
             except ValueError as error:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {error}") from None
         return cls(**values)  # type: ignore[arg-type]
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The ``ARCHIVER_*`` names in ``environ`` that no setting reads: a misspelt one is otherwise silent (helper 67)."""
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in _ENV_PARSERS}
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
+def warn_of_unknown_variables() -> None:
+    """A WARNING line for each ``ARCHIVER_*`` variable no setting reads (``ARCHIVER_MAX_JOB`` for ``..._JOBS``)."""
+    for name in unknown_variables():
+        logger.warning("%s is not a setting of this service (misspelt?): ignored", name)
 
 
 def _parse_list(raw: str) -> tuple[str, ...]:

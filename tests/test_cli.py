@@ -187,6 +187,22 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
     assert result.stderr.strip() == "archiver: max_jobs must be positive, rate_limit and shutdown_grace not negative"
 
 
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_a_misspelt_variable_is_a_warning_at_start(launch: str) -> None:
+    # Helper 67: ARCHIVER_MAX_JOB=8 (for ARCHIVER_MAX_JOBS) was ignored without a word.
+    hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+    command = {
+        "archiver": [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0"],
+        "hypercorn": [hypercorn, "--config", "hypercorn.toml", "--bind", "127.0.0.1:0", "archiver.asgi:app"],
+    }[launch]
+    env = {"ARCHIVER_DIR": "data", "ARCHIVER_MAX_JOB": "8", "ARCHIVER_MAX_JOBS": "8"}
+    async with launched(command, env) as server:
+        await check_serves_sample_album(server.url)
+    lines = bytes(server.output).decode().splitlines()
+    unknown = [line for line in lines if "is not a setting" in line]
+    assert len(unknown) == 1 and "WARNING" in unknown[0] and "ARCHIVER_MAX_JOB is not a setting" in unknown[0]
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"),
     reason="needs root, setpriv, unshare",
