@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from zlib_ng import zlib_ng
 
-from archiver.archive import launcher, producer
+from archiver.archive import launcher, producer, storage
 from archiver.config import Settings
 from archiver.web.download import _outcome, first_failure
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES, STORAGE_SILENT
@@ -109,6 +109,23 @@ async def test_a_file_gone_before_the_first_byte_is_a_503_to_try_again(
     async with running_server(settings) as url, make_client(url, "HTTP/2") as client:
         response = await client.get("/archive/album/")
     # An album being uploaded to (a file listed, then renamed or deleted): whole when walked again.
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.text.strip() == ALBUM_CHANGING.sentence
+
+
+async def test_an_album_that_changes_during_every_walk_is_the_same_503(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same upload, met by the walk (tests/test_storage.py makes a real one that changes): each
+    # walk is made to find a change, as no real upload can be timed to (three in a row).
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+
+    def changed(*_: object) -> None:
+        raise storage._AlbumChanged("a.jpg")
+
+    monkeypatch.setattr(storage, "_walk_once", changed)
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        response = await client.get("/archive/album/")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert response.text.strip() == ALBUM_CHANGING.sentence
 

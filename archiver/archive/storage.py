@@ -58,6 +58,13 @@ class ListingFailed(RuntimeError):
         self.transient = transient
 
 
+class AlbumKeepsChanging(ListingFailed):
+    """The album changed during every walk (an upload under way): try again in a few seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
+
+
 # The entries left out that are logged by name, and the most characters of a path shown: an
 # album of 100,000 links logged 100,000 lines, and paths of 4,096 bytes of control characters
 # 15 KB a line (escaped), at every request (helper 46: 150 KB of log a HEAD).
@@ -252,7 +259,7 @@ def list_album(
         except _AlbumChanged:
             continue
     else:
-        raise ListingFailed(f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
+        raise AlbumKeepsChanging
     files.sort(key=lambda file: file.path)
     return AlbumListing(album, tuple(files), tuple(skipped), started_ns)
 

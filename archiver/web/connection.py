@@ -33,7 +33,7 @@ from quart.utils import encode_headers
 from ..archive.crc_reads import FileChanged
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.producer_program import EXIT_CHANGED
-from ..archive.storage import ListingFailed
+from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
@@ -146,6 +146,8 @@ def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, a
     logger.error("refused %s: cannot list it: %s", name, error)
     metrics.rejected.labels("listing_failed").inc()
     if error.transient:
+        if isinstance(error, AlbumKeepsChanging):  # an upload under way, as a file gone before the first byte
+            return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
         if isinstance(error, StorageSilent):
             return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
