@@ -18,11 +18,15 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypercorn.typing import HTTPResponseStartEvent
+from quart import Response
 from zlib_ng import zlib_ng
 
 from archiver.archive import launcher, producer, storage
+from archiver.archive.crc_reads import FileChanged
 from archiver.config import Settings
-from archiver.web.download import _outcome, first_failure
+from archiver.web import connection
+from archiver.web.download import ArchiveBody, _outcome, first_failure
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES, STORAGE_SILENT
 
 from .conftest import (
@@ -128,6 +132,62 @@ async def test_an_album_that_changes_during_every_walk_is_the_same_503(
         response = await client.get("/archive/album/")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert response.text.strip() == ALBUM_CHANGING.sentence
+
+
+@pytest.mark.parametrize("when", ["with the first chunk", "as the head goes out"])
+async def test_a_failure_as_the_head_would_go_out_is_never_an_empty_reply(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    # Helper 68: a failure (a file gone, found by a CRC read ahead) that cancelled the head's write
+    # at its first checkpoint left Hypercorn's h11 past the head, nothing written, and its stream
+    # before it: at the app's end it sent a 500 head too, h11 refused it, and the client got an
+    # empty reply, no status.  Seen under an FTP-like churn (a CRC read's thread ending as the
+    # chunk came); made to happen here each time, the failure pending at that moment.
+    write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(1_000_000)})
+
+    def fail_now(body: ArchiveBody) -> None:
+        async def fail() -> None:
+            raise FileChanged("a.jpg: gone")
+
+        assert body._nursery is not None
+        body._nursery.start_soon(fail)
+        body._nursery.cancel_scope.cancel()  # as its failure would, had it run first
+
+    if when == "with the first chunk":
+        handed_over = ArchiveBody.__anext__
+
+        async def first_chunk_then_a_failure(body: ArchiveBody) -> bytes:
+            chunk = await handed_over(body)
+            if body.bytes_sent == len(chunk):
+                fail_now(body)
+            return chunk
+
+        monkeypatch.setattr(ArchiveBody, "__anext__", first_chunk_then_a_failure)
+    else:
+        head_of = connection._start_event
+
+        def head_then_a_failure(response: Response) -> HTTPResponseStartEvent:
+            assert isinstance(response.response, ArchiveBody)
+            fail_now(response.response)
+            return head_of(response)
+
+        monkeypatch.setattr(connection, "_start_event", head_then_a_failure)
+    async with running_server(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = bytearray()
+            with trio.fail_after(30):
+                while data := await stream.receive_some(65536):
+                    received += data
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    if when == "with the first chunk":  # nothing went out yet: the album's refusal
+        assert head.startswith(b"HTTP/1.1 503 "), bytes(received[:40])
+        assert body.decode().strip() == ALBUM_CHANGING.sentence
+    else:  # a head that had begun to go out goes out whole, and the transfer is aborted
+        assert head.startswith(b"HTTP/1.1 200 "), bytes(received[:40])
+        assert len(body) < 1_000_000
+    assert "LocalProtocolError" not in caplog.text
 
 
 class HeldLauncher:

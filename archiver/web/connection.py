@@ -72,10 +72,17 @@ async def send_archive_response(
         async with body:
             async for chunk in body:
                 if not headers_sent:
+                    # A failure that came with this chunk (a CRC read's thread ending) is pending:
+                    # its refusal, not a head.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     # Set first: the server may have taken the headers when a failure
                     # cancels their send, and a second response would then be refused.
                     headers_sent = True
-                    await _send_within(send, _start_event(response), body.stall_timeout)
+                    # Whole or not at all: cancelled at its write's first checkpoint, the head was
+                    # h11's but not Hypercorn's stream's, which at the app's end sent a 500 head
+                    # too; h11 refused it, and the client had an empty reply (helper 68).
+                    with trio.CancelScope(shield=True):
+                        await _send_within(send, _start_event(response), body.stall_timeout)
                 await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
             if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
                 headers_sent = True
