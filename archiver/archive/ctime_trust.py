@@ -4,11 +4,12 @@ The CRC index keys a file by everything that changes when it does.  The
 ctime catches a file rewritten in place with its size kept and its mtime
 put back (``touch -r``): a ``write`` always moves it, on the filesystems
 whose ctimes are trusted (``CtimeTrust``; see ``filesystems`` for those that
-are not).  A CRC read while the file may still have been changing within
-one tick of the filesystem's clock (its ctime is not clearly older than the
-read) is "racy", as git's index calls such entries: used for that download,
-never kept, because a later change in the same tick would leave the key as
-it was (``is_racy``).
+are not).  A CRC read while the file may still have been changing (its
+ctime less than RACY_NS older than the read: within one tick of the
+filesystem's clock, or while one write in place still copies) is "racy", as
+git's index calls such entries: used for that download, never kept, because
+a later change in the same tick, or the rest of that write, would leave the
+key as it was (``is_racy``).
 """
 
 from __future__ import annotations
