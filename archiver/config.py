@@ -32,6 +32,9 @@ MIN_STORAGE_TIMEOUT = 0.1
 # Less, and no client could take a chunk in time: 1e-300 passed, and every answer, /healthz's
 # too, was cut as stalled (helper 46).
 MIN_STALL_TIMEOUT = 1.0
+# A link secret's least length in bytes: anyone holding one signed link can try secrets offline
+# against its signature, and a short one falls (helper 68 ran the service on "a").
+MIN_LINK_SECRET_BYTES = 16
 
 
 class SettingsError(ValueError):
@@ -177,11 +180,30 @@ class Settings:
             raise SettingsError(
                 f"name_encoding: {self.name_encoding!r} cannot read names (ASCII as ASCII, others or U+FFFD)"
             )
+        if self.link_secret:
+            self._check_link_secret()
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+
+    def _check_link_secret(self) -> None:
+        # Never the secret in the message: it goes to the journal.
+        try:
+            # os.environ keeps bytes that are not UTF-8 (an env file saved as cp1251) as surrogates:
+            # every signed link was then a 500 (helper 68).
+            secret = self.link_secret.encode()
+        except UnicodeEncodeError:
+            raise SettingsError(
+                "ARCHIVER_LINK_SECRET is not UTF-8 text (a file saved in another encoding?): "
+                "make one with `openssl rand -base64 32`"
+            ) from None
+        if len(secret.strip()) < MIN_LINK_SECRET_BYTES:
+            raise SettingsError(
+                f"ARCHIVER_LINK_SECRET has {len(secret.strip())} bytes besides spaces, fewer than "
+                f"{MIN_LINK_SECRET_BYTES}: one signed link would give it away; make one with `openssl rand -base64 32`"
+            )
 
     @property
     def planned_files_budget(self) -> int:

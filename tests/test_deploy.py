@@ -25,6 +25,7 @@ from archiver.config import Settings
 from archiver.fences.hypercorn_tcp import write_units
 from archiver.web.limits import DESCRIPTORS_PER_JOB, RESERVED_DESCRIPTORS, STALL_UNIT, WALK_DESCRIPTORS
 from archiver.web.pages import MESSAGES
+from archiver.web.signing import signed_query
 
 from .conftest import (
     CLIENT_TLS,
@@ -50,9 +51,19 @@ needs_nginx = pytest.mark.skipif(
 UPSTREAM_SERVERS = re.compile(r"(    server 127\.0\.0\.1:808\d( [^;\n]*)?;\n)+")
 
 
-def site_config(upstreams: Sequence[str], port: int, tls: tuple[Path, Path] | None = None) -> str:
-    """deploy/nginx.conf as shipped, pointed at ``upstreams`` and listening on loopback ``port`` (TLS with ``tls``)."""
+def site_config(
+    upstreams: Sequence[str], port: int, tls: tuple[Path, Path] | None = None, access_log: Path | None = None
+) -> str:
+    """deploy/nginx.conf as shipped, pointed at ``upstreams`` and listening on loopback ``port`` (TLS with ``tls``).
+
+    Its access log written to ``access_log``, or none.
+    """
     text = (PROJECT / "deploy" / "nginx.conf").read_text()
+    text, logs = re.subn(
+        r"access_log /var/log/nginx/access\.log (\w+);",
+        f"access_log {access_log} \\1;" if access_log else "access_log off;",
+        text,
+    )
     # The shipped server lines' options (passive health checks) stay as they are.
     options = UPSTREAM_SERVERS.search(text)
     assert options is not None
@@ -63,7 +74,7 @@ def site_config(upstreams: Sequence[str], port: int, tls: tuple[Path, Path] | No
         # As Deploying has it: HTTP/2 for browsers, over TLS.
         listen = f"listen 127.0.0.1:{port} ssl http2; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
     text, listens = re.subn(r"listen 80;", listen, text)
-    assert upstreams_found == listens == 1, "deploy/nginx.conf changed shape: update this test"
+    assert upstreams_found == listens == logs == 1, "deploy/nginx.conf changed shape: update this test"
     return text
 
 
@@ -91,7 +102,8 @@ async def _nginx(
     """nginx on ``port``: its URL once it accepts, or None if it could not bind the port."""
     assert NGINX is not None
     urls = [service_url] if isinstance(service_url, str) else service_url
-    (workdir / "site.conf").write_text(site_config([url.removeprefix("http://") for url in urls], port, tls))
+    site = site_config([url.removeprefix("http://") for url in urls], port, tls, workdir / "access.log")
+    (workdir / "site.conf").write_text(site)
     (workdir / "nginx.conf").write_text(f"""
 daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
 events {{ worker_connections 256; }}
@@ -425,3 +437,25 @@ async def test_a_head_still_arriving_past_16_kib_over_tls_gets_its_431_without_a
         host, port = url.removeprefix("https://").rsplit(":", 1)
         answer = await trio.to_thread.run_sync(trickle, host, int(port))
     assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+@needs_nginx
+async def test_a_signed_link_through_nginx_works_and_its_signature_stays_out_of_nginxs_log(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Helper 68: nginx's default log format kept `?expires=...&sig=...`, a working link, in its access log.
+    secret = "a secret long enough to sign with"
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1000)})
+    query = signed_query(secret.encode(), "album", int(time.time()) + 60)
+    async with (
+        running_server(replace(settings, link_secret=secret)) as service,
+        nginx_in_front(service, tmp_path / "nginx") as front,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,
+    ):
+        signed = await client.get(f"/archive/album/?{query}")
+        unsigned = await client.get("/archive/album/")
+    assert [signed.status_code, unsigned.status_code] == [200, 403]
+    log = (tmp_path / "nginx" / "access.log").read_text()
+    assert log.count('"GET /archive/album/ HTTP/1.1" 200 ') == 1, log
+    assert log.count('"GET /archive/album/ HTTP/1.1" 403 ') == 1, log
+    assert "sig=" not in log and "expires=" not in log and query.split("sig=")[1] not in log

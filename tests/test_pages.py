@@ -24,6 +24,7 @@ from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
 from .browser import CHROMIUM, HEADLESS
 from .conftest import CLIENT_TLS, free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
+from .test_signing import SECRET
 
 # What Chromium sends for a page it navigates to.
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -113,7 +114,7 @@ async def test_browsers_get_pages_and_curl_gets_the_sentence(settings: Settings,
 
 async def test_signed_link_refusal_is_a_page_too(settings: Settings, tmp_path: Path) -> None:
     async with (
-        pages_server(settings, tmp_path, link_secret="s3cret") as (url, _),
+        pages_server(settings, tmp_path, link_secret=SECRET) as (url, _),
         httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client,
     ):
         page = await client.get("/archive/album/", headers={"Accept": BROWSER_ACCEPT})
@@ -198,6 +199,9 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     assert posted.headers["content-type"] == "text/html; charset=utf-8"
     assert posted_text.text == MESSAGES[405].sentence + "\n"
     assert posted_small.status_code == 405 and "allow" in posted_small.headers
+    # Every error, nginx's own and the service's, is kept by no cache.
+    for error in (icon_posted, health, typo, cookie, cookie_text, posted, posted_text, posted_small):
+        assert error.headers["cache-control"] == "no-store", error
     assert refused_name.status_code == 400 and f"<title>{MESSAGES[400].title}</title>" in refused_name.text
     (status_html, html), (status_text, text) = unparsed
     assert status_html == status_text == 400
@@ -250,6 +254,7 @@ async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path
     assert page.headers["retry-after"] == text.headers["retry-after"] == "5"
     assert "<title>Сервер занят</title>" in page.text and MESSAGES[503].sentence in page.text
     assert text.text == MESSAGES[503].sentence + "\n"
+    assert page.headers["cache-control"] == text.headers["cache-control"] == "no-store"
 
 
 def exchange(address: tuple[str, int], head: str) -> tuple[int, str]:
@@ -286,7 +291,7 @@ async def test_chromium_shows_russian_pages_with_titles(settings: Settings, tmp_
         seen["503"] = await chromium_page(f"{url}/archive/album/", shots / "503.png", tmp_path / "profile")
     signed = settings.storage_dir.parent / "signed"
     signed.mkdir()
-    async with pages_server(replace(settings, storage_dir=signed), tmp_path / "signed", link_secret="s3cret") as (
+    async with pages_server(replace(settings, storage_dir=signed), tmp_path / "signed", link_secret=SECRET) as (
         url,
         _,
     ):

@@ -199,3 +199,57 @@ async def test_readme_snippets_make_named_links_the_service_takes(signing_settin
             assert response.status_code == 200, link
             assert response.headers["content-disposition"].startswith('attachment; filename="Otpusk 2024.zip"')
     assert len(links) == 2 or shutil.which("php") is None
+
+
+@pytest.mark.parametrize(
+    ("secret", "said"),
+    [
+        # An env file saved as cp1251: os.environ keeps the byte as a surrogate, and every signed link was a 500.
+        pytest.param("Пароль-для-ссылок-архива".encode("cp1251"), "is not UTF-8 text", id="not utf-8"),
+        # One signed link is enough to find a short secret offline (helper 68: "a" and " " were taken).
+        pytest.param(b"s3cret", "has 6 bytes besides spaces, fewer than 16", id="short"),
+        pytest.param(b" " * 40, "has 0 bytes besides spaces", id="spaces"),
+    ],
+)
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn", "archiver sign"])
+def test_a_secret_that_cannot_sign_safely_is_refused_at_start(secret: bytes, said: str, launch: str) -> None:
+    hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+    command = {
+        "archiver": [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0"],
+        "hypercorn": [hypercorn, "--config", "hypercorn.toml", "--bind", "127.0.0.1:0", "archiver.asgi:app"],
+        "archiver sign": [sys.executable, "-m", "archiver", "sign", "album"],
+    }[launch]
+    env = {**os.environb, b"ARCHIVER_DIR": b"data", b"ARCHIVER_LINK_SECRET": secret}
+    result = subprocess.run(command, env=env, capture_output=True, timeout=60, cwd=PROJECT)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode in (1, 2), stderr  # 2: argparse's error, archiver sign's usage
+    assert said in stderr and "openssl rand -base64 32" in stderr
+    assert (secret.strip() or secret) not in result.stderr and "Traceback" not in stderr
+
+
+async def test_the_start_says_whether_links_are_signed(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    # An empty ARCHIVER_LINK_SECRET= is unset: open links, which the operator must be able to see (helper 68).
+    caplog.set_level("INFO", logger="archiver")
+    for secret, said in [("", "an album's name alone opens it"), (SECRET, "signed and expiring")]:
+        caplog.clear()
+        async with running_server(replace(settings, link_secret=secret)):
+            pass
+        assert [record.getMessage() for record in caplog.records if record.getMessage().startswith("links: ")] == [
+            f"links: {said}" + (" (ARCHIVER_LINK_SECRET)" if secret else " (ARCHIVER_LINK_SECRET unset)")
+        ]
+
+
+async def test_no_shared_cache_keeps_an_archive_or_a_refusal(signing_settings: Settings, protocol: str) -> None:
+    # A cache keyed without the query would serve a signed archive past its expiry, or to anyone (helper 68);
+    # a kept 403 or 404 would outlive a new link or an upload.
+    url = signed("album", time.time() + 60)
+    async with running_server(signing_settings) as server, make_client(server, protocol) as client:
+        whole = await client.get(url)
+        part = await client.get(url, headers={"Range": "bytes=5-9"})
+        head = await client.head(url)
+        refused = await client.get("/archive/album/")
+        unknown = await client.get(signed("nothing-here", time.time() + 60))
+    assert [whole.status_code, part.status_code, head.status_code] == [200, 206, 200]
+    assert whole.headers["cache-control"] == part.headers["cache-control"] == head.headers["cache-control"] == "private"
+    assert [refused.status_code, unknown.status_code] == [403, 404]
+    assert refused.headers["cache-control"] == unknown.headers["cache-control"] == "no-store"

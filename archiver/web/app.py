@@ -239,6 +239,12 @@ def create_app(settings: Settings) -> QuartTrio:
         write_unit=STALL_UNIT,
     )
 
+    # An empty ARCHIVER_LINK_SECRET= is unset, as every empty variable: said at start, so that a
+    # secret meant and left out is not silent (helper 68).
+    if settings.link_secret:
+        logger.info("links: signed and expiring (ARCHIVER_LINK_SECRET)")
+    else:
+        logger.info("links: an album's name alone opens it (ARCHIVER_LINK_SECRET unset)")
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(send_archive_response)
     slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
@@ -374,6 +380,9 @@ def create_app(settings: Settings) -> QuartTrio:
             return error_page(403, request.headers.get("Accept"))
         headers = {
             "Content-Disposition": content_disposition(filename),
+            # Never a shared cache's copy: it would outlive a signed link's expiry, and serve a
+            # request without a signature where a cache keys without the query (helper 68).
+            "Cache-Control": "private",
             # nginx in front: pass bytes on as they come, never spool the archive.
             "X-Accel-Buffering": "no",
         }

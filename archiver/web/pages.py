@@ -114,7 +114,8 @@ def error_page(
     ``message`` defaults to MESSAGES[status].  The body depends on Accept, and says so (Vary).
     """
     message = message or MESSAGES[status]
-    headers = {**(headers or {}), "Vary": "Accept"}
+    # An error says how things are now (an album still uploading, a link expired): never kept by a cache.
+    headers = {**(headers or {}), "Vary": "Accept", "Cache-Control": "no-store"}
     if wants_html(accept):
         body = f'<p>{html.escape(message.sentence)}</p>\n<p class="code">Код ошибки: {status}</p>'
         return Response(page(message.title, body), status=status, headers=headers, mimetype="text/html")
