@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archiver.archive import names as names_module
-from archiver.archive.best_fit import best_fit_forms
+from archiver.archive.best_fit import TRANSLATIONS, best_fit_forms
 from archiver.archive.names import entry_names, portable_component
 
 # The README's table of examples (What the person unpacks): on disk -> in the archive.
@@ -78,6 +78,7 @@ TROUBLESOME = st.lists(
         [
             *["a", "A", "я", "Я", "e\u0301", "é", "ß", "SS", ".", " ", "*", ":", "\\", "\t", "😀", "CON"],
             *["．", "＼", "ＣＯＮ", "℀", "∖", "Ç", "Ø", "¥"],  # look-alikes that best fit makes ASCII
+            *["ı", "I", "i", "ſ", "s"],  # one letter to NTFS's upper case
         ]
     ),
     min_size=1,
@@ -94,10 +95,18 @@ RAW = st.one_of(
 def test_every_name_is_portable_utf8_nfc_and_unique_when_case_folded(paths: list[bytes]) -> None:
     names = entry_names(sorted(paths))
     assert len(names) == len(paths)
-    keys = [unicodedata.normalize("NFC", name).casefold() for name in names]
-    assert len(set(keys)) == len(keys)  # one file each on Windows and macOS
-    directories = {key.rsplit("/", 1)[0] for key in keys if "/" in key}
-    assert not directories & set(keys)  # no file where a directory must be
+    # One file each wherever it is unpacked: macOS (NFC, case folded), NTFS (upper case), and an
+    # extractor through each ANSI code page (best fit, then Windows drops trailing dots and spaces).
+    systems = [lambda name: unicodedata.normalize("NFC", name).casefold(), str.upper]
+    systems += [
+        lambda name, table=table: "/".join(part.rstrip(" .") for part in name.translate(table).split("/")).upper()
+        for table in TRANSLATIONS
+    ]
+    for system in systems:
+        keys = [system(name) for name in names]
+        assert len(set(keys)) == len(keys), keys
+        directories = {key.rsplit("/", 1)[0] for key in keys if "/" in key}
+        assert not directories & set(keys)  # no file where a directory must be
     for name in names:
         assert unicodedata.is_normalized("NFC", name)
         name.encode("utf-8")  # valid UTF-8 (no surrogates)
@@ -118,6 +127,30 @@ def test_no_component_is_longer_than_255_bytes_even_numbered() -> None:
     assert names[0].endswith(".jpg") and names[0].startswith("Я")
     assert names[2].endswith(" (2).JPG")
     assert len({name.casefold() for name in names}) == 5
+
+
+def test_names_one_file_after_best_fit_or_ntfs_upper_case_are_numbered() -> None:
+    # Helper 69: an extractor through code page 1251 wrote "a", U+FF0E, "jpg" as "a.jpg" over the other,
+    # and "photo", U+FF0E as "photo."; Windows drops the dot.  NTFS upper-cases U+0131 (dotless i) to "I".
+    paths = ["a.jpg", "a．jpg", "photo", "photo．", "I.jpg", "ı.jpg", "Dir/x", "dir．/y"]
+    assert entry_names(p.encode() for p in paths) == [
+        "a.jpg",
+        "a．jpg (2)",
+        "photo",
+        "photo． (2)",
+        "I.jpg",
+        "ı (2).jpg",
+        "Dir/x",
+        "Dir/y",
+    ]
+
+
+def test_no_name_is_longer_than_macos_holds_in_nfd() -> None:
+    # Helper 69: 85 "ᾂ" are 255 bytes, and 340 UTF-16 units in NFD, as macOS keeps names (255 at most).
+    names = entry_names([("ᾂ" * 85).encode(), ("ᾂ" * 85 + ".jpg").encode(), ("ᾂ" * 85).encode().upper()])
+    for name in names:
+        assert len(unicodedata.normalize("NFD", name).encode("utf-16-le")) // 2 <= 255, name
+    assert names[1].endswith(".jpg") and names[2].endswith(" (2)")
 
 
 def test_a_flood_of_case_variants_is_numbered_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:

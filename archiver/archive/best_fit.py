@@ -160,6 +160,16 @@ _TABLES: dict[int, tuple[str, str]] = {
     ),
 }
 TRANSLATIONS = tuple(str.maketrans(characters, ascii) for characters, ascii in _TABLES.values())
+# Every character kept here as best fit writes it, in one table for all code pages (they agree but
+# on U+2081, "1" in 1250 and 1252 and "0" in 1254: "1", as NFKC has it).
+FOLDED = str.maketrans(
+    {
+        character: made
+        for characters, ascii in reversed(_TABLES.values())
+        for character, made in zip(characters, ascii, strict=True)
+    }
+)
+_KEPT = frozenset(character for characters, _ in _TABLES.values() for character in characters)
 # The characters some code page's best fit turns into "/", "\\" or ":".
 SEPARATORS = frozenset(
     character
@@ -171,6 +181,6 @@ SEPARATORS = frozenset(
 
 def best_fit_forms(name: str) -> list[str]:
     """``name`` as each code page's best fit writes it (only the characters kept here translated); [] if ASCII."""
-    if name.isascii():
+    if name.isascii() or _KEPT.isdisjoint(name):  # most names (Cyrillic too): 14 translations saved
         return []
     return [name.translate(table) for table in TRANSLATIONS]

@@ -22,9 +22,12 @@ chosen here, once per plan, for every reader alike:
   ``ФОТОГР~1.JPG`` on a FAT card written by a Russian Windows) has its
   ``~`` made ``_``, in any script;
 - a component longer than 255 bytes in UTF-8 (what Linux, Android and
-  Windows hold) is shortened before its extension, on a character boundary;
+  Windows hold), or 255 UTF-16 units in NFD (macOS), is shortened before its
+  extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
-  system (NFC, then case folded) get `` (2)``, `` (3)`` before the extension,
+  system (NFC, then case folded; NTFS's upper case), or once an extractor
+  through a code page has written them (best fit, trailing dots dropped: ``_key``),
+  get `` (2)``, `` (3)`` before the extension,
   in list order; directories that differ only so are merged under the first
   one's spelling, as Windows and macOS would merge them.
 
@@ -115,7 +118,11 @@ def portable_component(component: str) -> str:
 
 
 def shortened(component: str, suffix: str, limit: int = MAX_COMPONENT_BYTES) -> str:
-    """``component`` with ``suffix`` before its extension, its stem cut so that all fits ``limit`` bytes."""
+    """``component`` with ``suffix`` before its extension, its stem cut so that all fits ``limit`` bytes.
+
+    And ``limit`` UTF-16 units in NFD, as macOS keeps a name: "ᾂ" is 3 bytes in UTF-8 and 4 units
+    there, and 85 of them were a name macOS refuses (helper 69).
+    """
     stem, dot, extension = component.rpartition(".")
     if not dot or not stem or len(extension.encode()) > 32:  # no extension (a leading dot is part of the name)
         stem, extension = component, ""
@@ -123,12 +130,29 @@ def shortened(component: str, suffix: str, limit: int = MAX_COMPONENT_BYTES) -> 
     room = limit - len(suffix.encode()) - len(extension.encode())
     if len(stem.encode()) > room:  # cut on a character boundary, and no dot or space left at the cut
         stem = stem.encode()[:room].decode(errors="ignore").rstrip(" .") or "_"
+    while _nfd_units(f"{stem}{suffix}{extension}") > limit and len(stem) > 1:
+        stem = stem[:-1].rstrip(" .") or "_"
     return f"{stem}{suffix}{extension}"
 
 
+def _nfd_units(name: str) -> int:
+    return len(unicodedata.normalize("NFD", name).encode("utf-16-le")) // 2
+
+
 def _key(name: str) -> str:
-    """What a case-insensitive, normalising file system sees of a name."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+    """One key for the names that some extractor and file system would make one file of.
+
+    Best fit's ASCII for the look-alikes (an extractor through an ANSI code page writes "a", U+FF0E
+    and "jpg" as "a.jpg", helper 69), compatibility forms as NFKC has them, each component's trailing
+    dots and spaces gone (Windows drops them: "photo" and U+FF0E is "photo"), then case folded both as
+    macOS does (casefold) and as NTFS does (upper case: U+0131, dotless i, is "I" there).  Coarser than any one system:
+    at worst a name is numbered that needed no number.
+    """
+    if name.isascii():  # no look-alike, no compatibility form, and no trailing dot left by either
+        return name.lower()
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFC", name).translate(best_fit.FOLDED))
+    components = (component.rstrip(" .") for component in folded.split("/"))
+    return unicodedata.normalize("NFKC", "/".join(components).upper().casefold())
 
 
 def numbered(component: str, number: int) -> str:
@@ -145,29 +169,37 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
     last_number: dict[str, int] = {}
     names: list[str] = []
 
-    def free(prefix: str, part: str) -> str:
-        """``part``, or its first numbered form, whose key no file and no directory has under ``prefix``."""
+    def free(prefix: str, part: str) -> tuple[str, str]:
+        """``part`` or its first numbered form whose key no file and no directory has under ``prefix``, and the key."""
         base = _key(prefix + part)
-        chosen, number = part, last_number.get(base, 1)
+        chosen, key, number = part, base, last_number.get(base, 1)
         if number > 1:
             chosen = numbered(part, number)
-        while _key(prefix + chosen) in files or _key(prefix + chosen) in directories:
+            key = _key(prefix + chosen)
+        while key in files or key in directories:
             number += 1
             chosen = numbered(part, number)
+            key = _key(prefix + chosen)
         last_number[base] = number
-        return chosen
+        return chosen, key
 
+    # A folder's path on disk -> its name in the archive: once made, the same for every file in it.
+    folders: dict[bytes, str] = {}
     for path in paths:
-        *parents, last = (portable_component(decode_component(part, encoding)) for part in path.split(b"/"))
-        prefix = ""
-        for part in parents:
-            key = _key(prefix + part)
-            if key not in directories:
-                # A new directory; if a file has its name, it moves to a name no one has (file or directory).
-                chosen = part if key not in files else free(prefix, part)
-                directories[key] = directories[_key(prefix + chosen)] = f"{prefix}{chosen}/"
-            prefix = directories[key]
-        chosen = free(prefix, last)
-        files.add(_key(prefix + chosen))
+        folder, _, last = path.rpartition(b"/")
+        prefix = folders.get(folder) if folder else ""
+        if prefix is None:
+            prefix = ""
+            for raw in folder.split(b"/"):
+                part = portable_component(decode_component(raw, encoding))
+                key = _key(prefix + part)
+                if key not in directories:
+                    # A new directory; if a file has its name, it moves to a name no one has (file or directory).
+                    chosen, chosen_key = (part, key) if key not in files else free(prefix, part)
+                    directories[key] = directories[chosen_key] = f"{prefix}{chosen}/"
+                prefix = directories[key]
+            folders[folder] = prefix
+        chosen, key = free(prefix, portable_component(decode_component(last, encoding)))
+        files.add(key)
         names.append(prefix + chosen)
     return names

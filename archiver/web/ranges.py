@@ -100,7 +100,9 @@ def _position(digits: str) -> int:
 
 
 # The records this version writes: changed whenever they change.
-FORMAT_VERSION = "archiver-zip-8"  # 8: the short-name rule in any script (7: short-name shapes' ~ becomes _)
+# 9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD
+# (8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
+FORMAT_VERSION = "archiver-zip-9"
 
 
 def archive_etag(listing: AlbumListing, variant: str) -> str:
