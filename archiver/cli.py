@@ -171,7 +171,7 @@ def index_albums(argv: Sequence[str]) -> None:
     except OSError as error:  # a root that hides its albums' names (mode 0711): they can still be named
         parser.error(f"cannot list the storage directory {str(root)!r}: {error.strerror}; name the albums")
     on_terminal = sys.stderr.isatty()
-    files_done = new_total = untrusted_total = 0
+    files_done = new_total = untrusted_total = changing_total = 0
     failed: list[str] = []
     not_albums = 0
     for name in names:
@@ -198,6 +198,7 @@ def index_albums(argv: Sequence[str]) -> None:
         done = album_crcs(listing.directory, files, index, show)
         new_total += done.computed
         untrusted_total += done.untrusted
+        changing_total += done.changing
         files_done += len(files)
         if on_terminal:
             print(file=sys.stderr)
@@ -205,6 +206,8 @@ def index_albums(argv: Sequence[str]) -> None:
     indexed = len(names) - len(failed) - not_albums
     # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
     left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
+    if changing_total:
+        left_out += f", {changing_total} changing or unreadable (read when downloaded)"
     skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
     known = f"{new_total} computed{left_out}, the rest already known"
     print(f"indexed {indexed} albums, {files_done} files ({known}){skipped}")

@@ -10,7 +10,8 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
 - How long: with a number, each such call takes that many seconds (slow storage);
   without, it waits while the gate is there (dead storage), at most a minute.
 
-While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO.
+While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO;
+while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty).
 
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
@@ -36,6 +37,8 @@ STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
 HELD = "-held"
 # Beside the gate: every close(2) of a file fails with EIO while it exists.
 FAIL_CLOSES = "-fail-closes"
+# Beside the gate: every read of a file fails while it exists, with the errno written in it (EIO if empty).
+FAIL_READS = "-fail-reads"
 GATED = {
     "read": {"read"},
     "listing": {"listing"},
@@ -106,6 +109,11 @@ class GatedFs(Operations):  # type: ignore[misc]
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         self._gate("read")
+        try:
+            with open(self.gate + FAIL_READS) as failure:  # a bad sector, a network mount's error
+                raise FuseOSError(int(failure.read().strip() or errno.EIO))
+        except FileNotFoundError:
+            pass
         return os.pread(fh, size, offset)
 
     def flush(self, path: str, fh: int) -> int:

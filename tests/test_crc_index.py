@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -25,7 +26,7 @@ import trio
 import archiver.archive.crc_reads as crc_reads_module
 from archiver.archive import launcher
 from archiver.archive.crc_index import CrcIndex
-from archiver.archive.crc_reads import FileChanged, file_crc
+from archiver.archive.crc_reads import FileChanged, album_crcs, file_crc
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
 from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
@@ -33,6 +34,7 @@ from archiver.archive.filesystems import is_fuse, read_mount_table
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.config import Settings
+from archiver.web.pages import ALBUM_CHANGING, MESSAGES
 
 from .conftest import CLIENT_TLS, files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
@@ -626,6 +628,41 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize(
+    ("compression", "failure", "status", "said"),
+    [
+        ("0", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: "),
+        # NFS's answer for a file replaced on the server, as an upload does: the album is changing.
+        ("0", errno.ESTALE, 503, b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: "),
+        ("6", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
+    ],
+    ids=["crc-read-eio", "crc-read-estale", "deflated-eio"],
+)
+async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
+    tmp_path: Path, compression: str, failure: int, status: int, said: bytes
+) -> None:
+    # Helper 70: EIO (a bad sector, a network mount's error) from a CRC read was a 500 with no
+    # body and a traceback, from the producer a line naming no file.
+    files = {"a.jpg": os.urandom(1000), "b.jpg": os.urandom(300_000)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_COMPRESSION": compression}) as album:
+        (tmp_path / "gate-fail-reads").write_text(str(failure))
+        failed = await album.client.get("/archive/album/")
+        (tmp_path / "gate-fail-reads").unlink()
+        whole = await album.client.get("/archive/album/")
+    assert failed.status_code == status
+    if status == 500:
+        assert failed.text == MESSAGES[500].sentence + "\n"  # the page, not an empty 500
+    else:
+        assert failed.headers["retry-after"] == "5" and failed.text == ALBUM_CHANGING.sentence + "\n"
+    assert read_archive(whole.content) == files
+    output = bytes(album.server.output)
+    (line,) = [line for line in output.splitlines() if said in line]
+    assert b"a.jpg: " + os.strerror(failure).encode() in line, line
+    assert b"(refused before the head), 0 bytes sent" in line, line
+    assert b"Traceback" not in output
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_download_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -646,9 +683,9 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
         (tmp_path / "gate-fail-closes").unlink()
         figures = samples((await client.get("/metrics")).text)
     assert response.status_code == 503
-    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
+    assert figures['archiver_downloads_finished_total{outcome="changed"}'] == 1  # rclone: the file changed
     assert figures["archiver_downloads_in_flight"] == 0
-    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("download album for" in m and "Input/output error when closed after reading" in m for m in failures)
 
 
@@ -697,3 +734,15 @@ def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> N
     finally:
         shutil.rmtree(base)
     assert result.stdout.splitlines() == ["open at the limit True", "closed once a thread could be had"], result.stderr
+
+
+def test_archiver_index_counts_what_it_could_not_keep_apart_from_what_it_knew(tmp_path: Path) -> None:
+    # Helper 70: files changed while read, or within the racy window, were "already known".
+    album = tmp_path / "album"
+    write_tree(album, {"old.jpg": b"o" * 100, "new.jpg": b"n" * 100})
+    new_inode = (album / "new.jpg").stat().st_ino
+    files = [("old.jpg", 100), ("new.jpg", 100), ("gone.jpg", 100)]
+    with pytest.MonkeyPatch.context() as patch:  # only new.jpg changed within the window, whenever this runs
+        patch.setattr(crc_reads_module, "is_racy", lambda key, read_started_ns: key[1] == new_inode)
+        done = album_crcs(album, files, CrcIndex())
+    assert done == (1, 0, 2)  # old.jpg computed; new.jpg racy, gone.jpg gone: read when downloaded

@@ -9,12 +9,14 @@ not trusted, gives a CRC for this download only.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -53,6 +55,25 @@ class FileChanged(RuntimeError):
     """A file is not what was listed any more (another size, or no longer a regular file)."""
 
 
+class FileUnreadable(RuntimeError):
+    """The storage failed a read of a file (EIO: a bad sector, a network mount's error): ``path: reason``."""
+
+
+@contextmanager
+def _failures_named(path: Path) -> Iterator[None]:
+    """An OSError of a read of ``path`` as FileChanged (ESTALE: replaced on an NFS server) or FileUnreadable.
+
+    Named either way: a bare "[Errno 5] Input/output error" named no file, and was a traceback (helper 70).
+    """
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.ESTALE:
+            raise FileChanged(f"{path}: {reason}") from None
+        raise FileUnreadable(f"{path}: {reason}") from None
+
+
 def _open_listed(path: Path, size: int, key: FileKey | None = None) -> tuple[int, FileKey]:
     """Open the regular file at ``path`` without following a link; FileChanged unless it is the one listed.
 
@@ -62,7 +83,11 @@ def _open_listed(path: Path, size: int, key: FileKey | None = None) -> tuple[int
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise FileChanged(f"{path}: {error.strerror}") from None
-    status = os.fstat(fd)
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise FileChanged(f"{path}: not the file listed") from None
     found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     if not stat.S_ISREG(status.st_mode) or found[2] != size or (key is not None and found != key):
         os.close(fd)
@@ -125,10 +150,11 @@ def small_file_crc(
         if known is not None:
             return FileCrc(found, known)
         started = time.time_ns()
-        crc, read = _crc_of_block(fd, 0, buffer, size, progress)
-        if read != size:
-            raise FileChanged(f"{path}: read {read} bytes, {size} listed")
-        kept = _keep(index, fd, path, found, crc, started)
+        with _failures_named(path):
+            crc, read = _crc_of_block(fd, 0, buffer, size, progress)
+            if read != size:
+                raise FileChanged(f"{path}: read {read} bytes, {size} listed")
+            kept = _keep(index, fd, path, found, crc, started)
     finally:
         _close_read(fd, path)
     return FileCrc(found, crc, not kept)
@@ -275,12 +301,13 @@ async def file_crc(
         buffer = bytearray(READ_SIZE) if buffer is None else buffer
         started = time.time_ns()
         crc, read = 0, 0
-        while read < size:
-            crc, count = await _in_reader(index, queued, _crc_of_shared_block, shared, crc, buffer, progress)
-            if not count:
-                raise FileChanged(f"{path}: shorter than the {size} bytes listed")
-            read += count
-        kept = await _in_reader(index, queued, _keep_shared, shared, index, path, found, crc, started)
+        with _failures_named(path):
+            while read < size:
+                crc, count = await _in_reader(index, queued, _crc_of_shared_block, shared, crc, buffer, progress)
+                if not count:
+                    raise FileChanged(f"{path}: shorter than the {size} bytes listed")
+                read += count
+            kept = await _in_reader(index, queued, _keep_shared, shared, index, path, found, crc, started)
     finally:
         shared.drop()
     return FileCrc(found, crc, not kept)
@@ -323,10 +350,12 @@ def in_reader_thread(queued: Callable[[bool], None] | None, function: Callable[.
 
 
 class AlbumCrcs(NamedTuple):
-    """What ``album_crcs`` did: CRCs computed and kept; files left, their ctimes not trusted (``CtimeTrust``)."""
+    """What ``album_crcs`` did: CRCs computed and kept; files left, their ctimes not trusted (``CtimeTrust``);
+    files left as they changed while read, were changed within the racy window, or could not be read."""
 
     computed: int
     untrusted: int
+    changing: int = 0
 
 
 def album_crcs(
@@ -339,13 +368,14 @@ def album_crcs(
     download anyway).  ``progress`` is called with the count of files done after each.
     """
     buffer = bytearray(READ_SIZE)
-    new = untrusted = 0
+    new = untrusted = changing = 0
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
         try:
             fd, key = _open_listed(album / relative, size)
         except FileChanged:
+            changing += 1
             continue
         try:
             trusted = index.trust.file(fd, key)
@@ -354,10 +384,12 @@ def album_crcs(
         if not trusted:
             untrusted += 1
         elif index.get(key) is None:
+            # Not "already known" either (helper 70): read again when downloaded.
             try:
-                small_file_crc(album / relative, size, index, buffer)
-            except FileChanged:
-                continue
-            new += 1
+                racy = small_file_crc(album / relative, size, index, buffer).racy
+            except (FileChanged, FileUnreadable):
+                racy = True
+            changing += racy
+            new += not racy
     index.flush()
-    return AlbumCrcs(new, untrusted)
+    return AlbumCrcs(new, untrusted, changing)

@@ -37,6 +37,7 @@ aborts the transfer.  A closed stdout (the client left) is exit status 1.
 from __future__ import annotations
 
 import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
+import errno
 import fcntl
 import os
 import select
@@ -420,6 +421,15 @@ class Producer:
                 raise
         except FileChanged as change:
             raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
+        except BrokenPipeError:  # the output: the reader has gone
+            raise
+        except OSError as error:
+            # The storage failed a read (EIO), named: a bare "[Errno 5]" named no file (helper 70).
+            # ESTALE: the file was replaced on an NFS server, as an upload does.
+            reason = f"{os.fsdecode(path)}: {error.strerror or error}"
+            if error.errno == errno.ESTALE:
+                raise FileChanged(reason) from None
+            raise OSError(error.errno, reason) from None
         if moved:
             self.output.check_once_read(fd, file_key, path)  # again, once its pages are out of the pipe
         else:

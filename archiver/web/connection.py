@@ -30,14 +30,13 @@ from quart import Response
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 
-from ..archive.crc_reads import FileChanged
+from ..archive.crc_reads import FileChanged, FileUnreadable
 from ..archive.producer import ProducerFailed, ProducerUnavailable
-from ..archive.producer_program import EXIT_CHANGED
 from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
-from .download import ArchiveBody, ArchiveChanged, StorageTimeout, first_failure
+from .download import ArchiveBody, ArchiveChanged, StorageTimeout, album_changed, first_failure
 from .limits import (
     STALL_UNIT,
     DownloadStalled,
@@ -53,7 +52,15 @@ from .storage_calls import StorageSilent
 
 logger = logging.getLogger(__name__)
 # Failures the download's body logs (one line, no traceback) and counts itself.
-_LOGGED_BY_THE_BODY = (ProducerFailed, ArchiveChanged, FileChanged, DownloadStalled, StorageTimeout, NoThread)
+_LOGGED_BY_THE_BODY = (
+    ProducerFailed,
+    ArchiveChanged,
+    FileChanged,
+    FileUnreadable,
+    DownloadStalled,
+    StorageTimeout,
+    NoThread,
+)
 
 RETRY_AFTER_SECONDS = 5
 # Storage that stopped answering is not back in seconds (and each try holds a thread for the storage timeout).
@@ -77,7 +84,7 @@ async def send_archive_response(
                     await trio.lowlevel.checkpoint_if_cancelled()
                     # Set first: the server may have taken the headers when a failure
                     # cancels their send, and a second response would then be refused.
-                    headers_sent = True
+                    headers_sent = body.head_sent = True
                     # Whole or not at all: cancelled at its write's first checkpoint, the head was
                     # h11's but not Hypercorn's stream's, which at the app's end sent a 500 head
                     # too; h11 refused it, and the client had an empty reply (helper 68).
@@ -173,12 +180,12 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
         return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
     if isinstance(error, NoThread):  # the same; the tasks' limit (a CRC lookup's or read's thread)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.returncode == EXIT_CHANGED):
+    if album_changed(error):
         # A file listed, then gone or changed before the first byte: an album being uploaded to.
         # Walked afresh it is whole: in a few seconds, or at once by nginx on another instance
         # (proxy_next_upstream http_503).  A 500 before, for a normal upload (helper 67).
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
-    if isinstance(error, (ProducerFailed, ArchiveChanged)):
+    if isinstance(error, (ProducerFailed, ArchiveChanged, FileUnreadable)):
         return error_page(500, accept)
     return None
 

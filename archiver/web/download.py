@@ -19,9 +19,11 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from ..archive.crc_index import CrcIndex
+from ..archive.crc_reads import FileChanged
 from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
-from ..archive.producer import ProducerUnavailable, produce
+from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
+from ..archive.producer_program import EXIT_CHANGED
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
@@ -95,6 +97,9 @@ class ArchiveBody(ResponseBody):
         self._waiting_since: float | None = None  # trio time, while the response waits for a chunk
         self._watch_scope = trio.CancelScope()  # the watchdog's: it ends with the body
         self.bytes_sent = 0
+        # Set by the sender as the head goes out: before it, a failure is a refusal (503, 500), and the
+        # chunk taken from the producer reached no one (helper 70: "524288 bytes sent" for a 503).
+        self.head_sent = False
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
@@ -299,16 +304,20 @@ class ArchiveBody(ResponseBody):
             description = "cancelled during shutdown"
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
-        log = {"failed": logger.error, "stalled": logger.warning}.get(outcome, logger.info)
+        # A file changed mid-download is an upload's doing, not the service's: a WARNING (helper 70:
+        # 180 ERROR lines in 5 minutes of uploads).
+        log = {"failed": logger.error, "stalled": logger.warning, "changed": logger.warning}.get(outcome, logger.info)
         # What was left out is logged once a version of the album ("skipped ..."); its count here,
         # on every download's line, for an operator who reads only those (helper 67).
         left_out = f", {self.left_out} left out: see 'skipped'" if self.left_out else ""
+        if not self.head_sent and outcome in ("failed", "changed"):
+            description += " (refused before the head)"
         log(
             "download %s for %s: %s, %d bytes sent in %.3f s (%d files%s)",
             self.name,
             self.client,
             description,
-            self.bytes_sent,
+            self.bytes_sent if self.head_sent else 0,
             duration,
             self.plan.count,
             left_out,
@@ -349,4 +358,11 @@ def _outcome(error: BaseException | None) -> tuple[str, str]:
         return "cancelled", "client disconnected"
     if isinstance(error, DownloadStalled):
         return "stalled", f"stalled: {error}"
+    if album_changed(error):
+        return "changed", f"album changed: {error}"
     return "failed", f"failed: {error}"
+
+
+def album_changed(error: BaseException) -> bool:
+    """Whether ``error`` is a file of the album found changed or gone (by a CRC read or the producer)."""
+    return isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.returncode == EXIT_CHANGED)

@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .limits import JobSlots, PlannedFiles
 
-OUTCOMES = ("completed", "cancelled", "failed", "stalled")
+OUTCOMES = ("completed", "cancelled", "failed", "stalled", "changed")
 REJECTIONS = (
     "job_limit",
     "fair_share",
@@ -57,7 +57,8 @@ class DownloadMetrics:
         self.finished = Counter(
             "archiver_downloads_finished",
             "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed, "
-            "stalled: the client took less than 256 KiB in the stall timeout).",
+            "stalled: the client took less than 256 KiB in the stall timeout; changed: a file of the album "
+            "changed or went while it was sent, as an upload does).",
             ["outcome"],
             registry=self.registry,
         )
