@@ -32,6 +32,8 @@ MIN_STORAGE_TIMEOUT = 0.1
 # Less, and no client could take a chunk in time: 1e-300 passed, and every answer, /healthz's
 # too, was cut as stalled (helper 46).
 MIN_STALL_TIMEOUT = 1.0
+# More, and an album uploaded to every few minutes would hardly ever be served.
+MAX_SETTLE_TIME = 60.0
 # A link secret's least length in bytes: anyone holding one signed link can try secrets offline
 # against its signature, and a short one falls (helper 68 ran the service on "a").
 MIN_LINK_SECRET_BYTES = 16
@@ -120,6 +122,9 @@ class Settings:
     # downloads of one album share it).  Without it, 64 job slots on 64 albums of max_files files
     # each held ~3.5 GB.  At least max_files (limits.PlannedFiles).
     max_planned_files: int = 0  # 0: PLANNED_FILES, or max_files if more (planned_files_budget)
+    # Seconds a file must have been left unchanged (its ctime) before its album is served: until
+    # then 503 "Архив обновляется", an upload under way (storage.check_settled).  0: off.
+    settle_time: float = 2.0
 
     def __post_init__(self) -> None:
         # Every folder of the system an album, /etc among them (helper 52).  "//" is a path of its own
@@ -157,6 +162,8 @@ class Settings:
                 f"ARCHIVER_MAX_PLANNED_FILES ({self.max_planned_files}) must be at least ARCHIVER_MAX_FILES "
                 f"({self.max_files})"
             )
+        if not 0 <= self.settle_time <= MAX_SETTLE_TIME:  # NaN too
+            raise SettingsError(f"settle_time must be 0..{MAX_SETTLE_TIME:.0f} seconds, not {self.settle_time}")
         if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
             raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
         if self.max_jobs_per_client < 1 or self.max_connections < 0:
@@ -282,5 +289,6 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "name_encoding": str,
     "max_files": int,
     "max_planned_files": int,
+    "settle_time": float,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

@@ -102,7 +102,15 @@ def service(
     port = free_port()
     # Every curl comes from 127.0.0.1: one client to the per-client job cap,
     # which would refuse the concurrent runs past 4.
-    env = {**os.environ, "ARCHIVER_MAX_JOBS": "64", "ARCHIVER_MAX_JOBS_PER_CLIENT": "64", **(extra_env or {})}
+    # ARCHIVER_SETTLE_TIME=0: the cold runs move every file's ctime a moment before they download (a
+    # 503 "album changing" otherwise, which curl -sS takes as done).
+    env = {
+        **os.environ,
+        "ARCHIVER_MAX_JOBS": "64",
+        "ARCHIVER_MAX_JOBS_PER_CLIENT": "64",
+        "ARCHIVER_SETTLE_TIME": "0",
+        **(extra_env or {}),
+    }
     command = [python, "-m", "archiver", "-H", "127.0.0.1", "-P", str(port), "-D", str(storage)]
     if workers:
         env["ARCHIVER_DIR"] = str(storage)

@@ -37,6 +37,10 @@ from archiver.config import Settings
 from archiver.web.app import create_app
 
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
+# The tests write an album and download it a moment later: the service launched as a process
+# (archiver, hypercorn) serves it without waiting for it to settle, as Settings(settle_time=0) in
+# this one.  The settle rule's own tests set it (test_failures).
+os.environ["ARCHIVER_SETTLE_TIME"] = "0"
 
 
 class PlainHttpOnly(ssl.SSLContext):
@@ -354,7 +358,7 @@ def storage(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(storage: Path) -> Settings:
-    return Settings(storage_dir=storage, host="127.0.0.1", port=0)
+    return Settings(settle_time=0, storage_dir=storage, host="127.0.0.1", port=0)
 
 
 @asynccontextmanager

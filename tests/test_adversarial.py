@@ -490,7 +490,7 @@ async def test_idle_http2_flood_is_closed_and_leaves_descriptors_for_downloads(
 async def test_http2_buffers_do_not_outlive_the_stream(attacked_storage: Path) -> None:
     # In this process, to see its garbage: what a stalled stream buffered must
     # go with the stream, not wait, unreachable, for a gc run.
-    settings = Settings(storage_dir=attacked_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=attacked_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url:
         gc.collect()
         gc.disable()

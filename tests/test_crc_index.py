@@ -671,7 +671,7 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     write_tree(source, {"a.jpg": os.urandom(1000)})
     storage.mkdir()
-    settings = Settings(storage_dir=storage, host="127.0.0.1", port=0, trusted_fuse=("fuse",))
+    settings = Settings(settle_time=0, storage_dir=storage, host="127.0.0.1", port=0, trusted_fuse=("fuse",))
     async with (
         gated_mount(source, storage / "album", gate),
         running_server(settings) as url,

@@ -203,7 +203,7 @@ async def test_a_failed_download_is_cut_short_for_an_http10_client_through_nginx
 
 @needs_nginx
 async def test_client_leaving_nginx_kills_the_services_producer(large_storage: Path, tmp_path: Path) -> None:
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as service, nginx_in_front(service, tmp_path / "nginx") as front:
         async with (
             httpx.AsyncClient(verify=CLIENT_TLS, base_url=front) as client,

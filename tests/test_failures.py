@@ -81,7 +81,7 @@ async def test_producer_failing_mid_stream_aborts_the_transfer(
 
 
 async def test_producer_killed_mid_stream_aborts_the_transfer(large_storage: Path, protocol: str) -> None:
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, protocol) as client:
         await download_signalling_the_producer(client, "/archive/big/", signal.SIGKILL)
         await wait_until_no_producer_children(timeout=1.0)
@@ -94,7 +94,7 @@ async def test_file_vanishing_mid_stream_aborts_the_transfer(large_storage: Path
     for source in (large_storage / "big").iterdir():
         (album / source.name).write_bytes(source.read_bytes())
     last = sorted(album.iterdir())[-1]
-    settings = Settings(storage_dir=album.parent, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=album.parent, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
         with pytest.raises(ABORTED):
             async with client.stream("GET", "/archive/big/") as response:
@@ -132,6 +132,49 @@ async def test_an_album_that_changes_during_every_walk_is_the_same_503(
         response = await client.get("/archive/album/")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert response.text.strip() == ALBUM_CHANGING.sentence
+
+
+async def test_an_album_being_uploaded_to_is_a_503_at_once_never_an_abort_at_95_percent(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 70: a file written for minutes (FTP to its final name) made 23 of 24 downloads of its
+    # album a 200 aborted at ~95 %.  A file changed within the settle time: a 503 at once.
+    caplog.set_level(logging.INFO, logger="archiver")
+    settling = replace(settings, settle_time=0.5)
+    album = settling.storage_dir / "album"
+    write_tree(album, {"a.jpg": os.urandom(100_000), "video.mp4": b""})
+    refused: list[httpx.Response] = []
+    async with running_server(settling) as url, make_client(url, "HTTP/1.1") as client:
+        with (album / "video.mp4").open("ab") as upload:
+            for _ in range(8):  # an upload under way: a write each 0.1 s, a download tried between
+                upload.write(os.urandom(50_000))
+                upload.flush()
+                refused.append(await client.get("/archive/album/"))
+                await trio.sleep(0.1)
+        assert producer_children() == []  # refused before any producer
+        # Settled: served whole (a clock, not a synchronisation: the rule is about time).
+        with trio.fail_after(10):
+            while (served := await client.get("/archive/album/")).status_code == 503:
+                await trio.sleep(0.1)
+        figures = samples((await client.get("/metrics")).text)
+    assert [response.status_code for response in refused] == [503] * 8
+    assert all(response.headers["retry-after"] == "5" for response in refused)
+    assert all(response.text.strip() == ALBUM_CHANGING.sentence for response in refused)
+    assert served.status_code == 200 and read_archive(served.content) == files_on_disk(album)
+    assert figures['archiver_downloads_rejected_total{reason="album_changing"}'] >= 8
+    lines = [record for record in caplog.records if record.getMessage().startswith("refused album: video.mp4 changed")]
+    assert len(lines) >= 8 and {record.levelno for record in lines} == {logging.INFO}
+
+
+def test_a_change_time_ahead_of_the_walk_is_never_taken_for_an_upload(tmp_path: Path) -> None:
+    # A file server whose clock is ahead of this host's: its ctimes lie in our future, which would
+    # refuse the album for good.
+    write_tree(tmp_path / "album", {"a.jpg": b"a"})
+    listing = storage.list_album(tmp_path / "album")
+    storage.check_settled(replace(listing, started_ns=listing.files[0].ctime_ns - 1), 10**12)
+    with pytest.raises(storage.AlbumKeepsChanging, match=r"a\.jpg changed 0\.0 s ago"):
+        storage.check_settled(listing, 10**12)
+    storage.check_settled(listing, 0)  # off
 
 
 @pytest.mark.parametrize("when", ["with the first chunk", "as the head goes out"])
@@ -230,7 +273,7 @@ async def test_a_killed_producer_its_launcher_has_not_yet_reported_is_not_taken_
     # A loaded machine: a launcher reports a killed producer's exit late (stopped here).  The 0.5 s
     # alone used to decide: logged as waiting on the storage, and counted against MAX_LINGERING.
     caplog.set_level(logging.INFO, "archiver")
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
         (started_by,) = launcher_processes(os.getpid())
         try:
@@ -269,7 +312,9 @@ async def test_producer_stopped_mid_stream_is_aborted_after_the_storage_timeout(
     large_storage: Path, protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # SIGSTOP: a producer stuck in a read of dead storage (a hard-mounted NFS server gone) looks the same.
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1, storage_timeout=1)
+    settings = Settings(
+        settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1, storage_timeout=1
+    )
     async with running_server(settings) as url, make_client(url, protocol) as client:
         await download_signalling_the_producer(client, "/archive/big/", signal.SIGSTOP)
         await wait_until_no_producer_children(timeout=5.0)
@@ -338,7 +383,7 @@ async def test_a_long_cold_crc_is_no_storage_timeout(settings: Settings) -> None
 
 
 async def test_job_limit_refuses_with_503_and_frees_the_slot(large_storage: Path, protocol: str) -> None:
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
     async with running_server(settings) as url:
         async with make_client(url, protocol) as first, first.stream("GET", "/archive/big/") as response:
             assert response.status_code == 200
@@ -373,7 +418,7 @@ async def test_file_growing_while_sent_aborts_the_announced_length(large_storage
     # One file larger than every buffer, so that the producer is blocked in the middle of it.
     original = b"".join(path.read_bytes() for path in sorted((large_storage / "big").iterdir()))
     (album / "photo.jpg").write_bytes(original)
-    settings = Settings(storage_dir=album.parent, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=album.parent, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
         with pytest.raises(ABORTED):
             async with client.stream("GET", "/archive/grow/") as response:

@@ -28,7 +28,7 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     (storage / "album" / "leak").symlink_to(base / "outside" / "secret.txt")
     (storage / "outside").symlink_to(base / "outside")
     (storage / "secret.txt").write_bytes(SECRET)  # in the root, but not in any album
-    with server_in_thread(Settings(storage_dir=storage)) as address:
+    with server_in_thread(Settings(settle_time=0, storage_dir=storage)) as address:
         yield address
 
 

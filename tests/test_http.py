@@ -279,7 +279,7 @@ async def test_special_files_are_left_out(client: httpx.AsyncClient, storage: Pa
 
 
 async def test_disconnect_kills_the_producer(large_storage: Path, protocol: str) -> None:
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url:
         async with make_client(url, protocol) as client, client.stream("GET", "/archive/big/") as response:
             assert response.status_code == 200
@@ -293,7 +293,7 @@ async def test_disconnect_kills_the_producer(large_storage: Path, protocol: str)
 
 async def test_http2_stream_reset_kills_the_producer(large_storage: Path) -> None:
     """A browser cancelling a download sends RST_STREAM and keeps the connection."""
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         stream = await trio.open_tcp_stream(host, int(port))

@@ -61,7 +61,8 @@ def server_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFor]:
         def get(chunk_size: int) -> tuple[tuple[str, int], Path]:
             if chunk_size not in servers:
                 storage = tmp_path_factory.mktemp(f"integrity-{chunk_size}")
-                address = stack.enter_context(server_in_thread(Settings(storage_dir=storage, chunk_size=chunk_size)))
+                settings = Settings(settle_time=0, storage_dir=storage, chunk_size=chunk_size)
+                address = stack.enter_context(server_in_thread(settings))
                 servers[chunk_size] = (address, storage)
             return servers[chunk_size]
 

@@ -73,7 +73,7 @@ async def test_healthz_is_ok_on_a_storage_root_the_service_may_search_but_not_li
 
 async def test_metrics_count_real_downloads(large_storage: Path) -> None:
     write_tree(large_storage / "small", {"a.jpg": os.urandom(10_000)})
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0, max_jobs=1)
     async with running_server(settings) as url, make_client(url, "HTTP/2") as client:
         complete = await client.get("/archive/small/")
         assert complete.status_code == 200

@@ -307,7 +307,7 @@ def range_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     storage = tmp_path_factory.mktemp("range-fuzz")
     write_tree(storage / "album", {"a.jpg": os.urandom(20_000), "b.jpg": b"b"})
     trio.run(ctimes_settled, storage / "album")  # its ETag, for the preconditions
-    with server_in_thread(Settings(storage_dir=storage)) as address:
+    with server_in_thread(Settings(settle_time=0, storage_dir=storage)) as address:
         yield address
 
 

@@ -126,7 +126,11 @@ def services(zone: ZoneInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             # Modes kept as on disk, DOS times in the module's zone: what this module checks
             # (tests/test_unpack.py checks the defaults, 0644 and UTC).
             settings = Settings(
-                storage_dir=storage, compression=level, keep_modes=POLICY.keep_modes, timezone=POLICY.zone
+                settle_time=0,
+                storage_dir=storage,
+                compression=level,
+                keep_modes=POLICY.keep_modes,
+                timezone=POLICY.zone,
             )
             address = stack.enter_context(server_in_thread(settings))
             running[mode] = Service(address, storage)

@@ -165,7 +165,7 @@ async def test_slow_reader_keeps_server_memory_flat(large_storage: Path) -> None
 
 
 async def test_zip_killed_mid_stream_is_seen_by_every_client(large_storage: Path) -> None:
-    settings = Settings(storage_dir=large_storage, host="127.0.0.1", port=0)
+    settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     errors_seen = {protocol: 0 for protocol in PROTOCOLS}
     rounds = 25
     async with running_server(settings) as url:

@@ -345,7 +345,7 @@ def test_emoji_keep_what_shows_and_nothing_hides_text() -> None:
 @pytest.fixture(scope="module")
 def names_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[str, int], Path]]:
     storage = tmp_path_factory.mktemp("names-storage")
-    with server_in_thread(Settings(storage_dir=storage)) as address:
+    with server_in_thread(Settings(settle_time=0, storage_dir=storage)) as address:
         yield address, storage
 
 

@@ -37,6 +37,7 @@ from ..archive.storage import (
     ListingFailed,
     SkippedLog,
     WalkProgress,
+    check_settled,
     list_album,
     resolve_album,
 )
@@ -119,6 +120,7 @@ def prepare_archive(
     walk left out is logged once a version of the album (``skips``).
     """
     listing = list_album(album, progress, trust.learn, settings.max_files)
+    check_settled(listing, round(settings.settle_time * 1e9))
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)

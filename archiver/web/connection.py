@@ -157,11 +157,13 @@ def limit_refusal(
 
 def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, accept: str | None) -> Response:
     """The answer for an album that cannot be listed whole: 503 if the system ran out of something, else 500."""
+    if isinstance(error, AlbumKeepsChanging):  # an upload under way, as a file gone before the first byte
+        logger.info("refused %s: %s", name, error)  # no fault of the service's
+        metrics.rejected.labels("album_changing").inc()
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
     logger.error("refused %s: cannot list it: %s", name, error)
     metrics.rejected.labels("listing_failed").inc()
     if error.transient:
-        if isinstance(error, AlbumKeepsChanging):  # an upload under way, as a file gone before the first byte
-            return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
         if isinstance(error, StorageSilent):
             return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -21,6 +21,7 @@ REJECTIONS = (
     "plan_limit",
     "producer_unavailable",
     "listing_failed",
+    "album_changing",
 )
 
 # From a small album over a fast link to GBs over a slow one.
