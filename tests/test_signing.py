@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from archiver.config import Settings
+from archiver.config import Settings, SettingsError
 from archiver.web.pages import MESSAGES
 from archiver.web.signing import LinkRefused, check_link, parse_duration, signed_query
 
@@ -201,30 +201,40 @@ async def test_readme_snippets_make_named_links_the_service_takes(signing_settin
     assert len(links) == 2 or shutil.which("php") is None
 
 
-@pytest.mark.parametrize(
-    ("secret", "said"),
-    [
-        # An env file saved as cp1251: os.environ keeps the byte as a surrogate, and every signed link was a 500.
-        pytest.param("Пароль-для-ссылок-архива".encode("cp1251"), "is not UTF-8 text", id="not utf-8"),
-        # One signed link is enough to find a short secret offline (helper 68: "a" and " " were taken).
-        pytest.param(b"s3cret", "has 6 bytes besides spaces, fewer than 16", id="short"),
-        pytest.param(b" " * 40, "has 0 bytes besides spaces", id="spaces"),
-    ],
-)
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn", "archiver sign"])
-def test_a_secret_that_cannot_sign_safely_is_refused_at_start(secret: bytes, said: str, launch: str) -> None:
+def test_a_secret_that_is_not_utf8_is_refused_at_start(launch: str) -> None:
+    # An env file saved as cp1251: os.environ keeps the byte as a surrogate, and every signed link was a 500.
     hypercorn = str(Path(sys.executable).with_name("hypercorn"))
     command = {
         "archiver": [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0"],
         "hypercorn": [hypercorn, "--config", "hypercorn.toml", "--bind", "127.0.0.1:0", "archiver.asgi:app"],
         "archiver sign": [sys.executable, "-m", "archiver", "sign", "album"],
     }[launch]
+    secret = "Пароль-для-ссылок-архива".encode("cp1251")
     env = {**os.environb, b"ARCHIVER_DIR": b"data", b"ARCHIVER_LINK_SECRET": secret}
     result = subprocess.run(command, env=env, capture_output=True, timeout=60, cwd=PROJECT)
     stderr = result.stderr.decode(errors="replace")
     assert result.returncode in (1, 2), stderr  # 2: argparse's error, archiver sign's usage
-    assert said in stderr and "openssl rand -base64 32" in stderr
-    assert (secret.strip() or secret) not in result.stderr and "Traceback" not in stderr
+    assert "is not UTF-8 text" in stderr and "openssl rand -base64 32" in stderr
+    assert secret not in result.stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("secret", "said"),
+    [
+        # One signed link is enough to find a short secret offline (helper 68: "a" and " " were taken).
+        ("s3cret", "has 6 bytes besides spaces, fewer than 16"),
+        (" " * 40, "has 0 bytes besides spaces"),
+        (" fifteen bytes  ", "has 13 bytes besides spaces"),  # 16 with its spaces
+    ],
+)
+def test_a_secret_too_short_to_keep_is_refused(secret: str, said: str, storage: Path) -> None:
+    # The same check under every launch (Settings): the launches are shown refusing above.
+    with pytest.raises(SettingsError, match=said) as refused:
+        Settings(storage_dir=storage, link_secret=secret)
+    assert secret.strip() not in str(refused.value) or not secret.strip()
+    Settings(storage_dir=storage, link_secret="sixteen bytes ok")
+    Settings(storage_dir=storage, link_secret="Ключ ссылок")  # 11 letters, 21 bytes
 
 
 async def test_the_start_says_whether_links_are_signed(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
