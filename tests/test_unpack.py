@@ -216,6 +216,10 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
         "attachment; filename=\"Otpusk 2024.zip\"; filename*=UTF-8''%D0%9E%D1%82%D0%BF%D1%83%D1%81%D0%BA%202024.zip"
     )
     assert named.content == plain.content
+    ukrainian = await fetch(settings, f"{secret_name}?filename={quote('Їжак і Ґава, Євпаторія, Ўсход')}")
+    assert ukrainian.headers["content-disposition"].startswith(
+        'attachment; filename="Yizhak i Gava, Yevpatoriya, Usxod.zip"'
+    )
     risky = await fetch(settings, f"{secret_name}?filename={quote('a/b:c*.zip')}")
     assert risky.headers["content-disposition"] == 'attachment; filename="a_b_c_.zip"'
     for refused in ("x" * 200, "tab\there", "photo\u202egpj.exe", "in\u200bvisible", "日本" * 50, "\u3164.bashrc"):

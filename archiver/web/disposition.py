@@ -56,7 +56,7 @@ _NOTHING_ALONE = _EMOJI_FORMAT
 # client that decodes ``filename*`` twice (wget 1.21) would save "%2ebashrc" as ".bashrc" (helper 44).
 _SLASHES = str.maketrans(dict.fromkeys("/\\\u2215\u2044\uff0f\uff3c\u29f8\u29f9\u29f5\u2216\u2571\u2572%", "_"))
 
-# Russian letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
+# Cyrillic letters in Latin (GOST 7.79-2000 system B, without diacritics), for the ASCII fallback.
 _CYRILLIC = {
     "а": "a",
     "б": "b",
@@ -91,6 +91,12 @@ _CYRILLIC = {
     "э": "e",
     "ю": "yu",
     "я": "ya",
+    # Ukrainian and Belarusian letters (the same system): they were "_" (helper 69).
+    "і": "i",
+    "ї": "yi",
+    "є": "ye",
+    "ґ": "g",
+    "ў": "u",
 }
 
 
