@@ -746,3 +746,19 @@ def test_archiver_index_counts_what_it_could_not_keep_apart_from_what_it_knew(tm
         patch.setattr(crc_reads_module, "is_racy", lambda key, read_started_ns: key[1] == new_inode)
         done = album_crcs(album, files, CrcIndex())
     assert done == (1, 0, 2)  # old.jpg computed; new.jpg racy, gone.jpg gone: read when downloaded
+
+
+def test_archiver_index_run_from_an_upload_hook_waits_out_the_racy_window_and_keeps_the_crcs(tmp_path: Path) -> None:
+    # A hook runs a moment after the upload: every file was changed within the racy window of its
+    # read, and none was kept (the summary now says so).  Read once more when it has passed.
+    files = {"a.jpg": b"a" * 100, "b.jpg": b"b" * 100}
+    write_tree(tmp_path / "album", files)
+    index = CrcIndex()
+    started = time.monotonic()
+    done = album_crcs(tmp_path / "album", [(name, 100) for name in files], index)
+    assert done == (2, 0, 0)
+    assert time.monotonic() - started < RACY_NS / SECOND + 2  # the window, waited once for all
+    for name, data in files.items():
+        status = (tmp_path / "album" / name).stat()
+        key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        assert index.get(key) == zlib.crc32(data)

@@ -24,7 +24,7 @@ import trio
 from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
-from .ctime_trust import FileKey, is_racy
+from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
@@ -365,17 +365,20 @@ def album_crcs(
 
     For ``archiver index``; a file that changed or vanished meanwhile is
     skipped, and so is one whose CRC would not be kept (read for every
-    download anyway).  ``progress`` is called with the count of files done after each.
+    download anyway).  Files changed within the racy window of their read (an
+    upload hook runs a moment after the upload) are read once more when it has
+    passed, up to COARSE_RACY_NS later.  ``progress`` is called with the count of files done after each.
     """
     buffer = bytearray(READ_SIZE)
-    new = untrusted = changing = 0
+    new = untrusted = 0
+    racy: dict[tuple[str, int], int] = {}  # (path, size) -> when its read may be kept (time.time_ns)
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
         try:
             fd, key = _open_listed(album / relative, size)
         except FileChanged:
-            changing += 1
+            racy[relative, size] = 0
             continue
         try:
             trusted = index.trust.file(fd, key)
@@ -384,12 +387,29 @@ def album_crcs(
         if not trusted:
             untrusted += 1
         elif index.get(key) is None:
-            # Not "already known" either (helper 70): read again when downloaded.
-            try:
-                racy = small_file_crc(album / relative, size, index, buffer).racy
-            except (FileChanged, FileUnreadable):
-                racy = True
-            changing += racy
-            new += not racy
+            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size))
+    if settles := [when for when in racy.values() if when]:
+        # At most the coarse window: a ctime ahead of this host's clock (a file server's) is no reason to wait longer.
+        time.sleep(min(COARSE_RACY_NS, max(0, max(settles) - time.time_ns())) / SECOND)
+        for relative, size in [file for file, when in racy.items() if when]:
+            del racy[relative, size]
+            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size))
     index.flush()
-    return AlbumCrcs(new, untrusted, changing)
+    # Not "already known" either (helper 70): read again when downloaded.
+    return AlbumCrcs(new, untrusted, len(racy))
+
+
+def _read_to_keep(
+    path: Path, size: int, index: CrcIndex, buffer: bytearray, racy: dict[tuple[str, int], int], file: tuple[str, int]
+) -> bool:
+    """Read ``path``'s CRC into ``index``: True if kept; else ``racy[file]`` says when to try again (0: not)."""
+    try:
+        result = small_file_crc(path, size, index, buffer)
+    except (FileChanged, FileUnreadable):
+        racy[file] = 0
+        return False
+    if result.racy:
+        ctime = result.key[4]
+        window = COARSE_RACY_NS if ctime % SECOND == 0 else RACY_NS
+        racy[file] = ctime + window + 1 if trusted_ctime(*result.key[3:]) else 0  # untrusted: racy for good
+    return not result.racy
