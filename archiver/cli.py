@@ -172,6 +172,7 @@ def index_albums(argv: Sequence[str]) -> None:
         parser.error(f"cannot list the storage directory {str(root)!r}: {error.strerror}; name the albums")
     on_terminal = sys.stderr.isatty()
     files_done = new_total = untrusted_total = changing_total = 0
+    unreadable: list[str] = []
     failed: list[str] = []
     not_albums = 0
     for name in names:
@@ -199,6 +200,9 @@ def index_albums(argv: Sequence[str]) -> None:
         new_total += done.computed
         untrusted_total += done.untrusted
         changing_total += done.changing
+        unreadable += done.unreadable
+        for failure in done.unreadable:
+            print(f"archiver index: cannot read {failure}", file=sys.stderr)
         files_done += len(files)
         if on_terminal:
             print(file=sys.stderr)
@@ -207,11 +211,15 @@ def index_albums(argv: Sequence[str]) -> None:
     # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
     left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
     if changing_total:
-        left_out += f", {changing_total} changing or unreadable (read when downloaded)"
+        left_out += f", {changing_total} changing (read when downloaded)"
+    if unreadable:
+        left_out += f", {len(unreadable)} unreadable"
     skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
     known = f"{new_total} computed{left_out}, the rest already known"
     print(f"indexed {indexed} albums, {files_done} files ({known}){skipped}")
     problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
+    if unreadable:  # a failing disk: the hook or cron must not take this for done
+        problems.append(f"{len(unreadable)} files could not be read (above)")
     if store.unwritten:
         # The warnings above say why (a full disk, a lock held too long): a hook or cron must not take this for done.
         problems.append(f"{store.unwritten} CRCs could not be written to {settings.index_path!r}")

@@ -36,7 +36,7 @@ from archiver.archive.storage import list_album
 from archiver.config import Settings
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES
 
-from .conftest import CLIENT_TLS, files_on_disk, read_archive, running_server, write_tree
+from .conftest import CLIENT_TLS, ctimes_settled, files_on_disk, read_archive, running_server, write_tree
 from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album, until_held
 from .test_failures import HeldLauncher
@@ -632,11 +632,13 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
     ("compression", "failure", "status", "said"),
     [
         ("0", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: "),
+        # The CRCs known: the producer's read of a small file, copied (helper 71: an EIO was "changed", a 503).
+        ("warm", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
         # NFS's answer for a file replaced on the server, as an upload does: the album is changing.
         ("0", errno.ESTALE, 503, b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: "),
         ("6", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
     ],
-    ids=["crc-read-eio", "crc-read-estale", "deflated-eio"],
+    ids=["crc-read-eio", "crc-read-estale", "producer-copy-eio", "deflated-eio"],
 )
 async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
     tmp_path: Path, compression: str, failure: int, status: int, said: bytes
@@ -644,7 +646,10 @@ async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
     # Helper 70: EIO (a bad sector, a network mount's error) from a CRC read was a 500 with no
     # body and a traceback, from the producer a line naming no file.
     files = {"a.jpg": os.urandom(1000), "b.jpg": os.urandom(300_000)}
-    async with served_gated_album(tmp_path, files, {"ARCHIVER_COMPRESSION": compression}) as album:
+    env = {"ARCHIVER_COMPRESSION": "0" if compression == "warm" else compression}
+    async with served_gated_album(tmp_path, files, env) as album:
+        if compression == "warm":
+            assert (await album.client.get("/archive/album/")).status_code == 200  # the CRCs read and kept
         (tmp_path / "gate-fail-reads").write_text(str(failure))
         failed = await album.client.get("/archive/album/")
         (tmp_path / "gate-fail-reads").unlink()
@@ -745,7 +750,7 @@ def test_archiver_index_counts_what_it_could_not_keep_apart_from_what_it_knew(tm
     with pytest.MonkeyPatch.context() as patch:  # only new.jpg changed within the window, whenever this runs
         patch.setattr(crc_reads_module, "is_racy", lambda key, read_started_ns: key[1] == new_inode)
         done = album_crcs(album, files, CrcIndex())
-    assert done == (1, 0, 2)  # old.jpg computed; new.jpg racy, gone.jpg gone: read when downloaded
+    assert done == (1, 0, 2, ())  # old.jpg computed; new.jpg racy, gone.jpg gone: read when downloaded
 
 
 def test_archiver_index_run_from_an_upload_hook_waits_out_the_racy_window_and_keeps_the_crcs(tmp_path: Path) -> None:
@@ -756,9 +761,26 @@ def test_archiver_index_run_from_an_upload_hook_waits_out_the_racy_window_and_ke
     index = CrcIndex()
     started = time.monotonic()
     done = album_crcs(tmp_path / "album", [(name, 100) for name in files], index)
-    assert done == (2, 0, 0)
+    assert done == (2, 0, 0, ())
     assert time.monotonic() - started < RACY_NS / SECOND + 2  # the window, waited once for all
     for name, data in files.items():
         status = (tmp_path / "album" / name).stat()
         key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
         assert index.get(key) == zlib.crc32(data)
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_archiver_index_names_the_files_the_storage_cannot_read_and_fails(tmp_path: Path) -> None:
+    # Helper 71: an EIO was counted with the files changing, exit 0: a failing disk unseen by the hook.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    write_tree(source, {"a.jpg": b"a" * 100, "b.jpg": b"b" * 100})
+    storage.mkdir()
+    await ctimes_settled(source)
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(tmp_path / "index.sqlite")}
+    env["ARCHIVER_TRUSTED_FUSE"] = "fuse"
+    async with gated_mount(source, storage / "album", gate):
+        (tmp_path / "gate-fail-reads").write_text(str(errno.EIO))
+        result = await trio.to_thread.run_sync(partial(run_archiver, "index", env=env))
+    assert result.returncode == 1
+    assert f"cannot read {storage}/album/a.jpg: Input/output error" in result.stderr
+    assert "2 unreadable" in result.stdout and "2 files could not be read" in result.stderr

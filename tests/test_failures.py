@@ -162,18 +162,27 @@ async def test_an_album_being_uploaded_to_is_a_503_at_once_never_an_abort_at_95_
     assert all(response.text.strip() == ALBUM_CHANGING.sentence for response in refused)
     assert served.status_code == 200 and read_archive(served.content) == files_on_disk(album)
     assert figures['archiver_downloads_rejected_total{reason="album_changing"}'] >= 8
-    lines = [record for record in caplog.records if record.getMessage().startswith("refused album: video.mp4 changed")]
+    # Each names the newest change it met: video.mp4, or a.jpg written a moment before the first.
+    said = re.compile(r"refused album: (video\.mp4|a\.jpg) changed 0\.\d s ago")
+    lines = [record for record in caplog.records if said.match(record.getMessage())]
     assert len(lines) >= 8 and {record.levelno for record in lines} == {logging.INFO}
 
 
 def test_a_change_time_ahead_of_the_walk_is_never_taken_for_an_upload(tmp_path: Path) -> None:
     # A file server whose clock is ahead of this host's: its ctimes lie in our future, which would
-    # refuse the album for good.
-    write_tree(tmp_path / "album", {"a.jpg": b"a"})
+    # refuse the album for good.  Measured from the walk's end: a file changed during a long walk
+    # is the newest change (helper 71: taken for a clock ahead when measured from its start).
+    write_tree(tmp_path / "album", {"a.jpg": b"a", "b.jpg": b"b"})
     listing = storage.list_album(tmp_path / "album")
-    storage.check_settled(replace(listing, started_ns=listing.files[0].ctime_ns - 1), 10**12)
-    with pytest.raises(storage.AlbumKeepsChanging, match=r"a\.jpg changed 0\.0 s ago"):
-        storage.check_settled(listing, 10**12)
+    assert listing.started_ns < max(file.ctime_ns for file in listing.files) + 10**9  # changed before the walk here
+    changed = max(file.ctime_ns for file in listing.files)
+    storage.check_settled(listing, 10**9, now_ns=min(file.ctime_ns for file in listing.files) - 1)  # all ahead
+    storage.check_settled(listing, 10**9, now_ns=changed + 10**9)  # settled
+    with pytest.raises(storage.AlbumKeepsChanging, match=r"changed 0\.5 s ago"):
+        storage.check_settled(listing, 10**9, now_ns=changed + 5 * 10**8)
+    write_tree(tmp_path / "cp1251", {"Фото".encode("cp1251").decode(errors="surrogateescape"): b"b"})
+    with pytest.raises(storage.AlbumKeepsChanging, match=r"^\\xd4\\xee\\xf2\\xee changed"):
+        storage.check_settled(storage.list_album(tmp_path / "cp1251"), 10**12)  # escaped as in 'skipped'
     storage.check_settled(listing, 0)  # off
 
 

@@ -263,3 +263,5 @@ async def test_no_shared_cache_keeps_an_archive_or_a_refusal(signing_settings: S
     assert whole.headers["cache-control"] == part.headers["cache-control"] == head.headers["cache-control"] == "private"
     assert [refused.status_code, unknown.status_code] == [403, 404]
     assert refused.headers["cache-control"] == unknown.headers["cache-control"] == "no-store"
+    # Nor a Referer from the page's own requests: it would carry the link's sig (helper 71).
+    assert refused.headers["referrer-policy"] == unknown.headers["referrer-policy"] == "no-referrer"

@@ -9,7 +9,6 @@ not trusted, gives a CRC for this download only.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -25,6 +24,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
+from .producer_program import CHANGED_ERRNOS
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class FileUnreadable(RuntimeError):
 
 @contextmanager
 def _failures_named(path: Path) -> Iterator[None]:
-    """An OSError of a read of ``path`` as FileChanged (ESTALE: replaced on an NFS server) or FileUnreadable.
+    """An OSError of an open or read of ``path``: FileChanged (CHANGED_ERRNOS: gone, ESTALE...), else FileUnreadable.
 
     Named either way: a bare "[Errno 5] Input/output error" named no file, and was a traceback (helper 70).
     """
@@ -69,7 +69,7 @@ def _failures_named(path: Path) -> Iterator[None]:
         yield
     except OSError as error:
         reason = error.strerror or str(error)
-        if error.errno == errno.ESTALE:
+        if error.errno in CHANGED_ERRNOS:
             raise FileChanged(f"{path}: {reason}") from None
         raise FileUnreadable(f"{path}: {reason}") from None
 
@@ -79,10 +79,8 @@ def _open_listed(path: Path, size: int, key: FileKey | None = None) -> tuple[int
 
     The one listed: ``key`` (device, inode, size, mtime, ctime) if given, else ``size`` bytes.
     """
-    try:
+    with _failures_named(path):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        raise FileChanged(f"{path}: {error.strerror}") from None
     try:
         status = os.fstat(fd)
     except OSError:
@@ -356,6 +354,7 @@ class AlbumCrcs(NamedTuple):
     computed: int
     untrusted: int
     changing: int = 0
+    unreadable: tuple[str, ...] = ()  # "path: reason" of each file the storage failed to read (EIO)
 
 
 def album_crcs(
@@ -372,6 +371,7 @@ def album_crcs(
     buffer = bytearray(READ_SIZE)
     new = untrusted = 0
     racy: dict[tuple[str, int], int] = {}  # (path, size) -> when its read may be kept (time.time_ns)
+    unreadable: list[str] = []
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
@@ -387,26 +387,36 @@ def album_crcs(
         if not trusted:
             untrusted += 1
         elif index.get(key) is None:
-            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size))
+            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size), unreadable)
     if settles := [when for when in racy.values() if when]:
         # At most the coarse window: a ctime ahead of this host's clock (a file server's) is no reason to wait longer.
         time.sleep(min(COARSE_RACY_NS, max(0, max(settles) - time.time_ns())) / SECOND)
         for relative, size in [file for file, when in racy.items() if when]:
             del racy[relative, size]
-            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size))
+            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size), unreadable)
     index.flush()
     # Not "already known" either (helper 70): read again when downloaded.
-    return AlbumCrcs(new, untrusted, len(racy))
+    return AlbumCrcs(new, untrusted, len(racy) - len(unreadable), tuple(unreadable))
 
 
 def _read_to_keep(
-    path: Path, size: int, index: CrcIndex, buffer: bytearray, racy: dict[tuple[str, int], int], file: tuple[str, int]
+    path: Path,
+    size: int,
+    index: CrcIndex,
+    buffer: bytearray,
+    racy: dict[tuple[str, int], int],
+    file: tuple[str, int],
+    unreadable: list[str],
 ) -> bool:
     """Read ``path``'s CRC into ``index``: True if kept; else ``racy[file]`` says when to try again (0: not)."""
     try:
         result = small_file_crc(path, size, index, buffer)
-    except (FileChanged, FileUnreadable):
+    except FileChanged:
         racy[file] = 0
+        return False
+    except FileUnreadable as error:  # a failing disk: for the hook's exit status, named (helper 71)
+        racy[file] = 0
+        unreadable.append(str(error))
         return False
     if result.racy:
         ctime = result.key[4]

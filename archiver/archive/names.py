@@ -139,20 +139,32 @@ def _nfd_units(name: str) -> int:
     return len(unicodedata.normalize("NFD", name).encode("utf-16-le")) // 2
 
 
+# Small (U+FE50-U+FE6F), fullwidth and halfwidth forms (U+FF00-U+FFEF) as NFKC has them.
+_WIDTH_FORMS = str.maketrans(
+    {
+        code: unicodedata.normalize("NFKC", chr(code))
+        for code in (*range(0xFE50, 0xFE70), *range(0xFF00, 0xFFF0))
+        if unicodedata.normalize("NFKC", chr(code)) != chr(code)
+    }
+)
+
+
 def _key(name: str) -> str:
     """One key for the names that some extractor and file system would make one file of.
 
     Best fit's ASCII for the look-alikes (an extractor through an ANSI code page writes "a", U+FF0E
-    and "jpg" as "a.jpg", helper 69), compatibility forms as NFKC has them, each component's trailing
+    and "jpg" as "a.jpg", helper 69), fullwidth, halfwidth and small forms as NFKC has them (not all
+    of NFKC: "…", "№" and "Ⅱ" are in code page 1251 as they are, and "Разное…" is no "Разное"
+    there; helper 71), each component's trailing
     dots and spaces gone (Windows drops them: "photo" and U+FF0E is "photo"), then case folded both as
     macOS does (casefold) and as NTFS does (upper case: U+0131, dotless i, is "I" there).  Coarser than any one system:
     at worst a name is numbered that needed no number.
     """
     if name.isascii():  # no look-alike, no compatibility form, and no trailing dot left by either
         return name.lower()
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFC", name).translate(best_fit.FOLDED))
+    folded = unicodedata.normalize("NFC", name).translate(best_fit.FOLDED).translate(_WIDTH_FORMS)
     components = (component.rstrip(" .") for component in folded.split("/"))
-    return unicodedata.normalize("NFKC", "/".join(components).upper().casefold())
+    return unicodedata.normalize("NFC", "/".join(components).upper().casefold())
 
 
 def numbered(component: str, number: int) -> str:

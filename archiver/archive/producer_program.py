@@ -88,6 +88,12 @@ DONE = b"Z"
 FileKey = tuple[int, int, int, int, int]
 
 EXIT_CHANGED = 3
+# What a file's open or read answers when it is no longer the one planned: gone, moved, a link or
+# another type in its place, its mode changed, replaced on an NFS server.  Any other error (EIO: a
+# bad sector, a network mount's failure) is the storage's: not an upload, and not to be retried.
+CHANGED_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ESTALE, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO}
+)
 EXIT_OUTPUT_CLOSED = 1
 EXIT_BAD_INPUT = 2
 
@@ -312,6 +318,8 @@ class Album:
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
             return os.open(name, flags, dir_fd=self._directory_fd)
         except OSError as error:
+            if error.errno not in CHANGED_ERRNOS:
+                raise  # the storage's error, named by the caller (helper 71: an EIO was "changed", a 503)
             raise FileChanged(error.strerror or str(error)) from None
 
     def _enter(self, parts: list[bytes]) -> None:
@@ -427,7 +435,7 @@ class Producer:
             # The storage failed a read (EIO), named: a bare "[Errno 5]" named no file (helper 70).
             # ESTALE: the file was replaced on an NFS server, as an upload does.
             reason = f"{os.fsdecode(path)}: {error.strerror or error}"
-            if error.errno == errno.ESTALE:
+            if error.errno in CHANGED_ERRNOS:
                 raise FileChanged(reason) from None
             raise OSError(error.errno, reason) from None
         if moved:
@@ -451,6 +459,8 @@ class Producer:
                 data = os.pread(fd, length, offset)
             except OSError as error:
                 check_identity(fd, key)  # a directory or a FIFO in the file's place: "not a regular file"
+                if error.errno not in CHANGED_ERRNOS:
+                    raise  # EIO: the storage's error, named by the caller (helper 71: it was "changed")
                 raise FileChanged(error.strerror or str(error)) from None
             # Read before its type is known: whatever a path beneath the album can name (no device
             # node without root), reading it is harmless, and nothing read goes out unchecked.

@@ -65,21 +65,31 @@ class AlbumKeepsChanging(ListingFailed):
         super().__init__(message or f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
 
 
-def check_settled(listing: AlbumListing, settle_ns: int) -> None:
-    """AlbumKeepsChanging if a file of ``listing`` changed less than ``settle_ns`` before its walk began.
+def shown_path(path: str) -> str:
+    """A path in the album for a log line: its end (PATH_LOGGED characters), bytes not UTF-8 as ``\\xNN``."""
+    path = os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    return path if len(path) <= PATH_LOGGED else "…" + path[-PATH_LOGGED:]
+
+
+def check_settled(listing: AlbumListing, settle_ns: int, now_ns: int | None = None) -> None:
+    """AlbumKeepsChanging if a file of ``listing`` changed less than ``settle_ns`` before ``now_ns`` (the walk's end).
 
     An upload under way (FTP writes to the final name for minutes): its album is refused at once,
     rather than sent until the file changes under the producer, aborted at ~95 % (helper 70: 23 of
-    24 downloads during one upload).  A time ahead of the walk (the file server's clock ahead of
-    this host's) is not counted: it would refuse the album for good.
+    24 downloads during one upload).  From the walk's end, not its start: a file changed while a
+    long walk went on is the newest change of all (helper 71: its negative age was taken for a
+    clock ahead, and a half-uploaded file went out in an archive that ended cleanly).  A time
+    ahead of now (a file server's clock ahead of this host's) is not counted: it would refuse the
+    album for good.
     """
     if not settle_ns:
         return
+    now_ns = time.time_ns() if now_ns is None else now_ns
     for file in listing.files:
         # The ctime: every write and every change of metadata moves it (an mtime may be set to anything).
-        age_ns = listing.started_ns - file.ctime_ns
+        age_ns = now_ns - file.ctime_ns
         if 0 <= age_ns < settle_ns:
-            raise AlbumKeepsChanging(f"{file.path} changed {age_ns / 1e9:.1f} s ago (an upload under way?)")
+            raise AlbumKeepsChanging(f"{shown_path(file.path)} changed {age_ns / 1e9:.1f} s ago (an upload under way?)")
 
 
 # The entries left out that are logged by name, and the most characters of a path shown: an
@@ -215,8 +225,7 @@ class SkippedLog:
                 self._logged.popitem(last=False)
         name = listing.directory.name
         for entry in listing.skipped[:SKIPS_LOGGED]:
-            path = entry.path if len(entry.path) <= PATH_LOGGED else "…" + entry.path[-PATH_LOGGED:]
-            logger.info("skipped %s/%s: %s", name, path, entry.reason)
+            logger.info("skipped %s/%s: %s", name, shown_path(entry.path), entry.reason)
         if len(listing.skipped) > SKIPS_LOGGED:
             logger.info("skipped %d more entries of %s", len(listing.skipped) - SKIPS_LOGGED, name)
 

@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import threading
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -125,7 +126,10 @@ def prepare_archive(
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
     # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
-    etag = archive_etag(listing, f"{FORMAT_VERSION};level={compression};{policy.describe()}")
+    # And the Unicode version the names are normalised, folded and cut by: a Python upgrade may name
+    # entries otherwise, and a resume across it must not join two archives (helper 71).
+    variant = f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
+    etag = archive_etag(listing, variant)
     skips.log(listing, etag)
     plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))

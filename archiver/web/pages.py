@@ -115,7 +115,9 @@ def error_page(
     """
     message = message or MESSAGES[status]
     # An error says how things are now (an album still uploading, a link expired): never kept by a cache.
-    headers = {**(headers or {}), "Vary": "Accept", "Cache-Control": "no-store"}
+    # No Referer from the page's own requests (a browser's /favicon.ico): the page of a signed
+    # link's 503 would hand its still valid sig to whatever logs the Referer (helper 71).
+    headers = {**(headers or {}), "Vary": "Accept", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
     if wants_html(accept):
         body = f'<p>{html.escape(message.sentence)}</p>\n<p class="code">Код ошибки: {status}</p>'
         return Response(page(message.title, body), status=status, headers=headers, mimetype="text/html")
