@@ -634,11 +634,21 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
         ("0", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: "),
         # The CRCs known: the producer's read of a small file, copied (helper 71: an EIO was "changed", a 503).
         ("warm", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
+        # Out of descriptors or memory: no fault of the file's, a 503 to try again (helper 72: a 500).
+        ("0", errno.EMFILE, 503, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: "),
+        ("warm", errno.EMFILE, 503, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
         # NFS's answer for a file replaced on the server, as an upload does: the album is changing.
         ("0", errno.ESTALE, 503, b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: "),
         ("6", errno.EIO, 500, b"ERROR archiver.web.download: download album for 127.0.0.1: failed: the producer"),
     ],
-    ids=["crc-read-eio", "crc-read-estale", "producer-copy-eio", "deflated-eio"],
+    ids=[
+        "crc-read-eio",
+        "crc-read-estale",
+        "producer-copy-eio",
+        "crc-read-emfile",
+        "producer-copy-emfile",
+        "deflated-eio",
+    ],
 )
 async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
     tmp_path: Path, compression: str, failure: int, status: int, said: bytes
@@ -657,6 +667,8 @@ async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
     assert failed.status_code == status
     if status == 500:
         assert failed.text == MESSAGES[500].sentence + "\n"  # the page, not an empty 500
+    elif failure == errno.EMFILE:
+        assert failed.headers["retry-after"] == "5" and failed.text == MESSAGES[503].sentence + "\n"
     else:
         assert failed.headers["retry-after"] == "5" and failed.text == ALBUM_CHANGING.sentence + "\n"
     assert read_archive(whole.content) == files
@@ -665,6 +677,22 @@ async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
     assert b"a.jpg: " + os.strerror(failure).encode() in line, line
     assert b"(refused before the head), 0 bytes sent" in line, line
     assert b"Traceback" not in output
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("compression", ["0", "6"])
+async def test_a_close_failing_in_the_producer_is_as_in_a_crc_read(tmp_path: Path, compression: str) -> None:
+    # Helper 72: with the CRCs known (or deflating), the producer's close of a file failing was a
+    # 500 naming no file, where the CRC read's is the 503 of a file changed, named.
+    files = {"a.jpg": os.urandom(1000), "b.jpg": os.urandom(300_000)}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_COMPRESSION": compression}) as album:
+        assert (await album.client.get("/archive/album/")).status_code == 200  # the CRCs read and kept
+        (tmp_path / "gate-fail-closes").touch()
+        failed = await album.client.get("/archive/album/")
+        (tmp_path / "gate-fail-closes").unlink()
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
+    assert b"a.jpg: Input/output error when closed after reading" in bytes(album.server.output)
+    assert b"Traceback" not in bytes(album.server.output)
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))

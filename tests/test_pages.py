@@ -202,6 +202,7 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     # Every error, nginx's own and the service's, is kept by no cache.
     for error in (icon_posted, health, typo, cookie, cookie_text, posted, posted_text, posted_small):
         assert error.headers["cache-control"] == "no-store", error
+        assert error.headers["referrer-policy"] == "no-referrer", error
     assert refused_name.status_code == 400 and f"<title>{MESSAGES[400].title}</title>" in refused_name.text
     (status_html, html), (status_text, text) = unparsed
     assert status_html == status_text == 400

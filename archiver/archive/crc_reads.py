@@ -24,7 +24,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
-from .producer_program import CHANGED_ERRNOS
+from .producer_program import CHANGED_ERRNOS, RESOURCE_ERRNOS
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ class FileChanged(RuntimeError):
     """A file is not what was listed any more (another size, or no longer a regular file)."""
 
 
+class OutOfResources(RuntimeError):
+    """The system ran out of descriptors or memory opening or reading a file (RESOURCE_ERRNOS): ``path: reason``."""
+
+
 class FileUnreadable(RuntimeError):
     """The storage failed a read of a file (EIO: a bad sector, a network mount's error): ``path: reason``."""
 
@@ -71,6 +75,8 @@ def _failures_named(path: Path) -> Iterator[None]:
         reason = error.strerror or str(error)
         if error.errno in CHANGED_ERRNOS:
             raise FileChanged(f"{path}: {reason}") from None
+        if error.errno in RESOURCE_ERRNOS:
+            raise OutOfResources(f"{path}: {reason}") from None
         raise FileUnreadable(f"{path}: {reason}") from None
 
 
@@ -380,6 +386,10 @@ def album_crcs(
         except FileChanged:
             racy[relative, size] = 0
             continue
+        except (FileUnreadable, OutOfResources) as error:  # at the open (helper 72: a traceback, CRCs lost)
+            racy[relative, size] = 0
+            unreadable.append(str(error))
+            continue
         try:
             trusted = index.trust.file(fd, key)
         finally:
@@ -414,7 +424,7 @@ def _read_to_keep(
     except FileChanged:
         racy[file] = 0
         return False
-    except FileUnreadable as error:  # a failing disk: for the hook's exit status, named (helper 71)
+    except (FileUnreadable, OutOfResources) as error:  # a failing disk: for the hook's exit status, named
         racy[file] = 0
         unreadable.append(str(error))
         return False

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
+from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
 from .entries import EntryPolicy, dos_date_time, extended_timestamp, external_attributes
 from .names import entry_names
@@ -85,6 +86,10 @@ class ArchivePlan:
         self._dos_times = array("I", (dos_date_time(file.mtime_ns, zone) for file in files))
         self._unix_times = array("q", (file.mtime_ns // 1_000_000_000 for file in files))
         self._attributes = array("I", (external_attributes(file.mode, policy.keep_modes) for file in files))
+        # The entries by ctime (whole seconds), newest last: the files changed lately, at once (changed_since).
+        ctimes = self._times[2::4]
+        self._by_ctime = array("Q", sorted(range(self.count), key=ctimes.__getitem__))
+        self._ctimes_in_order = array("q", (ctimes[k] for k in self._by_ctime))
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
         # Stored: every entry's local and central header, with CRC 0, joined (see _lay_out).
@@ -94,6 +99,22 @@ class ArchivePlan:
         self.length: int | None = None
         if compression == 0:
             self._lay_out()
+
+    def changed_since(self, seconds: int) -> list[int]:
+        """The entries whose ctime is ``seconds`` (Unix time, whole) or later."""
+        return list(self._by_ctime[bisect.bisect_left(self._ctimes_in_order, seconds) :])
+
+    def unchanged(self, entries: Sequence[int]) -> None:
+        """FileChanged unless each of ``entries`` is still the file listed (``key``), by its path (a worker thread)."""
+        for k in entries:
+            path = self.path_str(k)
+            try:
+                status = os.stat(self.directory / path, follow_symlinks=False)
+            except OSError as error:
+                raise FileChanged(f"{path}: {error.strerror}") from None
+            found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+            if found != self.key(k):
+                raise FileChanged(f"{path}: changed while the archive was sent")
 
     def path(self, k: int) -> bytes:
         """Entry k's file, relative to the album."""

@@ -37,6 +37,7 @@ aborts the transfer.  A closed stdout (the client left) is exit status 1.
 from __future__ import annotations
 
 import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
+import contextlib
 import errno
 import fcntl
 import os
@@ -88,6 +89,10 @@ DONE = b"Z"
 FileKey = tuple[int, int, int, int, int]
 
 EXIT_CHANGED = 3
+EXIT_OUT_OF_RESOURCES = 4
+# The system out of descriptors or memory at a file's open or read: no fault of the file's, and
+# gone in a moment (a 503 to try again; helper 72: a 500 blaming the file).
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # What a file's open or read answers when it is no longer the one planned: gone, moved, a link or
 # another type in its place, its mode changed, replaced on an NFS server.  Any other error (EIO: a
 # bad sector, a network mount's failure) is the storage's: not an upload, and not to be retried.
@@ -162,6 +167,10 @@ def identity(key: FileKey) -> tuple[int, ...]:
 def _key(identity: tuple[int, ...]) -> FileKey:
     device, inode, size, mtime, mtime_ns, ctime, ctime_ns = identity
     return device, inode, size, mtime * SECOND + mtime_ns, ctime * SECOND + ctime_ns
+
+
+class OutOfResources(Exception):
+    """The system ran out of descriptors or memory opening or reading a file: ``path: reason``."""
 
 
 class FileChanged(Exception):
@@ -258,9 +267,9 @@ class Output:
                 try:
                     check_identity(fd, key)
                 except FileChanged as change:
+                    _close_quietly(fd)  # the change is the news, not a close that fails too
                     raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
-                finally:
-                    os.close(fd)
+                close_read(fd, path)
             del self._unchecked[:done]
             if len(self._unchecked) <= most:
                 return
@@ -336,6 +345,24 @@ class Album:
                     os.close(fd)
             fd = child
         self._directory_fd = fd
+
+
+def close_read(fd: int, path: bytes) -> None:
+    """Close a file read; FileChanged, naming ``path``, if that fails.
+
+    A FUSE mount may report a failed read only at the close: rclone's answers EIO when the bytes
+    read did not match its checksum.  As the service's CRC reads take it (``crc_reads._close_read``):
+    a failure that named no file, a 500, before (helper 72).
+    """
+    try:
+        os.close(fd)
+    except OSError as error:
+        raise FileChanged(f"{os.fsdecode(path)}: {error.strerror or error} when closed after reading") from None
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def check_identity(fd: int, key: FileKey) -> None:
@@ -425,7 +452,7 @@ class Producer:
             try:
                 moved = send(fd, file_key, *args)
             except BaseException:
-                os.close(fd)
+                _close_quietly(fd)
                 raise
         except FileChanged as change:
             raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
@@ -437,11 +464,13 @@ class Producer:
             reason = f"{os.fsdecode(path)}: {error.strerror or error}"
             if error.errno in CHANGED_ERRNOS:
                 raise FileChanged(reason) from None
+            if error.errno in RESOURCE_ERRNOS:
+                raise OutOfResources(reason) from None
             raise OSError(error.errno, reason) from None
         if moved:
             self.output.check_once_read(fd, file_key, path)  # again, once its pages are out of the pipe
         else:
-            os.close(fd)
+            close_read(fd, path)
         # Small files gathered for a beat (slow opens and closes: every file, in every mode, even an
         # empty one, which has no read to check at): the service must see the archive move.
         if self.output.due():
@@ -559,6 +588,9 @@ def main() -> int:
     except FileChanged as change:
         print(f"archiver-producer: {change}", file=sys.stderr)
         return EXIT_CHANGED
+    except OutOfResources as error:
+        print(f"archiver-producer: {error}", file=sys.stderr)
+        return EXIT_OUT_OF_RESOURCES
     except BrokenPipeError:
         return EXIT_OUTPUT_CLOSED
     except (ValueError, OSError) as error:

@@ -80,7 +80,8 @@ def check_settled(listing: AlbumListing, settle_ns: int, now_ns: int | None = No
     long walk went on is the newest change of all (helper 71: its negative age was taken for a
     clock ahead, and a half-uploaded file went out in an archive that ended cleanly).  A time
     ahead of now (a file server's clock ahead of this host's) is not counted: it would refuse the
-    album for good.
+    album for good; one ahead by less than the settle time is a change just made (helper 72: a
+    server 50 ms ahead hid every write of an upload).
     """
     if not settle_ns:
         return
@@ -88,8 +89,10 @@ def check_settled(listing: AlbumListing, settle_ns: int, now_ns: int | None = No
     for file in listing.files:
         # The ctime: every write and every change of metadata moves it (an mtime may be set to anything).
         age_ns = now_ns - file.ctime_ns
-        if 0 <= age_ns < settle_ns:
-            raise AlbumKeepsChanging(f"{shown_path(file.path)} changed {age_ns / 1e9:.1f} s ago (an upload under way?)")
+        if -settle_ns < age_ns < settle_ns:
+            raise AlbumKeepsChanging(
+                f"{shown_path(file.path)} changed {max(age_ns, 0) / 1e9:.1f} s ago (an upload under way?)"
+            )
 
 
 # The entries left out that are logged by name, and the most characters of a path shown: an

@@ -30,8 +30,9 @@ from quart import Response
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 
-from ..archive.crc_reads import FileChanged, FileUnreadable
+from ..archive.crc_reads import FileChanged, FileUnreadable, OutOfResources
 from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..archive.producer_program import EXIT_OUT_OF_RESOURCES
 from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
@@ -57,6 +58,7 @@ _LOGGED_BY_THE_BODY = (
     ArchiveChanged,
     FileChanged,
     FileUnreadable,
+    OutOfResources,
     DownloadStalled,
     StorageTimeout,
     NoThread,
@@ -181,6 +183,10 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
     if isinstance(error, StorageTimeout):  # logged and counted as a failed download by the body
         return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
     if isinstance(error, NoThread):  # the same; the tasks' limit (a CRC lookup's or read's thread)
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(error, OutOfResources) or (
+        isinstance(error, ProducerFailed) and error.returncode == EXIT_OUT_OF_RESOURCES
+    ):  # the same: out of descriptors or memory at a file's open or read, in a moment no more
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if album_changed(error):
         # A file listed, then gone or changed before the first byte: an album being uploaded to.
