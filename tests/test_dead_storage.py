@@ -96,7 +96,6 @@ async def served_gated_album(
     storage.mkdir()
     for name, data in files.items():
         (source / name).write_bytes(data)
-    await ctimes_settled(source)
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     # The mount inside the server's lifetime: its end opens the gate first, so that a server
     # stuck on the storage (the fault these tests are about) can be stopped.
@@ -105,6 +104,7 @@ async def served_gated_album(
         gated_mount(source, storage / "album", gate, times),
         httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
     ):
+        await ctimes_settled(source)  # after the start, which takes most of the time to let pass
         yield GatedAlbum(server, client, source, gate)
 
 
