@@ -111,6 +111,7 @@ class ArchiveBody(ResponseBody):
         self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
         self._bucket: TokenBucket | None = None
+        self._held_back: bytes | None = None  # deflated, with files changed lately: _next_deflated_chunk
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
@@ -184,21 +185,11 @@ class ArchiveBody(ResponseBody):
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None
         await self._pace()
-        self._waiting_since = trio.current_time()
-        chunk: bytes | None = None
-        try:
-            chunk = await self._receive_channel.receive()
-            # The last chunk of a known length (held by the producer until it has checked its
-            # files): not handed on before the files changed lately are looked at again.
-            if self._recent and self.bytes_sent + len(chunk) == self._length():
-                await self._check_recent_files()
-        except trio.EndOfChannel:
-            pass
-        finally:
-            self._waiting_since = None
+        if self._recent and self._length() is None:
+            chunk = await self._next_deflated_chunk()
+        else:
+            chunk = await self._next_chunk()
         if chunk is None:
-            if self._recent and self._length() is None:  # deflated: its end is the chunked body's end
-                await self._check_recent_files()
             # Stopped now, not in __aexit__: the body's end must not wait for the watchdog's,
             # for once the last message is sent the server may cancel whatever still waits.
             self._watch_scope.cancel()
@@ -217,6 +208,42 @@ class ArchiveBody(ResponseBody):
         if logger.isEnabledFor(logging.DEBUG):  # -v: a line a chunk, as the original service wrote
             logger.debug("download %s for %s: sending %d bytes (%d so far)", self.name, self.client, len(chunk),
                          self.bytes_sent)  # fmt: skip
+        return chunk
+
+    async def _next_chunk(self) -> bytes | None:
+        """The producer's next chunk, or None at its end."""
+        assert self._receive_channel is not None
+        self._waiting_since = trio.current_time()
+        try:
+            chunk = await self._receive_channel.receive()
+        except trio.EndOfChannel:
+            return None
+        finally:
+            self._waiting_since = None
+        # The last chunk of a known length (held by the producer until it has checked its
+        # files): not handed on before the files changed lately are looked at again.
+        if self._recent and self.bytes_sent + len(chunk) == self._length():
+            await self._check_recent_files()
+        return chunk
+
+    async def _next_deflated_chunk(self) -> bytes | None:
+        """A deflated archive's next chunk, handed on once the one after it has come; None at the end.
+
+        No length tells a client that a chunked body is cut short, and a ZIP with its end
+        records reads as whole: the last chunk, which holds them, waits until the files changed
+        lately are looked at again (helper 73: an upload's next write came after the file's
+        bytes, and the client kept a whole, valid archive with the file cut, only the
+        chunked body's missing end saying otherwise).
+        """
+        while self._held_back is None:
+            first = await self._next_chunk()
+            if first is None:
+                return None
+            self._held_back = first
+        following = await self._next_chunk()
+        if following is None:
+            await self._check_recent_files()
+        chunk, self._held_back = self._held_back, following
         return chunk
 
     async def _check_recent_files(self) -> None:
