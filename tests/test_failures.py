@@ -198,6 +198,14 @@ async def test_a_file_written_again_after_it_was_sent_fails_the_transfer_before_
     assert len(said) == 1 and "album changed" in said[0], said
 
 
+async def test_an_album_settling_for_longer_is_told_to_come_back_when_it_can_have_settled(settings: Settings) -> None:
+    # Helper 73: with a settle time of 60 s, every client was told to come back in 5.
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    async with running_server(replace(settings, settle_time=30)) as url, make_client(url, "HTTP/1.1") as client:
+        response = await client.get("/archive/album/")
+    assert response.status_code == 503 and 25 <= int(response.headers["retry-after"]) <= 30
+
+
 def test_a_change_time_ahead_of_the_walk_is_never_taken_for_an_upload(tmp_path: Path) -> None:
     # A file server whose clock is ahead of this host's: its ctimes lie in our future, which would
     # refuse the album for good.  Measured from the walk's end: a file changed during a long walk
@@ -212,8 +220,9 @@ def test_a_change_time_ahead_of_the_walk_is_never_taken_for_an_upload(tmp_path: 
         # Ahead by less (helper 72: a server 50 ms ahead hid every write of an upload): just changed.
         storage.check_settled(listing, 10**9, now_ns=first - 5 * 10**7)
     storage.check_settled(listing, 10**9, now_ns=changed + 10**9)  # settled
-    with pytest.raises(storage.AlbumKeepsChanging, match=r"changed 0\.5 s ago"):
+    with pytest.raises(storage.AlbumKeepsChanging, match=r"changed 0\.5 s ago") as refused:
         storage.check_settled(listing, 10**9, now_ns=changed + 5 * 10**8)
+    assert refused.value.settles_in == 0.5  # the newest change's: the Retry-After's floor
     write_tree(tmp_path / "cp1251", {"Фото".encode("cp1251").decode(errors="surrogateescape"): b"b"})
     with pytest.raises(storage.AlbumKeepsChanging, match=r"^\\xd4\\xee\\xf2\\xee changed"):
         storage.check_settled(storage.list_album(tmp_path / "cp1251"), 10**12)  # escaped as in 'skipped'

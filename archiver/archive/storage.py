@@ -59,10 +59,14 @@ class ListingFailed(RuntimeError):
 
 
 class AlbumKeepsChanging(ListingFailed):
-    """The album changed during every walk (an upload under way): try again in a few seconds."""
+    """The album changed during every walk, or lately (an upload under way): try again in a few seconds.
 
-    def __init__(self, message: str = "") -> None:
+    ``settles_in``: seconds until its newest change is older than the settle time (0: not known).
+    """
+
+    def __init__(self, message: str = "", settles_in: float = 0.0) -> None:
         super().__init__(message or f"changed while listed, {WALK_ATTEMPTS} times", transient=True)
+        self.settles_in = settles_in
 
 
 def shown_path(path: str) -> str:
@@ -86,13 +90,15 @@ def check_settled(listing: AlbumListing, settle_ns: int, now_ns: int | None = No
     if not settle_ns:
         return
     now_ns = time.time_ns() if now_ns is None else now_ns
-    for file in listing.files:
-        # The ctime: every write and every change of metadata moves it (an mtime may be set to anything).
-        age_ns = now_ns - file.ctime_ns
-        if -settle_ns < age_ns < settle_ns:
-            raise AlbumKeepsChanging(
-                f"{shown_path(file.path)} changed {max(age_ns, 0) / 1e9:.1f} s ago (an upload under way?)"
-            )
+    # The ctime: every write and every change of metadata moves it (an mtime may be set to anything).
+    changed = [file for file in listing.files if -settle_ns < now_ns - file.ctime_ns < settle_ns]
+    if changed:
+        newest = max(changed, key=lambda file: file.ctime_ns)
+        age_ns = now_ns - newest.ctime_ns
+        raise AlbumKeepsChanging(
+            f"{shown_path(newest.path)} changed {max(age_ns, 0) / 1e9:.1f} s ago (an upload under way?)",
+            settles_in=(settle_ns - age_ns) / 1e9,
+        )
 
 
 # The entries left out that are logged by name, and the most characters of a path shown: an

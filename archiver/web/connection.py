@@ -21,6 +21,7 @@ the deadline here, which started first, has then passed and names the outcome.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import cast
 
@@ -162,7 +163,10 @@ def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, a
     if isinstance(error, AlbumKeepsChanging):  # an upload under way, as a file gone before the first byte
         logger.info("refused %s: %s", name, error)  # no fault of the service's
         metrics.rejected.labels("album_changing").inc()
-        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
+        # Not before the album can have settled (helper 73: with a settle time of 60 s, every client
+        # was told to come back in 5, and behind nginx another instance walked it each time).
+        retry_after = max(RETRY_AFTER_SECONDS, math.ceil(error.settles_in))
+        return error_page(503, accept, {"Retry-After": str(retry_after)}, ALBUM_CHANGING)
     logger.error("refused %s: cannot list it: %s", name, error)
     metrics.rejected.labels("listing_failed").inc()
     if error.transient:
