@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ MIN_STORAGE_TIMEOUT = 0.1
 MIN_STALL_TIMEOUT = 1.0
 # More, and an album uploaded to every few minutes would hardly ever be served.
 MAX_SETTLE_TIME = 60.0
+MIN_SETTLE_TIME = 0.001
 # A link secret's least length in bytes: anyone holding one signed link can try secrets offline
 # against its signature, and a short one falls (helper 68 ran the service on "a").
 MIN_LINK_SECRET_BYTES = 16
@@ -163,8 +165,12 @@ class Settings:
                 f"ARCHIVER_MAX_PLANNED_FILES ({self.max_planned_files}) must be at least ARCHIVER_MAX_FILES "
                 f"({self.max_files})"
             )
-        if not 0 <= self.settle_time <= MAX_SETTLE_TIME:  # NaN too
-            raise SettingsError(f"settle_time must be 0..{MAX_SETTLE_TIME:.0f} seconds, not {self.settle_time}")
+        # NaN too; and a time that rounds to 0 ns turned the rule off unsaid (helper 73: 1e-10).
+        if not (self.settle_time == 0 or MIN_SETTLE_TIME <= self.settle_time <= MAX_SETTLE_TIME):
+            raise SettingsError(
+                f"settle_time must be 0 (off) or {MIN_SETTLE_TIME}..{MAX_SETTLE_TIME:.0f} seconds, "
+                f"not {self.settle_time}"
+            )
         if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
             raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
         if self.max_jobs_per_client < 1 or self.max_connections < 0:
@@ -251,6 +257,25 @@ def warn_of_unknown_variables() -> None:
         logger.warning("%s is not a setting of this service (misspelt?): ignored", name)
 
 
+# int() and float() also read "1_0" as 10 and digits of other scripts ("\uff12" as 2): a typo
+# or a paste is refused, not taken for a setting (helper 73).  inf and nan stay words the range
+# checks above judge (ARCHIVER_STORAGE_TIMEOUT=inf: never).
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+_NUMBER = re.compile(r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf|infinity|nan)\s*", re.I)
+
+
+def _parse_int(raw: str) -> int:
+    if not _INTEGER.fullmatch(raw):
+        raise ValueError("not a whole number in ASCII digits")
+    return int(raw)
+
+
+def _parse_float(raw: str) -> float:
+    if not _NUMBER.fullmatch(raw):
+        raise ValueError("not a number in ASCII digits (2, 0.5, 1e3)")
+    return float(raw)
+
+
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -268,28 +293,28 @@ def _parse_bool(raw: str) -> bool:
 _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "dir": Path,
     "host": str,
-    "port": int,
-    "delay": float,
+    "port": _parse_int,
+    "delay": _parse_float,
     "verbose": _parse_bool,
-    "compression": int,
-    "chunk_size": int,
-    "channel_capacity": int,
-    "max_jobs": int,
-    "rate_limit": int,
-    "shutdown_grace": float,
-    "stall_timeout": float,
-    "storage_timeout": float,
-    "max_jobs_per_client": int,
+    "compression": _parse_int,
+    "chunk_size": _parse_int,
+    "channel_capacity": _parse_int,
+    "max_jobs": _parse_int,
+    "rate_limit": _parse_int,
+    "shutdown_grace": _parse_float,
+    "stall_timeout": _parse_float,
+    "storage_timeout": _parse_float,
+    "max_jobs_per_client": _parse_int,
     "trusted_proxies": _parse_list,
-    "max_connections": int,
+    "max_connections": _parse_int,
     "link_secret": str,
     "index": str,
     "trusted_fuse": _parse_list,
     "timezone": str,
     "keep_modes": _parse_bool,
     "name_encoding": str,
-    "max_files": int,
-    "max_planned_files": int,
-    "settle_time": float,
+    "max_files": _parse_int,
+    "max_planned_files": _parse_int,
+    "settle_time": _parse_float,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

@@ -47,6 +47,12 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_STALL_TIMEOUT", "nan"),
         ("ARCHIVER_MAX_FILES", "0"),
         ("ARCHIVER_MAX_FILES", "many"),
+        # Helper 73: read by int() and float() as 10, 2 and (rounded to 0 ns) off.
+        ("ARCHIVER_SETTLE_TIME", "1_0"),
+        ("ARCHIVER_SETTLE_TIME", "\uff12"),
+        ("ARCHIVER_MAX_JOBS", "1_0"),
+        ("ARCHIVER_PORT", "\u0668\u0660"),
+        ("ARCHIVER_SETTLE_TIME", "1e-10"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
