@@ -215,7 +215,8 @@ def index_albums(argv: Sequence[str]) -> None:
     if unreadable:
         left_out += f", {len(unreadable)} unreadable"
     skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
-    known = f"{new_total} computed{left_out}, the rest already known"
+    rest = files_done - new_total - untrusted_total - changing_total - len(unreadable)
+    known = f"{new_total} computed{left_out}" + (", the rest already known" if rest > 0 else "")
     print(f"indexed {indexed} albums, {files_done} files ({known}){skipped}")
     problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
     if unreadable:  # a failing disk: the hook or cron must not take this for done
