@@ -14,8 +14,10 @@ which zipfile checks too.
 
 from __future__ import annotations
 
+import io
 import random
 import socket
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,6 +35,9 @@ from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import SECOND
+from archiver.archive.plan import ArchivePlan
+from archiver.archive.storage import list_album
+from archiver.archive.zipformat import DATA_DESCRIPTOR_BOUND
 from archiver.config import Settings
 
 from .conftest import (
@@ -276,6 +281,10 @@ def test_deflated_archives_arrive_whole_for_any_chunk_size(
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     sent = receive(address, protocol, album.name, None, deflated=True)
     assert read_archive(sent) == read_archive(expected_archive(album))  # the stored archive's entries
+    # What the response held back covers the last entry's last byte and all after it.
+    central_at = zipfile.ZipFile(io.BytesIO(sent)).start_dir
+    tail = len(sent) - central_at + DATA_DESCRIPTOR_BOUND + 1
+    assert ArchivePlan(album, list_album(album).files, 6).tail_bound() >= tail
 
 
 @given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=3), seed=st.integers(0, 2**32))

@@ -72,6 +72,10 @@ def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
     )
 
 
+# The bytes extended_timestamp gives, when not empty.
+EXTENDED_TIMESTAMP_SIZE = struct.calcsize("<HHBI")
+
+
 def extended_timestamp(mtime_ns: int) -> bytes:
     """Info-ZIP's extended timestamp extra field (0x5455, APPNOTE 4.6.1's "UT"): the mtime only, UTC.
 

@@ -34,15 +34,18 @@ from zoneinfo import ZoneInfo
 
 from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
-from .entries import EntryPolicy, dos_date_time, extended_timestamp, external_attributes
+from .entries import EXTENDED_TIMESTAMP_SIZE, EntryPolicy, dos_date_time, extended_timestamp, external_attributes
 from .names import entry_names
 from .storage import AlbumFile
 from .zipformat import (
     CENTRAL_CRC_AT,
+    DATA_DESCRIPTOR_BOUND,
     DEFLATED,
+    END_RECORDS_BOUND,
     LOCAL_CRC_AT,
     STORED,
     EntryFields,
+    central_directory_bound,
     central_header,
     end_records,
     local_header,
@@ -203,6 +206,21 @@ class ArchivePlan:
             done = range(entries[0], entries[-1] + 1) if entries else range(0)
             entries.extend(k for k in range(first, last + 1) if k not in done)
         return entries
+
+    def tail_bound(self) -> int:
+        """Bytes from the archive's last entry's last byte to its end (>= 1): exact when stored, at most when deflated.
+
+        The last byte of the last entry's data, or of its local header if it has none; then, deflated,
+        its data descriptor; the central directory (4.3.12) and the end records (4.3.14-4.3.16).  A
+        reader that has not got all of these cannot take the archive for whole, not even one that
+        reads it front to back (Java's ZipInputStream, bsdtar from a pipe): its last entry is cut.
+        """
+        if self.length is not None:
+            return self.length - max(self.central_offset - 1, 0)
+        name_ends = self._path_ends if self._name_ends is None else self._name_ends
+        names = name_ends[-1] if self.count else 0
+        central = central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE)
+        return 1 + DATA_DESCRIPTOR_BOUND + central + END_RECORDS_BOUND
 
     @property
     def central_offset(self) -> int:

@@ -195,6 +195,20 @@ def central_header(fields: EntryFields, crc: int, compressed_size: int, size: in
     return header + fields.name + extra
 
 
+def central_directory_bound(count: int, names: int, extra: int) -> int:
+    """The most bytes ``count`` central directory headers take, whatever their sizes and offsets.
+
+    ``names``: their names' bytes in all; ``extra``: the most extra field bytes of one, besides
+    the ZIP64 field, counted here in full (4.5.3: three 8-byte values).
+    """
+    return count * (_CENTRAL_HEADER.size + extra + 4 + 3 * 8) + names
+
+
+# The most bytes a deflated entry's data descriptor, and the end records, take (ZIP64 ones).
+DATA_DESCRIPTOR_BOUND = _DATA_DESCRIPTOR_ZIP64.size
+END_RECORDS_BOUND = _ZIP64_END_RECORD.size + _ZIP64_END_LOCATOR.size + _END_RECORD.size
+
+
 def needs_zip64_end(count: int, central_size: int, central_offset: int) -> bool:
     """Whether the end record cannot hold the count, size or offset of the central directory (4.4.1.4)."""
     return count >= COUNT_LIMIT or central_size >= FIELD_LIMIT or central_offset >= FIELD_LIMIT
