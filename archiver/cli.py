@@ -21,7 +21,7 @@ from .archive.crc_index import CrcIndex
 from .archive.crc_reads import album_crcs
 from .archive.ctime_trust import CtimeTrust
 from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
-from .config import Settings, SettingsError, warn_of_unknown_variables
+from .config import Settings, SettingsError, integer, number, warn_of_unknown_variables
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
@@ -62,7 +62,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("-H", "--host", help=f"address to listen on (ARCHIVER_HOST; {defaults.host})")
-    parser.add_argument("-P", "--port", type=int, help=f"port to listen on (ARCHIVER_PORT; {defaults.port})")
+    parser.add_argument("-P", "--port", type=integer, help=f"port to listen on (ARCHIVER_PORT; {defaults.port})")
     parser.add_argument(
         "-D",
         "--dir",
@@ -72,7 +72,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "-d",
         "--delay",
-        type=float,
+        type=number,
         help=f"seconds to sleep between sent chunks, to test slow links (ARCHIVER_DELAY; {defaults.delay:g})",
     )
     parser.add_argument(
@@ -80,7 +80,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     )
     parser.add_argument(
         "--compression",
-        type=int,
+        type=integer,
         choices=range(10),
         metavar="0-9",
         help=f"deflate level 1-9; 0 stores, best for JPEG (ARCHIVER_COMPRESSION; {defaults.compression})",

@@ -258,20 +258,23 @@ def warn_of_unknown_variables() -> None:
         logger.warning("%s is not a setting of this service (misspelt?): ignored", name)
 
 
-# int() and float() also read "1_0" as 10 and digits of other scripts ("\uff12" as 2): a typo
-# or a paste is refused, not taken for a setting (helper 73).  inf and nan stay words the range
-# checks above judge (ARCHIVER_STORAGE_TIMEOUT=inf: never).
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
-_NUMBER = re.compile(r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf|infinity|nan)\s*", re.I)
+# int() and float() also read "1_0" as 10, digits of other scripts ("\uff12" as 2) and spaces of
+# other scripts: a typo or a paste is refused, not taken for a setting (helpers 73, 74), for the
+# variables and the flags alike.  inf and nan stay words the range checks above judge
+# (ARCHIVER_STORAGE_TIMEOUT=inf: never).
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+_NUMBER = re.compile(
+    r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf|infinity|nan)\s*", re.I | re.ASCII
+)
 
 
-def _parse_int(raw: str) -> int:
+def integer(raw: str) -> int:
     if not _INTEGER.fullmatch(raw):
         raise ValueError("not a whole number in ASCII digits")
     return int(raw)
 
 
-def _parse_float(raw: str) -> float:
+def number(raw: str) -> float:
     if not _NUMBER.fullmatch(raw):
         raise ValueError("not a number in ASCII digits (2, 0.5, 1e3)")
     return float(raw)
@@ -294,28 +297,28 @@ def _parse_bool(raw: str) -> bool:
 _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "dir": Path,
     "host": str,
-    "port": _parse_int,
-    "delay": _parse_float,
+    "port": integer,
+    "delay": number,
     "verbose": _parse_bool,
-    "compression": _parse_int,
-    "chunk_size": _parse_int,
-    "channel_capacity": _parse_int,
-    "max_jobs": _parse_int,
-    "rate_limit": _parse_int,
-    "shutdown_grace": _parse_float,
-    "stall_timeout": _parse_float,
-    "storage_timeout": _parse_float,
-    "max_jobs_per_client": _parse_int,
+    "compression": integer,
+    "chunk_size": integer,
+    "channel_capacity": integer,
+    "max_jobs": integer,
+    "rate_limit": integer,
+    "shutdown_grace": number,
+    "stall_timeout": number,
+    "storage_timeout": number,
+    "max_jobs_per_client": integer,
     "trusted_proxies": _parse_list,
-    "max_connections": _parse_int,
+    "max_connections": integer,
     "link_secret": str,
     "index": str,
     "trusted_fuse": _parse_list,
     "timezone": str,
     "keep_modes": _parse_bool,
     "name_encoding": str,
-    "max_files": _parse_int,
-    "max_planned_files": _parse_int,
-    "settle_time": _parse_float,
+    "max_files": integer,
+    "max_planned_files": integer,
+    "settle_time": number,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

@@ -346,6 +346,8 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         ([], {"ARCHIVER_DIR": "//etc/.."}, "is / (each folder in it would be served as an album)"),
         (["-D", "/proc/self/root"], {}, "is / (each folder in it would be served as an album)"),
         (["--compression", "12"], {}, "invalid choice"),
+        # Helper 74: the flags took what int() and float() take ("18_475", a full-width digit).
+        (["-P", "18_475"], {}, "argument -P/--port: invalid integer value: '18_475'"),
         ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
         # Not this host's address: one line, not the fatal error's traceback (helper 34).
         (["-H", "192.0.2.1", "-P", "0"], {}, "archiver: cannot listen on 192.0.2.1:0: Cannot assign requested address"),

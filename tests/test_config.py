@@ -53,6 +53,9 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_MAX_JOBS", "1_0"),
         ("ARCHIVER_PORT", "\u0668\u0660"),
         ("ARCHIVER_SETTLE_TIME", "1e-10"),
+        # Helper 74: spaces of other scripts, and a dotless i.
+        ("ARCHIVER_CHUNK_SIZE", "\u3000100"),
+        ("ARCHIVER_SETTLE_TIME", "\u0131nf"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
