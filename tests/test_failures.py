@@ -29,6 +29,7 @@ from archiver.archive import launcher, producer, storage
 from archiver.archive.crc_reads import FileChanged
 from archiver.config import Settings
 from archiver.web import connection
+from archiver.web import download as download_module
 from archiver.web.download import ArchiveBody, _outcome, first_failure
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES, STORAGE_SILENT
 
@@ -202,6 +203,40 @@ async def test_a_file_written_again_after_it_was_sent_fails_the_transfer_before_
     assert read_archive(whole.content) == files_on_disk(album)
     said = [r.getMessage() for r in caplog.records if "a-upload.jpg: changed while the archive was" in r.getMessage()]
     assert len(said) == 1 and "album changed" in said[0], said
+
+
+async def test_a_file_the_producer_finds_changed_after_the_central_directory_leaves_no_whole_archive(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 75: with no file changed lately, only the last chunk was held back.  The producer
+    # checks the last files it sent once the service has taken their bytes, after the central
+    # directory was written: the client had every entry, and
+    # bsdtar and Java's ZipInputStream unpacked the archive of the failed transfer, the file cut.
+    monkeypatch.setattr(download_module, "RECHECK_SECONDS", -3600)  # no file counts as changed lately
+    album = settings.storage_dir / "album"
+    # A central directory of ~1.6 MB, larger than the producer's pipe (1 MiB): the producer
+    # writes it whole before its last checks, and it went out but for its last chunk.
+    small = {f"a/{i:04d} {'фотография из отпуска ' * 6}.jpg": b"x" for i in range(8_000)}
+    # The service sends at 4 MB/s (its rate limit: the client's buffers do not matter), and the
+    # last file is larger than the pipe (1 MiB) and the channel: the producer is still sending it
+    # when the client gets its first bytes.
+    last_size = 2 * 1024 * 1024
+    write_tree(album, small | {"z-last.bin": os.urandom(last_size)})
+    received = bytearray()
+    paced = replace(settings, chunk_size=65536, rate_limit=4_000_000)
+    async with running_server(paced) as url, make_client(url, "HTTP/1.1") as client:
+        length = int((await client.head("/archive/album/")).headers["content-length"])
+        last_data_at = length - last_size - 1_700_000  # about: before the central directory and the last file
+        with pytest.raises(ABORTED):
+            async with client.stream("GET", "/archive/album/") as response:
+                async for data in response.aiter_raw():
+                    received += data
+                    if len(received) >= last_data_at + 1000 and len(received) - len(data) < last_data_at + 1000:
+                        with (album / "z-last.bin").open("ab") as grown:
+                            grown.write(b"more")
+    print("DEBUG", len(received), length, received.find(b"PK\x01\x02", length - 400_000))
+    assert len(received) < length
+    assert subprocess.run(["bsdtar", "-xOf", "-"], input=bytes(received), capture_output=True).returncode != 0
 
 
 async def test_an_album_settling_for_longer_is_told_to_come_back_when_it_can_have_settled(settings: Settings) -> None:

@@ -34,18 +34,30 @@ from zoneinfo import ZoneInfo
 
 from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
-from .entries import EXTENDED_TIMESTAMP_SIZE, EntryPolicy, dos_date_time, extended_timestamp, external_attributes
+from .entries import (
+    EXTENDED_TIMESTAMP_SIZE,
+    UNIX_TIME_RANGE,
+    EntryPolicy,
+    dos_date_time,
+    extended_timestamp,
+    external_attributes,
+)
 from .names import entry_names
 from .storage import AlbumFile
 from .zipformat import (
     CENTRAL_CRC_AT,
+    COUNT_LIMIT,
     DATA_DESCRIPTOR_BOUND,
+    DATA_DESCRIPTOR_SIZE,
     DEFLATED,
+    END_RECORD_SIZE,
     END_RECORDS_BOUND,
+    FIELD_LIMIT,
     LOCAL_CRC_AT,
     STORED,
     EntryFields,
     central_directory_bound,
+    central_directory_size,
     central_header,
     end_records,
     local_header,
@@ -100,6 +112,7 @@ class ArchivePlan:
         self._local_ends = array("Q")
         self._central_records = b""
         self.length: int | None = None
+        self._deflated_tail: int | None = None  # tail_bound's, once computed
         if compression == 0:
             self._lay_out()
 
@@ -208,19 +221,41 @@ class ArchivePlan:
         return entries
 
     def tail_bound(self) -> int:
-        """Bytes from the archive's last entry's last byte to its end (>= 1): exact when stored, at most when deflated.
+        """Bytes from the last entry's last byte to the archive's end (>= 1): exact, or at most if deflated and ZIP64.
 
         The last byte of the last entry's data, or of its local header if it has none; then, deflated,
         its data descriptor; the central directory (4.3.12) and the end records (4.3.14-4.3.16).  A
         reader that has not got all of these cannot take the archive for whole, not even one that
         reads it front to back (Java's ZipInputStream, bsdtar from a pipe): its last entry is cut.
+        Exact, the cut is inside the last entry: Java's ZipInputStream takes a cut within the
+        first 30 bytes of a local header, or between entries, for the archive's end (helper 75).
+        Deflated, the sizes are known only once written: exact unless the archive may need ZIP64
+        (4 GiB, 65,535 entries), an upper bound then.
         """
         if self.length is not None:
             return self.length - max(self.central_offset - 1, 0)
+        if self._deflated_tail is None:
+            self._deflated_tail = self._deflated_tail_bound()
+        return self._deflated_tail
+
+    def _deflated_tail_bound(self) -> int:
         name_ends = self._path_ends if self._name_ends is None else self._name_ends
         names = name_ends[-1] if self.count else 0
-        central = central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE)
-        return 1 + DATA_DESCRIPTOR_BOUND + central + END_RECORDS_BOUND
+        # At most: each entry's data deflate_bound (summed over the album, plus its constant a
+        # file), and its records with every ZIP64 field.
+        total = self.total_size
+        data = total + (total >> 12) + (total >> 14) + (total >> 25) + 13 * self.count
+        records = 2 * central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE) + END_RECORDS_BOUND
+        if self.count >= COUNT_LIMIT or data + records + self.count * DATA_DESCRIPTOR_BOUND >= FIELD_LIMIT:
+            central = central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE)
+            return 1 + DATA_DESCRIPTOR_BOUND + central + END_RECORDS_BOUND
+        # No ZIP64 field anywhere: every record's length is known.
+        low, high = UNIX_TIME_RANGE
+        extras = EXTENDED_TIMESTAMP_SIZE * sum(1 for seconds in self._unix_times if low <= seconds <= high)
+        central = central_directory_size(self.count, names, extras)
+        last = self.fields(self.count - 1) if self.count else None
+        descriptor = DATA_DESCRIPTOR_SIZE if last is not None and last.method == DEFLATED else 0
+        return 1 + descriptor + central + END_RECORD_SIZE
 
     @property
     def central_offset(self) -> int:

@@ -204,8 +204,15 @@ def central_directory_bound(count: int, names: int, extra: int) -> int:
     return count * (_CENTRAL_HEADER.size + extra + 4 + 3 * 8) + names
 
 
-# The most bytes a deflated entry's data descriptor, and the end records, take (ZIP64 ones).
+def central_directory_size(count: int, names: int, extras: int) -> int:
+    """The bytes ``count`` central directory headers without ZIP64 fields take; ``names``, ``extras``: theirs in all."""
+    return count * _CENTRAL_HEADER.size + names + extras
+
+
+# The bytes of a data descriptor and of the end records, without ZIP64 fields and at most (ZIP64 ones).
+DATA_DESCRIPTOR_SIZE = _DATA_DESCRIPTOR.size
 DATA_DESCRIPTOR_BOUND = _DATA_DESCRIPTOR_ZIP64.size
+END_RECORD_SIZE = _END_RECORD.size
 END_RECORDS_BOUND = _ZIP64_END_RECORD.size + _ZIP64_END_LOCATOR.size + _END_RECORD.size
 
 

@@ -111,7 +111,7 @@ class ArchiveBody(ResponseBody):
         self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
         self._bucket: TokenBucket | None = None
-        # With files changed lately: the body's tail held back until they are looked at again (_next_before_tail).
+        # The body's tail, held back until the producer's end and the recheck of the files changed lately.
         self._tail = bytearray()
         self._tail_bytes: int | None = None
         self._tail_checked = False
@@ -188,7 +188,7 @@ class ArchiveBody(ResponseBody):
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None
         await self._pace()
-        chunk = await (self._next_before_tail() if self._recent else self._next_chunk())
+        chunk = await self._next_before_tail()
         if chunk is None:
             # Stopped now, not in __aexit__: the body's end must not wait for the watchdog's,
             # for once the last message is sent the server may cancel whatever still waits.
@@ -222,22 +222,26 @@ class ArchiveBody(ResponseBody):
             self._waiting_since = None
 
     async def _next_before_tail(self) -> bytes | None:
-        """The next bytes to send of a body whose tail waits for the files changed lately to be looked at again.
+        """The next bytes to send of a body whose tail waits for the producer's end and its last checks.
 
         The tail: from the last entry's last byte to the end (``ArchivePlan.tail_bound``), or
-        the last byte of a range that ends before it.  Whatever a client keeps of a transfer
-        that failed for a file changed is then no whole archive, even to a reader that reads
-        front to back (helper 74: with only the last chunk held, of a deflated album of 4,000
+        the last byte of a range that ends before it.  It goes out once the producer has exited
+        having checked every file it sent (the last of them only after the central directory was
+        written), and the files changed lately were looked at again.  Whatever a client keeps of
+        a transfer that failed for a file changed is then no whole archive, even to a reader that
+        reads front to back (helper 74: with only the last chunk held back, of an album of 4,000
         files, bsdtar and Java's ZipInputStream unpacked every entry of the bytes received, the
-        file cut; helper 73: the end records went out before the recheck).  Chunks before the
-        tail go as they came; those in it wait, in memory (the central directory's size: no more
-        than the plan takes), and go out in chunks of at most ``chunk_size`` once checked.
+        file cut; helper 75: files not changed lately too; helper 73: the end records went out
+        before the recheck).  Chunks before the tail go as they came; those in it wait, in memory
+        (the central directory's size: no more than the plan takes), and go out in chunks of at
+        most ``chunk_size``.
         """
         length = self._length()
         while not self._tail_checked:
             chunk = await self._next_chunk()
             if chunk is None:
-                await self._check_recent_files()
+                if self._recent:
+                    await self._check_recent_files()
                 self._tail_checked = True
                 break
             tail_size = self._tail_size()
