@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import random
 import socket
+import struct
 import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,7 +38,7 @@ from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import SECOND
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
-from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE
+from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
 from archiver.config import Settings
 
 from .conftest import (
@@ -289,6 +290,41 @@ def test_deflated_archives_arrive_whole_for_any_chunk_size(
     descriptor = DATA_DESCRIPTOR_SIZE if last is not None and last.flag_bits & 0x08 else 0
     tail = len(sent) - archive.start_dir + descriptor + 1
     assert ArchivePlan(album, list_album(album).files, 6).tail_bound() == tail
+
+
+def front_to_back_end(data: bytes) -> str:
+    """How a reader that goes front to back (Java's ZipInputStream) meets the end of a stored archive's ``data``.
+
+    "clean": between entries, in a local header's fixed part (its 30 bytes) or at the
+    central directory: the archive's end to it.  "cut": inside an entry, an error to it.
+    """
+    at = 0
+    while len(data) - at >= LOCAL_HEADER_FIXED and data[at : at + 4] == b"PK\x03\x04":
+        size, _, name, extra = struct.unpack_from("<IIHH", data, at + 18)  # compressed size .. extra length
+        at += LOCAL_HEADER_FIXED + name + extra + size
+        if at > len(data):
+            return "cut"
+    return "clean"
+
+
+@given(case=cases(max_total=200_000), points=st.lists(FRACTIONS, min_size=1, max_size=20))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_what_goes_out_before_the_tail_ends_inside_an_entry(
+    tmp_path_factory: pytest.TempPathFactory, case: Case, points: list[float]
+) -> None:
+    # Helper 75: a producer that fails mid-stream ended the transfer where it was, between two
+    # entries or in a local header's fixed part, which Java's ZipInputStream took for the end of a
+    # whole archive.  What the response hands on ends inside an entry (download._sendable).
+    storage = tmp_path_factory.mktemp("mid-entry")
+    album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
+    plan = ArchivePlan(album, list_album(album).files)
+    oracle = expected_archive(album)
+    for point in points:
+        end = int(point * plan.central_offset)
+        cut = plan.mid_entry_end(end, 0)
+        assert 0 <= cut <= end
+        assert cut == 0 or front_to_back_end(oracle[:cut]) == "cut"
+        assert end - cut <= LOCAL_HEADER_FIXED + 2  # no more held back than it takes
 
 
 @given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=3), seed=st.integers(0, 2**32))

@@ -54,6 +54,7 @@ from .zipformat import (
     END_RECORDS_BOUND,
     FIELD_LIMIT,
     LOCAL_CRC_AT,
+    LOCAL_HEADER_FIXED,
     STORED,
     EntryFields,
     central_directory_bound,
@@ -256,6 +257,26 @@ class ArchivePlan:
         last = self.fields(self.count - 1) if self.count else None
         descriptor = DATA_DESCRIPTOR_SIZE if last is not None and last.method == DEFLATED else 0
         return 1 + descriptor + central + END_RECORD_SIZE
+
+    def mid_entry_end(self, end: int, floor: int) -> int:
+        """The longest part of the stored archive, from its start, ending in [floor, end] inside an entry.
+
+        Inside: past its local header's fixed part (4.3.7: 30 bytes), in its name, extra
+        field or data.  A part that ends between two entries, or within that fixed part, reads
+        to a reader that reads front to back (Java's ZipInputStream) as a whole archive of the
+        entries before it (helper 75).  ``floor`` if there is no such end; ``end`` if it lies in
+        the central directory or after (the tail, ``tail_bound``).
+        """
+        cut = end
+        while cut > floor:
+            k = bisect.bisect_right(self.local_offsets, cut - 1) - 1  # the entry of the last byte
+            if k >= self.count:
+                return cut
+            start = self.local_offsets[k]
+            if start + LOCAL_HEADER_FIXED < cut < self.local_offsets[k + 1]:
+                return cut
+            cut = start - 1 if cut <= start + LOCAL_HEADER_FIXED else cut - 1
+        return floor
 
     @property
     def central_offset(self) -> int:

@@ -50,6 +50,8 @@ _CENTRAL_HEADER = struct.Struct("<4sHHHHIIIIHHHHHII")
 _ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")
 _ZIP64_END_LOCATOR = struct.Struct("<4sIQI")
 _END_RECORD = struct.Struct("<4sHHHHIIH")
+# The local header's fixed part, before its name and extra field.
+LOCAL_HEADER_FIXED = _LOCAL_HEADER.size
 # Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
 LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
 CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")

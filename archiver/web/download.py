@@ -234,9 +234,10 @@ class ArchiveBody(ResponseBody):
         file cut; helper 75: files not changed lately too; helper 73: the end records went out
         before the recheck).  Chunks before the tail go as they came; those in it wait, in memory
         (the central directory's size: no more than the plan takes), and go out in chunks of at
-        most ``chunk_size``.
+        most ``chunk_size``.  Stored, what goes out before them ends inside an entry
+        (``ArchivePlan.mid_entry_end``): if the producer fails, no reader takes what was sent for
+        a whole archive of the entries so far (helper 75, Java's ZipInputStream).
         """
-        length = self._length()
         while not self._tail_checked:
             chunk = await self._next_chunk()
             if chunk is None:
@@ -244,17 +245,27 @@ class ArchiveBody(ResponseBody):
                     await self._check_recent_files()
                 self._tail_checked = True
                 break
-            tail_size = self._tail_size()
-            if not self._tail and length is not None and self.bytes_sent + len(chunk) <= length - tail_size:
-                return chunk  # wholly before the tail
+            if not self._tail and self._sendable(len(chunk)) == len(chunk):
+                return chunk  # as it came
             self._tail += chunk
-            if len(self._tail) > tail_size:
-                ahead = bytes(self._tail[: len(self._tail) - tail_size])
-                del self._tail[: len(ahead)]
+            if sendable := self._sendable(len(self._tail)):
+                ahead = bytes(self._tail[:sendable])
+                del self._tail[:sendable]
                 return ahead
         ahead = bytes(self._tail[: self.chunk_size])
         del self._tail[: len(ahead)]
         return ahead or None
+
+    def _sendable(self, pending: int) -> int:
+        """How many of the next ``pending`` bytes can go now: none of the tail; stored, ending inside an entry."""
+        length = self._length()
+        if length is None:
+            return max(0, pending - self._tail_size())
+        limit = min(pending, length - self._tail_size() - self.bytes_sent)
+        if limit <= 0:
+            return 0
+        at = self._start + self.bytes_sent  # the next byte's offset in the archive
+        return self.plan.mid_entry_end(at + limit, at) - at
 
     def _tail_size(self) -> int:
         """How many bytes at the body's end ``_next_before_tail`` holds back (computed once)."""
