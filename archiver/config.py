@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import re
 import zoneinfo
@@ -138,44 +139,31 @@ class Settings:
             raise SettingsError(
                 f"storage directory {str(self.storage_dir)!r} is / (each folder in it would be served as an album)"
             )
-        if not 0 <= self.compression <= 9:
-            raise SettingsError(f"compression must be 0..9, not {self.compression}")
-        if not 0 <= self.delay <= MAX_DELAY:  # NaN too; more, and a download would stop for good (helper 36)
-            raise SettingsError(f"delay must be 0..{MAX_DELAY:.0f} seconds, not {self.delay}")
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port must be 0..65535, not {self.port}")
-        if self.max_jobs < 1 or self.rate_limit < 0 or not self.shutdown_grace >= 0:  # NaN too (inf: wait for all)
-            raise SettingsError("max_jobs must be positive, rate_limit and shutdown_grace not negative")
+        # Each bound names the setting as the operator gives it (helper 74: "max_jobs" for ARCHIVER_MAX_JOBS).
+        # NaN fails every bound: it would never fire as a timeout, nor end a delay.
+        self._bound("compression", 0, 9)
+        self._bound("delay", 0, MAX_DELAY, "seconds")  # more, and a download would stop for good (helper 36)
+        self._bound("port", 0, 65535)
+        self._bound("max_jobs", 1)
+        self._bound("rate_limit", 0, unit="bytes a second")
+        self._bound("shutdown_grace", 0, unit="seconds")  # inf: wait for every download
         # Each download holds up to (channel_capacity + 1) chunks: bounded, so that no setting holds an archive whole.
-        if not (1 <= self.chunk_size <= MAX_CHUNK_SIZE and 0 <= self.channel_capacity <= MAX_CHANNEL_CAPACITY):
-            raise SettingsError(
-                f"chunk_size must be 1..{MAX_CHUNK_SIZE} and channel_capacity 0..{MAX_CHANNEL_CAPACITY}, "
-                f"not {self.chunk_size} and {self.channel_capacity}"
-            )
-        if (
-            not self.storage_timeout >= MIN_STORAGE_TIMEOUT
-        ):  # NaN too (it would never fire); 1e-300, every request a 503
-            raise SettingsError(f"storage_timeout must be at least {MIN_STORAGE_TIMEOUT} s, not {self.storage_timeout}")
-        if self.max_files < 1 or self.max_planned_files < 0:
-            raise SettingsError(
-                f"max_files must be positive and max_planned_files not negative, not {self.max_files} and "
-                f"{self.max_planned_files}"
-            )
+        self._bound("chunk_size", 1, MAX_CHUNK_SIZE, "bytes")
+        self._bound("channel_capacity", 0, MAX_CHANNEL_CAPACITY)
+        self._bound("storage_timeout", MIN_STORAGE_TIMEOUT, unit="seconds")  # 1e-300: every request a 503
+        self._bound("max_files", 1)
+        self._bound("max_planned_files", 0)
         if 0 < self.max_planned_files < self.max_files:  # one album of max_files must fit (helper 57)
             raise SettingsError(
                 f"ARCHIVER_MAX_PLANNED_FILES ({self.max_planned_files}) must be at least ARCHIVER_MAX_FILES "
                 f"({self.max_files})"
             )
         # NaN too; and a time that rounds to 0 ns turned the rule off unsaid (helper 73: 1e-10).
-        if not (self.settle_time == 0 or MIN_SETTLE_TIME <= self.settle_time <= MAX_SETTLE_TIME):
-            raise SettingsError(
-                f"settle_time must be 0 (off) or {MIN_SETTLE_TIME}..{MAX_SETTLE_TIME:.0f} seconds, "
-                f"not {self.settle_time}"
-            )
-        if not self.stall_timeout >= MIN_STALL_TIMEOUT:  # NaN too
-            raise SettingsError(f"stall_timeout must be at least {MIN_STALL_TIMEOUT:.0f} s, not {self.stall_timeout}")
-        if self.max_jobs_per_client < 1 or self.max_connections < 0:
-            raise SettingsError("max_jobs_per_client must be positive, max_connections not negative")
+        if self.settle_time != 0:
+            self._bound("settle_time", MIN_SETTLE_TIME, MAX_SETTLE_TIME, "seconds (or 0: off)")
+        self._bound("stall_timeout", MIN_STALL_TIMEOUT, unit="seconds")
+        self._bound("max_jobs_per_client", 1)
+        self._bound("max_connections", 0)
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -202,6 +190,13 @@ class Settings:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+
+    def _bound(self, field: str, low: float, high: float = math.inf, unit: str = "") -> None:
+        """SettingsError, naming the setting as it is given, unless ``low <= value <= high`` (NaN is not)."""
+        value = getattr(self, field)
+        if not low <= value <= high:
+            limits = f"at least {_plain(low)}" if high == math.inf else f"{_plain(low)}..{_plain(high)}"
+            raise SettingsError(f"{setting_name(field)} must be {limits}{' ' + unit if unit else ''}, not {value}")
 
     def _check_link_secret(self) -> None:
         # Never the secret in the message: it goes to the journal.
@@ -322,3 +317,18 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "settle_time": number,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}
+_FLAGS = {"storage_dir": "-D/--dir", "port": "-P/--port", "delay": "-d/--delay", "compression": "--compression"}
+
+
+def _plain(bound: float) -> str:
+    """A bound as people write it: 16777216, 0.1."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def setting_name(field: str) -> str:
+    """How an operator gives the setting ``field``: its variable, after its flag if it has one.
+
+    "-d/--delay or ARCHIVER_DELAY", "ARCHIVER_MAX_JOBS".
+    """
+    variable = next((env for env, name in _FIELD_OF_ENV.items() if name == field), field)
+    return " or ".join(filter(None, (_FLAGS.get(field), f"ARCHIVER_{variable.upper()}")))

@@ -184,7 +184,7 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
     env = {**os.environ, "ARCHIVER_MAX_JOBS": "0"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT, env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == "archiver: max_jobs must be positive, rate_limit and shutdown_grace not negative"
+    assert result.stderr.strip() == "archiver: ARCHIVER_MAX_JOBS must be at least 1, not 0"
 
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
@@ -280,7 +280,8 @@ async def test_flags_win_over_bad_variables() -> None:
         cwd=PROJECT,
         env=os.environ | bad,
     )
-    assert (unflagged.returncode, unflagged.stderr.strip()) == (1, "archiver: delay must be 0..60 seconds, not 99.0")
+    refusal = "archiver: -d/--delay or ARCHIVER_DELAY must be 0..60 seconds, not 99.0"
+    assert (unflagged.returncode, unflagged.stderr.strip()) == (1, refusal)
 
 
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
@@ -348,7 +349,9 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         (["--compression", "12"], {}, "invalid choice"),
         # Helper 74: the flags took what int() and float() take ("18_475", a full-width digit).
         (["-P", "18_475"], {}, "argument -P/--port: invalid integer value: '18_475'"),
-        ([], {"ARCHIVER_MAX_JOBS": "0"}, "max_jobs must be positive"),
+        # A setting is named as it is given, not as its field (helper 74: "max_jobs must be positive").
+        ([], {"ARCHIVER_MAX_JOBS": "0"}, "archiver: ARCHIVER_MAX_JOBS must be at least 1, not 0"),
+        ([], {"ARCHIVER_CHUNK_SIZE": "0"}, "archiver: ARCHIVER_CHUNK_SIZE must be 1..16777216 bytes, not 0"),
         # Not this host's address: one line, not the fatal error's traceback (helper 34).
         (["-H", "192.0.2.1", "-P", "0"], {}, "archiver: cannot listen on 192.0.2.1:0: Cannot assign requested address"),
     ],

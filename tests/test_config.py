@@ -59,7 +59,7 @@ def test_empty_environment_gives_defaults() -> None:
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
-    with pytest.raises(SettingsError):
+    with pytest.raises(SettingsError, match=f"(^| or ){variable}[ =]"):
         Settings.from_env({variable: value})
 
 
