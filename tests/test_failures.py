@@ -93,9 +93,9 @@ async def test_producer_killed_mid_stream_aborts_the_transfer(large_storage: Pat
         await wait_until_no_producer_children(timeout=1.0)
 
 
-@pytest.mark.parametrize("kill_after", [1, 150_000, 700_000])
+@pytest.mark.parametrize(("compression", "kill_after"), [(0, 1), (0, 150_000), (0, 700_000), (6, 150_000)])
 async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entry(
-    settings: Settings, kill_after: int
+    settings: Settings, compression: int, kill_after: int
 ) -> None:
     # Helper 75: a producer that died mid-stream ended the transfer where its output ended, often
     # between two entries (it writes a file at a time), which Java's ZipInputStream takes for the
@@ -105,10 +105,13 @@ async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entr
     rng = random.Random(kill_after)
     write_tree(album, {f"{i:04d} снимок.jpg": rng.randbytes(rng.randrange(0, 3000)) for i in range(2_000)})
     # Paced (the service's rate limit), so that the producer is still writing when it is killed.
-    paced = replace(settings, chunk_size=16384, rate_limit=4_000_000)
+    # Deflated too: its entries' offsets are found as the bytes come (local_headers).  There the
+    # tail held back is counted from the bytes received, so the cut falls anywhere and rarely
+    # between entries: test_integrity's property test, fed to each entry's edges, is the proof.
+    paced = replace(settings, chunk_size=16384, rate_limit=4_000_000, compression=compression)
     received = bytearray()
     async with running_server(paced) as url, make_client(url, "HTTP/1.1") as client:
-        length = int((await client.head("/archive/album/")).headers["content-length"])
+        length = len((await client.get("/archive/album/")).content)
         with pytest.raises(ABORTED):
             async with client.stream("GET", "/archive/album/") as response:
                 async for data in response.aiter_raw():
@@ -119,7 +122,8 @@ async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entr
                                 os.kill(child.pid, signal.SIGKILL)
         whole = await client.get("/archive/album/")
     assert 0 < len(received) < length
-    assert received == whole.content[: len(received)]
+    if not compression:  # deflated bytes depend on timing too (the producer's beats flush its compressor)
+        assert received == whole.content[: len(received)]
     assert front_to_back_end(bytes(received)) == "cut"
     assert read_archive(whole.content) == files_on_disk(album)
 

@@ -19,6 +19,7 @@ import random
 import socket
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import SECOND
+from archiver.archive.local_headers import LocalHeaderFinder
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
 from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
@@ -293,18 +295,62 @@ def test_deflated_archives_arrive_whole_for_any_chunk_size(
 
 
 def front_to_back_end(data: bytes) -> str:
-    """How a reader that goes front to back (Java's ZipInputStream) meets the end of a stored archive's ``data``.
+    """How a reader that goes front to back (Java's ZipInputStream) meets the end of an archive's ``data``.
 
     "clean": between entries, in a local header's fixed part (its 30 bytes) or at the
     central directory: the archive's end to it.  "cut": inside an entry, an error to it.
+    A deflated entry with bit 3 (its sizes in the data descriptor after its data, 4.3.9)
+    ends where its deflate stream does, and its descriptor after.
     """
     at = 0
     while len(data) - at >= LOCAL_HEADER_FIXED and data[at : at + 4] == b"PK\x03\x04":
+        (flags,) = struct.unpack_from("<H", data, at + 6)
         size, _, name, extra = struct.unpack_from("<IIHH", data, at + 18)  # compressed size .. extra length
-        at += LOCAL_HEADER_FIXED + name + extra + size
+        at += LOCAL_HEADER_FIXED + name + extra
+        if flags & 0x08 and at <= len(data):
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflater.decompress(data[at:])
+            if not inflater.eof:
+                return "cut"
+            at = len(data) - len(inflater.unused_data) + DATA_DESCRIPTOR_SIZE  # no ZIP64 in these tests
+        else:
+            at += size
         if at > len(data):
             return "cut"
     return "clean"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@given(case=cases(max_total=400_000), splits=st.lists(FRACTIONS, max_size=40))
+@example(case=Case(4096, {"a.jpg": 0, "b.jpg": 1, "c.jpg": 0}, seed=3), splits=[0.01 * i for i in range(100)])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_what_goes_out_of_a_deflated_archive_before_the_tail_ends_inside_an_entry(
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case, splits: list[float]
+) -> None:
+    # Deflated, the plan does not know where an entry ends: the entries' local headers are found
+    # in the bytes as they come (LocalHeaderFinder), with the files' random bytes in stored deflate
+    # blocks among them.  Fed the real service's archive in any pieces, it finds every entry where
+    # it is, and what the response could send at any point ends inside an entry.
+    address, storage = server_for(case.chunk_size, compression=6)
+    album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
+    sent = receive(address, protocol, album.name, None, deflated=True)
+    plan = ArchivePlan(album, list_album(album).files, 6)
+    starts = sorted(info.header_offset for info in zipfile.ZipFile(io.BytesIO(sent)).infolist())
+    finder = LocalHeaderFinder(plan.count, plan.written_local_header)
+    # Fed up to any point, and to each entry's edges: its end (the next one's start) and its header.
+    edges = {at + d for at in starts for d in (-1, 0, 1, LOCAL_HEADER_FIXED, LOCAL_HEADER_FIXED + 1)}
+    ends = {int(split * len(sent)) for split in splits} | {e for e in edges if 0 < e < len(sent)} | {len(sent)}
+    headers = [len(plan.written_local_header(k)) for k in range(plan.count)]
+    assert plan.tail_bound() > max(headers, default=0)  # what end_inside_an_entry needs of its end
+    fed = 0
+    for end in sorted(ends):
+        finder.feed(sent[fed:end])
+        fed = end
+        # Every header fed whole is found, and no other.
+        assert finder.starts == [at for k, at in enumerate(starts) if at + headers[k] <= fed]
+        cut = finder.end_inside_an_entry(fed - plan.tail_bound(), 0)
+        assert cut == 0 or front_to_back_end(sent[:cut]) == "cut"
+    assert finder.starts == starts
 
 
 @given(case=cases(max_total=200_000), points=st.lists(FRACTIONS, min_size=1, max_size=20))

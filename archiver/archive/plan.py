@@ -42,6 +42,7 @@ from .entries import (
     extended_timestamp,
     external_attributes,
 )
+from .local_headers import end_inside_an_entry
 from .names import entry_names
 from .storage import AlbumFile
 from .zipformat import (
@@ -54,7 +55,6 @@ from .zipformat import (
     END_RECORDS_BOUND,
     FIELD_LIMIT,
     LOCAL_CRC_AT,
-    LOCAL_HEADER_FIXED,
     STORED,
     EntryFields,
     central_directory_bound,
@@ -265,18 +265,14 @@ class ArchivePlan:
         field or data.  A part that ends between two entries, or within that fixed part, reads
         to a reader that reads front to back (Java's ZipInputStream) as a whole archive of the
         entries before it (helper 75).  ``floor`` if there is no such end; ``end`` if it lies in
-        the central directory or after (the tail, ``tail_bound``).
+        the central directory or after (the tail, ``tail_bound``).  Deflated, the entries' offsets
+        are found as written (``local_headers.LocalHeaderFinder``).
         """
-        cut = end
-        while cut > floor:
-            k = bisect.bisect_right(self.local_offsets, cut - 1) - 1  # the entry of the last byte
-            if k >= self.count:
-                return cut
-            start = self.local_offsets[k]
-            if start + LOCAL_HEADER_FIXED < cut < self.local_offsets[k + 1]:
-                return cut
-            cut = start - 1 if cut <= start + LOCAL_HEADER_FIXED else cut - 1
-        return floor
+        return end_inside_an_entry(self.local_offsets, self.count, end, floor)
+
+    def written_local_header(self, k: int) -> bytes:
+        """Entry k's local header as the producer writes it, its CRC 0 (deflated: the one it has)."""
+        return local_header(self.fields(k), 0, self.sizes[k])
 
     @property
     def central_offset(self) -> int:

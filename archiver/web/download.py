@@ -22,6 +22,7 @@ from quart.wrappers.response import ResponseBody
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_reads import FileChanged
 from ..archive.crc_source import CrcSource
+from ..archive.local_headers import LocalHeaderFinder
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
 from ..archive.producer_program import EXIT_CHANGED
@@ -115,6 +116,8 @@ class ArchiveBody(ResponseBody):
         self._tail = bytearray()
         self._tail_bytes: int | None = None
         self._tail_checked = False
+        # Deflated (no length ahead): where its entries begin, found in the bytes as they come.
+        self._headers = None if plan.length is not None else LocalHeaderFinder(plan.count, plan.written_local_header)
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
@@ -240,6 +243,8 @@ class ArchiveBody(ResponseBody):
         """
         while not self._tail_checked:
             chunk = await self._next_chunk()
+            if chunk is not None and self._headers is not None:
+                self._headers.feed(chunk)
             if chunk is None:
                 if self._recent:
                     await self._check_recent_files()
@@ -257,14 +262,16 @@ class ArchiveBody(ResponseBody):
         return ahead or None
 
     def _sendable(self, pending: int) -> int:
-        """How many of the next ``pending`` bytes can go now: none of the tail; stored, ending inside an entry."""
+        """How many of the next ``pending`` bytes can go now: none of the tail, and ending inside an entry."""
+        at = self._start + self.bytes_sent  # the next byte's offset in the archive
+        if self._headers is not None:  # deflated: inside one of the entries found so far
+            limit = pending - self._tail_size()
+            return self._headers.end_inside_an_entry(at + limit, at) - at if limit > 0 else 0
         length = self._length()
-        if length is None:
-            return max(0, pending - self._tail_size())
+        assert length is not None  # stored
         limit = min(pending, length - self._tail_size() - self.bytes_sent)
         if limit <= 0:
             return 0
-        at = self._start + self.bytes_sent  # the next byte's offset in the archive
         return self.plan.mid_entry_end(at + limit, at) - at
 
     def _tail_size(self) -> int:
