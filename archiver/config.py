@@ -272,7 +272,11 @@ def integer(raw: str) -> int:
 def number(raw: str) -> float:
     if not _NUMBER.fullmatch(raw):
         raise ValueError("not a number in ASCII digits (2, 0.5, 1e3)")
-    return float(raw)
+    value = float(raw)
+    # 1e-400 is 0.0 to float, and a settle time of 0 turns its rule off (helper 76).
+    if value == 0 and re.search(r"[1-9]", raw.split("e")[0].split("E")[0]):
+        raise ValueError("too small to tell from 0")
+    return value
 
 
 def _parse_list(raw: str) -> tuple[str, ...]:

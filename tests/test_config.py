@@ -56,6 +56,8 @@ def test_empty_environment_gives_defaults() -> None:
         # Helper 74: spaces of other scripts, and a dotless i.
         ("ARCHIVER_CHUNK_SIZE", "\u3000100"),
         ("ARCHIVER_SETTLE_TIME", "\u0131nf"),
+        # Helper 76: a float's underflow to 0.0 turned the settle rule off unsaid.
+        ("ARCHIVER_SETTLE_TIME", "1e-400"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:

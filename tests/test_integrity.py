@@ -40,7 +40,7 @@ from archiver.archive.ctime_trust import SECOND
 from archiver.archive.local_headers import LocalHeaderFinder
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
-from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
+from archiver.archive.zipformat import DATA_DESCRIPTOR_BOUND, DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
 from archiver.config import Settings
 
 from .conftest import (
@@ -278,20 +278,13 @@ def receive_through_irregular_windows(address: tuple[str, int], name: str, seed:
 def test_deflated_archives_arrive_whole_for_any_chunk_size(
     server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory, protocol: str, case: Case
 ) -> None:
-    # Deflated, with files changed lately (all of these), each chunk is handed on once the next
-    # has come, and the last once those files were looked at again (download._next_deflated_chunk).
+    # Deflated, with files changed lately (all of these): what goes out ends inside an entry found
+    # so far, short of the last entry's end, until the central directory's first byte (the files
+    # checked) and the recheck of those files; then the rest (download._next_before_tail).
     address, storage = server_for(case.chunk_size, compression=6)
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     sent = receive(address, protocol, album.name, None, deflated=True)
     assert read_archive(sent) == read_archive(expected_archive(album))  # the stored archive's entries
-    # What the response held back is the last entry's last byte and all after it, exactly (no
-    # ZIP64 here): a cut inside that entry, never between entries nor in a local header's first
-    # 30 bytes, where Java's ZipInputStream sees the archive's end (helper 75).
-    archive = zipfile.ZipFile(io.BytesIO(sent))
-    last = max(archive.infolist(), key=lambda info: info.header_offset, default=None)
-    descriptor = DATA_DESCRIPTOR_SIZE if last is not None and last.flag_bits & 0x08 else 0
-    tail = len(sent) - archive.start_dir + descriptor + 1
-    assert ArchivePlan(album, list_album(album).files, 6).tail_bound() == tail
 
 
 def front_to_back_end(data: bytes) -> str:
@@ -335,21 +328,26 @@ def test_what_goes_out_of_a_deflated_archive_before_the_tail_ends_inside_an_entr
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     sent = receive(address, protocol, album.name, None, deflated=True)
     plan = ArchivePlan(album, list_album(album).files, 6)
-    starts = sorted(info.header_offset for info in zipfile.ZipFile(io.BytesIO(sent)).infolist())
-    finder = LocalHeaderFinder(plan.count, plan.written_local_header)
-    # Fed up to any point, and to each entry's edges: its end (the next one's start) and its header.
-    edges = {at + d for at in starts for d in (-1, 0, 1, LOCAL_HEADER_FIXED, LOCAL_HEADER_FIXED + 1)}
+    archive = zipfile.ZipFile(io.BytesIO(sent))
+    starts = sorted(info.header_offset for info in archive.infolist())
+    finder = LocalHeaderFinder(plan.count, plan.written_local_header, plan.written_first_central_header)
+    # Fed up to any point, and to each record's edges: an entry's end (the next one's start), its
+    # local header's fixed part, the central directory's first header.
+    edges = {at + d for at in [*starts, archive.start_dir] for d in (-1, 0, 1, LOCAL_HEADER_FIXED, 47, 48)}
     ends = {int(split * len(sent)) for split in splits} | {e for e in edges if 0 < e < len(sent)} | {len(sent)}
     headers = [len(plan.written_local_header(k)) for k in range(plan.count)]
-    assert plan.tail_bound() > max(headers, default=0)  # what end_inside_an_entry needs of its end
+    central = 46 + len(plan.name(0)) if plan.count else 0  # the first central header to its name's end
     fed = 0
     for end in sorted(ends):
         finder.feed(sent[fed:end])
         fed = end
-        # Every header fed whole is found, and no other.
+        # Every record fed whole is found, and no other.
         assert finder.starts == [at for k, at in enumerate(starts) if at + headers[k] <= fed]
-        cut = finder.end_inside_an_entry(fed - plan.tail_bound(), 0)
-        assert cut == 0 or front_to_back_end(sent[:cut]) == "cut"
+        found = plan.count and archive.start_dir + central <= fed
+        assert finder.central_start == (archive.start_dir if found else None)
+        if not found:  # what a response may send before it (download._sendable)
+            cut = finder.end_inside_an_entry(fed - max(finder.hold, DATA_DESCRIPTOR_BOUND + 1), 0)
+            assert cut == 0 or front_to_back_end(sent[:cut]) == "cut"
     assert finder.starts == starts
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import zipfile
 from dataclasses import replace
 
 import httpx
@@ -13,6 +15,7 @@ import trio.testing
 
 from archiver.config import Settings, SettingsError
 from archiver.fences.hypercorn_tcp import write_units
+from archiver.web import download as download_module
 from archiver.web.limits import (
     STALL_UNIT,
     ClientWalks,
@@ -456,3 +459,32 @@ def test_the_socket_counts_a_chunk_and_its_framing_as_the_app_counts_the_chunk()
     assert write_units(STALL_UNIT + 16 * 9, STALL_UNIT) == 1  # 16 HTTP/2 frame headers
     assert write_units(STALL_UNIT + 64 * 1024, STALL_UNIT) == 2
     assert write_units(0, STALL_UNIT) == 1
+
+
+@pytest.mark.parametrize("compression", [0, 6])
+async def test_a_download_holds_a_few_bytes_of_its_tail_not_the_central_directory(
+    settings: Settings, compression: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 76: every download held its archive's tail (the central directory, ~20 MB for 20,000
+    # long names) in memory until its producer's exit, eight slow clients +161 MB.  The producer
+    # writes the central directory only once every file it sent is checked: its first byte is the
+    # proof the tail waited for, and the bytes after it go as they come.
+    held: list[int] = []
+    next_before_tail = download_module.ArchiveBody._next_before_tail
+
+    async def measured(body: download_module.ArchiveBody) -> bytes | None:
+        chunk = await next_before_tail(body)
+        held.append(len(body._tail))
+        return chunk
+
+    monkeypatch.setattr(download_module.ArchiveBody, "_next_before_tail", measured)
+    album = settings.storage_dir / "album"
+    write_tree(album, {f"a/{i:04d} {'фотография из отпуска ' * 6}.jpg": b"x" for i in range(8_000)})
+    chunk_size = 65536
+    served = replace(settings, chunk_size=chunk_size, compression=compression)
+    async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/archive/album/")
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert len(response.content) - archive.start_dir > 1_500_000  # a central directory of many chunks
+    assert read_archive(response.content) == {name: b"x" for name in archive.namelist()}
+    assert 0 < max(held) <= chunk_size  # was the central directory's size

@@ -64,6 +64,20 @@ RUN = 512
 
 
 def _stored_instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> Instructions:
+    """The instructions for bytes ``start`` .. ``end`` of a stored archive: its entries' part, then its central part.
+
+    Between them, ``CHECKED``: the producer checks every file it sent before the
+    central directory's first byte goes out, which tells the service so (web.download).
+    """
+    if start < plan.central_offset <= end:
+        yield from _stored_part(plan, start, plan.central_offset - 1, crcs)
+        yield producer_program.CHECKED
+        yield from _stored_part(plan, plan.central_offset, end, crcs)
+    else:
+        yield from _stored_part(plan, start, end, crcs)
+
+
+def _stored_part(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> Instructions:
     """The instructions for bytes ``start`` .. ``end`` of a stored archive.
 
     Runs of whole entries and of whole central headers whose CRCs are at

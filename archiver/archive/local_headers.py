@@ -19,11 +19,15 @@ between entries on a transfer that fails anyway (which its client sees fail).
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-from .zipformat import LOCAL_CRC_AT, LOCAL_HEADER_FIXED
+from .zipformat import CENTRAL_HEADER_FIXED, LOCAL_CRC_AT, LOCAL_HEADER_FIXED
 
 CRC_END = LOCAL_CRC_AT + 4  # the CRC field: the one part of a local header not matched
+CENTRAL_NAME_LENGTH_AT = 28  # 4.3.12: file name length, then the extra field's and the comment's
+CENTRAL_COMMENT_LENGTH_AT = 32  # from the comment length on, a first central header is known whole
 
 
 def end_inside_an_entry(starts: Sequence[int], entries: int, end: int, floor: int) -> int:
@@ -49,50 +53,94 @@ def end_inside_an_entry(starts: Sequence[int], entries: int, end: int, floor: in
     return floor
 
 
-class LocalHeaderFinder:
-    """The local header offsets of a deflated archive's entries, found in its bytes fed in order.
+class Needle(NamedTuple):
+    """A record looked for in the bytes: its bytes, those from ``key_at`` on searched for, ``checked`` slices compared.
 
-    ``header(k)``: entry k's local header as written, with any CRC (it is not matched), for
-    ``count`` entries (``ArchivePlan.written_local_header``).
+    The rest (a CRC, sizes not known yet) is not matched.
     """
 
-    def __init__(self, count: int, header: Callable[[int], bytes]) -> None:
+    record: bytes
+    key_at: int
+    checked: tuple[tuple[int, int], ...]
+
+
+def local_header_needle(header: bytes) -> Needle:
+    """A local header (4.3.7) as written, every byte matched but its CRC."""
+    return Needle(header, CRC_END, ((0, LOCAL_CRC_AT),))
+
+
+def first_central_header_needle(header: bytes) -> Needle:
+    """The central directory's first header (4.3.12) to its name's end (its local header at offset 0).
+
+    Not matched: the version needed, CRC, sizes and extra field's length (ZIP64
+    fields there depend on the sizes written).
+    """
+    (name_length,) = struct.unpack_from("<H", header, CENTRAL_NAME_LENGTH_AT)
+    checked = ((0, 6), (8, 16), (CENTRAL_NAME_LENGTH_AT, CENTRAL_NAME_LENGTH_AT + 2))
+    return Needle(header[: CENTRAL_HEADER_FIXED + name_length], CENTRAL_COMMENT_LENGTH_AT, checked)
+
+
+class LocalHeaderFinder:
+    """Where a deflated archive's entries begin, and its central directory, found in its bytes fed in order.
+
+    ``local_header(k)``: entry k's local header as written, with any CRC (it is not
+    matched), for ``count`` entries (``ArchivePlan.written_local_header``);
+    ``central_header()``: the central directory's first header, with any CRC and sizes.
+    """
+
+    def __init__(self, count: int, local_header: Callable[[int], bytes], central_header: Callable[[], bytes]) -> None:
         self.count = count
-        self.starts: list[int] = []
-        self._header = header
-        self._next: bytes | None = header(0) if count else None
+        self.starts: list[int] = []  # the local headers' offsets found, entry 0, 1, ...
+        self.central_start: int | None = None  # the central directory's, once found
+        self._local_header = local_header
+        self._central_header = central_header
+        self._next: Needle | None = self._needle(0)
         self._window = bytearray()  # bytes fed, from offset _window_at, that a header may yet begin in
         self._window_at = 0
 
+    def _needle(self, k: int) -> Needle | None:
+        if k < self.count:
+            return local_header_needle(self._local_header(k))
+        return first_central_header_needle(self._central_header()) if self.count else None
+
+    @property
+    def hold(self) -> int:
+        """The length of the next record looked for: a cut that far from the end of the bytes fed or farther,
+        past the last local header found, is not at the end of its entry (the next record would have been found).
+        """
+        return len(self._next.record) if self._next is not None else 0
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Look for the next local headers in ``data``, the bytes after those fed before."""
+        """Look for the next records in ``data``, the bytes after those fed before."""
         if self._next is None:
             return
         self._window += data
         searched = 0
-        while self._next is not None:
-            header = self._next
-            at = self._window.find(header[CRC_END:], searched + CRC_END)
+        while (needle := self._next) is not None:
+            record = needle.record
+            at = self._window.find(record[needle.key_at :], searched + needle.key_at)
             if at < 0:
                 break
-            at -= CRC_END
-            if self._window[at : at + LOCAL_CRC_AT] != header[:LOCAL_CRC_AT]:
+            at -= needle.key_at
+            if any(self._window[at + a : at + b] != record[a:b] for a, b in needle.checked):
                 searched = at + 1
                 continue
-            self.starts.append(self._window_at + at)
-            searched = at + len(header)
-            k = len(self.starts)
-            self._next = self._header(k) if k < self.count else None
-        # Keep what the next header may have begun in (all of it, if it was found in part).
-        keep = max(searched, len(self._window) - (len(self._next) - 1 if self._next is not None else 0))
+            searched = at + len(record)
+            if len(self.starts) < self.count:
+                self.starts.append(self._window_at + at)
+                self._next = self._needle(len(self.starts))
+            else:
+                self.central_start = self._window_at + at
+                self._next = None
+        # Keep what the next record may have begun in.
+        keep = max(searched, len(self._window) - (len(needle.record) - 1 if needle is not None else 0))
         del self._window[:keep]
         self._window_at += keep
 
     def end_inside_an_entry(self, end: int, floor: int) -> int:
-        """``end_inside_an_entry`` of the headers found, for an ``end`` a local header or more before the bytes fed.
+        """``end_inside_an_entry`` of the headers found, for an ``end`` at least ``hold`` before the bytes fed.
 
-        That far back, a cut past the last header found is not at the end of its entry: the next
-        header would have been fed whole, and found.  The tail a response holds back is farther
-        (``ArchivePlan.tail_bound``: the central directory holds every entry's name, and more).
+        That far back, a cut past the last local header found is not at the end of
+        its entry: the next record would have been fed whole, and found.
         """
         return end_inside_an_entry(self.starts, self.count, end, floor)

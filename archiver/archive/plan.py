@@ -35,8 +35,6 @@ from zoneinfo import ZoneInfo
 from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
 from .entries import (
-    EXTENDED_TIMESTAMP_SIZE,
-    UNIX_TIME_RANGE,
     EntryPolicy,
     dos_date_time,
     extended_timestamp,
@@ -47,18 +45,10 @@ from .names import entry_names
 from .storage import AlbumFile
 from .zipformat import (
     CENTRAL_CRC_AT,
-    COUNT_LIMIT,
-    DATA_DESCRIPTOR_BOUND,
-    DATA_DESCRIPTOR_SIZE,
     DEFLATED,
-    END_RECORD_SIZE,
-    END_RECORDS_BOUND,
-    FIELD_LIMIT,
     LOCAL_CRC_AT,
     STORED,
     EntryFields,
-    central_directory_bound,
-    central_directory_size,
     central_header,
     end_records,
     local_header,
@@ -113,7 +103,6 @@ class ArchivePlan:
         self._local_ends = array("Q")
         self._central_records = b""
         self.length: int | None = None
-        self._deflated_tail: int | None = None  # tail_bound's, once computed
         if compression == 0:
             self._lay_out()
 
@@ -221,42 +210,18 @@ class ArchivePlan:
             entries.extend(k for k in range(first, last + 1) if k not in done)
         return entries
 
-    def tail_bound(self) -> int:
-        """Bytes from the last entry's last byte to the archive's end (>= 1): exact, or at most if deflated and ZIP64.
+    def tail_size(self) -> int:
+        """Bytes from the last entry's last byte to the stored archive's end (>= 1).
 
-        The last byte of the last entry's data, or of its local header if it has none; then, deflated,
-        its data descriptor; the central directory (4.3.12) and the end records (4.3.14-4.3.16).  A
-        reader that has not got all of these cannot take the archive for whole, not even one that
-        reads it front to back (Java's ZipInputStream, bsdtar from a pipe): its last entry is cut.
-        Exact, the cut is inside the last entry: Java's ZipInputStream takes a cut within the
-        first 30 bytes of a local header, or between entries, for the archive's end (helper 75).
-        Deflated, the sizes are known only once written: exact unless the archive may need ZIP64
-        (4 GiB, 65,535 entries), an upper bound then.
+        The last byte of the last entry's data, or of its local header if it has none; then the
+        central directory (4.3.12) and the end records (4.3.14-4.3.16).  A reader that has not got
+        all of these cannot take the archive for whole, not even one that reads it front to back
+        (Java's ZipInputStream, bsdtar from a pipe): its last entry is cut, inside it (Java's
+        ZipInputStream takes a cut within the first 30 bytes of a local header, or between
+        entries, for the archive's end; helper 75).
         """
-        if self.length is not None:
-            return self.length - max(self.central_offset - 1, 0)
-        if self._deflated_tail is None:
-            self._deflated_tail = self._deflated_tail_bound()
-        return self._deflated_tail
-
-    def _deflated_tail_bound(self) -> int:
-        name_ends = self._path_ends if self._name_ends is None else self._name_ends
-        names = name_ends[-1] if self.count else 0
-        # At most: each entry's data deflate_bound (summed over the album, plus its constant a
-        # file), and its records with every ZIP64 field.
-        total = self.total_size
-        data = total + (total >> 12) + (total >> 14) + (total >> 25) + 13 * self.count
-        records = 2 * central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE) + END_RECORDS_BOUND
-        if self.count >= COUNT_LIMIT or data + records + self.count * DATA_DESCRIPTOR_BOUND >= FIELD_LIMIT:
-            central = central_directory_bound(self.count, names, EXTENDED_TIMESTAMP_SIZE)
-            return 1 + DATA_DESCRIPTOR_BOUND + central + END_RECORDS_BOUND
-        # No ZIP64 field anywhere: every record's length is known.
-        low, high = UNIX_TIME_RANGE
-        extras = EXTENDED_TIMESTAMP_SIZE * sum(1 for seconds in self._unix_times if low <= seconds <= high)
-        central = central_directory_size(self.count, names, extras)
-        last = self.fields(self.count - 1) if self.count else None
-        descriptor = DATA_DESCRIPTOR_SIZE if last is not None and last.method == DEFLATED else 0
-        return 1 + descriptor + central + END_RECORD_SIZE
+        assert self.length is not None
+        return self.length - max(self.central_offset - 1, 0)
 
     def mid_entry_end(self, end: int, floor: int) -> int:
         """The longest part of the stored archive, from its start, ending in [floor, end] inside an entry.
@@ -265,7 +230,7 @@ class ArchivePlan:
         field or data.  A part that ends between two entries, or within that fixed part, reads
         to a reader that reads front to back (Java's ZipInputStream) as a whole archive of the
         entries before it (helper 75).  ``floor`` if there is no such end; ``end`` if it lies in
-        the central directory or after (the tail, ``tail_bound``).  Deflated, the entries' offsets
+        the central directory or after (the tail, ``tail_size``).  Deflated, the entries' offsets
         are found as written (``local_headers.LocalHeaderFinder``).
         """
         return end_inside_an_entry(self.local_offsets, self.count, end, floor)
@@ -273,6 +238,10 @@ class ArchivePlan:
     def written_local_header(self, k: int) -> bytes:
         """Entry k's local header as the producer writes it, its CRC 0 (deflated: the one it has)."""
         return local_header(self.fields(k), 0, self.sizes[k])
+
+    def written_first_central_header(self) -> bytes:
+        """The central directory's first header, as written but for its CRC and compressed size (0 here)."""
+        return central_header(self.fields(0), 0, 0, self.sizes[0], 0)
 
     @property
     def central_offset(self) -> int:

@@ -16,6 +16,8 @@ it reads, each instruction a kind byte and a fixed ``struct``:
 ``S`` a whole stored entry in a deflated archive (a file just under 4 GiB,
       ``zipformat.stored_when_deflating``): its local header with the CRC the
       service read, then its data as ``F`` moves it.
+``C`` check every file sent so far, once the reader has taken its bytes (before
+      a stored archive's central directory; ``E`` does the same first).
 ``E`` the central directory and end records of the ``D`` and ``S`` entries written.
 ``Z`` the end: exit 0.
 
@@ -85,6 +87,9 @@ ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY, STORED_ENTRY_BOD
 SECOND = 1_000_000_000
 END = b"E"
 DONE = b"Z"
+# Every file sent so far checked (``Output.settle``), before what follows: the central directory,
+# whose first byte then tells the service that the files' bytes stand (web.download).
+CHECKED = b"C"
 
 FileKey = tuple[int, int, int, int, int]
 
@@ -427,6 +432,9 @@ class Producer:
                 path, name, extra = read(path_length), read(name_length), read(extra_length)
                 fields = EntryFields(name, STORED, dos_time, attributes, extra)
                 self._with_file(path, _key(tuple(identity)), self._send_stored_entry, fields, crc, verify)
+            elif kind == CHECKED:
+                self.output.flush()
+                self.output.settle(0)
             elif kind == END:
                 self._write_central_directory()
             else:
@@ -551,6 +559,9 @@ class Producer:
         return self._send_slice(fd, key, 0, size, crc if verify else None)
 
     def _write_central_directory(self) -> None:
+        # Its first byte tells the service that every file sent was checked (``CHECKED``).
+        self.output.flush()
+        self.output.settle(0)
         start = self.output.position
         for fields, crc, compressed, size, offset in self.written:
             self.output.write(central_header(fields, crc, compressed, size, offset))

@@ -52,6 +52,7 @@ _ZIP64_END_LOCATOR = struct.Struct("<4sIQI")
 _END_RECORD = struct.Struct("<4sHHHHIIH")
 # The local header's fixed part, before its name and extra field.
 LOCAL_HEADER_FIXED = _LOCAL_HEADER.size
+CENTRAL_HEADER_FIXED = _CENTRAL_HEADER.size
 # Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
 LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
 CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
@@ -197,25 +198,9 @@ def central_header(fields: EntryFields, crc: int, compressed_size: int, size: in
     return header + fields.name + extra
 
 
-def central_directory_bound(count: int, names: int, extra: int) -> int:
-    """The most bytes ``count`` central directory headers take, whatever their sizes and offsets.
-
-    ``names``: their names' bytes in all; ``extra``: the most extra field bytes of one, besides
-    the ZIP64 field, counted here in full (4.5.3: three 8-byte values).
-    """
-    return count * (_CENTRAL_HEADER.size + extra + 4 + 3 * 8) + names
-
-
-def central_directory_size(count: int, names: int, extras: int) -> int:
-    """The bytes ``count`` central directory headers without ZIP64 fields take; ``names``, ``extras``: theirs in all."""
-    return count * _CENTRAL_HEADER.size + names + extras
-
-
-# The bytes of a data descriptor and of the end records, without ZIP64 fields and at most (ZIP64 ones).
+# The bytes of a data descriptor without ZIP64 fields, and at most (with them).
 DATA_DESCRIPTOR_SIZE = _DATA_DESCRIPTOR.size
 DATA_DESCRIPTOR_BOUND = _DATA_DESCRIPTOR_ZIP64.size
-END_RECORD_SIZE = _END_RECORD.size
-END_RECORDS_BOUND = _ZIP64_END_RECORD.size + _ZIP64_END_LOCATOR.size + _END_RECORD.size
 
 
 def needs_zip64_end(count: int, central_size: int, central_offset: int) -> bool:

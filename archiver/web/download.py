@@ -27,6 +27,7 @@ from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
 from ..archive.producer_program import EXIT_CHANGED
 from ..archive.worker_threads import in_thread
+from ..archive.zipformat import DATA_DESCRIPTOR_BOUND
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
@@ -117,7 +118,11 @@ class ArchiveBody(ResponseBody):
         self._tail_bytes: int | None = None
         self._tail_checked = False
         # Deflated (no length ahead): where its entries begin, found in the bytes as they come.
-        self._headers = None if plan.length is not None else LocalHeaderFinder(plan.count, plan.written_local_header)
+        self._headers = (
+            None
+            if plan.length is not None
+            else LocalHeaderFinder(plan.count, plan.written_local_header, plan.written_first_central_header)
+        )
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
@@ -225,30 +230,34 @@ class ArchiveBody(ResponseBody):
             self._waiting_since = None
 
     async def _next_before_tail(self) -> bytes | None:
-        """The next bytes to send of a body whose tail waits for the producer's end and its last checks.
+        """The next bytes to send of a body whose tail waits for proof that every file sent was checked.
 
-        The tail: from the last entry's last byte to the end (``ArchivePlan.tail_bound``), or
-        the last byte of a range that ends before it.  It goes out once the producer has exited
-        having checked every file it sent (the last of them only after the central directory was
-        written), and the files changed lately were looked at again.  Whatever a client keeps of
-        a transfer that failed for a file changed is then no whole archive, even to a reader that
-        reads front to back (helper 74: with only the last chunk held back, of an album of 4,000
-        files, bsdtar and Java's ZipInputStream unpacked every entry of the bytes received, the
-        file cut; helper 75: files not changed lately too; helper 73: the end records went out
-        before the recheck).  Chunks before the tail go as they came; those in it wait, in memory
-        (the central directory's size: no more than the plan takes), and go out in chunks of at
-        most ``chunk_size``.  Stored, what goes out before them ends inside an entry
-        (``ArchivePlan.mid_entry_end``): if the producer fails, no reader takes what was sent for
-        a whole archive of the entries so far (helper 75, Java's ZipInputStream).
+        The tail: from the last entry's last byte to the end, or the last byte of a range
+        that ends before it.  It goes out once the producer has checked every file it sent
+        (after the reader took its bytes out of the pipe), and the files changed lately were
+        looked at again.  The proof is the central directory's first byte, which the producer
+        writes only then (``producer_program.CHECKED``), or its clean exit.  Whatever a client
+        keeps of a transfer that failed for a file changed is then no whole archive, even to a
+        reader that reads front to back (helper 74: with only the last chunk held back, of an
+        album of 4,000 files, bsdtar and Java's ZipInputStream unpacked every entry of the
+        bytes received, the file cut; helper 75: files not changed lately too; helper 73: the
+        end records went out before the recheck).  What goes out before the proof ends inside
+        an entry (stored: ``ArchivePlan.mid_entry_end``; deflated: ``LocalHeaderFinder``): if
+        the producer fails, no reader takes it for a whole archive of the entries so far
+        (helper 75, Java's ZipInputStream).  Held meanwhile: a few bytes.  Until 2026-12-03
+        the whole central directory was held until the producer's exit, in memory, ~20 MB a
+        download for an album of 20,000 long names (helper 76).
         """
         while not self._tail_checked:
             chunk = await self._next_chunk()
             if chunk is not None and self._headers is not None:
                 self._headers.feed(chunk)
-            if chunk is None:
+            if chunk is None or self._checked_with(len(chunk)):
                 if self._recent:
                     await self._check_recent_files()
                 self._tail_checked = True
+                if chunk is not None:
+                    self._tail += chunk
                 break
             if not self._tail and self._sendable(len(chunk)) == len(chunk):
                 return chunk  # as it came
@@ -257,15 +266,26 @@ class ArchiveBody(ResponseBody):
                 ahead = bytes(self._tail[:sendable])
                 del self._tail[:sendable]
                 return ahead
-        ahead = bytes(self._tail[: self.chunk_size])
-        del self._tail[: len(ahead)]
-        return ahead or None
+        if self._tail:
+            ahead = bytes(self._tail[: self.chunk_size])
+            del self._tail[: len(ahead)]
+            return ahead
+        return await self._next_chunk()
+
+    def _checked_with(self, arriving: int) -> bool:
+        """Whether the ``arriving`` bytes prove that the producer checked every file it sent: the central directory."""
+        if self._headers is not None:
+            return self._headers.central_start is not None
+        received = self._start + self.bytes_sent + len(self._tail) + arriving
+        return received > self.plan.central_offset
 
     def _sendable(self, pending: int) -> int:
         """How many of the next ``pending`` bytes can go now: none of the tail, and ending inside an entry."""
         at = self._start + self.bytes_sent  # the next byte's offset in the archive
-        if self._headers is not None:  # deflated: inside one of the entries found so far
-            limit = pending - self._tail_size()
+        if self._headers is not None:
+            # Deflated: inside an entry found, and short of the last entry's data descriptor (and
+            # its last byte) whatever the bytes received end in.
+            limit = pending - max(self._headers.hold, DATA_DESCRIPTOR_BOUND + 1)
             return self._headers.end_inside_an_entry(at + limit, at) - at if limit > 0 else 0
         length = self._length()
         assert length is not None  # stored
@@ -275,12 +295,14 @@ class ArchiveBody(ResponseBody):
         return self.plan.mid_entry_end(at + limit, at) - at
 
     def _tail_size(self) -> int:
-        """How many bytes at the body's end ``_next_before_tail`` holds back (computed once)."""
+        """How many bytes at a stored body's end ``_next_before_tail`` holds back (computed once).
+
+        This response's part of the archive's tail (``ArchivePlan.tail_size``), or its last byte.
+        """
         if self._tail_bytes is None:
-            tail = self.plan.tail_bound()
-            if self.plan.length is not None:  # this response's part of it, or its last byte
-                tail = max(1, self._end + 1 - max(self.plan.length - tail, self._start))
-            self._tail_bytes = tail
+            assert self.plan.length is not None
+            tail_start = self.plan.length - self.plan.tail_size()
+            self._tail_bytes = max(1, self._end + 1 - max(tail_start, self._start))
         return self._tail_bytes
 
     async def _check_recent_files(self) -> None:
