@@ -259,10 +259,21 @@ class ArchiveBody(ResponseBody):
                 if chunk is not None:
                     self._tail += chunk
                 break
-            if not self._tail and self._sendable(len(chunk)) == len(chunk):
+            held = len(self._tail)
+            sendable = self._sendable(held + len(chunk))
+            if not held and sendable == len(chunk):
                 return chunk  # as it came
+            if sendable >= held:
+                # What was held and the chunk up to the cut, one copy: a chunk read as the producer
+                # wrote an entry's last byte ends between two entries, and is cut just before
+                # (most chunks of an album of small files).  The few bytes after the cut wait.
+                ahead = b"".join((self._tail, memoryview(chunk)[: sendable - held]))
+                self._tail = bytearray(memoryview(chunk)[sendable - held :])
+                if ahead:
+                    return ahead
+                continue
             self._tail += chunk
-            if sendable := self._sendable(len(self._tail)):
+            if sendable:
                 ahead = bytes(self._tail[:sendable])
                 del self._tail[:sendable]
                 return ahead
