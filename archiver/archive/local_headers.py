@@ -11,19 +11,34 @@ CRC (name, times, sizes as written: 0 with bit 3 set, or a stored entry's size),
 so it is looked for whole, the entry's name among it.
 
 A file's own bytes pass through verbatim where deflate stores a block it cannot
-shrink: a file made to hold the very next entry's local header could be taken
-for it.  Only whoever uploads the album can make one, and what it costs is a cut
-between entries on a transfer that fails anyway (which its client sees fail).
+shrink, and an album may hold an earlier archive of itself: its records could be
+taken for this one's (helper 77: an album's own central directory, found early,
+ended the hold on the tail).  So a record is taken only where the entry before
+it ends: right after a data descriptor (4.3.9) whose sizes are that entry's (its
+compressed size the bytes since its header; its size the file's), or a stored
+entry's data, or at offset 0.  A file made to hold all that, descriptor included,
+can still pass for the real thing; only its uploader can make one, who could as
+well upload a broken file.
 """
 
 from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
-from .zipformat import CENTRAL_HEADER_FIXED, LOCAL_CRC_AT, LOCAL_HEADER_FIXED
+from .zipformat import (
+    CENTRAL_HEADER_FIXED,
+    DATA_DESCRIPTOR_BOUND,
+    DATA_DESCRIPTOR_SIGNATURE,
+    DATA_DESCRIPTOR_SIZE,
+    DEFLATED,
+    LOCAL_CRC_AT,
+    LOCAL_HEADER_FIXED,
+    EntryFields,
+    uses_zip64,
+)
 
 CRC_END = LOCAL_CRC_AT + 4  # the CRC field: the one part of a local header not matched
 CENTRAL_NAME_LENGTH_AT = 28  # 4.3.12: file name length, then the extra field's and the comment's
@@ -80,20 +95,34 @@ def first_central_header_needle(header: bytes) -> Needle:
     return Needle(header[: CENTRAL_HEADER_FIXED + name_length], CENTRAL_COMMENT_LENGTH_AT, checked)
 
 
+class DeflatedLayout(Protocol):
+    """What the finder needs of an archive's plan (``ArchivePlan``)."""
+
+    @property
+    def count(self) -> int: ...
+    @property
+    def sizes(self) -> Sequence[int]: ...
+    def fields(self, k: int) -> EntryFields: ...
+    def written_local_header(self, k: int) -> bytes: ...
+    def written_first_central_header(self) -> bytes: ...
+
+
 class LocalHeaderFinder:
     """Where a deflated archive's entries begin, and its central directory, found in its bytes fed in order.
 
-    ``local_header(k)``: entry k's local header as written, with any CRC (it is not
-    matched), for ``count`` entries (``ArchivePlan.written_local_header``);
-    ``central_header()``: the central directory's first header, with any CRC and sizes.
+    ``plan.written_local_header(k)``: entry k's local header as written, with any CRC
+    (it is not matched); ``plan.written_first_central_header()``: the central
+    directory's first header, with any CRC and sizes.
     """
 
-    def __init__(self, count: int, local_header: Callable[[int], bytes], central_header: Callable[[], bytes]) -> None:
-        self.count = count
+    def __init__(self, plan: DeflatedLayout) -> None:
+        self.count = plan.count
         self.starts: list[int] = []  # the local headers' offsets found, entry 0, 1, ...
         self.central_start: int | None = None  # the central directory's, once found
-        self._local_header = local_header
-        self._central_header = central_header
+        self._plan = plan
+        self._local_header = plan.written_local_header
+        self._central_header = plan.written_first_central_header
+        self._data_start = 0  # where the last entry found has its data
         self._next: Needle | None = self._needle(0)
         self._window = bytearray()  # bytes fed, from offset _window_at, that a header may yet begin in
         self._window_at = 0
@@ -122,20 +151,38 @@ class LocalHeaderFinder:
             if at < 0:
                 break
             at -= needle.key_at
-            if any(self._window[at + a : at + b] != record[a:b] for a, b in needle.checked):
+            if any(self._window[at + a : at + b] != record[a:b] for a, b in needle.checked) or not self._ends_here(at):
                 searched = at + 1
                 continue
             searched = at + len(record)
             if len(self.starts) < self.count:
                 self.starts.append(self._window_at + at)
+                self._data_start = self._window_at + searched
                 self._next = self._needle(len(self.starts))
             else:
                 self.central_start = self._window_at + at
                 self._next = None
-        # Keep what the next record may have begun in.
-        keep = max(searched, len(self._window) - (len(needle.record) - 1 if needle is not None else 0))
+        # Keep what the next record may have begun in, and the data descriptor before it.
+        reach = len(needle.record) - 1 + DATA_DESCRIPTOR_BOUND if needle is not None else 0
+        keep = max(searched, len(self._window) - reach)
         del self._window[:keep]
         self._window_at += keep
+
+    def _ends_here(self, at: int) -> bool:
+        """Whether the last entry found ends at ``at`` of the window (entry 0 begins at offset 0)."""
+        offset = self._window_at + at
+        if not self.starts:
+            return offset == 0
+        k = len(self.starts) - 1
+        fields, size = self._plan.fields(k), self._plan.sizes[k]
+        if fields.method != DEFLATED:
+            return offset == self._data_start + size
+        length = DATA_DESCRIPTOR_BOUND if uses_zip64(fields, size) else DATA_DESCRIPTOR_SIZE
+        descriptor = self._window[max(at - length, 0) : at]
+        if len(descriptor) < length or descriptor[:4] != DATA_DESCRIPTOR_SIGNATURE:
+            return False
+        sizes = struct.unpack_from("<QQ" if length == DATA_DESCRIPTOR_BOUND else "<II", descriptor, 8)
+        return sizes == (offset - length - self._data_start, size)
 
     def end_inside_an_entry(self, end: int, floor: int) -> int:
         """``end_inside_an_entry`` of the headers found, for an ``end`` at least ``hold`` before the bytes fed.

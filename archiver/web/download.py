@@ -118,11 +118,7 @@ class ArchiveBody(ResponseBody):
         self._tail_bytes: int | None = None
         self._tail_checked = False
         # Deflated (no length ahead): where its entries begin, found in the bytes as they come.
-        self._headers = (
-            None
-            if plan.length is not None
-            else LocalHeaderFinder(plan.count, plan.written_local_header, plan.written_first_central_header)
-        )
+        self._headers = None if plan.length is not None else LocalHeaderFinder(plan)
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
