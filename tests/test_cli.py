@@ -374,7 +374,10 @@ async def test_hypercorn_workers_serve_with_a_launcher_each_and_stop_leaving_no_
     # One process a core (README, Deploying; the benchmark's "Hypercorn workers"): each worker
     # is a whole service, with its own spawner and launcher, and a stop ends them all.
     command, env = launch_command(WORKERS_LAUNCH, 0, grace=5)
-    async with launched(command, env | {"ARCHIVER_DIR": "data"}) as server:
+    # Eight downloads at once from one client: a worker given five of them under load refused one
+    # at the per-client cap (4), each worker counting its own.
+    env |= {"ARCHIVER_DIR": "data", "ARCHIVER_MAX_JOBS_PER_CLIENT": "8"}
+    async with launched(command, env) as server:
         master = server.process.pid
         # Each worker starts its own spawner (a child of its own: no worker leans on another's) and launcher.
         workers = await worker_pids(master)
