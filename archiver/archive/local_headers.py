@@ -144,7 +144,7 @@ class LocalHeaderFinder:
         if self._next is None:
             return
         self._window += data
-        searched = 0
+        searched = found = 0  # where to look on; the end of the last record found
         while (needle := self._next) is not None:
             record = needle.record
             at = self._window.find(record[needle.key_at :], searched + needle.key_at)
@@ -154,7 +154,7 @@ class LocalHeaderFinder:
             if any(self._window[at + a : at + b] != record[a:b] for a, b in needle.checked) or not self._ends_here(at):
                 searched = at + 1
                 continue
-            searched = at + len(record)
+            searched = found = at + len(record)
             if len(self.starts) < self.count:
                 self.starts.append(self._window_at + at)
                 self._data_start = self._window_at + searched
@@ -162,9 +162,10 @@ class LocalHeaderFinder:
             else:
                 self.central_start = self._window_at + at
                 self._next = None
-        # Keep what the next record may have begun in, and the data descriptor before it.
+        # Keep what the next record may have begun in, and the data descriptor before it (from the
+        # last record found, not from a false match: the descriptor may lie before its end).
         reach = len(needle.record) - 1 + DATA_DESCRIPTOR_BOUND if needle is not None else 0
-        keep = max(searched, len(self._window) - reach)
+        keep = max(found, len(self._window) - reach)
         del self._window[:keep]
         self._window_at += keep
 
