@@ -78,6 +78,8 @@ def source_of(module: object) -> str:
                 "        elif isinstance(event, Closed):\n            self.closed = True\n"
                 "            stream_ids = list(self.streams.keys())",
                 "    async def drain(self) -> None:\n        await self._is_empty.wait()",
+                # close() empties the buffer: what it held is noted first (``undelivered``).
+                "    async def close(self) -> None:\n        self._complete = True\n        self.buffer = bytearray()",
                 "    async def close(self) -> None:\n        self._complete = True\n        self.buffer = bytearray()\n"
                 "        await self._is_empty.set()\n        await self._paused.set()",
                 # Received data goes through the connection's receive_data, and a ProtocolError
@@ -241,7 +243,7 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert trigger.__module__ == "archiver.fences.hypercorn_signals"
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
-    for name in ("push", "pop"):
+    for name in ("push", "pop", "close"):
         assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("stream_send", "_send_data", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"

@@ -143,6 +143,26 @@ async def test_paced_downloads_that_arrive_whole_count_as_completed(
     assert "client disconnected" not in caplog.text
 
 
+@pytest.mark.parametrize("compression", [0, 6])
+async def test_http2_downloads_that_arrive_whole_count_as_completed(
+    settings: Settings, compression: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 78: curl --http2-prior-knowledge closes its connection as soon as it has END_STREAM,
+    # and of 300 such downloads of a one-file album 82 were logged "client disconnected", every
+    # byte received: the download's end saw the connection closed while its stream's buffer,
+    # written and empty, was not yet let go, and took that for a tail the server dropped.
+    write_tree(settings.storage_dir / "album", {"report.csv": b"day,photos\n1,12\n2,9\n"})
+    downloads = 100  # a quarter of them failed: all 100 pass by chance once in 10**12
+    deflated = replace(settings, compression=compression)
+    async with running_server(deflated) as url, make_client(url, "HTTP/1.1") as client:
+        for _ in range(downloads):
+            command = ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", f"{url}/archive/album/"]
+            assert (await trio.run_process(command, check=False)).returncode == 0
+        figures = await finished_downloads(client, downloads)
+    assert figures['archiver_downloads_finished_total{outcome="completed"}'] == downloads
+    assert "client disconnected" not in caplog.text
+
+
 async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> None:
     """Names are the uploaders': a line break or a terminal escape in one is escaped in the service's log."""
     write_tree(storage / "album", {"ok.jpg": b"ok", "evil\x1b[2J.jpg": b"escape"})

@@ -177,7 +177,8 @@ _DATA_FRAME = 0x0
 _NO_FLAGS = 0
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MARKER = "_archiver_adjusted"
-_DROPPED = "_archiver_dropped"  # a stream buffer whose last batch could not be written
+_DROPPED = "_archiver_dropped"  # a stream buffer some of whose bytes were never written
+_IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a trio.Event set once it ended
 logger = logging.getLogger(__name__)
 SEND_BATCH = 512 * 1024
 
@@ -287,12 +288,11 @@ def _no_streams_after_close() -> None:
             await trio.sleep_forever()
         buffer = self.stream_buffers.get(getattr(event, "stream_id", None))
         await original_send(self, event)
-        if isinstance(event, EndBody) and (
-            getattr(buffer, _DROPPED, False)
-            or (getattr(self, "closed", False) and event.stream_id in self.stream_buffers)
-        ):
-            # The end "sent" because the connection closed, not because the client took the
-            # tail (its buffer goes once END_STREAM is out), or its last write failed.
+        if isinstance(event, EndBody) and buffer is not None and await undelivered(buffer):
+            # The end "sent" because the buffer was closed with the tail in it (the connection
+            # closed), not because the tail was written, or its last write failed.  Whether the
+            # connection is closed by now says nothing: a client that has END_STREAM may close
+            # it before the app's end runs (helper 78: a quarter of curl's HTTP/2 downloads).
             note_dropped()
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
@@ -362,9 +362,10 @@ def _reset_unfinished_streams() -> None:
             if isinstance(event, EndBody) and buffer is not None:
                 # The app stopped waiting for the client to take the tail (a stall, a reset): the
                 # response is not finished, so the StreamClosed that follows resets it, and its
-                # tail is not delivered (fences.delivery).
+                # tail, if some of it was not written yet, is not delivered (fences.delivery).
                 buffer._complete = False
-                note_dropped()
+                if await undelivered(buffer):
+                    note_dropped()
             raise
 
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
@@ -409,9 +410,20 @@ def _batch_data_frames() -> None:
             window = self.connection.local_flow_control_window(stream_id)
             data = await buffer.pop(max(0, min(window, SEND_BATCH)))
             if data:
-                await self.send(RawData(data=b"".join(_data_frames(self.connection, stream_id, data))))
-                if bytes_dropped():  # the write failed (noted by hypercorn_tcp in this task)
-                    setattr(buffer, _DROPPED, True)
+                # The app's end may come while this is written (the connection closed: its buffer
+                # was closed, its drain returned): it waits for the write's outcome (``undelivered``).
+                setattr(buffer, _IN_FLIGHT, written := trio.Event())
+                try:
+                    await self.send(RawData(data=b"".join(_data_frames(self.connection, stream_id, data))))
+                except BaseException:
+                    setattr(buffer, _DROPPED, True)  # not written, or not known to be
+                    raise
+                else:
+                    if bytes_dropped():  # the write failed (noted by hypercorn_tcp in this task)
+                        setattr(buffer, _DROPPED, True)
+                finally:
+                    setattr(buffer, _IN_FLIGHT, None)
+                    written.set()
             else:
                 self.priority.block(stream_id)
             if not buffer.buffer:
@@ -432,6 +444,31 @@ def _batch_data_frames() -> None:
                 self.priority.remove_stream(stream_id)
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+    original_close: Callable[[Any], Awaitable[None]] = hypercorn_h2.StreamBuffer.close
+
+    async def close(self: Any) -> None:
+        # Hypercorn empties a buffer it closes (the stream or the connection is gone): what it
+        # held will never be written (``undelivered``).
+        if self.buffer:
+            setattr(self, _DROPPED, True)
+        await original_close(self)
+
+    hypercorn_h2.StreamBuffer.close = close  # type: ignore[method-assign]
+
+
+async def undelivered(buffer: hypercorn_h2.StreamBuffer) -> bool:
+    """Whether some byte pushed into a stream's ``buffer`` was never written to the socket, or failed to be.
+
+    The criterion HTTP/1.1's writes are judged by (``hypercorn_tcp``): a write
+    the kernel took is sent.  END_STREAM is not counted: a client that has every
+    byte may close before it comes (curl does).  A write in progress is waited
+    for, shielded: it has a deadline of its own (``hypercorn_tcp``).
+    """
+    if (written := getattr(buffer, _IN_FLIGHT, None)) is not None:
+        with trio.CancelScope(shield=True):
+            await written.wait()
+    return bool(getattr(buffer, _DROPPED, False) or buffer.buffer)
 
 
 def _bound_stream_buffers() -> None:
