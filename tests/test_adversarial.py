@@ -800,3 +800,37 @@ async def test_a_download_whose_tail_the_client_left_unread_is_not_complete(atta
     assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 1  # the polite one
     assert metrics['archiver_downloads_finished_total{outcome="cancelled"}'] == 1
     assert f"download tail for 127.0.0.1: client disconnected, {length} bytes sent".encode() in server.output
+
+
+async def test_a_download_reset_while_its_connection_is_stalled_ends_at_once(attacked_storage: Path) -> None:
+    # Helper 79 on 9a7b1ab: a stream reset by a client that stopped reading (its socket full, a
+    # batch of another stream stuck in the write) ended only with that write's deadline (up to
+    # twice the stall timeout; never with ARCHIVER_STALL_TIMEOUT=inf): its end waited to learn
+    # whether the write in flight had taken the last of its bytes.
+    write_tree(attacked_storage / "mid", {"photo.jpg": os.urandom(500_000)})
+    async with archiver_process(attacked_storage) as server:  # the stall timeout: 60 s
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await trio.to_thread.run_sync(sock.connect, address_of(server.url))
+        attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        await attacker.start()
+        attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        attacker.connection.increment_flow_control_window(2**30)
+        mid = await attacker.get("/archive/mid/")
+        with trio.fail_after(10):  # its first DATA: its headers went before any write could stall
+            while not attacker.received[mid]:
+                assert await attacker.read_some()
+        await attacker.get("/archive/big/")
+        # mid's archive all handed over (its producer gone), big's backed up behind the socket.
+        # (A stream whose headers wait behind a stalled write is not told of its reset until the
+        # stall timeout: the connection's reader waits on the same socket. Not this case.)
+        with trio.fail_after(30):
+            while await wait_for_producer_output_to_stop(server.process.pid) > 1:
+                pass
+        attacker.connection.reset_stream(mid)
+        await attacker.flush()
+        with trio.fail_after(5):
+            while (await metrics_of(server.url))["archiver_downloads_in_flight"] > 1:
+                await trio.sleep(0.05)
+        sock.close()
+    assert b"download mid for 127.0.0.1: client disconnected" in server.output

@@ -181,6 +181,8 @@ _DROPPED = "_archiver_dropped"  # a stream buffer some of whose bytes were never
 _IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a trio.Event set once it ended
 logger = logging.getLogger(__name__)
 SEND_BATCH = 512 * 1024
+# Seconds a stream's end waits for a write in flight to learn if its bytes went (``undelivered``).
+IN_FLIGHT_WAIT = 0.5
 
 
 def install() -> None:
@@ -463,11 +465,15 @@ async def undelivered(buffer: hypercorn_h2.StreamBuffer) -> bool:
     The criterion HTTP/1.1's writes are judged by (``hypercorn_tcp``): a write
     the kernel took is sent.  END_STREAM is not counted: a client that has every
     byte may close before it comes (curl does).  A write in progress is waited
-    for, shielded: it has a deadline of its own (``hypercorn_tcp``).
+    for, shielded, ``IN_FLIGHT_WAIT`` s at most: one the kernel takes returns
+    at once, one waiting on a full socket is undelivered (its own deadline is
+    the stall timeout's, and a stream reset meanwhile must end now: helper 79).
     """
     if (written := getattr(buffer, _IN_FLIGHT, None)) is not None:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(IN_FLIGHT_WAIT):
             await written.wait()
+        if not written.is_set():
+            return True
     return bool(getattr(buffer, _DROPPED, False) or buffer.buffer)
 
 
