@@ -93,9 +93,15 @@ async def test_producer_killed_mid_stream_aborts_the_transfer(large_storage: Pat
         await wait_until_no_producer_children(timeout=1.0)
 
 
-@pytest.mark.parametrize(("compression", "kill_after"), [(0, 1), (0, 150_000), (0, 700_000), (6, 150_000)])
+@pytest.mark.parametrize(
+    ("compression", "kill_after", "protocol"),
+    [
+        *[(0, 1, "HTTP/1.1"), (0, 150_000, "HTTP/1.1"), (0, 700_000, "HTTP/1.1"), (6, 150_000, "HTTP/1.1")],
+        *[(0, 150_000, "HTTP/2"), (6, 150_000, "HTTP/2")],
+    ],
+)
 async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entry(
-    settings: Settings, compression: int, kill_after: int
+    settings: Settings, compression: int, kill_after: int, protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Helper 75: a producer that died mid-stream ended the transfer where its output ended, often
     # between two entries (it writes a file at a time), which Java's ZipInputStream takes for the
@@ -110,7 +116,7 @@ async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entr
     # between entries: test_integrity's property test, fed to each entry's edges, is the proof.
     paced = replace(settings, chunk_size=16384, rate_limit=4_000_000, compression=compression)
     received = bytearray()
-    async with running_server(paced) as url, make_client(url, "HTTP/1.1") as client:
+    async with running_server(paced) as url, make_client(url, protocol) as client:
         length = len((await client.get("/archive/album/")).content)
         with pytest.raises(ABORTED):
             async with client.stream("GET", "/archive/album/") as response:
@@ -122,6 +128,12 @@ async def test_a_producer_killed_mid_stream_leaves_bytes_that_end_inside_an_entr
                                 os.kill(child.pid, signal.SIGKILL)
         whole = await client.get("/archive/album/")
     assert 0 < len(received) < length
+    # What the service handed over, the client has, on HTTP/2 too, where a reset drops what the
+    # stream's buffer still holds: the cut the service chose is where the client's bytes end.
+    # (Helper 80 saw curl keep 288-500 bytes fewer than sent, in 2 of 10 aborted HTTP/2 transfers;
+    # a raw h2 client received every byte in the same runs: curl's doing, not the server's.)
+    sent = [r.getMessage() for r in caplog.records if "failed: the producer exited" in r.getMessage()]
+    assert sent and f", {len(received)} bytes sent " in sent[-1], (len(received), sent)
     if not compression:  # deflated bytes depend on timing too (the producer's beats flush its compressor)
         assert received == whole.content[: len(received)]
     assert front_to_back_end(bytes(received)) == "cut"
