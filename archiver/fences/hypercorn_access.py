@@ -24,8 +24,9 @@ The patches wrap ``HTTPStream.app_send`` (to count) and replace
 ``HTTPStream._send_closed``, ``HTTPStream._send_error_response`` and the
 StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call).
 ``handle`` also answers a request whose target is not a path (``?x``, ``*``,
-an absolute URI) with a 400, from an ASGI app of its own run as Hypercorn
-runs the service's (``TaskGroup.spawn_app``): no route takes such a target.
+an absolute URI) with a 400 (``install``'s ``error_answer``), from an ASGI
+app of its own run as Hypercorn runs the service's
+(``TaskGroup.spawn_app``): no route takes such a target.
 The StreamClosed case tells the app without a checkpoint (``_tell_app``).
 tests/test_fences.py fails if what they copy or call changes.
 """
@@ -43,15 +44,22 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
 
 from ..logs import escape_log_field
+from .hypercorn_h11 import ErrorAnswer
 
 _MARKER = "_archiver_adjusted"
 _SENT = "_archiver_body_bytes"
 _LOGGED = "_archiver_logged"
 _RESPONSE = "_archiver_response"
+# The headers and body of the 400 for a target that is not a path (set by install).
+_error_answer: ErrorAnswer = lambda status: ([], b"")  # noqa: E731
 
 
-def install() -> None:
-    """Patch Hypercorn's HTTP streams once per process (idempotent)."""
+def install(error_answer: ErrorAnswer | None = None) -> None:
+    """Patch Hypercorn's HTTP streams once per process (idempotent); ``error_answer`` (the headers and body of a
+    400) replaces the last one given."""
+    global _error_answer
+    if error_answer is not None:
+        _error_answer = error_answer
     if getattr(HTTPStream, _MARKER, False):
         return
     _count_body_bytes()
@@ -160,15 +168,16 @@ async def _tell_app(app_put: Callable[[Any], Awaitable[None]], message: Any) -> 
 
 
 async def _refuse_bad_target(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app answering 400 with no body.
+    """An ASGI app answering 400 with ``install``'s ``error_answer`` (it was a bare 400 with no body: helper 81).
 
     The connection is kept as after any answer (the request was framed
     right): with ``Connection: close``, h11 read a pipelined request after it
     as an error, and Hypercorn closed the socket before the 400 was written.
     """
-    headers = [(b"content-length", b"0")]
+    answer_headers, body = _error_answer(400)
+    headers = [(b"content-length", b"%d" % len(body)), *answer_headers]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 _BAD_TARGET = ASGIWrapper(_refuse_bad_target)

@@ -12,9 +12,10 @@ no request read after "close", and no reader left waiting on a closed connection
    arriving in pieces: ``431``; a request line with raw non-ASCII bytes:
    ``400``) never reaches the app: ``H11Protocol._send_error_response``
    answers it with an empty body, and a browser shows a blank page.  It
-   now sends the sentence ``install``'s ``error_text`` gives for the status,
-   as plain text (the head was not read, so not its Accept), and logs it
-   (INFO): no request exists for Hypercorn's access log to write.
+   now sends the headers and body ``install``'s ``error_answer`` gives for
+   the status (the head was not read, so not its Accept: the sentence as
+   plain text), and logs it (INFO): no request exists for Hypercorn's access
+   log to write.
 
 3. Bytes that follow a request whose connection must close (``Connection:
    close``, HTTP/1.0) are dropped unread.  RFC 9112 section 9.6: the server
@@ -58,8 +59,10 @@ _CLOSED = "_archiver_closed"
 # The client's states once its last request is in and the connection must close.
 _CLOSING = (h11.MUST_CLOSE, h11.CLOSED)
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-# The body of Hypercorn's own error answers, by status (set by install).
-_error_text: Callable[[int], str] = lambda status: ""  # noqa: E731
+# Status -> the headers and body of an error answer made before the app (see install).
+ErrorAnswer = Callable[[int], tuple[list[tuple[bytes, bytes]], bytes]]
+# Hypercorn's own error answers' headers and body, by status (set by install).
+_error_answer: ErrorAnswer = lambda status: ([], b"")  # noqa: E731
 
 
 def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callable[[], Any]) -> Callable[[], Any]:
@@ -76,11 +79,12 @@ def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callab
     return closing_aware_next_event
 
 
-def install(error_text: Callable[[int], str] | None = None) -> None:
-    """Patch Hypercorn's HTTP/1.1 protocol once per process (idempotent); ``error_text`` replaces the last one given."""
-    global _error_text
-    if error_text is not None:
-        _error_text = error_text
+def install(error_answer: ErrorAnswer | None = None) -> None:
+    """Patch Hypercorn's HTTP/1.1 protocol once per process (idempotent); ``error_answer`` replaces the last one
+    given."""
+    global _error_answer
+    if error_answer is not None:
+        _error_answer = error_answer
     if getattr(H11Protocol, _MARKER, False):
         return
     original: Callable[[Any, Any], Awaitable[None]] = H11Protocol._send_h11_event
@@ -93,10 +97,8 @@ def install(error_text: Callable[[int], str] | None = None) -> None:
     async def _send_error_response(self: Any, status_code: int) -> None:
         client = self.client[0] if self.client else "-"  # (host, port), or None on a Unix socket
         logger.info("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
-        body = _error_text(status_code).encode()
-        headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
-        if body:
-            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        answer_headers, body = _error_answer(status_code)
+        headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close"), *answer_headers]
         await self._send_h11_event(
             h11.Response(status_code=status_code, headers=[*headers, *self.config.response_headers("h11")])
         )

@@ -63,7 +63,7 @@ from .limits import (
     connection_limit,
 )
 from .metrics import DownloadMetrics
-from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_text
+from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_answer
 from .ranges import (
     FORMAT_VERSION,
     NotModified,
@@ -237,8 +237,8 @@ def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
     _check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
     hypercorn_h2.install()
-    hypercorn_h11.install(error_text=unparsed_request_text)
-    hypercorn_access.install()
+    hypercorn_h11.install(error_answer=unparsed_request_answer)
+    hypercorn_access.install(error_answer=unparsed_request_answer)
     hypercorn_tcp.install(
         write_timeout=settings.stall_timeout,
         max_connections=connection_limit(settings.max_connections, settings.max_jobs),

@@ -56,16 +56,30 @@ STORAGE_SILENT = Message(
     "Хранилище не отвечает", "Файлы архива сейчас недоступны: попробуйте скачать его ещё раз через несколько минут."
 )
 
+# On every error answer.  An error says how things are now (an album still uploading, a link
+# expired): never kept by a cache.  No Referer from the page's own requests (a browser's
+# /favicon.ico): the page of a signed link's 503 would hand its still valid sig to whatever
+# logs the Referer (helper 71).
+_ERROR_HEADERS = ((b"cache-control", b"no-store"), (b"referrer-policy", b"no-referrer"))
+
 # Hypercorn's own 400 (and any other status it answers before the app): a request it cannot parse.
 UNPARSED_REQUEST = Message(
     "Неверный запрос", "Запрос не удалось разобрать: проверьте ссылку или откройте её в браузере."
 )
 
 
-def unparsed_request_text(status: int) -> str:
-    """The plain-text answer to a request Hypercorn refused before the app saw it (``fences.hypercorn_h11``)."""
+def unparsed_request_answer(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of the answer to a request refused before the app saw it: (headers, UTF-8 text).
+
+    Hypercorn's own refusals (``fences.hypercorn_h11``: a head over 16 KiB, a
+    request line it cannot parse) and a target that is not a path
+    (``fences.hypercorn_access``).  The sentence as plain text (the head was
+    not read, or no route takes it: not its Accept), with the headers every
+    error answer carries (``error_page``); the length is the caller's.
+    """
     message = MESSAGES[status] if status == 431 else UNPARSED_REQUEST
-    return message.sentence + "\n"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), *_ERROR_HEADERS]
+    return headers, (message.sentence + "\n").encode()
 
 
 # A 404 for a path that is not an archive's at all.
@@ -114,10 +128,7 @@ def error_page(
     ``message`` defaults to MESSAGES[status].  The body depends on Accept, and says so (Vary).
     """
     message = message or MESSAGES[status]
-    # An error says how things are now (an album still uploading, a link expired): never kept by a cache.
-    # No Referer from the page's own requests (a browser's /favicon.ico): the page of a signed
-    # link's 503 would hand its still valid sig to whatever logs the Referer (helper 71).
-    headers = {**(headers or {}), "Vary": "Accept", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+    headers = {**(headers or {}), "Vary": "Accept", **{name.decode(): value.decode() for name, value in _ERROR_HEADERS}}
     if wants_html(accept):
         body = f'<p>{html.escape(message.sentence)}</p>\n<p class="code">Код ошибки: {status}</p>'
         return Response(page(message.title, body), status=status, headers=headers, mimetype="text/html")
