@@ -77,6 +77,7 @@ from .ranges import (
 )
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
+from .watchdog import feed_watchdog, watchdog_task
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +283,23 @@ def create_app(settings: Settings) -> QuartTrio:
     async def start_launcher() -> None:
         # Before any storage file is opened: the spawner and launcher must hold none (``archive.launcher``).
         await launcher.start()
+
+    # systemd's watchdog (WatchdogSec= in the unit): pinged from the event loop while it runs.
+    watchdog_scope = trio.CancelScope()
+
+    @app.before_serving
+    async def start_watchdog() -> None:
+        if (task := watchdog_task()) is not None:
+
+            async def feed() -> None:
+                with watchdog_scope:
+                    await feed_watchdog(*task)
+
+            app.nursery.start_soon(feed)
+
+    @app.after_serving
+    async def stop_watchdog() -> None:
+        watchdog_scope.cancel()  # the pings end with the serving: a stopping process is TimeoutStopSec's to judge
 
     @app.after_serving
     async def write_the_last_crcs() -> None:

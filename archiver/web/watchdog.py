@@ -1,0 +1,70 @@
+"""systemd's watchdog: "WATCHDOG=1" from the event loop while it runs (sd_notify(3); systemd.service(5) WatchdogSec=).
+
+An instance whose event loop is stuck (a call that blocks it, the process
+stopped or swapping) keeps its listening socket: the kernel completes
+connections into its backlog, nginx's connect succeeds, and the request
+waits for its headers for ``proxy_read_timeout`` (1 h) instead of going on to
+the next instance (helper 82: every second request through nginx hung).
+With ``WatchdogSec=`` in the unit (``deploy/archiver@.service``), systemd
+passes ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` and kills a process that sends
+no ping for that long (SIGABRT: ``faulthandler`` then writes every thread's
+Python stack to the journal), and ``Restart=always`` starts it again.  The
+ping comes from a task of the event loop, so it stops when the loop does.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import socket
+from collections.abc import Mapping
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between pings for process ``pid`` (half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3)
+    recommends), or None: no watchdog, another process's (``WATCHDOG_PID``), or no ``NOTIFY_SOCKET``."""
+    usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not environ.get("NOTIFY_SOCKET") or not usec.isdigit() or int(usec) == 0:
+        return None
+    if owner and owner != str(pid):
+        return None
+    return int(usec) / 2_000_000
+
+
+def notify_address(path: str) -> str:
+    """The socket address of ``NOTIFY_SOCKET``: a leading ``@`` names an abstract socket (a NUL byte)."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+async def feed_watchdog(interval: float, address: str) -> None:
+    """Send "WATCHDOG=1" to ``address`` every ``interval`` seconds, until cancelled.
+
+    A send that fails (the manager's socket gone for a moment) is a WARNING, and
+    the next is tried: the pings' absence is the manager's to judge.
+    """
+    faulthandler.enable()  # the stacks of a loop that hung, in the journal, when systemd sends SIGABRT
+    logger.info("systemd watchdog: a ping every %.1f s", interval)
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        warned = False
+        while True:
+            try:
+                await sock.sendto(b"WATCHDOG=1", address)
+                warned = False
+            except OSError as error:
+                if not warned:
+                    logger.warning("systemd watchdog: cannot ping %r: %s", address, error)
+                warned = True
+            await trio.sleep(interval)
+
+
+def watchdog_task(environ: Mapping[str, str] = os.environ) -> tuple[float, str] | None:
+    """(interval, address) to feed systemd's watchdog with for this process, or None when none was asked for."""
+    interval = watchdog_interval(environ, os.getpid())
+    if interval is None:
+        return None
+    return interval, notify_address(environ["NOTIFY_SOCKET"])

@@ -1,0 +1,85 @@
+"""systemd's watchdog (``web.watchdog``): pinged by a running event loop, not by a stopped one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import trio
+
+from archiver.web.watchdog import notify_address, watchdog_interval
+
+from .test_cli import launched_on_a_free_port
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_the_watchdog_is_fed_only_where_systemd_asks_it_of_this_process() -> None:
+    asked = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}
+    assert watchdog_interval(asked, 42) == 15.0  # half the timeout, as sd_watchdog_enabled(3) advises
+    assert watchdog_interval(asked, 43) is None  # a child (the launcher, producers) inherits the variables
+    assert watchdog_interval({**asked, "WATCHDOG_PID": ""}, 43) == 15.0  # no PID: whoever has the variables
+    assert watchdog_interval({**asked, "WATCHDOG_USEC": "0"}, 42) is None
+    assert watchdog_interval({**asked, "WATCHDOG_USEC": "x"}, 42) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, 42) is None  # no socket to tell
+    assert notify_address("@/org/freedesktop/systemd1/notify") == "\0/org/freedesktop/systemd1/notify"
+    assert notify_address("/run/systemd/notify") == "/run/systemd/notify"
+
+
+def test_the_unit_asks_for_the_watchdog() -> None:
+    unit = (PROJECT / "deploy" / "archiver@.service").read_text()
+    assert "\nWatchdogSec=30\n" in unit
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def waiting_datagrams(manager: socket.socket) -> list[bytes]:
+    """The datagrams ``manager`` has received and not yet read."""
+    found, timeout = [], manager.gettimeout()
+    manager.settimeout(0)  # with a timeout, even MSG_DONTWAIT waits for it
+    try:
+        while True:
+            found.append(manager.recv(64))
+    except BlockingIOError:
+        return found
+    finally:
+        manager.settimeout(timeout)
+
+
+async def test_the_hypercorn_launch_pings_while_its_loop_runs_and_not_while_it_is_stopped() -> None:
+    # Helper 82: a stopped instance kept its listening socket (the kernel accepts into its backlog),
+    # and nginx waited for its headers for proxy_read_timeout, 1 h, every second request.
+    name = f"@archiver-test-notify-{uuid.uuid4().hex}"  # an abstract socket, as systemd's own
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(notify_address(name))
+        manager.settimeout(10)  # a TimeoutError here: no ping
+        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"}
+
+        def command(port: int) -> list[str]:
+            return [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}", "archiver.asgi:app"]
+
+        async with launched_on_a_free_port(command, env=environment) as (_, server):
+            for _ in range(3):
+                assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+            pid = server.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(10):
+                    while process_state(pid) != "T":
+                        await trio.sleep(0.01)
+                waiting_datagrams(manager)  # sent before it stopped
+                await trio.sleep(1.0)  # five intervals: the window measured, not a synchronisation
+                # A stopped loop sends nothing: systemd kills it at WatchdogSec (and Restart=always).
+                assert waiting_datagrams(manager) == []
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # Running again, it pings again.
+            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+    assert b"systemd watchdog: a ping every 0.2 s" in server.output
