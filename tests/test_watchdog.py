@@ -20,12 +20,13 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 def test_the_watchdog_is_fed_only_where_systemd_asks_it_of_this_process() -> None:
     asked = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}
-    assert watchdog_interval(asked, 42) == 15.0  # half the timeout, as sd_watchdog_enabled(3) advises
-    assert watchdog_interval(asked, 43) is None  # a child (the launcher, producers) inherits the variables
-    assert watchdog_interval({**asked, "WATCHDOG_PID": ""}, 43) == 15.0  # no PID: whoever has the variables
-    assert watchdog_interval({**asked, "WATCHDOG_USEC": "0"}, 42) is None
-    assert watchdog_interval({**asked, "WATCHDOG_USEC": "x"}, 42) is None
-    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, 42) is None  # no socket to tell
+    assert watchdog_interval(asked, 42, 1) == 15.0  # half the timeout, as sd_watchdog_enabled(3) advises
+    assert watchdog_interval(asked, 43, 42) == 15.0  # a Hypercorn worker: its master runs no event loop of ours
+    assert watchdog_interval(asked, 44, 43) is None  # another process inherited the variables
+    assert watchdog_interval({**asked, "WATCHDOG_PID": ""}, 43, 1) == 15.0  # no PID: whoever has the variables
+    assert watchdog_interval({**asked, "WATCHDOG_USEC": "0"}, 42, 1) is None
+    assert watchdog_interval({**asked, "WATCHDOG_USEC": "x"}, 42, 1) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}, 42, 1) is None  # no socket to tell
     assert notify_address("@/org/freedesktop/systemd1/notify") == "\0/org/freedesktop/systemd1/notify"
     assert notify_address("/run/systemd/notify") == "/run/systemd/notify"
 
@@ -33,6 +34,30 @@ def test_the_watchdog_is_fed_only_where_systemd_asks_it_of_this_process() -> Non
 def test_the_unit_asks_for_the_watchdog() -> None:
     unit = (PROJECT / "deploy" / "archiver@.service").read_text()
     assert "\nWatchdogSec=30\n" in unit
+    assert "\nNotifyAccess=all\n" in unit  # workers = N: the pings come from the master's workers
+
+
+async def test_hypercorn_workers_ping_for_their_master() -> None:
+    # With workers = 2 systemd's WATCHDOG_PID is the master's, which runs none of the service: had
+    # only that PID pinged, systemd would kill the instance every 30 s.
+    name = f"@archiver-test-notify-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(notify_address(name))
+        manager.settimeout(20)  # a TimeoutError here: no ping
+        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"}
+
+        def command(port: int) -> list[str]:
+            # WATCHDOG_PID as systemd sets it: the main process's (the shell's, which execs Hypercorn).
+            launch = f"{hypercorn} --config hypercorn.toml --workers 2 --bind 127.0.0.1:{port} archiver.asgi:app"
+            return ["sh", "-c", f"WATCHDOG_PID=$$ exec {launch}"]
+
+        async with launched_on_a_free_port(command, env=environment) as (_, server):
+            for _ in range(3):
+                assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+            master = server.process.pid
+            workers = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+            assert len(workers) >= 2
 
 
 def process_state(pid: int) -> str:

@@ -25,13 +25,19 @@ import trio
 logger = logging.getLogger(__name__)
 
 
-def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+def watchdog_interval(environ: Mapping[str, str], pid: int, parent: int) -> float | None:
     """Seconds between pings for process ``pid`` (half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3)
-    recommends), or None: no watchdog, another process's (``WATCHDOG_PID``), or no ``NOTIFY_SOCKET``."""
+    recommends), or None: no watchdog, another process's (``WATCHDOG_PID``), or no ``NOTIFY_SOCKET``.
+
+    Also when ``WATCHDOG_PID`` is the ``parent``'s: a Hypercorn worker (``workers
+    = N``), whose master runs no event loop of the service's (the unit's
+    ``NotifyAccess=all`` lets workers' pings count).  Killed, a worker stops the
+    master and the others (README, Deploying): any one worker's pings keep them.
+    """
     usec, owner = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
     if not environ.get("NOTIFY_SOCKET") or not usec.isdigit() or int(usec) == 0:
         return None
-    if owner and owner != str(pid):
+    if owner and owner not in (str(pid), str(parent)):
         return None
     return int(usec) / 2_000_000
 
@@ -64,7 +70,7 @@ async def feed_watchdog(interval: float, address: str) -> None:
 
 def watchdog_task(environ: Mapping[str, str] = os.environ) -> tuple[float, str] | None:
     """(interval, address) to feed systemd's watchdog with for this process, or None when none was asked for."""
-    interval = watchdog_interval(environ, os.getpid())
+    interval = watchdog_interval(environ, os.getpid(), os.getppid())
     if interval is None:
         return None
     return interval, notify_address(environ["NOTIFY_SOCKET"])
