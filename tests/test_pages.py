@@ -19,7 +19,7 @@ import trustme
 
 from archiver.archive import producer
 from archiver.config import Settings
-from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
+from archiver.web.pages import MESSAGES, NO_INSTANCE, UNPARSED_REQUEST
 
 from .browser import CHROMIUM, HEADLESS
 from .conftest import CLIENT_TLS, free_port, producer_script, running_server, write_tree
@@ -252,7 +252,8 @@ async def test_through_nginx_over_http2_its_own_refusals_are_in_the_services_wor
 
 
 @needs_nginx
-async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path: Path) -> None:
+async def test_nginx_with_no_instance_up_says_the_service_is_unavailable(tmp_path: Path) -> None:
+    # It said the busy page's "too many archives are being downloaded" (helper 82).
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     async with (
         nginx_in_front(down, tmp_path / "nginx") as front,
@@ -262,8 +263,8 @@ async def test_nginx_with_no_instance_up_answers_the_services_busy_page(tmp_path
         text = await client.get("/archive/album/")
     assert page.status_code == text.status_code == 503
     assert page.headers["retry-after"] == text.headers["retry-after"] == "5"
-    assert "<title>Сервер занят</title>" in page.text and MESSAGES[503].sentence in page.text
-    assert text.text == MESSAGES[503].sentence + "\n"
+    assert f"<title>{NO_INSTANCE.title}</title>" in page.text and NO_INSTANCE.sentence in page.text
+    assert text.text == NO_INSTANCE.sentence + "\n"
     assert page.headers["cache-control"] == text.headers["cache-control"] == "no-store"
 
 

@@ -56,6 +56,12 @@ STORAGE_SILENT = Message(
     "Хранилище не отвечает", "Файлы архива сейчас недоступны: попробуйте скачать его ещё раз через несколько минут."
 )
 
+# nginx's 503 when no instance answered (deploy/nginx.conf: 502, 504): down or restarting, which
+# takes seconds (RestartSec=2), and not the load the busy page speaks of (helper 82).
+NO_INSTANCE = Message(
+    "Сервис недоступен", "Сервис архивов сейчас недоступен: попробуйте ещё раз через несколько секунд."
+)
+
 # On every error answer.  An error says how things are now (an album still uploading, a link
 # expired): never kept by a cache.  No Referer from the page's own requests (a browser's
 # /favicon.ico): the page of a signed link's 503 would hand its still valid sig to whatever
