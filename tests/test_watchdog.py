@@ -108,3 +108,37 @@ async def test_the_hypercorn_launch_pings_while_its_loop_runs_and_not_while_it_i
             # Running again, it pings again.
             assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
     assert b"systemd watchdog: a ping every 0.2 s" in server.output
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_manager_that_stops_reading_costs_no_cpu_and_is_pinged_again_once_it_reads() -> None:
+    # Helper 83: with the manager's queue full (PID 1 busy: its queue is every service's), Trio's
+    # sendto waited for a writable socket, which an unconnected datagram socket always is, and
+    # failed again: a core spinning, ~9,000 sendto a second.
+    name = f"@archiver-test-notify-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(notify_address(name))
+        manager.settimeout(10)  # a TimeoutError here: no ping
+        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "20000"}  # a ping every 10 ms
+
+        def command(port: int) -> list[str]:
+            return [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}", "archiver.asgi:app"]
+
+        async with launched_on_a_free_port(command, env=environment) as (_, server):
+            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+            with trio.fail_after(10):
+                while b"cannot ping" not in server.output:  # the queue (net.unix.max_dgram_qlen) has filled
+                    await trio.sleep(0.05)
+            before = cpu_seconds(server.process.pid)
+            await trio.sleep(1.0)  # the window measured: a hundred pings' worth
+            assert cpu_seconds(server.process.pid) - before < 0.3  # spinning: a whole core, ~1 s
+            waiting_datagrams(manager)
+            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+            with trio.fail_after(10):
+                while b"pinging " + name.encode() + b" again" not in server.output:
+                    await trio.sleep(0.05)

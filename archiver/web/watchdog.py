@@ -47,30 +47,47 @@ def notify_address(path: str) -> str:
     return "\0" + path[1:] if path.startswith("@") else path
 
 
-async def feed_watchdog(interval: float, address: str) -> None:
-    """Send "WATCHDOG=1" to ``address`` every ``interval`` seconds, until cancelled.
+async def feed_watchdog(interval: float, notify_socket: str) -> None:
+    """Send "WATCHDOG=1" to ``notify_socket`` (``NOTIFY_SOCKET``'s value) every ``interval`` seconds, until cancelled.
 
-    A send that fails (the manager's socket gone for a moment) is a WARNING, and
-    the next is tried: the pings' absence is the manager's to judge.
+    Each ping is one non-blocking ``sendto``, made between sleeps: a manager
+    whose queue is full (PID 1 busy; the queue is every service's) loses that
+    ping, and the loop does not wait on the socket (helper 83: through Trio's
+    ``sendto``, which waits for the socket to be writable, an unconnected
+    datagram socket said writable and the send failed again, a core spinning).
+    A failed send is a WARNING once, until one goes again: the pings' absence
+    is the manager's to judge.
     """
     faulthandler.enable()  # the stacks of a loop that hung, in the journal, when systemd sends SIGABRT
-    logger.info("systemd watchdog: a ping every %.1f s", interval)
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        warned = False
+    logger.info("systemd watchdog: a ping every %.3g s to %s", interval, notify_socket)
+    address = notify_address(notify_socket)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as sock:
+        failing = False
         while True:
             try:
-                await sock.sendto(b"WATCHDOG=1", address)
-                warned = False
+                sock.sendto(b"WATCHDOG=1", address)
             except OSError as error:
-                if not warned:
-                    logger.warning("systemd watchdog: cannot ping %r: %s", address, error)
-                warned = True
+                if not failing:
+                    logger.warning("systemd watchdog: cannot ping %s: %s", notify_socket, error)
+                failing = True
+            else:
+                if failing:
+                    logger.info("systemd watchdog: pinging %s again", notify_socket)
+                failing = False
             await trio.sleep(interval)
 
 
 def watchdog_task(environ: Mapping[str, str] = os.environ) -> tuple[float, str] | None:
-    """(interval, address) to feed systemd's watchdog with for this process, or None when none was asked for."""
+    """(interval, NOTIFY_SOCKET) to feed systemd's watchdog with for this process, or None when none was asked for.
+
+    A ``NOTIFY_SOCKET`` that is neither a path from / nor ``@`` and a name (a
+    relative path, ``vsock:``) is a WARNING and no pings, as sd_notify(3) takes none.
+    """
     interval = watchdog_interval(environ, os.getpid(), os.getppid())
     if interval is None:
         return None
-    return interval, notify_address(environ["NOTIFY_SOCKET"])
+    notify_socket = environ["NOTIFY_SOCKET"]
+    if not notify_socket.startswith(("/", "@")):
+        logger.warning("systemd watchdog: NOTIFY_SOCKET %r is no socket this service can ping: no pings", notify_socket)
+        return None
+    return interval, notify_socket
