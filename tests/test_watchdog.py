@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import sys
 import uuid
 from pathlib import Path
@@ -52,12 +53,19 @@ async def test_hypercorn_workers_ping_for_their_master() -> None:
             launch = f"{hypercorn} --config hypercorn.toml --workers 2 --bind 127.0.0.1:{port} archiver.asgi:app"
             return ["sh", "-c", f"WATCHDOG_PID=$$ exec {launch}"]
 
+        manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each ping says its sender's PID
+        credentials = struct.Struct("3i")  # struct ucred: pid, uid, gid
         async with launched_on_a_free_port(command, env=environment) as (_, server):
-            for _ in range(3):
-                assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+            senders = set()
+            for _ in range(6):
+                data, ancillary, _, _ = await trio.to_thread.run_sync(
+                    manager.recvmsg, 64, socket.CMSG_SPACE(credentials.size)
+                )
+                assert data == b"WATCHDOG=1"
+                senders.add(credentials.unpack(ancillary[0][2])[0])
             master = server.process.pid
             workers = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
-            assert len(workers) >= 2
+            assert master not in senders and senders <= workers  # the workers, not the master
 
 
 def process_state(pid: int) -> str:
