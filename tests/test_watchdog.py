@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
 from archiver.web.watchdog import notify_address, watchdog_interval
 
-from .test_cli import launched_on_a_free_port
+from .test_cli import Launched, launched_on_a_free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -38,34 +41,53 @@ def test_the_unit_asks_for_the_watchdog() -> None:
     assert "\nNotifyAccess=all\n" in unit  # workers = N: the pings come from the master's workers
 
 
-async def test_hypercorn_workers_ping_for_their_master() -> None:
-    # With workers = 2 systemd's WATCHDOG_PID is the master's, which runs none of the service: had
-    # only that PID pinged, systemd would kill the instance every 30 s.
+HYPERCORN = str(Path(sys.executable).with_name("hypercorn"))
+
+
+@asynccontextmanager
+async def watched(usec: int, workers: int = 0) -> AsyncIterator[tuple[socket.socket, Launched]]:
+    """A manager's notify socket (abstract, as systemd's own; pings read with a 20 s timeout) and the
+    Hypercorn launch on the sample data, told to ping it every ``usec`` / 2 microseconds.
+
+    With ``workers``, WATCHDOG_PID is the master's, as systemd sets it: the shell's, which execs Hypercorn.
+    """
     name = f"@archiver-test-notify-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(notify_address(name))
         manager.settimeout(20)  # a TimeoutError here: no ping
-        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
-        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"}
+        manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each ping says its sender's PID
+        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": str(usec)}
 
         def command(port: int) -> list[str]:
-            # WATCHDOG_PID as systemd sets it: the main process's (the shell's, which execs Hypercorn).
-            launch = f"{hypercorn} --config hypercorn.toml --workers 2 --bind 127.0.0.1:{port} archiver.asgi:app"
-            return ["sh", "-c", f"WATCHDOG_PID=$$ exec {launch}"]
+            launch = (
+                f"{HYPERCORN} --config hypercorn.toml --workers {workers} --bind 127.0.0.1:{port} archiver.asgi:app"
+            )
+            return ["sh", "-c", f"WATCHDOG_PID=$$ exec {launch}"] if workers else launch.split()
 
-        manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each ping says its sender's PID
-        credentials = struct.Struct("3i")  # struct ucred: pid, uid, gid
         async with launched_on_a_free_port(command, env=environment) as (_, server):
-            senders = set()
-            for _ in range(6):
-                data, ancillary, _, _ = await trio.to_thread.run_sync(
-                    manager.recvmsg, 64, socket.CMSG_SPACE(credentials.size)
-                )
-                assert data == b"WATCHDOG=1"
-                senders.add(credentials.unpack(ancillary[0][2])[0])
-            master = server.process.pid
-            workers = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
-            assert master not in senders and senders <= workers  # the workers, not the master
+            yield manager, server
+
+
+async def ping(manager: socket.socket) -> bytes:
+    """The next datagram the service sent ``manager``."""
+    return await trio.to_thread.run_sync(manager.recv, 64)
+
+
+async def test_hypercorn_workers_ping_for_their_master() -> None:
+    # With workers = 2 systemd's WATCHDOG_PID is the master's, which runs none of the service: had
+    # only that PID pinged, systemd would kill the instance every 30 s.
+    credentials = struct.Struct("3i")  # struct ucred: pid, uid, gid
+    async with watched(400_000, workers=2) as (manager, server):
+        senders = set()
+        for _ in range(6):
+            data, ancillary, _, _ = await trio.to_thread.run_sync(
+                manager.recvmsg, 64, socket.CMSG_SPACE(credentials.size)
+            )
+            assert data == b"WATCHDOG=1"
+            senders.add(credentials.unpack(ancillary[0][2])[0])
+        master = server.process.pid
+        workers = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+        assert master not in senders and senders <= workers  # the workers, not the master
 
 
 def process_state(pid: int) -> str:
@@ -88,33 +110,22 @@ def waiting_datagrams(manager: socket.socket) -> list[bytes]:
 async def test_the_hypercorn_launch_pings_while_its_loop_runs_and_not_while_it_is_stopped() -> None:
     # Helper 82: a stopped instance kept its listening socket (the kernel accepts into its backlog),
     # and nginx waited for its headers for proxy_read_timeout, 1 h, every second request.
-    name = f"@archiver-test-notify-{uuid.uuid4().hex}"  # an abstract socket, as systemd's own
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
-        manager.bind(notify_address(name))
-        manager.settimeout(10)  # a TimeoutError here: no ping
-        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
-        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"}
-
-        def command(port: int) -> list[str]:
-            return [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}", "archiver.asgi:app"]
-
-        async with launched_on_a_free_port(command, env=environment) as (_, server):
-            for _ in range(3):
-                assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
-            pid = server.process.pid
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                with trio.fail_after(10):
-                    while process_state(pid) != "T":
-                        await trio.sleep(0.01)
-                waiting_datagrams(manager)  # sent before it stopped
-                await trio.sleep(1.0)  # five intervals: the window measured, not a synchronisation
-                # A stopped loop sends nothing: systemd kills it at WatchdogSec (and Restart=always).
-                assert waiting_datagrams(manager) == []
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            # Running again, it pings again.
-            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
+    async with watched(400_000) as (manager, server):
+        for _ in range(3):
+            assert await ping(manager) == b"WATCHDOG=1"
+        pid = server.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):
+                while process_state(pid) != "T":
+                    await trio.sleep(0.01)
+            waiting_datagrams(manager)  # sent before it stopped
+            await trio.sleep(1.0)  # five intervals: the window measured, not a synchronisation
+            # A stopped loop sends nothing: systemd kills it at WatchdogSec (and Restart=always).
+            assert waiting_datagrams(manager) == []
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await ping(manager) == b"WATCHDOG=1"  # running again, it pings again
     assert b"systemd watchdog: a ping every 0.2 s" in server.output
 
 
@@ -127,26 +138,16 @@ async def test_a_manager_that_stops_reading_costs_no_cpu_and_is_pinged_again_onc
     # Helper 83: with the manager's queue full (PID 1 busy: its queue is every service's), Trio's
     # sendto waited for a writable socket, which an unconnected datagram socket always is, and
     # failed again: a core spinning, ~9,000 sendto a second.
-    name = f"@archiver-test-notify-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
-        manager.bind(notify_address(name))
-        manager.settimeout(10)  # a TimeoutError here: no ping
-        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
-        environment = {"ARCHIVER_DIR": "data", "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "20000"}  # a ping every 10 ms
-
-        def command(port: int) -> list[str]:
-            return [hypercorn, "--config", "hypercorn.toml", "--bind", f"127.0.0.1:{port}", "archiver.asgi:app"]
-
-        async with launched_on_a_free_port(command, env=environment) as (_, server):
-            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
-            with trio.fail_after(10):
-                while b"cannot ping" not in server.output:  # the queue (net.unix.max_dgram_qlen) has filled
-                    await trio.sleep(0.05)
-            before = cpu_seconds(server.process.pid)
-            await trio.sleep(1.0)  # the window measured: a hundred pings' worth
-            assert cpu_seconds(server.process.pid) - before < 0.3  # spinning: a whole core, ~1 s
-            waiting_datagrams(manager)
-            assert await trio.to_thread.run_sync(manager.recv, 64) == b"WATCHDOG=1"
-            with trio.fail_after(10):
-                while b"pinging " + name.encode() + b" again" not in server.output:
-                    await trio.sleep(0.05)
+    async with watched(20_000) as (manager, server):  # a ping every 10 ms
+        assert await ping(manager) == b"WATCHDOG=1"
+        with trio.fail_after(10):
+            while b"cannot ping" not in server.output:  # the queue (net.unix.max_dgram_qlen) has filled
+                await trio.sleep(0.05)
+        before = cpu_seconds(server.process.pid)
+        await trio.sleep(1.0)  # the window measured: a hundred pings' worth
+        assert cpu_seconds(server.process.pid) - before < 0.3  # spinning: a whole core, ~1 s
+        waiting_datagrams(manager)
+        assert await ping(manager) == b"WATCHDOG=1"
+        with trio.fail_after(10):
+            while not re.search(rb"pinging @archiver-test-notify-\w+ again", server.output):
+                await trio.sleep(0.05)
