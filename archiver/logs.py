@@ -23,6 +23,11 @@ def escape_controls(text: str) -> str:
 LOGGED_FIELD = 256
 
 
+def cut_for_log(text: str) -> str:
+    """``text`` cut to ``LOGGED_FIELD`` characters, ``...`` added: what a client chose takes a short line."""
+    return text[:LOGGED_FIELD] + "..." if len(text) > LOGGED_FIELD else text
+
+
 def escape_log_field(text: str) -> str:
     """``text`` for a quoted field of the access log: cut to ``LOGGED_FIELD`` characters (``...`` added),
     controls escaped, and ``\\`` and ``"`` too (as Apache does).
@@ -32,9 +37,8 @@ def escape_log_field(text: str) -> str:
     U+009B a terminal's control sequence introducer, and a ``"`` in a
     User-Agent would end its field early.
     """
-    if len(text) > LOGGED_FIELD:
-        text = text[:LOGGED_FIELD] + "..."  # ASCII: a header goes back as Latin-1
-    return escape_controls(text.replace("\\", "\\\\").replace('"', '\\"'))
+    # "..." is ASCII: a header goes back as Latin-1.
+    return escape_controls(cut_for_log(text).replace("\\", "\\\\").replace('"', '\\"'))
 
 
 class OneLineFormatter(logging.Formatter):

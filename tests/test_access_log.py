@@ -128,3 +128,29 @@ async def test_a_long_header_or_path_makes_no_long_line(log_storage: Path) -> No
     (line,) = [text for text in bytes(server.output).decode().splitlines() if '"GET /archive/' in text]
     assert len(line) < 4 * (4 * 256 + 10), len(line)  # four fields of 256 characters, each escaped to at most four
     assert '"' + "\\x9b" * 256 + '..."' in line and "q" * 257 not in line
+
+
+async def test_no_name_or_method_a_client_chooses_makes_a_long_line(log_storage: Path) -> None:
+    # Found by helper 84: a name refused before it was checked (a filename not in UTF-8, a link not
+    # signed) went whole into the service's INFO line, and the method whole into the access line:
+    # 15 KB and 60 KB lines, at 10 MB of log a second from one client.
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
+    long_name = "a" * 15_000
+    async with launched(command, {"ARCHIVER_LINK_SECRET": "s" * 32}) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        address = (host, int(port))
+        target = f"/archive/{long_name}/".encode()
+        not_utf8 = await trio.to_thread.run_sync(http11_request, address, "GET", target + b"?filename=%FF", [])
+        unsigned = await trio.to_thread.run_sync(http11_request, address, "GET", target, [])
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(b"Q" * 10_000 + b" /archive/small/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            long_method = await trio.to_thread.run_sync(sock.recv, 65536)
+        async with make_client(server.url, "HTTP/2") as client:
+            h2_method = await client.request("M" * 60_000, f"{server.url}/archive/small/")
+        with trio.fail_after(10):
+            while bytes(server.output).count(b'" 4') < 4:  # the four access lines
+                await trio.sleep(0.02)
+    assert (not_utf8[0], unsigned[0], long_method[:12], h2_method.status_code) == (400, 403, b"HTTP/1.1 405", 431)
+    lines = bytes(server.output).decode().splitlines()
+    assert max(len(line) for line in lines) < 1_000, max(lines, key=len)[:300]
+    assert sum("refused " + "a" * 256 + "...: " in line for line in lines) == 2

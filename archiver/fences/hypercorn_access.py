@@ -193,6 +193,8 @@ async def _log(stream: Any) -> None:
     query = stream.scope.get("query_string", b"")
     scope = {
         **stream.scope,
+        # Any token, of any length (helper 84: a 60,000-byte HTTP/2 :method was a 60 KB line).
+        "method": escape_log_field(stream.scope.get("method", "")),
         "path": escape_log_field(stream.scope.get("path", "")),
         # Hypercorn decodes it as UTF-8 (and the headers as Latin-1): what goes back must decode so.
         "query_string": escape_log_field(query.decode("utf-8", "backslashreplace")).encode(),

@@ -46,6 +46,7 @@ from ..archive.worker_threads import NoThread, in_thread
 from ..config import Settings, SettingsError
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
+from ..logs import cut_for_log
 from .connection import limit_refusal, listing_refusal, send_archive_response
 from .disposition import DisplayNameRefused, content_disposition, display_name
 from .download import ArchiveBody
@@ -319,7 +320,8 @@ def create_app(settings: Settings) -> QuartTrio:
     async def limit_header_size() -> Response | None:
         # h11 caps only a request head that arrives in pieces; one that comes
         # in a single read, and HTTP/2's (up to 64 KiB), would pass whole.
-        size = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b""))
+        size = len(request.method) + len(request.scope.get("raw_path", b""))
+        size += len(request.scope.get("query_string", b""))
         # Each header as it stands in an HTTP/1.1 head ("name: value\r\n"): 16,000 empty ones are 64 kB.
         size += sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
         if size > MAX_HEADER_BYTES:
@@ -391,16 +393,17 @@ def create_app(settings: Settings) -> QuartTrio:
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             return limit_refusal(error, name, client, metrics, request.headers.get("Accept"))
         except AlbumNotFound:
-            logger.debug("no album for %r", name)
+            logger.debug("no album for %r", cut_for_log(name))
             abort(404)
         except ListingFailed as error:
             # Never an archive of part of the album: it would end cleanly and look complete.
             return listing_refusal(error, name, metrics, request.headers.get("Accept"))
         except DisplayNameRefused as refusal:
-            logger.info("refused %s: %s", name, refusal)
+            # Refused before the name is checked: it may be 16 KiB long (helper 84: 10 MB of log a second).
+            logger.info("refused %s: %s", cut_for_log(name), refusal)
             return error_page(400, request.headers.get("Accept"))
         except LinkRefused as refusal:
-            logger.info("refused %s: %s", name, refusal)
+            logger.info("refused %s: %s", cut_for_log(name), refusal)
             return error_page(403, request.headers.get("Accept"))
         headers = {
             "Content-Disposition": content_disposition(filename),
