@@ -90,6 +90,13 @@ def source_of(module: object) -> str:
                 # After Closed an app's data is dropped and the error swallowed (patch 9 makes it wait).
                 "            BufferCompleteError,\n            KeyError,\n            priority.MissingStreamError,\n"
                 "            h2.exceptions.ProtocolError,\n        ):",
+                # A stream is made by RequestReceived, counted to keep_alive_max_requests, and a
+                # StreamReset closes it (patch 10 makes none of a request reset in its batch).
+                "            if isinstance(event, h2.events.RequestReceived):\n"
+                "                if self.context.terminated.is_set():",
+                "        self.keep_alive_requests += 1\n        await self.context.mark_request()",
+                "            elif isinstance(event, h2.events.StreamReset):\n"
+                "                await self._close_stream(event.stream_id)",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',
@@ -189,6 +196,9 @@ def source_of(module: object) -> str:
         (
             http_stream_module,
             [
+                # A stream is in REQUEST until its app starts the response (hypercorn_h2 patch 10).
+                "        self.state = ASGIHTTPState.REQUEST\n",
+                'if message["type"] == "http.response.start" and self.state == ASGIHTTPState.REQUEST:',
                 # The three places hypercorn_access copies, as they were.
                 "await self.send(EndBody(stream_id=self.stream_id))\n        self.state = ASGIHTTPState.CLOSED\n"
                 "        await self.config.log.access(self.scope, self.response, time() - self.start_time)\n"

@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
+from archiver.fences import hypercorn_h2
 from archiver.web.ranges import parse_range
 
 from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, write_tree
@@ -185,6 +186,42 @@ def test_a_request_h2_refuses_closes_its_connection_with_one_line(
     assert len(lines) == 1 and b"WARNING" in lines[0] and b"HTTP/2 connection from" in lines[0], lines
     assert b"\nforged" not in service.output
     assert b"secret-token" not in service.output  # h2 quotes the value it refused: not logged (helper 54)
+
+
+def test_streams_reset_before_their_answer_close_their_connection_past_a_budget(service: Service) -> None:
+    # Helper 84 ("rapid reset", CVE-2023-44487): HEADERS then RST_STREAM, ~26 bytes, ran the app for
+    # each stream, and a reset stream holds no concurrent-stream slot: 1 s of one client's traffic
+    # (15,600 streams) kept a core busy 15 s and wrote 31,000 access lines.
+    connection = h2_client()
+    nope = [(":method", "GET"), (":path", "/archive/nope/"), (":scheme", "http"), (":authority", "x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        port = sock.getsockname()[1]
+
+        def reset_at_once(count: int) -> None:
+            for _ in range(count):
+                stream_id = connection.get_next_available_stream_id()
+                connection.send_headers(stream_id, nope, end_stream=True)
+                connection.reset_stream(stream_id)
+            sock.sendall(connection.data_to_send())  # one write: one batch of frames to the server
+
+        reset_at_once(hypercorn_h2.EARLY_RESETS)
+        healthz = connection.get_next_available_stream_id()
+        connection.send_headers(healthz, [*nope[:1], (":path", "/healthz"), *nope[2:]], end_stream=True)
+        sock.sendall(connection.data_to_send())
+        answered = h2_events(sock, connection, h2.events.StreamEnded)  # within the budget: served
+        reset_at_once(1)
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
+    assert [event.headers[0] for event in answered if isinstance(event, h2.events.ResponseReceived)] == [
+        (b":status", b"200")
+    ]
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    polite_request_works(service)  # the lines of that connection are written by now
+    assert b"/archive/nope/" not in service.output  # no stream reset in its batch ran the app
+    lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} ".encode() in line]
+    assert len(lines) == 2 and b'"GET /healthz 2" 200' in lines[0], lines
+    assert b"WARNING" in lines[1] and b"closed: 101 streams reset before their answer" in lines[1], lines
 
 
 @pytest.mark.parametrize("path", [b"/healthz", b"?x"])  # a 405, a 400: both answered before the body

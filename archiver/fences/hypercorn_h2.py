@@ -1,4 +1,4 @@
-"""Nine adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Ten adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -152,6 +152,21 @@ Upstream report, as it would be filed: "H2: streams created while
 handle(Closed) awaits are never closed, and stream_send drops Body after the
 connection closed without telling the app; an ASGI app then streams its
 whole response into nothing."
+
+10. Bound the streams a client resets before their answer ("rapid reset").
+
+A stream the client resets is closed at once in h2's state machine, so the
+concurrent-stream limit never holds such streams back, and the server writes
+nothing that could make the client wait: HEADERS then RST_STREAM, ~26 bytes
+with HPACK, ran the app (~1 ms, a 404 page and an access line) at whatever
+rate the client sent them (helper 84: 1 s of a client's traffic, 15,600
+streams, kept a core busy 15 s and wrote 31,000 log lines; CVE-2023-44487).
+Hypercorn's only bound is ``keep_alive_max_requests`` a connection.  Here a
+request reset in the same batch of frames is never made into a stream (no
+app, no line: nobody waits for its answer), and a connection whose client
+has reset more than ``EARLY_RESETS`` streams before their answer began is
+closed with GOAWAY(ENHANCE_YOUR_CALM), as hyper's and nghttp2's are, and the
+rest of that batch is dropped.  One WARNING says so, at most every 10 s.
 """
 
 from __future__ import annotations
@@ -174,7 +189,9 @@ from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState
 
+from ..logs import Quieted
 from .delivery import bytes_dropped, note_dropped
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
@@ -204,6 +221,7 @@ def install() -> None:
     _release_buffers_on_close()
     _log_protocol_errors()
     _no_streams_after_close()
+    _bound_early_resets()  # last: it filters what the others see
     setattr(H2Protocol, _MARKER, True)
 
 
@@ -305,6 +323,47 @@ def _no_streams_after_close() -> None:
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+
+
+# Streams one connection's client may reset before their answer began (patch 10).  A browser
+# cancels a download or two; a flood resets every stream it opens.
+EARLY_RESETS = 100
+_EARLY_RESETS = "_archiver_early_resets"
+_calm_lines = Quieted(logger, logging.WARNING)
+
+
+def _bound_early_resets() -> None:
+    original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+
+    async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        reset = {event.stream_id for event in events if isinstance(event, h2.events.StreamReset)}
+        if not reset:
+            await original(self, events)  # the usual case
+            return
+        kept: list[h2.events.Event] = []
+        early = 0
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset:
+                early += 1  # reset in the same batch: never started
+                self.keep_alive_requests += 1  # Hypercorn's bound a connection still counts it
+                continue
+            if isinstance(event, h2.events.StreamReset):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and getattr(stream, "state", None) is ASGIHTTPState.REQUEST:
+                    early += 1  # its app had not answered yet
+            kept.append(event)
+        early += getattr(self, _EARLY_RESETS, 0)
+        setattr(self, _EARLY_RESETS, early)
+        if early > EARLY_RESETS and not getattr(self, "closed", False):
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+            _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, early)
+            self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            await self._flush()
+            await self.send(Closed())
+            return
+        await original(self, kept)
+
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
 
 
 _REASON_CHARACTERS = 200
