@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import sys
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
+
+from archiver import logs
 
 from .conftest import http11_request, make_client, write_tree
 from .test_cli import Launched, launched
@@ -154,3 +160,55 @@ async def test_no_name_or_method_a_client_chooses_makes_a_long_line(log_storage:
     lines = bytes(server.output).decode().splitlines()
     assert max(len(line) for line in lines) < 1_000, max(lines, key=len)[:300]
     assert sum("refused " + "a" * 256 + "...: " in line for line in lines) == 2
+
+
+def test_lines_a_client_can_repeat_are_quieted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    quieted = logs.Quieted(logging.getLogger("archiver.test"), logging.WARNING, interval=10.0)
+    with caplog.at_level(logging.WARNING, logger="archiver.test"):
+        for step in range(25):  # a line each second for 25 s
+            quieted.log("refused %d", step)
+            now[0] += 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "refused 0",
+        "refused 10 (9 more such lines left out since the last)",
+        "refused 20 (9 more such lines left out since the last)",
+    ]
+
+
+async def test_requests_a_client_repeats_at_its_own_rate_make_a_line_each_ten_seconds(log_storage: Path) -> None:
+    # Helper 84: a line for each request HTTP/1.1 cannot parse (2,200 a second, a connection each) and
+    # a WARNING for each HTTP/2 stream with a malformed :path (~13 bytes a stream with HPACK).
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
+    async with launched(command) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+        def flood() -> None:
+            for _ in range(30):
+                with socket.create_connection((host, int(port)), timeout=30) as sock:
+                    sock.sendall("GET /archive/small/?filename=Отпуск HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    while sock.recv(65536):
+                        pass
+            connection = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+            )
+            connection.initiate_connection()
+            bad = [(b":method", b"GET"), (b":path", b"/archive/\xff/"), (b":scheme", b"http"), (b":authority", b"x")]
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                for _ in range(30):
+                    connection.send_headers(connection.get_next_available_stream_id(), bad, end_stream=True)
+                sock.sendall(connection.data_to_send())
+                resets = 0
+                while resets < 30 and (data := sock.recv(65536)):
+                    resets += sum(isinstance(event, h2.events.StreamReset) for event in connection.receive_data(data))
+            assert resets == 30
+
+        await trio.to_thread.run_sync(flood)
+        status, _, _ = await trio.to_thread.run_sync(http11_request, (host, int(port)), "GET", b"/healthz", [])
+    assert status == 200
+    output = bytes(server.output)
+    assert output.count(b"that HTTP/1.1 cannot parse: 400") == 1
+    assert output.count(b"malformed or missing :method or :path") == 1

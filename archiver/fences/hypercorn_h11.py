@@ -52,7 +52,10 @@ import h11
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
+from ..logs import Quieted
+
 logger = logging.getLogger(__name__)
+_unparsed_lines: dict[int, Quieted] = {}  # by status
 
 _MARKER = "_archiver_adjusted"
 _CLOSED = "_archiver_closed"
@@ -96,7 +99,10 @@ def install(error_answer: ErrorAnswer | None = None) -> None:
 
     async def _send_error_response(self: Any, status_code: int) -> None:
         client = self.client[0] if self.client else "-"  # (host, port), or None on a Unix socket
-        logger.info("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
+        # At most a line every 10 s for each status: one client makes such requests at its own
+        # rate, a connection each (helper 84: 2,200 lines a second).
+        quieted = _unparsed_lines.setdefault(status_code, Quieted(logger, logging.INFO))
+        quieted.log("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
         answer_headers, body = _error_answer(status_code)
         headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close"), *answer_headers]
         await self._send_h11_event(

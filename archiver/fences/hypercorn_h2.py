@@ -242,12 +242,16 @@ def is_malformed_request(headers: list[tuple[bytes, bytes]]) -> bool:
     return not path
 
 
+# A client sends these at its own rate, ~13 bytes each with HPACK (helper 84).
+_malformed_lines = Quieted(logger, logging.WARNING)
+
+
 def _reset_malformed_requests() -> None:
     original: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
 
     async def _create_stream(self: Any, request: Any) -> None:
         if is_malformed_request(request.headers):
-            logger.warning("HTTP/2 stream %d reset: malformed or missing :method or :path", request.stream_id)
+            _malformed_lines.log("HTTP/2 stream %d reset: malformed or missing :method or :path", request.stream_id)
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
                 self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
             await self._flush()

@@ -38,6 +38,7 @@ from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
+from ..logs import Quieted
 from .download import ArchiveBody, ArchiveChanged, StorageTimeout, album_changed, first_failure
 from .limits import (
     STALL_UNIT,
@@ -143,6 +144,9 @@ _LIMIT_REASONS: dict[type[BaseException], str] = {
     WalkLimitReached: "walk_limit",
     PlanLimitReached: "plan_limit",
 }
+# One client's flood of refused requests (helper 84: 986 lines in 4 s of ranges) writes a line a
+# second for each reason, each saying how many it stands for; the metric counts every one.
+_refusal_lines = {reason: Quieted(logger, logging.WARNING, interval=1.0) for reason in _LIMIT_REASONS.values()}
 
 
 def limit_refusal(
@@ -152,9 +156,11 @@ def limit_refusal(
     metrics: DownloadMetrics,
     accept: str | None,
 ) -> Response:
-    """The 503 for a request over a limit: one WARNING line, counted by reason; never queued."""
-    logger.warning("refused %s for %s: %s", name, client, error)
-    metrics.rejected.labels(_LIMIT_REASONS[type(error)]).inc()
+    """The 503 for a request over a limit: a WARNING line (at most one a second for each reason), counted by reason;
+    never queued."""
+    reason = _LIMIT_REASONS[type(error)]
+    _refusal_lines[reason].log("refused %s for %s: %s", name, client, error)
+    metrics.rejected.labels(reason).inc()
     return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
