@@ -21,6 +21,7 @@ from .conftest import http11_request, make_client, write_tree
 from .test_cli import Launched, launched
 
 # Hypercorn's default format: ... "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 LINE = re.compile(rb'"(?P<method>[A-Z]+) (?P<path>\S+) (?P<version>\S+)" (?P<status>\S+) (?P<bytes>\S+) "')
 
 
@@ -181,7 +182,8 @@ def test_lines_a_client_can_repeat_are_quieted(
 
 async def test_requests_a_client_repeats_at_its_own_rate_make_a_line_each_ten_seconds(log_storage: Path) -> None:
     # Helper 84: a line for each request HTTP/1.1 cannot parse (2,200 a second, a connection each) and
-    # a WARNING for each HTTP/2 stream with a malformed :path (~13 bytes a stream with HPACK).
+    # a WARNING for each HTTP/2 stream with a malformed :path (~13 bytes a stream with HPACK); helper 85:
+    # one for each HTTP/2 connection closed for a protocol error (a stream that depends on itself).
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(log_storage)]
     async with launched(command) as server:
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
@@ -205,10 +207,21 @@ async def test_requests_a_client_repeats_at_its_own_rate_make_a_line_each_ten_se
                 while resets < 30 and (data := sock.recv(65536)):
                     resets += sum(isinstance(event, h2.events.StreamReset) for event in connection.receive_data(data))
             assert resets == 30
+            for _ in range(30):
+                with socket.create_connection((host, int(port)), timeout=30) as sock:
+                    # PRIORITY: stream 1 depends on itself, weight 16 (RFC 9113 5.3.1: a protocol error).
+                    sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                    sock.sendall(b"\x00\x00\x05\x02\x00\x00\x00\x00\x01\x00\x00\x00\x01\x0f")
+                    while sock.recv(65536):
+                        pass
 
         await trio.to_thread.run_sync(flood)
-        status, _, _ = await trio.to_thread.run_sync(http11_request, (host, int(port)), "GET", b"/healthz", [])
+        status, _, metrics = await trio.to_thread.run_sync(http11_request, (host, int(port)), "GET", b"/metrics", [])
     assert status == 200
     output = bytes(server.output)
     assert output.count(b"that HTTP/1.1 cannot parse: 400") == 1
     assert output.count(b"malformed or missing :method or :path") == 1
+    assert output.count(b"WARNING archiver.fences.hypercorn_h2: HTTP/2 connection from") == 1
+    # Each is counted all the same.
+    for kind in ("http1_unparsable", "http2_malformed_stream", "http2_protocol_error"):
+        assert f'archiver_client_errors_total{{kind="{kind}"}} 30.0'.encode() in metrics

@@ -97,6 +97,11 @@ def source_of(module: object) -> str:
                 "        self.keep_alive_requests += 1\n        await self.context.mark_request()",
                 "            elif isinstance(event, h2.events.StreamReset):\n"
                 "                await self._close_stream(event.stream_id)",
+                # ...closes the connection past keep_alive_max_requests, and makes PRIORITY a tree node.
+                "                if self.keep_alive_requests > self.config.keep_alive_max_requests:\n"
+                "                    self.connection.close_connection()",
+                "            elif isinstance(event, h2.events.PriorityUpdated):\n"
+                "                await self._priority_updated(event)",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',

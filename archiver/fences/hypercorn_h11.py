@@ -53,6 +53,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 from ..logs import Quieted
+from . import client_errors
 
 logger = logging.getLogger(__name__)
 _unparsed_lines: dict[int, Quieted] = {}  # by status
@@ -101,6 +102,7 @@ def install(error_answer: ErrorAnswer | None = None) -> None:
         client = self.client[0] if self.client else "-"  # (host, port), or None on a Unix socket
         # At most a line every 10 s for each status: one client makes such requests at its own
         # rate, a connection each (helper 84: 2,200 lines a second).
+        client_errors.count("http1_unparsable")
         quieted = _unparsed_lines.setdefault(status_code, Quieted(logger, logging.INFO))
         quieted.log("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
         answer_headers, body = _error_answer(status_code)

@@ -163,10 +163,12 @@ rate the client sent them (helper 84: 1 s of a client's traffic, 15,600
 streams, kept a core busy 15 s and wrote 31,000 log lines; CVE-2023-44487).
 Hypercorn's only bound is ``keep_alive_max_requests`` a connection.  Here a
 request reset in the same batch of frames is never made into a stream (no
-app, no line: nobody waits for its answer), and a connection whose client
-has reset more than ``EARLY_RESETS`` streams before their answer began is
-closed with GOAWAY(ENHANCE_YOUR_CALM), as hyper's and nghttp2's are, and the
-rest of that batch is dropped.  One WARNING says so, at most every 10 s.
+app, no line: nobody waits for its answer; counted, ``client_errors``), and
+a connection whose client resets streams before their answer began faster
+than a budget allows (``EARLY_RESETS`` at once, ``EARLY_RESETS_PER_SECOND``
+after: nghttp2 keeps such a bucket) is closed with GOAWAY(ENHANCE_YOUR_CALM),
+and the rest of that batch is dropped; its other downloads end with it.  One
+WARNING says so, at most every 10 s.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState
 
 from ..logs import Quieted
+from . import client_errors
 from .delivery import bytes_dropped, note_dropped
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
@@ -251,6 +254,7 @@ def _reset_malformed_requests() -> None:
 
     async def _create_stream(self: Any, request: Any) -> None:
         if is_malformed_request(request.headers):
+            client_errors.count("http2_malformed_stream")
             _malformed_lines.log("HTTP/2 stream %d reset: malformed or missing :method or :path", request.stream_id)
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
                 self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -329,10 +333,11 @@ def _no_streams_after_close() -> None:
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
 
 
-# Streams one connection's client may reset before their answer began (patch 10).  A browser
-# cancels a download or two; a flood resets every stream it opens.
+# Streams one connection's client may reset before their answer began (patch 10), at once, and
+# then each second: a browser cancels a download or two; a flood resets every stream it opens.
 EARLY_RESETS = 100
-_EARLY_RESETS = "_archiver_early_resets"
+EARLY_RESETS_PER_SECOND = 10.0
+_EARLY_RESETS = "_archiver_early_resets"  # (budget left, trio time it was counted, resets so far)
 _calm_lines = Quieted(logger, logging.WARNING)
 
 
@@ -345,22 +350,32 @@ def _bound_early_resets() -> None:
             await original(self, events)  # the usual case
             return
         kept: list[h2.events.Event] = []
-        early = 0
+        early = not_started = 0
         for event in events:
             if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset:
-                early += 1  # reset in the same batch: never started
-                self.keep_alive_requests += 1  # Hypercorn's bound a connection still counts it
+                not_started += 1  # reset in the same batch: never started
                 continue
+            if isinstance(event, h2.events.PriorityUpdated) and event.stream_id in reset:
+                continue  # Hypercorn would make it a node of its priority tree, never removed (helper 85)
             if isinstance(event, h2.events.StreamReset):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None and getattr(stream, "state", None) is ASGIHTTPState.REQUEST:
                     early += 1  # its app had not answered yet
             kept.append(event)
-        early += getattr(self, _EARLY_RESETS, 0)
-        setattr(self, _EARLY_RESETS, early)
-        if early > EARLY_RESETS and not getattr(self, "closed", False):
+        if not_started:
+            client_errors.count("http2_stream_not_started", not_started)
+            self.keep_alive_requests += not_started  # Hypercorn's bound a connection still counts them
+            if self.keep_alive_requests > self.config.keep_alive_max_requests:
+                self.connection.close_connection()  # as Hypercorn does at its next stream
+        now = trio.current_time()
+        budget, then, so_far = getattr(self, _EARLY_RESETS, (EARLY_RESETS, now, 0))
+        budget = min(EARLY_RESETS, budget + (now - then) * EARLY_RESETS_PER_SECOND) - early - not_started
+        so_far += early + not_started
+        setattr(self, _EARLY_RESETS, (budget, now, so_far))
+        if budget < 0 and not getattr(self, "closed", False):
+            client_errors.count("http2_reset_flood")
             peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
-            _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, early)
+            _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, so_far)
             self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             await self._flush()
             await self.send(Closed())
@@ -380,6 +395,8 @@ def _redacted(literal: re.Match[str]) -> str:
     return literal[0] if literal[0] in _PSEUDO_HEADERS else "b'...'"
 
 
+# A connection each, ~80 bytes (helper 85: 575 lines a second from one client).
+_protocol_error_lines = Quieted(logger, logging.WARNING)
 _BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
 
 
@@ -399,7 +416,8 @@ def _log_protocol_errors() -> None:
                     # 54): its bytes are left out.  hpack names its buffer ("<memory at 0x7f...>").
                     reason = _BYTES.sub(_redacted, str(error) or type(error).__name__)
                     reason = _ADDRESS.sub("", reason)[:_REASON_CHARACTERS]
-                    logger.warning("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
+                    client_errors.count("http2_protocol_error")
+                    _protocol_error_lines.log("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
                     raise
 
             self.connection.receive_data = receive_data

@@ -91,6 +91,8 @@ import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
+from ..logs import Quieted
+from . import client_errors
 from .delivery import note_dropped
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,8 @@ def _limit_connections() -> None:
         try:
             await original(self)
         except Exception as error:  # not BaseException: cancellation (shutdown) goes on as it came
-            logger.warning("connection from %s ended by an error: %s", peer, _describe(error))
+            client_errors.count("connection_error")
+            _error_lines.log("connection from %s ended by an error: %s", peer, _describe(error))
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.stream.aclose()
         finally:
@@ -206,6 +209,10 @@ def _describe(error: BaseException) -> str:
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
     return f"{type(error).__name__}: {error}"
+
+
+# A client can end connections so at its own rate (helper 85: a PRIORITY tree over 1,000 streams).
+_error_lines = Quieted(logger, logging.WARNING)
 
 
 def _log_refusal() -> None:

@@ -7,9 +7,14 @@ Hypercorn workers each process counts for itself; see README, Deploying.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from ..fences import client_errors
 from .limits import JobSlots, PlannedFiles
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled", "changed")
@@ -26,6 +31,23 @@ REJECTIONS = (
 
 # From a small album over a fast link to GBs over a slow one.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
+
+
+class ClientErrors(Collector):
+    """``archiver_client_errors_total{kind}``: ``fences.client_errors.COUNTS`` as they stand at a scrape."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "archiver_client_errors",
+            "What clients sent that the protocols refused, by kind (this process's, whatever app): requests "
+            "HTTP/1.1 cannot parse, HTTP/2 streams with a malformed :method or :path, HTTP/2 connections closed "
+            "for a protocol error or for resetting streams before their answer, HTTP/2 requests reset before "
+            "they started, connections ended by an unexpected error. Their log lines are quieted; these are not.",
+            labels=["kind"],
+        )
+        for kind, value in client_errors.COUNTS.items():
+            family.add_metric([kind], value)
+        yield family
 
 
 class DownloadMetrics:
@@ -87,6 +109,7 @@ class DownloadMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.registry.register(ClientErrors())
         # Every label value from the start, so that a scrape shows zeros, not gaps.
         for outcome in OUTCOMES:
             self.finished.labels(outcome)
