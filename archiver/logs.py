@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a file
 # name may hold any of them (a line break, a terminal escape).
@@ -50,13 +51,15 @@ class Quieted:
     (helper 84: 2,200 lines a second from one client).  For the event loop's thread only.
     """
 
-    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0) -> None:
-        self._logger, self._level, self._interval = logger, level, interval
+    def __init__(
+        self, logger: logging.Logger, level: int, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._logger, self._level, self._interval, self._clock = logger, level, interval, clock
         self._quiet_until = float("-inf")
         self.left_out = 0
 
     def log(self, message: str, *args: object) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now < self._quiet_until:
             self.left_out += 1
             return

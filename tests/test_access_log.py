@@ -163,12 +163,9 @@ async def test_no_name_or_method_a_client_chooses_makes_a_long_line(log_storage:
     assert sum("refused " + "a" * 256 + "...: " in line for line in lines) == 2
 
 
-def test_lines_a_client_can_repeat_are_quieted(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_lines_a_client_can_repeat_are_quieted(caplog: pytest.LogCaptureFixture) -> None:
     now = [1000.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
-    quieted = logs.Quieted(logging.getLogger("archiver.test"), logging.WARNING, interval=10.0)
+    quieted = logs.Quieted(logging.getLogger("archiver.test"), logging.WARNING, interval=10.0, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="archiver.test"):
         for step in range(25):  # a line each second for 25 s
             quieted.log("refused %d", step)

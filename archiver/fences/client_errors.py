@@ -1,7 +1,9 @@
 """What clients sent that the protocols refused, counted for ``/metrics``.
 
-Each kind is also logged, quietly (``logs.Quieted``: a client makes these at
-its own rate); the count is what the quieted lines leave out.  Process-wide, as
+Each kind but ``http2_stream_not_started`` is also logged, quietly
+(``logs.Quieted``: a client makes these at its own rate); the count is what
+the quieted lines leave out.  ``connection_error`` is the backstop's: a
+client's doing or a bug.  Process-wide, as
 the fences that see them are; ``web.metrics`` reads ``COUNTS`` at each scrape.
 """
 

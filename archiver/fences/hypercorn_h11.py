@@ -103,7 +103,8 @@ def install(error_answer: ErrorAnswer | None = None) -> None:
         # At most a line every 10 s for each status: one client makes such requests at its own
         # rate, a connection each (helper 84: 2,200 lines a second).
         client_errors.count("http1_unparsable")
-        quieted = _unparsed_lines.setdefault(status_code, Quieted(logger, logging.INFO))
+        if (quieted := _unparsed_lines.get(status_code)) is None:
+            quieted = _unparsed_lines[status_code] = Quieted(logger, logging.INFO)
         quieted.log("refused a request from %s that HTTP/1.1 cannot parse: %d", client, status_code)
         answer_headers, body = _error_answer(status_code)
         headers = [(b"content-length", b"%d" % len(body)), (b"connection", b"close"), *answer_headers]

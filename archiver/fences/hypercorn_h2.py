@@ -118,9 +118,10 @@ calls malformed (an upper-case header name, ``connection``, ``te`` other than
 ``trailers``, an empty ``:path``, CR, LF or NUL in a value), and
 ``H2Protocol.handle`` answers it with GOAWAY and closes the connection,
 silently: no access line, no other line (helper 52), where HTTP/1.1 logs the
-request it cannot parse.  Here such a connection leaves one WARNING line,
+request it cannot parse.  Here such a connection leaves a WARNING line,
 its peer and h2's reason, without the header bytes it quotes, escaped and cut to
-``_REASON_CHARACTERS``.
+``_REASON_CHARACTERS``: at most one every 10 s (a client makes them at its
+own rate, a connection each), each counted (``client_errors``).
 
 9. Start nothing, and send nothing, once the connection is gone.
 
@@ -164,11 +165,13 @@ streams, kept a core busy 15 s and wrote 31,000 log lines; CVE-2023-44487).
 Hypercorn's only bound is ``keep_alive_max_requests`` a connection.  Here a
 request reset in the same batch of frames is never made into a stream (no
 app, no line: nobody waits for its answer; counted, ``client_errors``), and
-a connection whose client resets streams before their answer began faster
-than a budget allows (``EARLY_RESETS`` at once, ``EARLY_RESETS_PER_SECOND``
-after: nghttp2 keeps such a bucket) is closed with GOAWAY(ENHANCE_YOUR_CALM),
-and the rest of that batch is dropped; its other downloads end with it.  One
-WARNING says so, at most every 10 s.
+a connection whose streams are reset before their answer began faster than
+a budget allows (``EARLY_RESETS`` at once, ``EARLY_RESETS_PER_SECOND`` after:
+a bucket as nghttp2 keeps, whose defaults are 1,000 and 33 for every reset)
+is closed with GOAWAY(ENHANCE_YOUR_CALM), and the rest of that batch is
+dropped; its other downloads end with it.  A reset h2 makes for a frame the
+client should not have sent (DATA after END_STREAM) counts as the client's.
+One WARNING says so, at most every 10 s.
 """
 
 from __future__ import annotations
@@ -255,7 +258,10 @@ def _reset_malformed_requests() -> None:
     async def _create_stream(self: Any, request: Any) -> None:
         if is_malformed_request(request.headers):
             client_errors.count("http2_malformed_stream")
-            _malformed_lines.log("HTTP/2 stream %d reset: malformed or missing :method or :path", request.stream_id)
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+            _malformed_lines.log(
+                "HTTP/2 stream %d from %s reset: malformed or missing :method or :path", request.stream_id, peer
+            )
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
                 self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
             await self._flush()
@@ -337,7 +343,7 @@ def _no_streams_after_close() -> None:
 # then each second: a browser cancels a download or two; a flood resets every stream it opens.
 EARLY_RESETS = 100
 EARLY_RESETS_PER_SECOND = 10.0
-_EARLY_RESETS = "_archiver_early_resets"  # (budget left, trio time it was counted, resets so far)
+_RESET_BUDGET = "_archiver_reset_budget"  # (budget left, trio time it was counted, resets so far)
 _calm_lines = Quieted(logger, logging.WARNING)
 
 
@@ -368,10 +374,10 @@ def _bound_early_resets() -> None:
             if self.keep_alive_requests > self.config.keep_alive_max_requests:
                 self.connection.close_connection()  # as Hypercorn does at its next stream
         now = trio.current_time()
-        budget, then, so_far = getattr(self, _EARLY_RESETS, (EARLY_RESETS, now, 0))
+        budget, then, so_far = getattr(self, _RESET_BUDGET, (EARLY_RESETS, now, 0))
         budget = min(EARLY_RESETS, budget + (now - then) * EARLY_RESETS_PER_SECOND) - early - not_started
         so_far += early + not_started
-        setattr(self, _EARLY_RESETS, (budget, now, so_far))
+        setattr(self, _RESET_BUDGET, (budget, now, so_far))
         if budget < 0 and not getattr(self, "closed", False):
             client_errors.count("http2_reset_flood")
             peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"

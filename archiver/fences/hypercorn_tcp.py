@@ -35,8 +35,9 @@ that nursery, and with it the process: every other download is cut and the
 port is closed.  Two such bugs were found by sending malformed requests
 (a non-ASCII byte in an HTTP/2 ``:path``, fixed where it arises in
 ``hypercorn_h2``; a ``BusyResourceError`` below); this is the backstop for
-the next one.  The connection is closed, one WARNING line says why, and the
-server goes on.  Upstream report, as it would be filed: "trio worker: an
+the next one.  The connection is closed, a WARNING line says why (at most one
+every 10 s: a client may cause them at its own rate; each is counted,
+``client_errors``), and the server goes on.  Upstream report, as it would be filed: "trio worker: an
 exception in one connection's handler (e.g. UnicodeDecodeError for a
 non-ASCII :path over h2) propagates into serve_listeners' handler nursery and
 stops the server; the asyncio worker logs it and keeps serving."
