@@ -13,9 +13,14 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+import h2.errors
+import h2.events
 import h11._connection as h11_connection_module
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
+import hypercorn.config as hypercorn_config_module
+import hypercorn.events as hypercorn_events_module
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
@@ -28,6 +33,7 @@ import hypercorn.utils as hypercorn_utils_module
 import pytest
 import quart_trio.asgi
 import trio
+import trio.testing
 
 from archiver.fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_signals, hypercorn_tcp
 
@@ -276,3 +282,70 @@ async def test_a_streams_end_reaches_its_app_when_told_from_a_cancelled_task() -
         scope.cancel()
         await hypercorn_access._tell_app(send.send, {"type": "http.disconnect"})
     assert receive.receive_nowait() == {"type": "http.disconnect"}
+
+
+class _Stream:
+    def __init__(self, state: http_stream_module.ASGIHTTPState) -> None:
+        self.state = state
+        self.idle = False
+
+
+class _Connection:
+    error_code: object = None
+
+    def close_connection(self, error_code: object = None) -> None:
+        self.error_code = error_code
+
+    def data_to_send(self) -> bytes:
+        return b""
+
+
+class _Protocol:
+    """What ``H2Protocol._handle_events`` and its wrappers use of a connection, for StreamReset batches."""
+
+    def __init__(self, streams: dict[int, _Stream]) -> None:
+        self.streams = streams
+        self.client = ("127.0.0.1", 40000)
+        self.closed = False
+        self.keep_alive_requests = 0
+        self.config = hypercorn_config_module.Config()
+        self.connection = _Connection()
+        self.sent: list[object] = []
+
+    async def _close_stream(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    async def _window_updated(self, stream_id: int) -> None:
+        pass
+
+    async def _flush(self) -> None:
+        pass
+
+    async def send(self, event: object) -> None:
+        self.sent.append(event)
+
+
+def _resets(stream_ids: range) -> list[h2.events.Event]:
+    return [h2.events.StreamReset(stream_id=stream_id) for stream_id in stream_ids]
+
+
+async def test_streams_reset_while_their_app_had_not_answered_spend_a_budget_that_refills(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # hypercorn_h2 patch 10, for resets that come in a later batch than their requests: a stream
+    # whose app has not started its response is an early reset; one whose response started is not.
+    hypercorn_h2.install()
+    handle_events: Any = hypercorn_h2_module.H2Protocol._handle_events  # given a stand-in protocol
+    request, response = http_stream_module.ASGIHTTPState.REQUEST, http_stream_module.ASGIHTTPState.RESPONSE
+    streams = {stream_id: _Stream(request) for stream_id in range(1, 400, 2)}
+    streams.update({stream_id: _Stream(response) for stream_id in range(401, 600, 2)})
+    protocol = _Protocol(streams)
+    await handle_events(protocol, _resets(range(401, 600, 2)))  # 100 answered: nothing spent
+    await handle_events(protocol, _resets(range(1, 200, 2)))  # 100 unanswered: all of it
+    assert protocol.connection.error_code is None
+    mock_clock.jump(1.0)  # ten more
+    await handle_events(protocol, _resets(range(201, 220, 2)))
+    assert protocol.connection.error_code is None
+    await handle_events(protocol, _resets(range(221, 223, 2)))  # one too many
+    assert protocol.connection.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert any(isinstance(event, hypercorn_events_module.Closed) for event in protocol.sent)
