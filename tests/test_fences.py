@@ -293,7 +293,7 @@ class _Stream:
 class _Connection:
     error_code: object = None
 
-    def close_connection(self, error_code: object = None) -> None:
+    def close_connection(self, error_code: object = None, last_stream_id: int | None = None) -> None:
         self.error_code = error_code
 
     def data_to_send(self) -> bytes:

@@ -228,9 +228,9 @@ def test_streams_reset_before_their_answer_close_their_connection_past_a_budget(
     assert [event.headers[0] for event in answered if isinstance(event, h2.events.ResponseReceived)] == [
         (b":status", b"200")
     ]
-    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
-        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-    ]
+    assert [
+        (event.error_code, event.last_stream_id) for event in ended if isinstance(event, h2.events.ConnectionTerminated)
+    ] == [(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, healthz)]  # the last stream started: the rest may be retried
     polite_request_works(service)  # the lines of that connection are written by now
     assert b"/archive/nope/" not in service.output  # no stream reset in its batch ran the app
     lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} ".encode() in line]

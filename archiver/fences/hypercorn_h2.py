@@ -344,11 +344,17 @@ def _no_streams_after_close() -> None:
 EARLY_RESETS = 100
 EARLY_RESETS_PER_SECOND = 10.0
 _RESET_BUDGET = "_archiver_reset_budget"  # (budget left, trio time it was counted, resets so far)
+_LAST_STARTED = "_archiver_last_started"  # the highest stream id given to _create_stream
 _calm_lines = Quieted(logger, logging.WARNING)
 
 
 def _bound_early_resets() -> None:
     original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+    original_create: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        setattr(self, _LAST_STARTED, max(getattr(self, _LAST_STARTED, 0), request.stream_id))
+        await original_create(self, request)
 
     async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
         reset = {event.stream_id for event in events if isinstance(event, h2.events.StreamReset)}
@@ -382,13 +388,17 @@ def _bound_early_resets() -> None:
             client_errors.count("http2_reset_flood")
             peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
             _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, so_far)
-            self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            # The last stream acted on: a client may retry those of the batch dropped (RFC 9113 6.8).
+            self.connection.close_connection(
+                error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=getattr(self, _LAST_STARTED, 0)
+            )
             await self._flush()
             await self.send(Closed())
             return
         await original(self, kept)
 
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+    H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
 _REASON_CHARACTERS = 200
