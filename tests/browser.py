@@ -31,6 +31,15 @@ HEADLESS = [
 FLAGS = [*HEADLESS, "--ignore-certificate-errors", "--remote-debugging-pipe"]  # the test's own CA; DevTools
 
 
+def chromium_env(profile: Path) -> dict[str, str]:
+    """The environment for a Chromium using ``profile``: its temporary files beside the profile.
+
+    Chromium puts its singleton socket in a fresh ``$TMPDIR/org.chromium.Chromium.*``
+    directory and leaves it behind when killed: one for every run, under /tmp, forever.
+    """
+    return {**os.environ, "TMPDIR": str(profile.parent)}
+
+
 class DevTools:
     """One headless Chromium and its DevTools pipe."""
 
@@ -49,6 +58,7 @@ class DevTools:
             pass_fds=(3, 4),  # kept open in the child: close_fds runs after preexec_fn
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=chromium_env(profile),
         )
         os.close(commands_read)
         os.close(events_write)
