@@ -121,6 +121,44 @@ async def test_a_range_of_the_central_directory_asked_first_waits_for_its_crcs(
     assert tail.content == archive[-150:]
 
 
+def bytes_read_by_this_process() -> int:
+    """What this process (the test and the server in it, with its threads) has read so far (``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+async def test_a_range_that_holds_headers_but_not_their_crc_reads_no_file(
+    client: httpx.AsyncClient, storage: Path
+) -> None:
+    # A range that holds a header but not its CRC field (a probe for range support,
+    # ``bytes=0-0``; a resume from just past the field) needs no file read, even for
+    # files whose CRC the index has not seen (helper 88: four bytes read the whole
+    # first file).  Everything read here is counted: the server is in this process.
+    big = 32 << 20
+    write_tree(storage / "cold", {"big.bin": os.urandom(big), "small.txt": b"small"})
+    name = len("big.bin")
+    length = int((await client.head("/archive/cold/")).headers["content-length"])
+    before = bytes_read_by_this_process()
+    parts = {}
+    for start, end in [(0, 0), (0, 13), (18, 29 + name)]:  # around the CRC field, bytes 14-17 of the local header
+        response = await client.get("/archive/cold/", headers={"Range": f"bytes={start}-{end}"})
+        assert response.status_code == 206
+        parts[start, end] = response.content
+    end_record = (await client.get("/archive/cold/", headers={"Range": "bytes=-22"})).content
+    central = int.from_bytes(end_record[16:20], "little")  # the central directory's offset (APPNOTE 4.3.16)
+    for start, end in [(central, central + 15), (central + 20, central + 45 + name)]:  # its CRC: bytes 16-19
+        response = await client.get("/archive/cold/", headers={"Range": f"bytes={start}-{end}"})
+        assert response.status_code == 206
+        parts[start, end] = response.content
+    assert bytes_read_by_this_process() - before < big // 4
+    archive = (await client.get("/archive/cold/")).content
+    assert len(archive) == length and archive[-22:] == end_record
+    for (start, end), part in parts.items():
+        assert part == archive[start : end + 1], (start, end)
+
+
 async def test_range_past_the_end_is_416(client: httpx.AsyncClient, album: Path) -> None:
     size = len((await client.get("/archive/album/")).content)
     response = await client.get("/archive/album/", headers={"Range": f"bytes={size}-"})

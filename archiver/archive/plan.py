@@ -194,18 +194,24 @@ class ArchivePlan:
         return array("I", (k for k, size in enumerate(self.sizes) if stored_when_deflating(size)))
 
     def crc_entries(self, start: int, end: int) -> array[int]:
-        """The entries whose CRC bytes ``start`` .. ``end`` hold (in a local or a central header), in the order sent."""
+        """The entries whose CRC field bytes ``start`` .. ``end`` hold (in a local or a central header), in order sent.
+
+        The CRC field itself, not merely its header: a range that holds a
+        header but not its CRC (``bytes=0-0``, a resume from just past the
+        field) needs no read of that file (helper 88: four bytes read the
+        whole first file of an album not in the CRC index).
+        """
         central_at = self.central_offset
         entries = array("I")  # compact: a whole download lists every entry
         if start < central_at:
-            first = bisect.bisect_right(self.local_offsets, start) - 1
-            if start >= self.local_offsets[first + 1] - self.sizes[first]:
-                first += 1  # the range starts in this entry's data, after its header
-            last = bisect.bisect_right(self.local_offsets, min(end, central_at - 1)) - 1
-            entries.extend(range(first, last + 1))
+            # Entries whose local CRC field ends at or after ``start`` and begins at or before ``end``.
+            first = bisect.bisect_right(self.local_offsets, start - LOCAL_CRC_AT - _CRC.size)
+            last = bisect.bisect_right(self.local_offsets, min(end, central_at - 1) - LOCAL_CRC_AT) - 1
+            entries.extend(range(first, min(last, self.count - 1) + 1))
         if end >= central_at:
-            first = bisect.bisect_right(self.central_offsets, max(start, central_at) - central_at) - 1
-            last = min(bisect.bisect_right(self.central_offsets, end - central_at) - 1, self.count - 1)
+            offsets = self.central_offsets
+            first = bisect.bisect_right(offsets, max(start, central_at) - central_at - CENTRAL_CRC_AT - _CRC.size)
+            last = min(bisect.bisect_right(offsets, end - central_at - CENTRAL_CRC_AT) - 1, self.count - 1)
             done = range(entries[0], entries[-1] + 1) if entries else range(0)
             entries.extend(k for k in range(first, last + 1) if k not in done)
         return entries
@@ -326,10 +332,12 @@ def stored_pieces(
         size = sizes[k]
         data_at = local_offsets[k + 1] - size
         if start < data_at:
-            known = ready(k)
-            if known is None:
-                yield CrcWait(k, max(start, header_at))
-                known = _waited_for(ready, k)
+            known = 0  # bytes not sent, where the range does not hold the CRC field (``crc_entries``)
+            if _holds_crc(start, end, header_at + LOCAL_CRC_AT):
+                ready_crc = ready(k)
+                if ready_crc is None:
+                    yield CrcWait(k, max(start, header_at))
+                known = _waited_for(ready, k) if ready_crc is None else ready_crc
             header = plan.local_header(k, known)
             yield header[max(0, start - header_at) : end + 1 - header_at]
         low, high = max(start, data_at), min(end + 1, data_at + size)
@@ -344,15 +352,22 @@ def stored_pieces(
         at = central_at + plan.central_offsets[k]
         if at > end:
             return
-        known = ready(k)
-        if known is None:
-            yield CrcWait(k, max(start, at))
-            known = _waited_for(ready, k)
+        known = 0
+        if _holds_crc(start, end, at + CENTRAL_CRC_AT):
+            ready_crc = ready(k)
+            if ready_crc is None:
+                yield CrcWait(k, max(start, at))
+            known = _waited_for(ready, k) if ready_crc is None else ready_crc
         record = plan.central_header(k, known)
         yield record[max(0, start - at) : end + 1 - at]
     at = central_at + plan.central_offsets[-1]
     if at <= end:
         yield plan.end_records()[max(0, start - at) : end + 1 - at]
+
+
+def _holds_crc(start: int, end: int, crc_at: int) -> bool:
+    """Whether bytes ``start`` .. ``end`` hold any of a CRC field's four, at ``crc_at``."""
+    return start < crc_at + _CRC.size and crc_at <= end
 
 
 def _waited_for(ready: ReadyCrc, k: int) -> int:
