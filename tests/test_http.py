@@ -115,6 +115,8 @@ BAD_TARGETS = [
     b"/archive/" + b"a" * 129 + b"/",
     b"/archive//",
     b"/archive/album/nested/",
+    b"//archive/album/",  # Werkzeug's routing strips leading slashes (helper 88)
+    b"///archive/album/",
 ]
 
 

@@ -328,6 +328,13 @@ def create_app(settings: Settings) -> QuartTrio:
             return error_page(431, request.headers.get("Accept"))
         return None
 
+    @app.before_request
+    async def refuse_leading_slashes() -> Response | None:
+        # Werkzeug's routing strips a path's leading slashes: "//archive/<name>/" served the album.
+        if request.scope.get("raw_path", b"").startswith(b"//"):
+            return error_page(404, request.headers.get("Accept"))
+        return None
+
     @app.get("/", provide_automatic_options=False)
     async def index() -> Response:
         # The sample album's link only where the sample album is (make run on data/).
