@@ -12,6 +12,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import pytest
 import trio
 
@@ -37,12 +38,28 @@ def access_lines(server: Launched, path: str) -> list[dict[str, bytes]]:
 
 
 async def logged(server: Launched, path: str, count: int = 1) -> list[dict[str, bytes]]:
-    """The access lines for ``path`` once there are ``count`` of them (and a moment for a stray second one)."""
+    """The access lines for ``path`` once there are ``count`` of them, and those of a request made after them.
+
+    A stray second line would come by the time a later request's own line
+    is written: that request's, on a new connection, is waited for too.
+    """
+    await _lines_written(server, path, count)
+    global _sentinels
+    _sentinels += 1
+    sentinel = f"/archive/sentinel-{_sentinels}/"
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{server.url}{sentinel}")).status_code == 404
+    await _lines_written(server, sentinel, 1)
+    return access_lines(server, path)
+
+
+_sentinels = 0
+
+
+async def _lines_written(server: Launched, path: str, count: int) -> None:
     with trio.fail_after(10):
         while len(access_lines(server, path)) < count:
-            await trio.sleep(0.02)
-    await trio.sleep(0.2)  # a duplicate line, if any, follows at once
-    return access_lines(server, path)
+            await trio.sleep(0.02)  # polling the output the server has written (collected by ``launched``)
 
 
 @pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])

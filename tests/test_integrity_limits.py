@@ -17,10 +17,6 @@ from archiver.archive.ctime_trust import RACY_NS, SECOND
 from .conftest import read_archive, write_tree
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a store through a shared mapping to a dirty page moves neither mtime nor ctime (README, Failure behaviour)",
-)
 async def test_a_file_written_through_a_shared_mapping_never_ends_cleanly_with_a_stale_crc(
     client: httpx.AsyncClient, storage: Path
 ) -> None:
@@ -36,6 +32,13 @@ async def test_a_file_written_through_a_shared_mapping_never_ends_cleanly_with_a
         mapping[:4] = b"BBBB"  # the page is still dirty and writable: no fault, no time moves
         assert path.stat().st_ctime_ns == before.st_ctime_ns
         second = await client.get("/archive/album/")
+    # The known limit, and only it, is an expected failure: any other failure above is one
+    # (a strict xfail marker took any exception for it; helper 90).
     if second.status_code == 200 and len(second.content) == int(second.headers["content-length"]):
         archive = zipfile.ZipFile(io.BytesIO(second.content))
-        assert archive.testzip() is None, "a clean end with a CRC that the bytes sent do not match"
+        if archive.testzip() is not None:
+            pytest.xfail(
+                "a store through a shared mapping to a dirty page moves neither mtime nor ctime "
+                "(README, Failure behaviour): a clean end with a CRC that the bytes sent do not match"
+            )
+    pytest.fail("the known limit did not show: say so in the README, and make this an ordinary test")
