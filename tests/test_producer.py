@@ -134,16 +134,13 @@ def _pipe_max_size() -> int:
 
 
 def test_producer_starts_quickly_with_the_standard_library_only() -> None:
-    started = time.perf_counter()
-    subprocess.run([*producer.COMMAND], input=b"Z", check=True)
-    elapsed = time.perf_counter() - started
+    subprocess.run([*producer.COMMAND], input=b"Z", check=True)  # it runs (~15 ms here: README, the benchmark)
     imports = subprocess.run(
         [*producer.COMMAND[:3], "-X", "importtime", *producer.COMMAND[3:]], input=b"Z", capture_output=True, check=True
     ).stderr.decode()
     modules = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in imports.splitlines()[1:]}
     assert modules <= {*sys.stdlib_module_names, "archiver"}, modules - set(sys.stdlib_module_names)
     assert "typing" not in modules  # ~7 ms of every start
-    assert elapsed < 2  # a generous bound: it is ~15 ms here (see README), the point is that it runs
 
 
 # Races: what changes between the listing and the producer's reading must never be sent as if whole.
