@@ -25,13 +25,15 @@ import trio
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from zlib_ng import zlib_ng
 
 import archiver.archive.crc_reads as crc_reads_module
 from archiver.archive import launcher
 from archiver.archive.crc_index import CrcIndex
-from archiver.archive.crc_reads import READ_SIZE, FileChanged, album_crcs, crc32_with_zeros, file_crc
+from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE, FileChanged, album_crcs, file_crc
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
+from archiver.archive.crc_zeros import crc32_with_zeros
 from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
 from archiver.archive.plan import ArchivePlan
@@ -470,9 +472,22 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
             await file_crc(path, 100_000, index)
 
 
-@given(count=st.integers(0, 3 * READ_SIZE), crc=st.integers(0, 2**32 - 1))
+@given(count=st.integers(0, 3 * HOLE_MIN), crc=st.integers(0, 2**32 - 1))
 def test_a_crc_extended_by_zeros_unread_is_zlibs(count: int, crc: int) -> None:
     assert crc32_with_zeros(crc, count) == zlib.crc32(bytes(count), crc)
+
+
+@pytest.mark.parametrize("count", [2**31 - 1, 2**32 + 7, 2**44 - 12_345, 2**62 + 5])
+def test_a_crc_extended_by_many_zeros_is_zlib_ngs(count: int) -> None:
+    # Past what a test can write: zlib-ng's crc32_combine with the CRC of 2**i zeros, by doubling.
+    zeros, length, doubled, bit = 0, 0, zlib_ng.crc32(b"\0"), 0
+    while count >> bit:
+        if count >> bit & 1:
+            zeros = zlib_ng.crc32_combine(zeros, doubled, 1 << bit)
+            length += 1 << bit
+        doubled = zlib_ng.crc32_combine(doubled, doubled, 1 << bit)
+        bit += 1
+    assert crc32_with_zeros(0x1234_5678, count) == zlib_ng.crc32_combine(0x1234_5678, zeros, length)
 
 
 def sparse_file(path: Path, length: int, pieces: list[tuple[int, bytes]]) -> bytes | None:
@@ -490,7 +505,7 @@ def sparse_file(path: Path, length: int, pieces: list[tuple[int, bytes]]) -> byt
 )
 @hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_sparse_file_s_crc_is_its_bytes_whatever_its_holes(tmp_path: Path, data: st.DataObject, length: int) -> None:
-    # Data around READ_SIZE boundaries (each read's, each hole's threshold), holes between
+    # Data around READ_SIZE boundaries (each read's; HOLE_MIN is a multiple), holes between
     # them of every length about HOLE_MIN: the CRC folds the long ones unread.
     near = st.integers(0, 12).flatmap(
         lambda blocks: st.integers(-5, 5).map(lambda shift: max(0, blocks * READ_SIZE + shift))

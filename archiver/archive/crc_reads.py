@@ -24,6 +24,7 @@ import trio
 from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
+from .crc_zeros import crc32_with_zeros
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
 from .producer_program import CHANGED_ERRNOS, RESOURCE_ERRNOS
 from .worker_threads import NoThread, in_thread
@@ -50,8 +51,8 @@ BATCH_FILES = 512
 # unread (``_hole_ahead``): a file of a few bytes written, made 32 GiB long by `truncate`
 # or an FTP `REST` past its end, cost 41 CPU-s of reads of zeros (ext4 allows 16 TiB:
 # hours), and again after any restart (helper 87).  Shorter holes are read: a fold costs
-# ~0.1 ms, reading READ_SIZE about as much.
-HOLE_MIN = READ_SIZE
+# ~0.3 ms (``crc_zeros``, in Python), reading 1 MiB about as much.
+HOLE_MIN = 4 * READ_SIZE
 # Seconds between tries to close a file whose close found no thread to run in (the tasks' limit).
 CLOSE_RETRY = 1.0
 
@@ -176,32 +177,6 @@ def _may_have_holes(fd: int) -> bool:
     """Whether ``fd``'s file holds fewer blocks than its length (a FUSE or NFS file saying 0 blocks: True)."""
     status = os.fstat(fd)
     return status.st_blocks * 512 < status.st_size
-
-
-def _zeros_crcs() -> list[int]:
-    """The CRC-32 of 2**i zero bytes, for i in 0 .. 63."""
-    crcs = [zlib_ng.crc32(b"\0")]
-    for i in range(63):
-        crcs.append(zlib_ng.crc32_combine(crcs[-1], crcs[-1], 1 << i))
-    return crcs
-
-
-_ZEROS_CRCS = _zeros_crcs()
-
-
-def crc32_with_zeros(crc: int, count: int) -> int:
-    """``crc`` (a CRC-32) extended by ``count`` zero bytes, unread: ``zlib.crc32(bytes(count), crc)``.
-
-    In O(log count) steps, by zlib's crc32_combine (a CRC of zeros is x**(8n) mod
-    the polynomial, multiplied in).
-    """
-    zeros, length, bit = 0, 0, 0
-    while count >> bit:
-        if count >> bit & 1:
-            zeros = zlib_ng.crc32_combine(zeros, _ZEROS_CRCS[bit], 1 << bit)
-            length += 1 << bit
-        bit += 1
-    return zlib_ng.crc32_combine(crc, zeros, length) if length else crc
 
 
 class FileCrc(NamedTuple):
