@@ -527,3 +527,12 @@ def server_in_thread(settings: Settings) -> Iterator[tuple[str, int]]:
         token, shutdown = stop[0]
         trio.from_thread.run_sync(shutdown.set, trio_token=token)
         thread.join(30)
+
+
+def sparse_file(path: Path, length: int, pieces: list[tuple[int, bytes]]) -> bytes | None:
+    """A file of ``length`` bytes, holes but for ``pieces`` (offset, bytes) written: its bytes if small, else None."""
+    with path.open("wb") as file:
+        file.truncate(length)
+        for offset, data in pieces:
+            os.pwrite(file.fileno(), data[: max(0, length - offset)], offset)
+    return path.read_bytes() if length <= 16 * 1024 * 1024 else None

@@ -33,15 +33,23 @@ from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE, FileChanged, album_crcs, file_crc
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
-from archiver.archive.crc_zeros import crc32_with_zeros
 from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.sparse import crc32_with_zeros
 from archiver.archive.storage import list_album
 from archiver.config import Settings
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES
 
-from .conftest import CLIENT_TLS, ctimes_settled, files_on_disk, read_archive, running_server, write_tree
+from .conftest import (
+    CLIENT_TLS,
+    ctimes_settled,
+    files_on_disk,
+    read_archive,
+    running_server,
+    sparse_file,
+    write_tree,
+)
 from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album, until_held
 from .test_failures import HeldLauncher
@@ -488,15 +496,6 @@ def test_a_crc_extended_by_many_zeros_is_zlib_ngs(count: int) -> None:
         doubled = zlib_ng.crc32_combine(doubled, doubled, 1 << bit)
         bit += 1
     assert crc32_with_zeros(0x1234_5678, count) == zlib_ng.crc32_combine(0x1234_5678, zeros, length)
-
-
-def sparse_file(path: Path, length: int, pieces: list[tuple[int, bytes]]) -> bytes | None:
-    """A file of ``length`` bytes, holes but for ``pieces`` (offset, bytes) written: its bytes if small, else None."""
-    with path.open("wb") as file:
-        file.truncate(length)
-        for offset, data in pieces:
-            os.pwrite(file.fileno(), data[: max(0, length - offset)], offset)
-    return path.read_bytes() if length <= 64 * READ_SIZE else None
 
 
 @given(

@@ -9,7 +9,6 @@ not trusted, gives a CRC for this download only.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -24,9 +23,9 @@ import trio
 from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
-from .crc_zeros import crc32_with_zeros
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
 from .producer_program import CHANGED_ERRNOS, RESOURCE_ERRNOS
+from .sparse import crc32_with_zeros, hole_ahead, may_have_holes
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
@@ -48,10 +47,10 @@ READ_SIZE = 256 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
 # A hole in a large sparse file, this long or longer, is folded into its CRC as zeros,
-# unread (``_hole_ahead``): a file of a few bytes written, made 32 GiB long by `truncate`
+# unread (``sparse.hole_ahead``): a file of a few bytes written, made 32 GiB long by `truncate`
 # or an FTP `REST` past its end, cost 41 CPU-s of reads of zeros (ext4 allows 16 TiB:
 # hours), and again after any restart (helper 87).  Shorter holes are read: a fold costs
-# ~0.3 ms (``crc_zeros``, in Python), reading 1 MiB about as much.
+# ~0.3 ms (``sparse``, in Python), reading 1 MiB about as much.
 HOLE_MIN = 4 * READ_SIZE
 # Seconds between tries to close a file whose close found no thread to run in (the tasks' limit).
 CLOSE_RETRY = 1.0
@@ -130,15 +129,15 @@ def _crc_of_block(
 
     0 bytes at the file's end.
 
-    Holes (``_hole_ahead``) within the ``left`` bytes still to do are folded
+    Holes (``sparse.hole_ahead``) within the ``left`` bytes still to do are folded
     in unread, and do not count toward ``budget``.  ``progress`` is called
     after each read (in this thread: it must only count).
     """
     read = covered = 0
-    if left >= HOLE_MIN and not _may_have_holes(fd):
-        left = 0  # no lseek(SEEK_DATA) for each read: on NFS 4.2 it is a round trip to the server
+    if left >= HOLE_MIN and not may_have_holes(os.fstat(fd)):
+        left = 0
     while read < budget:
-        if hole := _hole_ahead(fd, left - covered):
+        if hole := hole_ahead(fd, left - covered, HOLE_MIN):
             crc = crc32_with_zeros(crc, hole)
             covered += hole
         if not (count := os.readv(fd, [buffer])):
@@ -149,34 +148,6 @@ def _crc_of_block(
         if progress is not None:
             progress()
     return crc, covered
-
-
-def _hole_ahead(fd: int, most: int) -> int:
-    """The length of the hole at ``fd``'s position, up to ``most``, and ``fd`` moved past it; 0 if under HOLE_MIN.
-
-    A hole reads as zeros (``lseek(2)``'s SEEK_DATA finds where data
-    resumes); a filesystem that cannot tell says there is none.
-    """
-    if most < HOLE_MIN:
-        return 0
-    try:
-        position = os.lseek(fd, 0, os.SEEK_CUR)
-        data = os.lseek(fd, position, os.SEEK_DATA)
-    except OSError as error:  # a failed lseek moves nothing
-        if error.errno != errno.ENXIO:
-            return 0  # ESPIPE (a FUSE file opened non-seekable), EINVAL: it is read
-        data = os.fstat(fd).st_size  # no data after ``position``: a hole to the end (none if it is the end)
-    hole = min(data - position, most)
-    if hole < HOLE_MIN:
-        hole = 0
-    os.lseek(fd, position + hole, os.SEEK_SET)  # if this fails, so does the read: never a CRC from elsewhere
-    return hole
-
-
-def _may_have_holes(fd: int) -> bool:
-    """Whether ``fd``'s file holds fewer blocks than its length (a FUSE or NFS file saying 0 blocks: True)."""
-    status = os.fstat(fd)
-    return status.st_blocks * 512 < status.st_size
 
 
 class FileCrc(NamedTuple):
