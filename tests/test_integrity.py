@@ -341,6 +341,31 @@ def test_deflated_sparse_files_arrive_whole_their_holes_unread(
     assert read_archive(sent) == contents
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@given(case=sparse_files(), points=st.tuples(FRACTIONS, FRACTIONS))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_racy_sparse_files_are_checked_as_sent_their_holes_unread(
+    server_for: ServerFor,
+    protocol: str,
+    case: tuple[int, list[tuple[int, list[tuple[int, bytes]]]]],
+    points: tuple[float, float],
+) -> None:
+    # Stored, with every CRC racy: the producer reads each file whole for its CRC as it sends its slice,
+    # a hole's zeros neither read nor copied (producer_program._send_slice): the archive's bytes, and a range's.
+    chunk_size, files = case
+    address, storage = server_for(chunk_size)
+    album = storage / f"sparse-{next(_sparse_albums)}"
+    album.mkdir()
+    for number, (length, pieces) in enumerate(files):
+        sparse_file(album / f"{number}.bin", length, pieces)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ctime_trust, "RACY_NS", 3600 * SECOND)
+        oracle = expected_archive(album)
+        assert receive(address, protocol, album.name, None) == oracle
+        first, last = sorted(int(point * (len(oracle) - 1)) for point in points)
+        assert receive(address, protocol, album.name, (first, last)) == oracle[first : last + 1]
+
+
 def test_a_deflated_hole_is_not_compressed_as_read(server_for: ServerFor) -> None:
     # 64 MiB of hole: 64 copies of the deflated block of HOLE_BLOCK zeros, flushed whole; compressed as
     # read, they would not be there (helper 89: 16 TiB took ~8 CPU-s a MB sent, zlib at ~125 MB/s).

@@ -405,6 +405,7 @@ class Producer:
         self.buffer = bytearray(BLOCK)
         self.deflate_buffer = memoryview(self.buffer)[:DEFLATE_READ]
         self._zeros_blocks: dict[int, bytes] = {}  # by level: HOLE_BLOCK zeros, deflated and flushed whole
+        self._zeros: bytes | None = None  # HOLE_BLOCK zeros, once a hole is sent stored
         # The entries written whole (``D``, ``S``), for the central directory: fields, crc, compressed, size, offset.
         self.written: list[tuple[EntryFields, int, int, int, int]] = []
 
@@ -518,9 +519,15 @@ class Producer:
         if crc is None:
             self.output.send_file(fd, offset, length)
             return True
-        # Verified: the whole file is read for its CRC, the slice's part of each block written.
+        # Verified: the whole file is read for its CRC, the slice's part of each block written;
+        # a hole's zeros are neither read nor copied (``sparse``).
         computed, at, view = 0, 0, memoryview(self.buffer)
-        for count in _Blocks(fd, key[2], self.buffer):
+        for count in _Blocks(fd, key[2], self.buffer, HOLE_BLOCK if may_have_holes(os.fstat(fd)) else 0):
+            if count < 0:
+                computed = crc32_with_zeros(computed, -count)
+                self._write_zeros(min(offset + length, at - count) - max(offset, at))
+                at -= count
+                continue
             computed = binascii.crc32(view[:count], computed)
             low, high = max(offset, at), min(offset + length, at + count)
             if low < high:
@@ -581,12 +588,20 @@ class Producer:
             written += copies * len(block)
             self.output.write(block * copies)
             blocks -= copies
-        if rest:  # under HOLE_BLOCK: compressed as read, from the zeros of a buffer
-            zeros = memoryview(bytes(rest))
-            data = compressor.compress(zeros)
+        if rest:  # under HOLE_BLOCK: compressed as read
+            data = compressor.compress(bytes(rest))
             written += len(data)
             self.output.write(data)
         return written
+
+    def _write_zeros(self, count: int) -> None:
+        """``count`` zero bytes (none if ``count`` <= 0), from one HOLE_BLOCK of them."""
+        if count > 0 and self._zeros is None:
+            self._zeros = bytes(HOLE_BLOCK)
+        while count > 0:
+            assert self._zeros is not None
+            self.output.write(self._zeros[:count] if count < HOLE_BLOCK else self._zeros)
+            count -= HOLE_BLOCK
 
     def _zeros_block(self) -> bytes:
         """HOLE_BLOCK zero bytes deflated at this album's level by a compressor of their own, flushed whole."""
