@@ -7,11 +7,14 @@ message each, ended by a NUL byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +34,20 @@ HEADLESS = [
 FLAGS = [*HEADLESS, "--ignore-certificate-errors", "--remote-debugging-pipe"]  # the test's own CA; DevTools
 
 
-def chromium_env(profile: Path) -> dict[str, str]:
-    """The environment for a Chromium using ``profile``: its temporary files beside the profile.
+@contextlib.contextmanager
+def chromium_tmpdir() -> Iterator[dict[str, str]]:
+    """The environment for one Chromium run: its own short ``TMPDIR``, removed afterwards.
 
     Chromium puts its singleton socket in a fresh ``$TMPDIR/org.chromium.Chromium.*``
     directory and leaves it behind when killed: one for every run, under /tmp, forever.
+    The directory must be short: a Unix socket's path holds at most 107 bytes, and under
+    pytest's temporary directory Chromium aborted (SIGABRT) for want of its socket.
     """
-    return {**os.environ, "TMPDIR": str(profile.parent)}
+    directory = tempfile.mkdtemp(prefix="chromium-")
+    try:
+        yield {**os.environ, "TMPDIR": directory}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class DevTools:
@@ -52,13 +62,14 @@ class DevTools:
             os.dup2(commands_read, 3)
             os.dup2(events_write, 4)
 
+        self._stack = contextlib.ExitStack()
         self.process = subprocess.Popen(
             [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             preexec_fn=wire,
             pass_fds=(3, 4),  # kept open in the child: close_fds runs after preexec_fn
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=chromium_env(profile),
+            env=self._stack.enter_context(chromium_tmpdir()),
         )
         os.close(commands_read)
         os.close(events_write)
@@ -91,6 +102,7 @@ class DevTools:
         self.process.wait()
         os.close(self._commands)
         os.close(self._events)
+        self._stack.close()
 
 
 def saved_download(url: str, directory: Path, profile: Path) -> tuple[str, Path]:

@@ -22,7 +22,7 @@ from archiver.config import Settings
 from archiver.fences import hypercorn_h11
 from archiver.web.pages import MESSAGES, NO_INSTANCE, UNPARSED_REQUEST
 
-from .browser import CHROMIUM, HEADLESS, chromium_env
+from .browser import CHROMIUM, HEADLESS, chromium_tmpdir
 from .conftest import CLIENT_TLS, free_port, producer_script, running_server, write_tree
 from .test_deploy import needs_nginx, nginx_in_front
 from .test_signing import SECRET
@@ -285,15 +285,14 @@ async def chromium_page(url: str, screenshot: Path, profile: Path) -> str:
     """What headless Chromium shows at ``url``: its DOM after load; a phone-sized screenshot is saved too."""
     flags = [*HEADLESS, f"--user-data-dir={profile}", "--window-size=412,915"]
     assert CHROMIUM is not None
-    await trio.run_process(
-        [CHROMIUM, *flags, f"--screenshot={screenshot}", url],
-        capture_stdout=True,
-        capture_stderr=True,
-        env=chromium_env(profile),
-    )
-    dom = await trio.run_process(
-        [CHROMIUM, *flags, "--dump-dom", url], capture_stdout=True, capture_stderr=True, env=chromium_env(profile)
-    )
+    with chromium_tmpdir() as env:
+        await trio.run_process(
+            [CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_stdout=True, capture_stderr=True, env=env
+        )
+    with chromium_tmpdir() as env:
+        dom = await trio.run_process(
+            [CHROMIUM, *flags, "--dump-dom", url], capture_stdout=True, capture_stderr=True, env=env
+        )
     return dom.stdout.decode()
 
 
