@@ -530,6 +530,20 @@ async def test_a_sparse_file_s_holes_are_not_read_for_its_crc(tmp_path: Path) ->
     assert found.crc == sparse_crc(length, pieces)
 
 
+async def test_a_read_of_a_sparse_file_stops_where_a_hole_begins(tmp_path: Path) -> None:
+    # 4 KiB of data every 1.25 MiB (helper 91): a read that began in the data ran READ_SIZE into
+    # the hole after it, a fifth of every hole read (16 MiB here); now only the data is.
+    period = HOLE_MIN + HOLE_MIN // 4
+    length = 64 * period
+    pieces = [(offset, os.urandom(4096)) for offset in range(0, length, period)]
+    path = tmp_path / "sparse.bin"
+    sparse_file(path, length, pieces)
+    before = bytes_read_by_this_process()
+    found = await file_crc(path, length, CrcIndex())
+    assert bytes_read_by_this_process() - before < 64 * 4096 + 4 * READ_SIZE
+    assert found.crc == sparse_crc(length, pieces)
+
+
 def test_archiver_index_does_not_read_a_sparse_file_s_holes(tmp_path: Path) -> None:
     # The upload hook's path (helper 89: it read every hole, 2.5 s for 4 GiB, hours for 16 TiB).
     length = 1 << 30

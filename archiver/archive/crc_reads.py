@@ -25,7 +25,7 @@ from zlib_ng import zlib_ng
 from .crc_index import CrcIndex
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
 from .producer_program import CHANGED_ERRNOS, RESOURCE_ERRNOS
-from .sparse import crc32_with_zeros, hole_ahead, may_have_holes
+from .sparse import Holes, crc32_with_zeros, may_have_holes
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
@@ -129,20 +129,25 @@ def _crc_of_block(
 
     0 bytes at the file's end.
 
-    Holes (``sparse.hole_ahead``) within the ``left`` bytes still to do are folded
-    in unread, and do not count toward ``budget``.  ``progress`` is called
-    after each read (in this thread: it must only count).
+    Holes of HOLE_MIN or more (``sparse.Holes``) within the ``left`` bytes still to
+    do are folded in unread, and do not count toward ``budget``; a read stops where
+    one begins.  ``progress`` is called after each read (in this thread: it must only count).
     """
     read = covered = 0
-    if left >= HOLE_MIN and not may_have_holes(os.fstat(fd)):
-        left = 0
+    holes = Holes(fd, HOLE_MIN) if left >= HOLE_MIN and may_have_holes(os.fstat(fd)) else None
+    view = memoryview(buffer)
     while read < budget:
-        if hole := hole_ahead(fd, left - covered, HOLE_MIN):
-            crc = crc32_with_zeros(crc, hole)
-            covered += hole
-        if not (count := os.readv(fd, [buffer])):
+        limit = len(buffer)
+        if holes is not None and covered < left:
+            step = holes.next(left - covered)
+            if step < 0:
+                crc = crc32_with_zeros(crc, -step)
+                covered -= step
+                continue
+            limit = min(limit, step)
+        if not (count := os.readv(fd, [view[:limit]])):
             break
-        crc = zlib_ng.crc32(memoryview(buffer)[:count], crc)
+        crc = zlib_ng.crc32(view[:count], crc)
         read += count
         covered += count
         if progress is not None:

@@ -52,7 +52,7 @@ import time
 import zlib
 
 from archiver.archive.real_paths import open_real_directory
-from archiver.archive.sparse import crc32_with_zeros, hole_ahead, may_have_holes
+from archiver.archive.sparse import Holes, crc32_with_zeros, may_have_holes
 from archiver.archive.zipformat import (
     DEFLATED,
     STORED,
@@ -131,8 +131,11 @@ STAGING_SIZE = 256 * 1024
 # stream is flushed whole (Z_FULL_FLUSH: nothing after refers back), and then goes out as
 # copies of one block of compressed zeros, HOLE_BLOCK bytes each, itself flushed whole
 # (``Producer._zeros_block``), its CRC folded unread (``sparse``).  A 16 TiB file of a few
-# bytes cost ~8 CPU-s for each MB sent, zlib compressing zeros at ~125 MB/s (helper 89).
-HOLE_BLOCK = 1024 * 1024
+# bytes cost ~8 CPU-s for each MB sent, zlib compressing zeros at ~70 MB/s (helper 89).  64 KiB:
+# a shorter hole is compressed as read, ~0.9 ms at most, for 4 KiB or more of data on disk
+# around it (helper 91: 4 KiB every 1.25 MiB cost ~5 CPU-s a MB sent with 1 MiB here, and
+# reads that ran into holes); its block deflates to ~83 bytes at level 6, 1 MiB's to ~1 KB.
+HOLE_BLOCK = 64 * 1024
 # Files sent but not yet checked again (each holds a descriptor) before the producer waits for the reader.
 MAX_UNCHECKED = 256
 # The wait for the reader to take the pipe's bytes: polled, from this to at most 20 ms apart.
@@ -584,7 +587,7 @@ class Producer:
         written = len(data)
         self.output.write(data)
         while blocks:
-            copies = min(blocks, 64)  # ~64 kB a write at level 6
+            copies = min(blocks, max(1, WRITE_GATHER // len(block)))
             written += copies * len(block)
             self.output.write(block * copies)
             blocks -= copies
@@ -633,21 +636,27 @@ class Producer:
 class _Blocks:
     """Reads the whole file into ``buffer`` a block at a time, yielding each count; FileChanged unless ``size``.
 
-    With ``holes`` (a length), a hole that long or longer is skipped unread, yielded as minus its length.
+    With ``holes`` (a length), a hole that long or longer is skipped unread, yielded as
+    minus its length, and a read stops where one begins (``sparse.Holes``).
     """
 
     def __init__(self, fd: int, size: int, buffer: bytearray | memoryview, holes: int = 0) -> None:
-        self.fd, self.size, self.buffer, self.holes = fd, size, buffer, holes
+        self.fd, self.size, self.view = fd, size, memoryview(buffer)
+        self.holes = Holes(fd, holes) if holes else None
 
     def __iter__(self) -> _Blocks:
         self.read = 0
         return self
 
     def __next__(self) -> int:
-        if self.holes and (hole := hole_ahead(self.fd, self.size - self.read, self.holes)):
-            self.read += hole
-            return -hole
-        count = os.readv(self.fd, [self.buffer])
+        view = self.view
+        if self.holes is not None and self.read < self.size:
+            step = self.holes.next(self.size - self.read)
+            if step < 0:
+                self.read -= step
+                return step
+            view = view[:step]
+        count = os.readv(self.fd, [view])
         if not count:
             if self.read != self.size:
                 raise FileChanged(f"{self.read} bytes, {self.size} planned")

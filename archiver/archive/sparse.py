@@ -1,4 +1,4 @@
-"""Sparse files: where their holes lie (``lseek``'s SEEK_DATA), and CRC-32s extended by zeros unread.
+"""Sparse files: where their holes lie (``lseek``'s SEEK_DATA, SEEK_HOLE), and CRC-32s extended by zeros unread.
 
 Standard library only: the producer subprocess imports it.  A hole reads as
 zeros; a file of a few bytes written can be made terabytes long
@@ -64,24 +64,55 @@ def may_have_holes(status: os.stat_result) -> bool:
     return status.st_blocks * 512 < status.st_size
 
 
-def hole_ahead(fd: int, most: int, minimum: int) -> int:
-    """The length of the hole at ``fd``'s position, up to ``most`` bytes, and ``fd`` moved past it.
+class Holes:
+    """Where the holes of an open file lie, from its descriptor's position: asked once a hole and once a run of data.
 
-    0, and ``fd`` where it was, if that is under ``minimum`` or the
-    filesystem cannot tell (ESPIPE, EINVAL): then the bytes are read.  If
-    ``fd`` cannot be moved back, OSError: never a read from elsewhere.
+    A reader calls ``next`` before each read.  Reading stops where a hole begins, not
+    a read later: with SEEK_DATA asked only at each read's start, a file of 4 KiB of
+    data every 1.25 MiB was read for a fifth of each hole, and deflated, compressed
+    (helper 91).  ``lseek`` only: nothing is read here.
     """
-    if most < minimum:
-        return 0
-    try:
-        position = os.lseek(fd, 0, os.SEEK_CUR)
-        data = os.lseek(fd, position, os.SEEK_DATA)
-    except OSError as error:  # a failed lseek moves nothing
-        if error.errno != errno.ENXIO:
-            return 0
-        data = os.fstat(fd).st_size  # no data after ``position``: a hole to the end (none if it is the end)
-    hole = min(data - position, most)
-    if hole < minimum:
-        hole = 0
-    os.lseek(fd, position + hole, os.SEEK_SET)
-    return hole
+
+    def __init__(self, fd: int, minimum: int) -> None:
+        """``minimum``: the shortest hole skipped, in bytes (a shorter one is read as data)."""
+        self.fd, self.minimum = fd, minimum
+        self._data_end = -1  # where the run of data being read ends: no SEEK_DATA before it
+
+    def next(self, most: int) -> int:
+        """At the descriptor's position, ``most`` (> 0) bytes of the file left: what comes next.
+
+        Negative: a hole of minus that many bytes (at least ``minimum``, at most
+        ``most``), the descriptor moved past it.  Positive (1 .. ``most``): bytes to
+        read before a hole could begin; ``most`` where the filesystem cannot tell
+        (ESPIPE, EINVAL) or the file shrank.  OSError if the descriptor cannot be
+        moved back: never a read from elsewhere.
+        """
+        fd = self.fd
+        try:
+            position = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:  # not a file that seeks (the reader's checks name it)
+            return most
+        if position < self._data_end:
+            return min(self._data_end - position, most)
+        if most < self.minimum:
+            return most
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as error:  # a failed lseek moves nothing
+            if error.errno != errno.ENXIO:
+                self._data_end = position + most  # cannot tell: read it all
+                return most
+            data = os.fstat(fd).st_size  # no data after ``position``: a hole to the end
+        hole = min(data - position, most)
+        if hole >= self.minimum:
+            os.lseek(fd, position + hole, os.SEEK_SET)
+            return -hole
+        try:  # data at ``position`` (or after a hole too short to skip): where does it end?
+            end = os.lseek(fd, max(data, position), os.SEEK_HOLE)
+        except OSError:
+            end = position + most
+        os.lseek(fd, position, os.SEEK_SET)
+        if end <= position:  # the file shrank: the read says so
+            return most
+        self._data_end = end
+        return min(end - position, most)
