@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -173,6 +174,20 @@ async def test_slow_storage_deflating_zeros_is_no_hang(tmp_path: Path) -> None:
         took = trio.current_time() - started
     assert response.status_code == 200 and read_archive(response.content) == files
     assert took > 3  # else the storage was not slow enough for this test to prove anything
+
+
+async def test_a_long_cold_crc_is_no_storage_timeout(tmp_path: Path) -> None:
+    # The first header waits for its file's CRC, read from slow storage for far longer than
+    # the storage timeout: the reading advances, so the download is not cut.
+    video = os.urandom(8 * 1024 * 1024)
+    async with served_gated_album(tmp_path, {"video.mp4": video}, {"ARCHIVER_STORAGE_TIMEOUT": "0.5"}) as album:
+        album.gate.write_text("0.1")  # each read (the kernel asks 128-256 KiB) takes 0.1 s: 3.2-6.4 s in all
+        started = trio.current_time()
+        response = await album.client.get("/archive/album/", headers={"Range": "bytes=0-29"})
+        took = trio.current_time() - started
+    assert response.status_code == 206, response.text
+    assert response.content[:4] == b"PK\x03\x04" and response.content[14:18] == zlib.crc32(video).to_bytes(4, "little")
+    assert took > 3 * 0.5  # else the read was not long enough for this test to prove anything
 
 
 async def test_slow_closes_of_empty_files_deflated_are_no_hang(tmp_path: Path) -> None:

@@ -46,12 +46,14 @@ READ_SIZE = 256 * 1024
 # cancelled download does not wait for a whole large file.
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_FILES = 512
-# A hole in a large sparse file, this long or longer, is folded into its CRC as zeros,
-# unread (``sparse.hole_ahead``): a file of a few bytes written, made 32 GiB long by `truncate`
-# or an FTP `REST` past its end, cost 41 CPU-s of reads of zeros (ext4 allows 16 TiB:
-# hours), and again after any restart (helper 87).  Shorter holes are read: a fold costs
-# ~0.3 ms (``sparse``, in Python), reading 1 MiB about as much.
-HOLE_MIN = 4 * READ_SIZE
+# A hole in a sparse file, this long or longer, is folded into its CRC as zeros, unread
+# (``sparse.Holes``): a file of a few bytes written, made 32 GiB long by `truncate` or an
+# FTP `REST` past its end, cost 41 CPU-s of reads of zeros (ext4 allows 16 TiB: hours), and
+# again after any restart (helper 87).  A fold costs ~13 us (``sparse``, in Python) and its
+# lseeks ~1 us each; reading 64 KiB of a hole on ext4 ~85 us (each page zeroed into the page
+# cache).  Shorter holes are read: at most 4x the data around them on disk (at 1 MiB, 4 KiB
+# of data every 1 MiB was read for 256x the disk the uploader used; helper 92).
+HOLE_MIN = 16 * 1024
 # Seconds between tries to close a file whose close found no thread to run in (the tasks' limit).
 CLOSE_RETRY = 1.0
 
