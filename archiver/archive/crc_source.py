@@ -7,6 +7,7 @@ while the producer sends the files before them.
 
 from __future__ import annotations
 
+import operator
 from array import array
 from collections.abc import Sequence
 from functools import partial
@@ -69,10 +70,14 @@ class CrcSource:
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""
-        keys = (self.plan.key(k) for k in self._entries)
-        # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
-        # of hung storage.
-        known = await in_thread(self.index.known, keys)
+        known = self._indexed()
+        if known is None:
+            keys = (self.plan.key(k) for k in self._entries)
+            # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
+            # of hung storage.
+            known = await in_thread(self.index.known, keys)
+            if self._whole() and min(known, default=0) >= 0:
+                self.plan.indexed_crcs = array("q", known)
         buffer = bytearray(READ_SIZE)
         position = 0
         while position < len(self._entries):
@@ -109,6 +114,22 @@ class CrcSource:
             self._ready.value = position
         # Not behind another download's write (waiting on another process's lock): its rows go with the next.
         await in_thread(partial(self.index.flush, wait=False))
+
+    def _whole(self) -> bool:
+        """Whether ``entries`` are all the plan's, in order (a whole download's)."""
+        return len(self._entries) == self.plan.count and all(map(operator.eq, self._entries, range(self.plan.count)))
+
+    def _indexed(self) -> array[int] | None:
+        """The CRCs of ``entries`` as the plan keeps them from an earlier lookup (``indexed_crcs``), or None.
+
+        None while a device of the plan's is not trusted (a device number is
+        reused by the next mount: ``CtimeTrust.learn``), as the index's lookup
+        would then answer for none of its files.
+        """
+        crcs = self.plan.indexed_crcs
+        if crcs is None or not all(map(self.index.trust.device, self.plan.devices)):
+            return None
+        return array("q", crcs) if self._whole() else array("q", (crcs[k] for k in self._entries))
 
     def _small_files(self, position: int, known: array[int], buffer: bytearray) -> list[FileCrc]:
         """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""

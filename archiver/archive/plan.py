@@ -96,6 +96,12 @@ class ArchivePlan:
         ctimes = self._times[2::4]
         self._by_ctime = array("Q", sorted(range(self.count), key=ctimes.__getitem__))
         self._ctimes_in_order = array("q", (ctimes[k] for k in self._by_ctime))
+        # Every entry's CRC once one lookup found them all in the CRC index (``crc_source``), and the
+        # devices whose ctimes that relied on: the next download of this plan looks none up (20,000
+        # keys: ~30 ms before the first byte).  What the index would answer again: a CRC is kept by a
+        # key that every change moves, never a racy one, and the plan is these keys (``key``).
+        self.indexed_crcs: array[int] | None = None
+        self.devices = frozenset(self._identities[0::3])
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
         # Stored: every entry's local and central header, with CRC 0, joined (see _lay_out).
