@@ -220,7 +220,9 @@ class ArchivePlan:
             first = bisect.bisect_right(offsets, max(start, central_at) - central_at - CENTRAL_CRC_AT - _CRC.size)
             last = min(bisect.bisect_right(offsets, end - central_at - CENTRAL_CRC_AT) - 1, self.count - 1)
             done = range(entries[0], entries[-1] + 1) if entries else range(0)
-            entries.extend(k for k in range(first, last + 1) if k not in done)
+            # Those of first .. last not in ``done``: before it, then after it (a whole download's: none).
+            entries.extend(range(first, min(last + 1, done.start)))
+            entries.extend(range(max(first, done.stop), last + 1))
         return entries
 
     def tail_size(self) -> int:

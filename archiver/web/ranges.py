@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..archive.ctime_trust import CtimeTrust, is_racy
+from ..archive.ctime_trust import CtimeTrust, racy_times
 from ..archive.storage import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
@@ -142,7 +142,8 @@ def archive_validator(listing: AlbumListing, etag: str, length: int | None, trus
     if length is None:
         return None
     devices = {file.device for file in listing.files}
-    if not all(map(trust.device, devices)) or any(is_racy(file.key, listing.started_ns) for file in listing.files):
+    started = listing.started_ns
+    if not all(map(trust.device, devices)) or any(racy_times(f.mtime_ns, f.ctime_ns, started) for f in listing.files):
         return None
     return etag
 
