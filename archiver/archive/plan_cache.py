@@ -2,7 +2,8 @@
 
 A plan costs about 280 bytes a file to hold and ~12 µs a file to compute,
 and once a producer has run for it, ~170 more for the producer's
-instructions for each whole entry (``instructions._WholeEntries``, kept with it);
+instructions for each whole entry (``instructions._WholeEntries``, kept with it), and 8
+for its CRC once a lookup found them all (``ArchivePlan.indexed_crcs``);
 downloads of the same album at once (a popular link, a download manager's
 eight connections, a hostile client's thousand ranges) share one.  The key
 is the album's directory, its ETag, which covers everything the plan is
