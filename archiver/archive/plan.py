@@ -98,8 +98,13 @@ class ArchivePlan:
         self._ctimes_in_order = array("q", (ctimes[k] for k in self._by_ctime))
         # Every entry's CRC once one lookup found them all in the CRC index (``crc_source``), and the
         # devices whose ctimes that relied on: the next download of this plan looks none up (20,000
-        # keys: ~30 ms before the first byte).  What the index would answer again: a CRC is kept by a
-        # key that every change moves, never a racy one, and the plan is these keys (``key``).
+        # keys: ~30 ms before the first byte).  What the index answered for these keys, which every
+        # change moves (the plan is its keys, ``key``): kept as long as the plan, even once the
+        # index's memory has let them go (helper 93).  A CRC kept wrong (a write through a shared
+        # mapping, a FUSE type trusted wrongly: README, Failure behaviour) lasts as it would in the
+        # index file, until the file's key moves; without an index file, until the plan is let go.
+        # Nor are these keys then used in the index's memory: with no index file, a popular album's
+        # plan may outlive them there, and its next plan reads them again (time, not bytes).
         self.indexed_crcs: array[int] | None = None
         self.devices = frozenset(self._identities[0::3])
         self.local_offsets = array("Q")
