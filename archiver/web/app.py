@@ -67,6 +67,7 @@ from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_answer
 from .ranges import (
     FORMAT_VERSION,
+    ByteRange,
     NotModified,
     PreconditionFailed,
     RangeNotSatisfiable,
@@ -412,51 +413,17 @@ def create_app(settings: Settings) -> QuartTrio:
         except LinkRefused as refusal:
             logger.info("refused %s: %s", cut_for_log(name), refusal)
             return error_page(403, request.headers.get("Accept"))
-        headers = {
-            "Content-Disposition": content_disposition(filename),
-            # Never a shared cache's copy: it would outlive a signed link's expiry, and serve a
-            # request without a signature where a cache keys without the query (helper 68).
-            "Cache-Control": "private",
-            # nginx in front: pass bytes on as they come, never spool the archive.
-            "X-Accel-Buffering": "no",
-        }
-        plan, etag = prepared.plan, prepared.etag
-        length = plan.length
-        byte_range = None
-        if length is not None:
-            headers |= {"Content-Length": str(length), "Accept-Ranges": "bytes"}
-        if etag is not None:
-            headers["ETag"] = etag
-        try:
-            check_preconditions(_field(request.headers, "If-Match"), _field(request.headers, "If-None-Match"), etag)
-        except PreconditionFailed:
-            return error_page(412, request.headers.get("Accept"))
-        except NotModified:
-            # The headers a 200 would carry, and no body.  Not its Content-Length, which RFC 9110 8.6
-            # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
-            headers.pop("Content-Length", None)
-            return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
-        if length is not None:
-            try:
-                if request.method == "GET":
-                    # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.
-                    # Several If-Range lines name no one archive: never equal to the ETag, so no range.
-                    byte_range = requested_range(
-                        _field(request.headers, "Range"), _field(request.headers, "If-Range"), etag, length
-                    )
-            except RangeNotSatisfiable:
-                headers = {"Content-Range": f"bytes */{length}"}
-                return error_page(416, request.headers.get("Accept"), headers)
-            if byte_range is not None:
-                headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
-                headers["Content-Length"] = str(byte_range.length)
+        answer = _answer_headers(prepared, filename)
+        if isinstance(answer, Response):
+            return answer  # 304, 412, 416
+        headers, byte_range = answer
         if request.method == "HEAD":
             # Headers only: no producer.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
             return Response(_no_body(), mimetype="application/zip", headers=headers)
         body = ArchiveBody(
             name,
-            plan,
+            prepared.plan,
             slots=slots,
             planned=planned,
             metrics=metrics,
@@ -539,6 +506,51 @@ def create_app(settings: Settings) -> QuartTrio:
         return response
 
     return app
+
+
+def _answer_headers(prepared: PreparedArchive, filename: str) -> tuple[dict[str, str], ByteRange | None] | Response:
+    """A download's headers and the range it asks for (None: the whole archive); or its answer, if no body is due.
+
+    That answer is a ``304`` or ``412`` (If-None-Match, If-Match) or a ``416``
+    (a range past the archive's end).  RFC 9110 13 and 14.
+    """
+    headers = {
+        "Content-Disposition": content_disposition(filename),
+        # Never a shared cache's copy: it would outlive a signed link's expiry, and serve a
+        # request without a signature where a cache keys without the query (helper 68).
+        "Cache-Control": "private",
+        # nginx in front: pass bytes on as they come, never spool the archive.
+        "X-Accel-Buffering": "no",
+    }
+    length, etag = prepared.plan.length, prepared.etag
+    byte_range: ByteRange | None = None
+    if length is not None:
+        headers |= {"Content-Length": str(length), "Accept-Ranges": "bytes"}
+    if etag is not None:
+        headers["ETag"] = etag
+    try:
+        check_preconditions(_field(request.headers, "If-Match"), _field(request.headers, "If-None-Match"), etag)
+    except PreconditionFailed:
+        return error_page(412, request.headers.get("Accept"))
+    except NotModified:
+        # The headers a 200 would carry, and no body.  Not its Content-Length, which RFC 9110 8.6
+        # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
+        headers.pop("Content-Length", None)
+        return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
+    if length is not None:
+        try:
+            if request.method == "GET":
+                # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.
+                # Several If-Range lines name no one archive: never equal to the ETag, so no range.
+                byte_range = requested_range(
+                    _field(request.headers, "Range"), _field(request.headers, "If-Range"), etag, length
+                )
+        except RangeNotSatisfiable:
+            return error_page(416, request.headers.get("Accept"), {"Content-Range": f"bytes */{length}"})
+        if byte_range is not None:
+            headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
+            headers["Content-Length"] = str(byte_range.length)
+    return headers, byte_range
 
 
 def _client_address(proxies: TrustedProxies) -> str:
