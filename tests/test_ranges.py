@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
-from collections.abc import Iterator
+import zipfile
+import zoneinfo
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -17,6 +21,7 @@ from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, CtimeTrust
+from archiver.archive.entries import load_zone
 from archiver.archive.storage import AlbumFile, AlbumListing
 from archiver.config import Settings
 from archiver.web.ranges import (
@@ -34,6 +39,7 @@ from .conftest import (
     expected_archive,
     http11_request,
     read_archive,
+    running_server,
     server_in_thread,
     write_tree,
 )
@@ -219,6 +225,50 @@ def test_etag_preconditions_answer_412_and_304(range_server: tuple[str, int], ht
         assert client.get(url, headers={"If-Match": '"other"', "Range": "bytes=0-9"}).status_code == 412
         ranged = client.get(url, headers={"If-Match": etag, "Range": "bytes=0-9"})
         assert ranged.status_code == 206 and ranged.content == whole.content[:10]
+
+
+@pytest.fixture
+def zone_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Gives the zone "Test/Zone" the rules of another (an Etc/GMT offset), as a tzdata update would."""
+    system = next((Path(folder) for folder in zoneinfo.TZPATH if (Path(folder) / "Etc" / "GMT-6").is_file()), None)
+    if system is None:
+        pytest.skip("no system tz database to copy zones from")
+
+    def use(rules: str) -> None:
+        folder = tmp_path / f"zoneinfo-{rules.replace('/', '-')}"
+        (folder / "Test").mkdir(parents=True)
+        shutil.copyfile(system / rules, folder / "Test" / "Zone")
+        zoneinfo.reset_tzpath([str(folder)])
+        load_zone.cache_clear()  # a restart: a process reads a zone's rules once
+
+    yield use
+    zoneinfo.reset_tzpath()
+    load_zone.cache_clear()
+
+
+async def test_if_range_across_new_rules_of_the_zone_is_a_new_archive(
+    settings: Settings, album: Path, zone_rules: Callable[[str], None]
+) -> None:
+    # The DOS times depend on the zone's rules, not only its name: a tzdata update that moves an
+    # offset (Asia/Almaty, 2024a) changes the bytes, and a resume must not join the two (helper 95).
+    archives = []
+    for rules in ("Etc/GMT-6", "Etc/GMT-5"):
+        zone_rules(rules)
+        zoned = replace(settings, timezone="Test/Zone")
+        async with running_server(zoned) as url, httpx.AsyncClient(base_url=url) as client:
+            whole = await client.get("/archive/album/")
+            resumed = None
+            if archives:
+                resumed = await client.get(
+                    "/archive/album/", headers={"Range": "bytes=100-", "If-Range": archives[0].headers["etag"]}
+                )
+        archives.append(whole)
+        assert whole.status_code == 200
+    first, second = archives
+    hours = [zipfile.ZipFile(io.BytesIO(archive.content)).getinfo("a.jpg").date_time[3] for archive in archives]
+    assert (hours[0] - hours[1]) % 24 == 1  # the rules changed the bytes
+    assert first.headers["etag"] != second.headers["etag"]
+    assert resumed is not None and resumed.status_code == 200 and resumed.content == second.content
 
 
 async def test_if_range_resumes_the_same_archive_only(client: httpx.AsyncClient, album: Path) -> None:

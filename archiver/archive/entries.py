@@ -9,8 +9,14 @@ downloading it wants in its permissions.  README: What the person unpacks.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.resources
+import io
+import os
 import stat
 import struct
+import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
@@ -41,8 +47,42 @@ class EntryPolicy:
     name_encoding: str = "cp1251"
 
     def describe(self) -> str:
-        """Everything here that shapes the bytes, for the ETag (renamed when what a kept mode loses changes)."""
-        return f"zone={self.zone};modes={'kept-owner-write' if self.keep_modes else '0644'};names={self.name_encoding}"
+        """Everything here that shapes the bytes, for the ETag (renamed when what a kept mode loses changes).
+
+        The zone by its rules as well as its name (``load_zone``): a tzdata
+        update that moves an offset changes the DOS times (helper 95).
+        """
+        modes = "kept-owner-write" if self.keep_modes else "0644"
+        return f"zone={self.zone}@{load_zone(self.zone)[1]};modes={modes};names={self.name_encoding}"
+
+
+@functools.cache
+def load_zone(key: str) -> tuple[zoneinfo.ZoneInfo, str]:
+    """The zone ``key`` (an IANA name), and a digest of the rules it was read from; once a process.
+
+    Read as ``zoneinfo`` finds it (the first of ``zoneinfo.TZPATH`` holding it,
+    else the ``tzdata`` package), and made from those very bytes, so that the
+    digest names the rules every DOS time of this process was computed with,
+    whatever the files become meanwhile.  ``zoneinfo.ZoneInfoNotFoundError``
+    if there is no such zone; ValueError if ``key`` is no zone's name.
+    """
+    zoneinfo.ZoneInfo(key)  # its checks of the name (no "..", not absolute) and its errors
+    data = _tzif_data(key)
+    return zoneinfo.ZoneInfo.from_file(io.BytesIO(data), key=key), hashlib.sha256(data).hexdigest()[:16]
+
+
+def _tzif_data(key: str) -> bytes:
+    for directory in zoneinfo.TZPATH:
+        path = os.path.join(directory, key)
+        if os.path.isfile(path):
+            with open(path, "rb") as file:
+                return file.read()
+    folders, _, resource = key.rpartition("/")
+    package = ".".join(["tzdata.zoneinfo", *folders.split("/")]) if folders else "tzdata.zoneinfo"
+    try:
+        return importlib.resources.files(package).joinpath(resource).read_bytes()
+    except (ImportError, OSError) as error:
+        raise zoneinfo.ZoneInfoNotFoundError(f"no time zone key {key}") from error
 
 
 def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:

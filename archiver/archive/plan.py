@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
-from zoneinfo import ZoneInfo
 
 from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
@@ -39,6 +38,7 @@ from .entries import (
     dos_date_time,
     extended_timestamp,
     external_attributes,
+    load_zone,
 )
 from .local_headers import end_inside_an_entry
 from .names import entry_names
@@ -71,7 +71,7 @@ class ArchivePlan:
         self, directory: Path, files: Sequence[AlbumFile], compression: int = 0, policy: EntryPolicy | None = None
     ) -> None:
         policy = policy or EntryPolicy()
-        zone = ZoneInfo(policy.zone)
+        zone = load_zone(policy.zone)[0]
         self.directory = directory
         self.compression = compression
         self.count = len(files)
