@@ -3,10 +3,14 @@
 
 The CRC index keys a file by its ctime, which a ``write`` always moves on most
 filesystems of the kernel's own.  Not on all: exFAT and FAT report the mtime
-(or, FAT before Linux 6.0, the creation time) as the ctime.  A FUSE filesystem
-reports whatever its daemon says: sshfs and rclone's mount report the mtime
-too, so an edit that keeps the size and puts the mtime back leaves the whole
-key as it was.
+(or, FAT before Linux 6.0, the creation time) as the ctime, and the read-only
+image filesystems (erofs, squashfs, ISO 9660, cramfs, romfs) a time stored in
+the image, the mtime or none: an image built again from files edited in place
+with their mtimes put back, mounted on the same loop device, has every key as
+before (helper 95).  A FUSE filesystem reports whatever its daemon says: sshfs
+and rclone's mount report the mtime too, so an edit that keeps the size and
+puts the mtime back leaves the whole key as it was.  An overlay reports its
+layers' times: it is what they are (``overlay_layers``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -21,9 +26,23 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 FUSE_SUPER_MAGIC = 0x65735546
 EXFAT_SUPER_MAGIC = 0x2011BAB0
 MSDOS_SUPER_MAGIC = 0x4D44
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
 # Kernel filesystems whose ctime does not show every write, by magic: exFAT reports the mtime;
-# FAT (vfat, msdos) the mtime since Linux 6.0, and before it the creation time.
-MTIME_AS_CTIME = {EXFAT_SUPER_MAGIC: "exfat", MSDOS_SUPER_MAGIC: "vfat"}
+# FAT (vfat, msdos) the mtime since Linux 6.0, and before it the creation time.  The image
+# filesystems: erofs and squashfs the image's mtime, ISO 9660 its recording time, cramfs and romfs 0.
+MTIME_AS_CTIME = {
+    EXFAT_SUPER_MAGIC: "exfat",
+    MSDOS_SUPER_MAGIC: "vfat",
+    0xE0F5E1E2: "erofs",
+    0x73717368: "squashfs",
+    0x9660: "isofs",
+    0x28CD3D45: "cramfs",
+    0x7275: "romfs",
+}
+OVERLAY = "overlay"
+# The options of an overlay's mount that name its layers (mount(8), overlayfs.rst): the upper, the lower
+# ones separated by ":" (data-only ones after "::"), or one a line with the new mount API's "+" forms.
+_LAYER_OPTIONS = ("upperdir", "lowerdir", "lowerdir+", "datadir+")
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -77,10 +96,13 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
 
     For FUSE, ``fuse`` or mountinfo's type for it (``fuse.sshfs``, ``virtiofs``;
     looked up only if ``fuse_type_wanted``, in the table as it is now: a device
-    number is reused by the next mount); ``exfat`` or ``vfat``; else ``KERNEL``.
+    number is reused by the next mount); ``OVERLAY``; a name of ``MTIME_AS_CTIME``;
+    else ``KERNEL``.
     OSError if ``fstatfs`` fails (on FUSE, its daemon is asked, and may not answer).
     """
     magic = filesystem_magic(directory_fd)
+    if magic == OVERLAYFS_SUPER_MAGIC:
+        return OVERLAY
     if magic != FUSE_SUPER_MAGIC:
         return MTIME_AS_CTIME.get(magic, KERNEL)
     if not fuse_type_wanted:
@@ -89,3 +111,43 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
         return read_mount_table(mountinfo.read_text(errors="replace")).get(device, "fuse")
     except OSError:  # no /proc: its type cannot be told
         return "fuse"
+
+
+def overlay_layers(fd: int, mountinfo: Path = MOUNTINFO) -> list[str] | None:
+    """The folders of the overlay that ``fd`` lies on (its upper and lower layers), from its mount's options.
+
+    The mount is found by ``fd``'s mount ID (``/proc/self/fdinfo``): an overlay's
+    files report a device number of each layer's, not the mount's.  The paths
+    are as the mount was given them (another mount namespace's, in a container
+    whose overlay the host made).  None if they cannot be told: no such mount,
+    no layer option, no ``/proc``.
+    """
+    try:
+        fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        mount_id = next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("mnt_id:"))
+        table = mountinfo.read_text(errors="replace")
+    except (OSError, StopIteration, IndexError):
+        return None
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if fields[0] != mount_id:
+            continue
+        try:
+            # After the type and the source.  In it "," ends an option, escaped in a path (\054), as ":"
+            # between lower layers is since Linux 6.5 (\072; before, a path's own ":" was shown as given).
+            options = fields[fields.index("-", 6) + 3].split(",")
+        except (ValueError, IndexError):
+            return None
+        layers = []
+        for option in options:
+            name, _, value = option.partition("=")
+            if name in _LAYER_OPTIONS:
+                layers += [_unescape(path) for path in value.split(":") if path]
+        # A relative path is the mounter's working directory's: not one to look at from here.
+        return layers if layers and all(path.startswith("/") for path in layers) else None
+    return None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field's text as it was: its octal escapes (``\\040`` for a space) made characters again."""
+    return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), field)
