@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,15 @@ def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> No
 def test_a_zone_or_name_encoding_the_service_cannot_use_fails_at_start(field: str, value: str) -> None:
     with pytest.raises(SettingsError, match=field):
         Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_the_zones_are_had_where_the_system_has_no_tz_database() -> None:
+    # A slim container has no /usr/share/zoneinfo: the default UTC failed at start (helper 96).
+    check = (
+        "from archiver.config import Settings; from archiver.archive.entries import load_zone; "
+        "Settings(); print(load_zone('Europe/Moscow')[0].utcoffset(None) is None)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], env={**os.environ, "PYTHONTZPATH": ""}, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
