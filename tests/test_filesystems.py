@@ -1,9 +1,11 @@
 """Which filesystems' ctimes a CRC may be kept by (archive/filesystems.py, ctime_trust.CtimeTrust).
 
-An image filesystem (erofs, squashfs) reports a time stored in its image as
-the ctime: an image built again from files edited in place, their mtimes put
-back, and mounted on the same loop device gives every file the key it had
-(helper 95).  An overlay reports its layers' times, and is what they are.
+An image reports times no write of its own stamped: erofs and squashfs the
+mtime as the ctime, an ext4 image built with ``mkfs.ext4 -d`` each file's
+ctime as it was, in whole seconds.  Built again from files edited in place,
+their mtimes put back, and mounted on the same loop device, it gives every
+file the key it had (helpers 95, 96).  An overlay reports its layers' times,
+which filesystems those are its mount does not tell.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,54 +22,53 @@ import httpx
 import pytest
 
 from archiver.archive.ctime_trust import CtimeTrust
-from archiver.archive.filesystems import overlay_layers
+from archiver.archive.filesystems import on_a_loop_device
 from archiver.config import Settings
 
 from .conftest import ctimes_settled, read_archive, running_server, write_tree
 
 
-def _mount_id(path: Path) -> str:
-    fd = os.open(path, os.O_RDONLY)
+def test_a_filesystem_on_a_loop_device_or_stacked_on_one_is_told_by_sysfs(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
-    finally:
-        os.close(fd)
-    return next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("mnt_id:"))
-
-
-def _layers_of(path: Path, mountinfo: Path) -> list[str] | None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return overlay_layers(fd, mountinfo)
-    finally:
-        os.close(fd)
-
-
-def test_an_overlays_layers_are_read_from_its_mounts_options(tmp_path: Path) -> None:
-    mount_id, table = _mount_id(tmp_path), tmp_path / "mountinfo"
-
-    def layers(options: str) -> list[str] | None:
-        table.write_text(
-            f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n{mount_id} 22 0:40 / /srv rw - overlay overlay {options}\n"
+        mount_id = next(
+            line.split()[1] for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if "mnt_id" in line
         )
-        return _layers_of(tmp_path, table)
+        sys_block, table = tmp_path / "sys", tmp_path / "mountinfo"
+        devices = tmp_path / "devices"
+        for folder in ("loop0/loop", "loop0/loop0p1", "sda/sda1", "dm-0/slaves", "dm-1/slaves", "loop1"):
+            (devices / folder).mkdir(parents=True, exist_ok=True)
+        (devices / "loop0/loop0p1/partition").write_text("1")
+        (devices / "sda/sda1/partition").write_text("1")
+        (devices / "dm-0/slaves/loop0p1").symlink_to(devices / "loop0/loop0p1")
+        (devices / "dm-1/slaves/sda1").symlink_to(devices / "sda/sda1")
+        sys_block.mkdir()
+        named = {"7:0": "loop0", "259:0": "loop0/loop0p1", "8:1": "sda/sda1", "253:0": "dm-0", "253:1": "dm-1"}
+        named |= {"7:1": "loop1"}  # a loop device bound to no file: no loop/ folder
+        for device, folder in named.items():
+            (sys_block / device).symlink_to(devices / folder)
 
-    assert layers("rw,lowerdir=/l1:/l2,upperdir=/u,workdir=/w,uuid=on") == ["/l1", "/l2", "/u"]
-    # Data-only layers after "::" (composefs), and a path's space as mountinfo escapes it.
-    assert layers("ro,lowerdir=/meta::/objects,redirect_dir=on") == ["/meta", "/objects"]
-    assert layers(r"rw,lowerdir=/my\040photos,upperdir=/u") == ["/my photos", "/u"]
-    assert layers("rw,lowerdir+=/a,lowerdir+=/b,datadir+=/d") == ["/a", "/b", "/d"]
-    assert layers("rw,lowerdir=relative,upperdir=/u") is None  # the mounter's working directory's
-    assert layers("rw,xino=off") is None
-    table.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
-    assert _layers_of(tmp_path, table) is None  # no such mount
+        def on_loop(device: str, source: str = "/dev/x") -> bool:
+            table.write_text(
+                f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n{mount_id} 22 {device} / /srv rw - ext4 {source} rw\n"
+            )
+            return on_a_loop_device(fd, table, sys_block)
+
+        assert on_loop("7:0") and on_loop("259:0") and on_loop("253:0")  # the loop, its partition, dm-crypt on it
+        assert not on_loop("8:1") and not on_loop("253:1") and not on_loop("7:1") and not on_loop("0:43", "tmpfs")
+        table.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
+        assert on_a_loop_device(fd, table, sys_block)  # its mount not found: cannot be told
+    finally:
+        os.close(fd)
 
 
 def _mounting_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root (mount, losetup)"
-    missing = [tool for tool in ("mount", "losetup", "mkfs.erofs") if shutil.which(tool) is None]
-    return f"needs {', '.join(missing)} (erofs-utils)" if missing else None
+    missing = [
+        tool for tool in ("mount", "losetup", "mkfs.erofs", "mkfs.ext4", "debugfs") if shutil.which(tool) is None
+    ]
+    return f"needs {', '.join(missing)} (erofs-utils, e2fsprogs)" if missing else None
 
 
 def _run(*arguments: str) -> str:
@@ -85,17 +87,32 @@ def _mounted(*mount_arguments: str) -> Iterator[None]:
         subprocess.run(["umount", mount_arguments[-1]], check=True)
 
 
-@contextmanager
-def _erofs(source: Path, image: Path, mountpoint: Path, loop: str | None) -> Iterator[str]:
-    """``source`` built into an erofs ``image`` and mounted read-only on ``mountpoint``, through ``loop`` if named."""
+# The ctime every file of an ext4 image is given, an hour ago: mkfs.ext4 -d copies the source's, in
+# whole seconds, and an edit within that second keeps it (helper 96); a fixed one makes that certain.
+IMAGE_CTIME = int(time.time()) - 3600
+
+
+def _build(kind: str, source: Path, image: Path) -> None:
     image.unlink(missing_ok=True)
-    _run("mkfs.erofs", "--quiet", str(image), str(source))
+    if kind == "erofs":
+        _run("mkfs.erofs", "--quiet", str(image), str(source))
+        return
+    _run("mkfs.ext4", "-q", "-d", str(source), str(image), "8M")
+    script = image.with_suffix(".debugfs")
+    script.write_text("".join(f"sif /{path.name} ctime @{IMAGE_CTIME}\n" for path in source.iterdir()))
+    _run("debugfs", "-w", "-f", str(script), str(image))
+
+
+@contextmanager
+def _image(kind: str, source: Path, image: Path, mountpoint: Path, loop: str | None) -> Iterator[str]:
+    """``source`` built into an image (``kind``: erofs, ext4), mounted read-only on ``mountpoint`` through ``loop``."""
+    _build(kind, source, image)
     if loop is None:
         loop = _run("losetup", "--read-only", "--find", "--show", str(image))
     else:  # the same loop device again: the same device number
         _run("losetup", "--read-only", loop, str(image))
     try:
-        with _mounted("-t", "erofs", "-o", "ro", loop, str(mountpoint)):
+        with _mounted("-t", kind, "-o", "ro", loop, str(mountpoint)):
             yield loop
     finally:
         subprocess.run(["losetup", "--detach", loop], check=False)
@@ -111,31 +128,29 @@ def _edit_in_place(path: Path) -> bytes:
 
 
 @pytest.mark.skipif(_mounting_unavailable() is not None, reason=str(_mounting_unavailable()))
-@pytest.mark.parametrize("overlaid", [False, True], ids=["erofs", "overlay on erofs"])
+@pytest.mark.parametrize(
+    "kind, overlaid", [("erofs", False), ("erofs", True), ("ext4", False)], ids=["erofs", "overlay on erofs", "ext4"]
+)
 async def test_an_album_on_an_image_rebuilt_and_mounted_again_is_sent_as_it_now_is(
-    settings: Settings, storage: Path, tmp_path: Path, overlaid: bool
+    settings: Settings, storage: Path, tmp_path: Path, kind: str, overlaid: bool
 ) -> None:
-    source, image, album = tmp_path / "source", tmp_path / "album.erofs", storage / "album"
+    source, image, album = tmp_path / "source", tmp_path / "album.image", storage / "album"
     write_tree(source, {"photo.jpg": os.urandom(300_000), "small.jpg": os.urandom(5_000)})
+    for path in source.iterdir():  # a day old, before IMAGE_CTIME: a ctime the index would trust
+        os.utime(path, (IMAGE_CTIME - 86400, IMAGE_CTIME - 86400))
     album.mkdir()
     lower = tmp_path / "lower" if overlaid else album
     lower.mkdir(exist_ok=True)
     for folder in ("upper", "work"):
         (tmp_path / folder).mkdir()
-    overlay = (
-        "-t",
-        "overlay",
-        "overlay",
-        "-o",
-        f"lowerdir={lower},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
-    )
+    layers = f"lowerdir={lower},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
 
     @contextmanager
     def served_image(loop: str | None) -> Iterator[str]:
         with ExitStack() as mounts:
-            loop = mounts.enter_context(_erofs(source, image, lower, loop))
+            loop = mounts.enter_context(_image(kind, source, image, lower, loop))
             if overlaid:
-                mounts.enter_context(_mounted(*overlay, str(album)))
+                mounts.enter_context(_mounted("-t", "overlay", "overlay", "-o", layers, str(album)))
             yield loop
 
     await ctimes_settled(source)  # not racy: a CRC the index would keep, were the ctimes trusted
@@ -157,18 +172,24 @@ async def test_an_album_on_an_image_rebuilt_and_mounted_again_is_sent_as_it_now_
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root and mount")
-def test_an_overlay_is_trusted_as_far_as_its_layers_are(tmp_path: Path) -> None:
+def test_an_overlay_is_not_trusted_whatever_its_layers(tmp_path: Path) -> None:
+    # Its mount's options name its layers as they were given: paths since unmounted or repointed, or
+    # "/" for one passed by descriptor (composefs on Linux 6.15): never what the layers are now (helper 96).
     for folder in ("lower", "upper", "work", "merged"):
         (tmp_path / folder).mkdir()
     write_tree(tmp_path / "lower", {"a.jpg": b"a"})
     options = f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    trust = CtimeTrust()
+
+    def trusted(path: Path) -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            device = os.fstat(fd).st_dev
+            trust.learn(fd, device)
+        finally:
+            os.close(fd)
+        return trust.device(device)
+
     with _mounted("-t", "overlay", "overlay", "-o", options, str(tmp_path / "merged")):
-        trust = CtimeTrust()
-        for path in (tmp_path / "merged", tmp_path / "merged" / "a.jpg"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                device = os.fstat(fd).st_dev
-                trust.learn(fd, device)
-            finally:
-                os.close(fd)
-            assert trust.device(device), path  # ext4 or tmpfs layers: their ctimes move with every write
+        assert trusted(tmp_path / "lower")  # this machine's own filesystem
+        assert not trusted(tmp_path / "merged") and not trusted(tmp_path / "merged" / "a.jpg")

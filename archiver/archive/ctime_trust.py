@@ -14,11 +14,10 @@ key as it was (``is_racy``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .filesystems import KERNEL, MOUNTINFO, OVERLAY, filesystem_name, overlay_layers
+from .filesystems import KERNEL, MOUNTINFO, filesystem_name, on_a_loop_device
 
 # A file's key: (device, inode, size, mtime_ns, ctime_ns), from its ``fstat``.
 FileKey = tuple[int, int, int, int, int]
@@ -37,8 +36,6 @@ SECOND = 1_000_000_000
 # file later in the second of its ctime without moving it: a wider window for such ctimes.
 # A ctime of whole seconds lies on such a filesystem (the kernel's clock stamps nanoseconds).
 COARSE_RACY_NS = 2 * SECOND + RACY_NS
-# An overlay whose layer is an overlay whose layer is...: past this, not trusted.
-MAX_OVERLAY_DEPTH = 4
 
 
 def trusted_ctime(mtime_ns: int, ctime_ns: int) -> bool:
@@ -65,8 +62,8 @@ class CtimeTrust:
     and sshfs and rclone's mount report the mtime) unless its type is in
     ``trusted_fuse`` (``ARCHIVER_TRUSTED_FUSE``: mergerfs passes its branches'
     ctimes through), nor exFAT, FAT or an image filesystem such as erofs
-    (``filesystems.MTIME_AS_CTIME``), nor an overlay with any layer of these or
-    not to be found from here (composefs is an overlay on erofs); and on any, not
+    (``filesystems.MTIME_AS_CTIME``), nor an overlay (composefs is one on erofs),
+    nor any filesystem on a loop device (an image); and on any, not
     a ctime ``trusted_ctime`` refuses.  A file not trusted has its CRC read for
     every download and checked against its bytes as they go (racy), and its
     album's archive no ETag (``web.ranges.archive_validator``).
@@ -86,29 +83,12 @@ class CtimeTrust:
         """
         self._devices[device] = self._trusted(fd, device)
 
-    def _trusted(self, fd: int, device: int, depth: int = 0) -> bool:
-        """Whether the filesystem of ``fd`` keeps ctimes that move with every write; an overlay if its layers do."""
+    def _trusted(self, fd: int, device: int) -> bool:
         try:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
         except OSError:
             return False
-        if name != OVERLAY:
-            return name == KERNEL or name in self.trusted_fuse
-        layers = overlay_layers(fd, self._mountinfo)
-        # Overlays of overlays nest a few deep at most; layers not found (another namespace's) tell nothing.
-        return layers is not None and depth < MAX_OVERLAY_DEPTH and all(self._layer(path, depth) for path in layers)
-
-    def _layer(self, path: str, depth: int) -> bool:
-        try:
-            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            return self._trusted(fd, os.fstat(fd).st_dev, depth + 1)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd, self._mountinfo)
 
     def device(self, device: int) -> bool:
         """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""

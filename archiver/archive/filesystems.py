@@ -5,12 +5,17 @@ The CRC index keys a file by its ctime, which a ``write`` always moves on most
 filesystems of the kernel's own.  Not on all: exFAT and FAT report the mtime
 (or, FAT before Linux 6.0, the creation time) as the ctime, and the read-only
 image filesystems (erofs, squashfs, ISO 9660, cramfs, romfs) a time stored in
-the image, the mtime or none: an image built again from files edited in place
-with their mtimes put back, mounted on the same loop device, has every key as
-before (helper 95).  A FUSE filesystem reports whatever its daemon says: sshfs
-and rclone's mount report the mtime too, so an edit that keeps the size and
-puts the mtime back leaves the whole key as it was.  An overlay reports its
-layers' times: it is what they are (``overlay_layers``).
+the image, the mtime or none.  A FUSE filesystem reports whatever its daemon
+says: sshfs and rclone's mount report the mtime too, so an edit that keeps the
+size and puts the mtime back leaves the whole key as it was.  An overlay
+reports its layers' times, and which filesystems those are cannot be told
+from its mount's options (paths as they were given, "/" for a layer passed by
+descriptor, as composefs does: helper 96).  And a filesystem built as an
+image (``mkfs.ext4 -d`` copies each file's ctime, in whole seconds) holds
+times no write of its own stamped: one on a loop device is taken for an
+image (``on_a_loop_device``).  Such an image built again from files edited in
+place, their mtimes put back, and mounted on the same loop device shows every
+file under its old key (helpers 95, 96).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import re
+import stat
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -40,9 +45,7 @@ MTIME_AS_CTIME = {
     0x7275: "romfs",
 }
 OVERLAY = "overlay"
-# The options of an overlay's mount that name its layers (mount(8), overlayfs.rst): the upper, the lower
-# ones separated by ":" (data-only ones after "::"), or one a line with the new mount API's "+" forms.
-_LAYER_OPTIONS = ("upperdir", "lowerdir", "lowerdir+", "datadir+")
+SYS_BLOCK = Path("/sys/dev/block")
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -113,41 +116,52 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
         return "fuse"
 
 
-def overlay_layers(fd: int, mountinfo: Path = MOUNTINFO) -> list[str] | None:
-    """The folders of the overlay that ``fd`` lies on (its upper and lower layers), from its mount's options.
+def on_a_loop_device(fd: int, mountinfo: Path = MOUNTINFO, sys_block: Path = SYS_BLOCK) -> bool:
+    """Whether the filesystem of ``fd`` lies on a loop device (a file's image), or on a device stacked on one.
 
-    The mount is found by ``fd``'s mount ID (``/proc/self/fdinfo``): an overlay's
-    files report a device number of each layer's, not the mount's.  The paths
-    are as the mount was given them (another mount namespace's, in a container
-    whose overlay the host made).  None if they cannot be told: no such mount,
-    no layer option, no ``/proc``.
+    Its mount is found by ``fd``'s mount ID (``/proc/self/fdinfo``); its
+    device is mountinfo's, or, where that is none of a block device's (btrfs
+    numbers each subvolume anew), its source's.  A device-mapper or md device
+    is stacked on what sysfs lists as its slaves.  True where it cannot be told.
     """
     try:
         fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
         mount_id = next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("mnt_id:"))
         table = mountinfo.read_text(errors="replace")
     except (OSError, StopIteration, IndexError):
-        return None
+        return True
     for line in table.splitlines():
         fields = line.split(" ")
         if fields[0] != mount_id:
             continue
         try:
-            # After the type and the source.  In it "," ends an option, escaped in a path (\054), as ":"
-            # between lower layers is since Linux 6.5 (\072; before, a path's own ":" was shown as given).
-            options = fields[fields.index("-", 6) + 3].split(",")
+            devices = [fields[2]]
+            source = fields[fields.index("-", 6) + 2]
         except (ValueError, IndexError):
-            return None
-        layers = []
-        for option in options:
-            name, _, value = option.partition("=")
-            if name in _LAYER_OPTIONS:
-                layers += [_unescape(path) for path in value.split(":") if path]
-        # A relative path is the mounter's working directory's: not one to look at from here.
-        return layers if layers and all(path.startswith("/") for path in layers) else None
-    return None
+            return True
+        if source.startswith("/dev/"):  # not "tmpfs", "host:/photos", or a FUSE daemon's folders, never asked
+            try:
+                found = os.stat(source)
+            except OSError:
+                pass
+            else:
+                if stat.S_ISBLK(found.st_mode):
+                    devices.append(f"{os.major(found.st_rdev)}:{os.minor(found.st_rdev)}")
+        return any(_loop_backed(sys_block / device) for device in devices)
+    return True
 
 
-def _unescape(field: str) -> str:
-    """A mountinfo field's text as it was: its octal escapes (``\\040`` for a space) made characters again."""
-    return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), field)
+def _loop_backed(device: Path, depth: int = 0) -> bool:
+    """Whether block device ``device`` (sysfs's ``dev/block/M:m``) is a loop device, a partition of one, or on one."""
+    try:
+        folder = device.resolve(strict=True)
+    except OSError:
+        return False  # no block device: tmpfs, NFS, a FUSE daemon's
+    if (folder / "loop").is_dir() or ((folder / "partition").is_file() and (folder.parent / "loop").is_dir()):
+        return True
+    try:
+        slaves = os.listdir(folder / "slaves")
+    except OSError:
+        return False
+    # Device-mapper (dm-crypt, LVM) and md name the devices they stand on; a few levels at most.
+    return depth < 8 and any(_loop_backed(folder / "slaves" / slave, depth + 1) for slave in slaves)
