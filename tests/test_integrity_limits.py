@@ -24,14 +24,24 @@ async def test_a_file_written_through_a_shared_mapping_never_ends_cleanly_with_a
     write_tree(album, {"db.bin": os.urandom(200_000)})
     path = album / "db.bin"
     with open(path, "r+b") as file, mmap.mmap(file.fileno(), 0) as mapping:
-        mapping[:4] = b"AAAA"  # the write fault moves the ctime now
-        await trio.sleep(RACY_NS / SECOND + 0.2)  # the clock past the index's racy window: the CRC is kept
-        first = await client.get("/archive/album/")
-        assert read_archive(first.content)
-        before = path.stat()
-        mapping[:4] = b"BBBB"  # the page is still dirty and writable: no fault, no time moves
-        assert path.stat().st_ctime_ns == before.st_ctime_ns
-        second = await client.get("/archive/album/")
+        # Its blocks allocated and written first: ext4 (data=ordered) writes the dirty pages of a file
+        # whose blocks a transaction allocated when it commits, and another process's fsync commits.
+        os.fsync(file.fileno())
+        for _ in range(3):
+            mapping[:4] = b"AAAA"  # the write fault moves the ctime now
+            await trio.sleep(RACY_NS / SECOND + 0.2)  # the clock past the index's racy window: the CRC is kept
+            first = await client.get("/archive/album/")
+            assert read_archive(first.content)
+            before = path.stat()
+            mapping[:4] = b"BBBB"  # the page is still dirty and writable: no fault, no time moves
+            second = await client.get("/archive/album/")
+            if path.stat().st_ctime_ns == before.st_ctime_ns:
+                break
+            # Written back meanwhile (a sync, memory pressure): the store faulted and moved the ctime,
+            # and the download must then be right.  Once more.
+            assert read_archive(second.content) == {"db.bin": path.read_bytes()}
+        else:
+            pytest.fail("the page was written back each time: the limit could not be shown")
     # The known limit, and only it, is an expected failure: any other failure above is one
     # (a strict xfail marker took any exception for it; helper 90).
     if second.status_code == 200 and len(second.content) == int(second.headers["content-length"]):
