@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,44 +23,67 @@ import httpx
 import pytest
 
 from archiver.archive.ctime_trust import CtimeTrust
-from archiver.archive.filesystems import on_a_loop_device
+from archiver.archive.filesystems import loop_backed, on_a_loop_device
 from archiver.config import Settings
 
 from .conftest import ctimes_settled, read_archive, running_server, write_tree
 
 
-def test_a_filesystem_on_a_loop_device_or_stacked_on_one_is_told_by_sysfs(tmp_path: Path) -> None:
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:
-        mount_id = next(
-            line.split()[1] for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if "mnt_id" in line
-        )
-        sys_block, table = tmp_path / "sys", tmp_path / "mountinfo"
-        devices = tmp_path / "devices"
-        for folder in ("loop0/loop", "loop0/loop0p1", "sda/sda1", "dm-0/slaves", "dm-1/slaves", "loop1"):
-            (devices / folder).mkdir(parents=True, exist_ok=True)
-        (devices / "loop0/loop0p1/partition").write_text("1")
-        (devices / "sda/sda1/partition").write_text("1")
-        (devices / "dm-0/slaves/loop0p1").symlink_to(devices / "loop0/loop0p1")
-        (devices / "dm-1/slaves/sda1").symlink_to(devices / "sda/sda1")
-        sys_block.mkdir()
-        named = {"7:0": "loop0", "259:0": "loop0/loop0p1", "8:1": "sda/sda1", "253:0": "dm-0", "253:1": "dm-1"}
-        named |= {"7:1": "loop1"}  # a loop device bound to no file: no loop/ folder
-        for device, folder in named.items():
-            (sys_block / device).symlink_to(devices / folder)
+def test_a_loop_device_or_one_stacked_on_it_is_told_by_sysfs(tmp_path: Path) -> None:
+    devices, sys_block = tmp_path / "devices", tmp_path / "dev-block"
+    for folder in ("loop0/loop", "loop0/loop0p1", "sda/sda1", "dm-0/slaves", "dm-1/slaves", "loop1"):
+        (devices / folder).mkdir(parents=True, exist_ok=True)
+    (devices / "loop0/loop0p1/partition").write_text("1")
+    (devices / "sda/sda1/partition").write_text("1")
+    (devices / "dm-0/slaves/loop0p1").symlink_to(devices / "loop0/loop0p1")
+    (devices / "dm-1/slaves/sda1").symlink_to(devices / "sda/sda1")
+    sys_block.mkdir()
+    named = {"7:0": "loop0", "259:0": "loop0/loop0p1", "8:1": "sda/sda1", "253:0": "dm-0", "253:1": "dm-1"}
+    named |= {"7:1": "loop1"}  # a loop device bound to no file: no loop/ folder
+    for device, folder in named.items():
+        (sys_block / device).symlink_to(devices / folder)
+    # The loop, its partition, dm-crypt on that partition; a disk, dm on it, an unbound loop, no device at all.
+    assert all(loop_backed(sys_block / device) for device in ("7:0", "259:0", "253:0"))
+    assert not any(loop_backed(sys_block / device) for device in ("8:1", "253:1", "7:1", "0:43"))
 
-        def on_loop(device: str, source: str = "/dev/x") -> bool:
-            table.write_text(
-                f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n{mount_id} 22 {device} / /srv rw - ext4 {source} rw\n"
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root and mount")
+def test_a_filesystem_numbered_anew_is_told_by_its_mounts_source(tmp_path: Path) -> None:
+    # btrfs gives each subvolume a device number of no block device's: the mount's source says.
+    (tmp_path / "mnt").mkdir()
+    with _mounted("-t", "tmpfs", "tmpfs", str(tmp_path / "mnt")):
+        fd = os.open(tmp_path / "mnt", os.O_RDONLY)
+        try:
+            assert os.major(os.fstat(fd).st_dev) == 0
+            assert not on_a_loop_device(fd)  # "tmpfs": no device
+            mount_id = next(
+                line.split()[1] for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if "mnt_id" in line
             )
-            return on_a_loop_device(fd, table, sys_block)
+            table, sys_block = tmp_path / "mountinfo", tmp_path / "dev-block"
+            sys_block.mkdir()
+            # The root's device as the source, and sysfs saying it is a loop device's.
+            root = os.stat("/").st_dev
+            source = next((f"/dev/{name}" for name in os.listdir("/dev") if _is_block(f"/dev/{name}", root)), None)
+            if source is None:
+                pytest.skip("no device node for the root filesystem")
+            (tmp_path / "loop0" / "loop").mkdir(parents=True)
+            (sys_block / f"{os.major(root)}:{os.minor(root)}").symlink_to(tmp_path / "loop0")
+            table.write_text(f"{mount_id} 22 0:43 / /srv rw - btrfs {source} rw\n")
+            assert on_a_loop_device(fd, table, sys_block)
+            table.write_text(f"{mount_id} 22 0:43 / /srv rw - btrfs /dev/no-such-device rw\n")
+            assert not on_a_loop_device(fd, table, sys_block)  # a node not in this namespace (a container's /dev)
+            table.write_text("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n")
+            assert on_a_loop_device(fd, table, sys_block)  # its mount not found
+        finally:
+            os.close(fd)
 
-        assert on_loop("7:0") and on_loop("259:0") and on_loop("253:0")  # the loop, its partition, dm-crypt on it
-        assert not on_loop("8:1") and not on_loop("253:1") and not on_loop("7:1") and not on_loop("0:43", "tmpfs")
-        table.write_text("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
-        assert on_a_loop_device(fd, table, sys_block)  # its mount not found: cannot be told
-    finally:
-        os.close(fd)
+
+def _is_block(path: str, device: int) -> bool:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISBLK(found.st_mode) and found.st_rdev == device
 
 
 def _mounting_unavailable() -> str | None:

@@ -119,11 +119,15 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
 def on_a_loop_device(fd: int, mountinfo: Path = MOUNTINFO, sys_block: Path = SYS_BLOCK) -> bool:
     """Whether the filesystem of ``fd`` lies on a loop device (a file's image), or on a device stacked on one.
 
-    Its mount is found by ``fd``'s mount ID (``/proc/self/fdinfo``); its
-    device is mountinfo's, or, where that is none of a block device's (btrfs
-    numbers each subvolume anew), its source's.  A device-mapper or md device
-    is stacked on what sysfs lists as its slaves.  True where it cannot be told.
+    Its device is ``fd``'s, or, where that is a number of no block device's
+    (btrfs numbers each subvolume anew), its mount's source's (mountinfo's,
+    found by ``fd``'s mount ID in ``/proc/self/fdinfo``).  A device-mapper or
+    md device is stacked on what sysfs lists as its slaves.  True where its
+    mount cannot be found; False where its source's node is not here.
     """
+    device = os.fstat(fd).st_dev
+    if os.major(device) != 0:
+        return loop_backed(sys_block / f"{os.major(device)}:{os.minor(device)}")
     try:
         fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
         mount_id = next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("mnt_id:"))
@@ -135,23 +139,22 @@ def on_a_loop_device(fd: int, mountinfo: Path = MOUNTINFO, sys_block: Path = SYS
         if fields[0] != mount_id:
             continue
         try:
-            devices = [fields[2]]
             source = fields[fields.index("-", 6) + 2]
         except (ValueError, IndexError):
             return True
-        if source.startswith("/dev/"):  # not "tmpfs", "host:/photos", or a FUSE daemon's folders, never asked
-            try:
-                found = os.stat(source)
-            except OSError:
-                pass
-            else:
-                if stat.S_ISBLK(found.st_mode):
-                    devices.append(f"{os.major(found.st_rdev)}:{os.minor(found.st_rdev)}")
-        return any(_loop_backed(sys_block / device) for device in devices)
+        if not source.startswith("/dev/"):  # "tmpfs", "host:/photos", a FUSE daemon's folders: never asked
+            return False
+        try:
+            found = os.stat(source)
+        except OSError:  # a node this namespace lacks (a container's /dev): btrfs volumes in containers stay trusted
+            return False
+        return stat.S_ISBLK(found.st_mode) and loop_backed(
+            sys_block / f"{os.major(found.st_rdev)}:{os.minor(found.st_rdev)}"
+        )
     return True
 
 
-def _loop_backed(device: Path, depth: int = 0) -> bool:
+def loop_backed(device: Path, depth: int = 0) -> bool:
     """Whether block device ``device`` (sysfs's ``dev/block/M:m``) is a loop device, a partition of one, or on one."""
     try:
         folder = device.resolve(strict=True)
@@ -164,4 +167,4 @@ def _loop_backed(device: Path, depth: int = 0) -> bool:
     except OSError:
         return False
     # Device-mapper (dm-crypt, LVM) and md name the devices they stand on; a few levels at most.
-    return depth < 8 and any(_loop_backed(folder / "slaves" / slave, depth + 1) for slave in slaves)
+    return depth < 8 and any(loop_backed(folder / "slaves" / slave, depth + 1) for slave in slaves)
