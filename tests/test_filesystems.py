@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from archiver.archive import filesystems
 from archiver.archive.ctime_trust import CtimeTrust
 from archiver.archive.filesystems import loop_backed, on_a_loop_device
 from archiver.config import Settings
@@ -47,43 +47,32 @@ def test_a_loop_device_or_one_stacked_on_it_is_told_by_sysfs(tmp_path: Path) -> 
     assert not any(loop_backed(sys_block / device) for device in ("8:1", "253:1", "7:1", "0:43"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root and mount")
-def test_a_filesystem_numbered_anew_is_told_by_its_mounts_source(tmp_path: Path) -> None:
-    # btrfs gives each subvolume a device number of no block device's: the mount's source says.
-    (tmp_path / "mnt").mkdir()
-    with _mounted("-t", "tmpfs", "tmpfs", str(tmp_path / "mnt")):
-        fd = os.open(tmp_path / "mnt", os.O_RDONLY)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None, reason="needs root and btrfs-progs")
+def test_a_btrfs_is_told_by_the_devices_sysfs_lists_for_it(tmp_path: Path) -> None:
+    # btrfs numbers each subvolume anew, on no block device: its members are sysfs's, whatever /dev the
+    # service sees (a container's own lacks the loop device; helper 97).
+    image, mountpoint = tmp_path / "btrfs.image", tmp_path / "mnt"
+    mountpoint.mkdir()
+    with open(image, "wb") as file:
+        file.truncate(128 * 1024 * 1024)
+    _run("mkfs.btrfs", "-q", str(image))
+    with _mounted("-o", "loop", str(image), str(mountpoint)):
+        fd = os.open(mountpoint, os.O_RDONLY)
         try:
             assert os.major(os.fstat(fd).st_dev) == 0
-            assert not on_a_loop_device(fd)  # "tmpfs": no device
-            mount_id = next(
-                line.split()[1] for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if "mnt_id" in line
-            )
-            table, sys_block = tmp_path / "mountinfo", tmp_path / "dev-block"
-            sys_block.mkdir()
-            # The root's device as the source, and sysfs saying it is a loop device's.
-            root = os.stat("/").st_dev
-            source = next((f"/dev/{name}" for name in os.listdir("/dev") if _is_block(f"/dev/{name}", root)), None)
-            if source is None:
-                pytest.skip("no device node for the root filesystem")
-            (tmp_path / "loop0" / "loop").mkdir(parents=True)
-            (sys_block / f"{os.major(root)}:{os.minor(root)}").symlink_to(tmp_path / "loop0")
-            table.write_text(f"{mount_id} 22 0:43 / /srv rw - btrfs {source} rw\n")
-            assert on_a_loop_device(fd, table, sys_block)
-            table.write_text(f"{mount_id} 22 0:43 / /srv rw - btrfs /dev/no-such-device rw\n")
-            assert not on_a_loop_device(fd, table, sys_block)  # a node not in this namespace (a container's /dev)
-            table.write_text("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n")
-            assert on_a_loop_device(fd, table, sys_block)  # its mount not found
+            assert on_a_loop_device(fd)
+            empty = tmp_path / "sys-fs-btrfs"
+            empty.mkdir()
+            assert on_a_loop_device(fd, sys_btrfs=empty)  # its fsid not listed: cannot be told
+            assert on_a_loop_device(fd, sys_block=tmp_path / "no-sysfs")  # no sysfs at all (a chroot)
         finally:
             os.close(fd)
-
-
-def _is_block(path: str, device: int) -> bool:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISBLK(found.st_mode) and found.st_rdev == device
+    with _mounted("-t", "tmpfs", "tmpfs", str(mountpoint)):
+        fd = os.open(mountpoint, os.O_RDONLY)
+        try:
+            assert not on_a_loop_device(fd)  # numbered anew, on no device at all
+        finally:
+            os.close(fd)
 
 
 def _mounting_unavailable() -> str | None:
@@ -220,3 +209,24 @@ def test_an_overlay_is_not_trusted_whatever_its_layers(tmp_path: Path) -> None:
     with _mounted("-t", "overlay", "overlay", "-o", options, str(tmp_path / "merged")):
         assert trusted(tmp_path / "lower")  # this machine's own filesystem
         assert not trusted(tmp_path / "merged") and not trusted(tmp_path / "merged" / "a.jpg")
+
+
+@pytest.mark.parametrize("magic", [0xFF534D42, 0xFE534D42], ids=["cifs", "smb3"])
+def test_an_smb_share_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, magic: int) -> None:
+    # The kernel's SMB client reports the server's ChangeTime as the ctime, and Samba sends the mtime as
+    # that (helper 97).  This kernel has no SMB client: its statfs answer stands in for one.
+    monkeypatch.setattr(filesystems, "filesystem_magic", lambda fd: magic)
+    trust, device = CtimeTrust(), tmp_path.stat().st_dev
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        trust.learn(fd, device)
+    finally:
+        os.close(fd)
+    assert not trust.device(device)
+    monkeypatch.undo()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        trust.learn(fd, device)
+    finally:
+        os.close(fd)
+    assert trust.device(device)  # the real answer: this machine's own disk

@@ -88,7 +88,7 @@ class CtimeTrust:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
         except OSError:
             return False
-        return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd, self._mountinfo)
+        return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd)
 
     def device(self, device: int) -> bool:
         """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""

@@ -13,7 +13,8 @@ from its mount's options (paths as they were given, "/" for a layer passed by
 descriptor, as composefs does: helper 96).  And a filesystem built as an
 image (``mkfs.ext4 -d`` copies each file's ctime, in whole seconds) holds
 times no write of its own stamped: one on a loop device is taken for an
-image (``on_a_loop_device``).  Such an image built again from files edited in
+image (``on_a_loop_device``).  The kernel's SMB client reports the server's
+ChangeTime, which Samba makes the mtime.  Such an image built again from files edited in
 place, their mtimes put back, and mounted on the same loop device shows every
 file under its old key (helpers 95, 96).
 """
@@ -21,9 +22,10 @@ file under its old key (helpers 95, 96).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import platform
-import stat
+import uuid
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -43,9 +45,18 @@ MTIME_AS_CTIME = {
     0x9660: "isofs",
     0x28CD3D45: "cramfs",
     0x7275: "romfs",
+    # The kernel's SMB client reports the server's ChangeTime as the ctime, and Samba sends the mtime
+    # as that (helper 97): a NAS's share shows an edit with its mtime put back as no change at all.
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb3",
+    0x517B: "smbfs",
 }
 OVERLAY = "overlay"
+BTRFS_SUPER_MAGIC = 0x9123683E
 SYS_BLOCK = Path("/sys/dev/block")
+SYS_BTRFS = Path("/sys/fs/btrfs")
+# BTRFS_IOC_FS_INFO, _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1,024 bytes, the fsid at 16 (linux/btrfs.h).
+_BTRFS_IOC_FS_INFO = 0x8400941F
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -116,42 +127,28 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
         return "fuse"
 
 
-def on_a_loop_device(fd: int, mountinfo: Path = MOUNTINFO, sys_block: Path = SYS_BLOCK) -> bool:
+def on_a_loop_device(fd: int, sys_block: Path = SYS_BLOCK, sys_btrfs: Path = SYS_BTRFS) -> bool:
     """Whether the filesystem of ``fd`` lies on a loop device (a file's image), or on a device stacked on one.
 
-    Its device is ``fd``'s, or, where that is a number of no block device's
-    (btrfs numbers each subvolume anew), its mount's source's (mountinfo's,
-    found by ``fd``'s mount ID in ``/proc/self/fdinfo``).  A device-mapper or
-    md device is stacked on what sysfs lists as its slaves.  True where its
-    mount cannot be found; False where its source's node is not here.
+    Its device is ``fd``'s; for btrfs, which numbers each subvolume anew,
+    every device sysfs lists for its fsid (``BTRFS_IOC_FS_INFO``).  A
+    device-mapper or md device is stacked on what sysfs lists as its slaves.
+    True where it cannot be told: no sysfs (a chroot), a btrfs not listed.
     """
+    if not sys_block.is_dir():
+        return True
     device = os.fstat(fd).st_dev
     if os.major(device) != 0:
         return loop_backed(sys_block / f"{os.major(device)}:{os.minor(device)}")
+    if filesystem_magic(fd) != BTRFS_SUPER_MAGIC:
+        return False  # tmpfs, NFS, overlay, FUSE...: numbered anew, on no block device
+    arguments = bytearray(1024)
     try:
-        fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
-        mount_id = next(line.split()[1] for line in fdinfo.splitlines() if line.startswith("mnt_id:"))
-        table = mountinfo.read_text(errors="replace")
-    except (OSError, StopIteration, IndexError):
+        fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, arguments)
+        members = list((sys_btrfs / str(uuid.UUID(bytes=bytes(arguments[16:32]))) / "devices").iterdir())
+    except OSError:
         return True
-    for line in table.splitlines():
-        fields = line.split(" ")
-        if fields[0] != mount_id:
-            continue
-        try:
-            source = fields[fields.index("-", 6) + 2]
-        except (ValueError, IndexError):
-            return True
-        if not source.startswith("/dev/"):  # "tmpfs", "host:/photos", a FUSE daemon's folders: never asked
-            return False
-        try:
-            found = os.stat(source)
-        except OSError:  # a node this namespace lacks (a container's /dev): btrfs volumes in containers stay trusted
-            return False
-        return stat.S_ISBLK(found.st_mode) and loop_backed(
-            sys_block / f"{os.major(found.st_rdev)}:{os.minor(found.st_rdev)}"
-        )
-    return True
+    return not members or any(loop_backed(member) for member in members)
 
 
 def loop_backed(device: Path, depth: int = 0) -> bool:
