@@ -31,20 +31,23 @@ from .conftest import ctimes_settled, read_archive, running_server, write_tree
 
 def test_a_loop_device_or_one_stacked_on_it_is_told_by_sysfs(tmp_path: Path) -> None:
     devices, sys_block = tmp_path / "devices", tmp_path / "dev-block"
-    for folder in ("loop0/loop", "loop0/loop0p1", "sda/sda1", "dm-0/slaves", "dm-1/slaves", "loop1"):
+    folders = ("loop0/loop", "loop0/loop0p1", "sda/slaves", "sda/sda1", "dm-0/slaves", "dm-1/slaves", "loop1")
+    for folder in (*folders, "md0/slaves", "md0/md0p1"):
         (devices / folder).mkdir(parents=True, exist_ok=True)
-    (devices / "loop0/loop0p1/partition").write_text("1")
-    (devices / "sda/sda1/partition").write_text("1")
+    for partition in ("loop0/loop0p1", "sda/sda1", "md0/md0p1"):
+        (devices / partition / "partition").write_text("1")
     (devices / "dm-0/slaves/loop0p1").symlink_to(devices / "loop0/loop0p1")
     (devices / "dm-1/slaves/sda1").symlink_to(devices / "sda/sda1")
+    (devices / "md0/slaves/loop0").symlink_to(devices / "loop0")
     sys_block.mkdir()
     named = {"7:0": "loop0", "259:0": "loop0/loop0p1", "8:1": "sda/sda1", "253:0": "dm-0", "253:1": "dm-1"}
-    named |= {"7:1": "loop1"}  # a loop device bound to no file: no loop/ folder
+    named |= {"7:1": "loop1", "259:1": "md0/md0p1"}  # a loop device bound to no file: no loop/ folder
     for device, folder in named.items():
         (sys_block / device).symlink_to(devices / folder)
-    # The loop, its partition, dm-crypt on that partition; a disk, dm on it, an unbound loop, no device at all.
-    assert all(loop_backed(sys_block / device) for device in ("7:0", "259:0", "253:0"))
-    assert not any(loop_backed(sys_block / device) for device in ("8:1", "253:1", "7:1", "0:43"))
+    # The loop, its partition, dm-crypt on that partition, a partition of md on the loop; a number sysfs
+    # does not show (a sandbox's partial /sys): cannot be told.  A disk's partition, dm on it, an unbound loop.
+    assert all(loop_backed(sys_block / device) for device in ("7:0", "259:0", "253:0", "259:1", "8:2"))
+    assert not any(loop_backed(sys_block / device) for device in ("8:1", "253:1", "7:1"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None, reason="needs root and btrfs-progs")
@@ -65,6 +68,12 @@ def test_a_btrfs_is_told_by_the_devices_sysfs_lists_for_it(tmp_path: Path) -> No
             empty.mkdir()
             assert on_a_loop_device(fd, sys_btrfs=empty)  # its fsid not listed: cannot be told
             assert on_a_loop_device(fd, sys_block=tmp_path / "no-sysfs")  # no sysfs at all (a chroot)
+            # Its fsid (BTRFS_IOC_FS_INFO's, at its offset) found under a sysfs whose member is a disk: trusted.
+            fsid = next(folder.name for folder in Path("/sys/fs/btrfs").iterdir() if _member_of(folder, image))
+            (tmp_path / "disk").mkdir()
+            (empty / fsid / "devices").mkdir(parents=True)
+            (empty / fsid / "devices" / "vda").symlink_to(tmp_path / "disk")
+            assert not on_a_loop_device(fd, sys_btrfs=empty)
         finally:
             os.close(fd)
     with _mounted("-t", "tmpfs", "tmpfs", str(mountpoint)):
@@ -73,6 +82,14 @@ def test_a_btrfs_is_told_by_the_devices_sysfs_lists_for_it(tmp_path: Path) -> No
             assert not on_a_loop_device(fd)  # numbered anew, on no device at all
         finally:
             os.close(fd)
+
+
+def _member_of(sys_btrfs_folder: Path, image: Path) -> bool:
+    """Whether the btrfs sysfs folder is that of the filesystem in ``image`` (its loop device a member)."""
+    attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
+    loops = {line.split(":")[0] for line in attached.splitlines()}
+    members = sys_btrfs_folder / "devices"
+    return members.is_dir() and any(f"/dev/{member.name}" in loops for member in members.iterdir())
 
 
 def _mounting_unavailable() -> str | None:

@@ -86,9 +86,9 @@ class CtimeTrust:
     def _trusted(self, fd: int, device: int) -> bool:
         try:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
-        except OSError:
+            return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd)
+        except OSError:  # cannot be told (a FUSE daemon gone between the calls)
             return False
-        return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd)
 
     def device(self, device: int) -> bool:
         """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""

@@ -56,7 +56,9 @@ BTRFS_SUPER_MAGIC = 0x9123683E
 SYS_BLOCK = Path("/sys/dev/block")
 SYS_BTRFS = Path("/sys/fs/btrfs")
 # BTRFS_IOC_FS_INFO, _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1,024 bytes, the fsid at 16 (linux/btrfs.h).
-_BTRFS_IOC_FS_INFO = 0x8400941F
+# _IOR's read bit lies above 14 bits of size, but for powerpc's, mips's and sparc's 13 (asm/ioctl.h).
+_IOC_SIZEBITS = 13 if platform.machine().startswith(("ppc", "powerpc", "mips", "sparc")) else 14
+_BTRFS_IOC_FS_INFO = (2 << (16 + _IOC_SIZEBITS)) | (1024 << 16) | (0x94 << 8) | 31
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -152,16 +154,21 @@ def on_a_loop_device(fd: int, sys_block: Path = SYS_BLOCK, sys_btrfs: Path = SYS
 
 
 def loop_backed(device: Path, depth: int = 0) -> bool:
-    """Whether block device ``device`` (sysfs's ``dev/block/M:m``) is a loop device, a partition of one, or on one."""
+    """Whether block device ``device`` (sysfs's ``dev/block/M:m``) is a loop device, or a partition of one, or on one.
+
+    True where sysfs does not say (a sandbox's partial ``/sys``): it is a block device's number.
+    """
     try:
         folder = device.resolve(strict=True)
     except OSError:
-        return False  # no block device: tmpfs, NFS, a FUSE daemon's
-    if (folder / "loop").is_dir() or ((folder / "partition").is_file() and (folder.parent / "loop").is_dir()):
+        return True
+    if (folder / "partition").is_file():  # loop0p1, md0p1: what its disk is
+        folder = folder.parent
+    if (folder / "loop").is_dir():
         return True
     try:
         slaves = os.listdir(folder / "slaves")
     except OSError:
-        return False
+        return False  # a disk of its own
     # Device-mapper (dm-crypt, LVM) and md name the devices they stand on; a few levels at most.
-    return depth < 8 and any(loop_backed(folder / "slaves" / slave, depth + 1) for slave in slaves)
+    return depth >= 8 or any(loop_backed(folder / "slaves" / slave, depth + 1) for slave in slaves)
