@@ -13,10 +13,10 @@ from its mount's options (paths as they were given, "/" for a layer passed by
 descriptor, as composefs does: helper 96).  And a filesystem built as an
 image (``mkfs.ext4 -d`` copies each file's ctime, in whole seconds) holds
 times no write of its own stamped: one on a loop device is taken for an
-image (``on_a_loop_device``).  The kernel's SMB client reports the server's
-ChangeTime, which Samba makes the mtime.  Such an image built again from files edited in
+image (``on_a_loop_device``).  Such an image built again from files edited in
 place, their mtimes put back, and mounted on the same loop device shows every
-file under its old key (helpers 95, 96).
+file under its old key (helpers 95, 96).  The kernel's SMB client reports the
+server's ChangeTime, which Samba makes the mtime (helper 97).
 """
 
 from __future__ import annotations
