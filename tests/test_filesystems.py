@@ -41,7 +41,7 @@ def test_a_loop_device_or_one_stacked_on_it_is_told_by_sysfs(tmp_path: Path) -> 
     (devices / "md0/slaves/loop0").symlink_to(devices / "loop0")
     sys_block.mkdir()
     named = {"7:0": "loop0", "259:0": "loop0/loop0p1", "8:1": "sda/sda1", "253:0": "dm-0", "253:1": "dm-1"}
-    named |= {"7:1": "loop1", "259:1": "md0/md0p1"}  # a loop device bound to no file: no loop/ folder
+    named |= {"7:1": "loop1", "259:1": "md0/md0p1"}  # loop1: bound to no file, so no loop/ folder
     for device, folder in named.items():
         (sys_block / device).symlink_to(devices / folder)
     # The loop, its partition, dm-crypt on that partition, a partition of md on the loop; a number sysfs
