@@ -25,8 +25,9 @@ from .config import Settings, SettingsError, integer, number, warn_of_unknown_va
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
-from .web.app import create_app, open_crc_store
+from .web.app import create_app
 from .web.disposition import DisplayNameRefused, display_name
+from .web.preparation import open_crc_store
 from .web.signing import parse_duration, signed_query
 
 logger = logging.getLogger(__name__)

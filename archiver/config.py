@@ -59,7 +59,7 @@ class Settings:
     # Deflate level 1 .. 9, or 0 to store (the default: the payload is mostly JPEG).
     compression: int = 0
     # Bytes asked of the producer's stdout per read (HTTP/2: at most 512 KiB, see
-    # ``app.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
+    # ``answers.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
     # download is about chunk_size * (channel_capacity + 1) (+1 being sent; the few bytes of
     # the archive's tail held until the central directory's first byte proves every file sent
     # checked, and the files changed lately were looked at again: ``download._next_before_tail``):
@@ -133,7 +133,7 @@ class Settings:
     def __post_init__(self) -> None:
         # Every folder of the system an album, /etc among them (helper 52).  "//" is a path of its own
         # to abspath (POSIX), and / to Linux (helper 53).  No look at the storage here (a dead mount
-        # must not hold the start): a link to / is seen by the start's look (web.app).
+        # must not hold the start): a link to / is seen by the start's look (web.storage_root).
         if not os.path.abspath(self.storage_dir).strip("/"):
             raise SettingsError(
                 f"storage directory {str(self.storage_dir)!r} is / (each folder in it would be served as an album)"

@@ -660,7 +660,7 @@ SIGNALLED_WHILE_STARTING = """
 import os, runpy, signal, sys
 from archiver.archive import launcher
 from archiver.web import app as web_app
-checking, opening = web_app._check_storage_root, launcher.Launcher.open.__func__
+checking, opening = web_app.check_storage_root, launcher.Launcher.open.__func__
 def check_signalled(*args):
     os.kill(os.getpid(), signal.{stop})
     return checking(*args)
@@ -668,7 +668,7 @@ async def open_signalled(cls):
     os.kill(os.getpid(), signal.{stop})
     return await opening(cls)
 if {moment!r} == "storage look":
-    web_app._check_storage_root = check_signalled
+    web_app.check_storage_root = check_signalled
 else:
     launcher.Launcher.open = classmethod(open_signalled)
 sys.argv = ["archiver", *sys.argv[1:]]

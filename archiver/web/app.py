@@ -1,34 +1,20 @@
-"""The HTTP surface: routes, status codes and headers; the work happens elsewhere."""
+"""The HTTP surface's routes: what each path answers, and the app's start and stop; the work happens elsewhere."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import sqlite3
-import stat
-import threading
 import time
-import unicodedata
-import urllib.parse
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import trio
 from quart import Response, abort, request
 from quart_trio import QuartTrio
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..archive import launcher
 from ..archive.crc_index import CrcIndex
-from ..archive.crc_store import CrcStore
 from ..archive.ctime_trust import CtimeTrust
-from ..archive.entries import EntryPolicy
-from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import CACHED_ENTRIES, PlanCache
 from ..archive.producer import lingering as lingering_producers
 from ..archive.producer import producer_available
@@ -38,17 +24,16 @@ from ..archive.storage import (
     ListingFailed,
     SkippedLog,
     WalkProgress,
-    check_settled,
-    list_album,
     resolve_album,
 )
 from ..archive.worker_threads import NoThread, in_thread
-from ..config import Settings, SettingsError
+from ..config import Settings
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
 from ..logs import cut_for_log
+from .answers import answer_headers, chunk_size_for, client_address, header_field, no_body, protocols, utf8_filename
 from .connection import limit_refusal, listing_refusal, send_archive_response
-from .disposition import DisplayNameRefused, content_disposition, display_name
+from .disposition import DisplayNameRefused, display_name
 from .download import ArchiveBody
 from .limits import (
     STALL_UNIT,
@@ -65,20 +50,11 @@ from .limits import (
 )
 from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_answer
-from .ranges import (
-    FORMAT_VERSION,
-    ByteRange,
-    NotModified,
-    PreconditionFailed,
-    RangeNotSatisfiable,
-    archive_etag,
-    archive_validator,
-    check_preconditions,
-    requested_range,
-    surely_a_range,
-)
+from .preparation import open_crc_store, prepare_archive
+from .ranges import surely_a_range
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
+from .storage_root import check_storage_root, storage_root_searchable
 from .watchdog import feed_watchdog, watchdog_task
 
 logger = logging.getLogger(__name__)
@@ -100,145 +76,9 @@ INDEX_BODY = (
 EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/{EXAMPLE_NAME}/</a>.'
 
 
-@dataclass(frozen=True)
-class PreparedArchive:
-    """What a download needs from its album: the archive's plan, and its ETag (``archive_validator``)."""
-
-    plan: ArchivePlan
-    etag: str | None
-    left_out: int  # entries the walk passed over (links, unreadable files...: logged once a version)
-
-
-def prepare_archive(
-    album: Path,
-    settings: Settings,
-    plans: PlanCache,
-    skips: SkippedLog,
-    compression: int,
-    progress: WalkProgress,
-    trust: CtimeTrust,
-) -> PreparedArchive:
-    """Walk ``album``, plan its archive at deflate level ``compression`` (0: stored); in a worker thread.
-
-    20,000 files take ~0.2 s.  ``progress`` moves on with the walk.  What the
-    walk left out is logged once a version of the album (``skips``).
-    """
-    listing = list_album(album, progress, trust.learn, settings.max_files)
-    check_settled(listing, round(settings.settle_time * 1e9))
-    # Stored archives have a length known before the first byte: browsers show
-    # progress and time left, and ranges resume them.  Deflated ones go chunked.
-    policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
-    # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
-    # And the Unicode version the names are normalised, folded and cut by: a Python upgrade may name
-    # entries otherwise, and a resume across it must not join two archives (helper 71).
-    variant = f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
-    etag = archive_etag(listing, variant)
-    skips.log(listing, etag)
-    plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
-    return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))
-
-
-SERVICE_BUSY_TIMEOUT = 1.0
-
-
-def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | None:
-    """The CRC index's file (ARCHIVER_INDEX), or None to keep it in memory.
-
-    One that cannot be used is, for the service, an ERROR line and the index
-    in memory: it is only a cache, and a damaged or locked file must not keep
-    the service from starting (under systemd's ``Restart=always``, a loop).
-    ``required`` (``archiver index``, whose only work it is): SettingsError.
-    """
-    if not settings.index_path:
-        return None
-    try:
-        # The service's writes wait 1 s at most on another process's lock (the CRCs are only lost
-        # for the next start); ``archiver index``'s, SQLite's usual 5 s.
-        return CrcStore(Path(settings.index_path), busy_timeout=5.0 if required else SERVICE_BUSY_TIMEOUT)
-    except (sqlite3.Error, OSError) as error:
-        if required:
-            raise SettingsError(f"index {settings.index_path!r}: {error}") from None
-        logger.error(
-            "CRC index %r cannot be used (%s): CRCs are kept in memory only, until a restart. If it is damaged, "
-            "or was deleted while another instance used it, stop the instances using it, delete %s* and start again",
-            settings.index_path,
-            error,
-            settings.index_path,
-        )
-        return None
-
-
-# What a look at the storage root may say that no later moment will change: the start stops.
-# Anything else (ENOTCONN of a FUSE mount whose daemon died, an NFS server's ESTALE or EIO) is
-# storage that may come back: the service starts, and /healthz says "storage": false (helper 55).
-_ROOT_REFUSED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
-
-
-def _check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a folder the service may search, is / (by a link or a bind
-    mount), or no thread can be started to look; if it does not answer within ``timeout`` s, or
-    answers an error the storage may recover from, an ERROR only.
-
-    A mount that does not answer (a dead NFS server at boot) is no reason not
-    to start: ``/healthz`` says ``storage: false`` until it answers.  The
-    look runs in a daemon thread, left stuck if it is.
-    """
-    answer: list[tuple[os.stat_result, bool] | OSError] = []  # (what it is, searchable), or the error
-
-    def look() -> None:
-        try:
-            found = os.stat(root)  # os.path.isdir would say False for ENOTCONN
-            answer.append((found, os.access(root, os.X_OK)))
-        except OSError as error:  # an error is an answer too: not "did not answer" (helper 54)
-            answer.append(error)
-
-    looker = threading.Thread(target=look, name="archiver storage root", daemon=True)
-    try:
-        looker.start()
-    except RuntimeError as error:  # at the tasks' limit (TasksMax, ulimit -u): nothing else would start either
-        raise SettingsError(
-            f"cannot look at the storage directory {str(root)!r}: no thread could be started ({error})"
-        ) from None
-    looker.join(timeout)
-    if not answer:
-        logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
-        return
-    if isinstance(answer[0], OSError):
-        failure = answer[0]
-        if failure.errno not in _ROOT_REFUSED:
-            logger.error("storage directory %r: %s: starting anyway", str(root), failure.strerror)
-            return
-        if failure.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
-        raise SettingsError(f"storage directory {str(root)!r}: {failure.strerror}")
-    found, searchable = answer[0]
-    if not stat.S_ISDIR(found.st_mode):
-        raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
-    # Its own mode 000 (or 0600): every download was a 500, and the start said nothing (helper 56).
-    if not searchable:
-        raise SettingsError(f"storage directory {str(root)!r}: the service's user may not search it")
-    # / by any way there, a link or a bind mount: the same folder, so its device and inode (helpers
-    # 52-54).  Another system's root mounted in (a container's -v /:/host) is a folder like any: the
-    # root an operator names is trusted to be the storage.
-    system_root = os.stat("/")
-    if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
-        raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
-
-
-def _storage_root_searchable(root: Path) -> bool:
-    """Whether albums can be reached under ``root``: a folder the service may search (x), not /.
-
-    Not read (r): a root of mode 0711 hides the albums' names and serves them
-    all (README, Deploying); /healthz asked for both, and said "storage": false
-    for ever on such a root (helper 52).  Not /: a link swapped for one to it
-    since the start makes every download a 500 (``resolve_album``).
-    """
-    return os.access(root, os.X_OK) and root.is_dir() and os.path.realpath(root) != "/"
-
-
 def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
-    _check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
+    check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
     hypercorn_h2.install()
     hypercorn_h11.install(error_answer=unparsed_request_answer)
     hypercorn_access.install(error_answer=unparsed_request_answer)
@@ -358,7 +198,7 @@ def create_app(settings: Settings) -> QuartTrio:
                 raise AlbumNotFound(name)
             args = request.args
             requested_filename = args.get("filename")
-            if requested_filename is not None and not _utf8_filename(request.scope.get("query_string", b"")):
+            if requested_filename is not None and not utf8_filename(request.scope.get("query_string", b"")):
                 # Werkzeug keeps bytes that are not UTF-8 as "%FF": not a name anyone chose.
                 raise DisplayNameRefused("filename is not UTF-8")
             if settings.link_secret:
@@ -374,19 +214,21 @@ def create_app(settings: Settings) -> QuartTrio:
                 timeout=settings.storage_timeout,
                 limiter=resolvers,
             )
-            client = _client_address(proxies)
+            client = client_address(proxies)
             # Limits before work: a download that would be refused is refused before its walk.  Not
             # a conditional request, which may need no job (304, 412): its body takes the slot, or
             # is refused, as any download's does (ArchiveBody).  And not as a range, unless the
             # request can only be one: a stale If-Range or several ranges get the whole archive.
             conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
             if request.method == "GET" and not conditional:
-                ranged = surely_a_range(_field(request.headers, "Range"), _field(request.headers, "If-Range"))
+                ranged = surely_a_range(
+                    header_field(request.headers, "Range"), header_field(request.headers, "If-Range")
+                )
                 slots.check(client, ranged=ranged)
             # A deflated archive has no length: its end is the chunked body's end, which
             # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
-            compression = 0 if "HTTP/1.0" in _protocols(proxies) else settings.compression
+            compression = 0 if "HTTP/1.0" in protocols(proxies) else settings.compression
             # A large album takes a while to walk (minutes on cold NFS): silence, not length, ends it,
             # and the wait for this client's turn and for a walker thread counts unless the queue moves.
             progress = WalkProgress()
@@ -413,14 +255,14 @@ def create_app(settings: Settings) -> QuartTrio:
         except LinkRefused as refusal:
             logger.info("refused %s: %s", cut_for_log(name), refusal)
             return error_page(403, request.headers.get("Accept"))
-        answer = _answer_headers(prepared, filename)
+        answer = answer_headers(prepared, filename)
         if isinstance(answer, Response):
             return answer  # 304, 412, 416
         headers, byte_range = answer
         if request.method == "HEAD":
             # Headers only: no producer.  An empty async body keeps Quart from
             # announcing a Content-Length of 0 that GET would not honour.
-            return Response(_no_body(), mimetype="application/zip", headers=headers)
+            return Response(no_body(), mimetype="application/zip", headers=headers)
         body = ArchiveBody(
             name,
             prepared.plan,
@@ -461,7 +303,7 @@ def create_app(settings: Settings) -> QuartTrio:
         threads = True
         try:
             readable = await call_storage(
-                partial(_storage_root_searchable, settings.storage_dir),
+                partial(storage_root_searchable, settings.storage_dir),
                 timeout=root_timeout,
                 limiter=health_lookers,
             )
@@ -506,105 +348,3 @@ def create_app(settings: Settings) -> QuartTrio:
         return response
 
     return app
-
-
-def _answer_headers(prepared: PreparedArchive, filename: str) -> tuple[dict[str, str], ByteRange | None] | Response:
-    """A download's headers and the range it asks for (None: the whole archive); or its answer, if no body is due.
-
-    That answer is a ``304`` or ``412`` (If-None-Match, If-Match) or a ``416``
-    (a range past the archive's end).  RFC 9110 13 and 14.
-    """
-    headers = {
-        "Content-Disposition": content_disposition(filename),
-        # Never a shared cache's copy: it would outlive a signed link's expiry, and serve a
-        # request without a signature where a cache keys without the query (helper 68).
-        "Cache-Control": "private",
-        # nginx in front: pass bytes on as they come, never spool the archive.
-        "X-Accel-Buffering": "no",
-    }
-    length, etag = prepared.plan.length, prepared.etag
-    byte_range: ByteRange | None = None
-    if length is not None:
-        headers |= {"Content-Length": str(length), "Accept-Ranges": "bytes"}
-    if etag is not None:
-        headers["ETag"] = etag
-    try:
-        check_preconditions(_field(request.headers, "If-Match"), _field(request.headers, "If-None-Match"), etag)
-    except PreconditionFailed:
-        return error_page(412, request.headers.get("Accept"))
-    except NotModified:
-        # The headers a 200 would carry, and no body.  Not its Content-Length, which RFC 9110 8.6
-        # allows: HTTP/2 clients (h2, so httpx) take it as a promise of a body and fail the response.
-        headers.pop("Content-Length", None)
-        return Response(_no_body(), status=304, mimetype="application/zip", headers=headers)
-    if length is not None:
-        try:
-            if request.method == "GET":
-                # Several Range lines are one list (RFC 9110 5.3), and so several ranges: the whole archive.
-                # Several If-Range lines name no one archive: never equal to the ETag, so no range.
-                byte_range = requested_range(
-                    _field(request.headers, "Range"), _field(request.headers, "If-Range"), etag, length
-                )
-        except RangeNotSatisfiable:
-            return error_page(416, request.headers.get("Accept"), {"Content-Range": f"bytes */{length}"})
-        if byte_range is not None:
-            headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{length}"
-            headers["Content-Length"] = str(byte_range.length)
-    return headers, byte_range
-
-
-def _client_address(proxies: TrustedProxies) -> str:
-    """The request's client: its peer's address, or the one a trusted proxy forwards for."""
-    peer = request.scope.get("client")
-    forwarded_for = ",".join(request.headers.getlist("X-Forwarded-For"))
-    return proxies.client_address(peer[0] if peer else None, forwarded_for)
-
-
-def _field(headers: Headers, name: str) -> str | None:
-    """Header ``name``'s value, its lines joined with ", " as RFC 9110 5.3 combines them; None if absent."""
-    lines = headers.getlist(name)
-    return ", ".join(lines) if lines else None
-
-
-def _utf8_filename(query: bytes) -> bool:
-    """Whether every ``filename`` value in the raw query string is UTF-8 once its %-escapes are decoded."""
-    for field in query.split(b"&"):
-        name, _, value = field.partition(b"=")
-        if urllib.parse.unquote_to_bytes(name) == b"filename":
-            try:
-                urllib.parse.unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
-            except UnicodeDecodeError:
-                return False
-    return True
-
-
-def _protocols(proxies: TrustedProxies) -> set[str]:
-    """The HTTP versions on the way from the client ("HTTP/1.0"): this request's, and what a trusted proxy says.
-
-    nginx talks HTTP/1.1 to the service whatever its client speaks, and
-    passes that on as X-Client-Protocol (deploy/nginx.conf: $server_protocol).
-    Both count: a proxy talking HTTP/1.0 to the service cannot pass a
-    chunked end on either, whatever its client speaks.
-    """
-    protocols = {"HTTP/" + request.scope.get("http_version", "1.1")}
-    peer = request.scope.get("client")
-    stated = request.headers.get("X-Client-Protocol")
-    if stated is not None and peer and proxies.trusts(peer[0]):
-        protocols.add(stated.strip().upper())
-    return protocols
-
-
-def chunk_size_for(http_version: str, chunk_size: int) -> int:
-    """The chunk size for a download over ``http_version``: HTTP/2 reads at most one send batch a chunk.
-
-    An HTTP/2 stream at a closed flow-control window holds its chunks in the
-    server (``hypercorn_h2``): at most a batch (512 KiB, the default chunk) a
-    chunk keeps that to a batch and a chunk.  An HTTP/1.1 download's chunks
-    wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
-    """
-    return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
-
-
-async def _no_body() -> AsyncIterator[bytes]:
-    return
-    yield
