@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from archiver.archive import launcher, launcher_program, producer_program, worker_threads
+from archiver.archive.spawner import SpawnerProcess
 
 from .conftest import (
     CLIENT_TLS,
@@ -324,11 +325,11 @@ async def test_a_spawner_start_given_up_before_its_thread_ran_bars_no_later_star
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with trio.CancelScope() as scope:
         scope.cancel()  # as the download's client leaves: the start is cancelled at its first checkpoint
-        await launcher._SpawnerProcess.start(theirs)
+        await SpawnerProcess.start(theirs)
     ours.close()
     assert scope.cancelled_caught
     assert theirs.fileno() == -1  # closed by the start: no descriptor left behind
-    assert launcher._SpawnerProcess.spawns_waiting == 0
+    assert SpawnerProcess.spawns_waiting == 0
     await _kill_launcher_and_spawner()
     assert await _runs_a_program(await launcher.current())  # a fork of ours starts both again
 
@@ -348,7 +349,8 @@ def test_no_thread_is_an_oserror_and_a_spawner_start_without_one_leaves_nothing_
     # root) with a limit of one task: its own.
     program = (
         "import os, resource, socket, trio\n"
-        "from archiver.archive import launcher, worker_threads\n"
+        "from archiver.archive import worker_threads\n"
+        "from archiver.archive.spawner import SpawnerProcess\n"
         "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
         "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
         "async def main():\n"
@@ -358,10 +360,10 @@ def test_no_thread_is_an_oserror_and_a_spawner_start_without_one_leaves_nothing_
         "        print('NoThread', isinstance(error, OSError), error.errno == errno.EAGAIN)\n"
         "    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         "    try:\n"
-        "        await launcher._SpawnerProcess.start(theirs)\n"
+        "        await SpawnerProcess.start(theirs)\n"
         "    except OSError as error:\n"
         "        print('OSError', error)\n"
-        "    print('waiting', launcher._SpawnerProcess.spawns_waiting, 'closed', theirs.fileno() == -1)\n"
+        "    print('waiting', SpawnerProcess.spawns_waiting, 'closed', theirs.fileno() == -1)\n"
         "import errno\n"
         "trio.run(main)\n"
     )

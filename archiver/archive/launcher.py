@@ -17,7 +17,7 @@ again, and a fork of the service is what a dead mount can hold (its child
 closes a copy of every descriptor the service has, the storage files a CRC
 reader holds among them, and a close on a dead sshfs does not return).
 Only if the spawner ends too does the service start another itself
-(``_SpawnerProcess``).  One spawner and one launcher a Trio run (a service
+(``spawner.SpawnerProcess``).  One spawner and one launcher a Trio run (a service
 process; a test): ``start`` with the app, then ``current()``.
 """
 
@@ -28,35 +28,19 @@ import contextlib
 import errno
 import logging
 import os
-import select
-import signal
 import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import trio
 
-from . import launcher_program
-from .worker_threads import in_thread
+from .launched import LaunchedProcess, ReportedProcess, SpawnedLauncher
+from .spawner import COMMAND, LAUNCHER, READY_WAIT, SPAWNER, SpawnerProcess
 
 logger = logging.getLogger(__name__)
 
-_LAUNCH = (
-    f"import sys; sys.path.insert(0, {str(Path(launcher_program.__file__).parents[2])!r}); "
-    "from archiver.archive.launcher_program import main; sys.exit(main())"
-)
-COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
-# The last argument of each one's command line (unread by the program): its role, for ps and the tests.
-SPAWNER = "spawner"
-LAUNCHER = "launcher"
 _NAMES = {SPAWNER: "the launchers' spawner", LAUNCHER: "the producers' launcher"}
 # Time the launcher gets to end once its socket is closed (it kills what it started, then exits).
 STOP_WAIT = 5.0
-# Time the launcher gets to start and say it is ready (a start takes ~20 ms).
-READY_WAIT = 10.0
 # Time the launcher gets to answer a start (~1 ms): past it, it is killed (stopped, wedged).
 REPLY_WAIT = 10.0
 # A start unanswered this long makes /healthz say the producer is unavailable.
@@ -70,255 +54,10 @@ _DESCRIPTORS = 4  # a pidfd, the stdin, stdout and stderr pipes
 _LAUNCHER_DESCRIPTORS = 2  # a pidfd, the launcher's socket
 
 
-class ReportedProcess:
-    """A process a launcher started and reaps: its pid and, once reaped, returncode.
-
-    ``returncode`` is the exit code, or minus the signal that ended it (as
-    ``subprocess``).  If the launcher ended before reporting it, a producer
-    was killed (-SIGKILL); a launcher, which outlives its spawner, is init's
-    to reap, and its status is not known (None, and ``wait`` returns -SIGKILL)
-    unless the service is init and reaped it itself.
-    """
-
-    kind = "producer"  # for the log
-    # A producer does not outlive its launcher: the service cannot read its reports any more.
-    ends_with_its_launcher = True
-
-    def __init__(self, pid: int, pidfd: int, reporter: str = "", wedged: Callable[[], None] = lambda: None) -> None:
-        self.pid = pid
-        self._reporter = reporter  # the launcher's name, for the log
-        self._wedged = wedged  # kills the launcher: it did not report this process's exit
-        self.returncode: int | None = None
-        self._pidfd = pidfd
-        self._reaped = trio.Event()
-        self._exited = trio.Event()
-        self._watching: trio.Event | None = None  # set when the task watching the pidfd stops
-        self._wedged_seen = False
-
-    def kill(self) -> None:
-        """SIGKILL, through the pidfd (a process already gone is no error)."""
-        if self.returncode is None and self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-    def has_exited(self) -> bool:
-        """Whether the process has exited, reaped or not (its pidfd polls readable); no wait."""
-        if self._exited.is_set() or self._pidfd < 0:
-            return True
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        return bool(poller.poll(0))
-
-    async def exited(self) -> None:
-        """Until the process has exited (reaped or not: its children are its new parent's already).
-
-        Any number of tasks may wait: one watches the pidfd (Trio lets one task
-        wait on a descriptor), the others wait for it.
-        """
-        while not self._exited.is_set() and self._pidfd >= 0:
-            if self._watching is not None:
-                await self._watching.wait()
-                continue
-            self._watching = watching = trio.Event()
-            try:
-                with contextlib.suppress(trio.ClosedResourceError):  # closed: reaped and reported meanwhile
-                    await trio.lowlevel.wait_readable(self._pidfd)
-                self._exited.set()
-            finally:
-                self._watching = None
-                watching.set()
-
-    async def wait(self) -> int:
-        """Until the process has ended and been reaped: its ``returncode`` (-SIGKILL if not known).
-
-        Its exit is seen on the pidfd too: a launcher that has not reported it
-        REPLY_WAIT later (stopped, wedged) is killed, as for a start.
-        """
-        if not self._reaped.is_set():
-            await self.exited()
-            with trio.move_on_after(REPLY_WAIT):
-                await self._reaped.wait()
-            if not self._reaped.is_set() and not self._wedged_seen:
-                self._wedged_seen = True
-                logger.error(
-                    "%s did not report %s %d's exit in %.0f s: killed", self._reporter, self.kind, self.pid, REPLY_WAIT
-                )
-                self._wedged()
-        await self._reaped.wait()
-        if self._pidfd >= 0:
-            # The launcher ended first: the process was killed (a producer) or went on (a launcher
-            # whose spawner ended), and is its new parent's to reap: init's, or ours if the service
-            # is a container's init (then nobody else would, and its status is known here).
-            await self.exited()
-            if self._pidfd < 0:  # another task's wait got here first
-                return self.returncode if self.returncode is not None else -signal.SIGKILL
-            with contextlib.suppress(ChildProcessError):
-                reaped = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
-                if reaped is not None:
-                    exited = reaped.si_code == os.CLD_EXITED
-                    self.returncode = reaped.si_status if exited else -reaped.si_status
-            if self.returncode is None and self.ends_with_its_launcher:
-                self.returncode = -signal.SIGKILL  # killed as its launcher ended
-            self._close_pidfd()
-        return self.returncode if self.returncode is not None else -signal.SIGKILL
-
-    def _ended(self, returncode: int | None) -> None:
-        """From the launcher's reader: reaped with ``returncode``, or None if the launcher ended (it is killed)."""
-        if returncode is None:
-            if self.ends_with_its_launcher:
-                self.kill()
-        else:
-            self.returncode = returncode
-            self._close_pidfd()
-        self._reaped.set()
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd >= 0:
-            trio.lowlevel.notify_closing(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-
-
-class LaunchedProcess(ReportedProcess):
-    """A program the launcher started, with its pipes (``trio.lowlevel.FdStream``)."""
-
-    def __init__(
-        self,
-        pid: int,
-        pidfd: int,
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        reporter: str = "",
-        wedged: Callable[[], None] = lambda: None,
-    ) -> None:
-        super().__init__(pid, pidfd, reporter, wedged)
-        self.stdin = trio.lowlevel.FdStream(stdin)
-        self.stdout = trio.lowlevel.FdStream(stdout)
-        self.stderr = trio.lowlevel.FdStream(stderr)
-
-
-class _SpawnedLauncher(ReportedProcess):
-    """A launcher the spawner started, and the service's end of its socket (``control``, a descriptor)."""
-
-    kind = "launcher"
-    # A launcher goes on if its spawner ends: its producers with it; its own end is seen on its socket.
-    ends_with_its_launcher = False
-
-    def __init__(self, pid: int, pidfd: int, control: int, reporter: str, wedged: Callable[[], None]) -> None:
-        super().__init__(pid, pidfd, reporter, wedged)
-        self.control = control
-
-
-def _in_child_before_exec() -> None:
-    """Nothing: a ``preexec_fn`` only to keep ``subprocess`` from using vfork (see _NO_VFORK)."""
-
-
-# CPython 3.11.0-3.11.5 hold the GIL while a vfork child runs until its exec (gh-104372): a
-# start stuck in that exec (a FLUSH of a dead mount) froze the event loop.  A preexec_fn makes
-# subprocess fork instead, releasing the GIL while the child runs.
-_NO_VFORK = _in_child_before_exec if sys.version_info < (3, 11, 6) else None
-
-
-class _SpawnerProcess:
-    """The spawner, the service's child: started in a worker thread the start may give up on.
-
-    The spawner is the one program the service forks itself: at the app's
-    start, before any storage file is opened, and again only if the spawner
-    ends.  Such a late start may wait on a FLUSH of a dead mount whose file
-    a CRC reader holds (see ``launcher_program``): it is given up after
-    READY_WAIT, its thread left to finish, and the process it starts then
-    killed and reaped in that thread.
-    """
-
-    # Threads of starts given up on that still run (wait on the storage): no other start is tried
-    # meanwhile.  Counted by the thread itself, from its first step to its last: a start given up
-    # before its thread began (cancelled while waiting for a thread, or no thread could be
-    # started) leaves nothing counted, for ever (helper 48: every download was then a 503).
-    spawns_waiting = 0
-    _counting = threading.Lock()
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.pid = popen.pid
-        self.returncode: int | None = None
-        self._popen = popen
-        self._pidfd = os.pidfd_open(popen.pid)
-
-    @classmethod
-    async def start(cls, control: socket.socket) -> _SpawnerProcess:
-        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT.
-
-        Starts are one at a time (``_opening_lock``): a thread still counted here is one given up on.
-        """
-        if cls.spawns_waiting:
-            control.close()
-            raise OSError("the last start of the launchers' spawner still waits on the storage")
-        began = given_up = ended = False
-        started: list[subprocess.Popen[bytes]] = []
-
-        def spawn() -> None:
-            nonlocal began, ended
-            with cls._counting:
-                if given_up:  # the start gave up before this thread began (and closed ``control``)
-                    return
-                began = True
-                cls.spawns_waiting += 1
-            popen = None
-            try:
-                # A process group of its own (and so its launchers): a signal to the service's group (a
-                # terminal's Ctrl-C, kill -- -PGID) reached it before its Python had set its signals ignored,
-                # and the service's start failed (helper 49).  The service tells it when to end.
-                popen = subprocess.Popen(
-                    [*COMMAND, SPAWNER], stdin=control.fileno(), env={}, preexec_fn=_NO_VFORK, process_group=0
-                )
-            finally:
-                control.close()  # here: the thread may outlive the start, and used it until now
-                with cls._counting:
-                    cls.spawns_waiting -= 1
-                    ended, late = True, given_up
-                    if not late and popen is not None:
-                        started.append(popen)
-            if late and popen is not None:  # given up on: it must not run
-                popen.kill()
-                popen.wait()
-
-        try:
-            with trio.move_on_after(READY_WAIT):
-                await in_thread(spawn)  # NoThread (an OSError) at the tasks' limit
-        finally:
-            # Given up on (the time is out, the download was cancelled, no thread): a thread that
-            # has not begun returns at once when it does.
-            with cls._counting:
-                if not started and not ended:
-                    given_up = True
-                    if not began:
-                        control.close()
-        if not started:
-            raise OSError(f"the launchers' spawner did not start in {READY_WAIT:.0f} s (waiting on the storage)")
-        return cls(started[0])
-
-    def kill(self) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-    async def exited(self) -> None:
-        if self.returncode is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-
-    async def wait(self) -> int:
-        if self.returncode is None:
-            await trio.lowlevel.wait_readable(self._pidfd)
-            self.returncode = self._popen.wait()
-            trio.lowlevel.notify_closing(self._pidfd)
-            os.close(self._pidfd)
-        return self.returncode
-
-
 class Launcher:
     """A running launcher (or spawner): ``start`` a program through it.  Use ``current()`` for the run's."""
 
-    def __init__(self, process: _SpawnerProcess | ReportedProcess, control: trio.socket.SocketType, name: str) -> None:
+    def __init__(self, process: SpawnerProcess | ReportedProcess, control: trio.socket.SocketType, name: str) -> None:
         self.process = process
         self.name = name  # for the log: "the producers' launcher", "the launchers' spawner"
         self._control = control
@@ -334,7 +73,7 @@ class Launcher:
         """Start the spawner (a fork of the service) and the task that reads its reports; OSError if it cannot."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = await _SpawnerProcess.start(theirs)
+            process = await SpawnerProcess.start(theirs)
         except BaseException:
             ours.close()
             raise
@@ -346,7 +85,7 @@ class Launcher:
         The spawner starts launchers; a launcher starts a spawner that ended.
         """
         result = await self._ask([b"", *(os.fsencode(part) for part in (*COMMAND, role))])
-        if not isinstance(result, _SpawnedLauncher):  # cannot happen: a reply with two descriptors
+        if not isinstance(result, SpawnedLauncher):  # cannot happen: a reply with two descriptors
             raise OSError(f"{self.name} started no {role}")
         result.kind = role
         control = trio.socket.from_stdlib_socket(socket.socket(fileno=result.control))
@@ -494,11 +233,13 @@ class Launcher:
         result: ReportedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
             pidfd, stdin, stdout, stderr = descriptors
-            result = LaunchedProcess(int(fields[1]), pidfd, stdin, stdout, stderr, self.name, self.process.kill)
+            result = LaunchedProcess(
+                int(fields[1]), pidfd, stdin, stdout, stderr, self.name, self.process.kill, REPLY_WAIT
+            )
             self._running[result.pid] = result
         elif kind == b"S" and len(descriptors) == _LAUNCHER_DESCRIPTORS:
             pidfd, control = descriptors
-            result = _SpawnedLauncher(int(fields[1]), pidfd, control, self.name, self.process.kill)
+            result = SpawnedLauncher(int(fields[1]), pidfd, control, self.name, self.process.kill, REPLY_WAIT)
             self._running[result.pid] = result
         else:
             for descriptor in descriptors:
@@ -548,7 +289,7 @@ async def current() -> Launcher:
         launcher = _current.get()
         if launcher is None or not launcher.alive:
             spawner = _spawner.get()
-            if (spawner is None or not spawner.alive) and _SpawnerProcess.spawns_waiting:
+            if (spawner is None or not spawner.alive) and SpawnerProcess.spawns_waiting:
                 raise OSError("the last start of the launchers' spawner still waits on the storage")
             if launcher is not None:
                 logger.error("the producers' launcher had ended: starting another")
@@ -563,7 +304,7 @@ async def current() -> Launcher:
 async def _current_spawner() -> Launcher:
     spawner = _spawner.get()
     if spawner is None or not spawner.alive:
-        if _SpawnerProcess.spawns_waiting:  # no second fork while one waits on the storage
+        if SpawnerProcess.spawns_waiting:  # no second fork while one waits on the storage
             raise OSError("the last start of the launchers' spawner still waits on the storage")
         if spawner is not None:
             logger.error("the launchers' spawner had ended: starting another (a fork of the service)")
@@ -617,7 +358,7 @@ def answering() -> bool:
     ended is no reason: the next download starts another.
     """
     opening_since = _opening_since.get()
-    if _SpawnerProcess.spawns_waiting or (
+    if SpawnerProcess.spawns_waiting or (
         opening_since is not None and trio.current_time() - opening_since > ANSWER_LATE
     ):
         return False

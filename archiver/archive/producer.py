@@ -26,6 +26,7 @@ import trio
 from . import launcher, producer_program
 from .crc_source import CrcSource
 from .instructions import Instructions, instructions
+from .launched import LaunchedProcess
 from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ async def produce(
                 trio.lowlevel.spawn_system_task(_reap, process, True, name="archiver reap producer")
 
 
-async def _wait_for_killed(process: launcher.LaunchedProcess) -> None:
+async def _wait_for_killed(process: LaunchedProcess) -> None:
     """Until a killed producer is reaped, or has exited, or is waiting on the storage (REAP_WAIT, REAP_WAIT_LOADED)."""
     with trio.move_on_after(REAP_WAIT):
         await process.wait()
@@ -212,13 +213,13 @@ def _waiting_to_run(pid: int) -> bool:
     return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] == b"R"
 
 
-async def _close_pipes(process: launcher.LaunchedProcess) -> None:
+async def _close_pipes(process: LaunchedProcess) -> None:
     for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
             await stream.aclose()
 
 
-async def _reap(process: launcher.LaunchedProcess, stuck: bool) -> None:
+async def _reap(process: LaunchedProcess, stuck: bool) -> None:
     """Wait for a killed producer, then close its pipes (a system task: it must not raise).
 
     ``stuck``: it was waiting on the storage (counted in ``lingering`` until
