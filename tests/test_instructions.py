@@ -14,7 +14,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archiver.archive import instructions, producer_program
+from archiver.archive import instructions, producer_output, producer_program
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.plan import CrcWait
@@ -68,7 +68,7 @@ def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
             else:
                 stream += instruction
     with open(album.parent / f"{album.name}.out", "w+b") as output:
-        producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_program.Output(output.fileno())).run()
+        producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())).run()
         output.seek(0)
         assert output.read() == whole[start : end + 1]
 

@@ -328,7 +328,7 @@ _sparse_albums = iter(range(1_000_000))
 def test_deflated_sparse_files_arrive_whole_their_holes_unread(
     server_for: ServerFor, protocol: str, case: tuple[int, list[tuple[int, list[tuple[int, bytes]]]]]
 ) -> None:
-    # Holes of HOLE_BLOCK or more go out as copies of one deflated block (producer_program._send_hole),
+    # Holes of HOLE_BLOCK or more go out as copies of one deflated block (producer_program.Producer._send_hole),
     # the compressor's own blocks around them: every byte of every file comes back, in any chunks.
     chunk_size, files = case
     address, storage = server_for(chunk_size, compression=6)
@@ -354,7 +354,7 @@ def test_racy_sparse_files_are_checked_as_sent_their_holes_unread(
     points: tuple[float, float],
 ) -> None:
     # Stored, with every CRC racy: the producer reads each file whole for its CRC as it sends its slice,
-    # a hole's zeros neither read nor copied (producer_program._send_slice): the archive's bytes, and a range's.
+    # a hole's zeros neither read nor copied (Producer._send_slice): the archive's bytes, and a range's.
     chunk_size, files = case
     address, storage = server_for(chunk_size)
     album = storage / f"sparse-{next(_sparse_albums)}"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from archiver.archive import launcher, launcher_program, producer_program, worker_threads
+from archiver.archive import launcher, launcher_program, producer_protocol, worker_threads
 from archiver.archive.spawner import SpawnerProcess
 
 from .conftest import (
@@ -95,7 +95,7 @@ async def test_the_forked_producer_holds_its_pipes_only_and_its_signals_are_a_fr
         fields = dict(line.split(":\t", 1) for line in status.read().splitlines())
     ignored = int(fields["SigIgn"], 16)
     assert not any(ignored & (1 << (signum - 1)) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
-    await forked.stdin.send_all(producer_program.DONE)
+    await forked.stdin.send_all(producer_protocol.DONE)
     await forked.stdin.aclose()
     assert await forked.stdout.receive_some() == b""
     assert await forked.wait() == 0
@@ -108,7 +108,7 @@ async def test_a_forked_producer_that_fails_unexpectedly_reports_it_on_stderr() 
     errors = b""
     while chunk := await forked.stderr.receive_some():
         errors += chunk
-    assert await forked.wait() == producer_program.EXIT_BAD_INPUT
+    assert await forked.wait() == producer_protocol.EXIT_BAD_INPUT
     assert b"archiver-producer:" in errors
 
 

@@ -257,7 +257,7 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
     """sendfile leaves references to the file's pages in the pipe, not copies: a write before the
     reader takes them changes what it reads.  So the producer checks a file again only once the
     reader has taken its bytes, and a rewrite in that window is a failure naming the file."""
-    from archiver.archive import producer_program as program
+    from archiver.archive import producer_protocol as program
 
     album = storage / "album"
     write_tree(album, {"a.jpg": os.urandom(32_768)})  # fits a pipe's default 64 KiB
@@ -288,7 +288,7 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
 def test_a_producer_whose_reader_died_exits_while_it_waits_for_the_pipe_to_drain(storage: Path) -> None:
     """The service killed (SIGKILL) while a file's bytes wait in the pipe: the producer does not
     wait for a reader that will never come; it exits like a write to a broken pipe."""
-    from archiver.archive import producer_program as program
+    from archiver.archive import producer_protocol as program
 
     album = storage / "album"
     write_tree(album, {"a.jpg": os.urandom(32_768)})
@@ -326,7 +326,7 @@ def test_producer_refuses_an_album_whose_path_leads_through_a_link(storage: Path
     """The album's real path, with a folder on it swapped for a link since it was planned: the
     producer opens it a folder at a time from "/" and refuses, even where the file planned is
     the one the link leads to (its identity matches: the walk could have been misled the same way)."""
-    from archiver.archive import producer_program as program
+    from archiver.archive import producer_protocol as program
 
     secret = tmp_path / "outside" / "pub" / "secret.txt"
     write_tree(secret.parent, {"secret.txt": OUTSIDE})
@@ -342,7 +342,7 @@ def test_producer_refuses_an_album_whose_path_leads_through_a_link(storage: Path
 
 
 def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
-    from archiver.archive import producer_program as program
+    from archiver.archive import producer_protocol as program
 
     write_tree(storage / "album", {"a.jpg": b"a"})
     (storage / "secret").write_bytes(b"s")

@@ -280,7 +280,7 @@ def test_folders_above_the_album_need_only_be_searchable() -> None:
         check = (
             "import os, sys\n"
             "from pathlib import Path\n"
-            "from archiver.archive.producer_program import Album\n"
+            "from archiver.archive.producer_files import Album\n"
             "from archiver.archive.storage import list_album, resolve_album\n"
             "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             "album = resolve_album(Path(sys.argv[1]), 'album')\n"

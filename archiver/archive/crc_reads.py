@@ -24,7 +24,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, FileKey, is_racy, trusted_ctime
-from .producer_program import CHANGED_ERRNOS, RESOURCE_ERRNOS
+from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS
 from .sparse import Holes, crc32_with_zeros, may_have_holes
 from .worker_threads import NoThread, in_thread
 

@@ -1,4 +1,4 @@
-"""What the producer is told: the instructions (``producer_program``) that make bytes ``start`` .. ``end`` of a plan.
+"""What the producer is told: the instructions (``producer_protocol``) that make bytes ``start`` .. ``end`` of a plan.
 
 A stored archive's bytes are the plan's generated records and slices of
 its files.  Most of a warm download is runs of whole entries whose CRCs are
@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
-from . import producer_program
+from . import producer_protocol
 from .crc_source import CrcSource
 from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
 from .zipformat import DEFLATED, LOCAL_CRC_AT
@@ -36,12 +36,12 @@ def instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None
     stored entries (``ArchivePlan.entries_stored_when_deflating``).
     """
     level = plan.compression
-    yield producer_program.album(os.fsencode(plan.directory), level)
+    yield producer_protocol.album(os.fsencode(plan.directory), level)
     if plan.length is None:  # deflated: whole entries, written by the producer
         for k in range(plan.count):
             fields = plan.fields(k)
             if fields.method == DEFLATED:
-                yield producer_program.deflated_entry(plan.path(k), plan.key(k), fields)
+                yield producer_protocol.deflated_entry(plan.path(k), plan.key(k), fields)
                 continue
             assert crcs is not None
             crc = crcs.ready(k)
@@ -51,12 +51,12 @@ def instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None
                 yield CrcWait(k, 0)
                 crc = crcs.ready(k)
                 assert crc is not None
-            yield producer_program.stored_entry(plan.path(k), plan.key(k), fields, crc, crcs.racy(k))
-        yield producer_program.END
+            yield producer_protocol.stored_entry(plan.path(k), plan.key(k), fields, crc, crcs.racy(k))
+        yield producer_protocol.END
     else:
         assert crcs is not None
         yield from _stored_instructions(plan, start, end, crcs)
-    yield producer_program.DONE
+    yield producer_protocol.DONE
 
 
 # Whole entries and central headers are given to the producer this many at a time.
@@ -71,7 +71,7 @@ def _stored_instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSourc
     """
     if start < plan.central_offset <= end:
         yield from _stored_part(plan, start, plan.central_offset - 1, crcs)
-        yield producer_program.CHECKED
+        yield producer_protocol.CHECKED
         yield from _stored_part(plan, plan.central_offset, end, crcs)
     else:
         yield from _stored_part(plan, start, end, crcs)
@@ -113,7 +113,7 @@ def _stored_part(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> In
             at = plan.central_offset + plan.central_offsets[stop]
             if known:
                 yield from _pieces(plan, position, plan.central_offset + plan.central_offsets[k] - 1, crcs)
-                yield producer_program.literal(plan.central_headers(k, stop, known))
+                yield producer_protocol.literal(plan.central_headers(k, stop, known))
             else:
                 yield from _pieces(plan, position, at - 1, crcs)
             position, k = at, stop
@@ -127,11 +127,11 @@ def _pieces(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> Instruc
     for piece in stored_pieces(plan, start, end, crcs.ready, crcs.racy):
         if isinstance(piece, FileSlice):
             k, offset, length, verify_crc = piece
-            yield producer_program.file_slice(plan.path(k), plan.identity(k), offset, length, verify_crc)
+            yield producer_protocol.file_slice(plan.path(k), plan.identity(k), offset, length, verify_crc)
         elif isinstance(piece, CrcWait):
             yield piece
         else:
-            yield producer_program.literal(piece)
+            yield producer_protocol.literal(piece)
 
 
 class _WholeEntries:
@@ -160,7 +160,7 @@ class _WholeEntries:
         low, high = first - block_first, stop - block_first  # starts[] counts from the block's first entry
         base = starts[low]
         data = bytearray(memoryview(joined)[base : starts[high]])
-        at = producer_program.LITERAL.size + LOCAL_CRC_AT - base
+        at = producer_protocol.LITERAL.size + LOCAL_CRC_AT - base
         for i, crc in zip(range(low, high), crcs, strict=True):
             _CRC.pack_into(data, starts[i] + at, crc)
         return data
@@ -168,8 +168,8 @@ class _WholeEntries:
     def _make(self, plan: ArchivePlan, block_first: int) -> tuple[bytes, array[int]]:
         parts = []
         for k in range(block_first, min(block_first + self.block, plan.count)):
-            parts.append(producer_program.literal(plan.local_header(k, 0)))
-            parts.append(producer_program.file_slice(plan.path(k), plan.identity(k), 0, plan.sizes[k], None))
+            parts.append(producer_protocol.literal(plan.local_header(k, 0)))
+            parts.append(producer_protocol.file_slice(plan.path(k), plan.identity(k), 0, plan.sizes[k], None))
         starts = array("Q", [0])
         starts.extend(accumulate(len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)))
         made = self._blocks[block_first] = (b"".join(parts), starts)

@@ -33,7 +33,7 @@ from quart.utils import encode_headers
 
 from ..archive.crc_reads import FileChanged, FileUnreadable, OutOfResources
 from ..archive.producer import ProducerFailed, ProducerUnavailable
-from ..archive.producer_program import EXIT_OUT_OF_RESOURCES
+from ..archive.producer_protocol import EXIT_OUT_OF_RESOURCES
 from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units

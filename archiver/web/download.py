@@ -25,7 +25,7 @@ from ..archive.crc_source import CrcSource
 from ..archive.local_headers import LocalHeaderFinder
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
-from ..archive.producer_program import EXIT_CHANGED
+from ..archive.producer_protocol import EXIT_CHANGED
 from ..archive.worker_threads import in_thread
 from ..archive.zipformat import DATA_DESCRIPTOR_BOUND
 from ..fences.delivery import bytes_dropped
@@ -232,7 +232,7 @@ class ArchiveBody(ResponseBody):
         that ends before it.  It goes out once the producer has checked every file it sent
         (after the reader took its bytes out of the pipe), and the files changed lately were
         looked at again.  The proof is the central directory's first byte, which the producer
-        writes only then (``producer_program.CHECKED``), or its clean exit.  Whatever a client
+        writes only then (``producer_protocol.CHECKED``), or its clean exit.  Whatever a client
         keeps of a transfer that failed for a file changed is then no whole archive, even to a
         reader that reads front to back (helper 74: with only the last chunk held back, of an
         album of 4,000 files, bsdtar and Java's ZipInputStream unpacked every entry of the

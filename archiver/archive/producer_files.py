@@ -1,0 +1,151 @@
+"""The producer's files: each opened beneath the album without following a link, and checked to be the one planned.
+
+A file is the one planned if it is a regular file with the planned device,
+inode, size, mtime and ctime (``producer_protocol.identity``): checked before
+any of its bytes goes out, and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+
+from archiver.archive.producer_protocol import CHANGED_ERRNOS, FileKey
+from archiver.archive.real_paths import open_real_directory
+from archiver.archive.sparse import Holes
+
+
+class OutOfResources(Exception):
+    """The system ran out of descriptors or memory opening or reading a file: ``path: reason``."""
+
+
+class FileChanged(Exception):
+    """A file is not the one planned: another, a link, changed, shorter or longer."""
+
+
+# A path's parts that would not name an entry of the directory they are in.
+_NOT_NAMES = (b"", b".", b"..")
+
+
+class Album:
+    """The album's directory, and files opened beneath it without following a link."""
+
+    def __init__(self, directory: bytes) -> None:
+        # The album's real path (the service resolved it), opened a folder at a time: a link put
+        # in its place, or in the place of any folder on its path, is refused (real_paths).
+        try:
+            self.root = open_real_directory(directory)
+        except OSError as error:
+            raise FileChanged(f"the album {os.fsdecode(directory)}: {error.strerror or error}") from None
+        self._directory = b""  # the directory of the last file opened ("a/b/"), and its descriptor
+        self._directory_fd = self.root
+
+    def open(self, path: bytes) -> int:
+        """A descriptor of what ``path`` (relative) names, never through a link; FileChanged if it cannot be opened.
+
+        Not yet checked to be the file planned: the caller checks it
+        (``check_identity``) before any of its bytes goes out.
+        """
+        name = path.rpartition(b"/")[2]
+        directory = path[: len(path) - len(name)]  # with its last "/": "" is the album, "/" no directory
+        if name in _NOT_NAMES:
+            raise FileChanged("not a plain relative path")
+        try:
+            if directory != self._directory:  # its parts checked once, as it is entered
+                parts = directory[:-1].split(b"/") if directory else []
+                if any(part in _NOT_NAMES for part in parts):
+                    raise FileChanged("not a plain relative path")
+                self._enter(parts)
+                self._directory = directory
+            # O_NONBLOCK: a FIFO put in the file's place must not hang the open (regular files ignore it).
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            return os.open(name, flags, dir_fd=self._directory_fd)
+        except OSError as error:
+            if error.errno not in CHANGED_ERRNOS:
+                raise  # the storage's error, named by the caller (helper 71: an EIO was "changed", a 503)
+            raise FileChanged(error.strerror or str(error)) from None
+
+    def _enter(self, parts: list[bytes]) -> None:
+        if self._directory_fd != self.root:
+            os.close(self._directory_fd)
+            self._directory_fd = self.root
+        fd = self.root
+        for part in parts:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            finally:
+                if fd != self.root:
+                    os.close(fd)
+            fd = child
+        self._directory_fd = fd
+
+
+def close_read(fd: int, path: bytes) -> None:
+    """Close a file read; FileChanged, naming ``path``, if that fails.
+
+    A FUSE mount may report a failed read only at the close: rclone's answers EIO when the bytes
+    read did not match its checksum.  As the service's CRC reads take it (``crc_reads._close_read``):
+    a failure that named no file, a 500, before (helper 72).
+    """
+    try:
+        os.close(fd)
+    except OSError as error:
+        raise FileChanged(f"{os.fsdecode(path)}: {error.strerror or error} when closed after reading") from None
+
+
+def close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def check_identity(fd: int, key: FileKey) -> None:
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        raise FileChanged("not a regular file")
+    found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    if found != key:
+        raise FileChanged(f"changed: {describe_change(key, found)}")
+
+
+def describe_change(planned: FileKey, found: FileKey) -> str:
+    if planned[:2] != found[:2]:
+        return "another file"
+    if planned[2] != found[2]:
+        return f"{found[2]} bytes, {planned[2]} planned"
+    return "modified"
+
+
+class FileBlocks:
+    """Reads the whole file into ``buffer`` a block at a time, yielding each count; FileChanged unless ``size``.
+
+    With ``holes`` (a length), a hole that long or longer is skipped unread, yielded as
+    minus its length, and a read stops where one begins (``sparse.Holes``).
+    """
+
+    def __init__(self, fd: int, size: int, buffer: bytearray | memoryview, holes: int = 0) -> None:
+        self.fd, self.size, self.view = fd, size, memoryview(buffer)
+        self.holes = Holes(fd, holes) if holes else None
+
+    def __iter__(self) -> FileBlocks:
+        self.read = 0
+        return self
+
+    def __next__(self) -> int:
+        view = self.view
+        if self.holes is not None and self.read < self.size:
+            step = self.holes.next(self.size - self.read)
+            if step < 0:
+                self.read -= step
+                return step
+            view = view[:step]
+        count = os.readv(self.fd, [view])
+        if not count:
+            if self.read != self.size:
+                raise FileChanged(f"{self.read} bytes, {self.size} planned")
+            raise StopIteration
+        self.read += count
+        if self.read > self.size:
+            raise FileChanged(f"longer than the {self.size} bytes planned")
+        return count
