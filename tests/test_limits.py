@@ -18,9 +18,9 @@ from archiver.fences.hypercorn_tcp import write_units
 from archiver.logs import Quieted
 from archiver.web import connection as connection_module
 from archiver.web import download as download_module
+from archiver.web.clients import TrustedProxies
 from archiver.web.limits import (
     STALL_UNIT,
-    ClientWalks,
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
@@ -28,10 +28,10 @@ from archiver.web.limits import (
     PlannedFiles,
     RangeLimitReached,
     TokenBucket,
-    TrustedProxies,
     WalkLimitReached,
     connection_limit,
 )
+from archiver.web.walk_turns import ClientWalks
 
 from .conftest import CLIENT_TLS, ctimes_settled, read_archive, running_server, write_tree
 from .test_observability import samples

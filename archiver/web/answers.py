@@ -9,8 +9,8 @@ from quart import Response, request
 from werkzeug.datastructures import Headers
 
 from ..fences import hypercorn_h2
+from .clients import TrustedProxies
 from .disposition import content_disposition
-from .limits import TrustedProxies
 from .pages import error_page
 from .preparation import PreparedArchive
 from .ranges import (

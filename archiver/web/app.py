@@ -32,19 +32,18 @@ from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tc
 from ..fences.quart_trio import connection_class
 from ..logs import cut_for_log
 from .answers import answer_headers, chunk_size_for, client_address, header_field, no_body, protocols, utf8_filename
+from .clients import TrustedProxies
 from .connection import limit_refusal, listing_refusal, send_archive_response
 from .disposition import DisplayNameRefused, display_name
 from .download import ArchiveBody
 from .limits import (
     STALL_UNIT,
     WALKERS,
-    ClientWalks,
     FairShareExceeded,
     JobLimitReached,
     JobSlots,
     PlannedFiles,
     RangeLimitReached,
-    TrustedProxies,
     WalkLimitReached,
     connection_limit,
 )
@@ -55,6 +54,7 @@ from .ranges import surely_a_range
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
 from .storage_root import check_storage_root, storage_root_searchable
+from .walk_turns import ClientWalks
 from .watchdog import feed_watchdog, watchdog_task
 
 logger = logging.getLogger(__name__)

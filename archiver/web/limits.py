@@ -1,9 +1,9 @@
-"""Limits on what one client may hold: archive jobs, album walks, how long a download may stall, its rate.
+"""Limits on what one client may hold: archive jobs, planned files, connections, how long it may stall, its rate.
 
 The global job limit (``Settings.max_jobs``) keeps the machine from running
 more producers than it can feed; its fair share (``JobSlots``) keeps one client
-from taking all of them once the service is busy.  A client is its address: the TCP peer, or, when the peer is a
-trusted proxy, the address the proxy put in X-Forwarded-For.  A download
+from taking all of them once the service is busy.  A client is its address
+(``clients``); its album walks wait their turn in ``walk_turns``.  A download
 whose client stops accepting bytes is ended after ``stall_timeout``, so a
 reader that never reads holds its job slot, its producer and its buffers for that
 long and no longer.
@@ -11,18 +11,12 @@ long and no longer.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import resource
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
-
-import trio
 
 from ..archive.plan import ArchivePlan
-from ..archive.storage import MAX_DEPTH, WalkProgress
+from ..archive.storage import MAX_DEPTH
 
 logger = logging.getLogger(__name__)
 
@@ -71,84 +65,6 @@ STALL_UNIT = 256 * 1024
 
 class DownloadStalled(RuntimeError):
     """The client took less than STALL_UNIT bytes a ``stall_timeout``: the download is aborted."""
-
-
-def unmapped(address: str) -> str:
-    """An IPv4 address as a dual-stack socket gives it (``::ffff:127.0.0.1``) in its own form; any other as it is.
-
-    Bound to ``::`` (``-H ::``), the service sees IPv4 peers so: nginx on
-    127.0.0.1 must still be the trusted proxy (helper 44: its clients were one
-    client, and its X-Client-Protocol was ignored), and a client one client
-    whichever way it came.
-    """
-    try:
-        mapped = ipaddress.IPv6Address(address).ipv4_mapped
-    except ValueError:
-        return address
-    return address if mapped is None else str(mapped)
-
-
-class TrustedProxies:
-    """The proxies whose X-Forwarded-For is believed, and how to find the client behind them."""
-
-    def __init__(self, addresses: Iterable[str]) -> None:
-        self.networks = tuple(ipaddress.ip_network(address.strip(), strict=False) for address in addresses)
-
-    def trusts(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(unmapped(address))
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
-
-    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
-        """The client's address: the peer, unless a trusted proxy names the one it forwards for.
-
-        X-Forwarded-For is a list each proxy appends its own peer to, so only
-        its right end can be believed: walk it from the right past trusted
-        proxies (as nginx's realip module does with ``real_ip_recursive``).
-        The first address not trusted is the client; anything to its left
-        the client wrote itself.  A hop that is no address ends the walk: the
-        client is then the last trusted one (a name or a quote in the logs
-        and in the fair share's keys would be the client's own text; helper 52).
-        """
-        address = unmapped(peer) if peer else "unknown"
-        if not forwarded_for or not self.trusts(address):
-            return address
-        for entry in reversed(forwarded_for.split(",")):
-            if not entry.strip():
-                continue
-            hop = _hop_address(entry.strip())
-            if hop is None:
-                break
-            address = hop
-            if not self.trusts(hop):
-                break
-        return address
-
-
-# Load balancers that write a port with the address (Azure's Application Gateway: "a.b.c.d:port",
-# "[v6]:port"); nginx writes the address alone.
-_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?")
-_IPV4_AND_PORT = re.compile(r"([0-9.]+):[0-9]{1,5}")
-
-
-def _hop_address(entry: str) -> str | None:
-    """The address in one X-Forwarded-For entry, in one spelling (no port, no zone, IPv4 unmapped); None if none.
-
-    A zone ("fe80::1%eth0") is dropped: ``ip_address`` takes any text after the
-    "%", which brought the client's own text back (helper 53); and one address
-    is one client however it is written ("2001:DB8:0:0::1" is "2001:db8::1").
-    """
-    if match := _BRACKETED.fullmatch(entry) or _IPV4_AND_PORT.fullmatch(entry):
-        entry = match.group(1)
-    try:
-        address = ipaddress.ip_address(entry.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class JobSlots:
@@ -280,104 +196,6 @@ def _decrement(counts: Counter[str], client: str) -> None:
     counts[client] -= 1
     if counts[client] <= 0:
         del counts[client]
-
-
-class WalkActivity:
-    """Walks holding their turn, and how they move the queues behind them.
-
-    ``moved()`` changes as a walk gets answers from the storage, and as one
-    ends having done its work (``finished``); not as one leaves stuck (given
-    up on, or its client gone).
-    """
-
-    def __init__(self) -> None:
-        self._walks: set[WalkProgress] = set()
-        self._left = 0  # steps of the walks that left
-        self.finished = 0
-
-    def moved(self) -> int:
-        return self._left + self.finished + sum(walk.steps for walk in self._walks)
-
-    def __contains__(self, walk: WalkProgress) -> bool:
-        return walk in self._walks
-
-    def add(self, walk: WalkProgress) -> None:
-        self._walks.add(walk)
-
-    def remove(self, walk: WalkProgress, *, ended: bool) -> None:
-        self._walks.discard(walk)
-        self._left += walk.steps
-        self.finished += ended
-
-
-class ClientWalks:
-    """Album walks per client: one at a time, in arrival order, and at most ``max_waiting`` more waiting.
-
-    A walk (a ``stat`` per file: 0.3 s for 20,000 files) runs in one of a few
-    shared worker threads, so walks in flood from one client would keep every
-    other client's first byte waiting behind them.  Held to one at a time, a
-    client's own requests queue behind each other, and another client waits
-    for at most the walk already running.  Past ``max_waiting`` a request is
-    refused at once (WalkLimitReached): a queue that only grows is an attack.
-    """
-
-    def __init__(self, max_waiting: int) -> None:
-        self.max_waiting = max_waiting
-        self._turns: dict[str, trio.Lock] = {}
-        self._queued: Counter[str] = Counter()  # waiting or walking
-        self._activity: dict[str, WalkActivity] = {}  # each client's walk holding its turn
-        self.everyone = WalkActivity()  # all walks holding their turn: those queued for a walker thread wait on them
-
-    @asynccontextmanager
-    async def turn(self, client: str, walk: WalkProgress | None = None) -> AsyncIterator[None]:
-        """Wait for ``client``'s turn to walk an album; WalkLimitReached if too many already wait.
-
-        ``walk``: the walk's progress, which while it holds the turn is what
-        the client's queue (``queue_moved``) moves with.
-        """
-        if self._queued[client] > self.max_waiting:
-            raise WalkLimitReached(f"{client} already has {self.max_waiting} album listings waiting")
-        self._queued[client] += 1
-        turn = self._turns.setdefault(client, trio.Lock())
-        activity = self._activity.setdefault(client, WalkActivity())
-        walk = walk or WalkProgress()
-        try:
-            async with turn:
-                activity.add(walk)
-                self.everyone.add(walk)
-                ended = False
-                try:
-                    yield
-                    ended = True
-                except Exception:  # a walk that failed did its work too (a 404, a 500); not one given up on
-                    ended = True
-                    raise
-                finally:
-                    activity.remove(walk, ended=ended)
-                    self.everyone.remove(walk, ended=ended)
-        finally:
-            self._queued[client] -= 1
-            if not self._queued[client]:
-                del self._queued[client], self._turns[client], self._activity[client]
-
-    def queue_moved(self, client: str, walk: WalkProgress) -> tuple[str, int]:
-        """The queue ``walk`` waits in, and how far it moved: ``client``'s turn, as its walk moves; then a walker's.
-
-        Slow walks that move on (minutes on cold NFS) move the queues behind
-        them: the client's own, for its turn, and everyone's, for a thread.
-        A walk given up on, stuck on dead storage, moves nothing as it leaves,
-        so that the requests queued behind it get their 503 with it, not each
-        a timeout after the one before.
-        """
-        activity = self._activity.get(client)
-        if activity is None:  # not yet in the queue
-            return ("arriving", 0)
-        if walk in activity:
-            return ("walker", self.everyone.moved())
-        return ("turn", activity.moved())
-
-    def queued(self, client: str) -> int:
-        return self._queued[client]
 
 
 def connection_limit(max_connections: int, max_jobs: int) -> int:
