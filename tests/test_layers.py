@@ -1,0 +1,65 @@
+"""The package's parts depend one way (README, How it works): ``cli`` -> ``web`` -> ``archive``; ``web`` -> ``fences``.
+
+Read from the source (every import, at any depth of a module), so that a
+shortcut across the parts fails here rather than in a review.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "archiver"
+
+# What each part may import of the package besides itself.  ``logs`` and ``config`` are leaves.
+ALLOWED = {
+    "archive": set(),
+    "fences": {"logs"},
+    "web": {"archive", "fences", "config", "logs"},
+    "logs": set(),
+    "config": {"logs"},
+}
+
+
+def _part(module: str) -> str:
+    """``archiver.web.app`` -> ``web``; ``archiver.logs`` -> ``logs``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imported(path: Path) -> set[str]:
+    """The package's modules (dotted) that ``path`` imports, relative imports resolved."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("archiver.")}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_a_module_imports_only_the_parts_below_its_own(path: Path) -> None:
+    own = _part(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts))
+    if own not in ALLOWED:  # cli, asgi, __main__: the top, which may import any part
+        return
+    crossing = {name for name in _imported(path) if _part(name) not in {own, *ALLOWED[own]}}
+    assert not crossing, f"{path.relative_to(PACKAGE)} ({own}) imports {sorted(crossing)}"
+
+
+def test_the_check_sees_a_crossing() -> None:
+    # The test above would pass on a parser that saw nothing: it must see a relative import upwards.
+    archive = PACKAGE / "archive" / "producer.py"
+    assert any(_part(name) == "archive" for name in _imported(archive))
+    web = PACKAGE / "web" / "app.py"
+    assert {"archive", "fences", "config"} <= {_part(name) for name in _imported(web)}
