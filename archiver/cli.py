@@ -20,7 +20,8 @@ from hypercorn.trio import serve
 from .archive.crc_index import CrcIndex
 from .archive.crc_reads import album_crcs
 from .archive.ctime_trust import CtimeTrust
-from .archive.storage import ALBUM_NAME, AlbumNotFound, ListingFailed, list_album, resolve_album
+from .archive.listing import AlbumNotFound, ListingFailed
+from .archive.storage import ALBUM_NAME, list_album, resolve_album
 from .config import Settings, SettingsError, integer, number, warn_of_unknown_variables
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal

@@ -127,7 +127,7 @@ class Settings:
     # each held ~3.5 GB.  At least max_files (limits.PlannedFiles).
     max_planned_files: int = 0  # 0: PLANNED_FILES, or max_files if more (planned_files_budget)
     # Seconds a file must have been left unchanged (its ctime) before its album is served: until
-    # then 503 "Архив обновляется", an upload under way (storage.check_settled).  0: off.
+    # then 503 "Архив обновляется", an upload under way (listing.check_settled).  0: off.
     settle_time: float = 2.0
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import trio.testing
 from hypercorn.typing import HTTPResponseStartEvent
 from quart import Response
 
-from archiver.archive import launcher, producer, storage
+from archiver.archive import launcher, listing, producer, storage
 from archiver.archive.crc_reads import FileChanged
 from archiver.config import Settings
 from archiver.web import connection
@@ -299,22 +299,22 @@ def test_a_change_time_ahead_of_the_walk_is_never_taken_for_an_upload(tmp_path: 
     # refuse the album for good.  Measured from the walk's end: a file changed during a long walk
     # is the newest change (helper 71: taken for a clock ahead when measured from its start).
     write_tree(tmp_path / "album", {"a.jpg": b"a", "b.jpg": b"b"})
-    listing = storage.list_album(tmp_path / "album")
-    assert listing.started_ns < max(file.ctime_ns for file in listing.files) + 10**9  # changed before the walk here
-    changed = max(file.ctime_ns for file in listing.files)
-    first = min(file.ctime_ns for file in listing.files)
-    storage.check_settled(listing, 10**9, now_ns=first - 10**9)  # all a settle time ahead or more: a clock
-    with pytest.raises(storage.AlbumKeepsChanging, match=r"changed 0\.0 s ago"):
+    album = storage.list_album(tmp_path / "album")
+    assert album.started_ns < max(file.ctime_ns for file in album.files) + 10**9  # changed before the walk here
+    changed = max(file.ctime_ns for file in album.files)
+    first = min(file.ctime_ns for file in album.files)
+    listing.check_settled(album, 10**9, now_ns=first - 10**9)  # all a settle time ahead or more: a clock
+    with pytest.raises(listing.AlbumKeepsChanging, match=r"changed 0\.0 s ago"):
         # Ahead by less (helper 72: a server 50 ms ahead hid every write of an upload): just changed.
-        storage.check_settled(listing, 10**9, now_ns=first - 5 * 10**7)
-    storage.check_settled(listing, 10**9, now_ns=changed + 10**9)  # settled
-    with pytest.raises(storage.AlbumKeepsChanging, match=r"changed 0\.5 s ago") as refused:
-        storage.check_settled(listing, 10**9, now_ns=changed + 5 * 10**8)
+        listing.check_settled(album, 10**9, now_ns=first - 5 * 10**7)
+    listing.check_settled(album, 10**9, now_ns=changed + 10**9)  # settled
+    with pytest.raises(listing.AlbumKeepsChanging, match=r"changed 0\.5 s ago") as refused:
+        listing.check_settled(album, 10**9, now_ns=changed + 5 * 10**8)
     assert refused.value.settles_in == 0.5  # the newest change's: the Retry-After's floor
     write_tree(tmp_path / "cp1251", {"Фото".encode("cp1251").decode(errors="surrogateescape"): b"b"})
-    with pytest.raises(storage.AlbumKeepsChanging, match=r"^\\xd4\\xee\\xf2\\xee changed"):
-        storage.check_settled(storage.list_album(tmp_path / "cp1251"), 10**12)  # escaped as in 'skipped'
-    storage.check_settled(listing, 0)  # off
+    with pytest.raises(listing.AlbumKeepsChanging, match=r"^\\xd4\\xee\\xf2\\xee changed"):
+        listing.check_settled(storage.list_album(tmp_path / "cp1251"), 10**12)  # escaped as in 'skipped'
+    listing.check_settled(album, 0)  # off
 
 
 @pytest.mark.parametrize("when", ["with the first chunk", "as the head goes out"])

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from archiver.archive.listing import AlbumListing
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.plan_cache import PlanCache
-from archiver.archive.storage import AlbumListing, list_album
+from archiver.archive.storage import list_album
 
 from .conftest import write_tree
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, CtimeTrust
 from archiver.archive.entries import load_zone
-from archiver.archive.storage import AlbumFile, AlbumListing
+from archiver.archive.listing import AlbumFile, AlbumListing
 from archiver.config import Settings
 from archiver.web.ranges import (
     FORMAT_VERSION,

@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from archiver.archive.listing import PATH_LOGGED, SKIPS_LOGGED, AlbumNotFound, ListingFailed, SkippedLog
 from archiver.archive.real_paths import open_real_directory
-from archiver.archive.storage import (
-    PATH_LOGGED,
-    SKIPS_LOGGED,
-    AlbumNotFound,
-    ListingFailed,
-    SkippedLog,
-    list_album,
-    resolve_album,
-)
+from archiver.archive.storage import list_album, resolve_album
 
 from .conftest import write_tree
 from .test_cli import PROJECT
@@ -200,7 +193,7 @@ def test_a_listing_logs_a_few_entries_left_out_by_name_and_counts_the_rest(
     long_folder.mkdir(parents=True)
     os.symlink("a.jpg", long_folder / "0-link")  # listed first: its path is 511 characters
     skips = SkippedLog(versions=2)
-    with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
+    with caplog.at_level(logging.INFO, logger="archiver.archive.listing"):
         listing = list_album(tmp_path / "album")
         assert not caplog.records  # a listing logs nothing: every request lists its album
         skips.log(listing, '"v1"')
@@ -212,7 +205,7 @@ def test_a_listing_logs_a_few_entries_left_out_by_name_and_counts_the_rest(
     assert lines[SKIPS_LOGGED:] == ["skipped 6 more entries of album"]
     # Helper 47: remembered by version, not by the plan cache, which albums can crowd each other out of.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="archiver.archive.storage"):
+    with caplog.at_level(logging.INFO, logger="archiver.archive.listing"):
         skips.log(listing, '"v2"')  # another version: logged
         skips.log(listing, '"v1"')  # remembered still (the last two)
         os.symlink("a.jpg", tmp_path / "album" / "link-new")
@@ -240,7 +233,8 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
         check = (
             "import os, sys\n"
             "from pathlib import Path\n"
-            "from archiver.archive.storage import ListingFailed, list_album, resolve_album\n"
+            "from archiver.archive.listing import ListingFailed\n"
+            "from archiver.archive.storage import list_album, resolve_album\n"
             "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             "listing = list_album(Path(sys.argv[1], 'open'))\n"
             "print([f.path for f in listing.files], [(s.path, s.reason) for s in listing.skipped])\n"

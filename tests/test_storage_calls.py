@@ -10,7 +10,7 @@ from math import inf
 import pytest
 import trio
 
-from archiver.archive.storage import AlbumNotFound, WalkProgress
+from archiver.archive.listing import AlbumNotFound, WalkProgress
 from archiver.web.storage_calls import StorageSilent, call_storage
 
 

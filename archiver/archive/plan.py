@@ -40,9 +40,9 @@ from .entries import (
     external_attributes,
     load_zone,
 )
+from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names
-from .storage import AlbumFile
 from .zipformat import (
     CENTRAL_CRC_AT,
     DEFLATED,

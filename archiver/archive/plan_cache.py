@@ -24,8 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from .listing import AlbumListing
 from .plan import ArchivePlan
-from .storage import AlbumListing
 
 # Entries kept across the plans held: ~50 MB at ~450 bytes each.
 CACHED_ENTRIES = 120_000

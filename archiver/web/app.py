@@ -15,17 +15,11 @@ from werkzeug.exceptions import HTTPException
 from ..archive import launcher
 from ..archive.crc_index import CrcIndex
 from ..archive.ctime_trust import CtimeTrust
+from ..archive.listing import AlbumNotFound, ListingFailed, SkippedLog, WalkProgress
 from ..archive.plan_cache import CACHED_ENTRIES, PlanCache
 from ..archive.producer import lingering as lingering_producers
 from ..archive.producer import producer_available
-from ..archive.storage import (
-    ALBUM_NAME,
-    AlbumNotFound,
-    ListingFailed,
-    SkippedLog,
-    WalkProgress,
-    resolve_album,
-)
+from ..archive.storage import ALBUM_NAME, resolve_album
 from ..archive.worker_threads import NoThread, in_thread
 from ..config import Settings
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp

@@ -32,9 +32,9 @@ from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 
 from ..archive.crc_reads import FileChanged, FileUnreadable, OutOfResources
+from ..archive.listing import AlbumKeepsChanging, ListingFailed
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.producer_protocol import EXIT_OUT_OF_RESOURCES
-from ..archive.storage import AlbumKeepsChanging, ListingFailed
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse

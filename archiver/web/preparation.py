@@ -11,9 +11,10 @@ from pathlib import Path
 from ..archive.crc_store import CrcStore
 from ..archive.ctime_trust import CtimeTrust
 from ..archive.entries import EntryPolicy
+from ..archive.listing import SkippedLog, WalkProgress, check_settled
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
-from ..archive.storage import SkippedLog, WalkProgress, check_settled, list_album
+from ..archive.storage import list_album
 from ..config import Settings, SettingsError
 from .ranges import FORMAT_VERSION, archive_etag, archive_validator
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from ..archive.ctime_trust import CtimeTrust, racy_times
-from ..archive.storage import AlbumListing
+from ..archive.listing import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
 # Python's \d and \s would take any Unicode digit or space, and int() would

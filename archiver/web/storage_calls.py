@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import trio
 
-from ..archive.storage import ListingFailed, WalkProgress
+from ..archive.listing import ListingFailed, WalkProgress
 from ..archive.worker_threads import NoThread, in_thread
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..archive.storage import WalkProgress
+from ..archive.listing import WalkProgress
 from .limits import WalkLimitReached
 
 
