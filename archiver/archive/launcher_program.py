@@ -17,7 +17,7 @@ per message:
   (absolute path, empty environment) with pipes for its stdin, stdout, stderr;
   or ``<id>`` alone: the producer, forked from this process (``_fork_producer``);
   or ``<id> NUL NUL <argv0> ...``: a launcher (``_start_launcher``), this
-  program, whose stdin is a new socket (see the spawner, ``launcher.py``).
+  program, whose stdin is a new socket (see ``spawner.py``).
 - launcher → service ``R`` first, once ready (SIGINT and SIGTERM ignored).
 - launcher → service ``S <id> <pid>`` with four descriptors (a pidfd for the
   process, the write end of its stdin, the read ends of its stdout and
