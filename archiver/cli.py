@@ -27,8 +27,8 @@ from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .logs import configure_logging
 from .web.app import create_app
+from .web.crc_index_file import open_crc_store
 from .web.disposition import DisplayNameRefused, display_name
-from .web.preparation import open_crc_store
 from .web.signing import parse_duration, signed_query
 
 logger = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ class Settings:
     # Deflate level 1 .. 9, or 0 to store (the default: the payload is mostly JPEG).
     compression: int = 0
     # Bytes asked of the producer's stdout per read (HTTP/2: at most 512 KiB, see
-    # ``answers.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
+    # ``download.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
     # download is about chunk_size * (channel_capacity + 1) (+1 being sent; the few bytes of
     # the archive's tail held until the central directory's first byte proves every file sent
     # checked, and the files changed lately were looked at again: ``download._next_before_tail``):

@@ -27,7 +27,7 @@ import trustme
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from archiver.archive import launcher, launcher_program, producer
+from archiver.archive import launcher_program, producer, spawner
 from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
@@ -237,7 +237,7 @@ def producer_processes(ancestor: int) -> list[ProducerChild]:
             or process.name == PRODUCER_NAME
             or (_role(process) == LAUNCHER and started_by_launcher)  # forked, not named yet
             or (
-                process.name in (interpreter, launcher.LAUNCHER)  # exec'd, or forked and not named yet
+                process.name in (interpreter, spawner.LAUNCHER)  # exec'd, or forked and not named yet
                 and (process.state == "Z" or not process.command)
                 and started_by_launcher
             )
@@ -257,7 +257,7 @@ def launcher_processes(ancestor: int) -> list[ProducerChild]:
 
 
 def spawner_processes(ancestor: int) -> list[ProducerChild]:
-    """The launchers' spawners below ``ancestor`` (archiver/archive/launcher.py), while they run."""
+    """The launchers' spawners below ``ancestor`` (archiver/archive/spawner.py), while they run."""
     return _below(ancestor, _process_table(), lambda process: _role(process) == SPAWNER)
 
 
@@ -323,7 +323,7 @@ def _below(ancestor: int, table: dict[int, _Process], matches: Callable[[_Proces
 PRODUCER_PROGRAM = b"archiver.archive.producer_program"
 LAUNCHER_PROGRAM = b"archiver.archive.launcher_program"
 PRODUCER_NAME = launcher_program.PRODUCER_NAME
-SPAWNER, LAUNCHER = launcher.SPAWNER.encode(), launcher.LAUNCHER.encode()
+SPAWNER, LAUNCHER = spawner.SPAWNER.encode(), spawner.LAUNCHER.encode()
 
 
 def producer_children() -> list[ProducerChild]:

@@ -325,7 +325,7 @@ async def test_a_spawner_start_given_up_before_its_thread_ran_bars_no_later_star
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with trio.CancelScope() as scope:
         scope.cancel()  # as the download's client leaves: the start is cancelled at its first checkpoint
-        await SpawnerProcess.start(theirs)
+        await SpawnerProcess.start(theirs, launcher.READY_WAIT)
     ours.close()
     assert scope.cancelled_caught
     assert theirs.fileno() == -1  # closed by the start: no descriptor left behind
@@ -360,7 +360,7 @@ def test_no_thread_is_an_oserror_and_a_spawner_start_without_one_leaves_nothing_
         "        print('NoThread', isinstance(error, OSError), error.errno == errno.EAGAIN)\n"
         "    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         "    try:\n"
-        "        await SpawnerProcess.start(theirs)\n"
+        "        await SpawnerProcess.start(theirs, 10.0)\n"
         "    except OSError as error:\n"
         "        print('OSError', error)\n"
         "    print('waiting', SpawnerProcess.spawns_waiting, 'closed', theirs.fileno() == -1)\n"

@@ -180,7 +180,7 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     skipped = [line for line in lines if "skipped album/x" in line]
     assert skipped == [
         skipped[0].split(" INFO ")[0]
-        + " INFO archiver.archive.storage: skipped album/x\\x0a2026-12-01 00:00:00,000 ERROR archiver: forged:"
+        + " INFO archiver.archive.listing: skipped album/x\\x0a2026-12-01 00:00:00,000 ERROR archiver: forged:"
         " line break in name"
     ]
     assert not any(line.startswith("2026-12-01 00:00:00,000 ERROR") for line in lines)

@@ -1,10 +1,10 @@
-"""The service's side of the producers' launcher (``launcher_program``): start a program, kill it, wait for its end.
+"""The service's side of the producers' launcher (``launcher_program``): ask it to start a program, hear of its end.
 
 Each producer is started by the launcher, a process of the service's own
 that holds no storage file, so that no start waits on a storage that does not
 answer a close (see ``launcher_program``).  The launcher hands back the
 process's pidfd and pipes and reports its exit; to the download, a
-``LaunchedProcess`` is what ``trio.Process`` was: ``kill``, ``wait``,
+``launched.LaunchedProcess`` is what ``trio.Process`` was: ``kill``, ``wait``,
 ``returncode`` and three pipe streams.  The producer is the launcher's child:
 a download still kills its producer (through the pidfd: no pid reused
 meanwhile can be hit) and waits until it has been reaped.
@@ -34,14 +34,17 @@ from collections.abc import Iterator, Sequence
 import trio
 
 from .launched import LaunchedProcess, ReportedProcess, SpawnedLauncher
-from .spawner import COMMAND, LAUNCHER, READY_WAIT, SPAWNER, SpawnerProcess
+from .spawner import COMMAND, LAUNCHER, SPAWNER, SpawnerProcess
 
 logger = logging.getLogger(__name__)
 
 _NAMES = {SPAWNER: "the launchers' spawner", LAUNCHER: "the producers' launcher"}
 # Time the launcher gets to end once its socket is closed (it kills what it started, then exits).
 STOP_WAIT = 5.0
-# Time the launcher gets to answer a start (~1 ms): past it, it is killed (stopped, wedged).
+# Time a spawner gets to start, and a launcher or spawner to say it is ready (a start takes ~20 ms).
+READY_WAIT = 10.0
+# Time the launcher gets to answer a start (~1 ms): past it, it is killed (stopped, wedged).  Also
+# the time it gets to report an exit seen on a process's pidfd: given to each process as it starts.
 REPLY_WAIT = 10.0
 # A start unanswered this long makes /healthz say the producer is unavailable.
 ANSWER_LATE = 2.0
@@ -73,7 +76,7 @@ class Launcher:
         """Start the spawner (a fork of the service) and the task that reads its reports; OSError if it cannot."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = await SpawnerProcess.start(theirs)
+            process = await SpawnerProcess.start(theirs, READY_WAIT)
         except BaseException:
             ours.close()
             raise

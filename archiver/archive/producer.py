@@ -23,7 +23,7 @@ from typing import cast
 
 import trio
 
-from . import launcher, producer_program
+from . import launcher
 from .crc_source import CrcSource
 from .instructions import Instructions, instructions
 from .launched import LaunchedProcess
@@ -31,11 +31,12 @@ from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
 
 logger = logging.getLogger(__name__)
 
-PROGRAM = Path(producer_program.__file__)
+# The program's file, not imported: the service needs only its protocol (``producer_protocol``).
+PROGRAM = Path(__file__).with_name("producer_program.py")
 
 # The interpreter running the service, isolated (-I: no environment, no user
 # site, no current directory on the path) and without site (-S): starts in
-# ~15 ms, and nothing but the standard library, ``zipformat`` and ``real_paths`` is loaded.
+# ~15 ms, and nothing but the standard library and the program's own modules is loaded.
 # Imported rather than run as a script, so that its compiled bytecode is reused.
 _LAUNCH = (
     f"import sys; sys.path.insert(0, {str(PROGRAM.parents[2])!r}); "

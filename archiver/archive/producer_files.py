@@ -3,6 +3,8 @@
 A file is the one planned if it is a regular file with the planned device,
 inode, size, mtime and ctime (``producer_protocol.identity``): checked before
 any of its bytes goes out, and after.
+
+Standard library only, and no ``typing``: the producer program imports this.
 """
 
 from __future__ import annotations
@@ -96,20 +98,22 @@ def close_read(fd: int, path: bytes) -> None:
 
 
 def close_quietly(fd: int) -> None:
+    """Close ``fd``, whatever the close says: for a file already failed, whose failure is the news."""
     with contextlib.suppress(OSError):
         os.close(fd)
 
 
 def check_identity(fd: int, key: FileKey) -> None:
+    """FileChanged unless ``fd`` is a regular file whose device, inode, size, mtime and ctime are ``key``."""
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode):
         raise FileChanged("not a regular file")
     found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     if found != key:
-        raise FileChanged(f"changed: {describe_change(key, found)}")
+        raise FileChanged(f"changed: {_describe_change(key, found)}")
 
 
-def describe_change(planned: FileKey, found: FileKey) -> str:
+def _describe_change(planned: FileKey, found: FileKey) -> str:
     if planned[:2] != found[:2]:
         return "another file"
     if planned[2] != found[2]:

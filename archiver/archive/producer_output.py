@@ -1,4 +1,7 @@
-"""The producer's stdout: small records gathered, file data moved by sendfile and splice, files checked once read."""
+"""The producer's stdout: small records gathered, file data moved by sendfile and splice, files checked once read.
+
+Standard library only, and no ``typing``: the producer program imports this.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ WRITE_GATHER = 64 * 1024
 # Deflating, when nothing went out for this long (seconds), what is compressed and gathered
 # so far goes out (with a zlib sync flush, 5 bytes): files that compress to almost nothing
 # (zeros) read from slow storage would otherwise leave the pipe silent for minutes, which the
-# service's storage timeout reads as a hang.  Looked at after every read, of DEFLATE_READ bytes.
+# service's storage timeout reads as a hang.  Looked at after every read, of ``producer_program.DEFLATE_READ`` bytes.
 # Storing, after every file: small files opened slowly would stay gathered (WRITE_GATHER) as long.
 HEARTBEAT = 1.0
 # File data goes file -> staging pipe (sendfile) -> stdout (splice): page references both ways,

@@ -47,7 +47,7 @@ ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY, STORED_ENTRY_BOD
 SECOND = 1_000_000_000
 END = b"E"
 DONE = b"Z"
-# Every file sent so far checked (``Output.settle``), before what follows: the central directory,
+# Every file sent so far checked (``producer_output.Output.settle``), before what follows: the central directory,
 # whose first byte then tells the service that the files' bytes stand (web.download).
 CHECKED = b"C"
 
@@ -105,5 +105,6 @@ def identity(key: FileKey) -> tuple[int, ...]:
 
 
 def file_key(identity: tuple[int, ...]) -> FileKey:
+    """The key an instruction's identity (``identity``) stands for: nanoseconds made whole again."""
     device, inode, size, mtime, mtime_ns, ctime, ctime_ns = identity
     return device, inode, size, mtime * SECOND + mtime_ns, ctime * SECOND + ctime_ns

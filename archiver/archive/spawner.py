@@ -24,12 +24,11 @@ _LAUNCH = (
     f"import sys; sys.path.insert(0, {str(Path(launcher_program.__file__).parents[2])!r}); "
     "from archiver.archive.launcher_program import main; sys.exit(main())"
 )
+# Every launcher's command, the spawner's too (here, not in ``launcher``, which imports this module).
 COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
 # The last argument of each one's command line (unread by the program): its role, for ps and the tests.
 SPAWNER = "spawner"
 LAUNCHER = "launcher"
-# Time a spawner gets to start, and a launcher or spawner to say it is ready (a start takes ~20 ms).
-READY_WAIT = 10.0
 
 
 def _in_child_before_exec() -> None:
@@ -49,7 +48,7 @@ class SpawnerProcess:
     start, before any storage file is opened, and again only if the spawner
     ends.  Such a late start may wait on a FLUSH of a dead mount whose file
     a CRC reader holds (see ``launcher_program``): it is given up after
-    READY_WAIT, its thread left to finish, and the process it starts then
+    ``ready_wait``, its thread left to finish, and the process it starts then
     killed and reaped in that thread.
     """
 
@@ -67,10 +66,10 @@ class SpawnerProcess:
         self._pidfd = os.pidfd_open(popen.pid)
 
     @classmethod
-    async def start(cls, control: socket.socket) -> SpawnerProcess:
-        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within READY_WAIT.
+    async def start(cls, control: socket.socket, ready_wait: float) -> SpawnerProcess:
+        """The spawner, ``control`` its stdin (closed here); OSError if it cannot be started within ``ready_wait`` s.
 
-        Starts are one at a time (``_opening_lock``): a thread still counted here is one given up on.
+        Starts are one at a time (``launcher._opening_lock``): a thread still counted here is one given up on.
         """
         if cls.spawns_waiting:
             control.close()
@@ -105,7 +104,7 @@ class SpawnerProcess:
                 popen.wait()
 
         try:
-            with trio.move_on_after(READY_WAIT):
+            with trio.move_on_after(ready_wait):
                 await in_thread(spawn)  # NoThread (an OSError) at the tasks' limit
         finally:
             # Given up on (the time is out, the download was cancelled, no thread): a thread that
@@ -116,7 +115,7 @@ class SpawnerProcess:
                     if not began:
                         control.close()
         if not started:
-            raise OSError(f"the launchers' spawner did not start in {READY_WAIT:.0f} s (waiting on the storage)")
+            raise OSError(f"the launchers' spawner did not start in {ready_wait:.0f} s (waiting on the storage)")
         return cls(started[0])
 
     def kill(self) -> None:

@@ -30,7 +30,7 @@ download went from 325 to 457 MB/s, and the service's CPU per GB from 2.5 s
 to 1.8 s.  The frames, their order and flow control are unchanged; a stream
 yields to others after each batch, as it did after each frame.  A batch is
 512 KiB, HTTP/1.1's chunk: with 256 KiB batches (and so chunks, see
-``answers.chunk_size_for``) one HTTP/2 download took 0.87-1.04 CPU-s/GB of the
+``download.chunk_size_for``) one HTTP/2 download took 0.87-1.04 CPU-s/GB of the
 service (user 0.49-0.61) at 911-1,114 MB/s; with 512 KiB, 0.71-0.85 (user
 0.34-0.44) at 1,090-1,332 (8 alternating runs of 8 downloads of 500 MB each).
 

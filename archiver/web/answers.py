@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from quart import Response, request
 from werkzeug.datastructures import Headers
 
-from ..fences import hypercorn_h2
 from .clients import TrustedProxies
 from .disposition import content_disposition
 from .pages import error_page
@@ -95,7 +94,7 @@ def utf8_filename(query: bytes) -> bool:
     return True
 
 
-def protocols(proxies: TrustedProxies) -> set[str]:
+def client_protocols(proxies: TrustedProxies) -> set[str]:
     """The HTTP versions on the way from the client ("HTTP/1.0"): this request's, and what a trusted proxy says.
 
     nginx talks HTTP/1.1 to the service whatever its client speaks, and
@@ -111,17 +110,7 @@ def protocols(proxies: TrustedProxies) -> set[str]:
     return protocols
 
 
-def chunk_size_for(http_version: str, chunk_size: int) -> int:
-    """The chunk size for a download over ``http_version``: HTTP/2 reads at most one send batch a chunk.
-
-    An HTTP/2 stream at a closed flow-control window holds its chunks in the
-    server (``hypercorn_h2``): at most a batch (512 KiB, the default chunk) a
-    chunk keeps that to a batch and a chunk.  An HTTP/1.1 download's chunks
-    wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
-    """
-    return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
-
-
 async def no_body() -> AsyncIterator[bytes]:
+    """An empty async body: Quart then announces no Content-Length of 0 (HEAD, 304)."""
     return
     yield

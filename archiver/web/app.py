@@ -25,11 +25,12 @@ from ..config import Settings
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
 from ..logs import cut_for_log
-from .answers import answer_headers, chunk_size_for, client_address, header_field, no_body, protocols, utf8_filename
+from .answers import answer_headers, client_address, client_protocols, header_field, no_body, utf8_filename
 from .clients import TrustedProxies
 from .connection import limit_refusal, listing_refusal, send_archive_response
+from .crc_index_file import open_crc_store
 from .disposition import DisplayNameRefused, display_name
-from .download import ArchiveBody
+from .download import ArchiveBody, chunk_size_for
 from .limits import (
     STALL_UNIT,
     WALKERS,
@@ -43,7 +44,7 @@ from .limits import (
 )
 from .metrics import DownloadMetrics
 from .pages import PAGE_NOT_FOUND, error_page, page, unparsed_request_answer
-from .preparation import open_crc_store, prepare_archive
+from .preparation import prepare_archive
 from .ranges import surely_a_range
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
@@ -139,7 +140,8 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.after_serving
     async def write_the_last_crcs() -> None:
-        # Rows a download's end left for the next (another was writing): given up on after SERVICE_BUSY_TIMEOUT.
+        # Rows a download's end left for the next (another was writing): given up on after
+        # crc_index_file.SERVICE_BUSY_TIMEOUT.
         try:
             await in_thread(crc_index.flush)
         except NoThread as error:  # the tasks' limit: a later download reads those files again (helper 50)
@@ -222,7 +224,7 @@ def create_app(settings: Settings) -> QuartTrio:
             # A deflated archive has no length: its end is the chunked body's end, which
             # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
             # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
-            compression = 0 if "HTTP/1.0" in protocols(proxies) else settings.compression
+            compression = 0 if "HTTP/1.0" in client_protocols(proxies) else settings.compression
             # A large album takes a while to walk (minutes on cold NFS): silence, not length, ends it,
             # and the wait for this client's turn and for a walker thread counts unless the queue moves.
             progress = WalkProgress()

@@ -28,6 +28,7 @@ from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
 from ..archive.producer_protocol import EXIT_CHANGED
 from ..archive.worker_threads import in_thread
 from ..archive.zipformat import DATA_DESCRIPTOR_BOUND
+from ..fences import hypercorn_h2
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
@@ -39,6 +40,17 @@ logger = logging.getLogger(__name__)
 # Files whose ctime is this recent (seconds) when a download starts are looked at again before its
 # end: an upload that paused while its file was read (README, Failure behaviour).
 RECHECK_SECONDS = 60
+
+
+def chunk_size_for(http_version: str, chunk_size: int) -> int:
+    """The chunk size for a download over ``http_version``: HTTP/2 reads at most one send batch a chunk.
+
+    An HTTP/2 stream at a closed flow-control window holds its chunks in the
+    server (``hypercorn_h2``): at most a batch (512 KiB, the default chunk) a
+    chunk keeps that to a batch and a chunk.  An HTTP/1.1 download's chunks
+    wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
+    """
+    return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
 
 
 class ArchiveChanged(RuntimeError):
