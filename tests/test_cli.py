@@ -143,7 +143,7 @@ async def test_verbose_logs_a_line_a_chunk() -> None:
         rb"DEBUG archiver\.web\.download: download \S+ for 127\.0\.0\.1: sending (\d+) bytes", server.output
     )
     assert lines and sum(map(int, lines)) == len(whole.content)
-    assert b"DEBUG archiver.web.app: no album for 'no-such-album'" in server.output
+    assert b"DEBUG archiver.web.routes: no album for 'no-such-album'" in server.output
 
 
 async def test_hypercorn_config_serves_sample_data() -> None:

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from archiver.config import Settings
-from archiver.web.app import EXAMPLE_NAME
 from archiver.web.pages import MESSAGES
+from archiver.web.routes import EXAMPLE_NAME
 
 from .conftest import (
     as_unpacked,

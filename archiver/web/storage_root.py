@@ -13,6 +13,10 @@ from ..config import SettingsError
 
 logger = logging.getLogger(__name__)
 
+# /healthz says the storage fails if its root does not answer within this (or the storage timeout, if
+# shorter); the start waits as long for it before it starts anyway.
+HEALTH_STORAGE_TIMEOUT = 2.0
+
 
 # What a look at the storage root may say that no later moment will change: the start stops.
 # Anything else (ENOTCONN of a FUSE mount whose daemon died, an NFS server's ESTALE or EIO) is
