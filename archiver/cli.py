@@ -1,4 +1,4 @@
-"""Command line: ``archiver`` / ``python -m archiver`` with the original flags, and ``archiver sign``."""
+"""The command line: ``archiver`` (``python -m archiver``) with the original flags; ``archiver sign``, ``index``."""
 
 from __future__ import annotations
 
@@ -17,17 +17,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from .archive.crc_index import CrcIndex
-from .archive.crc_reads import album_crcs
-from .archive.ctime_trust import CtimeTrust
-from .archive.listing import AlbumNotFound, ListingFailed
-from .archive.storage import ALBUM_NAME, list_album, resolve_album
+from .archive.storage import ALBUM_NAME
 from .config import Settings, SettingsError, integer, number, warn_of_unknown_variables
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
+from .index_command import index_albums
 from .logs import configure_logging
 from .web.app import create_app
-from .web.crc_index_file import open_crc_store
 from .web.disposition import DisplayNameRefused, display_name
 from .web.signing import parse_duration, signed_query
 
@@ -146,88 +142,6 @@ def sign_link(argv: Sequence[str]) -> str:
     expires = int(time.time()) + ttl
     query = signed_query(secret.encode(), args.name, expires, args.filename)
     return f"{args.base_url.rstrip('/')}/archive/{args.name}/?{query}"
-
-
-def index_albums(argv: Sequence[str]) -> None:
-    """``archiver index [NAME...]``: compute the CRCs of the albums' files into ARCHIVER_INDEX ahead of downloads."""
-    parser = argparse.ArgumentParser(
-        prog="archiver index",
-        description="Warm the CRC index (ARCHIVER_INDEX) for the named albums, or all of them: "
-        "for an upload hook or cron.  Progress on a terminal.",
-    )
-    parser.add_argument("names", nargs="*", help="album names (default: every album in ARCHIVER_DIR)")
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-        if not settings.storage_dir.is_dir():  # before the index file is made (cron's directory is $HOME)
-            raise SettingsError(f"storage directory {str(settings.storage_dir)!r} is not a directory (ARCHIVER_DIR)")
-        store = open_crc_store(settings, required=True)
-    except (SettingsError, OSError) as error:
-        parser.error(str(error))
-    if store is None:
-        parser.error("ARCHIVER_INDEX is not set: the index would be in memory and gone at exit")
-    index = CrcIndex(store, trust=CtimeTrust(settings.trusted_fuse))
-    root = settings.storage_dir
-    try:
-        names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
-    except OSError as error:  # a root that hides its albums' names (mode 0711): they can still be named
-        parser.error(f"cannot list the storage directory {str(root)!r}: {error.strerror}; name the albums")
-    on_terminal = sys.stderr.isatty()
-    files_done = new_total = untrusted_total = changing_total = 0
-    unreadable: list[str] = []
-    failed: list[str] = []
-    not_albums = 0
-    for name in names:
-        try:
-            listing = list_album(resolve_album(root, name), on_device=index.trust.learn, max_entries=settings.max_files)
-        except AlbumNotFound:
-            if args.names:
-                parser.error(f"no album {name!r} in {root}")
-            # Every album: what else lies in the root (a file, a link leading out or nowhere,
-            # an album removed meanwhile) is no album and no reason to leave the others cold.
-            not_albums += 1
-            continue
-        except ListingFailed as error:
-            # The other albums still get their CRCs; the exit status says one did not.
-            print(f"archiver index: cannot list {name}: {error}", file=sys.stderr)
-            failed.append(name)
-            continue
-        files = [(file.path, file.size) for file in listing.files]
-
-        def show(done: int, name: str = name, count: int = len(files)) -> None:
-            if on_terminal and (done == count or done % 100 == 0):
-                print(f"\r{name}: {done}/{count} files", end="", file=sys.stderr, flush=True)
-
-        done = album_crcs(listing.directory, files, index, show)
-        new_total += done.computed
-        untrusted_total += done.untrusted
-        changing_total += done.changing
-        unreadable += done.unreadable
-        for failure in done.unreadable:
-            print(f"archiver index: cannot read {failure}", file=sys.stderr)
-        files_done += len(files)
-        if on_terminal:
-            print(file=sys.stderr)
-    store.close()
-    indexed = len(names) - len(failed) - not_albums
-    # Files whose ctimes may not show an edit (sshfs, rclone: README, What it answers) are read at every download.
-    left_out = f", {untrusted_total} not kept as their ctimes may not show an edit" if untrusted_total else ""
-    if changing_total:
-        left_out += f", {changing_total} changing (read when downloaded)"
-    if unreadable:
-        left_out += f", {len(unreadable)} unreadable"
-    skipped = f"; {not_albums} other entries of {root} are not albums" if not_albums else ""
-    rest = files_done - new_total - untrusted_total - changing_total - len(unreadable)
-    known = f"{new_total} computed{left_out}" + (", the rest already known" if rest > 0 else "")
-    print(f"indexed {indexed} albums, {files_done} files ({known}){skipped}")
-    problems = [f"{len(failed)} album(s) could not be listed: {', '.join(failed)}"] if failed else []
-    if unreadable:  # a failing disk: the hook or cron must not take this for done
-        problems.append(f"{len(unreadable)} files could not be read (above)")
-    if store.unwritten:
-        # The warnings above say why (a full disk, a lock held too long): a hook or cron must not take this for done.
-        problems.append(f"{store.unwritten} CRCs could not be written to {settings.index_path!r}")
-    if problems:
-        sys.exit(f"archiver index: {'; '.join(problems)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
