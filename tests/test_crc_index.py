@@ -307,6 +307,19 @@ def test_archiver_index_of_every_album_passes_over_what_is_not_one(storage: Path
     assert named.returncode == 2 and "no album 'README'" in named.stderr
 
 
+def test_archiver_index_goes_past_an_album_it_cannot_list_and_fails_at_the_end(storage: Path, tmp_path: Path) -> None:
+    """An album of more files than ARCHIVER_MAX_FILES cannot be listed: the others get their CRCs, and the
+    exit status says one did not (a hook or cron must not take the run for done)."""
+    write_tree(storage / "big", {"a.jpg": b"a", "b.jpg": b"b", "c.jpg": b"c"})
+    write_tree(storage / "small", {"d.jpg": b"d"})
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(tmp_path / "index.sqlite"), "ARCHIVER_MAX_FILES": "2"}
+    result = run_archiver("index", env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "indexed 1 albums, 1 files (1 computed)"
+    assert "archiver index: cannot list big: more than 2 entries (ARCHIVER_MAX_FILES)" in result.stderr
+    assert result.stderr.strip().endswith("archiver index: 1 album(s) could not be listed: big")
+
+
 def test_archiver_index_of_a_storage_it_cannot_list_says_so() -> None:
     """A root of mode 0311 hides its albums' names from the service's user: a clear error, exit 2, no traceback."""
     base = Path(tempfile.mkdtemp())
