@@ -36,6 +36,7 @@ class IndexTotals:
     not_albums: int = 0  # other entries of the root, when every album is indexed
 
     def add(self, done: AlbumCrcs, files: int) -> None:
+        """One album's ``files`` and what ``album_crcs`` did with them."""
         self.files += files
         self.computed += done.computed
         self.untrusted += done.untrusted

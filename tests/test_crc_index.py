@@ -318,6 +318,8 @@ def test_archiver_index_goes_past_an_album_it_cannot_list_and_fails_at_the_end(s
     assert result.stdout.strip() == "indexed 1 albums, 1 files (1 computed)"
     assert "archiver index: cannot list big: more than 2 entries (ARCHIVER_MAX_FILES)" in result.stderr
     assert result.stderr.strip().endswith("archiver index: 1 album(s) could not be listed: big")
+    small = storage / "small" / "d.jpg"
+    assert rows(tmp_path / "index.sqlite") == {small.stat().st_ino: zlib.crc32(b"d")}
 
 
 def test_archiver_index_of_a_storage_it_cannot_list_says_so() -> None:

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from archiver.archive.producer_program import COPY_LIMIT
 from archiver.config import Settings, SettingsError
 from archiver.fences.hypercorn_tcp import write_units
 from archiver.logs import Quieted
@@ -492,12 +493,18 @@ async def test_a_download_holds_a_few_bytes_of_its_tail_not_the_central_director
 
     monkeypatch.setattr(download_module.ArchiveBody, "_next_chunk", measured)
     album = settings.storage_dir / "album"
-    write_tree(album, {f"a/{i:04d} {'фотография из отпуска ' * 6}.jpg": b"x" for i in range(3_000)})
+    files = {f"a/{i:04d} {'фотография из отпуска ' * 6}.jpg": b"x" for i in range(3_000)}
+    # The last file moved by sendfile (past the producer's COPY_LIMIT): stored, the producer then waits
+    # for the service to take every byte before it writes the central directory, so that the last
+    # entry's last byte, held, and the central directory's first byte never arrive in one chunk.
+    # (Copied, they could: then nothing was ever held, and the bound below said nothing.)
+    files["z.jpg"] = b"z" * (2 * COPY_LIMIT)
+    write_tree(album, files)
     chunk_size = 65536
     served = replace(settings, chunk_size=chunk_size, compression=compression)
     async with running_server(served) as url, httpx.AsyncClient(base_url=url) as client:
         response = await client.get("/archive/album/")
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     assert len(response.content) - archive.start_dir > 8 * chunk_size  # a central directory of many chunks
-    assert read_archive(response.content) == {name: b"x" for name in archive.namelist()}
+    assert read_archive(response.content) == files
     assert 0 < max(held) <= chunk_size  # was the central directory's size

@@ -22,7 +22,7 @@ from .connection import send_archive_response
 from .limits import STALL_UNIT, connection_limit
 from .pages import PAGE_NOT_FOUND, error_page, unparsed_request_answer
 from .routes import Routes
-from .storage_root import HEALTH_STORAGE_TIMEOUT, check_storage_root
+from .storage_root import check_storage_root, root_timeout
 from .watchdog import feed_watchdog, watchdog_task
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ MAX_HEADER_BYTES = 16 * 1024
 
 def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
-    check_storage_root(settings.storage_dir, min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT))
+    check_storage_root(settings.storage_dir, root_timeout(settings.storage_timeout))
     hypercorn_h2.install()
     hypercorn_h11.install(error_answer=unparsed_request_answer)
     hypercorn_access.install(error_answer=unparsed_request_answer)

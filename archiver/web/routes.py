@@ -44,7 +44,7 @@ from .preparation import PreparedArchive, prepare_archive
 from .ranges import surely_a_range
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
-from .storage_root import HEALTH_STORAGE_TIMEOUT, storage_root_searchable
+from .storage_root import root_timeout, storage_root_searchable
 from .walk_turns import ClientWalks
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Routes:
         # stuck each.  Apart: the sample album, if it is the mount that died, must not make the root look dead.
         self.health_lookers = trio.CapacityLimiter(1)
         self.index_lookers = trio.CapacityLimiter(1)
-        self.root_timeout = min(settings.storage_timeout, HEALTH_STORAGE_TIMEOUT)
+        self.root_timeout = root_timeout(settings.storage_timeout)
         # As many walks may wait as the client could hold job slots: 64 downloads at once from one address.
         self.client_walks = ClientWalks(settings.max_jobs)
         self.crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
@@ -97,10 +97,11 @@ class Routes:
 
     async def archive(self, name: str) -> Response:
         """``/archive/<name>/``: the album's archive (or the range asked for), or why not."""
-        client = client_address(self.proxies)
         try:
-            filename, prepared = await self._prepare(name, client)
+            filename, client, prepared = await self._prepare(name)
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
+            # Raised once the client's address was worked out (``_prepare``): the same again.
+            client = client_address(self.proxies)
             return limit_refusal(error, name, client, self.metrics, request.headers.get("Accept"))
         except AlbumNotFound:
             logger.debug("no album for %r", cut_for_log(name))
@@ -146,8 +147,8 @@ class Routes:
         response.timeout = None
         return response
 
-    async def _prepare(self, name: str, client: str) -> tuple[str, PreparedArchive]:
-        """The download's file name, and its album walked and planned, for ``client``.
+    async def _prepare(self, name: str) -> tuple[str, str, PreparedArchive]:
+        """The download's file name, its client's address, and its album walked and planned.
 
         Raises what the route answers: AlbumNotFound, ListingFailed,
         DisplayNameRefused, LinkRefused, and the limits' refusals.
@@ -174,6 +175,7 @@ class Routes:
             timeout=settings.storage_timeout,
             limiter=self.resolvers,
         )
+        client = client_address(self.proxies)  # after the link and the album: X-Forwarded-For may be long
         # Limits before work: a download that would be refused is refused before its walk.  Not
         # a conditional request, which may need no job (304, 412): its body takes the slot, or
         # is refused, as any download's does (ArchiveBody).  And not as a range, unless the
@@ -199,7 +201,7 @@ class Routes:
             admission=partial(self.client_walks.turn, client, progress),
             queue_moved=partial(self.client_walks.queue_moved, client, progress),
         )
-        return filename, prepared
+        return filename, client, prepared
 
     async def archive_without_slash(self, name: str) -> Response:
         """``/archive/<name>``: a redirect to the album's path with its slash."""
@@ -214,7 +216,7 @@ class Routes:
         return Response("", status=308, headers={"Location": f"{name}/" + (f"?{query}" if query else "")})
 
     async def healthz(self) -> Response:
-        """Liveness: the process answers, the storage root is searchable (in 2 s), the producer is there to run."""
+        """``/healthz``: the process answers, the storage root is searchable (in 2 s), the producer can run."""
         threads = True
         try:
             readable = await call_storage(

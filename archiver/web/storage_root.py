@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 HEALTH_STORAGE_TIMEOUT = 2.0
 
 
+def root_timeout(storage_timeout: float) -> float:
+    """Seconds a look at the root gets, at the start and for /healthz: HEALTH_STORAGE_TIMEOUT, or less."""
+    return min(storage_timeout, HEALTH_STORAGE_TIMEOUT)
+
+
 # What a look at the storage root may say that no later moment will change: the start stops.
 # Anything else (ENOTCONN of a FUSE mount whose daemon died, an NFS server's ESTALE or EIO) is
 # storage that may come back: the service starts, and /healthz says "storage": false (helper 55).
