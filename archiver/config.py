@@ -62,7 +62,7 @@ class Settings:
     # ``download.chunk_size_for``), and chunks buffered between reader and writer.  Memory per
     # download is about chunk_size * (channel_capacity + 1) (+1 being sent; the few bytes of
     # the archive's tail held until the central directory's first byte proves every file sent
-    # checked, and the files changed lately were looked at again: ``download._next_before_tail``):
+    # checked, and the files changed lately were looked at again: ``tail_hold.TailHold``):
     # 1 MiB over HTTP/1.1, plus up to 1 MiB of kernel memory in the producer's widened pipe.
     # Measured (2026-11-30, one download of 2 GB, HTTP/1.1): 512 KiB chunks 1.5-1.8
     # GB/s and 0.51-0.62 CPU-s/GB in the service, against 1.25-1.33 GB/s and

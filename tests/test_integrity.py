@@ -283,7 +283,7 @@ def test_deflated_archives_arrive_whole_for_any_chunk_size(
 ) -> None:
     # Deflated, with files changed lately (all of these): what goes out ends inside an entry found
     # so far, short of the last entry's end, until the central directory's first byte (the files
-    # checked) and the recheck of those files; then the rest (download._next_before_tail).
+    # checked) and the recheck of those files; then the rest (tail_hold.TailHold.next).
     address, storage = server_for(case.chunk_size, compression=6)
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     sent = receive(address, protocol, album.name, None, deflated=True)
@@ -460,7 +460,7 @@ def test_what_goes_out_of_a_deflated_archive_before_the_tail_ends_inside_an_entr
         assert finder.starts == [at for k, at in enumerate(starts) if at + headers[k] <= fed]
         found = plan.count and archive.start_dir + central <= fed
         assert finder.central_start == (archive.start_dir if found else None)
-        if not found:  # what a response may send before it (download._sendable)
+        if not found:  # what a response may send before it (tail_hold.TailHold._sendable)
             cut = finder.end_inside_an_entry(fed - max(finder.hold, DATA_DESCRIPTOR_BOUND + 1), 0)
             assert cut == 0 or front_to_back_end(sent[:cut]) == "cut"
     assert finder.starts == starts
@@ -498,7 +498,7 @@ def test_what_goes_out_before_the_tail_ends_inside_an_entry(
 ) -> None:
     # Helper 75: a producer that fails mid-stream ended the transfer where it was, between two
     # entries or in a local header's fixed part, which Java's ZipInputStream took for the end of a
-    # whole archive.  What the response hands on ends inside an entry (download._sendable).
+    # whole archive.  What the response hands on ends inside an entry (tail_hold.TailHold._sendable).
     storage = tmp_path_factory.mktemp("mid-entry")
     album = make_album(storage, tmp_path_factory, case.sizes, case.seed)
     plan = ArchivePlan(album, list_album(album).files)

@@ -488,7 +488,7 @@ async def test_a_download_holds_a_few_bytes_of_its_tail_not_the_central_director
     next_chunk = download_module.ArchiveBody._next_chunk
 
     async def measured(body: download_module.ArchiveBody) -> bytes | None:
-        held.append(len(body._tail))
+        held.append(len(body._hold.held))
         return await next_chunk(body)
 
     monkeypatch.setattr(download_module.ArchiveBody, "_next_chunk", measured)

@@ -22,18 +22,17 @@ from quart.wrappers.response import ResponseBody
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_reads import FileChanged
 from ..archive.crc_source import CrcSource
-from ..archive.local_headers import LocalHeaderFinder
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
 from ..archive.producer_protocol import EXIT_CHANGED
 from ..archive.worker_threads import in_thread
-from ..archive.zipformat import DATA_DESCRIPTOR_BOUND
 from ..fences import hypercorn_h2
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
 from .ranges import ByteRange
+from .tail_hold import TailHold
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +124,8 @@ class ArchiveBody(ResponseBody):
         self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
         self._bucket: TokenBucket | None = None
-        # The body's tail, held back until the producer's end and the recheck of the files changed lately.
-        self._tail = bytearray()
-        self._tail_bytes: int | None = None
-        self._tail_checked = False
-        # Deflated (no length ahead): where its entries begin, found in the bytes as they come.
-        self._headers = None if plan.length is not None else LocalHeaderFinder(plan)
+        # The body's tail, held back until the producer's proof and the recheck of the files changed lately.
+        self._hold = TailHold(plan, self._start, self._end, chunk_size)
 
     async def __aenter__(self) -> ArchiveBody:
         """Take this client's and a global job slot and start the producer.
@@ -204,7 +199,8 @@ class ArchiveBody(ResponseBody):
     async def __anext__(self) -> bytes:
         assert self._receive_channel is not None
         await self._pace()
-        chunk = await self._next_before_tail()
+        recheck = self._check_recent_files if self._recent else None
+        chunk = await self._hold.next(self._next_chunk, self.bytes_sent, recheck)
         if chunk is None:
             # Stopped now, not in __aexit__: the body's end must not wait for the watchdog's,
             # for once the last message is sent the server may cancel whatever still waits.
@@ -236,93 +232,6 @@ class ArchiveBody(ResponseBody):
             return None
         finally:
             self._waiting_since = None
-
-    async def _next_before_tail(self) -> bytes | None:
-        """The next bytes to send of a body whose tail waits for proof that every file sent was checked.
-
-        The tail: from the last entry's last byte to the end, or the last byte of a range
-        that ends before it.  It goes out once the producer has checked every file it sent
-        (after the reader took its bytes out of the pipe), and the files changed lately were
-        looked at again.  The proof is the central directory's first byte, which the producer
-        writes only then (``producer_protocol.CHECKED``), or its clean exit.  Whatever a client
-        keeps of a transfer that failed for a file changed is then no whole archive, even to a
-        reader that reads front to back (helper 74: with only the last chunk held back, of an
-        album of 4,000 files, bsdtar and Java's ZipInputStream unpacked every entry of the
-        bytes received, the file cut; helper 75: files not changed lately too; helper 73: the
-        end records went out before the recheck).  What goes out before the proof ends inside
-        an entry (stored: ``ArchivePlan.mid_entry_end``; deflated: ``LocalHeaderFinder``): if
-        the producer fails, no reader takes it for a whole archive of the entries so far
-        (helper 75, Java's ZipInputStream).  Held meanwhile: a few bytes.  Until 2026-12-03
-        the whole central directory was held until the producer's exit, in memory, ~20 MB a
-        download for an album of 20,000 long names (helper 76).
-        """
-        while not self._tail_checked:
-            chunk = await self._next_chunk()
-            if chunk is not None and self._headers is not None:
-                self._headers.feed(chunk)
-            if chunk is None or self._checked_with(len(chunk)):
-                if self._recent:
-                    await self._check_recent_files()
-                self._tail_checked = True
-                if chunk is not None:
-                    self._tail += chunk
-                break
-            held = len(self._tail)
-            sendable = self._sendable(held + len(chunk))
-            if not held and sendable == len(chunk):
-                return chunk  # as it came
-            if sendable >= held:
-                # What was held and the chunk up to the cut, one copy: a chunk read as the producer
-                # wrote an entry's last byte ends between two entries, and is cut just before
-                # (most chunks of an album of small files).  The few bytes after the cut wait.
-                ahead = b"".join((self._tail, memoryview(chunk)[: sendable - held]))
-                self._tail = bytearray(memoryview(chunk)[sendable - held :])
-                if ahead:
-                    return ahead
-                continue
-            self._tail += chunk
-            if sendable:
-                ahead = bytes(self._tail[:sendable])
-                del self._tail[:sendable]
-                return ahead
-        if self._tail:
-            ahead = bytes(self._tail[: self.chunk_size])
-            del self._tail[: len(ahead)]
-            return ahead
-        return await self._next_chunk()
-
-    def _checked_with(self, arriving: int) -> bool:
-        """Whether the ``arriving`` bytes prove that the producer checked every file it sent: the central directory."""
-        if self._headers is not None:
-            return self._headers.central_start is not None
-        received = self._start + self.bytes_sent + len(self._tail) + arriving
-        return received > self.plan.central_offset
-
-    def _sendable(self, pending: int) -> int:
-        """How many of the next ``pending`` bytes can go now: none of the tail, and ending inside an entry."""
-        at = self._start + self.bytes_sent  # the next byte's offset in the archive
-        if self._headers is not None:
-            # Deflated: inside an entry found, and short of the last entry's data descriptor (and
-            # its last byte) whatever the bytes received end in.
-            limit = pending - max(self._headers.hold, DATA_DESCRIPTOR_BOUND + 1)
-            return self._headers.end_inside_an_entry(at + limit, at) - at if limit > 0 else 0
-        length = self._length()
-        assert length is not None  # stored
-        limit = min(pending, length - self._tail_size() - self.bytes_sent)
-        if limit <= 0:
-            return 0
-        return self.plan.mid_entry_end(at + limit, at) - at
-
-    def _tail_size(self) -> int:
-        """How many bytes at a stored body's end ``_next_before_tail`` holds back (computed once).
-
-        This response's part of the archive's tail (``ArchivePlan.tail_size``), or its last byte.
-        """
-        if self._tail_bytes is None:
-            assert self.plan.length is not None
-            tail_start = self.plan.length - self.plan.tail_size()
-            self._tail_bytes = max(1, self._end + 1 - max(tail_start, self._start))
-        return self._tail_bytes
 
     async def _check_recent_files(self) -> None:
         """FileChanged unless every file changed lately is still as listed: before the body can end.
