@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .archive.album_crcs import AlbumCrcs, album_crcs
 from .archive.crc_index import CrcIndex
-from .archive.crc_reads import AlbumCrcs, album_crcs
 from .archive.crc_store import CrcStore
 from .archive.ctime_trust import CtimeTrust
 from .archive.listing import AlbumNotFound, ListingFailed

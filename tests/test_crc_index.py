@@ -29,13 +29,16 @@ from zlib_ng import zlib_ng
 
 import archiver.archive.crc_reads as crc_reads_module
 from archiver.archive import launcher
+from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex
-from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE, FileChanged, album_crcs, file_crc
+from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE, file_crc
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
 from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
+from archiver.archive.listed_files import FileChanged
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.shared_descriptor import SharedDescriptor
 from archiver.archive.sparse import crc32_with_zeros
 from archiver.archive.storage import list_album
 from archiver.config import Settings
@@ -647,7 +650,7 @@ def _is_open(fd: int) -> bool:
 
 def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_thread(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"data")
-    shared = crc_reads_module._SharedDescriptor()
+    shared = SharedDescriptor()
     shared.open(tmp_path / "a.jpg", 4, None)
     fd = shared.borrow()  # a worker thread reading it
     assert fd is not None
@@ -656,7 +659,7 @@ def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_th
     shared.give_back()  # its read returned
     assert not _is_open(fd)
 
-    late = crc_reads_module._SharedDescriptor()
+    late = SharedDescriptor()
     late.drop()  # given up on while a thread opened the file: the thread closes it
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(FileChanged, match="given up on"):
@@ -904,10 +907,10 @@ def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> N
         program = (
             "import os, resource, sys, trio\n"
             "from pathlib import Path\n"
-            "from archiver.archive.crc_reads import _SharedDescriptor\n"
+            "from archiver.archive.shared_descriptor import SharedDescriptor\n"
             "if os.geteuid() == 0: os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             "path = Path(sys.argv[1])\n"
-            "shared = _SharedDescriptor()\n"
+            "shared = SharedDescriptor()\n"
             "shared.open(path, 1000, None)  # here: a worker thread's work, without one\n"
             "def opened():\n"
             "    links = []\n"

@@ -16,8 +16,8 @@ import trio
 
 from archiver.archive import producer
 from archiver.archive.crc_index import CrcIndex
-from archiver.archive.crc_reads import FileChanged
 from archiver.archive.crc_source import CrcSource
+from archiver.archive.listed_files import FileChanged
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer import (
     PIPE_SIZE,

@@ -31,7 +31,6 @@ from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
-from .crc_reads import FileChanged
 from .ctime_trust import SECOND, FileKey
 from .entries import (
     EntryPolicy,
@@ -40,6 +39,7 @@ from .entries import (
     external_attributes,
     load_zone,
 )
+from .listed_files import FileChanged
 from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names

@@ -88,7 +88,7 @@ def close_read(fd: int, path: bytes) -> None:
     """Close a file read; FileChanged, naming ``path``, if that fails.
 
     A FUSE mount may report a failed read only at the close: rclone's answers EIO when the bytes
-    read did not match its checksum.  As the service's CRC reads take it (``crc_reads._close_read``):
+    read did not match its checksum.  As the service's CRC reads take it (``listed_files.close_read``):
     a failure that named no file, a 500, before (helper 72).
     """
     try:

@@ -31,7 +31,7 @@ from quart import Response
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 
-from ..archive.crc_reads import FileChanged, FileUnreadable, OutOfResources
+from ..archive.listed_files import FileChanged, FileUnreadable, OutOfResources
 from ..archive.listing import AlbumKeepsChanging, ListingFailed
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.producer_protocol import EXIT_OUT_OF_RESOURCES

@@ -20,8 +20,8 @@ import trio
 from quart.wrappers.response import ResponseBody
 
 from ..archive.crc_index import CrcIndex
-from ..archive.crc_reads import FileChanged
 from ..archive.crc_source import CrcSource
+from ..archive.listed_files import FileChanged
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
 from ..archive.producer_protocol import EXIT_CHANGED
