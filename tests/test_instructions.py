@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from archiver.archive import instructions, producer_output, producer_program
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
-from archiver.archive.plan import CrcWait
+from archiver.archive.pieces import CrcWait
 
 from .conftest import expected_archive, write_tree
 from .test_producer import collect, plan_of

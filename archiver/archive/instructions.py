@@ -4,7 +4,7 @@ A stored archive's bytes are the plan's generated records and slices of
 its files.  Most of a warm download is runs of whole entries whose CRCs are
 known: those come from a table kept with the plan (``_WholeEntries``) and
 have their CRCs patched in; the rest is made piece by piece
-(``plan.stored_pieces``), with a ``CrcWait`` where an entry's CRC is still
+(``pieces.stored_pieces``), with a ``CrcWait`` where an entry's CRC is still
 being read.  Nothing here runs a process (``producer`` does).
 """
 
@@ -19,7 +19,8 @@ from itertools import accumulate
 
 from . import producer_protocol
 from .crc_source import CrcSource
-from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
+from .pieces import CrcWait, FileSlice, stored_pieces
+from .plan import ArchivePlan
 from .zipformat import DEFLATED, LOCAL_CRC_AT
 
 _CRC = struct.Struct("<I")

@@ -27,7 +27,8 @@ from . import launcher
 from .crc_source import CrcSource
 from .instructions import Instructions, instructions
 from .launched import LaunchedProcess
-from .plan import ArchivePlan, CrcWait, FileSlice, stored_pieces
+from .pieces import CrcWait, FileSlice, stored_pieces
+from .plan import ArchivePlan
 
 logger = logging.getLogger(__name__)
 
