@@ -68,7 +68,7 @@ def _stored_instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSourc
     """The instructions for bytes ``start`` .. ``end`` of a stored archive: its entries' part, then its central part.
 
     Between them, ``CHECKED``: the producer checks every file it sent before the
-    central directory's first byte goes out, which tells the service so (web.download).
+    central directory's first byte goes out, which tells the service so (``web.tail_hold``).
     """
     if start < plan.central_offset <= end:
         yield from _stored_part(plan, start, plan.central_offset - 1, crcs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import NamedTuple
 
 from .plan import ArchivePlan
@@ -64,12 +64,7 @@ def stored_pieces(
         size = sizes[k]
         data_at = local_offsets[k + 1] - size
         if start < data_at:
-            known = 0  # bytes not sent, where the range does not hold the CRC field (``crc_entries``)
-            if _holds_crc(start, end, header_at + LOCAL_CRC_AT):
-                ready_crc = ready(k)
-                if ready_crc is None:
-                    yield CrcWait(k, max(start, header_at))
-                known = _waited_for(ready, k) if ready_crc is None else ready_crc
+            known = yield from _crc_of_record(ready, k, start, end, header_at, LOCAL_CRC_AT)
             header = plan.local_header(k, known)
             yield header[max(0, start - header_at) : end + 1 - header_at]
         low, high = max(start, data_at), min(end + 1, data_at + size)
@@ -84,17 +79,26 @@ def stored_pieces(
         at = central_at + plan.central_offsets[k]
         if at > end:
             return
-        known = 0
-        if _holds_crc(start, end, at + CENTRAL_CRC_AT):
-            ready_crc = ready(k)
-            if ready_crc is None:
-                yield CrcWait(k, max(start, at))
-            known = _waited_for(ready, k) if ready_crc is None else ready_crc
+        known = yield from _crc_of_record(ready, k, start, end, at, CENTRAL_CRC_AT)
         record = plan.central_header(k, known)
         yield record[max(0, start - at) : end + 1 - at]
     at = central_at + plan.central_offsets[-1]
     if at <= end:
         yield plan.end_records()[max(0, start - at) : end + 1 - at]
+
+
+def _crc_of_record(
+    ready: ReadyCrc, k: int, start: int, end: int, record_at: int, crc_offset: int
+) -> Generator[CrcWait, None, int]:
+    """Entry k's CRC for its record at ``record_at`` (its CRC field ``crc_offset`` into it), a ``CrcWait`` first if
+    it is not at hand; 0 where bytes ``start`` .. ``end`` do not hold the field (those bytes are not sent)."""
+    if not _holds_crc(start, end, record_at + crc_offset):
+        return 0
+    crc = ready(k)
+    if crc is None:
+        yield CrcWait(k, max(start, record_at))
+        crc = _waited_for(ready, k)
+    return crc
 
 
 def _holds_crc(start: int, end: int, crc_at: int) -> bool:
