@@ -7,14 +7,11 @@ no file data is sent from them directly (``producer``).
 from __future__ import annotations
 
 import bisect
-import struct
 from collections.abc import Callable, Generator, Iterator
 from typing import NamedTuple
 
 from .plan import ArchivePlan
-from .zipformat import CENTRAL_CRC_AT, LOCAL_CRC_AT
-
-_CRC = struct.Struct("<I")
+from .zipformat import CENTRAL_CRC_AT, CRC_SIZE, LOCAL_CRC_AT
 
 
 class FileSlice(NamedTuple):
@@ -90,8 +87,11 @@ def stored_pieces(
 def _crc_of_record(
     ready: ReadyCrc, k: int, start: int, end: int, record_at: int, crc_offset: int
 ) -> Generator[CrcWait, None, int]:
-    """Entry k's CRC for its record at ``record_at`` (its CRC field ``crc_offset`` into it), a ``CrcWait`` first if
-    it is not at hand; 0 where bytes ``start`` .. ``end`` do not hold the field (those bytes are not sent)."""
+    """Entry k's CRC for its record at ``record_at``, its CRC field ``crc_offset`` into it; a ``CrcWait`` first.
+
+    The ``CrcWait`` comes only if the CRC is not at hand.  0 where bytes ``start`` .. ``end`` do not hold
+    the field: it is never sent, and ``ArchivePlan.crc_entries`` leaves such an entry unread.
+    """
     if not _holds_crc(start, end, record_at + crc_offset):
         return 0
     crc = ready(k)
@@ -103,7 +103,7 @@ def _crc_of_record(
 
 def _holds_crc(start: int, end: int, crc_at: int) -> bool:
     """Whether bytes ``start`` .. ``end`` hold any of a CRC field's four, at ``crc_at``."""
-    return start < crc_at + _CRC.size and crc_at <= end
+    return start < crc_at + CRC_SIZE and crc_at <= end
 
 
 def _waited_for(ready: ReadyCrc, k: int) -> int:

@@ -48,7 +48,7 @@ SECOND = 1_000_000_000
 END = b"E"
 DONE = b"Z"
 # Every file sent so far checked (``producer_output.Output.settle``), before what follows: the central directory,
-# whose first byte then tells the service that the files' bytes stand (web.download).
+# whose first byte then tells the service that the files' bytes stand (web.tail_hold).
 CHECKED = b"C"
 
 FileKey = tuple[int, int, int, int, int]

@@ -55,6 +55,8 @@ LOCAL_HEADER_FIXED = _LOCAL_HEADER.size
 CENTRAL_HEADER_FIXED = _CENTRAL_HEADER.size
 # Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
 LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
+# A CRC-32 field's length (4.4.7).
+CRC_SIZE = 4
 CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
 
 LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"

@@ -1,0 +1,124 @@
+"""The tail hold (``web.tail_hold``), fed a stored archive's bytes in chunks of every size, without a server.
+
+What it must do, whatever the chunks: hand on every byte once, in order; no byte of the tail
+(from the last entry's last byte) before the proof (the central directory's first byte, or the
+producer's end) and the recheck; what it hands on before the proof ends inside an entry; and if
+the recheck fails, nothing of the tail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from archiver.archive.plan import ArchivePlan
+from archiver.archive.storage import list_album
+from archiver.web.tail_hold import TailHold
+
+from .conftest import expected_archive, write_tree
+
+
+class RecentFileChanged(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArchivePlan, bytes]:
+    album = tmp_path_factory.mktemp("album")
+    write_tree(album, {"a.jpg": os.urandom(3000), "b/empty.txt": b"", "c.jpg": os.urandom(70), "d.jpg": b"d"})
+    return ArchivePlan(album, list_album(album).files, 0), expected_archive(album)
+
+
+def _chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for at in range(0, len(data), size):
+        yield data[at : at + size]
+
+
+async def _run(hold: TailHold, data: bytes, size: int) -> tuple[bytes, list[tuple[int, int]], int]:
+    """What ``hold`` hands on of ``data`` cut in ``size`` chunks; after each hand-on, how much had been handed on
+    and received; and how much had been handed on when the recheck ran (-1: never)."""
+    chunks = _chunks(data, size)
+    received = 0
+    rechecked_after = -1
+    out = bytearray()
+    steps: list[tuple[int, int]] = []
+
+    async def receive() -> bytes | None:
+        nonlocal received
+        chunk = next(chunks, None)
+        received += len(chunk or b"")
+        return chunk
+
+    async def recheck() -> None:
+        nonlocal rechecked_after
+        rechecked_after = len(out)
+
+    while (piece := await hold.next(receive, len(out), recheck)) is not None:
+        out += piece
+        steps.append((len(out), received))
+    return bytes(out), steps, rechecked_after
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 31, 64, 200, 1024, 4096, 1 << 20])
+def test_every_byte_goes_once_and_none_of_the_tail_before_the_proof_and_the_recheck(
+    stored: tuple[ArchivePlan, bytes], size: int
+) -> None:
+    plan, archive = stored
+    assert plan.length == len(archive)
+    tail_start = plan.length - plan.tail_size()
+    hold = TailHold(plan, 0, plan.length - 1, size)
+    out, steps, rechecked_after = trio.run(_run, hold, archive, size)
+    assert out == archive
+    assert 0 <= rechecked_after <= tail_start  # it ran, before any byte of the tail
+    for handed, received in steps:
+        if received <= plan.central_offset:  # no proof yet: nothing of the tail, and a cut inside an entry
+            assert handed <= tail_start
+            assert plan.mid_entry_end(handed, 0) == handed
+    if size < plan.central_offset:  # the case above was met
+        assert any(received <= plan.central_offset for _, received in steps)
+
+
+@pytest.mark.parametrize("size", [1, 64, 4096, 1 << 20])
+def test_a_failed_recheck_lets_no_byte_of_the_tail_go(stored: tuple[ArchivePlan, bytes], size: int) -> None:
+    plan, archive = stored
+    tail_start = plan.length - plan.tail_size()
+    hold = TailHold(plan, 0, plan.length - 1, size)
+    handed = bytearray()
+
+    async def main() -> None:
+        chunks = _chunks(archive, size)
+
+        async def receive() -> bytes | None:
+            return next(chunks, None)
+
+        async def recheck() -> None:
+            raise RecentFileChanged
+
+        while (piece := await hold.next(receive, len(handed), recheck)) is not None:
+            handed.extend(piece)
+
+    with pytest.raises(RecentFileChanged):
+        trio.run(main)
+    assert len(handed) <= tail_start
+    assert archive.startswith(bytes(handed))
+
+
+def test_a_range_that_ends_before_the_tail_holds_its_last_byte(stored: tuple[ArchivePlan, bytes]) -> None:
+    plan, archive = stored
+    start, end = 10, plan.central_offset // 2
+    hold = TailHold(plan, start, end, 64)
+    out, _, rechecked_after = trio.run(_run, hold, archive[start : end + 1], 64)
+    assert out == archive[start : end + 1]
+    assert rechecked_after == len(out) - 1  # only its last byte waited for the producer's end
+
+
+def test_no_producer_bytes_at_all_end_the_body(tmp_path: Path) -> None:
+    write_tree(tmp_path / "album", {"a.jpg": b"a"})
+    plan = ArchivePlan(tmp_path / "album", list_album(tmp_path / "album").files, 0)
+    hold = TailHold(plan, 0, plan.length - 1, 64)
+    out, seen, rechecked_after = trio.run(_run, hold, b"", 64)
+    assert out == b"" and seen == [] and rechecked_after == 0
