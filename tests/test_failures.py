@@ -30,7 +30,8 @@ from archiver.archive.listed_files import FileChanged
 from archiver.config import Settings
 from archiver.web import connection
 from archiver.web import download as download_module
-from archiver.web.download import ArchiveBody, _outcome, first_failure
+from archiver.web.download import ArchiveBody
+from archiver.web.outcomes import download_outcome, first_failure
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES, STORAGE_SILENT
 
 from .conftest import (
@@ -590,7 +591,7 @@ async def test_nested_cancellations_are_a_cancellation_not_a_failure() -> None:
             raise
     assert isinstance(caught[0].exceptions[0], BaseExceptionGroup)  # nested, as in a download
     assert isinstance(first_failure(caught[0]), trio.Cancelled)
-    assert _outcome(caught[0])[0] == "cancelled"
+    assert download_outcome(caught[0])[0] == "cancelled"
 
 
 async def test_rate_limit_saves_up_at_most_a_second_over_a_pause(settings: Settings) -> None:

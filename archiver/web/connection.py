@@ -39,7 +39,7 @@ from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse
 from ..logs import Quieted
-from .download import ArchiveBody, ArchiveChanged, StorageTimeout, album_changed, first_failure
+from .download import ArchiveBody
 from .limits import (
     STALL_UNIT,
     DownloadStalled,
@@ -50,6 +50,7 @@ from .limits import (
     WalkLimitReached,
 )
 from .metrics import DownloadMetrics
+from .outcomes import ArchiveChanged, StorageTimeout, album_changed, first_failure
 from .pages import ALBUM_CHANGING, STORAGE_SILENT, error_page
 from .storage_calls import StorageSilent
 

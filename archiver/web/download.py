@@ -21,16 +21,15 @@ from quart.wrappers.response import ResponseBody
 
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_source import CrcSource
-from ..archive.listed_files import FileChanged
 from ..archive.plan import ArchivePlan
-from ..archive.producer import ProducerFailed, ProducerUnavailable, produce
-from ..archive.producer_protocol import EXIT_CHANGED
+from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
 from ..fences import hypercorn_h2
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
-from .limits import DownloadStalled, JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
+from .limits import JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
+from .outcomes import ArchiveChanged, StorageTimeout, download_outcome, first_failure
 from .ranges import ByteRange
 from .tail_hold import TailHold
 
@@ -50,14 +49,6 @@ def chunk_size_for(http_version: str, chunk_size: int) -> int:
     wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
     """
     return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
-
-
-class ArchiveChanged(RuntimeError):
-    """The bytes made are not the length announced."""
-
-
-class StorageTimeout(RuntimeError):
-    """The download waited ``storage_timeout`` s for bytes while nothing advanced: no output, no CRC read."""
 
 
 class ArchiveBody(ResponseBody):
@@ -180,7 +171,7 @@ class ArchiveBody(ResponseBody):
         if isinstance(first_failure(failure), ProducerUnavailable):
             return
         self.metrics.download_started(self.plan.count, self.plan.total_size)
-        self._finish(*_outcome(failure))
+        self._finish(*download_outcome(failure))
 
     async def _produce(self, send_channel: trio.MemorySendChannel[bytes], task_status: trio.TaskStatus[None]) -> None:
         await produce(
@@ -320,10 +311,10 @@ class ArchiveBody(ResponseBody):
         try:
             suppressed = await self._nursery_manager.__aexit__(exc_type, exc_value, traceback)
         except BaseException as error:
-            self._finish(*_outcome(error))
+            self._finish(*download_outcome(error))
             raise
         else:
-            self._finish(*_outcome(None if suppressed else exc_value))
+            self._finish(*download_outcome(None if suppressed else exc_value))
             return suppressed
         finally:
             self._release_slots()
@@ -375,39 +366,3 @@ class ArchiveBody(ResponseBody):
     def _length(self) -> int | None:
         """The bytes this response is to send in all (its Content-Length); None if not known ahead (deflated)."""
         return None if self.plan.length is None else self._end - self._start + 1
-
-
-def first_failure(error: BaseException) -> BaseException:
-    """The first exception in ``error`` that is not a cancellation, digging through (nested) groups.
-
-    A group of nothing but cancellations gives its first Cancelled.
-    """
-    if isinstance(error, BaseExceptionGroup):
-        _, others = error.split(trio.Cancelled)  # recursive: no Cancelled is left in ``others``
-        error = error if others is None else others
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-    return error
-
-
-def _outcome(error: BaseException | None) -> tuple[str, str]:
-    """How a download ended, as a metrics label and a log phrase.
-
-    A cancellation is the client leaving (or a shutdown past its grace
-    period); anything else is a failure.
-    """
-    if error is None:
-        return "completed", "complete"
-    error = first_failure(error)
-    if isinstance(error, trio.Cancelled):
-        return "cancelled", "client disconnected"
-    if isinstance(error, DownloadStalled):
-        return "stalled", f"stalled: {error}"
-    if album_changed(error):
-        return "changed", f"album changed: {error}"
-    return "failed", f"failed: {error}"
-
-
-def album_changed(error: BaseException) -> bool:
-    """Whether ``error`` is a file of the album found changed or gone (by a CRC read or the producer)."""
-    return isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.returncode == EXIT_CHANGED)
