@@ -1,6 +1,7 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/fences/``: ``hypercorn_h2.py``, ``hypercorn_h11.py``, ``hypercorn_tcp.py``, ``hypercorn_access.py``,
+``archiver/fences/``: ``hypercorn_h2.py`` (with ``hypercorn_h2_send.py``), ``hypercorn_h11.py``, ``hypercorn_tcp.py``,
+``hypercorn_access.py``,
 ``hypercorn_signals.py`` and ``quart_trio.py`` replace or wrap private parts of Hypercorn and
 Quart-Trio; ``workers = 0`` in hypercorn.toml works around a Hypercorn bug.  They were checked
 against the versions pinned in pyproject.toml; these tests check that the installed versions are
@@ -265,8 +266,9 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert getattr(hypercorn_h2_module.H2Protocol, "_archiver_adjusted", False)
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop", "close"):
-        assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2"
-    for name in ("stream_send", "_send_data", "initiate", "_create_stream", "handle"):
+        assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2_send"
+    assert hypercorn_h2_module.H2Protocol._send_data.__module__ == "archiver.fences.hypercorn_h2_send"
+    for name in ("stream_send", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("run", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"

@@ -10,7 +10,7 @@ app's send runs in its own task: ``hypercorn_tcp`` for HTTP/1.1 writes,
 ``hypercorn_h2`` for a stream's end), and the download reads it when it ends.
 Delivered means written to the socket, as the kernel took it; over HTTP/2,
 END_STREAM aside: a client with every byte may close before it comes, as curl
-does (``hypercorn_h2.undelivered``).
+does (``hypercorn_h2_send.undelivered``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Ten adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
+The send path (2 and 3, and what a stream's end learns of its bytes: ``undelivered``) is
+``hypercorn_h2_send``; ``install`` here installs all ten.
+
 1. Reset a stream whose response the app did not finish.
 
 When an ASGI app fails after ``http.response.start``, Hypercorn 0.18 closes
@@ -17,40 +20,6 @@ forgets it.  A stream the client reset is already CLOSED.  An app that stops
 waiting for its last body message (Hypercorn's EndBody waits until the client
 has taken the stream's buffered tail: the stall timeout cancels it) has not
 finished either: the buffer is marked incomplete again, and the stream reset.
-
-2. Send DATA frames in batches.
-
-Hypercorn's send task pops one frame (16 KiB, the usual client maximum) from a
-stream's buffer and writes it to the socket, one write per frame, and the
-buffer holds 32 KiB before the app's send waits.  For a bulk download that
-is a socket write and a task switch per 16 KiB.  Here the send task packs up
-to SEND_BATCH bytes of frames, as flow control allows, into one write, and
-the buffer holds a batch.  Measured with `make bench` on 2 cores: one HTTP/2
-download went from 325 to 457 MB/s, and the service's CPU per GB from 2.5 s
-to 1.8 s.  The frames, their order and flow control are unchanged; a stream
-yields to others after each batch, as it did after each frame.  A batch is
-512 KiB, HTTP/1.1's chunk: with 256 KiB batches (and so chunks, see
-``download.chunk_size_for``) one HTTP/2 download took 0.87-1.04 CPU-s/GB of the
-service (user 0.49-0.61) at 911-1,114 MB/s; with 512 KiB, 0.71-0.85 (user
-0.34-0.44) at 1,090-1,332 (8 alternating runs of 8 downloads of 500 MB each).
-
-A batch is framed with one call into h2 for its first frame (which checks
-the stream's state and flow control) and plain 9-byte headers for the rest,
-and the buffer hands its bytes over instead of copying them twice: h2 costs
-a state-machine step, a frame object and four payload copies per frame.
-Measured on 2 cores (5 downloads of 500 MB): user CPU per GB 0.70 s -> 0.41 s.
-
-3. Hold a stream's buffer to a batch, whatever the flow-control window.
-
-Hypercorn's ``StreamBuffer.push`` waits once the buffer passes its high-water
-mark, and ``pop`` releases it whenever it pops less than the low-water mark,
-including nothing at all.  At a zero window the send task pops nothing, the
-app's push is released, and a client that never sends WINDOW_UPDATE makes the
-server buffer the whole archive (measured: +500 MB RSS for a 500 MB album,
-logged as complete).  Here ``pop`` releases a push only once the buffer is
-below the low-water mark, and ``push`` waits until it is: a stalled stream
-holds at most a batch and a chunk, and the producer, its pipe and the download's
-channel back up behind it as they do behind a full socket on HTTP/1.1.
 
 4. Time out idle HTTP/2 connections.
 
@@ -179,7 +148,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -187,31 +155,21 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
-from h2.connection import H2Connection
 from h2.stream import StreamState
 from hypercorn.events import Closed, RawData, Updated
-from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState
 
 from ..logs import Quieted
-from . import client_errors
-from .delivery import bytes_dropped, note_dropped
+from . import client_errors, hypercorn_h2_send
+from .delivery import note_dropped
+from .hypercorn_h2_send import undelivered
 
-# A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
-_FRAME_HEADER = struct.Struct(">HBBBL")
-_DATA_FRAME = 0x0
-_NO_FLAGS = 0
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 _MARKER = "_archiver_adjusted"
-_DROPPED = "_archiver_dropped"  # a stream buffer some of whose bytes were never written
-_IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a trio.Event set once it ended
 logger = logging.getLogger(__name__)
-SEND_BATCH = 512 * 1024
-# Seconds a stream's end waits for a write in flight to learn if its bytes went (``undelivered``).
-IN_FLIGHT_WAIT = 0.5
 
 
 def install() -> None:
@@ -219,8 +177,8 @@ def install() -> None:
     if getattr(H2Protocol, _MARKER, False):
         return
     _reset_unfinished_streams()
-    _batch_data_frames()
-    _bound_stream_buffers()
+    hypercorn_h2_send.batch_data_frames()
+    hypercorn_h2_send.bound_stream_buffers()
     _time_out_idle_connections()
     _reset_malformed_requests()
     _drop_data_of_streams_gone()
@@ -476,132 +434,6 @@ def _reset_unfinished_streams() -> None:
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
 
 
-def _batch_data_frames() -> None:
-    # StreamBuffer reads these module globals on every push and pop.
-    hypercorn_h2.BUFFER_HIGH_WATER = SEND_BATCH
-    hypercorn_h2.BUFFER_LOW_WATER = SEND_BATCH / 2
-
-    async def pop(self: Any, max_length: int) -> bytes | bytearray:
-        # Hypercorn's StreamBuffer.pop, which copies what it pops twice
-        # (a slice, then bytes()); here the whole buffer is handed over when
-        # it all fits, the usual case, and a part is copied once.
-        data: bytes | bytearray
-        if max_length >= len(self.buffer):
-            data, self.buffer = self.buffer, bytearray()
-        else:
-            data = self.buffer[:max_length]
-            if not isinstance(self.buffer, bytearray):
-                self.buffer = bytearray(self.buffer)  # a kept chunk, once: the rest is copied
-            # A bytearray drops its head in O(1) (its start moves): a window opened a byte at a
-            # time must not copy the rest of the buffer for every byte (48 us for 256 KiB).
-            del self.buffer[:max_length]
-        # Release a waiting push by what is left, not by what was popped:
-        # popping nothing at a closed window must not let the app add more.
-        if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
-            await self._paused.set()
-        # Empty once what was popped is written (``_send_data``), not before: the app's end waits
-        # for its tail to leave, and learns if it could not (``fences.delivery``, patch 9).
-        return data
-
-    # Typed as returning bytes; a bytearray serves its callers (ours) as well.
-    hypercorn_h2.StreamBuffer.pop = pop  # type: ignore[method-assign, assignment]
-
-    async def _send_data(self: Any, stream_id: int) -> None:
-        # Hypercorn's _send_data, popping a batch instead of a frame: as much
-        # as the buffer has, flow control allows and SEND_BATCH caps, cut into
-        # frames of the client's maximum size and written at once.
-        try:
-            buffer = self.stream_buffers[stream_id]
-            window = self.connection.local_flow_control_window(stream_id)
-            data = await buffer.pop(max(0, min(window, SEND_BATCH)))
-            if data:
-                # The app's end may come while this is written (the connection closed: its buffer
-                # was closed, its drain returned): it waits for the write's outcome (``undelivered``).
-                setattr(buffer, _IN_FLIGHT, written := trio.Event())
-                try:
-                    await self.send(RawData(data=b"".join(_data_frames(self.connection, stream_id, data))))
-                except BaseException:
-                    setattr(buffer, _DROPPED, True)  # not written, or not known to be
-                    raise
-                else:
-                    if bytes_dropped():  # the write failed (noted by hypercorn_tcp in this task)
-                        setattr(buffer, _DROPPED, True)
-                finally:
-                    setattr(buffer, _IN_FLIGHT, None)
-                    written.set()
-            else:
-                self.priority.block(stream_id)
-            if not buffer.buffer:
-                await buffer._is_empty.set()
-            if buffer.complete:
-                self.connection.end_stream(stream_id)
-                await self._flush()
-                del self.stream_buffers[stream_id]
-                self.priority.remove_stream(stream_id)
-        except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):
-            # As in Hypercorn: the stream or connection closed while we waited.  But where the
-            # KeyError was the buffer's own absence, Hypercorn's second lookup here raised again,
-            # out of the send task, and ended the connection: each part is let go only if there.
-            buffer = self.stream_buffers.pop(stream_id, None)
-            if buffer is not None:
-                await buffer.close()
-            with contextlib.suppress(KeyError):  # priority's MissingStreamError is one
-                self.priority.remove_stream(stream_id)
-
-    H2Protocol._send_data = _send_data  # type: ignore[method-assign]
-
-    original_close: Callable[[Any], Awaitable[None]] = hypercorn_h2.StreamBuffer.close
-
-    async def close(self: Any) -> None:
-        # Hypercorn empties a buffer it closes (the stream or the connection is gone): what it
-        # held will never be written (``undelivered``).
-        if self.buffer:
-            setattr(self, _DROPPED, True)
-        await original_close(self)
-
-    hypercorn_h2.StreamBuffer.close = close  # type: ignore[method-assign]
-
-
-async def undelivered(buffer: hypercorn_h2.StreamBuffer) -> bool:
-    """Whether some byte pushed into a stream's ``buffer`` was never written to the socket, or failed to be.
-
-    The criterion HTTP/1.1's writes are judged by (``hypercorn_tcp``): a write
-    the kernel took is sent.  END_STREAM is not counted: a client that has every
-    byte may close before it comes (curl does).  A write in progress is waited
-    for, shielded, ``IN_FLIGHT_WAIT`` s at most: one the kernel takes returns
-    at once, one waiting on a full socket is undelivered (its own deadline is
-    the stall timeout's, and a stream reset meanwhile must end now: helper 79).
-    """
-    if (written := getattr(buffer, _IN_FLIGHT, None)) is not None:
-        with trio.CancelScope(shield=True), trio.move_on_after(IN_FLIGHT_WAIT):
-            await written.wait()
-        if not written.is_set():
-            return True
-    return bool(getattr(buffer, _DROPPED, False) or buffer.buffer)
-
-
-def _bound_stream_buffers() -> None:
-    async def push(self: Any, data: bytes) -> None:
-        if self._complete:
-            raise hypercorn_h2.BufferCompleteError()
-        if not self.buffer and isinstance(data, bytes):
-            # An empty buffer takes the app's chunk as it is (bytes are immutable): popped
-            # whole, the usual case, it is framed without a copy of its own.
-            self.buffer = data
-        else:
-            if not isinstance(self.buffer, bytearray):
-                self.buffer = bytearray(self.buffer)
-            self.buffer.extend(data)
-        await self._is_empty.clear()
-        # Wait until the send task has taken the buffer below the low-water
-        # mark (``pop``), or the stream closed (``close`` empties the buffer).
-        while len(self.buffer) >= hypercorn_h2.BUFFER_HIGH_WATER:
-            await self._paused.clear()
-            await self._paused.wait()
-
-    hypercorn_h2.StreamBuffer.push = push  # type: ignore[method-assign]
-
-
 def _time_out_idle_connections() -> None:
     original: Callable[..., Awaitable[None]] = H2Protocol.initiate
     original_events: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
@@ -625,29 +457,3 @@ def _time_out_idle_connections() -> None:
 
     H2Protocol.initiate = initiate  # type: ignore[method-assign]
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
-
-
-def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearray) -> list[bytes | memoryview]:
-    """What ``connection.send_data`` would send for ``data`` cut into frames of the client's maximum size.
-
-    h2 sends one frame per call, and a call costs a state-machine step, a
-    frame object and four copies of the payload: per 16 KiB frame, most of
-    HTTP/2's CPU.  Here the first frame goes through h2, which checks the
-    stream's state and flow control, and is returned with whatever else h2
-    had to send.  The rest of the batch, whose size the caller took from the
-    same flow-control window, is framed here (a 9-byte header per frame:
-    length, type DATA, no flags, stream id) and counted against both windows
-    as h2 would.  The payload is sliced, not copied, until the caller joins it.
-    """
-    frame_size = connection.max_outbound_frame_size
-    view = memoryview(data)
-    connection.send_data(stream_id, view[:frame_size])
-    parts: list[bytes | memoryview] = [connection.data_to_send()]
-    rest = view[frame_size:]
-    for start in range(0, len(rest), frame_size):
-        payload = rest[start : start + frame_size]
-        length = len(payload)
-        parts += (_FRAME_HEADER.pack(length >> 8, length & 0xFF, _DATA_FRAME, _NO_FLAGS, stream_id), payload)
-    connection.outbound_flow_control_window -= len(rest)
-    connection.streams[stream_id].outbound_flow_control_window -= len(rest)
-    return parts

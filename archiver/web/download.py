@@ -24,7 +24,7 @@ from ..archive.crc_source import CrcSource
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
-from ..fences import hypercorn_h2
+from ..fences import hypercorn_h2_send
 from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
@@ -44,11 +44,11 @@ def chunk_size_for(http_version: str, chunk_size: int) -> int:
     """The chunk size for a download over ``http_version``: HTTP/2 reads at most one send batch a chunk.
 
     An HTTP/2 stream at a closed flow-control window holds its chunks in the
-    server (``hypercorn_h2``): at most a batch (512 KiB, the default chunk) a
+    server (``hypercorn_h2_send``): at most a batch (512 KiB, the default chunk) a
     chunk keeps that to a batch and a chunk.  An HTTP/1.1 download's chunks
     wait in the socket's send path and may be larger (ARCHIVER_CHUNK_SIZE).
     """
-    return min(chunk_size, hypercorn_h2.SEND_BATCH) if http_version.startswith("2") else chunk_size
+    return min(chunk_size, hypercorn_h2_send.SEND_BATCH) if http_version.startswith("2") else chunk_size
 
 
 class ArchiveBody(ResponseBody):
