@@ -257,8 +257,17 @@ def launcher_processes(ancestor: int) -> list[ProducerChild]:
 
 
 def spawner_processes(ancestor: int) -> list[ProducerChild]:
-    """The launchers' spawners below ``ancestor`` (archiver/archive/spawner.py), while they run."""
-    return _below(ancestor, _process_table(), lambda process: _role(process) == SPAWNER)
+    """The launchers' spawners below ``ancestor`` (archiver/archive/spawner.py), while they run.
+
+    Not a spawner's child: a launcher it forked and has not yet exec'd still has its command line
+    (a spawner's parent is the service or a launcher, never a spawner).
+    """
+    table = _process_table()
+    return _below(
+        ancestor,
+        table,
+        lambda process: _role(process) == SPAWNER and _role(table.get(process.parent)) != SPAWNER,
+    )
 
 
 def process_state(pid: int) -> str | None:
