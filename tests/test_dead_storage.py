@@ -391,9 +391,14 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
         with trio.fail_after(2):
             assert (await client.get("/")).status_code == 200
         gate.unlink()
-        with trio.fail_after(10):
-            while (await client.get("/healthz")).status_code != 200:
-                await trio.sleep(0.05)
+        await _until_healthy(client)
+
+
+async def _until_healthy(client: httpx.AsyncClient) -> None:
+    """Poll /healthz until it answers 200 (the storage and the producers back), for up to 10 s."""
+    with trio.fail_after(10):
+        while (await client.get("/healthz")).status_code != 200:
+            await trio.sleep(0.05)
 
 
 async def _storage_back_and_whole(album: GatedAlbum, files: dict[str, bytes]) -> None:
@@ -587,9 +592,7 @@ async def test_a_spawner_restarted_while_a_file_is_held_on_a_dead_mount_is_given
         health = await client.get("/healthz")
         assert health.status_code == 503 and health.json()["producer"] is False
         gate.unlink()
-        with trio.fail_after(10):
-            while (await client.get("/healthz")).status_code != 200:
-                await trio.sleep(0.05)
+        await _until_healthy(client)
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
     assert b"the launchers' spawner did not start in 10 s (waiting on the storage)" in bytes(server.output)
@@ -648,8 +651,7 @@ async def test_a_storage_root_that_does_not_answer_at_start_is_no_reason_not_to_
                 health = await client.get("/healthz")
                 assert health.status_code == 503 and health.json()["storage"] is False
                 gate.unlink()
-                while (await client.get("/healthz")).status_code != 200:
-                    await trio.sleep(0.05)
+                await _until_healthy(client)
                 whole = await client.get("/archive/album/")
                 assert whole.status_code == 200 and read_archive(whole.content) == {"a.jpg": b"a"}
     assert b"did not answer in 2 s: starting anyway" in bytes(server.output)
@@ -785,9 +787,7 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
         assert bytes(server.output).count(b"starting another (a fork of the service)") == 1
         assert bytes(server.output).count(b"the producers' launcher had ended: starting another") == 1
         gate.unlink()
-        with trio.fail_after(10):
-            while (await client.get("/healthz")).status_code != 200:
-                await trio.sleep(0.05)
+        await _until_healthy(client)
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
     assert b"the last start of the launchers' spawner still waits on the storage" in bytes(server.output)
