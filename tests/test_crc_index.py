@@ -96,6 +96,35 @@ async def test_changed_size_or_a_link_is_refused(tmp_path: Path) -> None:
         await file_crc(link, 5, CrcIndex())
 
 
+async def test_a_folder_swapped_for_a_link_after_the_walk_leads_no_crc_read_out_of_the_album(tmp_path: Path) -> None:
+    # Helper 102: the CRC readers opened a file's whole path, so a folder of the album swapped for
+    # a link (an FTP user's SITE SYMLINK) after the walk led the open outside the storage.  A
+    # download's read was refused by the key check after the open; `archiver index`, which has
+    # no key, read the outside file and kept its CRC.  Now no open goes through a link at all.
+    write_tree(tmp_path / "album", {"sub/a.jpg": b"12345", "sub/b.jpg": b"678"})
+    write_tree(tmp_path / "outside", {"a.jpg": b"abcde", "b.jpg": b"fgh"})
+    await settle()
+    plan = ArchivePlan(tmp_path / "album", list_album(tmp_path / "album").files)
+    shutil.rmtree(tmp_path / "album" / "sub")
+    (tmp_path / "album" / "sub").symlink_to(tmp_path / "outside")
+    index = CrcIndex()
+    done = album_crcs(tmp_path / "album", [("sub/a.jpg", 5), ("sub/b.jpg", 3)], index)
+    assert (done.computed, done.changing) == (0, 2)
+    outside = tmp_path / "outside" / "a.jpg"
+    status = outside.stat()
+    assert index.get((status.st_dev, status.st_ino, 5, status.st_mtime_ns, status.st_ctime_ns)) is None
+    # A download's reads: the small files' batch, and a large file's own read.
+    with pytest.raises(FileChanged, match=r"sub/a\.jpg: Not a directory"):
+        await CrcSource(plan, [0, 1], index).compute()
+    with pytest.raises(FileChanged, match=r"sub/a\.jpg: Not a directory"):
+        await file_crc(tmp_path / "album" / "sub" / "a.jpg", 5, index)
+    # The same folder as a real one again: read, through the batch's one held folder.
+    (tmp_path / "album" / "sub").unlink()
+    write_tree(tmp_path / "album", {"sub/a.jpg": b"12345", "sub/b.jpg": b"678"})
+    await settle()
+    assert album_crcs(tmp_path / "album", [("sub/a.jpg", 5), ("sub/b.jpg", 3)], index).computed == 2
+
+
 async def test_a_file_read_with_another_key_than_listed_is_a_change(tmp_path: Path) -> None:
     # Its CRC would not be the CRC of the bytes the producer sends (it checks the listed key).
     write_tree(tmp_path / "album", {"a.jpg": b"a" * 10, "b.jpg": b"b" * 20})

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from .crc_index import CrcIndex
 from .crc_reads import READ_SIZE, small_file_crc
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, trusted_ctime
-from .listed_files import FileChanged, FileUnreadable, OutOfResources, open_listed
+from .listed_files import FileChanged, FileUnreadable, Folders, OutOfResources, open_listed
 
 
 class AlbumCrcs(NamedTuple):
@@ -35,15 +35,30 @@ def album_crcs(
     upload hook runs a moment after the upload) are read once more when it has
     passed, up to COARSE_RACY_NS later.  ``progress`` is called with the count of files done after each.
     """
+    folders = Folders()
+    try:
+        return _album_crcs(album, files, index, progress, folders)
+    finally:
+        folders.close()
+
+
+def _album_crcs(
+    album: Path,
+    files: list[tuple[str, int]],
+    index: CrcIndex,
+    progress: Callable[[int], None] | None,
+    folders: Folders,
+) -> AlbumCrcs:
     buffer = bytearray(READ_SIZE)
     new = untrusted = 0
     racy: dict[tuple[str, int], int] = {}  # (path, size) -> when its read may be kept (time.time_ns)
     unreadable: list[str] = []
+    reader = _Reader(index, buffer, racy, unreadable, folders)
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
         try:
-            fd, key = open_listed(album / relative, size)
+            fd, key = open_listed(album / relative, size, folders=folders)
         except FileChanged:
             racy[relative, size] = 0
             continue
@@ -58,39 +73,40 @@ def album_crcs(
         if not trusted:
             untrusted += 1
         elif index.get(key) is None:
-            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size), unreadable)
+            new += reader.read_to_keep(album / relative, (relative, size))
     if settles := [when for when in racy.values() if when]:
         # At most the coarse window: a ctime ahead of this host's clock (a file server's) is no reason to wait longer.
         time.sleep(min(COARSE_RACY_NS, max(0, max(settles) - time.time_ns())) / SECOND)
         for relative, size in [file for file, when in racy.items() if when]:
             del racy[relative, size]
-            new += _read_to_keep(album / relative, size, index, buffer, racy, (relative, size), unreadable)
+            new += reader.read_to_keep(album / relative, (relative, size))
     index.flush()
     # Not "already known" either (helper 70): read again when downloaded.
     return AlbumCrcs(new, untrusted, len(racy) - len(unreadable), tuple(unreadable))
 
 
-def _read_to_keep(
-    path: Path,
-    size: int,
-    index: CrcIndex,
-    buffer: bytearray,
-    racy: dict[tuple[str, int], int],
-    file: tuple[str, int],
-    unreadable: list[str],
-) -> bool:
-    """Read ``path``'s CRC into ``index``: True if kept; else ``racy[file]`` says when to try again (0: not)."""
-    try:
-        result = small_file_crc(path, size, index, buffer)
-    except FileChanged:
-        racy[file] = 0
-        return False
-    except (FileUnreadable, OutOfResources) as error:  # a failing disk: for the hook's exit status, named
-        racy[file] = 0
-        unreadable.append(str(error))
-        return False
-    if result.racy:
-        ctime = result.key[4]
-        window = COARSE_RACY_NS if ctime % SECOND == 0 else RACY_NS
-        racy[file] = ctime + window + 1 if trusted_ctime(*result.key[3:]) else 0  # untrusted: racy for good
-    return not result.racy
+class _Reader(NamedTuple):
+    """What reading a file's CRC into the index needs, and where it notes a file to try again or that failed."""
+
+    crcs: CrcIndex
+    buffer: bytearray
+    racy: dict[tuple[str, int], int]
+    unreadable: list[str]
+    folders: Folders
+
+    def read_to_keep(self, path: Path, file: tuple[str, int]) -> bool:
+        """Read ``path``'s CRC into the index: True if kept; else ``racy[file]`` says when to try again (0: not)."""
+        try:
+            result = small_file_crc(path, file[1], self.crcs, self.buffer, folders=self.folders)
+        except FileChanged:
+            self.racy[file] = 0
+            return False
+        except (FileUnreadable, OutOfResources) as error:  # a failing disk: for the hook's exit status, named
+            self.racy[file] = 0
+            self.unreadable.append(str(error))
+            return False
+        if result.racy:
+            ctime = result.key[4]
+            window = COARSE_RACY_NS if ctime % SECOND == 0 else RACY_NS
+            self.racy[file] = ctime + window + 1 if trusted_ctime(*result.key[3:]) else 0  # untrusted: racy for good
+        return not result.racy

@@ -1,6 +1,6 @@
 """Reading files' CRC-32s for the index: a large file a block per worker-thread call, small ones many a call.
 
-Each file is opened without following a link and checked to be the one
+Each file is opened through no link (``listed_files.Folders``) and checked to be the one
 listed (its key) before it is read, and again after: a file that changed
 meanwhile is ``FileChanged``, and its CRC is never used.  A read that may
 have raced a write (``ctime_trust.is_racy``), or of a file whose ctime is
@@ -19,7 +19,7 @@ from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex
 from .ctime_trust import FileKey, is_racy
-from .listed_files import FileChanged, close_read, failures_named, open_listed
+from .listed_files import FileChanged, Folders, close_read, failures_named, open_listed
 from .shared_descriptor import SharedDescriptor
 from .sparse import Holes, crc32_with_zeros, may_have_holes
 from .worker_threads import in_thread
@@ -116,12 +116,14 @@ def small_file_crc(
     buffer: bytearray,
     key: FileKey | None = None,
     progress: Callable[[], None] | None = None,
+    folders: Folders | None = None,
 ) -> FileCrc:
     """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed.
 
     ``progress`` is called after the open and after each read (in this thread: it must only count).
+    ``folders``: the batch's (``open_listed``).
     """
-    fd, found = open_listed(path, size, key)
+    fd, found = open_listed(path, size, key, folders)
     try:
         if progress is not None:
             progress()

@@ -16,6 +16,7 @@ from trio_util import AsyncValue  # type: ignore[attr-defined]
 
 from .crc_index import CrcIndex
 from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, file_crc, in_reader_thread, small_file_crc
+from .listed_files import Folders
 from .plan import ArchivePlan
 from .worker_threads import in_thread
 
@@ -135,15 +136,20 @@ class CrcSource:
         """CRCs of the small files from ``position`` on, as many as one batch holds (in a worker thread)."""
         results: list[FileCrc] = []
         budget = BATCH_BYTES
-        while position < len(self._entries) and len(results) < BATCH_FILES and known[position] < 0:
-            k = self._entries[position]
-            size = self.plan.sizes[k]
-            if size > BATCH_BYTES or (results and size > budget):
-                break
-            path = self.plan.directory / self.plan.path_str(k)
-            results.append(small_file_crc(path, size, self.index, buffer, self.plan.key(k), self._progressed))
-            budget -= size
-            position += 1
+        folders = Folders()
+        try:
+            while position < len(self._entries) and len(results) < BATCH_FILES and known[position] < 0:
+                k = self._entries[position]
+                size = self.plan.sizes[k]
+                if size > BATCH_BYTES or (results and size > budget):
+                    break
+                path = self.plan.directory / self.plan.path_str(k)
+                key = self.plan.key(k)
+                results.append(small_file_crc(path, size, self.index, buffer, key, self._progressed, folders))
+                budget -= size
+                position += 1
+        finally:
+            folders.close()
         return results
 
     def _position(self, k: int) -> int:

@@ -1,4 +1,4 @@
-"""A listed file opened for its CRC: without following a link, checked to be the one listed, its failures named.
+"""A listed file opened for its CRC: through no link, checked to be the one listed, its failures named.
 
 The errors here are what a CRC read says of a file: changed or gone
 (``FileChanged``), the system out of descriptors or memory
@@ -15,6 +15,11 @@ from pathlib import Path
 
 from .ctime_trust import FileKey
 from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS
+from .real_paths import open_real_directory
+
+# O_NONBLOCK: a FIFO put in a file's place must not hang the open; O_NOCTTY: nor a terminal become
+# the service's.  Both as the producer's (``producer_files``).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class FileChanged(RuntimeError):
@@ -46,13 +51,55 @@ def failures_named(path: Path) -> Iterator[None]:
         raise FileUnreadable(f"{path}: {reason}") from None
 
 
-def open_listed(path: Path, size: int, key: FileKey | None = None) -> tuple[int, FileKey]:
-    """Open the regular file at ``path`` without following a link; FileChanged unless it is the one listed.
+class Folders:
+    """Listed files opened through no link: the folder of the last one held open for the next one in it.
 
-    The one listed: ``key`` (device, inode, size, mtime, ctime) if given, else ``size`` bytes.
+    ``O_NOFOLLOW`` refuses a link only as a path's last component: a folder of
+    the album swapped for a link to elsewhere (another album, ``/dev``) would
+    lead one open of the whole path out of the storage, and an open alone may
+    act (a tape drive rewinds at its close).  A folder is entered a component
+    at a time from ``/`` (``real_paths``), as the walk and the producer do;
+    ~9 us for six components, so a batch of files keeps its folder.  One
+    thread's: ``close`` it in the thread that used it.
+    """
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+        self._fd = -1
+
+    def open(self, path: Path) -> int:
+        """A descriptor of ``path`` (absolute, real: no ``.``, ``..`` or link in its folders); OSError as ``openat``."""
+        folder = path.parent
+        if folder != self._folder:
+            self.close()
+            self._fd = open_real_directory(folder, passage=True)
+            self._folder = folder
+        return os.open(path.name, _FILE_FLAGS, dir_fd=self._fd)
+
+    def close(self) -> None:
+        """Close the folder held, if any."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._folder, self._fd = None, -1
+
+
+def open_listed(
+    path: Path, size: int, key: FileKey | None = None, folders: Folders | None = None
+) -> tuple[int, FileKey]:
+    """Open the regular file at ``path`` through no link (``Folders``); FileChanged unless it is the one listed.
+
+    The one listed: ``key`` (device, inode, size, mtime, ctime) if given, else
+    ``size`` bytes.  ``folders``: the batch's, else one for this file alone.
     """
     with failures_named(path):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if folders is not None:
+            fd = folders.open(path)
+        else:
+            own = Folders()
+            try:
+                fd = own.open(path)
+            finally:
+                own.close()
     try:
         status = os.fstat(fd)
     except OSError:

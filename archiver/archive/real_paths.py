@@ -23,10 +23,12 @@ DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PASSAGE_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def open_real_directory(path: str | bytes | os.PathLike[str]) -> int:
+def open_real_directory(path: str | bytes | os.PathLike[str], *, passage: bool = False) -> int:
     """A descriptor of the directory at ``path`` (read-only), opened following no link; the caller closes it.
 
     Only the directory itself must be readable; the folders above it, searchable.
+    With ``passage``, it too is only passed through (``O_PATH``: it cannot be
+    listed, only opened beneath; no ``opendir`` for a FUSE daemon to answer).
 
     ``path``: absolute, with no link, ``.`` or ``..`` in it (what
     ``os.path.realpath`` gives).  OSError as ``openat(2)`` gives it: ENOTDIR
@@ -40,10 +42,11 @@ def open_real_directory(path: str | bytes | os.PathLike[str]) -> int:
     parts = [part for part in encoded.split(b"/") if part]
     if b"." in parts or b".." in parts:
         raise ValueError(f"not a real path: {encoded!r}")
-    fd = os.open(b"/", _PASSAGE_FLAGS if parts else DIRECTORY_FLAGS)
+    last_flags = _PASSAGE_FLAGS if passage else DIRECTORY_FLAGS
+    fd = os.open(b"/", _PASSAGE_FLAGS if parts else last_flags)
     try:
         for position, part in enumerate(parts, 1):
-            child = os.open(part, DIRECTORY_FLAGS if position == len(parts) else _PASSAGE_FLAGS, dir_fd=fd)
+            child = os.open(part, last_flags if position == len(parts) else _PASSAGE_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:
