@@ -138,7 +138,8 @@ class Settings:
             raise SettingsError(
                 f"storage directory {str(self.storage_dir)!r} is / (each folder in it would be served as an album)"
             )
-        # Each bound names the setting as the operator gives it (helper 74: "max_jobs" for ARCHIVER_MAX_JOBS).
+        # Each check names the setting as the operator gives it (helper 74: "max_jobs" for ARCHIVER_MAX_JOBS;
+        # helper 103: "timezone" for ARCHIVER_TIMEZONE).
         # NaN fails every bound: it would never fire as a timeout, nor end a delay.
         self._bound("compression", 0, 9)
         self._bound("delay", 0, MAX_DELAY, "seconds")  # more, and a download would stop for good (helper 36)
@@ -166,7 +167,9 @@ class Settings:
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise SettingsError(f"timezone: {self.timezone!r} is not a time zone (e.g. UTC, Europe/Moscow)") from None
+            raise SettingsError(
+                f"{setting_name('timezone')}: {self.timezone!r} is not a time zone (e.g. UTC, Europe/Moscow)"
+            ) from None
         ascii_bytes = bytes(range(128))
         try:
             # A text encoding (codecs.lookup would also take rot13 or hex) that reads ASCII as ASCII: in
@@ -175,12 +178,15 @@ class Settings:
             usable = ascii_bytes.decode(self.name_encoding) == ascii_bytes.decode("ascii")
             bytes(range(128, 256)).decode(self.name_encoding, errors="replace")
         except LookupError:
-            raise SettingsError(f"name_encoding: {self.name_encoding!r} is not an encoding (e.g. cp1251)") from None
+            raise SettingsError(
+                f"{setting_name('name_encoding')}: {self.name_encoding!r} is not an encoding (e.g. cp1251)"
+            ) from None
         except UnicodeError:  # punycode, undefined
             usable = False
         if not usable:
             raise SettingsError(
-                f"name_encoding: {self.name_encoding!r} cannot read names (ASCII as ASCII, others or U+FFFD)"
+                f"{setting_name('name_encoding')}: {self.name_encoding!r} cannot read names "
+                "(ASCII as ASCII, others or U+FFFD)"
             )
         if self.link_secret:
             self._check_link_secret()
@@ -188,7 +194,9 @@ class Settings:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
-                raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+                raise SettingsError(
+                    f"{setting_name('trusted_proxies')}: {proxy!r} is not an address or network"
+                ) from None
 
     def _bound(self, field: str, low: float, high: float = math.inf, unit: str = "") -> None:
         """SettingsError, naming the setting as it is given, unless ``low <= value <= high`` (NaN is not)."""
