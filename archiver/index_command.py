@@ -43,9 +43,9 @@ class IndexTotals:
         self.changing += done.changing
         self.unreadable += done.unreadable
 
-    def summary(self, names: int, root: Path) -> str:
-        """The run's one line on stdout, for ``names`` albums asked for under ``root``."""
-        indexed = names - len(self.failed) - self.not_albums
+    def summary(self, asked: int, root: Path) -> str:
+        """The run's one line on stdout: ``asked`` albums named, or entries of ``root`` (every album)."""
+        indexed = asked - len(self.failed) - self.not_albums
         left_out = f", {self.untrusted} not kept as their ctimes may not show an edit" if self.untrusted else ""
         if self.changing:
             left_out += f", {self.changing} changing (read when downloaded)"
@@ -79,10 +79,13 @@ def index_albums(argv: Sequence[str]) -> None:
     index = CrcIndex(store, trust=CtimeTrust(settings.trusted_fuse))
     root = settings.storage_dir
     try:
-        names = args.names or sorted(entry.name for entry in root.iterdir() if ALBUM_NAME.fullmatch(entry.name))
+        entries = [] if args.names else sorted(entry.name for entry in root.iterdir())
     except OSError as error:  # a root that hides its albums' names (mode 0711): they can still be named
         parser.error(f"cannot list the storage directory {str(root)!r}: {error.strerror}; name the albums")
-    totals = IndexTotals()
+    names = args.names or [name for name in entries if ALBUM_NAME.fullmatch(name)]
+    # Every album: an entry whose name no album can have (".ftpquota", "notes.txt") is passed
+    # over and counted too, as the README says (helper 103: only the ones found below were).
+    totals = IndexTotals(not_albums=len(entries) - len(names) if entries else 0)
     for name in names:
         try:
             listing = list_album(resolve_album(root, name), on_device=index.trust.learn, max_entries=settings.max_files)
@@ -100,7 +103,7 @@ def index_albums(argv: Sequence[str]) -> None:
             continue
         _index_album(name, listing.directory, [(file.path, file.size) for file in listing.files], index, totals)
     store.close()
-    print(totals.summary(len(names), root))
+    print(totals.summary(len(entries) or len(names), root))
     if problems := totals.problems(store.unwritten, settings.index_path):
         sys.exit(f"archiver index: {'; '.join(problems)}")
 

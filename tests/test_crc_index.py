@@ -323,17 +323,20 @@ async def test_a_crc_damaged_in_the_index_file_is_never_sent(storage: Path, sett
 
 def test_archiver_index_of_every_album_passes_over_what_is_not_one(storage: Path, tmp_path: Path) -> None:
     """A file, a link out of the root and a dangling link beside the albums (names an album could
-    have): every album is still indexed, and the summary counts the rest.  Named, one is an error."""
+    have), and entries whose names no album can have: every album is still indexed, and the summary
+    counts the rest.  Named, one is an error."""
     write_tree(storage / "one", {"a.jpg": b"a"})
     write_tree(storage / "two", {"b.jpg": b"b"})
     (storage / "README").write_text("not an album")
     (storage / "aaa-out").symlink_to(tmp_path)
     (storage / "dangling").symlink_to("nowhere")
+    (storage / "stray.txt").write_text("no album's name")
+    write_tree(storage / ".ftpquota-dir", {"c.jpg": b"c"})
     env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(tmp_path / "index.sqlite")}
     result = run_archiver("index", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        f"indexed 2 albums, 2 files (2 computed); 3 other entries of {storage} are not albums"
+        f"indexed 2 albums, 2 files (2 computed); 5 other entries of {storage} are not albums"
     )
     named = run_archiver("index", "README", env=env)
     assert named.returncode == 2 and "no album 'README'" in named.stderr
