@@ -16,7 +16,14 @@ from .web.app import create_app  # noqa: E402
 try:
     settings = Settings.from_env()
     configure_logging(settings.verbose)
-    warn_of_unknown_variables()
+    # Hypercorn's in this launch (helper 103: an ARCHIVER_PORT in the env file was ignored unsaid).
+    warn_of_unknown_variables(
+        {
+            "ARCHIVER_HOST": "hypercorn --bind",
+            "ARCHIVER_PORT": "hypercorn --bind",
+            "ARCHIVER_SHUTDOWN_GRACE": "graceful_timeout in hypercorn.toml",
+        }
+    )
     app = create_app(settings)
 except SettingsError as error:
     # One line, as the CLI launch says it, not the traceback of Hypercorn's import of this module.

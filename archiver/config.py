@@ -254,10 +254,17 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 
-def warn_of_unknown_variables() -> None:
-    """A WARNING line for each ``ARCHIVER_*`` variable no setting reads (``ARCHIVER_MAX_JOB`` for ``..._JOBS``)."""
+def warn_of_unknown_variables(not_read: Mapping[str, str] | None = None) -> None:
+    """A WARNING line for each ``ARCHIVER_*`` variable no setting reads (``ARCHIVER_MAX_JOB`` for ``..._JOBS``).
+
+    And for each set variable of ``not_read`` (variable -> what to use
+    instead): settings this launch leaves to another (Hypercorn's ``--bind``).
+    """
     for name in unknown_variables():
         logger.warning("%s is not a setting of this service (misspelt?): ignored", name)
+    for name, instead in (not_read or {}).items():
+        if os.environ.get(name):
+            logger.warning("%s is not read by this launch: ignored (use %s)", name, instead)
 
 
 # int() and float() also read "1_0" as 10, digits of other scripts ("\uff12" as 2) and spaces of

@@ -188,19 +188,26 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
 
 
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
-async def test_a_misspelt_variable_is_a_warning_at_start(launch: str) -> None:
+async def test_a_misspelt_or_unread_variable_is_a_warning_at_start(launch: str) -> None:
     # Helper 67: ARCHIVER_MAX_JOB=8 (for ARCHIVER_MAX_JOBS) was ignored without a word.
     hypercorn = str(Path(sys.executable).with_name("hypercorn"))
     command = {
         "archiver": [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0"],
         "hypercorn": [hypercorn, "--config", "hypercorn.toml", "--bind", "127.0.0.1:0", "archiver.asgi:app"],
     }[launch]
-    env = {"ARCHIVER_DIR": "data", "ARCHIVER_MAX_JOB": "8", "ARCHIVER_MAX_JOBS": "8"}
+    # Helper 103: and ARCHIVER_PORT, which the Hypercorn launch leaves to --bind, was ignored unsaid.
+    env = {"ARCHIVER_DIR": "data", "ARCHIVER_MAX_JOB": "8", "ARCHIVER_MAX_JOBS": "8", "ARCHIVER_PORT": "0"}
     async with launched(command, env) as server:
         await check_serves_sample_album(server.url)
     lines = bytes(server.output).decode().splitlines()
     unknown = [line for line in lines if "is not a setting" in line]
     assert len(unknown) == 1 and "WARNING" in unknown[0] and "ARCHIVER_MAX_JOB is not a setting" in unknown[0]
+    not_read = [line for line in lines if "not read by this launch" in line]
+    if launch == "hypercorn":
+        assert len(not_read) == 1 and "WARNING" in not_read[0]
+        assert "ARCHIVER_PORT is not read by this launch: ignored (use hypercorn --bind)" in not_read[0]
+    else:
+        assert not_read == []
 
 
 @pytest.mark.skipif(
