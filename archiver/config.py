@@ -258,13 +258,14 @@ def warn_of_unknown_variables(not_read: Mapping[str, str] | None = None) -> None
     """A WARNING line for each ``ARCHIVER_*`` variable no setting reads (``ARCHIVER_MAX_JOB`` for ``..._JOBS``).
 
     And for each set variable of ``not_read`` (variable -> what to use
-    instead): settings this launch leaves to another (Hypercorn's ``--bind``).
+    instead): settings this launch leaves to another (Hypercorn's ``--bind``),
+    still parsed and checked by ``from_env``.
     """
     for name in unknown_variables():
         logger.warning("%s is not a setting of this service (misspelt?): ignored", name)
     for name, instead in (not_read or {}).items():
         if os.environ.get(name):
-            logger.warning("%s is not read by this launch: ignored (use %s)", name, instead)
+            logger.warning("%s has no effect in this launch (use %s)", name, instead)
 
 
 # int() and float() also read "1_0" as 10, digits of other scripts ("\uff12" as 2) and spaces of

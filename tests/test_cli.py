@@ -202,10 +202,10 @@ async def test_a_misspelt_or_unread_variable_is_a_warning_at_start(launch: str) 
     lines = bytes(server.output).decode().splitlines()
     unknown = [line for line in lines if "is not a setting" in line]
     assert len(unknown) == 1 and "WARNING" in unknown[0] and "ARCHIVER_MAX_JOB is not a setting" in unknown[0]
-    not_read = [line for line in lines if "not read by this launch" in line]
+    not_read = [line for line in lines if "no effect in this launch" in line]
     if launch == "hypercorn":
         assert len(not_read) == 1 and "WARNING" in not_read[0]
-        assert "ARCHIVER_PORT is not read by this launch: ignored (use hypercorn --bind)" in not_read[0]
+        assert "ARCHIVER_PORT has no effect in this launch (use hypercorn --bind)" in not_read[0]
     else:
         assert not_read == []
 

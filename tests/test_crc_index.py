@@ -36,11 +36,12 @@ from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
 from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
-from archiver.archive.listed_files import FileChanged
+from archiver.archive.listed_files import FileChanged, FileUnreadable, failures_named
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.shared_descriptor import SharedDescriptor
 from archiver.archive.sparse import crc32_with_zeros
 from archiver.archive.storage import list_album
+from archiver.archive.worker_threads import NoThread
 from archiver.config import Settings
 from archiver.web.pages import ALBUM_CHANGING, MESSAGES
 
@@ -924,6 +925,17 @@ async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_do
     assert figures["archiver_downloads_in_flight"] == 0
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("download album for" in m and "Input/output error when closed after reading" in m for m in failures)
+
+
+def test_no_thread_for_a_files_read_is_the_systems_limit_not_the_files_failure(tmp_path: Path) -> None:
+    # Helper 104: a large file's block reads are awaited inside ``failures_named``, which named the
+    # NoThread of a read at the tasks' limit (an OSError, EAGAIN) as the storage's failure to read
+    # the file: a 500, where the limit is a 503 to try again.  Met only between a file's open and its
+    # read, so its naming is tested here; the limit itself by test_launcher's tasks-limit tests.
+    with pytest.raises(NoThread), failures_named(tmp_path / "big.mov"):
+        raise NoThread(errno.EAGAIN, "no thread could be started (can't start new thread)")
+    with pytest.raises(FileUnreadable, match=r"big\.mov: Input/output error"), failures_named(tmp_path / "big.mov"):
+        raise OSError(errno.EIO, "Input/output error")
 
 
 def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> None:

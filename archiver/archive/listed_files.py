@@ -16,6 +16,7 @@ from pathlib import Path
 from .ctime_trust import FileKey
 from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS
 from .real_paths import open_real_directory
+from .worker_threads import NoThread
 
 # O_NONBLOCK: a FIFO put in a file's place must not hang the open; O_NOCTTY: nor a terminal become
 # the service's.  Both as the producer's (``producer_files``).
@@ -42,6 +43,10 @@ def failures_named(path: Path) -> Iterator[None]:
     """
     try:
         yield
+    except NoThread:
+        # The system's tasks' limit met by a read's worker thread (an OSError, EAGAIN), not the
+        # file's failure: a 503 to try again (helper 104: a large file's read made it a 500).
+        raise
     except OSError as error:
         reason = error.strerror or str(error)
         if error.errno in CHANGED_ERRNOS:

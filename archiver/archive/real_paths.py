@@ -1,4 +1,4 @@
-"""Opening a real path's directory without following a link anywhere in it (the walk's and the producer's).
+"""Opening a real path's directory without following a link anywhere in it (the walk's, the producer's, the CRC reads').
 
 ``O_NOFOLLOW`` refuses a link only as the last component of a path: one
 open of ``/srv/storage/x/pub`` goes through a link put at ``x``.  An album

@@ -189,7 +189,8 @@ def _walk_once(
     if not searchable:
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
-    # Paths are relative, but the CRC reader opens the whole path: it must fit PATH_MAX.
+    # Paths are relative, but a plan's check that its files are unchanged (plan.unchanged) stats the
+    # whole path: it must fit PATH_MAX.
     limit = _EntryLimit(max_entries)
     _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices, limit)
     for relative, seen in folders:
