@@ -341,7 +341,12 @@ def producer_children() -> list[ProducerChild]:
 
 
 async def wait_until_no_producer_children(timeout: float) -> None:
-    """Poll /proc until no producer child (running or zombie) is left; fail after ``timeout``."""
+    """Poll /proc until no producer child (running or zombie) is left; fail after ``timeout``.
+
+    10 s in the tests: above what a loaded machine may take to kill and reap one
+    (``producer.REAP_WAIT_LOADED``, 5 s; helper 105: 1 s was tighter than the code's own
+    allowance), far below the stall timeout (120 s) that a producer left running would wait for.
+    """
     with trio.fail_after(timeout):
         while producer_children():
             await trio.sleep(0.01)

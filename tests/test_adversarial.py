@@ -366,6 +366,11 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
             # Once the costliest byte (zip read all the last file for it); now one sendfile at its offset.
             end_record = (await client.get(f"/archive/{ranged_album}/", headers={"Range": "bytes=-22"})).content
             last_data_byte = int.from_bytes(end_record[16:20], "little") - 1
+        # What that byte must be: the last byte of the album's last file (in byte order of its path).
+        last_file = max((p for p in (attacked_storage / ranged_album).rglob("*") if p.is_file()), key=os.fsencode)
+        with last_file.open("rb") as file:
+            file.seek(-1, os.SEEK_END)
+            expected_byte = file.read(1)
 
         async def watch_producers() -> None:
             nonlocal peak_producers
@@ -378,7 +383,8 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
             response = await client.get(f"/archive/{ranged_album}/", headers={"Range": byte_range})
             statuses.append(response.status_code)
             assert response.status_code in (206, 503)
-            assert len(response.content) == (1 if response.status_code == 206 else len(response.content))
+            if response.status_code == 206:  # helper 105: its length was all this looked at
+                assert response.content == expected_byte
 
         limits = httpx.Limits(max_connections=requests)
         async with (
@@ -396,6 +402,8 @@ async def test_ranges_from_one_client_run_at_most_its_job_cap(attacked_storage: 
         metrics = await metrics_of(server.url)
     # The attacker's ranges at once (ARCHIVER_MAX_JOBS_PER_CLIENT), and the polite client's.
     assert peak_producers <= 4 + 1
+    # The cap is shown at work by the huge album (the slow run): here a range of one byte ends
+    # within a few ms, and whether any meets another's job is the machine's timing.
     if ranged_album == "huge":  # each range holds its job ~2 s: the cap must turn some away
         assert statuses.count(503) > 0
     # Refused by its range cap, or by its walk queue: each 503 is counted once, by reason.
@@ -759,7 +767,7 @@ async def test_an_http2_connection_whose_downloads_the_client_reset_is_closed_wh
         with trio.fail_after(10):
             while (await metrics_of(server.url))["archiver_downloads_in_flight"]:
                 await trio.sleep(0.05)
-    assert 4 < closed_after < 8, closed_after
+    assert 4 < closed_after < 12, closed_after  # the keep-alive timeout, with room for a loaded machine
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,7 @@ async def test_client_leaving_nginx_kills_the_services_producer(large_storage: P
             chunks = response.aiter_raw()
             await anext(chunks)
         # nginx notices the closed client and closes its upstream connection.
-        await wait_until_no_producer_children(timeout=5)
+        await wait_until_no_producer_children(timeout=10)
 
 
 @pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/1.1"])

@@ -83,7 +83,7 @@ async def test_metrics_count_real_downloads(large_storage: Path) -> None:
             await anext(chunks)
             during = samples((await client.get("/metrics")).text)
             assert (await client.get("/archive/small/")).status_code == 503  # the one job slot is taken
-        await wait_until_no_producer_children(timeout=1)
+        await wait_until_no_producer_children(timeout=10)
         # Reaped by the launcher is not yet counted: that waits for the launcher's exit report.
         await finished_downloads(client, 2)
         after = await client.get("/metrics")

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -267,22 +268,20 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
     instructions = program.album(os.fsencode(album), 0) + program.file_slice(
         b"a.jpg", program.identity(key), 0, 32_768, None
     )
-    process = subprocess.Popen(
-        [*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-    process.stdin.write(instructions + program.DONE)
-    process.stdin.close()
-    deadline = time.monotonic() + 10
-    while _unread(process.stdout.fileno()) < 32_768:  # every byte of the file is in the pipe
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.001)
-    with open(path, "r+b") as file:
-        file.write(b"X" * 100)
-    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
-    process.stdout.read()
-    assert process.wait(10) == program.EXIT_CHANGED
-    assert b"a.jpg" in process.stderr.read()
+    with _producer(stderr=subprocess.PIPE) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        process.stdin.write(instructions + program.DONE)
+        process.stdin.close()
+        deadline = time.monotonic() + 10
+        while _unread(process.stdout.fileno()) < 32_768:  # every byte of the file is in the pipe
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.001)
+        with open(path, "r+b") as file:
+            file.write(b"X" * 100)
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+        process.stdout.read()
+        assert process.wait(10) == program.EXIT_CHANGED
+        assert b"a.jpg" in process.stderr.read()
 
 
 def test_a_producer_whose_reader_died_exits_while_it_waits_for_the_pipe_to_drain(storage: Path) -> None:
@@ -297,16 +296,32 @@ def test_a_producer_whose_reader_died_exits_while_it_waits_for_the_pipe_to_drain
     instructions = program.album(os.fsencode(album), 0) + program.file_slice(
         b"a.jpg", program.identity(key), 0, 32_768, None
     )
-    process = subprocess.Popen([*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert process.stdin is not None and process.stdout is not None
-    process.stdin.write(instructions + program.DONE)
-    process.stdin.close()
-    deadline = time.monotonic() + 10
-    while _unread(process.stdout.fileno()) < 32_768:  # written, waiting for the reader
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.001)
-    process.stdout.close()  # the reader dies
-    assert process.wait(5) == program.EXIT_OUTPUT_CLOSED
+    with _producer() as process:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(instructions + program.DONE)
+        process.stdin.close()
+        deadline = time.monotonic() + 10
+        while _unread(process.stdout.fileno()) < 32_768:  # written, waiting for the reader
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.001)
+        process.stdout.close()  # the reader dies
+        assert process.wait(5) == program.EXIT_OUTPUT_CLOSED
+
+
+@contextmanager
+def _producer(stderr: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The producer program run alone, its stdin and stdout piped; killed if the test fails first
+    (helper 105: left blocked on its pipe otherwise)."""
+    process = subprocess.Popen([*producer.COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _unread(fd: int) -> int:

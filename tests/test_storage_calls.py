@@ -73,10 +73,13 @@ async def test_a_walk_given_up_on_stops_at_its_next_step() -> None:
     progress = WalkProgress()
     limiter = trio.CapacityLimiter(1)
     steps_after: list[int] = []
+    stat_returns = threading.Event()
 
     def walk_with_a_long_stat() -> None:
         progress.step()
-        threading.Event().wait(0.6)  # one stat longer than the timeout: given up on meanwhile
+        # One stat longer than the timeout: it returns once the call has been given up on (helper
+        # 105: a fixed 0.6 s against the 0.3 s timeout raced a loaded machine's event loop).
+        stat_returns.wait(10)
         try:
             for _ in range(1000):  # the rest of a large album
                 progress.step()
@@ -85,6 +88,7 @@ async def test_a_walk_given_up_on_stops_at_its_next_step() -> None:
 
     with pytest.raises(StorageSilent):
         await call_storage(walk_with_a_long_stat, timeout=0.3, limiter=limiter, progress=progress)
+    stat_returns.set()
     with trio.fail_after(2):
         while limiter.borrowed_tokens:  # the thread ends at its next step, and frees its place
             await trio.sleep(0.01)

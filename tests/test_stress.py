@@ -78,7 +78,7 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
     rng = random.Random(20261125)
     async with running_server(settings) as url:
         await cancelled_download(url, "HTTP/1.1", 1)  # warm up: imports, lazily made objects
-        await wait_until_no_producer_children(timeout=1)
+        await wait_until_no_producer_children(timeout=10)
         baseline = await wait_for_descriptors(open_descriptors(), 0)
         before = descriptor_table()
         limiter = trio.Semaphore(8)
@@ -90,7 +90,7 @@ async def test_thousand_cancelled_downloads_leave_no_process_or_descriptor(stora
         async with trio.open_nursery() as nursery:
             for index in range(1000):
                 nursery.start_soon(one, PROTOCOLS[index % 2])
-        await wait_until_no_producer_children(timeout=5)
+        await wait_until_no_producer_children(timeout=10)
         leftover_producers = len(producer_children())
         zombies = sum(child.state == "Z" for child in producer_children())
         descriptors = await wait_for_descriptors(baseline, timeout=5)
@@ -181,7 +181,7 @@ async def test_zip_killed_mid_stream_is_seen_by_every_client(large_storage: Path
                             pass
                 except ABORTED:
                     errors_seen[protocol] += 1
-                await wait_until_no_producer_children(timeout=1)
+                await wait_until_no_producer_children(timeout=10)
     record_figure(
         "producer killed (SIGKILL) mid-stream: clients that saw an error: "
         + ", ".join(f"{protocol} {seen}/{rounds}" for protocol, seen in errors_seen.items())
