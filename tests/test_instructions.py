@@ -11,7 +11,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from archiver.archive import instructions, producer_output, producer_program
@@ -19,7 +19,7 @@ from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.pieces import CrcWait
 
-from .conftest import expected_archive, write_tree
+from .conftest import expected_archive, read_archive, write_tree
 from .test_producer import collect, plan_of
 
 
@@ -71,6 +71,61 @@ def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
         producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())).run()
         output.seek(0)
         assert output.read() == whole[start : end + 1]
+
+
+@given(
+    kinds=st.lists(st.sampled_from(["zeros", "random", "two letters", "text"]), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(0, 600_000), min_size=4, max_size=4),
+    budget=st.tuples(
+        st.sampled_from([0.0, 1e-9, 0.5e-6, 1.0]),  # CPU-s a byte written
+        st.sampled_from([0.0, 0.001, 0.25]),  # CPU-s allowed besides
+        st.sampled_from([0, 1, 2, 32]),  # bytes read a byte written
+        st.sampled_from([0, 65_536, 200_000]),  # bytes read allowed besides
+    ),
+    level=st.sampled_from([1, 6, 9]),
+    seed=st.integers(0, 2**32),
+)
+@example(  # every stretch stored
+    kinds=["zeros", "two letters", "random", "text"], sizes=[600_000] * 4, budget=(0.0, 0.0, 0, 0), level=9, seed=1
+)
+@example(  # deflated and stored in turn, as the ratio allows
+    kinds=["zeros", "text", "zeros", "two letters"], sizes=[600_000] * 4, budget=(1.0, 0.25, 2, 65_536), level=6, seed=2
+)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_deflated_stretches_switching_to_stored_blocks_anywhere_read_back_whole(
+    tmp_path: Path,
+    kinds: list[str],
+    sizes: list[int],
+    budget: tuple[float, float, int, int],
+    level: int,
+    seed: int,
+) -> None:
+    """The producer past its deflate budget (any budget, here set per case) writes stored blocks, and back.
+
+    Rendered by the producer program in this process, into a file: every entry
+    reads back as its file, however its data switched between deflated and
+    stored stretches (Producer._deflate; helper 106).
+    """
+    rng = random.Random(seed)
+    makers = {
+        "zeros": lambda size: bytes(size),
+        "random": rng.randbytes,
+        "two letters": lambda size: bytes(rng.choice(b"ab") for _ in range(size)),
+        "text": lambda size: (b"the archive's own bytes, " * (size // 25 + 1))[:size],
+    }
+    files = {f"{k}.bin": makers[kind](size) for k, (kind, size) in enumerate(zip(kinds, sizes, strict=False))}
+    album = Path(tempfile.mkdtemp(dir=tmp_path))
+    write_tree(album, files)
+    plan = plan_of(album, level)
+    stream = b"".join(i for i in instructions.instructions(plan, 0, 0, None) if not isinstance(i, CrcWait))
+    with open(album.parent / f"{album.name}.zip", "w+b") as output:
+        producer = producer_program.Producer(
+            io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())
+        )
+        producer.cpu_per_byte, producer.cpu_allowance, producer.read_per_byte, producer.read_allowance = budget
+        producer.run()
+        output.seek(0)
+        assert read_archive(output.read()) == files
 
 
 async def test_runs_across_a_block_of_the_whole_entry_table_send_the_archive(storage: Path) -> None:

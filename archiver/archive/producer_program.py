@@ -24,6 +24,7 @@ from __future__ import annotations
 import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
 import os
 import sys
+import time
 import zlib
 
 from archiver.archive.producer_files import (
@@ -89,6 +90,21 @@ DEFLATE_READ = 256 * 1024
 # around it (helper 91: 4 KiB every 1.25 MiB cost ~5 CPU-s a MB sent with 1 MiB here, and
 # reads that ran into holes); its block deflates to ~83 bytes at level 6, 1 MiB's to ~1 KB.
 HOLE_BLOCK = 64 * 1024
+# What deflating may cost, whatever the data: at most DEFLATE_CPU_PER_BYTE CPU-seconds and
+# DEFLATE_READ_PER_BYTE bytes read for each byte written, beyond an allowance; past either,
+# data goes out as stored blocks (RFC 1951 3.2.4, deflate's own: level 0) until the producer
+# is within both again.  Helper 106: zlib at level 9 on data of little entropy (a dithered
+# scan, random "a" and "b") cost 2.7 CPU-s a MiB read, ~18 a MB sent, and a client that did not
+# read held that for its stall timeout (~24 CPU-s a request of 60 bytes); 64 MiB files of
+# zeros were read whole (1 GB each) for the 277 KB that fit in the buffers.  Ordinary data
+# costs less than either bound (text at level 6 ~0.3 CPU-s a MB sent, 3-5 bytes read a byte
+# written; photos ~0.02): 0.5 CPU-s a MB sent and a ratio of 32 are what a client can make
+# deflate cost.  Looked at every DEFLATE_STEP bytes read.
+DEFLATE_CPU_PER_BYTE = 0.5e-6
+DEFLATE_CPU_ALLOWANCE = 0.25
+DEFLATE_READ_PER_BYTE = 32
+DEFLATE_READ_ALLOWANCE = 8 * 1024 * 1024
+DEFLATE_STEP = 64 * 1024
 
 
 class Producer:
@@ -103,6 +119,12 @@ class Producer:
         self.deflate_buffer = memoryview(self.buffer)[:DEFLATE_READ]
         self._zeros_blocks: dict[int, bytes] = {}  # by level: HOLE_BLOCK zeros, deflated and flushed whole
         self._zeros: bytes | None = None  # HOLE_BLOCK zeros, once a hole is sent stored
+        # Deflating's budget (instance attributes: the tests set their own), what it has read, and
+        # the compressor of stored blocks (level 0) used past it.
+        self.cpu_per_byte, self.cpu_allowance = DEFLATE_CPU_PER_BYTE, DEFLATE_CPU_ALLOWANCE
+        self.read_per_byte, self.read_allowance = DEFLATE_READ_PER_BYTE, DEFLATE_READ_ALLOWANCE
+        self.deflated_read = 0
+        self._storer: zlib._Compress | None = None
         # The entries written whole (``D``, ``S``), for the central directory: fields, crc, compressed, size, offset.
         self.written: list[tuple[EntryFields, int, int, int, int]] = []
 
@@ -252,7 +274,7 @@ class Producer:
                 compressed += self._send_hole(compressor, -count)
                 continue
             crc = binascii.crc32(view[:count], crc)
-            data = compressor.compress(view[:count])
+            data = self._deflate(compressor, view[:count])
             if self.output.due():  # nothing went out for a beat (this file or those before)
                 data += compressor.flush(zlib.Z_SYNC_FLUSH)
                 compressed += len(data)
@@ -269,6 +291,34 @@ class Producer:
         self.written.append((fields, crc, compressed, size, offset))
         check_identity(fd, key)  # again, now that its bytes are out (copied)
         return False
+
+    def _deflate(self, compressor: zlib._Compress, data: memoryview) -> bytes:
+        """``data`` deflated by ``compressor``, or as stored blocks where that would pass the budget.
+
+        A stretch of stored blocks follows a full flush of ``compressor`` and
+        is itself flushed whole (RFC 1951 3.2.3: whole blocks, nothing after
+        them refers back), so ``compressor`` goes on after it, as after a hole.
+        """
+        out = b""
+        storing = False
+        for start in range(0, len(data), DEFLATE_STEP):
+            piece = data[start : start + DEFLATE_STEP]
+            self.deflated_read += len(piece)
+            written = self.output.position + len(out)
+            if (
+                self.deflated_read <= self.read_per_byte * written + self.read_allowance
+                and time.process_time() <= self.cpu_per_byte * written + self.cpu_allowance
+            ):
+                out += compressor.compress(piece)
+                storing = False
+                continue
+            if not storing:
+                out += compressor.flush(zlib.Z_FULL_FLUSH)
+                storing = True
+            if self._storer is None:
+                self._storer = zlib.compressobj(0, zlib.DEFLATED, -zlib.MAX_WBITS)
+            out += self._storer.compress(piece) + self._storer.flush(zlib.Z_FULL_FLUSH)
+        return out
 
     def _send_hole(self, compressor: zlib._Compress, length: int) -> int:
         """Deflated, ``length`` zero bytes (a hole: HOLE_BLOCK or more), unread: the bytes written.
