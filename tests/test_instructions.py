@@ -6,7 +6,9 @@ import gc
 import io
 import random
 import tempfile
+import time
 import weakref
+import zipfile
 from pathlib import Path
 from unittest.mock import patch
 
@@ -73,30 +75,61 @@ def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
         assert output.read() == whole[start : end + 1]
 
 
+# Deflate budgets (CPU-s a byte written, CPU-s besides, bytes read a byte written, bytes read
+# besides), by what they make of the data; the CPU allowance counts from the run's start (this
+# process has spent seconds already).
+BUDGETS = {
+    "never past": (1.0, 1e9, 10**9, 1 << 40),
+    "past at once, by CPU": (0.0, 0.0, 10**9, 1 << 40),
+    "past at once, by reads": (1.0, 1e9, 0, 0),
+    "reads 2:1 past 64 KiB": (1.0, 1e9, 2, 65_536),
+    "CPU 0.01 s a MB past 1 ms": (1e-8, 0.001, 10**9, 1 << 40),
+    "CPU 0.2 s a MB past 20 ms": (2e-7, 0.02, 10**9, 1 << 40),
+}
+
+
 @given(
     kinds=st.lists(st.sampled_from(["zeros", "random", "two letters", "text"]), min_size=1, max_size=4),
     sizes=st.lists(st.integers(0, 600_000), min_size=4, max_size=4),
-    budget=st.tuples(
-        st.sampled_from([0.0, 1e-9, 0.5e-6, 1.0]),  # CPU-s a byte written
-        st.sampled_from([0.0, 0.001, 0.25]),  # CPU-s allowed besides
-        st.sampled_from([0, 1, 2, 32]),  # bytes read a byte written
-        st.sampled_from([0, 65_536, 200_000]),  # bytes read allowed besides
-    ),
+    budget=st.sampled_from(sorted(BUDGETS)),
     level=st.sampled_from([1, 6, 9]),
     seed=st.integers(0, 2**32),
 )
-@example(  # every stretch stored
-    kinds=["zeros", "two letters", "random", "text"], sizes=[600_000] * 4, budget=(0.0, 0.0, 0, 0), level=9, seed=1
+@example(  # every stretch stored, or none
+    kinds=["zeros", "two letters", "random", "text"],
+    sizes=[600_000] * 4,
+    budget="past at once, by CPU",
+    level=9,
+    seed=1,
 )
-@example(  # deflated and stored in turn, as the ratio allows
-    kinds=["zeros", "text", "zeros", "two letters"], sizes=[600_000] * 4, budget=(1.0, 0.25, 2, 65_536), level=6, seed=2
+@example(
+    kinds=["zeros", "two letters", "random", "text"],
+    sizes=[600_000] * 4,
+    budget="past at once, by reads",
+    level=9,
+    seed=1,
+)
+@example(kinds=["zeros", "two letters", "zeros", "text"], sizes=[600_000] * 4, budget="never past", level=9, seed=1)
+@example(  # deflated and stored in turn, as the ratio allows, or as the CPU does
+    kinds=["zeros", "text", "zeros", "two letters"],
+    sizes=[600_000] * 4,
+    budget="reads 2:1 past 64 KiB",
+    level=6,
+    seed=2,
+)
+@example(
+    kinds=["two letters", "random", "two letters", "text"],
+    sizes=[600_000] * 4,
+    budget="CPU 0.2 s a MB past 20 ms",
+    level=9,
+    seed=3,
 )
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_deflated_stretches_switching_to_stored_blocks_anywhere_read_back_whole(
     tmp_path: Path,
     kinds: list[str],
     sizes: list[int],
-    budget: tuple[float, float, int, int],
+    budget: str,
     level: int,
     seed: int,
 ) -> None:
@@ -104,7 +137,9 @@ def test_deflated_stretches_switching_to_stored_blocks_anywhere_read_back_whole(
 
     Rendered by the producer program in this process, into a file: every entry
     reads back as its file, however its data switched between deflated and
-    stored stretches (Producer._deflate; helper 106).
+    stored stretches (Producer._deflate; helper 106).  Past its budget at once,
+    every entry is stored blocks (longer than its file); never past, files of
+    zeros deflate to almost nothing.
     """
     rng = random.Random(seed)
     makers = {
@@ -119,13 +154,24 @@ def test_deflated_stretches_switching_to_stored_blocks_anywhere_read_back_whole(
     plan = plan_of(album, level)
     stream = b"".join(i for i in instructions.instructions(plan, 0, 0, None) if not isinstance(i, CrcWait))
     with open(album.parent / f"{album.name}.zip", "w+b") as output:
-        producer = producer_program.Producer(
-            io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())
-        )
-        producer.cpu_per_byte, producer.cpu_allowance, producer.read_per_byte, producer.read_allowance = budget
+        source = io.BufferedReader(io.BytesIO(stream))
+        producer = producer_program.Producer(source, producer_output.Output(output.fileno()))
+        cpu_per_byte, cpu_allowance, read_per_byte, read_allowance = BUDGETS[budget]
+        producer.cpu_per_byte, producer.cpu_allowance = cpu_per_byte, time.process_time() + cpu_allowance
+        producer.read_per_byte, producer.read_allowance = read_per_byte, read_allowance
         producer.run()
         output.seek(0)
-        assert read_archive(output.read()) == files
+        archive = output.read()
+    assert read_archive(archive) == files
+    entries = zipfile.ZipFile(io.BytesIO(archive)).infolist()
+    if budget.startswith("past at once"):
+        assert all(entry.compress_size > entry.file_size for entry in entries if entry.file_size)
+    if budget == "never past":
+        assert all(
+            entry.compress_size < entry.file_size / 100 + 100
+            for entry in entries
+            if kinds[int(entry.filename[0])] == "zeros"
+        )
 
 
 async def test_runs_across_a_block_of_the_whole_entry_table_send_the_archive(storage: Path) -> None:

@@ -97,7 +97,7 @@ HOLE_BLOCK = 64 * 1024
 # scan, random "a" and "b") cost 2.7 CPU-s a MiB read, ~18 a MB sent, and a client that did not
 # read held that for its stall timeout (~24 CPU-s a request of 60 bytes); 64 MiB files of
 # zeros were read whole (1 GB each) for the 277 KB that fit in the buffers.  Ordinary data
-# costs less than either bound (text at level 6 ~0.3 CPU-s a MB sent, 3-5 bytes read a byte
+# costs less than either bound (text at level 6 ~0.3 CPU-s a MB sent, 3-10 bytes read a byte
 # written; photos ~0.02): 0.5 CPU-s a MB sent and a ratio of 32 are what a client can make
 # deflate cost.  Looked at every DEFLATE_STEP bytes read.
 DEFLATE_CPU_PER_BYTE = 0.5e-6
