@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             listener.close()
     except OSError as error:
         sys.exit(f"archiver: cannot listen on {config.bind[0]}: {error.strerror or error}")
-    logger.info("serving %s on %s:%d", os.path.abspath(settings.storage_dir), settings.host, settings.port)
+    # The bind as Hypercorn reads it: an IPv6 address in brackets ("[::1]:8080", not "::1:8080").
+    logger.info("serving %s on %s", os.path.abspath(settings.storage_dir), config.bind[0])
     shutdown_trigger = partial(_until_signalled, settings.shutdown_grace)
     try:
         trio.run(partial(serve, app, config, shutdown_trigger=shutdown_trigger))

@@ -133,6 +133,26 @@ async def test_console_script_serves_sample_data() -> None:
         await check_serves_sample_album(server.url)
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_console_script_serves_on_an_ipv6_address() -> None:
+    command = [sys.executable, "-m", "archiver", "-H", "::1", "-P", "0", "-D", "data"]
+    async with launched(command) as server:
+        assert server.url.startswith("http://[::1]:")
+        await check_serves_sample_album(server.url)
+    # The address as a URL and Hypercorn's --bind write it, not "::1:0"; the client's address as it is.
+    assert re.search(rb"INFO archiver\.cli: serving \S+/data on \[::1\]:0\n", server.output)
+    assert re.search(rb"download holiday-2024 for ::1: complete", server.output)
+
+
 async def test_verbose_logs_a_line_a_chunk() -> None:
     command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", "data", "-v"]
     async with launched(command) as server, httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url) as client:
