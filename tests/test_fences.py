@@ -1,6 +1,6 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/fences/``: ``hypercorn_h2.py`` (with ``hypercorn_h2_send.py``), ``hypercorn_h11.py``, ``hypercorn_tcp.py``,
+``archiver/fences/``: ``hypercorn_h2.py`` (with ``hypercorn_h2_send.py`` and ``hypercorn_h2_frames.py``), ``hypercorn_h11.py``, ``hypercorn_tcp.py``,
 ``hypercorn_access.py``,
 ``hypercorn_signals.py`` and ``quart_trio.py`` replace or wrap private parts of Hypercorn and
 Quart-Trio; ``workers = 0`` in hypercorn.toml works around a Hypercorn bug.  They were checked
@@ -16,9 +16,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import h2.connection as h2_connection_module
 import h2.errors
 import h2.events
+import h2.frame_buffer as h2_frame_buffer_module
 import h11._connection as h11_connection_module
+import hpack.hpack as hpack_module
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.config as hypercorn_config_module
 import hypercorn.events as hypercorn_events_module
@@ -109,10 +112,40 @@ def source_of(module: object) -> str:
                 "                    self.connection.close_connection()",
                 "            elif isinstance(event, h2.events.PriorityUpdated):\n"
                 "                await self._priority_updated(event)",
+                # ...and the tree is the send task's order (patch 12 leaves every stream a child of the root).
+                "stream_id = next(self.priority)",
+                "self.connection = h2.connection.H2Connection(",
                 # _create_stream decodes :method unchecked (patch 5 checks first).
                 "async def _create_stream(self, request: h2.events.RequestReceived) -> None:",
                 'method = value.decode("ascii").upper()',
             ],
+        ),
+        (
+            h2_frame_buffer_module,
+            [
+                # Patch 11: the buffer, the limit, and the check __next__ makes once the whole frame is in.
+                "self._data = bytearray()",
+                "self.max_frame_size = 0",
+                "    def _validate_frame_length(self, length: int) -> None:",
+                "        if len(self._data) < length + 9:\n            raise StopIteration\n\n"
+                "        # Confirm the frame has an appropriate length.\n        self._validate_frame_length(length)",
+            ],
+        ),
+        (
+            h2_connection_module,
+            [
+                # ...whose FrameTooLargeError (a ProtocolError) ends the connection with its code (GOAWAY).
+                "            for frame in self.incoming_buffer:",
+                "            self._terminate_connection(e.error_code)",
+                "self.incoming_buffer.max_frame_size = self.max_inbound_frame_size",
+                # Patch 13: the client's table size reaches the encoder through its setter, made in __init__.
+                "self.encoder = Encoder()",
+                "            self.encoder.header_table_size = setting.new_value",
+            ],
+        ),
+        (
+            hpack_module,
+            ["    def header_table_size(self, value: int) -> None:\n        self.header_table.maxsize = value"],
         ),
         (
             tcp_server_module,
@@ -270,6 +303,9 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert hypercorn_h2_module.H2Protocol._send_data.__module__ == "archiver.fences.hypercorn_h2_send"
     for name in ("stream_send", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
+    for name in ("_priority_updated", "__init__"):
+        assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2_frames"
+    assert h2_frame_buffer_module.FrameBuffer.__next__.__module__ == "archiver.fences.hypercorn_h2_frames"
     for name in ("run", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"
     for name in ("app_send", "handle", "_send_closed", "_send_error_response"):

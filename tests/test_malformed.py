@@ -27,6 +27,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
@@ -264,6 +265,69 @@ def test_requests_reset_in_their_batch_leave_nothing_in_the_priority_tree(servic
     assert [event.headers[0] for event in events if isinstance(event, h2.events.ResponseReceived)] == [
         (b":status", b"200")
     ]
+
+
+def priority_frame(stream_id: int, weight: int) -> bytes:
+    """PRIORITY (RFC 9113 6.3, deprecated in 5.3): ``stream_id`` depends on the root with ``weight``."""
+    return struct.pack(">I", 5)[1:] + b"\x02\x00" + struct.pack(">IIB", stream_id, 0, weight)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_priority_signals_are_ignored(service: Service) -> None:
+    # Helper 108 (CVE-2019-9513's shape): Hypercorn kept RFC 7540's priority tree, and with ~1,000
+    # streams made siblings each PRIORITY frame rebuilt their order, 1.36 ms of the event loop for
+    # 14 bytes: these 6,000 would have cost ~8 CPU-s.  The tree held 1,000 streams besides.
+    connection = h2_client()
+    nope = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
+    siblings = [100_001 + 2 * index for index in range(2_000)]
+    before = cpu_seconds(service.process.pid)
+    with socket.create_connection(service.address, timeout=30) as sock:
+        sock.sendall(connection.data_to_send())
+        sock.sendall(b"".join(priority_frame(stream_id, 15) for stream_id in siblings))
+        sock.sendall(b"".join(priority_frame(siblings[index % 1_000], 200) for index in range(6_000)))
+        healthz = connection.get_next_available_stream_id()
+        connection.send_headers(healthz, nope, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        events = h2_events(sock, connection, h2.events.StreamEnded)
+    assert [event.headers[0] for event in events if isinstance(event, h2.events.ResponseReceived)] == [
+        (b":status", b"200")
+    ]
+    assert cpu_seconds(service.process.pid) - before < 2  # ~0.1 s: 8,000 frames parsed
+
+
+def test_a_frame_longer_than_the_limit_ends_its_connection_at_its_header(service: Service) -> None:
+    # Helper 108: h2 checked a frame's length only once the whole frame had come: a header announcing
+    # 16 MiB had the server buffer 16 MiB first (64 connections: +1.1 GB of RSS, which stayed).
+    connection = h2_client()
+    with socket.create_connection(service.address, timeout=3) as sock:
+        sock.sendall(connection.data_to_send())
+        sock.sendall(struct.pack(">I", 0xFFFFFF)[1:] + b"\x00\x00" + struct.pack(">I", 1) + bytes(1000))
+        events = h2_events(sock, connection, h2.events.ConnectionTerminated)  # a TimeoutError: still waiting
+    assert [event.error_code for event in events if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    ]
+
+
+def test_a_client_offering_a_larger_hpack_table_is_answered_from_the_default_one(service: Service) -> None:
+    # Helper 108: a client's SETTINGS_HEADER_TABLE_SIZE of 2**32-1 had the server keep every header it
+    # sent on the connection: each redirect's Location, echoing a request target of up to 16 KiB.
+    connection = h2_client()
+    connection.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**32 - 1})
+    with socket.create_connection(service.address, timeout=10) as sock:
+        for index in range(3):
+            stream_id = connection.get_next_available_stream_id()
+            connection.send_headers(stream_id, [(":method", "GET"), (":path", f"/archive/small?{index}{'q' * 3000}"),
+                                                (":scheme", "http"), (":authority", "x")], end_stream=True)  # fmt: skip
+            sock.sendall(connection.data_to_send())
+            events = h2_events(sock, connection, h2.events.StreamEnded)
+            assert [
+                dict(event.headers)[b":status"] for event in events if isinstance(event, h2.events.ResponseReceived)
+            ] == [b"308"]
+    assert connection.decoder.header_table.maxsize <= 4096
 
 
 @pytest.mark.parametrize("path", [b"/healthz", b"?x"])  # a 405, a 400: both answered before the body

@@ -1,7 +1,8 @@
-"""Ten adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Thirteen adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 The send path (2 and 3, and what a stream's end learns of its bytes: ``undelivered``) is
-``hypercorn_h2_send``; ``install`` here installs all ten.
+``hypercorn_h2_send``; what a client's frames may cost (11-13) is ``hypercorn_h2_frames``;
+``install`` here installs all thirteen.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -163,7 +164,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState
 
 from ..logs import Quieted
-from . import client_errors, hypercorn_h2_send
+from . import client_errors, hypercorn_h2_frames, hypercorn_h2_send
 from .delivery import note_dropped
 from .hypercorn_h2_send import undelivered
 
@@ -185,6 +186,7 @@ def install() -> None:
     _release_buffers_on_close()
     _log_protocol_errors()
     _no_streams_after_close()
+    hypercorn_h2_frames.install()
     _bound_early_resets()  # last: it filters what the others see
     setattr(H2Protocol, _MARKER, True)
 
@@ -325,8 +327,6 @@ def _bound_early_resets() -> None:
             if isinstance(event, h2.events.RequestReceived) and event.stream_id in reset:
                 not_started += 1  # reset in the same batch: never started
                 continue
-            if isinstance(event, h2.events.PriorityUpdated) and event.stream_id in reset:
-                continue  # Hypercorn would make it a node of its priority tree, never removed (helper 85)
             if isinstance(event, h2.events.StreamReset):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None and getattr(stream, "state", None) is ASGIHTTPState.REQUEST:
