@@ -308,6 +308,25 @@ async def test_http2_stream_at_a_closed_window_is_reset_after_the_stall_timeout(
     assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 2
 
 
+async def test_small_answers_held_at_a_closed_window_are_reset_and_their_connection_closes(
+    attacked_storage: Path,
+) -> None:
+    # Helper 108: a 404 (98 bytes), the index page or /healthz to a client whose stream window is 0 could
+    # never end, so its connection was never idle: it held a connection slot for ever, for 85 bytes.
+    async with archiver_process(attacked_storage, stall_timeout="1") as server:
+        attacker = RawH2Client(await trio.open_tcp_stream(*address_of(server.url)))
+        attacker.connection.initiate_connection()
+        attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        await attacker.flush()
+        streams = {await attacker.get(path) for path in ("/archive/nope/", "/", "/healthz")}
+        with trio.fail_after(30):  # reset after the stall timeout, closed after the keep-alive timeout (5 s)
+            while await attacker.read_some():
+                pass
+        await normal_download_works(server.url, attacked_storage, "HTTP/2")
+    assert attacker.reset == streams and not attacker.ended
+    assert not any(attacker.received.values())
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_deflated_download_to_a_client_that_stops_reading_is_cut_at_the_stall_timeout(
     attacked_storage: Path, protocol: str

@@ -18,7 +18,7 @@ from ..archive.worker_threads import NoThread, in_thread
 from ..config import Settings
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
 from ..fences.quart_trio import connection_class
-from .connection import send_archive_response
+from .connection import response_sender
 from .limits import STALL_UNIT, connection_limit
 from .pages import PAGE_NOT_FOUND, error_page, unparsed_request_answer
 from .routes import Routes
@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> QuartTrio:
     else:
         logger.info("links: an album's name alone opens it (ARCHIVER_LINK_SECRET unset)")
     app = QuartTrio(__name__)
-    app.asgi_http_class = connection_class(send_archive_response)
+    app.asgi_http_class = connection_class(response_sender(settings.stall_timeout))
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
     # archive of a few GB on a slow link takes as long as it takes.
     app.config["RESPONSE_TIMEOUT"] = None

@@ -37,7 +37,7 @@ from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.producer_protocol import EXIT_OUT_OF_RESOURCES
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
-from ..fences.quart_trio import SendResponse
+from ..fences.quart_trio import SendResponse, Takeover
 from ..logs import Quieted
 from .download import ArchiveBody
 from .limits import (
@@ -70,6 +70,28 @@ _LOGGED_BY_THE_BODY = (
 RETRY_AFTER_SECONDS = 5
 # Storage that stopped answering is not back in seconds (and each try holds a thread for the storage timeout).
 STORAGE_RETRY_AFTER_SECONDS = 60
+
+
+def response_sender(stall_timeout: float) -> Takeover:
+    """How every response goes out (``fences.quart_trio``): an archive by ``send_archive_response``, any other
+    answer within ``stall_timeout`` (seconds).
+
+    Any other answer is small (a page, ``/healthz``, a redirect), but over HTTP/2 its end waits until
+    the client has taken its bytes: a client that keeps its flow-control window shut held the stream,
+    and so its connection and a connection slot, for ever (helper 108: 20 connections, 85 bytes each,
+    held every slot of ``ARCHIVER_MAX_CONNECTIONS=20``).  Cut, it is unfinished: its stream is reset
+    (``hypercorn_h2``), and the connection, idle, closes at the keep-alive timeout.
+    """
+
+    async def send_response_within(
+        send: ASGISendCallable, response: ResponseTypes, scope: HTTPScope, send_response: SendResponse
+    ) -> bool:
+        if not await send_archive_response(send, response, scope, send_response):
+            with trio.move_on_after(stall_timeout):
+                await send_response(send, response)
+        return True
+
+    return send_response_within
 
 
 async def send_archive_response(
@@ -118,7 +140,8 @@ async def send_archive_response(
         refusal = _refusal_for(body, failure, _accept_header(scope["headers"]))
         if refusal is None:
             raise
-        await send_response(send, refusal)
+        with trio.move_on_after(body.stall_timeout):  # as any small answer (response_sender)
+            await send_response(send, refusal)
         return True
     return True
 
