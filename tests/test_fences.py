@@ -1,6 +1,7 @@
 """The fences around other libraries' internals: fail loudly when an upgrade moves what they lean on.
 
-``archiver/fences/``: ``hypercorn_h2.py`` (with ``hypercorn_h2_send.py`` and ``hypercorn_h2_frames.py``), ``hypercorn_h11.py``, ``hypercorn_tcp.py``,
+``archiver/fences/``: ``hypercorn_h2.py`` (with ``hypercorn_h2_send.py`` and ``hypercorn_h2_frames.py``),
+``hypercorn_h11.py``, ``hypercorn_tcp.py``,
 ``hypercorn_access.py``,
 ``hypercorn_signals.py`` and ``quart_trio.py`` replace or wrap private parts of Hypercorn and
 Quart-Trio; ``workers = 0`` in hypercorn.toml works around a Hypercorn bug.  They were checked
