@@ -408,6 +408,28 @@ def test_connection_closes_when_http_says_it_must(service: Service, request_byte
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding:\r\n chunked\r\n",  # obsolete line folding
+    ],
+    ids=["length-first", "chunked-first", "folded"],
+)
+def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(service: Service, framing: bytes) -> None:
+    # Helper 108: h11 framed such a request by Transfer-Encoding and kept the connection, where RFC 9112
+    # 6.3 says the server MUST close after answering it (a front that framed it by Content-Length would
+    # take the bytes after the chunked body for the next request: smuggling).
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n")
+        sock.sendall(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")  # no half-close
+        answer = b""
+        while chunk := sock.recv(65536):  # a TimeoutError here fails the test: the connection stayed open
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+
+
 # Finding 8: a header over the README's 16 KiB limit was accepted over HTTP/1.1.
 @pytest.mark.parametrize("size", [20_000, 65_000])
 def test_headers_over_16_kib_get_431(service: Service, size: int) -> None:
