@@ -15,6 +15,7 @@ KINDS = (
     "http2_protocol_error",  # a connection closed for a protocol error (hypercorn_h2 patch 8)
     "http2_stream_not_started",  # a request reset in its own batch of frames (hypercorn_h2 patch 10)
     "http2_reset_flood",  # a connection closed for resetting streams before their answer (patch 10)
+    "http2_frame_flood",  # a connection closed for frames that ask nothing, past its budget (patch 14)
     "connection_error",  # a connection ended by an error nothing else caught (hypercorn_tcp)
 )
 COUNTS: dict[str, int] = dict.fromkeys(KINDS, 0)

@@ -1,8 +1,8 @@
-"""Thirteen adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
+"""Fourteen adjustments to Hypercorn's HTTP/2 protocol (0.17-0.18), installed once per process.
 
 The send path (2 and 3, and what a stream's end learns of its bytes: ``undelivered``) is
-``hypercorn_h2_send``; what a client's frames may cost (11-13) is ``hypercorn_h2_frames``;
-``install`` here installs all thirteen.
+``hypercorn_h2_send``; what a client's frames may cost (11-14) is ``hypercorn_h2_frames``;
+``install`` here installs all fourteen.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -186,8 +186,8 @@ def install() -> None:
     _release_buffers_on_close()
     _log_protocol_errors()
     _no_streams_after_close()
-    hypercorn_h2_frames.install()
-    _bound_early_resets()  # last: it filters what the others see
+    _bound_early_resets()  # it filters what the others see
+    hypercorn_h2_frames.install()  # last: its budget counts every frame
     setattr(H2Protocol, _MARKER, True)
 
 

@@ -1,4 +1,4 @@
-"""What a client's HTTP/2 frames may cost (h2 4.x, Hypercorn 0.17-0.18): patches 11-13 of ``hypercorn_h2``.
+"""What a client's HTTP/2 frames may cost (h2 4.x, Hypercorn 0.17-0.18): patches 11-14 of ``hypercorn_h2``.
 
 11. Refuse an overlong frame at its header.
 
@@ -34,31 +34,76 @@ table holds it: the ``Location`` of each redirect, echoing a request target of
 up to 16 KiB (helper 108: 300 requests kept 4.5 MB a connection, against 0.9
 at the default).  RFC 7541 section 4.2 lets the encoder use less than the
 decoder allows; this one uses at most the default's 4,096 bytes.
+
+14. A budget for frames that ask for nothing.
+
+SETTINGS, PING, PRIORITY, frames of unknown types, empty DATA and WINDOW_UPDATE
+are each parsed and acted on by h2 and Hypercorn in Python, ~5-10 us a frame,
+and one read of 64 KiB of them held the event loop ~45 ms: one connection
+sending them at 8-15 MB/s kept a core busy and a 50 MB download beside it took
+4.5 s instead of 0.05 (helper 108; CVE-2019-9512, -9515, -9518's shapes).  Here
+a connection may send ``CONTROL_FRAMES``, ``CONTROL_FRAMES_PER_STREAM`` more for
+each request and ``CONTROL_FRAMES_PER_SECOND`` of its life; and WINDOW_UPDATEs,
+``WINDOW_UPDATES`` and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame it
+was sent (as Envoy bounds them: a client opens the window as it reads).  Past
+either, it is closed with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream it
+opened, its downloads with it; one WARNING at most every 10 s, counted
+(``http2_frame_flood``).  A browser sends a few SETTINGS and PINGs a connection
+and a PRIORITY_UPDATE (an unknown type here) a request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import h2.errors
 import h2.events
+import trio
 from h2.frame_buffer import FrameBuffer
 from hpack import Encoder
+from hypercorn.events import Closed
 from hypercorn.protocol.h2 import H2Protocol
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from ..logs import Quieted
+from . import client_errors
+from .hypercorn_h2_send import DATA_FRAMES_SENT
 
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
 ENCODER_TABLE_BYTES = 4096
 _FRAME_HEADER_BYTES = 9
+# Frames that ask for nothing a connection may send (patch 14): at once, for each request, each second.
+CONTROL_FRAMES = 1_000
+CONTROL_FRAMES_PER_STREAM = 100
+CONTROL_FRAMES_PER_SECOND = 10
+# WINDOW_UPDATEs a connection may send: at once, and for each DATA frame it was sent.
+WINDOW_UPDATES = 1_000
+WINDOW_UPDATES_PER_DATA_FRAME = 4
+_FRAMES = "_archiver_frames"
+_flood_lines = Quieted(logging.getLogger(__name__), logging.WARNING)
 
 
 def install() -> None:
     """Patch h2's frame buffer and Hypercorn's H2Protocol (called by ``hypercorn_h2.install``, once)."""
-    _refuse_overlong_frames_at_their_header()
+    _watch_the_frame_buffer()
     _ignore_priority_signals()
     _bound_the_encoder_table()
+    _budget_frames_that_ask_nothing()
 
 
-def _refuse_overlong_frames_at_their_header() -> None:
+def _watch_the_frame_buffer() -> None:
+    """Patch 11, and the count of patch 14."""
     original: Callable[[FrameBuffer], Any] = FrameBuffer.__next__
 
     def __next__(self: FrameBuffer) -> Any:
@@ -67,7 +112,14 @@ def _refuse_overlong_frames_at_their_header() -> None:
             # The 24-bit length leads the header (RFC 9113 section 4.1); raising FrameTooLargeError
             # here makes h2 end the connection with FRAME_SIZE_ERROR, as it would for the whole frame.
             self._validate_frame_length(int.from_bytes(data[:3], "big"))
-        return original(self)
+        frame = original(self)
+        # A server's connection (patch 14).  h2's __next__ calls itself past a CONTINUATION: the
+        # frame it returns then comes through here twice, and is counted once.
+        counts = getattr(self, _FRAMES, None)
+        if counts is not None and frame is not counts.last:
+            counts.last = frame
+            _count(counts, frame)
+        return frame
 
     FrameBuffer.__next__ = __next__  # type: ignore[method-assign]
 
@@ -100,5 +152,68 @@ def _bound_the_encoder_table() -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self.connection.encoder = _BoundedEncoder()  # before any SETTINGS of the client's
+        # Counted by the connection's frame buffer, read by the protocol.
+        counts = _FrameCounts(trio.current_time())
+        setattr(self.connection.incoming_buffer, _FRAMES, counts)
+        setattr(self, _FRAMES, counts)
 
     H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+
+
+@dataclass
+class _FrameCounts:
+    """What a connection's client sent so far that asked for nothing (patch 14), counted as h2 parses it."""
+
+    started: float  # trio time
+    control: int = 0
+    window_updates: int = 0
+    last: object = None  # the frame counted last
+
+
+# Counted as parsed, not by h2's events: h2 makes none of some (a WINDOW_UPDATE or empty DATA for a
+# closed stream), and they cost their parsing all the same.  RST_STREAM too: one a request at most.
+_CONTROL_FRAMES = (SettingsFrame, PingFrame, PriorityFrame, RstStreamFrame, ExtensionFrame)
+
+
+def _count(counts: _FrameCounts, frame: Any) -> None:
+    if isinstance(frame, _CONTROL_FRAMES) or (
+        isinstance(frame, DataFrame) and not frame.data and "END_STREAM" not in frame.flags
+    ):
+        counts.control += 1
+    elif isinstance(frame, WindowUpdateFrame):
+        counts.window_updates += 1
+
+
+def _over_budget(protocol: Any, counts: _FrameCounts) -> bool:
+    age = trio.current_time() - counts.started
+    requests = protocol.keep_alive_requests
+    control_allowed = CONTROL_FRAMES + CONTROL_FRAMES_PER_STREAM * requests + CONTROL_FRAMES_PER_SECOND * age
+    data_frames = getattr(protocol.connection, DATA_FRAMES_SENT, 0)
+    window_updates_allowed = WINDOW_UPDATES + WINDOW_UPDATES_PER_DATA_FRAME * data_frames
+    return counts.control > control_allowed or counts.window_updates > window_updates_allowed
+
+
+def _budget_frames_that_ask_nothing() -> None:
+    original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+
+    async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        counts: _FrameCounts | None = getattr(self, _FRAMES, None)  # None: a protocol not made by __init__
+        if counts is None or not _over_budget(self, counts) or getattr(self, "closed", False):
+            await original(self, events)
+            return
+        client_errors.count("http2_frame_flood")
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+        _flood_lines.log(
+            "HTTP/2 connection from %s closed: %d frames that ask for nothing and %d WINDOW_UPDATEs in %.1f s",
+            peer,
+            counts.control,
+            counts.window_updates,
+            trio.current_time() - counts.started,
+        )
+        self.connection.close_connection(
+            error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.connection.highest_inbound_stream_id
+        )
+        await self._flush()
+        await self.send(Closed())
+
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
