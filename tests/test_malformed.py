@@ -344,6 +344,32 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     assert len(lines) <= 1 and all(b"WARNING" in line and b"ask for nothing" in line for line in lines), lines
 
 
+def test_a_client_that_opens_its_windows_for_every_frame_it_reads_is_served_whole(service: Service) -> None:
+    # The budget's other side: two WINDOW_UPDATEs for the stream and one for the connection after every
+    # DATA frame (more than usual clients send: they mostly wait for half a window) stay within it.
+    connection = h2_client()
+    request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    received, length, ended = 0, -1, False
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        while not ended and (data := sock.recv(65536)):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    length = int(dict(event.headers)[b"content-length"])
+                elif isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                    received += len(event.data)
+                    half = event.flow_controlled_length // 2  # the stream's window in two steps
+                    for increment in (half, event.flow_controlled_length - half):
+                        if increment:
+                            connection.increment_flow_control_window(increment, 1)
+                    connection.increment_flow_control_window(event.flow_controlled_length)
+                ended = ended or isinstance(event, (h2.events.StreamEnded, h2.events.ConnectionTerminated))
+            sock.sendall(connection.data_to_send())
+    assert received == length > 16_000_000
+    assert connection.state_machine.state is not h2.connection.ConnectionState.CLOSED
+
+
 def test_a_frame_longer_than_the_limit_ends_its_connection_at_its_header(service: Service) -> None:
     # Helper 108: h2 checked a frame's length only once the whole frame had come: a header announcing
     # 16 MiB had the server buffer 16 MiB first (64 connections: +1.1 GB of RSS, which stayed).

@@ -61,7 +61,7 @@ _NO_FLAGS = 0
 _DROPPED = "_archiver_dropped"  # a stream buffer some of whose bytes were never written
 _IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a trio.Event set once it ended
 SEND_BATCH = 512 * 1024
-DATA_FRAMES_SENT = "_archiver_data_frames_sent"  # on an H2Connection: the DATA frames framed for it
+DATA_BYTES_SENT = "_archiver_data_bytes_sent"  # on an H2Connection: the DATA framed for it, in bytes
 # Seconds a stream's end waits for a write in flight to learn if its bytes went (``undelivered``).
 IN_FLIGHT_WAIT = 0.5
 
@@ -217,7 +217,7 @@ def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearr
         length = len(payload)
         parts += (_FRAME_HEADER.pack(length >> 8, length & 0xFF, _DATA_FRAME, _NO_FLAGS, stream_id), payload)
     # What a client may answer with WINDOW_UPDATEs (``hypercorn_h2_frames``, patch 14).
-    setattr(connection, DATA_FRAMES_SENT, getattr(connection, DATA_FRAMES_SENT, 0) + 1 + -(-len(rest) // frame_size))
+    setattr(connection, DATA_BYTES_SENT, getattr(connection, DATA_BYTES_SENT, 0) + len(data))
     connection.outbound_flow_control_window -= len(rest)
     connection.streams[stream_id].outbound_flow_control_window -= len(rest)
     return parts
