@@ -113,12 +113,17 @@ def _watch_the_frame_buffer() -> None:
             # The 24-bit length leads the header (RFC 9113 section 4.1); raising FrameTooLargeError
             # here makes h2 end the connection with FRAME_SIZE_ERROR, as it would for the whole frame.
             self._validate_frame_length(int.from_bytes(data[:3], "big"))
-        frame = original(self)
-        # A server's connection (patch 14).  h2's __next__ calls itself past a CONTINUATION: the
-        # frame it returns then comes through here twice, and is counted once.
-        counts = getattr(self, _FRAMES, None)
-        if counts is not None and frame is not counts.last:
-            counts.last = frame
+        counts = getattr(self, _FRAMES, None)  # a server's connection (patch 14)
+        if counts is None:
+            return original(self)
+        # h2's __next__ calls itself past a CONTINUATION: the frame it returns then comes through
+        # here twice, and is counted by the outer call only.
+        counts.nested += 1
+        try:
+            frame = original(self)
+        finally:
+            counts.nested -= 1
+        if not counts.nested:
             _count(counts, frame)
         return frame
 
@@ -168,7 +173,7 @@ class _FrameCounts:
     started: float  # trio time
     control: int = 0
     window_updates: int = 0
-    last: object = None  # the frame counted last
+    nested: int = 0  # calls of FrameBuffer.__next__ in progress
 
 
 # Counted as parsed, not by h2's events: h2 makes none of some (a WINDOW_UPDATE or empty DATA for a
