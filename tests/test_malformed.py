@@ -492,13 +492,18 @@ def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(service:
     # Helper 108: h11 framed such a request by Transfer-Encoding and kept the connection, where RFC 9112
     # 6.3 says the server MUST close after answering it (a front that framed it by Content-Length would
     # take the bytes after the chunked body for the next request: smuggling).
-    with socket.create_connection(service.address, timeout=5) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n")
-        sock.sendall(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")  # no half-close
-        answer = b""
-        while chunk := sock.recv(65536):  # a TimeoutError here fails the test: the connection stayed open
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+    for _ in range(10):
+        with socket.create_connection(service.address, timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n")
+            sock.sendall(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")  # no half-close
+            answer = b""
+            while chunk := sock.recv(65536):  # a TimeoutError here fails the test: the connection stayed open
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+    polite_request_works(service)  # the lines of those connections are written by now
+    # Helper 109: the close from the app's task read what the client still sent, and the reading
+    # task, woken, found the socket busy (2 in 9): a WARNING for an error that was none.
+    assert b"BusyResourceError" not in service.output
 
 
 # Finding 8: a header over the README's 16 KiB limit was accepted over HTTP/1.1.

@@ -100,6 +100,7 @@ logger = logging.getLogger(__name__)
 
 _MARKER = "_archiver_adjusted"
 _READ_DONE = "_archiver_read_done"
+_LINGERING = "_archiver_lingering"  # set on a TCPServer once _close_lingering reads
 # Seconds between two "connection limit reached" warnings.
 REFUSAL_LOG_INTERVAL = 10.0
 # Seconds a connection's close may take (a TLS close_notify to a peer that does not read).
@@ -236,9 +237,10 @@ async def _close_lingering(server: Any) -> None:
     turned its 431 into "connection reset".  So once our side is shut
     (``send_eof``), what arrives is read and dropped until the client closes,
     for LINGER_SECONDS and LINGER_BYTES at most, as nginx's ``lingering_close``
-    does.  Only where this task may read: the reading task's own closes (a
-    request h11 refuses); another task's (a response's end) finds the stream
-    busy and closes at once, as before.
+    does.  From another task than the reader (a response's end), the reader
+    may be reading: this finds the stream busy and closes at once; or the
+    reader comes back to its socket while this reads, finds it busy, and ends
+    (``_stop_idle_timer_at_eof``).
     """
     try:
         await server.stream.send_eof()
@@ -247,6 +249,7 @@ async def _close_lingering(server: Any) -> None:
     except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
         await server.stream.aclose()  # gone already, or another task is at it
         return
+    setattr(server, _LINGERING, True)  # the reading task may find the stream busy from now on
     with trio.move_on_after(LINGER_SECONDS):
         try:
             dropped = 0
@@ -261,7 +264,14 @@ def _stop_idle_timer_at_eof() -> None:
     original: Callable[[Any], Awaitable[None]] = TCPServer._read_data
 
     async def _read_data(self: Any) -> None:
-        await original(self)
+        try:
+            await original(self)
+        except trio.BusyResourceError:
+            if not getattr(self, _LINGERING, False):
+                raise
+            # Another task's close (a response's end) reads what the client still sends
+            # (_close_lingering), and closes: this reader's part is over (helper 109: a WARNING
+            # for an error that was none, in 2 of 9 closes after a request refused with "close").
         # The client's side has ended (it closed, or the read failed): nothing more can come, and
         # the connection ends once its responses have.  Hypercorn's keep-alive timer, restarted by
         # the last response, kept it (a descriptor and a connection slot, in CLOSE-WAIT) for the

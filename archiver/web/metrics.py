@@ -41,7 +41,8 @@ class ClientErrors(Collector):
             "archiver_client_errors",
             "What clients sent that the protocols refused, by kind (this process's, whatever app): requests "
             "HTTP/1.1 cannot parse, HTTP/2 streams with a malformed :method or :path, HTTP/2 connections closed "
-            "for a protocol error or for resetting streams before their answer, HTTP/2 requests reset before "
+            "for a protocol error, for resetting streams before their answer or for frames that ask for nothing "
+            "past their budget, HTTP/2 requests reset before "
             "they started, connections ended by an unexpected error (a client's doing or a bug). Their log lines are "
             "quieted; these are not.",
             labels=["kind"],
