@@ -44,8 +44,10 @@ sending them at 8-15 MB/s kept a core busy and a 50 MB download beside it took
 4.5 s instead of 0.05 (helper 108; CVE-2019-9512, -9515, -9518's shapes).  Here
 a connection may send ``CONTROL_FRAMES``, ``CONTROL_FRAMES_PER_STREAM`` more for
 each request and ``CONTROL_FRAMES_PER_SECOND`` of its life; and WINDOW_UPDATEs,
-``WINDOW_UPDATES`` and ``WINDOW_UPDATES_PER_16_KIB`` for each 16 KiB of DATA it
-was sent (as Envoy bounds them, by DATA frames: a client opens the window as it reads).  Past
+``WINDOW_UPDATES`` and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame it
+was sent (as Envoy bounds them: a client opens the window as it reads; a
+frame over 16 KiB counts as one a 16 KiB, one under 1 KiB in part, so that a
+window opened a byte at a time, each byte a frame, does not pay for itself).  Past
 either, it is closed with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream it
 opened, its downloads with it; one WARNING at most every 10 s, counted
 (``http2_frame_flood``).  A browser sends a few SETTINGS and PINGs a connection
@@ -78,7 +80,7 @@ from hyperframe.frame import (
 
 from ..logs import Quieted
 from . import client_errors
-from .hypercorn_h2_send import DATA_BYTES_SENT
+from .hypercorn_h2_send import DATA_FRAMES_SENT
 
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
 ENCODER_TABLE_BYTES = 4096
@@ -87,10 +89,10 @@ _FRAME_HEADER_BYTES = 9
 CONTROL_FRAMES = 1_000
 CONTROL_FRAMES_PER_STREAM = 100
 CONTROL_FRAMES_PER_SECOND = 10
-# WINDOW_UPDATEs a connection may send: at once, and for each 16 KiB of DATA it was sent (a frame of
-# the default size: counted by bytes, a client that allows larger frames may still open its window as often).
+# WINDOW_UPDATEs a connection may send: at once, and for each DATA frame it was sent (a frame over
+# 16 KiB counts as one a 16 KiB, one under 1 KiB in part: ``hypercorn_h2_send._data_frames``).
 WINDOW_UPDATES = 1_000
-WINDOW_UPDATES_PER_16_KIB = 4
+WINDOW_UPDATES_PER_DATA_FRAME = 4
 _FRAMES = "_archiver_frames"
 _flood_lines = Quieted(logging.getLogger(__name__), logging.WARNING)
 
@@ -194,8 +196,8 @@ def _over_budget(protocol: Any, counts: _FrameCounts) -> bool:
     age = trio.current_time() - counts.started
     requests = protocol.keep_alive_requests
     control_allowed = CONTROL_FRAMES + CONTROL_FRAMES_PER_STREAM * requests + CONTROL_FRAMES_PER_SECOND * age
-    data_sent = getattr(protocol.connection, DATA_BYTES_SENT, 0)
-    window_updates_allowed = WINDOW_UPDATES + WINDOW_UPDATES_PER_16_KIB * data_sent / 16384
+    data_frames = getattr(protocol.connection, DATA_FRAMES_SENT, 0)
+    window_updates_allowed = WINDOW_UPDATES + WINDOW_UPDATES_PER_DATA_FRAME * data_frames
     return counts.control > control_allowed or counts.window_updates > window_updates_allowed
 
 
