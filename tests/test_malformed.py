@@ -277,28 +277,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def test_priority_signals_are_ignored(service: Service) -> None:
+def test_priority_signals_cost_their_parsing_only(service: Service) -> None:
     # Helper 108 (CVE-2019-9513's shape): Hypercorn kept RFC 7540's priority tree, and with ~1,000
     # streams made siblings each PRIORITY frame rebuilt their order, 1.36 ms of the event loop for
-    # 14 bytes.  The tree held 1,000 streams at most: past it, the connection ended (helper 85).
+    # 14 bytes.  Ignored now (tests/test_fences.py checks no node is made), and within the budget of
+    # frames that ask for nothing (patch 14), these cost their parsing.
     connection = h2_client()
     healthz = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
     before = cpu_seconds(service.process.pid)
     with socket.create_connection(service.address, timeout=30) as sock:
-        for _ in range(10):  # each request allows more frames that ask nothing (patch 14)
-            connection.send_headers(connection.get_next_available_stream_id(), healthz, end_stream=True)
-            sock.sendall(connection.data_to_send())
-            h2_events(sock, connection, h2.events.StreamEnded)
-        siblings = [100_001 + 2 * index for index in range(1_200)]
+        sock.sendall(connection.data_to_send())
+        siblings = [100_001 + 2 * index for index in range(600)]
         sock.sendall(b"".join(priority_frame(stream_id, 15) for stream_id in siblings))
-        sock.sendall(b"".join(priority_frame(siblings[index % 1_000], 200) for index in range(600)))
+        sock.sendall(b"".join(priority_frame(siblings[index % 600], 200) for index in range(300)))
         connection.send_headers(connection.get_next_available_stream_id(), healthz, end_stream=True)
         sock.sendall(connection.data_to_send())
         events = h2_events(sock, connection, h2.events.StreamEnded)
     assert [event.headers[0] for event in events if isinstance(event, h2.events.ResponseReceived)] == [
         (b":status", b"200")
     ]
-    assert cpu_seconds(service.process.pid) - before < 1  # ~0.05 s: 1,800 frames parsed, 11 requests
+    assert cpu_seconds(service.process.pid) - before < 1  # ~0.02 s: 900 frames parsed, a request
 
 
 def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -311,6 +309,8 @@ FRAMES_THAT_ASK_NOTHING = {
     "priority": priority_frame(1, 15),
     "unknown": raw_frame(0x20, 0, 0),
     "empty-data": raw_frame(0x0, 0, 1),  # on the open stream of a request whose body never comes
+    "one-byte-data": raw_frame(0x0, 0, 1, b"x"),  # its window given back: it could go on for ever (helper 110)
+    "altsvc": raw_frame(0xA, 0, 0, b"\x00\x00"),  # h2 ignores it from a client, and makes no event
     "window-update": raw_frame(0x8, 0, 0, struct.pack(">I", 1)),
     "window-update-closed-stream": raw_frame(0x8, 0, 1, struct.pack(">I", 1)),  # h2 makes no event of it
 }
@@ -325,7 +325,7 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     before = client_errors_of(service)
     with socket.create_connection(service.address, timeout=10) as sock:
         port = sock.getsockname()[1]
-        connection.send_headers(1, healthz, end_stream=kind != "empty-data")
+        connection.send_headers(1, healthz, end_stream=not kind.endswith("-data"))
         sock.sendall(connection.data_to_send())
         answered = h2_events(sock, connection, h2.events.ResponseReceived)
         # Within the budget, and past it: one write each.
@@ -342,6 +342,24 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     polite_request_works(service)
     lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} closed".encode() in line]
     assert len(lines) <= 1 and all(b"WARNING" in line and b"ask for nothing" in line for line in lines), lines
+    assert b"WARNING archiver.fences.hypercorn_h2_frames: HTTP/2 connection from 127.0.0.1:" in service.output
+
+
+def test_a_connection_banks_no_burst_of_frames_that_ask_for_nothing(service: Service) -> None:
+    # Helper 110: the allowance grew with each request and second, uncapped: a connection that had made
+    # 30 requests could then hold the event loop with 4,000 frames at once.  The bucket holds 1,000.
+    connection = h2_client()
+    healthz = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        for _ in range(30):
+            connection.send_headers(connection.get_next_available_stream_id(), healthz, end_stream=True)
+            sock.sendall(connection.data_to_send())
+            h2_events(sock, connection, h2.events.StreamEnded)
+        sock.sendall(FRAMES_THAT_ASK_NOTHING["ping"] * 2 * hypercorn_h2_frames.CONTROL_FRAMES)
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
 
 
 @pytest.mark.parametrize("window", [65_535, 4_096])
@@ -366,8 +384,10 @@ def test_a_client_that_opens_its_windows_for_every_frame_it_reads_is_served_whol
                     received += len(event.data)
                     half = event.flow_controlled_length // 2  # the stream's window in two steps
                     for increment in (half, event.flow_controlled_length - half):
-                        if increment:
-                            connection.increment_flow_control_window(increment, 1)
+                        # The last DATA and the END_STREAM may come in one read: the stream is closed then.
+                        with contextlib.suppress(h2.exceptions.StreamClosedError):
+                            if increment:
+                                connection.increment_flow_control_window(increment, 1)
                     connection.increment_flow_control_window(event.flow_controlled_length)
                 ended = ended or isinstance(event, (h2.events.StreamEnded, h2.events.ConnectionTerminated))
             sock.sendall(connection.data_to_send())
@@ -497,14 +517,17 @@ def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(service:
     # Helper 108: h11 framed such a request by Transfer-Encoding and kept the connection, where RFC 9112
     # 6.3 says the server MUST close after answering it (a front that framed it by Content-Length would
     # take the bytes after the chunked body for the next request: smuggling).
-    for _ in range(10):
+    for attempt in range(10):
+        padding = b"X-Padding: %b\r\n" % (b"a" * 20_000) if attempt == 0 else b""  # a 431's head too (helper 110)
         with socket.create_connection(service.address, timeout=5) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + padding + framing + b"\r\n0\r\n\r\n")
             sock.sendall(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")  # no half-close
             answer = b""
             while chunk := sock.recv(65536):  # a TimeoutError here fails the test: the connection stayed open
                 answer += chunk
-        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+        # With the padding, h11 may refuse the head itself if it came in pieces: its 431 closes too.
+        assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ") if padding else b"HTTP/1.1 400 ")
+        assert answer.count(b"HTTP/1.1 ") == 1
     polite_request_works(service)  # the lines of those connections are written by now
     # Helper 109: the close from the app's task read what the client still sent, and the reading
     # task, woken, found the socket busy (2 in 9): a WARNING for an error that was none.

@@ -166,6 +166,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState
 from ..logs import Quieted
 from . import client_errors, hypercorn_h2_frames, hypercorn_h2_send
 from .delivery import note_dropped
+from .hypercorn_h2_frames import LAST_STARTED
 from .hypercorn_h2_send import undelivered
 
 _UNFINISHED = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
@@ -304,7 +305,6 @@ def _no_streams_after_close() -> None:
 EARLY_RESETS = 100
 EARLY_RESETS_PER_SECOND = 10.0
 _RESET_BUDGET = "_archiver_reset_budget"  # (budget left, trio time it was counted, resets so far)
-_LAST_STARTED = "_archiver_last_started"  # the highest stream id given to _create_stream
 _calm_lines = Quieted(logger, logging.WARNING)
 
 
@@ -313,7 +313,7 @@ def _bound_early_resets() -> None:
     original_create: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
 
     async def _create_stream(self: Any, request: Any) -> None:
-        setattr(self, _LAST_STARTED, max(getattr(self, _LAST_STARTED, 0), request.stream_id))
+        setattr(self, LAST_STARTED, max(getattr(self, LAST_STARTED, 0), request.stream_id))
         await original_create(self, request)
 
     async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
@@ -348,7 +348,7 @@ def _bound_early_resets() -> None:
             _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, so_far)
             # The last stream acted on: a client may retry those of the batch dropped (RFC 9113 6.8).
             self.connection.close_connection(
-                error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=getattr(self, _LAST_STARTED, 0)
+                error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=getattr(self, LAST_STARTED, 0)
             )
             await self._flush()
             await self.send(Closed())

@@ -37,21 +37,26 @@ decoder allows; this one uses at most the default's 4,096 bytes.
 
 14. A budget for frames that ask for nothing.
 
-SETTINGS, PING, PRIORITY, frames of unknown types, empty DATA and WINDOW_UPDATE
-are each parsed and acted on by h2 and Hypercorn in Python, ~5-10 us a frame,
-and one read of 64 KiB of them held the event loop ~45 ms: one connection
-sending them at 8-15 MB/s kept a core busy and a 50 MB download beside it took
-4.5 s instead of 0.05 (helper 108; CVE-2019-9512, -9515, -9518's shapes).  Here
-a connection may send ``CONTROL_FRAMES``, ``CONTROL_FRAMES_PER_STREAM`` more for
-each request and ``CONTROL_FRAMES_PER_SECOND`` of its life; and WINDOW_UPDATEs,
-``WINDOW_UPDATES`` and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame it
-was sent (as Envoy bounds them: a client opens the window as it reads; a
-frame over 16 KiB counts as one a 16 KiB, one under 1 KiB in part, so that a
-window opened a byte at a time, each byte a frame, does not pay for itself).  Past
-either, it is closed with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream it
-opened, its downloads with it; one WARNING at most every 10 s, counted
-(``http2_frame_flood``).  A browser sends a few SETTINGS and PINGs a connection
-and a PRIORITY_UPDATE (an unknown type here) a request.
+Every frame but a request's HEADERS and DATA that carries a body (SETTINGS,
+PING, PRIORITY, RST_STREAM, ALTSVC, unknown types, empty or tiny DATA) is
+parsed and acted on by h2 and Hypercorn in Python, ~5-10 us a frame, and one
+read of 64 KiB of them held the event loop ~45 ms: one connection sending
+them at 8-15 MB/s kept a core busy and a 50 MB download beside it took 4.5 s
+instead of 0.05 (helper 108; CVE-2019-9512, -9515, -9518's shapes).  Here a
+connection has a bucket of ``CONTROL_FRAMES`` of them, which each request
+refills by ``CONTROL_FRAMES_PER_STREAM`` and each second by
+``CONTROL_FRAMES_PER_SECOND``, never above ``CONTROL_FRAMES``: a connection
+that lives long banks no burst (helper 110).  WINDOW_UPDATEs have one of their
+own, ``WINDOW_UPDATES``, refilled by ``WINDOW_UPDATES_PER_STREAM`` a request
+and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame the connection was
+sent (Envoy's shape, whose defaults are 2 a stream and 10 a frame: a client
+opens its window as it reads; here a frame over 16 KiB counts as one a 16 KiB
+and one under 1 KiB in part, so that a window opened a byte at a time, each
+byte a frame, does not pay for itself).  A connection past either is closed
+with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream started, its downloads
+with it; one WARNING at most every 10 s, counted (``http2_frame_flood``).  A
+browser sends a few SETTINGS and PINGs a connection and a PRIORITY_UPDATE (an
+unknown type here) a request.
 """
 
 from __future__ import annotations
@@ -68,15 +73,7 @@ from h2.frame_buffer import FrameBuffer
 from hpack import Encoder
 from hypercorn.events import Closed
 from hypercorn.protocol.h2 import H2Protocol
-from hyperframe.frame import (
-    DataFrame,
-    ExtensionFrame,
-    PingFrame,
-    PriorityFrame,
-    RstStreamFrame,
-    SettingsFrame,
-    WindowUpdateFrame,
-)
+from hyperframe.frame import DataFrame, HeadersFrame, WindowUpdateFrame
 
 from ..logs import Quieted
 from . import client_errors
@@ -85,14 +82,19 @@ from .hypercorn_h2_send import DATA_FRAMES_SENT
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
 ENCODER_TABLE_BYTES = 4096
 _FRAME_HEADER_BYTES = 9
-# Frames that ask for nothing a connection may send (patch 14): at once, for each request, each second.
+# Frames that ask for nothing a connection may send (patch 14): at once (at most), for each request, each second.
 CONTROL_FRAMES = 1_000
 CONTROL_FRAMES_PER_STREAM = 100
 CONTROL_FRAMES_PER_SECOND = 10
-# WINDOW_UPDATEs a connection may send: at once, and for each DATA frame it was sent (a frame over
-# 16 KiB counts as one a 16 KiB, one under 1 KiB in part: ``hypercorn_h2_send._data_frames``).
+# WINDOW_UPDATEs a connection may send: at once, for each request, and for each DATA frame it was sent (a
+# frame over 16 KiB counts as one a 16 KiB, one under 1 KiB in part: ``hypercorn_h2_send._data_frames``).
 WINDOW_UPDATES = 1_000
+WINDOW_UPDATES_PER_STREAM = 2
 WINDOW_UPDATES_PER_DATA_FRAME = 4
+# DATA that carries at least this much of a request's body is not a frame that asks for nothing.
+DATA_THAT_ASKS = 1024
+# The highest stream id given to Hypercorn's _create_stream (set by hypercorn_h2's patch 10).
+LAST_STARTED = "_archiver_last_started"
 _FRAMES = "_archiver_frames"
 _flood_lines = Quieted(logging.getLogger(__name__), logging.WARNING)
 
@@ -160,49 +162,70 @@ def _bound_the_encoder_table() -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self.connection.encoder = _BoundedEncoder()  # before any SETTINGS of the client's
-        # Counted by the connection's frame buffer, read by the protocol.
-        counts = _FrameCounts(trio.current_time())
-        setattr(self.connection.incoming_buffer, _FRAMES, counts)
-        setattr(self, _FRAMES, counts)
 
     H2Protocol.__init__ = __init__  # type: ignore[method-assign]
 
 
 @dataclass
 class _FrameCounts:
-    """What a connection's client sent so far that asked for nothing (patch 14), counted as h2 parses it."""
+    """A connection's frames that asked for nothing (patch 14): counted as h2 parses them, and its budgets."""
 
-    started: float  # trio time
-    control: int = 0
+    made: float  # trio time
+    control: int = 0  # counted so far
     window_updates: int = 0
     nested: int = 0  # calls of FrameBuffer.__next__ in progress
-
-
-# Counted as parsed, not by h2's events: h2 makes none of some (a WINDOW_UPDATE or empty DATA for a
-# closed stream), and they cost their parsing all the same.  RST_STREAM too: one a request at most.
-_CONTROL_FRAMES = (SettingsFrame, PingFrame, PriorityFrame, RstStreamFrame, ExtensionFrame)
+    # The budgets: what is left of each, as of the last check, and what was counted and earned by then.
+    control_left: float = CONTROL_FRAMES
+    window_updates_left: float = WINDOW_UPDATES
+    checked: float = 0.0
+    control_then: int = 0
+    window_updates_then: int = 0
+    requests_then: int = 0
+    data_frames_then: float = 0.0
 
 
 def _count(counts: _FrameCounts, frame: Any) -> None:
-    if isinstance(frame, _CONTROL_FRAMES) or (
-        isinstance(frame, DataFrame) and not frame.data and "END_STREAM" not in frame.flags
+    # Counted as parsed, not by h2's events: h2 makes none of some (a WINDOW_UPDATE or DATA for a closed
+    # stream, an ALTSVC from a client) and they cost their parsing all the same (helper 110).  Every frame
+    # but a request's HEADERS (its CONTINUATIONs come joined to it), and DATA that ends a request's body
+    # or carries some of it; a WINDOW_UPDATE has a budget of its own.
+    if isinstance(frame, WindowUpdateFrame):
+        counts.window_updates += 1
+    elif not isinstance(frame, HeadersFrame) and not (
+        isinstance(frame, DataFrame) and ("END_STREAM" in frame.flags or len(frame.data) >= DATA_THAT_ASKS)
     ):
         counts.control += 1
-    elif isinstance(frame, WindowUpdateFrame):
-        counts.window_updates += 1
 
 
 def _over_budget(protocol: Any, counts: _FrameCounts) -> bool:
-    age = trio.current_time() - counts.started
+    """Spend what was counted since the last check, earn what time, requests and DATA sent allow, capped."""
+    now = trio.current_time()
     requests = protocol.keep_alive_requests
-    control_allowed = CONTROL_FRAMES + CONTROL_FRAMES_PER_STREAM * requests + CONTROL_FRAMES_PER_SECOND * age
     data_frames = getattr(protocol.connection, DATA_FRAMES_SENT, 0)
-    window_updates_allowed = WINDOW_UPDATES + WINDOW_UPDATES_PER_DATA_FRAME * data_frames
-    return counts.control > control_allowed or counts.window_updates > window_updates_allowed
+    new_requests = requests - counts.requests_then
+    earned = CONTROL_FRAMES_PER_SECOND * (now - counts.checked) + CONTROL_FRAMES_PER_STREAM * new_requests
+    counts.control_left = min(CONTROL_FRAMES, counts.control_left + earned) - (counts.control - counts.control_then)
+    earned = WINDOW_UPDATES_PER_DATA_FRAME * (data_frames - counts.data_frames_then)
+    earned += WINDOW_UPDATES_PER_STREAM * new_requests
+    counts.window_updates_left = min(WINDOW_UPDATES, counts.window_updates_left + earned) - (
+        counts.window_updates - counts.window_updates_then
+    )
+    counts.checked, counts.requests_then, counts.data_frames_then = now, requests, data_frames
+    counts.control_then, counts.window_updates_then = counts.control, counts.window_updates
+    return counts.control_left < 0 or counts.window_updates_left < 0
 
 
 def _budget_frames_that_ask_nothing() -> None:
+    original_init: Callable[..., None] = H2Protocol.__init__
     original: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # Counted by the connection's frame buffer, spent by the protocol.
+        now = trio.current_time()
+        counts = _FrameCounts(made=now, checked=now)
+        setattr(self.connection.incoming_buffer, _FRAMES, counts)
+        setattr(self, _FRAMES, counts)
 
     async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
         counts: _FrameCounts | None = getattr(self, _FRAMES, None)  # None: a protocol not made by __init__
@@ -216,12 +239,13 @@ def _budget_frames_that_ask_nothing() -> None:
             peer,
             counts.control,
             counts.window_updates,
-            trio.current_time() - counts.started,
+            trio.current_time() - counts.made,
         )
-        self.connection.close_connection(
-            error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self.connection.highest_inbound_stream_id
-        )
+        # The last stream started: none of this batch's requests was, and a client may retry them (RFC 9113 6.8).
+        last_started = getattr(self, LAST_STARTED, 0)
+        self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=last_started)
         await self._flush()
         await self.send(Closed())
 
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]

@@ -64,7 +64,7 @@ connection that had carried one request stayed open for ever, so one client
 with enough idle sockets could take every connection.  The restart is
 shielded too (it only starts a task).
 
-5. A close from the task that reads (a request h11 refuses) first reads what the client still sends.
+5. A close first reads what the client still sends (a lingering close).
 
 See ``_close_lingering``: closed with the rest of a refused head unread, the
 socket sent a reset, and a client may drop the answer it had not read yet.
@@ -272,6 +272,7 @@ def _stop_idle_timer_at_eof() -> None:
             # Another task's close (a response's end) reads what the client still sends
             # (_close_lingering), and closes: this reader's part is over (helper 109: a WARNING
             # for an error that was none, in 2 of 9 closes after a request refused with "close").
+            logger.debug("connection from %s: its reader ends, a close is reading", _peer(self))
         # The client's side has ended (it closed, or the read failed): nothing more can come, and
         # the connection ends once its responses have.  Hypercorn's keep-alive timer, restarted by
         # the last response, kept it (a descriptor and a connection slot, in CLOSE-WAIT) for the
@@ -301,30 +302,34 @@ def _time_out_writes() -> None:
         if not isinstance(event, RawData):
             await original(self, event)
             return
-        async with self.send_lock:
-            stalled = False
-            try:
-                grace = self.config.graceful_timeout
-                timeout = LIMITS.write_timeout * write_units(len(event.data), LIMITS.write_unit)
-                ends = min(trio.current_time() + timeout, LIMITS.shutdown_started + grace)
-                # One scope a write (a write is one chunk): shielded from every outer
-                # cancellation, its own deadline still ends it.
-                with trio.CancelScope(shield=True, deadline=ends) as deadline:
-                    LIMITS.writes.add(entry := (deadline, grace))
-                    try:
-                        await self.stream.send_all(event.data)
-                    finally:
-                        LIMITS.writes.discard(entry)
-                if deadline.cancelled_caught:
-                    # Half a write went out: the stream is unusable.
-                    stalled = True
-                    with trio.CancelScope(shield=True):
+        # Shielded from the first checkpoint, the lock's: the protocol has handed these bytes over
+        # (h2's data_to_send), and a send cancelled before its write lost them, which for HTTP/2 put
+        # the client's HPACK table out of step and ended the connection (helper 110: a small answer
+        # cut by its deadline while a batch to a slow reader held the lock).  The wait for the lock
+        # is bounded by its holder's write's deadline.
+        with trio.CancelScope(shield=True):
+            async with self.send_lock:
+                stalled = False
+                try:
+                    grace = self.config.graceful_timeout
+                    timeout = LIMITS.write_timeout * write_units(len(event.data), LIMITS.write_unit)
+                    ends = min(trio.current_time() + timeout, LIMITS.shutdown_started + grace)
+                    # One scope a write (a write is one chunk): its own deadline ends it.
+                    with trio.CancelScope(deadline=ends) as deadline:
+                        LIMITS.writes.add(entry := (deadline, grace))
+                        try:
+                            await self.stream.send_all(event.data)
+                        finally:
+                            LIMITS.writes.discard(entry)
+                    if deadline.cancelled_caught:
+                        # Half a write went out: the stream is unusable.
+                        stalled = True
                         await self.stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                pass  # Busy: Hypercorn's _close is shutting the stream (see the module docstring)
-            else:
-                if not stalled:
-                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    pass  # Busy: Hypercorn's _close is shutting the stream (see the module docstring)
+                else:
+                    if not stalled:
+                        return
             if event.data:
                 note_dropped()  # the app's send returns as if written (fences.delivery)
             await self.protocol.handle(Closed())

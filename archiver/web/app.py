@@ -120,7 +120,17 @@ def _start_and_stop(app: QuartTrio, routes: Routes) -> None:
 
 
 def _guard_requests(app: QuartTrio) -> None:
-    """What every request passes before its route: a bounded head, one framing, no leading "//"."""
+    """What every request passes before its route: one framing, a bounded head, no leading "//"."""
+
+    @app.before_request
+    async def refuse_two_framings() -> Response | None:
+        # First: Quart stops at the first hook that answers, and a 431 would keep the connection (helper 110).
+        # RFC 9112 6.3: a request with both a Content-Length and a Transfer-Encoding may be one a front
+        # framed otherwise than h11 did (request smuggling); the server MUST close after answering it.
+        # h11 frames it by Transfer-Encoding and kept the connection (helper 108).  As nginx: 400, closed.
+        if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
+            return error_page(400, request.headers.get("Accept"), {"Connection": "close"})
+        return None
 
     @app.before_request
     async def limit_header_size() -> Response | None:
@@ -132,15 +142,6 @@ def _guard_requests(app: QuartTrio) -> None:
         size += sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
         if size > MAX_HEADER_BYTES:
             return error_page(431, request.headers.get("Accept"))
-        return None
-
-    @app.before_request
-    async def refuse_two_framings() -> Response | None:
-        # RFC 9112 6.3: a request with both a Content-Length and a Transfer-Encoding may be one a front
-        # framed otherwise than h11 did (request smuggling); the server MUST close after answering it.
-        # h11 frames it by Transfer-Encoding and kept the connection (helper 108).  As nginx: 400, closed.
-        if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
-            return error_page(400, request.headers.get("Accept"), {"Connection": "close"})
         return None
 
     @app.before_request
