@@ -28,6 +28,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
@@ -580,6 +581,62 @@ def test_a_kept_alive_connection_closes_after_the_keep_alive_timeout_once_idle(s
     for thread in threads:
         thread.join()
     assert len(results) == 2 and all(seconds < 10 for seconds in results)  # keep_alive_timeout is 5 s
+
+
+def trickled_until_closed(address: tuple[str, int], start: bytes, trickled: bytes, limit: float) -> float:
+    """Send ``start``, then ``trickled`` a byte every 0.25 s: seconds until the server closed the connection.
+
+    AssertionError if it is still open after ``limit`` s or ``trickled`` ran out first.
+    """
+    with socket.create_connection(address, timeout=limit) as sock:
+        sock.sendall(start)
+        started = time.monotonic()
+        sock.settimeout(0.25)
+        for byte in trickled:
+            try:
+                sock.send(bytes((byte,)))
+                while sock.recv(65536):  # an answer to the start (SETTINGS), not the end
+                    pass
+                return time.monotonic() - started
+            except TimeoutError:
+                assert time.monotonic() - started < limit, "still open"
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - started
+    raise AssertionError("everything was sent before the connection closed")
+
+
+def test_a_request_trickled_a_byte_at_a_time_holds_its_connection_for_the_keep_alive_timeout(service: Service) -> None:
+    # Slowloris: a head (or an HTTP/2 frame, or a header block) that never ends, one byte every
+    # 0.25 s so that no read ever waits long.  Hypercorn's keep-alive timer runs from the
+    # connection's start (or its last answer) until a request is whole, whatever arrives: each
+    # such connection is closed after 5 s, holding one connection slot (ARCHIVER_MAX_CONNECTIONS).
+    head = b"GET /archive/small/ HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: a\r\n" * 100
+    connection = h2_client()
+    preface = connection.data_to_send()
+    request = [(b":method", b"GET"), (b":path", b"/archive/small/"), (b":scheme", b"http"), (b":authority", b"x")]
+    connection.send_headers(1, request, end_stream=True)
+    headers_frame = connection.data_to_send()
+    block = hpack.Encoder().encode([*request, *((b"x-padding-%d" % index, b"a") for index in range(100))])
+    unended_block = raw_frame(0x1, 0x1, 1, block[:10])  # HEADERS, END_STREAM, not END_HEADERS
+    continuation = raw_frame(0x9, 0x4, 1, block[10:])  # CONTINUATION, END_HEADERS
+    cases = {
+        "HTTP/1.1 head": (b"", head),
+        "HTTP/2 HEADERS frame": (preface, headers_frame),
+        "HTTP/2 header block": (preface + unended_block, continuation),
+    }
+    closed_after: dict[str, float] = {}
+
+    def trickle(name: str, start: bytes, trickled: bytes) -> None:
+        closed_after[name] = trickled_until_closed(service.address, start, trickled, limit=20)
+
+    threads = [threading.Thread(target=trickle, args=(name, *case)) for name, case in cases.items()]
+    for thread in threads:
+        thread.start()
+    polite_request_works(service)  # meanwhile
+    for thread in threads:
+        thread.join()
+    assert set(closed_after) == set(cases)
+    assert all(4 < seconds < 12 for seconds in closed_after.values()), closed_after  # keep_alive_timeout is 5 s
 
 
 @pytest.mark.parametrize(
