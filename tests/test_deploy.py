@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 import trustme
+from hypercorn.config import Config as HypercornConfig
 
 from archiver.config import Settings
 from archiver.fences.hypercorn_tcp import write_units
@@ -230,6 +231,41 @@ async def test_download_over_tls_negotiates_protocol_by_alpn(
             response = await client.get(f"{url}/archive/album/")
     assert response.http_version == protocol
     assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+
+
+async def test_a_tls_handshake_that_never_ends_holds_its_connection_for_the_shipped_timeout(
+    settings: Settings, tls_files: tuple[trustme.CA, Path, Path]
+) -> None:
+    # Hypercorn waits 60 s for a TLS handshake by default, and its keep-alive timer starts only
+    # after it: a client that sent its ClientHello a byte every 0.25 s (or nothing) held its
+    # connection, and a connection slot, 12 times as long as one idling in plain HTTP (5 s).
+    _ca, certfile, keyfile = tls_files
+    shipped = HypercornConfig.from_toml(PROJECT / "hypercorn.toml").ssl_handshake_timeout
+    assert shipped <= 10
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="x")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    client_hello = outgoing.read()
+    async with running_server(
+        settings, certfile=str(certfile), keyfile=str(keyfile), ssl_handshake_timeout=shipped
+    ) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        started = trio.current_time()
+        with trio.fail_after(shipped + 10):
+            for byte in client_hello:
+                try:
+                    await stream.send_all(bytes((byte,)))
+                except trio.BrokenResourceError:
+                    break
+                with trio.move_on_after(0.25):
+                    if await stream.receive_some() == b"":
+                        break
+            else:
+                raise AssertionError("the whole ClientHello went before the connection closed")
+        closed_after = trio.current_time() - started
+        await stream.aclose()
+    assert shipped - 1 < closed_after < shipped + 5
 
 
 def test_hypercorn_toml_documents_tls() -> None:
