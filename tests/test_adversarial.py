@@ -327,6 +327,63 @@ async def test_small_answers_held_at_a_closed_window_are_reset_and_their_connect
     assert not any(attacker.received.values())
 
 
+def server_send_queue(server_port: int, client_port: int) -> int:
+    """Bytes the server's socket to ``client_port`` holds unsent or unacknowledged (tx_queue, /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, _, queues = line.split()[1:5]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[0], 16)
+    raise AssertionError("no such connection")
+
+
+async def test_a_small_answer_cut_while_a_download_holds_the_socket_leaves_the_connection_usable(
+    attacked_storage: Path,
+) -> None:
+    # Helper 110: an answer's bytes, once h2 has encoded them (its HPACK table moved on), must reach
+    # the socket.  A /healthz whose deadline (the stall timeout) passed while it waited for the send
+    # lock, which a download's write to a client that had stopped reading held, lost its HEADERS: the
+    # client's HPACK table fell out of step, and the next answer on the connection could not be read.
+    stall_timeout = 4
+    async with archiver_process(attacked_storage, stall_timeout=str(stall_timeout)) as server:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: a small window
+        await sock.connect(address_of(server.url))
+        client = RawH2Client(trio.SocketStream(sock))
+        client.connection.initiate_connection()
+        client.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.connection.increment_flow_control_window(2**31 - 1 - 65535)
+        download = await client.get("/archive/big/")
+        # Not read: the server's write of a batch blocks, holding the send lock, once the socket is
+        # full (its queue stops moving).  Each batch has two stall timeouts (512 KiB) to go out.
+        ports = address_of(server.url)[1], sock.getsockname()[1]
+        queued = -1
+        with trio.fail_after(10):
+            while (now := server_send_queue(*ports)) != queued or not now:
+                queued = now
+                await trio.sleep(0.1)
+        small = await client.get("/healthz")  # waits for the lock, and its deadline passes meanwhile
+        await trio.sleep(stall_timeout + 1)  # a time to let pass, within the download's write's own deadline
+        with trio.fail_after(20):
+            while small not in client.ended | client.reset:
+                await client.read_some()
+            client.connection.reset_stream(download)
+            await client.flush()
+            headers: list[tuple[bytes, bytes]] = []
+            answer = await client.get("/healthz")
+            while answer not in client.ended:
+                data = await client.stream.receive_some(65536)
+                assert data, "the connection ended"
+                for event in client.connection.receive_data(data):  # h2 raises if its HPACK table is out of step
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == answer:
+                        headers = list(event.headers)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        client.ended.add(event.stream_id)
+                await client.flush()
+        await client.stream.aclose()
+    assert small in client.reset  # cut at its deadline, after the bytes h2 had encoded went out
+    assert (b":status", b"200") in headers and (b"content-type", b"application/json") in headers
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_deflated_download_to_a_client_that_stops_reading_is_cut_at_the_stall_timeout(
     attacked_storage: Path, protocol: str
