@@ -301,6 +301,7 @@ def test_priority_signals_cost_their_parsing_only(service: Service) -> None:
 
 
 def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame as bytes (RFC 9113 section 4.1), whatever it says."""
     return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream_id) + payload
 
 
@@ -819,21 +820,16 @@ def http11_requests(draw: st.DrawFn) -> bytes:
     return head + draw(CHUNK_FRAMING) + pipelined
 
 
-def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
-    """One HTTP/2 frame as bytes (RFC 9113 section 4.1), whatever it says."""
-    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream_id) + payload
-
-
 SETTINGS_FRAMES = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 2**32 - 1)), max_size=4).map(
-    lambda pairs: frame(0x4, 0, 0, b"".join(struct.pack(">HI", key, value) for key, value in pairs))
+    lambda pairs: raw_frame(0x4, 0, 0, b"".join(struct.pack(">HI", key, value) for key, value in pairs))
 )
 WINDOW_UPDATES = st.builds(
-    lambda stream, increment: frame(0x8, 0, stream, struct.pack(">I", increment)),
+    lambda stream, increment: raw_frame(0x8, 0, stream, struct.pack(">I", increment)),
     st.sampled_from([0, 1, 3, 2**31 - 1]),
     st.sampled_from([0, 1, 2**31 - 1, 2**32 - 1]),
 )
 RAW_FRAMES = st.builds(
-    frame,
+    raw_frame,
     st.integers(0, 12),  # DATA .. ORIGIN, and unknown types
     st.integers(0, 255),
     st.sampled_from([0, 1, 2, 3, 2**31 - 1]),
