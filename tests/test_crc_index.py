@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
 import archiver.archive.crc_reads as crc_reads_module
+import archiver.archive.ctime_trust as ctime_trust_module
 from archiver.archive import launcher
 from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex
@@ -1028,3 +1029,133 @@ async def test_archiver_index_names_the_files_the_storage_cannot_read_and_fails(
     assert result.returncode == 1
     assert f"cannot read {storage}/album/a.jpg: Input/output error" in result.stderr
     assert "2 unreadable" in result.stdout and "2 files could not be read" in result.stderr
+
+
+def blocks_read(patch: pytest.MonkeyPatch, pause: float = 0.0) -> list[int]:
+    """Offsets of the blocks ``crc_reads`` reads for CRCs, in order (``pause``: seconds a block, slow storage)."""
+    offsets: list[int] = []
+    read_block = crc_reads_module._crc_of_block
+
+    def noted(
+        fd: int, crc: int, buffer: bytearray, budget: int = 0, progress: Callable[[], None] | None = None, left: int = 0
+    ) -> tuple[int, int]:
+        offsets.append(os.lseek(fd, 0, os.SEEK_CUR))
+        time.sleep(pause)
+        return read_block(fd, crc, buffer, budget, progress, left)
+
+    patch.setattr(crc_reads_module, "_crc_of_block", noted)
+    return offsets
+
+
+def trusted_index(folder: Path) -> CrcIndex:
+    """A CrcIndex that has looked at ``folder``'s filesystem, as an album's walk does first."""
+    index = CrcIndex()
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        index.trust.learn(fd, os.fstat(fd).st_dev)
+    finally:
+        os.close(fd)
+    assert index.trust.device(folder.stat().st_dev), "tmp_path's filesystem should be trusted"
+    return index
+
+
+def large_cold_file(folder: Path, patch: pytest.MonkeyPatch, size: int) -> tuple[Path, bytes, CrcIndex, list[int]]:
+    """A file of ``size`` random bytes in ``folder``, an index that trusts its filesystem, and ``blocks_read``.
+
+    Its CRC not racy, though written a moment ago: it does not change.
+    """
+    content = os.urandom(size)
+    path = folder / "video.mp4"
+    path.write_bytes(content)
+    patch.setattr(ctime_trust_module, "RACY_NS", 0)
+    return path, content, trusted_index(folder), blocks_read(patch)
+
+
+async def read_cut_short(path: Path, size: int, index: CrcIndex, offsets: list[int], block: int) -> None:
+    """``file_crc`` of ``path``, cancelled as its ``block``th block (``blocks_read``'s ``offsets``) is being read."""
+    with trio.CancelScope() as scope:
+        cancel = scope.cancel
+
+        def progress() -> None:  # in the reading thread, after each read of READ_SIZE
+            if len(offsets) == block:
+                trio.from_thread.run_sync(cancel)
+
+        await file_crc(path, size, index, progress=progress)
+    assert scope.cancelled_caught
+
+
+async def test_a_large_file_s_crc_read_cut_short_is_resumed_not_read_from_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 111: a client that asked for the first bytes of a large cold file, and left before
+    # its CRC was read, had it read from its start each time: a 4 GiB file, 1.8 GB read and
+    # 0.5 CPU-s for each request of 79 bytes, as long as it went on.
+    block = crc_reads_module.BATCH_BYTES
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 6 * block)
+    await read_cut_short(path, len(content), index, offsets, 3)  # the first two blocks done
+    found = await file_crc(path, len(content), index)
+    assert found.crc == zlib.crc32(content) and not found.racy
+    # The third block was being read when the first read was given up on: read again, and only it.
+    assert offsets == [0, block, 2 * block, 2 * block, 3 * block, 4 * block, 5 * block]
+    assert index.get(found.key) == found.crc
+
+
+async def test_a_large_file_read_by_three_downloads_at_once_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 111: four ranges of a cold album's central directory at once read it four times.
+    block = crc_reads_module.BATCH_BYTES
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 3 * block + 5)
+    found: list[int] = []
+
+    async def read() -> None:
+        found.append((await file_crc(path, len(content), index)).crc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(read)
+    assert found == [zlib.crc32(content)] * 3
+    assert offsets == [0, block, 2 * block, 3 * block]
+
+
+async def test_a_client_that_leaves_before_a_large_file_s_crc_is_read_cannot_make_it_read_again(
+    storage: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hostile client of helper 111, over HTTP/1.1: the first 100 bytes of an album whose first
+    # file is large and cold (its local header needs its CRC), the connection closed 0.1 s later,
+    # again and again, on storage that reads a block in 0.05 s.  Each block is read once, but the
+    # one in flight as a request left.
+    block = crc_reads_module.BATCH_BYTES
+    content = os.urandom(8 * block)
+    write_tree(storage / "album", {"video.mp4": content})
+    monkeypatch.setattr(ctime_trust_module, "RACY_NS", 0)
+    offsets = blocks_read(monkeypatch, pause=0.05)
+    request = b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\n\r\n"
+    async with running_server(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        leaving = 0
+        while (not offsets or offsets[-1] < 7 * block) and leaving < 40:  # 8 blocks: at most 9 requests
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(request)
+            await trio.sleep(0.1)  # the client's own impatience, not a synchronisation
+            await stream.aclose()
+            leaving += 1
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.get("/archive/album/")
+    assert leaving >= 3  # the read outlasted several requests
+    assert read_archive(response.content) == {"video.mp4": content}
+    assert offsets.count(0) == 1, offsets
+    assert len(offsets) <= 8 + leaving, offsets
+
+
+async def test_a_read_cut_short_is_not_resumed_once_its_filesystem_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A device number is reused by the next mount: what was read of "the same key" may be another file.
+    block = crc_reads_module.BATCH_BYTES
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 3 * block)
+    await read_cut_short(path, len(content), index, offsets, 2)
+    monkeypatch.setattr(index.trust, "device", lambda device: False)
+    found = await file_crc(path, len(content), index)
+    assert found.crc == zlib.crc32(content) and found.racy
+    assert offsets == [0, block, 0, block, 2 * block]

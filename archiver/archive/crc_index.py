@@ -19,7 +19,9 @@ from __future__ import annotations
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import trio
 
@@ -28,6 +30,21 @@ from .ctime_trust import CtimeTrust, FileKey, trusted_ctime
 
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
+# Reads of large files cut short, kept to be resumed (``PartialCrc``): ~150 bytes each.
+PARTIAL_ENTRIES = 10_000
+
+
+class PartialCrc(NamedTuple):
+    """A large file's CRC read cut short (its download cancelled): resumed by the next read of the same key.
+
+    ``crc``: CRC-32 of the file's first ``covered`` bytes; ``read_started_ns``
+    (time.time_ns): when the first of them was read, for ``ctime_trust.is_racy``
+    of the whole CRC once it is complete.
+    """
+
+    crc: int
+    covered: int
+    read_started_ns: int
 
 
 class CrcIndex:
@@ -52,6 +69,14 @@ class CrcIndex:
         # Reads done by every download's readers (counted by the worker threads): a download
         # queued for a reader sees the storage answer by them (web.download's watchdog).
         self.reads = 0
+        # Large files being read for their CRC now (``reading``), and reads cut short
+        # (``partial``), by key: one client that asked for a range of a large cold file and
+        # left before its CRC was read, again and again, had it read from its start each
+        # time (helper 111: a 4 GiB file, 0.5 CPU-s and 1.8 GB read a request of 79 bytes,
+        # one core for as long as it went on), and concurrent downloads each read it.
+        # On the event loop only.
+        self._reading: dict[FileKey, trio.Event] = {}
+        self._partial: OrderedDict[FileKey, PartialCrc] = OrderedDict()
 
     def get(self, key: FileKey) -> int | None:
         crc = self.known((key,))[0]
@@ -88,6 +113,44 @@ class CrcIndex:
                     self._remember(keys[position], crc)
                     crcs[position] = crc
         return crcs
+
+    def remembered(self, key: FileKey) -> int | None:
+        """``key``'s CRC if kept in memory (no store lookup: on the event loop), as ``get``."""
+        if not self.trust(key):
+            return None
+        with self._lock:
+            return self._crcs.get(key)
+
+    def being_read(self, key: FileKey) -> trio.Event | None:
+        """Set once the read of ``key``'s file in progress (``reading``) ends, however; None if none is."""
+        return self._reading.get(key)
+
+    @contextmanager
+    def reading(self, key: FileKey) -> Iterator[None]:
+        """While ``key``'s file is read for its CRC (``being_read``); one such read at a time."""
+        assert key not in self._reading
+        self._reading[key] = ended = trio.Event()
+        try:
+            yield
+        finally:
+            del self._reading[key]
+            ended.set()
+
+    def take_partial(self, key: FileKey) -> PartialCrc | None:
+        """The read of ``key``'s file cut short, if kept, to resume: no longer kept.
+
+        None where ``key`` is no longer trusted (its filesystem looked at anew:
+        a device number the next mount reused), as ``known`` would say.
+        """
+        partial = self._partial.pop(key, None)
+        return partial if self.trust(key) else None
+
+    def keep_partial(self, key: FileKey, partial: PartialCrc) -> None:
+        """Keep a read cut short (the oldest go past PARTIAL_ENTRIES)."""
+        self._partial[key] = partial
+        self._partial.move_to_end(key)
+        while len(self._partial) > PARTIAL_ENTRIES:
+            self._partial.popitem(last=False)
 
     def put(self, key: FileKey, crc: int) -> None:
         self._remember(key, crc)

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import trio
 from zlib_ng import zlib_ng
 
-from .crc_index import CrcIndex
+from .crc_index import CrcIndex, PartialCrc
 from .ctime_trust import FileKey, is_racy
 from .listed_files import FileChanged, Folders, close_read, failures_named, open_listed
 from .shared_descriptor import SharedDescriptor
@@ -142,9 +143,9 @@ def small_file_crc(
 
 
 def _crc_of_shared_block(
-    shared: SharedDescriptor, crc: int, buffer: bytearray, progress: Callable[[], None] | None, left: int
+    shared: SharedDescriptor, crc: int, buffer: bytearray, progress: Callable[[], None] | None, at: int, left: int
 ) -> tuple[int, int]:
-    """``_crc_of_block`` of a shared descriptor, BATCH_BYTES read at most (in a worker thread).
+    """``_crc_of_block`` of a shared descriptor from offset ``at``, BATCH_BYTES read at most (in a worker thread).
 
     (crc, 0) if given up on.
     """
@@ -152,6 +153,7 @@ def _crc_of_shared_block(
     if fd is None:
         return crc, 0
     try:
+        os.lseek(fd, at, os.SEEK_SET)  # where this read's progress stands: it may resume an earlier one's
         return _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress, left)
     finally:
         shared.give_back()
@@ -184,30 +186,71 @@ async def file_crc(
     Opened without following a link; FileChanged unless it is the one listed
     (``key``, or ``size`` bytes).  ``progress`` is called after each read,
     in a worker thread (it must only count); ``queued`` with True before each
-    call waits for a reader, with False as its thread starts.  If cancelled, it returns at
+    call waits for a reader, or while another download reads the same file, with False
+    as that ends.  If cancelled, it returns at
     once: a thread reading the file is given up on, and closes the file
     when its read returns (``SharedDescriptor``); ``buffer`` may be written
     until then.  A thread holds its place in ``index.readers`` until it ends.
+
+    Each file is read once, whoever asks and however often they leave: a read
+    of a file that another download is reading waits for that one
+    (``CrcIndex.being_read``), and one cut short by its cancellation is kept
+    where it stopped (``CrcIndex.keep_partial``) for the next to resume.
     """
     shared = SharedDescriptor()
     try:
         found, known = await _in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
+        while known is None and (ended := index.being_read(found)) is not None:
+            if queued is not None:
+                queued(True)
+            try:
+                await ended.wait()
+            finally:
+                if queued is not None:
+                    queued(False)
+            known = index.remembered(found)  # none if that read failed, was cut short, or was racy
         if known is not None:
             return FileCrc(found, known)
-        buffer = bytearray(READ_SIZE) if buffer is None else buffer
-        started = time.time_ns()
-        crc, read = 0, 0
-        with failures_named(path):
+        with index.reading(found):
+            return await _read_crc(shared, path, size, index, buffer, found, progress, queued)
+    finally:
+        shared.drop()
+
+
+async def _read_crc(
+    shared: SharedDescriptor,
+    path: Path,
+    size: int,
+    index: CrcIndex,
+    buffer: bytearray | None,
+    found: FileKey,
+    progress: Callable[[], None] | None,
+    queued: Callable[[bool], None] | None,
+) -> FileCrc:
+    """``file_crc``'s read of ``shared`` (``found``), resumed where an earlier one cut short stopped."""
+    buffer = bytearray(READ_SIZE) if buffer is None else buffer
+    resumed = index.take_partial(found)
+    crc, read, started = resumed if resumed is not None else (0, 0, time.time_ns())
+    with failures_named(path):
+        try:
             while read < size:
                 crc, count = await _in_reader(
-                    index, queued, _crc_of_shared_block, shared, crc, buffer, progress, size - read
+                    index, queued, _crc_of_shared_block, shared, crc, buffer, progress, read, size - read
                 )
                 if not count:
                     raise FileChanged(f"{path}: shorter than the {size} bytes listed")
                 read += count
             kept = await _in_reader(index, queued, _keep_shared, shared, index, path, found, crc, started)
-    finally:
-        shared.drop()
+        except trio.Cancelled:
+            if read and index.trust(found) and not is_racy(found, started):
+                # A key that moves with every write (trusted, and not within the racy window of
+                # the first read): the bytes covered are still the file's while it stands.
+                index.keep_partial(found, PartialCrc(crc, read, started))
+            raise
+    if not kept and resumed is not None:
+        # Racy or not trusted after all (its filesystem's trust looked at anew): what an earlier
+        # read covered may not be the file's bytes now.  Read it whole.
+        return await _read_crc(shared, path, size, index, buffer, found, progress, queued)
     return FileCrc(found, crc, not kept)
 
 
