@@ -1159,3 +1159,57 @@ async def test_a_read_cut_short_is_not_resumed_once_its_filesystem_is_not_truste
     found = await file_crc(path, len(content), index)
     assert found.crc == zlib.crc32(content) and found.racy
     assert offsets == [0, block, 0, block, 2 * block]
+
+
+async def test_a_download_waiting_for_another_s_read_that_hangs_meets_the_storage_timeout(
+    storage: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 112: a download waiting for another download's read of a file it needs counted every
+    # download's reads as its progress.  That read hanging (one file stuck) while another album's
+    # download read on, and the reading download alive (its client still taking earlier files),
+    # the waiter was never cut: now that read's reads are its progress, as they would be its own.
+    mib = 1 << 20
+    first, stuck = os.urandom(8 * mib), os.urandom(8 * mib)
+    write_tree(storage / "a", {"0first.bin": first, "1stuck.bin": stuck})
+    write_tree(storage / "b", {f"{i:02}.bin": os.urandom(8 * mib) for i in range(8)})
+    stuck_inode = (storage / "a" / "1stuck.bin").stat().st_ino
+    slow_inodes = {path.stat().st_ino for path in (storage / "b").iterdir()}
+    hung, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(ctime_trust_module, "RACY_NS", 0)
+    read_block = crc_reads_module._crc_of_block
+
+    def storage_reads(
+        fd: int, crc: int, buffer: bytearray, budget: int = 0, progress: Callable[[], None] | None = None, left: int = 0
+    ) -> tuple[int, int]:
+        inode = os.fstat(fd).st_ino
+        if inode == stuck_inode:
+            hung.set()
+            release.wait(60)  # a file whose read hangs (a FUSE file stuck, a bad sector retried)
+        elif inode in slow_inodes:
+            time.sleep(0.25)  # slow storage that answers
+        return read_block(fd, crc, buffer, budget, progress, left)
+
+    monkeypatch.setattr(crc_reads_module, "_crc_of_block", storage_reads)
+    timeout = 2.0
+    header_of_stuck = ArchivePlan(storage / "a", list_album(storage / "a").files).local_offsets[1]
+    try:
+        async with (
+            running_server(replace(settings, storage_timeout=timeout)) as url,
+            httpx.AsyncClient(base_url=url, timeout=30) as reader,
+            httpx.AsyncClient(base_url=url, timeout=30) as other,
+            httpx.AsyncClient(base_url=url, timeout=30) as waiter,
+            reader.stream("GET", "/archive/a/"),  # reads 0first.bin, then 1stuck.bin, which hangs
+            other.stream("GET", "/archive/b/") as moving,  # every download's reads move on meanwhile
+        ):
+            await trio.to_thread.run_sync(hung.wait, 10)
+            moving_bytes = moving.aiter_raw()  # kept: a generator dropped closes the response
+            await anext(moving_bytes)
+            started = trio.current_time()
+            waited = await waiter.get(
+                "/archive/a/", headers={"Range": f"bytes={header_of_stuck}-{header_of_stuck + 60}"}
+            )
+            took = trio.current_time() - started
+    finally:
+        release.set()
+    assert waited.status_code == 503
+    assert took < timeout * 1.25 + 1.5, took

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -199,6 +201,28 @@ async def test_a_long_cold_crc_is_no_storage_timeout(tmp_path: Path) -> None:
         took = trio.current_time() - started
     assert response.status_code == 206, response.text
     assert response.content[:4] == b"PK\x03\x04" and response.content[14:18] == zlib.crc32(video).to_bytes(4, "little")
+    assert took > 3 * 0.5  # else the read was not long enough for this test to prove anything
+
+
+async def test_a_long_cold_crc_is_no_storage_timeout_for_a_range_from_the_last_data_into_the_central_directory(
+    tmp_path: Path,
+) -> None:
+    # Helper 112: the range's first bytes (the last of the file's data) came, and waited in the
+    # tail hold for the central directory, which waits for the file's CRC: the watchdog did not
+    # count the read as progress (the next byte to send was before the one waiting), and the
+    # download was cut at the storage timeout while the read went on.
+    video = os.urandom(8 * 1024 * 1024)
+    async with served_gated_album(tmp_path, {"video.mp4": video}, {"ARCHIVER_STORAGE_TIMEOUT": "0.5"}) as album:
+        album.gate.write_text("0.1")  # 3.2-6.4 s to read it, as above
+        started = trio.current_time()
+        response = await album.client.get("/archive/album/", headers={"Range": "bytes=-200"})
+        took = trio.current_time() - started
+        album.gate.unlink()
+        whole = await album.client.get("/archive/album/")
+    assert response.status_code == 206, response.text
+    assert response.content == whole.content[-200:]
+    assert read_archive(whole.content) == {"video.mp4": video}
+    assert len(whole.content) - zipfile.ZipFile(io.BytesIO(whole.content)).start_dir < 200  # from the data on
     assert took > 3 * 0.5  # else the read was not long enough for this test to prove anything
 
 

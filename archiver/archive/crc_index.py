@@ -30,8 +30,21 @@ from .ctime_trust import CtimeTrust, FileKey, trusted_ctime
 
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
-# Reads of large files cut short, kept to be resumed (``PartialCrc``): ~150 bytes each.
+# Reads of large files cut short, kept to be resumed (``PartialCrc``): ~450 bytes each (helper 112), 4.5 MB at most.
 PARTIAL_ENTRIES = 10_000
+
+
+class FileRead:
+    """A large file's CRC read in progress (``CrcIndex.reading``): what a download that waits for it watches.
+
+    ``reads`` counts its reads (from its worker threads); ``queued``: waiting for one of
+    the index's readers now.  ``ended`` is set once it ends, however.
+    """
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+        self.reads = 0
+        self.queued = False
 
 
 class PartialCrc(NamedTuple):
@@ -75,7 +88,7 @@ class CrcIndex:
         # time (helper 111: a 4 GiB file, 0.5 CPU-s and 1.8 GB read a request of 79 bytes,
         # one core for as long as it went on), and concurrent downloads each read it.
         # On the event loop only.
-        self._reading: dict[FileKey, trio.Event] = {}
+        self._reading: dict[FileKey, FileRead] = {}
         self._partial: OrderedDict[FileKey, PartialCrc] = OrderedDict()
 
     def get(self, key: FileKey) -> int | None:
@@ -121,20 +134,20 @@ class CrcIndex:
         with self._lock:
             return self._crcs.get(key)
 
-    def being_read(self, key: FileKey) -> trio.Event | None:
-        """Set once the read of ``key``'s file in progress (``reading``) ends, however; None if none is."""
+    def being_read(self, key: FileKey) -> FileRead | None:
+        """The read of ``key``'s file in progress (``reading``), if any."""
         return self._reading.get(key)
 
     @contextmanager
-    def reading(self, key: FileKey) -> Iterator[None]:
+    def reading(self, key: FileKey) -> Iterator[FileRead]:
         """While ``key``'s file is read for its CRC (``being_read``); one such read at a time."""
         assert key not in self._reading
-        self._reading[key] = ended = trio.Event()
+        self._reading[key] = read = FileRead()
         try:
-            yield
+            yield read
         finally:
             del self._reading[key]
-            ended.set()
+            read.ended.set()
 
     def take_partial(self, key: FileKey) -> PartialCrc | None:
         """The read of ``key``'s file cut short, if kept, to resume: no longer kept.

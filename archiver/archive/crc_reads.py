@@ -18,7 +18,7 @@ from typing import NamedTuple, TypeVar
 import trio
 from zlib_ng import zlib_ng
 
-from .crc_index import CrcIndex, PartialCrc
+from .crc_index import CrcIndex, FileRead, PartialCrc
 from .ctime_trust import FileKey, is_racy
 from .listed_files import FileChanged, Folders, close_read, failures_named, open_listed
 from .shared_descriptor import SharedDescriptor
@@ -180,39 +180,51 @@ async def file_crc(
     key: FileKey | None = None,
     progress: Callable[[], None] | None = None,
     queued: Callable[[bool], None] | None = None,
+    following: Callable[[FileRead | None], None] | None = None,
 ) -> FileCrc:
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
     Opened without following a link; FileChanged unless it is the one listed
     (``key``, or ``size`` bytes).  ``progress`` is called after each read,
     in a worker thread (it must only count); ``queued`` with True before each
-    call waits for a reader, or while another download reads the same file, with False
-    as that ends.  If cancelled, it returns at
+    call waits for a reader, with False as its thread starts.  If cancelled, it returns at
     once: a thread reading the file is given up on, and closes the file
     when its read returns (``SharedDescriptor``); ``buffer`` may be written
     until then.  A thread holds its place in ``index.readers`` until it ends.
 
     Each file is read once, whoever asks and however often they leave: a read
     of a file that another download is reading waits for that one
-    (``CrcIndex.being_read``), and one cut short by its cancellation is kept
+    (``CrcIndex.being_read``; ``following`` is called with it before, with None after:
+    its reads are this one's progress), and one cut short by its cancellation is kept
     where it stopped (``CrcIndex.keep_partial``) for the next to resume.
     """
     shared = SharedDescriptor()
     try:
         found, known = await _in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
-        while known is None and (ended := index.being_read(found)) is not None:
-            if queued is not None:
-                queued(True)
+        while known is None and (other := index.being_read(found)) is not None:
+            if following is not None:
+                following(other)
             try:
-                await ended.wait()
+                await other.ended.wait()
             finally:
-                if queued is not None:
-                    queued(False)
+                if following is not None:
+                    following(None)
             known = index.remembered(found)  # none if that read failed, was cut short, or was racy
         if known is not None:
             return FileCrc(found, known)
-        with index.reading(found):
-            return await _read_crc(shared, path, size, index, buffer, found, progress, queued)
+        with index.reading(found) as read:
+
+            def counted() -> None:  # in a worker thread: counts only
+                read.reads += 1
+                if progress is not None:
+                    progress()
+
+            def noted(waiting: bool) -> None:
+                read.queued = waiting
+                if queued is not None:
+                    queued(waiting)
+
+            return await _read_crc(shared, path, size, index, buffer, found, counted, noted)
     finally:
         shared.drop()
 

@@ -14,7 +14,7 @@ from functools import partial
 
 from trio_util import AsyncValue  # type: ignore[attr-defined]
 
-from .crc_index import CrcIndex
+from .crc_index import CrcIndex, FileRead
 from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, file_crc, in_reader_thread, small_file_crc
 from .listed_files import Folders
 from .plan import ArchivePlan
@@ -51,6 +51,8 @@ class CrcSource:
         self.waiting_at: int | None = None
         # Waiting for one of the index's readers (all busy): then every download's reads are progress.
         self.queued = False
+        # Waiting for another download's read of a file this one needs (``file_crc``): its progress is this one's.
+        self._following: FileRead | None = None
 
     def _progressed(self) -> None:
         # In a worker thread too: a lost increment is harmless, any change counts.
@@ -60,13 +62,22 @@ class CrcSource:
     def _queued(self, queued: bool) -> None:
         self.queued = queued
 
+    def _follow(self, read: FileRead | None) -> None:
+        self._following = read
+
     def progress(self) -> tuple[bool, int]:
         """What changes while reading this download's CRCs advances (for its watchdog).
 
         While queued for a reader (the index's readers all busy, possibly with
         other downloads' long reads of slow storage), the storage answering
-        them: every download's reads; else this download's own.
+        them: every download's reads; else this download's own.  While waiting
+        for another download's read of a file, that read's, as it would be its own
+        (helper 112: every download's reads kept a download waiting on a read that
+        hung alive as long as others read).
         """
+        following = self._following
+        if following is not None:
+            return (True, self.index.reads) if following.queued else (False, following.reads)
         return (True, self.index.reads) if self.queued else (False, self.reads)
 
     async def compute(self) -> None:
@@ -95,7 +106,14 @@ class CrcSource:
                 path = self.plan.directory / self.plan.path_str(k)
                 results = [
                     await file_crc(
-                        path, self.plan.sizes[k], self.index, buffer, self.plan.key(k), self._progressed, self._queued
+                        path,
+                        self.plan.sizes[k],
+                        self.index,
+                        buffer,
+                        self.plan.key(k),
+                        self._progressed,
+                        self._queued,
+                        self._follow,
                     )
                 ]
             else:

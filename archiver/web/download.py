@@ -276,9 +276,13 @@ class ArchiveBody(ResponseBody):
 
         Not so while bytes before it are still to come: the producer (or
         whatever holds them) is what the download waits for, and a CRC read
-        ahead of it says nothing of that.
+        ahead of it says nothing of that.  Bytes that came and wait in the
+        tail hold have come (helper 112: a range from the last entry's data
+        into the central directory, its CRC read slowly, timed out with the read
+        going on, as if none of its reads were progress).
         """
-        return crcs.waiting_at is not None and self._start + self.bytes_sent >= crcs.waiting_at
+        arrived = self._start + self.bytes_sent + len(self._hold.held)
+        return crcs.waiting_at is not None and arrived >= crcs.waiting_at
 
     async def _pace(self) -> None:
         """Slow the next chunk down: ``delay`` after each chunk, and ``rate_limit`` bytes/s with a bounded burst.
