@@ -37,14 +37,18 @@ PARTIAL_ENTRIES = 10_000
 class FileRead:
     """A large file's CRC read in progress (``CrcIndex.reading``): what a download that waits for it watches.
 
-    ``reads`` counts its reads (from its worker threads); ``queued``: waiting for one of
-    the index's readers now.  ``ended`` is set once it ends, however.
+    ``reads`` counts its reads and ``covered`` is its CRC so far and the bytes that
+    covers (both set by its worker threads); ``queued``: waiting for one of the
+    index's readers now.  ``ended`` is set once it ends, however; ``result`` is then
+    the CRC and whether it is racy (``crc_reads.FileCrc``), if it was read whole.
     """
 
     def __init__(self) -> None:
         self.ended = trio.Event()
         self.reads = 0
         self.queued = False
+        self.covered = (0, 0)
+        self.result: tuple[int, bool] | None = None
 
 
 class PartialCrc(NamedTuple):

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-import trio
 from zlib_ng import zlib_ng
 
-from .crc_index import CrcIndex, FileRead, PartialCrc
+from .crc_index import CrcIndex, FileRead
 from .ctime_trust import FileKey, is_racy
 from .listed_files import FileChanged, Folders, close_read, failures_named, open_listed
 from .shared_descriptor import SharedDescriptor
@@ -53,7 +52,7 @@ HOLE_MIN = 16 * 1024
 T = TypeVar("T")
 
 
-def _keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> bool:
+def keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> bool:
     """Keep ``crc`` in ``index`` unless racy (then False); FileChanged if the file changed while read."""
     status = os.fstat(fd)
     if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
@@ -71,6 +70,7 @@ def _crc_of_block(
     budget: int = BATCH_BYTES,
     progress: Callable[[], None] | None = None,
     left: int = 0,
+    after_read: Callable[[int, int], bool] | None = None,
 ) -> tuple[int, int]:
     """Read up to ``budget`` bytes of ``fd`` through ``buffer`` into ``crc``: the CRC and the bytes it covers.
 
@@ -78,7 +78,9 @@ def _crc_of_block(
 
     Holes of HOLE_MIN or more (``sparse.Holes``) within the ``left`` bytes still to
     do are folded in unread, and do not count toward ``budget``; a read stops where
-    one begins.  ``progress`` is called after each read (in this thread: it must only count).
+    one begins.  ``progress`` is called after each read (in this thread: it must only count);
+    ``after_read`` with the CRC and the bytes covered so far, and the reading stops early
+    if it returns False.
     """
     read = covered = 0
     holes = Holes(fd, HOLE_MIN) if left >= HOLE_MIN and may_have_holes(os.fstat(fd)) else None
@@ -99,6 +101,8 @@ def _crc_of_block(
         covered += count
         if progress is not None:
             progress()
+        if after_read is not None and not after_read(crc, covered):
+            break
     return crc, covered
 
 
@@ -136,150 +140,44 @@ def small_file_crc(
             crc, read = _crc_of_block(fd, 0, buffer, size, progress, size)
             if read != size:
                 raise FileChanged(f"{path}: read {read} bytes, {size} listed")
-            kept = _keep(index, fd, path, found, crc, started)
+            kept = keep(index, fd, path, found, crc, started)
     finally:
         close_read(fd, path)
     return FileCrc(found, crc, not kept)
 
 
-def _crc_of_shared_block(
-    shared: SharedDescriptor, crc: int, buffer: bytearray, progress: Callable[[], None] | None, at: int, left: int
+def crc_of_shared_block(
+    shared: SharedDescriptor,
+    crc: int,
+    buffer: bytearray,
+    progress: Callable[[], None] | None,
+    at: int,
+    left: int,
+    read: FileRead | None = None,
 ) -> tuple[int, int]:
     """``_crc_of_block`` of a shared descriptor from offset ``at``, BATCH_BYTES read at most (in a worker thread).
 
-    (crc, 0) if given up on.
+    (crc, 0) if given up on.  ``read.covered`` is kept at the CRC and the bytes it
+    covers after each read, and the thread stops at the next read once the event
+    loop has given it up (a client that left: the read goes on from there).
     """
     fd = shared.borrow()
     if fd is None:
         return crc, 0
+
+    def after_read(crc: int, covered: int) -> bool:
+        if read is not None:
+            read.covered = (crc, at + covered)  # one tuple: the event loop reads a pair that goes together
+        return not shared.dropped
+
     try:
         os.lseek(fd, at, os.SEEK_SET)  # where this read's progress stands: it may resume an earlier one's
-        return _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress, left)
+        return _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress, left, after_read)
     finally:
         shared.give_back()
 
 
-def _keep_shared(
-    shared: SharedDescriptor, index: CrcIndex, path: Path, key: FileKey, crc: int, read_started_ns: int
-) -> bool:
-    """``_keep`` for a shared descriptor (in a worker thread: its ``fstat`` may wait on the storage)."""
-    fd = shared.borrow()
-    if fd is None:
-        return False
-    try:
-        return _keep(index, fd, path, key, crc, read_started_ns)
-    finally:
-        shared.give_back()
-
-
-async def file_crc(
-    path: Path,
-    size: int,
-    index: CrcIndex,
-    buffer: bytearray | None = None,
-    key: FileKey | None = None,
-    progress: Callable[[], None] | None = None,
-    queued: Callable[[bool], None] | None = None,
-    following: Callable[[FileRead | None], None] | None = None,
-) -> FileCrc:
-    """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
-
-    Opened without following a link; FileChanged unless it is the one listed
-    (``key``, or ``size`` bytes).  ``progress`` is called after each read,
-    in a worker thread (it must only count); ``queued`` with True before each
-    call waits for a reader, with False as its thread starts.  If cancelled, it returns at
-    once: a thread reading the file is given up on, and closes the file
-    when its read returns (``SharedDescriptor``); ``buffer`` may be written
-    until then.  A thread holds its place in ``index.readers`` until it ends.
-
-    Each file is read once, whoever asks and however often they leave: a read
-    of a file that another download is reading waits for that one
-    (``CrcIndex.being_read``; ``following`` is called with it before, with None after:
-    its reads are this one's progress), and one cut short by its cancellation is kept
-    where it stopped (``CrcIndex.keep_partial``) for the next to resume.
-    """
-    shared = SharedDescriptor()
-    try:
-        found, known = await _in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
-        while known is None and (other := index.being_read(found)) is not None:
-            if following is not None:
-                following(other)
-            try:
-                await other.ended.wait()
-            finally:
-                if following is not None:
-                    following(None)
-            known = index.remembered(found)  # none if that read failed, was cut short, or was racy
-        if known is not None:
-            return FileCrc(found, known)
-        with index.reading(found) as read:
-
-            def counted() -> None:  # in a worker thread: counts only
-                read.reads += 1
-                if progress is not None:
-                    progress()
-
-            def noted(waiting: bool) -> None:
-                read.queued = waiting
-                if queued is not None:
-                    queued(waiting)
-
-            return await _read_crc(shared, path, size, index, buffer, found, counted, noted)
-    finally:
-        shared.drop()
-
-
-async def _read_crc(
-    shared: SharedDescriptor,
-    path: Path,
-    size: int,
-    index: CrcIndex,
-    buffer: bytearray | None,
-    found: FileKey,
-    progress: Callable[[], None] | None,
-    queued: Callable[[bool], None] | None,
-) -> FileCrc:
-    """``file_crc``'s read of ``shared`` (``found``), resumed where an earlier one cut short stopped."""
-    buffer = bytearray(READ_SIZE) if buffer is None else buffer
-    resumed = index.take_partial(found)
-    crc, read, started = resumed if resumed is not None else (0, 0, time.time_ns())
-    with failures_named(path):
-        try:
-            while read < size:
-                crc, count = await _in_reader(
-                    index, queued, _crc_of_shared_block, shared, crc, buffer, progress, read, size - read
-                )
-                if not count:
-                    raise FileChanged(f"{path}: shorter than the {size} bytes listed")
-                read += count
-            kept = await _in_reader(index, queued, _keep_shared, shared, index, path, found, crc, started)
-        except trio.Cancelled:
-            if read and index.trust(found) and not is_racy(found, started):
-                # A key that moves with every write (trusted, and not within the racy window of
-                # the first read): the bytes covered are still the file's while it stands.
-                index.keep_partial(found, PartialCrc(crc, read, started))
-            raise
-    if not kept and resumed is not None:
-        # Racy or not trusted after all (its filesystem's trust looked at anew): what an earlier
-        # read covered may not be the file's bytes now.  Read it whole.
-        return await _read_crc(shared, path, size, index, buffer, found, progress, queued)
-    return FileCrc(found, crc, not kept)
-
-
-def _open_and_look_up(
-    shared: SharedDescriptor, index: CrcIndex, path: Path, size: int, key: FileKey | None
-) -> tuple[FileKey, int | None]:
-    """In a worker thread: ``shared.open`` the file, and its CRC if the index has it.
-
-    Not the lookup on the event loop: the index's SQLite store waits on
-    another process's write lock up to 5 s (its busy timeout), and the whole
-    service with it (found by helper 34).
-    """
-    found = shared.open(path, size, key)
-    return found, index.get(found)
-
-
-async def _in_reader(
+async def in_reader(
     index: CrcIndex, queued: Callable[[bool], None] | None, function: Callable[..., T], *args: object
 ) -> T:
     """``function(*args)`` in a worker thread under ``index.readers``; given up on (not waited for) if cancelled.

@@ -15,7 +15,8 @@ from functools import partial
 from trio_util import AsyncValue  # type: ignore[attr-defined]
 
 from .crc_index import CrcIndex, FileRead
-from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, file_crc, in_reader_thread, small_file_crc
+from .crc_reads import BATCH_BYTES, BATCH_FILES, READ_SIZE, FileCrc, in_reader_thread, small_file_crc
+from .large_file_crc import file_crc
 from .listed_files import Folders
 from .plan import ArchivePlan
 from .worker_threads import in_thread
@@ -65,20 +66,20 @@ class CrcSource:
     def _follow(self, read: FileRead | None) -> None:
         self._following = read
 
-    def progress(self) -> tuple[bool, int]:
-        """What changes while reading this download's CRCs advances (for its watchdog).
+    def progress(self) -> tuple[object, int]:
+        """What changes while reading this download's CRCs advances (for its watchdog): (whose reads, their count).
 
         While queued for a reader (the index's readers all busy, possibly with
         other downloads' long reads of slow storage), the storage answering
-        them: every download's reads; else this download's own.  While waiting
+        them: every download's reads (the index's count); else this download's own.  While waiting
         for another download's read of a file, that read's, as it would be its own
         (helper 112: every download's reads kept a download waiting on a read that
-        hung alive as long as others read).
+        hung alive as long as others read).  Counts of different reads do not compare.
         """
         following = self._following
         if following is not None:
-            return (True, self.index.reads) if following.queued else (False, following.reads)
-        return (True, self.index.reads) if self.queued else (False, self.reads)
+            return (self.index, self.index.reads) if following.queued else (following, following.reads)
+        return (self.index, self.index.reads) if self.queued else (self, self.reads)
 
     async def compute(self) -> None:
         """Compute every CRC in order (run in the download's nursery)."""

@@ -45,6 +45,11 @@ class SharedDescriptor:
         os.close(fd)  # given up on while it opened
         raise FileChanged(f"{path}: given up on")
 
+    @property
+    def dropped(self) -> bool:
+        """Whether the event loop has given it up: a thread still using it may stop."""
+        return self._dropped
+
     def borrow(self) -> int | None:
         """In a worker thread, before using the descriptor: it, or None if given up on (then do nothing)."""
         with self._lock:

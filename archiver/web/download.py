@@ -252,16 +252,25 @@ class ArchiveBody(ResponseBody):
         timeout = self.storage_timeout
         crcs = self._crcs
         since = trio.current_time()  # from when nothing has advanced
-        reads: tuple[bool, int] = (False, -1)
+        # The last value seen of each count of reads looked at (``CrcSource.progress``), the latest
+        # three: a count is compared with its own last, not another's (a switch to another read is
+        # no progress; helper 113).
+        counts: dict[int, tuple[object, int]] = {}
         with self._watch_scope:
             while True:
                 await trio.sleep(timeout / 4)
                 now = trio.current_time()
                 waiting_since = self._waiting_since
-                if crcs is not None and crcs.progress() != reads and self._next_byte_waits_for_crc(crcs):
-                    since = now
                 if crcs is not None:
-                    reads = crcs.progress()
+                    whose, count = crcs.progress()
+                    last = counts.get(id(whose))
+                    advanced = last is not None and last[0] is whose and last[1] != count
+                    if advanced and self._next_byte_waits_for_crc(crcs):
+                        since = now
+                    counts.pop(id(whose), None)
+                    counts[id(whose)] = (whose, count)
+                    if len(counts) > 3:  # its own, every download's, and the read it follows now
+                        del counts[next(iter(counts))]
                 if waiting_since is None:
                     since = now
                 elif waiting_since > since:
