@@ -1093,6 +1093,10 @@ async def read_cut_short(path: Path, size: int, index: CrcIndex, offsets: list[i
         await file_crc(path, size, index, progress=progress)
     through.set()
     assert scope.cancelled_caught
+    with trio.fail_after(10):  # the thread given up on ends (its reader's place is given back)...
+        while index.readers.borrowed_tokens:
+            await trio.sleep(0.01)
+    assert len(reads_in_block) == 2  # ...with no read after the one it was at
 
 
 async def test_a_large_file_s_crc_read_cut_short_is_resumed_not_read_from_its_start(
@@ -1288,3 +1292,28 @@ async def test_a_read_cut_short_is_read_again_whole_once_its_filesystem_is_not_t
     assert found.crc == zlib.crc32(content) and found.racy
     assert offsets[-3:] == [0, block, 2 * block]  # read again whole...
     assert len(offsets) == cut + (3 if lost == "before it is resumed" else 5)  # ...after the resumed part, if any
+
+
+async def test_a_download_asking_after_a_read_of_a_file_not_trusted_began_does_not_take_its_crc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 114: the key of a file not trusted does not move with an edit in place, so a CRC read
+    # before a download asked may be older than the file it would read; a range of headers only
+    # sends it unchecked.  It reads the file itself, as it did before reads were shared.
+    block = crc_reads_module.BATCH_BYTES
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 2 * block, pause=0.2)
+    monkeypatch.setattr(index.trust, "device", lambda device: False)
+    found: list[tuple[int, bool]] = []
+
+    async def read() -> None:
+        result = await file_crc(path, len(content), index)
+        found.append((result.crc, result.racy))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        with trio.fail_after(10):
+            while not offsets:  # the first read has begun
+                await trio.sleep(0.01)
+        nursery.start_soon(read)
+    assert found == [(zlib.crc32(content), True)] * 2
+    assert offsets.count(0) == 2

@@ -37,17 +37,19 @@ PARTIAL_ENTRIES = 10_000
 class FileRead:
     """A large file's CRC read in progress (``CrcIndex.reading``): what a download that waits for it watches.
 
-    ``reads`` counts its reads and ``covered`` is its CRC so far and the bytes that
-    covers (both set by its worker threads); ``queued``: waiting for one of the
-    index's readers now.  ``ended`` is set once it ends, however; ``result`` is then
-    the CRC and whether it is racy (``crc_reads.FileCrc``), if it was read whole.
+    ``key``: the file's.  ``covered`` is its CRC so far and the bytes that covers
+    (set by its worker threads); ``queued``: waiting for one of the index's readers
+    now; ``started``: when it began reading (time.time_ns).  ``ended`` is set once
+    it ends, however; ``result`` is then the CRC and whether it is racy
+    (``crc_reads.FileCrc``), if it was read whole.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: FileKey) -> None:
+        self.key = key
         self.ended = trio.Event()
-        self.reads = 0
         self.queued = False
         self.covered = (0, 0)
+        self.started = 0
         self.result: tuple[int, bool] | None = None
 
 
@@ -146,7 +148,7 @@ class CrcIndex:
     def reading(self, key: FileKey) -> Iterator[FileRead]:
         """While ``key``'s file is read for its CRC (``being_read``); one such read at a time."""
         assert key not in self._reading
-        self._reading[key] = read = FileRead()
+        self._reading[key] = read = FileRead(key)
         try:
             yield read
         finally:

@@ -74,11 +74,13 @@ class CrcSource:
         them: every download's reads (the index's count); else this download's own.  While waiting
         for another download's read of a file, that read's, as it would be its own
         (helper 112: every download's reads kept a download waiting on a read that
-        hung alive as long as others read).  Counts of different reads do not compare.
+        hung alive as long as others read), by the file's key and the bytes read of it.  Counts
+        of different things do not compare.
         """
         following = self._following
         if following is not None:
-            return (self.index, self.index.reads) if following.queued else (following, following.reads)
+            # By file, not by read: a read cut short (its client left) goes on in the next one.
+            return (self.index, self.index.reads) if following.queued else (following.key, following.covered[1])
         return (self.index, self.index.reads) if self.queued else (self, self.reads)
 
     async def compute(self) -> None:

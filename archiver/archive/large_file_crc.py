@@ -52,6 +52,7 @@ async def file_crc(
     """
     shared = SharedDescriptor()
     try:
+        asked = time.time_ns()
         found, known = await in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
         while known is None and (other := index.being_read(found)) is not None:
             if following is not None:
@@ -61,7 +62,9 @@ async def file_crc(
             finally:
                 if following is not None:
                     following(None)
-            if other.result is not None:  # racy or not (a file not trusted): as this one's own read would be
+            if other.result is not None and (not other.result[1] or other.started >= asked):
+                # Racy (a file not trusted: its key does not move with an edit in place), only from
+                # a read begun since this one was asked for, as its own would be (helper 114).
                 return FileCrc(found, *other.result)
         if known is None:
             known = index.remembered(found)  # a read that ended after this one's lookup (no checkpoint since)
@@ -90,12 +93,7 @@ async def _read_crc(
     buffer = bytearray(READ_SIZE) if buffer is None else buffer
     resumed = index.take_partial(found)
     crc, covered, started = resumed if resumed is not None else (0, 0, time.time_ns())
-    read.covered = crc, covered
-
-    def counted() -> None:  # in a worker thread: counts only
-        read.reads += 1
-        if progress is not None:
-            progress()
+    read.covered, read.started = (crc, covered), started
 
     def noted(waiting: bool) -> None:
         read.queued = waiting
@@ -106,7 +104,7 @@ async def _read_crc(
         try:
             while covered < size:
                 crc, count = await in_reader(
-                    index, noted, crc_of_shared_block, shared, crc, buffer, counted, covered, size - covered, read
+                    index, noted, crc_of_shared_block, shared, crc, buffer, progress, covered, size - covered, read
                 )
                 if not count:
                     raise FileChanged(f"{path}: shorter than the {size} bytes listed")
@@ -114,6 +112,7 @@ async def _read_crc(
             kept = await in_reader(index, noted, _keep_shared, shared, index, path, found, crc, started)
         except BaseException as error:
             if _for_now(error):
+                shared.drop()  # first: the thread given up on stops at its next read (helper 114)
                 _keep_partial(index, found, read, started)
             raise
     if not kept and resumed is not None:

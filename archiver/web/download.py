@@ -255,7 +255,7 @@ class ArchiveBody(ResponseBody):
         # The last value seen of each count of reads looked at (``CrcSource.progress``), the latest
         # three: a count is compared with its own last, not another's (a switch to another read is
         # no progress; helper 113).
-        counts: dict[int, tuple[object, int]] = {}
+        counts: dict[object, int] = {}
         with self._watch_scope:
             while True:
                 await trio.sleep(timeout / 4)
@@ -263,12 +263,10 @@ class ArchiveBody(ResponseBody):
                 waiting_since = self._waiting_since
                 if crcs is not None:
                     whose, count = crcs.progress()
-                    last = counts.get(id(whose))
-                    advanced = last is not None and last[0] is whose and last[1] != count
-                    if advanced and self._next_byte_waits_for_crc(crcs):
+                    last = counts.pop(whose, None)
+                    if last is not None and last != count and self._next_byte_waits_for_crc(crcs):
                         since = now
-                    counts.pop(id(whose), None)
-                    counts[id(whose)] = (whose, count)
+                    counts[whose] = count
                     if len(counts) > 3:  # its own, every download's, and the read it follows now
                         del counts[next(iter(counts))]
                 if waiting_since is None:
