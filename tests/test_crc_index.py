@@ -1072,6 +1072,15 @@ def large_cold_file(
     return path, content, trusted_index(folder), blocks_read(patch, pause)
 
 
+BLOCK = crc_reads_module.BATCH_BYTES
+
+
+async def crc_and_whether_racy(path: Path, size: int, index: CrcIndex, found: list[tuple[int, bool]]) -> None:
+    """``file_crc`` of ``path``: its CRC and whether it is racy, appended to ``found``."""
+    result = await file_crc(path, size, index)
+    found.append((result.crc, result.racy))
+
+
 async def read_cut_short(path: Path, size: int, index: CrcIndex, offsets: list[int], block: int) -> None:
     """``file_crc`` of ``path``, cancelled as its ``block``th block (``blocks_read``'s ``offsets``) is being read.
 
@@ -1175,20 +1184,16 @@ async def test_a_large_file_whose_key_is_not_trusted_read_by_three_at_once_is_re
 ) -> None:
     # Helper 113: its CRC is never kept, and the downloads waiting for the first read each read it
     # again after it, one after another.  They take its CRC, racy: checked against the bytes as they go.
-    block = crc_reads_module.BATCH_BYTES
-    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 2 * block, pause=0.2)  # all at once
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 2 * BLOCK, pause=0.2)  # all at once
     monkeypatch.setattr(index.trust, "device", lambda device: False)
     found: list[tuple[int, bool]] = []
-
-    async def read() -> None:
-        result = await file_crc(path, len(content), index)
-        found.append((result.crc, result.racy))
+    read = partial(crc_and_whether_racy, path, len(content), index, found)
 
     async with trio.open_nursery() as nursery:
         for _ in range(3):
             nursery.start_soon(read)
     assert found == [(zlib.crc32(content), True)] * 3
-    assert offsets == [0, block]
+    assert offsets == [0, BLOCK]
 
 
 async def test_a_client_that_leaves_before_a_large_file_s_crc_is_read_cannot_make_it_read_again(
@@ -1300,14 +1305,10 @@ async def test_a_download_asking_after_a_read_of_a_file_not_trusted_began_does_n
     # Helper 114: the key of a file not trusted does not move with an edit in place, so a CRC read
     # before a download asked may be older than the file it would read; a range of headers only
     # sends it unchecked.  It reads the file itself, as it did before reads were shared.
-    block = crc_reads_module.BATCH_BYTES
-    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 2 * block, pause=0.2)
+    path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 2 * BLOCK, pause=0.2)
     monkeypatch.setattr(index.trust, "device", lambda device: False)
     found: list[tuple[int, bool]] = []
-
-    async def read() -> None:
-        result = await file_crc(path, len(content), index)
-        found.append((result.crc, result.racy))
+    read = partial(crc_and_whether_racy, path, len(content), index, found)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)
