@@ -127,7 +127,7 @@ async def test_a_forked_producer_that_fails_unexpectedly_reports_it_on_stderr() 
     errors = b""
     while chunk := await forked.stderr.receive_some():
         errors += chunk
-    assert await forked.wait() == producer_protocol.EXIT_BAD_INPUT
+    assert await forked.wait() == producer_protocol.EXIT_FAILED
     assert b"archiver-producer:" in errors
 
 

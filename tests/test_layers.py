@@ -7,6 +7,8 @@ shortcut across the parts fails here rather than in a review.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,16 @@ def test_the_check_sees_a_crossing() -> None:
     assert any(_part(name) == "archive" for name in _imported(archive))
     web = PACKAGE / "web" / "app.py"
     assert {"archive", "fences", "config"} <= {_part(name) for name in _imported(web)}
+
+
+def test_the_service_does_not_load_the_producers_program() -> None:
+    # The producers' program runs in the launchers (which import it, and fork each producer from
+    # themselves): the service names its files only.  Imported into the service, it would cost every
+    # worker its modules' memory, and a module of it could come to lean on the service's state.
+    program = ("producer_program", "launcher_program", "producer_files", "producer_output")
+    check = (
+        "import sys, archiver.asgi, archiver.cli; "
+        f"print(sorted(name for name in sys.modules if name.rsplit('.', 1)[-1] in {program!r}))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

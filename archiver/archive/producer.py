@@ -2,12 +2,13 @@
 
 The service plans the archive (``plan``); the producer subprocess writes
 the bytes planned, moving file data into its stdout pipe without passing it
-through Python.  This module owns that process from start to reaping (it is
+through Python (but for slices of up to ``producer_program.COPY_LIMIT``, copied
+with their headers).  This module owns that process from start to reaping (it is
 started by the launcher, ``launcher``, a process that holds no storage file): it
 feeds the instructions (``instructions``) to its stdin as the plan and
 the CRCs allow, drains its stderr, and sends its stdout to the download's
-channel.  A range that holds no file data (the central directory a download
-manager asks for first) needs no process: its bytes are the plan's.
+channel.  A range that starts at or after the central directory (what a
+download manager asks for first) needs no process: its bytes are the plan's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import sys
 from collections import deque
 from pathlib import Path
 from typing import cast
@@ -29,21 +29,16 @@ from .instructions import Instructions, instructions
 from .launched import LaunchedProcess
 from .pieces import CrcWait, FileSlice, stored_pieces
 from .plan import ArchivePlan
+from .producer_protocol import EXIT_CHANGED, EXIT_OUT_OF_RESOURCES
+from .spawner import program_command
 
 logger = logging.getLogger(__name__)
 
-# The program's file, not imported: the service needs only its protocol (``producer_protocol``).
+# The program's file, not imported: the service needs only its protocol (``producer_protocol``);
+# the launchers import it, and fork each producer with it imported.
 PROGRAM = Path(__file__).with_name("producer_program.py")
-
-# The interpreter running the service, isolated (-I: no environment, no user
-# site, no current directory on the path) and without site (-S): starts in
-# ~15 ms, and nothing but the standard library and the program's own modules is loaded.
-# Imported rather than run as a script, so that its compiled bytecode is reused.
-_LAUNCH = (
-    f"import sys; sys.path.insert(0, {str(PROGRAM.parents[2])!r}); "
-    "from archiver.archive.producer_program import main; sys.exit(main())"
-)
-PROGRAM_COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
+# The program run afresh (``python -I -S``): what the tests run; the service has its launcher fork it instead.
+PROGRAM_COMMAND = program_command(PROGRAM)
 # The producer as a command.  The launcher forks it from itself instead (it has the program
 # imported), unless this is set to another command (tests' stand-ins).
 COMMAND = PROGRAM_COMMAND
@@ -101,11 +96,26 @@ class ProducerUnavailable(RuntimeError):
 
 
 class ProducerFailed(RuntimeError):
-    """The producer exited with a failure (a file changed, or it was killed), or wrote other than planned."""
+    """The producer exited with a failure (a file changed, or it was killed), or wrote other than planned.
+
+    ``returncode``: its exit status (``producer_protocol``'s ``EXIT_*``), minus
+    the signal that killed it, or None if it exited with 0 having written other
+    than planned.
+    """
 
     def __init__(self, message: str, returncode: int | None = None) -> None:
         super().__init__(message)
         self.returncode = returncode
+
+    @property
+    def file_changed(self) -> bool:
+        """Whether a file was not the one planned (changed, truncated, swapped, gone): the album is changing."""
+        return self.returncode == EXIT_CHANGED
+
+    @property
+    def out_of_resources(self) -> bool:
+        """Whether the system was out of descriptors or memory: gone in a moment, no fault of the album's."""
+        return self.returncode == EXIT_OUT_OF_RESOURCES
 
 
 async def produce(

@@ -1,8 +1,10 @@
 """The producer subprocess: writes the archive's bytes that the service's plan asks for to stdout.
 
-Run by ``producer.COMMAND`` (``python -I -S``, this module's ``main``;
-standard library only, started in ~15 ms); ``producer`` in the service
-starts it and feeds its stdin with instructions (``producer_protocol``).
+Forked for each download by the producers' launcher (``launcher_program``,
+which has this module imported: ~2 ms a start), or run afresh as
+``producer.PROGRAM_COMMAND`` (``python -I -S``, this module's ``main``; the
+tests); standard library only.  ``producer`` in the service has it started
+and feeds its stdin with instructions (``producer_protocol``).
 
 The album is opened from ``/``, and every file beneath the album's directory
 descriptor, a component at a time with ``O_NOFOLLOW`` (a directory or file
@@ -16,12 +18,11 @@ opened and again only once the reader (the service) has taken them
 then checked once (a write since the plan would have moved its ctime), then
 written.  Anything else (a file changed, truncated, grown, swapped or gone)
 is one line on stderr naming the file and exit status 3: the service then
-aborts the transfer.  A closed stdout (the client left) is exit status 1.
+aborts the transfer.  The exit statuses are ``producer_protocol``'s ``EXIT_*``.
 """
 
 from __future__ import annotations
 
-import binascii  # crc32: zlib's CRC-32, faster than zlib.crc32 here
 import os
 import sys
 import time
@@ -44,8 +45,8 @@ from archiver.archive.producer_protocol import (
     DEFLATED_ENTRY_BODY,
     DONE,
     END,
-    EXIT_BAD_INPUT,
     EXIT_CHANGED,
+    EXIT_FAILED,
     EXIT_OUT_OF_RESOURCES,
     EXIT_OUTPUT_CLOSED,
     FILE_SLICE_BODY,
@@ -67,7 +68,7 @@ from archiver.archive.zipformat import (
     uses_zip64,
 )
 
-# Type names only: importing ``typing`` would add ~7 ms to every start.
+# Type names only: importing ``typing`` would add ~7 ms to a start afresh (the launcher's, the tests').
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -129,6 +130,12 @@ class Producer:
         self.written: list[tuple[EntryFields, int, int, int, int]] = []
 
     def run(self) -> None:
+        """Carry out instructions until ``DONE`` (every byte written, every file sent checked).
+
+        Raises FileChanged (a file not the one planned), OutOfResources,
+        BrokenPipeError (stdout closed), ValueError (instructions not
+        understood, or cut short) and OSError (the storage's errors).
+        """
         read, kind_of = self._read, self.source.read
         while True:
             kind = kind_of(1)
@@ -249,7 +256,7 @@ class Producer:
                 self._write_zeros(min(offset + length, at - count) - max(offset, at))
                 at -= count
                 continue
-            computed = binascii.crc32(view[:count], computed)
+            computed = zlib.crc32(view[:count], computed)
             low, high = max(offset, at), min(offset + length, at + count)
             if low < high:
                 self.output.write(view[low - at : high - at])
@@ -273,7 +280,7 @@ class Producer:
                 crc = crc32_with_zeros(crc, -count)
                 compressed += self._send_hole(compressor, -count)
                 continue
-            crc = binascii.crc32(view[:count], crc)
+            crc = zlib.crc32(view[:count], crc)
             data = self._deflate(compressor, view[:count])
             if self.output.due():  # nothing went out for a beat (this file or those before)
                 data += compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -380,6 +387,16 @@ class Producer:
 
 
 def main() -> int:
+    """Carry out the instructions on stdin, the archive's bytes to stdout; the exit status (``producer_protocol``).
+
+    0 once ``DONE`` is reached, every byte written and every file checked;
+    ``EXIT_CHANGED`` (a file not the one planned) or ``EXIT_OUT_OF_RESOURCES``
+    (no descriptor or memory) with one line on stderr; ``EXIT_OUTPUT_CLOSED``
+    when stdout is closed (the service stopped reading); ``EXIT_FAILED`` for
+    anything else (a storage error, instructions not understood), named on
+    stderr.  What was written before a failure stands; the service decides
+    what it means (an abort once the headers went out).
+    """
     source = open(0, "rb", buffering=WRITE_GATHER, closefd=False)  # noqa: SIM115 (stdin, left open)
     producer = Producer(source, Output(1))
     try:
@@ -394,7 +411,7 @@ def main() -> int:
         return EXIT_OUTPUT_CLOSED
     except (ValueError, OSError) as error:
         print(f"archiver-producer: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_FAILED
     return 0
 
 

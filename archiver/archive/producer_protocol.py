@@ -53,7 +53,12 @@ CHECKED = b"C"
 
 FileKey = tuple[int, int, int, int, int]
 
+# The producer's exit statuses (``producer_program.main``), which the service reads as the download's
+# outcome: 0 every byte planned written and checked; the rest below.
+# A file not the one planned (changed, truncated, grown, swapped for a link, gone): the transfer is aborted,
+# or refused with a 503 before its first byte (the album is changing).
 EXIT_CHANGED = 3
+# The system out of descriptors or memory (RESOURCE_ERRNOS): a 503 before the first byte, an abort after.
 EXIT_OUT_OF_RESOURCES = 4
 # The system out of descriptors or memory at a file's open or read: no fault of the file's, and
 # gone in a moment (a 503 to try again; helper 72: a 500 blaming the file).
@@ -64,15 +69,20 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 CHANGED_ERRNOS = frozenset(
     {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ESTALE, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO}
 )
+# Its stdout closed: the service stopped reading (the client left).
 EXIT_OUTPUT_CLOSED = 1
-EXIT_BAD_INPUT = 2
+# Anything else: the storage failed (EIO and the like, named on stderr) or the instructions were not
+# understood (a fault of the service's).  A 500 before the first byte, an abort after.
+EXIT_FAILED = 2
 
 
 def album(directory: bytes, level: int) -> bytes:
+    """The album's instruction: its absolute ``directory``, opened from ``/``; deflate ``level`` (0: stored)."""
     return ALBUM.pack(b"A", level, len(directory)) + directory
 
 
 def literal(data: bytes | bytearray) -> bytes:
+    """Bytes the plan made (headers, central directory, end records), written as they are."""
     return LITERAL.pack(b"B", len(data)) + data
 
 
@@ -86,6 +96,7 @@ def file_slice(path: bytes, identity: tuple[int, ...], offset: int, length: int,
 
 
 def deflated_entry(path: bytes, key: FileKey, fields: EntryFields) -> bytes:
+    """A whole entry, deflated by the producer: its local header (bit 3), data and data descriptor (APPNOTE 4.3.9)."""
     lengths = (len(path), len(fields.name), len(fields.extra))
     packed = DEFLATED_ENTRY.pack(b"D", *identity(key), fields.dos_time, fields.attributes, *lengths)
     return packed + path + fields.name + fields.extra

@@ -17,15 +17,28 @@ from pathlib import Path
 
 import trio
 
-from . import launcher_program
 from .worker_threads import in_thread
 
-_LAUNCH = (
-    f"import sys; sys.path.insert(0, {str(Path(launcher_program.__file__).parents[2])!r}); "
-    "from archiver.archive.launcher_program import main; sys.exit(main())"
-)
+
+def program_command(program: Path) -> tuple[str, ...]:
+    """The command that runs ``program`` (a module of this package, by its file)'s ``main`` as its exit status.
+
+    The interpreter running the service, isolated (-I: no environment, no user
+    site, no current directory on the path) and without site (-S): it starts in
+    ~15 ms, and loads nothing but the standard library and the program's own
+    modules.  The program is imported rather than run as a script, so that its
+    compiled bytecode is reused.
+    """
+    module = f"{__package__}.{program.stem}"
+    launch = f"import sys; sys.path.insert(0, {str(program.parents[2])!r}); from {module} import main; sys.exit(main())"
+    return (sys.executable, "-I", "-S", "-c", launch)
+
+
+# The program's file, not imported: importing it would load the producer's modules into the
+# service, which runs none of them (the launchers import them, once each).
+PROGRAM = Path(__file__).with_name("launcher_program.py")
 # Every launcher's command, the spawner's too (here, not in ``launcher``, which imports this module).
-COMMAND = (sys.executable, "-I", "-S", "-c", _LAUNCH)
+COMMAND = program_command(PROGRAM)
 # The last argument of each one's command line (unread by the program): its role, for ps and the tests.
 SPAWNER = "spawner"
 LAUNCHER = "launcher"

@@ -5,8 +5,9 @@ that would promise a 200 before we know the producer can run.
 ``send_archive_response`` (which takes over Quart-Trio's sending through
 ``fences.quart_trio``) enters the body first, waits for the first chunk, and only then sends the
 headers.  Whatever fails before that point becomes a proper error response:
-no free job slot or no producer is a 503, the producer failing before its
-first byte a 500, the storage giving nothing for the storage timeout a 503.
+no free job slot, no producer, a file found changed (an album being
+uploaded to), the system out of descriptors, or the storage giving nothing
+for the storage timeout is a 503; any other failure of the producer's a 500.
 Whatever fails after it propagates, and the transfer is aborted
 (see ``hypercorn_h2`` for HTTP/2); so does an archive whose length differs
 from the Content-Length announced (HTTP/1.1: the connection closes short).
@@ -29,12 +30,10 @@ import trio
 from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPResponseStartEvent, HTTPScope
 from quart import Response
 from quart.typing import ResponseTypes
-from quart.utils import encode_headers
 
 from ..archive.listed_files import FileChanged, FileUnreadable, OutOfResources
 from ..archive.listing import AlbumKeepsChanging, ListingFailed
 from ..archive.producer import ProducerFailed, ProducerUnavailable
-from ..archive.producer_protocol import EXIT_OUT_OF_RESOURCES
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse, Takeover
@@ -219,7 +218,7 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
     if isinstance(error, NoThread):  # the same; the tasks' limit (a CRC lookup's or read's thread)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, OutOfResources) or (
-        isinstance(error, ProducerFailed) and error.returncode == EXIT_OUT_OF_RESOURCES
+        isinstance(error, ProducerFailed) and error.out_of_resources
     ):  # the same: out of descriptors or memory at a file's open or read, in a moment no more
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if album_changed(error):
@@ -241,7 +240,7 @@ def _start_event(response: Response) -> HTTPResponseStartEvent:
     return {
         "type": "http.response.start",
         "status": response.status_code,
-        "headers": encode_headers(response.headers),
+        "headers": [(name.lower().encode(), value.encode()) for name, value in response.headers.items()],
         "trailers": False,
     }
 

@@ -1,7 +1,8 @@
 """How a download ended, for its log line, its metrics and its answer: what failed first, and what kind of end.
 
 A cancellation is the client leaving (or a shutdown past its grace period);
-a file of the album changed or gone is "changed"; anything else a failure.
+a client that stopped reading "stalled"; a file of the album changed or gone
+"changed"; anything else a failure.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import trio
 
 from ..archive.listed_files import FileChanged
 from ..archive.producer import ProducerFailed
-from ..archive.producer_protocol import EXIT_CHANGED
 from .limits import DownloadStalled
 
 
@@ -39,7 +39,8 @@ def download_outcome(error: BaseException | None) -> tuple[str, str]:
     """How a download ended, as a metrics label and a log phrase.
 
     A cancellation is the client leaving (or a shutdown past its grace
-    period); anything else is a failure.
+    period); a client that stopped reading is "stalled"; a file of the album
+    changed or gone "changed"; anything else a failure.
     """
     if error is None:
         return "completed", "complete"
@@ -55,4 +56,4 @@ def download_outcome(error: BaseException | None) -> tuple[str, str]:
 
 def album_changed(error: BaseException) -> bool:
     """Whether ``error`` is a file of the album found changed or gone (by a CRC read or the producer)."""
-    return isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.returncode == EXIT_CHANGED)
+    return isinstance(error, FileChanged) or (isinstance(error, ProducerFailed) and error.file_changed)
