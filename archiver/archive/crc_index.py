@@ -11,7 +11,8 @@ move the ctime: a known limit, tests/test_integrity_limits.py.
 The index is only a cache: losing it loses nothing but time.  The producer
 checks that each file it sends is the one listed (the same key) before and
 after sending it, so a CRC is only ever sent beside the bytes it was read
-from; a racy one is checked against the bytes as they go (``plan``).
+from; a racy one is checked against the bytes as they go (``FileSlice.verify_crc``,
+checked by the producer).
 """
 
 from __future__ import annotations

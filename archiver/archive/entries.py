@@ -15,12 +15,11 @@ import importlib.resources
 import io
 import os
 import stat
-import struct
 import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
-from .zipformat import EXTENDED_TIMESTAMP_ID
+from .zipformat import extended_timestamp_field
 
 # The DOS date's range (4.4.6): 1980-01-01 00:00:00 to 2107-12-31 23:59:58.
 DOS_TIME_MINIMUM = (1 << 21) | (1 << 16)
@@ -112,10 +111,6 @@ def dos_date_time(mtime_ns: int, zone: tzinfo) -> int:
     )
 
 
-# The bytes extended_timestamp gives, when not empty.
-EXTENDED_TIMESTAMP_SIZE = struct.calcsize("<HHBI")
-
-
 def extended_timestamp(mtime_ns: int) -> bytes:
     """Info-ZIP's extended timestamp extra field (0x5455, APPNOTE 4.6.1's "UT"): the mtime only, UTC.
 
@@ -129,7 +124,7 @@ def extended_timestamp(mtime_ns: int) -> bytes:
     seconds = mtime_ns // 1_000_000_000
     if not UNIX_TIME_RANGE[0] <= seconds <= UNIX_TIME_RANGE[1]:
         return b""
-    return struct.pack("<HHBI", EXTENDED_TIMESTAMP_ID, 5, 1, seconds)
+    return extended_timestamp_field(seconds)
 
 
 # Bits a kept mode loses: set-user-ID, set-group-ID, sticky, and write by anyone but the owner.

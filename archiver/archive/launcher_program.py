@@ -6,19 +6,21 @@ of a file sends a FLUSH.  The service holds storage files open (the CRC
 readers); on a mount whose daemon no longer answers (a dead sshfs), each of
 its own producer starts would wait for that FLUSH, for any album, with no
 timeout able to cut it (the wait is in the kernel, in the starting thread).
-The launcher is started by the service before it opens any storage file and
-never opens one itself, so its starts never wait on the storage.
+The same program plays two roles.  The spawner (``spawner.py``) is the one
+the service starts itself, with the app, before it opens any storage file;
+each launcher is then started by the spawner (``_start_launcher``), and
+never opens a storage file itself, so its starts never wait on the storage.
 
-Run by the service as ``python -I -S`` with this module's ``main`` and its
-end of a ``SOCK_SEQPACKET`` Unix socket as stdin.  The protocol, a packet
-per message:
+Each runs as ``python -I -S`` (``spawner.COMMAND``) with this module's
+``main`` and its end of a ``SOCK_SEQPACKET`` Unix socket as stdin.  The
+protocol, a packet per message:
 
 - service → launcher ``<id> NUL <argv0> NUL <argv1> ...``: start that program
   (absolute path, empty environment) with pipes for its stdin, stdout, stderr;
   or ``<id>`` alone: the producer, forked from this process (``_fork_producer``);
   or ``<id> NUL NUL <argv0> ...``: a launcher (``_start_launcher``), this
   program, whose stdin is a new socket (see ``spawner.py``).
-- launcher → service ``R`` first, once ready (SIGINT and SIGTERM ignored).
+- launcher → service ``R`` first, once ready (SIGINT, SIGTERM and SIGHUP ignored).
 - launcher → service ``S <id> <pid>`` with four descriptors (a pidfd for the
   process, the write end of its stdin, the read ends of its stdout and
   stderr; for a launcher, two: a pidfd and the other end of its socket), or

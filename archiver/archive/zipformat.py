@@ -50,20 +50,25 @@ _CENTRAL_HEADER = struct.Struct("<4sHHHHIIIIHHHHHII")
 _ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")
 _ZIP64_END_LOCATOR = struct.Struct("<4sIQI")
 _END_RECORD = struct.Struct("<4sHHHHIIH")
+# 4.5.1 an extra field's header: its id, the length of its data.
+_EXTRA_FIELD_HEADER = struct.Struct("<HH")
+# 4.5.3 the ZIP64 extended information extra field of a local header: both sizes, original first.
+_ZIP64_LOCAL_EXTRA = struct.Struct("<HHQQ")
+# 4.6.1 Info-ZIP's extended timestamp ("UT"), the modification time only: flags (bit 0), a 32-bit Unix time.
+_EXTENDED_TIMESTAMP = struct.Struct("<HHBI")
 # The local header's fixed part, before its name and extra field.
 LOCAL_HEADER_FIXED = _LOCAL_HEADER.size
 CENTRAL_HEADER_FIXED = _CENTRAL_HEADER.size
 # Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
 LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
+CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
 # A CRC-32 field's length (4.4.7).
 CRC_SIZE = 4
-CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
 
 LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 DATA_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 CENTRAL_HEADER_SIGNATURE = b"PK\x01\x02"
 END_RECORD_SIGNATURE = b"PK\x05\x06"
-EMPTY_ARCHIVE = _END_RECORD.pack(END_RECORD_SIGNATURE, 0, 0, 0, 0, 0, 0, 0)
 
 
 class EntryFields:
@@ -87,6 +92,7 @@ class EntryFields:
 
     @property
     def flags(self) -> int:
+        """The general purpose bit flags (4.4.4): bit 11 for a UTF-8 name, bit 3 (a data descriptor) if deflated."""
         utf8 = FLAG_UTF8 if is_utf8(self.name) else 0
         return utf8 | (FLAG_DATA_DESCRIPTOR if self.method == DEFLATED else 0)
 
@@ -137,7 +143,9 @@ def local_header(fields: EntryFields, crc: int, size: int) -> bytes:
 
     Stored entries (the size and CRC known before the data): both in the
     header, no data descriptor.  Deflated ones: bit 3 set, CRC and sizes 0
-    (4.4.4), a data descriptor after the data (``data_descriptor``).
+    (4.4.4), a data descriptor after the data (``data_descriptor``).  Where
+    ``uses_zip64``, both 4-byte size fields hold 0xFFFFFFFF and the ZIP64
+    extra field (4.5.3) comes first, with both sizes (0 if deflated).
     """
     zip64 = uses_zip64(fields, size)
     known = fields.method == STORED
@@ -145,7 +153,7 @@ def local_header(fields: EntryFields, crc: int, size: int) -> bytes:
     size_field = size if known else 0
     extra = fields.extra
     if zip64:
-        extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size_field, size_field) + extra
+        extra = _ZIP64_LOCAL_EXTRA.pack(ZIP64_EXTRA_ID, 16, size_field, size_field) + extra
         size_field = FIELD_LIMIT
     version = VERSION_ZIP64 if zip64 else VERSION_DEFLATED if fields.method == DEFLATED else VERSION_STORED
     header = _LOCAL_HEADER.pack(
@@ -171,12 +179,17 @@ def data_descriptor(crc: int, compressed_size: int, size: int, zip64: bool) -> b
 
 
 def central_header(fields: EntryFields, crc: int, compressed_size: int, size: int, offset: int) -> bytes:
-    """An entry's central directory header (4.3.12), name and extra fields; ``offset`` is its local header's."""
+    """An entry's central directory header (4.3.12), name and extra fields; ``offset`` is its local header's.
+
+    A size or offset of 0xFFFFFFFF or more holds 0xFFFFFFFF, and the ZIP64
+    extra field (4.5.3), first, carries it, and only such values, in the order
+    size, compressed size, offset; the version needed is then 4.5 (4.4.3.2).
+    """
     zip64_values = [value for value in (size, compressed_size, offset) if value >= FIELD_LIMIT]
     extra = fields.extra
     if zip64_values:
         values = struct.pack(f"<{len(zip64_values)}Q", *zip64_values)
-        extra = struct.pack("<HH", ZIP64_EXTRA_ID, len(values)) + values + extra
+        extra = _EXTRA_FIELD_HEADER.pack(ZIP64_EXTRA_ID, len(values)) + values + extra
     # 4.4.3.2: 4.5 wherever a ZIP64 field is used, the offset's alone included.
     version = VERSION_ZIP64 if zip64_values else VERSION_DEFLATED if fields.method == DEFLATED else VERSION_STORED
     header = _CENTRAL_HEADER.pack(
@@ -198,6 +211,14 @@ def central_header(fields: EntryFields, crc: int, compressed_size: int, size: in
         min(offset, FIELD_LIMIT),
     )
     return header + fields.name + extra
+
+
+def extended_timestamp_field(seconds: int) -> bytes:
+    """Info-ZIP's extended timestamp extra field (4.6.1, "UT"), 9 bytes: the modification time only.
+
+    ``seconds``: the Unix time, 0 to 2**32 - 1 (struct.error outside it).
+    """
+    return _EXTENDED_TIMESTAMP.pack(EXTENDED_TIMESTAMP_ID, _EXTENDED_TIMESTAMP.size - 4, 1, seconds)
 
 
 # The bytes of a data descriptor without ZIP64 fields, and at most (with them).
