@@ -356,6 +356,34 @@ def test_producer_refuses_an_album_whose_path_leads_through_a_link(storage: Path
     assert b"the album" in result.stderr
 
 
+def test_no_descriptor_left_for_the_album_is_out_of_resources_not_a_change(storage: Path) -> None:
+    """Out of descriptors at the album's open (a tight LimitNOFILE): exit 4, the 503 to try again,
+    not exit 3, "the album is changing" (helper 116: every error there was a change)."""
+    from archiver.archive import producer_protocol as program
+
+    write_tree(storage / "album", {"a.jpg": b"a"})
+    status = (storage / "album" / "a.jpg").stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(
+        b"a.jpg", program.identity(key), 0, 1, None
+    )
+    # The program imported, then the limit set to the lowest free descriptor: its next open fails.
+    run_out = (
+        "import os, resource, sys; "
+        f"sys.path.insert(0, {str(producer.PROGRAM.parents[2])!r}); "
+        "from archiver.archive.producer_program import main; "
+        "held = {int(fd) for fd in os.listdir('/proc/self/fd')}; "
+        "free = min(set(range(len(held) + 1)) - held); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+        "sys.exit(main())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", run_out], input=instructions + program.DONE, capture_output=True
+    )
+    assert result.returncode == program.EXIT_OUT_OF_RESOURCES and result.stdout == b"", result
+    assert b"the album" in result.stderr and b"Too many open files" in result.stderr
+
+
 def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
     from archiver.archive import producer_protocol as program
 

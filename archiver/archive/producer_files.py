@@ -13,7 +13,7 @@ import contextlib
 import os
 import stat
 
-from archiver.archive.producer_protocol import CHANGED_ERRNOS, FileKey
+from archiver.archive.producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileKey
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.sparse import Holes
 
@@ -39,7 +39,12 @@ class Album:
         try:
             self.root = open_real_directory(directory)
         except OSError as error:
-            raise FileChanged(f"the album {os.fsdecode(directory)}: {error.strerror or error}") from None
+            reason = f"the album {os.fsdecode(directory)}: {error.strerror or error}"
+            if error.errno in RESOURCE_ERRNOS:  # no descriptor left: a moment's, not the album's
+                raise OutOfResources(reason) from None
+            if error.errno not in CHANGED_ERRNOS:
+                raise OSError(error.errno, reason) from None  # the storage's (EIO...), named
+            raise FileChanged(reason) from None
         self._directory = b""  # the directory of the last file opened ("a/b/"), and its descriptor
         self._directory_fd = self.root
 

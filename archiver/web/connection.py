@@ -49,7 +49,7 @@ from .limits import (
     WalkLimitReached,
 )
 from .metrics import DownloadMetrics
-from .outcomes import ArchiveChanged, StorageTimeout, album_changed, first_failure
+from .outcomes import LengthMismatch, StorageTimeout, album_changed, first_failure
 from .pages import ALBUM_CHANGING, STORAGE_SILENT, error_page
 from .storage_calls import StorageSilent
 
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 # Failures the download's body logs (one line, no traceback) and counts itself.
 _LOGGED_BY_THE_BODY = (
     ProducerFailed,
-    ArchiveChanged,
+    LengthMismatch,
     FileChanged,
     FileUnreadable,
     OutOfResources,
@@ -226,7 +226,7 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
         # Walked afresh it is whole: in a few seconds, or at once by nginx on another instance
         # (proxy_next_upstream http_503).  A 500 before, for a normal upload (helper 67).
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)}, ALBUM_CHANGING)
-    if isinstance(error, (ProducerFailed, ArchiveChanged, FileUnreadable)):
+    if isinstance(error, (ProducerFailed, LengthMismatch, FileUnreadable)):
         return error_page(500, accept)
     return None
 

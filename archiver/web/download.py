@@ -29,7 +29,7 @@ from ..fences.delivery import bytes_dropped
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
-from .outcomes import ArchiveChanged, StorageTimeout, download_outcome, first_failure
+from .outcomes import LengthMismatch, StorageTimeout, download_outcome, first_failure
 from .ranges import ByteRange
 from .tail_hold import TailHold
 
@@ -199,12 +199,12 @@ class ArchiveBody(ResponseBody):
             length = self._length()
             if length is not None and self.bytes_sent != length:
                 # Never a clean end for bytes that disagree with the announced plan.
-                raise ArchiveChanged(f"{self.bytes_sent} bytes made, {length} announced")
+                raise LengthMismatch(f"{self.bytes_sent} bytes made, {length} announced")
             raise StopAsyncIteration
         self.bytes_sent += len(chunk)
         length = self._length()
         if length is not None and self.bytes_sent > length:
-            raise ArchiveChanged(f"more than the {length} bytes announced were made")
+            raise LengthMismatch(f"more than the {length} bytes announced were made")
         if self._bucket is not None:
             self._bucket.spend(len(chunk))
         self.metrics.bytes_sent.inc(len(chunk))

@@ -14,8 +14,8 @@ from ..archive.producer import ProducerFailed
 from .limits import DownloadStalled
 
 
-class ArchiveChanged(RuntimeError):
-    """The bytes made are not the length announced."""
+class LengthMismatch(RuntimeError):
+    """The bytes made are not the length announced (Content-Length): a fault of the service's, a failure."""
 
 
 class StorageTimeout(RuntimeError):
