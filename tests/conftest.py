@@ -143,7 +143,7 @@ async def ctimes_settled(album: Path) -> None:
 
     A file changed within a clock tick of a walk could change again in that
     tick, its key unmoved: its archive goes without an ETag until then
-    (``web.ranges.archive_validator``).  Not a synchronisation: a time to let pass.
+    (``archive.etag.archive_validator``).  Not a synchronisation: a time to let pass.
     """
     ctimes = [path.stat().st_ctime_ns for path in album.rglob("*") if path.is_file()]
     settled = max((ctime + (COARSE_RACY_NS if ctime % SECOND == 0 else RACY_NS) for ctime in ctimes), default=0)

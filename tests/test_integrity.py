@@ -555,7 +555,7 @@ def test_what_goes_out_before_the_tail_ends_inside_an_entry(
     oracle = expected_archive(album)
     for point in points:
         end = int(point * plan.central_offset)
-        cut = plan.mid_entry_end(end, 0)
+        cut = plan.cut_inside_an_entry(end, 0)
         assert 0 <= cut <= end
         assert cut == 0 or front_to_back_end(oracle[:cut]) == "cut"
         assert end - cut <= LOCAL_HEADER_FIXED + 2  # no more held back than it takes

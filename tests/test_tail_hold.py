@@ -77,7 +77,7 @@ def test_every_byte_goes_once_and_none_of_the_tail_before_the_proof_and_the_rech
     for handed, received in steps:
         if received <= plan.central_offset:  # no proof yet: nothing of the tail, and a cut inside an entry
             assert handed <= tail_start
-            assert plan.mid_entry_end(handed, 0) == handed
+            assert plan.cut_inside_an_entry(handed, 0) == handed
     if size < plan.central_offset:  # the case above was met
         assert any(received <= plan.central_offset for _, received in steps)
 

@@ -66,7 +66,7 @@ class CtimeTrust:
     nor any filesystem on a loop device (an image); and on any, not
     a ctime ``trusted_ctime`` refuses.  A file not trusted has its CRC read for
     every download and checked against its bytes as they go (racy), and its
-    album's archive no ETag (``web.ranges.archive_validator``).
+    album's archive no ETag (``etag.archive_validator``).
     """
 
     def __init__(self, trusted_fuse: Iterable[str] = (), mountinfo: Path = MOUNTINFO) -> None:

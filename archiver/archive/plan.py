@@ -61,6 +61,10 @@ _CRC = struct.Struct("<I")
 class ArchivePlan:
     """The plan of one album's archive: its entries, and in store mode where every record lies.
 
+    ``directory``: the album's real path (absolute), which the producer opens
+    its files beneath; ``files``: the listing's, in the archive's order.
+    ``compression``: the deflate level, 1-9, or 0 for a stored archive.
+    ``policy``: how entries are named, timed and given modes (``entries``).
     ``length`` is None for a deflated archive (sizes unknown until written).
     ``local_offsets[k]`` is where entry k's local header starts (k = count:
     the central directory); ``central_offsets[k]`` where its central header
@@ -139,6 +143,7 @@ class ArchivePlan:
         return self._paths[self._path_ends[k - 1] if k else 0 : self._path_ends[k]]
 
     def path_str(self, k: int) -> str:
+        """Entry k's file, relative to the album, as text (for the log; undecodable bytes escaped)."""
         return os.fsdecode(self.path(k))
 
     def identity(self, k: int) -> tuple[int, ...]:
@@ -158,6 +163,7 @@ class ArchivePlan:
         return self._names[self._name_ends[k - 1] if k else 0 : self._name_ends[k]]
 
     def fields(self, k: int) -> EntryFields:
+        """What entry k's records say of it: name, method (stored, or deflated in a deflated plan), times, mode."""
         method = STORED if self.compression == 0 or stored_when_deflating(self.sizes[k]) else DEFLATED
         extra = extended_timestamp(self._unix_times[k] * 1_000_000_000)
         return EntryFields(self.name(k), method, self._dos_times[k], self._attributes[k], extra)
@@ -243,17 +249,17 @@ class ArchivePlan:
         assert self.length is not None
         return self.length - max(self.central_offset - 1, 0)
 
-    def mid_entry_end(self, end: int, floor: int) -> int:
-        """The longest part of the stored archive, from its start, ending in [floor, end] inside an entry.
+    def cut_inside_an_entry(self, cut: int, floor: int) -> int:
+        """The largest cut in [floor, cut] of the stored archive (a count of bytes from its start) inside an entry.
 
         Inside: past its local header's fixed part (4.3.7: 30 bytes), in its name, extra
         field or data.  A part that ends between two entries, or within that fixed part, reads
         to a reader that reads front to back (Java's ZipInputStream) as a whole archive of the
-        entries before it (helper 75).  ``floor`` if there is no such end; ``end`` if it lies in
+        entries before it (helper 75).  ``floor`` if there is no such cut; ``cut`` if it lies in
         the central directory or after (the tail, ``tail_size``).  Deflated, the entries' offsets
         are found as written (``local_headers.LocalHeaderFinder``).
         """
-        return end_inside_an_entry(self.local_offsets, self.count, end, floor)
+        return end_inside_an_entry(self.local_offsets, self.count, cut, floor)
 
     def written_local_header(self, k: int) -> bytes:
         """Entry k's local header as the producer writes it, its CRC 0 (deflated: the one it has)."""
@@ -265,9 +271,11 @@ class ArchivePlan:
 
     @property
     def central_offset(self) -> int:
+        """Where the central directory starts (stored archives): the bytes before it are the entries'."""
         return self.local_offsets[-1]
 
     def end_records(self) -> bytes:
+        """The end records after the central directory (stored archives; ZIP64's where needed, 4.3.14-4.3.16)."""
         return end_records(self.count, self.central_offsets[-1], self.central_offset)
 
     def _lay_out(self) -> None:

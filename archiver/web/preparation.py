@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..archive.ctime_trust import CtimeTrust
 from ..archive.entries import EntryPolicy
+from ..archive.etag import archive_etag, archive_validator, archive_variant
 from ..archive.listing import SkippedLog, WalkProgress, check_settled
 from ..archive.plan import ArchivePlan
 from ..archive.plan_cache import PlanCache
 from ..archive.storage import list_album
 from ..config import Settings
-from .ranges import FORMAT_VERSION, archive_etag, archive_validator
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +46,7 @@ def prepare_archive(
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
-    # Everything the bytes depend on beside the files: the format, the compression, the naming, zone and modes.
-    # And the Unicode version the names are normalised, folded and cut by: a Python upgrade may name
-    # entries otherwise, and a resume across it must not join two archives (helper 71).
-    variant = f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
-    etag = archive_etag(listing, variant)
+    etag = archive_etag(listing, archive_variant(compression, policy))
     skips.log(listing, etag)
     plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
     return PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))

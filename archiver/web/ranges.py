@@ -1,21 +1,16 @@
-"""Byte ranges and validators for resumable downloads (RFC 9110, sections 8.8.3, 13.1, 14).
+"""Byte ranges and preconditions for resumable downloads (RFC 9110, sections 8.8.3, 13.1, 14).
 
 Only what a download manager or ``curl -C -`` needs: one range per request
 (several are answered with the whole archive, which RFC 9110 allows), a
-strong ETag, If-Range by that ETag, and the ETag preconditions (If-Match,
+strong ETag (``archive.etag``), If-Range by that ETag, and the ETag preconditions (If-Match,
 If-None-Match).  No Last-Modified is sent, so the date preconditions are
 ignored, as RFC 9110 13.1.3-4 have it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass
-
-from ..archive.ctime_trust import CtimeTrust, racy_times
-from ..archive.listing import AlbumListing
 
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
 # Python's \d and \s would take any Unicode digit or space, and int() would
@@ -55,9 +50,12 @@ class ByteRange:
 def parse_range(header: str, length: int) -> ByteRange | None:
     """The single range ``header`` asks for within ``length`` bytes, or None to send everything.
 
-    A header we do not take (several ranges, another unit, bad syntax, over
-    MAX_RANGE_HEADER characters) means the whole archive, as RFC 9110 lets a
-    server ignore Range.
+    A header we do not take (several ranges, another unit, bad syntax, a last
+    byte before the first, over MAX_RANGE_HEADER characters) means the whole
+    archive, as RFC 9110 lets a server ignore Range (14.2).  A last byte past
+    the end is cut to it (14.1.2).  Raises RangeNotSatisfiable for a range
+    that holds no byte of the archive: a first byte at or past ``length``, or a
+    suffix of 0 bytes or of an empty archive (14.1.1, a 416: 15.5.17).
     """
     if len(header) > MAX_RANGE_HEADER:
         return None
@@ -97,55 +95,6 @@ def _position(digits: str) -> int:
     """A byte position written in ASCII digits, any number of them (leading zeros allowed)."""
     significant = digits.lstrip("0")
     return _HUGE if len(significant) > _MAX_DIGITS else int(significant or "0")
-
-
-# The records this version writes: changed whenever they change.
-# 9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD
-# (8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
-FORMAT_VERSION = "archiver-zip-9"
-
-
-def archive_etag(listing: AlbumListing, variant: str) -> str:
-    """A strong ETag from all the archive's bytes depend on: ``variant`` (the format, the policies), each file's
-    name, size, mtime, mode.
-
-    And each file's ctime: a file rewritten in place with its size and mtime
-    restored (``touch -r``) has other bytes, and a resume across that change
-    must not splice two archives (If-Range).  Its ctime moved.  And its
-    inode: another file renamed over it within the same clock tick would
-    otherwise keep the ETag, and the cached plan (keyed by it) would name the
-    old file, which the producer refuses, download after download.  Not the
-    device: hosts sharing a storage over NFS see the same inodes under
-    different device numbers, and must give one archive one ETag.
-    """
-    digest = hashlib.sha256(variant.encode())
-    for file in listing.files:
-        fields = (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns, file.inode)
-        digest.update(b"\0%s\0%d\0%d\0%o\0%d\0%d" % fields)
-    return f'"{digest.hexdigest()[:32]}"'
-
-
-def archive_validator(listing: AlbumListing, etag: str, length: int | None, trust: CtimeTrust) -> str | None:
-    """The ETag to send for ``listing``'s archive (``etag``), or None where it would not be a strong validator.
-
-    None for a deflated archive (``length`` None: zlib's bytes are not
-    promised twice), and where a file may change without its key moving (a
-    ctime that may be only the mtime again, as sshfs reports: ``trust``),
-    where an edit would keep the tag: a resume across it (If-Range) would
-    splice two archives, and an If-None-Match would keep a stale copy.  Nor
-    while a file's ctime lies within a clock tick of the walk that listed it
-    (``is_racy``): written again later in that tick (or that second, on a
-    filesystem of whole seconds), it would keep its key, and the archive its
-    tag.  Without an ETag, If-Range never matches and a ranged request gets
-    the whole archive.
-    """
-    if length is None:
-        return None
-    devices = {file.device for file in listing.files}
-    started = listing.started_ns
-    if not all(map(trust.device, devices)) or any(racy_times(f.mtime_ns, f.ctime_ns, started) for f in listing.files):
-        return None
-    return etag
 
 
 def if_range_allows(if_range: str | None, etag: str | None) -> bool:

@@ -10,7 +10,7 @@ reader that reads front to back (helper 74: with only the last chunk held back, 
 album of 4,000 files, bsdtar and Java's ZipInputStream unpacked every entry of the
 bytes received, the file cut; helper 75: files not changed lately too; helper 73: the
 end records went out before the recheck).  What goes out before the proof ends inside
-an entry (stored: ``ArchivePlan.mid_entry_end``; deflated: ``LocalHeaderFinder``): if
+an entry (stored: ``ArchivePlan.cut_inside_an_entry``; deflated: ``LocalHeaderFinder``): if
 the producer fails, no reader takes it for a whole archive of the entries so far
 (helper 75, Java's ZipInputStream).  Held meanwhile: a few bytes.  Until 2026-12-03
 the whole central directory was held until the producer's exit, in memory, ~20 MB a
@@ -105,7 +105,7 @@ class TailHold:
         limit = min(pending, length - self._tail_size() - sent)
         if limit <= 0:
             return 0
-        return self.plan.mid_entry_end(at + limit, at) - at
+        return self.plan.cut_inside_an_entry(at + limit, at) - at
 
     def _tail_size(self) -> int:
         """How many bytes at a stored body's end are held back (computed once).

@@ -1,0 +1,76 @@
+"""The archive's identity: a strong ETag from everything its bytes depend on, and when it may be sent.
+
+An ETag promises the same bytes under the same tag (RFC 9110 8.8.3): a resume
+with If-Range splices the bytes sent under one tag to those of another
+request.  So the tag covers the format's version, the naming and zone
+policies, and each file's key, and is withheld (``archive_validator``)
+wherever a change might not move it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+
+from .ctime_trust import CtimeTrust, racy_times
+from .entries import EntryPolicy
+from .listing import AlbumListing
+
+# The records this version writes: changed whenever they change.
+# 9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD
+# (8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
+FORMAT_VERSION = "archiver-zip-9"
+
+
+def archive_variant(compression: int, policy: EntryPolicy) -> str:
+    """Everything the bytes depend on beside the files: the format, the deflate level, the naming, zone and modes.
+
+    And the Unicode version the names are normalised, folded and cut by: a
+    Python upgrade may name entries otherwise, and a resume across it must not
+    join two archives (helper 71).
+    """
+    return f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
+
+
+def archive_etag(listing: AlbumListing, variant: str) -> str:
+    """A strong ETag from all the archive's bytes depend on: ``variant`` (the format, the policies), each file's
+    name, size, mtime, mode.
+
+    And each file's ctime: a file rewritten in place with its size and mtime
+    restored (``touch -r``) has other bytes, and a resume across that change
+    must not splice two archives (If-Range).  Its ctime moved.  And its
+    inode: another file renamed over it within the same clock tick would
+    otherwise keep the ETag, and the cached plan (keyed by it) would name the
+    old file, which the producer refuses, download after download.  Not the
+    device: hosts sharing a storage over NFS see the same inodes under
+    different device numbers, and must give one archive one ETag.
+    """
+    digest = hashlib.sha256(variant.encode())
+    for file in listing.files:
+        fields = (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns, file.inode)
+        digest.update(b"\0%s\0%d\0%d\0%o\0%d\0%d" % fields)
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def archive_validator(listing: AlbumListing, etag: str, length: int | None, trust: CtimeTrust) -> str | None:
+    """The ETag to send for ``listing``'s archive (``etag``), or None where it would not be a strong validator.
+
+    None for a deflated archive (``length`` None: zlib's bytes are not
+    promised twice), and where a file may change without its key moving (a
+    ctime that may be only the mtime again, as sshfs reports: ``trust``),
+    where an edit would keep the tag: a resume across it (If-Range) would
+    splice two archives, and an If-None-Match would keep a stale copy.  Nor
+    while a file's ctime lies within a clock tick of the walk that listed it
+    (``is_racy``): written again later in that tick (or that second, on a
+    filesystem of whole seconds), it would keep its key, and the archive its
+    tag.  Without an ETag, If-Range never matches and a ranged request gets
+    the whole archive.
+    """
+    if length is None:
+        return None
+    devices = {file.device for file in listing.files}
+    started = listing.started_ns
+    if not all(map(trust.device, devices)) or any(racy_times(f.mtime_ns, f.ctime_ns, started) for f in listing.files):
+        return None
+    return etag
