@@ -28,10 +28,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from archiver.archive import launcher_program, producer, spawner
-from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND
+from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS
 from archiver.archive.entries import EntryPolicy
 from archiver.archive.names import entry_names
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.producer_protocol import SECOND
 from archiver.archive.storage import list_album
 from archiver.config import Settings
 from archiver.web.app import create_app

@@ -37,11 +37,12 @@ from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
-from archiver.archive.ctime_trust import RACY_NS, SECOND, CtimeTrust, is_racy, trusted_ctime
+from archiver.archive.ctime_trust import RACY_NS, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import is_fuse, read_mount_table
 from archiver.archive.large_file_crc import file_crc
-from archiver.archive.listed_files import FileChanged, FileUnreadable, failures_named
+from archiver.archive.listed_files import FileUnreadable, failures_named
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.producer_protocol import SECOND, FileChanged
 from archiver.archive.shared_descriptor import SharedDescriptor
 from archiver.archive.sparse import crc32_with_zeros
 from archiver.archive.storage import list_album

@@ -26,7 +26,7 @@ from hypercorn.typing import HTTPResponseStartEvent
 from quart import Response
 
 from archiver.archive import launcher, listing, producer, storage
-from archiver.archive.listed_files import FileChanged
+from archiver.archive.producer_protocol import FileChanged
 from archiver.config import Settings
 from archiver.web import connection
 from archiver.web import download as download_module

@@ -37,10 +37,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
-from archiver.archive.ctime_trust import SECOND
 from archiver.archive.local_headers import LocalHeaderFinder
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer_program import DEFLATE_READ_ALLOWANCE, DEFLATE_READ_PER_BYTE, DEFLATE_STEP, HOLE_BLOCK
+from archiver.archive.producer_protocol import SECOND
 from archiver.archive.storage import list_album
 from archiver.archive.zipformat import DATA_DESCRIPTOR_BOUND, DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
 from archiver.config import Settings

@@ -12,7 +12,8 @@ import httpx
 import pytest
 import trio
 
-from archiver.archive.ctime_trust import RACY_NS, SECOND
+from archiver.archive.ctime_trust import RACY_NS
+from archiver.archive.producer_protocol import SECOND
 
 from .conftest import read_archive, write_tree
 

@@ -18,7 +18,6 @@ import trio
 from archiver.archive import producer
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
-from archiver.archive.listed_files import FileChanged
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer import (
     PIPE_SIZE,
@@ -27,6 +26,7 @@ from archiver.archive.producer import (
     _widen_pipe,
     produce,
 )
+from archiver.archive.producer_protocol import FileChanged
 from archiver.archive.storage import list_album
 
 from .conftest import expected_archive, producer_children, read_archive, write_tree

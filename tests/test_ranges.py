@@ -20,10 +20,11 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
-from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, CtimeTrust
+from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, CtimeTrust
 from archiver.archive.entries import load_zone
 from archiver.archive.etag import FORMAT_VERSION, archive_etag, archive_validator
 from archiver.archive.listing import AlbumFile, AlbumListing
+from archiver.archive.producer_protocol import SECOND
 from archiver.config import Settings
 from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range
 

@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 from .crc_index import CrcIndex
 from .crc_reads import READ_SIZE, small_file_crc
-from .ctime_trust import COARSE_RACY_NS, RACY_NS, SECOND, trusted_ctime
-from .listed_files import FileChanged, FileUnreadable, Folders, OutOfResources, open_listed
+from .ctime_trust import COARSE_RACY_NS, RACY_NS, trusted_ctime
+from .listed_files import FileUnreadable, Folders, open_listed
+from .producer_protocol import SECOND, FileChanged, OutOfResources
 
 
 class AlbumCrcs(NamedTuple):

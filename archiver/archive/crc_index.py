@@ -27,7 +27,8 @@ from typing import NamedTuple
 import trio
 
 from .crc_store import CrcStore
-from .ctime_trust import CtimeTrust, FileKey, trusted_ctime
+from .ctime_trust import CtimeTrust, trusted_ctime
+from .producer_protocol import FileKey
 
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000

@@ -18,8 +18,9 @@ from typing import NamedTuple, TypeVar
 from zlib_ng import zlib_ng
 
 from .crc_index import CrcIndex, FileRead
-from .ctime_trust import FileKey, is_racy
-from .listed_files import FileChanged, Folders, close_read, failures_named, open_listed
+from .ctime_trust import is_racy
+from .listed_files import Folders, close_read, failures_named, open_listed
+from .producer_protocol import FileChanged, FileKey
 from .shared_descriptor import SharedDescriptor
 from .sparse import Holes, crc32_with_zeros, may_have_holes
 from .worker_threads import in_thread

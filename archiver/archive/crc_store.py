@@ -29,7 +29,7 @@ import time
 import zlib
 from pathlib import Path
 
-from .ctime_trust import FileKey
+from .producer_protocol import FileKey
 
 logger = logging.getLogger(__name__)
 

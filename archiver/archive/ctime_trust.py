@@ -18,9 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .filesystems import KERNEL, MOUNTINFO, filesystem_name, on_a_loop_device
-
-# A file's key: (device, inode, size, mtime_ns, ctime_ns), from its ``fstat``.
-FileKey = tuple[int, int, int, int, int]
+from .producer_protocol import SECOND, FileKey
 
 # A file whose ctime lies within this of the moment its read began may change again
 # without its ctime moving; such a CRC is not kept in the index.  Linux stamps file
@@ -31,7 +29,6 @@ FileKey = tuple[int, int, int, int, int]
 # ~0.3 s.  0.1 s until 2026-12-03: a CRC read 0.15 s into such a write was kept,
 # and sent with the new bytes (helper 66).
 RACY_NS = 1_000_000_000
-SECOND = 1_000_000_000
 # A filesystem that keeps whole seconds (ext4's 128-byte inodes; FAT keeps two) changes a
 # file later in the second of its ctime without moving it: a wider window for such ctimes.
 # A ctime of whole seconds lies on such a filesystem (the kernel's clock stamps nanoseconds).

@@ -21,9 +21,9 @@ import trio
 
 from .crc_index import CrcIndex, FileRead, PartialCrc
 from .crc_reads import READ_SIZE, FileCrc, crc_of_shared_block, in_reader, keep
-from .ctime_trust import FileKey, is_racy
-from .listed_files import FileChanged, failures_named
-from .producer_protocol import RESOURCE_ERRNOS
+from .ctime_trust import is_racy
+from .listed_files import failures_named
+from .producer_protocol import RESOURCE_ERRNOS, FileChanged, FileKey
 from .shared_descriptor import SharedDescriptor
 from .worker_threads import NoThread
 

@@ -13,22 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .ctime_trust import FileKey
-from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS
+from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from .real_paths import open_real_directory
 from .worker_threads import NoThread
 
 # O_NONBLOCK: a FIFO put in a file's place must not hang the open; O_NOCTTY: nor a terminal become
 # the service's.  Both as the producer's (``producer_files``).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-class FileChanged(RuntimeError):
-    """A file is not what was listed any more (another size, or no longer a regular file)."""
-
-
-class OutOfResources(RuntimeError):
-    """The system ran out of descriptors or memory opening or reading a file (RESOURCE_ERRNOS): ``path: reason``."""
 
 
 class FileUnreadable(RuntimeError):

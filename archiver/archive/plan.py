@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
 
-from .ctime_trust import SECOND, FileKey
 from .entries import (
     EntryPolicy,
     dos_date_time,
@@ -39,10 +38,10 @@ from .entries import (
     external_attributes,
     load_zone,
 )
-from .listed_files import FileChanged
 from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names
+from .producer_protocol import SECOND, FileChanged, FileKey
 from .zipformat import (
     CENTRAL_CRC_AT,
     DEFLATED,

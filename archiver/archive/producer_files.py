@@ -1,7 +1,7 @@
 """The producer's files: each opened beneath the album without following a link, and checked to be the one planned.
 
 A file is the one planned if it is a regular file with the planned device,
-inode, size, mtime and ctime (``producer_protocol.identity``): checked before
+inode, size, mtime and ctime (its ``FileKey``): checked before
 any of its bytes goes out, and after.
 
 Standard library only, and no ``typing``: the producer program imports this.
@@ -13,18 +13,9 @@ import contextlib
 import os
 import stat
 
-from archiver.archive.producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileKey
+from archiver.archive.producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.sparse import Holes
-
-
-class OutOfResources(Exception):
-    """The system ran out of descriptors or memory opening or reading a file: ``path: reason``."""
-
-
-class FileChanged(Exception):
-    """A file is not the one planned: another, a link, changed, shorter or longer."""
-
 
 # A path's parts that would not name an entry of the directory they are in.
 _NOT_NAMES = (b"", b".", b"..")

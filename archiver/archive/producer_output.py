@@ -13,8 +13,8 @@ import sys
 import termios
 import time
 
-from archiver.archive.producer_files import FileChanged, check_identity, close_quietly, close_read
-from archiver.archive.producer_protocol import FileKey
+from archiver.archive.producer_files import check_identity, close_quietly, close_read
+from archiver.archive.producer_protocol import FileChanged, FileKey
 
 # The output gathered before a write.
 WRITE_GATHER = 64 * 1024

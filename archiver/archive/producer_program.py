@@ -28,15 +28,7 @@ import sys
 import time
 import zlib
 
-from archiver.archive.producer_files import (
-    Album,
-    FileBlocks,
-    FileChanged,
-    OutOfResources,
-    check_identity,
-    close_quietly,
-    close_read,
-)
+from archiver.archive.producer_files import Album, FileBlocks, check_identity, close_quietly, close_read
 from archiver.archive.producer_output import WRITE_GATHER, Output
 from archiver.archive.producer_protocol import (
     ALBUM_BODY,
@@ -53,7 +45,9 @@ from archiver.archive.producer_protocol import (
     LITERAL_BODY,
     RESOURCE_ERRNOS,
     STORED_ENTRY_BODY,
+    FileChanged,
     FileKey,
+    OutOfResources,
     file_key,
 )
 from archiver.archive.sparse import crc32_with_zeros, may_have_holes

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import trio
 
-from .ctime_trust import FileKey
-from .listed_files import FileChanged, open_listed
+from .listed_files import open_listed
+from .producer_protocol import FileChanged, FileKey
 from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)

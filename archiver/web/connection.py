@@ -31,9 +31,10 @@ from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPRespon
 from quart import Response
 from quart.typing import ResponseTypes
 
-from ..archive.listed_files import FileChanged, FileUnreadable, OutOfResources
+from ..archive.listed_files import FileUnreadable
 from ..archive.listing import AlbumKeepsChanging, ListingFailed
 from ..archive.producer import ProducerFailed, ProducerUnavailable
+from ..archive.producer_protocol import FileChanged, OutOfResources
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse, Takeover

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import trio
 
-from ..archive.listed_files import FileChanged
 from ..archive.producer import ProducerFailed
+from ..archive.producer_protocol import FileChanged
 from .limits import DownloadStalled
 
 
