@@ -16,10 +16,12 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from archiver.archive import instructions, producer_output, producer_program
+from archiver.archive import instructions, producer_output, producer_program, producer_protocol
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
+from archiver.archive.listing import AlbumFile
 from archiver.archive.pieces import CrcWait
+from archiver.archive.plan import ArchivePlan
 
 from .conftest import expected_archive, read_archive, write_tree
 from .test_producer import collect, plan_of
@@ -204,3 +206,20 @@ def test_a_plan_is_freed_once_no_download_and_no_cache_holds_it(tmp_path: Path) 
     del plan, crcs
     gc.collect()
     assert freed() is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**63 - 1)), min_size=1, max_size=5))
+def test_the_plan_carries_each_files_key_as_the_protocol_splits_it(times: list[tuple[int, int]]) -> None:
+    """The plan keeps each key's times split into seconds and nanoseconds (an mtime past 2262 overflows 64
+    bits of nanoseconds), and hands them to the producer from its tables: the same identity as
+    ``producer_protocol.identity`` of the key, and the same key back (``file_key``), for any time."""
+    files = [
+        AlbumFile(f"{k}.jpg", k, mtime_ns=mtime, device=7, inode=100 + k, ctime_ns=ctime)
+        for k, (mtime, ctime) in enumerate(times)
+    ]
+    plan = ArchivePlan(Path("/album"), files)
+    for k, file in enumerate(files):
+        assert plan.key(k) == file.key
+        assert plan.identity(k) == producer_protocol.identity(file.key)
+        assert producer_protocol.file_key(plan.identity(k)) == file.key

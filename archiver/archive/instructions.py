@@ -11,7 +11,6 @@ being read.  Nothing here runs a process (``producer`` does).
 from __future__ import annotations
 
 import os
-import struct
 import weakref
 from array import array
 from collections.abc import Iterator, Sequence
@@ -21,9 +20,7 @@ from . import producer_protocol
 from .crc_source import CrcSource
 from .pieces import CrcWait, FileSlice, stored_pieces
 from .plan import ArchivePlan
-from .zipformat import DEFLATED, LOCAL_CRC_AT
-
-_CRC = struct.Struct("<I")
+from .zipformat import CRC_FIELD, DEFLATED, LOCAL_CRC_AT
 
 # What the producer's stdin is fed, in order, and where it waits for a CRC.
 Instructions = Iterator[bytes | bytearray | CrcWait]
@@ -163,7 +160,7 @@ class _WholeEntries:
         data = bytearray(memoryview(joined)[base : starts[high]])
         at = producer_protocol.LITERAL.size + LOCAL_CRC_AT - base
         for i, crc in zip(range(low, high), crcs, strict=True):
-            _CRC.pack_into(data, starts[i] + at, crc)
+            CRC_FIELD.pack_into(data, starts[i] + at, crc)
         return data
 
     def _make(self, plan: ArchivePlan, block_first: int) -> tuple[bytes, array[int]]:

@@ -1,5 +1,8 @@
 """A listed file opened for its CRC: through no link, checked to be the one listed, its failures named.
 
+And the files a download sent lately checked again by their paths before it ends
+(``check_still_listed``).
+
 The errors here are what a CRC read says of a file: changed or gone
 (``FileChanged``), the system out of descriptors or memory
 (``OutOfResources``), or the storage's failure (``FileUnreadable``).
@@ -9,13 +12,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from .real_paths import open_real_directory
 from .worker_threads import NoThread
+
+if TYPE_CHECKING:
+    from .plan import ArchivePlan
 
 # O_NONBLOCK: a FIFO put in a file's place must not hang the open; O_NOCTTY: nor a terminal become
 # the service's.  Both as the producer's (``producer_files``).
@@ -118,3 +125,20 @@ def close_read(fd: int, path: Path) -> None:
         os.close(fd)
     except OSError as error:
         raise FileChanged(f"{path}: {error.strerror} when closed after reading") from None
+
+
+def check_still_listed(plan: ArchivePlan, entries: Sequence[int]) -> None:
+    """FileChanged unless each of ``entries`` of ``plan`` is still the file listed (its key), by its path.
+
+    A ``stat`` a file, through no link at the last part (a worker thread's call).
+    """
+    # Paths joined as bytes: a pathlib join and str a file was half the time (20,000 files: 221 -> 100 ms).
+    directory = os.fsencode(plan.directory) + b"/"
+    for k in entries:
+        try:
+            status = os.stat(directory + plan.path(k), follow_symlinks=False)
+        except OSError as error:
+            raise FileChanged(f"{plan.path_str(k)}: {error.strerror}") from None
+        found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        if found != plan.key(k):
+            raise FileChanged(f"{plan.path_str(k)}: changed while the archive was sent")

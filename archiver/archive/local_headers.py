@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol
 
 from .zipformat import (
     CENTRAL_HEADER_FIXED,
+    CRC_SIZE,
     DATA_DESCRIPTOR_BOUND,
     DATA_DESCRIPTOR_SIGNATURE,
     DATA_DESCRIPTOR_SIZE,
@@ -40,7 +41,7 @@ from .zipformat import (
     uses_zip64,
 )
 
-CRC_END = LOCAL_CRC_AT + 4  # the CRC field: the one part of a local header not matched
+CRC_END = LOCAL_CRC_AT + CRC_SIZE  # the CRC field: the one part of a local header not matched
 CENTRAL_NAME_LENGTH_AT = 28  # 4.3.12: file name length, then the extra field's and the comment's
 CENTRAL_COMMENT_LENGTH_AT = 32  # from the comment length on, a first central header is known whole
 

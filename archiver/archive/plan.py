@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 from array import array
 from collections.abc import Sequence
 from itertools import accumulate
@@ -41,9 +40,11 @@ from .entries import (
 from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names
-from .producer_protocol import SECOND, FileChanged, FileKey
+from .producer_protocol import SECOND, FileKey
 from .zipformat import (
     CENTRAL_CRC_AT,
+    CRC_FIELD,
+    CRC_SIZE,
     DEFLATED,
     LOCAL_CRC_AT,
     STORED,
@@ -53,8 +54,6 @@ from .zipformat import (
     local_header,
     stored_when_deflating,
 )
-
-_CRC = struct.Struct("<I")
 
 
 class ArchivePlan:
@@ -124,19 +123,6 @@ class ArchivePlan:
         """The entries whose ctime is ``seconds`` (Unix time, whole) or later."""
         return list(self._by_ctime[bisect.bisect_left(self._ctimes_in_order, seconds) :])
 
-    def unchanged(self, entries: Sequence[int]) -> None:
-        """FileChanged unless each of ``entries`` is still the file listed (``key``), by its path (a worker thread)."""
-        # Paths joined as bytes: a pathlib join and str a file was half the time (20,000 files: 221 -> 100 ms).
-        directory = os.fsencode(self.directory) + b"/"
-        for k in entries:
-            try:
-                status = os.stat(directory + self.path(k), follow_symlinks=False)
-            except OSError as error:
-                raise FileChanged(f"{self.path_str(k)}: {error.strerror}") from None
-            found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-            if found != self.key(k):
-                raise FileChanged(f"{self.path_str(k)}: changed while the archive was sent")
-
     def path(self, k: int) -> bytes:
         """Entry k's file, relative to the album."""
         return self._paths[self._path_ends[k - 1] if k else 0 : self._path_ends[k]]
@@ -146,7 +132,7 @@ class ArchivePlan:
         return os.fsdecode(self.path(k))
 
     def identity(self, k: int) -> tuple[int, ...]:
-        """Entry k's key as the producer takes it: device, inode, size, mtime and ctime as seconds and nanoseconds."""
+        """Entry k's key as the producer takes it (``producer_protocol.identity`` of ``key(k)``, from the tables)."""
         return (*self._identities[3 * k : 3 * k + 3], *self._times[4 * k : 4 * k + 4])
 
     def key(self, k: int) -> FileKey:
@@ -189,7 +175,7 @@ class ArchivePlan:
         records = bytearray(memoryview(self._central_records)[base : offsets[stop]])
         at = CENTRAL_CRC_AT - base
         for k, crc in zip(range(first, stop), crcs, strict=True):
-            _CRC.pack_into(records, offsets[k] + at, crc)
+            CRC_FIELD.pack_into(records, offsets[k] + at, crc)
         return records
 
     def whole_entries(self, start: int, end: int) -> range:
@@ -222,12 +208,12 @@ class ArchivePlan:
         entries = array("I")  # compact: a whole download lists every entry
         if start < central_at:
             # Entries whose local CRC field ends at or after ``start`` and begins at or before ``end``.
-            first = bisect.bisect_right(self.local_offsets, start - LOCAL_CRC_AT - _CRC.size)
+            first = bisect.bisect_right(self.local_offsets, start - LOCAL_CRC_AT - CRC_SIZE)
             last = bisect.bisect_right(self.local_offsets, min(end, central_at - 1) - LOCAL_CRC_AT) - 1
             entries.extend(range(first, min(last, self.count - 1) + 1))
         if end >= central_at:
             offsets = self.central_offsets
-            first = bisect.bisect_right(offsets, max(start, central_at) - central_at - CENTRAL_CRC_AT - _CRC.size)
+            first = bisect.bisect_right(offsets, max(start, central_at) - central_at - CENTRAL_CRC_AT - CRC_SIZE)
             last = min(bisect.bisect_right(offsets, end - central_at - CENTRAL_CRC_AT) - 1, self.count - 1)
             done = range(entries[0], entries[-1] + 1) if entries else range(0)
             # Those of first .. last not in ``done``: before it, then after it (a whole download's: none).
@@ -303,4 +289,4 @@ class ArchivePlan:
 def _with_crc(records: bytes, start: int, end: int, crc_at: int, crc: int) -> bytes:
     """The record ``records[start:end]`` with ``crc`` in its CRC-32 field at ``crc_at``."""
     crc_start = start + crc_at
-    return records[start:crc_start] + crc.to_bytes(4, "little") + records[crc_start + 4 : end]
+    return records[start:crc_start] + CRC_FIELD.pack(crc) + records[crc_start + CRC_SIZE : end]

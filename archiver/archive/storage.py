@@ -189,7 +189,7 @@ def _walk_once(
     if not searchable:
         os.close(album_fd)
         raise ListingFailed(".: Permission denied", transient=False)
-    # Paths are relative, but a plan's check that its files are unchanged (plan.unchanged) stats the
+    # Paths are relative, but a plan's check that its files are unchanged (listed_files.check_still_listed) stats the
     # whole path: it must fit PATH_MAX.
     limit = _EntryLimit(max_entries)
     _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices, limit)

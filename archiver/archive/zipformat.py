@@ -62,8 +62,9 @@ CENTRAL_HEADER_FIXED = _CENTRAL_HEADER.size
 # Where the CRC-32 lies in a local header and in a central directory header (the fields before it).
 LOCAL_CRC_AT = struct.calcsize("<4sHHHI")
 CENTRAL_CRC_AT = struct.calcsize("<4sHHHHI")
-# A CRC-32 field's length (4.4.7).
-CRC_SIZE = 4
+# A CRC-32 field (4.4.7), which a stored plan's headers are made with 0 in and patched.
+CRC_FIELD = struct.Struct("<I")
+CRC_SIZE = CRC_FIELD.size
 
 LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 DATA_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"

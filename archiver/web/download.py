@@ -21,6 +21,7 @@ from quart.wrappers.response import ResponseBody
 
 from ..archive.crc_index import CrcIndex
 from ..archive.crc_source import CrcSource
+from ..archive.listed_files import check_still_listed
 from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
@@ -234,7 +235,7 @@ class ArchiveBody(ResponseBody):
         """
         self._waiting_since = trio.current_time()
         try:
-            await in_thread(self.plan.unchanged, self._recent)
+            await in_thread(check_still_listed, self.plan, self._recent)
         finally:
             self._waiting_since = None
 
