@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 BLOCK = 1024 * 1024
 # Slices up to this size are copied into the gathered output with their headers rather
 # than moved by sendfile: for small files the system calls cost more than the copy
-# (20,000 files of 8 KB: the producer's CPU 0.51 -> see README, Performance).
+# (20,000 files of 8 KB: the producer's CPU 0.51 -> 0.39 s a download, five system calls a file fewer).
 COPY_LIMIT = 16 * 1024
 # The read of a file being deflated.
 DEFLATE_READ = 256 * 1024
