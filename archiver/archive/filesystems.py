@@ -84,11 +84,6 @@ def filesystem_magic(fd: int) -> int:
     return int(found.f_type) & 0xFFFFFFFF
 
 
-def is_fuse(fs_type: str) -> bool:
-    """Whether ``fs_type`` (mountinfo's name: ``fuse``, ``fuse.sshfs``, ``fuseblk``) is a FUSE filesystem."""
-    return fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse.")
-
-
 def read_mount_table(text: str) -> dict[int, str]:
     """Device number (``os.makedev``) -> filesystem type, from the text of a mountinfo file.
 

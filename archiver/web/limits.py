@@ -111,6 +111,7 @@ class JobSlots:
         return len(self._held)
 
     def held_by(self, client: str) -> int:
+        """The slots ``client`` holds now (0 for one that holds none)."""
         return self._held[client]
 
     def largest_share(self) -> int:
