@@ -5,9 +5,15 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test test-slow lint bench bench-tools
 
+# The service's dependencies alone (make install, make run): a production checkout gets no test tools.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --editable .
+	touch $@
+
+# And the tests' and linters' (make test, lint, bench).
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet --editable '.[test]'
 	touch $@
 
@@ -27,20 +33,20 @@ run: install
 ## The longest files first (tests/conftest.py).  Bytecode is cached even where the environment
 ## says not to: every worker would compile the tests, and each of the ~150 services the tests
 ## start would compile the package, anew (~40 s of the two cores).
-test: $(BIN)/.installed lint
+test: $(BIN)/.installed-test lint
 	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -n 5 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 ## The stress and soak tests as well, one at a time (they print figures that a second worker would skew).
-test-slow: $(BIN)/.installed
+test-slow: $(BIN)/.installed-test
 	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest --run-slow $(PYTEST_ARGS)
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check archiver tests
 	$(BIN)/ruff format --check archiver tests
 	$(BIN)/mypy
 
 ## The benchmark: the service against zipstream-ng's zipserver and nginx, in one run (~15 min; ~700 MB in bench-data/).
-bench: $(BIN)/.installed bench-tools
+bench: $(BIN)/.installed-test bench-tools
 	$(BIN)/pip install --quiet zipstream-ng  # the peer the service is measured against
 	$(BIN)/python -m tests.benchmark $(BENCH_ARGS)
 
