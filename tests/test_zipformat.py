@@ -1,0 +1,130 @@
+"""ZIP records at their limits, read back field by field as APPNOTE 6.3.10 lays them out.
+
+The readers' tests (tests/test_readers.py, the slow run's 4 GiB albums) read
+whole archives, and most readers forgive a record that says too much: these
+pin each ZIP64 decision at the very value where APPNOTE 4.5.3 and 4.4.1.4 put
+it, which no album of a test's size reaches (helper 118: each of these
+boundaries moved by one passed the default run).
+"""
+
+from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime
+
+from archiver.archive.entries import DOS_TIME_MAXIMUM, dos_date_time, extended_timestamp
+from archiver.archive.zipformat import (
+    FIELD_LIMIT,
+    STORED,
+    EntryFields,
+    central_header,
+    end_records,
+    is_utf8,
+    local_header,
+    uses_zip64,
+)
+
+# 4.3.12, 4.3.7, 4.3.14-16: read here with formats of our own, not zipformat's.
+CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+LOCAL = struct.Struct("<4sHHHHHIIIHH")
+ZIP64_END = struct.Struct("<4sQHHIIQQQQ")
+LOCATOR = struct.Struct("<4sIQI")
+END = struct.Struct("<4sHHHHIIH")
+
+FIELDS = EntryFields(b"a.jpg", STORED, 0, 0)
+
+
+def _extra_fields(extra: bytes) -> dict[int, bytes]:
+    """An extra field block (4.5.1) as {header id: data}."""
+    found = {}
+    while extra:
+        header_id, size = struct.unpack_from("<HH", extra)
+        found[header_id] = extra[4 : 4 + size]
+        extra = extra[4 + size :]
+    return found
+
+
+def _central(size: int, compressed: int, offset: int) -> tuple[tuple[int, ...], dict[int, bytes]]:
+    record = central_header(FIELDS, 0x12345678, compressed, size, offset)
+    fields = CENTRAL.unpack_from(record)
+    name_length, extra_length = fields[10], fields[11]
+    extra = record[CENTRAL.size + name_length : CENTRAL.size + name_length + extra_length]
+    return fields, _extra_fields(extra)
+
+
+def test_a_central_header_uses_zip64_exactly_for_the_values_that_reach_0xffffffff() -> None:
+    # 4.5.3: a value of 0xFFFFFFFF itself does not fit (it means "see the ZIP64 field").
+    fields, extra = _central(FIELD_LIMIT - 1, FIELD_LIMIT - 1, FIELD_LIMIT - 1)
+    assert (fields[8], fields[9], fields[16]) == (FIELD_LIMIT - 1,) * 3 and 1 not in extra
+    assert fields[2] == 10  # version needed: 1.0, stored, no ZIP64 (4.4.3.2)
+    fields, extra = _central(FIELD_LIMIT, FIELD_LIMIT - 1, 7)
+    assert (fields[8], fields[9], fields[16]) == (FIELD_LIMIT - 1, FIELD_LIMIT, 7)
+    assert extra[1] == struct.pack("<Q", FIELD_LIMIT) and fields[2] == 45
+    # Only the values marked, in the order original size, compressed size, local header offset.
+    fields, extra = _central(5 << 32, 3 << 32, 9 << 32)
+    assert (fields[8], fields[9], fields[16]) == (FIELD_LIMIT,) * 3
+    assert extra[1] == struct.pack("<QQQ", 5 << 32, 3 << 32, 9 << 32)
+    fields, extra = _central(5, 5, FIELD_LIMIT)  # the offset alone: still version 4.5
+    assert fields[16] == FIELD_LIMIT and extra[1] == struct.pack("<Q", FIELD_LIMIT) and fields[2] == 45
+
+
+def test_a_stored_local_header_uses_zip64_from_0xffffffff_with_both_sizes() -> None:
+    assert not uses_zip64(FIELDS, FIELD_LIMIT - 1) and uses_zip64(FIELDS, FIELD_LIMIT)
+    record = local_header(FIELDS, 0x12345678, FIELD_LIMIT - 1)
+    fields = LOCAL.unpack_from(record)
+    assert (fields[7], fields[8], fields[10]) == (FIELD_LIMIT - 1, FIELD_LIMIT - 1, 0)
+    record = local_header(FIELDS, 0x12345678, FIELD_LIMIT)
+    fields = LOCAL.unpack_from(record)
+    assert (fields[7], fields[8]) == (FIELD_LIMIT, FIELD_LIMIT) and fields[1] == 45
+    extra = _extra_fields(record[LOCAL.size + fields[9] :])
+    assert extra[1] == struct.pack("<QQ", FIELD_LIMIT, FIELD_LIMIT)  # 4.5.3: BOTH sizes
+
+
+def _ends(count: int, central_size: int, central_offset: int) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """The ZIP64 end record (None if absent, its locator checked) and the end record of ``end_records``."""
+    records = end_records(count, central_size, central_offset)
+    end = END.unpack(records[-END.size :])
+    if len(records) == END.size:
+        return None, end
+    assert len(records) == ZIP64_END.size + LOCATOR.size + END.size
+    zip64_end = ZIP64_END.unpack_from(records)
+    locator = LOCATOR.unpack_from(records, ZIP64_END.size)
+    # 4.3.15: the locator gives the ZIP64 end record's offset, which lies right after the central directory.
+    assert locator == (b"PK\x06\x07", 0, central_offset + central_size, 1)
+    assert zip64_end[1] == ZIP64_END.size - 12  # 4.3.14.1
+    return zip64_end, end
+
+
+def test_the_end_records_need_zip64_exactly_where_a_field_cannot_hold_its_value() -> None:
+    zip64_end, end = _ends(0xFFFE, FIELD_LIMIT - 1, FIELD_LIMIT - 1)
+    assert zip64_end is None and end == (b"PK\x05\x06", 0, 0, 0xFFFE, 0xFFFE, FIELD_LIMIT - 1, FIELD_LIMIT - 1, 0)
+    # 4.4.1.4: 0xFFFF entries do not fit a 2-byte count (all ones means "see the ZIP64 record").
+    zip64_end, end = _ends(0xFFFF, 100, 200)
+    assert zip64_end is not None and zip64_end[6:] == (0xFFFF, 0xFFFF, 100, 200)
+    assert end[3:7] == (0xFFFF, 0xFFFF, 100, 200)
+    for central_size, central_offset in ((FIELD_LIMIT, 200), (100, FIELD_LIMIT), (3 << 32, 5 << 32)):
+        zip64_end, end = _ends(70_000, central_size, central_offset)
+        assert zip64_end is not None and zip64_end[6:] == (70_000, 70_000, central_size, central_offset)
+        assert end[5:7] == (min(central_size, FIELD_LIMIT), min(central_offset, FIELD_LIMIT))
+
+
+def test_only_a_valid_utf8_name_that_is_not_ascii_is_flagged() -> None:
+    assert is_utf8("Пляж.jpg".encode()) and not is_utf8(b"beach.jpg")
+    assert not is_utf8("Пляж.jpg".encode("cp1251"))  # another encoding goes unflagged (4.4.4 bit 11)
+
+
+def test_the_extended_timestamp_covers_exactly_the_seconds_every_reader_takes_alike() -> None:
+    last = 2**31 - 1  # 2038-01-19 03:14:07 UTC: Java reads the field signed
+    assert extended_timestamp(last * 10**9) == struct.pack("<HHBI", 0x5455, 5, 1, last)
+    assert extended_timestamp((last + 1) * 10**9) == b""
+    assert extended_timestamp(0) == struct.pack("<HHBI", 0x5455, 5, 1, 0)
+    assert extended_timestamp(-1) == b""
+
+
+def test_dos_times_run_to_the_end_of_2107_and_stop_there() -> None:
+    # 4.4.6: seven bits of years from 1980; 2107 is the last, its times kept, later ones clamped.
+    late = datetime(2107, 6, 1, 12, 0, 2, tzinfo=UTC)
+    dos = dos_date_time(int(late.timestamp()) * 10**9, UTC)
+    assert dos >> 25 == 127 and (dos >> 21) & 0xF == 6 and dos != DOS_TIME_MAXIMUM
+    after = datetime(2108, 1, 1, tzinfo=UTC)
+    assert dos_date_time(int(after.timestamp()) * 10**9, UTC) == DOS_TIME_MAXIMUM
