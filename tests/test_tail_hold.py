@@ -8,7 +8,10 @@ the recheck fails, nothing of the tail.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +125,15 @@ def test_no_producer_bytes_at_all_end_the_body(tmp_path: Path) -> None:
     hold = TailHold(plan, 0, plan.length - 1, 64)
     out, seen, rechecked_after = trio.run(_run, hold, b"", 64)
     assert out == b"" and seen == [] and rechecked_after == 0
+
+
+def test_the_tail_starts_at_the_last_entrys_last_byte_as_a_reader_finds_it(stored: tuple[ArchivePlan, bytes]) -> None:
+    # The tests above measure the hold against ``tail_size`` itself; this is the tail by a reader's
+    # account: from the last data byte of the last entry (by its local header, as zipfile reads it)
+    # to the end.  One byte less held would hand on the last entry whole before the proof
+    # (helper 118: that mutation passed every test).
+    plan, archive = stored
+    last = zipfile.ZipFile(io.BytesIO(archive)).infolist()[-1]
+    name_length, extra_length = struct.unpack_from("<HH", archive, last.header_offset + 26)
+    last_data_byte = last.header_offset + 30 + name_length + extra_length + last.file_size - 1
+    assert plan.tail_size() == len(archive) - last_data_byte
