@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from archiver.archive.local_headers import end_inside_an_entry
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.storage import list_album
+from archiver.archive.zipformat import LOCAL_HEADER_FIXED
 from archiver.web.tail_hold import TailHold
 
 from .conftest import expected_archive, write_tree
@@ -137,3 +139,13 @@ def test_the_tail_starts_at_the_last_entrys_last_byte_as_a_reader_finds_it(store
     name_length, extra_length = struct.unpack_from("<HH", archive, last.header_offset + 26)
     last_data_byte = last.header_offset + 30 + name_length + extra_length + last.file_size - 1
     assert plan.tail_size() == len(archive) - last_data_byte
+
+
+def test_a_cut_is_inside_an_entry_only_past_its_local_headers_fixed_part() -> None:
+    # A cut at the fixed part's end (30 bytes, APPNOTE 4.3.7) leaves a reader a whole header and no name:
+    # Java's ZipInputStream may take that for the archive's end.  Past it, or within the data, it is inside.
+    starts = [0, 100]
+    assert end_inside_an_entry(starts, 2, LOCAL_HEADER_FIXED, 0) == 0
+    assert end_inside_an_entry(starts, 2, LOCAL_HEADER_FIXED + 1, 0) == LOCAL_HEADER_FIXED + 1
+    assert end_inside_an_entry(starts, 2, 100 + LOCAL_HEADER_FIXED, 0) == 99  # back into the first entry
+    assert end_inside_an_entry(starts, 2, 100, 50) == 99
