@@ -284,6 +284,43 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
         assert b"a.jpg" in process.stderr.read()
 
 
+def test_nothing_after_a_check_goes_out_before_the_files_sent_are_checked_once_read(storage: Path) -> None:
+    """``C`` (CHECKED, before a stored archive's central directory): the producer waits for the reader
+    to take every byte sent, then checks each file, and only then writes what follows, whose first
+    byte the service takes as the proof that the files' bytes stand (``web.tail_hold``).  A file
+    rewritten while its pages wait in the pipe: what follows the check never goes out (helper 118:
+    a check that did not wait passed every test, the end's own check catching the change later)."""
+    from archiver.archive import producer_protocol as program
+
+    album = storage / "album"
+    write_tree(album, {"a.jpg": os.urandom(32_768)})
+    path = album / "a.jpg"
+    status = path.stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    instructions = (
+        program.album(os.fsencode(album), 0)
+        + program.file_slice(b"a.jpg", program.identity(key), 0, 32_768, None)
+        + program.CHECKED
+        + program.literal(b"PK\x01\x02 the central directory")
+        + program.DONE
+    )
+    with _producer(stderr=subprocess.PIPE) as process:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        process.stdin.write(instructions)
+        process.stdin.close()
+        deadline = time.monotonic() + 10
+        while _unread(process.stdout.fileno()) < 32_768:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.001)
+        with open(path, "r+b") as file:
+            file.write(b"X" * 100)
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+        output = process.stdout.read()
+        assert process.wait(10) == program.EXIT_CHANGED
+        assert len(output) == 32_768 and b"PK\x01\x02" not in output
+        assert b"a.jpg" in process.stderr.read()
+
+
 def test_a_producer_whose_reader_died_exits_while_it_waits_for_the_pipe_to_drain(storage: Path) -> None:
     """The service killed (SIGKILL) while a file's bytes wait in the pipe: the producer does not
     wait for a reader that will never come; it exits like a write to a broken pipe."""
