@@ -26,6 +26,7 @@ from hypercorn.typing import HTTPResponseStartEvent
 from quart import Response
 
 from archiver.archive import launcher, listing, producer, storage
+from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer_protocol import FileChanged
 from archiver.config import Settings
 from archiver.web import connection
@@ -252,6 +253,19 @@ async def test_a_file_written_again_after_it_was_sent_fails_the_transfer_before_
     assert read_archive(whole.content) == files_on_disk(album)
     said = [r.getMessage() for r in caplog.records if "a-upload.jpg: changed while the archive was" in r.getMessage()]
     assert len(said) == 1 and "album changed" in said[0], said
+
+
+def test_a_file_changed_in_the_very_second_the_recheck_looks_back_to_is_looked_at_again(tmp_path: Path) -> None:
+    # The files looked at again before the body's end are those whose ctime (in whole seconds) is
+    # ``RECHECK_SECONDS`` ago or later: one changed in that very second counts (helper 118: taking
+    # it out passed the suite).
+    album = tmp_path / "album"
+    write_tree(album, {"a.jpg": b"a", "b/c.jpg": b"c", "d.jpg": b""})
+    plan = ArchivePlan(album, storage.list_album(album).files)
+    for k in range(plan.count):
+        changed = os.stat(album / plan.path_str(k)).st_ctime_ns // 1_000_000_000
+        assert k in plan.changed_since(changed) and k in plan.changed_since(changed - 1)
+        assert k not in plan.changed_since(changed + 1)
 
 
 async def test_a_file_the_producer_finds_changed_after_the_central_directory_leaves_no_whole_archive(
