@@ -25,10 +25,22 @@ from archiver.archive.zipformat import LOCAL_HEADER_FIXED
 from archiver.web.tail_hold import TailHold
 
 from .conftest import expected_archive, write_tree
+from .test_producer import collect
 
 
 class RecentFileChanged(Exception):
     pass
+
+
+@pytest.fixture(scope="module")
+def deflated(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArchivePlan, bytes]:
+    # Entries that deflate and that do not (random bytes: stored deflate blocks), empty ones, and
+    # names of a byte and of many: the next record looked for is short or long.
+    album = tmp_path_factory.mktemp("deflated")
+    tree = {"a.txt": b"text " * 2000, "b": b"", "c.jpg": os.urandom(5000), "Фото/длинное имя файла.jpg": b"d" * 40}
+    write_tree(album, tree | {"e": b"", "z": os.urandom(300)})
+    plan = ArchivePlan(album, list_album(album).files, 6)
+    return plan, trio.run(collect, plan)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +122,29 @@ def test_a_failed_recheck_lets_no_byte_of_the_tail_go(stored: tuple[ArchivePlan,
         trio.run(main)
     assert len(handed) <= tail_start
     assert archive.startswith(bytes(handed))
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 31, 64, 200, 1024, 4096, 1 << 20])
+def test_a_deflated_archive_goes_whole_and_ends_inside_an_entry_until_its_central_directory(
+    deflated: tuple[ArchivePlan, bytes], size: int
+) -> None:
+    # Deflated, the plan does not know where entries end: what goes out before the central
+    # directory's first header arrives (the proof) ends inside an entry found in the bytes, by a
+    # reader's account: past a local header's 30 bytes, and short of the entry's last byte (its
+    # data descriptor's) whatever comes next.
+    plan, archive = deflated
+    assert plan.length is None
+    listed = zipfile.ZipFile(io.BytesIO(archive))
+    starts = [info.header_offset for info in listed.infolist()]
+    ends = [*starts[1:], listed.start_dir]  # each entry's end: the next record's start
+    proof = listed.start_dir + 46 + len(plan.name(0))  # the first central header to its name's end, fed
+    out, steps, rechecked_after = trio.run(_run, TailHold(plan, 0, 0, size), archive, size)
+    assert out == archive
+    assert 0 <= rechecked_after < listed.start_dir
+    early = [handed for handed, received in steps if received < proof]
+    for handed in early:
+        assert handed == 0 or any(a + LOCAL_HEADER_FIXED < handed < b for a, b in zip(starts, ends, strict=True))
+    assert size >= proof or any(early)  # not all held to the end: the case above was met
 
 
 def test_a_range_that_ends_before_the_tail_holds_its_last_byte(stored: tuple[ArchivePlan, bytes]) -> None:

@@ -127,21 +127,16 @@ class LocalHeaderFinder:
         self._next: Needle | None = self._needle(0)
         self._window = bytearray()  # bytes fed, from offset _window_at, that a header may yet begin in
         self._window_at = 0
+        self.fed = 0  # bytes fed in all
 
     def _needle(self, k: int) -> Needle | None:
         if k < self.count:
             return local_header_needle(self._local_header(k))
         return first_central_header_needle(self._central_header()) if self.count else None
 
-    @property
-    def hold(self) -> int:
-        """The length of the next record looked for: a cut that far from the end of the bytes fed or farther,
-        past the last local header found, is not at the end of its entry (the next record would have been found).
-        """
-        return len(self._next.record) if self._next is not None else 0
-
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Look for the next records in ``data``, the bytes after those fed before."""
+        self.fed += len(data)
         if self._next is None:
             return
         self._window += data
@@ -186,10 +181,14 @@ class LocalHeaderFinder:
         sizes = struct.unpack_from("<QQ" if length == DATA_DESCRIPTOR_BOUND else "<II", descriptor, 8)
         return sizes == (offset - length - self._data_start, size)
 
-    def end_inside_an_entry(self, end: int, floor: int) -> int:
-        """``end_inside_an_entry`` of the headers found, for an ``end`` at least ``hold`` before the bytes fed.
+    def cut_inside_an_entry(self, floor: int) -> int:
+        """The largest cut in [floor, bytes fed] that lies inside an entry, whatever the bytes not fed yet.
 
-        That far back, a cut past the last local header found is not at the end of
-        its entry: the next record would have been fed whole, and found.
+        ``end_inside_an_entry`` of the headers found, short of the bytes fed by the
+        next record's length: that far back, a cut past the last local header found
+        is not at the end of its entry (nor in its data descriptor's last byte), for
+        the record that follows the entry would have been fed whole, and found.
+        ``floor`` when no cut is (nothing found yet, or no entry at all).
         """
-        return end_inside_an_entry(self.starts, self.count, end, floor)
+        hold = len(self._next.record) if self._next is not None else 0
+        return end_inside_an_entry(self.starts, self.count, self.fed - hold, floor)

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 
 from ..archive.local_headers import LocalHeaderFinder
 from ..archive.plan import ArchivePlan
-from ..archive.zipformat import DATA_DESCRIPTOR_BOUND
 
 
 class TailHold:
@@ -36,7 +35,8 @@ class TailHold:
         self.held = bytearray()  # bytes received and not yet handed on: the tail, or a few after a cut
         self.checked = False  # the proof came (or the producer's end): the rest goes as it comes
         self._size: int | None = None
-        # Deflated (no length ahead): where its entries begin, found in the bytes as they come.
+        # Deflated (no length ahead, nor ranges): where its entries begin, found in the bytes as they come.
+        assert plan.length is not None or start == 0
         self._headers = None if plan.length is not None else LocalHeaderFinder(plan)
 
     async def next(
@@ -97,10 +97,9 @@ class TailHold:
         """How many of the next ``pending`` bytes can go now: none of the tail, and ending inside an entry."""
         at = self._start + sent  # the next byte's offset in the archive
         if self._headers is not None:
-            # Deflated: inside an entry found, and short of the last entry's data descriptor (and
-            # its last byte) whatever the bytes received end in.
-            limit = pending - max(self._headers.hold, DATA_DESCRIPTOR_BOUND + 1)
-            return self._headers.end_inside_an_entry(at + limit, at) - at if limit > 0 else 0
+            # Deflated (a whole archive: the finder was fed every byte sent and pending): inside an
+            # entry found, whatever the bytes to come.
+            return self._headers.cut_inside_an_entry(at) - at
         length = self._end - self._start + 1  # stored: its length is known
         limit = min(pending, length - self._tail_size() - sent)
         if limit <= 0:
