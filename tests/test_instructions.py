@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import random
+import struct
 import tempfile
 import time
 import weakref
@@ -12,6 +13,7 @@ import zipfile
 from pathlib import Path
 from unittest.mock import patch
 
+import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from archiver.archive.crc_source import CrcSource
 from archiver.archive.listing import AlbumFile
 from archiver.archive.pieces import CrcWait
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.zipformat import CENTRAL_CRC_AT, CENTRAL_HEADER_FIXED, CRC_SIZE, LOCAL_CRC_AT
 
 from .conftest import expected_archive, read_archive, write_tree
 from .test_producer import collect, plan_of
@@ -223,3 +226,66 @@ def test_the_plan_carries_each_files_key_as_the_protocol_splits_it(times: list[t
         assert plan.key(k) == file.key
         assert plan.identity(k) == producer_protocol.identity(file.key)
         assert producer_protocol.file_key(plan.identity(k)) == file.key
+
+
+@pytest.fixture(scope="module")
+def laid_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArchivePlan, bytes, list[int], list[int]]:
+    """A stored album's plan, its archive (the oracle), and each entry's local and central header offsets by
+    a reader's account (zipfile's, and the central directory walked record by record), the central
+    directory's offset and its end appended."""
+    album = tmp_path_factory.mktemp("edges")
+    write_tree(album, {"a": b"", "b.jpg": random.randbytes(3000), "в/г.jpg": b"x", "d" * 40: random.randbytes(50)})
+    plan = plan_of(album)
+    archive = expected_archive(album)
+    listed = zipfile.ZipFile(io.BytesIO(archive))
+    local = [info.header_offset for info in listed.infolist()] + [listed.start_dir]
+    central = [listed.start_dir]
+    for _ in listed.infolist():
+        name, extra, comment = struct.unpack_from("<HHH", archive, central[-1] + 28)
+        central.append(central[-1] + CENTRAL_HEADER_FIXED + name + extra + comment)
+    return plan, archive, local, central
+
+
+def _touches(start: int, end: int, at: int) -> bool:
+    return at + CRC_SIZE > start and at <= end
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_range_queries_meet_every_record_edge_as_a_reader_lays_the_archive_out(
+    laid_out: tuple[ArchivePlan, bytes, list[int], list[int]], data: st.DataObject
+) -> None:
+    """Ranges from and to each edge of every record and CRC field, a byte or two either side: the entries the
+    plan takes as whole, or as holding their CRC field, are those a reader's layout says; and the bytes the
+    producer writes for the range are the archive's (a range that cuts a CRC field sends its part of it).
+
+    Helper 118: an entry one byte short of a range's end taken as whole, a central header's likewise, a
+    range ending on a CRC field's first byte taken as not holding it: each passed every test before.
+    """
+    plan, archive, local, central = laid_out
+    count = plan.count
+    edges = sorted(
+        {e for at in local + central for e in (at, at + LOCAL_CRC_AT, at + CENTRAL_CRC_AT)}
+        | {at + d for at in local[:count] for d in (LOCAL_CRC_AT, LOCAL_CRC_AT + CRC_SIZE)}
+        | {at + d for at in central[:count] for d in (CENTRAL_CRC_AT, CENTRAL_CRC_AT + CRC_SIZE)}
+        | {len(archive)}
+    )
+    near = st.builds(lambda edge, d: edge + d, st.sampled_from(edges), st.integers(-2, 2))
+    start, end = sorted(min(max(at, 0), len(archive) - 1) for at in (data.draw(near), data.draw(near)))
+    assert list(plan.whole_entries(start, end)) == [
+        k for k in range(count) if start <= local[k] and local[k + 1] - 1 <= end
+    ]
+    assert list(plan.whole_central_headers(start, end)) == [
+        k for k in range(count) if start <= central[k] and central[k + 1] - 1 <= end
+    ]
+    holding = {k for k in range(count) if _touches(start, end, local[k] + LOCAL_CRC_AT)}
+    holding |= {k for k in range(count) if _touches(start, end, central[k] + CENTRAL_CRC_AT)}
+    crc_entries = list(plan.crc_entries(start, end))
+    assert sorted(crc_entries) == sorted(holding) and len(set(crc_entries)) == len(crc_entries)
+    crcs = CrcSource(plan, plan.crc_entries(start, end), CrcIndex())
+    trio.run(crcs.compute)
+    stream = b"".join(i for i in instructions.instructions(plan, start, end, crcs) if not isinstance(i, CrcWait))
+    with tempfile.TemporaryFile() as output:
+        producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())).run()
+        output.seek(0)
+        assert output.read() == archive[start : end + 1], (start, end)
