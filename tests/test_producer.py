@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import subprocess
 import sys
 import termios
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ from archiver.archive.producer import (
 )
 from archiver.archive.producer_protocol import FileChanged
 from archiver.archive.storage import list_album
+from archiver.archive.zipformat import LOCAL_HEADER_FIXED
 
 from .conftest import expected_archive, producer_children, read_archive, write_tree
 
@@ -284,32 +287,46 @@ def test_a_file_rewritten_while_its_bytes_wait_in_the_pipe_fails(storage: Path) 
         assert b"a.jpg" in process.stderr.read()
 
 
-def test_nothing_after_a_check_goes_out_before_the_files_sent_are_checked_once_read(storage: Path) -> None:
-    """``C`` (CHECKED, before a stored archive's central directory): the producer waits for the reader
-    to take every byte sent, then checks each file, and only then writes what follows, whose first
-    byte the service takes as the proof that the files' bytes stand (``web.tail_hold``).  A file
-    rewritten while its pages wait in the pipe: what follows the check never goes out (helper 118:
-    a check that did not wait passed every test, the end's own check catching the change later)."""
+@pytest.mark.parametrize("mode", ["stored", "deflated"])
+def test_nothing_after_a_check_goes_out_before_the_files_sent_are_checked_once_read(storage: Path, mode: str) -> None:
+    """Before a central directory (stored: the ``C`` instruction, CHECKED; deflated: the producer's own, at
+    ``E``), the producer waits for the reader to take every byte sent, then checks each file, and only
+    then writes the central directory, whose first byte the service takes as the proof that the files'
+    bytes stand (``web.tail_hold``).  A file rewritten while its pages wait in the pipe (here a file a
+    deflated archive stores: one near 4 GiB, ``zipformat.stored_when_deflating``): the central directory
+    never goes out (helper 118: a check that did not wait passed every test, stored or deflated, the
+    end's own check catching the change later)."""
     from archiver.archive import producer_protocol as program
 
     album = storage / "album"
-    write_tree(album, {"a.jpg": os.urandom(32_768)})
+    data = random.Random(118).randbytes(32_768)
+    assert b"PK\x01\x02" not in data
+    write_tree(album, {"a.jpg": data})
     path = album / "a.jpg"
     status = path.stat()
     key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-    instructions = (
-        program.album(os.fsencode(album), 0)
-        + program.file_slice(b"a.jpg", program.identity(key), 0, 32_768, None)
-        + program.CHECKED
-        + program.literal(b"PK\x01\x02 the central directory")
-        + program.DONE
-    )
+    if mode == "stored":
+        sent = len(data)
+        instructions = (
+            program.album(os.fsencode(album), 0)
+            + program.file_slice(b"a.jpg", program.identity(key), 0, len(data), None)
+            + program.CHECKED
+            + program.literal(b"PK\x01\x02 the central directory")
+        )
+    else:
+        fields = plan_of(album, 6).fields(0)
+        sent = LOCAL_HEADER_FIXED + len(fields.name) + len(fields.extra) + len(data)  # its local header and data
+        instructions = (
+            program.album(os.fsencode(album), 6)
+            + program.stored_entry(b"a.jpg", key, fields, zlib.crc32(data), False)
+            + program.END
+        )
     with _producer(stderr=subprocess.PIPE) as process:
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        process.stdin.write(instructions)
+        process.stdin.write(instructions + program.DONE)
         process.stdin.close()
         deadline = time.monotonic() + 10
-        while _unread(process.stdout.fileno()) < 32_768:
+        while _unread(process.stdout.fileno()) < sent:
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.001)
         with open(path, "r+b") as file:
@@ -317,7 +334,7 @@ def test_nothing_after_a_check_goes_out_before_the_files_sent_are_checked_once_r
         os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
         output = process.stdout.read()
         assert process.wait(10) == program.EXIT_CHANGED
-        assert len(output) == 32_768 and b"PK\x01\x02" not in output
+        assert len(output) == sent and b"PK\x01\x02" not in output
         assert b"a.jpg" in process.stderr.read()
 
 
