@@ -33,6 +33,7 @@ import h2.events
 import h2.settings
 import httpx
 import pytest
+import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +43,7 @@ from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer_program import DEFLATE_READ_ALLOWANCE, DEFLATE_READ_PER_BYTE, DEFLATE_STEP, HOLE_BLOCK
 from archiver.archive.producer_protocol import SECOND
 from archiver.archive.storage import list_album
-from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED
+from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED, data_descriptor
 from archiver.config import Settings
 
 from .conftest import (
@@ -57,6 +58,7 @@ from .conftest import (
     sparse_file,
     write_tree,
 )
+from .test_producer import collect
 
 # The chunk sizes the issue found faults with, the default, and the usual 64 KiB.
 CHUNK_SIZES = [1, 13, 30, 57, 16384, 65536, 65537, 256 * 1024, 512 * 1024]
@@ -539,6 +541,30 @@ def test_an_album_holding_an_archive_of_itself_is_not_taken_for_its_own_records(
     assert finder.starts == sorted(info.header_offset for info in archive.infolist())
     assert finder.central_start == archive.start_dir
     assert read_archive(sent) == as_unpacked(files_on_disk(album))
+
+
+def test_a_planted_data_descriptor_whose_compressed_size_is_not_the_entrys_is_passed_over(tmp_path: Path) -> None:
+    # A file's bytes hold what a deflated entry's end looks like: a data descriptor with the file's
+    # own size, then the next entry's local header as written.  It is not where the entry ends: the
+    # descriptor's compressed size is not the bytes since the entry's header (helper 118: with only
+    # the size compared, every test passed, and the next entry was taken to begin there).
+    album = tmp_path / "album"
+    size = 9_000
+    write_tree(album, {"a.bin": bytes(size), "b.bin": b"b" * 10})
+    next_header = ArchivePlan(album, list_album(album).files, 6).written_local_header(1)
+    trap = data_descriptor(0, 1234, size, zip64=False) + next_header
+    rng = random.Random(118)
+    (album / "a.bin").write_bytes(rng.randbytes(4_000) + trap + rng.randbytes(size - 4_000 - len(trap)))
+    plan = ArchivePlan(album, list_album(album).files, 6)
+    assert plan.written_local_header(1) == next_header
+    sent = trio.run(collect, plan)
+    assert sent.count(trap) == 1  # random bytes: a stored deflate block, verbatim
+    finder = LocalHeaderFinder(plan)
+    for at in range(0, len(sent), 1000):
+        finder.feed(sent[at : at + 1000])
+    archive = zipfile.ZipFile(io.BytesIO(sent))
+    assert finder.starts == [info.header_offset for info in archive.infolist()]
+    assert finder.central_start == archive.start_dir
 
 
 @given(case=cases(max_total=200_000), points=st.lists(FRACTIONS, min_size=1, max_size=20))
