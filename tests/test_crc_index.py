@@ -31,6 +31,7 @@ from zlib_ng import zlib_ng
 import archiver.archive.crc_reads as crc_reads_module
 import archiver.archive.ctime_trust as ctime_trust_module
 import archiver.archive.large_file_crc as large_file_crc_module
+import archiver.archive.plan as plan_module
 from archiver.archive import launcher
 from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex
@@ -1320,19 +1321,28 @@ async def test_a_download_asking_after_a_read_of_a_file_not_trusted_began_does_n
     assert offsets.count(0) == 2
 
 
-@pytest.mark.parametrize("size", [100, 3 * READ_SIZE], ids=["copied", "sendfile"])
+@pytest.mark.parametrize(
+    ("compression", "size"),
+    [(0, 100), (0, 3 * READ_SIZE), (6, 3 * READ_SIZE)],
+    ids=["copied", "sendfile", "stored in a deflated archive"],
+)
 async def test_a_racy_crc_that_is_not_the_bytes_sent_fails_the_transfer(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, size: int
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, compression: int, size: int
 ) -> None:
     """A CRC read while its file may still change within one clock tick (racy) goes out only checked
     against the bytes sent: one that does not match them aborts the transfer, never a clean end.
 
     A write that keeps the key (the same tick) cannot be made on demand, so the CRC read of one
-    file is made to disagree with it: what such a write would leave.  Both ways the producer sends
-    data, copied with its header (small) and by sendfile; after a first file, so that the headers
-    went out (before them, it is a 503, "album changing").  Helper 118: with the producer's
-    comparison, or the verification asked of it, taken out, every other test passed.
+    file is made to disagree with it: what such a write would leave.  Every way the producer sends
+    a stored entry's data: copied with its header (small), by sendfile, and in a deflated archive
+    (a file near 4 GiB, ``zipformat.stored_when_deflating``: the rule's size made small here);
+    after a first file, so that the headers went out (before them, it is a 503, "album changing").
+    Helper 118: with the producer's comparison, or the verification asked of it, taken out, every
+    other test passed.
     """
+    if compression:
+        settings = replace(settings, compression=compression)
+        monkeypatch.setattr(plan_module, "stored_when_deflating", lambda file_size: file_size == size)
     album = settings.storage_dir / "album"
     marked = b"\xaa" * size
     write_tree(album, {"0.jpg": os.urandom(2 * READ_SIZE), "a.jpg": marked, "b.jpg": b"b" * 10})  # racy
