@@ -18,9 +18,11 @@ from archiver.archive.zipformat import (
     STORED,
     EntryFields,
     central_header,
+    deflate_bound,
     end_records,
     is_utf8,
     local_header,
+    stored_when_deflating,
     uses_zip64,
 )
 
@@ -128,3 +130,14 @@ def test_dos_times_run_to_the_end_of_2107_and_stop_there() -> None:
     assert dos >> 25 == 127 and (dos >> 21) & 0xF == 6 and dos != DOS_TIME_MAXIMUM
     after = datetime(2108, 1, 1, tzinfo=UTC)
     assert dos_date_time(int(after.timestamp()) * 10**9, UTC) == DOS_TIME_MAXIMUM
+
+
+def test_a_deflated_archive_stores_a_file_exactly_when_its_deflated_bound_reaches_0xffffffff() -> None:
+    # A file whose data, deflated, might reach 0xFFFFFFFF bytes (zlib's compressBound) would need a
+    # ZIP64 local header though the file does not (4.5.3): it is stored instead, up to 0xFFFFFFFF
+    # itself.  4,293,656,835 bytes is the first size whose bound is 0xFFFFFFFF exactly.
+    first = 4_293_656_835
+    assert deflate_bound(first) == FIELD_LIMIT and deflate_bound(first - 1) == FIELD_LIMIT - 1
+    assert not stored_when_deflating(first - 1) and stored_when_deflating(first)
+    assert stored_when_deflating(FIELD_LIMIT) and not stored_when_deflating(FIELD_LIMIT + 1)
+    assert not stored_when_deflating(0)
