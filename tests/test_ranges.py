@@ -26,7 +26,7 @@ from archiver.archive.etag import FORMAT_VERSION, archive_etag, archive_validato
 from archiver.archive.listing import AlbumFile, AlbumListing
 from archiver.archive.producer_protocol import SECOND
 from archiver.config import Settings
-from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range
+from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range, surely_a_range
 
 from .conftest import (
     CLIENT_TLS,
@@ -62,8 +62,11 @@ from .test_observability import samples
         # A header over 200 characters is ignored whatever it says (issue 23: parsing cost).
         ("bytes=" + "9" * 5000 + "-", None),
         ("bytes=" + "0" * 5000 + "7-8", None),
+        ("bytes=" + "0" * 191 + "7-8", ByteRange(7, 8)),  # 200 characters: taken
+        ("bytes=" + "0" * 192 + "7-8", None),  # 201: not
         ("bytes=\u0663-\u0665", None),  # Arabic-Indic digits are not DIGIT
         ("bytes=1-2\u00a0", None),  # nor is a no-break space whitespace
+        ("byte\u017f=1-2", None),  # nor is a long s an "s" (Unicode's case folding matches it)
     ],
 )
 def test_parse_range(header: str, expected: ByteRange | str | None) -> None:
@@ -78,6 +81,32 @@ def test_parse_range(header: str, expected: ByteRange | str | None) -> None:
 def test_unsatisfiable_ranges(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable):
         parse_range(header, 1000)
+
+
+@pytest.mark.parametrize("header", ["bytes=0-", "bytes=-1", "bytes=0-0"])
+def test_no_range_holds_a_byte_of_nothing(header: str) -> None:
+    # RFC 9110 14.1.1: a suffix of an empty representation is unsatisfiable, as any first byte is.
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, 0)
+
+
+@pytest.mark.parametrize(
+    "range_header, if_range, surely",
+    [
+        ("bytes=0-1", None, True),
+        ("bytes=-1", None, True),
+        ("bytes=0-1", '"an-etag"', False),  # a range only if the tag is this archive's: known after the walk
+        ("bytes=0-1,5-6", None, False),  # several: the whole archive
+        ("bytes=" + "9" * 25 + "-", None, False),  # past any archive: a 416
+        (None, None, False),
+    ],
+)
+def test_a_request_is_counted_a_range_before_the_walk_only_if_it_surely_is_one(
+    range_header: str | None, if_range: str | None, surely: bool
+) -> None:
+    # The range limit's early look (before the album is walked): a download with an If-Range that
+    # turns out not to match is a whole download, and must not be refused as a client's fifth range.
+    assert surely_a_range(range_header, if_range) is surely
 
 
 @pytest.fixture
