@@ -106,6 +106,30 @@ def test_the_heaviest_client_yields_first() -> None:
     slots.acquire("one-0")  # holds 1, under its share
 
 
+def test_a_client_holding_slots_is_counted_once_in_its_own_fair_share() -> None:
+    # 10 slots, 2 in reserve: two clients hold 3 and 5, so the 8 outside the reserve are shared by
+    # two, 4 each: the one holding 3 is under its share (counted twice, it was over: 8 // 3 = 2).
+    slots = JobSlots(10, min_share=1, reserve=2)
+    for _ in range(3):
+        slots.acquire("three")
+    for _ in range(5):
+        slots.acquire("five")
+    assert slots.free == 2 and slots.fair_share("three") == 4
+    slots.acquire("three")
+    with pytest.raises(FairShareExceeded):
+        slots.acquire("five")
+
+
+def test_a_quarter_of_the_slots_rounded_up_is_the_reserve() -> None:
+    # 10 slots: 3 in reserve, not 2.  One client takes the 7 above it, and the 8th is refused.
+    slots = JobSlots(10, min_share=1)
+    assert slots.reserve == 3
+    for _ in range(7):
+        slots.acquire("heavy")
+    with pytest.raises(FairShareExceeded):
+        slots.acquire("heavy")
+
+
 def test_ranges_of_one_client_are_capped_even_on_an_idle_service() -> None:
     slots = JobSlots(64, min_share=4)
     for _ in range(4):

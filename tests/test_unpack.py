@@ -294,6 +294,19 @@ def test_a_transliterated_display_name_still_fits_a_file_system() -> None:
     assert len(fallback.group(1)) == MAX_SAVED_NAME_BYTES
 
 
+def test_a_display_name_is_taken_up_to_its_limits_exactly() -> None:
+    # 116 characters and 251 bytes in UTF-8 (with ".zip", 120 and 255): taken; one more, refused.
+    assert display_name("a" * 116, "album") == "a" * 116 + ".zip"
+    with pytest.raises(DisplayNameRefused):
+        display_name("a" * 117, "album")
+    at_the_limit = "日" * 83 + "ab"  # 85 characters, 251 bytes
+    assert len(at_the_limit.encode()) == 251 and display_name(at_the_limit, "album").endswith(".zip")
+    with pytest.raises(DisplayNameRefused):
+        display_name(at_the_limit + "c", "album")
+    # A name that ends in ".zip", in any case, gets no second one.
+    assert display_name("Фото.ZIP", "album") == "Фото.ZIP"
+
+
 def test_an_album_with_a_reserved_name_is_saved_under_a_portable_one() -> None:
     # The album's name is the default, and Windows cannot save "CON.zip" either.
     for album in ("CON", "nul", "com1"):
