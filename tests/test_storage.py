@@ -154,6 +154,38 @@ def test_a_folder_nested_exactly_64_levels_is_archived(tmp_path: Path) -> None:
     assert [file.path.count("/") for file in listing.files] == [MAX_DEPTH]
 
 
+@pytest.mark.parametrize("over", [0, 1], ids=["fits exactly", "a byte too long"])
+def test_a_path_that_fits_path_max_exactly_is_listed_and_one_byte_longer_is_left_out(tmp_path: Path, over: int) -> None:
+    # The whole path (the album's, "/", the entry's, and the NUL) must fit PATH_MAX, 4,096 bytes:
+    # what checks a file again by its path (listed_files) opens it whole.
+    album = tmp_path / "album"
+    album.mkdir()
+    length = 4096 - len(os.fsencode(album)) - 2 + over  # the entry's relative path, in bytes
+    folders = 0
+    while length - 201 * folders > 255:  # folders of 200-byte names, then the file's name
+        folders += 1
+    fd = os.open(album, os.O_RDONLY | os.O_DIRECTORY)
+    relative = b""
+    for level in range(folders):
+        name = b"%03d" % level + b"d" * 197
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        relative += name + b"/"
+    name = b"f" * (length - len(relative))
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    assert len(relative + name) == length
+    listing = list_album(album)
+    if over:
+        assert listing.files == () and [skip.reason for skip in listing.skipped] == [
+            "path too long for the system (PATH_MAX)"
+        ]
+    else:
+        assert [os.fsencode(file.path) for file in listing.files] == [relative + name] and listing.skipped == ()
+
+
 def test_an_album_of_more_entries_than_the_most_fails_its_listing(tmp_path: Path) -> None:
     # Found by helper 45: a listing and a plan are held in memory, ~650 bytes a file; 250,000
     # files took 150 MB a download. Files, folders and what is left out all count.
