@@ -498,7 +498,13 @@ def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
     (storage / "secret").write_bytes(b"s")
     status = (storage / "secret").stat()
     key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-    for path in (b"../secret", b"/etc/passwd", b"/secret", b"..", b"./../secret", b"a//b", b"a.jpg/.."):
+    # Links to it, a file's and a folder's: never followed, though the file is the one planned
+    # (helper 118's kind of mutation: without O_NOFOLLOW, only the identity check stood, and
+    # this planned identity passes it).
+    (storage / "album" / "link").symlink_to(storage / "secret")
+    (storage / "album" / "folder-link").symlink_to(storage)
+    climbing = (b"../secret", b"/etc/passwd", b"/secret", b"..", b"./../secret", b"a//b", b"a.jpg/..")
+    for path in (*climbing, b"link", b"folder-link/secret"):
         instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(
             path, program.identity(key), 0, 1, None
         )
