@@ -255,13 +255,15 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
     try:
         root.chmod(0o755)
         write_tree(root / "locked", {"a.jpg": b"a"})
-        write_tree(root / "open", {"a.jpg": b"a", "secret.jpg": b"s"})
+        write_tree(root / "open", {"a.jpg": b"a", "secret.jpg": b"s", "closed/c.jpg": b"c", "readonly/r.jpg": b"r"})
         write_tree(root / "unsearchable", {"a.jpg": b"a"})
         write_tree(root / "closed-root" / "album", {"a.jpg": b"a"})
         (root / "closed-root").chmod(0o700)  # a storage root the service's user cannot search (helper 34)
         (root / "unsearchable").chmod(0o644)  # read, not search: every entry would be "denied"
         (root / "locked").chmod(0o000)
         (root / "open" / "secret.jpg").chmod(0o000)
+        (root / "open" / "closed").chmod(0o000)  # folders inside left out, not walked into an error
+        (root / "open" / "readonly").chmod(0o644)
         check = (
             "import os, sys\n"
             "from pathlib import Path\n"
@@ -286,9 +288,14 @@ def test_an_album_the_service_cannot_open_fails_the_listing_rather_than_listing_
     finally:
         (root / "locked").chmod(0o755)
         (root / "unsearchable").chmod(0o755)
+        (root / "open" / "closed").chmod(0o755)
+        (root / "open" / "readonly").chmod(0o755)
         shutil.rmtree(root)
     files, *failures = result.stdout.splitlines()
-    assert files == "['a.jpg'] [('secret.jpg', 'not readable')]"
+    left_out = (
+        "[('closed', 'directory not readable'), ('readonly', 'directory not readable'), ('secret.jpg', 'not readable')]"
+    )
+    assert files == f"['a.jpg'] {left_out}"
     assert failures == ["failed .: Permission denied False"] * 2 + ["failed cannot look it up: Permission denied False"]
 
 
