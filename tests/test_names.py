@@ -41,6 +41,7 @@ EXAMPLES = [
     ("DSC_00~1.JPG", "DSC_00_1.JPG"),
     ("Новаяп~1", "Новаяп_1"),
     ("CON．~1", "_CON．_1"),  # a device and a short name's shape (helper 59: was not idempotent)
+    ("CON .txt", "_CON .txt"),  # Windows takes a device name with spaces before its extension too
 ]
 
 
