@@ -87,6 +87,29 @@ async def test_producer_failing_mid_stream_aborts_the_transfer(
     assert any("failed" in message and "disk on fire" in message for message in failures), failures
 
 
+@pytest.mark.parametrize("made", ["fewer", "more"])
+async def test_a_producer_that_makes_other_than_the_announced_length_never_ends_cleanly(
+    settings: Settings, stand_in: Callable[[str], None], protocol: str, caplog: pytest.LogCaptureFixture, made: str
+) -> None:
+    # A producer that exits 0 having made fewer bytes than the plan announced, or more: the
+    # transfer is aborted and the download logged as failed, naming the mismatch (the server's own
+    # framing may refuse a short body too, but the download is not to be counted complete).  The
+    # producer's reader finds it (``producer.produce``); the body checks again (``LengthMismatch``).
+    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})  # past a chunk: the head goes out
+    if made == "fewer":
+        stand_in("$REAL_PRODUCER | head -c 2000000")  # the pipeline's status: head's, 0
+    else:
+        stand_in("$REAL_PRODUCER\nprintf 'bytes the plan never had'")
+    async with running_server(settings) as url, make_client(url, protocol) as client:
+        with pytest.raises(ABORTED):
+            await download(client, "/archive/album/")
+        figures = await finished_downloads(client, 1)
+    assert figures['archiver_downloads_finished_total{outcome="failed"}'] == 1
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "planned" in r.getMessage()]
+    wrote = "wrote 2000000 bytes, 4000126 planned" if made == "fewer" else "wrote more than the 4000126 bytes planned"
+    assert len(said) == 1 and wrote in said[0], said
+
+
 async def test_producer_killed_mid_stream_aborts_the_transfer(large_storage: Path, protocol: str) -> None:
     settings = Settings(settle_time=0, storage_dir=large_storage, host="127.0.0.1", port=0)
     async with running_server(settings) as url, make_client(url, protocol) as client:
