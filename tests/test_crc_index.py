@@ -1223,7 +1223,10 @@ async def test_a_client_that_leaves_before_a_large_file_s_crc_is_read_cannot_mak
             response = await client.get("/archive/album/")
     assert leaving >= 3  # the read outlasted several requests
     assert read_archive(response.content) == {"video.mp4": content}
-    assert offsets.count(0) == 1, offsets
+    # Not read from its start again by each request (helper 111: every one of them did).  Twice
+    # if the first request left before its first block was read: on a loaded machine (CI beside
+    # four other workers, 2026-12-05) its read began past the 0.1 s, and each block went twice.
+    assert offsets.count(0) <= 2, offsets
     assert len(offsets) <= 8 + leaving, offsets
     # A read was cut short and resumed (not merely followed by the next request's).
     assert len(offsets) > len(set(offsets)) or any(offset % block for offset in offsets), offsets
