@@ -139,6 +139,26 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(content)
 
 
+def write_deep_file(album: Path, folders: list[bytes], name: bytes, data: bytes = b"") -> bytes:
+    """File ``name`` holding ``data`` under ``folders`` (made, nested) in ``album``, through directory
+    descriptors: a path past PATH_MAX cannot be opened whole.  Its path relative to ``album``."""
+    fd = os.open(album, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            os.mkdir(folder, dir_fd=fd)
+            child = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        file = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        try:
+            os.write(file, data)
+        finally:
+            os.close(file)
+    finally:
+        os.close(fd)
+    return b"".join(folder + b"/" for folder in folders) + name
+
+
 async def ctimes_settled(album: Path) -> None:
     """Wait until no file in ``album`` is racy (``ctime_trust.is_racy``), so that its archive has an ETag again.
 

@@ -20,7 +20,7 @@ from archiver.archive.listing import PATH_LOGGED, SKIPS_LOGGED, AlbumNotFound, L
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.storage import list_album, resolve_album
 
-from .conftest import write_tree
+from .conftest import write_deep_file, write_tree
 from .test_cli import PROJECT
 
 
@@ -161,29 +161,19 @@ def test_a_path_that_fits_path_max_exactly_is_listed_and_one_byte_longer_is_left
     album = tmp_path / "album"
     album.mkdir()
     length = 4096 - len(os.fsencode(album)) - 2 + over  # the entry's relative path, in bytes
-    folders = 0
-    while length - 201 * folders > 255:  # folders of 200-byte names, then the file's name
-        folders += 1
-    fd = os.open(album, os.O_RDONLY | os.O_DIRECTORY)
-    relative = b""
-    for level in range(folders):
-        name = b"%03d" % level + b"d" * 197
-        os.mkdir(name, dir_fd=fd)
-        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-        relative += name + b"/"
-    name = b"f" * (length - len(relative))
-    os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    os.close(fd)
-    assert len(relative + name) == length
+    levels = 0
+    while length - 201 * levels > 255:  # folders of 200-byte names, then the file's name
+        levels += 1
+    folders = [b"%03d" % level + b"d" * 197 for level in range(levels)]
+    relative = write_deep_file(album, folders, b"f" * (length - 201 * levels))
+    assert len(relative) == length
     listing = list_album(album)
     if over:
         assert listing.files == () and [skip.reason for skip in listing.skipped] == [
             "path too long for the system (PATH_MAX)"
         ]
     else:
-        assert [os.fsencode(file.path) for file in listing.files] == [relative + name] and listing.skipped == ()
+        assert [os.fsencode(file.path) for file in listing.files] == [relative] and listing.skipped == ()
 
 
 def test_an_album_of_more_entries_than_the_most_fails_its_listing(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from .conftest import (
     read_archive,
     running_server,
     server_in_thread,
+    write_deep_file,
     write_tree,
 )
 from .test_deploy import needs_nginx, nginx_in_front
@@ -434,21 +435,9 @@ async def test_chromium_through_tls_nginx_saves_the_display_name(
 def _deep_path_album(album: Path, levels: int = 20) -> bytes:
     """``album`` with top.jpg, and deep.jpg under ``levels`` folders of 200-character names (past PATH_MAX)."""
     write_tree(album, {"top.jpg": b"top" * 100})
-    fd = os.open(album, os.O_RDONLY | os.O_DIRECTORY)
-    relative = b""
-    for level in range(levels):
-        name = b"d%02d" % level + b"x" * 200
-        os.mkdir(name, dir_fd=fd)
-        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-        relative += name + b"/"
-    deep = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(deep, b"deep")
-    os.close(deep)
-    os.close(fd)
-    assert len(os.fsencode(album) + b"/" + relative + b"deep.jpg") > 4096  # PATH_MAX
-    return relative + b"deep.jpg"
+    relative = write_deep_file(album, [b"d%02d" % level + b"x" * 200 for level in range(levels)], b"deep.jpg", b"deep")
+    assert len(os.fsencode(album) + b"/" + relative) > 4096  # PATH_MAX
+    return relative
 
 
 async def test_a_path_longer_than_path_max_does_not_make_the_album_undownloadable(
