@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
 import archiver.archive.crc_reads as crc_reads_module
+import archiver.archive.crc_source as crc_source_module
 import archiver.archive.ctime_trust as ctime_trust_module
 import archiver.archive.large_file_crc as large_file_crc_module
 import archiver.archive.plan as plan_module
@@ -939,6 +940,36 @@ def test_no_thread_for_a_files_read_is_the_systems_limit_not_the_files_failure(t
         raise NoThread(errno.EAGAIN, "no thread could be started (can't start new thread)")
     with pytest.raises(FileUnreadable, match=r"big\.mov: Input/output error"), failures_named(tmp_path / "big.mov"):
         raise OSError(errno.EIO, "Input/output error")
+
+
+async def test_no_thread_for_the_crc_lookup_is_a_503_to_try_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The tasks' limit met by a download's first thread of its own (the CRC index's lookup), before
+    # the head: a 503 with Retry-After, as the limit met anywhere else; without its own refusal it
+    # went out as Quart's 500 with a traceback.  The limit itself: test_launcher's tasks-limit tests
+    # (a cgroup), which meet it at the walk, before the download.
+    files = {"a.jpg": os.urandom(1000)}
+    write_tree(tmp_path / "storage" / "album", files)
+    settings = Settings(settle_time=0, storage_dir=tmp_path / "storage", host="127.0.0.1", port=0)
+    in_thread = crc_source_module.in_thread
+
+    async def no_thread_for_a_lookup(function: Any, *args: object, limiter: Any = None) -> Any:
+        if getattr(function, "__name__", None) == "known":
+            raise NoThread(errno.EAGAIN, "no thread could be started (can't start new thread)")
+        return await in_thread(function, *args, limiter=limiter)
+
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        monkeypatch.setattr(crc_source_module, "in_thread", no_thread_for_a_lookup)
+        refused = await client.get("/archive/album/")
+        monkeypatch.undo()
+        whole = await client.get("/archive/album/")
+    assert (refused.status_code, refused.headers["Retry-After"]) == (503, "5")
+    assert refused.text == MESSAGES[503].sentence + "\n"
+    assert read_archive(whole.content) == files
+    (line,) = [m for r in caplog.records if "download album for" in (m := r.getMessage()) and "failed" in m]
+    assert "no thread could be started" in line and "(refused before the head), 0 bytes sent" in line, line
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
 
 
 def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> None:
