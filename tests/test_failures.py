@@ -405,6 +405,8 @@ async def test_a_failure_as_the_head_would_go_out_is_never_an_empty_reply(
     if when == "with the first chunk":  # nothing went out yet: the album's refusal
         assert head.startswith(b"HTTP/1.1 503 "), bytes(received[:40])
         assert body.decode().strip() == ALBUM_CHANGING.sentence
+        # Its line counts what the client had, not the chunk the body had taken.
+        assert "a.jpg: gone (refused before the head), 0 bytes sent" in caplog.text
     else:  # a head that had begun to go out goes out whole, and the transfer is aborted
         assert head.startswith(b"HTTP/1.1 200 "), bytes(received[:40])
         assert len(body) < 1_000_000
