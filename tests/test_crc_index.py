@@ -39,7 +39,7 @@ from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
-from archiver.archive.ctime_trust import RACY_NS, CtimeTrust, is_racy, trusted_ctime
+from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import read_mount_table
 from archiver.archive.large_file_crc import file_crc
 from archiver.archive.listed_files import FileUnreadable, failures_named
@@ -711,6 +711,11 @@ def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime
     # Whole seconds (ext4's small inodes, FAT's two): a change later in that second keeps the ctime.
     assert is_racy((1, 2, 3, second - 5 * SECOND, second - SECOND), now)
     assert not is_racy((1, 2, 3, second - 5 * SECOND, second - 3 * SECOND), now)
+    # The windows' edges, to the nanosecond: a ctime the window before the read is racy, a
+    # nanosecond older is not (a nanosecond clock's ctime, and a whole second's).
+    assert is_racy((1, 2, 3, 0, now - RACY_NS), now) and not is_racy((1, 2, 3, 0, now - RACY_NS - 1), now)
+    assert is_racy((1, 2, 3, 0, second), second + COARSE_RACY_NS)
+    assert not is_racy((1, 2, 3, 0, second), second + COARSE_RACY_NS + 1)
     # The mtime reported as the ctime (sshfs): an edit with its mtime put back moves neither.
     assert is_racy((1, 2, 3, second - 3600 * SECOND, second - 3600 * SECOND), now)
     assert not trusted_ctime(second, second) and not trusted_ctime(second + SECOND, second) and not trusted_ctime(0, 0)
