@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import h2.connection as h2_connection_module
-import httpx
 import h2.errors
 import h2.events
 import h2.frame_buffer as h2_frame_buffer_module
 import h11._connection as h11_connection_module
 import hpack.hpack as hpack_module
+import httpx
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.config as hypercorn_config_module
 import hypercorn.events as hypercorn_events_module
