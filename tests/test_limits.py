@@ -211,6 +211,39 @@ def test_connection_limit_leaves_descriptors_for_the_jobs() -> None:
     assert 16 <= derived <= soft - 8 * 6
 
 
+async def test_exactly_the_connection_limit_is_served_and_a_slot_comes_back_when_one_closes(
+    settings: Settings,
+) -> None:
+    # hypercorn_tcp patch 2 at its edge: ARCHIVER_MAX_CONNECTIONS connections are each answered and
+    # kept (keep-alive), the next is closed unanswered as it is accepted, and one closing frees its slot.
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def answered(stream: trio.SocketStream) -> bool:
+        await stream.send_all(request)
+        with trio.fail_after(10):
+            try:
+                return (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+            except trio.BrokenResourceError:  # a reset: closed with the request unread
+                return False
+
+    async with running_server(replace(settings, max_connections=3)) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        kept = [await trio.open_tcp_stream(host, int(port)) for _ in range(3)]
+        try:
+            assert [await answered(stream) for stream in kept] == [True, True, True]
+            async with await trio.open_tcp_stream(host, int(port)) as past_the_limit:
+                assert not await answered(past_the_limit)
+            await kept.pop().aclose()
+            with trio.fail_after(10):  # the server sees the close when it reads
+                while True:
+                    async with await trio.open_tcp_stream(host, int(port)) as again:
+                        if await answered(again):
+                            break
+        finally:
+            for stream in kept:
+                await stream.aclose()
+
+
 def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog: pytest.LogCaptureFixture) -> None:
     # Helper 52: ARCHIVER_MAX_JOBS=200 under 1,024 descriptors cut connections at 16, said only as it did.
     import resource
