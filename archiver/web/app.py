@@ -53,7 +53,8 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(response_sender(settings.stall_timeout))
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
-    # archive of a few GB on a slow link takes as long as it takes.
+    # archive of a few GB on a slow link takes as long as it takes (the slow run's
+    # steady reader at 50 kB/s reads for 90 s).  Every other answer has the stall timeout.
     app.config["RESPONSE_TIMEOUT"] = None
     # No route reads a body: what a client sends with its request is kept only up to this
     # (Quart's default, 16 MB a request, held while the response runs, was a memory lever).

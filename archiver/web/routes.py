@@ -143,9 +143,8 @@ class Routes:
             left_out=prepared.left_out,
         )
         status = 206 if byte_range is not None else 200
-        response = Response(body, status=status, mimetype="application/zip", headers=headers)
-        response.timeout = None
-        return response
+        # No timeout of Quart's: RESPONSE_TIMEOUT is None for every response (``create_app``).
+        return Response(body, status=status, mimetype="application/zip", headers=headers)
 
     async def _prepare(self, name: str) -> tuple[str, str, PreparedArchive]:
         """The download's file name, its client's address, and its album walked and planned.
