@@ -353,6 +353,35 @@ async def test_one_clients_requests_queued_behind_a_dead_album_all_get_503_in_ti
     assert took[2] < held + (2 * 1.25 + 0.5) * timeout
 
 
+async def test_one_clients_walks_past_its_queue_are_refused_with_503_and_counted(tmp_path: Path) -> None:
+    # ClientWalks at the route: one walk of a client's held, one waiting (ARCHIVER_MAX_JOBS=1), any
+    # more refused at once.  HEAD requests, which take no job slot: the queue is their only bound.
+    # Without the route's refusal, a 500 with a traceback.
+    env = {"ARCHIVER_MAX_JOBS": "1", "ARCHIVER_STORAGE_TIMEOUT": "30"}
+    async with served_gated_album(tmp_path, {"a.jpg": b"a"}, env) as album:
+        album.gate.write_text("listing")
+        answers: list[httpx.Response] = []
+
+        async def head() -> None:
+            answers.append(await album.client.head("/archive/album/"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head)
+            await until_held(album.gate)  # the first walk holds the client's turn
+            for _ in range(3):  # one of them waits its turn, two are refused
+                nursery.start_soon(head)
+            with trio.fail_after(10):
+                while len(answers) < 2:
+                    await trio.sleep(0.02)
+            refused = list(answers)
+            album.gate.unlink()
+        metrics = (await album.client.get("/metrics")).text
+    assert [(r.status_code, r.headers["Retry-After"]) for r in refused] == [(503, "5")] * 2
+    assert sorted(r.status_code for r in answers) == [200, 200, 503, 503]
+    assert 'archiver_downloads_rejected_total{reason="walk_limit"} 2.0' in metrics
+    assert b"Traceback" not in bytes(album.server.output)
+
+
 async def test_slow_walks_holding_both_walkers_are_no_reason_to_refuse_another_album(tmp_path: Path) -> None:
     # Storage that answers, slowly: two walks of a large album hold both walker threads for
     # longer than the storage timeout, moving on all along.  Another client's album waits for
