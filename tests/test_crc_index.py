@@ -28,6 +28,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from zlib_ng import zlib_ng
 
+import archiver.archive.crc_index as crc_index_module
 import archiver.archive.crc_reads as crc_reads_module
 import archiver.archive.crc_source as crc_source_module
 import archiver.archive.ctime_trust as ctime_trust_module
@@ -35,7 +36,7 @@ import archiver.archive.large_file_crc as large_file_crc_module
 import archiver.archive.plan as plan_module
 from archiver.archive import launcher
 from archiver.archive.album_crcs import album_crcs
-from archiver.archive.crc_index import CrcIndex
+from archiver.archive.crc_index import CrcIndex, PartialCrc
 from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.crc_store import WRITE_BATCH, CrcStore
@@ -715,6 +716,7 @@ def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime
     # nanosecond older is not (a nanosecond clock's ctime, and a whole second's).
     assert is_racy((1, 2, 3, 0, now - RACY_NS), now) and not is_racy((1, 2, 3, 0, now - RACY_NS - 1), now)
     assert is_racy((1, 2, 3, 0, second), second + COARSE_RACY_NS)
+    assert is_racy((1, 2, 3, second - 5 * SECOND, second - 2 * SECOND), now)  # FAT keeps two seconds
     assert not is_racy((1, 2, 3, 0, second), second + COARSE_RACY_NS + 1)
     # The mtime reported as the ctime (sshfs): an edit with its mtime put back moves neither.
     assert is_racy((1, 2, 3, second - 3600 * SECOND, second - 3600 * SECOND), now)
@@ -724,6 +726,42 @@ def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime
     index = CrcIndex()
     index._remember((1, 2, 3, second, second), 42)
     assert index.get((1, 2, 3, second, second)) is None
+
+
+def test_a_crc_kept_while_its_filesystem_was_trusted_is_not_found_once_it_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A device number is reused by the next mount, which a walk looks at anew: every lookup asks
+    # whether the device is trusted now (the index's, the memory's alone, a read cut short's).
+    index = CrcIndex()
+    trusted = [True]
+    monkeypatch.setattr(index.trust, "device", lambda device: trusted[0])
+    now = time.time_ns()
+    key = (7, 1, 10, now - 5 * SECOND, now - 5 * SECOND + 1)
+    index.put(key, 42)
+    index.keep_partial(key, PartialCrc(42, 5, now - 5 * SECOND))
+    assert (index.get(key), index.remembered(key)) == (42, 42)
+    trusted[0] = False
+    assert (index.get(key), index.remembered(key), index.take_partial(key)) == (None, None, None)
+
+
+def test_the_index_keeps_at_most_its_entries_and_reads_cut_short_the_most_recent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The memory's bounds (``INDEX_ENTRIES``, ``PARTIAL_ENTRIES``): the least recently used go first.
+    monkeypatch.setattr(crc_index_module, "PARTIAL_ENTRIES", 3)
+    monkeypatch.setattr(crc_index_module.CtimeTrust, "device", lambda self, device: True)
+    index = CrcIndex(entries=3)
+    now = time.time_ns()
+    keys = [(7, inode, 10, now - 5 * SECOND, now - 5 * SECOND + 1) for inode in range(5)]
+    for inode, key in enumerate(keys[:3]):
+        index.put(key, inode)
+    assert index.get(keys[0]) == 0  # used: now the most recent
+    index.put(keys[3], 3)
+    assert [index.remembered(key) for key in keys[:4]] == [0, None, 2, 3]
+    for inode, key in enumerate(keys):
+        index.keep_partial(key, PartialCrc(inode, 1, now - 5 * SECOND))
+    assert [index.take_partial(key) is not None for key in keys] == [False, False, True, True, True]
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
