@@ -497,6 +497,30 @@ async def test_a_crc_read_while_the_file_may_still_change_is_not_kept(tmp_path: 
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_a_crc_read_is_racy_by_when_it_began_not_when_it_ended(tmp_path: Path) -> None:
+    # A read of slow storage that outlasts the racy window, of a file written a moment before it
+    # began: racy.  Judged by its end it was kept, and a write in its first moments went unseen.
+    source, mountpoint, gate = tmp_path / "source", tmp_path / "mount", tmp_path / "gate"
+    source.mkdir()
+    async with gated_mount(source, mountpoint, gate):
+        (source / "fresh.jpg").write_bytes(b"x" * 1000)
+        gate.write_text(str(RACY_NS / SECOND + 0.5))  # each read of file data takes this long
+        index = CrcIndex(trust=CtimeTrust(trusted_fuse=("fuse",)))  # gated_fs passes the ctimes through
+        folder = os.open(mountpoint, os.O_RDONLY)
+        try:
+            index.trust.learn(folder, os.fstat(folder).st_dev)  # as the album's walk does
+        finally:
+            os.close(folder)
+        found = await trio.to_thread.run_sync(
+            crc_reads_module.small_file_crc, mountpoint / "fresh.jpg", 1000, index, bytearray(READ_SIZE)
+        )
+        gate.unlink()
+    assert found.crc == zlib.crc32(b"x" * 1000)
+    assert index.trust(found.key)  # kept, were it not racy
+    assert found.racy and index.get(found.key) is None
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 @pytest.mark.parametrize(
     "into_the_write_ns",
     [
