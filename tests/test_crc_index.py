@@ -594,6 +594,23 @@ async def test_a_file_modified_while_its_crc_is_read_is_a_change(tmp_path: Path)
             await file_crc(path, 100_000, index)
 
 
+async def test_a_large_file_cut_short_while_its_crc_is_read_is_a_change(tmp_path: Path) -> None:
+    # Read a block a thread call: a call that finds the file's end before the size listed ends the read.
+    size = 2 * crc_reads_module.BATCH_BYTES
+    path = tmp_path / "video.mp4"
+    path.write_bytes(os.urandom(size))
+    read_block = crc_reads_module._crc_of_block
+
+    def truncate_meanwhile(fd: int, *rest: Any) -> tuple[int, int]:
+        os.truncate(path, size // 2)
+        return read_block(fd, *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crc_reads_module, "_crc_of_block", truncate_meanwhile)
+        with trio.fail_after(10), pytest.raises(FileChanged, match=f"shorter than the {size} bytes listed"):
+            await file_crc(path, size, CrcIndex())
+
+
 @given(count=st.integers(0, 3 * HOLE_MIN), crc=st.integers(0, 2**32 - 1))
 def test_a_crc_extended_by_zeros_unread_is_zlibs(count: int, crc: int) -> None:
     assert crc32_with_zeros(crc, count) == zlib.crc32(bytes(count), crc)
