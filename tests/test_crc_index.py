@@ -39,7 +39,7 @@ from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex, PartialCrc
 from archiver.archive.crc_reads import HOLE_MIN, READ_SIZE
 from archiver.archive.crc_source import CrcSource
-from archiver.archive.crc_store import WRITE_BATCH, CrcStore
+from archiver.archive.crc_store import WRITE_BATCH, CrcStore, row_check
 from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, CtimeTrust, is_racy, trusted_ctime
 from archiver.archive.filesystems import read_mount_table
 from archiver.archive.large_file_crc import file_crc
@@ -308,6 +308,23 @@ def test_a_damaged_row_is_left_unused_and_written_anew(tmp_path: Path, caplog: p
     store.put((1, 2, 3, 4, 5), 99)
     store.flush()
     assert store.get((1, 2, 3, 4, 5)) == 99
+    # A CRC past 32 bits, its check made to match (an edit, not a flipped bit): no CRC-32 either.
+    with sqlite3.connect(tmp_path / "index.sqlite") as other:
+        other.execute(
+            'UPDATE crc_v5 SET crc = ?, "check" = ? WHERE inode = 2', (2**32, row_check((1, 2, 3, 4, 5), 2**32))
+        )
+    assert store.get((1, 2, 3, 4, 5)) is None
+
+
+def test_a_key_past_sqlites_integers_is_neither_looked_up_nor_kept(tmp_path: Path) -> None:
+    # An mtime past 2262 in nanoseconds (touch -d 2300-01-01 on ext4) is 2**63 or more: SQLite's
+    # OverflowError would fail the download.  Its CRC is read for each download instead.
+    store = CrcStore(tmp_path / "index.sqlite")
+    for mtime_ns in (2**63 - 1, 2**63):
+        store.put((1, 2, 3, mtime_ns, 5), 99)
+    store.flush()
+    assert (store.get((1, 2, 3, 2**63 - 1, 5)), store.get((1, 2, 3, 2**63, 5))) == (99, None)
+    assert store.count() == 1
 
 
 async def test_a_crc_damaged_in_the_index_file_is_never_sent(storage: Path, settings: Settings, tmp_path: Path) -> None:
