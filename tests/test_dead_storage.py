@@ -30,6 +30,7 @@ import pytest
 import trio
 
 from archiver.archive.producer import MAX_LINGERING
+from archiver.web.storage_calls import RESOLVERS
 
 from .conftest import (
     CLIENT_TLS,
@@ -453,6 +454,31 @@ async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path
             assert (await client.get("/")).status_code == 200
         gate.unlink()
         await _until_healthy(client)
+
+
+async def test_a_name_no_album_can_have_is_404_at_once_while_every_resolver_is_held(tmp_path: Path) -> None:
+    # A name refused before a thread is taken: with the storage dead, every resolver thread is held
+    # by names that might be albums, and a probe of a name none can be waited behind them, a 503
+    # at the storage timeout, where its answer is known without the storage.
+    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
+    source.mkdir()
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
+    async with (
+        gated_mount(source, storage, gate),  # the whole storage is the mount
+        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "3"}) as server,
+        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
+    ):
+        gate.write_text("metadata")
+        answers: list[tuple[httpx.Response, float]] = []
+        async with trio.open_nursery() as nursery:
+            for number in range(RESOLVERS):
+                nursery.start_soon(_timed_get, client, f"/archive/album{number}/", answers)
+            await _until_threads_held(gate, RESOLVERS)
+            with trio.fail_after(2):
+                probe = await client.get("/archive/album.zip/")
+            assert probe.status_code == 404
+        gate.unlink()
+    assert [response.status_code for response, _ in answers] == [503] * RESOLVERS
 
 
 async def _until_healthy(client: httpx.AsyncClient) -> None:
