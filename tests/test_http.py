@@ -72,6 +72,17 @@ async def test_index_page_explains_the_service_in_russian(client: httpx.AsyncCli
     assert f'href="/archive/{EXAMPLE_NAME}/"' in (await client.get("/")).text
 
 
+async def test_index_page_shows_no_bare_link_when_links_are_signed(storage: Path, settings: Settings) -> None:
+    # The sample album is there, but its bare link would only get a 403.
+    (storage / EXAMPLE_NAME).mkdir()
+    signed = replace(settings, link_secret="a secret of sixteen bytes or more")
+    async with running_server(signed) as url, httpx.AsyncClient(base_url=url) as client:
+        page = await client.get("/")
+        bare = await client.get(f"/archive/{EXAMPLE_NAME}/")
+    assert page.status_code == 200 and EXAMPLE_NAME not in page.text
+    assert bare.status_code == 403
+
+
 async def test_unknown_name_is_404_with_message(client: httpx.AsyncClient) -> None:
     response = await client.get("/archive/no-such-album/")
     assert response.status_code == 404

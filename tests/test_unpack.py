@@ -230,6 +230,8 @@ async def test_a_display_name_names_the_saved_file(settings: Settings) -> None:
     # its "%" made "_" (wget decodes filename* twice: "%2e" would be a dot).
     not_utf8 = await fetch(settings, f"{secret_name}?filename=%ff%fe")
     assert not_utf8.status_code == 400 and "имя файла" in not_utf8.text
+    escaped_name = await fetch(settings, f"{secret_name}?fil%65name=%ff%fe")  # the parameter's name %-escaped too
+    assert escaped_name.status_code == 400 and "имя файла" in escaped_name.text
     other = await fetch(settings, f"{secret_name}?x=%ff&filename=ok")  # only the filename is a name
     assert other.status_code == 200
     literal = await fetch(settings, f"{secret_name}?filename={quote('%FF')}")
