@@ -405,6 +405,24 @@ async def test_streams_reset_while_their_app_had_not_answered_spend_a_budget_tha
     assert any(isinstance(event, hypercorn_events_module.Closed) for event in protocol.sent)
 
 
+async def test_a_quiet_connection_banks_no_more_than_its_burst_of_early_resets(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # hypercorn_h2 patch 10's budget refills up to EARLY_RESETS, not beyond: an hour of quiet
+    # buys a connection no flood of rapid resets.
+    hypercorn_h2.install()
+    handle_events: Any = hypercorn_h2_module.H2Protocol._handle_events  # given a stand-in protocol
+    request = http_stream_module.ASGIHTTPState.REQUEST
+    burst = hypercorn_h2.EARLY_RESETS
+    protocol = _Protocol({stream_id: _Stream(request) for stream_id in range(1, 4 * burst, 2)})
+    await handle_events(protocol, _resets(range(1, 3, 2)))  # the budget counted from here
+    mock_clock.jump(3600.0)
+    await handle_events(protocol, _resets(range(3, 2 * burst + 3, 2)))  # the whole burst
+    assert protocol.connection.error_code is None
+    await handle_events(protocol, _resets(range(2 * burst + 3, 2 * burst + 5, 2)))  # one more
+    assert protocol.connection.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
 async def test_priority_signals_make_no_node_of_the_priority_tree() -> None:
     # hypercorn_h2_frames patch 12: Hypercorn made each PRIORITY a node (1.36 ms a frame among ~1,000
     # siblings, helper 108; a tree of 1,000 at most, helper 85): ignored, every stream is the root's child.

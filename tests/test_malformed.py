@@ -347,17 +347,28 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     assert b"WARNING archiver.fences.hypercorn_h2_frames: HTTP/2 connection from 127.0.0.1:" in service.output
 
 
-def test_a_connection_banks_no_burst_of_frames_that_ask_for_nothing(service: Service) -> None:
+@pytest.mark.parametrize(
+    ("kind", "requests", "frames"),
+    [
+        ("ping", 30, 2 * hypercorn_h2_frames.CONTROL_FRAMES),
+        ("window-update", 300, 3 * hypercorn_h2_frames.WINDOW_UPDATES // 2),
+    ],
+)
+def test_a_connection_banks_no_burst_of_frames_that_ask_for_nothing(
+    service: Service, kind: str, requests: int, frames: int
+) -> None:
     # Helper 110: the allowance grew with each request and second, uncapped: a connection that had made
     # 30 requests could then hold the event loop with 4,000 frames at once.  The bucket holds 1,000.
+    # WINDOW_UPDATEs have a bucket of their own, earned by requests (two each) and by DATA frames
+    # sent: 300 requests earn 600 and more, and it holds 1,000 all the same.
     connection = h2_client()
     healthz = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
     with socket.create_connection(service.address, timeout=10) as sock:
-        for _ in range(30):
+        for _ in range(requests):
             connection.send_headers(connection.get_next_available_stream_id(), healthz, end_stream=True)
             sock.sendall(connection.data_to_send())
             h2_events(sock, connection, h2.events.StreamEnded)
-        sock.sendall(FRAMES_THAT_ASK_NOTHING["ping"] * 2 * hypercorn_h2_frames.CONTROL_FRAMES)
+        sock.sendall(FRAMES_THAT_ASK_NOTHING[kind] * frames)
         ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
     assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
