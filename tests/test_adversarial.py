@@ -708,6 +708,32 @@ async def test_a_client_that_stops_reading_does_not_hold_shutdown_past_grace(
     assert b"cancelled during shutdown" in server.output
 
 
+async def test_a_client_that_stops_reading_during_the_grace_period_does_not_hold_shutdown_past_it(
+    attacked_storage: Path,
+) -> None:
+    # The test above stops reading before the stop: its write is in flight when the grace period
+    # begins.  Here the client reads on after the stop, so that writes begin during the grace
+    # period, and then stops: such a write is given the grace period's end too, not the stall timeout.
+    command, env = launch_command("archiver", 0, grace=2)
+    env |= {"ARCHIVER_DIR": str(attacked_storage), "ARCHIVER_STALL_TIMEOUT": "60"}
+    async with launched(command, env) as server:
+        reader = await open_non_reader(address_of(server.url), b"/archive/big/")
+        await reader.recv(12)
+        assert await wait_for_producer_output_to_stop(server.process.pid) >= 1  # backed up behind the socket
+        server.process.terminate()
+        with trio.fail_after(10):
+            while b"received SIGTERM" not in server.output:
+                await trio.sleep(0.02)
+        read = 0
+        with trio.fail_after(1):  # well within the grace period: the writes that take these bytes begin in it
+            while read < 4 * 1024 * 1024:
+                read += len(await reader.recv(65536))
+        with trio.fail_after(15):  # the grace period (2 s) and the close, not the 60 s stall timeout
+            assert await server.process.wait() == 0
+        reader.close()
+    assert b"cancelled during shutdown" in server.output
+
+
 async def test_a_reload_of_hypercorn_workers_is_a_stop_within_grace_and_a_start(attacked_storage: Path) -> None:
     # SIGHUP to Hypercorn's master stops every worker (the same event as a stop), waits for them
     # all, and starts new ones: not a rolling restart. Clients that stopped reading must not hold it.
