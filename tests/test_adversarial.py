@@ -9,6 +9,7 @@ download completing during and after the attack.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -416,6 +417,29 @@ async def test_a_deflated_download_to_a_client_that_stops_reading_is_cut_at_the_
     assert metrics['archiver_downloads_finished_total{outcome="stalled"}'] == 1
     assert metrics["archiver_downloads_in_flight"] == 0
     assert b"stalled: the client took less than 256 KiB in 1 s" in server.output
+
+
+async def test_an_http2_connection_whose_write_stalled_is_closed_never_written_on(attacked_storage: Path) -> None:
+    # hypercorn_tcp patch 1: a socket write cut at its deadline may have sent part of its bytes, and
+    # HTTP/2's frames after it would be read from the middle of one.  The connection is closed at
+    # once: what the client then reads are whole frames and the end, not the keep-alive timeout (5 s).
+    async with archiver_process(attacked_storage, stall_timeout="1") as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await trio.to_thread.run_sync(sock.connect, address_of(server.url))
+        attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        await attacker.start()
+        attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        attacker.connection.increment_flow_control_window(2**30)
+        stream = await attacker.get("/archive/big/")  # and nothing read: the writes wait on the socket
+        with trio.fail_after(30):
+            while b"download big for 127.0.0.1: stalled" not in server.output:
+                await trio.sleep(0.05)
+        with trio.fail_after(3), contextlib.suppress(trio.BrokenResourceError):  # closed, or reset
+            while await attacker.read_some():  # h2 raises on a frame read from its middle
+                pass
+        await attacker.stream.aclose()
+    assert stream not in attacker.ended
 
 
 @pytest.fixture(params=["big", pytest.param("huge", marks=pytest.mark.slow)])
