@@ -73,15 +73,23 @@ async def download_signalling_the_producer(client: httpx.AsyncClient, path: str,
                         os.kill(child.pid, signum)
 
 
+@pytest.mark.parametrize("compression", [0, 6])
 async def test_producer_failing_mid_stream_aborts_the_transfer(
-    settings: Settings, stand_in: Callable[[str], None], protocol: str, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    stand_in: Callable[[str], None],
+    protocol: str,
+    caplog: pytest.LogCaptureFixture,
+    compression: int,
 ) -> None:
     # Larger than what the stand-in writes, so that its output stays under the announced length.
-    write_tree(settings.storage_dir / "album", {"a.jpg": bytes(4_000_000)})
+    # Deflated (no Content-Length, the end is the stream's): data that does not shrink.
+    write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(4_000_000) if compression else bytes(4_000_000)})
     # The real producer's first 2 MB (a valid start), then a failure.
     stand_in('$REAL_PRODUCER | head -c 2000000\necho "disk on fire" >&2\nexit 15')
+    settings = replace(settings, compression=compression)
     async with running_server(settings) as url, make_client(url, protocol) as client:
-        with pytest.raises(ABORTED):
+        # At once: an HTTP/2 stream left open, not reset, ended only when its connection did (~10 s).
+        with trio.fail_after(5), pytest.raises(ABORTED):
             await download(client, "/archive/album/")
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "album" in r.getMessage()]
     assert any("failed" in message and "disk on fire" in message for message in failures), failures
