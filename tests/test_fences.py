@@ -17,9 +17,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import h2.config
 import h2.connection as h2_connection_module
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.frame_buffer as h2_frame_buffer_module
 import h11._connection as h11_connection_module
 import hpack.hpack as hpack_module
@@ -463,3 +465,27 @@ async def test_an_error_nothing_else_catches_ends_its_connection_not_the_server(
             assert (await client.get("/healthz")).status_code == 200  # the server goes on
     assert client_errors.COUNTS["connection_error"] == before + 1
     assert "ended by an error: LookupError: planted" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("header", "kept"),
+    [
+        ((b"authorization", b" Bearer secret-token"), "whitespace"),  # a value h2 quotes in its reason
+        ((b"X-Secret-Token", b"1"), "uppercase"),  # a name, quoted too
+    ],
+)
+def test_a_protocol_errors_reason_leaves_out_what_the_client_sent(header: tuple[bytes, bytes], kept: str) -> None:
+    # hypercorn_h2: the reason logged for a connection closed for a protocol error (helper 54).
+    server = h2_connection_module.H2Connection(h2.config.H2Configuration(client_side=False))
+    client = h2_connection_module.H2Connection(
+        h2.config.H2Configuration(client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False)
+    )
+    server.initiate_connection()
+    client.initiate_connection()
+    pseudo = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"x")]
+    client.send_headers(1, [*pseudo, header], end_stream=True)
+    with pytest.raises(h2.exceptions.ProtocolError) as refused:
+        server.receive_data(client.data_to_send())
+    assert "secret-token" in str(refused.value).lower()  # what h2 says
+    reason = hypercorn_h2.protocol_error_reason(refused.value)
+    assert "secret-token" not in reason.lower() and "b'...'" in reason and kept in reason.lower(), reason

@@ -374,6 +374,16 @@ _protocol_error_lines = Quieted(logger, logging.WARNING)
 _BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
 
 
+def protocol_error_reason(error: h2.exceptions.ProtocolError) -> str:
+    """What h2 said of a connection's protocol error, for the log: ASCII, at most _REASON_CHARACTERS, no value sent.
+
+    h2 quotes the header it refused, whose value may be a token or a cookie (helper 54): its
+    bytes are left out.  hpack names its buffer ("<memory at 0x7f...>").
+    """
+    reason = _BYTES.sub(_redacted, str(error) or type(error).__name__)
+    return ascii(_ADDRESS.sub("", reason)[:_REASON_CHARACTERS])[1:-1]
+
+
 def _log_protocol_errors() -> None:
     original: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
 
@@ -386,12 +396,10 @@ def _log_protocol_errors() -> None:
                 try:
                     return receive(data)  # type: ignore[no-any-return]
                 except h2.exceptions.ProtocolError as error:
-                    # h2 quotes the header it refused, whose value may be a token or a cookie (helper
-                    # 54): its bytes are left out.  hpack names its buffer ("<memory at 0x7f...>").
-                    reason = _BYTES.sub(_redacted, str(error) or type(error).__name__)
-                    reason = _ADDRESS.sub("", reason)[:_REASON_CHARACTERS]
                     client_errors.count("http2_protocol_error")
-                    _protocol_error_lines.log("HTTP/2 connection from %s closed: %s", peer, ascii(reason)[1:-1])
+                    _protocol_error_lines.log(
+                        "HTTP/2 connection from %s closed: %s", peer, protocol_error_reason(error)
+                    )
                     raise
 
             self.connection.receive_data = receive_data
