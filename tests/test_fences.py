@@ -13,6 +13,7 @@ which changes it stops the build here instead of misbehaving in production.
 from __future__ import annotations
 
 import inspect
+import logging
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -489,3 +490,17 @@ def test_a_protocol_errors_reason_leaves_out_what_the_client_sent(header: tuple[
     assert "secret-token" in str(refused.value).lower()  # what h2 says
     reason = hypercorn_h2.protocol_error_reason(refused.value)
     assert "secret-token" not in reason.lower() and "b'...'" in reason and kept in reason.lower(), reason
+
+
+async def test_every_answer_goes_out_once_through_the_takeover(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # quart_trio.connection_class: what the takeover sent is not sent again by Quart-Trio (which
+    # Hypercorn refuses, "Error in ASGI Framework", after the client had its answer), for an
+    # archive and for every other answer.
+    (settings.storage_dir / "album").mkdir()
+    (settings.storage_dir / "album" / "a.jpg").write_bytes(b"photo")
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as client:
+        answers = [await client.get(path) for path in ("/archive/album/", "/healthz", "/archive/nope/", "/")]
+    assert [answer.status_code for answer in answers] == [200, 200, 404, 200]
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
