@@ -169,6 +169,18 @@ class RawH2Client:
             return
 
 
+async def socket_bound_h2_client(address: tuple[str, int]) -> RawH2Client:
+    """A RawH2Client, its windows wide open and its socket taking 4 KiB: the socket is what holds the writes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await trio.to_thread.run_sync(sock.connect, address)
+    attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    await attacker.start()
+    attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    attacker.connection.increment_flow_control_window(2**30)
+    return attacker
+
+
 async def connect_from(local_address: str, address: tuple[str, int]) -> trio.SocketStream:
     """A TCP connection to ``address`` from the loopback address ``local_address`` (another client to the service)."""
     sock = trio.socket.socket()
@@ -424,13 +436,7 @@ async def test_an_http2_connection_whose_write_stalled_is_closed_never_written_o
     # HTTP/2's frames after it would be read from the middle of one.  The connection is closed at
     # once: what the client then reads are whole frames and the end, not the keep-alive timeout (5 s).
     async with archiver_process(attacked_storage, stall_timeout="1") as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await trio.to_thread.run_sync(sock.connect, address_of(server.url))
-        attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
-        await attacker.start()
-        attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
-        attacker.connection.increment_flow_control_window(2**30)
+        attacker = await socket_bound_h2_client(address_of(server.url))
         stream = await attacker.get("/archive/big/")  # and nothing read: the writes wait on the socket
         with trio.fail_after(30):  # stalled, or (under load, the socket's deadline first) the client gone
             while b"download big for 127.0.0.1: " not in server.output:
@@ -943,13 +949,7 @@ async def test_a_download_reset_while_its_connection_is_stalled_ends_at_once(att
     # whether the write in flight had taken the last of its bytes.
     write_tree(attacked_storage / "mid", {"photo.jpg": os.urandom(500_000)})
     async with archiver_process(attacked_storage) as server:  # the stall timeout: 60 s
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await trio.to_thread.run_sync(sock.connect, address_of(server.url))
-        attacker = RawH2Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
-        await attacker.start()
-        attacker.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
-        attacker.connection.increment_flow_control_window(2**30)
+        attacker = await socket_bound_h2_client(address_of(server.url))
         mid = await attacker.get("/archive/mid/")
         with trio.fail_after(10):  # its first DATA: its headers went before any write could stall
             while not attacker.received[mid]:
@@ -966,5 +966,5 @@ async def test_a_download_reset_while_its_connection_is_stalled_ends_at_once(att
         with trio.fail_after(5):
             while (await metrics_of(server.url))["archiver_downloads_in_flight"] > 1:
                 await trio.sleep(0.05)
-        sock.close()
+        await attacker.stream.aclose()
     assert b"download mid for 127.0.0.1: client disconnected" in server.output

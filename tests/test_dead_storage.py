@@ -435,15 +435,22 @@ async def test_a_slow_walk_and_slow_opens_are_no_hang(tmp_path: Path) -> None:
     assert took > 2 * 1.25  # else the walk was not slow enough for this test to prove anything
 
 
-async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path: Path) -> None:
+@asynccontextmanager
+async def served_gated_storage(tmp_path: Path, storage_timeout: str) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+    """A server process whose whole storage is a gated mount (empty): a client of it, and the gate."""
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
     source.mkdir()
     command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
     async with (
-        gated_mount(source, storage, gate),  # the whole storage is the mount
-        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "1"}) as server,  # /healthz waits as long, if below 2 s
+        gated_mount(source, storage, gate),
+        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": storage_timeout}) as server,
         httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
     ):
+        yield client, gate
+
+
+async def test_healthz_fails_fast_when_the_storage_root_stops_answering(tmp_path: Path) -> None:
+    async with served_gated_storage(tmp_path, "1") as (client, gate):  # /healthz waits as long, if below 2 s
         assert (await client.get("/healthz")).json()["storage"] is True
         gate.write_text("metadata")
         for _ in range(2):  # the second waits for the first's thread, still held: the same answer, as fast
@@ -460,14 +467,7 @@ async def test_a_name_no_album_can_have_is_404_at_once_while_every_resolver_is_h
     # A name refused before a thread is taken: with the storage dead, every resolver thread is held
     # by names that might be albums, and a probe of a name none can be waited behind them, a 503
     # at the storage timeout, where its answer is known without the storage.
-    source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"
-    source.mkdir()
-    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
-    async with (
-        gated_mount(source, storage, gate),  # the whole storage is the mount
-        launched(command, {"ARCHIVER_STORAGE_TIMEOUT": "3"}) as server,
-        httpx.AsyncClient(verify=CLIENT_TLS, base_url=server.url, timeout=30) as client,
-    ):
+    async with served_gated_storage(tmp_path, "3") as (client, gate):
         gate.write_text("metadata")
         answers: list[tuple[httpx.Response, float]] = []
         async with trio.open_nursery() as nursery:
