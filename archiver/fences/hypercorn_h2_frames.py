@@ -51,8 +51,9 @@ own, ``WINDOW_UPDATES``, refilled by ``WINDOW_UPDATES_PER_STREAM`` a request
 and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame the connection was
 sent (Envoy's shape, whose defaults are 2 a stream and 10 a frame: a client
 opens its window as it reads; here a frame over 16 KiB counts as one a 16 KiB
-and one under 1 KiB in part, so that a window opened a byte at a time, each
-byte a frame, does not pay for itself).  A connection past either is closed
+and one under 1 KiB in part past two for each larger one, so that a window
+given back in pieces is paid for and one opened a byte at a time, each byte a
+frame, is not: ``hypercorn_h2_send._count_data_frames``).  A connection past either is closed
 with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream started, its downloads
 with it; one WARNING at most every 10 s, counted (``http2_frame_flood``).  A
 browser sends a few SETTINGS and PINGs a connection and a PRIORITY_UPDATE (an
@@ -87,7 +88,7 @@ CONTROL_FRAMES = 1_000
 CONTROL_FRAMES_PER_STREAM = 100
 CONTROL_FRAMES_PER_SECOND = 10
 # WINDOW_UPDATEs a connection may send: at once, for each request, and for each DATA frame it was sent (a
-# frame over 16 KiB counts as one a 16 KiB, one under 1 KiB in part: ``hypercorn_h2_send._data_frames``).
+# frame over 16 KiB counts as one a 16 KiB, one under 1 KiB in part: ``hypercorn_h2_send._count_data_frames``).
 WINDOW_UPDATES = 1_000
 WINDOW_UPDATES_PER_STREAM = 2
 WINDOW_UPDATES_PER_DATA_FRAME = 4

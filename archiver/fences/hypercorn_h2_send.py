@@ -62,6 +62,16 @@ _DROPPED = "_archiver_dropped"  # a stream buffer some of whose bytes were never
 _IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a trio.Event set once it ended
 SEND_BATCH = 512 * 1024
 DATA_FRAMES_SENT = "_archiver_data_frames_sent"  # on an H2Connection: its DATA frames, as counted below
+# How DATA frames are counted for the WINDOW_UPDATEs a client may answer them with (``hypercorn_h2_frames``,
+# patch 14): a frame each, or each 16 KiB of larger frames.  A short frame, under 1 KiB, counts in full for
+# up to two a frame of 1 KiB or more sent before it, banked up to 16; past that in part, by its bytes.  A
+# window given back in pieces splits frames (a 4 KiB window read as 4,048 + 48 bytes, each piece opened
+# with three WINDOW_UPDATEs: cut at 2.25 MB when a short frame counted in part) and so is paid for; a
+# window opened a byte at a time, each byte a frame, is not (helper 109: readers with 4 KiB windows).
+SHORT_FRAME_BYTES = 1024
+SHORT_FRAMES_PER_FRAME = 2
+SHORT_FRAMES_BANKED = 16
+_SHORT_FRAMES_PAID = "_archiver_short_frames_paid"  # on an H2Connection: short frames it may count in full
 # Seconds a stream's end waits for a write in flight to learn if its bytes went (``undelivered``).
 IN_FLIGHT_WAIT = 0.5
 
@@ -216,12 +226,22 @@ def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearr
         payload = rest[start : start + frame_size]
         length = len(payload)
         parts += (_FRAME_HEADER.pack(length >> 8, length & 0xFF, _DATA_FRAME, _NO_FLAGS, stream_id), payload)
-    # What a client may answer with WINDOW_UPDATEs (``hypercorn_h2_frames``, patch 14): a frame each, or
-    # each 16 KiB of larger frames; a frame of less than 1 KiB in part (a window opened a byte at a time
-    # is no reader's: helper 109 found readers with 4 KiB windows, which make 2-4 KiB frames).
-    frames = -(-len(data) // frame_size)
-    sent = max(len(data) / 16384, min(frames, len(data) / 1024))
-    setattr(connection, DATA_FRAMES_SENT, getattr(connection, DATA_FRAMES_SENT, 0) + sent)
+    _count_data_frames(connection, len(data), -(-len(data) // frame_size))
     connection.outbound_flow_control_window -= len(rest)
     connection.streams[stream_id].outbound_flow_control_window -= len(rest)
     return parts
+
+
+def _count_data_frames(connection: H2Connection, length: int, frames: int) -> None:
+    """Add ``frames`` DATA frames of ``length`` bytes in all to the connection's count (``DATA_FRAMES_SENT``).
+
+    A frame of 1 KiB or more counts as one, and so do short ones its bytes
+    cannot pay for, while the connection's bank of them lasts (see
+    ``SHORT_FRAME_BYTES`` above); frames over 16 KiB count by 16 KiB.
+    """
+    paid_by_bytes = min(frames, length / SHORT_FRAME_BYTES)
+    bank = getattr(connection, _SHORT_FRAMES_PAID, 0) + SHORT_FRAMES_PER_FRAME * paid_by_bytes
+    paid_by_bank = min(frames - paid_by_bytes, bank)
+    setattr(connection, _SHORT_FRAMES_PAID, min(SHORT_FRAMES_BANKED, bank - paid_by_bank))
+    counted = max(length / 16384, paid_by_bytes + paid_by_bank)
+    setattr(connection, DATA_FRAMES_SENT, getattr(connection, DATA_FRAMES_SENT, 0) + counted)
