@@ -51,9 +51,10 @@ own, ``WINDOW_UPDATES``, refilled by ``WINDOW_UPDATES_PER_STREAM`` a request
 and ``WINDOW_UPDATES_PER_DATA_FRAME`` for each DATA frame the connection was
 sent (Envoy's shape, whose defaults are 2 a stream and 10 a frame: a client
 opens its window as it reads; here a frame over 16 KiB counts as one a 16 KiB
-and one under 1 KiB in part past two for each larger one, so that a window
-given back in pieces is paid for and one opened a byte at a time, each byte a
-frame, is not: ``hypercorn_h2_send._count_data_frames``).  A connection past either is closed
+and one under 1 KiB by its bytes, and in full while a bank that each 2 KiB
+sent fills by one lasts, so that a window given back in pieces is paid for
+and one opened a byte at a time, each byte a frame, is not; a KiB sent pays
+for six at most: ``hypercorn_h2_send._count_data_frames``).  A connection past either is closed
 with GOAWAY(ENHANCE_YOUR_CALM), naming the last stream started, its downloads
 with it; one WARNING at most every 10 s, counted (``http2_frame_flood``).  A
 browser sends a few SETTINGS and PINGs a connection and a PRIORITY_UPDATE (an

@@ -63,13 +63,15 @@ _IN_FLIGHT = "_archiver_in_flight"  # a stream buffer's write in progress: a tri
 SEND_BATCH = 512 * 1024
 DATA_FRAMES_SENT = "_archiver_data_frames_sent"  # on an H2Connection: its DATA frames, as counted below
 # How DATA frames are counted for the WINDOW_UPDATEs a client may answer them with (``hypercorn_h2_frames``,
-# patch 14): a frame each, or each 16 KiB of larger frames.  A short frame, under 1 KiB, counts in full for
-# up to two a frame of 1 KiB or more sent before it, banked up to 16; past that in part, by its bytes.  A
+# patch 14): a frame each, or each 16 KiB of larger frames.  A short frame, under 1 KiB, counts by its bytes,
+# and in full while the connection's bank of them lasts, which every 2 KiB sent fills by one, up to 16.  A
 # window given back in pieces splits frames (a 4 KiB window read as 4,048 + 48 bytes, each piece opened
-# with three WINDOW_UPDATEs: cut at 2.25 MB when a short frame counted in part) and so is paid for; a
-# window opened a byte at a time, each byte a frame, is not (helper 109: readers with 4 KiB windows).
+# with three WINDOW_UPDATEs: cut at 2.25 MB when short frames counted by their bytes alone) and so is paid
+# for; a window opened a byte at a time, each byte a frame, is not (helper 109: readers with 4 KiB windows).
+# Whatever the frames, a KiB sent counts as 1.5 frames at most (helper 120: with a bank filled by two a
+# frame, one a third of a KiB long counted in full on its own, and a KiB as three).
 SHORT_FRAME_BYTES = 1024
-SHORT_FRAMES_PER_FRAME = 2
+BANKED_SHORT_FRAME_BYTES = 2048
 SHORT_FRAMES_BANKED = 16
 _SHORT_FRAMES_PAID = "_archiver_short_frames_paid"  # on an H2Connection: short frames it may count in full
 # Seconds a stream's end waits for a write in flight to learn if its bytes went (``undelivered``).
@@ -235,12 +237,13 @@ def _data_frames(connection: H2Connection, stream_id: int, data: bytes | bytearr
 def _count_data_frames(connection: H2Connection, length: int, frames: int) -> None:
     """Add ``frames`` DATA frames of ``length`` bytes in all to the connection's count (``DATA_FRAMES_SENT``).
 
-    A frame of 1 KiB or more counts as one, and so do short ones its bytes
-    cannot pay for, while the connection's bank of them lasts (see
-    ``SHORT_FRAME_BYTES`` above); frames over 16 KiB count by 16 KiB.
+    A frame of 1 KiB or more counts as one, and frames over 16 KiB by 16 KiB;
+    the rest (a short frame, the last of a batch at most: a frame may be
+    16 KiB) by their bytes, and in full while the connection's bank of short
+    frames lasts (see ``SHORT_FRAME_BYTES`` above).
     """
     paid_by_bytes = min(frames, length / SHORT_FRAME_BYTES)
-    bank = getattr(connection, _SHORT_FRAMES_PAID, 0) + SHORT_FRAMES_PER_FRAME * paid_by_bytes
+    bank = getattr(connection, _SHORT_FRAMES_PAID, 0) + length / BANKED_SHORT_FRAME_BYTES
     paid_by_bank = min(frames - paid_by_bytes, bank)
     setattr(connection, _SHORT_FRAMES_PAID, min(SHORT_FRAMES_BANKED, bank - paid_by_bank))
     counted = max(length / 16384, paid_by_bytes + paid_by_bank)
