@@ -44,12 +44,15 @@ import pytest
 import quart_trio.asgi
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from archiver.config import Settings
 from archiver.fences import (
     client_errors,
     hypercorn_access,
     hypercorn_h2,
+    hypercorn_h2_frames,
     hypercorn_h11,
     hypercorn_signals,
     hypercorn_tcp,
@@ -68,8 +71,9 @@ def test_installed_versions_are_the_ones_checked() -> None:
     assert (0, 17) <= release("hypercorn") < (0, 19)
     assert (4, 1) <= release("h2") < (5, 0)
     assert (0, 12) <= release("quart-trio") < (0, 13)
+    assert (2, 0) <= release("priority") < (3, 0)
     pins = PYPROJECT.read_text()
-    for pin in ('"hypercorn>=0.17,<0.19"', '"h2>=4.1,<5"', '"quart-trio>=0.12,<0.13"'):
+    for pin in ('"hypercorn>=0.17,<0.19"', '"h2>=4.1,<5"', '"quart-trio>=0.12,<0.13"', '"priority>=2,<3"'):
         assert pin in pins
 
 
@@ -100,6 +104,12 @@ def source_of(module: object) -> str:
                 "self.connection.local_flow_control_window(stream_id)",
                 "await self.send(Updated(idle=idle))",
                 "self.priority.block(stream_id)",
+                # The priority tree and what is asked of it, which ``_StreamsInTurn`` stands in for (patch 12).
+                "self.priority = priority.PriorityTree()",
+                "                stream_id = next(self.priority)\n            except priority.DeadlockError:",
+                "            self.priority.insert_stream(request.stream_id)\n"
+                "        except priority.DuplicateStreamError:",
+                "            priority.MissingStreamError,\n",
                 # Closed ends the streams, not their buffers; close() sets what drain waits on (patch 7).
                 "        elif isinstance(event, Closed):\n            self.closed = True\n"
                 "            stream_ids = list(self.streams.keys())",
@@ -438,6 +448,44 @@ async def test_priority_signals_make_no_node_of_the_priority_tree() -> None:
     await hypercorn_h2_module.H2Protocol._priority_updated(protocol, update)
     with pytest.raises(priority.MissingStreamError):
         protocol.priority.remove_stream(3)
+
+
+_OPERATIONS = st.lists(
+    st.tuples(st.sampled_from(["insert_stream", "remove_stream", "block", "unblock", "next"]), st.integers(1, 4)),
+    max_size=40,
+)
+
+
+def _outcome(scheduler: Any, operation: str, stream_id: int) -> object:
+    """What one call of a scheduler gives: the error's type if it raises, the stream given by ``next``."""
+    try:
+        if operation == "next":
+            return next(scheduler)
+        getattr(scheduler, operation)(stream_id)
+    except priority.PriorityError as error:
+        return type(error)
+    return None
+
+
+@given(operations=_OPERATIONS)
+def test_streams_in_turn_answer_hypercorn_as_its_priority_tree_did(operations: list[tuple[str, int]]) -> None:
+    # hypercorn_h2_frames patch 12: the tree's heap, every blocked stream popped and pushed back at
+    # each turn (helper 120), replaced.  The same errors for the same calls, a stream given only if
+    # unblocked (the tree's order among equals differs: it moves blocked streams on too), all in turn.
+    tree, in_turn = priority.PriorityTree(), hypercorn_h2_frames._StreamsInTurn()
+    unblocked: set[int] = set()
+    for operation, stream_id in operations:
+        expected, got = _outcome(tree, operation, stream_id), _outcome(in_turn, operation, stream_id)
+        if operation == "next" and isinstance(expected, int):
+            assert got in unblocked
+        else:
+            assert got == expected, (operation, stream_id)
+            if expected is None and operation in ("insert_stream", "unblock"):
+                unblocked.add(stream_id)
+            elif expected is None and operation in ("remove_stream", "block"):
+                unblocked.discard(stream_id)
+    turns = [next(in_turn) for _ in range(2 * len(unblocked))]
+    assert sorted(turns[: len(unblocked)]) == sorted(unblocked) and turns[len(unblocked) :] == turns[: len(unblocked)]
 
 
 async def test_an_error_nothing_else_catches_ends_its_connection_not_the_server(
