@@ -426,14 +426,17 @@ class GrantsRead:
     cpu: float  # the service's CPU-s meanwhile
 
 
-def read_through_grants(service: Service, grants: list[int], enough: int, stalled: int = 0) -> GrantsRead:
+def read_through_grants(
+    service: Service, grants: list[int], enough: int, stalled: int = 0, extra: int = 0
+) -> GrantsRead:
     """A large album read over raw HTTP/2, the stream's window given in ``grants``.
 
     Each grant in turn, once every byte granted before it came (so each is a
     frame of its size, or more frames), with three WINDOW_UPDATEs: the
     stream's in two halves, the connection's.  The client stops once it has
     ``enough`` bytes.  ``stalled`` more streams on the connection, asked
-    first, are answered (a 404 page) and never given a window.
+    first, are answered (a 404 page) and never given a window; ``extra``
+    more WINDOW_UPDATEs of a byte for the connection with each grant.
     """
     connection = h2_client()
     connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
@@ -467,6 +470,8 @@ def read_through_grants(service: Service, grants: list[int], enough: int, stalle
                     if increment:
                         connection.increment_flow_control_window(increment, stream_id)
                 connection.increment_flow_control_window(received - returned)
+                for _ in range(extra):
+                    connection.increment_flow_control_window(1)
                 granted, returned, turn = granted + grant, received, turn + 1
             sock.sendall(connection.data_to_send())
     return GrantsRead(received, None, cpu_seconds(service.process.pid) - before)
@@ -485,7 +490,10 @@ def test_a_window_given_back_in_a_large_and_a_small_piece_is_served(service: Ser
         ([1], hypercorn_h2_frames.WINDOW_UPDATES),  # ~500 frames: each pays for 3/2048 of a WINDOW_UPDATE
         ([1024, 1, 1], 2_000_000),  # helper 120: a short frame's own bytes filled the bank twice over
         ([342], 1_000_000),  # helper 120: a third of a KiB counted in full on its own
+        # 3.2 MB of 16 KiB frames first bank 16 short frames, not 1,600: cut within ~530 bytes
+        ([16_384] * 200 + [1] * 2_000, 200 * 16_384 + 2_000),
     ],
+    ids=["bytes", "a-KiB-and-two-bytes", "thirds-of-a-KiB", "bytes-after-3-MB"],
 )
 def test_a_window_opened_in_tiny_pieces_does_not_pay_for_itself(
     service: Service, grants: list[int], cut_before: int
@@ -498,6 +506,14 @@ def test_a_window_opened_in_tiny_pieces_does_not_pay_for_itself(
     assert read.received < cut_before, read
     assert client_errors_of(service)["http2_frame_flood"] - before.get("http2_frame_flood", 0) == 1
     polite_request_works(service)
+
+
+def test_window_updates_past_what_the_frames_pay_for_end_a_download(service: Service) -> None:
+    # Frames of 16 KiB pay for four WINDOW_UPDATEs each, however many bytes they carry: a client that
+    # sends twelve for each (its window, and nine bytes more) is cut within the bucket's 1,000.
+    read = read_through_grants(service, [16_384], enough=8_000_000, extra=9)
+    assert read.closed == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert read.received < 3_000_000, read  # ~125 frames: 2 MB
 
 
 def test_streams_held_at_a_zero_window_cost_little_while_another_is_read(service: Service) -> None:
