@@ -106,6 +106,9 @@ def source_of(module: object) -> str:
                 "self.priority.block(stream_id)",
                 # The priority tree and what is asked of it, which ``_StreamsInTurn`` stands in for (patch 12).
                 "self.priority = priority.PriorityTree()",
+                # A connection's window opened unblocks every stream (patch 15: those that can send).
+                "    async def _window_updated(self, stream_id: int | None) -> None:\n"
+                "        if stream_id is None or stream_id == 0:\n            # Unblock all streams\n",
                 "                stream_id = next(self.priority)\n            except priority.DeadlockError:",
                 "            self.priority.insert_stream(request.stream_id)\n"
                 "        except priority.DuplicateStreamError:",
@@ -332,7 +335,7 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert hypercorn_h2_module.H2Protocol._send_data.__module__ == "archiver.fences.hypercorn_h2_send"
     for name in ("stream_send", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
-    for name in ("_priority_updated", "__init__"):
+    for name in ("_priority_updated", "__init__", "_window_updated"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2_frames"
     assert h2_frame_buffer_module.FrameBuffer.__next__.__module__ == "archiver.fences.hypercorn_h2_frames"
     for name in ("run", "protocol_send"):
@@ -471,7 +474,7 @@ def _outcome(scheduler: Any, operation: str, stream_id: int) -> object:
 def test_streams_in_turn_answer_hypercorn_as_its_priority_tree_did(operations: list[tuple[str, int]]) -> None:
     # hypercorn_h2_frames patch 12: the tree's heap, every blocked stream popped and pushed back at
     # each turn (helper 120), replaced.  The same errors for the same calls, a stream given only if
-    # unblocked (the tree's order among equals differs: it moves blocked streams on too), all in turn.
+    # unblocked (the order differs: least lately served first), all in turn.
     tree, in_turn = priority.PriorityTree(), hypercorn_h2_frames._StreamsInTurn()
     unblocked: set[int] = set()
     for operation, stream_id in operations:

@@ -508,6 +508,33 @@ def test_a_window_opened_in_tiny_pieces_does_not_pay_for_itself(
     polite_request_works(service)
 
 
+def test_downloads_on_one_connection_share_its_window_evenly(service: Service) -> None:
+    # Four downloads on one connection, its window python h2's own (64 KiB, given back as read): when
+    # the window opened, Hypercorn woke the streams in the order they were made and the first took it
+    # all, each time; each stream had half the bytes of the one before (40, 18 and 8 MB of 80 when
+    # the first ended).  Served least lately first, each has about what the others have.
+    connection = h2_client()
+    request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    streams = [1, 3, 5, 7]
+    received, length, first_ended = dict.fromkeys(streams, 0), 0, None
+    with socket.create_connection(service.address, timeout=10) as sock:
+        for stream_id in streams:
+            connection.send_headers(stream_id, request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        while first_ended is None and (data := sock.recv(65536)):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    length = int(dict(event.headers)[b"content-length"])
+                elif isinstance(event, h2.events.DataReceived):
+                    received[event.stream_id] += len(event.data)
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and first_ended is None:
+                    first_ended = dict(received)
+            sock.sendall(connection.data_to_send())
+    assert first_ended is not None and length > 16_000_000
+    assert min(first_ended.values()) > length * 3 // 4, (first_ended, length)
+
+
 def test_window_updates_past_what_the_frames_pay_for_end_a_download(service: Service) -> None:
     # Frames of 16 KiB pay for four WINDOW_UPDATEs each, however many bytes they carry: a client that
     # sends twelve for each (its window, and nine bytes more) is cut within the bucket's 1,000.
