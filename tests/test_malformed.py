@@ -348,6 +348,47 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     assert b"WARNING archiver.fences.hypercorn_h2_frames: HTTP/2 connection from 127.0.0.1:" in service.output
 
 
+def logged_line(service: Service, start: str, timeout: float = 10) -> bytes:
+    """The service's first log line containing ``start``, waited for (a download's line comes as its task ends)."""
+    deadline = time.monotonic() + timeout
+    while not (found := [line for line in bytes(service.output).splitlines() if start.encode() in line]):
+        assert time.monotonic() < deadline, f"no line with {start!r}"
+        time.sleep(0.05)
+    return found[0]
+
+
+@pytest.mark.parametrize("flood", ["frame", "reset"])
+def test_the_downloads_of_a_connection_closed_for_a_flood_say_so(service: Service, flood: str) -> None:
+    # Logged "client disconnected" until 2026-12-05, as if the user had cancelled: an operator
+    # could tell them apart only by the connection's WARNING, quieted to one every 10 s.
+    connection = h2_client()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})  # held: no byte of its body
+    request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    nope = [(":method", "GET"), (":path", "/archive/nope/"), (":scheme", "http"), (":authority", "x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        answered = h2_events(sock, connection, h2.events.ResponseReceived)
+        if flood == "frame":
+            sock.sendall(FRAMES_THAT_ASK_NOTHING["ping"] * hypercorn_h2_frames.CONTROL_FRAMES * 2)
+        else:
+            for _ in range(hypercorn_h2.EARLY_RESETS + 50):
+                stream_id = connection.get_next_available_stream_id()
+                connection.send_headers(stream_id, nope, end_stream=True)
+                connection.reset_stream(stream_id)
+            sock.sendall(connection.data_to_send())
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
+    assert [dict(event.headers)[b":status"] for event in answered if isinstance(event, h2.events.ResponseReceived)] == [
+        b"200"
+    ]
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    line = logged_line(service, f"download large for 127.0.0.1: connection closed: HTTP/2 {flood} flood")
+    assert b" INFO " in line, line
+    polite_request_works(service)
+
+
 @pytest.mark.parametrize(
     ("kind", "requests", "frames"),
     [

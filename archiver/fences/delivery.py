@@ -11,6 +11,14 @@ app's send runs in its own task: ``hypercorn_tcp`` for HTTP/1.1 writes,
 Delivered means written to the socket, as the kernel took it; over HTTP/2,
 END_STREAM aside: a client with every byte may close before it comes, as curl
 does (``hypercorn_h2_send.undelivered``).
+
+A connection the server itself closes (an HTTP/2 client past a flood budget)
+ends its downloads as a client that left would: ``note_connection_closed``
+says why, for their log lines (until 2026-12-05 they read ``client
+disconnected``, and an operator could not tell them from users who cancelled).
+The connection's reading task makes a note for it (``watch_connection``)
+before it starts any request's app: each app's task starts with a copy of
+that task's context, and so holds the same note.
 """
 
 from __future__ import annotations
@@ -18,6 +26,18 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 _DROPPED: ContextVar[bool] = ContextVar("archiver_bytes_dropped", default=False)
+
+
+class _ConnectionEnd:
+    """Why the server closed a connection (None: it has not, or not for a reason of its own)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+
+_CONNECTION_END: ContextVar[_ConnectionEnd | None] = ContextVar("archiver_connection_end", default=None)
 
 
 def note_dropped() -> None:
@@ -28,3 +48,21 @@ def note_dropped() -> None:
 def bytes_dropped() -> bool:
     """Whether ``note_dropped`` was called in this task (or the one it was started from, before)."""
     return _DROPPED.get()
+
+
+def watch_connection() -> None:
+    """In a connection's reading task, before it starts apps: their tasks share this connection's note."""
+    _CONNECTION_END.set(_ConnectionEnd())
+
+
+def note_connection_closed(reason: str) -> None:
+    """The server closes this task's connection for ``reason`` (a short phrase: "HTTP/2 frame flood")."""
+    end = _CONNECTION_END.get()
+    if end is not None:
+        end.reason = reason
+
+
+def connection_closed_by_server() -> str | None:
+    """Why the server closed the connection this task's request came on, or None."""
+    end = _CONNECTION_END.get()
+    return None if end is None else end.reason

@@ -165,7 +165,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState
 
 from ..logs import Quieted
 from . import client_errors, hypercorn_h2_frames, hypercorn_h2_send
-from .delivery import note_dropped
+from .delivery import note_connection_closed, note_dropped
 from .hypercorn_h2_frames import LAST_STARTED
 from .hypercorn_h2_send import undelivered
 
@@ -344,6 +344,7 @@ def _bound_early_resets() -> None:
         setattr(self, _RESET_BUDGET, (budget, now, so_far))
         if budget < 0 and not getattr(self, "closed", False):
             client_errors.count("http2_reset_flood")
+            note_connection_closed("HTTP/2 reset flood")
             peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
             _calm_lines.log("HTTP/2 connection from %s closed: %d streams reset before their answer", peer, so_far)
             # The last stream acted on: a client may retry those of the batch dropped (RFC 9113 6.8).

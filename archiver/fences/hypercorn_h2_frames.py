@@ -103,6 +103,7 @@ from priority.priority import DeadlockError, DuplicateStreamError, MissingStream
 
 from ..logs import Quieted
 from . import client_errors
+from .delivery import note_connection_closed, watch_connection
 from .hypercorn_h2_send import DATA_FRAMES_SENT
 
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
@@ -322,6 +323,7 @@ def _budget_frames_that_ask_nothing() -> None:
         counts = _FrameCounts(made=now, checked=now)
         setattr(self.connection.incoming_buffer, _FRAMES, counts)
         setattr(self, _FRAMES, counts)
+        watch_connection()  # made in the connection's reading task, which starts the streams' apps
 
     async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
         counts: _FrameCounts | None = getattr(self, _FRAMES, None)  # None: a protocol not made by __init__
@@ -329,6 +331,7 @@ def _budget_frames_that_ask_nothing() -> None:
             await original(self, events)
             return
         client_errors.count("http2_frame_flood")
+        note_connection_closed("HTTP/2 frame flood")
         peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
         _flood_lines.log(
             "HTTP/2 connection from %s closed: %d frames that ask for nothing and %d WINDOW_UPDATEs in %.1f s",

@@ -26,7 +26,7 @@ from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
 from ..fences import hypercorn_h2_send
-from ..fences.delivery import bytes_dropped
+from ..fences.delivery import bytes_dropped, connection_closed_by_server
 from ..fences.hypercorn_tcp import is_shutting_down
 from .limits import JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
 from .metrics import DownloadMetrics
@@ -350,6 +350,9 @@ class ArchiveBody(ResponseBody):
         elif outcome == "cancelled" and is_shutting_down():
             # Past the grace period (or the client left meanwhile): not to be read as a client's doing.
             description = "cancelled during shutdown"
+        if outcome == "cancelled" and (reason := connection_closed_by_server()):
+            # Closed by the server for its client's flood: its metric is counted with the connection's WARNING.
+            description = f"connection closed: {reason}"
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
         # A file changed mid-download is an upload's doing, not the service's: a WARNING (helper 70:
