@@ -24,6 +24,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer as h2_frame_buffer_module
+import h2.stream as h2_stream_module
 import h11._connection as h11_connection_module
 import hpack.hpack as hpack_module
 import httpx
@@ -170,6 +171,22 @@ def source_of(module: object) -> str:
                 # Patch 13: the client's table size reaches the encoder through its setter, made in __init__.
                 "self.encoder = Encoder()",
                 "            self.encoder.header_table_size = setting.new_value",
+                # Patch 14: a HEADERS frame opens a stream past the highest the client used; streams by id.
+                "self.highest_inbound_stream_id = 0",
+                "self.highest_inbound_stream_id = stream_id",
+                "self.streams: dict[int, H2Stream] = {}",
+            ],
+        ),
+        (
+            h2_stream_module,
+            [
+                # Patch 14: the states in which a stream takes a client's DATA, and the state it is in.
+                "self.state_machine = H2StreamStateMachine(stream_id)",
+                "(StreamState.OPEN, StreamInputs.RECV_DATA):\n        (H2StreamStateMachine.data_received,",
+                "(StreamState.HALF_CLOSED_LOCAL, StreamInputs.RECV_DATA):\n"
+                "        (H2StreamStateMachine.data_received,",
+                "(StreamState.HALF_CLOSED_REMOTE, StreamInputs.RECV_DATA):\n"
+                "        (H2StreamStateMachine.reset_stream_on_error,",
             ],
         ),
         (

@@ -316,6 +316,8 @@ FRAMES_THAT_ASK_NOTHING = {
     "altsvc": raw_frame(0xA, 0, 0, b"\x00\x00"),  # h2 ignores it from a client, and makes no event
     "window-update": raw_frame(0x8, 0, 0, struct.pack(">I", 1)),
     "window-update-closed-stream": raw_frame(0x8, 0, 1, struct.pack(">I", 1)),  # h2 makes no event of it
+    # h2 answers it with RST_STREAM and no event (helper 123: uncounted, a core for as long as it liked).
+    "end-stream-data-closed-stream": raw_frame(0x0, 0x1, 1),
 }
 
 
@@ -346,6 +348,32 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} closed".encode() in line]
     assert len(lines) <= 1 and all(b"WARNING" in line and b"ask for nothing" in line for line in lines), lines
     assert b"WARNING archiver.fences.hypercorn_h2_frames: HTTP/2 connection from 127.0.0.1:" in service.output
+
+
+def test_headers_on_a_stream_its_client_reset_count_as_asking_for_nothing(service: Service) -> None:
+    # Helper 123: h2 answers each with RST_STREAM(STREAM_CLOSED) and no event, and every HEADERS went
+    # uncounted, as if it made a request: 750,000 in 5 s, a core busy, the connection never closed.
+    connection = h2_client()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    before = client_errors_of(service)
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        answered = h2_events(sock, connection, h2.events.ResponseReceived)
+        connection.reset_stream(1)
+        sock.sendall(connection.data_to_send())
+        # END_STREAM | END_HEADERS, ":method: GET" (index 2 of HPACK's static table), again and again
+        sock.sendall(raw_frame(0x1, 0x5, 1, b"\x82") * hypercorn_h2_frames.CONTROL_FRAMES * 2)
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
+    assert [dict(event.headers)[b":status"] for event in answered if isinstance(event, h2.events.ResponseReceived)] == [
+        b"200"
+    ]
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    assert client_errors_of(service)["http2_frame_flood"] - before.get("http2_frame_flood", 0) == 1
+    polite_request_works(service)
 
 
 def logged_line(service: Service, start: str, timeout: float = 10) -> bytes:
@@ -573,7 +601,9 @@ def test_downloads_on_one_connection_share_its_window_evenly(service: Service) -
                     first_ended = dict(received)
             sock.sendall(connection.data_to_send())
     assert first_ended is not None and length > 16_000_000
-    assert min(first_ended.values()) > length * 3 // 4, (first_ended, length)
+    # Served first unblocked first: 8, 4 and 2 MB of 16 (40, 18 and 8 of 80); served in turn, 10.7-16 MB (a
+    # producer that lags has its turns taken by the others: 3/4 failed 1 run in 6).
+    assert min(first_ended.values()) > length // 2, (first_ended, length)
 
 
 def test_window_updates_past_what_the_frames_pay_for_end_a_download(service: Service) -> None:
