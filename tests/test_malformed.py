@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from archiver.fences import hypercorn_h2, hypercorn_h2_frames
+from archiver.web.pages import UNPARSED_REQUEST
 from archiver.web.ranges import parse_range
 
 from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, write_tree
@@ -732,6 +733,33 @@ def test_connection_closes_when_http_says_it_must(service: Service, request_byte
             received += chunk
     assert received.startswith(b"HTTP/1.1 ")
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Transfer-Encoding: chunked\r\n", b"1\r\nx\r\n" * 1000),
+        (b"Content-Length: 5\r\n", b"x" * 5),
+    ],
+    ids=["chunked", "length"],
+)
+@pytest.mark.parametrize("path", [b"/archive/large/", b"/healthz"])
+def test_a_request_with_a_body_is_refused_and_its_connection_closed(
+    service: Service, framing: bytes, body: bytes, path: bytes
+) -> None:
+    # Helper 123: no route reads a body, and h11 parses a chunked one a chunk at a time (~11 us each): a
+    # GET sending 1-byte chunks beside its own download kept a core busy for as long as the download ran.
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):  # no half-close: a TimeoutError fails the test, the connection kept
+            answer += chunk
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close" in head.lower(), answer
+    assert page.decode() == UNPARSED_REQUEST.sentence + "\n"
+    # A GET that says its body is empty is a GET.
+    status, _, _ = http11_request(service.address, "GET", b"/healthz", [("Content-Length", "0")])
+    assert status == 200
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tc
 from ..fences.quart_trio import connection_class
 from .connection import response_sender
 from .limits import STALL_UNIT, connection_limit
-from .pages import PAGE_NOT_FOUND, error_page, unparsed_request_answer
+from .pages import PAGE_NOT_FOUND, UNPARSED_REQUEST, error_page, unparsed_request_answer
 from .routes import Routes
 from .storage_root import check_storage_root, root_timeout
 from .watchdog import feed_watchdog, watchdog_task
@@ -131,6 +131,19 @@ def _guard_requests(app: QuartTrio) -> None:
         # h11 frames it by Transfer-Encoding and kept the connection (helper 108).  As nginx: 400, closed.
         if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
             return error_page(400, request.headers.get("Accept"), {"Connection": "close"})
+        return None
+
+    @app.before_request
+    async def refuse_bodies() -> Response | None:
+        # No route reads a body, and over HTTP/1.1 h11 parses a chunked one a chunk at a time in Python
+        # (~11 us each): a GET that sent 1-byte chunks beside its own download kept a core busy for as
+        # long as the download ran (helper 123: 16 CPU-s in 16 s).  Refused, and closed: what the client
+        # still sends is read without being parsed, for the lingering close's few seconds at most.
+        # (HTTP/2's DATA frames have their budget: fences/hypercorn_h2_frames.)
+        if request.http_version.startswith("1") and (
+            "Transfer-Encoding" in request.headers or (request.content_length or 0) > 0
+        ):
+            return error_page(400, request.headers.get("Accept"), {"Connection": "close"}, message=UNPARSED_REQUEST)
         return None
 
     @app.before_request
