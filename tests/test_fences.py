@@ -156,6 +156,11 @@ def source_of(module: object) -> str:
                 # Patch 11: the buffer, the limit, and the check __next__ makes once the whole frame is in.
                 "self._data = bytearray()",
                 "self.max_frame_size = 0",
+                # ...and the frames of a header block under way, each with its data (HEADER_BLOCK_BYTES).
+                "self._headers_buffer: list[HeadersFrame | ContinuationFrame | PushPromiseFrame] = []",
+                "            self._headers_buffer.append(f)\n"
+                "            if len(self._headers_buffer) > CONTINUATION_BACKLOG:",
+                '                f.data = b"".join(x.data for x in self._headers_buffer)',
                 "    def _validate_frame_length(self, length: int) -> None:",
                 "        if len(self._data) < length + 9:\n            raise StopIteration\n\n"
                 "        # Confirm the frame has an appropriate length.\n        self._validate_frame_length(length)",

@@ -639,6 +639,29 @@ def test_a_frame_longer_than_the_limit_ends_its_connection_at_its_header(service
     ]
 
 
+def test_a_header_block_is_refused_once_it_passes_64_kib(service: Service) -> None:
+    # Helper 123: h2 held up to 64 CONTINUATIONs of 16 KiB, ~1 MiB a connection, before it refused a
+    # block whose decoded list may not pass 64 KiB (64 connections: +86 MiB of RSS, not given back).
+    request = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
+    padding = [(f"x-padding-{index}", os.urandom(2_500).hex()) for index in range(12)]  # ~60 KB, ~38 KB coded
+    connection = h2_client()
+    with socket.create_connection(service.address, timeout=3) as sock:
+        connection.send_headers(1, request + padding, end_stream=True)  # in frames of 16 KiB: taken, and answered
+        sock.sendall(connection.data_to_send())
+        answered = h2_events(sock, connection, h2.events.StreamEnded)
+        # Six frames of 16 KiB and no end: refused at the fifth's header.
+        block = bytes(16_384)
+        sock.sendall(raw_frame(0x1, 0x1, 3, block) + raw_frame(0x9, 0, 3, block) * 5)  # no END_HEADERS
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)  # a TimeoutError: still taking them
+    assert [dict(event.headers)[b":status"] for event in answered if isinstance(event, h2.events.ResponseReceived)] == [
+        b"431"  # past the service's own 16 KiB for a request's head
+    ]
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    polite_request_works(service)
+
+
 def test_a_client_offering_a_larger_hpack_table_is_answered_from_the_default_one(service: Service) -> None:
     # Helper 108: a client's SETTINGS_HEADER_TABLE_SIZE of 2**32-1 had the server keep every header it
     # sent on the connection: each redirect's Location, echoing a request target of up to 16 KiB.
