@@ -139,9 +139,12 @@ def _guard_requests(app: QuartTrio) -> None:
         # (~11 us each): a GET that sent 1-byte chunks beside its own download kept a core busy for as
         # long as the download ran (helper 123: 16 CPU-s in 16 s).  Refused, and closed: what the client
         # still sends is read without being parsed, for the lingering close's few seconds at most.
-        # (HTTP/2's DATA frames have their budget: fences/hypercorn_h2_frames.)
-        if request.http_version.startswith("1") and (
-            "Transfer-Encoding" in request.headers or (request.content_length or 0) > 0
+        # (HTTP/2's DATA frames have their budget: fences/hypercorn_h2_frames.)  Another method is
+        # answered 405 at once, and the connection closed with the body unread (Hypercorn's recycle).
+        if (
+            request.method in ("GET", "HEAD")
+            and request.http_version.startswith("1")
+            and ("Transfer-Encoding" in request.headers or (request.content_length or 0) > 0)
         ):
             return error_page(400, request.headers.get("Accept"), {"Connection": "close"}, message=UNPARSED_REQUEST)
         return None
