@@ -351,6 +351,40 @@ def test_frames_that_ask_for_nothing_close_their_connection_past_a_budget(servic
     assert b"WARNING archiver.fences.hypercorn_h2_frames: HTTP/2 connection from 127.0.0.1:" in service.output
 
 
+def test_a_body_sent_with_a_download_counts_as_asking_for_nothing(service: Service) -> None:
+    # No route reads a body.  Until 2026-12-05 DATA of 1 KiB or more went uncounted, and a GET whose
+    # body never ended, its download held at a zero window, kept a core busy for as long as the
+    # download lasted (35 MB/s of 1 KiB frames, 130 MB/s of 16 KiB ones).
+    connection = h2_client()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    healthz = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x")]
+    request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    sent, ended = 0, []
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, healthz)  # a request ended by an empty DATA frame, as some clients do
+        connection.send_data(1, b"", end_stream=True)
+        connection.send_headers(3, request)
+        sock.sendall(connection.data_to_send())
+        statuses: list[bytes] = []
+        while len(statuses) < 2:
+            events = h2_events(sock, connection, h2.events.ResponseReceived)
+            statuses += [dict(e.headers)[b":status"] for e in events if isinstance(e, h2.events.ResponseReceived)]
+        while not ended and sent < 100_000_000:
+            while connection.local_flow_control_window(3) >= 16_384:
+                connection.send_data(3, bytes(16_384))
+                sent += 16_384
+            sock.sendall(connection.data_to_send())
+            if not (data := sock.recv(65536)):
+                break
+            events = connection.receive_data(data)
+            ended = [event for event in events if isinstance(event, h2.events.ConnectionTerminated)]
+    assert statuses == [b"200", b"200"]
+    assert [event.error_code for event in ended] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+    frames_paid = hypercorn_h2_frames.CONTROL_FRAMES + 2 * hypercorn_h2_frames.CONTROL_FRAMES_PER_STREAM
+    assert sent < (frames_paid + 100) * 16_384, sent  # ~18 MB and what was in flight, not 100 MB
+    polite_request_works(service)
+
+
 def test_headers_on_a_stream_its_client_reset_count_as_asking_for_nothing(service: Service) -> None:
     # Helper 123: h2 answers each with RST_STREAM(STREAM_CLOSED) and no event, and every HEADERS went
     # uncounted, as if it made a request: 750,000 in 5 s, a core busy, the connection never closed.
