@@ -29,6 +29,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h11
 import hpack
 import httpx
 import pytest
@@ -792,13 +793,33 @@ def test_connection_closes_when_http_says_it_must(service: Service, request_byte
     assert time.monotonic() - started < 5
 
 
+def test_a_get_with_an_empty_chunked_body_is_served(service: Service) -> None:
+    # What nginx sends upstream for an HTTP/2 client's GET ended by an empty DATA frame (helper 124:
+    # refused with a 400 through nginx when every chunked body was).
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(b"GET /archive/small/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        connection = h11.Connection(h11.CLIENT)
+        connection.send(h11.Request(method="GET", target="/archive/small/", headers=[("Host", "x")]))
+        status, body = 0, b""
+        while not isinstance(event := connection.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                connection.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+    assert status == 200
+    assert read_archive(body) == files_on_disk(service.storage / "small")
+
+
 @pytest.mark.parametrize(
     ("framing", "body"),
     [
         (b"Transfer-Encoding: chunked\r\n", b"1\r\nx\r\n" * 1000),
+        (b"Transfer-Encoding: chunked\r\n", b""),  # one that does not end (app.EMPTY_BODY_WAIT)
         (b"Content-Length: 5\r\n", b"x" * 5),
     ],
-    ids=["chunked", "length"],
+    ids=["chunked", "chunked-unended", "length"],
 )
 @pytest.mark.parametrize("path", [b"/archive/large/", b"/healthz"])
 def test_a_request_with_a_body_is_refused_and_its_connection_closed(

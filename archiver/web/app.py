@@ -137,14 +137,15 @@ def _guard_requests(app: QuartTrio) -> None:
     async def refuse_bodies() -> Response | None:
         # No route reads a body, and over HTTP/1.1 h11 parses a chunked one a chunk at a time in Python
         # (~11 us each): a GET that sent 1-byte chunks beside its own download kept a core busy for as
-        # long as the download ran (helper 123: 16 CPU-s in 16 s).  Refused, and closed: what the client
-        # still sends is read without being parsed, for the lingering close's few seconds at most.
+        # long as the download ran (helper 123: 16 CPU-s in 16 s).  Refused, and the connection closed.
+        # An empty chunked body is no body: nginx sends one for an HTTP/2 client's GET whose HEADERS
+        # left the stream open, ended by an empty DATA frame (helper 124: a 400 through nginx).
         # (HTTP/2's DATA frames have their budget: fences/hypercorn_h2_frames.)  Another method is
         # answered 405 at once, and the connection closed with the body unread (Hypercorn's recycle).
-        if (
-            request.method in ("GET", "HEAD")
-            and request.http_version.startswith("1")
-            and ("Transfer-Encoding" in request.headers or (request.content_length or 0) > 0)
+        if request.method not in ("GET", "HEAD") or not request.http_version.startswith("1"):
+            return None
+        if (request.content_length or 0) > 0 or (
+            "Transfer-Encoding" in request.headers and not await _body_ends_empty()
         ):
             return error_page(400, request.headers.get("Accept"), {"Connection": "close"}, message=UNPARSED_REQUEST)
         return None
@@ -167,6 +168,20 @@ def _guard_requests(app: QuartTrio) -> None:
         if request.scope.get("raw_path", b"").startswith(b"//"):
             return error_page(404, request.headers.get("Accept"))
         return None
+
+
+# How long a GET's chunked body has to end, empty (nginx's comes with the head): then it is refused.
+EMPTY_BODY_WAIT = 1.0
+
+
+async def _body_ends_empty() -> bool:
+    """Whether the request's body ends, within EMPTY_BODY_WAIT s, with no byte; False at its first byte."""
+    with trio.move_on_after(EMPTY_BODY_WAIT):
+        async for data in request.body:
+            if data:
+                return False
+        return True
+    return False
 
 
 def _answer_errors(app: QuartTrio) -> None:
