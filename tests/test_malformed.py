@@ -386,6 +386,67 @@ def test_a_body_sent_with_a_download_counts_as_asking_for_nothing(service: Servi
     polite_request_works(service)
 
 
+def test_streams_refused_as_malformed_count_as_asking_for_nothing(service: Service) -> None:
+    # Helper 124: a stream whose :path holds a space is reset before its request starts, and none of it
+    # was counted: 66,000 of them in 8 s kept a core busy, the connection never closed.
+    connection = h2_client(validate_outbound_headers=False)
+    bad = [(b":method", b"GET"), (b":path", b"/archive/a b/"), (b":scheme", b"http"), (b":authority", b"x")]
+    before = client_errors_of(service)
+    ended: list[h2.events.Event] = []
+    with socket.create_connection(service.address, timeout=10) as sock:
+        for _ in range(2 * hypercorn_h2_frames.CONTROL_FRAMES // 50):  # 50 at a time: within 100 streams open
+            for _ in range(50):
+                connection.send_headers(connection.get_next_available_stream_id(), bad, end_stream=True)
+            sock.sendall(connection.data_to_send())
+            resets = 0
+            while resets < 50 and not ended and (data := sock.recv(65536)):  # a TimeoutError: a reset missing
+                events = connection.receive_data(data)
+                resets += sum(isinstance(event, h2.events.StreamReset) for event in events)
+                ended = [event for event in events if isinstance(event, h2.events.ConnectionTerminated)]
+            if ended:
+                break
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    after = client_errors_of(service)
+    assert after["http2_frame_flood"] - before.get("http2_frame_flood", 0) == 1
+    assert after["http2_malformed_stream"] - before.get("http2_malformed_stream", 0) <= 1_100
+    polite_request_works(service)
+
+
+def header_blocks(kind: str) -> bytes:
+    """A whole header block on stream 1 (END_HEADERS), as HEADERS and CONTINUATIONs (helper 124's shapes)."""
+    if kind == "continuations":  # an empty block in 64 frames: each parsed
+        return raw_frame(0x1, 0x1, 1) + raw_frame(0x9, 0, 1) * 62 + raw_frame(0x9, 0x4, 1)
+    padding = [hpack.NeverIndexedHeaderTuple(f"x-padding-{index}", os.urandom(2_500).hex()) for index in range(12)]
+    block = hpack.Encoder().encode(padding, huffman=True)  # never indexed: the same bytes decode alike each time
+    assert len(block) > 32_768
+    frames = raw_frame(0x1, 0x1, 1, block[:16_384]) + raw_frame(0x9, 0, 1, block[16_384:32_768])
+    return frames + raw_frame(0x9, 0x4, 1, block[32_768:])
+
+
+@pytest.mark.parametrize("kind", ["large", "continuations"])
+def test_header_blocks_on_a_reset_stream_count_by_their_cost(service: Service, kind: str) -> None:
+    # Helper 124: h2 decodes a block whole (HPACK, in Python) before it finds its stream reset, and each
+    # counted as one frame: 37.5 KB blocks, 7.3 ms each, ~8 CPU-s a connection before the cut; or 64
+    # frames parsed for one counted (0.56 CPU-s a connection).
+    frames = header_blocks(kind)
+    connection = h2_client(validate_outbound_headers=False)
+    bad = [(b":method", b"GET"), (b":path", b"/archive/a b/"), (b":scheme", b"http"), (b":authority", b"x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, bad, end_stream=True)  # reset by the service: stream 1 closed by a reset
+        sock.sendall(connection.data_to_send())
+        h2_events(sock, connection, h2.events.StreamReset)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # 40 of the 1,000 before
+                sock.sendall(frames)
+        ended = h2_events(sock, connection, h2.events.ConnectionTerminated)  # a TimeoutError: never closed
+    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
+        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    ]
+    polite_request_works(service)
+
+
 def test_headers_on_a_stream_its_client_reset_count_as_asking_for_nothing(service: Service) -> None:
     # Helper 123: h2 answers each with RST_STREAM(STREAM_CLOSED) and no event, and every HEADERS went
     # uncounted, as if it made a request: 750,000 in 5 s, a core busy, the connection never closed.

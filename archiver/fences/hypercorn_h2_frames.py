@@ -63,10 +63,12 @@ decoder allows; this one uses at most the default's 4,096 bytes.
 14. A budget for frames that ask for nothing.
 
 Every frame but a request's HEADERS and the DATA that ends it (SETTINGS,
-PING, PRIORITY, RST_STREAM, ALTSVC, unknown types, DATA that carries a
-body, which no route reads, and HEADERS or DATA on a stream whose client has
-ended or reset it, which h2 answers with RST_STREAM: the last two uncounted
-until 2026-12-05, helper 123) is
+PING, PRIORITY, RST_STREAM, ALTSVC, unknown types, CONTINUATION, DATA that
+carries a body, which no route reads, HEADERS or DATA on a stream whose
+client has ended or reset it, which h2 answers with RST_STREAM, and a stream
+refused as malformed (patch 5); a header block that makes no request counts
+one more for each ``HEADER_BYTES_A_FRAME`` of it, as h2 decodes it whole
+first: all but the first six uncounted until 2026-12-05, helpers 123, 124) is
 parsed and acted on by h2 and Hypercorn in Python, ~5-10 us a frame, and one
 read of 64 KiB of them held the event loop ~45 ms: one connection sending
 them at 8-15 MB/s kept a core busy and a 50 MB download beside it took 4.5 s
@@ -115,6 +117,8 @@ from . import client_errors
 from .delivery import note_connection_closed, watch_connection
 from .hypercorn_h2_send import DATA_FRAMES_SENT
 
+# The bytes of a header block that makes no request which count as one more frame that asks for nothing.
+HEADER_BYTES_A_FRAME = 64
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
 ENCODER_TABLE_BYTES = 4096
 # The most bytes of a header block (HEADERS and its CONTINUATIONs, HPACK-encoded) a connection may hold
@@ -152,6 +156,7 @@ def _watch_the_frame_buffer() -> None:
 
     def __next__(self: FrameBuffer) -> Any:
         data = self._data
+        counts = getattr(self, _FRAMES, None)  # a server's connection (patch 14)
         if len(data) >= _FRAME_HEADER_BYTES:
             # The 24-bit length leads the header (RFC 9113 section 4.1); raising FrameTooLargeError
             # here makes h2 end the connection with FRAME_SIZE_ERROR, as it would for the whole frame.
@@ -159,7 +164,10 @@ def _watch_the_frame_buffer() -> None:
             self._validate_frame_length(length)
             if self._headers_buffer:  # a header block under way: this frame must be its CONTINUATION
                 _bound_the_header_block(self._headers_buffer, length)
-        counts = getattr(self, _FRAMES, None)  # a server's connection (patch 14)
+                if counts is not None and len(data) >= _FRAME_HEADER_BYTES + length:
+                    # Parsed now, and joined to its block, which comes out as one frame: counted here
+                    # (helper 124: 63 empty CONTINUATIONs a block, each parsed, counted as none).
+                    counts.control += 1
         if counts is None:
             return original(self)
         # h2's __next__ calls itself past a CONTINUATION: the frame it returns then comes through
@@ -316,8 +324,28 @@ def _count(counts: _FrameCounts, frame: Any) -> None:
     # WINDOW_UPDATE has a budget of its own.
     if isinstance(frame, WindowUpdateFrame):
         counts.window_updates += 1
-    elif not (_opens_a_stream(counts.connection, frame) or _ends_a_request(counts.connection, frame)):
+    elif isinstance(frame, HeadersFrame):
+        if not _opens_a_stream(counts.connection, frame):
+            counts.control += header_block_charge(len(frame.data))
+    elif not _ends_a_request(counts.connection, frame):
         counts.control += 1
+
+
+def header_block_charge(size: int) -> int:
+    """What a header block of ``size`` bytes that makes no request counts for, in frames that ask for nothing.
+
+    h2 decodes it whole (HPACK, in Python) before it finds the stream ended or reset: ~0.2 ms a
+    KiB Huffman-coded, some forty frames' cost (helper 124: 37.5 KB blocks on a reset stream, each
+    counted as one frame, cost 7.3 ms each, ~8 CPU-s a connection before it was cut).
+    """
+    return 1 + size // HEADER_BYTES_A_FRAME
+
+
+def charge(protocol: Any, frames: int) -> None:
+    """Count ``frames`` more that ask for nothing on ``protocol``'s connection (a stream refused before it began)."""
+    counts: _FrameCounts | None = getattr(protocol, _FRAMES, None)
+    if counts is not None:
+        counts.control += frames
 
 
 def _opens_a_stream(connection: Any, frame: Any) -> bool:
