@@ -447,6 +447,26 @@ def test_header_blocks_on_a_reset_stream_count_by_their_cost(service: Service, k
     polite_request_works(service)
 
 
+def test_requests_whose_header_blocks_pass_16_kib_count_their_excess(service: Service) -> None:
+    # Each is answered 431, once h2 has decoded it whole (~0.2 ms a KiB, in Python): 37.5 KB blocks,
+    # 7.3 ms each, were a request each, and a connection had 1,000 of them (helper 124's shape, opened).
+    padding = [hpack.NeverIndexedHeaderTuple(f"x-padding-{index}", os.urandom(2_500).hex()) for index in range(12)]
+    request = [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "x"), *padding]
+    connection = h2_client()
+    statuses: list[bytes] = []
+    ended: list[h2.events.Event] = []
+    with socket.create_connection(service.address, timeout=10) as sock:
+        while not ended and len(statuses) < 50:
+            connection.send_headers(connection.get_next_available_stream_id(), request, end_stream=True)
+            sock.sendall(connection.data_to_send())
+            events = h2_events(sock, connection, (h2.events.StreamEnded, h2.events.ConnectionTerminated))
+            statuses += [dict(e.headers)[b":status"] for e in events if isinstance(e, h2.events.ResponseReceived)]
+            ended = [event for event in events if isinstance(event, h2.events.ConnectionTerminated)]
+    assert [event.error_code for event in ended] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM], statuses
+    assert set(statuses) == {b"431"} and len(statuses) < 10, statuses
+    polite_request_works(service)
+
+
 def test_headers_on_a_stream_its_client_reset_count_as_asking_for_nothing(service: Service) -> None:
     # Helper 123: h2 answers each with RST_STREAM(STREAM_CLOSED) and no event, and every HEADERS went
     # uncounted, as if it made a request: 750,000 in 5 s, a core busy, the connection never closed.

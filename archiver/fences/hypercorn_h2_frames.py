@@ -68,7 +68,8 @@ carries a body, which no route reads, HEADERS or DATA on a stream whose
 client has ended or reset it, which h2 answers with RST_STREAM, and a stream
 refused as malformed (patch 5); a header block that makes no request counts
 one more for each ``HEADER_BYTES_A_FRAME`` of it, as h2 decodes it whole
-first: all but the first six uncounted until 2026-12-05, helpers 123, 124) is
+first, and a request's block for each of it past ``REQUEST_BLOCK_BYTES``:
+all but the first six uncounted until 2026-12-05, helpers 123, 124) is
 parsed and acted on by h2 and Hypercorn in Python, ~5-10 us a frame, and one
 read of 64 KiB of them held the event loop ~45 ms: one connection sending
 them at 8-15 MB/s kept a core busy and a 50 MB download beside it took 4.5 s
@@ -117,8 +118,11 @@ from . import client_errors
 from .delivery import note_connection_closed, watch_connection
 from .hypercorn_h2_send import DATA_FRAMES_SENT
 
-# The bytes of a header block that makes no request which count as one more frame that asks for nothing.
+# The bytes of a header block that makes no request which count as one more frame that asks for nothing;
+# and the bytes of a request's block that count nothing: the service answers a head over 16 KiB with 431
+# (``web.app.MAX_HEADER_BYTES``), and a block is no longer than its head.
 HEADER_BYTES_A_FRAME = 64
+REQUEST_BLOCK_BYTES = 16_384
 # RFC 9113 section 6.5.2: SETTINGS_HEADER_TABLE_SIZE's initial value.
 ENCODER_TABLE_BYTES = 4096
 # The most bytes of a header block (HEADERS and its CONTINUATIONs, HPACK-encoded) a connection may hold
@@ -327,6 +331,8 @@ def _count(counts: _FrameCounts, frame: Any) -> None:
     elif isinstance(frame, HeadersFrame):
         if not _opens_a_stream(counts.connection, frame):
             counts.control += header_block_charge(len(frame.data))
+        elif len(frame.data) > REQUEST_BLOCK_BYTES:  # a request answered 431: its excess is decoded for nothing
+            counts.control += header_block_charge(len(frame.data) - REQUEST_BLOCK_BYTES)
     elif not _ends_a_request(counts.connection, frame):
         counts.control += 1
 
