@@ -228,7 +228,7 @@ def _reset_malformed_requests() -> None:
             # Not a request (none is counted): a frame that asks for nothing, at its block's cost (helper
             # 124: uncounted, 66,000 such streams in 8 s, a core, and the connection never closed).
             block = sum(len(name) + len(value) for name, value in request.headers)
-            hypercorn_h2_frames.charge(self, hypercorn_h2_frames.header_block_charge(block))
+            hypercorn_h2_frames.charge(self, hypercorn_h2_frames.charge_for_bytes(block))
             await self._flush()
             return
         await original(self, request)

@@ -170,8 +170,10 @@ def _guard_requests(app: QuartTrio) -> None:
         return None
 
 
-# How long a GET's chunked body has to end, empty (nginx's comes with the head): then it is refused.
-EMPTY_BODY_WAIT = 1.0
+# How long a GET's chunked body has to end, empty, before it is refused: nginx's comes with the head, or
+# with the client's empty DATA frame that ends its request, which a lost segment may hold up by a
+# retransmission's timeout, 1 s at first (helper 125: 1 s refused such a GET, through nginx).
+EMPTY_BODY_WAIT = 5.0
 
 
 async def _body_ends_empty() -> bool:
