@@ -174,8 +174,12 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
         health = await browser.get("/healthz")
         metrics = await browser.get("/metrics")
         typo = await browser.get("/archiv/album/")
-        cookie = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000})  # over nginx's 8k buffer
-        cookie_text = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 9000, "Accept": "*/*"})
+        cookie = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 17_000})  # over nginx's 16k
+        cookie_text = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 17_000, "Accept": "*/*"})
+        # A line within nginx's buffer: the service's own limit answers (16 KiB in all), or serves it.
+        served = await browser.get("/archive/album/", headers={"Cookie": "a=" + "x" * 12_000})
+        over_16_kib = {"Cookie": "a=" + "x" * 12_000, "X-More": "y" * 6_000}
+        cookie_long = await browser.get("/archive/album/", headers=over_16_kib)
         # A body over nginx's client_max_body_size (1 MiB): nginx answers before the service's 405.
         body = b"x" * (1024 * 1024 + 1)
         posted = await browser.post("/archive/album/", content=body)
@@ -203,6 +207,8 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
         assert "storage" not in internal.text and "archiver_" not in internal.text
     assert typo.status_code == 404 and "<title>Страница не найдена</title>" in typo.text
     assert cookie.status_code == cookie_text.status_code == 431
+    assert served.status_code == 200 and served.content[:4] == b"PK\x03\x04"
+    assert cookie_long.status_code == 431 and "<title>" in cookie_long.text  # the service's page
     assert '<html lang="ru">' in cookie.text and cookie.headers["content-type"] == "text/html; charset=utf-8"
     assert cookie_text.text == MESSAGES[431].sentence + "\n"
     assert posted.status_code == posted_text.status_code == 413
