@@ -326,8 +326,9 @@ class _FrameCounts:
 def _count(counts: _FrameCounts, frame: Any) -> None:
     # Counted as parsed, not by h2's events: h2 makes none of some (a WINDOW_UPDATE or DATA for a closed
     # stream, an ALTSVC from a client) and they cost their parsing all the same (helper 110).  Every frame
-    # but a request's HEADERS (its CONTINUATIONs come joined to it) and the DATA that ends a request; a
-    # WINDOW_UPDATE has a budget of its own.
+    # but a request's HEADERS (its CONTINUATIONs are counted as parsed) and the DATA that ends a request;
+    # a SETTINGS frame and a header block that makes no request by their size; a WINDOW_UPDATE has a
+    # budget of its own.
     if isinstance(frame, WindowUpdateFrame):
         counts.window_updates += 1
     elif isinstance(frame, SettingsFrame):
