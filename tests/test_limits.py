@@ -106,18 +106,22 @@ def test_the_heaviest_client_yields_first() -> None:
     slots.acquire("one-0")  # holds 1, under its share
 
 
-def test_a_client_holding_slots_is_counted_once_in_its_own_fair_share() -> None:
-    # 10 slots, 2 in reserve: two clients hold 3 and 5, so the 8 outside the reserve are shared by
-    # two, 4 each: the one holding 3 is under its share (counted twice, it was over: 8 // 3 = 2).
-    slots = JobSlots(10, min_share=1, reserve=2)
-    for _ in range(3):
-        slots.acquire("three")
-    for _ in range(5):
-        slots.acquire("five")
-    assert slots.free == 2 and slots.fair_share("three") == 4
-    slots.acquire("three")
+def test_the_reserve_is_shared_by_a_share_a_client() -> None:
+    # Helper 126: a second address's share was the slots outside the reserve divided by two, 24, and
+    # it took the whole reserve: two addresses held all 64 slots, everyone else refused.
+    slots = JobSlots(64, min_share=4)
+    for _ in range(48):
+        slots.acquire("first")
+    for _ in range(4):
+        slots.acquire("second")
     with pytest.raises(FairShareExceeded):
-        slots.acquire("five")
+        slots.acquire("second")
+    for number in range(3):
+        for _ in range(4):
+            slots.acquire(f"other-{number}")
+    assert slots.free == 0
+    with pytest.raises(JobLimitReached):
+        slots.acquire("newcomer")
 
 
 def test_a_quarter_of_the_slots_rounded_up_is_the_reserve() -> None:
@@ -519,6 +523,40 @@ async def test_a_full_service_refuses_the_heaviest_client_first(settings: Settin
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
     assert metrics["archiver_active_clients"] == 54
     assert metrics["archiver_largest_client_share"] == 10
+
+
+async def test_two_addresses_cannot_hold_the_whole_reserve(settings: Settings) -> None:
+    # Helper 126: the second address's share was (64 - 16) // 2 = 24, and it took the whole reserve:
+    # two addresses reading just above the stall rate held every slot for hours, everyone else refused.
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    # 16 slots, 4 in reserve, a share of 2 once busy; a download lasts ~8 s unless closed.
+    held = replace(settings, delay=0.5, chunk_size=65536, max_jobs=16, max_jobs_per_client=2)
+    statuses: dict[str, list[int]] = {}
+    async with running_server(held) as url, trio.open_nursery() as nursery:
+        clients: dict[str, httpx.AsyncClient] = {}
+        stop = trio.Event()
+
+        async def hold(address: str, answered: trio.Event) -> None:
+            async with clients[address].stream("GET", "/archive/album/") as response:
+                statuses.setdefault(address, []).append(response.status_code)
+                answered.set()
+                if response.status_code == 200:
+                    await stop.wait()
+
+        async def open_downloads(address: str, count: int) -> None:
+            clients.setdefault(address, client_from(url, address))
+            for _ in range(count):
+                answered = trio.Event()
+                nursery.start_soon(hold, address, answered)
+                await answered.wait()
+
+        await open_downloads("127.0.5.1", 12)  # the slots above the reserve
+        await open_downloads("127.0.5.2", 4)  # before: 4 x 200, its share 12 // 2 = 6
+        await open_downloads("127.0.5.3", 1)  # before: 503, every slot held
+        stop.set()
+    for client in clients.values():
+        await client.aclose()
+    assert statuses == {"127.0.5.1": [200] * 12, "127.0.5.2": [200, 200, 503, 503], "127.0.5.3": [200]}
 
 
 def test_the_socket_counts_a_chunk_and_its_framing_as_the_app_counts_the_chunk() -> None:

@@ -68,24 +68,27 @@ class DownloadStalled(RuntimeError):
 
 
 class JobSlots:
-    """Archive jobs (``total`` at once), shared fairly among clients once the service is busy.
+    """Archive jobs (``total`` at once), shared among clients once the service is busy.
 
     While more than ``reserve`` slots are free, any client may take one: 16
     downloads at once from one address (an office behind NAT, a browser
     opening every album of a page) are all served by an idle service.  Once
     the free slots are down to the reserve, a client is admitted only while
-    it holds less than its fair share: the slots outside the reserve divided
-    among the clients now holding any (the asking one counted), and never
-    less than ``min_share``.  So the heaviest client yields first, and the
-    reserve stays for clients that hold none or few.  O(1) a request: the
-    active clients are the keys of a counter.
+    it holds fewer than ``min_share`` (its share of a busy service): the
+    heaviest clients are refused first, and the reserve is shared by
+    ``reserve / min_share`` clients at least.  Until 2026-12-05 a client's
+    share there was the slots outside the reserve divided among the clients
+    holding any, and a second address, its share 48 // 2 = 24, took the whole
+    reserve: two addresses reading at just above the stall rate held all 64
+    slots for as long as their albums lasted, everyone else refused (helper
+    126).  O(1) a request: the active clients are the keys of a counter.
 
     Worked example, 64 slots, reserve 16, ``min_share`` 4: one client opens
     70 downloads.  The first 48 take the slots above the reserve; at the
-    49th the client holds 48, its share is 48 // 1 = 48: refused
-    (FairShareExceeded).  Twenty other clients then ask: each holds 0, its
-    share is max(4, 48 // 2) = 24 or less, never under 4: admitted while any
-    slot is free.  With 64 slots held, everyone is refused (JobLimitReached).
+    49th the client holds 48: refused (FairShareExceeded).  Twenty other
+    clients then ask for 5 each: each is admitted up to 4, its fifth refused
+    (FairShareExceeded); once four of them hold the reserve's 16, everyone is
+    refused (JobLimitReached).
 
     Ranges take slots like downloads, and one client runs at most
     ``min_share`` of them at once (RangeLimitReached), however idle the
@@ -118,10 +121,6 @@ class JobSlots:
         """The most slots one client holds (for the metrics: O(clients), read at a scrape, not a request)."""
         return max(self._held.values(), default=0)
 
-    def fair_share(self, client: str) -> int:
-        active = len(self._held) + (0 if client in self._held else 1)
-        return max(self.min_share, (self.total - self.reserve) // active)
-
     def check(self, client: str, ranged: bool = False) -> None:
         """Raise JobLimitReached, FairShareExceeded or RangeLimitReached if ``client`` may not start a job now.
 
@@ -132,9 +131,9 @@ class JobSlots:
         if ranged and self._ranges[client] >= self.min_share:
             raise RangeLimitReached(f"{client} already runs {self.min_share} ranges")
         held = self._held[client]
-        if self.free <= self.reserve and held >= (share := self.fair_share(client)):
+        if self.free <= self.reserve and held >= self.min_share:
             raise FairShareExceeded(
-                f"{client} holds {held} archive jobs, its fair share of {share} while {self.free} of "
+                f"{client} holds {held} archive jobs, its fair share of {self.min_share} while {self.free} of "
                 f"{self.total} are free"
             )
 
