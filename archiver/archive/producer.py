@@ -81,7 +81,8 @@ REAP_WAIT_LOADED = 5.0
 REAP_STEP = 0.05
 # Producers killed but still waiting so: past this many, no new one is started (ProducerUnavailable,
 # a 503) until some are reaped.  Each is a process, and a client retrying a download of dead
-# storage would otherwise add one a try.
+# storage would otherwise add one a try.  Those running when the storage died join them whatever
+# their number: at most MAX_LINGERING - 1 + max_jobs in all (helper 127).
 MAX_LINGERING = 16
 _lingering: set[int] = set()  # their process ids
 
