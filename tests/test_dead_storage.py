@@ -570,23 +570,26 @@ async def closes_hanging(tmp_path: Path) -> AsyncIterator[tuple[GatedAlbum, dict
 async def test_producers_stuck_in_the_kernel_are_bounded(tmp_path: Path) -> None:
     # Each try of a download on a mount whose closes hang leaves a killed producer waiting on
     # the storage: past MAX_LINGERING of them, no new one starts (503) until they are reaped.
+    # Those running when the storage died join them whatever their number (helper 127: the README
+    # said 16 at most): here 20 at once, started before any was killed.
     async with closes_hanging(tmp_path) as (album, files):
         server, client = album.server, album.client
         answers: list[tuple[httpx.Response, float]] = []
         async with trio.open_nursery() as nursery:
-            for _ in range(MAX_LINGERING):
+            for _ in range(MAX_LINGERING + 4):
                 nursery.start_soon(_timed_get, client, "/archive/album/", answers)
         assert {response.status_code for response, _ in answers} == {503}
-        assert len(producer_processes(server.process.pid)) == MAX_LINGERING
+        stuck = len(producer_processes(server.process.pid))
+        assert MAX_LINGERING < stuck <= MAX_LINGERING + 4, stuck
         started = trio.current_time()
         refused = await client.get("/archive/album/")
         assert refused.status_code == 503 and trio.current_time() - started < 0.5  # no producer, no wait
-        assert len(producer_processes(server.process.pid)) == MAX_LINGERING
+        assert len(producer_processes(server.process.pid)) == stuck
         health = await client.get("/healthz")  # a load balancer takes the instance out meanwhile
         assert health.status_code == 503 and health.json()["producer"] is False
         await _storage_back_and_whole(album, files)
         assert (await client.get("/healthz")).status_code == 200
-    assert f"{MAX_LINGERING} producers killed are still waiting on the storage".encode() in bytes(server.output)
+    assert f"{stuck} producers killed are still waiting on the storage".encode() in bytes(server.output)
 
 
 async def test_a_file_held_on_a_dead_mount_holds_no_other_albums_producer_start(tmp_path: Path) -> None:
