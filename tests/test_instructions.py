@@ -10,6 +10,7 @@ import tempfile
 import time
 import weakref
 import zipfile
+import zlib
 from pathlib import Path
 from unittest.mock import patch
 
@@ -20,10 +21,12 @@ from hypothesis import strategies as st
 
 from archiver.archive import instructions, producer_output, producer_program, producer_protocol
 from archiver.archive.crc_index import CrcIndex
-from archiver.archive.crc_source import CrcSource
+from archiver.archive.crc_source import BY_PRODUCER, CrcMismatch, CrcSource
+from archiver.archive.instructions import DecisionWait
 from archiver.archive.listing import AlbumFile
 from archiver.archive.pieces import CrcWait
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.producer_protocol import COMPUTED_CRC_LIMIT
 from archiver.archive.zipformat import CENTRAL_CRC_AT, CENTRAL_HEADER_FIXED, CRC_SIZE, LOCAL_CRC_AT
 
 from .conftest import expected_archive, read_archive, write_tree
@@ -33,10 +36,11 @@ from .test_producer import collect, plan_of
 @st.composite
 def instruction_cases(draw: st.DrawFn) -> tuple[list[int], int, float, float, int, set[int], int]:
     """Sizes of an album's files, a run length, a range (as fractions), CRCs at hand, racy entries, a seed."""
-    # Mostly small (copied with their headers), some past COPY_LIMIT (moved by sendfile).
+    # Mostly small (copied with their headers; a whole download's CRCs left to the producer up to
+    # COMPUTED_CRC_LIMIT, 16,384), some past COPY_LIMIT (moved by sendfile).
     sizes = draw(st.lists(st.one_of(st.integers(0, 3000), st.integers(16_000, 40_000)), min_size=0, max_size=12))
     run = draw(st.integers(1, 5))
-    low, high = sorted((draw(st.floats(0, 1)), draw(st.floats(0, 1))))
+    low, high = (0.0, 1.0) if draw(st.booleans()) else sorted((draw(st.floats(0, 1)), draw(st.floats(0, 1))))
     ready = draw(st.integers(0, 2 * len(sizes)))
     racy = draw(st.sets(st.integers(0, max(0, len(sizes) - 1)), max_size=3)) if sizes else set()
     return sizes, run, low, high, ready, racy, draw(st.integers(0, 2**32))
@@ -63,21 +67,64 @@ def test_runs_of_whole_entries_give_the_producer_the_same_bytes(
     whole = expected_archive(album)
     start = min(int(low * plan.length), plan.length - 1)
     end = max(start, min(int(high * plan.length), plan.length - 1))
-    crcs = CrcSource(plan, plan.crc_entries(start, end), CrcIndex())
+    crcs = CrcSource(
+        plan, plan.crc_entries(start, end), CrcIndex(), whole_download=(start, end) == (0, plan.length - 1)
+    )
     trio.run(crcs.compute)
+    left = {k for k in range(plan.count) if crcs._crcs[k] == BY_PRODUCER} if crcs._whole_download else set()
+    assert left == {k for k, size in enumerate(plan.sizes) if crcs._whole_download and size <= COMPUTED_CRC_LIMIT}
+    for k in sorted(left):  # some "in the index" after all
+        if rng.random() < 0.3:
+            crcs._crcs[k] = plan_crc(plan, k)
+            left.discard(k)
     crcs._ready.value = min(ready, crcs._ready.value)  # the rest "still being read"
     crcs._racy = {k for k in racy & set(plan.crc_entries(start, end)) if crcs.ready(k) is not None}
     stream = bytearray()
+    tapped = False
     with patch.object(instructions, "RUN", run):
         for instruction in instructions.instructions(plan, start, end, crcs):
-            if isinstance(instruction, CrcWait):
+            if isinstance(instruction, CrcWait | DecisionWait):
                 crcs._ready.value = len(crcs._crcs)  # it came
+                if isinstance(instruction, CrcWait) and crcs.ready(instruction.k) is None and not tapped:
+                    # The producer's bytes pass, in chunks of any size (all of its entries before
+                    # the central directory's first wait).
+                    at = 0
+                    while at < plan.central_offset:
+                        step = rng.choice([1, 7, 46, 1000, 65_536])
+                        crcs.tap(at, whole[at : min(at + step, plan.central_offset)])
+                        at += step
+                    tapped = True
             else:
                 stream += instruction
     with open(album.parent / f"{album.name}.out", "w+b") as output:
         producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())).run()
         output.seek(0)
         assert output.read() == whole[start : end + 1]
+    assert crcs.learnt == [(plan.key(k), plan_crc(plan, k)) for k in sorted(left)]
+
+
+def test_a_crc_the_producer_wrote_that_is_not_its_data_s_fails_the_tap(tmp_path: Path) -> None:
+    # The service takes each CRC the producer computed (for the central directory, the index) only
+    # once it has checked it against the data that passed after it.
+    write_tree(tmp_path / "album", {"a.jpg": b"abc" * 100, "b.jpg": b"xyz" * 100})
+    plan = plan_of(tmp_path / "album")
+    assert plan.length is not None
+    whole = bytearray(expected_archive(tmp_path / "album"))
+    crcs = CrcSource(plan, range(plan.count), CrcIndex(), whole_download=True)
+    trio.run(crcs.compute)
+    assert crcs.by_producer(0, plan.count) == 2
+    at = plan.local_offsets[1] + LOCAL_CRC_AT
+    whole[at] ^= 1  # b.jpg's local header
+    crcs.tap(0, whole[:at])
+    assert crcs.ready(0) == zlib.crc32(b"abc" * 100) and crcs.ready(1) is None
+    with pytest.raises(CrcMismatch, match=r"b\.jpg: the producer wrote CRC"):
+        crcs.tap(at, whole[at:])
+    assert crcs.ready(1) is None
+
+
+def plan_crc(plan: ArchivePlan, k: int) -> int:
+    """Entry k's CRC-32, read from its file."""
+    return zlib.crc32((plan.directory / plan.path_str(k)).read_bytes())
 
 
 # Deflate budgets (CPU-s a byte written, CPU-s besides, bytes read a byte written, bytes read

@@ -5,7 +5,9 @@ its files.  Most of a warm download is runs of whole entries whose CRCs are
 known: those come from a table kept with the plan (``_WholeEntries``) and
 have their CRCs patched in; the rest is made piece by piece
 (``pieces.stored_pieces``), with a ``CrcWait`` where an entry's CRC is still
-being read.  Nothing here runs a process (``producer`` does).
+being read.  Runs of small files the CRC index lacks, in a whole download,
+come from the same table with their CRCs left to the producer (``H``,
+``CrcSource.by_producer``).  Nothing here runs a process (``producer`` does).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import weakref
 from array import array
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
+from typing import NamedTuple
 
 from . import producer_protocol
 from .crc_source import CrcSource
@@ -22,8 +25,19 @@ from .pieces import CrcWait, FileSlice, stored_pieces
 from .plan import ArchivePlan
 from .zipformat import CRC_FIELD, DEFLATED, LOCAL_CRC_AT
 
+
+class DecisionWait(NamedTuple):
+    """Whether entry ``k``'s CRC is read here or left to the producer is not known yet: send what is planned, wait.
+
+    ``at``: the archive offset of its local header (``CrcSource.decided``).
+    """
+
+    k: int
+    at: int
+
+
 # What the producer's stdin is fed, in order, and where it waits for a CRC.
-Instructions = Iterator[bytes | bytearray | CrcWait]
+Instructions = Iterator[bytes | bytearray | CrcWait | DecisionWait]
 
 
 def instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None) -> Instructions:
@@ -90,18 +104,25 @@ def _stored_part(plan: ArchivePlan, start: int, end: int, crcs: CrcSource) -> In
     local = plan.whole_entries(start, end)
     if local:
         entries = _whole_entries(plan)
+        yield from _pieces(plan, position, plan.local_offsets[local.start] - 1, crcs)
         k = local.start
         while k < local.stop:
             # A run lies within one of the table's blocks (``_WholeEntries``).
-            known = crcs.ready_run(k, min(k - k % entries.block + entries.block, local.stop), unverified=True)
-            stop = k + max(1, len(known))
-            at = plan.local_offsets[stop]
-            if known:
-                yield from _pieces(plan, position, plan.local_offsets[k] - 1, crcs)
+            block_stop = min(k - k % entries.block + entries.block, local.stop)
+            if not crcs.is_decided(k):
+                yield DecisionWait(k, plan.local_offsets[k])
+            if computed := crcs.by_producer(k, block_stop):
+                stop = k + computed
+                yield producer_protocol.computed_run(computed)
+                yield entries.instructions(plan, k, stop)
+            elif known := crcs.ready_run(k, block_stop, unverified=True):
+                stop = k + len(known)
                 yield entries.instructions(plan, k, stop, known)
-            else:
-                yield from _pieces(plan, position, at - 1, crcs)
-            position, k = at, stop
+            else:  # a racy CRC: checked against the bytes as they go
+                stop = k + 1
+                yield from _pieces(plan, plan.local_offsets[k], plan.local_offsets[stop] - 1, crcs)
+            k = stop
+        position = plan.local_offsets[local.stop]
     central = plan.whole_central_headers(start, end)
     if central:
         k = central.start
@@ -150,8 +171,11 @@ class _WholeEntries:
         self.block = RUN
         self._blocks: dict[int, tuple[bytes, array[int]]] = {}
 
-    def instructions(self, plan: ArchivePlan, first: int, stop: int, crcs: Sequence[int]) -> bytearray:
-        """Entries ``first`` .. ``stop - 1`` of ``plan`` (in one block), entry ``first + i``'s header with crcs[i]."""
+    def instructions(self, plan: ArchivePlan, first: int, stop: int, crcs: Sequence[int] = ()) -> bytearray:
+        """Entries ``first`` .. ``stop - 1`` of ``plan`` (in one block), entry ``first + i``'s header with crcs[i].
+
+        No ``crcs``: with CRC 0 (an ``H`` run's, which the producer fills in).
+        """
         block_first = first - first % self.block
         assert stop <= block_first + self.block, "a run crosses a block"
         joined, starts = self._blocks.get(block_first) or self._make(plan, block_first)
@@ -159,6 +183,8 @@ class _WholeEntries:
         base = starts[low]
         data = bytearray(memoryview(joined)[base : starts[high]])
         at = producer_protocol.LITERAL.size + LOCAL_CRC_AT - base
+        if not crcs:
+            return data
         for i, crc in zip(range(low, high), crcs, strict=True):
             CRC_FIELD.pack_into(data, starts[i] + at, crc)
         return data

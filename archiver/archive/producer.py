@@ -24,13 +24,14 @@ from typing import cast
 import trio
 
 from . import launcher
-from .crc_source import CrcSource
-from .instructions import Instructions, instructions
+from .crc_source import CrcMismatch, CrcSource
+from .instructions import DecisionWait, Instructions, instructions
 from .launched import LaunchedProcess
 from .pieces import CrcWait, FileSlice, stored_pieces
 from .plan import ArchivePlan
 from .producer_protocol import EXIT_CHANGED, EXIT_OUT_OF_RESOURCES
 from .spawner import program_command
+from .worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +168,16 @@ async def produce(
     stderr_tail: deque[bytes] = deque()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, process.stdin, instructions(plan, start, end, crcs), crcs)
+            # Ended once the producer has: what it has not read is moot, and a feed that waits for
+            # a CRC the producer was to compute (``CrcSource.crc``) would wait for ever.
+            feeding = trio.CancelScope()
+            nursery.start_soon(_feed, process.stdin, instructions(plan, start, end, crcs), crcs, feeding)
             nursery.start_soon(_drain_stderr, process.stderr, stderr_tail, plan.directory.name)
-            written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size, expected)
+            written, last_chunk = await _pump_output(process.stdout, send_channel, chunk_size, expected, start, crcs)
             returncode = await process.wait()
+            feeding.cancel()
+        if crcs is not None and crcs.learnt:
+            await in_thread(crcs.keep_learnt)
         if returncode != 0:
             tail = b"".join(stderr_tail).decode(errors="replace").strip() or "(no message)"
             raise ProducerFailed(f"the producer exited with status {returncode}: {tail}", returncode)
@@ -248,19 +255,35 @@ async def _reap(process: LaunchedProcess, stuck: bool) -> None:
         _lingering.discard(process.pid)
 
 
-async def _feed(stdin: trio.abc.SendStream, instructions: Instructions, crcs: CrcSource | None) -> None:
-    """Write the instructions to the producer's stdin in pieces of about FEED_SIZE; all before a CRC is waited for."""
+async def _feed(
+    stdin: trio.abc.SendStream, instructions: Instructions, crcs: CrcSource | None, scope: trio.CancelScope
+) -> None:
+    """Write the instructions to the producer's stdin in pieces of about FEED_SIZE; all before a CRC is waited for.
+
+    Within ``scope``: cancelled, it closes stdin and returns.
+    """
+    try:
+        with scope:
+            await _feed_within(stdin, instructions, crcs)
+    finally:
+        await stdin.aclose()
+
+
+async def _feed_within(stdin: trio.abc.SendStream, instructions: Instructions, crcs: CrcSource | None) -> None:
     pending: list[bytes | bytearray] = []
     size = 0
     try:
         for instruction in instructions:
-            if isinstance(instruction, CrcWait):
+            if isinstance(instruction, CrcWait | DecisionWait):
                 assert crcs is not None
                 if pending:
                     await stdin.send_all(b"".join(pending))
                     pending.clear()
                     size = 0
-                await crcs.crc(instruction.k, instruction.at)
+                if isinstance(instruction, CrcWait):
+                    await crcs.crc(instruction.k, instruction.at)
+                else:
+                    await crcs.decided(instruction.k, instruction.at)
                 continue
             pending.append(instruction)
             size += len(instruction)
@@ -272,8 +295,6 @@ async def _feed(stdin: trio.abc.SendStream, instructions: Instructions, crcs: Cr
             await stdin.send_all(b"".join(pending))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the producer exited before reading everything; its status tells why.
-    finally:
-        await stdin.aclose()
 
 
 async def _send_generated(
@@ -318,19 +339,31 @@ async def _drain_stderr(stderr: trio.abc.ReceiveStream, tail: deque[bytes], albu
 
 
 async def _pump_output(
-    stdout: trio.abc.ReceiveStream, send_channel: trio.MemorySendChannel[bytes], chunk_size: int, expected: int | None
+    stdout: trio.abc.ReceiveStream,
+    send_channel: trio.MemorySendChannel[bytes],
+    chunk_size: int,
+    expected: int | None,
+    start: int,
+    crcs: CrcSource | None,
 ) -> tuple[int, bytes]:
     """Move stdout to the channel; return the bytes read and the chunk held back until the producer's exit.
 
     Held back: the chunk with the last of the ``expected`` bytes (the rest
     go at once, so a download holds no chunk more than its channel's); with
     no length known (deflated), each chunk until the next one comes.  More
-    than ``expected`` is ProducerFailed at once.
+    than ``expected`` is ProducerFailed at once, as is a CRC the producer
+    computed that is not its data's (``CrcSource.tap``: each chunk, archive
+    bytes from ``start`` on, before it goes).
     """
     held = b""
     written = 0
     # Pipe streams hand out bytes (typed bytes | bytearray): no copy needed.
     while chunk := cast(bytes, await stdout.receive_some(chunk_size)):
+        if crcs is not None and expected is not None:
+            try:
+                crcs.tap(start + written, chunk)
+            except CrcMismatch as mismatch:
+                raise ProducerFailed(str(mismatch)) from None
         written += len(chunk)
         if expected is None:
             if held:

@@ -34,6 +34,8 @@ from archiver.archive.producer_protocol import (
     ALBUM_BODY,
     CHANGED_ERRNOS,
     CHECKED,
+    COMPUTED_CRC_LIMIT,
+    COMPUTED_RUN_BODY,
     DEFLATED_ENTRY_BODY,
     DONE,
     END,
@@ -53,6 +55,7 @@ from archiver.archive.producer_protocol import (
 from archiver.archive.sparse import crc32_with_zeros, may_have_holes
 from archiver.archive.zipformat import (
     DEFLATED,
+    LOCAL_CRC_AT,
     STORED,
     EntryFields,
     central_header,
@@ -143,6 +146,10 @@ class Producer:
                 self._with_file(
                     path, file_key(tuple(identity)), self._send_slice, offset, length, crc if verify else None
                 )
+            elif kind == b"H":
+                (count,) = COMPUTED_RUN_BODY.unpack(read(COMPUTED_RUN_BODY.size))
+                for _ in range(count):
+                    self._computed_entry()
             elif kind == DONE:
                 self.output.flush()
                 self.output.settle(0)
@@ -176,6 +183,22 @@ class Producer:
         if len(data) != length:
             raise ValueError("the input ended inside an instruction")
         return data
+
+    def _computed_entry(self) -> None:
+        """One entry of an ``H`` run: its ``B`` (the local header, CRC 0) and ``F`` (all its data), the CRC computed."""
+        read, kind_of = self._read, self.source.read
+        if kind_of(1) != b"B":
+            raise ValueError("a computed entry without its local header")
+        (length,) = LITERAL_BODY.unpack(read(LITERAL_BODY.size))
+        header = read(length)
+        if kind_of(1) != b"F":
+            raise ValueError("a computed entry without its data")
+        *identity, offset, length, verify, _, path_length = FILE_SLICE_BODY.unpack(read(FILE_SLICE_BODY.size))
+        path = read(path_length)
+        key = file_key(tuple(identity))
+        if offset or length != key[2] or verify or length > COMPUTED_CRC_LIMIT or len(header) < LOCAL_CRC_AT + 4:
+            raise ValueError("a computed entry is a small file's whole data, unverified")
+        self._with_file(path, key, self._send_computed, header)
 
     def _with_file(self, path: bytes, file_key: FileKey, send: Callable[..., bool], *args: object) -> None:
         """Open ``path`` and ``send`` it; ``send`` checks it is ``file_key`` before any of its bytes goes out.
@@ -221,21 +244,7 @@ class Producer:
         if offset + length > key[2]:
             raise FileChanged("slice past the planned size")
         if crc is None and length <= COPY_LIMIT:
-            # Read, then checked once: nothing went out yet, and a copy cannot change after the check
-            # (one fstat a small file, not two: a fifth of the producer's system calls for 20,000 files).
-            try:
-                data = os.pread(fd, length, offset)
-            except OSError as error:
-                check_identity(fd, key)  # a directory or a FIFO in the file's place: "not a regular file"
-                if error.errno not in CHANGED_ERRNOS:
-                    raise  # EIO: the storage's error, named by the caller (helper 71: it was "changed")
-                raise FileChanged(error.strerror or str(error)) from None
-            # Read before its type is known: whatever a path beneath the album can name (no device
-            # node without root), reading it is harmless, and nothing read goes out unchecked.
-            check_identity(fd, key)
-            if len(data) != length:
-                raise FileChanged("shorter than planned")
-            self.output.write(data)
+            self.output.write(_read_copy(fd, key, offset, length))
             return False
         check_identity(fd, key)
         if crc is None:
@@ -258,6 +267,14 @@ class Producer:
         if computed != crc:
             raise FileChanged("its bytes are not the ones its CRC-32 was read from")
         check_identity(fd, key)  # again, now that its bytes are out (copied)
+        return False
+
+    def _send_computed(self, fd: int, key: FileKey, header: bytes) -> bool:
+        """A whole small entry: ``header`` (its local header) with the CRC-32 of the data read, then the data."""
+        data = _read_copy(fd, key, 0, key[2])
+        crc = zlib.crc32(data).to_bytes(4, "little")  # APPNOTE 4.4.7, at LOCAL_CRC_AT (4.3.7)
+        self.output.write(header[:LOCAL_CRC_AT] + crc + header[LOCAL_CRC_AT + 4 :])
+        self.output.write(data)
         return False
 
     def _send_deflated(self, fd: int, key: FileKey, fields: EntryFields) -> bool:
@@ -378,6 +395,28 @@ class Producer:
             self.output.write(central_header(fields, crc, compressed, size, offset))
         self.output.write(end_records(len(self.written), self.output.position - start, start))
         self.written.clear()
+
+
+def _read_copy(fd: int, key: FileKey, offset: int, length: int) -> bytes:
+    """Bytes ``offset`` .. ``offset + length`` of ``fd``, read, then checked (``check_identity``) once.
+
+    Nothing went out yet, and a copy cannot change after the check (one fstat
+    a small file, not two: a fifth of the producer's system calls for 20,000
+    files).  FileChanged if the file is not ``key`` or is shorter.
+    """
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as error:
+        check_identity(fd, key)  # a directory or a FIFO in the file's place: "not a regular file"
+        if error.errno not in CHANGED_ERRNOS:
+            raise  # EIO: the storage's error, named by the caller (helper 71: it was "changed")
+        raise FileChanged(error.strerror or str(error)) from None
+    # Read before its type is known: whatever a path beneath the album can name (no device
+    # node without root), reading it is harmless, and nothing read goes out unchecked.
+    check_identity(fd, key)
+    if len(data) != length:
+        raise FileChanged("shorter than planned")
+    return data
 
 
 def main() -> int:

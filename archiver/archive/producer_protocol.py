@@ -18,6 +18,12 @@ lengths say follows (a path, bytes):
 ``S`` a whole stored entry in a deflated archive (a file just under 4 GiB,
       ``zipformat.stored_when_deflating``): its local header with the CRC the
       service read, then its data as ``F`` moves it.
+``H`` a run of whole stored entries whose CRCs the producer computes: a count, then
+      that many entries, each a ``B`` (its local header, CRC 0) and an ``F`` (all
+      its data, up to COMPUTED_CRC_LIMIT): the file is read once, its CRC-32
+      written into the header, then header and data (a file the service's index
+      has not seen: read by the service, it would be read twice).  The service
+      learns each CRC from the bytes as they pass (``CrcSource.tap``).
 ``C`` check every file sent so far, once the reader has taken its bytes (before
       a stored archive's central directory; ``E`` does the same first).
 ``E`` the central directory and end records of the ``D`` and ``S`` entries written.
@@ -48,6 +54,12 @@ STORED_ENTRY = struct.Struct(f"<c{IDENTITY}IIIBHHH")
 ALBUM_BODY, LITERAL_BODY, FILE_SLICE_BODY, DEFLATED_ENTRY_BODY, STORED_ENTRY_BODY = (
     struct.Struct("<" + record.format[2:]) for record in (ALBUM, LITERAL, FILE_SLICE, DEFLATED_ENTRY, STORED_ENTRY)
 )
+# kind, count of the entries that follow
+COMPUTED_RUN = struct.Struct("<cI")
+COMPUTED_RUN_BODY = struct.Struct("<I")
+# The largest file whose CRC the producer computes (``H``): read whole into memory, then written
+# (``producer_program.COPY_LIMIT``: it copies a file this small anyway).
+COMPUTED_CRC_LIMIT = 16 * 1024
 END = b"E"
 DONE = b"Z"
 # Every file sent so far checked (``producer_output.Output.settle``), before what follows: the central directory,
@@ -115,6 +127,11 @@ def deflated_entry(path: bytes, key: FileKey, fields: EntryFields) -> bytes:
     lengths = (len(path), len(fields.name), len(fields.extra))
     packed = DEFLATED_ENTRY.pack(b"D", *identity(key), fields.dos_time, fields.attributes, *lengths)
     return packed + path + fields.name + fields.extra
+
+
+def computed_run(count: int) -> bytes:
+    """The head of a run of ``count`` entries whose CRCs the producer computes (``H``); the entries follow."""
+    return COMPUTED_RUN.pack(b"H", count)
 
 
 def stored_entry(path: bytes, key: FileKey, fields: EntryFields, crc: int, verify: bool) -> bytes:

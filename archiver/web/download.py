@@ -96,7 +96,8 @@ class ArchiveBody(ResponseBody):
         # Deflated ones: those of their stored entries (files just under 4 GiB), if any.
         self._crcs = None
         if plan.length is not None:
-            self._crcs = CrcSource(plan, plan.crc_entries(self._start, self._end), crc_index)
+            whole = (self._start, self._end) == (0, plan.length - 1)
+            self._crcs = CrcSource(plan, plan.crc_entries(self._start, self._end), crc_index, whole_download=whole)
         elif stored := plan.entries_stored_when_deflating():
             self._crcs = CrcSource(plan, stored, crc_index)
         # Who asked (for the fair share of the job slots), and how long one
