@@ -34,6 +34,7 @@ import archiver.archive.crc_source as crc_source_module
 import archiver.archive.ctime_trust as ctime_trust_module
 import archiver.archive.large_file_crc as large_file_crc_module
 import archiver.archive.plan as plan_module
+import archiver.archive.producer as producer_module
 from archiver.archive import launcher
 from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex, PartialCrc
@@ -1140,6 +1141,32 @@ async def test_no_thread_for_the_crc_lookup_is_a_503_to_try_again(
     (line,) = [m for r in caplog.records if "download album for" in (m := r.getMessage()) and "failed" in m]
     assert "no thread could be started" in line and "(refused before the head), 0 bytes sent" in line, line
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+async def test_no_thread_to_keep_the_crcs_the_producer_computed_leaves_the_download_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CRCs of a cold whole download's small files, learnt from the producer's bytes, are kept
+    # in a worker thread after the last byte came: a cache, whose want of a thread must not cost
+    # the download its end (they are learnt again next time).
+    files = {"a.jpg": os.urandom(1000), "b.jpg": os.urandom(2000)}
+    write_tree(tmp_path / "storage" / "album", files)
+    settings = Settings(settle_time=0, storage_dir=tmp_path / "storage", host="127.0.0.1", port=0)
+    in_thread = producer_module.in_thread
+    refused: list[str] = []
+
+    async def no_thread_to_keep(function: Any, *args: object, limiter: Any = None) -> Any:
+        if getattr(function, "__name__", None) == "keep_learnt":
+            refused.append(function.__name__)
+            raise NoThread(errno.EAGAIN, "no thread could be started (can't start new thread)")
+        return await in_thread(function, *args, limiter=limiter)
+
+    monkeypatch.setattr(producer_module, "in_thread", no_thread_to_keep)
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        first, second = await client.get("/archive/album/"), await client.get("/archive/album/")
+    assert first.status_code == second.status_code == 200
+    assert read_archive(first.content) == read_archive(second.content) == files
+    assert refused == ["keep_learnt"] * 2  # not kept: the second learnt them again
 
 
 def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> None:

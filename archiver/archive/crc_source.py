@@ -28,7 +28,7 @@ from .ctime_trust import is_racy
 from .large_file_crc import file_crc
 from .listed_files import Folders
 from .plan import ArchivePlan
-from .producer_protocol import COMPUTED_CRC_LIMIT, FileKey
+from .producer_protocol import COMPUTED_CRC_LIMIT
 from .worker_threads import in_thread
 from .zipformat import CRC_FIELD, CRC_SIZE, LOCAL_CRC_AT
 
@@ -77,7 +77,7 @@ class CrcSource:
         self._tap_crc = 0
         self._tap_field = bytearray()
         self._tapped = AsyncValue(0)
-        self.learnt: list[tuple[FileKey, int]] = []
+        self.learnt = array("I")  # positions (12 bytes an entry with its CRC: a key and a tuple were ~150)
         self._asked_ns = 0
         # Reads done (counted by the worker threads), and the archive offset of the first byte
         # that waits for a CRC (None: nothing waits): a long cold CRC that the archive's next
@@ -302,7 +302,7 @@ class CrcSource:
                 name, crc = self.plan.path_str(position), self._tap_crc
                 raise CrcMismatch(f"{name}: the producer wrote CRC {written:08x}, its data's is {crc:08x}")
             crcs[position] = written
-            self.learnt.append((self.plan.key(position), written))
+            self.learnt.append(position)
             self._tap_crc = 0
             self._tap_field.clear()
             self._tapping = position + 1
@@ -310,10 +310,11 @@ class CrcSource:
 
     def keep_learnt(self) -> None:
         """Keep in the index the CRCs learnt from the producer's bytes (``tap``), those not racy; in a worker thread."""
-        learnt, self.learnt = self.learnt, []
-        for key, crc in learnt:
+        learnt, self.learnt = self.learnt, array("I")
+        for position in learnt:
+            key = self.plan.key(position)  # a whole download's: positions are entries
             if not is_racy(key, self._asked_ns) and self.index.trust(key):
-                self.index.put(key, crc)
+                self.index.put(key, self._crcs[position])
         self.index.flush(wait=False)
 
     def ready_run(self, first: int, stop: int, *, unverified: bool = False) -> array[int]:

@@ -31,7 +31,7 @@ from .pieces import CrcWait, FileSlice, stored_pieces
 from .plan import ArchivePlan
 from .producer_protocol import EXIT_CHANGED, EXIT_OUT_OF_RESOURCES
 from .spawner import program_command
-from .worker_threads import in_thread
+from .worker_threads import NoThread, in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ async def produce(
             returncode = await process.wait()
             feeding.cancel()
         if crcs is not None and crcs.learnt:
-            await in_thread(crcs.keep_learnt)
+            # A cache: without a thread for it (the tasks' limit), the CRCs are learnt again next time.
+            with contextlib.suppress(NoThread):
+                await in_thread(crcs.keep_learnt)
         if returncode != 0:
             tail = b"".join(stderr_tail).decode(errors="replace").strip() or "(no message)"
             raise ProducerFailed(f"the producer exited with status {returncode}: {tail}", returncode)
