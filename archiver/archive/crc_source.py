@@ -200,9 +200,8 @@ class CrcSource:
         budget = BATCH_BYTES
         folders = Folders()
         try:
-            while (
-                position < len(self._entries) and len(results) < BATCH_FILES and known[position] == -1
-            ):  # not BY_PRODUCER
+            # -1: neither known nor BY_PRODUCER.
+            while position < len(self._entries) and len(results) < BATCH_FILES and known[position] == -1:
                 k = self._entries[position]
                 size = self.plan.sizes[k]
                 if size > BATCH_BYTES or (results and size > budget):
