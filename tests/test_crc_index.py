@@ -1206,7 +1206,8 @@ async def test_no_thread_to_keep_the_crcs_the_producer_computed_leaves_the_downl
         first, second = await client.get("/archive/album/"), await client.get("/archive/album/")
     assert first.status_code == second.status_code == 200
     assert read_archive(first.content) == read_archive(second.content) == files
-    assert refused == ["keep_learnt"] * 2  # not kept: the second learnt them again
+    # Not kept (tried again in the background, refused again): the second learnt them again.
+    assert len(refused) >= 2 and set(refused) == {"keep_learnt"}
 
 
 def test_a_file_whose_close_finds_no_thread_is_closed_once_one_can_be_had() -> None:
