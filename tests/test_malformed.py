@@ -137,7 +137,10 @@ def h2_events(sock: socket.socket, connection: h2.connection.H2Connection, until
         if not data:
             break
         events += connection.receive_data(data)
-        sock.sendall(connection.data_to_send())
+        try:
+            sock.sendall(connection.data_to_send())
+        except ConnectionError:  # closed by the service (a GOAWAY): what it sent before is still to be read
+            continue
     return events
 
 
