@@ -6,7 +6,7 @@ import itertools
 import unicodedata
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from archiver.archive import names as names_module
@@ -252,3 +252,19 @@ def test_a_name_cut_to_255_bytes_is_checked_for_devices_and_dots_after_the_cut()
             assert portable_component(part) == part and len(part.encode()) <= 255
     dots = ("．" * 90 + "x" * 20).encode()  # 290 bytes: cut to its fullwidth dots alone, ".." to best fit
     assert entry_names([dots]) == ["_"]
+
+
+ASCII_PIECES = st.sampled_from(
+    ["CON", "com1", "Lpt9", "nul", "CONIN$", "PHOTOG~1", "a~12", ".", " ", "~", ".jpg", "x" * 250]
+)
+
+
+@given(st.lists(st.one_of(ASCII_PIECES, st.text(st.characters(max_codepoint=127), max_size=12)), max_size=6))
+@example(["x" * 256])  # one byte past the cut
+@example(["x" * 250, ".", "y" * 40])  # an extension past 32 bytes, the whole past 255
+@example(["COM1", " " * 260, ".txt"])
+def test_an_ascii_component_is_named_as_by_the_general_rules(pieces: list[str]) -> None:
+    # portable_component takes ASCII that needs no replacing and no cut by a shorter path: the
+    # same name, devices, short names, dots and spaces, controls and lengths around 255 included.
+    component = "".join(pieces)
+    assert portable_component(component) == names_module._any_portable_component(component)

@@ -62,6 +62,7 @@ _REPLACED = (
     | best_fit.SEPARATORS
     | frozenset("\uff0f\uff3c\ufe68\uff1a\ufe55\ufe13\u2100\u2101\u2105\u2106\u2a74")
 )
+_REPLACED_ASCII = frozenset(character for character in _REPLACED if character.isascii())
 _RESERVED = frozenset(
     # Microsoft's list ("Naming Files, Paths, and Namespaces"), COM0 and LPT0 included, and the console's two.
     [
@@ -97,6 +98,16 @@ def decode_component(raw: bytes, encoding: str) -> str:
 
 def portable_component(component: str) -> str:
     """One path component that Windows, macOS and Linux can all hold (NFC, nothing forbidden, never empty)."""
+    if component.isascii() and len(component) <= MAX_COMPONENT_BYTES and _REPLACED_ASCII.isdisjoint(component):
+        # Most names: NFC, NFKC and best fit leave ASCII as it is, and nothing is replaced or cut
+        # (``_any_portable_component`` gives the same, property-tested; a 20,000-file plan: ~0.05 s less).
+        component = component.rstrip(" .") or "_"
+        return _not_a_device_nor_a_short_name(component, [component])
+    return _any_portable_component(component)
+
+
+def _any_portable_component(component: str) -> str:
+    """``portable_component`` of any component."""
     component = unicodedata.normalize("NFC", component)
     component = "".join("_" if character in _REPLACED else character for character in component)
     # Cut first: the cut drops the dots and spaces it leaves at the end of the stem, and
@@ -108,6 +119,11 @@ def portable_component(component: str) -> str:
     forms = [unicodedata.normalize("NFKC", component), *best_fit.best_fit_forms(component)]
     if any(not form.rstrip(" .") for form in forms):
         return "_"
+    return _not_a_device_nor_a_short_name(component, forms)
+
+
+def _not_a_device_nor_a_short_name(component: str, forms: list[str]) -> str:
+    """``component`` (as written in ``forms``) made no Windows device and no NTFS short name."""
     if any(form.split(".", 1)[0].rstrip(" ").upper() in _RESERVED for form in forms):
         # Cut again if need be: "_COM1" is no device.  On to the short-name rule: "CON", a fullwidth
         # full stop and "~1" is a device to best fit and has the shape of a short name (helper 59).
