@@ -26,6 +26,7 @@ import h2.exceptions
 import h2.frame_buffer as h2_frame_buffer_module
 import h2.stream as h2_stream_module
 import h11._connection as h11_connection_module
+import h11._receivebuffer as h11_receivebuffer_module
 import hpack.hpack as hpack_module
 import httpx
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
@@ -252,8 +253,24 @@ def source_of(module: object) -> str:
         ),
         (
             h11_connection_module,
-            # Patch 3 looks at the client's state and what waits unparsed.
-            ["    def trailing_data(self) -> Tuple[bytes, bool]:", "    def their_state(self) -> Type[Sentinel]:"],
+            [
+                # Patch 3 looks at the client's state and what waits unparsed.
+                "    def trailing_data(self) -> Tuple[bytes, bool]:",
+                "    def their_state(self) -> Type[Sentinel]:",
+                # Patch 5 drops blank lines from the start of the receive buffer.
+                "        self._receive_buffer = ReceiveBuffer()",
+            ],
+        ),
+        (
+            h11_receivebuffer_module,
+            # The buffer patch 5 cuts: its bytes, and the cut that resets its search positions.
+            [
+                "        self._data = bytearray()",
+                "    def _extract(self, count: int) -> bytearray:\n"
+                "        # extracting an initial slice of the data buffer and return it\n"
+                "        out = self._data[:count]\n        del self._data[:count]\n\n"
+                "        self._next_line_search = 0\n        self._multiple_lines_search = 0",
+            ],
         ),
         (
             hypercorn_worker_context_module,

@@ -1090,6 +1090,7 @@ def test_a_request_trickled_a_byte_at_a_time_holds_its_connection_for_the_keep_a
         "HTTP/1.1 head": (b"", head),
         "HTTP/2 HEADERS frame": (preface, headers_frame),
         "HTTP/2 header block": (preface + unended_block, continuation),
+        "HTTP/1.1 blank lines": (b"", b"\r\n" * 40),  # skipped before a request line, as nginx does
     }
     closed_after: dict[str, float] = {}
 
@@ -1157,6 +1158,37 @@ def test_a_request_target_that_is_not_a_path_is_400_and_its_connection_lives_on(
     if target == b"*":
         assert closes_within(service.address, request, 15) < 10
     polite_request_works(service)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        b"\r\n",
+        b"\n\r\n\r\r\n\n",
+        b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n\r\n",  # a request, then a blank line, as after a body
+    ],
+    ids=["a blank line first", "blank lines of any ending", "a blank line after a request"],
+)
+def test_blank_lines_before_a_request_line_are_skipped(service: Service, before: bytes) -> None:
+    # RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request line; nginx
+    # skips any number.  h11 read it as a head with no request line: a 400, the connection closed,
+    # and the request after the blank line lost.
+    with socket.create_connection(service.address, timeout=10) as sock:
+        sock.sendall(before + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):  # no half-close: a client's end is its leaving (README)
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == before.count(b"GET ") + 1
+    assert answer.count(b"HTTP/1.1 204 ") == before.count(b"GET ") and b"HTTP/1.1 200 " in answer
+    # A blank line in a read of its own, after an answer the client has read.
+    with socket.create_connection(service.address, timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}\n"):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            sock.sendall(b"\r\n")
 
 
 def test_an_http2_stream_whose_path_is_not_a_path_is_400_and_its_connection_idles_out(service: Service) -> None:

@@ -1,5 +1,5 @@
-"""Four adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
-no request read after "close", and no reader left waiting on a closed connection.
+"""Five adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
+no request read after "close", no reader left waiting on a closed connection, and blank lines before a request.
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status
    line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
@@ -38,6 +38,19 @@ no request read after "close", and no reader left waiting on a closed connection
    filed: "h11: handle(Closed) does not set can_read; a reader paused on a
    pipelined request waits forever once another task closed the connection".
 
+5. Blank lines before a request line are skipped.  RFC 9112 section 2.2: "a
+   server that is expecting to receive and parse a request-line SHOULD
+   ignore at least one empty line (CRLF) received prior to the
+   request-line", as a client may send one after a request's body; nginx
+   skips any number of CR and LF there.  h11 0.14-0.16 reads one as a head
+   with no request line: a ``400``, and the connection closed, so that a
+   request kept alive after it, and any pipelined behind it, was lost.
+   While h11 waits for a request (the client's state ``IDLE``), the CR and
+   LF bytes at the start of its receive buffer are dropped before it parses;
+   they count for nothing, nor against the head's limit, and a client that
+   sends only them is closed at the keep-alive timeout, as for any request
+   that never arrives (tests/test_malformed.py).
+
 tests/test_fences.py fails if what this relies on changes.
 """
 
@@ -62,6 +75,7 @@ _MARKER = "_archiver_adjusted"
 _CLOSED = "_archiver_closed"
 # The client's states once its last request is in and the connection must close.
 _CLOSING = (h11.MUST_CLOSE, h11.CLOSED)
+_BLANK = b"\r\n"  # what may come before a request line (patch 5)
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 # Status -> the headers and body of an error answer made before the app (see install).
 ErrorAnswer = Callable[[int], tuple[list[tuple[bytes, bytes]], bytes]]
@@ -69,15 +83,29 @@ ErrorAnswer = Callable[[int], tuple[list[tuple[bytes, bytes]], bytes]]
 _error_answer: ErrorAnswer = lambda status: ([], b"")  # noqa: E731
 
 
+def _drop_blank_lines(connection: h11.Connection) -> None:
+    """Drop the CR and LF bytes that lie before a request line in h11's receive buffer (patch 5)."""
+    buffer = connection._receive_buffer
+    data: bytearray = buffer._data
+    count = 0
+    while count < len(data) and data[count] in _BLANK:
+        count += 1
+    if count:
+        buffer._extract(count)  # also resets h11's search positions
+
+
 def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callable[[], Any]) -> Callable[[], Any]:
     """``connection.next_event``, but NEED_DATA while the client's side must close and bytes wait unparsed,
-    and once the connection is closed (patch 4)."""
+    and once the connection is closed (patch 4); blank lines before a request line skipped (patch 5)."""
 
     def closing_aware_next_event() -> Any:
         if getattr(protocol, _CLOSED, False):
             return h11.NEED_DATA
-        if connection.their_state in _CLOSING and connection.trailing_data[0]:
+        their_state = connection.their_state
+        if their_state in _CLOSING and connection.trailing_data[0]:
             return h11.NEED_DATA
+        if their_state is h11.IDLE:
+            _drop_blank_lines(connection)
         return next_event()
 
     return closing_aware_next_event
