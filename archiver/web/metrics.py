@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from ..fences import client_errors
 from .limits import JobSlots, PlannedFiles
+from .preparation import RecentWalks
+from .walk_turns import ClientWalks
 
 OUTCOMES = ("completed", "cancelled", "failed", "stalled", "changed")
 REJECTIONS = (
@@ -52,13 +54,46 @@ class ClientErrors(Collector):
         yield family
 
 
+class AlbumWalks(Collector):
+    """``archiver_album_walks_total{how}``: the albums prepared for requests, walked or shared (``RecentWalks``)."""
+
+    def __init__(self, walks: RecentWalks) -> None:
+        self.walks = walks
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "archiver_album_walks",
+            "Albums prepared for requests: walked (a stat a file; walks that ended in a plan), or shared (a "
+            "walk of the album begun after the request arrived served it, as it waited its turn).",
+            labels=["how"],
+        )
+        family.add_metric(["walked"], self.walks.walked)
+        family.add_metric(["shared"], self.walks.shared)
+        yield family
+
+
 class DownloadMetrics:
     """The counters one app keeps; ``render`` gives the text exposition format."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, slots: JobSlots | None = None, planned: PlannedFiles | None = None) -> None:
+    def __init__(
+        self,
+        slots: JobSlots | None = None,
+        planned: PlannedFiles | None = None,
+        walks: RecentWalks | None = None,
+        client_walks: ClientWalks | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
+        if walks is not None:
+            self.registry.register(AlbumWalks(walks))
+        if client_walks is not None:
+            queued = Gauge(
+                "archiver_album_walks_queued",
+                "Requests waiting for their album's walk (their turn, a walker thread) or walking.",
+                registry=self.registry,
+            )
+            queued.set_function(lambda: client_walks.waiting_or_walking)
         if slots is not None:
             # Read at each scrape from the job slots themselves: nothing to keep in step.
             active = Gauge("archiver_active_clients", "Clients holding at least one job slot.", registry=self.registry)

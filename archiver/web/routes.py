@@ -40,7 +40,7 @@ from .limits import (
 )
 from .metrics import DownloadMetrics
 from .pages import error_page, page
-from .preparation import PreparedArchive, prepare_archive
+from .preparation import PreparedArchive, RecentWalks, prepare_archive
 from .ranges import surely_a_range
 from .signing import LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
@@ -79,7 +79,8 @@ class Routes:
         self.crc_index = CrcIndex(open_crc_store(settings), trust=CtimeTrust(settings.trusted_fuse))
         self.plans = PlanCache(max(CACHED_ENTRIES, settings.max_files))  # the largest album's plan is shared too
         self.skips = SkippedLog()
-        self.metrics = DownloadMetrics(self.slots, self.planned)
+        self.recent_walks = RecentWalks()
+        self.metrics = DownloadMetrics(self.slots, self.planned, self.recent_walks, self.client_walks)
 
     async def index(self) -> Response:
         """``/``: what the service is, and the sample album's link where there is one."""
@@ -153,6 +154,7 @@ class Routes:
         DisplayNameRefused, LinkRefused, and the limits' refusals.
         """
         settings = self.settings
+        arrived_ns = time.monotonic_ns()  # a walk begun since may serve it (RecentWalks)
         # A real name never needs %-escapes; an escaped one is someone probing.
         if b"%" in request.scope.get("raw_path", b""):
             raise AlbumNotFound(name)
@@ -192,7 +194,16 @@ class Routes:
         progress = WalkProgress()
         prepared = await call_storage(
             partial(
-                prepare_archive, album, settings, self.plans, self.skips, compression, progress, self.crc_index.trust
+                prepare_archive,
+                album,
+                settings,
+                self.plans,
+                self.skips,
+                compression,
+                progress,
+                self.crc_index.trust,
+                self.recent_walks,
+                arrived_ns,
             ),
             timeout=settings.storage_timeout,
             limiter=self.walkers,

@@ -108,3 +108,8 @@ class ClientWalks:
 
     def queued(self, client: str) -> int:
         return self._queued[client]
+
+    @property
+    def waiting_or_walking(self) -> int:
+        """Requests of every client waiting for their turn or a walker thread, or walking."""
+        return self._queued.total()
