@@ -11,7 +11,14 @@ import pytest
 import trio
 
 from archiver.archive.entries import EntryPolicy
-from archiver.archive.listing import AlbumNotFound, SkippedLog, WalkProgress
+from archiver.archive.listing import (
+    AlbumKeepsChanging,
+    AlbumNotFound,
+    ListingFailed,
+    SkippedLog,
+    WalkGivenUp,
+    WalkProgress,
+)
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.plan_cache import PlanCache
 from archiver.archive.storage import list_album
@@ -42,6 +49,24 @@ def test_a_walk_serves_only_the_requests_that_arrived_before_it_began(tmp_path: 
     walks.keep(album, 0, 500, prepared_for(album))
     assert walks.since(album, 0, 1_000) == prepared
     assert (walks.walked, walks.shared) == (2, 3)
+
+
+def test_a_walk_refused_refuses_the_requests_it_serves_and_a_transient_failure_serves_none(tmp_path: Path) -> None:
+    walks = RecentWalks()
+    walks.refused(tmp_path / "uploading", 0, 1_000, AlbumKeepsChanging("a.jpg changed 0.5 s ago", settles_in=1.5))
+    walks.refused(tmp_path / "huge", 0, 1_000, ListingFailed("more than 10 entries", transient=False))
+    walks.refused(tmp_path / "short", 0, 1_000, ListingFailed("Too many open files", transient=True))
+    walks.refused(tmp_path / "left", 0, 1_000, WalkGivenUp())
+    for _ in range(2):  # each request its own exception
+        with pytest.raises(AlbumKeepsChanging, match=r"a\.jpg changed") as changing:
+            walks.since(tmp_path / "uploading", 0, 1_000)
+        assert changing.value.settles_in == 1.5
+        with pytest.raises(ListingFailed, match="more than 10 entries") as failed:
+            walks.since(tmp_path / "huge", 0, 1_000)
+        assert not failed.value.transient
+    assert walks.since(tmp_path / "uploading", 0, 1_001) is None  # arrived after that walk began
+    assert walks.since(tmp_path / "short", 0, 0) is walks.since(tmp_path / "left", 0, 0) is None
+    assert (walks.walked, walks.shared) == (2, 4)
 
 
 def test_a_walk_whose_plan_is_gone_serves_nobody(tmp_path: Path) -> None:
@@ -82,12 +107,15 @@ class _Trust:
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
-async def test_requests_waiting_behind_a_walk_share_the_next_one_not_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outcome", ["a plan", "a refusal"])
+async def test_requests_waiting_behind_a_walk_share_the_next_one_not_it(tmp_path: Path, outcome: str) -> None:
     # A client's walks go one at a time.  Requests queued behind a walk would each walk the album
     # again after it (16 HEADs at once of 20,000 files: 2.5 CPU-s); those that arrived before a
     # walk began take its outcome.  Never that of a walk already under way when they came: it may
-    # have listed a file before it changed.
-    async with served_gated_album(tmp_path, {"a.jpg": b"first"}, {}) as album:
+    # have listed a file before it changed.  A refusal too (here: more entries than allowed; an
+    # upload under way alike), which costs its walk as much (helper 130).
+    env = {"ARCHIVER_MAX_FILES": "1"} if outcome == "a refusal" else {}
+    async with served_gated_album(tmp_path, {"a.jpg": b"first", "b.jpg": b"b"}, env) as album:
         client, gate = album.client, album.gate
         gate.write_text("listing")
         answers: list[httpx.Response] = []
@@ -110,9 +138,12 @@ async def test_requests_waiting_behind_a_walk_share_the_next_one_not_it(tmp_path
                     await trio.sleep(0.02)
             gate.unlink()
         after = await scraped()
-    assert [response.status_code for response in answers] == [200] * 4
     # The three that came during the first walk: the second walked (after the first), the last two took its outcome.
     assert after['archiver_album_walks_total{how="walked"}'] - before['archiver_album_walks_total{how="walked"}'] == 2
     assert after['archiver_album_walks_total{how="shared"}'] - before['archiver_album_walks_total{how="shared"}'] == 2
-    # The first walk was held before it looked at the file: every walk saw the change.
-    assert [read_archive(response.content) for response in answers] == [{"a.jpg": b"second"}] * 4
+    if outcome == "a plan":
+        # The first walk was held before it looked at the file: every walk saw the change.
+        assert [read_archive(response.content) for response in answers] == [{"a.jpg": b"second", "b.jpg": b"b"}] * 4
+    else:
+        assert [response.status_code for response in answers] == [500] * 4
+        assert all("ARCHIVER_MAX_FILES" not in response.text for response in answers)  # the log's, not the page's

@@ -63,8 +63,9 @@ class AlbumWalks(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "archiver_album_walks",
-            "Albums prepared for requests: walked (a stat a file; walks that ended in a plan), or shared (a "
-            "walk of the album begun after the request arrived served it, as it waited its turn).",
+            "Albums prepared for requests: walked (a stat a file; walks that ended in a plan or in a refusal any "
+            "walk would meet), or shared (a walk of the album begun after the request arrived served it, as it "
+            "waited its turn).",
             labels=["how"],
         )
         family.add_metric(["walked"], self.walks.walked)
