@@ -52,9 +52,10 @@ no request read after "close", no reader left waiting on a closed connection, an
    blank lines at full speed made the event loop skip 64 KiB of them at
    each read, for the keep-alive timeout, uncounted: a download beside four
    such connections took 11 s instead of 0.1 (helper 129).  A bare CR is no
-   line end (RFC 9112 2.2: invalid), and stays for h11 to refuse.  A blank
-   line before the HTTP/2 preface makes it one, as the preface after an
-   HTTP/1.1 exchange does.
+   line end (RFC 9112 2.2: invalid), and stays for h11 to refuse.  Blank
+   lines before the HTTP/2 prior-knowledge preface (``PRI * HTTP/2.0``) are
+   skipped too, and the connection becomes HTTP/2, as Hypercorn already
+   makes it for a preface sent after an HTTP/1.1 exchange.
 
 tests/test_fences.py fails if what this relies on changes.
 """
@@ -107,6 +108,7 @@ def _drop_blank_lines(connection: h11.Connection) -> None:
         setattr(connection, _CR_HELD, False)
         if data[0] != 0x0A:
             data[0:0] = b"\r"  # a bare CR after all: h11's to refuse
+            buffer._next_line_search = buffer._multiple_lines_search = 0  # searched from the start again
             return
         count = 1  # the held CR's LF
     end = min(len(data), BLANK_LINE_BYTES - skipped)
@@ -115,8 +117,9 @@ def _drop_blank_lines(connection: h11.Connection) -> None:
             count += 1
         elif data[count] == 0x0D and count + 1 < end and data[count + 1] == 0x0A:  # CRLF
             count += 2
-        elif data[count] == 0x0D and count + 1 == len(data) < BLANK_LINE_BYTES - skipped:
-            count += 1  # a CR whose next byte has not come
+        elif data[count] == 0x0D and count + 1 == len(data) and count + 2 <= BLANK_LINE_BYTES - skipped:
+            # A CR whose next byte has not come, with room for it and its LF.
+            count += 1
             setattr(connection, _CR_HELD, True)
         else:
             break  # a request line, a bare CR, or the allowance spent
