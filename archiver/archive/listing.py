@@ -31,6 +31,16 @@ class ListingFailed(RuntimeError):
         self.transient = transient
 
 
+class AlbumRefused(ListingFailed):
+    """The album cannot be served as it stands (more entries than allowed, a folder the service may not search).
+
+    Any walk meets it again until the album changes; not an I/O error, which another walk may not meet.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class AlbumKeepsChanging(ListingFailed):
     """The album changed during every walk, or lately (an upload under way): try again in a few seconds.
 

@@ -37,6 +37,7 @@ from .listing import (
     AlbumKeepsChanging,
     AlbumListing,
     AlbumNotFound,
+    AlbumRefused,
     ListingFailed,
     SkippedEntry,
     WalkProgress,
@@ -188,7 +189,7 @@ def _walk_once(
         raise _failed(error, ".") from error
     if not searchable:
         os.close(album_fd)
-        raise ListingFailed(".: Permission denied", transient=False)
+        raise AlbumRefused(".: Permission denied")
     # Paths are relative, but a plan's check that its files are unchanged (listed_files.check_still_listed) stats the
     # whole path: it must fit PATH_MAX.
     limit = _EntryLimit(max_entries)
@@ -225,12 +226,12 @@ class _EntryLimit:
         self.met = 0
 
     def check(self, reading: int) -> None:
-        """ListingFailed if the entries met, and ``reading`` more of the folder being read, are more than the most."""
+        """AlbumRefused if the entries met, and ``reading`` more of the folder being read, are more than the most."""
         if self.most is not None and self.met + reading > self.most:
-            raise ListingFailed(f"more than {self.most} entries (ARCHIVER_MAX_FILES)", transient=False)
+            raise AlbumRefused(f"more than {self.most} entries (ARCHIVER_MAX_FILES)")
 
     def add(self, read: int) -> None:
-        """A folder's ``read`` entries met (ListingFailed past the most)."""
+        """A folder's ``read`` entries met (AlbumRefused past the most)."""
         self.met += read
         self.check(0)
 

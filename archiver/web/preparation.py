@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from ..archive.ctime_trust import CtimeTrust
@@ -18,7 +17,7 @@ from ..archive.etag import archive_etag, archive_validator, archive_variant
 from ..archive.listing import (
     AlbumKeepsChanging,
     AlbumNotFound,
-    ListingFailed,
+    AlbumRefused,
     SkippedLog,
     WalkProgress,
     check_settled,
@@ -45,25 +44,30 @@ class _Walk:
     """A walk's outcome, kept for the requests that arrived before it began: a plan (held by others, or gone) or a
     refusal."""
 
-    started_ns: int  # time.monotonic_ns()
+    started: int  # RecentWalks.ticket() as it began
     plan: weakref.ref[ArchivePlan] | None  # None: refused
     etag: str | None = None
     left_out: int = 0
-    refusal: Callable[[], Exception] | None = None  # makes the refusal again, for another request
+    refusal: Exception | None = None  # never raised: made again for each request it serves
+    settles_at_ns: int | None = None  # an upload under way: time.monotonic_ns() when its album will have settled
 
 
-def _refusal_again(error: Exception) -> Callable[[], Exception] | None:
-    """What makes ``error`` again for another request, if any walk begun as it was would meet it too.
+def _refusal_kept(error: Exception) -> bool:
+    """Whether any walk begun as the one that met ``error`` would meet it too.
 
-    Not a failure for want of something (threads, descriptors: transient), nor a walk given up on.
+    Not an I/O error, nor a failure for want of something (threads,
+    descriptors), nor a walk given up on: another walk may not meet them.
     """
-    if isinstance(error, AlbumKeepsChanging):  # an upload under way: a ListingFailed, transient
-        return partial(AlbumKeepsChanging, str(error), error.settles_in)
-    if isinstance(error, ListingFailed) and not error.transient:  # too many entries, a folder it may not read
-        return partial(ListingFailed, str(error), transient=False)
-    if isinstance(error, AlbumNotFound):  # gone since its name was looked up
-        return partial(AlbumNotFound, *error.args)
-    return None
+    return isinstance(error, (AlbumRefused, AlbumKeepsChanging, AlbumNotFound))
+
+
+def _again(refusal: Exception, settles_in: float) -> Exception:
+    """``refusal`` made anew for another request (``settles_in``: what is left of an upload's settle time)."""
+    if isinstance(refusal, AlbumKeepsChanging):
+        return AlbumKeepsChanging(str(refusal), settles_in)
+    if isinstance(refusal, AlbumRefused):
+        return AlbumRefused(str(refusal))
+    return AlbumNotFound(*refusal.args)
 
 
 class RecentWalks:
@@ -74,59 +78,78 @@ class RecentWalks:
     20,000 files.  Requests that wait their turn or a walker thread while a
     walk of the same album begins (a download manager's eight connections,
     a popular link, a flood of ``HEAD``) would each walk it again after it,
-    none of them seeing anything newer than it saw.  A walk that began after
-    a request arrived is as fresh as one the request would have begun then:
-    that request, once it has a walker thread, takes its outcome (``since``)
-    instead of walking: its plan, or its refusal (an upload under way, more
-    entries than allowed, a folder the service may not read), which costs
-    a walk as much.  What a walk found is kept for ``albums`` albums at most,
-    its plan by a weak reference (held by the plan cache or a download, or
-    gone, and then walked again): a few hundred bytes an album.  A request
-    never takes the outcome of a walk that began before it came.  Used from
-    the walks' worker threads.
+    though none of them needs anything newer than it saw.  A walk that began
+    after a request arrived is as fresh as one the request would have begun
+    then: that request, once it has a walker thread, takes its outcome
+    (``since``) instead of walking: its plan, or its refusal (more entries
+    than allowed, a folder the service may not search, the album gone, or an
+    upload under way, until the time it said the album settles), which costs
+    a walk as much.  Arrivals and walks' starts are ordered by tickets from
+    one counter (``ticket``), not by a clock whose ticks two events may share.
+    What a walk found is kept for ``albums`` albums at most, its plan by a
+    weak reference (held by the plan cache or a download, or gone, and then
+    walked again): a few hundred bytes an album.  A request never takes the
+    outcome of a walk that began before it came.  Used from the walks'
+    worker threads; ``ticket`` from the event loop too.
     """
 
     def __init__(self, albums: int = 1024) -> None:
         self.albums = albums
         self._walks: OrderedDict[tuple[Path, int], _Walk] = OrderedDict()
         self._lock = threading.Lock()
-        self.walked = 0  # walks whose outcome was kept
+        self._tickets = itertools.count()  # next() is atomic: one bytecode call, under the interpreter's lock
+        self.walked = 0  # walks whose outcome was kept (also when a later one's replaced it)
         self.shared = 0  # requests another request's walk served
 
-    def since(self, album: Path, compression: int, arrived_ns: int) -> PreparedArchive | None:
-        """What a walk of ``album`` begun at ``arrived_ns`` (``time.monotonic_ns()``) or later prepared, if any.
+    def ticket(self) -> int:
+        """A number larger than every one given before: a request's arrival, a walk's start."""
+        return next(self._tickets)
 
-        Raises its refusal (AlbumKeepsChanging, ListingFailed, AlbumNotFound) where it was refused.
+    def since(self, album: Path, compression: int, arrived: int) -> PreparedArchive | None:
+        """What a walk of ``album`` begun after ``arrived`` (a ``ticket``) prepared, if any.
+
+        Raises its refusal (AlbumRefused, AlbumKeepsChanging, AlbumNotFound) where it was refused.
         """
         with self._lock:
             walk = self._walks.get((album, compression))
-        if walk is None or walk.started_ns < arrived_ns:
+        if walk is None or walk.started < arrived:  # tickets are never equal
             return None
+        settles_in = 0.0
+        if walk.settles_at_ns is not None:
+            settles_in = (walk.settles_at_ns - time.monotonic_ns()) / 1e9
+            if settles_in <= 0:
+                return None  # settled since, perhaps: walked again
         plan = walk.plan() if walk.plan is not None else None
         if plan is None and walk.refusal is None:
             return None
         with self._lock:
             self.shared += 1
         if walk.refusal is not None:
-            raise walk.refusal()
+            raise _again(walk.refusal, settles_in)
         assert plan is not None
         return PreparedArchive(plan, walk.etag, walk.left_out)
 
-    def keep(self, album: Path, compression: int, started_ns: int, prepared: PreparedArchive) -> None:
-        """Keep what a walk of ``album`` begun at ``started_ns`` prepared, unless a later one's is kept."""
-        walk = _Walk(started_ns, weakref.ref(prepared.plan), prepared.etag, prepared.left_out)
+    def keep(self, album: Path, compression: int, started: int, prepared: PreparedArchive) -> None:
+        """Keep what a walk of ``album`` begun at ``started`` (a ``ticket``) prepared, unless a later one's is kept."""
+        walk = _Walk(started, weakref.ref(prepared.plan), prepared.etag, prepared.left_out)
         self._keep((album, compression), walk)
 
-    def refused(self, album: Path, compression: int, started_ns: int, error: Exception) -> None:
-        """Keep the refusal a walk of ``album`` begun at ``started_ns`` ended in, if another walk would meet it too."""
-        if (again := _refusal_again(error)) is not None:
-            self._keep((album, compression), _Walk(started_ns, None, refusal=again))
+    def refused(self, album: Path, compression: int, started: int, error: Exception) -> None:
+        """Keep the refusal a walk of ``album`` begun at ``started`` ended in, if another walk would meet it too."""
+        if not _refusal_kept(error):
+            return
+        settles_at_ns = None
+        if isinstance(error, AlbumKeepsChanging) and error.settles_in > 0:
+            settles_at_ns = time.monotonic_ns() + round(error.settles_in * 1e9)
+        # A copy never raised: the error itself holds the walk's frames, and their partial listing, by its traceback.
+        refusal = _again(error, 0.0)
+        self._keep((album, compression), _Walk(started, None, refusal=refusal, settles_at_ns=settles_at_ns))
 
     def _keep(self, key: tuple[Path, int], walk: _Walk) -> None:
         with self._lock:
             self.walked += 1
             kept = self._walks.get(key)
-            if kept is not None and kept.started_ns > walk.started_ns:
+            if kept is not None and kept.started > walk.started:
                 return
             self._walks[key] = walk
             self._walks.move_to_end(key)
@@ -143,24 +166,24 @@ def prepare_archive(
     progress: WalkProgress,
     trust: CtimeTrust,
     recent: RecentWalks,
-    arrived_ns: int,
+    arrived: int,
 ) -> PreparedArchive:
     """Walk ``album``, plan its archive at deflate level ``compression`` (0: stored); in a worker thread.
 
     20,000 files take ~0.2 s.  ``progress`` moves on with the walk.  What the
     walk left out is logged once a version of the album (``skips``).  A walk
-    of the album begun since the request arrived (``arrived_ns``,
-    ``time.monotonic_ns()``) serves instead, and this one is kept for the
+    of the album begun since the request arrived (``arrived``, a
+    ``recent.ticket()``) serves instead, and this one is kept for the
     requests waiting behind it (``recent``).
     """
-    if (shared := recent.since(album, compression, arrived_ns)) is not None:
+    if (shared := recent.since(album, compression, arrived)) is not None:
         return shared
-    started_ns = time.monotonic_ns()
+    started = recent.ticket()
     try:
         listing = list_album(album, progress, trust.learn, settings.max_files)
         check_settled(listing, round(settings.settle_time * 1e9))
     except Exception as error:
-        recent.refused(album, compression, started_ns, error)
+        recent.refused(album, compression, started, error)
         raise
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
@@ -169,5 +192,5 @@ def prepare_archive(
     skips.log(listing, etag)
     plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
     prepared = PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))
-    recent.keep(album, compression, started_ns, prepared)
+    recent.keep(album, compression, started, prepared)
     return prepared

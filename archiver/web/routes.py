@@ -154,7 +154,7 @@ class Routes:
         DisplayNameRefused, LinkRefused, and the limits' refusals.
         """
         settings = self.settings
-        arrived_ns = time.monotonic_ns()  # a walk begun since may serve it (RecentWalks)
+        arrived = self.recent_walks.ticket()  # a walk begun since may serve it
         # A real name never needs %-escapes; an escaped one is someone probing.
         if b"%" in request.scope.get("raw_path", b""):
             raise AlbumNotFound(name)
@@ -203,7 +203,7 @@ class Routes:
                 progress,
                 self.crc_index.trust,
                 self.recent_walks,
-                arrived_ns,
+                arrived,
             ),
             timeout=settings.storage_timeout,
             limiter=self.walkers,
