@@ -22,8 +22,10 @@ from archiver.web import connection as connection_module
 from archiver.web import download as download_module
 from archiver.web.clients import TrustedProxies
 from archiver.web.limits import (
+    RECLAIM_WAIT,
     STALL_UNIT,
     FairShareExceeded,
+    Job,
     JobLimitReached,
     JobSlots,
     PlanLimitReached,
@@ -78,19 +80,15 @@ def test_client_address_trusts_only_configured_proxies(
 def test_job_slots_admit_anyone_above_the_reserve_and_the_fair_share_below_it() -> None:
     slots = JobSlots(64, min_share=4)
     assert slots.reserve == 16
-    for _ in range(48):  # the README's worked example: one client, 70 downloads
-        slots.acquire("heavy")
+    jobs = [slots.acquire("heavy") for _ in range(48)]  # the README's worked example: one client, 70 downloads
     with pytest.raises(FairShareExceeded):
         slots.acquire("heavy")  # holds 48, its share alone: (64 - 16) // 1
-    for number in range(16):
-        slots.acquire(f"other-{number}")  # each holds none: admitted while any slot is free
+    jobs += [slots.acquire(f"other-{number}") for number in range(16)]  # admitted while any slot is free
     with pytest.raises(JobLimitReached):
-        slots.acquire("newcomer")
+        slots.acquire("newcomer")  # (``take`` would reclaim one of heavy's: below)
     assert (slots.active_clients, slots.largest_share(), slots.free) == (17, 48, 0)
-    for number in range(16):
-        slots.release(f"other-{number}")
-    for _ in range(48):
-        slots.release("heavy")
+    for job in jobs:
+        slots.release(job)
     assert (slots.active_clients, slots.largest_share(), slots.in_use) == (0, 0, 0)
 
 
@@ -134,15 +132,135 @@ def test_a_quarter_of_the_slots_rounded_up_is_the_reserve() -> None:
         slots.acquire("heavy")
 
 
+class _Downloads:
+    """Jobs taken as ArchiveBody takes them, each aborted (its slot released) when ``end`` asks, as it would be."""
+
+    def __init__(self, slots: JobSlots, nursery: trio.Nursery, *, ending: bool = True) -> None:
+        self.slots = slots
+        self.nursery = nursery
+        self.ending = ending  # False: an aborted download never ends (a producer stuck for ever)
+        self.ended: list[str] = []
+        self.jobs: list[Job] = []
+
+    async def take(self, client: str) -> Job:
+        job: Job | None = None
+
+        def end() -> None:
+            assert job is not None
+            self.ended.append(job.client)
+            if self.ending:
+                self.nursery.start_soon(self._release, job)
+
+        job = await self.slots.take(client, end=end)
+        self.jobs.append(job)
+        return job
+
+    async def _release(self, job: Job) -> None:
+        self.slots.release(job)
+        self.jobs.remove(job)
+
+
+async def test_a_full_service_reclaims_the_heaviest_clients_newest_slot_for_a_client_under_its_share() -> None:
+    # Before: five addresses (12 + 2 + 2 here; 48 + 4 x 4 of 64) held every slot, everyone else refused.
+    slots = JobSlots(16, min_share=2)
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery)
+        first = [await downloads.take("first") for _ in range(12)]
+        for client in ("second", "third"):
+            for _ in range(2):
+                await downloads.take(client)
+        assert slots.free == 0
+        slots.check("newcomer-0")  # admitted before its walk: a slot can be had
+        newcomer = await downloads.take("newcomer-0")
+        assert downloads.ended == ["first"] and first[-1] not in downloads.jobs  # its newest
+        assert (slots.held_by("first"), slots.held_by("newcomer-0"), slots.free) == (11, 1, 0)
+        assert newcomer.client == "newcomer-0"
+        await downloads.take("newcomer-0")  # under its share of 2 still
+        for number in range(1, 5):
+            for _ in range(2):
+                await downloads.take(f"newcomer-{number}")
+        assert downloads.jobs[:2] == first[:2] and slots.held_by("first") == 2  # its share, and the oldest
+        for client in ("late", "newcomer-0"):
+            with pytest.raises(JobLimitReached):
+                slots.check(client)
+            with pytest.raises(JobLimitReached):
+                await downloads.take(client)  # everyone holds its share at most: nothing to reclaim
+        assert downloads.ended == ["first"] * 10 and slots.free == 0 and slots.active_clients == 8
+
+
+async def test_a_client_reclaims_no_more_than_its_share_however_many_it_asks_at_once() -> None:
+    slots = JobSlots(8, min_share=2, reserve=0)
+    taken: list[Job] = []
+    refused: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery)
+        for _ in range(8):
+            await downloads.take("heavy")
+
+        async def ask() -> None:
+            try:
+                taken.append(await downloads.take("burst"))
+            except JobLimitReached as error:
+                refused.append(error)
+
+        for _ in range(5):
+            nursery.start_soon(ask)  # all five before any slot comes back
+    assert len(taken) == 2 and len(refused) == 3 and downloads.ended == ["heavy", "heavy"]
+    assert (slots.held_by("heavy"), slots.held_by("burst"), slots.in_use) == (6, 2, 8)
+
+
+async def test_a_reclaimed_slot_that_does_not_come_back_in_time_is_refused_then_freed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = JobSlots(4, min_share=1, reserve=0)
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery, ending=False)
+        for _ in range(4):
+            await downloads.take("heavy")
+        started = trio.current_time()
+        with pytest.raises(JobLimitReached, match="not given back"):
+            await downloads.take("newcomer")
+        assert trio.current_time() - started == pytest.approx(RECLAIM_WAIT)
+        assert downloads.ended == ["heavy"] and slots.held_by("newcomer") == 0
+        slots.release(downloads.jobs.pop())  # the aborted download ends at last: its slot is anyone's
+        assert (slots.free, slots.held_by("heavy")) == (1, 3)
+        await downloads.take("other")  # a free slot: nothing reclaimed
+        assert downloads.ended == ["heavy"]
+
+
+@pytest.mark.parametrize("handed_over", [False, True], ids=["while-it-waits", "as-the-slot-is-handed-over"])
+async def test_a_request_that_leaves_while_waiting_for_a_reclaimed_slot_leaves_it_free(handed_over: bool) -> None:
+    slots = JobSlots(4, min_share=1, reserve=0)
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery, ending=False)
+        for _ in range(4):
+            await downloads.take("heavy")
+        with trio.CancelScope() as gone:
+
+            async def leave() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                gone.cancel()  # the client leaves while its request waits ...
+                if handed_over:
+                    slots.release(downloads.jobs.pop())  # ... and the slot is handed to it before it runs again
+
+            nursery.start_soon(leave)
+            await downloads.take("newcomer")
+        assert gone.cancelled_caught
+        if not handed_over:
+            slots.release(downloads.jobs.pop())  # the aborted download ends after
+        assert (slots.free, slots.held_by("newcomer"), slots.held_by("heavy")) == (1, 0, 3)
+        await downloads.take("newcomer")  # asked again: a free slot
+        assert downloads.ended == ["heavy"]
+
+
 def test_ranges_of_one_client_are_capped_even_on_an_idle_service() -> None:
     slots = JobSlots(64, min_share=4)
-    for _ in range(4):
-        slots.acquire("manager", ranged=True)
+    ranges = [slots.acquire("manager", ranged=True) for _ in range(4)]
     with pytest.raises(RangeLimitReached):
         slots.acquire("manager", ranged=True)
     slots.acquire("manager")  # a whole download is not a range
     slots.acquire("other", ranged=True)
-    slots.release("manager", ranged=True)
+    slots.release(ranges[0])
     slots.acquire("manager", ranged=True)
     assert slots.held_by("manager") == 5
 
@@ -351,9 +469,15 @@ async def test_client_walks_go_one_at_a_time_with_a_bounded_queue() -> None:
     assert walks.queued("a") == 0
 
 
-def client_from(url: str, address: str) -> httpx.AsyncClient:
+def client_from(url: str, address: str, protocol: str = "HTTP/1.1") -> httpx.AsyncClient:
+    """An httpx client whose connections come from ``address`` (a loopback address: a client of its own)."""
+    http2 = protocol == "HTTP/2"
     transport = httpx.AsyncHTTPTransport(
-        verify=CLIENT_TLS, local_address=address, limits=httpx.Limits(max_connections=100)
+        verify=CLIENT_TLS,
+        local_address=address,
+        limits=httpx.Limits(max_connections=100),
+        http1=not http2,
+        http2=http2,
     )
     return httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, transport=transport, timeout=60)
 
@@ -479,52 +603,114 @@ async def test_a_full_service_refuses_the_heaviest_client_first(settings: Settin
     write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
     held = replace(settings, delay=0.5, chunk_size=65536)  # a download lasts ~8 s unless closed
     async with running_server(held) as url, trio.open_nursery() as nursery:
-        opened: dict[str, int] = {}
-        clients: dict[str, httpx.AsyncClient] = {}
-        stop = trio.Event()
-
-        async def hold(address: str, started: trio.Event) -> None:
-            """A download that has begun and is kept open (its job slot held) until the test ends."""
-            async with clients[address].stream("GET", "/archive/album/") as response:
-                opened[address] = opened.get(address, 0) + (response.status_code == 200)
-                started.set()
-                if response.status_code == 200:
-                    await stop.wait()
-
-        async def open_downloads(address: str, count: int) -> None:
-            if address not in clients:
-                clients[address] = client_from(url, address)
-            for _ in range(count):
-                started = trio.Event()
-                nursery.start_soon(hold, address, started)
-                await started.wait()
-
-        await open_downloads("127.0.1.1", 10)  # idle service: a client may take many
+        downloads = _HeldDownloads(url, nursery)
+        await downloads.open("127.0.1.1", 10)  # idle service: a client may take many
         for number in range(50):
-            await open_downloads(f"127.0.2.{number + 1}", 1)
-        assert opened["127.0.1.1"] == 10 and sum(opened.values()) == 60  # 4 free: within the reserve
-        heavy = await clients["127.0.1.1"].head("/archive/album/")  # HEAD takes no slot
-        async with clients["127.0.1.1"].stream("GET", "/archive/album/") as refused_heavy:
+            await downloads.open(f"127.0.2.{number + 1}", 1)
+        assert downloads.opened("127.0.1.1") == 10 and downloads.opened() == 60  # 4 free: within the reserve
+        heavy = await downloads.clients["127.0.1.1"].head("/archive/album/")  # HEAD takes no slot
+        async with downloads.clients["127.0.1.1"].stream("GET", "/archive/album/") as refused_heavy:
             heavy_status = refused_heavy.status_code
             heavy_retry = refused_heavy.headers.get("retry-after")
-        await open_downloads("127.0.2.1", 1)  # holds 1: under its share, admitted
+        await downloads.open("127.0.2.1", 1)  # holds 1: under its share, admitted
         for number in range(3):
-            await open_downloads(f"127.0.3.{number + 1}", 1)  # the last free slots
-        assert sum(opened.values()) == 64
-        clients["127.0.4.1"] = client_from(url, "127.0.4.1")
-        newcomer = await clients["127.0.4.1"].get("/archive/album/")
-        metrics = samples((await clients["127.0.4.1"].get("/metrics")).text)
-        stop.set()
-    for client in clients.values():
-        await client.aclose()
+            await downloads.open(f"127.0.3.{number + 1}", 1)  # the last free slots
+        assert downloads.opened() == 64
+        # Every slot taken: one of the heaviest client's, its newest, goes to a client under its share.
+        await downloads.open("127.0.4.1", 1)
+        reclaimed = await downloads.read_whole(downloads.responses["127.0.1.1"][-1])
+        metrics = samples((await downloads.clients["127.0.4.1"].get("/metrics")).text)
+        downloads.stop.set()
+    await downloads.aclose()
     assert heavy.status_code == 200
     assert (heavy_status, heavy_retry) == (503, "5")
-    assert opened["127.0.2.1"] == 2
-    assert newcomer.status_code == 503 and newcomer.headers["retry-after"] == "5"
+    assert downloads.statuses["127.0.2.1"] == [200, 200]
+    assert downloads.statuses["127.0.4.1"] == [200] and not reclaimed
     assert metrics['archiver_downloads_rejected_total{reason="fair_share"}'] == 1
-    assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 1
-    assert metrics["archiver_active_clients"] == 54
-    assert metrics["archiver_largest_client_share"] == 10
+    assert metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 1
+    assert metrics["archiver_active_clients"] == 55
+    assert metrics["archiver_largest_client_share"] == 9
+
+
+class _HeldDownloads:
+    """Downloads begun from several addresses and kept open (their job slots held) until ``stop``."""
+
+    def __init__(self, url: str, nursery: trio.Nursery, protocol: str = "HTTP/1.1") -> None:
+        self.url = url
+        self.nursery = nursery
+        self.protocol = protocol
+        self.clients: dict[str, httpx.AsyncClient] = {}
+        self.statuses: dict[str, list[int]] = {}
+        self.responses: dict[str, list[httpx.Response]] = {}  # those answered 200, oldest first
+        self.stop = trio.Event()
+
+    def opened(self, address: str | None = None) -> int:
+        return sum(len(self.responses.get(one, [])) for one in ([address] if address else self.statuses))
+
+    async def open(self, address: str, count: int) -> None:
+        """Begin ``count`` downloads from ``address``, one after another, each answered before the next."""
+        if address not in self.clients:
+            self.clients[address] = client_from(self.url, address, self.protocol)
+        for _ in range(count):
+            answered = trio.Event()
+            self.nursery.start_soon(self._hold, address, answered)
+            await answered.wait()
+
+    async def _hold(self, address: str, answered: trio.Event) -> None:
+        async with self.clients[address].stream("GET", "/archive/album/") as response:
+            self.statuses.setdefault(address, []).append(response.status_code)
+            if response.status_code == 200:
+                self.responses.setdefault(address, []).append(response)
+            answered.set()
+            if response.status_code == 200:
+                await self.stop.wait()
+
+    @staticmethod
+    async def read_whole(response: httpx.Response) -> bool:
+        """Read the rest of ``response``: False if its transfer was aborted (an aborted one ends at once)."""
+        try:
+            await response.aread()
+        except httpx.TransportError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+async def test_five_addresses_cannot_hold_every_slot(settings: Settings, protocol: str) -> None:
+    # Before: the first address took the 12 slots above the reserve, and four took its 4 (a share of
+    # 2 each, 48 and 4 x 4 of 64 slots by default): five addresses reading just above the stall rate
+    # held every slot for hours, everyone else refused.  Now each newcomer under its share takes the
+    # heaviest client's newest download's slot, until every client holds its share at most.
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    # 16 slots, 4 in reserve, a share of 2 once busy; a download lasts ~8 s unless closed.
+    held = replace(settings, delay=0.5, chunk_size=65536, max_jobs=16, max_jobs_per_client=2)
+    async with running_server(held) as url, trio.open_nursery() as nursery:
+        downloads = _HeldDownloads(url, nursery, protocol)
+        await downloads.open("127.0.6.1", 12)
+        for number in (2, 3):
+            await downloads.open(f"127.0.6.{number}", 2)
+        for number in range(5):
+            await downloads.open(f"127.0.7.{number + 1}", 2)  # each takes 2 of the first's
+        first = downloads.responses["127.0.6.1"]
+        reclaimed = [not await downloads.read_whole(response) for response in first[2:]]
+        for address in ("127.0.8.1", "127.0.6.1", "127.0.7.1"):
+            await downloads.open(address, 1)  # every client at its share: refused
+        metrics = samples((await downloads.clients["127.0.8.1"].get("/metrics")).text)
+        # Connections closed first: the unread HTTP/2 streams' answers wait in sockets no one reads, which
+        # this in-process server's shutdown (no signal) would wait out for the stall timeout.
+        await downloads.aclose()
+        downloads.stop.set()
+    assert downloads.statuses["127.0.6.1"] == [200] * 12 + [503]
+    assert all(downloads.statuses[f"127.0.7.{number}"] == [200, 200] for number in range(2, 6))
+    assert downloads.statuses["127.0.8.1"] == [503] and downloads.statuses["127.0.7.1"] == [200, 200, 503]
+    # The newest ten aborted, and only they: the oldest two kept.
+    assert reclaimed == [True] * 10 and metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 10
+    assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 3
+    assert (metrics["archiver_active_clients"], metrics["archiver_largest_client_share"]) == (8, 2)
 
 
 async def test_two_addresses_cannot_hold_the_whole_reserve(settings: Settings) -> None:

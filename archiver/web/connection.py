@@ -47,6 +47,7 @@ from .limits import (
     JobLimitReached,
     PlanLimitReached,
     RangeLimitReached,
+    SlotReclaimed,
     WalkLimitReached,
 )
 from .metrics import DownloadMetrics
@@ -64,6 +65,7 @@ _LOGGED_BY_THE_BODY = (
     OutOfResources,
     DownloadStalled,
     StorageTimeout,
+    SlotReclaimed,
     NoThread,
 )
 
@@ -216,6 +218,8 @@ def _refusal_for(body: ArchiveBody, error: BaseException, accept: str | None) ->
     if isinstance(error, ProducerUnavailable):
         logger.error("refused %s: %s", body.name, error)
         body.metrics.rejected.labels("producer_unavailable").inc()
+        return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(error, SlotReclaimed):  # the same, as reclaimed: another client took its slot
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(error, StorageTimeout):  # logged and counted as a failed download by the body
         return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)

@@ -28,7 +28,7 @@ from ..archive.worker_threads import in_thread
 from ..fences import hypercorn_h2_send
 from ..fences.delivery import bytes_dropped, connection_closed_by_server
 from ..fences.hypercorn_tcp import is_shutting_down
-from .limits import JobSlots, PlanLimitReached, PlannedFiles, TokenBucket
+from .limits import Job, JobSlots, PlanLimitReached, PlannedFiles, SlotReclaimed, TokenBucket
 from .metrics import DownloadMetrics
 from .outcomes import LengthMismatch, StorageTimeout, download_outcome, first_failure
 from .ranges import ByteRange
@@ -117,6 +117,8 @@ class ArchiveBody(ResponseBody):
         self._nursery: trio.Nursery | None = None
         self._receive_channel: trio.MemoryReceiveChannel[bytes] | None = None
         self._bucket: TokenBucket | None = None
+        self._job: Job | None = None  # the job slot, once taken
+        self._leaving = False  # in __aexit__: the slot is about to come back
         # The body's tail, held back until the producer's proof and the recheck of the files changed lately.
         self._hold = TailHold(plan, self._start, self._end, chunk_size)
 
@@ -128,11 +130,11 @@ class ArchiveBody(ResponseBody):
         like a whole download: it may read whole files (those at its ends,
         CRCs the index lacks), and holds the whole plan.
         """
-        self.slots.acquire(self.client, self._ranged)
+        self._job = await self.slots.take(self.client, self._ranged, self._reclaim)
         try:
             self.planned.acquire(self.plan)
         except PlanLimitReached:
-            self.slots.release(self.client, self._ranged)
+            self.slots.release(self._job)
             raise
         self._started_at = trio.current_time()
         # Files changed lately: looked at again before the body's end (``_check_recent_files``).
@@ -145,6 +147,8 @@ class ArchiveBody(ResponseBody):
         self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await self._nursery_manager.__aenter__()
         try:
+            if self._job.reclaimed:  # (cannot happen: no checkpoint since the slot was taken)
+                nursery.start_soon(self._end_reclaimed)
             if self._crcs is not None:
                 nursery.start_soon(self._crcs.compute)
             if math.isfinite(self.storage_timeout):
@@ -162,6 +166,20 @@ class ArchiveBody(ResponseBody):
                 self._release_slots()
         self.metrics.download_started(self.plan.count, self.plan.total_size)
         return self
+
+    def _reclaim(self) -> None:
+        """Abort this download: its slot is reclaimed for another client (``JobSlots``).
+
+        Not once the body is leaving: its slot comes back as it does, and a
+        download whose every byte went out must not be logged as cut.
+        """
+        if self._nursery is not None and not self._leaving:  # not open yet: once it is (``__aenter__``)
+            self._nursery.start_soon(self._end_reclaimed)
+
+    async def _end_reclaimed(self) -> None:
+        raise SlotReclaimed(
+            f"every archive job was busy and {self.client} held more than its share: its newest download gave its slot"
+        )
 
     def _finish_before_start(self, failure: BaseException) -> None:
         """Log and count a download that ended before its producer had started, but for a refusal.
@@ -314,6 +332,7 @@ class ArchiveBody(ResponseBody):
         traceback: TracebackType | None,
     ) -> bool | None:
         assert self._nursery_manager is not None and self._receive_channel is not None and self._nursery is not None
+        self._leaving = True
         self._watch_scope.cancel()  # (a failure's way out; see __anext__)
         if exc_value is not None:
             # Cancelled before the channel closes: a producer waiting to send is
@@ -333,7 +352,8 @@ class ArchiveBody(ResponseBody):
             self._release_slots()
 
     def _release_slots(self) -> None:
-        self.slots.release(self.client, self._ranged)
+        assert self._job is not None
+        self.slots.release(self._job)
         self.planned.release(self.plan)
 
     def _finish(self, outcome: str, description: str) -> None:
@@ -357,12 +377,12 @@ class ArchiveBody(ResponseBody):
         duration = trio.current_time() - self._started_at
         self.metrics.download_finished(outcome, duration)
         # A file changed mid-download is an upload's doing, not the service's: a WARNING (helper 70:
-        # 180 ERROR lines in 5 minutes of uploads).
-        log = {"failed": logger.error, "stalled": logger.warning, "changed": logger.warning}.get(outcome, logger.info)
+        # 180 ERROR lines in 5 minutes of uploads), as a stall or a slot reclaimed for another client.
+        log = {"failed": logger.error, "completed": logger.info, "cancelled": logger.info}.get(outcome, logger.warning)
         # What was left out is logged once a version of the album ("skipped ..."); its count here,
         # on every download's line, for an operator who reads only those (helper 67).
         left_out = f", {self.left_out} left out: see 'skipped'" if self.left_out else ""
-        if not self.head_sent and outcome in ("failed", "changed"):
+        if not self.head_sent and outcome in ("failed", "changed", "reclaimed"):
             description += " (refused before the head)"
         log(
             "download %s for %s: %s, %d bytes sent in %.3f s (%d files%s)",

@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import resource
 from collections import Counter
+from collections.abc import Callable
+
+import trio
 
 from ..archive.plan import ArchivePlan
 from ..archive.storage import MAX_DEPTH
@@ -67,6 +70,39 @@ class DownloadStalled(RuntimeError):
     """The client took less than STALL_UNIT bytes a ``stall_timeout``: the download is aborted."""
 
 
+class SlotReclaimed(RuntimeError):
+    """Every slot was taken, and this download gave its slot to a client holding fewer than its share (``JobSlots``)."""
+
+
+# How long a request waits for the slot of the download reclaimed for it: the download's producer
+# killed and reaped, a few ms (a producer stuck on dead storage is let go once killed).
+RECLAIM_WAIT = 5.0
+
+
+class Job:
+    """A job slot held by ``client``; ``end`` aborts the download that holds it (called once at most, on the loop)."""
+
+    __slots__ = ("claim", "client", "end", "ranged", "reclaimed")
+
+    def __init__(self, client: str, ranged: bool, end: Callable[[], None] | None) -> None:
+        self.client = client
+        self.ranged = ranged
+        self.end = end
+        self.reclaimed = False  # ``end`` called: aborted for another client
+        self.claim: _Claim | None = None  # while reclaimed: who takes its slot as it is released
+
+
+class _Claim:
+    """A request waiting for a reclaimed job's slot: ``job`` is set, then ``granted``, as the slot is handed over."""
+
+    def __init__(self, client: str, ranged: bool, end: Callable[[], None] | None) -> None:
+        self.client = client
+        self.ranged = ranged
+        self.end = end
+        self.job: Job | None = None
+        self.granted = trio.Event()
+
+
 class JobSlots:
     """Archive jobs (``total`` at once), shared among clients once the service is busy.
 
@@ -81,14 +117,25 @@ class JobSlots:
     holding any, and a second address, its share 48 // 2 = 24, took the whole
     reserve: two addresses reading at just above the stall rate held all 64
     slots for as long as their albums lasted, everyone else refused (helper
-    126).  O(1) a request: the active clients are the keys of a counter.
+    126).  O(1) a request while a slot is free: the active clients are the
+    keys of a counter.
+
+    Once every slot is taken, a client holding fewer than ``min_share`` may
+    still start (``take``): the newest download of the client holding the
+    most slots above ``min_share`` is aborted (SlotReclaimed) and its slot
+    handed over.  Slots taken while the service was idle are given back, one
+    a newcomer, until every client holds its share at most: five addresses
+    reading just above the stall rate held all 64 slots before (the first
+    the 48 above the reserve, four 4 each); it now takes 64 / ``min_share``
+    = 16.  O(clients) a reclaim.
 
     Worked example, 64 slots, reserve 16, ``min_share`` 4: one client opens
     70 downloads.  The first 48 take the slots above the reserve; at the
     49th the client holds 48: refused (FairShareExceeded).  Twenty other
     clients then ask for 5 each: each is admitted up to 4, its fifth refused
-    (FairShareExceeded); once four of them hold the reserve's 16, everyone is
-    refused (JobLimitReached).
+    (FairShareExceeded); once four of them hold the reserve's 16, each next
+    download of the others takes one of the first client's, until it holds 4
+    and sixteen clients hold 4 each: everyone is then refused (JobLimitReached).
 
     Ranges take slots like downloads, and one client runs at most
     ``min_share`` of them at once (RangeLimitReached), however idle the
@@ -104,6 +151,9 @@ class JobSlots:
         self.in_use = 0
         self._held: Counter[str] = Counter()
         self._ranges: Counter[str] = Counter()
+        self._jobs: dict[str, dict[Job, None]] = {}  # each client's jobs, oldest first
+        self._reclaimed: Counter[str] = Counter()  # jobs of a client's being aborted for another's
+        self._claims: Counter[str] = Counter()  # slots a client waits to be handed
 
     @property
     def free(self) -> int:
@@ -124,9 +174,10 @@ class JobSlots:
     def check(self, client: str, ranged: bool = False) -> None:
         """Raise JobLimitReached, FairShareExceeded or RangeLimitReached if ``client`` may not start a job now.
 
-        Nothing is taken.  ``ranged``: the job is a range.
+        Nothing is taken.  ``ranged``: the job is a range.  A client for whom
+        a slot could be reclaimed (``take``) passes.
         """
-        if self.in_use >= self.total:
+        if self.in_use >= self.total and self._reclaimable_for(client) is None:
             raise JobLimitReached(f"all {self.total} archive jobs are busy")
         if ranged and self._ranges[client] >= self.min_share:
             raise RangeLimitReached(f"{client} already runs {self.min_share} ranges")
@@ -137,19 +188,95 @@ class JobSlots:
                 f"{self.total} are free"
             )
 
-    def acquire(self, client: str, ranged: bool = False) -> None:
-        """Take a slot for ``client``, or raise as ``check`` does (nothing taken)."""
+    def acquire(self, client: str, ranged: bool = False, end: Callable[[], None] | None = None) -> Job:
+        """Take a free slot for ``client``, or raise as ``check`` does, JobLimitReached if none is free.
+
+        ``end``: called to abort the job if its slot is reclaimed (None: never).
+        """
+        if self.in_use >= self.total:
+            raise JobLimitReached(f"all {self.total} archive jobs are busy")
         self.check(client, ranged)
         self.in_use += 1
+        return self._hold(client, ranged, end)
+
+    async def take(self, client: str, ranged: bool = False, end: Callable[[], None] | None = None) -> Job:
+        """``acquire``, or with every slot taken a slot reclaimed for ``client``: waits for it, RECLAIM_WAIT s at most.
+
+        Raises as ``acquire`` does (JobLimitReached also if the reclaimed slot
+        did not come in time).  A checkpoint only when a slot is reclaimed.
+        """
+        if self.in_use < self.total:
+            return self.acquire(client, ranged, end)
+        self.check(client, ranged)  # JobLimitReached unless a slot can be reclaimed for this client
+        victim = self._reclaimable_for(client)
+        assert victim is not None and victim.end is not None
+        claim = victim.claim = _Claim(client, ranged, end)
+        victim.reclaimed = True
+        self._reclaimed[victim.client] += 1
+        self._claims[client] += 1
+        victim.end()
+        try:
+            with trio.move_on_after(RECLAIM_WAIT):
+                await claim.granted.wait()
+        except BaseException:
+            if claim.job is not None:  # handed over as this request was cancelled
+                self.release(claim.job)
+            raise
+        finally:
+            if claim.job is None and victim.claim is claim:  # not handed over: the slot goes to all as it ends
+                victim.claim = None
+                _decrement(self._claims, client)
+        if claim.job is None:
+            raise JobLimitReached(f"all {self.total} archive jobs are busy, and the one reclaimed was not given back")
+        return claim.job
+
+    def release(self, job: Job) -> None:
+        """Give ``job``'s slot back, or to the client it was reclaimed for."""
+        self._drop(job)
+        if job.reclaimed:
+            _decrement(self._reclaimed, job.client)
+        claim = job.claim
+        if claim is None:
+            self.in_use -= 1
+            return
+        _decrement(self._claims, claim.client)
+        claim.job = self._hold(claim.client, claim.ranged, claim.end)
+        claim.granted.set()
+
+    def _hold(self, client: str, ranged: bool, end: Callable[[], None] | None) -> Job:
+        job = Job(client, ranged, end)
         self._held[client] += 1
         if ranged:
             self._ranges[client] += 1
+        self._jobs.setdefault(client, {})[job] = None
+        return job
 
-    def release(self, client: str, ranged: bool = False) -> None:
-        self.in_use -= 1
-        _decrement(self._held, client)
-        if ranged:
-            _decrement(self._ranges, client)
+    def _drop(self, job: Job) -> None:
+        _decrement(self._held, job.client)
+        if job.ranged:
+            _decrement(self._ranges, job.client)
+        jobs = self._jobs[job.client]
+        del jobs[job]
+        if not jobs:
+            del self._jobs[job.client]
+
+    def _reclaimable_for(self, client: str) -> Job | None:
+        """The job to abort for ``client`` while every slot is taken: the newest of the client holding the most
+        slots above ``min_share`` (those being reclaimed not counted), or None (``client`` holds, or waits for,
+        ``min_share`` already, or no client holds more)."""
+        if self._held[client] + self._claims[client] >= self.min_share:
+            return None
+        heaviest, most = None, self.min_share
+        for holder, jobs in self._jobs.items():
+            keeps = len(jobs) - self._reclaimed[holder]
+            if keeps > most:
+                heaviest, most = holder, keeps
+        if heaviest is None:
+            return None
+        for job in reversed(self._jobs[heaviest]):
+            if not job.reclaimed and job.end is not None:
+                return job
+        return None
 
 
 class PlannedFiles:

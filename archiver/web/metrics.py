@@ -19,7 +19,7 @@ from .limits import JobSlots, PlannedFiles
 from .preparation import RecentWalks
 from .walk_turns import ClientWalks
 
-OUTCOMES = ("completed", "cancelled", "failed", "stalled", "changed")
+OUTCOMES = ("completed", "cancelled", "failed", "stalled", "changed", "reclaimed")
 REJECTIONS = (
     "job_limit",
     "fair_share",

@@ -11,7 +11,7 @@ import trio
 
 from ..archive.producer import ProducerFailed
 from ..archive.producer_protocol import FileChanged
-from .limits import DownloadStalled
+from .limits import DownloadStalled, SlotReclaimed
 
 
 class LengthMismatch(RuntimeError):
@@ -39,8 +39,9 @@ def download_outcome(error: BaseException | None) -> tuple[str, str]:
     """How a download ended, as a metrics label and a log phrase.
 
     A cancellation is the client leaving (or a shutdown past its grace
-    period); a client that stopped reading is "stalled"; a file of the album
-    changed or gone "changed"; anything else a failure.
+    period); a client that stopped reading is "stalled"; a download whose
+    slot went to another client "reclaimed"; a file of the album changed or
+    gone "changed"; anything else a failure.
     """
     if error is None:
         return "completed", "complete"
@@ -49,6 +50,8 @@ def download_outcome(error: BaseException | None) -> tuple[str, str]:
         return "cancelled", "client disconnected"
     if isinstance(error, DownloadStalled):
         return "stalled", f"stalled: {error}"
+    if isinstance(error, SlotReclaimed):
+        return "reclaimed", f"reclaimed: {error}"
     if album_changed(error):
         return "changed", f"album changed: {error}"
     return "failed", f"failed: {error}"
