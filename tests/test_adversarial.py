@@ -30,6 +30,7 @@ import pytest
 import trio
 
 from archiver.config import Settings
+from archiver.web.limits import RECLAIM_WAIT
 
 from .conftest import (
     CLIENT_TLS,
@@ -236,10 +237,12 @@ async def metrics_of(url: str) -> dict[str, float]:
         return samples((await client.get("/metrics")).text)
 
 
-async def open_non_reader(address: tuple[str, int], path: bytes) -> trio.socket.SocketType:
-    """A client that asks for ``path`` with a tiny receive buffer, reads the status line, and then never reads."""
+async def open_non_reader(address: tuple[str, int], path: bytes, source: str | None = None) -> trio.socket.SocketType:
+    """A client (from ``source``, an address) that asks for ``path`` with a tiny receive buffer, and never reads."""
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if source is not None:
+        await sock.bind((source, 0))
     await sock.connect(address)
     await sock.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     return sock
@@ -252,6 +255,35 @@ async def wait_until_no_producer(pid: int, timeout: float) -> float:
         while producer_processes(pid):
             await trio.sleep(0.05)
     return trio.current_time() - started
+
+
+async def test_a_reclaimed_download_to_a_client_that_stopped_reading_gives_its_slot_at_once(
+    attacked_storage: Path,
+) -> None:
+    # Helper 132: a write to a client that reads slowly is shielded, and a download whose job slot was
+    # reclaimed held it until that write's stall deadline (~60 s): the newcomer was refused after 5 s.
+    async with archiver_process(attacked_storage, max_jobs="3", max_jobs_per_client="1") as server:
+        readers = []
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.3"):  # two above the reserve of one, then another's
+            reader = await open_non_reader(address_of(server.url), b"/archive/big/", source)
+            readers.append(reader)
+            assert (await reader.recv(12)).startswith(b"HTTP/1.1 200")
+        assert await wait_for_producer_output_to_stop(server.process.pid) == 3  # every write blocked
+        with trio.fail_after(RECLAIM_WAIT - 1):  # refused at RECLAIM_WAIT before
+            await normal_download_works(server.url, attacked_storage)
+        victim = b""  # the heaviest client's newest download: cut, its connection closed
+        with trio.fail_after(30):
+            while data := await readers[1].recv(1 << 20):
+                victim += data
+        metrics = await metrics_of(server.url)
+        for reader in readers:
+            reader.close()
+    head, _, body = victim.partition(b"\r\n\r\n")
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    assert len(body) < int(fields[b"content-length"])
+    assert metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 1
+    assert (metrics["archiver_downloads_in_flight"], metrics["archiver_largest_client_share"]) == (2, 1)
+    assert b"download big for 127.0.0.1: reclaimed: every archive job was busy" in server.output
 
 
 # A stress test (70 clients, a 10 s stall timeout: ~22 s); test_limits holds the fair share's bound in the default run.

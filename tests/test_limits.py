@@ -711,6 +711,8 @@ async def test_five_addresses_cannot_hold_every_slot(settings: Settings, protoco
     assert reclaimed == [True] * 10 and metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 10
     assert metrics['archiver_downloads_rejected_total{reason="job_limit"}'] == 3
     assert (metrics["archiver_active_clients"], metrics["archiver_largest_client_share"]) == (8, 2)
+    # Every slot still held: over HTTP/2 the first's two oldest go on, on the connection of the ten reset.
+    assert metrics["archiver_downloads_in_flight"] == 16
 
 
 async def test_two_addresses_cannot_hold_the_whole_reserve(settings: Settings) -> None:

@@ -16,7 +16,9 @@ exactly as when the client resets the connection.  The app then sees the
 client gone (``connection`` names it a stall).  Once the server shuts down
 (``shutting_down``, called by both launches on SIGTERM/SIGINT), the deadline
 is also the end of the grace period: a client that stops reading would
-otherwise hold the shutdown for the whole stall timeout.
+otherwise hold the shutdown for the whole stall timeout.  And a response's
+writes can be cut (``ResponseWrites``): a download whose job slot is
+reclaimed for another client ends at once, not at its deadline.
 
 2. At most ``connection_limit`` client connections at once.
 
@@ -86,6 +88,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import trio
@@ -124,6 +127,40 @@ class _Limits:
 
 
 LIMITS = _Limits()
+
+
+class ResponseWrites:
+    """The socket writes of one HTTP/1.1 response, which its own task makes: ``cut`` ends them.
+
+    Over HTTP/1.1 the app's task writes its response to the socket itself
+    (``protocol_send``), shielded: cancelling that task leaves a write to a
+    client that reads slowly blocked until its stall deadline (helper 132: a
+    download whose job slot was reclaimed held it ~60 s more).  Once cut, the
+    write under way and every later one end the connection at once, as a write
+    past its deadline does.  Over HTTP/2 a connection's writer task writes for
+    every stream, and nothing is cut (a stream's send waits unshielded).
+    """
+
+    __slots__ = ("cut", "scope")
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.scope: trio.CancelScope | None = None  # the write under way
+
+    def cut_now(self) -> None:
+        self.cut = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+_RESPONSE_WRITES: ContextVar[ResponseWrites | None] = ContextVar("archiver_response_writes", default=None)
+
+
+def watch_response_writes() -> ResponseWrites:
+    """The writes this task makes from now on (its response's over HTTP/1.1), to be cut with ``cut_now``."""
+    writes = ResponseWrites()
+    _RESPONSE_WRITES.set(writes)
+    return writes
 
 
 def shutting_down() -> None:
@@ -307,6 +344,7 @@ def _time_out_writes() -> None:
         # the client's HPACK table out of step and ended the connection (helper 110: a small answer
         # cut by its deadline while a batch to a slow reader held the lock).  The wait for the lock
         # is bounded by its holder's write's deadline.
+        response = _RESPONSE_WRITES.get()
         with trio.CancelScope(shield=True):
             async with self.send_lock:
                 stalled = False
@@ -314,13 +352,19 @@ def _time_out_writes() -> None:
                     grace = self.config.graceful_timeout
                     timeout = LIMITS.write_timeout * write_units(len(event.data), LIMITS.write_unit)
                     ends = min(trio.current_time() + timeout, LIMITS.shutdown_started + grace)
-                    # One scope a write (a write is one chunk): its own deadline ends it.
+                    # One scope a write (a write is one chunk): its own deadline ends it, or its response's cut.
                     with trio.CancelScope(deadline=ends) as deadline:
                         LIMITS.writes.add(entry := (deadline, grace))
+                        if response is not None:
+                            response.scope = deadline
+                            if response.cut:
+                                deadline.cancel()
                         try:
                             await self.stream.send_all(event.data)
                         finally:
                             LIMITS.writes.discard(entry)
+                            if response is not None:
+                                response.scope = None
                     if deadline.cancelled_caught:
                         # Half a write went out: the stream is unusable.
                         stalled = True

@@ -27,7 +27,7 @@ from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
 from ..fences import hypercorn_h2_send
 from ..fences.delivery import bytes_dropped, connection_closed_by_server
-from ..fences.hypercorn_tcp import is_shutting_down
+from ..fences.hypercorn_tcp import is_shutting_down, watch_response_writes
 from .limits import Job, JobSlots, PlanLimitReached, PlannedFiles, SlotReclaimed, TokenBucket
 from .metrics import DownloadMetrics
 from .outcomes import LengthMismatch, StorageTimeout, download_outcome, first_failure
@@ -131,6 +131,7 @@ class ArchiveBody(ResponseBody):
         CRCs the index lacks), and holds the whole plan.
         """
         self._job = await self.slots.take(self.client, self._ranged, self._reclaim)
+        self._writes = watch_response_writes()  # this task's, which send this body over HTTP/1.1
         try:
             self.planned.acquire(self.plan)
         except PlanLimitReached:
@@ -175,6 +176,10 @@ class ArchiveBody(ResponseBody):
         """
         if self._nursery is not None and not self._leaving:  # not open yet: once it is (``__aenter__``)
             self._nursery.start_soon(self._end_reclaimed)
+            if self.head_sent:
+                # A write to a client that reads slowly is shielded: cut, not left to its stall deadline
+                # (helper 132: the slot came back ~60 s later, the newcomer refused after 5).
+                self._writes.cut_now()
 
     async def _end_reclaimed(self) -> None:
         raise SlotReclaimed(
@@ -363,10 +368,11 @@ class ArchiveBody(ResponseBody):
             outcome, description = "cancelled", "client disconnected"
             if is_shutting_down():
                 description = "cancelled during shutdown"
-        elif outcome == "cancelled" and self.bytes_sent == self._length():
+        elif outcome in ("cancelled", "reclaimed") and self.bytes_sent == self._length() and not bytes_dropped():
             # Judged by what was delivered: every byte announced was taken by
             # the client, which may then leave (closing the connection) before
-            # the body ends, or while a paced body waits out its pause.
+            # the body ends, or while a paced body waits out its pause (or its
+            # slot was reclaimed as its end was written).
             outcome, description = "completed", "complete"
         elif outcome == "cancelled" and is_shutting_down():
             # Past the grace period (or the client left meanwhile): not to be read as a client's doing.

@@ -115,7 +115,8 @@ class DownloadMetrics:
             "archiver_downloads_finished",
             "Downloads that ended, by outcome (completed, cancelled by the client or shutdown, failed, "
             "stalled: the client took less than 256 KiB in the stall timeout; changed: a file of the album "
-            "changed or went while it was sent, as an upload does).",
+            "changed or went while it was sent, as an upload does; reclaimed: aborted, every job slot taken, "
+            "for a client under its share, its client holding more than its own).",
             ["outcome"],
             registry=self.registry,
         )
