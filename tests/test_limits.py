@@ -632,6 +632,57 @@ async def test_a_full_service_refuses_the_heaviest_client_first(settings: Settin
     assert metrics["archiver_largest_client_share"] == 9
 
 
+async def test_a_download_reclaimed_while_its_head_is_written_sends_the_head_whole_and_is_then_cut(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 133: the head's write may wait (for the connection's send lock) after the download is
+    # marked as sending its head; a reclaim then cut that write, and the client had no answer at all.
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    held = replace(settings, delay=0.5, chunk_size=65536, max_jobs=4, max_jobs_per_client=1)  # reserve 1
+    head_waits, head_may_go, reclaimed = trio.Event(), trio.Event(), trio.Event()
+    paused: list[bool] = []
+    victims: list[download_module.ArchiveBody] = []
+    send_within, reclaim = connection_module._send_within, download_module.ArchiveBody._reclaim
+
+    async def head_held_once(send: object, event: dict[str, object], timeout: float) -> None:
+        if event["type"] == "http.response.start" and paused == [True]:
+            paused.append(True)
+            head_waits.set()
+            await head_may_go.wait()
+        await send_within(send, event, timeout)  # type: ignore[arg-type]
+
+    def reclaim_noted(body: download_module.ArchiveBody) -> None:
+        reclaim(body)
+        victims.append(body)
+        reclaimed.set()
+
+    monkeypatch.setattr(connection_module, "_send_within", head_held_once)
+    monkeypatch.setattr(download_module.ArchiveBody, "_reclaim", reclaim_noted)
+    async with running_server(held) as url, trio.open_nursery() as nursery:
+        downloads = _HeldDownloads(url, nursery)
+        await downloads.open("127.0.9.1", 2)
+        paused.append(True)  # the next head waits, as for the lock
+        victim_answered, newcomer_answered = trio.Event(), trio.Event()
+        nursery.start_soon(downloads._hold, "127.0.9.1", victim_answered)
+        await head_waits.wait()
+        await downloads.open("127.0.9.2", 1)  # every slot taken
+        downloads.clients["127.0.9.3"] = client_from(url, "127.0.9.3")
+        nursery.start_soon(downloads._hold, "127.0.9.3", newcomer_answered)  # reclaims the one whose head waits
+        await reclaimed.wait()
+        head_may_go.set()
+        with trio.fail_after(10):
+            await victim_answered.wait()
+            victim = await downloads.read_whole(downloads.responses["127.0.9.1"][2])
+            await newcomer_answered.wait()
+        metrics = samples((await downloads.clients["127.0.9.1"].get("/metrics")).text)
+        await downloads.aclose()
+        downloads.stop.set()
+    assert downloads.statuses["127.0.9.1"] == [200] * 3 and not victim  # the head whole, then the transfer cut
+    assert victims[0]._writes.cut  # the writes after the head cut, as a slow reader's would block
+    assert downloads.statuses["127.0.9.3"] == [200]
+    assert metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 1
+
+
 class _HeldDownloads:
     """Downloads begun from several addresses and kept open (their job slots held) until ``stop``."""
 

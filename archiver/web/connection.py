@@ -122,6 +122,7 @@ async def send_archive_response(
                     # the head's rule is, for a server without that fence.
                     with trio.CancelScope(shield=True):
                         await _send_within(send, _start_event(response), body.stall_timeout)
+                    body.head_went_out()
                 await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
             if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
                 headers_sent = True

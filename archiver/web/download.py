@@ -112,6 +112,7 @@ class ArchiveBody(ResponseBody):
         # Set by the sender as the head goes out: before it, a failure is a refusal (503, 500), and the
         # chunk taken from the producer reached no one (helper 70: "524288 bytes sent" for a 503).
         self.head_sent = False
+        self.head_written = False  # and once its write has returned (``head_went_out``)
         self._started_at = math.nan
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
@@ -176,10 +177,20 @@ class ArchiveBody(ResponseBody):
         """
         if self._nursery is not None and not self._leaving:  # not open yet: once it is (``__aenter__``)
             self._nursery.start_soon(self._end_reclaimed)
-            if self.head_sent:
+            if self.head_written:
                 # A write to a client that reads slowly is shielded: cut, not left to its stall deadline
                 # (helper 132: the slot came back ~60 s later, the newcomer refused after 5).
                 self._writes.cut_now()
+
+    def head_went_out(self) -> None:
+        """The head's write has returned (the sender says): a reclaim since it began cuts the writes after it.
+
+        Not the head's own write, which may wait for the connection's lock: cut
+        there, the client had no answer at all (helper 133).
+        """
+        self.head_written = True
+        if self._job is not None and self._job.reclaimed and not self._leaving:
+            self._writes.cut_now()
 
     async def _end_reclaimed(self) -> None:
         raise SlotReclaimed(
