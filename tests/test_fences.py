@@ -32,6 +32,7 @@ import httpx
 import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.config as hypercorn_config_module
 import hypercorn.events as hypercorn_events_module
+import hypercorn.protocol as hypercorn_protocol_module
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
@@ -271,6 +272,16 @@ def source_of(module: object) -> str:
                 "        out = self._data[:count]\n        del self._data[:count]\n\n"
                 "        self._next_line_search = 0\n        self._multiple_lines_search = 0",
             ],
+        ),
+        (
+            hypercorn_protocol_module,
+            # hypercorn_tcp cuts a response's writes only over HTTP/1.1, told by the protocol it wraps.
+            ["        self.protocol: H11Protocol | H2Protocol\n"],
+        ),
+        (
+            hypercorn_h11_module,
+            # ... whose writes its app's task makes: a response's events go to the socket from the send.
+            ["            data = self.connection.send(event)", "            await self.send(RawData(data=data))"],
         ),
         (
             hypercorn_worker_context_module,

@@ -683,6 +683,56 @@ async def test_a_download_reclaimed_while_its_head_is_written_sends_the_head_who
     assert metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 1
 
 
+async def test_a_download_reclaimed_before_its_head_is_refused_with_a_503_and_logged_as_reclaimed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its first chunk came, its head not sent yet (helpers 133, 134: hard to hit from outside).  Never
+    # "completed" (helper 134: the whole archive in that chunk would have been; the tail hold keeps
+    # the central directory for a later chunk, but the body checks the head went out all the same).
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    write_tree(settings.storage_dir / "small", {"note.txt": b"a few bytes"})
+    held = replace(settings, delay=0.5, chunk_size=65536, max_jobs=4, max_jobs_per_client=1)  # reserve 1
+    chunk_came, reclaimed = trio.Event(), trio.Event()
+    next_chunk, reclaim = download_module.ArchiveBody.__anext__, download_module.ArchiveBody._reclaim
+
+    async def held_after_the_chunk(body: download_module.ArchiveBody) -> bytes:
+        chunk = await next_chunk(body)
+        if body.name == "small":
+            chunk_came.set()
+            await trio.sleep_forever()  # until the reclaim cancels it, its head not sent
+        return chunk
+
+    def reclaim_noted(body: download_module.ArchiveBody) -> None:
+        reclaim(body)
+        reclaimed.set()
+
+    monkeypatch.setattr(download_module.ArchiveBody, "__anext__", held_after_the_chunk)
+    monkeypatch.setattr(download_module.ArchiveBody, "_reclaim", reclaim_noted)
+    caplog.set_level(logging.INFO, logger="archiver.web.download")
+    async with running_server(held) as url, trio.open_nursery() as nursery:
+        downloads = _HeldDownloads(url, nursery)
+        await downloads.open("127.0.10.1", 2)
+        victim: list[httpx.Response] = []
+
+        async def get_small() -> None:
+            victim.append(await downloads.clients["127.0.10.1"].get("/archive/small/"))
+
+        nursery.start_soon(get_small)
+        await chunk_came.wait()
+        await downloads.open("127.0.10.2", 1)  # every slot taken
+        await downloads.open("127.0.10.3", 1)  # reclaims the small one
+        await reclaimed.wait()
+        metrics = samples((await downloads.clients["127.0.10.3"].get("/metrics")).text)
+        await downloads.aclose()
+        downloads.stop.set()
+    assert victim[0].status_code == 503 and victim[0].headers["retry-after"] == "5"
+    assert downloads.statuses["127.0.10.3"] == [200]
+    assert metrics['archiver_downloads_finished_total{outcome="reclaimed"}'] == 1
+    assert metrics['archiver_downloads_finished_total{outcome="completed"}'] == 0
+    assert any("download small for 127.0.10.1: reclaimed:" in line and "(refused before the head)" in line
+               for line in caplog.messages)  # fmt: skip
+
+
 class _HeldDownloads:
     """Downloads begun from several addresses and kept open (their job slots held) until ``stop``."""
 

@@ -93,6 +93,7 @@ from typing import Any, ClassVar
 
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 from ..logs import Quieted
@@ -130,22 +131,26 @@ LIMITS = _Limits()
 
 
 class ResponseWrites:
-    """The socket writes of one HTTP/1.1 response, which its own task makes: ``cut`` ends them.
+    """The socket writes of one HTTP/1.1 response, which its own task makes: ``cut_now`` ends them.
 
     Over HTTP/1.1 the app's task writes its response to the socket itself
     (``protocol_send``), shielded: cancelling that task leaves a write to a
     client that reads slowly blocked until its stall deadline (helper 132: a
     download whose job slot was reclaimed held it ~60 s more).  Once cut, the
     write under way and every later one end the connection at once, as a write
-    past its deadline does.  Over HTTP/2 a connection's writer task writes for
-    every stream, and nothing is cut (a stream's send waits unshielded).
+    past its deadline does.  HTTP/2 writes are never cut, whatever task makes
+    them (a stream's head is written by its app's task, its data by the
+    connection's writer): the connection carries other streams, and a stream's
+    send of data waits unshielded.  ``written``: whether a write of this
+    response's returned whole (it went over HTTP/1.1, and the kernel took it).
     """
 
-    __slots__ = ("cut", "scope")
+    __slots__ = ("cut", "scope", "written")
 
     def __init__(self) -> None:
         self.cut = False
         self.scope: trio.CancelScope | None = None  # the write under way
+        self.written = False
 
     def cut_now(self) -> None:
         self.cut = True
@@ -344,7 +349,7 @@ def _time_out_writes() -> None:
         # the client's HPACK table out of step and ended the connection (helper 110: a small answer
         # cut by its deadline while a batch to a slow reader held the lock).  The wait for the lock
         # is bounded by its holder's write's deadline.
-        response = _RESPONSE_WRITES.get()
+        response = _RESPONSE_WRITES.get() if isinstance(self.protocol.protocol, H11Protocol) else None
         with trio.CancelScope(shield=True):
             async with self.send_lock:
                 stalled = False
@@ -365,6 +370,8 @@ def _time_out_writes() -> None:
                             LIMITS.writes.discard(entry)
                             if response is not None:
                                 response.scope = None
+                    if response is not None and not deadline.cancelled_caught:
+                        response.written = True
                     if deadline.cancelled_caught:
                         # Half a write went out: the stream is unusable.
                         stalled = True

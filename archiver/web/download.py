@@ -149,7 +149,7 @@ class ArchiveBody(ResponseBody):
         self._nursery_manager = trio.open_nursery()
         nursery = self._nursery = await self._nursery_manager.__aenter__()
         try:
-            if self._job.reclaimed:  # (cannot happen: no checkpoint since the slot was taken)
+            if self._job.reclaimed:  # a slot handed over (``take``), reclaimed again before this task ran
                 nursery.start_soon(self._end_reclaimed)
             if self._crcs is not None:
                 nursery.start_soon(self._crcs.compute)
@@ -157,6 +157,7 @@ class ArchiveBody(ResponseBody):
                 nursery.start_soon(self._watch_storage)
             await nursery.start(self._produce, send_channel)
         except BaseException as error:
+            self._leaving = True  # failing: not to be reclaimed on the way out (helper 134)
             self._receive_channel.close()
             try:
                 if not await self._nursery_manager.__aexit__(type(error), error, error.__traceback__):
@@ -379,11 +380,18 @@ class ArchiveBody(ResponseBody):
             outcome, description = "cancelled", "client disconnected"
             if is_shutting_down():
                 description = "cancelled during shutdown"
-        elif outcome in ("cancelled", "reclaimed") and self.bytes_sent == self._length() and not bytes_dropped():
+        elif (
+            (outcome == "cancelled" or (outcome == "reclaimed" and self._writes.written and not bytes_dropped()))
+            and self.head_written
+            and self.bytes_sent == self._length()
+        ):
             # Judged by what was delivered: every byte announced was taken by
             # the client, which may then leave (closing the connection) before
-            # the body ends, or while a paced body waits out its pause (or its
-            # slot was reclaimed as its end was written).
+            # the body ends, or while a paced body waits out its pause.  Or its
+            # slot was reclaimed as its end was written, over HTTP/1.1, where a
+            # write that returned was taken (over HTTP/2 the reset stream, with
+            # no END_STREAM, is a failed transfer to the client: helper 134).
+            # Never before the head went out: the client had a 503 (helper 134).
             outcome, description = "completed", "complete"
         elif outcome == "cancelled" and is_shutting_down():
             # Past the grace period (or the client left meanwhile): not to be read as a client's doing.
