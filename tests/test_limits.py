@@ -222,10 +222,43 @@ async def test_a_reclaimed_slot_that_does_not_come_back_in_time_is_refused_then_
             await downloads.take("newcomer")
         assert trio.current_time() - started == pytest.approx(RECLAIM_WAIT)
         assert downloads.ended == ["heavy"] and slots.held_by("newcomer") == 0
-        slots.release(downloads.jobs.pop())  # the aborted download ends at last: its slot is anyone's
+        with pytest.raises(JobLimitReached):
+            await downloads.take("second")  # not offered the slow one again: another is aborted
+        assert downloads.ended == ["heavy", "heavy"]
+        slots.release(downloads.jobs.pop())  # the first aborted download ends at last: its slot is anyone's
         assert (slots.free, slots.held_by("heavy")) == (1, 3)
         await downloads.take("other")  # a free slot: nothing reclaimed
-        assert downloads.ended == ["heavy"]
+        assert downloads.ended == ["heavy", "heavy"]
+
+
+async def test_a_slot_reclaimed_for_an_asker_that_left_goes_to_the_next_asker_without_another_abort() -> None:
+    # Helper 134: the next asker aborted another download while the first one's slot was on its way back.
+    slots = JobSlots(4, min_share=1, reserve=0)
+    taken: list[Job] = []
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery, ending=False)
+        for _ in range(4):
+            await downloads.take("heavy")
+        victim = downloads.jobs[-1]
+        with trio.CancelScope() as gone:
+
+            async def leave() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                gone.cancel()
+
+            nursery.start_soon(leave)
+            await downloads.take("first")
+
+        async def ask() -> None:
+            taken.append(await downloads.take("second"))
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert downloads.ended == ["heavy"]  # no second download aborted
+        downloads.jobs.remove(victim)
+        slots.release(victim)  # the aborted download ends: its slot goes to the second asker
+    assert [job.client for job in taken] == ["second"]
+    assert (slots.free, slots.held_by("heavy"), slots.held_by("first")) == (0, 3, 0)
 
 
 @pytest.mark.parametrize("handed_over", [False, True], ids=["while-it-waits", "as-the-slot-is-handed-over"])

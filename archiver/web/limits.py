@@ -154,6 +154,7 @@ class JobSlots:
         self._jobs: dict[str, dict[Job, None]] = {}  # each client's jobs, oldest first
         self._reclaimed: Counter[str] = Counter()  # jobs of a client's being aborted for another's
         self._claims: Counter[str] = Counter()  # slots a client waits to be handed
+        self._unclaimed: dict[Job, None] = {}  # reclaimed jobs whose askers left or gave up: the next asker's
 
     @property
     def free(self) -> int:
@@ -211,30 +212,39 @@ class JobSlots:
         victim = self._reclaimable_for(client)
         assert victim is not None and victim.end is not None
         claim = victim.claim = _Claim(client, ranged, end)
-        victim.reclaimed = True
-        self._reclaimed[victim.client] += 1
         self._claims[client] += 1
-        victim.end()
+        if victim.reclaimed:  # aborted for an asker that is gone: its slot is this one's when it comes
+            del self._unclaimed[victim]
+        else:
+            victim.reclaimed = True
+            self._reclaimed[victim.client] += 1
+            victim.end()
         try:
             with trio.move_on_after(RECLAIM_WAIT):
                 await claim.granted.wait()
         except BaseException:
             if claim.job is not None:  # handed over as this request was cancelled
                 self.release(claim.job)
+            else:  # the asker left: its slot is the next asker's (helper 134), or everyone's as it ends
+                self._withdraw(victim)
+                self._unclaimed[victim] = None
             raise
-        finally:
-            if claim.job is None and victim.claim is claim:  # not handed over: the slot goes to all as it ends
-                victim.claim = None
-                _decrement(self._claims, client)
-        if claim.job is None:
+        if claim.job is None:  # not given back in time, and maybe not soon: everyone's as it ends
+            self._withdraw(victim)
             raise JobLimitReached(f"all {self.total} archive jobs are busy, and the one reclaimed was not given back")
         return claim.job
+
+    def _withdraw(self, victim: Job) -> None:
+        assert victim.claim is not None
+        _decrement(self._claims, victim.claim.client)
+        victim.claim = None
 
     def release(self, job: Job) -> None:
         """Give ``job``'s slot back, or to the client it was reclaimed for."""
         self._drop(job)
         if job.reclaimed:
             _decrement(self._reclaimed, job.client)
+            self._unclaimed.pop(job, None)
         claim = job.claim
         if claim is None:
             self.in_use -= 1
@@ -266,6 +276,8 @@ class JobSlots:
         ``min_share`` already, or no client holds more)."""
         if self._held[client] + self._claims[client] >= self.min_share:
             return None
+        if self._unclaimed:  # aborted already, for an asker that left or gave up (helper 134)
+            return next(iter(self._unclaimed))
         heaviest, most = None, self.min_share
         for holder, jobs in self._jobs.items():
             keeps = len(jobs) - self._reclaimed[holder]
