@@ -261,6 +261,25 @@ async def test_a_slot_reclaimed_for_an_asker_that_left_goes_to_the_next_asker_wi
     assert (slots.free, slots.held_by("heavy"), slots.held_by("first")) == (0, 3, 0)
 
 
+async def test_a_reclaimed_slot_is_offered_to_askers_that_leave_only_until_its_wait_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Helper 135: a stuck download, offered again to each asker that left within the wait, held
+    # every next one waiting (12 askers, 36 s), no other download aborted.
+    slots = JobSlots(4, min_share=1, reserve=0)
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery, ending=False)  # the aborted one never ends
+        for _ in range(4):
+            await downloads.take("heavy")
+        for number in range(4):
+            with trio.move_on_after(RECLAIM_WAIT / 2):  # an asker that gives up early, as curl --max-time
+                await downloads.take(f"asker-{number}")
+        assert downloads.ended == ["heavy"] * 2  # the third asker came 5 s after the abort: another
+        with pytest.raises(JobLimitReached):
+            await downloads.take("patient")
+        assert len(downloads.ended) == 3
+
+
 @pytest.mark.parametrize("handed_over", [False, True], ids=["while-it-waits", "as-the-slot-is-handed-over"])
 async def test_a_request_that_leaves_while_waiting_for_a_reclaimed_slot_leaves_it_free(handed_over: bool) -> None:
     slots = JobSlots(4, min_share=1, reserve=0)

@@ -12,6 +12,7 @@ long and no longer.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 from collections import Counter
 from collections.abc import Callable
@@ -82,13 +83,14 @@ RECLAIM_WAIT = 5.0
 class Job:
     """A job slot held by ``client``; ``end`` aborts the download that holds it (called once at most, on the loop)."""
 
-    __slots__ = ("claim", "client", "end", "ranged", "reclaimed")
+    __slots__ = ("claim", "client", "end", "ranged", "reclaimed", "reclaimed_at")
 
     def __init__(self, client: str, ranged: bool, end: Callable[[], None] | None) -> None:
         self.client = client
         self.ranged = ranged
         self.end = end
         self.reclaimed = False  # ``end`` called: aborted for another client
+        self.reclaimed_at = math.inf  # trio time of that call
         self.claim: _Claim | None = None  # while reclaimed: who takes its slot as it is released
 
 
@@ -217,6 +219,7 @@ class JobSlots:
             del self._unclaimed[victim]
         else:
             victim.reclaimed = True
+            victim.reclaimed_at = trio.current_time()
             self._reclaimed[victim.client] += 1
             victim.end()
         try:
@@ -276,8 +279,13 @@ class JobSlots:
         ``min_share`` already, or no client holds more)."""
         if self._held[client] + self._claims[client] >= self.min_share:
             return None
-        if self._unclaimed:  # aborted already, for an asker that left or gave up (helper 134)
-            return next(iter(self._unclaimed))
+        # Aborted already, for an asker that left (helper 134); not once RECLAIM_WAIT has passed since: it
+        # may be stuck, and askers that each leave sooner would wait on it for ever (helper 135).
+        now = trio.current_time() if self._unclaimed else math.inf
+        for job in list(self._unclaimed):
+            if now - job.reclaimed_at < RECLAIM_WAIT:
+                return job
+            del self._unclaimed[job]
         heaviest, most = None, self.min_share
         for holder, jobs in self._jobs.items():
             keeps = len(jobs) - self._reclaimed[holder]
