@@ -95,6 +95,9 @@ class Settings:
     # busy (limits.JobSlots): while more than a quarter of max_jobs is free,
     # a client may hold any number.
     max_jobs_per_client: int = 4
+    # An IPv6 client is its network of this many bits for the limits (web.clients.counted_client):
+    # a home is given a /64 and may use any of its addresses.  128: each address a client.
+    client_ipv6_prefix: int = 64
     # Peers whose X-Forwarded-For names the client (addresses or networks):
     # the proxy in front, e.g. nginx on the same host.  Anyone else's is ignored.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -163,6 +166,7 @@ class Settings:
             self._bound("settle_time", MIN_SETTLE_TIME, MAX_SETTLE_TIME, "seconds (or 0: off)")
         self._bound("stall_timeout", MIN_STALL_TIMEOUT, unit="seconds")
         self._bound("max_jobs_per_client", 1)
+        self._bound("client_ipv6_prefix", 1, 128, "bits")
         self._bound("max_connections", 0)
         try:
             zoneinfo.ZoneInfo(self.timezone)
@@ -323,6 +327,7 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "stall_timeout": number,
     "storage_timeout": number,
     "max_jobs_per_client": integer,
+    "client_ipv6_prefix": integer,
     "trusted_proxies": _parse_list,
     "max_connections": integer,
     "link_secret": str,

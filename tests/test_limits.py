@@ -20,7 +20,7 @@ from archiver.fences.hypercorn_tcp import write_units
 from archiver.logs import Quieted
 from archiver.web import connection as connection_module
 from archiver.web import download as download_module
-from archiver.web.clients import TrustedProxies
+from archiver.web.clients import TrustedProxies, counted_client
 from archiver.web.limits import (
     RECLAIM_WAIT,
     STALL_UNIT,
@@ -437,9 +437,26 @@ def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog:
 
 
 @pytest.mark.parametrize(
+    "address, prefix, counted",
+    [
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", 56, "2001:db8:1::/56"),
+        ("2001:db8:1:2::1", 128, "2001:db8:1:2::1"),  # each address a client
+        ("198.51.100.1", 64, "198.51.100.1"),  # IPv4: the address (a home behind its router)
+        ("fe80::1%eth0", 64, "fe80::/64"),  # a peer's link-local address carries its zone
+        ("unknown", 64, "unknown"),  # no peer (TrustedProxies.client_address)
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_network(address: str, prefix: int, counted: str) -> None:
+    assert counted_client(address, prefix) == counted
+
+
+@pytest.mark.parametrize(
     "variable, value",
     [
         ("ARCHIVER_TRUSTED_PROXIES", "nginx.local"),
+        ("ARCHIVER_CLIENT_IPV6_PREFIX", "0"),
+        ("ARCHIVER_CLIENT_IPV6_PREFIX", "129"),
         ("ARCHIVER_STALL_TIMEOUT", "0"),
         ("ARCHIVER_STALL_TIMEOUT", "nan"),
         ("ARCHIVER_STORAGE_TIMEOUT", "0"),
@@ -473,8 +490,10 @@ def test_limits_from_the_environment() -> None:
             "ARCHIVER_STORAGE_TIMEOUT": "120",
             "ARCHIVER_MAX_JOBS_PER_CLIENT": "2",
             "ARCHIVER_MAX_CONNECTIONS": "1000",
+            "ARCHIVER_CLIENT_IPV6_PREFIX": "56",
         }
     )
+    assert settings.client_ipv6_prefix == 56 and Settings.from_env({}).client_ipv6_prefix == 64
     assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
     assert (settings.stall_timeout, settings.storage_timeout) == (30, 120)
     assert (settings.max_jobs_per_client, settings.max_connections) == (2, 1000)
@@ -534,9 +553,13 @@ def client_from(url: str, address: str, protocol: str = "HTTP/1.1") -> httpx.Asy
     return httpx.AsyncClient(verify=CLIENT_TLS, base_url=url, transport=transport, timeout=60)
 
 
-async def test_one_clients_listings_do_not_hold_up_another_clients_first_byte(settings: Settings) -> None:
+@pytest.mark.parametrize("addresses", ["one address", "one IPv6 /64"])
+async def test_one_clients_listings_do_not_hold_up_another_clients_first_byte(
+    settings: Settings, addresses: str
+) -> None:
     # Issue 23: 100 HEADs from one address held a polite download 34.5 s behind their walks.  Each
-    # of another album here: HEADs of one album queued at once share its walks (RecentWalks).
+    # of another album here: HEADs of one album queued at once share its walks (RecentWalks).  A
+    # home's /64 is one client however many of its addresses it uses (behind nginx, X-Forwarded-For).
     heads = 30
     for album in range(heads):
         write_tree(settings.storage_dir / f"many-{album}", {f"{i:05d}.jpg": b"x" for i in range(1000)})
@@ -547,7 +570,8 @@ async def test_one_clients_listings_do_not_hold_up_another_clients_first_byte(se
 
         async def head(album: int) -> None:
             nonlocal answered
-            assert (await attacker.head(f"/archive/many-{album}/")).status_code == 200
+            headers = {"X-Forwarded-For": f"2001:db8:1:2::{album + 1}"} if addresses == "one IPv6 /64" else {}
+            assert (await attacker.head(f"/archive/many-{album}/", headers=headers)).status_code == 200
             answered += 1
             first_answered.set()
 
@@ -632,6 +656,57 @@ async def test_a_request_answered_whole_is_no_range_to_the_range_limit(settings:
         ranged = await client.get("/archive/other/", headers={"Range": "bytes=0-9"})
     assert (stale.status_code, several.status_code, ranged.status_code) == (200, 200, 503)
     assert stale.content == several.content and read_archive(stale.content)["photo.jpg"] == b"x" * 100
+
+
+@pytest.mark.parametrize("prefix", [64, 128])
+async def test_the_addresses_of_one_ipv6_network_are_one_client_to_the_limits(
+    settings: Settings, prefix: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A home is given a /64 and may use any of its 2**64 addresses: counted by address, 16 of them
+    # reading slowly held every job slot.  Here behind nginx (X-Forwarded-For from 127.0.0.1).
+    write_tree(settings.storage_dir / "album", {"photo.jpg": os.urandom(1024 * 1024)})
+    # 8 slots, 2 in reserve, a share of 2 once busy; a download lasts ~8 s unless closed.
+    held = replace(settings, delay=0.5, chunk_size=65536, max_jobs=8, max_jobs_per_client=2, client_ipv6_prefix=prefix)
+    statuses: dict[str, int] = {}
+    stop = trio.Event()
+    async with (
+        running_server(held) as url,
+        client_from(url, "127.0.0.1") as nginx,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def hold(address: str, headers: dict[str, str], answered: trio.Event) -> None:
+            async with nginx.stream(
+                "GET", "/archive/album/", headers={"X-Forwarded-For": address} | headers
+            ) as response:
+                statuses[address] = response.status_code
+                answered.set()
+                if response.status_code in (200, 206):
+                    await stop.wait()
+
+        async def download(address: str, headers: dict[str, str] | None = None) -> None:
+            answered = trio.Event()
+            nursery.start_soon(hold, address, headers or {}, answered)
+            await answered.wait()
+
+        for host in range(1, 7):  # 6 slots: 2 free, the reserve
+            await download(f"2001:db8:1:2::{host}")
+        await download("2001:db8:1:2::7")  # 6 held by its /64 (prefix 64), none by itself (128)
+        await download("2001:db8:1:3::1", {"Range": "bytes=0-"})  # another /64
+        metrics = samples((await nginx.get("/metrics")).text)
+        stop.set()
+    assert [statuses[f"2001:db8:1:2::{host}"] for host in range(1, 7)] == [200] * 6
+    assert statuses["2001:db8:1:3::1"] == 206
+    if prefix == 64:
+        assert statuses["2001:db8:1:2::7"] == 503
+        assert metrics['archiver_downloads_rejected_total{reason="fair_share"}'] == 1
+        assert metrics["archiver_active_clients"] == 2 and metrics["archiver_largest_client_share"] == 6
+        # The log names the address, and the network the limit counted.
+        assert any("refused album for 2001:db8:1:2::7: 2001:db8:1:2::/64 holds 6 archive jobs" in line
+                   for line in caplog.messages)  # fmt: skip
+    else:
+        assert statuses["2001:db8:1:2::7"] == 200
+        assert metrics["archiver_active_clients"] == 8 and metrics["archiver_largest_client_share"] == 1
 
 
 async def test_sixteen_downloads_at_once_from_one_address_on_an_idle_service(settings: Settings) -> None:

@@ -1,7 +1,8 @@
 """Who a request's client is: its TCP peer, or the address a trusted proxy forwards for (X-Forwarded-For).
 
-The client's address is what the limits are kept by (``limits.JobSlots``,
-``walk_turns.ClientWalks``) and what the log names.
+The client's address is what the log names; the limits (``limits.JobSlots``,
+``walk_turns.ClientWalks``) count it as ``counted_client`` says: an IPv6
+address by its network.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ def unmapped(address: str) -> str:
     except ValueError:
         return address
     return address if mapped is None else str(mapped)
+
+
+def counted_client(address: str, ipv6_prefix: int) -> str:
+    """Who the limits count ``address`` as: an IPv4 address (or "unknown") itself, an IPv6 address its network.
+
+    ``ipv6_prefix``: the network's length in bits, 1..128 (``Settings.client_ipv6_prefix``,
+    64 by default; 128: each address its own client).  An IPv6 subscriber is
+    given a /64 at least (RFC 6177; a /56 or /48 by many providers), in which
+    it may use any of 2**64 addresses: counted by address, one home reading
+    16 slow downloads from 16 of its addresses held every job slot for hours.
+    Counted by /64 it is one client, as an IPv4 home behind its router is.
+    ``address`` is in ``TrustedProxies.client_address``'s spelling.
+    """
+    if ":" not in address or ipv6_prefix >= 128:
+        return address
+    try:
+        network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+    except ValueError:
+        return address
+    return str(network)
 
 
 class TrustedProxies:

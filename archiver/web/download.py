@@ -70,6 +70,7 @@ class ArchiveBody(ResponseBody):
         rate_limit: int = 0,
         byte_range: ByteRange | None = None,
         client: str = "unknown",
+        counted_as: str | None = None,
         stall_timeout: float = math.inf,
         storage_timeout: float = math.inf,
         left_out: int = 0,
@@ -100,9 +101,10 @@ class ArchiveBody(ResponseBody):
             self._crcs = CrcSource(plan, plan.crc_entries(self._start, self._end), crc_index, whole_download=whole)
         elif stored := plan.entries_stored_when_deflating():
             self._crcs = CrcSource(plan, stored, crc_index)
-        # Who asked (for the fair share of the job slots), and how long one
-        # chunk may wait on them (see ``connection``, which does the sending).
+        # Who asked (for the log), who the fair share of the job slots counts (``clients.counted_client``),
+        # and how long one chunk may wait on them (see ``connection``, which does the sending).
         self.client = client
+        self.counted_as = client if counted_as is None else counted_as
         self.stall_timeout = stall_timeout
         # How long the response may wait for its next chunk while the storage yields nothing.
         self.storage_timeout = storage_timeout
@@ -131,7 +133,7 @@ class ArchiveBody(ResponseBody):
         like a whole download: it may read whole files (those at its ends,
         CRCs the index lacks), and holds the whole plan.
         """
-        self._job = await self.slots.take(self.client, self._ranged, self._reclaim)
+        self._job = await self.slots.take(self.counted_as, self._ranged, self._reclaim)
         self._writes = watch_response_writes()  # this task's, which send this body over HTTP/1.1
         try:
             self.planned.acquire(self.plan)
@@ -195,7 +197,8 @@ class ArchiveBody(ResponseBody):
 
     async def _end_reclaimed(self) -> None:
         raise SlotReclaimed(
-            f"every archive job was busy and {self.client} held more than its share: its newest download gave its slot"
+            f"every archive job was busy and {self.counted_as} held more than its share: "
+            "its newest download gave its slot"
         )
 
     def _finish_before_start(self, failure: BaseException) -> None:

@@ -24,7 +24,7 @@ from ..archive.storage import ALBUM_NAME, resolve_album
 from ..config import Settings
 from ..logs import cut_for_log
 from .answers import answer_headers, client_address, client_protocols, header_field, no_body, utf8_filename
-from .clients import TrustedProxies
+from .clients import TrustedProxies, counted_client
 from .connection import limit_refusal, listing_refusal
 from .crc_index_file import open_crc_store
 from .disposition import DisplayNameRefused, display_name
@@ -102,8 +102,7 @@ class Routes:
             filename, client, prepared = await self._prepare(name)
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             # Raised once the client's address was worked out (``_prepare``): the same again.
-            client = client_address(self.proxies)
-            return limit_refusal(error, name, client, self.metrics, request.headers.get("Accept"))
+            return limit_refusal(error, name, client_address(self.proxies), self.metrics, request.headers.get("Accept"))
         except AlbumNotFound:
             logger.debug("no album for %r", cut_for_log(name))
             abort(404)
@@ -139,6 +138,7 @@ class Routes:
             rate_limit=settings.rate_limit,
             byte_range=byte_range,
             client=client,
+            counted_as=counted_client(client, settings.client_ipv6_prefix),
             stall_timeout=settings.stall_timeout,
             storage_timeout=settings.storage_timeout,
             left_out=prepared.left_out,
@@ -177,6 +177,7 @@ class Routes:
             limiter=self.resolvers,
         )
         client = client_address(self.proxies)  # after the link and the album: X-Forwarded-For may be long
+        counted = counted_client(client, settings.client_ipv6_prefix)  # by the limits: an IPv6 client's /64
         # Limits before work: a download that would be refused is refused before its walk.  Not
         # a conditional request, which may need no job (304, 412): its body takes the slot, or
         # is refused, as any download's does (ArchiveBody).  And not as a range, unless the
@@ -184,7 +185,7 @@ class Routes:
         conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
         if request.method == "GET" and not conditional:
             ranged = surely_a_range(header_field(request.headers, "Range"), header_field(request.headers, "If-Range"))
-            self.slots.check(client, ranged=ranged)
+            self.slots.check(counted, ranged=ranged)
         # A deflated archive has no length: its end is the chunked body's end, which
         # HTTP/1.0 lacks, so a failed one would end as the connection closes, looking
         # complete.  An HTTP/1.0 client gets the stored archive, whose length it checks.
@@ -208,8 +209,8 @@ class Routes:
             timeout=settings.storage_timeout,
             limiter=self.walkers,
             progress=progress,
-            admission=partial(self.client_walks.turn, client, progress),
-            queue_moved=partial(self.client_walks.queue_moved, client, progress),
+            admission=partial(self.client_walks.turn, counted, progress),
+            queue_moved=partial(self.client_walks.queue_moved, counted, progress),
         )
         return filename, client, prepared
 
