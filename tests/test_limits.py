@@ -443,7 +443,18 @@ def test_a_descriptor_limit_that_leaves_few_connections_is_said_at_start(caplog:
         ("2001:db8:1:2::1", 56, "2001:db8:1::/56"),
         ("2001:db8:1:2::1", 128, "2001:db8:1:2::1"),  # each address a client
         ("198.51.100.1", 64, "198.51.100.1"),  # IPv4: the address (a home behind its router)
-        ("fe80::1%eth0", 64, "fe80::/64"),  # a peer's link-local address carries its zone
+        # An IPv4 client's address inside: NAT64 or SIIT (helper 136: every IPv4 client one), 6to4, Teredo.
+        ("64:ff9b::102:304", 64, "1.2.3.4"),
+        ("64:ff9b::506:708", 64, "5.6.7.8"),
+        ("::ffff:0:102:304", 64, "1.2.3.4"),
+        ("2002:102:304:5::1", 64, "1.2.3.4"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", 64, "192.0.2.45"),
+        # By address: the whole LAN's link-local addresses are one fe80::/64, and ::/96.
+        ("fe80::1", 64, "fe80::1"),
+        ("fe80::1%eth0", 64, "fe80::1%eth0"),
+        ("::1", 64, "::1"),
+        ("::102:304", 64, "::102:304"),
+        ("fd12:3456:789a:1::1", 64, "fd12:3456:789a:1::/64"),  # a unique local address: its site's subnet
         ("unknown", 64, "unknown"),  # no peer (TrustedProxies.client_address)
     ],
 )

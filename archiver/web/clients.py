@@ -27,6 +27,15 @@ def unmapped(address: str) -> str:
     return address if mapped is None else str(mapped)
 
 
+# IPv6 addresses that carry an IPv4 client's address in their last 32 bits: a NAT64 or SIIT
+# translator's (RFC 6052's well-known prefix; RFC 7915's IPv4-translated form).  Cut to a /64,
+# every IPv4 client behind the translator was one client (helper 136).
+_TRANSLATED = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
+# Counted by address: the IPv4-compatible form and loopback (::/96), and link-local addresses,
+# which every host of a LAN has in one fe80::/64 (Hypercorn gives no zone to tell links apart).
+_BY_ADDRESS = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("fe80::/10"))
+
+
 def counted_client(address: str, ipv6_prefix: int) -> str:
     """Who the limits count ``address`` as: an IPv4 address (or "unknown") itself, an IPv6 address its network.
 
@@ -36,15 +45,26 @@ def counted_client(address: str, ipv6_prefix: int) -> str:
     it may use any of 2**64 addresses: counted by address, one home reading
     16 slow downloads from 16 of its addresses held every job slot for hours.
     Counted by /64 it is one client, as an IPv4 home behind its router is.
-    ``address`` is in ``TrustedProxies.client_address``'s spelling.
+    An address that embeds an IPv4 client's (NAT64, SIIT, 6to4, Teredo: RFC
+    6052, 7915, 3056, 4380) is counted as that IPv4 address; link-local and
+    ``::/96`` ones by address.  ``address`` is in ``TrustedProxies.client_address``'s
+    spelling.
     """
-    if ":" not in address or ipv6_prefix >= 128:
+    if ":" not in address:
         return address
     try:
-        network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+        ip = ipaddress.IPv6Address(address)
     except ValueError:
         return address
-    return str(network)
+    if any(ip in network for network in _TRANSLATED):
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:  # 2002:a.b.c.d::/48, a site's prefix made of its IPv4 address
+        return str(ip.sixtofour)
+    if ip.teredo is not None:  # (server, client): the client's public IPv4 address
+        return str(ip.teredo[1])
+    if ipv6_prefix >= 128 or any(ip in network for network in _BY_ADDRESS):
+        return address
+    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 class TrustedProxies:
