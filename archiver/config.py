@@ -2,7 +2,8 @@
 
 This is the only module that reads ``os.environ``; everything else is handed a
 :class:`Settings`.  Environment variables carry the ``ARCHIVER_`` prefix and
-the same names as the fields (``ARCHIVER_DIR``, ``ARCHIVER_DELAY``, ...).
+the same names as the fields (``ARCHIVER_DELAY``, ``ARCHIVER_MAX_JOBS``, ...), but
+``ARCHIVER_DIR`` and ``ARCHIVER_INDEX`` (``storage_dir``, ``index_path``), named as their flags.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ class Settings:
     chunk_size: int = 512 * 1024
     channel_capacity: int = 1
     # Archive jobs (producer processes) at once; one more is refused with 503,
-    # not queued.  A stored archive is bound by I/O rather than CPU, and a job costs well
-    # under a megabyte, so the default is not tied to the core count.
+    # not queued, unless a slot is reclaimed for a client under its share
+    # (web.limits.JobSlots).  A stored archive is bound by I/O rather than CPU,
+    # and a job costs well under a megabyte, so the default is not tied to the
+    # core count.
     max_jobs: int = 64
     # Bytes per second per download, 0 for no limit (beside `delay`).
     rate_limit: int = 0
@@ -81,9 +84,10 @@ class Settings:
     # hypercorn.toml's graceful_timeout for the hypercorn launch).
     shutdown_grace: float = 10.0
     # Limits on one client (README, Limits and abuse).  A download is aborted
-    # when a write of one chunk (256 KiB) to its client takes longer than this:
-    # a client slower than ~4 kB/s for a whole minute, or one that stopped
-    # reading.  A 50 kB/s link takes 5 s per 256 KiB.
+    # when a write to its client takes longer than this for each 256 KiB it holds
+    # (web.limits.STALL_UNIT; 120 s for a 512 KiB chunk): a client slower than
+    # ~4 kB/s for a whole minute, or one that stopped reading.  A 50 kB/s link
+    # takes 5 s per 256 KiB.
     stall_timeout: float = 60.0
     # Seconds a download may wait on the storage: the response waiting for its
     # next bytes while neither the producer writes any nor a cold file's CRC

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -270,8 +271,15 @@ async def test_a_tls_handshake_that_never_ends_holds_its_connection_for_the_ship
 
 def test_hypercorn_toml_documents_tls() -> None:
     text = (PROJECT / "hypercorn.toml").read_text()
-    for setting in ("certfile", "keyfile", "alpn_protocols", "workers"):
+    for setting in ("certfile", "keyfile", "alpn_protocols"):
         assert re.search(rf"^# {setting} = ", text, re.MULTILINE), setting
+    assert "change workers above" in text
+    # Every setting shown commented out, uncommented, leaves a configuration (helper 137: a second
+    # bind line there, and a second workers line, were TOML errors: Hypercorn did not start).
+    uncommented = re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+    config = tomllib.loads(uncommented)
+    assert config["certfile"] and config["keyfile"] and config["alpn_protocols"] == ["h2", "http/1.1"]
+    assert HypercornConfig.from_mapping(config).alpn_protocols == ["h2", "http/1.1"]
 
 
 def test_systemd_unit_uses_the_hypercorn_launch_and_env_file() -> None:
