@@ -99,7 +99,7 @@ class Routes:
     async def archive(self, name: str) -> Response:
         """``/archive/<name>/``: the album's archive (or the range asked for), or why not."""
         try:
-            filename, client, prepared = await self._prepare(name)
+            filename, client, counted, prepared = await self._prepare(name)
         except (JobLimitReached, FairShareExceeded, RangeLimitReached, WalkLimitReached) as error:
             # Raised once the client's address was worked out (``_prepare``): the same again.
             return limit_refusal(error, name, client_address(self.proxies), self.metrics, request.headers.get("Accept"))
@@ -138,7 +138,7 @@ class Routes:
             rate_limit=settings.rate_limit,
             byte_range=byte_range,
             client=client,
-            counted_as=counted_client(client, settings.client_ipv6_prefix),
+            counted_as=counted,
             stall_timeout=settings.stall_timeout,
             storage_timeout=settings.storage_timeout,
             left_out=prepared.left_out,
@@ -147,8 +147,8 @@ class Routes:
         # No timeout of Quart's: RESPONSE_TIMEOUT is None for every response (``create_app``).
         return Response(body, status=status, mimetype="application/zip", headers=headers)
 
-    async def _prepare(self, name: str) -> tuple[str, str, PreparedArchive]:
-        """The download's file name, its client's address, and its album walked and planned.
+    async def _prepare(self, name: str) -> tuple[str, str, str, PreparedArchive]:
+        """The download's file name, its client's address, who the limits count it as, and its album walked and planned.
 
         Raises what the route answers: AlbumNotFound, ListingFailed,
         DisplayNameRefused, LinkRefused, and the limits' refusals.
@@ -212,7 +212,7 @@ class Routes:
             admission=partial(self.client_walks.turn, counted, progress),
             queue_moved=partial(self.client_walks.queue_moved, counted, progress),
         )
-        return filename, client, prepared
+        return filename, client, counted, prepared
 
     async def archive_without_slash(self, name: str) -> Response:
         """``/archive/<name>``: a redirect to the album's path with its slash."""
