@@ -3,14 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-slow lint bench bench-tools
+.PHONY: install run test test-slow lint bench bench-tools FORCE
 
 # The service's dependencies alone (make install, make run): a production checkout gets no test tools.
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(VENV)/.interpreter
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable .
 	touch $@
+
+# The interpreter .venv was made with; another PYTHON makes it again (helper 138: `make install
+# PYTHON=/usr/bin/python3` in a checkout where `make run` had made it kept pyenv's, which the
+# service's user may not run).  Written only when it changes: what depends on it stays up to date.
+$(VENV)/.interpreter: FORCE
+	@interpreter="$$($(PYTHON) -c 'import sys; print(sys.executable)')" && \
+	if [ "$$(cat $@ 2>/dev/null)" != "$$interpreter" ]; then \
+		rm -rf $(VENV) && mkdir -p $(VENV) && echo "$$interpreter" > $@; \
+	fi
 
 # And the tests' and linters' (make test, lint, bench).
 $(BIN)/.installed-test: $(BIN)/.installed

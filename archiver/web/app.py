@@ -130,7 +130,8 @@ def _guard_requests(app: QuartTrio) -> None:
         # framed otherwise than h11 did (request smuggling); the server MUST close after answering it.
         # h11 frames it by Transfer-Encoding and kept the connection (helper 108).  As nginx: 400, closed.
         if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
-            return error_page(400, request.headers.get("Accept"), {"Connection": "close"})
+            # Its sentence, not the default 400's, which is about a link's filename (helper 138).
+            return error_page(400, request.headers.get("Accept"), {"Connection": "close"}, message=UNPARSED_REQUEST)
         return None
 
     @app.before_request
