@@ -21,8 +21,8 @@ chosen here, once per plan, for every reader alike:
   makes up (``PHOTOG~1.JPG``, which "Photograph.jpg" also answers to, or
   ``ФОТОГР~1.JPG`` on a FAT card written by a Russian Windows) has its
   ``~`` made ``_``, in any script;
-- a component longer than 255 bytes in UTF-8 (what Linux, Android and
-  Windows hold), or 255 UTF-16 units in NFD (macOS), is shortened before its
+- a component longer than 255 bytes in UTF-8 (what Linux and Android hold;
+  Windows holds 255 UTF-16 units, never fewer), or 255 UTF-16 units in NFD (macOS), is shortened before its
   extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
   system (NFC, then case folded; NTFS's upper case), or once an extractor
