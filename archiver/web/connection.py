@@ -124,6 +124,7 @@ async def send_archive_response(
                         await _send_within(send, _start_event(response), body.stall_timeout)
                     body.head_went_out()
                 await _send_within(send, _body_event(chunk, more_body=True), body.stall_timeout)
+                body.handed_over(len(chunk))
             if not headers_sent:  # cannot happen: even an empty album yields the empty ZIP
                 headers_sent = True
                 await _send_within(send, _start_event(response), body.stall_timeout)

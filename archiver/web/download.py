@@ -110,7 +110,11 @@ class ArchiveBody(ResponseBody):
         self.storage_timeout = storage_timeout
         self._waiting_since: float | None = None  # trio time, while the response waits for a chunk
         self._watch_scope = trio.CancelScope()  # the watchdog's: it ends with the body
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # taken from the producer for the client (the log's "bytes sent")
+        # Of those, the bytes whose send to the server returned (``handed_over``): a chunk whose send was
+        # cancelled as its client left (an HTTP/2 window never opened, the chunk waiting at the
+        # stream's buffer limit) is not among them, and the download is not complete (helper 140).
+        self.bytes_handed = 0
         # Set by the sender as the head goes out: before it, a failure is a refusal (503, 500), and the
         # chunk taken from the producer reached no one (helper 70: "524288 bytes sent" for a 503).
         self.head_sent = False
@@ -184,6 +188,10 @@ class ArchiveBody(ResponseBody):
                 # A write to a client that reads slowly is shielded: cut, not left to its stall deadline
                 # (helper 132: the slot came back ~60 s later, the newcomer refused after 5).
                 self._writes.cut_now()
+
+    def handed_over(self, count: int) -> None:
+        """The sender's send of ``count`` bytes of the body has returned: the server took them (``bytes_handed``)."""
+        self.bytes_handed += count
 
     def head_went_out(self) -> None:
         """The head's write has returned (the sender says): a reclaim since it began cuts the writes after it.
@@ -386,7 +394,7 @@ class ArchiveBody(ResponseBody):
         elif (
             (outcome == "cancelled" or (outcome == "reclaimed" and self._writes.written and not bytes_dropped()))
             and self.head_written
-            and self.bytes_sent == self._length()
+            and self.bytes_handed == self._length()
         ):
             # Judged by what was delivered: every byte announced was taken by
             # the client, which may then leave (closing the connection) before
