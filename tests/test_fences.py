@@ -44,6 +44,7 @@ import hypercorn.trio.worker_context as hypercorn_worker_context_module
 import hypercorn.utils as hypercorn_utils_module
 import priority
 import pytest
+import quart.asgi
 import quart_trio.asgi
 import trio
 import trio.testing
@@ -71,13 +72,36 @@ def release(package: str) -> tuple[int, ...]:
 
 
 def test_installed_versions_are_the_ones_checked() -> None:
-    assert (0, 17) <= release("hypercorn") < (0, 19)
-    assert (4, 1) <= release("h2") < (5, 0)
+    # The lower bounds are the versions checked: Hypercorn 0.17 and h2 4.1 lack what the fences use
+    # (helper 140: h2 4.1's FrameBuffer keeps ``data``, not ``_data``, which patch 11 reads).
+    assert (0, 18) <= release("hypercorn") < (0, 19)
+    assert (4, 4) <= release("h2") < (5, 0)
+    assert (0, 16) <= release("h11") < (0, 17)
+    assert (0, 22) <= release("quart") < (0, 23)
     assert (0, 12) <= release("quart-trio") < (0, 13)
     assert (2, 0) <= release("priority") < (3, 0)
     pins = PYPROJECT.read_text()
-    for pin in ('"hypercorn>=0.17,<0.19"', '"h2>=4.1,<5"', '"quart-trio>=0.12,<0.13"', '"priority>=2,<3"'):
+    for pin in (
+        '"hypercorn>=0.18,<0.19"',
+        '"h2>=4.4,<5"',
+        '"h11>=0.16,<0.17"',
+        '"quart>=0.22,<0.23"',
+        '"quart-trio>=0.12,<0.13"',
+        '"priority>=2,<3"',
+    ):
         assert pin in pins
+
+
+def test_the_taken_over_send_is_quarts_own_and_quart_trio_calls_it() -> None:
+    # fences/quart_trio.py overrides _send_response: Quart's method (helper 140: not Quart-Trio's), whose
+    # arguments the takeover passes on as they are.
+    assert "_send_response" in vars(quart.asgi.ASGIHTTPConnection)
+    assert "_send_response" not in vars(quart_trio.asgi.TrioASGIHTTPConnection)
+    assert list(inspect.signature(quart.asgi.ASGIHTTPConnection._send_response).parameters) == [
+        "self",
+        "send",
+        "response",
+    ]
 
 
 def source_of(module: object) -> str:
@@ -373,8 +397,10 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     hypercorn_access.install()
     hypercorn_signals.install()
     hypercorn_h11.install()
-    for name in ("_send_h11_event", "_send_error_response"):
+    for name in ("handle", "_send_h11_event", "_send_error_response"):
         assert getattr(hypercorn_h11_module.H11Protocol, name).__module__ == "archiver.fences.hypercorn_h11"
+    # Patched by hypercorn_h2 (patches 6, 10, 14), then wrapped by hypercorn_h2_frames, whose is outermost.
+    assert hypercorn_h2_module.H2Protocol._handle_events.__module__ == "archiver.fences.hypercorn_h2_frames"
     assert hypercorn_worker_context_module.WorkerContext.__init__.__module__ == "archiver.fences.hypercorn_signals"
     trigger = hypercorn_trio_run_module.check_multiprocess_shutdown_event  # type: ignore[attr-defined]
     assert trigger.__module__ == "archiver.fences.hypercorn_signals"
@@ -388,7 +414,7 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     for name in ("_priority_updated", "__init__", "_window_updated"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2_frames"
     assert h2_frame_buffer_module.FrameBuffer.__next__.__module__ == "archiver.fences.hypercorn_h2_frames"
-    for name in ("run", "protocol_send"):
+    for name in ("run", "_read_data", "protocol_send"):
         assert getattr(tcp_server_module.TCPServer, name).__module__ == "archiver.fences.hypercorn_tcp"
     for name in ("app_send", "handle", "_send_closed", "_send_error_response"):
         assert getattr(http_stream_module.HTTPStream, name).__module__ == "archiver.fences.hypercorn_access"

@@ -1,4 +1,4 @@
-"""Hypercorn's access log (0.17-0.18): one line per request, with the status and the bytes really sent.
+"""Hypercorn's access log (0.18): one line per request, with the status and the bytes really sent.
 
 Hypercorn logs a request when the response ends (``HTTPStream._send_closed``)
 and also when the stream closes before that (``handle(StreamClosed)``), with

@@ -1,4 +1,4 @@
-"""Five adjustments to Hypercorn's HTTP/1.1 protocol (0.17-0.18): reason phrases, bodies for its own errors,
+"""Five adjustments to Hypercorn's HTTP/1.1 protocol (0.18): reason phrases, bodies for its own errors,
 no request read after "close", no reader left waiting on a closed connection, and blank lines before a request.
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status

@@ -1,4 +1,4 @@
-"""What a client's HTTP/2 frames may cost (h2 4.x, Hypercorn 0.17-0.18): patches 11-15 of ``hypercorn_h2``.
+"""What a client's HTTP/2 frames may cost (h2 4.4, Hypercorn 0.18): patches 11-15 of ``hypercorn_h2``.
 
 11. Refuse an overlong frame at its header.
 

@@ -1,4 +1,4 @@
-"""Hypercorn's HTTP/2 send path, adjusted (0.17-0.18): patches 2 and 3 of ``hypercorn_h2``, which installs them.
+"""Hypercorn's HTTP/2 send path, adjusted (0.18): patches 2 and 3 of ``hypercorn_h2``, which installs them.
 
 2. Send DATA frames in batches.
 

@@ -1,4 +1,4 @@
-"""Six adjustments to Hypercorn's trio TCP server (0.17-0.18), installed once per process.
+"""Six adjustments to Hypercorn's trio TCP server (0.18), installed once per process.
 
 1. A socket write that does not get each 256 KiB out within the stall timeout ends the connection.
 

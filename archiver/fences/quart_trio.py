@@ -1,10 +1,12 @@
-"""Quart-Trio's HTTP connection, with the sending of chosen responses taken over.
+"""Quart-Trio's HTTP connection, with the sending of every response taken over.
 
 Quart sends a response's headers before it touches the body; an archive's
-must wait until the producer has produced (``web.connection``).  The only
-place to change that is ``TrioASGIHTTPConnection._send_response``, a private
-method (checked against quart-trio 0.12, pinned in pyproject.toml; the
-signature is asserted in tests/test_fences.py).
+must wait until the producer has produced (``web.connection``), and every
+other answer gets the stall timeout (``web.connection.response_sender``).
+The only place to change that is ``_send_response``, a private method of
+Quart's ``ASGIHTTPConnection`` that Quart-Trio's ``TrioASGIHTTPConnection``
+inherits and calls (checked against quart 0.22 and quart-trio 0.12, pinned in
+pyproject.toml; its signature and the call are asserted in tests/test_fences.py).
 """
 
 from __future__ import annotations
