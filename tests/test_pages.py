@@ -146,6 +146,8 @@ async def test_favicon_is_no_content_and_no_archive_message(
         index = await client.get("/")  # on the same kept-alive connection
     assert [icon.status_code for icon in icons] == [204, 204]
     assert icons[0].content == b"" and "content-type" not in icons[0].headers
+    # RFC 9110 8.6: no Content-Length on a 204 (helper 140: "0"), nor any other framing.
+    assert "content-length" not in icons[0].headers and "transfer-encoding" not in icons[0].headers
     assert index.status_code == 200
     assert "Traceback" not in caplog.text and "Error" not in caplog.text
 

@@ -253,7 +253,9 @@ class Routes:
     async def favicon(self) -> Response:
         """``/favicon.ico``: no icon (204)."""
         # Every browser asks; no icon is better than an "archive deleted" page, and costs no walk.
-        # A bytes body: Quart's default empty iterable needs asyncio (a traceback, a dropped connection).
-        response = Response(b"", status=204)
+        # An empty async body: Quart's default empty iterable needs asyncio (a traceback, a dropped
+        # connection), and a bytes one announced "Content-Length: 0", which a 204 must not (RFC 9110
+        # 8.6; helper 140).
+        response = Response(no_body(), status=204)
         del response.headers["Content-Type"]
         return response
