@@ -718,3 +718,24 @@ async def test_an_album_that_cannot_be_listed_whole_is_refused_never_sent_in_par
     assert b"ERROR archiver.web.connection: refused deep: cannot list it: " in server.output
     assert b"Too many open files" in server.output
     assert b"download deep" not in server.output  # no download started, so none logged as complete
+
+
+async def test_an_unexpected_failure_before_the_head_is_the_500_page_with_its_traceback(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 140: a fault of the service's own escaped the archive's sender, and Hypercorn answered
+    # its own 500: an empty body, no Cache-Control, not the page every other error is.
+    async def faulty(self: ArchiveBody) -> bytes | None:
+        raise RuntimeError("a planted fault")
+
+    monkeypatch.setattr(ArchiveBody, "_next_chunk", faulty)
+    write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as client:
+        page = await client.get("/archive/album/", headers={"Accept": "text/html"})
+        text = await client.get("/archive/album/")
+        assert (await client.get("/healthz")).status_code == 200
+    assert page.status_code == 500 and "Код ошибки: 500" in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert text.status_code == 500 and text.text.strip() and "<" not in text.text
+    faults = [record for record in caplog.records if "unexpected failure before the head" in record.getMessage()]
+    assert len(faults) == 2 and faults[0].exc_info and "a planted fault" in str(faults[0].exc_info[1])

@@ -146,7 +146,11 @@ async def send_archive_response(
             raise
         refusal = _refusal_for(body, failure, _accept_header(scope["headers"]))
         if refusal is None:
-            raise
+            # A fault of the service's own: its traceback, and the 500 page every other error has,
+            # not Hypercorn's empty 500 without no-store, which an escaped error got (helper 140).
+            logger.error("download %s for %s: unexpected failure before the head", body.name, body.client,
+                         exc_info=failure)  # fmt: skip
+            refusal = error_page(500, _accept_header(scope["headers"]))
         with trio.move_on_after(body.stall_timeout):  # as any small answer (response_sender)
             await send_response(send, refusal)
         return True
