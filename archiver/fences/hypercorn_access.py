@@ -2,7 +2,7 @@
 
 Hypercorn logs a request when the response ends (``HTTPStream._send_closed``)
 and also when the stream closes before that (``handle(StreamClosed)``), with
-no response.  Two things go wrong for this service:
+no response.  Three things go wrong for this service:
 
 - Over HTTP/1.1 the stream closes *during* ``_send_closed`` (sending the end
   of the message recycles the connection), before the state says CLOSED:
