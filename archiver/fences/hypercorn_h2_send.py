@@ -52,7 +52,7 @@ from hypercorn.events import RawData
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.h2 import H2Protocol
 
-from .delivery import bytes_dropped
+from .delivery import bytes_dropped, note_dropped
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBL")
@@ -200,9 +200,18 @@ def bound_stream_buffers() -> None:
         await self._is_empty.clear()
         # Wait until the send task has taken the buffer below the low-water
         # mark (``pop``), or the stream closed (``close`` empties the buffer).
-        while len(self.buffer) >= hypercorn_h2.BUFFER_HIGH_WATER:
-            await self._paused.clear()
-            await self._paused.wait()
+        try:
+            while len(self.buffer) >= hypercorn_h2.BUFFER_HIGH_WATER:
+                await self._paused.clear()
+                await self._paused.wait()
+        except BaseException:
+            if self.buffer:  # cancelled (the client left) with bytes of this stream never to be written
+                note_dropped()
+            raise
+        if getattr(self, _DROPPED, False):
+            # Woken by the stream's close, which dropped what it held: told to the app's task, whose
+            # download may end before its stream's end would tell it (helper 140: logged complete).
+            note_dropped()
 
     hypercorn_h2.StreamBuffer.push = push  # type: ignore[method-assign]
 
