@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import struct
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -40,7 +41,14 @@ from hypothesis import strategies as st
 from archiver.archive import ctime_trust
 from archiver.archive.local_headers import LocalHeaderFinder
 from archiver.archive.plan import ArchivePlan
-from archiver.archive.producer_program import DEFLATE_READ_ALLOWANCE, DEFLATE_READ_PER_BYTE, DEFLATE_STEP, HOLE_BLOCK
+from archiver.archive.producer_program import (
+    DEFLATE_CPU_ALLOWANCE,
+    DEFLATE_CPU_PER_BYTE,
+    DEFLATE_READ_ALLOWANCE,
+    DEFLATE_READ_PER_BYTE,
+    DEFLATE_STEP,
+    HOLE_BLOCK,
+)
 from archiver.archive.producer_protocol import SECOND
 from archiver.archive.storage import list_album
 from archiver.archive.zipformat import DATA_DESCRIPTOR_SIZE, LOCAL_HEADER_FIXED, data_descriptor
@@ -53,6 +61,8 @@ from .conftest import (
     expected_archive,
     files_on_disk,
     http11_request,
+    launcher_processes,
+    producer_children,
     read_archive,
     server_in_thread,
     sparse_file,
@@ -340,6 +350,42 @@ def test_deflated_data_past_the_producers_budget_arrives_whole_in_stored_stretch
     least = (sum(sizes) - DEFLATE_READ_ALLOWANCE) // DEFLATE_READ_PER_BYTE
     assert least >= 32_768  # 17 steps or more past the allowance: what zlib would give is far below
     assert least <= len(sent) <= least + 2 * DEFLATE_STEP + 16_384 * len(sizes)
+
+
+def launchers_children_cpu_ticks() -> int:
+    """CPU ticks of the producers this process's launchers have reaped (``cutime`` + ``cstime``, proc(5))."""
+    ticks = 0
+    for launcher in launcher_processes(os.getpid()):
+        fields = Path(f"/proc/{launcher.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks
+
+
+def test_a_deflated_download_costs_its_producer_the_cpu_budget_not_what_zlib_would_take(
+    server_for: ServerFor, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The CPU budget with its real figures, in the real producer a download forks: at most
+    # DEFLATE_CPU_PER_BYTE a byte written beyond DEFLATE_CPU_ALLOWANCE (measured from the producer's
+    # start), past which data goes out as stored blocks.  Two letters at random are zlib's slow case
+    # at level 9 (~0.4 MB/s here: ~5 CPU-s for these 2 MiB, beyond the budget's ~1.2 s wherever zlib
+    # is slower); the budget does not depend on the machine's speed, only the overshoot of one step.
+    size = 2 * 1024 * 1024
+    files = {"two letters.bin": os.urandom(size).translate(bytes(b"ab"[k % 2] for k in range(256)))}
+    address, storage = server_for(16384, compression=9)
+    album = Path(tmp_path_factory.mktemp("album", numbered=True))
+    album = album.rename(storage / album.name)
+    write_tree(album, files)
+    before = launchers_children_cpu_ticks()
+    sent = receive(address, "HTTP/1.1", album.name, None, deflated=True)
+    deadline = time.monotonic() + 10
+    while producer_children() and time.monotonic() < deadline:  # its exit reported, then reaped
+        time.sleep(0.01)
+    assert not producer_children()
+    spent = (launchers_children_cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
+    assert read_archive(sent) == files
+    assert len(sent) < size  # partly deflated (~0.15 of these bytes), partly stored blocks
+    step = DEFLATE_STEP * 2.5e-6 * 4  # one step compressed past the budget, at a quarter of this machine's speed
+    assert spent <= DEFLATE_CPU_ALLOWANCE + DEFLATE_CPU_PER_BYTE * len(sent) + step + 0.1
 
 
 @st.composite
