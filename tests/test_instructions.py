@@ -18,6 +18,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from zlib_ng import zlib_ng
 
 from archiver.archive import instructions, producer_output, producer_program, producer_protocol
 from archiver.archive.crc_index import CrcIndex
@@ -361,3 +362,32 @@ def test_ranges_between_any_two_record_edges_as_a_reader_lays_the_archive_out(
     edges = _edges(laid_out)
     start, end = sorted((data.draw(st.sampled_from(edges)), data.draw(st.sampled_from(edges))))
     _check_range(laid_out, start, end)
+
+
+def test_a_deflated_entry_without_zip64_stays_within_4_byte_sizes_with_a_zlib_that_passes_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Helper 142: zlib-ng, the system's libz on some distributions, makes incompressible data ~5.5 %
+    longer at level 1, past the reference zlib's bound that decides ZIP64 (``zipformat.uses_zip64``):
+    a 4.1 GB video passed 4 GiB with 4-byte sizes.  The producer stores the rest of such an entry
+    before it could (``producer_program.PENDING_BOUND``).  Shown at a limit of 33.5 MiB for 32 MiB
+    of random bytes (34.7 MiB deflated by zlib-ng), with zlib-ng as the producer's zlib.
+    """
+    files = {"video.bin": random.Random(7).randbytes(32 * 1024 * 1024)}
+    album = Path(tempfile.mkdtemp(dir=tmp_path))
+    write_tree(album, files)
+    plan = plan_of(album, 1)
+    limit = 33 * 1024 * 1024 + 512 * 1024
+    monkeypatch.setattr(producer_program, "zlib", zlib_ng)
+    monkeypatch.setattr(producer_program, "FIELD_LIMIT", limit + 1)
+    stream = b"".join(i for i in instructions.instructions(plan, 0, 0, None) if not isinstance(i, CrcWait))
+    with open(album.parent / f"{album.name}.zip", "w+b") as output:
+        producer_program.Producer(io.BufferedReader(io.BytesIO(stream)), producer_output.Output(output.fileno())).run()
+        output.seek(0)
+        archive = output.read()
+    assert read_archive(archive) == files
+    (entry,) = zipfile.ZipFile(io.BytesIO(archive)).infolist()
+    assert entry.compress_type == zipfile.ZIP_DEFLATED
+    assert entry.compress_size <= limit
+    # Deflated as far as the room allowed, then stored: more than stored alone, not all of zlib-ng's.
+    assert producer_program.stored_length(entry.file_size) < entry.compress_size

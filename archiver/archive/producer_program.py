@@ -55,6 +55,7 @@ from archiver.archive.producer_protocol import (
 from archiver.archive.sparse import crc32_with_zeros, may_have_holes
 from archiver.archive.zipformat import (
     DEFLATED,
+    FIELD_LIMIT,
     LOCAL_CRC_AT,
     STORED,
     EntryFields,
@@ -103,6 +104,17 @@ DEFLATE_CPU_ALLOWANCE = 0.25
 DEFLATE_READ_PER_BYTE = 32
 DEFLATE_READ_ALLOWANCE = 8 * 1024 * 1024
 DEFLATE_STEP = 64 * 1024
+# A deflated entry without ZIP64 (``zipformat.uses_zip64``: deflate_bound of its size under
+# 0xFFFFFFFF) has 4-byte sizes, and its data must fit them whatever zlib makes of it.  The bound
+# is the reference zlib's; zlib-ng (the system's libz on some distributions) makes incompressible
+# data ~5.5 % longer at level 1, and a 4.1 GB video passed 4 GiB with no ZIP64 (helper 142).  So
+# the producer stores the rest of such an entry once what is written, what the compressor may
+# hold unwritten with one more step compressed (PENDING_BOUND, far above any zlib's: its buffer
+# of symbols, 16 K at the default memLevel, a few bytes each), and the rest stored would reach
+# the limit.  Stored, a step costs its bytes and STORED_STEP_OVERHEAD: up to two stored blocks
+# and the empty one of a full flush, 5 bytes each (RFC 1951 3.2.4).
+PENDING_BOUND = 1024 * 1024
+STORED_STEP_OVERHEAD = 15
 
 
 class Producer:
@@ -284,15 +296,20 @@ class Producer:
         self.output.write(local_header(fields, 0, size))
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
         crc = compressed = 0
+        limit = None if uses_zip64(fields, size) else FIELD_LIMIT - 1  # (PENDING_BOUND)
+        unsent = size  # the file's bytes not yet read
         view = memoryview(self.deflate_buffer)
         holes = HOLE_BLOCK if may_have_holes(os.fstat(fd)) else 0
         for count in FileBlocks(fd, size, self.deflate_buffer, holes):
             if count < 0:  # a hole of -count bytes, at least HOLE_BLOCK
                 crc = crc32_with_zeros(crc, -count)
                 compressed += self._send_hole(compressor, -count)
+                unsent += count
                 continue
             crc = zlib.crc32(view[:count], crc)
-            data = self._deflate(compressor, view[:count])
+            room = None if limit is None else limit - compressed - PENDING_BOUND
+            data = self._deflate(compressor, view[:count], room, unsent)
+            unsent -= count
             if self.output.due():  # nothing went out for a beat (this file or those before)
                 data += compressor.flush(zlib.Z_SYNC_FLUSH)
                 compressed += len(data)
@@ -310,12 +327,15 @@ class Producer:
         check_identity(fd, key)  # again, now that its bytes are out (copied)
         return False
 
-    def _deflate(self, compressor: zlib._Compress, data: memoryview) -> bytes:
-        """``data`` deflated by ``compressor``, or as stored blocks where that would pass the budget.
+    def _deflate(self, compressor: zlib._Compress, data: memoryview, room: int | None, unsent: int) -> bytes:
+        """``data`` deflated by ``compressor``, or as stored blocks where that would pass the budget or the room.
 
-        A stretch of stored blocks follows a full flush of ``compressor`` and
-        is itself flushed whole (RFC 1951 3.2.3: whole blocks, nothing after
-        them refers back), so ``compressor`` goes on after it, as after a hole.
+        ``room``: what this call may write, stored blocks for the ``unsent``
+        bytes of the file from ``data`` on included (None: no bound; see
+        PENDING_BOUND).  A stretch of stored blocks follows a full flush of
+        ``compressor`` and is itself flushed whole (RFC 1951 3.2.3: whole
+        blocks, nothing after them refers back), so ``compressor`` goes on
+        after it, as after a hole.
         """
         out = b""
         storing = False
@@ -326,6 +346,7 @@ class Producer:
             if (
                 self.deflated_read <= self.read_per_byte * written + self.read_allowance
                 and time.process_time() <= self.cpu_per_byte * written + self.cpu_allowance
+                and (room is None or len(out) + stored_length(unsent - start) <= room)
             ):
                 out += compressor.compress(piece)
                 storing = False
@@ -395,6 +416,11 @@ class Producer:
             self.output.write(central_header(fields, crc, compressed, size, offset))
         self.output.write(end_records(len(self.written), self.output.position - start, start))
         self.written.clear()
+
+
+def stored_length(size: int) -> int:
+    """The most ``size`` bytes of a file take as the producer stores them in a deflated entry (``_deflate``)."""
+    return size + STORED_STEP_OVERHEAD * -(-size // DEFLATE_STEP)
 
 
 def _read_copy(fd: int, key: FileKey, offset: int, length: int) -> bytes:

@@ -173,7 +173,13 @@ def local_header(fields: EntryFields, crc: int, size: int) -> bytes:
 
 
 def data_descriptor(crc: int, compressed_size: int, size: int, zip64: bool) -> bytes:
-    """The data descriptor (4.3.9) after a deflated entry's data; 8-byte sizes where its local header has ZIP64."""
+    """The data descriptor (4.3.9) after a deflated entry's data; 8-byte sizes where its local header has ZIP64.
+
+    ValueError if a size does not fit 4 bytes without ZIP64 (the producer keeps the compressed
+    size within them: ``producer_program.PENDING_BOUND``).
+    """
+    if not zip64 and max(compressed_size, size) >= FIELD_LIMIT:
+        raise ValueError(f"deflated data of {compressed_size} bytes for {size} has no ZIP64 sizes to go in")
     if zip64:
         return _DATA_DESCRIPTOR_ZIP64.pack(DATA_DESCRIPTOR_SIGNATURE, crc, compressed_size, size)
     return _DATA_DESCRIPTOR.pack(DATA_DESCRIPTOR_SIGNATURE, crc, compressed_size, size)
