@@ -210,6 +210,19 @@ def test_no_name_answers_to_the_short_name_ntfs_makes_up_for_another() -> None:
     ]
 
 
+def test_no_name_has_the_short_name_shape_in_the_form_a_code_page_writes_it_in() -> None:
+    # Helper 142: the shape was looked for in the name alone; "PHOTOG~1" and a fullwidth full stop,
+    # digit or tilde is "PHOTOG~1.JPG" written through an ANSI code page (best fit) or in NFKC.
+    shape = names_module._SHORT_NAME
+    for name in ["PHOTOG~1\uff0eJPG", "PHOTOG~\uff11.JPG", "PHOTOG\uff5e1.JPG", "\uff30HOTOG\uff5e\uff11"]:
+        (entry,) = entry_names([name.encode()])
+        forms = [entry, unicodedata.normalize("NFKC", entry), *best_fit_forms(entry)]
+        assert not any(shape.fullmatch(form) for form in forms), (name, entry)
+        assert "_" in entry
+    assert entry_names(["PHOTOG\uff5e1.JPG".encode()]) == ["PHOTOG_1.JPG"]
+    assert entry_names(["фото\uff5ex.jpg".encode()]) == ["фото\uff5ex.jpg"]  # no number: no shape, kept
+
+
 def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:
     # Found by helper 35: U+009B is a terminal's control sequence introducer as `unzip -l` prints names.
     for control in ("\x80", "\x85", "\x9b", "\x9f", "\u2028", "\u2029", "\x7f"):

@@ -130,7 +130,18 @@ def _not_a_device_nor_a_short_name(component: str, forms: list[str]) -> str:
         component = shortened("_" + component, "")
     if short := _SHORT_NAME.fullmatch(component):
         return f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
+    if any(_SHORT_NAME.fullmatch(form) for form in forms):
+        # The shape in a form only ("PHOTOG~1" and a fullwidth full stop, a fullwidth digit or
+        # tilde, written "PHOTOG~1.JPG" through a code page: helper 142): every character that
+        # some form writes as "~" becomes "_", and no form has the shape left.
+        return "".join("_" if _writes_a_tilde(character) else character for character in component)
     return component
+
+
+def _writes_a_tilde(character: str) -> bool:
+    """Whether ``character`` is "~" in itself, in NFKC or in a code page's best fit."""
+    return any("~" in form for form in (character, unicodedata.normalize("NFKC", character),
+                                         *best_fit.best_fit_forms(character)))  # fmt: skip
 
 
 def shortened(component: str, suffix: str, limit: int = MAX_COMPONENT_BYTES) -> str:
