@@ -86,6 +86,17 @@ async def test_every_range_is_a_slice_of_the_whole(storage: Path) -> None:
         assert await collect(plan, start, end, chunk_size=1000) == whole[start : end + 1], (start, end)
 
 
+async def test_a_generated_range_comes_in_chunks_of_the_chunk_size_at_most(storage: Path) -> None:
+    # Helper 142: the central directory went out in chunks of a run of headers (up to 512 of them)
+    # beyond the chunk size, which bounds a download's memory (README, Limits and abuse).
+    write_tree(storage / "album", {f"photo {k:04}.jpg": b"" for k in range(600)})
+    plan = plan_of(storage / "album")
+    whole = expected_archive(storage / "album")
+    assert plan.length is not None
+    for start in (plan.central_offset, plan.central_offset + 37):
+        assert await collect(plan, start, plan.length - 1, chunk_size=100) == whole[start:]  # collect checks sizes
+
+
 async def test_deflate_level_deflates_with_descriptors(storage: Path) -> None:
     tree = {"text.txt": b"hello " * 10_000, "Фото.jpg": os.urandom(2000), "empty": b""}
     write_tree(storage / "album", tree)

@@ -322,9 +322,9 @@ async def _send_generated(
             continue
         assert not isinstance(piece, FileSlice), "a generated range holds no file data"
         pending += piece
-        if len(pending) >= size:
-            await send_channel.send(bytes(pending))
-            pending.clear()
+        while len(pending) >= size:  # chunks of ``size`` at most: a piece may be a run of 512 central headers
+            await send_channel.send(bytes(pending[:size]))
+            del pending[:size]
     if pending:
         await send_channel.send(bytes(pending))
 
