@@ -108,13 +108,16 @@ DEFLATE_STEP = 64 * 1024
 # 0xFFFFFFFF) has 4-byte sizes, and its data must fit them whatever zlib makes of it.  The bound
 # is the reference zlib's; zlib-ng (the system's libz on some distributions) makes incompressible
 # data ~5.5 % longer at level 1, and a 4.1 GB video passed 4 GiB with no ZIP64 (helper 142).  So
-# the producer stores the rest of such an entry once what is written, what the compressor may
-# hold unwritten with one more step compressed (PENDING_BOUND, far above any zlib's: its buffer
-# of symbols, 16 K at the default memLevel, a few bytes each), and the rest stored would reach
-# the limit.  Stored, a step costs its bytes and STORED_STEP_OVERHEAD: up to two stored blocks
-# and the empty one of a full flush, 5 bytes each (RFC 1951 3.2.4).
+# before each read the producer looks at what is written, what the compressor may hold unwritten
+# with one more read compressed (PENDING_BOUND, far above any zlib's: its buffer of 16 K symbols
+# at the default memLevel, a few bytes each, and 256 KiB at 9 bits a byte), and the rest stored
+# (``stored_length``); once that would reach the limit, the rest of the entry goes through a
+# compressor of level 0 after a full flush: stored blocks of 32 KiB or more (zlib's
+# ``deflate_stored`` emits a block once it holds its window, 32 KiB), 5 bytes each (RFC 1951
+# 3.2.4), whatever the reads' sizes, and the final block.
 PENDING_BOUND = 1024 * 1024
-STORED_STEP_OVERHEAD = 15
+STORED_BLOCK_MIN = 32 * 1024
+STORED_BLOCK_HEADER = 5
 
 
 class Producer:
@@ -298,6 +301,7 @@ class Producer:
         crc = compressed = 0
         limit = None if uses_zip64(fields, size) else FIELD_LIMIT - 1  # (PENDING_BOUND)
         unsent = size  # the file's bytes not yet read
+        storing_the_rest = False
         view = memoryview(self.deflate_buffer)
         holes = HOLE_BLOCK if may_have_holes(os.fstat(fd)) else 0
         for count in FileBlocks(fd, size, self.deflate_buffer, holes):
@@ -307,8 +311,13 @@ class Producer:
                 unsent += count
                 continue
             crc = zlib.crc32(view[:count], crc)
-            room = None if limit is None else limit - compressed - PENDING_BOUND
-            data = self._deflate(compressor, view[:count], room, unsent)
+            if limit is not None and compressed + PENDING_BOUND + stored_length(unsent) > limit:
+                data = compressor.flush(zlib.Z_FULL_FLUSH)  # whole blocks so far: any blocks may follow
+                compressed += len(data)
+                self.output.write(data)
+                compressor = zlib.compressobj(0, zlib.DEFLATED, -zlib.MAX_WBITS)
+                limit, storing_the_rest = None, True
+            data = compressor.compress(view[:count]) if storing_the_rest else self._deflate(compressor, view[:count])
             unsent -= count
             if self.output.due():  # nothing went out for a beat (this file or those before)
                 data += compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -327,15 +336,12 @@ class Producer:
         check_identity(fd, key)  # again, now that its bytes are out (copied)
         return False
 
-    def _deflate(self, compressor: zlib._Compress, data: memoryview, room: int | None, unsent: int) -> bytes:
-        """``data`` deflated by ``compressor``, or as stored blocks where that would pass the budget or the room.
+    def _deflate(self, compressor: zlib._Compress, data: memoryview) -> bytes:
+        """``data`` deflated by ``compressor``, or as stored blocks where that would pass the budget.
 
-        ``room``: what this call may write, stored blocks for the ``unsent``
-        bytes of the file from ``data`` on included (None: no bound; see
-        PENDING_BOUND).  A stretch of stored blocks follows a full flush of
-        ``compressor`` and is itself flushed whole (RFC 1951 3.2.3: whole
-        blocks, nothing after them refers back), so ``compressor`` goes on
-        after it, as after a hole.
+        A stretch of stored blocks follows a full flush of ``compressor`` and
+        is itself flushed whole (RFC 1951 3.2.3: whole blocks, nothing after
+        them refers back), so ``compressor`` goes on after it, as after a hole.
         """
         out = b""
         storing = False
@@ -346,7 +352,6 @@ class Producer:
             if (
                 self.deflated_read <= self.read_per_byte * written + self.read_allowance
                 and time.process_time() <= self.cpu_per_byte * written + self.cpu_allowance
-                and (room is None or len(out) + stored_length(unsent - start) <= room)
             ):
                 out += compressor.compress(piece)
                 storing = False
@@ -419,8 +424,13 @@ class Producer:
 
 
 def stored_length(size: int) -> int:
-    """The most ``size`` bytes of a file take as the producer stores them in a deflated entry (``_deflate``)."""
-    return size + STORED_STEP_OVERHEAD * -(-size // DEFLATE_STEP)
+    """The most the last ``size`` bytes of a deflated entry take through a compressor of level 0 (PENDING_BOUND).
+
+    Its blocks, of STORED_BLOCK_MIN or more but the last, and the final one;
+    a flush of it (a hole's, a heartbeat's) costs one more, which PENDING_BOUND's
+    margin holds.
+    """
+    return size + STORED_BLOCK_HEADER * (-(-size // STORED_BLOCK_MIN) + 2)
 
 
 def _read_copy(fd: int, key: FileKey, offset: int, length: int) -> bytes:
