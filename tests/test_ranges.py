@@ -235,6 +235,9 @@ def test_etag_preconditions_answer_412_and_304(range_server: tuple[str, int], ht
             ({"If-None-Match": "*"}, 304),
             ({"If-None-Match": '"other"'}, 200),
             ({"If-Match": '"other"', "If-None-Match": etag}, 412),  # If-Match first (RFC 9110 13.2.2)
+            ({"If-None-Match": '"a,*,b"'}, 200),  # one tag, commas and all (helper 143: split, it held "*")
+            ({"If-Match": 'W/"a, *", "b"'}, 412),
+            ({"If-Match": f'"a,b" ,{etag}'}, 200),
         ]:
             for method in ("GET", "HEAD"):
                 response = client.request(method, url, headers=headers)
