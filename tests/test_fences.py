@@ -12,6 +12,7 @@ which changes it stops the build here instead of misbehaving in production.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from importlib.metadata import version
@@ -33,6 +34,7 @@ import hypercorn.app_wrappers as hypercorn_app_wrappers_module
 import hypercorn.config as hypercorn_config_module
 import hypercorn.events as hypercorn_events_module
 import hypercorn.protocol as hypercorn_protocol_module
+import hypercorn.protocol.events as hypercorn_protocol_events_module
 import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11_module
 import hypercorn.protocol.http_stream as http_stream_module
@@ -362,6 +364,10 @@ def source_of(module: object) -> str:
                 'elif message["type"] == "http.response.body" and self.state == ASGIHTTPState.RESPONSE:',
                 # The :path decode patch 5 of hypercorn_h2 guards.
                 '"path": unquote(path.decode("ascii")),',
+                # The scope made from the request event's target and headers, which hypercorn_access
+                # rewrites for an absolute-form target (``_in_origin_form``).
+                'path, _, query_string = event.raw_path.partition(b"?")',
+                '"headers": event.headers,',
                 # How a request's app is run, as hypercorn_access runs its 400 for a target that is not a path.
                 "self.app_put = await self.task_group.spawn_app(\n"
                 "                    self.app, self.config, self.scope, self.app_send\n                )",
@@ -389,6 +395,12 @@ def test_patched_code_reads_as_when_checked(module: object, snippets: list[str])
     source = source_of(module)
     for snippet in snippets:
         assert snippet in source, f"{module}: no longer has {snippet!r}; recheck archiver's patches"
+
+
+def test_a_request_event_is_the_dataclass_hypercorn_access_rewrites() -> None:
+    # hypercorn_access._in_origin_form makes an absolute-form target a path with dataclasses.replace.
+    request = hypercorn_protocol_events_module.Request
+    assert {"raw_path", "headers"} <= {field.name for field in dataclasses.fields(request)}
 
 
 def test_patches_are_installed_on_the_classes_they_name() -> None:

@@ -23,8 +23,10 @@ response started is still logged with ``-`` for both.
 The patches wrap ``HTTPStream.app_send`` (to count) and replace
 ``HTTPStream._send_closed``, ``HTTPStream._send_error_response`` and the
 StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call).
-``handle`` also answers a request whose target is not a path (``?x``, ``*``,
-an absolute URI) with a 400 (``install``'s ``error_answer``), from an ASGI
+``handle`` also takes an absolute-form target (``http://host/path``) as its path,
+with its authority as the Host field (RFC 9112 3.2.2), and answers a request
+whose target is not a path (``?x``, ``*``, an absolute URI of another scheme)
+with a 400 (``install``'s ``error_answer``), from an ASGI
 app of its own run as Hypercorn runs the service's
 (``TaskGroup.spawn_app``): no route takes such a target.
 The StreamClosed case tells the app without a checkpoint (``_tell_app``).
@@ -33,6 +35,8 @@ tests/test_fences.py fails if what they copy or call changes.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Awaitable, Callable
 from time import time
 from typing import Any
@@ -52,6 +56,19 @@ _LOGGED = "_archiver_logged"
 _RESPONSE = "_archiver_response"
 # The headers and body of the 400 for a target that is not a path (set by install).
 _error_answer: ErrorAnswer = lambda status: ([], b"")  # noqa: E731
+
+
+# RFC 9112 3.2.2: a server MUST accept a request target in absolute form (HTTP/1.1 sends it to proxies,
+# and some clients to an origin); h11 lets it through as it is.  Its authority stands for the Host field.
+_ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
+
+
+def _in_origin_form(event: Request, absolute: re.Match[bytes]) -> Request:
+    """``event`` with its absolute-form target made a path (and query), and the target's authority its Host."""
+    rest = event.raw_path[absolute.end() :]
+    headers = [(name, value) for name, value in event.headers if name.lower() != b"host"]
+    headers.append((b"host", absolute[1]))
+    return dataclasses.replace(event, raw_path=rest if rest.startswith(b"/") else b"/" + rest, headers=headers)
 
 
 def install(error_answer: ErrorAnswer | None = None) -> None:
@@ -107,8 +124,10 @@ def _log_once() -> None:
         await _log(self)
 
     async def handle(self: Any, event: Any) -> None:
+        if isinstance(event, Request) and (absolute := _ABSOLUTE_FORM.match(event.raw_path)):
+            event = _in_origin_form(event, absolute)
         if isinstance(event, Request) and not event.raw_path.startswith(b"/"):
-            # Not origin-form ("?x", "*", an absolute URI h11 let through): no route takes it,
+            # Not origin-form ("?x", "*", another scheme's absolute URI h11 let through): no route takes it,
             # and Quart indexes the empty path (IndexError, a 500 with a traceback).  A 400.
             self.start_time = time()
             # Just what the access line reads (hypercorn.logging.AccessLogAtoms).
