@@ -863,6 +863,27 @@ def test_http2_body_data_after_the_answer_costs_nothing_but_itself(service: Serv
     assert b"KeyError" not in service.output
 
 
+@pytest.mark.parametrize("body", [b"Content-Length: 10", b"Transfer-Encoding: chunked", None])
+def test_a_405_before_a_body_says_the_connection_closes(service: Service, body: bytes | None) -> None:
+    # RFC 9110 10.1.1, RFC 9112 9.6: an answer sent before the request's body is read SHOULD say
+    # whether the connection closes; Hypercorn closes it (helper 143: a keep-alive client found it
+    # closed).  With no body the connection lives on: a request pipelined after it is answered.
+    head = b"POST /archive/small/ HTTP/1.1\r\nHost: x\r\n" + (body + b"\r\n" if body else b"") + b"\r\n"
+    with socket.create_connection(service.address, timeout=10) as sock:
+        sock.sendall(head if body else head + b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"HTTP/1.1 405 " not in answer or b"\r\n\r\n" not in answer.split(b"HTTP/1.1 405 ", 1)[1]:
+            answer += sock.recv(65536)
+        if body is None:
+            while b"HTTP/1.1 204 " not in answer:
+                answer += sock.recv(65536)
+        else:
+            while data := sock.recv(65536):  # closed by the server, the body unread
+                answer += data
+    final_head = answer.split(b"HTTP/1.1 405 ", 1)[1].split(b"\r\n\r\n", 1)[0].lower()
+    assert (b"connection: close" in final_head) == (body is not None)
+
+
 # Finding 2: ten HTTP/1.1 requests at once with an illegal chunk header ended the process.
 def test_illegal_chunk_headers_at_once_cost_their_connections_only(service: Service) -> None:
     request = (
@@ -1149,7 +1170,36 @@ def test_a_connection_the_client_closed_ends_with_its_response_not_at_the_keep_a
             assert time.monotonic() - started < 1
 
 
-@pytest.mark.parametrize("target", [b"?x", b"*", b"http://x/archive/small/"])
+@pytest.mark.parametrize(
+    "target, host",
+    [
+        (b"http://x/archive/small/", b"y"),
+        (b"HTTP://x:80/archive/small/?a=1", b"a b"),  # the target's authority stands for the Host field
+        (b"https://[::1]:8443/archive/small/", b"x"),
+    ],
+)
+def test_a_request_target_in_absolute_form_is_served_as_its_path(service: Service, target: bytes, host: bytes) -> None:
+    # RFC 9112 3.2.2: a server MUST accept it (helper 143: a 400).
+    answer = exchange(service.address, b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert read_archive(body)["Фото/notes.txt"] == b"notes"
+
+
+@pytest.mark.parametrize("host", [b"a b/c", b"user@x", b"x:port", b"", b"x/y", b"[::1", b'x"'])
+def test_a_host_field_with_an_invalid_value_is_400(service: Service, host: bytes) -> None:
+    # RFC 9112 3.2: MUST (helper 143: each of these was served).
+    answer = exchange(service.address, b"GET /archive/small/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("host", [b"example.com", b"127.0.0.1:8080", b"[::1]:80", b"xn--80ak6aa92e.xn--p1ai", b"x:"])
+def test_a_host_field_of_any_valid_form_is_served(service: Service, host: bytes) -> None:
+    answer = exchange(service.address, b"GET /favicon.ico HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 204 ")
+
+
+@pytest.mark.parametrize("target", [b"?x", b"*", b"ftp://x/archive/small/"])
 def test_a_request_target_that_is_not_a_path_is_400_and_its_connection_lives_on(
     service: Service, target: bytes
 ) -> None:

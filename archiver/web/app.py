@@ -6,6 +6,7 @@ What each path answers is ``routes``; the work happens elsewhere.
 from __future__ import annotations
 
 import logging
+import re
 
 import trio
 from quart import Response, request
@@ -164,12 +165,27 @@ def _guard_requests(app: QuartTrio) -> None:
         return None
 
     @app.before_request
+    async def refuse_invalid_hosts() -> Response | None:
+        # RFC 9112 3.2: a server MUST answer 400 to a Host field with an invalid value (helper 143: "a b/c",
+        # "user@x", "x:port" and an empty one were served).  Its absence over HTTP/1.1 is h11's 400.
+        host = request.headers.get("Host")
+        if host is None or _HOST.fullmatch(host):
+            return None
+        close = {"Connection": "close"} if request.http_version.startswith("1") else {}
+        return error_page(400, request.headers.get("Accept"), close, message=UNPARSED_REQUEST)
+
+    @app.before_request
     async def refuse_leading_slashes() -> Response | None:
         # Werkzeug's routing strips a path's leading slashes: "//archive/<name>/" served the album.
         if request.scope.get("raw_path", b"").startswith(b"//"):
             return error_page(404, request.headers.get("Accept"))
         return None
 
+
+# RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2-3.2.3: uri-host [":" port], the host never empty for "http":
+# an IP literal in brackets, or a reg-name (IPv4 addresses among them), of unreserved, %-escaped and
+# sub-delims characters.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z._~:!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 # How long a GET's chunked body has to end, empty, before it is refused: nginx's comes with the head, or
 # with the client's empty DATA frame that ends its request, which a lost segment may hold up by a
@@ -205,4 +221,11 @@ def _answer_errors(app: QuartTrio) -> None:
         allowed = getattr(error, "valid_methods", None) or ()  # MethodNotAllowed's, a set
         # Sorted: a set's order changes with each process's hash seed, and one service's
         # instances behind nginx should not answer the same request in different words.
-        return error_page(405, request.headers.get("Accept"), {"Allow": ", ".join(sorted(allowed))})
+        headers = {"Allow": ", ".join(sorted(allowed))}
+        if request.http_version.startswith("1") and (
+            (request.content_length or 0) > 0 or "Transfer-Encoding" in request.headers
+        ):
+            # Its body is not read: Hypercorn closes the connection after the answer, which says so
+            # (RFC 9110 10.1.1, RFC 9112 9.6; helper 143: a keep-alive client found it closed).
+            headers["Connection"] = "close"
+        return error_page(405, request.headers.get("Accept"), headers)
