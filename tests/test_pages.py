@@ -72,7 +72,7 @@ async def test_requests_hypercorn_refuses_unread_get_the_sentence_too(
             ("GET /archive/album/?filename=Отпуск HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, UNPARSED_REQUEST),
             *(
                 (b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target, 400, UNPARSED_REQUEST)
-                for target in (b"?x", b"*", b"http://x/archive/album/")
+                for target in (b"?x", b"*", b"ftp://x/archive/album/")  # http(s):// is served as its path
             ),
         ]:
             stream = await trio.open_tcp_stream(host, int(port))
