@@ -1198,7 +1198,10 @@ def test_a_host_field_with_an_invalid_value_is_400(service: Service, host: bytes
     assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer.lower()
 
 
-@pytest.mark.parametrize("host", [b"example.com", b"127.0.0.1:8080", b"[::1]:80", b"xn--80ak6aa92e.xn--p1ai", b"x:"])
+@pytest.mark.parametrize(
+    "host",
+    [b"example.com", b"127.0.0.1:8080", b"[::1]:80", b"xn--80ak6aa92e.xn--p1ai", b"x:", b"[fe80::1%25eth0]:8080"],
+)
 def test_a_host_field_of_any_valid_form_is_served(service: Service, host: bytes) -> None:
     answer = exchange(service.address, b"GET /favicon.ico HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 204 ")

@@ -183,9 +183,9 @@ def _guard_requests(app: QuartTrio) -> None:
 
 
 # RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2-3.2.3: uri-host [":" port], the host never empty for "http":
-# an IP literal in brackets, or a reg-name (IPv4 addresses among them), of unreserved, %-escaped and
-# sub-delims characters.
-_HOST = re.compile(r"(?:\[[0-9A-Za-z._~:!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
+# an IP literal in brackets (with a zone, RFC 6874's %25), or a reg-name (IPv4 addresses among them), of
+# unreserved, %-escaped and sub-delims characters.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z._~:!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 # How long a GET's chunked body has to end, empty, before it is refused: nginx's comes with the head, or
 # with the client's empty DATA frame that ends its request, which a lost segment may hold up by a
