@@ -220,6 +220,12 @@ def test_no_name_has_the_short_name_shape_in_the_form_a_code_page_writes_it_in()
         assert not any(shape.fullmatch(form) for form in forms), (name, entry)
         assert "_" in entry
     assert entry_names(["PHOTOG\uff5e1.JPG".encode()]) == ["PHOTOG_1.JPG"]
+    # The name's own shape made "_" first, then a form's (helper 144: "a~1" U+FF0E "x_1" kept it in NFKC).
+    for name in ["a~1\uff0ex~1", "AB~1\uff0eJ~2"]:
+        (entry,) = entry_names([name.encode()])
+        forms = [entry, unicodedata.normalize("NFKC", entry), *best_fit_forms(entry)]
+        assert not any(shape.fullmatch(form) for form in forms), (name, entry)
+        assert portable_component(entry) == entry  # and the rule leaves its own answer as it is
     assert entry_names(["фото\uff5ex.jpg".encode()]) == ["фото\uff5ex.jpg"]  # no number: no shape, kept
 
 

@@ -129,7 +129,11 @@ def _not_a_device_nor_a_short_name(component: str, forms: list[str]) -> str:
         # full stop and "~1" is a device to best fit and has the shape of a short name (helper 59).
         component = shortened("_" + component, "")
     if short := _SHORT_NAME.fullmatch(component):
-        return f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
+        component = f"{short[1]}_{short[2]}{short[3]}"  # no made-up short name has "_" before its number
+        if component.isascii():
+            return component
+        # Its forms may still have the shape ("a~1" and a fullwidth full stop before "x~1": helper 144).
+        forms = [unicodedata.normalize("NFKC", component), *best_fit.best_fit_forms(component)]
     if any(_SHORT_NAME.fullmatch(form) for form in forms):
         # The shape in a form only ("PHOTOG~1" and a fullwidth full stop, a fullwidth digit or
         # tilde, written "PHOTOG~1.JPG" through a code page: helper 142): every character that
