@@ -1191,7 +1191,23 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(service: Servic
     assert read_archive(body)["Фото/notes.txt"] == b"notes"
 
 
-@pytest.mark.parametrize("host", [b"a b/c", b"user@x", b"x:port", b"", b"x/y", b"[::1", b'x"'])
+def test_an_http2_path_in_absolute_form_is_400(service: Service) -> None:
+    # RFC 9113 8.3.1: ":path" is origin-form (or "*"); absolute form is HTTP/1.1's (helper 144: served).
+    connection = h2_client(validate_outbound_headers=False)
+    with socket.create_connection(service.address, timeout=10) as sock:
+        connection.send_headers(1, [(b":method", b"GET"), (b":path", b"http://y/archive/small/"),
+                                    (b":scheme", b"http"), (b":authority", b"x")], end_stream=True)  # fmt: skip
+        sock.sendall(connection.data_to_send())
+        events = h2_events(sock, connection, h2.events.StreamEnded)
+    assert [dict(event.headers)[b":status"] for event in events if isinstance(event, h2.events.ResponseReceived)] == [
+        b"400"
+    ]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a b/c", b"user@x", b"x:port", b"", b"x/y", b"[::1", b'x"', b"[zz]", b"%zz", b"%", b"[fe80::1%eth0]"],
+)
 def test_a_host_field_with_an_invalid_value_is_400(service: Service, host: bytes) -> None:
     # RFC 9112 3.2: MUST (helper 143: each of these was served).
     answer = exchange(service.address, b"GET /archive/small/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
@@ -1200,7 +1216,16 @@ def test_a_host_field_with_an_invalid_value_is_400(service: Service, host: bytes
 
 @pytest.mark.parametrize(
     "host",
-    [b"example.com", b"127.0.0.1:8080", b"[::1]:80", b"xn--80ak6aa92e.xn--p1ai", b"x:", b"[fe80::1%25eth0]:8080"],
+    [
+        b"example.com",
+        b"127.0.0.1:8080",
+        b"[::1]:80",
+        b"xn--80ak6aa92e.xn--p1ai",
+        b"x:",
+        b"[fe80::1%25eth0]:8080",
+        b"[v1.x]",
+        b"%D1%84",
+    ],
 )
 def test_a_host_field_of_any_valid_form_is_served(service: Service, host: bytes) -> None:
     answer = exchange(service.address, b"GET /favicon.ico HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")

@@ -124,7 +124,11 @@ def _log_once() -> None:
         await _log(self)
 
     async def handle(self: Any, event: Any) -> None:
-        if isinstance(event, Request) and (absolute := _ABSOLUTE_FORM.match(event.raw_path)):
+        if (
+            isinstance(event, Request)
+            and event.http_version.startswith("1")  # HTTP/2's :path is never one (RFC 9113 8.3.1: a 400 below)
+            and (absolute := _ABSOLUTE_FORM.match(event.raw_path))
+        ):
             event = _in_origin_form(event, absolute)
         if isinstance(event, Request) and not event.raw_path.startswith(b"/"):
             # Not origin-form ("?x", "*", another scheme's absolute URI h11 let through): no route takes it,

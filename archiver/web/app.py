@@ -5,6 +5,7 @@ What each path answers is ``routes``; the work happens elsewhere.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 
@@ -169,7 +170,7 @@ def _guard_requests(app: QuartTrio) -> None:
         # RFC 9112 3.2: a server MUST answer 400 to a Host field with an invalid value (helper 143: "a b/c",
         # "user@x", "x:port" and an empty one were served).  Its absence over HTTP/1.1 is h11's 400.
         host = request.headers.get("Host")
-        if host is None or _HOST.fullmatch(host):
+        if host is None or _valid_host(host):
             return None
         close = {"Connection": "close"} if request.http_version.startswith("1") else {}
         return error_page(400, request.headers.get("Accept"), close, message=UNPARSED_REQUEST)
@@ -183,9 +184,28 @@ def _guard_requests(app: QuartTrio) -> None:
 
 
 # RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2-3.2.3: uri-host [":" port], the host never empty for "http":
-# an IP literal in brackets (with a zone, RFC 6874's %25), or a reg-name (IPv4 addresses among them), of
-# unreserved, %-escaped and sub-delims characters.
-_HOST = re.compile(r"(?:\[[0-9A-Za-z._~:!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
+# an IP literal in brackets (an IPv6 address, with a zone as RFC 6874 writes it, "%25" and its name;
+# or an IPvFuture), or a reg-name (IPv4 addresses among them) of unreserved, sub-delims and %HH.
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)(?:%25(?:[0-9A-Za-z._~-]|%[0-9A-Fa-f]{2})+)?\]"
+    r"|\[v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+\]"
+    r"|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+    r"(?::[0-9]*)?"
+)
+
+
+def _valid_host(host: str) -> bool:
+    """Whether ``host`` is a Host field's valid value for "http" (``_HOST``, its IPv6 address one)."""
+    if not (match := _HOST.fullmatch(host)):
+        return False
+    if match["ipv6"] is None:
+        return True
+    try:
+        ipaddress.IPv6Address(match["ipv6"])
+    except ValueError:
+        return False
+    return True
+
 
 # How long a GET's chunked body has to end, empty, before it is refused: nginx's comes with the head, or
 # with the client's empty DATA frame that ends its request, which a lost segment may hold up by a
