@@ -214,7 +214,10 @@ def test_no_name_has_the_short_name_shape_in_the_form_a_code_page_writes_it_in()
     # Helper 142: the shape was looked for in the name alone; "PHOTOG~1" and a fullwidth full stop,
     # digit or tilde is "PHOTOG~1.JPG" written through an ANSI code page (best fit) or in NFKC.
     shape = names_module._SHORT_NAME
-    for name in ["PHOTOG~1\uff0eJPG", "PHOTOG~\uff11.JPG", "PHOTOG\uff5e1.JPG", "\uff30HOTOG\uff5e\uff11"]:
+    names = ["PHOTOG~1\uff0eJPG", "PHOTOG~\uff11.JPG", "PHOTOG\uff5e1.JPG", "\uff30HOTOG\uff5e\uff11"]
+    # Tilde operator, combining tilde (1252), small tilde (1250): "~" to their best fit (helper 144).
+    names += ["PHOTOG\u223c1.JPG", "PHOTOG\u03031.JPG", "DSC\u223c1.JPG", "PHOTOG\u02dc1.JPG"]
+    for name in names:
         (entry,) = entry_names([name.encode()])
         forms = [entry, unicodedata.normalize("NFKC", entry), *best_fit_forms(entry)]
         assert not any(shape.fullmatch(form) for form in forms), (name, entry)
@@ -227,6 +230,8 @@ def test_no_name_has_the_short_name_shape_in_the_form_a_code_page_writes_it_in()
         assert not any(shape.fullmatch(form) for form in forms), (name, entry)
         assert portable_component(entry) == entry  # and the rule leaves its own answer as it is
     assert entry_names(["фото\uff5ex.jpg".encode()]) == ["фото\uff5ex.jpg"]  # no number: no shape, kept
+    # One file to an extractor through code page 1252: numbered apart.
+    assert entry_names([b"a~b.txt", "a\u223cb.txt".encode()]) == ["a~b.txt", "a\u223cb (2).txt"]
 
 
 def test_c1_controls_and_unicode_line_breaks_are_replaced() -> None:

@@ -12,7 +12,7 @@ The tables are Microsoft's WindowsBestFit tables as published by
 unicode.org (``bestfitNNNN.txt``, their WCTABLE), for the ten single-byte
 Windows code pages and the four East Asian ones, as transcribed in
 sebastianosrt/gori's ``src/gori/decoder/bestfit/*.tsv``.  Kept here: the
-characters each turns into ``/``, ``\\``, ``:`` or ``.``, or into a letter,
+characters each turns into ``/``, ``\\``, ``:``, ``.`` or ``~``, or into a letter,
 digit or ``$`` of a reserved device name (``CON``, ``COM1``, ``CONIN$`` ...):
 what ``names`` must see.  (Characters no table lists become ``?``.)
 """
@@ -158,6 +158,25 @@ _TABLES: dict[int, tuple[str, str]] = {
         "\uff4e\uff4f\uff50\uff52\uff54\uff55\uff58",
         "$./0123456789:ACILMNOPRTUX\\acilmnoprtux",
     ),
+}
+# And the characters each writes as "~" (helper 145, from the same tables), the mark of an NTFS short
+# name (``names._SHORT_NAME``): a name of U+223C or U+0303 that code page 1252 writes "PHOTOG~1.JPG"
+# was kept as it was (helper 144).  The four East Asian pages have none: their fullwidth tilde stays one.
+_TILDES: dict[int, str] = {
+    874: "\uff5e",
+    1250: "\u02dc\u0303\u223c\uff5e",
+    1251: "\uff5e",
+    1252: "\u0303\u223c\uff5e",
+    1253: "\uff5e",
+    1254: "\u223c\uff5e",
+    1255: "\uff5e",
+    1256: "\uff5e",
+    1257: "\uff5e",
+    1258: "\uff5e",
+}
+_TABLES = {
+    page: (characters + _TILDES.get(page, ""), ascii + "~" * len(_TILDES.get(page, "")))
+    for page, (characters, ascii) in _TABLES.items()
 }
 TRANSLATIONS = tuple(str.maketrans(characters, ascii) for characters, ascii in _TABLES.values())
 # Every character kept here as best fit writes it, in one table for all code pages (they agree but
