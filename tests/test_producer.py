@@ -87,8 +87,8 @@ async def test_every_range_is_a_slice_of_the_whole(storage: Path) -> None:
 
 
 async def test_a_generated_range_comes_in_chunks_of_the_chunk_size_at_most(storage: Path) -> None:
-    # Helper 142: the central directory went out in chunks of a run of headers (up to 512 of them)
-    # beyond the chunk size, which bounds a download's memory (README, Limits and abuse).
+    # Helper 142: a chunk of the central directory could pass the chunk size by a record (a central
+    # header may be KiBs long), which bounds a download's memory (README, Limits and abuse).
     write_tree(storage / "album", {f"photo {k:04}.jpg": b"" for k in range(600)})
     plan = plan_of(storage / "album")
     whole = expected_archive(storage / "album")

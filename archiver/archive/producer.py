@@ -322,7 +322,7 @@ async def _send_generated(
             continue
         assert not isinstance(piece, FileSlice), "a generated range holds no file data"
         pending += piece
-        while len(pending) >= size:  # chunks of ``size`` at most: a piece may be a run of 512 central headers
+        while len(pending) >= size:  # chunks of ``size`` at most: a piece is a whole record, which may pass it
             await send_channel.send(bytes(pending[:size]))
             del pending[:size]
     if pending:

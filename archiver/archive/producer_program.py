@@ -108,7 +108,7 @@ DEFLATE_STEP = 64 * 1024
 # 0xFFFFFFFF) has 4-byte sizes, and its data must fit them whatever zlib makes of it.  The bound
 # is the reference zlib's; zlib-ng (the system's libz on some distributions) makes incompressible
 # data ~5.5 % longer at level 1, and a 4.1 GB video passed 4 GiB with no ZIP64 (helper 142).  So
-# before each read the producer looks at what is written, what the compressor may hold unwritten
+# before compressing each read the producer looks at what is written, what the compressor may hold unwritten
 # with one more read compressed (PENDING_BOUND, far above any zlib's: its buffer of 16 K symbols
 # at the default memLevel, a few bytes each, and 256 KiB at 9 bits a byte), and the rest stored
 # (``stored_length``); once that would reach the limit, the rest of the entry goes through a
@@ -427,8 +427,8 @@ def stored_length(size: int) -> int:
     """The most the last ``size`` bytes of a deflated entry take through a compressor of level 0 (PENDING_BOUND).
 
     Its blocks, of STORED_BLOCK_MIN or more but the last, and the final one;
-    a flush of it (a hole's, a heartbeat's) costs one more, which PENDING_BOUND's
-    margin holds.
+    a flush of it (a hole's, a heartbeat's) costs up to two more (the block it cuts
+    short, and the empty one), which PENDING_BOUND's margin holds.
     """
     return size + STORED_BLOCK_HEADER * (-(-size // STORED_BLOCK_MIN) + 2)
 

@@ -23,7 +23,7 @@ response started is still logged with ``-`` for both.
 The patches wrap ``HTTPStream.app_send`` (to count) and replace
 ``HTTPStream._send_closed``, ``HTTPStream._send_error_response`` and the
 StreamClosed case of ``HTTPStream.handle`` (each a copy but for the log call).
-``handle`` also takes an absolute-form target (``http://host/path``) as its path,
+``handle`` also takes an HTTP/1.x absolute-form target (``http://host/path``) as its path,
 with its authority as the Host field (RFC 9112 3.2.2), and answers a request
 whose target is not a path (``?x``, ``*``, an absolute URI of another scheme)
 with a 400 (``install``'s ``error_answer``), from an ASGI
@@ -131,7 +131,8 @@ def _log_once() -> None:
         ):
             event = _in_origin_form(event, absolute)
         if isinstance(event, Request) and not event.raw_path.startswith(b"/"):
-            # Not origin-form ("?x", "*", another scheme's absolute URI h11 let through): no route takes it,
+            # Not origin-form ("?x", "*", another scheme's absolute URI h11 let through, or any absolute
+            # :path over HTTP/2): no route takes it,
             # and Quart indexes the empty path (IndexError, a 500 with a traceback).  A 400.
             self.start_time = time()
             # Just what the access line reads (hypercorn.logging.AccessLogAtoms).

@@ -184,11 +184,12 @@ def _guard_requests(app: QuartTrio) -> None:
 
 
 # RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2-3.2.3: uri-host [":" port], the host never empty for "http":
-# an IP literal in brackets (an IPv6 address, with a zone as RFC 6874 writes it, "%25" and its name;
-# or an IPvFuture), or a reg-name (IPv4 addresses among them) of unreserved, sub-delims and %HH.
+# an IP literal in brackets (an IPv6 address, with a zone as RFC 6874 writes it, "%25" and its name,
+# let through though RFC 3986's grammar, which RFC 9110 cites, has none; or an IPvFuture), or a
+# reg-name (IPv4 addresses among them) of unreserved, sub-delims and %HH.
 _HOST = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)(?:%25(?:[0-9A-Za-z._~-]|%[0-9A-Fa-f]{2})+)?\]"
-    r"|\[v[0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+\]"
+    r"|\[[vV][0-9A-Fa-f]+\.[0-9A-Za-z._~!$&'()*+,;=:-]+\]"
     r"|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
     r"(?::[0-9]*)?"
 )

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 # RFC 9110's grammar: ASCII digits and optional whitespace (space, tab) only.
 # Python's \d and \s would take any Unicode digit or space, and int() would
 # read "٣" as 3.
-# An element of an entity-tag list: a tag, quoted whole (with any commas in it), or anything else up to a comma.
-_LIST_ELEMENT = re.compile(r'(?:W/)?"[^"]*"|[^,\s][^,]*')
 _SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.IGNORECASE | re.ASCII)
+# An element of an entity-tag list: a tag, quoted whole (with any commas in it), or anything else up to a comma.
+_LIST_ELEMENT = re.compile(r'(?:W/)?"[^"]*"|[^, \t][^,]*')
 
 # A position with more digits than this is past any archive (10^19 bytes is
 # ten exabytes), and is read as this many nines rather than converted:
@@ -133,8 +133,9 @@ def check_preconditions(if_match: str | None, if_none_match: str | None, etag: s
 def _entity_tags(field: str) -> set[str]:
     """The entity tags (or ``*``) of an If-Match or If-None-Match field value, as written.
 
-    A quoted tag may hold commas (RFC 9110 8.8.3, ``etagc``): split on every comma, ``"a,*,b"``
-    held a ``*`` (helper 143: If-None-Match with another server's such tag was a 304).
+    A quoted tag may hold commas (RFC 9110 8.8.3, ``etagc``): until 2026-12-06 the field was split on
+    every comma, and ``"a,*,b"`` held a ``*`` (helper 143: If-None-Match with another server's such tag
+    was a 304).
     """
     return {tag.rstrip(" \t") for tag in _LIST_ELEMENT.findall(field)} - {""}
 
