@@ -11,13 +11,16 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
   without, it waits while the gate is there (dead storage), at most a minute.
 
 While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO;
-while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty).
+while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty);
+while one with ``-fail-stats`` exists, every ``stat`` of a file fails so (ESTALE if empty: NFS's file
+replaced on the server, met at the next look at its attributes).
 
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
-``--mtime-as-ctime``, as rclone's mount does: the mtime, to the nanosecond, as the ctime.
+``--mtime-as-ctime``, as rclone's mount does: the mtime, to the nanosecond, as the ctime.  With
+``--an-hour-back``, every time an hour earlier than the source's: files the service takes as settled.
 
-Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime]``
+Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime | --an-hour-back]``
 (in the foreground, until unmounted).  For tests/test_dead_storage.py and tests/test_crc_index.py.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -39,6 +43,9 @@ HELD = "-held"
 FAIL_CLOSES = "-fail-closes"
 # Beside the gate: every read of a file fails while it exists, with the errno written in it (EIO if empty).
 FAIL_READS = "-fail-reads"
+# Beside the gate: every stat of a file fails while it exists, with the errno written in it (ESTALE if empty).
+FAIL_STATS = "-fail-stats"
+HOUR_NS = 3600 * 1_000_000_000
 GATED = {
     "read": {"read"},
     "listing": {"listing"},
@@ -54,7 +61,7 @@ class GatedFs(Operations):  # type: ignore[misc]
     def __init__(self, source: str, gate: str, times: str = "") -> None:
         self.source = source
         self.gate = gate
-        self.times = times  # "", "--sftp-times" or "--mtime-as-ctime"
+        self.times = times  # "", "--sftp-times", "--mtime-as-ctime" or "--an-hour-back"
 
     def _path(self, path: str) -> str:
         return self.source + path
@@ -90,6 +97,15 @@ class GatedFs(Operations):  # type: ignore[misc]
             attributes.update(st_atime=whole_seconds, st_mtime=whole_seconds, st_ctime=whole_seconds)
         elif self.times == "--mtime-as-ctime":
             attributes["st_ctime"] = found.st_mtime_ns
+        elif self.times == "--an-hour-back":
+            for name in ("st_atime", "st_mtime", "st_ctime"):
+                attributes[name] -= HOUR_NS
+        if stat.S_ISREG(found.st_mode):
+            try:
+                with open(self.gate + FAIL_STATS) as failure:
+                    raise FuseOSError(int(failure.read().strip() or errno.ESTALE))
+            except FileNotFoundError:
+                pass
         return attributes
 
     def access(self, path: str, amode: int) -> int:

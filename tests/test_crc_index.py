@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1112,6 +1113,40 @@ async def test_a_close_failing_in_the_producer_is_as_in_a_crc_read(tmp_path: Pat
     assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
     assert b"a.jpg: Input/output error when closed after reading" in bytes(album.server.output)
     assert b"Traceback" not in bytes(album.server.output)
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize(("failure", "status"), [(errno.ESTALE, 503), (errno.EIO, 500)], ids=["estale", "eio"])
+async def test_a_file_whose_check_once_sent_fails_is_named(tmp_path: Path, failure: int, status: int) -> None:
+    # Helper 147: a file sent by sendfile is checked again once the service has read its bytes;
+    # the fstat of that check failing (ESTALE: the file replaced on an NFS server) went up unnamed,
+    # the producer's exit 2: a 500 naming no file, where ESTALE is a file changed, a 503 to retry.
+    files = {"a.jpg": os.urandom(32_768)}  # over the producer's copy limit: sent by sendfile
+    # An hour old: settled, so sent as its CRC is known (not read again for the CRC as it is sent).
+    async with served_gated_album(tmp_path, files, {}, "--an-hour-back") as album:
+        whole = await album.client.get("/archive/album/")  # the CRC read and kept
+        name_length, extra_length = struct.unpack_from("<HH", whole.content, 26)
+        data_at = 30 + name_length + extra_length  # the first entry's data (APPNOTE 4.3.7)
+        album.gate.write_text("read")  # its data's reads wait: checked once, then sent
+        responses: list[httpx.Response] = []
+
+        async def segment() -> None:  # a download manager's: the file's data alone
+            headers = {"Range": f"bytes={data_at}-{data_at + 32_767}"}
+            responses.append(await album.client.get("/archive/album/", headers=headers))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(segment)
+            await until_held(album.gate)
+            (tmp_path / "gate-fail-stats").write_text(str(failure))
+            album.gate.unlink()
+        (tmp_path / "gate-fail-stats").unlink()
+        again = await album.client.get("/archive/album/")
+    (response,) = responses
+    assert response.status_code == status
+    assert read_archive(again.content) == files
+    output = bytes(album.server.output)
+    assert b"a.jpg: " + os.strerror(failure).encode() in output
+    assert b"Traceback" not in output
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))

@@ -93,6 +93,20 @@ def close_read(fd: int, path: bytes) -> None:
         raise FileChanged(f"{os.fsdecode(path)}: {error.strerror or error} when closed after reading") from None
 
 
+def named_failure(path: bytes, error: OSError) -> Exception:
+    """An OSError of an open, read or ``fstat`` of ``path``, named and classed: FileChanged, OutOfResources or OSError.
+
+    ESTALE is a file changed (replaced on an NFS server) wherever it comes: at the open, a read, or
+    the check once its bytes were read (helper 147: that ``fstat`` failed unnamed, a 500).
+    """
+    reason = f"{os.fsdecode(path)}: {error.strerror or error}"
+    if error.errno in CHANGED_ERRNOS:
+        return FileChanged(reason)
+    if error.errno in RESOURCE_ERRNOS:
+        return OutOfResources(reason)
+    return OSError(error.errno, reason)
+
+
 def close_quietly(fd: int) -> None:
     """Close ``fd``, whatever the close says: for a file already failed, whose failure is the news."""
     with contextlib.suppress(OSError):

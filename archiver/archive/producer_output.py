@@ -13,7 +13,7 @@ import sys
 import termios
 import time
 
-from archiver.archive.producer_files import check_identity, close_quietly, close_read
+from archiver.archive.producer_files import check_identity, close_quietly, close_read, named_failure
 from archiver.archive.producer_protocol import FileChanged, FileKey
 
 # The output gathered before a write.
@@ -128,6 +128,9 @@ class Output:
                 except FileChanged as change:
                     close_quietly(fd)  # the change is the news, not a close that fails too
                     raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
+                except OSError as error:  # the fstat itself failed: ESTALE (a file changed), EIO...
+                    close_quietly(fd)
+                    raise named_failure(path, error) from None
                 close_read(fd, path)
             del self._unchecked[:done]
             if len(self._unchecked) <= most:

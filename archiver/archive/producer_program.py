@@ -28,7 +28,7 @@ import sys
 import time
 import zlib
 
-from archiver.archive.producer_files import Album, FileBlocks, check_identity, close_quietly, close_read
+from archiver.archive.producer_files import Album, FileBlocks, check_identity, close_quietly, close_read, named_failure
 from archiver.archive.producer_output import WRITE_GATHER, Output
 from archiver.archive.producer_protocol import (
     ALBUM_BODY,
@@ -45,7 +45,6 @@ from archiver.archive.producer_protocol import (
     EXIT_OUTPUT_CLOSED,
     FILE_SLICE_BODY,
     LITERAL_BODY,
-    RESOURCE_ERRNOS,
     STORED_ENTRY_BODY,
     FileChanged,
     FileKey,
@@ -238,12 +237,7 @@ class Producer:
         except OSError as error:
             # The storage failed a read (EIO), named: a bare "[Errno 5]" named no file (helper 70).
             # ESTALE: the file was replaced on an NFS server, as an upload does.
-            reason = f"{os.fsdecode(path)}: {error.strerror or error}"
-            if error.errno in CHANGED_ERRNOS:
-                raise FileChanged(reason) from None
-            if error.errno in RESOURCE_ERRNOS:
-                raise OutOfResources(reason) from None
-            raise OSError(error.errno, reason) from None
+            raise named_failure(path, error) from None
         if moved:
             self.output.check_once_read(fd, file_key, path)  # again, once its pages are out of the pipe
         else:
