@@ -19,9 +19,12 @@ With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries who
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
 ``--mtime-as-ctime``, as rclone's mount does: the mtime, to the nanosecond, as the ctime.  With
 ``--an-hour-back``, every time an hour earlier than the source's: files the service takes as settled.
+With ``--cached-attributes`` the kernel keeps what it is told of a file's attributes and names for
+a minute, as libfuse and mergerfs do for a second by default: ``stat`` answers from there.
 
-Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime | --an-hour-back]``
-(in the foreground, until unmounted).  For tests/test_dead_storage.py and tests/test_crc_index.py.
+Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime | --an-hour-back]
+[--cached-attributes]`` (in the foreground, until unmounted).  For tests/test_dead_storage.py and
+tests/test_crc_index.py.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ FAIL_READS = "-fail-reads"
 # Beside the gate: every stat of a file fails while it exists, with the errno written in it (ESTALE if empty).
 FAIL_STATS = "-fail-stats"
 HOUR_NS = 3600 * 1_000_000_000
+CACHED_ATTRIBUTES = "--cached-attributes"
 GATED = {
     "read": {"read"},
     "listing": {"listing"},
@@ -145,8 +149,10 @@ class GatedFs(Operations):  # type: ignore[misc]
 
 if __name__ == "__main__":
     source, mountpoint, gate = sys.argv[1:4]
-    times = sys.argv[4] if len(sys.argv) > 4 else ""
-    # No kernel caching of attributes or names: each open sees the source as it is.
+    options = sys.argv[4:]
+    times = next((option for option in options if option != CACHED_ATTRIBUTES), "")
+    # No kernel caching of attributes or names unless asked: each open sees the source as it is.
+    cached = 60 if CACHED_ATTRIBUTES in options else 0
     # Up to 64 calls held at once (libfuse's default is 10 threads: more would queue unseen in the kernel).
     # The source's inode numbers (use_ino), as NFS and mergerfs show them: a file keeps its inode across mounts.
     FUSE(
@@ -154,8 +160,8 @@ if __name__ == "__main__":
         mountpoint,
         foreground=True,
         ro=True,
-        attr_timeout=0,
-        entry_timeout=0,
+        attr_timeout=cached,
+        entry_timeout=cached,
         max_threads=64,
         use_ino=True,
     )

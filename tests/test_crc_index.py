@@ -1150,6 +1150,34 @@ async def test_a_file_whose_check_once_sent_fails_is_named(tmp_path: Path, failu
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize(("compression", "size"), [("0", 4_000), ("0", 100_000), ("6", 100_000)])
+async def test_an_edit_the_kernels_attribute_cache_hides_is_no_clean_end(
+    tmp_path: Path, compression: str, size: int
+) -> None:
+    # Helper 148: libfuse and mergerfs keep a file's attributes in the kernel (attr_timeout: 1 s by
+    # default; a minute here, for a test with no race against it), so every fstat showed the old
+    # key of a file rewritten beneath the mount (on a branch, on the NAS): its new bytes went out
+    # under its old CRC, a clean 200.  The checks after a read ask the filesystem itself.  A small
+    # file is copied (read, then checked), a larger one sent by sendfile (checked once taken).
+    old, new = os.urandom(size), os.urandom(size)
+    options = "--an-hour-back --cached-attributes"
+    async with served_gated_album(tmp_path, {"a.bin": old}, {"ARCHIVER_COMPRESSION": compression}, options) as album:
+        first = await album.client.get("/archive/album/")  # its attributes kept by the kernel, its CRC by the index
+        with open(album.source / "a.bin", "r+b") as file:  # in place: the same inode and size
+            file.write(new)
+        try:
+            second: httpx.Response | None = await album.client.get("/archive/album/")
+        except httpx.RemoteProtocolError:  # aborted after its head: a failure the client sees
+            second = None
+        third = await album.client.get("/archive/album/")
+    assert read_archive(first.content) == {"a.bin": old}
+    if second is not None:  # refused before its head, never a whole archive
+        assert second.status_code == 503 and second.headers["retry-after"] == "5"
+    assert b"a.bin: changed: modified" in bytes(album.server.output)
+    assert read_archive(third.content) == {"a.bin": new}  # the check that found it refreshed the kernel's copy
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_download_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

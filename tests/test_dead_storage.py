@@ -61,9 +61,12 @@ pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_
 
 @asynccontextmanager
 async def gated_mount(source: Path, mountpoint: Path, gate: Path, times: str = "") -> AsyncIterator[None]:
-    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists; ``times``: gated_fs's."""
+    """Mount ``source`` read-only at ``mountpoint``; its reads hang while ``gate`` exists.
+
+    ``times``: gated_fs's options (the times it reports, whether the kernel keeps the attributes it is told).
+    """
     mountpoint.mkdir(exist_ok=True)
-    options = [times] if times else []
+    options = times.split()
     process = subprocess.Popen([sys.executable, str(GATED_FS), str(source), str(mountpoint), str(gate), *options])
     try:
         with trio.fail_after(10):
@@ -97,7 +100,7 @@ async def served_gated_album(
     """A server process (``env`` its settings) whose storage holds ``album``, a gated mount of ``files``.
 
     The mount's ctimes are trusted (``ARCHIVER_TRUSTED_FUSE``: it passes the source's
-    through) unless ``env`` says otherwise; ``times``: what gated_fs reports instead.
+    through) unless ``env`` says otherwise; ``times``: gated_fs's options (the times it reports, its cache).
     """
     env = {"ARCHIVER_TRUSTED_FUSE": "fuse"} | env
     source, storage, gate = tmp_path / "source", tmp_path / "storage", tmp_path / "gate"

@@ -20,6 +20,7 @@ from zlib_ng import zlib_ng
 from .crc_index import CrcIndex, FileRead
 from .ctime_trust import is_racy
 from .listed_files import Folders, close_read, failures_named, open_listed
+from .producer_files import uncached_status
 from .producer_protocol import FileChanged, FileKey
 from .shared_descriptor import SharedDescriptor
 from .sparse import Holes, crc32_with_zeros, may_have_holes
@@ -55,8 +56,7 @@ T = TypeVar("T")
 
 def keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> bool:
     """Keep ``crc`` in ``index`` unless racy (then False); FileChanged if the file changed while read."""
-    status = os.fstat(fd)
-    if (status.st_size, status.st_mtime_ns, status.st_ctime_ns) != key[2:]:
+    if uncached_status(fd)[1][2:] != key[2:]:  # not what the kernel keeps of a FUSE or NFS file's (helper 148)
         raise FileChanged(f"{path}: modified while its CRC was read")
     if is_racy(key, read_started_ns) or not index.trust.file(fd, key):
         return False

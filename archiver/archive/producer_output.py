@@ -124,11 +124,11 @@ class Output:
                     break
                 done += 1
                 try:
-                    check_identity(fd, key)
+                    check_identity(fd, key, uncached=True)
                 except FileChanged as change:
                     close_quietly(fd)  # the change is the news, not a close that fails too
                     raise FileChanged(f"{os.fsdecode(path)}: {change}") from None
-                except OSError as error:  # the fstat itself failed: ESTALE (a file changed), EIO...
+                except OSError as error:  # the look at it failed: ESTALE (a file changed), EIO...
                     close_quietly(fd)
                     raise named_failure(path, error) from None
                 close_read(fd, path)

@@ -275,7 +275,7 @@ class Producer:
             at += count
         if computed != crc:
             raise FileChanged("its bytes are not the ones its CRC-32 was read from")
-        check_identity(fd, key)  # again, now that its bytes are out (copied)
+        check_identity(fd, key, uncached=True)  # again, now that its bytes are out (copied)
         return False
 
     def _send_computed(self, fd: int, key: FileKey, header: bytes) -> bool:
@@ -327,7 +327,7 @@ class Producer:
         self.output.write(data)
         self.output.write(data_descriptor(crc, compressed, size, uses_zip64(fields, size)))
         self.written.append((fields, crc, compressed, size, offset))
-        check_identity(fd, key)  # again, now that its bytes are out (copied)
+        check_identity(fd, key, uncached=True)  # again, now that its bytes are out (copied)
         return False
 
     def _deflate(self, compressor: zlib._Compress, data: memoryview) -> bytes:
@@ -443,7 +443,7 @@ def _read_copy(fd: int, key: FileKey, offset: int, length: int) -> bytes:
         raise FileChanged(error.strerror or str(error)) from None
     # Read before its type is known: whatever a path beneath the album can name (no device
     # node without root), reading it is harmless, and nothing read goes out unchecked.
-    check_identity(fd, key)
+    check_identity(fd, key, uncached=True)
     if len(data) != length:
         raise FileChanged("shorter than planned")
     return data
