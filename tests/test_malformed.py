@@ -1214,6 +1214,24 @@ def test_a_host_field_with_an_invalid_value_is_400(service: Service, host: bytes
     assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer.lower()
 
 
+@pytest.mark.parametrize("target", [b"/healthz", b"/archive/small/", b"/favicon.ico"])
+def test_an_http10_request_without_a_host_field_is_served(service: Service, target: bytes) -> None:
+    # HTTP/1.0 has no Host field to require (RFC 9112 3.2 asks it of HTTP/1.1): helper 149 found
+    # each a 400 (Quart adds an empty one), a health check's included.
+    answer = b""
+    with socket.create_connection(service.address, timeout=10) as sock:  # not half-closed: a client that left
+        sock.sendall(b"GET " + target + b" HTTP/1.0\r\n\r\n")
+        while data := sock.recv(65536):  # until the server closes, as HTTP/1.0 has it
+            answer += data
+    assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 204 ")), answer[:200]
+
+
+def test_two_host_fields_are_400(service: Service) -> None:
+    # RFC 9112 3.2: a server MUST answer 400 to a request with more than one.
+    answer = exchange(service.address, b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer.lower()
+
+
 @pytest.mark.parametrize(
     "host",
     [

@@ -168,9 +168,12 @@ def _guard_requests(app: QuartTrio) -> None:
     @app.before_request
     async def refuse_invalid_hosts() -> Response | None:
         # RFC 9112 3.2: a server MUST answer 400 to a Host field with an invalid value (helper 143: "a b/c",
-        # "user@x", "x:port" and an empty one were served).  Its absence over HTTP/1.1 is h11's 400.
-        host = request.headers.get("Host")
-        if host is None or _valid_host(host):
+        # "user@x", "x:port" and an empty one were served), or to more than one.  Its absence over
+        # HTTP/1.1 is h11's 400; over HTTP/1.0 it is allowed, and the scope's headers are read, not
+        # Quart's, which adds an empty Host there (helper 149: every Host-less HTTP/1.0 request, a
+        # load balancer's health check among them, was a 400).
+        hosts = [value for name, value in request.scope["headers"] if name.lower() == b"host"]
+        if not hosts or (len(hosts) == 1 and _valid_host(hosts[0].decode("latin-1"))):
             return None
         close = {"Connection": "close"} if request.http_version.startswith("1") else {}
         return error_page(400, request.headers.get("Accept"), close, message=UNPARSED_REQUEST)
