@@ -198,6 +198,13 @@ class Settings:
             )
         if self.link_secret:
             self._check_link_secret()
+        for fuse_type in self.trusted_fuse:
+            # A type is one of mountinfo's space-separated fields: "fuse.a fuse.b" never matched (helper 149).
+            if not fuse_type.isprintable() or any(character.isspace() for character in fuse_type):
+                raise SettingsError(
+                    f"{setting_name('trusted_fuse')}: {fuse_type!r} is not a filesystem type "
+                    "(types are separated by commas: fuse.mergerfs,virtiofs)"
+                )
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)

@@ -61,10 +61,12 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_SETTLE_TIME", "\u0131nf"),
         # Helper 76: a float's underflow to 0.0 turned the settle rule off unsaid.
         ("ARCHIVER_SETTLE_TIME", "1e-400"),
+        # Helper 149: two types a space apart were one type that never matched.
+        ("ARCHIVER_TRUSTED_FUSE", "fuse.mergerfs virtiofs"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
-    with pytest.raises(SettingsError, match=f"(^| or ){variable}[ =]"):
+    with pytest.raises(SettingsError, match=f"(^| or ){variable}[ =:]"):
         Settings.from_env({variable: value})
 
 
