@@ -20,10 +20,10 @@ from zlib_ng import zlib_ng
 from .crc_index import CrcIndex, FileRead
 from .ctime_trust import is_racy
 from .listed_files import Folders, close_read, failures_named, open_listed
-from .producer_files import uncached_status
 from .producer_protocol import FileChanged, FileKey
 from .shared_descriptor import SharedDescriptor
 from .sparse import Holes, crc32_with_zeros, may_have_holes
+from .uncached_status import uncached_status
 from .worker_threads import in_thread
 
 # CRC-32 (ZIP's, the same function as zlib.crc32) by zlib-ng, which folds with carry-less
