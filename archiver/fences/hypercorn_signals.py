@@ -74,8 +74,8 @@ def install() -> None:
     async def check_multiprocess_shutdown_event(shutdown_event: Any, sleep: Any) -> None:
         await original_trigger(shutdown_event, sleep)
         logger.info(
-            "stopped by Hypercorn's master: no new connections; in-flight downloads get hypercorn.toml's "
-            "graceful_timeout to finish"
+            "stopped by Hypercorn's master: no new connections; in-flight downloads get Hypercorn's "
+            "graceful_timeout to finish (hypercorn.toml's, or --graceful-timeout's)"
         )
         hypercorn_tcp.shutting_down()
 
@@ -92,7 +92,8 @@ async def terminate_on_stop_signal() -> None:
     """
     received = await wait_for_stop_signal()
     logger.info(
-        "received %s: no new connections; in-flight downloads get hypercorn.toml's graceful_timeout to finish",
+        "received %s: no new connections; in-flight downloads get Hypercorn's graceful_timeout to finish "
+        "(hypercorn.toml's, or --graceful-timeout's)",
         received.name,
     )
     for context in list(_CONTEXTS):
