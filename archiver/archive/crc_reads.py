@@ -23,7 +23,7 @@ from .listed_files import Folders, close_read, failures_named, open_listed
 from .producer_protocol import FileChanged, FileKey
 from .shared_descriptor import SharedDescriptor
 from .sparse import Holes, crc32_with_zeros, may_have_holes
-from .uncached_status import uncached_status
+from .uncached_status import refresh_attributes, uncached_status
 from .worker_threads import in_thread
 
 # CRC-32 (ZIP's, the same function as zlib.crc32) by zlib-ng, which folds with carry-less
@@ -140,6 +140,7 @@ def small_file_crc(
         with failures_named(path):
             crc, read = _crc_of_block(fd, 0, buffer, size, progress, size)
             if read != size:
+                refresh_attributes(fd)  # the kernel's stale copy of a FUSE or NFS file's (helper 150)
                 raise FileChanged(f"{path}: read {read} bytes, {size} listed")
             kept = keep(index, fd, path, found, crc, started)
     finally:
@@ -173,7 +174,10 @@ def crc_of_shared_block(
 
     try:
         os.lseek(fd, at, os.SEEK_SET)  # where this read's progress stands: it may resume an earlier one's
-        return _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress, left, after_read)
+        crc, covered = _crc_of_block(fd, crc, buffer, BATCH_BYTES, progress, left, after_read)
+        if not covered and left and not shared.dropped:
+            refresh_attributes(fd)  # shorter than listed: the kernel's stale copy of a FUSE or NFS file's (helper 150)
+        return crc, covered
     finally:
         shared.give_back()
 

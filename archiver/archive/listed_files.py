@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from .real_paths import open_real_directory
+from .uncached_status import uncached_path_status
 from .worker_threads import NoThread
 
 if TYPE_CHECKING:
@@ -136,9 +137,10 @@ def check_still_listed(plan: ArchivePlan, entries: Sequence[int]) -> None:
     directory = os.fsencode(plan.directory) + b"/"
     for k in entries:
         try:
-            status = os.stat(directory + plan.path(k), follow_symlinks=False)
+            # Asked of the filesystem, not the kernel's cached attributes of a FUSE or NFS file (helper 150:
+            # an upload's write after the producer's look went out cut, the archive ending cleanly).
+            _, found = uncached_path_status(directory + plan.path(k))
         except OSError as error:
             raise FileChanged(f"{plan.path_str(k)}: {error.strerror}") from None
-        found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
         if found != plan.key(k):
             raise FileChanged(f"{plan.path_str(k)}: changed while the archive was sent")

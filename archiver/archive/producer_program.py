@@ -52,6 +52,7 @@ from archiver.archive.producer_protocol import (
     file_key,
 )
 from archiver.archive.sparse import crc32_with_zeros, may_have_holes
+from archiver.archive.uncached_status import refresh_attributes
 from archiver.archive.zipformat import (
     DEFLATED,
     FIELD_LIMIT,
@@ -227,7 +228,12 @@ class Producer:
             fd = self.album.open(path)
             try:
                 moved = send(fd, file_key, *args)
-            except BaseException:
+            except BaseException as error:
+                if isinstance(error, FileChanged):
+                    # Found short or long before its uncached look (a file truncated beneath a FUSE or
+                    # NFS mount): the kernel's copy of its attributes fetched anew, or the next listing
+                    # plans it from the stale copy and fails too (helper 150).
+                    refresh_attributes(fd)
                 close_quietly(fd)
                 raise
         except FileChanged as change:
