@@ -255,3 +255,37 @@ def test_an_smb_share_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         os.close(fd)
     assert trust.device(device)  # the real answer: this machine's own disk
+
+
+@pytest.mark.parametrize(
+    ("options", "trusted"),
+    [
+        ("rw,trans=virtio", True),  # cache=none, the default: every stat asks the host
+        ("rw,cache=mmap,trans=fd", True),  # WSL's drives
+        ("rw,cache=5,trans=virtio", True),  # mmap as Linux 6.6 writes it
+        ("rw,cache=loose,trans=virtio", False),
+        ("rw,cache=fscache,trans=virtio", False),
+        ("rw,cache=f,trans=virtio", False),  # loose, since Linux 6.6
+        ("rw,cache=0x8f,trans=virtio", False),  # fscache, later
+        ("rw,cache=2,trans=virtio", False),  # metadata alone
+        ("rw,cache=strange,trans=virtio", False),  # cannot be told
+    ],
+)
+def test_a_9p_mount_that_keeps_attributes_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str, trusted: bool
+) -> None:
+    # Helper 150: with its attributes kept (cache=loose, fscache, metadata), 9p answers stat from them
+    # and ignores AT_STATX_FORCE_SYNC: an edit on the host never seen.  This kernel has no 9p: its
+    # statfs answer and a mountinfo line stand in for one.
+    monkeypatch.setattr(filesystems, "filesystem_magic", lambda fd: filesystems.V9FS_MAGIC)
+    device = tmp_path.stat().st_dev
+    mountinfo = tmp_path / "mountinfo"
+    line = f"40 30 {os.major(device)}:{os.minor(device)} / /srv/albums rw,relatime - 9p albums {options}\n"
+    mountinfo.write_text(line)
+    trust = CtimeTrust(mountinfo=mountinfo)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        trust.learn(fd, device)
+    finally:
+        os.close(fd)
+    assert trust.device(device) is trusted

@@ -52,6 +52,16 @@ MTIME_AS_CTIME = {
     0x517B: "smbfs",
 }
 OVERLAY = "overlay"
+# 9p (QEMU's virtfs) mounted with cache=loose or fscache, or any mode that keeps metadata, answers
+# stat from the inode it keeps, whatever the host did, and ignores AT_STATX_FORCE_SYNC
+# (fs/9p/vfs_inode_dotl.c): an edit made on the host is never seen, and with its pages dropped
+# and read again a file mixes old bytes and new under the old key (helper 150).  Its ``cache=``
+# option: a mode's name before Linux 6.6, its bits in hex since (CACHE_META 0x2 and CACHE_LOOSE
+# 0x8 keep attributes: fs/9p/v9fs.h).  cache=none (the default), readahead and mmap do not.
+V9FS_MAGIC = 0x01021997
+NINE_P_CACHED = "9p, attributes kept"
+_NINE_P_MODES = {"none": 0x0, "readahead": 0x1, "mmap": 0x5, "loose": 0xF, "fscache": 0x8F}
+_NINE_P_KEEPING_ATTRIBUTES = 0x2 | 0x8
 BTRFS_SUPER_MAGIC = 0x9123683E
 SYS_BLOCK = Path("/sys/dev/block")
 SYS_BTRFS = Path("/sys/fs/btrfs")
@@ -84,22 +94,40 @@ def filesystem_magic(fd: int) -> int:
     return int(found.f_type) & 0xFFFFFFFF
 
 
-def read_mount_table(text: str) -> dict[int, str]:
+def read_mount_table(text: str, field: int = 1) -> dict[int, str]:
     """Device number (``os.makedev``) -> filesystem type, from the text of a mountinfo file.
 
     A line: ``36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw``;
-    field 3 is the device, and the field after the ``-`` separator the type.
-    Lines that do not parse are skipped.
+    field 3 is the device, and the field after the ``-`` separator the type;
+    with ``field`` 3, the filesystem's own options (the last).  Lines that do
+    not parse are skipped.
     """
     types: dict[int, str] = {}
     for line in text.splitlines():
         fields = line.split(" ")
         try:
             major, minor = fields[2].split(":")
-            types[os.makedev(int(major), int(minor))] = fields[fields.index("-", 6) + 1]
+            types[os.makedev(int(major), int(minor))] = fields[fields.index("-", 6) + field]
         except (IndexError, ValueError):
             continue
     return types
+
+
+def nine_p_keeps_attributes(options: str) -> bool:
+    """Whether a 9p mount with these options (mountinfo's last field) answers stat from what it keeps.
+
+    True where its ``cache=`` cannot be read; no ``cache=`` is cache=none.
+    """
+    for option in options.split(","):
+        name, _, value = option.partition("=")
+        if name != "cache":
+            continue
+        try:
+            bits = _NINE_P_MODES[value] if value in _NINE_P_MODES else int(value, 16)
+        except ValueError:
+            return True
+        return bool(bits & _NINE_P_KEEPING_ATTRIBUTES)
+    return False
 
 
 def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, mountinfo: Path = MOUNTINFO) -> str:
@@ -108,12 +136,19 @@ def filesystem_name(directory_fd: int, device: int, fuse_type_wanted: bool, moun
     For FUSE, ``fuse`` or mountinfo's type for it (``fuse.sshfs``, ``virtiofs``;
     looked up only if ``fuse_type_wanted``, in the table as it is now: a device
     number is reused by the next mount); ``OVERLAY``; a name of ``MTIME_AS_CTIME``;
+    ``NINE_P_CACHED`` for a 9p mount that keeps attributes (mountinfo's options);
     else ``KERNEL``.
     OSError if ``fstatfs`` fails (on FUSE, its daemon is asked, and may not answer).
     """
     magic = filesystem_magic(directory_fd)
     if magic == OVERLAYFS_SUPER_MAGIC:
         return OVERLAY
+    if magic == V9FS_MAGIC:
+        try:
+            options = read_mount_table(mountinfo.read_text(errors="replace"), field=3).get(device)
+        except OSError:  # no /proc: its cache cannot be told
+            options = None
+        return NINE_P_CACHED if options is None or nine_p_keeps_attributes(options) else KERNEL
     if magic != FUSE_SUPER_MAGIC:
         return MTIME_AS_CTIME.get(magic, KERNEL)
     if not fuse_type_wanted:
