@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import signal
 import socket
 import struct
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,8 +29,13 @@ import h2.settings
 import httpx
 import pytest
 import trio
+import trio.testing
+from hypercorn.events import Event
+from hypercorn.trio.tcp_server import TCPServer
 
 from archiver.config import Settings
+from archiver.fences.hypercorn_h2_send import SEND_BATCH
+from archiver.fences.hypercorn_tcp import LIMITS
 from archiver.web.limits import RECLAIM_WAIT
 
 from .conftest import (
@@ -372,49 +378,66 @@ async def test_small_answers_held_at_a_closed_window_are_reset_and_their_connect
     assert not any(attacker.received.values())
 
 
-def server_send_queue(server_port: int, client_port: int) -> int:
-    """Bytes the server's socket to ``client_port`` holds unsent or unacknowledged (tx_queue, /proc/net/tcp)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, remote, _, queues = line.split()[1:5]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
-            return int(queues.split(":")[0], 16)
-    raise AssertionError("no such connection")
-
-
 async def test_a_small_answer_cut_while_a_download_holds_the_socket_leaves_the_connection_usable(
-    attacked_storage: Path,
+    attacked_storage: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Helper 110: an answer's bytes, once h2 has encoded them (its HPACK table moved on), must reach
     # the socket.  A /healthz whose deadline (the stall timeout) passed while it waited for the send
     # lock, which a download's write to a client that had stopped reading held, lost its HEADERS: the
     # client's HPACK table fell out of step, and the next answer on the connection could not be read.
+    # In this process, on a clock that moves only when told: the answer's deadline passes while it
+    # waits, the write's never does (helper 151: slept through in real time, a stall of ~3 s of a
+    # loaded machine had the write cut at its own deadline, and the connection with it).
     stall_timeout = 4
-    async with archiver_process(attacked_storage, stall_timeout=str(stall_timeout)) as server:
+    settings = Settings(
+        settle_time=0, storage_dir=attacked_storage, host="127.0.0.1", port=0, stall_timeout=stall_timeout
+    )
+    connections: list[TCPServer] = []
+
+    async def until(condition: Callable[[], bool]) -> None:
+        """Wait until ``condition`` holds with every task blocked (the clock stands still: no deadline passes)."""
+        while not condition():
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+    async with running_server(settings) as url:
+        fenced_send = TCPServer.protocol_send  # hypercorn_tcp's, installed by the app
+
+        async def noting_send(self: TCPServer, event: Event) -> None:
+            if self not in connections:
+                connections.append(self)
+            await fenced_send(self, event)
+
+        monkeypatch.setattr(TCPServer, "protocol_send", noting_send)
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: a small window
-        await sock.connect(address_of(server.url))
+        await sock.connect(address_of(url))
         client = RawH2Client(trio.SocketStream(sock))
         client.connection.initiate_connection()
-        client.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
         client.connection.increment_flow_control_window(2**31 - 1 - 65535)
         download = await client.get("/archive/big/")
-        # Not read: the server's write of a batch blocks, holding the send lock, once the socket is
-        # full (its queue stops moving).  Each batch has two stall timeouts (512 KiB) to go out.
-        ports = address_of(server.url)[1], sock.getsockname()[1]
-        queued = -1
-        with trio.fail_after(10):
-            while (now := server_send_queue(*ports)) != queued or not now:
-                queued = now
-                await trio.sleep(0.1)
-        small = await client.get("/healthz")  # waits for the lock, and its deadline passes meanwhile
-        await trio.sleep(stall_timeout + 1)  # a time to let pass, within the download's write's own deadline
+        # Its window shut until the server holds a whole batch for it: then one write of a batch (two
+        # stall timeouts' worth, 512 KiB), which the socket cannot take, holds the send lock.
+        await until(lambda: bool(connections) and buffered(connections[0], download) >= SEND_BATCH)
+        client.connection.increment_flow_control_window(2**30, stream_id=download)
+        await client.flush()
+        lock = connections[0].send_lock
+        await until(lock.locked)
+        [write_ends] = [scope.deadline for scope, _ in LIMITS.writes]
+        assert write_ends - trio.current_time() == pytest.approx(2 * stall_timeout)  # a batch: two stall timeouts
+        small = await client.get("/healthz")
+        await until(lambda: lock.statistics().tasks_waiting == 1)  # its HEADERS, encoded, wait for the lock
+        mock_clock.jump(1.5 * stall_timeout)  # past the answer's deadline, not the write's
+        mock_clock.autojump_threshold = 5  # if all waits 5 s (a hang, not this test's case): the next deadline
+        while small not in client.ended | client.reset:
+            assert await client.read_some(), "the connection ended"
+        mock_clock.autojump_threshold, mock_clock.rate = math.inf, 1  # time runs again: no deadline matters now
+        client.connection.reset_stream(download)
+        headers: list[tuple[bytes, bytes]] = []
+        answer = await client.get("/healthz")
+        client.connection.increment_flow_control_window(2**30, stream_id=answer)
+        await client.flush()
         with trio.fail_after(20):
-            while small not in client.ended | client.reset:
-                await client.read_some()
-            client.connection.reset_stream(download)
-            await client.flush()
-            headers: list[tuple[bytes, bytes]] = []
-            answer = await client.get("/healthz")
             while answer not in client.ended:
                 data = await client.stream.receive_some(65536)
                 assert data, "the connection ended"
@@ -427,6 +450,12 @@ async def test_a_small_answer_cut_while_a_download_holds_the_socket_leaves_the_c
         await client.stream.aclose()
     assert small in client.reset  # cut at its deadline, after the bytes h2 had encoded went out
     assert (b":status", b"200") in headers and (b"content-type", b"application/json") in headers
+
+
+def buffered(connection: TCPServer, stream_id: int) -> int:
+    """Bytes the server holds for HTTP/2 stream ``stream_id`` of ``connection``, not yet written (0 before any)."""
+    buffer = getattr(connection.protocol.protocol, "stream_buffers", {}).get(stream_id)
+    return 0 if buffer is None else len(buffer.buffer)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
