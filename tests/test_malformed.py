@@ -1167,7 +1167,7 @@ def test_a_connection_the_client_closed_ends_with_its_response_not_at_the_keep_a
             sock.shutdown(socket.SHUT_WR)  # as curl's close: the server reads its end
             started = time.monotonic()
             assert sock.recv(65536) == b""  # a TimeoutError here: the connection was kept
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < 4  # not the keep-alive timeout's 5 s (1 was tight: helper 151)
 
 
 @pytest.mark.parametrize(
