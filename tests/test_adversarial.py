@@ -396,8 +396,11 @@ async def test_a_small_answer_cut_while_a_download_holds_the_socket_leaves_the_c
 
     async def until(condition: Callable[[], bool]) -> None:
         """Wait until ``condition`` holds with every task blocked (the clock stands still: no deadline passes)."""
-        while not condition():
+        for _ in range(3000):  # ~30 s of real time at most: a condition never met is named, not a pytest timeout
+            if condition():
+                return
             await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        raise AssertionError(f"never met: {condition}")
 
     async with running_server(settings) as url:
         fenced_send = TCPServer.protocol_send  # hypercorn_tcp's, installed by the app

@@ -1228,6 +1228,8 @@ async def test_a_files_look_refused_does_not_turn_the_checks_to_the_kernels_copy
         (tmp_path / "gate-fail-stats").unlink()
     assert read_archive(first.content) == files
     assert not clean or status in (500, 503)
+    output = bytes(album.server.output)
+    assert b"a.bin: " + os.strerror(failure).encode() in output and b"Traceback" not in output  # named, not a crash
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -1245,7 +1247,8 @@ async def test_a_recent_file_written_again_after_its_check_is_seen_through_the_k
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: its window stays small
         await sock.connect(address_of(album.server.url))
         await sock.send(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        received = await sock.recv(65536)  # the head and a.bin, read and checked by the producer
+        with trio.fail_after(30):
+            received = await sock.recv(65536)  # the head and a.bin, read and checked by the producer
         with open(album.source / "a.bin", "ab") as file:
             file.write(b"more of the upload")
         with trio.fail_after(60):

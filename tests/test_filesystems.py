@@ -10,6 +10,7 @@ which filesystems those are its mount does not tell.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -21,10 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from archiver.archive import filesystems
+from archiver.archive import filesystems, uncached_status
 from archiver.archive.ctime_trust import CtimeTrust
 from archiver.archive.filesystems import loop_backed, on_a_loop_device
 from archiver.config import Settings
+from archiver.web.app import create_app
 
 from .conftest import ctimes_settled, read_archive, running_server, write_tree
 
@@ -269,6 +271,12 @@ def test_an_smb_share_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ("rw,cache=0x8f,trans=virtio", False),  # fscache, later
         ("rw,cache=2,trans=virtio", False),  # metadata alone
         ("rw,cache=strange,trans=virtio", False),  # cannot be told
+        # Before Linux 6.4 mountinfo names the mode bare (v9fs_show_options: ",%s"): Debian 12, WSL2.
+        ("rw,loose,access=client,trans=virtio", False),
+        ("rw,fscache,access=user,trans=virtio", False),
+        ("rw,noatime,dirsync,aname=drvfs;path=C:\\;uid=1000,mmap,access=client,msize=65536,trans=fd", True),
+        # aname printed unescaped: the options go on past a space.
+        ("rw,aname=/srv/my albums,loose,trans=virtio", False),
     ],
 )
 def test_a_9p_mount_that_keeps_attributes_is_not_trusted(
@@ -289,3 +297,17 @@ def test_a_9p_mount_that_keeps_attributes_is_not_trusted(
     finally:
         os.close(fd)
     assert trust.device(device) is trusted
+
+
+def test_statx_refused_is_said_at_start(
+    storage: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 152: without statx every check reads the kernel's copy of a FUSE or NFS file's attributes,
+    # which may hide an edit (uncached_status): silent, the operator never knew.
+    monkeypatch.setattr(uncached_status, "_statx", None)
+    create_app(Settings(storage_dir=storage))
+    monkeypatch.undo()
+    create_app(Settings(storage_dir=storage))
+    assert [record.getMessage()[:28] for record in caplog.records if record.levelno == logging.WARNING] == [
+        "statx is refused here (a ker"
+    ]

@@ -55,13 +55,18 @@ OVERLAY = "overlay"
 # 9p (QEMU's virtfs) mounted with cache=loose or fscache, or any mode that keeps metadata, answers
 # stat from the inode it keeps, whatever the host did, and ignores AT_STATX_FORCE_SYNC
 # (fs/9p/vfs_inode_dotl.c): an edit made on the host is never seen, and with its pages dropped
-# and read again a file mixes old bytes and new under the old key (helper 150).  Its ``cache=``
-# option: a mode's name before Linux 6.6, its bits in hex since (CACHE_META 0x2 and CACHE_LOOSE
-# 0x8 keep attributes: fs/9p/v9fs.h).  cache=none (the default), readahead and mmap do not.
+# and read again a file mixes old bytes and new under the old key (helper 150).  How mountinfo
+# shows its cache mode: the mode's bare name (",loose", ",fscache", ",mmap": v9fs_show_options
+# printed ",%s" until Linux 6.4; Debian 12's 6.1, WSL2's 5.15), then ``cache=`` and its bits in
+# hex ("cache=f", since 2025 "cache=0xf"; CACHE_META 0x2 and CACHE_LOOSE 0x8 keep attributes:
+# fs/9p/v9fs.h), or, before 9p had show_options, the options as mounted ("cache=loose").
+# cache=none (the default, not shown), readahead and mmap do not keep attributes.
 V9FS_MAGIC = 0x01021997
 NINE_P_CACHED = "9p, attributes kept"
 _NINE_P_MODES = {"none": 0x0, "readahead": 0x1, "mmap": 0x5, "loose": 0xF, "fscache": 0x8F}
 _NINE_P_KEEPING_ATTRIBUTES = 0x2 | 0x8
+# The modes mountinfo names bare, before Linux 6.4 (v9fs_cache_modes: none is never shown).
+_NINE_P_BARE_MODES = {"loose", "fscache", "mmap"}
 BTRFS_SUPER_MAGIC = 0x9123683E
 SYS_BLOCK = Path("/sys/dev/block")
 SYS_BTRFS = Path("/sys/fs/btrfs")
@@ -99,15 +104,17 @@ def read_mount_table(text: str, field: int = 1) -> dict[int, str]:
 
     A line: ``36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw``;
     field 3 is the device, and the field after the ``-`` separator the type;
-    with ``field`` 3, the filesystem's own options (the last).  Lines that do
-    not parse are skipped.
+    with ``field`` 3, the filesystem's own options (the rest of the line: 9p prints
+    its ``uname`` and ``aname`` unescaped, a space and all).  Lines that do not
+    parse are skipped.
     """
     types: dict[int, str] = {}
     for line in text.splitlines():
         fields = line.split(" ")
         try:
             major, minor = fields[2].split(":")
-            types[os.makedev(int(major), int(minor))] = fields[fields.index("-", 6) + field]
+            at = fields.index("-", 6) + field
+            types[os.makedev(int(major), int(minor))] = fields[at] if field < 3 else " ".join(fields[at:])
         except (IndexError, ValueError):
             continue
     return types
@@ -119,6 +126,8 @@ def nine_p_keeps_attributes(options: str) -> bool:
     True where its ``cache=`` cannot be read; no ``cache=`` is cache=none.
     """
     for option in options.split(","):
+        if option in _NINE_P_BARE_MODES:  # before Linux 6.4: ",loose", not ",cache=loose"
+            return bool(_NINE_P_MODES[option] & _NINE_P_KEEPING_ATTRIBUTES)
         name, _, value = option.partition("=")
         if name != "cache":
             continue

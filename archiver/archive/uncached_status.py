@@ -73,6 +73,11 @@ def _status(fd: int, path: bytes, flags: int) -> tuple[int, FileKey] | None:
     return mode, (device, inode, size, mtime * 1_000_000_000 + mtime_ns, ctime * 1_000_000_000 + ctime_ns)
 
 
+def statx_offered() -> bool:
+    """Whether this process asks files' filesystems (statx), or only the kernel's copy (fstat: said at start)."""
+    return _statx is not None
+
+
 def uncached_status(fd: int) -> tuple[int, FileKey]:
     """``fd``'s mode and key (device, inode, size, mtime_ns, ctime_ns), asked of its filesystem, not the kernel's cache.
 

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..archive import launcher
 from ..archive.producer import lingering as lingering_producers
+from ..archive.uncached_status import statx_offered
 from ..archive.worker_threads import NoThread, in_thread
 from ..config import Settings
 from ..fences import hypercorn_access, hypercorn_h2, hypercorn_h11, hypercorn_tcp
@@ -52,6 +53,12 @@ def create_app(settings: Settings) -> QuartTrio:
         logger.info("links: signed and expiring (ARCHIVER_LINK_SECRET)")
     else:
         logger.info("links: an album's name alone opens it (ARCHIVER_LINK_SECRET unset)")
+    if not statx_offered():  # helper 152: else silent, the operator never told
+        logger.warning(
+            "statx is refused here (a kernel before 4.11, or a sandbox's filter): on FUSE or NFS storage, "
+            "a file edited beneath the mount may go out under its old CRC for as long as the kernel keeps "
+            "its attributes (README, How it works)"
+        )
     app = QuartTrio(__name__)
     app.asgi_http_class = connection_class(response_sender(settings.stall_timeout))
     # Quart cuts a response off after RESPONSE_TIMEOUT (60 s by default); an
