@@ -36,6 +36,9 @@ import sys
 import time
 from typing import Any
 
+# libfuse 3, whose options these are (max_threads): mfusepy takes libfuse 2 where both are installed
+# (Debian's mergerfs package brings it), and every mount failed with "unknown option".
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context  # type: ignore[import-untyped]
 
 STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")
