@@ -13,7 +13,8 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
 While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO;
 while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty);
 while one with ``-fail-stats`` exists, every ``stat`` of a file fails so (ESTALE if empty: NFS's file
-replaced on the server, met at the next look at its attributes).
+replaced on the server, met at the next look at its attributes); with paths after the errno
+(from the mount's root: ``5 a.bin``), only those files' stats fail.
 
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
@@ -49,7 +50,8 @@ HELD = "-held"
 FAIL_CLOSES = "-fail-closes"
 # Beside the gate: every read of a file fails while it exists, with the errno written in it (EIO if empty).
 FAIL_READS = "-fail-reads"
-# Beside the gate: every stat of a file fails while it exists, with the errno written in it (ESTALE if empty).
+# Beside the gate: every stat of a file fails while it exists, with the errno written in it (ESTALE if empty);
+# after the errno, the files' paths to fail (from the mount's root), if only those.
 FAIL_STATS = "-fail-stats"
 HOUR_NS = 3600 * 1_000_000_000
 CACHED_ATTRIBUTES = "--cached-attributes"
@@ -110,9 +112,11 @@ class GatedFs(Operations):  # type: ignore[misc]
         if stat.S_ISREG(found.st_mode):
             try:
                 with open(self.gate + FAIL_STATS) as failure:
-                    raise FuseOSError(int(failure.read().strip() or errno.ESTALE))
+                    words = failure.read().split()
             except FileNotFoundError:
-                pass
+                words = None
+            if words is not None and (len(words) < 2 or path.lstrip("/") in words[1:]):
+                raise FuseOSError(int(words[0]) if words else errno.ESTALE)
         return attributes
 
     def access(self, path: str, amode: int) -> int:

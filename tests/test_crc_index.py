@@ -1264,6 +1264,44 @@ async def test_a_recent_file_written_again_after_its_check_is_seen_through_the_k
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize(
+    ("failure", "outcome"), [(errno.EIO, "failed"), (errno.ESTALE, "changed")], ids=["eio", "estale"]
+)
+async def test_a_recent_files_look_before_the_end_failing_is_classed_by_its_error(
+    tmp_path: Path, failure: int, outcome: str
+) -> None:
+    # The end's look at the files changed lately counted any error of its stat as the file changed
+    # (helper 152): a disk's EIO logged and counted as an upload ("changed").  Gone or replaced
+    # (ESTALE) is a file changed; EIO the storage's failure.  Aborted either way.  Staged as the test
+    # above: a.bin recent and read whole by the producer, then its stats (only its) fail.
+    files = {"a.bin": os.urandom(4000), "z.bin": b""}
+    async with served_gated_album(tmp_path, files, {"ARCHIVER_SETTLE_TIME": "0"}) as album:
+        os.truncate(album.source / "z.bin", 16 << 20)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # before connect: its window stays small
+        await sock.connect(address_of(album.server.url))
+        await sock.send(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with trio.fail_after(30):
+            received = await sock.recv(65536)  # the head and a.bin, read and checked by the producer
+        (tmp_path / "gate-fail-stats").write_text(f"{failure} a.bin")
+        with trio.fail_after(60):
+            while data := await sock.recv(1 << 20):
+                received += data
+        sock.close()
+        (tmp_path / "gate-fail-stats").unlink()
+        again = await album.client.get("/archive/album/")
+        figures = samples((await album.client.get("/metrics")).text)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    (length,) = [line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    assert len(body) < int(length)  # aborted: never ended as if whole
+    assert figures[f'archiver_downloads_finished_total{{outcome="{outcome}"}}'] == 1
+    assert figures['archiver_downloads_finished_total{outcome="completed"}'] == 1  # the next one, whole
+    assert read_archive(again.content)["a.bin"] == files["a.bin"]
+    assert b"a.bin: " + os.strerror(failure).encode() in bytes(album.server.output)
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 async def test_a_crc_read_failing_before_the_producer_has_started_is_a_failed_download_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

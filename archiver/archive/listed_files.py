@@ -35,7 +35,7 @@ class FileUnreadable(RuntimeError):
 
 
 @contextmanager
-def failures_named(path: Path) -> Iterator[None]:
+def failures_named(path: Path | str) -> Iterator[None]:
     """An OSError of an open or read of ``path``: FileChanged (CHANGED_ERRNOS: gone, ESTALE...), else FileUnreadable.
 
     Named either way: a bare "[Errno 5] Input/output error" named no file, and was a traceback (helper 70).
@@ -131,16 +131,17 @@ def close_read(fd: int, path: Path) -> None:
 def check_still_listed(plan: ArchivePlan, entries: Sequence[int]) -> None:
     """FileChanged unless each of ``entries`` of ``plan`` is still the file listed (its key), by its path.
 
-    A ``stat`` a file, through no link at the last part (a worker thread's call).
+    A ``stat`` a file, through no link at the last part (a worker thread's call).  A ``stat`` failing
+    is named as ``failures_named`` names it: FileChanged, OutOfResources or FileUnreadable.
     """
     # Paths joined as bytes: a pathlib join and str a file was half the time (20,000 files: 221 -> 100 ms).
     directory = os.fsencode(plan.directory) + b"/"
     for k in entries:
-        try:
+        # Gone or replaced is a file changed; any other error (EIO, ENOMEM) the storage's or the system's,
+        # not an upload (helper 152: every error was "changed", logged and counted so).
+        with failures_named(plan.path_str(k)):
             # Asked of the filesystem, not the kernel's cached attributes of a FUSE or NFS file (helper 150:
             # an upload's write after the producer's look went out cut, the archive ending cleanly).
             _, found = uncached_path_status(directory + plan.path(k))
-        except OSError as error:
-            raise FileChanged(f"{plan.path_str(k)}: {error.strerror}") from None
         if found != plan.key(k):
             raise FileChanged(f"{plan.path_str(k)}: changed while the archive was sent")
