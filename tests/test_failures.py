@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,8 @@ from .test_observability import finished_downloads, samples
 # What each client library raises for a transfer that did not end cleanly:
 # HTTP/1.1 without the terminating chunk, HTTP/2 with RST_STREAM.
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
+
+NO_BSDTAR = "bsdtar is not installed (Debian package libarchive-tools; .ci/run installs it)"
 
 
 async def download(client: httpx.AsyncClient, path: str) -> bytes:
@@ -253,6 +256,7 @@ async def test_an_album_being_uploaded_to_is_a_503_at_once_never_an_abort_at_95_
     assert len(lines) >= 8 and {record.levelno for record in lines} == {logging.INFO}
 
 
+@pytest.mark.skipif(shutil.which("bsdtar") is None, reason=NO_BSDTAR)
 @pytest.mark.parametrize("compression", [0, 6])
 async def test_a_file_written_again_after_it_was_sent_fails_the_transfer_before_its_end(
     settings: Settings, compression: int, caplog: pytest.LogCaptureFixture
@@ -299,6 +303,7 @@ def test_a_file_changed_in_the_very_second_the_recheck_looks_back_to_is_looked_a
         assert k not in plan.changed_since(changed + 1)
 
 
+@pytest.mark.skipif(shutil.which("bsdtar") is None, reason=NO_BSDTAR)
 async def test_a_file_the_producer_finds_changed_after_the_central_directory_leaves_no_whole_archive(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
