@@ -30,15 +30,21 @@ import pytest
 import trio
 
 from archiver.archive.producer import MAX_LINGERING
+from archiver.config import Settings
+from archiver.web.connection import STORAGE_RETRY_AFTER_SECONDS
+from archiver.web.pages import STORAGE_SILENT
 from archiver.web.storage_calls import RESOLVERS
 
 from .conftest import (
     CLIENT_TLS,
     ctimes_settled,
     launcher_processes,
+    make_client,
     producer_processes,
     read_archive,
+    running_server,
     spawner_processes,
+    write_tree,
 )
 from .test_cli import Launched, launched
 from .test_failures import ABORTED
@@ -886,3 +892,70 @@ async def test_a_spawner_restart_whose_client_left_still_bars_a_second_one(tmp_p
         whole = await client.get("/archive/other/")
         assert whole.status_code == 200 and read_archive(whole.content) == other
     assert b"the last start of the launchers' spawner still waits on the storage" in bytes(server.output)
+
+
+def _mount(*arguments: str) -> bool:
+    """Run mount(8) with ``arguments``; whether it worked (it needs root, and a system that lets it)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", *arguments], capture_output=True).returncode == 0
+
+
+def _storage_unavailable(answer: httpx.Response) -> bool:
+    """Whether ``answer`` is the 503 of storage that is not there: come back in minutes, not a dead link."""
+    return (
+        answer.status_code == 503
+        and answer.headers["retry-after"] == str(STORAGE_RETRY_AFTER_SECONDS)
+        and answer.text == STORAGE_SILENT.sentence + "\n"
+    )
+
+
+async def test_a_storage_root_moved_away_is_storage_unavailable_not_a_dead_link(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 155: every link was a 404 "deleted", nothing logged, while /healthz said 503.
+    root = settings.storage_dir
+    write_tree(root / "album", {"a.jpg": b"a"})
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        assert (await client.get("/archive/album/")).status_code == 200
+        root.rename(root.with_name("moved"))
+        gone, health = await client.get("/archive/album/"), await client.get("/healthz")
+        root.with_name("moved").rename(root)
+        back = await client.get("/archive/album/")
+    assert _storage_unavailable(gone)
+    assert (health.status_code, health.json()["storage"]) == (503, False)
+    assert back.status_code == 200 and read_archive(back.content) == {"a.jpg": b"a"}
+    assert any(r.levelname == "ERROR" and "is gone" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_storage_mounted_since_the_start_is_served_and_unavailable_once_unmounted(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 155: a storage mount gone (umount -l, an automounter) left the folder beneath it:
+    # every link a 404 "deleted", /healthz 200, nothing logged.  Nor may an album in the folder
+    # beneath (written while the mount was down) be served as the storage's.  A storage mounted
+    # after the start (its mount late at boot) is the storage from then on.
+    root = settings.storage_dir
+    write_tree(root / "album", {"a.jpg": b"beneath the mount"})
+    async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+        if not _mount("-t", "tmpfs", "tmpfs", str(root)):
+            pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+        try:
+            write_tree(root / "album", {"a.jpg": b"on the storage"})
+            mounted = await client.get("/archive/album/")
+            subprocess.run(["umount", "-l", str(root)], check=True)
+            unmounted, health = await client.get("/archive/album/"), await client.get("/healthz")
+            assert _mount("-t", "tmpfs", "tmpfs", str(root))  # back (its device number may be the last one's)
+            write_tree(root / "album", {"a.jpg": b"on the storage, mounted again"})
+            again, healthy = await client.get("/archive/album/"), await client.get("/healthz")
+        finally:
+            while subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
+                pass
+    assert mounted.status_code == 200 and read_archive(mounted.content) == {"a.jpg": b"on the storage"}
+    assert _storage_unavailable(unmounted)
+    assert (health.status_code, health.json()["storage"]) == (503, False)
+    assert again.status_code == 200 and read_archive(again.content) == {"a.jpg": b"on the storage, mounted again"}
+    assert healthy.status_code == 200
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert any(level == "WARNING" and "mounted since the start" in m for level, m in said)
+    assert any(level == "ERROR" and "is no longer mounted there" in m for level, m in said)

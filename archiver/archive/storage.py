@@ -43,6 +43,7 @@ from .listing import (
     WalkProgress,
 )
 from .real_paths import open_real_directory
+from .root_filesystem import RootFilesystem
 
 # A secret is a plain directory name: no dots (so no "." or ".."), no
 # separators, no escapes.  128 characters is far above the CMS's 32 hex digits.
@@ -77,10 +78,11 @@ def _may_leave_out(error: OSError, path: str) -> None:
         raise _failed(error, path) from error
 
 
-def resolve_album(root: Path, name: str) -> Path:
+def resolve_album(root: Path, name: str, filesystem: RootFilesystem | None = None) -> Path:
     """Return the real path of album ``name`` under ``root``, or raise AlbumNotFound.
 
-    ListingFailed if the storage cannot say (the root not searchable, an I/O error).
+    ListingFailed if the storage cannot say (the root not searchable, an I/O error);
+    StorageUnavailable if the root is gone or, by ``filesystem``, its filesystem unmounted.
 
     The album may be a symbolic link as long as it resolves to a directory
     strictly inside the root (never the root itself: that would archive every
@@ -88,6 +90,11 @@ def resolve_album(root: Path, name: str) -> Path:
     """
     if not ALBUM_NAME.fullmatch(name):
         raise AlbumNotFound(name)
+    if filesystem is not None:
+        try:
+            filesystem.check()  # before the album: beneath an unmounted storage every album is "not found"
+        except OSError as error:
+            raise ListingFailed(f"cannot look at the storage directory: {error.strerror}", transient=False) from None
     real_root = root.resolve()
     if real_root == Path("/"):  # checked at start too; a link to it swapped in since (helper 55)
         raise ListingFailed("the storage directory is /: its folders are not served", transient=False)

@@ -35,6 +35,7 @@ from ..archive.listed_files import FileUnreadable
 from ..archive.listing import AlbumKeepsChanging, ListingFailed
 from ..archive.producer import ProducerFailed, ProducerUnavailable
 from ..archive.producer_protocol import FileChanged, OutOfResources
+from ..archive.root_filesystem import StorageUnavailable
 from ..archive.worker_threads import NoThread
 from ..fences.hypercorn_tcp import write_units
 from ..fences.quart_trio import SendResponse, Takeover
@@ -211,7 +212,7 @@ def listing_refusal(error: ListingFailed, name: str, metrics: DownloadMetrics, a
     logger.error("refused %s: cannot list it: %s", name, error)
     metrics.rejected.labels("listing_failed").inc()
     if error.transient:
-        if isinstance(error, StorageSilent):
+        if isinstance(error, (StorageSilent, StorageUnavailable)):  # no answer, or no storage there: minutes
             return error_page(503, accept, {"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)}, STORAGE_SILENT)
         return error_page(503, accept, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     return error_page(500, accept)

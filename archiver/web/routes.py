@@ -20,6 +20,7 @@ from ..archive.ctime_trust import CtimeTrust
 from ..archive.listing import AlbumNotFound, ListingFailed, SkippedLog, WalkProgress
 from ..archive.plan_cache import CACHED_ENTRIES, PlanCache
 from ..archive.producer import producer_available
+from ..archive.root_filesystem import RootFilesystem
 from ..archive.storage import ALBUM_NAME, resolve_album
 from ..config import Settings
 from ..logs import cut_for_log
@@ -62,8 +63,10 @@ EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/
 class Routes:
     """The app's routes and what they share; each method answers one path (``request`` is Quart's)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, root_device: int | None = None) -> None:
+        """``root_device``: the device the storage root was on at the start (None: learnt at the first look)."""
         self.settings = settings
+        self.root_filesystem = RootFilesystem(settings.storage_dir, root_device)
         self.slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
         self.planned = PlannedFiles(settings.planned_files_budget)
         self.proxies = TrustedProxies(settings.trusted_proxies)
@@ -172,7 +175,7 @@ class Routes:
             raise AlbumNotFound(name)  # before a thread is taken: no probe costs one
         # Off the event loop, as every look at the storage: a dead mount must stop this request only.
         album = await call_storage(
-            partial(resolve_album, settings.storage_dir, name),
+            partial(resolve_album, settings.storage_dir, name, self.root_filesystem),
             timeout=settings.storage_timeout,
             limiter=self.resolvers,
         )
@@ -231,7 +234,7 @@ class Routes:
         threads = True
         try:
             readable = await call_storage(
-                partial(storage_root_searchable, self.settings.storage_dir),
+                partial(storage_root_searchable, self.settings.storage_dir, self.root_filesystem),
                 timeout=self.root_timeout,
                 limiter=self.health_lookers,
             )

@@ -1,4 +1,4 @@
-"""The storage root: checked once at the start, and looked at by /healthz."""
+"""The storage root: checked once at the start (its device kept), and looked at by /healthz."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import stat
 import threading
 from pathlib import Path
 
+from ..archive.root_filesystem import RootFilesystem, StorageUnavailable
 from ..config import SettingsError
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,10 @@ def root_timeout(storage_timeout: float) -> float:
 _ROOT_REFUSED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
 
 
-def check_storage_root(root: Path, timeout: float) -> None:
-    """SettingsError if ``root`` is not a folder the service may search, is / (by a link or a bind
+def check_storage_root(root: Path, timeout: float) -> int | None:
+    """The device ``root`` is on, or None if it did not answer (``RootFilesystem``).
+
+    SettingsError if ``root`` is not a folder the service may search, is / (by a link or a bind
     mount), or no thread can be started to look; if it does not answer within ``timeout`` s, or
     answers an error the storage may recover from, an ERROR only.
 
@@ -57,12 +60,12 @@ def check_storage_root(root: Path, timeout: float) -> None:
     looker.join(timeout)
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
-        return
+        return None
     if isinstance(answer[0], OSError):
         failure = answer[0]
         if failure.errno not in _ROOT_REFUSED:
             logger.error("storage directory %r: %s: starting anyway", str(root), failure.strerror)
-            return
+            return None
         if failure.errno in (errno.ENOENT, errno.ENOTDIR):
             raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
         raise SettingsError(f"storage directory {str(root)!r}: {failure.strerror}")
@@ -78,14 +81,20 @@ def check_storage_root(root: Path, timeout: float) -> None:
     system_root = os.stat("/")
     if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
         raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
+    return found.st_dev
 
 
-def storage_root_searchable(root: Path) -> bool:
-    """Whether albums can be reached under ``root``: a folder the service may search (x), not /.
+def storage_root_searchable(root: Path, filesystem: RootFilesystem) -> bool:
+    """Whether albums can be reached under ``root``: a folder the service may search (x), not /, on
+    the filesystem it was on at the start or one mounted on it since (``filesystem``).
 
     Not read (r): a root of mode 0711 hides the albums' names and serves them
     all (README, Deploying); /healthz asked for both, and said "storage": false
     for ever on such a root (helper 52).  Not /: a link swapped for one to it
     since the start makes every download a 500 (``resolve_album``).
     """
+    try:
+        filesystem.check()
+    except (StorageUnavailable, OSError):
+        return False
     return os.access(root, os.X_OK) and root.is_dir() and os.path.realpath(root) != "/"
