@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -957,5 +957,61 @@ async def test_a_storage_mounted_since_the_start_is_served_and_unavailable_once_
     assert again.status_code == 200 and read_archive(again.content) == {"a.jpg": b"on the storage, mounted again"}
     assert healthy.status_code == 200
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert any(level == "WARNING" and "mounted since the start" in m for level, m in said)
-    assert any(level == "ERROR" and "is no longer mounted there" in m for level, m in said)
+    assert any(level == "WARNING" and "since the start: serving it" in m for level, m in said)
+    assert any(level == "ERROR" and "(unmounted: the folder beneath is not the storage)" in m for level, m in said)
+
+
+async def test_a_storage_inside_a_mount_mounted_again_on_another_device_is_served(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Helper 156: told by the root's device number, `-D /mnt/nas/albums` whose /mnt/nas was
+    # mounted again on another device (a loop device, an anonymous one taken meanwhile) was
+    # refused until a restart.  The mount is told by its mount point.
+    nas, other = tmp_path / "nas", tmp_path / "other"
+    nas.mkdir()
+    other.mkdir()
+    root = nas / "albums"
+    if not _mount("-t", "tmpfs", "tmpfs", str(nas)):
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    try:
+        write_tree(root / "album", {"a.jpg": b"first"})
+        async with running_server(replace(settings, storage_dir=root)) as url, make_client(url, "HTTP/1.1") as client:
+            first = await client.get("/archive/album/")
+            device = os.stat(root).st_dev
+            subprocess.run(["umount", str(nas)], check=True)
+            unmounted = await client.get("/archive/album/")
+            assert _mount("-t", "tmpfs", "tmpfs", str(other))  # takes the device number freed, if it is free
+            assert _mount("-t", "tmpfs", "tmpfs", str(nas))
+            write_tree(root / "album", {"a.jpg": b"again"})
+            assert os.stat(root).st_dev != device
+            again, healthy = await client.get("/archive/album/"), await client.get("/healthz")
+    finally:
+        for mounted in (nas, other):
+            while subprocess.run(["umount", str(mounted)], capture_output=True).returncode == 0:
+                pass
+    assert first.status_code == 200 and _storage_unavailable(unmounted)
+    assert again.status_code == 200 and read_archive(again.content) == {"a.jpg": b"again"}
+    assert healthy.status_code == 200
+
+
+async def test_a_storage_bound_from_the_same_filesystem_is_unavailable_once_unmounted(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Helper 156: a bind mount of a folder of the same filesystem has the same device number: its
+    # unmount went unseen (a 404, /healthz 200), and an album in the folder beneath was served.
+    root, data = settings.storage_dir, tmp_path / "data"
+    write_tree(data / "album", {"a.jpg": b"on the storage"})
+    write_tree(root / "album", {"a.jpg": b"beneath the mount"})
+    if not _mount("--bind", str(data), str(root)):
+        pytest.skip("cannot bind-mount here (not root, or not allowed)")
+    try:
+        async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
+            mounted = await client.get("/archive/album/")
+            subprocess.run(["umount", str(root)], check=True)
+            unmounted, health = await client.get("/archive/album/"), await client.get("/healthz")
+    finally:
+        while subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
+            pass
+    assert read_archive(mounted.content) == {"a.jpg": b"on the storage"}
+    assert _storage_unavailable(unmounted)
+    assert (health.status_code, health.json()["storage"]) == (503, False)

@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import os
 import platform
+import re
 import uuid
 from pathlib import Path
 
@@ -118,6 +119,16 @@ def read_mount_table(text: str, field: int = 1) -> dict[int, str]:
         except (IndexError, ValueError):
             continue
     return types
+
+
+def mount_points(text: str) -> list[str]:
+    """The mount points of a mountinfo file's text (field 5), their octal escapes undone (``\\040``: a space)."""
+    points = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            points.append(re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), fields[4]))
+    return points
 
 
 def nine_p_keeps_attributes(options: str) -> bool:

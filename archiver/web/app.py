@@ -37,7 +37,7 @@ MAX_HEADER_BYTES = 16 * 1024
 
 def create_app(settings: Settings) -> QuartTrio:
     """Build the Quart-Trio app; fails fast if the storage root is missing (not if it does not answer)."""
-    root_device = check_storage_root(settings.storage_dir, root_timeout(settings.storage_timeout))
+    root_answered = check_storage_root(settings.storage_dir, root_timeout(settings.storage_timeout))
     hypercorn_h2.install()
     hypercorn_h11.install(error_answer=unparsed_request_answer)
     hypercorn_access.install(error_answer=unparsed_request_answer)
@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> QuartTrio:
     # "/archive//x//" is not a way to name an album: no redirect to a cleaned-up path.
     app.url_map.merge_slashes = False
 
-    routes = Routes(settings, root_device)
+    routes = Routes(settings, root_answered)
     _start_and_stop(app, routes)
     _guard_requests(app)
     _answer_errors(app)

@@ -63,10 +63,10 @@ EXAMPLE_LINK = f' Например: <a href="/archive/{EXAMPLE_NAME}/">/archive/
 class Routes:
     """The app's routes and what they share; each method answers one path (``request`` is Quart's)."""
 
-    def __init__(self, settings: Settings, root_device: int | None = None) -> None:
-        """``root_device``: the device the storage root was on at the start (None: learnt at the first look)."""
+    def __init__(self, settings: Settings, root_answered: bool = True) -> None:
+        """``root_answered``: whether the storage root answered the start's look (its mount learnt now, or later)."""
         self.settings = settings
-        self.root_filesystem = RootFilesystem(settings.storage_dir, root_device)
+        self.root_filesystem = RootFilesystem(settings.storage_dir, root_answered)
         self.slots = JobSlots(settings.max_jobs, settings.max_jobs_per_client)
         self.planned = PlannedFiles(settings.planned_files_budget)
         self.proxies = TrustedProxies(settings.trusted_proxies)

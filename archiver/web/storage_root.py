@@ -30,8 +30,8 @@ def root_timeout(storage_timeout: float) -> float:
 _ROOT_REFUSED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
 
 
-def check_storage_root(root: Path, timeout: float) -> int | None:
-    """The device ``root`` is on, or None if it did not answer (``RootFilesystem``).
+def check_storage_root(root: Path, timeout: float) -> bool:
+    """Whether ``root`` answered (``RootFilesystem`` learns its mount then).
 
     SettingsError if ``root`` is not a folder the service may search, is / (by a link or a bind
     mount), or no thread can be started to look; if it does not answer within ``timeout`` s, or
@@ -60,12 +60,12 @@ def check_storage_root(root: Path, timeout: float) -> int | None:
     looker.join(timeout)
     if not answer:
         logger.error("storage directory %r did not answer in %.0f s: starting anyway", str(root), timeout)
-        return None
+        return False
     if isinstance(answer[0], OSError):
         failure = answer[0]
         if failure.errno not in _ROOT_REFUSED:
             logger.error("storage directory %r: %s: starting anyway", str(root), failure.strerror)
-            return None
+            return False
         if failure.errno in (errno.ENOENT, errno.ENOTDIR):
             raise SettingsError(f"storage directory {str(root)!r} does not exist or is not a directory")
         raise SettingsError(f"storage directory {str(root)!r}: {failure.strerror}")
@@ -81,12 +81,12 @@ def check_storage_root(root: Path, timeout: float) -> int | None:
     system_root = os.stat("/")
     if (found.st_dev, found.st_ino) == (system_root.st_dev, system_root.st_ino):
         raise SettingsError(f"storage directory {str(root)!r} is / (each folder in it would be served as an album)")
-    return found.st_dev
+    return True
 
 
 def storage_root_searchable(root: Path, filesystem: RootFilesystem) -> bool:
-    """Whether albums can be reached under ``root``: a folder the service may search (x), not /, on
-    the filesystem it was on at the start or one mounted on it since (``filesystem``).
+    """Whether albums can be reached under ``root``: a folder the service may search (x), not /, held
+    by the mount that held it at the start or one mounted on it since (``filesystem``).
 
     Not read (r): a root of mode 0711 hides the albums' names and serves them
     all (README, Deploying); /healthz asked for both, and said "storage": false
