@@ -10,11 +10,12 @@ held_signals.hold()
 
 from .config import Settings, SettingsError, warn_of_unknown_variables  # noqa: E402
 from .fences import hypercorn_signals  # noqa: E402
-from .logs import configure_logging  # noqa: E402
+from .logs import configure_logging, detach_standard_streams  # noqa: E402
 from .web.app import create_app  # noqa: E402
 
 try:
     settings = Settings.from_env()
+    detach_standard_streams()  # before Hypercorn makes its log handlers (at its first line, after this import)
     configure_logging(settings.verbose)
     # Hypercorn's in this launch (helper 103: an ARCHIVER_PORT in the env file was ignored unsaid).
     warn_of_unknown_variables(

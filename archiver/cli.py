@@ -22,7 +22,7 @@ from .config import Settings, SettingsError, integer, number, warn_of_unknown_va
 from .fences import held_signals, hypercorn_tcp
 from .fences.hypercorn_signals import wait_for_stop_signal
 from .index_command import index_albums
-from .logs import configure_logging
+from .logs import configure_logging, detach_standard_streams
 from .web.app import create_app
 from .web.disposition import DisplayNameRefused, display_name
 from .web.signing import parse_duration, signed_query
@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(130)
         return
     settings = parse_settings(arguments)
+    detach_standard_streams()  # before any handler is made: a log reader that stops must not stop the service
     configure_logging(settings.verbose)
     warn_of_unknown_variables()
     # From here a stop signal is a graceful stop, also while the app is made and starts (a look at the

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import TextIO
 
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators: a file
 # name may hold any of them (a line break, a terminal escape).
@@ -95,3 +100,110 @@ def configure_logging(verbose: bool) -> None:
         # The process id, as in Hypercorn's own lines: with workers, which one wrote the line.
         handler.setFormatter(OneLineFormatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
         package_logger.addHandler(handler)
+
+
+# What the standard streams hold for a reader of the log that does not keep up (bytes of text, about).
+DETACHED_LIMIT = 1 << 20
+# Seconds the process's exit waits for what is held to be written: a reader that stopped must not hold the exit.
+EXIT_DRAIN = 2.0
+
+
+class DetachedStream:
+    """A standard stream whose writes a thread of its own makes: a log's reader that stops holds that thread only.
+
+    Every log line of the service (its own, Hypercorn's error and access lines) is
+    a ``write`` to stdout or stderr on the event loop's thread.  A reader that
+    stopped reading (a container's log driver in blocking mode, a stalled
+    journald, ``| tee`` onto a full disk) filled the pipe, and the next line
+    froze the event loop: every download, ``/healthz`` (helper 155).  Here a
+    write is queued and returns; past ``limit`` characters held, a write is
+    left out, and the count of those is written once the reader takes lines
+    again.  A line is one ``write`` (``logging.StreamHandler`` writes a record
+    and its line break at once), so a line is written whole or left out whole.
+    """
+
+    def __init__(self, stream: TextIO, limit: int = DETACHED_LIMIT) -> None:
+        self._stream = stream
+        # As the stream's, for what reads them (print, traceback, a library that checks the encoding).
+        self.encoding, self.errors = stream.encoding, stream.errors
+        self.name = str(getattr(stream, "name", "stream"))
+        self._limit = limit
+        self._held: deque[str] = deque()
+        self._held_size = 0
+        self._left_out = 0
+        self._changed = threading.Condition()
+        self._writing = False
+        threading.Thread(target=self._write_out, name=f"archiver {self.name} writer", daemon=True).start()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()  # faulthandler writes to the descriptor itself, at a crash
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._changed:
+            if self._held_size + len(text) > self._limit:
+                self._left_out += 1
+            else:
+                self._held.append(text)
+                self._held_size += len(text)
+                self._changed.notify()
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to wait for: the writer thread flushes what it writes (``drain`` waits, at the exit)."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for everything held to be written; whether it was."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._held and not self._writing, timeout)
+
+    def _write_out(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._held) or self._left_out > 0)
+                text = "".join(self._held)
+                self._held.clear()
+                self._held_size = 0
+                if self._left_out:
+                    text += f"({self._left_out} log lines left out: the log's reader did not keep up)\n"
+                    self._left_out = 0
+                self._writing = True
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # the reader gone (EPIPE), the stream closed: nothing to be done
+                pass
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
+
+
+def detach_standard_streams() -> None:
+    """Make stdout and stderr ``DetachedStream``s, the handlers already writing to them included (the service only).
+
+    Handlers made later (Hypercorn's error and access logs) take the new
+    ``sys.stdout`` and ``sys.stderr``.  At the process's exit, what is held
+    is written, waiting at most ``EXIT_DRAIN`` s.
+    """
+    replaced: dict[int, DetachedStream] = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, DetachedStream):
+            continue
+        try:
+            detached = DetachedStream(stream)
+        except RuntimeError:  # no thread at the tasks' limit: written as before, and the start says why it stops
+            continue
+        replaced[id(stream)] = detached
+        setattr(sys, name, detached)
+        atexit.register(detached.drain, EXIT_DRAIN)
+    for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in replaced:
+                handler.setStream(replaced[id(handler.stream)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
@@ -736,3 +737,58 @@ async def test_a_signal_to_the_service_s_process_group_cannot_reach_its_spawner_
         assert len(helpers) == 2
         for helper in helpers:
             assert os.getpgid(helper.pid) != os.getpgid(server.process.pid)
+
+
+@pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
+async def test_a_log_reader_that_stops_reading_stops_no_download(tmp_path: Path, launch: str) -> None:
+    # Helper 155: every log line is a write to stdout or stderr from the event loop's thread; with
+    # the pipe unread (a container's log driver in blocking mode, a stalled journald), the 224th
+    # request froze the service, /healthz too.  Lines past what is held are left out, and said so.
+    storage = tmp_path / "storage"
+    files = {"photo.jpg": os.urandom(2_000_000)}
+    write_tree(storage / "album", files)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # full after a few lines
+    env = {**os.environ, "ARCHIVER_VERBOSE": "1", "ARCHIVER_DIR": str(storage), "ARCHIVER_CHUNK_SIZE": "4096"}
+    if launch == "archiver":
+        command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0"]
+    else:
+        command = [
+            *(str(Path(sys.executable).parent / "hypercorn"), "--config", "hypercorn.toml"),
+            *("--bind", "127.0.0.1:0", "archiver.asgi:app"),
+        ]
+    process = await trio.lowlevel.open_process(
+        command, cwd=PROJECT, env=env, stdout=write_end, stderr=write_end, start_new_session=True
+    )
+    os.close(write_end)
+    log = trio.lowlevel.FdStream(read_end)
+    try:
+        output = b""
+        with trio.fail_after(30):
+            while not (match := re.search(rb"Running on (http://\S+)", output)):
+                data = await log.receive_some()
+                assert data, output.decode()
+                output += data
+        # From here nobody reads the log: every chunk's DEBUG line (~75 KB a download) and every
+        # access line go unread, past what is held (logs.DETACHED_LIMIT, 1 MiB).
+        async with httpx.AsyncClient(base_url=match.group(1).decode(), timeout=10) as client:
+            with trio.fail_after(60):
+                for _ in range(30):
+                    response = await client.get("/archive/album/")
+                    assert response.status_code == 200 and read_archive(response.content) == files
+                assert (await client.get("/healthz")).status_code == 200
+        with trio.fail_after(30):
+            while b"log lines left out: the log's reader did not keep up" not in output:
+                data = await log.receive_some()
+                assert data, "the log ended without saying lines were left out"
+                output += data
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while data := await log.receive_some():  # read on: the stop's lines are written before the exit
+                output += data
+            assert await process.wait() == 0
+        assert b"stopped" in output.splitlines()[-1] or launch == "hypercorn"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await log.aclose()
