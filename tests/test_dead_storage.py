@@ -29,7 +29,9 @@ import httpx
 import pytest
 import trio
 
+from archiver.archive.filesystems import mount_table
 from archiver.archive.producer import MAX_LINGERING
+from archiver.archive.root_filesystem import holding_mounts
 from archiver.config import Settings
 from archiver.web.connection import STORAGE_RETRY_AFTER_SECONDS
 from archiver.web.pages import STORAGE_SILENT
@@ -229,7 +231,7 @@ async def test_a_long_cold_crc_is_no_storage_timeout_for_a_range_from_the_last_d
         took = trio.current_time() - started
         album.gate.unlink()
         whole = await album.client.get("/archive/album/")
-    assert response.status_code == 206, response.text
+    assert response.status_code == 206, (response.text, bytes(album.server.output)[-3000:])
     assert response.content == whole.content[-200:]
     assert read_archive(whole.content) == {"video.mp4": video}
     assert len(whole.content) - zipfile.ZipFile(io.BytesIO(whole.content)).start_dir < 200  # from the data on
@@ -967,9 +969,8 @@ async def test_a_storage_inside_a_mount_mounted_again_on_another_device_is_serve
     # Helper 156: told by the root's device number, `-D /mnt/nas/albums` whose /mnt/nas was
     # mounted again on another device (a loop device, an anonymous one taken meanwhile) was
     # refused until a restart.  The mount is told by its mount point.
-    nas, other = tmp_path / "nas", tmp_path / "other"
+    nas = tmp_path / "nas"
     nas.mkdir()
-    other.mkdir()
     root = nas / "albums"
     if not _mount("-t", "tmpfs", "tmpfs", str(nas)):
         pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
@@ -978,17 +979,18 @@ async def test_a_storage_inside_a_mount_mounted_again_on_another_device_is_serve
         async with running_server(replace(settings, storage_dir=root)) as url, make_client(url, "HTTP/1.1") as client:
             first = await client.get("/archive/album/")
             device = os.stat(root).st_dev
-            subprocess.run(["umount", str(nas)], check=True)
+            # Held open past its lazy unmount, the first tmpfs keeps its device number: the next takes another.
+            held = os.open(root, os.O_RDONLY)
+            subprocess.run(["umount", "-l", str(nas)], check=True)
             unmounted = await client.get("/archive/album/")
-            assert _mount("-t", "tmpfs", "tmpfs", str(other))  # takes the device number freed, if it is free
             assert _mount("-t", "tmpfs", "tmpfs", str(nas))
+            os.close(held)
             write_tree(root / "album", {"a.jpg": b"again"})
             assert os.stat(root).st_dev != device
             again, healthy = await client.get("/archive/album/"), await client.get("/healthz")
     finally:
-        for mounted in (nas, other):
-            while subprocess.run(["umount", str(mounted)], capture_output=True).returncode == 0:
-                pass
+        while subprocess.run(["umount", str(nas)], capture_output=True).returncode == 0:
+            pass
     assert first.status_code == 200 and _storage_unavailable(unmounted)
     assert again.status_code == 200 and read_archive(again.content) == {"a.jpg": b"again"}
     assert healthy.status_code == 200
@@ -1014,4 +1016,51 @@ async def test_a_storage_bound_from_the_same_filesystem_is_unavailable_once_unmo
             pass
     assert read_archive(mounted.content) == {"a.jpg": b"on the storage"}
     assert _storage_unavailable(unmounted)
+    assert (health.status_code, health.json()["storage"]) == (503, False)
+
+
+def test_the_mounts_holding_a_path_are_walked_as_the_kernel_walks_them() -> None:
+    # Helper 157: taken by the length of its mount point, a mount hidden by one mounted over a folder
+    # above it still held the root, and of two stacked on the root's folder the lower one was missed.
+    base = [(21, 1, "/"), (30, 21, "/srv"), (31, 30, "/srv/nas"), (32, 21, "/srv/st2")]
+    assert holding_mounts("/srv/nas/albums", base) == ["/", "/srv", "/srv/nas"]
+    assert holding_mounts("/srv/st/albums", base) == ["/", "/srv"]  # /srv/st2 is not /srv/st's
+    shadowed = [*base, (40, 21, "/srv")]  # mounted over /srv: what was beneath it, /srv/nas too, is hidden
+    assert holding_mounts("/srv/nas/albums", shadowed) == ["/", "/srv"]
+    stacked = [*base, (41, 31, "/srv/nas")]  # a second mount on /srv/nas, on top of the first
+    assert holding_mounts("/srv/nas/albums", stacked) == ["/", "/srv", "/srv/nas", "/srv/nas"]
+    assert holding_mounts("/srv", [(5, 3, "/srv")]) == []  # no root: nothing to tell by
+    assert mount_table("36 35 98:0 /mnt1 /mnt\\040two rw - ext3 /dev/root rw") == [(36, 35, "/mnt two")]
+
+
+@pytest.mark.parametrize("hidden", ["stacked", "shadowed"])
+async def test_a_storage_mount_hidden_or_unstacked_is_unavailable(
+    settings: Settings, tmp_path: Path, hidden: str
+) -> None:
+    # Helper 157: a mount over a folder above the storage's mount, or the upper of two stacked on the
+    # root unmounted, left the folder beneath served: a 404, /healthz 200.
+    above = tmp_path / "above"
+    root = above / "nas" if hidden == "shadowed" else above
+    above.mkdir()
+    root.mkdir(exist_ok=True)
+    if not _mount("-t", "tmpfs", "tmpfs", str(root)):
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    try:
+        if hidden == "stacked":
+            assert _mount("-t", "tmpfs", "tmpfs", str(root))
+        write_tree(root / "album", {"a.jpg": b"on the storage"})
+        async with running_server(replace(settings, storage_dir=root)) as url, make_client(url, "HTTP/1.1") as client:
+            served = await client.get("/archive/album/")
+            if hidden == "stacked":
+                subprocess.run(["umount", str(root)], check=True)
+            else:
+                assert _mount("-t", "tmpfs", "tmpfs", str(above))
+                (root / "album").mkdir(parents=True)
+            refused, health = await client.get("/archive/album/"), await client.get("/healthz")
+    finally:
+        for mounted in (above, root):
+            while subprocess.run(["umount", str(mounted)], capture_output=True).returncode == 0:
+                pass
+    assert read_archive(served.content) == {"a.jpg": b"on the storage"}
+    assert _storage_unavailable(refused)
     assert (health.status_code, health.json()["storage"]) == (503, False)

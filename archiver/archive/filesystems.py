@@ -121,14 +121,20 @@ def read_mount_table(text: str, field: int = 1) -> dict[int, str]:
     return types
 
 
-def mount_points(text: str) -> list[str]:
-    """The mount points of a mountinfo file's text (field 5), their octal escapes undone (``\\040``: a space)."""
-    points = []
+def mount_table(text: str) -> list[tuple[int, int, str]]:
+    """(mount ID, parent ID, mount point) of each line of a mountinfo file's text, in its order (proc(5)).
+
+    The mount point's octal escapes undone (``\\040``: a space); lines that do not parse are skipped.
+    """
+    table = []
     for line in text.splitlines():
         fields = line.split(" ")
-        if len(fields) > 4:
-            points.append(re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), fields[4]))
-    return points
+        try:
+            point = re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape.group(1), 8)), fields[4])
+            table.append((int(fields[0]), int(fields[1]), point))
+        except (IndexError, ValueError):
+            continue
+    return table
 
 
 def nine_p_keeps_attributes(options: str) -> bool:

@@ -23,7 +23,7 @@ import select
 import threading
 from pathlib import Path
 
-from .filesystems import MOUNTINFO, mount_points
+from .filesystems import MOUNTINFO, mount_table
 from .listing import ListingFailed
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,26 @@ class StorageUnavailable(ListingFailed):
         super().__init__(message, transient=True)
 
 
-def holding_mount(path: str, points: list[str]) -> str:
-    """The deepest of the mount points ``points`` that holds the real path ``path`` ("/" at least)."""
-    held = [point for point in points if point == "/" or path == point or path.startswith(point.rstrip("/") + "/")]
-    return max(held, key=len, default="/")
+def holding_mounts(path: str, table: list[tuple[int, int, str]]) -> list[str]:
+    """The mount points of the mounts a lookup of the real path ``path`` passes through, the namespace's root first.
+
+    Walked as the kernel does: at each folder of the path, the mount on top of
+    the one reached so far (a mount stacked on another, its parent; the last
+    such in the table).  A mount hidden by one over a folder above it is not
+    reached (helper 157: taken by the length of its path, it was).  Empty if
+    the table has no root.
+    """
+    ids = {mount for mount, _, _ in table}
+    roots = [mount for mount, parent, point in table if point == "/" and parent not in ids]
+    if not roots:
+        return []
+    current, chain = roots[-1], ["/"]
+    parts = [part for part in path.split("/") if part]
+    for prefix in ["/", *("/" + "/".join(parts[: k + 1]) for k in range(len(parts)))]:
+        while on_top := [mount for mount, parent, point in table if point == prefix and parent == current]:
+            current = on_top[-1]
+            chain.append(prefix)
+    return chain
 
 
 def _beneath(point: str, other: str) -> bool:
@@ -62,8 +78,8 @@ class RootFilesystem:
         """``answered``: whether the root answered the start's look (its mount learnt now; else at the first check)."""
         self.root = root
         self._lock = threading.Lock()  # worker threads check at once
-        self._real: str | None = None  # the root's real path, and the mount point that held it: at the first look
-        self._mount_point = "/"
+        self._real: str | None = None  # the root's real path, and the mounts that hold it: at the first look
+        self._mounts_held: list[str] = []
         self._refused: str | None = None  # why the root is refused, until the mount table changes again
         try:
             self._mounts: int | None = os.open(mountinfo, os.O_RDONLY | os.O_CLOEXEC)
@@ -91,37 +107,51 @@ class RootFilesystem:
         with self._lock:
             if self._mounts is None:
                 return
-            if self._real is not None and not self._poller.poll(0):
-                if self._refused is not None:
-                    raise StorageUnavailable(self._refused)
-                return
-            self._look()
+            # A link at the root led elsewhere since the last look: its mounts learnt now (helper 157: learnt
+            # only at the next change of the table, an unmount, the folder beneath was taken for the storage).
+            changed = bool(self._poller.poll(0)) or os.path.realpath(self.root) != self._real
+            if changed:
+                self._look()
             if self._refused is not None:
                 raise StorageUnavailable(self._refused)
+
+    def close(self) -> None:
+        """Close the mount table's descriptor (a service's stop; tests make many apps: helper 157 counted one each).
+
+        Not while a check holds it (stuck on a dead mount): left to the process's end then.
+        """
+        if self._mounts is not None and self._lock.acquire(blocking=False):
+            try:
+                os.close(self._mounts)
+                self._mounts = None
+            finally:
+                self._lock.release()
 
     def _look(self) -> None:
         """Read the mount table and the root's real path; refuse it, take it, or learn it (the first look)."""
         assert self._mounts is not None
         real = os.path.realpath(self.root)
-        table = os.fsdecode(_read_all(self._mounts))
-        mount_point = holding_mount(real, mount_points(table))
-        if self._real is None or real != self._real:  # the first look, or a link at the root now leads elsewhere
-            self._real, self._mount_point, self._refused = real, mount_point, None
+        held = holding_mounts(real, mount_table(os.fsdecode(_read_all(self._mounts))))
+        if self._real is None or real != self._real or not held or not self._mounts_held:
+            # The first look, or a link at the root now leading elsewhere: its mounts as they are.
+            self._real, self._mounts_held, self._refused = real, held, None
             return
-        if mount_point == self._mount_point:
-            self._refused = None
-        elif _beneath(mount_point, self._mount_point):
-            self._refused = (
-                f"the storage directory {str(self.root)!r} is no longer on the filesystem mounted at "
-                f"{self._mount_point!r} at the start (unmounted: the folder beneath is not the storage)"
-            )
-        else:
-            logger.warning(
-                "storage directory %r is now on a filesystem mounted at %r since the start: serving it",
-                str(self.root),
-                mount_point,
-            )
-            self._mount_point, self._refused = mount_point, None
+        was, now = self._mounts_held[-1], held[-1]
+        stacked_was, stacked_now = self._mounts_held.count(was), held.count(now)
+        if (now == was and stacked_now >= stacked_was) or _beneath(was, now):
+            if now != was or stacked_now > stacked_was:  # a mount on the root (or between) since: its late mount
+                logger.warning(
+                    "storage directory %r is now on a filesystem mounted at %r since the start: serving it",
+                    str(self.root),
+                    now,
+                )
+            self._mounts_held, self._refused = held, None
+            return
+        # Held by a mount above the start's, or by fewer stacked on the same folder: the start's is gone.
+        self._refused = (
+            f"the storage directory {str(self.root)!r} is no longer on the filesystem mounted at "
+            f"{was!r} at the start (unmounted: the folder beneath is not the storage)"
+        )
 
 
 def _read_all(fd: int) -> bytes:

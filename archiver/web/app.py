@@ -123,6 +123,10 @@ def _start_and_stop(app: QuartTrio, routes: Routes) -> None:
             logger.warning("stopping without writing the last CRCs to the index: %s", error)
 
     @app.after_serving
+    async def close_the_mount_table() -> None:
+        routes.root_filesystem.close()
+
+    @app.after_serving
     async def report_lingering_producers() -> None:
         if count := lingering_producers():
             # They hold no slot and no download: the launcher leaves them to init as it ends.
