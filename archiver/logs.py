@@ -104,6 +104,8 @@ def configure_logging(verbose: bool) -> None:
 
 # What the standard streams hold for a reader of the log that does not keep up (bytes of text, about).
 DETACHED_LIMIT = 1 << 20
+# And writes held: a write of a character holds ~50 bytes (helper 157: 8 MB for 1 MiB of them).
+DETACHED_WRITES = 16384
 # Seconds the process's exit waits for what is held to be written: a reader that stopped must not hold the exit.
 EXIT_DRAIN = 2.0
 
@@ -146,7 +148,7 @@ class DetachedStream:
 
     def write(self, text: str) -> int:
         with self._changed:
-            if self._held_size + len(text) > self._limit:
+            if self._held_size + len(text) > self._limit or len(self._held) >= DETACHED_WRITES:
                 self._left_out += 1
             else:
                 self._held.append(text)
@@ -170,11 +172,14 @@ class DetachedStream:
                 self._held.clear()
                 self._held_size = 0
                 if self._left_out:
-                    text += f"({self._left_out} log lines left out: the log's reader did not keep up)\n"
+                    text += f"({self._left_out} log lines left out: more than 1 MiB waited to be written)\n"
                     self._left_out = 0
                 self._writing = True
             try:
-                self._stream.write(text)
+                try:
+                    self._stream.write(text)
+                except UnicodeEncodeError:  # a name the encoding lacks: escaped, not the batch lost (helper 157)
+                    self._stream.write(text.encode(self.encoding, "backslashreplace").decode(self.encoding))
                 self._stream.flush()
             except (OSError, ValueError):  # the reader gone (EPIPE), the stream closed: nothing to be done
                 pass
