@@ -89,13 +89,13 @@ class RootFilesystem:
         if self._mounts is not None:
             self._poller.register(self._mounts, select.POLLPRI)
             if answered:  # the start's mount, not the first request's (the storage may be unmounted by then)
-                self._look()
+                self._look(os.path.realpath(root))
 
     def check(self) -> None:
         """StorageUnavailable if the root is gone or the mount that held it is no longer mounted.
 
-        One ``stat`` of the root and one ``poll``; the root's real path and the mount
-        table besides when the table changed (and at the first look: the start's).
+        One ``stat`` and one ``realpath`` of the root and one ``poll``; the mount table
+        besides when it changed or the real path did (and at the first look: the start's).
         A worker thread's call.  OSError of the ``stat`` other than the root gone (EIO, ENOTCONN) as raised.
         """
         try:
@@ -104,14 +104,14 @@ class RootFilesystem:
             if error.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise StorageUnavailable(f"the storage directory {str(self.root)!r} is gone") from None
             raise
+        real = os.path.realpath(self.root)  # outside the lock: a root that hangs holds this thread only
         with self._lock:
             if self._mounts is None:
                 return
             # A link at the root led elsewhere since the last look: its mounts learnt now (helper 157: learnt
             # only at the next change of the table, an unmount, the folder beneath was taken for the storage).
-            changed = bool(self._poller.poll(0)) or os.path.realpath(self.root) != self._real
-            if changed:
-                self._look()
+            if self._poller.poll(0) or real != self._real:
+                self._look(real)
             if self._refused is not None:
                 raise StorageUnavailable(self._refused)
 
@@ -127,10 +127,9 @@ class RootFilesystem:
             finally:
                 self._lock.release()
 
-    def _look(self) -> None:
-        """Read the mount table and the root's real path; refuse it, take it, or learn it (the first look)."""
+    def _look(self, real: str) -> None:
+        """Read the mount table; refuse the root's real path ``real``, take it, or learn it (the first look)."""
         assert self._mounts is not None
-        real = os.path.realpath(self.root)
         held = holding_mounts(real, mount_table(os.fsdecode(_read_all(self._mounts))))
         if self._real is None or real != self._real or not held or not self._mounts_held:
             # The first look, or a link at the root now leading elsewhere: its mounts as they are.
