@@ -4,8 +4,9 @@ A stored ZIP entry carries its CRC in its local header, before its data
 (a data descriptor after it is what streaming readers refuse for stored
 entries).  The service computes each CRC itself (``crc_reads``, ahead of the
 producer) and keeps it in a ``CrcIndex`` keyed by everything that changes
-when the file does: device, inode, size, mtime and ctime (``ctime_trust``:
-where ctimes are not trusted, and for racy reads, nothing is kept).  A
+when the file does: device, inode, size, mtime and ctime, and the id of the
+filesystem last seen on that device (``ctime_trust``: where ctimes are not
+trusted, and for racy reads, nothing is kept).  A
 store through a shared writable mapping to a page already dirty does not
 move the ctime: a known limit, tests/test_integrity_limits.py.
 The index is only a cache: losing it loses nothing but time.  The producer
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 import trio
 
-from .crc_store import CrcStore
+from .crc_store import CrcStore, IndexKey, index_key
 from .ctime_trust import CtimeTrust, trusted_ctime
 from .producer_protocol import FileKey
 
@@ -69,7 +70,12 @@ class PartialCrc(NamedTuple):
 
 
 class CrcIndex:
-    """CRC-32 by (device, inode, size, mtime_ns, ctime_ns): the recent ones in memory, all in ``store`` if given."""
+    """CRC-32 by (device, inode, size, mtime_ns, ctime_ns) and filesystem id: the recent ones in memory, all in
+    ``store`` if given.
+
+    The id is the one ``trust`` last saw on the device (``CtimeTrust.filesystem``), when a CRC is
+    looked up or kept; a key of a device not trusted is neither.
+    """
 
     def __init__(
         self,
@@ -82,7 +88,7 @@ class CrcIndex:
         self.entries = entries
         # Which files' CRCs may be kept and looked up by key.
         self.trust = trust or CtimeTrust()
-        self._crcs: OrderedDict[FileKey, int] = OrderedDict()
+        self._crcs: OrderedDict[IndexKey, int] = OrderedDict()
         self._lock = threading.Lock()  # used from the downloads' worker threads
         # Files read at once for their CRCs, across downloads: the disk and the
         # cores bound it anyway, and each reader is a thread.
@@ -114,33 +120,37 @@ class CrcIndex:
         crcs = array("q", [-1]) * len(keys)
         lacking = []
         # A key whose ctime is not trusted is never kept: one found was kept before it was known so.
-        devices = {device: self.trust.device(device) for device in {key[0] for key in keys}}
+        filesystems = {device: self.trust.filesystem(device) for device in {key[0] for key in keys}}
+        indexed: list[IndexKey | None] = [
+            index_key(key, filesystem)
+            if (filesystem := filesystems[key[0]]) is not None and trusted_ctime(key[3], key[4])
+            else None
+            for key in keys
+        ]
         with self._lock:
             remembered, used = self._crcs.get, self._crcs.move_to_end
-            for position, key in enumerate(keys):
-                crc = remembered(key) if devices[key[0]] and trusted_ctime(key[3], key[4]) else None
-                if crc is None:
+            for position, key in enumerate(indexed):
+                if key is None or (crc := remembered(key)) is None:
                     lacking.append(position)
                 else:
                     used(key)
                     crcs[position] = crc
         if self.store is not None:
             for position in lacking:
-                key = keys[position]
-                if not (devices[key[0]] and trusted_ctime(key[3], key[4])):
+                if (key := indexed[position]) is None:
                     continue
-                crc = self.store.get(keys[position])
+                crc = self.store.get(key)
                 if crc is not None:
-                    self._remember(keys[position], crc)
+                    self._remember(key, crc)
                     crcs[position] = crc
         return crcs
 
     def remembered(self, key: FileKey) -> int | None:
         """``key``'s CRC if kept in memory (no store lookup: on the event loop), as ``get``."""
-        if not self.trust(key):
+        if not self.trust(key) or (filesystem := self.trust.filesystem(key[0])) is None:
             return None
         with self._lock:
-            return self._crcs.get(key)
+            return self._crcs.get(index_key(key, filesystem))
 
     def being_read(self, key: FileKey) -> FileRead | None:
         """The read of ``key``'s file in progress (``reading``), if any."""
@@ -174,16 +184,20 @@ class CrcIndex:
             self._partial.popitem(last=False)
 
     def put(self, key: FileKey, crc: int) -> None:
-        self._remember(key, crc)
+        """Keep ``crc`` for ``key``, under the filesystem last seen on its device (not at all if not trusted)."""
+        if (filesystem := self.trust.filesystem(key[0])) is None:
+            return
+        indexed = index_key(key, filesystem)
+        self._remember(indexed, crc)
         if self.store is not None:
-            self.store.put(key, crc)
+            self.store.put(indexed, crc)
 
     def flush(self, *, wait: bool = True) -> None:
         """Write what the store has batched (after a download's or an album's CRCs); ``wait``: as ``CrcStore.flush``."""
         if self.store is not None:
             self.store.flush(wait=wait)
 
-    def _remember(self, key: FileKey, crc: int) -> None:
+    def _remember(self, key: IndexKey, crc: int) -> None:
         with self._lock:
             self._crcs[key] = crc
             self._crcs.move_to_end(key)

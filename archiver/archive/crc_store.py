@@ -2,7 +2,7 @@
 
 Only a cache.  Deleting the file loses nothing but the time to compute the
 CRCs again; a row whose file changed is never used, because the key is the
-device, inode, size, mtime and ctime (a ``write`` or chmod always moves the
+device, inode, size, mtime and ctime, and the filesystem's id (a ``write`` or chmod always moves the
 ctime, even when the mtime is put back, as it starts: see ``ctime_trust.RACY_NS``;
 see ``crc_index`` for the one store that does not; nor on storage whose ctime is
 not trusted, ``ctime_trust.trusted_ctime``, whose CRCs are never kept).  Each row carries a check (``row_check``): a row
@@ -11,7 +11,9 @@ again and the row written anew.  Rows of earlier versions are ignored: table ``c
 (no ctime), ``crc_v2`` (kept under a 0.1 s racy window even where ctimes are
 whole seconds, and for keys whose ctime is the mtime), ``crc_v3`` (no check) and ``crc_v4`` (kept
 under a 0.1 s racy window: a CRC read 0.1-1 s into one long write in place was kept,
-``ctime_trust.RACY_NS``).  A key SQLite's 64-bit integers cannot hold (an mtime past
+``ctime_trust.RACY_NS``) and ``crc_v5`` (no filesystem id: a btrfs snapshot that took a deleted
+subvolume's device number matched its rows, ``ctime_trust.CtimeTrust.filesystem``).  A key SQLite's
+64-bit integers cannot hold (an mtime past
 2262) is neither looked up nor kept.
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
@@ -31,6 +33,15 @@ from pathlib import Path
 
 from .producer_protocol import FileKey
 
+# A CRC's key in the index: a file's (``FileKey``) and its filesystem's id (``CtimeTrust.filesystem``).
+IndexKey = tuple[int, int, int, int, int, int]
+
+
+def index_key(key: FileKey, filesystem: int) -> IndexKey:
+    """``key`` with ``filesystem``, the id of the filesystem it lies on (``CtimeTrust.filesystem``)."""
+    return (*key, filesystem)
+
+
 logger = logging.getLogger(__name__)
 
 # Rows written in one transaction: one per file would cost a commit per file.
@@ -43,22 +54,26 @@ MAX_PENDING = 64 * WRITE_BATCH
 WARNING_INTERVAL = 60.0
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS crc_v5 (
+CREATE TABLE IF NOT EXISTS crc_v6 (
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
+    filesystem INTEGER NOT NULL,
     crc INTEGER NOT NULL,
     "check" INTEGER NOT NULL,
-    PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns)
+    PRIMARY KEY (device, inode, size, mtime_ns, ctime_ns, filesystem)
 ) WITHOUT ROWID
 """
-_LOOKUP = 'SELECT crc, "check" FROM crc_v5 WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=?'
-_ROW = struct.Struct("<6q")
+_LOOKUP = (
+    'SELECT crc, "check" FROM crc_v6'
+    " WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=? AND filesystem=?"
+)
+_ROW = struct.Struct("<7q")
 
 
-def row_check(key: FileKey, crc: int) -> int:
+def row_check(key: IndexKey, crc: int) -> int:
     """The check kept with a row: the CRC-32 of its key and CRC (little-endian 64-bit integers).
 
     SQLite keeps no checksum of its own pages: a flipped bit, or an edit,
@@ -93,14 +108,14 @@ class CrcStore:
         self._read_lock = threading.Lock()  # the reader connection's
         self._write_lock = threading.Lock()  # the writer connection's: a write at a time
         self._pending_lock = threading.Lock()
-        self._pending: list[tuple[int, int, int, int, int, int, int]] = []
+        self._pending: list[tuple[int, ...]] = []
         # Rows that could not be written, in all (``archiver index`` fails if any).
         self.unwritten = 0
         self._warning_lock = threading.Lock()
         self._quiet_until = -float("inf")
         self._quieted = 0
 
-    def get(self, key: FileKey) -> int | None:
+    def get(self, key: IndexKey) -> int | None:
         if not _storable(key):
             return None
         with self._read_lock:
@@ -117,7 +132,7 @@ class CrcStore:
             return None
         return crc
 
-    def put(self, key: FileKey, crc: int) -> None:
+    def put(self, key: IndexKey, crc: int) -> None:
         if not _storable(key):
             return
         with self._pending_lock:
@@ -147,7 +162,7 @@ class CrcStore:
     def count(self) -> int:
         self.flush()
         with self._read_lock:
-            return int(self._reader.execute("SELECT count(*) FROM crc_v5").fetchone()[0])
+            return int(self._reader.execute("SELECT count(*) FROM crc_v6").fetchone()[0])
 
     def close(self) -> None:
         self.flush()
@@ -155,7 +170,7 @@ class CrcStore:
             self._writer.close()
             self._reader.close()
 
-    def _write(self, rows: list[tuple[int, int, int, int, int, int, int]], wait: bool) -> None:
+    def _write(self, rows: list[tuple[int, ...]], wait: bool) -> None:
         """Under ``_write_lock``: the rows in one transaction, or counted as unwritten with a warning.
 
         ``wait=False``: if another process holds the lock, at once, and the rows stay pending.
@@ -166,7 +181,7 @@ class CrcStore:
             try:
                 with self._writer:
                     self._writer.execute("BEGIN")
-                    self._writer.executemany("INSERT OR REPLACE INTO crc_v5 VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._writer.executemany("INSERT OR REPLACE INTO crc_v6 VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             finally:
                 if not wait:
                     self._writer.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
@@ -198,6 +213,6 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
 
 
-def _storable(key: FileKey) -> bool:
+def _storable(key: IndexKey) -> bool:
     """Whether every part of ``key`` fits an SQLite integer (signed 64 bits)."""
     return all(-(2**63) <= part < 2**63 for part in key)

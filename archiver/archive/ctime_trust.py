@@ -14,6 +14,7 @@ key as it was (``is_racy``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,8 +70,9 @@ class CtimeTrust:
     def __init__(self, trusted_fuse: Iterable[str] = (), mountinfo: Path = MOUNTINFO) -> None:
         self.trusted_fuse = frozenset(trusted_fuse)
         self._mountinfo = mountinfo
-        # Device -> trusted, as last looked at (set in walkers' and readers' threads: one store each).
-        self._devices: dict[int, bool] = {}
+        # Device -> its filesystem's id if trusted, else None, as last looked at (set in walkers'
+        # and readers' threads: one store each).
+        self._devices: dict[int, int | None] = {}
 
     def learn(self, fd: int, device: int) -> None:
         """Look at the filesystem ``fd`` (a folder a walk opened) lies on, ``device``; in a worker thread.
@@ -80,25 +82,56 @@ class CtimeTrust:
         """
         self._devices[device] = self._trusted(fd, device)
 
-    def _trusted(self, fd: int, device: int) -> bool:
+    def _trusted(self, fd: int, device: int) -> int | None:
         try:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
-            return (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd)
+            if (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd):
+                return signed_filesystem_id(os.fstatvfs(fd).f_fsid)
+            return None
         except OSError:  # cannot be told (a FUSE daemon gone between the calls)
-            return False
+            return None
 
     def device(self, device: int) -> bool:
         """Whether ctimes on ``device`` are trusted, as last looked at (never looked at: no)."""
-        return self._devices.get(device, False)
+        return self.filesystem(device) is not None
+
+    def filesystem(self, device: int) -> int | None:
+        """The id (``statfs``'s ``f_fsid``) of the trusted filesystem last seen on ``device``, else None.
+
+        A device number names a filesystem only while it is mounted: the next
+        mount may get it, and on btrfs every subvolume has one, which a
+        snapshot made after one is deleted takes, with the inode numbers and
+        times of the subvolume it copies (helper 159: a file of the same inode,
+        size, mtime and ctime as one whose CRC was kept, and other bytes, sent
+        under that CRC in a clean download).  The CRC index keeps each CRC
+        under its filesystem's id too (btrfs: its UUID and the subvolume's id,
+        never reused; ext4: its UUID), and the ETag covers it.
+        """
+        return self._devices.get(device)
 
     def file(self, fd: int, key: FileKey) -> bool:
-        """Whether the ctime in ``key``, of the file open as ``fd``, is trusted; its device looked at if never yet."""
+        """Whether the ctime in ``key``, of the file open as ``fd``, is trusted; its device looked at if never yet.
+
+        And whether the file lies on the filesystem last seen on its device
+        (``filesystem``): a CRC read from a subvolume deleted meanwhile is not
+        kept under the id of the one that took its device number.
+        """
         if key[0] not in self._devices:
             self.learn(fd, key[0])
-        return self(key)
+        if not self(key):
+            return False
+        try:
+            return signed_filesystem_id(os.fstatvfs(fd).f_fsid) == self.filesystem(key[0])
+        except OSError:
+            return False
 
     def __call__(self, key: FileKey) -> bool:
         return trusted_ctime(key[3], key[4]) and self.device(key[0])
+
+
+def signed_filesystem_id(fsid: int) -> int:
+    """statfs's ``f_fsid`` (64 bits, unsigned) as a signed 64-bit integer, as SQLite keeps integers."""
+    return fsid - 2**64 if fsid >= 2**63 else fsid
 
 
 def is_racy(key: FileKey, read_started_ns: int) -> bool:

@@ -33,9 +33,9 @@ def archive_variant(compression: int, policy: EntryPolicy) -> str:
     return f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
 
 
-def archive_etag(listing: AlbumListing, variant: str) -> str:
+def archive_etag(listing: AlbumListing, variant: str, trust: CtimeTrust) -> str:
     """A strong ETag from all the archive's bytes depend on: ``variant`` (the format, the policies), each file's
-    name, size, mtime, mode.
+    name, size, mtime, mode, and the ids of their filesystems (``trust``).
 
     And each file's ctime: a file rewritten in place with its size and mtime
     restored (``touch -r``) has other bytes, and a resume across that change
@@ -44,12 +44,19 @@ def archive_etag(listing: AlbumListing, variant: str) -> str:
     otherwise keep the ETag, and the cached plan (keyed by it) would name the
     old file, which the producer refuses, download after download.  Not the
     device: hosts sharing a storage over NFS see the same inodes under
-    different device numbers, and must give one archive one ETag.
+    different device numbers, and must give one archive one ETag.  But the
+    ids of the filesystems (``CtimeTrust.filesystem``), which NFS reports as 0
+    on every client: a btrfs snapshot that took a deleted subvolume's device
+    number keeps its files' inodes and times, and kept the tag with other
+    bytes (helper 159).
     """
     digest = hashlib.sha256(variant.encode())
     for file in listing.files:
         fields = (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns, file.inode)
         digest.update(b"\0%s\0%d\0%d\0%o\0%d\0%d" % fields)
+    devices = {file.device for file in listing.files}
+    filesystems = {fsid for device in devices if (fsid := trust.filesystem(device)) is not None}
+    digest.update(b"\0filesystems %s" % b",".join(b"%d" % fsid for fsid in sorted(filesystems)))
     return f'"{digest.hexdigest()[:32]}"'
 
 
