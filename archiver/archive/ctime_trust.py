@@ -14,11 +14,10 @@ key as it was (``is_racy``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .filesystems import KERNEL, MOUNTINFO, filesystem_name, on_a_loop_device
+from .filesystems import KERNEL, MOUNTINFO, filesystem_id, filesystem_name, on_a_loop_device
 from .producer_protocol import SECOND, FileKey
 
 # A file whose ctime lies within this of the moment its read began may change again
@@ -86,7 +85,7 @@ class CtimeTrust:
         try:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
             if (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd):
-                return signed_filesystem_id(os.fstatvfs(fd).f_fsid)
+                return filesystem_id(fd)
             return None
         except OSError:  # cannot be told (a FUSE daemon gone between the calls)
             return None
@@ -96,7 +95,7 @@ class CtimeTrust:
         return self.filesystem(device) is not None
 
     def filesystem(self, device: int) -> int | None:
-        """The id (``statfs``'s ``f_fsid``) of the trusted filesystem last seen on ``device``, else None.
+        """The id (``filesystems.filesystem_id``) of the trusted filesystem last seen on ``device``, else None.
 
         A device number names a filesystem only while it is mounted: the next
         mount may get it, and on btrfs every subvolume has one, which a
@@ -104,8 +103,8 @@ class CtimeTrust:
         times of the subvolume it copies (helper 159: a file of the same inode,
         size, mtime and ctime as one whose CRC was kept, and other bytes, sent
         under that CRC in a clean download).  The CRC index keeps each CRC
-        under its filesystem's id too (btrfs: its UUID and the subvolume's id,
-        never reused; ext4: its UUID), and the ETag covers it.
+        under its filesystem's id too (btrfs: the subvolume's UUID; ext4: the
+        filesystem's, which a copy of its blocks keeps), and the ETag covers it.
         """
         return self._devices.get(device)
 
@@ -121,17 +120,12 @@ class CtimeTrust:
         if not self(key):
             return False
         try:
-            return signed_filesystem_id(os.fstatvfs(fd).f_fsid) == self.filesystem(key[0])
+            return filesystem_id(fd) == self.filesystem(key[0])
         except OSError:
             return False
 
     def __call__(self, key: FileKey) -> bool:
         return trusted_ctime(key[3], key[4]) and self.device(key[0])
-
-
-def signed_filesystem_id(fsid: int) -> int:
-    """statfs's ``f_fsid`` (64 bits, unsigned) as a signed 64-bit integer, as SQLite keeps integers."""
-    return fsid - 2**64 if fsid >= 2**63 else fsid
 
 
 def is_racy(key: FileKey, read_started_ns: int) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import os
 import platform
 import re
@@ -75,6 +76,9 @@ SYS_BTRFS = Path("/sys/fs/btrfs")
 # _IOR's read bit lies above 14 bits of size, but for powerpc's, mips's and sparc's 13 (asm/ioctl.h).
 _IOC_SIZEBITS = 13 if platform.machine().startswith(("ppc", "powerpc", "mips", "sparc")) else 14
 _BTRFS_IOC_FS_INFO = (2 << (16 + _IOC_SIZEBITS)) | (1024 << 16) | (0x94 << 8) | 31
+# BTRFS_IOC_GET_SUBVOL_INFO, _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args): 504 bytes, the
+# subvolume's UUID at 296 (linux/btrfs.h; Linux 4.18).
+_BTRFS_IOC_GET_SUBVOL_INFO = (2 << (16 + _IOC_SIZEBITS)) | (504 << 16) | (0x94 << 8) | 60
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -98,6 +102,28 @@ def filesystem_magic(fd: int) -> int:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
     return int(found.f_type) & 0xFFFFFFFF
+
+
+def filesystem_id(fd: int) -> int:
+    """An id of the filesystem ``fd`` lies on, a signed 64-bit integer: ``statfs``'s ``f_fsid`` (statfs(2)).
+
+    On btrfs mixed with the subvolume's UUID (``BTRFS_IOC_GET_SUBVOL_INFO``):
+    btrfs's ``f_fsid`` is its UUID with the subvolume's number, and the
+    number of a subvolume deleted last is given again after a remount, with
+    its device number (helper 160).  A UUID is never given again.  OSError if
+    ``fstatfs`` fails.  NFS reports 0 on every client (nfs_statfs sets none).
+    """
+    fsid = os.fstatvfs(fd).f_fsid
+    if filesystem_magic(fd) == BTRFS_SUPER_MAGIC:
+        arguments = bytearray(504)
+        try:
+            fcntl.ioctl(fd, _BTRFS_IOC_GET_SUBVOL_INFO, arguments)
+        except OSError:
+            pass  # before Linux 4.18: the f_fsid alone
+        else:
+            mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + bytes(arguments[296:312]), digest_size=8)
+            fsid = int.from_bytes(mixed.digest(), "little")
+    return fsid - 2**64 if fsid >= 2**63 else fsid
 
 
 def read_mount_table(text: str, field: int = 1) -> dict[int, str]:
