@@ -90,6 +90,9 @@ async def gated_mount(source: Path, mountpoint: Path, gate: Path, times: str = "
         except subprocess.TimeoutExpired:  # no daemon left behind for the tests after (helper 105)
             process.kill()
             process.wait()
+            # Nor its mount: one made after the wait above gave up was not there to be unmounted,
+            # and a dead mount keeps pytest from removing its folder (one was found, session 30).
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
             raise
 
 
