@@ -55,6 +55,7 @@ from archiver.archive.filesystems import filesystem_id, read_mount_table
 from archiver.archive.large_file_crc import file_crc
 from archiver.archive.listed_files import FileUnreadable, failures_named
 from archiver.archive.plan import ArchivePlan
+from archiver.archive.producer import ProducerFailed
 from archiver.archive.producer_protocol import COMPUTED_CRC_LIMIT, SECOND, FileChanged
 from archiver.archive.shared_descriptor import SharedDescriptor
 from archiver.archive.sparse import crc32_with_zeros
@@ -77,6 +78,7 @@ from .test_cli import PROJECT
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album, until_held
 from .test_failures import HeldLauncher
 from .test_observability import samples
+from .test_producer import collect
 from .test_ranges import bytes_read_by_this_process
 
 ABORTED = (httpx.RemoteProtocolError, httpx.ReadError)
@@ -1916,6 +1918,56 @@ async def test_a_snapshot_given_a_deleted_subvolumes_device_number_is_not_sent_i
     assert after.status_code == 200
     assert read_archive(after.content) == {"f.bin": y}  # each CRC checked: before, y's bytes under x's CRC
     assert after.headers["etag"] != before.headers["etag"]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None or not ZRAM_CONTROL.exists(),
+    reason="needs root, btrfs-progs and zram",
+)
+@pytest.mark.parametrize("remounted", [False, True], ids=["mounted", "remounted"])
+@pytest.mark.parametrize("nested", [False, True], ids=["the album a subvolume", "a subvolume in the album"])
+async def test_a_subvolume_swapped_for_a_snapshot_between_the_walk_and_the_producer_is_not_sent(
+    tmp_path: Path, remounted: bool, nested: bool
+) -> None:
+    # Helper 160: the walk of a download sees the album's subvolume, and its CRCs are found under
+    # that subvolume's id; then the subvolume is deleted and the other snapshotted in its place,
+    # taking its device number, and the producer opens the snapshot. It checked each file's fstat
+    # (the same key) but not its filesystem: the other file's bytes went out under the first's CRC.
+    # After a remount the f_fsid is the same too: only the subvolume's UUID tells them apart.
+    # Nested: the album a folder holding both subvolumes (each file checked, not the album's once).
+    mountpoint = tmp_path / "mnt"
+    with btrfs_on_zram(mountpoint) as block_device:
+        storage = mountpoint / "storage"
+        storage.mkdir()
+        album, swapped = (storage, "album/f.bin") if nested else (storage / "album", "f.bin")
+        for attempt in range(5):  # the freed device number may go to another worker's mount
+            if attempt:
+                btrfs("subvolume", "delete", "-c", str(storage / "album"), str(storage / "other"))
+            x, y = same_key_files_in_two_subvolumes(storage)
+            device = key_of(album / swapped)[0]
+            await settle()
+            index = CrcIndex()
+            listing = list_album(album, on_device=index.trust.learn)
+            warmed = await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
+            assert read_archive(warmed)[swapped] == x
+            assert index.get(key_of(album / swapped)) == zlib.crc32(x)
+            listing = list_album(album, on_device=index.trust.learn)  # the next download's walk
+            plan = ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems)
+            swap_album_for_a_snapshot_of_other(storage, block_device if remounted else None)
+            if key_of(album / swapped)[0] == device:
+                break
+        else:
+            pytest.fail("the device number went to another mount each time")
+        assert key_of(album / swapped) == plan.key(0)  # the same key: only its filesystem tells
+        with pytest.raises(BaseExceptionGroup) as raised:
+            await collect(plan, index=index)
+        failure = raised.value.exceptions[0]
+        assert isinstance(failure, ProducerFailed), failure
+        assert "another filesystem than the one listed" in str(failure)
+        # The next download's walk sees the snapshot: its CRC read, its archive whole.
+        listing = list_album(album, on_device=index.trust.learn)
+        after = await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
+        assert read_archive(after)[swapped] == y
 
 
 def same_key_files_in_two_subvolumes(storage: Path) -> tuple[bytes, bytes]:

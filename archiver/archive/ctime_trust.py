@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .filesystems import KERNEL, MOUNTINFO, filesystem_id, filesystem_name, on_a_loop_device
+from .filesystems import KERNEL, MOUNTINFO, Filesystem, filesystem_id, filesystem_name, filesystem_of, on_a_loop_device
 from .producer_protocol import SECOND, FileKey
 
 # A file whose ctime lies within this of the moment its read began may change again
@@ -69,23 +69,25 @@ class CtimeTrust:
     def __init__(self, trusted_fuse: Iterable[str] = (), mountinfo: Path = MOUNTINFO) -> None:
         self.trusted_fuse = frozenset(trusted_fuse)
         self._mountinfo = mountinfo
-        # Device -> its filesystem's id if trusted, else None, as last looked at (set in walkers'
+        # Device -> its filesystem if trusted, else None, as last looked at (set in walkers'
         # and readers' threads: one store each).
-        self._devices: dict[int, int | None] = {}
+        self._devices: dict[int, Filesystem | None] = {}
 
-    def learn(self, fd: int, device: int) -> None:
+    def learn(self, fd: int, device: int) -> Filesystem | None:
         """Look at the filesystem ``fd`` (a folder a walk opened) lies on, ``device``; in a worker thread.
 
         Every walk calls this for each device it meets: a device number is
         reused by the next mount.  A filesystem that cannot be told is not trusted.
+        Returns the filesystem if trusted, else None (``AlbumListing.filesystems``).
         """
-        self._devices[device] = self._trusted(fd, device)
+        found = self._devices[device] = self._trusted(fd, device)
+        return found
 
-    def _trusted(self, fd: int, device: int) -> int | None:
+    def _trusted(self, fd: int, device: int) -> Filesystem | None:
         try:
             name = filesystem_name(fd, device, bool(self.trusted_fuse), self._mountinfo)
             if (name == KERNEL or name in self.trusted_fuse) and not on_a_loop_device(fd):
-                return filesystem_id(fd)
+                return filesystem_of(fd)
             return None
         except OSError:  # cannot be told (a FUSE daemon gone between the calls)
             return None
@@ -106,7 +108,8 @@ class CtimeTrust:
         under its filesystem's id too (btrfs: the subvolume's UUID; ext4: the
         filesystem's, which a copy of its blocks keeps), and the ETag covers it.
         """
-        return self._devices.get(device)
+        found = self._devices.get(device)
+        return None if found is None else found.id
 
     def file(self, fd: int, key: FileKey) -> bool:
         """Whether the ctime in ``key``, of the file open as ``fd``, is trusted; its device looked at if never yet.

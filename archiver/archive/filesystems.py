@@ -29,6 +29,9 @@ import platform
 import re
 import uuid
 from pathlib import Path
+from typing import NamedTuple
+
+from .subvolumes import IOC_SIZEBITS, UNKNOWN, subvolume_uuid
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 # statfs(2) f_type values (linux/magic.h).  fuseblk (ntfs-3g, exfat-fuse) and virtiofs have FUSE's too.
@@ -73,12 +76,7 @@ BTRFS_SUPER_MAGIC = 0x9123683E
 SYS_BLOCK = Path("/sys/dev/block")
 SYS_BTRFS = Path("/sys/fs/btrfs")
 # BTRFS_IOC_FS_INFO, _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): 1,024 bytes, the fsid at 16 (linux/btrfs.h).
-# _IOR's read bit lies above 14 bits of size, but for powerpc's, mips's and sparc's 13 (asm/ioctl.h).
-_IOC_SIZEBITS = 13 if platform.machine().startswith(("ppc", "powerpc", "mips", "sparc")) else 14
-_BTRFS_IOC_FS_INFO = (2 << (16 + _IOC_SIZEBITS)) | (1024 << 16) | (0x94 << 8) | 31
-# BTRFS_IOC_GET_SUBVOL_INFO, _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args): 504 bytes, the
-# subvolume's UUID at 296 (linux/btrfs.h; Linux 4.18).
-_BTRFS_IOC_GET_SUBVOL_INFO = (2 << (16 + _IOC_SIZEBITS)) | (504 << 16) | (0x94 << 8) | 60
+_BTRFS_IOC_FS_INFO = (2 << (16 + IOC_SIZEBITS)) | (1024 << 16) | (0x94 << 8) | 31
 # What ``filesystem_name`` calls any other filesystem of the kernel's.
 KERNEL = "kernel"
 
@@ -104,26 +102,41 @@ def filesystem_magic(fd: int) -> int:
     return int(found.f_type) & 0xFFFFFFFF
 
 
-def filesystem_id(fd: int) -> int:
-    """An id of the filesystem ``fd`` lies on, a signed 64-bit integer: ``statfs``'s ``f_fsid`` (statfs(2)).
+class Filesystem(NamedTuple):
+    """A filesystem as a walk saw it: what tells it from another given the same device number later.
 
-    On btrfs mixed with the subvolume's UUID (``BTRFS_IOC_GET_SUBVOL_INFO``):
+    ``fsid``: ``statfs``'s ``f_fsid`` (statfs(2)), unsigned 64 bits; NFS
+    reports 0 on every client (nfs_statfs sets none).  ``subvolume``: on
+    btrfs the subvolume's UUID (16 bytes, ``subvolumes``), else UNKNOWN.
     btrfs's ``f_fsid`` is its UUID with the subvolume's number, and the
     number of a subvolume deleted last is given again after a remount, with
-    its device number (helper 160).  A UUID is never given again.  OSError if
-    ``fstatfs`` fails.  NFS reports 0 on every client (nfs_statfs sets none).
+    its device number (helper 160).  A UUID is never given again.
     """
+
+    fsid: int
+    subvolume: bytes = UNKNOWN
+
+    @property
+    def id(self) -> int:
+        """The id the CRC index keys by and the ETag covers: a signed 64-bit integer."""
+        fsid = self.fsid
+        if self.subvolume:
+            mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + self.subvolume, digest_size=8)
+            fsid = int.from_bytes(mixed.digest(), "little")
+        return fsid - 2**64 if fsid >= 2**63 else fsid
+
+
+def filesystem_of(fd: int) -> Filesystem:
+    """The filesystem ``fd`` lies on; OSError if ``fstatfs`` fails."""
     fsid = os.fstatvfs(fd).f_fsid
     if filesystem_magic(fd) == BTRFS_SUPER_MAGIC:
-        arguments = bytearray(504)
-        try:
-            fcntl.ioctl(fd, _BTRFS_IOC_GET_SUBVOL_INFO, arguments)
-        except OSError:
-            pass  # before Linux 4.18: the f_fsid alone
-        else:
-            mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + bytes(arguments[296:312]), digest_size=8)
-            fsid = int.from_bytes(mixed.digest(), "little")
-    return fsid - 2**64 if fsid >= 2**63 else fsid
+        return Filesystem(fsid, subvolume_uuid(fd))  # before Linux 4.18: the f_fsid alone
+    return Filesystem(fsid)
+
+
+def filesystem_id(fd: int) -> int:
+    """The id (``Filesystem.id``) of the filesystem ``fd`` lies on; OSError if ``fstatfs`` fails."""
+    return filesystem_of(fd).id
 
 
 def read_mount_table(text: str, field: int = 1) -> dict[int, str]:

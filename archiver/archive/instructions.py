@@ -48,7 +48,7 @@ def instructions(plan: ArchivePlan, start: int, end: int, crcs: CrcSource | None
     stored entries (``ArchivePlan.entries_stored_when_deflating``).
     """
     level = plan.compression
-    yield producer_protocol.album(os.fsencode(plan.directory), level)
+    yield producer_protocol.album(os.fsencode(plan.directory), level, plan.filesystems)
     if plan.length is None:  # deflated: whole entries, written by the producer
         for k in range(plan.count):
             fields = plan.fields(k)

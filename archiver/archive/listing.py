@@ -12,9 +12,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+from .filesystems import Filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,9 @@ class AlbumListing:
     # When the walk that listed them began (time.time_ns): a file whose ctime lies within a clock
     # tick of it may change again without its key moving (ctime_trust.is_racy).
     started_ns: int = 0
+    # Device -> the filesystem the walk saw on it if its ctimes are trusted, else None
+    # (``CtimeTrust.learn``): what the producer checks each file against (``ArchivePlan.filesystems``).
+    filesystems: Mapping[int, Filesystem | None] = field(default_factory=dict, hash=False)
 
     @property
     def total_size(self) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from .entries import (
     external_attributes,
     load_zone,
 )
+from .filesystems import Filesystem
 from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names
@@ -63,6 +64,7 @@ class ArchivePlan:
     its files beneath; ``files``: the listing's, in the archive's order.
     ``compression``: the deflate level, 1-9, or 0 for a stored archive.
     ``policy``: how entries are named, timed and given modes (``entries``).
+    ``filesystems``: the listing's (``AlbumListing.filesystems``).
     ``length`` is None for a deflated archive (sizes unknown until written).
     ``local_offsets[k]`` is where entry k's local header starts (k = count:
     the central directory); ``central_offsets[k]`` where its central header
@@ -70,7 +72,12 @@ class ArchivePlan:
     """
 
     def __init__(
-        self, directory: Path, files: Sequence[AlbumFile], compression: int = 0, policy: EntryPolicy | None = None
+        self,
+        directory: Path,
+        files: Sequence[AlbumFile],
+        compression: int = 0,
+        policy: EntryPolicy | None = None,
+        filesystems: Mapping[int, Filesystem | None] | None = None,
     ) -> None:
         policy = policy or EntryPolicy()
         zone = load_zone(policy.zone)[0]
@@ -109,6 +116,11 @@ class ArchivePlan:
         # plan may outlive them there, and its next plan reads them again (time, not bytes).
         self.indexed_crcs: array[int] | None = None
         self.devices = frozenset(self._identities[0::3])
+        # The trusted filesystem the walk saw on each device (``AlbumListing.filesystems``), which the
+        # producer checks each file of that device against: a device number names a filesystem only
+        # while it is mounted (``CtimeTrust.filesystem``), and the CRCs are kept under its id.
+        seen = filesystems or {}
+        self.filesystems = {device: found for device in self.devices if (found := seen.get(device)) is not None}
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
         # Stored: every entry's local and central header, with CRC 0, joined (see _lay_out).

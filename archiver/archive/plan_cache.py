@@ -9,9 +9,10 @@ eight connections, a hostile client's thousand ranges) share one.  The key
 is the album's directory, its ETag, which covers everything the plan is
 computed from but the devices (hosts sharing an NFS storage number them
 differently, and must give one archive one tag), and the device of each
-file, which the plan names and the producer checks: a remount that
-renumbers a device (NFS, a disk plugged in again) is a new plan, not a
-download refused as "not the file listed" until a restart.
+file and the filesystem the walk saw on each, which the plan names and the
+producer checks: a remount that renumbers a device (NFS, a disk plugged in
+again) is a new plan, not a download refused as "not the file listed" until
+a restart.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class PlanCache:
         Runs in a walk's worker thread; may wait there for another's ``make()``.
         """
         devices = hashlib.blake2b(array("Q", [file.device for file in listing.files]).tobytes(), digest_size=16)
+        devices.update(repr(sorted(listing.filesystems.items())).encode())  # what the producer checks them against
         key = (listing.directory, etag, devices.digest())
         with self._lock:
             plan = self._plans.get(key) or self._live.get(key)

@@ -17,6 +17,7 @@ import stat
 from archiver.archive.producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.sparse import Holes
+from archiver.archive.subvolumes import subvolume_uuid
 from archiver.archive.uncached_status import uncached_status
 
 # A path's parts that would not name an entry of the directory they are in.
@@ -24,13 +25,28 @@ _NOT_NAMES = (b"", b".", b"..")
 
 
 class Album:
-    """The album's directory, and files opened beneath it without following a link."""
+    """The album's directory, and files opened beneath it without following a link.
 
-    def __init__(self, directory: bytes) -> None:
+    ``filesystems``: device -> (f_fsid, btrfs subvolume's UUID or b""), the
+    trusted filesystem the walk saw on it (``ArchivePlan.filesystems``).  A
+    device number names a filesystem only while it is mounted, and on btrfs a
+    snapshot made after a subvolume is deleted takes its number, with the
+    inode numbers and times of what it copies: an album swapped for such a
+    snapshot between the walk and the producer kept every key, and its files
+    were sent under the CRCs the index kept for the other's (helper 160).
+    FileChanged unless the album lies on the filesystem seen on its device.
+    """
+
+    def __init__(self, directory: bytes, filesystems: dict[int, tuple[int, bytes]] | None = None) -> None:
         # The album's real path (the service resolved it), opened a folder at a time: a link put
         # in its place, or in the place of any folder on its path, is refused (real_paths).
+        self._filesystems = filesystems or {}
         try:
             self.root = open_real_directory(directory)
+            # Checked once: while the album is held open its filesystem stays mounted (a subvolume
+            # is not freed), and no other is given its device number.  Files on other devices: each.
+            self._root_device = os.fstat(self.root).st_dev
+            on_filesystem_seen = self._on_filesystem_seen(self.root, self._root_device)
         except OSError as error:
             reason = f"the album {os.fsdecode(directory)}: {error.strerror or error}"
             if error.errno in RESOURCE_ERRNOS:  # no descriptor left: a moment's, not the album's
@@ -40,6 +56,22 @@ class Album:
             raise FileChanged(reason) from None
         self._directory = b""  # the directory of the last file opened ("a/b/"), and its descriptor
         self._directory_fd = self.root
+        if not on_filesystem_seen:
+            raise FileChanged(f"the album {os.fsdecode(directory)}: on another filesystem than the one listed")
+
+    def check_filesystem(self, fd: int, device: int) -> None:
+        """FileChanged unless ``fd``, a file planned on ``device``, lies on the filesystem the walk saw there."""
+        if device != self._root_device and not self._on_filesystem_seen(fd, device):
+            raise FileChanged("on another filesystem than the one listed")
+
+    def _on_filesystem_seen(self, fd: int, device: int) -> bool:
+        seen = self._filesystems.get(device)
+        if seen is None:  # not trusted: its files' CRCs are read again and checked against their bytes
+            return True
+        fsid, subvolume = seen
+        if not fsid and not subvolume:  # NFS, FUSE: an id of 0, which tells nothing (and costs a round trip)
+            return True
+        return os.fstatvfs(fd).f_fsid == fsid and (not subvolume or subvolume_uuid(fd) == subvolume)
 
     def open(self, path: bytes) -> int:
         """A descriptor of what ``path`` (relative) names, never through a link; FileChanged if it cannot be opened.

@@ -44,12 +44,14 @@ from archiver.archive.producer_protocol import (
     EXIT_OUT_OF_RESOURCES,
     EXIT_OUTPUT_CLOSED,
     FILE_SLICE_BODY,
+    FILESYSTEM,
     LITERAL_BODY,
     STORED_ENTRY_BODY,
     FileChanged,
     FileKey,
     OutOfResources,
     file_key,
+    read_filesystems,
 )
 from archiver.archive.sparse import crc32_with_zeros, may_have_holes
 from archiver.archive.uncached_status import refresh_attributes
@@ -170,9 +172,10 @@ class Producer:
                 self.output.settle(0)
                 return
             elif kind == b"A":
-                level, length = ALBUM_BODY.unpack(read(ALBUM_BODY.size))
+                level, length, count = ALBUM_BODY.unpack(read(ALBUM_BODY.size))
                 self.level = level
-                self.album = Album(read(length))
+                directory = read(length)
+                self.album = Album(directory, read_filesystems(read(count * FILESYSTEM.size)))
             elif kind == b"D":
                 record = DEFLATED_ENTRY_BODY.unpack(read(DEFLATED_ENTRY_BODY.size))
                 *identity, dos_time, attributes, path_length, name_length, extra_length = record
@@ -227,6 +230,7 @@ class Producer:
         try:
             fd = self.album.open(path)
             try:
+                self.album.check_filesystem(fd, file_key[0])
                 moved = send(fd, file_key, *args)
             except BaseException as error:
                 if isinstance(error, FileChanged):

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .filesystems import Filesystem
 from .listing import (
     AlbumFile,
     AlbumKeepsChanging,
@@ -117,7 +118,7 @@ def resolve_album(root: Path, name: str, filesystem: RootFilesystem | None = Non
 def list_album(
     album: Path,
     progress: WalkProgress | None = None,
-    on_device: Callable[[int, int], None] | None = None,
+    on_device: Callable[[int, int], Filesystem | None] | None = None,
     max_entries: int | None = None,
 ) -> AlbumListing:
     """Walk ``album`` (not following links) and sort what it holds into files and skips.
@@ -128,34 +129,37 @@ def list_album(
     the walk stops there: its lists are what it holds in memory).
     ``progress`` moves on with each answer from the storage; WalkGivenUp once given up on.
     ``on_device(fd, device)`` is called once a walk for each device a folder
-    lies on, with the folder open as ``fd`` (``ctime_trust.CtimeTrust.learn``).
+    lies on, with the folder open as ``fd`` (``ctime_trust.CtimeTrust.learn``);
+    what it returns for each is the listing's ``filesystems``.
     """
     progress = progress or WalkProgress()
     for _ in range(WALK_ATTEMPTS):
         started_ns = time.time_ns()
+        devices = _Devices(on_device)
         try:
-            files, skipped = _walk_once(album, progress, _Devices(on_device), max_entries)
+            files, skipped = _walk_once(album, progress, devices, max_entries)
             break
         except _AlbumChanged:
             continue
     else:
         raise AlbumKeepsChanging(f"changed while listed, {WALK_ATTEMPTS} times")
     files.sort(key=lambda file: file.path)
-    return AlbumListing(album, tuple(files), tuple(skipped), started_ns)
+    return AlbumListing(album, tuple(files), tuple(skipped), started_ns, devices.filesystems)
 
 
 class _Devices:
     """Each device a walk meets, shown once to ``on_device`` (if any) with a descriptor on it."""
 
-    def __init__(self, on_device: Callable[[int, int], None] | None) -> None:
+    def __init__(self, on_device: Callable[[int, int], Filesystem | None] | None) -> None:
         self._on_device = on_device
         self._met: set[int] = set()
+        self.filesystems: dict[int, Filesystem | None] = {}  # what ``on_device`` said of each
 
     def folder(self, fd: int, device: int) -> None:
         """A folder open as ``fd``, on ``device``."""
         if self._on_device is not None and device not in self._met:
             self._met.add(device)
-            self._on_device(fd, device)
+            self.filesystems[device] = self._on_device(fd, device)
 
     def file(self, name: str, directory_fd: int, device: int) -> None:
         """File ``name`` in folder ``directory_fd`` lies on ``device`` (a bind mount of one file): opened to be shown.
@@ -169,10 +173,10 @@ class _Devices:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
         except OSError:
-            self._on_device(-1, device)
+            self.filesystems[device] = self._on_device(-1, device)
             return
         try:
-            self._on_device(fd, device)
+            self.filesystems[device] = self._on_device(fd, device)
         finally:
             os.close(fd)
 

@@ -190,7 +190,9 @@ def prepare_archive(
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
     etag = archive_etag(listing, archive_variant(compression, policy), trust)
     skips.log(listing, etag)
-    plan = plans.get(listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy))
+    plan = plans.get(
+        listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy, listing.filesystems)
+    )
     prepared = PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))
     recent.keep(album, compression, started, prepared)
     return prepared
