@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .archive.album_crcs import AlbumCrcs, album_crcs
-from .archive.crc_index import CrcIndex
+from .archive.crc_index import CrcIndex, FilesystemView
 from .archive.crc_store import CrcStore
 from .archive.ctime_trust import CtimeTrust
+from .archive.filesystems import trusted_ids
 from .archive.listing import AlbumNotFound, ListingFailed
 from .archive.storage import ALBUM_NAME, list_album, resolve_album
 from .config import Settings, SettingsError
@@ -101,7 +102,8 @@ def index_albums(argv: Sequence[str]) -> None:
             print(f"archiver index: cannot list {name}: {error}", file=sys.stderr)
             totals.failed.append(name)
             continue
-        _index_album(name, listing.directory, [(file.path, file.size) for file in listing.files], index, totals)
+        files = [(file.path, file.size) for file in listing.files]
+        _index_album(name, listing.directory, files, trusted_ids(listing.filesystems), index, totals)
     store.close()
     print(totals.summary(len(entries) or len(names), root))
     if problems := totals.problems(store.unwritten, settings.index_path):
@@ -123,16 +125,24 @@ def _open_index(parser: argparse.ArgumentParser) -> tuple[Settings, CrcStore]:
 
 
 def _index_album(
-    name: str, directory: Path, files: list[tuple[str, int]], index: CrcIndex, totals: IndexTotals
+    name: str,
+    directory: Path,
+    files: list[tuple[str, int]],
+    view: FilesystemView,
+    index: CrcIndex,
+    totals: IndexTotals,
 ) -> None:
-    """The CRCs of one album's ``files`` (path, size) into ``index``, with its progress on a terminal."""
+    """The CRCs of one album's ``files`` (path, size) into ``index``, with its progress on a terminal.
+
+    ``view``: the filesystems its walk saw (``CrcIndex.read_filesystem``).
+    """
     on_terminal = sys.stderr.isatty()
 
     def show(done: int) -> None:
         if on_terminal and (done == len(files) or done % 100 == 0):
             print(f"\r{name}: {done}/{len(files)} files", end="", file=sys.stderr, flush=True)
 
-    done = album_crcs(directory, files, index, show)
+    done = album_crcs(directory, files, index, show, view)
     totals.add(done, len(files))
     for failure in done.unreadable:
         print(f"archiver index: cannot read {failure}", file=sys.stderr)

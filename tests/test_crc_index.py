@@ -1759,22 +1759,33 @@ async def test_a_download_waiting_for_another_s_read_that_hangs_meets_the_storag
     assert took < timeout * 1.25 + 1.5, took
 
 
-@pytest.mark.parametrize("lost", ["before it is resumed", "while it is"])
-async def test_a_read_cut_short_is_read_again_whole_once_its_filesystem_is_not_trusted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lost: str
+@pytest.mark.parametrize("resumed_on", ["its filesystem", "another filesystem", "a filesystem not trusted"])
+async def test_a_read_cut_short_is_resumed_only_on_the_filesystem_it_was_read_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumed_on: str
 ) -> None:
     # A device number is reused by the next mount (a walk looks at it anew): what was read of "the
-    # same key" may be another file's, and the CRC, racy, would be checked only as the bytes go.
+    # same key" may be another file's. A read is tied to the filesystem its descriptor lies on, as
+    # the download's walk saw it (helper 161: by the trust's latest look, a read of one filesystem's
+    # file was kept under another's id): cut short, it is resumed only on that filesystem.
     block = crc_reads_module.BATCH_BYTES
     path, content, index, offsets = large_cold_file(tmp_path, monkeypatch, 3 * block)
     await read_cut_short(path, len(content), index, offsets, 2)
     cut = len(offsets)
-    untrusted = [True] if lost == "before it is resumed" else []
-    monkeypatch.setattr(index.trust, "filesystem", lambda device: None if untrusted else 0)
-    found = await file_crc(path, len(content), index, progress=lambda: untrusted.append(True))
-    assert found.crc == zlib.crc32(content) and found.racy
-    assert offsets[-3:] == [0, block, 2 * block]  # read again whole...
-    assert len(offsets) == cut + (3 if lost == "before it is resumed" else 5)  # ...after the resumed part, if any
+    device, fd = path.stat().st_dev, os.open(path, os.O_RDONLY)
+    read_on = filesystem_id(fd)
+    os.close(fd)
+    view: dict[int, int] | None = {device: read_on if resumed_on == "its filesystem" else read_on + 1}
+    if resumed_on == "a filesystem not trusted":
+        view = None  # the trust's latest look
+        monkeypatch.setattr(index.trust, "filesystem", lambda device: None)
+    found = await file_crc(path, len(content), index, view=view)
+    assert found.crc == zlib.crc32(content)
+    if resumed_on == "its filesystem":
+        assert not found.racy and offsets[cut] > 0  # resumed where the first read stopped
+        assert index.get(found.key, read_on) == found.crc
+    else:
+        assert found.racy and offsets[cut:] == [0, block, 2 * block]  # read again whole, not kept
+        assert index.get(found.key, read_on) is None
 
 
 async def test_a_download_asking_after_a_read_of_a_file_not_trusted_began_does_not_take_its_crc(
@@ -1918,6 +1929,35 @@ async def test_a_snapshot_given_a_deleted_subvolumes_device_number_is_not_sent_i
     assert after.status_code == 200
     assert read_archive(after.content) == {"f.bin": y}  # each CRC checked: before, y's bytes under x's CRC
     assert after.headers["etag"] != before.headers["etag"]
+
+
+@pytest.mark.parametrize("crc", ["kept for the other", "computed by the producer", "read by the service"])
+async def test_a_download_looks_up_and_keeps_crcs_under_the_filesystem_its_walk_saw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crc: str
+) -> None:
+    # Helper 161: the index looked CRCs up and kept them under the filesystem the trust saw last on
+    # a device, by any walk. Two btrfs subvolumes mounted in turn on one device number, a file of
+    # the same key in each: a download of one was sent the other's CRC (a walk of the other
+    # between its walk and its lookup), and a CRC the producer computed from one's file was kept
+    # under the other's id, then sent with the other's bytes on every download, across restarts.
+    album = tmp_path / "album"
+    album.mkdir()
+    (album / "f.jpg").write_bytes(b"the album's file")
+    await settle()
+    index = CrcIndex()
+    listing = list_album(album, on_device=index.trust.learn)
+    plan = ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems)
+    key = plan.key(0)
+    assert plan.filesystem_ids is not None
+    seen, other = plan.filesystem_ids[key[0]], plan.filesystem_ids[key[0]] + 1
+    monkeypatch.setattr(index.trust, "filesystem", lambda device: other)  # another walk's look since
+    if crc == "kept for the other":
+        index.put(key, zlib.crc32(b"the other's file"), other)
+    archive = await collect(plan, index=index, whole_download=crc == "computed by the producer")
+    assert read_archive(archive) == {"f.jpg": b"the album's file"}  # its CRC checked
+    assert index.get(key, seen) == zlib.crc32(b"the album's file")
+    if crc != "kept for the other":
+        assert index.get(key, other) is None
 
 
 @pytest.mark.skipif(

@@ -49,12 +49,17 @@ async def collect(
     chunk_size: int = 4096,
     index: CrcIndex | None = None,
     on_first_chunk: Callable[[], None] | None = None,
+    whole_download: bool = False,
 ) -> bytes:
-    """What ``produce`` sends for bytes ``start`` .. ``end`` (the whole archive by default)."""
+    """What ``produce`` sends for bytes ``start`` .. ``end`` (the whole archive by default).
+
+    ``whole_download``: as ``CrcSource`` takes it (small files the index lacks: CRCs the producer computes).
+    """
     end = (plan.length or 0) - 1 if end is None else end
     crcs = None
     if plan.length is not None:
-        crcs = CrcSource(plan, plan.crc_entries(start, end), index or CrcIndex())
+        entries = plan.crc_entries(start, end)
+        crcs = CrcSource(plan, entries, index or CrcIndex(), whole_download=whole_download)
     send_channel, receive_channel = trio.open_memory_channel[bytes](2)
     chunks: list[bytes] = []
     async with trio.open_nursery() as nursery:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from .crc_index import CrcIndex
+from .crc_index import CrcIndex, FilesystemView
 from .crc_reads import READ_SIZE, small_file_crc
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, trusted_ctime
 from .listed_files import FileUnreadable, Folders, open_listed
@@ -26,7 +26,11 @@ class AlbumCrcs(NamedTuple):
 
 
 def album_crcs(
-    album: Path, files: list[tuple[str, int]], index: CrcIndex, progress: Callable[[int], None] | None = None
+    album: Path,
+    files: list[tuple[str, int]],
+    index: CrcIndex,
+    progress: Callable[[int], None] | None = None,
+    view: FilesystemView | None = None,
 ) -> AlbumCrcs:
     """Put the CRC of each (relative path, size) in ``album`` into ``index``, synchronously.
 
@@ -35,10 +39,11 @@ def album_crcs(
     download anyway).  Files changed within the racy window of their read (an
     upload hook runs a moment after the upload) are read once more when it has
     passed, up to COARSE_RACY_NS later.  ``progress`` is called with the count of files done after each.
+    ``view``: the walk's that listed ``files`` (``CrcIndex.read_filesystem``).
     """
     folders = Folders()
     try:
-        return _album_crcs(album, files, index, progress, folders)
+        return _album_crcs(album, files, index, progress, folders, view)
     finally:
         folders.close()
 
@@ -49,12 +54,13 @@ def _album_crcs(
     index: CrcIndex,
     progress: Callable[[int], None] | None,
     folders: Folders,
+    view: FilesystemView | None,
 ) -> AlbumCrcs:
     buffer = bytearray(READ_SIZE)
     new = untrusted = 0
     racy: dict[tuple[str, int], int] = {}  # (path, size) -> when its read may be kept (time.time_ns)
     unreadable: list[str] = []
-    reader = _Reader(index, buffer, racy, unreadable, folders)
+    reader = _Reader(index, buffer, racy, unreadable, folders, view)
     for done, (relative, size) in enumerate(files, 1):
         if progress is not None:
             progress(done)
@@ -68,12 +74,12 @@ def _album_crcs(
             unreadable.append(str(error))
             continue
         try:
-            trusted = index.trust.file(fd, key)
+            filesystem = index.read_filesystem(fd, key, view)
         finally:
             os.close(fd)
-        if not trusted:
+        if filesystem is None:
             untrusted += 1
-        elif index.get(key) is None:
+        elif index.get(key, filesystem) is None:
             new += reader.read_to_keep(album / relative, (relative, size))
     if settles := [when for when in racy.values() if when]:
         # At most the coarse window: a ctime ahead of this host's clock (a file server's) is no reason to wait longer.
@@ -94,11 +100,12 @@ class _Reader(NamedTuple):
     racy: dict[tuple[str, int], int]
     unreadable: list[str]
     folders: Folders
+    view: FilesystemView | None
 
     def read_to_keep(self, path: Path, file: tuple[str, int]) -> bool:
         """Read ``path``'s CRC into the index: True if kept; else ``racy[file]`` says when to try again (0: not)."""
         try:
-            result = small_file_crc(path, file[1], self.crcs, self.buffer, folders=self.folders)
+            result = small_file_crc(path, file[1], self.crcs, self.buffer, folders=self.folders, view=self.view)
         except FileChanged:
             self.racy[file] = 0
             return False

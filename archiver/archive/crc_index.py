@@ -5,8 +5,11 @@ A stored ZIP entry carries its CRC in its local header, before its data
 entries).  The service computes each CRC itself (``crc_reads``, ahead of the
 producer) and keeps it in a ``CrcIndex`` keyed by everything that changes
 when the file does: device, inode, size, mtime and ctime, and the id of the
-filesystem last seen on that device (``ctime_trust``: where ctimes are not
-trusted, and for racy reads, nothing is kept).  A
+filesystem on that device (``ctime_trust``: where ctimes are not trusted, and
+for racy reads, nothing is kept).  Which filesystem is a download's walk's
+(``FilesystemView``): a device number is given to the next mount, and a CRC
+looked up or kept under the filesystem another walk saw there since went out
+with the bytes of the one this download's producer checks (helper 161).  A
 store through a shared writable mapping to a page already dirty does not
 move the ctime: a known limit, tests/test_integrity_limits.py.
 The index is only a cache: losing it loses nothing but time.  The producer
@@ -18,10 +21,11 @@ checked by the producer).
 
 from __future__ import annotations
 
+import enum
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -29,7 +33,22 @@ import trio
 
 from .crc_store import CrcStore, IndexKey, index_key
 from .ctime_trust import CtimeTrust, trusted_ctime
+from .filesystems import filesystem_id
 from .producer_protocol import FileKey
+
+# Device -> the id of the trusted filesystem a download's walk saw on it (``ArchivePlan.filesystem_ids``):
+# what that download's CRCs are looked up, read and kept under, and what its producer checks each
+# file against.  A device not in it is not trusted.
+FilesystemView = Mapping[int, int]
+
+
+class _Latest(enum.Enum):
+    LATEST = 0
+
+
+# For a caller without a walk's view (``archiver index`` has one; tests, a lookup by hand): the
+# filesystem the trust last saw on the key's device (``CtimeTrust.filesystem``).
+LATEST = _Latest.LATEST
 
 # Entries kept: ~100 bytes each, so ~20 MB at the most.
 INDEX_ENTRIES = 200_000
@@ -73,8 +92,9 @@ class CrcIndex:
     """CRC-32 by (device, inode, size, mtime_ns, ctime_ns) and filesystem id: the recent ones in memory, all in
     ``store`` if given.
 
-    The id is the one ``trust`` last saw on the device (``CtimeTrust.filesystem``), when a CRC is
-    looked up or kept; a key of a device not trusted is neither.
+    The id is the download's (``FilesystemView``, ``filesystem``; without one, the
+    filesystem ``trust`` last saw on the device); a key of a device not
+    trusted, or whose ctime is not, is neither looked up nor kept.
     """
 
     def __init__(
@@ -102,31 +122,65 @@ class CrcIndex:
         # time (helper 111: a 4 GiB file, 0.5 CPU-s and 1.8 GB read a request of 79 bytes,
         # one core for as long as it went on), and concurrent downloads each read it.
         # On the event loop only.
-        self._reading: dict[FileKey, FileRead] = {}
-        self._partial: OrderedDict[FileKey, PartialCrc] = OrderedDict()
+        self._reading: dict[tuple[FileKey, int | None], FileRead] = {}
+        self._partial: OrderedDict[tuple[FileKey, int], PartialCrc] = OrderedDict()
 
-    def get(self, key: FileKey) -> int | None:
-        crc = self.known((key,))[0]
+    def filesystem(self, key: FileKey, view: FilesystemView | None = None) -> int | None:
+        """The id ``key``'s CRC is looked up and kept under: ``view``'s for its device (None: ``LATEST``'s).
+
+        None where its device or its ctime (``trusted_ctime``) is not trusted.
+        """
+        return self._on_device(key[0], view) if trusted_ctime(key[3], key[4]) else None
+
+    def _on_device(self, device: int, view: FilesystemView | None) -> int | None:
+        return self.trust.filesystem(device) if view is None else view.get(device)
+
+    def read_filesystem(self, fd: int, key: FileKey, view: FilesystemView | None = None) -> int | None:
+        """As ``filesystem``, for a CRC read from ``fd``, the file listed as ``key``: None unless ``fd`` lies on it.
+
+        A CRC read from another filesystem's file (one given the device number
+        since) is the download's only: neither looked up, kept, nor resumed.  In
+        a worker thread (``fstatfs`` may wait on the storage).
+        """
+        if view is None:
+            return self.trust.filesystem(key[0]) if self.trust.file(fd, key) else None
+        filesystem = self.filesystem(key, view)
+        try:
+            return filesystem if filesystem is not None and filesystem_id(fd) == filesystem else None
+        except OSError:
+            return None
+
+    def _resolved(self, key: FileKey, filesystem: int | _Latest | None) -> int | None:
+        return self.filesystem(key) if filesystem is LATEST else filesystem
+
+    def get(self, key: FileKey, filesystem: int | _Latest | None = LATEST) -> int | None:
+        """``key``'s CRC kept under ``filesystem`` (``filesystem``, ``read_filesystem``), if any."""
+        if (filesystem := self._resolved(key, filesystem)) is None:
+            return None
+        crc = self._known([index_key(key, filesystem)])[0]
         return None if crc < 0 else crc
 
-    def known(self, keys: Iterable[FileKey]) -> array[int]:
-        """The CRC for each key, -1 where there is none (for ``CrcSource``; in a worker thread with a store).
+    def known(self, keys: Iterable[FileKey], view: FilesystemView | None = None) -> array[int]:
+        """The CRC for each key under ``view`` (``filesystem``), -1 where there is none (for ``CrcSource``).
 
-        The memory's under one lock for all keys (20,000 keys: a lock and two
-        calls a key were 0.03 s of a warm download's first byte), then the
-        store's for those it lacks.
+        In a worker thread with a store.  The memory's under one lock for all
+        keys (20,000 keys: a lock and two calls a key were 0.03 s of a warm
+        download's first byte), then the store's for those it lacks.
         """
         keys = list(keys)
-        crcs = array("q", [-1]) * len(keys)
-        lacking = []
         # A key whose ctime is not trusted is never kept: one found was kept before it was known so.
-        filesystems = {device: self.trust.filesystem(device) for device in {key[0] for key in keys}}
+        filesystems = {device: self._on_device(device, view) for device in {key[0] for key in keys}}
         indexed: list[IndexKey | None] = [
             index_key(key, filesystem)
             if (filesystem := filesystems[key[0]]) is not None and trusted_ctime(key[3], key[4])
             else None
             for key in keys
         ]
+        return self._known(indexed)
+
+    def _known(self, indexed: list[IndexKey | None]) -> array[int]:
+        crcs = array("q", [-1]) * len(indexed)
+        lacking = []
         with self._lock:
             remembered, used = self._crcs.get, self._crcs.move_to_end
             for position, key in enumerate(indexed):
@@ -145,47 +199,51 @@ class CrcIndex:
                     crcs[position] = crc
         return crcs
 
-    def remembered(self, key: FileKey) -> int | None:
+    def remembered(self, key: FileKey, filesystem: int | _Latest | None = LATEST) -> int | None:
         """``key``'s CRC if kept in memory (no store lookup: on the event loop), as ``get``."""
-        if not self.trust(key) or (filesystem := self.trust.filesystem(key[0])) is None:
+        if (filesystem := self._resolved(key, filesystem)) is None:
             return None
         with self._lock:
             return self._crcs.get(index_key(key, filesystem))
 
-    def being_read(self, key: FileKey) -> FileRead | None:
-        """The read of ``key``'s file in progress (``reading``), if any."""
-        return self._reading.get(key)
+    def being_read(self, key: FileKey, filesystem: int | _Latest | None = LATEST) -> FileRead | None:
+        """The read of ``key``'s file on ``filesystem`` in progress (``reading``), if any."""
+        return self._reading.get((key, self._resolved(key, filesystem)))
 
     @contextmanager
-    def reading(self, key: FileKey) -> Iterator[FileRead]:
-        """While ``key``'s file is read for its CRC (``being_read``); one such read at a time."""
-        assert key not in self._reading
-        self._reading[key] = read = FileRead(key)
+    def reading(self, key: FileKey, filesystem: int | _Latest | None = LATEST) -> Iterator[FileRead]:
+        """While ``key``'s file on ``filesystem`` is read for its CRC (``being_read``); one such read at a time."""
+        read_key = (key, self._resolved(key, filesystem))
+        assert read_key not in self._reading
+        self._reading[read_key] = read = FileRead(key)
         try:
             yield read
         finally:
-            del self._reading[key]
+            del self._reading[read_key]
             read.ended.set()
 
-    def take_partial(self, key: FileKey) -> PartialCrc | None:
-        """The read of ``key``'s file cut short, if kept, to resume: no longer kept.
+    def take_partial(self, key: FileKey, filesystem: int | _Latest | None = LATEST) -> PartialCrc | None:
+        """The read of ``key``'s file on ``filesystem`` cut short, if kept, to resume: no longer kept.
 
-        None where ``key`` is no longer trusted (its filesystem looked at anew:
+        None where ``key`` is not trusted there (its filesystem looked at anew:
         a device number the next mount reused), as ``known`` would say.
         """
-        partial = self._partial.pop(key, None)
-        return partial if self.trust(key) else None
+        if (filesystem := self._resolved(key, filesystem)) is None:
+            return None
+        return self._partial.pop((key, filesystem), None)
 
-    def keep_partial(self, key: FileKey, partial: PartialCrc) -> None:
-        """Keep a read cut short (the oldest go past PARTIAL_ENTRIES)."""
-        self._partial[key] = partial
-        self._partial.move_to_end(key)
+    def keep_partial(self, key: FileKey, partial: PartialCrc, filesystem: int | _Latest | None = LATEST) -> None:
+        """Keep a read cut short of ``key``'s file on ``filesystem`` (the oldest go past PARTIAL_ENTRIES)."""
+        if (filesystem := self._resolved(key, filesystem)) is None:
+            return
+        self._partial[key, filesystem] = partial
+        self._partial.move_to_end((key, filesystem))
         while len(self._partial) > PARTIAL_ENTRIES:
             self._partial.popitem(last=False)
 
-    def put(self, key: FileKey, crc: int) -> None:
-        """Keep ``crc`` for ``key``, under the filesystem last seen on its device (not at all if not trusted)."""
-        if (filesystem := self.trust.filesystem(key[0])) is None:
+    def put(self, key: FileKey, crc: int, filesystem: int | _Latest | None = LATEST) -> None:
+        """Keep ``crc`` for ``key`` under ``filesystem`` (``filesystem``, ``read_filesystem``; None: not at all)."""
+        if (filesystem := self._resolved(key, filesystem)) is None:
             return
         indexed = index_key(key, filesystem)
         self._remember(indexed, crc)

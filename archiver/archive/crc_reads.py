@@ -17,7 +17,7 @@ from typing import NamedTuple, TypeVar
 
 from zlib_ng import zlib_ng
 
-from .crc_index import CrcIndex, FileRead
+from .crc_index import CrcIndex, FileRead, FilesystemView
 from .ctime_trust import is_racy
 from .listed_files import Folders, close_read, failures_named, open_listed
 from .producer_protocol import FileChanged, FileKey
@@ -54,13 +54,18 @@ HOLE_MIN = 16 * 1024
 T = TypeVar("T")
 
 
-def keep(index: CrcIndex, fd: int, path: Path, key: FileKey, crc: int, read_started_ns: int) -> bool:
-    """Keep ``crc`` in ``index`` unless racy (then False); FileChanged if the file changed while read."""
+def keep(
+    index: CrcIndex, fd: int, path: Path, key: FileKey, filesystem: int | None, crc: int, read_started_ns: int
+) -> bool:
+    """Keep ``crc`` in ``index`` under ``filesystem`` (``CrcIndex.read_filesystem``) unless racy or None (then False).
+
+    FileChanged if the file changed while read.
+    """
     if uncached_status(fd)[1][2:] != key[2:]:  # not what the kernel keeps of a FUSE or NFS file's (helper 148)
         raise FileChanged(f"{path}: modified while its CRC was read")
-    if is_racy(key, read_started_ns) or not index.trust.file(fd, key):
+    if is_racy(key, read_started_ns) or filesystem is None:
         return False
-    index.put(key, crc)
+    index.put(key, crc, filesystem)
     return True
 
 
@@ -123,17 +128,19 @@ def small_file_crc(
     key: FileKey | None = None,
     progress: Callable[[], None] | None = None,
     folders: Folders | None = None,
+    view: FilesystemView | None = None,
 ) -> FileCrc:
     """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed.
 
     ``progress`` is called after the open and after each read (in this thread: it must only count).
-    ``folders``: the batch's (``open_listed``).
+    ``folders``: the batch's (``open_listed``).  ``view``: the download's (``CrcIndex.read_filesystem``).
     """
     fd, found = open_listed(path, size, key, folders)
     try:
         if progress is not None:
             progress()
-        known = index.get(found)
+        filesystem = index.read_filesystem(fd, found, view)
+        known = index.get(found, filesystem)
         if known is not None:
             return FileCrc(found, known)
         started = time.time_ns()
@@ -142,7 +149,7 @@ def small_file_crc(
             if read != size:
                 refresh_attributes(fd)  # the kernel's stale copy of a FUSE or NFS file's (helper 150)
                 raise FileChanged(f"{path}: read {read} bytes, {size} listed")
-            kept = keep(index, fd, path, found, crc, started)
+            kept = keep(index, fd, path, found, filesystem, crc, started)
     finally:
         close_read(fd, path)
     return FileCrc(found, crc, not kept)

@@ -125,7 +125,7 @@ class CrcSource:
             # Not under the readers' limiter: a lookup reads no file, and must not wait behind reads
             # of hung storage.
             self._asked_ns = time.time_ns()
-            known = await in_thread(self.index.known, keys)
+            known = await in_thread(self.index.known, keys, self.plan.filesystem_ids)
             if self._whole() and min(known, default=0) >= 0:
                 self.plan.indexed_crcs = array("q", known)
             elif self._whole_download and self._whole() and self.plan.length is not None:
@@ -158,6 +158,7 @@ class CrcSource:
                         self._progressed,
                         self._queued,
                         self._follow,
+                        self.plan.filesystem_ids,
                     )
                 ]
             else:
@@ -208,7 +209,8 @@ class CrcSource:
                     break
                 path = self.plan.directory / self.plan.path_str(k)
                 key = self.plan.key(k)
-                results.append(small_file_crc(path, size, self.index, buffer, key, self._progressed, folders))
+                view = self.plan.filesystem_ids
+                results.append(small_file_crc(path, size, self.index, buffer, key, self._progressed, folders, view))
                 budget -= size
                 position += 1
         finally:
@@ -312,8 +314,9 @@ class CrcSource:
         learnt, self.learnt = self.learnt, array("I")
         for position in learnt:
             key = self.plan.key(position)  # a whole download's: positions are entries
-            if not is_racy(key, self._asked_ns) and self.index.trust(key):
-                self.index.put(key, self._crcs[position])
+            if not is_racy(key, self._asked_ns):
+                # Under the filesystem the producer checked the file to lie on (None: not trusted).
+                self.index.put(key, self._crcs[position], self.index.filesystem(key, self.plan.filesystem_ids))
         self.index.flush(wait=False)
 
     def ready_run(self, first: int, stop: int, *, unverified: bool = False) -> array[int]:

@@ -13,8 +13,9 @@ import hashlib
 import os
 import unicodedata
 
-from .ctime_trust import CtimeTrust, racy_times
+from .ctime_trust import racy_times
 from .entries import EntryPolicy
+from .filesystems import trusted_ids
 from .listing import AlbumListing
 
 # The records this version writes: changed whenever they change.
@@ -33,9 +34,9 @@ def archive_variant(compression: int, policy: EntryPolicy) -> str:
     return f"{FORMAT_VERSION};unicode={unicodedata.unidata_version};level={compression};{policy.describe()}"
 
 
-def archive_etag(listing: AlbumListing, variant: str, trust: CtimeTrust) -> str:
+def archive_etag(listing: AlbumListing, variant: str) -> str:
     """A strong ETag from all the archive's bytes depend on: ``variant`` (the format, the policies), each file's
-    name, size, mtime, mode, and the ids of their filesystems (``trust``).
+    name, size, mtime, mode, and the ids of their filesystems as the walk saw them (``listing.filesystems``).
 
     And each file's ctime: a file rewritten in place with its size and mtime
     restored (``touch -r``) has other bytes, and a resume across that change
@@ -45,7 +46,7 @@ def archive_etag(listing: AlbumListing, variant: str, trust: CtimeTrust) -> str:
     old file, which the producer refuses, download after download.  Not the
     device: hosts sharing a storage over NFS see the same inodes under
     different device numbers, and must give one archive one ETag.  But the
-    ids of the filesystems (``CtimeTrust.filesystem``), which NFS reports as 0
+    ids of the filesystems (``filesystems.Filesystem.id``), which NFS reports as 0
     on every client: a btrfs snapshot that took a deleted subvolume's device
     number keeps its files' inodes and times, and kept the tag with other
     bytes (helper 159).
@@ -55,17 +56,19 @@ def archive_etag(listing: AlbumListing, variant: str, trust: CtimeTrust) -> str:
         fields = (os.fsencode(file.path), file.size, file.mtime_ns, file.mode, file.ctime_ns, file.inode)
         digest.update(b"\0%s\0%d\0%d\0%o\0%d\0%d" % fields)
     devices = {file.device for file in listing.files}
-    filesystems = {fsid for device in devices if (fsid := trust.filesystem(device)) is not None}
+    ids = trusted_ids(listing.filesystems)
+    filesystems = {ids[device] for device in devices if device in ids}
     digest.update(b"\0filesystems %s" % b",".join(b"%d" % fsid for fsid in sorted(filesystems)))
     return f'"{digest.hexdigest()[:32]}"'
 
 
-def archive_validator(listing: AlbumListing, etag: str, length: int | None, trust: CtimeTrust) -> str | None:
+def archive_validator(listing: AlbumListing, etag: str, length: int | None) -> str | None:
     """The ETag to send for ``listing``'s archive (``etag``), or None where it would not be a strong validator.
 
     None for a deflated archive (``length`` None: zlib's bytes are not
     promised twice), and where a file may change without its key moving (a
-    ctime that may be only the mtime again, as sshfs reports: ``trust``),
+    ctime that may be only the mtime again, as sshfs reports: the walk's
+    ``CtimeTrust``, ``listing.filesystems``),
     where an edit would keep the tag: a resume across it (If-Range) would
     splice two archives, and an If-None-Match would keep a stale copy.  Nor
     while a file's ctime lies within a clock tick of the walk that listed it
@@ -78,6 +81,8 @@ def archive_validator(listing: AlbumListing, etag: str, length: int | None, trus
         return None
     devices = {file.device for file in listing.files}
     started = listing.started_ns
-    if not all(map(trust.device, devices)) or any(racy_times(f.mtime_ns, f.ctime_ns, started) for f in listing.files):
+    if any(listing.filesystems.get(device) is None for device in devices) or any(
+        racy_times(f.mtime_ns, f.ctime_ns, started) for f in listing.files
+    ):
         return None
     return etag

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,6 +125,11 @@ class Filesystem(NamedTuple):
             mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + self.subvolume, digest_size=8)
             fsid = int.from_bytes(mixed.digest(), "little")
         return fsid - 2**64 if fsid >= 2**63 else fsid
+
+
+def trusted_ids(filesystems: Mapping[int, Filesystem | None]) -> dict[int, int]:
+    """Device -> id (``Filesystem.id``) of each trusted filesystem of a walk's (``AlbumListing.filesystems``)."""
+    return {device: seen.id for device, seen in filesystems.items() if seen is not None}
 
 
 def filesystem_of(fd: int) -> Filesystem:

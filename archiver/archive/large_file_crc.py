@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from .crc_index import CrcIndex, FileRead, PartialCrc
+from .crc_index import CrcIndex, FileRead, FilesystemView, PartialCrc
 from .crc_reads import READ_SIZE, FileCrc, crc_of_shared_block, in_reader, keep
 from .ctime_trust import is_racy
 from .listed_files import failures_named
@@ -37,6 +37,7 @@ async def file_crc(
     progress: Callable[[], None] | None = None,
     queued: Callable[[bool], None] | None = None,
     following: Callable[[FileRead | None], None] | None = None,
+    view: FilesystemView | None = None,
 ) -> FileCrc:
     """The CRC-32 of the file at ``path``, from ``index`` or read in worker threads a block at a time.
 
@@ -48,13 +49,17 @@ async def file_crc(
     after (that read's progress is this one's).  If cancelled, it returns at
     once: a thread reading the file is given up on, stops at its next read, and
     closes the file (``SharedDescriptor``); ``buffer`` may be written until then.
-    A thread holds its place in ``index.readers`` until it ends.
+    A thread holds its place in ``index.readers`` until it ends.  ``view``: the
+    download's (``CrcIndex.read_filesystem``): what the CRC is looked up, shared,
+    resumed and kept under.
     """
     shared = SharedDescriptor()
     try:
         asked = time.time_ns()
-        found, known = await in_reader(index, queued, _open_and_look_up, shared, index, path, size, key)
-        while known is None and (other := index.being_read(found)) is not None:
+        found, filesystem, known = await in_reader(
+            index, queued, _open_and_look_up, shared, index, path, size, key, view
+        )
+        while known is None and (other := index.being_read(found, filesystem)) is not None:
             if following is not None:
                 following(other)
             try:
@@ -67,11 +72,13 @@ async def file_crc(
                 # a read begun since this one was asked for, as its own would be (helper 114).
                 return FileCrc(found, *other.result)
         if known is None:
-            known = index.remembered(found)  # a read that ended after this one's lookup (no checkpoint since)
+            known = index.remembered(
+                found, filesystem
+            )  # a read that ended after this one's lookup (no checkpoint since)
         if known is not None:
             return FileCrc(found, known)
-        with index.reading(found) as read:
-            result = await _read_crc(shared, path, size, index, buffer, found, read, progress, queued)
+        with index.reading(found, filesystem) as read:
+            result = await _read_crc(shared, path, size, index, buffer, found, filesystem, read, progress, queued)
             read.result = result.crc, result.racy
             return result
     finally:
@@ -85,13 +92,14 @@ async def _read_crc(
     index: CrcIndex,
     buffer: bytearray | None,
     found: FileKey,
+    filesystem: int | None,
     read: FileRead,
     progress: Callable[[], None] | None,
     queued: Callable[[bool], None] | None,
 ) -> FileCrc:
-    """``file_crc``'s read of ``shared`` (``found``), from where an earlier one cut short stopped."""
+    """``file_crc``'s read of ``shared`` (``found``, on ``filesystem``), from where an earlier one cut short stopped."""
     buffer = bytearray(READ_SIZE) if buffer is None else buffer
-    resumed = index.take_partial(found)
+    resumed = index.take_partial(found, filesystem)
     crc, covered, started = resumed if resumed is not None else (0, 0, time.time_ns())
     read.covered, read.started = (crc, covered), started
 
@@ -109,16 +117,16 @@ async def _read_crc(
                 if not count:
                     raise FileChanged(f"{path}: shorter than the {size} bytes listed")
                 covered += count
-            kept = await in_reader(index, noted, _keep_shared, shared, index, path, found, crc, started)
+            kept = await in_reader(index, noted, _keep_shared, shared, index, path, found, filesystem, crc, started)
         except BaseException as error:
             if _for_now(error):
                 shared.drop()  # first: the thread given up on stops at its next read (helper 114)
-                _keep_partial(index, found, read, started)
+                _keep_partial(index, found, filesystem, read, started)
             raise
     if not kept and resumed is not None:
         # Racy or not trusted after all (its filesystem's trust looked at anew): what an earlier
         # read covered may not be the file's bytes now.  Read it whole.
-        return await _read_crc(shared, path, size, index, buffer, found, read, progress, queued)
+        return await _read_crc(shared, path, size, index, buffer, found, filesystem, read, progress, queued)
     return FileCrc(found, crc, not kept)
 
 
@@ -129,38 +137,51 @@ def _for_now(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS
 
 
-def _keep_partial(index: CrcIndex, found: FileKey, read: FileRead, started: int) -> None:
+def _keep_partial(index: CrcIndex, found: FileKey, filesystem: int | None, read: FileRead, started: int) -> None:
     """Keep what ``read`` covered, where the key moves with every write and the first read was past the racy window.
 
     The bytes covered are then still the file's while the key stands.  What the
     thread given up on reads after this is not counted: it stops at its next read.
     """
     crc, covered = read.covered
-    if covered and index.trust(found) and not is_racy(found, started):
-        index.keep_partial(found, PartialCrc(crc, covered, started))
+    if covered and filesystem is not None and not is_racy(found, started):
+        index.keep_partial(found, PartialCrc(crc, covered, started), filesystem)
 
 
 def _keep_shared(
-    shared: SharedDescriptor, index: CrcIndex, path: Path, key: FileKey, crc: int, read_started_ns: int
+    shared: SharedDescriptor,
+    index: CrcIndex,
+    path: Path,
+    key: FileKey,
+    filesystem: int | None,
+    crc: int,
+    read_started_ns: int,
 ) -> bool:
     """``crc_reads.keep`` for a shared descriptor (in a worker thread: its ``fstat`` may wait on the storage)."""
     fd = shared.borrow()
     if fd is None:
         return False
     try:
-        return keep(index, fd, path, key, crc, read_started_ns)
+        return keep(index, fd, path, key, filesystem, crc, read_started_ns)
     finally:
         shared.give_back()
 
 
 def _open_and_look_up(
-    shared: SharedDescriptor, index: CrcIndex, path: Path, size: int, key: FileKey | None
-) -> tuple[FileKey, int | None]:
-    """In a worker thread: ``shared.open`` the file, and its CRC if the index has it.
+    shared: SharedDescriptor, index: CrcIndex, path: Path, size: int, key: FileKey | None, view: FilesystemView | None
+) -> tuple[FileKey, int | None, int | None]:
+    """In a worker thread: ``shared.open`` the file; its key, its filesystem (``read_filesystem``), and its CRC if kept.
 
     Not the lookup on the event loop: the index's SQLite store waits on
     another process's write lock up to 5 s (its busy timeout), and the whole
     service with it (found by helper 34).
     """
     found = shared.open(path, size, key)
-    return found, index.get(found)
+    fd = shared.borrow()
+    if fd is None:  # given up on meanwhile: its download is gone
+        return found, None, None
+    try:
+        filesystem = index.read_filesystem(fd, found, view)
+    finally:
+        shared.give_back()
+    return found, filesystem, index.get(found, filesystem)

@@ -37,7 +37,7 @@ from .entries import (
     external_attributes,
     load_zone,
 )
-from .filesystems import Filesystem
+from .filesystems import Filesystem, trusted_ids
 from .listing import AlbumFile
 from .local_headers import end_inside_an_entry
 from .names import entry_names
@@ -116,11 +116,18 @@ class ArchivePlan:
         # plan may outlive them there, and its next plan reads them again (time, not bytes).
         self.indexed_crcs: array[int] | None = None
         self.devices = frozenset(self._identities[0::3])
-        # The trusted filesystem the walk saw on each device (``AlbumListing.filesystems``), which the
-        # producer checks each file of that device against: a device number names a filesystem only
-        # while it is mounted (``CtimeTrust.filesystem``), and the CRCs are kept under its id.
-        seen = filesystems or {}
-        self.filesystems = {device: found for device in self.devices if (found := seen.get(device)) is not None}
+        # The trusted filesystem the walk saw on each device (``AlbumListing.filesystems``): this plan's
+        # CRCs are looked up, read and kept under its id (``filesystem_ids``), and the producer checks
+        # each file of that device against it.  A device number names a filesystem only while it is
+        # mounted (``CtimeTrust.filesystem``).  None: made without a walk's view (tests): the
+        # filesystems the index's trust saw last (``crc_index.LATEST``), and the producer checks none.
+        self.filesystems: dict[int, Filesystem] | None = None
+        self.filesystem_ids: dict[int, int] | None = None
+        if filesystems is not None:
+            self.filesystems = {
+                device: seen for device in self.devices if (seen := filesystems.get(device)) is not None
+            }
+            self.filesystem_ids = trusted_ids(self.filesystems)
         self.local_offsets = array("Q")
         self.central_offsets = array("Q")
         # Stored: every entry's local and central header, with CRC 0, joined (see _lay_out).

@@ -188,11 +188,11 @@ def prepare_archive(
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
     policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
-    etag = archive_etag(listing, archive_variant(compression, policy), trust)
+    etag = archive_etag(listing, archive_variant(compression, policy))
     skips.log(listing, etag)
     plan = plans.get(
         listing, etag, lambda: ArchivePlan(listing.directory, listing.files, compression, policy, listing.filesystems)
     )
-    prepared = PreparedArchive(plan, archive_validator(listing, etag, plan.length, trust), len(listing.skipped))
+    prepared = PreparedArchive(plan, archive_validator(listing, etag, plan.length), len(listing.skipped))
     recent.keep(album, compression, started, prepared)
     return prepared
