@@ -1858,24 +1858,36 @@ ZRAM_CONTROL = Path("/sys/class/zram-control")
 
 
 @contextmanager
+def zram_device(size: str = "256M") -> Iterator[str]:
+    """A fresh zram device (a block device, not a loop: ctimes trusted) of ``size``: its path."""
+    number = int((ZRAM_CONTROL / "hot_add").read_text())
+    try:
+        (Path("/sys/block") / f"zram{number}" / "disksize").write_text(size)
+        yield f"/dev/zram{number}"
+    finally:
+        (ZRAM_CONTROL / "hot_remove").write_text(str(number))
+
+
+@contextmanager
+def mounted(device: str, mountpoint: Path) -> Iterator[None]:
+    mountpoint.mkdir(exist_ok=True)
+    subprocess.run(["mount", device, str(mountpoint)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
+
+
+@contextmanager
 def btrfs_on_zram(mountpoint: Path) -> Iterator[str]:
-    """A fresh btrfs mounted at ``mountpoint``, on a zram device (a block device, not a loop: ctimes trusted).
+    """A fresh btrfs mounted at ``mountpoint``, on a zram device.
 
     Yields the device's path, to mount it again.
     """
-    number = int((ZRAM_CONTROL / "hot_add").read_text())
-    device = f"/dev/zram{number}"
-    try:
-        (Path("/sys/block") / f"zram{number}" / "disksize").write_text("256M")
+    with zram_device() as device:
         subprocess.run(["mkfs.btrfs", "-q", device], check=True, capture_output=True)
-        mountpoint.mkdir()
-        subprocess.run(["mount", device, str(mountpoint)], check=True, capture_output=True)
-        try:
+        with mounted(device, mountpoint):
             yield device
-        finally:
-            subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
-    finally:
-        (ZRAM_CONTROL / "hot_remove").write_text(str(number))
 
 
 def btrfs(*arguments: str) -> None:
@@ -2008,6 +2020,55 @@ async def test_a_subvolume_swapped_for_a_snapshot_between_the_walk_and_the_produ
         listing = list_album(album, on_device=index.trust.learn)
         after = await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
         assert read_archive(after)[swapped] == y
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mkfs.xfs") is None or not ZRAM_CONTROL.exists(),
+    reason="needs root, xfsprogs and zram",
+)
+async def test_another_xfs_on_the_same_device_is_not_sent_the_first_ones_crcs(tmp_path: Path) -> None:
+    # Helper 161: XFS's f_fsid is its block device's number, which any other XFS on that device
+    # keeps. Two XFS, a file written in each in one clock tick (the same inode number in both): the
+    # first's album downloaded, then the second's image written over the first's device and mounted
+    # in its place. A clean 200 sent the second's bytes under the first's CRC. Its UUID tells them,
+    # to the index and to the producer.
+    album, other = tmp_path / "storage" / "album", tmp_path / "other"
+    album.parent.mkdir()
+    with zram_device("512M") as first, zram_device("512M") as second:
+        for device in (first, second):
+            subprocess.run(["mkfs.xfs", "-q", device], check=True, capture_output=True)
+        with mounted(first, album), mounted(second, other):
+            for _ in range(50):
+                contents = os.urandom(5000), os.urandom(5000)
+                paths = album / "f.bin", other / "f.bin"
+                descriptors = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for path in paths]
+                for fd, content in zip(descriptors, contents, strict=True):
+                    os.write(fd, content)
+                for fd in descriptors:
+                    os.close(fd)
+                if key_of(paths[0])[1:] == key_of(paths[1])[1:]:  # one clock tick: all but the device
+                    break
+                for path in paths:
+                    path.unlink()
+            else:
+                pytest.fail("no two files written within one clock tick in 50 tries")
+            key = key_of(paths[0])
+            await settle()
+            index = CrcIndex()
+            listing = list_album(album, on_device=index.trust.learn)
+            before = await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
+            assert read_archive(before) == {"f.bin": contents[0]}
+            listing = list_album(album, on_device=index.trust.learn)  # the next download's walk
+        subprocess.run(["dd", f"if={second}", f"of={first}", "bs=1M", "conv=fsync"], check=True, capture_output=True)
+        with mounted(first, album):
+            assert key_of(album / "f.bin") == key  # the same key, on the same device
+            # Swapped between that walk and its producer: not sent (the producer checks the UUID).
+            with pytest.raises(BaseExceptionGroup) as raised:
+                await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
+            assert "another filesystem than the one listed" in str(raised.value.exceptions[0])
+            listing = list_album(album, on_device=index.trust.learn)
+            after = await collect(ArchivePlan(album, listing.files, 0, filesystems=listing.filesystems), index=index)
+    assert read_archive(after) == {"f.bin": contents[1]}  # its CRC checked
 
 
 def same_key_files_in_two_subvolumes(storage: Path) -> tuple[bytes, bytes]:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from .subvolumes import IOC_SIZEBITS, UNKNOWN, subvolume_uuid
+from .filesystem_uuids import IOC_SIZEBITS, UNKNOWN, filesystem_uuid, names_only_the_device, subvolume_uuid
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 # statfs(2) f_type values (linux/magic.h).  fuseblk (ntfs-3g, exfat-fuse) and virtiofs have FUSE's too.
@@ -108,21 +108,24 @@ class Filesystem(NamedTuple):
 
     ``fsid``: ``statfs``'s ``f_fsid`` (statfs(2)), unsigned 64 bits; NFS
     reports 0 on every client (nfs_statfs sets none).  ``subvolume``: on
-    btrfs the subvolume's UUID (16 bytes, ``subvolumes``), else UNKNOWN.
-    btrfs's ``f_fsid`` is its UUID with the subvolume's number, and the
-    number of a subvolume deleted last is given again after a remount, with
-    its device number (helper 160).  A UUID is never given again.
+    btrfs the subvolume's UUID (16 bytes), else UNKNOWN: btrfs's ``f_fsid``
+    is its UUID with the subvolume's number, which is given again after a
+    remount, with its device number (helper 160).  ``uuid``: the
+    filesystem's own (``filesystem_uuid``) where ``f_fsid`` is only the
+    device's number, as XFS's is (helper 161), else UNKNOWN.  A UUID is
+    never given again (``filesystem_uuids``).
     """
 
     fsid: int
     subvolume: bytes = UNKNOWN
+    uuid: bytes = UNKNOWN
 
     @property
     def id(self) -> int:
         """The id the CRC index keys by and the ETag covers: a signed 64-bit integer."""
         fsid = self.fsid
-        if self.subvolume:
-            mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + self.subvolume, digest_size=8)
+        if self.subvolume or self.uuid:
+            mixed = hashlib.blake2b(fsid.to_bytes(8, "little") + self.subvolume + self.uuid, digest_size=8)
             fsid = int.from_bytes(mixed.digest(), "little")
         return fsid - 2**64 if fsid >= 2**63 else fsid
 
@@ -137,6 +140,8 @@ def filesystem_of(fd: int) -> Filesystem:
     fsid = os.fstatvfs(fd).f_fsid
     if filesystem_magic(fd) == BTRFS_SUPER_MAGIC:
         return Filesystem(fsid, subvolume_uuid(fd))  # before Linux 4.18: the f_fsid alone
+    if names_only_the_device(fsid, os.fstat(fd).st_dev):
+        return Filesystem(fsid, uuid=filesystem_uuid(fd))  # before Linux 6.9: the device alone
     return Filesystem(fsid)
 
 

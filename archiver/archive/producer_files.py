@@ -14,10 +14,10 @@ import contextlib
 import os
 import stat
 
+from archiver.archive.filesystem_uuids import filesystem_uuid, subvolume_uuid
 from archiver.archive.producer_protocol import CHANGED_ERRNOS, RESOURCE_ERRNOS, FileChanged, FileKey, OutOfResources
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.sparse import Holes
-from archiver.archive.subvolumes import subvolume_uuid
 from archiver.archive.uncached_status import uncached_status
 
 # A path's parts that would not name an entry of the directory they are in.
@@ -27,7 +27,7 @@ _NOT_NAMES = (b"", b".", b"..")
 class Album:
     """The album's directory, and files opened beneath it without following a link.
 
-    ``filesystems``: device -> (f_fsid, btrfs subvolume's UUID or b""), the
+    ``filesystems``: device -> (f_fsid, btrfs subvolume's UUID or b"", the filesystem's UUID or b""), the
     trusted filesystem the walk saw on it (``ArchivePlan.filesystems``).  A
     device number names a filesystem only while it is mounted, and on btrfs a
     snapshot made after a subvolume is deleted takes its number, with the
@@ -37,7 +37,7 @@ class Album:
     FileChanged unless the album lies on the filesystem seen on its device.
     """
 
-    def __init__(self, directory: bytes, filesystems: dict[int, tuple[int, bytes]] | None = None) -> None:
+    def __init__(self, directory: bytes, filesystems: dict[int, tuple[int, bytes, bytes]] | None = None) -> None:
         # The album's real path (the service resolved it), opened a folder at a time: a link put
         # in its place, or in the place of any folder on its path, is refused (real_paths).
         self._filesystems = filesystems or {}
@@ -68,10 +68,16 @@ class Album:
         seen = self._filesystems.get(device)
         if seen is None:  # not trusted: its files' CRCs are read again and checked against their bytes
             return True
-        fsid, subvolume = seen
-        if not fsid and not subvolume:  # NFS, FUSE: an id of 0, which tells nothing (and costs a round trip)
+        fsid, subvolume, uuid = seen
+        if (
+            not fsid and not subvolume and not uuid
+        ):  # NFS, FUSE: an id of 0, which tells nothing (and costs a round trip)
             return True
-        return os.fstatvfs(fd).f_fsid == fsid and (not subvolume or subvolume_uuid(fd) == subvolume)
+        return (
+            os.fstatvfs(fd).f_fsid == fsid
+            and (not subvolume or subvolume_uuid(fd) == subvolume)
+            and (not uuid or filesystem_uuid(fd) == uuid)
+        )
 
     def open(self, path: bytes) -> int:
         """A descriptor of what ``path`` (relative) names, never through a link; FileChanged if it cannot be opened.

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 ALBUM = struct.Struct("<cBHH")  # kind, level, directory length, count of the filesystems that follow it
-# device, f_fsid, btrfs subvolume's UUID or 16 zero bytes (``filesystems.Filesystem``)
-FILESYSTEM = struct.Struct("<QQ16s")
+# device, f_fsid, btrfs subvolume's UUID and the filesystem's, each 16 zero bytes if none (``filesystems.Filesystem``)
+FILESYSTEM = struct.Struct("<QQ16s16s")
 LITERAL = struct.Struct("<cI")  # kind, length
 # A file's identity: device, inode, size, and mtime and ctime as whole seconds and nanoseconds
 # (nanoseconds since 1970 overflow 64 bits in 2262, and an mtime may say so).
@@ -111,10 +111,10 @@ EXIT_OUTPUT_CLOSED = 1
 EXIT_FAILED = 2
 
 
-def album(directory: bytes, level: int, filesystems: Mapping[int, tuple[int, bytes]] | None = None) -> bytes:
+def album(directory: bytes, level: int, filesystems: Mapping[int, tuple[int, bytes, bytes]] | None = None) -> bytes:
     """The album's instruction: its absolute ``directory``, opened from ``/``; deflate ``level`` (0: stored).
 
-    ``filesystems``: device -> (f_fsid, the btrfs subvolume's UUID or b""), as
+    ``filesystems``: device -> (f_fsid, the btrfs subvolume's UUID or b"", the filesystem's or b""), as
     the walk saw them (``ArchivePlan.filesystems``): each file on such a
     device must lie on that filesystem (``producer_files.Album``).
     """
@@ -123,12 +123,15 @@ def album(directory: bytes, level: int, filesystems: Mapping[int, tuple[int, byt
     return head + b"".join(FILESYSTEM.pack(device, *seen) for device, seen in sorted(filesystems.items()))
 
 
-def read_filesystems(body: bytes) -> dict[int, tuple[int, bytes]]:
+def read_filesystems(body: bytes) -> dict[int, tuple[int, bytes, bytes]]:
     """What ``album`` packed as its ``filesystems`` (``body``: FILESYSTEM records), with b"" for no UUID."""
     return {
-        device: (fsid, b"" if subvolume == bytes(16) else subvolume)
-        for device, fsid, subvolume in FILESYSTEM.iter_unpack(body)
+        device: (fsid, _uuid(subvolume), _uuid(uuid)) for device, fsid, subvolume, uuid in FILESYSTEM.iter_unpack(body)
     }
+
+
+def _uuid(packed: bytes) -> bytes:
+    return b"" if packed == bytes(16) else packed
 
 
 def literal(data: bytes | bytearray) -> bytes:
