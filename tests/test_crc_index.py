@@ -1774,13 +1774,17 @@ async def test_a_read_cut_short_is_resumed_only_on_the_filesystem_it_was_read_fr
     device, fd = path.stat().st_dev, os.open(path, os.O_RDONLY)
     read_on = filesystem_id(fd)
     os.close(fd)
-    view: dict[int, int] | None = {device: read_on if resumed_on == "its filesystem" else read_on + 1}
+    view: dict[int, int] | None = {device: read_on}
+    if resumed_on == "another filesystem":  # the walk saw another on its device: the file is not the one listed
+        with pytest.raises(FileChanged, match="on another filesystem than the one listed"):
+            await file_crc(path, len(content), index, view={device: read_on + 1})
+        assert len(offsets) == cut  # not read
     if resumed_on == "a filesystem not trusted":
         view = None  # the trust's latest look
         monkeypatch.setattr(index.trust, "filesystem", lambda device: None)
     found = await file_crc(path, len(content), index, view=view)
     assert found.crc == zlib.crc32(content)
-    if resumed_on == "its filesystem":
+    if resumed_on != "a filesystem not trusted":
         assert not found.racy and offsets[cut] > 0  # resumed where the first read stopped
         assert index.get(found.key, read_on) == found.crc
     else:
@@ -2015,6 +2019,13 @@ async def test_a_subvolume_swapped_for_a_snapshot_between_the_walk_and_the_produ
             await collect(plan, index=index)
         failure = raised.value.exceptions[0]
         assert isinstance(failure, ProducerFailed), failure
+        assert "another filesystem than the one listed" in str(failure)
+        # Helper 162: a resume of the central directory alone (If-Range, the walk's ETag), its CRCs
+        # read by the service (not in the index): the snapshot's was sent unchecked, a clean 206.
+        with pytest.raises(BaseExceptionGroup) as raised:
+            await collect(plan, start=plan.local_offsets[plan.count], index=CrcIndex())
+        failure = raised.value.exceptions[0]
+        assert isinstance(failure, FileChanged), failure
         assert "another filesystem than the one listed" in str(failure)
         # The next download's walk sees the snapshot: its CRC read, its archive whole.
         listing = list_album(album, on_device=index.trust.learn)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from .crc_index import CrcIndex, FilesystemView
 from .crc_reads import READ_SIZE, small_file_crc
 from .ctime_trust import COARSE_RACY_NS, RACY_NS, trusted_ctime
-from .listed_files import FileUnreadable, Folders, open_listed
+from .listed_files import FileUnreadable, Folders, failures_named, open_listed
 from .producer_protocol import SECOND, FileChanged, OutOfResources
 
 
@@ -66,6 +66,11 @@ def _album_crcs(
             progress(done)
         try:
             fd, key = open_listed(album / relative, size, folders=folders)
+            try:
+                with failures_named(album / relative):  # its fstatfs (EIO)
+                    filesystem = index.read_filesystem(fd, key, view)
+            finally:
+                os.close(fd)
         except FileChanged:
             racy[relative, size] = 0
             continue
@@ -73,10 +78,6 @@ def _album_crcs(
             racy[relative, size] = 0
             unreadable.append(str(error))
             continue
-        try:
-            filesystem = index.read_filesystem(fd, key, view)
-        finally:
-            os.close(fd)
         if filesystem is None:
             untrusted += 1
         elif index.get(key, filesystem) is None:

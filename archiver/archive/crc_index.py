@@ -139,16 +139,14 @@ class CrcIndex:
         """As ``filesystem``, for a CRC read from ``fd``, the file listed as ``key``: None unless ``fd`` lies on it.
 
         A CRC read from another filesystem's file (one given the device number
-        since) is the download's only: neither looked up, kept, nor resumed.  In
-        a worker thread (``fstatfs`` may wait on the storage).
+        since) is neither looked up, kept, nor resumed (``crc_reads.read_filesystem``
+        fails its download).  In a worker thread (``fstatfs`` may wait on the
+        storage); OSError as ``fstatfs`` raises it, with a ``view``.
         """
         if view is None:
             return self.trust.filesystem(key[0]) if self.trust.file(fd, key) else None
         filesystem = self.filesystem(key, view)
-        try:
-            return filesystem if filesystem is not None and filesystem_id(fd) == filesystem else None
-        except OSError:
-            return None
+        return filesystem if filesystem is not None and filesystem_id(fd) == filesystem else None
 
     def _resolved(self, key: FileKey, filesystem: int | _Latest | None) -> int | None:
         return self.filesystem(key) if filesystem is LATEST else filesystem

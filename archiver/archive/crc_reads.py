@@ -69,6 +69,23 @@ def keep(
     return True
 
 
+def read_filesystem(index: CrcIndex, fd: int, path: Path, key: FileKey, view: FilesystemView | None) -> int | None:
+    """``index.read_filesystem``: FileChanged where the file lies on another filesystem than ``view``'s for its device.
+
+    Its CRC, read from other bytes than the walk listed, would be for this
+    download only, and checked against its bytes as they go: but a range that
+    holds its CRC field and not its data (a resume of the central directory,
+    by If-Range) sent it unchecked, under the ETag of the walk's view: a clean
+    ``206`` with another file's CRC (helper 162).  As the producer's check
+    (``producer_files.Album``).  In a worker thread.
+    """
+    with failures_named(path):
+        filesystem = index.read_filesystem(fd, key, view)
+    if filesystem is None and view is not None and index.filesystem(key, view) is not None:
+        raise FileChanged(f"{path}: on another filesystem than the one listed")
+    return filesystem
+
+
 def _crc_of_block(
     fd: int,
     crc: int,
@@ -139,7 +156,7 @@ def small_file_crc(
     try:
         if progress is not None:
             progress()
-        filesystem = index.read_filesystem(fd, found, view)
+        filesystem = read_filesystem(index, fd, path, found, view)
         known = index.get(found, filesystem)
         if known is not None:
             return FileCrc(found, known)

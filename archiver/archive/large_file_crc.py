@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from .crc_index import CrcIndex, FileRead, FilesystemView, PartialCrc
-from .crc_reads import READ_SIZE, FileCrc, crc_of_shared_block, in_reader, keep
+from .crc_reads import READ_SIZE, FileCrc, crc_of_shared_block, in_reader, keep, read_filesystem
 from .ctime_trust import is_racy
 from .listed_files import failures_named
 from .producer_protocol import RESOURCE_ERRNOS, FileChanged, FileKey
@@ -181,7 +181,7 @@ def _open_and_look_up(
     if fd is None:  # given up on meanwhile: its download is gone
         return found, None, None
     try:
-        filesystem = index.read_filesystem(fd, found, view)
+        filesystem = read_filesystem(index, fd, path, found, view)
     finally:
         shared.give_back()
     return found, filesystem, index.get(found, filesystem)
