@@ -1,6 +1,7 @@
 """A read-only FUSE passthrough of a folder whose reads hang while a gate file exists: storage that stops answering.
 
-The gate file's text says what hangs, and for how long: ``[listing|metadata|flush|files] [seconds]``.
+The gate file's text says what hangs, for how long, and where: ``[listing|metadata|flush|files] [seconds]
+[/path ...]``.
 
 - What: nothing named, reads of file data (as a hard-mounted NFS server gone does to
   the pages not cached; listing, ``stat`` and ``open`` go on); ``listing``, reading
@@ -9,6 +10,7 @@ The gate file's text says what hangs, and for how long: ``[listing|metadata|flus
   ``files``, reading and closing files (a dead sshfs: what is open stays stuck).
 - How long: with a number, each such call takes that many seconds (slow storage);
   without, it waits while the gate is there (dead storage), at most a minute.
+- Where: with paths (from the mount's root, ``/b``), only calls on them hang; without, all do.
 
 While a file named as the gate with ``-fail-closes`` added exists, every close fails with EIO;
 while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty);
@@ -75,15 +77,17 @@ class GatedFs(Operations):  # type: ignore[misc]
     def _path(self, path: str) -> str:
         return self.source + path
 
-    def _gate(self, kind: str) -> None:
-        """Hold a call of ``kind`` (read, listing, metadata) as the gate says."""
+    def _gate(self, kind: str, path: str = "") -> None:
+        """Hold a call of ``kind`` (read, listing, metadata) on ``path`` as the gate says."""
         try:
             with open(self.gate) as gate:
                 words = gate.read().split()
         except FileNotFoundError:
             return
         what = words.pop(0) if words and words[0] in GATED else "read"
-        if kind not in GATED[what]:
+        paths = [word for word in words if word.startswith("/")]
+        words = [word for word in words if not word.startswith("/")]
+        if kind not in GATED[what] or (paths and path not in paths):
             return
         with open(self.gate + HELD, "a") as held:  # for the test: a call is held now, from this thread
             held.write(f"{fuse_get_context()[2]}\n")
@@ -124,7 +128,7 @@ class GatedFs(Operations):  # type: ignore[misc]
         return 0
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        self._gate("listing")
+        self._gate("listing", path)
         # With use_ino each entry carries its inode (an entry of inode 0 is one readdir(3) passes over).
         folder = self._path(path)
         entries = [(name, os.lstat(os.path.join(folder, name))) for name in os.listdir(folder)]

@@ -1232,6 +1232,35 @@ async def test_an_edit_the_kernels_attribute_cache_hides_is_no_clean_end(
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("moved", ["X.bin", "sub"], ids=["file", "folder"])
+async def test_an_entry_moved_between_folders_during_the_walk_is_in_the_archive(tmp_path: Path, moved: str) -> None:
+    # Helper 164: the walk's look at its folders after reading them (had one changed meanwhile?)
+    # asked the kernel's copy of their attributes, which a FUSE mount keeps (attr_timeout; NFS's
+    # acdirmin): b/X.bin moved into a/ once a/ was read and before b/ was, the archive ended
+    # cleanly without it, though the album held it throughout.  The walk asks the filesystem.
+    files = {"a/1.bin": os.urandom(5000), "b/X.bin": os.urandom(7000), "b/sub/s.bin": os.urandom(300), "b/y.bin": b"y"}
+    async with served_gated_album(tmp_path, {}, {}, CACHED_ATTRIBUTES) as album:
+        write_tree(album.source, files)
+        first = await album.client.get("/archive/album/")  # the folders' attributes now kept by the kernel
+        album.gate.write_text("listing /b")  # b/'s listing waits: the walk has read a/
+        transfers: list[tuple[int, bytes, bool]] = []
+
+        async def download() -> None:
+            transfers.append(await _transfer(album.client))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download)
+            await until_held(album.gate)
+            os.rename(album.source / "b" / moved, album.source / "a" / moved)
+            album.gate.unlink()
+    ((status, body, clean),) = transfers
+    assert read_archive(first.content) == files
+    moved_files = {name.replace(f"b/{moved}", f"a/{moved}"): data for name, data in files.items()}
+    assert (status, clean) == (200, True)  # walked again, the album at rest once more
+    assert read_archive(body) == moved_files
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 @pytest.mark.parametrize("failure", [errno.EPERM, errno.EINVAL], ids=["eperm", "einval"])
 async def test_a_files_look_refused_does_not_turn_the_checks_to_the_kernels_copy(tmp_path: Path, failure: int) -> None:
     # Helper 150: statx refused (EPERM, EINVAL) was taken for statx not offered, and every check of

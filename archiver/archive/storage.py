@@ -45,6 +45,7 @@ from .listing import (
 )
 from .real_paths import open_real_directory
 from .root_filesystem import RootFilesystem
+from .uncached_status import uncached_path_status, uncached_status
 
 # A secret is a plain directory name: no dots (so no "." or ".."), no
 # separators, no escapes.  128 characters is far above the CMS's 32 hex digits.
@@ -208,12 +209,12 @@ def _walk_once(
     for relative, seen in folders:
         progress.step()
         try:
-            status = os.stat(album / relative, follow_symlinks=False)
+            _, (_, inode, _, mtime_ns, ctime_ns) = uncached_path_status(os.fsencode(album / relative))
         except OSError as error:
             _may_leave_out(error, relative)
             raise _failed(error, relative) from error
         # Moved by any entry added, removed or renamed in it (and by a chmod, which changes nothing here).
-        if (status.st_ino, status.st_mtime_ns, status.st_ctime_ns) != seen:
+        if (inode, mtime_ns, ctime_ns) != seen:
             raise _AlbumChanged(relative)
     return files, skipped
 
@@ -266,9 +267,12 @@ def _walk(
     """
     try:
         progress.step()  # opened
-        status = os.fstat(directory_fd)
-        folders.append((prefix.rstrip("/") or ".", (status.st_ino, status.st_mtime_ns, status.st_ctime_ns)))
-        folder_device = status.st_dev
+        # As the filesystem has it, as at the end's look: the kernel's copy of a FUSE or NFS folder's
+        # attributes (attr_timeout, acdirmin) hid a folder changed while the walk read others, and
+        # a file moved from a folder not yet read into one already read was in no listing, the
+        # archive of no moment's album ending cleanly (helper 164).
+        _, (folder_device, inode, _, mtime_ns, ctime_ns) = uncached_status(directory_fd)
+        folders.append((prefix.rstrip("/") or ".", (inode, mtime_ns, ctime_ns)))
         devices.folder(directory_fd, folder_device)
         progress.step()
         entries = []
