@@ -1261,6 +1261,45 @@ async def test_an_entry_moved_between_folders_during_the_walk_is_in_the_archive(
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_an_entry_moved_into_a_folder_read_in_the_tick_of_its_last_change_is_in_the_archive(
+    tmp_path: Path,
+) -> None:
+    # A folder's times come from a coarse clock: a whole second here (sshfs's, ext4's 128-byte
+    # inodes; a 1-10 ms tick on any filesystem before Linux 6.13).  a/ changed (a.old deleted), its
+    # walk read it in the same second, then b/X.bin moved into it before b/ was read: a/'s times
+    # did not move, and the archive ended cleanly without X.bin.  A folder whose times lie within a
+    # tick of the walk's look at it has its names read again at the end.
+    files = {"a/1.bin": b"1" * 5000, "b/X.bin": b"X" * 7000, "b/y.bin": b"y"}
+    async with served_gated_album(tmp_path, {}, {"ARCHIVER_SETTLE_TIME": "0"}, "--sftp-times") as album:
+        a = album.source / "a"
+        transfers: list[tuple[int, bytes, bool]] = []
+
+        async def download() -> None:
+            transfers.append(await _transfer(album.client))
+
+        for _ in range(20):
+            write_tree(album.source, files | {"a/a.old": b"old"})
+            album.gate.write_text("listing /b")  # b/'s listing waits: the walk has read a/
+            transfers.clear()
+            async with trio.open_nursery() as nursery:
+                (a / "a.old").unlink()
+                changed = a.stat().st_mtime_ns // SECOND
+                nursery.start_soon(download)
+                await until_held(album.gate)
+                os.rename(album.source / "b" / "X.bin", a / "X.bin")
+                moved_in_the_same_second = a.stat().st_mtime_ns // SECOND == changed
+                album.gate.unlink()
+            if moved_in_the_same_second:
+                break
+            (a / "X.bin").rename(album.source / "b" / "X.bin")  # a second began between the two: again
+        else:
+            pytest.fail("no second held both changes: the case could not be staged")
+    ((status, body, clean),) = transfers
+    assert (status, clean) == (200, True)  # walked again, a/ read whole
+    assert read_archive(body) == {"a/1.bin": files["a/1.bin"], "a/X.bin": files["b/X.bin"], "b/y.bin": b"y"}
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 @pytest.mark.parametrize("failure", [errno.EPERM, errno.EINVAL], ids=["eperm", "einval"])
 async def test_a_files_look_refused_does_not_turn_the_checks_to_the_kernels_copy(tmp_path: Path, failure: int) -> None:
     # Helper 150: statx refused (EPERM, EINVAL) was taken for statx not offered, and every check of

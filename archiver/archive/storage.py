@@ -16,7 +16,10 @@ version; no reader shows such a name as it is).
 A listing is of one moment: if an entry goes away or changes kind while the
 album is walked, or a folder changes (an entry added, removed or renamed:
 an upload's ``x.tmp`` renamed to ``x.jpg``, a folder moved), the walk starts
-again, WALK_ATTEMPTS times at most.  Any other error (out of descriptors or
+again, WALK_ATTEMPTS times at most.  A folder is looked at before and after it
+is read, as its filesystem has it (not a FUSE or NFS mount's cached attributes),
+and one whose times lie within a clock tick of the first look has its names
+read again too (a change in that tick may leave them as they were).  Any other error (out of descriptors or
 memory, an I/O error, a stale NFS handle, the album itself unreadable), or
 an album that keeps changing, fails the listing (ListingFailed): an archive
 of part of the album would end cleanly and look complete.
@@ -32,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .ctime_trust import COARSE_RACY_NS, RACY_NS
 from .filesystems import Filesystem
 from .listing import (
     AlbumFile,
@@ -43,6 +47,7 @@ from .listing import (
     SkippedEntry,
     WalkProgress,
 )
+from .producer_protocol import SECOND
 from .real_paths import open_real_directory
 from .root_filesystem import RootFilesystem
 from .uncached_status import uncached_path_status, uncached_status
@@ -188,7 +193,7 @@ def _walk_once(
     """One walk of ``album``; _AlbumChanged if any folder in it changed meanwhile (checked again at the end)."""
     files: list[AlbumFile] = []
     skipped: list[SkippedEntry] = []
-    folders: list[tuple[str, tuple[int, int, int]]] = []
+    folders: list[_Folder] = []
     try:
         # A component at a time, following no link: a folder on the album's path swapped for a
         # link since resolve_album looked would otherwise lead out of the storage (ENOTDIR: gone).
@@ -206,17 +211,42 @@ def _walk_once(
     # whole path: it must fit PATH_MAX.
     limit = _EntryLimit(max_entries)
     _walk(album_fd, "", files, skipped, folders, PATH_MAX - len(os.fsencode(album)) - 1, progress, devices, limit)
-    for relative, seen in folders:
+    for relative, seen, names in folders:
         progress.step()
         try:
             _, (_, inode, _, mtime_ns, ctime_ns) = uncached_path_status(os.fsencode(album / relative))
+            # Moved by any entry added, removed or renamed in it (and by a chmod, which changes nothing here),
+            # unless a change came within the clock tick of the look before it: then its names say.
+            if (inode, mtime_ns, ctime_ns) != seen or (names is not None and _names(album / relative) != names):
+                raise _AlbumChanged(relative)
         except OSError as error:
             _may_leave_out(error, relative)
             raise _failed(error, relative) from error
-        # Moved by any entry added, removed or renamed in it (and by a chmod, which changes nothing here).
-        if (inode, mtime_ns, ctime_ns) != seen:
-            raise _AlbumChanged(relative)
     return files, skipped
+
+
+# A folder walked: its path relative to the album, its inode, mtime and ctime before it was read,
+# and the names read in it (sorted) if it had changed within a clock tick of that look (else None).
+_Folder = tuple[str, tuple[int, int, int], tuple[str, ...] | None]
+
+
+def _changed_within_a_tick(mtime_ns: int, ctime_ns: int, looked_ns: int) -> bool:
+    """Whether a folder with these times when looked at (``looked_ns``, time.time_ns) may change again unseen.
+
+    Linux stamps times from a coarse clock (one tick, 1-10 ms, before 6.13's
+    fine-grained timestamps; a whole second on ext4's 128-byte inodes, on
+    sshfs; two on FAT): an entry moved in after the look, within the tick of
+    a change before it, leaves both times as they were.  The window is the
+    CRC index's (``ctime_trust.racy_times``); a time ahead of the look is within it.
+    """
+    newest = max(mtime_ns, ctime_ns)  # the mtime too: a filesystem whose ctime is not real (sshfs)
+    window = COARSE_RACY_NS if newest % SECOND == 0 else RACY_NS
+    return newest >= looked_ns - window
+
+
+def _names(folder: Path) -> tuple[str, ...]:
+    """The names in ``folder``, sorted, as its filesystem lists them now."""
+    return tuple(sorted(os.listdir(folder)))
 
 
 # Each directory is listed through a descriptor, and its entries looked at relative to it:
@@ -253,7 +283,7 @@ def _walk(
     prefix: str,
     files: list[AlbumFile],
     skipped: list[SkippedEntry],
-    folders: list[tuple[str, tuple[int, int, int]]],
+    folders: list[_Folder],
     room: int,
     progress: WalkProgress,
     devices: _Devices,
@@ -262,8 +292,9 @@ def _walk(
     """List the directory open as ``directory_fd`` (closed here) into ``files`` and ``skipped``.
 
     Each folder walked goes into ``folders`` with its inode, mtime and ctime
-    as they were before it was read.  ``room``: the bytes a relative path may
-    take (it is opened as the album's path, "/", and it).
+    as they were before it was read, and if they had changed within a clock
+    tick of that look, the names read in it.  ``room``: the bytes a relative
+    path may take (it is opened as the album's path, "/", and it).
     """
     try:
         progress.step()  # opened
@@ -272,7 +303,7 @@ def _walk(
         # a file moved from a folder not yet read into one already read was in no listing, the
         # archive of no moment's album ending cleanly (helper 164).
         _, (folder_device, inode, _, mtime_ns, ctime_ns) = uncached_status(directory_fd)
-        folders.append((prefix.rstrip("/") or ".", (inode, mtime_ns, ctime_ns)))
+        recent = _changed_within_a_tick(mtime_ns, ctime_ns, time.time_ns())
         devices.folder(directory_fd, folder_device)
         progress.step()
         entries = []
@@ -284,6 +315,8 @@ def _walk(
                     limit.check(len(entries))
         limit.add(len(entries))
         entries.sort(key=lambda entry: entry.name)
+        names = tuple(entry.name for entry in entries) if recent else None
+        folders.append((prefix.rstrip("/") or ".", (inode, mtime_ns, ctime_ns), names))
         for entry in entries:
             relative = prefix + entry.name
             # Through descriptors the walk reaches any depth; a path the system cannot open whole
