@@ -68,18 +68,65 @@ def test_directories_that_differ_in_case_merge_and_a_file_never_shadows_one() ->
     assert entry_names(paths) == ["Photos/a.jpg", "Photos/A (2).JPG", "Photos/b.jpg", "x", "X (2)/c.jpg"]
 
 
+def test_names_that_differ_by_a_code_point_unicode_says_to_ignore_are_numbered() -> None:
+    # Helper 165: Linux's case folding (casefolded ext4 and f2fs: Android's shared storage) drops
+    # Default_Ignorable code points, and HFS+ some: a soft hyphen, a zero-width space or joiner, a
+    # word joiner, an emoji's variation selector.  Each pair below is one file there, and was two here.
+    paths = [
+        "PHOTO.JPG",
+        "photo\u00ad.jpg",
+        "photo\u200b.jpg",
+        "❤ Маша.jpg",
+        "❤\ufe0f Маша.jpg",
+        "Новый год.jpg",
+        "Новый\u2060 год.jpg",
+        "ДР\u200d.jpg",
+        "др.jpg",
+    ]
+    assert entry_names(p.encode() for p in paths) == [
+        "PHOTO.JPG",
+        "photo\u00ad (2).jpg",
+        "photo\u200b (3).jpg",
+        "❤ Маша.jpg",
+        "❤\ufe0f Маша (2).jpg",
+        "Новый год.jpg",
+        "Новый\u2060 год (2).jpg",
+        "ДР\u200d.jpg",
+        "др (2).jpg",
+    ]
+
+
+def test_two_folders_cut_to_one_name_stay_two() -> None:
+    # Helper 165: two long CP1251 folder names (twice as long in UTF-8) that differ past the cut to
+    # 255 bytes were merged: part 2's photos numbered into part 1's folder, which part each came from lost.
+    first, second = (("Выпускной вечер " + "Д" * 120 + f" часть {n}").encode("cp1251") for n in (1, 2))
+    names = entry_names(
+        [first + b"/IMG_0001.jpg", first + b"/IMG_0002.jpg", second + b"/IMG_0001.jpg", second + b"/x/y"]
+    )
+    folders = [name.rsplit("/", 1)[0] for name in names]
+    assert folders[0] == folders[1] != folders[2]
+    assert folders[2].endswith(" (2)") and folders[3] == folders[2] + "/x"
+    assert [name.rsplit("/", 1)[1] for name in names] == ["IMG_0001.jpg", "IMG_0002.jpg", "IMG_0001.jpg", "y"]
+    assert all(len(part.encode()) <= 255 for name in names for part in name.split("/"))
+    # Folders that differ only in case, neither cut, still merge (as Windows and macOS merge them).
+    assert entry_names([b"Album/a", b"ALBUM/b"]) == ["Album/a", "Album/b"]
+
+
 def test_names_not_in_utf8_are_read_as_cp1251_then_replaced() -> None:
     cp1251 = "Отпуск/фото.jpg".encode("cp1251")
     assert entry_names([cp1251, b"caf\xe9.jpg", b"bad\x98.jpg"]) == ["Отпуск/фото.jpg", "cafй.jpg", "bad\ufffd.jpg"]
     assert entry_names([b"caf\xe9.jpg"], encoding="latin-1") == ["café.jpg"]
 
 
+# Default_Ignorable code points: a soft hyphen, a zero-width space, a zero-width joiner, an emoji's variation selector.
+IGNORED = ["\u00ad", "\u200b", "\u200d", "\ufe0f"]
 TROUBLESOME = st.lists(
     st.sampled_from(
         [
             *["a", "A", "я", "Я", "e\u0301", "é", "ß", "SS", ".", " ", "*", ":", "\\", "\t", "😀", "CON"],
             *["．", "＼", "ＣＯＮ", "℀", "∖", "Ç", "Ø", "¥"],  # look-alikes that best fit makes ASCII
             *["ı", "I", "i", "ſ", "s"],  # one letter to NTFS's upper case
+            *IGNORED,  # nothing to Linux's case folding
         ]
     ),
     min_size=1,
@@ -93,12 +140,15 @@ RAW = st.one_of(
 
 
 @given(st.lists(st.lists(RAW, min_size=1, max_size=3).map(b"/".join), min_size=1, max_size=12, unique=True))
+@example([b"a", "a\u200b".encode(), "\u00adA/x".encode()])  # one file each to Linux's case folding
 def test_every_name_is_portable_utf8_nfc_and_unique_when_case_folded(paths: list[bytes]) -> None:
     names = entry_names(sorted(paths))
     assert len(names) == len(paths)
     # One file each wherever it is unpacked: macOS (NFC, case folded), NTFS (upper case), and an
     # extractor through each ANSI code page (best fit, then Windows drops trailing dots and spaces).
+    # And Linux's case folding (casefolded ext4 and f2fs), which drops what Unicode says to ignore.
     systems = [lambda name: unicodedata.normalize("NFC", name).casefold(), str.upper]
+    systems.append(lambda name: "".join(c for c in unicodedata.normalize("NFC", name) if c not in IGNORED).casefold())
     systems += [
         lambda name, table=table: "/".join(part.rstrip(" .") for part in name.translate(table).split("/")).upper()
         for table in TRANSLATIONS

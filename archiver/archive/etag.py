@@ -19,9 +19,10 @@ from .filesystems import trusted_ids
 from .listing import AlbumListing
 
 # The records this version writes: changed whenever they change.
-# 9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD
-# (8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
-FORMAT_VERSION = "archiver-zip-9"
+# 10: names one file without Unicode's ignorable code points numbered, folders cut to one name kept apart
+# (9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD;
+# 8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
+FORMAT_VERSION = "archiver-zip-10"
 
 
 def archive_variant(compression: int, policy: EntryPolicy) -> str:

@@ -25,11 +25,12 @@ chosen here, once per plan, for every reader alike:
   Windows holds 255 UTF-16 units, never fewer), or 255 UTF-16 units in NFD (macOS), is shortened before its
   extension, on a character boundary;
 - names that would be one file on a case-insensitive, normalising file
-  system (NFC, then case folded; NTFS's upper case), or once an extractor
-  through a code page has written them (best fit, trailing dots dropped: ``_key``),
-  get `` (2)``, `` (3)`` before the extension,
-  in list order; directories that differ only so are merged under the first
-  one's spelling, as Windows and macOS would merge them.
+  system (NFC, then case folded, without Unicode's ignorable code points;
+  NTFS's upper case), or once an extractor through a code page has written
+  them (best fit, trailing dots dropped: ``_key``), get `` (2)``, `` (3)``
+  before the extension, in list order; directories that differ only so are
+  merged under the first one's spelling, as Windows and macOS would merge
+  them, unless a name was cut to fit (then they may differ past the cut).
 
 README ("What the person unpacks") has a table of examples;
 tests/test_names.py draws names from the troublesome classes.
@@ -180,6 +181,17 @@ _WIDTH_FORMS = str.maketrans(
 )
 
 
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, 15.1): invisible, and nothing to a
+# file system that folds case: Linux's (casefolded ext4 and f2fs, Android's shared storage since 11;
+# fs/unicode/mkutf8data.c maps each to nothing), and HFS+ ignores some (Apple TN1150).  "❤" and "❤"
+# with its emoji variation selector U+FE0F, typed on two phones, are one file there (helper 165).
+_IGNORABLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
+)
+
+
 def _key(name: str) -> str:
     """One key for the names that some extractor and file system would make one file of.
 
@@ -188,14 +200,23 @@ def _key(name: str) -> str:
     of NFKC: "…", "№" and "Ⅱ" are in code page 1251 as they are, and "Разное…" is no "Разное"
     there; helper 71), each component's trailing
     dots and spaces gone (Windows drops them: "photo" and U+FF0E is "photo"), then case folded both as
-    macOS does (casefold) and as NTFS does (upper case: U+0131, dotless i, is "I" there).  Coarser than any one system:
-    at worst a name is numbered that needed no number.
+    macOS does (casefold) and as NTFS does (upper case: U+0131, dotless i, is "I" there), without the
+    code points Unicode says to ignore (``_IGNORABLE``: Linux's case folding drops them).  Coarser than
+    any one system: at worst a name is numbered that needed no number.
     """
     if name.isascii():  # no look-alike, no compatibility form, and no trailing dot left by either
         return name.lower()
-    folded = unicodedata.normalize("NFC", name).translate(best_fit.FOLDED).translate(_WIDTH_FORMS)
+    folded = _IGNORABLE.sub("", unicodedata.normalize("NFC", name)).translate(best_fit.FOLDED).translate(_WIDTH_FORMS)
     components = (component.rstrip(" .") for component in folded.split("/"))
     return unicodedata.normalize("NFC", "/".join(components).upper().casefold())
+
+
+def _cut(component: str) -> bool:
+    """Whether ``portable_component`` may cut ``component`` to fit (or more: a character it replaces may be shorter)."""
+    if component.isascii():
+        return len(component) > MAX_COMPONENT_BYTES
+    composed = unicodedata.normalize("NFC", component)
+    return len(composed.encode()) > MAX_COMPONENT_BYTES or _nfd_units(composed) > MAX_COMPONENT_BYTES
 
 
 def numbered(component: str, number: int) -> str:
@@ -226,22 +247,39 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
         last_number[base] = number
         return chosen, key
 
-    # A folder's path on disk -> its name in the archive: once made, the same for every file in it.
+    # A folder's path on disk (and each folder's above it) -> its name in the archive: once made, the
+    # same for every file in it.
     folders: dict[bytes, str] = {}
+    cut_keys: set[str] = set()  # keys of the directories whose names were cut to fit
     for path in paths:
         folder, _, last = path.rpartition(b"/")
         prefix = folders.get(folder) if folder else ""
         if prefix is None:
-            prefix = ""
+            prefix, above = "", b""
             for raw in folder.split(b"/"):
-                part = portable_component(decode_component(raw, encoding))
+                above = above + b"/" + raw if above else raw
+                if (known := folders.get(above)) is not None:
+                    prefix = known
+                    continue
+                decoded = decode_component(raw, encoding)
+                part, cut = portable_component(decoded), _cut(decoded)
                 key = _key(prefix + part)
-                if key not in directories:
-                    # A new directory; if a file has its name, it moves to a name no one has (file or directory).
-                    chosen, chosen_key = (part, key) if key not in files else free(prefix, part)
-                    directories[key] = directories[chosen_key] = f"{prefix}{chosen}/"
-                prefix = directories[key]
-            folders[folder] = prefix
+                # Folders that differ only as Windows and macOS see no difference are merged, as those
+                # systems would; not two that differ past the cut (two long CP1251 names cut to one:
+                # "…часть 1" and "…часть 2" were one folder, which part a photo came from lost; helper 165).
+                if key in directories and not cut and key not in cut_keys:
+                    prefix = directories[key]
+                else:
+                    # A new directory; if a file or another directory has its name, a name no one has.
+                    taken = key in files or key in directories
+                    chosen, chosen_key = free(prefix, part) if taken else (part, key)
+                    name = directories[chosen_key] = f"{prefix}{chosen}/"
+                    if key not in directories:  # a file had its name: the folders of its name after it join this one
+                        directories[key] = name
+                    if cut:
+                        cut_keys.update((chosen_key, key) if directories[key] == name else (chosen_key,))
+                    prefix = name
+                folders[above] = prefix
         chosen, key = free(prefix, portable_component(decode_component(last, encoding)))
         files.add(key)
         names.append(prefix + chosen)
