@@ -100,7 +100,7 @@ class GatedFs(Operations):  # type: ignore[misc]
             time.sleep(0.05)
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        self._gate("metadata")
+        self._gate("metadata", path)
         found = os.lstat(self._path(path))
         attributes: dict[str, Any] = {name: getattr(found, name) for name in STAT_FIELDS}
         for name in ("st_atime", "st_mtime", "st_ctime"):
@@ -124,7 +124,7 @@ class GatedFs(Operations):  # type: ignore[misc]
         return attributes
 
     def access(self, path: str, amode: int) -> int:
-        self._gate("metadata")
+        self._gate("metadata", path)
         return 0
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:

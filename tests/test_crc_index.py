@@ -1261,6 +1261,32 @@ async def test_an_entry_moved_between_folders_during_the_walk_is_in_the_archive(
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_a_folder_moved_between_its_open_and_the_walks_look_at_it_is_walked_again(tmp_path: Path) -> None:
+    # Helper 166: asked of the filesystem, the look at a folder the walk has just opened fails with
+    # ENOENT once a path-based daemon (sshfs, mergerfs, rclone) no longer finds it: a 500, where a
+    # folder moved is the album changing (walk again).
+    files = {"a/1.bin": os.urandom(5000), "b/X.bin": os.urandom(7000)}
+    async with served_gated_album(tmp_path, {}, {}, CACHED_ATTRIBUTES) as album:
+        write_tree(album.source, files)
+        first = await album.client.get("/archive/album/")  # b/'s name now kept by the kernel: opened unasked
+        album.gate.write_text("metadata /b")  # the look at b/, once opened, waits
+        transfers: list[tuple[int, bytes, bool]] = []
+
+        async def download() -> None:
+            transfers.append(await _transfer(album.client))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download)
+            await until_held(album.gate)
+            os.rename(album.source / "b", album.source / "c")
+            album.gate.unlink()
+    ((status, body, clean),) = transfers
+    assert read_archive(first.content) == files
+    assert (status, clean) == (200, True)
+    assert read_archive(body) == {"a/1.bin": files["a/1.bin"], "c/X.bin": files["b/X.bin"]}
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 async def test_an_entry_moved_into_a_folder_read_in_the_tick_of_its_last_change_is_in_the_archive(
     tmp_path: Path,
 ) -> None:

@@ -110,6 +110,14 @@ def test_two_folders_cut_to_one_name_stay_two() -> None:
     assert all(len(part.encode()) <= 255 for name in names for part in name.split("/"))
     # Folders that differ only in case, neither cut, still merge (as Windows and macOS merge them).
     assert entry_names([b"Album/a", b"ALBUM/b"]) == ["Album/a", "Album/b"]
+    # And so does one long name under two such folders (helper 166: split in two).
+    assert (
+        len({name.rsplit("/", 1)[0] for name in entry_names([b"Album/" + first + b"/x", b"album/" + first + b"/y"])})
+        == 1
+    )
+    # A name cut by the "_" put before a device's name (helper 166: "CON." and 251 bytes, merged).
+    devices = [f"CON.{'x' * 250}{end}/photo.jpg".encode() for end in "AB"]
+    assert len({name.rsplit("/", 1)[0] for name in entry_names(devices)}) == 2
 
 
 def test_names_not_in_utf8_are_read_as_cp1251_then_replaced() -> None:

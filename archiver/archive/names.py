@@ -212,11 +212,16 @@ def _key(name: str) -> str:
 
 
 def _cut(component: str) -> bool:
-    """Whether ``portable_component`` may cut ``component`` to fit (or more: a character it replaces may be shorter)."""
+    """Whether ``portable_component`` may cut ``component`` to fit: it, or it with ``_`` before a device's name.
+
+    At most as long as ``component`` in NFC (each character it replaces
+    becomes one), it is cut only past MAX_COMPONENT_BYTES in UTF-8 or in
+    UTF-16 units of NFD; this says so of a few it does not cut.
+    """
     if component.isascii():
-        return len(component) > MAX_COMPONENT_BYTES
+        return len(component) >= MAX_COMPONENT_BYTES
     composed = unicodedata.normalize("NFC", component)
-    return len(composed.encode()) > MAX_COMPONENT_BYTES or _nfd_units(composed) > MAX_COMPONENT_BYTES
+    return len(composed.encode()) >= MAX_COMPONENT_BYTES or _nfd_units(composed) >= MAX_COMPONENT_BYTES
 
 
 def numbered(component: str, number: int) -> str:
@@ -250,7 +255,9 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
     # A folder's path on disk (and each folder's above it) -> its name in the archive: once made, the
     # same for every file in it.
     folders: dict[bytes, str] = {}
-    cut_keys: set[str] = set()  # keys of the directories whose names were cut to fit
+    # A directory's identity -> its name in the archive: its key, or for a name cut to fit, the key of
+    # its whole name (after a NUL, which no key holds).  Folders of one identity are one folder.
+    merged: dict[str, str] = {}
     for path in paths:
         folder, _, last = path.rpartition(b"/")
         prefix = folders.get(folder) if folder else ""
@@ -262,24 +269,19 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
                     prefix = known
                     continue
                 decoded = decode_component(raw, encoding)
-                part, cut = portable_component(decoded), _cut(decoded)
+                part = portable_component(decoded)
                 key = _key(prefix + part)
                 # Folders that differ only as Windows and macOS see no difference are merged, as those
                 # systems would; not two that differ past the cut (two long CP1251 names cut to one:
                 # "…часть 1" and "…часть 2" were one folder, which part a photo came from lost; helper 165).
-                if key in directories and not cut and key not in cut_keys:
-                    prefix = directories[key]
-                else:
+                identity = f"\0{_key(prefix + decoded)}" if _cut(decoded) else key
+                if (known := merged.get(identity)) is None:
                     # A new directory; if a file or another directory has its name, a name no one has.
                     taken = key in files or key in directories
                     chosen, chosen_key = free(prefix, part) if taken else (part, key)
-                    name = directories[chosen_key] = f"{prefix}{chosen}/"
-                    if key not in directories:  # a file had its name: the folders of its name after it join this one
-                        directories[key] = name
-                    if cut:
-                        cut_keys.update((chosen_key, key) if directories[key] == name else (chosen_key,))
-                    prefix = name
-                folders[above] = prefix
+                    known = merged[identity] = directories[chosen_key] = f"{prefix}{chosen}/"
+                    directories.setdefault(key, known)  # a file's name: it is a directory's too from now on
+                prefix = folders[above] = known
         chosen, key = free(prefix, portable_component(decode_component(last, encoding)))
         files.add(key)
         names.append(prefix + chosen)

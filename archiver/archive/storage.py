@@ -302,7 +302,14 @@ def _walk(
         # attributes (attr_timeout, acdirmin) hid a folder changed while the walk read others, and
         # a file moved from a folder not yet read into one already read was in no listing, the
         # archive of no moment's album ending cleanly (helper 164).
-        _, (folder_device, inode, _, mtime_ns, ctime_ns) = uncached_status(directory_fd)
+        try:
+            _, (folder_device, inode, _, mtime_ns, ctime_ns) = uncached_status(directory_fd)
+        except OSError as error:
+            # Moved or removed since it was opened: asked of the filesystem, a path-based FUSE
+            # daemon (sshfs, mergerfs, rclone) no longer finds it (helper 166: a 500, not a walk again).
+            if error.errno in _GONE:
+                raise _AlbumChanged(prefix) from error
+            raise
         recent = _changed_within_a_tick(mtime_ns, ctime_ns, time.time_ns())
         devices.folder(directory_fd, folder_device)
         progress.step()
