@@ -212,11 +212,12 @@ def _key(name: str) -> str:
 
 
 def _cut(component: str) -> bool:
-    """Whether ``portable_component`` may cut ``component`` to fit: it, or it with ``_`` before a device's name.
+    """True when ``portable_component`` might shorten ``component``: at MAX_COMPONENT_BYTES or more.
 
-    At most as long as ``component`` in NFC (each character it replaces
-    becomes one), it is cut only past MAX_COMPONENT_BYTES in UTF-8 or in
-    UTF-16 units of NFD; this says so of a few it does not cut.
+    In UTF-8 (NFC) or in UTF-16 units (NFD).  At, not past: the ``_`` put
+    before a device's name adds one.  Its other
+    changes never lengthen a name (a character replaced becomes one), so
+    this is true of every name cut, and of a few that are not.
     """
     if component.isascii():
         return len(component) >= MAX_COMPONENT_BYTES
@@ -274,13 +275,17 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
                 # Folders that differ only as Windows and macOS see no difference are merged, as those
                 # systems would; not two that differ past the cut (two long CP1251 names cut to one:
                 # "…часть 1" and "…часть 2" were one folder, which part a photo came from lost; helper 165).
+                # (The whole name's key is the decoded name's: two long ones that differ only in a character
+                # portable_component replaces stay apart too, as their short forms would not. Safe: numbered.)
                 identity = f"\0{_key(prefix + decoded)}" if _cut(decoded) else key
                 if (known := merged.get(identity)) is None:
                     # A new directory; if a file or another directory has its name, a name no one has.
                     taken = key in files or key in directories
                     chosen, chosen_key = free(prefix, part) if taken else (part, key)
                     known = merged[identity] = directories[chosen_key] = f"{prefix}{chosen}/"
-                    directories.setdefault(key, known)  # a file's name: it is a directory's too from now on
+                    # The first directory of a key keeps it (when a file had it, and this one was numbered):
+                    # a later file of that key is numbered, and a later folder of it joins this one.
+                    directories.setdefault(key, known)
                 prefix = folders[above] = known
         chosen, key = free(prefix, portable_component(decode_component(last, encoding)))
         files.add(key)

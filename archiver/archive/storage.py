@@ -187,6 +187,38 @@ class _Devices:
             os.close(fd)
 
 
+# A folder walked: its path relative to the album, its inode, mtime and ctime before it was read,
+# and the names read in it (sorted) if it may have changed unseen since that look (``_may_change_unseen``; else None).
+_Folder = tuple[str, tuple[int, int, int], tuple[str, ...] | None]
+
+
+def _may_change_unseen(mtime_ns: int, ctime_ns: int, looked_ns: int) -> bool:
+    """Whether a folder with these times when looked at (``looked_ns``, time.time_ns) may change again unseen.
+
+    Linux stamps times from a coarse clock: a tick of 1-10 ms (but for a
+    change after a look on the filesystems with 6.13's fine-grained
+    timestamps), a whole second on ext4's 128-byte inodes and on sshfs, two
+    on FAT.  An entry moved in after the look, within the tick of a change
+    before it, leaves both times as they were.  The windows are the CRC
+    index's (``ctime_trust.racy_times``), wider than any tick: RACY_NS (1 s),
+    COARSE_RACY_NS (3 s) for times of whole seconds.  A time ahead of the
+    look is within them.
+    """
+    newest = max(mtime_ns, ctime_ns)  # the mtime too: a filesystem whose ctime is not real (sshfs)
+    window = COARSE_RACY_NS if newest % SECOND == 0 else RACY_NS
+    return newest >= looked_ns - window
+
+
+def _names(folder: Path) -> tuple[str, ...]:
+    """The names in ``folder``, sorted, as its filesystem lists them now.
+
+    By path, where the walk read it through a descriptor: only compared with
+    what the walk read, just after the folder's inode was found unchanged at
+    that path.
+    """
+    return tuple(sorted(os.listdir(folder)))
+
+
 def _walk_once(
     album: Path, progress: WalkProgress, devices: _Devices, max_entries: int | None
 ) -> tuple[list[AlbumFile], list[SkippedEntry]]:
@@ -223,30 +255,6 @@ def _walk_once(
             _may_leave_out(error, relative)
             raise _failed(error, relative) from error
     return files, skipped
-
-
-# A folder walked: its path relative to the album, its inode, mtime and ctime before it was read,
-# and the names read in it (sorted) if it had changed within a clock tick of that look (else None).
-_Folder = tuple[str, tuple[int, int, int], tuple[str, ...] | None]
-
-
-def _changed_within_a_tick(mtime_ns: int, ctime_ns: int, looked_ns: int) -> bool:
-    """Whether a folder with these times when looked at (``looked_ns``, time.time_ns) may change again unseen.
-
-    Linux stamps times from a coarse clock (one tick, 1-10 ms, before 6.13's
-    fine-grained timestamps; a whole second on ext4's 128-byte inodes, on
-    sshfs; two on FAT): an entry moved in after the look, within the tick of
-    a change before it, leaves both times as they were.  The window is the
-    CRC index's (``ctime_trust.racy_times``); a time ahead of the look is within it.
-    """
-    newest = max(mtime_ns, ctime_ns)  # the mtime too: a filesystem whose ctime is not real (sshfs)
-    window = COARSE_RACY_NS if newest % SECOND == 0 else RACY_NS
-    return newest >= looked_ns - window
-
-
-def _names(folder: Path) -> tuple[str, ...]:
-    """The names in ``folder``, sorted, as its filesystem lists them now."""
-    return tuple(sorted(os.listdir(folder)))
 
 
 # Each directory is listed through a descriptor, and its entries looked at relative to it:
@@ -308,9 +316,9 @@ def _walk(
             # Moved or removed since it was opened: asked of the filesystem, a path-based FUSE
             # daemon (sshfs, mergerfs, rclone) no longer finds it (helper 166: a 500, not a walk again).
             if error.errno in _GONE:
-                raise _AlbumChanged(prefix) from error
+                raise _AlbumChanged(prefix.rstrip("/") or ".") from error
             raise
-        recent = _changed_within_a_tick(mtime_ns, ctime_ns, time.time_ns())
+        recent = _may_change_unseen(mtime_ns, ctime_ns, time.time_ns())
         devices.folder(directory_fd, folder_device)
         progress.step()
         entries = []
