@@ -209,14 +209,19 @@ def _may_change_unseen(mtime_ns: int, ctime_ns: int, looked_ns: int) -> bool:
     return newest >= looked_ns - window
 
 
-def _names(folder: Path) -> tuple[str, ...]:
-    """The names in ``folder``, sorted, as its filesystem lists them now.
+def _names(folder: Path, progress: WalkProgress) -> tuple[str, ...]:
+    """The names in ``folder``, sorted, as its filesystem lists them now (``progress`` moved on with each).
 
     By path, where the walk read it through a descriptor: only compared with
     what the walk read, just after the folder's inode was found unchanged at
     that path.
     """
-    return tuple(sorted(os.listdir(folder)))
+    names = []
+    with os.scandir(folder) as listing:
+        for entry in listing:  # a large folder on slow storage is read in many calls: each is progress
+            progress.step()
+            names.append(entry.name)
+    return tuple(sorted(names))
 
 
 def _walk_once(
@@ -249,7 +254,9 @@ def _walk_once(
             _, (_, inode, _, mtime_ns, ctime_ns) = uncached_path_status(os.fsencode(album / relative))
             # Moved by any entry added, removed or renamed in it (and by a chmod, which changes nothing here),
             # unless a change came within the clock tick of the look before it: then its names say.
-            if (inode, mtime_ns, ctime_ns) != seen or (names is not None and _names(album / relative) != names):
+            if (inode, mtime_ns, ctime_ns) != seen or (
+                names is not None and _names(album / relative, progress) != names
+            ):
                 raise _AlbumChanged(relative)
         except OSError as error:
             _may_leave_out(error, relative)
