@@ -27,6 +27,7 @@ from hypercorn.typing import HTTPResponseStartEvent
 from quart import Response
 
 from archiver.archive import launcher, listing, producer, storage
+from archiver.archive.album_walk import AlbumChanged
 from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer_protocol import FileChanged
 from archiver.config import Settings
@@ -213,9 +214,9 @@ async def test_an_album_that_changes_during_every_walk_is_the_same_503(
     write_tree(settings.storage_dir / "album", {"a.jpg": b"a"})
 
     def changed(*_: object) -> None:
-        raise storage._AlbumChanged("a.jpg")
+        raise AlbumChanged("a.jpg")
 
-    monkeypatch.setattr(storage, "_walk_once", changed)
+    monkeypatch.setattr(storage, "walk_once", changed)
     async with running_server(settings) as url, make_client(url, "HTTP/1.1") as client:
         response = await client.get("/archive/album/")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"

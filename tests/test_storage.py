@@ -123,7 +123,7 @@ def test_empty_album_lists_nothing(storage: Path) -> None:
 
 
 def test_folders_nested_too_deep_are_left_out_and_hold_no_descriptors(tmp_path: Path) -> None:
-    from archiver.archive.storage import MAX_DEPTH
+    from archiver.archive.album_walk import MAX_DEPTH
 
     album = tmp_path / "album"
     deepest = album
@@ -142,7 +142,7 @@ def test_folders_nested_too_deep_are_left_out_and_hold_no_descriptors(tmp_path: 
 
 
 def test_a_folder_nested_exactly_64_levels_is_archived(tmp_path: Path) -> None:
-    from archiver.archive.storage import MAX_DEPTH
+    from archiver.archive.album_walk import MAX_DEPTH
 
     album = tmp_path / "album"
     folder = album

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..archive.album_walk import MAX_DEPTH
 from ..archive.plan import ArchivePlan
-from ..archive.storage import MAX_DEPTH
 
 logger = logging.getLogger(__name__)
 
