@@ -265,6 +265,10 @@ def source_of(module: object) -> str:
                 "h11.Response(\n",
                 # h11's refusals answered by _send_error_response(status), which hypercorn_h11 replaces.
                 "await self._send_error_response(error.error_status_hint)",
+                # Patch 6 raises h11's refusal from next_event, answered while the response is still to send,
+                # and leaves the HTTP/2 preface's request line to the switch that reads it.
+                "                if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:",
+                'elif event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":',
                 "async def _send_error_response(self, status_code: int) -> None:",
                 # Patch 3: data fed to h11 in handle, events read through connection.next_event.
                 "        if isinstance(event, RawData):\n            self.connection.receive_data(event.data)",

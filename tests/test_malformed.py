@@ -1191,6 +1191,29 @@ def test_a_request_target_in_absolute_form_is_served_as_its_path(service: Servic
     assert read_archive(body)["Фото/notes.txt"] == b"notes"
 
 
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/9.9", b"HTTP/0.9"])
+def test_a_request_line_of_another_major_version_is_505_and_its_connection_closed(
+    service: Service, version: bytes
+) -> None:
+    # RFC 9110 15.6.6, RFC 9112 2.3 (helper 170): h11 takes any "HTTP/<digit>.<digit>", and such a request was
+    # served with its version in the scope, past every guard that tells HTTP/1.x by it: this GET's chunked
+    # body was not refused (helper 123's lever), and "HTTP/0.9" got a deflated archive close-delimited.
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(b"GET /archive/large/ " + version + b"\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):  # no half-close: a TimeoutError fails the test, the connection kept
+            answer += chunk
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 ") and b"\r\nconnection: close" in head.lower(), answer[:300]
+    assert page.decode() == UNPARSED_REQUEST.sentence + "\n"
+    # A higher minor version is HTTP/1.1 (RFC 9110 2.5): its body refused as any; and the preface still opens HTTP/2.
+    refused = exchange(service.address, b"GET /archive/small/ HTTP/1.2\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+    assert refused.startswith(b"HTTP/1.1 400 ")
+    assert http11_request(service.address, "GET", b"/archive/small/", [])[0] == 200
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        assert client.get(f"{service.url}/archive/small/").status_code == 200
+
+
 def test_an_http2_path_in_absolute_form_is_400(service: Service) -> None:
     # RFC 9113 8.3.1: ":path" is origin-form (or "*"); absolute form is HTTP/1.1's (helper 144: served).
     connection = h2_client(validate_outbound_headers=False)

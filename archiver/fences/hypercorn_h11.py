@@ -1,5 +1,6 @@
-"""Five adjustments to Hypercorn's HTTP/1.1 protocol (0.18): reason phrases, bodies for its own errors,
-no request read after "close", no reader left waiting on a closed connection, and blank lines before a request.
+"""Six adjustments to Hypercorn's HTTP/1.1 protocol (0.18): reason phrases, bodies for its own errors,
+no request read after "close", no reader left waiting on a closed connection, blank lines before a request,
+and no request line of another major version.
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status
    line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
@@ -56,6 +57,19 @@ no request read after "close", no reader left waiting on a closed connection, an
    lines before the HTTP/2 prior-knowledge preface (``PRI * HTTP/2.0``) are
    skipped too, and the connection becomes HTTP/2, as Hypercorn already
    makes it for a preface sent after an HTTP/1.1 exchange.
+
+6. A request line of another major version than 1 (``GET / HTTP/2.0``,
+   ``HTTP/9.9``, ``HTTP/0.9``) is a ``505`` (RFC 9110 15.6.6; RFC 9112 2.3:
+   the major version names the message's syntax), its connection closed,
+   as nginx answers it.  h11 takes any ``HTTP/<digit>.<digit>``, and the
+   app was served it with that version in its scope: the guards that tell
+   HTTP/1.x by ``http_version`` (a GET's body refused and its connection
+   closed, helper 123's lever; a 405's ``Connection: close``; an invalid
+   Host's close) let it through, and with compression on, ``HTTP/0.9`` (not
+   "HTTP/1.0") got the deflated archive close-delimited, which a failure
+   would have ended looking complete (helper 170).  A minor version above 1
+   (``HTTP/1.2``) is HTTP/1.1, as RFC 9110 2.5 asks and h11 frames it.  The
+   HTTP/2 preface (``PRI * HTTP/2.0``) is still Hypercorn's to switch on.
 
 tests/test_fences.py fails if what this relies on changes.
 """
@@ -143,9 +157,17 @@ def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callab
         event = next_event()
         if isinstance(event, h11.Request):
             setattr(connection, _BLANKS_SKIPPED, 0)
+            if not event.http_version.startswith(b"1.") and not _preface(event):
+                # Raised from next_event, as h11's own refusals are: Hypercorn answers it (patch 2), and closes.
+                raise h11.RemoteProtocolError("a request line of another major version than 1", 505)
         return event
 
     return closing_aware_next_event
+
+
+def _preface(request: h11.Request) -> bool:
+    """Whether ``request`` is the HTTP/2 prior-knowledge preface's first line, which Hypercorn switches on."""
+    return request.method == b"PRI" and request.target == b"*" and request.http_version == b"2.0"
 
 
 def install(error_answer: ErrorAnswer | None = None) -> None:
