@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from archiver.fences import hypercorn_h2, hypercorn_h2_frames, hypercorn_h11
 from archiver.fences.hypercorn_h11 import BLANK_LINE_BYTES
 from archiver.web.app import EMPTY_BODY_WAIT
-from archiver.web.pages import UNPARSED_REQUEST
+from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
 from archiver.web.ranges import parse_range
 
 from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, write_tree
@@ -155,8 +155,12 @@ def h2_events(sock: socket.socket, connection: h2.connection.H2Connection, until
         [(b":method", b"GET"), (b":path", b"/archive/\xff/"), (b":scheme", b"http"), (b":authority", b"x")],
         [(b":method", b"G\xc3\xa9T"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"x")],
         [(b":method", b"CONNECT"), (b":authority", b"example.org:443")],
+        # A method is case-sensitive (RFC 9110 9.1): Hypercorn upper-cased these, and served "head" as a HEAD
+        # (a Content-Length, no body: a protocol error to its client) and "get" as a GET (helper 170).
+        [(b":method", b"head"), (b":path", b"/archive/small/"), (b":scheme", b"http"), (b":authority", b"x")],
+        [(b":method", b"get"), (b":path", b"/archive/small/"), (b":scheme", b"http"), (b":authority", b"x")],
     ],
-    ids=["path", "method", "connect"],
+    ids=["path", "method", "connect", "head", "get"],
 )
 def test_a_request_hypercorn_cannot_take_resets_its_stream_only(
     service: Service, request_headers: list[tuple[bytes, bytes]]
@@ -1212,6 +1216,26 @@ def test_a_request_line_of_another_major_version_is_505_and_its_connection_close
     assert http11_request(service.address, "GET", b"/archive/small/", [])[0] == 200
     with httpx.Client(http1=False, http2=True, timeout=10) as client:
         assert client.get(f"{service.url}/archive/small/").status_code == 200
+
+
+@pytest.mark.parametrize("method", [b"head", b"get", b"Get"])
+def test_a_method_with_a_lower_case_letter_is_405_and_its_connection_closed(service: Service, method: bytes) -> None:
+    # RFC 9110 9.1: a method is case-sensitive (helper 170).  Hypercorn upper-cases it for the app: "get" was served
+    # as a GET, and "head" as a HEAD, whose answer h11 (framing it for the method as sent) cut short with an ERROR
+    # and a traceback in the log for each such request.
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(method + b" /archive/small/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):  # no half-close: a TimeoutError fails the test, the connection kept
+            answer += chunk
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), answer[:300]
+    fields = head.lower()
+    assert b"\r\nallow: get, head\r\n" in fields
+    assert b"\r\nconnection: close" in fields and b"\r\ncache-control: no-store" in fields
+    assert page.decode() == MESSAGES[405].sentence + "\n"
+    assert b"Too little data for declared Content-Length" not in service.output
+    polite_request_works(service)
 
 
 def test_an_http2_path_in_absolute_form_is_400(service: Service) -> None:

@@ -1,6 +1,6 @@
-"""Six adjustments to Hypercorn's HTTP/1.1 protocol (0.18): reason phrases, bodies for its own errors,
+"""Seven adjustments to Hypercorn's HTTP/1.1 protocol (0.18): reason phrases, bodies for its own errors,
 no request read after "close", no reader left waiting on a closed connection, blank lines before a request,
-and no request line of another major version.
+no request line of another major version, and no method read as another.
 
 1. Hypercorn builds every ``h11.Response`` without a reason, so the status
    line reads ``HTTP/1.1 200 `` with an empty phrase.  RFC 9112 section 4
@@ -70,6 +70,17 @@ and no request line of another major version.
    would have ended looking complete (helper 170).  A minor version above 1
    (``HTTP/1.2``) is HTTP/1.1, as RFC 9110 2.5 asks and h11 frames it.  The
    HTTP/2 preface (``PRI * HTTP/2.0``) is still Hypercorn's to switch on.
+
+7. A method with a lower-case letter (``get``, ``head``, ``Get``) is a
+   ``405`` with ``Allow: GET, HEAD``, its connection closed.  A method is
+   case-sensitive (RFC 9110 9.1): ``head`` is no HEAD, and h11 frames the
+   answer as to an unknown method, with the body its Content-Length
+   announces; but Hypercorn upper-cases the method it hands the app, which
+   served ``get`` as a GET and ``head`` as a HEAD: headers announcing the
+   archive's length and no body, h11's ``LocalProtocolError`` ("Too little
+   data for declared Content-Length"), an ERROR with a traceback in the log
+   for each such request, and the client's answer cut short (helper 170).
+   nginx in front answers such a line ``400``.
 
 tests/test_fences.py fails if what this relies on changes.
 """
@@ -160,6 +171,9 @@ def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callab
             if not event.http_version.startswith(b"1.") and not _preface(event):
                 # Raised from next_event, as h11's own refusals are: Hypercorn answers it (patch 2), and closes.
                 raise h11.RemoteProtocolError("a request line of another major version than 1", 505)
+            if event.method != event.method.upper():
+                # Hypercorn would hand it to the app upper-cased: another method than the one h11 answers.
+                raise h11.RemoteProtocolError("a method with a lower-case letter", 405)
         return event
 
     return closing_aware_next_event

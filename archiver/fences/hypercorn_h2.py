@@ -53,6 +53,11 @@ server; it should reset the stream with PROTOCOL_ERROR."  A plain CONNECT
 (RFC 9113 section 8.5) has no ``:path``, and ``_create_stream`` then read a
 variable it never set (UnboundLocalError), which ended the connection and its
 other streams: this server tunnels nothing, so its stream is reset the same way.
+And a ``:method`` with a lower-case letter: Hypercorn upper-cases it, so ``get``
+was served as a GET and ``head`` as a HEAD, its headers announcing a body its
+client, not taking ``head`` for HEAD, waited for and never got (RFC 9110
+section 9.1: a method is case-sensitive; helper 170).  Over HTTP/1.1 it is a
+``405`` (``hypercorn_h11``, patch 7).
 
 6. Drop the body of a stream already answered.
 
@@ -197,10 +202,11 @@ _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefgh
 
 
 def is_malformed_request(headers: list[tuple[bytes, bytes]]) -> bool:
-    """True if ``:method`` is not a token, ``:path`` holds a byte outside visible ASCII, or is missing (patch 5)."""
+    """True if ``:method`` is not a token or has a lower-case letter, ``:path`` holds a byte outside visible ASCII, or
+    is missing (patch 5)."""
     path = False
     for name, value in headers:
-        if name == b":method" and (not value or not _TOKEN.issuperset(value)):
+        if name == b":method" and (not value or not _TOKEN.issuperset(value) or value != value.upper()):
             return True
         if name == b":path":
             if any(byte < 0x21 or byte > 0x7E for byte in value):

@@ -83,8 +83,11 @@ def unparsed_request_answer(status: int) -> tuple[list[tuple[bytes, bytes]], byt
     not read, or no route takes it: not its Accept), with the headers every
     error answer carries (``error_page``); the length is the caller's.
     """
-    message = MESSAGES[status] if status == 431 else UNPARSED_REQUEST
+    message = MESSAGES[status] if status in (405, 431) else UNPARSED_REQUEST
     headers = [(b"content-type", b"text/plain; charset=utf-8"), *_ERROR_HEADERS]
+    if status == 405:
+        # A method refused before the app (``fences.hypercorn_h11``, patch 7): every route takes GET and HEAD alone.
+        headers.append((b"allow", b"GET, HEAD"))
     return headers, (message.sentence + "\n").encode()
 
 
