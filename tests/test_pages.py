@@ -187,6 +187,9 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
         posted = await browser.post("/archive/album/", content=body)
         posted_text = await browser.post("/archive/album/", content=body, headers={"Accept": "*/*"})
         posted_small = await browser.post("/archive/album/", content=b"x")  # the service's own 405
+        # TRACE, which nginx refuses itself: its stock English page had no Allow (RFC 9110 15.5.6; helper 170).
+        traced = await browser.request("TRACE", "/archive/album/")
+        traced_text = await browser.request("TRACE", "/", headers={"Accept": "*/*"})
         # The service's own 400 (a display name it refuses) passes through as it is.
         refused_name = await browser.get("/archive/album/?filename=%ff%fe")
         # Requests nginx cannot parse: an invalid Content-Length after Accept, no Host at all.
@@ -218,8 +221,24 @@ async def test_through_nginx_every_page_is_the_services_or_in_its_words(settings
     assert posted.headers["content-type"] == "text/html; charset=utf-8"
     assert posted_text.text == MESSAGES[405].sentence + "\n"
     assert posted_small.status_code == 405 and "allow" in posted_small.headers
+    assert traced.status_code == traced_text.status_code == 405
+    assert f"<title>{MESSAGES[405].title}</title>" in traced.text and MESSAGES[405].sentence in traced.text
+    assert traced_text.text == MESSAGES[405].sentence + "\n"
+    for answer in (traced, traced_text):
+        assert set(answer.headers["allow"].split(", ")) == {"GET", "HEAD"}
     # Every error, nginx's own and the service's, is kept by no cache.
-    for error in (icon_posted, health, typo, cookie, cookie_text, posted, posted_text, posted_small):
+    for error in (
+        icon_posted,
+        health,
+        typo,
+        cookie,
+        cookie_text,
+        posted,
+        posted_text,
+        posted_small,
+        traced,
+        traced_text,
+    ):
         assert error.headers["cache-control"] == "no-store", error
         assert error.headers["referrer-policy"] == "no-referrer", error
     assert refused_name.status_code == 400 and f"<title>{MESSAGES[400].title}</title>" in refused_name.text
