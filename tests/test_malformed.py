@@ -1159,6 +1159,34 @@ def test_what_follows_a_request_that_closes_its_connection_is_not_read(
         assert answer.count(b"HTTP/1.") == 1
 
 
+def test_what_a_client_sends_after_a_request_that_closes_its_connection_is_dropped_as_it_comes(
+    service: Service,
+) -> None:
+    # Bytes that come in later reads, once the client's side must close: the fence has Hypercorn read
+    # on (NEED_DATA, so that the end of input is seen), and h11 would keep every byte in its buffer.
+    # hypercorn_h11's handle drops them; the test above sends its bytes with the request, in one read.
+    # With the drop taken out, 64 MiB sent during a download grew the server by ~80 MB and took a
+    # minute to send (found by helper 169, by coverage: no test reached the drop).
+    before = server_rss_kib(service)
+    junk = b"x" * (1 << 20)
+    with socket.create_connection(service.address, timeout=30) as sock:
+        sock.sendall(b"GET /archive/large/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = bytearray(sock.recv(65536))  # the answer has begun: the request was read whole
+        started = time.monotonic()
+        for _ in range(64):
+            sock.sendall(junk)
+        sending = time.monotonic() - started
+        grown_mib = (server_rss_kib(service) - before) / 1024
+        while chunk := sock.recv(1 << 20):
+            answer += chunk
+    head, body = bytes(answer).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert read_archive(body) == files_on_disk(service.storage / "large")
+    assert grown_mib < 16, f"server RSS grew {grown_mib:.1f} MiB for 64 MiB sent after the request"
+    assert sending < 10, f"64 MiB took {sending:.1f} s to send"
+    polite_request_works(service)
+
+
 def test_a_connection_the_client_closed_ends_with_its_response_not_at_the_keep_alive_timeout(service: Service) -> None:
     # Hypercorn's keep-alive timer held it in CLOSE-WAIT for 5 s: polite clients one after another
     # filled a small ARCHIVER_MAX_CONNECTIONS (found by helper 32).
