@@ -397,6 +397,61 @@ def test_no_thread_is_an_oserror_and_a_spawner_start_without_one_leaves_nothing_
     ], result.stderr
 
 
+def test_a_start_whose_descriptors_the_service_has_no_room_for_is_emfile_and_leaves_nothing() -> None:
+    # The launcher's reply comes with four descriptors; with fewer free the kernel installs what it can
+    # and drops the rest (MSG_CTRUNC): the start is EMFILE (a 503), the ones installed are closed, and the
+    # program started, its pipes gone, ends (launcher._receive; untested until helper 169, by coverage).
+    # In a process of its own: the descriptors are filled to the limit.
+    program = (
+        "import errno, os, resource, sys, trio\n"
+        "from archiver.archive import launcher\n"
+        "ECHO = (sys.executable, '-I', '-S', '-c', 'import sys; sys.stdout.write(sys.stdin.read()); sys.exit(3)')\n"
+        "def children(pid):\n"
+        "    with open(f'/proc/{pid}/task/{pid}/children') as file:\n"
+        "        return file.read().split()\n"
+        "async def main():\n"
+        "    started = await launcher.current()\n"
+        "    before = len(os.listdir('/proc/self/fd'))\n"
+        "    for free in range(4):\n"
+        "        fillers = []\n"
+        "        try:\n"
+        "            while True:\n"
+        "                fillers.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "        for _ in range(free):\n"
+        "            os.close(fillers.pop())\n"
+        "        try:\n"
+        "            with trio.fail_after(10):\n"
+        "                await started.start(ECHO)\n"
+        "            print(free, 'started')\n"
+        "        except OSError as error:\n"
+        "            print(free, errno.errorcode.get(error.errno))\n"
+        "        finally:\n"
+        "            for fd in fillers:\n"
+        "                os.close(fd)\n"
+        "    print('descriptors', len(os.listdir('/proc/self/fd')) - before, 'alive', started.alive)\n"
+        "    with trio.fail_after(10):\n"
+        "        while children(started.process.pid):\n"
+        "            await trio.sleep(0.02)\n"
+        "    echo = await started.start(ECHO)\n"
+        "    await echo.stdin.send_all(b'ok')\n"
+        "    await echo.stdin.aclose()\n"
+        "    print(await echo.stdout.receive_some(), await echo.wait())\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "trio.run(main)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=PROJECT)
+    assert result.stdout.splitlines() == [
+        "0 EMFILE",
+        "1 EMFILE",
+        "2 EMFILE",
+        "3 EMFILE",
+        "descriptors 0 alive True",
+        "b'ok' 3",
+    ], result.stderr
+
+
 def _pids_cgroup_parent() -> Path | None:
     """Where a cgroup with the pids controller can be made: v1's hierarchy, or v2's root if it delegates pids."""
     v1, v2 = Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")
