@@ -281,6 +281,30 @@ async def test_through_nginx_over_http2_its_own_refusals_are_in_the_services_wor
 
 
 @needs_nginx
+async def test_through_nginx_a_request_of_http_0_9_is_closed_unanswered(settings: Settings, tmp_path: Path) -> None:
+    # A request line without a version is HTTP/0.9, whose answer is its body alone: no status, no
+    # length, no chunks, so a download cut short would look whole.  nginx served it the archive
+    # (helper 170); the service itself refuses such a line (h11: a 400).  Closed with no byte sent.
+    async with pages_server(settings, tmp_path) as (url, _), nginx_in_front(url, tmp_path / "nginx") as front:
+        host, port = front.removeprefix("http://").rsplit(":", 1)
+        address = (host, int(port))
+        unanswered = await trio.to_thread.run_sync(raw_answer, address, b"GET /archive/album/\r\n")
+        served = await trio.to_thread.run_sync(raw_answer, address, b"GET /archive/album/ HTTP/1.0\r\n\r\n")
+    assert unanswered == b""
+    assert served.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\nPK\x03\x04" in served
+
+
+def raw_answer(address: tuple[str, int], request: bytes) -> bytes:
+    """Every byte the server sends for ``request`` until it closes."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    return received
+
+
+@needs_nginx
 async def test_nginx_with_no_instance_up_says_the_service_is_unavailable(tmp_path: Path) -> None:
     # It said the busy page's "too many archives are being downloaded" (helper 82).
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
