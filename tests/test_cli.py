@@ -210,6 +210,24 @@ def test_bad_settings_under_the_hypercorn_launch_are_one_line() -> None:
     assert result.stderr.strip() == "archiver: ARCHIVER_MAX_JOBS must be at least 1, not 0"
 
 
+@pytest.mark.parametrize("worker", [[], ["--config", "hypercorn.toml", "--worker-class", "asyncio"]])
+def test_a_hypercorn_worker_other_than_trio_is_refused_at_start_in_one_line(worker: list[str]) -> None:
+    # Helper 171: Hypercorn's default worker (asyncio: `hypercorn archiver.asgi:app`, no hypercorn.toml)
+    # started, said "Running on", and answered every request, /healthz's too, 500 with a traceback.
+    hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+    command = [hypercorn, *worker, "--bind", "127.0.0.1:0", "archiver.asgi:app"]
+    env = {**os.environ, "ARCHIVER_DIR": "data"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=PROJECT, env=env)
+    # 1 from the app's own process; without hypercorn.toml, Hypercorn's master (workers = 1) exits 0 (README).
+    assert result.returncode == (1 if worker else 0)
+    assert "Running on" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "archiver: runs on Hypercorn's trio worker only: hypercorn --config hypercorn.toml archiver.asgi:app "
+        "(or --worker-class trio)"
+    )
+
+
 @pytest.mark.parametrize("launch", ["archiver", "hypercorn"])
 async def test_a_misspelt_or_unread_variable_is_a_warning_at_start(launch: str) -> None:
     # Helper 67: ARCHIVER_MAX_JOB=8 (for ARCHIVER_MAX_JOBS) was ignored without a word.
