@@ -503,6 +503,30 @@ def test_archiver_index_fails_on_an_unusable_index(storage: Path) -> None:
     assert "index '/proc/no/index.sqlite'" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "index"])
+@pytest.mark.parametrize("what", ["a directory", "/dev/null"])
+def test_an_index_path_that_is_no_file_stops_the_start_naming_the_setting(
+    storage: Path, tmp_path: Path, command: str, what: str
+) -> None:
+    # Helper 171: ARCHIVER_INDEX=/var/lib/archiver (its folder) or /dev/null (meant as "none") started the
+    # service with an ERROR line advising to "delete /dev/null*" (or the storage, named by mistake).
+    index = str(tmp_path) if what == "a directory" else what
+    arguments = ["index"] if command == "index" else ["-H", "127.0.0.1", "-P", "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "archiver", *arguments],
+        env={**os.environ, "ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": index},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == (2 if command == "index" else 1)
+    assert "Traceback" not in result.stderr and "delete" not in result.stderr
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith(("archiver: ARCHIVER_INDEX: ", "archiver index: error: ARCHIVER_INDEX: ")), said
+    assert ("is a directory" if what == "a directory" else "is not a regular file") in said
+    assert os.listdir(tmp_path) == [storage.name]
+
+
 async def test_archiver_index_fails_when_crcs_cannot_be_written(storage: Path, tmp_path: Path) -> None:
     # Helper 34: with the write lock held elsewhere (or a full disk) it said "computed" and exited 0.
     write_tree(storage / "one", {"a.jpg": os.urandom(20_000)})
