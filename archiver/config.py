@@ -309,6 +309,15 @@ def number(raw: str) -> float:
     return value
 
 
+def _planned_files(raw: str) -> int:
+    """ARCHIVER_MAX_PLANNED_FILES: 0, the field's "unset", set was taken as the default unsaid (helper 171)."""
+    if (value := integer(raw)) <= 0:
+        raise ValueError(
+            f"must be at least ARCHIVER_MAX_FILES; left unset, it is {PLANNED_FILES}, or ARCHIVER_MAX_FILES if more"
+        )
+    return value
+
+
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -348,7 +357,7 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "keep_modes": _parse_bool,
     "name_encoding": str,
     "max_files": integer,
-    "max_planned_files": integer,
+    "max_planned_files": _planned_files,
     "settle_time": number,
 }
 _FIELD_OF_ENV = {"dir": "storage_dir", "index": "index_path"}

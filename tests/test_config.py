@@ -63,6 +63,9 @@ def test_empty_environment_gives_defaults() -> None:
         ("ARCHIVER_SETTLE_TIME", "1e-400"),
         # Helper 149: two types a space apart were one type that never matched.
         ("ARCHIVER_TRUSTED_FUSE", "fuse.mergerfs virtiofs"),
+        # Helper 171: lower than ARCHIVER_MAX_FILES, and taken unsaid for the default (1000000).
+        ("ARCHIVER_MAX_PLANNED_FILES", "0"),
+        ("ARCHIVER_MAX_PLANNED_FILES", "00"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:
