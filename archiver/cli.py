@@ -98,7 +98,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     """Hypercorn settings for the CLI launch; hypercorn.toml holds the same for the other one."""
     config = HypercornConfig()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    # An IPv6 address in brackets, as a URL writes it; given so already ("[::1]"), not twice ("[[::1]]").
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.accesslog = "-"
     config.graceful_timeout = settings.shutdown_grace

@@ -146,8 +146,9 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
-async def test_console_script_serves_on_an_ipv6_address() -> None:
-    command = [sys.executable, "-m", "archiver", "-H", "::1", "-P", "0", "-D", "data"]
+@pytest.mark.parametrize("host", ["::1", "[::1]"])  # as a URL writes it too: "[[::1]]:0" in the log (helper 171)
+async def test_console_script_serves_on_an_ipv6_address(host: str) -> None:
+    command = [sys.executable, "-m", "archiver", "-H", host, "-P", "0", "-D", "data"]
     async with launched(command) as server:
         assert server.url.startswith("http://[::1]:")
         await check_serves_sample_album(server.url)
