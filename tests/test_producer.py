@@ -507,6 +507,30 @@ def test_no_descriptor_left_for_the_album_is_out_of_resources_not_a_change(stora
     assert b"the album" in result.stderr and b"Too many open files" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("size", "verified"), [(1000, False), (100_000, False), (100_000, True)], ids=["copied", "sendfile", "verified"]
+)
+def test_a_slice_past_the_planned_size_is_refused_before_any_byte(storage: Path, size: int, verified: bool) -> None:
+    """A slice that ends past its file's planned size (which the file has) is no slice of the plan's:
+    refused as a file changed, nothing written, however it would be sent (copied, by sendfile, or
+    read whole for its CRC, which wrote the part within the file and exited 0 as if whole).  Found
+    by helper 169's coverage run: no test reached the producer's check."""
+    from archiver.archive import producer_protocol as program
+
+    data = os.urandom(size)
+    write_tree(storage / "album", {"a.jpg": data})
+    status = (storage / "album" / "a.jpg").stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    crc = zlib.crc32(data) if verified else None
+    # Bytes 10 .. size + 9: 10 past the end.
+    instructions = program.album(os.fsencode(storage / "album"), 0) + program.file_slice(
+        b"a.jpg", program.identity(key), 10, size, crc
+    )
+    result = subprocess.run([*producer.COMMAND], input=instructions + program.DONE, capture_output=True)
+    assert (result.returncode, result.stdout) == (program.EXIT_CHANGED, b""), result
+    assert result.stderr == b"archiver-producer: a.jpg: slice past the planned size\n"
+
+
 def test_producer_refuses_paths_that_climb_out(storage: Path) -> None:
     from archiver.archive import producer_protocol as program
 
