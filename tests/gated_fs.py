@@ -16,7 +16,10 @@ While a file named as the gate with ``-fail-closes`` added exists, every close f
 while one with ``-fail-reads`` exists, every read fails, with the errno written in it (EIO if empty);
 while one with ``-fail-stats`` exists, every ``stat`` of a file fails so (ESTALE if empty: NFS's file
 replaced on the server, met at the next look at its attributes); with paths after the errno
-(from the mount's root: ``5 a.bin``), only those files' stats fail.
+(from the mount's root: ``5 a.bin``), only those files' stats fail.  While one with ``-short-reads``
+exists, a file's data ends at half its size, its attributes unchanged (a file cut short on a network
+server whose daemon still reports its old attributes: sshfs's own cache keeps them 20 s); with
+paths in it (from the mount's root: ``/a.bin``), only those files'.
 
 With ``--sftp-times`` it reports times as sshfs does (SFTP version 3 carries whole
 seconds, and no ctime): every time is the mtime, in whole seconds.  With
@@ -55,6 +58,8 @@ FAIL_READS = "-fail-reads"
 # Beside the gate: every stat of a file fails while it exists, with the errno written in it (ESTALE if empty);
 # after the errno, the files' paths to fail (from the mount's root), if only those.
 FAIL_STATS = "-fail-stats"
+# Beside the gate: a file's data ends at half its size while it exists (the files named in it, if any).
+SHORT_READS = "-short-reads"
 HOUR_NS = 3600 * 1_000_000_000
 CACHED_ATTRIBUTES = "--cached-attributes"
 GATED = {
@@ -145,7 +150,15 @@ class GatedFs(Operations):  # type: ignore[misc]
                 raise FuseOSError(int(failure.read().strip() or errno.EIO))
         except FileNotFoundError:
             pass
-        return os.pread(fh, size, offset)
+        try:
+            with open(self.gate + SHORT_READS) as short:
+                paths = short.read().split()
+        except FileNotFoundError:
+            return os.pread(fh, size, offset)
+        data = os.pread(fh, size, offset)
+        if paths and path not in paths:
+            return data
+        return data[: max(0, os.fstat(fh).st_size // 2 - offset)]
 
     def flush(self, path: str, fh: int) -> int:
         self._gate("flush")  # every close(2) of a file sends one

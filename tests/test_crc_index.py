@@ -1144,6 +1144,42 @@ async def test_a_read_the_storage_fails_is_a_refusal_naming_the_file(
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("crc", ["computed by the producer", "known"])
+@pytest.mark.parametrize("when", ["before the head", "after the head"])
+async def test_a_small_file_whose_data_ends_short_of_its_unchanged_size_is_a_change(
+    tmp_path: Path, crc: str, when: str
+) -> None:
+    """A small file is copied by the producer (read, then checked once): a read that comes back
+    short while the file's attributes still say its planned size (a file cut short on a network
+    server whose daemon still reports its old attributes, as sshfs's cache does) is a file
+    changed: the 503 "album changing" before the head, an aborted transfer after it, the file
+    named; never its short bytes under a CRC of them, nor a 500.  Copied in a cold whole download
+    (its CRC the producer's to compute) and with its CRC known.  Found by helper 169's coverage
+    run: ``producer_program._read_copy``'s "shorter than planned" was reached by no test (every
+    shrink moved the attributes first)."""
+    files = {"b.jpg": os.urandom(5_000)}  # under the producer's copy limit
+    if when == "after the head":
+        files["a.jpg"] = os.urandom(2_000_000)  # sent first, by sendfile: the head goes out
+    async with served_gated_album(tmp_path, files, {}) as album:
+        if crc == "known":
+            assert (await album.client.get("/archive/album/")).status_code == 200  # the CRCs read and kept
+        (tmp_path / "gate-short-reads").write_text("/b.jpg")
+        status, body, clean = await _transfer(album.client)
+        (tmp_path / "gate-short-reads").unlink()
+        whole = await album.client.get("/archive/album/")
+    if when == "before the head":
+        assert clean and status == 503 and body.decode() == ALBUM_CHANGING.sentence + "\n"
+    else:
+        assert not clean and len(body) > 1_000_000  # aborted, after most of a.jpg
+    assert read_archive(whole.content) == files
+    output = bytes(album.server.output)
+    (line,) = [line for line in output.splitlines() if b"album changed: the producer" in line]
+    assert b"archiver-producer: b.jpg: shorter than planned" in line, line
+    assert (b"(refused before the head)" in line) == (when == "before the head"), line
+    assert b"Traceback" not in output
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 @pytest.mark.parametrize("compression", ["0", "6"])
 async def test_a_close_failing_in_the_producer_is_as_in_a_crc_read(tmp_path: Path, compression: str) -> None:
     # Helper 72: with the CRCs known (or deflating), the producer's close of a file failing was a
