@@ -1096,6 +1096,22 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
             503,
             b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: ",
         ),
+        # And met by the producer's read of a small file, copied or read for the CRC it computes
+        # (``producer_program._read_copy``; found by helper 169's coverage run: untested).
+        (
+            "warm",
+            (1000, BIG),
+            errno.ESTALE,
+            503,
+            b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: the producer",
+        ),
+        (
+            "0",
+            (1000, 3000),
+            errno.ESTALE,
+            503,
+            b"WARNING archiver.web.download: download album for 127.0.0.1: album changed: the producer",
+        ),
         (
             "6",
             (1000, BIG),
@@ -1111,6 +1127,8 @@ async def test_a_close_that_fails_after_a_crc_read_fails_the_download_cleanly(tm
         "crc-read-emfile",
         "producer-copy-emfile",
         "crc-read-estale",
+        "producer-copy-estale",
+        "producer-crc-estale",
         "deflated-eio",
     ],
 )
