@@ -36,6 +36,7 @@ import archiver.archive.crc_reads as crc_reads_module
 import archiver.archive.crc_source as crc_source_module
 import archiver.archive.ctime_trust as ctime_trust_module
 import archiver.archive.large_file_crc as large_file_crc_module
+import archiver.archive.listed_files as listed_files_module
 import archiver.archive.plan as plan_module
 import archiver.archive.producer as producer_module
 from archiver.archive import launcher
@@ -1195,6 +1196,60 @@ async def test_a_small_file_whose_data_ends_short_of_its_unchanged_size_is_a_cha
     assert b"archiver-producer: b.jpg: shorter than planned" in line, line
     assert (b"(refused before the head)" in line) == (when == "before the head"), line
     assert b"Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("size", "failure", "status"),
+    [
+        (100_000, errno.EIO, 500),
+        (5_000_000, errno.EIO, 500),
+        (100_000, errno.ESTALE, 503),
+        (100_000, errno.EMFILE, 503),
+    ],
+    ids=["small-eio", "large-eio", "small-estale", "small-emfile"],
+)
+async def test_a_files_look_failing_once_opened_for_its_crc_is_classed_by_its_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    size: int, failure: int, status: int
+) -> None:  # fmt: skip
+    """The service opens a file for its CRC, then looks at it (``listed_files.open_listed``'s
+    fstat): that look failing is classed as any failure of its open or read (README, Failure
+    behaviour): EIO the storage's (500), ESTALE a file changed (the 503 "album changing"), out of
+    descriptors or memory the system's (the 503 to try again).  Every error there was "not the
+    file listed": an EIO the 503 of an album changing for good, logged at WARNING as an upload's
+    doing, and counted by ``archiver index`` as changing, not unreadable.  A look that fails only
+    after the open succeeded cannot be timed on real storage: its fstat is made to fail.  Found by
+    helper 169's coverage run: no test reached it."""
+    files = {"a.jpg": os.urandom(size)}  # read by the service for its CRC (a batch's, or alone)
+    write_tree(settings.storage_dir / "album", files)
+
+    class LookFails:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        @staticmethod
+        def fstat(fd: int) -> os.stat_result:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("/album/a.jpg"):
+                raise OSError(failure, os.strerror(failure))
+            return os.fstat(fd)
+
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(listed_files_module, "os", LookFails())
+            failed = await client.get("/archive/album/")
+        whole = await client.get("/archive/album/")
+    assert failed.status_code == status
+    if failure == errno.EIO:
+        assert failed.text == MESSAGES[500].sentence + "\n"
+    elif failure == errno.EMFILE:
+        assert failed.headers["retry-after"] == "5" and failed.text == MESSAGES[503].sentence + "\n"
+    else:
+        assert failed.headers["retry-after"] == "5" and failed.text == ALBUM_CHANGING.sentence + "\n"
+    assert whole.status_code == 200 and read_archive(whole.content) == files
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("download album for")][:1]
+    level, said = (logging.WARNING, "album changed: ") if failure == errno.ESTALE else (logging.ERROR, "failed: ")
+    assert line.levelno == level and said in line.getMessage(), line.getMessage()
+    assert f"a.jpg: {os.strerror(failure)} (refused before the head)" in line.getMessage()
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))

@@ -94,6 +94,7 @@ def open_listed(
 
     The one listed: ``key`` (device, inode, size, mtime, ctime) if given, else
     ``size`` bytes.  ``folders``: the batch's, else one for this file alone.
+    An open or look that fails is named and classed (``failures_named``).
     """
     with failures_named(path):
         if folders is not None:
@@ -105,10 +106,14 @@ def open_listed(
             finally:
                 own.close()
     try:
-        status = os.fstat(fd)
-    except OSError:
+        # Its look failing is classed as its open's or a read's would be: gone or ESTALE a file changed,
+        # EIO the storage's, out of descriptors or memory the system's (helper 172: every error was
+        # "not the file listed", an EIO the 503 of an album changing for good).
+        with failures_named(path):
+            status = os.fstat(fd)
+    except Exception:
         os.close(fd)
-        raise FileChanged(f"{path}: not the file listed") from None
+        raise
     found = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     if not stat.S_ISREG(status.st_mode) or found[2] != size or (key is not None and found != key):
         os.close(fd)
