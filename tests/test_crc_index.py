@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -1198,6 +1199,12 @@ async def test_a_small_file_whose_data_ends_short_of_its_unchanged_size_is_a_cha
     assert b"Traceback" not in output
 
 
+def _names_a_jpg(fd: str) -> bool:
+    with contextlib.suppress(OSError):  # closed meanwhile
+        return os.readlink(f"/proc/self/fd/{fd}").endswith("/album/a.jpg")
+    return False
+
+
 @pytest.mark.parametrize(
     ("size", "failure", "status"),
     [
@@ -1237,6 +1244,8 @@ async def test_a_files_look_failing_once_opened_for_its_crc_is_classed_by_its_er
         with monkeypatch.context() as patch:
             patch.setattr(listed_files_module, "os", LookFails())
             failed = await client.get("/archive/album/")
+        # The file it opened is closed (the server is in this process).
+        assert not [fd for fd in os.listdir("/proc/self/fd") if _names_a_jpg(fd)]
         whole = await client.get("/archive/album/")
     assert failed.status_code == status
     if failure == errno.EIO:
