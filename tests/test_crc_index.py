@@ -544,7 +544,9 @@ async def test_archiver_index_fails_when_crcs_cannot_be_written(storage: Path, t
     assert "database is locked" in result.stderr  # the warning that says why
 
 
-async def test_a_cold_whole_download_reads_each_small_file_once_and_keeps_its_crc(tmp_path: Path) -> None:
+async def test_a_cold_whole_download_reads_each_small_file_once_and_keeps_its_crc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The producer reads a small file the index lacks once, computes its CRC and writes it into the
     # local header; the service learns it from the bytes as they pass, for the central directory
     # and the index.  The service read each such file too: a cold download of 20,000 files of
@@ -555,6 +557,17 @@ async def test_a_cold_whole_download_reads_each_small_file_once_and_keeps_its_cr
     await settle()
     files["fresh.jpg"] = os.urandom(5000)
     (storage / "album" / "fresh.jpg").write_bytes(files["fresh.jpg"])
+    # The download asks the index half a racy window after fresh.jpg's write, however long the
+    # machine takes to get there (a loaded one took over RACY_NS: fresh.jpg was kept, 301; helper
+    # 169): fresh.jpg racy, the others (written over RACY_NS before it: ``settle``) not.
+    asked_ns = (storage / "album" / "fresh.jpg").stat().st_ctime_ns + RACY_NS // 2
+
+    class AskedSoon:
+        @staticmethod
+        def time_ns() -> int:
+            return asked_ns
+
+    monkeypatch.setattr(crc_source_module, "time", AskedSoon)
     settings = Settings(settle_time=0, storage_dir=storage, host="127.0.0.1", port=0, index_path=str(index))
     async with running_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         before = bytes_read_by_this_process()
