@@ -10,13 +10,20 @@ is the client.  Machine CPU counts the server, its producers (reaped
 children) and the clients.  Every figure is the median of ``--repeat`` runs.
 ``--ab PYTHON`` measures the service a second time with another checkout's
 interpreter (its virtual environment's python: the code before a change),
-in the same run.  Nothing here asserts: it prints figures and ratios.
+in the same run.  Nothing here asserts a target: it prints figures and
+ratios.  But no download counts unless it is what was asked for: each
+server's archive is checked once against the album's files (``verified_archive``),
+every timed download must end with curl's exit status 0, HTTP 200 and that
+archive's length, and each shape of timed run is followed by an untimed one
+whose bytes are hashed (``verify_concurrent``); the ranges' downloads are
+compared with the archive byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import random
 import shutil
@@ -27,7 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +209,14 @@ http {{
 CURL_FORMAT = "%{time_starttransfer} %{time_total} %{size_download} %{http_code}\\n"
 
 
-def curl(urls: Sequence[str], http2: bool, post: str | None = None) -> list[tuple[float, float, int]]:
-    """Download ``urls`` in parallel with curl; (first byte s, total s, bytes) for each; all must be complete."""
+def curl(urls: Sequence[str], http2: bool, post: str | None = None, *, length: int) -> list[tuple[float, float, int]]:
+    """Download ``urls`` in parallel with curl; (first byte s, total s, bytes) for each; all must be complete.
+
+    Complete: curl's exit status 0, HTTP status 200 and ``length`` bytes received, the length of
+    the server's archive as ``verified_archive`` checked it (an error page, a 503, a cut transfer
+    or another archive is not a fast download).  The bytes themselves are not looked at here (the
+    clients write to /dev/null, which costs no CPU): ``verify_concurrent`` checks them, untimed.
+    """
     flags = ["--http2-prior-knowledge"] if http2 else ["--http1.1"]
     if post is not None:
         flags += ["--data", post]
@@ -209,36 +225,136 @@ def curl(urls: Sequence[str], http2: bool, post: str | None = None) -> list[tupl
         for url in urls
     ]
     results = []
-    for process in processes:
+    for url, process in zip(urls, processes, strict=True):
         output, _ = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"curl failed with exit status {process.returncode}")
         first_byte, total, size, status = output.split()
         if status != b"200":
             raise RuntimeError(f"HTTP status {status.decode()}")
+        if int(size) != length:
+            raise RuntimeError(f"{url}: {int(size)} bytes received, {length} expected")
         results.append((float(first_byte), float(total), int(size)))
     return results
+
+
+def dataset_files(dataset: Dataset) -> dict[str, Path]:
+    """The album's files by their path in it (the generator's marker too: both servers send it)."""
+    return {
+        path.relative_to(dataset.directory).as_posix(): path for path in dataset.directory.rglob("*") if path.is_file()
+    }
+
+
+def check_archive(archive: Path, dataset: Dataset) -> None:
+    """RuntimeError unless ``archive`` is a stored ZIP of exactly the album's files, each with its bytes.
+
+    The peer names its members ``<album>/...``, the service ``...``.  Each member's CRC-32 in the
+    central directory must be the source file's, and ``testzip`` reads every member's data against it.
+    """
+    files = dataset_files(dataset)
+    with zipfile.ZipFile(archive) as zipped:
+        members = {info.filename.removeprefix(f"{dataset.name}/"): info for info in zipped.infolist()}
+        members = {name: info for name, info in members.items() if not info.is_dir()}
+        if members.keys() != files.keys():
+            raise RuntimeError(f"{archive}: {len(members)} members, not the album's {len(files)} files")
+        for name, info in members.items():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise RuntimeError(f"{archive}: {name} is not stored (the service and the peer must both store)")
+            crc, length = 0, 0
+            with open(files[name], "rb") as source:  # in blocks: the ZIP64 album's files are 2.5 GB
+                while block := source.read(1 << 24):
+                    crc, length = zlib.crc32(block, crc), length + len(block)
+            if (length, crc) != (info.file_size, info.CRC):
+                raise RuntimeError(f"{archive}: {name} is not the album's file")
+        if (bad := zipped.testzip()) is not None:
+            raise RuntimeError(f"{archive}: {bad}'s data does not match its CRC")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A server's archive of an album, as checked once: what each of its downloads must be."""
+
+    length: int
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def verified_archive(
+    url: str, dataset: Dataset, http2: bool = False, post: str | None = None, keep: Path | None = None
+) -> Expected:
+    """Download ``url``'s archive (untimed), check it is the album (``check_archive``): its length and digest.
+
+    ``keep``: where to leave the archive (it is removed otherwise).
+    """
+    flags = ["--http2-prior-knowledge"] if http2 else ["--http1.1"]
+    if post is not None:
+        flags += ["--data", post]
+    with tempfile.TemporaryDirectory(dir=BENCH_STORAGE) as scratch:
+        target = keep or Path(scratch, "archive.zip")
+        command = ["curl", "-sS", "--fail", *flags, "-o", str(target), "-w", "%{http_code}", url]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or result.stdout != "200":
+            raise RuntimeError(f"{url}: curl exit status {result.returncode}, HTTP status {result.stdout}")
+        check_archive(target, dataset)
+        return Expected(target.stat().st_size, file_sha256(target))
+
+
+def verify_concurrent(urls: Sequence[str], http2: bool, post: str | None, expected: Expected) -> None:
+    """Download ``urls`` at once (untimed), hashing each as it comes: RuntimeError unless each is ``expected``.
+
+    Run after the timed runs of the same shape, outside their CPU accounting (these clients pipe
+    their bytes to this process, which hashes them): the timed clients write to /dev/null.
+    """
+    flags = ["--http2-prior-knowledge"] if http2 else ["--http1.1"]
+    if post is not None:
+        flags += ["--data", post]
+    processes = [
+        subprocess.Popen(["curl", "-sS", "--fail", *flags, "-o", "-", url], stdout=subprocess.PIPE) for url in urls
+    ]
+
+    def digest(process: subprocess.Popen[bytes]) -> tuple[int, str, int]:
+        assert process.stdout is not None
+        hasher, length = hashlib.sha256(), 0
+        while block := process.stdout.read(1 << 20):
+            hasher.update(block)
+            length += len(block)
+        return process.wait(), hasher.hexdigest(), length
+
+    with ThreadPoolExecutor(len(processes)) as pool:
+        outcomes = list(pool.map(digest, processes))
+    for url, (status, sha256, length) in zip(urls, outcomes, strict=True):
+        if status != 0 or Expected(length, sha256) != expected:
+            raise RuntimeError(f"{url}: curl exit status {status}, {length} bytes not the verified archive's")
 
 
 def parallel_downloads(
     url: str,
     parallel: int,
     runs: int,
-    size: int,
+    expected: Expected,
     pid: int,
     http2: bool = False,
     names: tuple[str, str] = ("producers", "service"),
     post: str | None = None,
 ) -> tuple[float, str]:
-    """Median aggregate rate (bytes/s) of ``runs`` runs of ``parallel`` downloads at once, and machine CPU per GB."""
+    """Median aggregate rate (bytes/s) of ``runs`` runs of ``parallel`` downloads at once, and machine CPU per GB.
+
+    Then one more run of the same shape, untimed, whose bytes are checked (``verify_concurrent``).
+    """
     rates: list[float] = []
+    size = expected.length
 
     def run() -> None:
         for _ in range(runs):
-            results = curl([url] * parallel, http2, post)
+            results = curl([url] * parallel, http2, post, length=size)
             rates.append(parallel * size / max(total for _, total, _ in results))
 
     cpu = machine_cpu_per_gb(runs * parallel * size / 1e9, run, pid, names)
+    verify_concurrent([url] * parallel, http2, post, expected)
     return statistics.median(rates), cpu
 
 
@@ -408,46 +524,56 @@ def run_dataset(dataset: Dataset, repeat: int, pythons: list[tuple[str, str]]) -
     peer: dict[int, float] = {}
     with zipserver(BENCH_STORAGE) as (url, pid):
         post = f"files={dataset.name}"
+        # Checked once (an album of the same files, stored), and a warm-up, as the service gets one.
+        peer_expected = verified_archive(url, dataset, post=post)
         for parallel in (1, 8):
             runs = repeat if parallel == 1 else concurrent_repeat
             names = ("children", "zipserver")
-            peer[parallel], cpu = parallel_downloads(url, parallel, runs, size, pid, names=names, post=post)
-            rows.append((f"peer: zipserver, {parallel} at once, HTTP/1.1", f"{peer[parallel] / 1e6:.0f} MB/s", "1.00"))
+            peer[parallel], cpu = parallel_downloads(url, parallel, runs, peer_expected, pid, names=names, post=post)
+            # http.server answers HTTP/1.0 (and closes) to curl's HTTP/1.1 request.
+            label = f"peer: zipserver, {parallel} at once, HTTP/1.1 (answered as 1.0)"
+            rows.append((label, f"{peer[parallel] / 1e6:.0f} MB/s", "1.00"))
             rows.append((f"machine CPU, zipserver, {parallel} at once", cpu, ""))
     with tempfile.TemporaryDirectory(dir=BENCH_STORAGE) as static:
         os.chmod(static, 0o755)  # nginx's workers run as an unprivileged user
         prebuilt = Path(static, "album.zip")
         with service(BENCH_STORAGE) as (base, _):
-            subprocess.run(["curl", "-sS", "-o", str(prebuilt), f"{base}/archive/{dataset.name}/"], check=True)
+            built = verified_archive(f"{base}/archive/{dataset.name}/", dataset, keep=prebuilt)
         with nginx_serving(prebuilt) as (url, h2c_url, _):
             for label, base, http2 in (("HTTP/1.1", url, False), ("h2c", h2c_url, True)):
-                rate = median_of(repeat, lambda u=base, h=http2: size / curl([f"{u}/album.zip"], h)[0][1])
+                rate = median_of(repeat, lambda u=base, h=http2: size / curl([f"{u}/album.zip"], h, length=size)[0][1])
+                verify_concurrent([f"{base}/album.zip"], http2, None, built)
                 rows.append((f"nginx static file, {label}", f"{rate / 1e6:.0f} MB/s", f"{rate / peer[1]:.2f} of peer"))
     for name, python in pythons:
         with service(BENCH_STORAGE, python=python) as (base, pid):
             url = f"{base}/archive/{dataset.name}/"
             for label, http2 in (("HTTP/1.1", False), ("HTTP/2", True)):
-                curl([url], http2)  # warm up (and the CRC index)
+                expected = verified_archive(url, dataset, http2)  # and a warm-up (and the CRC index)
                 for parallel in (1, 8, 32):
                     runs = repeat if parallel == 1 else concurrent_repeat
-                    rate, cpu = parallel_downloads(url, parallel, runs, size, pid, http2)
+                    rate, cpu = parallel_downloads(url, parallel, runs, expected, pid, http2)
                     versus = f"{rate / peer[parallel]:.2f} of peer" if parallel in peer else ""
                     rows.append((f"{name}, {parallel} at once, {label}", f"{rate / 1e6:.0f} MB/s", versus))
                     rows.append((f"machine CPU, {name}, {parallel} at once, {label}", cpu, ""))
-                own = cpu_per_gb(pid, repeat * size / 1e9, lambda u=url, h=http2: [curl([u], h) for _ in range(repeat)])
+                length = expected.length
+                own = cpu_per_gb(
+                    pid,
+                    repeat * length / 1e9,
+                    lambda u=url, h=http2, n=length: [curl([u], h, length=n) for _ in range(repeat)],
+                )
                 rows.append((f"{name} process alone, 1 at once, {label}", own, ""))
-            firsts = [curl([url], False)[0][0] * 1000 for _ in range(max(20, 4 * repeat))]
+            firsts = [curl([url], False, length=expected.length)[0][0] * 1000 for _ in range(max(20, 4 * repeat))]
             p50, p95 = percentile(firsts, 0.5), percentile(firsts, 0.95)
             rows.append((f"{name}, first byte, HTTP/1.1 (p50 / p95)", f"{p50:.1f} / {p95:.1f} ms", ""))
             rows.append((f"{name} peak RSS after all the above", f"{status_kib(pid, 'VmHWM') / 1024:.0f} MB", ""))
             if python == sys.executable:
                 gone_ms = median_of(repeat, lambda u=url, p=pid: disconnect_to_producer_gone(u, p)) * 1000
                 rows.append(("client disconnect -> producer gone", f"{gone_ms:.1f} ms", ""))
-    rows += paired_rounds(dataset, max(PAIRED_ROUNDS, repeat), size, pythons)
+    rows += paired_rounds(dataset, max(PAIRED_ROUNDS, repeat), pythons)
     # A fresh process: memory freed by the runs above would hide what a download costs.
     with service(BENCH_STORAGE) as (base, pid):
         url = f"{base}/archive/{dataset.name}/"
-        curl([url], False)  # warm up: imports, lazily made objects
+        verified_archive(url, dataset)  # warm up: imports, lazily made objects
         idle_mb, per_download_mb = rss_per_download(url, pid)
         rows.append(("fresh service RSS idle", f"{idle_mb:.0f} MB", ""))
         rows.append(("RSS growth per in-flight download (32 slow clients)", f"{per_download_mb:.2f} MB", ""))
@@ -461,9 +587,7 @@ PAIRED_ROUNDS = 7
 WORKERS = os.cpu_count() or 1
 
 
-def paired_rounds(
-    dataset: Dataset, rounds: int, size: int, pythons: list[tuple[str, str]]
-) -> list[tuple[str, str, str]]:
+def paired_rounds(dataset: Dataset, rounds: int, pythons: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """8 downloads at once over HTTP/1.1, the peer and each service in turn, round after round: each round's ratio.
 
     The medians above compare the peer's runs with the service's minutes
@@ -491,16 +615,18 @@ def paired_rounds(
         )
         urls = [(name, f"{base}/archive/{dataset.name}/", None) for name, base in bases]
         contenders = [("peer", peer_url, post), *urls]
-        for _, url, data in contenders:
+        expected = {name: verified_archive(url, dataset, post=data) for name, url, data in contenders}
+        for name, url, data in contenders:
             for _ in range(2):
-                curl([url] * 8, False, data)  # warm up (and every worker's CRC index)
+                curl([url] * 8, False, data, length=expected[name].length)  # warm up (and every worker's CRC index)
+            verify_concurrent([url] * 8, False, data, expected[name])
         ratios: dict[str, list[float]] = {name: [] for name, _ in bases}
         for round_number in range(rounds):
             rates: dict[str, float] = {}
             turn = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, url, data in turn:
-                results = curl([url] * 8, False, data)
-                rates[name] = 8 * size / max(total for _, total, _ in results)
+                results = curl([url] * 8, False, data, length=expected[name].length)
+                rates[name] = 8 * expected[name].length / max(total for _, total, _ in results)
             for name in ratios:
                 ratios[name].append(rates[name] / rates["peer"])
     return [
@@ -546,8 +672,11 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return threads
 
 
-def timed_command(command: Sequence[str], pid: int) -> tuple[float, float]:
+def timed_command(command: Sequence[str], pid: int, check: Callable[[], None]) -> tuple[float, float]:
     """Run ``command`` (a client); the seconds it took and the service's + producers' CPU seconds meanwhile.
+
+    ``check`` is called after (untimed): it raises unless the client received what it asked for
+    (curl runs with ``--fail``: an error page is a failure, not a fast answer).
 
     The service's threads are measured to the nanosecond (a ranged request
     costs one or two 10 ms clock ticks); the reaped producers, and the
@@ -563,7 +692,9 @@ def timed_command(command: Sequence[str], pid: int) -> tuple[float, float]:
         spent = sum(threads_now.values()) - sum(threads.values())
     else:
         spent = sum(service_now) - sum(service)
-    return seconds, spent + children_cpu_seconds(pid) - producers
+    spent += children_cpu_seconds(pid) - producers
+    check()
+    return seconds, spent
 
 
 RANGE_RUNS = 9
@@ -583,36 +714,68 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
     full download.  The warm cases run at least RANGE_RUNS times.
     """
     rows: list[tuple[str, str, str]] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch, "out.zip")
+    # In bench-data/, not /tmp (a tmpfs on many systems): three archives of the album at a time.
+    with tempfile.TemporaryDirectory(dir=BENCH_STORAGE) as scratch:
+        target, reference = Path(scratch, "out.zip"), Path(scratch, "reference.zip")
+
+        def holds(path: Path, start: int = 0) -> Callable[[], None]:
+            """A check: ``path`` holds the reference archive's bytes from ``start`` to its end."""
+
+            def check() -> None:
+                with open(path, "rb") as got, open(reference, "rb") as want:
+                    want.seek(start)
+                    while block := want.read(1 << 20):
+                        if got.read(len(block)) != block:
+                            raise RuntimeError(f"{path}: not the archive's bytes from {start}")
+                    if got.read(1):
+                        raise RuntimeError(f"{path}: longer than the archive's bytes from {start}")
+
+            return check
+
         # Cold, fresh process: a new service, an empty CRC index (in memory), each time; warmed up on a
         # tiny album only, so its first large download's own costs count here too (shown for that).
         cold: list[tuple[float, float]] = []
+        with service(BENCH_STORAGE, python=python) as (base, pid):
+            # The reference: this service's archive, checked to be the album's files (untimed).
+            verified_archive(f"{base}/archive/{dataset.name}/", dataset, keep=reference)
         for _ in range(repeat):
             with service(BENCH_STORAGE, python=python) as (base, pid):
-                subprocess.run(["curl", "-sS", "-o", str(target), f"{base}/archive/{WARM_UP.name}/"], check=True)
-                cold.append(timed_command(["curl", "-sS", "-o", str(target), f"{base}/archive/{dataset.name}/"], pid))
+                warm_up = f"{base}/archive/{WARM_UP.name}/"
+                subprocess.run(["curl", "-sS", "--fail", "-o", str(target), warm_up], check=True)
+                command = ["curl", "-sS", "--fail", "-o", str(target), f"{base}/archive/{dataset.name}/"]
+                cold.append(timed_command(command, pid, holds(target)))
         with service(BENCH_STORAGE, python=python) as (base, pid):
             url = f"{base}/archive/{dataset.name}/"
             size = head_length(url)
-            subprocess.run(["curl", "-sS", "-o", str(target), url], check=True)  # warms the index
-            cases: dict[str, list[str]] = {
-                "full download, warm index": ["curl", "-sS", "-o", str(target), url],
-                "resume at 90 %": ["curl", "-sS", "-r", f"{size * 9 // 10}-", "-o", str(target), url],
-                "Range: bytes=-1": ["curl", "-sS", "-r", "-1", "-o", str(target), url],
+            subprocess.run(["curl", "-sS", "--fail", "-o", str(target), url], check=True)  # warms the index
+            holds(target)()
+            cases: dict[str, tuple[list[str], Callable[[], None]]] = {
+                "full download, warm index": (["curl", "-sS", "--fail", "-o", str(target), url], holds(target)),
+                "resume at 90 %": (
+                    ["curl", "-sS", "--fail", "-r", f"{size * 9 // 10}-", "-o", str(target), url],
+                    holds(target, size * 9 // 10),
+                ),
+                "Range: bytes=-1": (
+                    ["curl", "-sS", "--fail", "-r", "-1", "-o", str(target), url],
+                    holds(target, size - 1),
+                ),
             }
             if shutil.which("aria2c"):
                 aria = ["aria2c", "-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "-d", scratch, "-o", "a.zip"]
-                cases["aria2c -x8 -s8"] = [*aria, url]
+                cases["aria2c -x8 -s8"] = ([*aria, url], holds(Path(scratch, "a.zip")))
             runs = max(repeat, RANGE_RUNS)
-            measured = {name: [timed_command(command, pid) for _ in range(runs)] for name, command in cases.items()}
+            measured = {
+                name: [timed_command(command, pid, check) for _ in range(runs)]
+                for name, (command, check) in cases.items()
+            }
             # The same last byte as curl times it, from its connect to the last byte: without the 8-10 ms
             # of a curl process's own start and exit that the wall times above include.
-            on_the_wire = [curl_time_total(cases["Range: bytes=-1"]) for _ in range(runs)]
+            on_the_wire = [curl_time_total(*cases["Range: bytes=-1"]) for _ in range(runs)]
             cold_warm_process: list[tuple[float, float]] = []
             for _ in range(runs):
                 touch_every_file(dataset.directory)
-                cold_warm_process.append(timed_command(cases["full download, warm index"], pid))
+                full, full_check = cases["full download, warm index"]
+                cold_warm_process.append(timed_command(full, pid, full_check))
     print(f"\n== ranges, {label}, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
     warm_cpu = statistics.mean(cpu for _, cpu in measured["full download, warm index"])
     cold_cases = [("full download, cold index, fresh process", cold), ("full download, cold index", cold_warm_process)]
@@ -633,9 +796,10 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
     report(rows)
 
 
-def curl_time_total(command: Sequence[str]) -> float:
+def curl_time_total(command: Sequence[str], check: Callable[[], None]) -> float:
     """Seconds curl reports for ``command`` (a curl command line) from its start to the last byte: ``time_total``."""
     result = subprocess.run([*command, "-w", "%{time_total}"], check=True, capture_output=True, text=True)
+    check()
     return float(result.stdout)
 
 
