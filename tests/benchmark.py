@@ -115,8 +115,11 @@ def service(
     # which would refuse the concurrent runs past 4.
     # ARCHIVER_SETTLE_TIME=0: the cold runs move every file's ctime a moment before they download (a
     # 503 "album changing" otherwise, which curl -sS takes as done).
+    # None of the caller's own settings (ARCHIVER_COMPRESSION would deflate, ARCHIVER_INDEX would
+    # keep the CRCs a "fresh process" must not have): the service measured is the defaults' and these.
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("ARCHIVER_")}
     env = {
-        **os.environ,
+        **inherited,
         "ARCHIVER_MAX_JOBS": "64",
         "ARCHIVER_MAX_JOBS_PER_CLIENT": "64",
         "ARCHIVER_SETTLE_TIME": "0",
@@ -487,6 +490,32 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def imported_package(python: str) -> Path:
+    """The archiver package that ``python`` runs as ``service`` launches it (its environment and working directory).
+
+    Not necessarily this checkout's: a PYTHONPATH in the environment comes first, and an
+    interpreter's editable install names the checkout it was made in.
+    """
+    command = [python, "-c", "import archiver; print(archiver.__file__)"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    return Path(result.stdout.strip()).resolve().parent
+
+
+def checked_code(pythons: list[tuple[str, str]]) -> None:
+    """Print which code each service runs; SystemExit if the service is not this checkout's or the A/B is it too."""
+    packages = [imported_package(python) for _, python in pythons]
+    for (label, python), package in zip(pythons, packages, strict=True):
+        revision = subprocess.run(
+            ["git", "-C", str(package.parent), "describe", "--always", "--dirty"], capture_output=True, text=True
+        ).stdout.strip()
+        print(f"{label}: {python} runs {package} ({revision or 'no git'})")
+    if packages[0] != (PROJECT / "archiver").resolve():
+        where = f"see PYTHONPATH, or the checkout {pythons[0][1]}'s editable install names"
+        raise SystemExit(f"the service would not run this checkout's code but {packages[0]}: {where}")
+    if packages[1:] and packages[1] == packages[0]:
+        raise SystemExit(f"--ab {pythons[1][1]} runs this checkout's code ({packages[1]}), not its own: see PYTHONPATH")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is shown)")
@@ -507,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         generate(dataset)
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}, Python {sys.version.split()[0]}")
     pythons = [("service", sys.executable)] + ([("service before (A/B)", args.ab)] if args.ab else [])
+    checked_code(pythons)
     for dataset in datasets:
         repeat = 1 if dataset is HUGE else args.repeat
         if not args.ranges_only:
