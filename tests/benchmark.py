@@ -548,9 +548,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_dataset(dataset: Dataset, repeat: int, pythons: list[tuple[str, str]]) -> None:
     with service(BENCH_STORAGE) as (base, _):
         size = head_length(f"{base}/archive/{dataset.name}/")
-    print(f"\n== {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
-    rows: list[tuple[str, str, str]] = []
     concurrent_repeat = max(1, repeat // 2)
+    # The concurrent rows are fewer runs: at --repeat 3 one run (no median), at 5 two (a mean).
+    runs_said = f"medians of {repeat} (8 and 32 at once: {concurrent_repeat} run{'s' * (concurrent_repeat > 1)})"
+    print(f"\n== {dataset.name}: archive {size / 1e6:.0f} MB, {runs_said} ==")
+    rows: list[tuple[str, str, str]] = []
     peer: dict[int, float] = {}
     with zipserver(BENCH_STORAGE) as (url, pid):
         post = f"files={dataset.name}"
@@ -806,7 +808,10 @@ def range_costs(dataset: Dataset, repeat: int, label: str = "service", python: s
                 touch_every_file(dataset.directory)
                 full, full_check = cases["full download, warm index"]
                 cold_warm_process.append(timed_command(full, pid, full_check))
-    print(f"\n== ranges, {label}, {dataset.name}: archive {size / 1e6:.0f} MB, medians of {repeat} ==")
+    print(
+        f"\n== ranges, {label}, {dataset.name}: archive {size / 1e6:.0f} MB, "
+        f"medians of {repeat} (the warm cases and the cold index in it: {max(repeat, RANGE_RUNS)}) =="
+    )
     warm_cpu = statistics.mean(cpu for _, cpu in measured["full download, warm index"])
     cold_cases = [("full download, cold index, fresh process", cold), ("full download, cold index", cold_warm_process)]
     for name, timings in (*cold_cases, *measured.items()):
