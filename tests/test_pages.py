@@ -294,6 +294,28 @@ async def test_through_nginx_a_request_of_http_0_9_is_closed_unanswered(settings
     assert served.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\nPK\x03\x04" in served
 
 
+@needs_nginx
+async def test_through_nginx_a_request_line_it_cannot_parse_still_gets_its_error_page(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # nginx's own 400 and 414 for a request line it could not read have no protocol either: their
+    # error_page redirect met the HTTP/0.9 check and was closed unanswered (or reset), the 414 page for
+    # a URL over nginx's buffers too (helper 174).
+    async with pages_server(settings, tmp_path) as (url, _), nginx_in_front(url, tmp_path / "nginx") as front:
+        host, port = front.removeprefix("http://").rsplit(":", 1)
+        address = (host, int(port))
+        lower = await trio.to_thread.run_sync(raw_answer, address, b"get /archive/album/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        control = await trio.to_thread.run_sync(raw_answer, address, b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n")
+        long_url = b"GET /archive/album/?" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        too_long = await trio.to_thread.run_sync(raw_answer, address, long_url)
+        unanswered = await trio.to_thread.run_sync(raw_answer, address, b"GET /archive/album/\r\n")
+    for refused in (lower, control):
+        assert refused.startswith(b"HTTP/1.1 400 "), refused[:200]
+        assert refused.endswith(b"\r\n\r\n" + (UNPARSED_REQUEST.sentence + "\n").encode())
+    assert too_long.startswith(b"HTTP/1.1 414 ") and b"cookie" in too_long, too_long[:200]
+    assert unanswered == b""
+
+
 def raw_answer(address: tuple[str, int], request: bytes) -> bytes:
     """Every byte the server sends for ``request`` until it closes."""
     with socket.create_connection(address, timeout=10) as sock:
