@@ -1246,6 +1246,23 @@ def test_a_request_line_of_another_major_version_is_505_and_its_connection_close
         assert client.get(f"{service.url}/archive/small/").status_code == 200
 
 
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+def test_a_head_of_another_major_version_is_505_without_a_body(service: Service, version: bytes) -> None:
+    # h11 frames the answer to a HEAD with no body: the page sent after the 505's head was h11's
+    # LocalProtocolError ("Too much data for declared Content-Length"), the connection ended by an
+    # error, a WARNING and a connection_error counted for each such request (helper 174).
+    with socket.create_connection(service.address, timeout=5) as sock:
+        sock.sendall(b"HEAD /archive/small/ " + version + b"\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):  # no half-close: a TimeoutError fails the test, the connection kept
+            answer += chunk
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 ") and b"\r\nconnection: close" in head.lower(), answer[:300]
+    assert page == b""
+    polite_request_works(service)  # by then the connection's end is logged
+    assert b"LocalProtocolError" not in service.output and b"ended by an error" not in service.output
+
+
 @pytest.mark.parametrize("method", [b"head", b"get", b"Get"])
 def test_a_method_with_a_lower_case_letter_is_405_and_its_connection_closed(service: Service, method: bytes) -> None:
     # RFC 9110 9.1: a method is case-sensitive (helper 170).  Hypercorn upper-cases it for the app: "get" was served

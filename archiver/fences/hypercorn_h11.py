@@ -70,6 +70,7 @@ no request line of another major version, and no method read as another.
    would have ended looking complete (helper 170).  A minor version above 1
    (``HTTP/1.2``) is HTTP/1.1, as RFC 9110 2.5 asks and h11 frames it.  The
    HTTP/2 preface (``PRI * HTTP/2.0``) is still Hypercorn's to switch on.
+   h11 has read such a request, so a ``HEAD``'s 505 goes without its page.
 
 7. A method with a lower-case letter (``get``, ``head``, ``Get``) is a
    ``405`` with ``Allow: GET, HEAD``, its connection closed.  A method is
@@ -110,6 +111,7 @@ _CLOSING = (h11.MUST_CLOSE, h11.CLOSED)
 BLANK_LINE_BYTES = 64
 _BLANKS_SKIPPED = "_archiver_blanks_skipped"  # on the h11 connection: since its last request
 _CR_HELD = "_archiver_cr_held"  # on the h11 connection: a CR taken out, its LF still to come
+_HEAD_REFUSED = "_archiver_head_refused"  # on the protocol: the request refused (patch 6) was a HEAD
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 # Status -> the headers and body of an error answer made before the app (see install).
 ErrorAnswer = Callable[[int], tuple[list[tuple[bytes, bytes]], bytes]]
@@ -169,6 +171,9 @@ def _closing_aware(protocol: Any, connection: h11.Connection, next_event: Callab
         if isinstance(event, h11.Request):
             setattr(connection, _BLANKS_SKIPPED, 0)
             if not event.http_version.startswith(b"1.") and not _preface(event):
+                # h11 has taken it in: it frames the answer to a HEAD with no body (helper 174: the page sent
+                # was h11's LocalProtocolError, the connection ended by an error).
+                setattr(protocol, _HEAD_REFUSED, event.method == b"HEAD")
                 # Raised from next_event, as h11's own refusals are: Hypercorn answers it (patch 2), and closes.
                 raise h11.RemoteProtocolError("a request line of another major version than 1", 505)
             if event.method != event.method.upper():
@@ -212,7 +217,7 @@ def install(error_answer: ErrorAnswer | None = None) -> None:
         await self._send_h11_event(
             h11.Response(status_code=status_code, headers=[*headers, *self.config.response_headers("h11")])
         )
-        if body:
+        if body and not getattr(self, _HEAD_REFUSED, False):
             await self._send_h11_event(h11.Data(data=body))
         await self._send_h11_event(h11.EndOfMessage())
 
