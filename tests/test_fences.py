@@ -26,6 +26,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer as h2_frame_buffer_module
 import h2.stream as h2_stream_module
+import h2.utilities as h2_utilities_module
 import h11._connection as h11_connection_module
 import h11._receivebuffer as h11_receivebuffer_module
 import hpack.hpack as hpack_module
@@ -208,6 +209,16 @@ def source_of(module: object) -> str:
                 "self.highest_inbound_stream_id = 0",
                 "self.highest_inbound_stream_id = stream_id",
                 "self.streams: dict[int, H2Stream] = {}",
+                # Patch 16: how each stream closed, kept in a SizeLimitDict made in __init__, as streams are pruned.
+                "        self._closed_streams: dict[int, StreamClosedBy | None] = SizeLimitDict(\n"
+                "            size_limit=self.MAX_CLOSED_STREAMS,",
+                "            self._closed_streams[stream_id] = stream.closed_by",
+            ],
+        ),
+        (
+            h2_utilities_module,
+            [  # Patch 16: the oldest go past the limit, at each one kept.
+                "            while len(self) > self._size_limit:\n                self.popitem(last=False)",
             ],
         ),
         (

@@ -43,7 +43,7 @@ from archiver.web.app import EMPTY_BODY_WAIT
 from archiver.web.pages import MESSAGES, UNPARSED_REQUEST
 from archiver.web.ranges import parse_range
 
-from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, write_tree
+from .conftest import CLIENT_TLS, files_on_disk, http11_request, read_archive, record_figure, write_tree
 from .test_stress import resident_kib
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -423,6 +423,80 @@ def test_streams_refused_as_malformed_count_as_asking_for_nothing(service: Servi
     assert after["http2_frame_flood"] - before.get("http2_frame_flood", 0) == 1
     assert after["http2_malformed_stream"] - before.get("http2_malformed_stream", 0) <= 1_100
     polite_request_works(service)
+
+
+# A HEADERS frame (END_STREAM, END_HEADERS) whose block is whole in itself: a request, and one refused as malformed.
+_FAVICON_BLOCK = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/favicon.ico"), (b":scheme", b"http"),
+                                         (b":authority", b"x")])  # fmt: skip
+_MALFORMED_BLOCK = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/\xff"), (b":scheme", b"http"),
+                                           (b":authority", b"x")])  # fmt: skip
+
+
+def refused_streams(sock: socket.socket, count: int, stream_id: int = 1) -> int:
+    """Make ``count`` streams the service refuses as malformed on ``sock``, within the frame budget: the next stream id.
+
+    ~30 bytes each; a request (``/favicon.ico``, 204) pays for every 90.  Each batch waits for its resets.
+    """
+    pending = bytearray()
+    while count > 0:
+        batch = min(90, count)
+        frames = [raw_frame(0x1, 0x5, stream_id, _FAVICON_BLOCK)]
+        frames += [raw_frame(0x1, 0x5, stream_id + 2 * (1 + n), _MALFORMED_BLOCK) for n in range(batch)]
+        sock.sendall(b"".join(frames))
+        stream_id += 2 * (1 + batch)
+        count -= batch
+        resets = 0
+        while resets < batch:
+            while len(pending) >= 9 and len(pending) >= 9 + (length := int.from_bytes(pending[:3], "big")):
+                assert pending[3] != 0x7, f"GOAWAY {pending[9 + 4 : 9 + 8].hex()}"
+                resets += pending[3] == 0x3
+                del pending[: 9 + length]
+            if resets < batch:
+                chunk = sock.recv(65536)  # a TimeoutError: a reset missing
+                assert chunk, "closed"
+                pending += chunk
+    return stream_id
+
+
+def grown_by_refused_streams(service: Service, connections: int, streams: int) -> int:
+    """KiB of the service's RSS that ``connections`` connections, each with ``streams`` refused streams, still hold."""
+    with socket.create_connection(service.address, timeout=10) as sock:  # what a first such connection allocates
+        sock.sendall(PREFACE + raw_frame(0x4, 0, 0))
+        refused_streams(sock, 1_000)
+    before = server_rss_kib(service)
+    with contextlib.ExitStack() as held:
+        for _ in range(connections):
+            sock = held.enter_context(socket.create_connection(service.address, timeout=10))
+            sock.sendall(PREFACE + raw_frame(0x4, 0, 0))
+            last = refused_streams(sock, streams) - 2
+        grown = server_rss_kib(service) - before
+        # The latest are remembered: HEADERS again on one is that stream's error, a RST_STREAM, not the connection's.
+        sock.sendall(raw_frame(0x1, 0x5, last, _MALFORMED_BLOCK) + raw_frame(0x6, 0, 0, b"archiver"))
+        answered = raw_frames_until(sock, {0x6})
+        assert [(kind, payload) for kind, _, payload in answered if kind in (0x3, 0x7)] == [
+            (0x3, struct.pack(">I", h2.errors.ErrorCodes.STREAM_CLOSED))
+        ]
+    polite_request_works(service)
+    return grown
+
+
+def test_a_connection_remembers_how_its_latest_streams_closed_not_each(service: Service) -> None:
+    # Helper 175: h2 kept how each stream of a connection closed, up to 65,536 (~125 bytes each), for the
+    # connection's life; a stream refused as malformed costs ~30 bytes and a connection may make 100 of them
+    # for each request: 65,536 in ~12 s held ~8 MB a connection.  15,000 held ~1.9 MB.
+    grown = grown_by_refused_streams(service, connections=1, streams=15_000)
+    assert grown < 1_000, grown  # KiB
+
+
+@pytest.mark.slow
+def test_connections_full_of_closed_streams_hold_little(service: Service) -> None:
+    started = time.monotonic()
+    grown = grown_by_refused_streams(service, connections=4, streams=70_000)
+    record_figure(
+        f"4 HTTP/2 connections, 70,000 streams refused as malformed each: server RSS +{grown / 1024:.1f} MB "
+        f"({grown / 4 / 1024:.2f} MB a connection) in {time.monotonic() - started:.0f} s"
+    )
+    assert grown < 4 * 1_000, grown  # KiB: +32 MB, 8 a connection, when h2 kept 65,536 of them
 
 
 def header_blocks(kind: str) -> bytes:

@@ -1,8 +1,8 @@
-"""Fifteen adjustments to Hypercorn's HTTP/2 protocol (0.18), installed once per process.
+"""Sixteen adjustments to Hypercorn's HTTP/2 protocol (0.18), installed once per process.
 
 The send path (2 and 3, and what a stream's end learns of its bytes: ``undelivered``) is
-``hypercorn_h2_send``; what a client's frames may cost (11-15) is ``hypercorn_h2_frames``;
-``install`` here installs all fifteen.
+``hypercorn_h2_send``; what a client's frames may cost (11-16) is ``hypercorn_h2_frames``;
+``install`` here installs all sixteen.
 
 1. Reset a stream whose response the app did not finish.
 

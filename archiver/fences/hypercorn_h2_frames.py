@@ -1,4 +1,4 @@
-"""What a client's HTTP/2 frames may cost (h2 4.4, Hypercorn 0.18): patches 11-15 of ``hypercorn_h2``.
+"""What a client's HTTP/2 frames may cost (h2 4.4, Hypercorn 0.18): patches 11-16 of ``hypercorn_h2``.
 
 11. Refuse an overlong frame at its header.
 
@@ -60,6 +60,22 @@ up to 16 KiB (helper 108: 300 requests kept 4.5 MB a connection, against 0.9
 at the default).  RFC 7541 section 4.2 lets the encoder use less than the
 decoder allows; this one uses at most the default's 4,096 bytes.
 
+16. Remember how the latest ``CLOSED_STREAMS`` streams closed, not 65,536.
+
+h2 keeps, for each stream that closed, whether it ended or was reset, up to
+2**16 of them a connection (``H2Connection.MAX_CLOSED_STREAMS``), for the
+connection's life: only to tell a frame on a stream reset a moment ago (the
+client's DATA or trailers still on their way) from one on a stream that
+ended.  A stream refused as malformed (patch 5) costs a client ~30 bytes,
+and the budget below lets a connection 100 of them for each request: one
+connection made 65,536 in ~12 s and held ~8 MB (~125 bytes a stream) for as
+long as it made a request every few seconds (helper 175; four such: +32 MB).  RFC 9113 section
+5.1 lets an endpoint limit how long it ignores frames on a stream it reset;
+nghttp2 keeps no more closed streams than its concurrent-stream limit.  A
+HEADERS frame on a stream forgotten so ends the connection (PROTOCOL_ERROR,
+as a stream id used again does); DATA, WINDOW_UPDATE and RST_STREAM on it are
+answered as before.
+
 14. A budget for frames that ask for nothing.
 
 Every frame but a request's HEADERS and the DATA that ends it (SETTINGS,
@@ -109,6 +125,7 @@ import trio
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import StreamState
+from h2.utilities import SizeLimitDict
 from hpack import Encoder
 from hypercorn.events import Closed
 from hypercorn.protocol.h2 import H2Protocol
@@ -141,6 +158,8 @@ CONTROL_FRAMES_PER_SECOND = 10
 WINDOW_UPDATES = 1_000
 WINDOW_UPDATES_PER_STREAM = 2
 WINDOW_UPDATES_PER_DATA_FRAME = 4
+# Closed streams whose end a connection remembers (patch 16): Hypercorn's h2_max_concurrent_streams.
+CLOSED_STREAMS = 100
 # The highest stream id given to Hypercorn's _create_stream (set by hypercorn_h2's patch 10).
 LAST_STARTED = "_archiver_last_started"
 _FRAMES = "_archiver_frames"
@@ -152,6 +171,7 @@ def install() -> None:
     _watch_the_frame_buffer()
     _ignore_priority_signals()
     _bound_the_encoder_table()
+    _bound_the_closed_streams()
     _budget_frames_that_ask_nothing()
     _wake_only_streams_that_can_send()
 
@@ -288,6 +308,16 @@ class _BoundedEncoder(Encoder):
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
         _ENCODER_TABLE_SIZE.__set__(self, min(value, ENCODER_TABLE_BYTES))
+
+
+def _bound_the_closed_streams() -> None:
+    original: Callable[..., None] = H2Protocol.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.connection._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS)  # before any stream
+
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _bound_the_encoder_table() -> None:
