@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,6 +76,30 @@ async def test_missing_bad_or_expired_signature_is_403_and_starts_nothing(
     assert response.text.strip() == MESSAGES[403].sentence
     assert unknown.status_code == 403  # the same answer: nothing says whether an album exists
     assert producer_starts.read_text() == ""
+
+
+async def test_refused_links_and_names_write_a_line_a_second_of_each_kind(
+    signing_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 175: each refusal wrote an INFO line, and costs the service no walk and no thread: one client
+    # on one kept-alive connection wrote ~900 lines a second, beside their access lines.
+    refused = [
+        f"/archive/album/?expires={int(time.time()) + 60}&sig={'A' * 43}",  # a bad signature
+        "/archive/album/",  # none
+        signed("album", time.time() - 1),  # expired
+        signed("album", time.time() + 60) + "&filename=%FF",  # a file name not in UTF-8
+    ]
+    statuses: Counter[int] = Counter()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="archiver.web.routes"):
+        async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
+            for number in range(400):
+                forwarded = {"X-Forwarded-For": f"198.51.100.{number % 200}"}  # many clients, one kind each
+                statuses[(await client.get(refused[number % 4], headers=forwarded)).status_code] += 1
+    seconds = time.monotonic() - started
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album: ")]
+    assert statuses == {403: 300, 400: 100}
+    assert 1 <= len(lines) <= 3 * (seconds + 1), (len(lines), seconds)  # three kinds, a line a second each
 
 
 async def test_redirect_keeps_the_signature(signing_settings: Settings) -> None:

@@ -23,7 +23,7 @@ from ..archive.producer import producer_available
 from ..archive.root_filesystem import RootFilesystem
 from ..archive.storage import ALBUM_NAME, resolve_album
 from ..config import Settings
-from ..logs import cut_for_log
+from ..logs import Quieted, cut_for_log
 from .answers import answer_headers, client_address, client_protocols, header_field, no_body, utf8_filename
 from .clients import TrustedProxies, counted_client
 from .connection import limit_refusal, listing_refusal
@@ -43,7 +43,7 @@ from .metrics import DownloadMetrics
 from .pages import error_page, page
 from .preparation import PreparedArchive, RecentWalks, prepare_archive
 from .ranges import surely_a_range
-from .signing import LinkRefused, check_link
+from .signing import LinkExpired, LinkRefused, check_link
 from .storage_calls import RESOLVERS, StorageSilent, call_storage
 from .storage_root import root_timeout, storage_root_searchable
 from .walk_turns import ClientWalks
@@ -51,6 +51,12 @@ from .walk_turns import ClientWalks
 logger = logging.getLogger(__name__)
 
 EXAMPLE_NAME = "3bea29ccabbbf64bdebcc055319c5745"
+
+# A link or a file name refused costs its client a request, and the service no walk and no thread: a
+# line each let one client write the log at its own rate (helper 175: ~900 lines a second).  At most
+# one a second of each kind, saying how many it stands for; each refusal has its access line.  An
+# expired link, what a user with an old one meets, apart from the rest, which a flood is made of.
+_refusal_lines = {kind: Quieted(logger, logging.INFO, interval=1.0) for kind in ("expired", "link", "filename")}
 
 INDEX_TITLE = "Архивы фотографий"
 INDEX_BODY = (
@@ -114,10 +120,11 @@ class Routes:
             return listing_refusal(error, name, self.metrics, request.headers.get("Accept"))
         except DisplayNameRefused as refusal:
             # Refused before the name is checked: it may be 16 KiB long (helper 84: 10 MB of log a second).
-            logger.info("refused %s: %s", cut_for_log(name), refusal)
+            _refusal_lines["filename"].log("refused %s: %s", cut_for_log(name), refusal)
             return error_page(400, request.headers.get("Accept"))
         except LinkRefused as refusal:
-            logger.info("refused %s: %s", cut_for_log(name), refusal)
+            kind = "expired" if isinstance(refusal, LinkExpired) else "link"
+            _refusal_lines[kind].log("refused %s: %s", cut_for_log(name), refusal)
             return error_page(403, request.headers.get("Accept"))
         answer = answer_headers(prepared, filename)
         if isinstance(answer, Response):

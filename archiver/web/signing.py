@@ -26,6 +26,10 @@ class LinkRefused(PermissionError):
     """The link carries no valid, unexpired signature for this album."""
 
 
+class LinkExpired(LinkRefused):
+    """The link was signed, and its time has passed: what a user with an old link meets."""
+
+
 def signature(secret: bytes, name: str, expires: int, filename: str | None = None) -> str:
     """The ``sig`` of a link to ``name`` valid until ``expires`` (unix seconds), with a display ``filename``.
 
@@ -58,7 +62,7 @@ def check_link(
     if not hmac.compare_digest(signature(secret, name, int(expires), filename), sig):
         raise LinkRefused("bad signature")
     if int(expires) < now:
-        raise LinkRefused(f"expired at {expires}")
+        raise LinkExpired(f"expired at {expires}")
 
 
 # The longest a link may live: a century.  An expiry past 12 digits is refused as a probe, so
