@@ -1784,6 +1784,75 @@ async def test_archiver_index_names_the_files_the_storage_cannot_read_and_fails(
     assert "2 unreadable" in result.stdout and "2 files could not be read" in result.stderr
 
 
+def _changed(path: Path, change: str) -> None:
+    """Change the file at ``path`` as an upload or an edit would, by ``change``."""
+    if change == "grown":
+        with path.open("ab") as file:
+            file.write(b"more")
+    elif change == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    elif change == "rewritten in place":  # the same size, its mtime put back: its ctime moves all the same
+        status = path.stat()
+        with path.open("r+b") as file:
+            file.write(b"x" * status.st_size)
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    else:
+        path.unlink()
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("change", ["grown", "truncated", "rewritten in place", "deleted"])
+async def test_archiver_index_leaves_a_file_changed_while_its_crc_is_read_to_the_downloads(
+    tmp_path: Path, change: str
+) -> None:
+    # album_crcs: a file found the one listed at its open, then changed while its bytes are read (held by
+    # the mount until the test has changed it): counted as changing, no CRC kept for it, exit 0 (untested
+    # until helper 176, by coverage).
+    source, storage, gate, index = tmp_path / "source", tmp_path / "storage", tmp_path / "gate", tmp_path / "index"
+    write_tree(source, {"a.jpg": b"a" * 1000, "b.jpg": b"b" * 1000})
+    storage.mkdir()
+    await ctimes_settled(source)
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index), "ARCHIVER_TRUSTED_FUSE": "fuse"}
+    results: list[subprocess.CompletedProcess[str]] = []
+    async with gated_mount(source, storage / "album", gate), trio.open_nursery() as nursery:
+        gate.write_text("read")  # the first read of a file's bytes (a.jpg's: the walk's order) waits
+        nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: results.append(run_archiver("index", env=env))))
+        await until_held(gate)
+        _changed(source / "a.jpg", change)
+        gate.unlink()
+    (result,) = results
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "indexed 1 albums, 2 files (1 computed, 1 changing (read when downloaded))"
+    assert list(rows(index)) == [(source / "b.jpg").stat().st_ino]
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("failure", [errno.EIO, errno.ENOMEM])
+async def test_archiver_index_names_a_file_the_storage_fails_to_open_and_fails(tmp_path: Path, failure: int) -> None:
+    # album_crcs: an open failing after the walk (the mount's look at the file: EIO, or out of memory)
+    # is the file's line and exit 1, the other files' CRCs kept (untested until helper 176, by coverage;
+    # a traceback and no CRC kept until helper 72).
+    source, storage, gate, index = tmp_path / "source", tmp_path / "storage", tmp_path / "gate", tmp_path / "index"
+    write_tree(source, {"a.jpg": b"a" * 1000, "b.jpg": b"b" * 1000})
+    storage.mkdir()
+    await ctimes_settled(source)
+    env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index), "ARCHIVER_TRUSTED_FUSE": "fuse"}
+    results: list[subprocess.CompletedProcess[str]] = []
+    async with gated_mount(source, storage / "album", gate), trio.open_nursery() as nursery:
+        gate.write_text("read")  # a.jpg's read waits: the walk is over, b.jpg not yet opened
+        nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: results.append(run_archiver("index", env=env))))
+        await until_held(gate)
+        (tmp_path / "gate-fail-stats").write_text(f"{failure} b.jpg")
+        gate.unlink()
+    (result,) = results
+    assert result.returncode == 1
+    reason = os.strerror(failure)
+    assert result.stderr.splitlines()[0] == f"archiver index: cannot read {storage}/album/b.jpg: {reason}"
+    assert result.stdout.strip() == "indexed 1 albums, 2 files (1 computed, 1 unreadable)"
+    assert "1 files could not be read" in result.stderr and "Traceback" not in result.stderr
+    assert list(rows(index)) == [(source / "a.jpg").stat().st_ino]
+
+
 def blocks_read(patch: pytest.MonkeyPatch, pause: float = 0.0) -> list[int]:
     """Offsets of the blocks ``crc_reads`` reads for CRCs, in order (``pause``: seconds a block, slow storage)."""
     offsets: list[int] = []
