@@ -123,10 +123,10 @@ async def _read_crc(
                 shared.drop()  # first: the thread given up on stops at its next read (helper 114)
                 _keep_partial(index, found, filesystem, read, started)
             raise
-    if not kept and resumed is not None:
-        # Racy or not trusted after all (its filesystem's trust looked at anew): what an earlier
-        # read covered may not be the file's bytes now.  Read it whole.
-        return await _read_crc(shared, path, size, index, buffer, found, filesystem, read, progress, queued)
+    # A read resumed is kept: what it resumed was kept, under this key and filesystem, only if not
+    # racy there (``_keep_partial``), and ``keep`` judges it by the same key, start and filesystem.
+    # (Helper 176: a resumed read not kept was read again whole, from when the filesystem was the
+    # trust's latest look rather than the download's view's, cb0cde9; it could no longer happen.)
     return FileCrc(found, crc, not kept)
 
 
