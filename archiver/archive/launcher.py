@@ -226,28 +226,39 @@ class Launcher:
         return message, list(descriptors)
 
     def _dispatch(self, message: bytes, descriptors: list[int]) -> None:
+        """Hand a report to the start or the process it is for; ValueError, its descriptors closed, if it is none.
+
+        Every report has two numbers first (``launcher_program``).  One that
+        has not (a launcher of another version: started from a checkout
+        updated since the service started) was an IndexError that ended the
+        service's whole Trio run (helper 176): now its launcher is ended (logged).
+        """
         kind, *fields = message.split(b" ", 3)
-        if kind == b"X":
-            process = self._running.pop(int(fields[0]), None)
+        try:
+            first, second = int(fields[0]), int(fields[1])
+        except (IndexError, ValueError):
+            for descriptor in descriptors:
+                os.close(descriptor)
+            raise ValueError(f"a report of no known form: {message[:64]!r}") from None
+        if kind == b"X":  # X <pid> <status>
+            process = self._running.pop(first, None)
             if process is not None:
-                process._ended(int(fields[1]))
+                process._ended(second)
             return
-        waiting = self._replies.get(int(fields[0]))
+        waiting = self._replies.get(first)  # S <id> <pid>, E <id> <errno> <message>
         result: ReportedProcess | OSError
         if kind == b"S" and len(descriptors) == _DESCRIPTORS:
             pidfd, stdin, stdout, stderr = descriptors
-            result = LaunchedProcess(
-                int(fields[1]), pidfd, stdin, stdout, stderr, self.name, self.process.kill, REPLY_WAIT
-            )
+            result = LaunchedProcess(second, pidfd, stdin, stdout, stderr, self.name, self.process.kill, REPLY_WAIT)
             self._running[result.pid] = result
         elif kind == b"S" and len(descriptors) == _LAUNCHER_DESCRIPTORS:
             pidfd, control = descriptors
-            result = SpawnedLauncher(int(fields[1]), pidfd, control, self.name, self.process.kill, REPLY_WAIT)
+            result = SpawnedLauncher(second, pidfd, control, self.name, self.process.kill, REPLY_WAIT)
             self._running[result.pid] = result
         else:
             for descriptor in descriptors:
                 os.close(descriptor)
-            number = int(fields[1]) if kind == b"E" and len(fields) > 1 else 0
+            number = second if kind == b"E" else 0
             result = OSError(number, fields[2].decode(errors="replace") if len(fields) > 2 else "not started")
         if waiting is None:  # cannot happen: a start waits for its reply, shielded
             if isinstance(result, ReportedProcess):
