@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from archiver.config import Settings, SettingsError
+from archiver.config import Settings, SettingsError, setting_name
 
 
 def test_environment_overrides_defaults() -> None:
@@ -107,3 +109,27 @@ def test_the_zones_are_had_where_the_system_has_no_tz_database() -> None:
         [sys.executable, "-c", check], env={**os.environ, "PYTHONTZPATH": ""}, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readmes_settings_table_names_every_variable_with_the_codes_default() -> None:
+    # Helper 178: the operators' manual is the table under Running; a variable it leaves out, or a
+    # default that drifted from the code's, is a setting an operator cannot know or gets wrong.
+    running = README.read_text().split("### `archiver` / `python -m archiver`")[1].split("\n### ")[0]
+    rows = re.findall(r"^\|[^|\n]*\| `(ARCHIVER_[A-Z0-9_]+)` \| ([^|\n]+) \|", running, re.MULTILINE)
+    documented = dict(rows)
+    assert len(documented) == len(rows), "a variable has two rows"
+    variables = {setting_name(field.name).split()[-1] for field in fields(Settings)}
+    assert set(documented) == variables
+    for variable, default in documented.items():
+        # "`8080`", "off", "empty", "1000000, or `ARCHIVER_MAX_FILES` if more": as the variable would say it.
+        text = "" if default.strip() == "empty" else default.split(",")[0].strip().strip("`")
+        if variable == "ARCHIVER_TRUSTED_PROXIES":
+            text = default.strip().strip("`")
+        given = Settings.from_env({variable: text})
+        if variable == "ARCHIVER_MAX_PLANNED_FILES":  # unset, it follows ARCHIVER_MAX_FILES up
+            assert given.planned_files_budget == Settings().planned_files_budget, variable
+        else:
+            assert given == Settings(), (variable, default)
