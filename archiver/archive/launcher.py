@@ -232,10 +232,14 @@ class Launcher:
         has not (a launcher of another version: started from a checkout
         updated since the service started) was an IndexError that ended the
         service's whole Trio run (helper 176): now its launcher is ended (logged).
+        So is an exit's report that comes with descriptors, which none carries:
+        they were left open, one report's worth each (helper 179).
         """
         kind, *fields = message.split(b" ", 3)
         try:
             first, second = int(fields[0]), int(fields[1])
+            if kind == b"X" and descriptors:
+                raise ValueError
         except (IndexError, ValueError):
             for descriptor in descriptors:
                 os.close(descriptor)
