@@ -18,6 +18,8 @@ import pytest
 import trio
 
 from archiver.config import Settings, SettingsError
+from archiver.logs import Quieted
+from archiver.web import routes as routes_module
 from archiver.web.pages import MESSAGES
 from archiver.web.signing import LinkRefused, check_link, parse_duration, signed_query
 
@@ -100,6 +102,39 @@ async def test_refused_links_and_names_write_a_line_a_second_of_each_kind(
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album: ")]
     assert statuses == {403: 300, 400: 100}
     assert 1 <= len(lines) <= 3 * (seconds + 1), (len(lines), seconds)  # three kinds, a line a second each
+
+
+async def test_refused_links_lines_keep_an_expired_link_apart_and_count_exactly(
+    signing_settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 175's kinds, on a clock the test moves (helper 179: the test above counts lines, not what
+    # they say): an expired link (what a user with an old one meets) has its own line however many bad
+    # signatures come first, and each line after the first counts exactly those its kind left out.
+    now = [0.0]
+    lines = {
+        kind: Quieted(logging.getLogger(routes_module.__name__), logging.INFO, 1.0, clock=lambda: now[0])
+        for kind in routes_module._refusal_lines
+    }
+    monkeypatch.setattr(routes_module, "_refusal_lines", lines)
+    bad = f"/archive/album/?expires={int(time.time()) + 60}&sig={'A' * 43}"
+    expired = signed("album", time.time() - 1)
+    name = signed("album", time.time() + 60) + "&filename=%FF"
+    with caplog.at_level(logging.INFO, logger=routes_module.__name__):
+        async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
+            for paths in ([bad] * 50 + [expired] * 3 + [name] * 2, [bad, expired, name]):
+                for path in paths:
+                    assert (await client.get(path)).status_code in (400, 403)
+                now[0] += 1.0
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album: ")]
+    more = " ({} more such lines left out since the last)"
+    assert [re.sub(r"expired at \d+", "expired at <t>", line) for line in said] == [
+        "refused album: bad signature",
+        "refused album: expired at <t>",
+        "refused album: filename is not UTF-8",
+        "refused album: bad signature" + more.format(49),
+        "refused album: expired at <t>" + more.format(2),
+        "refused album: filename is not UTF-8" + more.format(1),
+    ]
 
 
 async def test_redirect_keeps_the_signature(signing_settings: Settings) -> None:
