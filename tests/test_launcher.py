@@ -405,6 +405,51 @@ async def test_a_report_of_no_known_form_ends_its_launcher_not_the_service(
     assert await _runs_a_program(await launcher.current())
 
 
+# A spawner from a checkout updated under the service: ready, then a report this service cannot read.
+_SPAWNER_OF_ANOTHER_VERSION = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    "import socket\ns = socket.socket(fileno=0)\ns.send(b'R')\ns.send(b'V 2')\ns.recv(1)\n",
+)
+
+
+async def test_a_spawner_that_ends_as_soon_as_it_is_ready_is_not_replaced_in_a_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Helper 179: the launcher replaced a spawner that ended as soon as it was started, at once, each
+    # time: one that reported what this service cannot read (ended since 9cc57b6), or failed right after
+    # its "ready", was started again ~40 times a second, three log lines each, for as long as the service
+    # ran.  Now one started less than SPAWNER_RETRY ago is replaced at a producer start, at most that often.
+    monkeypatch.setattr(launcher, "SPAWNER_RETRY", 3.0)
+    first, spawner = await _launcher_and_spawner()
+    command = launcher.COMMAND
+    monkeypatch.setattr(launcher, "COMMAND", _SPAWNER_OF_ANOTHER_VERSION)
+    started = "the launchers' spawner had ended: the producers' launcher started another"
+    with caplog.at_level(logging.WARNING):
+        os.kill(spawner.process.pid, signal.SIGKILL)  # the first replacement at once, as ever
+        with trio.fail_after(5):
+            while "the launchers' spawner: a report of no known form: b'V 2'" not in caplog.text:
+                await trio.sleep(0.01)
+        await trio.sleep(0.5)  # a window for the loop: ~20 more starts in it before
+        assert caplog.text.count(started) == 1
+        assert await launcher.current() is first and await _runs_a_program(first)  # within SPAWNER_RETRY
+        assert caplog.text.count(started) == 1
+        monkeypatch.setattr(launcher, "COMMAND", command)
+        with trio.fail_after(10):  # a producer start SPAWNER_RETRY after the last start starts the next
+            while not (respawner := launcher.current_spawner()) or not respawner.alive:
+                assert await launcher.current() is first
+                await trio.sleep(0.05)
+    assert caplog.text.count(started) == 2 and parent_pid(respawner.process.pid) == first.process.pid
+    first.process.kill()  # the new spawner starts the next launcher: no fork of ours
+    with trio.fail_after(5):
+        while first.alive:
+            await trio.sleep(0.01)
+    second = await launcher.current()
+    assert parent_pid(second.process.pid) == respawner.process.pid and await _runs_a_program(second)
+
+
 async def _kill_launcher(started_by: launcher.Launcher) -> None:
     """Kill ``started_by`` and wait until the service has seen it end (the next start has the spawner start another)."""
     os.kill(started_by.process.pid, signal.SIGKILL)

@@ -300,8 +300,9 @@ def _opening_now() -> Iterator[None]:
 async def current() -> Launcher:
     """This run's launcher, started if there is none or it has ended; OSError if it cannot start.
 
-    A spawner that ended and could not be replaced at once is tried again
-    here (while the launcher runs: no fork), at most every SPAWNER_RETRY.
+    A spawner that ended and could not be replaced at once (it could not be
+    started, or the last was started less than SPAWNER_RETRY ago) is tried
+    again here (while the launcher runs: no fork), at most every SPAWNER_RETRY.
     """
     async with _opening_lock():
         launcher = _current.get()
@@ -341,16 +342,21 @@ async def _replace_spawner() -> None:
     """A system task: the spawner ended, have the launcher start another (no fork of the service).  Never raises.
 
     Only a spawner and a launcher that both end before one is replaced leave
-    the next launcher start to a fork of the service.
+    the next launcher start to a fork of the service.  A spawner the launcher
+    started less than SPAWNER_RETRY ago is not replaced here but at a producer
+    start (``current``): one that ends as soon as it is ready (a checkout
+    updated under the service: it fails, or reports what this service cannot
+    read) was replaced at once, again and again, ~40 a second (helper 179).
     """
     async with _opening_lock():
         launcher = _current.get()
-        if launcher is not None and _spawner_to_replace(launcher):
+        if launcher is not None and _spawner_to_replace(launcher) and trio.current_time() >= _spawner_retry_at.get():
             await _replace_spawner_now(launcher)
 
 
 async def _replace_spawner_now(launcher: Launcher) -> None:
-    """Have ``launcher`` start a spawner; if it cannot, logged, and not tried again before SPAWNER_RETRY."""
+    """Have ``launcher`` start a spawner; either way, not again (if it ends) before SPAWNER_RETRY; a failure logged."""
+    _spawner_retry_at.set(trio.current_time() + SPAWNER_RETRY)
     try:
         with _opening_now():
             _spawner.set(await launcher.open_launcher(SPAWNER))
