@@ -63,6 +63,10 @@ class Quieted:
         self._quiet_until = float("-inf")
         self.left_out = 0
 
+    def quiet(self) -> bool:
+        """Whether a line now would be left out: its arguments need not be worked out."""
+        return self._clock() < self._quiet_until
+
     def log(self, message: str, *args: object) -> None:
         now = self._clock()
         if now < self._quiet_until:

@@ -99,7 +99,7 @@ async def test_refused_links_and_names_write_a_line_a_second_of_each_kind(
                 forwarded = {"X-Forwarded-For": f"198.51.100.{number % 200}"}  # many clients, one kind each
                 statuses[(await client.get(refused[number % 4], headers=forwarded)).status_code] += 1
     seconds = time.monotonic() - started
-    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album: ")]
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album for ")]
     assert statuses == {403: 300, 400: 100}
     assert 1 <= len(lines) <= 3 * (seconds + 1), (len(lines), seconds)  # three kinds, a line a second each
 
@@ -122,18 +122,20 @@ async def test_refused_links_lines_keep_an_expired_link_apart_and_count_exactly(
     with caplog.at_level(logging.INFO, logger=routes_module.__name__):
         async with running_server(signing_settings) as server, make_client(server, "HTTP/1.1") as client:
             for paths in ([bad] * 50 + [expired] * 3 + [name] * 2, [bad, expired, name]):
-                for path in paths:
-                    assert (await client.get(path)).status_code in (400, 403)
+                for number, path in enumerate(paths):
+                    forwarded = {"X-Forwarded-For": f"198.51.100.{number}"}  # from the trusted 127.0.0.1
+                    assert (await client.get(path, headers=forwarded)).status_code in (400, 403)
                 now[0] += 1.0
-    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album: ")]
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused album for ")]
     more = " ({} more such lines left out since the last)"
+    # Each line names the client of the first event of its period (README, Logs).
     assert [re.sub(r"expired at \d+", "expired at <t>", line) for line in said] == [
-        "refused album: bad signature",
-        "refused album: expired at <t>",
-        "refused album: filename is not UTF-8",
-        "refused album: bad signature" + more.format(49),
-        "refused album: expired at <t>" + more.format(2),
-        "refused album: filename is not UTF-8" + more.format(1),
+        "refused album for 198.51.100.0: bad signature",
+        "refused album for 198.51.100.50: expired at <t>",
+        "refused album for 198.51.100.53: filename is not UTF-8",
+        "refused album for 198.51.100.0: bad signature" + more.format(49),
+        "refused album for 198.51.100.1: expired at <t>" + more.format(2),
+        "refused album for 198.51.100.2: filename is not UTF-8" + more.format(1),
     ]
 
 

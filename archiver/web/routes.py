@@ -105,6 +105,12 @@ class Routes:
         example = EXAMPLE_LINK if sample_there else ""
         return Response(page(INDEX_TITLE, INDEX_BODY.format(example=example)), mimetype="text/html")
 
+    def _refusal_line(self, kind: str, name: str, refusal: Exception) -> None:
+        """The line of a link or a file name refused, naming its client (worked out only for a line written)."""
+        line = _refusal_lines[kind]
+        client = "" if line.quiet() else client_address(self.proxies)
+        line.log("refused %s for %s: %s", cut_for_log(name), client, refusal)
+
     async def archive(self, name: str) -> Response:
         """``/archive/<name>/``: the album's archive (or the range asked for), or why not."""
         try:
@@ -120,11 +126,10 @@ class Routes:
             return listing_refusal(error, name, self.metrics, request.headers.get("Accept"))
         except DisplayNameRefused as refusal:
             # Refused before the name is checked: it may be 16 KiB long (helper 84: 10 MB of log a second).
-            _refusal_lines["filename"].log("refused %s: %s", cut_for_log(name), refusal)
+            self._refusal_line("filename", name, refusal)
             return error_page(400, request.headers.get("Accept"))
         except LinkRefused as refusal:
-            kind = "expired" if isinstance(refusal, LinkExpired) else "link"
-            _refusal_lines[kind].log("refused %s: %s", cut_for_log(name), refusal)
+            self._refusal_line("expired" if isinstance(refusal, LinkExpired) else "link", name, refusal)
             return error_page(403, request.headers.get("Accept"))
         answer = answer_headers(prepared, filename)
         if isinstance(answer, Response):
