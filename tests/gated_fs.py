@@ -29,8 +29,12 @@ With ``--cached-attributes`` the kernel keeps what it is told of a file's attrib
 a minute, as libfuse and mergerfs do for a second by default: ``stat`` answers from there.
 
 Run as ``python tests/gated_fs.py SOURCE MOUNTPOINT GATE [--sftp-times | --mtime-as-ctime | --an-hour-back]
-[--cached-attributes]`` (in the foreground, until unmounted).  For tests/test_dead_storage.py and
+[--cached-attributes] [--writable]`` (in the foreground, until unmounted).  For tests/test_dead_storage.py and
 tests/test_crc_index.py.
+
+With ``--writable`` the mount can be written (files made, written, cut, renamed and removed, as the
+CRC index's SQLite file and its ``-wal`` and ``-shm`` need), and the gate's ``write`` holds each
+such change and ``fsync``; ``all`` holds every call (an NFS server gone under a file written).
 """
 
 from __future__ import annotations
@@ -62,19 +66,23 @@ FAIL_STATS = "-fail-stats"
 SHORT_READS = "-short-reads"
 HOUR_NS = 3600 * 1_000_000_000
 CACHED_ATTRIBUTES = "--cached-attributes"
+WRITABLE = "--writable"
 GATED = {
     "read": {"read"},
     "listing": {"listing"},
     "metadata": {"listing", "metadata"},
     "flush": {"flush"},
     "files": {"read", "flush"},
+    "write": {"write"},
+    "all": {"read", "listing", "metadata", "flush", "write"},
 }
 
 
 class GatedFs(Operations):  # type: ignore[misc]
     use_ns = True
 
-    def __init__(self, source: str, gate: str, times: str = "") -> None:
+    def __init__(self, source: str, gate: str, times: str = "", writable: bool = False) -> None:
+        self.writable = writable
         self.source = source
         self.gate = gate
         self.times = times  # "", "--sftp-times", "--mtime-as-ctime" or "--an-hour-back"
@@ -141,7 +149,10 @@ class GatedFs(Operations):  # type: ignore[misc]
         return [(".", {"st_ino": os.lstat(folder).st_ino, "st_mode": os.lstat(folder).st_mode}, 0), *listed]
 
     def open(self, path: str, flags: int) -> int:
-        return os.open(self._path(path), os.O_RDONLY)
+        if not self.writable:
+            return os.open(self._path(path), os.O_RDONLY)
+        self._gate("metadata", path)
+        return os.open(self._path(path), flags & ~(os.O_CREAT | os.O_EXCL))
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         self._gate("read")
@@ -171,19 +182,70 @@ class GatedFs(Operations):  # type: ignore[misc]
         return 0
 
 
+class WritableGatedFs(GatedFs):
+    """``GatedFs`` that can be written (``--writable``): the gate's ``write`` holds the changes."""
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        self._gate("write", path)
+        return os.open(self._path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        self._gate("write", path)
+        return os.pwrite(fh, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        self._gate("write", path)
+        if fh is None:
+            os.truncate(self._path(path), length)
+        else:
+            os.ftruncate(fh, length)
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self._gate("write", path)
+        (os.fdatasync if datasync else os.fsync)(fh)
+        return 0
+
+    def unlink(self, path: str) -> int:
+        self._gate("write", path)
+        os.unlink(self._path(path))
+        return 0
+
+    def rename(self, old: str, new: str) -> int:
+        self._gate("write", new)
+        os.rename(self._path(old), self._path(new))
+        return 0
+
+    def mkdir(self, path: str, mode: int) -> int:
+        self._gate("write", path)
+        os.mkdir(self._path(path), mode)
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        self._gate("write", path)
+        os.chmod(self._path(path), mode)
+        return 0
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self._gate("write", path)
+        os.utime(self._path(path), ns=times)
+        return 0
+
+
 if __name__ == "__main__":
     source, mountpoint, gate = sys.argv[1:4]
     options = sys.argv[4:]
-    times = next((option for option in options if option != CACHED_ATTRIBUTES), "")
+    times = next((option for option in options if option not in (CACHED_ATTRIBUTES, WRITABLE)), "")
+    writable = WRITABLE in options
     # No kernel caching of attributes or names unless asked: each open sees the source as it is.
     cached = 60 if CACHED_ATTRIBUTES in options else 0
     # Up to 64 calls held at once (libfuse's default is 10 threads: more would queue unseen in the kernel).
     # The source's inode numbers (use_ino), as NFS and mergerfs show them: a file keeps its inode across mounts.
     FUSE(
-        GatedFs(source, gate, times),
+        (WritableGatedFs if writable else GatedFs)(source, gate, times, writable),
         mountpoint,
         foreground=True,
-        ro=True,
+        ro=not writable,
         attr_timeout=cached,
         entry_timeout=cached,
         max_threads=64,

@@ -35,11 +35,13 @@ from zlib_ng import zlib_ng
 import archiver.archive.crc_index as crc_index_module
 import archiver.archive.crc_reads as crc_reads_module
 import archiver.archive.crc_source as crc_source_module
+import archiver.archive.crc_store as crc_store_module
 import archiver.archive.ctime_trust as ctime_trust_module
 import archiver.archive.large_file_crc as large_file_crc_module
 import archiver.archive.listed_files as listed_files_module
 import archiver.archive.plan as plan_module
 import archiver.archive.producer as producer_module
+import archiver.web.crc_index_file as crc_index_file_module
 from archiver.archive import launcher
 from archiver.archive.album_crcs import album_crcs
 from archiver.archive.crc_index import CrcIndex, PartialCrc
@@ -76,7 +78,7 @@ from .conftest import (
     write_tree,
 )
 from .test_adversarial import address_of
-from .test_cli import PROJECT
+from .test_cli import PROJECT, launched
 from .test_dead_storage import fuse_unavailable, gated_mount, served_gated_album, until_held
 from .test_failures import HeldLauncher
 from .test_observability import samples
@@ -473,13 +475,13 @@ async def test_the_index_file_is_never_read_on_the_event_loop(
     # Its lookups wait on another process's write lock up to SQLite's 5 s busy timeout: on the
     # event loop, every connection of the service froze with them (helper 34: /healthz in 5.05 s).
     callers: list[threading.Thread] = []
-    real_get = CrcStore.get
+    real_get_many = CrcStore.get_many
 
-    def get(store: CrcStore, key: tuple[int, int, int, int, int]) -> int | None:
+    def get_many(store: CrcStore, keys: Sequence[IndexKey]) -> list[int | None]:
         callers.append(threading.current_thread())
-        return real_get(store, key)
+        return real_get_many(store, keys)
 
-    monkeypatch.setattr(CrcStore, "get", get)
+    monkeypatch.setattr(CrcStore, "get_many", get_many)
     # Cold files, large (read a block a call) and small (a batch a call).
     write_tree(settings.storage_dir / "album", {"big.jpg": os.urandom(6_000_000), "small.jpg": os.urandom(1000)})
     await settle()
@@ -488,6 +490,99 @@ async def test_the_index_file_is_never_read_on_the_event_loop(
         response = await client.get("/archive/album/")
     assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
     assert callers and threading.main_thread() not in callers
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+@pytest.mark.parametrize("hangs", ["all", "write"])
+async def test_an_index_whose_filesystem_hangs_costs_downloads_their_lookups_not_their_archives(
+    tmp_path: Path, hangs: str
+) -> None:
+    # Helper 177: the index's file on a filesystem that stops answering (a hard NFS mount whose
+    # server is gone) held the lookup of a cold album's download, and every later one behind its
+    # lock, until the storage timeout: a 503 "the storage did not answer", for a cache; a CRC
+    # reader that wrote a batch of rows stopped there too ("write": only writes hang), and its
+    # download with it.
+    storage, source, gate = tmp_path / "storage", tmp_path / "index-source", tmp_path / "gate"
+    write_tree(storage / "warm", {"a.jpg": os.urandom(50_000)})
+    # Read by the service (over COMPUTED_CRC_LIMIT), more than a batch of rows written from its readers.
+    for album in ("cold", "cold2", "later"):
+        write_tree(storage / album, {f"{i:03}.jpg": os.urandom(BIG + i) for i in range(WRITE_BATCH + 40)})
+    source.mkdir()
+    index = tmp_path / "index" / "crc-index.sqlite"
+    command = [sys.executable, "-m", "archiver", "-D", str(storage), "-H", "127.0.0.1", "-P", "0"]
+    env = {"ARCHIVER_INDEX": str(index), "ARCHIVER_STORAGE_TIMEOUT": "5"}
+    async with (
+        gated_mount(source, index.parent, gate, "--writable"),
+        launched(command, env) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+    ):
+        try:
+            for album in ("warm", "cold", "cold2", "later"):
+                await ctimes_settled(storage / album)
+            assert (await client.get("/archive/warm/")).status_code == 200
+            gate.write_text(hangs)  # every call on the index's filesystem hangs, or every write
+            began = time.monotonic()
+            cold = await client.get("/archive/cold/")
+            took = time.monotonic() - began
+            assert cold.status_code == 200, server.output.decode()[-2000:]
+            assert read_archive(cold.content) == files_on_disk(storage / "cold")
+            assert took < 5, took  # not the storage timeout
+            warm = await client.get("/archive/warm/")  # from memory: no wait on the index
+            assert read_archive(warm.content) == files_on_disk(storage / "warm")
+            assert (await client.get("/archive/cold/")).status_code == 200
+            # Past the stall, the next cold album's lookups and rows go without the file at once.
+            await trio.sleep(crc_store_module.SERVICE_STALL)
+            began = time.monotonic()
+            cold2 = await client.get("/archive/cold2/")
+            assert read_archive(cold2.content) == files_on_disk(storage / "cold2")
+            assert time.monotonic() - began < 5
+        finally:
+            gate.unlink(missing_ok=True)
+        # Once it answers again, the index is used again, without a restart.
+        later = await client.get("/archive/later/")
+        assert read_archive(later.content) == files_on_disk(storage / "later")
+        later_inode = (storage / "later" / "000.jpg").stat().st_ino
+        with trio.fail_after(10):
+            while later_inode not in rows(source / index.name):
+                await trio.sleep(0.05)
+        log = server.output.decode()
+    assert log.count("CRC index: ") == 2, log  # one line as it stops answering, one as it answers again
+    # Which: "lookups go without it", or "rows wait to be written" (a lookup SQLite answers from its
+    # cache of the file's pages makes no call on it).
+    assert "has not answered for" in log and "CRC index: its file answers again, after" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
+async def test_an_index_whose_filesystem_hangs_at_the_start_is_an_error_line_and_the_service_serves(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Helper 177: the start waited for the file as long as its filesystem hung (a minute here, the
+    # gate's limit; for ever on a hard NFS mount whose server is gone).
+    monkeypatch.setattr(crc_index_file_module, "OPEN_TIMEOUT", 1.0)
+    write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(50_000)})
+    source, gate = tmp_path / "index-source", tmp_path / "gate"
+    source.mkdir()
+    index = tmp_path / "index" / "crc-index.sqlite"
+    async with gated_mount(source, index.parent, gate, "--writable"):
+        gate.write_text("all")
+        try:
+            began = time.monotonic()
+            served = replace(settings, index_path=str(index))
+            async with running_server(served) as url, httpx.AsyncClient(verify=CLIENT_TLS, base_url=url) as client:
+                started = time.monotonic() - began
+                response = await client.get("/archive/album/")
+        finally:
+            gate.unlink(missing_ok=True)
+        # The open given up on ends once the file answers, and closes what it opened (no descriptor
+        # or thread left in this process for the tests after).
+        with trio.fail_after(10):
+            while any(thread.name == crc_index_file_module.OPENING_THREAD for thread in threading.enumerate()):
+                await trio.sleep(0.02)
+    assert started < 10, started
+    assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"CRC index {str(index)!r} cannot be used (it did not answer in 1 s)" in m for m in errors), errors
 
 
 def test_archiver_index_without_its_storage_says_so_and_makes_no_index(tmp_path: Path) -> None:

@@ -163,7 +163,8 @@ class CrcIndex:
 
         In a worker thread with a store.  The memory's under one lock for all
         keys (20,000 keys: a lock and two calls a key were 0.03 s of a warm
-        download's first byte), then the store's for those it lacks.
+        download's first byte), then the store's for those it lacks, in one call
+        (``CrcStore.get_many``: none if the store's file does not answer).
         """
         keys = list(keys)
         # A key whose ctime is not trusted is never kept: one found was kept before it was known so.
@@ -188,10 +189,9 @@ class CrcIndex:
                     used(key)
                     crcs[position] = crc
         if self.store is not None:
-            for position in lacking:
-                if (key := indexed[position]) is None:
-                    continue
-                crc = self.store.get(key)
+            asked = [(position, key) for position in lacking if (key := indexed[position]) is not None]
+            found = self.store.get_many([key for _, key in asked])
+            for (position, key), crc in zip(asked, found, strict=True):
                 if crc is not None:
                     self._remember(key, crc)
                     crcs[position] = crc

@@ -146,18 +146,21 @@ def small_file_crc(
     progress: Callable[[], None] | None = None,
     folders: Folders | None = None,
     view: FilesystemView | None = None,
+    *,
+    stored: bool = True,
 ) -> FileCrc:
     """The CRC of a small file, in the calling (worker) thread; FileChanged unless it is the one listed.
 
     ``progress`` is called after the open and after each read (in this thread: it must only count).
     ``folders``: the batch's (``open_listed``).  ``view``: the download's (``CrcIndex.read_filesystem``).
+    ``stored=False``: the index's memory alone is looked at (its store was, for the whole batch).
     """
     fd, found = open_listed(path, size, key, folders)
     try:
         if progress is not None:
             progress()
         filesystem = read_filesystem(index, fd, path, found, view)
-        known = index.get(found, filesystem)
+        known = index.get(found, filesystem) if stored else index.remembered(found, filesystem)
         if known is not None:
             return FileCrc(found, known)
         started = time.time_ns()

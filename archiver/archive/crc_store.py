@@ -18,7 +18,7 @@ subvolume's device number matched its rows, ``ctime_trust.CtimeTrust.filesystem`
 Rows of files that are gone stay until the file is deleted (e.g. by cron).
 Several instances may share the file (SQLite locks it); a read or write that
 fails (locked too long, disk full) is logged and skipped, never a download's
-failure.
+failure; nor is a file that does not answer (``store_thread``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from .producer_protocol import FileKey
+from .store_thread import StallReport, StoreStalled, StoreThread
 
 # A CRC's key in the index: a file's (``FileKey``) and its filesystem's id (``CtimeTrust.filesystem``).
 IndexKey = tuple[int, int, int, int, int, int]
@@ -44,6 +47,9 @@ def index_key(key: FileKey, filesystem: int) -> IndexKey:
 
 logger = logging.getLogger(__name__)
 
+# A lookup by a download goes without the index's file once the file has not answered for this long
+# (its filesystem hangs: a hard NFS mount whose server is gone): its CRCs are read from the files.
+SERVICE_STALL = 2.0
 # Rows written in one transaction: one per file would cost a commit per file.
 WRITE_BATCH = 512
 # Rows a write that would have waited on another process's lock keeps for the next (~60 bytes each);
@@ -86,14 +92,19 @@ def row_check(key: IndexKey, crc: int) -> int:
 class CrcStore:
     """CRCs in an SQLite file, safe to use from several threads; writes are batched.
 
-    Lookups and writes use a connection each: in WAL mode a read never waits
-    for a writer, so a write waiting out ``busy_timeout`` (seconds) on another
-    process's lock (an operator's ``sqlite3`` mid-transaction, ``archiver
-    index``) holds up no lookup; before, every download's lookups queued
-    behind such writes, 5 s each (found by helper 36).
+    Lookups and writes each have a connection and a thread of their own
+    (``StoreThread``): in WAL mode a read never waits for a writer, so a write
+    waiting out ``busy_timeout`` (seconds) on another process's lock (an
+    operator's ``sqlite3`` mid-transaction, ``archiver index``) holds up no
+    lookup (before, every download's lookups queued behind such writes, 5 s
+    each: helper 36); and no caller's thread waits on the file: a write is
+    only asked for (``put``, ``flush(wait=False)``), and a lookup waits
+    ``stall`` seconds at most without an answer (None: as long as it takes),
+    then goes without: a filesystem that hangs under the file held a CRC
+    reader, and failed its download, for as long as it hung (helper 177).
     """
 
-    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 5.0, stall: float | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_ms = int(busy_timeout * 1000)
         self._writer = _connect(path, busy_timeout)
@@ -105,10 +116,12 @@ class CrcStore:
         except BaseException:
             self._writer.close()
             raise
-        self._read_lock = threading.Lock()  # the reader connection's
-        self._write_lock = threading.Lock()  # the writer connection's: a write at a time
+        report = StallReport(logger, "CRC index: its file")
+        self._lookups = StoreThread("archiver CRC index lookups", stall, report)
+        self._writes = StoreThread("archiver CRC index writes", stall, report)
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[int, ...]] = []
+        self._write_asked = False  # a write asked for (``_ask_write``) that has not taken its rows yet
         # Rows that could not be written, in all (``archiver index`` fails if any).
         self.unwritten = 0
         self._warning_lock = threading.Lock()
@@ -116,14 +129,77 @@ class CrcStore:
         self._quieted = 0
 
     def get(self, key: IndexKey) -> int | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[IndexKey]) -> list[int | None]:
+        """Each key's CRC, None where none is kept (or it could not be looked up: a WARNING a minute at most)."""
+        storable = [(position, key) for position, key in enumerate(keys) if _storable(key)]
+        if not storable:
+            return [None] * len(keys)
+
+        def look_up(progress: Callable[[], None]) -> list[int | None]:
+            found: list[int | None] = [None] * len(keys)
+            for position, key in storable:
+                try:
+                    found[position] = self._look_up(key)
+                except sqlite3.Error as error:  # the rest too (a lock: each would wait out the busy timeout)
+                    self._warn(f"read skipped: {error}")
+                    return found
+                progress()
+            return found
+
+        try:
+            return self._lookups.run(look_up)
+        except StoreStalled as stalled:
+            self._warn(f"lookups go without it, and their CRCs are read from the files: {stalled}")
+            return [None] * len(keys)
+
+    def put(self, key: IndexKey, crc: int) -> None:
         if not _storable(key):
-            return None
-        with self._read_lock:
-            try:
-                row = self._reader.execute(_LOOKUP, key).fetchone()
-            except sqlite3.Error as error:
-                self._warn(f"read skipped: {error}")
-                return None
+            return
+        with self._pending_lock:
+            self._pending.append((*key, crc, row_check(key, crc)))
+            full = len(self._pending) >= WRITE_BATCH
+        if full:  # in a CRC reader's thread, say: the store's writes thread writes them
+            self._ask_write()
+
+    def flush(self, *, wait: bool = True) -> None:
+        """Write the rows put so far.
+
+        ``wait=False``: only asks the store's writes thread to: the caller waits
+        neither for it nor for another process's lock (an operator's ``sqlite3``,
+        ``archiver index``, another instance); rows that met that lock stay for
+        the next flush.  Waiting out the busy timeout in a CRC reader's thread
+        held it 1 s a batch of 512 files (helper 66).  ``wait=True``: until they
+        are written, or given up (counted in ``unwritten``, a WARNING), or the
+        file has not answered for ``stall`` seconds (they stay, to be written
+        when it does).
+        """
+        if not wait:
+            self._ask_write()
+            return
+        try:
+            self._writes.run(partial(self._write_pending, waited=True))
+        except StoreStalled as stalled:
+            with self._pending_lock:
+                left = len(self._pending)
+            self._warn(f"{left} rows not written yet: {stalled}")
+
+    def count(self) -> int:
+        self.flush()
+        query = "SELECT count(*) FROM crc_v6"
+        return int(self._lookups.run(lambda _: self._reader.execute(query).fetchone()[0]))
+
+    def close(self) -> None:
+        """Write what is left, then close the file (if its threads end: a file that hangs keeps them)."""
+        self.flush()
+        if self._writes.close(self._lookups.stall) and self._lookups.close(self._lookups.stall):
+            self._writer.close()
+            self._reader.close()
+
+    def _look_up(self, key: IndexKey) -> int | None:
+        """In the lookups thread: ``key``'s CRC if kept, and its row undamaged; sqlite3.Error if it cannot be read."""
+        row = self._reader.execute(_LOOKUP, key).fetchone()
         if row is None:
             return None
         crc, check = row
@@ -132,63 +208,52 @@ class CrcStore:
             return None
         return crc
 
-    def put(self, key: IndexKey, crc: int) -> None:
-        if not _storable(key):
-            return
+    def _ask_write(self) -> None:
+        """Have the writes thread write the pending rows, unless it is asked to already.
+
+        While its file does not answer, the rows wait (MAX_PENDING at most: the oldest are given up).
+        """
         with self._pending_lock:
-            self._pending.append((*key, crc, row_check(key, crc)))
-            full = len(self._pending) >= WRITE_BATCH
-        if full:  # in a CRC reader's thread: one of the few, and a download waits on it
-            self.flush(wait=False)
+            lost = max(0, len(self._pending) - MAX_PENDING)
+            del self._pending[:lost]
+            self.unwritten += lost
+            # (Without a thread, each asks: a write in another's thread at the time is not waited for.)
+            asked, self._write_asked = self._write_asked, self._writes.threaded
+        if not asked:
+            self._writes.start(self._write_pending)
+        elif (stalled := self._writes.stalled()) is not None:
+            given_up = f" ({lost} given up)" if lost else ""
+            self._warn(f"rows wait to be written{given_up}: {StoreStalled(stalled)}")
 
-    def flush(self, *, wait: bool = True) -> None:
-        """Write the rows put so far.
+    def _write_pending(self, progress: Callable[[], None], waited: bool = False) -> None:
+        """In the writes thread: the rows put so far, in one transaction.
 
-        ``wait=False``: waits neither for another thread's write nor for another
-        process's lock (an operator's ``sqlite3``, ``archiver index``, another
-        instance): the rows stay for the next flush.  Waiting out the busy timeout
-        there held a CRC reader thread 1 s a batch of 512 files (helper 66).
+        ``waited`` (a caller waits: ``flush``): rows another process's lock kept
+        out over the busy timeout are given up, counted in ``unwritten``;
+        otherwise they stay for the next write.
         """
-        if not self._write_lock.acquire(blocking=wait):
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
+            self._write_asked = False
+        if not rows:
             return
+        # Without a thread of its own, a write not waited for is in a CRC reader's thread: it must not
+        # wait on another process's lock (helper 66).
+        at_once = not waited and not self._writes.threaded
         try:
-            with self._pending_lock:
-                rows, self._pending = self._pending, []
-            if rows:
-                self._write(rows, wait)
-        finally:
-            self._write_lock.release()
-
-    def count(self) -> int:
-        self.flush()
-        with self._read_lock:
-            return int(self._reader.execute("SELECT count(*) FROM crc_v6").fetchone()[0])
-
-    def close(self) -> None:
-        self.flush()
-        with self._write_lock, self._read_lock:
-            self._writer.close()
-            self._reader.close()
-
-    def _write(self, rows: list[tuple[int, ...]], wait: bool) -> None:
-        """Under ``_write_lock``: the rows in one transaction, or counted as unwritten with a warning.
-
-        ``wait=False``: if another process holds the lock, at once, and the rows stay pending.
-        """
-        try:
-            if not wait:
+            if at_once:
                 self._writer.execute("PRAGMA busy_timeout = 0")
             try:
                 with self._writer:
                     self._writer.execute("BEGIN")
                     self._writer.executemany("INSERT OR REPLACE INTO crc_v6 VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             finally:
-                if not wait:
+                if at_once:
                     self._writer.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         except sqlite3.Error as error:
             lost = len(rows)
-            if not wait and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
-                with self._pending_lock:  # for the next flush, oldest first
+            if not waited and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                with self._pending_lock:  # for the next write, oldest first
                     self._pending[:0] = rows
                     lost = max(0, len(self._pending) - MAX_PENDING)
                     del self._pending[:lost]

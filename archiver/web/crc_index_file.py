@@ -6,15 +6,20 @@ import logging
 import os
 import sqlite3
 import stat
+import threading
 from pathlib import Path
 
-from ..archive.crc_store import CrcStore
+from ..archive.crc_store import SERVICE_STALL, CrcStore
 from ..config import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 
 SERVICE_BUSY_TIMEOUT = 1.0
+# The service's start waits this long (seconds) for the file to be opened: a filesystem that hangs
+# leaves the index in memory (an ERROR line).
+OPEN_TIMEOUT = 10.0
+OPENING_THREAD = "archiver CRC index open"
 
 
 def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | None:
@@ -22,28 +27,73 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
 
     One that cannot be used is, for the service, an ERROR line and the index
     in memory: it is only a cache, and a damaged or locked file must not keep
-    the service from starting (under systemd's ``Restart=always``, a loop).
-    ``required`` (``archiver index``, whose only work it is): SettingsError.
+    the service from starting (under systemd's ``Restart=always``, a loop);
+    nor one whose filesystem does not answer (OPEN_TIMEOUT: the start waited
+    for it as long as it hung, helper 177).
+    ``required`` (``archiver index``, whose only work it is): SettingsError,
+    and it waits for the file as long as it takes.
     A path that is no file (a folder, a device) is a SettingsError either way.
     """
     if not settings.index_path:
         return None
-    _check_is_a_file(settings.index_path)
-    try:
-        # The service's writes wait 1 s at most on another process's lock (the CRCs are only lost
-        # for the next start); ``archiver index``'s, SQLite's usual 5 s.
-        return CrcStore(Path(settings.index_path), busy_timeout=5.0 if required else SERVICE_BUSY_TIMEOUT)
-    except (sqlite3.Error, OSError) as error:
-        if required:
+    if required:
+        try:
+            return _open(settings.index_path, required)
+        except (sqlite3.Error, OSError) as error:
             raise SettingsError(f"index {settings.index_path!r}: {error}") from None
-        logger.error(
-            "CRC index %r cannot be used (%s): CRCs are kept in memory only, until a restart. If it is damaged, "
-            "or was deleted while another instance used it, stop the instances using it, delete %s* and start again",
-            settings.index_path,
-            error,
-            settings.index_path,
-        )
+    opened: list[CrcStore | SettingsError | sqlite3.Error | OSError] = []
+    given_up = threading.Event()
+    lock = threading.Lock()
+
+    def open_it() -> None:
+        result: CrcStore | SettingsError | sqlite3.Error | OSError
+        try:
+            result = _open(settings.index_path, required)
+        except (SettingsError, sqlite3.Error, OSError) as error:
+            result = error
+        with lock:
+            if not given_up.is_set():
+                opened.append(result)
+                return
+        if isinstance(result, CrcStore):  # opened once the start had gone on without it: unused
+            result.close()
+
+    # A thread it may be left in: a daemon, as the store's own.
+    opening = threading.Thread(target=open_it, name=OPENING_THREAD, daemon=True)
+    opening.start()
+    opening.join(OPEN_TIMEOUT)
+    with lock:
+        if not opened:
+            given_up.set()
+    if given_up.is_set():
+        _unusable(settings.index_path, f"it did not answer in {OPEN_TIMEOUT:g} s")
         return None
+    if isinstance(result := opened[0], SettingsError):
+        raise result
+    if isinstance(result, CrcStore):
+        return result
+    _unusable(settings.index_path, str(result))
+    return None
+
+
+def _open(index_path: str, required: bool) -> CrcStore:
+    _check_is_a_file(index_path)
+    # The service's writes wait 1 s at most on another process's lock (the CRCs are only lost
+    # for the next start); ``archiver index``'s, SQLite's usual 5 s.  Its lookups wait as long as
+    # they take; the service's, SERVICE_STALL without an answer.
+    if required:
+        return CrcStore(Path(index_path), busy_timeout=5.0)
+    return CrcStore(Path(index_path), busy_timeout=SERVICE_BUSY_TIMEOUT, stall=SERVICE_STALL)
+
+
+def _unusable(index_path: str, reason: str) -> None:
+    logger.error(
+        "CRC index %r cannot be used (%s): CRCs are kept in memory only, until a restart. If it is damaged, "
+        "or was deleted while another instance used it, stop the instances using it, delete %s* and start again",
+        index_path,
+        reason,
+        index_path,
+    )
 
 
 def _check_is_a_file(index_path: str) -> None:
