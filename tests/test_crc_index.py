@@ -443,12 +443,17 @@ OTHER_INSTANCE = (
 )
 
 
-@pytest.mark.parametrize("how", ["cannot be made", "deleted under another instance"])
+@pytest.mark.parametrize("how", ["cannot be made", "deleted under another instance", "a crc_v6 of another shape"])
 async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     # Only a cache: no reason not to start (helper 34: under Restart=always, a loop of failed starts).
     index_path, other = "/proc/no/index.sqlite", None
+    if how == "a crc_v6 of another shape":
+        # Helper 177: served, every lookup and write failing (a WARNING a minute), no CRC ever kept.
+        index_path = str(tmp_path / "index.sqlite")
+        with sqlite3.connect(index_path) as db:
+            db.execute("CREATE TABLE crc_v6 (inode INTEGER PRIMARY KEY, crc INTEGER)")
     if how == "deleted under another instance":
         # Deleted alone, its -wal and -shm left: SQLite's "disk I/O error" for any other process.
         index_path = str(tmp_path / "index.sqlite")
@@ -467,6 +472,8 @@ async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
     assert read_archive(response.content) == files_on_disk(settings.storage_dir / "album")
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(f"CRC index {index_path!r} cannot be used" in message for message in errors), errors
+    if how == "a crc_v6 of another shape":
+        assert any("its table crc_v6 is not this version's (columns inode, crc)" in m for m in errors), errors
 
 
 async def test_the_index_file_is_never_read_on_the_event_loop(
@@ -594,10 +601,17 @@ def test_archiver_index_without_its_storage_says_so_and_makes_no_index(tmp_path:
     assert not index.exists()
 
 
-def test_archiver_index_fails_on_an_unusable_index(storage: Path) -> None:
+def test_archiver_index_fails_on_an_unusable_index(storage: Path, tmp_path: Path) -> None:
     result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": "/proc/no/index.sqlite"})
     assert result.returncode == 2
     assert "index '/proc/no/index.sqlite'" in result.stderr
+    # Helper 177: one whose crc_v6 is another table read nothing and wrote nothing, and said so per album.
+    index = tmp_path / "index.sqlite"
+    with sqlite3.connect(index) as db:
+        db.execute('CREATE TABLE crc_v6 (device, inode, size, mtime_ns, ctime_ns, filesystem, crc, "check")')
+    result = run_archiver("index", env={"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(index)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "its table crc_v6 is not this version's" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["serve", "index"])

@@ -47,6 +47,8 @@ def index_key(key: FileKey, filesystem: int) -> IndexKey:
 
 logger = logging.getLogger(__name__)
 
+# The key's columns, in order.
+KEY_COLUMNS = ("device", "inode", "size", "mtime_ns", "ctime_ns", "filesystem")
 # A lookup by a download goes without the index's file once the file has not answered for this long
 # (its filesystem hangs: a hard NFS mount whose server is gone): its CRCs are read from the files.
 SERVICE_STALL = 2.0
@@ -77,6 +79,12 @@ _LOOKUP = (
     " WHERE device=? AND inode=? AND size=? AND mtime_ns=? AND ctime_ns=? AND filesystem=?"
 )
 _ROW = struct.Struct("<7q")
+# crc_v6's columns as ``PRAGMA table_info`` lists them: name, type, place in the primary key.
+_COLUMNS = [
+    *((name, "INTEGER", place) for place, name in enumerate(KEY_COLUMNS, 1)),
+    ("crc", "INTEGER", 0),
+    ("check", "INTEGER", 0),
+]
 
 
 def row_check(key: IndexKey, crc: int) -> int:
@@ -112,6 +120,7 @@ class CrcStore:
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.execute("PRAGMA synchronous=NORMAL")
             self._writer.execute(_SCHEMA)
+            _check_schema(self._writer)
             self._reader = _connect(path, busy_timeout)
         except BaseException:
             self._writer.close()
@@ -272,6 +281,19 @@ class CrcStore:
             quieted = f" ({self._quieted} more such failures since the last line)" if self._quieted else ""
             self._quiet_until, self._quieted = now + WARNING_INTERVAL, 0
         logger.warning("CRC index: %s%s", message, quieted)
+
+
+def _check_schema(connection: sqlite3.Connection) -> None:
+    """sqlite3.DatabaseError unless table crc_v6 is this version's (not one made by hand, or by another program).
+
+    With other columns, every lookup and write of the service failed (a
+    WARNING a minute, no CRC ever kept); without this primary key, each
+    lookup read the whole table (helper 177).
+    """
+    columns = [row[1:3] + row[5:6] for row in connection.execute("PRAGMA table_info(crc_v6)")]
+    if columns != _COLUMNS:
+        found = ", ".join(name for name, _, _ in columns)
+        raise sqlite3.DatabaseError(f"its table crc_v6 is not this version's (columns {found})")
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
