@@ -171,6 +171,20 @@ def source_of(module: object) -> str:
                 "                    self.connection.close_connection()",
                 "            elif isinstance(event, h2.events.PriorityUpdated):\n"
                 "                await self._priority_updated(event)",
+                # Patch 17 keeps the count at the bound, never past it: the check follows each stream made, and
+                # closes at once.  It mirrors what Hypercorn does at shutdown (the stream reset, no more taken),
+                # and waits for the last stream, popped before StreamClosed's own Updated, to send its GOAWAY:
+                # a stream's frame h2 refuses once closed drops the stream.
+                "                else:\n                    await self._create_stream(event)\n"
+                "                    await self.send(Updated(idle=False))\n\n"
+                "                if self.keep_alive_requests > self.config.keep_alive_max_requests:",
+                "                    self.connection.reset_stream(event.stream_id)\n"
+                "                    self.connection.update_settings(\n"
+                "                        {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0}\n                    )",
+                "            elif isinstance(event, StreamClosed):\n"
+                "                await self._close_stream(event.stream_id)",
+                "        except (h2.exceptions.StreamClosedError, KeyError, h2.exceptions.ProtocolError):\n"
+                "            # Stream or connection has closed whilst waiting to send",
                 # ...and the tree is the send task's order (patch 12 leaves every stream a child of the root).
                 "stream_id = next(self.priority)",
                 "self.connection = h2.connection.H2Connection(",
@@ -207,6 +221,11 @@ def source_of(module: object) -> str:
                 "            self.encoder.header_table_size = setting.new_value",
                 # Patch 14: a HEADERS frame opens a stream past the highest the client used; streams by id.
                 "self.highest_inbound_stream_id = 0",
+                # Patch 17: once its GOAWAY is sent, h2's connection takes no frame but GOAWAY (the last entry).
+                "        (ConnectionState.CLOSED, ConnectionInputs.SEND_GOAWAY):\n"
+                "            (None, ConnectionState.CLOSED),\n"
+                "        (ConnectionState.CLOSED, ConnectionInputs.RECV_GOAWAY):\n"
+                "            (None, ConnectionState.CLOSED),\n    }",
                 "self.highest_inbound_stream_id = stream_id",
                 "self.streams: dict[int, H2Stream] = {}",
                 # Patch 16: how each stream closed, kept in a SizeLimitDict made in __init__, as streams are pruned.
@@ -231,6 +250,9 @@ def source_of(module: object) -> str:
                 "        (H2StreamStateMachine.data_received,",
                 "(StreamState.HALF_CLOSED_REMOTE, StreamInputs.RECV_DATA):\n"
                 "        (H2StreamStateMachine.reset_stream_on_error,",
+                # Patch 17: a stream whose end is framed (or reset) is closed; until then the GOAWAY waits.
+                "    def closed(self) -> bool:\n",
+                "        return self.state_machine.state == StreamState.CLOSED",
             ],
         ),
         (
@@ -435,7 +457,12 @@ def test_patches_are_installed_on_the_classes_they_name() -> None:
     assert getattr(tcp_server_module.TCPServer, "_archiver_adjusted", False)
     for name in ("push", "pop", "close"):
         assert getattr(hypercorn_h2_module.StreamBuffer, name).__module__ == "archiver.fences.hypercorn_h2_send"
-    assert hypercorn_h2_module.H2Protocol._send_data.__module__ == "archiver.fences.hypercorn_h2_send"
+    # Patch 2's, wrapped by patch 17 (hypercorn_h2), which looks at the buffers it leaves.
+    send_data = hypercorn_h2_module.H2Protocol._send_data
+    assert send_data.__module__ == "archiver.fences.hypercorn_h2"
+    assert inspect.getclosurevars(send_data).nonlocals["original_send_data"].__module__ == (
+        "archiver.fences.hypercorn_h2_send"
+    )
     for name in ("stream_send", "initiate", "_create_stream", "handle"):
         assert getattr(hypercorn_h2_module.H2Protocol, name).__module__ == "archiver.fences.hypercorn_h2"
     for name in ("_priority_updated", "__init__", "_window_updated"):

@@ -35,6 +35,7 @@ import hpack
 import httpx
 import pytest
 from hypercorn.config import Config as HypercornConfig
+from hyperframe.frame import PingFrame
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
@@ -263,9 +264,10 @@ def test_streams_reset_before_their_answer_close_their_connection_past_a_budget(
 
 def test_requests_reset_in_their_batch_count_to_hypercorns_bound_of_requests_a_connection(service: Service) -> None:
     # A request reset in its batch is never made a stream (patch 10), but counts to Hypercorn's
-    # keep_alive_max_requests (1,000): the batch that passes it ends the connection (GOAWAY, NO_ERROR) as
-    # Hypercorn's next stream would have, with no request after it (untested until helper 176, by
-    # coverage).  Within the reset budget: 60 reset, after 950 answered.
+    # keep_alive_max_requests (1,000): the batch that reaches it retires the connection (patch 17), and
+    # with no stream open its GOAWAY (NO_ERROR, naming the last stream started) comes at once, with no
+    # request after it (untested until helper 176, by coverage).  Within the reset budget: 60 reset,
+    # after 950 answered.
     bound = HypercornConfig().keep_alive_max_requests
     connection = h2_client()
     favicon = [(":method", "GET"), (":path", "/favicon.ico"), (":scheme", "http"), (":authority", "x")]
@@ -281,6 +283,7 @@ def test_requests_reset_in_their_batch_count_to_hypercorns_bound_of_requests_a_c
                 sock.sendall(connection.data_to_send())
             assert not any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
             answered += 50
+        last_answered = connection.highest_outbound_stream_id
         for _ in range(60):
             stream_id = connection.get_next_available_stream_id()
             connection.send_headers(stream_id, favicon, end_stream=True)
@@ -288,9 +291,135 @@ def test_requests_reset_in_their_batch_count_to_hypercorns_bound_of_requests_a_c
         sock.sendall(connection.data_to_send())
         sock.settimeout(3)
         ended = h2_events(sock, connection, h2.events.ConnectionTerminated)
-    assert [event.error_code for event in ended if isinstance(event, h2.events.ConnectionTerminated)] == [
-        h2.errors.ErrorCodes.NO_ERROR
-    ]
+    assert [
+        (event.error_code, event.last_stream_id) for event in ended if isinstance(event, h2.events.ConnectionTerminated)
+    ] == [(h2.errors.ErrorCodes.NO_ERROR, last_answered)]
+
+
+def favicons_answered(sock: socket.socket, connection: h2.connection.H2Connection, count: int) -> None:
+    """Have ``count`` requests answered on ``connection``, 50 at a time."""
+    favicon = [(":method", "GET"), (":path", "/favicon.ico"), (":scheme", "http"), (":authority", "x")]
+    while count:
+        batch = min(50, count)
+        for _ in range(batch):
+            connection.send_headers(connection.get_next_available_stream_id(), favicon, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        events: list[h2.events.Event] = []
+        while sum(isinstance(event, h2.events.StreamEnded) for event in events) < batch:
+            events += connection.receive_data(sock.recv(65536))
+            sock.sendall(connection.data_to_send())
+        assert not any(isinstance(event, h2.events.ConnectionTerminated) for event in events)
+        count -= batch
+
+
+def test_a_connection_at_hypercorns_bound_of_requests_finishes_its_downloads_and_refuses_the_rest(
+    service: Service,
+) -> None:
+    # Helper 179: the request that passed keep_alive_max_requests (1,000) made Hypercorn send its GOAWAY at
+    # once, which left h2 sending nothing more: a download in flight on that connection was cut, and the
+    # client's next frame ended the connection as a protocol error.  Now (patch 17) the connection takes no
+    # request past the bound (REFUSED_STREAM: retried elsewhere), finishes the download, then says GOAWAY
+    # (NO_ERROR, naming the last stream started), ignores what follows, and idles out.
+    bound = HypercornConfig().keep_alive_max_requests
+    expected = httpx.get(f"{service.url}/archive/large/", timeout=30).content  # the archive, fetched on its own
+    connection = h2_client()
+    favicon = [(":method", "GET"), (":path", "/favicon.ico"), (":scheme", "http"), (":authority", "x")]
+    download_request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    port = 0
+    with socket.create_connection(service.address, timeout=10) as sock:
+        port = sock.getsockname()[1]
+        favicons_answered(sock, connection, bound - 10 - 1)  # 989, then the download, then 20 more
+        download = connection.get_next_available_stream_id()
+        connection.send_headers(download, download_request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        body = bytearray()
+        while len(body) < 30_000:  # in flight: its first bytes read, the rest held by its window (not given back)
+            for event in connection.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+        later = [connection.get_next_available_stream_id() + 2 * index for index in range(20)]
+        for stream_id in later:  # the last 10 started, then 10 past the bound
+            connection.send_headers(stream_id, favicon, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        ended: set[int] = set()
+        refused: dict[int, int] = {}
+        goaway: list[h2.events.ConnectionTerminated] = []
+        while len(ended) + len(refused) < 20 and not goaway:  # the download's window still shut
+            for event in connection.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    refused[event.stream_id] = event.error_code
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    goaway.append(event)
+            sock.sendall(connection.data_to_send())
+        assert ended == set(later[:10]) and not goaway
+        assert refused == dict.fromkeys(later[10:], h2.errors.ErrorCodes.REFUSED_STREAM)
+        connection.acknowledge_received_data(len(body), download)  # now read it all
+        sock.sendall(connection.data_to_send())
+        while not goaway:
+            data = sock.recv(65536)
+            assert data, "closed before its GOAWAY"
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    assert download not in ended, "DATA after the end"
+                    body += event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, download)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    goaway.append(event)
+            sock.sendall(connection.data_to_send())
+        assert download in ended and bytes(body) == expected
+        assert read_archive(bytes(body)) == files_on_disk(service.storage / "large")
+        assert [(event.error_code, event.last_stream_id) for event in goaway] == [
+            (h2.errors.ErrorCodes.NO_ERROR, later[9])  # the last stream started: the refused ones may be retried
+        ]
+        # A frame after it (h2 would take it for a protocol error) is ignored; the keep-alive timer, 5 s,
+        # then closes the connection the client keeps open.
+        sock.sendall(PingFrame(0, opaque_data=b"12345678").serialize())
+        gone_away = time.monotonic()
+        sock.settimeout(15)
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - gone_away < 10
+    polite_request_works(service)  # the lines of that connection are written by now
+    lines = [line for line in service.output.splitlines() if f"127.0.0.1:{port} ".encode() in line]
+    assert not [line for line in lines if b"WARNING" in line or b"ERROR" in line], lines
+
+
+def test_a_connection_at_hypercorns_bound_of_requests_goes_away_once_its_last_download_is_reset(
+    service: Service,
+) -> None:
+    # Patch 17: the last stream in flight on a retired connection reset by its client (no StreamClosed
+    # from its app): the GOAWAY comes all the same, and the connection idles out.
+    bound = HypercornConfig().keep_alive_max_requests
+    connection = h2_client()
+    download_request = [(":method", "GET"), (":path", "/archive/large/"), (":scheme", "http"), (":authority", "x")]
+    with socket.create_connection(service.address, timeout=10) as sock:
+        favicons_answered(sock, connection, bound - 1)
+        download = connection.get_next_available_stream_id()  # the 1,000th
+        connection.send_headers(download, download_request, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        received = 0
+        while received < 30_000:  # in flight, its window not given back
+            for event in connection.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)
+                assert not isinstance(event, h2.events.ConnectionTerminated)
+        connection.reset_stream(download, h2.errors.ErrorCodes.CANCEL)
+        sock.sendall(connection.data_to_send())
+        goaway = h2_events(sock, connection, h2.events.ConnectionTerminated)
+        assert [
+            (event.error_code, event.last_stream_id)
+            for event in goaway
+            if isinstance(event, h2.events.ConnectionTerminated)
+        ] == [(h2.errors.ErrorCodes.NO_ERROR, download)]
+        gone_away = time.monotonic()
+        sock.settimeout(15)
+        assert sock.recv(65536) == b""  # the keep-alive timer (5 s)
+        assert time.monotonic() - gone_away < 10
 
 
 def test_requests_reset_in_their_batch_leave_nothing_in_the_priority_tree(service: Service) -> None:

@@ -1,8 +1,8 @@
-"""Sixteen adjustments to Hypercorn's HTTP/2 protocol (0.18), installed once per process.
+"""Seventeen adjustments to Hypercorn's HTTP/2 protocol (0.18), installed once per process.
 
 The send path (2 and 3, and what a stream's end learns of its bytes: ``undelivered``) is
 ``hypercorn_h2_send``; what a client's frames may cost (11-16) is ``hypercorn_h2_frames``;
-``install`` here installs all sixteen.
+``install`` here installs all seventeen.
 
 1. Reset a stream whose response the app did not finish.
 
@@ -147,6 +147,29 @@ is closed with GOAWAY(ENHANCE_YOUR_CALM), and the rest of that batch is
 dropped; its other downloads end with it.  A reset h2 makes for a frame the
 client should not have sent (DATA after END_STREAM) counts as the client's.
 One WARNING says so, at most every 10 s.
+
+17. Retire a connection at ``keep_alive_max_requests``, gracefully.
+
+Past ``keep_alive_max_requests`` (1,000) requests, Hypercorn called h2's
+``close_connection`` at once, at the request that passed it: a GOAWAY that
+moves h2's connection to CLOSED, where it sends no frame more.  Every response
+still in flight on that connection was cut (Hypercorn's send task drops a
+stream whose frame h2 refuses), and the client's next frame, sent before it
+saw the GOAWAY, ended the connection as a protocol error (helper 179: h2load,
+100 streams at a time, had 98 of 1,002 streams answered 2xx and never ended;
+a long download on such a connection was a failed transfer).  RFC 9113
+section 6.8 wants the streams up to the GOAWAY's last-stream-id completed.
+Here, as Hypercorn does at shutdown (``context.terminated``), a connection
+that has started ``keep_alive_max_requests`` requests (those reset in their
+batch count, patch 10) takes no more: SETTINGS_MAX_CONCURRENT_STREAMS is set
+to 0, each further request is reset with REFUSED_STREAM (RFC 9113 section
+8.7: its client may retry it on another connection), counted as a frame that
+asks for nothing (patch 14), and its streams in flight run to their end; when
+the last has ended (or at once, if none is open), the GOAWAY goes, NO_ERROR,
+naming the last stream started.  What the client sends after it is not parsed
+(h2 refuses every frame but GOAWAY then, and the client's WINDOW_UPDATE for
+the last bytes it read was a "protocol error"): the client closes the
+connection, or the keep-alive timer, started with the GOAWAY, does.
 """
 
 from __future__ import annotations
@@ -161,6 +184,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
+from h2.connection import ConnectionState
+from h2.settings import SettingCodes
 from h2.stream import StreamState
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody, StreamClosed
@@ -193,6 +218,7 @@ def install() -> None:
     _log_protocol_errors()
     _no_streams_after_close()
     _bound_early_resets()  # it filters what the others see
+    _retire_at_the_bound_of_requests()  # after 10: a request reset in its batch counts, and none is "started"
     hypercorn_h2_frames.install()  # last: its budget counts every frame
     setattr(H2Protocol, _MARKER, True)
 
@@ -344,9 +370,10 @@ def _bound_early_resets() -> None:
             kept.append(event)
         if not_started:
             client_errors.count("http2_stream_not_started", not_started)
-            self.keep_alive_requests += not_started  # Hypercorn's bound a connection still counts them
-            if self.keep_alive_requests > self.config.keep_alive_max_requests:
-                self.connection.close_connection()  # as Hypercorn does at its next stream
+            # Hypercorn's bound a connection still counts them; reaching it retires the connection (patch
+            # 17), and never passing it keeps Hypercorn's own check, which closes at once, from acting.
+            bound = self.config.keep_alive_max_requests
+            self.keep_alive_requests = min(self.keep_alive_requests + not_started, bound)
         now = trio.current_time()
         budget, then, so_far = getattr(self, _RESET_BUDGET, (EARLY_RESETS, now, 0))
         budget = min(EARLY_RESETS, budget + (now - then) * EARLY_RESETS_PER_SECOND) - early - not_started
@@ -368,6 +395,83 @@ def _bound_early_resets() -> None:
 
     H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
+
+_RETIRED = "_archiver_retired"  # 1: no more requests taken (patch 17); 2: its GOAWAY sent
+
+
+def _retire_at_the_bound_of_requests() -> None:
+    original_create: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
+    original_events: Callable[[Any, list[h2.events.Event]], Awaitable[None]] = H2Protocol._handle_events
+    original_send: Callable[[Any, StreamEvent], Awaitable[None]] = H2Protocol.stream_send
+    original_handle: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
+    original_send_data: Callable[[Any, int], Awaitable[None]] = H2Protocol._send_data
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        if self.keep_alive_requests < self.config.keep_alive_max_requests or getattr(self, "closed", False):
+            await original_create(self, request)  # Hypercorn counts it: at the bound, never past it
+            return
+        # Never made a stream: the events of the batch that follow it find none (DATA is dropped, patch 6;
+        # StreamEnded, StreamReset and WINDOW_UPDATE look it up as one that may have closed).
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client meanwhile
+            self.connection.reset_stream(request.stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+        block = sum(len(name) + len(value) for name, value in request.headers)
+        hypercorn_h2_frames.charge(self, hypercorn_h2_frames.charge_for_bytes(block))
+
+    async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+        await original_events(self, events)
+        await _retire(self)  # the bound reached in this batch, or its last stream reset by the client
+
+    async def stream_send(self: Any, event: StreamEvent) -> None:
+        await original_send(self, event)
+        if isinstance(event, StreamClosed):
+            await _retire(self)  # the last stream in flight may have ended
+
+    async def _send_data(self: Any, stream_id: int) -> None:
+        await original_send_data(self, stream_id)
+        if getattr(self, _RETIRED, 0) == 1 and stream_id not in self.stream_buffers:
+            await _retire(self)  # the last stream's END_STREAM may have gone after its app ended
+
+    async def handle(self: Any, event: Any) -> None:
+        if isinstance(event, RawData) and getattr(self, _RETIRED, 0) == 2:
+            return  # after its GOAWAY h2 takes no frame but GOAWAY; nothing is left to answer
+        await original_handle(self, event)
+
+    H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
+    H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+    H2Protocol.handle = handle  # type: ignore[method-assign]
+    H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+
+async def _retire(protocol: Any) -> None:
+    """Patch 17: at the bound, take no more streams; once all have ended, GOAWAY(NO_ERROR), and the idle timer."""
+    retired = getattr(protocol, _RETIRED, 0)
+    if (
+        retired == 2
+        or protocol.keep_alive_requests < protocol.config.keep_alive_max_requests
+        or getattr(protocol, "closed", False)
+        or protocol.connection.state_machine.state is ConnectionState.CLOSED  # a GOAWAY sent already
+    ):
+        return
+    if not retired:
+        protocol.connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    retired = 1
+    if not protocol.streams and not any(_may_still_send(protocol.connection, id) for id in protocol.stream_buffers):
+        # Every stream ended, its END_STREAM framed: an app's end may come before its send task frames it,
+        # and a GOAWAY first would have h2 refuse it (a buffer left of a stream reset holds nothing back).
+        # It names the last stream acted on: the requests refused after it may be retried (RFC 9113 6.8).
+        protocol.connection.close_connection(last_stream_id=getattr(protocol, LAST_STARTED, 0))
+        retired = 2
+    setattr(protocol, _RETIRED, retired)
+    await protocol._flush()
+    if retired == 2:
+        await protocol.send(Updated(idle=True))  # the client closes it, or the keep-alive timer does
+
+
+def _may_still_send(connection: Any, stream_id: int) -> bool:
+    stream = connection.streams.get(stream_id)
+    return stream is not None and not stream.closed
 
 
 _REASON_CHARACTERS = 200
