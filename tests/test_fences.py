@@ -107,6 +107,14 @@ def test_the_taken_over_send_is_quarts_own_and_quart_trio_calls_it() -> None:
     ]
 
 
+def test_the_goaway_the_fences_send_names_its_last_stream() -> None:
+    # Patches 13 and 17 (hypercorn_h2.py, hypercorn_h2_frames.py) pass last_stream_id=: were it
+    # renamed or dropped, a GOAWAY would name the newest stream h2 saw, not the last one started.
+    assert {"error_code", "additional_data", "last_stream_id"} <= set(
+        inspect.signature(h2_connection_module.H2Connection.close_connection).parameters
+    )
+
+
 def source_of(module: object) -> str:
     # The module's file, not the (patched) objects.
     return Path(inspect.getfile(module)).read_text()  # type: ignore[arg-type]
