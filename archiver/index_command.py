@@ -55,7 +55,7 @@ class IndexTotals:
         skipped = f"; {self.not_albums} other entries of {root} are not albums" if self.not_albums else ""
         rest = self.files - self.computed - self.untrusted - self.changing - len(self.unreadable)
         known = f"{self.computed} computed{left_out}" + (", the rest already known" if rest > 0 else "")
-        return f"indexed {indexed} albums, {self.files} files ({known}){skipped}"
+        return f"indexed {_counted(indexed, 'album')}, {_counted(self.files, 'file')} ({known}){skipped}"
 
     def problems(self, unwritten: int, index_path: str) -> list[str]:
         """Why the run must not be taken for done (a hook or cron reads the exit status), if it must not."""
@@ -65,6 +65,11 @@ class IndexTotals:
         if unwritten:  # the warnings above say why (a full disk, a lock held too long)
             problems.append(f"{unwritten} CRCs could not be written to {index_path!r}")
         return problems
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 album``, ``2 albums``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def index_albums(argv: Sequence[str]) -> None:

@@ -421,7 +421,7 @@ def test_archiver_index_goes_past_an_album_it_cannot_list_and_fails_at_the_end(s
     env = {"ARCHIVER_DIR": str(storage), "ARCHIVER_INDEX": str(tmp_path / "index.sqlite"), "ARCHIVER_MAX_FILES": "2"}
     result = run_archiver("index", env=env)
     assert result.returncode == 1, result.stderr
-    assert result.stdout.strip() == "indexed 1 albums, 1 files (1 computed)"
+    assert result.stdout.strip() == "indexed 1 album, 1 file (1 computed)"
     assert "archiver index: cannot list big: more than 2 entries (ARCHIVER_MAX_FILES)" in result.stderr
     assert result.stderr.strip().endswith("archiver index: 1 album(s) could not be listed: big")
     small = storage / "small" / "d.jpg"
@@ -1194,9 +1194,9 @@ async def test_archiver_index_leaves_out_files_whose_ctimes_are_not_trusted(tmp_
         trusted = run_archiver("index", env=env | {"ARCHIVER_TRUSTED_FUSE": "fuse"})
     assert untrusted.returncode == 0, untrusted.stderr
     assert untrusted.stdout.strip() == (
-        "indexed 1 albums, 2 files (0 computed, 2 not kept as their ctimes may not show an edit)"
+        "indexed 1 album, 2 files (0 computed, 2 not kept as their ctimes may not show an edit)"
     )
-    assert trusted.stdout.strip() == "indexed 1 albums, 2 files (2 computed)"
+    assert trusted.stdout.strip() == "indexed 1 album, 2 files (2 computed)"
 
 
 @pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
@@ -1975,7 +1975,7 @@ async def test_archiver_index_leaves_a_file_changed_while_its_crc_is_read_to_the
         gate.unlink()
     (result,) = results
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "indexed 1 albums, 2 files (1 computed, 1 changing (read when downloaded))"
+    assert result.stdout.strip() == "indexed 1 album, 2 files (1 computed, 1 changing (read when downloaded))"
     assert list(rows(index)) == [(source / "b.jpg").stat().st_ino]
 
 
@@ -2001,7 +2001,7 @@ async def test_archiver_index_names_a_file_the_storage_fails_to_open_and_fails(t
     assert result.returncode == 1
     reason = os.strerror(failure)
     assert result.stderr.splitlines()[0] == f"archiver index: cannot read {storage}/album/b.jpg: {reason}"
-    assert result.stdout.strip() == "indexed 1 albums, 2 files (1 computed, 1 unreadable)"
+    assert result.stdout.strip() == "indexed 1 album, 2 files (1 computed, 1 unreadable)"
     assert "1 files could not be read" in result.stderr and "Traceback" not in result.stderr
     assert list(rows(index)) == [(source / "a.jpg").stat().st_ino]
 
