@@ -126,6 +126,38 @@ def test_names_not_in_utf8_are_read_as_cp1251_then_replaced() -> None:
     assert entry_names([b"caf\xe9.jpg"], encoding="latin-1") == ["café.jpg"]
 
 
+# Names of Russian and Ukrainian photo albums, as their uploaders type them.
+ALBUM_NAMES = [
+    *["Отпуск", "Фото", "Дача", "Саша", "Свадьба 2024", "ДР Маши", "Новый год", "Выпускной", "Утренник в садике"],
+    *["Мама и папа", "Юбилей бабушки", "Сочи, июль", "фото", "видео", "вечер", "Новогодняя ёлка", "Київ", "Їжак"],
+    "Наш отпуск",
+]
+
+
+def test_names_in_cp866_are_read_as_cp866_and_cp1251_ones_stay_cp1251() -> None:
+    # Helper 186: Russian Windows writes names in its OEM code page too (the console's ftp.exe, FAR
+    # Manager; zip archives from Explorer and 7-Zip, which 7z and bsdtar unpack on the server
+    # byte for byte): read as CP1251, "Отпуск" was "ЋвЇгбЄ" and "Фото" "”®в®".
+    for name in ALBUM_NAMES:
+        oem, ansi = name.encode("cp866"), name.encode("cp1251")
+        assert entry_names([oem + b"/IMG_0001.JPG", ansi + b".jpg"]) == [f"{name}/IMG_0001.JPG", f"{name}.jpg"]
+    # A mixed album: one folder, each name once, whatever code page each upload came in.
+    paths = ["Отпуск".encode("cp866") + b"/1.jpg", "Отпуск".encode("cp1251") + b"/2.jpg", "Отпуск/3.jpg".encode()]
+    assert entry_names(paths) == ["Отпуск/1.jpg", "Отпуск/2.jpg", "Отпуск/3.jpg"]
+    # CP1251 names whose bytes CP866 reads as letters too (lower case, dashes, quotes, signs) stay CP1251.
+    for name in ["мама – папа", "„лейкома“", "лето…", "кот ©", "photo – x – y", "a — b — c…", "дача № 5", "‘а’"]:
+        assert entry_names([name.encode("cp1251")]) == [name], name
+    # Other encodings are read as they were: only CP1251's OEM code page is looked for.
+    assert entry_names(["Отпуск".encode("cp866")], encoding="latin-1") == ["_â¯ãáª"]  # C1 0x8E is "_"
+    assert entry_names([b"caf\xe9.jpg"]) == ["cafй.jpg"]
+
+
+@given(st.lists(st.sampled_from(ALBUM_NAMES), min_size=1, max_size=3).map(" ".join))
+def test_no_cp1251_name_of_words_is_read_as_cp866(name: str) -> None:
+    for form in (name, name.lower(), name.upper(), f"«{name}»", f"{name.lower()} – 2024", f"„{name.lower()}“…"):
+        assert entry_names([form.encode("cp1251")]) == [form]
+
+
 # Default_Ignorable code points: a soft hyphen, a zero-width space, a zero-width joiner, an emoji's variation selector.
 IGNORED = ["\u00ad", "\u200b", "\u200d", "\ufe0f"]
 TROUBLESOME = st.lists(

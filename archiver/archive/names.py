@@ -5,7 +5,8 @@ chosen here, once per plan, for every reader alike:
 
 - a path component that is not UTF-8 (FTP uploads from Windows: CP1251) is
   read in ``encoding`` (ARCHIVER_NAME_ENCODING), with U+FFFD for what even
-  that cannot decode; then it is put in Unicode's NFC form (macOS writes NFD);
+  that cannot decode (with CP1251, in CP866 where only that reads as words:
+  Russian Windows' OEM code page); then it is put in Unicode's NFC form (macOS writes NFD);
 - ``\\`` (a separator to Windows and bsdtar, a character to unzip: APPNOTE
   4.4.17.1 allows only ``/``), the characters Windows forbids in a name
   (``< > : " | ? *``, which also rules out a drive letter), their look-alikes
@@ -38,6 +39,7 @@ tests/test_names.py draws names from the troublesome classes.
 
 from __future__ import annotations
 
+import codecs
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -90,11 +92,79 @@ _SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.]*)~([0-9]+)((?:\.[^.]{0,3})
 
 
 def decode_component(raw: bytes, encoding: str) -> str:
-    """A path component as text: UTF-8 if it is, else ``encoding``, U+FFFD for what neither decodes."""
+    """A path component as text: UTF-8 if it is, else ``encoding``, U+FFFD for what neither decodes.
+
+    With CP1251 (Russian Windows' ANSI code page), a component that reads as
+    words only in CP866, its OEM code page, is read as CP866 (``_reads_as_oem``).
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode(encoding, errors="replace")
+        pass
+    text = raw.decode(encoding, errors="replace")
+    if codecs.lookup(encoding).name == "cp1251" and _reads_as_oem(raw, text):
+        return raw.decode("cp866")
+    return text
+
+
+# Russian Windows writes names in two code pages: CP1251 (its ANSI code page: Explorer, Total Commander,
+# most FTP clients) and CP866 (its OEM code page: the console's ftp.exe, FAR Manager, and the zip
+# archives Explorer and 7-Zip make, which 7z and bsdtar unpack on the server with the bytes as they
+# are).  Read as CP1251, "Отпуск" in CP866 is "ЋвЇгбЄ" (helper 186).  In CP866 the bytes of CP1251's
+# capitals, of its letters from "ш" on, and of "ё", "ї", "є", "ґ" and the dotted i are box drawing and
+# signs, so a CP1251 name with any of them never reads as CP866 words; the rest is told apart by what
+# each reading looks like.
+codecs.lookup("cp866")  # found now: a process that may no longer read the interpreter's files has it
+_RUSSIAN = "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"
+# Letters of Russian, Ukrainian and Belarusian in CP866 (it has no dotted i), and in CP1251.
+_OEM_LETTERS = frozenset(_RUSSIAN + _RUSSIAN.upper() + "ЄєЇїЎў")
+_ANSI_LETTERS = _OEM_LETTERS | frozenset("ІіҐґ")
+# CP866's bytes past ASCII that are no letter: box drawing (0xB0-0xDF) and signs ("°", "№", a no-break space).
+_OEM_NOT_A_LETTER = re.compile(rb"[\xb0-\xdf\xf8-\xff]")
+_OEM_WORD = re.compile(f"[{''.join(sorted(_OEM_LETTERS))}]{{2}}")
+# What CP1251 reads CP866's letters as, and a Russian or Ukrainian name never holds: Serbian and
+# Macedonian letters, signs no one types in a name, a soft hyphen, and U+FFFD (0x98, CP866's "Ш").
+_NOT_IN_RUSSIAN_NAMES = frozenset("ЂЃѓЉЊЌЋЏђљњќћџЈ‚‹›†‡‰¤¦¬\xad\ufffd")
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _reads_as_oem(raw: bytes, ansi: str) -> bool:
+    """Whether ``raw``, read as ``ansi`` in CP1251, is a name in CP866.
+
+    Yes when its CP866 reading is letters (and ASCII) alone, a word of two
+    at least, no capital inside a word; and its CP1251 reading is not a
+    name: a capital inside a word ("вЇг"), a sign between two letters,
+    a character no Russian or Ukrainian name holds (``_NOT_IN_RUSSIAN_NAMES``),
+    or no fewer signs than letters, two at least ("”®в®", "Фото" in CP866).
+    Checked on 440,000 names made of Russian and Ukrainian words (hunspell's; lower-case,
+    capitalised, in capitals, two words, with dashes, quotes, "…", "©", "№"): no CP1251
+    name read as CP866; of the CP866 ones, words of 4 letters or more were found
+    98-99.7 % of the time (the rest: lower-case words whose letters CP1251 reads as
+    letters too, "литься"; and those CP866 makes valid UTF-8 of, "Ёлка").
+    """
+    if _OEM_NOT_A_LETTER.search(raw):  # most CP1251 names: a capital, "ш" to "я"
+        return False
+    oem = raw.decode("cp866")
+    if not _OEM_WORD.search(oem) or _capital_inside_a_word(oem):
+        return False
+    if _capital_inside_a_word(ansi) or not _NOT_IN_RUSSIAN_NAMES.isdisjoint(ansi):
+        return True
+    signs = [not character.isascii() and character not in _ANSI_LETTERS for character in ansi]
+    if any(
+        sign and before.isalpha() and after.isalpha() and character != "\xa0"
+        for sign, before, character, after in zip(signs[1:], ansi, ansi[1:], ansi[2:], strict=False)
+    ):
+        return True
+    letters = sum(character in _ANSI_LETTERS for character in ansi)
+    return sum(signs) >= max(2, letters)
+
+
+def _capital_inside_a_word(text: str) -> bool:
+    """Whether a word of ``text`` with a letter past ASCII has a capital past its first letter, and a small letter."""
+    return any(
+        not word.isascii() and any(map(str.islower, word)) and any(map(str.isupper, word[1:]))
+        for word in _WORD.findall(text)
+    )
 
 
 def portable_component(component: str) -> str:
