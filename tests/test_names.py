@@ -152,6 +152,18 @@ def test_names_in_cp866_are_read_as_cp866_and_cp1251_ones_stay_cp1251() -> None:
     assert entry_names([b"caf\xe9.jpg"]) == ["cafй.jpg"]
 
 
+def test_cp866_names_that_were_read_as_cp437_are_read_as_cp866() -> None:
+    # Helper 186: PHP's ZipArchive (libzip) and Python's zipfile read the CP866 names of a zip made on a
+    # Russian Windows as CP437, the zip format's code page, and write them in UTF-8: "Отпуск" is "ÄΓ»πß¬".
+    for name in ALBUM_NAMES:
+        on_disk = name.encode("cp866").decode("cp437").encode()
+        assert entry_names([on_disk + b"/IMG_0001.JPG"]) == [f"{name}/IMG_0001.JPG"], on_disk.decode()
+    # Names in Latin scripts that CP437 holds are UTF-8 as they are.
+    for name in ["café.jpg", "Größe.jpg", "«abfraß».jpg", "Ñandú.jpg", "Zürich Hbf.jpg", "½ µm.jpg", "α-Centauri.jpg"]:
+        assert entry_names([name.encode()]) == [name]
+    assert entry_names(["ÄΓ»πß¬".encode()], encoding="latin-1") == ["ÄΓ»πß¬"]  # CP1251's alone
+
+
 @given(st.lists(st.sampled_from(ALBUM_NAMES), min_size=1, max_size=3).map(" ".join))
 def test_no_cp1251_name_of_words_is_read_as_cp866(name: str) -> None:
     for form in (name, name.lower(), name.upper(), f"«{name}»", f"{name.lower()} – 2024", f"„{name.lower()}“…"):

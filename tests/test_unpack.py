@@ -10,9 +10,12 @@ import io
 import os
 import re
 import shutil
+import struct
 import subprocess
+import sys
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -139,6 +142,50 @@ async def test_names_not_in_utf8_reach_java_and_everyone_as_cyrillic(settings: S
         ["java", str(tmp_path / "ListZip.java"), str(tmp_path / "a.zip")], capture_output=True, text=True, check=True
     )
     assert set(listed.stdout.splitlines()) == expected
+
+
+def windows_zip(files: dict[str, bytes]) -> bytes:
+    """A stored zip as Explorer or 7-Zip make one on a Russian Windows: names in CP866 (its OEM code page),
+    no UTF-8 flag, made by MS-DOS."""
+    records, central = b"", b""
+    for name, data in files.items():
+        raw, crc = name.encode("cp866"), zlib.crc32(data)
+        fields = (20, 0, 0, 0, 0, crc, len(data), len(data), len(raw))
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, *fields, 0, 0, 0, 0, 0, len(records)) + raw
+        records += struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + raw + data
+    return (
+        records
+        + central
+        + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(files), len(files), len(central), len(records), 0)
+    )
+
+
+EXTRACT_ALL = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
+WINDOWS_UNPACKERS = {
+    "bsdtar": ["bsdtar", "-xf", "{zip}", "-C", "{album}"],  # the bytes as they are: CP866 on disk
+    "7z": ["7z", "x", "-y", "-bd", "-o{album}", "{zip}"],  # the same
+    # Read as CP437 (the zip format's code page), written in UTF-8, as PHP's ZipArchive (libzip) does too.
+    "zipfile": [sys.executable, "-c", EXTRACT_ALL, "{zip}", "{album}"],
+}
+
+
+@pytest.mark.parametrize("unpacker", WINDOWS_UNPACKERS)
+async def test_a_zip_from_a_russian_windows_unpacked_on_the_server_keeps_its_names(
+    settings: Settings, tmp_path: Path, unpacker: str
+) -> None:
+    # Helper 186: a CMS that unpacks the zip an uploader made on a Russian Windows: read as CP1251, its
+    # CP866 names went out as "ЋвЇгбЄ.jpg" (7z, bsdtar), or as "ÄΓ»πß¬.jpg" once read as CP437 (zipfile, PHP).
+    if unpacker != "zipfile":
+        need(unpacker, {"bsdtar": "libarchive-tools", "7z": "p7zip-full"}[unpacker])
+    files = {"Отпуск.jpg": b"1", "ДР Маши/Фото.jpg": b"2", "Свадьба 2024/IMG_0001.JPG": b"3", "Новый год.jpg": b"4"}
+    (tmp_path / "w.zip").write_bytes(windows_zip(files))
+    album = settings.storage_dir / "album"
+    album.mkdir()
+    command = [part.format(zip=tmp_path / "w.zip", album=album) for part in WINDOWS_UNPACKERS[unpacker]]
+    await trio.run_process(command, capture_stdout=True)
+    response = await fetch(settings)
+    assert response.status_code == 200, response.text
+    assert read_archive(response.content) == files
 
 
 @pytest.mark.parametrize("timezone", ["UTC", "Europe/Moscow", "America/New_York"])
