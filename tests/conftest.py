@@ -292,11 +292,15 @@ def spawner_processes(ancestor: int) -> list[ProducerChild]:
 
 
 def process_state(pid: int) -> str | None:
-    """The process's state letter (Z: a zombie), or None if there is no such process."""
+    """The process's state letter (Z: a zombie), or None if there is no such process.
+
+    One reaped between the file's open and its read is ESRCH (ProcessLookupError) from the read:
+    it failed a test that waited for a killed launcher's zombie (a full run, helper 184).
+    """
     try:
         with open(f"/proc/{pid}/stat") as file:
             return file.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ import trio
 from archiver.archive import launcher, launcher_program, producer_protocol, worker_threads
 from archiver.archive.spawner import SpawnerProcess
 
+from . import conftest as conftest_module
 from .conftest import (
     CLIENT_TLS,
     launcher_processes,
@@ -340,6 +342,22 @@ async def test_a_launcher_stopped_after_a_start_is_killed_once_it_leaves_an_exit
         assert await started.wait() == -signal.SIGKILL  # its status went with the launcher
     assert not stopped.alive
     assert await stopped.process.wait() == -signal.SIGKILL and stopped.process.returncode == -signal.SIGKILL
+
+
+def test_process_state_of_a_process_reaped_between_its_open_and_its_read_is_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Helper 184: a ProcessLookupError from the read, in the wait for a killed launcher's zombie below.
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    real_open = open
+
+    def open_then_reap(path: str) -> Any:
+        file = real_open(path)
+        child.wait()
+        return file
+
+    monkeypatch.setattr(conftest_module, "open", open_then_reap, raising=False)
+    assert process_state(child.pid) is None
 
 
 async def test_a_start_sent_to_a_launcher_that_died_before_its_end_was_seen_is_an_oserror_naming_it() -> None:
