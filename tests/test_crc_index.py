@@ -74,6 +74,7 @@ from .conftest import (
     CLIENT_TLS,
     ctimes_settled,
     files_on_disk,
+    own_descriptors,
     read_archive,
     running_server,
     sparse_file,
@@ -1047,10 +1048,10 @@ def test_a_shared_descriptor_is_closed_by_its_last_user_never_under_a_reading_th
 
     late = SharedDescriptor()
     late.drop()  # given up on while a thread opened the file: the thread closes it
-    before = set(os.listdir("/proc/self/fd"))
+    before = own_descriptors()
     with pytest.raises(FileChanged, match="given up on"):
         late.open(tmp_path / "a.jpg", 4, None)
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert own_descriptors() == before
 
 
 def test_a_whole_second_ctime_is_racy_for_two_seconds_and_one_equal_to_the_mtime_always() -> None:

@@ -28,6 +28,7 @@ from . import conftest as conftest_module
 from .conftest import (
     CLIENT_TLS,
     launcher_processes,
+    own_descriptors,
     parent_pid,
     process_state,
     producer_processes,
@@ -407,7 +408,7 @@ async def test_a_report_of_no_known_form_ends_its_launcher_not_the_service(
     # logged, and the next start has another.  Sent on the launcher's own end of its socket.  An exit's
     # report carries no descriptors: one that came with some (X 12 0) left them open (helper 179).
     started_by = await launcher.current()
-    descriptors = sorted(os.listdir("/proc/self/fd"))
+    descriptors = own_descriptors()
     with _socket_of(started_by.process.pid, 0) as its_end:
         reading, writing = os.pipe()
         socket.send_fds(its_end, [report], [reading, writing])
@@ -418,8 +419,8 @@ async def test_a_report_of_no_known_form_ends_its_launcher_not_the_service(
             await trio.sleep(0.01)
     assert await started_by.process.wait() == 0  # its socket closed, it exited
     assert f"the producers' launcher: a report of no known form: {report!r}" in caplog.text
-    left = set(os.listdir("/proc/self/fd"))  # those sent with it closed, and its socket and pidfd
-    assert left < set(descriptors) and len(descriptors) - len(left) == 2
+    left = own_descriptors()  # those sent with it closed, and its socket and pidfd
+    assert left < descriptors and len(descriptors) - len(left) == 2
     assert await _runs_a_program(await launcher.current())
 
 
@@ -495,7 +496,7 @@ async def test_a_launcher_that_never_says_it_is_ready_is_killed_and_reaped_and_t
     await _kill_launcher(first)
     monkeypatch.setattr(launcher, "READY_WAIT", ready_wait)
     monkeypatch.setattr(launcher, "COMMAND", command)
-    descriptors = sorted(os.listdir("/proc/self/fd"))
+    descriptors = own_descriptors()
     started: list[int] = []
 
     async def note_what_the_spawner_starts() -> None:
@@ -514,7 +515,7 @@ async def test_a_launcher_that_never_says_it_is_ready_is_killed_and_reaped_and_t
         assert ready_wait <= took < ready_wait + 3 if command == _STOPS_ITSELF else took < 5
         assert command == _DIES_AT_ONCE or started  # the stopped one was seen
         assert all(process_state(pid) is None for pid in started)  # killed, and reaped by the spawner
-        assert sorted(os.listdir("/proc/self/fd")) == descriptors  # its socket and pidfd closed
+        assert own_descriptors() == descriptors  # its socket and pidfd closed
         assert spawner.alive and _children(spawner.process.pid) == []
     finally:
         for pid in started:  # a failed assertion leaves no stopped process behind

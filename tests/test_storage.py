@@ -20,7 +20,7 @@ from archiver.archive.listing import PATH_LOGGED, SKIPS_LOGGED, AlbumNotFound, L
 from archiver.archive.real_paths import open_real_directory
 from archiver.archive.storage import list_album, resolve_album
 
-from .conftest import write_deep_file, write_tree
+from .conftest import own_descriptors, write_deep_file, write_tree
 from .test_cli import PROJECT
 
 
@@ -133,9 +133,9 @@ def test_folders_nested_too_deep_are_left_out_and_hold_no_descriptors(tmp_path: 
     (deepest / "deep.jpg").write_bytes(b"x")
     (album / "top.jpg").write_bytes(b"y")
     (album / "d" / "one.jpg").write_bytes(b"z")
-    descriptors = len(os.listdir("/proc/self/fd"))
+    descriptors = own_descriptors()
     listing = list_album(album)
-    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert own_descriptors() == descriptors
     assert [file.path for file in listing.files] == ["d/one.jpg", "top.jpg"]
     (skip,) = listing.skipped
     assert skip.path.count("/") + 1 == MAX_DEPTH + 1 and "nested deeper" in skip.reason
