@@ -9,12 +9,13 @@ boundaries moved by one passed the default run).
 
 from __future__ import annotations
 
+import calendar
 import struct
 from datetime import UTC, datetime
 
 import pytest
 
-from archiver.archive.entries import DOS_TIME_MAXIMUM, dos_date_time, extended_timestamp
+from archiver.archive.entries import DOS_TIME_MAXIMUM, DOS_TIME_MINIMUM, dos_date_time, extended_timestamp
 from archiver.archive.zipformat import (
     FIELD_LIMIT,
     STORED,
@@ -96,7 +97,8 @@ def _ends(count: int, central_size: int, central_offset: int) -> tuple[tuple[int
     locator = LOCATOR.unpack_from(records, ZIP64_END.size)
     # 4.3.15: the locator gives the ZIP64 end record's offset, which lies right after the central directory.
     assert locator == (b"PK\x06\x07", 0, central_offset + central_size, 1)
-    assert zip64_end[1] == ZIP64_END.size - 12  # 4.3.14.1
+    # 4.3.14.1: its size less 12; made by Unix, spec 4.5 (as every central header); version needed 4.5; one disk.
+    assert zip64_end[1:6] == (ZIP64_END.size - 12, (3 << 8) | 45, 45, 0, 0)
     return zip64_end, end
 
 
@@ -110,7 +112,8 @@ def test_the_end_records_need_zip64_exactly_where_a_field_cannot_hold_its_value(
     for central_size, central_offset in ((FIELD_LIMIT, 200), (100, FIELD_LIMIT), (3 << 32, 5 << 32)):
         zip64_end, end = _ends(70_000, central_size, central_offset)
         assert zip64_end is not None and zip64_end[6:] == (70_000, 70_000, central_size, central_offset)
-        assert end[5:7] == (min(central_size, FIELD_LIMIT), min(central_offset, FIELD_LIMIT))
+        # Both counts all ones, never the count's low 16 bits (70,000 is 4,464 there).
+        assert end[3:7] == (0xFFFF, 0xFFFF, min(central_size, FIELD_LIMIT), min(central_offset, FIELD_LIMIT))
 
 
 def test_only_a_valid_utf8_name_that_is_not_ascii_is_flagged() -> None:
@@ -133,6 +136,29 @@ def test_dos_times_run_to_the_end_of_2107_and_stop_there() -> None:
     assert dos >> 25 == 127 and (dos >> 21) & 0xF == 6 and dos != DOS_TIME_MAXIMUM
     after = datetime(2108, 1, 1, tzinfo=UTC)
     assert dos_date_time(int(after.timestamp()) * 10**9, UTC) == DOS_TIME_MAXIMUM
+
+
+def test_dos_times_are_rounded_up_to_an_even_second_and_1980_is_kept_whole() -> None:
+    # 4.4.6: seconds in two-second steps, rounded up (Info-ZIP: an extracted file is never older than
+    # its original's whole second), the fraction dropped first; 1980 is the first year, not clamped.
+    def dos(year: int, month: int, day: int, hour: int, minute: int, second: int, fraction_ns: int = 0) -> int:
+        seconds = calendar.timegm((year, month, day, hour, minute, second))
+        return dos_date_time(seconds * 10**9 + fraction_ns, UTC)
+
+    def fields(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int:
+        return (year - 1980) << 25 | month << 21 | day << 16 | hour << 11 | minute << 5 | second // 2
+
+    assert dos(2024, 7, 1, 12, 34, 56) == fields(2024, 7, 1, 12, 34, 56)
+    assert dos(2024, 7, 1, 12, 34, 57, 999_999_999) == fields(2024, 7, 1, 12, 34, 58)
+    assert dos(2024, 7, 1, 12, 34, 56, 999_999_999) == fields(2024, 7, 1, 12, 34, 56)
+    assert dos(2024, 12, 31, 23, 59, 59) == fields(2025, 1, 1, 0, 0, 0)  # rounded up into the next year
+    assert dos(1980, 1, 1, 0, 0, 0) == DOS_TIME_MINIMUM == fields(1980, 1, 1, 0, 0, 0)
+    assert dos(1980, 6, 15, 12, 34, 57) == fields(1980, 6, 15, 12, 34, 58)
+    assert dos(1979, 12, 31, 23, 59, 59) == DOS_TIME_MINIMUM  # rounded up to 1980-01-01 00:00:00 itself
+    assert dos(1979, 12, 31, 23, 59, 57) == DOS_TIME_MINIMUM  # clamped
+    # Before any year datetime holds (a clock far off): the first moment too, never the last.
+    assert dos_date_time(-(10**12) * 10**9, UTC) == DOS_TIME_MINIMUM
+    assert dos_date_time(10**12 * 10**9, UTC) == DOS_TIME_MAXIMUM
 
 
 def test_a_deflated_archive_stores_a_file_exactly_when_its_deflated_bound_reaches_0xffffffff() -> None:
