@@ -38,6 +38,8 @@ from archiver.archive.storage import list_album
 from archiver.config import Settings
 from archiver.web.app import create_app
 
+from .zip_records import check_zip_records
+
 PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
 # The tests write an album and download it a moment later: the service launched as a process
 # (archiver, hypercorn) serves it without waiting for it to settle, as Settings(settle_time=0) in
@@ -180,7 +182,8 @@ def entry_name(info: zipfile.ZipInfo) -> str:
 
 
 def read_archive(data: bytes) -> dict[str, bytes]:
-    """Open ``data`` as a ZIP, check every CRC, and return name -> content."""
+    """Open ``data`` as a ZIP, check every record (``zip_records``) and every CRC, and return name -> content."""
+    check_zip_records(data)
     archive = zipfile.ZipFile(io.BytesIO(data))
     assert archive.testzip() is None
     return {entry_name(info): archive.read(info) for info in archive.infolist()}
@@ -200,6 +203,7 @@ def expected_archive(album: Path, policy: EntryPolicy | None = None) -> bytes:
     pieces += [plan.central_header(k, crcs[k]) for k in range(plan.count)]
     archive = b"".join([*pieces, plan.end_records()])
     assert len(archive) == plan.length
+    check_zip_records(archive)  # the plan's records as APPNOTE has them, not only as the plan computed them
     return archive
 
 
