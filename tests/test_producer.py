@@ -9,18 +9,20 @@ import random
 import subprocess
 import sys
 import termios
+import threading
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 import archiver.archive.ctime_trust as ctime_trust_module
-from archiver.archive import producer
+from archiver.archive import producer, producer_output, producer_program
 from archiver.archive.crc_index import CrcIndex
 from archiver.archive.crc_source import CrcSource
 from archiver.archive.plan import ArchivePlan
@@ -260,6 +262,70 @@ async def test_a_file_changed_mid_download_fails_it_and_nothing_outside_is_sent(
         assert "not a regular file" in str(failure)
     assert b"SECRET-OUTSIDE" not in b"".join(received)
     assert producer_children() == []
+
+
+def test_a_file_cut_short_under_sendfile_ends_the_output_there(storage: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file cut short between its check and its bytes' move (sendfile finds its end early) ends the
+    producer's output there: nothing that follows it goes out, as the next record would if the
+    producer went on and left the file to its check once read, which, its output a pipe not read
+    yet, comes only once the reader has taken the bytes.  The next record would then go out at an
+    earlier offset than planned before the failure, bytes a client's resume keeps.  Found by helper
+    185's mutation testing: with the short sendfile taken as the file's end, every test passed (the
+    reader had mostly taken the pipe's bytes by then)."""
+    from archiver.archive import producer_protocol as program
+
+    data = os.urandom(100_000)  # past COPY_LIMIT: moved by sendfile
+    write_tree(storage / "album", {"a.jpg": data})
+    path = storage / "album" / "a.jpg"
+    status = path.stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    real_check = producer_program.check_identity
+
+    def check_then_cut(fd: int, key: program.FileKey, uncached: bool = False) -> None:
+        real_check(fd, key, uncached)
+        os.truncate(path, 0)  # after the check before its bytes go out
+
+    monkeypatch.setattr(producer_program, "check_identity", check_then_cut)
+    left_to_its_check = threading.Event()
+    real_check_once_read = producer_output.Output.check_once_read
+
+    def noted(output: producer_output.Output, *args: Any) -> None:
+        real_check_once_read(output, *args)
+        left_to_its_check.set()
+
+    monkeypatch.setattr(producer_output.Output, "check_once_read", noted)
+    instructions = (
+        program.album(os.fsencode(storage / "album"), 0)
+        + program.literal(b"ITS-HEADER")  # in the pipe, not read: the file's check waits for it
+        + program.file_slice(b"a.jpg", program.identity(key), 0, len(data), None)
+        + program.literal(b"THE-NEXT-RECORD")
+        + program.DONE
+    )
+    read_end, write_end = os.pipe()
+    produced = done = False
+    received = bytearray()
+
+    def read_all() -> None:  # once the file is left to its check, or the producer has stopped
+        while not (left_to_its_check.wait(0.01) or done):
+            pass
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        with pytest.raises(program.FileChanged, match=r"a\.jpg"):
+            producer_program.Producer(
+                io.BufferedReader(io.BytesIO(instructions)), producer_output.Output(write_end)
+            ).run()
+            produced = True
+    finally:
+        done = True
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert not produced and not reader.is_alive()
+    assert bytes(received) == b"ITS-HEADER"
 
 
 @pytest.mark.parametrize("change", ["same bytes written again", "rewritten at its end", "touched", "truncated"])
