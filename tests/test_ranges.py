@@ -327,6 +327,21 @@ def test_another_file_in_a_files_place_changes_the_etag_whatever_its_times() -> 
     assert archive_etag(AlbumListing(Path("/album"), (moved,), ()), "v") in etags
 
 
+def test_each_field_of_a_files_part_of_the_etag_is_kept_apart_from_the_next() -> None:
+    # Fields run together would make "a1" of 23 bytes and "a12" of 3 one tag for two archives
+    # (helper 185's mutation testing: the path's separator taken out passed every test).
+    base = AlbumFile("a1", 23, mtime_ns=1, ctime_ns=5, device=1, inode=12, mode=0o644)
+    for one, other in [
+        (base, base._replace(path="a12", size=3)),
+        (base._replace(size=12, mtime_ns=3), base._replace(size=1, mtime_ns=23)),
+        (base, base._replace(mtime_ns=16, mode=0o44)),
+        (base, base._replace(mode=0o64, ctime_ns=45)),
+        (base, base._replace(ctime_ns=51, inode=2)),
+    ]:
+        tags = {archive_etag(AlbumListing(Path("/album"), (file,), ()), "v") for file in (one, other)}
+        assert len(tags) == 2, (one, other)
+
+
 def test_no_etag_while_a_file_may_change_again_in_its_clock_tick(tmp_path: Path) -> None:
     # Found by helper 45: on ext4 with whole-second times, a file written again within the second
     # of an ETag kept every field of its key, so the ETag stayed, and If-Range spliced two archives.
