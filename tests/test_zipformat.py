@@ -179,3 +179,6 @@ def test_a_data_descriptor_without_zip64_refuses_sizes_that_4_bytes_cannot_hold(
         with pytest.raises(ValueError, match="no ZIP64 sizes"):
             data_descriptor(1, compressed, size, False)
     assert len(data_descriptor(1, FIELD_LIMIT, FIELD_LIMIT, True)) == 24
+    # 4.3.9: CRC, compressed size, then size, whichever width (a deflated file past 4 GiB: ZIP64's 8 bytes).
+    assert data_descriptor(7, 5, 6, False) == struct.pack("<4sIII", b"PK\x07\x08", 7, 5, 6)
+    assert data_descriptor(7, 5 << 32, 6 << 32, True) == struct.pack("<4sIQQ", b"PK\x07\x08", 7, 5 << 32, 6 << 32)
