@@ -533,7 +533,7 @@ async def test_aria2c_with_eight_connections_gets_the_same_archive(server: str, 
 
 
 # The SHA-256 of the stored archive of PINNED_ALBUM for each FORMAT_VERSION that wrote it.
-PINNED_ARCHIVES = {"archiver-zip-12": "eae8e8ca127a814c4d0c47cdb5a074c391fe71e0a8d9353aa15722282e8d11e3"}
+PINNED_ARCHIVES = {"archiver-zip-13": "e50aefd5bf3a2a68b73237e6980da6f584492945eb8d3447f54b692356a91c08"}
 PINNED_ALBUM = {
     "Photog~1.jpg": b"a",
     "Фотогр~1.jpg": b"b",
@@ -549,6 +549,7 @@ PINNED_ALBUM = {
     "a\u200b.jpg": b"l",  # one file with a.jpg to Linux's case folding (format 10)
     os.fsdecode("Фото.jpg".encode("cp866")): b"m",  # read as CP866 (format 11)
     "Отпуск".encode("cp866").decode("cp437") + ".jpg": b"n",  # CP866 read as CP437: read as CP866 (format 12)
+    os.fsdecode("Јелена.jpg".encode("cp1251")): b"o",  # Serbian in CP1251: read as CP1251 again (format 13)
     "folder/empty.bin": b"",
     "folder/Отпуск 2024.jpg": bytes(range(256)) * 40,
 }

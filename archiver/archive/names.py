@@ -132,9 +132,10 @@ _ANSI_LETTERS = _OEM_LETTERS | frozenset("ІіҐґ")
 # CP866's bytes past ASCII that are no letter: box drawing (0xB0-0xDF) and signs ("°", "№", a no-break space).
 _OEM_NOT_A_LETTER = re.compile(rb"[\xb0-\xdf\xf8-\xff]")
 _OEM_WORD = re.compile(f"[{''.join(sorted(_OEM_LETTERS))}]{{2}}")
-# What CP1251 reads CP866's letters as, and a Russian or Ukrainian name never holds: Serbian and
-# Macedonian letters, signs no one types in a name, a soft hyphen, and U+FFFD (0x98, CP866's "Ш").
-_NOT_IN_RUSSIAN_NAMES = frozenset("ЂЃѓЉЊЌЋЏђљњќћџЈ‚‹›†‡‰¤¦¬\xad\ufffd")
+# What CP1251 reads CP866's letters as, and a name in CP1251 never holds: signs no one types in a name,
+# a soft hyphen, and U+FFFD (0x98, CP866's "Ш").  Not the Serbian and Macedonian letters, nor "†", as
+# the dead are marked: "Јелена.jpg" in CP1251 was read as CP866, "гхыхэр.jpg" (helper 187).
+_NOT_IN_RUSSIAN_NAMES = frozenset("‚‹›‡‰¤¦¬\xad\ufffd")
 # A character CP437 does not have (past ASCII): the name was not CP437 once.
 _NOT_CP437 = re.compile(f"[^\\x00-\\x7f{re.escape(bytes(range(128, 256)).decode('cp437'))}]")
 # What CP437 reads CP866's bytes 0xE0-0xF7 (the last 16 small letters, "ЁёЄєЇїЎў"), "Ю", "Я" and "й" as:
