@@ -107,7 +107,7 @@ def decode_component(raw: bytes, encoding: str) -> str:
         if russian and _reads_as_oem(raw, text, _NOT_IN_RUSSIAN_NAMES, _ANSI_LETTERS):
             return raw.decode("cp866")
         return text
-    if russian and not text.isascii() and not _NOT_CP437.search(text):
+    if russian and not text.isascii() and not _NOT_CP437.search(text) and _OEM_CAPITALS_TO_P_IN_CP437.search(text):
         oem = text.encode("cp437")
         if _reads_as_oem(oem, text, _NOT_IN_LATIN_NAMES, _LATIN_LETTERS):
             return oem.decode("cp866")
@@ -142,6 +142,9 @@ _NOT_CP437 = re.compile(f"[^\\x00-\\x7f{re.escape(bytes(range(128, 256)).decode(
 # Greek letters and mathematical signs, a peseta and a florin, which a name in a Latin script never holds
 # (and a Greek name holds other letters too, which CP437 lacks).
 _NOT_IN_LATIN_NAMES = frozenset(bytes(range(0xE0, 0xF8)).decode("cp437") + "₧ƒ⌐") - frozenset("ßµ±÷")
+# What CP437 reads CP866's capitals and small letters up to "п" as (Latin letters, currency, "¿½¼¡«»"): a name without
+# any is Greek or mathematics ("ΣΩ", "100 µΩ", "Σε" read as CP866 were "фъ", "100 цъ", "фю"; helper 187).
+_OEM_CAPITALS_TO_P_IN_CP437 = re.compile(f"[{re.escape(bytes(range(0x80, 0xB0)).decode('cp437'))}]")
 _LATIN_LETTERS = frozenset(character for character in bytes(range(128, 256)).decode("cp437") if character.isalpha())
 _WORD = re.compile(r"[^\W\d_]+")
 
