@@ -121,10 +121,13 @@ class Settings:
     # What the person unpacks (README): the zone the entries' MS-DOS times are
     # written in (an IANA name; the extended timestamp beside them is UTC, and
     # the process's TZ plays no part), modes kept as on disk instead of 0644,
-    # and how names that are not UTF-8 on disk are read (FTP uploads from Windows).
+    # and how names that are not UTF-8 on disk are read (FTP uploads from Windows); with cp1251, whether
+    # names that only CP866 makes words of are read as CP866 (names.decode_component), an operator's way
+    # out where that guess misfires for the names they hold.
     timezone: str = "UTC"
     keep_modes: bool = False
     name_encoding: str = "cp1251"
+    oem_names: bool = True
     # The most entries (files, folders, and what is left out) an album may hold: its listing and
     # plan are held in memory (~650 bytes a file while a request is prepared), and the plan
     # cache keeps at least one plan this large, so that the downloads of an album share it.
@@ -356,6 +359,7 @@ _ENV_PARSERS: dict[str, Callable[[str], object]] = {
     "timezone": str,
     "keep_modes": _parse_bool,
     "name_encoding": str,
+    "oem_names": _parse_bool,
     "max_files": integer,
     "max_planned_files": _planned_files,
     "settle_time": number,

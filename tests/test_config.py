@@ -68,6 +68,7 @@ def test_empty_environment_gives_defaults() -> None:
         # Helper 171: lower than ARCHIVER_MAX_FILES, and taken unsaid for the default (1000000).
         ("ARCHIVER_MAX_PLANNED_FILES", "0"),
         ("ARCHIVER_MAX_PLANNED_FILES", "00"),
+        ("ARCHIVER_OEM_NAMES", "cp866"),
     ],
 )
 def test_bad_values_are_refused_with_their_name(variable: str, value: str) -> None:

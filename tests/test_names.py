@@ -162,6 +162,7 @@ def test_cp866_names_that_were_read_as_cp437_are_read_as_cp866() -> None:
     for name in ["café.jpg", "Größe.jpg", "«abfraß».jpg", "Ñandú.jpg", "Zürich Hbf.jpg", "½ µm.jpg", "α-Centauri.jpg"]:
         assert entry_names([name.encode()]) == [name]
     assert entry_names(["ÄΓ»πß¬".encode()], encoding="latin-1") == ["ÄΓ»πß¬"]  # CP1251's alone
+    assert entry_names(["ÄΓ»πß¬".encode(), "Фото".encode("cp866")], oem=False) == ["ÄΓ»πß¬", "”®в®"]  # helper 187
     # Helper 187: Greek and mathematical names that CP437 holds whole read as CP866 words too: "ΣΩ.txt"
     # went out as "фъ.txt", "100 µΩ.pdf" as "100 цъ.pdf", "Σε.mp3" as "фю.mp3" (68 of Greek hunspell's
     # 5 million names). CP866's capitals and small letters up to "п" are Latin letters and signs in CP437: a name

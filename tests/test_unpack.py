@@ -188,6 +188,22 @@ async def test_a_zip_from_a_russian_windows_unpacked_on_the_server_keeps_its_nam
     assert read_archive(response.content) == files
 
 
+async def test_oem_names_off_reads_every_name_as_utf8_or_the_encoding(settings: Settings) -> None:
+    # Helper 187: the CP866 guess (names.decode_component) changes names people see, and had no way out for
+    # an operator whose names it misread but with ARCHIVER_NAME_ENCODING other than cp1251, which reads the
+    # CP1251 names wrong.  ARCHIVER_OEM_NAMES=off: every name as it was before 2026-12-06, and another ETag.
+    album = settings.storage_dir / "album"
+    album.mkdir()
+    (album / os.fsdecode("Отпуск.jpg".encode("cp866"))).write_bytes(b"1")
+    (album / ("Фото".encode("cp866").decode("cp437") + ".jpg")).write_bytes(b"2")
+    (album / os.fsdecode("Дача.jpg".encode("cp1251"))).write_bytes(b"3")
+    await ctimes_settled(album)
+    guessed, as_written = await fetch(settings), await fetch(replace(settings, oem_names=False))
+    assert read_archive(guessed.content).keys() == {"Отпуск.jpg", "Фото.jpg", "Дача.jpg"}
+    assert read_archive(as_written.content).keys() == {"ЋвЇгбЄ.jpg", "ö«Γ«.jpg", "Дача.jpg"}
+    assert guessed.headers["etag"] != as_written.headers["etag"]
+
+
 @pytest.mark.parametrize("timezone", ["UTC", "Europe/Moscow", "America/New_York"])
 async def test_unzip_restores_the_true_time_in_any_zone(settings: Settings, tmp_path: Path, timezone: str) -> None:
     need("unzip", "unzip")

@@ -38,12 +38,14 @@ class EntryPolicy:
 
     ``zone``: the IANA zone MS-DOS times are written in; ``keep_modes``: the
     modes on disk instead of 0644; ``name_encoding``: how names that are not
-    UTF-8 on disk are read (``names``).
+    UTF-8 on disk are read (``names``); ``oem_names``: with CP1251, names only
+    CP866 makes words of read as CP866.
     """
 
     zone: str = "UTC"
     keep_modes: bool = False
     name_encoding: str = "cp1251"
+    oem_names: bool = True
 
     def describe(self) -> str:
         """Everything here that shapes the bytes, for the ETag (renamed when what a kept mode loses changes).
@@ -52,7 +54,8 @@ class EntryPolicy:
         update that moves an offset changes the DOS times (helper 95).
         """
         modes = "kept-owner-write" if self.keep_modes else "0644"
-        return f"zone={self.zone}@{load_zone(self.zone)[1]};modes={modes};names={self.name_encoding}"
+        names = self.name_encoding if self.oem_names else f"{self.name_encoding};oem=off"
+        return f"zone={self.zone}@{load_zone(self.zone)[1]};modes={modes};names={names}"
 
 
 @functools.cache

@@ -92,14 +92,15 @@ _RESERVED = frozenset(
 _SHORT_NAME = re.compile(r"(?=[^.]{1,8}(?:\.|$))([^.]*)~([0-9]+)((?:\.[^.]{0,3})?)", re.ASCII)
 
 
-def decode_component(raw: bytes, encoding: str) -> str:
+def decode_component(raw: bytes, encoding: str, oem: bool = True) -> str:
     """A path component as text: UTF-8 if it is, else ``encoding``, U+FFFD for what neither decodes.
 
     With CP1251 (Russian Windows' ANSI code page), a component in CP866, its
     OEM code page, is read as CP866 where only that makes words of it; and so
-    is one that reached the disk as CP866 read as CP437, in UTF-8 (``_reads_as_oem``).
+    is one that reached the disk as CP866 read as CP437, in UTF-8 (``_reads_as_oem``);
+    not with ``oem`` false (ARCHIVER_OEM_NAMES=off).
     """
-    russian = codecs.lookup(encoding).name == "cp1251"
+    russian = oem and codecs.lookup(encoding).name == "cp1251"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -108,9 +109,9 @@ def decode_component(raw: bytes, encoding: str) -> str:
             return raw.decode("cp866")
         return text
     if russian and not text.isascii() and not _NOT_CP437.search(text) and _OEM_CAPITALS_TO_P_IN_CP437.search(text):
-        oem = text.encode("cp437")
-        if _reads_as_oem(oem, text, _NOT_IN_LATIN_NAMES, _LATIN_LETTERS):
-            return oem.decode("cp866")
+        written = text.encode("cp437")
+        if _reads_as_oem(written, text, _NOT_IN_LATIN_NAMES, _LATIN_LETTERS):
+            return written.decode("cp866")
     return text
 
 
@@ -328,8 +329,11 @@ def numbered(component: str, number: int) -> str:
     return shortened(component, f" ({number})")
 
 
-def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
-    """The archive's entry name for each relative path (``/``-separated bytes, in list order)."""
+def entry_names(paths: Iterable[bytes], encoding: str = "cp1251", oem: bool = True) -> list[str]:
+    """The archive's entry name for each relative path (``/``-separated bytes, in list order).
+
+    ``encoding`` and ``oem``: how a component that is not UTF-8 is read (``decode_component``).
+    """
     files: set[str] = set()  # keys of the names given to files
     directories: dict[str, str] = {}  # a directory's key -> its name in the archive (with its parents')
     # The last number given for a name's key: the next collision starts after it (a flood of
@@ -367,7 +371,7 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
                 if (known := folders.get(above)) is not None:
                     prefix = known
                     continue
-                decoded = decode_component(raw, encoding)
+                decoded = decode_component(raw, encoding, oem)
                 part = portable_component(decoded)
                 key = _key(prefix + part)
                 # Folders that differ only as Windows and macOS see no difference are merged, as those
@@ -385,7 +389,7 @@ def entry_names(paths: Iterable[bytes], encoding: str = "cp1251") -> list[str]:
                     # a later file of that key is numbered, and a later folder of it joins this one.
                     directories.setdefault(key, known)
                 prefix = folders[above] = known
-        chosen, key = free(prefix, portable_component(decode_component(last, encoding)))
+        chosen, key = free(prefix, portable_component(decode_component(last, encoding, oem)))
         files.add(key)
         names.append(prefix + chosen)
     return names

@@ -88,7 +88,7 @@ class ArchivePlan:
         paths = [os.fsencode(file.path) for file in files]
         self._paths = b"".join(paths)
         self._path_ends = array("Q", accumulate(len(path) for path in paths))
-        names = [name.encode() for name in entry_names(paths, policy.name_encoding)]
+        names = [name.encode() for name in entry_names(paths, policy.name_encoding, policy.oem_names)]
         # Entry names are the paths on disk, but where the naming policy changed one.
         self._names = None if names == paths else b"".join(names)
         self._name_ends = None if names == paths else array("Q", accumulate(len(name) for name in names))

@@ -187,7 +187,7 @@ def prepare_archive(
         raise
     # Stored archives have a length known before the first byte: browsers show
     # progress and time left, and ranges resume them.  Deflated ones go chunked.
-    policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding)
+    policy = EntryPolicy(settings.timezone, settings.keep_modes, settings.name_encoding, settings.oem_names)
     etag = archive_etag(listing, archive_variant(compression, policy))
     skips.log(listing, etag)
     plan = plans.get(
