@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 from archiver.archive import ctime_trust
 from archiver.archive.ctime_trust import COARSE_RACY_NS, RACY_NS, CtimeTrust
-from archiver.archive.entries import load_zone
+from archiver.archive.entries import EntryPolicy, load_zone
 from archiver.archive.etag import FORMAT_VERSION, archive_etag, archive_validator
 from archiver.archive.listing import AlbumFile, AlbumListing
+from archiver.archive.plan import ArchivePlan
 from archiver.archive.producer_protocol import SECOND
 from archiver.config import Settings
 from archiver.web.ranges import ByteRange, RangeNotSatisfiable, parse_range, surely_a_range
@@ -571,4 +572,54 @@ def test_the_etags_format_version_moves_with_the_archives_bytes(tmp_path: Path) 
     assert PINNED_ARCHIVES.get(FORMAT_VERSION) == digest, (
         f"the archive's bytes are not those {FORMAT_VERSION} pinned: raise FORMAT_VERSION "
         f"(archiver/archive/etag.py) and pin {digest} for it here"
+    )
+
+
+# The SHA-256 of every record of PINNED_LISTINGS' plans for each FORMAT_VERSION that wrote them.
+PINNED_RECORDS = {"archiver-zip-12": "b6024bdec8e9bd4da9f6634a72eabca993c46f864519ed2b4f51f556aa5ef4ce"}
+GiB = 1 << 30
+
+
+def pinned_listings() -> Iterator[tuple[EntryPolicy, list[AlbumFile]]]:
+    """What PINNED_ALBUM leaves out: ZIP64, kept modes, another zone, times clamped or without a UT field, CP866.
+
+    Listings, not files: a 5 GiB file and 70,000 entries cost nothing to plan.
+    """
+    at = 1_717_243_201_123_456_789  # 2024-06-01 12:00:01.12 UTC: an odd second, a fraction
+    times = [at, 315_532_799 * SECOND, -SECOND, (2**31 - 1) * SECOND, 2**31 * SECOND, 4_354_819_200 * SECOND]
+    modes = [0o100644, 0o100600, 0o104755, 0o100444, 0o100666, 0o102750]
+    sizes = [5 * GiB, 0xFFFFFFFF, 0, 1, 0xFFFFFFFE, 3]  # the first pushes every later offset past 4 GiB
+    names = ["big.mov", "edge.bin", "empty", "Фото.jpg", os.fsdecode("Отпуск".encode("cp866")) + ".jpg", "a/b.jpg"]
+    files = [
+        AlbumFile(name, size, mtime, mode) for name, size, mtime, mode in zip(names, sizes, times, modes, strict=True)
+    ]
+    for policy in (
+        EntryPolicy(),
+        EntryPolicy(zone="Asia/Tokyo", keep_modes=True),
+        EntryPolicy(name_encoding="cp866", keep_modes=True),
+    ):
+        yield policy, files
+    # 65,535 entries or more: the ZIP64 end records (APPNOTE 4.4.1.4).
+    yield EntryPolicy(), [AlbumFile(f"{index:05}.jpg", index % 3, at) for index in range(70_000)]
+
+
+def test_the_etags_format_version_moves_with_every_record(tmp_path: Path) -> None:
+    # PINNED_ALBUM's archive is written with the default policy, small files and times of today:
+    # no record of ZIP64, a kept mode, another zone, a clamped time or CP866 is in it, and a change
+    # to any of those went out under the ETag of the old bytes, unseen by its pin (helper 188: the
+    # read-only bit of a kept mode, or a ZIP64 field's order, changed, and that test passed). The
+    # records are the bytes the service sends beside the files' own (every CRC here a fixed one).
+    digest = hashlib.sha256()
+    for policy, files in pinned_listings():
+        plan = ArchivePlan(tmp_path, files, 0, policy)
+        assert plan.length is not None
+        digest.update(b"%d" % plan.length)
+        crcs = [(k * 0x9E3779B1) & 0xFFFFFFFF for k in range(plan.count)]
+        for k in range(plan.count):
+            digest.update(plan.local_header(k, crcs[k]))
+        digest.update(plan.central_headers(0, plan.count, crcs))
+        digest.update(plan.end_records())
+    assert PINNED_RECORDS.get(FORMAT_VERSION) == digest.hexdigest(), (
+        f"the archive's records are not those {FORMAT_VERSION} pinned: raise FORMAT_VERSION "
+        f"(archiver/archive/etag.py) and pin {digest.hexdigest()} for it here"
     )
