@@ -576,7 +576,7 @@ def test_the_etags_format_version_moves_with_the_archives_bytes(tmp_path: Path) 
 
 
 # The SHA-256 of every record of PINNED_LISTINGS' plans for each FORMAT_VERSION that wrote them.
-PINNED_RECORDS = {"archiver-zip-12": "b6024bdec8e9bd4da9f6634a72eabca993c46f864519ed2b4f51f556aa5ef4ce"}
+PINNED_RECORDS = {"archiver-zip-14": "b6024bdec8e9bd4da9f6634a72eabca993c46f864519ed2b4f51f556aa5ef4ce"}
 GiB = 1 << 30
 
 
