@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import getpass
 import io
 import os
+import re
 import shlex
+import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -69,6 +75,42 @@ CLIENT_TLS = PlainHttpOnly(ssl.PROTOCOL_TLS_CLIENT)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (stress, soak)")
+
+
+def unmount_dead_fuse_mounts(root: Path) -> list[str]:
+    """Unmount (lazily) the FUSE mounts under ``root`` whose daemon is gone; the mount points unmounted.
+
+    A dead mount answers ENOTCONN. ``statvfs`` asks, not ``stat``: gated_fs holds ``stat`` while a
+    test's gate says so, never ``statfs``, so a live mount of a run going on answers at once.
+    """
+    dead = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, filesystem = line.partition(" - ")
+        # The mount point, field 5, escapes space, tab, newline and backslash in octal (proc(5)).
+        mountpoint = re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape[1], 8)), fields.split()[4])
+        if not filesystem.startswith("fuse") or not Path(mountpoint).is_relative_to(root):
+            continue
+        try:
+            os.statvfs(mountpoint)
+        except OSError as error:
+            if error.errno == errno.ENOTCONN:
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False, capture_output=True)
+                dead.append(mountpoint)
+    return dead
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Unmount the dead FUSE mounts a killed run left under pytest's temporary folders.
+
+    A run killed with SIGKILL (a time limit's, a session's end) takes gated_fs's daemon with it
+    before it can unmount: its PR_SET_PDEATHSIG helps only when the daemon outlives the run. The
+    mount stays, answering ENOTCONN, and pytest cannot remove its folder (found at the start of
+    sessions 33 to 36). Only the controller does it, not each pytest-xdist worker.
+    """
+    if hasattr(session.config, "workerinput") or shutil.which("fusermount3") is None:
+        return
+    temporary = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()  # where pytest puts them
+    unmount_dead_fuse_mounts(Path(temporary) / f"pytest-of-{getpass.getuser()}")
 
 
 # Figures the stress tests measure, printed at the end of the run (see README).  A test's

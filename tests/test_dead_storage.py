@@ -46,6 +46,7 @@ from .conftest import (
     read_archive,
     running_server,
     spawner_processes,
+    unmount_dead_fuse_mounts,
     write_tree,
 )
 from .test_cli import Launched, launched
@@ -129,6 +130,33 @@ async def served_gated_album(
     ):
         await ctimes_settled(source)  # after the start, which takes most of the time to let pass
         yield GatedAlbum(server, client, source, gate)
+
+
+async def test_a_killed_runs_dead_mount_is_unmounted_and_a_live_held_one_is_left(tmp_path: Path) -> None:
+    # conftest's session start unmounts what a run killed with SIGKILL left (its gated_fs daemon
+    # killed with it): a dead mount answers ENOTCONN and pytest cannot remove its folder.  A mount
+    # of a run going on must be left alone, and answer at once even while its gate holds every stat.
+    (tmp_path / "source").mkdir()
+    gate = tmp_path / "gate"
+    killed = tmp_path / "killed"
+    async with gated_mount(tmp_path / "source", tmp_path / "live", gate):
+        killed.mkdir()
+        daemon = subprocess.Popen([sys.executable, str(GATED_FS), str(tmp_path / "source"), str(killed), str(gate)])
+        with trio.fail_after(10):
+            while not os.path.ismount(killed):
+                await trio.sleep(0.02)
+        gate.write_text("metadata")  # every stat of the live mount now hangs
+        daemon.kill()
+        daemon.wait()
+        with pytest.raises(OSError, match="Transport endpoint is not connected"):
+            os.statvfs(killed)
+        with trio.fail_after(5):
+            unmounted = await trio.to_thread.run_sync(unmount_dead_fuse_mounts, tmp_path)
+        assert unmounted == [str(killed)]
+        # Not os.path.ismount: it takes a dead mount (its lstat fails) and a held one for no mount.
+        mounted = {point for _, _, point in mount_table(Path("/proc/self/mountinfo").read_text())}
+        assert str(killed) not in mounted
+        assert str(tmp_path / "live") in mounted
 
 
 @pytest.mark.parametrize(("failure", "status"), [(errno.EACCES, 200), (errno.EIO, 500)], ids=["eacces", "eio"])
