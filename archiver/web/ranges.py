@@ -16,8 +16,13 @@ from dataclasses import dataclass
 # Python's \d and \s would take any Unicode digit or space, and int() would
 # read "٣" as 3.
 _SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.IGNORECASE | re.ASCII)
-# An element of an entity-tag list: a tag, quoted whole (with any commas in it), or anything else up to a comma.
-_LIST_ELEMENT = re.compile(r'(?:W/)?"[^"]*"|[^, \t][^,]*')
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E / obs-text (a comma is one,
+# a space is not).  A list of them (5.6.1.2): elements between commas, blanks around them, empty ones allowed.
+# Blanks are taken only before an element and after a tag, so a run of them is read one way, in linear time.
+_ENTITY_TAG = r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"'
+_ENTITY_TAG_LIST = re.compile(rf"[ \t]*(?:{_ENTITY_TAG}[ \t]*)?(?:,[ \t]*(?:{_ENTITY_TAG}[ \t]*)?)*")
+_TAG_IN_LIST = re.compile(_ENTITY_TAG)
+_ANY = re.compile(r"[ \t]*\*[ \t]*")
 
 # A position with more digits than this is past any archive (10^19 bytes is
 # ten exabytes), and is read as this many nines rather than converted:
@@ -116,28 +121,37 @@ class NotModified(Exception):
 def check_preconditions(if_match: str | None, if_none_match: str | None, etag: str | None) -> None:
     """Evaluate If-Match, then If-None-Match, against ``etag`` (None: the archive has none), as RFC 9110 13.2.2 orders.
 
-    Header values are field lists (``"a", W/"b"`` or ``*``), several lines
-    joined with commas.  If-Match compares strongly, If-None-Match weakly.
+    Header values are ``*`` or entity-tag lists (``"a", W/"b"``), several lines
+    joined with commas.  If-Match compares strongly, If-None-Match weakly.  A
+    value that is neither makes If-Match false and If-None-Match true (13.1.1-2).
     Raises PreconditionFailed or NotModified; returns when the request goes on.
     """
     if if_match is not None:
         tags = _entity_tags(if_match)
-        if "*" not in tags and (etag is None or etag not in tags):  # W/"x" never equals a strong "x"
+        if tags is None or ("*" not in tags and (etag is None or etag not in tags)):  # W/"x" is not a strong "x"
             raise PreconditionFailed(if_match)
     if if_none_match is not None:
-        tags = {tag.removeprefix("W/") for tag in _entity_tags(if_none_match)}
-        if "*" in tags or (etag is not None and etag in tags):
-            raise NotModified(if_none_match)
+        tags = _entity_tags(if_none_match)
+        if tags is not None:
+            tags = {tag.removeprefix("W/") for tag in tags}
+            if "*" in tags or (etag is not None and etag in tags):
+                raise NotModified(if_none_match)
 
 
-def _entity_tags(field: str) -> set[str]:
-    """The entity tags (or ``*``) of an If-Match or If-None-Match field value, as written.
+def _entity_tags(field: str) -> set[str] | None:
+    """The entity tags of an If-Match or If-None-Match field value, ``{"*"}`` for ``*``; None if it is neither.
 
     A quoted tag may hold commas (RFC 9110 8.8.3, ``etagc``): until 2026-12-06 the field was split on
     every comma, and ``"a,*,b"`` held a ``*`` (helper 143: If-None-Match with another server's such tag
-    was a 304).
+    was a 304).  Then, until helper 189, whatever stood between commas was an element, and a tag
+    was found in ``"x"y`` or ``*, "y"``, values that are no list of tags: an If-Match that passed
+    and an If-None-Match that was a 304 where RFC 9110 says false and true (and nginx answers so).
     """
-    return {tag.rstrip(" \t") for tag in _LIST_ELEMENT.findall(field)} - {""}
+    if _ANY.fullmatch(field):
+        return {"*"}
+    if _ENTITY_TAG_LIST.fullmatch(field) is None:
+        return None
+    return set(_TAG_IN_LIST.findall(field))
 
 
 def requested_range(range_header: str | None, if_range: str | None, etag: str | None, length: int) -> ByteRange | None:
