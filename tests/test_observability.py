@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from archiver.config import Settings
 
 from .conftest import CLIENT_TLS, make_client, read_archive, running_server, wait_until_no_producer_children, write_tree
-from .test_cli import launched
+from .test_cli import Launched, launched
 
 
 def samples(text: str) -> dict[str, float]:
@@ -188,3 +189,56 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     # The download's own line counts what was left out (helper 67: an operator reading only those).
     (download,) = [line for line in lines if "archiver.web.download: download album for" in line]
     assert download.endswith("(2 files, 1 left out: see 'skipped')"), download
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+async def test_bytes_sent_of_a_download_the_client_left_are_bytes_the_server_took(storage: Path, protocol: str) -> None:
+    """The download's line and ``archiver_bytes_sent_total`` count no chunk the server did not take.
+
+    Helper 191's day of traffic: two downloads in three that a client left were logged, and
+    counted, one chunk (512 KiB) above their access lines: the chunk taken from the producer
+    after the client had gone, whose write the server dropped; one that aria2c left before its
+    head went out was ``client disconnected, 524288 bytes sent`` beside an access line of
+    ``- -``.  The access line counts a chunk whose send was under way as the client left, which
+    the download's line does not: it is the higher of the two, by that chunk at most.
+    """
+    write_tree(storage / "small", {"a.jpg": os.urandom(10_000)})
+    write_tree(storage / "large", {f"{index}.jpg": os.urandom(4 * 1024 * 1024) for index in range(8)})
+    command = [sys.executable, "-m", "archiver", "-H", "127.0.0.1", "-P", "0", "-D", str(storage)]
+    async with launched(command, env={"ARCHIVER_SETTLE_TIME": "0"}) as server:
+        async with make_client(server.url, protocol) as client:
+            assert (await client.get("/archive/small/")).status_code == 200
+        for leaving_clients in range(1, 6):
+            async with (
+                make_client(server.url, protocol) as leaving,
+                leaving.stream("GET", "/archive/large/") as response,
+            ):
+                received = 0
+                async for data in response.aiter_raw():
+                    received += len(data)
+                    if received > 1_500_000:
+                        break
+            with trio.fail_after(10):  # each download's two lines before the next: paired in order
+                while (
+                    len(lines := download_lines(server)) <= leaving_clients
+                    or len(access := archive_access_lines(server)) <= leaving_clients
+                ):
+                    await trio.sleep(0.02)  # polling the output the server has written
+        async with make_client(server.url, "HTTP/1.1") as client:
+            figures = samples((await client.get("/metrics")).text)
+    assert [outcome for outcome, _ in lines] == ["complete"] + ["client disconnected"] * 5, lines
+    assert lines[0][1] == access[0][1]
+    assert [sent for _, sent in lines] == [sent for _, sent in access], (lines, access)
+    assert figures["archiver_bytes_sent_total"] == sum(sent for _, sent in lines)
+
+
+def download_lines(server: Launched) -> list[tuple[str, int]]:
+    """Each download's line in the service's log: its outcome and its bytes sent."""
+    pattern = re.compile(rb"archiver\.web\.download: download \S+ for \S+: ([^,]+), (\d+) bytes sent")
+    return [(match[1].decode(), int(match[2])) for match in pattern.finditer(bytes(server.output))]
+
+
+def archive_access_lines(server: Launched) -> list[tuple[bytes, int]]:
+    """Each archive's access line: its status and its body bytes (a request that had no answer: 0)."""
+    pattern = re.compile(rb'"GET /archive/\S+/ \S+" (\d{3}|-) (\d+|-) "')
+    return [(match[1], int(match[2]) if match[2] != b"-" else 0) for match in pattern.finditer(bytes(server.output))]

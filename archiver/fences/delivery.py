@@ -23,6 +23,7 @@ that task's context, and so holds the same note.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 
 _DROPPED: ContextVar[bool] = ContextVar("archiver_bytes_dropped", default=False)
@@ -48,6 +49,45 @@ def note_dropped() -> None:
 def bytes_dropped() -> bool:
     """Whether ``note_dropped`` was called in this task (or the one it was started from, before)."""
     return _DROPPED.get()
+
+
+class SentBytes:
+    """The body bytes of the response a task sends that its access line counts (``hypercorn_access``).
+
+    Its ``count``, and ``on_sent`` told of each send as it is handed over.  A
+    chunk handed over after the client had gone, which the server drops, is
+    not among them (helper 191: two downloads in three that a client left
+    were logged and counted a chunk, 512 KiB, above their access line).
+    """
+
+    __slots__ = ("count", "on_sent")
+
+    def __init__(self, on_sent: Callable[[int], None]) -> None:
+        self.count = 0
+        self.on_sent = on_sent
+
+
+_SENT_BYTES: ContextVar[SentBytes | None] = ContextVar("archiver_sent_bytes", default=None)
+
+
+def watch_sent_bytes(on_sent: Callable[[int], None]) -> SentBytes:
+    """In a response's sending task, before its head: the body bytes its access line will count."""
+    sent = SentBytes(on_sent)
+    _SENT_BYTES.set(sent)
+    return sent
+
+
+def unwatch_sent_bytes() -> None:
+    """The response's body has ended: what this task sends next (a refusal's page) is not its bytes."""
+    _SENT_BYTES.set(None)
+
+
+def note_sent(count: int) -> None:
+    """The server counts ``count`` body bytes of this task's response in its access line (``watch_sent_bytes``)."""
+    sent = _SENT_BYTES.get()
+    if sent is not None:
+        sent.count += count
+        sent.on_sent(count)
 
 
 def watch_connection() -> None:

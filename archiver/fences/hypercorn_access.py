@@ -17,7 +17,9 @@ Here the response is noted before it is sent, the first of the two calls
 writes the line and the second is skipped,
 and the line's size (``%(b)s``, Hypercorn's ``{Content-Length}o``) is the
 body bytes handed to the server, not the length announced: equal for a
-complete response, smaller for a cut one.  A request that ends before its
+complete response, smaller for a cut one.  The app's sending task is told
+of each (``delivery.note_sent``), up to the line: its own log line and
+metrics then say the same.  A request that ends before its
 response started is still logged with ``-`` for both.
 
 The patches wrap ``HTTPStream.app_send`` (to count) and replace
@@ -48,6 +50,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.typing import ResponseSummary
 
 from ..logs import escape_log_field
+from .delivery import note_sent
 from .hypercorn_h11 import ErrorAnswer
 
 _MARKER = "_archiver_adjusted"
@@ -99,6 +102,8 @@ def _count_body_bytes() -> None:
             and self.scope["method"] != "HEAD"
         ):
             setattr(self, _SENT, getattr(self, _SENT, 0) + len(message.get("body", b"")))
+            if not getattr(self, _LOGGED, False):  # what the line says (written once the stream closes)
+                note_sent(len(message.get("body", b"")))
         await original(self, message)
 
     HTTPStream.app_send = app_send  # type: ignore[method-assign]

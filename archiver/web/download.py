@@ -26,7 +26,13 @@ from ..archive.plan import ArchivePlan
 from ..archive.producer import ProducerUnavailable, produce
 from ..archive.worker_threads import in_thread
 from ..fences import hypercorn_h2_send
-from ..fences.delivery import bytes_dropped, connection_closed_by_server
+from ..fences.delivery import (
+    SentBytes,
+    bytes_dropped,
+    connection_closed_by_server,
+    unwatch_sent_bytes,
+    watch_sent_bytes,
+)
 from ..fences.hypercorn_tcp import is_shutting_down, watch_response_writes
 from .limits import Job, JobSlots, PlanLimitReached, PlannedFiles, SlotReclaimed, TokenBucket
 from .metrics import DownloadMetrics
@@ -110,8 +116,11 @@ class ArchiveBody(ResponseBody):
         self.storage_timeout = storage_timeout
         self._waiting_since: float | None = None  # trio time, while the response waits for a chunk
         self._watch_scope = trio.CancelScope()  # the watchdog's: it ends with the body
-        self.bytes_sent = 0  # taken from the producer for the client (the log's "bytes sent")
-        # Of those, the bytes whose send to the server returned (``handed_over``): a chunk whose send was
+        self.bytes_sent = 0  # taken from the producer for the client
+        # Of those, what the access line counts (``fences.delivery.SentBytes``, from ``__aenter__`` on): the
+        # log's "bytes sent", and archiver_bytes_sent_total.
+        self._out: SentBytes | None = None
+        # Of the bytes taken, those whose send to the server returned (``handed_over``): a chunk whose send was
         # cancelled as its client left (an HTTP/2 window never opened, the chunk waiting at the
         # stream's buffer limit) is not among them, and the download is not complete (helper 140).
         self.bytes_handed = 0
@@ -139,6 +148,7 @@ class ArchiveBody(ResponseBody):
         """
         self._job = await self.slots.take(self.counted_as, self._ranged, self._reclaim)
         self._writes = watch_response_writes()  # this task's, which send this body over HTTP/1.1
+        self._out = watch_sent_bytes(self.metrics.bytes_sent.inc)  # and the bytes its access line counts
         try:
             self.planned.acquire(self.plan)
         except PlanLimitReached:
@@ -255,7 +265,6 @@ class ArchiveBody(ResponseBody):
             raise LengthMismatch(f"more than the {length} bytes announced were made")
         if self._bucket is not None:
             self._bucket.spend(len(chunk))
-        self.metrics.bytes_sent.inc(len(chunk))
         if logger.isEnabledFor(logging.DEBUG):  # -v: a line a chunk, as the original service wrote
             logger.debug("download %s for %s: sending %d bytes (%d so far)", self.name, self.client, len(chunk),
                          self.bytes_sent)  # fmt: skip
@@ -385,6 +394,7 @@ class ArchiveBody(ResponseBody):
         self.planned.release(self.plan)
 
     def _finish(self, outcome: str, description: str) -> None:
+        unwatch_sent_bytes()  # a refusal's page, sent after, is no archive byte
         if outcome in ("completed", "cancelled") and bytes_dropped():
             # The server dropped bytes handed to it (the client left with them unread): however
             # the send returned, and however many were handed over, they were not delivered.
@@ -425,7 +435,7 @@ class ArchiveBody(ResponseBody):
             self.name,
             self.client,
             description,
-            self.bytes_sent if self.head_sent else 0,
+            0 if self._out is None else self._out.count,
             duration,
             self.plan.count,
             left_out,

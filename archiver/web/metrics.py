@@ -127,7 +127,9 @@ class DownloadMetrics:
             registry=self.registry,
         )
         self.bytes_sent = Counter(
-            "archiver_bytes_sent", "Archive bytes handed to the server for sending.", registry=self.registry
+            "archiver_bytes_sent",
+            "Archive bytes handed to the server for sending while the client was there: what the access lines count.",
+            registry=self.registry,
         )
         self.archive_files = Counter(
             "archiver_archive_files",
