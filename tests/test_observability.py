@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -188,7 +189,7 @@ async def test_a_file_name_cannot_break_or_forge_a_log_line(storage: Path) -> No
     assert "\x1b" not in server.output.decode()
     # The download's own line counts what was left out (helper 67: an operator reading only those).
     (download,) = [line for line in lines if "archiver.web.download: download album for" in line]
-    assert download.endswith("(2 files, 1 left out: see 'skipped')"), download
+    assert download.endswith(f"(of {len(response.content)}, 2 files, 1 left out: see 'skipped')"), download
 
 
 @pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
@@ -230,6 +231,33 @@ async def test_bytes_sent_of_a_download_the_client_left_are_bytes_the_server_too
     assert lines[0][1] == access[0][1]
     assert [sent for _, sent in lines] == [sent for _, sent in access], (lines, access)
     assert figures["archiver_bytes_sent_total"] == sum(sent for _, sent in lines)
+
+
+async def test_a_downloads_line_says_what_its_bytes_sent_are_of(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The archive's length, and a range's first and last byte (helper 191: an operator could not tell how far
+    a client that left had come, nor a range's line from a whole archive's); a deflated archive has none."""
+    write_tree(settings.storage_dir / "album", {"a.jpg": os.urandom(100_000), "b.jpg": b"b"})
+    caplog.set_level(logging.INFO, logger="archiver.web.download")
+    deflating = replace(settings, compression=6)
+    async with running_server(settings) as url, running_server(deflating) as deflated_url:
+        async with make_client(url, "HTTP/1.1") as client:
+            whole = await client.get("/archive/album/")
+            part = await client.get("/archive/album/", headers={"Range": "bytes=100-199"})
+            await finished_downloads(client, 2)
+        async with make_client(deflated_url, "HTTP/1.1") as client:
+            assert (await client.get("/archive/album/")).status_code == 200
+            await finished_downloads(client, 1)
+    assert (whole.status_code, part.status_code) == (200, 206)
+    length = len(whole.content)
+    lines = [record.getMessage() for record in caplog.records if record.name == "archiver.web.download"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"download album for 127.0.0.1: complete, {length} bytes sent in "), lines
+    assert lines[0].endswith(f" s (of {length}, 2 files)"), lines
+    assert lines[1].startswith("download album for 127.0.0.1: complete, 100 bytes sent in "), lines
+    assert lines[1].endswith(f" s (bytes 100-199 of {length}, 2 files)"), lines
+    assert lines[2].endswith(" s (2 files)"), lines
 
 
 def download_lines(server: Launched) -> list[tuple[str, int]]:

@@ -431,15 +431,29 @@ class ArchiveBody(ResponseBody):
         if not self.head_sent and outcome in ("failed", "changed", "reclaimed"):
             description += " (refused before the head)"
         log(
-            "download %s for %s: %s, %d bytes sent in %.3f s (%d files%s)",
+            "download %s for %s: %s, %d bytes sent in %.3f s (%s%d files%s)",
             self.name,
             self.client,
             description,
             0 if self._out is None else self._out.count,
             duration,
+            self._extent(),
             self.plan.count,
             left_out,
         )
+
+    def _extent(self) -> str:
+        """What the line's bytes sent are of: the archive's length, and a range's first and last byte in it.
+
+        Helper 191: ``client disconnected, 51904560 bytes sent`` said nothing of how far the client
+        had come, and a range's ``complete, 100 bytes sent`` read as a whole archive of 100 bytes.
+        A deflated archive's length is not known ahead: nothing.
+        """
+        if self.plan.length is None:
+            return ""
+        if self.byte_range is None:
+            return f"of {self.plan.length}, "
+        return f"bytes {self._start}-{self._end} of {self.plan.length}, "
 
     @property
     def _ranged(self) -> bool:
