@@ -260,6 +260,24 @@ async def test_a_downloads_line_says_what_its_bytes_sent_are_of(
     assert lines[2].endswith(" s (2 files)"), lines
 
 
+async def test_a_refusals_page_is_no_archive_byte(settings: Settings) -> None:
+    """``archiver_bytes_sent_total`` counts archives, not the ``503`` page of a download refused as it started."""
+    write_tree(settings.storage_dir / "held", {"a.jpg": os.urandom(60_000), "b.jpg": b"b"})
+    write_tree(settings.storage_dir / "other", {"a.jpg": b"a", "b.jpg": b"b"})
+    limited = replace(settings, max_files=2, max_planned_files=2, rate_limit=60_000, chunk_size=16_384)
+    async with running_server(limited) as url, make_client(url, "HTTP/1.1") as client:
+        async with make_client(url, "HTTP/1.1") as holder, holder.stream("GET", "/archive/held/") as held:
+            chunks = held.aiter_bytes()
+            received = await anext(chunks)
+            refused = await client.get("/archive/other/")  # its plan does not fit beside the held one
+            async for data in chunks:
+                received += data
+        figures = await finished_downloads(client, 1)
+    assert (held.status_code, refused.status_code) == (200, 503)
+    assert figures['archiver_downloads_rejected_total{reason="plan_limit"}'] == 1
+    assert figures["archiver_bytes_sent_total"] == len(received)
+
+
 def download_lines(server: Launched) -> list[tuple[str, int]]:
     """Each download's line in the service's log: its outcome and its bytes sent."""
     pattern = re.compile(rb"archiver\.web\.download: download \S+ for \S+: ([^,]+), (\d+) bytes sent")

@@ -148,7 +148,6 @@ class ArchiveBody(ResponseBody):
         """
         self._job = await self.slots.take(self.counted_as, self._ranged, self._reclaim)
         self._writes = watch_response_writes()  # this task's, which send this body over HTTP/1.1
-        self._out = watch_sent_bytes(self.metrics.bytes_sent.inc)  # and the bytes its access line counts
         try:
             self.planned.acquire(self.plan)
         except PlanLimitReached:
@@ -183,6 +182,9 @@ class ArchiveBody(ResponseBody):
                 raise
             finally:
                 self._release_slots()
+        # The bytes its access line counts, from its head on: not a refusal's page, sent by this task
+        # when the body could not start (a plan over its limit, no producer).
+        self._out = watch_sent_bytes(self.metrics.bytes_sent.inc)
         self.metrics.download_started(self.plan.count, self.plan.total_size)
         return self
 
