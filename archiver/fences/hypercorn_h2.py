@@ -96,7 +96,9 @@ silently: no access line, no other line (helper 52), where HTTP/1.1 logs the
 request it cannot parse.  Here such a connection leaves a WARNING line,
 its peer and h2's reason, without the header bytes it quotes, escaped and cut to
 ``_REASON_CHARACTERS``: at most one every 10 s (a client makes them at its
-own rate, a connection each), each counted (``client_errors``).
+own rate, a connection each), each counted (``client_errors``).  The
+downloads on such a connection end with it, their lines saying so
+(``connection closed: HTTP/2 protocol error``, not ``client disconnected``).
 
 9. Start nothing, and send nothing, once the connection is gone.
 
@@ -512,6 +514,8 @@ def _log_protocol_errors() -> None:
                     return receive(data)  # type: ignore[no-any-return]
                 except h2.exceptions.ProtocolError as error:
                     client_errors.count("http2_protocol_error")
+                    # Its downloads end with it: the server's doing, for the client's error (helper 190).
+                    note_connection_closed("HTTP/2 protocol error")
                     _protocol_error_lines.log(
                         "HTTP/2 connection from %s closed: %s", peer, protocol_error_reason(error)
                     )
