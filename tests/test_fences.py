@@ -693,3 +693,38 @@ async def test_every_answer_goes_out_once_through_the_takeover(
         answers = [await client.get(path) for path in ("/archive/album/", "/healthz", "/archive/nope/", "/")]
     assert [answer.status_code for answer in answers] == [200, 200, 404, 200]
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_bytes_an_http2_task_handed_over_and_left_in_its_stream_buffer_are_dropped() -> None:
+    # Helper 190: a download whose last bytes were handed to its stream's buffer (at a closed window)
+    # and whose client reset the stream before the body's end was sent ended outside any send:
+    # nothing noted the bytes still in the buffer, and it was logged complete.
+    from hypercorn.trio.worker_context import EventWrapper
+
+    from archiver.fences import delivery, hypercorn_h2
+
+    hypercorn_h2.install()
+
+    async def handed(then: str) -> bool:
+        buffer = hypercorn_h2_module.StreamBuffer(EventWrapper)
+        await buffer.push(b"tail")  # returns at once: under the batch
+        if then == "written":
+            await buffer.pop(4)
+            await buffer._is_empty.set()
+        elif then == "closed":
+            await buffer.close()
+        return delivery.bytes_dropped()
+
+    async def in_its_own_task(then: str) -> bool:
+        found: list[bool] = []
+
+        async def task() -> None:
+            found.append(await handed(then))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task)
+        return found[0]
+
+    assert await in_its_own_task("left") is True
+    assert await in_its_own_task("closed") is True
+    assert await in_its_own_task("written") is False

@@ -27,6 +27,9 @@ from collections.abc import Callable
 from contextvars import ContextVar
 
 _DROPPED: ContextVar[bool] = ContextVar("archiver_bytes_dropped", default=False)
+# Over HTTP/2, whether bytes this task handed to its stream's buffer are still there, or were dropped
+# from it (``note_held``).
+_HELD: ContextVar[Callable[[], bool] | None] = ContextVar("archiver_bytes_held", default=None)
 
 
 class _ConnectionEnd:
@@ -46,9 +49,22 @@ def note_dropped() -> None:
     _DROPPED.set(True)
 
 
+def note_held(unwritten: Callable[[], bool]) -> None:
+    """Bytes this task handed over wait in a buffer of the server's: ``unwritten()`` says if some are not written yet.
+
+    An HTTP/2 stream's buffer takes a batch whatever the window (``hypercorn_h2_send``):
+    a download whose every byte was handed over, its tail still in the buffer at a
+    closed window, is not delivered when its task ends (its client reset the
+    stream) outside any send, which would have noted it (helper 190: logged complete).
+    """
+    _HELD.set(unwritten)
+
+
 def bytes_dropped() -> bool:
-    """Whether ``note_dropped`` was called in this task (or the one it was started from, before)."""
-    return _DROPPED.get()
+    """Whether ``note_dropped`` was called in this task (or the one it was started from, before),
+    or bytes it handed over wait unwritten (``note_held``)."""
+    held = _HELD.get()
+    return _DROPPED.get() or (held is not None and held())
 
 
 class SentBytes:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import h2.exceptions
@@ -52,7 +53,7 @@ from hypercorn.events import RawData
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.h2 import H2Protocol
 
-from .delivery import bytes_dropped, note_dropped
+from .delivery import bytes_dropped, note_dropped, note_held
 
 # A frame header: 24-bit length (as 16 + 8 bits), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBL")
@@ -165,6 +166,11 @@ def batch_data_frames() -> None:
     hypercorn_h2.StreamBuffer.close = close  # type: ignore[method-assign]
 
 
+def _unwritten(buffer: hypercorn_h2.StreamBuffer) -> bool:
+    """Whether ``buffer`` holds bytes not yet written, has one being written, or dropped some."""
+    return bool(buffer.buffer or getattr(buffer, _IN_FLIGHT, None) is not None or getattr(buffer, _DROPPED, False))
+
+
 async def undelivered(buffer: hypercorn_h2.StreamBuffer) -> bool:
     """Whether some byte pushed into a stream's ``buffer`` was never written to the socket, or failed to be.
 
@@ -212,6 +218,9 @@ def bound_stream_buffers() -> None:
             # Woken by the stream's close, which dropped what it held: told to the app's task, whose
             # download may end before its stream's end would tell it (helper 140: logged complete).
             note_dropped()
+        # And if its task ends with these bytes still here, outside a send (its client reset the stream
+        # before the body's end was sent), they were not delivered (``fences.delivery``; helper 190).
+        note_held(partial(_unwritten, self))
 
     hypercorn_h2.StreamBuffer.push = push  # type: ignore[method-assign]
 
