@@ -19,14 +19,15 @@ from .filesystems import trusted_ids
 from .listing import AlbumListing
 
 # The records this version writes: changed whenever they change.
-# 14: Greek and mathematical UTF-8 names that CP437 holds (no Latin letter) no longer read as CP866
-# (13: Serbian and Macedonian names in CP1251 (and names with a dagger) read as CP1251, not CP866;
+# 15: CP866 names whose first small O CP1251 reads as "®" before a small letter ("отчёт" was "®взсв") read as CP866
+# (14: Greek and mathematical UTF-8 names that CP437 holds (no Latin letter) no longer read as CP866;
+# 13: Serbian and Macedonian names in CP1251 (and names with a dagger) read as CP1251, not CP866;
 # 12: names in CP866 that were read as CP437 and written in UTF-8 read as CP866;
 # 11: names in CP866, Russian Windows' OEM code page, read as CP866 where CP1251 makes no words of them;
 # 10: names one file without Unicode's ignorable code points numbered, folders cut to one name kept apart;
 # 9: names one file after best fit, NFKC or NTFS's upper case numbered, names cut to fit macOS's NFD;
 # 8: the short-name rule in any script; 7: short-name shapes' ~ becomes _)
-FORMAT_VERSION = "archiver-zip-14"
+FORMAT_VERSION = "archiver-zip-15"
 
 
 def archive_variant(compression: int, policy: EntryPolicy) -> str:

@@ -137,6 +137,10 @@ _OEM_WORD = re.compile(f"[{''.join(sorted(_OEM_LETTERS))}]{{2}}")
 # a soft hyphen, and U+FFFD (0x98, CP866's "Ш").  Not the Serbian and Macedonian letters, nor "†", as
 # the dead are marked: "Јелена.jpg" in CP1251 was read as CP866, "гхыхэр.jpg" (helper 187).
 _NOT_IN_RUSSIAN_NAMES = frozenset("‚‹›‡‰¤¦¬\xad\ufffd")
+# CP866's small O read as CP1251, which no CP1251 name puts right before a small letter: "отчёт" in CP866 is
+# "®взсв", its "ё" a letter to CP1251 (small ES), so that no sign stands between two letters (helper 192).
+# Not "©" (CP866's "й": "©фото" may be a name), nor "§" (its "з": "§глава" may be).
+_SIGNS_BEFORE_NO_SMALL_LETTER = frozenset("®")
 # A character CP437 does not have (past ASCII): the name was not CP437 once.
 _NOT_CP437 = re.compile(f"[^\\x00-\\x7f{re.escape(bytes(range(128, 256)).decode('cp437'))}]")
 # What CP437 reads CP866's bytes 0xE0-0xF7 (the last 16 small letters, "ЁёЄєЇїЎў"), "Ю", "Я" and "й" as:
@@ -156,7 +160,8 @@ def _reads_as_oem(raw: bytes, other: str, foreign: frozenset[str], letters: froz
     Yes when its CP866 reading is letters (and ASCII) alone, a word of two
     at least, no capital inside a word, no word of Latin and Cyrillic letters;
     and ``other`` is not a name: a capital inside a word ("вЇг"), a sign
-    between two letters, a character ``foreign`` to its names, or no fewer
+    between two letters, a character ``foreign`` to its names, "®" at a word's
+    start before a small letter, or no fewer
     signs (characters past ASCII not in ``letters``) than letters, two at least
     ("”®в®", "Фото" in CP866 read as CP1251).
     Checked on 440,000 names made of Russian and Ukrainian words (hunspell's; lower-case,
@@ -173,6 +178,11 @@ def _reads_as_oem(raw: bytes, other: str, foreign: frozenset[str], letters: froz
     if not _OEM_WORD.search(oem) or _capital_inside_a_word(oem) or _latin_and_cyrillic_in_a_word(oem):
         return False
     if _capital_inside_a_word(other) or not foreign.isdisjoint(other):
+        return True
+    if any(
+        sign in _SIGNS_BEFORE_NO_SMALL_LETTER and after.islower() and not before.isalpha()
+        for before, sign, after in zip(" " + other, other, other[1:], strict=False)
+    ):
         return True
     signs = [not character.isascii() and character not in letters for character in other]
     if any(
