@@ -22,6 +22,7 @@ of part of the album would end cleanly and look complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -41,7 +42,7 @@ GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 # Not the service's to read: left out (the policy above).
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
 # Out of descriptors, memory or buffers: the same walk may work in a moment.
-_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
+TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 
 
 class AlbumChanged(Exception):
@@ -49,7 +50,7 @@ class AlbumChanged(Exception):
 
 
 def _failed(error: OSError, path: str) -> ListingFailed:
-    return ListingFailed(f"{path}: {error.strerror}", transient=error.errno in _TRANSIENT)
+    return ListingFailed(f"{path}: {error.strerror}", transient=error.errno in TRANSIENT)
 
 
 def _may_leave_out(error: OSError, path: str) -> None:
@@ -91,7 +92,7 @@ class Devices:
         try:
             self.filesystems[device] = self._on_device(fd, device)
         finally:
-            os.close(fd)
+            _close(fd)
 
 
 # A folder walked: its path relative to the album, its inode, mtime and ctime before it was read,
@@ -149,7 +150,7 @@ def walk_once(
             raise AlbumNotFound(album.name) from None
         raise _failed(error, ".") from error
     if not searchable:
-        os.close(album_fd)
+        _close(album_fd)
         raise AlbumRefused(".: Permission denied")
     # Paths are relative, but a plan's check that its files are unchanged (listed_files.check_still_listed) stats the
     # whole path: it must fit PATH_MAX.
@@ -286,7 +287,17 @@ def _walk(
         # Reading a directory already open: nothing here is the policy's to leave out.
         raise _failed(error, prefix.rstrip("/") or ".") from error
     finally:
-        os.close(directory_fd)
+        _close(directory_fd)
+
+
+def _close(fd: int) -> None:
+    """Close ``fd``, a folder or an entry only looked at: nothing to report, and freed whatever close says.
+
+    An error of it passed on was a raw OSError out of the walk: the route's traceback, a 500 with no
+    line of the download's (the folder's, once listed whole), or a descriptor left open (helper 193).
+    """
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 _NO_STATUS = os.stat_result((0,) * 10)
@@ -327,5 +338,8 @@ def _readable(name: str, directory_fd: int, relative: str, mode: int) -> bool:
     except OSError as error:
         _may_leave_out(error, relative)
         return False
-    os.close(fd)
-    return False  # readable but not searchable (a folder without x): left out, as access() says
+    _close(fd)
+    # A file opened for reading is readable: access() failed otherwise (a FUSE daemon's ACCESS answered
+    # EIO, no memory for its credentials), and the file went out of an archive that ended cleanly (helper
+    # 193).  A folder opened may still not be searchable (no x): left out, as access() says.
+    return mode == os.R_OK

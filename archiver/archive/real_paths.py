@@ -14,6 +14,7 @@ Standard library only: the producer imports it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,9 +48,14 @@ def open_real_directory(path: str | bytes | os.PathLike[str], *, passage: bool =
     try:
         for position, part in enumerate(parts, 1):
             child = os.open(part, last_flags if position == len(parts) else _PASSAGE_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
+            parent, fd = fd, child
+            # Freed whatever close says (Linux), and a passage's close has nothing to report.  Passed on,
+            # its error had the handler below close it again (helper 193: EBADF, or in a process of
+            # threads another thread's file of the same number since) and the child left open.
+            with contextlib.suppress(OSError):
+                os.close(parent)
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
         raise
     return fd

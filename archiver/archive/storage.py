@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .album_walk import GONE, AlbumChanged, Devices, walk_once
+from .album_walk import GONE, TRANSIENT, AlbumChanged, Devices, walk_once
 from .filesystems import Filesystem
 from .listing import AlbumKeepsChanging, AlbumListing, AlbumNotFound, ListingFailed, WalkProgress
 from .root_filesystem import RootFilesystem
@@ -58,8 +58,9 @@ def resolve_album(root: Path, name: str, filesystem: RootFilesystem | None = Non
         if error.errno in GONE:
             raise AlbumNotFound(name) from None
         # The root not searchable by the service's user (EACCES), an I/O error: the service's
-        # fault, not the link's, and every album's (/healthz says so too).
-        raise ListingFailed(f"cannot look it up: {error.strerror}", transient=False) from None
+        # fault, not the link's, and every album's (/healthz says so too).  Out of memory or
+        # descriptors: a moment, a 503 as in the walk after it (a 500 until 2026-12-07: helper 193).
+        raise ListingFailed(f"cannot look it up: {error.strerror}", transient=error.errno in TRANSIENT) from None
     if not is_directory:
         raise AlbumNotFound(name)
     return album

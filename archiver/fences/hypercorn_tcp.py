@@ -387,8 +387,13 @@ def _time_out_writes() -> None:
                         # Half a write went out: the stream is unusable.
                         stalled = True
                         await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                    pass  # Busy: Hypercorn's _close is shutting the stream (see the module docstring)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as failure:
+                    # Busy: Hypercorn's _close is shutting the stream (see the module docstring).
+                    if isinstance(failure, trio.BrokenResourceError):
+                        # Broken: closing is all a broken stream is good for (trio).  Left open, a send
+                        # that failed while the connection stood (ENOBUFS, ENOMEM) left the client
+                        # waiting for the rest of its response for good (helper 193).
+                        await self.stream.aclose()
                 else:
                     if not stalled:
                         return

@@ -1,0 +1,654 @@
+"""Every call one download makes to the outside world, made to fail in turn (helper 193's sweep).
+
+For one download of one album (HTTP/1.1 and HTTP/2; whole and a range, stored; whole, deflated)
+a first run counts the calls of one kind the service makes on its path (its looks at the storage
+and CRC reads, the worker threads it starts, the producer's start, its reads of the producer's
+pipe, the CRC index file's calls, the producer's own calls, the sockets' sends); then, for each
+i, a fresh server and a fresh index see the i-th such call fail once (an OSError of the kind the
+call can give; RuntimeError for a thread; the producer killed at that read of its pipe), and the
+test checks what the client and the operator get:
+
+- an answer that ended cleanly holds exactly the bytes of the download without the fault;
+- a refusal (before the head) is a defined status with its short page: ``REFUSALS``;
+- after the head, an aborted transfer (HTTP/1.1 closed short, HTTP/2 RST_STREAM), its bytes a
+  prefix of the right ones;
+- exactly one line for the download, whose outcome is the client's (``complete`` only for a
+  clean end), and no traceback;
+- nothing left: no producer, descriptors and busy threads as before, the gauges at 0, and the
+  next download of the album byte for byte the one without the fault.
+
+The faults are monkeypatched at their call sites (a real EIO cannot be had on demand): the
+``os`` of the service's storage modules, ``uncached_status._status`` (statx), Trio's
+``to_thread.run_sync`` as ``worker_threads`` calls it, the launcher's start, the producer's stdout
+as ``producer`` reads it, the CRC index's SQLite connections, ``trio.SocketStream.send_all`` of
+the server's sockets; and in the producer (a process of its own) the ``os`` of its modules, by a
+stand-in command that runs the real program so patched.  The rest is real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+import archiver
+from archiver.archive import (
+    album_crcs,
+    album_walk,
+    crc_reads,
+    crc_store,
+    filesystems,
+    launcher,
+    listed_files,
+    producer,
+    real_paths,
+    shared_descriptor,
+    sparse,
+    uncached_status,
+    worker_threads,
+)
+from archiver.archive import (
+    storage as archive_storage,
+)
+from archiver.archive.listing import ListingFailed
+from archiver.config import Settings
+
+from .conftest import (
+    expected_archive,
+    make_client,
+    own_descriptors,
+    read_archive,
+    running_server,
+    wait_until_no_producer_children,
+    write_tree,
+)
+from .test_disconnects import GAUGES, busy_threads, metrics
+
+ALBUM = {
+    "a.txt": b"a" * 3000,  # its CRC computed by the producer when cold
+    "b.bin": os.urandom(200_000),  # read in a batch
+    "c.bin": os.urandom(5 * 1024 * 1024 + 17),  # read block by block (large_file_crc)
+    "d.txt": b"d" * 10,
+}
+PROTOCOLS = ["HTTP/1.1", "HTTP/2"]
+EXTENTS = ["whole", "range", "deflated"]
+
+# The service's modules whose ``os`` makes the calls on a download's path (its looks at the storage,
+# its CRC reads, its checks of files changed lately): the calls counted and failed.
+STORAGE_MODULES = (
+    album_crcs,
+    album_walk,
+    crc_reads,
+    filesystems,
+    listed_files,
+    real_paths,
+    shared_descriptor,
+    sparse,
+    archive_storage,
+    uncached_status,
+)
+OS_CALLS = frozenset(
+    {"open", "scandir", "stat", "lstat", "fstat", "fstatvfs", "readv", "pread", "read", "lseek", "access", "close",
+     "listdir", "sendfile", "splice", "write"}
+)  # fmt: skip
+
+
+class Faults:
+    """Counts the calls made while armed, and fails the ``at``-th once (0: none); thread-safe (worker threads call)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.armed = False
+        self.at = 0
+        self.count = 0
+        self.calls: list[str] = []
+        self.failed: str | None = None
+        self.port = 0  # the server's (its sockets' sends)
+
+    def arm(self, at: int) -> None:
+        with self.lock:
+            self.armed, self.at, self.count, self.calls, self.failed = True, at, 0, [], None
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.armed = False
+
+    def hit(self, what: str) -> bool:
+        """Count a call of ``what``; whether it is the one to fail."""
+        with self.lock:
+            if not self.armed:
+                return False
+            self.count += 1
+            self.calls.append(what)
+            if self.count == self.at:
+                self.failed = what
+                return True
+            return False
+
+
+class FaultyOs:
+    """A module's ``os``: the calls in OS_CALLS counted, the one due failing with ``error`` (a close closes first)."""
+
+    def __init__(self, faults: Faults, error: int) -> None:
+        self._faults = faults
+        self._error = error
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(os, name)
+        if name not in OS_CALLS:
+            return real
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._faults.hit(f"os.{name}"):
+                if name == "access":
+                    return False  # Python's access raises nothing: any error is False
+                if name == "close":
+                    real(*args, **kwargs)  # Linux frees the descriptor whatever close says
+                raise OSError(self._error, os.strerror(self._error))
+            return real(*args, **kwargs)
+
+        return call
+
+
+@dataclass
+class Kind:
+    """One kind of call: how to install its fault, and what a refusal it causes may be."""
+
+    install: Callable[[pytest.MonkeyPatch, Faults, Any, Path], None]
+    errors: dict[str, Any]  # by name
+
+
+def install_storage(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, tmp: Path) -> None:
+    faulty = FaultyOs(faults, error)
+    for module in STORAGE_MODULES:
+        monkeypatch.setattr(module, "os", faulty)
+    real_status = uncached_status._status
+
+    def status(*args: Any) -> Any:
+        if faults.hit("statx"):
+            raise OSError(error, os.strerror(error))
+        return real_status(*args)
+
+    monkeypatch.setattr(uncached_status, "_status", status)
+
+
+def install_thread(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: None, tmp: Path) -> None:
+    real = trio.to_thread.run_sync
+
+    async def run_sync(*args: Any, **kwargs: Any) -> Any:
+        import sys
+
+        if sys._getframe(1).f_globals.get("__name__") == worker_threads.__name__ and faults.hit("thread"):
+            raise RuntimeError("can't start new thread")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+def install_spawn(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, tmp: Path) -> None:
+    real = launcher.Launcher.start
+
+    async def start(self: launcher.Launcher, *args: Any) -> Any:
+        if faults.hit("start"):
+            raise OSError(error, os.strerror(error))
+        return await real(self, *args)
+
+    monkeypatch.setattr(launcher.Launcher, "start", start)
+
+
+class KillingStdout:
+    """The producer's stdout as ``producer._pump_output`` reads it: the due read first kills the producer."""
+
+    def __init__(self, stdout: trio.abc.ReceiveStream, faults: Faults, pid: int, signal_number: int) -> None:
+        self._stdout, self._faults, self._pid, self._signal = stdout, faults, pid, signal_number
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._faults.hit("pipe read"):
+            with contextlib.suppress(ProcessLookupError):  # it has exited (its last read): nothing to kill
+                os.kill(self._pid, self._signal)
+        return await self._stdout.receive_some(max_bytes)
+
+
+def install_pipe(monkeypatch: pytest.MonkeyPatch, faults: Faults, signal_number: int, tmp: Path) -> None:
+    real_start, real_pump = launcher.Launcher.start, producer._pump_output
+    started: list[int] = []
+
+    async def start(self: launcher.Launcher, *args: Any) -> Any:
+        process = await real_start(self, *args)
+        started.append(process.pid)
+        return process
+
+    async def pump(stdout: trio.abc.ReceiveStream, *args: Any) -> Any:
+        return await real_pump(KillingStdout(stdout, faults, started[-1], signal_number), *args)
+
+    monkeypatch.setattr(launcher.Launcher, "start", start)
+    monkeypatch.setattr(producer, "_pump_output", pump)
+
+
+class FaultyConnection:
+    """An SQLite connection of the CRC index whose calls are counted, the due one failing with ``error``."""
+
+    def __init__(self, connection: sqlite3.Connection, faults: Faults, error: str) -> None:
+        self._connection, self._faults, self._error = connection, faults, error
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._connection, name)
+        if name not in ("execute", "executemany", "commit"):
+            return real
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._faults.hit(f"sqlite {name}"):
+                raise sqlite3.OperationalError(self._error)
+            return real(*args, **kwargs)
+
+        return call
+
+
+def install_index(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: str, tmp: Path) -> None:
+    real = crc_store._connect
+    monkeypatch.setattr(crc_store, "_connect", lambda *args: FaultyConnection(real(*args), faults, error))
+
+
+# The producer run by a stand-in command: the real program, its modules' ``os`` counting its calls and
+# failing the AT-th with ERROR; the count appended to COUNTS as it exits (a count of -1 for none).
+PRODUCER_CODE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import archiver.archive.producer_program as program
+from archiver.archive import producer_files, producer_output, producer_protocol, sparse, uncached_status
+AT, ERROR, COUNTS, CALLS = {at}, {error}, {counts!r}, {calls!r}
+count = 0
+def due():
+    global count
+    count += 1
+    return count == AT
+class Faulty:
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in CALLS:
+            return real
+        def call(*args, **kwargs):
+            if due():
+                if name == "access":
+                    return False
+                if name == "close":
+                    real(*args, **kwargs)
+                raise OSError(ERROR, os.strerror(ERROR))
+            return real(*args, **kwargs)
+        return call
+for module in (program, producer_files, producer_output, producer_protocol, sparse, uncached_status):
+    module.os = Faulty()
+real_status = uncached_status._status
+def status(*args):
+    if due():
+        raise OSError(ERROR, os.strerror(ERROR))
+    return real_status(*args)
+uncached_status._status = status
+try:
+    exit_status = program.main()
+finally:
+    counts = os.open(COUNTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(counts, b"%d\\n" % count)
+    os.close(counts)
+sys.exit(exit_status)
+"""
+
+
+def install_producer(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, tmp: Path) -> None:
+    """The producer's own calls: ``faults.at`` is read as each producer starts (armed: the one to fail)."""
+    counts = tmp / "producer-counts"
+    real = launcher.Launcher.start
+
+    async def start(self: launcher.Launcher, *args: Any) -> Any:
+        at = faults.at if faults.armed else 0
+        code = PRODUCER_CODE.format(
+            root=str(Path(archiver.__file__).parents[1]), at=at, error=error, counts=str(counts), calls=set(OS_CALLS)
+        )
+        return await real(self, (os.path.realpath(producer.PROGRAM_COMMAND[0]), "-I", "-S", "-c", code))
+
+    monkeypatch.setattr(launcher.Launcher, "start", start)
+    # The service runs a command of its own (not its launcher's fork) only when COMMAND is not the program's.
+    monkeypatch.setattr(producer, "COMMAND", ("stand-in",))
+    counts.write_text("")
+
+
+def install_socket(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, tmp: Path) -> None:
+    real = trio.SocketStream.send_all
+
+    async def send_all(self: trio.SocketStream, data: Any) -> None:
+        ours = self.socket.fileno() != -1 and self.socket.getsockname()[1] == faults.port  # closed: trio's own error
+        if ours and faults.hit("socket send"):
+            if error == errno.EPIPE:  # the connection is gone: the client sees it closed
+                with contextlib.suppress(OSError):
+                    self.socket.shutdown(socket.SHUT_RDWR)
+            # ENOBUFS (no memory for the send): the connection is as it was, but for the bytes not sent.
+            raise trio.BrokenResourceError("injected") from OSError(error, os.strerror(error))
+        await real(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", send_all)
+
+
+# Each kind's errors (by name), and the statuses a refusal each causes may have before the head (none:
+# never a refusal, the transfer whole).
+KINDS = {
+    "storage": Kind(install_storage, {"EIO": errno.EIO, "EMFILE": errno.EMFILE, "EACCES": errno.EACCES}),
+    "thread": Kind(install_thread, {"RuntimeError": None}),
+    "spawn": Kind(install_spawn, {"EAGAIN": errno.EAGAIN, "EMFILE": errno.EMFILE}),
+    "pipe": Kind(install_pipe, {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV}),
+    "index": Kind(install_index, {"EIO": "disk I/O error", "ENOSPC": "database or disk is full"}),
+    "producer": Kind(install_producer, {"EIO": errno.EIO, "EMFILE": errno.EMFILE}),
+    "socket": Kind(install_socket, {"ENOBUFS": errno.ENOBUFS, "EPIPE": errno.EPIPE}),
+}
+REFUSALS = {
+    "EIO": {500},  # the storage failed: the server's page (README, Failure behaviour)
+    "EACCES": {500, 503},  # a file's mode changed (503, the album changing) or a folder unreadable (500)
+    "EMFILE": {503},  # out of descriptors: a moment, Retry-After
+    "EAGAIN": {503},  # no process could be started
+    "RuntimeError": {503},  # no thread could be started (the tasks' limit)
+    "SIGKILL": {500},  # the producer killed before its first byte
+    "SIGSEGV": {500},
+    "ENOSPC": set(),  # the CRC index is a cache: never the download's failure
+    "EPIPE": set(),  # the client's socket: no answer to see
+    "ENOBUFS": set(),
+}
+
+
+@dataclass
+class Fetched:
+    """What the client got: the status (0: no head), the headers, the body bytes, whether it ended cleanly."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    clean: bool
+    error: str
+
+
+async def fetch(url: str, protocol: str, path: str, headers: dict[str, str]) -> Fetched:
+    status, received, body, clean, error = 0, httpx.Headers(), bytearray(), False, ""
+    async with make_client(url, protocol) as client:
+        try:
+            with trio.fail_after(30):
+                async with client.stream("GET", path, headers=headers) as response:
+                    status, received = response.status_code, response.headers
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+            clean = True
+        except httpx.TransportError as failure:  # a connection closed short, a reset stream
+            error = repr(failure)
+    return Fetched(status, received, bytes(body), clean, error)
+
+
+@dataclass
+class Case:
+    kind: str
+    error: str
+    protocol: str
+    extent: str
+
+    def settings(self, storage: Path, index: Path) -> Settings:
+        return Settings(
+            settle_time=0,
+            storage_dir=storage,
+            host="127.0.0.1",
+            port=0,
+            max_jobs=2,
+            max_jobs_per_client=2,
+            stall_timeout=5.0,
+            # A fault must never be a hang: one would show as "nothing came from the storage", refused below.
+            storage_timeout=5.0,
+            index_path=str(index),
+            compression=6 if self.extent == "deflated" else 0,
+        )
+
+    def headers(self, whole: bytes) -> dict[str, str]:
+        if self.extent != "range":
+            return {}
+        start, end = self.range(whole)
+        return {"Range": f"bytes={start}-{end}"}
+
+    def range(self, whole: bytes) -> tuple[int, int]:
+        """From inside b.bin's data to inside d.txt's local header: the producer runs, CRCs are read."""
+        start = whole.index(ALBUM["b.bin"][:64]) + 10
+        return start, whole.index(ALBUM["d.txt"]) - 20
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def download_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        message
+        for message in (record.getMessage() for record in caplog.records)
+        if message.startswith(("download album for ", "refused album:", "refused album for "))
+    ]
+
+
+@dataclass
+class Run:
+    fetched: Fetched
+    faults: Faults
+    line: str
+
+
+class Sweep:
+    """One case's servers, each with a fresh CRC index, and the download each makes with its fault armed."""
+
+    def __init__(self, case: Case, storage: Path, tmp: Path, faults: Faults, caplog: pytest.LogCaptureFixture) -> None:
+        self.case, self.storage, self.tmp, self.faults, self.caplog = case, storage, tmp, faults, caplog
+        self.runs = 0
+        self.expected = b""  # the download without a fault
+        self.whole = expected_archive(storage / "album")
+
+    async def run(self, at: int) -> Run:
+        """A fresh server whose download fails its ``at``-th call (0: none); checks what is left behind."""
+        self.runs += 1
+        settings = self.case.settings(self.storage, self.tmp / f"index-{self.runs}.sqlite")
+        async with running_server(settings) as url:
+            self.faults.port = int(url.rsplit(":", 1)[1])
+            # The launcher started, the server's first connection served: the descriptors from now on are the run's.
+            warm = await fetch(url, "HTTP/1.1", "/archive/warmup/", {})
+            assert warm.status == 200 and warm.clean
+            await wait_until_no_producer_children(timeout=10)
+            descriptors, threads = own_descriptors(), busy_threads()
+            self.caplog.clear()
+            self.faults.arm(at)
+            try:
+                fetched = await fetch(url, self.case.protocol, "/archive/album/", self.case.headers(self.whole))
+                with trio.fail_after(15):  # its line written, its producer reaped
+                    while not download_lines(self.caplog):
+                        await trio.sleep(0.01)
+                await wait_until_no_producer_children(timeout=10)
+            finally:
+                self.faults.disarm()
+            lines = download_lines(self.caplog)
+            assert len(lines) == 1, (self.where(), lines)
+            tracebacks = [record.getMessage() for record in self.caplog.records if record.exc_info]
+            assert not tracebacks, (self.where(), tracebacks)
+            await self.check_left_behind(url, descriptors, threads)
+        return Run(fetched, self.faults, lines[0])
+
+    async def check_left_behind(self, url: str, descriptors: set[str], threads: list[str]) -> None:
+        with trio.fail_after(10):
+            while (found := await metrics(url))["archiver_downloads_in_flight"]:
+                await trio.sleep(0.02)
+        assert {name: found[name] for name in GAUGES} == dict.fromkeys(GAUGES, 0)
+        with trio.move_on_after(10):  # the client's sockets closed, the server's too, every file and pipe
+            while own_descriptors() - descriptors:
+                await trio.sleep(0.02)
+        left = {fd: _target(fd) for fd in own_descriptors() - descriptors}
+        assert not left, (self.where(), left)
+        # The next download: byte for byte the one without a fault (no CRC the fault left wrong).
+        if self.expected:
+            again = await fetch(url, self.case.protocol, "/archive/album/", self.case.headers(self.whole))
+            assert again.clean and again.status in (200, 206)
+            assert again.body == self.expected
+            await wait_until_no_producer_children(timeout=10)
+        with trio.fail_after(10):  # no thread still at work: each back in trio's cache
+            while busy_threads() != threads:
+                await trio.sleep(0.02)
+
+    async def count(self) -> int:
+        """The calls of the kind one download makes, and the download without a fault (``expected``)."""
+        run = await self.run(0)
+        fetched = run.fetched
+        assert fetched.clean and fetched.status == (206 if self.case.extent == "range" else 200), fetched
+        assert ": complete" in run.line
+        if self.case.extent == "whole":
+            assert fetched.body == self.whole
+        elif self.case.extent == "range":
+            start, end = self.case.range(self.whole)
+            assert fetched.body == self.whole[start : end + 1]
+        else:
+            assert read_archive(fetched.body) == ALBUM
+        self.expected = fetched.body
+        if self.case.kind == "producer":
+            return int((self.tmp / "producer-counts").read_text().split()[-1])
+        return self.faults.count
+
+    def where(self) -> str:
+        faults = self.faults
+        return f"{faults.failed} ({self.case.error}) at call {faults.at} of {len(faults.calls)}: {faults.calls}"
+
+    def judge(self, run: Run) -> None:
+        """What the client got and the line said, for a fault at one call."""
+        fetched, line, name = run.fetched, run.line, self.case.error
+        where = self.where()
+        assert "nothing came from the storage" not in line, where  # a fault made a hang
+        if fetched.status in (200, 206) and fetched.clean:
+            assert fetched.body == self.expected, where  # a clean end is the whole, right answer
+            assert ": complete" in line, (where, line)
+        elif fetched.status in (200, 206):
+            # Aborted after the head: never ended as if complete, and what came is the right bytes' start.
+            assert ": complete" not in line, (where, line)
+            assert self.expected.startswith(fetched.body), where
+        elif fetched.status == 0:
+            # No head: only a fault of the connection's own sockets may leave the client without an answer.
+            assert self.case.kind == "socket", (where, fetched)
+            assert ": complete" not in line, (where, line)
+        else:
+            allowed = REFUSALS[name]
+            if run.faults.failed == "os.close" and name == "EIO":
+                allowed = {503}  # a file's close failing after its read: not the file read (README, rclone)
+            if run.faults.failed == "os.access":
+                allowed = {500}  # access() is False whatever failed: the album's folder not searchable
+            assert fetched.status in allowed, (where, fetched.status, line)
+            assert fetched.clean and 0 < len(fetched.body) < 16_384, where  # the short page (text: no Accept)
+            if fetched.status == 503:
+                assert "Retry-After" in fetched.headers, where
+            assert line.startswith("refused album") or "(refused before the head)" in line, (where, line)
+        if self.case.kind == "index":  # only a cache: a fault of it is never the download's
+            assert fetched.clean and fetched.status in (200, 206), (where, fetched, line)
+
+
+def cases() -> Iterator[Any]:
+    """Every kind, error, protocol and extent; each kind's first in the default run (a sample of its calls)."""
+    for k, (kind, spec) in enumerate(KINDS.items()):
+        for name in spec.errors:
+            for protocol in PROTOCOLS:
+                for extent in EXTENTS:
+                    case = Case(kind, name, protocol, extent)
+                    identifier = f"{kind}-{name}-{protocol}-{extent}"
+                    sample = name == next(iter(spec.errors)) and (protocol, extent) == (
+                        PROTOCOLS[k % 2],
+                        EXTENTS[k % 3],
+                    )
+                    if sample:
+                        yield pytest.param(case, "sample", id=f"{identifier}-sample")
+                    yield pytest.param(case, "every", id=f"{identifier}-every", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("case", "calls"), list(cases()))
+async def test_each_call_of_a_download_failing_once(
+    case: Case, calls: str, storage: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO)
+    write_tree(storage / "album", ALBUM)
+    write_tree(storage / "warmup", {"w.txt": b"w"})
+    faults = Faults()
+    KINDS[case.kind].install(monkeypatch, faults, KINDS[case.kind].errors[case.error], tmp_path)
+    sweep = Sweep(case, storage, tmp_path, faults, caplog)
+    total = await sweep.count()
+    assert total > 0, case
+    ats = range(1, total + 1) if calls == "every" else sorted({1, (total + 1) // 2, total})
+    for at in ats:
+        run = await sweep.run(at)
+        sweep.judge(run)
+
+
+def one_call_failing(monkeypatch: pytest.MonkeyPatch, module: Any, call: str, error: int, at: int = 1) -> Faults:
+    """``module``'s ``at``-th ``os.<call>`` fails with ``error`` (a close closes first; an access is False)."""
+    faults = Faults()
+    real = FaultyOs(faults, error)
+
+    class OneCall(FaultyOs):
+        def __getattr__(self, name: str) -> Any:
+            return real.__getattr__(name) if name == call else getattr(os, name)
+
+    monkeypatch.setattr(module, "os", OneCall(faults, error))
+    faults.arm(at)
+    return faults
+
+
+def test_a_passage_s_close_failing_on_the_way_to_a_folder_closes_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    before = own_descriptors()
+    faults = one_call_failing(monkeypatch, real_paths, "close", errno.EIO)
+    fd = real_paths.open_real_directory((tmp_path / "a" / "b").resolve())
+    assert faults.failed == "os.close"
+    assert os.path.samefile(f"/proc/self/fd/{fd}", tmp_path / "a" / "b")
+    os.close(fd)
+    assert own_descriptors() == before  # the parent closed once, the child not left open
+
+
+@pytest.mark.parametrize("call", ["close", "access"])
+def test_a_walk_whose_folder_close_or_file_access_fails_lists_the_album_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    write_tree(tmp_path / "album", {"a.txt": b"a", "b.txt": b"b"})
+    # The album's own access first (its folder searchable), then each file's.
+    faults = one_call_failing(monkeypatch, album_walk, call, errno.EIO, at=2 if call == "access" else 1)
+    listing = archive_storage.list_album(tmp_path / "album")
+    assert faults.failed == f"os.{call}"
+    assert [str(file.path) for file in listing.files] == ["a.txt", "b.txt"]
+    assert not listing.skipped
+
+
+def test_a_batch_s_folder_close_failing_is_no_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.txt").write_bytes(b"a")
+    folders = listed_files.Folders()
+    os.close(folders.open((tmp_path / "a.txt").resolve()))
+    faults = one_call_failing(monkeypatch, listed_files, "close", errno.EIO)
+    folders.close()
+    assert faults.failed == "os.close"
+
+
+@pytest.mark.parametrize(("error", "transient"), [(errno.EMFILE, True), (errno.ENOMEM, True), (errno.EIO, False)])
+def test_an_album_whose_look_up_runs_out_of_descriptors_or_memory_is_to_be_tried_again(
+    storage: Path, monkeypatch: pytest.MonkeyPatch, error: int, transient: bool
+) -> None:
+    (storage / "album").mkdir()
+    one_call_failing(monkeypatch, archive_storage, "stat", error)
+    with pytest.raises(ListingFailed) as failure:
+        archive_storage.resolve_album(storage, "album")
+    assert failure.value.transient is transient
