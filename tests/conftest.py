@@ -77,8 +77,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (stress, soak)")
 
 
-def unmount_dead_fuse_mounts(root: Path) -> list[str]:
-    """Unmount (lazily) the FUSE mounts under ``root`` whose daemon is gone; the mount points unmounted.
+def unmount_dead_fuse_mounts(root: Path, spare: Callable[[Path], bool] = lambda _: False) -> list[str]:
+    """Unmount (lazily) the FUSE mounts under ``root`` whose daemon is gone, but those ``spare`` names; the mount
+    points unmounted.
 
     A dead mount answers ENOTCONN. ``statvfs`` asks, not ``stat``: gated_fs holds ``stat`` while a
     test's gate says so, never ``statfs``, so a live mount of a run going on answers at once.
@@ -93,7 +94,8 @@ def unmount_dead_fuse_mounts(root: Path) -> list[str]:
         try:
             os.statvfs(mountpoint)
         except OSError as error:
-            if error.errno == errno.ENOTCONN:
+            # Asked of dead mounts only: a look into a live one may wait on its gate.
+            if error.errno == errno.ENOTCONN and not spare(Path(mountpoint)):
                 subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False, capture_output=True)
                 dead.append(mountpoint)
     return dead
@@ -110,7 +112,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if hasattr(session.config, "workerinput") or shutil.which("fusermount3") is None:
         return
     temporary = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()  # where pytest puts them
-    unmount_dead_fuse_mounts(Path(temporary) / f"pytest-of-{getpass.getuser()}")
+    root = Path(temporary) / f"pytest-of-{getpass.getuser()}"
+    unmount_dead_fuse_mounts(root, spare=lambda mountpoint: of_a_live_session(mountpoint, root))
+
+
+def of_a_live_session(path: Path, root: Path) -> bool:
+    """Whether ``path``, under ``root``, is in the folder of a pytest session still running (``root/pytest-N``).
+
+    pytest writes its pid in that folder's ``.lock`` and removes it as it ends.  A run going on beside
+    this one may hold a dead mount on purpose: test_dead_storage kills a daemon to start the service on
+    the dead mount, and another run's start unmounting it (a helper's, at 3184cdc) served an empty
+    folder there instead.
+    """
+    try:
+        pid = int((root / path.relative_to(root).parts[0] / ".lock").read_text())
+    except (OSError, ValueError, IndexError):
+        return False
+    return Path(f"/proc/{pid}").exists()
 
 
 # Figures the stress tests measure, printed at the end of the run (see README).  A test's

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,7 @@ from .conftest import (
     ctimes_settled,
     launcher_processes,
     make_client,
+    of_a_live_session,
     producer_processes,
     read_archive,
     running_server,
@@ -138,9 +140,10 @@ async def test_a_killed_runs_dead_mount_is_unmounted_and_a_live_held_one_is_left
     # of a run going on must be left alone, and answer at once even while its gate holds every stat.
     (tmp_path / "source").mkdir()
     gate = tmp_path / "gate"
-    killed = tmp_path / "killed"
+    session = tmp_path / "pytest-7"  # as pytest numbers a session's folder, its pid in .lock while it runs
+    killed = session / "killed"
     async with gated_mount(tmp_path / "source", tmp_path / "live", gate):
-        killed.mkdir()
+        killed.mkdir(parents=True)
         daemon = subprocess.Popen([sys.executable, str(GATED_FS), str(tmp_path / "source"), str(killed), str(gate)])
         with trio.fail_after(10):
             while not os.path.ismount(killed):
@@ -150,8 +153,17 @@ async def test_a_killed_runs_dead_mount_is_unmounted_and_a_live_held_one_is_left
         daemon.wait()
         with pytest.raises(OSError, match="Transport endpoint is not connected"):
             os.statvfs(killed)
+        # A session still running may hold a dead mount on purpose: spared (helper 193's run failed
+        # when another run's start unmounted one).  Once its process is gone, unmounted.
+        spare = partial(of_a_live_session, root=tmp_path)
+        (session / ".lock").write_text(str(os.getpid()))
         with trio.fail_after(5):
-            unmounted = await trio.to_thread.run_sync(unmount_dead_fuse_mounts, tmp_path)
+            assert await trio.to_thread.run_sync(unmount_dead_fuse_mounts, tmp_path, spare) == []
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        (session / ".lock").write_text(str(ended.pid))
+        with trio.fail_after(5):
+            unmounted = await trio.to_thread.run_sync(unmount_dead_fuse_mounts, tmp_path, spare)
         assert unmounted == [str(killed)]
         # Not os.path.ismount: it takes a dead mount (its lstat fails) and a held one for no mount.
         mounted = {point for _, _, point in mount_table(Path("/proc/self/mountinfo").read_text())}
