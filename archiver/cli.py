@@ -42,6 +42,14 @@ _FLAGS = {
 }
 
 
+def _host(text: str) -> str:
+    # Hypercorn binds ":8080" to every IPv4 address: '-H "$HOST"' with HOST unset listened on all of them
+    # unsaid, its line saying "serving ... on :8080" (helper 196), as "-D $UNSET" served the checkout.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the address to listen on must not be empty (0.0.0.0: every IPv4 address)")
+    return text
+
+
 def _storage_dir(text: str) -> Path:
     if not text.strip():  # Path("") is the working directory: "-D $UNSET" served the checkout (helper 52)
         raise argparse.ArgumentTypeError("the storage directory must not be empty")
@@ -59,7 +67,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         "A flag left out is read from its ARCHIVER_* variable, then the default.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("-H", "--host", help=f"address to listen on (ARCHIVER_HOST; {defaults.host})")
+    parser.add_argument("-H", "--host", type=_host, help=f"address to listen on (ARCHIVER_HOST; {defaults.host})")
     parser.add_argument("-P", "--port", type=integer, help=f"port to listen on (ARCHIVER_PORT; {defaults.port})")
     parser.add_argument(
         "-D",

@@ -390,6 +390,8 @@ def test_a_port_taken_between_the_check_and_the_bind_is_one_line() -> None:
         # Helper 52: the working directory (the checkout) was served, and / (with /etc) as root.
         (["-D", ""], {}, "argument -D/--dir: the storage directory must not be empty"),
         (["-D", "/"], {}, "is / (each folder in it would be served as an album)"),
+        # Helper 196: '-H ""' (a variable left unset) listened on every address, "serving ... on :8080".
+        (["-H", "", "-P", "0"], {}, "argument -H/--host: the address to listen on must not be empty"),
         ([], {"ARCHIVER_DIR": "/tmp/.."}, "is / (each folder in it would be served as an album)"),
         # Helper 53: abspath keeps "//", which is / to Linux; and a link to / is / too.
         (["-D", "//"], {}, "is / (each folder in it would be served as an album)"),
