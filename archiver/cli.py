@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 import time
@@ -118,8 +119,13 @@ async def _until_signalled(grace: float) -> None:
     # A second signal during the grace period (a second Ctrl-C, a supervisor's repeat) must not cut
     # the downloads in flight: once the receiver closes, it restores what it found, SIG_IGN.
     received = await wait_for_stop_signal()
-    logger.info("received %s: no new connections; in-flight downloads get %.0f s to finish", received.name, grace)
+    logger.info("received %s: no new connections; in-flight downloads get %s", received.name, _grace_text(grace))
     hypercorn_tcp.shutting_down()
+
+
+def _grace_text(grace: float) -> str:
+    """The grace period as the stop's line says it: "2.5 s to finish" ("%.0f s" said 0 s for 0.5, and "inf s")."""
+    return "as long as they take to finish" if grace == math.inf else f"{grace:g} s to finish"
 
 
 def sign_link(argv: Sequence[str]) -> str:

@@ -591,6 +591,19 @@ async def test_shutdown_aborts_downloads_past_grace_and_leaves_no_producer(tmp_p
     assert b"download album for 127.0.0.1: cancelled during shutdown" in server.output
 
 
+@pytest.mark.parametrize(
+    ("grace", "said"), [("0.5", b"downloads get 0.5 s to finish"), ("inf", b"downloads get as long as they take")]
+)
+async def test_the_stop_line_says_the_grace_period_as_it_is_set(grace: str, said: bytes) -> None:
+    # Helper 196: it said "get 0 s to finish" for ARCHIVER_SHUTDOWN_GRACE=0.5, and "get inf s" for inf.
+    command, env = launch_command("archiver", 0, grace=1)
+    async with launched(command, env | {"ARCHIVER_SHUTDOWN_GRACE": grace}) as server:
+        server.process.terminate()
+        with trio.fail_after(15):
+            assert await server.process.wait() == 0
+    assert said in server.output
+
+
 # Stands for any fatal error in the server itself (not in one connection, which
 # costs only that connection): the accept loop fails at its first connection.
 INJECTED_FAILURE = """
