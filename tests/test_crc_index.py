@@ -470,7 +470,9 @@ OTHER_INSTANCE = (
 )
 
 
-@pytest.mark.parametrize("how", ["cannot be made", "deleted under another instance", "a crc_v6 of another shape"])
+@pytest.mark.parametrize(
+    "how", ["cannot be made", "deleted under another instance", "a crc_v6 of another shape", "not an SQLite file"]
+)
 async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -481,6 +483,11 @@ async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
         index_path = str(tmp_path / "index.sqlite")
         with sqlite3.connect(index_path) as db:
             db.execute("CREATE TABLE crc_v6 (inode INTEGER PRIMARY KEY, crc INTEGER)")
+    settings_text = "ARCHIVER_DIR=/srv/photos\nARCHIVER_LINK_SECRET=0123456789abcdef0123456789\n"
+    if how == "not an SQLite file":
+        # Helper 196: the settings file named by mistake; the line advised "delete /etc/archiver.env*".
+        index_path = str(tmp_path / "archiver.env")
+        Path(index_path).write_text(settings_text)
     if how == "deleted under another instance":
         # Deleted alone, its -wal and -shm left: SQLite's "disk I/O error" for any other process.
         index_path = str(tmp_path / "index.sqlite")
@@ -501,6 +508,13 @@ async def test_an_unusable_index_is_an_error_line_and_the_service_serves(
     assert any(f"CRC index {index_path!r} cannot be used" in message for message in errors), errors
     if how == "a crc_v6 of another shape":
         assert any("its table crc_v6 is not this version's (columns inode, crc)" in m for m in errors), errors
+    if how == "not an SQLite file":
+        (error,) = [message for message in errors if "CRC index" in message]
+        assert "not an SQLite file: does ARCHIVER_INDEX name the file meant?" in error
+        assert "delete" not in error
+        assert Path(index_path).read_text() == settings_text
+    else:  # a damaged index, or one deleted under another instance: to be deleted with its -wal and -shm
+        assert any(f"delete {index_path}* and start again" in message for message in errors), errors
 
 
 async def test_the_index_file_is_never_read_on_the_event_loop(

@@ -20,6 +20,12 @@ SERVICE_BUSY_TIMEOUT = 1.0
 # leaves the index in memory (an ERROR line).
 OPEN_TIMEOUT = 10.0
 OPENING_THREAD = "archiver CRC index open"
+# How every SQLite database file begins (its header string, https://www.sqlite.org/fileformat.html).
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class NotAnIndexFile(sqlite3.DatabaseError):
+    """ARCHIVER_INDEX names a file with bytes that do not begin as SQLite's: another file, named by mistake."""
 
 
 def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | None:
@@ -72,6 +78,11 @@ def open_crc_store(settings: Settings, *, required: bool = False) -> CrcStore | 
         raise result
     if isinstance(result, CrcStore):
         return result
+    if isinstance(result, NotAnIndexFile):
+        # Not "delete <path>*" (helper 196: ARCHIVER_INDEX=/etc/archiver.env advised deleting the settings).
+        kept = "CRCs are kept in memory only, until a restart"
+        logger.error("CRC index %r cannot be used (%s): %s", settings.index_path, result, kept)
+        return None
     _unusable(settings.index_path, str(result))
     return None
 
@@ -81,9 +92,29 @@ def _open(index_path: str, required: bool) -> CrcStore:
     # The service's writes wait 1 s at most on another process's lock (the CRCs are only lost
     # for the next start); ``archiver index``'s, SQLite's usual 5 s.  Its lookups wait as long as
     # they take; the service's, SERVICE_STALL without an answer.
-    if required:
-        return CrcStore(Path(index_path), busy_timeout=5.0)
-    return CrcStore(Path(index_path), busy_timeout=SERVICE_BUSY_TIMEOUT, stall=SERVICE_STALL)
+    try:
+        if required:
+            return CrcStore(Path(index_path), busy_timeout=5.0)
+        return CrcStore(Path(index_path), busy_timeout=SERVICE_BUSY_TIMEOUT, stall=SERVICE_STALL)
+    except sqlite3.DatabaseError:
+        if _begins_unlike_sqlite(index_path):
+            raise NotAnIndexFile("not an SQLite file: does ARCHIVER_INDEX name the file meant?") from None
+        raise
+
+
+def _begins_unlike_sqlite(index_path: str) -> bool:
+    """Whether the file has bytes and they do not begin as every SQLite database's (SQLITE_HEADER).
+
+    SQLite says "file is not a database" for such a file and for a damaged index alike, and the
+    ERROR line advised deleting it: a file of value named by mistake (the settings file, a photo)
+    is told apart, as a folder or a device is (``_check_is_a_file``).  Read in the opening thread.
+    """
+    try:
+        with open(index_path, "rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except OSError:
+        return False
+    return bool(head) and not SQLITE_HEADER.startswith(head)
 
 
 def _unusable(index_path: str, reason: str) -> None:
