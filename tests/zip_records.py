@@ -16,6 +16,7 @@ be, not against what the plan computed.
 
 from __future__ import annotations
 
+import mmap
 import stat
 import struct
 import zlib
@@ -34,6 +35,7 @@ ZIP64_ID = 0x0001
 UT_ID = 0x5455
 BIT_3 = 0x0008
 UTF8 = 0x0800
+PIECE = 1 << 24  # bytes of data checked at a time
 
 
 def _extra(data: bytes) -> list[tuple[int, bytes]]:
@@ -65,7 +67,29 @@ def _utf8_flag(name: bytes) -> int:
     return UTF8
 
 
-def check_zip_records(data: bytes) -> None:
+def _crc_of(data: bytes | mmap.mmap, start: int, length: int, deflated: bool) -> int:
+    """The CRC-32 of ``length`` bytes of ``data`` from ``start``, inflated first if ``deflated``, a piece at a time.
+
+    Pieces of a view, never a copy of the whole: an archive over 4 GiB is checked as a mapped file.
+    """
+    view = memoryview(data)[start : start + length]
+    inflater = zlib.decompressobj(-15)
+    crc = 0
+    for at in range(0, length, PIECE):
+        piece: bytes | memoryview = view[at : at + PIECE]
+        if not deflated:
+            crc = zlib.crc32(piece, crc)
+            continue
+        while piece:  # at most a piece out at a time: 5 GiB of zeros deflate to 5 MB
+            crc = zlib.crc32(inflater.decompress(piece, PIECE), crc)
+            piece = inflater.unconsumed_tail
+    if deflated:
+        crc = zlib.crc32(inflater.flush(), crc)
+        assert inflater.eof and not inflater.unused_data, "deflated data that does not end where its size says"
+    return crc
+
+
+def check_zip_records(data: bytes | mmap.mmap) -> None:
     """AssertionError unless every record of ``data`` (an archive the service wrote) is as APPNOTE has it.
 
     Counts, sizes and offsets in the end records; each central header's version
@@ -165,7 +189,7 @@ def check_zip_records(data: bytes) -> None:
             # 4.3.9: CRC, compressed size, size, as the central header has them.
             assert found == (b"PK\x07\x08", crc, compressed, size), (name, found, (crc, compressed, size))
             position = data_at + compressed + descriptor.size
-            assert zlib.crc32(zlib.decompress(data[data_at : data_at + compressed], -15)) == crc, name
+            assert _crc_of(data, data_at, compressed, deflated=True) == crc, name
         else:
             # Stored: CRC and sizes in the header, ZIP64 (both sizes) exactly from 0xFFFFFFFF.
             assert fields[6] == crc, (name, fields[6], crc)
@@ -173,6 +197,6 @@ def check_zip_records(data: bytes) -> None:
                 assert fields[7:9] == (LIMIT, LIMIT) and values == [struct.pack("<QQ", size, size)], name
             else:
                 assert fields[7:9] == (size, size) and not values, (name, fields)
-            assert zlib.crc32(data[data_at : data_at + size]) == crc, name
+            assert _crc_of(data, data_at, size, deflated=False) == crc, name
             position = data_at + size
     assert position == central_offset, (position, central_offset)
