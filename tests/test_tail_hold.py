@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from archiver.archive.local_headers import end_inside_an_entry
 from archiver.archive.plan import ArchivePlan
@@ -184,3 +186,80 @@ def test_a_cut_is_inside_an_entry_only_past_its_local_headers_fixed_part() -> No
     assert end_inside_an_entry(starts, 2, LOCAL_HEADER_FIXED + 1, 0) == LOCAL_HEADER_FIXED + 1
     assert end_inside_an_entry(starts, 2, 100 + LOCAL_HEADER_FIXED, 0) == 99  # back into the first entry
     assert end_inside_an_entry(starts, 2, 100, 50) == 99
+
+
+async def _run_chunked(
+    hold: TailHold, data: bytes, sizes: list[int]
+) -> tuple[bytes, list[tuple[int, int, bool]], int, int]:
+    """As ``_run``, the chunks' sizes drawn (cycled); each step also says whether the producer had ended."""
+    chunks: list[bytes] = []
+    at, turn = 0, 0
+    while at < len(data):
+        size = sizes[turn % len(sizes)]
+        chunks.append(data[at : at + size])
+        at, turn = at + size, turn + 1
+    feed = iter(chunks)
+    received, ended, rechecks, rechecked_after = 0, False, 0, -1
+    out = bytearray()
+    steps: list[tuple[int, int, bool]] = []
+
+    async def receive() -> bytes | None:
+        nonlocal received, ended
+        chunk = next(feed, None)
+        received += len(chunk or b"")
+        ended = ended or chunk is None
+        return chunk
+
+    async def recheck() -> None:
+        nonlocal rechecks, rechecked_after
+        rechecks += 1
+        rechecked_after = len(out)
+
+    while (piece := await hold.next(receive, len(out), recheck)) is not None:
+        assert piece  # an empty piece would read as the body's end to a sender
+        out += piece
+        steps.append((len(out), received, ended))
+    return bytes(out), steps, rechecks, rechecked_after
+
+
+@given(data=st.data(), sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_range_in_any_chunks_goes_whole_and_holds_its_tail_until_the_proof(
+    stored: tuple[ArchivePlan, bytes], data: st.DataObject, sizes: list[int]
+) -> None:
+    # Chunks of drawn sizes (a producer's reads end wherever the pipe had bytes) and any range
+    # (a download manager's pieces, a resume): every byte once, in order; the recheck once, before
+    # the range's tail; and before the proof, what went out ends inside an entry.
+    plan, archive = stored
+    assert plan.length is not None
+    start = data.draw(st.integers(0, plan.length - 1), label="start")
+    end = data.draw(st.integers(start, plan.length - 1), label="end")
+    tail_start = plan.length - plan.tail_size()
+    own_tail = max(1, end + 1 - max(tail_start, start))  # the range's part of the tail, or its last byte
+    out, steps, rechecks, rechecked_after = trio.run(
+        _run_chunked, TailHold(plan, start, end, 4096), archive[start : end + 1], sizes
+    )
+    assert out == archive[start : end + 1]
+    assert rechecks == 1 and 0 <= rechecked_after <= len(out) - own_tail
+    for handed, received, ended in steps:
+        if start + received <= plan.central_offset and not ended:  # no proof yet
+            assert handed <= len(out) - own_tail
+            assert handed == 0 or plan.cut_inside_an_entry(start + handed, start) == start + handed
+
+
+@given(sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=8))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_deflated_archive_in_any_chunks_goes_whole_and_ends_inside_an_entry_until_the_proof(
+    deflated: tuple[ArchivePlan, bytes], sizes: list[int]
+) -> None:
+    plan, archive = deflated
+    listed = zipfile.ZipFile(io.BytesIO(archive))
+    starts = [info.header_offset for info in listed.infolist()]
+    ends = [*starts[1:], listed.start_dir]
+    proof = listed.start_dir + 46 + len(plan.name(0))
+    out, steps, rechecks, rechecked_after = trio.run(_run_chunked, TailHold(plan, 0, 0, 4096), archive, sizes)
+    assert out == archive
+    assert rechecks == 1 and 0 <= rechecked_after < listed.start_dir
+    for handed, received, _ in steps:
+        if received < proof:
+            assert handed == 0 or any(a + LOCAL_HEADER_FIXED < handed < b for a, b in zip(starts, ends, strict=True))
