@@ -726,12 +726,18 @@ async def _hold(slots: JobSlots, holder: _Holder) -> None:
         ended.set()
 
     holder.asked = trio.current_time()
+    # What it held, and was being handed, as it asked: admitted only under its share at the reserve.
+    busy = slots.free <= slots.reserve
+    had = slots.held_by(holder.client) + slots._claims[holder.client]
+    ranges_had = slots._ranges[holder.client] + slots._range_claims[holder.client]
     with holder.scope:
         try:
             job = await slots.take(holder.client, holder.ranged, end)
         except (JobLimitReached, FairShareExceeded, RangeLimitReached):
             holder.outcome = "refused"
             return
+        assert not busy or had < slots.min_share, (holder, had)
+        assert not holder.ranged or ranges_had < slots.min_share, (holder, ranges_had)
         holder.job, holder.outcome = job, "holding"
         try:
             async with trio.open_nursery() as nursery:
@@ -770,6 +776,9 @@ def _check_slots(slots: JobSlots, holders: list[_Holder]) -> None:
         assert all(job.client == client for job in client_jobs)
     claims: Counter[str] = Counter(job.claim.client for job in jobs if job.claim is not None)
     assert slots._claims == claims
+    assert slots._range_claims == Counter(
+        job.claim.client for job in jobs if job.claim is not None and job.claim.ranged
+    )
     assert all(job.reclaimed and job.claim is None and job in jobs for job in slots._unclaimed)
     # Every job is a holder's, once every task has run: a slot handed over has reached its asker.
     held = [holder.job for holder in holders if holder.outcome == "holding"]
@@ -781,24 +790,38 @@ def _check_slots(slots: JobSlots, holders: list[_Holder]) -> None:
         assert holder.outcome != "asking" or trio.current_time() - holder.asked <= RECLAIM_WAIT
 
 
+# Takes most often, by few clients, so that the slots fill with one client above its share and others
+# ask: reclaims, handed-over slots, askers that leave or time out.
+take = st.tuples(
+    st.just("take"),
+    st.sampled_from([0, 1, 1, 2, 2, 3]),
+    st.sampled_from([False, False, False, True]),
+    st.sampled_from([None, 0.0, 1.0, 10.0]),
+)
 steps = st.lists(
     st.one_of(
-        st.tuples(st.just("take"), st.integers(0, 4), st.booleans(), st.sampled_from([None, 0.0, 1.0, 10.0])),
+        take,
+        take,
+        take,
         st.tuples(st.just("finish"), st.integers(0, 63)),
         st.tuples(st.just("cancel"), st.integers(0, 63)),
         st.tuples(st.just("wait"), st.sampled_from([0.0, 1.0, 3.0, 6.0])),
     ),
+    min_size=6,
     max_size=60,
 )
 
 
-@given(program=steps, total=st.integers(1, 6), min_share=st.integers(1, 3), reserve=st.integers(0, 3))
+@given(program=steps, total=st.integers(1, 6), min_share=st.integers(1, 2), reserve=st.integers(0, 2))
 @settings(max_examples=int(os.environ.get("SLOTS_EXAMPLES", "300")), deadline=None)
 def test_job_slots_keep_their_books_under_any_program(
     program: list[tuple[Any, ...]], total: int, min_share: int, reserve: int
 ) -> None:
     slots = JobSlots(total, min_share, min(reserve, total))
     holders: list[_Holder] = []
+    # First one client fills the slots (above its share while more than the reserve is free): what follows
+    # is then mostly reclaims, slots handed over, askers that leave or give up.
+    program = [("take", 0, False, linger) for linger in (None, 0.0, 10.0, 1.0, None, 0.0)][:total] + program
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -821,7 +844,8 @@ def test_job_slots_keep_their_books_under_any_program(
                 holder.scope.cancel()
         _check_slots(slots, holders)
         assert (slots.in_use, slots.active_clients, slots.largest_share()) == (0, 0, 0)
-        assert not (slots._jobs or slots._ranges or slots._reclaimed or slots._claims or slots._unclaimed)
+        assert not (slots._jobs or slots._ranges or slots._reclaimed or slots._claims or slots._range_claims)
+        assert not slots._unclaimed
 
     trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
 

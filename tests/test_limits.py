@@ -305,6 +305,41 @@ async def test_a_request_that_leaves_while_waiting_for_a_reclaimed_slot_leaves_i
         assert downloads.ended == ["heavy"]
 
 
+async def test_a_slot_being_handed_to_a_client_counts_against_its_share_and_its_ranges() -> None:
+    # Helper 194 (a drawn program of takes and releases, tests/test_interleavings.py): a client
+    # waiting for a reclaimed slot was admitted to a slot freed meanwhile at the reserve as if it
+    # held none, and held twice its share once the reclaimed one came; and a range waiting so was
+    # no range to the range limit.  What is on its way to a client is its own.
+    slots = JobSlots(4, min_share=1, reserve=1)
+    async with trio.open_nursery() as nursery:
+        downloads = _Downloads(slots, nursery, ending=False)  # an aborted download ends when released here
+        heavy = [await downloads.take("heavy") for _ in range(3)]  # above the reserve: any client may
+        await downloads.take("other")
+        taken: list[Job] = []
+
+        async def ask() -> None:
+            taken.append(await slots.take("newcomer", ranged=True, end=lambda: None))
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert downloads.ended == ["heavy"] and not taken  # heavy's newest aborted, its slot on its way
+        downloads.jobs.remove(heavy[0])
+        slots.release(heavy[0])  # another of heavy's downloads ends: one slot free, the reserve
+        with pytest.raises(FairShareExceeded):
+            slots.check("newcomer")  # its share is the slot on its way
+        with pytest.raises(RangeLimitReached):
+            slots.check("newcomer", ranged=True)
+        slots.check("late")  # anyone else under its share takes the free slot
+        downloads.jobs.remove(heavy[2])
+        slots.release(heavy[2])  # the aborted download ends: its slot is the newcomer's
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(taken) == 1 and taken[0].ranged
+        assert (slots.held_by("newcomer"), slots.held_by("heavy"), slots.free) == (1, 1, 1)
+        with pytest.raises(FairShareExceeded):
+            slots.check("newcomer")
+        slots.release(taken[0])
+
+
 def test_ranges_of_one_client_are_capped_even_on_an_idle_service() -> None:
     slots = JobSlots(64, min_share=4)
     ranges = [slots.acquire("manager", ranged=True) for _ in range(4)]

@@ -112,7 +112,8 @@ class JobSlots:
     downloads at once from one address (an office behind NAT, a browser
     opening every album of a page) are all served by an idle service.  Once
     the free slots are down to the reserve, a client is admitted only while
-    it holds fewer than ``min_share`` (its share of a busy service): the
+    it holds fewer than ``min_share`` (its share of a busy service; a slot
+    being handed to it, ``take``, counted as held): the
     heaviest clients are refused first, and the reserve is shared by
     ``reserve / min_share`` clients at least.  Until 2026-12-05 a client's
     share there was the slots outside the reserve divided among the clients
@@ -156,6 +157,7 @@ class JobSlots:
         self._jobs: dict[str, dict[Job, None]] = {}  # each client's jobs, oldest first
         self._reclaimed: Counter[str] = Counter()  # jobs of a client's being aborted for another's
         self._claims: Counter[str] = Counter()  # slots a client waits to be handed
+        self._range_claims: Counter[str] = Counter()  # of those, ranges'
         self._unclaimed: dict[Job, None] = {}  # reclaimed jobs whose askers left or gave up: the next asker's
 
     @property
@@ -182,9 +184,12 @@ class JobSlots:
         """
         if self.in_use >= self.total and self._reclaimable_for(client) is None:
             raise JobLimitReached(f"all {self.total} archive jobs are busy")
-        if ranged and self._ranges[client] >= self.min_share:
+        # A slot on its way to the client (``take``) is its own: one waiting for a reclaimed slot was
+        # admitted to a slot freed meanwhile at the reserve, and held twice its share once the
+        # reclaimed one came (helper 194).
+        if ranged and self._ranges[client] + self._range_claims[client] >= self.min_share:
             raise RangeLimitReached(f"{client} already runs {self.min_share} ranges")
-        held = self._held[client]
+        held = self._held[client] + self._claims[client]
         if self.free <= self.reserve and held >= self.min_share:
             raise FairShareExceeded(
                 f"{client} holds {held} archive jobs, its fair share of {self.min_share} while {self.free} of "
@@ -215,6 +220,8 @@ class JobSlots:
         assert victim is not None and victim.end is not None
         claim = victim.claim = _Claim(client, ranged, end)
         self._claims[client] += 1
+        if ranged:
+            self._range_claims[client] += 1
         if victim.reclaimed:  # aborted for an asker that is gone: its slot is this one's when it comes
             del self._unclaimed[victim]
         else:
@@ -239,8 +246,13 @@ class JobSlots:
 
     def _withdraw(self, victim: Job) -> None:
         assert victim.claim is not None
-        _decrement(self._claims, victim.claim.client)
+        self._unclaim(victim.claim)
         victim.claim = None
+
+    def _unclaim(self, claim: _Claim) -> None:
+        _decrement(self._claims, claim.client)
+        if claim.ranged:
+            _decrement(self._range_claims, claim.client)
 
     def release(self, job: Job) -> None:
         """Give ``job``'s slot back, or to the client it was reclaimed for."""
@@ -252,7 +264,7 @@ class JobSlots:
         if claim is None:
             self.in_use -= 1
             return
-        _decrement(self._claims, claim.client)
+        self._unclaim(claim)
         claim.job = self._hold(claim.client, claim.ranged, claim.end)
         claim.granted.set()
 
