@@ -12,8 +12,8 @@ and the caches within their bounds; every download started has finished with an 
 failed; no CRC kept, in memory or in the file, for a file's present key is not that file's; and
 every archive that ended cleanly is one the album was at some moment of its request (rendered
 here, ``expected_archive``).  The job slots and the walk turns are also driven alone, by drawn
-programs on a mock clock, their books checked after each step.  No fault found so far (helper
-194): kept as a net for the next change to these parts.
+programs on a mock clock, their books checked after each step: they found a slot on its way to
+a client not counted against its share (helper 194).  The schedules found no fault.
 """
 
 from __future__ import annotations
