@@ -883,6 +883,7 @@ def test_walk_turns_are_one_at_a_time_in_order_and_left_empty(program: list[tupl
                     walks[number]["state"] = "walking"
                     try:
                         await finish.wait()
+                        walks[number]["ended"] = True  # its work done, a 404 or a 500 too; not given up on
                         if how == "fail":
                             raise OSError("EIO")
                     finally:
@@ -922,6 +923,10 @@ def test_walk_turns_are_one_at_a_time_in_order_and_left_empty(program: list[tupl
                 waiting = Counter(walk["client"] for walk in walks if walk["state"] in ("waiting", "walking"))
                 assert dict(turns._queued) == dict(waiting) and turns.waiting_or_walking == waiting.total()
                 assert set(turns._turns) == set(turns._activity) == set(waiting)
+                # Only the walk holding a client's turn moves its queue; walks that ended, not given up on.
+                assert all(len(activity._walks) <= 1 for activity in turns._activity.values())
+                ended = sum(1 for each in walks if each.get("ended") and each["state"] == "left")
+                assert turns.everyone.finished == ended
                 # A client's queue moves on once its walk holds a turn: nobody waits while nobody walks.
                 for client in waiting:
                     assert walking[client] == 1, (client, walks)
