@@ -697,7 +697,31 @@ def run_and_check(
         assert counts["archiver_downloads_started_total"] == sum(finished.values()), (deflated, counts)
         assert finished["failed"] == 0, finished
         server.on_loop(partial(check_crc_index, server.routes, albums.storage, index_path))
+        check_served_as_they_are(server.url, deflated, albums)
     assert [record.getMessage() for record in errors.records] == []
+
+
+def check_served_as_they_are(url: str, deflated: bool, albums: Albums) -> None:
+    """Once nothing runs and nothing changes, a request for each album gets it as it is now, whatever came before.
+
+    A plan or a walk's outcome kept from before a change (``RecentWalks``, ``PlanCache``) is no
+    wrong byte: the producer refuses a file that is not the one listed.  But it is a ``503`` (or a
+    transfer cut) at every request until it goes: only a request after the changes sees that.
+    """
+    with httpx.Client(verify=CLIENT_TLS, base_url=url, timeout=30, headers={"X-Forwarded-For": "10.0.1.1"}) as client:
+        for album in ALBUMS:
+            if album == BIG:
+                if deflated:
+                    continue
+                response = client.get(f"/archive/{album}/", headers={"Range": "bytes=-200"})
+                assert (response.status_code, response.content) == (206, albums.snapshots[album][-1][-200:]), album
+            elif deflated:
+                response = client.get(f"/archive/{album}/")
+                assert response.status_code == 200, (album, response.status_code)
+                assert read_archive(response.content) == albums.files[album][-1], album
+            else:
+                response = client.get(f"/archive/{album}/")
+                assert (response.status_code, response.content) == (200, albums.snapshots[album][-1]), album
 
 
 # --- The job slots alone: hypothesis-drawn programs of takes, releases, cancellations and clock jumps. ---
