@@ -547,8 +547,6 @@ class Sweep:
             allowed = REFUSALS[name]
             if run.faults.failed == "os.close" and name == "EIO":
                 allowed = {503}  # a file's close failing after its read: not the file read (README, rclone)
-            if run.faults.failed == "os.access":
-                allowed = {500}  # access() is False whatever failed: the album's folder not searchable
             assert fetched.status in allowed, (where, fetched.status, line)
             assert fetched.clean and 0 < len(fetched.body) < 16_384, where  # the short page (text: no Accept)
             if fetched.status == 503:
@@ -651,4 +649,38 @@ def test_an_album_whose_look_up_runs_out_of_descriptors_or_memory_is_to_be_tried
     one_call_failing(monkeypatch, archive_storage, "stat", error)
     with pytest.raises(ListingFailed) as failure:
         archive_storage.resolve_album(storage, "album")
+    assert failure.value.transient is transient
+
+
+@pytest.mark.parametrize("at", [1, 3], ids=["the album's", "a folder's"])
+def test_a_walk_whose_folder_access_fails_though_it_is_searchable_lists_the_album_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int
+) -> None:
+    write_tree(tmp_path / "album", {"a.txt": b"a", "sub/b.txt": b"b"})
+    # access() in turn: the album's folder, a.txt, sub (read and search), sub/b.txt.
+    faults = one_call_failing(monkeypatch, album_walk, "access", errno.EIO, at=at)
+    listing = archive_storage.list_album(tmp_path / "album")
+    assert faults.failed == "os.access"
+    assert [str(file.path) for file in listing.files] == ["a.txt", "sub/b.txt"]
+    assert not listing.skipped
+
+
+@pytest.mark.parametrize(("error", "transient"), [(errno.EMFILE, True), (errno.EIO, False)])
+@pytest.mark.parametrize("at", [1, 3], ids=["the album's", "a folder's"])
+def test_a_walk_that_cannot_tell_whether_a_folder_is_searchable_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int, error: int, transient: bool
+) -> None:
+    """access() failed, and so did the look up in the folder that tells: not left out of an archive ending cleanly."""
+    write_tree(tmp_path / "album", {"a.txt": b"a", "sub/b.txt": b"b"})
+    one_call_failing(monkeypatch, album_walk, "access", errno.EIO, at=at)
+    real_stat = os.stat
+
+    def stat(path: Any, *args: Any, dir_fd: int | None = None, **kwargs: Any) -> Any:
+        if path == "." and dir_fd is not None:
+            raise OSError(error, os.strerror(error))
+        return real_stat(path, *args, dir_fd=dir_fd, **kwargs)
+
+    monkeypatch.setattr(album_walk.os, "stat", stat, raising=False)
+    with pytest.raises(ListingFailed) as failure:
+        archive_storage.list_album(tmp_path / "album")
     assert failure.value.transient is transient

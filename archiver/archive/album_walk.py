@@ -143,12 +143,16 @@ def walk_once(
         # A component at a time, following no link: a folder on the album's path swapped for a
         # link since resolve_album looked would otherwise lead out of the storage (ENOTDIR: gone).
         album_fd = open_real_directory(album)
-        # Read alone is not enough: without search (x) every entry would be "denied" and left out.
-        searchable = os.access(".", os.R_OK | os.X_OK, dir_fd=album_fd)
     except OSError as error:
         if error.errno in GONE:
             raise AlbumNotFound(album.name) from None
         raise _failed(error, ".") from error
+    try:
+        # Read alone is not enough: without search (x) every entry would be "denied" and left out.
+        searchable = os.access(".", os.R_OK | os.X_OK, dir_fd=album_fd) or _searchable(album_fd, ".")
+    except BaseException:  # ListingFailed, AlbumChanged
+        _close(album_fd)
+        raise
     if not searchable:
         _close(album_fd)
         raise AlbumRefused(".: Permission denied")
@@ -329,17 +333,41 @@ def _exclusion_reason(entry: os.DirEntry[str], directory_fd: int, relative: str)
 
 
 def _readable(name: str, directory_fd: int, relative: str, mode: int) -> bool:
-    """Whether the service may read (``mode``) entry ``name``; ListingFailed if an error other than denial says no."""
+    """Whether the service may read (``mode``) entry ``name``; ListingFailed if an error other than denial says no.
+
+    ``mode`` is R_OK for a file, R_OK | X_OK for a folder (read and searched).
+    """
     if os.access(name, mode, dir_fd=directory_fd, follow_symlinks=False):
         return True
     # access() answers False for any error, EMFILE or EIO too: an open tells them apart (rare: unreadable entries only).
+    folder = mode != os.R_OK
+    flags = _DIRECTORY_FLAGS if folder else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+        fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=directory_fd)
     except OSError as error:
         _may_leave_out(error, relative)
         return False
-    _close(fd)
-    # A file opened for reading is readable: access() failed otherwise (a FUSE daemon's ACCESS answered
-    # EIO, no memory for its credentials), and the file went out of an archive that ended cleanly (helper
-    # 193).  A folder opened may still not be searchable (no x): left out, as access() says.
-    return mode == os.R_OK
+    try:
+        # A file opened for reading is readable: access() failed otherwise (a FUSE daemon's ACCESS answered
+        # EIO, no memory for its credentials), and the file went out of an archive that ended cleanly (helper
+        # 193).  A folder opened is readable, but may not be searchable (no x): a look up in it says.  Until
+        # 2026-12-07 such a folder was left out whatever access() had met, from an archive ending cleanly
+        # (helper 197).
+        return not folder or _searchable(fd, relative)
+    finally:
+        _close(fd)
+
+
+def _searchable(fd: int, relative: str) -> bool:
+    """Whether the folder open as ``fd`` may be searched (x); ListingFailed if an error other than denial says no.
+
+    A look up of "." in it: the kernel checks search permission on a folder
+    for every name looked up in it, "." too (path_resolution(7)): EACCES
+    without x, as access() would say.
+    """
+    try:
+        os.stat(".", dir_fd=fd, follow_symlinks=False)
+    except OSError as error:
+        _may_leave_out(error, relative)
+        return False
+    return True
