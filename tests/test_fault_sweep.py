@@ -2,11 +2,17 @@
 
 For one download of one album (HTTP/1.1 and HTTP/2; whole and a range, stored; whole, deflated)
 a first run counts the calls of one kind the service makes on its path (its looks at the storage
-and CRC reads, the worker threads it starts, the producer's start, its reads of the producer's
-pipe, the CRC index file's calls, the producer's own calls, the sockets' sends); then, for each
-i, a fresh server and a fresh index see the i-th such call fail once (an OSError of the kind the
-call can give; RuntimeError for a thread; the producer killed at that read of its pipe), and the
-test checks what the client and the operator get:
+and CRC reads, a listing's steps and its entries' stats among them, the worker threads it starts,
+the producer's start, its writes of the instructions to the producer's stdin, its reads of the
+producer's pipe, the CRC index file's calls, cold or warm (a second download's lookups finding
+rows), the producer's own calls, the sockets' sends); then, for each such call, a fresh server
+and a fresh index (or a copy of the warm one) see that call fail once (an OSError of the kind the
+call can give; RuntimeError for a thread; the producer killed at that read of its pipe).  A call
+is known by what it is, on what and from where, and its number among those (``Faults.hit``), or
+for a stream by its offset (``Faults.hit_stream``): the i-th call of all was not the same call
+from run to run (worker threads, trio's shuffled tasks, HTTP/2's frames), and a run that never
+met its call passed without a fault (helper 197).  The test checks that the call was made, and
+what the client and the operator get:
 
 - an answer that ended cleanly holds exactly the bytes of the download without the fault;
 - a refusal (before the head) is a defined status with its short page: ``REFUSALS``;
@@ -31,12 +37,14 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +73,10 @@ from archiver.archive import (
 )
 from archiver.archive.listing import ListingFailed
 from archiver.config import Settings
+from archiver.web import download
 
 from .conftest import (
+    ctimes_settled,
     expected_archive,
     make_client,
     own_descriptors,
@@ -106,41 +116,136 @@ OS_CALLS = frozenset(
 )  # fmt: skip
 
 
+# A call to fail: the ``n``-th of those with its label (``Faults.hit``), or (an int) the ``at``-th of all.
+Target = tuple[str, int] | int
+
+
 class Faults:
-    """Counts the calls made while armed, and fails the ``at``-th once (0: none); thread-safe (worker threads call)."""
+    """Counts the calls made while armed, and fails the one due once (0: none); thread-safe (worker threads call).
+
+    Each call is counted by its label (what is called, on what, from where: ``hit``): a target of
+    (label, n) is the n-th call of that label, the same call in every run whatever order the threads
+    (and trio's scheduler, which shuffles its tasks) take; a count over all calls is not (helper 197).
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.armed = False
-        self.at = 0
+        self.at: Target = 0
         self.count = 0
-        self.calls: list[str] = []
+        self.seen: dict[str, int] = {}
+        self.calls: list[tuple[str, int]] = []  # each call's label, and its number among those of that label
         self.failed: str | None = None
         self.port = 0  # the server's (its sockets' sends)
 
-    def arm(self, at: int) -> None:
+    def arm(self, at: Target) -> None:
         with self.lock:
-            self.armed, self.at, self.count, self.calls, self.failed = True, at, 0, [], None
+            self.armed, self.at, self.count, self.seen, self.calls, self.failed = True, at, 0, {}, [], None
 
     def disarm(self) -> None:
         with self.lock:
             self.armed = False
 
-    def hit(self, what: str) -> bool:
-        """Count a call of ``what``; whether it is the one to fail."""
+    def hit(self, what: str, subject: str = "") -> bool:
+        """Count a call of ``what`` (on ``subject``, from where: its label); whether it is the one to fail."""
+        label = f"{what} {subject}" if subject else what
         with self.lock:
             if not self.armed:
                 return False
             self.count += 1
-            self.calls.append(what)
-            if self.count == self.at:
+            number = self.seen[label] = self.seen.get(label, 0) + 1
+            self.calls.append((label, number))
+            if self.at == (label, number) or self.at == self.count:
+                self.failed = what
+                return True
+            return False
+
+    def moved(self, what: str, size: int) -> None:
+        """``size`` more bytes of stream ``what`` (read after its call was counted)."""
+        with self.lock:
+            if self.armed:
+                self.seen[what] = self.seen.get(what, 0) + size
+
+    def hit_stream(self, what: str, size: int) -> bool:
+        """Count a call of ``what`` that moves ``size`` bytes of a stream; whether it is the one to fail.
+
+        Labelled by the stream's offset at its start: how a stream is cut into sends or reads
+        depends on timing (HTTP/2's frames, what the producer's pipe holds: 15 to 18 sends of one
+        download over HTTP/2), its bytes do not.  The one to fail is the first at or past (or over)
+        the target's offset.
+        """
+        with self.lock:
+            if not self.armed:
+                return False
+            self.count += 1
+            start = self.seen[what] = self.seen.get(what, 0) + size
+            start -= size
+            self.calls.append((what, start))
+            target = self.at
+            reaches = isinstance(target, tuple) and target[0] == what and start + max(size, 1) > target[1]
+            if (reaches and self.failed is None) or target == self.count:
                 self.failed = what
                 return True
             return False
 
 
+def _subject(args: tuple[Any, ...], depth: int = 2) -> str:
+    """What a call is on (its path, or the path of its descriptor), and the function it is made from."""
+    first = args[0] if args else None
+    if isinstance(first, (str, bytes, os.PathLike)):
+        on = os.fsdecode(first)
+    elif isinstance(first, int):
+        on = _target(str(first)).split(":")[0]  # a pipe's or socket's inode differs from run to run
+    else:
+        on = type(first).__name__
+    return f"{on} in {sys._getframe(depth).f_code.co_qualname}"
+
+
+class FaultyEntry:
+    """An entry of a ``FaultyListing``: its ``stat`` (an fstatat, unless scandir had the type) counted and failed."""
+
+    def __init__(self, entry: os.DirEntry[str], faults: Faults, error: int) -> None:
+        self._entry, self._faults, self._error = entry, faults, error
+        self.name, self.path = entry.name, entry.path
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        if self._faults.hit("entry stat", str(self.path)):
+            raise OSError(self._error, os.strerror(self._error))
+        return self._entry.stat(follow_symlinks=follow_symlinks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._entry, name)
+
+
+class FaultyListing:
+    """An ``os.scandir`` iterator whose every step (a getdents, or its buffer) is counted, the due one raising."""
+
+    def __init__(self, listing: Any, subject: str, faults: Faults, error: int) -> None:
+        self._listing, self._subject, self._faults, self._error = listing, subject, faults, error
+
+    def __enter__(self) -> FaultyListing:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self._listing.close()
+
+    def __iter__(self) -> FaultyListing:
+        return self
+
+    def __next__(self) -> FaultyEntry:
+        if self._faults.hit("scandir next", self._subject):
+            raise OSError(self._error, os.strerror(self._error))
+        return FaultyEntry(next(self._listing), self._faults, self._error)
+
+    def close(self) -> None:
+        self._listing.close()
+
+
 class FaultyOs:
-    """A module's ``os``: the calls in OS_CALLS counted, the one due failing with ``error`` (a close closes first)."""
+    """A module's ``os``: the calls in OS_CALLS counted, the one due failing with ``error`` (a close closes first).
+
+    A listing's steps and its entries' stats are counted too (``FaultyListing``).
+    """
 
     def __init__(self, faults: Faults, error: int) -> None:
         self._faults = faults
@@ -152,15 +257,22 @@ class FaultyOs:
             return real
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self._faults.hit(f"os.{name}"):
+            subject = _subject(args)
+            if self._faults.hit(f"os.{name}", subject):
                 if name == "access":
                     return False  # Python's access raises nothing: any error is False
                 if name == "close":
                     real(*args, **kwargs)  # Linux frees the descriptor whatever close says
                 raise OSError(self._error, os.strerror(self._error))
+            if name == "scandir":
+                return FaultyListing(real(*args, **kwargs), subject, self._faults, self._error)
             return real(*args, **kwargs)
 
         return call
+
+
+# The calls counted by the offset of a stream they move (``Faults.hit_stream``).
+STREAMS = frozenset({"socket send", "pipe read", "feed"})
 
 
 @dataclass
@@ -178,7 +290,7 @@ def install_storage(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int,
     real_status = uncached_status._status
 
     def status(*args: Any) -> Any:
-        if faults.hit("statx"):
+        if faults.hit("statx", f"{_target(str(args[0])) if args[1] == b'' else os.fsdecode(args[1])}"):
             raise OSError(error, os.strerror(error))
         return real_status(*args)
 
@@ -189,9 +301,9 @@ def install_thread(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: None,
     real = trio.to_thread.run_sync
 
     async def run_sync(*args: Any, **kwargs: Any) -> Any:
-        import sys
-
-        if sys._getframe(1).f_globals.get("__name__") == worker_threads.__name__ and faults.hit("thread"):
+        work = getattr(args[0], "func", args[0]) if args else None  # a partial's function
+        what = getattr(work, "__qualname__", type(work).__name__)
+        if sys._getframe(1).f_globals.get("__name__") == worker_threads.__name__ and faults.hit("thread", what):
             raise RuntimeError("can't start new thread")
         return await real(*args, **kwargs)
 
@@ -216,10 +328,12 @@ class KillingStdout:
         self._stdout, self._faults, self._pid, self._signal = stdout, faults, pid, signal_number
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._faults.hit("pipe read"):
+        if self._faults.hit_stream("pipe read", 0):  # at the bytes read so far
             with contextlib.suppress(ProcessLookupError):  # it has exited (its last read): nothing to kill
                 os.kill(self._pid, self._signal)
-        return await self._stdout.receive_some(max_bytes)
+        data = await self._stdout.receive_some(max_bytes)
+        self._faults.moved("pipe read", len(data))
+        return data
 
 
 def install_pipe(monkeypatch: pytest.MonkeyPatch, faults: Faults, signal_number: int, tmp: Path) -> None:
@@ -244,13 +358,26 @@ class FaultyConnection:
     def __init__(self, connection: sqlite3.Connection, faults: Faults, error: str) -> None:
         self._connection, self._faults, self._error = connection, faults, error
 
+    def __enter__(self) -> FaultyConnection:
+        # A transaction (``with connection:``): looked up on the type, so not by __getattr__; without it
+        # every write raised TypeError, which the writes thread dropped, and no row was ever written.
+        self._connection.__enter__()
+        return self
+
+    def __exit__(self, *exception: Any) -> Any:
+        if exception[0] is None and self._faults.hit("sqlite commit", "with"):
+            self._connection.rollback()
+            raise sqlite3.OperationalError(self._error)
+        return self._connection.__exit__(*exception)
+
     def __getattr__(self, name: str) -> Any:
         real = getattr(self._connection, name)
         if name not in ("execute", "executemany", "commit"):
             return real
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self._faults.hit(f"sqlite {name}"):
+            statement = str(args[0]).split()[0] if args else ""
+            if self._faults.hit(f"sqlite {name}", statement):
                 raise sqlite3.OperationalError(self._error)
             return real(*args, **kwargs)
 
@@ -260,6 +387,32 @@ class FaultyConnection:
 def install_index(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: str, tmp: Path) -> None:
     real = crc_store._connect
     monkeypatch.setattr(crc_store, "_connect", lambda *args: FaultyConnection(real(*args), faults, error))
+
+
+class FaultyStdin:
+    """The producer's stdin as the service feeds it its instructions: the due write fails (the pipe broken)."""
+
+    def __init__(self, stdin: trio.abc.SendStream, faults: Faults, error: int) -> None:
+        self._stdin, self._faults, self._error = stdin, faults, error
+
+    async def send_all(self, data: Any) -> None:
+        if self._faults.hit_stream("feed", len(data)):
+            raise trio.BrokenResourceError("injected") from OSError(self._error, os.strerror(self._error))
+        await self._stdin.send_all(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stdin, name)
+
+
+def install_feed(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, tmp: Path) -> None:
+    real = launcher.Launcher.start
+
+    async def start(self: launcher.Launcher, *args: Any) -> Any:
+        process = await real(self, *args)
+        process.stdin = FaultyStdin(process.stdin, faults, error)
+        return process
+
+    monkeypatch.setattr(launcher.Launcher, "start", start)
 
 
 # The producer run by a stand-in command: the real program, its modules' ``os`` counting its calls and
@@ -330,7 +483,7 @@ def install_socket(monkeypatch: pytest.MonkeyPatch, faults: Faults, error: int, 
 
     async def send_all(self: trio.SocketStream, data: Any) -> None:
         ours = self.socket.fileno() != -1 and self.socket.getsockname()[1] == faults.port  # closed: trio's own error
-        if ours and faults.hit("socket send"):
+        if ours and faults.hit_stream("socket send", len(data)):
             if error == errno.EPIPE:  # the connection is gone: the client sees it closed
                 with contextlib.suppress(OSError):
                     self.socket.shutdown(socket.SHUT_RDWR)
@@ -349,10 +502,14 @@ KINDS = {
     "spawn": Kind(install_spawn, {"EAGAIN": errno.EAGAIN, "EMFILE": errno.EMFILE}),
     "pipe": Kind(install_pipe, {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV}),
     "index": Kind(install_index, {"EIO": "disk I/O error", "ENOSPC": "database or disk is full"}),
+    # A second download, its lookups finding the first's rows (a warm index): they fail, it reads the files.
+    "index-warm": Kind(install_index, {"EIO": "disk I/O error"}),
+    "storage-warm": Kind(install_storage, {"EIO": errno.EIO, "EMFILE": errno.EMFILE}),
+    "feed": Kind(install_feed, {"EPIPE": errno.EPIPE}),
     "producer": Kind(install_producer, {"EIO": errno.EIO, "EMFILE": errno.EMFILE}),
     "socket": Kind(install_socket, {"ENOBUFS": errno.ENOBUFS, "EPIPE": errno.EPIPE}),
 }
-REFUSALS = {
+REFUSALS: dict[str | tuple[str, str], set[int]] = {
     "EIO": {500},  # the storage failed: the server's page (README, Failure behaviour)
     "EACCES": {500, 503},  # a file's mode changed (503, the album changing) or a folder unreadable (500)
     "EMFILE": {503},  # out of descriptors: a moment, Retry-After
@@ -363,6 +520,7 @@ REFUSALS = {
     "ENOSPC": set(),  # the CRC index is a cache: never the download's failure
     "EPIPE": set(),  # the client's socket: no answer to see
     "ENOBUFS": set(),
+    ("feed", "EPIPE"): {500},  # the instructions cut: the producer fails (the input ended), before its head
 }
 
 
@@ -457,10 +615,13 @@ class Sweep:
         self.expected = b""  # the download without a fault
         self.whole = expected_archive(storage / "album")
 
-    async def run(self, at: int) -> Run:
-        """A fresh server whose download fails its ``at``-th call (0: none); checks what is left behind."""
+    async def run(self, at: Target) -> Run:
+        """A fresh server whose download fails call ``at`` (0: none); checks what is left behind."""
         self.runs += 1
-        settings = self.case.settings(self.storage, self.tmp / f"index-{self.runs}.sqlite")
+        index = self.tmp / f"index-{self.runs}.sqlite"
+        if self.case.kind.endswith("-warm"):
+            shutil.copyfile(self.tmp / "warm.sqlite", index)
+        settings = self.case.settings(self.storage, index)
         async with running_server(settings) as url:
             self.faults.port = int(url.rsplit(":", 1)[1])
             # The launcher started, the server's first connection served: the descriptors from now on are the run's.
@@ -472,18 +633,23 @@ class Sweep:
             self.faults.arm(at)
             try:
                 fetched = await fetch(url, self.case.protocol, "/archive/album/", self.case.headers(self.whole))
-                with trio.fail_after(15):  # its line written, its producer reaped
+                # The server's first send over HTTP/2 is its preface (SETTINGS), before it reads a request:
+                # failed, the connection is closed with no request taken, so no download and no line.
+                unasked = self.case.protocol == "HTTP/2" and self.faults.at == ("socket send", 0)
+                with trio.move_on_after(0 if unasked else 15):  # its line written, its producer reaped
                     while not download_lines(self.caplog):
                         await trio.sleep(0.01)
                 await wait_until_no_producer_children(timeout=10)
             finally:
                 self.faults.disarm()
+            if unasked:
+                assert self.faults.failed and fetched.status == 0 and not fetched.clean, (self.where(), fetched)
             lines = download_lines(self.caplog)
-            assert len(lines) == 1, (self.where(), lines)
+            assert len(lines) == (0 if unasked else 1), (self.where(), fetched, lines)
             tracebacks = [record.getMessage() for record in self.caplog.records if record.exc_info]
             assert not tracebacks, (self.where(), tracebacks)
             await self.check_left_behind(url, descriptors, threads)
-        return Run(fetched, self.faults, lines[0])
+        return Run(fetched, self.faults, lines[0] if lines else "")
 
     async def check_left_behind(self, url: str, descriptors: set[str], threads: list[str]) -> None:
         with trio.fail_after(10):
@@ -505,8 +671,25 @@ class Sweep:
             while busy_threads() != threads:
                 await trio.sleep(0.02)
 
-    async def count(self) -> int:
-        """The calls of the kind one download makes, and the download without a fault (``expected``)."""
+    async def warm(self) -> None:
+        """An index (``warm.sqlite``) that holds every file's CRC, as a download left it."""
+        index = self.tmp / "warm.sqlite"
+        # Stored: a deflated download computes its CRCs as it compresses, and keeps none.
+        async with running_server(replace(self.case.settings(self.storage, index), compression=0)) as url:
+            fetched = await fetch(url, "HTTP/1.1", "/archive/album/", {})
+            assert fetched.clean and fetched.status == 200
+            await wait_until_no_producer_children(timeout=10)
+        with contextlib.closing(sqlite3.connect(index)) as connection:  # closed: written whole, no -wal
+            assert connection.execute("SELECT count(*) FROM crc_v6").fetchone()[0] == len(ALBUM)
+
+    async def count(self) -> list[Target]:
+        """The calls of the kind one download makes (each to be failed in turn), and the download without a fault."""
+        # The same calls in every run: no file's CRC too new to keep (its ctime within a clock tick,
+        # ``ctime_trust.RACY_NS``), and every file looked at again before the end, not only in the first
+        # minute (RECHECK_SECONDS), whatever the time the sweep has taken.
+        await ctimes_settled(self.storage / "album")
+        if self.case.kind.endswith("-warm"):
+            await self.warm()
         run = await self.run(0)
         fetched = run.fetched
         assert fetched.clean and fetched.status == (206 if self.case.extent == "range" else 200), fetched
@@ -520,31 +703,47 @@ class Sweep:
             assert read_archive(fetched.body) == ALBUM
         self.expected = fetched.body
         if self.case.kind == "producer":
-            return int((self.tmp / "producer-counts").read_text().split()[-1])
-        return self.faults.count
+            return list(range(1, int((self.tmp / "producer-counts").read_text().split()[-1]) + 1))
+        return list(self.faults.calls)
 
     def where(self) -> str:
         faults = self.faults
-        return f"{faults.failed} ({self.case.error}) at call {faults.at} of {len(faults.calls)}: {faults.calls}"
+        return f"{faults.failed} ({self.case.error}) at call {faults.at}, after {len(faults.calls)}: {faults.calls}"
 
     def judge(self, run: Run) -> None:
         """What the client got and the line said, for a fault at one call."""
         fetched, line, name = run.fetched, run.line, self.case.error
         where = self.where()
+        if not line:  # no request taken (``run``)
+            return
+        # The call due was made (not a run that took another way: the sweep would pass without its fault),
+        # or a stream's target offset was past its end this time (HTTP/2's last frames, a few bytes, coalesce
+        # differently from run to run).
+        at = run.faults.at
+        if isinstance(at, tuple) and at[0] in STREAMS and run.faults.failed is None:
+            assert run.faults.seen.get(at[0], 0) <= at[1], where
+        else:
+            assert self.case.kind == "producer" or run.faults.failed is not None, where
         assert "nothing came from the storage" not in line, where  # a fault made a hang
-        if fetched.status in (200, 206) and fetched.clean:
+        if fetched.status in (200, 206) and fetched.clean and run.faults.failed == "entry stat" and name == "EACCES":
+            # A file whose status is denied is one the service may not read: left out (README, Failure behaviour).
+            assert ": complete" in line and ", 1 left out" in line, (where, line)
+        elif fetched.status in (200, 206) and fetched.clean:
             assert fetched.body == self.expected, where  # a clean end is the whole, right answer
             assert ": complete" in line, (where, line)
         elif fetched.status in (200, 206):
-            # Aborted after the head: never ended as if complete, and what came is the right bytes' start.
-            assert ": complete" not in line, (where, line)
+            # Aborted after the head: never ended as if complete, and what came is the right bytes' start;
+            # but over HTTP/2 every byte written and only END_STREAM lost is complete: a client with every
+            # byte may close before it comes, as curl does (fences.hypercorn_h2_send.undelivered).
+            every_byte = self.case.protocol == "HTTP/2" and fetched.body == self.expected
+            assert ": complete" not in line or every_byte, (where, line)
             assert self.expected.startswith(fetched.body), where
         elif fetched.status == 0:
             # No head: only a fault of the connection's own sockets may leave the client without an answer.
             assert self.case.kind == "socket", (where, fetched)
             assert ": complete" not in line, (where, line)
         else:
-            allowed = REFUSALS[name]
+            allowed = REFUSALS.get((self.case.kind, name), REFUSALS[name])
             if run.faults.failed == "os.close" and name == "EIO":
                 allowed = {503}  # a file's close failing after its read: not the file read (README, rclone)
             assert fetched.status in allowed, (where, fetched.status, line)
@@ -552,23 +751,22 @@ class Sweep:
             if fetched.status == 503:
                 assert "Retry-After" in fetched.headers, where
             assert line.startswith("refused album") or "(refused before the head)" in line, (where, line)
-        if self.case.kind == "index":  # only a cache: a fault of it is never the download's
+        if self.case.kind.startswith("index"):  # only a cache: a fault of it is never the download's
             assert fetched.clean and fetched.status in (200, 206), (where, fetched, line)
 
 
 def cases() -> Iterator[Any]:
     """Every kind, error, protocol and extent; each kind's first in the default run (a sample of its calls)."""
     for k, (kind, spec) in enumerate(KINDS.items()):
+        # A deflated download computes its CRCs as it compresses: it neither looks any up nor keeps any.
+        extents = [extent for extent in EXTENTS if not (kind.endswith("-warm") and extent == "deflated")]
         for name in spec.errors:
             for protocol in PROTOCOLS:
-                for extent in EXTENTS:
+                for extent in extents:
                     case = Case(kind, name, protocol, extent)
                     identifier = f"{kind}-{name}-{protocol}-{extent}"
-                    sample = name == next(iter(spec.errors)) and (protocol, extent) == (
-                        PROTOCOLS[k % 2],
-                        EXTENTS[k % 3],
-                    )
-                    if sample:
+                    first = name == next(iter(spec.errors))
+                    if first and (protocol, extent) == (PROTOCOLS[k % 2], extents[k % len(extents)]):
                         yield pytest.param(case, "sample", id=f"{identifier}-sample")
                     yield pytest.param(case, "every", id=f"{identifier}-every", marks=pytest.mark.slow)
 
@@ -583,13 +781,18 @@ async def test_each_call_of_a_download_failing_once(
     write_tree(storage / "warmup", {"w.txt": b"w"})
     faults = Faults()
     KINDS[case.kind].install(monkeypatch, faults, KINDS[case.kind].errors[case.error], tmp_path)
+    monkeypatch.setattr(download, "RECHECK_SECONDS", 10**10)
     sweep = Sweep(case, storage, tmp_path, faults, caplog)
-    total = await sweep.count()
-    assert total > 0, case
-    ats = range(1, total + 1) if calls == "every" else sorted({1, (total + 1) // 2, total})
+    targets = await sweep.count()
+    assert targets, case
+    ats = targets if calls == "every" else list(dict.fromkeys([targets[0], targets[len(targets) // 2], targets[-1]]))
+    failures = []  # each call's, all told at once (a run is a fresh server: one failing leaves the next as it was)
     for at in ats:
-        run = await sweep.run(at)
-        sweep.judge(run)
+        try:
+            sweep.judge(await sweep.run(at))
+        except AssertionError as failure:
+            failures.append(f"at {at}: {failure!r}"[:3000])
+    assert not failures, "\n".join(failures)
 
 
 def one_call_failing(monkeypatch: pytest.MonkeyPatch, module: Any, call: str, error: int, at: int = 1) -> Faults:
