@@ -62,6 +62,9 @@ from archiver.archive import (
     launcher,
     listed_files,
     producer,
+    producer_output,
+    producer_program,
+    producer_protocol,
     real_paths,
     shared_descriptor,
     sparse,
@@ -750,7 +753,10 @@ class Sweep:
             assert ": complete" not in line, (where, line)
         else:
             allowed = REFUSALS.get((self.case.kind, name), REFUSALS[name])
-            if run.faults.failed == "os.close" and name == "EIO":
+            closed = run.faults.failed == "os.close" or (
+                self.case.kind == "producer" and "closed after reading" in line
+            )
+            if closed and name == "EIO":
                 allowed = {503}  # a file's close failing after its read: not the file read (README, rclone)
             assert fetched.status in allowed, (where, fetched.status, line)
             assert fetched.clean and 0 < len(fetched.body) < 16_384, where  # the short page (text: no Accept)
@@ -900,3 +906,18 @@ def test_a_walk_that_cannot_tell_whether_a_folder_is_searchable_fails(
     with pytest.raises(ListingFailed) as failure:
         archive_storage.list_album(tmp_path / "album")
     assert failure.value.transient is transient
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(errno.EIO, producer_protocol.EXIT_FAILED), (errno.EMFILE, producer_protocol.EXIT_OUT_OF_RESOURCES)],
+)
+def test_a_producer_whose_look_at_its_output_fails_exits_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: int, status: int
+) -> None:
+    """Its first call (an fstat of stdout) failing was an uncaught traceback: a 500 whatever the error."""
+    faults = one_call_failing(monkeypatch, producer_output, "fstat", error)
+    assert producer_program.main() == status
+    assert faults.failed == "os.fstat"
+    message = capsys.readouterr().err
+    assert message.startswith("archiver-producer: ") and message.count("\n") == 1, message

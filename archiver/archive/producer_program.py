@@ -46,6 +46,7 @@ from archiver.archive.producer_protocol import (
     FILE_SLICE_BODY,
     FILESYSTEM,
     LITERAL_BODY,
+    RESOURCE_ERRNOS,
     STORED_ENTRY_BODY,
     FileChanged,
     FileKey,
@@ -471,9 +472,10 @@ def main() -> int:
     what it means (an abort once the headers went out).
     """
     source = open(0, "rb", buffering=WRITE_GATHER, closefd=False)  # noqa: SIM115 (stdin, left open)
-    producer = Producer(source, Output(1))
     try:
-        producer.run()
+        # Its output's look at stdout (an fstat) too: failing outside, it was an uncaught traceback, the
+        # download's line many lines long (helper 197's sweep).
+        Producer(source, Output(1)).run()
     except FileChanged as change:
         print(f"archiver-producer: {change}", file=sys.stderr)
         return EXIT_CHANGED
@@ -484,6 +486,8 @@ def main() -> int:
         return EXIT_OUTPUT_CLOSED
     except (ValueError, OSError) as error:
         print(f"archiver-producer: {error}", file=sys.stderr)
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:  # not a file's: out of them all the same
+            return EXIT_OUT_OF_RESOURCES
         return EXIT_FAILED
     return 0
 
