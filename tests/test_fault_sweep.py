@@ -770,8 +770,10 @@ class Sweep:
 def cases() -> Iterator[Any]:
     """Every kind, error, protocol and extent; each kind's first in the default run (a sample of its calls)."""
     for k, (kind, spec) in enumerate(KINDS.items()):
-        # A deflated download computes its CRCs as it compresses: it neither looks any up nor keeps any.
-        extents = [extent for extent in EXTENTS if not (kind.endswith("-warm") and extent == "deflated")]
+        # A deflated download computes its CRCs as it compresses: it neither looks any up nor keeps any
+        # (an index case of it counted no call, and failed: helper 193's never ran).
+        index = kind.endswith("-warm") or kind.startswith("index")
+        extents = [extent for extent in EXTENTS if not (index and extent == "deflated")]
         for name in spec.errors:
             for protocol in PROTOCOLS:
                 for extent in extents:
