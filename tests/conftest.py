@@ -194,6 +194,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, as another process sees it: a file gated_fs reads while it is written.
+
+    ``Path.write_text`` truncates first: gated_fs, reading its ``-fail-stats`` file in that moment,
+    found it empty, which fails every file's stats with ESTALE, not only those named (a "z.bin:
+    Stale file handle" outcome, once in 12 runs of a test naming a.bin alone).
+    """
+    written = path.with_name(path.name + ".new")
+    written.write_text(text)
+    os.replace(written, path)
+
+
 def write_tree(root: Path, files: dict[str, bytes]) -> None:
     """Create ``files`` (relative path -> content) under ``root``."""
     for relative, content in files.items():

@@ -78,6 +78,7 @@ from .conftest import (
     read_archive,
     running_server,
     sparse_file,
+    write_atomically,
     write_tree,
 )
 from .test_adversarial import address_of
@@ -1478,7 +1479,7 @@ async def test_a_file_whose_check_once_sent_fails_is_named(tmp_path: Path, failu
         async with trio.open_nursery() as nursery:
             nursery.start_soon(segment)
             await until_held(album.gate)
-            (tmp_path / "gate-fail-stats").write_text(str(failure))
+            write_atomically(tmp_path / "gate-fail-stats", str(failure))
             album.gate.unlink()
         (tmp_path / "gate-fail-stats").unlink()
         again = await album.client.get("/archive/album/")
@@ -1684,7 +1685,7 @@ async def test_a_files_look_refused_does_not_turn_the_checks_to_the_kernels_copy
     async with served_gated_album(tmp_path, files, {}, CACHED_ATTRIBUTES) as album:
         first = await album.client.get("/archive/album/")
         _in_place(album.source / "a.bin")
-        (tmp_path / "gate-fail-stats").write_text(str(failure))
+        write_atomically(tmp_path / "gate-fail-stats", str(failure))
         status, _, clean = await _transfer(album.client)
         (tmp_path / "gate-fail-stats").unlink()
     assert read_archive(first.content) == files
@@ -1744,7 +1745,7 @@ async def test_a_recent_files_look_before_the_end_failing_is_classed_by_its_erro
         await sock.send(b"GET /archive/album/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         with trio.fail_after(30):
             received = await sock.recv(65536)  # the head and a.bin, read and checked by the producer
-        (tmp_path / "gate-fail-stats").write_text(f"{failure} a.bin")
+        write_atomically(tmp_path / "gate-fail-stats", f"{failure} a.bin")
         with trio.fail_after(60):
             while data := await sock.recv(1 << 20):
                 received += data
@@ -2016,7 +2017,7 @@ async def test_archiver_index_names_a_file_the_storage_fails_to_open_and_fails(t
         gate.write_text("read")  # a.jpg's read waits: the walk is over, b.jpg not yet opened
         nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: results.append(run_archiver("index", env=env))))
         await until_held(gate)
-        (tmp_path / "gate-fail-stats").write_text(f"{failure} b.jpg")
+        write_atomically(tmp_path / "gate-fail-stats", f"{failure} b.jpg")
         gate.unlink()
     (result,) = results
     assert result.returncode == 1

@@ -49,6 +49,7 @@ from .conftest import (
     running_server,
     spawner_processes,
     unmount_dead_fuse_mounts,
+    write_atomically,
     write_tree,
 )
 from .test_cli import Launched, launched
@@ -182,7 +183,7 @@ async def test_an_entry_whose_look_fails_during_the_walk_is_left_out_only_if_den
     # cannot be listed whole").  Found by helper 169's coverage run: no test reached it.
     files = {"a.jpg": b"a" * 100, "b.jpg": b"b" * 100}
     async with served_gated_album(tmp_path, files, {}) as album:
-        (tmp_path / "gate-fail-stats").write_text(f"{failure} b.jpg")
+        write_atomically(tmp_path / "gate-fail-stats", f"{failure} b.jpg")
         response = await album.client.get("/archive/album/")
         (tmp_path / "gate-fail-stats").unlink()
         whole = await album.client.get("/archive/album/")
