@@ -90,7 +90,10 @@ async def gated_mount(source: Path, mountpoint: Path, gate: Path, times: str = "
         gate.unlink(missing_ok=True)  # first: whatever waits on the storage goes on, and can end
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         try:
-            process.wait(timeout=10)
+            # Unmounted lazily, the daemon ends once the last file open through it is closed: a
+            # service still running may be reading a file's CRC (64 MB, test_a_stopped_producer_...:
+            # over 10 s in CI once, at 355a0ca, the machine loaded).
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # no daemon left behind for the tests after (helper 105)
             process.kill()
             process.wait()
